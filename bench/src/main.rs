@@ -1,0 +1,63 @@
+//! The scenario runner: `cargo run --release -p bench -- SCENARIO [--n N] [--json]`.
+//!
+//! Prints a readable table and, with `--json`, one JSON object as its last line:
+//! `{"scenario": "...", ...figures}`. Every figure in the docs and issue notes comes from here.
+#![forbid(unsafe_code)]
+
+use anyhow::Result;
+use clap::Parser;
+
+mod stats;
+
+/// One scenario's result: named figures, in print order.
+pub type Figures = Vec<(&'static str, serde_json::Value)>;
+
+#[derive(Parser)]
+#[command(name = "bench", about = "tapgate benchmark scenarios")]
+struct Args {
+    /// Scenario to run.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Number of iterations (scenario-specific default when absent).
+    #[arg(long)]
+    n: Option<u64>,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Scenario {
+    Debit,
+    Load,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Debit => "debit",
+            Scenario::Load => "load",
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let figures: Figures = match args.scenario {
+        Scenario::Debit => stats::not_yet()?,
+        Scenario::Load => stats::not_yet()?,
+    };
+    println!("scenario: {}", args.scenario.name());
+    for (name, value) in &figures {
+        println!("  {name:<24} {value}");
+    }
+    if args.json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("scenario".into(), args.scenario.name().into());
+        for (name, value) in figures {
+            obj.insert(name.into(), value);
+        }
+        println!("{}", serde_json::Value::Object(obj));
+    }
+    Ok(())
+}
