@@ -1,6 +1,8 @@
 //! `tapgate`: one CLI over the tapgate library crates.
 #![forbid(unsafe_code)]
 
+mod fare_cmd;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -15,11 +17,20 @@ struct Cli {
 enum Command {
     /// Key tools: diversification, session keys, issuer key sets.
     Keys,
+    /// Fare rules: check, compile, test, explain, simulate, quote.
+    Fare(fare_cmd::FareArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Keys => ExitCode::SUCCESS,
+        Command::Fare(args) => match fare_cmd::run(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
     }
 }

@@ -7,6 +7,7 @@
 use anyhow::Result;
 use clap::Parser;
 
+mod fare;
 mod stats;
 
 /// One scenario's result: named figures, in print order.
@@ -30,6 +31,7 @@ struct Args {
 enum Scenario {
     Debit,
     Load,
+    Fare,
 }
 
 impl Scenario {
@@ -37,6 +39,7 @@ impl Scenario {
         match self {
             Scenario::Debit => "debit",
             Scenario::Load => "load",
+            Scenario::Fare => "fare",
         }
     }
 }
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
     let figures: Figures = match args.scenario {
         Scenario::Debit => stats::not_yet()?,
         Scenario::Load => stats::not_yet()?,
+        Scenario::Fare => fare::run(args.n)?,
     };
     println!("scenario: {}", args.scenario.name());
     for (name, value) in &figures {
