@@ -72,16 +72,25 @@ impl Eq for AesKey {}
 pub enum CryptoError {
     /// A key was not 16 bytes long.
     #[error("AES-128 key must be 16 bytes, got {got}")]
-    KeyLength { got: usize },
+    KeyLength {
+        /// bytes given
+        got: usize,
+    },
     /// AN10922 diversification input (0x01 ‖ UID ‖ AID ‖ system id) is longer than 32 bytes.
     #[error("diversification input is {got} bytes; AN10922 allows at most 32 (1 + UID + AID + system id)")]
-    DiversificationInputTooLong { got: usize },
+    DiversificationInputTooLong {
+        /// bytes in M
+        got: usize,
+    },
     /// AN10922 needs at least one byte of UID/AID/system identifier.
     #[error("diversification input is empty: give at least a UID")]
     DiversificationInputEmpty,
     /// CBC data is not a whole number of blocks.
     #[error("CBC data length {got} is not a multiple of 16")]
-    NotBlockAligned { got: usize },
+    NotBlockAligned {
+        /// bytes given
+        got: usize,
+    },
     /// ISO/IEC 9797-1 method 2 padding is missing or malformed.
     #[error("bad ISO/IEC 9797-1 method 2 padding")]
     BadPadding,

@@ -9,3 +9,5 @@
 pub mod crypto;
 pub mod apdu;
 pub mod sm;
+pub mod keys;
+pub mod receipt;

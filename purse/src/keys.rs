@@ -1,0 +1,596 @@
+//! The key hierarchy: issuer masters with versions, per-card diversified keys, per-device keys,
+//! and the key-set file that carries them, encrypted at rest.
+//!
+//! | kind | held by | card key slot |
+//! |---|---|---|
+//! | `App` (KM_APP) | HSM only | 0, application master |
+//! | `Debit` (KM_DEBIT) | validator SAMs, franchise SAMs, HSM | 1 |
+//! | `Credit` (KM_CREDIT) | HSM, franchise SAMs | 2 |
+//! | `Tmac` (KM_TMAC) | HSM only | 3 (the card's TMAC key) |
+//! | `DeviceMaster` (KM_DEVICE) | HSM, gateway | — (derives device keys) |
+//! | `Device` | one validator's SAM | — (signs that device's taps) |
+//!
+//! Card keys are `AN10922(master, UID ‖ AID ‖ system id)`; device keys are
+//! `AN10922(KM_DEVICE, device id (4 bytes BE) ‖ "DEV")`.
+//!
+//! The sealed file: `"TGKS" ‖ 01 ‖ m_kib u32 ‖ t u32 ‖ p u8 ‖ salt[16] ‖ nonce[24] ‖ ciphertext`,
+//! XChaCha20-Poly1305 under a key stretched from a passphrase with Argon2id; the header is the
+//! associated data, so every byte of the file is authenticated.
+
+use crate::crypto::{diversify_an10922, AesKey, CryptoError};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::XChaCha20Poly1305;
+use rand_core::{CryptoRng, RngCore};
+use zeroize::{Zeroize, Zeroizing};
+
+/// The application identifier of the tapgate purse application.
+pub const DEFAULT_AID: [u8; 3] = [0x54, 0x47, 0x01];
+/// The default system identifier used in diversification.
+pub const DEFAULT_SYSTEM_ID: &[u8] = b"tapgate";
+
+/// The kind of a key in a key set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyKind {
+    /// KM_APP: the application master (card key 0), issuer only.
+    App = 1,
+    /// KM_DEBIT: debit, read, limited credit (card key 1).
+    Debit = 2,
+    /// KM_CREDIT: credit / loads (card key 2).
+    Credit = 3,
+    /// KM_TMAC: the card's transaction-MAC key (card key 3), HSM only.
+    Tmac = 4,
+    /// KM_DEVICE: derives per-device tap-signing keys.
+    DeviceMaster = 5,
+    /// One device's tap-signing key.
+    Device = 6,
+}
+
+impl KeyKind {
+    fn from_u8(b: u8) -> Option<KeyKind> {
+        Some(match b {
+            1 => KeyKind::App,
+            2 => KeyKind::Debit,
+            3 => KeyKind::Credit,
+            4 => KeyKind::Tmac,
+            5 => KeyKind::DeviceMaster,
+            6 => KeyKind::Device,
+            _ => return None,
+        })
+    }
+
+    /// The card key number this master diversifies into, if any.
+    pub fn card_key_no(self) -> Option<u8> {
+        match self {
+            KeyKind::App => Some(0),
+            KeyKind::Debit => Some(1),
+            KeyKind::Credit => Some(2),
+            KeyKind::Tmac => Some(3),
+            _ => None,
+        }
+    }
+
+    /// A short lowercase name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::App => "app",
+            KeyKind::Debit => "debit",
+            KeyKind::Credit => "credit",
+            KeyKind::Tmac => "tmac",
+            KeyKind::DeviceMaster => "device-master",
+            KeyKind::Device => "device",
+        }
+    }
+}
+
+/// One key in a key set.
+#[derive(Clone, Debug)]
+pub struct KeyEntry {
+    /// What the key is for.
+    pub kind: KeyKind,
+    /// The key version (masters rotate; cards carry the version they hold).
+    pub version: u8,
+    /// The device id for `KeyKind::Device`, 0 otherwise.
+    pub id: u32,
+    /// The key itself.
+    pub key: AesKey,
+}
+
+/// The role a key set is cut for: each role holds only what it may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The issuer back office: everything.
+    Hsm,
+    /// A validator SAM: debit masters and its own device key.
+    ValidatorSam,
+    /// A franchise terminal SAM: debit and credit masters and its own device key.
+    FranchiseSam,
+    /// The gateway: the device master only (to verify device MACs).
+    Gateway,
+}
+
+/// Key-set errors.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The file does not start with the key-set magic.
+    #[error("not a tapgate key set (bad magic)")]
+    BadMagic,
+    /// The file format version is unknown.
+    #[error("key set format version {0} is not supported")]
+    UnsupportedVersion(u8),
+    /// The file is truncated or its contents are malformed.
+    #[error("key set is malformed: {0}")]
+    Malformed(&'static str),
+    /// Wrong passphrase or a tampered file.
+    #[error("key set cannot be opened: wrong passphrase or the file was altered")]
+    Unseal,
+    /// The requested key is not in this key set.
+    #[error("key set holds no {kind} key version {version}")]
+    Missing {
+        /// kind name
+        kind: &'static str,
+        /// version
+        version: u8,
+    },
+    /// Argon2 parameters are out of range.
+    #[error("key-derivation parameters invalid: {0}")]
+    Kdf(String),
+    /// A diversification failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// Argon2id cost parameters for sealing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_kib: u32,
+    /// Iterations.
+    pub t: u32,
+    /// Parallelism.
+    pub p: u8,
+}
+
+impl KdfParams {
+    /// OWASP's recommended Argon2id minimum (19 MiB, 2 passes, 1 lane).
+    pub const DEFAULT: KdfParams = KdfParams {
+        m_kib: 19 * 1024,
+        t: 2,
+        p: 1,
+    };
+    /// Cheap parameters for tests only.
+    pub const INSECURE_FOR_TESTS: KdfParams = KdfParams {
+        m_kib: 64,
+        t: 1,
+        p: 1,
+    };
+}
+
+/// A set of keys for one role, plus the Ed25519 public key that verifies signed lists and
+/// tables, and (for the back office only) the Ed25519 signing seed.
+#[derive(Clone)]
+pub struct KeySet {
+    /// Application identifier used in diversification.
+    pub aid: [u8; 3],
+    /// System identifier used in diversification.
+    pub system_id: Vec<u8>,
+    /// The keys.
+    pub entries: Vec<KeyEntry>,
+    /// The Ed25519 signing seed (back office only).
+    pub signing_seed: Option<Zeroizing<[u8; 32]>>,
+    /// The Ed25519 public key devices verify with.
+    pub verifying_key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("aid", &hex::encode_upper(self.aid))
+            .field("entries", &self.entries)
+            .field("signing_seed", &self.signing_seed.as_ref().map(|_| "<secret>"))
+            .finish_non_exhaustive()
+    }
+}
+
+const MAGIC: &[u8; 4] = b"TGKS";
+const FORMAT_VERSION: u8 = 1;
+const HEADER_LEN: usize = 4 + 1 + 4 + 4 + 1 + 16 + 24;
+
+fn random_key(rng: &mut (impl RngCore + CryptoRng)) -> AesKey {
+    let mut b = [0u8; 16];
+    rng.fill_bytes(&mut b);
+    let k = AesKey::from_bytes(b);
+    b.zeroize();
+    k
+}
+
+/// The device key for `device_id` under KM_DEVICE.
+pub fn derive_device_key(km_device: &AesKey, device_id: u32) -> Result<AesKey, CryptoError> {
+    diversify_an10922(km_device, &device_id.to_be_bytes(), b"DEV", &[])
+}
+
+impl KeySet {
+    /// A new issuer key set: every master at version 1 and a fresh Ed25519 signing key.
+    pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> KeySet {
+        let mut entries = Vec::new();
+        for kind in [
+            KeyKind::App,
+            KeyKind::Debit,
+            KeyKind::Credit,
+            KeyKind::Tmac,
+            KeyKind::DeviceMaster,
+        ] {
+            entries.push(KeyEntry {
+                kind,
+                version: 1,
+                id: 0,
+                key: random_key(rng),
+            });
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        let verifying_key = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        KeySet {
+            aid: DEFAULT_AID,
+            system_id: DEFAULT_SYSTEM_ID.to_vec(),
+            entries,
+            signing_seed: Some(seed),
+            verifying_key,
+        }
+    }
+
+    /// The key of `kind` at `version`.
+    pub fn get(&self, kind: KeyKind, version: u8) -> Result<&AesKey, KeyError> {
+        self.entries
+            .iter()
+            .find(|e| e.kind == kind && e.version == version && e.id == 0)
+            .map(|e| &e.key)
+            .ok_or(KeyError::Missing {
+                kind: kind.name(),
+                version,
+            })
+    }
+
+    /// The newest version held of a kind.
+    pub fn latest_version(&self, kind: KeyKind) -> Option<u8> {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.version)
+            .max()
+    }
+
+    /// The device key held for `device_id` (validator/franchise role), or derived from the
+    /// device master (HSM/gateway role).
+    pub fn device_key(&self, device_id: u32) -> Result<AesKey, KeyError> {
+        if let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| e.kind == KeyKind::Device && e.id == device_id)
+        {
+            return Ok(e.key.clone());
+        }
+        let version = self.latest_version(KeyKind::DeviceMaster).ok_or(KeyError::Missing {
+            kind: KeyKind::DeviceMaster.name(),
+            version: 1,
+        })?;
+        Ok(derive_device_key(
+            self.get(KeyKind::DeviceMaster, version)?,
+            device_id,
+        )?)
+    }
+
+    /// The card key of `kind` (version `version`) for the card `uid`.
+    pub fn card_key(&self, kind: KeyKind, version: u8, uid: &[u8; 7]) -> Result<AesKey, KeyError> {
+        Ok(diversify_an10922(
+            self.get(kind, version)?,
+            uid,
+            &self.aid,
+            &self.system_id,
+        )?)
+    }
+
+    /// A rotated key set: adds a new version of `kind`, keeping the old ones for cards that
+    /// still hold them.
+    pub fn rotate(&mut self, kind: KeyKind, rng: &mut (impl RngCore + CryptoRng)) -> u8 {
+        let v = self.latest_version(kind).unwrap_or(0).wrapping_add(1);
+        self.entries.push(KeyEntry {
+            kind,
+            version: v,
+            id: 0,
+            key: random_key(rng),
+        });
+        v
+    }
+
+    /// Cuts the subset of keys `role` may hold. `device_id` names the device for SAM roles,
+    /// whose device key is derived here so the SAM never holds KM_DEVICE.
+    pub fn for_role(&self, role: Role, device_id: u32) -> Result<KeySet, KeyError> {
+        let allowed: &[KeyKind] = match role {
+            Role::Hsm => &[
+                KeyKind::App,
+                KeyKind::Debit,
+                KeyKind::Credit,
+                KeyKind::Tmac,
+                KeyKind::DeviceMaster,
+            ],
+            Role::ValidatorSam => &[KeyKind::Debit],
+            Role::FranchiseSam => &[KeyKind::Debit, KeyKind::Credit],
+            Role::Gateway => &[KeyKind::DeviceMaster],
+        };
+        let mut entries: Vec<KeyEntry> = self
+            .entries
+            .iter()
+            .filter(|e| allowed.contains(&e.kind))
+            .cloned()
+            .collect();
+        if matches!(role, Role::ValidatorSam | Role::FranchiseSam) {
+            entries.push(KeyEntry {
+                kind: KeyKind::Device,
+                version: 1,
+                id: device_id,
+                key: self.device_key(device_id)?,
+            });
+        }
+        Ok(KeySet {
+            aid: self.aid,
+            system_id: self.system_id.clone(),
+            entries,
+            signing_seed: if role == Role::Hsm {
+                self.signing_seed.clone()
+            } else {
+                None
+            },
+            verifying_key: self.verifying_key,
+        })
+    }
+
+    fn encode_plain(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(64 + 22 * self.entries.len()));
+        out.push(1); // plaintext layout version
+        out.extend_from_slice(&self.aid);
+        out.push(self.system_id.len() as u8);
+        out.extend_from_slice(&self.system_id);
+        out.push(self.entries.len() as u8);
+        for e in &self.entries {
+            out.push(e.kind as u8);
+            out.push(e.version);
+            out.extend_from_slice(&e.id.to_be_bytes());
+            out.extend_from_slice(e.key.expose_secret());
+        }
+        match &self.signing_seed {
+            Some(seed) => {
+                out.push(1);
+                out.extend_from_slice(seed.as_ref());
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(&self.verifying_key);
+        out
+    }
+
+    fn decode_plain(b: &[u8]) -> Result<KeySet, KeyError> {
+        let mut r = Cursor { b, pos: 0 };
+        if r.u8()? != 1 {
+            return Err(KeyError::Malformed("unknown plaintext layout"));
+        }
+        let aid: [u8; 3] = r.take(3)?.try_into().expect("3 bytes");
+        let sys_len = r.u8()? as usize;
+        let system_id = r.take(sys_len)?.to_vec();
+        let n = r.u8()? as usize;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let kind = KeyKind::from_u8(r.u8()?).ok_or(KeyError::Malformed("unknown key kind"))?;
+            let version = r.u8()?;
+            let id = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
+            let key = AesKey::from_slice(r.take(16)?)?;
+            entries.push(KeyEntry {
+                kind,
+                version,
+                id,
+                key,
+            });
+        }
+        let signing_seed = match r.u8()? {
+            0 => None,
+            1 => {
+                let mut s = Zeroizing::new([0u8; 32]);
+                s.copy_from_slice(r.take(32)?);
+                Some(s)
+            }
+            _ => return Err(KeyError::Malformed("bad signing-key flag")),
+        };
+        let verifying_key: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+        if r.pos != b.len() {
+            return Err(KeyError::Malformed("trailing bytes"));
+        }
+        Ok(KeySet {
+            aid,
+            system_id,
+            entries,
+            signing_seed,
+            verifying_key,
+        })
+    }
+
+    fn kek(
+        passphrase: &[u8],
+        salt: &[u8; 16],
+        params: KdfParams,
+    ) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+        let p = argon2::Params::new(params.m_kib, params.t, params.p as u32, Some(32))
+            .map_err(|e| KeyError::Kdf(e.to_string()))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p);
+        let mut out = Zeroizing::new([0u8; 32]);
+        argon
+            .hash_password_into(passphrase, salt, out.as_mut())
+            .map_err(|e| KeyError::Kdf(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Seals the key set under `passphrase` (Argon2id + XChaCha20-Poly1305).
+    pub fn seal(
+        &self,
+        passphrase: &[u8],
+        params: KdfParams,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Vec<u8>, KeyError> {
+        let mut salt = [0u8; 16];
+        rng.fill_bytes(&mut salt);
+        let mut nonce = [0u8; 24];
+        rng.fill_bytes(&mut nonce);
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.push(FORMAT_VERSION);
+        header.extend_from_slice(&params.m_kib.to_be_bytes());
+        header.extend_from_slice(&params.t.to_be_bytes());
+        header.push(params.p);
+        header.extend_from_slice(&salt);
+        header.extend_from_slice(&nonce);
+        let kek = Self::kek(passphrase, &salt, params)?;
+        let cipher = XChaCha20Poly1305::new(kek.as_ref().into());
+        let plain = self.encode_plain();
+        let ct = cipher
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &plain,
+                    aad: &header,
+                },
+            )
+            .map_err(|_| KeyError::Unseal)?;
+        let mut out = header;
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Opens a sealed key set. A wrong passphrase or any altered byte is [`KeyError::Unseal`].
+    pub fn unseal(file: &[u8], passphrase: &[u8]) -> Result<KeySet, KeyError> {
+        if file.len() < 4 || &file[..4] != MAGIC {
+            return Err(KeyError::BadMagic);
+        }
+        if file.len() < HEADER_LEN + 16 {
+            return Err(KeyError::Malformed("file shorter than its header"));
+        }
+        if file[4] != FORMAT_VERSION {
+            return Err(KeyError::UnsupportedVersion(file[4]));
+        }
+        let params = KdfParams {
+            m_kib: u32::from_be_bytes(file[5..9].try_into().expect("4")),
+            t: u32::from_be_bytes(file[9..13].try_into().expect("4")),
+            p: file[13],
+        };
+        if params.m_kib > 4 * 1024 * 1024 || params.t > 64 {
+            return Err(KeyError::Kdf("cost parameters exceed the allowed maximum".into()));
+        }
+        let salt: [u8; 16] = file[14..30].try_into().expect("16");
+        let nonce: [u8; 24] = file[30..54].try_into().expect("24");
+        let kek = Self::kek(passphrase, &salt, params)?;
+        let cipher = XChaCha20Poly1305::new(kek.as_ref().into());
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    (&nonce).into(),
+                    Payload {
+                        msg: &file[HEADER_LEN..],
+                        aad: &file[..HEADER_LEN],
+                    },
+                )
+                .map_err(|_| KeyError::Unseal)?,
+        );
+        Self::decode_plain(&plain)
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], KeyError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or(KeyError::Malformed("truncated"))?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, KeyError> {
+        Ok(self.take(1)?[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn sealed_keyset_roundtrips_and_hides_keys() {
+        let ks = KeySet::generate(&mut rng());
+        let mut seal_rng = rand::rngs::StdRng::seed_from_u64(8);
+        let sealed = ks
+            .seal(b"correct horse", KdfParams::INSECURE_FOR_TESTS, &mut seal_rng)
+            .unwrap();
+        let debit = ks.get(KeyKind::Debit, 1).unwrap().expose_secret();
+        assert!(!sealed.windows(16).any(|w| w == debit), "key in clear");
+        let back = KeySet::unseal(&sealed, b"correct horse").unwrap();
+        assert_eq!(back.get(KeyKind::Tmac, 1).unwrap(), ks.get(KeyKind::Tmac, 1).unwrap());
+        assert_eq!(back.verifying_key, ks.verifying_key);
+        assert!(back.signing_seed.is_some());
+    }
+
+    #[test]
+    fn wrong_passphrase_or_altered_byte_is_refused() {
+        let ks = KeySet::generate(&mut rng());
+        let sealed = ks
+            .seal(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut rng())
+            .unwrap();
+        assert!(matches!(KeySet::unseal(&sealed, b"nope"), Err(KeyError::Unseal)));
+        for i in [5, 20, 40, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(KeySet::unseal(&bad, b"pw").is_err(), "byte {i}");
+        }
+        assert!(matches!(KeySet::unseal(b"XXXX", b"pw"), Err(KeyError::BadMagic)));
+        assert!(KeySet::unseal(&sealed[..30], b"pw").is_err());
+    }
+
+    #[test]
+    fn roles_hold_only_their_masters() {
+        let ks = KeySet::generate(&mut rng());
+        let v = ks.for_role(Role::ValidatorSam, 42).unwrap();
+        assert!(v.get(KeyKind::Debit, 1).is_ok());
+        assert!(v.get(KeyKind::Credit, 1).is_err());
+        assert!(v.get(KeyKind::Tmac, 1).is_err());
+        assert!(v.get(KeyKind::DeviceMaster, 1).is_err());
+        assert!(v.signing_seed.is_none());
+        // The validator's own device key equals what the gateway derives.
+        let g = ks.for_role(Role::Gateway, 0).unwrap();
+        assert_eq!(v.device_key(42).unwrap(), g.device_key(42).unwrap());
+        assert_ne!(v.device_key(42).unwrap(), g.device_key(43).unwrap());
+        // ...but it cannot derive another device's key.
+        assert!(v.device_key(43).is_err());
+        let f = ks.for_role(Role::FranchiseSam, 7).unwrap();
+        assert!(f.get(KeyKind::Credit, 1).is_ok());
+        assert!(f.get(KeyKind::Tmac, 1).is_err());
+    }
+
+    #[test]
+    fn rotation_keeps_old_versions() {
+        let mut ks = KeySet::generate(&mut rng());
+        let v2 = ks.rotate(KeyKind::Debit, &mut rng());
+        assert_eq!(v2, 2);
+        assert!(ks.get(KeyKind::Debit, 1).is_ok());
+        assert_ne!(ks.get(KeyKind::Debit, 1).unwrap(), ks.get(KeyKind::Debit, 2).unwrap());
+        assert_eq!(ks.latest_version(KeyKind::Debit), Some(2));
+    }
+}

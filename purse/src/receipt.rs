@@ -1,0 +1,110 @@
+//! Proof values: a [`CommitReceipt`] exists only after the terminal verified the card's
+//! CommitTransaction response under the session MAC, so no code path can journal or sign an
+//! unverified value change. Its fields are readable; it can only be built inside this crate.
+
+/// What kind of value change a committed transaction made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TxKind {
+    /// No value change (e.g. a capped or free transfer tap that only wrote a trip record).
+    RecordOnly = 0,
+    /// A debit.
+    Debit = 1,
+    /// A credit (load).
+    Credit = 2,
+    /// A limited credit (undo of the last debit).
+    LimitedCredit = 3,
+}
+
+impl TxKind {
+    /// Decodes the wire byte.
+    pub fn from_u8(b: u8) -> Option<TxKind> {
+        Some(match b {
+            0 => TxKind::RecordOnly,
+            1 => TxKind::Debit,
+            2 => TxKind::Credit,
+            3 => TxKind::LimitedCredit,
+            _ => return None,
+        })
+    }
+}
+
+/// The transaction-MAC input the card MACs at commit and the HSM checks in clearing:
+/// `kind(1) ‖ amount_minor(i32 LE) ‖ balance_after_minor(i32 LE) ‖ TMC(u32 LE) ‖ UID(7)`.
+pub fn tm_input(
+    kind: TxKind,
+    amount_minor: i32,
+    balance_after_minor: i32,
+    tmc: u32,
+    uid: &[u8; 7],
+) -> [u8; 20] {
+    let mut m = [0u8; 20];
+    m[0] = kind as u8;
+    m[1..5].copy_from_slice(&amount_minor.to_le_bytes());
+    m[5..9].copy_from_slice(&balance_after_minor.to_le_bytes());
+    m[9..13].copy_from_slice(&tmc.to_le_bytes());
+    m[13..20].copy_from_slice(uid);
+    m
+}
+
+/// A committed value change, proved by the card's MAC'd CommitTransaction response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommitReceipt {
+    /// Card UID.
+    pub uid: [u8; 7],
+    /// The transaction counter value this change consumed (TMC after commit).
+    pub tmc: u32,
+    /// The card's transaction MAC (verifiable only by the HSM).
+    pub tmv: [u8; 8],
+    /// The kind of change.
+    pub kind: TxKind,
+    /// The amount moved, minor units, ≥ 0.
+    pub amount_minor: i32,
+    /// The purse balance after the change, minor units.
+    pub balance_after_minor: i32,
+    /// The key version of the card's application keys.
+    pub key_version: u8,
+    _proof: Verified,
+}
+
+/// Zero-sized witness that a MAC verification happened; private to this crate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Verified;
+
+impl CommitReceipt {
+    /// Built only by the transaction drivers after the commit response verified.
+    pub(crate) fn verified(
+        uid: [u8; 7],
+        tmc: u32,
+        tmv: [u8; 8],
+        kind: TxKind,
+        amount_minor: i32,
+        balance_after_minor: i32,
+        key_version: u8,
+    ) -> Self {
+        debug_assert!(amount_minor >= 0);
+        CommitReceipt {
+            uid,
+            tmc,
+            tmv,
+            kind,
+            amount_minor,
+            balance_after_minor,
+            key_version,
+            _proof: Verified,
+        }
+    }
+
+    /// For tests of code downstream of verification (other crates' unit tests): only with
+    /// the `test-support` feature, never in production builds.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn for_tests(
+        uid: [u8; 7],
+        tmc: u32,
+        tmv: [u8; 8],
+        kind: TxKind,
+        amount_minor: i32,
+        balance_after_minor: i32,
+    ) -> Self {
+        Self::verified(uid, tmc, tmv, kind, amount_minor, balance_after_minor, 1)
+    }
+}
