@@ -11,3 +11,6 @@ pub mod apdu;
 pub mod sm;
 pub mod keys;
 pub mod receipt;
+pub mod card;
+pub mod sam;
+pub mod txn;

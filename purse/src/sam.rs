@@ -1,0 +1,403 @@
+//! The terminal side of the card protocol: the [`Sam`] a validator or franchise terminal holds,
+//! the [`Hsm`] the back office holds, and software implementations of both.
+//!
+//! Both run the PCD side of AuthenticateEV2First through [`Authenticator`] (the card key is
+//! diversified inside them and never leaves), hand back a secure-messaging [`Channel`], and
+//! build value commands (`wrap_value`) so a role check — "a validator SAM has no credit key",
+//! "a franchise SAM loads only under its ceiling" — sits where the key is.
+//!
+//! What each software implementation holds is exactly its [`Role`]'s cut of the key set
+//! ([`KeySet::for_role`]): a validator SAM has KM_DEBIT and its own device key; a franchise SAM
+//! adds KM_CREDIT behind a ceiling; only the HSM holds KM_TMAC, KM_APP and KM_DEVICE.
+
+use crate::apdu::ins;
+use crate::crypto::{self, AesKey};
+use crate::keys::{KeyError, KeyKind, KeySet, Role};
+use crate::receipt::{tm_input, CommitReceipt};
+use crate::sm::{Channel, CommMode, SmError};
+use rand_core::RngCore;
+use zeroize::Zeroize;
+
+/// Errors from SAMs and HSMs.
+#[derive(Debug, thiserror::Error)]
+pub enum SamError {
+    /// The SAM does not hold the key this needs (e.g. a validator asked for a credit key).
+    #[error("this {role:?} does not hold a {kind} key version {version}")]
+    KeyNotHeld {
+        /// the SAM's role
+        role: Role,
+        /// key kind name
+        kind: &'static str,
+        /// key version
+        version: u8,
+    },
+    /// The card's authentication answer is malformed or proves a different key.
+    #[error("card authentication failed: {0}")]
+    CardAuthentication(&'static str),
+    /// A franchise load would exceed the SAM's remaining credit ceiling.
+    #[error("credit ceiling exceeded: {requested_minor} requested, {remaining_minor} remaining")]
+    CeilingExceeded {
+        /// amount asked for
+        requested_minor: i32,
+        /// ceiling left
+        remaining_minor: i64,
+    },
+    /// The card's transaction MAC does not verify: the transaction did not come from the card.
+    #[error("transaction MAC does not verify for card {uid} counter {tmc}")]
+    TmacMismatch {
+        /// card UID hex
+        uid: String,
+        /// counter
+        tmc: u32,
+    },
+    /// The operation is not something this role does.
+    #[error("{0} is not allowed for this role")]
+    NotAllowed(&'static str),
+    /// Secure messaging failed.
+    #[error(transparent)]
+    Sm(#[from] SmError),
+    /// A key lookup failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// The terminal's half-finished authentication (RndA, RndB and the card key), zeroized on drop.
+pub struct PendingAuth {
+    key: AesKey,
+    rnd_a: [u8; 16],
+    rnd_b: [u8; 16],
+}
+
+impl Drop for PendingAuth {
+    fn drop(&mut self) {
+        self.rnd_a.zeroize();
+        self.rnd_b.zeroize();
+    }
+}
+
+impl std::fmt::Debug for PendingAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingAuth(<secret>)")
+    }
+}
+
+/// PCD part 1: from E(K, RndB) build E(K, RndA ‖ RndB') (32 bytes, the AF frame's data).
+pub fn pcd_auth_part1(
+    key: AesKey,
+    ek_rnd_b: &[u8],
+    rng: &mut dyn RngCore,
+) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    let mut rnd_b: [u8; 16] = ek_rnd_b
+        .try_into()
+        .map_err(|_| SamError::CardAuthentication("E(RndB) is not 16 bytes"))?;
+    crypto::cbc_decrypt(&key, &[0; 16], &mut rnd_b).expect("one block");
+    let mut rnd_a = [0u8; 16];
+    rng.fill_bytes(&mut rnd_a);
+    let mut frame = [0u8; 32];
+    frame[..16].copy_from_slice(&rnd_a);
+    frame[16..].copy_from_slice(&crypto::rotate_left_1(&rnd_b));
+    crypto::cbc_encrypt(&key, &[0; 16], &mut frame).expect("two blocks");
+    Ok((PendingAuth { key, rnd_a, rnd_b }, frame))
+}
+
+/// PCD part 2: check the card's E(K, TI ‖ RndA' ‖ PDcap2 ‖ PCDcap2) and derive the session.
+pub fn pcd_auth_part2(pending: PendingAuth, card_resp: &[u8]) -> Result<Channel, SamError> {
+    let mut buf: [u8; 32] = card_resp
+        .try_into()
+        .map_err(|_| SamError::CardAuthentication("answer is not 32 bytes"))?;
+    crypto::cbc_decrypt(&pending.key, &[0; 16], &mut buf).expect("two blocks");
+    let expect = crypto::rotate_left_1(&pending.rnd_a);
+    if !crypto::mac_eq(&buf[4..20], &expect) {
+        buf.zeroize();
+        return Err(SamError::CardAuthentication(
+            "card did not prove the key (RndA' mismatch)",
+        ));
+    }
+    let ti: [u8; 4] = buf[..4].try_into().expect("4");
+    buf.zeroize();
+    let keys = crypto::ev2_session_keys(&pending.key, &pending.rnd_a, &pending.rnd_b);
+    Ok(Channel::new(keys, ti))
+}
+
+/// Runs the terminal side of the EV2 authentication with a diversified card key it holds.
+pub trait Authenticator {
+    /// Part 1 with the card key of `kind`/`version` for card `uid`.
+    fn auth_part1(
+        &mut self,
+        kind: KeyKind,
+        version: u8,
+        uid: &[u8; 7],
+        ek_rnd_b: &[u8],
+        rng: &mut dyn RngCore,
+    ) -> Result<(PendingAuth, [u8; 32]), SamError>;
+
+    /// Part 2: verify the card and open the secure channel.
+    fn auth_part2(&mut self, pending: PendingAuth, card_resp: &[u8]) -> Result<Channel, SamError> {
+        pcd_auth_part2(pending, card_resp)
+    }
+
+    /// Builds a Debit / Credit / LimitedCredit command body (FULL mode) in the session.
+    /// Implementations refuse what their role may not do.
+    fn wrap_value(
+        &mut self,
+        channel: &Channel,
+        code: u8,
+        amount_minor: i32,
+    ) -> Result<Vec<u8>, SamError> {
+        let mut data = [0u8; 4];
+        data.copy_from_slice(&amount_minor.to_le_bytes());
+        Ok(channel.wrap_command(code, &[crate::card::FILE_VALUE], &data, CommMode::Full)?)
+    }
+}
+
+/// A terminal SAM (validator or franchise terminal).
+pub trait Sam: Authenticator {
+    /// The device this SAM belongs to.
+    fn device_id(&self) -> u32;
+    /// The device MAC over a tap record body (AES-CMAC truncated, device key).
+    fn device_mac(&self, body: &[u8]) -> [u8; 8];
+    /// The device key (to hand to the tap-record signer). Never log it.
+    fn device_key(&self) -> &AesKey;
+    /// Card key versions of `kind` this SAM holds.
+    fn holds_version(&self, kind: KeyKind, version: u8) -> bool;
+}
+
+/// The back office's key holder.
+pub trait Hsm: Authenticator {
+    /// Verifies the card's transaction MAC on a committed change. Only the HSM can do this.
+    fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError>;
+    /// Verifies a device MAC (constant-time) for `device_id`.
+    fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError>;
+    /// The device key for `device_id` (provisioning a validator SAM).
+    fn device_key(&self, device_id: u32) -> Result<AesKey, SamError>;
+    /// Ed25519 signature over `msg` (blocklists, fare tables).
+    fn sign(&self, msg: &[u8]) -> Result<[u8; 64], SamError>;
+    /// The public key devices verify signatures with.
+    fn verifying_key(&self) -> [u8; 32];
+}
+
+/// Proof that the HSM verified a card's transaction MAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmacVerified {
+    /// The verified receipt.
+    pub receipt: CommitReceipt,
+    _proof: (),
+}
+
+/// A software SAM: a validator's or a franchise terminal's key store.
+pub struct SoftwareSam {
+    role: Role,
+    keys: KeySet,
+    device_id: u32,
+    device_key: AesKey,
+    /// Remaining credit ceiling for a franchise SAM (minor units).
+    ceiling_minor: i64,
+}
+
+impl std::fmt::Debug for SoftwareSam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftwareSam")
+            .field("role", &self.role)
+            .field("device_id", &self.device_id)
+            .field("ceiling_minor", &self.ceiling_minor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SoftwareSam {
+    /// A validator SAM from its key set (cut with [`Role::ValidatorSam`]). Any credit, TMAC,
+    /// app or device-master key present in `keys` is dropped, not held.
+    pub fn validator(keys: &KeySet, device_id: u32) -> Result<Self, SamError> {
+        let keys = keys.for_role(Role::ValidatorSam, device_id)?;
+        let device_key = keys.device_key(device_id)?;
+        Ok(SoftwareSam {
+            role: Role::ValidatorSam,
+            keys,
+            device_id,
+            device_key,
+            ceiling_minor: 0,
+        })
+    }
+
+    /// A franchise SAM with a credit ceiling.
+    pub fn franchise(keys: &KeySet, device_id: u32, ceiling_minor: i64) -> Result<Self, SamError> {
+        let keys = keys.for_role(Role::FranchiseSam, device_id)?;
+        let device_key = keys.device_key(device_id)?;
+        Ok(SoftwareSam {
+            role: Role::FranchiseSam,
+            keys,
+            device_id,
+            device_key,
+            ceiling_minor,
+        })
+    }
+
+    /// The remaining credit ceiling (franchise SAMs).
+    pub fn ceiling_minor(&self) -> i64 {
+        self.ceiling_minor
+    }
+
+    /// Replenishes the ceiling (done online by the charging server).
+    pub fn replenish(&mut self, amount_minor: i64) -> Result<(), SamError> {
+        if self.role != Role::FranchiseSam {
+            return Err(SamError::NotAllowed("replenishing a ceiling"));
+        }
+        self.ceiling_minor += amount_minor;
+        Ok(())
+    }
+}
+
+impl Authenticator for SoftwareSam {
+    fn auth_part1(
+        &mut self,
+        kind: KeyKind,
+        version: u8,
+        uid: &[u8; 7],
+        ek_rnd_b: &[u8],
+        rng: &mut dyn RngCore,
+    ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+        let key = self
+            .keys
+            .card_key(kind, version, uid)
+            .map_err(|_| SamError::KeyNotHeld {
+                role: self.role,
+                kind: kind.name(),
+                version,
+            })?;
+        pcd_auth_part1(key, ek_rnd_b, rng)
+    }
+
+    fn wrap_value(
+        &mut self,
+        channel: &Channel,
+        code: u8,
+        amount_minor: i32,
+    ) -> Result<Vec<u8>, SamError> {
+        match (self.role, code) {
+            (_, ins::DEBIT) | (_, ins::LIMITED_CREDIT) => {}
+            (Role::FranchiseSam, ins::CREDIT) => {
+                if i64::from(amount_minor) > self.ceiling_minor {
+                    return Err(SamError::CeilingExceeded {
+                        requested_minor: amount_minor,
+                        remaining_minor: self.ceiling_minor,
+                    });
+                }
+                self.ceiling_minor -= i64::from(amount_minor);
+            }
+            _ => return Err(SamError::NotAllowed("a credit")),
+        }
+        let mut data = [0u8; 4];
+        data.copy_from_slice(&amount_minor.to_le_bytes());
+        Ok(channel.wrap_command(code, &[crate::card::FILE_VALUE], &data, CommMode::Full)?)
+    }
+}
+
+impl Sam for SoftwareSam {
+    fn device_id(&self) -> u32 {
+        self.device_id
+    }
+    fn device_mac(&self, body: &[u8]) -> [u8; 8] {
+        crypto::mac8(&self.device_key, body)
+    }
+    fn device_key(&self) -> &AesKey {
+        &self.device_key
+    }
+    fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
+        self.keys.get(kind, version).is_ok()
+    }
+}
+
+/// A software HSM: the issuer's full key set, sealed at rest by its owner.
+pub struct SoftwareHsm {
+    keys: KeySet,
+}
+
+impl std::fmt::Debug for SoftwareHsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftwareHsm(<secret>)")
+    }
+}
+
+impl SoftwareHsm {
+    /// An HSM over the issuer key set (cut with [`Role::Hsm`]).
+    pub fn new(keys: &KeySet) -> Result<Self, SamError> {
+        Ok(SoftwareHsm {
+            keys: keys.for_role(Role::Hsm, 0)?,
+        })
+    }
+
+    /// The diversified card keys (for personalising an emulated card).
+    pub fn card_keys(&self, uid: &[u8; 7], version: u8) -> Result<crate::card::CardKeys, SamError> {
+        Ok(crate::card::CardKeys::derive(&self.keys, uid, version)?)
+    }
+}
+
+impl Authenticator for SoftwareHsm {
+    fn auth_part1(
+        &mut self,
+        kind: KeyKind,
+        version: u8,
+        uid: &[u8; 7],
+        ek_rnd_b: &[u8],
+        rng: &mut dyn RngCore,
+    ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+        if kind == KeyKind::Tmac {
+            return Err(SamError::NotAllowed("authenticating with the TMAC key"));
+        }
+        let key = self.keys.card_key(kind, version, uid)?;
+        pcd_auth_part1(key, ek_rnd_b, rng)
+    }
+}
+
+impl Hsm for SoftwareHsm {
+    fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError> {
+        let k_tm = self
+            .keys
+            .card_key(KeyKind::Tmac, receipt.key_version, &receipt.uid)?;
+        let ses = crypto::tm_session_mac_key(&k_tm, receipt.tmc, &receipt.uid);
+        let want = crypto::mac8(
+            &ses,
+            &tm_input(
+                receipt.kind,
+                receipt.amount_minor,
+                receipt.balance_after_minor,
+                receipt.tmc,
+                &receipt.uid,
+            ),
+        );
+        if !crypto::mac_eq(&want, &receipt.tmv) {
+            return Err(SamError::TmacMismatch {
+                uid: hex::encode_upper(receipt.uid),
+                tmc: receipt.tmc,
+            });
+        }
+        Ok(TmacVerified {
+            receipt: receipt.clone(),
+            _proof: (),
+        })
+    }
+
+    fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
+        let key = self.keys.device_key(device_id)?;
+        Ok(crypto::mac_eq(&crypto::mac8(&key, body), mac))
+    }
+
+    fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
+        Ok(self.keys.device_key(device_id)?)
+    }
+
+    fn sign(&self, msg: &[u8]) -> Result<[u8; 64], SamError> {
+        use ed25519_dalek::Signer;
+        let seed = self
+            .keys
+            .signing_seed
+            .as_ref()
+            .ok_or(SamError::NotAllowed("signing without the signing key"))?;
+        let sk = ed25519_dalek::SigningKey::from_bytes(seed);
+        Ok(sk.sign(msg).to_bytes())
+    }
+
+    fn verifying_key(&self) -> [u8; 32] {
+        self.keys.verifying_key
+    }
+}
