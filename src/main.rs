@@ -1,13 +1,20 @@
 //! `tapgate`: one CLI over the tapgate library crates.
 #![forbid(unsafe_code)]
 
+mod card_cmd;
+mod cli_util;
 mod fare_cmd;
+mod keys_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tapgate", version, about = "Stored-value smart-card transit and ticketing gateway")]
+#[command(
+    name = "tapgate",
+    version,
+    about = "Stored-value smart-card transit and ticketing gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,7 +23,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Key tools: diversification, session keys, issuer key sets.
-    Keys,
+    Keys(keys_cmd::KeysArgs),
+    /// Emulated cards: issue, show, debit, load.
+    Card(card_cmd::CardArgs),
     /// Fare rules: check, compile, test, explain, simulate, quote.
     Fare(fare_cmd::FareArgs),
 }
@@ -24,7 +33,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Keys => ExitCode::SUCCESS,
+        Command::Keys(args) => report(keys_cmd::run(args)),
+        Command::Card(args) => report(card_cmd::run(args)),
         Command::Fare(args) => match fare_cmd::run(args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -32,5 +42,20 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// Prints an error with its context chain; input errors exit 2, everything else 1.
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<cli_util::InputError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
     }
 }

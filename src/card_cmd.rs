@@ -1,0 +1,257 @@
+//! `tapgate card …`: personalise, inspect, debit and load emulated cards.
+
+use crate::cli_util::{input_err, uid7, write_atomic};
+use crate::keys_cmd::load_keyset;
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use purse::card::{Card, Nvm, Personalisation};
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::{self, Decision, EmulatedReader, LoadOutcome, Outcome};
+use std::path::{Path, PathBuf};
+
+/// `tapgate card`.
+#[derive(Args)]
+pub struct CardArgs {
+    #[command(subcommand)]
+    cmd: CardCmd,
+}
+
+#[derive(Args)]
+struct KeyOpts {
+    /// The issuer key directory (from `tapgate keys init`).
+    #[arg(long)]
+    keys: PathBuf,
+    /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+    #[arg(long = "passphrase-file")]
+    passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CardCmd {
+    /// Personalise an emulated card and write its image (no keys in it).
+    Issue {
+        #[command(flatten)]
+        keys: KeyOpts,
+        /// Card UID, 7 bytes hex.
+        #[arg(long)]
+        uid: String,
+        /// Initial balance in minor units.
+        #[arg(long)]
+        balance: i32,
+        /// Balance ceiling in minor units.
+        #[arg(long = "upper-limit", default_value_t = 500_000)]
+        upper_limit: i32,
+        /// Output card image.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a card's state (never its keys).
+    Show {
+        /// Card image.
+        card: PathBuf,
+    },
+    /// Debit the card at an emulated validator (software SAM with the debit key only).
+    Debit {
+        #[command(flatten)]
+        keys: KeyOpts,
+        /// Card image (updated in place).
+        #[arg(long)]
+        card: PathBuf,
+        /// Amount in minor units.
+        #[arg(long)]
+        amount: i32,
+        /// Validator device id.
+        #[arg(long, default_value_t = 1)]
+        device: u32,
+        /// Inject a tear: the card loses power after this many NVM writes of the commit.
+        #[arg(long = "tear-after-writes")]
+        tear_after_writes: Option<u32>,
+    },
+    /// Load value onto the card online (software HSM with the credit key).
+    Load {
+        #[command(flatten)]
+        keys: KeyOpts,
+        /// Card image (updated in place).
+        #[arg(long)]
+        card: PathBuf,
+        /// Amount in minor units.
+        #[arg(long)]
+        amount: i32,
+        /// Inject a tear: the card loses power after this many NVM writes of the commit.
+        #[arg(long = "tear-after-writes")]
+        tear_after_writes: Option<u32>,
+    },
+}
+
+fn read_image(path: &Path) -> Result<Nvm> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading card {}", path.display()))?;
+    let nvm: Nvm = serde_json::from_str(&text)
+        .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
+    nvm.validate()
+        .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
+    Ok(nvm)
+}
+
+fn write_image(path: &Path, nvm: &Nvm) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(nvm)?;
+    s.push('\n');
+    write_atomic(path, s.as_bytes())
+}
+
+fn amount_arg(amount: i32) -> Result<i32> {
+    if amount <= 0 {
+        return Err(input_err(format!(
+            "--amount: {amount} is not a positive number of minor units"
+        )));
+    }
+    Ok(amount)
+}
+
+/// Runs `tapgate card …`.
+pub fn run(args: CardArgs) -> Result<()> {
+    match args.cmd {
+        CardCmd::Issue {
+            keys,
+            uid,
+            balance,
+            upper_limit,
+            out,
+        } => {
+            let uid = uid7("--uid", &uid)?;
+            if balance < 0 || balance > upper_limit {
+                return Err(input_err(format!(
+                    "--balance {balance} must be within 0..={upper_limit} (--upper-limit)"
+                )));
+            }
+            let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
+            let hsm = SoftwareHsm::new(&ks)?;
+            let mut p = Personalisation::transit(uid, balance);
+            p.upper_limit_minor = upper_limit;
+            let card = Card::personalise(&p, hsm.card_keys(&uid, p.key_version)?);
+            write_image(&out, card.nvm())?;
+            println!(
+                "card issued: uid={} balance_minor={balance} image={}",
+                hex::encode_upper(uid),
+                out.display()
+            );
+        }
+        CardCmd::Show { card } => {
+            let mut nvm = read_image(&card)?;
+            let pending = nvm.journal.is_some();
+            nvm.recover();
+            let s = &nvm.main;
+            println!("uid             {}", hex::encode_upper(s.uid));
+            println!("aid             {}", hex::encode_upper(s.aid));
+            println!("key_version     {}", s.key_version);
+            println!("balance_minor   {}", s.balance_minor);
+            println!(
+                "limits_minor    {}..={}",
+                s.lower_limit_minor, s.upper_limit_minor
+            );
+            println!("limited_credit  {}", s.limited_credit_minor);
+            println!("tmc             {}", s.tmc);
+            println!("last_tmv        {}", hex::encode_upper(s.tmv));
+            println!("records         {} of {}", s.records.len(), s.max_records);
+            for (i, r) in s.records.iter().rev().enumerate() {
+                println!("  record {i}      {}", hex::encode_upper(r));
+            }
+            if pending {
+                println!("recovered       a torn commit was settled at power-on");
+            }
+        }
+        CardCmd::Debit {
+            keys,
+            card,
+            amount,
+            device,
+            tear_after_writes,
+        } => {
+            let amount = amount_arg(amount)?;
+            let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
+            let hsm = SoftwareHsm::new(&ks)?;
+            let mut sam = SoftwareSam::validator(&ks, device)?;
+            let nvm = read_image(&card)?;
+            let uid = nvm.main.uid;
+            let mut c = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+            c.tear_after_writes(tear_after_writes);
+            let mut rng = rand::rngs::OsRng;
+            let result = {
+                let mut reader = EmulatedReader {
+                    card: &mut c,
+                    rng: rand::rngs::OsRng,
+                };
+                txn::debit(&mut reader, &mut sam, &mut rng, |_| Decision::Apply {
+                    amount_minor: amount,
+                    record: Some(trip_record(device, amount)),
+                })
+            };
+            write_image(&card, c.nvm())?;
+            match result {
+                Ok(Outcome::Committed { receipt, .. }) => println!(
+                    "debit accepted: amount_minor={} balance_minor={} tmc={} tmv={}",
+                    receipt.amount_minor,
+                    receipt.balance_after_minor,
+                    receipt.tmc,
+                    hex::encode_upper(receipt.tmv)
+                ),
+                Ok(Outcome::Refused { .. }) => println!("debit refused"),
+                Err(e) if c.is_torn() => {
+                    println!("card torn during the debit ({e}); `tapgate card show` settles it");
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("debit refused by the card")),
+            }
+        }
+        CardCmd::Load {
+            keys,
+            card,
+            amount,
+            tear_after_writes,
+        } => {
+            let amount = amount_arg(amount)?;
+            let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
+            let mut hsm = SoftwareHsm::new(&ks)?;
+            let nvm = read_image(&card)?;
+            let uid = nvm.main.uid;
+            let mut c = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+            c.tear_after_writes(tear_after_writes);
+            let mut rng = rand::rngs::OsRng;
+            let result = {
+                let mut reader = EmulatedReader {
+                    card: &mut c,
+                    rng: rand::rngs::OsRng,
+                };
+                txn::load_online(&mut reader, &mut hsm, &mut rng, |_| Decision::Apply {
+                    amount_minor: amount,
+                    record: None,
+                })
+            };
+            write_image(&card, c.nvm())?;
+            match result {
+                Ok(LoadOutcome::Loaded { proof, .. }) => println!(
+                    "load completed: amount_minor={} balance_minor={} tmc={} tmv={} tmac=verified",
+                    proof.receipt.amount_minor,
+                    proof.receipt.balance_after_minor,
+                    proof.receipt.tmc,
+                    hex::encode_upper(proof.receipt.tmv)
+                ),
+                Ok(LoadOutcome::Refused { .. }) => println!("load refused"),
+                Err(e) if c.is_torn() => {
+                    println!("card torn during the load ({e}); `tapgate card show` settles it");
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("load refused by the card")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A 32-byte trip record for the CLI walk-through: device id, amount (the validator writes the
+/// fare engine's record format instead).
+fn trip_record(device: u32, amount_minor: i32) -> Vec<u8> {
+    let mut r = vec![0u8; purse::txn::RECORD_SIZE];
+    r[0] = 1; // record format: walk-through
+    r[1..5].copy_from_slice(&device.to_le_bytes());
+    r[5..9].copy_from_slice(&amount_minor.to_le_bytes());
+    r
+}

@@ -1,0 +1,98 @@
+//! Helpers shared by subcommands: input errors (exit 2), hex parsing, passphrases, files.
+
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// An error in what the user gave us (bad hex, wrong length, missing passphrase): exit code 2.
+#[derive(Debug)]
+pub struct InputError(pub String);
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for InputError {}
+
+/// Returns an [`InputError`] as an `anyhow::Error`.
+pub fn input_err(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(InputError(msg.into()))
+}
+
+/// Parses hex (spaces and colons allowed) for the flag `flag`, checking the byte length.
+pub fn hex_arg(flag: &str, value: &str, lens: &[usize]) -> Result<Vec<u8>> {
+    let cleaned: String = value.chars().filter(|c| !matches!(c, ' ' | ':')).collect();
+    let bytes = hex::decode(&cleaned).map_err(|e| {
+        input_err(format!(
+            "{flag}: {value:?} is not valid hex ({e}); expected e.g. {}",
+            "00".repeat(lens.first().copied().unwrap_or(1))
+        ))
+    })?;
+    if !lens.is_empty() && !lens.contains(&bytes.len()) {
+        let want: Vec<String> = lens.iter().map(|l| l.to_string()).collect();
+        return Err(input_err(format!(
+            "{flag}: {} bytes given, expected {} bytes ({} hex digits)",
+            bytes.len(),
+            want.join(" or "),
+            lens.iter()
+                .map(|l| (l * 2).to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Parses a 16-byte array flag.
+pub fn hex16(flag: &str, value: &str) -> Result<[u8; 16]> {
+    Ok(hex_arg(flag, value, &[16])?.try_into().expect("checked"))
+}
+
+/// Parses a 7-byte UID flag.
+pub fn uid7(flag: &str, value: &str) -> Result<[u8; 7]> {
+    Ok(hex_arg(flag, value, &[7])?.try_into().expect("checked"))
+}
+
+/// The environment variable that holds the key-set passphrase by default.
+pub const PASSPHRASE_ENV: &str = "TAPGATE_KEY_PASSPHRASE";
+
+/// Reads the key-set passphrase from `--passphrase-file` or the environment.
+pub fn passphrase(file: Option<&Path>) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    if let Some(f) = file {
+        let mut s =
+            std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
+        while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            s.pop();
+        }
+        if s.is_empty() {
+            return Err(input_err(format!(
+                "passphrase file {} is empty",
+                f.display()
+            )));
+        }
+        return Ok(zeroize::Zeroizing::new(s));
+    }
+    match std::env::var(PASSPHRASE_ENV) {
+        Ok(v) if !v.is_empty() => Ok(zeroize::Zeroizing::new(v.into_bytes())),
+        _ => Err(input_err(format!(
+            "no key-set passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file FILE"
+        ))),
+    }
+}
+
+/// Writes a file atomically (temp file + rename), so a crash never leaves half a file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tapgate")
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}

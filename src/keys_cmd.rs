@@ -1,0 +1,187 @@
+//! `tapgate keys …`: diversification and session-key checks, issuer key sets.
+
+use crate::cli_util::{hex16, hex_arg, input_err, passphrase, write_atomic};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use purse::crypto::{self, AesKey};
+use purse::keys::{KdfParams, KeySet, Role, DEFAULT_AID, DEFAULT_SYSTEM_ID};
+use std::path::{Path, PathBuf};
+
+/// File name of the issuer's sealed key set inside a key directory.
+pub const ISSUER_FILE: &str = "issuer.keys";
+/// File name of the Ed25519 public key (hex) inside a key directory.
+pub const SIGNING_PUB_FILE: &str = "signing.pub";
+
+/// `tapgate keys`.
+#[derive(Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    cmd: KeysCmd,
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Print the AN10922 AES-128 diversified key (32 uppercase hex digits).
+    Diversify {
+        /// Master key, 16 bytes hex.
+        #[arg(long)]
+        master: String,
+        /// Card UID, hex (typically 7 bytes).
+        #[arg(long)]
+        uid: String,
+        /// Application identifier, hex (default: tapgate's 544701; "" for none).
+        #[arg(long)]
+        aid: Option<String>,
+        /// System identifier, hex (default: ASCII "tapgate"; "" for none).
+        #[arg(long = "system-id")]
+        system_id: Option<String>,
+    },
+    /// Print the EV2 session keys SesAuthENC and SesAuthMAC.
+    Session {
+        /// The authentication key, 16 bytes hex.
+        #[arg(long)]
+        key: String,
+        /// RndA, 16 bytes hex.
+        #[arg(long = "rnd-a")]
+        rnd_a: String,
+        /// RndB, 16 bytes hex.
+        #[arg(long = "rnd-b")]
+        rnd_b: String,
+    },
+    /// Create a new issuer key set (all masters at version 1, an Ed25519 signing key).
+    Init {
+        /// Directory to create it in.
+        #[arg(long)]
+        out: PathBuf,
+        /// Read the sealing passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+        #[arg(long = "passphrase-file")]
+        passphrase_file: Option<PathBuf>,
+        /// Overwrite an existing key set.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Cut the key set of one device's role from the issuer key set (sealed with the same
+    /// passphrase): a validator SAM gets KM_DEBIT and its own device key only.
+    Provision {
+        /// The issuer key directory.
+        #[arg(long)]
+        keys: PathBuf,
+        /// The role to cut for.
+        #[arg(long, value_enum)]
+        role: ProvisionRole,
+        /// The device id (validators and franchise terminals).
+        #[arg(long, default_value_t = 0)]
+        device: u32,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Read the sealing passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+        #[arg(long = "passphrase-file")]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProvisionRole {
+    Validator,
+    Franchise,
+    Gateway,
+}
+
+/// Loads and unseals `DIR/issuer.keys` (or a key file given directly).
+pub fn load_keyset(dir_or_file: &Path, passphrase_file: Option<&Path>) -> Result<KeySet> {
+    let path = if dir_or_file.is_dir() {
+        dir_or_file.join(ISSUER_FILE)
+    } else {
+        dir_or_file.to_path_buf()
+    };
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("reading key set {}", path.display()))?;
+    let pass = passphrase(passphrase_file)?;
+    KeySet::unseal(&bytes, &pass).with_context(|| format!("opening key set {}", path.display()))
+}
+
+/// Runs `tapgate keys …`.
+pub fn run(args: KeysArgs) -> Result<()> {
+    match args.cmd {
+        KeysCmd::Diversify {
+            master,
+            uid,
+            aid,
+            system_id,
+        } => {
+            let master = AesKey::from_bytes(hex16("--master", &master)?);
+            let uid = hex_arg("--uid", &uid, &[4, 7, 10])?;
+            let aid = match aid {
+                Some(a) => hex_arg("--aid", &a, &[0, 3])?,
+                None => DEFAULT_AID.to_vec(),
+            };
+            let sys = match system_id {
+                Some(s) => hex_arg("--system-id", &s, &[])?,
+                None => DEFAULT_SYSTEM_ID.to_vec(),
+            };
+            let key = crypto::diversify_an10922(&master, &uid, &aid, &sys)
+                .map_err(|e| input_err(format!("diversification input: {e}")))?;
+            println!("{}", hex::encode_upper(key.expose_secret()));
+        }
+        KeysCmd::Session { key, rnd_a, rnd_b } => {
+            let key = AesKey::from_bytes(hex16("--key", &key)?);
+            let a = hex16("--rnd-a", &rnd_a)?;
+            let b = hex16("--rnd-b", &rnd_b)?;
+            let s = crypto::ev2_session_keys(&key, &a, &b);
+            println!("SesAuthENC={}", hex::encode_upper(s.enc.expose_secret()));
+            println!("SesAuthMAC={}", hex::encode_upper(s.mac.expose_secret()));
+        }
+        KeysCmd::Init {
+            out,
+            passphrase_file,
+            force,
+        } => {
+            let file = out.join(ISSUER_FILE);
+            if file.exists() && !force {
+                return Err(input_err(format!(
+                    "{} already exists; pass --force to replace it (cards personalised under it become unusable)",
+                    file.display()
+                )));
+            }
+            let pass = passphrase(passphrase_file.as_deref())?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let mut rng = rand::rngs::OsRng;
+            let ks = KeySet::generate(&mut rng);
+            let sealed = ks.seal(&pass, KdfParams::DEFAULT, &mut rng)?;
+            write_atomic(&file, &sealed)?;
+            write_atomic(
+                &out.join(SIGNING_PUB_FILE),
+                format!("{}\n", hex::encode(ks.verifying_key)).as_bytes(),
+            )?;
+            println!("key set created: {}", file.display());
+            for e in &ks.entries {
+                println!("  {} master version {}", e.kind.name(), e.version);
+            }
+            println!("  ed25519 public key {}", hex::encode(ks.verifying_key));
+        }
+        KeysCmd::Provision {
+            keys,
+            role,
+            device,
+            out,
+            passphrase_file,
+        } => {
+            let ks = load_keyset(&keys, passphrase_file.as_deref())?;
+            let role = match role {
+                ProvisionRole::Validator => Role::ValidatorSam,
+                ProvisionRole::Franchise => Role::FranchiseSam,
+                ProvisionRole::Gateway => Role::Gateway,
+            };
+            let cut = ks.for_role(role, device)?;
+            let pass = passphrase(passphrase_file.as_deref())?;
+            let sealed = cut.seal(&pass, KdfParams::DEFAULT, &mut rand::rngs::OsRng)?;
+            write_atomic(&out, &sealed)?;
+            println!(
+                "provisioned {role:?} key set for device {device}: {}",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
