@@ -822,17 +822,31 @@ mod tests {
         let mut card = Card::personalise(&p, keys);
         let mut rng = rand::rngs::mock::StepRng::new(1, 1);
         let sel = card
-            .process(&apdu::wrap(ins::SELECT_APPLICATION, &card.state().aid.clone()), &mut rng)
+            .process(
+                &apdu::wrap(ins::SELECT_APPLICATION, &card.state().aid.clone()),
+                &mut rng,
+            )
             .unwrap();
         assert_eq!(sel, vec![0x91, 0x00]);
-        for code in [ins::DEBIT, ins::CREDIT, ins::GET_VALUE, ins::COMMIT_TRANSACTION] {
+        for code in [
+            ins::DEBIT,
+            ins::CREDIT,
+            ins::GET_VALUE,
+            ins::COMMIT_TRANSACTION,
+        ] {
             let r = card.process(&apdu::wrap(code, &[1; 13]), &mut rng).unwrap();
             assert_eq!(r, vec![0x91, 0xAE], "command {code:#x}");
         }
         assert_eq!(card.pending_balance(), 100);
         // Malformed APDUs get ISO errors and the card keeps working.
         assert_eq!(card.process(&[0x90], &mut rng).unwrap(), vec![0x67, 0x00]);
-        assert_eq!(card.process(&[0x00, 0x5A, 0, 0], &mut rng).unwrap(), vec![0x6E, 0x00]);
-        assert_eq!(card.process(&apdu::wrap(0x42, &[]), &mut rng).unwrap(), vec![0x91, 0x1C]);
+        assert_eq!(
+            card.process(&[0x00, 0x5A, 0, 0], &mut rng).unwrap(),
+            vec![0x6E, 0x00]
+        );
+        assert_eq!(
+            card.process(&apdu::wrap(0x42, &[]), &mut rng).unwrap(),
+            vec![0x91, 0x1C]
+        );
     }
 }

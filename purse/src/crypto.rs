@@ -36,9 +36,9 @@ impl AesKey {
 
     /// Builds a key from a slice, which must be exactly 16 bytes.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
-        let arr: [u8; 16] = bytes.try_into().map_err(|_| CryptoError::KeyLength {
-            got: bytes.len(),
-        })?;
+        let arr: [u8; 16] = bytes
+            .try_into()
+            .map_err(|_| CryptoError::KeyLength { got: bytes.len() })?;
         Ok(AesKey(arr))
     }
 
@@ -390,7 +390,10 @@ mod tests {
         for i in 0..16 {
             padded[16 + i] ^= k1[i] ^ k2[i];
         }
-        assert_eq!(div.expose_secret().to_vec(), cmac(&master, &padded).to_vec());
+        assert_eq!(
+            div.expose_secret().to_vec(),
+            cmac(&master, &padded).to_vec()
+        );
         // 32-byte input: plain CMAC.
         let sys = [0x55u8; 21];
         let div32 = diversify_an10922(&master, &uid, &h("3042F5"), &sys).unwrap();

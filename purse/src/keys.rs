@@ -186,7 +186,10 @@ impl std::fmt::Debug for KeySet {
         f.debug_struct("KeySet")
             .field("aid", &hex::encode_upper(self.aid))
             .field("entries", &self.entries)
-            .field("signing_seed", &self.signing_seed.as_ref().map(|_| "<secret>"))
+            .field(
+                "signing_seed",
+                &self.signing_seed.as_ref().map(|_| "<secret>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -271,10 +274,12 @@ impl KeySet {
         {
             return Ok(e.key.clone());
         }
-        let version = self.latest_version(KeyKind::DeviceMaster).ok_or(KeyError::Missing {
-            kind: KeyKind::DeviceMaster.name(),
-            version: 1,
-        })?;
+        let version = self
+            .latest_version(KeyKind::DeviceMaster)
+            .ok_or(KeyError::Missing {
+                kind: KeyKind::DeviceMaster.name(),
+                version: 1,
+            })?;
         Ok(derive_device_key(
             self.get(KeyKind::DeviceMaster, version)?,
             device_id,
@@ -482,7 +487,9 @@ impl KeySet {
             p: file[13],
         };
         if params.m_kib > 4 * 1024 * 1024 || params.t > 64 {
-            return Err(KeyError::Kdf("cost parameters exceed the allowed maximum".into()));
+            return Err(KeyError::Kdf(
+                "cost parameters exceed the allowed maximum".into(),
+            ));
         }
         let salt: [u8; 16] = file[14..30].try_into().expect("16");
         let nonce: [u8; 24] = file[30..54].try_into().expect("24");
@@ -538,12 +545,19 @@ mod tests {
         let ks = KeySet::generate(&mut rng());
         let mut seal_rng = rand::rngs::StdRng::seed_from_u64(8);
         let sealed = ks
-            .seal(b"correct horse", KdfParams::INSECURE_FOR_TESTS, &mut seal_rng)
+            .seal(
+                b"correct horse",
+                KdfParams::INSECURE_FOR_TESTS,
+                &mut seal_rng,
+            )
             .unwrap();
         let debit = ks.get(KeyKind::Debit, 1).unwrap().expose_secret();
         assert!(!sealed.windows(16).any(|w| w == debit), "key in clear");
         let back = KeySet::unseal(&sealed, b"correct horse").unwrap();
-        assert_eq!(back.get(KeyKind::Tmac, 1).unwrap(), ks.get(KeyKind::Tmac, 1).unwrap());
+        assert_eq!(
+            back.get(KeyKind::Tmac, 1).unwrap(),
+            ks.get(KeyKind::Tmac, 1).unwrap()
+        );
         assert_eq!(back.verifying_key, ks.verifying_key);
         assert!(back.signing_seed.is_some());
     }
@@ -554,13 +568,19 @@ mod tests {
         let sealed = ks
             .seal(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut rng())
             .unwrap();
-        assert!(matches!(KeySet::unseal(&sealed, b"nope"), Err(KeyError::Unseal)));
+        assert!(matches!(
+            KeySet::unseal(&sealed, b"nope"),
+            Err(KeyError::Unseal)
+        ));
         for i in [5, 20, 40, sealed.len() - 1] {
             let mut bad = sealed.clone();
             bad[i] ^= 1;
             assert!(KeySet::unseal(&bad, b"pw").is_err(), "byte {i}");
         }
-        assert!(matches!(KeySet::unseal(b"XXXX", b"pw"), Err(KeyError::BadMagic)));
+        assert!(matches!(
+            KeySet::unseal(b"XXXX", b"pw"),
+            Err(KeyError::BadMagic)
+        ));
         assert!(KeySet::unseal(&sealed[..30], b"pw").is_err());
     }
 
@@ -590,7 +610,10 @@ mod tests {
         let v2 = ks.rotate(KeyKind::Debit, &mut rng());
         assert_eq!(v2, 2);
         assert!(ks.get(KeyKind::Debit, 1).is_ok());
-        assert_ne!(ks.get(KeyKind::Debit, 1).unwrap(), ks.get(KeyKind::Debit, 2).unwrap());
+        assert_ne!(
+            ks.get(KeyKind::Debit, 1).unwrap(),
+            ks.get(KeyKind::Debit, 2).unwrap()
+        );
         assert_eq!(ks.latest_version(KeyKind::Debit), Some(2));
     }
 }

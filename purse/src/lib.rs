@@ -6,11 +6,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod crypto;
 pub mod apdu;
-pub mod sm;
+pub mod card;
+pub mod crypto;
 pub mod keys;
 pub mod receipt;
-pub mod card;
 pub mod sam;
+pub mod sm;
 pub mod txn;

@@ -265,7 +265,12 @@ mod tests {
         );
         let ch = Channel::with_counter(keys, h("9D00C4DF").try_into().unwrap(), 1);
         let body = ch
-            .wrap_command(0x5F, &[0x02], &h("4000E0C1F121200000430000430000"), CommMode::Full)
+            .wrap_command(
+                0x5F,
+                &[0x02],
+                &h("4000E0C1F121200000430000430000"),
+                CommMode::Full,
+            )
             .unwrap();
         assert_eq!(body[0], 0x02);
         assert_eq!(body[1..17].to_vec(), h("61B6D97903566E84C3AE5274467E89EA"));
@@ -274,7 +279,10 @@ mod tests {
 
     fn pair() -> (Channel, Channel) {
         let k = || session_keys_from_bytes([1; 16], [2; 16]);
-        (Channel::new(k(), [9, 8, 7, 6]), Channel::new(k(), [9, 8, 7, 6]))
+        (
+            Channel::new(k(), [9, 8, 7, 6]),
+            Channel::new(k(), [9, 8, 7, 6]),
+        )
     }
 
     #[test]
@@ -287,7 +295,10 @@ mod tests {
             let plain = picc.open_command(0xDC, 1, &body, CommMode::Full).unwrap();
             assert_eq!(plain, vec![i, 0, 0, 0]);
             let resp = picc.seal_response(&[i; 5], CommMode::Full).unwrap();
-            assert_eq!(pcd.open_response(&resp, CommMode::Full).unwrap(), vec![i; 5]);
+            assert_eq!(
+                pcd.open_response(&resp, CommMode::Full).unwrap(),
+                vec![i; 5]
+            );
         }
         assert_eq!(pcd.cmd_ctr(), 5);
         assert_eq!(picc.cmd_ctr(), 5);
@@ -319,7 +330,10 @@ mod tests {
             Err(SmError::BadMac)
         );
         // A replayed response is refused by the terminal.
-        assert_eq!(pcd.open_response(&resp, CommMode::Mac), Err(SmError::BadMac));
+        assert_eq!(
+            pcd.open_response(&resp, CommMode::Mac),
+            Err(SmError::BadMac)
+        );
         assert!(matches!(
             picc.open_command(0x6C, 1, &[0; 3], CommMode::Mac),
             Err(SmError::TooShort { .. })

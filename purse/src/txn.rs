@@ -136,7 +136,11 @@ pub fn open_session(
     known_version: impl Fn(u8) -> bool,
 ) -> Result<(Channel, CardSnapshot), TxError> {
     let uid = t.card_uid()?;
-    expect_ok(t, &apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID), "select")?;
+    expect_ok(
+        t,
+        &apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID),
+        "select",
+    )?;
     let kv = expect_ok(
         t,
         &apdu::wrap(INS_GET_KEY_VERSION, &[key.card_key_no().expect("card key")]),
@@ -161,7 +165,11 @@ pub fn open_session(
         });
     }
     let (pending, frame) = auth.auth_part1(key, key_version, &uid, ek_rnd_b, rng)?;
-    let answer = expect_ok(t, &apdu::wrap(ins::ADDITIONAL_FRAME, &frame), "authenticate")?;
+    let answer = expect_ok(
+        t,
+        &apdu::wrap(ins::ADDITIONAL_FRAME, &frame),
+        "authenticate",
+    )?;
     let mut ch = auth.auth_part2(pending, &answer)?;
 
     let v = secure(t, &mut ch, ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?;

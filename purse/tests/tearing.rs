@@ -97,28 +97,50 @@ fn run_op(rig: &mut Rig, card: &mut Card, op: Op, tear: Tear) {
     }
     let mut rng = StdRng::seed_from_u64(11);
     let mut t = TearingReader {
-        inner: EmulatedReader { card, rng: StdRng::seed_from_u64(12) },
+        inner: EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(12),
+        },
         tear,
         sent: 0,
     };
-    let apply = |a| move |_: &txn::CardSnapshot| Decision::Apply { amount_minor: a, record: Some(vec![1; 32]) };
+    let apply = |a| {
+        move |_: &txn::CardSnapshot| Decision::Apply {
+            amount_minor: a,
+            record: Some(vec![1; 32]),
+        }
+    };
     let _ = match op {
         Op::Debit(a) => txn::debit(&mut t, &mut rig.sam, &mut rng, apply(a)).map(|_| ()),
         Op::Load(a) => txn::load_online(&mut t, &mut rig.hsm, &mut rng, apply(a)).map(|_| ()),
-        Op::LimitedCredit(a) => txn::run(&mut t, &mut rig.sam, KeyKind::Debit, ins::LIMITED_CREDIT, &mut rng, |_| true, apply(a)).map(|_| ()),
+        Op::LimitedCredit(a) => txn::run(
+            &mut t,
+            &mut rig.sam,
+            KeyKind::Debit,
+            ins::LIMITED_CREDIT,
+            &mut rng,
+            |_| true,
+            apply(a),
+        )
+        .map(|_| ()),
         Op::AbortedDebit(a) => (|| {
-            let (mut ch, _) = txn::open_session(&mut t, &mut rig.sam, KeyKind::Debit, &mut rng, |_| true)?;
+            let (mut ch, _) =
+                txn::open_session(&mut t, &mut rig.sam, KeyKind::Debit, &mut rng, |_| true)?;
             let body = purse::sam::Authenticator::wrap_value(&mut rig.sam, &ch, ins::DEBIT, a)?;
             let r = t.transmit(&apdu::wrap(ins::DEBIT, &body))?;
             let (d, _) = apdu::parse_response(&r).unwrap();
             if ch.open_response(d, CommMode::Mac).is_err() {
                 return Ok(());
             }
-            let body = ch.wrap_command(ins::ABORT_TRANSACTION, &[], &[], CommMode::Mac).unwrap();
+            let body = ch
+                .wrap_command(ins::ABORT_TRANSACTION, &[], &[], CommMode::Mac)
+                .unwrap();
             let r = t.transmit(&apdu::wrap(ins::ABORT_TRANSACTION, &body))?;
             let (d, _) = apdu::parse_response(&r).unwrap();
             let _ = ch.open_response(d, CommMode::Mac);
-            let body = ch.wrap_command(ins::COMMIT_TRANSACTION, &[], &[0x01], CommMode::Mac).unwrap();
+            let body = ch
+                .wrap_command(ins::COMMIT_TRANSACTION, &[], &[0x01], CommMode::Mac)
+                .unwrap();
             t.transmit(&apdu::wrap(ins::COMMIT_TRANSACTION, &body))?;
             Ok::<(), txn::TxError>(())
         })(),
@@ -188,7 +210,11 @@ fn power_loss_after_each_commit_write_settles_old_or_new() {
         if k == 1 {
             assert_eq!((s.balance_minor, s.tmc), (1_000, 0), "write {k}");
         } else {
-            assert_eq!((s.balance_minor, s.tmc, s.records.len()), (900, 1, 1), "write {k}");
+            assert_eq!(
+                (s.balance_minor, s.tmc, s.records.len()),
+                (900, 1, 1),
+                "write {k}"
+            );
         }
     }
 }

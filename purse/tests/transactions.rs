@@ -25,7 +25,10 @@ fn debit_then_load_moves_exact_value_and_one_counter_each() {
     let mut rig = Rig::new(1);
     let mut card = rig.card(1, 10_000);
     let r = receipt(rig.debit(&mut card, 1_250).unwrap());
-    assert_eq!((r.kind, r.amount_minor, r.balance_after_minor, r.tmc), (TxKind::Debit, 1_250, 8_750, 1));
+    assert_eq!(
+        (r.kind, r.amount_minor, r.balance_after_minor, r.tmc),
+        (TxKind::Debit, 1_250, 8_750, 1)
+    );
     assert_eq!(card.state().balance_minor, 8_750);
     assert_eq!(card.state().records.len(), 1);
     // The HSM accepts the card's transaction MAC on the debit (clearing).
@@ -50,7 +53,10 @@ fn insufficient_value_is_a_boundary_error_and_changes_nothing() {
     let mut card = rig.card(2, 100);
     let before = card.state().clone();
     match rig.debit(&mut card, 101) {
-        Err(TxError::Card { status: Status::BoundaryError, .. }) => {}
+        Err(TxError::Card {
+            status: Status::BoundaryError,
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     assert_eq!(card.state(), &before);
@@ -61,7 +67,10 @@ fn refusal_decision_leaves_card_untouched() {
     let mut rig = Rig::new(3);
     let mut card = rig.card(3, 500);
     let before = card.state().clone();
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
     let out = txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |s| {
         assert_eq!(s.balance_minor, 500);
         Decision::Refuse
@@ -85,12 +94,27 @@ fn zero_fare_tap_writes_record_and_consumes_one_counter() {
 fn validator_sam_cannot_authenticate_with_the_credit_key() {
     let mut rig = Rig::new(5);
     let mut card = rig.card(5, 500);
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
-    let err = txn::run(&mut reader, &mut rig.sam, KeyKind::Credit, ins::CREDIT, &mut rig.rng, |_| true, |_| {
-        Decision::Apply { amount_minor: 1_000, record: None }
-    })
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let err = txn::run(
+        &mut reader,
+        &mut rig.sam,
+        KeyKind::Credit,
+        ins::CREDIT,
+        &mut rig.rng,
+        |_| true,
+        |_| Decision::Apply {
+            amount_minor: 1_000,
+            record: None,
+        },
+    )
     .unwrap_err();
-    assert!(matches!(err, TxError::Sam(SamError::KeyNotHeld { .. })), "{err}");
+    assert!(
+        matches!(err, TxError::Sam(SamError::KeyNotHeld { .. })),
+        "{err}"
+    );
     assert_eq!(card.state().balance_minor, 500);
 }
 
@@ -101,38 +125,89 @@ fn compromised_validator_cannot_add_value() {
     let mut rig = Rig::new(6);
     let mut card = rig.card(6, 500);
     let mut rng = StdRng::seed_from_u64(2);
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
-    let (ch, _snap) = txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng, |_| true).unwrap();
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let (ch, _snap) =
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng, |_| {
+            true
+        })
+        .unwrap();
     // The SAM itself refuses to build a credit...
     assert!(rig.sam.wrap_value(&ch, ins::CREDIT, 100).is_err());
     // ...and a hand-built one under the debit session is refused by the card.
     let body = ch
-        .wrap_command(ins::CREDIT, &[FILE_VALUE], &100i32.to_le_bytes(), CommMode::Full)
+        .wrap_command(
+            ins::CREDIT,
+            &[FILE_VALUE],
+            &100i32.to_le_bytes(),
+            CommMode::Full,
+        )
         .unwrap();
     let resp = reader.transmit(&apdu::wrap(ins::CREDIT, &body)).unwrap();
     assert_eq!(resp, Status::PermissionDenied.sw().to_vec());
 
     // LimitedCredit with no prior debit: boundary error.
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
-    let err = txn::run(&mut reader, &mut rig.sam, KeyKind::Debit, ins::LIMITED_CREDIT, &mut rng, |_| true, |_| {
-        Decision::Apply { amount_minor: 1, record: None }
-    })
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let err = txn::run(
+        &mut reader,
+        &mut rig.sam,
+        KeyKind::Debit,
+        ins::LIMITED_CREDIT,
+        &mut rng,
+        |_| true,
+        |_| Decision::Apply {
+            amount_minor: 1,
+            record: None,
+        },
+    )
     .unwrap_err();
-    assert!(matches!(err, TxError::Card { status: Status::BoundaryError, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TxError::Card {
+                status: Status::BoundaryError,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(card.state().balance_minor, 500);
 
     // After a debit of 200, LimitedCredit may undo up to 200 and no more, once.
     receipt(rig.debit(&mut card, 200).unwrap());
     let lc = |amount: i32, card: &mut Card, rig: &mut Rig| {
-        let mut reader = EmulatedReader { card, rng: StdRng::seed_from_u64(1) };
-        txn::run(&mut reader, &mut rig.sam, KeyKind::Debit, ins::LIMITED_CREDIT, &mut StdRng::seed_from_u64(3), |_| true, |_| {
-            Decision::Apply { amount_minor: amount, record: None }
-        })
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(1),
+        };
+        txn::run(
+            &mut reader,
+            &mut rig.sam,
+            KeyKind::Debit,
+            ins::LIMITED_CREDIT,
+            &mut StdRng::seed_from_u64(3),
+            |_| true,
+            |_| Decision::Apply {
+                amount_minor: amount,
+                record: None,
+            },
+        )
     };
     assert!(lc(201, &mut card, &mut rig).is_err());
     let r = receipt(lc(200, &mut card, &mut rig).unwrap());
-    assert_eq!((r.kind, r.balance_after_minor), (TxKind::LimitedCredit, 500));
-    assert!(lc(1, &mut card, &mut rig).is_err(), "limited credit only once");
+    assert_eq!(
+        (r.kind, r.balance_after_minor),
+        (TxKind::LimitedCredit, 500)
+    );
+    assert!(
+        lc(1, &mut card, &mut rig).is_err(),
+        "limited credit only once"
+    );
     assert_eq!(card.state().balance_minor, 500);
 }
 
@@ -153,7 +228,10 @@ fn forged_or_altered_transaction_mac_is_refused_by_the_hsm() {
         CommitReceipt::for_tests(uid, r.tmc, r.tmv, TxKind::Credit, 300, 4_700),
     ];
     for v in variants {
-        assert!(matches!(rig.hsm.verify_tmac(&v), Err(SamError::TmacMismatch { .. })), "{v:?}");
+        assert!(
+            matches!(rig.hsm.verify_tmac(&v), Err(SamError::TmacMismatch { .. })),
+            "{v:?}"
+        );
     }
 }
 
@@ -166,7 +244,11 @@ fn replayed_debit_session_is_refused() {
     let sent = {
         let mut t = Flaky::new(&mut card, None);
         let mut rng = StdRng::seed_from_u64(4);
-        txn::debit(&mut t, &mut rig.sam, &mut rng, |_| Decision::Apply { amount_minor: 100, record: None }).unwrap();
+        txn::debit(&mut t, &mut rig.sam, &mut rng, |_| Decision::Apply {
+            amount_minor: 100,
+            record: None,
+        })
+        .unwrap();
         t.sent
     };
     assert_eq!(card.state().balance_minor, 4_900);
@@ -178,7 +260,10 @@ fn replayed_debit_session_is_refused() {
     }
     assert_eq!(card.state().balance_minor, 4_900);
     assert_eq!(card.state().tmc, 1);
-    assert!(statuses.contains(&Status::AuthenticationError), "{statuses:?}");
+    assert!(
+        statuses.contains(&Status::AuthenticationError),
+        "{statuses:?}"
+    );
 }
 
 /// Reordering: swapping two MAC'd commands within a live session breaks the counter binding.
@@ -187,8 +272,15 @@ fn reordered_and_altered_frames_end_the_session() {
     let mut rig = Rig::new(9);
     let mut card = rig.card(9, 5_000);
     let mut rng = StdRng::seed_from_u64(2);
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
-    let (mut ch, _) = txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng, |_| true).unwrap();
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let (mut ch, _) =
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng, |_| {
+            true
+        })
+        .unwrap();
     let first = rig.sam.wrap_value(&ch, ins::DEBIT, 100).unwrap();
     // Pretend the first went through on our side only, build the next at counter+1.
     let _ = ch.open_response(&[0u8; 8], CommMode::Mac); // fails, counter unchanged
@@ -209,16 +301,30 @@ fn franchise_sam_loads_only_under_its_ceiling() {
     let mut card = rig.card(10, 0);
     let mut rng = StdRng::seed_from_u64(2);
     let mut go = |amount: i32, card: &mut Card, fsam: &mut SoftwareSam| {
-        let mut reader = EmulatedReader { card, rng: StdRng::seed_from_u64(1) };
-        txn::run(&mut reader, fsam, KeyKind::Credit, ins::CREDIT, &mut rng, |_| true, |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        })
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(1),
+        };
+        txn::run(
+            &mut reader,
+            fsam,
+            KeyKind::Credit,
+            ins::CREDIT,
+            &mut rng,
+            |_| true,
+            |_| Decision::Apply {
+                amount_minor: amount,
+                record: None,
+            },
+        )
     };
     receipt(go(600, &mut card, &mut fsam).unwrap());
     assert_eq!(fsam.ceiling_minor(), 400);
     let err = go(600, &mut card, &mut fsam).unwrap_err();
-    assert!(matches!(err, TxError::Sam(SamError::CeilingExceeded { .. })), "{err}");
+    assert!(
+        matches!(err, TxError::Sam(SamError::CeilingExceeded { .. })),
+        "{err}"
+    );
     assert_eq!(card.state().balance_minor, 600);
     fsam.replenish(1_000).unwrap();
     receipt(go(600, &mut card, &mut fsam).unwrap());
@@ -230,7 +336,16 @@ fn upper_limit_refuses_an_overload() {
     let mut rig = Rig::new(11);
     let mut card = rig.card(11, 499_000);
     let err = rig.load(&mut card, 1_001).unwrap_err();
-    assert!(matches!(err, TxError::Card { status: Status::BoundaryError, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TxError::Card {
+                status: Status::BoundaryError,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(card.state().balance_minor, 499_000);
 }
 
@@ -244,9 +359,13 @@ fn unknown_key_version_is_reported() {
     // A SAM cut from a key set whose debit master was rotated to v2 only.
     let mut ks2 = rig.keys.clone();
     assert_eq!(ks2.rotate(KeyKind::Debit, &mut rig.rng), 2);
-    ks2.entries.retain(|e| !(e.kind == KeyKind::Debit && e.version == 1));
+    ks2.entries
+        .retain(|e| !(e.kind == KeyKind::Debit && e.version == 1));
     let mut sam2 = SoftwareSam::validator(&ks2, 5).unwrap();
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
     let err = txn::debit(&mut reader, &mut sam2, &mut rig.rng, |_| Decision::Refuse).unwrap_err();
     assert!(matches!(err, TxError::UnknownKeyVersion(1)), "{err}");
 }
@@ -256,14 +375,22 @@ fn records_are_cyclic_and_read_newest_first() {
     let mut rig = Rig::new(13);
     let mut card = rig.card(13, 100_000);
     for i in 0..11u8 {
-        let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
-        txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |_| Decision::Apply {
-            amount_minor: 10,
-            record: Some(vec![i; 32]),
+        let mut reader = EmulatedReader {
+            card: &mut card,
+            rng: StdRng::seed_from_u64(1),
+        };
+        txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |_| {
+            Decision::Apply {
+                amount_minor: 10,
+                record: Some(vec![i; 32]),
+            }
         })
         .unwrap();
     }
-    let mut reader = EmulatedReader { card: &mut card, rng: StdRng::seed_from_u64(1) };
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
     let out = txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |s| {
         assert_eq!(s.records.len(), 8);
         assert_eq!(s.records[0], vec![10; 32]);

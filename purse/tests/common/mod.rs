@@ -21,7 +21,12 @@ impl Rig {
         let keys = KeySet::generate(&mut rng);
         let hsm = SoftwareHsm::new(&keys).unwrap();
         let sam = SoftwareSam::validator(&keys, 1001).unwrap();
-        Rig { keys, hsm, sam, rng }
+        Rig {
+            keys,
+            hsm,
+            sam,
+            rng,
+        }
     }
 
     pub fn card(&self, uid_byte: u8, balance_minor: i32) -> Card {
@@ -31,18 +36,28 @@ impl Rig {
     }
 
     pub fn debit(&mut self, card: &mut Card, amount: i32) -> Result<Outcome, txn::TxError> {
-        let mut reader = EmulatedReader { card, rng: StdRng::seed_from_u64(99) };
-        txn::debit(&mut reader, &mut self.sam, &mut self.rng, |_| Decision::Apply {
-            amount_minor: amount,
-            record: Some(vec![0xAB; 32]),
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(99),
+        };
+        txn::debit(&mut reader, &mut self.sam, &mut self.rng, |_| {
+            Decision::Apply {
+                amount_minor: amount,
+                record: Some(vec![0xAB; 32]),
+            }
         })
     }
 
     pub fn load(&mut self, card: &mut Card, amount: i32) -> Result<txn::LoadOutcome, txn::TxError> {
-        let mut reader = EmulatedReader { card, rng: StdRng::seed_from_u64(98) };
-        txn::load_online(&mut reader, &mut self.hsm, &mut self.rng, |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(98),
+        };
+        txn::load_online(&mut reader, &mut self.hsm, &mut self.rng, |_| {
+            Decision::Apply {
+                amount_minor: amount,
+                record: None,
+            }
         })
     }
 }
@@ -56,7 +71,14 @@ pub struct Flaky<'a> {
 
 impl<'a> Flaky<'a> {
     pub fn new(card: &'a mut Card, pull_after: Option<usize>) -> Self {
-        Flaky { inner: EmulatedReader { card, rng: StdRng::seed_from_u64(5) }, pull_after, sent: vec![] }
+        Flaky {
+            inner: EmulatedReader {
+                card,
+                rng: StdRng::seed_from_u64(5),
+            },
+            pull_after,
+            sent: vec![],
+        }
     }
 }
 
