@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 
 mod fare;
+mod purse_bench;
 mod stats;
 
 /// One scenario's result: named figures, in print order.
@@ -47,8 +48,8 @@ impl Scenario {
 fn main() -> Result<()> {
     let args = Args::parse();
     let figures: Figures = match args.scenario {
-        Scenario::Debit => stats::not_yet()?,
-        Scenario::Load => stats::not_yet()?,
+        Scenario::Debit => purse_bench::debit(args.n)?,
+        Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
     };
     println!("scenario: {}", args.scenario.name());

@@ -14,7 +14,8 @@
 //! Keys live in [`AesKey`], which zeroizes on drop and never prints its bytes.
 
 use aes::cipher::{
-    block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, KeyInit, KeyIvInit,
+    block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
+    KeyIvInit,
 };
 use aes::Aes128;
 use cmac::{Cmac, Mac};
@@ -268,6 +269,30 @@ pub fn cbc_decrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), C
     }
     let len = data.len();
     cbc::Decryptor::<Aes128>::new(&key.0.into(), iv.into())
+        .decrypt_padded_mut::<NoPadding>(data)
+        .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
+    Ok(())
+}
+
+/// AES-128-CBC encryption in place with an already expanded cipher (whole blocks).
+pub fn cbc_encrypt_with(cipher: &Aes128, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
+    let len = data.len();
+    if len % BLOCK != 0 {
+        return Err(CryptoError::NotBlockAligned { got: len });
+    }
+    cbc::Encryptor::<Aes128>::inner_iv_init(cipher.clone(), iv.into())
+        .encrypt_padded_mut::<NoPadding>(data, len)
+        .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
+    Ok(())
+}
+
+/// AES-128-CBC decryption in place with an already expanded cipher (whole blocks).
+pub fn cbc_decrypt_with(cipher: &Aes128, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
+    let len = data.len();
+    if len % BLOCK != 0 {
+        return Err(CryptoError::NotBlockAligned { got: len });
+    }
+    cbc::Decryptor::<Aes128>::inner_iv_init(cipher.clone(), iv.into())
         .decrypt_padded_mut::<NoPadding>(data)
         .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
     Ok(())

@@ -131,6 +131,9 @@ pub trait Authenticator {
         rng: &mut dyn RngCore,
     ) -> Result<(PendingAuth, [u8; 32]), SamError>;
 
+    /// Whether this holds the master of `kind` at `version` (cards carry the version they hold).
+    fn holds_version(&self, kind: KeyKind, version: u8) -> bool;
+
     /// Part 2: verify the card and open the secure channel.
     fn auth_part2(&mut self, pending: PendingAuth, card_resp: &[u8]) -> Result<Channel, SamError> {
         pcd_auth_part2(pending, card_resp)
@@ -140,7 +143,7 @@ pub trait Authenticator {
     /// Implementations refuse what their role may not do.
     fn wrap_value(
         &mut self,
-        channel: &Channel,
+        channel: &mut Channel,
         code: u8,
         amount_minor: i32,
     ) -> Result<Vec<u8>, SamError> {
@@ -158,8 +161,6 @@ pub trait Sam: Authenticator {
     fn device_mac(&self, body: &[u8]) -> [u8; 8];
     /// The device key (to hand to the tap-record signer). Never log it.
     fn device_key(&self) -> &AesKey;
-    /// Card key versions of `kind` this SAM holds.
-    fn holds_version(&self, kind: KeyKind, version: u8) -> bool;
 }
 
 /// The back office's key holder.
@@ -248,6 +249,10 @@ impl SoftwareSam {
 }
 
 impl Authenticator for SoftwareSam {
+    fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
+        self.keys.get(kind, version).is_ok()
+    }
+
     fn auth_part1(
         &mut self,
         kind: KeyKind,
@@ -269,7 +274,7 @@ impl Authenticator for SoftwareSam {
 
     fn wrap_value(
         &mut self,
-        channel: &Channel,
+        channel: &mut Channel,
         code: u8,
         amount_minor: i32,
     ) -> Result<Vec<u8>, SamError> {
@@ -302,9 +307,6 @@ impl Sam for SoftwareSam {
     fn device_key(&self) -> &AesKey {
         &self.device_key
     }
-    fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
-        self.keys.get(kind, version).is_ok()
-    }
 }
 
 /// A software HSM: the issuer's full key set, sealed at rest by its owner.
@@ -333,6 +335,10 @@ impl SoftwareHsm {
 }
 
 impl Authenticator for SoftwareHsm {
+    fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
+        kind != KeyKind::Tmac && self.keys.get(kind, version).is_ok()
+    }
+
     fn auth_part1(
         &mut self,
         kind: KeyKind,

@@ -15,7 +15,10 @@
 //! Error responses carry no MAC (as on DESFire EV2) and also end the session.
 
 use crate::crypto::{self, AesKey, SessionKeys};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use aes::cipher::{BlockEncrypt, KeyInit};
+use aes::Aes128;
+use cmac::{Cmac, Mac};
+use zeroize::Zeroize;
 
 /// How a command's data and its response are protected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,10 +51,14 @@ pub enum SmError {
     CounterExhausted,
 }
 
-/// One side of an authenticated EV2 session. Zeroized on drop.
-#[derive(Zeroize, ZeroizeOnDrop)]
+/// One side of an authenticated EV2 session.
+///
+/// The session keys are held only as expanded cipher states (AES round keys and a CMAC state
+/// with its subkeys precomputed), which zeroize themselves on drop (the `zeroize` features of
+/// `aes` and `cmac`); expanding them once per session keeps a whole debit within a few µs.
 pub struct Channel {
-    keys: SessionKeys,
+    enc: Aes128,
+    mac: Cmac<Aes128>,
     ti: [u8; 4],
     cmd_ctr: u16,
 }
@@ -71,16 +78,17 @@ pub const MAC_LEN: usize = 8;
 impl Channel {
     /// A fresh channel after authentication (CmdCtr = 0).
     pub fn new(keys: SessionKeys, ti: [u8; 4]) -> Self {
-        Channel {
-            keys,
-            ti,
-            cmd_ctr: 0,
-        }
+        Self::with_counter(keys, ti, 0)
     }
 
     /// A channel at a given counter (for known-answer tests and resumption).
     pub fn with_counter(keys: SessionKeys, ti: [u8; 4], cmd_ctr: u16) -> Self {
-        Channel { keys, ti, cmd_ctr }
+        Channel {
+            enc: Aes128::new(keys.enc.expose_secret().into()),
+            mac: <Cmac<Aes128> as KeyInit>::new(keys.mac.expose_secret().into()),
+            ti,
+            cmd_ctr,
+        }
     }
 
     /// The transaction identifier chosen by the card.
@@ -94,21 +102,31 @@ impl Channel {
     }
 
     fn iv(&self, label: [u8; 2], ctr: u16) -> [u8; 16] {
-        let mut input = [0u8; 16];
-        input[0..2].copy_from_slice(&label);
-        input[2..6].copy_from_slice(&self.ti);
-        input[6..8].copy_from_slice(&ctr.to_le_bytes());
-        crypto::encrypt_block(&self.keys.enc, &input)
+        let mut block = [0u8; 16];
+        block[0..2].copy_from_slice(&label);
+        block[2..6].copy_from_slice(&self.ti);
+        block[6..8].copy_from_slice(&ctr.to_le_bytes());
+        self.enc.encrypt_block((&mut block).into());
+        block
     }
 
-    fn mac(&self, first: u8, ctr: u16, header: &[u8], data: &[u8]) -> [u8; 8] {
-        let mut input = Vec::with_capacity(7 + header.len() + data.len());
-        input.push(first);
-        input.extend_from_slice(&ctr.to_le_bytes());
-        input.extend_from_slice(&self.ti);
-        input.extend_from_slice(header);
-        input.extend_from_slice(data);
-        crypto::mac8(&self.keys.mac, &input)
+    fn mac(&mut self, first: u8, ctr: u16, header: &[u8], data: &[u8]) -> [u8; 8] {
+        let c = ctr.to_le_bytes();
+        self.mac.update(&[first, c[0], c[1]]);
+        self.mac.update(&self.ti);
+        self.mac.update(header);
+        self.mac.update(data);
+        // finalize_reset keeps the expanded key and subkeys: no re-keying per frame.
+        crypto::truncate_mac(&self.mac.finalize_reset().into_bytes().into())
+    }
+
+    fn cbc(&self, iv: &[u8; 16], data: &mut [u8], encrypt: bool) -> Result<(), SmError> {
+        if encrypt {
+            crypto::cbc_encrypt_with(&self.enc, iv, data)
+        } else {
+            crypto::cbc_decrypt_with(&self.enc, iv, data)
+        }
+        .map_err(|_| SmError::BadCiphertext)
     }
 
     fn next_ctr(&self) -> Result<u16, SmError> {
@@ -117,7 +135,7 @@ impl Channel {
 
     /// Terminal side: the command body `header ‖ data' ‖ MACt` to send for `cmd`.
     pub fn wrap_command(
-        &self,
+        &mut self,
         cmd: u8,
         header: &[u8],
         data: &[u8],
@@ -130,8 +148,7 @@ impl Channel {
             CommMode::Full => {
                 let mut padded = crypto::pad_iso9797_m2(data);
                 let iv = self.iv([0xA5, 0x5A], self.cmd_ctr);
-                crypto::cbc_encrypt(&self.keys.enc, &iv, &mut padded)
-                    .map_err(|_| SmError::BadCiphertext)?;
+                self.cbc(&iv, &mut padded, true)?;
                 padded
             }
         };
@@ -146,7 +163,7 @@ impl Channel {
     /// Card side: verifies a command body and returns its plain data (header excluded).
     /// On success the counter is NOT yet advanced; [`Channel::seal_response`] advances it.
     pub fn open_command(
-        &self,
+        &mut self,
         cmd: u8,
         header_len: usize,
         body: &[u8],
@@ -172,8 +189,7 @@ impl Channel {
             CommMode::Full => {
                 let mut buf = data.to_vec();
                 let iv = self.iv([0xA5, 0x5A], self.cmd_ctr);
-                crypto::cbc_decrypt(&self.keys.enc, &iv, &mut buf)
-                    .map_err(|_| SmError::BadCiphertext)?;
+                self.cbc(&iv, &mut buf, false)?;
                 let plain = crypto::unpad_iso9797_m2(&buf)
                     .map_err(|_| SmError::BadCiphertext)?
                     .to_vec();
@@ -192,8 +208,7 @@ impl Channel {
             CommMode::Full => {
                 let mut padded = crypto::pad_iso9797_m2(data);
                 let iv = self.iv([0x5A, 0xA5], self.cmd_ctr);
-                crypto::cbc_encrypt(&self.keys.enc, &iv, &mut padded)
-                    .map_err(|_| SmError::BadCiphertext)?;
+                self.cbc(&iv, &mut padded, true)?;
                 padded
             }
         };
@@ -224,8 +239,7 @@ impl Channel {
             CommMode::Full => {
                 let mut buf = data.to_vec();
                 let iv = self.iv([0x5A, 0xA5], ctr);
-                crypto::cbc_decrypt(&self.keys.enc, &iv, &mut buf)
-                    .map_err(|_| SmError::BadCiphertext)?;
+                self.cbc(&iv, &mut buf, false)?;
                 let plain = crypto::unpad_iso9797_m2(&buf)
                     .map_err(|_| SmError::BadCiphertext)?
                     .to_vec();
@@ -263,7 +277,7 @@ mod tests {
             a16("1309C877509E5A215007FF0ED19CA564"),
             a16("4C6626F5E72EA694202139295C7A7FC7"),
         );
-        let ch = Channel::with_counter(keys, h("9D00C4DF").try_into().unwrap(), 1);
+        let mut ch = Channel::with_counter(keys, h("9D00C4DF").try_into().unwrap(), 1);
         let body = ch
             .wrap_command(
                 0x5F,

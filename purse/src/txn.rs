@@ -133,7 +133,6 @@ pub fn open_session(
     auth: &mut dyn Authenticator,
     key: KeyKind,
     rng: &mut dyn RngCore,
-    known_version: impl Fn(u8) -> bool,
 ) -> Result<(Channel, CardSnapshot), TxError> {
     let uid = t.card_uid()?;
     expect_ok(
@@ -152,7 +151,7 @@ pub fn open_session(
             what: "not one byte",
         });
     };
-    if !known_version(key_version) {
+    if !auth.holds_version(key, key_version) {
         return Err(TxError::UnknownKeyVersion(key_version));
     }
     let key_no = key.card_key_no().expect("card key");
@@ -229,10 +228,9 @@ pub fn run(
     key: KeyKind,
     value_code: u8,
     rng: &mut dyn RngCore,
-    known_version: impl Fn(u8) -> bool,
     decide: impl FnOnce(&CardSnapshot) -> Decision,
 ) -> Result<Outcome, TxError> {
-    let (mut ch, snapshot) = open_session(t, auth, key, rng, known_version)?;
+    let (mut ch, snapshot) = open_session(t, auth, key, rng)?;
     let (amount_minor, record) = match decide(&snapshot) {
         Decision::Refuse => return Ok(Outcome::Refused { snapshot }),
         Decision::Apply {
@@ -259,7 +257,7 @@ pub fn run(
         }
     };
     if amount_minor > 0 {
-        let body = auth.wrap_value(&ch, value_code, amount_minor)?;
+        let body = auth.wrap_value(&mut ch, value_code, amount_minor)?;
         let resp = t.transmit(&apdu::wrap(value_code, &body))?;
         open(&resp, &mut ch, CommMode::Mac, "value command")?;
     }
@@ -317,18 +315,7 @@ pub fn debit(
     rng: &mut dyn RngCore,
     decide: impl FnOnce(&CardSnapshot) -> Decision,
 ) -> Result<Outcome, TxError> {
-    let held: Vec<u8> = (0..=255u8)
-        .filter(|v| sam.holds_version(KeyKind::Debit, *v))
-        .collect();
-    run(
-        t,
-        sam,
-        KeyKind::Debit,
-        ins::DEBIT,
-        rng,
-        |v| held.contains(&v),
-        decide,
-    )
+    run(t, sam, KeyKind::Debit, ins::DEBIT, rng, decide)
 }
 
 /// An online load by the back office (credit key in the HSM), ending with the HSM's check of
@@ -340,7 +327,7 @@ pub fn load_online<H: Hsm>(
     rng: &mut dyn RngCore,
     decide: impl FnOnce(&CardSnapshot) -> Decision,
 ) -> Result<LoadOutcome, TxError> {
-    match run(t, hsm, KeyKind::Credit, ins::CREDIT, rng, |_| true, decide)? {
+    match run(t, hsm, KeyKind::Credit, ins::CREDIT, rng, decide)? {
         Outcome::Refused { snapshot } => Ok(LoadOutcome::Refused { snapshot }),
         Outcome::Committed { snapshot, receipt } => {
             let proof = hsm.verify_tmac(&receipt)?;

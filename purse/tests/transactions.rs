@@ -104,17 +104,19 @@ fn validator_sam_cannot_authenticate_with_the_credit_key() {
         KeyKind::Credit,
         ins::CREDIT,
         &mut rig.rng,
-        |_| true,
         |_| Decision::Apply {
             amount_minor: 1_000,
             record: None,
         },
     )
     .unwrap_err();
-    assert!(
-        matches!(err, TxError::Sam(SamError::KeyNotHeld { .. })),
-        "{err}"
-    );
+    assert!(matches!(err, TxError::UnknownKeyVersion(1)), "{err}");
+    // And asked directly, the SAM has no credit key to authenticate with.
+    let err = rig
+        .sam
+        .auth_part1(KeyKind::Credit, 1, &card.state().uid, &[0; 16], &mut rig.rng)
+        .unwrap_err();
+    assert!(matches!(err, SamError::KeyNotHeld { .. }), "{err}");
     assert_eq!(card.state().balance_minor, 500);
 }
 
@@ -129,13 +131,11 @@ fn compromised_validator_cannot_add_value() {
         card: &mut card,
         rng: StdRng::seed_from_u64(1),
     };
-    let (ch, _snap) =
-        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng, |_| {
-            true
-        })
+    let (mut ch, _snap) =
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng)
         .unwrap();
     // The SAM itself refuses to build a credit...
-    assert!(rig.sam.wrap_value(&ch, ins::CREDIT, 100).is_err());
+    assert!(rig.sam.wrap_value(&mut ch, ins::CREDIT, 100).is_err());
     // ...and a hand-built one under the debit session is refused by the card.
     let body = ch
         .wrap_command(
@@ -159,7 +159,6 @@ fn compromised_validator_cannot_add_value() {
         KeyKind::Debit,
         ins::LIMITED_CREDIT,
         &mut rng,
-        |_| true,
         |_| Decision::Apply {
             amount_minor: 1,
             record: None,
@@ -191,7 +190,6 @@ fn compromised_validator_cannot_add_value() {
             KeyKind::Debit,
             ins::LIMITED_CREDIT,
             &mut StdRng::seed_from_u64(3),
-            |_| true,
             |_| Decision::Apply {
                 amount_minor: amount,
                 record: None,
@@ -277,11 +275,9 @@ fn reordered_and_altered_frames_end_the_session() {
         rng: StdRng::seed_from_u64(1),
     };
     let (mut ch, _) =
-        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng, |_| {
-            true
-        })
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng)
         .unwrap();
-    let first = rig.sam.wrap_value(&ch, ins::DEBIT, 100).unwrap();
+    let first = rig.sam.wrap_value(&mut ch, ins::DEBIT, 100).unwrap();
     // Pretend the first went through on our side only, build the next at counter+1.
     let _ = ch.open_response(&[0u8; 8], CommMode::Mac); // fails, counter unchanged
     let mut altered = first.clone();
@@ -311,7 +307,6 @@ fn franchise_sam_loads_only_under_its_ceiling() {
             KeyKind::Credit,
             ins::CREDIT,
             &mut rng,
-            |_| true,
             |_| Decision::Apply {
                 amount_minor: amount,
                 record: None,

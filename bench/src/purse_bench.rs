@@ -1,0 +1,94 @@
+//! Bench scenarios `debit` and `load`: one complete card transaction, card and terminal sides
+//! in one process (emulated card, software SAM/HSM), reporting per-transaction latency.
+
+use crate::stats::{quantile, time_each};
+use crate::Figures;
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
+use purse::txn::{self, Decision, EmulatedReader, LoadOutcome, Outcome};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+struct Rig {
+    hsm: SoftwareHsm,
+    sam: SoftwareSam,
+    card: Card,
+    rng: StdRng,
+    card_rng: StdRng,
+}
+
+fn rig(balance_minor: i32) -> Rig {
+    let mut rng = StdRng::seed_from_u64(1);
+    let keys = KeySet::generate(&mut rng);
+    let hsm = SoftwareHsm::new(&keys).expect("hsm");
+    let sam = SoftwareSam::validator(&keys, 1001).expect("sam");
+    let uid = [0x04, 0x78, 0x2E, 0x21, 0x80, 0x1D, 0x80];
+    let mut p = Personalisation::transit(uid, balance_minor);
+    p.upper_limit_minor = i32::MAX;
+    let card = Card::personalise(&p, hsm.card_keys(&uid, 1).expect("card keys"));
+    Rig {
+        hsm,
+        sam,
+        card,
+        rng,
+        card_rng: StdRng::seed_from_u64(2),
+    }
+}
+
+fn figures(samples: &[u64], n: u64) -> Figures {
+    vec![
+        ("n", n.into()),
+        ("median_ns", quantile(samples, 0.5).into()),
+        ("p99_ns", quantile(samples, 0.99).into()),
+        ("min_ns", quantile(samples, 0.0).into()),
+    ]
+}
+
+/// One complete debit: select, key version, EV2 authentication, GetValue, TM file and trip
+/// records under MAC, Debit (FULL), WriteRecord, CommitTransaction, commit-MAC and counter
+/// checks, and the device MAC over the tap.
+pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
+    let n = n.unwrap_or(20_000);
+    let mut r = rig(i32::MAX / 2);
+    let samples = time_each(n / 10, n, || {
+        let mut reader = EmulatedReader {
+            card: &mut r.card,
+            rng: &mut r.card_rng,
+        };
+        let out = txn::debit(&mut reader, &mut r.sam, &mut r.rng, |_| Decision::Apply {
+            amount_minor: 1,
+            record: Some(vec![0x11; txn::RECORD_SIZE]),
+        })
+        .expect("debit");
+        let Outcome::Committed { receipt, .. } = out else {
+            panic!("debit refused")
+        };
+        let mut body = [0u8; 40];
+        body[..7].copy_from_slice(&receipt.uid);
+        body[7..11].copy_from_slice(&receipt.tmc.to_le_bytes());
+        body[11..19].copy_from_slice(&receipt.tmv);
+        std::hint::black_box(r.sam.device_mac(&body));
+    });
+    Ok(figures(&samples, n))
+}
+
+/// One complete online load: the same dialogue with the credit key in the software HSM,
+/// Credit in FULL mode, and the HSM's transaction-MAC verification.
+pub fn load(n: Option<u64>) -> anyhow::Result<Figures> {
+    let n = n.unwrap_or(20_000);
+    let mut r = rig(0);
+    let samples = time_each(n / 10, n, || {
+        let mut reader = EmulatedReader {
+            card: &mut r.card,
+            rng: &mut r.card_rng,
+        };
+        let out = txn::load_online(&mut reader, &mut r.hsm, &mut r.rng, |_| Decision::Apply {
+            amount_minor: 1,
+            record: None,
+        })
+        .expect("load");
+        assert!(matches!(out, LoadOutcome::Loaded { .. }));
+    });
+    Ok(figures(&samples, n))
+}
