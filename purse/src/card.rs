@@ -3,7 +3,7 @@
 //!
 //! ## Files of the application (AID [`crate::keys::DEFAULT_AID`])
 //! - `0x01` value file: balance with lower/upper limits and limited credit.
-//! - `0x02` cyclic record file of recent trips (`record_size` bytes × `max_records`).
+//! - `0x02` cyclic record file of recent trips ([`RECORD_SIZE`] bytes × `max_records`).
 //! - `0x0F` transaction MAC file: TMC (u32 LE) ‖ TMV (8 bytes), read with ReadData.
 //!
 //! ## Keys and access rights
@@ -46,8 +46,10 @@ pub const FILE_RECORDS: u8 = 0x02;
 pub const FILE_TMAC: u8 = 0x0F;
 /// GetKeyVersion command code.
 pub const INS_GET_KEY_VERSION: u8 = 0x64;
-/// Default trip-record size in bytes.
-pub const DEFAULT_RECORD_SIZE: u8 = 32;
+/// Trip-record size in bytes (fixed, as the fare engine's record layout).
+pub const RECORD_SIZE: usize = 32;
+/// One trip record as stored on the card.
+pub type TripRecord = [u8; RECORD_SIZE];
 /// Default number of records the cyclic file keeps.
 pub const DEFAULT_MAX_RECORDS: u8 = 8;
 
@@ -66,8 +68,6 @@ pub struct Personalisation {
     pub upper_limit_minor: i32,
     /// Whether LimitedCredit is enabled.
     pub limited_credit_enabled: bool,
-    /// Trip-record size in bytes.
-    pub record_size: u8,
     /// Number of records kept.
     pub max_records: u8,
 }
@@ -83,7 +83,6 @@ impl Personalisation {
             lower_limit_minor: 0,
             upper_limit_minor: 500_000,
             limited_credit_enabled: true,
-            record_size: DEFAULT_RECORD_SIZE,
             max_records: DEFAULT_MAX_RECORDS,
         }
     }
@@ -108,12 +107,10 @@ pub struct CardState {
     pub limited_credit_enabled: bool,
     /// What LimitedCredit may still give back: the debit of the last committed transaction.
     pub limited_credit_minor: i32,
-    /// Record size in bytes.
-    pub record_size: u8,
     /// Number of records kept.
     pub max_records: u8,
     /// Records, oldest first (at most `max_records`).
-    pub records: Vec<Vec<u8>>,
+    pub records: Vec<TripRecord>,
     /// Transaction MAC counter: committed transactions so far.
     pub tmc: u32,
     /// Transaction MAC value of the last committed transaction.
@@ -154,9 +151,6 @@ impl Nvm {
         }
         if s.records.len() > s.max_records as usize {
             return Err("more records than the file holds");
-        }
-        if s.records.iter().any(|r| r.len() != s.record_size as usize) {
-            return Err("record of the wrong size");
         }
         if s.limited_credit_minor < 0 {
             return Err("negative limited credit");
@@ -207,7 +201,7 @@ pub struct Torn;
 #[derive(Default)]
 struct Staged {
     value: Option<(TxKind, i32)>,
-    records: Vec<Vec<u8>>,
+    records: Vec<TripRecord>,
 }
 
 struct PendingAuth {
@@ -263,7 +257,6 @@ impl Card {
             upper_limit_minor: p.upper_limit_minor,
             limited_credit_enabled: p.limited_credit_enabled,
             limited_credit_minor: 0,
-            record_size: p.record_size,
             max_records: p.max_records,
             records: Vec::new(),
             tmc: 0,
@@ -492,7 +485,7 @@ impl Card {
         allowed: &[u8],
     ) -> Result<Vec<u8>, Status> {
         let s = self.session.as_mut().ok_or(Status::AuthenticationError)?;
-        let plain = s
+        let msg = s
             .channel
             .open_command(code, header_len, data, mode)
             .map_err(|e| match e {
@@ -502,18 +495,14 @@ impl Card {
         if !allowed.contains(&s.key_no) {
             return Err(Status::PermissionDenied);
         }
-        let mut out = data[..header_len].to_vec();
-        out.extend_from_slice(&plain);
-        Ok(out)
+        Ok(msg)
     }
 
     fn seal(&mut self, data: &[u8], mode: CommMode) -> Reply {
         let s = self.session.as_mut().ok_or(Status::AuthenticationError)?;
-        let body = s
-            .channel
-            .seal_response(data, mode)
-            .map_err(|_| Status::IntegrityError)?;
-        Self::ok(&body)
+        s.channel
+            .response_apdu(data, mode)
+            .map_err(|_| Status::IntegrityError)
     }
 
     #[cfg(test)]
@@ -598,7 +587,7 @@ impl Card {
         let offset = u32::from_le_bytes([msg[1], msg[2], msg[3], 0]) as usize;
         let len = u32::from_le_bytes([msg[4], msg[5], msg[6], 0]) as usize;
         let body = &msg[7..];
-        let size = self.nvm.main.record_size as usize;
+        let size = RECORD_SIZE;
         if len != body.len() || len == 0 {
             return Err(Status::LengthError);
         }
@@ -608,7 +597,7 @@ impl Card {
         if self.staged.records.len() >= self.nvm.main.max_records as usize {
             return Err(Status::BoundaryError);
         }
-        let mut rec = vec![0u8; size];
+        let mut rec = [0u8; RECORD_SIZE];
         rec[offset..offset + len].copy_from_slice(body);
         self.staged.records.push(rec);
         self.seal(&[], CommMode::Mac)
@@ -631,7 +620,7 @@ impl Card {
             return Err(Status::BoundaryError);
         }
         // Newest first: record 0 is the most recent.
-        let mut out = Vec::with_capacity(count * self.nvm.main.record_size as usize);
+        let mut out = Vec::with_capacity(count * RECORD_SIZE);
         for r in recs.iter().rev().skip(rec_no).take(count) {
             out.extend_from_slice(r);
         }

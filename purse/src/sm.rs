@@ -46,6 +46,12 @@ pub enum SmError {
     /// Encrypted data is not whole blocks, or its padding is wrong.
     #[error("encrypted data is malformed (length or padding)")]
     BadCiphertext,
+    /// The protected command does not fit a short APDU.
+    #[error("secure-messaging command of {got} bytes does not fit a short APDU (255)")]
+    TooLong {
+        /// bytes
+        got: usize,
+    },
     /// The command counter would wrap.
     #[error("command counter exhausted; authenticate again")]
     CounterExhausted,
@@ -133,6 +139,58 @@ impl Channel {
         self.cmd_ctr.checked_add(1).ok_or(SmError::CounterExhausted)
     }
 
+    /// Appends `data` protected for `mode`: as is (MAC), or padded and encrypted in place
+    /// under the IV for (`label`, `ctr`) (FULL).
+    fn append_protected(
+        &self,
+        out: &mut Vec<u8>,
+        data: &[u8],
+        mode: CommMode,
+        label: [u8; 2],
+        ctr: u16,
+    ) -> Result<(), SmError> {
+        match mode {
+            CommMode::Mac => out.extend_from_slice(data),
+            CommMode::Full if data.is_empty() => {}
+            CommMode::Full => {
+                let start = out.len();
+                out.extend_from_slice(data);
+                out.push(0x80);
+                while (out.len() - start) % crypto::BLOCK != 0 {
+                    out.push(0);
+                }
+                let iv = self.iv(label, ctr);
+                self.cbc(&iv, &mut out[start..], true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decrypts `buf[start..]` in place and strips its padding (FULL mode).
+    fn decrypt_tail(
+        &self,
+        buf: &mut Vec<u8>,
+        start: usize,
+        label: [u8; 2],
+        ctr: u16,
+    ) -> Result<(), SmError> {
+        if buf.len() == start {
+            return Ok(());
+        }
+        let iv = self.iv(label, ctr);
+        self.cbc(&iv, &mut buf[start..], false)?;
+        let plain_len = match crypto::unpad_iso9797_m2(&buf[start..]) {
+            Ok(p) => p.len(),
+            Err(_) => {
+                buf[start..].zeroize();
+                return Err(SmError::BadCiphertext);
+            }
+        };
+        buf[start + plain_len..].zeroize();
+        buf.truncate(start + plain_len);
+        Ok(())
+    }
+
     /// Terminal side: the command body `header ‖ data' ‖ MACt` to send for `cmd`.
     pub fn wrap_command(
         &mut self,
@@ -141,26 +199,51 @@ impl Channel {
         data: &[u8],
         mode: CommMode,
     ) -> Result<Vec<u8>, SmError> {
-        self.next_ctr()?;
-        let body = match mode {
-            CommMode::Mac => data.to_vec(),
-            CommMode::Full if data.is_empty() => Vec::new(),
-            CommMode::Full => {
-                let mut padded = crypto::pad_iso9797_m2(data);
-                let iv = self.iv([0xA5, 0x5A], self.cmd_ctr);
-                self.cbc(&iv, &mut padded, true)?;
-                padded
-            }
-        };
-        let mac = self.mac(cmd, self.cmd_ctr, header, &body);
-        let mut out = Vec::with_capacity(header.len() + body.len() + MAC_LEN);
-        out.extend_from_slice(header);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&mac);
+        let mut out = Vec::with_capacity(header.len() + data.len() + 2 * crypto::BLOCK);
+        self.write_command(&mut out, cmd, header, data, mode)?;
         Ok(out)
     }
 
-    /// Card side: verifies a command body and returns its plain data (header excluded).
+    /// Terminal side: the whole ISO-wrapped command APDU `90 cmd 00 00 Lc body 00` in one
+    /// buffer (the hot path of a debit).
+    pub fn command_apdu(
+        &mut self,
+        cmd: u8,
+        header: &[u8],
+        data: &[u8],
+        mode: CommMode,
+    ) -> Result<Vec<u8>, SmError> {
+        let mut out = Vec::with_capacity(6 + header.len() + data.len() + 2 * crypto::BLOCK);
+        out.extend_from_slice(&[0x90, cmd, 0x00, 0x00, 0x00]);
+        self.write_command(&mut out, cmd, header, data, mode)?;
+        let lc = out.len() - 5;
+        if lc > 255 {
+            return Err(SmError::TooLong { got: lc });
+        }
+        out[4] = lc as u8;
+        out.push(0x00);
+        Ok(out)
+    }
+
+    fn write_command(
+        &mut self,
+        out: &mut Vec<u8>,
+        cmd: u8,
+        header: &[u8],
+        data: &[u8],
+        mode: CommMode,
+    ) -> Result<(), SmError> {
+        self.next_ctr()?;
+        let start = out.len();
+        out.extend_from_slice(header);
+        self.append_protected(out, data, mode, [0xA5, 0x5A], self.cmd_ctr)?;
+        let body_start = start + header.len();
+        let mac = self.mac(cmd, self.cmd_ctr, header, &out[body_start..]);
+        out.extend_from_slice(&mac);
+        Ok(())
+    }
+
+    /// Card side: verifies a command body and returns `header ‖ plain data`.
     /// On success the counter is NOT yet advanced; [`Channel::seal_response`] advances it.
     pub fn open_command(
         &mut self,
@@ -183,39 +266,40 @@ impl Channel {
         if !crypto::mac_eq(&want, mac) {
             return Err(SmError::BadMac);
         }
-        match mode {
-            CommMode::Mac => Ok(data.to_vec()),
-            CommMode::Full if data.is_empty() => Ok(Vec::new()),
-            CommMode::Full => {
-                let mut buf = data.to_vec();
-                let iv = self.iv([0xA5, 0x5A], self.cmd_ctr);
-                self.cbc(&iv, &mut buf, false)?;
-                let plain = crypto::unpad_iso9797_m2(&buf)
-                    .map_err(|_| SmError::BadCiphertext)?
-                    .to_vec();
-                buf.zeroize();
-                Ok(plain)
-            }
+        let mut out = rest.to_vec();
+        if mode == CommMode::Full {
+            self.decrypt_tail(&mut out, header_len, [0xA5, 0x5A], self.cmd_ctr)?;
         }
+        Ok(out)
     }
 
     /// Card side: advances CmdCtr and builds the success response data `RespData' ‖ MACt`.
     pub fn seal_response(&mut self, data: &[u8], mode: CommMode) -> Result<Vec<u8>, SmError> {
-        self.cmd_ctr = self.next_ctr()?;
-        let body = match mode {
-            CommMode::Mac => data.to_vec(),
-            CommMode::Full if data.is_empty() => Vec::new(),
-            CommMode::Full => {
-                let mut padded = crypto::pad_iso9797_m2(data);
-                let iv = self.iv([0x5A, 0xA5], self.cmd_ctr);
-                self.cbc(&iv, &mut padded, true)?;
-                padded
-            }
-        };
-        let mac = self.mac(0x00, self.cmd_ctr, &[], &body);
-        let mut out = body;
-        out.extend_from_slice(&mac);
+        let mut out = Vec::with_capacity(data.len() + 2 * crypto::BLOCK + 2);
+        self.write_response(&mut out, data, mode)?;
         Ok(out)
+    }
+
+    /// Card side: the whole success response APDU `RespData' ‖ MACt ‖ 91 00`.
+    pub fn response_apdu(&mut self, data: &[u8], mode: CommMode) -> Result<Vec<u8>, SmError> {
+        let mut out = Vec::with_capacity(data.len() + 2 * crypto::BLOCK + 2);
+        self.write_response(&mut out, data, mode)?;
+        out.extend_from_slice(&[0x91, 0x00]);
+        Ok(out)
+    }
+
+    fn write_response(
+        &mut self,
+        out: &mut Vec<u8>,
+        data: &[u8],
+        mode: CommMode,
+    ) -> Result<(), SmError> {
+        self.cmd_ctr = self.next_ctr()?;
+        let start = out.len();
+        self.append_protected(out, data, mode, [0x5A, 0xA5], self.cmd_ctr)?;
+        let mac = self.mac(0x00, self.cmd_ctr, &[], &out[start..]);
+        out.extend_from_slice(&mac);
+        Ok(())
     }
 
     /// Terminal side: advances CmdCtr and verifies a success response, returning its data.
@@ -233,20 +317,11 @@ impl Channel {
             return Err(SmError::BadMac);
         }
         self.cmd_ctr = ctr;
-        match mode {
-            CommMode::Mac => Ok(data.to_vec()),
-            CommMode::Full if data.is_empty() => Ok(Vec::new()),
-            CommMode::Full => {
-                let mut buf = data.to_vec();
-                let iv = self.iv([0x5A, 0xA5], ctr);
-                self.cbc(&iv, &mut buf, false)?;
-                let plain = crypto::unpad_iso9797_m2(&buf)
-                    .map_err(|_| SmError::BadCiphertext)?
-                    .to_vec();
-                buf.zeroize();
-                Ok(plain)
-            }
+        let mut out = data.to_vec();
+        if mode == CommMode::Full {
+            self.decrypt_tail(&mut out, 0, [0x5A, 0xA5], ctr)?;
         }
+        Ok(out)
     }
 }
 
@@ -307,7 +382,7 @@ mod tests {
                 .wrap_command(0xDC, &[0x01], &[i, 0, 0, 0], CommMode::Full)
                 .unwrap();
             let plain = picc.open_command(0xDC, 1, &body, CommMode::Full).unwrap();
-            assert_eq!(plain, vec![i, 0, 0, 0]);
+            assert_eq!(plain, vec![0x01, i, 0, 0, 0]);
             let resp = picc.seal_response(&[i; 5], CommMode::Full).unwrap();
             assert_eq!(
                 pcd.open_response(&resp, CommMode::Full).unwrap(),

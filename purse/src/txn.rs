@@ -90,7 +90,7 @@ pub struct CardSnapshot {
     /// The transaction MAC of the last committed transaction.
     pub last_tmv: [u8; 8],
     /// Trip records, newest first.
-    pub records: Vec<Vec<u8>>,
+    pub records: Vec<crate::card::TripRecord>,
 }
 
 /// What the caller decides after seeing the snapshot.
@@ -125,7 +125,7 @@ pub enum Outcome {
 }
 
 /// The record size the terminal expects on the card.
-pub const RECORD_SIZE: usize = crate::card::DEFAULT_RECORD_SIZE as usize;
+pub const RECORD_SIZE: usize = crate::card::RECORD_SIZE;
 
 /// Reads a card's state in an authenticated session and returns the open channel.
 pub fn open_session(
@@ -206,7 +206,10 @@ pub fn open_session(
             what: "records are not whole",
         });
     }
-    let records = recs.chunks(RECORD_SIZE).map(|c| c.to_vec()).collect();
+    let records = recs
+        .chunks_exact(RECORD_SIZE)
+        .map(|c| c.try_into().expect("whole record"))
+        .collect();
     Ok((
         ch,
         CardSnapshot {
@@ -391,10 +394,10 @@ fn secure(
     data: &[u8],
     step: &'static str,
 ) -> Result<Vec<u8>, TxError> {
-    let body = ch
-        .wrap_command(code, header, data, CommMode::Mac)
+    let cmd = ch
+        .command_apdu(code, header, data, CommMode::Mac)
         .map_err(|source| TxError::Sm { step, source })?;
-    let resp = t.transmit(&apdu::wrap(code, &body))?;
+    let resp = t.transmit(&cmd)?;
     open(&resp, ch, CommMode::Mac, step)
 }
 

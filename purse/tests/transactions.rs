@@ -388,8 +388,8 @@ fn records_are_cyclic_and_read_newest_first() {
     };
     let out = txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |s| {
         assert_eq!(s.records.len(), 8);
-        assert_eq!(s.records[0], vec![10; 32]);
-        assert_eq!(s.records[7], vec![3; 32]);
+        assert_eq!(s.records[0], [10; 32]);
+        assert_eq!(s.records[7], [3; 32]);
         Decision::Refuse
     })
     .unwrap();
