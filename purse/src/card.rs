@@ -452,7 +452,8 @@ impl Card {
         }
         let key = &self.keys.keys[pending.key_no as usize];
         let mut buf: [u8; 32] = data.try_into().expect("32 bytes");
-        crypto::cbc_decrypt(key, &[0; 16], &mut buf).map_err(|_| Status::IntegrityError)?;
+        let cipher = key.cipher();
+        crypto::cbc_decrypt_with(&cipher, &[0; 16], &mut buf).map_err(|_| Status::IntegrityError)?;
         let rnd_a: [u8; 16] = buf[..16].try_into().expect("16");
         let expect_b = crypto::rotate_left_1(&pending.rnd_b);
         if !crypto::mac_eq(&buf[16..], &expect_b) {
@@ -466,7 +467,8 @@ impl Card {
         resp[..4].copy_from_slice(&ti);
         resp[4..20].copy_from_slice(&crypto::rotate_left_1(&rnd_a));
         // PDcap2 and PCDcap2: zeros (no extended capabilities).
-        crypto::cbc_encrypt(key, &[0; 16], &mut resp).map_err(|_| Status::IntegrityError)?;
+        crypto::cbc_encrypt_with(&cipher, &[0; 16], &mut resp)
+            .map_err(|_| Status::IntegrityError)?;
         let keys = crypto::ev2_session_keys(key, &rnd_a, &pending.rnd_b);
         self.session = Some(Session {
             key_no: pending.key_no,

@@ -50,7 +50,7 @@ impl AesKey {
         &self.0
     }
 
-    fn cipher(&self) -> Aes128 {
+    pub(crate) fn cipher(&self) -> Aes128 {
         Aes128::new(&self.0.into())
     }
 }
@@ -230,9 +230,14 @@ fn session_vector(label: [u8; 2], rnd_a: &[u8; 16], rnd_b: &[u8; 16]) -> [u8; 32
 pub fn ev2_session_keys(key: &AesKey, rnd_a: &[u8; 16], rnd_b: &[u8; 16]) -> SessionKeys {
     let mut sv1 = session_vector([0xA5, 0x5A], rnd_a, rnd_b);
     let mut sv2 = session_vector([0x5A, 0xA5], rnd_a, rnd_b);
+    // One CMAC state for both derivations: the key is expanded once.
+    let mut mac = <Cmac<Aes128> as KeyInit>::new(&key.0.into());
+    mac.update(&sv1);
+    let enc = AesKey(mac.finalize_reset().into_bytes().into());
+    mac.update(&sv2);
     let keys = SessionKeys {
-        enc: AesKey(cmac(key, &sv1)),
-        mac: AesKey(cmac(key, &sv2)),
+        enc,
+        mac: AesKey(mac.finalize().into_bytes().into()),
     };
     sv1.zeroize();
     sv2.zeroize();

@@ -90,13 +90,14 @@ pub fn pcd_auth_part1(
     let mut rnd_b: [u8; 16] = ek_rnd_b
         .try_into()
         .map_err(|_| SamError::CardAuthentication("E(RndB) is not 16 bytes"))?;
-    crypto::cbc_decrypt(&key, &[0; 16], &mut rnd_b).expect("one block");
+    let cipher = key.cipher();
+    crypto::cbc_decrypt_with(&cipher, &[0; 16], &mut rnd_b).expect("one block");
     let mut rnd_a = [0u8; 16];
     rng.fill_bytes(&mut rnd_a);
     let mut frame = [0u8; 32];
     frame[..16].copy_from_slice(&rnd_a);
     frame[16..].copy_from_slice(&crypto::rotate_left_1(&rnd_b));
-    crypto::cbc_encrypt(&key, &[0; 16], &mut frame).expect("two blocks");
+    crypto::cbc_encrypt_with(&cipher, &[0; 16], &mut frame).expect("two blocks");
     Ok((PendingAuth { key, rnd_a, rnd_b }, frame))
 }
 
