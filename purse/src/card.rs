@@ -453,7 +453,8 @@ impl Card {
         let key = &self.keys.keys[pending.key_no as usize];
         let mut buf: [u8; 32] = data.try_into().expect("32 bytes");
         let cipher = key.cipher();
-        crypto::cbc_decrypt_with(&cipher, &[0; 16], &mut buf).map_err(|_| Status::IntegrityError)?;
+        crypto::cbc_decrypt_with(&cipher, &[0; 16], &mut buf)
+            .map_err(|_| Status::IntegrityError)?;
         let rnd_a: [u8; 16] = buf[..16].try_into().expect("16");
         let expect_b = crypto::rotate_left_1(&pending.rnd_b);
         if !crypto::mac_eq(&buf[16..], &expect_b) {

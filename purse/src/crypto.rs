@@ -280,7 +280,11 @@ pub fn cbc_decrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), C
 }
 
 /// AES-128-CBC encryption in place with an already expanded cipher (whole blocks).
-pub fn cbc_encrypt_with(cipher: &Aes128, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
+pub fn cbc_encrypt_with(
+    cipher: &Aes128,
+    iv: &[u8; 16],
+    data: &mut [u8],
+) -> Result<(), CryptoError> {
     let len = data.len();
     if len % BLOCK != 0 {
         return Err(CryptoError::NotBlockAligned { got: len });
@@ -292,7 +296,11 @@ pub fn cbc_encrypt_with(cipher: &Aes128, iv: &[u8; 16], data: &mut [u8]) -> Resu
 }
 
 /// AES-128-CBC decryption in place with an already expanded cipher (whole blocks).
-pub fn cbc_decrypt_with(cipher: &Aes128, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
+pub fn cbc_decrypt_with(
+    cipher: &Aes128,
+    iv: &[u8; 16],
+    data: &mut [u8],
+) -> Result<(), CryptoError> {
     let len = data.len();
     if len % BLOCK != 0 {
         return Err(CryptoError::NotBlockAligned { got: len });

@@ -123,8 +123,7 @@ fn run_op(rig: &mut Rig, card: &mut Card, op: Op, tear: Tear) {
         )
         .map(|_| ()),
         Op::AbortedDebit(a) => (|| {
-            let (mut ch, _) =
-                txn::open_session(&mut t, &mut rig.sam, KeyKind::Debit, &mut rng)?;
+            let (mut ch, _) = txn::open_session(&mut t, &mut rig.sam, KeyKind::Debit, &mut rng)?;
             let body = purse::sam::Authenticator::wrap_value(&mut rig.sam, &mut ch, ins::DEBIT, a)?;
             let r = t.transmit(&apdu::wrap(ins::DEBIT, &body))?;
             let (d, _) = apdu::parse_response(&r).unwrap();

@@ -114,7 +114,13 @@ fn validator_sam_cannot_authenticate_with_the_credit_key() {
     // And asked directly, the SAM has no credit key to authenticate with.
     let err = rig
         .sam
-        .auth_part1(KeyKind::Credit, 1, &card.state().uid, &[0; 16], &mut rig.rng)
+        .auth_part1(
+            KeyKind::Credit,
+            1,
+            &card.state().uid,
+            &[0; 16],
+            &mut rig.rng,
+        )
         .unwrap_err();
     assert!(matches!(err, SamError::KeyNotHeld { .. }), "{err}");
     assert_eq!(card.state().balance_minor, 500);
@@ -132,8 +138,7 @@ fn compromised_validator_cannot_add_value() {
         rng: StdRng::seed_from_u64(1),
     };
     let (mut ch, _snap) =
-        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng)
-        .unwrap();
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng).unwrap();
     // The SAM itself refuses to build a credit...
     assert!(rig.sam.wrap_value(&mut ch, ins::CREDIT, 100).is_err());
     // ...and a hand-built one under the debit session is refused by the card.
@@ -275,8 +280,7 @@ fn reordered_and_altered_frames_end_the_session() {
         rng: StdRng::seed_from_u64(1),
     };
     let (mut ch, _) =
-        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng)
-        .unwrap();
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng).unwrap();
     let first = rig.sam.wrap_value(&mut ch, ins::DEBIT, 100).unwrap();
     // Pretend the first went through on our side only, build the next at counter+1.
     let _ = ch.open_response(&[0u8; 8], CommMode::Mac); // fails, counter unchanged
