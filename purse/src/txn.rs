@@ -423,3 +423,99 @@ impl<R: RngCore> Transport for EmulatedReader<'_, R> {
             .map_err(|_| TransportError::CardGone)
     }
 }
+
+/// A value change the terminal sent but whose commit it never saw confirmed (card pulled,
+/// power lost, answer lost). Recorded from the snapshot before the value command is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingChange {
+    /// Card UID.
+    pub uid: [u8; 7],
+    /// The card's TMC before the change.
+    pub tmc_before: u32,
+    /// The balance before the change.
+    pub balance_before_minor: i32,
+    /// What was attempted.
+    pub kind: TxKind,
+    /// The amount attempted.
+    pub amount_minor: i32,
+    /// The card's key version.
+    pub key_version: u8,
+}
+
+impl PendingChange {
+    /// Records an attempt from the snapshot it was decided on.
+    pub fn new(snapshot: &CardSnapshot, kind: TxKind, amount_minor: i32) -> Self {
+        PendingChange {
+            uid: snapshot.uid,
+            tmc_before: snapshot.tmc,
+            balance_before_minor: snapshot.balance_minor,
+            kind,
+            amount_minor,
+            key_version: snapshot.key_version,
+        }
+    }
+
+    fn balance_after_minor(&self) -> i32 {
+        match self.kind {
+            TxKind::Debit => self.balance_before_minor - self.amount_minor,
+            TxKind::Credit | TxKind::LimitedCredit => self.balance_before_minor + self.amount_minor,
+            TxKind::RecordOnly => self.balance_before_minor,
+        }
+    }
+}
+
+/// What the card's next contact says about a pending change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// The card committed it: here is its receipt, with the card's own TMV read under MAC
+    /// (clearing verifies it in the HSM like any other).
+    Committed(CommitReceipt),
+    /// The card never committed it: nothing moved.
+    NotCommitted,
+    /// The card has moved on by more than one transaction since; the pending change is settled
+    /// by clearing from the card's transaction chain instead.
+    MovedOn,
+}
+
+/// Settles a pending change from a snapshot read (under MAC) at the card's next contact.
+pub fn settle(pending: &PendingChange, next: &CardSnapshot) -> Result<Settlement, TxError> {
+    if next.uid != pending.uid {
+        return Err(TxError::Protocol {
+            step: "settle",
+            what: "snapshot is of another card",
+        });
+    }
+    if next.tmc == pending.tmc_before {
+        if next.balance_minor != pending.balance_before_minor {
+            return Err(TxError::Protocol {
+                step: "settle",
+                what: "balance moved without the counter",
+            });
+        }
+        return Ok(Settlement::NotCommitted);
+    }
+    if Some(next.tmc) == pending.tmc_before.checked_add(1) {
+        if next.balance_minor != pending.balance_after_minor() {
+            return Err(TxError::Protocol {
+                step: "settle",
+                what: "counter advanced by one but the balance is not the expected one",
+            });
+        }
+        return Ok(Settlement::Committed(CommitReceipt::verified(
+            pending.uid,
+            next.tmc,
+            next.last_tmv,
+            pending.kind,
+            pending.amount_minor,
+            next.balance_minor,
+            pending.key_version,
+        )));
+    }
+    if next.tmc < pending.tmc_before {
+        return Err(TxError::Protocol {
+            step: "settle",
+            what: "card counter went backwards (clone or restored image)",
+        });
+    }
+    Ok(Settlement::MovedOn)
+}

@@ -216,3 +216,66 @@ fn power_loss_after_each_commit_write_settles_old_or_new() {
         }
     }
 }
+
+/// The validator's view of a tear: it records the pending debit before sending it, loses the
+/// card at every possible APDU, and at the card's next contact settles it from the counter —
+/// committed (with a receipt whose TMV verifies in the HSM) or not, never twice, never lost.
+#[test]
+fn pending_debit_is_settled_exactly_once_at_next_contact() {
+    use purse::txn::{settle, PendingChange, Settlement};
+    for lose_at in 1..=11usize {
+        for lose_answer in [false, true] {
+            let mut rig = Rig::new(3);
+            let mut card = rig.card(3, 1_000);
+            let mut pending = None;
+            let tear = if lose_answer {
+                Tear::LoseAnswer(lose_at)
+            } else {
+                Tear::PullBefore(lose_at)
+            };
+            let result = {
+                let mut t = TearingReader {
+                    inner: EmulatedReader {
+                        card: &mut card,
+                        rng: StdRng::seed_from_u64(1),
+                    },
+                    tear,
+                    sent: 0,
+                };
+                txn::debit(&mut t, &mut rig.sam, &mut StdRng::seed_from_u64(2), |s| {
+                    pending = Some(PendingChange::new(s, TxKind::Debit, 250));
+                    Decision::Apply {
+                        amount_minor: 250,
+                        record: Some(vec![7; 32]),
+                    }
+                })
+            };
+            if result.is_ok() {
+                continue; // the dialogue finished before the tear point
+            }
+            let Some(pending) = pending else { continue }; // lost before the decision
+                                                           // Next contact: a read-only session.
+            let mut reader = EmulatedReader {
+                card: &mut card,
+                rng: StdRng::seed_from_u64(9),
+            };
+            let (_, snap) = txn::open_session(
+                &mut reader,
+                &mut rig.sam,
+                KeyKind::Debit,
+                &mut StdRng::seed_from_u64(4),
+            )
+            .unwrap();
+            match settle(&pending, &snap).unwrap() {
+                Settlement::Committed(r) => {
+                    assert_eq!((snap.balance_minor, snap.tmc), (750, 1), "{tear:?}");
+                    assert!(rig.hsm.verify_tmac(&r).is_ok(), "{tear:?}");
+                }
+                Settlement::NotCommitted => {
+                    assert_eq!((snap.balance_minor, snap.tmc), (1_000, 0), "{tear:?}")
+                }
+                Settlement::MovedOn => panic!("no other transaction happened"),
+            }
+        }
+    }
+}
