@@ -3,6 +3,7 @@
 
 mod card_cmd;
 mod cli_util;
+mod demo;
 mod fare_cmd;
 mod keys_cmd;
 
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole system on its embedded defaults and print a summary.
+    Demo(demo::DemoArgs),
     /// Key tools: diversification, session keys, issuer key sets.
     Keys(keys_cmd::KeysArgs),
     /// Emulated cards: issue, show, debit, load.
@@ -33,6 +36,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => report(demo::run(args)),
         Command::Keys(args) => report(keys_cmd::run(args)),
         Command::Card(args) => report(card_cmd::run(args)),
         Command::Fare(args) => match fare_cmd::run(args) {
