@@ -257,7 +257,7 @@ pub fn tm_session_mac_key(k_tm: &AesKey, tmc_next: u32, uid: &[u8; 7]) -> AesKey
 
 /// AES-128-CBC encryption in place; `data` must be whole blocks.
 pub fn cbc_encrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
-    if data.len() % BLOCK != 0 {
+    if !data.len().is_multiple_of(BLOCK) {
         return Err(CryptoError::NotBlockAligned { got: data.len() });
     }
     let len = data.len();
@@ -269,7 +269,7 @@ pub fn cbc_encrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), C
 
 /// AES-128-CBC decryption in place; `data` must be whole blocks.
 pub fn cbc_decrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
-    if data.len() % BLOCK != 0 {
+    if !data.len().is_multiple_of(BLOCK) {
         return Err(CryptoError::NotBlockAligned { got: data.len() });
     }
     let len = data.len();
@@ -286,7 +286,7 @@ pub fn cbc_encrypt_with(
     data: &mut [u8],
 ) -> Result<(), CryptoError> {
     let len = data.len();
-    if len % BLOCK != 0 {
+    if !len.is_multiple_of(BLOCK) {
         return Err(CryptoError::NotBlockAligned { got: len });
     }
     cbc::Encryptor::<Aes128>::inner_iv_init(cipher.clone(), iv.into())
@@ -302,7 +302,7 @@ pub fn cbc_decrypt_with(
     data: &mut [u8],
 ) -> Result<(), CryptoError> {
     let len = data.len();
-    if len % BLOCK != 0 {
+    if !len.is_multiple_of(BLOCK) {
         return Err(CryptoError::NotBlockAligned { got: len });
     }
     cbc::Decryptor::<Aes128>::inner_iv_init(cipher.clone(), iv.into())
@@ -331,7 +331,7 @@ pub fn pad_iso9797_m2(data: &[u8]) -> Vec<u8> {
 
 /// Removes ISO/IEC 9797-1 method 2 padding; refuses anything else.
 pub fn unpad_iso9797_m2(data: &[u8]) -> Result<&[u8], CryptoError> {
-    if data.is_empty() || data.len() % BLOCK != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
         return Err(CryptoError::BadPadding);
     }
     let last_nonzero = data

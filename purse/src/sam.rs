@@ -183,8 +183,12 @@ pub trait Hsm: Authenticator {
 pub struct TmacVerified {
     /// The verified receipt.
     pub receipt: CommitReceipt,
-    _proof: (),
+    _proof: HsmChecked,
 }
+
+/// Zero-sized witness that the HSM checked a transaction MAC; private to this module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HsmChecked;
 
 /// A software SAM: a validator's or a franchise terminal's key store.
 pub struct SoftwareSam {
@@ -380,7 +384,7 @@ impl Hsm for SoftwareHsm {
         }
         Ok(TmacVerified {
             receipt: receipt.clone(),
-            _proof: (),
+            _proof: HsmChecked,
         })
     }
 

@@ -156,7 +156,7 @@ impl Channel {
                 let start = out.len();
                 out.extend_from_slice(data);
                 out.push(0x80);
-                while (out.len() - start) % crypto::BLOCK != 0 {
+                while !(out.len() - start).is_multiple_of(crypto::BLOCK) {
                     out.push(0);
                 }
                 let iv = self.iv(label, ctr);
