@@ -1,5 +1,6 @@
 //! Whole card transactions over the [`Authenticator`] traits, so a validator or a server only
-//! moves bytes through a [`Transport`].
+//! moves bytes: [`Dialogue`] is the sans-IO state machine (answer in, next command out), and
+//! [`run`], [`debit`], [`load_online`] drive it over a [`Transport`].
 //!
 //! One transaction: SelectApplication → GetKeyVersion → AuthenticateEV2First (two frames) →
 //! GetValue (MAC) → ReadData of the TM file (TMC ‖ TMV, MAC) → ReadRecords (MAC) → the caller's
@@ -127,6 +128,364 @@ pub enum Outcome {
 /// The record size the terminal expects on the card.
 pub const RECORD_SIZE: usize = crate::card::RECORD_SIZE;
 
+/// The steps of a [`Dialogue`], in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Select,
+    KeyVersion,
+    Auth1,
+    Auth2,
+    GetValue,
+    ReadTm,
+    ReadRecords,
+    AwaitDecision,
+    Value,
+    WriteRecord,
+    Commit,
+    Done,
+}
+
+/// What a [`Dialogue`] wants next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this command APDU to the card and feed its answer to [`Dialogue::on_response`].
+    Transmit(Vec<u8>),
+    /// The card has been read under MAC: call [`Dialogue::decide`].
+    Decide(CardSnapshot),
+    /// Finished (committed or refused).
+    Done(Outcome),
+}
+
+/// One card transaction as a sans-IO state machine: it takes the card's answers and returns
+/// the next command, so the bytes can travel over anything — an emulated card, a PC/SC reader,
+/// or an HTTP relay with one round trip per APDU (the charging server).
+///
+/// One transaction: SelectApplication → GetKeyVersion → AuthenticateEV2First (two frames) →
+/// GetValue → ReadData(TM file) → ReadRecords (all under MAC) → [`Step::Decide`] → value
+/// command (FULL) → WriteRecord (MAC) → CommitTransaction → [`Outcome`].
+pub struct Dialogue {
+    uid: [u8; 7],
+    key: KeyKind,
+    value_code: u8,
+    stage: Stage,
+    key_version: u8,
+    pending_auth: Option<crate::sam::PendingAuth>,
+    ch: Option<Channel>,
+    balance_minor: i32,
+    tmc: u32,
+    last_tmv: [u8; 8],
+    snapshot: Option<CardSnapshot>,
+    decided: Option<(TxKind, i32, Option<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for Dialogue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialogue")
+            .field("uid", &hex::encode_upper(self.uid))
+            .field("stage", &self.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dialogue {
+    /// Starts a dialogue with the card `uid` (from anticollision) using card key `key`;
+    /// `value_code` is Debit, Credit or LimitedCredit. Returns the first APDU to send.
+    pub fn start(uid: [u8; 7], key: KeyKind, value_code: u8) -> (Dialogue, Vec<u8>) {
+        (
+            Dialogue {
+                uid,
+                key,
+                value_code,
+                stage: Stage::Select,
+                key_version: 0,
+                pending_auth: None,
+                ch: None,
+                balance_minor: 0,
+                tmc: 0,
+                last_tmv: [0; 8],
+                snapshot: None,
+                decided: None,
+            },
+            apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID),
+        )
+    }
+
+    /// The card this dialogue is with.
+    pub fn uid(&self) -> [u8; 7] {
+        self.uid
+    }
+
+    /// The snapshot, once the card has been read.
+    pub fn snapshot(&self) -> Option<&CardSnapshot> {
+        self.snapshot.as_ref()
+    }
+
+    /// Takes the open secure channel (for read-only sessions that stop at the decision).
+    pub fn into_channel(self) -> Option<Channel> {
+        self.ch
+    }
+
+    fn channel(&mut self) -> &mut Channel {
+        self.ch
+            .as_mut()
+            .expect("channel exists after authentication")
+    }
+
+    fn secure_cmd(
+        &mut self,
+        code: u8,
+        header: &[u8],
+        data: &[u8],
+        step: &'static str,
+    ) -> Result<Step, TxError> {
+        let cmd = self
+            .channel()
+            .command_apdu(code, header, data, CommMode::Mac)
+            .map_err(|source| TxError::Sm { step, source })?;
+        Ok(Step::Transmit(cmd))
+    }
+
+    /// Feeds the card's answer to the last command.
+    pub fn on_response(
+        &mut self,
+        auth: &mut dyn Authenticator,
+        rng: &mut dyn RngCore,
+        resp: &[u8],
+    ) -> Result<Step, TxError> {
+        let stage = self.stage;
+        // Any failure ends the dialogue.
+        self.stage = Stage::Done;
+        let next = match stage {
+            Stage::Select => {
+                ok_data(resp, "select")?;
+                self.stage = Stage::KeyVersion;
+                Step::Transmit(apdu::wrap(
+                    INS_GET_KEY_VERSION,
+                    &[self.key.card_key_no().expect("card key")],
+                ))
+            }
+            Stage::KeyVersion => {
+                let [v] = ok_data(resp, "get key version")?[..] else {
+                    return Err(TxError::Protocol {
+                        step: "get key version",
+                        what: "not one byte",
+                    });
+                };
+                if !auth.holds_version(self.key, v) {
+                    return Err(TxError::UnknownKeyVersion(v));
+                }
+                self.key_version = v;
+                self.stage = Stage::Auth1;
+                let key_no = self.key.card_key_no().expect("card key");
+                Step::Transmit(apdu::wrap(ins::AUTH_EV2_FIRST, &[key_no, 0x00]))
+            }
+            Stage::Auth1 => {
+                let (ek_rnd_b, status) = split(resp, "authenticate")?;
+                if status != Status::AdditionalFrame {
+                    return Err(TxError::Card {
+                        step: "authenticate",
+                        status,
+                    });
+                }
+                let (pending, frame) =
+                    auth.auth_part1(self.key, self.key_version, &self.uid, ek_rnd_b, rng)?;
+                self.pending_auth = Some(pending);
+                self.stage = Stage::Auth2;
+                Step::Transmit(apdu::wrap(ins::ADDITIONAL_FRAME, &frame))
+            }
+            Stage::Auth2 => {
+                let answer = ok_data(resp, "authenticate")?;
+                let pending = self.pending_auth.take().expect("part 1 ran");
+                self.ch = Some(auth.auth_part2(pending, answer)?);
+                self.stage = Stage::GetValue;
+                self.secure_cmd(ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?
+            }
+            Stage::GetValue => {
+                let v = open(resp, self.channel(), CommMode::Mac, "get value")?;
+                self.balance_minor =
+                    i32::from_le_bytes(v[..].try_into().map_err(|_| TxError::Protocol {
+                        step: "get value",
+                        what: "value is not 4 bytes",
+                    })?);
+                self.stage = Stage::ReadTm;
+                self.secure_cmd(
+                    ins::READ_DATA,
+                    &[FILE_TMAC, 0, 0, 0, 0, 0, 0],
+                    &[],
+                    "read TM file",
+                )?
+            }
+            Stage::ReadTm => {
+                let tm = open(resp, self.channel(), CommMode::Mac, "read TM file")?;
+                if tm.len() != 12 {
+                    return Err(TxError::Protocol {
+                        step: "read TM file",
+                        what: "TM file is not 12 bytes",
+                    });
+                }
+                self.tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
+                self.last_tmv = tm[4..].try_into().expect("8");
+                self.stage = Stage::ReadRecords;
+                self.secure_cmd(
+                    ins::READ_RECORDS,
+                    &[FILE_RECORDS, 0, 0, 0, 0, 0, 0],
+                    &[],
+                    "read records",
+                )?
+            }
+            Stage::ReadRecords => {
+                let recs = open(resp, self.channel(), CommMode::Mac, "read records")?;
+                if !recs.len().is_multiple_of(RECORD_SIZE) {
+                    return Err(TxError::Protocol {
+                        step: "read records",
+                        what: "records are not whole",
+                    });
+                }
+                let snapshot = CardSnapshot {
+                    uid: self.uid,
+                    key_version: self.key_version,
+                    balance_minor: self.balance_minor,
+                    tmc: self.tmc,
+                    last_tmv: self.last_tmv,
+                    records: recs
+                        .chunks_exact(RECORD_SIZE)
+                        .map(|c| c.try_into().expect("whole record"))
+                        .collect(),
+                };
+                self.snapshot = Some(snapshot.clone());
+                self.stage = Stage::AwaitDecision;
+                Step::Decide(snapshot)
+            }
+            Stage::Value => {
+                open(resp, self.channel(), CommMode::Mac, "value command")?;
+                self.after_value()?
+            }
+            Stage::WriteRecord => {
+                open(resp, self.channel(), CommMode::Mac, "write record")?;
+                self.stage = Stage::Commit;
+                self.secure_cmd(ins::COMMIT_TRANSACTION, &[], &[0x01], "commit")?
+            }
+            Stage::Commit => {
+                let tm = open(resp, self.channel(), CommMode::Mac, "commit")?;
+                Step::Done(self.finish(&tm)?)
+            }
+            Stage::AwaitDecision | Stage::Done => {
+                return Err(TxError::Protocol {
+                    step: "dialogue",
+                    what: "no command is outstanding",
+                })
+            }
+        };
+        Ok(next)
+    }
+
+    /// Applies the caller's decision (after [`Step::Decide`]).
+    pub fn decide(
+        &mut self,
+        auth: &mut dyn Authenticator,
+        decision: Decision,
+    ) -> Result<Step, TxError> {
+        if self.stage != Stage::AwaitDecision {
+            return Err(TxError::Protocol {
+                step: "decide",
+                what: "the card has not been read yet",
+            });
+        }
+        self.stage = Stage::Done;
+        let snapshot = self.snapshot.clone().expect("read before deciding");
+        let (amount_minor, record) = match decision {
+            Decision::Refuse => return Ok(Step::Done(Outcome::Refused { snapshot })),
+            Decision::Apply {
+                amount_minor,
+                record,
+            } => (amount_minor, record),
+        };
+        if amount_minor < 0 {
+            return Err(TxError::Protocol {
+                step: "decide",
+                what: "negative amount",
+            });
+        }
+        let kind = match (amount_minor, self.value_code) {
+            (0, _) => TxKind::RecordOnly,
+            (_, ins::DEBIT) => TxKind::Debit,
+            (_, ins::CREDIT) => TxKind::Credit,
+            (_, ins::LIMITED_CREDIT) => TxKind::LimitedCredit,
+            _ => {
+                return Err(TxError::Protocol {
+                    step: "decide",
+                    what: "not a value command",
+                })
+            }
+        };
+        if amount_minor == 0 && record.is_none() {
+            return Ok(Step::Done(Outcome::Refused { snapshot }));
+        }
+        self.decided = Some((kind, amount_minor, record));
+        if amount_minor > 0 {
+            let code = self.value_code;
+            let body = auth.wrap_value(self.channel(), code, amount_minor)?;
+            self.stage = Stage::Value;
+            return Ok(Step::Transmit(apdu::wrap(code, &body)));
+        }
+        self.after_value()
+    }
+
+    fn after_value(&mut self) -> Result<Step, TxError> {
+        let record = self.decided.as_mut().and_then(|d| d.2.take());
+        match record {
+            Some(rec) => {
+                let l = (rec.len() as u32).to_le_bytes();
+                self.stage = Stage::WriteRecord;
+                self.secure_cmd(
+                    ins::WRITE_RECORD,
+                    &[FILE_RECORDS, 0, 0, 0, l[0], l[1], l[2]],
+                    &rec,
+                    "write record",
+                )
+            }
+            None => {
+                self.stage = Stage::Commit;
+                self.secure_cmd(ins::COMMIT_TRANSACTION, &[], &[0x01], "commit")
+            }
+        }
+    }
+
+    fn finish(&mut self, tm: &[u8]) -> Result<Outcome, TxError> {
+        let snapshot = self.snapshot.take().expect("read before commit");
+        let (kind, amount_minor, _) = self.decided.take().expect("decided before commit");
+        if tm.len() != 12 {
+            return Err(TxError::Protocol {
+                step: "commit",
+                what: "TMC ‖ TMV is not 12 bytes",
+            });
+        }
+        let tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
+        if Some(tmc) != snapshot.tmc.checked_add(1) {
+            return Err(TxError::Protocol {
+                step: "commit",
+                what: "counter did not advance by exactly one",
+            });
+        }
+        let tmv: [u8; 8] = tm[4..].try_into().expect("8");
+        let balance_after_minor = match kind {
+            TxKind::Debit => snapshot.balance_minor - amount_minor,
+            TxKind::Credit | TxKind::LimitedCredit => snapshot.balance_minor + amount_minor,
+            TxKind::RecordOnly => snapshot.balance_minor,
+        };
+        let receipt = CommitReceipt::verified(
+            snapshot.uid,
+            tmc,
+            tmv,
+            kind,
+            amount_minor,
+            balance_after_minor,
+            snapshot.key_version,
+        );
+        Ok(Outcome::Committed { snapshot, receipt })
+    }
+}
+
 /// Reads a card's state in an authenticated session and returns the open channel.
 pub fn open_session(
     t: &mut dyn Transport,
@@ -135,96 +494,22 @@ pub fn open_session(
     rng: &mut dyn RngCore,
 ) -> Result<(Channel, CardSnapshot), TxError> {
     let uid = t.card_uid()?;
-    expect_ok(
-        t,
-        &apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID),
-        "select",
-    )?;
-    let kv = expect_ok(
-        t,
-        &apdu::wrap(INS_GET_KEY_VERSION, &[key.card_key_no().expect("card key")]),
-        "get key version",
-    )?;
-    let [key_version] = kv[..] else {
-        return Err(TxError::Protocol {
-            step: "get key version",
-            what: "not one byte",
-        });
-    };
-    if !auth.holds_version(key, key_version) {
-        return Err(TxError::UnknownKeyVersion(key_version));
+    let (mut d, mut cmd) = Dialogue::start(uid, key, ins::DEBIT);
+    loop {
+        let resp = t.transmit(&cmd)?;
+        match d.on_response(auth, rng, &resp)? {
+            Step::Transmit(next) => cmd = next,
+            Step::Decide(snapshot) => {
+                return Ok((d.into_channel().expect("authenticated"), snapshot))
+            }
+            Step::Done(_) => unreachable!("a dialogue decides before it finishes"),
+        }
     }
-    let key_no = key.card_key_no().expect("card key");
-    let resp = t.transmit(&apdu::wrap(ins::AUTH_EV2_FIRST, &[key_no, 0x00]))?;
-    let (ek_rnd_b, status) = split(&resp, "authenticate")?;
-    if status != Status::AdditionalFrame {
-        return Err(TxError::Card {
-            step: "authenticate",
-            status,
-        });
-    }
-    let (pending, frame) = auth.auth_part1(key, key_version, &uid, ek_rnd_b, rng)?;
-    let answer = expect_ok(
-        t,
-        &apdu::wrap(ins::ADDITIONAL_FRAME, &frame),
-        "authenticate",
-    )?;
-    let mut ch = auth.auth_part2(pending, &answer)?;
-
-    let v = secure(t, &mut ch, ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?;
-    let balance_minor = i32::from_le_bytes(v[..].try_into().map_err(|_| TxError::Protocol {
-        step: "get value",
-        what: "value is not 4 bytes",
-    })?);
-    let tm = secure(
-        t,
-        &mut ch,
-        ins::READ_DATA,
-        &[FILE_TMAC, 0, 0, 0, 0, 0, 0],
-        &[],
-        "read TM file",
-    )?;
-    if tm.len() != 12 {
-        return Err(TxError::Protocol {
-            step: "read TM file",
-            what: "TM file is not 12 bytes",
-        });
-    }
-    let tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
-    let last_tmv: [u8; 8] = tm[4..].try_into().expect("8");
-    let recs = secure(
-        t,
-        &mut ch,
-        ins::READ_RECORDS,
-        &[FILE_RECORDS, 0, 0, 0, 0, 0, 0],
-        &[],
-        "read records",
-    )?;
-    if recs.len() % RECORD_SIZE != 0 {
-        return Err(TxError::Protocol {
-            step: "read records",
-            what: "records are not whole",
-        });
-    }
-    let records = recs
-        .chunks_exact(RECORD_SIZE)
-        .map(|c| c.try_into().expect("whole record"))
-        .collect();
-    Ok((
-        ch,
-        CardSnapshot {
-            uid,
-            key_version,
-            balance_minor,
-            tmc,
-            last_tmv,
-            records,
-        },
-    ))
 }
 
-/// Runs one value transaction: `value_code` is Debit, Credit or LimitedCredit; `key` the card
-/// key it authenticates with. `decide` sees the card before anything changes.
+/// Runs one value transaction over a transport: `value_code` is Debit, Credit or
+/// LimitedCredit; `key` the card key it authenticates with. `decide` sees the card before
+/// anything changes.
 pub fn run(
     t: &mut dyn Transport,
     auth: &mut dyn Authenticator,
@@ -233,82 +518,22 @@ pub fn run(
     rng: &mut dyn RngCore,
     decide: impl FnOnce(&CardSnapshot) -> Decision,
 ) -> Result<Outcome, TxError> {
-    let (mut ch, snapshot) = open_session(t, auth, key, rng)?;
-    let (amount_minor, record) = match decide(&snapshot) {
-        Decision::Refuse => return Ok(Outcome::Refused { snapshot }),
-        Decision::Apply {
-            amount_minor,
-            record,
-        } => (amount_minor, record),
-    };
-    if amount_minor < 0 {
-        return Err(TxError::Protocol {
-            step: "decide",
-            what: "negative amount",
-        });
-    }
-    let kind = match (amount_minor, value_code) {
-        (0, _) => TxKind::RecordOnly,
-        (_, ins::DEBIT) => TxKind::Debit,
-        (_, ins::CREDIT) => TxKind::Credit,
-        (_, ins::LIMITED_CREDIT) => TxKind::LimitedCredit,
-        _ => {
-            return Err(TxError::Protocol {
-                step: "decide",
-                what: "not a value command",
-            })
+    let uid = t.card_uid()?;
+    let (mut d, mut cmd) = Dialogue::start(uid, key, value_code);
+    let mut decide = Some(decide);
+    loop {
+        let resp = t.transmit(&cmd)?;
+        let mut step = d.on_response(auth, rng, &resp)?;
+        if let Step::Decide(snapshot) = step {
+            let f = decide.take().expect("one decision per dialogue");
+            step = d.decide(auth, f(&snapshot))?;
         }
-    };
-    if amount_minor > 0 {
-        let body = auth.wrap_value(&mut ch, value_code, amount_minor)?;
-        let resp = t.transmit(&apdu::wrap(value_code, &body))?;
-        open(&resp, &mut ch, CommMode::Mac, "value command")?;
+        match step {
+            Step::Transmit(next) => cmd = next,
+            Step::Done(outcome) => return Ok(outcome),
+            Step::Decide(_) => unreachable!("one decision per dialogue"),
+        }
     }
-    if let Some(rec) = &record {
-        let len = rec.len() as u32;
-        let l = len.to_le_bytes();
-        secure(
-            t,
-            &mut ch,
-            ins::WRITE_RECORD,
-            &[FILE_RECORDS, 0, 0, 0, l[0], l[1], l[2]],
-            rec,
-            "write record",
-        )?;
-    }
-    if amount_minor == 0 && record.is_none() {
-        return Ok(Outcome::Refused { snapshot });
-    }
-    let tm = secure(t, &mut ch, ins::COMMIT_TRANSACTION, &[], &[0x01], "commit")?;
-    if tm.len() != 12 {
-        return Err(TxError::Protocol {
-            step: "commit",
-            what: "TMC ‖ TMV is not 12 bytes",
-        });
-    }
-    let tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
-    if Some(tmc) != snapshot.tmc.checked_add(1) {
-        return Err(TxError::Protocol {
-            step: "commit",
-            what: "counter did not advance by exactly one",
-        });
-    }
-    let tmv: [u8; 8] = tm[4..].try_into().expect("8");
-    let balance_after_minor = match kind {
-        TxKind::Debit => snapshot.balance_minor - amount_minor,
-        TxKind::Credit | TxKind::LimitedCredit => snapshot.balance_minor + amount_minor,
-        TxKind::RecordOnly => snapshot.balance_minor,
-    };
-    let receipt = CommitReceipt::verified(
-        snapshot.uid,
-        tmc,
-        tmv,
-        kind,
-        amount_minor,
-        balance_after_minor,
-        snapshot.key_version,
-    );
-    Ok(Outcome::Committed { snapshot, receipt })
 }
 
 /// A debit at a validator (debit key).
@@ -363,13 +588,12 @@ fn split<'a>(resp: &'a [u8], step: &'static str) -> Result<(&'a [u8], Status), T
     })
 }
 
-fn expect_ok(t: &mut dyn Transport, cmd: &[u8], step: &'static str) -> Result<Vec<u8>, TxError> {
-    let resp = t.transmit(cmd)?;
-    let (data, status) = split(&resp, step)?;
+fn ok_data<'a>(resp: &'a [u8], step: &'static str) -> Result<&'a [u8], TxError> {
+    let (data, status) = split(resp, step)?;
     if status != Status::Ok {
         return Err(TxError::Card { step, status });
     }
-    Ok(data.to_vec())
+    Ok(data)
 }
 
 fn open(
@@ -384,21 +608,6 @@ fn open(
     }
     ch.open_response(data, mode)
         .map_err(|source| TxError::Sm { step, source })
-}
-
-fn secure(
-    t: &mut dyn Transport,
-    ch: &mut Channel,
-    code: u8,
-    header: &[u8],
-    data: &[u8],
-    step: &'static str,
-) -> Result<Vec<u8>, TxError> {
-    let cmd = ch
-        .command_apdu(code, header, data, CommMode::Mac)
-        .map_err(|source| TxError::Sm { step, source })?;
-    let resp = t.transmit(&cmd)?;
-    open(&resp, ch, CommMode::Mac, step)
 }
 
 /// A [`Transport`] over an emulated card in the same process.
