@@ -1,0 +1,515 @@
+//! Funding sources: what pays for a load.
+//!
+//! A load is authorised before the card is touched, captured once the card proved the credit,
+//! and voided if the card never applied it. Every call carries the load's reference
+//! (`load:<UID>:<TMC>`), and sources treat a repeated reference as the same request, so a retry
+//! after a timeout never authorises twice.
+
+use crate::ledger::{Ledger, LedgerError};
+use heed::types::{SerdeJson, Str};
+use heed::{Database, Env, EnvOpenOptions};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A funding request.
+#[derive(Clone, Debug)]
+pub struct FundingRequest<'a> {
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// The load's reference; the idempotency key towards the source.
+    pub reference: &'a str,
+    /// The instrument: a card token, a points holder id, a voucher code.
+    pub instrument: &'a str,
+}
+
+/// Why a funding call failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum FundingError {
+    /// The source said no (insufficient funds, card blocked, not enough points).
+    #[error("declined: {0}")]
+    Declined(String),
+    /// No answer in time; the outcome is unknown — retry with the same reference.
+    #[error("the funding source did not answer in time")]
+    Timeout,
+    /// The authorisation is unknown to the source.
+    #[error("authorisation {0} unknown")]
+    UnknownAuthorisation(String),
+    /// The operation does not fit the authorisation's state (capture after void, …).
+    #[error("authorisation {id} is {state}: cannot {op}")]
+    WrongState {
+        /// authorisation id
+        id: String,
+        /// its state
+        state: String,
+        /// what was attempted
+        op: &'static str,
+    },
+    /// The source's storage failed.
+    #[error("funding storage: {0}")]
+    Storage(String),
+}
+
+impl From<heed::Error> for FundingError {
+    fn from(e: heed::Error) -> Self {
+        FundingError::Storage(e.to_string())
+    }
+}
+impl From<LedgerError> for FundingError {
+    fn from(e: LedgerError) -> Self {
+        FundingError::Storage(e.to_string())
+    }
+}
+
+/// A source of funds for loads.
+pub trait FundingSource: Send + Sync {
+    /// The source's name (`card`, `mileage`, `points`, …).
+    fn name(&self) -> &str;
+    /// Reserves funds; returns an authorisation id. The same reference returns the same id.
+    fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError>;
+    /// Takes the reserved funds (idempotent).
+    fn capture(&self, auth_id: &str) -> Result<(), FundingError>;
+    /// Releases the reserved funds (idempotent).
+    fn void(&self, auth_id: &str) -> Result<(), FundingError>;
+    /// Returns captured funds (up to what was captured).
+    fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError>;
+    /// The ledger account that owes the value of loads funded here.
+    fn ledger_account(&self) -> String {
+        format!("funding:{}", self.name())
+    }
+}
+
+/// The state of one authorisation at the sandbox processor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessorAuth {
+    /// Authorisation id.
+    pub id: String,
+    /// Amount authorised.
+    pub amount_minor: i64,
+    /// Amount refunded so far.
+    pub refunded_minor: i64,
+    /// `authorised`, `captured`, `voided`.
+    pub state: String,
+    /// The instrument token.
+    pub token: String,
+}
+
+/// A card-payment processor sandbox that behaves like a real one, with persistent state:
+///
+/// | token | behaviour |
+/// |---|---|
+/// | `tok_decline…` | declined: insufficient funds |
+/// | `tok_timeout…` | the first authorise times out *after* authorising; a retry with the same reference returns the same authorisation |
+/// | `tok_limit_<N>…` | approves up to N minor units per authorisation, declines above |
+/// | any other `tok_…` | approved |
+pub struct SandboxProcessor {
+    env: Env,
+    by_ref: Database<Str, SerdeJson<ProcessorAuth>>,
+    by_id: Database<Str, Str>,
+    next: AtomicU64,
+}
+
+impl SandboxProcessor {
+    /// Opens the sandbox's own store in `dir` (it stands for a remote system: it keeps its
+    /// state across our restarts).
+    pub fn open(dir: &Path) -> Result<Self, FundingError> {
+        std::fs::create_dir_all(dir).map_err(|e| FundingError::Storage(e.to_string()))?;
+        // SAFETY: opened once per process on a directory only this processor uses.
+        #[allow(unsafe_code)]
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(64 << 20)
+                .max_dbs(2)
+                .open(dir)?
+        };
+        let mut t = env.write_txn()?;
+        let by_ref: Database<Str, SerdeJson<ProcessorAuth>> =
+            env.create_database(&mut t, Some("by_ref"))?;
+        let by_id = env.create_database(&mut t, Some("by_id"))?;
+        let n = by_ref.len(&t)?;
+        t.commit()?;
+        Ok(SandboxProcessor {
+            env,
+            by_ref,
+            by_id,
+            next: AtomicU64::new(n + 1),
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<(String, ProcessorAuth), FundingError> {
+        let r = self.env.read_txn()?;
+        let reference = self
+            .by_id
+            .get(&r, id)?
+            .ok_or_else(|| FundingError::UnknownAuthorisation(id.to_string()))?
+            .to_string();
+        let a = self
+            .by_ref
+            .get(&r, &reference)?
+            .ok_or_else(|| FundingError::UnknownAuthorisation(id.to_string()))?;
+        Ok((reference, a))
+    }
+
+    fn put(&self, reference: &str, a: &ProcessorAuth) -> Result<(), FundingError> {
+        let mut t = self.env.write_txn()?;
+        self.by_ref.put(&mut t, reference, a)?;
+        self.by_id.put(&mut t, &a.id, reference)?;
+        t.commit()?;
+        Ok(())
+    }
+
+    /// An authorisation's state (tests, support).
+    pub fn authorisation(&self, id: &str) -> Result<ProcessorAuth, FundingError> {
+        Ok(self.get(id)?.1)
+    }
+}
+
+impl FundingSource for SandboxProcessor {
+    fn name(&self) -> &str {
+        "card"
+    }
+
+    fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError> {
+        if req.amount_minor <= 0 {
+            return Err(FundingError::Declined("amount must be positive".into()));
+        }
+        let token = req.instrument;
+        if !token.starts_with("tok_") {
+            return Err(FundingError::Declined(format!(
+                "instrument {token:?} is not a card token"
+            )));
+        }
+        {
+            let r = self.env.read_txn()?;
+            if let Some(existing) = self.by_ref.get(&r, req.reference)? {
+                if existing.amount_minor != req.amount_minor || existing.token != token {
+                    return Err(FundingError::Declined(
+                        "duplicate reference with different details".into(),
+                    ));
+                }
+                return Ok(existing.id);
+            }
+        }
+        if token.starts_with("tok_decline") {
+            return Err(FundingError::Declined("insufficient funds".into()));
+        }
+        if let Some(rest) = token.strip_prefix("tok_limit_") {
+            let limit: i64 = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0);
+            if req.amount_minor > limit {
+                return Err(FundingError::Declined(format!(
+                    "over the card's limit of {limit}"
+                )));
+            }
+        }
+        let id = format!("auth_{:08}", self.next.fetch_add(1, Ordering::SeqCst));
+        let a = ProcessorAuth {
+            id: id.clone(),
+            amount_minor: req.amount_minor,
+            refunded_minor: 0,
+            state: "authorised".into(),
+            token: token.to_string(),
+        };
+        self.put(req.reference, &a)?;
+        if token.starts_with("tok_timeout") {
+            // Authorised on the processor's side, but the answer is lost.
+            return Err(FundingError::Timeout);
+        }
+        Ok(id)
+    }
+
+    fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
+        let (reference, mut a) = self.get(auth_id)?;
+        match a.state.as_str() {
+            "captured" => Ok(()),
+            "authorised" => {
+                a.state = "captured".into();
+                self.put(&reference, &a)
+            }
+            s => Err(FundingError::WrongState {
+                id: auth_id.into(),
+                state: s.into(),
+                op: "capture",
+            }),
+        }
+    }
+
+    fn void(&self, auth_id: &str) -> Result<(), FundingError> {
+        let (reference, mut a) = self.get(auth_id)?;
+        match a.state.as_str() {
+            "voided" => Ok(()),
+            "authorised" => {
+                a.state = "voided".into();
+                self.put(&reference, &a)
+            }
+            s => Err(FundingError::WrongState {
+                id: auth_id.into(),
+                state: s.into(),
+                op: "void",
+            }),
+        }
+    }
+
+    fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
+        let (reference, mut a) = self.get(auth_id)?;
+        if a.state != "captured" {
+            return Err(FundingError::WrongState {
+                id: auth_id.into(),
+                state: a.state,
+                op: "refund",
+            });
+        }
+        if amount_minor <= 0 || a.refunded_minor + amount_minor > a.amount_minor {
+            return Err(FundingError::Declined(
+                "refund exceeds what was captured".into(),
+            ));
+        }
+        a.refunded_minor += amount_minor;
+        self.put(&reference, &a)
+    }
+}
+
+/// Mileage or loyalty points kept in the ledger, converted to minor units by a fixed rule.
+///
+/// Points live in their own accounts (`pts:<program>:<holder>`, in points, never mixed with
+/// money): authorise moves them to `pts:<program>:held:<reference>`, capture to
+/// `pts:<program>:redeemed`, void back to the holder. The money side of a completed load is
+/// posted from `funding:<program>` to the card like any other source.
+pub struct PointsProgram {
+    name: String,
+    ledger: Ledger,
+    /// Minor units one point is worth, as numerator/denominator (e.g. 1/1, or 2/3).
+    minor_per_point: (i64, i64),
+}
+
+impl PointsProgram {
+    /// A program named `name` (e.g. `mileage`, `points`) whose point is worth
+    /// `num/den` minor units.
+    pub fn new(name: &str, ledger: Ledger, num: i64, den: i64) -> Self {
+        assert!(num > 0 && den > 0, "conversion rule must be positive");
+        PointsProgram {
+            name: name.to_string(),
+            ledger,
+            minor_per_point: (num, den),
+        }
+    }
+
+    /// Points needed for `amount_minor` (rounded up: the holder never gets value for free).
+    pub fn points_for(&self, amount_minor: i64) -> i64 {
+        let (num, den) = self.minor_per_point;
+        (amount_minor * den + num - 1) / num
+    }
+
+    fn holder_account(&self, holder: &str) -> String {
+        format!("pts:{}:{}", self.name, holder)
+    }
+
+    /// Credits points to a holder (earned from flights, purchases) — issued by the program.
+    pub fn earn(
+        &self,
+        holder: &str,
+        points: i64,
+        reference: &str,
+        now_ms: u64,
+    ) -> Result<(), FundingError> {
+        let mut t = self.ledger.write()?;
+        self.ledger.post(
+            &mut t,
+            now_ms,
+            &format!("pts:{}:issued", self.name),
+            &self.holder_account(holder),
+            points,
+            reference,
+        )?;
+        t.commit().map_err(|e| FundingError::Storage(e.to_string()))
+    }
+
+    /// A holder's points.
+    pub fn balance(&self, holder: &str) -> Result<i64, FundingError> {
+        let r = self.ledger.read()?;
+        Ok(self.ledger.balance(&r, &self.holder_account(holder))?)
+    }
+
+    fn held_account(&self, auth_id: &str) -> String {
+        format!("pts:{}:held:{}", self.name, auth_id)
+    }
+}
+
+impl FundingSource for PointsProgram {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError> {
+        let auth_id = format!("{}|{}", req.instrument, req.reference);
+        let held = self.held_account(&auth_id);
+        let points = self.points_for(req.amount_minor);
+        let mut t = self.ledger.write()?;
+        if self.ledger.balance(&t, &held)? > 0 {
+            return Ok(auth_id); // the same request again
+        }
+        let have = self
+            .ledger
+            .balance(&t, &self.holder_account(req.instrument))?;
+        if have < points {
+            return Err(FundingError::Declined(format!(
+                "{} has {have} {} points, {points} needed",
+                req.instrument, self.name
+            )));
+        }
+        self.ledger.post(
+            &mut t,
+            0,
+            &self.holder_account(req.instrument),
+            &held,
+            points,
+            req.reference,
+        )?;
+        t.commit()
+            .map_err(|e| FundingError::Storage(e.to_string()))?;
+        Ok(auth_id)
+    }
+
+    fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
+        let held = self.held_account(auth_id);
+        let mut t = self.ledger.write()?;
+        let points = self.ledger.balance(&t, &held)?;
+        if points > 0 {
+            let redeemed = format!("pts:{}:redeemed", self.name);
+            self.ledger
+                .post(&mut t, 0, &held, &redeemed, points, auth_id)?;
+            t.commit()
+                .map_err(|e| FundingError::Storage(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn void(&self, auth_id: &str) -> Result<(), FundingError> {
+        let held = self.held_account(auth_id);
+        let holder = auth_id.split('|').next().unwrap_or_default();
+        let mut t = self.ledger.write()?;
+        let points = self.ledger.balance(&t, &held)?;
+        if points > 0 {
+            self.ledger.post(
+                &mut t,
+                0,
+                &held,
+                &self.holder_account(holder),
+                points,
+                auth_id,
+            )?;
+            t.commit()
+                .map_err(|e| FundingError::Storage(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
+        let holder = auth_id.split('|').next().unwrap_or_default();
+        let points = self.points_for(amount_minor);
+        let mut t = self.ledger.write()?;
+        let redeemed = format!("pts:{}:redeemed", self.name);
+        self.ledger.post(
+            &mut t,
+            0,
+            &redeemed,
+            &self.holder_account(holder),
+            points,
+            auth_id,
+        )?;
+        t.commit().map_err(|e| FundingError::Storage(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req<'a>(amount: i64, reference: &'a str, token: &'a str) -> FundingRequest<'a> {
+        FundingRequest {
+            amount_minor: amount,
+            reference,
+            instrument: token,
+        }
+    }
+
+    #[test]
+    fn sandbox_behaves_like_a_processor() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = SandboxProcessor::open(dir.path()).unwrap();
+        let a = p.authorise(&req(500, "load:1", "tok_visa")).unwrap();
+        assert_eq!(
+            p.authorise(&req(500, "load:1", "tok_visa")).unwrap(),
+            a,
+            "duplicate request"
+        );
+        assert!(
+            p.authorise(&req(600, "load:1", "tok_visa")).is_err(),
+            "same ref, other amount"
+        );
+        p.capture(&a).unwrap();
+        p.capture(&a).unwrap();
+        assert!(matches!(p.void(&a), Err(FundingError::WrongState { .. })));
+        p.refund(&a, 200).unwrap();
+        assert!(p.refund(&a, 301).is_err());
+        assert!(matches!(
+            p.authorise(&req(500, "load:2", "tok_decline")),
+            Err(FundingError::Declined(_))
+        ));
+        // A timeout that did authorise: the retry finds it.
+        assert_eq!(
+            p.authorise(&req(700, "load:3", "tok_timeout")),
+            Err(FundingError::Timeout)
+        );
+        let t = p.authorise(&req(700, "load:3", "tok_timeout")).unwrap();
+        assert_eq!(p.authorisation(&t).unwrap().state, "authorised");
+        p.void(&t).unwrap();
+        assert!(p
+            .authorise(&req(1_001, "load:4", "tok_limit_1000"))
+            .is_err());
+        p.authorise(&req(1_000, "load:5", "tok_limit_1000"))
+            .unwrap();
+        assert!(matches!(
+            p.capture("auth_nope"),
+            Err(FundingError::UnknownAuthorisation(_))
+        ));
+        drop(p);
+        let p = SandboxProcessor::open(dir.path()).unwrap();
+        assert_eq!(
+            p.authorisation(&a).unwrap().refunded_minor,
+            200,
+            "state survives restart"
+        );
+        let b = p.authorise(&req(1, "load:6", "tok_x")).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn points_are_held_captured_and_released_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
+        let miles = PointsProgram::new("mileage", ledger.clone(), 2, 1); // 1 mile = 2 minor
+        miles.earn("bob", 1_000, "flight:1", 0).unwrap();
+        assert_eq!(miles.points_for(1_001), 501);
+        let a = miles.authorise(&req(1_000, "load:1", "bob")).unwrap();
+        assert_eq!(miles.balance("bob").unwrap(), 500);
+        assert_eq!(miles.authorise(&req(1_000, "load:1", "bob")).unwrap(), a);
+        assert_eq!(
+            miles.balance("bob").unwrap(),
+            500,
+            "a retry holds nothing more"
+        );
+        miles.capture(&a).unwrap();
+        let b = miles.authorise(&req(600, "load:2", "bob")).unwrap();
+        assert_eq!(miles.balance("bob").unwrap(), 200);
+        miles.void(&b).unwrap();
+        assert_eq!(miles.balance("bob").unwrap(), 500);
+        assert!(miles.authorise(&req(1_002, "load:3", "bob")).is_err());
+        let r = ledger.read().unwrap();
+        let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+        assert_eq!(sum, 0, "points postings balance");
+    }
+}

@@ -1,0 +1,442 @@
+//! The double-entry ledger in LMDB (heed).
+//!
+//! Every movement of value is a [`Posting`]: an amount from one account to another, with a
+//! reference that traces it to a card counter (`load:<UID>:<TMC>`, `tap:<UID>:<TMC>`) or a
+//! funding reference. Account balances are kept beside the postings in the same transaction,
+//! so the sum of all balances is always zero and a card account's balance is its shadow purse
+//! relative to issuance: personalised value + loads − debits.
+//!
+//! Load intents are keyed by (card UID, the card's TMC before the load): at most one intent per
+//! card counter can exist, so a load can never be applied or paid twice.
+//!
+//! Account names: `card:<UID hex>`, `issuer:float` (value issued at personalisation),
+//! `funding:<source>` (what a funding source owes us), `operator:<id>` (fare revenue),
+//! `points:<holder>` (points liabilities, in points), `franchise:<id>`.
+
+use heed::byteorder::BE;
+use heed::types::{Bytes, SerdeJson, Str, I64, U64};
+use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Ledger errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// LMDB failed (disk full, map full, I/O).
+    #[error("ledger storage: {0}")]
+    Storage(#[from] heed::Error),
+    /// An intent already exists for this card counter and is not settled.
+    #[error("card {uid} already has a load pending at counter {tmc}")]
+    IntentExists {
+        /// card
+        uid: String,
+        /// counter
+        tmc: u32,
+    },
+    /// No intent for this card counter.
+    #[error("no load intent for card {uid} at counter {tmc}")]
+    NoIntent {
+        /// card
+        uid: String,
+        /// counter
+        tmc: u32,
+    },
+    /// A posting would be invalid (non-positive amount, same account on both sides).
+    #[error("invalid posting: {0}")]
+    InvalidPosting(&'static str),
+    /// The ledger directory could not be prepared.
+    #[error("ledger directory {path}: {source}")]
+    Dir {
+        /// path
+        path: String,
+        /// cause
+        source: std::io::Error,
+    },
+}
+
+/// One movement of value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posting {
+    /// Sequence number (monotonic, the LMDB key).
+    pub seq: u64,
+    /// When it was posted (unix ms, from the daemon's clock).
+    pub time_ms: u64,
+    /// Account debited.
+    pub from: String,
+    /// Account credited.
+    pub to: String,
+    /// Amount, minor units (> 0).
+    pub amount_minor: i64,
+    /// What it traces to: `load:<UID>:<TMC>`, `tap:<UID>:<TMC>`, `issue:<UID>`, a funding ref.
+    pub reference: String,
+}
+
+/// Where a load intent stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentState {
+    /// Funding authorised, Credit may have been sent; the card has not proved it yet.
+    Authorised,
+    /// The card proved the credit (transaction MAC verified); funding captured.
+    Completed,
+    /// The card never applied it; funding released.
+    Voided,
+}
+
+/// A load: (card, counter, amount, funding), recorded before the card is touched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadIntent {
+    /// Card UID (hex).
+    pub uid: String,
+    /// The card's TMC before the load; the load consumes `tmc_before + 1`.
+    pub tmc_before: u32,
+    /// The card's balance before the load.
+    pub balance_before_minor: i32,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// The card key version.
+    pub key_version: u8,
+    /// The funding source name.
+    pub funding_source: String,
+    /// The funding source's authorisation id.
+    pub funding_auth: String,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+    /// Who asked (the authenticated caller).
+    pub requested_by: String,
+    /// State.
+    pub state: IntentState,
+    /// Created (unix ms).
+    pub created_ms: u64,
+    /// Settled (unix ms).
+    pub settled_ms: Option<u64>,
+}
+
+/// What the ledger knows about a card.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardShadow {
+    /// The highest TMC the back office has seen from the card.
+    pub last_tmc: u32,
+    /// The balance the card reported with that TMC.
+    pub last_reported_balance_minor: Option<i32>,
+    /// Blocked cards are refused loads and listed for validators.
+    pub blocked: bool,
+    /// Why it is blocked.
+    pub block_reason: Option<String>,
+}
+
+/// The ledger.
+#[derive(Clone)]
+pub struct Ledger {
+    env: Env,
+    balances: Database<Str, I64<BE>>,
+    postings: Database<U64<BE>, SerdeJson<Posting>>,
+    intents: Database<Bytes, SerdeJson<LoadIntent>>,
+    cards: Database<Bytes, SerdeJson<CardShadow>>,
+    idem: Database<Str, SerdeJson<serde_json::Value>>,
+}
+
+/// The key of a load intent: UID (7) ‖ TMC before (u32 BE), so one card's intents sort by
+/// counter and keys only grow.
+pub fn intent_key(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
+    let mut k = [0u8; 11];
+    k[..7].copy_from_slice(uid);
+    k[7..].copy_from_slice(&tmc_before.to_be_bytes());
+    k
+}
+
+/// The account name of a card's shadow purse.
+pub fn card_account(uid: &[u8; 7]) -> String {
+    format!("card:{}", hex::encode_upper(uid))
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir` with room for `map_size_bytes`.
+    pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Ledger, LedgerError> {
+        std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        // SAFETY: LMDB requires that an environment is opened at most once per process and
+        // that its files are not modified by anything but LMDB. The charging daemon owns its
+        // ledger directory exclusively and opens it once at start-up.
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(map_size_bytes)
+                .max_dbs(8)
+                .open(dir)?
+        };
+        let mut wtxn = env.write_txn()?;
+        let balances = env.create_database(&mut wtxn, Some("balances"))?;
+        let postings = env.create_database(&mut wtxn, Some("postings"))?;
+        let intents = env.create_database(&mut wtxn, Some("load_intents"))?;
+        let cards = env.create_database(&mut wtxn, Some("cards"))?;
+        let idem = env.create_database(&mut wtxn, Some("idempotency"))?;
+        wtxn.commit()?;
+        Ok(Ledger {
+            env,
+            balances,
+            postings,
+            intents,
+            cards,
+            idem,
+        })
+    }
+
+    /// A read transaction.
+    pub fn read(&self) -> Result<RoTxn<'_, heed::WithTls>, LedgerError> {
+        Ok(self.env.read_txn()?)
+    }
+
+    /// A write transaction (one at a time; commit makes everything in it durable at once).
+    pub fn write(&self) -> Result<RwTxn<'_>, LedgerError> {
+        Ok(self.env.write_txn()?)
+    }
+
+    /// Posts `amount_minor` from `from` to `to` inside `txn`.
+    pub fn post(
+        &self,
+        txn: &mut RwTxn<'_>,
+        time_ms: u64,
+        from: &str,
+        to: &str,
+        amount_minor: i64,
+        reference: &str,
+    ) -> Result<Posting, LedgerError> {
+        if amount_minor <= 0 {
+            return Err(LedgerError::InvalidPosting("amount must be positive"));
+        }
+        if from == to {
+            return Err(LedgerError::InvalidPosting(
+                "from and to are the same account",
+            ));
+        }
+        let seq = match self.postings.last(txn)? {
+            Some((k, _)) => k + 1,
+            None => 1,
+        };
+        let p = Posting {
+            seq,
+            time_ms,
+            from: from.to_string(),
+            to: to.to_string(),
+            amount_minor,
+            reference: reference.to_string(),
+        };
+        self.postings.put(txn, &seq, &p)?;
+        let fb = self.balances.get(txn, from)?.unwrap_or(0);
+        self.balances.put(txn, from, &(fb - amount_minor))?;
+        let tb = self.balances.get(txn, to)?.unwrap_or(0);
+        self.balances.put(txn, to, &(tb + amount_minor))?;
+        Ok(p)
+    }
+
+    /// An account's balance.
+    pub fn balance(&self, txn: &RoTxn<'_>, account: &str) -> Result<i64, LedgerError> {
+        Ok(self.balances.get(txn, account)?.unwrap_or(0))
+    }
+
+    /// Every account and its balance.
+    pub fn balances(&self, txn: &RoTxn<'_>) -> Result<Vec<(String, i64)>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.balances.iter(txn)? {
+            let (k, v) = item?;
+            out.push((k.to_string(), v));
+        }
+        Ok(out)
+    }
+
+    /// Every posting whose reference starts with `prefix` (reports, tests).
+    pub fn postings_with_prefix(
+        &self,
+        txn: &RoTxn<'_>,
+        prefix: &str,
+    ) -> Result<Vec<Posting>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.postings.iter(txn)? {
+            let (_, p) = item?;
+            if p.reference.starts_with(prefix) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The card's shadow record.
+    pub fn card(&self, txn: &RoTxn<'_>, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
+        Ok(self.cards.get(txn, uid)?.unwrap_or_default())
+    }
+
+    /// Stores the card's shadow record.
+    pub fn put_card(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        shadow: &CardShadow,
+    ) -> Result<(), LedgerError> {
+        Ok(self.cards.put(txn, uid, shadow)?)
+    }
+
+    /// Records what a card reported (its counter and balance, read under MAC).
+    pub fn observe_card(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_minor: i32,
+    ) -> Result<CardShadow, LedgerError> {
+        let mut c = self.card(txn, uid)?;
+        if tmc >= c.last_tmc {
+            c.last_tmc = tmc;
+            c.last_reported_balance_minor = Some(balance_minor);
+            self.cards.put(txn, uid, &c)?;
+        }
+        Ok(c)
+    }
+
+    /// Records a new load intent; refuses a second one for the same card counter.
+    pub fn insert_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError> {
+        let key = intent_key(uid, intent.tmc_before);
+        if self.intents.get(txn, &key)?.is_some() {
+            return Err(LedgerError::IntentExists {
+                uid: hex::encode_upper(uid),
+                tmc: intent.tmc_before,
+            });
+        }
+        Ok(self.intents.put(txn, &key, intent)?)
+    }
+
+    /// The intent at (card, counter).
+    pub fn intent(
+        &self,
+        txn: &RoTxn<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+    ) -> Result<Option<LoadIntent>, LedgerError> {
+        Ok(self.intents.get(txn, &intent_key(uid, tmc_before))?)
+    }
+
+    /// Replaces the intent at (card, counter).
+    pub fn put_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError> {
+        Ok(self
+            .intents
+            .put(txn, &intent_key(uid, intent.tmc_before), intent)?)
+    }
+
+    /// A card's intents that are not settled yet.
+    pub fn open_intents(
+        &self,
+        txn: &RoTxn<'_>,
+        uid: &[u8; 7],
+    ) -> Result<Vec<LoadIntent>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.intents.prefix_iter(txn, &uid[..])? {
+            let (_, i) = item?;
+            if i.state == IntentState::Authorised {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// All intents (reports, reconciliation).
+    pub fn all_intents(&self, txn: &RoTxn<'_>) -> Result<Vec<LoadIntent>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.intents.iter(txn)? {
+            out.push(item?.1);
+        }
+        Ok(out)
+    }
+
+    /// The stored answer for an idempotency key.
+    pub fn idempotent(
+        &self,
+        txn: &RoTxn<'_>,
+        key: &str,
+    ) -> Result<Option<serde_json::Value>, LedgerError> {
+        Ok(self.idem.get(txn, key)?)
+    }
+
+    /// Stores the answer for an idempotency key.
+    pub fn put_idempotent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), LedgerError> {
+        Ok(self.idem.put(txn, key, value)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postings_balance_to_zero_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+            let mut t = l.write().unwrap();
+            l.post(&mut t, 1, "issuer:float", "card:01", 1_000, "issue:01")
+                .unwrap();
+            l.post(&mut t, 2, "funding:card", "card:01", 500, "load:01:1")
+                .unwrap();
+            l.post(&mut t, 3, "card:01", "operator:metro", 120, "tap:01:2")
+                .unwrap();
+            assert!(l.post(&mut t, 4, "a", "a", 1, "x").is_err());
+            assert!(l.post(&mut t, 4, "a", "b", 0, "x").is_err());
+            t.commit().unwrap();
+        }
+        let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+        let r = l.read().unwrap();
+        assert_eq!(l.balance(&r, "card:01").unwrap(), 1_380);
+        let sum: i64 = l.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+        assert_eq!(sum, 0);
+        assert_eq!(l.postings_with_prefix(&r, "load:").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_intent_per_card_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+        let uid = [1u8; 7];
+        let intent = LoadIntent {
+            uid: hex::encode_upper(uid),
+            tmc_before: 4,
+            balance_before_minor: 10,
+            amount_minor: 100,
+            key_version: 1,
+            funding_source: "card".into(),
+            funding_auth: "auth_1".into(),
+            idempotency_key: "k".into(),
+            requested_by: "alice".into(),
+            state: IntentState::Authorised,
+            created_ms: 0,
+            settled_ms: None,
+        };
+        let mut t = l.write().unwrap();
+        l.insert_intent(&mut t, &uid, &intent).unwrap();
+        assert!(matches!(
+            l.insert_intent(&mut t, &uid, &intent),
+            Err(LedgerError::IntentExists { .. })
+        ));
+        let mut other = intent.clone();
+        other.tmc_before = 5;
+        l.insert_intent(&mut t, &uid, &other).unwrap();
+        l.insert_intent(&mut t, &[2u8; 7], &intent).unwrap();
+        t.commit().unwrap();
+        let r = l.read().unwrap();
+        assert_eq!(l.open_intents(&r, &uid).unwrap().len(), 2);
+    }
+}

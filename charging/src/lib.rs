@@ -1,0 +1,10 @@
+//! # charging — the issuer's back office
+//!
+//! Online loads driven through the HSM over an APDU relay, funding sources, the double-entry
+//! ledger in LMDB, and (later) clearing of tap batches.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod funding;
+#[allow(unsafe_code)]
+pub mod ledger;
