@@ -90,6 +90,9 @@ pub struct LoadIntent {
     pub uid: String,
     /// The card's TMC before the load; the load consumes `tmc_before + 1`.
     pub tmc_before: u32,
+    /// Attempt number at this counter (earlier attempts were voided).
+    #[serde(default)]
+    pub attempt: u16,
     /// The card's balance before the load.
     pub balance_before_minor: i32,
     /// Amount, minor units.
@@ -123,6 +126,12 @@ pub struct CardShadow {
     pub blocked: bool,
     /// Why it is blocked.
     pub block_reason: Option<String>,
+    /// The day (unix days, UTC) `load_day_minor` counts.
+    #[serde(default)]
+    pub load_day: u64,
+    /// Loads authorised or completed on `load_day`, minor units.
+    #[serde(default)]
+    pub load_day_minor: i64,
 }
 
 /// The ledger.
@@ -136,9 +145,17 @@ pub struct Ledger {
     idem: Database<Str, SerdeJson<serde_json::Value>>,
 }
 
-/// The key of a load intent: UID (7) ‖ TMC before (u32 BE), so one card's intents sort by
-/// counter and keys only grow.
-pub fn intent_key(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
+/// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
+/// intents sort by counter and keys only grow.
+pub fn intent_key(uid: &[u8; 7], tmc_before: u32, attempt: u16) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[..7].copy_from_slice(uid);
+    k[7..11].copy_from_slice(&tmc_before.to_be_bytes());
+    k[11..].copy_from_slice(&attempt.to_be_bytes());
+    k
+}
+
+fn counter_prefix(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
     let mut k = [0u8; 11];
     k[..7].copy_from_slice(uid);
     k[7..].copy_from_slice(&tmc_before.to_be_bytes());
@@ -267,6 +284,11 @@ impl Ledger {
         Ok(self.cards.get(txn, uid)?.unwrap_or_default())
     }
 
+    /// Whether the card has a shadow record.
+    pub fn card_known(&self, txn: &RoTxn<'_>, uid: &[u8; 7]) -> Result<bool, LedgerError> {
+        Ok(self.cards.get(txn, uid)?.is_some())
+    }
+
     /// Stores the card's shadow record.
     pub fn put_card(
         &self,
@@ -294,43 +316,67 @@ impl Ledger {
         Ok(c)
     }
 
-    /// Records a new load intent; refuses a second one for the same card counter.
+    /// Records a new load intent; refuses it while a live (authorised or completed) intent
+    /// exists for the same card counter. Sets `intent.attempt`.
     pub fn insert_intent(
         &self,
         txn: &mut RwTxn<'_>,
         uid: &[u8; 7],
-        intent: &LoadIntent,
+        intent: &mut LoadIntent,
     ) -> Result<(), LedgerError> {
-        let key = intent_key(uid, intent.tmc_before);
-        if self.intents.get(txn, &key)?.is_some() {
-            return Err(LedgerError::IntentExists {
-                uid: hex::encode_upper(uid),
-                tmc: intent.tmc_before,
-            });
+        let mut attempts = 0u16;
+        for item in self
+            .intents
+            .prefix_iter(txn, &counter_prefix(uid, intent.tmc_before)[..])?
+        {
+            let (_, existing) = item?;
+            if existing.state != IntentState::Voided {
+                return Err(LedgerError::IntentExists {
+                    uid: hex::encode_upper(uid),
+                    tmc: intent.tmc_before,
+                });
+            }
+            attempts += 1;
         }
-        Ok(self.intents.put(txn, &key, intent)?)
+        intent.attempt = attempts;
+        Ok(self
+            .intents
+            .put(txn, &intent_key(uid, intent.tmc_before, attempts), intent)?)
     }
 
-    /// The intent at (card, counter).
+    /// The live intent at (card, counter), or else the latest voided one.
     pub fn intent(
         &self,
         txn: &RoTxn<'_>,
         uid: &[u8; 7],
         tmc_before: u32,
     ) -> Result<Option<LoadIntent>, LedgerError> {
-        Ok(self.intents.get(txn, &intent_key(uid, tmc_before))?)
+        let mut last = None;
+        for item in self
+            .intents
+            .prefix_iter(txn, &counter_prefix(uid, tmc_before)[..])?
+        {
+            let (_, i) = item?;
+            if i.state != IntentState::Voided {
+                return Ok(Some(i));
+            }
+            last = Some(i);
+        }
+        Ok(last)
     }
 
-    /// Replaces the intent at (card, counter).
+    /// Replaces an intent (same card, counter and attempt).
     pub fn put_intent(
         &self,
         txn: &mut RwTxn<'_>,
         uid: &[u8; 7],
         intent: &LoadIntent,
     ) -> Result<(), LedgerError> {
-        Ok(self
-            .intents
-            .put(txn, &intent_key(uid, intent.tmc_before), intent)?)
+        Ok(self.intents.put(
+            txn,
+            &intent_key(uid, intent.tmc_before, intent.attempt),
+            intent,
+        )?)
     }
 
     /// A card's intents that are not settled yet.
@@ -411,9 +457,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = Ledger::open(dir.path(), 16 << 20).unwrap();
         let uid = [1u8; 7];
-        let intent = LoadIntent {
+        let mut intent = LoadIntent {
             uid: hex::encode_upper(uid),
             tmc_before: 4,
+            attempt: 0,
             balance_before_minor: 10,
             amount_minor: 100,
             key_version: 1,
@@ -426,17 +473,27 @@ mod tests {
             settled_ms: None,
         };
         let mut t = l.write().unwrap();
-        l.insert_intent(&mut t, &uid, &intent).unwrap();
+        l.insert_intent(&mut t, &uid, &mut intent).unwrap();
         assert!(matches!(
-            l.insert_intent(&mut t, &uid, &intent),
+            l.insert_intent(&mut t, &uid, &mut intent.clone()),
             Err(LedgerError::IntentExists { .. })
         ));
         let mut other = intent.clone();
         other.tmc_before = 5;
-        l.insert_intent(&mut t, &uid, &other).unwrap();
-        l.insert_intent(&mut t, &[2u8; 7], &intent).unwrap();
+        l.insert_intent(&mut t, &uid, &mut other).unwrap();
+        l.insert_intent(&mut t, &[2u8; 7], &mut intent.clone())
+            .unwrap();
+        // Once voided, the counter takes a new attempt.
+        intent.state = IntentState::Voided;
+        l.put_intent(&mut t, &uid, &intent).unwrap();
+        let mut retry = intent.clone();
+        retry.state = IntentState::Authorised;
+        l.insert_intent(&mut t, &uid, &mut retry).unwrap();
+        assert_eq!(retry.attempt, 1);
+        assert_eq!(l.intent(&t, &uid, 4).unwrap().unwrap().attempt, 1);
         t.commit().unwrap();
         let r = l.read().unwrap();
         assert_eq!(l.open_intents(&r, &uid).unwrap().len(), 2);
+        assert_eq!(l.all_intents(&r).unwrap().len(), 4);
     }
 }

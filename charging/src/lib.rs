@@ -8,3 +8,4 @@
 pub mod funding;
 #[allow(unsafe_code)]
 pub mod ledger;
+pub mod load;

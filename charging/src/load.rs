@@ -1,0 +1,802 @@
+//! Online loads: the server drives the card dialogue through the HSM; the client only relays
+//! APDUs, one HTTP round trip each.
+//!
+//! Exactly once across payment, network and card:
+//! 1. the card is read under MAC in a session with its credit key (inside the HSM);
+//! 2. older open intents of the card are settled from what it reports (its counter and balance);
+//! 3. limits are checked, the funding source authorises (reference `load:<UID>:<TMC>`), and the
+//!    intent (card, counter, amount, funding) is committed to the ledger — before any Credit
+//!    leaves the server;
+//! 4. Credit (FULL mode) and CommitTransaction go to the card; its transaction MAC is verified
+//!    in the HSM; the ledger posts funding → card and marks the intent completed in one
+//!    transaction; then the funding is captured.
+//!
+//! A load torn anywhere after step 3 stays `authorised` in the ledger and is settled at the
+//! card's next contact ([`LoadService::settle_from_snapshot`]): completed and captured if the
+//! card's counter shows it applied the credit, voided and released if not.
+
+use crate::funding::{FundingError, FundingRequest, FundingSource};
+use crate::ledger::{card_account, IntentState, Ledger, LedgerError, LoadIntent};
+use purse::apdu::ins;
+use purse::keys::KeyKind;
+use purse::sam::{Hsm, SamError};
+use purse::txn::{
+    self, CardSnapshot, Decision, Dialogue, Outcome, PendingChange, Settlement, Step, TxError,
+};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Load limits and timeouts.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// Highest balance a card may reach, minor units.
+    pub balance_ceiling_minor: i32,
+    /// Largest single load, minor units.
+    pub max_load_minor: i32,
+    /// Most a card may be loaded per day (UTC), minor units.
+    pub max_daily_per_card_minor: i64,
+    /// A relay session idle this long is dropped (its intent, if any, is settled later).
+    pub session_idle_timeout_ms: u64,
+    /// Most concurrent relay sessions (back-pressure: new loads are refused beyond it).
+    pub max_sessions: usize,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            balance_ceiling_minor: 500_000,
+            max_load_minor: 200_000,
+            max_daily_per_card_minor: 500_000,
+            session_idle_timeout_ms: 30_000,
+            max_sessions: 10_000,
+        }
+    }
+}
+
+/// What the client asked for.
+#[derive(Clone, Debug)]
+pub struct LoadRequest {
+    /// Card UID as the client's reader saw it.
+    pub uid: [u8; 7],
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// Funding source name.
+    pub funding_source: String,
+    /// Instrument at the source (card token, points holder).
+    pub instrument: String,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// The server's answer to every step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Reply {
+    /// Send `command` (hex APDU) to the card and post its answer with `seq`.
+    Command {
+        /// session id
+        session_id: String,
+        /// step number the answer must carry
+        seq: u32,
+        /// hex APDU for the card
+        command: String,
+    },
+    /// The card applied the load and proved it.
+    Completed {
+        /// session id
+        session_id: String,
+        /// amount loaded
+        amount_minor: i32,
+        /// balance after
+        balance_minor: i32,
+        /// the counter the load consumed
+        tmc: u32,
+    },
+    /// Refused before any value moved.
+    Refused {
+        /// session id
+        session_id: String,
+        /// machine-readable reason
+        reason: String,
+        /// human-readable detail
+        detail: String,
+    },
+    /// The dialogue broke after the credit may have been sent; the load is settled at the
+    /// card's next contact (never paid twice, never lost).
+    Pending {
+        /// session id
+        session_id: String,
+        /// detail
+        detail: String,
+    },
+}
+
+impl Reply {
+    fn is_final(&self) -> bool {
+        !matches!(self, Reply::Command { .. })
+    }
+}
+
+/// Load errors that are the caller's (HTTP 4xx) or ours (5xx).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A malformed request.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Unknown or expired session.
+    #[error("no load session {0} (unknown, finished or expired)")]
+    NoSession(String),
+    /// The session belongs to another caller.
+    #[error("this load session belongs to another caller")]
+    NotYours,
+    /// The step number is not the expected one.
+    #[error("step {got} out of order: expected {expected}")]
+    OutOfOrder {
+        /// expected seq
+        expected: u32,
+        /// got
+        got: u32,
+    },
+    /// Too many sessions.
+    #[error("too many load sessions in progress; retry later")]
+    Busy,
+    /// Storage failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The HSM failed.
+    #[error("HSM: {0}")]
+    Hsm(#[from] SamError),
+}
+
+struct Session {
+    id: String,
+    caller: String,
+    request: LoadRequest,
+    dialogue: Dialogue,
+    seq: u32,
+    last_reply: Reply,
+    touched_ms: u64,
+    /// Set once the intent is in the ledger (after that, errors leave it for settlement).
+    intent_recorded: bool,
+    /// Set once CommitTransaction was sent (after that, the outcome is unknown on error).
+    commit_sent: bool,
+}
+
+/// Counters for metrics and the bench.
+#[derive(Default, Debug, Clone, Serialize)]
+pub struct LoadStats {
+    /// loads completed
+    pub completed: u64,
+    /// loads refused before value moved
+    pub refused: u64,
+    /// loads left pending for settlement
+    pub pending: u64,
+    /// pending loads settled as completed
+    pub settled_completed: u64,
+    /// pending loads settled as voided
+    pub settled_voided: u64,
+}
+
+/// The load service: sessions in memory, intents and postings in the ledger.
+pub struct LoadService {
+    ledger: Ledger,
+    hsm: Mutex<Box<dyn Hsm + Send>>,
+    sources: HashMap<String, Arc<dyn FundingSource>>,
+    sessions: Mutex<HashMap<String, Session>>,
+    cfg: LoadConfig,
+    stats: Mutex<LoadStats>,
+}
+
+fn session_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn day_of(ms: u64) -> u64 {
+    ms / 86_400_000
+}
+
+impl LoadService {
+    /// A service over a ledger, an HSM and funding sources.
+    pub fn new(
+        ledger: Ledger,
+        hsm: Box<dyn Hsm + Send>,
+        sources: Vec<Arc<dyn FundingSource>>,
+        cfg: LoadConfig,
+    ) -> Self {
+        LoadService {
+            ledger,
+            hsm: Mutex::new(hsm),
+            sources: sources
+                .into_iter()
+                .map(|s| (s.name().to_string(), s))
+                .collect(),
+            sessions: Mutex::new(HashMap::new()),
+            cfg,
+            stats: Mutex::new(LoadStats::default()),
+        }
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> LoadStats {
+        self.stats.lock().expect("stats lock").clone()
+    }
+
+    /// Funding source names.
+    pub fn source_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.sources.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn idem_key(caller: &str, key: &str) -> String {
+        format!("load:{caller}:{key}")
+    }
+
+    /// Starts a load: returns the first command for the card.
+    pub fn start(&self, caller: &str, req: LoadRequest, now_ms: u64) -> Result<Reply, LoadError> {
+        if req.idempotency_key.is_empty() || req.idempotency_key.len() > 128 {
+            return Err(LoadError::BadRequest(
+                "an Idempotency-Key of 1 to 128 characters is required".into(),
+            ));
+        }
+        let ikey = Self::idem_key(caller, &req.idempotency_key);
+        {
+            let r = self.ledger.read()?;
+            if let Some(v) = self.ledger.idempotent(&r, &ikey)? {
+                return Ok(reply_from_json(&v));
+            }
+        }
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if let Some(s) = sessions
+            .values()
+            .find(|s| s.caller == caller && s.request.idempotency_key == req.idempotency_key)
+        {
+            return Ok(s.last_reply.clone());
+        }
+        if req.amount_minor <= 0 {
+            return Err(LoadError::BadRequest(format!(
+                "amount_minor must be positive, got {}",
+                req.amount_minor
+            )));
+        }
+        if req.amount_minor > self.cfg.max_load_minor {
+            return Err(LoadError::BadRequest(format!(
+                "amount_minor {} exceeds the per-load limit of {}",
+                req.amount_minor, self.cfg.max_load_minor
+            )));
+        }
+        if !self.sources.contains_key(&req.funding_source) {
+            return Err(LoadError::BadRequest(format!(
+                "unknown funding source {:?}; available: {}",
+                req.funding_source,
+                self.source_names().join(", ")
+            )));
+        }
+        if sessions.len() >= self.cfg.max_sessions {
+            return Err(LoadError::Busy);
+        }
+        let (dialogue, first) = Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT);
+        let id = session_id();
+        let reply = Reply::Command {
+            session_id: id.clone(),
+            seq: 1,
+            command: hex::encode_upper(first),
+        };
+        sessions.insert(
+            id.clone(),
+            Session {
+                id,
+                caller: caller.to_string(),
+                request: req,
+                dialogue,
+                seq: 1,
+                last_reply: reply.clone(),
+                touched_ms: now_ms,
+                intent_recorded: false,
+                commit_sent: false,
+            },
+        );
+        Ok(reply)
+    }
+
+    /// Feeds the card's answer to step `seq` of session `id`.
+    pub fn respond(
+        &self,
+        caller: &str,
+        id: &str,
+        seq: u32,
+        response: &[u8],
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        // Take the session out while we work on it (no lock held across HSM or ledger work).
+        let mut s = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let s = sessions
+                .get(id)
+                .ok_or_else(|| LoadError::NoSession(id.to_string()))?;
+            if s.caller != caller {
+                return Err(LoadError::NotYours);
+            }
+            if seq == s.seq.wrapping_sub(1) || (seq == s.seq && s.last_reply.is_final()) {
+                // A retry of the previous step: the same answer again.
+                return Ok(s.last_reply.clone());
+            }
+            if seq != s.seq {
+                return Err(LoadError::OutOfOrder {
+                    expected: s.seq,
+                    got: seq,
+                });
+            }
+            sessions.remove(id).expect("present")
+        };
+        s.touched_ms = now_ms;
+        let reply = self.advance(&mut s, response, now_ms);
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // Our own failure (storage, HSM): the session ends; an intent already recorded
+                // is settled at the card's next contact.
+                if s.intent_recorded {
+                    self.stats.lock().expect("stats").pending += 1;
+                }
+                return Err(e);
+            }
+        };
+        s.last_reply = reply.clone();
+        if let Reply::Command { seq, .. } = &reply {
+            s.seq = *seq;
+        } else {
+            s.seq += 1;
+            let mut t = self.ledger.write()?;
+            self.ledger.put_idempotent(
+                &mut t,
+                &Self::idem_key(&s.caller, &s.request.idempotency_key),
+                &serde_json::to_value(&reply).expect("reply serialises"),
+            )?;
+            t.commit().map_err(LedgerError::from)?;
+        }
+        // Final sessions stay for retries until they expire.
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(s.id.clone(), s);
+        Ok(reply)
+    }
+
+    fn advance(&self, s: &mut Session, response: &[u8], now_ms: u64) -> Result<Reply, LoadError> {
+        let step = {
+            let mut hsm = self.hsm.lock().expect("hsm lock");
+            s.dialogue
+                .on_response(hsm.as_mut(), &mut rand::rngs::OsRng, response)
+        };
+        let step = match step {
+            Ok(st) => st,
+            Err(e) => return Ok(self.dialogue_failed(s, e)),
+        };
+        let step = match step {
+            Step::Decide(snapshot) => match self.decide(s, &snapshot, now_ms)? {
+                Ok(decision) => {
+                    let mut hsm = self.hsm.lock().expect("hsm lock");
+                    match s.dialogue.decide(hsm.as_mut(), decision) {
+                        Ok(st) => st,
+                        Err(e) => {
+                            drop(hsm);
+                            return Ok(self.dialogue_failed(s, e));
+                        }
+                    }
+                }
+                Err(refusal) => return Ok(refusal),
+            },
+            other => other,
+        };
+        match step {
+            Step::Transmit(apdu) => {
+                if apdu.get(1) == Some(&ins::COMMIT_TRANSACTION) {
+                    s.commit_sent = true;
+                }
+                Ok(Reply::Command {
+                    session_id: s.id.clone(),
+                    seq: s.seq + 1,
+                    command: hex::encode_upper(apdu),
+                })
+            }
+            Step::Done(Outcome::Committed { snapshot, receipt }) => {
+                let verified = {
+                    let hsm = self.hsm.lock().expect("hsm lock");
+                    hsm.verify_tmac(&receipt)
+                };
+                match verified {
+                    Ok(_) => {
+                        self.complete(&snapshot, &receipt, now_ms)?;
+                        self.stats.lock().expect("stats").completed += 1;
+                        Ok(Reply::Completed {
+                            session_id: s.id.clone(),
+                            amount_minor: receipt.amount_minor,
+                            balance_minor: receipt.balance_after_minor,
+                            tmc: receipt.tmc,
+                        })
+                    }
+                    Err(e) => {
+                        // The commit answer verified under the session MAC but the TMV does
+                        // not: a broken card or key mismatch. Leave it for settlement.
+                        self.stats.lock().expect("stats").pending += 1;
+                        Ok(Reply::Pending {
+                            session_id: s.id.clone(),
+                            detail: format!("transaction MAC check failed: {e}"),
+                        })
+                    }
+                }
+            }
+            Step::Done(Outcome::Refused { .. }) => {
+                Ok(self.refused(s, "refused", "nothing to load"))
+            }
+            Step::Decide(_) => unreachable!("decided above"),
+        }
+    }
+
+    fn refused(&self, s: &Session, reason: &str, detail: &str) -> Reply {
+        self.stats.lock().expect("stats").refused += 1;
+        Reply::Refused {
+            session_id: s.id.clone(),
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn dialogue_failed(&self, s: &Session, e: TxError) -> Reply {
+        if s.commit_sent {
+            // The card may or may not have committed: settle at next contact.
+            self.stats.lock().expect("stats").pending += 1;
+            return Reply::Pending {
+                session_id: s.id.clone(),
+                detail: format!("the card's answer to the commit could not be verified ({e}); the load is settled at the card's next contact"),
+            };
+        }
+        if s.intent_recorded {
+            // The card refused before any commit (limit, wrong MAC): nothing is staged on a
+            // card after an error, so the intent can be voided now.
+            let uid = s.request.uid;
+            if let Some(snap) = s.dialogue.snapshot().cloned() {
+                if let Err(err) = self.void_intent(&uid, snap.tmc, 0) {
+                    tracing::warn!(%err, "voiding after a refused credit failed; left for settlement");
+                }
+            }
+        }
+        let reason = match &e {
+            TxError::UnknownKeyVersion(_) => "unknown_key_version",
+            TxError::Card { .. } => "card_refused",
+            TxError::Sam(_) => "authentication_failed",
+            _ => "card_dialogue_failed",
+        };
+        self.refused(s, reason, &e.to_string())
+    }
+
+    /// Checks the ledger and limits, authorises funding and records the intent.
+    /// Returns the decision, or a final refusal.
+    fn decide(
+        &self,
+        s: &mut Session,
+        snap: &CardSnapshot,
+        now_ms: u64,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        let uid = snap.uid;
+        self.settle_from_snapshot(snap, now_ms)?;
+        let shadow = {
+            let r = self.ledger.read()?;
+            self.ledger.card(&r, &uid)?
+        };
+        if shadow.blocked {
+            return Ok(Err(self.refused(
+                s,
+                "card_blocked",
+                shadow.block_reason.as_deref().unwrap_or("blocked"),
+            )));
+        }
+        if snap.tmc < shadow.last_tmc {
+            return Ok(Err(self.refused(
+                s,
+                "counter_behind",
+                &format!(
+                    "card reports counter {} but {} was already seen: a restored or cloned card",
+                    snap.tmc, shadow.last_tmc
+                ),
+            )));
+        }
+        let amount = s.request.amount_minor;
+        if i64::from(snap.balance_minor) + i64::from(amount)
+            > i64::from(self.cfg.balance_ceiling_minor)
+        {
+            return Ok(Err(self.refused(
+                s,
+                "balance_ceiling",
+                &format!(
+                    "balance {} + {} would exceed the ceiling of {}",
+                    snap.balance_minor, amount, self.cfg.balance_ceiling_minor
+                ),
+            )));
+        }
+        let today = day_of(now_ms);
+        let loaded_today = if shadow.load_day == today {
+            shadow.load_day_minor
+        } else {
+            0
+        };
+        if loaded_today + i64::from(amount) > self.cfg.max_daily_per_card_minor {
+            return Ok(Err(self.refused(
+                s,
+                "daily_limit",
+                &format!(
+                    "{loaded_today} already loaded today; the daily limit is {}",
+                    self.cfg.max_daily_per_card_minor
+                ),
+            )));
+        }
+        let source = self.sources[&s.request.funding_source].clone();
+        // Unique per session (a retry inside the session reuses it; two racing sessions never
+        // share an authorisation).
+        let reference = format!("load:{}:{}:{}", hex::encode_upper(uid), snap.tmc + 1, s.id);
+        let req = FundingRequest {
+            amount_minor: i64::from(amount),
+            reference: &reference,
+            instrument: &s.request.instrument,
+        };
+        let auth = match source.authorise(&req) {
+            Err(FundingError::Timeout) => source.authorise(&req), // same reference: safe
+            other => other,
+        };
+        let auth = match auth {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(self.refused(s, "funding_declined", &e.to_string()))),
+        };
+        let mut intent = LoadIntent {
+            uid: hex::encode_upper(uid),
+            tmc_before: snap.tmc,
+            attempt: 0,
+            balance_before_minor: snap.balance_minor,
+            amount_minor: amount,
+            key_version: snap.key_version,
+            funding_source: s.request.funding_source.clone(),
+            funding_auth: auth.clone(),
+            idempotency_key: s.request.idempotency_key.clone(),
+            requested_by: s.caller.clone(),
+            state: IntentState::Authorised,
+            created_ms: now_ms,
+            settled_ms: None,
+        };
+        let mut t = self.ledger.write()?;
+        match self.ledger.insert_intent(&mut t, &uid, &mut intent) {
+            Ok(()) => {}
+            Err(LedgerError::IntentExists { .. }) => {
+                drop(t);
+                let _ = source.void(&auth);
+                return Ok(Err(self.refused(
+                    s,
+                    "load_in_progress",
+                    "another load for this card at this counter is in progress",
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut shadow = self
+            .ledger
+            .observe_card(&mut t, &uid, snap.tmc, snap.balance_minor)?;
+        if shadow.load_day != today {
+            shadow.load_day = today;
+            shadow.load_day_minor = 0;
+        }
+        shadow.load_day_minor += i64::from(amount);
+        self.ledger.put_card(&mut t, &uid, &shadow)?;
+        t.commit().map_err(LedgerError::from)?;
+        s.intent_recorded = true;
+        let mut record = vec![0u8; txn::RECORD_SIZE];
+        record[0] = 0x4C; // 'L': a load record
+        record[1..5].copy_from_slice(&amount.to_le_bytes());
+        record[5..13].copy_from_slice(&now_ms.to_le_bytes());
+        Ok(Ok(Decision::Apply {
+            amount_minor: amount,
+            record: Some(record),
+        }))
+    }
+
+    fn complete(
+        &self,
+        snapshot: &CardSnapshot,
+        receipt: &purse::receipt::CommitReceipt,
+        now_ms: u64,
+    ) -> Result<(), LoadError> {
+        let uid = receipt.uid;
+        let (auth, source) = {
+            let mut t = self.ledger.write()?;
+            let mut intent = self.ledger.intent(&t, &uid, snapshot.tmc)?.ok_or_else(|| {
+                LedgerError::NoIntent {
+                    uid: hex::encode_upper(uid),
+                    tmc: snapshot.tmc,
+                }
+            })?;
+            if intent.state == IntentState::Completed {
+                return Ok(());
+            }
+            let source = self.sources[&intent.funding_source].clone();
+            self.ledger.post(
+                &mut t,
+                now_ms,
+                &source.ledger_account(),
+                &card_account(&uid),
+                i64::from(receipt.amount_minor),
+                &format!("load:{}:{}", hex::encode_upper(uid), receipt.tmc),
+            )?;
+            intent.state = IntentState::Completed;
+            intent.settled_ms = Some(now_ms);
+            self.ledger.put_intent(&mut t, &uid, &intent)?;
+            self.ledger
+                .observe_card(&mut t, &uid, receipt.tmc, receipt.balance_after_minor)?;
+            t.commit().map_err(LedgerError::from)?;
+            (intent.funding_auth, source)
+        };
+        if let Err(e) = source.capture(&auth) {
+            tracing::error!(%e, auth, "capture failed after a completed load; retry from the intent");
+        }
+        Ok(())
+    }
+
+    fn void_intent(&self, uid: &[u8; 7], tmc_before: u32, now_ms: u64) -> Result<(), LoadError> {
+        let (auth, source) = {
+            let mut t = self.ledger.write()?;
+            let Some(mut intent) = self.ledger.intent(&t, uid, tmc_before)? else {
+                return Ok(());
+            };
+            if intent.state != IntentState::Authorised {
+                return Ok(());
+            }
+            intent.state = IntentState::Voided;
+            intent.settled_ms = Some(now_ms);
+            self.ledger.put_intent(&mut t, uid, &intent)?;
+            let mut shadow = self.ledger.card(&t, uid)?;
+            if shadow.load_day == day_of(intent.created_ms) {
+                shadow.load_day_minor -= i64::from(intent.amount_minor);
+                self.ledger.put_card(&mut t, uid, &shadow)?;
+            }
+            t.commit().map_err(LedgerError::from)?;
+            (
+                intent.funding_auth,
+                self.sources[&intent.funding_source].clone(),
+            )
+        };
+        if let Err(e) = source.void(&auth) {
+            tracing::error!(%e, auth, "void failed; retry from the intent");
+        }
+        Ok(())
+    }
+
+    /// Settles the card's open intents from a snapshot read under MAC (a later load session,
+    /// or the counter and balance of a cleared tap). Returns how many were settled.
+    pub fn settle_from_snapshot(
+        &self,
+        snap: &CardSnapshot,
+        now_ms: u64,
+    ) -> Result<usize, LoadError> {
+        let open = {
+            let r = self.ledger.read()?;
+            self.ledger.open_intents(&r, &snap.uid)?
+        };
+        let mut settled = 0;
+        for intent in open {
+            let pending = PendingChange {
+                uid: snap.uid,
+                tmc_before: intent.tmc_before,
+                balance_before_minor: intent.balance_before_minor,
+                kind: purse::receipt::TxKind::Credit,
+                amount_minor: intent.amount_minor,
+                key_version: intent.key_version,
+            };
+            match txn::settle(&pending, snap) {
+                Ok(Settlement::Committed(receipt)) => {
+                    let ok = {
+                        let hsm = self.hsm.lock().expect("hsm lock");
+                        hsm.verify_tmac(&receipt).is_ok()
+                    };
+                    if ok {
+                        let before = CardSnapshot {
+                            tmc: intent.tmc_before,
+                            ..snap.clone()
+                        };
+                        self.complete(&before, &receipt, now_ms)?;
+                        self.stats.lock().expect("stats").settled_completed += 1;
+                        settled += 1;
+                    } else {
+                        tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending load: card counter advanced but its transaction MAC does not verify");
+                    }
+                }
+                Ok(Settlement::NotCommitted) => {
+                    self.void_intent(&snap.uid, intent.tmc_before, now_ms)?;
+                    self.stats.lock().expect("stats").settled_voided += 1;
+                    settled += 1;
+                }
+                Ok(Settlement::MovedOn) | Err(_) => {
+                    // Decided by clearing from the card's transaction chain.
+                }
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Drops relay sessions idle longer than the configured timeout.
+    pub fn expire_sessions(&self, now_ms: u64) -> usize {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let before = sessions.len();
+        let timeout = self.cfg.session_idle_timeout_ms;
+        let mut pending = 0;
+        sessions.retain(|_, s| {
+            let keep = now_ms.saturating_sub(s.touched_ms) < timeout;
+            if !keep && s.intent_recorded && !s.last_reply.is_final() {
+                pending += 1;
+            }
+            keep
+        });
+        self.stats.lock().expect("stats").pending += pending;
+        before - sessions.len()
+    }
+
+    /// Registers a newly personalised card: posts its initial value from `issuer:float`.
+    pub fn register_card(
+        &self,
+        uid: &[u8; 7],
+        personalised_minor: i64,
+        now_ms: u64,
+    ) -> Result<(), LoadError> {
+        let mut t = self.ledger.write()?;
+        let reference = format!("issue:{}", hex::encode_upper(uid));
+        if self.ledger.card_known(&t, uid)? {
+            return Ok(());
+        }
+        if personalised_minor > 0 {
+            self.ledger.post(
+                &mut t,
+                now_ms,
+                "issuer:float",
+                &card_account(uid),
+                personalised_minor,
+                &reference,
+            )?;
+        }
+        self.ledger.put_card(&mut t, uid, &Default::default())?;
+        t.commit().map_err(LedgerError::from)?;
+        Ok(())
+    }
+}
+
+fn reply_from_json(v: &serde_json::Value) -> Reply {
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let n = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or_default();
+    match v.get("status").and_then(|x| x.as_str()) {
+        Some("completed") => Reply::Completed {
+            session_id: s("session_id"),
+            amount_minor: n("amount_minor") as i32,
+            balance_minor: n("balance_minor") as i32,
+            tmc: n("tmc") as u32,
+        },
+        Some("refused") => Reply::Refused {
+            session_id: s("session_id"),
+            reason: s("reason"),
+            detail: s("detail"),
+        },
+        _ => Reply::Pending {
+            session_id: s("session_id"),
+            detail: s("detail"),
+        },
+    }
+}

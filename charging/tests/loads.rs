@@ -1,0 +1,439 @@
+//! Online loads through the load service with an emulated card on the client side: the
+//! client only relays APDUs; exactly-once across funding, network and card under tears.
+
+use charging::funding::{FundingSource, PointsProgram, SandboxProcessor};
+use charging::ledger::{card_account, IntentState, Ledger};
+use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::sam::SoftwareHsm;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+struct World {
+    _dir: tempfile::TempDir,
+    svc: LoadService,
+    processor: Arc<SandboxProcessor>,
+    miles: Arc<PointsProgram>,
+    hsm: SoftwareHsm,
+    now_ms: u64,
+}
+
+fn world(cfg: LoadConfig) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let keys = KeySet::generate(&mut rng);
+    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
+    let miles = Arc::new(PointsProgram::new("mileage", ledger.clone(), 2, 1));
+    let svc = LoadService::new(
+        ledger,
+        Box::new(SoftwareHsm::new(&keys).unwrap()),
+        vec![processor.clone() as Arc<dyn FundingSource>, miles.clone()],
+        cfg,
+    );
+    World {
+        _dir: dir,
+        svc,
+        processor,
+        miles,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+        now_ms: 1_700_000_000_000,
+    }
+}
+
+impl World {
+    fn card(&self, n: u8, balance: i32) -> Card {
+        let uid = [0x04, n, 1, 2, 3, 4, 5];
+        self.svc
+            .register_card(&uid, i64::from(balance), self.now_ms)
+            .unwrap();
+        Card::personalise(
+            &Personalisation::transit(uid, balance),
+            self.hsm.card_keys(&uid, 1).unwrap(),
+        )
+    }
+
+    fn req(
+        &self,
+        card: &Card,
+        amount: i32,
+        source: &str,
+        instrument: &str,
+        key: &str,
+    ) -> LoadRequest {
+        LoadRequest {
+            uid: card.state().uid,
+            amount_minor: amount,
+            funding_source: source.into(),
+            instrument: instrument.into(),
+            idempotency_key: key.into(),
+        }
+    }
+
+    /// Relays until a final reply, or until `stop_after` commands have been handled; with
+    /// `deliver_last` false the last command never reaches the card.
+    fn relay(
+        &mut self,
+        card: &mut Card,
+        reply: Reply,
+        stop_after: Option<usize>,
+        deliver_last: bool,
+    ) -> Reply {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut reply = reply;
+        let mut n = 0;
+        loop {
+            let Reply::Command {
+                session_id,
+                seq,
+                command,
+            } = &reply
+            else {
+                return reply;
+            };
+            n += 1;
+            if stop_after == Some(n) {
+                if deliver_last {
+                    let _ = card.process(&hex::decode(command).unwrap(), &mut rng);
+                }
+                card.remove_from_field();
+                return reply;
+            }
+            let resp = card
+                .process(&hex::decode(command).unwrap(), &mut rng)
+                .unwrap();
+            self.now_ms += 5;
+            reply = self
+                .svc
+                .respond("alice", session_id, *seq, &resp, self.now_ms)
+                .unwrap();
+        }
+    }
+
+    fn load(&mut self, card: &mut Card, amount: i32, key: &str) -> Reply {
+        let r = self
+            .svc
+            .start(
+                "alice",
+                self.req(card, amount, "card", "tok_visa", key),
+                self.now_ms,
+            )
+            .unwrap();
+        self.relay(card, r, None, true)
+    }
+
+    fn shadow(&self, card: &Card) -> i64 {
+        let r = self.svc.ledger().read().unwrap();
+        self.svc
+            .ledger()
+            .balance(&r, &card_account(&card.state().uid))
+            .unwrap()
+    }
+}
+
+#[test]
+fn a_relayed_load_completes_and_is_posted_and_captured() {
+    let mut w = world(LoadConfig::default());
+    let mut card = w.card(1, 1_000);
+    let r = w.load(&mut card, 2_500, "k1");
+    match r {
+        Reply::Completed {
+            amount_minor,
+            balance_minor,
+            tmc,
+            ..
+        } => {
+            assert_eq!((amount_minor, balance_minor, tmc), (2_500, 3_500, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(card.state().balance_minor, 3_500);
+    assert_eq!(
+        w.shadow(&card),
+        3_500,
+        "shadow purse = personalised + loads"
+    );
+    let r = w.svc.ledger().read().unwrap();
+    assert_eq!(w.svc.ledger().balance(&r, "funding:card").unwrap(), -2_500);
+    let intents = w.svc.ledger().all_intents(&r).unwrap();
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0].state, IntentState::Completed);
+    assert_eq!(
+        w.processor
+            .authorisation(&intents[0].funding_auth)
+            .unwrap()
+            .state,
+        "captured"
+    );
+}
+
+#[test]
+fn the_same_idempotency_key_never_loads_twice() {
+    let mut w = world(LoadConfig::default());
+    let mut card = w.card(2, 0);
+    let first = w.load(&mut card, 1_000, "same");
+    let again = w
+        .svc
+        .start(
+            "alice",
+            w.req(&card, 1_000, "card", "tok_visa", "same"),
+            w.now_ms,
+        )
+        .unwrap();
+    assert_eq!(first, again, "a repeated start returns the stored outcome");
+    assert_eq!(card.state().balance_minor, 1_000);
+    // The same key from another caller is another request.
+    let other = w
+        .svc
+        .start(
+            "bob",
+            w.req(&card, 1_000, "card", "tok_visa", "same"),
+            w.now_ms,
+        )
+        .unwrap();
+    assert!(matches!(other, Reply::Command { .. }));
+}
+
+#[test]
+fn a_retried_step_gets_the_same_command_and_feeds_the_card_once() {
+    let mut w = world(LoadConfig::default());
+    let mut card = w.card(3, 0);
+    let mut rng = StdRng::seed_from_u64(2);
+    let r = w
+        .svc
+        .start(
+            "alice",
+            w.req(&card, 700, "card", "tok_visa", "r"),
+            w.now_ms,
+        )
+        .unwrap();
+    let Reply::Command {
+        session_id,
+        seq,
+        command,
+    } = r
+    else {
+        panic!()
+    };
+    let resp = card
+        .process(&hex::decode(&command).unwrap(), &mut rng)
+        .unwrap();
+    let a = w
+        .svc
+        .respond("alice", &session_id, seq, &resp, w.now_ms)
+        .unwrap();
+    let b = w
+        .svc
+        .respond("alice", &session_id, seq, &resp, w.now_ms)
+        .unwrap();
+    assert_eq!(a, b);
+    assert!(
+        w.svc
+            .respond("alice", &session_id, seq + 5, &resp, w.now_ms)
+            .is_err(),
+        "out of order"
+    );
+    assert!(
+        w.svc
+            .respond("mallory", &session_id, seq + 1, &resp, w.now_ms)
+            .is_err(),
+        "not yours"
+    );
+    let done = w.relay(&mut card, a, None, true);
+    assert!(matches!(done, Reply::Completed { .. }), "{done:?}");
+    assert_eq!(card.state().balance_minor, 700);
+}
+
+#[test]
+fn refusals_move_nothing() {
+    let mut w = world(LoadConfig {
+        balance_ceiling_minor: 10_000,
+        max_daily_per_card_minor: 6_000,
+        ..LoadConfig::default()
+    });
+    let mut card = w.card(4, 9_000);
+    // Ceiling.
+    let r = w.load(&mut card, 1_001, "c1");
+    assert!(
+        matches!(&r, Reply::Refused { reason, .. } if reason == "balance_ceiling"),
+        "{r:?}"
+    );
+    // Declined card.
+    let r = w
+        .svc
+        .start(
+            "alice",
+            w.req(&card, 500, "card", "tok_decline", "c2"),
+            w.now_ms,
+        )
+        .unwrap();
+    let r = w.relay(&mut card, r, None, true);
+    assert!(
+        matches!(&r, Reply::Refused { reason, .. } if reason == "funding_declined"),
+        "{r:?}"
+    );
+    // Bad requests.
+    assert!(w
+        .svc
+        .start("alice", w.req(&card, 0, "card", "tok_visa", "c3"), w.now_ms)
+        .is_err());
+    assert!(w
+        .svc
+        .start("alice", w.req(&card, 10, "bitcoin", "x", "c4"), w.now_ms)
+        .is_err());
+    assert!(w
+        .svc
+        .start("alice", w.req(&card, 10, "card", "tok_visa", ""), w.now_ms)
+        .is_err());
+    assert_eq!(card.state().balance_minor, 9_000);
+    assert_eq!(card.state().tmc, 0);
+    // Daily limit.
+    let mut card2 = w.card(5, 0);
+    assert!(matches!(
+        w.load(&mut card2, 5_000, "d1"),
+        Reply::Completed { .. }
+    ));
+    let r = w.load(&mut card2, 1_001, "d2");
+    assert!(
+        matches!(&r, Reply::Refused { reason, .. } if reason == "daily_limit"),
+        "{r:?}"
+    );
+    assert_eq!(card2.state().balance_minor, 5_000);
+}
+
+#[test]
+fn mileage_funds_a_load_and_only_holds_what_it_converts() {
+    let mut w = world(LoadConfig::default());
+    w.miles.earn("alice", 1_000, "flight:ICN-NRT", 0).unwrap();
+    let mut card = w.card(6, 0);
+    let r = w
+        .svc
+        .start(
+            "alice",
+            w.req(&card, 1_200, "mileage", "alice", "m1"),
+            w.now_ms,
+        )
+        .unwrap();
+    let r = w.relay(&mut card, r, None, true);
+    assert!(
+        matches!(
+            r,
+            Reply::Completed {
+                balance_minor: 1_200,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert_eq!(w.miles.balance("alice").unwrap(), 400);
+    let r = w
+        .svc
+        .start(
+            "alice",
+            w.req(&card, 1_000, "mileage", "alice", "m2"),
+            w.now_ms,
+        )
+        .unwrap();
+    let r = w.relay(&mut card, r, None, true);
+    assert!(
+        matches!(&r, Reply::Refused { reason, .. } if reason == "funding_declined"),
+        "{r:?}"
+    );
+    assert_eq!(w.miles.balance("alice").unwrap(), 400);
+}
+
+/// The promise: a load torn at any relay step — the client gone before or after the card got
+/// the command — is settled at the card's next load session: completed and captured if the
+/// card applied it, voided and released if not. Never paid twice, never lost.
+#[test]
+fn a_load_torn_at_any_step_is_settled_exactly_once() {
+    let (mut applied, mut voided) = (0, 0);
+    for stop in 1..=12usize {
+        for deliver in [false, true] {
+            let mut w = world(LoadConfig::default());
+            let mut card = w.card(7, 1_000);
+            let r = w
+                .svc
+                .start(
+                    "alice",
+                    w.req(&card, 3_000, "card", "tok_visa", "t1"),
+                    w.now_ms,
+                )
+                .unwrap();
+            let torn = w.relay(&mut card, r, Some(stop), deliver);
+            // Sessions expire; the next contact is a new load.
+            w.now_ms += 60_000;
+            w.svc.expire_sessions(w.now_ms);
+            let next = w.load(&mut card, 500, "t2");
+            assert!(
+                matches!(next, Reply::Completed { .. }),
+                "stop {stop} deliver {deliver}: {next:?} after {torn:?}"
+            );
+            let first_applied = card.state().balance_minor == 1_000 + 3_000 + 500;
+            assert!(
+                first_applied || card.state().balance_minor == 1_500,
+                "stop {stop}: {}",
+                card.state().balance_minor
+            );
+            if first_applied {
+                applied += 1
+            } else {
+                voided += 1
+            }
+            // Ledger agrees with the card.
+            assert_eq!(
+                w.shadow(&card),
+                i64::from(card.state().balance_minor),
+                "stop {stop} deliver {deliver}"
+            );
+            let r = w.svc.ledger().read().unwrap();
+            let intents = w.svc.ledger().all_intents(&r).unwrap();
+            assert!(
+                intents.iter().all(|i| i.state != IntentState::Authorised),
+                "all settled: {intents:?}"
+            );
+            // Funding: captured exactly for completed intents, voided for the others.
+            for i in &intents {
+                let a = w.processor.authorisation(&i.funding_auth).unwrap();
+                match i.state {
+                    IntentState::Completed => assert_eq!(a.state, "captured"),
+                    IntentState::Voided => assert_eq!(a.state, "voided"),
+                    IntentState::Authorised => unreachable!(),
+                }
+            }
+            let captured: i64 = intents
+                .iter()
+                .filter(|i| i.state == IntentState::Completed)
+                .map(|i| i64::from(i.amount_minor))
+                .sum();
+            assert_eq!(captured, i64::from(card.state().balance_minor) - 1_000);
+        }
+    }
+    assert!(
+        applied >= 1 && voided >= 1,
+        "both outcomes exercised: {applied} applied, {voided} voided"
+    );
+}
+
+#[test]
+fn a_blocked_card_is_refused() {
+    let mut w = world(LoadConfig::default());
+    let mut card = w.card(8, 0);
+    {
+        let l = w.svc.ledger();
+        let mut t = l.write().unwrap();
+        let mut s = l.card(&t, &card.state().uid).unwrap();
+        s.blocked = true;
+        s.block_reason = Some("reported stolen".into());
+        l.put_card(&mut t, &card.state().uid, &s).unwrap();
+        t.commit().unwrap();
+    }
+    let r = w.load(&mut card, 100, "b");
+    assert!(
+        matches!(&r, Reply::Refused { reason, .. } if reason == "card_blocked"),
+        "{r:?}"
+    );
+    assert_eq!(card.state().balance_minor, 0);
+}
