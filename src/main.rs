@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod card_cmd;
+mod charging_cmd;
 mod cli_util;
 mod demo;
 mod fare_cmd;
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Run the whole system on its embedded defaults and print a summary.
     Demo(demo::DemoArgs),
+    /// The charging server: online loads through the HSM, funding, ledger.
+    Charging(charging_cmd::ChargingArgs),
     /// Key tools: diversification, session keys, issuer key sets.
     Keys(keys_cmd::KeysArgs),
     /// Emulated cards: issue, show, debit, load.
@@ -34,9 +37,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TAPGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => report(demo::run(args)),
+        Command::Charging(args) => report(charging_cmd::run(args)),
         Command::Keys(args) => report(keys_cmd::run(args)),
         Command::Card(args) => report(card_cmd::run(args)),
         Command::Fare(args) => match fare_cmd::run(args) {

@@ -5,7 +5,9 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod funding;
 #[allow(unsafe_code)]
 pub mod ledger;
 pub mod load;
+pub mod server;

@@ -1,0 +1,476 @@
+//! The charging server's HTTP API (axum). Documented in `charging/openapi.yaml`, which the
+//! server also serves at `/openapi.yaml`.
+//!
+//! Every endpoint that changes state or reads private data needs `Authorization: Bearer
+//! <token>`; tokens map to a caller name and a role (cardholder, operator, partner, gateway).
+
+use crate::load::{LoadError, LoadRequest, LoadService, Reply};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// The OpenAPI description of this API.
+pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
+
+/// Who may call what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A cardholder's client (PC, phone).
+    Cardholder,
+    /// The operator's staff and tools.
+    Operator,
+    /// A partner (franchise terminal, online mall).
+    Partner,
+    /// A gateway forwarding tap batches.
+    Gateway,
+}
+
+/// One API token: the SHA-256 of the secret, never the secret itself.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+pub struct TokenEntry {
+    /// The caller's name (appears in the ledger as `requested_by`).
+    pub name: String,
+    /// The role.
+    pub role: Role,
+    /// Hex SHA-256 of the bearer token.
+    pub sha256: String,
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// Verifies bearer tokens.
+#[derive(Clone, Default)]
+pub struct Auth {
+    tokens: Vec<(String, Role, [u8; 32])>,
+}
+
+impl Auth {
+    /// From configured token entries; a malformed hash is an error naming the entry.
+    pub fn new(entries: &[TokenEntry]) -> Result<Auth, String> {
+        let mut tokens = Vec::new();
+        for e in entries {
+            let h: [u8; 32] = hex::decode(&e.sha256)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| {
+                    format!(
+                        "token for {:?}: sha256 must be 64 hex digits (the SHA-256 of the token)",
+                        e.name
+                    )
+                })?;
+            tokens.push((e.name.clone(), e.role, h));
+        }
+        Ok(Auth { tokens })
+    }
+
+    /// The SHA-256 (hex) to configure for a token.
+    pub fn hash_token(token: &str) -> String {
+        hex::encode(Sha256::digest(token.as_bytes()))
+    }
+
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let value = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthenticated(
+                "missing Authorization: Bearer <token>",
+            ))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or(ApiError::Unauthenticated(
+                "Authorization must be Bearer <token>",
+            ))?;
+        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        let mut found = None;
+        for (name, role, h) in &self.tokens {
+            if bool::from(h.ct_eq(&digest)) {
+                found = Some(Caller {
+                    name: name.clone(),
+                    role: *role,
+                });
+            }
+        }
+        found.ok_or(ApiError::Unauthenticated("unknown token"))
+    }
+
+    fn require(&self, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, ApiError> {
+        let c = self.caller(headers)?;
+        if !roles.contains(&c.role) {
+            return Err(ApiError::Forbidden(c.role));
+        }
+        Ok(c)
+    }
+}
+
+/// API errors, each with its HTTP status and a JSON body `{"error": code, "detail": text}`.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 401
+    Unauthenticated(&'static str),
+    /// 403
+    Forbidden(Role),
+    /// 400
+    BadRequest(String),
+    /// 404
+    NotFound(String),
+    /// 409
+    Conflict(String),
+    /// 503
+    Busy,
+    /// 500
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = match self {
+            ApiError::Unauthenticated(d) => {
+                (StatusCode::UNAUTHORIZED, "unauthenticated", d.to_string())
+            }
+            ApiError::Forbidden(r) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("role {r:?} may not do this"),
+            ),
+            ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
+            ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
+            ApiError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
+            ApiError::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many load sessions; retry later".into(),
+            ),
+            ApiError::Internal(d) => {
+                tracing::error!(detail = %d, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server log".into(),
+                )
+            }
+        };
+        (
+            status,
+            Json(serde_json::json!({"error": code, "detail": detail})),
+        )
+            .into_response()
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::BadRequest(d) => ApiError::BadRequest(d),
+            LoadError::NoSession(_) => ApiError::NotFound(e.to_string()),
+            LoadError::NotYours => ApiError::NotFound("no such load session".into()),
+            LoadError::OutOfOrder { .. } => ApiError::Conflict(e.to_string()),
+            LoadError::Busy => ApiError::Busy,
+            LoadError::Ledger(_) | LoadError::Hsm(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Shared state of the server.
+#[derive(Clone)]
+pub struct AppState {
+    /// Loads.
+    pub loads: Arc<LoadService>,
+    /// Token verification.
+    pub auth: Auth,
+    /// Clock (unix ms) — injected so tests control time.
+    pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Prometheus registry.
+    pub metrics: prometheus::Registry,
+}
+
+/// `POST /v1/loads` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartLoad {
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// Funding.
+    pub funding: Funding,
+}
+
+/// Funding part of a load request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Funding {
+    /// Source name: `card`, `mileage`, `points`, …
+    pub source: String,
+    /// Instrument at the source: a card token, a points holder.
+    pub instrument: String,
+}
+
+/// `POST /v1/loads/{id}/steps` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepBody {
+    /// The step number from the command being answered.
+    pub seq: u32,
+    /// The card's response APDU, hex.
+    pub response: String,
+}
+
+/// `POST /v1/cards` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterCard {
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+    /// Value personalised onto the card, minor units.
+    pub personalised_minor: i64,
+}
+
+/// `POST /v1/cards/{uid}/block` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockCard {
+    /// Why (lost, stolen, fraud).
+    pub reason: String,
+}
+
+fn uid_of(s: &str) -> Result<[u8; 7], ApiError> {
+    hex::decode(s)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!("card_uid {s:?} must be 14 hex digits (7 bytes)"))
+        })
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("worker failed: {e}")))?
+}
+
+async fn start_load(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Reply>, ApiError> {
+    let caller = st
+        .auth
+        .require(&headers, &[Role::Cardholder, Role::Partner, Role::Operator])?;
+    let req: StartLoad = json_body(&body)?;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest("an Idempotency-Key header is required".into()))?
+        .to_string();
+    let uid = uid_of(&req.card_uid)?;
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let reply = blocking(move || {
+        Ok(loads.start(
+            &caller.name,
+            LoadRequest {
+                uid,
+                amount_minor: req.amount_minor,
+                funding_source: req.funding.source,
+                instrument: req.funding.instrument,
+                idempotency_key: key,
+            },
+            now,
+        )?)
+    })
+    .await?;
+    Ok(Json(reply))
+}
+
+async fn load_step(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Reply>, ApiError> {
+    let caller = st
+        .auth
+        .require(&headers, &[Role::Cardholder, Role::Partner, Role::Operator])?;
+    let step: StepBody = json_body(&body)?;
+    let response = hex::decode(step.response.trim())
+        .map_err(|e| ApiError::BadRequest(format!("response must be hex: {e}")))?;
+    if response.len() < 2 || response.len() > 258 {
+        return Err(ApiError::BadRequest(format!(
+            "response of {} bytes is not a card response APDU (2..=258 bytes)",
+            response.len()
+        )));
+    }
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let reply =
+        blocking(move || Ok(loads.respond(&caller.name, &id, step.seq, &response, now)?)).await?;
+    Ok(Json(reply))
+}
+
+async fn register_card(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    st.auth.require(&headers, &[Role::Operator])?;
+    let req: RegisterCard = json_body(&body)?;
+    let uid = uid_of(&req.card_uid)?;
+    if req.personalised_minor < 0 {
+        return Err(ApiError::BadRequest(
+            "personalised_minor must not be negative".into(),
+        ));
+    }
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    blocking(move || {
+        loads
+            .register_card(&uid, req.personalised_minor, now)
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok(StatusCode::CREATED)
+}
+
+async fn get_card(
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.auth.require(&headers, &[Role::Operator])?;
+    let uid = uid_of(&uid_hex)?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !l
+        .card_known(&r, &uid)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    {
+        return Err(ApiError::NotFound(format!(
+            "card {uid_hex} is not registered"
+        )));
+    }
+    let shadow = l
+        .card(&r, &uid)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let balance = l
+        .balance(&r, &crate::ledger::card_account(&uid))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let open = l
+        .open_intents(&r, &uid)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(serde_json::json!({
+        "card_uid": hex::encode_upper(uid),
+        "shadow_balance_minor": balance,
+        "last_tmc": shadow.last_tmc,
+        "last_reported_balance_minor": shadow.last_reported_balance_minor,
+        "blocked": shadow.blocked,
+        "block_reason": shadow.block_reason,
+        "pending_loads": open.len(),
+    })))
+}
+
+async fn block_card(
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    st.auth.require(&headers, &[Role::Operator])?;
+    let uid = uid_of(&uid_hex)?;
+    let req: BlockCard = json_body(&body)?;
+    if req.reason.trim().is_empty() || req.reason.len() > 200 {
+        return Err(ApiError::BadRequest(
+            "reason must be 1 to 200 characters".into(),
+        ));
+    }
+    let loads = st.loads.clone();
+    blocking(move || {
+        let l = loads.ledger();
+        let mut t = l.write().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut s = l
+            .card(&t, &uid)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        s.blocked = true;
+        s.block_reason = Some(req.reason);
+        l.put_card(&mut t, &uid, &s)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        t.commit().map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let stats = st.loads.stats();
+    let mut out = String::new();
+    for (name, v) in [
+        ("tapgate_charging_loads_completed_total", stats.completed),
+        ("tapgate_charging_loads_refused_total", stats.refused),
+        ("tapgate_charging_loads_pending_total", stats.pending),
+        (
+            "tapgate_charging_loads_settled_completed_total",
+            stats.settled_completed,
+        ),
+        (
+            "tapgate_charging_loads_settled_voided_total",
+            stats.settled_voided,
+        ),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+    let encoder = prometheus::TextEncoder::new();
+    if let Ok(s) = encoder.encode_to_string(&st.metrics.gather()) {
+        out.push_str(&s);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/loads", post(start_load))
+        .route("/v1/loads/{id}/steps", post(load_step))
+        .route("/v1/cards", post(register_card))
+        .route("/v1/cards/{uid}", get(get_card))
+        .route("/v1/cards/{uid}/block", post(block_card))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/openapi.yaml",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+                    OPENAPI_YAML,
+                )
+            }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}

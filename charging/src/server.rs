@@ -1,0 +1,239 @@
+//! The charging daemon: configuration, wiring, and the HTTP(S) listener.
+
+use crate::api::{self, AppState, Auth, TokenEntry};
+use crate::funding::{FundingSource, PointsProgram, SandboxProcessor};
+use crate::ledger::Ledger;
+use crate::load::{LoadConfig, LoadService};
+use purse::sam::Hsm;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The `[limits]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Highest balance a card may reach.
+    pub balance_ceiling_minor: i32,
+    /// Largest single load.
+    pub max_load_minor: i32,
+    /// Most a card may be loaded per day.
+    pub max_daily_per_card_minor: i64,
+    /// Idle relay sessions are dropped after this.
+    pub session_idle_timeout_ms: u64,
+    /// Most concurrent relay sessions.
+    pub max_sessions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let d = LoadConfig::default();
+        Limits {
+            balance_ceiling_minor: d.balance_ceiling_minor,
+            max_load_minor: d.max_load_minor,
+            max_daily_per_card_minor: d.max_daily_per_card_minor,
+            session_idle_timeout_ms: d.session_idle_timeout_ms,
+            max_sessions: d.max_sessions,
+        }
+    }
+}
+
+/// A `[[points]]` program.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointsConfig {
+    /// Program name (the funding source name).
+    pub name: String,
+    /// One point is worth `minor_per_point_num / minor_per_point_den` minor units.
+    pub minor_per_point_num: i64,
+    /// See `minor_per_point_num`.
+    pub minor_per_point_den: i64,
+}
+
+/// The `[tls]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// The charging server's configuration file (TOML).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Data directory (ledger, sandbox processor).
+    pub data_dir: PathBuf,
+    /// LMDB map size for the ledger.
+    #[serde(default = "default_map_size")]
+    pub ledger_map_size_bytes: usize,
+    /// TLS; plain HTTP when absent (loopback and tests only).
+    pub tls: Option<TlsConfig>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// API tokens.
+    #[serde(default)]
+    pub tokens: Vec<TokenEntry>,
+    /// Points and mileage programs.
+    #[serde(default)]
+    pub points: Vec<PointsConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:8443".parse().expect("literal")
+}
+fn default_map_size() -> usize {
+    1 << 30
+}
+
+/// Daemon errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Configuration problem.
+    #[error("config: {0}")]
+    Config(String),
+    /// I/O on the listener or TLS files.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Ledger.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// Funding.
+    #[error(transparent)]
+    Funding(#[from] crate::funding::FundingError),
+}
+
+impl ServerConfig {
+    /// Parses TOML, with errors that name the line and field.
+    pub fn from_toml(text: &str) -> Result<ServerConfig, ServerError> {
+        toml::from_str(text).map_err(|e| ServerError::Config(e.to_string()))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Builds the application state from the configuration and an HSM.
+pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, ServerError> {
+    let ledger = Ledger::open(&cfg.data_dir.join("ledger"), cfg.ledger_map_size_bytes)?;
+    let mut sources: Vec<Arc<dyn FundingSource>> = vec![Arc::new(SandboxProcessor::open(
+        &cfg.data_dir.join("sandbox-processor"),
+    )?)];
+    for p in &cfg.points {
+        if p.minor_per_point_num <= 0 || p.minor_per_point_den <= 0 {
+            return Err(ServerError::Config(format!(
+                "points program {:?}: the conversion rule must be positive",
+                p.name
+            )));
+        }
+        sources.push(Arc::new(PointsProgram::new(
+            &p.name,
+            ledger.clone(),
+            p.minor_per_point_num,
+            p.minor_per_point_den,
+        )));
+    }
+    let l = &cfg.limits;
+    let loads = LoadService::new(
+        ledger,
+        hsm,
+        sources,
+        LoadConfig {
+            balance_ceiling_minor: l.balance_ceiling_minor,
+            max_load_minor: l.max_load_minor,
+            max_daily_per_card_minor: l.max_daily_per_card_minor,
+            session_idle_timeout_ms: l.session_idle_timeout_ms,
+            max_sessions: l.max_sessions,
+        },
+    );
+    Ok(AppState {
+        loads: Arc::new(loads),
+        auth: Auth::new(&cfg.tokens).map_err(ServerError::Config)?,
+        clock: Arc::new(now_ms),
+        metrics: prometheus::Registry::new(),
+    })
+}
+
+/// Binds `cfg.listen` and serves until `shutdown` resolves. Prints
+/// `charging listening on <scheme>://<addr>` once bound.
+pub async fn serve(
+    cfg: &ServerConfig,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let listener = std::net::TcpListener::bind(cfg.listen)
+        .map_err(|e| ServerError::Config(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    serve_on(listener, cfg, state, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0 and read the address first).
+pub async fn serve_on(
+    listener: std::net::TcpListener,
+    cfg: &ServerConfig,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    listener.set_nonblocking(true)?;
+    let app = api::router(state.clone());
+    // Expire idle relay sessions in the background.
+    let loads = state.loads.clone();
+    let clock = state.clock.clone();
+    let reaper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            loads.expire_sessions(clock());
+        }
+    });
+    let handle = axum_server::Handle::new();
+    let h2 = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h2.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    let result = match &cfg.tls {
+        Some(tls) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                .await
+                .map_err(|e| {
+                    ServerError::Config(format!(
+                        "TLS certificate {} / key {}: {e}",
+                        tls.cert.display(),
+                        tls.key.display()
+                    ))
+                })?;
+            let server = axum_server::from_tcp_rustls(listener, rustls).handle(handle.clone());
+            announce(handle.clone(), "https");
+            server.serve(app.into_make_service()).await
+        }
+        None => {
+            let server = axum_server::from_tcp(listener).handle(handle.clone());
+            announce(handle.clone(), "http");
+            server.serve(app.into_make_service()).await
+        }
+    };
+    reaper.abort();
+    Ok(result?)
+}
+
+fn announce(handle: axum_server::Handle, scheme: &'static str) {
+    tokio::spawn(async move {
+        if let Some(addr) = handle.listening().await {
+            println!("charging listening on {scheme}://{addr}");
+            tracing::info!(%addr, scheme, "charging listening");
+        }
+    });
+}

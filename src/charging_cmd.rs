@@ -1,0 +1,151 @@
+//! `tapgate charging …`: the charging server daemon and its tools.
+
+use crate::cli_util::{input_err, write_atomic};
+use crate::keys_cmd::load_keyset;
+use anyhow::{Context, Result};
+use charging::api::{Auth, Role};
+use charging::server::{self, ServerConfig};
+use clap::{Args, Subcommand, ValueEnum};
+use purse::sam::SoftwareHsm;
+use std::path::PathBuf;
+
+/// `tapgate charging`.
+#[derive(Args)]
+pub struct ChargingArgs {
+    #[command(subcommand)]
+    cmd: Option<ChargingCmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); see docs/charging.md.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the config).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Data directory (overrides the config).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The issuer key directory (the software HSM's sealed key set).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+    #[arg(long = "passphrase-file")]
+    passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ChargingCmd {
+    /// Create an API token: prints the token once and the [[tokens]] entry for the config.
+    Token {
+        /// Caller name.
+        #[arg(long)]
+        name: String,
+        /// Role.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Append the entry to this config file.
+        #[arg(long)]
+        append_to: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Cardholder,
+    Operator,
+    Partner,
+    Gateway,
+}
+
+/// Runs `tapgate charging …`.
+pub fn run(args: ChargingArgs) -> Result<()> {
+    match args.cmd {
+        Some(ChargingCmd::Token {
+            name,
+            role,
+            append_to,
+        }) => {
+            use rand::RngCore;
+            let mut b = [0u8; 24];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            let token = format!("tg_{}", hex::encode(b));
+            let role = match role {
+                RoleArg::Cardholder => Role::Cardholder,
+                RoleArg::Operator => Role::Operator,
+                RoleArg::Partner => Role::Partner,
+                RoleArg::Gateway => Role::Gateway,
+            };
+            let role_name = serde_json::to_value(role)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let entry = format!(
+                "\n[[tokens]]\nname = {name:?}\nrole = {role_name:?}\nsha256 = \"{}\"\n",
+                Auth::hash_token(&token)
+            );
+            if let Some(path) = append_to {
+                let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+                text.push_str(&entry);
+                write_atomic(&path, text.as_bytes())?;
+            } else {
+                print!("{entry}");
+            }
+            println!("token={token}");
+            Ok(())
+        }
+        None => serve(args.serve),
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            ServerConfig::from_toml(&text)
+                .map_err(|e| input_err(format!("config {}: {e}", path.display())))?
+        }
+        None => ServerConfig::from_toml("data_dir = \"data/charging\"").expect("default config"),
+    };
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = a.data {
+        cfg.data_dir = d;
+    }
+    let keys = a.keys.ok_or_else(|| {
+        input_err("--keys DIR is required (the issuer key set for the software HSM)")
+    })?;
+    let ks = load_keyset(&keys, a.passphrase_file.as_deref())?;
+    let hsm = SoftwareHsm::new(&ks)?;
+    if cfg.tokens.is_empty() {
+        eprintln!("warning: no API tokens configured: every authenticated endpoint will refuse (see `tapgate charging token`)");
+    }
+    let state = server::build(&cfg, Box::new(hsm)).context("starting the charging server")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = ctrl_c.await;
+            }
+        };
+        server::serve(&cfg, state, shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The charging daemon over real HTTP: a client that only relays APDUs loads an emulated card;
+//! roles are enforced; a server killed mid-load and restarted settles the torn load from the
+//! card's counter — never paid twice, never lost.
+
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::sam::SoftwareHsm;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const PASS: &str = "http-test-pass";
+const CARDHOLDER: &str = "tg_cardholder_token_for_tests";
+const OPERATOR: &str = "tg_operator_token_for_tests";
+
+fn sha(t: &str) -> String {
+    charging::api::Auth::hash_token(t)
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "charging",
+            "--config",
+            dir.join("charging.toml").to_str().unwrap(),
+            "--keys",
+            dir.join("keys").to_str().unwrap(),
+        ])
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tapgate charging");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("charging listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, base }
+}
+
+fn setup() -> (tempfile::TempDir, KeySet) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "keys",
+            "init",
+            "--out",
+            dir.path().join("keys").to_str().unwrap(),
+        ])
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cfg = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n\n[[tokens]]\nname = \"alice\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+        dir.path().join("data").to_str().unwrap(),
+        sha(CARDHOLDER),
+        sha(OPERATOR)
+    );
+    std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
+    let ks = KeySet::unseal(
+        &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
+        PASS.as_bytes(),
+    )
+    .unwrap();
+    (dir, ks)
+}
+
+fn post(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    key: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut req = ureq::post(&format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    if let Some(k) = key {
+        req = req.set("Idempotency-Key", k);
+    }
+    match req.send_json(body) {
+        Ok(r) => {
+            let status = r.status();
+            let text = r.into_string().unwrap();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            )
+        }
+        Err(ureq::Error::Status(code, r)) => {
+            (code, r.into_json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+/// Relays until a final status; if `stop_at_commit`, delivers the commit to the card and
+/// returns without answering the server.
+fn relay(
+    base: &str,
+    card: &mut Card,
+    mut reply: serde_json::Value,
+    stop_at_commit: bool,
+) -> serde_json::Value {
+    let mut rng = rand::rngs::OsRng;
+    while reply["status"] == "command" {
+        let cmd = hex::decode(reply["command"].as_str().unwrap()).unwrap();
+        let resp = card.process(&cmd, &mut rng).unwrap();
+        if stop_at_commit && cmd[1] == purse::apdu::ins::COMMIT_TRANSACTION {
+            card.remove_from_field();
+            return reply;
+        }
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        let (code, next) = post(
+            base,
+            &format!("/v1/loads/{id}/steps"),
+            Some(CARDHOLDER),
+            None,
+            serde_json::json!({"seq": reply["seq"], "response": hex::encode_upper(resp)}),
+        );
+        assert_eq!(code, 200, "{next}");
+        reply = next;
+    }
+    reply
+}
+
+#[test]
+fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
+    let (dir, ks) = setup();
+    let server = start(dir.path());
+    let base = server.base.clone();
+    let uid = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
+    let uid_hex = hex::encode_upper(uid);
+    let hsm = SoftwareHsm::new(&ks).unwrap();
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+
+    // Authentication and roles.
+    let load_body = serde_json::json!({"card_uid": uid_hex, "amount_minor": 2_000, "funding": {"source": "card", "instrument": "tok_visa"}});
+    assert_eq!(
+        post(&base, "/v1/loads", None, Some("k1"), load_body.clone()).0,
+        401
+    );
+    assert_eq!(
+        post(
+            &base,
+            "/v1/loads",
+            Some("tg_wrong"),
+            Some("k1"),
+            load_body.clone()
+        )
+        .0,
+        401
+    );
+    let (code, body) = post(
+        &base,
+        "/v1/cards",
+        Some(CARDHOLDER),
+        None,
+        serde_json::json!({"card_uid": uid_hex, "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = post(
+        &base,
+        "/v1/cards",
+        Some(OPERATOR),
+        None,
+        serde_json::json!({"card_uid": uid_hex, "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 201, "{body}");
+    // Bad input: a clear 400, and the server keeps serving.
+    let (code, body) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        Some("k0"),
+        serde_json::json!({"card_uid": "XYZ", "amount_minor": 1, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    assert_eq!(code, 400);
+    assert!(
+        body["detail"].as_str().unwrap().contains("14 hex digits"),
+        "{body}"
+    );
+    let (code, body) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        Some("k0"),
+        serde_json::json!({"card_uid": uid_hex, "amount_minor": "ten"}),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        None,
+        load_body.clone(),
+    );
+    assert_eq!(code, 400, "missing Idempotency-Key");
+
+    // A load, relayed.
+    let (code, first) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        Some("k1"),
+        load_body.clone(),
+    );
+    assert_eq!(code, 200, "{first}");
+    let done = relay(&base, &mut card, first, false);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["balance_minor"], 3_000);
+    assert_eq!(card.state().balance_minor, 3_000);
+    // Replaying the start returns the outcome, not a new load.
+    let (_, again) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        Some("k1"),
+        load_body.clone(),
+    );
+    assert_eq!(again["status"], "completed");
+
+    // A load torn at the commit, then the server is killed (no graceful anything).
+    let (_, first) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        Some("k2"),
+        serde_json::json!({"card_uid": uid_hex, "amount_minor": 500, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    relay(&base, &mut card, first, true);
+    assert_eq!(card.state().balance_minor, 3_500, "the card applied it");
+    drop(server);
+
+    // Restarted, the next load settles the torn one from the card's counter.
+    let server = start(dir.path());
+    let base = server.base.clone();
+    let (_, first) = post(
+        &base,
+        "/v1/loads",
+        Some(CARDHOLDER),
+        Some("k3"),
+        serde_json::json!({"card_uid": uid_hex, "amount_minor": 100, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    let done = relay(&base, &mut card, first, false);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(card.state().balance_minor, 3_600);
+    let got: serde_json::Value = ureq::get(&format!("{base}/v1/cards/{uid_hex}"))
+        .set("Authorization", &format!("Bearer {OPERATOR}"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(
+        got["shadow_balance_minor"], 3_600,
+        "ledger agrees with the card: {got}"
+    );
+    assert_eq!(got["pending_loads"], 0);
+    // The OpenAPI document and metrics are served.
+    let doc = ureq::get(&format!("{base}/openapi.yaml"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(doc.contains("/v1/loads/{id}/steps"));
+    let metrics = ureq::get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tapgate_charging_loads_settled_completed_total 1"),
+        "{metrics}"
+    );
+}
