@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 
 mod fare;
+mod loads;
 mod purse_bench;
 mod stats;
 
@@ -33,6 +34,7 @@ enum Scenario {
     Debit,
     Load,
     Fare,
+    Loads,
 }
 
 impl Scenario {
@@ -41,6 +43,7 @@ impl Scenario {
             Scenario::Debit => "debit",
             Scenario::Load => "load",
             Scenario::Fare => "fare",
+            Scenario::Loads => "loads",
         }
     }
 }
@@ -51,6 +54,7 @@ fn main() -> Result<()> {
         Scenario::Debit => purse_bench::debit(args.n)?,
         Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
+        Scenario::Loads => loads::run(args.n)?,
     };
     println!("scenario: {}", args.scenario.name());
     for (name, value) in &figures {

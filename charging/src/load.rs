@@ -161,6 +161,8 @@ struct Session {
     intent_recorded: bool,
     /// Set once CommitTransaction was sent (after that, the outcome is unknown on error).
     commit_sent: bool,
+    /// Set once the final reply is stored under the idempotency key.
+    idempotent_stored: bool,
 }
 
 /// Counters for metrics and the bench.
@@ -303,6 +305,7 @@ impl LoadService {
                 touched_ms: now_ms,
                 intent_recorded: false,
                 commit_sent: false,
+                idempotent_stored: false,
             },
         );
         Ok(reply)
@@ -354,8 +357,9 @@ impl LoadService {
         s.last_reply = reply.clone();
         if let Reply::Command { seq, .. } = &reply {
             s.seq = *seq;
-        } else {
+        } else if !s.idempotent_stored {
             s.seq += 1;
+            s.idempotent_stored = true;
             let mut t = self.ledger.write()?;
             self.ledger.put_idempotent(
                 &mut t,
@@ -363,6 +367,8 @@ impl LoadService {
                 &serde_json::to_value(&reply).expect("reply serialises"),
             )?;
             t.commit().map_err(LedgerError::from)?;
+        } else {
+            s.seq += 1;
         }
         // Final sessions stay for retries until they expire.
         self.sessions
@@ -416,14 +422,17 @@ impl LoadService {
                 };
                 match verified {
                     Ok(_) => {
-                        self.complete(&snapshot, &receipt, now_ms)?;
-                        self.stats.lock().expect("stats").completed += 1;
-                        Ok(Reply::Completed {
+                        let reply = Reply::Completed {
                             session_id: s.id.clone(),
                             amount_minor: receipt.amount_minor,
                             balance_minor: receipt.balance_after_minor,
                             tmc: receipt.tmc,
-                        })
+                        };
+                        let key = Self::idem_key(&s.caller, &s.request.idempotency_key);
+                        self.complete(&snapshot, &receipt, now_ms, Some((&key, &reply)))?;
+                        s.idempotent_stored = true;
+                        self.stats.lock().expect("stats").completed += 1;
+                        Ok(reply)
                     }
                     Err(e) => {
                         // The commit answer verified under the session MAC but the TMV does
@@ -612,6 +621,7 @@ impl LoadService {
         snapshot: &CardSnapshot,
         receipt: &purse::receipt::CommitReceipt,
         now_ms: u64,
+        idempotent: Option<(&str, &Reply)>,
     ) -> Result<(), LoadError> {
         let uid = receipt.uid;
         let (auth, source) = {
@@ -639,6 +649,14 @@ impl LoadService {
             self.ledger.put_intent(&mut t, &uid, &intent)?;
             self.ledger
                 .observe_card(&mut t, &uid, receipt.tmc, receipt.balance_after_minor)?;
+            if let Some((key, reply)) = idempotent {
+                // The client's answer is stored in the same commit as the posting.
+                self.ledger.put_idempotent(
+                    &mut t,
+                    key,
+                    &serde_json::to_value(reply).expect("reply serialises"),
+                )?;
+            }
             t.commit().map_err(LedgerError::from)?;
             (intent.funding_auth, source)
         };
@@ -709,7 +727,7 @@ impl LoadService {
                             tmc: intent.tmc_before,
                             ..snap.clone()
                         };
-                        self.complete(&before, &receipt, now_ms)?;
+                        self.complete(&before, &receipt, now_ms, None)?;
                         self.stats.lock().expect("stats").settled_completed += 1;
                         settled += 1;
                     } else {

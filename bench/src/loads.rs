@@ -1,0 +1,145 @@
+//! Bench scenario `loads`: online loads end to end over HTTP against the real charging server
+//! (axum, software HSM, LMDB ledger, sandbox processor) on loopback. Client threads each own
+//! emulated cards and only relay APDUs.
+
+use crate::Figures;
+use charging::api::{Auth, Role, TokenEntry};
+use charging::server::{self, ServerConfig};
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::sam::SoftwareHsm;
+use rand::SeedableRng;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+const TOKEN: &str = "tg_bench_cardholder";
+
+fn relay(
+    agent: &ureq::Agent,
+    base: &str,
+    card: &mut Card,
+    key: &str,
+    amount: i32,
+) -> anyhow::Result<()> {
+    let uid = hex::encode_upper(card.state().uid);
+    let mut reply: serde_json::Value = agent
+        .post(&format!("{base}/v1/loads"))
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .set("Idempotency-Key", key)
+        .send_json(serde_json::json!({"card_uid": uid, "amount_minor": amount, "funding": {"source": "card", "instrument": "tok_visa"}}))?
+        .into_json()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    while reply["status"] == "command" {
+        let cmd = hex::decode(reply["command"].as_str().unwrap_or_default())?;
+        let resp = card
+            .process(&cmd, &mut rng)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let id = reply["session_id"].as_str().unwrap_or_default().to_string();
+        reply = agent
+            .post(&format!("{base}/v1/loads/{id}/steps"))
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .send_json(
+                serde_json::json!({"seq": reply["seq"], "response": hex::encode_upper(resp)}),
+            )?
+            .into_json()?;
+    }
+    anyhow::ensure!(
+        reply["status"] == "completed",
+        "load did not complete: {reply}"
+    );
+    Ok(())
+}
+
+/// Runs `n` loads from `clients` client threads.
+pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+    let n = n.unwrap_or(2_000);
+    let clients = 8usize;
+    let dir = tempfile::tempdir()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let keys = KeySet::generate(&mut rng);
+    let cfg = ServerConfig {
+        tokens: vec![TokenEntry {
+            name: "bench".into(),
+            role: Role::Cardholder,
+            sha256: Auth::hash_token(TOKEN),
+        }],
+        ..ServerConfig::from_toml(&format!(
+            "data_dir = {:?}",
+            dir.path().to_str().unwrap_or_default()
+        ))?
+    };
+    let state = server::build(&cfg, Box::new(SoftwareHsm::new(&keys)?))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_cfg = cfg.clone();
+    let server = rt.spawn(async move {
+        server::serve_on(listener, &server_cfg, state, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let hsm = SoftwareHsm::new(&keys)?;
+    let per_client = n.div_ceil(clients as u64);
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let mut handles = Vec::new();
+        for c in 0..clients {
+            let base = base.clone();
+            let lat = latencies.clone();
+            let mut cards: Vec<Card> = (0..per_client)
+                .map(|i| {
+                    let mut uid = [0x04, c as u8, 0, 0, 0, 0, 0];
+                    uid[3..7].copy_from_slice(&(i as u32).to_be_bytes());
+                    Card::personalise(
+                        &Personalisation::transit(uid, 0),
+                        hsm.card_keys(&uid, 1).expect("keys"),
+                    )
+                })
+                .collect();
+            handles.push(scope.spawn(move || -> anyhow::Result<()> {
+                let agent = ureq::AgentBuilder::new().build();
+                for (i, card) in cards.iter_mut().enumerate() {
+                    let t = Instant::now();
+                    relay(&agent, &base, card, &format!("c{c}-{i}"), 1_000)?;
+                    lat.lock()
+                        .expect("lat")
+                        .push(t.elapsed().as_micros() as u64);
+                }
+                Ok(())
+            }));
+        }
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+        }
+        Ok(())
+    })?;
+    let wall = started.elapsed();
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    let mut lat = latencies.lock().expect("lat").clone();
+    lat.sort_unstable();
+    let total = lat.len() as u64;
+    Ok(vec![
+        ("loads", total.into()),
+        ("clients", (clients as u64).into()),
+        (
+            "loads_per_s",
+            ((total as f64 / wall.as_secs_f64()).round() as u64).into(),
+        ),
+        (
+            "p50_ms",
+            (crate::stats::quantile(&lat, 0.5) as f64 / 1000.0).into(),
+        ),
+        (
+            "p99_ms",
+            (crate::stats::quantile(&lat, 0.99) as f64 / 1000.0).into(),
+        ),
+        ("http_round_trips_per_load", 11u64.into()),
+    ])
+}
