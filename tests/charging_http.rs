@@ -123,11 +123,15 @@ fn relay(
 ) -> serde_json::Value {
     let mut rng = rand::rngs::OsRng;
     while reply["status"] == "command" {
-        let cmd = hex::decode(reply["command"].as_str().unwrap()).unwrap();
-        let resp = card.process(&cmd, &mut rng).unwrap();
-        if stop_at_commit && cmd[1] == purse::apdu::ins::COMMIT_TRANSACTION {
-            card.remove_from_field();
-            return reply;
+        let mut answers = Vec::new();
+        for c in reply["commands"].as_array().unwrap() {
+            let cmd = hex::decode(c.as_str().unwrap()).unwrap();
+            let resp = card.process(&cmd, &mut rng).unwrap();
+            if stop_at_commit && cmd[1] == purse::apdu::ins::COMMIT_TRANSACTION {
+                card.remove_from_field();
+                return reply;
+            }
+            answers.push(hex::encode_upper(resp));
         }
         let id = reply["session_id"].as_str().unwrap().to_string();
         let (code, next) = post(
@@ -135,7 +139,7 @@ fn relay(
             &format!("/v1/loads/{id}/steps"),
             Some(CARDHOLDER),
             None,
-            serde_json::json!({"seq": reply["seq"], "response": hex::encode_upper(resp)}),
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
         );
         assert_eq!(code, 200, "{next}");
         reply = next;

@@ -223,10 +223,10 @@ pub struct Funding {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepBody {
-    /// The step number from the command being answered.
+    /// The step number from the commands being answered.
     pub seq: u32,
-    /// The card's response APDU, hex.
-    pub response: String,
+    /// The card's response APDUs, hex, in command order.
+    pub responses: Vec<String>,
 }
 
 /// `POST /v1/cards` body.
@@ -312,18 +312,22 @@ async fn load_step(
         .auth
         .require(&headers, &[Role::Cardholder, Role::Partner, Role::Operator])?;
     let step: StepBody = json_body(&body)?;
-    let response = hex::decode(step.response.trim())
-        .map_err(|e| ApiError::BadRequest(format!("response must be hex: {e}")))?;
-    if response.len() < 2 || response.len() > 258 {
-        return Err(ApiError::BadRequest(format!(
-            "response of {} bytes is not a card response APDU (2..=258 bytes)",
-            response.len()
-        )));
+    let mut responses = Vec::with_capacity(step.responses.len());
+    for (i, r) in step.responses.iter().enumerate() {
+        let bytes = hex::decode(r.trim())
+            .map_err(|e| ApiError::BadRequest(format!("responses[{i}] must be hex: {e}")))?;
+        if bytes.len() < 2 || bytes.len() > 258 {
+            return Err(ApiError::BadRequest(format!(
+                "responses[{i}] of {} bytes is not a card response APDU (2..=258 bytes)",
+                bytes.len()
+            )));
+        }
+        responses.push(bytes);
     }
     let now = (st.clock)();
     let loads = st.loads.clone();
     let reply =
-        blocking(move || Ok(loads.respond(&caller.name, &id, step.seq, &response, now)?)).await?;
+        blocking(move || Ok(loads.respond(&caller.name, &id, step.seq, &responses, now)?)).await?;
     Ok(Json(reply))
 }
 

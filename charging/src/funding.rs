@@ -7,7 +7,7 @@
 
 use crate::ledger::{Ledger, LedgerError};
 use heed::types::{SerdeJson, Str};
-use heed::{Database, Env, EnvOpenOptions};
+use heed::{Database, Env, EnvOpenOptions, WithoutTls};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +103,7 @@ pub struct ProcessorAuth {
 /// | `tok_limit_<N>…` | approves up to N minor units per authorisation, declines above |
 /// | any other `tok_…` | approved |
 pub struct SandboxProcessor {
-    env: Env,
+    env: Env<WithoutTls>,
     by_ref: Database<Str, SerdeJson<ProcessorAuth>>,
     by_id: Database<Str, Str>,
     next: AtomicU64,
@@ -118,6 +118,7 @@ impl SandboxProcessor {
         #[allow(unsafe_code)]
         let env = unsafe {
             EnvOpenOptions::new()
+                .read_txn_without_tls()
                 .map_size(64 << 20)
                 .max_dbs(2)
                 .open(dir)?

@@ -15,7 +15,7 @@
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, Str, I64, U64};
-use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
+use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -137,7 +137,7 @@ pub struct CardShadow {
 /// The ledger.
 #[derive(Clone)]
 pub struct Ledger {
-    env: Env,
+    env: Env<WithoutTls>,
     balances: Database<Str, I64<BE>>,
     postings: Database<U64<BE>, SerdeJson<Posting>>,
     intents: Database<Bytes, SerdeJson<LoadIntent>>,
@@ -179,6 +179,7 @@ impl Ledger {
         // ledger directory exclusively and opens it once at start-up.
         let env = unsafe {
             EnvOpenOptions::new()
+                .read_txn_without_tls()
                 .map_size(map_size_bytes)
                 .max_dbs(8)
                 .open(dir)?
@@ -201,7 +202,7 @@ impl Ledger {
     }
 
     /// A read transaction.
-    pub fn read(&self) -> Result<RoTxn<'_, heed::WithTls>, LedgerError> {
+    pub fn read(&self) -> Result<RoTxn<'_, WithoutTls>, LedgerError> {
         Ok(self.env.read_txn()?)
     }
 
@@ -249,12 +250,12 @@ impl Ledger {
     }
 
     /// An account's balance.
-    pub fn balance(&self, txn: &RoTxn<'_>, account: &str) -> Result<i64, LedgerError> {
+    pub fn balance(&self, txn: &RoTxn<'_, WithoutTls>, account: &str) -> Result<i64, LedgerError> {
         Ok(self.balances.get(txn, account)?.unwrap_or(0))
     }
 
     /// Every account and its balance.
-    pub fn balances(&self, txn: &RoTxn<'_>) -> Result<Vec<(String, i64)>, LedgerError> {
+    pub fn balances(&self, txn: &RoTxn<'_, WithoutTls>) -> Result<Vec<(String, i64)>, LedgerError> {
         let mut out = Vec::new();
         for item in self.balances.iter(txn)? {
             let (k, v) = item?;
@@ -266,7 +267,7 @@ impl Ledger {
     /// Every posting whose reference starts with `prefix` (reports, tests).
     pub fn postings_with_prefix(
         &self,
-        txn: &RoTxn<'_>,
+        txn: &RoTxn<'_, WithoutTls>,
         prefix: &str,
     ) -> Result<Vec<Posting>, LedgerError> {
         let mut out = Vec::new();
@@ -280,12 +281,20 @@ impl Ledger {
     }
 
     /// The card's shadow record.
-    pub fn card(&self, txn: &RoTxn<'_>, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
+    pub fn card(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+    ) -> Result<CardShadow, LedgerError> {
         Ok(self.cards.get(txn, uid)?.unwrap_or_default())
     }
 
     /// Whether the card has a shadow record.
-    pub fn card_known(&self, txn: &RoTxn<'_>, uid: &[u8; 7]) -> Result<bool, LedgerError> {
+    pub fn card_known(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+    ) -> Result<bool, LedgerError> {
         Ok(self.cards.get(txn, uid)?.is_some())
     }
 
@@ -347,7 +356,7 @@ impl Ledger {
     /// The live intent at (card, counter), or else the latest voided one.
     pub fn intent(
         &self,
-        txn: &RoTxn<'_>,
+        txn: &RoTxn<'_, WithoutTls>,
         uid: &[u8; 7],
         tmc_before: u32,
     ) -> Result<Option<LoadIntent>, LedgerError> {
@@ -382,7 +391,7 @@ impl Ledger {
     /// A card's intents that are not settled yet.
     pub fn open_intents(
         &self,
-        txn: &RoTxn<'_>,
+        txn: &RoTxn<'_, WithoutTls>,
         uid: &[u8; 7],
     ) -> Result<Vec<LoadIntent>, LedgerError> {
         let mut out = Vec::new();
@@ -396,7 +405,7 @@ impl Ledger {
     }
 
     /// All intents (reports, reconciliation).
-    pub fn all_intents(&self, txn: &RoTxn<'_>) -> Result<Vec<LoadIntent>, LedgerError> {
+    pub fn all_intents(&self, txn: &RoTxn<'_, WithoutTls>) -> Result<Vec<LoadIntent>, LedgerError> {
         let mut out = Vec::new();
         for item in self.intents.iter(txn)? {
             out.push(item?.1);
@@ -407,7 +416,7 @@ impl Ledger {
     /// The stored answer for an idempotency key.
     pub fn idempotent(
         &self,
-        txn: &RoTxn<'_>,
+        txn: &RoTxn<'_, WithoutTls>,
         key: &str,
     ) -> Result<Option<serde_json::Value>, LedgerError> {
         Ok(self.idem.get(txn, key)?)

@@ -73,14 +73,16 @@ pub struct LoadRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Reply {
-    /// Send `command` (hex APDU) to the card and post its answer with `seq`.
+    /// Send `commands` (hex APDUs) to the card in order and post their answers, in the same
+    /// order, with `seq`. Stop at the first answer that is not `91 00`/`91 AF` or when the
+    /// card leaves the field, and post the answers you have.
     Command {
         /// session id
         session_id: String,
-        /// step number the answer must carry
+        /// step number the answers must carry
         seq: u32,
-        /// hex APDU for the card
-        command: String,
+        /// hex APDUs for the card
+        commands: Vec<String>,
     },
     /// The card applied the load and proved it.
     Completed {
@@ -291,7 +293,7 @@ impl LoadService {
         let reply = Reply::Command {
             session_id: id.clone(),
             seq: 1,
-            command: hex::encode_upper(first),
+            commands: first.iter().map(hex::encode_upper).collect(),
         };
         sessions.insert(
             id.clone(),
@@ -311,15 +313,21 @@ impl LoadService {
         Ok(reply)
     }
 
-    /// Feeds the card's answer to step `seq` of session `id`.
+    /// Feeds the card's answers to the commands of step `seq` of session `id`.
     pub fn respond(
         &self,
         caller: &str,
         id: &str,
         seq: u32,
-        response: &[u8],
+        responses: &[Vec<u8>],
         now_ms: u64,
     ) -> Result<Reply, LoadError> {
+        if responses.is_empty() || responses.len() > 8 {
+            return Err(LoadError::BadRequest(format!(
+                "{} responses: a step has 1 to 8",
+                responses.len()
+            )));
+        }
         // Take the session out while we work on it (no lock held across HSM or ledger work).
         let mut s = {
             let mut sessions = self.sessions.lock().expect("sessions lock");
@@ -342,7 +350,7 @@ impl LoadService {
             sessions.remove(id).expect("present")
         };
         s.touched_ms = now_ms;
-        let reply = self.advance(&mut s, response, now_ms);
+        let reply = self.advance(&mut s, responses, now_ms);
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -378,16 +386,30 @@ impl LoadService {
         Ok(reply)
     }
 
-    fn advance(&self, s: &mut Session, response: &[u8], now_ms: u64) -> Result<Reply, LoadError> {
-        let step = {
-            let mut hsm = self.hsm.lock().expect("hsm lock");
-            s.dialogue
-                .on_response(hsm.as_mut(), &mut rand::rngs::OsRng, response)
-        };
-        let step = match step {
-            Ok(st) => st,
-            Err(e) => return Ok(self.dialogue_failed(s, e)),
-        };
+    fn advance(
+        &self,
+        s: &mut Session,
+        responses: &[Vec<u8>],
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        let mut step = Step::Continue;
+        for response in responses {
+            let fed = {
+                let mut hsm = self.hsm.lock().expect("hsm lock");
+                s.dialogue
+                    .on_response(hsm.as_mut(), &mut rand::rngs::OsRng, response)
+            };
+            step = match fed {
+                Ok(st) => st,
+                Err(e) => return Ok(self.dialogue_failed(s, e)),
+            };
+        }
+        if matches!(step, Step::Continue) {
+            // Fewer answers than commands: the card left the field mid-batch.
+            return Ok(
+                self.dialogue_failed(s, TxError::Transport(purse::txn::TransportError::CardGone))
+            );
+        }
         let step = match step {
             Step::Decide(snapshot) => match self.decide(s, &snapshot, now_ms)? {
                 Ok(decision) => {
@@ -405,14 +427,14 @@ impl LoadService {
             other => other,
         };
         match step {
-            Step::Transmit(apdu) => {
-                if apdu.get(1) == Some(&ins::COMMIT_TRANSACTION) {
+            Step::Transmit(batch) => {
+                if s.dialogue.commit_sent() {
                     s.commit_sent = true;
                 }
                 Ok(Reply::Command {
                     session_id: s.id.clone(),
                     seq: s.seq + 1,
-                    command: hex::encode_upper(apdu),
+                    commands: batch.iter().map(hex::encode_upper).collect(),
                 })
             }
             Step::Done(Outcome::Committed { snapshot, receipt }) => {
@@ -448,7 +470,7 @@ impl LoadService {
             Step::Done(Outcome::Refused { .. }) => {
                 Ok(self.refused(s, "refused", "nothing to load"))
             }
-            Step::Decide(_) => unreachable!("decided above"),
+            Step::Decide(_) | Step::Continue => unreachable!("handled above"),
         }
     }
 

@@ -200,7 +200,7 @@ impl Channel {
         mode: CommMode,
     ) -> Result<Vec<u8>, SmError> {
         let mut out = Vec::with_capacity(header.len() + data.len() + 2 * crypto::BLOCK);
-        self.write_command(&mut out, cmd, header, data, mode)?;
+        self.write_command(&mut out, cmd, header, data, mode, 0)?;
         Ok(out)
     }
 
@@ -213,9 +213,23 @@ impl Channel {
         data: &[u8],
         mode: CommMode,
     ) -> Result<Vec<u8>, SmError> {
+        self.command_apdu_ahead(0, cmd, header, data, mode)
+    }
+
+    /// Like [`Channel::command_apdu`], for the command that will be the `ahead`-th after the
+    /// current one (pipelining: a terminal sends several commands before reading any answer;
+    /// the answers are then verified in order with [`Channel::open_response`]).
+    pub fn command_apdu_ahead(
+        &mut self,
+        ahead: u16,
+        cmd: u8,
+        header: &[u8],
+        data: &[u8],
+        mode: CommMode,
+    ) -> Result<Vec<u8>, SmError> {
         let mut out = Vec::with_capacity(6 + header.len() + data.len() + 2 * crypto::BLOCK);
         out.extend_from_slice(&[0x90, cmd, 0x00, 0x00, 0x00]);
-        self.write_command(&mut out, cmd, header, data, mode)?;
+        self.write_command(&mut out, cmd, header, data, mode, ahead)?;
         let lc = out.len() - 5;
         if lc > 255 {
             return Err(SmError::TooLong { got: lc });
@@ -232,13 +246,18 @@ impl Channel {
         header: &[u8],
         data: &[u8],
         mode: CommMode,
+        ahead: u16,
     ) -> Result<(), SmError> {
-        self.next_ctr()?;
+        let ctr = self
+            .cmd_ctr
+            .checked_add(ahead)
+            .filter(|c| c.checked_add(1).is_some())
+            .ok_or(SmError::CounterExhausted)?;
         let start = out.len();
         out.extend_from_slice(header);
-        self.append_protected(out, data, mode, [0xA5, 0x5A], self.cmd_ctr)?;
+        self.append_protected(out, data, mode, [0xA5, 0x5A], ctr)?;
         let body_start = start + header.len();
-        let mac = self.mac(cmd, self.cmd_ctr, header, &out[body_start..]);
+        let mac = self.mac(cmd, ctr, header, &out[body_start..]);
         out.extend_from_slice(&mac);
         Ok(())
     }

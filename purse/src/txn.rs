@@ -128,7 +128,7 @@ pub enum Outcome {
 /// The record size the terminal expects on the card.
 pub const RECORD_SIZE: usize = crate::card::RECORD_SIZE;
 
-/// The steps of a [`Dialogue`], in order.
+/// The commands of a [`Dialogue`], in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     Select,
@@ -138,18 +138,20 @@ enum Stage {
     GetValue,
     ReadTm,
     ReadRecords,
-    AwaitDecision,
     Value,
     WriteRecord,
     Commit,
-    Done,
 }
 
 /// What a [`Dialogue`] wants next.
 #[derive(Debug)]
 pub enum Step {
-    /// Send this command APDU to the card and feed its answer to [`Dialogue::on_response`].
-    Transmit(Vec<u8>),
+    /// Send these command APDUs to the card, in order, and feed each answer to
+    /// [`Dialogue::on_response`] in the same order. Commands that do not depend on each
+    /// other's answers are pipelined into one batch (one round trip over a relay).
+    Transmit(Vec<Vec<u8>>),
+    /// More answers of the current batch are expected.
+    Continue,
     /// The card has been read under MAC: call [`Dialogue::decide`].
     Decide(CardSnapshot),
     /// Finished (committed or refused).
@@ -157,47 +159,55 @@ pub enum Step {
 }
 
 /// One card transaction as a sans-IO state machine: it takes the card's answers and returns
-/// the next command, so the bytes can travel over anything — an emulated card, a PC/SC reader,
-/// or an HTTP relay with one round trip per APDU (the charging server).
+/// the next commands, so the bytes can travel over anything — an emulated card, a PC/SC
+/// reader, or an HTTP relay (the charging server).
 ///
-/// One transaction: SelectApplication → GetKeyVersion → AuthenticateEV2First (two frames) →
-/// GetValue → ReadData(TM file) → ReadRecords (all under MAC) → [`Step::Decide`] → value
-/// command (FULL) → WriteRecord (MAC) → CommitTransaction → [`Outcome`].
+/// Four batches: [SelectApplication, GetKeyVersion, AuthenticateEV2First] → [authentication
+/// part 2] → [GetValue, ReadData(TM file), ReadRecords] under MAC → [`Step::Decide`] →
+/// [value command (FULL), WriteRecord, CommitTransaction] → [`Outcome`]. Answers are verified
+/// strictly in order; the first failure ends the dialogue (the card has ended the session too,
+/// so later commands of the batch are refused by it).
 pub struct Dialogue {
     uid: [u8; 7],
     key: KeyKind,
     value_code: u8,
-    stage: Stage,
-    key_version: u8,
+    outstanding: std::collections::VecDeque<Stage>,
+    awaiting_decision: bool,
+    finished: bool,
+    key_version: Option<u8>,
     pending_auth: Option<crate::sam::PendingAuth>,
     ch: Option<Channel>,
     balance_minor: i32,
     tmc: u32,
     last_tmv: [u8; 8],
     snapshot: Option<CardSnapshot>,
-    decided: Option<(TxKind, i32, Option<Vec<u8>>)>,
+    decided: Option<(TxKind, i32)>,
+    tm: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Dialogue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dialogue")
             .field("uid", &hex::encode_upper(self.uid))
-            .field("stage", &self.stage)
+            .field("outstanding", &self.outstanding)
             .finish_non_exhaustive()
     }
 }
 
 impl Dialogue {
     /// Starts a dialogue with the card `uid` (from anticollision) using card key `key`;
-    /// `value_code` is Debit, Credit or LimitedCredit. Returns the first APDU to send.
-    pub fn start(uid: [u8; 7], key: KeyKind, value_code: u8) -> (Dialogue, Vec<u8>) {
+    /// `value_code` is Debit, Credit or LimitedCredit. Returns the first batch of APDUs.
+    pub fn start(uid: [u8; 7], key: KeyKind, value_code: u8) -> (Dialogue, Vec<Vec<u8>>) {
+        let key_no = key.card_key_no().expect("card key");
         (
             Dialogue {
                 uid,
                 key,
                 value_code,
-                stage: Stage::Select,
-                key_version: 0,
+                outstanding: [Stage::Select, Stage::KeyVersion, Stage::Auth1].into(),
+                awaiting_decision: false,
+                finished: false,
+                key_version: None,
                 pending_auth: None,
                 ch: None,
                 balance_minor: 0,
@@ -205,8 +215,13 @@ impl Dialogue {
                 last_tmv: [0; 8],
                 snapshot: None,
                 decided: None,
+                tm: None,
             },
-            apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID),
+            vec![
+                apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID),
+                apdu::wrap(INS_GET_KEY_VERSION, &[key_no]),
+                apdu::wrap(ins::AUTH_EV2_FIRST, &[key_no, 0x00]),
+            ],
         )
     }
 
@@ -220,6 +235,12 @@ impl Dialogue {
         self.snapshot.as_ref()
     }
 
+    /// Whether the commit command has been handed out (after that, a lost answer leaves the
+    /// outcome unknown until the card's next contact).
+    pub fn commit_sent(&self) -> bool {
+        self.outstanding.contains(&Stage::Commit)
+    }
+
     /// Takes the open secure channel (for read-only sessions that stop at the decision).
     pub fn into_channel(self) -> Option<Channel> {
         self.ch
@@ -231,38 +252,69 @@ impl Dialogue {
             .expect("channel exists after authentication")
     }
 
-    fn secure_cmd(
-        &mut self,
-        code: u8,
-        header: &[u8],
-        data: &[u8],
-        step: &'static str,
-    ) -> Result<Step, TxError> {
-        let cmd = self
-            .channel()
-            .command_apdu(code, header, data, CommMode::Mac)
-            .map_err(|source| TxError::Sm { step, source })?;
-        Ok(Step::Transmit(cmd))
+    fn fail(&mut self, e: TxError) -> Result<Step, TxError> {
+        self.finished = true;
+        self.outstanding.clear();
+        Err(e)
     }
 
-    /// Feeds the card's answer to the last command.
+    /// Feeds the card's answer to the oldest outstanding command.
     pub fn on_response(
         &mut self,
         auth: &mut dyn Authenticator,
         rng: &mut dyn RngCore,
         resp: &[u8],
     ) -> Result<Step, TxError> {
-        let stage = self.stage;
-        // Any failure ends the dialogue.
-        self.stage = Stage::Done;
+        let Some(stage) = self.outstanding.pop_front() else {
+            return Err(TxError::Protocol {
+                step: "dialogue",
+                what: "no command is outstanding",
+            });
+        };
+        if let Err(e) = self.process(stage, auth, rng, resp) {
+            return self.fail(e);
+        }
+        if !self.outstanding.is_empty() {
+            return Ok(Step::Continue);
+        }
         let next = match stage {
+            Stage::Auth1 => self.auth2_batch(),
+            Stage::Auth2 => self.read_batch(),
+            Stage::ReadRecords => {
+                self.awaiting_decision = true;
+                return Ok(Step::Decide(self.snapshot.clone().expect("built")));
+            }
+            Stage::Commit => {
+                let tm = self.tm.take().expect("commit answer kept");
+                match self.finish(&tm) {
+                    Ok(o) => {
+                        self.finished = true;
+                        return Ok(Step::Done(o));
+                    }
+                    Err(e) => return self.fail(e),
+                }
+            }
+            _ => Err(TxError::Protocol {
+                step: "dialogue",
+                what: "batch ended at an unexpected command",
+            }),
+        };
+        match next {
+            Ok(st) => Ok(st),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn process(
+        &mut self,
+        stage: Stage,
+        auth: &mut dyn Authenticator,
+        rng: &mut dyn RngCore,
+        resp: &[u8],
+    ) -> Result<(), TxError> {
+        match stage {
             Stage::Select => {
                 ok_data(resp, "select")?;
-                self.stage = Stage::KeyVersion;
-                Step::Transmit(apdu::wrap(
-                    INS_GET_KEY_VERSION,
-                    &[self.key.card_key_no().expect("card key")],
-                ))
             }
             Stage::KeyVersion => {
                 let [v] = ok_data(resp, "get key version")?[..] else {
@@ -274,10 +326,7 @@ impl Dialogue {
                 if !auth.holds_version(self.key, v) {
                     return Err(TxError::UnknownKeyVersion(v));
                 }
-                self.key_version = v;
-                self.stage = Stage::Auth1;
-                let key_no = self.key.card_key_no().expect("card key");
-                Step::Transmit(apdu::wrap(ins::AUTH_EV2_FIRST, &[key_no, 0x00]))
+                self.key_version = Some(v);
             }
             Stage::Auth1 => {
                 let (ek_rnd_b, status) = split(resp, "authenticate")?;
@@ -287,18 +336,18 @@ impl Dialogue {
                         status,
                     });
                 }
-                let (pending, frame) =
-                    auth.auth_part1(self.key, self.key_version, &self.uid, ek_rnd_b, rng)?;
+                let v = self.key_version.ok_or(TxError::Protocol {
+                    step: "authenticate",
+                    what: "key version unknown",
+                })?;
+                let (pending, frame) = auth.auth_part1(self.key, v, &self.uid, ek_rnd_b, rng)?;
                 self.pending_auth = Some(pending);
-                self.stage = Stage::Auth2;
-                Step::Transmit(apdu::wrap(ins::ADDITIONAL_FRAME, &frame))
+                self.tm = Some(frame.to_vec());
             }
             Stage::Auth2 => {
                 let answer = ok_data(resp, "authenticate")?;
                 let pending = self.pending_auth.take().expect("part 1 ran");
                 self.ch = Some(auth.auth_part2(pending, answer)?);
-                self.stage = Stage::GetValue;
-                self.secure_cmd(ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?
             }
             Stage::GetValue => {
                 let v = open(resp, self.channel(), CommMode::Mac, "get value")?;
@@ -307,13 +356,6 @@ impl Dialogue {
                         step: "get value",
                         what: "value is not 4 bytes",
                     })?);
-                self.stage = Stage::ReadTm;
-                self.secure_cmd(
-                    ins::READ_DATA,
-                    &[FILE_TMAC, 0, 0, 0, 0, 0, 0],
-                    &[],
-                    "read TM file",
-                )?
             }
             Stage::ReadTm => {
                 let tm = open(resp, self.channel(), CommMode::Mac, "read TM file")?;
@@ -325,13 +367,6 @@ impl Dialogue {
                 }
                 self.tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
                 self.last_tmv = tm[4..].try_into().expect("8");
-                self.stage = Stage::ReadRecords;
-                self.secure_cmd(
-                    ins::READ_RECORDS,
-                    &[FILE_RECORDS, 0, 0, 0, 0, 0, 0],
-                    &[],
-                    "read records",
-                )?
             }
             Stage::ReadRecords => {
                 let recs = open(resp, self.channel(), CommMode::Mac, "read records")?;
@@ -341,9 +376,9 @@ impl Dialogue {
                         what: "records are not whole",
                     });
                 }
-                let snapshot = CardSnapshot {
+                self.snapshot = Some(CardSnapshot {
                     uid: self.uid,
-                    key_version: self.key_version,
+                    key_version: self.key_version.unwrap_or_default(),
                     balance_minor: self.balance_minor,
                     tmc: self.tmc,
                     last_tmv: self.last_tmv,
@@ -351,32 +386,65 @@ impl Dialogue {
                         .chunks_exact(RECORD_SIZE)
                         .map(|c| c.try_into().expect("whole record"))
                         .collect(),
-                };
-                self.snapshot = Some(snapshot.clone());
-                self.stage = Stage::AwaitDecision;
-                Step::Decide(snapshot)
+                });
             }
             Stage::Value => {
                 open(resp, self.channel(), CommMode::Mac, "value command")?;
-                self.after_value()?
             }
             Stage::WriteRecord => {
                 open(resp, self.channel(), CommMode::Mac, "write record")?;
-                self.stage = Stage::Commit;
-                self.secure_cmd(ins::COMMIT_TRANSACTION, &[], &[0x01], "commit")?
             }
             Stage::Commit => {
                 let tm = open(resp, self.channel(), CommMode::Mac, "commit")?;
-                Step::Done(self.finish(&tm)?)
+                self.tm = Some(tm);
             }
-            Stage::AwaitDecision | Stage::Done => {
-                return Err(TxError::Protocol {
-                    step: "dialogue",
-                    what: "no command is outstanding",
-                })
-            }
-        };
-        Ok(next)
+        }
+        Ok(())
+    }
+
+    fn auth2_batch(&mut self) -> Result<Step, TxError> {
+        let frame = self.tm.take().expect("auth part 1 frame");
+        self.outstanding.push_back(Stage::Auth2);
+        Ok(Step::Transmit(vec![apdu::wrap(
+            ins::ADDITIONAL_FRAME,
+            &frame,
+        )]))
+    }
+
+    fn secure_ahead(
+        &mut self,
+        ahead: u16,
+        code: u8,
+        header: &[u8],
+        data: &[u8],
+        step: &'static str,
+    ) -> Result<Vec<u8>, TxError> {
+        self.channel()
+            .command_apdu_ahead(ahead, code, header, data, CommMode::Mac)
+            .map_err(|source| TxError::Sm { step, source })
+    }
+
+    fn read_batch(&mut self) -> Result<Step, TxError> {
+        let cmds = vec![
+            self.secure_ahead(0, ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?,
+            self.secure_ahead(
+                1,
+                ins::READ_DATA,
+                &[FILE_TMAC, 0, 0, 0, 0, 0, 0],
+                &[],
+                "read TM file",
+            )?,
+            self.secure_ahead(
+                2,
+                ins::READ_RECORDS,
+                &[FILE_RECORDS, 0, 0, 0, 0, 0, 0],
+                &[],
+                "read records",
+            )?,
+        ];
+        self.outstanding
+            .extend([Stage::GetValue, Stage::ReadTm, Stage::ReadRecords]);
+        Ok(Step::Transmit(cmds))
     }
 
     /// Applies the caller's decision (after [`Step::Decide`]).
@@ -385,23 +453,26 @@ impl Dialogue {
         auth: &mut dyn Authenticator,
         decision: Decision,
     ) -> Result<Step, TxError> {
-        if self.stage != Stage::AwaitDecision {
+        if !self.awaiting_decision {
             return Err(TxError::Protocol {
                 step: "decide",
                 what: "the card has not been read yet",
             });
         }
-        self.stage = Stage::Done;
+        self.awaiting_decision = false;
         let snapshot = self.snapshot.clone().expect("read before deciding");
         let (amount_minor, record) = match decision {
-            Decision::Refuse => return Ok(Step::Done(Outcome::Refused { snapshot })),
+            Decision::Refuse => {
+                self.finished = true;
+                return Ok(Step::Done(Outcome::Refused { snapshot }));
+            }
             Decision::Apply {
                 amount_minor,
                 record,
             } => (amount_minor, record),
         };
         if amount_minor < 0 {
-            return Err(TxError::Protocol {
+            return self.fail(TxError::Protocol {
                 step: "decide",
                 what: "negative amount",
             });
@@ -412,48 +483,55 @@ impl Dialogue {
             (_, ins::CREDIT) => TxKind::Credit,
             (_, ins::LIMITED_CREDIT) => TxKind::LimitedCredit,
             _ => {
-                return Err(TxError::Protocol {
+                return self.fail(TxError::Protocol {
                     step: "decide",
                     what: "not a value command",
                 })
             }
         };
         if amount_minor == 0 && record.is_none() {
+            self.finished = true;
             return Ok(Step::Done(Outcome::Refused { snapshot }));
         }
-        self.decided = Some((kind, amount_minor, record));
+        self.decided = Some((kind, amount_minor));
+        let mut cmds = Vec::with_capacity(3);
+        let mut ahead = 0u16;
         if amount_minor > 0 {
             let code = self.value_code;
-            let body = auth.wrap_value(self.channel(), code, amount_minor)?;
-            self.stage = Stage::Value;
-            return Ok(Step::Transmit(apdu::wrap(code, &body)));
+            let body = match auth.wrap_value(self.channel(), code, amount_minor) {
+                Ok(b) => b,
+                Err(e) => return self.fail(e.into()),
+            };
+            cmds.push(apdu::wrap(code, &body));
+            self.outstanding.push_back(Stage::Value);
+            ahead += 1;
         }
-        self.after_value()
-    }
-
-    fn after_value(&mut self) -> Result<Step, TxError> {
-        let record = self.decided.as_mut().and_then(|d| d.2.take());
-        match record {
-            Some(rec) => {
-                let l = (rec.len() as u32).to_le_bytes();
-                self.stage = Stage::WriteRecord;
-                self.secure_cmd(
-                    ins::WRITE_RECORD,
-                    &[FILE_RECORDS, 0, 0, 0, l[0], l[1], l[2]],
-                    &rec,
-                    "write record",
-                )
+        if let Some(rec) = record {
+            let l = (rec.len() as u32).to_le_bytes();
+            match self.secure_ahead(
+                ahead,
+                ins::WRITE_RECORD,
+                &[FILE_RECORDS, 0, 0, 0, l[0], l[1], l[2]],
+                &rec,
+                "write record",
+            ) {
+                Ok(c) => cmds.push(c),
+                Err(e) => return self.fail(e),
             }
-            None => {
-                self.stage = Stage::Commit;
-                self.secure_cmd(ins::COMMIT_TRANSACTION, &[], &[0x01], "commit")
-            }
+            self.outstanding.push_back(Stage::WriteRecord);
+            ahead += 1;
         }
+        match self.secure_ahead(ahead, ins::COMMIT_TRANSACTION, &[], &[0x01], "commit") {
+            Ok(c) => cmds.push(c),
+            Err(e) => return self.fail(e),
+        }
+        self.outstanding.push_back(Stage::Commit);
+        Ok(Step::Transmit(cmds))
     }
 
     fn finish(&mut self, tm: &[u8]) -> Result<Outcome, TxError> {
         let snapshot = self.snapshot.take().expect("read before commit");
-        let (kind, amount_minor, _) = self.decided.take().expect("decided before commit");
+        let (kind, amount_minor) = self.decided.take().expect("decided before commit");
         if tm.len() != 12 {
             return Err(TxError::Protocol {
                 step: "commit",
@@ -486,6 +564,22 @@ impl Dialogue {
     }
 }
 
+/// Sends a batch over a transport and feeds the answers, returning the last step.
+fn exchange(
+    t: &mut dyn Transport,
+    d: &mut Dialogue,
+    auth: &mut dyn Authenticator,
+    rng: &mut dyn RngCore,
+    batch: Vec<Vec<u8>>,
+) -> Result<Step, TxError> {
+    let mut step = Step::Continue;
+    for cmd in batch {
+        let resp = t.transmit(&cmd)?;
+        step = d.on_response(auth, rng, &resp)?;
+    }
+    Ok(step)
+}
+
 /// Reads a card's state in an authenticated session and returns the open channel.
 pub fn open_session(
     t: &mut dyn Transport,
@@ -494,15 +588,14 @@ pub fn open_session(
     rng: &mut dyn RngCore,
 ) -> Result<(Channel, CardSnapshot), TxError> {
     let uid = t.card_uid()?;
-    let (mut d, mut cmd) = Dialogue::start(uid, key, ins::DEBIT);
+    let (mut d, mut batch) = Dialogue::start(uid, key, ins::DEBIT);
     loop {
-        let resp = t.transmit(&cmd)?;
-        match d.on_response(auth, rng, &resp)? {
-            Step::Transmit(next) => cmd = next,
+        match exchange(t, &mut d, auth, rng, batch)? {
+            Step::Transmit(next) => batch = next,
             Step::Decide(snapshot) => {
                 return Ok((d.into_channel().expect("authenticated"), snapshot))
             }
-            Step::Done(_) => unreachable!("a dialogue decides before it finishes"),
+            Step::Continue | Step::Done(_) => unreachable!("a dialogue decides before it finishes"),
         }
     }
 }
@@ -519,19 +612,18 @@ pub fn run(
     decide: impl FnOnce(&CardSnapshot) -> Decision,
 ) -> Result<Outcome, TxError> {
     let uid = t.card_uid()?;
-    let (mut d, mut cmd) = Dialogue::start(uid, key, value_code);
+    let (mut d, mut batch) = Dialogue::start(uid, key, value_code);
     let mut decide = Some(decide);
     loop {
-        let resp = t.transmit(&cmd)?;
-        let mut step = d.on_response(auth, rng, &resp)?;
+        let mut step = exchange(t, &mut d, auth, rng, batch)?;
         if let Step::Decide(snapshot) = step {
             let f = decide.take().expect("one decision per dialogue");
             step = d.decide(auth, f(&snapshot))?;
         }
         match step {
-            Step::Transmit(next) => cmd = next,
+            Step::Transmit(next) => batch = next,
             Step::Done(outcome) => return Ok(outcome),
-            Step::Decide(_) => unreachable!("one decision per dialogue"),
+            Step::Continue | Step::Decide(_) => unreachable!("batches end in a step"),
         }
     }
 }
