@@ -44,6 +44,9 @@ pub enum LedgerError {
     /// A posting would be invalid (non-positive amount, same account on both sides).
     #[error("invalid posting: {0}")]
     InvalidPosting(&'static str),
+    /// The group commit failed (disk full, I/O): nothing of the batch is durable.
+    #[error("ledger commit failed: {0}")]
+    Commit(String),
     /// The ledger directory could not be prepared.
     #[error("ledger directory {path}: {source}")]
     Dir {
@@ -134,9 +137,9 @@ pub struct CardShadow {
     pub load_day_minor: i64,
 }
 
-/// The ledger.
+/// The ledger's databases; every read and write method lives here. [`Ledger`] derefs to it.
 #[derive(Clone)]
-pub struct Ledger {
+pub struct LedgerCore {
     env: Env<WithoutTls>,
     balances: Database<Str, I64<BE>>,
     postings: Database<U64<BE>, SerdeJson<Posting>>,
@@ -167,9 +170,147 @@ pub fn card_account(uid: &[u8; 7]) -> String {
     format!("card:{}", hex::encode_upper(uid))
 }
 
+/// A unit of work for the group committer: runs inside a nested transaction of the shared
+/// batch transaction and reports back once the batch is durable.
+type Job = Box<dyn FnOnce(&LedgerCore, &mut RwTxn<'_>) -> JobDone + Send>;
+
+struct JobDone {
+    ok: bool,
+    deliver: Box<dyn FnOnce(Result<(), String>) + Send>,
+}
+
+/// Most jobs in one group commit.
+pub const GROUP_COMMIT_MAX_JOBS: usize = 256;
+/// Most jobs waiting for the committer (back-pressure beyond it).
+pub const GROUP_COMMIT_QUEUE_JOBS: usize = 4_096;
+
+/// The ledger: its databases plus a group committer, so that concurrent transactions share one
+/// fsync without giving up durability (each caller returns only after its batch committed).
+#[derive(Clone)]
+pub struct Ledger {
+    core: LedgerCore,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    committer: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl std::ops::Deref for Ledger {
+    type Target = LedgerCore;
+    fn deref(&self) -> &LedgerCore {
+        &self.core
+    }
+}
+
 impl Ledger {
-    /// Opens (or creates) the ledger in `dir` with room for `map_size_bytes`.
+    /// Opens (or creates) the ledger in `dir` with room for `map_size_bytes`, and starts its
+    /// committer thread (it ends when the last `Ledger` clone is dropped).
     pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Ledger, LedgerError> {
+        let core = LedgerCore::open(dir, map_size_bytes)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(GROUP_COMMIT_QUEUE_JOBS);
+        let writer = core.clone();
+        let handle = std::thread::Builder::new()
+            .name("ledger-commit".into())
+            .spawn(move || group_commit_loop(writer, rx))
+            .map_err(|source| LedgerError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        Ok(Ledger {
+            core,
+            jobs: tx,
+            committer: std::sync::Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Closes this handle; the last one to close waits for the committer to finish, so the
+    /// environment can be opened again in the same process.
+    pub fn close(self) {
+        let Ledger {
+            core,
+            jobs,
+            committer,
+        } = self;
+        drop(jobs);
+        drop(core);
+        if let Ok(m) = std::sync::Arc::try_unwrap(committer) {
+            if let Some(h) = m.into_inner().ok().flatten() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Runs `f` in a write transaction that is committed together with other concurrent
+    /// callers' (group commit), and returns once it is durable. If `f` fails, only its own
+    /// writes are rolled back (it runs in a nested transaction).
+    pub fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LedgerCore, &mut RwTxn<'_>) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<T, LedgerError>>(1);
+        let job: Job = Box::new(move |core, txn| {
+            let result = f(core, txn);
+            JobDone {
+                ok: result.is_ok(),
+                deliver: Box::new(move |committed| {
+                    let out = match (result, committed) {
+                        (Ok(v), Ok(())) => Ok(v),
+                        (Ok(_), Err(e)) => Err(LedgerError::Commit(e)),
+                        (Err(e), _) => Err(e),
+                    };
+                    let _ = tx.send(out);
+                }),
+            }
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| LedgerError::Commit("the committer thread has stopped".into()))?;
+        rx.recv()
+            .map_err(|_| LedgerError::Commit("the committer thread has stopped".into()))?
+    }
+}
+
+fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX_JOBS {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut dones = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<(), heed::Error> {
+            let mut wtxn = core.env.write_txn()?;
+            for job in batch.drain(..) {
+                let mut nested = core.env.nested_write_txn(&mut wtxn)?;
+                let done = job(&core, &mut nested);
+                if done.ok {
+                    nested.commit()?;
+                } else {
+                    nested.abort();
+                }
+                dones.push(done);
+            }
+            wtxn.commit()
+        })();
+        let result = result.map_err(|e| e.to_string());
+        // Jobs that never ran (the batch failed to start) are told too.
+        for job in batch {
+            let done = JobDone {
+                ok: false,
+                deliver: Box::new(|_| {}),
+            };
+            drop(job);
+            dones.push(done);
+        }
+        for d in dones {
+            (d.deliver)(result.clone());
+        }
+    }
+}
+
+impl LedgerCore {
+    /// Opens (or creates) the ledger databases in `dir`.
+    fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir {
             path: dir.display().to_string(),
             source,
@@ -191,7 +332,7 @@ impl Ledger {
         let cards = env.create_database(&mut wtxn, Some("cards"))?;
         let idem = env.create_database(&mut wtxn, Some("idempotency"))?;
         wtxn.commit()?;
-        Ok(Ledger {
+        Ok(LedgerCore {
             env,
             balances,
             postings,
@@ -452,6 +593,7 @@ mod tests {
             assert!(l.post(&mut t, 4, "a", "a", 1, "x").is_err());
             assert!(l.post(&mut t, 4, "a", "b", 0, "x").is_err());
             t.commit().unwrap();
+            l.close();
         }
         let l = Ledger::open(dir.path(), 16 << 20).unwrap();
         let r = l.read().unwrap();
@@ -504,5 +646,44 @@ mod tests {
         let r = l.read().unwrap();
         assert_eq!(l.open_intents(&r, &uid).unwrap().len(), 2);
         assert_eq!(l.all_intents(&r).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn group_commit_keeps_each_callers_writes_and_rolls_back_only_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path(), 64 << 20).unwrap();
+        std::thread::scope(|scope| {
+            for i in 0..16u64 {
+                let l = l.clone();
+                scope.spawn(move || {
+                    for j in 0..50u64 {
+                        let ok = l.transact(move |c, t| {
+                            c.post(
+                                t,
+                                0,
+                                "funding:card",
+                                &format!("card:{i}"),
+                                10,
+                                &format!("load:{i}:{j}"),
+                            )?;
+                            if j % 10 == 9 {
+                                // A failing job: its posting must not survive.
+                                return Err(LedgerError::InvalidPosting("injected"));
+                            }
+                            Ok(())
+                        });
+                        assert_eq!(ok.is_ok(), j % 10 != 9);
+                    }
+                });
+            }
+        });
+        l.close();
+        let l = Ledger::open(dir.path(), 64 << 20).unwrap();
+        let r = l.read().unwrap();
+        for i in 0..16u64 {
+            assert_eq!(l.balance(&r, &format!("card:{i}")).unwrap(), 450);
+        }
+        assert_eq!(l.balance(&r, "funding:card").unwrap(), -16 * 450);
+        assert_eq!(l.postings_with_prefix(&r, "load:").unwrap().len(), 16 * 45);
     }
 }

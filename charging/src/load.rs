@@ -603,11 +603,21 @@ impl LoadService {
             created_ms: now_ms,
             settled_ms: None,
         };
-        let mut t = self.ledger.write()?;
-        match self.ledger.insert_intent(&mut t, &uid, &mut intent) {
+        let (tmc, balance) = (snap.tmc, snap.balance_minor);
+        // Durable before any Credit leaves the server (group commit: shared fsync).
+        let recorded = self.ledger.transact(move |l, t| {
+            l.insert_intent(t, &uid, &mut intent)?;
+            let mut shadow = l.observe_card(t, &uid, tmc, balance)?;
+            if shadow.load_day != today {
+                shadow.load_day = today;
+                shadow.load_day_minor = 0;
+            }
+            shadow.load_day_minor += i64::from(amount);
+            l.put_card(t, &uid, &shadow)
+        });
+        match recorded {
             Ok(()) => {}
             Err(LedgerError::IntentExists { .. }) => {
-                drop(t);
                 let _ = source.void(&auth);
                 return Ok(Err(self.refused(
                     s,
@@ -617,16 +627,6 @@ impl LoadService {
             }
             Err(e) => return Err(e.into()),
         }
-        let mut shadow = self
-            .ledger
-            .observe_card(&mut t, &uid, snap.tmc, snap.balance_minor)?;
-        if shadow.load_day != today {
-            shadow.load_day = today;
-            shadow.load_day_minor = 0;
-        }
-        shadow.load_day_minor += i64::from(amount);
-        self.ledger.put_card(&mut t, &uid, &shadow)?;
-        t.commit().map_err(LedgerError::from)?;
         s.intent_recorded = true;
         let mut record = vec![0u8; txn::RECORD_SIZE];
         record[0] = 0x4C; // 'L': a load record
@@ -646,42 +646,56 @@ impl LoadService {
         idempotent: Option<(&str, &Reply)>,
     ) -> Result<(), LoadError> {
         let uid = receipt.uid;
-        let (auth, source) = {
-            let mut t = self.ledger.write()?;
-            let mut intent = self.ledger.intent(&t, &uid, snapshot.tmc)?.ok_or_else(|| {
-                LedgerError::NoIntent {
-                    uid: hex::encode_upper(uid),
-                    tmc: snapshot.tmc,
-                }
-            })?;
+        let tmc_before = snapshot.tmc;
+        let receipt = receipt.clone();
+        let accounts: std::collections::HashMap<String, String> = self
+            .sources
+            .iter()
+            .map(|(k, v)| (k.clone(), v.ledger_account()))
+            .collect();
+        let idem = idempotent.map(|(k, r)| {
+            (
+                k.to_string(),
+                serde_json::to_value(r).expect("reply serialises"),
+            )
+        });
+        // One group-committed transaction: the posting, the intent's state, the card's
+        // shadow and the client's stored answer become durable together.
+        let done = self.ledger.transact(move |l, t| {
+            let mut intent =
+                l.intent(t, &uid, tmc_before)?
+                    .ok_or_else(|| LedgerError::NoIntent {
+                        uid: hex::encode_upper(uid),
+                        tmc: tmc_before,
+                    })?;
             if intent.state == IntentState::Completed {
-                return Ok(());
+                return Ok(None);
             }
-            let source = self.sources[&intent.funding_source].clone();
-            self.ledger.post(
-                &mut t,
+            let from = accounts
+                .get(&intent.funding_source)
+                .cloned()
+                .unwrap_or_else(|| format!("funding:{}", intent.funding_source));
+            l.post(
+                t,
                 now_ms,
-                &source.ledger_account(),
+                &from,
                 &card_account(&uid),
                 i64::from(receipt.amount_minor),
                 &format!("load:{}:{}", hex::encode_upper(uid), receipt.tmc),
             )?;
             intent.state = IntentState::Completed;
             intent.settled_ms = Some(now_ms);
-            self.ledger.put_intent(&mut t, &uid, &intent)?;
-            self.ledger
-                .observe_card(&mut t, &uid, receipt.tmc, receipt.balance_after_minor)?;
-            if let Some((key, reply)) = idempotent {
-                // The client's answer is stored in the same commit as the posting.
-                self.ledger.put_idempotent(
-                    &mut t,
-                    key,
-                    &serde_json::to_value(reply).expect("reply serialises"),
-                )?;
+            l.put_intent(t, &uid, &intent)?;
+            l.observe_card(t, &uid, receipt.tmc, receipt.balance_after_minor)?;
+            if let Some((key, value)) = &idem {
+                l.put_idempotent(t, key, value)?;
             }
-            t.commit().map_err(LedgerError::from)?;
-            (intent.funding_auth, source)
+            Ok(Some((intent.funding_auth, intent.funding_source)))
+        })?;
+        let Some((auth, source_name)) = done else {
+            return Ok(());
         };
+        let source = self.sources[&source_name].clone();
         if let Err(e) = source.capture(&auth) {
             tracing::error!(%e, auth, "capture failed after a completed load; retry from the intent");
         }
