@@ -39,6 +39,16 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum ChargingCmd {
+    /// Reconcile every card: the ledger's shadow purse against what the card proved; lists
+    /// every difference with its cause.
+    Reconcile {
+        /// The charging data directory.
+        #[arg(long, default_value = "data/charging")]
+        data: PathBuf,
+        /// Print the report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create an API token: prints the token once and the [[tokens]] entry for the config.
     Token {
         /// Caller name.
@@ -64,6 +74,37 @@ enum RoleArg {
 /// Runs `tapgate charging …`.
 pub fn run(args: ChargingArgs) -> Result<()> {
     match args.cmd {
+        Some(ChargingCmd::Reconcile { data, json }) => {
+            let dir = data.join("ledger");
+            if !dir.join("data.mdb").exists() {
+                return Err(input_err(format!(
+                    "no ledger at {} (is --data the charging data directory?)",
+                    dir.display()
+                )));
+            }
+            let ledger = charging::ledger::Ledger::open(&dir, 1 << 30)
+                .with_context(|| format!("opening the ledger at {}", dir.display()))?;
+            let started = std::time::Instant::now();
+            let report = charging::reconcile::reconcile(&ledger)?;
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            if json {
+                let mut v = serde_json::to_value(&report)?;
+                v["elapsed_ms"] = elapsed_ms.into();
+                println!("{v}");
+            } else {
+                for d in &report.differences {
+                    println!("{}", serde_json::to_string(d)?);
+                }
+                println!(
+                    "reconciled {} cards in {elapsed_ms} ms: {} balanced, {} differences",
+                    report.cards,
+                    report.balanced,
+                    report.differences.len()
+                );
+            }
+            ledger.close();
+            Ok(())
+        }
         Some(ChargingCmd::Token {
             name,
             role,

@@ -298,4 +298,25 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
         metrics.contains("tapgate_charging_loads_settled_completed_total 1"),
         "{metrics}"
     );
+    // Reconciliation (another process, while the server runs): the card balances.
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "charging",
+            "reconcile",
+            "--data",
+            dir.path().join("data").to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["cards"], 1, "{report}");
+    assert_eq!(report["balanced"], 1, "{report}");
+    drop(server);
 }

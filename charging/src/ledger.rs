@@ -135,6 +135,29 @@ pub struct CardShadow {
     /// Loads authorised or completed on `load_day`, minor units.
     #[serde(default)]
     pub load_day_minor: i64,
+    /// Every counter 1..=`booked_through_tmc` has been booked (load, debit, or record-only).
+    #[serde(default)]
+    pub booked_through_tmc: u32,
+    /// The card's balance after the transaction at `booked_through_tmc` (as the card proved it).
+    #[serde(default)]
+    pub booked_balance_minor: Option<i32>,
+    /// Counters booked above a gap (sorted; a gap that never fills is an anomaly).
+    #[serde(default)]
+    pub booked_above: Vec<(u32, i32)>,
+}
+
+/// Bound on counters kept above a gap per card (beyond it, the oldest are reported and dropped).
+pub const BOOKED_ABOVE_MAX: usize = 64;
+
+/// What booking a counter found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Booking {
+    /// Booked in order.
+    InOrder,
+    /// Booked above a gap (earlier counters not seen yet).
+    AboveGap,
+    /// This counter was already booked: a duplicate (or a cloned card).
+    Duplicate,
 }
 
 /// The ledger's databases; every read and write method lives here. [`Ledger`] derefs to it.
@@ -428,6 +451,62 @@ impl LedgerCore {
         uid: &[u8; 7],
     ) -> Result<CardShadow, LedgerError> {
         Ok(self.cards.get(txn, uid)?.unwrap_or_default())
+    }
+
+    /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
+    /// booked. Counters only advance `booked_through_tmc` when contiguous.
+    pub fn book_counter(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_after_minor: i32,
+    ) -> Result<Booking, LedgerError> {
+        let mut c = self.card(txn, uid)?;
+        let booking =
+            if tmc <= c.booked_through_tmc || c.booked_above.iter().any(|(t, _)| *t == tmc) {
+                Booking::Duplicate
+            } else if tmc == c.booked_through_tmc + 1 {
+                c.booked_through_tmc = tmc;
+                c.booked_balance_minor = Some(balance_after_minor);
+                // Absorb counters that were waiting above the gap.
+                c.booked_above.sort_unstable();
+                while let Some(&(t, b)) = c.booked_above.first() {
+                    if t != c.booked_through_tmc + 1 {
+                        break;
+                    }
+                    c.booked_through_tmc = t;
+                    c.booked_balance_minor = Some(b);
+                    c.booked_above.remove(0);
+                }
+                Booking::InOrder
+            } else {
+                c.booked_above.push((tmc, balance_after_minor));
+                c.booked_above.sort_unstable();
+                if c.booked_above.len() > BOOKED_ABOVE_MAX {
+                    c.booked_above.remove(0);
+                }
+                Booking::AboveGap
+            };
+        if booking != Booking::Duplicate {
+            self.cards.put(txn, uid, &c)?;
+        }
+        Ok(booking)
+    }
+
+    /// Every card's shadow record (reconciliation).
+    pub fn all_cards(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.cards.iter(txn)? {
+            let (k, v) = item?;
+            if let Ok(uid) = <[u8; 7]>::try_from(k) {
+                out.push((uid, v));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the card has a shadow record.

@@ -10,4 +10,5 @@ pub mod funding;
 #[allow(unsafe_code)]
 pub mod ledger;
 pub mod load;
+pub mod reconcile;
 pub mod server;

@@ -687,6 +687,7 @@ impl LoadService {
             intent.settled_ms = Some(now_ms);
             l.put_intent(t, &uid, &intent)?;
             l.observe_card(t, &uid, receipt.tmc, receipt.balance_after_minor)?;
+            l.book_counter(t, &uid, receipt.tmc, receipt.balance_after_minor)?;
             if let Some((key, value)) = &idem {
                 l.put_idempotent(t, key, value)?;
             }
@@ -822,7 +823,14 @@ impl LoadService {
                 &reference,
             )?;
         }
-        self.ledger.put_card(&mut t, uid, &Default::default())?;
+        self.ledger.put_card(
+            &mut t,
+            uid,
+            &crate::ledger::CardShadow {
+                booked_balance_minor: Some(personalised_minor as i32),
+                ..Default::default()
+            },
+        )?;
         t.commit().map_err(LedgerError::from)?;
         Ok(())
     }

@@ -17,6 +17,7 @@ struct World {
     processor: Arc<SandboxProcessor>,
     miles: Arc<PointsProgram>,
     hsm: SoftwareHsm,
+    keys: KeySet,
     now_ms: u64,
 }
 
@@ -39,6 +40,7 @@ fn world(cfg: LoadConfig) -> World {
         processor,
         miles,
         hsm: SoftwareHsm::new(&keys).unwrap(),
+        keys: keys.clone(),
         now_ms: 1_700_000_000_000,
     }
 }
@@ -515,4 +517,60 @@ fn a_partial_batch_is_left_pending_and_settled_from_the_counter() {
         "voided"
     );
     assert_eq!(w.shadow(&card), 100);
+}
+
+/// Reconciliation names the cause of every difference: a pending load, a counter gap (taps not
+/// cleared yet), or nothing — the ledger agrees with the card.
+#[test]
+fn reconcile_reports_each_difference_with_its_cause() {
+    use charging::reconcile::{reconcile, Cause};
+    let mut w = world(LoadConfig::default());
+    let mut a = w.card(20, 1_000);
+    let mut b = w.card(21, 1_000);
+    let mut c = w.card(22, 1_000);
+    assert!(matches!(w.load(&mut a, 500, "a1"), Reply::Completed { .. }));
+    // b: a load torn after the commit reached the card.
+    let r = w
+        .svc
+        .start("alice", w.req(&b, 300, "card", "tok_visa", "b1"), w.now_ms)
+        .unwrap();
+    w.relay(&mut b, r, Some(10), true);
+    // c: a debit at a validator (not cleared yet), then a load: the load's counter sits above
+    // a gap.
+    let mut sam = purse::sam::SoftwareSam::validator(&w.keys, 1).unwrap();
+    let mut reader = purse::txn::EmulatedReader {
+        card: &mut c,
+        rng: StdRng::seed_from_u64(1),
+    };
+    purse::txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(2), |_| {
+        purse::txn::Decision::Apply {
+            amount_minor: 200,
+            record: None,
+        }
+    })
+    .unwrap();
+    assert!(matches!(w.load(&mut c, 100, "c1"), Reply::Completed { .. }));
+
+    let report = reconcile(w.svc.ledger()).unwrap();
+    assert_eq!(report.cards, 3);
+    assert_eq!(report.balanced, 1, "{report:?}");
+    let cause = |uid: [u8; 7]| {
+        report
+            .differences
+            .iter()
+            .find(|d| d.card_uid == hex::encode_upper(uid))
+            .map(|d| d.cause.clone())
+    };
+    assert_eq!(cause(a.state().uid), None);
+    assert_eq!(
+        cause(b.state().uid),
+        Some(Cause::PendingLoad { at_tmc: vec![0] })
+    );
+    assert_eq!(
+        cause(c.state().uid),
+        Some(Cause::CounterGap {
+            from_tmc: 1,
+            to_tmc: 1
+        })
+    );
 }
