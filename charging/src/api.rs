@@ -191,6 +191,8 @@ pub struct AppState {
     pub loads: Arc<LoadService>,
     /// Token verification.
     pub auth: Auth,
+    /// Partner signature verification.
+    pub partners: crate::partner::Partners,
     /// Clock (unix ms) — injected so tests control time.
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Prometheus registry.
@@ -424,6 +426,87 @@ async fn block_card(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn partner_voucher(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let h = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let now = (st.clock)();
+    let (partner, max) = st
+        .partners
+        .verify(
+            &h("x-tapgate-partner"),
+            &h("x-tapgate-timestamp"),
+            &h("x-tapgate-signature"),
+            "POST",
+            "/v1/partner/vouchers",
+            &body,
+            now,
+        )
+        .map_err(|e| ApiError::Unauthenticated(leak_static(e.to_string())))?;
+    let order: crate::partner::VoucherOrder = json_body(&body)?;
+    let ledger = st.loads.ledger().clone();
+    let v = blocking(move || {
+        crate::partner::issue_voucher(&ledger, &partner, max, order, now).map_err(|e| match e {
+            crate::partner::PartnerError::BadRequest(d) => ApiError::BadRequest(d),
+            other => ApiError::Internal(other.to_string()),
+        })
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "code": v.code,
+            "kind": v.kind,
+            "amount_minor": v.amount_minor,
+            "card_uid": v.card_uid,
+            "expires_ms": v.expires_ms,
+            "order_id": v.order_id,
+        })),
+    ))
+}
+
+async fn get_voucher(
+    State(st): State<AppState>,
+    Path(code): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.auth
+        .require(&headers, &[Role::Cardholder, Role::Operator])?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let v = l
+        .voucher(&r, &code)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound("no such voucher".into()))?;
+    Ok(Json(serde_json::json!({
+        "code": v.code,
+        "kind": v.kind,
+        "amount_minor": v.amount_minor,
+        "card_uid": v.card_uid,
+        "expires_ms": v.expires_ms,
+        "state": v.state,
+    })))
+}
+
+/// Unauthenticated messages are few and fixed in shape; keep them as owned strings in the
+/// error body without widening `ApiError`.
+fn leak_static(s: String) -> &'static str {
+    match s.as_str() {
+        x if x.contains("unknown partner") => "unknown partner",
+        x if x.contains("timestamp") => "timestamp missing, malformed or outside the allowed skew",
+        x if x.contains("128 hex") => "X-Tapgate-Signature must be 128 hex digits",
+        _ => "partner signature does not verify",
+    }
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
     let stats = st.loads.stats();
     let mut out = String::new();
@@ -464,6 +547,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards", post(register_card))
         .route("/v1/cards/{uid}", get(get_card))
         .route("/v1/cards/{uid}/block", post(block_card))
+        .route("/v1/partner/vouchers", post(partner_voucher))
+        .route("/v1/vouchers/{code}", get(get_voucher))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(

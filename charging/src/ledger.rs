@@ -149,6 +149,31 @@ pub struct CardShadow {
 /// Bound on counters kept above a gap per card (beyond it, the oldest are reported and dropped).
 pub const BOOKED_ABOVE_MAX: usize = 64;
 
+/// A gift certificate or prepaid load sold by a partner, redeemable into a purse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Voucher {
+    /// The redemption code (secret to the holder).
+    pub code: String,
+    /// The partner that sold it.
+    pub partner: String,
+    /// The partner's order id (idempotency).
+    pub order_id: String,
+    /// `gift` (any card) or `load` (bound to `card_uid`).
+    pub kind: String,
+    /// Value, minor units.
+    pub amount_minor: i64,
+    /// Only this card may redeem it (`load` vouchers).
+    pub card_uid: Option<String>,
+    /// Expiry (unix ms).
+    pub expires_ms: u64,
+    /// `issued`, `held` (a load is in progress), `redeemed`.
+    pub state: String,
+    /// The load reference holding it.
+    pub held_by: Option<String>,
+    /// Issued at (unix ms).
+    pub issued_ms: u64,
+}
+
 /// What booking a counter found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Booking {
@@ -169,6 +194,7 @@ pub struct LedgerCore {
     intents: Database<Bytes, SerdeJson<LoadIntent>>,
     cards: Database<Bytes, SerdeJson<CardShadow>>,
     idem: Database<Str, SerdeJson<serde_json::Value>>,
+    vouchers: Database<Str, SerdeJson<Voucher>>,
 }
 
 /// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
@@ -354,6 +380,7 @@ impl LedgerCore {
         let intents = env.create_database(&mut wtxn, Some("load_intents"))?;
         let cards = env.create_database(&mut wtxn, Some("cards"))?;
         let idem = env.create_database(&mut wtxn, Some("idempotency"))?;
+        let vouchers = env.create_database(&mut wtxn, Some("vouchers"))?;
         wtxn.commit()?;
         Ok(LedgerCore {
             env,
@@ -362,6 +389,7 @@ impl LedgerCore {
             intents,
             cards,
             idem,
+            vouchers,
         })
     }
 
@@ -507,6 +535,20 @@ impl LedgerCore {
             }
         }
         Ok(out)
+    }
+
+    /// A voucher by code.
+    pub fn voucher(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        code: &str,
+    ) -> Result<Option<Voucher>, LedgerError> {
+        Ok(self.vouchers.get(txn, code)?)
+    }
+
+    /// Stores a voucher.
+    pub fn put_voucher(&self, txn: &mut RwTxn<'_>, v: &Voucher) -> Result<(), LedgerError> {
+        Ok(self.vouchers.put(txn, &v.code, v)?)
     }
 
     /// Whether the card has a shadow record.

@@ -10,5 +10,6 @@ pub mod funding;
 #[allow(unsafe_code)]
 pub mod ledger;
 pub mod load;
+pub mod partner;
 pub mod reconcile;
 pub mod server;

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// Points and mileage programs.
     #[serde(default)]
     pub points: Vec<PointsConfig>,
+    /// Partner shops that sell vouchers (signed requests).
+    #[serde(default)]
+    pub partners: Vec<crate::partner::PartnerConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -145,6 +148,11 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             p.minor_per_point_den,
         )));
     }
+    let clock: Arc<dyn Fn() -> u64 + Send + Sync> = Arc::new(now_ms);
+    sources.push(Arc::new(crate::partner::VoucherSource::new(
+        ledger.clone(),
+        clock.clone(),
+    )));
     let l = &cfg.limits;
     let loads = LoadService::new(
         ledger,
@@ -161,7 +169,8 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
     Ok(AppState {
         loads: Arc::new(loads),
         auth: Auth::new(&cfg.tokens).map_err(ServerError::Config)?,
-        clock: Arc::new(now_ms),
+        partners: crate::partner::Partners::new(&cfg.partners).map_err(ServerError::Config)?,
+        clock,
         metrics: prometheus::Registry::new(),
     })
 }
