@@ -275,7 +275,7 @@ impl VoucherSource {
         f: impl FnOnce(&mut Voucher) -> Result<bool, FundingError> + Send + 'static,
     ) -> Result<Voucher, FundingError> {
         let code = code.to_string();
-        let out = self.ledger.transact(move |l, t| {
+        self.ledger.transact(move |l, t| {
             let mut v = match l.voucher(t, &code)? {
                 Some(v) => v,
                 None => return Ok(Err(FundingError::UnknownAuthorisation(code.clone()))),
@@ -289,8 +289,7 @@ impl VoucherSource {
                 }
                 Err(e) => Ok(Err(e)),
             }
-        })?;
-        out
+        })?
     }
 }
 
