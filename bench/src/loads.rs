@@ -67,7 +67,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
-    let cfg = ServerConfig {
+    let mut cfg = ServerConfig {
         tokens: vec![TokenEntry {
             name: "bench".into(),
             role: Role::Cardholder,
@@ -78,6 +78,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             dir.path().to_str().unwrap_or_default()
         ))?
     };
+    cfg.limits.loads_per_minute_per_client = 0; // one bench caller drives every load
     let state = server::build(&cfg, Box::new(SoftwareHsm::new(&keys)?))?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);

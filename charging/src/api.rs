@@ -131,6 +131,8 @@ pub enum ApiError {
     Conflict(String),
     /// 503
     Busy,
+    /// 429, with Retry-After seconds
+    TooMany(u64),
     /// 500
     Internal(String),
 }
@@ -149,6 +151,14 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
             ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
             ApiError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
+            ApiError::TooMany(after) => {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(axum::http::header::RETRY_AFTER, after.to_string())],
+                    Json(serde_json::json!({"error": "rate_limited", "detail": format!("too many loads started; retry in {after} s")})),
+                )
+                    .into_response()
+            }
             ApiError::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
@@ -197,6 +207,50 @@ pub struct AppState {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Prometheus registry.
     pub metrics: prometheus::Registry,
+    /// Per-caller rate limit on starting loads.
+    pub rate: Arc<RateLimiter>,
+}
+
+/// A token bucket per caller: `per_minute` starts, refilled continuously, at most
+/// `max_callers` buckets (the oldest idle ones are dropped beyond it).
+pub struct RateLimiter {
+    per_minute: u32,
+    max_callers: usize,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, u64)>>,
+}
+
+impl RateLimiter {
+    /// `per_minute` starts per caller (0 = unlimited).
+    pub fn new(per_minute: u32) -> Self {
+        RateLimiter {
+            per_minute,
+            max_callers: 100_000,
+            buckets: Default::default(),
+        }
+    }
+
+    /// Takes one token for `caller` at `now_ms`; `Err(retry_after_s)` when empty.
+    pub fn take(&self, caller: &str, now_ms: u64) -> Result<(), u64> {
+        if self.per_minute == 0 {
+            return Ok(());
+        }
+        let cap = f64::from(self.per_minute);
+        let mut b = self.buckets.lock().expect("rate lock");
+        if b.len() >= self.max_callers && !b.contains_key(caller) {
+            let cutoff = now_ms.saturating_sub(60_000);
+            b.retain(|_, (_, last)| *last >= cutoff);
+        }
+        let (tokens, last) = b.entry(caller.to_string()).or_insert((cap, now_ms));
+        let refill = (now_ms.saturating_sub(*last) as f64) * cap / 60_000.0;
+        *tokens = (*tokens + refill).min(cap);
+        *last = now_ms;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((((1.0 - *tokens) * 60.0 / cap).ceil() as u64).max(1))
+        }
+    }
 }
 
 /// `POST /v1/loads` body.
@@ -286,6 +340,7 @@ async fn start_load(
         .to_string();
     let uid = uid_of(&req.card_uid)?;
     let now = (st.clock)();
+    st.rate.take(&caller.name, now).map_err(ApiError::TooMany)?;
     let loads = st.loads.clone();
     let reply = blocking(move || {
         Ok(loads.start(
@@ -562,4 +617,46 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_refills_per_caller() {
+        let r = RateLimiter::new(2);
+        assert!(r.take("a", 0).is_ok());
+        assert!(r.take("a", 0).is_ok());
+        assert_eq!(r.take("a", 0), Err(30));
+        assert!(r.take("b", 0).is_ok(), "per caller");
+        assert!(r.take("a", 30_000).is_ok(), "refilled after half a minute");
+        assert!(RateLimiter::new(0).take("a", 0).is_ok());
+    }
+
+    #[test]
+    fn tokens_are_checked_by_hash_and_role() {
+        let auth = Auth::new(&[TokenEntry {
+            name: "ops".into(),
+            role: Role::Operator,
+            sha256: Auth::hash_token("secret"),
+        }])
+        .unwrap();
+        let mut h = HeaderMap::new();
+        assert!(auth.caller(&h).is_err());
+        h.insert("authorization", "Bearer secret".parse().unwrap());
+        assert_eq!(auth.require(&h, &[Role::Operator]).unwrap().name, "ops");
+        assert!(matches!(
+            auth.require(&h, &[Role::Cardholder]),
+            Err(ApiError::Forbidden(_))
+        ));
+        h.insert("authorization", "Bearer secreT".parse().unwrap());
+        assert!(auth.caller(&h).is_err());
+        assert!(Auth::new(&[TokenEntry {
+            name: "x".into(),
+            role: Role::Gateway,
+            sha256: "zz".into()
+        }])
+        .is_err());
+    }
 }

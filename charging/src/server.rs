@@ -25,6 +25,8 @@ pub struct Limits {
     pub session_idle_timeout_ms: u64,
     /// Most concurrent relay sessions.
     pub max_sessions: usize,
+    /// Loads a caller may start per minute (0 = unlimited).
+    pub loads_per_minute_per_client: u32,
 }
 
 impl Default for Limits {
@@ -36,6 +38,7 @@ impl Default for Limits {
             max_daily_per_card_minor: d.max_daily_per_card_minor,
             session_idle_timeout_ms: d.session_idle_timeout_ms,
             max_sessions: d.max_sessions,
+            loads_per_minute_per_client: 60,
         }
     }
 }
@@ -172,6 +175,9 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         partners: crate::partner::Partners::new(&cfg.partners).map_err(ServerError::Config)?,
         clock,
         metrics: prometheus::Registry::new(),
+        rate: Arc::new(crate::api::RateLimiter::new(
+            cfg.limits.loads_per_minute_per_client,
+        )),
     })
 }
 
