@@ -108,3 +108,38 @@ impl CommitReceipt {
         Self::verified(uid, tmc, tmv, kind, amount_minor, balance_after_minor, 1)
     }
 }
+
+/// A value change as someone claims it happened (a reported franchise load, a tap record):
+/// plain data until the HSM checks its transaction MAC ([`crate::sam::Hsm::verify_claim`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxClaim {
+    /// Card UID.
+    pub uid: [u8; 7],
+    /// The counter the change consumed.
+    pub tmc: u32,
+    /// The card's transaction MAC.
+    pub tmv: [u8; 8],
+    /// The kind of change.
+    pub kind: TxKind,
+    /// The amount, minor units, ≥ 0.
+    pub amount_minor: i32,
+    /// The balance after, minor units.
+    pub balance_after_minor: i32,
+    /// The card key version.
+    pub key_version: u8,
+}
+
+impl TxClaim {
+    /// The receipt this claim would be if true (only the HSM's check makes it one).
+    pub(crate) fn to_receipt(&self) -> CommitReceipt {
+        CommitReceipt::verified(
+            self.uid,
+            self.tmc,
+            self.tmv,
+            self.kind,
+            self.amount_minor,
+            self.balance_after_minor,
+            self.key_version,
+        )
+    }
+}

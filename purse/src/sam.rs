@@ -168,6 +168,29 @@ pub trait Sam: Authenticator {
 pub trait Hsm: Authenticator {
     /// Verifies the card's transaction MAC on a committed change. Only the HSM can do this.
     fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError>;
+    /// Verifies a claimed value change (a reported franchise load, a cleared tap): only a
+    /// change the card really made has a transaction MAC that verifies.
+    fn verify_claim(&self, claim: &crate::receipt::TxClaim) -> Result<TmacVerified, SamError> {
+        if claim.amount_minor < 0 {
+            return Err(SamError::NotAllowed("a negative amount"));
+        }
+        self.verify_tmac(&claim.to_receipt())
+    }
+    /// A ceiling grant for a franchise SAM (authenticated with that device's key).
+    fn ceiling_grant(
+        &self,
+        device_id: u32,
+        seq: u32,
+        amount_minor: i64,
+    ) -> Result<CeilingGrant, SamError> {
+        let key = self.device_key(device_id)?;
+        Ok(CeilingGrant {
+            device_id,
+            seq,
+            amount_minor,
+            mac: crypto::mac8(&key, &CeilingGrant::mac_input(device_id, seq, amount_minor)),
+        })
+    }
     /// Verifies a device MAC (constant-time) for `device_id`.
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError>;
     /// The device key for `device_id` (provisioning a validator SAM).
@@ -176,6 +199,32 @@ pub trait Hsm: Authenticator {
     fn sign(&self, msg: &[u8]) -> Result<[u8; 64], SamError>;
     /// The public key devices verify signatures with.
     fn verifying_key(&self) -> [u8; 32];
+}
+
+/// An online replenishment of a franchise SAM's credit ceiling, MAC'd by the back office with
+/// the SAM's device key. The SAM accepts each sequence number once, in increasing order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CeilingGrant {
+    /// The franchise terminal's device id.
+    pub device_id: u32,
+    /// Grant sequence number (strictly increasing per device).
+    pub seq: u32,
+    /// Amount added to the ceiling, minor units.
+    pub amount_minor: i64,
+    /// `MACt(device key, "CEIL" ‖ device_id BE ‖ seq BE ‖ amount BE)`.
+    pub mac: [u8; 8],
+}
+
+impl CeilingGrant {
+    /// The bytes the grant MAC covers.
+    pub fn mac_input(device_id: u32, seq: u32, amount_minor: i64) -> [u8; 20] {
+        let mut m = [0u8; 20];
+        m[..4].copy_from_slice(b"CEIL");
+        m[4..8].copy_from_slice(&device_id.to_be_bytes());
+        m[8..12].copy_from_slice(&seq.to_be_bytes());
+        m[12..20].copy_from_slice(&amount_minor.to_be_bytes());
+        m
+    }
 }
 
 /// Proof that the HSM verified a card's transaction MAC.
@@ -198,6 +247,8 @@ pub struct SoftwareSam {
     device_key: AesKey,
     /// Remaining credit ceiling for a franchise SAM (minor units).
     ceiling_minor: i64,
+    /// The last ceiling grant applied.
+    last_grant_seq: u32,
 }
 
 impl std::fmt::Debug for SoftwareSam {
@@ -222,6 +273,7 @@ impl SoftwareSam {
             device_id,
             device_key,
             ceiling_minor: 0,
+            last_grant_seq: 0,
         })
     }
 
@@ -235,6 +287,7 @@ impl SoftwareSam {
             device_id,
             device_key,
             ceiling_minor,
+            last_grant_seq: 0,
         })
     }
 
@@ -243,13 +296,33 @@ impl SoftwareSam {
         self.ceiling_minor
     }
 
-    /// Replenishes the ceiling (done online by the charging server).
-    pub fn replenish(&mut self, amount_minor: i64) -> Result<(), SamError> {
+    /// Applies a ceiling grant from the back office: refused unless its MAC verifies under
+    /// this SAM's device key and its sequence number is newer than the last one applied.
+    pub fn apply_ceiling_grant(&mut self, grant: &CeilingGrant) -> Result<(), SamError> {
         if self.role != Role::FranchiseSam {
             return Err(SamError::NotAllowed("replenishing a ceiling"));
         }
-        self.ceiling_minor += amount_minor;
+        let want = crypto::mac8(
+            &self.device_key,
+            &CeilingGrant::mac_input(grant.device_id, grant.seq, grant.amount_minor),
+        );
+        if grant.device_id != self.device_id || !crypto::mac_eq(&want, &grant.mac) {
+            return Err(SamError::NotAllowed("a ceiling grant that does not verify"));
+        }
+        if grant.seq <= self.last_grant_seq {
+            return Err(SamError::NotAllowed("a replayed ceiling grant"));
+        }
+        if grant.amount_minor <= 0 {
+            return Err(SamError::NotAllowed("a non-positive ceiling grant"));
+        }
+        self.last_grant_seq = grant.seq;
+        self.ceiling_minor += grant.amount_minor;
         Ok(())
+    }
+
+    /// The last ceiling grant sequence number applied.
+    pub fn last_grant_seq(&self) -> u32 {
+        self.last_grant_seq
     }
 }
 

@@ -325,7 +325,25 @@ fn franchise_sam_loads_only_under_its_ceiling() {
         "{err}"
     );
     assert_eq!(card.state().balance_minor, 600);
-    fsam.replenish(1_000).unwrap();
+    // The back office replenishes it online with a grant MAC'd under the SAM's device key.
+    let grant = rig.hsm.ceiling_grant(7001, 1, 1_000).unwrap();
+    fsam.apply_ceiling_grant(&grant).unwrap();
+    assert!(
+        fsam.apply_ceiling_grant(&grant).is_err(),
+        "a grant applies once"
+    );
+    let mut forged = rig.hsm.ceiling_grant(7001, 2, 1_000).unwrap();
+    forged.amount_minor = 1_000_000;
+    assert!(
+        fsam.apply_ceiling_grant(&forged).is_err(),
+        "an altered grant is refused"
+    );
+    let other = rig.hsm.ceiling_grant(7002, 3, 1_000).unwrap();
+    assert!(
+        fsam.apply_ceiling_grant(&other).is_err(),
+        "another device's grant is refused"
+    );
+    assert_eq!(fsam.ceiling_minor(), 1_400);
     receipt(go(600, &mut card, &mut fsam).unwrap());
     assert_eq!(card.state().balance_minor, 1_200);
 }
