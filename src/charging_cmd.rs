@@ -49,6 +49,18 @@ enum ChargingCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write a business day's settlement files (per franchise, per operator, summary) as CSV.
+    Settlement {
+        /// The charging data directory.
+        #[arg(long, default_value = "data/charging")]
+        data: PathBuf,
+        /// The business day, YYYY-MM-DD (UTC).
+        #[arg(long)]
+        day: String,
+        /// Directory to write the CSV files into.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Create an API token: prints the token once and the [[tokens]] entry for the config.
     Token {
         /// Caller name.
@@ -75,15 +87,7 @@ enum RoleArg {
 pub fn run(args: ChargingArgs) -> Result<()> {
     match args.cmd {
         Some(ChargingCmd::Reconcile { data, json }) => {
-            let dir = data.join("ledger");
-            if !dir.join("data.mdb").exists() {
-                return Err(input_err(format!(
-                    "no ledger at {} (is --data the charging data directory?)",
-                    dir.display()
-                )));
-            }
-            let ledger = charging::ledger::Ledger::open(&dir, 1 << 30)
-                .with_context(|| format!("opening the ledger at {}", dir.display()))?;
+            let ledger = open_ledger(&data)?;
             let started = std::time::Instant::now();
             let report = charging::reconcile::reconcile(&ledger)?;
             let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -101,6 +105,18 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                     report.balanced,
                     report.differences.len()
                 );
+            }
+            ledger.close();
+            Ok(())
+        }
+        Some(ChargingCmd::Settlement { data, day, out }) => {
+            charging::settlement::day_bounds(&day).map_err(input_err)?;
+            let ledger = open_ledger(&data)?;
+            let files = charging::settlement::settlement(&ledger, &day)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            for f in &files {
+                write_atomic(&out.join(&f.name), f.csv.as_bytes())?;
+                println!("wrote {}", out.join(&f.name).display());
             }
             ledger.close();
             Ok(())
@@ -189,4 +205,16 @@ fn serve(a: ServeArgs) -> Result<()> {
         server::serve(&cfg, state, shutdown).await
     })?;
     Ok(())
+}
+
+fn open_ledger(data: &std::path::Path) -> Result<charging::ledger::Ledger> {
+    let dir = data.join("ledger");
+    if !dir.join("data.mdb").exists() {
+        return Err(input_err(format!(
+            "no ledger at {} (is --data the charging data directory?)",
+            dir.display()
+        )));
+    }
+    charging::ledger::Ledger::open(&dir, 1 << 30)
+        .with_context(|| format!("opening the ledger at {}", dir.display()))
 }

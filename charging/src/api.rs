@@ -203,6 +203,8 @@ pub struct AppState {
     pub auth: Auth,
     /// Partner signature verification.
     pub partners: crate::partner::Partners,
+    /// Franchises by name.
+    pub franchises: Arc<std::collections::HashMap<String, crate::franchise::FranchiseConfig>>,
     /// Clock (unix ms) — injected so tests control time.
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Prometheus registry.
@@ -562,6 +564,154 @@ fn leak_static(s: String) -> &'static str {
     }
 }
 
+fn franchise_err(e: crate::franchise::FranchiseError) -> ApiError {
+    match e {
+        crate::franchise::FranchiseError::BadRequest(d) => ApiError::BadRequest(d),
+        crate::franchise::FranchiseError::Unknown(n) => {
+            ApiError::NotFound(format!("no franchise {n:?}"))
+        }
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+fn own_franchise(
+    st: &AppState,
+    headers: &HeaderMap,
+) -> Result<crate::franchise::FranchiseConfig, ApiError> {
+    let caller = st.auth.require(headers, &[Role::Partner])?;
+    st.franchises
+        .get(&caller.name)
+        .cloned()
+        .ok_or(ApiError::Forbidden(Role::Partner))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FranchiseReport {
+    loads: Vec<crate::franchise::ReportedLoad>,
+}
+
+async fn franchise_loads(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let f = own_franchise(&st, &headers)?;
+    let report: FranchiseReport = json_body(&body)?;
+    if report.loads.is_empty() || report.loads.len() > 10_000 {
+        return Err(ApiError::BadRequest(
+            "a report holds 1 to 10000 loads".into(),
+        ));
+    }
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let out = blocking(move || {
+        crate::franchise::report_loads(loads.ledger(), loads.hsm(), &f, &report.loads, now)
+            .map_err(franchise_err)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({
+        "accepted": out.accepted,
+        "duplicates": out.duplicates,
+        "rejected": out.rejected.iter().map(|(i, r)| serde_json::json!({"index": i, "reason": r})).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CeilingRequest {
+    requested_minor: i64,
+}
+
+async fn franchise_ceiling(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let f = own_franchise(&st, &headers)?;
+    let req: CeilingRequest = json_body(&body)?;
+    let loads = st.loads.clone();
+    let grant = blocking(move || {
+        crate::franchise::grant_ceiling(loads.ledger(), loads.hsm(), &f, req.requested_minor)
+            .map_err(franchise_err)
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::Conflict(
+            "exposure at its limit: report loads and settle what is owed before more ceiling"
+                .into(),
+        )
+    })?;
+    Ok(Json(serde_json::json!({
+        "device_id": grant.device_id,
+        "seq": grant.seq,
+        "amount_minor": grant.amount_minor,
+        "mac": hex::encode_upper(grant.mac),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Payment {
+    amount_minor: i64,
+    reference: String,
+}
+
+async fn franchise_payment(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    st.auth.require(&headers, &[Role::Operator])?;
+    if !st.franchises.contains_key(&name) {
+        return Err(ApiError::NotFound(format!("no franchise {name:?}")));
+    }
+    let p: Payment = json_body(&body)?;
+    if p.reference.is_empty() || p.reference.len() > 128 {
+        return Err(ApiError::BadRequest(
+            "reference must be 1 to 128 characters".into(),
+        ));
+    }
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    blocking(move || {
+        crate::franchise::record_payment(loads.ledger(), &name, p.amount_minor, &p.reference, now)
+            .map_err(franchise_err)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn franchise_status(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = st
+        .auth
+        .require(&headers, &[Role::Operator, Role::Partner])?;
+    if caller.role == Role::Partner && caller.name != name {
+        return Err(ApiError::Forbidden(Role::Partner));
+    }
+    let f = st
+        .franchises
+        .get(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no franchise {name:?}")))?;
+    let l = st.loads.ledger();
+    let s = crate::franchise::state(l, &name).map_err(franchise_err)?;
+    let owed = crate::franchise::outstanding_minor(l, &name).map_err(franchise_err)?;
+    Ok(Json(serde_json::json!({
+        "name": name,
+        "device_id": f.device_id,
+        "max_exposure_minor": f.max_exposure_minor,
+        "granted_total_minor": s.granted_total_minor,
+        "reported_total_minor": s.reported_total_minor,
+        "outstanding_minor": owed,
+        "last_grant_seq": s.last_grant_seq,
+    })))
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
     let stats = st.loads.stats();
     let mut out = String::new();
@@ -603,6 +753,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards/{uid}", get(get_card))
         .route("/v1/cards/{uid}/block", post(block_card))
         .route("/v1/partner/vouchers", post(partner_voucher))
+        .route("/v1/franchise/loads", post(franchise_loads))
+        .route("/v1/franchise/ceiling", post(franchise_ceiling))
+        .route("/v1/franchises/{name}", get(franchise_status))
+        .route("/v1/franchises/{name}/payments", post(franchise_payment))
         .route("/v1/vouchers/{code}", get(get_voucher))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod franchise;
 pub mod funding;
 #[allow(unsafe_code)]
 pub mod ledger;
@@ -13,3 +14,4 @@ pub mod load;
 pub mod partner;
 pub mod reconcile;
 pub mod server;
+pub mod settlement;

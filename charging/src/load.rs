@@ -229,6 +229,11 @@ impl LoadService {
         &self.ledger
     }
 
+    /// The HSM (shared with franchise reports and clearing).
+    pub fn hsm(&self) -> &Mutex<Box<dyn Hsm + Send>> {
+        &self.hsm
+    }
+
     /// A copy of the counters.
     pub fn stats(&self) -> LoadStats {
         self.stats.lock().expect("stats lock").clone()

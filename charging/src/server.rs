@@ -91,6 +91,9 @@ pub struct ServerConfig {
     /// Partner shops that sell vouchers (signed requests).
     #[serde(default)]
     pub partners: Vec<crate::partner::PartnerConfig>,
+    /// Franchise terminals that load offline under a ceiling.
+    #[serde(default)]
+    pub franchises: Vec<crate::franchise::FranchiseConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -173,6 +176,12 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         loads: Arc::new(loads),
         auth: Auth::new(&cfg.tokens).map_err(ServerError::Config)?,
         partners: crate::partner::Partners::new(&cfg.partners).map_err(ServerError::Config)?,
+        franchises: Arc::new(
+            cfg.franchises
+                .iter()
+                .map(|f| (f.name.clone(), f.clone()))
+                .collect(),
+        ),
         clock,
         metrics: prometheus::Registry::new(),
         rate: Arc::new(crate::api::RateLimiter::new(

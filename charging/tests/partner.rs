@@ -4,7 +4,6 @@
 
 use charging::api::{Auth, Role, TokenEntry};
 use charging::partner::{PartnerConfig, Partners};
-use charging::server::{self, ServerConfig};
 use ed25519_dalek::{Signer, SigningKey};
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
@@ -13,62 +12,21 @@ use rand::SeedableRng;
 
 const HOLDER: &str = "tg_holder";
 
-struct Running {
-    base: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    rt: tokio::runtime::Runtime,
-    handle: Option<tokio::task::JoinHandle<Result<(), charging::server::ServerError>>>,
-    state: charging::api::AppState,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let h = self.handle.take().unwrap();
-        let _ = self.rt.block_on(h);
-    }
-}
-
-fn start(keys: &KeySet, partner_pub: [u8; 32]) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = ServerConfig {
-        tokens: vec![TokenEntry {
+fn start(keys: &KeySet, partner_pub: [u8; 32]) -> common::Running {
+    common::start(keys, |cfg| {
+        cfg.tokens = vec![TokenEntry {
             name: "holder".into(),
             role: Role::Cardholder,
             sha256: Auth::hash_token(HOLDER),
-        }],
-        partners: vec![PartnerConfig {
+        }];
+        cfg.partners = vec![PartnerConfig {
             name: "mall".into(),
             public_key: hex::encode(partner_pub),
             max_voucher_minor: 50_000,
-        }],
-        ..ServerConfig::from_toml(&format!(
-            "data_dir = {:?}\nledger_map_size_bytes = 33554432",
-            dir.path().to_str().unwrap()
-        ))
-        .unwrap()
-    };
-    let state = server::build(&cfg, Box::new(SoftwareHsm::new(keys).unwrap())).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let st = state.clone();
-    let handle = rt.spawn(async move {
-        server::serve_on(listener, &cfg, st, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    Running {
-        base,
-        stop: Some(stop),
-        rt,
-        handle: Some(handle),
-        state,
-        _dir: dir,
-    }
+        }];
+    })
 }
 
 fn now_ms() -> u64 {

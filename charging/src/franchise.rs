@@ -1,0 +1,263 @@
+//! Franchise terminals: shops whose SAM may load cards offline up to a credit ceiling.
+//!
+//! - They report their loads later ([`report_loads`]); each is booked only if the HSM verifies
+//!   the card's transaction MAC, and once per card counter: `franchise:<id>` → `card:<UID>`
+//!   (the franchise collected the cash and owes it to us).
+//! - They get their ceiling replenished online ([`grant_ceiling`]): the grant is MAC'd with the
+//!   terminal's device key, numbered, and sized so the franchise's exposure — value granted but
+//!   not yet reported, plus value reported but not yet paid — never exceeds its limit.
+//! - The operator records their payments ([`record_payment`]); settlement files list a business
+//!   day's loads and payments per franchise (`tapgate charging settlement`).
+
+use crate::ledger::{card_account, Booking, Ledger, LedgerError};
+use purse::receipt::{TxClaim, TxKind};
+use purse::sam::{CeilingGrant, Hsm};
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+/// A configured franchise.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FranchiseConfig {
+    /// Franchise id; also the name of its API token (role partner).
+    pub name: String,
+    /// Its terminal's device id (the SAM's device key MACs ceiling grants).
+    pub device_id: u32,
+    /// The most value it may hold unreported or unpaid, minor units.
+    pub max_exposure_minor: i64,
+}
+
+/// One load a terminal reports.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportedLoad {
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+    /// The counter the load consumed.
+    pub tmc: u32,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// The card's balance after the load.
+    pub balance_after_minor: i32,
+    /// The card's transaction MAC, 16 hex digits.
+    pub tmv: String,
+    /// The card's key version.
+    pub key_version: u8,
+}
+
+/// What happened to a report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReportOutcome {
+    /// Booked now.
+    pub accepted: u32,
+    /// Already booked (a repeated report).
+    pub duplicates: u32,
+    /// Refused, with the index in the report and the reason.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// The franchise's running state (kept in the ledger's idempotency store).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FranchiseState {
+    /// Sum of all ceiling grants.
+    pub granted_total_minor: i64,
+    /// Sum of all reported (and verified) loads.
+    pub reported_total_minor: i64,
+    /// The last grant's sequence number.
+    pub last_grant_seq: u32,
+}
+
+/// Franchise errors.
+#[derive(Debug, thiserror::Error)]
+pub enum FranchiseError {
+    /// Not a configured franchise.
+    #[error("{0:?} is not a configured franchise")]
+    Unknown(String),
+    /// Malformed input.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Storage.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// HSM.
+    #[error("HSM: {0}")]
+    Hsm(String),
+}
+
+fn state_key(name: &str) -> String {
+    format!("franchise-state:{name}")
+}
+
+/// The franchise's state.
+pub fn state(ledger: &Ledger, name: &str) -> Result<FranchiseState, FranchiseError> {
+    let r = ledger.read()?;
+    Ok(ledger
+        .idempotent(&r, &state_key(name))?
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default())
+}
+
+/// Value the franchise owes and has not paid (its account is negative by that much).
+pub fn outstanding_minor(ledger: &Ledger, name: &str) -> Result<i64, FranchiseError> {
+    let r = ledger.read()?;
+    Ok(-ledger.balance(&r, &format!("franchise:{name}"))?)
+}
+
+/// Books a terminal's reported loads.
+pub fn report_loads(
+    ledger: &Ledger,
+    hsm: &Mutex<Box<dyn Hsm + Send>>,
+    franchise: &FranchiseConfig,
+    loads: &[ReportedLoad],
+    now_ms: u64,
+) -> Result<ReportOutcome, FranchiseError> {
+    let mut out = ReportOutcome::default();
+    let mut verified = Vec::new();
+    for (i, l) in loads.iter().enumerate() {
+        let uid: Option<[u8; 7]> = hex::decode(&l.card_uid)
+            .ok()
+            .and_then(|v| v.try_into().ok());
+        let tmv: Option<[u8; 8]> = hex::decode(&l.tmv).ok().and_then(|v| v.try_into().ok());
+        let (Some(uid), Some(tmv)) = (uid, tmv) else {
+            out.rejected
+                .push((i, "card_uid must be 14 and tmv 16 hex digits".into()));
+            continue;
+        };
+        if l.amount_minor <= 0 {
+            out.rejected
+                .push((i, "amount_minor must be positive".into()));
+            continue;
+        }
+        let claim = TxClaim {
+            uid,
+            tmc: l.tmc,
+            tmv,
+            kind: TxKind::Credit,
+            amount_minor: l.amount_minor,
+            balance_after_minor: l.balance_after_minor,
+            key_version: l.key_version,
+        };
+        match hsm.lock().expect("hsm lock").verify_claim(&claim) {
+            Ok(_) => verified.push((i, claim)),
+            Err(e) => out.rejected.push((i, format!("transaction MAC: {e}"))),
+        }
+    }
+    let name = franchise.name.clone();
+    let (accepted, duplicates) = ledger.transact(move |l, t| {
+        let key = state_key(&name);
+        let mut st: FranchiseState = l
+            .idempotent(t, &key)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let (mut accepted, mut duplicates) = (0u32, 0u32);
+        for (_, c) in &verified {
+            let marker = format!("franchise-load:{}:{}", hex::encode_upper(c.uid), c.tmc);
+            if l.idempotent(t, &marker)?.is_some() {
+                duplicates += 1;
+                continue;
+            }
+            l.post(
+                t,
+                now_ms,
+                &format!("franchise:{name}"),
+                &card_account(&c.uid),
+                i64::from(c.amount_minor),
+                &marker,
+            )?;
+            l.put_idempotent(t, &marker, &serde_json::Value::String(name.clone()))?;
+            l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
+            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor)? == Booking::Duplicate {
+                tracing::warn!(uid = %hex::encode_upper(c.uid), tmc = c.tmc, "franchise load at a counter already booked by another transaction");
+            }
+            st.reported_total_minor += i64::from(c.amount_minor);
+            accepted += 1;
+        }
+        l.put_idempotent(t, &key, &serde_json::to_value(&st).expect("state serialises"))?;
+        Ok((accepted, duplicates))
+    })?;
+    out.accepted = accepted;
+    out.duplicates = duplicates;
+    Ok(out)
+}
+
+/// Grants up to `requested_minor` of new ceiling, within the franchise's exposure limit.
+/// Returns `None` when nothing can be granted (exposure at its limit).
+pub fn grant_ceiling(
+    ledger: &Ledger,
+    hsm: &Mutex<Box<dyn Hsm + Send>>,
+    franchise: &FranchiseConfig,
+    requested_minor: i64,
+) -> Result<Option<CeilingGrant>, FranchiseError> {
+    if requested_minor <= 0 {
+        return Err(FranchiseError::BadRequest(
+            "requested_minor must be positive".into(),
+        ));
+    }
+    let outstanding = outstanding_minor(ledger, &franchise.name)?;
+    let name = franchise.name.clone();
+    let max = franchise.max_exposure_minor;
+    // Decide and record the grant in one transaction, so two concurrent requests cannot both
+    // use the same headroom or the same sequence number.
+    let decided = ledger.transact(move |l, t| {
+        let key = state_key(&name);
+        let mut st: FranchiseState = l
+            .idempotent(t, &key)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let unreported = st.granted_total_minor - st.reported_total_minor;
+        let headroom = max - unreported.max(0) - outstanding.max(0);
+        let amount = requested_minor.min(headroom);
+        if amount <= 0 {
+            return Ok(None);
+        }
+        st.last_grant_seq += 1;
+        st.granted_total_minor += amount;
+        l.put_idempotent(
+            t,
+            &key,
+            &serde_json::to_value(&st).expect("state serialises"),
+        )?;
+        Ok(Some((st.last_grant_seq, amount)))
+    })?;
+    let Some((seq, amount)) = decided else {
+        return Ok(None);
+    };
+    let grant = hsm
+        .lock()
+        .expect("hsm lock")
+        .ceiling_grant(franchise.device_id, seq, amount)
+        .map_err(|e| FranchiseError::Hsm(e.to_string()))?;
+    Ok(Some(grant))
+}
+
+/// Records a franchise's payment of what it owes (by the operator).
+pub fn record_payment(
+    ledger: &Ledger,
+    name: &str,
+    amount_minor: i64,
+    reference: &str,
+    now_ms: u64,
+) -> Result<(), FranchiseError> {
+    if amount_minor <= 0 {
+        return Err(FranchiseError::BadRequest(
+            "amount_minor must be positive".into(),
+        ));
+    }
+    let (name, reference) = (name.to_string(), reference.to_string());
+    ledger.transact(move |l, t| {
+        let marker = format!("franchise-payment:{name}:{reference}");
+        if l.idempotent(t, &marker)?.is_some() {
+            return Ok(());
+        }
+        l.post(
+            t,
+            now_ms,
+            "bank:settlements",
+            &format!("franchise:{name}"),
+            amount_minor,
+            &marker,
+        )?;
+        l.put_idempotent(t, &marker, &serde_json::Value::Bool(true))
+    })?;
+    Ok(())
+}

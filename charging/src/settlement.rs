@@ -1,0 +1,212 @@
+//! Settlement files for a business day (UTC): per franchise (its loads and its payments) and per
+//! operator (the fare revenue cleared from taps), plus a summary, as CSV.
+
+use crate::ledger::{LedgerCore, LedgerError, Posting};
+use std::collections::BTreeMap;
+use time::macros::format_description;
+
+/// One CSV file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettlementFile {
+    /// File name, e.g. `franchise-corner-shop-2026-11-24.csv`.
+    pub name: String,
+    /// Contents.
+    pub csv: String,
+}
+
+/// Parses `YYYY-MM-DD` into the day's [start, end) in unix ms.
+pub fn day_bounds(day: &str) -> Result<(u64, u64), String> {
+    let date = time::Date::parse(day, format_description!("[year]-[month]-[day]"))
+        .map_err(|e| format!("day {day:?} is not YYYY-MM-DD: {e}"))?;
+    let start = date.midnight().assume_utc().unix_timestamp();
+    if start < 0 {
+        return Err(format!("day {day:?} is before 1970"));
+    }
+    let start_ms = start as u64 * 1000;
+    Ok((start_ms, start_ms + 86_400_000))
+}
+
+fn utc(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn split_ref(reference: &str) -> (&str, &str) {
+    // `kind:<UID>:<TMC>` → (UID, TMC)
+    let mut it = reference.split(':');
+    let _ = it.next();
+    (it.next().unwrap_or(""), it.next().unwrap_or(""))
+}
+
+#[derive(Default)]
+struct Totals {
+    loads_minor: i64,
+    payments_minor: i64,
+    debits_minor: i64,
+}
+
+/// Builds the day's settlement files.
+pub fn settlement(ledger: &LedgerCore, day: &str) -> Result<Vec<SettlementFile>, SettlementError> {
+    let (start, end) = day_bounds(day).map_err(SettlementError::Day)?;
+    let r = ledger.read()?;
+    let mut rows: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
+    let all: Vec<Posting> = ledger.postings_with_prefix(&r, "")?;
+    for p in all.iter().filter(|p| p.time_ms >= start && p.time_ms < end) {
+        if let Some(f) = p.from.strip_prefix("franchise:") {
+            let (uid, tmc) = split_ref(&p.reference);
+            rows.entry(format!("franchise-{f}"))
+                .or_default()
+                .push(format!(
+                    "{},load,{uid},{tmc},{},{}",
+                    utc(p.time_ms),
+                    p.amount_minor,
+                    p.reference
+                ));
+            totals
+                .entry(format!("franchise:{f}"))
+                .or_default()
+                .loads_minor += p.amount_minor;
+        } else if let Some(f) = p.to.strip_prefix("franchise:") {
+            rows.entry(format!("franchise-{f}"))
+                .or_default()
+                .push(format!(
+                    "{},payment,,,{},{}",
+                    utc(p.time_ms),
+                    p.amount_minor,
+                    p.reference
+                ));
+            totals
+                .entry(format!("franchise:{f}"))
+                .or_default()
+                .payments_minor += p.amount_minor;
+        } else if let Some(op) = p.to.strip_prefix("operator:") {
+            let (uid, tmc) = split_ref(&p.reference);
+            rows.entry(format!("operator-{op}"))
+                .or_default()
+                .push(format!(
+                    "{},debit,{uid},{tmc},{},{}",
+                    utc(p.time_ms),
+                    p.amount_minor,
+                    p.reference
+                ));
+            totals
+                .entry(format!("operator:{op}"))
+                .or_default()
+                .debits_minor += p.amount_minor;
+        }
+    }
+    let mut files = Vec::new();
+    for (party, lines) in rows {
+        let mut csv = String::from("time_utc,type,card_uid,tmc,amount_minor,reference\n");
+        for l in lines {
+            csv.push_str(&l);
+            csv.push('\n');
+        }
+        files.push(SettlementFile {
+            name: format!("{party}-{day}.csv"),
+            csv,
+        });
+    }
+    let mut summary = String::from("party,loads_minor,payments_minor,debits_minor,net_minor\n");
+    for (party, t) in &totals {
+        // What the party owes us (+) or we owe it (−) for the day.
+        let net = t.loads_minor - t.payments_minor - t.debits_minor;
+        summary.push_str(&format!(
+            "{party},{},{},{},{net}\n",
+            t.loads_minor, t.payments_minor, t.debits_minor
+        ));
+    }
+    files.push(SettlementFile {
+        name: format!("summary-{day}.csv"),
+        csv: summary,
+    });
+    Ok(files)
+}
+
+/// Settlement errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SettlementError {
+    /// The day is malformed.
+    #[error("{0}")]
+    Day(String),
+    /// Storage.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn day_bounds_are_utc_midnights() {
+        assert_eq!(
+            day_bounds("1970-01-02").unwrap(),
+            (86_400_000, 2 * 86_400_000)
+        );
+        assert!(day_bounds("2026-13-01").is_err());
+        assert!(day_bounds("yesterday").is_err());
+    }
+
+    #[test]
+    fn a_day_of_franchise_activity_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = crate::ledger::Ledger::open(dir.path(), 16 << 20).unwrap();
+        let day = 86_400_000 * 20_000; // 2024-10-04
+        let mut t = l.write().unwrap();
+        l.post(
+            &mut t,
+            day + 1_000,
+            "franchise:shop",
+            "card:0401",
+            2_000,
+            "franchise-load:0401:1",
+        )
+        .unwrap();
+        l.post(
+            &mut t,
+            day + 2_000,
+            "bank:settlements",
+            "franchise:shop",
+            1_500,
+            "franchise-payment:shop:b1",
+        )
+        .unwrap();
+        l.post(
+            &mut t,
+            day - 1,
+            "franchise:shop",
+            "card:0402",
+            999,
+            "franchise-load:0402:1",
+        )
+        .unwrap();
+        t.commit().unwrap();
+        let files = settlement(&l, "2024-10-04").unwrap();
+        let shop = files
+            .iter()
+            .find(|f| f.name == "franchise-shop-2024-10-04.csv")
+            .unwrap();
+        assert_eq!(shop.csv.lines().count(), 3, "{}", shop.csv);
+        assert!(shop
+            .csv
+            .contains("2024-10-04T00:00:01Z,load,0401,1,2000,franchise-load:0401:1"));
+        let summary = files
+            .iter()
+            .find(|f| f.name == "summary-2024-10-04.csv")
+            .unwrap();
+        assert!(
+            summary.csv.contains("franchise:shop,2000,1500,0,500"),
+            "{}",
+            summary.csv
+        );
+    }
+}
