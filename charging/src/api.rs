@@ -295,6 +295,9 @@ pub struct RegisterCard {
     pub card_uid: String,
     /// Value personalised onto the card, minor units.
     pub personalised_minor: i64,
+    /// The cardholder (API caller name) who owns it and may report it lost or stolen.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `POST /v1/cards/{uid}/block` body.
@@ -408,7 +411,17 @@ async fn register_card(
     blocking(move || {
         loads
             .register_card(&uid, req.personalised_minor, now)
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        if let Some(owner) = req.owner {
+            let l = loads.ledger();
+            l.transact(move |l, t| {
+                let mut s = l.card(t, &uid)?;
+                s.owner = Some(owner);
+                l.put_card(t, &uid, &s)
+            })
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+        Ok(())
     })
     .await?;
     Ok(StatusCode::CREATED)
@@ -451,36 +464,125 @@ async fn get_card(
     })))
 }
 
-async fn block_card(
-    State(st): State<AppState>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<StatusCode, ApiError> {
-    st.auth.require(&headers, &[Role::Operator])?;
-    let uid = uid_of(&uid_hex)?;
-    let req: BlockCard = json_body(&body)?;
+async fn set_block(
+    st: &AppState,
+    uid: [u8; 7],
+    blocked: bool,
+    reason: String,
+) -> Result<Option<u64>, ApiError> {
+    let now = (st.clock)();
+    let ledger = st.loads.ledger().clone();
+    blocking(move || {
+        ledger
+            .transact(move |l, t| l.set_blocked(t, &uid, blocked, &reason, now))
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    })
+    .await
+}
+
+fn reason_of(req: &BlockCard) -> Result<String, ApiError> {
     if req.reason.trim().is_empty() || req.reason.len() > 200 {
         return Err(ApiError::BadRequest(
             "reason must be 1 to 200 characters".into(),
         ));
     }
-    let loads = st.loads.clone();
-    blocking(move || {
-        let l = loads.ledger();
-        let mut t = l.write().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let mut s = l
-            .card(&t, &uid)
+    Ok(req.reason.trim().to_string())
+}
+
+async fn block_card(
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.auth.require(&headers, &[Role::Operator])?;
+    let uid = uid_of(&uid_hex)?;
+    let reason = reason_of(&json_body(&body)?)?;
+    let version = set_block(&st, uid, true, reason).await?;
+    Ok(Json(serde_json::json!({"blocklist_version": version})))
+}
+
+async fn unblock_card(
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.auth.require(&headers, &[Role::Operator])?;
+    let uid = uid_of(&uid_hex)?;
+    let reason = reason_of(&json_body(&body)?)?;
+    let version = set_block(&st, uid, false, reason).await?;
+    Ok(Json(serde_json::json!({"blocklist_version": version})))
+}
+
+/// `POST /v1/cards/{uid}/report`: the card's owner (or an operator) reports it lost or stolen.
+async fn report_card(
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = st
+        .auth
+        .require(&headers, &[Role::Cardholder, Role::Operator])?;
+    let uid = uid_of(&uid_hex)?;
+    let req: BlockCard = json_body(&body)?;
+    let reason = match req.reason.as_str() {
+        "lost" | "stolen" => req.reason.clone(),
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "reason {other:?} must be \"lost\" or \"stolen\""
+            )))
+        }
+    };
+    if caller.role == Role::Cardholder {
+        let l = st.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let shadow = l
+            .card(&r, &uid)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        s.blocked = true;
-        s.block_reason = Some(req.reason);
-        l.put_card(&mut t, &uid, &s)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        t.commit().map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(())
-    })
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+        if shadow.owner.as_deref() != Some(caller.name.as_str()) {
+            // Same answer as for an unknown card: do not reveal whose cards exist.
+            return Err(ApiError::NotFound(format!(
+                "card {uid_hex} is not registered to you"
+            )));
+        }
+    }
+    let version = set_block(&st, uid, true, reason).await?;
+    Ok(Json(
+        serde_json::json!({"blocked": true, "blocklist_version": version}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    10_000
+}
+
+/// `GET /v1/blocklist/changes?after=N&limit=M` (gateway, operator): numbered block and unblock
+/// changes, for the gateway to sign and publish in order.
+async fn block_changes(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.auth
+        .require(&headers, &[Role::Gateway, Role::Operator])?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (changes, latest) = l
+        .block_changes(&r, q.after, q.limit.clamp(1, 100_000))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(
+        serde_json::json!({"latest_version": latest, "changes": changes}),
+    ))
 }
 
 async fn partner_voucher(
@@ -752,6 +854,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards", post(register_card))
         .route("/v1/cards/{uid}", get(get_card))
         .route("/v1/cards/{uid}/block", post(block_card))
+        .route("/v1/cards/{uid}/unblock", post(unblock_card))
+        .route("/v1/cards/{uid}/report", post(report_card))
+        .route("/v1/blocklist/changes", get(block_changes))
         .route("/v1/partner/vouchers", post(partner_voucher))
         .route("/v1/franchise/loads", post(franchise_loads))
         .route("/v1/franchise/ceiling", post(franchise_ceiling))

@@ -135,6 +135,9 @@ pub struct CardShadow {
     /// Loads authorised or completed on `load_day`, minor units.
     #[serde(default)]
     pub load_day_minor: i64,
+    /// The cardholder (API caller name) who may report the card lost or stolen.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// Every counter 1..=`booked_through_tmc` has been booked (load, debit, or record-only).
     #[serde(default)]
     pub booked_through_tmc: u32,
@@ -174,6 +177,21 @@ pub struct Voucher {
     pub issued_ms: u64,
 }
 
+/// One change to the blocklist, numbered: the gateway publishes them in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockChange {
+    /// Version (1, 2, …): the list after this change.
+    pub version: u64,
+    /// Card UID (hex).
+    pub card_uid: String,
+    /// `block` or `unblock`.
+    pub action: String,
+    /// Why (lost, stolen, clone suspected, …).
+    pub reason: String,
+    /// When (unix ms).
+    pub time_ms: u64,
+}
+
 /// What booking a counter found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Booking {
@@ -195,6 +213,7 @@ pub struct LedgerCore {
     cards: Database<Bytes, SerdeJson<CardShadow>>,
     idem: Database<Str, SerdeJson<serde_json::Value>>,
     vouchers: Database<Str, SerdeJson<Voucher>>,
+    blocks: Database<U64<BE>, SerdeJson<BlockChange>>,
 }
 
 /// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
@@ -381,6 +400,7 @@ impl LedgerCore {
         let cards = env.create_database(&mut wtxn, Some("cards"))?;
         let idem = env.create_database(&mut wtxn, Some("idempotency"))?;
         let vouchers = env.create_database(&mut wtxn, Some("vouchers"))?;
+        let blocks = env.create_database(&mut wtxn, Some("block_changes"))?;
         wtxn.commit()?;
         Ok(LedgerCore {
             env,
@@ -390,6 +410,7 @@ impl LedgerCore {
             cards,
             idem,
             vouchers,
+            blocks,
         })
     }
 
@@ -535,6 +556,57 @@ impl LedgerCore {
             }
         }
         Ok(out)
+    }
+
+    /// Blocks or unblocks a card, appending a numbered change when its state changes.
+    /// Returns the new version, or `None` when the card already was in that state.
+    pub fn set_blocked(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        blocked: bool,
+        reason: &str,
+        time_ms: u64,
+    ) -> Result<Option<u64>, LedgerError> {
+        let mut c = self.card(txn, uid)?;
+        if c.blocked == blocked {
+            return Ok(None);
+        }
+        c.blocked = blocked;
+        c.block_reason = blocked.then(|| reason.to_string());
+        self.cards.put(txn, uid, &c)?;
+        let version = self.blocks.last(txn)?.map(|(k, _)| k + 1).unwrap_or(1);
+        self.blocks.put(
+            txn,
+            &version,
+            &BlockChange {
+                version,
+                card_uid: hex::encode_upper(uid),
+                action: if blocked { "block" } else { "unblock" }.into(),
+                reason: reason.to_string(),
+                time_ms,
+            },
+        )?;
+        Ok(Some(version))
+    }
+
+    /// Block changes after `after`, at most `limit`, and the latest version.
+    pub fn block_changes(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
+        let latest = self.blocks.last(txn)?.map(|(k, _)| k).unwrap_or(0);
+        let mut out = Vec::new();
+        for item in self.blocks.range(txn, &((after + 1)..))? {
+            let (_, c) = item?;
+            out.push(c);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok((out, latest))
     }
 
     /// A voucher by code.

@@ -66,3 +66,24 @@ pub fn post(url: &str, token: &str, body: serde_json::Value) -> (u16, serde_json
         Err(e) => panic!("{e}"),
     }
 }
+
+/// POST JSON with a bearer token and an Idempotency-Key.
+pub fn post_with_key(
+    url: &str,
+    token: &str,
+    key: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    match ureq::post(url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .set("Idempotency-Key", key)
+        .send_json(body)
+    {
+        Ok(r) => {
+            let code = r.status();
+            (code, r.into_json().unwrap_or_default())
+        }
+        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
+}
