@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod fare;
 mod loads;
+mod reconcile;
 mod purse_bench;
 mod stats;
 
@@ -35,6 +36,7 @@ enum Scenario {
     Load,
     Fare,
     Loads,
+    Reconcile,
 }
 
 impl Scenario {
@@ -44,6 +46,7 @@ impl Scenario {
             Scenario::Load => "load",
             Scenario::Fare => "fare",
             Scenario::Loads => "loads",
+            Scenario::Reconcile => "reconcile",
         }
     }
 }
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
         Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
         Scenario::Loads => loads::run(args.n)?,
+        Scenario::Reconcile => reconcile::run(args.n)?,
     };
     println!("scenario: {}", args.scenario.name());
     for (name, value) in &figures {
