@@ -814,6 +814,31 @@ async fn franchise_status(
     })))
 }
 
+async fn clearing_batch(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::clearing::BatchOutcome>, ApiError> {
+    st.auth.require(&headers, &[Role::Gateway])?;
+    let batch: crate::clearing::ClearingBatch = json_body(&body)?;
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let out =
+        blocking(move || {
+            let out = crate::clearing::clear_batch(loads.ledger(), loads.hsm(), batch, now)
+                .map_err(|e| match e {
+                    crate::clearing::ClearingError::BadRequest(d) => ApiError::BadRequest(d),
+                    other => ApiError::Internal(other.to_string()),
+                })?;
+            for (source, auth) in &out.release_funding {
+                loads.release_funding(source, auth);
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(Json(out))
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
     let stats = st.loads.stats();
     let mut out = String::new();
@@ -858,7 +883,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards/{uid}/report", post(report_card))
         .route("/v1/blocklist/changes", get(block_changes))
         .route("/v1/partner/vouchers", post(partner_voucher))
-        .route("/v1/franchise/loads", post(franchise_loads))
+        .route(
+            "/v1/clearing/batches",
+            post(clearing_batch).layer(axum::extract::DefaultBodyLimit::max(8 << 20)),
+        )
+        .route(
+            "/v1/franchise/loads",
+            post(franchise_loads).layer(axum::extract::DefaultBodyLimit::max(8 << 20)),
+        )
         .route("/v1/franchise/ceiling", post(franchise_ceiling))
         .route("/v1/franchises/{name}", get(franchise_status))
         .route("/v1/franchises/{name}/payments", post(franchise_payment))

@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod clearing;
 pub mod franchise;
 pub mod funding;
 #[allow(unsafe_code)]

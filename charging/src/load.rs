@@ -229,6 +229,15 @@ impl LoadService {
         &self.ledger
     }
 
+    /// Releases a funding authorisation whose load was voided elsewhere (clearing).
+    pub fn release_funding(&self, source: &str, auth: &str) {
+        if let Some(src) = self.sources.get(source) {
+            if let Err(e) = src.void(auth) {
+                tracing::error!(%e, auth, source, "void failed; retry from the intent");
+            }
+        }
+    }
+
     /// The HSM (shared with franchise reports and clearing).
     pub fn hsm(&self) -> &Mutex<Box<dyn Hsm + Send>> {
         &self.hsm

@@ -1,0 +1,331 @@
+//! Clearing: tap batches from the gateway, booked exactly once.
+//!
+//! The gateway has already verified each tap's device MAC and removed duplicates by (device,
+//! sequence). Clearing trusts none of that for money: every tap's card transaction MAC is
+//! verified in the HSM, so no terminal can fabricate a debit (invariant 2), and every card
+//! counter is booked once:
+//!
+//! - a batch id seen before gets its stored answer back (idempotent retries);
+//! - a counter already booked with the same transaction MAC is a duplicate, counted and skipped;
+//! - a counter already booked with *different* contents is a cloned card: an anomaly, and the
+//!   card is blocked;
+//! - a transaction MAC that does not verify is a forged tap: an anomaly, nothing is posted;
+//! - a debit that takes the shadow purse below zero is an anomaly (the card was loaded outside
+//!   the ledger, or a load is still pending);
+//! - a pending load whose counter a cleared tap turns out to have used is voided.
+//!
+//! A debit posts `card:<UID>` → `operator:<id>` with reference `tap:<UID>:<TMC>`.
+
+use crate::ledger::{card_account, Booking, IntentState, Ledger, LedgerError};
+use purse::receipt::{TxClaim, TxKind};
+use purse::sam::Hsm;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+/// One tap as the gateway forwards it (already device-verified and de-duplicated).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearingTap {
+    /// Validator device id.
+    pub device_id: u32,
+    /// The device's sequence number for this tap.
+    pub device_seq: u64,
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+    /// The counter the transaction consumed.
+    pub tmc: u32,
+    /// `debit`, `record_only` (a free tap: transfer or capped) or `limited_credit` (an undo).
+    pub kind: String,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// The card's balance after.
+    pub balance_after_minor: i32,
+    /// The card's transaction MAC, 16 hex digits.
+    pub tmv: String,
+    /// The card key version.
+    pub key_version: u8,
+    /// The operator whose revenue this is (default `default`).
+    #[serde(default)]
+    pub operator: Option<String>,
+    /// When the validator saw it (unix ms, device clock).
+    #[serde(default)]
+    pub device_time_ms: u64,
+}
+
+/// A batch from the gateway.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearingBatch {
+    /// The gateway's idempotent batch id.
+    pub batch_id: String,
+    /// The taps.
+    pub taps: Vec<ClearingTap>,
+}
+
+/// Something clearing found wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anomaly {
+    /// `forged_tmac`, `clone`, `negative_shadow`, `malformed`.
+    pub kind: String,
+    /// Card UID (hex), when known.
+    pub card_uid: String,
+    /// The counter.
+    pub tmc: u32,
+    /// The reporting device and its sequence number.
+    pub device_id: u32,
+    /// Device sequence number.
+    pub device_seq: u64,
+    /// Detail.
+    pub detail: String,
+}
+
+/// The answer to a batch (stored under its id).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchOutcome {
+    /// The batch id.
+    pub batch_id: String,
+    /// Taps booked now.
+    pub cleared: u32,
+    /// Taps whose counter was already booked with the same contents.
+    pub duplicates: u32,
+    /// Pending loads voided because a tap used their counter.
+    pub loads_voided: u32,
+    /// Cards blocked by this batch (clones).
+    pub cards_blocked: u32,
+    /// What was wrong.
+    pub anomalies: Vec<Anomaly>,
+    /// Funding authorisations to release for the voided loads (source, authorisation id):
+    /// done by the caller once the batch is durable.
+    #[serde(skip)]
+    pub release_funding: Vec<(String, String)>,
+}
+
+/// Clearing errors (the batch is not booked; the gateway retries it).
+#[derive(Debug, thiserror::Error)]
+pub enum ClearingError {
+    /// Malformed batch.
+    #[error("bad batch: {0}")]
+    BadRequest(String),
+    /// Storage.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// Most taps in one batch.
+pub const BATCH_MAX_TAPS: usize = 10_000;
+
+fn kind_of(s: &str) -> Option<TxKind> {
+    match s {
+        "debit" => Some(TxKind::Debit),
+        "record_only" => Some(TxKind::RecordOnly),
+        "limited_credit" => Some(TxKind::LimitedCredit),
+        _ => None,
+    }
+}
+
+/// Clears one batch.
+pub fn clear_batch(
+    ledger: &Ledger,
+    hsm: &Mutex<Box<dyn Hsm + Send>>,
+    batch: ClearingBatch,
+    now_ms: u64,
+) -> Result<BatchOutcome, ClearingError> {
+    if batch.batch_id.is_empty() || batch.batch_id.len() > 128 {
+        return Err(ClearingError::BadRequest(
+            "batch_id must be 1 to 128 characters".into(),
+        ));
+    }
+    if batch.taps.len() > BATCH_MAX_TAPS {
+        return Err(ClearingError::BadRequest(format!(
+            "{} taps: a batch holds at most {BATCH_MAX_TAPS}",
+            batch.taps.len()
+        )));
+    }
+    let key = format!("clearing-batch:{}", batch.batch_id);
+    {
+        let r = ledger.read()?;
+        if let Some(v) = ledger.idempotent(&r, &key)? {
+            if let Ok(o) = serde_json::from_value::<BatchOutcome>(v) {
+                return Ok(o);
+            }
+        }
+    }
+    // Verify every transaction MAC first (HSM work outside the write transaction).
+    let mut outcome = BatchOutcome {
+        batch_id: batch.batch_id.clone(),
+        ..Default::default()
+    };
+    let mut good = Vec::with_capacity(batch.taps.len());
+    for tap in batch.taps {
+        let anomaly = |kind: &str, detail: String, tap: &ClearingTap| Anomaly {
+            kind: kind.into(),
+            card_uid: tap.card_uid.clone(),
+            tmc: tap.tmc,
+            device_id: tap.device_id,
+            device_seq: tap.device_seq,
+            detail,
+        };
+        let uid: Option<[u8; 7]> = hex::decode(&tap.card_uid)
+            .ok()
+            .and_then(|v| v.try_into().ok());
+        let tmv: Option<[u8; 8]> = hex::decode(&tap.tmv).ok().and_then(|v| v.try_into().ok());
+        let (Some(uid), Some(tmv), Some(kind)) = (uid, tmv, kind_of(&tap.kind)) else {
+            outcome.anomalies.push(anomaly(
+                "malformed",
+                "card_uid, tmv or kind malformed".into(),
+                &tap,
+            ));
+            continue;
+        };
+        if tap.amount_minor < 0 || (kind == TxKind::RecordOnly && tap.amount_minor != 0) {
+            outcome.anomalies.push(anomaly(
+                "malformed",
+                "amount does not fit the kind".into(),
+                &tap,
+            ));
+            continue;
+        }
+        let claim = TxClaim {
+            uid,
+            tmc: tap.tmc,
+            tmv,
+            kind,
+            amount_minor: tap.amount_minor,
+            balance_after_minor: tap.balance_after_minor,
+            key_version: tap.key_version,
+        };
+        if let Err(e) = hsm.lock().expect("hsm lock").verify_claim(&claim) {
+            outcome.anomalies.push(anomaly(
+                "forged_tmac",
+                format!("transaction MAC refused: {e}"),
+                &tap,
+            ));
+            continue;
+        }
+        good.push((tap, claim));
+    }
+    let mut done = outcome;
+    let stored_key = key.clone();
+    let booked = ledger.transact(move |l, t| {
+        if let Some(v) = l.idempotent(t, &stored_key)? {
+            if let Ok(o) = serde_json::from_value::<BatchOutcome>(v) {
+                return Ok(o); // a concurrent retry won
+            }
+        }
+        for (tap, c) in &good {
+            let marker = format!("tap:{}:{}", hex::encode_upper(c.uid), c.tmc);
+            if let Some(prev) = l.idempotent(t, &marker)? {
+                if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
+                    done.duplicates += 1;
+                } else {
+                    done.anomalies.push(Anomaly {
+                        kind: "clone".into(),
+                        card_uid: tap.card_uid.clone(),
+                        tmc: c.tmc,
+                        device_id: tap.device_id,
+                        device_seq: tap.device_seq,
+                        detail: "the card counter was already cleared with different contents"
+                            .into(),
+                    });
+                    if l.set_blocked(
+                        t,
+                        &c.uid,
+                        true,
+                        "clone suspected: a counter seen twice",
+                        now_ms,
+                    )?
+                    .is_some()
+                    {
+                        done.cards_blocked += 1;
+                    }
+                }
+                continue;
+            }
+            if c.kind == TxKind::Debit && c.amount_minor > 0 {
+                let op = tap.operator.clone().unwrap_or_else(|| "default".into());
+                l.post(
+                    t,
+                    now_ms,
+                    &card_account(&c.uid),
+                    &format!("operator:{op}"),
+                    i64::from(c.amount_minor),
+                    &marker,
+                )?;
+            } else if c.kind == TxKind::LimitedCredit && c.amount_minor > 0 {
+                let op = tap.operator.clone().unwrap_or_else(|| "default".into());
+                l.post(
+                    t,
+                    now_ms,
+                    &format!("operator:{op}"),
+                    &card_account(&c.uid),
+                    i64::from(c.amount_minor),
+                    &marker,
+                )?;
+            }
+            l.put_idempotent(
+                t,
+                &marker,
+                &serde_json::Value::String(tap.tmv.to_uppercase()),
+            )?;
+            l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
+            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor)? == Booking::Duplicate {
+                // Booked by a load at the same counter: the load's own record already holds it.
+                done.anomalies.push(Anomaly {
+                    kind: "clone".into(),
+                    card_uid: tap.card_uid.clone(),
+                    tmc: c.tmc,
+                    device_id: tap.device_id,
+                    device_seq: tap.device_seq,
+                    detail: "a tap at a counter already booked by a load".into(),
+                });
+                if l.set_blocked(
+                    t,
+                    &c.uid,
+                    true,
+                    "clone suspected: a counter seen twice",
+                    now_ms,
+                )?
+                .is_some()
+                {
+                    done.cards_blocked += 1;
+                }
+            }
+            // A pending load recorded at tmc−1 did not happen: this tap used its counter.
+            if let Some(before) = c.tmc.checked_sub(1) {
+                if let Some(intent) = l.intent(t, &c.uid, before)? {
+                    if intent.state == IntentState::Authorised {
+                        let mut voided = intent.clone();
+                        voided.state = IntentState::Voided;
+                        voided.settled_ms = Some(now_ms);
+                        l.put_intent(t, &c.uid, &voided)?;
+                        done.loads_voided += 1;
+                        done.release_funding
+                            .push((intent.funding_source.clone(), intent.funding_auth.clone()));
+                    }
+                }
+            }
+            cleared_one(&mut done);
+            if l.balance(t, &card_account(&c.uid))? < 0 {
+                done.anomalies.push(Anomaly {
+                    kind: "negative_shadow".into(),
+                    card_uid: tap.card_uid.clone(),
+                    tmc: c.tmc,
+                    device_id: tap.device_id,
+                    device_seq: tap.device_seq,
+                    detail: "the shadow purse went below zero".into(),
+                });
+            }
+        }
+        l.put_idempotent(
+            t,
+            &stored_key,
+            &serde_json::to_value(&done).expect("outcome serialises"),
+        )?;
+        Ok(done)
+    })?;
+    Ok(booked)
+}
+
+fn cleared_one(o: &mut BatchOutcome) {
+    o.cleared += 1;
+}

@@ -1,0 +1,215 @@
+//! Clearing tap batches: every transaction MAC checked in the HSM, every counter booked once,
+//! forged taps and clones raised as anomalies, pending loads settled from the counters taps used.
+
+mod common;
+
+use charging::api::{Auth, Role, TokenEntry};
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::receipt::CommitReceipt;
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const GW: &str = "tg_gw";
+const OPS: &str = "tg_ops";
+
+fn debit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    match txn::debit(&mut reader, sam, &mut StdRng::seed_from_u64(2), |_| {
+        Decision::Apply {
+            amount_minor: amount,
+            record: Some(vec![1; 32]),
+        }
+    })
+    .unwrap()
+    {
+        Outcome::Committed { receipt, .. } => receipt,
+        Outcome::Refused { .. } => panic!("refused"),
+    }
+}
+
+fn tap_json(r: &CommitReceipt, seq: u64) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid), "tmc": r.tmc,
+        "kind": if r.amount_minor == 0 { "record_only" } else { "debit" }, "amount_minor": r.amount_minor,
+        "balance_after_minor": r.balance_after_minor, "tmv": hex::encode_upper(r.tmv), "key_version": r.key_version,
+        "operator": "metro",
+    })
+}
+
+#[test]
+fn batches_clear_once_forgeries_and_clones_are_anomalies() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(1));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![
+            TokenEntry {
+                name: "gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(GW),
+            },
+            TokenEntry {
+                name: "ops".into(),
+                role: Role::Operator,
+                sha256: Auth::hash_token(OPS),
+            },
+        ];
+    });
+    let b = srv.base.clone();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let uid = [4, 1, 2, 3, 4, 5, 6];
+    let (code, _) = common::post(
+        &format!("{b}/v1/cards"),
+        OPS,
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 201);
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let r1 = debit(&mut sam, &mut card, 150);
+    let r2 = debit(&mut sam, &mut card, 0); // a free transfer tap
+    let r3 = debit(&mut sam, &mut card, 200);
+
+    // A forged tap: a compromised validator claims a debit the card never made.
+    let mut forged = tap_json(&r3, 9);
+    forged["amount_minor"] = 5.into();
+    let batch = serde_json::json!({"batch_id": "gw1-000001", "taps": [tap_json(&r1, 1), tap_json(&r2, 2), tap_json(&r3, 3), forged]});
+    let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch.clone());
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["cleared"], 3);
+    assert_eq!(out["anomalies"].as_array().unwrap().len(), 1);
+    assert_eq!(out["anomalies"][0]["kind"], "forged_tmac");
+    // The same batch again: the stored answer, nothing booked twice.
+    let (_, again) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch);
+    assert_eq!(again, out);
+    // The same taps in another batch (the gateway lost its acknowledgement): duplicates.
+    let (_, dup) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "gw1-000002", "taps": [tap_json(&r1, 1)]}),
+    );
+    assert_eq!(
+        (dup["cleared"].as_u64(), dup["duplicates"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    // The ledger agrees with the card; reconciliation balances.
+    let l = srv.state.loads.ledger();
+    {
+        let r = l.read().unwrap();
+        assert_eq!(
+            l.balance(&r, &charging::ledger::card_account(&uid))
+                .unwrap(),
+            i64::from(card.state().balance_minor)
+        );
+        assert_eq!(l.balance(&r, "operator:metro").unwrap(), 350);
+    }
+    let report = charging::reconcile::reconcile(l).unwrap();
+    assert_eq!(report.balanced, 1, "{report:?}");
+
+    // A clone: a second card image with the same keys spends counter 4 differently.
+    let mut clone = Card::power_on(card.nvm().clone(), hsm.card_keys(&uid, 1).unwrap());
+    let real4 = debit(&mut sam, &mut card, 100);
+    let fake4 = debit(&mut sam, &mut clone, 300);
+    assert_eq!(real4.tmc, fake4.tmc);
+    let (_, out) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "gw1-000003", "taps": [tap_json(&real4, 4), tap_json(&fake4, 5)]}),
+    );
+    assert_eq!(out["cleared"], 1);
+    assert_eq!(out["cards_blocked"], 1);
+    assert_eq!(out["anomalies"][0]["kind"], "clone");
+    let r = l.read().unwrap();
+    assert!(
+        l.card(&r, &uid).unwrap().blocked,
+        "the cloned card is blocked"
+    );
+    // Only gateways clear.
+    let (code, _) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        OPS,
+        serde_json::json!({"batch_id": "x", "taps": []}),
+    );
+    assert_eq!(code, 403);
+}
+
+/// A load torn before its credit reached the card, and the card then used at a validator: the
+/// cleared tap shows the counter was a debit, so the pending load is voided and its funding
+/// released — without the card ever coming back to a load session.
+#[test]
+fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used() {
+    const HOLDER: &str = "tg_holder";
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(2));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![
+            TokenEntry {
+                name: "gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(GW),
+            },
+            TokenEntry {
+                name: "holder".into(),
+                role: Role::Cardholder,
+                sha256: Auth::hash_token(HOLDER),
+            },
+        ];
+    });
+    let b = srv.base.clone();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let uid = [4, 6, 6, 6, 6, 6, 6];
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let (_, mut reply) = common::post_with_key(
+        &format!("{b}/v1/loads"),
+        HOLDER,
+        "k",
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    let mut rng = StdRng::seed_from_u64(3);
+    loop {
+        let commands: Vec<Vec<u8>> = reply["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
+            .collect();
+        if commands[0][1] == purse::apdu::ins::CREDIT {
+            break; // the client vanishes with the value batch
+        }
+        let answers: Vec<String> = commands
+            .iter()
+            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
+            .collect();
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        reply = common::post(
+            &format!("{b}/v1/loads/{id}/steps"),
+            HOLDER,
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+        )
+        .1;
+    }
+    card.remove_from_field();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let tap = debit(&mut sam, &mut card, 120);
+    assert_eq!(tap.tmc, 1);
+    let (_, out) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "b1", "taps": [tap_json(&tap, 1)]}),
+    );
+    assert_eq!(out["loads_voided"], 1, "{out}");
+    let l = srv.state.loads.ledger();
+    let r = l.read().unwrap();
+    let intents = l.all_intents(&r).unwrap();
+    assert_eq!(intents[0].state, charging::ledger::IntentState::Voided);
+}
