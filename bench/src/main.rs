@@ -9,8 +9,8 @@ use clap::Parser;
 
 mod fare;
 mod loads;
-mod reconcile;
 mod purse_bench;
+mod reconcile;
 mod stats;
 
 /// One scenario's result: named figures, in print order.

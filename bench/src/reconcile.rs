@@ -17,7 +17,14 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         for j in i..(i + chunk).min(n) {
             let mut uid = [0x04, 0, 0, 0, 0, 0, 0];
             uid[2..7].copy_from_slice(&j.to_be_bytes()[3..8]);
-            ledger.post(&mut t, 0, "issuer:float", &card_account(&uid), 1_000, "issue")?;
+            ledger.post(
+                &mut t,
+                0,
+                "issuer:float",
+                &card_account(&uid),
+                1_000,
+                "issue",
+            )?;
             ledger.post(&mut t, 0, "funding:card", &card_account(&uid), 500, "load")?;
             ledger.put_card(
                 &mut t,
@@ -37,11 +44,19 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let t1 = Instant::now();
     let report = charging::reconcile::reconcile(&ledger)?;
     let elapsed = t1.elapsed();
-    anyhow::ensure!(report.cards == n && report.balanced == n, "{} of {} balanced", report.balanced, report.cards);
+    anyhow::ensure!(
+        report.cards == n && report.balanced == n,
+        "{} of {} balanced",
+        report.balanced,
+        report.cards
+    );
     Ok(vec![
         ("cards", n.into()),
         ("reconcile_ms", (elapsed.as_millis() as u64).into()),
-        ("cards_per_s", ((n as f64 / elapsed.as_secs_f64()) as u64).into()),
+        (
+            "cards_per_s",
+            ((n as f64 / elapsed.as_secs_f64()) as u64).into(),
+        ),
         ("populate_ms", (populate.as_millis() as u64).into()),
     ])
 }
