@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod card_cmd;
+mod charge_cmd;
 mod charging_cmd;
 mod cli_util;
 mod demo;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Run the whole system on its embedded defaults and print a summary.
     Demo(demo::DemoArgs),
+    /// Load an emulated card online through a charging server (the cardholder's client).
+    Charge(charge_cmd::ChargeArgs),
     /// The charging server: online loads through the HSM, funding, ledger.
     Charging(charging_cmd::ChargingArgs),
     /// Key tools: diversification, session keys, issuer key sets.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => report(demo::run(args)),
+        Command::Charge(args) => report(charge_cmd::run(args)),
         Command::Charging(args) => report(charging_cmd::run(args)),
         Command::Keys(args) => report(keys_cmd::run(args)),
         Command::Card(args) => report(card_cmd::run(args)),

@@ -320,3 +320,73 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
     assert_eq!(report["balanced"], 1, "{report}");
     drop(server);
 }
+
+/// `tapgate charge`: the cardholder's client loads an emulated card image through the server.
+#[test]
+fn tapgate_charge_loads_a_card_through_the_server() {
+    let (dir, _ks) = setup();
+    let server = start(dir.path());
+    let d = dir.path();
+    let card = d.join("card.json");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(args)
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .env("TAPGATE_TOKEN", CARDHOLDER)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "card",
+        "issue",
+        "--keys",
+        d.join("keys").to_str().unwrap(),
+        "--uid",
+        "04A1A2A3A4A5A6",
+        "--balance",
+        "250",
+        "--out",
+        card.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let charge = |amount: &str, funding: &str, key: &str| {
+        run(&[
+            "charge",
+            "--server",
+            &server.base,
+            "--amount",
+            amount,
+            "--funding",
+            funding,
+            "--card",
+            card.to_str().unwrap(),
+            "--keys",
+            d.join("keys").to_str().unwrap(),
+            "--idempotency-key",
+            key,
+        ])
+    };
+    let out = charge("1000", "card:tok_visa", "c1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(
+            "load completed: amount_minor=1000 balance_minor=1250 tmc=1 round_trips=5"
+        ),
+        "{stdout}"
+    );
+    // Retrying with the same key does not load twice.
+    let out = charge("1000", "card:tok_visa", "c1");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("balance_minor=1250"));
+    let out = charge("500", "card:tok_decline", "c2");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reason=funding_declined"));
+    let out = charge("500", "nonsense", "c3");
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["card", "show", card.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("balance_minor   1250"));
+}

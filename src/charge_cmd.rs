@@ -1,0 +1,201 @@
+//! `tapgate charge`: the cardholder's client. It finds the card, relays the card dialogue to the
+//! charging server, and shows the result. It holds no key and cannot change the amount.
+
+use crate::cli_util::{input_err, write_atomic};
+use crate::keys_cmd::load_keyset;
+use anyhow::{Context, Result};
+use clap::Args;
+use purse::card::{Card, Nvm};
+use purse::sam::SoftwareHsm;
+use std::path::PathBuf;
+
+/// `tapgate charge`.
+#[derive(Args)]
+pub struct ChargeArgs {
+    /// The charging server, e.g. https://charging.example or http://127.0.0.1:8443.
+    #[arg(long)]
+    server: String,
+    /// Amount to load, minor units.
+    #[arg(long)]
+    amount: i32,
+    /// Funding as SOURCE:INSTRUMENT, e.g. card:tok_visa, mileage:alice, voucher:ABCD-EFGH.
+    #[arg(long)]
+    funding: String,
+    /// The API token (default: $TAPGATE_TOKEN).
+    #[arg(long, env = "TAPGATE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Idempotency key (default: a new random one; reuse it to retry the same load safely).
+    #[arg(long = "idempotency-key")]
+    idempotency_key: Option<String>,
+    /// The emulated card image to load (updated in place).
+    #[arg(long)]
+    card: PathBuf,
+    /// The issuer key directory the emulated card's secure element derives its keys from.
+    #[arg(long)]
+    keys: PathBuf,
+    /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+    #[arg(long = "passphrase-file")]
+    passphrase_file: Option<PathBuf>,
+}
+
+/// The outcome of a relayed load.
+#[derive(Debug)]
+pub struct Relayed {
+    /// The server's final answer.
+    pub reply: serde_json::Value,
+    /// HTTP round trips.
+    pub round_trips: u32,
+}
+
+/// What to load.
+pub struct LoadAsk<'a> {
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// Funding source name.
+    pub source: &'a str,
+    /// Instrument at the source.
+    pub instrument: &'a str,
+    /// Idempotency key.
+    pub idempotency_key: &'a str,
+}
+
+/// Relays one load for `card` through the server at `base`: the client side of the protocol.
+pub fn relay_load(
+    agent: &ureq::Agent,
+    base: &str,
+    token: &str,
+    card: &mut Card,
+    ask: &LoadAsk<'_>,
+) -> Result<Relayed> {
+    let base = base.trim_end_matches('/');
+    let call =
+        |path: &str, body: serde_json::Value, key: Option<&str>| -> Result<serde_json::Value> {
+            let mut req = agent
+                .post(&format!("{base}{path}"))
+                .set("Authorization", &format!("Bearer {token}"));
+            if let Some(k) = key {
+                req = req.set("Idempotency-Key", k);
+            }
+            match req.send_json(body) {
+                Ok(r) => Ok(r.into_json()?),
+                Err(ureq::Error::Status(code, r)) => {
+                    let body: serde_json::Value = r.into_json().unwrap_or_default();
+                    anyhow::bail!(
+                        "server answered {code}: {}",
+                        body["detail"].as_str().unwrap_or("(no detail)")
+                    )
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!("reaching {base}"))),
+            }
+        };
+    let mut reply = call(
+        "/v1/loads",
+        serde_json::json!({
+            "card_uid": hex::encode_upper(card.state().uid),
+            "amount_minor": ask.amount_minor,
+            "funding": {"source": ask.source, "instrument": ask.instrument},
+        }),
+        Some(ask.idempotency_key),
+    )?;
+    let mut round_trips = 1;
+    let mut rng = rand::rngs::OsRng;
+    while reply["status"] == "command" {
+        let mut answers = Vec::new();
+        for c in reply["commands"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let cmd = hex::decode(c.as_str().unwrap_or_default())
+                .context("the server sent a command that is not hex")?;
+            match card.process(&cmd, &mut rng) {
+                Ok(resp) => {
+                    let ok = resp.len() >= 2
+                        && resp[resp.len() - 2] == 0x91
+                        && matches!(resp[resp.len() - 1], 0x00 | 0xAF);
+                    answers.push(hex::encode_upper(resp));
+                    if !ok {
+                        break;
+                    }
+                }
+                Err(_) => break, // the card left the field
+            }
+        }
+        if answers.is_empty() {
+            anyhow::bail!("the card left the field; the load is settled at its next contact");
+        }
+        let id = reply["session_id"].as_str().unwrap_or_default().to_string();
+        reply = call(
+            &format!("/v1/loads/{id}/steps"),
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+            None,
+        )?;
+        round_trips += 1;
+    }
+    Ok(Relayed { reply, round_trips })
+}
+
+/// Runs `tapgate charge`.
+pub fn run(a: ChargeArgs) -> Result<()> {
+    let (source, instrument) = a.funding.split_once(':').ok_or_else(|| {
+        input_err(format!(
+            "--funding {:?} must be SOURCE:INSTRUMENT, e.g. card:tok_visa",
+            a.funding
+        ))
+    })?;
+    if a.amount <= 0 {
+        return Err(input_err(format!(
+            "--amount {} must be a positive number of minor units",
+            a.amount
+        )));
+    }
+    let text = std::fs::read_to_string(&a.card)
+        .with_context(|| format!("reading card {}", a.card.display()))?;
+    let nvm: Nvm = serde_json::from_str(&text)
+        .map_err(|e| input_err(format!("card image {}: {e}", a.card.display())))?;
+    let ks = load_keyset(&a.keys, a.passphrase_file.as_deref())?;
+    let hsm = SoftwareHsm::new(&ks)?;
+    let uid = nvm.main.uid;
+    let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+    let key = a.idempotency_key.unwrap_or_else(|| {
+        use rand::RngCore;
+        let mut b = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        hex::encode(b)
+    });
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(30))
+        .build();
+    let ask = LoadAsk {
+        amount_minor: a.amount,
+        source,
+        instrument,
+        idempotency_key: &key,
+    };
+    let result = relay_load(&agent, &a.server, &a.token, &mut card, &ask);
+    let mut s = serde_json::to_string_pretty(card.nvm())?;
+    s.push('\n');
+    write_atomic(&a.card, s.as_bytes())?;
+    let r = result?;
+    match r.reply["status"].as_str() {
+        Some("completed") => println!(
+            "load completed: amount_minor={} balance_minor={} tmc={} round_trips={}",
+            r.reply["amount_minor"], r.reply["balance_minor"], r.reply["tmc"], r.round_trips
+        ),
+        Some("refused") => {
+            println!(
+                "load refused: reason={} detail={}",
+                r.reply["reason"].as_str().unwrap_or("?"),
+                r.reply["detail"].as_str().unwrap_or("")
+            );
+            anyhow::bail!("load refused");
+        }
+        _ => {
+            println!(
+                "load pending: {} (retry with --idempotency-key {key})",
+                r.reply["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
