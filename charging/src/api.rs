@@ -833,6 +833,9 @@ async fn clearing_batch(
             for (source, auth) in &out.release_funding {
                 loads.release_funding(source, auth);
             }
+            for (source, auth) in &out.capture_funding {
+                loads.capture_funding(source, auth);
+            }
             Ok(out)
         })
         .await?;

@@ -98,6 +98,12 @@ pub struct BatchOutcome {
     /// done by the caller once the batch is durable.
     #[serde(skip)]
     pub release_funding: Vec<(String, String)>,
+    /// Pending loads completed because a tap proved them (the card's balance moved by exactly
+    /// the load across its counter).
+    pub loads_completed: u32,
+    /// Funding authorisations to capture for the completed loads (source, authorisation id).
+    #[serde(skip)]
+    pub capture_funding: Vec<(String, String)>,
 }
 
 /// Clearing errors (the batch is not booked; the gateway retries it).
@@ -267,6 +273,46 @@ pub fn clear_batch(
                 &marker,
                 &serde_json::Value::String(tap.tmv.to_uppercase()),
             )?;
+            // A pending load at the counter just before this tap's predecessor, whose counter no
+            // tap has claimed: if the card's proved balances show exactly the load's amount
+            // arriving across that counter, the card applied it.
+            if let Some(x) = c.tmc.checked_sub(2) {
+                let shadow = l.card(t, &c.uid)?;
+                if shadow.booked_through_tmc == x {
+                    if let (Some(bal_x), Some(intent)) =
+                        (shadow.booked_balance_minor, l.intent(t, &c.uid, x)?)
+                    {
+                        let tap_delta = match c.kind {
+                            TxKind::Debit => -i64::from(c.amount_minor),
+                            TxKind::LimitedCredit => i64::from(c.amount_minor),
+                            _ => 0,
+                        };
+                        if intent.state == IntentState::Authorised
+                            && i64::from(bal_x) + i64::from(intent.amount_minor) + tap_delta
+                                == i64::from(c.balance_after_minor)
+                        {
+                            let load_balance = bal_x + intent.amount_minor;
+                            let from = format!("funding:{}", intent.funding_source);
+                            l.post(
+                                t,
+                                now_ms,
+                                &from,
+                                &card_account(&c.uid),
+                                i64::from(intent.amount_minor),
+                                &format!("load:{}:{}", hex::encode_upper(c.uid), x + 1),
+                            )?;
+                            let mut completed = intent.clone();
+                            completed.state = IntentState::Completed;
+                            completed.settled_ms = Some(now_ms);
+                            l.put_intent(t, &c.uid, &completed)?;
+                            l.book_counter(t, &c.uid, x + 1, load_balance)?;
+                            done.loads_completed += 1;
+                            done.capture_funding
+                                .push((intent.funding_source.clone(), intent.funding_auth.clone()));
+                        }
+                    }
+                }
+            }
             l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
             if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor)? == Booking::Duplicate {
                 // Booked by a load at the same counter: the load's own record already holds it.

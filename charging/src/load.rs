@@ -229,6 +229,15 @@ impl LoadService {
         &self.ledger
     }
 
+    /// Captures a funding authorisation whose load was completed elsewhere (clearing).
+    pub fn capture_funding(&self, source: &str, auth: &str) {
+        if let Some(src) = self.sources.get(source) {
+            if let Err(e) = src.capture(auth) {
+                tracing::error!(%e, auth, source, "capture failed; retry from the intent");
+            }
+        }
+    }
+
     /// Releases a funding authorisation whose load was voided elsewhere (clearing).
     pub fn release_funding(&self, source: &str, auth: &str) {
         if let Some(src) = self.sources.get(source) {

@@ -213,3 +213,98 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used() {
     let intents = l.all_intents(&r).unwrap();
     assert_eq!(intents[0].state, charging::ledger::IntentState::Voided);
 }
+
+/// A load the card applied but whose proof never reached the server, and the card then only
+/// used at validators: the cleared tap's proved balance shows the load's amount arriving across
+/// the load's counter, so clearing completes the load and captures its funding.
+#[test]
+fn a_cleared_tap_completes_the_pending_load_the_card_applied() {
+    const HOLDER: &str = "tg_holder";
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![
+            TokenEntry {
+                name: "gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(GW),
+            },
+            TokenEntry {
+                name: "holder".into(),
+                role: Role::Cardholder,
+                sha256: Auth::hash_token(HOLDER),
+            },
+            TokenEntry {
+                name: "ops".into(),
+                role: Role::Operator,
+                sha256: Auth::hash_token(OPS),
+            },
+        ];
+    });
+    let b = srv.base.clone();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let uid = [4, 7, 7, 7, 7, 7, 1];
+    common::post(
+        &format!("{b}/v1/cards"),
+        OPS,
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
+    );
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let (_, mut reply) = common::post_with_key(
+        &format!("{b}/v1/loads"),
+        HOLDER,
+        "k",
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    let mut rng = StdRng::seed_from_u64(3);
+    loop {
+        let commands: Vec<Vec<u8>> = reply["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
+            .collect();
+        let answers: Vec<String> = commands
+            .iter()
+            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
+            .collect();
+        if commands[0][1] == purse::apdu::ins::CREDIT {
+            break; // the card applied it; the answers never reach the server
+        }
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        reply = common::post(
+            &format!("{b}/v1/loads/{id}/steps"),
+            HOLDER,
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+        )
+        .1;
+    }
+    card.remove_from_field();
+    assert_eq!(card.state().balance_minor, 1_700);
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let tap = debit(&mut sam, &mut card, 120);
+    assert_eq!(tap.tmc, 2);
+    let (_, out) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "b1", "taps": [tap_json(&tap, 1)]}),
+    );
+    assert_eq!(out["loads_completed"], 1, "{out}");
+    let l = srv.state.loads.ledger();
+    {
+        let r = l.read().unwrap();
+        assert_eq!(
+            l.balance(&r, &charging::ledger::card_account(&uid))
+                .unwrap(),
+            1_580
+        );
+        assert_eq!(
+            l.all_intents(&r).unwrap()[0].state,
+            charging::ledger::IntentState::Completed
+        );
+    }
+    let report = charging::reconcile::reconcile(l).unwrap();
+    assert_eq!(report.balanced, 1, "{report:?}");
+}
