@@ -57,6 +57,9 @@ pub struct LoadAsk<'a> {
     pub instrument: &'a str,
     /// Idempotency key.
     pub idempotency_key: &'a str,
+    /// Fault injection (demo, tests): the client vanishes at the n-th command, after
+    /// delivering it to the card (`true`) or not.
+    pub vanish_at: Option<(usize, bool)>,
 }
 
 /// Relays one load for `card` through the server at `base`: the client side of the protocol.
@@ -98,6 +101,7 @@ pub fn relay_load(
         Some(ask.idempotency_key),
     )?;
     let mut round_trips = 1;
+    let mut sent = 0usize;
     let mut rng = rand::rngs::OsRng;
     while reply["status"] == "command" {
         let mut answers = Vec::new();
@@ -108,6 +112,19 @@ pub fn relay_load(
         {
             let cmd = hex::decode(c.as_str().unwrap_or_default())
                 .context("the server sent a command that is not hex")?;
+            sent += 1;
+            if let Some((n, deliver)) = ask.vanish_at {
+                if sent >= n {
+                    if deliver {
+                        let _ = card.process(&cmd, &mut rng);
+                    }
+                    card.remove_from_field();
+                    return Ok(Relayed {
+                        reply: serde_json::json!({"status": "vanished", "session_id": reply["session_id"]}),
+                        round_trips,
+                    });
+                }
+            }
             match card.process(&cmd, &mut rng) {
                 Ok(resp) => {
                     let ok = resp.len() >= 2
@@ -171,6 +188,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         source,
         instrument,
         idempotency_key: &key,
+        vanish_at: None,
     };
     let result = relay_load(&agent, &a.server, &a.token, &mut card, &ask);
     let mut s = serde_json::to_string_pretty(card.nvm())?;

@@ -1,24 +1,34 @@
-//! `tapgate demo`: a day of taps and loads on emulated cards, in one process.
+//! `tapgate demo`: a day of taps and loads, in one process, on the real parts built so far.
 //!
-//! Today it drives the purse core end to end — validators with software SAMs debiting cards,
-//! the back office loading them online through the software HSM, random tears (power lost after
-//! any NVM write, card pulled before any APDU, answer lost after it) settled from the card's
-//! counter at its next contact — and ends with the conservation check. The broker, gateway and
-//! charging daemons join it as their issues land.
+//! - The charging server (axum, software HSM, LMDB ledger with group commit, sandbox card
+//!   processor, a mileage programme, a partner mall selling vouchers) runs on a loopback port.
+//! - Riders who run short top up online through `tapgate charge`'s relay over HTTP, funded by
+//!   card, mileage or a voucher bought from the mall; some clients vanish mid-load.
+//! - Validators with software SAMs debit emulated cards offline; about 2% of dialogues are torn
+//!   (power lost after any NVM write, card pulled before any APDU, answer lost after it) and
+//!   settled from the card's counter at its next contact.
+//! - Taps are cleared in batches over HTTP (the gateway's job; the gateway daemon joins the demo
+//!   with its issue, and the broker with it).
+//! - The day ends with the conservation check: every card's balance equals the ledger's shadow
+//!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
-use anyhow::{ensure, Result};
+use crate::charge_cmd::{relay_load, LoadAsk};
+use anyhow::{ensure, Context, Result};
+use charging::api::{Auth, Role, TokenEntry};
+use charging::partner::{PartnerConfig, Partners};
+use charging::server::{self, ServerConfig};
 use clap::Args;
+use ed25519_dalek::Signer;
 use purse::card::{Card, Personalisation, COMMIT_WRITES};
-use purse::keys::{KeyKind, KeySet};
+use purse::keys::KeySet;
 use purse::receipt::{CommitReceipt, TxKind};
-use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
+use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::{
-    self, settle, Decision, EmulatedReader, LoadOutcome, Outcome, PendingChange, Settlement,
-    Transport, TransportError, TxError,
+    self, settle, Decision, EmulatedReader, Outcome, PendingChange, Settlement, Transport,
+    TransportError, TxError,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::HashSet;
 use std::time::Instant;
 
 /// `tapgate demo`.
@@ -33,12 +43,18 @@ pub struct DemoArgs {
     /// Number of taps.
     #[arg(long, default_value_t = 5_000)]
     taps: u32,
-    /// Random seed (a run with the same seed and sizes repeats exactly, but for timings).
+    /// Random seed (a run with the same seed and sizes repeats, but for timings).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Per-mille of card dialogues torn at a random point.
     #[arg(long = "tear-per-mille", default_value_t = 20)]
     tear_per_mille: u32,
+    /// Taps per clearing batch.
+    #[arg(long = "batch-taps", default_value_t = 500)]
+    batch_taps: usize,
+    /// Keep the charging data here (default: a temporary directory removed at the end).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -78,27 +94,39 @@ impl Transport for DemoReader<'_> {
     }
 }
 
-struct Holder {
+struct Rider {
     card: Card,
-    initial_minor: i64,
-    pending: Option<PendingChange>,
+    name: String,
+    /// A debit the validator could not confirm (settled at the next contact).
+    pending_debit: Option<PendingChange>,
+    /// A load whose client vanished (settled by the server at the next load or by clearing).
+    pending_load: bool,
 }
 
 #[derive(Default)]
 struct Tally {
     taps_accepted: u64,
-    taps_refused_insufficient: u64,
+    taps_refused: u64,
     taps_torn: u64,
+    debits_settled_committed: u64,
+    debits_settled_not_committed: u64,
     loads_completed: u64,
+    loads_refused: u64,
     loads_torn: u64,
-    settled_committed: u64,
-    settled_not_committed: u64,
-    loads_voided: u64,
+    loads_by_source: std::collections::BTreeMap<String, u64>,
     revenue_minor: i64,
-    loaded_minor: i64,
     latencies_ns: Vec<u64>,
-    receipts: Vec<CommitReceipt>,
+    taps_cleared: u64,
+    clearing_duplicates: u64,
+    clearing_anomalies: u64,
+    loads_completed_by_clearing: u64,
+    loads_voided_by_clearing: u64,
+    batches: u64,
 }
+
+const HOLDER: &str = "tg_demo_cardholder";
+const GATEWAY: &str = "tg_demo_gateway";
+const OPS: &str = "tg_demo_operator";
 
 fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
     if rng.gen_range(0..1000) >= per_mille {
@@ -111,47 +139,80 @@ fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
     })
 }
 
-fn settle_into(tally: &mut Tally, pending: &PendingChange, snap: &txn::CardSnapshot) -> Result<()> {
-    match settle(pending, snap)? {
-        Settlement::Committed(r) => {
-            tally.settled_committed += 1;
-            book(tally, r);
-        }
-        Settlement::NotCommitted => {
-            tally.settled_not_committed += 1;
-            if pending.kind == TxKind::Credit {
-                tally.loads_voided += 1;
-            }
-        }
-        Settlement::MovedOn => {
-            anyhow::bail!("card moved on without being seen: cannot happen here")
-        }
-    }
-    Ok(())
+fn tap_json(r: &CommitReceipt, device_id: u32, seq: u64) -> serde_json::Value {
+    let kind = match r.kind {
+        TxKind::Debit => "debit",
+        TxKind::LimitedCredit => "limited_credit",
+        _ => "record_only",
+    };
+    serde_json::json!({
+        "device_id": device_id, "device_seq": seq, "card_uid": hex::encode_upper(r.uid),
+        "tmc": r.tmc, "kind": kind, "amount_minor": r.amount_minor,
+        "balance_after_minor": r.balance_after_minor, "tmv": hex::encode_upper(r.tmv),
+        "key_version": r.key_version, "operator": "metro",
+    })
 }
 
-fn book(tally: &mut Tally, r: CommitReceipt) {
-    match r.kind {
-        TxKind::Debit => {
-            tally.taps_accepted += 1;
-            tally.revenue_minor += i64::from(r.amount_minor);
+fn post(
+    agent: &ureq::Agent,
+    url: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    match agent
+        .post(url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(body)
+    {
+        Ok(r) => Ok(r.into_json().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => {
+            let b: serde_json::Value = r.into_json().unwrap_or_default();
+            anyhow::bail!("{url}: {code} {}", b["detail"])
         }
-        TxKind::Credit => {
-            tally.loads_completed += 1;
-            tally.loaded_minor += i64::from(r.amount_minor);
-        }
-        _ => {}
+        Err(e) => Err(anyhow::Error::new(e).context(format!("POST {url}"))),
     }
-    tally.receipts.push(r);
 }
 
-fn repower(h: &mut Holder, hsm: &SoftwareHsm) -> Result<()> {
-    if h.card.is_torn() {
-        let uid = h.card.state().uid;
-        let nvm = h.card.nvm().clone();
-        h.card = Card::power_on(nvm, hsm.card_keys(&uid, 1)?);
+struct Clearing<'a> {
+    agent: &'a ureq::Agent,
+    base: &'a str,
+    outbox: Vec<serde_json::Value>,
+    next_batch: u64,
+}
+
+impl Clearing<'_> {
+    fn flush(&mut self, t: &mut Tally) -> Result<()> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        self.next_batch += 1;
+        let batch = serde_json::json!({
+            "batch_id": format!("demo-{:06}", self.next_batch),
+            "taps": std::mem::take(&mut self.outbox),
+        });
+        let out = post(
+            self.agent,
+            &format!("{}/v1/clearing/batches", self.base),
+            GATEWAY,
+            batch,
+        )?;
+        t.batches += 1;
+        t.taps_cleared += out["cleared"].as_u64().unwrap_or(0);
+        t.clearing_duplicates += out["duplicates"].as_u64().unwrap_or(0);
+        t.clearing_anomalies += out["anomalies"].as_array().map(Vec::len).unwrap_or(0) as u64;
+        t.loads_completed_by_clearing += out["loads_completed"].as_u64().unwrap_or(0);
+        t.loads_voided_by_clearing += out["loads_voided"].as_u64().unwrap_or(0);
+        Ok(())
     }
-    h.card.remove_from_field();
+}
+
+fn repower(card: &mut Card, hsm: &SoftwareHsm) -> Result<()> {
+    if card.is_torn() {
+        let uid = card.state().uid;
+        let nvm = card.nvm().clone();
+        *card = Card::power_on(nvm, hsm.card_keys(&uid, 1)?);
+    }
+    card.remove_from_field();
     Ok(())
 }
 
@@ -169,56 +230,132 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.validators > 0 && args.cards > 0,
         "--validators and --cards must be > 0"
     );
+    let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut card_rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
     let keys = KeySet::generate(&mut rng);
-    let mut hsm = SoftwareHsm::new(&keys)?;
-    let mut sams: Vec<SoftwareSam> = (0..args.validators)
-        .map(|i| SoftwareSam::validator(&keys, 1000 + i))
-        .collect::<Result<_, _>>()?;
-    let mut holders: Vec<Holder> = (0..args.cards)
-        .map(|i| {
-            let mut uid = [0x04, 0, 0, 0, 0, 0x1D, 0x80];
-            uid[1..5].copy_from_slice(&i.to_be_bytes());
-            let balance = rng.gen_range(0..3_000);
-            let card = Card::personalise(
-                &Personalisation::transit(uid, balance),
-                hsm.card_keys(&uid, 1)?,
-            );
-            Ok(Holder {
-                card,
-                initial_minor: i64::from(balance),
-                pending: None,
-            })
+    let hsm = SoftwareHsm::new(&keys)?;
+
+    // The charging server on a loopback port.
+    let tmp = tempfile::tempdir()?;
+    let data = args
+        .data
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("charging"));
+    let partner_key = ed25519_dalek::SigningKey::from_bytes(&{
+        let mut b = [0u8; 32];
+        rng.fill(&mut b);
+        b
+    });
+    let mut cfg = ServerConfig::from_toml(&format!(
+        "data_dir = {:?}\nledger_map_size_bytes = 1073741824",
+        data.to_str().context("data path is not UTF-8")?
+    ))?;
+    let token = |name: &str, role, t: &str| TokenEntry {
+        name: name.into(),
+        role,
+        sha256: Auth::hash_token(t),
+    };
+    cfg.tokens = vec![
+        token("riders-app", Role::Cardholder, HOLDER),
+        token("gateway", Role::Gateway, GATEWAY),
+        token("ops", Role::Operator, OPS),
+    ];
+    cfg.limits.loads_per_minute_per_client = 0; // one demo app speaks for every rider
+    cfg.points.push(charging::server::PointsConfig {
+        name: "mileage".into(),
+        minor_per_point_num: 2,
+        minor_per_point_den: 1,
+    });
+    cfg.partners.push(PartnerConfig {
+        name: "mall".into(),
+        public_key: hex::encode(partner_key.verifying_key().to_bytes()),
+        max_voucher_minor: 100_000,
+    });
+    let state = server::build(&cfg, Box::new(SoftwareHsm::new(&keys)?))
+        .context("starting the charging server")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_state = state.clone();
+    let server_cfg = cfg.clone();
+    let server = rt.spawn(async move {
+        server::serve_on(listener, &server_cfg, server_state, async {
+            let _ = stop_rx.await;
         })
-        .collect::<Result<_>>()?;
+        .await
+    });
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(30))
+        .build();
     if !args.json {
         println!(
-            "tapgate demo: {} validators, {} cards, {} taps, seed {} (emulated cards, software SAMs and HSM)",
+            "tapgate demo: {} validators, {} cards, {} taps, seed {}; charging server on {base}",
             args.validators, args.cards, args.taps, args.seed
         );
     }
+
+    // Cards, registered with the back office; riders earn some miles.
+    let miles =
+        charging::funding::PointsProgram::new("mileage", state.loads.ledger().clone(), 2, 1);
+    let mut riders: Vec<Rider> = Vec::with_capacity(args.cards as usize);
+    for i in 0..args.cards {
+        let mut uid = [0x04, 0, 0, 0, 0, 0x1D, 0x80];
+        uid[1..5].copy_from_slice(&i.to_be_bytes());
+        let balance: i32 = rng.gen_range(0..3_000);
+        let name = format!("rider-{i}");
+        post(
+            &agent,
+            &format!("{base}/v1/cards"),
+            OPS,
+            serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": balance, "owner": name}),
+        )?;
+        miles.earn(&name, 5_000, "flight", 0)?;
+        riders.push(Rider {
+            card: Card::personalise(
+                &Personalisation::transit(uid, balance),
+                hsm.card_keys(&uid, 1)?,
+            ),
+            name,
+            pending_debit: None,
+            pending_load: false,
+        });
+    }
+    let mut sams: Vec<SoftwareSam> = (0..args.validators)
+        .map(|i| SoftwareSam::validator(&keys, 1000 + i))
+        .collect::<Result<_, _>>()?;
+    let mut device_seq = vec![0u64; sams.len()];
+    let mut clearing = Clearing {
+        agent: &agent,
+        base: &base,
+        outbox: Vec::new(),
+        next_batch: 0,
+    };
     let mut t = Tally::default();
-    let started = Instant::now();
     let step = (args.taps / 10).max(1);
+
     for tap in 0..args.taps {
-        let ci = rng.gen_range(0..holders.len());
+        let ri = rng.gen_range(0..riders.len());
         let vi = rng.gen_range(0..sams.len());
         let fare = 125 + 25 * rng.gen_range(0..4);
         let tear = pick_tear(&mut rng, args.tear_per_mille);
-        let h = &mut holders[ci];
+        let r = &mut riders[ri];
         if let Some(Tear::Power(k)) = tear {
-            h.card.tear_after_writes(Some(k));
+            r.card.tear_after_writes(Some(k));
         }
-        let pending_before = h.pending.take();
+        let before = r.pending_debit.take();
         let mut new_pending = None;
-        let mut settle_err = Ok(());
+        let mut settled: Option<Settlement> = None;
         let mut decided = false;
         let began = Instant::now();
         let result = {
             let mut reader = DemoReader {
                 inner: EmulatedReader {
-                    card: &mut h.card,
+                    card: &mut r.card,
                     rng: &mut card_rng,
                 },
                 tear,
@@ -226,206 +363,295 @@ pub fn run(args: DemoArgs) -> Result<()> {
             };
             txn::debit(&mut reader, &mut sams[vi], &mut rng, |snap| {
                 decided = true;
-                if let Some(p) = &pending_before {
-                    settle_err = settle_into(&mut t, p, snap);
+                if let Some(p) = &before {
+                    settled = settle(p, snap).ok();
                 }
-                let balance_after_settle = snap.balance_minor;
-                if balance_after_settle < fare {
+                if snap.balance_minor < fare {
                     return Decision::Refuse;
                 }
                 new_pending = Some(PendingChange::new(snap, TxKind::Debit, fare));
-                let mut record = vec![0u8; txn::RECORD_SIZE];
-                record[..4].copy_from_slice(&(1000 + vi as u32).to_le_bytes());
-                record[4..8].copy_from_slice(&fare.to_le_bytes());
                 Decision::Apply {
                     amount_minor: fare,
-                    record: Some(record),
+                    record: Some(vec![0u8; txn::RECORD_SIZE]),
                 }
             })
         };
         let elapsed = began.elapsed().as_nanos() as u64;
-        h.card.tear_after_writes(None);
-        settle_err?;
-        let mut needs_load = false;
+        r.card.tear_after_writes(None);
+        match settled {
+            Some(Settlement::Committed(receipt)) => {
+                t.debits_settled_committed += 1;
+                t.taps_accepted += 1;
+                t.revenue_minor += i64::from(receipt.amount_minor);
+                device_seq[vi] += 1;
+                clearing
+                    .outbox
+                    .push(tap_json(&receipt, 1000 + vi as u32, device_seq[vi]));
+            }
+            Some(Settlement::NotCommitted) => t.debits_settled_not_committed += 1,
+            _ => {}
+        }
+        let mut short = false;
         match result {
             Ok(Outcome::Committed { receipt, .. }) => {
                 t.latencies_ns.push(elapsed);
-                book(&mut t, receipt);
+                t.taps_accepted += 1;
+                t.revenue_minor += i64::from(receipt.amount_minor);
+                device_seq[vi] += 1;
+                clearing
+                    .outbox
+                    .push(tap_json(&receipt, 1000 + vi as u32, device_seq[vi]));
             }
             Ok(Outcome::Refused { .. }) => {
-                t.taps_refused_insufficient += 1;
-                needs_load = true;
+                t.taps_refused += 1;
+                short = true;
             }
             Err(TxError::Transport(_)) => {
                 t.taps_torn += 1;
-                // A debit torn after the decision is settled at the card's next contact. A
-                // dialogue torn before it never read the card, so an earlier pending change
-                // stays pending.
-                h.pending = if decided { new_pending } else { pending_before };
+                r.pending_debit = if decided { new_pending } else { before };
             }
             Err(e) => return Err(anyhow::Error::new(e).context(format!("tap {tap}"))),
         }
-        repower(h, &hsm)?;
-        if needs_load {
-            // The rider tops up online: the back office loads 2 000 through the HSM.
-            let tear = pick_tear(&mut rng, args.tear_per_mille);
-            if let Some(Tear::Power(k)) = tear {
-                h.card.tear_after_writes(Some(k));
-            }
-            let mut pending = None;
-            let result = {
-                let mut reader = DemoReader {
-                    inner: EmulatedReader {
-                        card: &mut h.card,
-                        rng: &mut card_rng,
-                    },
-                    tear,
-                    sent: 0,
-                };
-                txn::load_online(&mut reader, &mut hsm, &mut rng, |snap| {
-                    pending = Some(PendingChange::new(snap, TxKind::Credit, 2_000));
-                    Decision::Apply {
-                        amount_minor: 2_000,
-                        record: None,
-                    }
-                })
-            };
-            h.card.tear_after_writes(None);
-            match result {
-                Ok(LoadOutcome::Loaded { proof, .. }) => book(&mut t, proof.receipt),
-                Ok(LoadOutcome::Refused { .. }) => {}
-                Err(TxError::Transport(_)) => {
-                    t.loads_torn += 1;
-                    h.pending = pending;
+        repower(&mut r.card, &hsm)?;
+        if clearing.outbox.len() >= args.batch_taps {
+            clearing.flush(&mut t)?;
+        }
+        if short && r.pending_debit.is_none() {
+            // Top up online through the charging server, funded by card, mileage or a voucher.
+            let (source, instrument) = match rng.gen_range(0..3) {
+                0 => ("card".to_string(), "tok_visa".to_string()),
+                1 => ("mileage".to_string(), r.name.clone()),
+                _ => {
+                    let order = serde_json::json!({"order_id": format!("order-{tap}"), "kind": "gift", "amount_minor": 2_000});
+                    let body = serde_json::to_vec(&order)?;
+                    let ts = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .as_millis() as u64;
+                    let sig = partner_key.sign(&Partners::signed_message(
+                        "POST",
+                        "/v1/partner/vouchers",
+                        ts,
+                        &body,
+                    ));
+                    let v: serde_json::Value = agent
+                        .post(&format!("{base}/v1/partner/vouchers"))
+                        .set("X-Tapgate-Partner", "mall")
+                        .set("X-Tapgate-Timestamp", &ts.to_string())
+                        .set("X-Tapgate-Signature", &hex::encode(sig.to_bytes()))
+                        .set("Content-Type", "application/json")
+                        .send_bytes(&body)?
+                        .into_json()?;
+                    (
+                        "voucher".to_string(),
+                        v["code"].as_str().unwrap_or_default().to_string(),
+                    )
                 }
-                Err(e) => return Err(anyhow::Error::new(e).context(format!("load at tap {tap}"))),
+            };
+            let vanish_at = if rng.gen_range(0..1000) < args.tear_per_mille {
+                Some((rng.gen_range(1..=10), rng.gen_bool(0.5)))
+            } else {
+                None
+            };
+            let key = format!("demo-load-{tap}");
+            let ask = LoadAsk {
+                amount_minor: 2_000,
+                source: &source,
+                instrument: &instrument,
+                idempotency_key: &key,
+                vanish_at,
+            };
+            let relayed = relay_load(&agent, &base, HOLDER, &mut r.card, &ask)?;
+            match relayed.reply["status"].as_str() {
+                Some("completed") => {
+                    t.loads_completed += 1;
+                    *t.loads_by_source.entry(source).or_default() += 1;
+                    r.pending_load = false; // older pending loads were settled by the server
+                }
+                Some("refused") => t.loads_refused += 1,
+                _ => {
+                    t.loads_torn += 1;
+                    r.pending_load = true;
+                }
             }
-            repower(h, &hsm)?;
+            repower(&mut r.card, &hsm)?;
         }
         if !args.json && (tap + 1) % step == 0 {
             println!(
-                "[{:>3}%] taps accepted {:>6}  refused {:>5}  torn {:>4}  loads {:>5}",
+                "[{:>3}%] taps accepted {:>6}  refused {:>5}  torn {:>4}  loads {:>5} (torn {:>3})  cleared {:>6}",
                 (tap + 1) * 100 / args.taps,
                 t.taps_accepted,
-                t.taps_refused_insufficient,
-                t.taps_torn + t.loads_torn,
-                t.loads_completed
+                t.taps_refused,
+                t.taps_torn,
+                t.loads_completed,
+                t.loads_torn,
+                t.taps_cleared
             );
         }
     }
-    // End of day: every card with a pending change is read once more and settled.
-    for h in holders.iter_mut() {
-        if let Some(p) = h.pending.take() {
-            let mut reader = EmulatedReader {
-                card: &mut h.card,
-                rng: &mut card_rng,
-            };
-            let (_, snap) = txn::open_session(&mut reader, &mut sams[0], KeyKind::Debit, &mut rng)?;
-            settle_into(&mut t, &p, &snap)?;
-            h.card.remove_from_field();
-        }
-    }
-    let wall = started.elapsed();
 
-    // Conservation: every card's balance equals its personalised value + loads − debits as
-    // booked from receipts; every receipt's transaction MAC verifies in the HSM; every counter
-    // value the card consumed is booked exactly once.
-    let mut seen = HashSet::new();
-    let mut duplicated = 0u64;
-    let mut bad_tmac = 0u64;
-    let mut per_card: std::collections::HashMap<[u8; 7], (i64, u64)> = Default::default();
-    for r in &t.receipts {
-        if !seen.insert((r.uid, r.tmc)) {
-            duplicated += 1;
+    // End of day: each card with something unsettled meets a validator once more.
+    for r in riders.iter_mut() {
+        if r.pending_debit.is_none() && !r.pending_load {
+            continue;
         }
-        if hsm.verify_tmac(r).is_err() {
-            bad_tmac += 1;
-        }
-        let e = per_card.entry(r.uid).or_default();
-        e.0 += match r.kind {
-            TxKind::Debit => -i64::from(r.amount_minor),
-            TxKind::Credit | TxKind::LimitedCredit => i64::from(r.amount_minor),
-            TxKind::RecordOnly => 0,
+        let before = r.pending_debit.take();
+        let mut reader = EmulatedReader {
+            card: &mut r.card,
+            rng: &mut card_rng,
         };
-        e.1 += 1;
-    }
-    let mut mismatched_cards = 0u64;
-    let mut lost = 0u64;
-    for h in &holders {
-        let s = h.card.state();
-        let (delta, count) = per_card.get(&s.uid).copied().unwrap_or((0, 0));
-        if i64::from(s.balance_minor) != h.initial_minor + delta {
-            mismatched_cards += 1;
+        let mut settled = None;
+        let out = txn::debit(&mut reader, &mut sams[0], &mut rng, |snap| {
+            if let Some(p) = &before {
+                settled = settle(p, snap).ok();
+            }
+            // A free check-in tap: it books the next counter, which settles a pending load.
+            Decision::Apply {
+                amount_minor: 0,
+                record: Some(vec![0u8; txn::RECORD_SIZE]),
+            }
+        })?;
+        if let Some(Settlement::Committed(receipt)) = settled {
+            t.debits_settled_committed += 1;
+            t.taps_accepted += 1;
+            t.revenue_minor += i64::from(receipt.amount_minor);
+            device_seq[0] += 1;
+            clearing
+                .outbox
+                .push(tap_json(&receipt, 1000, device_seq[0]));
+        } else if before.is_some() {
+            t.debits_settled_not_committed += 1;
         }
-        lost += u64::from(s.tmc).saturating_sub(count);
+        if let Outcome::Committed { receipt, .. } = out {
+            device_seq[0] += 1;
+            clearing
+                .outbox
+                .push(tap_json(&receipt, 1000, device_seq[0]));
+        }
+        r.pending_load = false;
+        r.card.remove_from_field();
     }
-    let value_conserved = mismatched_cards == 0 && bad_tmac == 0 && duplicated == 0 && lost == 0;
+    clearing.flush(&mut t)?;
+
+    // Conservation: the ledger's shadow purse equals every card's balance; reconciliation
+    // balances every card; every counter a card consumed is booked exactly once.
+    let ledger = state.loads.ledger();
+    let mut out_of_balance = 0u64;
+    let mut lost = 0u64;
+    {
+        let r = ledger.read()?;
+        for rider in &riders {
+            let s = rider.card.state();
+            if ledger.balance(&r, &charging::ledger::card_account(&s.uid))?
+                != i64::from(s.balance_minor)
+            {
+                out_of_balance += 1;
+            }
+            let shadow = ledger.card(&r, &s.uid)?;
+            lost += u64::from(s.tmc.saturating_sub(shadow.booked_through_tmc));
+        }
+    }
+    let report = charging::reconcile::reconcile(ledger)?;
+    let load_postings = {
+        let r = ledger.read()?;
+        ledger.postings_with_prefix(&r, "load:")?
+    };
+    let mut seen = std::collections::HashSet::new();
+    let paid_twice = load_postings
+        .iter()
+        .filter(|p| !seen.insert(p.reference.clone()))
+        .count() as u64;
+    let loads_voided = {
+        let r = ledger.read()?;
+        ledger
+            .all_intents(&r)?
+            .iter()
+            .filter(|i| i.state == charging::ledger::IntentState::Voided)
+            .count() as u64
+    };
+    let value_conserved = out_of_balance == 0
+        && report.differences.is_empty()
+        && lost == 0
+        && paid_twice == 0
+        && t.clearing_anomalies == 0;
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
     let mut lat = t.latencies_ns.clone();
     lat.sort_unstable();
-    let p50 = percentile_us(&lat, 0.5);
-    let p99 = percentile_us(&lat, 0.99);
+    let (p50, p99) = (percentile_us(&lat, 0.5), percentile_us(&lat, 0.99));
     let summary = serde_json::json!({
         "validators": args.validators,
         "cards": args.cards,
         "seed": args.seed,
         "taps_accepted": t.taps_accepted,
-        "taps_refused": t.taps_refused_insufficient,
+        "taps_refused": t.taps_refused,
         "taps_torn": t.taps_torn,
+        "taps_cleared": t.taps_cleared,
         "taps_lost": lost,
-        "taps_duplicated": duplicated,
-        "loads_completed": t.loads_completed,
+        "taps_duplicated": t.clearing_duplicates,
+        "clearing_batches": t.batches,
+        "clearing_anomalies": t.clearing_anomalies,
+        "loads_completed": t.loads_completed + t.loads_completed_by_clearing,
+        "loads_refused": t.loads_refused,
         "loads_torn": t.loads_torn,
-        "loads_voided": t.loads_voided,
-        "loads_paid_twice": duplicated,
-        "tears_settled_committed": t.settled_committed,
-        "tears_settled_not_committed": t.settled_not_committed,
+        "loads_voided": loads_voided,
+        "loads_paid_twice": paid_twice,
+        "loads_by_source": t.loads_by_source,
+        "debits_settled_committed": t.debits_settled_committed,
+        "debits_settled_not_committed": t.debits_settled_not_committed,
         "revenue_minor": t.revenue_minor,
-        "loaded_minor": t.loaded_minor,
-        "transaction_macs_refused": bad_tmac,
-        "cards_out_of_balance": mismatched_cards,
+        "cards_out_of_balance": out_of_balance,
+        "reconcile_differences": report.differences.len(),
         "value_conserved": value_conserved,
         "tap_latency_us_p50": p50,
         "tap_latency_us_p99": p99,
-        "wall_ms": wall.as_millis() as u64,
+        "wall_ms": started.elapsed().as_millis() as u64,
     });
     if args.json {
         println!("{summary}");
     } else {
         println!("summary");
-        println!("  taps accepted          {}", t.taps_accepted);
         println!(
-            "  taps refused           {} (insufficient value, then loaded online)",
-            t.taps_refused_insufficient
+            "  taps accepted          {} ({} torn and settled later)",
+            t.taps_accepted, t.debits_settled_committed
         );
-        println!("  taps torn              {}", t.taps_torn);
         println!(
-            "  loads completed        {} ({} minor units)",
-            t.loads_completed, t.loaded_minor
+            "  taps refused           {} (insufficient value, then topped up online)",
+            t.taps_refused
         );
-        println!("  loads torn             {}", t.loads_torn);
         println!(
-            "  tears settled          {} committed, {} not committed",
-            t.settled_committed, t.settled_not_committed
+            "  taps cleared           {} in {} batches, {} duplicates, {} anomalies",
+            t.taps_cleared, t.batches, t.clearing_duplicates, t.clearing_anomalies
         );
-        println!("  revenue                {} minor units", t.revenue_minor);
+        println!(
+            "  loads completed        {} over HTTP by source {:?}; {} completed from cleared taps",
+            t.loads_completed, t.loads_by_source, t.loads_completed_by_clearing
+        );
+        println!(
+            "  loads torn             {} (client vanished); {} voided in all, none paid twice: {}",
+            t.loads_torn,
+            loads_voided,
+            paid_twice == 0
+        );
+        println!(
+            "  revenue                {} minor units (operator metro)",
+            t.revenue_minor
+        );
         println!("  tap latency            p50 {p50} µs, p99 {p99} µs (card + SAM in process)");
         println!(
-            "  transaction MACs       {} verified, {} refused",
-            t.receipts.len() as u64 - bad_tmac,
-            bad_tmac
-        );
-        println!(
-            "  counters               {lost} consumed but unbooked, {duplicated} booked twice"
+            "  reconciliation         {} cards, {} balanced, {} differences",
+            report.cards,
+            report.balanced,
+            report.differences.len()
         );
         println!(
             "  conservation           {}",
             if value_conserved {
-                "held: every card's balance = personalised + loads − debits"
+                "held: every card's balance = personalised + loads − debits = the ledger's shadow purse"
             } else {
                 "FAILED"
             }
         );
     }
-    ensure!(value_conserved, "conservation check failed");
+    ensure!(value_conserved, "conservation check failed: {summary}");
     Ok(())
 }

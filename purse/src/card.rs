@@ -50,8 +50,11 @@ pub const INS_GET_KEY_VERSION: u8 = 0x64;
 pub const RECORD_SIZE: usize = 32;
 /// One trip record as stored on the card.
 pub type TripRecord = [u8; RECORD_SIZE];
-/// Default number of records the cyclic file keeps.
-pub const DEFAULT_MAX_RECORDS: u8 = 8;
+/// Default number of records the cyclic file keeps: 7 × 32 bytes plus the 8-byte MAC fit one
+/// short-APDU response (256 bytes), so all recent trips are read in one command.
+pub const DEFAULT_MAX_RECORDS: u8 = 7;
+/// The most data (with its MAC) one response carries: a short APDU's 256 bytes.
+pub const MAX_RESPONSE_DATA: usize = 256;
 
 /// What the issuer writes at personalisation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +77,7 @@ pub struct Personalisation {
 
 impl Personalisation {
     /// Defaults for a transit purse: no overdraft, 500 000 minor units ceiling, limited credit
-    /// on, 8 records of 32 bytes.
+    /// on, 7 records of 32 bytes.
     pub fn transit(uid: [u8; 7], balance_minor: i32) -> Self {
         Personalisation {
             uid,
@@ -621,6 +624,10 @@ impl Card {
         let count = if count == 0 { available } else { count };
         if rec_no > recs.len() || count > available {
             return Err(Status::BoundaryError);
+        }
+        if count * RECORD_SIZE + crate::sm::MAC_LEN > MAX_RESPONSE_DATA {
+            // A real card would chain with 91 AF; this one asks the terminal to read in parts.
+            return Err(Status::LengthError);
         }
         // Newest first: record 0 is the most recent.
         let mut out = Vec::with_capacity(count * RECORD_SIZE);

@@ -409,9 +409,9 @@ fn records_are_cyclic_and_read_newest_first() {
         rng: StdRng::seed_from_u64(1),
     };
     let out = txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |s| {
-        assert_eq!(s.records.len(), 8);
+        assert_eq!(s.records.len(), 7);
         assert_eq!(s.records[0], [10; 32]);
-        assert_eq!(s.records[7], [3; 32]);
+        assert_eq!(s.records[6], [4; 32]);
         Decision::Refuse
     })
     .unwrap();
