@@ -13,4 +13,5 @@ pub mod keys;
 pub mod receipt;
 pub mod sam;
 pub mod sm;
+pub mod tap;
 pub mod txn;

@@ -1,0 +1,437 @@
+//! The tap record: what a validator journals, signs with its device key and publishes, and what
+//! the gateway verifies. Wire format v1 is fixed-length and big-endian (see docs/protocol.md):
+//!
+//! | offset | len | field |
+//! |---|---|---|
+//! | 0 | 1 | format version (1) |
+//! | 1 | 1 | outcome: 0 accepted, else a [`RefusalReason`] code |
+//! | 2 | 1 | transaction kind ([`TxKind`]) |
+//! | 3 | 1 | card key version |
+//! | 4 | 7 | card UID |
+//! | 11 | 4 | transaction counter (TMC) the change consumed |
+//! | 15 | 4 | amount, minor units (i32) |
+//! | 19 | 4 | balance after, minor units (i32) |
+//! | 23 | 8 | card transaction MAC (TMV) |
+//! | 31 | 4 | device id |
+//! | 35 | 8 | device sequence number |
+//! | 43 | 8 | device time, unix ms |
+//! | 51 | 4 | stop / area id |
+//! | 55 | 4 | route id |
+//! | 59 | 4 | fare-table version |
+//! | 63 | 8 | blocklist version |
+//! | 71 | 8 | device MAC: AES-CMAC (EV2-truncated) over bytes 0..71 under the device key |
+//!
+//! An accepted tap can only be built from a [`CommitReceipt`] (a verified card commit); a
+//! decoded tap is a [`TapRecord`] only after its device MAC verified. Nothing else constructs
+//! one.
+
+use crate::crypto::{self, AesKey};
+use crate::receipt::{CommitReceipt, TxKind};
+
+/// The current wire format version.
+pub const TAP_VERSION: u8 = 1;
+/// The length of a v1 tap record on the wire.
+pub const TAP_LEN: usize = 79;
+const BODY_LEN: usize = TAP_LEN - 8;
+
+/// Why a validator refused a card. Stable codes: they are on the wire and in reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// 1: the card is on the blocklist.
+    Blocklisted = 1,
+    /// 2: not enough value for the fare.
+    InsufficientValue = 2,
+    /// 3: the product (pass, ticket) has expired.
+    ExpiredProduct = 3,
+    /// 4: an earlier torn transaction on this card could not be settled.
+    TornUnresolved = 4,
+    /// 5: the card's key version is not held by this validator's SAM.
+    UnknownKeyVersion = 5,
+    /// 6: the card refused a command or failed authentication.
+    CardError = 6,
+    /// 7: no fare rule prices this journey.
+    FareError = 7,
+    /// 8: anything else.
+    Other = 8,
+}
+
+impl RefusalReason {
+    /// Decodes a wire code.
+    pub fn from_code(c: u8) -> Option<RefusalReason> {
+        Some(match c {
+            1 => RefusalReason::Blocklisted,
+            2 => RefusalReason::InsufficientValue,
+            3 => RefusalReason::ExpiredProduct,
+            4 => RefusalReason::TornUnresolved,
+            5 => RefusalReason::UnknownKeyVersion,
+            6 => RefusalReason::CardError,
+            7 => RefusalReason::FareError,
+            8 => RefusalReason::Other,
+            _ => return None,
+        })
+    }
+
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// A short snake_case name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalReason::Blocklisted => "blocklisted",
+            RefusalReason::InsufficientValue => "insufficient_value",
+            RefusalReason::ExpiredProduct => "expired_product",
+            RefusalReason::TornUnresolved => "torn_unresolved",
+            RefusalReason::UnknownKeyVersion => "unknown_key_version",
+            RefusalReason::CardError => "card_error",
+            RefusalReason::FareError => "fare_error",
+            RefusalReason::Other => "other",
+        }
+    }
+}
+
+/// Where and when, from the validator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapMeta {
+    /// Device id.
+    pub device_id: u32,
+    /// The device's sequence number for this tap (strictly increasing per device).
+    pub device_seq: u64,
+    /// Device time, unix ms (a parameter: this crate reads no clock).
+    pub device_time_ms: u64,
+    /// Stop or area id.
+    pub stop_id: u32,
+    /// Route id.
+    pub route_id: u32,
+    /// Fare-table version in force.
+    pub fare_table_version: u32,
+    /// Blocklist version held.
+    pub blocklist_version: u64,
+}
+
+/// Decoding and verification failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TapError {
+    /// Not the v1 length.
+    #[error("tap record is {got} bytes, expected {expected}")]
+    Length {
+        /// expected length
+        expected: usize,
+        /// actual length
+        got: usize,
+    },
+    /// A format version this code does not know.
+    #[error("tap record format version {0} is not supported")]
+    UnknownVersion(u8),
+    /// Unknown outcome code.
+    #[error("unknown outcome code {0}")]
+    UnknownOutcome(u8),
+    /// Unknown transaction kind.
+    #[error("unknown transaction kind {0}")]
+    UnknownKind(u8),
+    /// Fields that cannot go together (negative amount, a refusal with a TMV, …).
+    #[error("inconsistent tap record: {0}")]
+    Inconsistent(&'static str),
+    /// The device MAC does not verify under the device's key.
+    #[error("device MAC does not verify (forged or altered tap, or the wrong device key)")]
+    BadMac,
+    /// No key is known for the device.
+    #[error("no key for device {0}")]
+    UnknownDevice(u32),
+}
+
+/// Zero-sized witness: the record was built from a verified commit or its MAC was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Checked;
+
+/// A tap record (verified).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapRecord {
+    /// `None` when accepted, else why refused.
+    pub refusal: Option<RefusalReason>,
+    /// Transaction kind (RecordOnly for refusals).
+    pub kind: TxKind,
+    /// Card key version.
+    pub key_version: u8,
+    /// Card UID.
+    pub uid: [u8; 7],
+    /// The counter the change consumed (refusals: the counter the card showed, or 0).
+    pub tmc: u32,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// Balance after, minor units (refusals: the balance the card showed, or 0).
+    pub balance_after_minor: i32,
+    /// Card transaction MAC (zero for refusals).
+    pub tmv: [u8; 8],
+    /// Where and when.
+    pub meta: TapMeta,
+    _checked: Checked,
+}
+
+impl TapRecord {
+    /// An accepted tap, from the card's verified commit.
+    pub fn accepted(receipt: &CommitReceipt, meta: TapMeta) -> TapRecord {
+        TapRecord {
+            refusal: None,
+            kind: receipt.kind,
+            key_version: receipt.key_version,
+            uid: receipt.uid,
+            tmc: receipt.tmc,
+            amount_minor: receipt.amount_minor,
+            balance_after_minor: receipt.balance_after_minor,
+            tmv: receipt.tmv,
+            meta,
+            _checked: Checked,
+        }
+    }
+
+    /// A refusal: no value moved. `tmc` and `balance_minor` are what the card showed, if it
+    /// was read (0 otherwise).
+    pub fn refused(
+        reason: RefusalReason,
+        uid: [u8; 7],
+        key_version: u8,
+        tmc: u32,
+        balance_minor: i32,
+        meta: TapMeta,
+    ) -> TapRecord {
+        TapRecord {
+            refusal: Some(reason),
+            kind: TxKind::RecordOnly,
+            key_version,
+            uid,
+            tmc,
+            amount_minor: 0,
+            balance_after_minor: balance_minor,
+            tmv: [0; 8],
+            meta,
+            _checked: Checked,
+        }
+    }
+
+    fn body(&self) -> [u8; BODY_LEN] {
+        let mut b = [0u8; BODY_LEN];
+        b[0] = TAP_VERSION;
+        b[1] = self.refusal.map(RefusalReason::code).unwrap_or(0);
+        b[2] = self.kind as u8;
+        b[3] = self.key_version;
+        b[4..11].copy_from_slice(&self.uid);
+        b[11..15].copy_from_slice(&self.tmc.to_be_bytes());
+        b[15..19].copy_from_slice(&self.amount_minor.to_be_bytes());
+        b[19..23].copy_from_slice(&self.balance_after_minor.to_be_bytes());
+        b[23..31].copy_from_slice(&self.tmv);
+        b[31..35].copy_from_slice(&self.meta.device_id.to_be_bytes());
+        b[35..43].copy_from_slice(&self.meta.device_seq.to_be_bytes());
+        b[43..51].copy_from_slice(&self.meta.device_time_ms.to_be_bytes());
+        b[51..55].copy_from_slice(&self.meta.stop_id.to_be_bytes());
+        b[55..59].copy_from_slice(&self.meta.route_id.to_be_bytes());
+        b[59..63].copy_from_slice(&self.meta.fare_table_version.to_be_bytes());
+        b[63..71].copy_from_slice(&self.meta.blocklist_version.to_be_bytes());
+        b
+    }
+
+    /// Encodes and signs with the device key.
+    pub fn sign(&self, device_key: &AesKey) -> [u8; TAP_LEN] {
+        let body = self.body();
+        let mut out = [0u8; TAP_LEN];
+        out[..BODY_LEN].copy_from_slice(&body);
+        out[BODY_LEN..].copy_from_slice(&crypto::mac8(device_key, &body));
+        out
+    }
+
+    /// The device id of an encoded record, read before verification to pick the key.
+    pub fn peek_device_id(bytes: &[u8]) -> Result<u32, TapError> {
+        check_frame(bytes)?;
+        Ok(u32::from_be_bytes(bytes[31..35].try_into().expect("4")))
+    }
+
+    /// Decodes strictly and verifies the device MAC with the key `key_for(device_id)` returns.
+    pub fn decode_verified(
+        bytes: &[u8],
+        key_for: impl FnOnce(u32) -> Option<AesKey>,
+    ) -> Result<TapRecord, TapError> {
+        check_frame(bytes)?;
+        let be32 = |o: usize| u32::from_be_bytes(bytes[o..o + 4].try_into().expect("4"));
+        let be64 = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().expect("8"));
+        let refusal = match bytes[1] {
+            0 => None,
+            c => Some(RefusalReason::from_code(c).ok_or(TapError::UnknownOutcome(c))?),
+        };
+        let kind = TxKind::from_u8(bytes[2]).ok_or(TapError::UnknownKind(bytes[2]))?;
+        let amount_minor = be32(15) as i32;
+        let tmv: [u8; 8] = bytes[23..31].try_into().expect("8");
+        if amount_minor < 0 {
+            return Err(TapError::Inconsistent("negative amount"));
+        }
+        if kind == TxKind::RecordOnly && amount_minor != 0 {
+            return Err(TapError::Inconsistent("a record-only tap with an amount"));
+        }
+        if refusal.is_some() && (kind != TxKind::RecordOnly || tmv != [0; 8]) {
+            return Err(TapError::Inconsistent("a refusal that moved value"));
+        }
+        let meta = TapMeta {
+            device_id: be32(31),
+            device_seq: be64(35),
+            device_time_ms: be64(43),
+            stop_id: be32(51),
+            route_id: be32(55),
+            fare_table_version: be32(59),
+            blocklist_version: be64(63),
+        };
+        let key = key_for(meta.device_id).ok_or(TapError::UnknownDevice(meta.device_id))?;
+        let want = crypto::mac8(&key, &bytes[..BODY_LEN]);
+        if !crypto::mac_eq(&want, &bytes[BODY_LEN..]) {
+            return Err(TapError::BadMac);
+        }
+        Ok(TapRecord {
+            refusal,
+            kind,
+            key_version: bytes[3],
+            uid: bytes[4..11].try_into().expect("7"),
+            tmc: be32(11),
+            amount_minor,
+            balance_after_minor: be32(19) as i32,
+            tmv,
+            meta,
+            _checked: Checked,
+        })
+    }
+}
+
+fn check_frame(bytes: &[u8]) -> Result<(), TapError> {
+    if let Some(&v) = bytes.first() {
+        if v != TAP_VERSION {
+            return Err(TapError::UnknownVersion(v));
+        }
+    }
+    if bytes.len() != TAP_LEN {
+        return Err(TapError::Length {
+            expected: TAP_LEN,
+            got: bytes.len(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> AesKey {
+        AesKey::from_bytes([0x42; 16])
+    }
+
+    fn meta() -> TapMeta {
+        TapMeta {
+            device_id: 1001,
+            device_seq: 77,
+            device_time_ms: 1_790_000_000_000,
+            stop_id: 12,
+            route_id: 3,
+            fare_table_version: 5,
+            blocklist_version: 9,
+        }
+    }
+
+    fn sample() -> TapRecord {
+        let r = CommitReceipt::for_tests([4, 1, 2, 3, 4, 5, 6], 8, [9; 8], TxKind::Debit, 150, 850);
+        TapRecord::accepted(&r, meta())
+    }
+
+    #[test]
+    fn roundtrip_and_every_bit_flip_is_refused() {
+        let t = sample();
+        let bytes = t.sign(&key());
+        assert_eq!(bytes.len(), TAP_LEN);
+        assert_eq!(TapRecord::peek_device_id(&bytes), Ok(1001));
+        assert_eq!(TapRecord::decode_verified(&bytes, |_| Some(key())), Ok(t));
+        for i in 0..TAP_LEN * 8 {
+            let mut b = bytes;
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(
+                TapRecord::decode_verified(&b, |_| Some(key())).is_err(),
+                "bit {i} flipped was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_key_length_version_and_device_are_typed_errors() {
+        let bytes = sample().sign(&key());
+        assert_eq!(
+            TapRecord::decode_verified(&bytes, |_| Some(AesKey::from_bytes([1; 16]))),
+            Err(TapError::BadMac)
+        );
+        assert_eq!(
+            TapRecord::decode_verified(&bytes, |_| None),
+            Err(TapError::UnknownDevice(1001))
+        );
+        assert_eq!(
+            TapRecord::decode_verified(&bytes[..78], |_| Some(key())),
+            Err(TapError::Length {
+                expected: 79,
+                got: 78
+            })
+        );
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(matches!(
+            TapRecord::decode_verified(&longer, |_| Some(key())),
+            Err(TapError::Length { .. })
+        ));
+        let mut v2 = bytes;
+        v2[0] = 2;
+        assert_eq!(
+            TapRecord::decode_verified(&v2, |_| Some(key())),
+            Err(TapError::UnknownVersion(2))
+        );
+        assert!(TapRecord::decode_verified(&[], |_| Some(key())).is_err());
+    }
+
+    #[test]
+    fn refusals_roundtrip_and_cannot_carry_value() {
+        let t = TapRecord::refused(RefusalReason::Blocklisted, [4; 7], 1, 3, 20, meta());
+        let bytes = t.sign(&key());
+        let back = TapRecord::decode_verified(&bytes, |_| Some(key())).unwrap();
+        assert_eq!(back.refusal, Some(RefusalReason::Blocklisted));
+        // A refusal claiming a debit, re-signed by the device: still refused as inconsistent.
+        let mut body = bytes;
+        body[2] = TxKind::Debit as u8;
+        body[15..19].copy_from_slice(&5i32.to_be_bytes());
+        let mac = crypto::mac8(&key(), &body[..BODY_LEN]);
+        body[BODY_LEN..].copy_from_slice(&mac);
+        assert_eq!(
+            TapRecord::decode_verified(&body, |_| Some(key())),
+            Err(TapError::Inconsistent("a refusal that moved value"))
+        );
+        for c in 1..=8u8 {
+            assert_eq!(RefusalReason::from_code(c).unwrap().code(), c);
+        }
+        assert!(RefusalReason::from_code(0).is_none());
+        assert!(RefusalReason::from_code(9).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..120)) {
+            let _ = TapRecord::peek_device_id(&bytes);
+            let _ = TapRecord::decode_verified(&bytes, |_| Some(key()));
+        }
+
+        #[test]
+        fn any_field_values_roundtrip(
+            uid in any::<[u8; 7]>(), tmc in any::<u32>(), amount in 1i32..i32::MAX,
+            balance in any::<i32>(), tmv in any::<[u8; 8]>(), dev in any::<u32>(),
+            seq in any::<u64>(), time in any::<u64>(), stop in any::<u32>(), route in any::<u32>(),
+            fv in any::<u32>(), bv in any::<u64>(),
+        ) {
+            let r = CommitReceipt::for_tests(uid, tmc, tmv, TxKind::Debit, amount, balance);
+            let m = TapMeta { device_id: dev, device_seq: seq, device_time_ms: time, stop_id: stop, route_id: route, fare_table_version: fv, blocklist_version: bv };
+            let t = TapRecord::accepted(&r, m);
+            let back = TapRecord::decode_verified(&t.sign(&key()), |d| (d == dev).then(key));
+            prop_assert_eq!(back, Ok(t));
+        }
+    }
+}
