@@ -51,6 +51,7 @@ fn figures(samples: &[u64], n: u64) -> Figures {
 pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(20_000);
     let mut r = rig(i32::MAX / 2);
+    let mut seq = 0u64;
     let samples = time_each(n / 10, n, || {
         let mut reader = EmulatedReader {
             card: &mut r.card,
@@ -64,11 +65,16 @@ pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
         let Outcome::Committed { receipt, .. } = out else {
             panic!("debit refused")
         };
-        let mut body = [0u8; 40];
-        body[..7].copy_from_slice(&receipt.uid);
-        body[7..11].copy_from_slice(&receipt.tmc.to_le_bytes());
-        body[11..19].copy_from_slice(&receipt.tmv);
-        std::hint::black_box(r.sam.device_mac(&body));
+        seq += 1;
+        let tap = purse::tap::TapRecord::accepted(
+            &receipt,
+            purse::tap::TapMeta {
+                device_id: 1001,
+                device_seq: seq,
+                ..Default::default()
+            },
+        );
+        std::hint::black_box(tap.sign_with(|b| r.sam.device_mac(b)));
     });
     Ok(figures(&samples, n))
 }

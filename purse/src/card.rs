@@ -169,6 +169,10 @@ impl Nvm {
 #[derive(Clone)]
 pub struct CardKeys {
     keys: [AesKey; 4],
+    /// Keys 0..=2 expanded once (the secure element's key schedule); zeroized on drop.
+    ciphers: [aes::Aes128; 3],
+    /// K_TM's CMAC state expanded once.
+    tm: cmac::Cmac<aes::Aes128>,
 }
 
 impl std::fmt::Debug for CardKeys {
@@ -180,19 +184,21 @@ impl std::fmt::Debug for CardKeys {
 impl CardKeys {
     /// Diversifies the four card keys from an issuer key set (personalisation).
     pub fn derive(issuer: &KeySet, uid: &[u8; 7], version: u8) -> Result<CardKeys, KeyError> {
-        Ok(CardKeys {
-            keys: [
-                issuer.card_key(KeyKind::App, version, uid)?,
-                issuer.card_key(KeyKind::Debit, version, uid)?,
-                issuer.card_key(KeyKind::Credit, version, uid)?,
-                issuer.card_key(KeyKind::Tmac, version, uid)?,
-            ],
-        })
+        Ok(CardKeys::from_keys([
+            issuer.card_key(KeyKind::App, version, uid)?,
+            issuer.card_key(KeyKind::Debit, version, uid)?,
+            issuer.card_key(KeyKind::Credit, version, uid)?,
+            issuer.card_key(KeyKind::Tmac, version, uid)?,
+        ]))
     }
 
     /// From four explicit keys (app, debit, credit, tmac).
     pub fn from_keys(keys: [AesKey; 4]) -> CardKeys {
-        CardKeys { keys }
+        CardKeys {
+            ciphers: [keys[0].cipher(), keys[1].cipher(), keys[2].cipher()],
+            tm: crypto::cmac_state(&keys[3]),
+            keys,
+        }
     }
 }
 
@@ -441,7 +447,7 @@ impl Card {
         let mut rnd_b = [0u8; 16];
         rng.fill_bytes(&mut rnd_b);
         let mut enc = rnd_b;
-        crypto::cbc_encrypt(&self.keys.keys[key_no as usize], &[0; 16], &mut enc)
+        crypto::cbc_encrypt_with(&self.keys.ciphers[key_no as usize], &[0; 16], &mut enc)
             .map_err(|_| Status::IntegrityError)?;
         self.pending_auth = Some(PendingAuth { key_no, rnd_b });
         rnd_b.zeroize();
@@ -455,9 +461,8 @@ impl Card {
         }
         let key = &self.keys.keys[pending.key_no as usize];
         let mut buf: [u8; 32] = data.try_into().expect("32 bytes");
-        let cipher = key.cipher();
-        crypto::cbc_decrypt_with(&cipher, &[0; 16], &mut buf)
-            .map_err(|_| Status::IntegrityError)?;
+        let cipher = &self.keys.ciphers[pending.key_no as usize];
+        crypto::cbc_decrypt_with(cipher, &[0; 16], &mut buf).map_err(|_| Status::IntegrityError)?;
         let rnd_a: [u8; 16] = buf[..16].try_into().expect("16");
         let expect_b = crypto::rotate_left_1(&pending.rnd_b);
         if !crypto::mac_eq(&buf[16..], &expect_b) {
@@ -471,7 +476,7 @@ impl Card {
         resp[..4].copy_from_slice(&ti);
         resp[4..20].copy_from_slice(&crypto::rotate_left_1(&rnd_a));
         // PDcap2 and PCDcap2: zeros (no extended capabilities).
-        crypto::cbc_encrypt_with(&cipher, &[0; 16], &mut resp)
+        crypto::cbc_encrypt_with(cipher, &[0; 16], &mut resp)
             .map_err(|_| Status::IntegrityError)?;
         let keys = crypto::ev2_session_keys(key, &rnd_a, &pending.rnd_b);
         self.session = Some(Session {
@@ -721,7 +726,7 @@ impl Card {
             return Err(Status::BoundaryError);
         };
         new.tmc = tmc;
-        let tm_key = crypto::tm_session_mac_key(&self.keys.keys[3], tmc, &new.uid);
+        let tm_key = crypto::tm_session_mac_key_with(&self.keys.tm, tmc, &new.uid);
         new.tmv = crypto::mac8(
             &tm_key,
             &tm_input(kind, amount, new.balance_minor, tmc, &new.uid),

@@ -104,6 +104,11 @@ pub fn cmac(key: &AesKey, msg: &[u8]) -> [u8; 16] {
     mac.finalize().into_bytes().into()
 }
 
+/// An expanded CMAC state for `key` (clone it per message to avoid re-keying).
+pub fn cmac_state(key: &AesKey) -> Cmac<Aes128> {
+    <Cmac<Aes128> as KeyInit>::new(&key.0.into())
+}
+
 /// The EV2 MAC: the 8 odd-indexed bytes (1, 3, …, 15) of a full CMAC.
 pub fn truncate_mac(full: &[u8; 16]) -> [u8; 8] {
     let mut out = [0u8; 8];
@@ -253,6 +258,17 @@ pub fn tm_session_mac_key(k_tm: &AesKey, tmc_next: u32, uid: &[u8; 7]) -> AesKey
     sv[5..9].copy_from_slice(&tmc_next.to_le_bytes());
     sv[9..16].copy_from_slice(uid);
     AesKey(cmac(k_tm, &sv))
+}
+
+/// [`tm_session_mac_key`] from K_TM's expanded CMAC state.
+pub fn tm_session_mac_key_with(k_tm: &Cmac<Aes128>, tmc_next: u32, uid: &[u8; 7]) -> AesKey {
+    let mut sv = [0u8; 16];
+    sv[0..5].copy_from_slice(&[0x5A, 0x00, 0x01, 0x00, 0x80]);
+    sv[5..9].copy_from_slice(&tmc_next.to_le_bytes());
+    sv[9..16].copy_from_slice(uid);
+    let mut m = k_tm.clone();
+    m.update(&sv);
+    AesKey(m.finalize().into_bytes().into())
 }
 
 /// AES-128-CBC encryption in place; `data` must be whole blocks.
@@ -474,6 +490,16 @@ mod tests {
         assert_eq!(
             keys.mac.expose_secret().to_vec(),
             h("4C6626F5E72EA694202139295C7A7FC7")
+        );
+    }
+
+    #[test]
+    fn tm_session_key_from_an_expanded_state_matches() {
+        let k = k(RFC4493_KEY);
+        let uid = [4, 1, 2, 3, 4, 5, 6];
+        assert_eq!(
+            tm_session_mac_key(&k, 7, &uid),
+            tm_session_mac_key_with(&cmac_state(&k), 7, &uid)
         );
     }
 

@@ -64,6 +64,7 @@ pub enum SamError {
 /// The terminal's half-finished authentication (RndA, RndB and the card key), zeroized on drop.
 pub struct PendingAuth {
     key: AesKey,
+    cipher: aes::Aes128,
     rnd_a: [u8; 16],
     rnd_b: [u8; 16],
 }
@@ -98,7 +99,15 @@ pub fn pcd_auth_part1(
     frame[..16].copy_from_slice(&rnd_a);
     frame[16..].copy_from_slice(&crypto::rotate_left_1(&rnd_b));
     crypto::cbc_encrypt_with(&cipher, &[0; 16], &mut frame).expect("two blocks");
-    Ok((PendingAuth { key, rnd_a, rnd_b }, frame))
+    Ok((
+        PendingAuth {
+            key,
+            cipher,
+            rnd_a,
+            rnd_b,
+        },
+        frame,
+    ))
 }
 
 /// PCD part 2: check the card's E(K, TI ‖ RndA' ‖ PDcap2 ‖ PCDcap2) and derive the session.
@@ -106,7 +115,7 @@ pub fn pcd_auth_part2(pending: PendingAuth, card_resp: &[u8]) -> Result<Channel,
     let mut buf: [u8; 32] = card_resp
         .try_into()
         .map_err(|_| SamError::CardAuthentication("answer is not 32 bytes"))?;
-    crypto::cbc_decrypt(&pending.key, &[0; 16], &mut buf).expect("two blocks");
+    crypto::cbc_decrypt_with(&pending.cipher, &[0; 16], &mut buf).expect("two blocks");
     let expect = crypto::rotate_left_1(&pending.rnd_a);
     if !crypto::mac_eq(&buf[4..20], &expect) {
         buf.zeroize();
@@ -245,6 +254,8 @@ pub struct SoftwareSam {
     keys: KeySet,
     device_id: u32,
     device_key: AesKey,
+    /// The device key's CMAC state, expanded once (tap signing is on the hot path).
+    device_mac: cmac::Cmac<aes::Aes128>,
     /// Remaining credit ceiling for a franchise SAM (minor units).
     ceiling_minor: i64,
     /// The last ceiling grant applied.
@@ -271,6 +282,7 @@ impl SoftwareSam {
             role: Role::ValidatorSam,
             keys,
             device_id,
+            device_mac: crypto::cmac_state(&device_key),
             device_key,
             ceiling_minor: 0,
             last_grant_seq: 0,
@@ -285,6 +297,7 @@ impl SoftwareSam {
             role: Role::FranchiseSam,
             keys,
             device_id,
+            device_mac: crypto::cmac_state(&device_key),
             device_key,
             ceiling_minor,
             last_grant_seq: 0,
@@ -380,7 +393,10 @@ impl Sam for SoftwareSam {
         self.device_id
     }
     fn device_mac(&self, body: &[u8]) -> [u8; 8] {
-        crypto::mac8(&self.device_key, body)
+        use cmac::Mac;
+        let mut m = self.device_mac.clone();
+        m.update(body);
+        crypto::truncate_mac(&m.finalize().into_bytes().into())
     }
     fn device_key(&self) -> &AesKey {
         &self.device_key

@@ -233,10 +233,15 @@ impl TapRecord {
 
     /// Encodes and signs with the device key.
     pub fn sign(&self, device_key: &AesKey) -> [u8; TAP_LEN] {
+        self.sign_with(|body| crypto::mac8(device_key, body))
+    }
+
+    /// Encodes and signs with a MAC function (a SAM's `device_mac`, which keeps the key inside).
+    pub fn sign_with(&self, device_mac: impl FnOnce(&[u8]) -> [u8; 8]) -> [u8; TAP_LEN] {
         let body = self.body();
         let mut out = [0u8; TAP_LEN];
         out[..BODY_LEN].copy_from_slice(&body);
-        out[BODY_LEN..].copy_from_slice(&crypto::mac8(device_key, &body));
+        out[BODY_LEN..].copy_from_slice(&device_mac(&body));
         out
     }
 

@@ -460,10 +460,10 @@ impl Dialogue {
             });
         }
         self.awaiting_decision = false;
-        let snapshot = self.snapshot.clone().expect("read before deciding");
         let (amount_minor, record) = match decision {
             Decision::Refuse => {
                 self.finished = true;
+                let snapshot = self.snapshot.take().expect("read before deciding");
                 return Ok(Step::Done(Outcome::Refused { snapshot }));
             }
             Decision::Apply {
@@ -491,6 +491,7 @@ impl Dialogue {
         };
         if amount_minor == 0 && record.is_none() {
             self.finished = true;
+            let snapshot = self.snapshot.take().expect("read before deciding");
             return Ok(Step::Done(Outcome::Refused { snapshot }));
         }
         self.decided = Some((kind, amount_minor));
