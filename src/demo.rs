@@ -139,18 +139,44 @@ fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
     })
 }
 
-fn tap_json(r: &CommitReceipt, device_id: u32, seq: u64) -> serde_json::Value {
-    let kind = match r.kind {
+/// The validator signs the tap record (wire format v1) with its device key; the receiving side
+/// (the gateway's job) verifies it with the key it derives from KM_DEVICE and forwards the
+/// verified fields to clearing.
+fn tap_json(
+    sam: &SoftwareSam,
+    gateway: &KeySet,
+    r: &CommitReceipt,
+    device_id: u32,
+    seq: u64,
+) -> Result<serde_json::Value> {
+    use purse::sam::Sam;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let record = purse::tap::TapRecord::accepted(
+        r,
+        purse::tap::TapMeta {
+            device_id,
+            device_seq: seq,
+            device_time_ms: now_ms,
+            ..Default::default()
+        },
+    );
+    let wire = record.sign_with(|body| sam.device_mac(body));
+    let t = purse::tap::TapRecord::decode_verified(&wire, |d| gateway.device_key(d).ok())
+        .context("a tap record failed verification")?;
+    let kind = match t.kind {
         TxKind::Debit => "debit",
         TxKind::LimitedCredit => "limited_credit",
         _ => "record_only",
     };
-    serde_json::json!({
-        "device_id": device_id, "device_seq": seq, "card_uid": hex::encode_upper(r.uid),
-        "tmc": r.tmc, "kind": kind, "amount_minor": r.amount_minor,
-        "balance_after_minor": r.balance_after_minor, "tmv": hex::encode_upper(r.tmv),
-        "key_version": r.key_version, "operator": "metro",
-    })
+    Ok(serde_json::json!({
+        "device_id": t.meta.device_id, "device_seq": t.meta.device_seq,
+        "card_uid": hex::encode_upper(t.uid), "tmc": t.tmc, "kind": kind,
+        "amount_minor": t.amount_minor, "balance_after_minor": t.balance_after_minor,
+        "tmv": hex::encode_upper(t.tmv), "key_version": t.key_version, "operator": "metro",
+        "device_time_ms": t.meta.device_time_ms,
+    }))
 }
 
 fn post(
@@ -329,6 +355,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|i| SoftwareSam::validator(&keys, 1000 + i))
         .collect::<Result<_, _>>()?;
     let mut device_seq = vec![0u64; sams.len()];
+    let gateway_keys = keys.for_role(purse::keys::Role::Gateway, 0)?;
     let mut clearing = Clearing {
         agent: &agent,
         base: &base,
@@ -384,9 +411,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.taps_accepted += 1;
                 t.revenue_minor += i64::from(receipt.amount_minor);
                 device_seq[vi] += 1;
-                clearing
-                    .outbox
-                    .push(tap_json(&receipt, 1000 + vi as u32, device_seq[vi]));
+                clearing.outbox.push(tap_json(
+                    &sams[vi],
+                    &gateway_keys,
+                    &receipt,
+                    1000 + vi as u32,
+                    device_seq[vi],
+                )?);
             }
             Some(Settlement::NotCommitted) => t.debits_settled_not_committed += 1,
             _ => {}
@@ -398,9 +429,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.taps_accepted += 1;
                 t.revenue_minor += i64::from(receipt.amount_minor);
                 device_seq[vi] += 1;
-                clearing
-                    .outbox
-                    .push(tap_json(&receipt, 1000 + vi as u32, device_seq[vi]));
+                clearing.outbox.push(tap_json(
+                    &sams[vi],
+                    &gateway_keys,
+                    &receipt,
+                    1000 + vi as u32,
+                    device_seq[vi],
+                )?);
             }
             Ok(Outcome::Refused { .. }) => {
                 t.taps_refused += 1;
@@ -515,17 +550,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
             t.taps_accepted += 1;
             t.revenue_minor += i64::from(receipt.amount_minor);
             device_seq[0] += 1;
-            clearing
-                .outbox
-                .push(tap_json(&receipt, 1000, device_seq[0]));
+            clearing.outbox.push(tap_json(
+                &sams[0],
+                &gateway_keys,
+                &receipt,
+                1000,
+                device_seq[0],
+            )?);
         } else if before.is_some() {
             t.debits_settled_not_committed += 1;
         }
         if let Outcome::Committed { receipt, .. } = out {
             device_seq[0] += 1;
-            clearing
-                .outbox
-                .push(tap_json(&receipt, 1000, device_seq[0]));
+            clearing.outbox.push(tap_json(
+                &sams[0],
+                &gateway_keys,
+                &receipt,
+                1000,
+                device_seq[0],
+            )?);
         }
         r.pending_load = false;
         r.card.remove_from_field();
