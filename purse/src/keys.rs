@@ -195,6 +195,11 @@ impl std::fmt::Debug for KeySet {
 }
 
 const MAGIC: &[u8; 4] = b"TGKS";
+/// The most Argon2 memory a key-set file may ask for (256 MiB): a hostile file cannot make
+/// opening it exhaust the machine.
+pub const MAX_KDF_MEMORY_KIB: u32 = 256 * 1024;
+/// The most Argon2 passes a key-set file may ask for.
+pub const MAX_KDF_PASSES: u32 = 16;
 const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 4 + 1 + 4 + 4 + 1 + 16 + 24;
 
@@ -486,7 +491,7 @@ impl KeySet {
             t: u32::from_be_bytes(file[9..13].try_into().expect("4")),
             p: file[13],
         };
-        if params.m_kib > 4 * 1024 * 1024 || params.t > 64 {
+        if params.m_kib > MAX_KDF_MEMORY_KIB || params.t > MAX_KDF_PASSES || params.p == 0 {
             return Err(KeyError::Kdf(
                 "cost parameters exceed the allowed maximum".into(),
             ));
