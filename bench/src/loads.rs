@@ -60,6 +60,20 @@ fn relay(
     Ok(())
 }
 
+/// CPU seconds (user + system) from a `/proc/.../stat` file (Linux; CLK_TCK = 100).
+fn cpu_s(path: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    let Some(rest) = text.rsplit(')').next() else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is [0]; utime is field 14 of the line, i.e. [11].
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Runs `n` loads from `clients` client threads.
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
@@ -97,12 +111,15 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let hsm = SoftwareHsm::new(&keys)?;
     let per_client = n.div_ceil(clients as u64);
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
+    let client_cpu = Arc::new(Mutex::new(0.0f64));
+    let cpu_before = cpu_s("/proc/self/stat");
     let started = Instant::now();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for c in 0..clients {
             let base = base.clone();
             let lat = latencies.clone();
+            let ccpu = client_cpu.clone();
             let mut cards: Vec<Card> = (0..per_client)
                 .map(|i| {
                     let mut uid = [0x04, c as u8, 0, 0, 0, 0, 0];
@@ -122,6 +139,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                         .expect("lat")
                         .push(t.elapsed().as_micros() as u64);
                 }
+                *ccpu.lock().expect("cpu") += cpu_s("/proc/thread-self/stat");
                 Ok(())
             }));
         }
@@ -131,6 +149,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         Ok(())
     })?;
     let wall = started.elapsed();
+    let total_cpu = cpu_s("/proc/self/stat") - cpu_before;
+    let clients_cpu = *client_cpu.lock().expect("cpu");
+    let server_cpu = (total_cpu - clients_cpu).max(0.0);
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
     let mut lat = latencies.lock().expect("lat").clone();
@@ -139,6 +160,14 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     Ok(vec![
         ("loads", total.into()),
         ("clients", (clients as u64).into()),
+        (
+            "server_cpu_us_per_load",
+            (((server_cpu * 1e6) / total.max(1) as f64) as u64).into(),
+        ),
+        (
+            "client_cpu_us_per_load",
+            (((clients_cpu * 1e6) / total.max(1) as f64) as u64).into(),
+        ),
         (
             "loads_per_s",
             ((total as f64 / wall.as_secs_f64()).round() as u64).into(),

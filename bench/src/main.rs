@@ -7,6 +7,7 @@
 use anyhow::Result;
 use clap::Parser;
 
+mod clearing;
 mod fare;
 mod loads;
 mod purse_bench;
@@ -37,6 +38,7 @@ enum Scenario {
     Fare,
     Loads,
     Reconcile,
+    Clearing,
 }
 
 impl Scenario {
@@ -47,6 +49,7 @@ impl Scenario {
             Scenario::Fare => "fare",
             Scenario::Loads => "loads",
             Scenario::Reconcile => "reconcile",
+            Scenario::Clearing => "clearing",
         }
     }
 }
@@ -59,6 +62,7 @@ fn main() -> Result<()> {
         Scenario::Fare => fare::run(args.n)?,
         Scenario::Loads => loads::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
+        Scenario::Clearing => clearing::run(args.n)?,
     };
     println!("scenario: {}", args.scenario.name());
     for (name, value) in &figures {
