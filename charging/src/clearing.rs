@@ -224,26 +224,15 @@ pub fn clear_batch(
                 if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
                     done.duplicates += 1;
                 } else {
-                    done.anomalies.push(Anomaly {
-                        kind: "clone".into(),
-                        card_uid: tap.card_uid.clone(),
-                        tmc: c.tmc,
-                        device_id: tap.device_id,
-                        device_seq: tap.device_seq,
-                        detail: "the card counter was already cleared with different contents"
-                            .into(),
-                    });
-                    if l.set_blocked(
+                    clone_found(
+                        l,
                         t,
-                        &c.uid,
-                        true,
-                        "clone suspected: a counter seen twice",
+                        &mut done,
+                        tap,
+                        c,
+                        "the card counter was already cleared with different contents",
                         now_ms,
-                    )?
-                    .is_some()
-                    {
-                        done.cards_blocked += 1;
-                    }
+                    )?;
                 }
                 continue;
             }
@@ -316,25 +305,15 @@ pub fn clear_batch(
             l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
             if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor)? == Booking::Duplicate {
                 // Booked by a load at the same counter: the load's own record already holds it.
-                done.anomalies.push(Anomaly {
-                    kind: "clone".into(),
-                    card_uid: tap.card_uid.clone(),
-                    tmc: c.tmc,
-                    device_id: tap.device_id,
-                    device_seq: tap.device_seq,
-                    detail: "a tap at a counter already booked by a load".into(),
-                });
-                if l.set_blocked(
+                clone_found(
+                    l,
                     t,
-                    &c.uid,
-                    true,
-                    "clone suspected: a counter seen twice",
+                    &mut done,
+                    tap,
+                    c,
+                    "a tap at a counter already booked by a load",
                     now_ms,
-                )?
-                .is_some()
-                {
-                    done.cards_blocked += 1;
-                }
+                )?;
             }
             // A pending load recorded at tmc−1 did not happen: this tap used its counter.
             if let Some(before) = c.tmc.checked_sub(1) {
@@ -370,6 +349,39 @@ pub fn clear_batch(
         Ok(done)
     })?;
     Ok(booked)
+}
+
+/// A counter seen twice with different contents: an anomaly, and the card is blocked.
+#[allow(clippy::too_many_arguments)]
+fn clone_found(
+    l: &crate::ledger::LedgerCore,
+    t: &mut heed::RwTxn<'_>,
+    done: &mut BatchOutcome,
+    tap: &ClearingTap,
+    c: &TxClaim,
+    detail: &str,
+    now_ms: u64,
+) -> Result<(), LedgerError> {
+    done.anomalies.push(Anomaly {
+        kind: "clone".into(),
+        card_uid: tap.card_uid.clone(),
+        tmc: c.tmc,
+        device_id: tap.device_id,
+        device_seq: tap.device_seq,
+        detail: detail.into(),
+    });
+    if l.set_blocked(
+        t,
+        &c.uid,
+        true,
+        "clone suspected: a counter seen twice",
+        now_ms,
+    )?
+    .is_some()
+    {
+        done.cards_blocked += 1;
+    }
+    Ok(())
 }
 
 fn cleared_one(o: &mut BatchOutcome) {
