@@ -6,5 +6,6 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod daemon;
 pub mod forward;
 pub mod store;

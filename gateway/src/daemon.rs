@@ -1,0 +1,301 @@
+//! The gateway daemon: MQTT in (rumqttc, QoS 1, persistent session, manual acks), durable
+//! ingestion, confirmations out, forwarding to clearing over HTTP.
+//!
+//! Delivery is end to end, never trusted to the broker: an incoming publish is acknowledged to
+//! the broker only after the ingest transaction that stored it committed, so a gateway killed
+//! at any point gets the message again from its persistent session; the validator deletes a
+//! tap from its outbox only when the gateway's confirmation arrives.
+//!
+//! Topics (docs/mqtt.md): taps arrive on `tapgate/v1/<operator>/taps/<device>`; confirmations
+//! go to `tapgate/v1/<operator>/devices/<device>/confirm` as `{"seqs": [...]}`.
+
+use crate::forward::forward_once;
+use crate::store::{Message, Store};
+use purse::keys::KeySet;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Daemon settings.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// This gateway's id (batch ids, MQTT client id).
+    pub gateway_id: String,
+    /// The broker: host and port.
+    pub broker: (String, u16),
+    /// MQTT username and password of the gateway.
+    pub mqtt_credentials: Option<(String, String)>,
+    /// Most messages in one ingest transaction (group commit).
+    pub ingest_batch_max_messages: usize,
+    /// Most taps in one clearing batch.
+    pub forward_batch_max_taps: usize,
+    /// The charging server's clearing endpoint base URL and gateway token; `None` keeps taps
+    /// in the outbox.
+    pub charging: Option<(String, String)>,
+    /// The operator taps are booked to.
+    pub operator: String,
+    /// Bound of the queue between the MQTT loop and ingestion (back-pressure beyond it).
+    pub queue_max_messages: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            gateway_id: "gw1".into(),
+            broker: ("127.0.0.1".into(), 18830),
+            mqtt_credentials: None,
+            ingest_batch_max_messages: 512,
+            forward_batch_max_taps: 1_000,
+            charging: None,
+            operator: "default".into(),
+            queue_max_messages: 10_000,
+        }
+    }
+}
+
+/// Live counters.
+#[derive(Default, Debug)]
+pub struct GatewayStats {
+    /// Taps stored.
+    pub stored: AtomicU64,
+    /// Duplicates dropped.
+    pub duplicates: AtomicU64,
+    /// Messages or records quarantined.
+    pub quarantined: AtomicU64,
+    /// Taps forwarded to clearing.
+    pub forwarded: AtomicU64,
+}
+
+/// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
+/// usernames to passwords; every client must authenticate when it is not empty.
+pub fn start_embedded_broker(
+    listen: SocketAddr,
+    users: HashMap<String, String>,
+) -> std::thread::JoinHandle<()> {
+    let mut servers = HashMap::new();
+    servers.insert(
+        "tapgate".to_string(),
+        rumqttd::ServerSettings {
+            name: "tapgate".into(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: 1 << 20,
+                max_inflight_count: 500,
+                auth: (!users.is_empty()).then_some(users),
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        },
+    );
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 1_000,
+            max_segment_size: 100 << 20,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(servers),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(%e, "embedded MQTT broker stopped");
+            }
+        })
+        .expect("spawn the broker thread")
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(
+    cfg: GatewayConfig,
+    store: Store,
+    keys: KeySet,
+    stats: Arc<GatewayStats>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let mut opts = MqttOptions::new(
+        format!("tapgate-gateway-{}", cfg.gateway_id),
+        cfg.broker.0.clone(),
+        cfg.broker.1,
+    );
+    opts.set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_inflight(500)
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if let Some((u, p)) = &cfg.mqtt_credentials {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<rumqttc::Publish>(cfg.queue_max_messages);
+
+    // MQTT event loop: reconnects with backoff; (re)subscribes on every connection.
+    let sub_client = client.clone();
+    let mqtt = tokio::spawn(async move {
+        let mut backoff_ms = 100u64;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff_ms = 100;
+                    if let Err(e) = sub_client
+                        .subscribe("tapgate/v1/+/taps/+", QoS::AtLeastOnce)
+                        .await
+                    {
+                        tracing::warn!(%e, "subscribe failed");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%e, backoff_ms, "MQTT connection lost; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(5_000);
+                }
+            }
+        }
+    });
+
+    // Forwarder: outbox → clearing, with backoff; idempotent batch ids.
+    let fwd_store = store.clone();
+    let fwd_keys = keys.clone();
+    let fwd_cfg = cfg.clone();
+    let fwd_stats = stats.clone();
+    let forwarder = tokio::spawn(async move {
+        let Some((base, token)) = fwd_cfg.charging.clone() else {
+            return;
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let mut backoff_ms = 50u64;
+        loop {
+            let (s, k, c, a, b, t) = (
+                fwd_store.clone(),
+                fwd_keys.clone(),
+                fwd_cfg.clone(),
+                agent.clone(),
+                base.clone(),
+                token.clone(),
+            );
+            let result = tokio::task::spawn_blocking(move || {
+                let mut sink = |batch: &serde_json::Value| -> Result<(), String> {
+                    a.post(&format!("{b}/v1/clearing/batches"))
+                        .set("Authorization", &format!("Bearer {t}"))
+                        .send_json(batch.clone())
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                };
+                forward_once(
+                    &s,
+                    &c.gateway_id,
+                    &c.operator,
+                    |d| k.device_key(d).ok(),
+                    c.forward_batch_max_taps,
+                    &mut sink,
+                )
+            })
+            .await;
+            match result {
+                Ok(Ok(0)) => {
+                    backoff_ms = 50;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Ok(n)) => {
+                    backoff_ms = 50;
+                    fwd_stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%e, backoff_ms, "forwarding to clearing failed; retrying the same batch");
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(5_000);
+                }
+                Err(e) => tracing::error!(%e, "forwarder task failed"),
+            }
+        }
+    });
+
+    // Ingest: batches of publishes, one durable transaction each, then acks and confirmations.
+    let ingest = async {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < cfg.ingest_batch_max_messages {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let messages: Vec<Message> = batch
+                .iter()
+                .map(|p| Message {
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                })
+                .collect();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let (s, k) = (store.clone(), keys.clone());
+            let outcome = tokio::task::spawn_blocking(move || {
+                s.ingest(&messages, |d| k.device_key(d).ok(), now_ms)
+            })
+            .await;
+            let outcome = match outcome {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    // Nothing acknowledged: the broker redelivers after we reconnect.
+                    tracing::error!(%e, "ingest failed; messages will be redelivered");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(%e, "ingest task failed");
+                    continue;
+                }
+            };
+            stats.stored.fetch_add(outcome.stored, Ordering::Relaxed);
+            stats
+                .duplicates
+                .fetch_add(outcome.duplicates, Ordering::Relaxed);
+            stats
+                .quarantined
+                .fetch_add(outcome.quarantined, Ordering::Relaxed);
+            for p in &batch {
+                if let Err(e) = client.ack(p).await {
+                    tracing::warn!(%e, "ack failed; the broker will redeliver (a duplicate)");
+                }
+            }
+            for ((op, device), seqs) in outcome.confirmations {
+                let topic = format!("tapgate/v1/{op}/devices/{device}/confirm");
+                let body = serde_json::json!({"seqs": seqs}).to_string();
+                if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
+                    tracing::warn!(%e, device, "confirmation not sent; the validator will resend");
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = ingest => {}
+        _ = shutdown => {}
+    }
+    let _ = client.disconnect().await;
+    mqtt.abort();
+    forwarder.abort();
+}

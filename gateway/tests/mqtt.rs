@@ -1,0 +1,232 @@
+//! The gateway daemon end to end on the embedded broker: a validator publishes signed taps over
+//! MQTT (QoS 1), the gateway stores them durably, confirms them, and forwards them to the real
+//! charging server, which books each once. Duplicates and forgeries never reach clearing; a
+//! client with a wrong password is refused by the broker.
+
+use charging::api::{Auth, Role, TokenEntry};
+use gateway::daemon::{run, start_embedded_broker, GatewayConfig, GatewayStats};
+use gateway::store::Store;
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeySet, Role as KeyRole};
+use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
+use purse::tap::{TapMeta, TapRecord};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(5));
+    let dir = tempfile::tempdir().unwrap();
+
+    // The broker, with a password per client.
+    let mqtt_port = free_port();
+    let users = HashMap::from([
+        ("gateway".to_string(), "gw-secret".to_string()),
+        ("dev-1001".to_string(), "dev-secret".to_string()),
+    ]);
+    start_embedded_broker(format!("127.0.0.1:{mqtt_port}").parse().unwrap(), users);
+    wait_for("the broker", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_ok()
+    })
+    .await;
+
+    // The charging server.
+    let mut cfg = charging::server::ServerConfig::from_toml(&format!(
+        "data_dir = {:?}\nledger_map_size_bytes = 67108864",
+        dir.path().join("charging").to_str().unwrap()
+    ))
+    .unwrap();
+    cfg.tokens = vec![TokenEntry {
+        name: "gw".into(),
+        role: Role::Gateway,
+        sha256: Auth::hash_token("tg_gw"),
+    }];
+    let state = charging::server::build(&cfg, Box::new(SoftwareHsm::new(&keys).unwrap())).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let charging_base = format!("http://{}", listener.local_addr().unwrap());
+    let st = state.clone();
+    tokio::spawn(async move {
+        charging::server::serve_on(listener, &cfg, st, std::future::pending()).await
+    });
+    let uid = [4, 3, 3, 3, 3, 3, 3];
+    state.loads.register_card(&uid, 10_000, 0).unwrap();
+
+    // The gateway.
+    let store = Store::open(&dir.path().join("gateway"), 64 << 20).unwrap();
+    let stats = Arc::new(GatewayStats::default());
+    let gw_cfg = GatewayConfig {
+        broker: ("127.0.0.1".into(), mqtt_port),
+        mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+        charging: Some((charging_base, "tg_gw".into())),
+        operator: "metro".into(),
+        ..GatewayConfig::default()
+    };
+    let gw_keys = keys.for_role(KeyRole::Gateway, 0).unwrap();
+    tokio::spawn(run(
+        gw_cfg,
+        store.clone(),
+        gw_keys,
+        stats.clone(),
+        std::future::pending(),
+    ));
+
+    // A validator: real debits, signed tap records, published at QoS 1.
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 10_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let mut records = Vec::new();
+    for i in 0..20u64 {
+        let mut reader = EmulatedReader {
+            card: &mut card,
+            rng: StdRng::seed_from_u64(i),
+        };
+        let Outcome::Committed { receipt, .. } =
+            txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(9), |_| {
+                Decision::Apply {
+                    amount_minor: 150,
+                    record: None,
+                }
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        let t = TapRecord::accepted(
+            &receipt,
+            TapMeta {
+                device_id: 1001,
+                device_seq: i + 1,
+                ..Default::default()
+            },
+        );
+        records.push(t.sign_with(|b| sam.device_mac(b)).to_vec());
+    }
+    let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
+    opts.set_credentials("dev-1001", "dev-secret")
+        .set_clean_session(false);
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    client
+        .subscribe("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let c2 = confirmed.clone();
+    let subscribed = Arc::new(tokio::sync::Notify::new());
+    let s2 = subscribed.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    for s in v["seqs"].as_array().unwrap() {
+                        c2.lock().unwrap().insert(s.as_u64().unwrap());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+        .await
+        .expect("subscribed");
+    for r in &records {
+        client
+            .publish(
+                "tapgate/v1/metro/taps/1001",
+                QoS::AtLeastOnce,
+                false,
+                r.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    // A redelivered tap and a forged one.
+    client
+        .publish(
+            "tapgate/v1/metro/taps/1001",
+            QoS::AtLeastOnce,
+            false,
+            records[3].clone(),
+        )
+        .await
+        .unwrap();
+    let mut forged = records[4].clone();
+    forged[16] ^= 0x40;
+    client
+        .publish(
+            "tapgate/v1/metro/taps/1001",
+            QoS::AtLeastOnce,
+            false,
+            forged,
+        )
+        .await
+        .unwrap();
+
+    wait_for("all 20 confirmations", Duration::from_secs(20), || {
+        confirmed.lock().unwrap().len() == 20
+    })
+    .await;
+    let ledger = state.loads.ledger().clone();
+    wait_for("clearing of all 20 taps", Duration::from_secs(20), || {
+        let r = ledger.read().unwrap();
+        ledger.balance(&r, "operator:metro").unwrap() == 20 * 150
+    })
+    .await;
+    assert_eq!(stats.stored.load(Ordering::Relaxed), 20);
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.quarantined.load(Ordering::Relaxed), 1);
+    assert!(store.quarantined(10).unwrap()[0]
+        .reason
+        .contains("device MAC"));
+    wait_for("the outbox to drain", Duration::from_secs(10), || {
+        store.outbox_len().unwrap() == 0
+    })
+    .await;
+    assert_eq!(charging::reconcile::reconcile(&ledger).unwrap().balanced, 1);
+
+    // The broker refuses a wrong password.
+    let mut bad = MqttOptions::new("intruder", "127.0.0.1", mqtt_port);
+    bad.set_credentials("dev-1001", "guess");
+    let (_c, mut ev) = AsyncClient::new(bad, 10);
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                    return a.code != rumqttc::ConnectReturnCode::Success
+                }
+                Err(_) => return true,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(refused, "a wrong password must not connect");
+}
