@@ -7,6 +7,7 @@ mod charging_cmd;
 mod cli_util;
 mod demo;
 mod fare_cmd;
+mod gateway_cmd;
 mod keys_cmd;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Command {
     Charge(charge_cmd::ChargeArgs),
     /// The charging server: online loads through the HSM, funding, ledger.
     Charging(charging_cmd::ChargingArgs),
+    /// The gateway: taps from MQTT, verified, de-duplicated, stored, confirmed, forwarded.
+    Gateway(gateway_cmd::GatewayArgs),
     /// Key tools: diversification, session keys, issuer key sets.
     Keys(keys_cmd::KeysArgs),
     /// Emulated cards: issue, show, debit, load.
@@ -46,12 +49,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => report(demo::run(args)),
         Command::Charge(args) => report(charge_cmd::run(args)),
         Command::Charging(args) => report(charging_cmd::run(args)),
+        Command::Gateway(args) => report(gateway_cmd::run_cmd(args)),
         Command::Keys(args) => report(keys_cmd::run(args)),
         Command::Card(args) => report(card_cmd::run(args)),
         Command::Fare(args) => match fare_cmd::run(args) {

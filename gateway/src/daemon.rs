@@ -67,6 +67,8 @@ pub struct GatewayStats {
     pub quarantined: AtomicU64,
     /// Taps forwarded to clearing.
     pub forwarded: AtomicU64,
+    /// Whether the tap subscription is in place (readiness).
+    pub subscribed: std::sync::atomic::AtomicBool,
 }
 
 /// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
@@ -144,6 +146,7 @@ pub async fn run(
 
     // MQTT event loop: reconnects with backoff; (re)subscribes on every connection.
     let sub_client = client.clone();
+    let sub_stats = stats.clone();
     let mqtt = tokio::spawn(async move {
         let mut backoff_ms = 100u64;
         loop {
@@ -157,6 +160,9 @@ pub async fn run(
                         tracing::warn!(%e, "subscribe failed");
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    sub_stats.subscribed.store(true, Ordering::Release);
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if tx.send(p).await.is_err() {
                         break;
@@ -164,6 +170,7 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    sub_stats.subscribed.store(false, Ordering::Release);
                     tracing::warn!(%e, backoff_ms, "MQTT connection lost; reconnecting");
                     tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
                     backoff_ms = (backoff_ms * 2).min(5_000);

@@ -92,6 +92,13 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         std::future::pending(),
     ));
 
+    wait_for(
+        "the gateway's subscription",
+        Duration::from_secs(10),
+        || stats.subscribed.load(Ordering::Acquire),
+    )
+    .await;
+
     // A validator: real debits, signed tap records, published at QoS 1.
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();

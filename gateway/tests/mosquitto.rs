@@ -1,0 +1,229 @@
+//! The gateway against a real Mosquitto with tapgate's ACL (deploy/mosquitto/acl): clients must
+//! authenticate, and a device can publish only under its own topic. Needs the `mosquitto` and
+//! `mosquitto_passwd` binaries (`.ci/run` installs them when absent).
+
+use gateway::daemon::{run, GatewayConfig, GatewayStats};
+use gateway::store::Store;
+use purse::keys::{KeySet, Role};
+use purse::receipt::{CommitReceipt, TxKind};
+use purse::tap::{TapMeta, TapRecord};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Broker(Child);
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_mosquitto(dir: &std::path::Path, port: u16) -> Broker {
+    let mosquitto = [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    let passwd = dir.join("passwd");
+    for (i, (user, pass)) in [
+        ("gateway", "gw-secret"),
+        ("1001", "d1-secret"),
+        ("1002", "d2-secret"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut c = Command::new("mosquitto_passwd");
+        c.arg("-b");
+        if i == 0 {
+            c.arg("-c");
+        }
+        let st = c
+            .arg(&passwd)
+            .arg(user)
+            .arg(pass)
+            .status()
+            .expect("mosquitto_passwd");
+        assert!(st.success());
+    }
+    let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mosquitto/acl");
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\nlog_dest file {}\nlistener {port} 127.0.0.1\n",
+            passwd.display(),
+            acl,
+            dir.join("mosquitto.log").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(mosquitto)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mosquitto");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mosquitto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Broker(child)
+}
+
+fn tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
+    let r = CommitReceipt::for_tests(
+        [4, 5, 5, 5, 5, 5, seq as u8],
+        seq as u32,
+        [1; 8],
+        TxKind::Debit,
+        100,
+        1_000,
+    );
+    TapRecord::accepted(
+        &r,
+        TapMeta {
+            device_id: device,
+            device_seq: seq,
+            ..Default::default()
+        },
+    )
+    .sign(&keys.device_key(device).unwrap())
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = start_mosquitto(dir.path(), port);
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(9))
+        .for_role(Role::Gateway, 0)
+        .unwrap();
+    let store = Store::open(&dir.path().join("gw"), 32 << 20).unwrap();
+    let stats = Arc::new(GatewayStats::default());
+    let cfg = GatewayConfig {
+        broker: ("127.0.0.1".into(), port),
+        mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+        ..GatewayConfig::default()
+    };
+    tokio::spawn(run(
+        cfg,
+        store.clone(),
+        keys.clone(),
+        stats.clone(),
+        std::future::pending(),
+    ));
+
+    let mut opts = MqttOptions::new("device-1001", "127.0.0.1", port);
+    opts.set_credentials("1001", "d1-secret");
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    client
+        .subscribe("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let subscribed = Arc::new(tokio::sync::Notify::new());
+    let (c2, s2) = (confirmed.clone(), subscribed.clone());
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    for s in v["seqs"].as_array().unwrap() {
+                        c2.lock().unwrap().insert(s.as_u64().unwrap());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+        .await
+        .expect("subscribed");
+    let start = Instant::now();
+    while !stats.subscribed.load(std::sync::atomic::Ordering::Acquire) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the gateway did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Device 1001 tries another device's topic first: the broker drops it.
+    client
+        .publish(
+            "tapgate/v1/metro/taps/1002",
+            QoS::AtLeastOnce,
+            false,
+            tap(&keys, 1001, 99),
+        )
+        .await
+        .unwrap();
+    for seq in 1..=5 {
+        client
+            .publish(
+                "tapgate/v1/metro/taps/1001",
+                QoS::AtLeastOnce,
+                false,
+                tap(&keys, 1001, seq),
+            )
+            .await
+            .unwrap();
+    }
+    let start = Instant::now();
+    while confirmed.lock().unwrap().len() < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for confirmations"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.device(1001).unwrap().unwrap().taps, 5);
+    assert!(store.device(1002).unwrap().is_none());
+    assert!(
+        store.quarantined(10).unwrap().is_empty(),
+        "the ACL stopped the foreign-topic publish at the broker"
+    );
+
+    // A wrong password is refused.
+    let mut bad = MqttOptions::new("intruder", "127.0.0.1", port);
+    bad.set_credentials("1002", "guess");
+    let (_c, mut ev) = AsyncClient::new(bad, 10);
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                    return a.code != rumqttc::ConnectReturnCode::Success
+                }
+                Err(_) => return true,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(refused);
+}

@@ -1,0 +1,163 @@
+//! `tapgate gateway`: tap ingestion from MQTT, confirmations, forwarding to clearing.
+
+use crate::cli_util::input_err;
+use crate::keys_cmd::load_keyset;
+use anyhow::{Context, Result};
+use clap::Args;
+use gateway::daemon::{run, start_embedded_broker, GatewayConfig, GatewayStats};
+use gateway::store::Store;
+use purse::keys::Role;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `tapgate gateway`.
+#[derive(Args)]
+pub struct GatewayArgs {
+    /// The issuer key directory, or a key set provisioned with `tapgate keys provision --role gateway`.
+    #[arg(long)]
+    keys: PathBuf,
+    /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+    #[arg(long = "passphrase-file")]
+    passphrase_file: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, default_value = "data/gateway")]
+    data: PathBuf,
+    /// An external broker, mqtt://host:port (Mosquitto is the reference). Without it the gateway
+    /// starts an embedded broker on --embedded-listen.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Where the embedded broker listens.
+    #[arg(long = "embedded-listen", default_value = "127.0.0.1:18830")]
+    embedded_listen: std::net::SocketAddr,
+    /// The embedded broker's users: a file of `username password` lines (validators use their
+    /// device id as username). Required for the embedded broker: every client authenticates.
+    #[arg(long = "mqtt-users")]
+    mqtt_users: Option<PathBuf>,
+    /// The gateway's MQTT username.
+    #[arg(long = "mqtt-user", default_value = "gateway")]
+    mqtt_user: String,
+    /// The gateway's MQTT password (default: $TAPGATE_MQTT_PASSWORD).
+    #[arg(
+        long = "mqtt-password",
+        env = "TAPGATE_MQTT_PASSWORD",
+        hide_env_values = true
+    )]
+    mqtt_password: String,
+    /// The charging server to forward taps to (its /v1/clearing/batches).
+    #[arg(long)]
+    charging: Option<String>,
+    /// The gateway's API token at the charging server (default: $TAPGATE_GATEWAY_TOKEN).
+    #[arg(
+        long = "charging-token",
+        env = "TAPGATE_GATEWAY_TOKEN",
+        hide_env_values = true
+    )]
+    charging_token: Option<String>,
+    /// The operator the taps are booked to.
+    #[arg(long, default_value = "default")]
+    operator: String,
+    /// This gateway's id (batch ids, MQTT client id).
+    #[arg(long = "gateway-id", default_value = "gw1")]
+    gateway_id: String,
+}
+
+fn parse_broker(url: &str) -> Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| input_err(format!("--broker {url:?} must look like mqtt://host:port")))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+        input_err(format!(
+            "--broker {url:?} needs a port, e.g. mqtt://127.0.0.1:1883"
+        ))
+    })?;
+    let port = port
+        .parse()
+        .map_err(|_| input_err(format!("--broker {url:?}: {port:?} is not a port")))?;
+    Ok((host.to_string(), port))
+}
+
+/// Runs `tapgate gateway`.
+pub fn run_cmd(a: GatewayArgs) -> Result<()> {
+    let keys = load_keyset(&a.keys, a.passphrase_file.as_deref())?.for_role(Role::Gateway, 0)?;
+    let broker = match &a.broker {
+        Some(url) => parse_broker(url)?,
+        None => {
+            let path = a.mqtt_users.as_ref().ok_or_else(|| {
+                input_err("the embedded broker needs --mqtt-users FILE (`username password` lines)")
+            })?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let mut users = HashMap::new();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let (u, p) = line.split_once(char::is_whitespace).ok_or_else(|| {
+                    input_err(format!(
+                        "{} line {}: expected `username password`",
+                        path.display(),
+                        i + 1
+                    ))
+                })?;
+                users.insert(u.to_string(), p.trim().to_string());
+            }
+            users.insert(a.mqtt_user.clone(), a.mqtt_password.clone());
+            start_embedded_broker(a.embedded_listen, users);
+            println!("embedded MQTT broker on {}", a.embedded_listen);
+            (a.embedded_listen.ip().to_string(), a.embedded_listen.port())
+        }
+    };
+    let charging = match (&a.charging, &a.charging_token) {
+        (Some(url), Some(token)) => Some((url.trim_end_matches('/').to_string(), token.clone())),
+        (Some(_), None) => {
+            return Err(input_err(
+                "--charging needs --charging-token or $TAPGATE_GATEWAY_TOKEN",
+            ))
+        }
+        (None, _) => None,
+    };
+    let store =
+        Store::open(&a.data, 4 << 30).with_context(|| format!("opening {}", a.data.display()))?;
+    let cfg = GatewayConfig {
+        gateway_id: a.gateway_id,
+        broker,
+        mqtt_credentials: Some((a.mqtt_user, a.mqtt_password)),
+        charging,
+        operator: a.operator,
+        ..GatewayConfig::default()
+    };
+    println!(
+        "gateway {} ingesting from mqtt://{}:{}",
+        cfg.gateway_id, cfg.broker.0, cfg.broker.1
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = ctrl_c.await;
+            }
+        };
+        run(
+            cfg,
+            store,
+            keys,
+            Arc::new(GatewayStats::default()),
+            shutdown,
+        )
+        .await;
+    });
+    Ok(())
+}
