@@ -7,8 +7,9 @@
 //! - Validators with software SAMs debit emulated cards offline; about 2% of dialogues are torn
 //!   (power lost after any NVM write, card pulled before any APDU, answer lost after it) and
 //!   settled from the card's counter at its next contact.
-//! - Taps are cleared in batches over HTTP (the gateway's job; the gateway daemon joins the demo
-//!   with its issue, and the broker with it).
+//! - Validators publish signed tap records over MQTT to the embedded broker (rumqttd, a password
+//!   per device) and keep them until the gateway confirms; the gateway stores them durably and
+//!   forwards them to clearing; the gateway is killed and restarted mid-day.
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
@@ -29,6 +30,7 @@ use purse::txn::{
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// `tapgate demo`.
@@ -49,9 +51,6 @@ pub struct DemoArgs {
     /// Per-mille of card dialogues torn at a random point.
     #[arg(long = "tear-per-mille", default_value_t = 20)]
     tear_per_mille: u32,
-    /// Taps per clearing batch.
-    #[arg(long = "batch-taps", default_value_t = 500)]
-    batch_taps: usize,
     /// Keep the charging data here (default: a temporary directory removed at the end).
     #[arg(long)]
     data: Option<std::path::PathBuf>,
@@ -120,8 +119,6 @@ struct Tally {
     clearing_duplicates: u64,
     clearing_anomalies: u64,
     loads_completed_by_clearing: u64,
-    loads_voided_by_clearing: u64,
-    batches: u64,
 }
 
 const HOLDER: &str = "tg_demo_cardholder";
@@ -139,16 +136,8 @@ fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
     })
 }
 
-/// The validator signs the tap record (wire format v1) with its device key; the receiving side
-/// (the gateway's job) verifies it with the key it derives from KM_DEVICE and forwards the
-/// verified fields to clearing.
-fn tap_json(
-    sam: &SoftwareSam,
-    gateway: &KeySet,
-    r: &CommitReceipt,
-    device_id: u32,
-    seq: u64,
-) -> Result<serde_json::Value> {
+/// The validator signs the tap record (wire format v1) with its device key.
+fn tap_wire(sam: &SoftwareSam, r: &CommitReceipt, device_id: u32, seq: u64) -> Result<Vec<u8>> {
     use purse::sam::Sam;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -162,21 +151,7 @@ fn tap_json(
             ..Default::default()
         },
     );
-    let wire = record.sign_with(|body| sam.device_mac(body));
-    let t = purse::tap::TapRecord::decode_verified(&wire, |d| gateway.device_key(d).ok())
-        .context("a tap record failed verification")?;
-    let kind = match t.kind {
-        TxKind::Debit => "debit",
-        TxKind::LimitedCredit => "limited_credit",
-        _ => "record_only",
-    };
-    Ok(serde_json::json!({
-        "device_id": t.meta.device_id, "device_seq": t.meta.device_seq,
-        "card_uid": hex::encode_upper(t.uid), "tmc": t.tmc, "kind": kind,
-        "amount_minor": t.amount_minor, "balance_after_minor": t.balance_after_minor,
-        "tmv": hex::encode_upper(t.tmv), "key_version": t.key_version, "operator": "metro",
-        "device_time_ms": t.meta.device_time_ms,
-    }))
+    Ok(record.sign_with(|body| sam.device_mac(body)).to_vec())
 }
 
 fn post(
@@ -199,35 +174,53 @@ fn post(
     }
 }
 
-struct Clearing<'a> {
-    agent: &'a ureq::Agent,
-    base: &'a str,
-    outbox: Vec<serde_json::Value>,
-    next_batch: u64,
+/// The validators' side of MQTT: one authenticated client per validator, an outbox of signed
+/// taps kept until the gateway confirms them (store-and-forward), resent when unconfirmed.
+struct Network<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    clients: Vec<rumqttc::AsyncClient>,
+    outbox: Vec<std::collections::BTreeMap<u64, Vec<u8>>>,
+    confirmed: Arc<Mutex<Vec<std::collections::BTreeSet<u64>>>>,
 }
 
-impl Clearing<'_> {
-    fn flush(&mut self, t: &mut Tally) -> Result<()> {
-        if self.outbox.is_empty() {
-            return Ok(());
+impl Network<'_> {
+    fn topic(vi: usize) -> String {
+        format!("tapgate/v1/metro/taps/{}", 1000 + vi)
+    }
+
+    fn publish(&mut self, vi: usize, seq: u64, wire: Vec<u8>) -> Result<()> {
+        self.rt.block_on(self.clients[vi].publish(
+            Self::topic(vi),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            wire.clone(),
+        ))?;
+        self.outbox[vi].insert(seq, wire);
+        Ok(())
+    }
+
+    /// Drops confirmed taps from the outboxes; returns how many remain.
+    fn prune(&mut self) -> usize {
+        let confirmed = self.confirmed.lock().expect("confirmed lock");
+        let mut left = 0;
+        for (vi, ob) in self.outbox.iter_mut().enumerate() {
+            ob.retain(|seq, _| !confirmed[vi].contains(seq));
+            left += ob.len();
         }
-        self.next_batch += 1;
-        let batch = serde_json::json!({
-            "batch_id": format!("demo-{:06}", self.next_batch),
-            "taps": std::mem::take(&mut self.outbox),
-        });
-        let out = post(
-            self.agent,
-            &format!("{}/v1/clearing/batches", self.base),
-            GATEWAY,
-            batch,
-        )?;
-        t.batches += 1;
-        t.taps_cleared += out["cleared"].as_u64().unwrap_or(0);
-        t.clearing_duplicates += out["duplicates"].as_u64().unwrap_or(0);
-        t.clearing_anomalies += out["anomalies"].as_array().map(Vec::len).unwrap_or(0) as u64;
-        t.loads_completed_by_clearing += out["loads_completed"].as_u64().unwrap_or(0);
-        t.loads_voided_by_clearing += out["loads_voided"].as_u64().unwrap_or(0);
+        left
+    }
+
+    fn resend_unconfirmed(&self) -> Result<()> {
+        for (vi, ob) in self.outbox.iter().enumerate() {
+            for wire in ob.values() {
+                self.rt.block_on(self.clients[vi].publish(
+                    Self::topic(vi),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    wire.clone(),
+                ))?;
+            }
+        }
         Ok(())
     }
 }
@@ -355,13 +348,109 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|i| SoftwareSam::validator(&keys, 1000 + i))
         .collect::<Result<_, _>>()?;
     let mut device_seq = vec![0u64; sams.len()];
-    let gateway_keys = keys.for_role(purse::keys::Role::Gateway, 0)?;
-    let mut clearing = Clearing {
-        agent: &agent,
-        base: &base,
-        outbox: Vec::new(),
-        next_batch: 0,
+    // The embedded MQTT broker and the gateway, forwarding to the charging server.
+    let mqtt_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut users = std::collections::HashMap::new();
+    let secret = |rng: &mut StdRng| hex::encode(rng.gen::<[u8; 12]>());
+    let gateway_password = secret(&mut rng);
+    users.insert("gateway".to_string(), gateway_password.clone());
+    let device_passwords: Vec<String> = (0..args.validators).map(|_| secret(&mut rng)).collect();
+    for (i, p) in device_passwords.iter().enumerate() {
+        users.insert((1000 + i).to_string(), p.clone());
+    }
+    gateway::daemon::start_embedded_broker(format!("127.0.0.1:{mqtt_port}").parse()?, users);
+    let waited = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err() {
+        ensure!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "the embedded broker did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let gw_store = gateway::store::Store::open(&tmp.path().join("gateway"), 1 << 30)?;
+    let gw_stats = Arc::new(gateway::daemon::GatewayStats::default());
+    let gw_cfg = gateway::daemon::GatewayConfig {
+        broker: ("127.0.0.1".into(), mqtt_port),
+        mqtt_credentials: Some(("gateway".into(), gateway_password)),
+        charging: Some((base.clone(), GATEWAY.into())),
+        operator: "metro".into(),
+        ..Default::default()
     };
+    let gw_keys = keys.for_role(purse::keys::Role::Gateway, 0)?;
+    let start_gateway = |stats: Arc<gateway::daemon::GatewayStats>| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(gateway::daemon::run(
+            gw_cfg.clone(),
+            gw_store.clone(),
+            gw_keys.clone(),
+            stats,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (stop, task)
+    };
+    let mut gateway_run = Some(start_gateway(gw_stats.clone()));
+    let waited = Instant::now();
+    while !gw_stats
+        .subscribed
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        ensure!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "the gateway did not subscribe"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let confirmed = Arc::new(Mutex::new(vec![
+        std::collections::BTreeSet::new();
+        sams.len()
+    ]));
+    let mut clients = Vec::new();
+    for (vi, password) in device_passwords.iter().enumerate() {
+        let id = (1000 + vi).to_string();
+        let mut opts = rumqttc::MqttOptions::new(format!("validator-{id}"), "127.0.0.1", mqtt_port);
+        opts.set_credentials(id.clone(), password.clone())
+            .set_clean_session(false)
+            .set_keep_alive(std::time::Duration::from_secs(30));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10_000);
+        let topic = format!("tapgate/v1/metro/devices/{id}/confirm");
+        let sub = client.clone();
+        let conf = confirmed.clone();
+        rt.spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = sub
+                            .subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce)
+                            .await;
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                            let mut c = conf.lock().expect("confirmed lock");
+                            for s in v["seqs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                                if let Some(s) = s.as_u64() {
+                                    c[vi].insert(s);
+                                }
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+        });
+        clients.push(client);
+    }
+    let mut net = Network {
+        rt: &rt,
+        clients,
+        outbox: vec![Default::default(); sams.len()],
+        confirmed,
+    };
+    let mut gateway_restarts = 0u64;
     let mut t = Tally::default();
     let step = (args.taps / 10).max(1);
 
@@ -411,13 +500,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.taps_accepted += 1;
                 t.revenue_minor += i64::from(receipt.amount_minor);
                 device_seq[vi] += 1;
-                clearing.outbox.push(tap_json(
-                    &sams[vi],
-                    &gateway_keys,
-                    &receipt,
-                    1000 + vi as u32,
+                net.publish(
+                    vi,
                     device_seq[vi],
-                )?);
+                    tap_wire(&sams[vi], &receipt, 1000 + vi as u32, device_seq[vi])?,
+                )?;
             }
             Some(Settlement::NotCommitted) => t.debits_settled_not_committed += 1,
             _ => {}
@@ -429,13 +516,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.taps_accepted += 1;
                 t.revenue_minor += i64::from(receipt.amount_minor);
                 device_seq[vi] += 1;
-                clearing.outbox.push(tap_json(
-                    &sams[vi],
-                    &gateway_keys,
-                    &receipt,
-                    1000 + vi as u32,
+                net.publish(
+                    vi,
                     device_seq[vi],
-                )?);
+                    tap_wire(&sams[vi], &receipt, 1000 + vi as u32, device_seq[vi])?,
+                )?;
             }
             Ok(Outcome::Refused { .. }) => {
                 t.taps_refused += 1;
@@ -448,8 +533,18 @@ pub fn run(args: DemoArgs) -> Result<()> {
             Err(e) => return Err(anyhow::Error::new(e).context(format!("tap {tap}"))),
         }
         repower(&mut r.card, &hsm)?;
-        if clearing.outbox.len() >= args.batch_taps {
-            clearing.flush(&mut t)?;
+        if tap % 200 == 199 {
+            net.prune();
+        }
+        if tap + 1 == args.taps / 2 {
+            // The gateway is killed mid-day and restarted: its persistent MQTT session and the
+            // validators' outboxes lose nothing; duplicates are dropped by (device, sequence).
+            if let Some((stop, task)) = gateway_run.take() {
+                let _ = stop.send(());
+                let _ = rt.block_on(task);
+            }
+            gateway_run = Some(start_gateway(gw_stats.clone()));
+            gateway_restarts += 1;
         }
         if short && r.pending_debit.is_none() {
             // Top up online through the charging server, funded by card, mileage or a voucher.
@@ -519,7 +614,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.taps_torn,
                 t.loads_completed,
                 t.loads_torn,
-                t.taps_cleared
+                gw_stats.forwarded.load(std::sync::atomic::Ordering::Relaxed)
             );
         }
     }
@@ -550,30 +645,63 @@ pub fn run(args: DemoArgs) -> Result<()> {
             t.taps_accepted += 1;
             t.revenue_minor += i64::from(receipt.amount_minor);
             device_seq[0] += 1;
-            clearing.outbox.push(tap_json(
-                &sams[0],
-                &gateway_keys,
-                &receipt,
-                1000,
+            net.publish(
+                0,
                 device_seq[0],
-            )?);
+                tap_wire(&sams[0], &receipt, 1000, device_seq[0])?,
+            )?;
         } else if before.is_some() {
             t.debits_settled_not_committed += 1;
         }
         if let Outcome::Committed { receipt, .. } = out {
             device_seq[0] += 1;
-            clearing.outbox.push(tap_json(
-                &sams[0],
-                &gateway_keys,
-                &receipt,
-                1000,
+            net.publish(
+                0,
                 device_seq[0],
-            )?);
+                tap_wire(&sams[0], &receipt, 1000, device_seq[0])?,
+            )?;
         }
         r.pending_load = false;
         r.card.remove_from_field();
     }
-    clearing.flush(&mut t)?;
+    // Drain: every tap confirmed by the gateway (resending what is not), then forwarded to
+    // and cleared by the charging server.
+    let drain = Instant::now();
+    let mut last_resend = Instant::now();
+    while net.prune() > 0 {
+        ensure!(
+            drain.elapsed() < std::time::Duration::from_secs(120),
+            "taps not confirmed by the gateway in time"
+        );
+        if last_resend.elapsed() > std::time::Duration::from_secs(2) {
+            net.resend_unconfirmed()?;
+            last_resend = Instant::now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    while gw_store.outbox_len()? > 0 {
+        ensure!(
+            drain.elapsed() < std::time::Duration::from_secs(120),
+            "taps not forwarded to clearing in time"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for c in &net.clients {
+        let _ = rt.block_on(c.disconnect());
+    }
+    if let Some((stop, task)) = gateway_run.take() {
+        let _ = stop.send(());
+        let _ = rt.block_on(task);
+    }
+    t.taps_cleared = gw_stats
+        .forwarded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    t.clearing_duplicates = gw_stats
+        .duplicates
+        .load(std::sync::atomic::Ordering::Relaxed);
+    t.clearing_anomalies = gw_stats
+        .quarantined
+        .load(std::sync::atomic::Ordering::Relaxed);
 
     // Conservation: the ledger's shadow purse equals every card's balance; reconciliation
     // balances every card; every counter a card consumed is booked exactly once.
@@ -598,6 +726,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let r = ledger.read()?;
         ledger.postings_with_prefix(&r, "load:")?
     };
+    let tap_double_bookings = {
+        let r = ledger.read()?;
+        let taps = ledger.postings_with_prefix(&r, "tap:")?;
+        let mut seen = std::collections::HashSet::new();
+        taps.iter()
+            .filter(|p| !seen.insert(p.reference.clone()))
+            .count() as u64
+    };
     let mut seen = std::collections::HashSet::new();
     let paid_twice = load_postings
         .iter()
@@ -615,6 +751,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         && report.differences.is_empty()
         && lost == 0
         && paid_twice == 0
+        && tap_double_bookings == 0
         && t.clearing_anomalies == 0;
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
@@ -630,8 +767,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "taps_torn": t.taps_torn,
         "taps_cleared": t.taps_cleared,
         "taps_lost": lost,
-        "taps_duplicated": t.clearing_duplicates,
-        "clearing_batches": t.batches,
+        "taps_duplicated": tap_double_bookings,
+        "duplicates_dropped": t.clearing_duplicates,
+        "gateway_restarts": gateway_restarts,
         "clearing_anomalies": t.clearing_anomalies,
         "loads_completed": t.loads_completed + t.loads_completed_by_clearing,
         "loads_refused": t.loads_refused,
@@ -662,8 +800,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             t.taps_refused
         );
         println!(
-            "  taps cleared           {} in {} batches, {} duplicates, {} anomalies",
-            t.taps_cleared, t.batches, t.clearing_duplicates, t.clearing_anomalies
+            "  taps cleared           {} via MQTT, the gateway and clearing; gateway killed and restarted {gateway_restarts}x mid-day; {} duplicates dropped, {} quarantined",
+            t.taps_cleared, t.clearing_duplicates, t.clearing_anomalies
         );
         println!(
             "  loads completed        {} over HTTP by source {:?}; {} completed from cleared taps",

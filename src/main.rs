@@ -43,15 +43,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Logs go to stderr; TAPGATE_LOG takes tracing's filter syntax. The demo keeps the embedded
+    // broker's connection chatter (clients coming and going at its end) out of its output.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn,rumqttd=off",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TAPGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => report(demo::run(args)),
         Command::Charge(args) => report(charge_cmd::run(args)),
