@@ -11,109 +11,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 /// The OpenAPI description of this API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 
-/// Who may call what.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// A cardholder's client (PC, phone).
-    Cardholder,
-    /// The operator's staff and tools.
-    Operator,
-    /// A partner (franchise terminal, online mall).
-    Partner,
-    /// A gateway forwarding tap batches.
-    Gateway,
-}
+pub use tapgate_auth::{Auth, Caller, Role, TokenEntry};
 
-/// One API token: the SHA-256 of the secret, never the secret itself.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
-pub struct TokenEntry {
-    /// The caller's name (appears in the ledger as `requested_by`).
-    pub name: String,
-    /// The role.
-    pub role: Role,
-    /// Hex SHA-256 of the bearer token.
-    pub sha256: String,
-}
-
-/// The authenticated caller.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    /// Name.
-    pub name: String,
-    /// Role.
-    pub role: Role,
-}
-
-/// Verifies bearer tokens.
-#[derive(Clone, Default)]
-pub struct Auth {
-    tokens: Vec<(String, Role, [u8; 32])>,
-}
-
-impl Auth {
-    /// From configured token entries; a malformed hash is an error naming the entry.
-    pub fn new(entries: &[TokenEntry]) -> Result<Auth, String> {
-        let mut tokens = Vec::new();
-        for e in entries {
-            let h: [u8; 32] = hex::decode(&e.sha256)
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "token for {:?}: sha256 must be 64 hex digits (the SHA-256 of the token)",
-                        e.name
-                    )
-                })?;
-            tokens.push((e.name.clone(), e.role, h));
-        }
-        Ok(Auth { tokens })
-    }
-
-    /// The SHA-256 (hex) to configure for a token.
-    pub fn hash_token(token: &str) -> String {
-        hex::encode(Sha256::digest(token.as_bytes()))
-    }
-
-    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        let value = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthenticated(
-                "missing Authorization: Bearer <token>",
-            ))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or(ApiError::Unauthenticated(
-                "Authorization must be Bearer <token>",
-            ))?;
-        let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        let mut found = None;
-        for (name, role, h) in &self.tokens {
-            if bool::from(h.ct_eq(&digest)) {
-                found = Some(Caller {
-                    name: name.clone(),
-                    role: *role,
-                });
-            }
-        }
-        found.ok_or(ApiError::Unauthenticated("unknown token"))
-    }
-
-    fn require(&self, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, ApiError> {
-        let c = self.caller(headers)?;
-        if !roles.contains(&c.role) {
-            return Err(ApiError::Forbidden(c.role));
-        }
-        Ok(c)
-    }
+/// The caller of a request, if its role is one of `roles`.
+fn require(auth: &Auth, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, ApiError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    auth.require(value, roles).map_err(|e| match e {
+        tapgate_auth::AuthError::Unauthenticated(m) => ApiError::Unauthenticated(m),
+        tapgate_auth::AuthError::Forbidden(r) => ApiError::Forbidden(r),
+    })
 }
 
 /// API errors, each with its HTTP status and a JSON body `{"error": code, "detail": text}`.
@@ -341,9 +254,11 @@ async fn start_load(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    let caller = st
-        .auth
-        .require(&headers, &[Role::Cardholder, Role::Partner, Role::Operator])?;
+    let caller = require(
+        &st.auth,
+        &headers,
+        &[Role::Cardholder, Role::Partner, Role::Operator],
+    )?;
     let req: StartLoad = json_body(&body)?;
     let key = headers
         .get("idempotency-key")
@@ -377,9 +292,11 @@ async fn load_step(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    let caller = st
-        .auth
-        .require(&headers, &[Role::Cardholder, Role::Partner, Role::Operator])?;
+    let caller = require(
+        &st.auth,
+        &headers,
+        &[Role::Cardholder, Role::Partner, Role::Operator],
+    )?;
     let step: StepBody = json_body(&body)?;
     let mut responses = Vec::with_capacity(step.responses.len());
     for (i, r) in step.responses.iter().enumerate() {
@@ -405,7 +322,7 @@ async fn register_card(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    st.auth.require(&headers, &[Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Operator])?;
     let req: RegisterCard = json_body(&body)?;
     let uid = uid_of(&req.card_uid)?;
     if req.personalised_minor < 0 {
@@ -439,7 +356,7 @@ async fn get_card(
     Path(uid_hex): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    st.auth.require(&headers, &[Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Operator])?;
     let uid = uid_of(&uid_hex)?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -502,7 +419,7 @@ async fn block_card(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    st.auth.require(&headers, &[Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Operator])?;
     let uid = uid_of(&uid_hex)?;
     let reason = reason_of(&json_body(&body)?)?;
     let version = set_block(&st, uid, true, reason).await?;
@@ -515,7 +432,7 @@ async fn unblock_card(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    st.auth.require(&headers, &[Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Operator])?;
     let uid = uid_of(&uid_hex)?;
     let reason = reason_of(&json_body(&body)?)?;
     let version = set_block(&st, uid, false, reason).await?;
@@ -529,9 +446,7 @@ async fn report_card(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = st
-        .auth
-        .require(&headers, &[Role::Cardholder, Role::Operator])?;
+    let caller = require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
     let uid = uid_of(&uid_hex)?;
     let req: BlockCard = json_body(&body)?;
     let reason = match req.reason.as_str() {
@@ -580,8 +495,7 @@ async fn block_changes(
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    st.auth
-        .require(&headers, &[Role::Gateway, Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
     let (changes, latest) = l
@@ -644,8 +558,7 @@ async fn get_voucher(
     Path(code): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    st.auth
-        .require(&headers, &[Role::Cardholder, Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
     let v = l
@@ -687,7 +600,7 @@ fn own_franchise(
     st: &AppState,
     headers: &HeaderMap,
 ) -> Result<crate::franchise::FranchiseConfig, ApiError> {
-    let caller = st.auth.require(headers, &[Role::Partner])?;
+    let caller = require(&st.auth, headers, &[Role::Partner])?;
     st.franchises
         .get(&caller.name)
         .cloned()
@@ -772,7 +685,7 @@ async fn franchise_payment(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    st.auth.require(&headers, &[Role::Operator])?;
+    require(&st.auth, &headers, &[Role::Operator])?;
     if !st.franchises.contains_key(&name) {
         return Err(ApiError::NotFound(format!("no franchise {name:?}")));
     }
@@ -797,9 +710,7 @@ async fn franchise_status(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = st
-        .auth
-        .require(&headers, &[Role::Operator, Role::Partner])?;
+    let caller = require(&st.auth, &headers, &[Role::Operator, Role::Partner])?;
     if caller.role == Role::Partner && caller.name != name {
         return Err(ApiError::Forbidden(Role::Partner));
     }
@@ -826,7 +737,7 @@ async fn clearing_batch(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<crate::clearing::BatchOutcome>, ApiError> {
-    st.auth.require(&headers, &[Role::Gateway])?;
+    require(&st.auth, &headers, &[Role::Gateway])?;
     let batch: crate::clearing::ClearingBatch = json_body(&body)?;
     let now = (st.clock)();
     let loads = st.loads.clone();
@@ -933,31 +844,5 @@ mod tests {
         assert!(r.take("b", 0).is_ok(), "per caller");
         assert!(r.take("a", 30_000).is_ok(), "refilled after half a minute");
         assert!(RateLimiter::new(0).take("a", 0).is_ok());
-    }
-
-    #[test]
-    fn tokens_are_checked_by_hash_and_role() {
-        let auth = Auth::new(&[TokenEntry {
-            name: "ops".into(),
-            role: Role::Operator,
-            sha256: Auth::hash_token("secret"),
-        }])
-        .unwrap();
-        let mut h = HeaderMap::new();
-        assert!(auth.caller(&h).is_err());
-        h.insert("authorization", "Bearer secret".parse().unwrap());
-        assert_eq!(auth.require(&h, &[Role::Operator]).unwrap().name, "ops");
-        assert!(matches!(
-            auth.require(&h, &[Role::Cardholder]),
-            Err(ApiError::Forbidden(_))
-        ));
-        h.insert("authorization", "Bearer secreT".parse().unwrap());
-        assert!(auth.caller(&h).is_err());
-        assert!(Auth::new(&[TokenEntry {
-            name: "x".into(),
-            role: Role::Gateway,
-            sha256: "zz".into()
-        }])
-        .is_err());
     }
 }
