@@ -16,7 +16,7 @@ use std::sync::Arc;
 /// The OpenAPI description of this API.
 pub const OPENAPI_YAML: &str = include_str!("../openapi.yaml");
 
-pub use tapgate_auth::{Auth, Caller, Role, TokenEntry};
+pub use tapgate_http::auth::{Auth, Caller, Role, TokenEntry};
 
 /// The caller of a request, if its role is one of `roles`.
 fn require(auth: &Auth, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, ApiError> {
@@ -24,8 +24,8 @@ fn require(auth: &Auth, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, A
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     auth.require(value, roles).map_err(|e| match e {
-        tapgate_auth::AuthError::Unauthenticated(m) => ApiError::Unauthenticated(m),
-        tapgate_auth::AuthError::Forbidden(r) => ApiError::Forbidden(r),
+        tapgate_http::auth::AuthError::Unauthenticated(m) => ApiError::Unauthenticated(m),
+        tapgate_http::auth::AuthError::Forbidden(r) => ApiError::Forbidden(r),
     })
 }
 

@@ -55,15 +55,8 @@ pub struct PointsConfig {
     pub minor_per_point_den: i64,
 }
 
-/// The `[tls]` table.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-}
+/// The `[tls]` table: PEM certificate chain and key.
+pub type TlsConfig = tapgate_http::serve::TlsFiles;
 
 /// The charging server's configuration file (TOML).
 #[derive(Clone, Debug, Deserialize)]
@@ -209,7 +202,6 @@ pub async fn serve_on(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    listener.set_nonblocking(true)?;
     let app = api::router(state.clone());
     // Expire idle relay sessions in the background.
     let loads = state.loads.clone();
@@ -221,43 +213,12 @@ pub async fn serve_on(
             loads.expire_sessions(clock());
         }
     });
-    let handle = axum_server::Handle::new();
-    let h2 = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        h2.graceful_shutdown(Some(Duration::from_secs(10)));
-    });
-    let result = match &cfg.tls {
-        Some(tls) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-                .await
-                .map_err(|e| {
-                    ServerError::Config(format!(
-                        "TLS certificate {} / key {}: {e}",
-                        tls.cert.display(),
-                        tls.key.display()
-                    ))
-                })?;
-            let server = axum_server::from_tcp_rustls(listener, rustls).handle(handle.clone());
-            announce(handle.clone(), "https");
-            server.serve(app.into_make_service()).await
-        }
-        None => {
-            let server = axum_server::from_tcp(listener).handle(handle.clone());
-            announce(handle.clone(), "http");
-            server.serve(app.into_make_service()).await
-        }
-    };
+    let result =
+        tapgate_http::serve::serve_router("charging", listener, cfg.tls.as_ref(), app, shutdown)
+            .await;
     reaper.abort();
-    Ok(result?)
-}
-
-fn announce(handle: axum_server::Handle, scheme: &'static str) {
-    tokio::spawn(async move {
-        if let Some(addr) = handle.listening().await {
-            println!("charging listening on {scheme}://{addr}");
-            tracing::info!(%addr, scheme, "charging listening");
-        }
-    });
+    result.map_err(|e| match e {
+        tapgate_http::serve::ServeError::Io(e) => ServerError::Io(e),
+        other => ServerError::Config(other.to_string()),
+    })
 }

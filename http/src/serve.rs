@@ -1,0 +1,86 @@
+//! Serving an axum router over HTTP or HTTPS (rustls with ring), with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// TLS certificate and key files (PEM).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Serving errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The TLS files could not be loaded.
+    #[error("TLS certificate {cert} / key {key}: {detail}")]
+    Tls {
+        /// cert path
+        cert: String,
+        /// key path
+        key: String,
+        /// what went wrong
+        detail: String,
+    },
+    /// I/O on the listener.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves (then drains for up to 10 s).
+/// Prints `<name> listening on <scheme>://<addr>` once bound.
+pub async fn serve_router(
+    name: &'static str,
+    listener: std::net::TcpListener,
+    tls: Option<&TlsFiles>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    listener.set_nonblocking(true)?;
+    let handle = axum_server::Handle::new();
+    let h2 = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        h2.graceful_shutdown(Some(Duration::from_secs(10)));
+    });
+    match tls {
+        Some(tls) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                .await
+                .map_err(|e| ServeError::Tls {
+                    cert: tls.cert.display().to_string(),
+                    key: tls.key.display().to_string(),
+                    detail: e.to_string(),
+                })?;
+            announce(name, handle.clone(), "https");
+            axum_server::from_tcp_rustls(listener, config)
+                .handle(handle)
+                .serve(router.into_make_service())
+                .await?;
+        }
+        None => {
+            announce(name, handle.clone(), "http");
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(router.into_make_service())
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn announce(name: &'static str, handle: axum_server::Handle, scheme: &'static str) {
+    tokio::spawn(async move {
+        if let Some(addr) = handle.listening().await {
+            let addr: SocketAddr = addr;
+            println!("{name} listening on {scheme}://{addr}");
+            tracing::info!(%addr, scheme, name, "listening");
+        }
+    });
+}
