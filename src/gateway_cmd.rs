@@ -60,6 +60,35 @@ pub struct GatewayArgs {
     /// This gateway's id (batch ids, MQTT client id).
     #[arg(long = "gateway-id", default_value = "gw1")]
     gateway_id: String,
+    /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],
+    /// [[tokens]]); without it the API is not started.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// The gateway's HTTP API configuration file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiConfig {
+    #[serde(default = "default_http_listen")]
+    http_listen: std::net::SocketAddr,
+    #[serde(default = "default_currency")]
+    currency: String,
+    #[serde(default = "default_exponent")]
+    currency_exponent: u32,
+    tls: Option<tapgate_http::serve::TlsFiles>,
+    #[serde(default)]
+    tokens: Vec<tapgate_http::auth::TokenEntry>,
+}
+
+fn default_http_listen() -> std::net::SocketAddr {
+    "127.0.0.1:8444".parse().expect("literal")
+}
+fn default_currency() -> String {
+    "USD".into()
+}
+fn default_exponent() -> u32 {
+    2
 }
 
 fn parse_broker(url: &str) -> Result<(String, u16)> {
@@ -132,9 +161,44 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         "gateway {} ingesting from mqtt://{}:{}",
         cfg.gateway_id, cfg.broker.0, cfg.broker.1
     );
+    let api = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let c: ApiConfig = toml::from_str(&text)
+                .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
+            Some(c)
+        }
+        None => None,
+    };
+    let stats = Arc::new(GatewayStats::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(c) = api {
+        let listener = std::net::TcpListener::bind(c.http_listen)
+            .with_context(|| format!("listening on {}", c.http_listen))?;
+        let state = gateway::api::ApiState {
+            store: store.clone(),
+            keys: keys.clone(),
+            stats: stats.clone(),
+            auth: tapgate_http::auth::Auth::new(&c.tokens).map_err(input_err)?,
+            currency: (c.currency, c.currency_exponent),
+        };
+        rt.spawn(async move {
+            if let Err(e) = tapgate_http::serve::serve_router(
+                "gateway-api",
+                listener,
+                c.tls.as_ref(),
+                gateway::api::router(state),
+                std::future::pending(),
+            )
+            .await
+            {
+                eprintln!("error: gateway API stopped: {e}");
+            }
+        });
+    }
     rt.block_on(async move {
         let shutdown = async {
             let ctrl_c = tokio::signal::ctrl_c();
@@ -150,14 +214,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
                 let _ = ctrl_c.await;
             }
         };
-        run(
-            cfg,
-            store,
-            keys,
-            Arc::new(GatewayStats::default()),
-            shutdown,
-        )
-        .await;
+        run(cfg, store, keys, stats, shutdown).await;
     });
     Ok(())
 }

@@ -6,6 +6,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod daemon;
 pub mod forward;
+pub mod report;
 pub mod store;

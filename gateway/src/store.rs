@@ -53,6 +53,17 @@ pub struct DeviceState {
 /// Most open gap ranges kept per device (older ones are reported and dropped).
 pub const MAX_GAPS: usize = 256;
 
+/// A running aggregate (per device, stop, route, card-day, product).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// Accepted taps.
+    pub taps: u64,
+    /// Refused taps.
+    pub refused: u64,
+    /// Sum of amounts, minor units.
+    pub amount_minor: i64,
+}
+
 /// A quarantined message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantined {
@@ -97,6 +108,7 @@ pub struct Store {
     quarantine: Database<U64<BE>, SerdeJson<Quarantined>>,
     outbox: Database<U64<BE>, Bytes>,
     meta: Database<heed::types::Str, U64<BE>>,
+    aggregates: Database<heed::types::Str, SerdeJson<Aggregate>>,
 }
 
 /// Parses `tapgate/v1/<operator>/taps/<device>`.
@@ -149,6 +161,7 @@ impl Store {
         let quarantine = env.create_database(&mut t, Some("quarantine"))?;
         let outbox = env.create_database(&mut t, Some("outbox"))?;
         let meta = env.create_database(&mut t, Some("meta"))?;
+        let aggregates = env.create_database(&mut t, Some("aggregates"))?;
         t.commit()?;
         Ok(Store {
             env,
@@ -157,6 +170,7 @@ impl Store {
             quarantine,
             outbox,
             meta,
+            aggregates,
         })
     }
 
@@ -307,11 +321,82 @@ impl Store {
                 st.taps += 1;
                 st.last_seen_ms = now_ms;
                 self.devices.put(&mut t, &u64::from(device), &st)?;
+                self.aggregate(&mut t, &tap)?;
                 out.stored += 1;
                 confirm.push(seq);
             }
         }
         t.commit()?;
+        Ok(out)
+    }
+
+    fn aggregate(&self, t: &mut RwTxn<'_>, tap: &TapRecord) -> Result<(), StoreError> {
+        let day = tap.meta.device_time_ms / 86_400_000;
+        let product = match (tap.refusal, tap.kind) {
+            (Some(r), _) => format!("refused:{}", r.name()),
+            (None, purse::receipt::TxKind::RecordOnly) => "free".to_string(),
+            (None, _) => "stored_value".to_string(),
+        };
+        let keys = [
+            format!("device:{}", tap.meta.device_id),
+            format!("stop:{}", tap.meta.stop_id),
+            format!("route:{}", tap.meta.route_id),
+            format!("card-day:{}:{day}", hex::encode_upper(tap.uid)),
+            format!("product:{product}"),
+        ];
+        for k in keys {
+            let mut a = self.aggregates.get(t, &k)?.unwrap_or_default();
+            if tap.refusal.is_some() {
+                a.refused += 1;
+            } else {
+                a.taps += 1;
+                a.amount_minor += i64::from(tap.amount_minor);
+            }
+            self.aggregates.put(t, &k, &a)?;
+        }
+        Ok(())
+    }
+
+    /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
+    /// `product:`), at most `limit`.
+    pub fn aggregates(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Aggregate)>, StoreError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.aggregates.prefix_iter(&r, prefix)? {
+            let (k, v) = item?;
+            out.push((k.to_string(), v));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every stored tap record (raw), in (device, sequence) order, at most `limit`.
+    pub fn taps(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.taps.iter(&r)? {
+            out.push(item?.1.to_vec());
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// All devices and their state.
+    pub fn devices(&self) -> Result<Vec<(u32, DeviceState)>, StoreError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.devices.iter(&r)? {
+            let (k, v) = item?;
+            out.push((k as u32, v));
+        }
         Ok(out)
     }
 

@@ -218,6 +218,90 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     .await;
     assert_eq!(charging::reconcile::reconcile(&ledger).unwrap().balanced, 1);
 
+    // The gateway's HTTP API (operator role): devices and gaps, aggregates, the TIDES export.
+    let api_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = format!("http://{}", api_listener.local_addr().unwrap());
+    let api_state = gateway::api::ApiState {
+        store: store.clone(),
+        keys: keys.for_role(KeyRole::Gateway, 0).unwrap(),
+        stats: stats.clone(),
+        auth: tapgate_http::auth::Auth::new(&[tapgate_http::auth::TokenEntry {
+            name: "ops".into(),
+            role: tapgate_http::auth::Role::Operator,
+            sha256: tapgate_http::auth::Auth::hash_token("tg_ops"),
+        }])
+        .unwrap(),
+        currency: ("USD".into(), 2),
+    };
+    tokio::spawn(tapgate_http::serve::serve_router(
+        "gateway-api",
+        api_listener,
+        None,
+        gateway::api::router(api_state),
+        std::future::pending(),
+    ));
+    let get = move |path: &str, token: Option<&str>| {
+        let mut r = ureq::get(&format!("{api}{path}"));
+        if let Some(t) = token {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        match r.call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (code, body) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/devices/1001", Some("tg_ops"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["taps"].as_u64(), v["highest_seq"].as_u64()),
+        (Some(20), Some(20))
+    );
+    let (code, _) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/devices/1001", None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 401);
+    let (_, body) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/aggregates?prefix=device:", Some("tg_ops"))
+    })
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["aggregates"][0]["key"], "device:1001");
+    assert_eq!(v["aggregates"][0]["amount_minor"], 20 * 150);
+    let (code, csv) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/export/tides/fare_transactions.csv", Some("tg_ops"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        csv.starts_with(
+            "transaction_id,service_date,event_timestamp,amount,currency_type,fare_action"
+        ),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 21, "a header and 20 transactions");
+    assert!(csv.contains("1001-1,1970-01-01,1970-01-01T00:00:00Z,1.50,USD,Enter,1001,0,1,Smart card or ticket,,04030303030303,98.50"), "{csv}");
+    let (_, metrics) = tokio::task::spawn_blocking(move || get("/metrics", None))
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tapgate_gateway_taps_stored_total 20"),
+        "{metrics}"
+    );
+
     // The broker refuses a wrong password.
     let mut bad = MqttOptions::new("intruder", "127.0.0.1", mqtt_port);
     bad.set_credentials("dev-1001", "guess");

@@ -1,0 +1,250 @@
+//! The gateway's HTTP API (operator role): devices and their sequence gaps, running
+//! aggregates, quarantine, the TIDES export; Prometheus metrics.
+
+use crate::daemon::GatewayStats;
+use crate::store::Store;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use purse::keys::KeySet;
+use serde::Deserialize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tapgate_http::auth::{Auth, AuthError, Role};
+
+/// Shared state.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The store.
+    pub store: Store,
+    /// The gateway's keys (device-MAC checks when exporting).
+    pub keys: KeySet,
+    /// Counters.
+    pub stats: Arc<GatewayStats>,
+    /// Tokens.
+    pub auth: Auth,
+    /// Currency code and minor-unit exponent for exports.
+    pub currency: (String, u32),
+}
+
+fn err(status: StatusCode, code: &str, detail: String) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": code, "detail": detail})),
+    )
+        .into_response()
+}
+
+/// `None` when the caller is an operator; else the refusal to send.
+fn operator(st: &ApiState, headers: &HeaderMap) -> Option<Response> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match st.auth.require(value, &[Role::Operator]) {
+        Ok(_) => None,
+        Err(AuthError::Unauthenticated(m)) => {
+            Some(err(StatusCode::UNAUTHORIZED, "unauthenticated", m.into()))
+        }
+        Err(e @ AuthError::Forbidden(_)) => {
+            Some(err(StatusCode::FORBIDDEN, "forbidden", e.to_string()))
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!(%e, "gateway API");
+    err(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error; see the log".into(),
+    )
+}
+
+async fn devices(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(r) = operator(&st, &headers) {
+        return r;
+    }
+    match st.store.devices() {
+        Ok(d) => Json(serde_json::json!({
+            "devices": d.iter().map(|(id, s)| serde_json::json!({
+                "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
+                "gaps": s.gaps, "last_seen_ms": s.last_seen_ms,
+            })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn device(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = operator(&st, &headers) {
+        return r;
+    }
+    let Ok(id) = id.parse::<u32>() else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("device id {id:?} is not a number"),
+        );
+    };
+    match st.store.device(id) {
+        Ok(Some(s)) => Json(serde_json::json!({
+            "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
+            "gaps": s.gaps, "last_seen_ms": s.last_seen_ms,
+        }))
+        .into_response(),
+        Ok(None) => err(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no taps from device {id}"),
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct AggQuery {
+    prefix: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn aggregates(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<AggQuery>,
+) -> Response {
+    if let Some(r) = operator(&st, &headers) {
+        return r;
+    }
+    let prefix = q.prefix.unwrap_or_default();
+    match st
+        .store
+        .aggregates(&prefix, q.limit.unwrap_or(10_000).min(100_000))
+    {
+        Ok(a) => Json(serde_json::json!({
+            "aggregates": a.iter().map(|(k, v)| serde_json::json!({
+                "key": k, "taps": v.taps, "refused": v.refused, "amount_minor": v.amount_minor,
+            })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn quarantine(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(r) = operator(&st, &headers) {
+        return r;
+    }
+    match st.store.quarantined(1_000) {
+        Ok(q) => Json(serde_json::json!({"quarantined": q})).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+}
+
+async fn tides(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ExportQuery>,
+) -> Response {
+    if let Some(r) = operator(&st, &headers) {
+        return r;
+    }
+    let (from, to) = (q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(u64::MAX));
+    if from >= to {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "from_ms must be before to_ms".into(),
+        );
+    }
+    let (cur, exp) = st.currency.clone();
+    let keys = st.keys.clone();
+    let store = st.store.clone();
+    let csv = tokio::task::spawn_blocking(move || {
+        crate::report::tides_fare_transactions(
+            &store,
+            |d| keys.device_key(d).ok(),
+            from,
+            to,
+            &cur,
+            exp,
+            10_000_000,
+        )
+    })
+    .await;
+    match csv {
+        Ok(Ok(csv)) => (
+            [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            csv,
+        )
+            .into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(e),
+    }
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    let mut out = String::new();
+    for (name, v) in [
+        (
+            "tapgate_gateway_taps_stored_total",
+            st.stats.stored.load(Ordering::Relaxed),
+        ),
+        (
+            "tapgate_gateway_taps_duplicate_total",
+            st.stats.duplicates.load(Ordering::Relaxed),
+        ),
+        (
+            "tapgate_gateway_taps_quarantined_total",
+            st.stats.quarantined.load(Ordering::Relaxed),
+        ),
+        (
+            "tapgate_gateway_taps_forwarded_total",
+            st.stats.forwarded.load(Ordering::Relaxed),
+        ),
+    ] {
+        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+    }
+    if let Ok(n) = st.store.outbox_len() {
+        out.push_str(&format!(
+            "# TYPE tapgate_gateway_outbox_taps gauge\ntapgate_gateway_outbox_taps {n}\n"
+        ));
+    }
+    let up = u8::from(st.stats.subscribed.load(Ordering::Relaxed));
+    out.push_str(&format!(
+        "# TYPE tapgate_gateway_mqtt_subscribed gauge\ntapgate_gateway_mqtt_subscribed {up}\n"
+    ));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}", get(device))
+        .route("/v1/aggregates", get(aggregates))
+        .route("/v1/quarantine", get(quarantine))
+        .route("/v1/export/tides/fare_transactions.csv", get(tides))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}

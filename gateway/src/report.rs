@@ -1,0 +1,103 @@
+//! Reports from the gateway's store: a TIDES-compatible `fare_transactions.csv` export.
+//!
+//! Columns (TIDES `fare_transactions` schema): `transaction_id` (`<device>-<sequence>`),
+//! `service_date`, `event_timestamp` (device clock, UTC), `amount` (major units, exact decimal
+//! from the integer minor units), `currency_type`, `fare_action` (`Enter` for a tap that
+//! debited or was free; refusals are not transactions and are left out), `device_id`,
+//! `stop_id`, `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped`
+//! (empty: the fare engine decides), `token_id` (card UID), `balance` (major units).
+
+use crate::store::{Store, StoreError};
+use purse::crypto::AesKey;
+use purse::tap::TapRecord;
+
+/// Formats integer minor units as an exact decimal with `exponent` fraction digits.
+pub fn decimal(minor: i64, exponent: u32) -> String {
+    if exponent == 0 {
+        return minor.to_string();
+    }
+    let unit = 10i64.pow(exponent);
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / unit as u64,
+        abs % unit as u64,
+        width = exponent as usize
+    )
+}
+
+fn utc(ms: u64) -> (String, String) {
+    use time::macros::format_description;
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let date = t
+        .format(format_description!("[year]-[month]-[day]"))
+        .unwrap_or_default();
+    let ts = t
+        .format(format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+        ))
+        .unwrap_or_default();
+    (date, ts)
+}
+
+/// The TIDES `fare_transactions.csv` for taps with device time in `[from_ms, to_ms)`.
+pub fn tides_fare_transactions(
+    store: &Store,
+    device_key: impl Fn(u32) -> Option<AesKey>,
+    from_ms: u64,
+    to_ms: u64,
+    currency: &str,
+    exponent: u32,
+    limit: usize,
+) -> Result<String, StoreError> {
+    let mut csv = String::from(
+        "transaction_id,service_date,event_timestamp,amount,currency_type,fare_action,device_id,stop_id,num_riders,fare_media_id,fare_capped,token_id,balance\n",
+    );
+    for raw in store.taps(limit)? {
+        let Ok(t) = TapRecord::decode_verified(&raw, &device_key) else {
+            continue;
+        };
+        if t.refusal.is_some() || t.meta.device_time_ms < from_ms || t.meta.device_time_ms >= to_ms
+        {
+            continue;
+        }
+        let (date, ts) = utc(t.meta.device_time_ms);
+        csv.push_str(&format!(
+            "{}-{},{date},{ts},{},{currency},Enter,{},{},1,Smart card or ticket,,{},{}\n",
+            t.meta.device_id,
+            t.meta.device_seq,
+            decimal(i64::from(t.amount_minor), exponent),
+            t.meta.device_id,
+            t.meta.stop_id,
+            hex::encode_upper(t.uid),
+            decimal(i64::from(t.balance_after_minor), exponent),
+        ));
+    }
+    Ok(csv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(decimal(125, 2), "1.25");
+        assert_eq!(decimal(5, 2), "0.05");
+        assert_eq!(decimal(-1_050, 2), "-10.50");
+        assert_eq!(decimal(1_234, 0), "1234");
+        assert_eq!(decimal(1_234, 3), "1.234");
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), ("1970-01-01".into(), "1970-01-01T00:00:00Z".into()));
+        assert_eq!(
+            utc(1_764_000_000_000),
+            ("2025-11-24".into(), "2025-11-24T16:00:00Z".into())
+        );
+        assert_eq!(utc(951_782_400_000).0, "2000-02-29");
+    }
+}
