@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod clearing;
 mod fare;
+mod gateway_bench;
 mod loads;
 mod purse_bench;
 mod reconcile;
@@ -29,6 +30,9 @@ struct Args {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// For `gateway`: `embedded` (rumqttd) or `mosquitto`.
+    #[arg(long, default_value = "embedded")]
+    broker: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -39,6 +43,7 @@ enum Scenario {
     Loads,
     Reconcile,
     Clearing,
+    Gateway,
 }
 
 impl Scenario {
@@ -50,6 +55,7 @@ impl Scenario {
             Scenario::Loads => "loads",
             Scenario::Reconcile => "reconcile",
             Scenario::Clearing => "clearing",
+            Scenario::Gateway => "gateway",
         }
     }
 }
@@ -63,6 +69,7 @@ fn main() -> Result<()> {
         Scenario::Loads => loads::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
+        Scenario::Gateway => gateway_bench::run_scenario(args.n, &args.broker)?,
     };
     println!("scenario: {}", args.scenario.name());
     for (name, value) in &figures {

@@ -88,7 +88,7 @@ pub fn start_embedded_broker(
             connections: rumqttd::ConnectionSettings {
                 connection_timeout_ms: 60_000,
                 max_payload_size: 1 << 20,
-                max_inflight_count: 500,
+                max_inflight_count: 5_000,
                 auth: (!users.is_empty()).then_some(users),
                 external_auth: None,
                 dynamic_filters: true,
@@ -99,7 +99,7 @@ pub fn start_embedded_broker(
         id: 0,
         router: rumqttd::RouterConfig {
             max_connections: 10_010,
-            max_outgoing_packet_count: 1_000,
+            max_outgoing_packet_count: 10_000,
             max_segment_size: 100 << 20,
             max_segment_count: 10,
             custom_segment: None,

@@ -1,0 +1,344 @@
+//! Bench scenario `gateway`: live taps, one signed record per MQTT message at QoS 1, from
+//! several validator connections, end to end: published → verified, de-duplicated, durable in
+//! LMDB → confirmed back to the validator. The same run measures the raw broker rate (the same
+//! messages published and received at QoS 1, no processing) as `broker_raw_per_s`.
+//! `--broker mosquitto` runs both against a Mosquitto started on a free port (default: the
+//! embedded rumqttd).
+
+use crate::Figures;
+use gateway::daemon::{run, start_embedded_broker, GatewayConfig, GatewayStats};
+use gateway::store::Store;
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeySet, Role};
+use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
+use purse::tap::{TapMeta, TapRecord};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::SeedableRng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VALIDATORS: usize = 8;
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct Mosquitto(std::process::Child);
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_mosquitto(
+    dir: &std::path::Path,
+    port: u16,
+    users: &HashMap<String, String>,
+) -> anyhow::Result<Mosquitto> {
+    let passwd = dir.join("passwd");
+    for (i, (u, p)) in users.iter().enumerate() {
+        let mut c = std::process::Command::new("mosquitto_passwd");
+        c.arg("-b");
+        if i == 0 {
+            c.arg("-c");
+        }
+        anyhow::ensure!(
+            c.arg(&passwd).arg(u).arg(p).status()?.success(),
+            "mosquitto_passwd failed"
+        );
+    }
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous false\npassword_file {}\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest none\nlistener {port} 127.0.0.1\n",
+            passwd.display()
+        ),
+    )?;
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or_else(|| anyhow::anyhow!("mosquitto is not installed"))?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .spawn()?;
+    Ok(Mosquitto(child))
+}
+
+fn rss_peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_s() -> f64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = text
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// Publishes `records[vi]` from VALIDATORS clients at QoS 1 and waits until `done` reports all.
+async fn publish_all(
+    port: u16,
+    passwords: &[String],
+    records: &[Vec<Vec<u8>>],
+    topic_for: impl Fn(usize) -> String,
+    confirm_topic_for: Option<&(dyn Fn(usize) -> String + Sync)>,
+    received: Arc<AtomicU64>,
+    expect: u64,
+) -> anyhow::Result<Duration> {
+    let mut clients = Vec::new();
+    for (vi, pw) in passwords.iter().enumerate() {
+        let id = (1000 + vi).to_string();
+        let mut o = MqttOptions::new(
+            format!("bench-validator-{id}-{}", confirm_topic_for.is_some()),
+            "127.0.0.1",
+            port,
+        );
+        o.set_credentials(id, pw.clone())
+            .set_inflight(1000)
+            .set_max_packet_size(1 << 16, 1 << 16);
+        let (c, mut ev) = AsyncClient::new(o, 20_000);
+        let subscribed = Arc::new(tokio::sync::Notify::new());
+        let s2 = subscribed.clone();
+        let rcv = received.clone();
+        let counting = confirm_topic_for.is_some();
+        tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
+                    Ok(Event::Incoming(Packet::Publish(p))) if counting => {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                            let n = v["seqs"].as_array().map(Vec::len).unwrap_or(0) as u64;
+                            rcv.fetch_add(n, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        if let Some(ct) = confirm_topic_for {
+            c.subscribe(ct(vi), QoS::AtLeastOnce).await?;
+            tokio::time::timeout(Duration::from_secs(10), subscribed.notified()).await?;
+        }
+        clients.push(c);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (vi, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        let recs = records[vi].clone();
+        let topic = topic_for(vi);
+        tasks.push(tokio::spawn(async move {
+            for r in recs {
+                c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
+            }
+            Ok::<(), rumqttc::ClientError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    while received.load(Ordering::Relaxed) < expect {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out: {} of {expect}",
+            received.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(start.elapsed())
+}
+
+pub fn run_scenario(n: Option<u64>, broker: &str) -> anyhow::Result<Figures> {
+    let n = n.unwrap_or(20_000);
+    let per = n.div_ceil(VALIDATORS as u64);
+    let dir = tempfile::tempdir()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let keys = KeySet::generate(&mut rng);
+    let hsm = SoftwareHsm::new(&keys)?;
+    // Real taps: debits on emulated cards, signed by each validator's SAM.
+    let mut records = Vec::new();
+    for vi in 0..VALIDATORS {
+        let mut sam = SoftwareSam::validator(&keys, 1000 + vi as u32)?;
+        let uid = [4, vi as u8, 9, 9, 9, 9, 9];
+        let mut p = Personalisation::transit(uid, i32::MAX / 2);
+        p.upper_limit_minor = i32::MAX;
+        let mut card = Card::personalise(&p, hsm.card_keys(&uid, 1)?);
+        let mut crng = rand::rngs::StdRng::seed_from_u64(vi as u64);
+        let mut v = Vec::with_capacity(per as usize);
+        for seq in 1..=per {
+            let mut reader = EmulatedReader {
+                card: &mut card,
+                rng: &mut crng,
+            };
+            let Outcome::Committed { receipt, .. } =
+                txn::debit(&mut reader, &mut sam, &mut rng, |_| Decision::Apply {
+                    amount_minor: 125,
+                    record: None,
+                })?
+            else {
+                anyhow::bail!("refused")
+            };
+            let t = TapRecord::accepted(
+                &receipt,
+                TapMeta {
+                    device_id: 1000 + vi as u32,
+                    device_seq: seq,
+                    ..Default::default()
+                },
+            );
+            v.push(t.sign_with(|b| sam.device_mac(b)).to_vec());
+        }
+        records.push(v);
+    }
+    let total = per * VALIDATORS as u64;
+    let port = free_port()?;
+    let mut users: HashMap<String, String> = (0..VALIDATORS)
+        .map(|vi| ((1000 + vi).to_string(), format!("pw{vi}")))
+        .collect();
+    users.insert("gateway".into(), "gwpw".into());
+    users.insert("raw".into(), "rawpw".into());
+    let _mosq = match broker {
+        "mosquitto" => Some(start_mosquitto(dir.path(), port, &users)?),
+        _ => {
+            start_embedded_broker(format!("127.0.0.1:{port}").parse()?, users.clone());
+            None
+        }
+    };
+    let waited = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(
+            waited.elapsed() < Duration::from_secs(10),
+            "broker did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let passwords: Vec<String> = (0..VALIDATORS).map(|vi| format!("pw{vi}")).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    // 1. Raw broker rate: a subscriber counts the same messages at QoS 1, no processing.
+    let raw_rate = rt.block_on(async {
+        let received = Arc::new(AtomicU64::new(0));
+        let mut o = MqttOptions::new("bench-raw", "127.0.0.1", port);
+        o.set_credentials("raw", "rawpw")
+            .set_inflight(1000)
+            .set_max_packet_size(1 << 16, 1 << 16);
+        let (sub, mut ev) = AsyncClient::new(o, 20_000);
+        sub.subscribe("bench/raw/#", QoS::AtLeastOnce).await?;
+        let rcv = received.clone();
+        let ready = Arc::new(tokio::sync::Notify::new());
+        let r2 = ready.clone();
+        tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => r2.notify_one(),
+                    Ok(Event::Incoming(Packet::Publish(_))) => {
+                        rcv.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready.notified()).await?;
+        let took = publish_all(
+            port,
+            &passwords,
+            &records,
+            |vi| format!("bench/raw/{}", 1000 + vi),
+            None,
+            received,
+            total,
+        )
+        .await?;
+        anyhow::Ok(total as f64 / took.as_secs_f64())
+    })?;
+
+    // 2. End to end through the gateway.
+    let store = Store::open(&dir.path().join("gw"), 4 << 30)?;
+    let stats = Arc::new(GatewayStats::default());
+    let cfg = GatewayConfig {
+        broker: ("127.0.0.1".into(), port),
+        mqtt_credentials: Some(("gateway".into(), "gwpw".into())),
+        ..GatewayConfig::default()
+    };
+    let gw_keys = keys.for_role(Role::Gateway, 0)?;
+    let cpu0 = cpu_s();
+    let (e2e, confirmed) = rt.block_on(async {
+        tokio::spawn(run(
+            cfg,
+            store.clone(),
+            gw_keys,
+            stats.clone(),
+            std::future::pending(),
+        ));
+        let waited = Instant::now();
+        while !stats.subscribed.load(Ordering::Acquire) {
+            anyhow::ensure!(
+                waited.elapsed() < Duration::from_secs(10),
+                "gateway did not subscribe"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let received = Arc::new(AtomicU64::new(0));
+        let ct = |vi: usize| format!("tapgate/v1/bench/devices/{}/confirm", 1000 + vi);
+        let took = publish_all(
+            port,
+            &passwords,
+            &records,
+            |vi| format!("tapgate/v1/bench/taps/{}", 1000 + vi),
+            Some(&ct),
+            received.clone(),
+            total,
+        )
+        .await?;
+        anyhow::Ok((took, received.load(Ordering::Relaxed)))
+    })?;
+    let cpu = cpu_s() - cpu0;
+    let stored = stats.stored.load(Ordering::Relaxed);
+    let e2e_rate = total as f64 / e2e.as_secs_f64();
+    Ok(vec![
+        ("broker", broker.into()),
+        ("taps", total.into()),
+        ("validators", (VALIDATORS as u64).into()),
+        ("taps_per_s", (e2e_rate as u64).into()),
+        ("broker_raw_per_s", (raw_rate as u64).into()),
+        (
+            "ratio_to_raw",
+            ((e2e_rate / raw_rate * 100.0).round() / 100.0).into(),
+        ),
+        ("lost", total.saturating_sub(stored).into()),
+        (
+            "duplicated",
+            stats.duplicates.load(Ordering::Relaxed).into(),
+        ),
+        ("confirmations", confirmed.into()),
+        ("cpu_us_per_tap", ((cpu * 1e6 / total as f64) as u64).into()),
+        ("rss_peak_kib", rss_peak_kib().into()),
+    ])
+}
