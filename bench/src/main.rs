@@ -33,6 +33,9 @@ struct Args {
     /// For `gateway`: `embedded` (rumqttd) or `mosquitto`.
     #[arg(long, default_value = "embedded")]
     broker: String,
+    /// For `gateway`: taps per MQTT message (1 = live taps; more = an outbox draining).
+    #[arg(long = "taps-per-message", default_value_t = 1)]
+    taps_per_message: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -69,7 +72,9 @@ fn main() -> Result<()> {
         Scenario::Loads => loads::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
-        Scenario::Gateway => gateway_bench::run_scenario(args.n, &args.broker)?,
+        Scenario::Gateway => {
+            gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
+        }
     };
     println!("scenario: {}", args.scenario.name());
     for (name, value) in &figures {

@@ -131,6 +131,31 @@ pub fn parse_tap_topic(topic: &str) -> Option<(&str, u32)> {
     }
 }
 
+/// Adds one tap to the batch's aggregate deltas.
+fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
+    let day = tap.meta.device_time_ms / 86_400_000;
+    let product = match (tap.refusal, tap.kind) {
+        (Some(r), _) => format!("refused:{}", r.name()),
+        (None, purse::receipt::TxKind::RecordOnly) => "free".to_string(),
+        (None, _) => "stored_value".to_string(),
+    };
+    for k in [
+        format!("device:{}", tap.meta.device_id),
+        format!("stop:{}", tap.meta.stop_id),
+        format!("route:{}", tap.meta.route_id),
+        format!("card-day:{}:{day}", hex::encode_upper(tap.uid)),
+        format!("product:{product}"),
+    ] {
+        let a = aggs.entry(k).or_default();
+        if tap.refusal.is_some() {
+            a.refused += 1;
+        } else {
+            a.taps += 1;
+            a.amount_minor += i64::from(tap.amount_minor);
+        }
+    }
+}
+
 fn tap_key(device: u32, seq: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&device.to_be_bytes());
@@ -205,6 +230,8 @@ impl Store {
         now_ms: u64,
     ) -> Result<IngestOutcome, StoreError> {
         let mut out = IngestOutcome::default();
+        let mut dev_states: BTreeMap<u32, DeviceState> = BTreeMap::new();
+        let mut aggs: BTreeMap<String, Aggregate> = BTreeMap::new();
         let mut t = self.env.write_txn()?;
         let mut next_outbox = self
             .outbox
@@ -286,10 +313,16 @@ impl Store {
                 self.taps.put(&mut t, &key, rec)?;
                 self.outbox.put(&mut t, &next_outbox, &key)?;
                 next_outbox += 1;
-                let mut st = self
-                    .devices
-                    .get(&t, &u64::from(device))?
-                    .unwrap_or_default();
+                // Device states and aggregates are accumulated for the whole batch and written
+                // once per key at the end (an outbox draining repeats the same keys).
+                let st = match dev_states.entry(device) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => e.insert(
+                        self.devices
+                            .get(&t, &u64::from(device))?
+                            .unwrap_or_default(),
+                    ),
+                };
                 if seq > st.highest_seq + 1 {
                     st.gaps.push((st.highest_seq + 1, seq - 1));
                     if st.gaps.len() > MAX_GAPS {
@@ -320,41 +353,23 @@ impl Store {
                 st.highest_seq = st.highest_seq.max(seq);
                 st.taps += 1;
                 st.last_seen_ms = now_ms;
-                self.devices.put(&mut t, &u64::from(device), &st)?;
-                self.aggregate(&mut t, &tap)?;
+                aggregate_into(&mut aggs, &tap);
                 out.stored += 1;
                 confirm.push(seq);
             }
         }
+        for (device, st) in &dev_states {
+            self.devices.put(&mut t, &u64::from(*device), st)?;
+        }
+        for (k, delta) in aggs {
+            let mut a = self.aggregates.get(&t, &k)?.unwrap_or_default();
+            a.taps += delta.taps;
+            a.refused += delta.refused;
+            a.amount_minor += delta.amount_minor;
+            self.aggregates.put(&mut t, &k, &a)?;
+        }
         t.commit()?;
         Ok(out)
-    }
-
-    fn aggregate(&self, t: &mut RwTxn<'_>, tap: &TapRecord) -> Result<(), StoreError> {
-        let day = tap.meta.device_time_ms / 86_400_000;
-        let product = match (tap.refusal, tap.kind) {
-            (Some(r), _) => format!("refused:{}", r.name()),
-            (None, purse::receipt::TxKind::RecordOnly) => "free".to_string(),
-            (None, _) => "stored_value".to_string(),
-        };
-        let keys = [
-            format!("device:{}", tap.meta.device_id),
-            format!("stop:{}", tap.meta.stop_id),
-            format!("route:{}", tap.meta.route_id),
-            format!("card-day:{}:{day}", hex::encode_upper(tap.uid)),
-            format!("product:{product}"),
-        ];
-        for k in keys {
-            let mut a = self.aggregates.get(t, &k)?.unwrap_or_default();
-            if tap.refusal.is_some() {
-                a.refused += 1;
-            } else {
-                a.taps += 1;
-                a.amount_minor += i64::from(tap.amount_minor);
-            }
-            self.aggregates.put(t, &k, &a)?;
-        }
-        Ok(())
     }
 
     /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
