@@ -124,6 +124,8 @@ pub struct AppState {
     pub metrics: prometheus::Registry,
     /// Per-caller rate limit on starting loads.
     pub rate: Arc<RateLimiter>,
+    /// The operator id blocklists are signed for.
+    pub operator: String,
 }
 
 /// A token bucket per caller: `per_minute` starts, refilled continuously, at most
@@ -760,6 +762,113 @@ async fn clearing_batch(
     Ok(Json(out))
 }
 
+fn signed_list(st: &AppState, update: &purse::blocklist::ListUpdate) -> Result<Response, ApiError> {
+    let body = update.body();
+    let sig = st
+        .loads
+        .hsm()
+        .lock()
+        .expect("hsm lock")
+        .sign(&body)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut bytes = body;
+    bytes.extend_from_slice(&sig);
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-tapgate-blocklist-version"),
+                update.to_version.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `GET /v1/blocklist/signed/snapshot` (gateway, operator): every blocked card at the latest
+/// version, signed by the back office (wire format: purse::blocklist).
+async fn signed_snapshot(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    let st2 = st.clone();
+    blocking(move || {
+        let l = st2.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (_, latest) = l
+            .block_changes(&r, u64::MAX - 1, 1)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if latest == 0 {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let entries: Vec<([u8; 7], bool)> = l
+            .all_cards(&r)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into_iter()
+            .filter(|(_, c)| c.blocked)
+            .map(|(uid, _)| (uid, true))
+            .collect();
+        drop(r);
+        signed_list(
+            &st2,
+            &purse::blocklist::ListUpdate {
+                kind: purse::blocklist::ListKind::Snapshot,
+                operator: st2.operator.clone(),
+                from_version: 0,
+                to_version: latest,
+                entries,
+            },
+        )
+    })
+    .await
+}
+
+/// `GET /v1/blocklist/signed/delta?after=N` (gateway, operator): the changes after version N,
+/// signed; 204 when there are none.
+async fn signed_delta(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
+) -> Result<Response, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    let st2 = st.clone();
+    blocking(move || {
+        let l = st2.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (changes, _) = l
+            .block_changes(&r, q.after, q.limit.clamp(1, 1_000_000))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        drop(r);
+        let Some(last) = changes.last().map(|c| c.version) else {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        };
+        let mut entries = Vec::with_capacity(changes.len());
+        for c in &changes {
+            let uid: [u8; 7] = hex::decode(&c.card_uid)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| ApiError::Internal(format!("stored UID {:?}", c.card_uid)))?;
+            entries.push((uid, c.action == "block"));
+        }
+        signed_list(
+            &st2,
+            &purse::blocklist::ListUpdate {
+                kind: purse::blocklist::ListKind::Delta,
+                operator: st2.operator.clone(),
+                from_version: q.after,
+                to_version: last,
+                entries,
+            },
+        )
+    })
+    .await
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
     let stats = st.loads.stats();
     let mut out = String::new();
@@ -803,6 +912,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards/{uid}/unblock", post(unblock_card))
         .route("/v1/cards/{uid}/report", post(report_card))
         .route("/v1/blocklist/changes", get(block_changes))
+        .route("/v1/blocklist/signed/snapshot", get(signed_snapshot))
+        .route("/v1/blocklist/signed/delta", get(signed_delta))
         .route("/v1/partner/vouchers", post(partner_voucher))
         .route(
             "/v1/clearing/batches",

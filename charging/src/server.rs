@@ -87,6 +87,13 @@ pub struct ServerConfig {
     /// Franchise terminals that load offline under a ceiling.
     #[serde(default)]
     pub franchises: Vec<crate::franchise::FranchiseConfig>,
+    /// The operator id this back office signs blocklists for.
+    #[serde(default = "default_operator")]
+    pub operator: String,
+}
+
+fn default_operator() -> String {
+    "default".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -177,6 +184,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         ),
         clock,
         metrics: prometheus::Registry::new(),
+        operator: cfg.operator.clone(),
         rate: Arc::new(crate::api::RateLimiter::new(
             cfg.limits.loads_per_minute_per_client,
         )),

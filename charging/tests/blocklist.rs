@@ -119,4 +119,34 @@ fn the_owner_reports_a_card_lost_and_the_gateway_sees_numbered_changes() {
     assert_eq!(changes[1]["action"], "unblock");
     let (_, after1) = get(&format!("{b}/v1/blocklist/changes?after=1"), GW);
     assert_eq!(after1["changes"].as_array().unwrap().len(), 1);
+
+    // Signed lists for validators: the snapshot and the deltas verify under the back office's
+    // public key and bring a validator's list to the same state.
+    let fetch = |path: &str| -> (u16, Vec<u8>) {
+        match ureq::get(&format!("{b}{path}"))
+            .set("Authorization", &format!("Bearer {GW}"))
+            .call()
+        {
+            Ok(r) => {
+                let code = r.status();
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut r.into_reader(), &mut v).unwrap();
+                (code, v)
+            }
+            Err(ureq::Error::Status(c, _)) => (c, vec![]),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let pk = keys.verifying_key;
+    let (code, snap) = fetch("/v1/blocklist/signed/snapshot");
+    assert_eq!(code, 200);
+    let mut from_snapshot = purse::blocklist::Blocklist::new("default");
+    assert_eq!(from_snapshot.apply(&snap, &pk), Ok(2));
+    let (_, delta) = fetch("/v1/blocklist/signed/delta?after=0");
+    let mut from_deltas = purse::blocklist::Blocklist::new("default");
+    assert_eq!(from_deltas.apply(&delta, &pk), Ok(2));
+    let uid_bytes: [u8; 7] = hex::decode(uid).unwrap().try_into().unwrap();
+    assert!(!from_snapshot.is_blocked(&uid_bytes) && !from_deltas.is_blocked(&uid_bytes));
+    let (code, _) = fetch("/v1/blocklist/signed/delta?after=2");
+    assert_eq!(code, 204, "nothing new after the latest version");
 }

@@ -17,6 +17,15 @@ proptest! {
     }
 
     #[test]
+    fn blocklist_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        let mut bl = purse::blocklist::Blocklist::new("metro");
+        let _ = bl.apply(&bytes, &[7; 32]);
+        let mut framed = b"TGBL\x01\x02".to_vec();
+        framed.extend_from_slice(&bytes);
+        let _ = purse::blocklist::ListUpdate::verify(&framed, &[7; 32]);
+    }
+
+    #[test]
     fn apdu_parsers_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         let _ = purse::apdu::parse_command(&bytes);
         let _ = purse::apdu::parse_response(&bytes);

@@ -1,0 +1,387 @@
+//! Signed, versioned blocklists: a full snapshot and deltas, signed by the back office with its
+//! Ed25519 key; validators hold only the public key, apply updates strictly in version order,
+//! and refuse anything forged or stale.
+//!
+//! Wire format (big-endian), signature over every preceding byte:
+//!
+//! | field | bytes |
+//! |---|---|
+//! | magic `TGBL` | 4 |
+//! | format version (1) | 1 |
+//! | kind: 1 snapshot, 2 delta | 1 |
+//! | operator id length + bytes | 1 + n |
+//! | from version (0 for a snapshot) | 8 |
+//! | to version | 8 |
+//! | entry count | 4 |
+//! | entries: UID (7) ‖ action (1: block, 0: unblock; snapshots hold blocks only) | 8 each |
+//! | Ed25519 signature | 64 |
+
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+use std::collections::BTreeSet;
+
+const MAGIC: &[u8; 4] = b"TGBL";
+const FORMAT: u8 = 1;
+/// Most entries one message may carry (a 1 000 000-card list fits).
+pub const MAX_ENTRIES: usize = 2_000_000;
+
+/// What a message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListKind {
+    /// The whole list at `to_version`.
+    Snapshot,
+    /// The changes from `from_version` to `to_version`.
+    Delta,
+}
+
+/// A blocklist message (snapshot or delta), before or after signing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListUpdate {
+    /// Snapshot or delta.
+    pub kind: ListKind,
+    /// The operator whose list this is.
+    pub operator: String,
+    /// The version this delta applies to (0 for a snapshot).
+    pub from_version: u64,
+    /// The version after applying it.
+    pub to_version: u64,
+    /// (card UID, blocked?) in order.
+    pub entries: Vec<([u8; 7], bool)>,
+}
+
+/// Why an update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListError {
+    /// Not a tapgate blocklist message, or truncated.
+    #[error("malformed blocklist message: {0}")]
+    Malformed(&'static str),
+    /// The signature does not verify under the back office's public key.
+    #[error("blocklist signature does not verify (forged or altered)")]
+    BadSignature,
+    /// Another operator's list.
+    #[error("blocklist of operator {got:?}, this device serves {want:?}")]
+    WrongOperator {
+        /// expected
+        want: String,
+        /// got
+        got: String,
+    },
+    /// A delta that does not follow the version held (a gap: fetch the snapshot).
+    #[error("delta {from}→{to} does not apply to version {held}")]
+    OutOfOrder {
+        /// held version
+        held: u64,
+        /// delta's from version
+        from: u64,
+        /// delta's to version
+        to: u64,
+    },
+    /// An update older than (or equal to) what is held.
+    #[error("stale blocklist version {got} (holding {held})")]
+    Stale {
+        /// held version
+        held: u64,
+        /// offered version
+        got: u64,
+    },
+}
+
+impl ListUpdate {
+    /// The bytes that are signed.
+    pub fn body(&self) -> Vec<u8> {
+        let op = self.operator.as_bytes();
+        let mut b = Vec::with_capacity(27 + op.len() + 8 * self.entries.len());
+        b.extend_from_slice(MAGIC);
+        b.push(FORMAT);
+        b.push(match self.kind {
+            ListKind::Snapshot => 1,
+            ListKind::Delta => 2,
+        });
+        b.push(op.len().min(255) as u8);
+        b.extend_from_slice(&op[..op.len().min(255)]);
+        b.extend_from_slice(&self.from_version.to_be_bytes());
+        b.extend_from_slice(&self.to_version.to_be_bytes());
+        b.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        for (uid, blocked) in &self.entries {
+            b.extend_from_slice(uid);
+            b.push(u8::from(*blocked));
+        }
+        b
+    }
+
+    /// Encodes and signs with `sign` (the HSM's Ed25519 signature over the body).
+    pub fn sign_with(&self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
+        let mut b = self.body();
+        let sig = sign(&b);
+        b.extend_from_slice(&sig);
+        b
+    }
+
+    /// Decodes strictly and verifies the signature under `public_key`.
+    pub fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<ListUpdate, ListError> {
+        if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
+            return Err(ListError::Malformed("not a tapgate blocklist message"));
+        }
+        if bytes[4] != FORMAT {
+            return Err(ListError::Malformed("unknown format version"));
+        }
+        let (body, sig) = bytes.split_at(bytes.len() - 64);
+        let vk = VerifyingKey::from_bytes(public_key).map_err(|_| ListError::BadSignature)?;
+        let sig = Signature::from_bytes(sig.try_into().expect("64"));
+        vk.verify(body, &sig).map_err(|_| ListError::BadSignature)?;
+        let kind = match body[5] {
+            1 => ListKind::Snapshot,
+            2 => ListKind::Delta,
+            _ => return Err(ListError::Malformed("unknown kind")),
+        };
+        let op_len = body[6] as usize;
+        let mut pos = 7;
+        let take = |pos: &mut usize, n: usize| -> Result<&[u8], ListError> {
+            let end = pos
+                .checked_add(n)
+                .filter(|e| *e <= body.len())
+                .ok_or(ListError::Malformed("truncated"))?;
+            let s = &body[*pos..end];
+            *pos = end;
+            Ok(s)
+        };
+        let operator = std::str::from_utf8(take(&mut pos, op_len)?)
+            .map_err(|_| ListError::Malformed("operator is not UTF-8"))?
+            .to_string();
+        let from_version = u64::from_be_bytes(take(&mut pos, 8)?.try_into().expect("8"));
+        let to_version = u64::from_be_bytes(take(&mut pos, 8)?.try_into().expect("8"));
+        let count = u32::from_be_bytes(take(&mut pos, 4)?.try_into().expect("4")) as usize;
+        if count > MAX_ENTRIES {
+            return Err(ListError::Malformed("too many entries"));
+        }
+        if body.len() - pos != count * 8 {
+            return Err(ListError::Malformed(
+                "entry count does not match the length",
+            ));
+        }
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let e = take(&mut pos, 8)?;
+            let blocked = match e[7] {
+                0 => false,
+                1 => true,
+                _ => return Err(ListError::Malformed("entry action is not 0 or 1")),
+            };
+            entries.push((e[..7].try_into().expect("7"), blocked));
+        }
+        if kind == ListKind::Snapshot && (from_version != 0 || entries.iter().any(|e| !e.1)) {
+            return Err(ListError::Malformed(
+                "a snapshot holds blocks only, from version 0",
+            ));
+        }
+        if kind == ListKind::Delta && to_version <= from_version {
+            return Err(ListError::Malformed(
+                "a delta must move the version forward",
+            ));
+        }
+        Ok(ListUpdate {
+            kind,
+            operator,
+            from_version,
+            to_version,
+            entries,
+        })
+    }
+}
+
+/// A validator's blocklist: applies verified updates in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Blocklist {
+    operator: String,
+    version: u64,
+    blocked: BTreeSet<[u8; 7]>,
+}
+
+impl Blocklist {
+    /// An empty list (version 0) for `operator`.
+    pub fn new(operator: &str) -> Self {
+        Blocklist {
+            operator: operator.to_string(),
+            version: 0,
+            blocked: BTreeSet::new(),
+        }
+    }
+
+    /// The version held (reported in heartbeats).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Whether `uid` is blocked.
+    pub fn is_blocked(&self, uid: &[u8; 7]) -> bool {
+        self.blocked.contains(uid)
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.blocked.len()
+    }
+
+    /// Whether no card is blocked.
+    pub fn is_empty(&self) -> bool {
+        self.blocked.is_empty()
+    }
+
+    /// Verifies and applies a signed update. A snapshot replaces the list if newer; a delta
+    /// must start exactly at the version held. Nothing changes on any error.
+    pub fn apply(&mut self, bytes: &[u8], public_key: &[u8; 32]) -> Result<u64, ListError> {
+        let u = ListUpdate::verify(bytes, public_key)?;
+        if u.operator != self.operator {
+            return Err(ListError::WrongOperator {
+                want: self.operator.clone(),
+                got: u.operator,
+            });
+        }
+        match u.kind {
+            ListKind::Snapshot => {
+                if u.to_version <= self.version {
+                    return Err(ListError::Stale {
+                        held: self.version,
+                        got: u.to_version,
+                    });
+                }
+                self.blocked = u.entries.iter().map(|e| e.0).collect();
+            }
+            ListKind::Delta => {
+                if u.to_version <= self.version {
+                    return Err(ListError::Stale {
+                        held: self.version,
+                        got: u.to_version,
+                    });
+                }
+                if u.from_version != self.version {
+                    return Err(ListError::OutOfOrder {
+                        held: self.version,
+                        from: u.from_version,
+                        to: u.to_version,
+                    });
+                }
+                for (uid, blocked) in &u.entries {
+                    if *blocked {
+                        self.blocked.insert(*uid);
+                    } else {
+                        self.blocked.remove(uid);
+                    }
+                }
+            }
+        }
+        self.version = u.to_version;
+        Ok(self.version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[3; 32])
+    }
+
+    fn signed(u: &ListUpdate) -> Vec<u8> {
+        let k = key();
+        u.sign_with(|b| k.sign(b).to_bytes())
+    }
+
+    fn delta(from: u64, to: u64, entries: Vec<([u8; 7], bool)>) -> ListUpdate {
+        ListUpdate {
+            kind: ListKind::Delta,
+            operator: "metro".into(),
+            from_version: from,
+            to_version: to,
+            entries,
+        }
+    }
+
+    #[test]
+    fn snapshot_then_deltas_in_order() {
+        let pk = key().verifying_key().to_bytes();
+        let mut bl = Blocklist::new("metro");
+        let snap = ListUpdate {
+            kind: ListKind::Snapshot,
+            operator: "metro".into(),
+            from_version: 0,
+            to_version: 5,
+            entries: vec![([1; 7], true), ([2; 7], true)],
+        };
+        assert_eq!(bl.apply(&signed(&snap), &pk), Ok(5));
+        assert!(bl.is_blocked(&[1; 7]));
+        assert_eq!(
+            bl.apply(
+                &signed(&delta(5, 6, vec![([1; 7], false), ([3; 7], true)])),
+                &pk
+            ),
+            Ok(6)
+        );
+        assert!(!bl.is_blocked(&[1; 7]) && bl.is_blocked(&[3; 7]));
+        // Out of order, stale, replayed: refused, nothing changes.
+        let before = bl.clone();
+        assert!(matches!(
+            bl.apply(&signed(&delta(7, 8, vec![])), &pk),
+            Err(ListError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            bl.apply(&signed(&delta(5, 6, vec![])), &pk),
+            Err(ListError::Stale { .. })
+        ));
+        assert!(matches!(
+            bl.apply(&signed(&snap), &pk),
+            Err(ListError::Stale { .. })
+        ));
+        assert_eq!(bl, before);
+    }
+
+    #[test]
+    fn forged_altered_or_foreign_lists_are_refused() {
+        let pk = key().verifying_key().to_bytes();
+        let mut bl = Blocklist::new("metro");
+        let forger = SigningKey::from_bytes(&[4; 32]);
+        let d = delta(0, 1, vec![([9; 7], false)]);
+        assert_eq!(
+            bl.apply(&d.sign_with(|b| forger.sign(b).to_bytes()), &pk),
+            Err(ListError::BadSignature)
+        );
+        let mut altered = signed(&delta(0, 1, vec![([9; 7], true)]));
+        let n = altered.len();
+        altered[n - 65] = 0; // unblock instead of block
+        assert_eq!(bl.apply(&altered, &pk), Err(ListError::BadSignature));
+        let mut foreign = d.clone();
+        foreign.operator = "bus".into();
+        assert!(matches!(
+            bl.apply(&signed(&foreign), &pk),
+            Err(ListError::WrongOperator { .. })
+        ));
+        assert!(bl.apply(&[0u8; 10], &pk).is_err());
+        assert_eq!(bl.version(), 0);
+    }
+
+    #[test]
+    fn a_million_entry_snapshot_roundtrips() {
+        let pk = key().verifying_key().to_bytes();
+        let entries: Vec<([u8; 7], bool)> = (0..1_000_000u32)
+            .map(|i| {
+                let mut u = [4u8; 7];
+                u[3..7].copy_from_slice(&i.to_be_bytes());
+                (u, true)
+            })
+            .collect();
+        let snap = ListUpdate {
+            kind: ListKind::Snapshot,
+            operator: "metro".into(),
+            from_version: 0,
+            to_version: 1,
+            entries,
+        };
+        let bytes = signed(&snap);
+        assert_eq!(bytes.len(), 4 + 1 + 1 + 1 + 5 + 8 + 8 + 4 + 8_000_000 + 64);
+        let mut bl = Blocklist::new("metro");
+        bl.apply(&bytes, &pk).unwrap();
+        assert_eq!(bl.len(), 1_000_000);
+        assert!(bl.is_blocked(&[4, 4, 4, 0, 0, 0x03, 0xE7]));
+    }
+}
