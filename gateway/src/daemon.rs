@@ -69,6 +69,8 @@ pub struct GatewayStats {
     pub forwarded: AtomicU64,
     /// Whether the tap subscription is in place (readiness).
     pub subscribed: std::sync::atomic::AtomicBool,
+    /// The blocklist version last published to validators.
+    pub blocklist_version: AtomicU64,
 }
 
 /// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
@@ -87,7 +89,7 @@ pub fn start_embedded_broker(
             next_connection_delay_ms: 1,
             connections: rumqttd::ConnectionSettings {
                 connection_timeout_ms: 60_000,
-                max_payload_size: 1 << 20,
+                max_payload_size: 16 << 20,
                 max_inflight_count: 5_000,
                 auth: (!users.is_empty()).then_some(users),
                 external_auth: None,
@@ -137,7 +139,7 @@ pub async fn run(
         .set_manual_acks(true)
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(500)
-        .set_max_packet_size(1 << 20, 1 << 20);
+        .set_max_packet_size(1 << 20, 16 << 20);
     if let Some((u, p)) = &cfg.mqtt_credentials {
         opts.set_credentials(u.clone(), p.clone());
     }
@@ -238,6 +240,101 @@ pub async fn run(
         }
     });
 
+    // Blocklists: signed deltas and snapshots from the back office, relayed to validators (the
+    // gateway cannot forge them: it has no signing key). Deltas at QoS 1; the snapshot retained,
+    // refreshed at most every 10 s, for validators that are behind or new.
+    let bl_client = client.clone();
+    let bl_cfg = cfg.clone();
+    let bl_stats = stats.clone();
+    let bl_store = store.clone();
+    if let Ok(v) = store.blocklist_version() {
+        stats.blocklist_version.store(v, Ordering::Relaxed);
+    }
+    let blocklists = tokio::spawn(async move {
+        let Some((base, token)) = bl_cfg.charging.clone() else {
+            return;
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build();
+        let mut last_snapshot = std::time::Instant::now() - Duration::from_secs(60);
+        let mut snapshot_due = true;
+        loop {
+            let held = bl_stats.blocklist_version.load(Ordering::Relaxed);
+            let (a, b, t) = (agent.clone(), base.clone(), token.clone());
+            let fetched =
+                tokio::task::spawn_blocking(move || -> Result<Option<(u64, Vec<u8>)>, String> {
+                    let r = a
+                        .get(&format!("{b}/v1/blocklist/signed/delta?after={held}"))
+                        .set("Authorization", &format!("Bearer {t}"))
+                        .call()
+                        .map_err(|e| e.to_string())?;
+                    if r.status() == 204 {
+                        return Ok(None);
+                    }
+                    let v: u64 = r
+                        .header("x-tapgate-blocklist-version")
+                        .and_then(|v| v.parse().ok())
+                        .ok_or("no version header")?;
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Some((v, bytes)))
+                })
+                .await;
+            match fetched {
+                Ok(Ok(Some((v, delta)))) => {
+                    let topic = format!("tapgate/v1/{}/blocklist/delta", bl_cfg.operator);
+                    if bl_client
+                        .publish(topic, QoS::AtLeastOnce, false, delta)
+                        .await
+                        .is_ok()
+                    {
+                        bl_stats.blocklist_version.store(v, Ordering::Relaxed);
+                        let s = bl_store.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || s.set_blocklist_version(v)).await;
+                        snapshot_due = true;
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(%e, "fetching blocklist changes failed"),
+                Err(e) => tracing::error!(%e, "blocklist task failed"),
+            }
+            if snapshot_due && last_snapshot.elapsed() >= Duration::from_secs(10) {
+                last_snapshot = std::time::Instant::now();
+                let (a, b, t) = (agent.clone(), base.clone(), token.clone());
+                let snap =
+                    tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
+                        let r = a
+                            .get(&format!("{b}/v1/blocklist/signed/snapshot"))
+                            .set("Authorization", &format!("Bearer {t}"))
+                            .call()
+                            .map_err(|e| e.to_string())?;
+                        if r.status() == 204 {
+                            return Ok(None);
+                        }
+                        let mut bytes = Vec::new();
+                        std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes)
+                            .map_err(|e| e.to_string())?;
+                        Ok(Some(bytes))
+                    })
+                    .await;
+                if let Ok(Ok(Some(bytes))) = snap {
+                    let topic = format!("tapgate/v1/{}/blocklist/snapshot", bl_cfg.operator);
+                    if bl_client
+                        .publish(topic, QoS::AtLeastOnce, true, bytes)
+                        .await
+                        .is_ok()
+                    {
+                        snapshot_due = false;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
     // Ingest: batches of publishes, one durable transaction each, then acks and confirmations.
     let ingest = async {
         while let Some(first) = rx.recv().await {
@@ -305,4 +402,5 @@ pub async fn run(
     let _ = client.disconnect().await;
     mqtt.abort();
     forwarder.abort();
+    blocklists.abort();
 }

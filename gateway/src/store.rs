@@ -474,6 +474,20 @@ impl Store {
         Ok(())
     }
 
+    /// The blocklist version last published to validators.
+    pub fn blocklist_version(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, "blocklist_version")?.unwrap_or(0))
+    }
+
+    /// Records the blocklist version published.
+    pub fn set_blocklist_version(&self, v: u64) -> Result<(), StoreError> {
+        let mut t = self.env.write_txn()?;
+        self.meta.put(&mut t, "blocklist_version", &v)?;
+        t.commit()?;
+        Ok(())
+    }
+
     /// Taps waiting to be forwarded.
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
         let r = self.env.read_txn()?;

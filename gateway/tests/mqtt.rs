@@ -58,14 +58,23 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         dir.path().join("charging").to_str().unwrap()
     ))
     .unwrap();
-    cfg.tokens = vec![TokenEntry {
-        name: "gw".into(),
-        role: Role::Gateway,
-        sha256: Auth::hash_token("tg_gw"),
-    }];
+    cfg.tokens = vec![
+        TokenEntry {
+            name: "gw".into(),
+            role: Role::Gateway,
+            sha256: Auth::hash_token("tg_gw"),
+        },
+        TokenEntry {
+            name: "ops".into(),
+            role: Role::Operator,
+            sha256: Auth::hash_token("tg_ops"),
+        },
+    ];
+    cfg.operator = "metro".into();
     let state = charging::server::build(&cfg, Box::new(SoftwareHsm::new(&keys).unwrap())).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let charging_base = format!("http://{}", listener.local_addr().unwrap());
+    let charging_url = charging_base.clone();
     let st = state.clone();
     tokio::spawn(async move {
         charging::server::serve_on(listener, &cfg, st, std::future::pending()).await
@@ -301,6 +310,62 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         metrics.contains("tapgate_gateway_taps_stored_total 20"),
         "{metrics}"
     );
+
+    // A lost card blocked at the back office reaches a validator as a signed delta (and a
+    // retained snapshot for late joiners) within a bounded time.
+    let mut vopts = MqttOptions::new("dev-1001-downlink", "127.0.0.1", mqtt_port);
+    vopts
+        .set_credentials("dev-1001", "dev-secret")
+        .set_max_packet_size(1 << 20, 16 << 20);
+    let (vclient, mut vev) = AsyncClient::new(vopts, 100);
+    vclient
+        .subscribe("tapgate/v1/metro/blocklist/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let list = Arc::new(std::sync::Mutex::new(purse::blocklist::Blocklist::new(
+        "metro",
+    )));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (l2, r2, pk) = (list.clone(), refused.clone(), keys.verifying_key);
+    let v_subscribed = Arc::new(tokio::sync::Notify::new());
+    let vs2 = v_subscribed.clone();
+    tokio::spawn(async move {
+        loop {
+            match vev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => vs2.notify_one(),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if l2.lock().unwrap().apply(&p.payload, &pk).is_err() {
+                        r2.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), v_subscribed.notified())
+        .await
+        .expect("subscribed");
+    let blocked_at = Instant::now();
+    let block_uid = hex::encode_upper([4, 8, 8, 8, 8, 8, 8]);
+    tokio::task::spawn_blocking(move || {
+        ureq::post(&format!("{charging_url}/v1/cards/{block_uid}/block"))
+            .set("Authorization", "Bearer tg_ops")
+            .send_json(serde_json::json!({"reason": "stolen"}))
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    wait_for(
+        "the block to reach the validator",
+        Duration::from_secs(20),
+        || list.lock().unwrap().is_blocked(&[4, 8, 8, 8, 8, 8, 8]),
+    )
+    .await;
+    let propagation = blocked_at.elapsed();
+    assert!(propagation < Duration::from_secs(20));
+    assert_eq!(list.lock().unwrap().version(), 1);
+    assert_eq!(stats.blocklist_version.load(Ordering::Relaxed), 1);
 
     // The broker refuses a wrong password.
     let mut bad = MqttOptions::new("intruder", "127.0.0.1", mqtt_port);
