@@ -104,6 +104,7 @@ struct Rider {
 
 #[derive(Default)]
 struct Tally {
+    taps_refused_blocked: u64,
     taps_accepted: u64,
     taps_refused: u64,
     taps_torn: u64,
@@ -281,6 +282,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         token("ops", Role::Operator, OPS),
     ];
     cfg.limits.loads_per_minute_per_client = 0; // one demo app speaks for every rider
+    cfg.operator = "metro".into();
     cfg.points.push(charging::server::PointsConfig {
         name: "mileage".into(),
         minor_per_point_num: 2,
@@ -408,6 +410,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         std::collections::BTreeSet::new();
         sams.len()
     ]));
+    // Each validator keeps the blocklist it verified (the back office's public key) and applied.
+    let lists = Arc::new(Mutex::new(vec![
+        purse::blocklist::Blocklist::new("metro");
+        sams.len()
+    ]));
+    let verifying_key = keys.verifying_key;
     let mut clients = Vec::new();
     for (vi, password) in device_passwords.iter().enumerate() {
         let id = (1000 + vi).to_string();
@@ -419,6 +427,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let topic = format!("tapgate/v1/metro/devices/{id}/confirm");
         let sub = client.clone();
         let conf = confirmed.clone();
+        let lists = lists.clone();
         rt.spawn(async move {
             loop {
                 match events.poll().await {
@@ -426,6 +435,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
                         let _ = sub
                             .subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce)
                             .await;
+                        let _ = sub
+                            .subscribe("tapgate/v1/metro/blocklist/#", rumqttc::QoS::AtLeastOnce)
+                            .await;
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))
+                        if p.topic.contains("/blocklist/") =>
+                    {
+                        // Forged, stale or out-of-order lists are refused and change nothing.
+                        let _ =
+                            lists.lock().expect("lists lock")[vi].apply(&p.payload, &verifying_key);
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
@@ -454,12 +473,49 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut t = Tally::default();
     let step = (args.taps / 10).max(1);
 
+    let mut propagation_ms: Vec<u64> = Vec::new();
+    let mut lost_card: Option<[u8; 7]> = None;
     for tap in 0..args.taps {
+        if tap == args.taps / 3 {
+            // A rider reports a card lost: the back office blocks it; the signed delta reaches
+            // every validator through the gateway. Measure how long until each one holds it.
+            let uid = riders[0].card.state().uid;
+            post(
+                &agent,
+                &format!("{base}/v1/cards/{}/block", hex::encode_upper(uid)),
+                OPS,
+                serde_json::json!({"reason": "reported lost"}),
+            )?;
+            let blocked_at = Instant::now();
+            let mut seen = vec![None; sams.len()];
+            while seen.iter().any(Option::is_none) {
+                ensure!(
+                    blocked_at.elapsed() < std::time::Duration::from_secs(30),
+                    "the block did not reach every validator"
+                );
+                {
+                    let l = lists.lock().expect("lists lock");
+                    for (vi, s) in seen.iter_mut().enumerate() {
+                        if s.is_none() && l[vi].is_blocked(&uid) {
+                            *s = Some(blocked_at.elapsed().as_millis() as u64);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            propagation_ms = seen.into_iter().flatten().collect();
+            propagation_ms.sort_unstable();
+            lost_card = Some(uid);
+        }
         let ri = rng.gen_range(0..riders.len());
         let vi = rng.gen_range(0..sams.len());
         let fare = 125 + 25 * rng.gen_range(0..4);
         let tear = pick_tear(&mut rng, args.tear_per_mille);
         let r = &mut riders[ri];
+        if lists.lock().expect("lists lock")[vi].is_blocked(&r.card.state().uid) {
+            t.taps_refused_blocked += 1;
+            continue;
+        }
         if let Some(Tear::Power(k)) = tear {
             r.card.tear_after_writes(Some(k));
         }
@@ -722,6 +778,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     }
     let report = charging::reconcile::reconcile(ledger)?;
+    if std::env::var("TAPGATE_DEMO_DEBUG").is_ok() {
+        for d in &report.differences {
+            eprintln!("difference: {d:?}");
+        }
+    }
     let load_postings = {
         let r = ledger.read()?;
         ledger.postings_with_prefix(&r, "load:")?
@@ -763,7 +824,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "cards": args.cards,
         "seed": args.seed,
         "taps_accepted": t.taps_accepted,
-        "taps_refused": t.taps_refused,
+        "taps_refused": t.taps_refused + t.taps_refused_blocked,
+        "taps_refused_insufficient": t.taps_refused,
+        "taps_refused_blocklisted": t.taps_refused_blocked,
+        "block_propagation_ms_p50": propagation_ms.get(propagation_ms.len() / 2).copied().unwrap_or(0),
+        "block_propagation_ms_p99": propagation_ms.last().copied().unwrap_or(0),
+        "lost_card_blocked": lost_card.is_some(),
         "taps_torn": t.taps_torn,
         "taps_cleared": t.taps_cleared,
         "taps_lost": lost,
@@ -816,6 +882,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         println!(
             "  revenue                {} minor units (operator metro)",
             t.revenue_minor
+        );
+        println!(
+            "  lost card blocked      reached all {} validators in {} ms (p50 {} ms); {} taps refused as blocklisted",
+            propagation_ms.len(),
+            propagation_ms.last().copied().unwrap_or(0),
+            propagation_ms.get(propagation_ms.len() / 2).copied().unwrap_or(0),
+            t.taps_refused_blocked
         );
         println!("  tap latency            p50 {p50} µs, p99 {p99} µs (card + SAM in process)");
         println!(

@@ -48,6 +48,11 @@ fn demo_json_summary_holds_conservation_under_tears() {
     );
     assert!(v["taps_cleared"].as_u64().unwrap() >= v["taps_accepted"].as_u64().unwrap());
     assert_eq!(v["gateway_restarts"], 1);
+    assert_eq!(v["lost_card_blocked"], true);
+    assert!(
+        v["block_propagation_ms_p99"].as_u64().unwrap() > 0,
+        "measured: {v}"
+    );
     for source in ["card", "mileage", "voucher"] {
         assert!(
             v["loads_by_source"][source].as_u64().unwrap_or(0) > 0,

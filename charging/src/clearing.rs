@@ -262,48 +262,14 @@ pub fn clear_batch(
                 &marker,
                 &serde_json::Value::String(tap.tmv.to_uppercase()),
             )?;
-            // A pending load at the counter just before this tap's predecessor, whose counter no
-            // tap has claimed: if the card's proved balances show exactly the load's amount
-            // arriving across that counter, the card applied it.
-            if let Some(x) = c.tmc.checked_sub(2) {
-                let shadow = l.card(t, &c.uid)?;
-                if shadow.booked_through_tmc == x {
-                    if let (Some(bal_x), Some(intent)) =
-                        (shadow.booked_balance_minor, l.intent(t, &c.uid, x)?)
-                    {
-                        let tap_delta = match c.kind {
-                            TxKind::Debit => -i64::from(c.amount_minor),
-                            TxKind::LimitedCredit => i64::from(c.amount_minor),
-                            _ => 0,
-                        };
-                        if intent.state == IntentState::Authorised
-                            && i64::from(bal_x) + i64::from(intent.amount_minor) + tap_delta
-                                == i64::from(c.balance_after_minor)
-                        {
-                            let load_balance = bal_x + intent.amount_minor;
-                            let from = format!("funding:{}", intent.funding_source);
-                            l.post(
-                                t,
-                                now_ms,
-                                &from,
-                                &card_account(&c.uid),
-                                i64::from(intent.amount_minor),
-                                &format!("load:{}:{}", hex::encode_upper(c.uid), x + 1),
-                            )?;
-                            let mut completed = intent.clone();
-                            completed.state = IntentState::Completed;
-                            completed.settled_ms = Some(now_ms);
-                            l.put_intent(t, &c.uid, &completed)?;
-                            l.book_counter(t, &c.uid, x + 1, load_balance)?;
-                            done.loads_completed += 1;
-                            done.capture_funding
-                                .push((intent.funding_source.clone(), intent.funding_auth.clone()));
-                        }
-                    }
-                }
-            }
             l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
-            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor)? == Booking::Duplicate {
+            let delta = match c.kind {
+                TxKind::Debit => -i64::from(c.amount_minor),
+                TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
+                TxKind::RecordOnly => 0,
+            };
+            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, delta)? == Booking::Duplicate
+            {
                 // Booked by a load at the same counter: the load's own record already holds it.
                 clone_found(
                     l,
@@ -329,6 +295,7 @@ pub fn clear_batch(
                     }
                 }
             }
+            complete_loads_across_gaps(l, t, &c.uid, now_ms, &mut done)?;
             cleared_one(&mut done);
             if l.balance(t, &card_account(&c.uid))? < 0 {
                 done.anomalies.push(Anomaly {
@@ -349,6 +316,62 @@ pub fn clear_batch(
         Ok(done)
     })?;
     Ok(booked)
+}
+
+/// A pending load whose counter no tap has claimed, just below the first counter booked above a
+/// gap: if the card's proved balances show exactly the load's amount arriving across that
+/// counter (balance at x, plus the load, plus the next transaction's change, equals the balance
+/// the card proved after it), the card applied the load: complete it and book its counter. Runs
+/// after every booking, so it does not matter in which order taps arrive.
+fn complete_loads_across_gaps(
+    l: &crate::ledger::LedgerCore,
+    t: &mut heed::RwTxn<'_>,
+    uid: &[u8; 7],
+    now_ms: u64,
+    done: &mut BatchOutcome,
+) -> Result<(), LedgerError> {
+    loop {
+        let shadow = l.card(t, uid)?;
+        let x = shadow.booked_through_tmc;
+        let (Some(bal_x), Some(&(next, bal_next, delta_next))) =
+            (shadow.booked_balance_minor, shadow.booked_above.first())
+        else {
+            return Ok(());
+        };
+        if next != x + 2 {
+            return Ok(());
+        }
+        let Some(intent) = l.intent(t, uid, x)? else {
+            return Ok(());
+        };
+        if intent.state != IntentState::Authorised
+            || i64::from(bal_x) + i64::from(intent.amount_minor) + delta_next != i64::from(bal_next)
+        {
+            return Ok(());
+        }
+        l.post(
+            t,
+            now_ms,
+            &format!("funding:{}", intent.funding_source),
+            &card_account(uid),
+            i64::from(intent.amount_minor),
+            &format!("load:{}:{}", hex::encode_upper(uid), x + 1),
+        )?;
+        let mut completed = intent.clone();
+        completed.state = IntentState::Completed;
+        completed.settled_ms = Some(now_ms);
+        l.put_intent(t, uid, &completed)?;
+        l.book_counter(
+            t,
+            uid,
+            x + 1,
+            bal_x + intent.amount_minor,
+            i64::from(intent.amount_minor),
+        )?;
+        done.loads_completed += 1;
+        done.capture_funding
+            .push((intent.funding_source.clone(), intent.funding_auth.clone()));
+    }
 }
 
 /// A counter seen twice with different contents: an anomaly, and the card is blocked.

@@ -166,7 +166,8 @@ pub fn report_loads(
             )?;
             l.put_idempotent(t, &marker, &serde_json::Value::String(name.clone()))?;
             l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
-            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor)? == Booking::Duplicate {
+            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, i64::from(c.amount_minor))?
+                == Booking::Duplicate {
                 tracing::warn!(uid = %hex::encode_upper(c.uid), tmc = c.tmc, "franchise load at a counter already booked by another transaction");
             }
             st.reported_total_minor += i64::from(c.amount_minor);

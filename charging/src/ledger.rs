@@ -144,9 +144,10 @@ pub struct CardShadow {
     /// The card's balance after the transaction at `booked_through_tmc` (as the card proved it).
     #[serde(default)]
     pub booked_balance_minor: Option<i32>,
-    /// Counters booked above a gap (sorted; a gap that never fills is an anomaly).
+    /// Counters booked above a gap: (counter, balance after, the change it made), sorted; a
+    /// gap that never fills is an anomaly.
     #[serde(default)]
-    pub booked_above: Vec<(u32, i32)>,
+    pub booked_above: Vec<(u32, i32, i64)>,
 }
 
 /// Bound on counters kept above a gap per card (beyond it, the oldest are reported and dropped).
@@ -510,33 +511,33 @@ impl LedgerCore {
         uid: &[u8; 7],
         tmc: u32,
         balance_after_minor: i32,
+        delta_minor: i64,
     ) -> Result<Booking, LedgerError> {
         let mut c = self.card(txn, uid)?;
-        let booking =
-            if tmc <= c.booked_through_tmc || c.booked_above.iter().any(|(t, _)| *t == tmc) {
-                Booking::Duplicate
-            } else if tmc == c.booked_through_tmc + 1 {
-                c.booked_through_tmc = tmc;
-                c.booked_balance_minor = Some(balance_after_minor);
-                // Absorb counters that were waiting above the gap.
-                c.booked_above.sort_unstable();
-                while let Some(&(t, b)) = c.booked_above.first() {
-                    if t != c.booked_through_tmc + 1 {
-                        break;
-                    }
-                    c.booked_through_tmc = t;
-                    c.booked_balance_minor = Some(b);
-                    c.booked_above.remove(0);
+        let booking = if tmc <= c.booked_through_tmc || c.booked_above.iter().any(|e| e.0 == tmc) {
+            Booking::Duplicate
+        } else if tmc == c.booked_through_tmc + 1 {
+            c.booked_through_tmc = tmc;
+            c.booked_balance_minor = Some(balance_after_minor);
+            // Absorb counters that were waiting above the gap.
+            c.booked_above.sort_unstable();
+            while let Some(&(t, b, _)) = c.booked_above.first() {
+                if t != c.booked_through_tmc + 1 {
+                    break;
                 }
-                Booking::InOrder
-            } else {
-                c.booked_above.push((tmc, balance_after_minor));
-                c.booked_above.sort_unstable();
-                if c.booked_above.len() > BOOKED_ABOVE_MAX {
-                    c.booked_above.remove(0);
-                }
-                Booking::AboveGap
-            };
+                c.booked_through_tmc = t;
+                c.booked_balance_minor = Some(b);
+                c.booked_above.remove(0);
+            }
+            Booking::InOrder
+        } else {
+            c.booked_above.push((tmc, balance_after_minor, delta_minor));
+            c.booked_above.sort_unstable();
+            if c.booked_above.len() > BOOKED_ABOVE_MAX {
+                c.booked_above.remove(0);
+            }
+            Booking::AboveGap
+        };
         if booking != Booking::Duplicate {
             self.cards.put(txn, uid, &c)?;
         }

@@ -710,7 +710,13 @@ impl LoadService {
             intent.settled_ms = Some(now_ms);
             l.put_intent(t, &uid, &intent)?;
             l.observe_card(t, &uid, receipt.tmc, receipt.balance_after_minor)?;
-            l.book_counter(t, &uid, receipt.tmc, receipt.balance_after_minor)?;
+            l.book_counter(
+                t,
+                &uid,
+                receipt.tmc,
+                receipt.balance_after_minor,
+                i64::from(receipt.amount_minor),
+            )?;
             if let Some((key, value)) = &idem {
                 l.put_idempotent(t, key, value)?;
             }

@@ -79,7 +79,7 @@ pub fn reconcile(ledger: &LedgerCore) -> Result<Report, LedgerError> {
             }));
             continue;
         }
-        if let Some(&(first_above, _)) = shadow.booked_above.first() {
+        if let Some(&(first_above, _, _)) = shadow.booked_above.first() {
             report.differences.push(diff(Cause::CounterGap {
                 from_tmc: shadow.booked_through_tmc + 1,
                 to_tmc: first_above - 1,

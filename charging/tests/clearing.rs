@@ -308,3 +308,102 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied() {
     let report = charging::reconcile::reconcile(l).unwrap();
     assert_eq!(report.balanced, 1, "{report:?}");
 }
+
+/// The same, with the taps arriving out of order (different validators, different gateway
+/// batches): the tap after the load is cleared before the tap before it. The load is completed
+/// once the gap below it closes.
+#[test]
+fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in() {
+    const HOLDER: &str = "tg_holder";
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(4));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![
+            TokenEntry {
+                name: "gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(GW),
+            },
+            TokenEntry {
+                name: "holder".into(),
+                role: Role::Cardholder,
+                sha256: Auth::hash_token(HOLDER),
+            },
+            TokenEntry {
+                name: "ops".into(),
+                role: Role::Operator,
+                sha256: Auth::hash_token(OPS),
+            },
+        ];
+    });
+    let b = srv.base.clone();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let uid = [4, 7, 7, 7, 7, 7, 2];
+    common::post(
+        &format!("{b}/v1/cards"),
+        OPS,
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
+    );
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let before = debit(&mut sam, &mut card, 100); // tmc 1, not cleared yet
+    let (_, mut reply) = common::post_with_key(
+        &format!("{b}/v1/loads"),
+        HOLDER,
+        "k",
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    let mut rng = StdRng::seed_from_u64(3);
+    loop {
+        let commands: Vec<Vec<u8>> = reply["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
+            .collect();
+        let answers: Vec<String> = commands
+            .iter()
+            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
+            .collect();
+        if commands[0][1] == purse::apdu::ins::CREDIT {
+            break; // applied (tmc 2); the answers are lost
+        }
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        reply = common::post(
+            &format!("{b}/v1/loads/{id}/steps"),
+            HOLDER,
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+        )
+        .1;
+    }
+    card.remove_from_field();
+    let after = debit(&mut sam, &mut card, 50); // tmc 3
+    assert_eq!((before.tmc, after.tmc), (1, 3));
+    let (_, first) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "late-1", "taps": [tap_json(&after, 2)]}),
+    );
+    assert_eq!(
+        first["loads_completed"], 0,
+        "the gap below is still open: {first}"
+    );
+    let (_, second) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "late-2", "taps": [tap_json(&before, 1)]}),
+    );
+    assert_eq!(second["loads_completed"], 1, "{second}");
+    let l = srv.state.loads.ledger();
+    {
+        let r = l.read().unwrap();
+        assert_eq!(
+            l.balance(&r, &charging::ledger::card_account(&uid))
+                .unwrap(),
+            i64::from(card.state().balance_minor)
+        );
+    }
+    assert_eq!(charging::reconcile::reconcile(l).unwrap().balanced, 1);
+}
