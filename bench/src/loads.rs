@@ -77,7 +77,10 @@ fn cpu_s(path: &str) -> f64 {
 /// Runs `n` loads from `clients` client threads.
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
-    let clients = 8usize;
+    let clients: usize = std::env::var("TAPGATE_BENCH_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
