@@ -421,11 +421,7 @@ async fn block_card(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require(&st.auth, &headers, &[Role::Operator])?;
-    let uid = uid_of(&uid_hex)?;
-    let reason = reason_of(&json_body(&body)?)?;
-    let version = set_block(&st, uid, true, reason).await?;
-    Ok(Json(serde_json::json!({"blocklist_version": version})))
+    operator_set_block(&st, &uid_hex, &headers, &body, true).await
 }
 
 async fn unblock_card(
@@ -434,10 +430,21 @@ async fn unblock_card(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require(&st.auth, &headers, &[Role::Operator])?;
-    let uid = uid_of(&uid_hex)?;
-    let reason = reason_of(&json_body(&body)?)?;
-    let version = set_block(&st, uid, false, reason).await?;
+    operator_set_block(&st, &uid_hex, &headers, &body, false).await
+}
+
+/// The body of `block` and `unblock`: an operator sets the card's block state with a reason.
+async fn operator_set_block(
+    st: &AppState,
+    uid_hex: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    blocked: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, headers, &[Role::Operator])?;
+    let uid = uid_of(uid_hex)?;
+    let reason = reason_of(&json_body(body)?)?;
+    let version = set_block(st, uid, blocked, reason).await?;
     Ok(Json(serde_json::json!({"blocklist_version": version})))
 }
 

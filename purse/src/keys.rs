@@ -582,8 +582,10 @@ mod tests {
             bad[i] ^= 1;
             assert!(KeySet::unseal(&bad, b"pw").is_err(), "byte {i}");
         }
+        // Four bytes that are not the key-set file magic.
+        const WRONG_MAGIC: &[u8] = b"TGXX";
         assert!(matches!(
-            KeySet::unseal(b"XXXX", b"pw"),
+            KeySet::unseal(WRONG_MAGIC, b"pw"),
             Err(KeyError::BadMagic)
         ));
         assert!(KeySet::unseal(&sealed[..30], b"pw").is_err());
