@@ -1,3 +1,9 @@
-//! Fare rules: authored by planners, compiled to a compact signed table, evaluated on-device.
-//! (Being built under issue 3.)
+//! Fare rules: authored by planners (TOML) or imported (GTFS-Fares v2), compiled to a compact
+//! signed table, evaluated on-device at every tap.
+//!
+//! - [`table`]: the compiled model both sources produce.
+//! - [`gtfs`]: GTFS-Fares v2 feed loading and compilation.
 #![forbid(unsafe_code)]
+
+pub mod gtfs;
+pub mod table;

@@ -1,0 +1,1 @@
+//! GTFS-Fares v2: load a feed directory and compile it into a [`crate::table::Table`].
