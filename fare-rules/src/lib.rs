@@ -7,3 +7,5 @@
 
 pub mod gtfs;
 pub mod table;
+pub mod engine;
+pub mod record;

@@ -1,0 +1,1241 @@
+//! The evaluator: prices journeys and taps against a compiled [`Table`].
+//!
+//! [`Engine::price_journey`] prices a whole journey (what `tapgate fare quote` and GTFS feeds
+//! use): legs are joined by the join rules, each effective leg gets its candidate prices from the
+//! leg rules that match it, and a small dynamic programme over (candidate, start of the transfer
+//! chain) finds the lowest total the transfer rules allow. [`Engine::quote_tap`] is what a
+//! validator runs at a tap: it rebuilds the current journey from the card's trip records,
+//! charges the difference the new leg makes to the journey's price, then applies penalties,
+//! passes and caps from the accumulators in the newest record.
+//!
+//! Nothing here allocates: journeys, candidates and DP states live in fixed arrays bounded by
+//! [`MAX_LEGS`] and [`MAX_CANDIDATES`].
+
+use crate::record::{flags, TapKind, TripRecord, U24_MAX};
+use crate::table::*;
+
+/// Why a table cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    #[error("fare table: {what} index {index} out of range in {place}")]
+    BadIndex {
+        what: &'static str,
+        index: Idx,
+        place: String,
+    },
+    #[error("fare table: {0}")]
+    Invalid(String),
+}
+
+/// Why a quote failed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone, Copy)]
+pub enum QuoteError {
+    #[error("journey has no legs")]
+    NoLegs,
+    #[error("journey has more than {MAX_LEGS} legs")]
+    TooManyLegs,
+    #[error("leg {leg}: unknown route")]
+    UnknownRoute { leg: usize },
+    #[error("leg {leg}: unknown stop")]
+    UnknownStop { leg: usize },
+    #[error("leg {leg}: no fare rule matches it")]
+    NoRule { leg: usize },
+    #[error("leg {leg}: the matching rules' products have no price for this rider category and medium")]
+    NoPrice { leg: usize },
+    #[error("the fare table is not in effect at this time")]
+    NotEffective,
+    #[error("a tap-out on a network that has no tap-out")]
+    TapOutNotUsed,
+    #[error("unknown charge, pass or coupon code {0}")]
+    UnknownCode(u16),
+    #[error("coupon expired")]
+    CouponExpired,
+    #[error("coupon already used")]
+    CouponUsed,
+}
+
+/// Who is riding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rider {
+    /// Rider category (`NONE`: the table's default).
+    pub category: Idx,
+    /// Fare medium (`NONE`: any).
+    pub medium: Idx,
+}
+
+/// One leg of a journey.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leg {
+    pub route: Idx,
+    pub from_stop: Idx,
+    pub to_stop: Idx,
+    /// Local seconds since 1970-01-01.
+    pub departure_s: i64,
+    pub arrival_s: i64,
+}
+
+/// How one effective leg was priced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PricedLeg {
+    /// First and last input legs this effective leg covers (join rules).
+    pub first_leg: u8,
+    pub last_leg: u8,
+    pub rule: Idx,
+    pub product: Idx,
+    /// The leg's own fare (product price plus distance surcharge).
+    pub fare_minor: u32,
+    /// The transfer rule applied from the previous leg (`NONE`: paid as a new fare).
+    pub transfer: Idx,
+    /// What this leg added to the journey's total (may be negative for a type-2 transfer).
+    pub charged_minor: i64,
+    pub distance_m: u32,
+}
+
+/// A priced journey.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Priced {
+    pub total_minor: u64,
+    pub legs: [PricedLeg; MAX_LEGS],
+    pub n: u8,
+}
+
+impl Priced {
+    /// The effective legs.
+    pub fn legs(&self) -> &[PricedLeg] {
+        &self.legs[..self.n as usize]
+    }
+}
+
+/// A tap at a validator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tap {
+    pub kind: TapKind,
+    /// Local seconds since 1970-01-01.
+    pub time_s: u32,
+    pub route: Idx,
+    pub stop: Idx,
+}
+
+/// A pass the card holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldPass {
+    pub code: u16,
+    pub valid_from_s: u32,
+    pub valid_until_s: u32,
+}
+
+/// What the validator knows about the card.
+#[derive(Clone, Copy, Debug)]
+pub struct CardView<'a> {
+    pub rider: Rider,
+    /// Trip records, newest first.
+    pub history: &'a [TripRecord],
+    pub passes: &'a [HeldPass],
+}
+
+/// The answer at a tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TapQuote {
+    /// What to debit.
+    pub fare_minor: u32,
+    /// The record to write.
+    pub record: TripRecord,
+    /// The fare the journey change would cost before caps (penalty excluded).
+    pub before_caps_minor: u32,
+    /// The missing-tap-out penalty included in `fare_minor`.
+    pub penalty_minor: u32,
+    /// The cap that limited the fare (`NONE`: none).
+    pub cap: Idx,
+    /// The pass that covered the tap (`NONE`: none).
+    pub pass: Idx,
+    /// The journey as priced with this tap (legs and transfers), when a journey was priced.
+    pub journey: Option<Priced>,
+}
+
+/// A compiled table ready for quoting: validated and indexed.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    table: Table,
+    /// Leg rules by network (index = network; last entry: rules with no network).
+    rules_by_network: Vec<Vec<Idx>>,
+    default_category: Idx,
+}
+
+#[derive(Clone, Copy, Default)]
+struct EffLeg {
+    first: u8,
+    last: u8,
+    network: Idx,
+    from_stop: Idx,
+    to_stop: Idx,
+    departure_s: i64,
+    arrival_s: i64,
+    distance_m: u32,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Cand {
+    rule: Idx,
+    group: Idx,
+    product: Idx,
+    base_minor: u32,
+    fare_minor: u32,
+}
+
+#[derive(Clone, Copy)]
+struct State {
+    total: i64,
+    last_charge: i64,
+    before_chain: i64,
+    chain_max_base: u32,
+    chain_dist_m: u32,
+    prev_cand: u8,
+    prev_start: u8,
+    transfer: Idx,
+}
+
+const NO_STATE: State = State {
+    total: i64::MAX,
+    last_charge: 0,
+    before_chain: 0,
+    chain_max_base: 0,
+    chain_dist_m: 0,
+    prev_cand: u8::MAX,
+    prev_start: u8::MAX,
+    transfer: NONE,
+};
+
+fn day_of(t: i64) -> i32 {
+    t.div_euclid(86_400) as i32
+}
+
+fn sec_of(t: i64) -> u32 {
+    t.rem_euclid(86_400) as u32
+}
+
+/// Monday = 0 (1970-01-01 was a Thursday).
+fn weekday(day: i32) -> u32 {
+    (day + 3).rem_euclid(7) as u32
+}
+
+impl Engine {
+    /// Validates every index in `table` and builds the lookup indexes.
+    pub fn new(table: Table) -> Result<Self, TableError> {
+        validate(&table)?;
+        let nn = table.networks.len();
+        let mut rules_by_network = vec![Vec::new(); nn + 1];
+        for (i, r) in table.leg_rules.iter().enumerate() {
+            let slot = if r.network == NONE {
+                nn
+            } else {
+                r.network as usize
+            };
+            rules_by_network[slot].push(i as Idx);
+        }
+        let default_category = table
+            .categories
+            .iter()
+            .position(|c| c.default)
+            .map_or(NONE, |i| i as Idx);
+        Ok(Self {
+            table,
+            rules_by_network,
+            default_category,
+        })
+    }
+
+    /// The table.
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// Stop index by id.
+    pub fn stop(&self, id: &str) -> Option<Idx> {
+        self.stop_by_code(code24(id))
+            .filter(|&i| self.table.stops[i as usize].id == id)
+    }
+
+    /// Route index by id.
+    pub fn route(&self, id: &str) -> Option<Idx> {
+        self.route_by_code(code24(id))
+            .filter(|&i| self.table.routes[i as usize].id == id)
+    }
+
+    /// Stop index by card code.
+    pub fn stop_by_code(&self, code: u32) -> Option<Idx> {
+        lookup(&self.table.stop_codes, code)
+    }
+
+    /// Route index by card code.
+    pub fn route_by_code(&self, code: u32) -> Option<Idx> {
+        lookup(&self.table.route_codes, code)
+    }
+
+    /// Index of a named entity in a list.
+    pub fn category(&self, id: &str) -> Option<Idx> {
+        self.table
+            .categories
+            .iter()
+            .position(|c| c.id == id)
+            .map(|i| i as Idx)
+    }
+
+    /// Medium index by id.
+    pub fn medium(&self, id: &str) -> Option<Idx> {
+        self.table
+            .media
+            .iter()
+            .position(|c| c.id == id)
+            .map(|i| i as Idx)
+    }
+
+    /// The default rider category (`NONE` if the table has none).
+    pub fn default_category(&self) -> Idx {
+        self.default_category
+    }
+
+    /// Whether the table is in effect at local time `t`.
+    pub fn in_effect(&self, t: i64) -> bool {
+        let d = day_of(t);
+        d >= self.table.meta.effective_from_day
+            && self.table.meta.effective_until_day.is_none_or(|u| d < u)
+    }
+
+    fn service_runs(&self, service: Idx, day: i32) -> bool {
+        if service == NONE {
+            return true;
+        }
+        let s = &self.table.services[service as usize];
+        if s.removed.binary_search(&day).is_ok() {
+            return false;
+        }
+        if s.added.binary_search(&day).is_ok() {
+            return true;
+        }
+        s.start_day.is_none_or(|a| day >= a)
+            && s.end_day.is_none_or(|b| day <= b)
+            && s.weekdays & (1 << weekday(day)) != 0
+    }
+
+    /// Whether local time `t` falls in timeframe group `g`.
+    pub fn in_timeframe(&self, g: Idx, t: i64) -> bool {
+        let (day, sec) = (day_of(t), sec_of(t));
+        self.table.timeframes[g as usize]
+            .spans
+            .iter()
+            .any(|s| sec >= s.start_s && sec < s.end_s && self.service_runs(s.service, day))
+    }
+
+    /// The lowest price of `product` for `rider`.
+    fn price_of(&self, product: Idx, rider: Rider) -> Option<u32> {
+        let mut best: Option<u32> = None;
+        for p in &self.table.products[product as usize].prices {
+            let cat_ok = p.category == NONE || p.category == rider.category;
+            let med_ok = rider.medium == NONE || p.medium == NONE || p.medium == rider.medium;
+            if cat_ok && med_ok {
+                best = Some(best.map_or(p.amount_minor, |b| b.min(p.amount_minor)));
+            }
+        }
+        best
+    }
+
+    fn surcharge(&self, pricing: &Pricing, distance_m: u32, rider: Rider) -> u32 {
+        let Pricing::Distance { base_m, bands } = pricing else {
+            return 0;
+        };
+        let mut add: u64 = 0;
+        let mut from = *base_m;
+        for b in bands {
+            if distance_m <= from {
+                break;
+            }
+            let upto = b.upto_m.max(from);
+            let covered = distance_m.min(upto) - from;
+            if b.step_m > 0 {
+                add += u64::from(covered.div_ceil(b.step_m)) * u64::from(b.add_minor);
+            }
+            from = upto;
+        }
+        let pct = if rider.category == NONE {
+            100
+        } else {
+            u64::from(self.table.categories[rider.category as usize].surcharge_percent)
+        };
+        (add * pct / 100).min(u64::from(U24_MAX)) as u32
+    }
+
+    fn distance(&self, route: Idx, from: Idx, to: Idx) -> u32 {
+        let ch = &self.table.routes[route as usize].chainage;
+        let pos = |s: Idx| {
+            ch.binary_search_by_key(&s, |&(st, _)| st)
+                .ok()
+                .map(|i| ch[i].1)
+        };
+        match (pos(from), pos(to)) {
+            (Some(a), Some(b)) => a.abs_diff(b),
+            _ => 0,
+        }
+    }
+
+    fn area_ok(&self, rule_area: Idx, stop: Idx) -> bool {
+        let areas = &self.table.stops[stop as usize].areas;
+        if rule_area != NONE {
+            return areas.binary_search(&rule_area).is_ok();
+        }
+        self.table.meta.priority_mode
+            || !areas.iter().any(|&a| self.table.areas[a as usize].explicit)
+    }
+
+    fn rule_matches(&self, r: &LegRule, leg: &EffLeg) -> bool {
+        let net_ok = if r.network != NONE {
+            r.network == leg.network
+        } else {
+            self.table.meta.priority_mode
+                || leg.network == NONE
+                || !self.table.networks[leg.network as usize].explicit
+        };
+        net_ok
+            && self.area_ok(r.from_area, leg.from_stop)
+            && self.area_ok(r.to_area, leg.to_stop)
+            && (r.from_timeframe == NONE || self.in_timeframe(r.from_timeframe, leg.departure_s))
+            && (r.to_timeframe == NONE || self.in_timeframe(r.to_timeframe, leg.arrival_s))
+    }
+
+    /// Candidates for one effective leg: the matching rules (highest priority only in priority
+    /// mode) that have a price for the rider, cheapest per leg group.
+    fn candidates(
+        &self,
+        leg: &EffLeg,
+        rider: Rider,
+        legno: usize,
+        out: &mut [Cand; MAX_CANDIDATES],
+    ) -> Result<usize, QuoteError> {
+        let mut n = 0usize;
+        let mut best_prio = i32::MIN;
+        let mut matched = false;
+        let nn = self.table.networks.len();
+        let lists: [&[Idx]; 2] = [
+            if leg.network == NONE {
+                &[]
+            } else {
+                &self.rules_by_network[leg.network as usize]
+            },
+            &self.rules_by_network[nn],
+        ];
+        for &ri in lists.iter().flat_map(|l| l.iter()) {
+            let r = &self.table.leg_rules[ri as usize];
+            if !self.rule_matches(r, leg) {
+                continue;
+            }
+            matched = true;
+            if self.table.meta.priority_mode {
+                if r.priority < best_prio {
+                    continue;
+                }
+                if r.priority > best_prio {
+                    best_prio = r.priority;
+                    n = 0;
+                }
+            }
+            let Some(base) = self.price_of(r.product, rider) else {
+                continue;
+            };
+            let fare = base.saturating_add(self.surcharge(&r.pricing, leg.distance_m, rider));
+            let c = Cand {
+                rule: ri,
+                group: r.leg_group,
+                product: r.product,
+                base_minor: base,
+                fare_minor: fare,
+            };
+            if let Some(slot) = out[..n].iter_mut().find(|x| x.group == c.group) {
+                if c.fare_minor < slot.fare_minor {
+                    *slot = c;
+                }
+            } else if n < MAX_CANDIDATES {
+                out[n] = c;
+                n += 1;
+            } else if let Some(worst) = out.iter_mut().max_by_key(|x| x.fare_minor) {
+                if c.fare_minor < worst.fare_minor {
+                    *worst = c;
+                }
+            }
+        }
+        if n == 0 {
+            return Err(if matched {
+                QuoteError::NoPrice { leg: legno }
+            } else {
+                QuoteError::NoRule { leg: legno }
+            });
+        }
+        Ok(n)
+    }
+
+    fn join_applies(&self, a: &Leg, an: Idx, b: &Leg, bn: Idx) -> bool {
+        self.table.join_rules.iter().any(|j| {
+            j.from_network == an
+                && j.to_network == bn
+                && (j.from_stop == NONE || j.from_stop == a.to_stop)
+                && (j.to_stop == NONE || j.to_stop == b.from_stop)
+        })
+    }
+
+    fn group_from_ok(&self, rule_group: Idx, g: Idx) -> bool {
+        if rule_group != NONE {
+            return rule_group == g;
+        }
+        g == NONE || !self.table.leg_groups[g as usize].explicit
+    }
+
+    /// Prices a whole journey: the lowest total the rules allow.
+    pub fn price_journey(&self, rider: Rider, legs: &[Leg]) -> Result<Priced, QuoteError> {
+        let rider = self.resolve(rider);
+        if legs.is_empty() {
+            return Err(QuoteError::NoLegs);
+        }
+        if legs.len() > MAX_LEGS {
+            return Err(QuoteError::TooManyLegs);
+        }
+        // Join rules: effective legs.
+        let mut eff = [EffLeg::default(); MAX_LEGS];
+        let mut ne = 0usize;
+        let mut prev_net = NONE;
+        for (i, l) in legs.iter().enumerate() {
+            let net = self.check_leg(l, i)?;
+            let dist = self.distance(l.route, l.from_stop, l.to_stop);
+            if i > 0 && self.join_applies(&legs[i - 1], prev_net, l, net) {
+                let e = &mut eff[ne - 1];
+                e.last = i as u8;
+                if e.network != net {
+                    e.network = NONE;
+                }
+                e.to_stop = l.to_stop;
+                e.arrival_s = l.arrival_s;
+                e.distance_m = e.distance_m.saturating_add(dist);
+            } else {
+                eff[ne] = EffLeg {
+                    first: i as u8,
+                    last: i as u8,
+                    network: net,
+                    from_stop: l.from_stop,
+                    to_stop: l.to_stop,
+                    departure_s: l.departure_s,
+                    arrival_s: l.arrival_s,
+                    distance_m: dist,
+                };
+                ne += 1;
+            }
+            prev_net = net;
+        }
+        let eff = &eff[..ne];
+
+        let mut cands = [[Cand::default(); MAX_CANDIDATES]; MAX_LEGS];
+        let mut ncand = [0usize; MAX_LEGS];
+        for (j, e) in eff.iter().enumerate() {
+            ncand[j] = self.candidates(e, rider, e.first as usize, &mut cands[j])?;
+        }
+
+        // dp[j][c][s]: best state after effective leg j priced with candidate c, in a transfer
+        // chain that began at effective leg s.
+        let mut dp = [[[NO_STATE; MAX_LEGS]; MAX_CANDIDATES]; MAX_LEGS];
+        for c in 0..ncand[0] {
+            let f = i64::from(cands[0][c].fare_minor);
+            dp[0][c][0] = State {
+                total: f,
+                last_charge: f,
+                before_chain: 0,
+                chain_max_base: cands[0][c].base_minor,
+                chain_dist_m: eff[0].distance_m,
+                prev_cand: u8::MAX,
+                prev_start: u8::MAX,
+                transfer: NONE,
+            };
+        }
+        let max_transfers = usize::from(self.table.meta.max_transfers);
+        for j in 1..ne {
+            for c2 in 0..ncand[j] {
+                let to = cands[j][c2];
+                let mut best_new = NO_STATE;
+                for c in 0..ncand[j - 1] {
+                    let from = cands[j - 1][c];
+                    for s in 0..j {
+                        let st = dp[j - 1][c][s];
+                        if st.total == i64::MAX {
+                            continue;
+                        }
+                        // A new fare.
+                        let t_new = st.total + i64::from(to.fare_minor);
+                        if t_new < best_new.total {
+                            best_new = State {
+                                total: t_new,
+                                last_charge: i64::from(to.fare_minor),
+                                before_chain: st.total,
+                                chain_max_base: to.base_minor,
+                                chain_dist_m: eff[j].distance_m,
+                                prev_cand: c as u8,
+                                prev_start: s as u8,
+                                transfer: NONE,
+                            };
+                        }
+                        // A transfer continuing the chain that began at s.
+                        let k = j - s;
+                        if k > max_transfers {
+                            continue;
+                        }
+                        for (ti, tr) in self.table.transfer_rules.iter().enumerate() {
+                            if !self.group_from_ok(tr.from_group, from.group)
+                                || !self.group_from_ok(tr.to_group, to.group)
+                                || tr.transfer_count.is_some_and(|n| k > usize::from(n))
+                            {
+                                continue;
+                            }
+                            if let Some(limit) = tr.duration_limit_s {
+                                let (a, b) = match tr.duration_from {
+                                    DurationFrom::DepartureToArrival => {
+                                        (eff[s].departure_s, eff[j].arrival_s)
+                                    }
+                                    DurationFrom::DepartureToDeparture => {
+                                        (eff[s].departure_s, eff[j].departure_s)
+                                    }
+                                    DurationFrom::ArrivalToDeparture => {
+                                        (eff[s].arrival_s, eff[j].departure_s)
+                                    }
+                                    DurationFrom::ArrivalToArrival => {
+                                        (eff[s].arrival_s, eff[j].arrival_s)
+                                    }
+                                };
+                                if b - a > i64::from(limit) || b < a {
+                                    continue;
+                                }
+                            }
+                            if tr.at_timeframe != NONE
+                                && !self.in_timeframe(tr.at_timeframe, eff[j].departure_s)
+                            {
+                                continue;
+                            }
+                            let cost = if tr.product == NONE {
+                                0
+                            } else {
+                                match self.price_of(tr.product, rider) {
+                                    Some(p) => i64::from(p),
+                                    None => continue,
+                                }
+                            };
+                            let mut ns = State {
+                                prev_cand: c as u8,
+                                prev_start: s as u8,
+                                transfer: ti as Idx,
+                                chain_max_base: st.chain_max_base.max(to.base_minor),
+                                chain_dist_m: st.chain_dist_m.saturating_add(eff[j].distance_m),
+                                before_chain: st.before_chain,
+                                ..st
+                            };
+                            match tr.kind {
+                                TransferKind::FromLegPlusTransfer => {
+                                    ns.total = st.total + cost;
+                                    ns.last_charge = cost;
+                                }
+                                TransferKind::FromLegPlusTransferPlusToLeg => {
+                                    ns.total = st.total + cost + i64::from(to.fare_minor);
+                                    ns.last_charge = cost + i64::from(to.fare_minor);
+                                }
+                                TransferKind::TransferOnly => {
+                                    ns.total = st.total - st.last_charge + cost;
+                                    ns.last_charge = cost;
+                                }
+                                TransferKind::DistanceCombined => {
+                                    let r = &self.table.leg_rules[to.rule as usize];
+                                    let combined = i64::from(ns.chain_max_base)
+                                        + i64::from(self.surcharge(
+                                            &r.pricing,
+                                            ns.chain_dist_m,
+                                            rider,
+                                        ))
+                                        + cost;
+                                    ns.total = st.before_chain + combined;
+                                    ns.last_charge = ns.total - st.total;
+                                }
+                            }
+                            let slot = &mut dp[j][c2][s];
+                            if ns.total < slot.total {
+                                *slot = ns;
+                            }
+                        }
+                    }
+                }
+                let slot = &mut dp[j][c2][j];
+                if best_new.total < slot.total {
+                    *slot = best_new;
+                }
+            }
+        }
+
+        // Best final state, then walk back.
+        let last = ne - 1;
+        let mut best = (i64::MAX, 0usize, 0usize);
+        for c in 0..ncand[last] {
+            for s in 0..=last {
+                if dp[last][c][s].total < best.0 {
+                    best = (dp[last][c][s].total, c, s);
+                }
+            }
+        }
+        let mut out = Priced {
+            total_minor: best.0.max(0) as u64,
+            legs: [PricedLeg::default(); MAX_LEGS],
+            n: ne as u8,
+        };
+        let (mut c, mut s) = (best.1, best.2);
+        for j in (0..ne).rev() {
+            let st = dp[j][c][s];
+            let cand = cands[j][c];
+            let prev_total = if j == 0 {
+                0
+            } else {
+                dp[j - 1][st.prev_cand as usize][st.prev_start as usize].total
+            };
+            out.legs[j] = PricedLeg {
+                first_leg: eff[j].first,
+                last_leg: eff[j].last,
+                rule: cand.rule,
+                product: cand.product,
+                fare_minor: cand.fare_minor,
+                transfer: st.transfer,
+                charged_minor: st.total - prev_total,
+                distance_m: eff[j].distance_m,
+            };
+            if j > 0 {
+                c = st.prev_cand as usize;
+                s = st.prev_start as usize;
+            }
+        }
+        Ok(out)
+    }
+
+    fn resolve(&self, rider: Rider) -> Rider {
+        Rider {
+            category: if rider.category == NONE {
+                self.default_category
+            } else {
+                rider.category
+            },
+            medium: rider.medium,
+        }
+    }
+
+    fn check_leg(&self, l: &Leg, i: usize) -> Result<Idx, QuoteError> {
+        let ns = self.table.stops.len();
+        if l.route as usize >= self.table.routes.len() {
+            return Err(QuoteError::UnknownRoute { leg: i });
+        }
+        if l.from_stop as usize >= ns || l.to_stop as usize >= ns {
+            return Err(QuoteError::UnknownStop { leg: i });
+        }
+        Ok(self.table.routes[l.route as usize].network)
+    }
+
+    fn service_day(&self, t: u32) -> i32 {
+        day_of(i64::from(t) - i64::from(self.table.meta.day_start_s))
+    }
+
+    /// Quotes a tap at a validator from what the card holds.
+    pub fn quote_tap(&self, card: &CardView<'_>, tap: &Tap) -> Result<TapQuote, QuoteError> {
+        if !self.in_effect(i64::from(tap.time_s)) {
+            return Err(QuoteError::NotEffective);
+        }
+        let rider = self.resolve(card.rider);
+        let net = self.check_leg(
+            &Leg {
+                route: tap.route,
+                from_stop: tap.stop,
+                to_stop: tap.stop,
+                ..Leg::default()
+            },
+            0,
+        )?;
+        let tap_out = if net == NONE {
+            None
+        } else {
+            self.table.networks[net as usize].tap_out.as_ref()
+        };
+        if tap.kind == TapKind::Out && tap_out.is_none() {
+            return Err(QuoteError::TapOutNotUsed);
+        }
+        let newest = card
+            .history
+            .iter()
+            .find(|r| !r.is_empty())
+            .copied()
+            .unwrap_or_default();
+        // Accumulators of this service day and week.
+        let today = self.service_day(tap.time_s);
+        let (mut day_paid, mut week_paid, mut day_trips) = (0u32, 0u32, 0u8);
+        if !newest.is_empty() && newest.time_s <= tap.time_s {
+            let nd = self.service_day(newest.time_s);
+            if nd == today {
+                day_paid = newest.day_paid_minor;
+                day_trips = newest.day_trips;
+            }
+            if (nd + 3).div_euclid(7) == (today + 3).div_euclid(7) {
+                week_paid = newest.week_paid_minor;
+            }
+        }
+        let mut record = TripRecord {
+            kind: Some(tap.kind),
+            flags: 0,
+            transfers: 0,
+            time_s: tap.time_s,
+            route_code: self.table.routes[tap.route as usize].code,
+            stop_code: self.table.stops[tap.stop as usize].code,
+            entry_stop_code: self.table.stops[tap.stop as usize].code,
+            journey_offset_s: 0,
+            fare_minor: 0,
+            journey_paid_minor: 0,
+            day_paid_minor: day_paid,
+            week_paid_minor: week_paid,
+            day_trips,
+        };
+
+        // A pass covers the tap.
+        if tap.kind != TapKind::Out {
+            if let Some(pi) = self.covering_pass(card.passes, rider, net, tap.time_s) {
+                record.flags |= flags::PASS;
+                return Ok(TapQuote {
+                    fare_minor: 0,
+                    record,
+                    before_caps_minor: 0,
+                    penalty_minor: 0,
+                    cap: NONE,
+                    pass: pi,
+                    journey: None,
+                });
+            }
+        }
+
+        // The current journey from the card's records (oldest first).
+        let mut legs = [Leg::default(); MAX_LEGS];
+        let mut nlegs = 0usize;
+        let mut open = false; // the last leg is an open tap-in
+        let mut journey_ok = !newest.is_empty()
+            && newest.time_s <= tap.time_s
+            && tap.time_s - newest.journey_start_s() <= u32::from(u16::MAX);
+        if journey_ok {
+            let start = newest.journey_start_s();
+            let count = card
+                .history
+                .iter()
+                .take_while(|r| !r.is_empty() && r.journey_start_s() == start)
+                .count();
+            if count >= MAX_LEGS {
+                journey_ok = false;
+            }
+            for r in card.history[..count].iter().rev() {
+                if r.flags & flags::PASS != 0 || r.kind == Some(TapKind::Charge) {
+                    journey_ok = false;
+                    break;
+                }
+                let (Some(route), Some(stop)) = (
+                    self.route_by_code(r.route_code),
+                    self.stop_by_code(r.stop_code),
+                ) else {
+                    journey_ok = false;
+                    break;
+                };
+                let t = i64::from(r.time_s);
+                match r.kind {
+                    Some(TapKind::Out) if open && nlegs > 0 => {
+                        let l = &mut legs[nlegs - 1];
+                        l.to_stop = stop;
+                        l.arrival_s = t;
+                        open = false;
+                    }
+                    Some(kind) => {
+                        let from = if kind == TapKind::Out {
+                            self.stop_by_code(r.entry_stop_code).unwrap_or(stop)
+                        } else {
+                            stop
+                        };
+                        if nlegs == MAX_LEGS {
+                            journey_ok = false;
+                            break;
+                        }
+                        legs[nlegs] = Leg {
+                            route,
+                            from_stop: from,
+                            to_stop: stop,
+                            departure_s: t,
+                            arrival_s: t,
+                        };
+                        nlegs += 1;
+                        open = kind == TapKind::In;
+                    }
+                    None => {}
+                }
+            }
+        }
+        if !journey_ok {
+            nlegs = 0;
+            open = false;
+        }
+
+        let t = i64::from(tap.time_s);
+        let mut penalty = 0u32;
+        let mut base: u32;
+        let mut transfer = false;
+        let mut priced = None;
+        let mut continue_journey = false;
+        let mut entry_stop_code = record.stop_code;
+
+        if tap.kind == TapKind::Out {
+            let open_ok = open
+                && nlegs > 0
+                && self.table.routes[legs[nlegs - 1].route as usize].network == net
+                && tap_out.is_some_and(|o| t - legs[nlegs - 1].departure_s <= i64::from(o.max_trip_s));
+            if open_ok {
+                let before = self.price_journey(rider, &legs[..nlegs])?;
+                let open_leg = legs[nlegs - 1];
+                entry_stop_code = self.table.stops[open_leg.from_stop as usize].code;
+                legs[nlegs - 1].to_stop = tap.stop;
+                legs[nlegs - 1].arrival_s = t;
+                let after = self.price_journey(rider, &legs[..nlegs])?;
+                base = after.total_minor.saturating_sub(before.total_minor) as u32;
+                transfer = nlegs > 1;
+                continue_journey = true;
+                priced = Some(after);
+            } else {
+                // A tap-out with no tap-in: the penalty fare, as a journey of its own.
+                penalty = tap_out.map_or(0, |o| o.penalty_minor);
+                base = 0;
+                record.flags |= flags::PENALTY;
+            }
+        } else {
+            if open {
+                // The previous trip was never closed.
+                let last = legs[nlegs - 1];
+                let last_net = self.table.routes[last.route as usize].network;
+                if let Some(o) = (last_net != NONE)
+                    .then(|| self.table.networks[last_net as usize].tap_out.as_ref())
+                    .flatten()
+                {
+                    penalty = o.penalty_minor.saturating_sub(newest.fare_minor);
+                    record.flags |= flags::PENALTY;
+                }
+                nlegs = 0;
+            }
+            let leg = Leg {
+                route: tap.route,
+                from_stop: tap.stop,
+                to_stop: tap.stop,
+                departure_s: t,
+                arrival_s: t,
+            };
+            let single = self.price_journey(rider, &[leg])?;
+            base = single.total_minor as u32;
+            priced = Some(single);
+            if nlegs > 0 && nlegs < MAX_LEGS {
+                if let Ok(before) = self.price_journey(rider, &legs[..nlegs]) {
+                    legs[nlegs] = leg;
+                    if let Ok(after) = self.price_journey(rider, &legs[..=nlegs]) {
+                        let e = after.legs()[after.n as usize - 1];
+                        let joined = e.transfer != NONE || usize::from(e.first_leg) < nlegs;
+                        let diff = after.total_minor.saturating_sub(before.total_minor);
+                        if joined && diff <= u64::from(base) {
+                            base = diff as u32;
+                            transfer = true;
+                            continue_journey = true;
+                            priced = Some(after);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Caps.
+        let before_caps = base;
+        let mut cap_idx = NONE;
+        for (i, cap) in self.table.caps.iter().enumerate() {
+            if cap.category != NONE && cap.category != rider.category {
+                continue;
+            }
+            let room = match cap.period {
+                CapPeriod::Day => cap.amount_minor.saturating_sub(day_paid),
+                CapPeriod::Week => cap.amount_minor.saturating_sub(week_paid),
+                CapPeriod::DayTrips(n) => {
+                    if day_trips >= n && !continue_journey {
+                        0
+                    } else {
+                        u32::MAX
+                    }
+                }
+            };
+            if room < base {
+                base = room;
+                cap_idx = i as Idx;
+            }
+        }
+        if cap_idx != NONE {
+            record.flags |= flags::CAPPED;
+        }
+        let fare = base.saturating_add(penalty).min(U24_MAX);
+
+        if continue_journey {
+            record.flags |= if transfer { flags::TRANSFER } else { 0 };
+            let start = newest.journey_start_s();
+            record.journey_offset_s = (tap.time_s - start) as u16;
+            record.transfers = if tap.kind == TapKind::Out {
+                newest.transfers
+            } else {
+                newest.transfers.saturating_add(1)
+            };
+            record.journey_paid_minor = newest.journey_paid_minor.saturating_add(fare);
+        } else {
+            record.journey_paid_minor = fare;
+            if tap.kind != TapKind::Out || penalty > 0 {
+                record.day_trips = day_trips.saturating_add(u8::from(fare > 0));
+            }
+        }
+        record.entry_stop_code = entry_stop_code;
+        record.fare_minor = fare;
+        record.day_paid_minor = day_paid.saturating_add(fare).min(U24_MAX);
+        record.week_paid_minor = week_paid.saturating_add(fare).min(U24_MAX);
+        Ok(TapQuote {
+            fare_minor: fare,
+            record,
+            before_caps_minor: before_caps,
+            penalty_minor: penalty,
+            cap: cap_idx,
+            pass: NONE,
+            journey: priced,
+        })
+    }
+
+    fn covering_pass(&self, held: &[HeldPass], rider: Rider, net: Idx, t: u32) -> Option<Idx> {
+        held.iter().find_map(|h| {
+            if t < h.valid_from_s || t >= h.valid_until_s {
+                return None;
+            }
+            let i = self.table.passes.iter().position(|p| p.code == h.code)?;
+            let p = &self.table.passes[i];
+            let net_ok = p.networks.is_empty() || p.networks.contains(&net);
+            let cat_ok = p.category == NONE || p.category == rider.category;
+            (net_ok && cat_ok).then_some(i as Idx)
+        })
+    }
+
+    /// Quotes a non-transit charge (pay-TV): `items` items and `minutes` of viewing at local time
+    /// `time_s`, with the service day's cap from the card's accumulators.
+    pub fn quote_charge(
+        &self,
+        card: &CardView<'_>,
+        code: u16,
+        items: u32,
+        minutes: u32,
+        time_s: u32,
+    ) -> Result<TapQuote, QuoteError> {
+        let ci = self
+            .table
+            .charges
+            .iter()
+            .position(|c| c.code == code)
+            .ok_or(QuoteError::UnknownCode(code))?;
+        let c = &self.table.charges[ci];
+        let newest = card
+            .history
+            .iter()
+            .find(|r| !r.is_empty())
+            .copied()
+            .unwrap_or_default();
+        let today = self.service_day(time_s);
+        let day_paid = if !newest.is_empty() && self.service_day(newest.time_s) == today {
+            newest.day_paid_minor
+        } else {
+            0
+        };
+        let mut amount = u64::from(c.per_item_minor.unwrap_or(0)) * u64::from(items)
+            + u64::from(c.per_hour_minor.unwrap_or(0)) * u64::from(minutes.div_ceil(60));
+        let before = amount.min(u64::from(U24_MAX)) as u32;
+        let mut cap = NONE;
+        if let Some(dc) = c.day_cap_minor {
+            let room = u64::from(dc.saturating_sub(day_paid));
+            if room < amount {
+                amount = room;
+                cap = ci as Idx;
+            }
+        }
+        let fare = amount.min(u64::from(U24_MAX)) as u32;
+        let record = TripRecord {
+            kind: Some(TapKind::Charge),
+            flags: if cap != NONE { flags::CAPPED } else { 0 },
+            time_s,
+            route_code: u32::from(code),
+            fare_minor: fare,
+            journey_paid_minor: fare,
+            day_paid_minor: day_paid.saturating_add(fare).min(U24_MAX),
+            week_paid_minor: newest.week_paid_minor.saturating_add(fare).min(U24_MAX),
+            ..TripRecord::default()
+        };
+        Ok(TapQuote {
+            fare_minor: fare,
+            record,
+            before_caps_minor: before,
+            penalty_minor: 0,
+            cap,
+            pass: NONE,
+            journey: None,
+        })
+    }
+
+    /// The discount a coupon gives on `amount_minor` on local day `day`.
+    pub fn coupon_discount(
+        &self,
+        code: u16,
+        amount_minor: u32,
+        day: i32,
+        already_used: bool,
+    ) -> Result<u32, QuoteError> {
+        let c = self
+            .table
+            .coupons
+            .iter()
+            .find(|c| c.code == code)
+            .ok_or(QuoteError::UnknownCode(code))?;
+        if c.expires_day.is_some_and(|e| day > e) {
+            return Err(QuoteError::CouponExpired);
+        }
+        if c.single_use && already_used {
+            return Err(QuoteError::CouponUsed);
+        }
+        let off = match (c.value_minor, c.percent) {
+            (Some(v), _) => v,
+            (None, Some(p)) => (u64::from(amount_minor) * u64::from(p) / 100) as u32,
+            (None, None) => 0,
+        };
+        Ok(off.min(amount_minor))
+    }
+}
+
+fn lookup(codes: &[(u32, Idx)], code: u32) -> Option<Idx> {
+    codes
+        .binary_search_by_key(&code, |&(c, _)| c)
+        .ok()
+        .map(|i| codes[i].1)
+}
+
+fn validate(t: &Table) -> Result<(), TableError> {
+    let chk = |what: &'static str, i: Idx, len: usize, place: &dyn Fn() -> String| {
+        if i != NONE && usize::from(i) >= len {
+            Err(TableError::BadIndex {
+                what,
+                index: i,
+                place: place(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let req = |what: &'static str, i: Idx, len: usize, place: &dyn Fn() -> String| {
+        if usize::from(i) >= len {
+            Err(TableError::BadIndex {
+                what,
+                index: i,
+                place: place(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let n = |v: usize| v;
+    for len in [
+        t.categories.len(),
+        t.media.len(),
+        t.networks.len(),
+        t.areas.len(),
+        t.stops.len(),
+        t.routes.len(),
+        t.services.len(),
+        t.timeframes.len(),
+        t.products.len(),
+        t.leg_groups.len(),
+        t.leg_rules.len(),
+        t.transfer_rules.len(),
+    ] {
+        if len >= usize::from(NONE) {
+            return Err(TableError::Invalid("a list has more than 65534 entries".into()));
+        }
+    }
+    for s in &t.stops {
+        for &a in &s.areas {
+            req("area", a, n(t.areas.len()), &|| format!("stop {}", s.id))?;
+        }
+        if !s.areas.windows(2).all(|w| w[0] < w[1]) {
+            return Err(TableError::Invalid(format!("stop {}: areas not sorted", s.id)));
+        }
+    }
+    for r in &t.routes {
+        chk("network", r.network, t.networks.len(), &|| format!("route {}", r.id))?;
+        for &(s, _) in &r.chainage {
+            req("stop", s, t.stops.len(), &|| format!("route {}", r.id))?;
+        }
+        if !r.chainage.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err(TableError::Invalid(format!("route {}: chainage not sorted", r.id)));
+        }
+    }
+    for g in &t.timeframes {
+        for s in &g.spans {
+            chk("service", s.service, t.services.len(), &|| format!("timeframe {}", g.id))?;
+        }
+    }
+    for p in &t.products {
+        for pr in &p.prices {
+            chk("category", pr.category, t.categories.len(), &|| format!("product {}", p.id))?;
+            chk("medium", pr.medium, t.media.len(), &|| format!("product {}", p.id))?;
+        }
+    }
+    for r in &t.leg_rules {
+        let place = || r.origin.clone();
+        chk("leg group", r.leg_group, t.leg_groups.len(), &place)?;
+        chk("network", r.network, t.networks.len(), &place)?;
+        chk("area", r.from_area, t.areas.len(), &place)?;
+        chk("area", r.to_area, t.areas.len(), &place)?;
+        chk("timeframe", r.from_timeframe, t.timeframes.len(), &place)?;
+        chk("timeframe", r.to_timeframe, t.timeframes.len(), &place)?;
+        req("product", r.product, t.products.len(), &place)?;
+    }
+    for j in &t.join_rules {
+        let place = || "join rule".to_string();
+        req("network", j.from_network, t.networks.len(), &place)?;
+        req("network", j.to_network, t.networks.len(), &place)?;
+        chk("stop", j.from_stop, t.stops.len(), &place)?;
+        chk("stop", j.to_stop, t.stops.len(), &place)?;
+    }
+    for r in &t.transfer_rules {
+        let place = || r.origin.clone();
+        chk("leg group", r.from_group, t.leg_groups.len(), &place)?;
+        chk("leg group", r.to_group, t.leg_groups.len(), &place)?;
+        chk("product", r.product, t.products.len(), &place)?;
+        chk("timeframe", r.at_timeframe, t.timeframes.len(), &place)?;
+    }
+    for c in &t.caps {
+        chk("category", c.category, t.categories.len(), &|| format!("cap {}", c.id))?;
+    }
+    for p in &t.passes {
+        chk("category", p.category, t.categories.len(), &|| format!("pass {}", p.id))?;
+        for &nw in &p.networks {
+            req("network", nw, t.networks.len(), &|| format!("pass {}", p.id))?;
+        }
+    }
+    for (what, codes, len) in [
+        ("stop", &t.stop_codes, t.stops.len()),
+        ("route", &t.route_codes, t.routes.len()),
+    ] {
+        if codes.len() != len || !codes.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err(TableError::Invalid(format!(
+                "{what} codes are not one sorted unique entry per {what}"
+            )));
+        }
+        for &(_, i) in codes.iter() {
+            req(what, i, len, &|| format!("{what} codes"))?;
+        }
+    }
+    Ok(())
+}
