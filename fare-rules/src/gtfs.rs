@@ -340,12 +340,28 @@ impl CsvFile {
             cols.entry(name.trim().to_string()).or_insert(i);
         }
         let mut rows = Vec::new();
+        let (mut counted, mut line) = (0usize, 1u64);
         for record in reader.records() {
             let record = record.map_err(csv_err)?;
             if record.iter().all(str::is_empty) {
                 continue;
             }
-            let line = record.position().map_or(0, |p| p.line());
+            // The reader's own line count skips blank lines; count newlines up to the record.
+            let byte = record
+                .position()
+                .map_or(counted, |p| usize::try_from(p.byte()).unwrap_or(counted));
+            // A record's position is where the reader started looking for it, before the blank
+            // lines it skipped.
+            let skipped = data.get(byte..).map_or(0, |rest| {
+                rest.iter()
+                    .take_while(|b| matches!(b, b'\r' | b'\n'))
+                    .count()
+            });
+            let byte = byte + skipped;
+            if let Some(between) = data.get(counted..byte) {
+                line += between.iter().filter(|&&b| b == b'\n').count() as u64;
+                counted = byte;
+            }
             rows.push((line, record));
         }
         Ok(CsvFile { file, cols, rows })
