@@ -584,14 +584,19 @@ fn parse_amount(v: &str, exponent: u8) -> std::result::Result<u32, AmountError> 
 
 /// Reads the fare-relevant files of the GTFS feed in `dir`.
 pub fn load_dir(dir: &Path) -> Result<Feed> {
+    load_with(|file| CsvFile::read(dir, file))
+}
+
+/// Loads a feed whose files `open` returns (`None`: absent).
+fn load_with(open: impl Fn(&'static str) -> Result<Option<CsvFile>>) -> Result<Feed> {
     let mut feed = Feed::default();
     let required = |file: &'static str| -> Result<CsvFile> {
-        CsvFile::read(dir, file)?.ok_or(GtfsError::MissingFile { file })
+        open(file)?.ok_or(GtfsError::MissingFile { file })
     };
     let products = required(FARE_PRODUCTS)?;
     let leg_rules = required(FARE_LEG_RULES)?;
 
-    if let Some(f) = CsvFile::read(dir, AGENCY)? {
+    if let Some(f) = open(AGENCY)? {
         for r in f.rows() {
             feed.agencies.push(AgencyRow {
                 line: r.line,
@@ -601,7 +606,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, FEED_INFO)? {
+    if let Some(f) = open(FEED_INFO)? {
         if let Some(r) = f.rows().next() {
             feed.feed_info = Some(FeedInfoRow {
                 line: r.line,
@@ -610,7 +615,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, STOPS)? {
+    if let Some(f) = open(STOPS)? {
         f.require(&["stop_id"])?;
         let mut rows = Vec::new();
         for r in f.rows() {
@@ -622,7 +627,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
         }
         feed.stops = Some(rows);
     }
-    if let Some(f) = CsvFile::read(dir, ROUTES)? {
+    if let Some(f) = open(ROUTES)? {
         f.require(&["route_id"])?;
         let mut rows = Vec::new();
         for r in f.rows() {
@@ -634,7 +639,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
         }
         feed.routes = Some(rows);
     }
-    if let Some(f) = CsvFile::read(dir, NETWORKS)? {
+    if let Some(f) = open(NETWORKS)? {
         f.require(&["network_id"])?;
         for r in f.rows() {
             feed.networks.push(NetworkRow {
@@ -644,7 +649,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, ROUTE_NETWORKS)? {
+    if let Some(f) = open(ROUTE_NETWORKS)? {
         f.require(&["network_id", "route_id"])?;
         for r in f.rows() {
             feed.route_networks.push(RouteNetworkRow {
@@ -654,7 +659,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, AREAS)? {
+    if let Some(f) = open(AREAS)? {
         f.require(&["area_id"])?;
         for r in f.rows() {
             feed.areas.push(AreaRow {
@@ -664,7 +669,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, STOP_AREAS)? {
+    if let Some(f) = open(STOP_AREAS)? {
         f.require(&["area_id", "stop_id"])?;
         for r in f.rows() {
             feed.stop_areas.push(StopAreaRow {
@@ -674,7 +679,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, CALENDAR)? {
+    if let Some(f) = open(CALENDAR)? {
         const DAYS: [&str; 7] = [
             "monday",
             "tuesday",
@@ -719,7 +724,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, CALENDAR_DATES)? {
+    if let Some(f) = open(CALENDAR_DATES)? {
         f.require(&["service_id", "date", "exception_type"])?;
         for r in f.rows() {
             let exception_type =
@@ -739,7 +744,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, TIMEFRAMES)? {
+    if let Some(f) = open(TIMEFRAMES)? {
         f.require(&["timeframe_group_id", "service_id"])?;
         for r in f.rows() {
             let (start_s, end_s) = match (r.time("start_time")?, r.time("end_time")?) {
@@ -777,7 +782,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, RIDER_CATEGORIES)? {
+    if let Some(f) = open(RIDER_CATEGORIES)? {
         f.require(&["rider_category_id"])?;
         for r in f.rows() {
             feed.rider_categories.push(RiderCategoryRow {
@@ -793,7 +798,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
             });
         }
     }
-    if let Some(f) = CsvFile::read(dir, FARE_MEDIA)? {
+    if let Some(f) = open(FARE_MEDIA)? {
         f.require(&["fare_media_id"])?;
         for r in f.rows() {
             feed.fare_media.push(FareMediaRow {
@@ -861,7 +866,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
         });
     }
 
-    if let Some(f) = CsvFile::read(dir, FARE_LEG_JOIN_RULES)? {
+    if let Some(f) = open(FARE_LEG_JOIN_RULES)? {
         f.require(&["from_network_id", "to_network_id"])?;
         for r in f.rows() {
             let row = FareLegJoinRuleRow {
@@ -886,7 +891,7 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
         }
     }
 
-    if let Some(f) = CsvFile::read(dir, FARE_TRANSFER_RULES)? {
+    if let Some(f) = open(FARE_TRANSFER_RULES)? {
         f.require(&["fare_transfer_type"])?;
         for r in f.rows() {
             let from_leg_group_id = r.s("from_leg_group_id");
@@ -1568,4 +1573,295 @@ fn mark(flags: &mut [bool], i: Idx) {
 /// [`load_dir`] then [`compile`].
 pub fn load_and_compile(dir: &Path) -> Result<Table> {
     compile(&load_dir(dir)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads and compiles a feed given as (file name, contents) pairs.
+    fn compile_files(files: &[(&'static str, &str)]) -> Result<Table> {
+        let feed = load_with(|name| {
+            files
+                .iter()
+                .find(|(f, _)| *f == name)
+                .map(|(f, text)| CsvFile::parse(f, text.as_bytes()))
+                .transpose()
+        })?;
+        compile(&feed)
+    }
+
+    const PRODUCTS: &str = "fare_product_id,amount,currency\np,1.00,USD\n";
+    const LEG_RULES: &str = "fare_product_id\np\n";
+
+    #[test]
+    fn amounts_parse_exactly() {
+        assert_eq!(parse_amount("2.75", 2), Ok(275));
+        assert_eq!(parse_amount("2.7", 2), Ok(270));
+        assert_eq!(parse_amount("2", 2), Ok(200));
+        assert_eq!(parse_amount("0.05", 2), Ok(5));
+        assert_eq!(parse_amount(".5", 2), Ok(50));
+        assert_eq!(parse_amount("1350", 0), Ok(1350));
+        assert_eq!(parse_amount("1.250", 3), Ok(1250));
+        assert_eq!(parse_amount("0", 2), Ok(0));
+        assert_eq!(parse_amount("-0.00", 2), Ok(0));
+        assert_eq!(parse_amount("42949672.95", 2), Ok(u32::MAX));
+        assert_eq!(parse_amount("42949672.96", 2), Err(AmountError::TooLarge));
+        assert_eq!(
+            parse_amount("99999999999999999999999", 0),
+            Err(AmountError::TooLarge)
+        );
+        assert_eq!(parse_amount("2.755", 2), Err(AmountError::TooPrecise(3)));
+        assert_eq!(parse_amount("1.5", 0), Err(AmountError::TooPrecise(1)));
+        assert_eq!(parse_amount("-1.00", 2), Err(AmountError::Negative));
+        for bad in [
+            "", ".", "2.", "2,75", "1e3", "+2", "2.7.5", " 2", "--1", "-", "١٢",
+        ] {
+            assert_eq!(parse_amount(bad, 2), Err(AmountError::Syntax), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn times_and_dates_parse() {
+        assert_eq!(parse_time("00:00:00"), Some(0));
+        assert_eq!(parse_time("6:30:00"), Some(23_400));
+        assert_eq!(parse_time("24:00:00"), Some(86_400));
+        for bad in [
+            "24:00:01",
+            "25:00:00",
+            "12:60:00",
+            "12:00:60",
+            "12:00",
+            "1200:00:00",
+            "a:00:00",
+            "12:0:00",
+        ] {
+            assert_eq!(parse_time(bad), None, "{bad}");
+        }
+        assert_eq!(parse_date("19700101"), Some(0));
+        assert_eq!(parse_date("19700102"), Some(1));
+        assert_eq!(parse_date("19691231"), Some(-1));
+        assert_eq!(parse_date("20240229"), Some(19_782));
+        for bad in [
+            "20230229",
+            "2024-02-29",
+            "20241301",
+            "2024011",
+            "+2024011",
+            "２０２４０１０１",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoted_multiline_values_keep_line_numbers() {
+        let products = "fare_product_id,fare_product_name,amount,currency\r\n\
+                        a,\"Two\r\nlines\",1.00,USD\r\n\
+                        \r\n\
+                        b,B,1.234,USD\r\n";
+        let e = compile_files(&[(FARE_PRODUCTS, products), (FARE_LEG_RULES, LEG_RULES)])
+            .expect_err("too many decimals");
+        assert_eq!(
+            e.to_string(),
+            "fare_products.txt line 5, field amount: \"1.234\" has 3 decimals but USD has 2"
+        );
+    }
+
+    #[test]
+    fn missing_column_and_empty_value_are_named() {
+        let e = compile_files(&[
+            (FARE_PRODUCTS, "fare_product_id,amount\np,1\n"),
+            (FARE_LEG_RULES, LEG_RULES),
+        ])
+        .expect_err("no currency column");
+        assert_eq!(
+            e.to_string(),
+            "fare_products.txt line 1, field currency: required column is missing from the header"
+        );
+        let e = compile_files(&[
+            (FARE_PRODUCTS, "fare_product_id,amount,currency\np,,USD\n"),
+            (FARE_LEG_RULES, LEG_RULES),
+        ])
+        .expect_err("empty amount");
+        assert_eq!(
+            e.to_string(),
+            "fare_products.txt line 2, field amount: required value is empty"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_csv_error() {
+        let e = CsvFile::parse(
+            FARE_PRODUCTS,
+            b"fare_product_id,amount,currency\np,1\xff,USD\n",
+        )
+        .and_then(|f| f.rows().try_for_each(|r| r.req("amount").map(drop)))
+        .expect_err("not UTF-8");
+        assert!(
+            e.to_string()
+                .starts_with("fare_products.txt line 2: malformed CSV"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn transfer_rule_fields_are_checked() {
+        let cases = [
+            (
+                "fare_transfer_type,transfer_count,from_leg_group_id,to_leg_group_id\n0,0,g,g\n",
+                "field transfer_count: \"0\" is not -1",
+            ),
+            (
+                "fare_transfer_type,transfer_count,from_leg_group_id,to_leg_group_id\n0,-2,g,g\n",
+                "field transfer_count",
+            ),
+            (
+                "fare_transfer_type,duration_limit\n0,600\n",
+                "field duration_limit_type: required because duration_limit is set",
+            ),
+            (
+                "fare_transfer_type,duration_limit_type\n0,1\n",
+                "field duration_limit_type: forbidden",
+            ),
+            (
+                "fare_transfer_type,duration_limit,duration_limit_type\n0,600,4\n",
+                "field duration_limit_type: \"4\"",
+            ),
+            ("fare_transfer_type\n3\n", "field fare_transfer_type: \"3\""),
+            ("fare_transfer_type\n\n0\n,\n", "compiles"),
+            (
+                "fare_transfer_type,from_leg_group_id\n0,gg\n",
+                "unknown leg group \"gg\" (fare_leg_rules.txt has: g); did you mean \"g\"?",
+            ),
+        ];
+        for (rules, want) in cases {
+            let got = compile_files(&[
+                (FARE_PRODUCTS, PRODUCTS),
+                (FARE_LEG_RULES, "leg_group_id,fare_product_id\ng,p\n"),
+                (FARE_TRANSFER_RULES, rules),
+            ]);
+            match got {
+                Ok(t) => assert_eq!(want, "compiles", "{rules}: {t:?}"),
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.starts_with("fare_transfer_rules.txt line "), "{e}");
+                    assert!(e.contains(want), "{rules}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stops_come_from_stop_areas_without_stops_txt() {
+        let t = compile_files(&[
+            (FARE_PRODUCTS, PRODUCTS),
+            (FARE_LEG_RULES, "from_area_id,fare_product_id\nz,p\n"),
+            (STOP_AREAS, "stop_id,area_id\ns1,z\ns2,z\ns1,y\n"),
+        ])
+        .expect("compiles");
+        let stops: Vec<(&str, &[Idx])> = t
+            .stops
+            .iter()
+            .map(|s| (s.id.as_str(), s.areas.as_slice()))
+            .collect();
+        // Area order: z (first seen), y.
+        assert_eq!(stops, [("s1", &[0u16, 1][..]), ("s2", &[0u16][..])]);
+        assert!(t.areas[0].explicit && !t.areas[1].explicit);
+        assert_eq!(t.meta.name, "GTFS feed");
+    }
+
+    #[test]
+    fn unknown_stop_in_stop_areas_is_named() {
+        let e = compile_files(&[
+            (FARE_PRODUCTS, PRODUCTS),
+            (FARE_LEG_RULES, LEG_RULES),
+            (STOPS, "stop_id\nalpha\nbeta\n"),
+            (STOP_AREAS, "area_id,stop_id\nz,alpah\n"),
+        ])
+        .expect_err("unknown stop");
+        assert_eq!(
+            e.to_string(),
+            "stop_areas.txt line 2, field stop_id: unknown stop \"alpah\" (stops.txt has: alpha, beta); did you mean \"alpha\"?"
+        );
+    }
+
+    #[test]
+    fn colliding_stop_codes_name_both_ids() {
+        let mut seen = HashMap::new();
+        let (a, b) = (0..100_000)
+            .map(|i| format!("s{i}"))
+            .find_map(|id| {
+                seen.insert(code24(&id), id.clone())
+                    .map(|other| (other, id))
+            })
+            .expect("a 24-bit collision among 100k ids");
+        let stops = format!("stop_id\n{a}\n{b}\n");
+        let e = compile_files(&[
+            (FARE_PRODUCTS, PRODUCTS),
+            (FARE_LEG_RULES, LEG_RULES),
+            (STOPS, &stops),
+        ])
+        .expect_err("collision");
+        let e = e.to_string();
+        assert!(e.starts_with("stops.txt line 3, field stop_id: "), "{e}");
+        assert!(
+            e.contains(&format!("\"{a}\"")) && e.contains(&format!("\"{b}\"")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn route_network_conflicts_and_duplicates_are_refused() {
+        let e = compile_files(&[
+            (FARE_PRODUCTS, PRODUCTS),
+            (FARE_LEG_RULES, LEG_RULES),
+            (ROUTES, "route_id,network_id\nr1,bus\n"),
+            (ROUTE_NETWORKS, "route_id,network_id\nr1,rail\n"),
+        ])
+        .expect_err("two networks");
+        assert!(e.to_string().starts_with("route_networks.txt line 2, field network_id: route \"r1\" is already in network \"bus\""), "{e}");
+        let e = compile_files(&[
+            (
+                FARE_PRODUCTS,
+                "fare_product_id,amount,currency\np,1.00,USD\np,2.00,USD\n",
+            ),
+            (FARE_LEG_RULES, LEG_RULES),
+        ])
+        .expect_err("duplicate price");
+        assert!(
+            e.to_string()
+                .starts_with("fare_products.txt line 3, field fare_product_id: "),
+            "{e}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the files hold, loading and compiling return instead of panicking.
+        #[test]
+        fn arbitrary_feeds_do_not_panic(
+            products in "[a-z_,.0-9\"\n -]{0,80}",
+            legs in "[a-z_,.0-9\"\n -]{0,80}",
+            transfers in "[a-z_,.0-9\"\n -]{0,80}",
+            times in "[a-z_,:0-9\n]{0,60}",
+            pick in 0usize..4,
+        ) {
+            let headers = [
+                "fare_product_id,amount,currency,rider_category_id\n",
+                "leg_group_id,network_id,from_area_id,fare_product_id,rule_priority,from_timeframe_group_id\n",
+                "from_leg_group_id,to_leg_group_id,transfer_count,duration_limit,duration_limit_type,fare_transfer_type,fare_product_id\n",
+                "timeframe_group_id,start_time,end_time,service_id\n",
+            ];
+            let with_header = |i: usize, body: &str| if i == pick { body.to_string() } else { format!("{}{body}", headers[i]) };
+            let (p, l, t, f) = (with_header(0, &products), with_header(1, &legs), with_header(2, &transfers), with_header(3, &times));
+            let _ = compile_files(&[
+                (FARE_PRODUCTS, &p),
+                (FARE_LEG_RULES, &l),
+                (FARE_TRANSFER_RULES, &t),
+                (TIMEFRAMES, &f),
+                (STOP_AREAS, "stop_id,area_id\ns,a\n"),
+                (CALENDAR_DATES, "service_id,date,exception_type\nx,20250101,1\n"),
+            ]);
+        }
+    }
 }
