@@ -40,7 +40,9 @@ pub enum QuoteError {
     UnknownStop { leg: usize },
     #[error("leg {leg}: no fare rule matches it")]
     NoRule { leg: usize },
-    #[error("leg {leg}: the matching rules' products have no price for this rider category and medium")]
+    #[error(
+        "leg {leg}: the matching rules' products have no price for this rider category and medium"
+    )]
     NoPrice { leg: usize },
     #[error("the fare table is not in effect at this time")]
     NotEffective,
@@ -603,6 +605,9 @@ impl Engine {
                                     DurationFrom::ArrivalToArrival => {
                                         (eff[s].arrival_s, eff[j].arrival_s)
                                     }
+                                    DurationFrom::PreviousArrivalToDeparture => {
+                                        (eff[j - 1].arrival_s, eff[j].departure_s)
+                                    }
                                 };
                                 if b - a > i64::from(limit) || b < a {
                                     continue;
@@ -719,7 +724,11 @@ impl Engine {
             } else {
                 rider.category
             },
-            medium: rider.medium,
+            medium: if rider.medium == NONE {
+                self.table.default_medium.unwrap_or(NONE)
+            } else {
+                rider.medium
+            },
         }
     }
 
@@ -796,8 +805,8 @@ impl Engine {
             day_trips,
         };
 
-        // A pass covers the tap.
-        if tap.kind != TapKind::Out {
+        // A pass covers the tap (a tap-out too: the trip it ends was covered or is now).
+        {
             if let Some(pi) = self.covering_pass(card.passes, rider, net, tap.time_s) {
                 record.flags |= flags::PASS;
                 return Ok(TapQuote {
@@ -890,7 +899,8 @@ impl Engine {
             let open_ok = open
                 && nlegs > 0
                 && self.table.routes[legs[nlegs - 1].route as usize].network == net
-                && tap_out.is_some_and(|o| t - legs[nlegs - 1].departure_s <= i64::from(o.max_trip_s));
+                && tap_out
+                    .is_some_and(|o| t - legs[nlegs - 1].departure_s <= i64::from(o.max_trip_s));
             if open_ok {
                 let before = self.price_journey(rider, &legs[..nlegs])?;
                 let open_leg = legs[nlegs - 1];
@@ -1051,12 +1061,20 @@ impl Engine {
         } else {
             0
         };
+        // What this charge has cost today: the running total in the newest record of the same
+        // charge (records of charges keep it in the journey-paid field).
+        let charge_paid = card
+            .history
+            .iter()
+            .find(|r| r.kind == Some(TapKind::Charge) && r.route_code == u32::from(code))
+            .filter(|r| self.service_day(r.time_s) == today)
+            .map_or(0, |r| r.journey_paid_minor);
         let mut amount = u64::from(c.per_item_minor.unwrap_or(0)) * u64::from(items)
             + u64::from(c.per_hour_minor.unwrap_or(0)) * u64::from(minutes.div_ceil(60));
         let before = amount.min(u64::from(U24_MAX)) as u32;
         let mut cap = NONE;
         if let Some(dc) = c.day_cap_minor {
-            let room = u64::from(dc.saturating_sub(day_paid));
+            let room = u64::from(dc.saturating_sub(charge_paid));
             if room < amount {
                 amount = room;
                 cap = ci as Idx;
@@ -1069,7 +1087,7 @@ impl Engine {
             time_s,
             route_code: u32::from(code),
             fare_minor: fare,
-            journey_paid_minor: fare,
+            journey_paid_minor: charge_paid.saturating_add(fare).min(U24_MAX),
             day_paid_minor: day_paid.saturating_add(fare).min(U24_MAX),
             week_paid_minor: newest.week_paid_minor.saturating_add(fare).min(U24_MAX),
             ..TripRecord::default()
@@ -1160,7 +1178,9 @@ fn validate(t: &Table) -> Result<(), TableError> {
         t.transfer_rules.len(),
     ] {
         if len >= usize::from(NONE) {
-            return Err(TableError::Invalid("a list has more than 65534 entries".into()));
+            return Err(TableError::Invalid(
+                "a list has more than 65534 entries".into(),
+            ));
         }
     }
     for s in &t.stops {
@@ -1168,27 +1188,41 @@ fn validate(t: &Table) -> Result<(), TableError> {
             req("area", a, n(t.areas.len()), &|| format!("stop {}", s.id))?;
         }
         if !s.areas.windows(2).all(|w| w[0] < w[1]) {
-            return Err(TableError::Invalid(format!("stop {}: areas not sorted", s.id)));
+            return Err(TableError::Invalid(format!(
+                "stop {}: areas not sorted",
+                s.id
+            )));
         }
     }
     for r in &t.routes {
-        chk("network", r.network, t.networks.len(), &|| format!("route {}", r.id))?;
+        chk("network", r.network, t.networks.len(), &|| {
+            format!("route {}", r.id)
+        })?;
         for &(s, _) in &r.chainage {
             req("stop", s, t.stops.len(), &|| format!("route {}", r.id))?;
         }
         if !r.chainage.windows(2).all(|w| w[0].0 < w[1].0) {
-            return Err(TableError::Invalid(format!("route {}: chainage not sorted", r.id)));
+            return Err(TableError::Invalid(format!(
+                "route {}: chainage not sorted",
+                r.id
+            )));
         }
     }
     for g in &t.timeframes {
         for s in &g.spans {
-            chk("service", s.service, t.services.len(), &|| format!("timeframe {}", g.id))?;
+            chk("service", s.service, t.services.len(), &|| {
+                format!("timeframe {}", g.id)
+            })?;
         }
     }
     for p in &t.products {
         for pr in &p.prices {
-            chk("category", pr.category, t.categories.len(), &|| format!("product {}", p.id))?;
-            chk("medium", pr.medium, t.media.len(), &|| format!("product {}", p.id))?;
+            chk("category", pr.category, t.categories.len(), &|| {
+                format!("product {}", p.id)
+            })?;
+            chk("medium", pr.medium, t.media.len(), &|| {
+                format!("product {}", p.id)
+            })?;
         }
     }
     for r in &t.leg_rules {
@@ -1215,13 +1249,22 @@ fn validate(t: &Table) -> Result<(), TableError> {
         chk("product", r.product, t.products.len(), &place)?;
         chk("timeframe", r.at_timeframe, t.timeframes.len(), &place)?;
     }
+    if let Some(m) = t.default_medium {
+        req("medium", m, t.media.len(), &|| "default medium".to_string())?;
+    }
     for c in &t.caps {
-        chk("category", c.category, t.categories.len(), &|| format!("cap {}", c.id))?;
+        chk("category", c.category, t.categories.len(), &|| {
+            format!("cap {}", c.id)
+        })?;
     }
     for p in &t.passes {
-        chk("category", p.category, t.categories.len(), &|| format!("pass {}", p.id))?;
+        chk("category", p.category, t.categories.len(), &|| {
+            format!("pass {}", p.id)
+        })?;
         for &nw in &p.networks {
-            req("network", nw, t.networks.len(), &|| format!("pass {}", p.id))?;
+            req("network", nw, t.networks.len(), &|| {
+                format!("pass {}", p.id)
+            })?;
         }
     }
     for (what, codes, len) in [

@@ -5,7 +5,9 @@
 //! - [`gtfs`]: GTFS-Fares v2 feed loading and compilation.
 #![forbid(unsafe_code)]
 
-pub mod gtfs;
-pub mod table;
+pub mod cases;
 pub mod engine;
+pub mod gtfs;
 pub mod record;
+pub mod source;
+pub mod table;

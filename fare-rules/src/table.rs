@@ -27,6 +27,8 @@ pub struct Table {
     pub meta: Meta,
     pub categories: Vec<Category>,
     pub media: Vec<Named>,
+    /// The medium assumed when a rider's is not given (`None`: any medium, the lowest price).
+    pub default_medium: Option<Idx>,
     pub networks: Vec<Network>,
     pub areas: Vec<Named>,
     pub stops: Vec<Stop>,
@@ -244,6 +246,9 @@ pub enum DurationFrom {
     DepartureToDeparture,
     ArrivalToDeparture,
     ArrivalToArrival,
+    /// tapgate: from the previous leg's arrival (tap-out) to this leg's departure, whatever
+    /// leg the chain began with (Seoul's "within 30 minutes of alighting").
+    PreviousArrivalToDeparture,
 }
 
 /// A transfer rule between leg groups.

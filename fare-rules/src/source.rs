@@ -1,0 +1,1528 @@
+//! The planners' source format (TOML) and its compiler into a [`Table`].
+//!
+//! The format is documented with complete examples in docs/fare-rules.md. Every error names the
+//! file, the line and the field, and says what would be accepted; names that do not resolve get
+//! the closest existing name as a suggestion.
+
+use crate::table::*;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use toml::Spanned;
+
+/// An error in a fare source file.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SourceError {
+    /// The TOML itself, or a value's form (toml's message carries line and column).
+    #[error("{file}: {message}")]
+    Syntax { file: String, message: String },
+    /// A value that is well-formed but wrong.
+    #[error("{file} line {line}, field {field}: {message}")]
+    Field {
+        file: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value types with their own parsing (so toml reports line and column for a bad form).
+
+/// An amount in minor units (whole numbers only; at most 16,777,215 so it fits a card record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Money(pub u32);
+
+impl<'de> Deserialize<'de> for Money {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Money;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an amount in whole minor units, e.g. 1250 for 12.50")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Money, E> {
+                if (0..=0x00ff_ffff).contains(&v) {
+                    Ok(Money(v as u32))
+                } else {
+                    Err(E::custom(format!(
+                        "amount {v} is out of range: 0 to 16777215 minor units"
+                    )))
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Money, E> {
+                Err(E::custom(format!(
+                    "amount {v} is not whole minor units: money is never fractional here, \
+                     write {} for {v}",
+                    (v * 100.0).round() as i64
+                )))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Money, E> {
+                Err(E::custom(format!(
+                    "amount \"{v}\" must be a number of minor units without quotes, e.g. 1250"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_duration_s(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("a duration may not be empty; write e.g. \"30m\"".into());
+    }
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut any_unit = false;
+    for ch in t.chars() {
+        if ch.is_ascii_digit() {
+            num.push(ch);
+            continue;
+        }
+        let mult = match ch {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            ' ' => continue,
+            _ => {
+                return Err(format!(
+                    "duration \"{s}\": unknown unit '{ch}'; use s, m, h or d, e.g. \"90m\" or \"1h30m\""
+                ))
+            }
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration \"{s}\": a number must come before '{ch}'"))?;
+        total += n * mult;
+        num.clear();
+        any_unit = true;
+    }
+    if !num.is_empty() {
+        return Err(if any_unit {
+            format!("duration \"{s}\": \"{num}\" at the end needs a unit, e.g. \"{num}m\"")
+        } else {
+            format!("duration \"{s}\" needs a unit, e.g. \"{num}m\"")
+        });
+    }
+    u32::try_from(total).map_err(|_| format!("duration \"{s}\" is too long"))
+}
+
+/// A duration such as "90m", "2h", "1h30m", "30d".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub u32);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration with a unit, e.g. \"90m\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
+                Err(E::custom(format!("\"{v}\" needs a unit, e.g. \"{v}m\"")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                parse_duration_s(v).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_distance_m(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix("km") {
+        (n.trim(), 1000u64)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n.trim(), 1)
+    } else {
+        return Err(format!(
+            "distance \"{s}\" needs a unit, e.g. \"10km\" or \"500m\""
+        ));
+    };
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let bad =
+        || format!("distance \"{s}\" is not a number with a unit, e.g. \"10km\" or \"2.5km\"");
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) || (mult == 1 && !frac.is_empty()) {
+        return Err(bad());
+    }
+    if frac.len() > 3 {
+        return Err(format!(
+            "distance \"{s}\": at most metre precision (3 decimals of km)"
+        ));
+    }
+    let i: u64 = int.parse().map_err(|_| bad())?;
+    let mut f: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
+    for _ in frac.len()..3 {
+        f *= 10;
+    }
+    let m = if mult == 1000 { i * 1000 + f } else { i };
+    u32::try_from(m).map_err(|_| format!("distance \"{s}\" is too long"))
+}
+
+/// A distance such as "10km", "2.5km", "800m".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dist(pub u32);
+
+impl<'de> Deserialize<'de> for Dist {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Dist;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a distance with a unit, e.g. \"10km\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dist, E> {
+                Err(E::custom(format!(
+                    "distance {v} needs a unit, e.g. \"{v}m\" or \"{v}km\""
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dist, E> {
+                Err(E::custom(format!(
+                    "distance {v} needs a unit, e.g. \"{v}km\""
+                )))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dist, E> {
+                parse_distance_m(v).map(Dist).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_clock_s(s: &str) -> Result<u32, String> {
+    let bad = || format!("time of day \"{s}\" must be HH:MM (00:00 to 24:00), e.g. \"07:30\"");
+    let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
+    if h.len() != 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let h: u32 = h.parse().map_err(|_| bad())?;
+    let m: u32 = m.parse().map_err(|_| bad())?;
+    if m > 59 || h > 24 || (h == 24 && m > 0) {
+        return Err(bad());
+    }
+    Ok(h * 3600 + m * 60)
+}
+
+/// A time of day "HH:MM".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock(pub u32);
+
+impl<'de> Deserialize<'de> for Clock {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_clock_s(&s).map(Clock).map_err(de::Error::custom)
+    }
+}
+
+/// Days since 1970-01-01 of a "YYYY-MM-DD" date.
+pub fn parse_day(s: &str) -> Result<i32, String> {
+    let d = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+        .map_err(|_| format!("date \"{s}\" must be YYYY-MM-DD, e.g. \"2026-12-01\""))?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    Ok((d - epoch).num_days() as i32)
+}
+
+/// A date "YYYY-MM-DD" (as a string).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Day(pub i32);
+
+impl<'de> Deserialize<'de> for Day {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Day;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a date as a string, e.g. \"2026-12-01\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Day, E> {
+                parse_day(v).map(Day).map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _m: A) -> Result<Day, A::Error> {
+                Err(de::Error::custom(
+                    "write the date in quotes, e.g. \"2026-12-01\" (a bare TOML date is not used)",
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_days(s: &str) -> Result<u8, String> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let idx = |n: &str| {
+        NAMES.iter().position(|x| *x == n).ok_or_else(|| {
+            format!("days \"{s}\": \"{n}\" is not a day; use mon … sun, a range \"mon-fri\", or daily/weekdays/weekends")
+        })
+    };
+    let t = s.trim().to_ascii_lowercase();
+    match t.as_str() {
+        "daily" | "all" => return Ok(0x7f),
+        "weekdays" => return Ok(0x1f),
+        "weekends" => return Ok(0x60),
+        _ => {}
+    }
+    let mut mask = 0u8;
+    for part in t.split(',') {
+        let part = part.trim();
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b) = (idx(a.trim())?, idx(b.trim())?);
+            let mut i = a;
+            loop {
+                mask |= 1 << i;
+                if i == b {
+                    break;
+                }
+                i = (i + 1) % 7;
+            }
+        } else {
+            mask |= 1 << idx(part)?;
+        }
+    }
+    Ok(mask)
+}
+
+/// Days of the week: "mon-fri", "sat,sun", "daily", "weekdays", "weekends".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Days(pub u8);
+
+impl<'de> Deserialize<'de> for Days {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_days(&s).map(Days).map_err(de::Error::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source schema.
+
+type Name = Spanned<String>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Src {
+    table: SrcMeta,
+    #[serde(default)]
+    categories: BTreeMap<String, SrcCategory>,
+    #[serde(default)]
+    media: BTreeMap<String, SrcMedium>,
+    #[serde(default)]
+    timeframes: BTreeMap<String, Vec<Spanned<SrcSpan>>>,
+    #[serde(default)]
+    networks: BTreeMap<String, SrcNetwork>,
+    #[serde(default)]
+    routes: Vec<Spanned<SrcRoute>>,
+    #[serde(default)]
+    areas: BTreeMap<String, Vec<Name>>,
+    #[serde(default)]
+    products: BTreeMap<String, Spanned<SrcProduct>>,
+    #[serde(default)]
+    fares: Vec<Spanned<SrcFare>>,
+    #[serde(default)]
+    transfers: Vec<Spanned<SrcTransfer>>,
+    #[serde(default)]
+    joins: Vec<Spanned<SrcJoin>>,
+    #[serde(default)]
+    caps: Vec<Spanned<SrcCap>>,
+    #[serde(default)]
+    passes: Vec<Spanned<SrcPass>>,
+    #[serde(default)]
+    charges: Vec<Spanned<SrcCharge>>,
+    #[serde(default)]
+    coupons: Vec<Spanned<SrcCoupon>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcMeta {
+    name: String,
+    version: u32,
+    currency: Spanned<String>,
+    effective_from: Day,
+    effective_until: Option<Day>,
+    day_starts_at: Option<Clock>,
+    max_transfers: Option<u8>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SrcCategory {
+    #[serde(default)]
+    default: bool,
+    /// Percentage of the default price this category pays where a product gives no price.
+    percent: Option<u16>,
+    /// Percentage of distance surcharges (default: `percent`).
+    surcharge_percent: Option<u16>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SrcMedium {
+    #[allow(dead_code)] // documentation for planners; not needed on devices
+    name: Option<String>,
+    /// The medium assumed when a rider's is not known.
+    #[serde(default)]
+    default: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcSpan {
+    days: Option<Days>,
+    from: Option<Clock>,
+    to: Option<Clock>,
+    /// Calendar bounds (inclusive).
+    start: Option<Day>,
+    end: Option<Day>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SrcNetwork {
+    tap_out: Option<SrcTapOut>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcTapOut {
+    penalty: Money,
+    max_trip: Option<Dur>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcRoute {
+    id: String,
+    network: Name,
+    stops: Vec<Name>,
+    /// Distance of each stop along the route (same length as `stops`).
+    at: Option<Vec<Dist>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcProduct {
+    name: Option<String>,
+    price: Option<Money>,
+    /// Another product's price plus `add`.
+    like: Option<Name>,
+    add: Option<Money>,
+    #[serde(default)]
+    by_category: BTreeMap<String, Money>,
+    #[serde(default)]
+    by_medium: BTreeMap<String, Money>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcDistance {
+    base: Dist,
+    #[serde(default)]
+    bands: Vec<SrcBand>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcBand {
+    upto: Option<Dist>,
+    every: Dist,
+    add: Money,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcFare {
+    id: String,
+    network: Option<Name>,
+    group: Option<String>,
+    from_zone: Option<Name>,
+    to_zone: Option<Name>,
+    timeframe: Option<Name>,
+    arrive_timeframe: Option<Name>,
+    price: Option<Money>,
+    product: Option<Name>,
+    /// Origin–destination table: [from zone, to zone, price].
+    od: Option<Vec<(Name, Name, Money)>>,
+    /// Whether `od` entries price the reverse direction too (default true).
+    symmetric: Option<bool>,
+    distance: Option<SrcDistance>,
+    #[serde(default)]
+    priority: i32,
+}
+
+/// One name or a list of names.
+struct Names(Vec<String>);
+
+impl<'de> Deserialize<'de> for Names {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Names;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a name or a list of names, e.g. \"bus\" or [\"metro\", \"bus\"]")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Names, E> {
+                Ok(Names(vec![v.to_string()]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Names, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = seq.next_element::<String>()? {
+                    v.push(x);
+                }
+                if v.is_empty() {
+                    return Err(de::Error::custom("the list of names is empty"));
+                }
+                Ok(Names(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Names {
+    /// Each name with the span of the whole field (for errors).
+    fn list(field: &Spanned<Names>) -> Vec<Name> {
+        field
+            .get_ref()
+            .0
+            .iter()
+            .map(|n| Spanned::new(field.span(), n.clone()))
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcTransfer {
+    from: Spanned<Names>,
+    to: Spanned<Names>,
+    within: Option<Dur>,
+    measured: Option<Spanned<String>>,
+    max: Option<u16>,
+    pricing: Option<Spanned<String>>,
+    cost: Option<Money>,
+    during: Option<Name>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcJoin {
+    from_network: Name,
+    to_network: Name,
+    from_stop: Option<Name>,
+    to_stop: Option<Name>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcCap {
+    id: Option<String>,
+    period: Spanned<String>,
+    amount: Option<Money>,
+    trips: Option<u8>,
+    categories: Option<Vec<Name>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcPass {
+    id: String,
+    code: u16,
+    price: Money,
+    validity: Dur,
+    #[serde(default)]
+    networks: Vec<Name>,
+    category: Option<Name>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcCharge {
+    id: String,
+    code: u16,
+    per_item: Option<Money>,
+    per_hour: Option<Money>,
+    day_cap: Option<Money>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrcCoupon {
+    id: String,
+    code: u16,
+    value: Option<Money>,
+    percent: Option<u8>,
+    expires: Option<Day>,
+    #[serde(default)]
+    single_use: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compiler.
+
+/// The closest of `names` to `wanted` (edit distance), for "did you mean" suggestions.
+pub fn closest<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    fn lev(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1; b.len() + 1];
+            for (j, cb) in b.iter().enumerate() {
+                cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1);
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    names
+        .into_iter()
+        .map(|n| (lev(wanted, n), n))
+        .filter(|(d, n)| *d <= (n.len().max(wanted.len()) / 2).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+struct Cx<'s> {
+    file: &'s str,
+    src: &'s str,
+}
+
+impl Cx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.src[..offset.min(self.src.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+    fn err(&self, offset: usize, field: &str, message: String) -> SourceError {
+        SourceError::Field {
+            file: self.file.to_string(),
+            line: self.line(offset),
+            field: field.to_string(),
+            message,
+        }
+    }
+    /// Resolves `name` in `ids`, or an error with a suggestion.
+    fn resolve(
+        &self,
+        name: &Name,
+        field: &str,
+        kind: &str,
+        ids: &HashMap<String, Idx>,
+    ) -> Result<Idx, SourceError> {
+        if let Some(&i) = ids.get(name.get_ref()) {
+            return Ok(i);
+        }
+        let hint = match closest(name.get_ref(), ids.keys().map(String::as_str)) {
+            Some(c) => format!("; did you mean \"{c}\"?"),
+            None if ids.is_empty() => format!("; no {kind} is defined"),
+            None => String::new(),
+        };
+        Err(self.err(
+            name.span().start,
+            field,
+            format!("unknown {kind} \"{}\"{hint}", name.get_ref()),
+        ))
+    }
+}
+
+fn index_of(names: &[String]) -> HashMap<String, Idx> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i as Idx))
+        .collect()
+}
+
+/// Compiles TOML fare rules (`file` names the source in errors).
+pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
+    let s: Src = toml::from_str(src).map_err(|e| SourceError::Syntax {
+        file: file.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let cx = Cx { file, src };
+    let mut t = Table::default();
+
+    // Meta.
+    let currency = s.table.currency.get_ref().clone();
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(cx.err(
+            s.table.currency.span().start,
+            "table.currency",
+            format!("\"{currency}\" is not an ISO 4217 code, e.g. \"KRW\" or \"USD\""),
+        ));
+    }
+    t.meta = Meta {
+        name: s.table.name.clone(),
+        version: s.table.version,
+        currency_exponent: currency_exponent(&currency),
+        currency,
+        effective_from_day: s.table.effective_from.0,
+        effective_until_day: s.table.effective_until.map(|d| d.0),
+        day_start_s: s.table.day_starts_at.map_or(0, |c| c.0),
+        max_transfers: s.table.max_transfers.unwrap_or(4),
+        priority_mode: true,
+    };
+    if let Some(u) = t.meta.effective_until_day {
+        if u <= t.meta.effective_from_day {
+            return Err(cx.err(
+                0,
+                "table.effective_until",
+                "the table must end after it begins".into(),
+            ));
+        }
+    }
+
+    // Rider categories.
+    let mut cats: Vec<(String, u16)> = Vec::new();
+    if s.categories.is_empty() {
+        t.categories.push(Category {
+            id: "adult".into(),
+            default: true,
+            surcharge_percent: 100,
+        });
+        cats.push(("adult".into(), 100));
+    }
+    for (id, c) in &s.categories {
+        let pct = c.percent.unwrap_or(100);
+        t.categories.push(Category {
+            id: id.clone(),
+            default: c.default,
+            surcharge_percent: c.surcharge_percent.unwrap_or(pct),
+        });
+        cats.push((id.clone(), pct));
+    }
+    let defaults = t.categories.iter().filter(|c| c.default).count();
+    if defaults != 1 {
+        return Err(cx.err(
+            0,
+            "categories",
+            format!(
+                "exactly one rider category needs `default = true` (found {defaults}); e.g. adult = {{ default = true }}"
+            ),
+        ));
+    }
+    let cat_ids = index_of(&cats.iter().map(|c| c.0.clone()).collect::<Vec<_>>());
+
+    // Media.
+    let defaults: Vec<&String> = s
+        .media
+        .iter()
+        .filter(|m| m.1.default)
+        .map(|m| m.0)
+        .collect();
+    if defaults.len() > 1 {
+        return Err(cx.err(
+            0,
+            "media",
+            format!(
+                "at most one medium may be the default (found {})",
+                defaults.len()
+            ),
+        ));
+    }
+    t.default_medium = s
+        .media
+        .keys()
+        .position(|k| defaults.first() == Some(&k))
+        .map(|i| i as Idx);
+    for m in s.media.keys() {
+        t.media.push(Named {
+            id: m.clone(),
+            explicit: true,
+        });
+    }
+    let media_ids = index_of(&t.media.iter().map(|m| m.id.clone()).collect::<Vec<_>>());
+
+    // Timeframes: one service per distinct (days, start, end).
+    let mut service_ids: HashMap<(u8, Option<i32>, Option<i32>), Idx> = HashMap::new();
+    let mut service = |t: &mut Table, days: u8, start: Option<i32>, end: Option<i32>| {
+        if days == 0x7f && start.is_none() && end.is_none() {
+            return NONE;
+        }
+        *service_ids.entry((days, start, end)).or_insert_with(|| {
+            t.services.push(Service {
+                id: format!("days{days:02x}"),
+                weekdays: days,
+                start_day: start,
+                end_day: end,
+                added: vec![],
+                removed: vec![],
+            });
+            (t.services.len() - 1) as Idx
+        })
+    };
+    for (id, spans) in &s.timeframes {
+        let mut g = TimeframeGroup {
+            id: id.clone(),
+            spans: vec![],
+        };
+        for sp in spans {
+            let v = sp.get_ref();
+            let days = v.days.map_or(0x7f, |d| d.0);
+            let (from, to) = (v.from.map_or(0, |c| c.0), v.to.map_or(86_400, |c| c.0));
+            let (start, end) = (v.start.map(|d| d.0), v.end.map(|d| d.0));
+            if from == to {
+                return Err(cx.err(
+                    sp.span().start,
+                    &format!("timeframes.{id}.to"),
+                    "the span is empty: `to` equals `from`".into(),
+                ));
+            }
+            if from < to {
+                let sv = service(&mut t, days, start, end);
+                g.spans.push(Timeframe {
+                    start_s: from,
+                    end_s: to,
+                    service: sv,
+                });
+            } else {
+                // Crosses midnight: the evening on `days`, the early hours on the next days.
+                let sv = service(&mut t, days, start, end);
+                g.spans.push(Timeframe {
+                    start_s: from,
+                    end_s: 86_400,
+                    service: sv,
+                });
+                let next = ((days << 1) | (days >> 6)) & 0x7f;
+                let sv2 = service(&mut t, next, start.map(|d| d + 1), end.map(|d| d + 1));
+                g.spans.push(Timeframe {
+                    start_s: 0,
+                    end_s: to,
+                    service: sv2,
+                });
+            }
+        }
+        t.timeframes.push(g);
+    }
+    let tf_ids = index_of(
+        &t.timeframes
+            .iter()
+            .map(|g| g.id.clone())
+            .collect::<Vec<_>>(),
+    );
+
+    // Networks.
+    for (id, n) in &s.networks {
+        t.networks.push(Network {
+            id: id.clone(),
+            explicit: true,
+            tap_out: n.tap_out.as_ref().map(|o| TapOut {
+                penalty_minor: o.penalty.0,
+                max_trip_s: o.max_trip.map_or(4 * 3600, |d| d.0),
+            }),
+        });
+    }
+    let net_ids = index_of(&t.networks.iter().map(|n| n.id.clone()).collect::<Vec<_>>());
+
+    // Stops (from routes, areas and joins, in order of first mention) and routes.
+    let mut stop_ids: HashMap<String, Idx> = HashMap::new();
+    let mut add_stop = |t: &mut Table, id: &str| -> Idx {
+        *stop_ids.entry(id.to_string()).or_insert_with(|| {
+            t.stops.push(Stop {
+                id: id.to_string(),
+                code: code24(id),
+                areas: vec![],
+            });
+            (t.stops.len() - 1) as Idx
+        })
+    };
+    let mut route_seen: HashMap<String, usize> = HashMap::new();
+    for r in &s.routes {
+        let v = r.get_ref();
+        if let Some(prev) = route_seen.insert(v.id.clone(), cx.line(r.span().start)) {
+            return Err(cx.err(
+                r.span().start,
+                "routes.id",
+                format!("route \"{}\" is already defined at line {prev}", v.id),
+            ));
+        }
+        let network = cx.resolve(&v.network, "routes.network", "network", &net_ids)?;
+        if let Some(at) = &v.at {
+            if at.len() != v.stops.len() {
+                return Err(cx.err(
+                    r.span().start,
+                    "routes.at",
+                    format!(
+                        "route \"{}\" lists {} stops but {} distances; give one distance per stop",
+                        v.id,
+                        v.stops.len(),
+                        at.len()
+                    ),
+                ));
+            }
+        }
+        let mut chainage = Vec::new();
+        for (i, st) in v.stops.iter().enumerate() {
+            let si = add_stop(&mut t, st.get_ref());
+            if let Some(at) = &v.at {
+                if chainage.iter().any(|&(s, _)| s == si) {
+                    return Err(cx.err(
+                        st.span().start,
+                        "routes.stops",
+                        format!(
+                            "stop \"{}\" appears twice on route \"{}\"",
+                            st.get_ref(),
+                            v.id
+                        ),
+                    ));
+                }
+                chainage.push((si, at[i].0));
+            }
+        }
+        chainage.sort_unstable();
+        t.routes.push(Route {
+            id: v.id.clone(),
+            code: code24(&v.id),
+            network,
+            chainage,
+        });
+    }
+    // Areas (zones).
+    for (area, stops) in &s.areas {
+        t.areas.push(Named {
+            id: area.clone(),
+            explicit: true,
+        });
+        let ai = (t.areas.len() - 1) as Idx;
+        for st in stops {
+            let si = add_stop(&mut t, st.get_ref());
+            let a = &mut t.stops[si as usize].areas;
+            if !a.contains(&ai) {
+                a.push(ai);
+                a.sort_unstable();
+            }
+        }
+    }
+    let area_ids = index_of(&t.areas.iter().map(|a| a.id.clone()).collect::<Vec<_>>());
+    let stop_names: HashMap<String, Idx> = stop_ids.clone();
+    for j in &s.joins {
+        let v = j.get_ref();
+        let from_network =
+            cx.resolve(&v.from_network, "joins.from_network", "network", &net_ids)?;
+        let to_network = cx.resolve(&v.to_network, "joins.to_network", "network", &net_ids)?;
+        let from_stop = match &v.from_stop {
+            Some(n) => cx.resolve(n, "joins.from_stop", "stop", &stop_names)?,
+            None => NONE,
+        };
+        let to_stop = match &v.to_stop {
+            Some(n) => cx.resolve(n, "joins.to_stop", "stop", &stop_names)?,
+            None => NONE,
+        };
+        t.join_rules.push(JoinRule {
+            from_network,
+            to_network,
+            from_stop,
+            to_stop,
+        });
+    }
+
+    // Products (with `like` resolved in dependency order; a cycle is an error).
+    let prod_names: Vec<String> = s.products.keys().cloned().collect();
+    let prod_ids = index_of(&prod_names);
+    let mut base_price: Vec<Option<u32>> = vec![None; prod_names.len()];
+    fn resolve_price(
+        cx: &Cx,
+        i: usize,
+        names: &[String],
+        ids: &HashMap<String, Idx>,
+        prods: &BTreeMap<String, Spanned<SrcProduct>>,
+        memo: &mut Vec<Option<u32>>,
+        stack: &mut Vec<usize>,
+    ) -> Result<u32, SourceError> {
+        if let Some(p) = memo[i] {
+            return Ok(p);
+        }
+        let p = &prods[&names[i]];
+        if stack.contains(&i) {
+            let cycle: Vec<&str> = stack
+                .iter()
+                .chain(std::iter::once(&i))
+                .map(|&k| names[k].as_str())
+                .collect();
+            return Err(cx.err(
+                p.span().start,
+                &format!("products.{}.like", names[i]),
+                format!(
+                    "products refer to each other in a cycle: {}",
+                    cycle.join(" → ")
+                ),
+            ));
+        }
+        let v = p.get_ref();
+        let price = match (&v.price, &v.like) {
+            (Some(m), None) => m.0,
+            (None, Some(like)) => {
+                let li =
+                    cx.resolve(like, &format!("products.{}.like", names[i]), "product", ids)?;
+                stack.push(i);
+                let base = resolve_price(cx, li as usize, names, ids, prods, memo, stack)?;
+                stack.pop();
+                base.saturating_add(v.add.map_or(0, |a| a.0))
+            }
+            _ => {
+                return Err(cx.err(
+                    p.span().start,
+                    &format!("products.{}", names[i]),
+                    "give either `price` or `like` (another product) with an optional `add`".into(),
+                ))
+            }
+        };
+        memo[i] = Some(price);
+        Ok(price)
+    }
+    for i in 0..prod_names.len() {
+        resolve_price(
+            &cx,
+            i,
+            &prod_names,
+            &prod_ids,
+            &s.products,
+            &mut base_price,
+            &mut Vec::new(),
+        )?;
+    }
+    let product_rows = |cx: &Cx,
+                        field: &str,
+                        offset: usize,
+                        price: u32,
+                        by_cat: &BTreeMap<String, Money>,
+                        by_med: &BTreeMap<String, Money>|
+     -> Result<Vec<Price>, SourceError> {
+        let mut rows = Vec::new();
+        for k in by_cat.keys() {
+            if !cat_ids.contains_key(k) {
+                let hint = closest(k, cat_ids.keys().map(String::as_str))
+                    .map(|c| format!("; did you mean \"{c}\"?"))
+                    .unwrap_or_default();
+                return Err(cx.err(
+                    offset,
+                    field,
+                    format!("unknown rider category \"{k}\"{hint}"),
+                ));
+            }
+        }
+        for k in by_med.keys() {
+            if !media_ids.contains_key(k) {
+                return Err(cx.err(
+                    offset,
+                    field,
+                    format!("unknown fare medium \"{k}\"; define it under [media]"),
+                ));
+            }
+        }
+        for (ci, (cname, pct)) in cats.iter().enumerate() {
+            let scale = |p: u32| (u64::from(p) * u64::from(*pct) / 100) as u32;
+            let own = by_cat.get(cname).map(|m| m.0);
+            rows.push(Price {
+                category: ci as Idx,
+                medium: NONE,
+                amount_minor: own.unwrap_or_else(|| scale(price)),
+            });
+            for (mname, m) in by_med {
+                rows.push(Price {
+                    category: ci as Idx,
+                    medium: media_ids[mname],
+                    amount_minor: own.map_or_else(|| scale(m.0), |o| o.min(scale(m.0))),
+                });
+            }
+        }
+        Ok(rows)
+    };
+    for (i, name) in prod_names.iter().enumerate() {
+        let p = &s.products[name];
+        let v = p.get_ref();
+        let prices = product_rows(
+            &cx,
+            &format!("products.{name}"),
+            p.span().start,
+            base_price[i].unwrap_or(0),
+            &v.by_category,
+            &v.by_medium,
+        )?;
+        t.products.push(Product {
+            id: name.clone(),
+            name: v.name.clone().unwrap_or_else(|| name.clone()),
+            prices,
+        });
+    }
+    let inline_product = |t: &mut Table, id: String, price: u32| -> Idx {
+        let prices = cats
+            .iter()
+            .enumerate()
+            .map(|(ci, (_, pct))| Price {
+                category: ci as Idx,
+                medium: NONE,
+                amount_minor: (u64::from(price) * u64::from(*pct) / 100) as u32,
+            })
+            .collect();
+        t.products.push(Product {
+            id: id.clone(),
+            name: id,
+            prices,
+        });
+        (t.products.len() - 1) as Idx
+    };
+
+    // Fare (leg) rules.
+    let mut group_ids: HashMap<String, Idx> = HashMap::new();
+    let mut fare_ids: HashMap<String, usize> = HashMap::new();
+    for f in &s.fares {
+        let v = f.get_ref();
+        let line = cx.line(f.span().start);
+        if let Some(prev) = fare_ids.insert(v.id.clone(), line) {
+            return Err(cx.err(
+                f.span().start,
+                "fares.id",
+                format!("fare rule \"{}\" is already defined at line {prev}", v.id),
+            ));
+        }
+        let origin = format!("{file}:{line} fare {}", v.id);
+        let gname = v.group.clone().unwrap_or_else(|| v.id.clone());
+        let leg_group = *group_ids.entry(gname.clone()).or_insert_with(|| {
+            t.leg_groups.push(Named {
+                id: gname,
+                explicit: false,
+            });
+            (t.leg_groups.len() - 1) as Idx
+        });
+        let opt = |n: &Option<Name>, field: &str, kind: &str, ids: &HashMap<String, Idx>| {
+            n.as_ref()
+                .map_or(Ok(NONE), |n| cx.resolve(n, field, kind, ids))
+        };
+        let network = opt(&v.network, "fares.network", "network", &net_ids)?;
+        let from_timeframe = opt(&v.timeframe, "fares.timeframe", "timeframe", &tf_ids)?;
+        let to_timeframe = opt(
+            &v.arrive_timeframe,
+            "fares.arrive_timeframe",
+            "timeframe",
+            &tf_ids,
+        )?;
+        let from_zone = opt(&v.from_zone, "fares.from_zone", "zone", &area_ids)?;
+        let to_zone = opt(&v.to_zone, "fares.to_zone", "zone", &area_ids)?;
+        let pricing = match &v.distance {
+            None => Pricing::Product,
+            Some(d) => {
+                let mut bands = Vec::new();
+                let mut prev = d.base.0;
+                for (bi, b) in d.bands.iter().enumerate() {
+                    let upto = b.upto.map_or(u32::MAX, |u| u.0);
+                    if upto <= prev {
+                        return Err(cx.err(
+                            f.span().start,
+                            "fares.distance.bands.upto",
+                            format!("band {} ends at {upto} m, not after where the previous one ends ({prev} m); list bands in increasing distance", bi + 1),
+                        ));
+                    }
+                    if b.every.0 == 0 {
+                        return Err(cx.err(
+                            f.span().start,
+                            "fares.distance.bands.every",
+                            "a step of 0 m never ends; e.g. every = \"5km\"".into(),
+                        ));
+                    }
+                    if b.upto.is_none() && bi + 1 != d.bands.len() {
+                        return Err(cx.err(
+                            f.span().start,
+                            "fares.distance.bands.upto",
+                            "only the last band may leave `upto` open".into(),
+                        ));
+                    }
+                    bands.push(Band {
+                        upto_m: upto,
+                        step_m: b.every.0,
+                        add_minor: b.add.0,
+                    });
+                    prev = upto;
+                }
+                Pricing::Distance {
+                    base_m: d.base.0,
+                    bands,
+                }
+            }
+        };
+        let sources = usize::from(v.price.is_some())
+            + usize::from(v.product.is_some())
+            + usize::from(v.od.is_some());
+        if sources != 1 {
+            return Err(cx.err(
+                f.span().start,
+                "fares",
+                format!(
+                    "fare rule \"{}\" needs exactly one of `price`, `product` or `od` (an origin–destination table)",
+                    v.id
+                ),
+            ));
+        }
+        let push = |t: &mut Table, from_area: Idx, to_area: Idx, product: Idx| {
+            t.leg_rules.push(LegRule {
+                origin: origin.clone(),
+                leg_group,
+                network,
+                from_area,
+                to_area,
+                from_timeframe,
+                to_timeframe,
+                product,
+                pricing: pricing.clone(),
+                priority: v.priority,
+            });
+        };
+        if let Some(p) = v.price {
+            let pi = inline_product(&mut t, format!("fare:{}", v.id), p.0);
+            push(&mut t, from_zone, to_zone, pi);
+        } else if let Some(pn) = &v.product {
+            let pi = cx.resolve(pn, "fares.product", "product", &prod_ids)?;
+            push(&mut t, from_zone, to_zone, pi);
+        } else if let Some(od) = &v.od {
+            if v.from_zone.is_some() || v.to_zone.is_some() {
+                return Err(cx.err(
+                    f.span().start,
+                    "fares.od",
+                    "an `od` table gives its own zones; drop from_zone/to_zone".into(),
+                ));
+            }
+            let mut seen: HashMap<(Idx, Idx), (u32, usize)> = HashMap::new();
+            let symmetric = v.symmetric.unwrap_or(true);
+            for (a, b, m) in od {
+                let ai = cx.resolve(a, "fares.od", "zone", &area_ids)?;
+                let bi = cx.resolve(b, "fares.od", "zone", &area_ids)?;
+                let mut pairs = vec![(ai, bi)];
+                if symmetric && ai != bi {
+                    pairs.push((bi, ai));
+                }
+                for (x, y) in pairs {
+                    if let Some(&(prev, pline)) = seen.get(&(x, y)) {
+                        if prev != m.0 {
+                            return Err(cx.err(
+                                a.span().start,
+                                "fares.od",
+                                format!(
+                                    "contradictory prices for {} → {}: {} here, {prev} at line {pline}",
+                                    t.areas[x as usize].id, t.areas[y as usize].id, m.0
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    seen.insert((x, y), (m.0, cx.line(a.span().start)));
+                    let pid = format!(
+                        "fare:{}:{}-{}",
+                        v.id, t.areas[x as usize].id, t.areas[y as usize].id
+                    );
+                    let pi = inline_product(&mut t, pid, m.0);
+                    push(&mut t, x, y, pi);
+                }
+            }
+        }
+    }
+
+    // Transfers.
+    let mut tcount = 0usize;
+    for tr in &s.transfers {
+        let v = tr.get_ref();
+        tcount += 1;
+        let origin = format!("{file}:{} transfer {tcount}", cx.line(tr.span().start));
+        let group = |n: &Name, field: &str| -> Result<Idx, SourceError> {
+            if n.get_ref() == "any" {
+                Ok(NONE)
+            } else {
+                cx.resolve(n, field, "fare group", &group_ids)
+            }
+        };
+        let mut pairs = Vec::new();
+        for f in Names::list(&v.from) {
+            for to in Names::list(&v.to) {
+                pairs.push((group(&f, "transfers.from")?, group(&to, "transfers.to")?));
+            }
+        }
+        let duration_from = match v.measured.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("first_boarding") => DurationFrom::DepartureToDeparture,
+            Some("first_boarding_to_arrival") => DurationFrom::DepartureToArrival,
+            Some("last_alighting") => DurationFrom::PreviousArrivalToDeparture,
+            Some("first_alighting") => DurationFrom::ArrivalToDeparture,
+            Some("first_alighting_to_arrival") => DurationFrom::ArrivalToArrival,
+            Some(other) => {
+                return Err(cx.err(
+                    v.measured.as_ref().map_or(0, |m| m.span().start),
+                    "transfers.measured",
+                    format!("\"{other}\" is not a way to measure; use first_boarding (default), first_boarding_to_arrival, first_alighting, first_alighting_to_arrival or last_alighting"),
+                ))
+            }
+        };
+        let kind = match v.pricing.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("free") | Some("from_leg_plus_cost") => TransferKind::FromLegPlusTransfer,
+            Some("from_leg_plus_cost_plus_to_leg") => TransferKind::FromLegPlusTransferPlusToLeg,
+            Some("cost_only") => TransferKind::TransferOnly,
+            Some("distance_combined") => TransferKind::DistanceCombined,
+            Some(other) => {
+                return Err(cx.err(
+                    v.pricing.as_ref().map_or(0, |m| m.span().start),
+                    "transfers.pricing",
+                    format!("\"{other}\" is not a transfer pricing; use free, from_leg_plus_cost, from_leg_plus_cost_plus_to_leg, cost_only or distance_combined"),
+                ))
+            }
+        };
+        if v.max == Some(0) {
+            return Err(cx.err(
+                tr.span().start,
+                "transfers.max",
+                "max = 0 allows no transfer; remove the rule instead".into(),
+            ));
+        }
+        let product = match v.cost {
+            Some(c) if c.0 > 0 => inline_product(&mut t, format!("transfer:{tcount}"), c.0),
+            _ => NONE,
+        };
+        let at_timeframe = match &v.during {
+            Some(n) => cx.resolve(n, "transfers.during", "timeframe", &tf_ids)?,
+            None => NONE,
+        };
+        for (from_group, to_group) in pairs {
+            t.transfer_rules.push(TransferRule {
+                origin: origin.clone(),
+                from_group,
+                to_group,
+                transfer_count: v.max,
+                duration_limit_s: v.within.map(|d| d.0),
+                duration_from,
+                kind,
+                product,
+                at_timeframe,
+            });
+        }
+    }
+
+    // Caps.
+    for (ci, c) in s.caps.iter().enumerate() {
+        let v = c.get_ref();
+        let id = v.id.clone().unwrap_or_else(|| format!("cap{}", ci + 1));
+        let period = match (v.period.get_ref().as_str(), v.trips, v.amount) {
+            ("day", None, Some(_)) => CapPeriod::Day,
+            ("week", None, Some(_)) => CapPeriod::Week,
+            ("day", Some(n), None) if n > 0 => CapPeriod::DayTrips(n),
+            (p @ ("day" | "week"), _, _) => {
+                return Err(cx.err(
+                    c.span().start,
+                    "caps",
+                    format!("a {p} cap needs `amount` (a money cap) or, for a day, `trips` (free after that many paid trips), not both"),
+                ))
+            }
+            (other, _, _) => {
+                return Err(cx.err(
+                    v.period.span().start,
+                    "caps.period",
+                    format!("\"{other}\" is not a cap period; use \"day\" or \"week\""),
+                ))
+            }
+        };
+        let cats_of: Vec<Idx> = match &v.categories {
+            None => vec![NONE],
+            Some(list) => list
+                .iter()
+                .map(|n| cx.resolve(n, "caps.categories", "rider category", &cat_ids))
+                .collect::<Result<_, _>>()?,
+        };
+        for category in cats_of {
+            t.caps.push(Cap {
+                id: id.clone(),
+                period,
+                amount_minor: v.amount.map_or(0, |m| m.0),
+                category,
+            });
+        }
+    }
+
+    // Passes, charges, coupons.
+    let mut codes: HashMap<(u8, u16), String> = HashMap::new();
+    let mut code_ok = |cx: &Cx, kind: u8, code: u16, id: &str, off: usize| {
+        if let Some(prev) = codes.insert((kind, code), id.to_string()) {
+            return Err(cx.err(
+                off,
+                "code",
+                format!("code {code} is already used by \"{prev}\""),
+            ));
+        }
+        Ok(())
+    };
+    for p in &s.passes {
+        let v = p.get_ref();
+        code_ok(&cx, 0, v.code, &v.id, p.span().start)?;
+        let networks = v
+            .networks
+            .iter()
+            .map(|n| cx.resolve(n, "passes.networks", "network", &net_ids))
+            .collect::<Result<_, _>>()?;
+        let category = match &v.category {
+            Some(n) => cx.resolve(n, "passes.category", "rider category", &cat_ids)?,
+            None => NONE,
+        };
+        t.passes.push(Pass {
+            id: v.id.clone(),
+            code: v.code,
+            price_minor: v.price.0,
+            validity_s: v.validity.0,
+            networks,
+            category,
+        });
+    }
+    for c in &s.charges {
+        let v = c.get_ref();
+        code_ok(&cx, 1, v.code, &v.id, c.span().start)?;
+        if v.per_item.is_none() && v.per_hour.is_none() {
+            return Err(cx.err(
+                c.span().start,
+                "charges",
+                format!("charge \"{}\" needs `per_item` or `per_hour`", v.id),
+            ));
+        }
+        t.charges.push(Charge {
+            id: v.id.clone(),
+            code: v.code,
+            per_item_minor: v.per_item.map(|m| m.0),
+            per_hour_minor: v.per_hour.map(|m| m.0),
+            day_cap_minor: v.day_cap.map(|m| m.0),
+        });
+    }
+    for c in &s.coupons {
+        let v = c.get_ref();
+        code_ok(&cx, 2, v.code, &v.id, c.span().start)?;
+        match (v.value, v.percent) {
+            (Some(_), None) => {}
+            (None, Some(p)) if (1..=100).contains(&p) => {}
+            (None, Some(p)) => {
+                return Err(cx.err(
+                    c.span().start,
+                    "coupons.percent",
+                    format!("percent {p} must be 1 to 100"),
+                ))
+            }
+            _ => {
+                return Err(cx.err(
+                    c.span().start,
+                    "coupons",
+                    format!(
+                        "coupon \"{}\" needs exactly one of `value` or `percent`",
+                        v.id
+                    ),
+                ))
+            }
+        }
+        t.coupons.push(Coupon {
+            id: v.id.clone(),
+            code: v.code,
+            value_minor: v.value.map(|m| m.0),
+            percent: v.percent,
+            expires_day: v.expires.map(|d| d.0),
+            single_use: v.single_use,
+        });
+    }
+
+    finish_codes(&mut t).map_err(|m| SourceError::Field {
+        file: file.to_string(),
+        line: 1,
+        field: "stops".into(),
+        message: m,
+    })?;
+    Ok(t)
+}
+
+/// Fills the sorted stop and route code indexes; two ids with one code are an error.
+pub fn finish_codes(t: &mut Table) -> Result<(), String> {
+    let mut sc: Vec<(u32, Idx)> = t
+        .stops
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.code, i as Idx))
+        .collect();
+    sc.sort_unstable();
+    for w in sc.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(format!(
+                "stops \"{}\" and \"{}\" share card code {:06x}; rename one",
+                t.stops[w[0].1 as usize].id, t.stops[w[1].1 as usize].id, w[0].0
+            ));
+        }
+    }
+    let mut rc: Vec<(u32, Idx)> = t
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.code, i as Idx))
+        .collect();
+    rc.sort_unstable();
+    for w in rc.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(format!(
+                "routes \"{}\" and \"{}\" share card code {:06x}; rename one",
+                t.routes[w[0].1 as usize].id, t.routes[w[1].1 as usize].id, w[0].0
+            ));
+        }
+    }
+    t.stop_codes = sc;
+    t.route_codes = rc;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_s("90m"), Ok(5400));
+        assert_eq!(parse_duration_s("1h30m"), Ok(5400));
+        assert_eq!(parse_duration_s("2d"), Ok(172_800));
+        assert_eq!(
+            parse_duration_s("90").unwrap_err(),
+            "duration \"90\" needs a unit, e.g. \"90m\""
+        );
+        assert!(parse_duration_s("5x")
+            .unwrap_err()
+            .contains("unknown unit 'x'"));
+    }
+
+    #[test]
+    fn distances() {
+        assert_eq!(parse_distance_m("10km"), Ok(10_000));
+        assert_eq!(parse_distance_m("2.5km"), Ok(2_500));
+        assert_eq!(parse_distance_m("800m"), Ok(800));
+        assert!(parse_distance_m("10").unwrap_err().contains("needs a unit"));
+        assert!(parse_distance_m("1.2345km").is_err());
+    }
+
+    #[test]
+    fn clocks_and_days() {
+        assert_eq!(parse_clock_s("07:30"), Ok(27_000));
+        assert_eq!(parse_clock_s("24:00"), Ok(86_400));
+        assert!(parse_clock_s("7:30").is_err());
+        assert!(parse_clock_s("24:01").is_err());
+        assert_eq!(parse_days("mon-fri"), Ok(0x1f));
+        assert_eq!(parse_days("sat,sun"), Ok(0x60));
+        assert_eq!(parse_days("fri-mon"), Ok(0b111_0001));
+        assert!(parse_days("funday")
+            .unwrap_err()
+            .contains("\"funday\" is not a day"));
+        assert_eq!(parse_day("1970-01-02"), Ok(1));
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(closest("metor", ["metro", "bus"]), Some("metro"));
+        assert_eq!(closest("zzzzzz", ["metro", "bus"]), None);
+    }
+}
