@@ -1377,7 +1377,21 @@ pub fn compile(feed: &Feed) -> Result<Table> {
 
     // --- rider categories and media ------------------------------------------------------------
     let mut categories = Ids::new("rider category", RIDER_CATEGORIES);
+    let mut default_line: Option<u64> = None;
     for c in &feed.rider_categories {
+        if c.is_default_fare_category {
+            if let Some(first) = default_line {
+                return Err(GtfsError::Invalid {
+                    file: RIDER_CATEGORIES,
+                    line: c.line,
+                    field: "is_default_fare_category",
+                    message: format!(
+                        "a second default rider category (the first is on line {first})"
+                    ),
+                });
+            }
+            default_line = Some(c.line);
+        }
         categories.add_new(
             &c.rider_category_id,
             RIDER_CATEGORIES,
@@ -1769,6 +1783,23 @@ mod tests {
         assert_eq!(stops, [("s1", &[0u16, 1][..]), ("s2", &[0u16][..])]);
         assert!(t.areas[0].explicit && !t.areas[1].explicit);
         assert_eq!(t.meta.name, "GTFS feed");
+    }
+
+    #[test]
+    fn one_default_rider_category_at_most() {
+        let e = compile_files(&[
+            (FARE_PRODUCTS, PRODUCTS),
+            (FARE_LEG_RULES, LEG_RULES),
+            (
+                RIDER_CATEGORIES,
+                "rider_category_id,is_default_fare_category\na,1\nb,0\nc,1\n",
+            ),
+        ])
+        .expect_err("two defaults");
+        assert_eq!(
+            e.to_string(),
+            "rider_categories.txt line 4, field is_default_fare_category: a second default rider category (the first is on line 2)"
+        );
     }
 
     #[test]

@@ -14,8 +14,67 @@ fn feed_dir(name: &str) -> PathBuf {
 
 fn table(name: &str) -> Table {
     match gtfs::load_and_compile(&feed_dir(name)) {
-        Ok(t) => t,
+        Ok(t) => {
+            assert_indices_in_range(&t);
+            t
+        }
         Err(e) => panic!("feed {name}: {e}"),
+    }
+}
+
+/// Every index the compiler wrote points into its vector (or is `NONE` where that is allowed).
+fn assert_indices_in_range(t: &Table) {
+    let ok = |i: Idx, len: usize, none_ok: bool| (none_ok && i == NONE) || usize::from(i) < len;
+    for s in &t.stops {
+        assert!(s.areas.iter().all(|&a| ok(a, t.areas.len(), false)));
+        assert!(s.areas.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+    }
+    for r in &t.routes {
+        assert!(ok(r.network, t.networks.len(), true));
+    }
+    for g in &t.timeframes {
+        assert!(g
+            .spans
+            .iter()
+            .all(|s| ok(s.service, t.services.len(), true)));
+        assert!(g
+            .spans
+            .iter()
+            .all(|s| s.start_s < s.end_s && s.end_s <= 86_400));
+    }
+    for p in &t.products {
+        for price in &p.prices {
+            assert!(ok(price.category, t.categories.len(), true));
+            assert!(ok(price.medium, t.media.len(), true));
+        }
+    }
+    for r in &t.leg_rules {
+        assert!(ok(r.leg_group, t.leg_groups.len(), true));
+        assert!(ok(r.network, t.networks.len(), true));
+        assert!(ok(r.from_area, t.areas.len(), true) && ok(r.to_area, t.areas.len(), true));
+        assert!(ok(r.from_timeframe, t.timeframes.len(), true));
+        assert!(ok(r.to_timeframe, t.timeframes.len(), true));
+        assert!(ok(r.product, t.products.len(), false));
+    }
+    for j in &t.join_rules {
+        assert!(ok(j.from_network, t.networks.len(), false));
+        assert!(ok(j.to_network, t.networks.len(), false));
+        assert!(ok(j.from_stop, t.stops.len(), true) && ok(j.to_stop, t.stops.len(), true));
+    }
+    for r in &t.transfer_rules {
+        assert!(ok(r.from_group, t.leg_groups.len(), true));
+        assert!(ok(r.to_group, t.leg_groups.len(), true));
+        assert!(ok(r.product, t.products.len(), true));
+    }
+    assert_eq!(t.stop_codes.len(), t.stops.len());
+    assert_eq!(t.route_codes.len(), t.routes.len());
+    assert!(t.stop_codes.windows(2).all(|w| w[0].0 < w[1].0));
+    assert!(t.route_codes.windows(2).all(|w| w[0].0 < w[1].0));
+    for &(code, i) in &t.stop_codes {
+        assert_eq!(t.stops[usize::from(i)].code, code);
+    }
+    for &(code, i) in &t.route_codes {
+        assert_eq!(t.routes[usize::from(i)].code, code);
     }
 }
 
