@@ -11,3 +11,4 @@ pub mod gtfs;
 pub mod record;
 pub mod source;
 pub mod table;
+pub mod signed;
