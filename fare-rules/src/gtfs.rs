@@ -322,13 +322,27 @@ impl CsvFile {
 
     fn parse(file: &'static str, bytes: &[u8]) -> Result<CsvFile> {
         let data = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-        let csv_err = |e: csv::Error| GtfsError::Csv {
-            file,
-            line: e.position().map_or(0, |p| p.line()),
-            message: match e.kind() {
-                csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_string(),
-                _ => e.to_string(),
-            },
+        // Where the record the reader was at starts: its position is where the reader started
+        // looking for it, before the blank lines it skipped (its own line count skips those).
+        let record_start = |pos: Option<&csv::Position>, floor: usize| -> usize {
+            let byte = pos.map_or(floor, |p| usize::try_from(p.byte()).unwrap_or(floor));
+            let skipped = data.get(byte..).map_or(0, |rest| {
+                rest.iter()
+                    .take_while(|b| matches!(b, b'\r' | b'\n'))
+                    .count()
+            });
+            byte.saturating_add(skipped).max(floor)
+        };
+        let csv_err = |e: csv::Error| {
+            let start = record_start(e.position(), 0);
+            GtfsError::Csv {
+                file,
+                line: 1 + data.get(..start).map_or(0, line_breaks),
+                message: match e.kind() {
+                    csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_string(),
+                    _ => e.to_string(),
+                },
+            }
         };
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
@@ -346,21 +360,10 @@ impl CsvFile {
             if record.iter().all(str::is_empty) {
                 continue;
             }
-            // The reader's own line count skips blank lines; count newlines up to the record.
-            let byte = record
-                .position()
-                .map_or(counted, |p| usize::try_from(p.byte()).unwrap_or(counted));
-            // A record's position is where the reader started looking for it, before the blank
-            // lines it skipped.
-            let skipped = data.get(byte..).map_or(0, |rest| {
-                rest.iter()
-                    .take_while(|b| matches!(b, b'\r' | b'\n'))
-                    .count()
-            });
-            let byte = byte + skipped;
-            if let Some(between) = data.get(counted..byte) {
-                line += between.iter().filter(|&&b| b == b'\n').count() as u64;
-                counted = byte;
+            let start = record_start(record.position(), counted);
+            if let Some(between) = data.get(counted..start) {
+                line += line_breaks(between);
+                counted = start;
             }
             rows.push((line, record));
         }
@@ -389,6 +392,17 @@ impl CsvFile {
             cols: &self.cols,
         })
     }
+}
+
+/// Line breaks in `bytes` (`\n`, `\r\n` or a lone `\r`).
+fn line_breaks(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')) {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// One record, its fields looked up by column name.
@@ -1061,8 +1075,11 @@ impl Ids {
     }
 }
 
-/// Levenshtein distance, case-insensitive.
+/// Levenshtein distance, case-insensitive (ids longer than 100 characters are just "far").
 fn edit_distance(a: &str, b: &str) -> usize {
+    if a.len() > 100 || b.len() > 100 {
+        return usize::MAX;
+    }
     let a: Vec<char> = a.chars().flat_map(char::to_lowercase).collect();
     let b: Vec<char> = b.chars().flat_map(char::to_lowercase).collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
@@ -1679,6 +1696,26 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "fare_products.txt line 5, field amount: \"1.234\" has 3 decimals but USD has 2"
+        );
+    }
+
+    #[test]
+    fn line_numbers_with_cr_line_ends_and_csv_errors_after_blank_lines() {
+        let products = "fare_product_id,amount,currency\rp,1.00,USD\r\rq,x,USD\r";
+        let e = compile_files(&[(FARE_PRODUCTS, products), (FARE_LEG_RULES, LEG_RULES)])
+            .expect_err("bad amount");
+        assert!(
+            e.to_string()
+                .starts_with("fare_products.txt line 4, field amount"),
+            "{e}"
+        );
+        let bytes = b"fare_product_id,amount,currency\np,1.00,USD\n\n\nq,\xff,USD\n";
+        let e = CsvFile::parse(FARE_PRODUCTS, bytes)
+            .err()
+            .expect("not UTF-8");
+        assert_eq!(
+            e.to_string(),
+            "fare_products.txt line 5: malformed CSV: not valid UTF-8"
         );
     }
 
