@@ -388,6 +388,25 @@ impl Engine {
             || !areas.iter().any(|&a| self.table.areas[a as usize].explicit)
     }
 
+    /// Whether rule `r` matches a leg on `network` from `from_stop` to `to_stop` at some time
+    /// (timeframes ignored): what `fare check` uses to find uncovered stop pairs.
+    pub fn matches_somewhen(
+        &self,
+        r: &LegRule,
+        network: Idx,
+        from_stop: Idx,
+        to_stop: Idx,
+    ) -> bool {
+        let net_ok = if r.network != NONE {
+            r.network == network
+        } else {
+            self.table.meta.priority_mode
+                || network == NONE
+                || !self.table.networks[network as usize].explicit
+        };
+        net_ok && self.area_ok(r.from_area, from_stop) && self.area_ok(r.to_area, to_stop)
+    }
+
     fn rule_matches(&self, r: &LegRule, leg: &EffLeg) -> bool {
         let net_ok = if r.network != NONE {
             r.network == leg.network

@@ -6,9 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod cases;
+pub mod check;
 pub mod engine;
 pub mod gtfs;
 pub mod record;
+pub mod signed;
 pub mod source;
 pub mod table;
-pub mod signed;

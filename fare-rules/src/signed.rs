@@ -63,7 +63,13 @@ pub fn encode(table: &Table, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
     b.push(FORMAT);
     b.extend_from_slice(&table.meta.version.to_be_bytes());
     b.extend_from_slice(&table.meta.effective_from_day.to_be_bytes());
-    b.extend_from_slice(&table.meta.effective_until_day.unwrap_or(i32::MAX).to_be_bytes());
+    b.extend_from_slice(
+        &table
+            .meta
+            .effective_until_day
+            .unwrap_or(i32::MAX)
+            .to_be_bytes(),
+    );
     b.extend_from_slice(&(body.len() as u32).to_be_bytes());
     b.extend_from_slice(&body);
     let sig = sign(&b);
@@ -102,7 +108,8 @@ pub fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<Engine, SignedError
     let (signed, sig) = bytes.split_at(bytes.len() - SIG_LEN);
     let key = VerifyingKey::from_bytes(public_key).map_err(|_| SignedError::Signature)?;
     let sig = Signature::from_slice(sig).map_err(|_| SignedError::Signature)?;
-    key.verify(signed, &sig).map_err(|_| SignedError::Signature)?;
+    key.verify(signed, &sig)
+        .map_err(|_| SignedError::Signature)?;
     decode_body(bytes, &h)
 }
 

@@ -867,10 +867,11 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             }
         }
         let mut chainage = Vec::new();
+        // Every stop the route serves, at its distance along it (0 when no `at` is given).
         for (i, st) in v.stops.iter().enumerate() {
             let si = add_stop(&mut t, st.get_ref());
-            if let Some(at) = &v.at {
-                if chainage.iter().any(|&(s, _)| s == si) {
+            if chainage.iter().any(|&(s, _)| s == si) {
+                if v.at.is_some() {
                     return Err(cx.err(
                         st.span().start,
                         "routes.stops",
@@ -881,8 +882,9 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                         ),
                     ));
                 }
-                chainage.push((si, at[i].0));
+                continue;
             }
+            chainage.push((si, v.at.as_ref().map_or(0, |at| at[i].0)));
         }
         chainage.sort_unstable();
         t.routes.push(Route {

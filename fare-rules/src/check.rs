@@ -1,0 +1,352 @@
+//! `tapgate fare check`: what a compiled table gets wrong or leaves open — contradictory and
+//! overlapping rules, rules that can never apply, stop pairs no rule prices, things defined and
+//! never used.
+
+use crate::engine::Engine;
+use crate::table::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// The table must not be distributed.
+    Error,
+    /// Probably a mistake.
+    Warning,
+}
+
+/// One finding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub level: Level,
+    /// Where (`rules.toml:42 fare metro`, `fare_leg_rules.txt:7`) or what.
+    pub origin: String,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = match self.level {
+            Level::Error => "error",
+            Level::Warning => "warning",
+        };
+        write!(f, "{l}: {}: {}", self.origin, self.message)
+    }
+}
+
+/// Most example stop pairs named per uncovered network.
+const MAX_EXAMPLES: usize = 3;
+
+fn prices(t: &Table, p: Idx) -> Vec<(Idx, Idx, u32)> {
+    let mut v: Vec<_> = t.products[p as usize]
+        .prices
+        .iter()
+        .map(|x| (x.category, x.medium, x.amount_minor))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn covers(a: &LegRule, b: &LegRule) -> bool {
+    let f = |x: Idx, y: Idx| x == NONE || x == y;
+    f(a.network, b.network)
+        && f(a.from_area, b.from_area)
+        && f(a.to_area, b.to_area)
+        && f(a.from_timeframe, b.from_timeframe)
+        && f(a.to_timeframe, b.to_timeframe)
+}
+
+/// Checks a table; findings sorted errors first.
+pub fn check(engine: &Engine) -> Vec<Finding> {
+    let t = engine.table();
+    let mut out = Vec::new();
+    let key = |r: &LegRule| {
+        (
+            r.network,
+            r.from_area,
+            r.to_area,
+            r.from_timeframe,
+            r.to_timeframe,
+            r.priority,
+        )
+    };
+
+    // Same match keys: contradictory (same group, other prices), duplicate, or overlapping.
+    let mut by_key: BTreeMap<_, Vec<usize>> = BTreeMap::new();
+    for (i, r) in t.leg_rules.iter().enumerate() {
+        by_key.entry(key(r)).or_default().push(i);
+    }
+    for idxs in by_key.values().filter(|v| v.len() > 1) {
+        for (k, &i) in idxs.iter().enumerate() {
+            for &j in &idxs[k + 1..] {
+                let (a, b) = (&t.leg_rules[i], &t.leg_rules[j]);
+                let same_price =
+                    prices(t, a.product) == prices(t, b.product) && a.pricing == b.pricing;
+                let (level, what) = match (a.leg_group == b.leg_group, same_price) {
+                    (true, false) => (
+                        Level::Error,
+                        "contradicts it: both match the same legs in the same fare group at other prices",
+                    ),
+                    (true, true) => (Level::Warning, "duplicates it"),
+                    (false, _) => (
+                        Level::Warning,
+                        "overlaps it: both match the same legs (the cheaper applies)",
+                    ),
+                };
+                out.push(Finding {
+                    level,
+                    origin: b.origin.clone(),
+                    message: format!("{what} ({})", a.origin),
+                });
+            }
+        }
+    }
+
+    // Unreachable: a higher-priority rule matches every leg this one does.
+    if t.meta.priority_mode {
+        for (j, b) in t.leg_rules.iter().enumerate() {
+            if let Some(a) = t
+                .leg_rules
+                .iter()
+                .enumerate()
+                .find(|(i, a)| *i != j && a.priority > b.priority && covers(a, b))
+                .map(|(_, a)| a)
+            {
+                out.push(Finding {
+                    level: Level::Warning,
+                    origin: b.origin.clone(),
+                    message: format!(
+                        "can never apply: {} (priority {}) matches every leg it does",
+                        a.origin, a.priority
+                    ),
+                });
+            }
+        }
+    }
+
+    // Stop pairs on each network that no rule prices (timeframes aside), by area signature.
+    let mut net_stops: BTreeMap<Idx, BTreeSet<Idx>> = BTreeMap::new();
+    for r in &t.routes {
+        let e = net_stops.entry(r.network).or_default();
+        e.extend(r.chainage.iter().map(|&(s, _)| s));
+    }
+    // Routes without chainage list no stops; every stop is then a candidate.
+    let all: BTreeSet<Idx> = (0..t.stops.len() as Idx).collect();
+    for (&net, stops) in &net_stops {
+        let stops = if stops.is_empty() { &all } else { stops };
+        let mut sigs: BTreeMap<&[Idx], Vec<Idx>> = BTreeMap::new();
+        for &s in stops {
+            sigs.entry(t.stops[s as usize].areas.as_slice())
+                .or_default()
+                .push(s);
+        }
+        let mut uncovered = 0usize;
+        let mut examples = Vec::new();
+        for a in sigs.values() {
+            for b in sigs.values() {
+                let (x, y) = (a[0], b[0]);
+                if !t
+                    .leg_rules
+                    .iter()
+                    .any(|r| engine.matches_somewhen(r, net, x, y))
+                {
+                    uncovered += a.len() * b.len();
+                    if examples.len() < MAX_EXAMPLES {
+                        examples.push(format!(
+                            "{} → {}",
+                            t.stops[x as usize].id, t.stops[y as usize].id
+                        ));
+                    }
+                }
+            }
+        }
+        if uncovered > 0 {
+            let name = if net == NONE {
+                "routes without a network".to_string()
+            } else {
+                format!("network {}", t.networks[net as usize].id)
+            };
+            out.push(Finding {
+                level: Level::Error,
+                origin: name,
+                message: format!(
+                    "{uncovered} stop pair(s) no fare rule prices, e.g. {}",
+                    examples.join(", ")
+                ),
+            });
+        }
+    }
+
+    // Defined and never used.
+    let mut served = vec![false; t.stops.len()];
+    for r in &t.routes {
+        for &(s, _) in &r.chainage {
+            served[s as usize] = true;
+        }
+    }
+    if t.routes.iter().any(|r| !r.chainage.is_empty()) {
+        for (i, s) in t.stops.iter().enumerate() {
+            if !served[i] {
+                out.push(Finding {
+                    level: Level::Warning,
+                    origin: format!("stop {}", s.id),
+                    message: "is on no route".into(),
+                });
+            }
+        }
+    }
+    let mut used_tf = vec![false; t.timeframes.len()];
+    for r in &t.leg_rules {
+        for tf in [r.from_timeframe, r.to_timeframe] {
+            if tf != NONE {
+                used_tf[tf as usize] = true;
+            }
+        }
+    }
+    for r in &t.transfer_rules {
+        if r.at_timeframe != NONE {
+            used_tf[r.at_timeframe as usize] = true;
+        }
+    }
+    for (i, g) in t.timeframes.iter().enumerate() {
+        if !used_tf[i] {
+            out.push(Finding {
+                level: Level::Warning,
+                origin: format!("timeframe {}", g.id),
+                message: "is used by no rule".into(),
+            });
+        }
+    }
+    let mut used_p = vec![false; t.products.len()];
+    for r in &t.leg_rules {
+        used_p[r.product as usize] = true;
+    }
+    for r in &t.transfer_rules {
+        if r.product != NONE {
+            used_p[r.product as usize] = true;
+        }
+    }
+    for (i, p) in t.products.iter().enumerate() {
+        if !used_p[i] {
+            out.push(Finding {
+                level: Level::Warning,
+                origin: format!("product {}", p.id),
+                message: "is used by no rule".into(),
+            });
+        }
+        if p.prices.is_empty() {
+            out.push(Finding {
+                level: Level::Error,
+                origin: format!("product {}", p.id),
+                message: "has no price for any rider".into(),
+            });
+        }
+    }
+    for (i, c) in t.caps.iter().enumerate() {
+        if c.period != CapPeriod::Week {
+            continue;
+        }
+        if let Some(d) = t.caps.iter().find(|d| {
+            d.period == CapPeriod::Day
+                && d.category == c.category
+                && d.amount_minor > c.amount_minor
+        }) {
+            out.push(Finding {
+                level: Level::Warning,
+                origin: format!("cap {} ({})", c.id, i + 1),
+                message: format!(
+                    "the weekly cap {} is below the daily cap {} of {}",
+                    c.amount_minor, d.id, d.amount_minor
+                ),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.level.cmp(&b.level).then_with(|| a.origin.cmp(&b.origin)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::compile;
+
+    fn findings(src: &str) -> Vec<Finding> {
+        check(&Engine::new(compile("r.toml", src).unwrap()).unwrap())
+    }
+
+    const HEAD: &str = r#"
+[table]
+name = "t"
+version = 1
+currency = "USD"
+effective_from = "2026-01-01"
+[networks.bus]
+[[routes]]
+id = "B1"
+network = "bus"
+stops = ["a", "b", "c"]
+at = ["0km", "1km", "2km"]
+[areas]
+z1 = ["a", "b"]
+z2 = ["c"]
+"#;
+
+    #[test]
+    fn the_metro_city_sample_is_clean() {
+        let src = include_str!("../samples/metro-city/rules.toml");
+        let f = findings(src);
+        assert!(f.iter().all(|x| x.level != Level::Error), "{f:#?}");
+    }
+
+    #[test]
+    fn uncovered_stop_pairs_are_reported() {
+        let src = format!(
+            "{HEAD}\n[[fares]]\nid = \"z\"\nnetwork = \"bus\"\nod = [[\"z1\", \"z1\", 100]]\n"
+        );
+        let f = findings(&src);
+        let e = f
+            .iter()
+            .find(|x| x.origin == "network bus")
+            .expect("finding");
+        assert_eq!(e.level, Level::Error);
+        // a,b → c; c → a,b; c → c: 2 + 2 + 1 pairs.
+        assert!(e.message.starts_with("5 stop pair(s)"), "{}", e.message);
+    }
+
+    #[test]
+    fn contradictory_overlapping_and_unreachable_rules_are_reported() {
+        let src = format!(
+            "{HEAD}
+[[fares]]
+id = \"a\"
+group = \"g\"
+network = \"bus\"
+price = 100
+[[fares]]
+id = \"b\"
+group = \"g\"
+network = \"bus\"
+price = 200
+[[fares]]
+id = \"c\"
+network = \"bus\"
+price = 100
+[[fares]]
+id = \"d\"
+network = \"bus\"
+from_zone = \"z1\"
+price = 50
+priority = -1
+"
+        );
+        let f = findings(&src);
+        let has = |lvl: Level, origin: &str, msg: &str| {
+            f.iter()
+                .any(|x| x.level == lvl && x.origin.contains(origin) && x.message.contains(msg))
+        };
+        assert!(has(Level::Error, "fare b", "contradicts"), "{f:#?}");
+        assert!(has(Level::Warning, "fare c", "overlaps"), "{f:#?}");
+        assert!(has(Level::Warning, "fare d", "can never apply"), "{f:#?}");
+    }
+}
