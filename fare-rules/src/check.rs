@@ -38,7 +38,7 @@ impl fmt::Display for Finding {
 /// Most example stop pairs named per uncovered network.
 const MAX_EXAMPLES: usize = 3;
 
-fn prices(t: &Table, p: Idx) -> Vec<(Idx, Idx, u32)> {
+fn prices(t: &Table, p: Idx) -> Vec<(Idx, Idx, i32)> {
     let mut v: Vec<_> = t.products[p as usize]
         .prices
         .iter()

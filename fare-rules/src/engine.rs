@@ -329,8 +329,8 @@ impl Engine {
     }
 
     /// The lowest price of `product` for `rider`.
-    fn price_of(&self, product: Idx, rider: Rider) -> Option<u32> {
-        let mut best: Option<u32> = None;
+    fn price_of(&self, product: Idx, rider: Rider) -> Option<i32> {
+        let mut best: Option<i32> = None;
         for p in &self.table.products[product as usize].prices {
             let cat_ok = p.category == NONE || p.category == rider.category;
             let med_ok = rider.medium == NONE || p.medium == NONE || p.medium == rider.medium;
@@ -458,7 +458,8 @@ impl Engine {
                     n = 0;
                 }
             }
-            let Some(base) = self.price_of(r.product, rider) else {
+            // Leg fares are never negative (validated at load).
+            let Some(base) = self.price_of(r.product, rider).map(|p| p.max(0) as u32) else {
                 continue;
             };
             let fare = base.saturating_add(self.surcharge(&r.pricing, leg.distance_m, rider));
@@ -584,26 +585,15 @@ impl Engine {
                         if st.total == i64::MAX {
                             continue;
                         }
-                        // A new fare.
-                        let t_new = st.total + i64::from(to.fare_minor);
-                        if t_new < best_new.total {
-                            best_new = State {
-                                total: t_new,
-                                last_charge: i64::from(to.fare_minor),
-                                before_chain: st.total,
-                                chain_max_base: to.base_minor,
-                                chain_dist_m: eff[j].distance_m,
-                                prev_cand: c as u8,
-                                prev_start: s as u8,
-                                transfer: NONE,
-                            };
-                        }
-                        // A transfer continuing the chain that began at s.
+                        // A transfer continuing the chain that began at s: when a transfer
+                        // rule matches, the transfer applies (the cheapest matching rule);
+                        // otherwise the leg is a new fare.
                         let k = j - s;
-                        if k > max_transfers {
-                            continue;
-                        }
+                        let mut transferred = false;
                         for (ti, tr) in self.table.transfer_rules.iter().enumerate() {
+                            if k > max_transfers {
+                                break;
+                            }
                             if !self.group_from_ok(tr.from_group, from.group)
                                 || !self.group_from_ok(tr.to_group, to.group)
                                 || tr.transfer_count.is_some_and(|n| k > usize::from(n))
@@ -645,6 +635,7 @@ impl Engine {
                                     None => continue,
                                 }
                             };
+                            transferred = true;
                             let mut ns = State {
                                 prev_cand: c as u8,
                                 prev_start: s as u8,
@@ -680,10 +671,28 @@ impl Engine {
                                     ns.last_charge = ns.total - st.total;
                                 }
                             }
+                            ns.total = ns.total.max(st.before_chain);
                             let slot = &mut dp[j][c2][s];
                             if ns.total < slot.total {
                                 *slot = ns;
                             }
+                        }
+                        if transferred {
+                            continue;
+                        }
+                        // A new fare.
+                        let t_new = st.total + i64::from(to.fare_minor);
+                        if t_new < best_new.total {
+                            best_new = State {
+                                total: t_new,
+                                last_charge: i64::from(to.fare_minor),
+                                before_chain: st.total,
+                                chain_max_base: to.base_minor,
+                                chain_dist_m: eff[j].distance_m,
+                                prev_cand: c as u8,
+                                prev_start: s as u8,
+                                transfer: NONE,
+                            };
                         }
                     }
                 }
@@ -968,7 +977,7 @@ impl Engine {
                         let e = after.legs()[after.n as usize - 1];
                         let joined = e.transfer != NONE || usize::from(e.first_leg) < nlegs;
                         let diff = after.total_minor.saturating_sub(before.total_minor);
-                        if joined && diff <= u64::from(base) {
+                        if joined {
                             base = diff as u32;
                             transfer = true;
                             continue_journey = true;
@@ -1253,6 +1262,16 @@ fn validate(t: &Table) -> Result<(), TableError> {
         chk("timeframe", r.from_timeframe, t.timeframes.len(), &place)?;
         chk("timeframe", r.to_timeframe, t.timeframes.len(), &place)?;
         req("product", r.product, t.products.len(), &place)?;
+        if t.products[r.product as usize]
+            .prices
+            .iter()
+            .any(|p| p.amount_minor < 0)
+        {
+            return Err(TableError::Invalid(format!(
+                "{}: product {} has a negative price; only transfer products may (discounts)",
+                r.origin, t.products[r.product as usize].id
+            )));
+        }
     }
     for j in &t.join_rules {
         let place = || "join rule".to_string();

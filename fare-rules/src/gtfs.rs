@@ -210,7 +210,7 @@ pub struct FareProductRow {
     pub fare_product_name: String,
     pub rider_category_id: String,
     pub fare_media_id: String,
-    pub amount_minor: u32,
+    pub amount_minor: i32,
     pub currency: String,
 }
 
@@ -548,14 +548,13 @@ fn parse_time(v: &str) -> Option<u32> {
 enum AmountError {
     /// Not a plain decimal number.
     Syntax,
-    Negative,
     /// More decimals than the currency has.
     TooPrecise(usize),
     TooLarge,
 }
 
 /// Parses a decimal amount string exactly into minor units with `exponent` decimals.
-fn parse_amount(v: &str, exponent: u8) -> std::result::Result<u32, AmountError> {
+fn parse_amount(v: &str, exponent: u8) -> std::result::Result<i32, AmountError> {
     let (negative, digits) = match v.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, v),
@@ -586,10 +585,9 @@ fn parse_amount(v: &str, exponent: u8) -> std::result::Result<u32, AmountError> 
             .filter(|&m| m <= u64::from(u32::MAX))
             .ok_or(AmountError::TooLarge)?;
     }
-    if negative && minor != 0 {
-        return Err(AmountError::Negative);
-    }
-    u32::try_from(minor).map_err(|_| AmountError::TooLarge)
+    // Negative amounts are GTFS transfer discounts; the engine refuses them for leg fares.
+    let minor = i32::try_from(minor).map_err(|_| AmountError::TooLarge)?;
+    Ok(if negative { -minor } else { minor })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -839,10 +837,6 @@ fn load_with(open: impl Fn(&'static str) -> Result<Option<CsvFile>>) -> Result<F
         let amount = r.req("amount")?;
         let amount_minor = parse_amount(&amount, exponent).map_err(|e| match e {
             AmountError::Syntax => r.bad("amount", "a decimal amount, e.g. \"2.75\""),
-            AmountError::Negative => r.invalid(
-                "amount",
-                format!("\"{amount}\" is negative; negative amounts are not supported"),
-            ),
             AmountError::TooPrecise(n) => r.invalid(
                 "amount",
                 format!("\"{amount}\" has {n} decimals but {currency} has {exponent}"),
@@ -1636,15 +1630,15 @@ mod tests {
         assert_eq!(parse_amount("1.250", 3), Ok(1250));
         assert_eq!(parse_amount("0", 2), Ok(0));
         assert_eq!(parse_amount("-0.00", 2), Ok(0));
-        assert_eq!(parse_amount("42949672.95", 2), Ok(u32::MAX));
-        assert_eq!(parse_amount("42949672.96", 2), Err(AmountError::TooLarge));
+        assert_eq!(parse_amount("21474836.47", 2), Ok(i32::MAX));
+        assert_eq!(parse_amount("21474836.48", 2), Err(AmountError::TooLarge));
         assert_eq!(
             parse_amount("99999999999999999999999", 0),
             Err(AmountError::TooLarge)
         );
         assert_eq!(parse_amount("2.755", 2), Err(AmountError::TooPrecise(3)));
         assert_eq!(parse_amount("1.5", 0), Err(AmountError::TooPrecise(1)));
-        assert_eq!(parse_amount("-1.00", 2), Err(AmountError::Negative));
+        assert_eq!(parse_amount("-1.00", 2), Ok(-100));
         for bad in [
             "", ".", "2.", "2,75", "1e3", "+2", "2.7.5", " 2", "--1", "-", "١٢",
         ] {

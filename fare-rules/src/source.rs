@@ -1033,13 +1033,13 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             rows.push(Price {
                 category: ci as Idx,
                 medium: NONE,
-                amount_minor: own.unwrap_or_else(|| scale(price)),
+                amount_minor: own.unwrap_or_else(|| scale(price)) as i32,
             });
             for (mname, m) in by_med {
                 rows.push(Price {
                     category: ci as Idx,
                     medium: media_ids[mname],
-                    amount_minor: own.map_or_else(|| scale(m.0), |o| o.min(scale(m.0))),
+                    amount_minor: own.map_or_else(|| scale(m.0), |o| o.min(scale(m.0))) as i32,
                 });
             }
         }
@@ -1069,7 +1069,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             .map(|(ci, (_, pct))| Price {
                 category: ci as Idx,
                 medium: NONE,
-                amount_minor: (u64::from(price) * u64::from(*pct) / 100) as u32,
+                amount_minor: (u64::from(price) * u64::from(*pct) / 100) as i32,
             })
             .collect();
         t.products.push(Product {

@@ -176,7 +176,8 @@ pub struct Price {
     pub category: Idx,
     /// `NONE`: any medium.
     pub medium: Idx,
-    pub amount_minor: u32,
+    /// Negative only for a transfer discount (GTFS); leg fares are never negative.
+    pub amount_minor: i32,
 }
 
 /// How a matched leg is priced.

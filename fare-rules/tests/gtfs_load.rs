@@ -212,7 +212,7 @@ fn zones_in_yen_with_parent_stations_and_boundary_stops() {
     let t = table("zones");
     assert_eq!(t.meta.currency, "JPY");
     assert_eq!(t.meta.currency_exponent, 0);
-    let amounts: Vec<(String, u32)> = t
+    let amounts: Vec<(String, i32)> = t
         .products
         .iter()
         .map(|p| (p.id.clone(), p.prices[0].amount_minor))
