@@ -14,6 +14,9 @@
 use crate::record::{flags, TapKind, TripRecord, U24_MAX};
 use crate::table::*;
 
+/// Most legs a journey quote accepts (joined legs count once towards [`MAX_LEGS`]).
+pub const MAX_LEGS_IN: usize = MAX_LEGS;
+
 /// Why a table cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {

@@ -9,6 +9,7 @@ pub mod cases;
 pub mod check;
 pub mod engine;
 pub mod gtfs;
+pub mod journey;
 pub mod record;
 pub mod signed;
 pub mod source;
