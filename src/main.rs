@@ -67,10 +67,7 @@ fn main() -> ExitCode {
         Command::Card(args) => report(card_cmd::run(args)),
         Command::Fare(args) => match fare_cmd::run(args) {
             Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(1)
-            }
+            Err(e) => report(Err(e)),
         },
     }
 }

@@ -12,5 +12,6 @@ pub mod gtfs;
 pub mod journey;
 pub mod record;
 pub mod signed;
+pub mod simulate;
 pub mod source;
 pub mod table;
