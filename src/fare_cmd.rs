@@ -224,8 +224,10 @@ pub fn run(args: FareArgs) -> Result<u8> {
             };
             let t = e.table();
             println!("table: {} version {}", t.meta.name, h.version);
-            let day =
-                |d: i32| fare_rules::cases::format_local(i64::from(d) * 86_400)[..10].to_string();
+            let day = |d: i32| {
+                let s = fare_rules::cases::format_local(i64::from(d) * 86_400);
+                s.get(..10).unwrap_or(&s).to_string()
+            };
             println!(
                 "effective: from {} until {}",
                 day(h.effective_from_day),

@@ -709,10 +709,10 @@ impl Engine {
         // Best final state, then walk back.
         let last = ne - 1;
         let mut best = (i64::MAX, 0usize, 0usize);
-        for c in 0..ncand[last] {
-            for s in 0..=last {
-                if dp[last][c][s].total < best.0 {
-                    best = (dp[last][c][s].total, c, s);
+        for (c, row) in dp[last].iter().enumerate().take(ncand[last]) {
+            for (s, st) in row.iter().enumerate().take(last + 1) {
+                if st.total < best.0 {
+                    best = (st.total, c, s);
                 }
             }
         }

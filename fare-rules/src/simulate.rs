@@ -42,8 +42,18 @@ struct Row {
     at_s: i64,
 }
 
-/// Replays `log` (CSV text, named `file` in errors).
+/// The same table in effect at every date: a replay prices past taps under next month's rules.
+fn timeless(e: &Engine) -> Result<Engine, String> {
+    let mut t = e.table().clone();
+    t.meta.effective_from_day = i32::MIN;
+    t.meta.effective_until_day = None;
+    Engine::new(t).map_err(|err| err.to_string())
+}
+
+/// Replays `log` (CSV text, named `file` in errors); effective dates are ignored, so a tap log
+/// of last month prices under next month's rules.
 pub fn simulate(new: &Engine, baseline: &Engine, file: &str, log: &str) -> Result<Report, String> {
+    let (new, baseline) = (&timeless(new)?, &timeless(baseline)?);
     let mut rdr = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(log.as_bytes());
