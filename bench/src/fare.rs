@@ -1,5 +1,162 @@
-//! Bench scenario `fare`: a 3-leg quote against a city-sized table. (Issue 3.)
+//! Bench scenario `fare`: a 3-leg journey with transfers (bus → metro under a distance-combined
+//! transfer → regional rail on an origin–destination zone table) quoted against a city-sized
+//! table (`fare_rules::synth::CitySize::CITY`: ~5,000 stops, 330 routes, ~800 leg rules).
+//!
+//! Figures: `median_ns`/`p99_ns` for the whole-journey quote (`Engine::price_journey`, what
+//! `tapgate fare quote` runs); `tap_median_ns`/`tap_p99_ns` for the validator's quote at the
+//! journey's last tap-out (`Engine::quote_tap`: rebuilds the journey from the card's records
+//! and prices it twice); the compiled table's signed size and the time to verify and load it.
 
-pub fn run(_n: Option<u64>) -> anyhow::Result<crate::Figures> {
-    crate::stats::not_yet()
+use crate::stats::{quantile, time_each};
+use crate::Figures;
+use ed25519_dalek::{Signer, SigningKey};
+use fare_rules::cases::{parse_local, SimCard};
+use fare_rules::engine::{CardView, Leg, Rider, Tap};
+use fare_rules::record::TapKind;
+use fare_rules::synth::{bus_stop, city_source, metro_stop, rail_stop, CitySize};
+use fare_rules::table::NONE;
+use std::hint::black_box;
+use std::time::Instant;
+
+pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+    let n = n.unwrap_or(200_000);
+    let size = CitySize::CITY;
+    let src = city_source(size);
+    let t0 = Instant::now();
+    let table =
+        fare_rules::source::compile("city.toml", &src).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let signed = fare_rules::signed::encode(&table, |m| key.sign(m).to_bytes());
+    let pk = key.verifying_key().to_bytes();
+    let loads = time_each(3, 21, || {
+        black_box(fare_rules::signed::verify(black_box(&signed), &pk).expect("verify"));
+    });
+    let engine = fare_rules::signed::verify(&signed, &pk)?;
+    let t = engine.table();
+
+    let id = |s: &str| engine.stop(s).ok_or_else(|| anyhow::anyhow!("no stop {s}"));
+    let route = |s: &str| {
+        engine
+            .route(s)
+            .ok_or_else(|| anyhow::anyhow!("no route {s}"))
+    };
+    let at = |s: &str| parse_local(&format!("2026-12-01T{s}")).map_err(|e| anyhow::anyhow!(e));
+    let (b, m, r) = (5usize, 5usize, 5usize);
+    let interchange = metro_stop(m, size.stops_per_metro_line - 1);
+    let legs = [
+        Leg {
+            route: route(&format!("B{b}"))?,
+            from_stop: id(&bus_stop(b, size.stops_per_bus_route - 1))?,
+            to_stop: id(&metro_stop(
+                b % size.metro_lines,
+                (b / size.metro_lines) % size.stops_per_metro_line,
+            ))?,
+            departure_s: at("08:00")?,
+            arrival_s: at("08:20")?,
+        },
+        Leg {
+            route: route(&format!("M{m}"))?,
+            from_stop: id(&metro_stop(m, 0))?,
+            to_stop: id(&interchange)?,
+            departure_s: at("08:25")?,
+            arrival_s: at("09:05")?,
+        },
+        Leg {
+            route: route(&format!("R{r}"))?,
+            from_stop: id(&interchange)?,
+            to_stop: id(&rail_stop(r, size.stops_per_rail_line - 1))?,
+            departure_s: at("09:10")?,
+            arrival_s: at("09:50")?,
+        },
+    ];
+    let rider = Rider {
+        category: NONE,
+        medium: NONE,
+    };
+    let priced = engine
+        .price_journey(rider, &legs)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let transfers = priced.legs().iter().filter(|l| l.transfer != NONE).count();
+    anyhow::ensure!(
+        transfers == 2,
+        "the bench journey should transfer twice: {priced:?}"
+    );
+    let samples = time_each(n / 10, n, || {
+        black_box(
+            engine
+                .price_journey(rider, black_box(&legs))
+                .expect("quote"),
+        );
+    });
+
+    // The validator's view: the card holds the first five taps; quote the last tap-out.
+    let mut card = SimCard::default();
+    let taps = |l: &Leg| {
+        [
+            Tap {
+                kind: TapKind::In,
+                time_s: l.departure_s as u32,
+                route: l.route,
+                stop: l.from_stop,
+            },
+            Tap {
+                kind: TapKind::Out,
+                time_s: l.arrival_s as u32,
+                route: l.route,
+                stop: l.to_stop,
+            },
+        ]
+    };
+    let all: Vec<Tap> = legs.iter().flat_map(taps).collect();
+    let mut total = 0u64;
+    for tap in &all[..5] {
+        let view = CardView {
+            rider,
+            history: &card.history,
+            passes: &[],
+        };
+        let q = engine
+            .quote_tap(&view, tap)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        total += u64::from(q.fare_minor);
+        card.write(&q.record);
+    }
+    let last = all[5];
+    let view = CardView {
+        rider,
+        history: &card.history,
+        passes: &[],
+    };
+    let q = engine
+        .quote_tap(&view, &last)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    total += u64::from(q.fare_minor);
+    anyhow::ensure!(
+        total == priced.total_minor,
+        "tap by tap ({total}) and whole journey ({}) disagree",
+        priced.total_minor
+    );
+    let tap_samples = time_each(n / 10, n, || {
+        black_box(
+            engine
+                .quote_tap(black_box(&view), black_box(&last))
+                .expect("tap"),
+        );
+    });
+
+    Ok(vec![
+        ("n", n.into()),
+        ("median_ns", quantile(&samples, 0.5).into()),
+        ("p99_ns", quantile(&samples, 0.99).into()),
+        ("tap_median_ns", quantile(&tap_samples, 0.5).into()),
+        ("tap_p99_ns", quantile(&tap_samples, 0.99).into()),
+        ("journey_total_minor", priced.total_minor.into()),
+        ("stops", t.stops.len().into()),
+        ("routes", t.routes.len().into()),
+        ("leg_rules", t.leg_rules.len().into()),
+        ("table_bytes", signed.len().into()),
+        ("load_ms", (quantile(&loads, 0.5) as f64 / 1e6).into()),
+        ("compile_ms", compile_ms.into()),
+    ])
 }

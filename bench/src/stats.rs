@@ -25,7 +25,3 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
     let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
 }
-
-pub fn not_yet() -> anyhow::Result<crate::Figures> {
-    anyhow::bail!("scenario not built yet")
-}

@@ -162,8 +162,16 @@ pub struct TapQuote {
 pub struct Engine {
     table: Table,
     /// Leg rules by network (index = network; last entry: rules with no network).
-    rules_by_network: Vec<Vec<Idx>>,
+    rules_by_network: Vec<NetRules>,
     default_category: Idx,
+}
+
+/// One network's leg rules: those with no origin area, and the rest by origin area (sorted),
+/// so an origin–destination table of hundreds of rules costs a binary search per leg.
+#[derive(Clone, Debug, Default)]
+struct NetRules {
+    any_from: Vec<Idx>,
+    by_from: Vec<(Idx, Idx)>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -228,14 +236,22 @@ impl Engine {
     pub fn new(table: Table) -> Result<Self, TableError> {
         validate(&table)?;
         let nn = table.networks.len();
-        let mut rules_by_network = vec![Vec::new(); nn + 1];
+        let mut rules_by_network = vec![NetRules::default(); nn + 1];
         for (i, r) in table.leg_rules.iter().enumerate() {
             let slot = if r.network == NONE {
                 nn
             } else {
                 r.network as usize
             };
-            rules_by_network[slot].push(i as Idx);
+            let nr = &mut rules_by_network[slot];
+            if r.from_area == NONE {
+                nr.any_from.push(i as Idx);
+            } else {
+                nr.by_from.push((r.from_area, i as Idx));
+            }
+        }
+        for nr in &mut rules_by_network {
+            nr.by_from.sort_unstable();
         }
         let default_category = table
             .categories
@@ -438,15 +454,24 @@ impl Engine {
         let mut best_prio = i32::MIN;
         let mut matched = false;
         let nn = self.table.networks.len();
-        let lists: [&[Idx]; 2] = [
-            if leg.network == NONE {
-                &[]
-            } else {
-                &self.rules_by_network[leg.network as usize]
-            },
-            &self.rules_by_network[nn],
+        let slots = [
+            (leg.network != NONE).then(|| &self.rules_by_network[leg.network as usize]),
+            Some(&self.rules_by_network[nn]),
         ];
-        for &ri in lists.iter().flat_map(|l| l.iter()) {
+        let from_areas = &self.table.stops[leg.from_stop as usize].areas;
+        let rules = slots.into_iter().flatten().flat_map(|nr| {
+            nr.any_from
+                .iter()
+                .copied()
+                .chain(from_areas.iter().flat_map(move |&a| {
+                    let lo = nr.by_from.partition_point(|&(x, _)| x < a);
+                    nr.by_from[lo..]
+                        .iter()
+                        .take_while(move |&&(x, _)| x == a)
+                        .map(|&(_, r)| r)
+                }))
+        });
+        for ri in rules {
             let r = &self.table.leg_rules[ri as usize];
             if !self.rule_matches(r, leg) {
                 continue;

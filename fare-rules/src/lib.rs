@@ -14,4 +14,5 @@ pub mod record;
 pub mod signed;
 pub mod simulate;
 pub mod source;
+pub mod synth;
 pub mod table;
