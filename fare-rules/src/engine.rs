@@ -835,13 +835,15 @@ impl Engine {
         // Accumulators of this service day and week.
         let today = self.service_day(tap.time_s);
         let (mut day_paid, mut week_paid, mut day_trips) = (0u32, 0u32, 0u8);
-        if !newest.is_empty() && newest.time_s <= tap.time_s {
+        // A newest record later than this validator's clock (a clock that is behind) keeps
+        // its accumulators: a rider is never charged past a cap because of a wrong clock.
+        if !newest.is_empty() {
             let nd = self.service_day(newest.time_s);
-            if nd == today {
+            if nd >= today {
                 day_paid = newest.day_paid_minor;
                 day_trips = newest.day_trips;
             }
-            if (nd + 3).div_euclid(7) == (today + 3).div_euclid(7) {
+            if (nd + 3).div_euclid(7) >= (today + 3).div_euclid(7) {
                 week_paid = newest.week_paid_minor;
             }
         }
