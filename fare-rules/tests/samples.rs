@@ -42,3 +42,14 @@ fn metro_city_cases_hold() {
 fn hotel_cases_hold() {
     run("hotel");
 }
+
+/// docs/fare-rules.md shows the samples verbatim: they cannot drift apart.
+#[test]
+fn the_docs_show_the_samples_as_they_are() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("../docs/fare-rules.md")).unwrap();
+    for s in ["metro-city/rules.toml", "hotel/rules.toml"] {
+        let src = std::fs::read_to_string(root.join("samples").join(s)).unwrap();
+        assert!(doc.contains(&src), "docs/fare-rules.md does not show samples/{s} as it is");
+    }
+}
