@@ -50,6 +50,9 @@ fn the_docs_show_the_samples_as_they_are() {
     let doc = std::fs::read_to_string(root.join("../docs/fare-rules.md")).unwrap();
     for s in ["metro-city/rules.toml", "hotel/rules.toml"] {
         let src = std::fs::read_to_string(root.join("samples").join(s)).unwrap();
-        assert!(doc.contains(&src), "docs/fare-rules.md does not show samples/{s} as it is");
+        assert!(
+            doc.contains(&src),
+            "docs/fare-rules.md does not show samples/{s} as it is"
+        );
     }
 }
