@@ -1,0 +1,388 @@
+//! One tap at the gate, start to end: session with the card under the SAM, settlement of an
+//! earlier torn debit, blocklist, fare quote from the card's trip records, the debit journalled
+//! *before* the card is touched, commit, receipt, the signed tap journalled with the pending
+//! entry cleared in the same LMDB transaction, and the answer to the passenger.
+//!
+//! Exactly once: the pending entry is durable before the card can commit, and it is cleared
+//! only together with journalling the tap that records the commit. If the card is pulled or the
+//! power fails anywhere in between, the entry survives; at the card's next tap here its counter
+//! says whether the debit happened ([`purse::txn::settle`]): the tap is then journalled once
+//! (committed) or the entry dropped (not committed).
+
+use crate::journal::{Journal, JournalError, PendingTap};
+use fare_rules::engine::{CardView, Engine, Rider, Tap};
+use fare_rules::record::{TapKind, TripRecord};
+use fare_rules::table::NONE;
+use purse::blocklist::Blocklist;
+use purse::receipt::TxKind;
+use purse::sam::{Sam, SoftwareSam};
+use purse::tap::{RefusalReason, TapMeta, TapRecord, TAP_LEN};
+use purse::txn::{self, Decision, Outcome, PendingChange, Settlement, Transport, TxError};
+use rand::rngs::StdRng;
+
+/// Where the gate is and what kind of tap it takes.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub device_id: u32,
+    /// The stop's id in the fare table.
+    pub stop: String,
+    /// The route's id in the fare table.
+    pub route: String,
+    /// `in`, `out` or `entry`.
+    pub kind: TapKind,
+    /// Local time = UTC + this offset.
+    pub utc_offset_s: i32,
+}
+
+/// Steps of a tap, for the fault-injection hook (a crash or a pulled card at each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The card answered the reads; nothing journalled yet.
+    Read,
+    /// The debit is journalled as pending; the card has not committed.
+    PendingJournalled,
+    /// The card committed (receipt verified); the tap is not journalled yet.
+    Committed,
+    /// The tap is journalled and the pending entry cleared.
+    Journalled,
+}
+
+/// What the passenger sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Accepted {
+        fare_minor: u32,
+        balance_minor: i32,
+        seq: u64,
+    },
+    Refused {
+        reason: RefusalReason,
+        seq: Option<u64>,
+    },
+    /// The card left mid-transaction: the debit, if any, is settled at its next tap.
+    Torn,
+}
+
+/// Tap failures the gate cannot answer a passenger for.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("no fare table is installed")]
+    NoFareTable,
+    #[error("this gate's {what} \"{id}\" is not in fare table version {version}")]
+    Placement {
+        what: &'static str,
+        id: String,
+        version: u32,
+    },
+}
+
+/// A settled earlier debit, journalled during this tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    None,
+    Committed { seq: u64 },
+    NotCommitted,
+}
+
+/// The result of one tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapOutcome {
+    pub answer: Answer,
+    pub uid: Option<[u8; 7]>,
+    pub settled: Settled,
+}
+
+/// The gate: SAM, fare table, blocklist and placement.
+pub struct Gate {
+    pub sam: SoftwareSam,
+    pub engine: Option<Engine>,
+    pub blocklist: Blocklist,
+    pub placement: Placement,
+    pub rng: StdRng,
+}
+
+fn local_s(now_ms: u64, offset_s: i32) -> u32 {
+    let t = (now_ms / 1000) as i64 + i64::from(offset_s);
+    t.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+impl Gate {
+    /// The fare table version in force (0: none).
+    pub fn fare_version(&self) -> u32 {
+        self.engine.as_ref().map_or(0, |e| e.table().meta.version)
+    }
+
+    fn meta(&self, seq: u64, now_ms: u64, stop_code: u32, route_code: u32) -> TapMeta {
+        TapMeta {
+            device_id: self.placement.device_id,
+            device_seq: seq,
+            device_time_ms: now_ms,
+            stop_id: stop_code,
+            route_id: route_code,
+            fare_table_version: self.fare_version(),
+            blocklist_version: self.blocklist.version(),
+        }
+    }
+
+    fn sign(&self, rec: &TapRecord) -> [u8; TAP_LEN] {
+        rec.sign_with(|b| self.sam.device_mac(b))
+    }
+
+    /// Journals a refusal and answers it.
+    fn refuse(
+        &self,
+        journal: &Journal,
+        reason: RefusalReason,
+        uid: [u8; 7],
+        snap: Option<(u8, u32, i32)>,
+        now_ms: u64,
+        codes: (u32, u32),
+    ) -> Result<Answer, GateError> {
+        let (kv, tmc, bal) = snap.unwrap_or((0, 0, 0));
+        let seq = match journal.append_tap(None, |seq| {
+            let rec = TapRecord::refused(reason, uid, kv, tmc, bal, self.meta(seq, now_ms, codes.0, codes.1));
+            self.sign(&rec)
+        }) {
+            Ok(s) => Some(s),
+            Err(JournalError::OutboxFull(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Answer::Refused { reason, seq })
+    }
+
+    /// Processes the card in the field. `now_ms` is the device clock (unix ms); `hook` is called
+    /// at each [`Step`] (fault injection: it may tear the card or end the process).
+    pub fn tap(
+        &mut self,
+        card: &mut dyn Transport,
+        journal: &Journal,
+        now_ms: u64,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<TapOutcome, GateError> {
+        let engine = self.engine.as_ref().ok_or(GateError::NoFareTable)?;
+        let version = engine.table().meta.version;
+        let stop = engine.stop(&self.placement.stop).ok_or_else(|| GateError::Placement {
+            what: "stop",
+            id: self.placement.stop.clone(),
+            version,
+        })?;
+        let route = engine.route(&self.placement.route).ok_or_else(|| GateError::Placement {
+            what: "route",
+            id: self.placement.route.clone(),
+            version,
+        })?;
+        let codes = (
+            engine.table().stops[stop as usize].code,
+            engine.table().routes[route as usize].code,
+        );
+        let time_s = local_s(now_ms, self.placement.utc_offset_s);
+        let fare_tap = Tap {
+            kind: self.placement.kind,
+            time_s,
+            route,
+            stop,
+        };
+        let uid = match card.card_uid() {
+            Ok(u) => u,
+            Err(_) => {
+                return Ok(TapOutcome {
+                    answer: Answer::Torn,
+                    uid: None,
+                    settled: Settled::None,
+                })
+            }
+        };
+        if journal.outbox_full()? {
+            // It could not journal a debit: take no value (the alarm is raised by the daemon).
+            return Ok(TapOutcome {
+                answer: Answer::Refused {
+                    reason: RefusalReason::Other,
+                    seq: None,
+                },
+                uid: Some(uid),
+                settled: Settled::None,
+            });
+        }
+
+        // What the decision closure found out, for after the dialogue.
+        enum Verdict {
+            Undecided,
+            Refuse(RefusalReason),
+            Apply { fare_minor: u32 },
+            Failed(GateError),
+        }
+        let mut verdict = Verdict::Undecided;
+        let mut settled = Settled::None;
+        let blocklist = &self.blocklist;
+        let meta_base = self.meta(0, now_ms, codes.0, codes.1);
+        // The SAM is busy with the card during the dialogue; a settled earlier debit is signed
+        // with a copy of the device key that lives for this tap only (zeroized on drop).
+        let device_key = self.sam.device_key().clone();
+        let sign = |rec: &TapRecord| rec.sign(&device_key);
+        let decide = |snap: &txn::CardSnapshot| -> Decision {
+            hook(Step::Read);
+            // An earlier torn debit on this card: its counter says what happened.
+            match journal.pending(&snap.uid) {
+                Err(e) => {
+                    verdict = Verdict::Failed(e.into());
+                    return Decision::Refuse;
+                }
+                Ok(Some(p)) => match txn::settle(&p.change, snap) {
+                    Ok(Settlement::Committed(receipt)) => {
+                        let meta = TapMeta {
+                            device_time_ms: p.time_ms,
+                            stop_id: p.stop_code,
+                            route_id: p.route_code,
+                            fare_table_version: p.fare_table_version,
+                            blocklist_version: p.blocklist_version,
+                            ..meta_base
+                        };
+                        match journal.append_tap(Some(&snap.uid), |seq| {
+                            sign(&TapRecord::accepted(&receipt, TapMeta { device_seq: seq, ..meta }))
+                        }) {
+                            Ok(seq) => settled = Settled::Committed { seq },
+                            Err(e) => {
+                                verdict = Verdict::Failed(e.into());
+                                return Decision::Refuse;
+                            }
+                        }
+                    }
+                    Ok(Settlement::NotCommitted) | Ok(Settlement::MovedOn) => {
+                        // Moved on: the card transacted elsewhere since; clearing settles the
+                        // torn debit from the card's counter chain.
+                        if let Err(e) = journal.clear_pending(&snap.uid) {
+                            verdict = Verdict::Failed(e.into());
+                            return Decision::Refuse;
+                        }
+                        settled = Settled::NotCommitted;
+                    }
+                    Err(_) => {
+                        verdict = Verdict::Refuse(RefusalReason::TornUnresolved);
+                        return Decision::Refuse;
+                    }
+                },
+                Ok(None) => {}
+            }
+            if blocklist.is_blocked(&snap.uid) {
+                verdict = Verdict::Refuse(RefusalReason::Blocklisted);
+                return Decision::Refuse;
+            }
+            let history: Vec<TripRecord> = snap
+                .records
+                .iter()
+                .filter_map(|r| TripRecord::decode(r).ok())
+                .collect();
+            let view = CardView {
+                rider: Rider {
+                    category: NONE,
+                    medium: NONE,
+                },
+                history: &history,
+                passes: &[],
+            };
+            let q = match engine.quote_tap(&view, &fare_tap) {
+                Ok(q) => q,
+                Err(_) => {
+                    verdict = Verdict::Refuse(RefusalReason::FareError);
+                    return Decision::Refuse;
+                }
+            };
+            if i64::from(q.fare_minor) > i64::from(snap.balance_minor) {
+                verdict = Verdict::Refuse(RefusalReason::InsufficientValue);
+                return Decision::Refuse;
+            }
+            let kind = if q.fare_minor > 0 {
+                TxKind::Debit
+            } else {
+                TxKind::RecordOnly
+            };
+            let pending = PendingTap {
+                change: PendingChange::new(snap, kind, q.fare_minor as i32),
+                time_ms: now_ms,
+                stop_code: codes.0,
+                route_code: codes.1,
+                fare_table_version: meta_base.fare_table_version,
+                blocklist_version: meta_base.blocklist_version,
+            };
+            if let Err(e) = journal.put_pending(&pending) {
+                verdict = Verdict::Failed(e.into());
+                return Decision::Refuse;
+            }
+            hook(Step::PendingJournalled);
+            verdict = Verdict::Apply {
+                fare_minor: q.fare_minor,
+            };
+            Decision::Apply {
+                amount_minor: q.fare_minor as i32,
+                record: Some(q.record.encode().to_vec()),
+            }
+        };
+        let out = txn::debit(card, &mut self.sam, &mut self.rng, decide);
+        let verdict = verdict;
+        match out {
+            Ok(Outcome::Committed { receipt, .. }) => {
+                hook(Step::Committed);
+                let fare_minor = match verdict {
+                    Verdict::Apply { fare_minor } => fare_minor,
+                    _ => receipt.amount_minor.max(0) as u32,
+                };
+                let meta = self.meta(0, now_ms, codes.0, codes.1);
+                let seq = journal.append_tap(Some(&uid), |seq| {
+                    self.sign(&TapRecord::accepted(&receipt, TapMeta { device_seq: seq, ..meta }))
+                })?;
+                hook(Step::Journalled);
+                Ok(TapOutcome {
+                    answer: Answer::Accepted {
+                        fare_minor,
+                        balance_minor: receipt.balance_after_minor,
+                        seq,
+                    },
+                    uid: Some(uid),
+                    settled,
+                })
+            }
+            Ok(Outcome::Refused { snapshot }) => {
+                let reason = match verdict {
+                    Verdict::Failed(e) => return Err(e),
+                    Verdict::Refuse(r) => r,
+                    _ => RefusalReason::Other,
+                };
+                let answer = self.refuse(
+                    journal,
+                    reason,
+                    uid,
+                    Some((snapshot.key_version, snapshot.tmc, snapshot.balance_minor)),
+                    now_ms,
+                    codes,
+                )?;
+                Ok(TapOutcome {
+                    answer,
+                    uid: Some(uid),
+                    settled,
+                })
+            }
+            Err(TxError::Transport(_)) => Ok(TapOutcome {
+                // The pending entry (if it was written) stays until the card's next tap.
+                answer: Answer::Torn,
+                uid: Some(uid),
+                settled,
+            }),
+            Err(e) => {
+                let reason = match e {
+                    TxError::UnknownKeyVersion(_) => RefusalReason::UnknownKeyVersion,
+                    _ => RefusalReason::CardError,
+                };
+                // A dialogue that failed after the pending entry was written (a card that
+                // refused its commit): the counter settles it at the next tap, as for a tear.
+                let answer = self.refuse(journal, reason, uid, None, now_ms, codes)?;
+                Ok(TapOutcome {
+                    answer,
+                    uid: Some(uid),
+                    settled,
+                })
+            }
+        }
+    }
+}

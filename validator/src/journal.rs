@@ -1,0 +1,352 @@
+//! The validator's durable journal (LMDB via heed, fsync on every commit).
+//!
+//! - `outbox`: signed tap records by device sequence number, kept until the gateway confirms
+//!   them (not when the broker acknowledges the publish). Bounded by `outbox_capacity_taps`:
+//!   when full the gate refuses to take value (it cannot journal) and raises the alarm.
+//! - `pending`: by card UID, the debit a tap is about to apply, written *before* the card is
+//!   touched; cleared in the same transaction that journals the committed tap. A pending entry
+//!   that survives a tear or a crash is settled from the card's counter at its next tap.
+//! - `meta`: the next sequence number, and the signed blocklist and fare-table messages applied
+//!   (replayed at start).
+
+use heed::types::{Bytes, Str, U64};
+use heed::{byteorder::BE, Database, Env, EnvOpenOptions, WithoutTls};
+use purse::receipt::TxKind;
+use purse::tap::TAP_LEN;
+use purse::txn::PendingChange;
+use std::path::Path;
+
+/// Journal errors.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("journal storage: {0}")]
+    Lmdb(#[from] heed::Error),
+    #[error("the outbox holds {0} taps, its configured capacity: the gateway has not confirmed them")]
+    OutboxFull(u64),
+    #[error("journal entry is corrupt: {0}")]
+    Corrupt(&'static str),
+}
+
+/// What a tap is about to do to a card, journalled before the card is touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingTap {
+    pub change: PendingChange,
+    /// Device time, unix ms, of the attempt.
+    pub time_ms: u64,
+    pub stop_code: u32,
+    pub route_code: u32,
+    pub fare_table_version: u32,
+    pub blocklist_version: u64,
+}
+
+const PENDING_LEN: usize = 7 + 4 + 4 + 1 + 4 + 1 + 8 + 4 + 4 + 4 + 8;
+
+impl PendingTap {
+    fn encode(&self) -> [u8; PENDING_LEN] {
+        let mut b = [0u8; PENDING_LEN];
+        let c = &self.change;
+        b[0..7].copy_from_slice(&c.uid);
+        b[7..11].copy_from_slice(&c.tmc_before.to_be_bytes());
+        b[11..15].copy_from_slice(&c.balance_before_minor.to_be_bytes());
+        b[15] = c.kind as u8;
+        b[16..20].copy_from_slice(&c.amount_minor.to_be_bytes());
+        b[20] = c.key_version;
+        b[21..29].copy_from_slice(&self.time_ms.to_be_bytes());
+        b[29..33].copy_from_slice(&self.stop_code.to_be_bytes());
+        b[33..37].copy_from_slice(&self.route_code.to_be_bytes());
+        b[37..41].copy_from_slice(&self.fare_table_version.to_be_bytes());
+        b[41..49].copy_from_slice(&self.blocklist_version.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, JournalError> {
+        if b.len() != PENDING_LEN {
+            return Err(JournalError::Corrupt("pending entry length"));
+        }
+        let be32 = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        let be64 = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            u64::from_be_bytes(x)
+        };
+        let kind = match b[15] {
+            0 => TxKind::RecordOnly,
+            1 => TxKind::Debit,
+            2 => TxKind::Credit,
+            3 => TxKind::LimitedCredit,
+            _ => return Err(JournalError::Corrupt("pending entry kind")),
+        };
+        let mut uid = [0u8; 7];
+        uid.copy_from_slice(&b[0..7]);
+        Ok(PendingTap {
+            change: PendingChange {
+                uid,
+                tmc_before: u32::from_be_bytes(be32(7)),
+                balance_before_minor: i32::from_be_bytes(be32(11)),
+                kind,
+                amount_minor: i32::from_be_bytes(be32(16)),
+                key_version: b[20],
+            },
+            time_ms: be64(21),
+            stop_code: u32::from_be_bytes(be32(29)),
+            route_code: u32::from_be_bytes(be32(33)),
+            fare_table_version: u32::from_be_bytes(be32(37)),
+            blocklist_version: be64(41),
+        })
+    }
+}
+
+/// The journal.
+pub struct Journal {
+    env: Env<WithoutTls>,
+    outbox: Database<U64<BE>, Bytes>,
+    pending: Database<Bytes, Bytes>,
+    meta: Database<Str, Bytes>,
+    capacity_taps: u64,
+}
+
+const NEXT_SEQ: &str = "next_seq";
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`.
+    pub fn open(dir: &Path, outbox_capacity_taps: u64, map_size_bytes: usize) -> Result<Self, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        // SAFETY: LMDB requires that an environment is opened once per process and that its
+        // files are modified by LMDB only; the validator owns its journal directory and opens
+        // it once.
+        #[allow(unsafe_code)]
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .read_txn_without_tls()
+                .map_size(map_size_bytes)
+                .max_dbs(4)
+                .open(dir)?
+        };
+        let mut t = env.write_txn()?;
+        let outbox = env.create_database(&mut t, Some("outbox"))?;
+        let pending = env.create_database(&mut t, Some("pending"))?;
+        let meta = env.create_database(&mut t, Some("meta"))?;
+        t.commit()?;
+        Ok(Self {
+            env,
+            outbox,
+            pending,
+            meta,
+            capacity_taps: outbox_capacity_taps,
+        })
+    }
+
+    /// Taps waiting for the gateway's confirmation.
+    pub fn outbox_len(&self) -> Result<u64, JournalError> {
+        let r = self.env.read_txn()?;
+        Ok(self.outbox.len(&r)?)
+    }
+
+    /// Whether the outbox has reached its configured bound.
+    pub fn outbox_full(&self) -> Result<bool, JournalError> {
+        Ok(self.outbox_len()? >= self.capacity_taps)
+    }
+
+    /// The configured bound.
+    pub fn capacity_taps(&self) -> u64 {
+        self.capacity_taps
+    }
+
+    /// The pending change journalled for a card, if any.
+    pub fn pending(&self, uid: &[u8; 7]) -> Result<Option<PendingTap>, JournalError> {
+        let r = self.env.read_txn()?;
+        self.pending
+            .get(&r, uid)?
+            .map(PendingTap::decode)
+            .transpose()
+    }
+
+    /// Every pending change (reported at start: cards torn before a crash).
+    pub fn pendings(&self) -> Result<Vec<PendingTap>, JournalError> {
+        let r = self.env.read_txn()?;
+        let mut v = Vec::new();
+        for e in self.pending.iter(&r)? {
+            v.push(PendingTap::decode(e?.1)?);
+        }
+        Ok(v)
+    }
+
+    /// Journals what the tap is about to apply, durably, before the card is touched.
+    pub fn put_pending(&self, p: &PendingTap) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        self.pending.put(&mut w, &p.change.uid, &p.encode())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Drops a card's pending change (the card showed it never happened).
+    pub fn clear_pending(&self, uid: &[u8; 7]) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        self.pending.delete(&mut w, uid)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// In one transaction: takes the next sequence number, appends the tap `make(seq)` builds
+    /// to the outbox, and clears `clear`'s pending change. Refuses when the outbox is full.
+    pub fn append_tap(
+        &self,
+        clear: Option<&[u8; 7]>,
+        make: impl FnOnce(u64) -> [u8; TAP_LEN],
+    ) -> Result<u64, JournalError> {
+        let mut w = self.env.write_txn()?;
+        let n = self.outbox.len(&w)?;
+        if n >= self.capacity_taps {
+            return Err(JournalError::OutboxFull(n));
+        }
+        let seq = match self.meta.get(&w, NEXT_SEQ)? {
+            Some(b) if b.len() == 8 => {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(b);
+                u64::from_be_bytes(x)
+            }
+            Some(_) => return Err(JournalError::Corrupt("next sequence number")),
+            None => 1,
+        };
+        let wire = make(seq);
+        self.outbox.put(&mut w, &seq, &wire)?;
+        self.meta.put(&mut w, NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+        if let Some(uid) = clear {
+            self.pending.delete(&mut w, uid)?;
+        }
+        w.commit()?;
+        Ok(seq)
+    }
+
+    /// Up to `max` journalled taps with a sequence number above `after`, in order.
+    pub fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+        let r = self.env.read_txn()?;
+        let mut v = Vec::new();
+        let range = (std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded);
+        for e in self.outbox.range(&r, &range)?.take(max) {
+            let (k, b) = e?;
+            v.push((k, b.to_vec()));
+        }
+        Ok(v)
+    }
+
+    /// Deletes taps the gateway confirmed; returns how many were still here.
+    pub fn confirm(&self, seqs: &[u64]) -> Result<usize, JournalError> {
+        let mut w = self.env.write_txn()?;
+        let mut n = 0;
+        for s in seqs {
+            if self.outbox.delete(&mut w, s)? {
+                n += 1;
+            }
+        }
+        w.commit()?;
+        Ok(n)
+    }
+
+    /// Stores a named blob (signed blocklist messages, fare tables) durably.
+    pub fn put_blob(&self, key: &str, bytes: &[u8]) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        self.meta.put(&mut w, key, bytes)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Reads a named blob.
+    pub fn blob(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, key)?.map(<[u8]>::to_vec))
+    }
+
+    /// Deletes named blobs whose key starts with `prefix`.
+    pub fn delete_blobs(&self, prefix: &str) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        let keys: Vec<String> = self
+            .meta
+            .prefix_iter(&w, prefix)?
+            .map(|e| e.map(|(k, _)| k.to_string()))
+            .collect::<Result<_, _>>()?;
+        for k in keys {
+            self.meta.delete(&mut w, &k)?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Blobs whose key starts with `prefix`, in key order.
+    pub fn blobs(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let r = self.env.read_txn()?;
+        let mut v = Vec::new();
+        for e in self.meta.prefix_iter(&r, prefix)? {
+            let (k, b) = e?;
+            v.push((k.to_string(), b.to_vec()));
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> PendingTap {
+        PendingTap {
+            change: PendingChange {
+                uid: [4, 1, 2, 3, 4, 5, 6],
+                tmc_before: 7,
+                balance_before_minor: 1000,
+                kind: TxKind::Debit,
+                amount_minor: 140,
+                key_version: 1,
+            },
+            time_ms: 1_764_576_000_000,
+            stop_code: 0x123456,
+            route_code: 0x654321,
+            fare_table_version: 3,
+            blocklist_version: 9,
+        }
+    }
+
+    #[test]
+    fn pending_round_trips_and_clears_with_the_tap() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+        let p = pending();
+        j.put_pending(&p).unwrap();
+        assert_eq!(j.pending(&p.change.uid).unwrap(), Some(p.clone()));
+        let seq = j.append_tap(Some(&p.change.uid), |s| [s as u8; TAP_LEN]).unwrap();
+        assert_eq!(seq, 1);
+        assert_eq!(j.pending(&p.change.uid).unwrap(), None);
+        assert_eq!(j.outbox_len().unwrap(), 1);
+    }
+
+    #[test]
+    fn outbox_is_bounded_survives_reopen_and_clears_on_confirmation() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(d.path(), 3, 1 << 24).unwrap();
+            for _ in 0..3 {
+                j.append_tap(None, |s| [s as u8; TAP_LEN]).unwrap();
+            }
+            assert!(matches!(
+                j.append_tap(None, |s| [s as u8; TAP_LEN]),
+                Err(JournalError::OutboxFull(3))
+            ));
+            assert!(j.outbox_full().unwrap());
+        }
+        let j = Journal::open(d.path(), 3, 1 << 24).unwrap();
+        assert_eq!(j.outbox_len().unwrap(), 3);
+        let after: Vec<u64> = j.outbox_after(1, 10).unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(after, [2, 3]);
+        assert_eq!(j.confirm(&[1, 2, 99]).unwrap(), 2);
+        // Sequence numbers keep counting after a reopen and confirmations.
+        assert_eq!(j.append_tap(None, |s| [s as u8; TAP_LEN]).unwrap(), 4);
+    }
+}

@@ -1,0 +1,10 @@
+//! The validator: what a passenger meets at a bus or rail gate, a hotel pay-TV box, a ticket
+//! machine. Offline purse debits against a local SAM, quoted by the fare engine from the card's
+//! trip records, journalled durably in LMDB, and forwarded over MQTT until the gateway confirms.
+//!
+//! - [`gate`]: one tap, start to end, exactly once across tears and crashes.
+//! - [`journal`]: the LMDB outbox, pending debits and applied downlink messages.
+#![deny(unsafe_code)]
+
+pub mod gate;
+pub mod journal;
