@@ -121,7 +121,7 @@ fn check_and_test_pass_on_the_samples_and_fail_clearly_otherwise() {
             .lines()
             .last()
             .unwrap()
-            .starts_with("fare test: 12 passed, 0 failed"),
+            .starts_with("fare test: 19 passed, 0 failed"),
         "{}",
         out(&o)
     );

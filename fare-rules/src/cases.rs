@@ -181,11 +181,10 @@ pub fn quote_src_tap(
                     used,
                 )
                 .map_err(|e| format!("coupon \"{cp}\": {e}"))?;
+            // The charge's own day total (journey-paid on charge records) counts what was paid.
             q.fare_minor -= off;
             q.record.fare_minor = q.fare_minor;
-            q.record.day_paid_minor -= off;
-            q.record.week_paid_minor -= off;
-            q.record.journey_paid_minor -= off;
+            q.record.journey_paid_minor = q.record.journey_paid_minor.saturating_sub(off);
             card.used_coupons.push(coupon.code);
         }
         card.write(&q.record);
@@ -226,7 +225,9 @@ pub fn quote_src_tap(
     let q = engine
         .quote_tap(&cv, &q_tap)
         .map_err(|e| describe(engine, &e))?;
-    card.write(&q.record);
+    if !q.repeat {
+        card.write(&q.record);
+    }
     Ok((q, Some(q_tap)))
 }
 
@@ -374,6 +375,10 @@ pub fn explain_tap(engine: &Engine, src: &TapSrc, tap: Option<&Tap>, q: &TapQuot
                 q.fare_minor
             );
         }
+    }
+    if q.repeat {
+        s.push_str(" — the same tap again: nothing charged");
+        return s;
     }
     if q.pass != NONE {
         let _ = write!(s, " — pass {} covers it", t.passes[q.pass as usize].id);

@@ -14,6 +14,9 @@
 use crate::record::{flags, TapKind, TripRecord, U24_MAX};
 use crate::table::*;
 
+/// A leg whose stops the network does not connect (no distance can be measured).
+const NO_DISTANCE: u32 = u32::MAX;
+
 /// Most legs a journey quote accepts (joined legs count once towards [`MAX_LEGS`]).
 pub const MAX_LEGS_IN: usize = MAX_LEGS;
 
@@ -43,6 +46,8 @@ pub enum QuoteError {
     UnknownStop { leg: usize },
     #[error("leg {leg}: no fare rule matches it")]
     NoRule { leg: usize },
+    #[error("leg {leg}: priced by distance, but no route of its network connects its stops")]
+    NoDistance { leg: usize },
     #[error(
         "leg {leg}: the matching rules' products have no price for this rider category and medium"
     )]
@@ -155,7 +160,13 @@ pub struct TapQuote {
     pub pass: Idx,
     /// The journey as priced with this tap (legs and transfers), when a journey was priced.
     pub journey: Option<Priced>,
+    /// The same tap again within [`REPEAT_WINDOW_S`] (a passenger tapping twice): nothing is
+    /// charged and nothing should be written; `record` is the card's newest record.
+    pub repeat: bool,
 }
+
+/// A second identical tap within this many seconds is a repeat, not a new tap.
+pub const REPEAT_WINDOW_S: u32 = 20;
 
 /// A compiled table ready for quoting: validated and indexed.
 #[derive(Clone, Debug)]
@@ -163,6 +174,8 @@ pub struct Engine {
     table: Table,
     /// Leg rules by network (index = network; last entry: rules with no network).
     rules_by_network: Vec<NetRules>,
+    /// Routes by network (for distances across routes).
+    routes_by_network: Vec<Vec<Idx>>,
     default_category: Idx,
 }
 
@@ -253,6 +266,12 @@ impl Engine {
         for nr in &mut rules_by_network {
             nr.by_from.sort_unstable();
         }
+        let mut routes_by_network = vec![Vec::new(); nn];
+        for (i, r) in table.routes.iter().enumerate() {
+            if r.network != NONE {
+                routes_by_network[r.network as usize].push(i as Idx);
+            }
+        }
         let default_category = table
             .categories
             .iter()
@@ -261,6 +280,7 @@ impl Engine {
         Ok(Self {
             table,
             rules_by_network,
+            routes_by_network,
             default_category,
         })
     }
@@ -348,16 +368,33 @@ impl Engine {
     }
 
     /// The lowest price of `product` for `rider`.
+    /// The rider's price of `product`: the rows for the rider's own category and medium are
+    /// preferred over rows for any category or medium; among equally specific rows (and for an
+    /// unknown medium: among all media) the lowest.
     fn price_of(&self, product: Idx, rider: Rider) -> Option<i32> {
-        let mut best: Option<i32> = None;
+        let mut best: Option<((u8, u8), i32)> = None;
         for p in &self.table.products[product as usize].prices {
-            let cat_ok = p.category == NONE || p.category == rider.category;
-            let med_ok = rider.medium == NONE || p.medium == NONE || p.medium == rider.medium;
-            if cat_ok && med_ok {
-                best = Some(best.map_or(p.amount_minor, |b| b.min(p.amount_minor)));
-            }
+            let cat = if p.category == rider.category && p.category != NONE {
+                2
+            } else if p.category == NONE {
+                1
+            } else {
+                continue;
+            };
+            let med = if rider.medium == NONE || p.medium == NONE {
+                1
+            } else if p.medium == rider.medium {
+                2
+            } else {
+                continue;
+            };
+            let key = (cat, med);
+            best = match best {
+                Some((k, a)) if k > key || (k == key && a <= p.amount_minor) => Some((k, a)),
+                _ => Some((key, p.amount_minor)),
+            };
         }
-        best
+        best.map(|(_, a)| a)
     }
 
     fn surcharge(&self, pricing: &Pricing, distance_m: u32, rider: Rider) -> u32 {
@@ -373,7 +410,9 @@ impl Engine {
             let upto = b.upto_m.max(from);
             let covered = distance_m.min(upto) - from;
             if b.step_m > 0 {
-                add += u64::from(covered.div_ceil(b.step_m)) * u64::from(b.add_minor);
+                add = add.saturating_add(
+                    u64::from(covered.div_ceil(b.step_m)).saturating_mul(u64::from(b.add_minor)),
+                );
             }
             from = upto;
         }
@@ -382,29 +421,70 @@ impl Engine {
         } else {
             u64::from(self.table.categories[rider.category as usize].surcharge_percent)
         };
-        (add * pct / 100).min(u64::from(U24_MAX)) as u32
+        (add.saturating_mul(pct) / 100).min(u64::from(U24_MAX)) as u32
     }
 
-    fn distance(&self, route: Idx, from: Idx, to: Idx) -> u32 {
+    fn pos(&self, route: Idx, stop: Idx) -> Option<u32> {
         let ch = &self.table.routes[route as usize].chainage;
-        let pos = |s: Idx| {
-            ch.binary_search_by_key(&s, |&(st, _)| st)
-                .ok()
-                .map(|i| ch[i].1)
-        };
-        match (pos(from), pos(to)) {
-            (Some(a), Some(b)) => a.abs_diff(b),
-            _ => 0,
-        }
+        ch.binary_search_by_key(&stop, |&(st, _)| st)
+            .ok()
+            .map(|i| ch[i].1)
     }
 
-    fn area_ok(&self, rule_area: Idx, stop: Idx) -> bool {
+    /// Distance of a leg: along its route; else along another route of the network serving
+    /// both stops; else through one interchange between two routes of the network (the
+    /// shortest). [`NO_DISTANCE`] when the network connects them in none of these ways.
+    fn distance(&self, route: Idx, from: Idx, to: Idx) -> u32 {
+        if from == to {
+            return 0;
+        }
+        if let (Some(a), Some(b)) = (self.pos(route, from), self.pos(route, to)) {
+            return a.abs_diff(b);
+        }
+        let net = self.table.routes[route as usize].network;
+        let Some(routes) = self.routes_by_network.get(net as usize) else {
+            return NO_DISTANCE;
+        };
+        let mut best = NO_DISTANCE;
+        for &r in routes {
+            if let (Some(a), Some(b)) = (self.pos(r, from), self.pos(r, to)) {
+                best = best.min(a.abs_diff(b));
+            }
+        }
+        if best != NO_DISTANCE {
+            return best;
+        }
+        for &r1 in routes {
+            let Some(a) = self.pos(r1, from) else {
+                continue;
+            };
+            for &r2 in routes {
+                let Some(b) = self.pos(r2, to) else { continue };
+                for &(x, px) in &self.table.routes[r1 as usize].chainage {
+                    if let Some(qx) = self.pos(r2, x) {
+                        best = best.min(a.abs_diff(px).saturating_add(qx.abs_diff(b)));
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    /// `to`: the destination column (its own "named explicitly" set).
+    fn area_ok(&self, rule_area: Idx, stop: Idx, to: bool) -> bool {
         let areas = &self.table.stops[stop as usize].areas;
         if rule_area != NONE {
             return areas.binary_search(&rule_area).is_ok();
         }
         self.table.meta.priority_mode
-            || !areas.iter().any(|&a| self.table.areas[a as usize].explicit)
+            || !areas.iter().any(|&a| {
+                let n = &self.table.areas[a as usize];
+                if to {
+                    n.explicit_to
+                } else {
+                    n.explicit
+                }
+            })
     }
 
     /// Whether rule `r` matches a leg on `network` from `from_stop` to `to_stop` at some time
@@ -423,7 +503,9 @@ impl Engine {
                 || network == NONE
                 || !self.table.networks[network as usize].explicit
         };
-        net_ok && self.area_ok(r.from_area, from_stop) && self.area_ok(r.to_area, to_stop)
+        net_ok
+            && self.area_ok(r.from_area, from_stop, false)
+            && self.area_ok(r.to_area, to_stop, true)
     }
 
     fn rule_matches(&self, r: &LegRule, leg: &EffLeg) -> bool {
@@ -435,8 +517,8 @@ impl Engine {
                 || !self.table.networks[leg.network as usize].explicit
         };
         net_ok
-            && self.area_ok(r.from_area, leg.from_stop)
-            && self.area_ok(r.to_area, leg.to_stop)
+            && self.area_ok(r.from_area, leg.from_stop, false)
+            && self.area_ok(r.to_area, leg.to_stop, true)
             && (r.from_timeframe == NONE || self.in_timeframe(r.from_timeframe, leg.departure_s))
             && (r.to_timeframe == NONE || self.in_timeframe(r.to_timeframe, leg.arrival_s))
     }
@@ -453,6 +535,7 @@ impl Engine {
         let mut n = 0usize;
         let mut best_prio = i32::MIN;
         let mut matched = false;
+        let mut no_distance = false;
         let nn = self.table.networks.len();
         let slots = [
             (leg.network != NONE).then(|| &self.rules_by_network[leg.network as usize]),
@@ -490,6 +573,10 @@ impl Engine {
             let Some(base) = self.price_of(r.product, rider).map(|p| p.max(0) as u32) else {
                 continue;
             };
+            if leg.distance_m == NO_DISTANCE && matches!(r.pricing, Pricing::Distance { .. }) {
+                no_distance = true;
+                continue;
+            }
             let fare = base.saturating_add(self.surcharge(&r.pricing, leg.distance_m, rider));
             let c = Cand {
                 rule: ri,
@@ -512,7 +599,9 @@ impl Engine {
             }
         }
         if n == 0 {
-            return Err(if matched {
+            return Err(if no_distance {
+                QuoteError::NoDistance { leg: legno }
+            } else if matched {
                 QuoteError::NoPrice { leg: legno }
             } else {
                 QuoteError::NoRule { leg: legno }
@@ -530,11 +619,17 @@ impl Engine {
         })
     }
 
-    fn group_from_ok(&self, rule_group: Idx, g: Idx) -> bool {
+    /// GTFS: an empty group matches the leg groups no transfer rule names in that column; a
+    /// leg with no group matches no transfer rule.
+    fn group_ok(&self, rule_group: Idx, g: Idx, to: bool) -> bool {
+        if g == NONE {
+            return false;
+        }
         if rule_group != NONE {
             return rule_group == g;
         }
-        g == NONE || !self.table.leg_groups[g as usize].explicit
+        let n = &self.table.leg_groups[g as usize];
+        !(if to { n.explicit_to } else { n.explicit })
     }
 
     /// Prices a whole journey: the lowest total the rules allow.
@@ -622,8 +717,8 @@ impl Engine {
                             if k > max_transfers {
                                 break;
                             }
-                            if !self.group_from_ok(tr.from_group, from.group)
-                                || !self.group_from_ok(tr.to_group, to.group)
+                            if !self.group_ok(tr.from_group, from.group, false)
+                                || !self.group_ok(tr.to_group, to.group, true)
                                 || tr.transfer_count.is_some_and(|n| k > usize::from(n))
                             {
                                 continue;
@@ -683,8 +778,9 @@ impl Engine {
                                     ns.last_charge = cost + i64::from(to.fare_minor);
                                 }
                                 TransferKind::TransferOnly => {
-                                    ns.total = st.total - st.last_charge + cost;
-                                    ns.last_charge = cost;
+                                    // The cost is the fare of the whole sub-journey so far.
+                                    ns.total = st.before_chain + cost;
+                                    ns.last_charge = ns.total - st.total;
                                 }
                                 TransferKind::DistanceCombined => {
                                     let r = &self.table.leg_rules[to.rule as usize];
@@ -818,11 +914,7 @@ impl Engine {
             },
             0,
         )?;
-        let tap_out = if net == NONE {
-            None
-        } else {
-            self.table.networks[net as usize].tap_out.as_ref()
-        };
+        let tap_out = self.tap_out_of(net);
         if tap.kind == TapKind::Out && tap_out.is_none() {
             return Err(QuoteError::TapOutNotUsed);
         }
@@ -832,29 +924,51 @@ impl Engine {
             .find(|r| !r.is_empty())
             .copied()
             .unwrap_or_default();
-        // Accumulators of this service day and week.
-        let today = self.service_day(tap.time_s);
-        let (mut day_paid, mut week_paid, mut day_trips) = (0u32, 0u32, 0u8);
-        // A newest record later than this validator's clock (a clock that is behind) keeps
-        // its accumulators: a rider is never charged past a cap because of a wrong clock.
-        if !newest.is_empty() {
-            let nd = self.service_day(newest.time_s);
-            if nd >= today {
-                day_paid = newest.day_paid_minor;
-                day_trips = newest.day_trips;
-            }
-            if (nd + 3).div_euclid(7) >= (today + 3).div_euclid(7) {
-                week_paid = newest.week_paid_minor;
-            }
+        let stop_code = self.table.stops[tap.stop as usize].code;
+        let route_code = self.table.routes[tap.route as usize].code;
+        // A validator clock behind the card's newest record: the tap is taken as happening
+        // right after it, so journeys, windows and caps stay consistent.
+        let time_s = if newest.is_empty() {
+            tap.time_s
+        } else {
+            tap.time_s.max(newest.time_s)
+        };
+        let elapsed_s = time_s
+            - if newest.is_empty() {
+                time_s
+            } else {
+                newest.time_s
+            };
+
+        // The same tap again (a passenger tapping twice): nothing more.
+        if !newest.is_empty()
+            && newest.kind == Some(tap.kind)
+            && newest.stop_code == stop_code
+            && newest.route_code == route_code
+            && tap.time_s >= newest.time_s
+            && elapsed_s <= REPEAT_WINDOW_S
+        {
+            return Ok(TapQuote {
+                fare_minor: 0,
+                record: newest,
+                before_caps_minor: 0,
+                penalty_minor: 0,
+                cap: NONE,
+                pass: NONE,
+                journey: None,
+                repeat: true,
+            });
         }
+
+        let (day_paid, week_paid, day_trips) = self.accumulators(&newest, time_s);
         let mut record = TripRecord {
             kind: Some(tap.kind),
             flags: 0,
             transfers: 0,
-            time_s: tap.time_s,
-            route_code: self.table.routes[tap.route as usize].code,
-            stop_code: self.table.stops[tap.stop as usize].code,
-            entry_stop_code: self.table.stops[tap.stop as usize].code,
+            time_s,
+            route_code,
+            stop_code,
+            entry_stop_code: stop_code,
             journey_offset_s: 0,
             fare_minor: 0,
             journey_paid_minor: 0,
@@ -862,21 +976,36 @@ impl Engine {
             week_paid_minor: week_paid,
             day_trips,
         };
+        let quote = |fare_minor, record, penalty_minor, pass| TapQuote {
+            fare_minor,
+            record,
+            before_caps_minor: fare_minor,
+            penalty_minor,
+            cap: NONE,
+            pass,
+            journey: None,
+            repeat: false,
+        };
 
-        // A pass covers the tap (a tap-out too: the trip it ends was covered or is now).
-        {
-            if let Some(pi) = self.covering_pass(card.passes, rider, net, tap.time_s) {
-                record.flags |= flags::PASS;
-                return Ok(TapQuote {
-                    fare_minor: 0,
-                    record,
-                    before_caps_minor: 0,
-                    penalty_minor: 0,
-                    cap: NONE,
-                    pass: pi,
-                    journey: None,
-                });
+        // The newest record's trip: a tap-in not closed yet, on a network that taps out.
+        let newest_net = self
+            .route_by_code(newest.route_code)
+            .map_or(NONE, |r| self.table.routes[r as usize].network);
+        let open_in = newest.kind == Some(TapKind::In) && self.tap_out_of(newest_net).is_some();
+        let open_by_pass = open_in && newest.flags & flags::PASS != 0;
+
+        // A pass covers the tap; a tap-out closes a trip a pass covered at entry.
+        let covering = self.covering_pass(card.passes, rider, net, time_s);
+        let closes_pass_trip = tap.kind == TapKind::Out
+            && open_by_pass
+            && newest_net == net
+            && tap_out.is_some_and(|o| elapsed_s <= o.max_trip_s);
+        if covering.is_some() || closes_pass_trip {
+            record.flags |= flags::PASS;
+            if tap.kind == TapKind::Out {
+                record.entry_stop_code = newest.stop_code;
             }
+            return Ok(quote(0, record, 0, covering.unwrap_or(NONE)));
         }
 
         // The current journey from the card's records (oldest first).
@@ -884,8 +1013,10 @@ impl Engine {
         let mut nlegs = 0usize;
         let mut open = false; // the last leg is an open tap-in
         let mut journey_ok = !newest.is_empty()
-            && newest.time_s <= tap.time_s
-            && tap.time_s - newest.journey_start_s() <= u32::from(u16::MAX);
+            && newest.flags & flags::PASS == 0
+            && newest.kind != Some(TapKind::Charge)
+            && !(newest.kind == Some(TapKind::Out) && newest.flags & flags::PENALTY != 0)
+            && time_s - newest.journey_start_s() <= u32::from(u16::MAX);
         if journey_ok {
             let start = newest.journey_start_s();
             let count = card
@@ -893,9 +1024,6 @@ impl Engine {
                 .iter()
                 .take_while(|r| !r.is_empty() && r.journey_start_s() == start)
                 .count();
-            if count >= MAX_LEGS {
-                journey_ok = false;
-            }
             for r in card.history[..count].iter().rev() {
                 if r.flags & flags::PASS != 0 || r.kind == Some(TapKind::Charge) {
                     journey_ok = false;
@@ -945,21 +1073,18 @@ impl Engine {
             open = false;
         }
 
-        let t = i64::from(tap.time_s);
+        let t = i64::from(time_s);
         let mut penalty = 0u32;
         let mut base: u32;
         let mut transfer = false;
         let mut priced = None;
         let mut continue_journey = false;
-        let mut entry_stop_code = record.stop_code;
+        let mut entry_stop_code = stop_code;
 
         if tap.kind == TapKind::Out {
-            let open_ok = open
-                && nlegs > 0
-                && self.table.routes[legs[nlegs - 1].route as usize].network == net
-                && tap_out
-                    .is_some_and(|o| t - legs[nlegs - 1].departure_s <= i64::from(o.max_trip_s));
-            if open_ok {
+            let in_time =
+                open_in && newest_net == net && tap_out.is_some_and(|o| elapsed_s <= o.max_trip_s);
+            if in_time && open && nlegs > 0 {
                 let before = self.price_journey(rider, &legs[..nlegs])?;
                 let open_leg = legs[nlegs - 1];
                 entry_stop_code = self.table.stops[open_leg.from_stop as usize].code;
@@ -970,6 +1095,15 @@ impl Engine {
                 transfer = nlegs > 1;
                 continue_journey = true;
                 priced = Some(after);
+            } else if open_in && newest_net == net {
+                // Tapped out after the trip's time ran out: the penalty fare, less what the
+                // tap-in paid; the journey ends here.
+                penalty = tap_out
+                    .map_or(0, |o| o.penalty_minor)
+                    .saturating_sub(newest.fare_minor);
+                entry_stop_code = newest.stop_code;
+                base = 0;
+                record.flags |= flags::PENALTY;
             } else {
                 // A tap-out with no tap-in: the penalty fare, as a journey of its own.
                 penalty = tap_out.map_or(0, |o| o.penalty_minor);
@@ -977,17 +1111,14 @@ impl Engine {
                 record.flags |= flags::PENALTY;
             }
         } else {
-            if open {
-                // The previous trip was never closed.
-                let last = legs[nlegs - 1];
-                let last_net = self.table.routes[last.route as usize].network;
-                if let Some(o) = (last_net != NONE)
-                    .then(|| self.table.networks[last_net as usize].tap_out.as_ref())
-                    .flatten()
-                {
+            if open_in && !open_by_pass {
+                // The previous trip was never closed: its penalty, less what its tap-in paid.
+                if let Some(o) = self.tap_out_of(newest_net) {
                     penalty = o.penalty_minor.saturating_sub(newest.fare_minor);
                     record.flags |= flags::PENALTY;
                 }
+                nlegs = 0;
+            } else if open_in {
                 nlegs = 0;
             }
             let leg = Leg {
@@ -1029,7 +1160,8 @@ impl Engine {
                 CapPeriod::Day => cap.amount_minor.saturating_sub(day_paid),
                 CapPeriod::Week => cap.amount_minor.saturating_sub(week_paid),
                 CapPeriod::DayTrips(n) => {
-                    if day_trips >= n && !continue_journey {
+                    // Free after n paid trips, including the rest of a journey begun free.
+                    if day_trips >= n && (!continue_journey || newest.journey_paid_minor == 0) {
                         0
                     } else {
                         u32::MAX
@@ -1049,7 +1181,7 @@ impl Engine {
         if continue_journey {
             record.flags |= if transfer { flags::TRANSFER } else { 0 };
             let start = newest.journey_start_s();
-            record.journey_offset_s = (tap.time_s - start) as u16;
+            record.journey_offset_s = (time_s - start) as u16;
             record.transfers = if tap.kind == TapKind::Out {
                 newest.transfers
             } else {
@@ -1059,7 +1191,7 @@ impl Engine {
         } else {
             record.journey_paid_minor = fare;
             if tap.kind != TapKind::Out || penalty > 0 {
-                record.day_trips = day_trips.saturating_add(u8::from(fare > 0));
+                record.day_trips = day_trips.saturating_add(u8::from(base > 0 || penalty > 0));
             }
         }
         record.entry_stop_code = entry_stop_code;
@@ -1074,7 +1206,34 @@ impl Engine {
             cap: cap_idx,
             pass: NONE,
             journey: priced,
+            repeat: false,
         })
+    }
+
+    /// Paid this service day, paid this week and paid trips today, from the newest record
+    /// (a newest record in the future counts: a clock behind never resets a cap).
+    fn accumulators(&self, newest: &TripRecord, time_s: u32) -> (u32, u32, u8) {
+        if newest.is_empty() {
+            return (0, 0, 0);
+        }
+        let today = self.service_day(time_s);
+        let nd = self.service_day(newest.time_s);
+        let (mut day_paid, mut week_paid, mut day_trips) = (0, 0, 0);
+        if nd >= today {
+            day_paid = newest.day_paid_minor;
+            day_trips = newest.day_trips;
+        }
+        if (nd + 3).div_euclid(7) >= (today + 3).div_euclid(7) {
+            week_paid = newest.week_paid_minor;
+        }
+        (day_paid, week_paid, day_trips)
+    }
+
+    fn tap_out_of(&self, net: Idx) -> Option<&TapOut> {
+        if net == NONE {
+            return None;
+        }
+        self.table.networks[net as usize].tap_out.as_ref()
     }
 
     fn covering_pass(&self, held: &[HeldPass], rider: Rider, net: Idx, t: u32) -> Option<Idx> {
@@ -1114,18 +1273,13 @@ impl Engine {
             .copied()
             .unwrap_or_default();
         let today = self.service_day(time_s);
-        let day_paid = if !newest.is_empty() && self.service_day(newest.time_s) == today {
-            newest.day_paid_minor
-        } else {
-            0
-        };
         // What this charge has cost today: the running total in the newest record of the same
         // charge (records of charges keep it in the journey-paid field).
         let charge_paid = card
             .history
             .iter()
             .find(|r| r.kind == Some(TapKind::Charge) && r.route_code == u32::from(code))
-            .filter(|r| self.service_day(r.time_s) == today)
+            .filter(|r| self.service_day(r.time_s) >= today)
             .map_or(0, |r| r.journey_paid_minor);
         let mut amount = u64::from(c.per_item_minor.unwrap_or(0)) * u64::from(items)
             + u64::from(c.per_hour_minor.unwrap_or(0)) * u64::from(minutes.div_ceil(60));
@@ -1139,15 +1293,23 @@ impl Engine {
             }
         }
         let fare = amount.min(u64::from(U24_MAX)) as u32;
+        let acc = self.accumulators(&newest, time_s);
+        // A charge does not count towards transit caps: the record carries the transit
+        // accumulators forward unchanged (and the charge's own day total in journey-paid).
         let record = TripRecord {
             kind: Some(TapKind::Charge),
             flags: if cap != NONE { flags::CAPPED } else { 0 },
-            time_s,
+            time_s: if newest.is_empty() {
+                time_s
+            } else {
+                time_s.max(newest.time_s)
+            },
             route_code: u32::from(code),
             fare_minor: fare,
             journey_paid_minor: charge_paid.saturating_add(fare).min(U24_MAX),
-            day_paid_minor: day_paid.saturating_add(fare).min(U24_MAX),
-            week_paid_minor: newest.week_paid_minor.saturating_add(fare).min(U24_MAX),
+            day_paid_minor: acc.0,
+            week_paid_minor: acc.1,
+            day_trips: acc.2,
             ..TripRecord::default()
         };
         Ok(TapQuote {
@@ -1158,6 +1320,7 @@ impl Engine {
             cap,
             pass: NONE,
             journey: None,
+            repeat: false,
         })
     }
 

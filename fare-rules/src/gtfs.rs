@@ -1424,6 +1424,7 @@ pub fn compile(feed: &Feed) -> Result<Table> {
                 .fare_products
                 .iter()
                 .any(|p| p.fare_media_id == m.fare_media_id),
+            explicit_to: false,
         });
     }
 
@@ -1479,14 +1480,20 @@ pub fn compile(feed: &Feed) -> Result<Table> {
     for id in &leg_groups.order {
         table.leg_groups.push(Named {
             id: id.clone(),
+            // Per column: an empty from (to) group matches the groups no rule names as from (to).
             explicit: feed
                 .fare_transfer_rules
                 .iter()
-                .any(|t| &t.from_leg_group_id == id || &t.to_leg_group_id == id),
+                .any(|t| &t.from_leg_group_id == id),
+            explicit_to: feed
+                .fare_transfer_rules
+                .iter()
+                .any(|t| &t.to_leg_group_id == id),
         });
     }
     let mut network_explicit = vec![false; networks.order.len()];
     let mut area_explicit = vec![false; areas.order.len()];
+    let mut area_explicit_to = vec![false; areas.order.len()];
     for r in &feed.fare_leg_rules {
         let f = FARE_LEG_RULES;
         let network = networks.resolve(&r.network_id, f, r.line, "network_id")?;
@@ -1503,7 +1510,7 @@ pub fn compile(feed: &Feed) -> Result<Table> {
         let product = products.resolve(&r.fare_product_id, f, r.line, "fare_product_id")?;
         mark(&mut network_explicit, network);
         mark(&mut area_explicit, from_area);
-        mark(&mut area_explicit, to_area);
+        mark(&mut area_explicit_to, to_area);
         table.leg_rules.push(LegRule {
             origin: format!("{f}:{}", r.line),
             leg_group: leg_groups.resolve(&r.leg_group_id, f, r.line, "leg_group_id")?,
@@ -1530,10 +1537,11 @@ pub fn compile(feed: &Feed) -> Result<Table> {
     table.areas = areas
         .order
         .iter()
-        .zip(&area_explicit)
-        .map(|(id, &explicit)| Named {
+        .zip(area_explicit.iter().zip(&area_explicit_to))
+        .map(|(id, (&explicit, &explicit_to))| Named {
             id: id.clone(),
             explicit,
+            explicit_to,
         })
         .collect();
 

@@ -595,6 +595,14 @@ pub fn closest<'a>(wanted: &str, names: impl IntoIterator<Item = &'a str>) -> Op
         .map(|(_, n)| n)
 }
 
+/// Where a `[section]` header is in the source (0 if absent), for errors about a section.
+fn section(src: &str, header: &str) -> usize {
+    src.find(&format!("\n{header}"))
+        .map(|i| i + 1)
+        .or_else(|| src.starts_with(header).then_some(0))
+        .unwrap_or(0)
+}
+
 struct Cx<'s> {
     file: &'s str,
     src: &'s str,
@@ -680,7 +688,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
     if let Some(u) = t.meta.effective_until_day {
         if u <= t.meta.effective_from_day {
             return Err(cx.err(
-                0,
+                section(src, "[table]"),
                 "table.effective_until",
                 "the table must end after it begins".into(),
             ));
@@ -709,7 +717,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
     let defaults = t.categories.iter().filter(|c| c.default).count();
     if defaults != 1 {
         return Err(cx.err(
-            0,
+            section(src, "[categories]"),
             "categories",
             format!(
                 "exactly one rider category needs `default = true` (found {defaults}); e.g. adult = {{ default = true }}"
@@ -727,7 +735,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
         .collect();
     if defaults.len() > 1 {
         return Err(cx.err(
-            0,
+            section(src, "[media]"),
             "media",
             format!(
                 "at most one medium may be the default (found {})",
@@ -744,6 +752,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
         t.media.push(Named {
             id: m.clone(),
             explicit: true,
+            explicit_to: true,
         });
     }
     let media_ids = index_of(&t.media.iter().map(|m| m.id.clone()).collect::<Vec<_>>());
@@ -776,6 +785,15 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             let days = v.days.map_or(0x7f, |d| d.0);
             let (from, to) = (v.from.map_or(0, |c| c.0), v.to.map_or(86_400, |c| c.0));
             let (start, end) = (v.start.map(|d| d.0), v.end.map(|d| d.0));
+            if let (Some(a), Some(b)) = (start, end) {
+                if a > b {
+                    return Err(cx.err(
+                        sp.span().start,
+                        &format!("timeframes.{id}.end"),
+                        "the span ends before it starts: `end` is before `start`".into(),
+                    ));
+                }
+            }
             if from == to {
                 return Err(cx.err(
                     sp.span().start,
@@ -899,6 +917,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
         t.areas.push(Named {
             id: area.clone(),
             explicit: true,
+            explicit_to: true,
         });
         let ai = (t.areas.len() - 1) as Idx;
         for st in stops {
@@ -1099,6 +1118,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             t.leg_groups.push(Named {
                 id: gname,
                 explicit: false,
+                explicit_to: false,
             });
             (t.leg_groups.len() - 1) as Idx
         });
@@ -1157,6 +1177,13 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                 }
             }
         };
+        if v.symmetric.is_some() && v.od.is_none() {
+            return Err(cx.err(
+                f.span().start,
+                "fares.symmetric",
+                "`symmetric` applies to an `od` table; this fare has none".into(),
+            ));
+        }
         let sources = usize::from(v.price.is_some())
             + usize::from(v.product.is_some())
             + usize::from(v.od.is_some());
@@ -1279,6 +1306,13 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                 ))
             }
         };
+        if kind == TransferKind::TransferOnly && v.cost.is_none() {
+            return Err(cx.err(
+                tr.span().start,
+                "transfers.cost",
+                "pricing = \"cost_only\" makes `cost` the fare of the whole sub-journey: give it (0 would make it free)".into(),
+            ));
+        }
         if v.max == Some(0) {
             return Err(cx.err(
                 tr.span().start,
@@ -1334,6 +1368,13 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
         };
         let cats_of: Vec<Idx> = match &v.categories {
             None => vec![NONE],
+            Some(list) if list.is_empty() => {
+                return Err(cx.err(
+                    c.span().start,
+                    "caps.categories",
+                    "an empty list caps nobody; leave `categories` out to cap every rider".into(),
+                ))
+            }
             Some(list) => list
                 .iter()
                 .map(|n| cx.resolve(n, "caps.categories", "rider category", &cat_ids))

@@ -78,8 +78,11 @@ pub struct Meta {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Named {
     pub id: String,
-    /// Whether some rule names it explicitly (for GTFS "empty matches the rest" semantics).
+    /// Whether some rule names it explicitly in its "from" column (areas: `from_area_id`; leg
+    /// groups: `from_leg_group_id`), for GTFS "empty matches the rest" semantics.
     pub explicit: bool,
+    /// The same for the "to" column (`to_area_id`, `to_leg_group_id`).
+    pub explicit_to: bool,
 }
 
 /// A rider category.
@@ -256,7 +259,7 @@ pub enum DurationFrom {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TransferRule {
     pub origin: String,
-    /// `NONE`: GTFS empty (the leg groups no rule names, or any in priority mode).
+    /// `NONE`: GTFS empty (the leg groups no transfer rule names in this column).
     pub from_group: Idx,
     pub to_group: Idx,
     /// Most consecutive transfers this rule covers (`None`: unlimited / not set).

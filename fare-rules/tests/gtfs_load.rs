@@ -263,7 +263,7 @@ fn transfers_between_leg_groups() {
     assert_eq!(t.routes[2].network, network(&t, "rail"));
 
     assert_eq!(t.leg_groups.len(), 2);
-    assert!(t.leg_groups.iter().all(|g| g.explicit));
+    assert!(t.leg_groups.iter().all(|g| g.explicit && g.explicit_to));
     let bus = leg_group(&t, "bus_leg");
     let rail = leg_group(&t, "rail_leg");
 
@@ -362,7 +362,9 @@ fn rule_priority_column_sets_priority_mode() {
     // Named by a rule: explicit; the local network is not.
     assert!(t.networks[usize::from(network(&t, "express"))].explicit);
     assert!(!t.networks[usize::from(network(&t, "local"))].explicit);
-    assert!(t.areas[usize::from(area(&t, "airport_area"))].explicit);
+    // Named in to_area_id only: explicit for the "to" column.
+    let airport = &t.areas[usize::from(area(&t, "airport_area"))];
+    assert!(airport.explicit_to && !airport.explicit);
     // Terminals are in the airport area through their parent station.
     assert_eq!(stop_areas(&t, "airport_t1"), ["airport_area"]);
     assert_eq!(stop_areas(&t, "airport_t2"), ["airport_area"]);

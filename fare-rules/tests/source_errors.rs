@@ -154,3 +154,49 @@ fn a_fare_needs_one_price_source() {
     );
     assert!(matches!(compile("r", &src), Err(SourceError::Field { .. })));
 }
+
+#[test]
+fn table_and_section_errors_point_at_their_section() {
+    let src = replaced(
+        "effective_from = \"2026-01-01\"",
+        "effective_from = \"2026-01-01\"\neffective_until = \"2025-01-01\"",
+    );
+    let e = err_of(&src);
+    assert!(
+        e.contains(&format!(
+            "line {}, field table.effective_until",
+            line_of(&src, "[table]")
+        )),
+        "{e}"
+    );
+    let src = replaced("adult = { default = true }", "adult = {}");
+    let e = err_of(&src);
+    assert!(
+        e.contains(&format!(
+            "line {}, field categories",
+            line_of(&src, "[categories]")
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn silent_no_ops_are_refused() {
+    let e = err_of(&replaced(
+        "categories = [\"adult\", \"youth\"]\n\n[[caps]]\nid = \"weekly\"",
+        "categories = []\n\n[[caps]]\nid = \"weekly\"",
+    ));
+    assert!(e.contains("an empty list caps nobody"), "{e}");
+    let e = err_of(&replaced(
+        "pricing = \"distance_combined\"",
+        "pricing = \"cost_only\"",
+    ));
+    assert!(e.contains("give it (0 would make it free)"), "{e}");
+    let e = err_of(&replaced(
+        "id = \"nightbus\"\n",
+        "id = \"nightbus\"\nsymmetric = true\n",
+    ));
+    assert!(e.contains("`symmetric` applies to an `od` table"), "{e}");
+    let e = err_of(&replaced("{ days = \"mon-fri\", from = \"07:00\", to = \"09:30\" }", "{ days = \"mon-fri\", from = \"07:00\", to = \"09:30\", start = \"2026-05-01\", end = \"2026-04-01\" }"));
+    assert!(e.contains("the span ends before it starts"), "{e}");
+}

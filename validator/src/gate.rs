@@ -142,7 +142,14 @@ impl Gate {
     ) -> Result<Answer, GateError> {
         let (kv, tmc, bal) = snap.unwrap_or((0, 0, 0));
         let seq = match journal.append_tap(None, |seq| {
-            let rec = TapRecord::refused(reason, uid, kv, tmc, bal, self.meta(seq, now_ms, codes.0, codes.1));
+            let rec = TapRecord::refused(
+                reason,
+                uid,
+                kv,
+                tmc,
+                bal,
+                self.meta(seq, now_ms, codes.0, codes.1),
+            );
             self.sign(&rec)
         }) {
             Ok(s) => Some(s),
@@ -163,16 +170,20 @@ impl Gate {
     ) -> Result<TapOutcome, GateError> {
         let engine = self.engine.as_ref().ok_or(GateError::NoFareTable)?;
         let version = engine.table().meta.version;
-        let stop = engine.stop(&self.placement.stop).ok_or_else(|| GateError::Placement {
-            what: "stop",
-            id: self.placement.stop.clone(),
-            version,
-        })?;
-        let route = engine.route(&self.placement.route).ok_or_else(|| GateError::Placement {
-            what: "route",
-            id: self.placement.route.clone(),
-            version,
-        })?;
+        let stop = engine
+            .stop(&self.placement.stop)
+            .ok_or_else(|| GateError::Placement {
+                what: "stop",
+                id: self.placement.stop.clone(),
+                version,
+            })?;
+        let route = engine
+            .route(&self.placement.route)
+            .ok_or_else(|| GateError::Placement {
+                what: "route",
+                id: self.placement.route.clone(),
+                version,
+            })?;
         let codes = (
             engine.table().stops[stop as usize].code,
             engine.table().routes[route as usize].code,
@@ -240,7 +251,13 @@ impl Gate {
                             ..meta_base
                         };
                         match journal.append_tap(Some(&snap.uid), |seq| {
-                            sign(&TapRecord::accepted(&receipt, TapMeta { device_seq: seq, ..meta }))
+                            sign(&TapRecord::accepted(
+                                &receipt,
+                                TapMeta {
+                                    device_seq: seq,
+                                    ..meta
+                                },
+                            ))
                         }) {
                             Ok(seq) => settled = Settled::Committed { seq },
                             Err(e) => {
@@ -330,7 +347,13 @@ impl Gate {
                 };
                 let meta = self.meta(0, now_ms, codes.0, codes.1);
                 let seq = journal.append_tap(Some(&uid), |seq| {
-                    self.sign(&TapRecord::accepted(&receipt, TapMeta { device_seq: seq, ..meta }))
+                    self.sign(&TapRecord::accepted(
+                        &receipt,
+                        TapMeta {
+                            device_seq: seq,
+                            ..meta
+                        },
+                    ))
                 })?;
                 hook(Step::Journalled);
                 Ok(TapOutcome {

@@ -26,7 +26,9 @@ pub enum JournalError {
     },
     #[error("journal storage: {0}")]
     Lmdb(#[from] heed::Error),
-    #[error("the outbox holds {0} taps, its configured capacity: the gateway has not confirmed them")]
+    #[error(
+        "the outbox holds {0} taps, its configured capacity: the gateway has not confirmed them"
+    )]
     OutboxFull(u64),
     #[error("journal entry is corrupt: {0}")]
     Corrupt(&'static str),
@@ -114,7 +116,11 @@ const NEXT_SEQ: &str = "next_seq";
 
 impl Journal {
     /// Opens (or creates) the journal in `dir`.
-    pub fn open(dir: &Path, outbox_capacity_taps: u64, map_size_bytes: usize) -> Result<Self, JournalError> {
+    pub fn open(
+        dir: &Path,
+        outbox_capacity_taps: u64,
+        map_size_bytes: usize,
+    ) -> Result<Self, JournalError> {
         std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
             path: dir.display().to_string(),
             source,
@@ -227,7 +233,11 @@ impl Journal {
     }
 
     /// Up to `max` journalled taps with a sequence number above `after`, in order.
-    pub fn outbox_after(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
+    pub fn outbox_after(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, JournalError> {
         let r = self.env.read_txn()?;
         let mut v = Vec::new();
         let range = (std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded);
@@ -321,7 +331,9 @@ mod tests {
         let p = pending();
         j.put_pending(&p).unwrap();
         assert_eq!(j.pending(&p.change.uid).unwrap(), Some(p.clone()));
-        let seq = j.append_tap(Some(&p.change.uid), |s| [s as u8; TAP_LEN]).unwrap();
+        let seq = j
+            .append_tap(Some(&p.change.uid), |s| [s as u8; TAP_LEN])
+            .unwrap();
         assert_eq!(seq, 1);
         assert_eq!(j.pending(&p.change.uid).unwrap(), None);
         assert_eq!(j.outbox_len().unwrap(), 1);
@@ -343,7 +355,12 @@ mod tests {
         }
         let j = Journal::open(d.path(), 3, 1 << 24).unwrap();
         assert_eq!(j.outbox_len().unwrap(), 3);
-        let after: Vec<u64> = j.outbox_after(1, 10).unwrap().into_iter().map(|e| e.0).collect();
+        let after: Vec<u64> = j
+            .outbox_after(1, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
         assert_eq!(after, [2, 3]);
         assert_eq!(j.confirm(&[1, 2, 99]).unwrap(), 2);
         // Sequence numbers keep counting after a reopen and confirmations.
