@@ -184,7 +184,8 @@ pub struct Engine {
 #[derive(Clone, Debug, Default)]
 struct NetRules {
     any_from: Vec<Idx>,
-    by_from: Vec<(Idx, Idx)>,
+    /// ((from area, to area or `NONE`), rule), sorted.
+    by_from: Vec<((Idx, Idx), Idx)>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -260,7 +261,7 @@ impl Engine {
             if r.from_area == NONE {
                 nr.any_from.push(i as Idx);
             } else {
-                nr.by_from.push((r.from_area, i as Idx));
+                nr.by_from.push(((r.from_area, r.to_area), i as Idx));
             }
         }
         for nr in &mut rules_by_network {
@@ -542,16 +543,22 @@ impl Engine {
             Some(&self.rules_by_network[nn]),
         ];
         let from_areas = &self.table.stops[leg.from_stop as usize].areas;
+        let to_areas = &self.table.stops[leg.to_stop as usize].areas;
+        // Rules with no origin area, then for each origin area those with no destination area
+        // or one of the leg's: an origin–destination table costs a few binary searches.
         let rules = slots.into_iter().flatten().flat_map(|nr| {
+            let range = move |key: (Idx, Idx)| {
+                let lo = nr.by_from.partition_point(|&(k, _)| k < key);
+                nr.by_from[lo..]
+                    .iter()
+                    .take_while(move |&&(k, _)| k == key)
+                    .map(|&(_, r)| r)
+            };
             nr.any_from
                 .iter()
                 .copied()
                 .chain(from_areas.iter().flat_map(move |&a| {
-                    let lo = nr.by_from.partition_point(|&(x, _)| x < a);
-                    nr.by_from[lo..]
-                        .iter()
-                        .take_while(move |&&(x, _)| x == a)
-                        .map(|&(_, r)| r)
+                    range((a, NONE)).chain(to_areas.iter().flat_map(move |&b| range((a, b))))
                 }))
         });
         for ri in rules {
