@@ -55,7 +55,7 @@ fn quotes_allocate_nothing() {
     let e =
         Engine::new(fare_rules::source::compile("town.toml", &city_source(size)).unwrap()).unwrap();
     let st = |s: &str| e.stop(s).unwrap();
-    let t0 = 1_764_576_000; // 2026-12-01 08:00 local
+    let t0 = 1_764_576_000; // 2025-12-01 08:00 local (a Monday)
     let last_metro = metro_stop(1, size.stops_per_metro_line - 1);
     let legs = [
         Leg {

@@ -18,7 +18,7 @@ fn town() -> &'static Engine {
     })
 }
 
-/// 2026-12-01 00:00 local (a Tuesday).
+/// 2025-12-01 00:00 local (a Monday).
 const DAY0: i64 = 1_764_547_200;
 
 /// A random leg: (route, from position, to position, gap before it in minutes, ride minutes).

@@ -61,6 +61,8 @@ pub enum Answer {
     },
     /// The card left mid-transaction: the debit, if any, is settled at its next tap.
     Torn,
+    /// The same tap again within seconds: already validated, nothing charged or journalled.
+    Repeat,
 }
 
 /// Tap failures the gate cannot answer a passenger for.
@@ -220,6 +222,7 @@ impl Gate {
         // What the decision closure found out, for after the dialogue.
         enum Verdict {
             Undecided,
+            Repeat,
             Refuse(RefusalReason),
             Apply { fare_minor: u32 },
             Failed(GateError),
@@ -301,11 +304,16 @@ impl Gate {
             };
             let q = match engine.quote_tap(&view, &fare_tap) {
                 Ok(q) => q,
-                Err(_) => {
+                Err(e) => {
+                    tracing::warn!(error = %e, "fare quote failed");
                     verdict = Verdict::Refuse(RefusalReason::FareError);
                     return Decision::Refuse;
                 }
             };
+            if q.repeat {
+                verdict = Verdict::Repeat;
+                return Decision::Refuse;
+            }
             if i64::from(q.fare_minor) > i64::from(snap.balance_minor) {
                 verdict = Verdict::Refuse(RefusalReason::InsufficientValue);
                 return Decision::Refuse;
@@ -368,6 +376,13 @@ impl Gate {
             }
             Ok(Outcome::Refused { snapshot }) => {
                 let reason = match verdict {
+                    Verdict::Repeat => {
+                        return Ok(TapOutcome {
+                            answer: Answer::Repeat,
+                            uid: Some(uid),
+                            settled,
+                        })
+                    }
                     Verdict::Failed(e) => return Err(e),
                     Verdict::Refuse(r) => r,
                     _ => RefusalReason::Other,

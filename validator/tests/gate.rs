@@ -1,0 +1,309 @@
+//! The gate against an emulated card: fares from the card's records, refusals with reasons,
+//! and exactly-once debits when the card is pulled or the validator crashes at every step.
+
+use fare_rules::engine::Engine;
+use fare_rules::record::TapKind;
+use purse::blocklist::Blocklist;
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::receipt::TxKind;
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::tap::{RefusalReason, TapRecord};
+use purse::txn::EmulatedReader;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use validator::gate::{Answer, Gate, Placement, Settled, Step};
+use validator::journal::Journal;
+
+const UID: [u8; 7] = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
+const START_MINOR: i32 = 10_000;
+/// 2026-12-01 08:00 in Metro City (UTC+9) as unix ms.
+const T0_MS: u64 = 1_796_079_600_000;
+
+struct Rig {
+    keys: KeySet,
+    hsm: SoftwareHsm,
+    card: Card,
+    card_rng: StdRng,
+}
+
+fn rig() -> Rig {
+    let mut rng = StdRng::seed_from_u64(7);
+    let keys = KeySet::generate(&mut rng);
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let card = Card::personalise(
+        &Personalisation::transit(UID, START_MINOR),
+        hsm.card_keys(&UID, 1).unwrap(),
+    );
+    Rig {
+        keys,
+        hsm,
+        card,
+        card_rng: StdRng::seed_from_u64(8),
+    }
+}
+
+fn engine() -> Engine {
+    let src = include_str!("../../fare-rules/samples/metro-city/rules.toml");
+    Engine::new(fare_rules::source::compile("rules.toml", src).unwrap()).unwrap()
+}
+
+fn gate(r: &Rig, stop: &str, kind: TapKind) -> Gate {
+    Gate {
+        sam: SoftwareSam::validator(&r.keys, 1001).unwrap(),
+        engine: Some(engine()),
+        blocklist: Blocklist::new("metro"),
+        placement: Placement {
+            device_id: 1001,
+            stop: stop.into(),
+            route: "M1".into(),
+            kind,
+            utc_offset_s: 9 * 3600,
+        },
+        rng: StdRng::seed_from_u64(9),
+    }
+}
+
+/// Powers the card up again after a tear and takes it out of the field.
+fn repower(r: &mut Rig) {
+    if r.card.is_torn() {
+        let nvm = r.card.nvm().clone();
+        r.card = Card::power_on(nvm, r.hsm.card_keys(&UID, 1).unwrap());
+    }
+    r.card.remove_from_field();
+}
+
+fn tap(
+    g: &mut Gate,
+    r: &mut Rig,
+    j: &Journal,
+    at_ms: u64,
+    hook: &mut dyn FnMut(Step),
+) -> validator::gate::TapOutcome {
+    let mut reader = EmulatedReader {
+        card: &mut r.card,
+        rng: &mut r.card_rng,
+    };
+    let out = g.tap(&mut reader, j, at_ms, hook).unwrap();
+    repower(r);
+    out
+}
+
+/// Every journalled accepted debit, decoded and verified with the device key.
+fn journalled(j: &Journal, r: &Rig) -> Vec<TapRecord> {
+    let sam = SoftwareSam::validator(&r.keys, 1001).unwrap();
+    let key = purse::sam::Sam::device_key(&sam).clone();
+    j.outbox_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|(_, w)| TapRecord::decode_verified(&w, |_| Some(key.clone())).unwrap())
+        .collect()
+}
+
+fn debited(taps: &[TapRecord]) -> i64 {
+    taps.iter()
+        .filter(|t| t.refusal.is_none() && t.kind == TxKind::Debit)
+        .map(|t| i64::from(t.amount_minor))
+        .sum()
+}
+
+#[test]
+fn a_metro_trip_charges_base_then_surcharge_from_the_card_alone() {
+    let mut r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let mut entry = gate(&r, "Central", TapKind::In);
+    let mut exit = gate(&r, "University", TapKind::Out);
+    let a = tap(&mut entry, &mut r, &j, T0_MS, &mut |_| {});
+    assert!(
+        matches!(
+            a.answer,
+            Answer::Accepted {
+                fare_minor: 1400,
+                balance_minor: 8600,
+                ..
+            }
+        ),
+        "{a:?}"
+    );
+    let b = tap(&mut exit, &mut r, &j, T0_MS + 20 * 60_000, &mut |_| {});
+    assert!(
+        matches!(
+            b.answer,
+            Answer::Accepted {
+                fare_minor: 100,
+                balance_minor: 8500,
+                ..
+            }
+        ),
+        "{b:?}"
+    );
+    let taps = journalled(&j, &r);
+    assert_eq!(taps.len(), 2);
+    assert_eq!(debited(&taps), 1500);
+    assert_eq!(r.card.state().balance_minor, START_MINOR - 1500);
+    // Tapping out again within seconds changes nothing.
+    let c = tap(
+        &mut exit,
+        &mut r,
+        &j,
+        T0_MS + 20 * 60_000 + 3_000,
+        &mut |_| {},
+    );
+    assert_eq!(c.answer, Answer::Repeat);
+    assert_eq!(journalled(&j, &r).len(), 2);
+}
+
+#[test]
+fn refusals_carry_their_reason_and_are_journalled() {
+    let mut r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let mut g = gate(&r, "Central", TapKind::In);
+    // Blocklisted: a signed snapshot listing the card.
+    let signer = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let list = purse::blocklist::ListUpdate {
+        kind: purse::blocklist::ListKind::Snapshot,
+        operator: "metro".into(),
+        from_version: 0,
+        to_version: 1,
+        entries: vec![(UID, true)],
+    };
+    let bytes = list.sign_with(|m| ed25519_dalek::Signer::sign(&signer, m).to_bytes());
+    g.blocklist
+        .apply(&bytes, &signer.verifying_key().to_bytes())
+        .unwrap();
+    let out = tap(&mut g, &mut r, &j, T0_MS, &mut |_| {});
+    assert!(
+        matches!(
+            out.answer,
+            Answer::Refused {
+                reason: RefusalReason::Blocklisted,
+                seq: Some(1)
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(r.card.state().balance_minor, START_MINOR);
+    let taps = journalled(&j, &r);
+    assert_eq!(taps[0].refusal, Some(RefusalReason::Blocklisted));
+    assert_eq!(taps[0].meta.blocklist_version, 1);
+
+    // Not enough value.
+    let mut r2 = rig();
+    r2.card = Card::personalise(
+        &Personalisation::transit(UID, 1000),
+        r2.hsm.card_keys(&UID, 1).unwrap(),
+    );
+    let mut g2 = gate(&r2, "Central", TapKind::In);
+    let out = tap(&mut g2, &mut r2, &j, T0_MS, &mut |_| {});
+    assert!(
+        matches!(
+            out.answer,
+            Answer::Refused {
+                reason: RefusalReason::InsufficientValue,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}
+
+/// A tear after `n` card NVM writes of the commit, then the card's next tap here.
+#[test]
+fn a_card_pulled_at_every_write_is_debited_exactly_once() {
+    for n in 0..8u32 {
+        let mut r = rig();
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+        let mut g = gate(&r, "Central", TapKind::In);
+        r.card.tear_after_writes(Some(n));
+        let first = tap(&mut g, &mut r, &j, T0_MS, &mut |_| {});
+        r.card.tear_after_writes(None);
+        // The next tap, at another station an hour later.
+        let mut g2 = gate(&r, "Market", TapKind::In);
+        let second = tap(&mut g2, &mut r, &j, T0_MS + 3_600_000, &mut |_| {});
+        assert!(
+            matches!(
+                second.answer,
+                Answer::Accepted { .. } | Answer::Refused { .. }
+            ),
+            "n={n}: {second:?}"
+        );
+        let taps = journalled(&j, &r);
+        let balance = i64::from(r.card.state().balance_minor);
+        assert_eq!(
+            balance + debited(&taps),
+            i64::from(START_MINOR),
+            "n={n}: value conserved: {first:?} {second:?}"
+        );
+        // No counter journalled twice.
+        let mut tmcs: Vec<u32> = taps
+            .iter()
+            .filter(|t| t.refusal.is_none())
+            .map(|t| t.tmc)
+            .collect();
+        let len = tmcs.len();
+        tmcs.dedup();
+        assert_eq!(tmcs.len(), len, "n={n}");
+        assert!(j.pendings().unwrap().is_empty(), "n={n}: pending left");
+        if first.answer == Answer::Torn {
+            assert_ne!(second.settled, Settled::None, "n={n}: the tear was settled");
+        }
+    }
+}
+
+/// The validator process dies at each step of a tap; it restarts on the same journal and the
+/// card comes back.
+#[test]
+fn a_crash_at_every_step_is_recorded_exactly_once() {
+    for crash_at in [
+        Step::Read,
+        Step::PendingJournalled,
+        Step::Committed,
+        Step::Journalled,
+    ] {
+        let mut r = rig();
+        let d = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+            let mut g = gate(&r, "Central", TapKind::In);
+            let mut reader = EmulatedReader {
+                card: &mut r.card,
+                rng: &mut r.card_rng,
+            };
+            let crashed = catch_unwind(AssertUnwindSafe(|| {
+                g.tap(&mut reader, &j, T0_MS, &mut |s| {
+                    if s == crash_at {
+                        panic!("power cut at {s:?}");
+                    }
+                })
+            }));
+            assert!(crashed.is_err());
+        }
+        r.card.remove_from_field();
+        // Restart: a new gate on the same journal.
+        let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+        let mut g = gate(&r, "Market", TapKind::In);
+        let again = tap(&mut g, &mut r, &j, T0_MS + 3_600_000, &mut |_| {});
+        assert!(
+            matches!(again.answer, Answer::Accepted { .. }),
+            "{crash_at:?}: {again:?}"
+        );
+        let taps = journalled(&j, &r);
+        let balance = i64::from(r.card.state().balance_minor);
+        assert_eq!(
+            balance + debited(&taps),
+            i64::from(START_MINOR),
+            "{crash_at:?}"
+        );
+        let committed_first = matches!(crash_at, Step::Committed | Step::Journalled);
+        assert_eq!(
+            taps.len(),
+            if committed_first { 2 } else { 1 },
+            "{crash_at:?}: {taps:?}"
+        );
+        assert!(j.pendings().unwrap().is_empty());
+    }
+}
