@@ -6,5 +6,7 @@
 //! - [`journal`]: the LMDB outbox, pending debits and applied downlink messages.
 #![deny(unsafe_code)]
 
+pub mod daemon;
 pub mod gate;
 pub mod journal;
+pub mod reader;

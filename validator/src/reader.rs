@@ -1,0 +1,217 @@
+//! Card readers. [`Reader`] is what the gate loop needs: wait for a card, talk to it, let it go.
+//! [`Crowd`] is the emulated reader for tests, the demo and load tests: emulated cards
+//! presented one after another with realistic timing (exponential gaps at a configured rate),
+//! kept in memory and, optionally, as card images in a directory so they survive a restart of
+//! the validator process (a real card keeps its state in its own chip).
+
+use purse::card::{Card, Nvm, Personalisation};
+use purse::sam::SoftwareHsm;
+use purse::txn::{EmulatedReader, Transport, TransportError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A card reader.
+pub trait Reader: Send {
+    /// Blocks until a card is in the field; `None` when the reader has no more cards (a
+    /// scripted crowd that is done) or is shutting down.
+    fn wait_card(&mut self) -> Option<&mut dyn Transport>;
+    /// The card has left the field.
+    fn card_removed(&mut self);
+}
+
+/// Crowd settings.
+#[derive(Clone, Debug)]
+pub struct CrowdConfig {
+    pub cards: u32,
+    pub balance_minor: i32,
+    /// Taps to present in all (`None`: until shut down).
+    pub taps: Option<u64>,
+    /// Mean presentations per second (0: as fast as the gate takes them).
+    pub rate_per_s: f64,
+    pub seed: u64,
+    /// Card images live here between presentations (survive a restart), if set.
+    pub dir: Option<PathBuf>,
+    /// Per mille of presentations where the card is pulled during its commit.
+    pub tear_per_mille: u32,
+}
+
+/// Emulated cards presented one after another.
+pub struct Crowd {
+    cfg: CrowdConfig,
+    hsm: SoftwareHsm,
+    cards: Vec<Option<Card>>,
+    rng: StdRng,
+    card_rng: StdRng,
+    presented: u64,
+    current: Option<usize>,
+    next_at: Instant,
+    reader: Option<CardInField>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The card in the field.
+struct CardInField {
+    card: Card,
+    rng: StdRng,
+}
+
+impl Transport for CardInField {
+    fn card_uid(&mut self) -> Result<[u8; 7], TransportError> {
+        EmulatedReader {
+            card: &mut self.card,
+            rng: &mut self.rng,
+        }
+        .card_uid()
+    }
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        EmulatedReader {
+            card: &mut self.card,
+            rng: &mut self.rng,
+        }
+        .transmit(command)
+    }
+}
+
+/// The UID of crowd card `i`.
+pub fn crowd_uid(i: u32) -> [u8; 7] {
+    let b = i.to_be_bytes();
+    [0x04, 0xC0, 0x0D, b[0], b[1], b[2], b[3]]
+}
+
+impl Crowd {
+    /// A crowd of `cfg.cards` cards issued under `hsm` (the issuer's keys: emulated cards are
+    /// personalised with their diversified keys, as at the card bureau).
+    pub fn new(
+        cfg: CrowdConfig,
+        hsm: SoftwareHsm,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::io::Result<Self> {
+        if let Some(d) = &cfg.dir {
+            std::fs::create_dir_all(d)?;
+        }
+        Ok(Self {
+            cards: (0..cfg.cards).map(|_| None).collect(),
+            rng: StdRng::seed_from_u64(cfg.seed),
+            card_rng: StdRng::seed_from_u64(cfg.seed ^ 0x5eed),
+            presented: 0,
+            current: None,
+            next_at: Instant::now(),
+            reader: None,
+            hsm,
+            cfg,
+            stop,
+        })
+    }
+
+    /// Taps presented so far.
+    pub fn presented(&self) -> u64 {
+        self.presented
+    }
+
+    fn image_path(&self, i: usize) -> Option<PathBuf> {
+        self.cfg
+            .dir
+            .as_ref()
+            .map(|d| d.join(format!("{}.json", hex(&crowd_uid(i as u32)))))
+    }
+
+    fn take_card(&mut self, i: usize) -> Card {
+        if let Some(c) = self.cards[i].take() {
+            return c;
+        }
+        let uid = crowd_uid(i as u32);
+        let keys = |v| self.hsm.card_keys(&uid, v);
+        if let Some(p) = self.image_path(i) {
+            if let Ok(text) = std::fs::read_to_string(&p) {
+                if let Ok(nvm) = serde_json::from_str::<Nvm>(&text) {
+                    if let Ok(k) = keys(nvm.main.key_version) {
+                        return Card::power_on(nvm, k);
+                    }
+                }
+            }
+        }
+        let mut p = Personalisation::transit(uid, self.cfg.balance_minor);
+        p.upper_limit_minor = p.upper_limit_minor.max(self.cfg.balance_minor);
+        let k = keys(p.key_version).expect("the issuer holds version-1 keys");
+        Card::personalise(&p, k)
+    }
+
+    fn put_card(&mut self, i: usize, mut card: Card) {
+        if card.is_torn() {
+            let uid = card.state().uid;
+            let nvm = card.nvm().clone();
+            if let Ok(k) = self.hsm.card_keys(&uid, nvm.main.key_version) {
+                card = Card::power_on(nvm, k);
+            }
+        }
+        card.tear_after_writes(None);
+        card.remove_from_field();
+        if let Some(p) = self.image_path(i) {
+            if let Ok(text) = serde_json::to_string(card.nvm()) {
+                let tmp = p.with_extension("tmp");
+                if std::fs::write(&tmp, text).is_ok() {
+                    let _ = std::fs::rename(&tmp, &p);
+                }
+            }
+        }
+        self.cards[i] = Some(card);
+    }
+
+    /// The cards' balances now (for conservation checks).
+    pub fn balances(&mut self) -> Vec<([u8; 7], i32)> {
+        (0..self.cards.len())
+            .map(|i| {
+                let c = self.take_card(i);
+                let out = (c.state().uid, c.state().balance_minor);
+                self.cards[i] = Some(c);
+                out
+            })
+            .collect()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Reader for Crowd {
+    fn wait_card(&mut self) -> Option<&mut dyn Transport> {
+        if self.cfg.taps.is_some_and(|n| self.presented >= n) || self.cards.is_empty() {
+            return None;
+        }
+        // Realistic gaps: exponential inter-arrival at the configured rate.
+        if self.cfg.rate_per_s > 0.0 {
+            let now = Instant::now();
+            while Instant::now() < self.next_at {
+                if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return None;
+                }
+                std::thread::sleep((self.next_at - Instant::now()).min(Duration::from_millis(50)));
+            }
+            let u: f64 = self.rng.gen_range(1e-9..1.0);
+            let gap = -u.ln() / self.cfg.rate_per_s;
+            self.next_at = now.max(self.next_at) + Duration::from_secs_f64(gap);
+        }
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let i = self.rng.gen_range(0..self.cards.len());
+        let mut card = self.take_card(i);
+        if self.cfg.tear_per_mille > 0 && self.rng.gen_range(0..1000) < self.cfg.tear_per_mille {
+            card.tear_after_writes(Some(self.rng.gen_range(0..6)));
+        }
+        self.presented += 1;
+        self.current = Some(i);
+        let rng = StdRng::seed_from_u64(self.card_rng.gen());
+        self.reader = Some(CardInField { card, rng });
+        self.reader.as_mut().map(|r| r as &mut dyn Transport)
+    }
+
+    fn card_removed(&mut self) {
+        if let (Some(i), Some(r)) = (self.current.take(), self.reader.take()) {
+            self.put_card(i, r.card);
+        }
+    }
+}
