@@ -9,6 +9,7 @@ mod demo;
 mod fare_cmd;
 mod gateway_cmd;
 mod keys_cmd;
+mod validator_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Charging(charging_cmd::ChargingArgs),
     /// The gateway: taps from MQTT, verified, de-duplicated, stored, confirmed, forwarded.
     Gateway(gateway_cmd::GatewayArgs),
+    /// The validator daemon: offline debits at the gate, journal, MQTT store-and-forward.
+    Validator(validator_cmd::ValidatorArgs),
     /// Key tools: diversification, session keys, issuer key sets.
     Keys(keys_cmd::KeysArgs),
     /// Emulated cards: issue, show, debit, load.
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Charge(args) => report(charge_cmd::run(args)),
         Command::Charging(args) => report(charging_cmd::run(args)),
         Command::Gateway(args) => report(gateway_cmd::run_cmd(args)),
+        Command::Validator(args) => report(validator_cmd::run(args)),
         Command::Keys(args) => report(keys_cmd::run(args)),
         Command::Card(args) => report(card_cmd::run(args)),
         Command::Fare(args) => match fare_cmd::run(args) {

@@ -51,10 +51,28 @@ pub struct Crowd {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The card in the field.
+/// The card in the field. With an image path, its NVM is written to the file after every
+/// command that changed it, as a chip keeps its memory whatever happens to the reader.
 struct CardInField {
     card: Card,
     rng: StdRng,
+    image: Option<PathBuf>,
+    last_image: String,
+}
+
+impl CardInField {
+    fn persist(&mut self) {
+        let Some(p) = &self.image else { return };
+        let Ok(text) = serde_json::to_string(self.card.nvm()) else {
+            return;
+        };
+        if text != self.last_image {
+            let tmp = p.with_extension("tmp");
+            if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, p).is_ok() {
+                self.last_image = text;
+            }
+        }
+    }
 }
 
 impl Transport for CardInField {
@@ -66,11 +84,13 @@ impl Transport for CardInField {
         .card_uid()
     }
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
-        EmulatedReader {
+        let r = EmulatedReader {
             card: &mut self.card,
             rng: &mut self.rng,
         }
-        .transmit(command)
+        .transmit(command);
+        self.persist();
+        r
     }
 }
 
@@ -205,7 +225,13 @@ impl Reader for Crowd {
         self.presented += 1;
         self.current = Some(i);
         let rng = StdRng::seed_from_u64(self.card_rng.gen());
-        self.reader = Some(CardInField { card, rng });
+        let image = self.image_path(i);
+        self.reader = Some(CardInField {
+            card,
+            rng,
+            image,
+            last_image: String::new(),
+        });
         self.reader.as_mut().map(|r| r as &mut dyn Transport)
     }
 
