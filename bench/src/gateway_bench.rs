@@ -73,28 +73,11 @@ fn start_mosquitto(
 }
 
 fn rss_peak_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    crate::stats::status_kib("VmHWM:")
 }
 
 fn cpu_s() -> f64 {
-    let Ok(text) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let f: Vec<&str> = text
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
+    crate::stats::cpu_s()
 }
 
 /// Publishes `records[vi]` from VALIDATORS clients at QoS 1 and waits until `done` reports all.

@@ -61,17 +61,8 @@ fn relay(
 }
 
 /// CPU seconds (user + system) from a `/proc/.../stat` file (Linux; CLK_TCK = 100).
-fn cpu_s(path: &str) -> f64 {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return 0.0;
-    };
-    let Some(rest) = text.rsplit(')').next() else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields after the command: state is [0]; utime is field 14 of the line, i.e. [11].
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+fn cpu_s(_path: &str) -> f64 {
+    crate::stats::cpu_s()
 }
 
 /// Runs `n` loads from `clients` client threads.

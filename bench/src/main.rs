@@ -14,6 +14,7 @@ mod loads;
 mod purse_bench;
 mod reconcile;
 mod stats;
+mod validator_bench;
 
 /// One scenario's result: named figures, in print order.
 pub type Figures = Vec<(&'static str, serde_json::Value)>;
@@ -47,6 +48,7 @@ enum Scenario {
     Reconcile,
     Clearing,
     Gateway,
+    Validator,
 }
 
 impl Scenario {
@@ -59,6 +61,7 @@ impl Scenario {
             Scenario::Reconcile => "reconcile",
             Scenario::Clearing => "clearing",
             Scenario::Gateway => "gateway",
+            Scenario::Validator => "validator",
         }
     }
 }
@@ -72,6 +75,7 @@ fn main() -> Result<()> {
         Scenario::Loads => loads::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
+        Scenario::Validator => validator_bench::run(args.n)?,
         Scenario::Gateway => {
             gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
         }

@@ -25,3 +25,35 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
     let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
 }
+
+/// This process's CPU time (user + system), seconds, from /proc/self/stat (0 elsewhere).
+pub fn cpu_s() -> f64 {
+    let (u, s) = cpu_user_sys_s();
+    u + s
+}
+
+/// This process's user and system CPU time, seconds.
+pub fn cpu_user_sys_s() -> (f64, f64) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/stat") else {
+        return (0.0, 0.0);
+    };
+    let Some(rest) = text.rsplit(')').next() else {
+        return (0.0, 0.0);
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the command: state is [0]; utime is field 14 of the line, i.e. [11].
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) / 100.0, ticks(12) / 100.0)
+}
+
+/// A memory figure of this process from /proc/self/status, KiB (`VmRSS`, `VmHWM`; 0 elsewhere).
+pub fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}

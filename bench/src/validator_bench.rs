@@ -1,0 +1,141 @@
+//! Bench scenario `validator`: taps through the gate, card and SAM emulated in process, the
+//! LMDB journal committed with fsync on every tap (twice: the pending debit, then the tap).
+//!
+//! Each of `n` cards is presented once at a metro entry gate of the synthetic city
+//! (`fare_rules::synth::CitySize::CITY`) with a blocklist of 1,000,000 cards loaded. Figures:
+//! `taps`, `p50_us`/`p99_us` (card in the field to answer, journal included), `taps_per_s`
+//! (one reader), `cpu_us_per_tap` (process CPU time per tap, user + system: the work without
+//! the disk waits, the emulated card's side and the two fsync system calls included),
+//! `user_cpu_us_per_tap` (the same in user space: our code, card and SAM), and
+//! `rss_mib` (resident size with the blocklist and the table loaded).
+
+use crate::stats::{cpu_user_sys_s, quantile, status_kib};
+use crate::Figures;
+use ed25519_dalek::{Signer, SigningKey};
+use fare_rules::record::TapKind;
+use fare_rules::synth::{city_source, metro_stop, CitySize};
+use purse::blocklist::{Blocklist, ListKind, ListUpdate};
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::EmulatedReader;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::time::Instant;
+use validator::gate::{Answer, Gate, Placement};
+use validator::journal::Journal;
+
+pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+    let n = n.unwrap_or(10_000);
+    let mut rng = StdRng::seed_from_u64(3);
+    let keys = KeySet::generate(&mut rng);
+    let hsm = SoftwareHsm::new(&keys)?;
+    let signer = SigningKey::from_bytes(&[11; 32]);
+    let pk = signer.verifying_key().to_bytes();
+
+    let table = fare_rules::source::compile("city.toml", &city_source(CitySize::CITY))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signed_table = fare_rules::signed::encode(&table, |m| signer.sign(m).to_bytes());
+    let engine = fare_rules::signed::verify(&signed_table, &pk)?;
+    drop(table);
+
+    // 1,000,000 blocked cards (none of them ours).
+    let rss_before_kib = status_kib("VmRSS:");
+    let entries: Vec<([u8; 7], bool)> = (0..1_000_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            ([0x04, 0xB1, 0x0C, b[0], b[1], b[2], b[3]], true)
+        })
+        .collect();
+    let snapshot = ListUpdate {
+        kind: ListKind::Snapshot,
+        operator: "metro".into(),
+        from_version: 0,
+        to_version: 1,
+        entries,
+    }
+    .sign_with(|m| signer.sign(m).to_bytes());
+    let mut blocklist = Blocklist::new("metro");
+    blocklist.apply(&snapshot, &pk)?;
+    drop(snapshot);
+
+    let dir = tempfile::tempdir()?;
+    let journal = Journal::open(dir.path(), n + 10, 1 << 30)?;
+    let mut gate = Gate {
+        sam: SoftwareSam::validator(&keys, 1001)?,
+        engine: Some(engine),
+        blocklist,
+        placement: Placement {
+            device_id: 1001,
+            stop: metro_stop(3, 4),
+            route: "M3".into(),
+            kind: TapKind::In,
+            utc_offset_s: 9 * 3600,
+        },
+        rng: StdRng::seed_from_u64(4),
+    };
+    let rss_kib = status_kib("VmRSS:");
+
+    let mut cards = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let b = (i as u32).to_be_bytes();
+        let uid = [0x04, 0xBE, 0x0C, b[0], b[1], b[2], b[3]];
+        cards.push(Card::personalise(
+            &Personalisation::transit(uid, 100_000),
+            hsm.card_keys(&uid, 1)?,
+        ));
+    }
+    let mut lat = Vec::with_capacity(n as usize);
+    let mut card_rng = StdRng::seed_from_u64(5);
+    let cpu0 = cpu_user_sys_s();
+    let t0 = Instant::now();
+    let now_ms = 1_796_079_600_000; // 2026-12-01 08:00 at UTC+9
+    let mut accepted = 0u64;
+    for (i, card) in cards.iter_mut().enumerate() {
+        let i = i as u64;
+        let t = Instant::now();
+        let out = gate
+            .tap(
+                &mut EmulatedReader {
+                    card,
+                    rng: &mut card_rng,
+                },
+                &journal,
+                now_ms + i,
+                &mut |_| {},
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        lat.push(t.elapsed().as_micros() as u64);
+        if matches!(out.answer, Answer::Accepted { .. }) {
+            accepted += 1;
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_user_sys_s();
+    let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    anyhow::ensure!(
+        accepted == n,
+        "every tap should be accepted ({accepted} of {n})"
+    );
+    lat.sort_unstable();
+    Ok(vec![
+        ("taps", n.into()),
+        ("p50_us", quantile(&lat, 0.5).into()),
+        ("p99_us", quantile(&lat, 0.99).into()),
+        ("taps_per_s", ((n as f64 / wall).round() as u64).into()),
+        (
+            "cpu_us_per_tap",
+            (((user + sys) * 1e6 / n as f64).round() as u64).into(),
+        ),
+        (
+            "user_cpu_us_per_tap",
+            ((user * 1e6 / n as f64).round() as u64).into(),
+        ),
+        ("rss_mib", (rss_kib / 1024).into()),
+        (
+            "blocklist_mib",
+            (rss_kib.saturating_sub(rss_before_kib) / 1024).into(),
+        ),
+        ("blocklist_entries", 1_000_000u64.into()),
+    ])
+}
