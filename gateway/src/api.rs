@@ -236,6 +236,41 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         .into_response()
 }
 
+#[derive(serde::Deserialize)]
+struct PropagationQuery {
+    version: Option<u64>,
+}
+
+/// `GET /v1/blocklist/propagation?version=V` (default: the latest published): how long until
+/// 50%, 99% and 100% of the online validators held that version.
+async fn propagation(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<PropagationQuery>,
+) -> Response {
+    if let Some(r) = operator(&st, &headers) {
+        return r;
+    }
+    let Ok(p) = st.stats.propagation.lock() else {
+        return internal("propagation lock poisoned");
+    };
+    let Some(version) = q.version.or_else(|| p.latest()) else {
+        return err(
+            StatusCode::NOT_FOUND,
+            "no_version",
+            "no blocklist version has been published by this gateway yet".into(),
+        );
+    };
+    match p.report(version) {
+        Some(r) => Json(r).into_response(),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "unknown_version",
+            format!("version {version} was not published by this gateway (or is too old to be remembered)"),
+        ),
+    }
+}
+
 /// The router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -243,6 +278,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/devices/{id}", get(device))
         .route("/v1/aggregates", get(aggregates))
         .route("/v1/quarantine", get(quarantine))
+        .route("/v1/blocklist/propagation", get(propagation))
         .route("/v1/export/tides/fare_transactions.csv", get(tides))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -71,6 +71,14 @@ pub struct GatewayStats {
     pub subscribed: std::sync::atomic::AtomicBool,
     /// The blocklist version last published to validators.
     pub blocklist_version: AtomicU64,
+    /// Which version each validator reports holding, and how fast each version spread.
+    pub propagation: std::sync::Mutex<crate::propagation::Propagation>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
@@ -155,17 +163,31 @@ pub async fn run(
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff_ms = 100;
-                    if let Err(e) = sub_client
-                        .subscribe("tapgate/v1/+/taps/+", QoS::AtLeastOnce)
-                        .await
-                    {
-                        tracing::warn!(%e, "subscribe failed");
+                    for topic in ["tapgate/v1/+/taps/+", "tapgate/v1/+/devices/+/status"] {
+                        if let Err(e) = sub_client.subscribe(topic, QoS::AtLeastOnce).await {
+                            tracing::warn!(%e, topic, "subscribe failed");
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     sub_stats.subscribed.store(true, Ordering::Release);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
+                    // Heartbeats: the blocklist version each validator holds (propagation).
+                    if let Some(device) = crate::propagation::status_device(&p.topic) {
+                        match crate::propagation::parse_status(&p.payload) {
+                            Some((version, online)) => {
+                                if let Ok(mut pr) = sub_stats.propagation.lock() {
+                                    pr.heartbeat(device, version, online, now_ms());
+                                }
+                            }
+                            None => tracing::warn!(device, "malformed heartbeat ignored"),
+                        }
+                        if let Err(e) = sub_client.ack(&p).await {
+                            tracing::warn!(%e, "ack failed");
+                        }
+                        continue;
+                    }
                     if tx.send(p).await.is_err() {
                         break;
                     }
@@ -291,6 +313,9 @@ pub async fn run(
                         .is_ok()
                     {
                         bl_stats.blocklist_version.store(v, Ordering::Relaxed);
+                        if let Ok(mut pr) = bl_stats.propagation.lock() {
+                            pr.published(v, now_ms());
+                        }
                         let s = bl_store.clone();
                         let _ =
                             tokio::task::spawn_blocking(move || s.set_blocklist_version(v)).await;

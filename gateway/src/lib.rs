@@ -9,5 +9,6 @@
 pub mod api;
 pub mod daemon;
 pub mod forward;
+pub mod propagation;
 pub mod report;
 pub mod store;

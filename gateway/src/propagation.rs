@@ -1,0 +1,215 @@
+//! Blocklist propagation: how long after the gateway published a version the online validators
+//! held it, from the versions they report in their heartbeats
+//! (`tapgate/v1/<op>/devices/<device>/status`).
+//!
+//! For each published version the tracker keeps, per validator, the delay until its first
+//! heartbeat reporting that version or a later one. The report for a version gives the delay
+//! until 50%, 99% and 100% of the validators online now held it (`None` while not reached).
+//! Bounded: the last [`MAX_VERSIONS`] published versions and [`MAX_DEVICES`] validators.
+
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// Published versions remembered.
+pub const MAX_VERSIONS: usize = 64;
+/// Validators tracked.
+pub const MAX_DEVICES: usize = 200_000;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct DeviceState {
+    version: u64,
+    online: bool,
+    last_seen_ms: u64,
+}
+
+/// The tracker.
+#[derive(Debug, Default)]
+pub struct Propagation {
+    published_ms: BTreeMap<u64, u64>,
+    devices: HashMap<u32, DeviceState>,
+    /// Per version: device → delay (ms) until it first held the version.
+    reached: BTreeMap<u64, HashMap<u32, u64>>,
+}
+
+/// The propagation of one version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// The blocklist version.
+    pub version: u64,
+    /// When this gateway first published it (unix ms).
+    pub published_at_ms: u64,
+    /// Validators whose last heartbeat said online.
+    pub online_validators: usize,
+    /// Online validators holding this version or a later one.
+    pub holding: usize,
+    /// Delay until half of the online validators held it (`None`: not yet).
+    pub ms_to_50: Option<u64>,
+    /// Delay until 99% held it.
+    pub ms_to_99: Option<u64>,
+    /// Delay until all online validators held it.
+    pub ms_to_100: Option<u64>,
+}
+
+impl Propagation {
+    /// The gateway published `version` at `now_ms` (the first publication counts).
+    pub fn published(&mut self, version: u64, now_ms: u64) {
+        self.published_ms.entry(version).or_insert(now_ms);
+        self.reached.entry(version).or_default();
+        while self.published_ms.len() > MAX_VERSIONS {
+            if let Some((&v, _)) = self.published_ms.iter().next() {
+                self.published_ms.remove(&v);
+                self.reached.remove(&v);
+            }
+        }
+        // Validators already holding it (a late publication of a version they hold): delay 0.
+        let holders: Vec<u32> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.version >= version)
+            .map(|(&id, _)| id)
+            .collect();
+        if let Some(r) = self.reached.get_mut(&version) {
+            for id in holders {
+                r.entry(id).or_insert(0);
+            }
+        }
+    }
+
+    /// A heartbeat: `device` holds `version` and is (or is no longer) online.
+    pub fn heartbeat(&mut self, device: u32, version: u64, online: bool, now_ms: u64) {
+        if !self.devices.contains_key(&device) && self.devices.len() >= MAX_DEVICES {
+            return;
+        }
+        let d = self.devices.entry(device).or_default();
+        d.online = online;
+        d.last_seen_ms = now_ms;
+        if !online {
+            return;
+        }
+        d.version = d.version.max(version);
+        for (&v, &at) in self.published_ms.range(..=version) {
+            if let Some(r) = self.reached.get_mut(&v) {
+                r.entry(device).or_insert(now_ms.saturating_sub(at));
+            }
+        }
+    }
+
+    /// Validators online now.
+    pub fn online(&self) -> usize {
+        self.devices.values().filter(|d| d.online).count()
+    }
+
+    /// The latest published version.
+    pub fn latest(&self) -> Option<u64> {
+        self.published_ms.keys().next_back().copied()
+    }
+
+    /// The propagation of `version` (`None` if the gateway did not publish it, or forgot).
+    pub fn report(&self, version: u64) -> Option<Report> {
+        let published_at_ms = *self.published_ms.get(&version)?;
+        let reached = self.reached.get(&version)?;
+        let mut delays: Vec<u64> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.online)
+            .filter_map(|(id, _)| reached.get(id).copied())
+            .collect();
+        delays.sort_unstable();
+        let n = self.online();
+        let to = |pct: usize| -> Option<u64> {
+            if n == 0 {
+                return None;
+            }
+            let need = (n * pct).div_ceil(100).max(1);
+            delays.get(need - 1).copied()
+        };
+        Some(Report {
+            version,
+            published_at_ms,
+            online_validators: n,
+            holding: delays.len(),
+            ms_to_50: to(50),
+            ms_to_99: to(99),
+            ms_to_100: to(100),
+        })
+    }
+}
+
+/// Parses a validator heartbeat payload: (blocklist version, online).
+pub fn parse_status(payload: &[u8]) -> Option<(u64, bool)> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let online = v.get("online")?.as_bool()?;
+    let version = v
+        .get("blocklist_version")
+        .and_then(|x| x.as_u64())
+        .unwrap_or(0);
+    Some((version, online))
+}
+
+/// The device id of a status topic `tapgate/v1/<op>/devices/<device>/status`.
+pub fn status_device(topic: &str) -> Option<u32> {
+    let mut it = topic.split('/');
+    match (
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+    ) {
+        (Some("tapgate"), Some("v1"), Some(_), Some("devices"), Some(d), Some("status"), None) => {
+            d.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_online_validators() {
+        let mut p = Propagation::default();
+        for id in 1..=4 {
+            p.heartbeat(id, 1, true, 0);
+        }
+        p.heartbeat(5, 1, false, 0); // offline: not counted
+        p.published(2, 1_000);
+        p.heartbeat(1, 2, true, 1_100);
+        let r = p.report(2).unwrap();
+        assert_eq!((r.online_validators, r.holding), (4, 1));
+        assert_eq!((r.ms_to_50, r.ms_to_100), (None, None));
+        p.heartbeat(2, 2, true, 1_300);
+        p.heartbeat(3, 3, true, 1_700); // a later version counts for 2 as well
+        let r = p.report(2).unwrap();
+        assert_eq!(r.ms_to_50, Some(300));
+        assert_eq!(r.ms_to_99, None);
+        p.heartbeat(4, 2, true, 2_000);
+        let r = p.report(2).unwrap();
+        assert_eq!((r.ms_to_99, r.ms_to_100), (Some(1_000), Some(1_000)));
+        // A validator that goes offline no longer counts.
+        p.heartbeat(4, 2, false, 2_100);
+        assert_eq!(p.report(2).unwrap().online_validators, 3);
+        assert!(p.report(9).is_none());
+    }
+
+    #[test]
+    fn topics_and_payloads() {
+        assert_eq!(
+            status_device("tapgate/v1/metro/devices/1001/status"),
+            Some(1001)
+        );
+        assert_eq!(status_device("tapgate/v1/metro/taps/1001"), None);
+        assert_eq!(
+            parse_status(br#"{"online":true,"blocklist_version":7}"#),
+            Some((7, true))
+        );
+        assert_eq!(
+            parse_status(br#"{"device":1,"online":false}"#),
+            Some((0, false))
+        );
+        assert_eq!(parse_status(b"garbage"), None);
+    }
+}
