@@ -303,9 +303,12 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     );
     assert_eq!(csv.lines().count(), 21, "a header and 20 transactions");
     assert!(csv.contains("1001-1,1970-01-01,1970-01-01T00:00:00Z,1.50,USD,Enter,1001,0,1,Smart card or ticket,,04030303030303,98.50"), "{csv}");
-    let (_, metrics) = tokio::task::spawn_blocking(move || get("/metrics", None))
-        .await
-        .unwrap();
+    let (_, metrics) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/metrics", None)
+    })
+    .await
+    .unwrap();
     assert!(
         metrics.contains("tapgate_gateway_taps_stored_total 20"),
         "{metrics}"
@@ -366,6 +369,48 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     assert!(propagation < Duration::from_secs(20));
     assert_eq!(list.lock().unwrap().version(), 1);
     assert_eq!(stats.blocklist_version.load(Ordering::Relaxed), 1);
+
+    // The validator reports the version it holds in its heartbeat; the gateway measures how
+    // long until the online validators held the block.
+    vclient
+        .publish(
+            "tapgate/v1/metro/devices/1001/status",
+            QoS::AtLeastOnce,
+            true,
+            r#"{"device":1001,"online":true,"blocklist_version":1,"outbox_depth":0}"#,
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the heartbeat to be counted",
+        Duration::from_secs(10),
+        || {
+            stats
+                .propagation
+                .lock()
+                .unwrap()
+                .report(1)
+                .is_some_and(|r| r.holding == 1)
+        },
+    )
+    .await;
+    let (code, v) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/blocklist/propagation?version=1", Some("tg_ops"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{v}");
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["online_validators"], 1);
+    assert!(v["ms_to_100"].as_u64().is_some(), "{v}");
+    let (code, _) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/blocklist/propagation?version=1", None)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 401, "the propagation report needs an operator");
 
     // The broker refuses a wrong password.
     let mut bad = MqttOptions::new("intruder", "127.0.0.1", mqtt_port);
