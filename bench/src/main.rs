@@ -7,6 +7,7 @@
 use anyhow::Result;
 use clap::Parser;
 
+mod blocklist_bench;
 mod clearing;
 mod fare;
 mod gateway_bench;
@@ -49,6 +50,7 @@ enum Scenario {
     Clearing,
     Gateway,
     Validator,
+    Blocklist,
 }
 
 impl Scenario {
@@ -62,6 +64,7 @@ impl Scenario {
             Scenario::Clearing => "clearing",
             Scenario::Gateway => "gateway",
             Scenario::Validator => "validator",
+            Scenario::Blocklist => "blocklist",
         }
     }
 }
@@ -76,6 +79,7 @@ fn main() -> Result<()> {
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
         Scenario::Validator => validator_bench::run(args.n)?,
+        Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
         Scenario::Gateway => {
             gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
         }
