@@ -307,3 +307,31 @@ fn a_crash_at_every_step_is_recorded_exactly_once() {
         assert!(j.pendings().unwrap().is_empty());
     }
 }
+
+#[test]
+fn a_full_outbox_takes_no_value_and_says_so() {
+    let mut r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 1, 1 << 24).unwrap();
+    let mut g = gate(&r, "Central", TapKind::Entry);
+    let a = tap(&mut g, &mut r, &j, T0_MS, &mut |_| {});
+    assert!(matches!(a.answer, Answer::Accepted { .. }), "{a:?}");
+    // The gateway has not confirmed: the outbox (bound 1) is full.
+    let b = tap(&mut g, &mut r, &j, T0_MS + 3_600_000, &mut |_| {});
+    assert_eq!(
+        b.answer,
+        Answer::Refused {
+            reason: RefusalReason::Other,
+            seq: None
+        }
+    );
+    assert_eq!(
+        r.card.state().balance_minor,
+        START_MINOR - 1400,
+        "no value taken"
+    );
+    // Confirmed: room again.
+    j.confirm(&[1]).unwrap();
+    let c = tap(&mut g, &mut r, &j, T0_MS + 7_200_000, &mut |_| {});
+    assert!(matches!(c.answer, Answer::Accepted { .. }), "{c:?}");
+}
