@@ -4,12 +4,16 @@
 //!   processor, a mileage programme, a partner mall selling vouchers) runs on a loopback port.
 //! - Riders who run short top up online through `tapgate charge`'s relay over HTTP, funded by
 //!   card, mileage or a voucher bought from the mall; some clients vanish mid-load.
-//! - Validators with software SAMs debit emulated cards offline; about 2% of dialogues are torn
-//!   (power lost after any NVM write, card pulled before any APDU, answer lost after it) and
-//!   settled from the card's counter at its next contact.
-//! - Validators publish signed tap records over MQTT to the embedded broker (rumqttd, a password
-//!   per device) and keep them until the gateway confirms; the gateway stores them durably and
-//!   forwards them to clearing; the gateway is killed and restarted mid-day.
+//! - Validators are the validator crate's gates (`validator::gate::Gate`, what `tapgate
+//!   validator` runs): a software SAM, the signed metro-city fare table, the blocklist from MQTT
+//!   and an LMDB journal each, at rail gates (tap in/out), bus doors and the night bus. They
+//!   quote fares from the cards' trip records (distance, transfers, caps, tap-out penalties),
+//!   debit emulated cards offline, and publish signed tap records over MQTT to the embedded
+//!   broker (rumqttd, a password per device), keeping them until the gateway confirms. About 2%
+//!   of dialogues are torn (power lost after any NVM write, card pulled before any APDU, answer
+//!   lost after it); the rider taps that gate again and its journal settles the debit from the
+//!   card's counter. The gateway stores taps durably, forwards them to clearing, and is killed
+//!   and restarted mid-day.
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
@@ -20,18 +24,20 @@ use charging::partner::{PartnerConfig, Partners};
 use charging::server::{self, ServerConfig};
 use clap::Args;
 use ed25519_dalek::Signer;
+use fare_rules::record::TapKind as GateKind;
 use purse::card::{Card, Personalisation, COMMIT_WRITES};
 use purse::keys::KeySet;
 use purse::receipt::{CommitReceipt, TxKind};
+use purse::sam::Hsm;
 use purse::sam::{SoftwareHsm, SoftwareSam};
-use purse::txn::{
-    self, settle, Decision, EmulatedReader, Outcome, PendingChange, Settlement, Transport,
-    TransportError, TxError,
-};
+use purse::tap::RefusalReason;
+use purse::txn::{self, Decision, EmulatedReader, Outcome, Transport, TransportError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use validator::gate::{Answer, Gate, Placement, Settled};
+use validator::journal::Journal;
 
 /// `tapgate demo`.
 #[derive(Args)]
@@ -96,8 +102,11 @@ impl Transport for DemoReader<'_> {
 struct Rider {
     card: Card,
     name: String,
-    /// A debit the validator could not confirm (settled at the next contact).
-    pending_debit: Option<PendingChange>,
+    /// The validator where the card was last torn: the rider taps there again, and its journal
+    /// settles the debit from the card's counter.
+    torn_at: Option<usize>,
+    /// The network of a trip tapped in and not yet out.
+    trip_network: Option<u16>,
     /// A load whose client vanished (settled by the server at the next load or by clearing).
     pending_load: bool,
 }
@@ -108,6 +117,8 @@ struct Tally {
     taps_accepted: u64,
     taps_refused: u64,
     taps_torn: u64,
+    taps_repeat: u64,
+    refusals: std::collections::BTreeMap<&'static str, u64>,
     debits_settled_committed: u64,
     debits_settled_not_committed: u64,
     loads_completed: u64,
@@ -138,11 +149,14 @@ fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
 }
 
 /// The validator signs the tap record (wire format v1) with its device key.
-fn tap_wire(sam: &SoftwareSam, r: &CommitReceipt, device_id: u32, seq: u64) -> Result<Vec<u8>> {
+fn tap_wire(
+    sam: &SoftwareSam,
+    r: &CommitReceipt,
+    device_id: u32,
+    seq: u64,
+    now_ms: u64,
+) -> [u8; purse::tap::TAP_LEN] {
     use purse::sam::Sam;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as u64;
     let record = purse::tap::TapRecord::accepted(
         r,
         purse::tap::TapMeta {
@@ -152,7 +166,40 @@ fn tap_wire(sam: &SoftwareSam, r: &CommitReceipt, device_id: u32, seq: u64) -> R
             ..Default::default()
         },
     );
-    Ok(record.sign_with(|body| sam.device_mac(body)).to_vec())
+    record.sign_with(|body| sam.device_mac(body))
+}
+
+/// The gates of the day, by validator index (cycled): entries and exits on the metro lines, a
+/// bus route with tap-out, the flat night bus.
+const GATES: [(&str, &str, GateKind); 8] = [
+    ("M1", "Central", GateKind::In),
+    ("M1", "University", GateKind::Out),
+    ("M2", "Old Town", GateKind::In),
+    ("M2", "Stadium", GateKind::Out),
+    ("B7", "University", GateKind::In),
+    ("B7", "Lakeside", GateKind::Out),
+    ("N1", "Market", GateKind::Entry),
+    ("M1", "Harbor", GateKind::Out),
+];
+
+/// 2026-12-01 05:00 in Metro City (UTC+9), unix ms.
+const DAY0_MS: u64 = 1_796_068_800_000;
+
+/// Publishes a journalled tap over MQTT; returns the debit it records (0 for others).
+fn publish_journalled(net: &mut Network, journal: &Journal, vi: usize, seq: u64) -> Result<i64> {
+    let (s, wire) = journal
+        .outbox_after(seq - 1, 1)?
+        .into_iter()
+        .next()
+        .context("a journalled tap is missing")?;
+    ensure!(s == seq, "journal returned tap {s} for {seq}");
+    let amount = if wire[1] == 0 && wire[2] == TxKind::Debit as u8 {
+        i64::from(i32::from_be_bytes([wire[15], wire[16], wire[17], wire[18]]))
+    } else {
+        0
+    };
+    net.publish(vi, seq, wire)?;
+    Ok(amount)
 }
 
 fn post(
@@ -327,7 +374,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     for i in 0..args.cards {
         let mut uid = [0x04, 0, 0, 0, 0, 0x1D, 0x80];
         uid[1..5].copy_from_slice(&i.to_be_bytes());
-        let balance: i32 = rng.gen_range(0..3_000);
+        let balance: i32 = rng.gen_range(0..30_000);
         let name = format!("rider-{i}");
         post(
             &agent,
@@ -335,21 +382,72 @@ pub fn run(args: DemoArgs) -> Result<()> {
             OPS,
             serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": balance, "owner": name}),
         )?;
-        miles.earn(&name, 5_000, "flight", 0)?;
+        miles.earn(&name, 50_000, "flight", 0)?;
         riders.push(Rider {
             card: Card::personalise(
                 &Personalisation::transit(uid, balance),
                 hsm.card_keys(&uid, 1)?,
             ),
             name,
-            pending_debit: None,
+            torn_at: None,
+            trip_network: None,
             pending_load: false,
         });
     }
-    let mut sams: Vec<SoftwareSam> = (0..args.validators)
+    let sams: Vec<SoftwareSam> = (0..args.validators)
         .map(|i| SoftwareSam::validator(&keys, 1000 + i))
         .collect::<Result<_, _>>()?;
-    let mut device_seq = vec![0u64; sams.len()];
+    let n_val = sams.len();
+    // The fare table every validator holds: the metro-city sample, signed by the back office,
+    // verified by each validator as it would be over MQTT.
+    let table = fare_rules::source::compile(
+        "fare-rules/samples/metro-city/rules.toml",
+        include_str!("../fare-rules/samples/metro-city/rules.toml"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut sign_err = None;
+    let signed_table = fare_rules::signed::encode(&table, |m| {
+        hsm.sign(m).unwrap_or_else(|e| {
+            sign_err = Some(e);
+            [0; 64]
+        })
+    });
+    if let Some(e) = sign_err {
+        anyhow::bail!("signing the fare table: {e}");
+    }
+    let mut gates = Vec::with_capacity(n_val);
+    let mut journals = Vec::with_capacity(n_val);
+    let mut gate_net = Vec::with_capacity(n_val);
+    let mut gate_kind = Vec::with_capacity(n_val);
+    for (i, sam) in sams.into_iter().enumerate() {
+        let (route, stop, kind) = GATES[i % GATES.len()];
+        let engine = fare_rules::signed::verify(&signed_table, &keys.verifying_key)?;
+        let net = engine
+            .route(route)
+            .map_or(u16::MAX, |r| engine.table().routes[r as usize].network);
+        gates.push(Gate {
+            sam,
+            engine: Some(engine),
+            blocklist: purse::blocklist::Blocklist::new("metro"),
+            placement: Placement {
+                device_id: 1000 + i as u32,
+                stop: stop.into(),
+                route: route.into(),
+                kind,
+                utc_offset_s: 9 * 3600,
+            },
+            rng: StdRng::seed_from_u64(args.seed ^ (i as u64 + 1)),
+        });
+        journals.push(Journal::open(
+            &tmp.path().join(format!("validator-{}", 1000 + i)),
+            10_000_000,
+            1 << 30,
+        )?);
+        gate_net.push(net);
+        gate_kind.push(kind);
+    }
+    // A day in fast time: 05:00 to 24:00 in Metro City (UTC+9) on 2026-12-01.
+    let ms_per_tap = (19 * 3_600_000 / u64::from(args.taps.max(1))).max(1);
     // The embedded MQTT broker and the gateway, forwarding to the charging server.
     let mqtt_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -406,14 +504,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let confirmed = Arc::new(Mutex::new(vec![
-        std::collections::BTreeSet::new();
-        sams.len()
-    ]));
+    let confirmed = Arc::new(Mutex::new(vec![std::collections::BTreeSet::new(); n_val]));
     // Each validator keeps the blocklist it verified (the back office's public key) and applied.
     let lists = Arc::new(Mutex::new(vec![
         purse::blocklist::Blocklist::new("metro");
-        sams.len()
+        n_val
     ]));
     let verifying_key = keys.verifying_key;
     let mut clients = Vec::new();
@@ -466,7 +561,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut net = Network {
         rt: &rt,
         clients,
-        outbox: vec![Default::default(); sams.len()],
+        outbox: vec![Default::default(); n_val],
         confirmed,
     };
     let mut gateway_restarts = 0u64;
@@ -487,7 +582,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 serde_json::json!({"reason": "reported lost"}),
             )?;
             let blocked_at = Instant::now();
-            let mut seen = vec![None; sams.len()];
+            let mut seen = vec![None; n_val];
             while seen.iter().any(Option::is_none) {
                 ensure!(
                     blocked_at.elapsed() < std::time::Duration::from_secs(30),
@@ -508,23 +603,39 @@ pub fn run(args: DemoArgs) -> Result<()> {
             lost_card = Some(uid);
         }
         let ri = rng.gen_range(0..riders.len());
-        let vi = rng.gen_range(0..sams.len());
-        let fare = 125 + 25 * rng.gen_range(0..4);
-        let tear = pick_tear(&mut rng, args.tear_per_mille);
         let r = &mut riders[ri];
-        if lists.lock().expect("lists lock")[vi].is_blocked(&r.card.state().uid) {
-            t.taps_refused_blocked += 1;
-            continue;
+        // Which gate: back to the one where the card was torn; an exit on the network of a trip
+        // in progress; else an entry.
+        let vi = match r.torn_at.take() {
+            Some(v) => v,
+            None => {
+                let fits: Vec<usize> = (0..n_val)
+                    .filter(|&v| match r.trip_network {
+                        Some(net) => gate_kind[v] == GateKind::Out && gate_net[v] == net,
+                        None => gate_kind[v] != GateKind::Out,
+                    })
+                    .collect();
+                if fits.is_empty() {
+                    rng.gen_range(0..n_val)
+                } else {
+                    fits[rng.gen_range(0..fits.len())]
+                }
+            }
+        };
+        let tear = pick_tear(&mut rng, args.tear_per_mille);
+        {
+            // The validator holds the blocklist it verified and applied from MQTT.
+            let l = lists.lock().expect("lists lock");
+            if l[vi].version() != gates[vi].blocklist.version() {
+                gates[vi].blocklist = l[vi].clone();
+            }
         }
         if let Some(Tear::Power(k)) = tear {
             r.card.tear_after_writes(Some(k));
         }
-        let before = r.pending_debit.take();
-        let mut new_pending = None;
-        let mut settled: Option<Settlement> = None;
-        let mut decided = false;
+        let now_ms = DAY0_MS + u64::from(tap) * ms_per_tap;
         let began = Instant::now();
-        let result = {
+        let out = {
             let mut reader = DemoReader {
                 inner: EmulatedReader {
                     card: &mut r.card,
@@ -533,60 +644,50 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 tear,
                 sent: 0,
             };
-            txn::debit(&mut reader, &mut sams[vi], &mut rng, |snap| {
-                decided = true;
-                if let Some(p) = &before {
-                    settled = settle(p, snap).ok();
-                }
-                if snap.balance_minor < fare {
-                    return Decision::Refuse;
-                }
-                new_pending = Some(PendingChange::new(snap, TxKind::Debit, fare));
-                Decision::Apply {
-                    amount_minor: fare,
-                    record: Some(vec![0u8; txn::RECORD_SIZE]),
-                }
-            })
+            gates[vi]
+                .tap(&mut reader, &journals[vi], now_ms, &mut |_| {})
+                .map_err(|e| anyhow::anyhow!("tap {tap}: {e}"))?
         };
         let elapsed = began.elapsed().as_nanos() as u64;
         r.card.tear_after_writes(None);
-        match settled {
-            Some(Settlement::Committed(receipt)) => {
+        match out.settled {
+            Settled::Committed { seq } => {
                 t.debits_settled_committed += 1;
                 t.taps_accepted += 1;
-                t.revenue_minor += i64::from(receipt.amount_minor);
-                device_seq[vi] += 1;
-                net.publish(
-                    vi,
-                    device_seq[vi],
-                    tap_wire(&sams[vi], &receipt, 1000 + vi as u32, device_seq[vi])?,
-                )?;
+                t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
             }
-            Some(Settlement::NotCommitted) => t.debits_settled_not_committed += 1,
-            _ => {}
+            Settled::NotCommitted => t.debits_settled_not_committed += 1,
+            Settled::None => {}
         }
         let mut short = false;
-        match result {
-            Ok(Outcome::Committed { receipt, .. }) => {
+        match out.answer {
+            Answer::Accepted { seq, .. } => {
                 t.latencies_ns.push(elapsed);
                 t.taps_accepted += 1;
-                t.revenue_minor += i64::from(receipt.amount_minor);
-                device_seq[vi] += 1;
-                net.publish(
-                    vi,
-                    device_seq[vi],
-                    tap_wire(&sams[vi], &receipt, 1000 + vi as u32, device_seq[vi])?,
-                )?;
+                t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                r.trip_network = (gate_kind[vi] == GateKind::In).then_some(gate_net[vi]);
             }
-            Ok(Outcome::Refused { .. }) => {
-                t.taps_refused += 1;
-                short = true;
+            Answer::Refused { reason, seq } => {
+                if let Some(seq) = seq {
+                    // Refusals are reported to the gateway too.
+                    publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                }
+                *t.refusals.entry(reason.name()).or_default() += 1;
+                match reason {
+                    RefusalReason::Blocklisted => t.taps_refused_blocked += 1,
+                    RefusalReason::InsufficientValue => {
+                        t.taps_refused += 1;
+                        short = true;
+                    }
+                    _ => t.taps_refused += 1,
+                }
+                r.trip_network = None;
             }
-            Err(TxError::Transport(_)) => {
+            Answer::Torn => {
                 t.taps_torn += 1;
-                r.pending_debit = if decided { new_pending } else { before };
+                r.torn_at = Some(vi);
             }
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("tap {tap}"))),
+            Answer::Repeat => t.taps_repeat += 1,
         }
         repower(&mut r.card, &hsm)?;
         if tap % 200 == 199 {
@@ -602,13 +703,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
             gateway_run = Some(start_gateway(gw_stats.clone()));
             gateway_restarts += 1;
         }
-        if short && r.pending_debit.is_none() {
+        if short && r.torn_at.is_none() {
             // Top up online through the charging server, funded by card, mileage or a voucher.
             let (source, instrument) = match rng.gen_range(0..3) {
                 0 => ("card".to_string(), "tok_visa".to_string()),
                 1 => ("mileage".to_string(), r.name.clone()),
                 _ => {
-                    let order = serde_json::json!({"order_id": format!("order-{tap}"), "kind": "gift", "amount_minor": 2_000});
+                    let order = serde_json::json!({"order_id": format!("order-{tap}"), "kind": "gift", "amount_minor": 20_000});
                     let body = serde_json::to_vec(&order)?;
                     let ts = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)?
@@ -640,7 +741,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             };
             let key = format!("demo-load-{tap}");
             let ask = LoadAsk {
-                amount_minor: 2_000,
+                amount_minor: 20_000,
                 source: &source,
                 instrument: &instrument,
                 idempotency_key: &key,
@@ -675,47 +776,62 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     }
 
-    // End of day: each card with something unsettled meets a validator once more.
+    // End of day: a card torn at a validator meets it once more (its journal settles the
+    // debit from the card's counter); a card with a torn load makes a free check-in tap, which
+    // books the next counter so clearing settles the load.
+    let end_ms = DAY0_MS + u64::from(args.taps) * ms_per_tap;
     for r in riders.iter_mut() {
-        if r.pending_debit.is_none() && !r.pending_load {
+        if let Some(vi) = r.torn_at.take() {
+            let out = gates[vi]
+                .tap(
+                    &mut EmulatedReader {
+                        card: &mut r.card,
+                        rng: &mut card_rng,
+                    },
+                    &journals[vi],
+                    end_ms,
+                    &mut |_| {},
+                )
+                .map_err(|e| anyhow::anyhow!("end-of-day tap: {e}"))?;
+            match out.settled {
+                Settled::Committed { seq } => {
+                    t.debits_settled_committed += 1;
+                    t.taps_accepted += 1;
+                    t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                }
+                Settled::NotCommitted => t.debits_settled_not_committed += 1,
+                Settled::None => {}
+            }
+            match out.answer {
+                Answer::Accepted { seq, .. } => {
+                    t.taps_accepted += 1;
+                    t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                }
+                Answer::Refused { seq: Some(seq), .. } => {
+                    publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                }
+                _ => {}
+            }
+            r.card.remove_from_field();
+        }
+        if !r.pending_load {
             continue;
         }
-        let before = r.pending_debit.take();
         let mut reader = EmulatedReader {
             card: &mut r.card,
             rng: &mut card_rng,
         };
-        let mut settled = None;
-        let out = txn::debit(&mut reader, &mut sams[0], &mut rng, |snap| {
-            if let Some(p) = &before {
-                settled = settle(p, snap).ok();
-            }
-            // A free check-in tap: it books the next counter, which settles a pending load.
+        let out = txn::debit(&mut reader, &mut gates[0].sam, &mut rng, |_| {
             Decision::Apply {
                 amount_minor: 0,
-                record: Some(vec![0u8; txn::RECORD_SIZE]),
+                record: None,
             }
         })?;
-        if let Some(Settlement::Committed(receipt)) = settled {
-            t.debits_settled_committed += 1;
-            t.taps_accepted += 1;
-            t.revenue_minor += i64::from(receipt.amount_minor);
-            device_seq[0] += 1;
-            net.publish(
-                0,
-                device_seq[0],
-                tap_wire(&sams[0], &receipt, 1000, device_seq[0])?,
-            )?;
-        } else if before.is_some() {
-            t.debits_settled_not_committed += 1;
-        }
         if let Outcome::Committed { receipt, .. } = out {
-            device_seq[0] += 1;
-            net.publish(
-                0,
-                device_seq[0],
-                tap_wire(&sams[0], &receipt, 1000, device_seq[0])?,
-            )?;
+            let seq = journals[0].append_tap(None, |seq| {
+                tap_wire(&gates[0].sam, &receipt, 1000, seq, end_ms)
+            })?;
+            publish_journalled(&mut net, &journals[0], 0, seq)?;
         }
         r.pending_load = false;
         r.card.remove_from_field();
@@ -827,6 +943,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "taps_refused": t.taps_refused + t.taps_refused_blocked,
         "taps_refused_insufficient": t.taps_refused,
         "taps_refused_blocklisted": t.taps_refused_blocked,
+        "taps_refused_by_reason": t.refusals,
+        "taps_repeat": t.taps_repeat,
+        "fare_table_version": table.meta.version,
         "block_propagation_ms_p50": propagation_ms.get(propagation_ms.len() / 2).copied().unwrap_or(0),
         "block_propagation_ms_p99": propagation_ms.last().copied().unwrap_or(0),
         "lost_card_blocked": lost_card.is_some(),
@@ -862,8 +981,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
             t.taps_accepted, t.debits_settled_committed
         );
         println!(
-            "  taps refused           {} (insufficient value, then topped up online)",
-            t.taps_refused
+            "  fares                  {} (version {}): metro and bus priced by distance with transfers, caps, penalties for missing tap-outs; {} minor units collected",
+            table.meta.name, table.meta.version, t.revenue_minor
+        );
+        println!(
+            "  taps refused           {} by reason {:?} (insufficient value: the rider tops up online)",
+            t.taps_refused + t.taps_refused_blocked,
+            t.refusals
         );
         println!(
             "  taps cleared           {} via MQTT, the gateway and clearing; gateway killed and restarted {gateway_restarts}x mid-day; {} duplicates dropped, {} quarantined",
