@@ -118,6 +118,11 @@ struct Tally {
     taps_refused: u64,
     taps_torn: u64,
     taps_repeat: u64,
+    /// Accepted taps that continued a journey under a transfer rule, were lowered by a cap, or
+    /// carried a missing-tap-out penalty (from the trip record the gate wrote on the card).
+    taps_transfer: u64,
+    taps_capped: u64,
+    taps_penalty: u64,
     refusals: std::collections::BTreeMap<&'static str, u64>,
     debits_settled_committed: u64,
     debits_settled_not_committed: u64,
@@ -570,6 +575,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let mut propagation_ms: Vec<u64> = Vec::new();
     let mut lost_card: Option<[u8; 7]> = None;
+    // A rider who just tapped out often changes lines right away (a transfer).
+    let mut next_rider: Option<usize> = None;
     for tap in 0..args.taps {
         if tap == args.taps / 3 {
             // A rider reports a card lost: the back office blocks it; the signed delta reaches
@@ -602,7 +609,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             propagation_ms.sort_unstable();
             lost_card = Some(uid);
         }
-        let ri = rng.gen_range(0..riders.len());
+        let ri = next_rider
+            .take()
+            .unwrap_or_else(|| rng.gen_range(0..riders.len()));
         let r = &mut riders[ri];
         // Which gate: back to the one where the card was torn; an exit on the network of a trip
         // in progress; else an entry.
@@ -666,6 +675,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.taps_accepted += 1;
                 t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
                 r.trip_network = (gate_kind[vi] == GateKind::In).then_some(gate_net[vi]);
+                if let Some(Ok(rec)) = r
+                    .card
+                    .state()
+                    .records
+                    .last()
+                    .map(fare_rules::record::TripRecord::decode)
+                {
+                    use fare_rules::record::flags;
+                    t.taps_transfer += u64::from(rec.flags & flags::TRANSFER != 0);
+                    t.taps_capped += u64::from(rec.flags & flags::CAPPED != 0);
+                    t.taps_penalty += u64::from(rec.flags & flags::PENALTY != 0);
+                }
+                if gate_kind[vi] == GateKind::Out && rng.gen_bool(0.4) {
+                    next_rider = Some(ri);
+                }
             }
             Answer::Refused { reason, seq } => {
                 if let Some(seq) = seq {
@@ -945,6 +969,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "taps_refused_blocklisted": t.taps_refused_blocked,
         "taps_refused_by_reason": t.refusals,
         "taps_repeat": t.taps_repeat,
+        "taps_transfer": t.taps_transfer,
+        "taps_capped": t.taps_capped,
+        "taps_penalty": t.taps_penalty,
         "fare_table_version": table.meta.version,
         "block_propagation_ms_p50": propagation_ms.get(propagation_ms.len() / 2).copied().unwrap_or(0),
         "block_propagation_ms_p99": propagation_ms.last().copied().unwrap_or(0),
@@ -981,8 +1008,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             t.taps_accepted, t.debits_settled_committed
         );
         println!(
-            "  fares                  {} (version {}): metro and bus priced by distance with transfers, caps, penalties for missing tap-outs; {} minor units collected",
-            table.meta.name, table.meta.version, t.revenue_minor
+            "  fares                  {} (version {}): {} minor units collected; {} taps continued a journey (transfer), {} were capped, {} carried a missing-tap-out penalty",
+            table.meta.name, table.meta.version, t.revenue_minor, t.taps_transfer, t.taps_capped, t.taps_penalty
         );
         println!(
             "  taps refused           {} by reason {:?} (insufficient value: the rider tops up online)",
