@@ -60,6 +60,10 @@ pub struct GatewayArgs {
     /// This gateway's id (batch ids, MQTT client id).
     #[arg(long = "gateway-id", default_value = "gw1")]
     gateway_id: String,
+    /// Share the tap subscription with the other gateways of this group ($share/GROUP/…): the
+    /// broker splits the taps among them.
+    #[arg(long = "share-group")]
+    share_group: Option<String>,
     /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],
     /// [[tokens]]); without it the API is not started.
     #[arg(long)]
@@ -155,6 +159,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         mqtt_credentials: Some((a.mqtt_user, a.mqtt_password)),
         charging,
         operator: a.operator,
+        share_group: a.share_group,
         ..GatewayConfig::default()
     };
     println!(

@@ -39,6 +39,11 @@ pub struct GatewayConfig {
     pub operator: String,
     /// Bound of the queue between the MQTT loop and ingestion (back-pressure beyond it).
     pub queue_max_messages: usize,
+    /// Subscribe to the taps as a shared subscription (`$share/<group>/…`): the broker splits
+    /// the tap messages among the gateways of the group (Mosquitto ≥ 2 supports it for MQTT
+    /// 3.1.1 clients). Each gateway then sees only its share of a device's sequence numbers, so
+    /// its gap report is partial; heartbeats are not shared.
+    pub share_group: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -52,6 +57,7 @@ impl Default for GatewayConfig {
             charging: None,
             operator: "default".into(),
             queue_max_messages: 10_000,
+            share_group: None,
         }
     }
 }
@@ -157,13 +163,18 @@ pub async fn run(
     // MQTT event loop: reconnects with backoff; (re)subscribes on every connection.
     let sub_client = client.clone();
     let sub_stats = stats.clone();
+    let share_group = cfg.share_group.clone();
     let mqtt = tokio::spawn(async move {
         let mut backoff_ms = 100u64;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff_ms = 100;
-                    for topic in ["tapgate/v1/+/taps/+", "tapgate/v1/+/devices/+/status"] {
+                    let taps = match &share_group {
+                        Some(g) => format!("$share/{g}/tapgate/v1/+/taps/+"),
+                        None => "tapgate/v1/+/taps/+".to_string(),
+                    };
+                    for topic in [taps.as_str(), "tapgate/v1/+/devices/+/status"] {
                         if let Err(e) = sub_client.subscribe(topic, QoS::AtLeastOnce).await {
                             tracing::warn!(%e, topic, "subscribe failed");
                         }

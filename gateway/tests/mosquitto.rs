@@ -227,3 +227,87 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
     .unwrap_or(false);
     assert!(refused);
 }
+
+/// Two gateways in one shared-subscription group split the taps between them; together they
+/// store and confirm every one exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_splits_taps_between_gateways() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = start_mosquitto(dir.path(), port);
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(9))
+        .for_role(Role::Gateway, 0)
+        .unwrap();
+    let mut gws = Vec::new();
+    for id in ["gw-a", "gw-b"] {
+        let store = Store::open(&dir.path().join(id), 32 << 20).unwrap();
+        let stats = Arc::new(GatewayStats::default());
+        let cfg = GatewayConfig {
+            gateway_id: id.into(),
+            broker: ("127.0.0.1".into(), port),
+            mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+            share_group: Some("tapgate".into()),
+            ..GatewayConfig::default()
+        };
+        tokio::spawn(run(
+            cfg,
+            store.clone(),
+            keys.clone(),
+            stats.clone(),
+            std::future::pending(),
+        ));
+        gws.push(stats);
+    }
+    let start = Instant::now();
+    while !gws
+        .iter()
+        .all(|s| s.subscribed.load(std::sync::atomic::Ordering::Acquire))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the gateways did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut opts = MqttOptions::new("device-1001-shared", "127.0.0.1", port);
+    opts.set_credentials("1001", "d1-secret");
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    for seq in 1..=40 {
+        client
+            .publish(
+                "tapgate/v1/metro/taps/1001",
+                QoS::AtLeastOnce,
+                false,
+                tap(&keys, 1001, seq),
+            )
+            .await
+            .unwrap();
+    }
+    let stored = || -> Vec<u64> {
+        gws.iter()
+            .map(|s| s.stored.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    };
+    let start = Instant::now();
+    while stored().iter().sum::<u64>() < 40 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "stored only {:?}",
+            stored()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = stored();
+    assert_eq!(s.iter().sum::<u64>(), 40, "{s:?}");
+    assert!(
+        s.iter().all(|&n| n > 0),
+        "both gateways took a share: {s:?}"
+    );
+}
