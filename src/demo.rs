@@ -126,6 +126,8 @@ struct Tally {
     refusals: std::collections::BTreeMap<&'static str, u64>,
     debits_settled_committed: u64,
     debits_settled_not_committed: u64,
+    /// Torn debits the card committed but its gate could no longer prove (kept unresolved).
+    debits_unresolved: u64,
     loads_completed: u64,
     loads_refused: u64,
     loads_torn: u64,
@@ -666,6 +668,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
             }
             Settled::NotCommitted => t.debits_settled_not_committed += 1,
+            Settled::Unprovable => t.debits_unresolved += 1,
             Settled::None => {}
         }
         let mut short = false;
@@ -824,6 +827,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
                 }
                 Settled::NotCommitted => t.debits_settled_not_committed += 1,
+                Settled::Unprovable => t.debits_unresolved += 1,
                 Settled::None => {}
             }
             match out.answer {
@@ -991,6 +995,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "loads_by_source": t.loads_by_source,
         "debits_settled_committed": t.debits_settled_committed,
         "debits_settled_not_committed": t.debits_settled_not_committed,
+        "debits_unresolved": t.debits_unresolved,
         "revenue_minor": t.revenue_minor,
         "cards_out_of_balance": out_of_balance,
         "reconcile_differences": report.differences.len(),

@@ -84,8 +84,12 @@ pub enum GateError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settled {
     None,
-    Committed { seq: u64 },
+    Committed {
+        seq: u64,
+    },
     NotCommitted,
+    /// The card committed it but has transacted elsewhere since: kept as unresolved.
+    Unprovable,
 }
 
 /// The result of one tap.
@@ -243,8 +247,18 @@ impl Gate {
                     verdict = Verdict::Failed(e.into());
                     return Decision::Refuse;
                 }
-                Ok(Some(p)) => match txn::settle(&p.change, snap) {
-                    Ok(Settlement::Committed(receipt)) => {
+                Ok(Some(p)) => {
+                    // Did *this* debit commit? Its trip record on the card says so: the counter
+                    // alone cannot tell it from another validator's transaction.
+                    let newest_is_ours =
+                        snap.records.first().is_some_and(|r| r[..] == p.record[..]);
+                    let ours_on_card = snap.records.iter().any(|r| r[..] == p.record[..]);
+                    if snap.tmc == p.change.tmc_before.wrapping_add(1) && newest_is_ours {
+                        let Ok(Settlement::Committed(receipt)) = txn::settle(&p.change, snap)
+                        else {
+                            verdict = Verdict::Refuse(RefusalReason::TornUnresolved);
+                            return Decision::Refuse;
+                        };
                         let meta = TapMeta {
                             device_time_ms: p.time_ms,
                             stop_id: p.stop_code,
@@ -268,21 +282,26 @@ impl Gate {
                                 return Decision::Refuse;
                             }
                         }
-                    }
-                    Ok(Settlement::NotCommitted) | Ok(Settlement::MovedOn) => {
-                        // Moved on: the card transacted elsewhere since; clearing settles the
-                        // torn debit from the card's counter chain.
+                    } else if !ours_on_card {
+                        // Never committed: any counter steps since are other transactions.
                         if let Err(e) = journal.clear_pending(&snap.uid) {
                             verdict = Verdict::Failed(e.into());
                             return Decision::Refuse;
                         }
                         settled = Settled::NotCommitted;
+                    } else {
+                        // Committed, but the card has transacted since: its MAC for that
+                        // transaction is gone, so this validator cannot prove it. Kept for the
+                        // back office (the card's counter chain shows the step), never dropped.
+                        tracing::warn!(uid = ?snap.uid, tmc = p.change.tmc_before + 1,
+                            "a torn debit committed but can no longer be proved here; kept as unresolved");
+                        if let Err(e) = journal.resolve_unprovable(&p) {
+                            verdict = Verdict::Failed(e.into());
+                            return Decision::Refuse;
+                        }
+                        settled = Settled::Unprovable;
                     }
-                    Err(_) => {
-                        verdict = Verdict::Refuse(RefusalReason::TornUnresolved);
-                        return Decision::Refuse;
-                    }
-                },
+                }
                 Ok(None) => {}
             }
             if blocklist.is_blocked(&snap.uid) {
@@ -323,6 +342,19 @@ impl Gate {
             } else {
                 TxKind::RecordOnly
             };
+            // A settlement may have taken the outbox's last place: no room, no debit.
+            match journal.outbox_full() {
+                Ok(false) => {}
+                Ok(true) => {
+                    verdict = Verdict::Refuse(RefusalReason::Other);
+                    return Decision::Refuse;
+                }
+                Err(e) => {
+                    verdict = Verdict::Failed(e.into());
+                    return Decision::Refuse;
+                }
+            }
+            let record = q.record.encode();
             let pending = PendingTap {
                 change: PendingChange::new(snap, kind, q.fare_minor as i32),
                 time_ms: now_ms,
@@ -330,6 +362,7 @@ impl Gate {
                 route_code: codes.1,
                 fare_table_version: meta_base.fare_table_version,
                 blocklist_version: meta_base.blocklist_version,
+                record,
             };
             if let Err(e) = journal.put_pending(&pending) {
                 verdict = Verdict::Failed(e.into());
@@ -341,7 +374,7 @@ impl Gate {
             };
             Decision::Apply {
                 amount_minor: q.fare_minor as i32,
-                record: Some(q.record.encode().to_vec()),
+                record: Some(record.to_vec()),
             }
         };
         let out = txn::debit(card, &mut self.sam, &mut self.rng, decide);

@@ -44,9 +44,12 @@ pub struct PendingTap {
     pub route_code: u32,
     pub fare_table_version: u32,
     pub blocklist_version: u64,
+    /// The trip record the debit writes to the card: finding it among the card's records is
+    /// what tells this debit from another validator's transaction at the same counter.
+    pub record: [u8; 32],
 }
 
-const PENDING_LEN: usize = 7 + 4 + 4 + 1 + 4 + 1 + 8 + 4 + 4 + 4 + 8;
+const PENDING_LEN: usize = 7 + 4 + 4 + 1 + 4 + 1 + 8 + 4 + 4 + 4 + 8 + 32;
 
 impl PendingTap {
     fn encode(&self) -> [u8; PENDING_LEN] {
@@ -63,6 +66,7 @@ impl PendingTap {
         b[33..37].copy_from_slice(&self.route_code.to_be_bytes());
         b[37..41].copy_from_slice(&self.fare_table_version.to_be_bytes());
         b[41..49].copy_from_slice(&self.blocklist_version.to_be_bytes());
+        b[49..81].copy_from_slice(&self.record);
         b
     }
 
@@ -99,6 +103,11 @@ impl PendingTap {
             route_code: u32::from_be_bytes(be32(33)),
             fare_table_version: u32::from_be_bytes(be32(37)),
             blocklist_version: be64(41),
+            record: {
+                let mut r = [0u8; 32];
+                r.copy_from_slice(&b[49..81]);
+                r
+            },
         })
     }
 }
@@ -108,6 +117,9 @@ pub struct Journal {
     env: Env<WithoutTls>,
     outbox: Database<U64<BE>, Bytes>,
     pending: Database<Bytes, Bytes>,
+    /// Debits the card committed but this validator can no longer prove (the card transacted
+    /// elsewhere since): kept for the back office, never dropped.
+    unresolved: Database<Bytes, Bytes>,
     meta: Database<Str, Bytes>,
     capacity_taps: u64,
 }
@@ -133,18 +145,20 @@ impl Journal {
             EnvOpenOptions::new()
                 .read_txn_without_tls()
                 .map_size(map_size_bytes)
-                .max_dbs(4)
+                .max_dbs(6)
                 .open(dir)?
         };
         let mut t = env.write_txn()?;
         let outbox = env.create_database(&mut t, Some("outbox"))?;
         let pending = env.create_database(&mut t, Some("pending"))?;
+        let unresolved = env.create_database(&mut t, Some("unresolved"))?;
         let meta = env.create_database(&mut t, Some("meta"))?;
         t.commit()?;
         Ok(Self {
             env,
             outbox,
             pending,
+            unresolved,
             meta,
             capacity_taps: outbox_capacity_taps,
         })
@@ -189,6 +203,46 @@ impl Journal {
     pub fn put_pending(&self, p: &PendingTap) -> Result<(), JournalError> {
         let mut w = self.env.write_txn()?;
         self.pending.put(&mut w, &p.change.uid, &p.encode())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Moves a card's pending change to the unresolved table (the card committed it, but has
+    /// transacted elsewhere since, so this validator cannot prove it with the card's MAC).
+    pub fn resolve_unprovable(&self, p: &PendingTap) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        let mut key = [0u8; 11];
+        key[..7].copy_from_slice(&p.change.uid);
+        key[7..].copy_from_slice(&p.change.tmc_before.to_be_bytes());
+        self.unresolved.put(&mut w, &key, &p.encode())?;
+        self.pending.delete(&mut w, &p.change.uid)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Debits committed by cards that this validator could not prove (for the back office).
+    pub fn unresolved(&self) -> Result<Vec<PendingTap>, JournalError> {
+        let r = self.env.read_txn()?;
+        let mut v = Vec::new();
+        for e in self.unresolved.iter(&r)? {
+            v.push(PendingTap::decode(e?.1)?);
+        }
+        Ok(v)
+    }
+
+    /// Replaces every blob under `prefix` with one blob, in one transaction (a blocklist
+    /// snapshot replaces the deltas).
+    pub fn replace_blobs(&self, prefix: &str, key: &str, bytes: &[u8]) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        let keys: Vec<String> = self
+            .meta
+            .prefix_iter(&w, prefix)?
+            .map(|e| e.map(|(k, _)| k.to_string()))
+            .collect::<Result<_, _>>()?;
+        for k in keys {
+            self.meta.delete(&mut w, &k)?;
+        }
+        self.meta.put(&mut w, key, bytes)?;
         w.commit()?;
         Ok(())
     }
@@ -321,6 +375,7 @@ mod tests {
             route_code: 0x654321,
             fare_table_version: 3,
             blocklist_version: 9,
+            record: [7; 32],
         }
     }
 

@@ -335,3 +335,68 @@ fn a_full_outbox_takes_no_value_and_says_so() {
     let c = tap(&mut g, &mut r, &j, T0_MS + 7_200_000, &mut |_| {});
     assert!(matches!(c.answer, Answer::Accepted { .. }), "{c:?}");
 }
+
+/// A card torn at A taps at B before it comes back to A: A must neither book B's transaction
+/// as its own nor lose its own committed debit.
+#[test]
+fn a_card_that_went_elsewhere_after_a_tear_is_settled_by_its_own_record() {
+    for n in 0..8u32 {
+        let mut r = rig();
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ja, jb) = (
+            Journal::open(da.path(), 100, 1 << 24).unwrap(),
+            Journal::open(db.path(), 100, 1 << 24).unwrap(),
+        );
+        let mut a = gate(&r, "Central", TapKind::Entry);
+        let mut b = gate(&r, "Market", TapKind::Entry);
+        b.placement.device_id = 1002;
+        b.sam = SoftwareSam::validator(&r.keys, 1002).unwrap();
+        r.card.tear_after_writes(Some(n));
+        tap(&mut a, &mut r, &ja, T0_MS, &mut |_| {});
+        r.card.tear_after_writes(None);
+        // Elsewhere, twice (the second moves the counter on past A's debit).
+        tap(&mut b, &mut r, &jb, T0_MS + 600_000, &mut |_| {});
+        tap(&mut b, &mut r, &jb, T0_MS + 1_200_000, &mut |_| {});
+        // Back at A.
+        let back = tap(&mut a, &mut r, &ja, T0_MS + 3_600_000, &mut |_| {});
+        assert!(
+            matches!(back.answer, Answer::Accepted { .. }),
+            "n={n}: {back:?}"
+        );
+        let key_a =
+            purse::sam::Sam::device_key(&SoftwareSam::validator(&r.keys, 1001).unwrap()).clone();
+        let key_b =
+            purse::sam::Sam::device_key(&SoftwareSam::validator(&r.keys, 1002).unwrap()).clone();
+        let decode = |j: &Journal, k: &purse::crypto::AesKey| -> Vec<TapRecord> {
+            j.outbox_after(0, 100)
+                .unwrap()
+                .into_iter()
+                .map(|(_, w)| TapRecord::decode_verified(&w, |_| Some(k.clone())).unwrap())
+                .collect()
+        };
+        let (ta, tb) = (decode(&ja, &key_a), decode(&jb, &key_b));
+        let unresolved: i64 = ja
+            .unresolved()
+            .unwrap()
+            .iter()
+            .map(|p| i64::from(p.change.amount_minor))
+            .sum();
+        let balance = i64::from(r.card.state().balance_minor);
+        assert_eq!(
+            balance + debited(&ta) + debited(&tb) + unresolved,
+            i64::from(START_MINOR),
+            "n={n}: every unit the card lost is journalled somewhere, once"
+        );
+        let mut tmcs: Vec<u32> = ta
+            .iter()
+            .chain(&tb)
+            .filter(|t| t.refusal.is_none())
+            .map(|t| t.tmc)
+            .collect();
+        let len = tmcs.len();
+        tmcs.sort_unstable();
+        tmcs.dedup();
+        assert_eq!(tmcs.len(), len, "n={n}: no counter journalled twice");
+        assert!(ja.pendings().unwrap().is_empty(), "n={n}");
+    }
+}
