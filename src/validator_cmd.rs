@@ -288,6 +288,9 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         },
         rng: StdRng::from_entropy(),
     };
+    // What the journal holds first (a newer table may have arrived over MQTT); the configured
+    // table only if it is newer still.
+    daemon::restore(&mut gate, &journal, &signing_pub)?;
     if let Some(p) = &cfg.fare_table {
         let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
         daemon::apply_downlink(
@@ -300,7 +303,6 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         .or_else(|e| if gate.engine.is_some() { Ok(0) } else { Err(e) })
         .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     }
-    daemon::restore(&mut gate, &journal, &signing_pub)?;
     let Some(engine) = &gate.engine else {
         bail!(input_err(
             "no fare table: set fare_table in the config (later ones arrive over MQTT)"

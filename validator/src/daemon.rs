@@ -24,6 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const MAX_TAPS_PER_MESSAGE: usize = 64;
 /// Most messages in flight per publishing round.
 const MAX_MESSAGES_PER_ROUND: usize = 32;
+/// With taps waiting and no confirmation for this long, everything unconfirmed is sent again.
+const RESEND_AFTER_MS: u64 = 30_000;
 
 /// Daemon failures.
 #[derive(Debug, thiserror::Error)]
@@ -209,9 +211,7 @@ pub fn apply_downlink(
                 .map(|u| u.kind == purse::blocklist::ListKind::Snapshot)
                 .unwrap_or(false);
             let r = if is_snapshot {
-                journal
-                    .delete_blobs(BL_DELTA)
-                    .and_then(|_| journal.put_blob(BL_SNAPSHOT, bytes))
+                journal.replace_blobs("blocklist/", BL_SNAPSHOT, bytes)
             } else {
                 journal.put_blob(&format!("{BL_DELTA}{v:020}"), bytes)
             };
@@ -230,6 +230,14 @@ pub fn apply_downlink(
             }
             let engine = fare_rules::signed::verify(bytes, pubkey)
                 .map_err(|e| format!("fare table refused: {e}"))?;
+            // A table that does not know this gate would refuse every tap: keep the old one.
+            let p = &gate.placement;
+            if engine.stop(&p.stop).is_none() || engine.route(&p.route).is_none() {
+                return Err(format!(
+                    "fare table version {} refused: it has no stop {:?} or route {:?} (this gate)",
+                    header.version, p.stop, p.route
+                ));
+            }
             journal
                 .put_blob(FARE_TABLE, bytes)
                 .map_err(|e| format!("journalling the fare table: {e}"))?;
@@ -325,7 +333,7 @@ pub async fn run(
                     metrics.latency.observe(us as f64 / 1e6);
                     lat.push(us);
                     s.taps += 1;
-                    if matches!(out.settled, Settled::Committed { .. } | Settled::NotCommitted) {
+                    if !matches!(out.settled, Settled::None) {
                         s.tears_settled += 1;
                     }
                     match out.answer {
@@ -395,6 +403,7 @@ pub async fn run(
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 256);
         let cursor = Arc::new(AtomicU64::new(0));
+        let last_confirm_ms = Arc::new(AtomicU64::new(now_ms()));
         let connected = Arc::new(AtomicBool::new(false));
 
         // Incoming: connection state, confirmations, downlink.
@@ -407,6 +416,7 @@ pub async fn run(
                 metrics.clone(),
             );
             let (cursor, connected, wake) = (cursor.clone(), connected.clone(), wake.clone());
+            let last_confirm_ms = last_confirm_ms.clone();
             let pubkey = settings.signing_pub;
             tokio::spawn(async move {
                 loop {
@@ -422,7 +432,11 @@ pub async fn run(
                                 &topics.blocklist_delta,
                                 &topics.fares,
                             ] {
-                                let _ = client.subscribe(t.clone(), QoS::AtLeastOnce).await;
+                                // Never await the request queue from the event loop itself: it
+                                // only drains while this loop polls.
+                                if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+                                    tracing::warn!(error = %e, topic = %t, "subscribe failed");
+                                }
                             }
                             wake.notify_one();
                         }
@@ -434,6 +448,7 @@ pub async fn run(
                                         let n =
                                             tokio::task::spawn_blocking(move || j.confirm(&c.seqs))
                                                 .await;
+                                        last_confirm_ms.store(now_ms(), Ordering::Relaxed);
                                         if let Ok(Ok(_)) = n {
                                             if let Ok(d) = journal.outbox_len() {
                                                 metrics.outbox_depth.set(d as i64);
@@ -495,23 +510,33 @@ pub async fn run(
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = heartbeat.tick() => {
-                    let status = {
-                        let g = gate.lock().map_err(|_| DaemonError::Reader("gate lock".into()))?;
-                        serde_json::json!({
+                    // Only while connected (offline it would only fill the request queue); the
+                    // versions come from the metrics, never from the gate (no waiting on a tap).
+                    if connected.load(Ordering::Relaxed) {
+                        let status = serde_json::json!({
                             "device": settings.device_id,
                             "online": true,
-                            "blocklist_version": g.blocklist.version(),
-                            "fare_table_version": g.fare_version(),
-                            "outbox_depth": journal.outbox_len()?,
+                            "blocklist_version": metrics.blocklist_version.get(),
+                            "fare_table_version": metrics.fare_table_version.get(),
+                            "outbox_depth": metrics.outbox_depth.get(),
                             "clock_ms": now_ms(),
                             "taps": taps_done.load(Ordering::Relaxed),
-                        })
-                    };
-                    let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status.to_string());
+                        });
+                        let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status.to_string());
+                    }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
             if connected.load(Ordering::Relaxed) {
+                // Taps waiting and nothing confirmed for a while: send them all again (the
+                // gateway drops duplicates).
+                if now_ms().saturating_sub(last_confirm_ms.load(Ordering::Relaxed))
+                    > RESEND_AFTER_MS
+                    && journal.outbox_len()? > 0
+                {
+                    cursor.store(0, Ordering::Relaxed);
+                    last_confirm_ms.store(now_ms(), Ordering::Relaxed);
+                }
                 publish_outbox(&client, &topics, &journal, &cursor).await?;
             }
             if reader_done.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
@@ -522,16 +547,14 @@ pub async fn run(
                 }
             }
         }
-        let _ = client
-            .publish(
-                topics.status.clone(),
-                QoS::AtLeastOnce,
-                true,
-                serde_json::json!({"device": settings.device_id, "online": false}).to_string(),
-            )
-            .await;
+        let _ = client.try_publish(
+            topics.status.clone(),
+            QoS::AtLeastOnce,
+            true,
+            serde_json::json!({"device": settings.device_id, "online": false}).to_string(),
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
     }
 
     let summary = tokio::task::spawn_blocking(move || loop_handle.join())
@@ -573,7 +596,13 @@ async fn publish_outbox(
         {
             break; // the client's queue is full: next round
         }
-        cursor.store(last, Ordering::Relaxed);
+        // A reconnect may have reset the cursor meanwhile: that reset wins.
+        if cursor
+            .compare_exchange(after, last, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            break;
+        }
     }
     Ok(())
 }

@@ -111,6 +111,17 @@ fn downlink_applies_in_order_refuses_forgeries_and_survives_a_restart() {
         torn.truncate(torn.len() - 10);
         assert!(apply_downlink(&mut g, &j, &pk, ft, &torn).is_err());
         assert_eq!(g.fare_version(), 5);
+        // A newer, genuine table that does not know this gate's stop: refused, the old one stays.
+        let hotel = fare_rules::source::compile(
+            "hotel.toml",
+            &include_str!("../../fare-rules/samples/hotel/rules.toml")
+                .replace("version = 1", "version = 9"),
+        )
+        .unwrap();
+        let hotel = fare_rules::signed::encode(&hotel, |m| back_office.sign(m).to_bytes());
+        let e = apply_downlink(&mut g, &j, &pk, ft, &hotel).unwrap_err();
+        assert!(e.contains("has no stop"), "{e}");
+        assert_eq!(g.fare_version(), 5);
     }
     // Restart: the journal gives back the same state.
     let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
