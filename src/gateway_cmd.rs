@@ -4,7 +4,7 @@ use crate::cli_util::input_err;
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
 use clap::Args;
-use gateway::daemon::{run, start_embedded_broker, GatewayConfig, GatewayStats};
+use gateway::daemon::{run, start_embedded_broker_tls, GatewayConfig, GatewayStats};
 use gateway::store::Store;
 use purse::keys::Role;
 use std::collections::HashMap;
@@ -30,6 +30,16 @@ pub struct GatewayArgs {
     /// Where the embedded broker listens.
     #[arg(long = "embedded-listen", default_value = "127.0.0.1:18830")]
     embedded_listen: std::net::SocketAddr,
+    /// A TLS listener of the embedded broker for validators (mqtts://), with
+    /// --embedded-tls-cert and --embedded-tls-key (PEM).
+    #[arg(long = "embedded-tls-listen", requires_all = ["embedded_tls_cert", "embedded_tls_key"])]
+    embedded_tls_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain of the embedded broker's TLS listener.
+    #[arg(long = "embedded-tls-cert")]
+    embedded_tls_cert: Option<PathBuf>,
+    /// PEM private key of the embedded broker's TLS listener.
+    #[arg(long = "embedded-tls-key")]
+    embedded_tls_key: Option<PathBuf>,
     /// The embedded broker's users: a file of `username password` lines (validators use their
     /// device id as username). Required for the embedded broker: every client authenticates.
     #[arg(long = "mqtt-users")]
@@ -137,7 +147,23 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
                 users.insert(u.to_string(), p.trim().to_string());
             }
             users.insert(a.mqtt_user.clone(), a.mqtt_password.clone());
-            start_embedded_broker(a.embedded_listen, users);
+            let tls = match (
+                a.embedded_tls_listen,
+                &a.embedded_tls_cert,
+                &a.embedded_tls_key,
+            ) {
+                (Some(l), Some(c), Some(k)) => {
+                    for f in [c, k] {
+                        std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
+                    }
+                    Some((l, c.display().to_string(), k.display().to_string()))
+                }
+                _ => None,
+            };
+            if let Some((l, _, _)) = &tls {
+                println!("embedded MQTT broker TLS listener on {l}");
+            }
+            start_embedded_broker_tls(a.embedded_listen, users, tls);
             println!("embedded MQTT broker on {}", a.embedded_listen);
             (a.embedded_listen.ip().to_string(), a.embedded_listen.port())
         }

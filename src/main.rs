@@ -34,7 +34,7 @@ enum Command {
     /// The charging server: online loads through the HSM, funding, ledger.
     Charging(charging_cmd::ChargingArgs),
     /// The gateway: taps from MQTT, verified, de-duplicated, stored, confirmed, forwarded.
-    Gateway(gateway_cmd::GatewayArgs),
+    Gateway(Box<gateway_cmd::GatewayArgs>),
     /// The validator daemon: offline debits at the gate, journal, MQTT store-and-forward.
     Validator(validator_cmd::ValidatorArgs),
     /// Key tools: diversification, session keys, issuer key sets.
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => report(demo::run(args)),
         Command::Charge(args) => report(charge_cmd::run(args)),
         Command::Charging(args) => report(charging_cmd::run(args)),
-        Command::Gateway(args) => report(gateway_cmd::run_cmd(args)),
+        Command::Gateway(args) => report(gateway_cmd::run_cmd(*args)),
         Command::Validator(args) => report(validator_cmd::run(args)),
         Command::Keys(args) => report(keys_cmd::run(args)),
         Command::Card(args) => report(card_cmd::run(args)),

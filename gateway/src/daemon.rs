@@ -93,24 +93,48 @@ pub fn start_embedded_broker(
     listen: SocketAddr,
     users: HashMap<String, String>,
 ) -> std::thread::JoinHandle<()> {
-    let mut servers = HashMap::new();
-    servers.insert(
-        "tapgate".to_string(),
-        rumqttd::ServerSettings {
-            name: "tapgate".into(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections: rumqttd::ConnectionSettings {
-                connection_timeout_ms: 60_000,
-                max_payload_size: 16 << 20,
-                max_inflight_count: 5_000,
-                auth: (!users.is_empty()).then_some(users),
-                external_auth: None,
-                dynamic_filters: true,
-            },
+    start_embedded_broker_tls(listen, users, None)
+}
+
+/// [`start_embedded_broker`] plus, with `tls` = (listen address, PEM certificate chain path,
+/// PEM private key path), a TLS listener for validators (`mqtts://`; they authenticate with
+/// username and password, no client certificates). The plain listener stays for the gateway
+/// itself on loopback.
+pub fn start_embedded_broker_tls(
+    listen: SocketAddr,
+    users: HashMap<String, String>,
+    tls: Option<(SocketAddr, String, String)>,
+) -> std::thread::JoinHandle<()> {
+    if tls.is_some() {
+        tapgate_http::serve::install_crypto_provider();
+    }
+    let server = |name: &str, listen, tls| rumqttd::ServerSettings {
+        name: name.into(),
+        listen,
+        tls,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 16 << 20,
+            max_inflight_count: 5_000,
+            auth: (!users.is_empty()).then(|| users.clone()),
+            external_auth: None,
+            dynamic_filters: true,
         },
-    );
+    };
+    let mut servers = HashMap::new();
+    servers.insert("tapgate".to_string(), server("tapgate", listen, None));
+    if let Some((addr, certpath, keypath)) = tls {
+        let t = rumqttd::TlsConfig::Rustls {
+            capath: None,
+            certpath,
+            keypath,
+        };
+        servers.insert(
+            "tapgate-tls".to_string(),
+            server("tapgate-tls", addr, Some(t)),
+        );
+    }
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {

@@ -32,6 +32,12 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// Selects rustls's process-wide crypto provider (ring), once; needed before any TLS setup
+/// when more than one provider is compiled in (rumqttc/rumqttd bring their own features).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves (then drains for up to 10 s).
 /// Prints `<name> listening on <scheme>://<addr>` once bound.
 pub async fn serve_router(
@@ -50,7 +56,7 @@ pub async fn serve_router(
     });
     match tls {
         Some(tls) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            install_crypto_provider();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
                 .await
                 .map_err(|e| ServeError::Tls {

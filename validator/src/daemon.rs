@@ -399,6 +399,7 @@ pub async fn run(
             opts.set_credentials(u.clone(), p.clone());
         }
         if let Some(ca) = &m.tls_ca_pem {
+            tapgate_http::serve::install_crypto_provider();
             opts.set_transport(rumqttc::Transport::tls(ca.clone(), None, None));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 256);
