@@ -246,3 +246,86 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
         "the gateway confirmed every journalled tap: {out}"
     );
 }
+
+/// A validator offline for a long stretch keeps every tap; when the gateway is reachable again
+/// its outbox drains, every tap confirmed after it is durable at the gateway.
+#[test]
+fn offline_then_back_the_outbox_drains() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let port = free_port();
+    setup(
+        dir,
+        &format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\""),
+        300,
+    );
+    // Nothing listens on the port: offline. The validator works and keeps everything.
+    let o = tapgate(
+        dir,
+        &[
+            "validator",
+            "--config",
+            "validator.toml",
+            "--crowd-taps",
+            "80",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let kept = v["outbox_left"].as_u64().unwrap();
+    assert!(kept > 50, "taps kept while offline: {out}");
+    assert_eq!(
+        kept,
+        v["taps_accepted"].as_u64().unwrap(),
+        "every accepted tap kept: {out}"
+    );
+
+    // The gateway comes up; the validator starts again with no new taps: it drains.
+    std::fs::write(dir.join("users"), "1001 v-secret\n").unwrap();
+    let gw = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .current_dir(dir)
+        .args([
+            "gateway",
+            "--keys",
+            "keys",
+            "--data",
+            "gw",
+            "--mqtt-users",
+            "users",
+            "--operator",
+            "metro",
+        ])
+        .args(["--embedded-listen", &format!("127.0.0.1:{port}")])
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _gw = Kill(gw);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "broker did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = tapgate(
+        dir,
+        &[
+            "validator",
+            "--config",
+            "validator.toml",
+            "--crowd-taps",
+            "0",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["outbox_left"], 0, "every kept tap confirmed: {out}");
+}
