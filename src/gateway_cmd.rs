@@ -74,6 +74,10 @@ pub struct GatewayArgs {
     /// broker splits the taps among them.
     #[arg(long = "share-group")]
     share_group: Option<String>,
+    /// MQTT connections taking taps, as one shared subscription (default: 4 with the embedded
+    /// broker, whose per-connection inflight cap is 100 messages; 1 with an external broker).
+    #[arg(long = "ingest-connections")]
+    ingest_connections: Option<usize>,
     /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],
     /// [[tokens]]); without it the API is not started.
     #[arg(long)]
@@ -186,6 +190,9 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         charging,
         operator: a.operator,
         share_group: a.share_group,
+        ingest_connections: a
+            .ingest_connections
+            .unwrap_or(if a.broker.is_none() { 4 } else { 1 }),
         ..GatewayConfig::default()
     };
     println!(

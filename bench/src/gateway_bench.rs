@@ -276,9 +276,15 @@ pub fn run_scenario(
     // 2. End to end through the gateway.
     let store = Store::open(&dir.path().join("gw"), 4 << 30)?;
     let stats = Arc::new(GatewayStats::default());
+    // TAPGATE_BENCH_INGEST_CONNECTIONS: the gateway's MQTT connections taking taps (default 1).
+    let ingest_connections = std::env::var("TAPGATE_BENCH_INGEST_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let cfg = GatewayConfig {
         broker: ("127.0.0.1".into(), port),
         mqtt_credentials: Some(("gateway".into(), "gwpw".into())),
+        ingest_connections,
         ..GatewayConfig::default()
     };
     let gw_keys = keys.for_role(Role::Gateway, 0)?;

@@ -44,6 +44,10 @@ pub struct GatewayConfig {
     /// 3.1.1 clients). Each gateway then sees only its share of a device's sequence numbers, so
     /// its gap report is partial; heartbeats are not shared.
     pub share_group: Option<String>,
+    /// MQTT connections taking taps (a shared subscription among them when more than one): a
+    /// broker that caps unacknowledged messages per connection (rumqttd: 100) then delivers
+    /// that many per connection while a batch becomes durable.
+    pub ingest_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -58,6 +62,7 @@ impl Default for GatewayConfig {
             operator: "default".into(),
             queue_max_messages: 10_000,
             share_group: None,
+            ingest_connections: 1,
         }
     }
 }
@@ -168,75 +173,99 @@ pub async fn run(
     stats: Arc<GatewayStats>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
-    let mut opts = MqttOptions::new(
-        format!("tapgate-gateway-{}", cfg.gateway_id),
-        cfg.broker.0.clone(),
-        cfg.broker.1,
-    );
-    opts.set_clean_session(false)
-        .set_manual_acks(true)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(500)
-        .set_max_packet_size(1 << 20, 16 << 20);
-    if let Some((u, p)) = &cfg.mqtt_credentials {
-        opts.set_credentials(u.clone(), p.clone());
-    }
-    let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<rumqttc::Publish>(cfg.queue_max_messages);
-
-    // MQTT event loop: reconnects with backoff; (re)subscribes on every connection.
-    let sub_client = client.clone();
-    let sub_stats = stats.clone();
-    let share_group = cfg.share_group.clone();
-    let mqtt = tokio::spawn(async move {
-        let mut backoff_ms = 100u64;
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff_ms = 100;
-                    let taps = match &share_group {
-                        Some(g) => format!("$share/{g}/tapgate/v1/+/taps/+"),
-                        None => "tapgate/v1/+/taps/+".to_string(),
-                    };
-                    for topic in [taps.as_str(), "tapgate/v1/+/devices/+/status"] {
-                        if let Err(e) = sub_client.subscribe(topic, QoS::AtLeastOnce).await {
-                            tracing::warn!(%e, topic, "subscribe failed");
+    let connections = cfg.ingest_connections.max(1);
+    let group = cfg
+        .share_group
+        .clone()
+        .or_else(|| (connections > 1).then(|| format!("tapgate-{}", cfg.gateway_id)));
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(usize, rumqttc::Publish)>(cfg.queue_max_messages);
+    let mut clients = Vec::with_capacity(connections);
+    let mut mqtt_tasks = Vec::with_capacity(connections);
+    for conn in 0..connections {
+        let id = if conn == 0 {
+            format!("tapgate-gateway-{}", cfg.gateway_id)
+        } else {
+            format!("tapgate-gateway-{}-{conn}", cfg.gateway_id)
+        };
+        let mut opts = MqttOptions::new(id, cfg.broker.0.clone(), cfg.broker.1);
+        opts.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_inflight(500)
+            .set_max_packet_size(1 << 20, 16 << 20);
+        if let Some((u, p)) = &cfg.mqtt_credentials {
+            opts.set_credentials(u.clone(), p.clone());
+        }
+        let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
+        clients.push(client.clone());
+        // MQTT event loop: reconnects with backoff; (re)subscribes on every connection. The
+        // first connection also takes the validators' heartbeats. Nothing here awaits the
+        // request queue (it drains only while this loop polls).
+        let sub_client = client;
+        let sub_stats = stats.clone();
+        let tx = tx.clone();
+        let taps = match &group {
+            Some(g) => format!("$share/{g}/tapgate/v1/+/taps/+"),
+            None => "tapgate/v1/+/taps/+".to_string(),
+        };
+        let main = conn == 0;
+        mqtt_tasks.push(tokio::spawn(async move {
+            let mut backoff_ms = 100u64;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff_ms = 100;
+                        let mut topics = vec![taps.as_str()];
+                        if main {
+                            topics.push("tapgate/v1/+/devices/+/status");
                         }
-                    }
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    sub_stats.subscribed.store(true, Ordering::Release);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    // Heartbeats: the blocklist version each validator holds (propagation).
-                    if let Some(device) = crate::propagation::status_device(&p.topic) {
-                        match crate::propagation::parse_status(&p.payload) {
-                            Some((version, online)) => {
-                                if let Ok(mut pr) = sub_stats.propagation.lock() {
-                                    pr.heartbeat(device, version, online, now_ms());
-                                }
+                        for topic in topics {
+                            if let Err(e) = sub_client.try_subscribe(topic, QoS::AtLeastOnce) {
+                                tracing::warn!(%e, topic, "subscribe failed");
                             }
-                            None => tracing::warn!(device, "malformed heartbeat ignored"),
                         }
-                        if let Err(e) = sub_client.ack(&p).await {
-                            tracing::warn!(%e, "ack failed");
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if main {
+                            sub_stats.subscribed.store(true, Ordering::Release);
                         }
-                        continue;
                     }
-                    if tx.send(p).await.is_err() {
-                        break;
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // Heartbeats: the blocklist version each validator holds.
+                        if let Some(device) = crate::propagation::status_device(&p.topic) {
+                            match crate::propagation::parse_status(&p.payload) {
+                                Some((version, online)) => {
+                                    if let Ok(mut pr) = sub_stats.propagation.lock() {
+                                        pr.heartbeat(device, version, online, now_ms());
+                                    }
+                                }
+                                None => tracing::warn!(device, "malformed heartbeat ignored"),
+                            }
+                            if let Err(e) = sub_client.try_ack(&p) {
+                                tracing::warn!(%e, "ack failed");
+                            }
+                            continue;
+                        }
+                        if tx.send((conn, p)).await.is_err() {
+                            break;
+                        }
                     }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    sub_stats.subscribed.store(false, Ordering::Release);
-                    tracing::warn!(%e, backoff_ms, "MQTT connection lost; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                    backoff_ms = (backoff_ms * 2).min(5_000);
+                    Ok(_) => {}
+                    Err(e) => {
+                        if main {
+                            sub_stats.subscribed.store(false, Ordering::Release);
+                        }
+                        tracing::warn!(%e, backoff_ms, "MQTT connection lost; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                        backoff_ms = (backoff_ms * 2).min(5_000);
+                    }
                 }
             }
-        }
-    });
+        }));
+    }
+    drop(tx);
+    let client = clients[0].clone();
 
     // Forwarder: outbox → clearing, with backoff; idempotent batch ids.
     let fwd_store = store.clone();
@@ -407,7 +436,7 @@ pub async fn run(
             }
             let messages: Vec<Message> = batch
                 .iter()
-                .map(|p| Message {
+                .map(|(_, p)| Message {
                     topic: p.topic.clone(),
                     payload: p.payload.to_vec(),
                 })
@@ -441,8 +470,8 @@ pub async fn run(
             stats
                 .quarantined
                 .fetch_add(outcome.quarantined, Ordering::Relaxed);
-            for p in &batch {
-                if let Err(e) = client.ack(p).await {
+            for (conn, p) in &batch {
+                if let Err(e) = clients[*conn].ack(p).await {
                     tracing::warn!(%e, "ack failed; the broker will redeliver (a duplicate)");
                 }
             }
@@ -459,8 +488,12 @@ pub async fn run(
         _ = ingest => {}
         _ = shutdown => {}
     }
-    let _ = client.disconnect().await;
-    mqtt.abort();
+    for c in &clients {
+        let _ = c.disconnect().await;
+    }
+    for t in mqtt_tasks {
+        t.abort();
+    }
     forwarder.abort();
     blocklists.abort();
 }
