@@ -197,7 +197,10 @@ pub async fn run(
         if let Some((u, p)) = &cfg.mqtt_credentials {
             opts.set_credentials(u.clone(), p.clone());
         }
-        let (client, mut eventloop) = AsyncClient::new(opts, 1_000);
+        // The request queue (acks, confirmations, subscriptions) drains only while the event
+        // loop polls, and the event loop waits when the ingest queue is full: room for many
+        // batches of acks and confirmations keeps the two from waiting on each other.
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
         clients.push(client.clone());
         // MQTT event loop: reconnects with backoff; (re)subscribes on every connection. The
         // first connection also takes the validators' heartbeats. Nothing here awaits the
