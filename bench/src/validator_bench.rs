@@ -6,7 +6,9 @@
 //! `taps`, `p50_us`/`p99_us` (card in the field to answer, journal included), `taps_per_s`
 //! (one reader), `cpu_us_per_tap` (process CPU time per tap, user + system: the work without
 //! the disk waits, the emulated card's side and the two fsync system calls included),
-//! `user_cpu_us_per_tap` (the same in user space: our code, card and SAM), and
+//! `user_cpu_us_per_tap` (the same in user space: our code, card and SAM),
+//! `card_side_us_per_tap` (time inside the emulated card: a real card spends it in its chip),
+//! and
 //! `rss_mib` (resident size with the blocklist and the table loaded).
 
 use crate::stats::{cpu_user_sys_s, quantile, status_kib};
@@ -19,9 +21,28 @@ use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::EmulatedReader;
+use purse::txn::{Transport, TransportError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::time::Instant;
+
+/// The emulated card's side, timed: what a real card does in its own chip.
+struct Timed<'a, T: Transport> {
+    inner: T,
+    card_ns: &'a mut u64,
+}
+
+impl<T: Transport> Transport for Timed<'_, T> {
+    fn card_uid(&mut self) -> Result<[u8; 7], TransportError> {
+        self.inner.card_uid()
+    }
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        let t = Instant::now();
+        let r = self.inner.transmit(command);
+        *self.card_ns += t.elapsed().as_nanos() as u64;
+        r
+    }
+}
 use validator::gate::{Answer, Gate, Placement};
 use validator::journal::Journal;
 
@@ -91,14 +112,18 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let t0 = Instant::now();
     let now_ms = 1_796_079_600_000; // 2026-12-01 08:00 at UTC+9
     let mut accepted = 0u64;
+    let mut card_ns = 0u64;
     for (i, card) in cards.iter_mut().enumerate() {
         let i = i as u64;
         let t = Instant::now();
         let out = gate
             .tap(
-                &mut EmulatedReader {
-                    card,
-                    rng: &mut card_rng,
+                &mut Timed {
+                    inner: EmulatedReader {
+                        card,
+                        rng: &mut card_rng,
+                    },
+                    card_ns: &mut card_ns,
                 },
                 &journal,
                 now_ms + i,
@@ -130,6 +155,10 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         (
             "user_cpu_us_per_tap",
             ((user * 1e6 / n as f64).round() as u64).into(),
+        ),
+        (
+            "card_side_us_per_tap",
+            ((card_ns as f64 / 1e3 / n as f64).round() as u64).into(),
         ),
         ("rss_mib", (rss_kib / 1024).into()),
         (
