@@ -605,16 +605,13 @@ fn section(src: &str, header: &str) -> usize {
 
 struct Cx<'s> {
     file: &'s str,
-    src: &'s str,
+    /// Byte offsets where each line after the first begins (line numbers by binary search).
+    line_starts: Vec<usize>,
 }
 
 impl Cx<'_> {
     fn line(&self, offset: usize) -> usize {
-        self.src[..offset.min(self.src.len())]
-            .bytes()
-            .filter(|&b| b == b'\n')
-            .count()
-            + 1
+        self.line_starts.partition_point(|&s| s <= offset) + 1
     }
     fn err(&self, offset: usize, field: &str, message: String) -> SourceError {
         SourceError::Field {
@@ -662,7 +659,15 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
         file: file.to_string(),
         message: e.to_string().trim_end().to_string(),
     })?;
-    let cx = Cx { file, src };
+    let cx = Cx {
+        file,
+        line_starts: src
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'\n')
+            .map(|(i, _)| i + 1)
+            .collect(),
+    };
     let mut t = Table::default();
 
     // Meta.
