@@ -170,12 +170,22 @@ fn killed_at_every_step_nothing_lost_nothing_doubled() {
     assert_eq!(counters.len(), n, "no card counter journalled twice");
 }
 
+/// A port no other test of this binary got (tests run in parallel: a port just released can be
+/// handed out again, and a validator would then find another test's broker).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&p) {
+            given.push(p);
+            return p;
+        }
+    }
 }
 
 struct Kill(Child);
