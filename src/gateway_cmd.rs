@@ -238,20 +238,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         });
     }
     rt.block_on(async move {
-        let shutdown = async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            }
-            #[cfg(not(unix))]
-            {
-                let _ = ctrl_c.await;
-            }
-        };
+        let shutdown = crate::cli_util::shutdown_signal();
         run(cfg, store, keys, stats, shutdown).await;
     });
     Ok(())

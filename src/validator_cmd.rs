@@ -402,16 +402,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         {
             let s = shutdown.clone();
             tokio::spawn(async move {
-                let ctrl_c = tokio::signal::ctrl_c();
-                #[cfg(unix)]
-                {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("SIGTERM handler");
-                    tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-                }
-                #[cfg(not(unix))]
-                let _ = ctrl_c.await;
+                crate::cli_util::shutdown_signal().await;
                 s.store(true, std::sync::atomic::Ordering::Relaxed);
             });
         }
