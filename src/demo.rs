@@ -418,7 +418,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             sign_err = Some(e);
             [0; 64]
         })
-    });
+    })?;
     if let Some(e) = sign_err {
         anyhow::bail!("signing the fare table: {e}");
     }

@@ -7,7 +7,7 @@ use crate::cli_util::write_atomic;
 use crate::keys_cmd::load_keyset;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use fare_rules::cases::{explain_journey, run_cases};
+use fare_rules::cases::run_cases;
 use fare_rules::check::{check, Level};
 use fare_rules::engine::Engine;
 use fare_rules::journey::{quote, Journey};
@@ -187,7 +187,7 @@ pub fn run(args: FareArgs) -> Result<u8> {
                     sig_err = Some(err);
                     [0; 64]
                 }
-            });
+            })?;
             if let Some(err) = sig_err {
                 bail!("signing the fare table: {err}");
             }
@@ -356,7 +356,6 @@ pub fn run(args: FareArgs) -> Result<u8> {
                     cases.display()
                 )));
             }
-            let _ = explain_journey; // the per-tap text above already includes journeys
             Ok(0)
         }
         FareCmd::Simulate {

@@ -196,16 +196,9 @@ impl Drop for Kill {
     }
 }
 
-#[test]
-fn online_every_tap_is_confirmed_by_the_gateway() {
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path();
-    let port = free_port();
-    setup(
-        dir,
-        &format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\""),
-        300,
-    );
+/// `tapgate gateway` with its embedded broker on `port` (device 1001's password "v-secret"),
+/// once the broker accepts connections; killed when the guard drops.
+fn start_gateway(dir: &Path, port: u16) -> Kill {
     std::fs::write(dir.join("users"), "1001 v-secret\n").unwrap();
     let gw = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .current_dir(dir)
@@ -217,17 +210,20 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
             "gw",
             "--mqtt-users",
             "users",
+        ])
+        .args([
             "--operator",
             "metro",
+            "--embedded-listen",
+            &format!("127.0.0.1:{port}"),
         ])
-        .args(["--embedded-listen", &format!("127.0.0.1:{port}")])
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
         .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _gw = Kill(gw);
+    let guard = Kill(gw);
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -236,6 +232,20 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    guard
+}
+
+#[test]
+fn online_every_tap_is_confirmed_by_the_gateway() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let port = free_port();
+    setup(
+        dir,
+        &format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\""),
+        300,
+    );
+    let _gw = start_gateway(dir, port);
     let o = tapgate(
         dir,
         &[
@@ -293,36 +303,7 @@ fn offline_then_back_the_outbox_drains() {
     );
 
     // The gateway comes up; the validator starts again with no new taps: it drains.
-    std::fs::write(dir.join("users"), "1001 v-secret\n").unwrap();
-    let gw = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .current_dir(dir)
-        .args([
-            "gateway",
-            "--keys",
-            "keys",
-            "--data",
-            "gw",
-            "--mqtt-users",
-            "users",
-            "--operator",
-            "metro",
-        ])
-        .args(["--embedded-listen", &format!("127.0.0.1:{port}")])
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _gw = Kill(gw);
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "broker did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _gw = start_gateway(dir, port);
     let o = tapgate(
         dir,
         &[

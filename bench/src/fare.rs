@@ -27,7 +27,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         fare_rules::source::compile("city.toml", &src).map_err(|e| anyhow::anyhow!("{e}"))?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let key = SigningKey::from_bytes(&[9; 32]);
-    let signed = fare_rules::signed::encode(&table, |m| key.sign(m).to_bytes());
+    let signed = fare_rules::signed::encode(&table, |m| key.sign(m).to_bytes())?;
     let pk = key.verifying_key().to_bytes();
     let loads = time_each(3, 21, || {
         black_box(fare_rules::signed::verify(black_box(&signed), &pk).expect("verify"));

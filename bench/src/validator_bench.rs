@@ -56,7 +56,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
 
     let table = fare_rules::source::compile("city.toml", &city_source(CitySize::CITY))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let signed_table = fare_rules::signed::encode(&table, |m| signer.sign(m).to_bytes());
+    let signed_table = fare_rules::signed::encode(&table, |m| signer.sign(m).to_bytes())?;
     let engine = fare_rules::signed::verify(&signed_table, &pk)?;
     drop(table);
 

@@ -14,7 +14,7 @@
 //! total = 1500                          # optional
 //! ```
 
-use crate::engine::{CardView, Engine, HeldPass, Priced, QuoteError, Rider, Tap, TapQuote};
+use crate::engine::{CardView, Engine, HeldPass, Priced, Rider, Tap, TapQuote};
 use crate::record::{TapKind, TripRecord};
 use crate::source::{closest, SourceError};
 use crate::table::{CapPeriod, TransferKind, NONE};
@@ -145,8 +145,6 @@ pub fn quote_src_tap(
     let t = engine.table();
     let time = parse_local(&tap.at)?;
     let time_s = u32::try_from(time).map_err(|_| format!("time {} is out of range", tap.at))?;
-    let view =
-        |c: &SimCard| -> (Vec<TripRecord>, Vec<HeldPass>) { (c.history.clone(), c.passes.clone()) };
     if let Some(ch) = &tap.charge {
         let Some(c) = t.charges.iter().find(|c| &c.id == ch) else {
             return Err(unknown(
@@ -155,11 +153,10 @@ pub fn quote_src_tap(
                 t.charges.iter().map(|c| c.id.as_str()),
             ));
         };
-        let (h, p) = view(card);
         let cv = CardView {
             rider,
-            history: &h,
-            passes: &p,
+            history: &card.history,
+            passes: &card.passes,
         };
         let mut q = engine
             .quote_charge(&cv, c.code, tap.items, tap.minutes, time_s)
@@ -216,15 +213,12 @@ pub fn quote_src_tap(
         route,
         stop,
     };
-    let (h, p) = view(card);
     let cv = CardView {
         rider,
-        history: &h,
-        passes: &p,
+        history: &card.history,
+        passes: &card.passes,
     };
-    let q = engine
-        .quote_tap(&cv, &q_tap)
-        .map_err(|e| describe(engine, &e))?;
+    let q = engine.quote_tap(&cv, &q_tap).map_err(|e| e.to_string())?;
     if !q.repeat {
         card.write(&q.record);
     }
@@ -236,11 +230,6 @@ fn unknown<'a>(kind: &str, id: &str, names: impl IntoIterator<Item = &'a str>) -
         Some(c) => format!("unknown {kind} \"{id}\"; did you mean \"{c}\"?"),
         None => format!("unknown {kind} \"{id}\""),
     }
-}
-
-/// A quote error in words.
-pub fn describe(_engine: &Engine, e: &QuoteError) -> String {
-    e.to_string()
 }
 
 /// Resolves a rider category and medium by name.

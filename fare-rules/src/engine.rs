@@ -313,7 +313,7 @@ impl Engine {
         lookup(&self.table.route_codes, code)
     }
 
-    /// Index of a named entity in a list.
+    /// Rider category index by id.
     pub fn category(&self, id: &str) -> Option<Idx> {
         self.table
             .categories
@@ -925,12 +925,7 @@ impl Engine {
         if tap.kind == TapKind::Out && tap_out.is_none() {
             return Err(QuoteError::TapOutNotUsed);
         }
-        let newest = card
-            .history
-            .iter()
-            .find(|r| !r.is_empty())
-            .copied()
-            .unwrap_or_default();
+        let newest = newest_record(card.history);
         let stop_code = self.table.stops[tap.stop as usize].code;
         let route_code = self.table.routes[tap.route as usize].code;
         // A validator clock behind the card's newest record: the tap is taken as happening
@@ -1273,12 +1268,7 @@ impl Engine {
             .position(|c| c.code == code)
             .ok_or(QuoteError::UnknownCode(code))?;
         let c = &self.table.charges[ci];
-        let newest = card
-            .history
-            .iter()
-            .find(|r| !r.is_empty())
-            .copied()
-            .unwrap_or_default();
+        let newest = newest_record(card.history);
         let today = self.service_day(time_s);
         // What this charge has cost today: the running total in the newest record of the same
         // charge (records of charges keep it in the journey-paid field).
@@ -1358,6 +1348,15 @@ impl Engine {
         };
         Ok(off.min(amount_minor))
     }
+}
+
+/// The card's newest trip record (an empty one when it has none).
+fn newest_record(history: &[TripRecord]) -> TripRecord {
+    history
+        .iter()
+        .find(|r| !r.is_empty())
+        .copied()
+        .unwrap_or_default()
 }
 
 fn lookup(codes: &[(u32, Idx)], code: u32) -> Option<Idx> {

@@ -40,6 +40,8 @@ pub enum SignedError {
     Signature,
     #[error("fare table body is malformed: {0}")]
     Body(String),
+    #[error("fare table cannot be encoded: {0}")]
+    Encode(String),
     #[error("fare table header (version {header}) disagrees with its body (version {body})")]
     Mismatch { header: u32, body: u32 },
     #[error(transparent)]
@@ -56,8 +58,14 @@ pub struct Header {
 }
 
 /// Encodes `table` and signs it with `sign` (the back office's Ed25519 key, in its HSM).
-pub fn encode(table: &Table, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
-    let body = postcard::to_stdvec(table).unwrap_or_default();
+pub fn encode(table: &Table, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Result<Vec<u8>, SignedError> {
+    let body = postcard::to_stdvec(table).map_err(|e| SignedError::Encode(e.to_string()))?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(SignedError::Encode(format!(
+            "the table is {} bytes; at most {MAX_BODY_BYTES} are accepted",
+            body.len()
+        )));
+    }
     let mut b = Vec::with_capacity(HEADER_LEN + body.len() + SIG_LEN);
     b.extend_from_slice(MAGIC);
     b.push(FORMAT);
@@ -74,7 +82,7 @@ pub fn encode(table: &Table, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
     b.extend_from_slice(&body);
     let sig = sign(&b);
     b.extend_from_slice(&sig);
-    b
+    Ok(b)
 }
 
 /// Reads the header without verifying anything.
@@ -148,7 +156,7 @@ mod tests {
     fn signed_table_round_trips_and_forgeries_are_refused() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let t = sample();
-        let bytes = encode(&t, |m| key.sign(m).to_bytes());
+        let bytes = encode(&t, |m| key.sign(m).to_bytes()).unwrap();
         let pk = key.verifying_key().to_bytes();
         let e = verify(&bytes, &pk).unwrap();
         assert_eq!(e.table(), &t);
@@ -162,7 +170,7 @@ mod tests {
         }
         // Another key's signature.
         let forger = SigningKey::from_bytes(&[8; 32]);
-        let forged = encode(&t, |m| forger.sign(m).to_bytes());
+        let forged = encode(&t, |m| forger.sign(m).to_bytes()).unwrap();
         assert_eq!(verify(&forged, &pk).unwrap_err(), SignedError::Signature);
         // Truncated.
         assert!(matches!(
@@ -177,7 +185,7 @@ mod tests {
         let key = SigningKey::from_bytes(&[7; 32]);
         let mut t = sample();
         t.leg_rules[0].product = 999;
-        let bytes = encode(&t, |m| key.sign(m).to_bytes());
+        let bytes = encode(&t, |m| key.sign(m).to_bytes()).unwrap();
         assert!(matches!(
             verify(&bytes, &key.verifying_key().to_bytes()),
             Err(SignedError::Table(_))

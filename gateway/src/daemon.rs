@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Daemon settings.
-#[derive(Clone, Debug)]
+/// Daemon settings. `Debug` never shows the MQTT password or the clearing token.
+#[derive(Clone)]
 pub struct GatewayConfig {
     /// This gateway's id (batch ids, MQTT client id).
     pub gateway_id: String,
@@ -48,6 +48,20 @@ pub struct GatewayConfig {
     /// broker that caps unacknowledged messages per connection (rumqttd: 100) then delivers
     /// that many per connection while a batch becomes durable.
     pub ingest_connections: usize,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("gateway_id", &self.gateway_id)
+            .field("broker", &self.broker)
+            .field("mqtt_user", &self.mqtt_credentials.as_ref().map(|c| &c.0))
+            .field("charging", &self.charging.as_ref().map(|c| &c.0))
+            .field("operator", &self.operator)
+            .field("share_group", &self.share_group)
+            .field("ingest_connections", &self.ingest_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for GatewayConfig {

@@ -229,11 +229,16 @@ impl Blocklist {
     /// Verifies and applies a signed update. A snapshot replaces the list if newer; a delta
     /// must start exactly at the version held. Nothing changes on any error.
     pub fn apply(&mut self, bytes: &[u8], public_key: &[u8; 32]) -> Result<u64, ListError> {
-        let u = ListUpdate::verify(bytes, public_key)?;
+        self.apply_verified(&ListUpdate::verify(bytes, public_key)?)
+    }
+
+    /// Applies an update that [`ListUpdate::verify`] returned (for a caller that also needs to
+    /// know what it was, without verifying the signature twice).
+    pub fn apply_verified(&mut self, u: &ListUpdate) -> Result<u64, ListError> {
         if u.operator != self.operator {
             return Err(ListError::WrongOperator {
                 want: self.operator.clone(),
-                got: u.operator,
+                got: u.operator.clone(),
             });
         }
         match u.kind {

@@ -38,8 +38,8 @@ pub enum DaemonError {
     Reader(String),
 }
 
-/// How to reach the broker.
-#[derive(Clone, Debug)]
+/// How to reach the broker. `Debug` never shows the password.
+#[derive(Clone)]
 pub struct MqttSettings {
     pub host: String,
     pub port: u16,
@@ -47,6 +47,18 @@ pub struct MqttSettings {
     pub password: Option<String>,
     /// PEM CA certificates: connect over TLS.
     pub tls_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<secret>"))
+            .field("tls", &self.tls_ca_pem.is_some())
+            .finish()
+    }
 }
 
 /// Daemon settings.
@@ -199,18 +211,14 @@ pub fn apply_downlink(
 ) -> Result<u64, String> {
     match topic_kind {
         Downlink::Blocklist => {
-            let before = gate.blocklist.version();
+            // One signature check, even for a 1,000,000-entry snapshot.
+            let u = purse::blocklist::ListUpdate::verify(bytes, pubkey)
+                .map_err(|e| format!("blocklist refused: {e}"))?;
             let v = gate
                 .blocklist
-                .apply(bytes, pubkey)
+                .apply_verified(&u)
                 .map_err(|e| format!("blocklist refused: {e}"))?;
-            if v == before {
-                return Ok(v);
-            }
-            let is_snapshot = purse::blocklist::ListUpdate::verify(bytes, pubkey)
-                .map(|u| u.kind == purse::blocklist::ListKind::Snapshot)
-                .unwrap_or(false);
-            let r = if is_snapshot {
+            let r = if u.kind == purse::blocklist::ListKind::Snapshot {
                 journal.replace_blobs("blocklist/", BL_SNAPSHOT, bytes)
             } else {
                 journal.put_blob(&format!("{BL_DELTA}{v:020}"), bytes)

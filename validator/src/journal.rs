@@ -191,9 +191,13 @@ impl Journal {
 
     /// Every pending change (reported at start: cards torn before a crash).
     pub fn pendings(&self) -> Result<Vec<PendingTap>, JournalError> {
+        self.all_of(self.pending)
+    }
+
+    fn all_of(&self, db: Database<Bytes, Bytes>) -> Result<Vec<PendingTap>, JournalError> {
         let r = self.env.read_txn()?;
         let mut v = Vec::new();
-        for e in self.pending.iter(&r)? {
+        for e in db.iter(&r)? {
             v.push(PendingTap::decode(e?.1)?);
         }
         Ok(v)
@@ -222,12 +226,7 @@ impl Journal {
 
     /// Debits committed by cards that this validator could not prove (for the back office).
     pub fn unresolved(&self) -> Result<Vec<PendingTap>, JournalError> {
-        let r = self.env.read_txn()?;
-        let mut v = Vec::new();
-        for e in self.unresolved.iter(&r)? {
-            v.push(PendingTap::decode(e?.1)?);
-        }
-        Ok(v)
+        self.all_of(self.unresolved)
     }
 
     /// Replaces every blob under `prefix` with one blob, in one transaction (a blocklist
@@ -327,21 +326,6 @@ impl Journal {
     pub fn blob(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
         let r = self.env.read_txn()?;
         Ok(self.meta.get(&r, key)?.map(<[u8]>::to_vec))
-    }
-
-    /// Deletes named blobs whose key starts with `prefix`.
-    pub fn delete_blobs(&self, prefix: &str) -> Result<(), JournalError> {
-        let mut w = self.env.write_txn()?;
-        let keys: Vec<String> = self
-            .meta
-            .prefix_iter(&w, prefix)?
-            .map(|e| e.map(|(k, _)| k.to_string()))
-            .collect::<Result<_, _>>()?;
-        for k in keys {
-            self.meta.delete(&mut w, &k)?;
-        }
-        w.commit()?;
-        Ok(())
     }
 
     /// Blobs whose key starts with `prefix`, in key order.

@@ -43,7 +43,7 @@ fn table(key: &SigningKey, version: u32) -> Vec<u8> {
     let src = include_str!("../../fare-rules/samples/metro-city/rules.toml")
         .replace("version = 1", &format!("version = {version}"));
     let t = fare_rules::source::compile("rules.toml", &src).unwrap();
-    fare_rules::signed::encode(&t, |m| key.sign(m).to_bytes())
+    fare_rules::signed::encode(&t, |m| key.sign(m).to_bytes()).unwrap()
 }
 
 #[test]
@@ -118,7 +118,7 @@ fn downlink_applies_in_order_refuses_forgeries_and_survives_a_restart() {
                 .replace("version = 1", "version = 9"),
         )
         .unwrap();
-        let hotel = fare_rules::signed::encode(&hotel, |m| back_office.sign(m).to_bytes());
+        let hotel = fare_rules::signed::encode(&hotel, |m| back_office.sign(m).to_bytes()).unwrap();
         let e = apply_downlink(&mut g, &j, &pk, ft, &hotel).unwrap_err();
         assert!(e.contains("has no stop"), "{e}");
         assert_eq!(g.fare_version(), 5);
