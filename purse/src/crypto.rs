@@ -218,7 +218,7 @@ impl std::fmt::Debug for SessionKeys {
 
 /// SV1 (or SV2 when `label` is `[0x5A, 0xA5]`) as AN12196 defines it:
 /// label ‖ 00 01 00 80 ‖ RndA[0..2] ‖ (RndA[2..8] ⊕ RndB[0..6]) ‖ RndB[6..16] ‖ RndA[8..16].
-fn session_vector(label: [u8; 2], rnd_a: &[u8; 16], rnd_b: &[u8; 16]) -> [u8; 32] {
+pub(crate) fn session_vector(label: [u8; 2], rnd_a: &[u8; 16], rnd_b: &[u8; 16]) -> [u8; 32] {
     let mut sv = [0u8; 32];
     sv[0..2].copy_from_slice(&label);
     sv[2..6].copy_from_slice(&[0x00, 0x01, 0x00, 0x80]);

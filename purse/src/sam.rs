@@ -59,14 +59,40 @@ pub enum SamError {
     /// A key lookup failed.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The HSM itself failed (token removed, session lost, a mechanism refused): no verdict
+    /// on the card or the claim; retry later.
+    #[error("HSM failure: {0}")]
+    Hsm(String),
 }
 
 /// The terminal's half-finished authentication (RndA, RndB and the card key), zeroized on drop.
 pub struct PendingAuth {
-    key: AesKey,
-    cipher: aes::Aes128,
+    key: PendingKey,
     rnd_a: [u8; 16],
     rnd_b: [u8; 16],
+}
+
+/// Where the card key of a half-finished authentication is.
+// The clear variant is the validator's per-tap path; boxing it would add an allocation per tap.
+#[allow(clippy::large_enum_variant)]
+enum PendingKey {
+    /// In this process (the software SAM and HSM).
+    Clear { key: AesKey, cipher: aes::Aes128 },
+    /// Inside a hardware token; only a handle is here.
+    External(Box<dyn ExternalCardKey>),
+}
+
+/// A diversified card key that stays inside a hardware token (an HSM over PKCS#11): the
+/// operations the PCD side of AuthenticateEV2First needs, run by the token. The protocol
+/// itself (RndA, RndB', the session vectors) stays here in `purse`.
+pub trait ExternalCardKey: Send + Sync {
+    /// AES-128-CBC with a zero IV, in place (whole blocks).
+    fn cbc_encrypt(&mut self, data: &mut [u8]) -> Result<(), SamError>;
+    /// AES-128-CBC decryption with a zero IV, in place (whole blocks).
+    fn cbc_decrypt(&mut self, data: &mut [u8]) -> Result<(), SamError>;
+    /// The full 16-byte AES-CMAC of `msg` (the EV2 session keys are CMACs of SV1 and SV2:
+    /// they leave the token because every APDU's secure messaging runs in [`Channel`]).
+    fn cmac(&mut self, msg: &[u8]) -> Result<[u8; 16], SamError>;
 }
 
 impl Drop for PendingAuth {
@@ -88,34 +114,91 @@ pub fn pcd_auth_part1(
     ek_rnd_b: &[u8],
     rng: &mut dyn RngCore,
 ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    let cipher = key.cipher();
+    auth_part1_with(PendingKey::Clear { key, cipher }, ek_rnd_b, rng)
+}
+
+/// PCD part 1 with a card key held in a token (see [`ExternalCardKey`]).
+pub fn pcd_auth_part1_external(
+    key: Box<dyn ExternalCardKey>,
+    ek_rnd_b: &[u8],
+    rng: &mut dyn RngCore,
+) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    auth_part1_with(PendingKey::External(key), ek_rnd_b, rng)
+}
+
+fn auth_part1_with(
+    mut key: PendingKey,
+    ek_rnd_b: &[u8],
+    rng: &mut dyn RngCore,
+) -> Result<(PendingAuth, [u8; 32]), SamError> {
     let mut rnd_b: [u8; 16] = ek_rnd_b
         .try_into()
         .map_err(|_| SamError::CardAuthentication("E(RndB) is not 16 bytes"))?;
-    let cipher = key.cipher();
-    crypto::cbc_decrypt_with(&cipher, &[0; 16], &mut rnd_b).expect("one block");
+    key.decrypt(&mut rnd_b)?;
     let mut rnd_a = [0u8; 16];
     rng.fill_bytes(&mut rnd_a);
     let mut frame = [0u8; 32];
     frame[..16].copy_from_slice(&rnd_a);
     frame[16..].copy_from_slice(&crypto::rotate_left_1(&rnd_b));
-    crypto::cbc_encrypt_with(&cipher, &[0; 16], &mut frame).expect("two blocks");
-    Ok((
-        PendingAuth {
-            key,
-            cipher,
-            rnd_a,
-            rnd_b,
-        },
-        frame,
-    ))
+    key.encrypt(&mut frame)?;
+    Ok((PendingAuth { key, rnd_a, rnd_b }, frame))
+}
+
+impl PendingKey {
+    fn encrypt(&mut self, data: &mut [u8]) -> Result<(), SamError> {
+        match self {
+            PendingKey::Clear { cipher, .. } => {
+                crypto::cbc_encrypt_with(cipher, &[0; 16], data).expect("whole blocks");
+                Ok(())
+            }
+            PendingKey::External(k) => k.cbc_encrypt(data),
+        }
+    }
+
+    fn decrypt(&mut self, data: &mut [u8]) -> Result<(), SamError> {
+        match self {
+            PendingKey::Clear { cipher, .. } => {
+                crypto::cbc_decrypt_with(cipher, &[0; 16], data).expect("whole blocks");
+                Ok(())
+            }
+            PendingKey::External(k) => k.cbc_decrypt(data),
+        }
+    }
+
+    fn session_keys(
+        &mut self,
+        rnd_a: &[u8; 16],
+        rnd_b: &[u8; 16],
+    ) -> Result<crypto::SessionKeys, SamError> {
+        match self {
+            PendingKey::Clear { key, .. } => Ok(crypto::ev2_session_keys(key, rnd_a, rnd_b)),
+            PendingKey::External(k) => {
+                let mut sv1 = crypto::session_vector([0xA5, 0x5A], rnd_a, rnd_b);
+                let mut sv2 = crypto::session_vector([0x5A, 0xA5], rnd_a, rnd_b);
+                let enc = k.cmac(&sv1);
+                let mac = k.cmac(&sv2);
+                sv1.zeroize();
+                sv2.zeroize();
+                let (mut enc, mut mac) = (enc?, mac?);
+                let keys = crypto::SessionKeys {
+                    enc: AesKey::from_bytes(enc),
+                    mac: AesKey::from_bytes(mac),
+                };
+                enc.zeroize();
+                mac.zeroize();
+                Ok(keys)
+            }
+        }
+    }
 }
 
 /// PCD part 2: check the card's E(K, TI ‖ RndA' ‖ PDcap2 ‖ PCDcap2) and derive the session.
-pub fn pcd_auth_part2(pending: PendingAuth, card_resp: &[u8]) -> Result<Channel, SamError> {
+pub fn pcd_auth_part2(mut pending: PendingAuth, card_resp: &[u8]) -> Result<Channel, SamError> {
     let mut buf: [u8; 32] = card_resp
         .try_into()
         .map_err(|_| SamError::CardAuthentication("answer is not 32 bytes"))?;
-    crypto::cbc_decrypt_with(&pending.cipher, &[0; 16], &mut buf).expect("two blocks");
+    pending.key.decrypt(&mut buf)?;
     let expect = crypto::rotate_left_1(&pending.rnd_a);
     if !crypto::mac_eq(&buf[4..20], &expect) {
         buf.zeroize();
@@ -125,7 +208,7 @@ pub fn pcd_auth_part2(pending: PendingAuth, card_resp: &[u8]) -> Result<Channel,
     }
     let ti: [u8; 4] = buf[..4].try_into().expect("4");
     buf.zeroize();
-    let keys = crypto::ev2_session_keys(&pending.key, &pending.rnd_a, &pending.rnd_b);
+    let keys = pending.key.session_keys(&pending.rnd_a, &pending.rnd_b)?;
     Ok(Channel::new(keys, ti))
 }
 
@@ -242,6 +325,28 @@ pub struct TmacVerified {
     /// The verified receipt.
     pub receipt: CommitReceipt,
     _proof: HsmChecked,
+}
+
+impl TmacVerified {
+    /// For [`Hsm`] implementations outside this crate (a token computes the MAC): the proof
+    /// for `receipt` when `computed` — the 8-byte transaction MAC the HSM computed over
+    /// [`tm_input`] with the card's session TM key — equals the card's TMV. Compared here in
+    /// constant time; only HSM implementations call this.
+    pub fn from_hsm_mac(
+        receipt: &CommitReceipt,
+        computed: &[u8; 8],
+    ) -> Result<TmacVerified, SamError> {
+        if !crypto::mac_eq(computed, &receipt.tmv) {
+            return Err(SamError::TmacMismatch {
+                uid: hex::encode_upper(receipt.uid),
+                tmc: receipt.tmc,
+            });
+        }
+        Ok(TmacVerified {
+            receipt: receipt.clone(),
+            _proof: HsmChecked,
+        })
+    }
 }
 
 /// Zero-sized witness that the HSM checked a transaction MAC; private to this module.

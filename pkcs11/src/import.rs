@@ -1,0 +1,212 @@
+//! `tapgate keys import-hsm`: the HSM role's keys of a key set into a token, as sensitive,
+//! non-extractable objects that can only derive (masters) or sign (the Ed25519 key).
+
+use crate::{master_label, params_label, signing_label, Pkcs11Error, TokenSession, HSM_KINDS};
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use purse::keys::{KeySet, Role};
+use zeroize::Zeroizing;
+
+/// DER of the Ed25519 curve OID 1.3.101.112 (`CKA_EC_PARAMS` of an Edwards key).
+const ED25519_OID: [u8; 5] = [0x06, 0x03, 0x2B, 0x65, 0x70];
+
+/// One object written to the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    /// Its label.
+    pub label: String,
+    /// What identifies it without revealing it: `kcv <6 hex>` (first 3 bytes of
+    /// AES-ECB(K, 0¹⁶)) for an AES key, `ed25519 public <hex>` for the signing key,
+    /// `parameters` for the parameters object.
+    pub check: String,
+}
+
+/// The key check value of an AES key: the first 3 bytes of AES-ECB(K, 0¹⁶), in hex.
+pub fn kcv(key: &purse::crypto::AesKey) -> String {
+    let mut block = [0u8; 16];
+    purse::crypto::cbc_encrypt(key, &[0; 16], &mut block).expect("one block");
+    hex::encode_upper(&block[..3])
+}
+
+/// The parameters object's value: `aid(3) ‖ len ‖ system id ‖ verifying key(32)`.
+pub fn encode_params(keys: &KeySet) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + keys.system_id.len() + 32);
+    v.extend_from_slice(&keys.aid);
+    v.push(keys.system_id.len() as u8);
+    v.extend_from_slice(&keys.system_id);
+    v.extend_from_slice(&keys.verifying_key);
+    v
+}
+
+/// Decodes [`encode_params`].
+pub fn decode_params(v: &[u8]) -> Option<([u8; 3], Vec<u8>, [u8; 32])> {
+    let aid: [u8; 3] = v.get(..3)?.try_into().ok()?;
+    let n = *v.get(3)? as usize;
+    let sys = v.get(4..4 + n)?.to_vec();
+    let vk: [u8; 32] = v.get(4 + n..)?.try_into().ok()?;
+    Some((aid, sys, vk))
+}
+
+/// Imports the HSM role's cut of `keys` (every version of KM_APP, KM_DEBIT, KM_CREDIT,
+/// KM_TMAC, KM_DEVICE; the Ed25519 signing key; the parameters) under `prefix`.
+///
+/// Refuses, before writing anything, when a label exists already, unless `replace` (then the
+/// old objects with that label are destroyed first). Each AES key's check value is compared
+/// with the one the token computes, when the token offers `CKA_CHECK_VALUE`.
+pub fn import_keyset(
+    ts: &TokenSession,
+    keys: &KeySet,
+    prefix: &str,
+    replace: bool,
+) -> Result<Vec<Imported>, Pkcs11Error> {
+    let keys = keys
+        .for_role(Role::Hsm, 0)
+        .map_err(|e| Pkcs11Error::Malformed {
+            label: prefix.into(),
+            msg: e.to_string(),
+        })?;
+    let mut entries: Vec<_> = keys
+        .entries
+        .iter()
+        .filter(|e| HSM_KINDS.contains(&e.kind) && e.id == 0)
+        .collect();
+    entries.sort_by_key(|e| (e.kind, e.version));
+    let seed = keys.signing_seed.as_ref().ok_or(Pkcs11Error::Malformed {
+        label: signing_label(prefix),
+        msg: "the key set has no signing key (is it the issuer's key set?)".into(),
+    })?;
+
+    let mut labels: Vec<String> = entries
+        .iter()
+        .map(|e| master_label(prefix, e.kind, e.version))
+        .collect();
+    labels.push(signing_label(prefix));
+    labels.push(params_label(prefix));
+    let mut existing = Vec::new();
+    for label in &labels {
+        for class in [
+            ObjectClass::SECRET_KEY,
+            ObjectClass::PRIVATE_KEY,
+            ObjectClass::PUBLIC_KEY,
+            ObjectClass::DATA,
+        ] {
+            existing.extend(
+                ts.find(class, label)?
+                    .into_iter()
+                    .map(|h| (label.clone(), h)),
+            );
+        }
+    }
+    if let Some((label, _)) = existing.first() {
+        if !replace {
+            return Err(Pkcs11Error::Exists {
+                label: label.clone(),
+            });
+        }
+    }
+    for (_, h) in existing {
+        ts.session
+            .destroy_object(h)
+            .map_err(Pkcs11Error::call("destroying an object being replaced"))?;
+    }
+
+    let mut out = Vec::new();
+    for e in entries {
+        let label = master_label(prefix, e.kind, e.version);
+        let value = Zeroizing::new(e.key.expose_secret().to_vec());
+        let h = ts
+            .session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(false),
+                Attribute::Derive(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Label(label.clone().into_bytes()),
+                Attribute::Value(value.to_vec()),
+            ])
+            .map_err(Pkcs11Error::call("creating a master key object"))?;
+        let mine = kcv(&e.key);
+        if let Ok(attrs) = ts
+            .session
+            .get_attributes(h, &[cryptoki::object::AttributeType::CheckValue])
+        {
+            for a in attrs {
+                if let Attribute::CheckValue(v) = a {
+                    if v.len() >= 3 && hex::encode_upper(&v[..3]) != mine {
+                        return Err(Pkcs11Error::Malformed {
+                            label,
+                            msg: "the token's key check value differs from the key set's".into(),
+                        });
+                    }
+                }
+            }
+        }
+        out.push(Imported {
+            label,
+            check: format!("kcv {mine}"),
+        });
+    }
+
+    let label = signing_label(prefix);
+    ts.session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(false),
+            Attribute::Sign(true),
+            Attribute::Derive(false),
+            Attribute::EcParams(ED25519_OID.to_vec()),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Value(seed.to_vec()),
+        ])
+        .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
+    let mut point = vec![0x04, 0x20];
+    point.extend_from_slice(&keys.verifying_key);
+    ts.session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(ED25519_OID.to_vec()),
+            Attribute::EcPoint(point),
+            Attribute::Label(label.clone().into_bytes()),
+        ])
+        .map_err(Pkcs11Error::call("creating the Ed25519 public key"))?;
+    out.push(Imported {
+        label,
+        check: format!("ed25519 public {}", hex::encode_upper(keys.verifying_key)),
+    });
+
+    let label = params_label(prefix);
+    ts.session
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Application(b"tapgate".to_vec()),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Value(encode_params(&keys)),
+        ])
+        .map_err(Pkcs11Error::call("creating the parameters object"))?;
+    out.push(Imported {
+        label,
+        check: "parameters".into(),
+    });
+    Ok(out)
+}
