@@ -60,11 +60,6 @@ fn relay(
     Ok(())
 }
 
-/// CPU seconds (user + system) from a `/proc/.../stat` file (Linux; CLK_TCK = 100).
-fn cpu_s(_path: &str) -> f64 {
-    crate::stats::cpu_s()
-}
-
 /// Runs `n` loads from `clients` client threads.
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
@@ -106,7 +101,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let per_client = n.div_ceil(clients as u64);
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
     let client_cpu = Arc::new(Mutex::new(0.0f64));
-    let cpu_before = cpu_s("/proc/self/stat");
+    let cpu_before = crate::stats::cpu_s();
     let started = Instant::now();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut handles = Vec::new();
@@ -133,7 +128,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                         .expect("lat")
                         .push(t.elapsed().as_micros() as u64);
                 }
-                *ccpu.lock().expect("cpu") += cpu_s("/proc/thread-self/stat");
+                *ccpu.lock().expect("cpu") += crate::stats::thread_cpu_s();
                 Ok(())
             }));
         }
@@ -143,7 +138,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         Ok(())
     })?;
     let wall = started.elapsed();
-    let total_cpu = cpu_s("/proc/self/stat") - cpu_before;
+    let total_cpu = crate::stats::cpu_s() - cpu_before;
     let clients_cpu = *client_cpu.lock().expect("cpu");
     let server_cpu = (total_cpu - clients_cpu).max(0.0);
     let _ = stop_tx.send(());

@@ -34,7 +34,18 @@ pub fn cpu_s() -> f64 {
 
 /// This process's user and system CPU time, seconds.
 pub fn cpu_user_sys_s() -> (f64, f64) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_user_sys_s_of("/proc/self/stat")
+}
+
+/// The calling thread's CPU time (user + system), seconds, from /proc/thread-self/stat.
+pub fn thread_cpu_s() -> f64 {
+    let (u, s) = cpu_user_sys_s_of("/proc/thread-self/stat");
+    u + s
+}
+
+/// User and system CPU time, seconds, from a Linux `stat` file (CLK_TCK = 100; 0 elsewhere).
+fn cpu_user_sys_s_of(path: &str) -> (f64, f64) {
+    let Ok(text) = std::fs::read_to_string(path) else {
         return (0.0, 0.0);
     };
     let Some(rest) = text.rsplit(')').next() else {

@@ -114,13 +114,18 @@ impl SandboxProcessor {
     /// state across our restarts).
     pub fn open(dir: &Path) -> Result<Self, FundingError> {
         std::fs::create_dir_all(dir).map_err(|e| FundingError::Storage(e.to_string()))?;
-        // SAFETY: opened once per process on a directory only this processor uses.
+        // SAFETY: opened once per process on a directory only this processor uses. NO_SYNC:
+        // the sandbox stands in for a processor on another machine, whose durability is its
+        // own; committed pages are written to the file (they survive our process being
+        // killed, which the crash tests do) but not fsynced, so a load does not pay two
+        // fsyncs for a simulated remote system. Our own ledger keeps fsync on every commit.
         #[allow(unsafe_code)]
         let env = unsafe {
             EnvOpenOptions::new()
                 .read_txn_without_tls()
                 .map_size(64 << 20)
                 .max_dbs(2)
+                .flags(heed::EnvFlags::NO_SYNC)
                 .open(dir)?
         };
         let mut t = env.write_txn()?;

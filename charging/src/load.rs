@@ -24,7 +24,7 @@ use purse::txn::{
     self, CardSnapshot, Decision, Dialogue, Outcome, PendingChange, Settlement, Step, TxError,
 };
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Load limits and timeouts.
@@ -40,6 +40,10 @@ pub struct LoadConfig {
     pub session_idle_timeout_ms: u64,
     /// Most concurrent relay sessions (back-pressure: new loads are refused beyond it).
     pub max_sessions: usize,
+    /// Most finished sessions kept (until `session_idle_timeout_ms`) so a retried last step
+    /// gets the same answer; beyond it the oldest go first (a retry of `start` with the same
+    /// idempotency key still gets the stored answer from the ledger).
+    pub max_finished_sessions: usize,
 }
 
 impl Default for LoadConfig {
@@ -50,6 +54,7 @@ impl Default for LoadConfig {
             max_daily_per_card_minor: 500_000,
             session_idle_timeout_ms: 30_000,
             max_sessions: 10_000,
+            max_finished_sessions: 100_000,
         }
     }
 }
@@ -182,12 +187,71 @@ pub struct LoadStats {
     pub settled_voided: u64,
 }
 
+/// A session that gave its final answer, kept so a retried last step gets it again.
+struct Finished {
+    caller: String,
+    /// The step that produced the final answer.
+    seq: u32,
+    reply: Reply,
+    touched_ms: u64,
+}
+
+/// Relay sessions: the ones in progress (bounded by `max_sessions`, found by id or by the
+/// caller's idempotency key) and the finished ones (bounded by `max_finished_sessions`).
+#[derive(Default)]
+struct Sessions {
+    active: HashMap<String, Session>,
+    /// (caller, idempotency key) → id, for the sessions in `active`.
+    by_idem: HashMap<(String, String), String>,
+    finished: HashMap<String, Finished>,
+    /// Finished ids, oldest first (an id may be stale after expiry; skipped then).
+    finished_order: VecDeque<String>,
+}
+
+impl Sessions {
+    fn insert(&mut self, s: Session) {
+        self.by_idem.insert(
+            (s.caller.clone(), s.request.idempotency_key.clone()),
+            s.id.clone(),
+        );
+        self.active.insert(s.id.clone(), s);
+    }
+
+    fn take(&mut self, id: &str) -> Option<Session> {
+        let s = self.active.remove(id)?;
+        self.by_idem
+            .remove(&(s.caller.clone(), s.request.idempotency_key.clone()));
+        Some(s)
+    }
+
+    fn finish(&mut self, s: Session, max: usize) {
+        self.finished.insert(
+            s.id.clone(),
+            Finished {
+                caller: s.caller,
+                seq: s.seq.wrapping_sub(1),
+                reply: s.last_reply,
+                touched_ms: s.touched_ms,
+            },
+        );
+        self.finished_order.push_back(s.id);
+        while self.finished.len() > max {
+            match self.finished_order.pop_front() {
+                Some(old) => {
+                    self.finished.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
 /// The load service: sessions in memory, intents and postings in the ledger.
 pub struct LoadService {
     ledger: Ledger,
     hsm: Mutex<Box<dyn Hsm + Send>>,
     sources: HashMap<String, Arc<dyn FundingSource>>,
-    sessions: Mutex<HashMap<String, Session>>,
+    sessions: Mutex<Sessions>,
     cfg: LoadConfig,
     stats: Mutex<LoadStats>,
 }
@@ -218,7 +282,7 @@ impl LoadService {
                 .into_iter()
                 .map(|s| (s.name().to_string(), s))
                 .collect(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             cfg,
             stats: Mutex::new(LoadStats::default()),
         }
@@ -284,8 +348,9 @@ impl LoadService {
         }
         let mut sessions = self.sessions.lock().expect("sessions lock");
         if let Some(s) = sessions
-            .values()
-            .find(|s| s.caller == caller && s.request.idempotency_key == req.idempotency_key)
+            .by_idem
+            .get(&(caller.to_string(), req.idempotency_key.clone()))
+            .and_then(|id| sessions.active.get(id))
         {
             return Ok(s.last_reply.clone());
         }
@@ -308,7 +373,7 @@ impl LoadService {
                 self.source_names().join(", ")
             )));
         }
-        if sessions.len() >= self.cfg.max_sessions {
+        if sessions.active.len() >= self.cfg.max_sessions {
             return Err(LoadError::Busy);
         }
         let (dialogue, first) = Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT);
@@ -318,21 +383,18 @@ impl LoadService {
             seq: 1,
             commands: first.iter().map(hex::encode_upper).collect(),
         };
-        sessions.insert(
-            id.clone(),
-            Session {
-                id,
-                caller: caller.to_string(),
-                request: req,
-                dialogue,
-                seq: 1,
-                last_reply: reply.clone(),
-                touched_ms: now_ms,
-                intent_recorded: false,
-                commit_sent: false,
-                idempotent_stored: false,
-            },
-        );
+        sessions.insert(Session {
+            id,
+            caller: caller.to_string(),
+            request: req,
+            dialogue,
+            seq: 1,
+            last_reply: reply.clone(),
+            touched_ms: now_ms,
+            intent_recorded: false,
+            commit_sent: false,
+            idempotent_stored: false,
+        });
         Ok(reply)
     }
 
@@ -354,13 +416,27 @@ impl LoadService {
         // Take the session out while we work on it (no lock held across HSM or ledger work).
         let mut s = {
             let mut sessions = self.sessions.lock().expect("sessions lock");
+            if let Some(f) = sessions.finished.get(id) {
+                if f.caller != caller {
+                    return Err(LoadError::NotYours);
+                }
+                if seq == f.seq {
+                    // A retry of the last step: the same final answer again.
+                    return Ok(f.reply.clone());
+                }
+                return Err(LoadError::OutOfOrder {
+                    expected: f.seq,
+                    got: seq,
+                });
+            }
             let s = sessions
+                .active
                 .get(id)
                 .ok_or_else(|| LoadError::NoSession(id.to_string()))?;
             if s.caller != caller {
                 return Err(LoadError::NotYours);
             }
-            if seq == s.seq.wrapping_sub(1) || (seq == s.seq && s.last_reply.is_final()) {
+            if seq == s.seq.wrapping_sub(1) {
                 // A retry of the previous step: the same answer again.
                 return Ok(s.last_reply.clone());
             }
@@ -370,7 +446,7 @@ impl LoadService {
                     got: seq,
                 });
             }
-            sessions.remove(id).expect("present")
+            sessions.take(id).expect("present")
         };
         s.touched_ms = now_ms;
         let reply = self.advance(&mut s, responses, now_ms);
@@ -401,11 +477,13 @@ impl LoadService {
         } else {
             s.seq += 1;
         }
-        // Final sessions stay for retries until they expire.
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(s.id.clone(), s);
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if reply.is_final() {
+            // Finished sessions stay for retries until they expire.
+            sessions.finish(s, self.cfg.max_finished_sessions);
+        } else {
+            sessions.insert(s);
+        }
         Ok(reply)
     }
 
@@ -816,18 +894,30 @@ impl LoadService {
     /// Drops relay sessions idle longer than the configured timeout.
     pub fn expire_sessions(&self, now_ms: u64) -> usize {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        let before = sessions.len();
+        let sessions = &mut *sessions;
+        let before = sessions.active.len() + sessions.finished.len();
         let timeout = self.cfg.session_idle_timeout_ms;
         let mut pending = 0;
-        sessions.retain(|_, s| {
+        let by_idem = &mut sessions.by_idem;
+        sessions.active.retain(|_, s| {
             let keep = now_ms.saturating_sub(s.touched_ms) < timeout;
-            if !keep && s.intent_recorded && !s.last_reply.is_final() {
-                pending += 1;
+            if !keep {
+                if s.intent_recorded {
+                    pending += 1;
+                }
+                by_idem.remove(&(s.caller.clone(), s.request.idempotency_key.clone()));
             }
             keep
         });
+        sessions
+            .finished
+            .retain(|_, f| now_ms.saturating_sub(f.touched_ms) < timeout);
+        let finished = &sessions.finished;
+        sessions
+            .finished_order
+            .retain(|id| finished.contains_key(id));
         self.stats.lock().expect("stats").pending += pending;
-        before - sessions.len()
+        before - sessions.active.len() - sessions.finished.len()
     }
 
     /// Registers a newly personalised card: posts its initial value from `issuer:float`.

@@ -25,6 +25,8 @@ pub struct Limits {
     pub session_idle_timeout_ms: u64,
     /// Most concurrent relay sessions.
     pub max_sessions: usize,
+    /// Most finished sessions kept for a retried last step.
+    pub max_finished_sessions: usize,
     /// Loads a caller may start per minute (0 = unlimited).
     pub loads_per_minute_per_client: u32,
 }
@@ -38,6 +40,7 @@ impl Default for Limits {
             max_daily_per_card_minor: d.max_daily_per_card_minor,
             session_idle_timeout_ms: d.session_idle_timeout_ms,
             max_sessions: d.max_sessions,
+            max_finished_sessions: d.max_finished_sessions,
             loads_per_minute_per_client: 60,
         }
     }
@@ -90,6 +93,42 @@ pub struct ServerConfig {
     /// The operator id this back office signs blocklists for.
     #[serde(default = "default_operator")]
     pub operator: String,
+    /// Where the issuer keys live: the software HSM (default) or a PKCS#11 token.
+    #[serde(default)]
+    pub hsm: HsmConfig,
+}
+
+/// Which HSM the server uses.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HsmKind {
+    /// The sealed key set in process memory (`--keys`).
+    #[default]
+    Software,
+    /// A PKCS#11 token holding the keys imported with `tapgate keys import-hsm`.
+    Pkcs11,
+}
+
+/// The `[hsm]` table (docs/hsm.md). The PIN itself is never in the configuration: only the
+/// file or environment variable it is read from.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// `software` (default) or `pkcs11`.
+    #[serde(default)]
+    pub kind: HsmKind,
+    /// The PKCS#11 module path.
+    pub module: Option<PathBuf>,
+    /// The token's label.
+    pub token_label: Option<String>,
+    /// The token's slot id (instead of the label).
+    pub slot: Option<u64>,
+    /// A file holding the user PIN.
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Label prefix of tapgate's objects (default `tapgate`).
+    pub prefix: Option<String>,
 }
 
 fn default_operator() -> String {
@@ -170,6 +209,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             max_daily_per_card_minor: l.max_daily_per_card_minor,
             session_idle_timeout_ms: l.session_idle_timeout_ms,
             max_sessions: l.max_sessions,
+            max_finished_sessions: l.max_finished_sessions,
         },
     );
     Ok(AppState {
