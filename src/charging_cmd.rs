@@ -4,9 +4,9 @@ use crate::cli_util::{input_err, write_atomic};
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
 use charging::api::{Auth, Role};
-use charging::server::{self, ServerConfig};
+use charging::server::{self, HsmConfig, HsmKind, ServerConfig};
 use clap::{Args, Subcommand, ValueEnum};
-use purse::sam::SoftwareHsm;
+use purse::sam::{Hsm, SoftwareHsm};
 use std::path::PathBuf;
 
 /// `tapgate charging`.
@@ -174,15 +174,11 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(d) = a.data {
         cfg.data_dir = d;
     }
-    let keys = a.keys.ok_or_else(|| {
-        input_err("--keys DIR is required (the issuer key set for the software HSM)")
-    })?;
-    let ks = load_keyset(&keys, a.passphrase_file.as_deref())?;
-    let hsm = SoftwareHsm::new(&ks)?;
+    let hsm = open_hsm(&cfg.hsm, a.keys.as_deref(), a.passphrase_file.as_deref())?;
     if cfg.tokens.is_empty() {
         eprintln!("warning: no API tokens configured: every authenticated endpoint will refuse (see `tapgate charging token`)");
     }
-    let state = server::build(&cfg, Box::new(hsm)).context("starting the charging server")?;
+    let state = server::build(&cfg, hsm).context("starting the charging server")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -192,6 +188,59 @@ fn serve(a: ServeArgs) -> Result<()> {
         server::serve(&cfg, state, shutdown).await
     })?;
     Ok(())
+}
+
+/// The HSM of the `[hsm]` table: the software HSM over `--keys`, or a PKCS#11 token.
+fn open_hsm(
+    h: &HsmConfig,
+    keys: Option<&std::path::Path>,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<Box<dyn Hsm + Send>> {
+    match h.kind {
+        HsmKind::Software => {
+            let keys = keys.ok_or_else(|| {
+                input_err("--keys DIR is required (the issuer key set for the software HSM)")
+            })?;
+            let ks = load_keyset(keys, passphrase_file)?;
+            Ok(Box::new(SoftwareHsm::new(&ks)?))
+        }
+        HsmKind::Pkcs11 => {
+            let module = h.module.clone().ok_or_else(|| {
+                input_err("[hsm] kind = \"pkcs11\" needs module = \"/path/to/module.so\"")
+            })?;
+            if h.token_label.is_none() && h.slot.is_none() {
+                return Err(input_err(
+                    "[hsm] kind = \"pkcs11\" needs token_label (or slot)",
+                ));
+            }
+            let pin = match (&h.pin_file, &h.pin_env) {
+                (Some(f), None) => tapgate_pkcs11::PinSource::File(f.clone()),
+                (None, Some(e)) => tapgate_pkcs11::PinSource::Env(e.clone()),
+                _ => {
+                    return Err(input_err(
+                        "[hsm] kind = \"pkcs11\" needs exactly one of pin_file, pin_env (the PIN itself never goes in the config)",
+                    ))
+                }
+            };
+            if keys.is_some() {
+                eprintln!("note: --keys is not used: the keys are in the PKCS#11 token");
+            }
+            let cfg = tapgate_pkcs11::Pkcs11Config {
+                module,
+                token_label: h.token_label.clone(),
+                slot: h.slot,
+                pin,
+                prefix: h
+                    .prefix
+                    .clone()
+                    .unwrap_or_else(|| tapgate_pkcs11::DEFAULT_PREFIX.into()),
+            };
+            let hsm =
+                tapgate_pkcs11::Pkcs11Hsm::open(&cfg).map_err(|e| input_err(e.to_string()))?;
+            eprintln!("hsm: PKCS#11 token {:?}", hsm.token_label());
+            Ok(Box::new(hsm))
+        }
+    }
 }
 
 fn open_ledger(data: &std::path::Path) -> Result<charging::ledger::Ledger> {

@@ -79,6 +79,39 @@ enum KeysCmd {
         #[arg(long = "passphrase-file")]
         passphrase_file: Option<PathBuf>,
     },
+    /// Import the HSM role's keys (every version of KM_APP, KM_DEBIT, KM_CREDIT, KM_TMAC,
+    /// KM_DEVICE, the Ed25519 signing key) into a PKCS#11 token as sensitive, non-extractable
+    /// objects labelled `<prefix>/KM_CREDIT/v1` etc. Prints one line per object: label and key
+    /// check value, never the key. See docs/hsm.md.
+    ImportHsm {
+        /// The issuer key directory.
+        #[arg(long)]
+        keys: PathBuf,
+        /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+        #[arg(long = "passphrase-file")]
+        passphrase_file: Option<PathBuf>,
+        /// The PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so).
+        #[arg(long)]
+        module: PathBuf,
+        /// The token's label.
+        #[arg(long = "token-label", required_unless_present = "slot")]
+        token_label: Option<String>,
+        /// The token's slot id (instead of its label).
+        #[arg(long)]
+        slot: Option<u64>,
+        /// Read the token user PIN from this file.
+        #[arg(long = "pin-file", required_unless_present = "pin_env")]
+        pin_file: Option<PathBuf>,
+        /// Read the token user PIN from this environment variable.
+        #[arg(long = "pin-env", conflicts_with = "pin_file")]
+        pin_env: Option<String>,
+        /// Label prefix of tapgate's objects in the token.
+        #[arg(long, default_value = tapgate_pkcs11::DEFAULT_PREFIX)]
+        prefix: String,
+        /// Overwrite objects that already carry these labels.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -101,9 +134,54 @@ pub fn load_keyset(dir_or_file: &Path, passphrase_file: Option<&Path>) -> Result
     KeySet::unseal(&bytes, &pass).with_context(|| format!("opening key set {}", path.display()))
 }
 
+/// The PIN source of `--pin-file` / `--pin-env` (the PIN itself is never an argument).
+pub fn pin_source(
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+) -> Result<tapgate_pkcs11::PinSource> {
+    match (pin_file, pin_env) {
+        (Some(f), None) => Ok(tapgate_pkcs11::PinSource::File(f)),
+        (None, Some(e)) => Ok(tapgate_pkcs11::PinSource::Env(e)),
+        _ => Err(input_err(
+            "give the token PIN's source: --pin-file FILE or --pin-env VAR",
+        )),
+    }
+}
+
 /// Runs `tapgate keys …`.
 pub fn run(args: KeysArgs) -> Result<()> {
     match args.cmd {
+        KeysCmd::ImportHsm {
+            keys,
+            passphrase_file,
+            module,
+            token_label,
+            slot,
+            pin_file,
+            pin_env,
+            prefix,
+            replace,
+        } => {
+            let cfg = tapgate_pkcs11::Pkcs11Config {
+                module,
+                token_label,
+                slot,
+                pin: pin_source(pin_file, pin_env)?,
+                prefix,
+            };
+            let ks = load_keyset(&keys, passphrase_file.as_deref())?;
+            let ts =
+                tapgate_pkcs11::TokenSession::open(&cfg).map_err(|e| input_err(e.to_string()))?;
+            let imported = tapgate_pkcs11::import::import_keyset(&ts, &ks, &cfg.prefix, replace)
+                .map_err(|e| match e {
+                    tapgate_pkcs11::Pkcs11Error::Exists { .. } => input_err(e.to_string()),
+                    e => anyhow::Error::new(e).context("importing into the token"),
+                })?;
+            for i in &imported {
+                println!("imported {} {}", i.label, i.check);
+            }
+            println!("{} objects in token {:?}", imported.len(), ts.token);
+        }
         KeysCmd::Diversify {
             master,
             uid,

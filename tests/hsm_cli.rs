@@ -1,0 +1,282 @@
+//! `tapgate keys import-hsm` and `tapgate charging` with `[hsm] kind = "pkcs11"`, on a real
+//! SoftHSM2 token in a temporary directory (`SOFTHSM2_CONF` points there; the system token
+//! directory is never touched). SoftHSM2 must be installed: `.ci/run` installs it.
+
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeyKind, KeySet};
+use purse::sam::SoftwareHsm;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use tapgate_pkcs11::softhsm::{self, SoftHsmDir};
+
+const PASS: &str = "hsm-cli-pass";
+const PIN: &str = "cli-user-pin";
+const CARDHOLDER: &str = "tg_cardholder_token_for_hsm_tests";
+const OPERATOR: &str = "tg_operator_token_for_hsm_tests";
+
+struct Rig {
+    dir: tempfile::TempDir,
+    hsm: SoftHsmDir,
+    module: String,
+    keys: KeySet,
+}
+
+fn rig(token: &str) -> Rig {
+    let module = softhsm::module_path().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let o = tapgate(
+        None,
+        &[
+            "keys",
+            "init",
+            "--out",
+            dir.path().join("keys").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let hsm = SoftHsmDir::new().unwrap();
+    hsm.init_token_with_util(token, "cli-so-pin", PIN).unwrap();
+    std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).unwrap();
+    std::fs::write(dir.path().join("bad-pin"), "not-the-pin\n").unwrap();
+    let keys = KeySet::unseal(
+        &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
+        PASS.as_bytes(),
+    )
+    .unwrap();
+    Rig {
+        dir,
+        hsm,
+        module: module.to_str().unwrap().to_string(),
+        keys,
+    }
+}
+
+fn tapgate(conf: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tapgate"));
+    cmd.args(args).env("TAPGATE_KEY_PASSPHRASE", PASS);
+    if let Some(c) = conf {
+        cmd.env("SOFTHSM2_CONF", c);
+    }
+    cmd.output().expect("run tapgate")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn import(r: &Rig, token: &str, pin_file: &str, extra: &[&str]) -> Output {
+    let keys = r.dir.path().join("keys");
+    let pin = r.dir.path().join(pin_file);
+    let mut args = vec![
+        "keys",
+        "import-hsm",
+        "--keys",
+        keys.to_str().unwrap(),
+        "--module",
+        &r.module,
+        "--token-label",
+        token,
+        "--pin-file",
+        pin.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    tapgate(Some(&r.hsm.conf()), &args)
+}
+
+#[test]
+fn import_hsm_prints_labels_and_check_values_and_refuses_to_overwrite() {
+    let r = rig("import-cli");
+    let o = import(&r, "import-cli", "pin", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let kcv = |k: KeyKind| tapgate_pkcs11::import::kcv(r.keys.get(k, 1).unwrap());
+    let want = format!(
+        "imported tapgate/KM_APP/v1 kcv {}\nimported tapgate/KM_DEBIT/v1 kcv {}\nimported tapgate/KM_CREDIT/v1 kcv {}\nimported tapgate/KM_TMAC/v1 kcv {}\nimported tapgate/KM_DEVICE/v1 kcv {}\nimported tapgate/SIGN ed25519 public {}\nimported tapgate/params parameters\n7 objects in token \"import-cli\"\n",
+        kcv(KeyKind::App),
+        kcv(KeyKind::Debit),
+        kcv(KeyKind::Credit),
+        kcv(KeyKind::Tmac),
+        kcv(KeyKind::DeviceMaster),
+        hex::encode_upper(r.keys.verifying_key),
+    );
+    assert_eq!(out, want);
+    // Never a key on the terminal.
+    for e in &r.keys.entries {
+        let k = hex::encode_upper(e.key.expose_secret());
+        assert!(!out.contains(&k) && !stderr(&o).contains(&k));
+    }
+
+    // A second import refuses (exit 2) and names the label and --replace.
+    let o = import(&r, "import-cli", "pin", &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("tapgate/KM_APP/v1") && stderr(&o).contains("--replace"),
+        "{}",
+        stderr(&o)
+    );
+    let o = import(&r, "import-cli", "pin", &["--replace"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Operator mistakes: wrong PIN, unknown token, missing module.
+    let o = import(&r, "import-cli", "bad-pin", &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("refused the PIN"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("not-the-pin"));
+    let o = import(&r, "no-such-token", "pin", &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no-such-token") && stderr(&o).contains("import-cli"),
+        "{}",
+        stderr(&o)
+    );
+    let mut bad = Rig { ..r };
+    bad.module = "/nonexistent/module.so".into();
+    let o = import(&bad, "import-cli", "pin", &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/module.so"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn post(
+    base: &str,
+    path: &str,
+    token: &str,
+    key: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut req =
+        ureq::post(&format!("{base}{path}")).set("Authorization", &format!("Bearer {token}"));
+    if let Some(k) = key {
+        req = req.set("Idempotency-Key", k);
+    }
+    match req.send_json(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(serde_json::Value::Null)),
+        Err(ureq::Error::Status(code, r)) => {
+            (code, r.into_json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+#[test]
+fn the_charging_daemon_loads_a_card_with_the_keys_in_the_token() {
+    let r = rig("charging-cli");
+    let o = import(&r, "charging-cli", "pin", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = r.dir.path();
+    let sha = charging::api::Auth::hash_token;
+    let cfg = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n\n[hsm]\nkind = \"pkcs11\"\nmodule = {:?}\ntoken_label = \"charging-cli\"\npin_env = \"TAPGATE_TEST_HSM_PIN\"\n\n[[tokens]]\nname = \"alice\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+        d.join("data").to_str().unwrap(),
+        r.module,
+        sha(CARDHOLDER),
+        sha(OPERATOR)
+    );
+    std::fs::write(d.join("charging.toml"), &cfg).unwrap();
+
+    // A config that names no PIN source is refused before anything starts.
+    std::fs::write(
+        d.join("nopin.toml"),
+        cfg.replace("pin_env = \"TAPGATE_TEST_HSM_PIN\"\n", ""),
+    )
+    .unwrap();
+    let o = tapgate(
+        Some(&r.hsm.conf()),
+        &[
+            "charging",
+            "--config",
+            d.join("nopin.toml").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("pin_file, pin_env"), "{}", stderr(&o));
+
+    // No --keys, no passphrase: the keys are in the token.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "charging",
+            "--config",
+            d.join("charging.toml").to_str().unwrap(),
+        ])
+        .env_remove("TAPGATE_KEY_PASSPHRASE")
+        .env("SOFTHSM2_CONF", r.hsm.conf())
+        .env("TAPGATE_TEST_HSM_PIN", PIN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tapgate charging");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("charging listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let server = Server { child, base };
+
+    let uid = [0x04, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56];
+    let uid_hex = hex::encode_upper(uid);
+    let soft = SoftwareHsm::new(&r.keys).unwrap();
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        soft.card_keys(&uid, 1).unwrap(),
+    );
+    let (code, body) = post(
+        &server.base,
+        "/v1/cards",
+        OPERATOR,
+        None,
+        serde_json::json!({"card_uid": uid_hex, "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, mut reply) = post(
+        &server.base,
+        "/v1/loads",
+        CARDHOLDER,
+        Some("hsm-1"),
+        serde_json::json!({"card_uid": uid_hex, "amount_minor": 2_000, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    assert_eq!(code, 200, "{reply}");
+    let mut rng = rand::rngs::OsRng;
+    while reply["status"] == "command" {
+        let mut answers = Vec::new();
+        for c in reply["commands"].as_array().unwrap() {
+            let cmd = hex::decode(c.as_str().unwrap()).unwrap();
+            answers.push(hex::encode_upper(card.process(&cmd, &mut rng).unwrap()));
+        }
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        let (code, next) = post(
+            &server.base,
+            &format!("/v1/loads/{id}/steps"),
+            CARDHOLDER,
+            None,
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+        );
+        assert_eq!(code, 200, "{next}");
+        reply = next;
+    }
+    assert_eq!(reply["status"], "completed", "{reply}");
+    assert_eq!(reply["balance_minor"], 3_000);
+    assert_eq!(card.state().balance_minor, 3_000);
+}
