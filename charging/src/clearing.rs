@@ -115,6 +115,9 @@ pub enum ClearingError {
     /// Storage.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// The HSM failed (no verdict on any tap); the batch can be resent.
+    #[error("HSM: {0}")]
+    Hsm(String),
 }
 
 /// Most taps in one batch.
@@ -200,13 +203,18 @@ pub fn clear_batch(
             balance_after_minor: tap.balance_after_minor,
             key_version: tap.key_version,
         };
-        if let Err(e) = hsm.lock().expect("hsm lock").verify_claim(&claim) {
-            outcome.anomalies.push(anomaly(
-                "forged_tmac",
-                format!("transaction MAC refused: {e}"),
-                &tap,
-            ));
-            continue;
+        match hsm.lock().expect("hsm lock").verify_claim(&claim) {
+            Ok(_) => {}
+            // The HSM failed, not the tap: no verdict, the whole batch fails and is resent.
+            Err(purse::sam::SamError::Hsm(e)) => return Err(ClearingError::Hsm(e)),
+            Err(e) => {
+                outcome.anomalies.push(anomaly(
+                    "forged_tmac",
+                    format!("transaction MAC refused: {e}"),
+                    &tap,
+                ));
+                continue;
+            }
         }
         good.push((tap, claim));
     }

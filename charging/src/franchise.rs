@@ -139,6 +139,8 @@ pub fn report_loads(
         };
         match hsm.lock().expect("hsm lock").verify_claim(&claim) {
             Ok(_) => verified.push((i, claim)),
+            // The HSM failed, not the load: no verdict; the report fails and can be resent.
+            Err(purse::sam::SamError::Hsm(e)) => return Err(FranchiseError::Hsm(e)),
             Err(e) => out.rejected.push((i, format!("transaction MAC: {e}"))),
         }
     }
@@ -166,7 +168,7 @@ pub fn report_loads(
             )?;
             l.put_idempotent(t, &marker, &serde_json::Value::String(name.clone()))?;
             l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
-            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, i64::from(c.amount_minor))?
+            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, i64::from(c.amount_minor), now_ms)?
                 == Booking::Duplicate {
                 tracing::warn!(uid = %hex::encode_upper(c.uid), tmc = c.tmc, "franchise load at a counter already booked by another transaction");
             }

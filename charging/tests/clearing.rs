@@ -1,7 +1,10 @@
 //! Clearing tap batches: every transaction MAC checked in the HSM, every counter booked once,
 //! forged taps and clones raised as anomalies, pending loads settled from the counters taps used.
 
+#[macro_use]
 mod common;
+
+use common::HsmKind;
 
 use charging::api::{Auth, Role, TokenEntry};
 use purse::card::{Card, Personalisation};
@@ -42,10 +45,9 @@ fn tap_json(r: &CommitReceipt, seq: u64) -> serde_json::Value {
     })
 }
 
-#[test]
-fn batches_clear_once_forgeries_and_clones_are_anomalies() {
+fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(1));
-    let srv = common::start(&keys, |cfg| {
+    let srv = common::start_with(kind, &keys, |cfg| {
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -144,11 +146,10 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies() {
 /// A load torn before its credit reached the card, and the card then used at a validator: the
 /// cleared tap shows the counter was a debit, so the pending load is voided and its funding
 /// released — without the card ever coming back to a load session.
-#[test]
-fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used() {
+fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
     const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(2));
-    let srv = common::start(&keys, |cfg| {
+    let srv = common::start_with(kind, &keys, |cfg| {
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -217,11 +218,10 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used() {
 /// A load the card applied but whose proof never reached the server, and the card then only
 /// used at validators: the cleared tap's proved balance shows the load's amount arriving across
 /// the load's counter, so clearing completes the load and captures its funding.
-#[test]
-fn a_cleared_tap_completes_the_pending_load_the_card_applied() {
+fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
     const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
-    let srv = common::start(&keys, |cfg| {
+    let srv = common::start_with(kind, &keys, |cfg| {
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -312,11 +312,10 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied() {
 /// The same, with the taps arriving out of order (different validators, different gateway
 /// batches): the tap after the load is cleared before the tap before it. The load is completed
 /// once the gap below it closes.
-#[test]
-fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in() {
+fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) {
     const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(4));
-    let srv = common::start(&keys, |cfg| {
+    let srv = common::start_with(kind, &keys, |cfg| {
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -407,3 +406,10 @@ fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in() {
     }
     assert_eq!(charging::reconcile::reconcile(l).unwrap().balanced, 1);
 }
+
+both_hsms!(
+    batches_clear_once_forgeries_and_clones_are_anomalies,
+    a_cleared_tap_voids_the_pending_load_whose_counter_it_used,
+    a_cleared_tap_completes_the_pending_load_the_card_applied,
+    a_pending_load_is_completed_whatever_order_the_taps_arrive_in,
+);

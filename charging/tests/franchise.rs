@@ -1,7 +1,10 @@
 //! A franchise terminal loads cards offline under its SAM's ceiling, reports the loads later,
 //! gets its ceiling replenished online within its exposure limit, and pays what it owes.
 
+#[macro_use]
 mod common;
+
+use common::HsmKind;
 
 use charging::api::{Auth, Role, TokenEntry};
 use charging::franchise::FranchiseConfig;
@@ -46,10 +49,9 @@ fn offline_load(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> serde_js
     })
 }
 
-#[test]
-fn franchise_loads_are_reported_verified_booked_once_and_ceilings_follow_exposure() {
+fn franchise_loads_are_reported_verified_booked_once_and_ceilings_follow_exposure(kind: HsmKind) {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(1));
-    let srv = common::start(&keys, |cfg| {
+    let srv = common::start_with(kind, &keys, |cfg| {
         cfg.tokens = vec![
             TokenEntry {
                 name: "corner-shop".into(),
@@ -187,3 +189,5 @@ fn franchise_loads_are_reported_verified_booked_once_and_ceilings_follow_exposur
     assert_eq!(status["reported_total_minor"], 6_000);
     assert_eq!(status["granted_total_minor"], 16_000);
 }
+
+both_hsms!(franchise_loads_are_reported_verified_booked_once_and_ceilings_follow_exposure,);

@@ -1,9 +1,13 @@
 //! Online loads through the load service with an emulated card on the client side: the
 //! client only relays APDUs; exactly-once across funding, network and card under tears.
 
+#[macro_use]
+mod common;
+
 use charging::funding::{FundingSource, PointsProgram, SandboxProcessor};
 use charging::ledger::{card_account, IntentState, Ledger};
 use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
+use common::HsmKind;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
@@ -21,7 +25,7 @@ struct World {
     now_ms: u64,
 }
 
-fn world(cfg: LoadConfig) -> World {
+fn world(cfg: LoadConfig, kind: HsmKind) -> World {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
@@ -30,7 +34,7 @@ fn world(cfg: LoadConfig) -> World {
     let miles = Arc::new(PointsProgram::new("mileage", ledger.clone(), 2, 1));
     let svc = LoadService::new(
         ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
+        common::hsm(kind, &keys),
         vec![processor.clone() as Arc<dyn FundingSource>, miles.clone()],
         cfg,
     );
@@ -137,9 +141,8 @@ impl World {
     }
 }
 
-#[test]
-fn a_relayed_load_completes_and_is_posted_and_captured() {
-    let mut w = world(LoadConfig::default());
+fn a_relayed_load_completes_and_is_posted_and_captured(kind: HsmKind) {
+    let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(1, 1_000);
     let r = w.load(&mut card, 2_500, "k1");
     match r {
@@ -173,9 +176,8 @@ fn a_relayed_load_completes_and_is_posted_and_captured() {
     );
 }
 
-#[test]
-fn the_same_idempotency_key_never_loads_twice() {
-    let mut w = world(LoadConfig::default());
+fn the_same_idempotency_key_never_loads_twice(kind: HsmKind) {
+    let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(2, 0);
     let first = w.load(&mut card, 1_000, "same");
     let again = w
@@ -200,9 +202,8 @@ fn the_same_idempotency_key_never_loads_twice() {
     assert!(matches!(other, Reply::Command { .. }));
 }
 
-#[test]
-fn a_retried_step_gets_the_same_command_and_feeds_the_card_once() {
-    let mut w = world(LoadConfig::default());
+fn a_retried_step_gets_the_same_command_and_feeds_the_card_once(kind: HsmKind) {
+    let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(3, 0);
     let mut rng = StdRng::seed_from_u64(2);
     let r = w
@@ -257,13 +258,15 @@ fn a_retried_step_gets_the_same_command_and_feeds_the_card_once() {
     assert_eq!(card.state().balance_minor, 700);
 }
 
-#[test]
-fn refusals_move_nothing() {
-    let mut w = world(LoadConfig {
-        balance_ceiling_minor: 10_000,
-        max_daily_per_card_minor: 6_000,
-        ..LoadConfig::default()
-    });
+fn refusals_move_nothing(kind: HsmKind) {
+    let mut w = world(
+        LoadConfig {
+            balance_ceiling_minor: 10_000,
+            max_daily_per_card_minor: 6_000,
+            ..LoadConfig::default()
+        },
+        kind,
+    );
     let mut card = w.card(4, 9_000);
     // Ceiling.
     let r = w.load(&mut card, 1_001, "c1");
@@ -314,9 +317,8 @@ fn refusals_move_nothing() {
     assert_eq!(card2.state().balance_minor, 5_000);
 }
 
-#[test]
-fn mileage_funds_a_load_and_only_holds_what_it_converts() {
-    let mut w = world(LoadConfig::default());
+fn mileage_funds_a_load_and_only_holds_what_it_converts(kind: HsmKind) {
+    let mut w = world(LoadConfig::default(), kind);
     w.miles.earn("alice", 1_000, "flight:ICN-NRT", 0).unwrap();
     let mut card = w.card(6, 0);
     let r = w
@@ -358,12 +360,11 @@ fn mileage_funds_a_load_and_only_holds_what_it_converts() {
 /// The promise: a load torn at any relay step — the client gone before or after the card got
 /// the command — is settled at the card's next load session: completed and captured if the
 /// card applied it, voided and released if not. Never paid twice, never lost.
-#[test]
-fn a_load_torn_at_any_step_is_settled_exactly_once() {
+fn a_load_torn_at_any_step_is_settled_exactly_once(kind: HsmKind) {
     let (mut applied, mut voided) = (0, 0);
     for stop in 1..=11usize {
         for deliver in [false, true] {
-            let mut w = world(LoadConfig::default());
+            let mut w = world(LoadConfig::default(), kind);
             let mut card = w.card(7, 1_000);
             let r = w
                 .svc
@@ -428,9 +429,8 @@ fn a_load_torn_at_any_step_is_settled_exactly_once() {
     );
 }
 
-#[test]
-fn a_blocked_card_is_refused() {
-    let mut w = world(LoadConfig::default());
+fn a_blocked_card_is_refused(kind: HsmKind) {
+    let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(8, 0);
     {
         let l = w.svc.ledger();
@@ -454,9 +454,8 @@ fn a_blocked_card_is_refused() {
 /// cannot tell a real tear from a client that hides the commit's answer, so the load stays
 /// pending and is settled from the card's counter at its next contact — here voided, since the
 /// commit never reached the card.
-#[test]
-fn a_partial_batch_is_left_pending_and_settled_from_the_counter() {
-    let mut w = world(LoadConfig::default());
+fn a_partial_batch_is_left_pending_and_settled_from_the_counter(kind: HsmKind) {
+    let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(9, 0);
     let mut rng = StdRng::seed_from_u64(3);
     let mut reply = w
@@ -521,10 +520,9 @@ fn a_partial_batch_is_left_pending_and_settled_from_the_counter() {
 
 /// Reconciliation names the cause of every difference: a pending load, a counter gap (taps not
 /// cleared yet), or nothing — the ledger agrees with the card.
-#[test]
-fn reconcile_reports_each_difference_with_its_cause() {
+fn reconcile_reports_each_difference_with_its_cause(kind: HsmKind) {
     use charging::reconcile::{reconcile, Cause};
-    let mut w = world(LoadConfig::default());
+    let mut w = world(LoadConfig::default(), kind);
     let mut a = w.card(20, 1_000);
     let mut b = w.card(21, 1_000);
     let mut c = w.card(22, 1_000);
@@ -574,3 +572,15 @@ fn reconcile_reports_each_difference_with_its_cause() {
         })
     );
 }
+
+both_hsms!(
+    a_relayed_load_completes_and_is_posted_and_captured,
+    the_same_idempotency_key_never_loads_twice,
+    a_retried_step_gets_the_same_command_and_feeds_the_card_once,
+    refusals_move_nothing,
+    mileage_funds_a_load_and_only_holds_what_it_converts,
+    a_load_torn_at_any_step_is_settled_exactly_once,
+    a_blocked_card_is_refused,
+    a_partial_batch_is_left_pending_and_settled_from_the_counter,
+    reconcile_reports_each_difference_with_its_cause,
+);
