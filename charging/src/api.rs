@@ -515,6 +515,32 @@ async fn block_changes(
     ))
 }
 
+/// `GET /v1/anomalies?after=N&limit=M` (operator): what clearing and the gap sweep found, in
+/// the order raised.
+async fn anomalies(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, &headers, &[Role::Operator])?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (found, last) = l
+        .anomalies(&r, q.after, q.limit.clamp(1, 100_000))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let list: Vec<serde_json::Value> = found
+        .into_iter()
+        .map(|(seq, a)| {
+            let mut v = serde_json::to_value(a).unwrap_or_default();
+            v["seq"] = seq.into();
+            v
+        })
+        .collect();
+    Ok(Json(
+        serde_json::json!({"last_seq": last, "anomalies": list}),
+    ))
+}
+
 async fn partner_voucher(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -919,6 +945,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/cards/{uid}/unblock", post(unblock_card))
         .route("/v1/cards/{uid}/report", post(report_card))
         .route("/v1/blocklist/changes", get(block_changes))
+        .route("/v1/anomalies", get(anomalies))
         .route("/v1/blocklist/signed/snapshot", get(signed_snapshot))
         .route("/v1/blocklist/signed/delta", get(signed_delta))
         .route("/v1/partner/vouchers", post(partner_voucher))

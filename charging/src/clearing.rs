@@ -65,7 +65,8 @@ pub struct ClearingBatch {
 /// Something clearing found wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Anomaly {
-    /// `forged_tmac`, `clone`, `negative_shadow`, `malformed`.
+    /// `forged_tmac`, `clone`, `negative_shadow`, `malformed`, `counter_gap` (the gap sweep;
+    /// device id and sequence 0).
     pub kind: String,
     /// Card UID (hex), when known.
     pub card_uid: String,
@@ -276,7 +277,8 @@ pub fn clear_batch(
                 TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
                 TxKind::RecordOnly => 0,
             };
-            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, delta)? == Booking::Duplicate
+            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, delta, now_ms)?
+                == Booking::Duplicate
             {
                 // Booked by a load at the same counter: the load's own record already holds it.
                 clone_found(
@@ -315,6 +317,9 @@ pub fn clear_batch(
                     detail: "the shadow purse went below zero".into(),
                 });
             }
+        }
+        for a in &done.anomalies {
+            l.record_anomaly(t, a)?;
         }
         l.put_idempotent(
             t,
@@ -375,6 +380,7 @@ fn complete_loads_across_gaps(
             x + 1,
             bal_x + intent.amount_minor,
             i64::from(intent.amount_minor),
+            now_ms,
         )?;
         done.loads_completed += 1;
         done.capture_funding

@@ -193,6 +193,15 @@ pub struct BlockChange {
     pub time_ms: u64,
 }
 
+/// What a gap sweep found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GapSweep {
+    /// The `counter_gap` anomalies raised (also recorded in the ledger).
+    pub anomalies: Vec<crate::clearing::Anomaly>,
+    /// Cards blocked because value appeared across a gap.
+    pub cards_blocked: u32,
+}
+
 /// What booking a counter found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Booking {
@@ -215,6 +224,10 @@ pub struct LedgerCore {
     idem: Database<Str, SerdeJson<serde_json::Value>>,
     vouchers: Database<Str, SerdeJson<Voucher>>,
     blocks: Database<U64<BE>, SerdeJson<BlockChange>>,
+    /// Every anomaly raised (clearing, the gap sweep), numbered.
+    anomalies: Database<U64<BE>, SerdeJson<crate::clearing::Anomaly>>,
+    /// Cards with counters booked above a gap → when that gap was first seen (unix ms).
+    gaps: Database<Bytes, U64<BE>>,
 }
 
 /// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
@@ -391,7 +404,7 @@ impl LedgerCore {
             EnvOpenOptions::new()
                 .read_txn_without_tls()
                 .map_size(map_size_bytes)
-                .max_dbs(8)
+                .max_dbs(10)
                 .open(dir)?
         };
         let mut wtxn = env.write_txn()?;
@@ -402,6 +415,8 @@ impl LedgerCore {
         let idem = env.create_database(&mut wtxn, Some("idempotency"))?;
         let vouchers = env.create_database(&mut wtxn, Some("vouchers"))?;
         let blocks = env.create_database(&mut wtxn, Some("block_changes"))?;
+        let anomalies = env.create_database(&mut wtxn, Some("anomalies"))?;
+        let gaps = env.create_database(&mut wtxn, Some("counter_gaps"))?;
         wtxn.commit()?;
         Ok(LedgerCore {
             env,
@@ -412,6 +427,8 @@ impl LedgerCore {
             idem,
             vouchers,
             blocks,
+            anomalies,
+            gaps,
         })
     }
 
@@ -504,7 +521,8 @@ impl LedgerCore {
     }
 
     /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
-    /// booked. Counters only advance `booked_through_tmc` when contiguous.
+    /// booked. Counters only advance `booked_through_tmc` when contiguous; a counter booked
+    /// above a gap starts the gap's clock (`now_ms`) for [`LedgerCore::sweep_gaps`].
     pub fn book_counter(
         &self,
         txn: &mut RwTxn<'_>,
@@ -512,8 +530,10 @@ impl LedgerCore {
         tmc: u32,
         balance_after_minor: i32,
         delta_minor: i64,
+        now_ms: u64,
     ) -> Result<Booking, LedgerError> {
         let mut c = self.card(txn, uid)?;
+        let had_gap = !c.booked_above.is_empty();
         let booking = if tmc <= c.booked_through_tmc || c.booked_above.iter().any(|e| e.0 == tmc) {
             Booking::Duplicate
         } else if tmc == c.booked_through_tmc + 1 {
@@ -540,8 +560,134 @@ impl LedgerCore {
         };
         if booking != Booking::Duplicate {
             self.cards.put(txn, uid, &c)?;
+            match (had_gap, c.booked_above.is_empty()) {
+                (false, false) => self.gaps.put(txn, uid, &now_ms)?,
+                (true, true) => {
+                    self.gaps.delete(txn, uid)?;
+                }
+                _ => {}
+            }
         }
         Ok(booking)
+    }
+
+    /// Appends an anomaly (numbered from 1) and returns its number.
+    pub fn record_anomaly(
+        &self,
+        txn: &mut RwTxn<'_>,
+        a: &crate::clearing::Anomaly,
+    ) -> Result<u64, LedgerError> {
+        let seq = self.anomalies.last(txn)?.map(|(k, _)| k + 1).unwrap_or(1);
+        self.anomalies.put(txn, &seq, a)?;
+        Ok(seq)
+    }
+
+    /// Anomalies numbered above `after`, at most `limit`, and the last number.
+    pub fn anomalies(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, crate::clearing::Anomaly)>, u64), LedgerError> {
+        let last = self.anomalies.last(txn)?.map(|(k, _)| k).unwrap_or(0);
+        let mut out = Vec::new();
+        let from = after.saturating_add(1);
+        for item in self.anomalies.range(txn, &(from..))?.take(limit) {
+            out.push(item?);
+        }
+        Ok((out, last))
+    }
+
+    /// A counter gap that never fills: every card whose gap is older than `older_than_ms` and
+    /// is not waiting for a pending load is reported once as a `counter_gap` anomaly. When the
+    /// card's own proved balances show value *appearing* across the gap (more than the booked
+    /// changes explain, and no load is pending there), the card is blocked: a credit the back
+    /// office never made is a cloned card or a leaked key. Missing debits (value that left the
+    /// card at a terminal whose taps never arrived) are the operator's loss, not the
+    /// cardholder's fault: reported, not blocked. Returns the anomalies raised.
+    pub fn sweep_gaps(
+        &self,
+        txn: &mut RwTxn<'_>,
+        now_ms: u64,
+        older_than_ms: u64,
+    ) -> Result<GapSweep, LedgerError> {
+        let mut due = Vec::new();
+        for item in self.gaps.iter(txn)? {
+            let (uid, since) = item?;
+            if now_ms.saturating_sub(since) >= older_than_ms {
+                if let Ok(uid) = <[u8; 7]>::try_from(uid) {
+                    due.push((uid, since));
+                }
+            }
+        }
+        let mut sweep = GapSweep::default();
+        for (uid, since) in due {
+            let c = self.card(txn, &uid)?;
+            let Some(&(first_above, balance_after, delta)) = c.booked_above.first() else {
+                self.gaps.delete(txn, &uid)?;
+                continue;
+            };
+            let from_tmc = c.booked_through_tmc + 1;
+            let to_tmc = first_above - 1;
+            let waiting = self
+                .open_intents(txn, &uid)?
+                .iter()
+                .any(|i| i.tmc_before + 1 >= from_tmc && i.tmc_before < first_above);
+            if waiting {
+                continue; // settled at the card's next contact or by clearing
+            }
+            // What the missing counters changed: the balance before the first booked counter
+            // above the gap, minus the balance after the last one below it.
+            let missing = c
+                .booked_balance_minor
+                .map(|below| i64::from(balance_after) - delta - i64::from(below));
+            let hours = now_ms.saturating_sub(since) / 3_600_000;
+            let (block, detail) = match missing {
+                Some(m) if m > 0 => (
+                    true,
+                    format!(
+                        "counters {from_tmc}..={to_tmc} missing for {hours} h and {m} minor units appeared across them with no load booked"
+                    ),
+                ),
+                Some(m) => (
+                    false,
+                    format!(
+                        "counters {from_tmc}..={to_tmc} missing for {hours} h: {} minor units of debits never cleared",
+                        -m
+                    ),
+                ),
+                None => (
+                    false,
+                    format!("counters {from_tmc}..={to_tmc} missing for {hours} h"),
+                ),
+            };
+            let anomaly = crate::clearing::Anomaly {
+                kind: "counter_gap".into(),
+                card_uid: hex::encode_upper(uid),
+                tmc: from_tmc,
+                device_id: 0,
+                device_seq: 0,
+                detail,
+            };
+            self.record_anomaly(txn, &anomaly)?;
+            sweep.anomalies.push(anomaly);
+            if block
+                && self
+                    .set_blocked(
+                        txn,
+                        &uid,
+                        true,
+                        "value appeared across a counter gap that never filled",
+                        now_ms,
+                    )?
+                    .is_some()
+            {
+                sweep.cards_blocked += 1;
+            }
+            // Reported once; a later gap on this card starts a new clock.
+            self.gaps.delete(txn, &uid)?;
+        }
+        Ok(sweep)
     }
 
     /// Every card's shadow record (reconciliation).

@@ -794,6 +794,7 @@ impl LoadService {
                 receipt.tmc,
                 receipt.balance_after_minor,
                 i64::from(receipt.amount_minor),
+                now_ms,
             )?;
             if let Some((key, value)) = &idem {
                 l.put_idempotent(t, key, value)?;

@@ -27,6 +27,9 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Most finished sessions kept for a retried last step.
     pub max_finished_sessions: usize,
+    /// A card counter gap older than this is a `counter_gap` anomaly (and a block when value
+    /// appeared across it).
+    pub counter_gap_timeout_ms: u64,
     /// Loads a caller may start per minute (0 = unlimited).
     pub loads_per_minute_per_client: u32,
 }
@@ -41,6 +44,7 @@ impl Default for Limits {
             session_idle_timeout_ms: d.session_idle_timeout_ms,
             max_sessions: d.max_sessions,
             max_finished_sessions: d.max_finished_sessions,
+            counter_gap_timeout_ms: 72 * 3_600_000,
             loads_per_minute_per_client: 60,
         }
     }
@@ -251,14 +255,30 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let app = api::router(state.clone());
-    // Expire idle relay sessions in the background.
+    // Expire idle relay sessions and sweep counter gaps that never filled, in the background.
     let loads = state.loads.clone();
     let clock = state.clock.clone();
+    let gap_timeout_ms = cfg.limits.counter_gap_timeout_ms;
     let reaper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
             loads.expire_sessions(clock());
+            let now = clock();
+            let ledger = loads.ledger().clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                ledger.transact(move |l, t| l.sweep_gaps(t, now, gap_timeout_ms))
+            })
+            .await;
+            match swept {
+                Ok(Ok(s)) if !s.anomalies.is_empty() => tracing::warn!(
+                    anomalies = s.anomalies.len(),
+                    blocked = s.cards_blocked,
+                    "counter gaps that never filled"
+                ),
+                Ok(Err(e)) => tracing::error!(%e, "gap sweep failed; retried at the next tick"),
+                _ => {}
+            }
         }
     });
     let result =
