@@ -82,7 +82,19 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ))?
     };
     cfg.limits.loads_per_minute_per_client = 0; // one bench caller drives every load
-    let state = server::build(&cfg, Box::new(SoftwareHsm::new(&keys)?))?;
+
+    // TAPGATE_BENCH_HSM=pkcs11: the server's keys in a SoftHSM2 token (docs/hsm.md).
+    let hsm_kind = std::env::var("TAPGATE_BENCH_HSM").unwrap_or_else(|_| "software".into());
+    let server_hsm: Box<dyn purse::sam::Hsm + Send> = match hsm_kind.as_str() {
+        "software" => Box::new(SoftwareHsm::new(&keys)?),
+        "pkcs11" => Box::new(
+            tapgate_pkcs11::softhsm::hsm_for(&keys)
+                .map_err(|e| anyhow::anyhow!("TAPGATE_BENCH_HSM=pkcs11: {e}"))?
+                .1,
+        ),
+        other => anyhow::bail!("TAPGATE_BENCH_HSM={other:?}: use software or pkcs11"),
+    };
+    let state = server::build(&cfg, server_hsm)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -147,6 +159,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     lat.sort_unstable();
     let total = lat.len() as u64;
     Ok(vec![
+        ("hsm", hsm_kind.into()),
         ("loads", total.into()),
         ("clients", (clients as u64).into()),
         (
