@@ -81,9 +81,26 @@ enum CardCmd {
         #[arg(long = "tear-after-writes")]
         tear_after_writes: Option<u32>,
     },
+    /// Present the card to PC/SC as a virtual ICC through vsmartcard's vpcd (docs/readers.md),
+    /// until Ctrl-C or SIGTERM.
+    Serve {
+        #[command(flatten)]
+        keys: KeyOpts,
+        /// Card image (written after every command that changed the card).
+        #[arg(long)]
+        card: PathBuf,
+        /// vpcd's address (its first reader slot listens on 35963).
+        #[arg(long, default_value = crate::card_serve::VPCD_DEFAULT)]
+        vpcd: String,
+        /// Fault injection: the card leaves the field at its N-th command APDU, or at its first
+        /// CommitTransaction with `commit`, after executing it and before the answer reaches
+        /// the reader; then the process ends.
+        #[arg(long = "pull-at", value_name = "N|commit")]
+        pull_at: Option<crate::card_serve::PullAt>,
+    },
 }
 
-fn read_image(path: &Path) -> Result<Nvm> {
+pub(crate) fn read_image(path: &Path) -> Result<Nvm> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading card {}", path.display()))?;
     let nvm: Nvm = serde_json::from_str(&text)
@@ -93,7 +110,7 @@ fn read_image(path: &Path) -> Result<Nvm> {
     Ok(nvm)
 }
 
-fn write_image(path: &Path, nvm: &Nvm) -> Result<()> {
+pub(crate) fn write_image(path: &Path, nvm: &Nvm) -> Result<()> {
     let mut s = serde_json::to_string_pretty(nvm)?;
     s.push('\n');
     write_atomic(path, s.as_bytes())
@@ -135,6 +152,20 @@ pub fn run(args: CardArgs) -> Result<()> {
                 hex::encode_upper(uid),
                 out.display()
             );
+        }
+        CardCmd::Serve {
+            keys,
+            card,
+            vpcd,
+            pull_at,
+        } => {
+            return crate::card_serve::run(crate::card_serve::ServeOpts {
+                card,
+                keys: keys.keys,
+                passphrase_file: keys.passphrase_file,
+                vpcd,
+                pull_at,
+            })
         }
         CardCmd::Show { card } => {
             let mut nvm = read_image(&card)?;

@@ -1,5 +1,7 @@
-//! `tapgate charge`: the cardholder's client. It finds the card, relays the card dialogue to the
-//! charging server, and shows the result. It holds no key and cannot change the amount.
+//! `tapgate charge`: the cardholder's client. It finds the card (on a PC/SC reader with
+//! `--reader pcsc[:NAME]`, or an emulated card image with `--card`/`--keys`), relays the card
+//! dialogue to the charging server, and shows the result. It holds no key and cannot change the
+//! amount.
 
 use crate::cli_util::{input_err, write_atomic};
 use crate::keys_cmd::load_keyset;
@@ -7,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use purse::card::{Card, Nvm};
 use purse::sam::SoftwareHsm;
+use purse::txn::{EmulatedReader, Transport};
 use std::path::PathBuf;
 
 /// `tapgate charge`.
@@ -27,12 +30,19 @@ pub struct ChargeArgs {
     /// Idempotency key (default: a new random one; reuse it to retry the same load safely).
     #[arg(long = "idempotency-key")]
     idempotency_key: Option<String>,
+    /// The card on a PC/SC reader: `pcsc` (any reader) or `pcsc:NAME` (a reader whose name
+    /// contains NAME). Needs a build with the `pcsc` feature.
+    #[arg(long, conflicts_with_all = ["card", "keys"])]
+    reader: Option<String>,
+    /// With --reader: how long to wait for the card, seconds.
+    #[arg(long = "wait", default_value_t = 60)]
+    wait_s: u64,
     /// The emulated card image to load (updated in place).
-    #[arg(long)]
-    card: PathBuf,
+    #[arg(long, requires = "keys")]
+    card: Option<PathBuf>,
     /// The issuer key directory the emulated card's secure element derives its keys from.
-    #[arg(long)]
-    keys: PathBuf,
+    #[arg(long, requires = "card")]
+    keys: Option<PathBuf>,
     /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
     #[arg(long = "passphrase-file")]
     passphrase_file: Option<PathBuf>,
@@ -62,12 +72,15 @@ pub struct LoadAsk<'a> {
     pub vanish_at: Option<(usize, bool)>,
 }
 
-/// Relays one load for `card` through the server at `base`: the client side of the protocol.
+/// Relays one load for the card behind `card` (an emulated card, a PC/SC reader) through the
+/// server at `base`: the client side of the protocol. The card's answers go back unread, except
+/// that a batch stops at the first answer that is not DESFire OK / additional frame (the card has
+/// ended the session, so it would refuse the rest).
 pub fn relay_load(
     agent: &ureq::Agent,
     base: &str,
     token: &str,
-    card: &mut Card,
+    card: &mut dyn Transport,
     ask: &LoadAsk<'_>,
 ) -> Result<Relayed> {
     let base = base.trim_end_matches('/');
@@ -91,10 +104,13 @@ pub fn relay_load(
                 Err(e) => Err(anyhow::Error::new(e).context(format!("reaching {base}"))),
             }
         };
+    let uid = card
+        .card_uid()
+        .context("the card left the field before the load started")?;
     let mut reply = call(
         "/v1/loads",
         serde_json::json!({
-            "card_uid": hex::encode_upper(card.state().uid),
+            "card_uid": hex::encode_upper(uid),
             "amount_minor": ask.amount_minor,
             "funding": {"source": ask.source, "instrument": ask.instrument},
         }),
@@ -102,7 +118,6 @@ pub fn relay_load(
     )?;
     let mut round_trips = 1;
     let mut sent = 0usize;
-    let mut rng = rand::rngs::OsRng;
     while reply["status"] == "command" {
         let mut answers = Vec::new();
         for c in reply["commands"]
@@ -116,16 +131,15 @@ pub fn relay_load(
             if let Some((n, deliver)) = ask.vanish_at {
                 if sent >= n {
                     if deliver {
-                        let _ = card.process(&cmd, &mut rng);
+                        let _ = card.transmit(&cmd);
                     }
-                    card.remove_from_field();
                     return Ok(Relayed {
                         reply: serde_json::json!({"status": "vanished", "session_id": reply["session_id"]}),
                         round_trips,
                     });
                 }
             }
-            match card.process(&cmd, &mut rng) {
+            match card.transmit(&cmd) {
                 Ok(resp) => {
                     let ok = resp.len() >= 2
                         && resp[resp.len() - 2] == 0x91
@@ -135,11 +149,20 @@ pub fn relay_load(
                         break;
                     }
                 }
-                Err(_) => break, // the card left the field
+                Err(e) => {
+                    // The card left the field (or the reader failed): what it received is
+                    // settled at its next contact.
+                    if answers.is_empty() {
+                        anyhow::bail!(
+                            "{e}: the card left the field; the load is settled at its next contact"
+                        );
+                    }
+                    break;
+                }
             }
         }
         if answers.is_empty() {
-            anyhow::bail!("the card left the field; the load is settled at its next contact");
+            anyhow::bail!("the server sent no command to relay");
         }
         let id = reply["session_id"].as_str().unwrap_or_default().to_string();
         reply = call(
@@ -166,14 +189,6 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             a.amount
         )));
     }
-    let text = std::fs::read_to_string(&a.card)
-        .with_context(|| format!("reading card {}", a.card.display()))?;
-    let nvm: Nvm = serde_json::from_str(&text)
-        .map_err(|e| input_err(format!("card image {}: {e}", a.card.display())))?;
-    let ks = load_keyset(&a.keys, a.passphrase_file.as_deref())?;
-    let hsm = SoftwareHsm::new(&ks)?;
-    let uid = nvm.main.uid;
-    let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
     let key = a.idempotency_key.unwrap_or_else(|| {
         use rand::RngCore;
         let mut b = [0u8; 12];
@@ -190,11 +205,49 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         idempotency_key: &key,
         vanish_at: None,
     };
-    let result = relay_load(&agent, &a.server, &a.token, &mut card, &ask);
-    let mut s = serde_json::to_string_pretty(card.nvm())?;
-    s.push('\n');
-    write_atomic(&a.card, s.as_bytes())?;
-    let r = result?;
+    let r = match (&a.reader, &a.card, &a.keys) {
+        (Some(spec), _, _) => match crate::pcsc_cmd::parse_reader("--reader", spec)? {
+            crate::pcsc_cmd::ReaderChoice::Emulated => {
+                return Err(input_err(
+                    "--reader: the emulated card is given with --card and --keys",
+                ))
+            }
+            #[cfg(feature = "pcsc")]
+            crate::pcsc_cmd::ReaderChoice::Pcsc(filter) => crate::pcsc_cmd::with_card(
+                filter,
+                std::time::Duration::from_secs(a.wait_s),
+                |card| relay_load(&agent, &a.server, &a.token, card, &ask),
+            )?,
+            #[cfg(not(feature = "pcsc"))]
+            crate::pcsc_cmd::ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
+        },
+        (None, Some(image), Some(keys)) => {
+            let text = std::fs::read_to_string(image)
+                .with_context(|| format!("reading card {}", image.display()))?;
+            let nvm: Nvm = serde_json::from_str(&text)
+                .map_err(|e| input_err(format!("card image {}: {e}", image.display())))?;
+            let ks = load_keyset(keys, a.passphrase_file.as_deref())?;
+            let hsm = SoftwareHsm::new(&ks)?;
+            let uid = nvm.main.uid;
+            let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+            let result = {
+                let mut t = EmulatedReader {
+                    card: &mut card,
+                    rng: rand::rngs::OsRng,
+                };
+                relay_load(&agent, &a.server, &a.token, &mut t, &ask)
+            };
+            let mut s = serde_json::to_string_pretty(card.nvm())?;
+            s.push('\n');
+            write_atomic(image, s.as_bytes())?;
+            result?
+        }
+        _ => {
+            return Err(input_err(
+                "which card? --reader pcsc[:NAME] for a card on a PC/SC reader, or --card IMAGE --keys DIR for an emulated card",
+            ))
+        }
+    };
     match r.reply["status"].as_str() {
         Some("completed") => println!(
             "load completed: amount_minor={} balance_minor={} tmc={} round_trips={}",

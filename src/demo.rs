@@ -774,7 +774,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 idempotency_key: &key,
                 vanish_at,
             };
-            let relayed = relay_load(&agent, &base, HOLDER, &mut r.card, &ask)?;
+            let relayed = relay_load(
+                &agent,
+                &base,
+                HOLDER,
+                &mut purse::txn::EmulatedReader {
+                    card: &mut r.card,
+                    rng: rand::rngs::OsRng,
+                },
+                &ask,
+            )?;
             match relayed.reply["status"].as_str() {
                 Some("completed") => {
                     t.loads_completed += 1;

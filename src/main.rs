@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod card_cmd;
+mod card_serve;
 mod charge_cmd;
 mod charging_cmd;
 mod cli_util;
@@ -9,6 +10,7 @@ mod demo;
 mod fare_cmd;
 mod gateway_cmd;
 mod keys_cmd;
+mod pcsc_cmd;
 mod validator_cmd;
 
 use clap::{Parser, Subcommand};
@@ -39,7 +41,7 @@ enum Command {
     Validator(validator_cmd::ValidatorArgs),
     /// Key tools: diversification, session keys, issuer key sets.
     Keys(keys_cmd::KeysArgs),
-    /// Emulated cards: issue, show, debit, load.
+    /// Emulated cards: issue, show, debit, load, serve (to PC/SC through vpcd).
     Card(card_cmd::CardArgs),
     /// Fare rules: check, compile, test, explain, simulate, quote.
     Fare(fare_cmd::FareArgs),

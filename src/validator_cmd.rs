@@ -20,10 +20,13 @@
 //! [crowd]                          # the emulated reader (tests, demo, load)
 //! cards = 50
 //! taps = 200
+//! # reader = "pcsc"                # or a PC/SC reader (build with the `pcsc` feature)
+//! # reader_name = "ACS ACR1252"    # part of the reader's name (default: any reader)
 //! ```
 
 use crate::cli_util::input_err;
 use crate::keys_cmd::{load_keyset, SIGNING_PUB_FILE};
+use crate::pcsc_cmd::{parse_reader, ReaderChoice};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use fare_rules::record::TapKind;
@@ -39,7 +42,7 @@ use std::time::Duration;
 use validator::daemon::{self, MqttSettings, Settings};
 use validator::gate::{Gate, Placement, Step};
 use validator::journal::Journal;
-use validator::reader::{Crowd, CrowdConfig};
+use validator::reader::{Crowd, CrowdConfig, Reader};
 
 /// `tapgate validator`.
 #[derive(Args)]
@@ -72,6 +75,10 @@ pub struct ValidatorArgs {
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// The reader: `crowd` (the emulated crowd of [crowd]), `pcsc` (any PC/SC reader) or
+    /// `pcsc:NAME` (a PC/SC reader whose name contains NAME). Overrides `reader` in the config.
+    #[arg(long)]
+    reader: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +106,10 @@ struct Config {
     mqtt: Option<MqttConfig>,
     metrics: Option<MetricsConfig>,
     crowd: Option<CrowdToml>,
+    /// `crowd` (default) or `pcsc`.
+    reader: Option<String>,
+    /// With `reader = "pcsc"`: part of the reader's name (case-insensitive).
+    reader_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -328,28 +339,61 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    let crowd_cfg = cfg.crowd.as_ref().ok_or_else(|| {
-        input_err("no reader: add a [crowd] section (PC/SC readers come with issue 8)")
-    })?;
-    let issuer = load_keyset(
-        crowd_cfg.issuer_keys.as_ref().unwrap_or(&cfg.keys),
-        a.passphrase_file.as_deref(),
-    )?;
-    let hsm = SoftwareHsm::new(&issuer).context("the emulated crowd needs the issuer key set")?;
-    let reader = Crowd::new(
-        CrowdConfig {
-            cards: crowd_cfg.cards,
-            balance_minor: crowd_cfg.balance_minor,
-            taps: crowd_cfg.taps,
-            rate_per_s: crowd_cfg.rate_per_s,
-            seed: crowd_cfg.seed,
-            dir: crowd_cfg.dir.clone(),
-            tear_per_mille: crowd_cfg.tear_per_mille,
-        },
-        hsm,
-        shutdown.clone(),
-    )
-    .context("card images directory")?;
+    let choice = match (&a.reader, cfg.reader.as_deref()) {
+        (Some(flag), _) => parse_reader("--reader", flag)?,
+        (None, None | Some("crowd")) => ReaderChoice::Emulated,
+        (None, Some("pcsc")) => ReaderChoice::Pcsc(cfg.reader_name.clone()),
+        (None, Some(r)) => bail!(input_err(format!(
+            "{}: reader {r:?} must be \"crowd\" or \"pcsc\"",
+            a.config.display()
+        ))),
+    };
+    let reader: Box<dyn Reader> = match choice {
+        ReaderChoice::Emulated => {
+            let crowd_cfg = cfg.crowd.as_ref().ok_or_else(|| {
+                input_err(
+                    "no reader: add a [crowd] section (emulated cards) or set reader = \"pcsc\"",
+                )
+            })?;
+            let issuer = load_keyset(
+                crowd_cfg.issuer_keys.as_ref().unwrap_or(&cfg.keys),
+                a.passphrase_file.as_deref(),
+            )?;
+            let hsm =
+                SoftwareHsm::new(&issuer).context("the emulated crowd needs the issuer key set")?;
+            Box::new(
+                Crowd::new(
+                    CrowdConfig {
+                        cards: crowd_cfg.cards,
+                        balance_minor: crowd_cfg.balance_minor,
+                        taps: crowd_cfg.taps,
+                        rate_per_s: crowd_cfg.rate_per_s,
+                        seed: crowd_cfg.seed,
+                        dir: crowd_cfg.dir.clone(),
+                        tear_per_mille: crowd_cfg.tear_per_mille,
+                    },
+                    hsm,
+                    shutdown.clone(),
+                )
+                .context("card images directory")?,
+            )
+        }
+        #[cfg(feature = "pcsc")]
+        ReaderChoice::Pcsc(name) => {
+            eprintln!(
+                "validator {}: PC/SC reader {}",
+                cfg.device_id,
+                name.as_deref()
+                    .map_or_else(|| "(any)".to_string(), |n| format!("matching {n:?}"))
+            );
+            Box::new(validator::pcsc_reader::PcscReader::new(
+                name,
+                shutdown.clone(),
+            ))
+        }
+        #[cfg(not(feature = "pcsc"))]
+        ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
+    };
 
     let mqtt = match &cfg.mqtt {
         None => None,
@@ -435,7 +479,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
             settings,
             gate,
             journal.clone(),
-            Box::new(reader),
+            reader,
             metrics,
             shutdown.clone(),
         )

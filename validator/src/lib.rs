@@ -4,9 +4,13 @@
 //!
 //! - [`gate`]: one tap, start to end, exactly once across tears and crashes.
 //! - [`journal`]: the LMDB outbox, pending debits and applied downlink messages.
+//! - [`reader`]: the `Reader` trait and the emulated crowd; `pcsc_reader` (feature `pcsc`):
+//!   PC/SC readers through pcsc-lite.
 #![deny(unsafe_code)]
 
 pub mod daemon;
 pub mod gate;
 pub mod journal;
+#[cfg(feature = "pcsc")]
+pub mod pcsc_reader;
 pub mod reader;
