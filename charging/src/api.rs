@@ -102,6 +102,8 @@ impl From<LoadError> for ApiError {
             LoadError::NotYours => ApiError::NotFound("no such load session".into()),
             LoadError::OutOfOrder { .. } => ApiError::Conflict(e.to_string()),
             LoadError::Busy => ApiError::Busy,
+            LoadError::NoSuchLoad { .. } => ApiError::NotFound(e.to_string()),
+            LoadError::NotReversible(_) => ApiError::Conflict(e.to_string()),
             LoadError::Ledger(_) | LoadError::Hsm(_) => ApiError::Internal(e.to_string()),
         }
     }
@@ -180,6 +182,16 @@ pub struct StartLoad {
     pub amount_minor: i32,
     /// Funding.
     pub funding: Funding,
+}
+
+/// `POST /v1/reversals` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartReversal {
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+    /// The counter the load to reverse consumed (the `tmc` of its `completed` answer).
+    pub load_tmc: u32,
 }
 
 /// Funding part of a load request.
@@ -283,6 +295,36 @@ async fn start_load(
             },
             now,
         )?)
+    })
+    .await?;
+    Ok(Json(reply))
+}
+
+/// `POST /v1/reversals`: takes a completed load back from the card (debit proved by the card)
+/// and refunds its funding. The caller who made the load, or an operator. Same relay as a load.
+async fn start_reversal(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Reply>, ApiError> {
+    let caller = require(
+        &st.auth,
+        &headers,
+        &[Role::Cardholder, Role::Partner, Role::Operator],
+    )?;
+    let req: StartReversal = json_body(&body)?;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest("an Idempotency-Key header is required".into()))?
+        .to_string();
+    let uid = uid_of(&req.card_uid)?;
+    let now = (st.clock)();
+    st.rate.take(&caller.name, now).map_err(ApiError::TooMany)?;
+    let loads = st.loads.clone();
+    let any = caller.role == Role::Operator;
+    let reply = blocking(move || {
+        Ok(loads.start_reversal(&caller.name, any, uid, req.load_tmc, key, now)?)
     })
     .await?;
     Ok(Json(reply))
@@ -783,11 +825,8 @@ async fn clearing_batch(
                     crate::clearing::ClearingError::BadRequest(d) => ApiError::BadRequest(d),
                     other => ApiError::Internal(other.to_string()),
                 })?;
-            for (source, auth) in &out.release_funding {
-                loads.release_funding(source, auth);
-            }
-            for (source, auth) in &out.capture_funding {
-                loads.capture_funding(source, auth);
+            for action in &out.funding {
+                loads.apply_funding(action);
             }
             Ok(out)
         })
@@ -939,6 +978,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/loads", post(start_load))
         .route("/v1/loads/{id}/steps", post(load_step))
+        .route("/v1/reversals", post(start_reversal))
         .route("/v1/cards", post(register_card))
         .route("/v1/cards/{uid}", get(get_card))
         .route("/v1/cards/{uid}/block", post(block_card))

@@ -16,7 +16,7 @@
 //!
 //! A debit posts `card:<UID>` → `operator:<id>` with reference `tap:<UID>:<TMC>`.
 
-use crate::ledger::{card_account, Booking, IntentState, Ledger, LedgerError};
+use crate::ledger::{card_account, Booking, FundingAction, IntentState, Ledger, LedgerError};
 use purse::receipt::{TxClaim, TxKind};
 use purse::sam::Hsm;
 use serde::{Deserialize, Serialize};
@@ -95,16 +95,13 @@ pub struct BatchOutcome {
     pub cards_blocked: u32,
     /// What was wrong.
     pub anomalies: Vec<Anomaly>,
-    /// Funding authorisations to release for the voided loads (source, authorisation id):
-    /// done by the caller once the batch is durable.
-    #[serde(skip)]
-    pub release_funding: Vec<(String, String)>,
-    /// Pending loads completed because a tap proved them (the card's balance moved by exactly
-    /// the load across its counter).
+    /// Pending loads (and reversals) completed because a tap proved them (the card's
+    /// balance moved by exactly their change across their counter).
     pub loads_completed: u32,
-    /// Funding authorisations to capture for the completed loads (source, authorisation id).
+    /// What to do with the funding of the loads voided or completed here (release, capture,
+    /// refund): done by the caller once the batch is durable.
     #[serde(skip)]
-    pub capture_funding: Vec<(String, String)>,
+    pub funding: Vec<FundingAction>,
 }
 
 /// Clearing errors (the batch is not booked; the gateway retries it).
@@ -291,17 +288,16 @@ pub fn clear_batch(
                     now_ms,
                 )?;
             }
-            // A pending load recorded at tmc−1 did not happen: this tap used its counter.
+            // A pending load (or reversal) recorded at tmc−1 did not happen: this tap used
+            // its counter.
             if let Some(before) = c.tmc.checked_sub(1) {
-                if let Some(intent) = l.intent(t, &c.uid, before)? {
-                    if intent.state == IntentState::Authorised {
-                        let mut voided = intent.clone();
-                        voided.state = IntentState::Voided;
-                        voided.settled_ms = Some(now_ms);
-                        l.put_intent(t, &c.uid, &voided)?;
-                        done.loads_voided += 1;
-                        done.release_funding
-                            .push((intent.funding_source.clone(), intent.funding_auth.clone()));
+                let open = l
+                    .intent(t, &c.uid, before)?
+                    .is_some_and(|i| i.state == IntentState::Authorised);
+                if open {
+                    done.loads_voided += 1;
+                    if let Some(action) = l.void_intent(t, &c.uid, before, now_ms)? {
+                        done.funding.push(action);
                     }
                 }
             }
@@ -331,7 +327,7 @@ pub fn clear_batch(
     Ok(booked)
 }
 
-/// A pending load whose counter no tap has claimed, just below the first counter booked above a
+/// A pending load (or reversal) whose counter no tap has claimed, just below the first counter booked above a
 /// gap: if the card's proved balances show exactly the load's amount arriving across that
 /// counter (balance at x, plus the load, plus the next transaction's change, equals the balance
 /// the card proved after it), the card applied the load: complete it and book its counter. Runs
@@ -357,34 +353,17 @@ fn complete_loads_across_gaps(
         let Some(intent) = l.intent(t, uid, x)? else {
             return Ok(());
         };
-        if intent.state != IntentState::Authorised
-            || i64::from(bal_x) + i64::from(intent.amount_minor) + delta_next != i64::from(bal_next)
-        {
+        let after = i64::from(bal_x) + intent.delta_minor();
+        if intent.state != IntentState::Authorised || after + delta_next != i64::from(bal_next) {
             return Ok(());
         }
-        l.post(
-            t,
-            now_ms,
-            &format!("funding:{}", intent.funding_source),
-            &card_account(uid),
-            i64::from(intent.amount_minor),
-            &format!("load:{}:{}", hex::encode_upper(uid), x + 1),
-        )?;
-        let mut completed = intent.clone();
-        completed.state = IntentState::Completed;
-        completed.settled_ms = Some(now_ms);
-        l.put_intent(t, uid, &completed)?;
-        l.book_counter(
-            t,
-            uid,
-            x + 1,
-            bal_x + intent.amount_minor,
-            i64::from(intent.amount_minor),
-            now_ms,
-        )?;
-        done.loads_completed += 1;
-        done.capture_funding
-            .push((intent.funding_source.clone(), intent.funding_auth.clone()));
+        let Ok(after) = i32::try_from(after) else {
+            return Ok(());
+        };
+        if let Some(action) = l.complete_intent(t, uid, x, after, now_ms)? {
+            done.loads_completed += 1;
+            done.funding.push(action);
+        }
     }
 }
 

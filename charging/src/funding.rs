@@ -73,6 +73,10 @@ pub trait FundingSource: Send + Sync {
     fn void(&self, auth_id: &str) -> Result<(), FundingError>;
     /// Returns captured funds (up to what was captured).
     fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError>;
+    /// Whether loads funded here can be reversed and refunded.
+    fn refundable(&self) -> bool {
+        true
+    }
     /// The ledger account that owes the value of loads funded here.
     fn ledger_account(&self) -> String {
         format!("funding:{}", self.name())

@@ -86,7 +86,47 @@ pub enum IntentState {
     Voided,
 }
 
-/// A load: (card, counter, amount, funding), recorded before the card is touched.
+/// What an intent changes on the card.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentKind {
+    /// A load: Credit, funding → card.
+    #[default]
+    Load,
+    /// A reversal of a completed load: Debit by the back office, card → funding, and the
+    /// funding refunded.
+    Reversal,
+}
+
+/// What to do with the funding source once an intent's change is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FundingAction {
+    /// A load the card applied: capture the authorisation.
+    Capture {
+        /// source name
+        source: String,
+        /// authorisation id
+        auth: String,
+    },
+    /// A load the card never applied: release the authorisation.
+    Release {
+        /// source name
+        source: String,
+        /// authorisation id
+        auth: String,
+    },
+    /// A reversal the card applied: refund the load's funding.
+    Refund {
+        /// source name
+        source: String,
+        /// authorisation id
+        auth: String,
+        /// minor units
+        amount_minor: i64,
+    },
+}
+
+/// A load or a reversal: (card, counter, amount, funding), recorded before the card is touched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadIntent {
     /// Card UID (hex).
@@ -116,6 +156,34 @@ pub struct LoadIntent {
     pub created_ms: u64,
     /// Settled (unix ms).
     pub settled_ms: Option<u64>,
+    /// Load or reversal.
+    #[serde(default)]
+    pub kind: IntentKind,
+    /// A reversal: the counter the reversed load consumed.
+    #[serde(default)]
+    pub reverses_tmc: Option<u32>,
+    /// A load: the counter of the reversal that takes (or took) it back, while that reversal
+    /// is pending or completed.
+    #[serde(default)]
+    pub reversed_at_tmc: Option<u32>,
+}
+
+impl LoadIntent {
+    /// The change to the card's value, minor units (negative for a reversal).
+    pub fn delta_minor(&self) -> i64 {
+        match self.kind {
+            IntentKind::Load => i64::from(self.amount_minor),
+            IntentKind::Reversal => -i64::from(self.amount_minor),
+        }
+    }
+
+    /// The value command the card executes for it.
+    pub fn tx_kind(&self) -> purse::receipt::TxKind {
+        match self.kind {
+            IntentKind::Load => purse::receipt::TxKind::Credit,
+            IntentKind::Reversal => purse::receipt::TxKind::Debit,
+        }
+    }
 }
 
 /// What the ledger knows about a card.
@@ -869,6 +937,122 @@ impl LedgerCore {
         )?)
     }
 
+    /// The card proved the intent's change at counter `tmc` (leaving `balance_after_minor`):
+    /// posts it (a load funding → card, a reversal card → funding), marks the intent
+    /// completed and books the counter, in `txn`. Returns what to do with the funding once
+    /// `txn` is durable, or `None` if it was already completed.
+    pub fn complete_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        balance_after_minor: i32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        let mut intent =
+            self.intent(txn, uid, tmc_before)?
+                .ok_or_else(|| LedgerError::NoIntent {
+                    uid: hex::encode_upper(uid),
+                    tmc: tmc_before,
+                })?;
+        if intent.state == IntentState::Completed {
+            return Ok(None);
+        }
+        let tmc = tmc_before + 1;
+        let funding = format!("funding:{}", intent.funding_source);
+        let card = card_account(uid);
+        let amount = i64::from(intent.amount_minor);
+        let action = match intent.kind {
+            IntentKind::Load => {
+                self.post(
+                    txn,
+                    now_ms,
+                    &funding,
+                    &card,
+                    amount,
+                    &format!("load:{}:{tmc}", hex::encode_upper(uid)),
+                )?;
+                FundingAction::Capture {
+                    source: intent.funding_source.clone(),
+                    auth: intent.funding_auth.clone(),
+                }
+            }
+            IntentKind::Reversal => {
+                self.post(
+                    txn,
+                    now_ms,
+                    &card,
+                    &funding,
+                    amount,
+                    &format!("reversal:{}:{tmc}", hex::encode_upper(uid)),
+                )?;
+                FundingAction::Refund {
+                    source: intent.funding_source.clone(),
+                    auth: intent.funding_auth.clone(),
+                    amount_minor: amount,
+                }
+            }
+        };
+        intent.state = IntentState::Completed;
+        intent.settled_ms = Some(now_ms);
+        self.put_intent(txn, uid, &intent)?;
+        self.observe_card(txn, uid, tmc, balance_after_minor)?;
+        self.book_counter(
+            txn,
+            uid,
+            tmc,
+            balance_after_minor,
+            intent.delta_minor(),
+            now_ms,
+        )?;
+        Ok(Some(action))
+    }
+
+    /// The card never applied the intent's change: marks it voided in `txn` (a load's day
+    /// total is given back; a reversal frees its load to be reversed again). Returns what to
+    /// do with the funding once `txn` is durable, or `None` if it was not open.
+    pub fn void_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        let Some(mut intent) = self.intent(txn, uid, tmc_before)? else {
+            return Ok(None);
+        };
+        if intent.state != IntentState::Authorised {
+            return Ok(None);
+        }
+        intent.state = IntentState::Voided;
+        intent.settled_ms = Some(now_ms);
+        self.put_intent(txn, uid, &intent)?;
+        match intent.kind {
+            IntentKind::Load => {
+                let mut shadow = self.card(txn, uid)?;
+                if shadow.load_day == intent.created_ms / 86_400_000 {
+                    shadow.load_day_minor -= i64::from(intent.amount_minor);
+                    self.put_card(txn, uid, &shadow)?;
+                }
+                Ok(Some(FundingAction::Release {
+                    source: intent.funding_source,
+                    auth: intent.funding_auth,
+                }))
+            }
+            IntentKind::Reversal => {
+                if let Some(load_tmc) = intent.reverses_tmc {
+                    if let Some(mut load) = self.intent(txn, uid, load_tmc - 1)? {
+                        if load.reversed_at_tmc == Some(tmc_before + 1) {
+                            load.reversed_at_tmc = None;
+                            self.put_intent(txn, uid, &load)?;
+                        }
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
     /// A card's intents that are not settled yet.
     pub fn open_intents(
         &self,
@@ -962,6 +1146,9 @@ mod tests {
             state: IntentState::Authorised,
             created_ms: 0,
             settled_ms: None,
+            kind: IntentKind::Load,
+            reverses_tmc: None,
+            reversed_at_tmc: None,
         };
         let mut t = l.write().unwrap();
         l.insert_intent(&mut t, &uid, &mut intent).unwrap();

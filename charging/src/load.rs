@@ -16,7 +16,9 @@
 //! card's counter shows it applied the credit, voided and released if not.
 
 use crate::funding::{FundingError, FundingRequest, FundingSource};
-use crate::ledger::{card_account, IntentState, Ledger, LedgerError, LoadIntent};
+use crate::ledger::{
+    card_account, FundingAction, IntentKind, IntentState, Ledger, LedgerError, LoadIntent,
+};
 use purse::apdu::ins;
 use purse::keys::KeyKind;
 use purse::sam::{Hsm, SamError};
@@ -44,6 +46,8 @@ pub struct LoadConfig {
     /// gets the same answer; beyond it the oldest go first (a retry of `start` with the same
     /// idempotency key still gets the stored answer from the ledger).
     pub max_finished_sessions: usize,
+    /// A completed load may be reversed (debited back and refunded) within this long.
+    pub reversal_window_ms: u64,
 }
 
 impl Default for LoadConfig {
@@ -55,6 +59,7 @@ impl Default for LoadConfig {
             session_idle_timeout_ms: 30_000,
             max_sessions: 10_000,
             max_finished_sessions: 100_000,
+            reversal_window_ms: 7 * 86_400_000,
         }
     }
 }
@@ -148,6 +153,17 @@ pub enum LoadError {
     /// Too many sessions.
     #[error("too many load sessions in progress; retry later")]
     Busy,
+    /// No completed load at that counter of that card (or not the caller's).
+    #[error("no completed load of card {uid} at counter {tmc} that you may reverse")]
+    NoSuchLoad {
+        /// card UID hex
+        uid: String,
+        /// the load's counter
+        tmc: u32,
+    },
+    /// The load cannot be reversed (already reversed, window passed, not refundable).
+    #[error("the load cannot be reversed: {0}")]
+    NotReversible(String),
     /// Storage failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -168,6 +184,8 @@ struct Session {
     intent_recorded: bool,
     /// Set once CommitTransaction was sent (after that, the outcome is unknown on error).
     commit_sent: bool,
+    /// A reversal of the completed load at this counter (a Debit), instead of a load.
+    reverses: Option<u32>,
     /// Set once the final reply is stored under the idempotency key.
     idempotent_stored: bool,
 }
@@ -293,21 +311,37 @@ impl LoadService {
         &self.ledger
     }
 
-    /// Captures a funding authorisation whose load was completed elsewhere (clearing).
-    pub fn capture_funding(&self, source: &str, auth: &str) {
-        if let Some(src) = self.sources.get(source) {
-            if let Err(e) = src.capture(auth) {
-                tracing::error!(%e, auth, source, "capture failed; retry from the intent");
+    /// Captures, releases or refunds at the funding source once the ledger change behind it
+    /// is durable (here, or in clearing). A failure is logged; the intent in the ledger says
+    /// what is owed.
+    pub fn apply_funding(&self, action: &FundingAction) {
+        let (source, auth, result) = match action {
+            FundingAction::Capture { source, auth } => (
+                source,
+                auth,
+                self.sources.get(source).map(|s| s.capture(auth)),
+            ),
+            FundingAction::Release { source, auth } => {
+                (source, auth, self.sources.get(source).map(|s| s.void(auth)))
             }
-        }
-    }
-
-    /// Releases a funding authorisation whose load was voided elsewhere (clearing).
-    pub fn release_funding(&self, source: &str, auth: &str) {
-        if let Some(src) = self.sources.get(source) {
-            if let Err(e) = src.void(auth) {
-                tracing::error!(%e, auth, source, "void failed; retry from the intent");
+            FundingAction::Refund {
+                source,
+                auth,
+                amount_minor,
+            } => (
+                source,
+                auth,
+                self.sources
+                    .get(source)
+                    .map(|s| s.refund(auth, *amount_minor)),
+            ),
+        };
+        match result {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                tracing::error!(%e, auth, source, ?action, "funding action failed; retry from the intent")
             }
+            None => tracing::error!(source, "funding source no longer configured"),
         }
     }
 
@@ -334,6 +368,98 @@ impl LoadService {
 
     /// Starts a load: returns the first command for the card.
     pub fn start(&self, caller: &str, req: LoadRequest, now_ms: u64) -> Result<Reply, LoadError> {
+        self.open_session(caller, req, None, now_ms)
+    }
+
+    /// Starts the reversal of the completed load that consumed counter `load_tmc` of card
+    /// `uid`: the server debits the load's amount from the card (a Debit with the debit key,
+    /// inside the HSM, proved by the card's transaction MAC) and refunds the load's funding.
+    /// Only the caller who made the load, or an operator (`any_caller`), may; within
+    /// `reversal_window_ms` of the load; once. Returns the first command for the card, like
+    /// [`LoadService::start`]; the relay goes on with [`LoadService::respond`].
+    pub fn start_reversal(
+        &self,
+        caller: &str,
+        any_caller: bool,
+        uid: [u8; 7],
+        load_tmc: u32,
+        idempotency_key: String,
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        let not_found = || LoadError::NoSuchLoad {
+            uid: hex::encode_upper(uid),
+            tmc: load_tmc,
+        };
+        let load = {
+            let r = self.ledger.read()?;
+            match load_tmc.checked_sub(1) {
+                Some(before) => self.ledger.intent(&r, &uid, before)?,
+                None => None,
+            }
+        }
+        .filter(|i| {
+            i.kind == IntentKind::Load
+                && i.state == IntentState::Completed
+                && (any_caller || i.requested_by == caller)
+        });
+        let Some(load) = load else {
+            // An idempotent retry of a finished reversal still gets its answer.
+            if let Some(v) = self.stored_answer(caller, &idempotency_key)? {
+                return Ok(v);
+            }
+            return Err(not_found());
+        };
+        let req = LoadRequest {
+            uid,
+            amount_minor: load.amount_minor,
+            funding_source: load.funding_source.clone(),
+            instrument: String::new(),
+            idempotency_key,
+        };
+        if let Some(v) = self.stored_answer(caller, &req.idempotency_key)? {
+            return Ok(v);
+        }
+        if let Some(at) = load.reversed_at_tmc {
+            return Err(LoadError::NotReversible(format!(
+                "a reversal at counter {at} took it back or is in progress"
+            )));
+        }
+        let age = now_ms.saturating_sub(load.settled_ms.unwrap_or(load.created_ms));
+        if age > self.cfg.reversal_window_ms {
+            return Err(LoadError::NotReversible(format!(
+                "loaded {} h ago; loads are reversed within {} h",
+                age / 3_600_000,
+                self.cfg.reversal_window_ms / 3_600_000
+            )));
+        }
+        match self.sources.get(&load.funding_source) {
+            Some(src) if src.refundable() => {}
+            _ => {
+                return Err(LoadError::NotReversible(format!(
+                    "{} funding is not refunded",
+                    load.funding_source
+                )))
+            }
+        }
+        self.open_session(caller, req, Some(load_tmc), now_ms)
+    }
+
+    /// The stored final answer to (caller, idempotency key), if any.
+    fn stored_answer(&self, caller: &str, key: &str) -> Result<Option<Reply>, LoadError> {
+        let r = self.ledger.read()?;
+        Ok(self
+            .ledger
+            .idempotent(&r, &Self::idem_key(caller, key))?
+            .map(|v| reply_from_json(&v)))
+    }
+
+    fn open_session(
+        &self,
+        caller: &str,
+        req: LoadRequest,
+        reverses: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
         if req.idempotency_key.is_empty() || req.idempotency_key.len() > 128 {
             return Err(LoadError::BadRequest(
                 "an Idempotency-Key of 1 to 128 characters is required".into(),
@@ -376,7 +502,10 @@ impl LoadService {
         if sessions.active.len() >= self.cfg.max_sessions {
             return Err(LoadError::Busy);
         }
-        let (dialogue, first) = Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT);
+        let (dialogue, first) = match reverses {
+            None => Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT),
+            Some(_) => Dialogue::start(req.uid, KeyKind::Debit, ins::DEBIT),
+        };
         let id = session_id();
         let reply = Reply::Command {
             session_id: id.clone(),
@@ -394,6 +523,7 @@ impl LoadService {
             intent_recorded: false,
             commit_sent: false,
             idempotent_stored: false,
+            reverses,
         });
         Ok(reply)
     }
@@ -643,6 +773,9 @@ impl LoadService {
                 ),
             )));
         }
+        if let Some(load_tmc) = s.reverses {
+            return self.decide_reversal(s, snap, load_tmc, now_ms);
+        }
         let amount = s.request.amount_minor;
         if i64::from(snap.balance_minor) + i64::from(amount)
             > i64::from(self.cfg.balance_ceiling_minor)
@@ -703,6 +836,9 @@ impl LoadService {
             state: IntentState::Authorised,
             created_ms: now_ms,
             settled_ms: None,
+            kind: IntentKind::Load,
+            reverses_tmc: None,
+            reversed_at_tmc: None,
         };
         let (tmc, balance) = (snap.tmc, snap.balance_minor);
         // Durable before any Credit leaves the server (group commit: shared fsync).
@@ -739,6 +875,88 @@ impl LoadService {
         }))
     }
 
+    /// A reversal: the card must still hold the load's value; the reversal intent and the
+    /// load's "being reversed" mark are durable before the Debit leaves the server.
+    fn decide_reversal(
+        &self,
+        s: &mut Session,
+        snap: &CardSnapshot,
+        load_tmc: u32,
+        now_ms: u64,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        let amount = s.request.amount_minor;
+        if snap.balance_minor < amount {
+            return Ok(Err(self.refused(
+                s,
+                "insufficient_value",
+                &format!(
+                    "the card holds {}; the load of {amount} was partly spent",
+                    snap.balance_minor
+                ),
+            )));
+        }
+        let uid = snap.uid;
+        let (tmc, balance) = (snap.tmc, snap.balance_minor);
+        let (caller, key, key_version) = (
+            s.caller.clone(),
+            s.request.idempotency_key.clone(),
+            snap.key_version,
+        );
+        let recorded = self.ledger.transact(move |l, t| {
+            let Some(mut load) = l.intent(t, &uid, load_tmc - 1)? else {
+                return Ok(Err("the load is gone"));
+            };
+            if load.state != IntentState::Completed || load.reversed_at_tmc.is_some() {
+                return Ok(Err("another reversal took it back or is in progress"));
+            }
+            let mut reversal = LoadIntent {
+                uid: hex::encode_upper(uid),
+                tmc_before: tmc,
+                attempt: 0,
+                balance_before_minor: balance,
+                amount_minor: amount,
+                key_version,
+                funding_source: load.funding_source.clone(),
+                funding_auth: load.funding_auth.clone(),
+                idempotency_key: key,
+                requested_by: caller,
+                state: IntentState::Authorised,
+                created_ms: now_ms,
+                settled_ms: None,
+                kind: IntentKind::Reversal,
+                reverses_tmc: Some(load_tmc),
+                reversed_at_tmc: None,
+            };
+            l.insert_intent(t, &uid, &mut reversal)?;
+            load.reversed_at_tmc = Some(tmc + 1);
+            l.put_intent(t, &uid, &load)?;
+            l.observe_card(t, &uid, tmc, balance)?;
+            Ok(Ok(()))
+        });
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Ok(Err(self.refused(s, "not_reversible", why))),
+            Err(LedgerError::IntentExists { .. }) => {
+                return Ok(Err(self.refused(
+                    s,
+                    "load_in_progress",
+                    "another change for this card at this counter is in progress",
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        s.intent_recorded = true;
+        let mut record = vec![0u8; txn::RECORD_SIZE];
+        record[0] = 0x52; // 'R': a reversal record (not a trip record: validators skip it)
+        record[1..5].copy_from_slice(&amount.to_le_bytes());
+        record[5..13].copy_from_slice(&now_ms.to_le_bytes());
+        record[13..17].copy_from_slice(&load_tmc.to_le_bytes());
+        Ok(Ok(Decision::Apply {
+            amount_minor: amount,
+            record: Some(record),
+        }))
+    }
+
     fn complete(
         &self,
         snapshot: &CardSnapshot,
@@ -748,12 +966,7 @@ impl LoadService {
     ) -> Result<(), LoadError> {
         let uid = receipt.uid;
         let tmc_before = snapshot.tmc;
-        let receipt = receipt.clone();
-        let accounts: std::collections::HashMap<String, String> = self
-            .sources
-            .iter()
-            .map(|(k, v)| (k.clone(), v.ledger_account()))
-            .collect();
+        let balance_after = receipt.balance_after_minor;
         let idem = idempotent.map(|(k, r)| {
             (
                 k.to_string(),
@@ -763,79 +976,25 @@ impl LoadService {
         // One group-committed transaction: the posting, the intent's state, the card's
         // shadow and the client's stored answer become durable together.
         let done = self.ledger.transact(move |l, t| {
-            let mut intent =
-                l.intent(t, &uid, tmc_before)?
-                    .ok_or_else(|| LedgerError::NoIntent {
-                        uid: hex::encode_upper(uid),
-                        tmc: tmc_before,
-                    })?;
-            if intent.state == IntentState::Completed {
-                return Ok(None);
-            }
-            let from = accounts
-                .get(&intent.funding_source)
-                .cloned()
-                .unwrap_or_else(|| format!("funding:{}", intent.funding_source));
-            l.post(
-                t,
-                now_ms,
-                &from,
-                &card_account(&uid),
-                i64::from(receipt.amount_minor),
-                &format!("load:{}:{}", hex::encode_upper(uid), receipt.tmc),
-            )?;
-            intent.state = IntentState::Completed;
-            intent.settled_ms = Some(now_ms);
-            l.put_intent(t, &uid, &intent)?;
-            l.observe_card(t, &uid, receipt.tmc, receipt.balance_after_minor)?;
-            l.book_counter(
-                t,
-                &uid,
-                receipt.tmc,
-                receipt.balance_after_minor,
-                i64::from(receipt.amount_minor),
-                now_ms,
-            )?;
+            let action = l.complete_intent(t, &uid, tmc_before, balance_after, now_ms)?;
             if let Some((key, value)) = &idem {
                 l.put_idempotent(t, key, value)?;
             }
-            Ok(Some((intent.funding_auth, intent.funding_source)))
+            Ok(action)
         })?;
-        let Some((auth, source_name)) = done else {
-            return Ok(());
-        };
-        let source = self.sources[&source_name].clone();
-        if let Err(e) = source.capture(&auth) {
-            tracing::error!(%e, auth, "capture failed after a completed load; retry from the intent");
+        if let Some(action) = done {
+            self.apply_funding(&action);
         }
         Ok(())
     }
 
     fn void_intent(&self, uid: &[u8; 7], tmc_before: u32, now_ms: u64) -> Result<(), LoadError> {
-        let (auth, source) = {
-            let mut t = self.ledger.write()?;
-            let Some(mut intent) = self.ledger.intent(&t, uid, tmc_before)? else {
-                return Ok(());
-            };
-            if intent.state != IntentState::Authorised {
-                return Ok(());
-            }
-            intent.state = IntentState::Voided;
-            intent.settled_ms = Some(now_ms);
-            self.ledger.put_intent(&mut t, uid, &intent)?;
-            let mut shadow = self.ledger.card(&t, uid)?;
-            if shadow.load_day == day_of(intent.created_ms) {
-                shadow.load_day_minor -= i64::from(intent.amount_minor);
-                self.ledger.put_card(&mut t, uid, &shadow)?;
-            }
-            t.commit().map_err(LedgerError::from)?;
-            (
-                intent.funding_auth,
-                self.sources[&intent.funding_source].clone(),
-            )
-        };
-        if let Err(e) = source.void(&auth) {
-            tracing::error!(%e, auth, "void failed; retry from the intent");
+        let uid = *uid;
+        let voided = self
+            .ledger
+            .transact(move |l, t| l.void_intent(t, &uid, tmc_before, now_ms))?;
+        if let Some(action) = voided {
+            self.apply_funding(&action);
         }
         Ok(())
     }
@@ -857,7 +1016,7 @@ impl LoadService {
                 uid: snap.uid,
                 tmc_before: intent.tmc_before,
                 balance_before_minor: intent.balance_before_minor,
-                kind: purse::receipt::TxKind::Credit,
+                kind: intent.tx_kind(),
                 amount_minor: intent.amount_minor,
                 key_version: intent.key_version,
             };

@@ -388,6 +388,10 @@ impl FundingSource for VoucherSource {
         .map(|_| ())
     }
 
+    fn refundable(&self) -> bool {
+        false
+    }
+
     fn refund(&self, _auth_id: &str, _amount_minor: i64) -> Result<(), FundingError> {
         Err(FundingError::Declined(
             "vouchers are not refunded to the partner; reverse the load instead".into(),

@@ -30,6 +30,8 @@ pub struct Limits {
     /// A card counter gap older than this is a `counter_gap` anomaly (and a block when value
     /// appeared across it).
     pub counter_gap_timeout_ms: u64,
+    /// A completed load may be reversed within this long.
+    pub reversal_window_ms: u64,
     /// Loads a caller may start per minute (0 = unlimited).
     pub loads_per_minute_per_client: u32,
 }
@@ -45,6 +47,7 @@ impl Default for Limits {
             max_sessions: d.max_sessions,
             max_finished_sessions: d.max_finished_sessions,
             counter_gap_timeout_ms: 72 * 3_600_000,
+            reversal_window_ms: d.reversal_window_ms,
             loads_per_minute_per_client: 60,
         }
     }
@@ -214,6 +217,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             session_idle_timeout_ms: l.session_idle_timeout_ms,
             max_sessions: l.max_sessions,
             max_finished_sessions: l.max_finished_sessions,
+            reversal_window_ms: l.reversal_window_ms,
         },
     );
     Ok(AppState {

@@ -242,6 +242,32 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
     assert_eq!(after["anomalies"].as_array().unwrap().len(), 1);
     assert_eq!(get("tg_gw_gaps", "").0, 403);
     assert_eq!(get("nobody", "").0, 401);
+
+    // The reversal endpoint: roles, the Idempotency-Key, and a load that does not exist.
+    let reverse = |token: &str, key: Option<&str>, body: serde_json::Value| {
+        let mut req = ureq::post(&format!("{base}/v1/reversals"))
+            .set("Authorization", &format!("Bearer {token}"));
+        if let Some(k) = key {
+            req = req.set("Idempotency-Key", k);
+        }
+        match req.send_json(body) {
+            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let body = serde_json::json!({"card_uid": hex::encode_upper(a), "load_tmc": 2});
+    assert_eq!(reverse("tg_gw_gaps", Some("k"), body.clone()).0, 403);
+    let (code, e) = reverse(OPS, None, body.clone());
+    assert_eq!(
+        (code, e["error"].as_str()),
+        (400, Some("bad_request")),
+        "{e}"
+    );
+    let (code, e) = reverse(OPS, Some("k"), body);
+    assert_eq!((code, e["error"].as_str()), (404, Some("not_found")), "{e}");
+    let (code, _) = reverse(OPS, Some("k"), serde_json::json!({"card_uid": "zz"}));
+    assert_eq!(code, 400);
     let _ = stop_tx.send(());
     rt.block_on(server).unwrap().unwrap();
 }

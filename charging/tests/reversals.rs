@@ -1,0 +1,476 @@
+//! Reversals: a completed load taken back from the card (a Debit the card proves) and refunded to
+//! its funding, once, by the caller who made it or an operator, within the window; a reversal
+//! torn at any step is settled from the card's counter like a load, and value is conserved.
+
+use charging::funding::{FundingSource, SandboxProcessor};
+use charging::ledger::{card_account, IntentKind, IntentState, Ledger};
+use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
+use purse::apdu::ins;
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeyKind, KeySet};
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+const T0: u64 = 1_700_000_000_000;
+
+struct World {
+    _dir: tempfile::TempDir,
+    svc: LoadService,
+    processor: Arc<SandboxProcessor>,
+    hsm: SoftwareHsm,
+    keys: KeySet,
+    now: u64,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
+    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
+    let svc = LoadService::new(
+        ledger,
+        Box::new(SoftwareHsm::new(&keys).unwrap()),
+        vec![processor.clone() as Arc<dyn FundingSource>],
+        LoadConfig::default(),
+    );
+    World {
+        _dir: dir,
+        svc,
+        processor,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+        keys,
+        now: T0,
+    }
+}
+
+impl World {
+    fn card(&self, n: u8, balance: i32) -> Card {
+        let uid = [0x04, 0x77, n, 2, 3, 4, 5];
+        self.svc
+            .register_card(&uid, i64::from(balance), self.now)
+            .unwrap();
+        Card::personalise(
+            &Personalisation::transit(uid, balance),
+            self.hsm.card_keys(&uid, 1).unwrap(),
+        )
+    }
+
+    /// Relays until a final reply; with `stop_after` the card leaves the field at that command
+    /// (`deliver_last`: whether that command reached it first) and the client vanishes.
+    fn relay(
+        &mut self,
+        caller: &str,
+        card: &mut Card,
+        mut reply: Reply,
+        stop_after: Option<usize>,
+        deliver_last: bool,
+    ) -> Reply {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut n = 0;
+        loop {
+            let Reply::Command {
+                session_id,
+                seq,
+                commands,
+            } = &reply
+            else {
+                return reply;
+            };
+            let mut answers = Vec::new();
+            for c in commands {
+                n += 1;
+                let apdu = hex::decode(c).unwrap();
+                if stop_after == Some(n) {
+                    if deliver_last {
+                        let _ = card.process(&apdu, &mut rng);
+                    }
+                    card.remove_from_field();
+                    return reply;
+                }
+                answers.push(card.process(&apdu, &mut rng).unwrap());
+            }
+            self.now += 5;
+            reply = self
+                .svc
+                .respond(caller, session_id, *seq, &answers, self.now)
+                .unwrap();
+        }
+    }
+
+    fn load(&mut self, card: &mut Card, amount: i32, key: &str) -> Reply {
+        let r = self
+            .svc
+            .start(
+                "alice",
+                LoadRequest {
+                    uid: card.state().uid,
+                    amount_minor: amount,
+                    funding_source: "card".into(),
+                    instrument: "tok_visa".into(),
+                    idempotency_key: key.into(),
+                },
+                self.now,
+            )
+            .unwrap();
+        self.relay("alice", card, r, None, true)
+    }
+
+    fn reverse(
+        &mut self,
+        caller: &str,
+        card: &Card,
+        load_tmc: u32,
+        key: &str,
+    ) -> Result<Reply, LoadError> {
+        self.svc.start_reversal(
+            caller,
+            caller == "ops",
+            card.state().uid,
+            load_tmc,
+            key.into(),
+            self.now,
+        )
+    }
+
+    fn shadow(&self, card: &Card) -> i64 {
+        let l = self.svc.ledger();
+        let r = l.read().unwrap();
+        l.balance(&r, &card_account(&card.state().uid)).unwrap()
+    }
+
+    /// What the funding source and the operator hold (negative: paid out to cards).
+    fn funding(&self) -> i64 {
+        let l = self.svc.ledger();
+        let r = l.read().unwrap();
+        l.balance(&r, "funding:card").unwrap() + l.balance(&r, "operator:metro").unwrap()
+    }
+
+    fn load_auth(&self, card: &Card, load_tmc: u32) -> String {
+        let l = self.svc.ledger();
+        let r = l.read().unwrap();
+        l.intent(&r, &card.state().uid, load_tmc - 1)
+            .unwrap()
+            .unwrap()
+            .funding_auth
+    }
+
+    fn refunded(&self, card: &Card, load_tmc: u32) -> i64 {
+        self.processor
+            .authorisation(&self.load_auth(card, load_tmc))
+            .unwrap()
+            .refunded_minor
+    }
+
+    /// The card's value equals the ledger's shadow purse, and every minor unit the card
+    /// holds came from the issuer's float or a funding source, less what it paid operators.
+    fn conserved(&self, card: &Card, personalised: i64) {
+        assert_eq!(self.shadow(card), i64::from(card.state().balance_minor));
+        assert_eq!(
+            i64::from(card.state().balance_minor),
+            personalised - self.funding()
+        );
+    }
+}
+
+fn tmc_of(reply: &Reply) -> u32 {
+    match reply {
+        Reply::Completed { tmc, .. } => *tmc,
+        other => panic!("not completed: {other:?}"),
+    }
+}
+
+#[test]
+fn a_completed_load_is_reversed_once_and_refunded() {
+    let mut w = world();
+    let mut card = w.card(1, 200);
+    let done = w.load(&mut card, 1_000, "l1");
+    let load_tmc = tmc_of(&done);
+    assert_eq!(card.state().balance_minor, 1_200);
+    w.conserved(&card, 200);
+
+    // Not the caller's load: as if it did not exist. No such counter either.
+    assert!(matches!(
+        w.reverse("mallory", &card, load_tmc, "m1"),
+        Err(LoadError::NoSuchLoad { .. })
+    ));
+    assert!(matches!(
+        w.reverse("alice", &card, load_tmc + 5, "a0"),
+        Err(LoadError::NoSuchLoad { .. })
+    ));
+
+    let first = w.reverse("alice", &card, load_tmc, "r1").unwrap();
+    let back = w.relay("alice", &mut card, first, None, true);
+    let Reply::Completed {
+        amount_minor,
+        balance_minor,
+        tmc,
+        ..
+    } = back.clone()
+    else {
+        panic!("{back:?}")
+    };
+    assert_eq!(
+        (amount_minor, balance_minor, tmc),
+        (1_000, 200, load_tmc + 1)
+    );
+    assert_eq!(card.state().balance_minor, 200);
+    assert_eq!(
+        card.state().tmc,
+        load_tmc + 1,
+        "one counter for the reversal"
+    );
+    w.conserved(&card, 200);
+    assert_eq!(w.refunded(&card, load_tmc), 1_000);
+    {
+        let l = w.svc.ledger();
+        let r = l.read().unwrap();
+        let rev = l.intent(&r, &card.state().uid, load_tmc).unwrap().unwrap();
+        assert_eq!(rev.kind, IntentKind::Reversal);
+        assert_eq!(rev.state, IntentState::Completed);
+        assert_eq!(rev.reverses_tmc, Some(load_tmc));
+        let load = l
+            .intent(&r, &card.state().uid, load_tmc - 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(load.reversed_at_tmc, Some(load_tmc + 1));
+    }
+    let report = charging::reconcile::reconcile(w.svc.ledger()).unwrap();
+    assert_eq!(report.balanced, 1, "{report:?}");
+
+    // The same key again: the same answer, nothing moves. Another key: refused.
+    assert_eq!(w.reverse("alice", &card, load_tmc, "r1").unwrap(), back);
+    assert!(matches!(
+        w.reverse("alice", &card, load_tmc, "r2"),
+        Err(LoadError::NotReversible(_))
+    ));
+    assert!(matches!(
+        w.reverse("ops", &card, load_tmc, "r3"),
+        Err(LoadError::NotReversible(_))
+    ));
+    assert_eq!(card.state().balance_minor, 200);
+    assert_eq!(w.refunded(&card, load_tmc), 1_000);
+}
+
+#[test]
+fn a_spent_load_or_an_old_one_is_not_reversed_and_an_operator_may_reverse_any() {
+    let mut w = world();
+    let mut card = w.card(2, 0);
+    let load_tmc = tmc_of(&w.load(&mut card, 500, "l1"));
+    // Spend part of it at a validator.
+    let mut sam = SoftwareSam::validator(&w.keys, 1001).unwrap();
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let spent = txn::run(
+        &mut reader,
+        &mut sam,
+        KeyKind::Debit,
+        ins::DEBIT,
+        &mut StdRng::seed_from_u64(2),
+        |_| Decision::Apply {
+            amount_minor: 120,
+            record: None,
+        },
+    )
+    .unwrap();
+    assert!(matches!(spent, Outcome::Committed { .. }));
+    let r = w.reverse("alice", &card, load_tmc, "r1").unwrap();
+    let refused = w.relay("alice", &mut card, r, None, true);
+    assert!(
+        matches!(&refused, Reply::Refused { reason, .. } if reason == "insufficient_value"),
+        "{refused:?}"
+    );
+    assert_eq!(card.state().balance_minor, 380);
+    assert_eq!(w.refunded(&card, load_tmc), 0);
+
+    // A second load, reversed by an operator; a third, too old.
+    let second = tmc_of(&w.load(&mut card, 700, "l2"));
+    let r = w.reverse("ops", &card, second, "o1").unwrap();
+    let back = w.relay("ops", &mut card, r, None, true);
+    assert!(matches!(back, Reply::Completed { .. }), "{back:?}");
+    assert_eq!(card.state().balance_minor, 380);
+    assert_eq!(w.refunded(&card, second), 700);
+    let third = tmc_of(&w.load(&mut card, 300, "l3"));
+    w.now += 8 * 86_400_000;
+    assert!(matches!(
+        w.reverse("alice", &card, third, "r3"),
+        Err(LoadError::NotReversible(_))
+    ));
+}
+
+#[test]
+fn a_reversal_torn_at_any_step_is_settled_exactly_once() {
+    let total = reversal_commands();
+    assert!(total >= 4);
+    let (mut applied_n, mut voided_n) = (0, 0);
+    for stop in 1..=total {
+        for deliver in [false, true] {
+            let mut w = world();
+            let mut card = w.card(3, 100);
+            let load_tmc = tmc_of(&w.load(&mut card, 400, "l"));
+            let r = w.reverse("alice", &card, load_tmc, "r").unwrap();
+            let _ = w.relay("alice", &mut card, r, Some(stop), deliver);
+            let applied = card.state().balance_minor == 100;
+            // The client is gone; the card comes back for another load, which settles first.
+            w.now += 60_000;
+            w.svc.expire_sessions(w.now);
+            let next = w.load(&mut card, 50, "l-next");
+            assert!(
+                matches!(next, Reply::Completed { .. }),
+                "stop {stop} deliver {deliver}: {next:?}"
+            );
+            w.conserved(&card, 100);
+            let refunded = w.refunded(&card, load_tmc);
+            let l = w.svc.ledger();
+            let r = l.read().unwrap();
+            let intents = l.all_intents(&r).unwrap();
+            let load = l
+                .intent(&r, &card.state().uid, load_tmc - 1)
+                .unwrap()
+                .unwrap();
+            drop(r);
+            assert!(
+                intents.iter().all(|i| i.state != IntentState::Authorised),
+                "all settled: {intents:?}"
+            );
+            let reversals: Vec<_> = intents
+                .iter()
+                .filter(|i| i.kind == IntentKind::Reversal)
+                .collect();
+            if applied {
+                applied_n += 1;
+                assert_eq!(refunded, 400, "stop {stop} deliver {deliver}");
+                assert_eq!(reversals.len(), 1);
+                assert_eq!(reversals[0].state, IntentState::Completed);
+                assert_eq!(load.reversed_at_tmc, Some(load_tmc + 1));
+            } else {
+                voided_n += 1;
+                assert_eq!(refunded, 0, "stop {stop} deliver {deliver}");
+                assert!(reversals.iter().all(|i| i.state == IntentState::Voided));
+                assert_eq!(load.reversed_at_tmc, None, "reversible again");
+            }
+            let report = charging::reconcile::reconcile(w.svc.ledger()).unwrap();
+            assert_eq!(
+                report.balanced, 1,
+                "stop {stop} deliver {deliver}: {report:?}"
+            );
+        }
+    }
+    // Both outcomes of a tear were exercised: the commit reached the card, or it did not.
+    assert!(
+        applied_n >= 1 && voided_n >= total,
+        "{applied_n} applied, {voided_n} voided"
+    );
+}
+
+/// How many commands a whole reversal sends (the last one is the commit).
+fn reversal_commands() -> usize {
+    let mut w = world();
+    let mut card = w.card(3, 0);
+    let load_tmc = tmc_of(&w.load(&mut card, 400, "l"));
+    let mut n = 0;
+    let mut reply = w.reverse("alice", &card, load_tmc, "r").unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    while let Reply::Command {
+        session_id,
+        seq,
+        commands,
+    } = &reply
+    {
+        n += commands.len();
+        let answers: Vec<Vec<u8>> = commands
+            .iter()
+            .map(|c| card.process(&hex::decode(c).unwrap(), &mut rng).unwrap())
+            .collect();
+        reply = w
+            .svc
+            .respond("alice", session_id, *seq, &answers, w.now)
+            .unwrap();
+    }
+    assert!(matches!(reply, Reply::Completed { .. }), "{reply:?}");
+    n
+}
+
+fn validator_debit(keys: &KeySet, card: &mut Card, amount: i32) -> charging::clearing::ClearingTap {
+    let mut sam = SoftwareSam::validator(keys, 1001).unwrap();
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let out = txn::run(
+        &mut reader,
+        &mut sam,
+        KeyKind::Debit,
+        ins::DEBIT,
+        &mut StdRng::seed_from_u64(2),
+        |_| Decision::Apply {
+            amount_minor: amount,
+            record: None,
+        },
+    )
+    .unwrap();
+    let Outcome::Committed { receipt: r, .. } = out else {
+        panic!("refused")
+    };
+    serde_json::from_value(serde_json::json!({
+        "device_id": 1001, "device_seq": r.tmc, "card_uid": hex::encode_upper(r.uid), "tmc": r.tmc,
+        "kind": "debit", "amount_minor": r.amount_minor,
+        "balance_after_minor": r.balance_after_minor, "tmv": hex::encode_upper(r.tmv),
+        "key_version": r.key_version, "operator": "metro",
+    }))
+    .unwrap()
+}
+
+#[test]
+fn clearing_settles_a_torn_reversal_from_the_counters_taps_prove() {
+    let commit = reversal_commands();
+    for deliver_commit in [true, false] {
+        let mut w = world();
+        let mut card = w.card(4, 1_000);
+        let load_tmc = tmc_of(&w.load(&mut card, 600, "l"));
+        let r = w.reverse("alice", &card, load_tmc, "r").unwrap();
+        // The card is pulled at the commit (delivered or not); the client is gone. The card
+        // is next seen at a validator, and clearing gets that tap.
+        let _ = w.relay("alice", &mut card, r, Some(commit), deliver_commit);
+        let tap = validator_debit(&w.keys, &mut card, 100);
+        let out = charging::clearing::clear_batch(
+            w.svc.ledger(),
+            w.svc.hsm(),
+            charging::clearing::ClearingBatch {
+                batch_id: "b1".into(),
+                taps: vec![tap],
+            },
+            w.now,
+        )
+        .unwrap();
+        for action in &out.funding {
+            w.svc.apply_funding(action);
+        }
+        assert!(out.anomalies.is_empty(), "{out:?}");
+        let refunded = w.refunded(&card, load_tmc);
+        if deliver_commit {
+            assert_eq!(card.state().balance_minor, 1_000 - 100);
+            assert_eq!(out.loads_completed, 1, "{out:?}");
+            assert_eq!(refunded, 600);
+        } else {
+            assert_eq!(card.state().balance_minor, 1_600 - 100);
+            assert_eq!(out.loads_voided, 1, "{out:?}");
+            assert_eq!(refunded, 0);
+            // Reversible again (the tap took the counter the reversal had reserved).
+            let l = w.svc.ledger();
+            let r = l.read().unwrap();
+            let load = l
+                .intent(&r, &card.state().uid, load_tmc - 1)
+                .unwrap()
+                .unwrap();
+            assert_eq!(load.reversed_at_tmc, None);
+        }
+        w.conserved(&card, 1_000);
+        let report = charging::reconcile::reconcile(w.svc.ledger()).unwrap();
+        assert_eq!(report.balanced, 1, "deliver {deliver_commit}: {report:?}");
+    }
+}
