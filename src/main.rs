@@ -31,7 +31,8 @@ struct Cli {
 enum Command {
     /// Run the whole system on its embedded defaults and print a summary.
     Demo(demo::DemoArgs),
-    /// Load an emulated card online through a charging server (the cardholder's client).
+    /// Load a card online through a charging server (the cardholder's client): a card on a
+    /// PC/SC reader, or an emulated card image.
     Charge(charge_cmd::ChargeArgs),
     /// The charging server: online loads through the HSM, funding, ledger.
     Charging(charging_cmd::ChargingArgs),
