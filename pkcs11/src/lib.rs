@@ -365,13 +365,14 @@ impl TokenSession {
             .map_err(Pkcs11Error::call("finding objects"))
     }
 
-    /// Whether the token offers `mech`.
+    /// Whether the token offers `mech`. (Asked one mechanism at a time: the whole list would
+    /// include vendor mechanisms `cryptoki` logs as errors.)
     pub fn has_mechanism(&self, mech: MechanismType) -> Result<bool, Pkcs11Error> {
-        Ok(self
-            .ctx
-            .get_mechanism_list(self.slot)
-            .map_err(Pkcs11Error::call("listing mechanisms"))?
-            .contains(&mech))
+        match self.ctx.get_mechanism_info(self.slot, mech) {
+            Ok(_) => Ok(true),
+            Err(CkError::Pkcs11(RvError::MechanismInvalid, _)) => Ok(false),
+            Err(e) => Err(Pkcs11Error::call("asking for a mechanism")(e)),
+        }
     }
 }
 
