@@ -146,6 +146,9 @@ pub struct LoadIntent {
     pub funding_source: String,
     /// The funding source's authorisation id.
     pub funding_auth: String,
+    /// The instrument at the source (card token, points holder) — for its daily limit.
+    #[serde(default)]
+    pub instrument: String,
     /// The client's idempotency key.
     pub idempotency_key: String,
     /// Who asked (the authenticated caller).
@@ -296,6 +299,9 @@ pub struct LedgerCore {
     anomalies: Database<U64<BE>, SerdeJson<crate::clearing::Anomaly>>,
     /// Cards with counters booked above a gap → when that gap was first seen (unix ms).
     gaps: Database<Bytes, U64<BE>>,
+    /// Loaded per (funding source, instrument, UTC day), minor units: the per-instrument
+    /// daily limit.
+    funding_days: Database<Str, I64<BE>>,
 }
 
 /// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
@@ -313,6 +319,10 @@ fn counter_prefix(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
     k[..7].copy_from_slice(uid);
     k[7..].copy_from_slice(&tmc_before.to_be_bytes());
     k
+}
+
+fn funding_day_key(source: &str, instrument: &str, day: u64) -> String {
+    format!("{source}\u{1f}{instrument}\u{1f}{day}")
 }
 
 /// The account name of a card's shadow purse.
@@ -472,7 +482,7 @@ impl LedgerCore {
             EnvOpenOptions::new()
                 .read_txn_without_tls()
                 .map_size(map_size_bytes)
-                .max_dbs(10)
+                .max_dbs(11)
                 .open(dir)?
         };
         let mut wtxn = env.write_txn()?;
@@ -485,6 +495,7 @@ impl LedgerCore {
         let blocks = env.create_database(&mut wtxn, Some("block_changes"))?;
         let anomalies = env.create_database(&mut wtxn, Some("anomalies"))?;
         let gaps = env.create_database(&mut wtxn, Some("counter_gaps"))?;
+        let funding_days = env.create_database(&mut wtxn, Some("funding_days"))?;
         wtxn.commit()?;
         Ok(LedgerCore {
             env,
@@ -497,6 +508,7 @@ impl LedgerCore {
             blocks,
             anomalies,
             gaps,
+            funding_days,
         })
     }
 
@@ -637,6 +649,34 @@ impl LedgerCore {
             }
         }
         Ok(booking)
+    }
+
+    /// What was loaded from `instrument` at `source` on UTC day `day` (minor units).
+    pub fn funding_day_total(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError> {
+        Ok(self
+            .funding_days
+            .get(txn, &funding_day_key(source, instrument, day))?
+            .unwrap_or(0))
+    }
+
+    /// Adds `delta_minor` to that day's total.
+    pub fn add_funding_day(
+        &self,
+        txn: &mut RwTxn<'_>,
+        source: &str,
+        instrument: &str,
+        day: u64,
+        delta_minor: i64,
+    ) -> Result<(), LedgerError> {
+        let key = funding_day_key(source, instrument, day);
+        let total = self.funding_days.get(txn, &key)?.unwrap_or(0) + delta_minor;
+        Ok(self.funding_days.put(txn, &key, &total)?)
     }
 
     /// Appends an anomaly (numbered from 1) and returns its number.
@@ -1029,10 +1069,20 @@ impl LedgerCore {
         self.put_intent(txn, uid, &intent)?;
         match intent.kind {
             IntentKind::Load => {
+                let day = intent.created_ms / 86_400_000;
                 let mut shadow = self.card(txn, uid)?;
-                if shadow.load_day == intent.created_ms / 86_400_000 {
+                if shadow.load_day == day {
                     shadow.load_day_minor -= i64::from(intent.amount_minor);
                     self.put_card(txn, uid, &shadow)?;
+                }
+                if !intent.instrument.is_empty() {
+                    self.add_funding_day(
+                        txn,
+                        &intent.funding_source,
+                        &intent.instrument,
+                        day,
+                        -i64::from(intent.amount_minor),
+                    )?;
                 }
                 Ok(Some(FundingAction::Release {
                     source: intent.funding_source,
@@ -1141,6 +1191,7 @@ mod tests {
             key_version: 1,
             funding_source: "card".into(),
             funding_auth: "auth_1".into(),
+            instrument: "tok_visa".into(),
             idempotency_key: "k".into(),
             requested_by: "alice".into(),
             state: IntentState::Authorised,

@@ -48,6 +48,38 @@ pub struct LoadConfig {
     pub max_finished_sessions: usize,
     /// A completed load may be reversed (debited back and refunded) within this long.
     pub reversal_window_ms: u64,
+    /// Most loaded per day (UTC) from one instrument of a funding source (a card token, a
+    /// points holder), minor units.
+    pub max_daily_per_instrument_minor: i64,
+    /// Tighter limits for particular funding sources, by source name.
+    pub sources: HashMap<String, SourceLimits>,
+}
+
+/// Limits of one funding source (each tightens the general limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceLimits {
+    /// Largest single load funded here.
+    pub max_load_minor: Option<i32>,
+    /// Most loaded per day from one instrument here.
+    pub max_daily_per_instrument_minor: Option<i64>,
+}
+
+impl LoadConfig {
+    fn max_load_for(&self, source: &str) -> i32 {
+        let own = self.sources.get(source).and_then(|l| l.max_load_minor);
+        own.map_or(self.max_load_minor, |m| m.min(self.max_load_minor))
+    }
+
+    fn max_daily_for(&self, source: &str) -> i64 {
+        let own = self
+            .sources
+            .get(source)
+            .and_then(|l| l.max_daily_per_instrument_minor);
+        own.map_or(self.max_daily_per_instrument_minor, |m| {
+            m.min(self.max_daily_per_instrument_minor)
+        })
+    }
 }
 
 impl Default for LoadConfig {
@@ -60,6 +92,8 @@ impl Default for LoadConfig {
             max_sessions: 10_000,
             max_finished_sessions: 100_000,
             reversal_window_ms: 7 * 86_400_000,
+            max_daily_per_instrument_minor: 1_000_000,
+            sources: HashMap::new(),
         }
     }
 }
@@ -486,10 +520,11 @@ impl LoadService {
                 req.amount_minor
             )));
         }
-        if req.amount_minor > self.cfg.max_load_minor {
+        let max_load = self.cfg.max_load_for(&req.funding_source);
+        if req.amount_minor > max_load {
             return Err(LoadError::BadRequest(format!(
-                "amount_minor {} exceeds the per-load limit of {}",
-                req.amount_minor, self.cfg.max_load_minor
+                "amount_minor {} exceeds the per-load limit of {max_load} for {} funding",
+                req.amount_minor, req.funding_source
             )));
         }
         if !self.sources.contains_key(&req.funding_source) {
@@ -805,6 +840,17 @@ impl LoadService {
                 ),
             )));
         }
+        let source_name = s.request.funding_source.clone();
+        let instrument = s.request.instrument.clone();
+        let max_daily = self.cfg.max_daily_for(&source_name);
+        let instrument_today = {
+            let r = self.ledger.read()?;
+            self.ledger
+                .funding_day_total(&r, &source_name, &instrument, today)?
+        };
+        if instrument_today + i64::from(amount) > max_daily {
+            return Ok(Err(self.instrument_limit(s, instrument_today, max_daily)));
+        }
         let source = self.sources[&s.request.funding_source].clone();
         // Unique per session (a retry inside the session reuses it; two racing sessions never
         // share an authorisation).
@@ -831,6 +877,7 @@ impl LoadService {
             key_version: snap.key_version,
             funding_source: s.request.funding_source.clone(),
             funding_auth: auth.clone(),
+            instrument: instrument.clone(),
             idempotency_key: s.request.idempotency_key.clone(),
             requested_by: s.caller.clone(),
             state: IntentState::Authorised,
@@ -842,7 +889,14 @@ impl LoadService {
         };
         let (tmc, balance) = (snap.tmc, snap.balance_minor);
         // Durable before any Credit leaves the server (group commit: shared fsync).
+        // The instrument's day total is checked again where it is raised (two cards loading
+        // from one instrument at once).
         let recorded = self.ledger.transact(move |l, t| {
+            let so_far = l.funding_day_total(t, &source_name, &instrument, today)?;
+            if so_far + i64::from(amount) > max_daily {
+                return Ok(Some(so_far));
+            }
+            l.add_funding_day(t, &source_name, &instrument, today, i64::from(amount))?;
             l.insert_intent(t, &uid, &mut intent)?;
             let mut shadow = l.observe_card(t, &uid, tmc, balance)?;
             if shadow.load_day != today {
@@ -850,10 +904,15 @@ impl LoadService {
                 shadow.load_day_minor = 0;
             }
             shadow.load_day_minor += i64::from(amount);
-            l.put_card(t, &uid, &shadow)
+            l.put_card(t, &uid, &shadow)?;
+            Ok(None)
         });
         match recorded {
-            Ok(()) => {}
+            Ok(None) => {}
+            Ok(Some(so_far)) => {
+                let _ = source.void(&auth);
+                return Ok(Err(self.instrument_limit(s, so_far, max_daily)));
+            }
             Err(LedgerError::IntentExists { .. }) => {
                 let _ = source.void(&auth);
                 return Ok(Err(self.refused(
@@ -873,6 +932,17 @@ impl LoadService {
             amount_minor: amount,
             record: Some(record),
         }))
+    }
+
+    fn instrument_limit(&self, s: &Session, so_far: i64, max: i64) -> Reply {
+        self.refused(
+            s,
+            "instrument_daily_limit",
+            &format!(
+                "{so_far} already loaded today from this {} instrument; its daily limit is {max}",
+                s.request.funding_source
+            ),
+        )
     }
 
     /// A reversal: the card must still hold the load's value; the reversal intent and the
@@ -918,6 +988,7 @@ impl LoadService {
                 key_version,
                 funding_source: load.funding_source.clone(),
                 funding_auth: load.funding_auth.clone(),
+                instrument: load.instrument.clone(),
                 idempotency_key: key,
                 requested_by: caller,
                 state: IntentState::Authorised,

@@ -32,6 +32,10 @@ pub struct Limits {
     pub counter_gap_timeout_ms: u64,
     /// A completed load may be reversed within this long.
     pub reversal_window_ms: u64,
+    /// Most loaded per day from one instrument of a funding source.
+    pub max_daily_per_instrument_minor: i64,
+    /// `[limits.sources.<name>]`: tighter limits for one funding source.
+    pub sources: std::collections::HashMap<String, crate::load::SourceLimits>,
     /// Loads a caller may start per minute (0 = unlimited).
     pub loads_per_minute_per_client: u32,
 }
@@ -48,6 +52,8 @@ impl Default for Limits {
             max_finished_sessions: d.max_finished_sessions,
             counter_gap_timeout_ms: 72 * 3_600_000,
             reversal_window_ms: d.reversal_window_ms,
+            max_daily_per_instrument_minor: d.max_daily_per_instrument_minor,
+            sources: d.sources,
             loads_per_minute_per_client: 60,
         }
     }
@@ -206,6 +212,15 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         clock.clone(),
     )));
     let l = &cfg.limits;
+    for name in l.sources.keys() {
+        if !sources.iter().any(|s| s.name() == name) {
+            let known: Vec<&str> = sources.iter().map(|s| s.name()).collect();
+            return Err(ServerError::Config(format!(
+                "[limits.sources.{name}]: no funding source is called {name:?}; known: {}",
+                known.join(", ")
+            )));
+        }
+    }
     let loads = LoadService::new(
         ledger,
         hsm,
@@ -218,6 +233,8 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             max_sessions: l.max_sessions,
             max_finished_sessions: l.max_finished_sessions,
             reversal_window_ms: l.reversal_window_ms,
+            max_daily_per_instrument_minor: l.max_daily_per_instrument_minor,
+            sources: l.sources.clone(),
         },
     );
     Ok(AppState {
