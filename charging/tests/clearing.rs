@@ -143,6 +143,66 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     assert_eq!(code, 403);
 }
 
+/// The HSM failing (here: the PKCS#11 token's login lost) is no verdict on the taps: the batch
+/// fails with a 500 and books nothing, no tap is called forged, and the same batch resent once
+/// the token answers again clears normally.
+#[test]
+fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(9));
+    let (token, hw) = tapgate_pkcs11::softhsm::hsm_for(&keys).unwrap_or_else(|e| panic!("{e}"));
+    let srv = common::start_with_hsm(Box::new(hw), |cfg| {
+        cfg.tokens = vec![
+            TokenEntry {
+                name: "gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(GW),
+            },
+            TokenEntry {
+                name: "ops".into(),
+                role: Role::Operator,
+                sha256: Auth::hash_token(OPS),
+            },
+        ];
+    });
+    let b = srv.base.clone();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let uid = [4, 9, 9, 9, 9, 9, 9];
+    let (code, _) = common::post(
+        &format!("{b}/v1/cards"),
+        OPS,
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 201);
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let r1 = debit(&mut sam, &mut card, 150);
+    let batch = serde_json::json!({"batch_id": "gw9-000001", "taps": [tap_json(&r1, 1)]});
+
+    tapgate_pkcs11::TokenSession::open(&token.config)
+        .unwrap()
+        .session
+        .logout()
+        .unwrap();
+    let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch.clone());
+    assert_eq!(code, 500, "{out}");
+    assert_eq!(out["error"], "internal", "{out}");
+    let l = srv.state.loads.ledger();
+    {
+        let r = l.read().unwrap();
+        assert_eq!(l.balance(&r, "operator:metro").unwrap(), 0);
+    }
+
+    let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch);
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["cleared"], 1);
+    assert_eq!(out["anomalies"].as_array().unwrap().len(), 0, "{out}");
+    let r = l.read().unwrap();
+    assert_eq!(l.balance(&r, "operator:metro").unwrap(), 150);
+}
+
 /// A load torn before its credit reached the card, and the card then used at a validator: the
 /// cleared tap shows the counter was a debit, so the pending load is voided and its funding
 /// released — without the card ever coming back to a load session.

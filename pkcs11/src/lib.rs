@@ -376,17 +376,55 @@ impl TokenSession {
     }
 }
 
-/// The token's state shared by the HSM and the card-key handles it hands out.
+/// What an open token gives: the logged-in session and the handles of tapgate's objects.
+/// Rebuilt whole when the session is lost (see [`Shared::state`]).
+struct State {
+    session: Session,
+    /// The token's label.
+    token: String,
+    /// Incremented at every reopening: handles from an older session are stale.
+    generation: u64,
+    /// A PKCS#11 call failed: the next operation reopens the session first.
+    broken: bool,
+    masters: HashMap<(KeyKind, u8), Master>,
+    aid: [u8; 3],
+    system_id: Vec<u8>,
+    verifying_key: [u8; 32],
+    signing_key: ObjectHandle,
+    /// Device keys derived once per device (session objects, never extractable).
+    device_keys: HashMap<u32, ObjectHandle>,
+}
+
+/// The token state shared by the HSM and the card-key handles it hands out.
 struct Shared {
-    session: Mutex<Session>,
+    cfg: Pkcs11Config,
+    state: Mutex<State>,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Session> {
-        // A panic while holding the session cannot leave a PKCS#11 operation half-done in a way
+    /// The state, reopened first if an earlier call failed (a token restarted, a session lost,
+    /// a logout): the failed operation itself answered `SamError::Hsm` — no verdict — and the
+    /// next one works again once the token is back.
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>, SamError> {
+        // A panic while holding the state cannot leave a PKCS#11 operation half-done in a way
         // the next call depends on (each call here is a complete single-part operation).
-        self.session.lock().unwrap_or_else(|p| p.into_inner())
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.broken {
+            let mut fresh = load_state(&self.cfg).map_err(SamError::from)?;
+            fresh.generation = st.generation + 1;
+            *st = fresh;
+        }
+        Ok(st)
     }
+}
+
+/// Runs `f` on the state and marks the state broken when a PKCS#11 call in it failed.
+fn run<T>(st: &mut State, f: impl FnOnce(&State) -> Result<T, SamError>) -> Result<T, SamError> {
+    let r = f(st);
+    if matches!(r, Err(SamError::Hsm(_))) {
+        st.broken = true;
+    }
+    r
 }
 
 /// A master in the token and its CMAC subkeys (computed from `L = E(KM, 0)` at open).
@@ -407,20 +445,12 @@ impl Drop for Master {
 pub struct Pkcs11Hsm {
     shared: Arc<Shared>,
     token: String,
-    masters: HashMap<(KeyKind, u8), Master>,
-    aid: [u8; 3],
-    system_id: Vec<u8>,
-    verifying_key: [u8; 32],
-    signing_key: ObjectHandle,
-    /// Device keys derived once per device (session objects, never extractable).
-    device_keys: Mutex<HashMap<u32, ObjectHandle>>,
 }
 
 impl std::fmt::Debug for Pkcs11Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pkcs11Hsm")
             .field("token", &self.token)
-            .field("masters", &self.masters.len())
             .finish_non_exhaustive()
     }
 }
@@ -566,31 +596,44 @@ fn cmac_in_token(s: &Session, key: ObjectHandle, msg: &[u8]) -> Result<[u8; 16],
 struct TokenCardKey {
     shared: Arc<Shared>,
     handle: ObjectHandle,
+    generation: u64,
 }
 
 impl TokenCardKey {
+    fn with<T>(&self, f: impl FnOnce(&Session) -> Result<T, SamError>) -> Result<T, SamError> {
+        let mut st = self.shared.state()?;
+        if st.generation != self.generation {
+            return Err(SamError::Hsm(
+                "the token session was reopened during the authentication".into(),
+            ));
+        }
+        run(&mut st, |st| f(&st.session))
+    }
+
     fn crypt(&mut self, data: &mut [u8], encrypt: bool) -> Result<(), SamError> {
-        let s = self.shared.lock();
-        let mech = Mechanism::AesCbc([0; 16]);
-        let mut out = if encrypt {
-            s.encrypt(&mech, self.handle, data)
-                .map_err(sam_err("AES-CBC encryption"))?
-        } else {
-            s.decrypt(&mech, self.handle, data)
-                .map_err(sam_err("AES-CBC decryption"))?
-        };
-        let ok = out.len() == data.len();
-        if ok {
-            data.copy_from_slice(&out);
-        }
-        out.zeroize();
-        if ok {
-            Ok(())
-        } else {
-            Err(SamError::Hsm(
-                "AES-CBC: the token changed the data length".into(),
-            ))
-        }
+        let handle = self.handle;
+        self.with(|s| {
+            let mech = Mechanism::AesCbc([0; 16]);
+            let mut out = if encrypt {
+                s.encrypt(&mech, handle, data)
+                    .map_err(sam_err("AES-CBC encryption"))?
+            } else {
+                s.decrypt(&mech, handle, data)
+                    .map_err(sam_err("AES-CBC decryption"))?
+            };
+            let ok = out.len() == data.len();
+            if ok {
+                data.copy_from_slice(&out);
+            }
+            out.zeroize();
+            if ok {
+                Ok(())
+            } else {
+                Err(SamError::Hsm(
+                    "AES-CBC: the token changed the data length".into(),
+                ))
+            }
+        })
     }
 }
 
@@ -602,16 +645,20 @@ impl ExternalCardKey for TokenCardKey {
         self.crypt(data, false)
     }
     fn cmac(&mut self, msg: &[u8]) -> Result<[u8; 16], SamError> {
-        let s = self.shared.lock();
-        cmac_in_token(&s, self.handle, msg)
+        let handle = self.handle;
+        self.with(|s| cmac_in_token(s, handle, msg))
     }
 }
 
 impl Drop for TokenCardKey {
     fn drop(&mut self) {
         // A session object also disappears when the session closes; destroying it now keeps
-        // the token's session-object count bounded by the sessions in flight.
-        let _ = self.shared.lock().destroy_object(self.handle);
+        // the token's session-object count bounded by the sessions in flight. An object of an
+        // older session is gone with it.
+        let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.generation == self.generation {
+            let _ = st.session.destroy_object(self.handle);
+        }
     }
 }
 
@@ -623,128 +670,141 @@ fn tm_session_vector(tmc: u32, uid: &[u8; 7]) -> [u8; 16] {
     sv
 }
 
+/// Opens the session and finds tapgate's objects (see [`Pkcs11Hsm::open`]).
+fn load_state(cfg: &Pkcs11Config) -> Result<State, Pkcs11Error> {
+    let ts = TokenSession::open(cfg)?;
+    for (mech, name, purpose) in [
+        (
+            MechanismType::AES_CBC_ENCRYPT_DATA,
+            "CKM_AES_CBC_ENCRYPT_DATA",
+            "diversifying card keys",
+        ),
+        (
+            MechanismType::AES_CMAC,
+            "CKM_AES_CMAC",
+            "session keys and MACs",
+        ),
+        (MechanismType::AES_CBC, "CKM_AES_CBC", "card authentication"),
+        (
+            MechanismType::EDDSA,
+            "CKM_EDDSA",
+            "signing blocklists and fare tables",
+        ),
+    ] {
+        if !ts.has_mechanism(mech)? {
+            return Err(Pkcs11Error::Mechanism {
+                token: ts.token.clone(),
+                mechanism: name,
+                purpose,
+            });
+        }
+    }
+    let prefix = &cfg.prefix;
+    let missing = |label: String| Pkcs11Error::MissingKey {
+        token: ts.token.clone(),
+        label,
+    };
+    // Parameters: aid(3) ‖ len ‖ system id ‖ verifying key(32).
+    let plabel = params_label(prefix);
+    let ph = *ts
+        .find(ObjectClass::DATA, &plabel)?
+        .first()
+        .ok_or_else(|| missing(plabel.clone()))?;
+    let mut params = Vec::new();
+    for a in ts
+        .session
+        .get_attributes(ph, &[AttributeType::Value])
+        .map_err(Pkcs11Error::call("reading the parameters"))?
+    {
+        if let Attribute::Value(v) = a {
+            params = v;
+        }
+    }
+    let (aid, system_id, verifying_key) =
+        import::decode_params(&params).ok_or_else(|| Pkcs11Error::Malformed {
+            label: plabel.clone(),
+            msg: "not a tapgate parameters object".into(),
+        })?;
+    let slabel = signing_label(prefix);
+    let signing_key = *ts
+        .find(ObjectClass::PRIVATE_KEY, &slabel)?
+        .first()
+        .ok_or_else(|| missing(slabel.clone()))?;
+
+    // Masters: every AES secret key whose label parses as `<prefix>/KM_*/v*`.
+    let handles = ts
+        .session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+        ])
+        .map_err(Pkcs11Error::call("finding the masters"))?;
+    let mut masters = HashMap::new();
+    for h in handles {
+        let attrs = ts
+            .session
+            .get_attributes(h, &[AttributeType::Label, AttributeType::Token])
+            .map_err(Pkcs11Error::call("reading a label"))?;
+        let mut label = None;
+        let mut on_token = false;
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8(l).ok(),
+                Attribute::Token(t) => on_token = t,
+                _ => {}
+            }
+        }
+        let Some((kind, version)) = label.as_deref().and_then(|l| parse_master_label(prefix, l))
+        else {
+            continue;
+        };
+        if !on_token {
+            continue;
+        }
+        let l = derive_block_clear(&ts.session, h, [0; 16], &[0; 16]).map_err(|e| {
+            Pkcs11Error::Call {
+                what: "deriving a master's CMAC subkeys (does the key allow CKA_DERIVE?)",
+                source: e,
+            }
+        })?;
+        let (k1, k2) = subkeys(&l);
+        masters.insert((kind, version), Master { handle: h, k1, k2 });
+    }
+    for kind in HSM_KINDS {
+        if !masters.keys().any(|(k, _)| *k == kind) {
+            return Err(missing(master_label(prefix, kind, 1)));
+        }
+    }
+    Ok(State {
+        token: ts.token,
+        session: ts.session,
+        generation: 0,
+        broken: false,
+        masters,
+        aid,
+        system_id,
+        verifying_key,
+        signing_key,
+        device_keys: HashMap::new(),
+    })
+}
+
 impl Pkcs11Hsm {
     /// Opens the token named by `cfg` and finds tapgate's objects under `cfg.prefix`.
     ///
     /// Fails with a clear error for a missing module, an unknown token, a wrong PIN, missing
     /// key labels (every HSM master needs at least one version, plus the signing key and the
-    /// parameters object) and missing mechanisms.
+    /// parameters object) and missing mechanisms. After a failed PKCS#11 call (token restarted,
+    /// session lost) the next operation reopens the session with the same configuration.
     pub fn open(cfg: &Pkcs11Config) -> Result<Pkcs11Hsm, Pkcs11Error> {
-        let ts = TokenSession::open(cfg)?;
-        for (mech, name, purpose) in [
-            (
-                MechanismType::AES_CBC_ENCRYPT_DATA,
-                "CKM_AES_CBC_ENCRYPT_DATA",
-                "diversifying card keys",
-            ),
-            (
-                MechanismType::AES_CMAC,
-                "CKM_AES_CMAC",
-                "session keys and MACs",
-            ),
-            (MechanismType::AES_CBC, "CKM_AES_CBC", "card authentication"),
-            (
-                MechanismType::EDDSA,
-                "CKM_EDDSA",
-                "signing blocklists and fare tables",
-            ),
-        ] {
-            if !ts.has_mechanism(mech)? {
-                return Err(Pkcs11Error::Mechanism {
-                    token: ts.token.clone(),
-                    mechanism: name,
-                    purpose,
-                });
-            }
-        }
-        let prefix = &cfg.prefix;
-        let missing = |label: String| Pkcs11Error::MissingKey {
-            token: ts.token.clone(),
-            label,
-        };
-        // Parameters: aid(3) ‖ len ‖ system id ‖ verifying key(32).
-        let plabel = params_label(prefix);
-        let ph = *ts
-            .find(ObjectClass::DATA, &plabel)?
-            .first()
-            .ok_or_else(|| missing(plabel.clone()))?;
-        let mut params = Vec::new();
-        for a in ts
-            .session
-            .get_attributes(ph, &[AttributeType::Value])
-            .map_err(Pkcs11Error::call("reading the parameters"))?
-        {
-            if let Attribute::Value(v) = a {
-                params = v;
-            }
-        }
-        let (aid, system_id, verifying_key) =
-            import::decode_params(&params).ok_or_else(|| Pkcs11Error::Malformed {
-                label: plabel.clone(),
-                msg: "not a tapgate parameters object".into(),
-            })?;
-        let slabel = signing_label(prefix);
-        let signing_key = *ts
-            .find(ObjectClass::PRIVATE_KEY, &slabel)?
-            .first()
-            .ok_or_else(|| missing(slabel.clone()))?;
-
-        // Masters: every AES secret key whose label parses as `<prefix>/KM_*/v*`.
-        let handles = ts
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-            ])
-            .map_err(Pkcs11Error::call("finding the masters"))?;
-        let mut masters = HashMap::new();
-        for h in handles {
-            let attrs = ts
-                .session
-                .get_attributes(h, &[AttributeType::Label, AttributeType::Token])
-                .map_err(Pkcs11Error::call("reading a label"))?;
-            let mut label = None;
-            let mut on_token = false;
-            for a in attrs {
-                match a {
-                    Attribute::Label(l) => label = String::from_utf8(l).ok(),
-                    Attribute::Token(t) => on_token = t,
-                    _ => {}
-                }
-            }
-            let Some((kind, version)) =
-                label.as_deref().and_then(|l| parse_master_label(prefix, l))
-            else {
-                continue;
-            };
-            if !on_token {
-                continue;
-            }
-            let l = derive_block_clear(&ts.session, h, [0; 16], &[0; 16]).map_err(|e| {
-                Pkcs11Error::Call {
-                    what: "deriving a master's CMAC subkeys (does the key allow CKA_DERIVE?)",
-                    source: e,
-                }
-            })?;
-            let (k1, k2) = subkeys(&l);
-            masters.insert((kind, version), Master { handle: h, k1, k2 });
-        }
-        for kind in HSM_KINDS {
-            if !masters.keys().any(|(k, _)| *k == kind) {
-                return Err(missing(master_label(prefix, kind, 1)));
-            }
-        }
+        let state = load_state(cfg)?;
+        let token = state.token.clone();
         Ok(Pkcs11Hsm {
-            token: ts.token,
+            token,
             shared: Arc::new(Shared {
-                session: Mutex::new(ts.session),
+                cfg: cfg.clone(),
+                state: Mutex::new(state),
             }),
-            masters,
-            aid,
-            system_id,
-            verifying_key,
-            signing_key,
-            device_keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -752,7 +812,9 @@ impl Pkcs11Hsm {
     pub fn token_label(&self) -> &str {
         &self.token
     }
+}
 
+impl State {
     fn master(&self, kind: KeyKind, version: u8) -> Result<&Master, SamError> {
         self.masters
             .get(&(kind, version))
@@ -779,25 +841,24 @@ impl Pkcs11Hsm {
     }
 
     /// The device key of `device_id` as a token object (derived once, then reused).
-    fn device_key_handle(&self, s: &Session, device_id: u32) -> Result<ObjectHandle, SamError> {
-        let mut cache = self.device_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = cache.get(&device_id) {
+    fn device_key_handle(&mut self, device_id: u32) -> Result<ObjectHandle, SamError> {
+        if let Some(h) = self.device_keys.get(&device_id) {
             return Ok(*h);
         }
         let h = diversify_in_token(
-            s,
+            &self.session,
             self.device_master()?,
             [&device_id.to_be_bytes(), b"DEV", &[]],
             &[Attribute::Sign(true)],
         )?;
-        cache.insert(device_id, h);
+        self.device_keys.insert(device_id, h);
         Ok(h)
     }
 
-    fn device_mac(&self, device_id: u32, body: &[u8]) -> Result<[u8; 8], SamError> {
-        let s = self.shared.lock();
-        let h = self.device_key_handle(&s, device_id)?;
-        let mut full = cmac_in_token(&s, h, body)?;
+    /// The 8-byte device MAC, in the token.
+    fn device_mac(&mut self, device_id: u32, body: &[u8]) -> Result<[u8; 8], SamError> {
+        let h = self.device_key_handle(device_id)?;
+        let mut full = cmac_in_token(&self.session, h, body)?;
         let mac = purse::crypto::truncate_mac(&full);
         full.zeroize();
         Ok(mac)
@@ -808,16 +869,16 @@ impl Pkcs11Hsm {
     /// `E(K_TM, 0)`), then CMAC over the transaction with it. Neither key leaves the token.
     fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError> {
         let master = self.master(KeyKind::Tmac, receipt.key_version)?;
-        let s = self.shared.lock();
+        let s = &self.session;
         let k_tm = diversify_in_token(
-            &s,
+            s,
             master,
             [&receipt.uid, &self.aid, &self.system_id],
             &[Attribute::Derive(true)],
         )?;
         let result = (|| {
             let l =
-                derive_block_clear(&s, k_tm, [0; 16], &[0; 16]).map_err(sam_err("TM subkeys"))?;
+                derive_block_clear(s, k_tm, [0; 16], &[0; 16]).map_err(sam_err("TM subkeys"))?;
             let (mut k1, mut k2) = subkeys(&l);
             let mut sv = tm_session_vector(receipt.tmc, &receipt.uid);
             for i in 0..16 {
@@ -826,7 +887,7 @@ impl Pkcs11Hsm {
             k1.zeroize();
             k2.zeroize();
             let ses = derive_block(
-                &s,
+                s,
                 k_tm,
                 [0; 16],
                 &sv,
@@ -842,7 +903,7 @@ impl Pkcs11Hsm {
                 receipt.tmc,
                 &receipt.uid,
             );
-            let full = cmac_in_token(&s, ses, &input);
+            let full = cmac_in_token(s, ses, &input);
             let _ = s.destroy_object(ses);
             let mut full = full?;
             let mac = purse::crypto::truncate_mac(&full);
@@ -856,7 +917,12 @@ impl Pkcs11Hsm {
 
 impl Authenticator for Pkcs11Hsm {
     fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
-        kind != KeyKind::Tmac && self.masters.contains_key(&(kind, version))
+        kind != KeyKind::Tmac
+            && self
+                .shared
+                .state()
+                .map(|st| st.masters.contains_key(&(kind, version)))
+                .unwrap_or(false)
     }
 
     fn auth_part1(
@@ -870,23 +936,27 @@ impl Authenticator for Pkcs11Hsm {
         if kind == KeyKind::Tmac {
             return Err(SamError::NotAllowed("authenticating with the TMAC key"));
         }
-        let master = self.master(kind, version)?;
-        let handle = {
-            let s = self.shared.lock();
-            diversify_in_token(
-                &s,
-                master,
-                [uid, &self.aid, &self.system_id],
-                &[
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::Sign(true),
-                ],
-            )?
+        let (handle, generation) = {
+            let mut st = self.shared.state()?;
+            let generation = st.generation;
+            let h = run(&mut st, |st| {
+                diversify_in_token(
+                    &st.session,
+                    st.master(kind, version)?,
+                    [uid, &st.aid, &st.system_id],
+                    &[
+                        Attribute::Encrypt(true),
+                        Attribute::Decrypt(true),
+                        Attribute::Sign(true),
+                    ],
+                )
+            })?;
+            (h, generation)
         };
         let key = TokenCardKey {
             shared: self.shared.clone(),
             handle,
+            generation,
         };
         purse::sam::pcd_auth_part1_external(Box::new(key), ek_rnd_b, rng)
     }
@@ -894,7 +964,10 @@ impl Authenticator for Pkcs11Hsm {
 
 impl Hsm for Pkcs11Hsm {
     fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError> {
-        let mac = self.transaction_mac(receipt)?;
+        let mac = {
+            let mut st = self.shared.state()?;
+            run(&mut st, |st| st.transaction_mac(receipt))?
+        };
         TmacVerified::from_hsm_mac(receipt, &mac)
     }
 
@@ -904,61 +977,78 @@ impl Hsm for Pkcs11Hsm {
         seq: u32,
         amount_minor: i64,
     ) -> Result<CeilingGrant, SamError> {
-        let mac = self.device_mac(
+        let mut st = self.shared.state()?;
+        let r = st.device_mac(
             device_id,
             &CeilingGrant::mac_input(device_id, seq, amount_minor),
-        )?;
+        );
+        if matches!(r, Err(SamError::Hsm(_))) {
+            st.broken = true;
+        }
         Ok(CeilingGrant {
             device_id,
             seq,
             amount_minor,
-            mac,
+            mac: r?,
         })
     }
 
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
-        let want = self.device_mac(device_id, body)?;
-        Ok(purse::crypto::mac_eq(&want, mac))
+        let mut st = self.shared.state()?;
+        let r = st.device_mac(device_id, body);
+        if matches!(r, Err(SamError::Hsm(_))) {
+            st.broken = true;
+        }
+        Ok(purse::crypto::mac_eq(&r?, mac))
     }
 
     /// Provisioning a validator SAM needs its device key in clear: derived in the token into
     /// a readable session object, read, destroyed (see docs/hsm.md).
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
-        let master = self.device_master()?;
-        let s = self.shared.lock();
-        // AN10922 over 01 ‖ id ‖ "DEV" (8 bytes): padded to 32, K2 into the second block.
-        let mut m = [0u8; 32];
-        m[0] = 0x01;
-        m[1..5].copy_from_slice(&device_id.to_be_bytes());
-        m[5..8].copy_from_slice(b"DEV");
-        m[8] = 0x80;
-        let first: [u8; 16] = m[..16].try_into().expect("16");
-        let mut second = Zeroizing::new([0u8; 16]);
-        for i in 0..16 {
-            second[i] = m[16 + i] ^ master.k2[i];
-        }
-        let c1 = derive_block_clear(&s, master.handle, [0; 16], &first)
-            .map_err(sam_err("device key (first block)"))?;
-        let key =
-            derive_block_clear(&s, master.handle, *c1, &second).map_err(sam_err("device key"))?;
-        Ok(AesKey::from_bytes(*key))
+        let mut st = self.shared.state()?;
+        run(&mut st, |st| {
+            let master = st.device_master()?;
+            let s = &st.session;
+            // AN10922 over 01 ‖ id ‖ "DEV" (8 bytes): padded to 32, K2 into the second block.
+            let mut m = [0u8; 32];
+            m[0] = 0x01;
+            m[1..5].copy_from_slice(&device_id.to_be_bytes());
+            m[5..8].copy_from_slice(b"DEV");
+            m[8] = 0x80;
+            let first: [u8; 16] = m[..16].try_into().expect("16");
+            let mut second = Zeroizing::new([0u8; 16]);
+            for i in 0..16 {
+                second[i] = m[16 + i] ^ master.k2[i];
+            }
+            let c1 = derive_block_clear(s, master.handle, [0; 16], &first)
+                .map_err(sam_err("device key (first block)"))?;
+            let key = derive_block_clear(s, master.handle, *c1, &second)
+                .map_err(sam_err("device key"))?;
+            Ok(AesKey::from_bytes(*key))
+        })
     }
 
     fn sign(&self, msg: &[u8]) -> Result<[u8; 64], SamError> {
-        let s = self.shared.lock();
-        let sig = s
-            .sign(
-                &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Ed25519)),
-                self.signing_key,
-                msg,
-            )
-            .map_err(sam_err("Ed25519 signature"))?;
+        let mut st = self.shared.state()?;
+        let sig = run(&mut st, |st| {
+            st.session
+                .sign(
+                    &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Ed25519)),
+                    st.signing_key,
+                    msg,
+                )
+                .map_err(sam_err("Ed25519 signature"))
+        })?;
         sig.as_slice()
             .try_into()
             .map_err(|_| SamError::Hsm("Ed25519: the token's signature is not 64 bytes".into()))
     }
 
     fn verifying_key(&self) -> [u8; 32] {
-        self.verifying_key
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .verifying_key
     }
 }

@@ -409,3 +409,44 @@ fn a_sealed_key_set_round_trips_into_the_token() {
     let (_t, hw) = token_with(&opened);
     assert_eq!(hw.verifying_key(), keys.verifying_key);
 }
+
+#[test]
+fn a_lost_login_is_no_verdict_and_the_next_operation_reopens_the_session() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(13));
+    let mut soft = SoftwareHsm::new(&keys).unwrap();
+    let (t, mut hw) = token_with(&keys);
+    let mut c = card(&soft, 30, 1, 0);
+    let r = loaded(load(&mut soft, &mut c, 300, 1));
+    hw.verify_tmac(&r).unwrap();
+
+    // C_Logout on any session logs the whole application out of the token (what a token
+    // restart or an expired login looks like from here).
+    TokenSession::open(&t.config)
+        .unwrap()
+        .session
+        .logout()
+        .unwrap();
+    let e = hw.verify_tmac(&r).unwrap_err();
+    assert!(matches!(e, SamError::Hsm(_)), "{e}");
+    // The next operation logs in again on a new session: verdicts are back, forgeries still
+    // refused, loads work.
+    hw.verify_tmac(&r).unwrap();
+    let claim = TxClaim {
+        uid: r.uid,
+        tmc: r.tmc,
+        tmv: [0; 8],
+        kind: r.kind,
+        amount_minor: r.amount_minor,
+        balance_after_minor: r.balance_after_minor,
+        key_version: r.key_version,
+    };
+    assert!(matches!(
+        hw.verify_claim(&claim),
+        Err(SamError::TmacMismatch { .. })
+    ));
+    assert_eq!(
+        loaded(load(&mut hw, &mut c, 200, 2)).balance_after_minor,
+        500
+    );
+    assert!(hw.verify_device_mac(5, b"x", &[0; 8]).is_ok());
+}

@@ -74,6 +74,14 @@ pub fn start_with(
     keys: &purse::keys::KeySet,
     edit: impl FnOnce(&mut ServerConfig),
 ) -> Running {
+    start_with_hsm(hsm(kind, keys), edit)
+}
+
+/// Starts a server with this HSM; `edit` adjusts the configuration.
+pub fn start_with_hsm(
+    hsm: Box<dyn purse::sam::Hsm + Send>,
+    edit: impl FnOnce(&mut ServerConfig),
+) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ServerConfig::from_toml(&format!(
         "data_dir = {:?}\nledger_map_size_bytes = 33554432",
@@ -81,7 +89,7 @@ pub fn start_with(
     ))
     .unwrap();
     edit(&mut cfg);
-    let state = server::build(&cfg, hsm(kind, keys)).unwrap();
+    let state = server::build(&cfg, hsm).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
