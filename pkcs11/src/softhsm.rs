@@ -117,8 +117,10 @@ fn process_dir() -> &'static SoftHsmDir {
     static DIR: OnceLock<SoftHsmDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = SoftHsmDir::new().expect("creating a temporary SoftHSM2 directory");
-        // Set once, before this process loads the module (nothing else in a test or bench
-        // process reads SOFTHSM2_CONF).
+        // SoftHSM2 has no other way to be pointed at a configuration than this variable, read
+        // at C_Initialize. Set once, before this process loads the module; Rust's own
+        // environment accesses are serialised by std, and only test and bench processes call
+        // this (a daemon is configured by its operator's environment, never here).
         std::env::set_var("SOFTHSM2_CONF", d.conf());
         d
     })
