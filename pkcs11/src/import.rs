@@ -50,7 +50,7 @@ pub fn decode_params(v: &[u8]) -> Option<([u8; 3], Vec<u8>, [u8; 32])> {
 /// KM_TMAC, KM_DEVICE; the Ed25519 signing key; the parameters) under `prefix`.
 ///
 /// Refuses, before writing anything, when a label exists already, unless `replace` (then the
-/// old objects with that label are destroyed first). Each AES key's check value is compared
+/// old objects with those labels, and every other master under `prefix`, are destroyed first). Each AES key's check value is compared
 /// with the one the token computes, when the token offers `CKA_CHECK_VALUE`.
 pub fn import_keyset(
     ts: &TokenSession,
@@ -101,6 +101,32 @@ pub fn import_keyset(
             return Err(Pkcs11Error::Exists {
                 label: label.clone(),
             });
+        }
+    }
+    if replace {
+        // Replacing a key set replaces all of it: masters of versions the new set lacks go too
+        // (they would otherwise be found at the next open).
+        let all = ts
+            .session
+            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+            .map_err(Pkcs11Error::call("finding old masters"))?;
+        for h in all {
+            let label = ts
+                .session
+                .get_attributes(h, &[cryptoki::object::AttributeType::Label])
+                .map_err(Pkcs11Error::call("reading a label"))?
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::Label(l) => String::from_utf8(l).ok(),
+                    _ => None,
+                });
+            if let Some(l) = label {
+                if crate::parse_master_label(prefix, &l).is_some()
+                    && !existing.iter().any(|(_, e)| *e == h)
+                {
+                    existing.push((l, h));
+                }
+            }
         }
     }
     for (_, h) in existing {

@@ -83,7 +83,7 @@ pub fn params_label(prefix: &str) -> String {
     format!("{prefix}/params")
 }
 
-fn parse_master_label(prefix: &str, label: &str) -> Option<(KeyKind, u8)> {
+pub(crate) fn parse_master_label(prefix: &str, label: &str) -> Option<(KeyKind, u8)> {
     let rest = label.strip_prefix(prefix)?.strip_prefix('/')?;
     let (kind, v) = rest.split_once("/v")?;
     let kind = HSM_KINDS.into_iter().find(|k| kind_label(*k) == kind)?;

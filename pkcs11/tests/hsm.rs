@@ -268,8 +268,28 @@ fn import_refuses_existing_labels_unless_replace_and_prints_check_values() {
         "{err}"
     );
 
+    // A rotated set first, then a set without the rotation: --replace leaves no stale v2.
+    let mut rotated = keys.clone();
+    rotated.rotate(KeyKind::Credit, &mut StdRng::seed_from_u64(14));
+    import::import_keyset(&ts, &rotated, "tapgate", true).unwrap();
+    assert_eq!(
+        ts.find(
+            cryptoki::object::ObjectClass::SECRET_KEY,
+            "tapgate/KM_CREDIT/v2"
+        )
+        .unwrap()
+        .len(),
+        1
+    );
     let newer = KeySet::generate(&mut StdRng::seed_from_u64(9));
     let out = import::import_keyset(&ts, &newer, "tapgate", true).unwrap();
+    assert!(ts
+        .find(
+            cryptoki::object::ObjectClass::SECRET_KEY,
+            "tapgate/KM_CREDIT/v2"
+        )
+        .unwrap()
+        .is_empty());
     let labels: Vec<_> = out.iter().map(|i| i.label.as_str()).collect();
     assert_eq!(
         labels,
@@ -295,6 +315,7 @@ fn import_refuses_existing_labels_unless_replace_and_prints_check_values() {
     // A reopened HSM holds the replacement: cards of the new key set load.
     drop(ts);
     let mut hw = Pkcs11Hsm::open(&t.config).unwrap();
+    assert!(!hw.holds_version(KeyKind::Credit, 2));
     let soft = SoftwareHsm::new(&newer).unwrap();
     let mut c = card(&soft, 20, 1, 0);
     assert_eq!(loaded(load(&mut hw, &mut c, 5, 1)).balance_after_minor, 5);
