@@ -386,6 +386,8 @@ struct State {
     generation: u64,
     /// A PKCS#11 call failed: the next operation reopens the session first.
     broken: bool,
+    /// Reopening was refused for a reason retrying cannot fix (a wrong PIN).
+    gave_up: Option<String>,
     masters: HashMap<(KeyKind, u8), Master>,
     aid: [u8; 3],
     system_id: Vec<u8>,
@@ -409,10 +411,25 @@ impl Shared {
         // A panic while holding the state cannot leave a PKCS#11 operation half-done in a way
         // the next call depends on (each call here is a complete single-part operation).
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &st.gave_up {
+            return Err(SamError::Hsm(why.clone()));
+        }
         if st.broken {
-            let mut fresh = load_state(&self.cfg).map_err(SamError::from)?;
-            fresh.generation = st.generation + 1;
-            *st = fresh;
+            match load_state(&self.cfg) {
+                Ok(mut fresh) => {
+                    fresh.generation = st.generation + 1;
+                    *st = fresh;
+                }
+                // A refused PIN is not retried: every attempt would count towards the token's
+                // lockout (a Luna locks the partition after a few).
+                Err(e @ Pkcs11Error::WrongPin { .. }) => {
+                    let why =
+                        format!("{e}; not retried: restart the server with the right PIN source");
+                    st.gave_up = Some(why.clone());
+                    return Err(SamError::Hsm(why));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(st)
     }
@@ -780,6 +797,7 @@ fn load_state(cfg: &Pkcs11Config) -> Result<State, Pkcs11Error> {
         session: ts.session,
         generation: 0,
         broken: false,
+        gave_up: None,
         masters,
         aid,
         system_id,

@@ -471,3 +471,36 @@ fn a_lost_login_is_no_verdict_and_the_next_operation_reopens_the_session() {
     );
     assert!(hw.verify_device_mac(5, b"x", &[0; 8]).is_ok());
 }
+
+#[test]
+fn a_pin_refused_at_reopening_is_not_retried() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(15));
+    let mut soft = SoftwareHsm::new(&keys).unwrap();
+    let (t, hw) = token_with(&keys);
+    let mut c = card(&soft, 31, 1, 0);
+    let r = loaded(load(&mut soft, &mut c, 300, 1));
+    let PinSource::File(pin_file) = &t.config.pin else {
+        panic!("test tokens read their PIN from a file")
+    };
+    std::fs::write(pin_file, "not-the-pin\n").unwrap();
+    // This session's C_Login meets the HSM's login (the PIN is not checked then); its logout
+    // logs the application out, so the HSM's next operation fails and the one after reopens.
+    TokenSession::open(&t.config)
+        .unwrap()
+        .session
+        .logout()
+        .unwrap();
+    let e = hw.verify_tmac(&r).unwrap_err();
+    assert!(matches!(e, SamError::Hsm(_)), "{e}");
+    let e = hw.verify_tmac(&r).unwrap_err().to_string();
+    assert!(
+        e.contains("refused the PIN") && e.contains("not retried"),
+        "{e}"
+    );
+    // Even with the right PIN back, no further login is attempted by this HSM object (each
+    // attempt could count towards a token's lockout): the server must be restarted.
+    std::fs::write(pin_file, format!("{}\n", t.pin)).unwrap();
+    let e = hw.verify_tmac(&r).unwrap_err().to_string();
+    assert!(e.contains("not retried"), "{e}");
+    assert!(Pkcs11Hsm::open(&t.config).unwrap().verify_tmac(&r).is_ok());
+}
