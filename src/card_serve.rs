@@ -174,8 +174,13 @@ enum Ended {
     Pulled,
 }
 
-/// Reads exactly `buf.len()` bytes, looking at `stop` while vpcd is quiet.
-fn read_full(s: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool) -> Result<(), Ended> {
+/// Reads exactly `buf.len()` bytes, looking at `stop` (and calling `idle`) while vpcd is quiet.
+fn read_full(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+    idle: &mut dyn FnMut(),
+) -> Result<(), Ended> {
     let mut got = 0;
     while got < buf.len() {
         match s.read(&mut buf[got..]) {
@@ -188,6 +193,7 @@ fn read_full(s: &mut TcpStream, buf: &mut [u8], stop: &AtomicBool) -> Result<(),
                 if stop.load(Ordering::Relaxed) {
                     return Err(Ended::Stopped);
                 }
+                idle();
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(Ended::VpcdGone(e.to_string())),
@@ -227,21 +233,38 @@ fn send(s: &mut TcpStream, payload: &[u8]) -> Result<(), Ended> {
 }
 
 /// Serves vpcd on one connection until it closes, the stop flag is set or the card is pulled.
+/// `greet` runs at vpcd's first message (a connection alone may sit in the listen backlog of a
+/// slot another virtual card holds).
 fn session(
     s: &mut TcpStream,
     card: &mut VirtualCard,
     stop: &AtomicBool,
     pull_at: Option<PullAt>,
+    greet: &mut dyn FnMut(),
 ) -> Result<Ended> {
     let mut len = [0u8; 2];
+    let connected = std::time::Instant::now();
+    let greeted = std::cell::Cell::new(false);
+    let mut warned = false;
+    let mut idle = || {
+        if !greeted.get() && !warned && connected.elapsed() > Duration::from_secs(3) {
+            eprintln!(
+                "connected, but vpcd has said nothing for 3 s: is another virtual card in this reader slot?"
+            );
+            warned = true;
+        }
+    };
     loop {
-        if let Err(end) = read_full(s, &mut len, stop) {
+        if let Err(end) = read_full(s, &mut len, stop, &mut idle) {
             return Ok(end);
         }
         let n = usize::from(u16::from_be_bytes(len));
         let mut msg = vec![0u8; n];
-        if let Err(end) = read_full(s, &mut msg, stop) {
+        if let Err(end) = read_full(s, &mut msg, stop, &mut idle) {
             return Ok(end);
+        }
+        if !greeted.replace(true) {
+            greet();
         }
         let answer = match msg.as_slice() {
             [] => continue,
@@ -341,8 +364,8 @@ pub fn run(o: ServeOpts) -> Result<()> {
         quick_ack(&s);
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .context("socket timeout")?;
-        println!("card {uid} in the field of vpcd {addr}");
-        let end = session(&mut s, &mut card, &stop, o.pull_at)?;
+        let mut greet = || println!("card {uid} in the field of vpcd {addr}");
+        let end = session(&mut s, &mut card, &stop, o.pull_at, &mut greet)?;
         card.power_off();
         drop(s);
         match end {
@@ -407,8 +430,9 @@ mod tests {
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect(addr).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                let end = session(&mut s, &mut card, &stop, None).unwrap();
-                (matches!(end, Ended::VpcdGone(_)), card.commands)
+                let mut greeted = 0;
+                let end = session(&mut s, &mut card, &stop, None, &mut || greeted += 1).unwrap();
+                (matches!(end, Ended::VpcdGone(_)), card.commands, greeted)
             })
         };
         let (mut v, _) = l.accept().unwrap();
@@ -431,7 +455,8 @@ mod tests {
         frame(&mut v, &[CTRL_RESET]);
         frame(&mut v, &[CTRL_POWER_OFF]);
         drop(v);
-        let (gone, commands) = server.join().unwrap();
+        let (gone, commands, greeted) = server.join().unwrap();
+        assert_eq!(greeted, 1, "in the field once vpcd spoke");
         assert!(gone, "the end of the connection is vpcd going away");
         assert_eq!(commands, 1, "GET DATA is the reader's, not a card command");
         let nvm: Nvm = read_image(&image).unwrap();

@@ -255,6 +255,15 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         ))),
     };
     let crash_at = a.crash_at.as_deref().map(parse_crash).transpose()?;
+    let choice = match (&a.reader, cfg.reader.as_deref()) {
+        (Some(flag), _) => parse_reader("--reader", flag)?,
+        (None, None | Some("crowd")) => ReaderChoice::Emulated,
+        (None, Some("pcsc")) => ReaderChoice::Pcsc(cfg.reader_name.clone()),
+        (None, Some(r)) => bail!(input_err(format!(
+            "{}: reader {r:?} must be \"crowd\" or \"pcsc\"",
+            a.config.display()
+        ))),
+    };
 
     let keys = load_keyset(&cfg.keys, a.passphrase_file.as_deref())?;
     let sam = SoftwareSam::validator(&keys, cfg.device_id).with_context(|| {
@@ -339,15 +348,6 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    let choice = match (&a.reader, cfg.reader.as_deref()) {
-        (Some(flag), _) => parse_reader("--reader", flag)?,
-        (None, None | Some("crowd")) => ReaderChoice::Emulated,
-        (None, Some("pcsc")) => ReaderChoice::Pcsc(cfg.reader_name.clone()),
-        (None, Some(r)) => bail!(input_err(format!(
-            "{}: reader {r:?} must be \"crowd\" or \"pcsc\"",
-            a.config.display()
-        ))),
-    };
     let reader: Box<dyn Reader> = match choice {
         ReaderChoice::Emulated => {
             let crowd_cfg = cfg.crowd.as_ref().ok_or_else(|| {

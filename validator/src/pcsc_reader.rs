@@ -383,7 +383,8 @@ impl PcscReader {
                         e @ (pcsc::Error::NoService
                         | pcsc::Error::ServiceStopped
                         | pcsc::Error::InvalidHandle
-                        | pcsc::Error::Shutdown),
+                        | pcsc::Error::Shutdown
+                        | pcsc::Error::CommError),
                     ) => {
                         self.say(format!(
                             "PC/SC: the service went away ({e}); waiting for it"
@@ -419,10 +420,7 @@ impl PcscReader {
             }
             let Some((name, count)) = candidate else {
                 if self.states.len() > 1 {
-                    self.say(format!(
-                        "PC/SC: waiting for a card on {}",
-                        self.readers().join(", ")
-                    ));
+                    tracing::debug!(readers = %self.readers().join(", "), "PC/SC: waiting for a card");
                 }
                 continue;
             };
