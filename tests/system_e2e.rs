@@ -1,0 +1,560 @@
+//! The whole chain as operators run it, every part a real process on loopback: `tapgate
+//! charging` (software HSM), `tapgate gateway` forwarding to it over HTTP, Mosquitto with the
+//! shipped ACL, two `tapgate validator` daemons (a gate where riders tap in, one where they tap
+//! out) sharing one crowd of emulated cards, and `tapgate charge` loading cards online.
+//!
+//! Faults on the way: the broker restarted while a validator is publishing, the gateway killed
+//! (SIGKILL) and restarted while the other is, every tap message replayed in reverse order
+//! afterwards, and a forged one. At the end, for every card, the charging server's shadow purse
+//! equals the card's own balance (personalised + loads − the debits it really made): no tap
+//! lost, none counted twice, the forgery booked nowhere. Needs `mosquitto` and
+//! `mosquitto_passwd` (`.ci/run` installs them).
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PASS: &str = "system-e2e";
+const START_MINOR: i64 = 20_000;
+const CARDS: u32 = 200;
+const GW_TOKEN: &str = "tg_gw_system";
+const OPS_TOKEN: &str = "tg_ops_system";
+const RIDER_TOKEN: &str = "tg_rider_system";
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&p) {
+            given.push(p);
+            return p;
+        }
+    }
+}
+
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tapgate"));
+    c.current_dir(dir)
+        .args(args)
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
+        .env("TAPGATE_GATEWAY_TOKEN", GW_TOKEN)
+        .env("TAPGATE_TOKEN", RIDER_TOKEN)
+        .env("V1001_PASSWORD", "v1001-secret")
+        .env("V1002_PASSWORD", "v1002-secret");
+    c
+}
+
+fn tapgate(dir: &Path, args: &[&str]) -> Output {
+    command(dir, args).output().expect("run tapgate")
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{what} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Mosquitto with passwords and the shipped ACL on `port` (the password file and config are
+/// written once; a restart reuses them).
+fn start_mosquitto(dir: &Path, port: u16) -> Kill {
+    let mosquitto = [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    let conf = dir.join("mosquitto.conf");
+    if !conf.exists() {
+        let passwd = dir.join("passwd");
+        for (i, (user, pass)) in [
+            ("gateway", "gw-secret"),
+            ("1001", "v1001-secret"),
+            ("1002", "v1002-secret"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut c = Command::new("mosquitto_passwd");
+            c.arg("-b");
+            if i == 0 {
+                c.arg("-c");
+            }
+            assert!(c
+                .arg(&passwd)
+                .arg(user)
+                .arg(pass)
+                .status()
+                .expect("mosquitto_passwd")
+                .success());
+        }
+        let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mosquitto/acl");
+        std::fs::write(
+            &conf,
+            format!(
+                "per_listener_settings false\nallow_anonymous false\npassword_file {}\nacl_file {acl}\npersistence false\nlog_dest file {}\nlistener {port} 127.0.0.1\n",
+                passwd.display(),
+                dir.join("mosquitto.log").display()
+            ),
+        )
+        .unwrap();
+    }
+    let child = Command::new(mosquitto)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mosquitto");
+    let guard = Kill(child);
+    wait_for_port(port, "mosquitto");
+    guard
+}
+
+/// `tapgate charging`; returns the guard and its base URL.
+fn start_charging(dir: &Path) -> (Kill, String) {
+    let mut child = command(
+        dir,
+        &["charging", "--config", "charging.toml", "--keys", "keys"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("start tapgate charging");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("charging listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (Kill(child), base)
+}
+
+fn start_gateway(dir: &Path, broker_port: u16, charging: &str) -> Kill {
+    Kill(
+        command(
+            dir,
+            &[
+                "gateway",
+                "--keys",
+                "keys",
+                "--data",
+                "gw",
+                "--broker",
+                &format!("mqtt://127.0.0.1:{broker_port}"),
+                "--charging",
+                charging,
+                "--operator",
+                "metro",
+                "--config",
+                "gw-api.toml",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tapgate gateway"),
+    )
+}
+
+fn sha(t: &str) -> String {
+    charging::api::Auth::hash_token(t)
+}
+
+fn http(
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let req = ureq::request(method, url).set("Authorization", &format!("Bearer {token}"));
+    let res = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+fn validator_toml(dir: &Path, device: u32, stop: &str, kind: &str, port: u16) {
+    std::fs::write(
+        dir.join(format!("v{device}.toml")),
+        format!(
+            r#"device_id = {device}
+operator = "metro"
+stop = "{stop}"
+route = "M1"
+kind = "{kind}"
+utc_offset_minutes = 540
+journal = "journal-{device}"
+keys = "keys"
+fare_table = "metro.tgft"
+heartbeat_s = 1
+drain_timeout_s = 40
+[mqtt]
+broker = "mqtt://127.0.0.1:{port}"
+password_env = "V{device}_PASSWORD"
+[crowd]
+cards = {CARDS}
+balance_minor = {START_MINOR}
+dir = "cards"
+tear_per_mille = 0
+"#
+        ),
+    )
+    .unwrap();
+}
+
+/// Runs a validator to the end of its crowd; returns its JSON summary.
+fn finish(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+fn spawn_validator(dir: &Path, device: u32, taps: u32, seed: u32) -> Child {
+    command(
+        dir,
+        &[
+            "validator",
+            "--config",
+            &format!("v{device}.toml"),
+            "--crowd-taps",
+            &taps.to_string(),
+            "--crowd-seed",
+            &seed.to_string(),
+            "--json",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+fn card_balance(dir: &Path, uid: &[u8; 7]) -> Option<i64> {
+    let p = dir.join("cards").join(format!("{}.json", hex::encode(uid)));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    v["main"]["balance_minor"].as_i64()
+}
+
+type Captured = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Every tap message the broker delivers, as the gateway sees them (same user, own client
+/// id), until `stop` is set.
+fn capture(port: u16, stop: Arc<AtomicBool>) -> (Captured, std::thread::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut opts = MqttOptions::new("capture", "127.0.0.1", port);
+    opts.set_credentials("gateway", "gw-secret");
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = Client::new(opts, 100);
+    let store = seen.clone();
+    let handle = std::thread::spawn(move || {
+        for ev in conn.iter() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe("tapgate/v1/metro/taps/+", QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    store
+                        .lock()
+                        .unwrap()
+                        .push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    });
+    (seen, handle)
+}
+
+/// Publishes `messages` as `device` (its own credentials, its own topic only).
+fn publish_as(port: u16, device: &str, password: &str, messages: &[Vec<u8>]) {
+    let mut opts = MqttOptions::new(format!("replay-{device}"), "127.0.0.1", port);
+    opts.set_credentials(device, password);
+    let (client, mut conn) = Client::new(opts, 1_000);
+    let topic = format!("tapgate/v1/metro/taps/{device}");
+    for m in messages {
+        client
+            .publish(&topic, QoS::AtLeastOnce, false, m.clone())
+            .unwrap();
+    }
+    let mut acked = 0;
+    let t0 = Instant::now();
+    for ev in conn.iter() {
+        if let Ok(Event::Incoming(Packet::PubAck(_))) = ev {
+            acked += 1;
+            if acked == messages.len() {
+                break;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "replay not acknowledged"
+        );
+    }
+}
+
+#[test]
+fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    assert!(tapgate(dir, &["keys", "init", "--out", "keys"])
+        .status
+        .success());
+    let rules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fare-rules/samples/metro-city/rules.toml");
+    let o = tapgate(
+        dir,
+        &[
+            "fare",
+            "compile",
+            rules.to_str().unwrap(),
+            "--keys",
+            "keys",
+            "--out",
+            "metro.tgft",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let port = free_port();
+    let mut broker = start_mosquitto(dir, port);
+    std::fs::write(
+        dir.join("charging.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"charging\"\nledger_map_size_bytes = 67108864\n\n[limits]\nloads_per_minute_per_client = 0\n\n[[tokens]]\nname = \"gw\"\nrole = \"gateway\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"rider\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n",
+            sha(GW_TOKEN),
+            sha(OPS_TOKEN),
+            sha(RIDER_TOKEN)
+        ),
+    )
+    .unwrap();
+    let (_charging, base) = start_charging(dir);
+    let uids: Vec<[u8; 7]> = (0..CARDS).map(validator::reader::crowd_uid).collect();
+    for uid in &uids {
+        let (code, body) = http(
+            "POST",
+            &format!("{base}/v1/cards"),
+            OPS_TOKEN,
+            Some(
+                serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": START_MINOR}),
+            ),
+        );
+        assert_eq!(code, 201, "{body}");
+    }
+    let api_port = free_port();
+    std::fs::write(
+        dir.join("gw-api.toml"),
+        format!(
+            "http_listen = \"127.0.0.1:{api_port}\"\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            sha(OPS_TOKEN)
+        ),
+    )
+    .unwrap();
+    let gw_api = format!("http://127.0.0.1:{api_port}");
+    let mut gateway = start_gateway(dir, port, &base);
+    let stop_capture = Arc::new(AtomicBool::new(false));
+    let (captured, capture_thread) = capture(port, stop_capture.clone());
+    validator_toml(dir, 1001, "Central", "in", port);
+    validator_toml(dir, 1002, "Harbor", "out", port);
+
+    // Riders tap in at Central; the broker goes down for a second mid-run and comes back.
+    let v1 = spawn_validator(dir, 1001, 120, 1);
+    std::thread::sleep(Duration::from_millis(400));
+    drop(broker);
+    std::thread::sleep(Duration::from_millis(1_000));
+    broker = start_mosquitto(dir, port);
+    let s1 = finish(v1);
+    assert_eq!(
+        s1["outbox_left"], 0,
+        "every tap confirmed after the restart: {s1}"
+    );
+    assert!(s1["taps_accepted"].as_u64().unwrap() >= 60, "{s1}");
+
+    // Two riders load their cards online from their PCs.
+    let mut loaded = std::collections::HashMap::new();
+    for (i, uid) in uids.iter().take(2).enumerate() {
+        let image = format!("cards/{}.json", hex::encode(uid));
+        if !dir.join(&image).exists() {
+            continue; // this card has not been presented yet
+        }
+        let o = tapgate(
+            dir,
+            &[
+                "charge",
+                "--server",
+                &base,
+                "--amount",
+                "2000",
+                "--funding",
+                "card:tok_visa",
+                "--card",
+                &image,
+                "--keys",
+                "keys",
+                "--idempotency-key",
+                &format!("load-{i}"),
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        loaded.insert(*uid, 2_000i64);
+    }
+
+    // Riders tap out at Harbor; the gateway is killed mid-run and restarted.
+    let v2 = spawn_validator(dir, 1002, 120, 2);
+    std::thread::sleep(Duration::from_millis(400));
+    drop(gateway);
+    std::thread::sleep(Duration::from_millis(800));
+    gateway = start_gateway(dir, port, &base);
+    let s2 = finish(v2);
+    assert_eq!(
+        s2["outbox_left"], 0,
+        "every tap confirmed across the gateway restart: {s2}"
+    );
+
+    // Every tap message again, newest first, from each device; and a forged one.
+    std::thread::sleep(Duration::from_millis(500));
+    let messages = captured.lock().unwrap().clone();
+    assert!(!messages.is_empty(), "the capture saw the taps");
+    for (device, pass) in [("1001", "v1001-secret"), ("1002", "v1002-secret")] {
+        let mut own: Vec<Vec<u8>> = messages
+            .iter()
+            .filter(|(t, _)| t.ends_with(&format!("/{device}")))
+            .map(|(_, m)| m.clone())
+            .collect();
+        own.reverse();
+        if device == "1001" {
+            let mut forged = own[0][..79].to_vec();
+            forged[40] ^= 0x01; // an altered amount or balance: the device MAC no longer holds
+            own.push(forged);
+        }
+        publish_as(port, device, pass, &own);
+    }
+    // The gateway has taken them all: every replayed tap counted as a duplicate, the forgery
+    // quarantined with its reason.
+    let replayed: u64 = messages.iter().map(|(_, m)| (m.len() / 79) as u64).sum();
+    let t0 = Instant::now();
+    loop {
+        let metrics = ureq::get(&format!("{gw_api}/metrics"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default();
+        let counter = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let (dups, quarantined) = (
+            counter("tapgate_gateway_taps_duplicate_total"),
+            counter("tapgate_gateway_taps_quarantined_total"),
+        );
+        if dups >= replayed && quarantined >= 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "gateway took {dups} of {replayed} replays as duplicates, quarantined {quarantined}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, q) = http("GET", &format!("{gw_api}/v1/quarantine"), OPS_TOKEN, None);
+    assert_eq!(code, 200, "{q}");
+    assert!(
+        q["quarantined"].to_string().to_lowercase().contains("mac"),
+        "the forgery is quarantined for its MAC: {q}"
+    );
+
+    // Every card's shadow purse at the charging server equals the card's own balance.
+    let t0 = Instant::now();
+    let mut last = Vec::new();
+    loop {
+        last.clear();
+        for uid in &uids {
+            let Some(card) = card_balance(dir, uid) else {
+                continue;
+            };
+            let (code, v) = http(
+                "GET",
+                &format!("{base}/v1/cards/{}", hex::encode_upper(uid)),
+                OPS_TOKEN,
+                None,
+            );
+            assert_eq!(code, 200, "{v}");
+            let shadow = v["shadow_balance_minor"].as_i64().unwrap();
+            if shadow != card {
+                last.push((hex::encode_upper(uid), card, shadow));
+            }
+        }
+        if last.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "cards whose ledger disagrees (uid, card, ledger): {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Value moved: the cards lost exactly their debits, and the loads arrived.
+    let spent: i64 = uids
+        .iter()
+        .filter_map(|u| {
+            card_balance(dir, u).map(|b| START_MINOR + loaded.get(u).copied().unwrap_or(0) - b)
+        })
+        .sum();
+    assert!(spent > 0, "riders paid fares");
+
+    stop_capture.store(true, Ordering::Relaxed);
+    drop(gateway);
+    drop(broker);
+    let _ = capture_thread.join();
+}
