@@ -1093,11 +1093,16 @@ impl LoadService {
             };
             match txn::settle(&pending, snap) {
                 Ok(Settlement::Committed(receipt)) => {
-                    let ok = {
+                    let verified = {
                         let hsm = self.hsm.lock().expect("hsm lock");
-                        hsm.verify_tmac(&receipt).is_ok()
+                        hsm.verify_tmac(&receipt)
                     };
-                    if ok {
+                    // The HSM failing says nothing about the card: fail the request, the
+                    // intent stays open for the next contact.
+                    if let Err(e @ SamError::Hsm(_)) = verified {
+                        return Err(e.into());
+                    }
+                    if verified.is_ok() {
                         let before = CardSnapshot {
                             tmc: intent.tmc_before,
                             ..snap.clone()
