@@ -103,7 +103,9 @@ impl From<LoadError> for ApiError {
             LoadError::OutOfOrder { .. } => ApiError::Conflict(e.to_string()),
             LoadError::Busy => ApiError::Busy,
             LoadError::NoSuchLoad { .. } => ApiError::NotFound(e.to_string()),
-            LoadError::NotReversible(_) => ApiError::Conflict(e.to_string()),
+            LoadError::NotReversible(_) | LoadError::InProgress => {
+                ApiError::Conflict(e.to_string())
+            }
             LoadError::Ledger(_) | LoadError::Hsm(_) => ApiError::Internal(e.to_string()),
         }
     }

@@ -353,8 +353,14 @@ fn complete_loads_across_gaps(
         let Some(intent) = l.intent(t, uid, x)? else {
             return Ok(());
         };
+        // Only a load: a reversal is a Debit, which a validator's fare of the same amount at
+        // the same counter matches balance for balance — the card's own record decides it
+        // (`LoadService::settle_from_snapshot`).
         let after = i64::from(bal_x) + intent.delta_minor();
-        if intent.state != IntentState::Authorised || after + delta_next != i64::from(bal_next) {
+        if intent.state != IntentState::Authorised
+            || intent.kind != crate::ledger::IntentKind::Load
+            || after + delta_next != i64::from(bal_next)
+        {
             return Ok(());
         }
         let Ok(after) = i32::try_from(after) else {

@@ -10,7 +10,6 @@ use heed::types::{SerdeJson, Str};
 use heed::{Database, Env, EnvOpenOptions, WithoutTls};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A funding request.
 #[derive(Clone, Debug)]
@@ -110,7 +109,6 @@ pub struct SandboxProcessor {
     env: Env<WithoutTls>,
     by_ref: Database<Str, SerdeJson<ProcessorAuth>>,
     by_id: Database<Str, Str>,
-    next: AtomicU64,
 }
 
 impl SandboxProcessor {
@@ -136,14 +134,8 @@ impl SandboxProcessor {
         let by_ref: Database<Str, SerdeJson<ProcessorAuth>> =
             env.create_database(&mut t, Some("by_ref"))?;
         let by_id = env.create_database(&mut t, Some("by_id"))?;
-        let n = by_ref.len(&t)?;
         t.commit()?;
-        Ok(SandboxProcessor {
-            env,
-            by_ref,
-            by_id,
-            next: AtomicU64::new(n + 1),
-        })
+        Ok(SandboxProcessor { env, by_ref, by_id })
     }
 
     fn get(&self, id: &str) -> Result<(String, ProcessorAuth), FundingError> {
@@ -215,7 +207,14 @@ impl FundingSource for SandboxProcessor {
                 )));
             }
         }
-        let id = format!("auth_{:08}", self.next.fetch_add(1, Ordering::SeqCst));
+        // Random, not a count: a sandbox that lost its last writes (it does not fsync) must never
+        // hand out an id our ledger already holds for another authorisation.
+        let id = {
+            use rand::RngCore;
+            let mut b = [0u8; 12];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            format!("auth_{}", hex::encode(b))
+        };
         let a = ProcessorAuth {
             id: id.clone(),
             amount_minor: req.amount_minor,

@@ -264,6 +264,20 @@ pub struct BlockChange {
     pub time_ms: u64,
 }
 
+/// Why the gap sweep blocks a card (and the reason it is unblocked under when the gap fills).
+pub const GAP_BLOCK_REASON: &str = "value appeared across a counter gap that never filled";
+
+/// The clock of a card's lowest counter gap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapClock {
+    /// The first missing counter.
+    pub from_tmc: u32,
+    /// When this gap was first seen (unix ms).
+    pub since_ms: u64,
+    /// Reported by the sweep already.
+    pub reported: bool,
+}
+
 /// What a gap sweep found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct GapSweep {
@@ -297,8 +311,8 @@ pub struct LedgerCore {
     blocks: Database<U64<BE>, SerdeJson<BlockChange>>,
     /// Every anomaly raised (clearing, the gap sweep), numbered.
     anomalies: Database<U64<BE>, SerdeJson<crate::clearing::Anomaly>>,
-    /// Cards with counters booked above a gap → when that gap was first seen (unix ms).
-    gaps: Database<Bytes, U64<BE>>,
+    /// Cards with counters booked above a gap → the gap's clock.
+    gaps: Database<Bytes, SerdeJson<GapClock>>,
     /// Loaded per (funding source, instrument, UTC day), minor units: the per-instrument
     /// daily limit.
     funding_days: Database<Str, I64<BE>>,
@@ -613,7 +627,6 @@ impl LedgerCore {
         now_ms: u64,
     ) -> Result<Booking, LedgerError> {
         let mut c = self.card(txn, uid)?;
-        let had_gap = !c.booked_above.is_empty();
         let booking = if tmc <= c.booked_through_tmc || c.booked_above.iter().any(|e| e.0 == tmc) {
             Booking::Duplicate
         } else if tmc == c.booked_through_tmc + 1 {
@@ -640,12 +653,32 @@ impl LedgerCore {
         };
         if booking != Booking::Duplicate {
             self.cards.put(txn, uid, &c)?;
-            match (had_gap, c.booked_above.is_empty()) {
-                (false, false) => self.gaps.put(txn, uid, &now_ms)?,
-                (true, true) => {
-                    self.gaps.delete(txn, uid)?;
+            if c.booked_above.is_empty() {
+                self.gaps.delete(txn, uid)?;
+                if c.blocked && c.block_reason.as_deref() == Some(GAP_BLOCK_REASON) {
+                    // Every booked counter is proved by the card's MAC: the value that seemed
+                    // to appear came from a real transaction (a late franchise report, say).
+                    self.set_blocked(txn, uid, false, "the counter gap filled", now_ms)?;
                 }
-                _ => {}
+            } else {
+                // The lowest gap starts at the first counter not booked; a new one (or the same
+                // one after the counters below it arrived) starts a new clock.
+                let from_tmc = c.booked_through_tmc + 1;
+                if self
+                    .gaps
+                    .get(txn, uid)?
+                    .is_none_or(|g| g.from_tmc != from_tmc)
+                {
+                    self.gaps.put(
+                        txn,
+                        uid,
+                        &GapClock {
+                            from_tmc,
+                            since_ms: now_ms,
+                            reported: false,
+                        },
+                    )?;
+                }
             }
         }
         Ok(booking)
@@ -706,13 +739,15 @@ impl LedgerCore {
         Ok((out, last))
     }
 
-    /// A counter gap that never fills: every card whose gap is older than `older_than_ms` and
-    /// is not waiting for a pending load is reported once as a `counter_gap` anomaly. When the
-    /// card's own proved balances show value *appearing* across the gap (more than the booked
-    /// changes explain, and no load is pending there), the card is blocked: a credit the back
-    /// office never made is a cloned card or a leaked key. Missing debits (value that left the
-    /// card at a terminal whose taps never arrived) are the operator's loss, not the
-    /// cardholder's fault: reported, not blocked. Returns the anomalies raised.
+    /// A counter gap that never fills: every card whose lowest gap has been open longer than
+    /// `older_than_ms` is reported once as a `counter_gap` anomaly. When the card's own proved
+    /// balances show value *appearing* across the gap (more than the booked changes explain)
+    /// and no load is pending there, the card is blocked ([`GAP_BLOCK_REASON`]): a credit the
+    /// back office never made is a cloned card or a leaked key; if the gap later fills with
+    /// proved transactions (a franchise terminal reporting late), the block is lifted. Missing
+    /// debits (value that left the card at a terminal whose taps never arrived) are the
+    /// operator's loss, not the cardholder's fault, and a pending load or reversal in the gap
+    /// waits for the card: both are reported, not blocked. Returns the anomalies raised.
     pub fn sweep_gaps(
         &self,
         txn: &mut RwTxn<'_>,
@@ -721,15 +756,15 @@ impl LedgerCore {
     ) -> Result<GapSweep, LedgerError> {
         let mut due = Vec::new();
         for item in self.gaps.iter(txn)? {
-            let (uid, since) = item?;
-            if now_ms.saturating_sub(since) >= older_than_ms {
+            let (uid, clock) = item?;
+            if !clock.reported && now_ms.saturating_sub(clock.since_ms) >= older_than_ms {
                 if let Ok(uid) = <[u8; 7]>::try_from(uid) {
-                    due.push((uid, since));
+                    due.push((uid, clock));
                 }
             }
         }
         let mut sweep = GapSweep::default();
-        for (uid, since) in due {
+        for (uid, mut clock) in due {
             let c = self.card(txn, &uid)?;
             let Some(&(first_above, balance_after, delta)) = c.booked_above.first() else {
                 self.gaps.delete(txn, &uid)?;
@@ -737,34 +772,39 @@ impl LedgerCore {
             };
             let from_tmc = c.booked_through_tmc + 1;
             let to_tmc = first_above - 1;
+            let hours = now_ms.saturating_sub(clock.since_ms) / 3_600_000;
             let waiting = self
                 .open_intents(txn, &uid)?
-                .iter()
-                .any(|i| i.tmc_before + 1 >= from_tmc && i.tmc_before < first_above);
-            if waiting {
-                continue; // settled at the card's next contact or by clearing
-            }
+                .into_iter()
+                .find(|i| i.tmc_before + 1 >= from_tmc && i.tmc_before < first_above);
             // What the missing counters changed: the balance before the first booked counter
             // above the gap, minus the balance after the last one below it.
             let missing = c
                 .booked_balance_minor
                 .map(|below| i64::from(balance_after) - delta - i64::from(below));
-            let hours = now_ms.saturating_sub(since) / 3_600_000;
-            let (block, detail) = match missing {
-                Some(m) if m > 0 => (
+            let (block, detail) = match (waiting, missing) {
+                (Some(i), _) => (
+                    false,
+                    format!(
+                        "counters {from_tmc}..={to_tmc} missing for {hours} h; a pending {:?} at counter {} waits for the card",
+                        i.kind,
+                        i.tmc_before + 1
+                    ),
+                ),
+                (None, Some(m)) if m > 0 => (
                     true,
                     format!(
                         "counters {from_tmc}..={to_tmc} missing for {hours} h and {m} minor units appeared across them with no load booked"
                     ),
                 ),
-                Some(m) => (
+                (None, Some(m)) => (
                     false,
                     format!(
                         "counters {from_tmc}..={to_tmc} missing for {hours} h: {} minor units of debits never cleared",
                         -m
                     ),
                 ),
-                None => (
+                (None, None) => (
                     false,
                     format!("counters {from_tmc}..={to_tmc} missing for {hours} h"),
                 ),
@@ -781,19 +821,14 @@ impl LedgerCore {
             sweep.anomalies.push(anomaly);
             if block
                 && self
-                    .set_blocked(
-                        txn,
-                        &uid,
-                        true,
-                        "value appeared across a counter gap that never filled",
-                        now_ms,
-                    )?
+                    .set_blocked(txn, &uid, true, GAP_BLOCK_REASON, now_ms)?
                     .is_some()
             {
                 sweep.cards_blocked += 1;
             }
-            // Reported once; a later gap on this card starts a new clock.
-            self.gaps.delete(txn, &uid)?;
+            // Reported once; the clock restarts when the gap moves or a new one opens.
+            clock.reported = true;
+            self.gaps.put(txn, &uid, &clock)?;
         }
         Ok(sweep)
     }
@@ -995,8 +1030,8 @@ impl LedgerCore {
                     uid: hex::encode_upper(uid),
                     tmc: tmc_before,
                 })?;
-        if intent.state == IntentState::Completed {
-            return Ok(None);
+        if intent.state != IntentState::Authorised {
+            return Ok(None); // completed already, or voided: never both
         }
         let tmc = tmc_before + 1;
         let funding = format!("funding:{}", intent.funding_source);

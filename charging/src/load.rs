@@ -195,6 +195,9 @@ pub enum LoadError {
         /// the load's counter
         tmc: u32,
     },
+    /// A step of this load (or reversal) is being worked on right now: retry shortly.
+    #[error("this load is being worked on right now; retry in a moment")]
+    InProgress,
     /// The load cannot be reversed (already reversed, window passed, not refundable).
     #[error("the load cannot be reversed: {0}")]
     NotReversible(String),
@@ -220,6 +223,8 @@ struct Session {
     commit_sent: bool,
     /// A reversal of the completed load at this counter (a Debit), instead of a load.
     reverses: Option<u32>,
+    /// The key its final answer is stored under (`LoadService::idem_key`).
+    idem: String,
     /// Set once the final reply is stored under the idempotency key.
     idempotent_stored: bool,
 }
@@ -248,13 +253,18 @@ struct Finished {
     touched_ms: u64,
 }
 
-/// Relay sessions: the ones in progress (bounded by `max_sessions`, found by id or by the
-/// caller's idempotency key) and the finished ones (bounded by `max_finished_sessions`).
+/// Relay sessions: the ones waiting for the client (bounded by `max_sessions`), the ones a step
+/// is being worked on right now, and the finished ones (bounded by `max_finished_sessions`).
+/// The idempotency index covers the first two, so a retried start never opens a second session
+/// for a load that is still going.
 #[derive(Default)]
 struct Sessions {
     active: HashMap<String, Session>,
-    /// (caller, idempotency key) → id, for the sessions in `active`.
-    by_idem: HashMap<(String, String), String>,
+    /// Ids whose step is being worked on (taken out of `active` meanwhile).
+    in_flight: std::collections::HashSet<String>,
+    /// Idempotency key (as stored, see `LoadService::idem_key`) → id, for the sessions in
+    /// `active` and `in_flight`.
+    by_idem: HashMap<String, String>,
     finished: HashMap<String, Finished>,
     /// Finished ids, oldest first (an id may be stale after expiry; skipped then).
     finished_order: VecDeque<String>,
@@ -262,21 +272,28 @@ struct Sessions {
 
 impl Sessions {
     fn insert(&mut self, s: Session) {
-        self.by_idem.insert(
-            (s.caller.clone(), s.request.idempotency_key.clone()),
-            s.id.clone(),
-        );
+        self.in_flight.remove(&s.id);
+        self.by_idem.insert(s.idem.clone(), s.id.clone());
         self.active.insert(s.id.clone(), s);
     }
 
+    /// Takes a session out to work on a step; it stays known as in flight.
     fn take(&mut self, id: &str) -> Option<Session> {
         let s = self.active.remove(id)?;
-        self.by_idem
-            .remove(&(s.caller.clone(), s.request.idempotency_key.clone()));
+        self.in_flight.insert(s.id.clone());
         Some(s)
     }
 
+    /// Forgets a session (its index entry only if it is still this session's).
+    fn forget(&mut self, id: &str, idem: &str) {
+        self.in_flight.remove(id);
+        if self.by_idem.get(idem).is_some_and(|v| v == id) {
+            self.by_idem.remove(idem);
+        }
+    }
+
     fn finish(&mut self, s: Session, max: usize) {
+        self.forget(&s.id, &s.idem);
         self.finished.insert(
             s.id.clone(),
             Finished {
@@ -313,6 +330,24 @@ fn session_id() -> String {
     let mut b = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut b);
     hex::encode(b)
+}
+
+/// The record the server writes to the card with an intent's value command — 'L' (a load) or
+/// 'R' (a reversal), the amount, the time the intent was made, the reversed load's counter — so
+/// that a later session can tell this change from any other at the same counter. Not a trip
+/// record: validators skip it.
+fn intent_record(intent: &LoadIntent) -> [u8; txn::RECORD_SIZE] {
+    let mut r = [0u8; txn::RECORD_SIZE];
+    r[0] = match intent.kind {
+        IntentKind::Load => 0x4C,
+        IntentKind::Reversal => 0x52,
+    };
+    r[1..5].copy_from_slice(&intent.amount_minor.to_le_bytes());
+    r[5..13].copy_from_slice(&intent.created_ms.to_le_bytes());
+    if let Some(t) = intent.reverses_tmc {
+        r[13..17].copy_from_slice(&t.to_le_bytes());
+    }
+    r
 }
 
 fn day_of(ms: u64) -> u64 {
@@ -396,8 +431,14 @@ impl LoadService {
         v
     }
 
-    fn idem_key(caller: &str, key: &str) -> String {
-        format!("load:{caller}:{key}")
+    /// Where the final answer to (caller, key) is stored: loads and reversals have their own
+    /// namespaces, so a key reused for the other kind never returns the wrong answer.
+    fn idem_key(reversal: bool, caller: &str, key: &str) -> String {
+        if reversal {
+            format!("reversal:{caller}:{key}")
+        } else {
+            format!("load:{caller}:{key}")
+        }
     }
 
     /// Starts a load: returns the first command for the card.
@@ -458,7 +499,8 @@ impl LoadService {
                 "a reversal at counter {at} took it back or is in progress"
             )));
         }
-        let age = now_ms.saturating_sub(load.settled_ms.unwrap_or(load.created_ms));
+        // From when the load was made (a load completed late by clearing gets no extra days).
+        let age = now_ms.saturating_sub(load.created_ms);
         if age > self.cfg.reversal_window_ms {
             return Err(LoadError::NotReversible(format!(
                 "loaded {} h ago; loads are reversed within {} h",
@@ -483,7 +525,7 @@ impl LoadService {
         let r = self.ledger.read()?;
         Ok(self
             .ledger
-            .idempotent(&r, &Self::idem_key(caller, key))?
+            .idempotent(&r, &Self::idem_key(true, caller, key))?
             .map(|v| reply_from_json(&v)))
     }
 
@@ -499,7 +541,7 @@ impl LoadService {
                 "an Idempotency-Key of 1 to 128 characters is required".into(),
             ));
         }
-        let ikey = Self::idem_key(caller, &req.idempotency_key);
+        let ikey = Self::idem_key(reverses.is_some(), caller, &req.idempotency_key);
         {
             let r = self.ledger.read()?;
             if let Some(v) = self.ledger.idempotent(&r, &ikey)? {
@@ -507,12 +549,13 @@ impl LoadService {
             }
         }
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(s) = sessions
-            .by_idem
-            .get(&(caller.to_string(), req.idempotency_key.clone()))
-            .and_then(|id| sessions.active.get(id))
-        {
-            return Ok(s.last_reply.clone());
+        if let Some(id) = sessions.by_idem.get(&ikey) {
+            if let Some(s) = sessions.active.get(id) {
+                return Ok(s.last_reply.clone());
+            }
+            if sessions.in_flight.contains(id) {
+                return Err(LoadError::InProgress);
+            }
         }
         if req.amount_minor <= 0 {
             return Err(LoadError::BadRequest(format!(
@@ -521,7 +564,8 @@ impl LoadService {
             )));
         }
         let max_load = self.cfg.max_load_for(&req.funding_source);
-        if req.amount_minor > max_load {
+        // A reversal takes back exactly what was loaded, whatever the limits are today.
+        if reverses.is_none() && req.amount_minor > max_load {
             return Err(LoadError::BadRequest(format!(
                 "amount_minor {} exceeds the per-load limit of {max_load} for {} funding",
                 req.amount_minor, req.funding_source
@@ -559,6 +603,7 @@ impl LoadService {
             commit_sent: false,
             idempotent_stored: false,
             reverses,
+            idem: ikey,
         });
         Ok(reply)
     }
@@ -594,6 +639,9 @@ impl LoadService {
                     got: seq,
                 });
             }
+            if sessions.in_flight.contains(id) {
+                return Err(LoadError::InProgress);
+            }
             let s = sessions
                 .active
                 .get(id)
@@ -614,7 +662,19 @@ impl LoadService {
             sessions.take(id).expect("present")
         };
         s.touched_ms = now_ms;
-        let reply = self.advance(&mut s, responses, now_ms);
+        let reply = self.advance(&mut s, responses, now_ms).and_then(|reply| {
+            if !reply.is_final() || s.idempotent_stored {
+                return Ok(reply);
+            }
+            let (key, value) = (
+                s.idem.clone(),
+                serde_json::to_value(&reply).expect("reply serialises"),
+            );
+            self.ledger
+                .transact(move |l, t| l.put_idempotent(t, &key, &value))?;
+            s.idempotent_stored = true;
+            Ok(reply)
+        });
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -623,22 +683,16 @@ impl LoadService {
                 if s.intent_recorded {
                     self.stats.lock().expect("stats").pending += 1;
                 }
+                self.sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .forget(&s.id, &s.idem);
                 return Err(e);
             }
         };
         s.last_reply = reply.clone();
         if let Reply::Command { seq, .. } = &reply {
             s.seq = *seq;
-        } else if !s.idempotent_stored {
-            s.seq += 1;
-            s.idempotent_stored = true;
-            let mut t = self.ledger.write()?;
-            self.ledger.put_idempotent(
-                &mut t,
-                &Self::idem_key(&s.caller, &s.request.idempotency_key),
-                &serde_json::to_value(&reply).expect("reply serialises"),
-            )?;
-            t.commit().map_err(LedgerError::from)?;
         } else {
             s.seq += 1;
         }
@@ -716,7 +770,7 @@ impl LoadService {
                             balance_minor: receipt.balance_after_minor,
                             tmc: receipt.tmc,
                         };
-                        let key = Self::idem_key(&s.caller, &s.request.idempotency_key);
+                        let key = s.idem.clone();
                         self.complete(&snapshot, &receipt, now_ms, Some((&key, &reply)))?;
                         s.idempotent_stored = true;
                         self.stats.lock().expect("stats").completed += 1;
@@ -888,6 +942,7 @@ impl LoadService {
             reversed_at_tmc: None,
         };
         let (tmc, balance) = (snap.tmc, snap.balance_minor);
+        let record = intent_record(&intent).to_vec();
         // Durable before any Credit leaves the server (group commit: shared fsync).
         // The instrument's day total is checked again where it is raised (two cards loading
         // from one instrument at once).
@@ -924,10 +979,6 @@ impl LoadService {
             Err(e) => return Err(e.into()),
         }
         s.intent_recorded = true;
-        let mut record = vec![0u8; txn::RECORD_SIZE];
-        record[0] = 0x4C; // 'L': a load record
-        record[1..5].copy_from_slice(&amount.to_le_bytes());
-        record[5..13].copy_from_slice(&now_ms.to_le_bytes());
         Ok(Ok(Decision::Apply {
             amount_minor: amount,
             record: Some(record),
@@ -972,6 +1023,26 @@ impl LoadService {
             s.request.idempotency_key.clone(),
             snap.key_version,
         );
+        let mut reversal = LoadIntent {
+            uid: hex::encode_upper(uid),
+            tmc_before: tmc,
+            attempt: 0,
+            balance_before_minor: balance,
+            amount_minor: amount,
+            key_version,
+            funding_source: String::new(),
+            funding_auth: String::new(),
+            instrument: String::new(),
+            idempotency_key: key,
+            requested_by: caller,
+            state: IntentState::Authorised,
+            created_ms: now_ms,
+            settled_ms: None,
+            kind: IntentKind::Reversal,
+            reverses_tmc: Some(load_tmc),
+            reversed_at_tmc: None,
+        };
+        let record = intent_record(&reversal).to_vec();
         let recorded = self.ledger.transact(move |l, t| {
             let Some(mut load) = l.intent(t, &uid, load_tmc - 1)? else {
                 return Ok(Err("the load is gone"));
@@ -979,25 +1050,9 @@ impl LoadService {
             if load.state != IntentState::Completed || load.reversed_at_tmc.is_some() {
                 return Ok(Err("another reversal took it back or is in progress"));
             }
-            let mut reversal = LoadIntent {
-                uid: hex::encode_upper(uid),
-                tmc_before: tmc,
-                attempt: 0,
-                balance_before_minor: balance,
-                amount_minor: amount,
-                key_version,
-                funding_source: load.funding_source.clone(),
-                funding_auth: load.funding_auth.clone(),
-                instrument: load.instrument.clone(),
-                idempotency_key: key,
-                requested_by: caller,
-                state: IntentState::Authorised,
-                created_ms: now_ms,
-                settled_ms: None,
-                kind: IntentKind::Reversal,
-                reverses_tmc: Some(load_tmc),
-                reversed_at_tmc: None,
-            };
+            reversal.funding_source = load.funding_source.clone();
+            reversal.funding_auth = load.funding_auth.clone();
+            reversal.instrument = load.instrument.clone();
             l.insert_intent(t, &uid, &mut reversal)?;
             load.reversed_at_tmc = Some(tmc + 1);
             l.put_intent(t, &uid, &load)?;
@@ -1017,11 +1072,6 @@ impl LoadService {
             Err(e) => return Err(e.into()),
         }
         s.intent_recorded = true;
-        let mut record = vec![0u8; txn::RECORD_SIZE];
-        record[0] = 0x52; // 'R': a reversal record (not a trip record: validators skip it)
-        record[1..5].copy_from_slice(&amount.to_le_bytes());
-        record[5..13].copy_from_slice(&now_ms.to_le_bytes());
-        record[13..17].copy_from_slice(&load_tmc.to_le_bytes());
         Ok(Ok(Decision::Apply {
             amount_minor: amount,
             record: Some(record),
@@ -1083,46 +1133,74 @@ impl LoadService {
         };
         let mut settled = 0;
         for intent in open {
-            let pending = PendingChange {
-                uid: snap.uid,
-                tmc_before: intent.tmc_before,
-                balance_before_minor: intent.balance_before_minor,
-                kind: intent.tx_kind(),
-                amount_minor: intent.amount_minor,
-                key_version: intent.key_version,
-            };
-            match txn::settle(&pending, snap) {
-                Ok(Settlement::Committed(receipt)) => {
-                    let verified = {
-                        let hsm = self.hsm.lock().expect("hsm lock");
-                        hsm.verify_tmac(&receipt)
-                    };
-                    // The HSM failing says nothing about the card: fail the request, the
-                    // intent stays open for the next contact.
-                    if let Err(e @ SamError::Hsm(_)) = verified {
-                        return Err(e.into());
-                    }
-                    if verified.is_ok() {
-                        let before = CardSnapshot {
-                            tmc: intent.tmc_before,
-                            ..snap.clone()
-                        };
-                        self.complete(&before, &receipt, now_ms, None)?;
-                        self.stats.lock().expect("stats").settled_completed += 1;
-                        settled += 1;
-                    } else {
-                        tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending load: card counter advanced but its transaction MAC does not verify");
-                    }
+            // Whether the card made *this* change is decided by the record the server wrote
+            // with it (read under MAC in this session), never by counter and balance alone: a
+            // validator's debit (or a franchise credit) of the same amount at the same counter
+            // has the same counter, balance and kind of transaction MAC.
+            let ours = intent_record(&intent);
+            let at = intent.tmc_before + 1;
+            let on_card = snap.records.iter().any(|r| r[..] == ours[..]);
+            if snap.tmc == at && snap.records.first().is_some_and(|r| r[..] == ours[..]) {
+                let pending = PendingChange {
+                    uid: snap.uid,
+                    tmc_before: intent.tmc_before,
+                    balance_before_minor: intent.balance_before_minor,
+                    kind: intent.tx_kind(),
+                    amount_minor: intent.amount_minor,
+                    key_version: intent.key_version,
+                };
+                let Ok(Settlement::Committed(receipt)) = txn::settle(&pending, snap) else {
+                    tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card holds its record but not its balance; left for clearing");
+                    continue;
+                };
+                let verified = {
+                    let hsm = self.hsm.lock().expect("hsm lock");
+                    hsm.verify_tmac(&receipt)
+                };
+                // The HSM failing says nothing about the card: fail the request, the intent
+                // stays open for the next contact.
+                if let Err(e @ SamError::Hsm(_)) = verified {
+                    return Err(e.into());
                 }
-                Ok(Settlement::NotCommitted) => {
-                    self.void_intent(&snap.uid, intent.tmc_before, now_ms)?;
-                    self.stats.lock().expect("stats").settled_voided += 1;
-                    settled += 1;
+                if verified.is_err() {
+                    tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card's transaction MAC does not verify");
+                    continue;
                 }
-                Ok(Settlement::MovedOn) | Err(_) => {
-                    // Decided by clearing from the card's transaction chain.
+                let before = CardSnapshot {
+                    tmc: intent.tmc_before,
+                    ..snap.clone()
+                };
+                self.complete(&before, &receipt, now_ms, None)?;
+            } else if snap.tmc > at && on_card {
+                // Applied, and the card has transacted since (its MAC for this one is gone):
+                // the record, read under MAC, proves it.
+                let after = i64::from(intent.balance_before_minor) + intent.delta_minor();
+                let Ok(after) = i32::try_from(after) else {
+                    continue;
+                };
+                let (uid, before) = (snap.uid, intent.tmc_before);
+                let done = self
+                    .ledger
+                    .transact(move |l, t| l.complete_intent(t, &uid, before, after, now_ms))?;
+                if let Some(action) = done {
+                    self.apply_funding(&action);
                 }
+            } else if snap.tmc >= intent.tmc_before
+                && !on_card
+                && snap.tmc - intent.tmc_before <= u32::from(purse::card::DEFAULT_MAX_RECORDS)
+            {
+                // Not on the card, and too few transactions since for its record to have been
+                // pushed out of the cyclic file: the card never applied it.
+                self.void_intent(&snap.uid, intent.tmc_before, now_ms)?;
+                self.stats.lock().expect("stats").settled_voided += 1;
+                settled += 1;
+                continue;
+            } else {
+                // Counter behind (a restored card) or too far ahead to tell: clearing decides.
+                continue;
             }
+            self.stats.lock().expect("stats").settled_completed += 1;
+            settled += 1;
         }
         Ok(settled)
     }
@@ -1141,7 +1219,9 @@ impl LoadService {
                 if s.intent_recorded {
                     pending += 1;
                 }
-                by_idem.remove(&(s.caller.clone(), s.request.idempotency_key.clone()));
+                if by_idem.get(&s.idem).is_some_and(|v| *v == s.id) {
+                    by_idem.remove(&s.idem);
+                }
             }
             keep
         });

@@ -170,7 +170,25 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
     // Reported once.
     assert_eq!(sweep(&svc, T0 + 2 * TIMEOUT), Default::default());
 
-    // A's late tap fills its gap: A reconciles; B still differs (value the ledger never saw).
+    // Had B's credit been a franchise load reported late, its booking fills the gap: the
+    // value is explained by a proved transaction and the block is lifted.
+    {
+        let l = svc.ledger();
+        let (b_uid, now) = (b, T0 + 2 * TIMEOUT);
+        l.transact(move |l, t| l.book_counter(t, &b_uid, 2, 5_900, 5_000, now))
+            .unwrap();
+    }
+    assert!(!blocked(&svc, &b), "unblocked when the gap filled");
+    {
+        let l = svc.ledger();
+        let r = l.read().unwrap();
+        let (changes, _) = l.block_changes(&r, 0, 10).unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[1].action, "unblock");
+    }
+
+    // A's late tap fills its gap: A reconciles; B still differs (its counter 2 was booked
+    // by hand above, without a posting: the value the ledger never saw).
     clear(&svc, "b3", vec![tap(&a2, 2)], T0 + 2 * TIMEOUT);
     let report = charging::reconcile::reconcile(svc.ledger()).unwrap();
     assert_eq!(report.balanced, 1, "{report:?}");

@@ -451,12 +451,18 @@ fn clearing_settles_a_torn_reversal_from_the_counters_taps_prove() {
             w.svc.apply_funding(action);
         }
         assert!(out.anomalies.is_empty(), "{out:?}");
-        let refunded = w.refunded(&card, load_tmc);
         if deliver_commit {
+            // Clearing never infers a reversal from balances (a fare of the same amount would
+            // look the same): it waits for the card. Its next session proves it by its record.
             assert_eq!(card.state().balance_minor, 1_000 - 100);
-            assert_eq!(out.loads_completed, 1, "{out:?}");
-            assert_eq!(refunded, 600);
+            assert_eq!(out.loads_completed, 0, "{out:?}");
+            assert_eq!(w.refunded(&card, load_tmc), 0);
+            let next = w.load(&mut card, 10, "next");
+            assert!(matches!(next, Reply::Completed { .. }), "{next:?}");
+            assert_eq!(w.refunded(&card, load_tmc), 600);
+            w.conserved(&card, 1_000);
         } else {
+            let refunded = w.refunded(&card, load_tmc);
             assert_eq!(card.state().balance_minor, 1_600 - 100);
             assert_eq!(out.loads_voided, 1, "{out:?}");
             assert_eq!(refunded, 0);
@@ -468,9 +474,80 @@ fn clearing_settles_a_torn_reversal_from_the_counters_taps_prove() {
                 .unwrap()
                 .unwrap();
             assert_eq!(load.reversed_at_tmc, None);
+            drop(r);
+            w.conserved(&card, 1_000);
         }
-        w.conserved(&card, 1_000);
         let report = charging::reconcile::reconcile(w.svc.ledger()).unwrap();
         assert_eq!(report.balanced, 1, "deliver {deliver_commit}: {report:?}");
     }
+}
+
+/// A torn reversal whose Debit never reached the card, then a fare of exactly the reversal's
+/// amount at the counter the reversal had reserved: counter, balance and kind of MAC all match
+/// the reversal, but the card's records do not hold the reversal's record — it is voided, and
+/// nothing is refunded.
+#[test]
+fn a_fare_of_the_same_amount_is_never_taken_for_a_torn_reversal() {
+    let commit = reversal_commands();
+    let mut w = world();
+    let mut card = w.card(5, 1_000);
+    let load_tmc = tmc_of(&w.load(&mut card, 250, "l"));
+    let r = w.reverse("alice", &card, load_tmc, "r").unwrap();
+    let _ = w.relay("alice", &mut card, r, Some(commit), false);
+    assert_eq!(card.state().balance_minor, 1_250);
+    // A bus fare of 250 with a trip record, at counter load_tmc + 1.
+    let mut sam = SoftwareSam::validator(&w.keys, 1001).unwrap();
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let fare = txn::run(
+        &mut reader,
+        &mut sam,
+        KeyKind::Debit,
+        ins::DEBIT,
+        &mut StdRng::seed_from_u64(2),
+        |_| Decision::Apply {
+            amount_minor: 250,
+            record: Some(vec![1; 32]),
+        },
+    )
+    .unwrap();
+    assert!(matches!(fare, Outcome::Committed { .. }));
+    assert_eq!(card.state().tmc, load_tmc + 1);
+    // The card's next online session settles the reversal: not applied.
+    w.now += 60_000;
+    w.svc.expire_sessions(w.now);
+    let next = w.load(&mut card, 10, "next");
+    assert!(matches!(next, Reply::Completed { .. }), "{next:?}");
+    assert_eq!(w.refunded(&card, load_tmc), 0, "nothing refunded");
+    let l = w.svc.ledger();
+    let r = l.read().unwrap();
+    let reversals: Vec<_> = l
+        .all_intents(&r)
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.kind == IntentKind::Reversal)
+        .collect();
+    assert_eq!(reversals.len(), 1);
+    assert_eq!(reversals[0].state, IntentState::Voided);
+    let load = l
+        .intent(&r, &card.state().uid, load_tmc - 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(load.reversed_at_tmc, None, "the load can be reversed again");
+}
+
+#[test]
+fn a_key_used_for_a_load_does_not_answer_a_reversal() {
+    let mut w = world();
+    let mut card = w.card(6, 0);
+    let load_tmc = tmc_of(&w.load(&mut card, 300, "same-key"));
+    // The same key for the reversal: a reversal starts (the load's answer is not replayed).
+    let r = w.reverse("alice", &card, load_tmc, "same-key").unwrap();
+    assert!(matches!(r, Reply::Command { .. }), "{r:?}");
+    let back = w.relay("alice", &mut card, r, None, true);
+    assert!(matches!(back, Reply::Completed { .. }), "{back:?}");
+    assert_eq!(card.state().balance_minor, 0);
+    assert_eq!(w.refunded(&card, load_tmc), 300);
 }
