@@ -198,6 +198,10 @@ pub fn run(a: ChargeArgs) -> Result<()> {
     let agent = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(30))
         .build();
+    // Whatever breaks once the load has started, the same key resumes it and never loads twice.
+    let retry_hint = || {
+        format!("the load did not finish: retry with --idempotency-key {key} (the same key never loads twice)")
+    };
     let ask = LoadAsk {
         amount_minor: a.amount,
         source,
@@ -217,7 +221,8 @@ pub fn run(a: ChargeArgs) -> Result<()> {
                 filter,
                 std::time::Duration::from_secs(a.wait_s),
                 |card| relay_load(&agent, &a.server, &a.token, card, &ask),
-            )?,
+            )
+            .with_context(retry_hint)?,
             #[cfg(not(feature = "pcsc"))]
             crate::pcsc_cmd::ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
         },
@@ -240,7 +245,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             let mut s = serde_json::to_string_pretty(card.nvm())?;
             s.push('\n');
             write_atomic(image, s.as_bytes())?;
-            result?
+            result.with_context(retry_hint)?
         }
         _ => {
             return Err(input_err(

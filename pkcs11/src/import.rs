@@ -129,110 +129,150 @@ pub fn import_keyset(
             }
         }
     }
-    for (_, h) in existing {
-        ts.session
-            .destroy_object(h)
-            .map_err(Pkcs11Error::call("destroying an object being replaced"))?;
-    }
+    // Every new object is created (and checked) before any old one goes: a failure half-way
+    // destroys what was created and leaves the token as it was.
+    let mut created: Vec<cryptoki::object::ObjectHandle> = Vec::new();
+    let result = (|| -> Result<Vec<Imported>, Pkcs11Error> {
+        let mut out = Vec::new();
+        for e in entries {
+            let label = master_label(prefix, e.kind, e.version);
+            let value = Zeroizing::new(e.key.expose_secret().to_vec());
+            let h = create_zeroizing(
+                &ts.session,
+                vec![
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Modifiable(false),
+                    Attribute::Derive(true),
+                    Attribute::Encrypt(false),
+                    Attribute::Decrypt(false),
+                    Attribute::Sign(false),
+                    Attribute::Verify(false),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::Label(label.clone().into_bytes()),
+                    Attribute::Value(value.to_vec()),
+                ],
+            )
+            .map_err(Pkcs11Error::call("creating a master key object"))?;
+            created.push(h);
+            let mine = kcv(&e.key);
+            if let Ok(attrs) = ts
+                .session
+                .get_attributes(h, &[cryptoki::object::AttributeType::CheckValue])
+            {
+                for a in attrs {
+                    if let Attribute::CheckValue(v) = a {
+                        if v.len() >= 3 && hex::encode_upper(&v[..3]) != mine {
+                            return Err(Pkcs11Error::Malformed {
+                                label,
+                                msg: "the token's key check value differs from the key set's"
+                                    .into(),
+                            });
+                        }
+                    }
+                }
+            }
+            out.push(Imported {
+                label,
+                check: format!("kcv {mine}"),
+            });
+        }
 
-    let mut out = Vec::new();
-    for e in entries {
-        let label = master_label(prefix, e.kind, e.version);
-        let value = Zeroizing::new(e.key.expose_secret().to_vec());
-        let h = ts
-            .session
-            .create_object(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
+        let label = signing_label(prefix);
+        let h = create_zeroizing(
+            &ts.session,
+            vec![
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Modifiable(false),
-                Attribute::Derive(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
+                Attribute::Sign(true),
+                Attribute::Derive(false),
+                Attribute::EcParams(ED25519_OID.to_vec()),
                 Attribute::Label(label.clone().into_bytes()),
-                Attribute::Value(value.to_vec()),
-            ])
-            .map_err(Pkcs11Error::call("creating a master key object"))?;
-        let mine = kcv(&e.key);
-        if let Ok(attrs) = ts
+                Attribute::Value(seed.to_vec()),
+            ],
+        )
+        .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
+        created.push(h);
+        let mut point = vec![0x04, 0x20];
+        point.extend_from_slice(&keys.verifying_key);
+        let h = ts
             .session
-            .get_attributes(h, &[cryptoki::object::AttributeType::CheckValue])
-        {
-            for a in attrs {
-                if let Attribute::CheckValue(v) = a {
-                    if v.len() >= 3 && hex::encode_upper(&v[..3]) != mine {
-                        return Err(Pkcs11Error::Malformed {
-                            label,
-                            msg: "the token's key check value differs from the key set's".into(),
-                        });
-                    }
-                }
-            }
-        }
+            .create_object(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Verify(true),
+                Attribute::EcParams(ED25519_OID.to_vec()),
+                Attribute::EcPoint(point),
+                Attribute::Label(label.clone().into_bytes()),
+            ])
+            .map_err(Pkcs11Error::call("creating the Ed25519 public key"))?;
+        created.push(h);
         out.push(Imported {
             label,
-            check: format!("kcv {mine}"),
+            check: format!("ed25519 public {}", hex::encode_upper(keys.verifying_key)),
         });
+
+        let label = params_label(prefix);
+        let h = ts
+            .session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+                Attribute::Application(b"tapgate".to_vec()),
+                Attribute::Label(label.clone().into_bytes()),
+                Attribute::Value(encode_params(&keys)),
+            ])
+            .map_err(Pkcs11Error::call("creating the parameters object"))?;
+        created.push(h);
+        out.push(Imported {
+            label,
+            check: "parameters".into(),
+        });
+        Ok(out)
+    })();
+    match result {
+        Ok(out) => {
+            for (_, h) in existing {
+                ts.session
+                    .destroy_object(h)
+                    .map_err(Pkcs11Error::call("destroying an object being replaced"))?;
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            for h in created {
+                let _ = ts.session.destroy_object(h);
+            }
+            Err(e)
+        }
     }
+}
 
-    let label = signing_label(prefix);
-    ts.session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::KeyType(KeyType::EC_EDWARDS),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Modifiable(false),
-            Attribute::Sign(true),
-            Attribute::Derive(false),
-            Attribute::EcParams(ED25519_OID.to_vec()),
-            Attribute::Label(label.clone().into_bytes()),
-            Attribute::Value(seed.to_vec()),
-        ])
-        .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
-    let mut point = vec![0x04, 0x20];
-    point.extend_from_slice(&keys.verifying_key);
-    ts.session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(KeyType::EC_EDWARDS),
-            Attribute::Token(true),
-            Attribute::Private(false),
-            Attribute::Verify(true),
-            Attribute::EcParams(ED25519_OID.to_vec()),
-            Attribute::EcPoint(point),
-            Attribute::Label(label.clone().into_bytes()),
-        ])
-        .map_err(Pkcs11Error::call("creating the Ed25519 public key"))?;
-    out.push(Imported {
-        label,
-        check: format!("ed25519 public {}", hex::encode_upper(keys.verifying_key)),
-    });
-
-    let label = params_label(prefix);
-    ts.session
-        .create_object(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Modifiable(false),
-            Attribute::Application(b"tapgate".to_vec()),
-            Attribute::Label(label.clone().into_bytes()),
-            Attribute::Value(encode_params(&keys)),
-        ])
-        .map_err(Pkcs11Error::call("creating the parameters object"))?;
-    out.push(Imported {
-        label,
-        check: "parameters".into(),
-    });
-    Ok(out)
+/// `C_CreateObject` with a template holding key bytes, which are zeroized afterwards whatever
+/// the outcome (cryptoki copies them into plain vectors).
+fn create_zeroizing(
+    session: &cryptoki::session::Session,
+    mut template: Vec<Attribute>,
+) -> Result<cryptoki::object::ObjectHandle, cryptoki::error::Error> {
+    let r = session.create_object(&template);
+    for a in template.iter_mut() {
+        if let Attribute::Value(v) = a {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+    r
 }

@@ -4,7 +4,9 @@
 //!
 //! The masters are AES-128 secret-key objects, `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`,
 //! labelled `<prefix>/KM_<KIND>/v<version>` (prefix `tapgate` by default), with only
-//! `CKA_DERIVE`: they can neither encrypt nor MAC data the server sees. Every card key is an
+//! `CKA_DERIVE` (no `C_Encrypt`/`C_Sign` with them — but a derivation into a readable template is
+//! an encryption the caller reads back, so a logged-in session can compute card keys; docs/hsm.md
+//! says what the token does and does not protect). Every card key is an
 //! AN10922 diversification derived *inside* the token with `CKM_AES_CBC_ENCRYPT_DATA` into a
 //! sensitive, non-extractable session object; the EV2 authentication (`CKM_AES_CBC`), the EV2
 //! session keys (`CKM_AES_CMAC`), the transaction-MAC session key (derived again) and the
@@ -35,9 +37,7 @@ use cryptoki::types::AuthPin;
 use purse::crypto::AesKey;
 use purse::keys::{KeyKind, Role};
 use purse::receipt::{tm_input, CommitReceipt};
-use purse::sam::{
-    Authenticator, CeilingGrant, ExternalCardKey, Hsm, PendingAuth, SamError, TmacVerified,
-};
+use purse::sam::{Authenticator, CeilingGrant, ExternalCardKey, Hsm, PendingAuth, SamError};
 use rand_core::RngCore;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -525,15 +525,26 @@ fn derive_block_clear(
     let value = s.get_attributes(h, &[AttributeType::Value]);
     let destroyed = s.destroy_object(h);
     let mut out = Zeroizing::new([0u8; 16]);
+    let mut got = false;
     for a in value? {
         if let Attribute::Value(mut v) = a {
-            if v.len() == 16 {
+            if v.len() == 16 && !got {
                 out.copy_from_slice(&v);
+                got = true;
             }
             v.zeroize();
         }
     }
     destroyed?;
+    // A module that keeps derived values sensitive answers without the value (cryptoki leaves
+    // it out rather than failing): never go on with zeros — every key derived from them would
+    // be wrong and genuine transaction MACs would look forged.
+    if !got {
+        return Err(CkError::Pkcs11(
+            RvError::AttributeSensitive,
+            cryptoki::context::Function::GetAttributeValue,
+        ));
+    }
     Ok(out)
 }
 
@@ -981,12 +992,9 @@ impl Authenticator for Pkcs11Hsm {
 }
 
 impl Hsm for Pkcs11Hsm {
-    fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError> {
-        let mac = {
-            let mut st = self.shared.state()?;
-            run(&mut st, |st| st.transaction_mac(receipt))?
-        };
-        TmacVerified::from_hsm_mac(receipt, &mac)
+    fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError> {
+        let mut st = self.shared.state()?;
+        run(&mut st, |st| st.transaction_mac(receipt))
     }
 
     fn ceiling_grant(

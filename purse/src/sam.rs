@@ -258,8 +258,24 @@ pub trait Sam: Authenticator {
 
 /// The back office's key holder.
 pub trait Hsm: Authenticator {
-    /// Verifies the card's transaction MAC on a committed change. Only the HSM can do this.
-    fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError>;
+    /// The transaction MAC the card must have produced for `receipt` (8 bytes over
+    /// [`tm_input`] with the card's session TM key), computed where the TMAC key lives.
+    fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError>;
+    /// Verifies the card's transaction MAC on a committed change. Only the HSM can do this: the
+    /// proof is built here, after a constant-time comparison, and nowhere else.
+    fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError> {
+        let want = self.transaction_mac(receipt)?;
+        if !crypto::mac_eq(&want, &receipt.tmv) {
+            return Err(SamError::TmacMismatch {
+                uid: hex::encode_upper(receipt.uid),
+                tmc: receipt.tmc,
+            });
+        }
+        Ok(TmacVerified {
+            receipt: receipt.clone(),
+            _proof: HsmChecked,
+        })
+    }
     /// Verifies a claimed value change (a reported franchise load, a cleared tap): only a
     /// change the card really made has a transaction MAC that verifies.
     fn verify_claim(&self, claim: &crate::receipt::TxClaim) -> Result<TmacVerified, SamError> {
@@ -325,28 +341,6 @@ pub struct TmacVerified {
     /// The verified receipt.
     pub receipt: CommitReceipt,
     _proof: HsmChecked,
-}
-
-impl TmacVerified {
-    /// For [`Hsm`] implementations outside this crate (a token computes the MAC): the proof
-    /// for `receipt` when `computed` — the 8-byte transaction MAC the HSM computed over
-    /// [`tm_input`] with the card's session TM key — equals the card's TMV. Compared here in
-    /// constant time; only HSM implementations call this.
-    pub fn from_hsm_mac(
-        receipt: &CommitReceipt,
-        computed: &[u8; 8],
-    ) -> Result<TmacVerified, SamError> {
-        if !crypto::mac_eq(computed, &receipt.tmv) {
-            return Err(SamError::TmacMismatch {
-                uid: hex::encode_upper(receipt.uid),
-                tmc: receipt.tmc,
-            });
-        }
-        Ok(TmacVerified {
-            receipt: receipt.clone(),
-            _proof: HsmChecked,
-        })
-    }
 }
 
 /// Zero-sized witness that the HSM checked a transaction MAC; private to this module.
@@ -555,12 +549,12 @@ impl Authenticator for SoftwareHsm {
 }
 
 impl Hsm for SoftwareHsm {
-    fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError> {
+    fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError> {
         let k_tm = self
             .keys
             .card_key(KeyKind::Tmac, receipt.key_version, &receipt.uid)?;
         let ses = crypto::tm_session_mac_key(&k_tm, receipt.tmc, &receipt.uid);
-        let want = crypto::mac8(
+        Ok(crypto::mac8(
             &ses,
             &tm_input(
                 receipt.kind,
@@ -569,17 +563,7 @@ impl Hsm for SoftwareHsm {
                 receipt.tmc,
                 &receipt.uid,
             ),
-        );
-        if !crypto::mac_eq(&want, &receipt.tmv) {
-            return Err(SamError::TmacMismatch {
-                uid: hex::encode_upper(receipt.uid),
-                tmc: receipt.tmc,
-            });
-        }
-        Ok(TmacVerified {
-            receipt: receipt.clone(),
-            _proof: HsmChecked,
-        })
+        ))
     }
 
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
