@@ -27,7 +27,7 @@ fn relay(
         .post(&format!("{base}/v1/loads"))
         .set("Authorization", &format!("Bearer {TOKEN}"))
         .set("Idempotency-Key", key)
-        .send_json(serde_json::json!({"card_uid": uid, "amount_minor": amount, "funding": {"source": "card", "instrument": "tok_visa"}}))?
+        .send_json(serde_json::json!({"card_uid": uid, "amount_minor": amount, "funding": {"source": "card", "instrument": format!("tok_visa_{key}")}}))?
         .into_json()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut round_trips = 1;
@@ -82,6 +82,8 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ))?
     };
     cfg.limits.loads_per_minute_per_client = 0; // one bench caller drives every load
+                                                // (each load has its own card token: the
+                                                // per-instrument daily limit is per rider)
 
     // TAPGATE_BENCH_HSM=pkcs11: the server's keys in a SoftHSM2 token (docs/hsm.md).
     let hsm_kind = std::env::var("TAPGATE_BENCH_HSM").unwrap_or_else(|_| "software".into());
