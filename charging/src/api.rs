@@ -265,6 +265,25 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// What starting a load or a reversal checks: the Idempotency-Key, the card UID, the caller's
+/// rate. Returns (key, uid, now).
+fn start_checks(
+    st: &AppState,
+    headers: &HeaderMap,
+    caller: &Caller,
+    card_uid: &str,
+) -> Result<(String, [u8; 7], u64), ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::BadRequest("an Idempotency-Key header is required".into()))?
+        .to_string();
+    let uid = uid_of(card_uid)?;
+    let now = (st.clock)();
+    st.rate.take(&caller.name, now).map_err(ApiError::TooMany)?;
+    Ok((key, uid, now))
+}
+
 async fn start_load(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -276,14 +295,7 @@ async fn start_load(
         &[Role::Cardholder, Role::Partner, Role::Operator],
     )?;
     let req: StartLoad = json_body(&body)?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::BadRequest("an Idempotency-Key header is required".into()))?
-        .to_string();
-    let uid = uid_of(&req.card_uid)?;
-    let now = (st.clock)();
-    st.rate.take(&caller.name, now).map_err(ApiError::TooMany)?;
+    let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     let loads = st.loads.clone();
     let reply = blocking(move || {
         Ok(loads.start(
@@ -315,14 +327,7 @@ async fn start_reversal(
         &[Role::Cardholder, Role::Partner, Role::Operator],
     )?;
     let req: StartReversal = json_body(&body)?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::BadRequest("an Idempotency-Key header is required".into()))?
-        .to_string();
-    let uid = uid_of(&req.card_uid)?;
-    let now = (st.clock)();
-    st.rate.take(&caller.name, now).map_err(ApiError::TooMany)?;
+    let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     let loads = st.loads.clone();
     let any = caller.role == Role::Operator;
     let reply = blocking(move || {

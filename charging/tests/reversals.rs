@@ -260,24 +260,7 @@ fn a_spent_load_or_an_old_one_is_not_reversed_and_an_operator_may_reverse_any() 
     let mut card = w.card(2, 0);
     let load_tmc = tmc_of(&w.load(&mut card, 500, "l1"));
     // Spend part of it at a validator.
-    let mut sam = SoftwareSam::validator(&w.keys, 1001).unwrap();
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let spent = txn::run(
-        &mut reader,
-        &mut sam,
-        KeyKind::Debit,
-        ins::DEBIT,
-        &mut StdRng::seed_from_u64(2),
-        |_| Decision::Apply {
-            amount_minor: 120,
-            record: None,
-        },
-    )
-    .unwrap();
-    assert!(matches!(spent, Outcome::Committed { .. }));
+    let _ = validator_debit(&w.keys, &mut card, 120);
     let r = w.reverse("alice", &card, load_tmc, "r1").unwrap();
     let refused = w.relay("alice", &mut card, r, None, true);
     assert!(
@@ -395,6 +378,7 @@ fn reversal_commands() -> usize {
     n
 }
 
+/// A fare at a validator (debit key, a trip record), as the tap clearing would receive.
 fn validator_debit(keys: &KeySet, card: &mut Card, amount: i32) -> charging::clearing::ClearingTap {
     let mut sam = SoftwareSam::validator(keys, 1001).unwrap();
     let mut reader = EmulatedReader {
@@ -409,7 +393,7 @@ fn validator_debit(keys: &KeySet, card: &mut Card, amount: i32) -> charging::cle
         &mut StdRng::seed_from_u64(2),
         |_| Decision::Apply {
             amount_minor: amount,
-            record: None,
+            record: Some(vec![1; 32]),
         },
     )
     .unwrap();
@@ -496,24 +480,7 @@ fn a_fare_of_the_same_amount_is_never_taken_for_a_torn_reversal() {
     let _ = w.relay("alice", &mut card, r, Some(commit), false);
     assert_eq!(card.state().balance_minor, 1_250);
     // A bus fare of 250 with a trip record, at counter load_tmc + 1.
-    let mut sam = SoftwareSam::validator(&w.keys, 1001).unwrap();
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let fare = txn::run(
-        &mut reader,
-        &mut sam,
-        KeyKind::Debit,
-        ins::DEBIT,
-        &mut StdRng::seed_from_u64(2),
-        |_| Decision::Apply {
-            amount_minor: 250,
-            record: Some(vec![1; 32]),
-        },
-    )
-    .unwrap();
-    assert!(matches!(fare, Outcome::Committed { .. }));
+    let _ = validator_debit(&w.keys, &mut card, 250);
     assert_eq!(card.state().tmc, load_tmc + 1);
     // The card's next online session settles the reversal: not applied.
     w.now += 60_000;
