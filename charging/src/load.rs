@@ -244,8 +244,10 @@ pub struct LoadStats {
     pub settled_voided: u64,
 }
 
-/// A session that gave its final answer, kept so a retried last step gets it again.
+/// A session that gave its final answer, kept so a retried last step (or start) gets it again.
 struct Finished {
+    /// Its idempotency key (as stored).
+    idem: String,
     caller: String,
     /// The step that produced the final answer.
     seq: u32,
@@ -263,7 +265,7 @@ struct Sessions {
     /// Ids whose step is being worked on (taken out of `active` meanwhile).
     in_flight: std::collections::HashSet<String>,
     /// Idempotency key (as stored, see `LoadService::idem_key`) → id, for the sessions in
-    /// `active` and `in_flight`.
+    /// `active`, `in_flight` and `finished`.
     by_idem: HashMap<String, String>,
     finished: HashMap<String, Finished>,
     /// Finished ids, oldest first (an id may be stale after expiry; skipped then).
@@ -293,10 +295,12 @@ impl Sessions {
     }
 
     fn finish(&mut self, s: Session, max: usize) {
-        self.forget(&s.id, &s.idem);
+        self.in_flight.remove(&s.id);
+        self.by_idem.insert(s.idem.clone(), s.id.clone());
         self.finished.insert(
             s.id.clone(),
             Finished {
+                idem: s.idem,
                 caller: s.caller,
                 seq: s.seq.wrapping_sub(1),
                 reply: s.last_reply,
@@ -307,7 +311,9 @@ impl Sessions {
         while self.finished.len() > max {
             match self.finished_order.pop_front() {
                 Some(old) => {
-                    self.finished.remove(&old);
+                    if let Some(f) = self.finished.remove(&old) {
+                        self.forget(&old, &f.idem);
+                    }
                 }
                 None => break,
             }
@@ -553,6 +559,9 @@ impl LoadService {
             if let Some(s) = sessions.active.get(id) {
                 return Ok(s.last_reply.clone());
             }
+            if let Some(f) = sessions.finished.get(id) {
+                return Ok(f.reply.clone());
+            }
             if sessions.in_flight.contains(id) {
                 return Err(LoadError::InProgress);
             }
@@ -680,13 +689,21 @@ impl LoadService {
             Err(e) => {
                 // Our own failure (storage, HSM): the session ends; an intent already recorded
                 // is settled at the card's next contact.
+                let mut sessions = self.sessions.lock().expect("sessions lock");
                 if s.intent_recorded {
                     self.stats.lock().expect("stats").pending += 1;
+                    // A retried start with this key must not begin a second load while this
+                    // one is undecided: it gets this answer (kept in memory; the ledger could
+                    // not take it).
+                    s.last_reply = Reply::Pending {
+                        session_id: s.id.clone(),
+                        detail: format!("the server failed ({e}); the load is settled at the card's next contact"),
+                    };
+                    s.seq += 1;
+                    sessions.finish(s, self.cfg.max_finished_sessions);
+                } else {
+                    sessions.forget(&s.id, &s.idem);
                 }
-                self.sessions
-                    .lock()
-                    .expect("sessions lock")
-                    .forget(&s.id, &s.idem);
                 return Err(e);
             }
         };
@@ -1225,9 +1242,14 @@ impl LoadService {
             }
             keep
         });
-        sessions
-            .finished
-            .retain(|_, f| now_ms.saturating_sub(f.touched_ms) < timeout);
+        let by_idem = &mut sessions.by_idem;
+        sessions.finished.retain(|id, f| {
+            let keep = now_ms.saturating_sub(f.touched_ms) < timeout;
+            if !keep && by_idem.get(&f.idem).is_some_and(|v| v == id) {
+                by_idem.remove(&f.idem);
+            }
+            keep
+        });
         let finished = &sessions.finished;
         sessions
             .finished_order
