@@ -442,6 +442,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 route: route.into(),
                 kind,
                 utc_offset_s: 9 * 3600,
+                sale: None,
             },
             rng: StdRng::seed_from_u64(args.seed ^ (i as u64 + 1)),
         });

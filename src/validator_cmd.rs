@@ -5,7 +5,7 @@
 //! operator = "metro"
 //! stop = "Central"                 # the stop and route ids in the fare table
 //! route = "M1"
-//! kind = "in"                      # in, out or entry
+//! kind = "in"                      # in, out, entry, or charge (a pay-TV box: see [sale])
 //! utc_offset_minutes = 540
 //! journal = "data/validator-1001"
 //! outbox_capacity_taps = 1000000
@@ -22,6 +22,10 @@
 //! taps = 200
 //! # reader = "pcsc"                # or a PC/SC reader (build with the `pcsc` feature)
 //! # reader_name = "ACS ACR1252"    # part of the reader's name (default: any reader)
+//! # [sale]                         # kind = "charge": what every presentation buys
+//! # charge = "movie"               # a charge id of the fare table
+//! # items = 1
+//! # minutes = 0
 //! ```
 
 use crate::cli_util::input_err;
@@ -86,7 +90,9 @@ pub struct ValidatorArgs {
 struct Config {
     device_id: u32,
     operator: String,
+    #[serde(default)]
     stop: String,
+    #[serde(default)]
     route: String,
     #[serde(default = "default_kind")]
     kind: String,
@@ -110,6 +116,18 @@ struct Config {
     reader: Option<String>,
     /// With `reader = "pcsc"`: part of the reader's name (case-insensitive).
     reader_name: Option<String>,
+    /// With `kind = "charge"`: what every presentation buys.
+    sale: Option<SaleToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaleToml {
+    charge: String,
+    #[serde(default)]
+    items: u32,
+    #[serde(default)]
+    minutes: u32,
 }
 
 #[derive(Deserialize)]
@@ -249,10 +267,35 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         "in" => TapKind::In,
         "out" => TapKind::Out,
         "entry" => TapKind::Entry,
+        "charge" => TapKind::Charge,
         k => bail!(input_err(format!(
-            "{}: kind {k:?} must be in, out or entry",
+            "{}: kind {k:?} must be in, out, entry or charge",
             a.config.display()
         ))),
+    };
+    let sale = match (&cfg.sale, kind) {
+        (Some(s), TapKind::Charge) => {
+            if s.items == 0 && s.minutes == 0 {
+                bail!(input_err(format!(
+                    "{}: [sale] sells nothing: set items or minutes",
+                    a.config.display()
+                )));
+            }
+            Some(validator::gate::Sale {
+                charge: s.charge.clone(),
+                items: s.items,
+                minutes: s.minutes,
+            })
+        }
+        (None, TapKind::Charge) => bail!(input_err(format!(
+            "{}: kind \"charge\" needs a [sale] (charge, items or minutes)",
+            a.config.display()
+        ))),
+        (Some(_), _) => bail!(input_err(format!(
+            "{}: [sale] is for kind = \"charge\" only",
+            a.config.display()
+        ))),
+        (None, _) => None,
     };
     let crash_at = a.crash_at.as_deref().map(parse_crash).transpose()?;
     let choice = match (&a.reader, cfg.reader.as_deref()) {
@@ -305,6 +348,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
             route: cfg.route.clone(),
             kind,
             utc_offset_s: cfg.utc_offset_minutes * 60,
+            sale,
         },
         rng: StdRng::from_entropy(),
     };
@@ -328,16 +372,8 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
             "no fare table: set fare_table in the config (later ones arrive over MQTT)"
         ));
     };
-    for (what, id, found) in [
-        ("stop", &cfg.stop, engine.stop(&cfg.stop).is_some()),
-        ("route", &cfg.route, engine.route(&cfg.route).is_some()),
-    ] {
-        if !found {
-            bail!(input_err(format!(
-                "{what} {id:?} is not in fare table version {}",
-                engine.table().meta.version
-            )));
-        }
+    if let Err(why) = gate.placement.check(engine) {
+        bail!(input_err(why));
     }
     let pend = journal.pendings()?;
     if !pend.is_empty() {

@@ -320,3 +320,70 @@ fn offline_then_back_the_outbox_drains() {
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["outbox_left"], 0, "every kept tap confirmed: {out}");
 }
+
+/// A hotel pay-TV box: `kind = "charge"` with a [sale], the hotel's signed table; every guest's
+/// presentation buys a film, journalled like a tap. A box without a [sale] is refused clearly.
+#[test]
+fn a_pay_tv_box_sells_films_from_the_hotel_table() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    assert!(tapgate(dir, &["keys", "init", "--out", "keys"])
+        .status
+        .success());
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("fare-rules/samples/hotel/rules.toml");
+    let o = tapgate(
+        dir,
+        &[
+            "fare",
+            "compile",
+            rules.to_str().unwrap(),
+            "--keys",
+            "keys",
+            "--out",
+            "hotel.tgft",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = |sale: &str| {
+        format!(
+            "device_id = 2001\noperator = \"grand-hotel\"\nkind = \"charge\"\nutc_offset_minutes = 540\njournal = \"journal\"\nkeys = \"keys\"\nfare_table = \"hotel.tgft\"\n{sale}\n[crowd]\ncards = 5\nbalance_minor = {START_MINOR}\ndir = \"cards\"\n"
+        )
+    };
+    std::fs::write(dir.join("tv.toml"), config("")).unwrap();
+    let o = tapgate(
+        dir,
+        &["validator", "--config", "tv.toml", "--crowd-taps", "1"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs a [sale]"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::write(
+        dir.join("tv.toml"),
+        config("[sale]\ncharge = \"movie\"\nitems = 1"),
+    )
+    .unwrap();
+    let o = tapgate(
+        dir,
+        &[
+            "validator",
+            "--config",
+            "tv.toml",
+            "--crowd-taps",
+            "12",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let accepted = v["taps_accepted"].as_i64().unwrap();
+    assert_eq!(accepted, 12, "{out}");
+    assert_eq!(v["fares_minor"].as_i64().unwrap(), accepted * 1299, "{out}");
+    let (journalled_sum, counters) = journalled(dir);
+    assert_eq!(cards_lost(dir), journalled_sum);
+    assert_eq!(journalled_sum, 12 * 1299);
+    assert_eq!(counters.len(), 12);
+}

@@ -92,6 +92,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             route: "M3".into(),
             kind: TapKind::In,
             utc_offset_s: 9 * 3600,
+            sale: None,
         },
         rng: StdRng::seed_from_u64(4),
     };

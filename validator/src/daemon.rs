@@ -239,11 +239,10 @@ pub fn apply_downlink(
             let engine = fare_rules::signed::verify(bytes, pubkey)
                 .map_err(|e| format!("fare table refused: {e}"))?;
             // A table that does not know this gate would refuse every tap: keep the old one.
-            let p = &gate.placement;
-            if engine.stop(&p.stop).is_none() || engine.route(&p.route).is_none() {
+            if let Err(why) = gate.placement.check(&engine) {
                 return Err(format!(
-                    "fare table version {} refused: it has no stop {:?} or route {:?} (this gate)",
-                    header.version, p.stop, p.route
+                    "fare table version {} refused: {why} (this gate)",
+                    header.version
                 ));
             }
             journal

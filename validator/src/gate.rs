@@ -32,6 +32,51 @@ pub struct Placement {
     pub kind: TapKind,
     /// Local time = UTC + this offset.
     pub utc_offset_s: i32,
+    /// A charge point (kind `Charge`: a hotel pay-TV box) sells this at every presentation;
+    /// stop and route are not used then.
+    pub sale: Option<Sale>,
+}
+
+impl Placement {
+    /// Whether `engine`'s table knows this gate (its stop and route, or its sale's charge): a
+    /// table that does not would refuse every tap.
+    pub fn check(&self, engine: &Engine) -> Result<(), String> {
+        let version = engine.table().meta.version;
+        match &self.sale {
+            Some(s) => {
+                if !engine.table().charges.iter().any(|c| c.id == s.charge) {
+                    return Err(format!(
+                        "charge {:?} is not in fare table version {version}",
+                        s.charge
+                    ));
+                }
+            }
+            None => {
+                for (what, id, found) in [
+                    ("stop", &self.stop, engine.stop(&self.stop).is_some()),
+                    ("route", &self.route, engine.route(&self.route).is_some()),
+                ] {
+                    if !found {
+                        return Err(format!(
+                            "{what} {id:?} is not in fare table version {version}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a charge point (a hotel pay-TV box, a kiosk) sells at one presentation: `items` of the
+/// fare table's charge `charge` (a film), or `minutes` of it (sports by the started hour); the
+/// table's per-day cap applies from the card's own records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sale {
+    /// The charge's id in the fare table.
+    pub charge: String,
+    pub items: u32,
+    pub minutes: u32,
 }
 
 /// Steps of a tap, for the fault-injection hook (a crash or a pulled card at each).
@@ -165,8 +210,9 @@ impl Gate {
         Ok(Answer::Refused { reason, seq })
     }
 
-    /// Processes the card in the field. `now_ms` is the device clock (unix ms); `hook` is called
-    /// at each [`Step`] (fault injection: it may tear the card or end the process).
+    /// Processes the card in the field (a charge point sells its placement's sale). `now_ms` is
+    /// the device clock (unix ms); `hook` is called at each [`Step`] (fault injection: it may
+    /// tear the card or end the process).
     pub fn tap(
         &mut self,
         card: &mut dyn Transport,
@@ -174,32 +220,90 @@ impl Gate {
         now_ms: u64,
         hook: &mut dyn FnMut(Step),
     ) -> Result<TapOutcome, GateError> {
+        let sale = self.placement.sale.clone();
+        self.transact(card, journal, now_ms, sale.as_ref(), hook)
+    }
+
+    /// A charge point's presentation: the card pays for `sale` (priced by the fare table's
+    /// charge, capped per day from the card's records), exactly once like a tap.
+    pub fn charge(
+        &mut self,
+        card: &mut dyn Transport,
+        journal: &Journal,
+        now_ms: u64,
+        sale: &Sale,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<TapOutcome, GateError> {
+        self.transact(card, journal, now_ms, Some(sale), hook)
+    }
+
+    fn transact(
+        &mut self,
+        card: &mut dyn Transport,
+        journal: &Journal,
+        now_ms: u64,
+        sale: Option<&Sale>,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<TapOutcome, GateError> {
         let engine = self.engine.as_ref().ok_or(GateError::NoFareTable)?;
         let version = engine.table().meta.version;
-        let stop = engine
-            .stop(&self.placement.stop)
-            .ok_or_else(|| GateError::Placement {
-                what: "stop",
-                id: self.placement.stop.clone(),
-                version,
-            })?;
-        let route = engine
-            .route(&self.placement.route)
-            .ok_or_else(|| GateError::Placement {
-                what: "route",
-                id: self.placement.route.clone(),
-                version,
-            })?;
-        let codes = (
-            engine.table().stops[stop as usize].code,
-            engine.table().routes[route as usize].code,
-        );
         let time_s = local_s(now_ms, self.placement.utc_offset_s);
-        let fare_tap = Tap {
-            kind: self.placement.kind,
-            time_s,
-            route,
-            stop,
+        // What is priced: a transit tap here, or a sale (its charge code in the route field).
+        enum Priced {
+            Tap(Tap),
+            Charge { code: u16, items: u32, minutes: u32 },
+        }
+        let (codes, priced) = match sale {
+            None => {
+                let stop =
+                    engine
+                        .stop(&self.placement.stop)
+                        .ok_or_else(|| GateError::Placement {
+                            what: "stop",
+                            id: self.placement.stop.clone(),
+                            version,
+                        })?;
+                let route =
+                    engine
+                        .route(&self.placement.route)
+                        .ok_or_else(|| GateError::Placement {
+                            what: "route",
+                            id: self.placement.route.clone(),
+                            version,
+                        })?;
+                (
+                    (
+                        engine.table().stops[stop as usize].code,
+                        engine.table().routes[route as usize].code,
+                    ),
+                    Priced::Tap(Tap {
+                        kind: self.placement.kind,
+                        time_s,
+                        route,
+                        stop,
+                    }),
+                )
+            }
+            Some(sale) => {
+                let c = engine
+                    .table()
+                    .charges
+                    .iter()
+                    .find(|c| c.id == sale.charge)
+                    .ok_or_else(|| GateError::Placement {
+                        what: "charge",
+                        id: sale.charge.clone(),
+                        version,
+                    })?;
+                (
+                    (0, u32::from(c.code)),
+                    Priced::Charge {
+                        code: c.code,
+                        items: sale.items,
+                        minutes: sale.minutes,
+                    },
+                )
+            }
         };
         let uid = match card.card_uid() {
             Ok(u) => u,
@@ -321,7 +425,15 @@ impl Gate {
                 history: &history,
                 passes: &[],
             };
-            let q = match engine.quote_tap(&view, &fare_tap) {
+            let quoted = match &priced {
+                Priced::Tap(t) => engine.quote_tap(&view, t),
+                Priced::Charge {
+                    code,
+                    items,
+                    minutes,
+                } => engine.quote_charge(&view, *code, *items, *minutes, time_s),
+            };
+            let q = match quoted {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::warn!(error = %e, "fare quote failed");

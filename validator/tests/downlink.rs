@@ -23,6 +23,7 @@ fn gate(keys: &KeySet) -> Gate {
             route: "M1".into(),
             kind: TapKind::In,
             utc_offset_s: 0,
+            sale: None,
         },
         rng: StdRng::seed_from_u64(1),
     }
@@ -120,7 +121,7 @@ fn downlink_applies_in_order_refuses_forgeries_and_survives_a_restart() {
         .unwrap();
         let hotel = fare_rules::signed::encode(&hotel, |m| back_office.sign(m).to_bytes()).unwrap();
         let e = apply_downlink(&mut g, &j, &pk, ft, &hotel).unwrap_err();
-        assert!(e.contains("has no stop"), "{e}");
+        assert!(e.contains("is not in fare table version 9"), "{e}");
         assert_eq!(g.fare_version(), 5);
     }
     // Restart: the journal gives back the same state.

@@ -60,6 +60,7 @@ fn gate(r: &Rig, stop: &str, kind: TapKind) -> Gate {
             route: "M1".into(),
             kind,
             utc_offset_s: 9 * 3600,
+            sale: None,
         },
         rng: StdRng::seed_from_u64(9),
     }
@@ -399,4 +400,79 @@ fn a_card_that_went_elsewhere_after_a_tear_is_settled_by_its_own_record() {
         assert_eq!(tmcs.len(), len, "n={n}: no counter journalled twice");
         assert!(ja.pendings().unwrap().is_empty(), "n={n}");
     }
+}
+
+/// A hotel pay-TV box: the gate charges sales priced by the hotel table's charges — a film per
+/// item, sports by the started hour under a per-TV-day cap kept on the card's own records —
+/// each exactly once, journalled like a tap with the charge's code.
+#[test]
+fn a_pay_tv_box_charges_films_and_hours_under_the_day_cap_from_the_card() {
+    let mut r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let hotel = Engine::new(
+        fare_rules::source::compile(
+            "rules.toml",
+            include_str!("../../fare-rules/samples/hotel/rules.toml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut tv = Gate {
+        engine: Some(hotel),
+        placement: Placement {
+            device_id: 1001,
+            stop: String::new(),
+            route: String::new(),
+            kind: TapKind::Charge,
+            utc_offset_s: 9 * 3600,
+            sale: None,
+        },
+        ..gate(&r, "Central", TapKind::Charge)
+    };
+    let sale = |charge: &str, items: u32, minutes: u32| validator::gate::Sale {
+        charge: charge.into(),
+        items,
+        minutes,
+    };
+    let buy = |g: &mut Gate, r: &mut Rig, s: validator::gate::Sale, at: u64| {
+        let mut reader = EmulatedReader {
+            card: &mut r.card,
+            rng: &mut r.card_rng,
+        };
+        let out = g.charge(&mut reader, &j, at, &s, &mut |_| {});
+        repower(r);
+        out
+    };
+    let fare = |o: &validator::gate::TapOutcome| match o.answer {
+        Answer::Accepted { fare_minor, .. } => fare_minor,
+        ref other => panic!("not accepted: {other:?}"),
+    };
+    let film = buy(&mut tv, &mut r, sale("movie", 1, 0), T0_MS).unwrap();
+    assert_eq!(fare(&film), 1299);
+    let hour = buy(&mut tv, &mut r, sale("sports", 0, 60), T0_MS + 3_600_000).unwrap();
+    assert_eq!(fare(&hour), 499);
+    let three = buy(&mut tv, &mut r, sale("sports", 0, 150), T0_MS + 7_200_000).unwrap();
+    assert_eq!(fare(&three), 3 * 499, "150 minutes are three started hours");
+    // 499 + 1497 = 1996 paid today: one more hour meets the 1999 day cap.
+    let capped = buy(&mut tv, &mut r, sale("sports", 0, 60), T0_MS + 14_400_000).unwrap();
+    assert_eq!(fare(&capped), 3);
+    let free = buy(&mut tv, &mut r, sale("sports", 0, 60), T0_MS + 18_000_000).unwrap();
+    assert_eq!(fare(&free), 0, "capped for the rest of the TV day");
+    // Something the table does not sell is the box's configuration error, not a charge.
+    let e = buy(&mut tv, &mut r, sale("casino", 1, 0), T0_MS + 19_000_000);
+    assert!(
+        matches!(
+            e,
+            Err(validator::gate::GateError::Placement { what: "charge", .. })
+        ),
+        "{e:?}"
+    );
+    // Value is conserved: what the card lost is what was journalled, each with its charge code.
+    let taps = journalled(&j, &r);
+    let paid = 1299 + 499 + 1497 + 3;
+    assert_eq!(debited(&taps), paid);
+    assert_eq!(r.card.state().balance_minor, START_MINOR - paid as i32);
+    let sports_code = 2;
+    assert_eq!(taps[1].meta.route_id, sports_code);
 }
