@@ -4,8 +4,9 @@
 //! out) sharing one crowd of emulated cards, and `tapgate charge` loading cards online.
 //!
 //! Faults on the way: the broker restarted while a validator is publishing, the gateway killed
-//! (SIGKILL) and restarted while the other is, every tap message replayed in reverse order
-//! afterwards, and a forged one. At the end, for every card, the charging server's shadow purse
+//! (SIGKILL) and restarted while the other is, a forged blocklist snapshot (every card blocked,
+//! signed with the wrong key) left retained for validators, every tap message replayed in
+//! reverse order afterwards, and a forged tap. At the end, for every card, the charging server's shadow purse
 //! equals the card's own balance (personalised + loads − the debits it really made): no tap
 //! lost, none counted twice, the forgery booked nowhere. Needs `mosquitto` and
 //! `mosquitto_passwd` (`.ci/run` installs them).
@@ -238,6 +239,11 @@ tear_per_mille = 0
 
 /// Runs a validator to the end of its crowd; returns its JSON summary.
 fn finish(child: Child) -> serde_json::Value {
+    finish_with_log(child).0
+}
+
+/// Runs a validator to the end of its crowd; returns its JSON summary and its log.
+fn finish_with_log(child: Child) -> (serde_json::Value, String) {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -245,7 +251,10 @@ fn finish(child: Child) -> serde_json::Value {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    (
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn spawn_validator(dir: &Path, device: u32, taps: u32, seed: u32) -> Child {
@@ -446,16 +455,56 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         loaded.insert(*uid, 2_000i64);
     }
 
+    // A forged blocklist: every card blocked, version 1000, signed with a key that is not the
+    // back office's, left retained where validators take their snapshot (as a compromised
+    // gateway account could). Validators must refuse it and keep accepting riders.
+    {
+        use ed25519_dalek::Signer;
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[0x5A; 32]);
+        let forged = purse::blocklist::ListUpdate {
+            kind: purse::blocklist::ListKind::Snapshot,
+            operator: "metro".into(),
+            from_version: 0,
+            to_version: 1_000,
+            entries: uids.iter().map(|u| (*u, true)).collect(),
+        }
+        .sign_with(|b| forger.sign(b).to_bytes());
+        let mut opts = MqttOptions::new("forger", "127.0.0.1", port);
+        opts.set_credentials("gateway", "gw-secret");
+        let (client, mut conn) = Client::new(opts, 10);
+        client
+            .publish(
+                "tapgate/v1/metro/blocklist/snapshot",
+                QoS::AtLeastOnce,
+                true,
+                forged,
+            )
+            .unwrap();
+        for ev in conn.iter() {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = ev {
+                break;
+            }
+        }
+    }
+
     // Riders tap out at Harbor; the gateway is killed mid-run and restarted.
     let v2 = spawn_validator(dir, 1002, 120, 2);
     std::thread::sleep(Duration::from_millis(400));
     drop(gateway);
     std::thread::sleep(Duration::from_millis(800));
     gateway = start_gateway(dir, port, &base);
-    let s2 = finish(v2);
+    let (s2, log2) = finish_with_log(v2);
     assert_eq!(
         s2["outbox_left"], 0,
         "every tap confirmed across the gateway restart: {s2}"
+    );
+    assert!(
+        s2["taps_refused"].get("blocklisted").is_none() && s2["taps_accepted"].as_u64() > Some(50),
+        "the forged blocklist was refused: {s2}"
+    );
+    assert!(
+        log2.contains("blocklist signature does not verify"),
+        "the validator saw the forgery and said why: {log2}"
     );
 
     // Every tap message again, newest first, from each device; and a forged one.
