@@ -11,14 +11,16 @@
 //! lost, none counted twice, the forgery booked nowhere. Needs `mosquitto` and
 //! `mosquitto_passwd` (`.ci/run` installs them).
 
+mod support;
+
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{free_port, wait_for_port, Kill};
 
 const PASS: &str = "system-e2e";
 const START_MINOR: i64 = 20_000;
@@ -26,30 +28,6 @@ const CARDS: u32 = 200;
 const GW_TOKEN: &str = "tg_gw_system";
 const OPS_TOKEN: &str = "tg_ops_system";
 const RIDER_TOKEN: &str = "tg_rider_system";
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&p) {
-            given.push(p);
-            return p;
-        }
-    }
-}
 
 fn command(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tapgate"));
@@ -66,17 +44,6 @@ fn command(dir: &Path, args: &[&str]) -> Command {
 
 fn tapgate(dir: &Path, args: &[&str]) -> Output {
     command(dir, args).output().expect("run tapgate")
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{what} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Mosquitto with passwords and the shipped ACL on `port` (the password file and config are

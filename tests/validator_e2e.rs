@@ -2,10 +2,11 @@
 //! a tap (value conserved, nothing recorded twice), and online against a gateway with its
 //! embedded broker (every journalled tap confirmed and cleared from the outbox).
 
-use std::net::TcpListener;
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use support::{free_port, wait_for_port, Kill};
 use validator::journal::Journal;
 
 const PASS: &str = "validator-e2e";
@@ -170,32 +171,6 @@ fn killed_at_every_step_nothing_lost_nothing_doubled() {
     assert_eq!(counters.len(), n, "no card counter journalled twice");
 }
 
-/// A port no other test of this binary got (tests run in parallel: a port just released can be
-/// handed out again, and a validator would then find another test's broker).
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let p = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&p) {
-            given.push(p);
-            return p;
-        }
-    }
-}
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `tapgate gateway` with its embedded broker on `port` (device 1001's password "v-secret"),
 /// once the broker accepts connections; killed when the guard drops.
 fn start_gateway(dir: &Path, port: u16) -> Kill {
@@ -224,14 +199,7 @@ fn start_gateway(dir: &Path, port: u16) -> Kill {
         .spawn()
         .unwrap();
     let guard = Kill(gw);
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "broker did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_port(port, "the gateway's broker");
     guard
 }
 
