@@ -3,13 +3,14 @@
 //! shipped ACL, two `tapgate validator` daemons (a gate where riders tap in, one where they tap
 //! out) sharing one crowd of emulated cards, and `tapgate charge` loading cards online.
 //!
-//! Faults on the way: the broker restarted while a validator is publishing, the gateway killed
-//! (SIGKILL) and restarted while the other is, a forged blocklist snapshot (every card blocked,
-//! signed with the wrong key) left retained for validators, every tap message replayed in
-//! reverse order afterwards, and a forged tap. At the end, for every card, the charging server's shadow purse
-//! equals the card's own balance (personalised + loads − the debits it really made): no tap
-//! lost, none counted twice, the forgery booked nowhere. Needs `mosquitto` and
-//! `mosquitto_passwd` (`.ci/run` installs them).
+//! Faults on the way: the broker restarted while a validator is publishing; the gateway killed
+//! (SIGKILL) and restarted while the other is — whose clock is a day ahead (libfaketime; the
+//! gateway reports the skew); a forged blocklist snapshot (every card blocked, signed with the
+//! wrong key) left retained for validators; every tap message replayed in reverse order; and a
+//! forged tap. At the end, for every card, the charging server's shadow purse equals the card's
+//! own balance (personalised + loads − the debits it really made): no tap lost, none counted
+//! twice, the forgery booked nowhere. Needs `mosquitto`, `mosquitto_passwd` and `faketime`
+//! (`.ci/run` installs them).
 
 mod support;
 
@@ -30,7 +31,25 @@ const OPS_TOKEN: &str = "tg_ops_system";
 const RIDER_TOKEN: &str = "tg_rider_system";
 
 fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tapgate"));
+    command_at(dir, args, None)
+}
+
+/// `tapgate` with its clock shifted by `clock_offset` (libfaketime's `faketime -f`, e.g. "+1d":
+/// the wall clock only, so timers and timeouts run normally).
+fn command_at(dir: &Path, args: &[&str], clock_offset: Option<&str>) -> Command {
+    let mut c = match clock_offset {
+        None => Command::new(env!("CARGO_BIN_EXE_tapgate")),
+        Some(off) => {
+            assert!(
+                Command::new("faketime").arg("--version").output().is_ok(),
+                "faketime is not installed: apt-get install faketime (.ci/run does)"
+            );
+            let mut c = Command::new("faketime");
+            c.args(["-f", off, env!("CARGO_BIN_EXE_tapgate")])
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+            c
+        }
+    };
     c.current_dir(dir)
         .args(args)
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
@@ -224,8 +243,14 @@ fn finish_with_log(child: Child) -> (serde_json::Value, String) {
     )
 }
 
-fn spawn_validator(dir: &Path, device: u32, taps: u32, seed: u32) -> Child {
-    command(
+fn spawn_validator(
+    dir: &Path,
+    device: u32,
+    taps: u32,
+    seed: u32,
+    clock_offset: Option<&str>,
+) -> Child {
+    command_at(
         dir,
         &[
             "validator",
@@ -237,6 +262,7 @@ fn spawn_validator(dir: &Path, device: u32, taps: u32, seed: u32) -> Child {
             &seed.to_string(),
             "--json",
         ],
+        clock_offset,
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -376,7 +402,7 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     validator_toml(dir, 1002, "Harbor", "out", port);
 
     // Riders tap in at Central; the broker goes down for a second mid-run and comes back.
-    let v1 = spawn_validator(dir, 1001, 120, 1);
+    let v1 = spawn_validator(dir, 1001, 120, 1, None);
     std::thread::sleep(Duration::from_millis(400));
     drop(broker);
     std::thread::sleep(Duration::from_millis(1_000));
@@ -455,7 +481,8 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     }
 
     // Riders tap out at Harbor; the gateway is killed mid-run and restarted.
-    let v2 = spawn_validator(dir, 1002, 120, 2);
+    // This gate's clock is a day ahead.
+    let v2 = spawn_validator(dir, 1002, 120, 2, Some("+1d"));
     std::thread::sleep(Duration::from_millis(400));
     drop(gateway);
     std::thread::sleep(Duration::from_millis(800));
@@ -472,6 +499,14 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     assert!(
         log2.contains("blocklist signature does not verify"),
         "the validator saw the forgery and said why: {log2}"
+    );
+    // The gateway shows the gate a day ahead from its heartbeats (and logged a warning).
+    let (code, dev) = http("GET", &format!("{gw_api}/v1/devices/1002"), OPS_TOKEN, None);
+    assert_eq!(code, 200, "{dev}");
+    let skew = dev["clock_skew_ms"].as_i64().unwrap_or(0);
+    assert!(
+        (skew - 86_400_000).abs() < 120_000,
+        "device 1002's clock shows a day ahead: {dev}"
     );
 
     // Every tap message again, newest first, from each device; and a forged one.

@@ -66,11 +66,18 @@ async fn devices(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     if let Some(r) = operator(&st, &headers) {
         return r;
     }
+    let skew = |id: u32| {
+        st.stats
+            .propagation
+            .lock()
+            .ok()
+            .and_then(|p| p.clock_skew(id))
+    };
     match st.store.devices() {
         Ok(d) => Json(serde_json::json!({
             "devices": d.iter().map(|(id, s)| serde_json::json!({
                 "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
-                "gaps": s.gaps, "last_seen_ms": s.last_seen_ms,
+                "gaps": s.gaps, "last_seen_ms": s.last_seen_ms, "clock_skew_ms": skew(*id),
             })).collect::<Vec<_>>()
         }))
         .into_response(),
@@ -97,6 +104,7 @@ async fn device(
         Ok(Some(s)) => Json(serde_json::json!({
             "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
             "gaps": s.gaps, "last_seen_ms": s.last_seen_ms,
+            "clock_skew_ms": st.stats.propagation.lock().ok().and_then(|p| p.clock_skew(id)),
         }))
         .into_response(),
         Ok(None) => err(

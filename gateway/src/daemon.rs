@@ -254,7 +254,18 @@ pub async fn run(
                             match crate::propagation::parse_status(&p.payload) {
                                 Some((version, online)) => {
                                     if let Ok(mut pr) = sub_stats.propagation.lock() {
-                                        pr.heartbeat(device, version, online, now_ms());
+                                        let now = now_ms();
+                                        pr.heartbeat(device, version, online, now);
+                                        let clock = crate::propagation::parse_clock(&p.payload);
+                                        if let Some((skew_ms, true)) =
+                                            clock.and_then(|c| pr.clock(device, c, now))
+                                        {
+                                            tracing::warn!(
+                                                device,
+                                                skew_ms,
+                                                "validator clock is off: its taps are dated and its fares computed for the wrong time"
+                                            );
+                                        }
                                     }
                                 }
                                 None => tracing::warn!(device, "malformed heartbeat ignored"),

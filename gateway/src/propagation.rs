@@ -6,6 +6,10 @@
 //! heartbeat reporting that version or a later one. The report for a version gives the delay
 //! until 50%, 99% and 100% of the validators online now held it (`None` while not reached).
 //! Bounded: the last [`MAX_VERSIONS`] published versions and [`MAX_DEVICES`] validators.
+//!
+//! Heartbeats also carry the validator's clock: the tracker keeps each validator's offset from
+//! the gateway's clock, so a validator whose clock is off (by a day, say: its taps are dated
+//! wrong and its fares computed for the wrong time) is visible to operators.
 
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -14,12 +18,16 @@ use std::collections::{BTreeMap, HashMap};
 pub const MAX_VERSIONS: usize = 64;
 /// Validators tracked.
 pub const MAX_DEVICES: usize = 200_000;
+/// A validator clock further than this from the gateway's is reported.
+pub const CLOCK_SKEW_WARN_MS: i64 = 5 * 60_000;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct DeviceState {
     version: u64,
     online: bool,
     last_seen_ms: u64,
+    /// Validator clock − gateway clock at its last heartbeat (ms).
+    clock_skew_ms: Option<i64>,
 }
 
 /// The tracker.
@@ -94,6 +102,24 @@ impl Propagation {
         }
     }
 
+    /// A heartbeat's clock reading `clock_ms` from `device`, received at `now_ms`: records the
+    /// offset and returns it with whether it newly went beyond [`CLOCK_SKEW_WARN_MS`] (to warn
+    /// once, not at every heartbeat).
+    pub fn clock(&mut self, device: u32, clock_ms: u64, now_ms: u64) -> Option<(i64, bool)> {
+        let d = self.devices.get_mut(&device)?;
+        let skew = clock_ms as i64 - now_ms as i64;
+        let was_off = d
+            .clock_skew_ms
+            .is_some_and(|s| s.abs() > CLOCK_SKEW_WARN_MS);
+        d.clock_skew_ms = Some(skew);
+        Some((skew, !was_off && skew.abs() > CLOCK_SKEW_WARN_MS))
+    }
+
+    /// The validator's clock offset at its last heartbeat (ms; positive: ahead).
+    pub fn clock_skew(&self, device: u32) -> Option<i64> {
+        self.devices.get(&device).and_then(|d| d.clock_skew_ms)
+    }
+
     /// Validators online now.
     pub fn online(&self) -> usize {
         self.devices.values().filter(|d| d.online).count()
@@ -144,6 +170,12 @@ pub fn parse_status(payload: &[u8]) -> Option<(u64, bool)> {
         .and_then(|x| x.as_u64())
         .unwrap_or(0);
     Some((version, online))
+}
+
+/// The validator's clock (unix ms) in a heartbeat payload, if it says.
+pub fn parse_clock(payload: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    v.get("clock_ms")?.as_u64()
 }
 
 /// The device id of a status topic `tapgate/v1/<op>/devices/<device>/status`.
@@ -211,5 +243,20 @@ mod tests {
             Some((0, false))
         );
         assert_eq!(parse_status(b"garbage"), None);
+        assert_eq!(
+            parse_clock(br#"{"online":true,"clock_ms":1700000000000}"#),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(parse_clock(br#"{"online":true}"#), None);
+        // A clock a day ahead is reported once, then again only after it was right meanwhile.
+        let mut p = Propagation::default();
+        p.heartbeat(9, 0, true, 1_000);
+        let day = 86_400_000;
+        assert_eq!(p.clock(9, 1_000 + day, 1_000), Some((day as i64, true)));
+        assert_eq!(p.clock(9, 2_000 + day, 2_000), Some((day as i64, false)));
+        assert_eq!(p.clock_skew(9), Some(day as i64));
+        assert_eq!(p.clock(9, 3_000, 3_050), Some((-50, false)));
+        assert_eq!(p.clock(9, 4_000, 4_000 + day), Some((-(day as i64), true)));
+        assert_eq!(p.clock(77, 0, 0), None, "unknown device");
     }
 }
