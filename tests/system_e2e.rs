@@ -7,7 +7,8 @@
 //! (SIGKILL) and restarted while the other is — whose clock is a day ahead (libfaketime; the
 //! gateway reports the skew); a forged blocklist snapshot (every card blocked, signed with the
 //! wrong key) left retained for validators; every tap message replayed in reverse order; and a
-//! forged tap. At the end, for every card, the charging server's shadow purse equals the card's
+//! forged tap. Then half the cards are reported lost through the API: the next validator run
+//! refuses them once it holds the block and accepted none after. At the end, for every card, the charging server's shadow purse equals the card's
 //! own balance (personalised + loads − the debits it really made): no tap lost, none counted
 //! twice, the forgery booked nowhere. Needs `mosquitto`, `mosquitto_passwd` and `faketime`
 //! (`.ci/run` installs them).
@@ -276,6 +277,49 @@ fn card_balance(dir: &Path, uid: &[u8; 7]) -> Option<i64> {
     v["main"]["balance_minor"].as_i64()
 }
 
+/// Waits (20 s at most) until the retained blocklist snapshot verifies under the back office's
+/// key and is at `version` or later.
+fn wait_for_snapshot(port: u16, pk: &[u8; 32], version: u64) {
+    let t0 = Instant::now();
+    for attempt in 0.. {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no genuine snapshot at version {version}"
+        );
+        let mut opts = MqttOptions::new(format!("snapshot-probe-{attempt}"), "127.0.0.1", port);
+        opts.set_credentials("gateway", "gw-secret");
+        let (client, mut conn) = Client::new(opts, 10);
+        let mut held = 0;
+        for ev in conn
+            .recv_timeout(Duration::from_secs(2))
+            .into_iter()
+            .chain(std::iter::from_fn(|| {
+                conn.recv_timeout(Duration::from_millis(500)).ok()
+            }))
+        {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client
+                        .try_subscribe("tapgate/v1/metro/blocklist/snapshot", QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Ok(u) = purse::blocklist::ListUpdate::verify(&p.payload, pk) {
+                        held = u.to_version;
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = client.disconnect();
+        if held >= version {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 type Captured = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// Every tap message the broker delivers, as the gateway sees them (same user, own client
@@ -365,7 +409,7 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     std::fs::write(
         dir.join("charging.toml"),
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"charging\"\nledger_map_size_bytes = 67108864\n\n[limits]\nloads_per_minute_per_client = 0\n\n[[tokens]]\nname = \"gw\"\nrole = \"gateway\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"rider\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"charging\"\noperator = \"metro\"\nledger_map_size_bytes = 67108864\n\n[limits]\nloads_per_minute_per_client = 0\n\n[[tokens]]\nname = \"gw\"\nrole = \"gateway\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"rider\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n",
             sha(GW_TOKEN),
             sha(OPS_TOKEN),
             sha(RIDER_TOKEN)
@@ -563,6 +607,110 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     assert!(
         q["quarantined"].to_string().to_lowercase().contains("mac"),
         "the forgery is quarantined for its MAC: {q}"
+    );
+
+    // Half the riders report their cards lost; then riders tap in at Central again (40 a
+    // second). Every tap a validator accepted from a blocked card was made before it held the
+    // block (the version it held is in each signed tap record), blocked cards are refused once
+    // it does, and the gateway measures how long the block took to reach it.
+    let blocked: Vec<[u8; 7]> = uids.iter().step_by(2).copied().collect();
+    let mut version = 0;
+    for uid in &blocked {
+        let (code, v) = http(
+            "POST",
+            &format!("{base}/v1/cards/{}/block", hex::encode_upper(uid)),
+            OPS_TOKEN,
+            Some(serde_json::json!({"reason": "lost"})),
+        );
+        assert_eq!(code, 200, "{v}");
+        version = v["blocklist_version"].as_u64().unwrap_or(version);
+    }
+    assert!(version > 0);
+    let blocked_at = Instant::now();
+    // The gateway relays the change and refreshes the retained snapshot a validator takes at
+    // connect (it replaces the forged one): wait for it.
+    let pk: [u8; 32] = hex::decode(
+        std::fs::read_to_string(dir.join("keys/signing.pub"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap()
+    .try_into()
+    .unwrap();
+    wait_for_snapshot(port, &pk, version);
+    std::fs::write(
+        dir.join("v1001.toml"),
+        std::fs::read_to_string(dir.join("v1001.toml"))
+            .unwrap()
+            .replace(
+                "tear_per_mille = 0",
+                "tear_per_mille = 0\nrate_per_s = 40.0",
+            ),
+    )
+    .unwrap();
+    let seen_before = captured.lock().unwrap().len();
+    let (s3, log3) = finish_with_log(spawn_validator(dir, 1001, 120, 3, None));
+    assert_eq!(s3["outbox_left"], 0, "{s3}");
+    let refused_blocked = s3["taps_refused"]["blocklisted"].as_u64().unwrap_or(0);
+    assert!(
+        refused_blocked > 0,
+        "blocked cards were refused: {s3}\n{log3}"
+    );
+    let keys = purse::keys::KeySet::unseal(
+        &std::fs::read(dir.join("keys/issuer.keys")).unwrap(),
+        PASS.as_bytes(),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let run3 = loop {
+        let all = captured.lock().unwrap().clone();
+        let run3: Vec<purse::tap::TapRecord> = all[seen_before..]
+            .iter()
+            .flat_map(|(_, m)| {
+                m.chunks(purse::tap::TAP_LEN)
+                    .map(|c| c.to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|w| {
+                purse::tap::TapRecord::decode_verified(&w, |d| keys.device_key(d).ok()).ok()
+            })
+            .filter(|t| t.meta.device_id == 1001)
+            .collect();
+        let accepted = run3.iter().filter(|t| t.refusal.is_none()).count() as u64;
+        if accepted >= s3["taps_accepted"].as_u64().unwrap() {
+            break run3;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "capture incomplete");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for t in &run3 {
+        if t.refusal.is_none() && blocked.contains(&t.uid) {
+            assert!(
+                t.meta.blocklist_version < version,
+                "a blocked card was accepted while the validator held version {} (block at {version})",
+                t.meta.blocklist_version
+            );
+        }
+    }
+    // How long after the validator came up (its first tap) it held the block.
+    let first = run3
+        .iter()
+        .map(|t| t.meta.device_time_ms)
+        .min()
+        .unwrap_or(0);
+    let holding = run3
+        .iter()
+        .filter(|t| t.meta.blocklist_version >= version)
+        .map(|t| t.meta.device_time_ms)
+        .min();
+    let Some(holding) = holding else {
+        panic!("no tap of the run was made holding the block")
+    };
+    eprintln!(
+        "{} cards blocked; validator 1001 held the block {} ms after its first tap (its run ended {} ms after the API calls)",
+        blocked.len(),
+        holding.saturating_sub(first),
+        blocked_at.elapsed().as_millis()
     );
 
     // Every card's shadow purse at the charging server equals the card's own balance.
