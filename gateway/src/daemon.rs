@@ -361,6 +361,7 @@ pub async fn run(
     let bl_cfg = cfg.clone();
     let bl_stats = stats.clone();
     let bl_store = store.clone();
+    let bl_pk = keys.verifying_key;
     if let Ok(v) = store.blocklist_version() {
         stats.blocklist_version.store(v, Ordering::Relaxed);
     }
@@ -373,6 +374,7 @@ pub async fn run(
             .build();
         let mut last_snapshot = std::time::Instant::now() - Duration::from_secs(60);
         let mut snapshot_due = true;
+        let mut refused_version = None;
         loop {
             let held = bl_stats.blocklist_version.load(Ordering::Relaxed);
             let (a, b, t) = (agent.clone(), base.clone(), token.clone());
@@ -396,6 +398,31 @@ pub async fn run(
                     Ok(Some((v, bytes)))
                 })
                 .await;
+            // A list every validator would refuse (another operator's, or not signed by the
+            // back office this gateway knows) is a configuration error: say so, once per
+            // version, and relay nothing.
+            let fetched = match fetched {
+                Ok(Ok(Some((v, delta)))) => {
+                    match purse::blocklist::ListUpdate::verify(&delta, &bl_pk) {
+                        Ok(u) if u.operator == bl_cfg.operator => Ok(Ok(Some((v, delta)))),
+                        other => {
+                            if refused_version != Some(v) {
+                                refused_version = Some(v);
+                                let why = match other {
+                                    Ok(u) => format!(
+                                        "it is operator {:?}'s list; this gateway serves {:?} (set operator in the charging server's config)",
+                                        u.operator, bl_cfg.operator
+                                    ),
+                                    Err(e) => e.to_string(),
+                                };
+                                tracing::error!(version = v, "blocklist from the charging server not relayed: validators would refuse it: {why}");
+                            }
+                            Ok(Ok(None))
+                        }
+                    }
+                }
+                other => other,
+            };
             match fetched {
                 Ok(Ok(Some((v, delta)))) => {
                     let topic = format!("tapgate/v1/{}/blocklist/delta", bl_cfg.operator);
@@ -437,6 +464,14 @@ pub async fn run(
                         Ok(Some(bytes))
                     })
                     .await;
+                let snap = snap.map(|r| {
+                    r.map(|o| {
+                        o.filter(|b| {
+                            purse::blocklist::ListUpdate::verify(b, &bl_pk)
+                                .is_ok_and(|u| u.operator == bl_cfg.operator)
+                        })
+                    })
+                });
                 if let Ok(Ok(Some(bytes))) = snap {
                     let topic = format!("tapgate/v1/{}/blocklist/snapshot", bl_cfg.operator);
                     if bl_client
