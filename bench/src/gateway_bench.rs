@@ -285,6 +285,7 @@ pub fn run_scenario(
         broker: ("127.0.0.1".into(), port),
         mqtt_credentials: Some(("gateway".into(), "gwpw".into())),
         ingest_connections,
+        operator: "bench".into(),
         ..GatewayConfig::default()
     };
     let gw_keys = keys.for_role(Role::Gateway, 0)?;

@@ -222,10 +222,15 @@ pub async fn run(
         let sub_client = client;
         let sub_stats = stats.clone();
         let tx = tx.clone();
+        // Only this gateway's operator: every tap it takes is booked to that operator, so
+        // another operator's taps are that operator's gateway's (one gateway, or group, per
+        // operator).
+        let op = cfg.operator.clone();
         let taps = match &group {
-            Some(g) => format!("$share/{g}/tapgate/v1/+/taps/+"),
-            None => "tapgate/v1/+/taps/+".to_string(),
+            Some(g) => format!("$share/{g}/tapgate/v1/{op}/taps/+"),
+            None => format!("tapgate/v1/{op}/taps/+"),
         };
+        let status = format!("tapgate/v1/{op}/devices/+/status");
         let main = conn == 0;
         mqtt_tasks.push(tokio::spawn(async move {
             let mut backoff_ms = 100u64;
@@ -235,7 +240,7 @@ pub async fn run(
                         backoff_ms = 100;
                         let mut topics = vec![taps.as_str()];
                         if main {
-                            topics.push("tapgate/v1/+/devices/+/status");
+                            topics.push(status.as_str());
                         }
                         for topic in topics {
                             if let Err(e) = sub_client.try_subscribe(topic, QoS::AtLeastOnce) {

@@ -126,6 +126,7 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
     let cfg = GatewayConfig {
         broker: ("127.0.0.1".into(), port),
         mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+        operator: "metro".into(),
         ..GatewayConfig::default()
     };
     tokio::spawn(run(
@@ -247,6 +248,7 @@ async fn a_shared_subscription_splits_taps_between_gateways() {
             broker: ("127.0.0.1".into(), port),
             mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
             share_group: Some("tapgate".into()),
+            operator: "metro".into(),
             ..GatewayConfig::default()
         };
         tokio::spawn(run(
