@@ -22,7 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{free_port, wait_for_port, Kill};
+use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
 
 const PASS: &str = "system-e2e";
 const START_MINOR: i64 = 20_000;
@@ -385,24 +385,7 @@ fn publish_as(port: u16, device: &str, password: &str, messages: &[Vec<u8>]) {
 fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    assert!(tapgate(dir, &["keys", "init", "--out", "keys"])
-        .status
-        .success());
-    let rules =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fare-rules/samples/metro-city/rules.toml");
-    let o = tapgate(
-        dir,
-        &[
-            "fare",
-            "compile",
-            rules.to_str().unwrap(),
-            "--keys",
-            "keys",
-            "--out",
-            "metro.tgft",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    keys_and_fare_table(dir, PASS, "metro-city/rules.toml", "metro.tgft");
 
     let port = free_port();
     let mut broker = start_mosquitto(dir, port);

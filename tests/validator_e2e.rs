@@ -6,7 +6,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use support::{free_port, wait_for_port, Kill};
+use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
 use validator::journal::Journal;
 
 const PASS: &str = "validator-e2e";
@@ -23,25 +23,28 @@ fn tapgate(dir: &Path, args: &[&str]) -> Output {
         .expect("run tapgate")
 }
 
-fn setup(dir: &Path, extra: &str, crowd_cards: u32) {
-    assert!(tapgate(dir, &["keys", "init", "--out", "keys"])
-        .status
-        .success());
-    let rules =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fare-rules/samples/metro-city/rules.toml");
+/// Runs `tapgate validator --config CONFIG --crowd-taps TAPS --json` to the end; returns its
+/// summary (the last stdout line) and the whole stdout for messages.
+fn run_validator(dir: &Path, config: &str, taps: &str) -> (serde_json::Value, String) {
     let o = tapgate(
         dir,
         &[
-            "fare",
-            "compile",
-            rules.to_str().unwrap(),
-            "--keys",
-            "keys",
-            "--out",
-            "metro.tgft",
+            "validator",
+            "--config",
+            config,
+            "--crowd-taps",
+            taps,
+            "--json",
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    (v, out)
+}
+
+fn setup(dir: &Path, extra: &str, crowd_cards: u32) {
+    keys_and_fare_table(dir, PASS, "metro-city/rules.toml", "metro.tgft");
     std::fs::write(
         dir.join("validator.toml"),
         format!(
@@ -214,20 +217,7 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
         300,
     );
     let _gw = start_gateway(dir, port);
-    let o = tapgate(
-        dir,
-        &[
-            "validator",
-            "--config",
-            "validator.toml",
-            "--crowd-taps",
-            "150",
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let (v, out) = run_validator(dir, "validator.toml", "150");
     assert!(v["taps_accepted"].as_u64().unwrap() > 100, "{out}");
     assert_eq!(
         v["outbox_left"], 0,
@@ -248,20 +238,7 @@ fn offline_then_back_the_outbox_drains() {
         300,
     );
     // Nothing listens on the port: offline. The validator works and keeps everything.
-    let o = tapgate(
-        dir,
-        &[
-            "validator",
-            "--config",
-            "validator.toml",
-            "--crowd-taps",
-            "80",
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let (v, out) = run_validator(dir, "validator.toml", "80");
     let kept = v["outbox_left"].as_u64().unwrap();
     assert!(kept > 50, "taps kept while offline: {out}");
     assert_eq!(
@@ -272,20 +249,7 @@ fn offline_then_back_the_outbox_drains() {
 
     // The gateway comes up; the validator starts again with no new taps: it drains.
     let _gw = start_gateway(dir, port);
-    let o = tapgate(
-        dir,
-        &[
-            "validator",
-            "--config",
-            "validator.toml",
-            "--crowd-taps",
-            "0",
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let (v, out) = run_validator(dir, "validator.toml", "0");
     assert_eq!(v["outbox_left"], 0, "every kept tap confirmed: {out}");
 }
 
@@ -295,23 +259,7 @@ fn offline_then_back_the_outbox_drains() {
 fn a_pay_tv_box_sells_films_from_the_hotel_table() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    assert!(tapgate(dir, &["keys", "init", "--out", "keys"])
-        .status
-        .success());
-    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("fare-rules/samples/hotel/rules.toml");
-    let o = tapgate(
-        dir,
-        &[
-            "fare",
-            "compile",
-            rules.to_str().unwrap(),
-            "--keys",
-            "keys",
-            "--out",
-            "hotel.tgft",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    keys_and_fare_table(dir, PASS, "hotel/rules.toml", "hotel.tgft");
     let config = |sale: &str| {
         format!(
             "device_id = 2001\noperator = \"grand-hotel\"\nkind = \"charge\"\nutc_offset_minutes = 540\njournal = \"journal\"\nkeys = \"keys\"\nfare_table = \"hotel.tgft\"\n{sale}\n[crowd]\ncards = 5\nbalance_minor = {START_MINOR}\ndir = \"cards\"\n"
@@ -333,20 +281,7 @@ fn a_pay_tv_box_sells_films_from_the_hotel_table() {
         config("[sale]\ncharge = \"movie\"\nitems = 1"),
     )
     .unwrap();
-    let o = tapgate(
-        dir,
-        &[
-            "validator",
-            "--config",
-            "tv.toml",
-            "--crowd-taps",
-            "12",
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let (v, out) = run_validator(dir, "tv.toml", "12");
     let accepted = v["taps_accepted"].as_i64().unwrap();
     assert_eq!(accepted, 12, "{out}");
     assert_eq!(v["fares_minor"].as_i64().unwrap(), accepted * 1299, "{out}");

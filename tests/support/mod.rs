@@ -45,3 +45,30 @@ pub fn wait_for_port(port: u16, what: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `tapgate keys init --out keys`, then `tapgate fare compile` of the sample `sample` (a path
+/// under fare-rules/samples) signed with those keys into `out`, in `dir`.
+pub fn keys_and_fare_table(dir: &std::path::Path, passphrase: &str, sample: &str, out: &str) {
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .current_dir(dir)
+            .args(args)
+            .env("TAPGATE_KEY_PASSPHRASE", passphrase)
+            .output()
+            .expect("run tapgate");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["keys", "init", "--out", "keys"]);
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fare-rules/samples")
+        .join(sample);
+    run(&[
+        "fare",
+        "compile",
+        rules.to_str().unwrap(),
+        "--keys",
+        "keys",
+        "--out",
+        out,
+    ]);
+}
