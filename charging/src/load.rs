@@ -1202,12 +1202,12 @@ impl LoadService {
                 if let Some(action) = done {
                     self.apply_funding(&action);
                 }
-            } else if snap.tmc >= intent.tmc_before
-                && !on_card
-                && snap.tmc - intent.tmc_before <= u32::from(purse::card::DEFAULT_MAX_RECORDS)
+            } else if snap.tmc == intent.tmc_before
+                || (snap.tmc >= at && !on_card && ((snap.tmc - at) as usize) < snap.records.len())
             {
-                // Not on the card, and too few transactions since for its record to have been
-                // pushed out of the cyclic file: the card never applied it.
+                // The counter never moved; or the record is not on the card and fewer
+                // transactions followed than the card holds records (whatever size its cyclic
+                // file is, ours could not have been pushed out): the card never applied it.
                 self.void_intent(&snap.uid, intent.tmc_before, now_ms)?;
                 self.stats.lock().expect("stats").settled_voided += 1;
                 settled += 1;
