@@ -4,7 +4,9 @@ use crate::cli_util::input_err;
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
 use clap::Args;
-use gateway::daemon::{run, start_embedded_broker_tls, GatewayConfig, GatewayStats};
+use gateway::daemon::{
+    run, run_linked, start_embedded_broker_linked, GatewayConfig, GatewayStats, TapLink,
+};
 use gateway::store::Store;
 use purse::keys::Role;
 use std::collections::HashMap;
@@ -74,8 +76,8 @@ pub struct GatewayArgs {
     /// broker splits the taps among them.
     #[arg(long = "share-group")]
     share_group: Option<String>,
-    /// MQTT connections taking taps, as one shared subscription (default: 4 with the embedded
-    /// broker, whose per-connection inflight cap is 100 messages; 1 with an external broker).
+    /// MQTT connections taking taps from an external broker, as one shared subscription
+    /// (default 1). With the embedded broker the taps come over an in-process link instead.
     #[arg(long = "ingest-connections")]
     ingest_connections: Option<usize>,
     /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],
@@ -127,6 +129,7 @@ fn parse_broker(url: &str) -> Result<(String, u16)> {
 /// Runs `tapgate gateway`.
 pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     let keys = load_keyset(&a.keys, a.passphrase_file.as_deref())?.for_role(Role::Gateway, 0)?;
+    let mut link: Option<TapLink> = None;
     let broker = match &a.broker {
         Some(url) => parse_broker(url)?,
         None => {
@@ -167,7 +170,8 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             if let Some((l, _, _)) = &tls {
                 println!("embedded MQTT broker TLS listener on {l}");
             }
-            start_embedded_broker_tls(a.embedded_listen, users, tls);
+            let (_, l) = start_embedded_broker_linked(a.embedded_listen, users, tls);
+            link = Some(l);
             println!("embedded MQTT broker on {}", a.embedded_listen);
             (a.embedded_listen.ip().to_string(), a.embedded_listen.port())
         }
@@ -190,9 +194,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         charging,
         operator: a.operator,
         share_group: a.share_group,
-        ingest_connections: a
-            .ingest_connections
-            .unwrap_or(if a.broker.is_none() { 4 } else { 1 }),
+        ingest_connections: a.ingest_connections.unwrap_or(1),
         ..GatewayConfig::default()
     };
     println!(
@@ -239,7 +241,10 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     }
     rt.block_on(async move {
         let shutdown = crate::cli_util::shutdown_signal();
-        run(cfg, store, keys, stats, shutdown).await;
+        match link {
+            Some(link) => run_linked(cfg, link, store, keys, stats, shutdown).await,
+            None => run(cfg, store, keys, stats, shutdown).await,
+        }
     });
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! embedded rumqttd).
 
 use crate::Figures;
-use gateway::daemon::{run, start_embedded_broker, GatewayConfig, GatewayStats};
+use gateway::daemon::{run, run_linked, start_embedded_broker_linked, GatewayConfig, GatewayStats};
 use gateway::store::Store;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeySet, Role};
@@ -117,7 +117,10 @@ async fn publish_all(
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => {
+                        eprintln!("bench MQTT client: {e}; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         });
@@ -214,11 +217,22 @@ pub fn run_scenario(
         .collect();
     users.insert("gateway".into(), "gwpw".into());
     users.insert("raw".into(), "rawpw".into());
-    let _mosq = match broker {
-        "mosquitto" => Some(start_mosquitto(dir.path(), port, &users)?),
+    // With the embedded broker the gateway takes taps over its in-process link, as
+    // `tapgate gateway` does (TAPGATE_BENCH_INGEST_CONNECTIONS > 0 measures that many MQTT
+    // connections to it instead).
+    let ingest_connections: usize = std::env::var("TAPGATE_BENCH_INGEST_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (_mosq, link) = match broker {
+        "mosquitto" => (Some(start_mosquitto(dir.path(), port, &users)?), None),
         _ => {
-            start_embedded_broker(format!("127.0.0.1:{port}").parse()?, users.clone());
-            None
+            let (_, link) = start_embedded_broker_linked(
+                format!("127.0.0.1:{port}").parse()?,
+                users.clone(),
+                None,
+            );
+            (None, (ingest_connections == 0).then_some(link))
         }
     };
     let waited = Instant::now();
@@ -236,6 +250,7 @@ pub fn run_scenario(
         .build()?;
 
     // 1. Raw broker rate: a subscriber counts the same messages at QoS 1, no processing.
+    let raw_cpu0 = cpu_s();
     let raw_rate = rt.block_on(async {
         let received = Arc::new(AtomicU64::new(0));
         let mut o = MqttOptions::new("bench-raw", "127.0.0.1", port);
@@ -255,7 +270,10 @@ pub fn run_scenario(
                         rcv.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => {
+                        eprintln!("bench MQTT client: {e}; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                 }
             }
         });
@@ -273,31 +291,37 @@ pub fn run_scenario(
         anyhow::Ok(total as f64 / took.as_secs_f64())
     })?;
 
+    let raw_cpu = cpu_s() - raw_cpu0;
     // 2. End to end through the gateway.
     let store = Store::open(&dir.path().join("gw"), 4 << 30)?;
     let stats = Arc::new(GatewayStats::default());
-    // TAPGATE_BENCH_INGEST_CONNECTIONS: the gateway's MQTT connections taking taps (default 1).
-    let ingest_connections = std::env::var("TAPGATE_BENCH_INGEST_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
     let cfg = GatewayConfig {
         broker: ("127.0.0.1".into(), port),
         mqtt_credentials: Some(("gateway".into(), "gwpw".into())),
-        ingest_connections,
+        ingest_connections: ingest_connections.max(1),
         operator: "bench".into(),
         ..GatewayConfig::default()
     };
     let gw_keys = keys.for_role(Role::Gateway, 0)?;
     let cpu0 = cpu_s();
     let (e2e, confirmed) = rt.block_on(async {
-        tokio::spawn(run(
-            cfg,
-            store.clone(),
-            gw_keys,
-            stats.clone(),
-            std::future::pending(),
-        ));
+        match link {
+            Some(link) => tokio::spawn(run_linked(
+                cfg,
+                link,
+                store.clone(),
+                gw_keys,
+                stats.clone(),
+                std::future::pending(),
+            )),
+            None => tokio::spawn(run(
+                cfg,
+                store.clone(),
+                gw_keys,
+                stats.clone(),
+                std::future::pending(),
+            )),
+        };
         let waited = Instant::now();
         while !stats.subscribed.load(Ordering::Acquire) {
             anyhow::ensure!(
@@ -341,6 +365,12 @@ pub fn run_scenario(
         ),
         ("confirmations", confirmed.into()),
         ("cpu_us_per_tap", ((cpu * 1e6 / total as f64) as u64).into()),
+        // The same process's CPU for the raw run (publishers, subscriber and, when embedded,
+        // the broker): what the gateway adds is the difference.
+        (
+            "raw_cpu_us_per_tap",
+            ((raw_cpu * 1e6 / total as f64) as u64).into(),
+        ),
         ("rss_peak_kib", rss_peak_kib().into()),
     ])
 }

@@ -37,7 +37,8 @@ pub struct GatewayConfig {
     pub charging: Option<(String, String)>,
     /// The operator taps are booked to.
     pub operator: String,
-    /// Bound of the queue between the MQTT loop and ingestion (back-pressure beyond it).
+    /// Bound of the queue between the MQTT loop and ingestion (back-pressure beyond it), and of
+    /// each MQTT connection's request queue.
     pub queue_max_messages: usize,
     /// Subscribe to the taps as a shared subscription (`$share/<group>/…`): the broker splits
     /// the tap messages among the gateways of the group (Mosquitto ≥ 2 supports it for MQTT
@@ -70,7 +71,7 @@ impl Default for GatewayConfig {
             gateway_id: "gw1".into(),
             broker: ("127.0.0.1".into(), 18830),
             mqtt_credentials: None,
-            ingest_batch_max_messages: 512,
+            ingest_batch_max_messages: 4096,
             forward_batch_max_taps: 1_000,
             charging: None,
             operator: "default".into(),
@@ -106,6 +107,35 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The gateway's in-process link to the embedded broker: taps reach ingestion without TCP or
+/// MQTT framing (see [`start_embedded_broker_linked`]).
+pub struct TapLink {
+    tx: rumqttd::local::LinkTx,
+    rx: rumqttd::local::LinkRx,
+}
+
+/// Starts the embedded broker like [`start_embedded_broker_tls`] and returns, besides its
+/// thread, an in-process link for [`run_linked`].
+///
+/// Why this is as safe as a QoS 1 session: the embedded broker keeps its state in this
+/// process's memory, so whatever it holds dies with the gateway either way; what makes delivery
+/// end to end is the validator's outbox, which keeps every tap until the gateway's confirmation
+/// (sent only after the tap is durable) and sends unconfirmed taps again. The link also lifts
+/// rumqttd's cap of 100 unacknowledged messages per connection, which bounded a TCP
+/// subscriber to 100 taps per group commit.
+pub fn start_embedded_broker_linked(
+    listen: SocketAddr,
+    users: HashMap<String, String>,
+    tls: Option<(SocketAddr, String, String)>,
+) -> (std::thread::JoinHandle<()>, TapLink) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = spawn_broker(listen, users, tls, Some(tx));
+    let link = rx
+        .recv()
+        .expect("the embedded broker thread hands over its link");
+    (thread, link)
+}
+
 /// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
 /// usernames to passwords; every client must authenticate when it is not empty.
 pub fn start_embedded_broker(
@@ -123,6 +153,15 @@ pub fn start_embedded_broker_tls(
     listen: SocketAddr,
     users: HashMap<String, String>,
     tls: Option<(SocketAddr, String, String)>,
+) -> std::thread::JoinHandle<()> {
+    spawn_broker(listen, users, tls, None)
+}
+
+fn spawn_broker(
+    listen: SocketAddr,
+    users: HashMap<String, String>,
+    tls: Option<(SocketAddr, String, String)>,
+    link: Option<std::sync::mpsc::Sender<TapLink>>,
 ) -> std::thread::JoinHandle<()> {
     if tls.is_some() {
         tapgate_http::serve::install_crypto_provider();
@@ -172,11 +211,44 @@ pub fn start_embedded_broker_tls(
         .name("mqtt-broker".into())
         .spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
+            if let Some(hand_over) = link {
+                match broker.link("tapgate-gateway-local") {
+                    Ok((tx, rx)) => {
+                        let _ = hand_over.send(TapLink { tx, rx });
+                    }
+                    Err(e) => {
+                        tracing::error!(%e, "embedded MQTT broker refused the gateway's link");
+                        return;
+                    }
+                }
+            }
             if let Err(e) = broker.start() {
                 tracing::error!(%e, "embedded MQTT broker stopped");
             }
         })
         .expect("spawn the broker thread")
+}
+
+/// Where a message waiting for ingestion came from: an MQTT connection (acknowledged to the
+/// broker once durable) or the in-process link (nothing to acknowledge).
+enum Source {
+    Mqtt(usize, rumqttc::Publish),
+    Link,
+}
+
+/// Most sequence numbers in one confirmation message.
+pub const CONFIRM_MAX_SEQS: usize = 4_096;
+
+/// What leaves after an ingest transaction committed.
+enum Outgoing {
+    /// The broker may forget this message now.
+    Ack(usize, rumqttc::Publish),
+    /// The validator may delete these taps from its outbox.
+    Confirm {
+        device: u32,
+        topic: String,
+        body: String,
+    },
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -187,13 +259,42 @@ pub async fn run(
     stats: Arc<GatewayStats>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
-    let connections = cfg.ingest_connections.max(1);
+    run_inner(cfg, None, store, keys, stats, shutdown).await
+}
+
+/// [`run`] with the taps taken from the embedded broker over `link` (from
+/// [`start_embedded_broker_linked`]) instead of MQTT connections; heartbeats, confirmations and
+/// blocklists still go over one MQTT connection.
+pub async fn run_linked(
+    cfg: GatewayConfig,
+    link: TapLink,
+    store: Store,
+    keys: KeySet,
+    stats: Arc<GatewayStats>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    run_inner(cfg, Some(link), store, keys, stats, shutdown).await
+}
+
+async fn run_inner(
+    cfg: GatewayConfig,
+    link: Option<TapLink>,
+    store: Store,
+    keys: KeySet,
+    stats: Arc<GatewayStats>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let linked = link.is_some();
+    let connections = if linked {
+        1
+    } else {
+        cfg.ingest_connections.max(1)
+    };
     let group = cfg
         .share_group
         .clone()
         .or_else(|| (connections > 1).then(|| format!("tapgate-{}", cfg.gateway_id)));
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(usize, rumqttc::Publish)>(cfg.queue_max_messages);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Source, Message)>(cfg.queue_max_messages);
     let mut clients = Vec::with_capacity(connections);
     let mut mqtt_tasks = Vec::with_capacity(connections);
     for conn in 0..connections {
@@ -212,9 +313,8 @@ pub async fn run(
             opts.set_credentials(u.clone(), p.clone());
         }
         // The request queue (acks, confirmations, subscriptions) drains only while the event
-        // loop polls, and the event loop waits when the ingest queue is full: room for many
-        // batches of acks and confirmations keeps the two from waiting on each other.
-        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        // loop polls; ingestion never waits on it (see the sender task below).
+        let (client, mut eventloop) = AsyncClient::new(opts, cfg.queue_max_messages.max(1));
         clients.push(client.clone());
         // MQTT event loop: reconnects with backoff; (re)subscribes on every connection. The
         // first connection also takes the validators' heartbeats. Nothing here awaits the
@@ -238,7 +338,10 @@ pub async fn run(
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff_ms = 100;
-                        let mut topics = vec![taps.as_str()];
+                        let mut topics = Vec::new();
+                        if !linked {
+                            topics.push(taps.as_str());
+                        }
                         if main {
                             topics.push(status.as_str());
                         }
@@ -280,7 +383,11 @@ pub async fn run(
                             }
                             continue;
                         }
-                        if tx.send((conn, p)).await.is_err() {
+                        let m = Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                        };
+                        if tx.send((Source::Mqtt(conn, p), m)).await.is_err() {
                             break;
                         }
                     }
@@ -297,6 +404,49 @@ pub async fn run(
             }
         }));
     }
+    // The in-process link to the embedded broker: a QoS 0 subscription (nothing in flight to
+    // acknowledge); when ingestion falls behind, the queue below fills, this task stops taking,
+    // the broker stops forwarding at its buffer's limit ("unschedule") and keeps the rest in its
+    // log until the task asks again ("wake").
+    let link_task = link.map(
+        |TapLink {
+             tx: mut link_tx,
+             rx: mut link_rx,
+         }| {
+            let filter = format!("tapgate/v1/{}/taps/+", cfg.operator);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = link_tx.subscribe(filter) {
+                    tracing::error!(%e, "subscribing the embedded broker link failed");
+                    return;
+                }
+                loop {
+                    match link_rx.next().await {
+                        Ok(Some(rumqttd::Notification::Forward(f))) => {
+                            let m = Message {
+                                topic: String::from_utf8_lossy(&f.publish.topic).into_owned(),
+                                payload: f.publish.payload.to_vec(),
+                            };
+                            if tx.send((Source::Link, m)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(Some(rumqttd::Notification::Unschedule)) => {
+                            if let Err(e) = link_rx.wake().await {
+                                tracing::error!(%e, "embedded broker link closed");
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(%e, "embedded broker link closed");
+                            break;
+                        }
+                    }
+                }
+            })
+        },
+    );
     drop(tx);
     let client = clients[0].clone();
 
@@ -492,6 +642,38 @@ pub async fn run(
         }
     });
 
+    // Acknowledgements and confirmations leave from their own task: the MQTT request queue
+    // drains only while the event loop polls, and the event loop waits while the ingest queue
+    // is full, so ingestion must never wait on that request queue itself (it did, and a broker
+    // pushing more unacknowledged messages than the two queues hold — Mosquitto does on a
+    // backlog — stopped the gateway for good). The channel is unbounded but bounded in fact:
+    // one ack per message the broker has in flight to us, one confirmation per device and batch.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
+    let out_clients = clients.clone();
+    let sender = tokio::spawn(async move {
+        while let Some(o) = out_rx.recv().await {
+            match o {
+                Outgoing::Ack(conn, p) => {
+                    if let Err(e) = out_clients[conn].ack(&p).await {
+                        tracing::warn!(%e, "ack failed; the broker will redeliver (a duplicate)");
+                    }
+                }
+                Outgoing::Confirm {
+                    device,
+                    topic,
+                    body,
+                } => {
+                    if let Err(e) = out_clients[0]
+                        .publish(topic, QoS::AtLeastOnce, false, body)
+                        .await
+                    {
+                        tracing::warn!(%e, device, "confirmation not sent; the validator will resend");
+                    }
+                }
+            }
+        }
+    });
+
     // Ingest: batches of publishes, one durable transaction each, then acks and confirmations.
     let ingest = async {
         while let Some(first) = rx.recv().await {
@@ -502,34 +684,27 @@ pub async fn run(
                     Err(_) => break,
                 }
             }
-            let messages: Vec<Message> = batch
-                .iter()
-                .map(|(_, p)| Message {
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                })
-                .collect();
+            let (sources, messages): (Vec<Source>, Vec<Message>) = batch.drain(..).unzip();
+            let messages = Arc::new(messages);
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            let (s, k) = (store.clone(), keys.clone());
-            let outcome = tokio::task::spawn_blocking(move || {
-                s.ingest(&messages, |d| k.device_key(d).ok(), now_ms)
-            })
-            .await;
-            let outcome = match outcome {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => {
-                    // Nothing acknowledged: the broker redelivers after we reconnect.
-                    tracing::error!(%e, "ingest failed; messages will be redelivered");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
+            // A failed transaction stored nothing: the same batch is tried again (nothing is
+            // acknowledged or confirmed until it is durable), so a full disk stalls ingestion
+            // (back-pressure up to the validators' outboxes) instead of dropping taps.
+            let outcome = loop {
+                let (s, k, m) = (store.clone(), keys.clone(), messages.clone());
+                match tokio::task::spawn_blocking(move || {
+                    s.ingest(&m, |d| k.device_key(d).ok(), now_ms)
+                })
+                .await
+                {
+                    Ok(Ok(o)) => break o,
+                    Ok(Err(e)) => tracing::error!(%e, "ingest failed; retrying the batch"),
+                    Err(e) => tracing::error!(%e, "ingest task failed; retrying the batch"),
                 }
-                Err(e) => {
-                    tracing::error!(%e, "ingest task failed");
-                    continue;
-                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             };
             stats.stored.fetch_add(outcome.stored, Ordering::Relaxed);
             stats
@@ -538,16 +713,22 @@ pub async fn run(
             stats
                 .quarantined
                 .fetch_add(outcome.quarantined, Ordering::Relaxed);
-            for (conn, p) in &batch {
-                if let Err(e) = clients[*conn].ack(p).await {
-                    tracing::warn!(%e, "ack failed; the broker will redeliver (a duplicate)");
+            for source in sources {
+                if let Source::Mqtt(conn, p) = source {
+                    let _ = out_tx.send(Outgoing::Ack(conn, p));
                 }
             }
             for ((op, device), seqs) in outcome.confirmations {
                 let topic = format!("tapgate/v1/{op}/devices/{device}/confirm");
-                let body = serde_json::json!({"seqs": seqs}).to_string();
-                if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
-                    tracing::warn!(%e, device, "confirmation not sent; the validator will resend");
+                // A draining outbox can put hundreds of thousands of a device's taps in one
+                // batch: confirmations go in messages of at most CONFIRM_MAX_SEQS (≈ 40 kB).
+                for chunk in seqs.chunks(CONFIRM_MAX_SEQS) {
+                    let body = serde_json::json!({ "seqs": chunk }).to_string();
+                    let _ = out_tx.send(Outgoing::Confirm {
+                        device,
+                        topic: topic.clone(),
+                        body,
+                    });
                 }
             }
         }
@@ -562,6 +743,10 @@ pub async fn run(
     for t in mqtt_tasks {
         t.abort();
     }
+    if let Some(t) = link_task {
+        t.abort();
+    }
+    sender.abort();
     forwarder.abort();
     blocklists.abort();
 }

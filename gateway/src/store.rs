@@ -232,6 +232,7 @@ impl Store {
         let mut out = IngestOutcome::default();
         let mut dev_states: BTreeMap<u32, DeviceState> = BTreeMap::new();
         let mut aggs: BTreeMap<String, Aggregate> = BTreeMap::new();
+        let mut device_keys: BTreeMap<u32, Option<AesKey>> = BTreeMap::new();
         let mut t = self.env.write_txn()?;
         let mut next_outbox = self
             .outbox
@@ -271,7 +272,14 @@ impl Store {
                 continue;
             }
             for rec in m.payload.chunks_exact(TAP_LEN) {
-                let tap = match TapRecord::decode_verified(rec, &device_key) {
+                // One derivation per device and batch (an outbox draining repeats the device).
+                let key_for = |d: u32| {
+                    device_keys
+                        .entry(d)
+                        .or_insert_with(|| device_key(d))
+                        .clone()
+                };
+                let tap = match TapRecord::decode_verified(rec, key_for) {
                     Ok(tap) => tap,
                     Err(e) => {
                         let reason = match e {

@@ -313,3 +313,87 @@ async fn a_shared_subscription_splits_taps_between_gateways() {
         "both gateways took a share: {s:?}"
     );
 }
+
+/// Mosquitto pushes a backlog to the gateway with many more unacknowledged messages than the
+/// gateway's queues hold. Ingestion used to wait on the MQTT request queue to acknowledge,
+/// while the MQTT loop (the only thing draining that queue) waited for room in the ingest
+/// queue: the gateway stopped for good. Tiny queues make the old deadlock certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_the_queues_is_taken_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = start_mosquitto(dir.path(), port);
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(9))
+        .for_role(Role::Gateway, 0)
+        .unwrap();
+    // The device publishes its whole outbox first, into the gateway's persistent session.
+    let cfg = GatewayConfig {
+        broker: ("127.0.0.1".into(), port),
+        mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+        operator: "metro".into(),
+        queue_max_messages: 2,
+        ingest_batch_max_messages: 2,
+        ..GatewayConfig::default()
+    };
+    let store = Store::open(&dir.path().join("gw"), 32 << 20).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(run(
+        cfg.clone(),
+        store.clone(),
+        keys.clone(),
+        Arc::new(GatewayStats::default()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // Let the first run make the persistent session, then stop it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    first.await.unwrap();
+    let mut opts = MqttOptions::new("device-1001-backlog", "127.0.0.1", port);
+    opts.set_credentials("1001", "d1-secret").set_inflight(200);
+    let (client, mut events) = AsyncClient::new(opts, 2_000);
+    tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    // Under Mosquitto's default max_queued_messages (1,000) for a client that is away.
+    const N: u64 = 900;
+    for seq in 1..=N {
+        client
+            .publish(
+                "tapgate/v1/metro/taps/1001",
+                QoS::AtLeastOnce,
+                false,
+                tap(&keys, 1001, seq),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = Arc::new(GatewayStats::default());
+    tokio::spawn(run(
+        cfg,
+        store.clone(),
+        keys.clone(),
+        stats.clone(),
+        std::future::pending(),
+    ));
+    let start = Instant::now();
+    while stats.stored.load(std::sync::atomic::Ordering::Relaxed) < N {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the gateway stalled after {} of {N} taps",
+            stats.stored.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.device(1001).unwrap().unwrap().highest_seq, N);
+    assert_eq!(
+        stats.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}

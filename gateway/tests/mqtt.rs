@@ -431,3 +431,141 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     .unwrap_or(false);
     assert!(refused, "a wrong password must not connect");
 }
+
+fn test_tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
+    let r = purse::receipt::CommitReceipt::for_tests(
+        [4, 5, 5, 5, 5, 5, seq as u8],
+        seq as u32,
+        [1; 8],
+        purse::receipt::TxKind::Debit,
+        100,
+        1_000,
+    );
+    TapRecord::accepted(
+        &r,
+        TapMeta {
+            device_id: device,
+            device_seq: seq,
+            ..Default::default()
+        },
+    )
+    .sign(&keys.device_key(device).unwrap())
+    .to_vec()
+}
+
+/// `tapgate gateway` with the embedded broker takes taps over the in-process link (no TCP, no
+/// in-flight cap): every tap stored once and confirmed to its validator, a forgery quarantined,
+/// another operator's taps left alone, and a burst far beyond the gateway's queues taken whole
+/// (the broker holds the rest in its log until the link asks again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(5));
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt_port = free_port();
+    let users = HashMap::from([
+        ("gateway".to_string(), "gw-secret".to_string()),
+        ("dev-1001".to_string(), "dev-secret".to_string()),
+    ]);
+    let (_, link) = gateway::daemon::start_embedded_broker_linked(
+        format!("127.0.0.1:{mqtt_port}").parse().unwrap(),
+        users,
+        None,
+    );
+    wait_for("the broker", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_ok()
+    })
+    .await;
+    let store = Store::open(&dir.path().join("gateway"), 64 << 20).unwrap();
+    let stats = Arc::new(GatewayStats::default());
+    let gw_cfg = GatewayConfig {
+        broker: ("127.0.0.1".into(), mqtt_port),
+        mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+        operator: "metro".into(),
+        queue_max_messages: 2,
+        ingest_batch_max_messages: 2,
+        ..GatewayConfig::default()
+    };
+    let gw_keys = keys.for_role(KeyRole::Gateway, 0).unwrap();
+    tokio::spawn(gateway::daemon::run_linked(
+        gw_cfg,
+        link,
+        store.clone(),
+        gw_keys,
+        stats.clone(),
+        std::future::pending(),
+    ));
+    wait_for(
+        "the gateway's subscription",
+        Duration::from_secs(10),
+        || stats.subscribed.load(Ordering::Acquire),
+    )
+    .await;
+
+    let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
+    opts.set_credentials("dev-1001", "dev-secret")
+        .set_inflight(500);
+    let (client, mut events) = AsyncClient::new(opts, 5_000);
+    let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let (c2, subscribed) = (confirmed.clone(), Arc::new(tokio::sync::Notify::new()));
+    let s2 = subscribed.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    for s in v["seqs"].as_array().unwrap() {
+                        c2.lock().unwrap().insert(s.as_u64().unwrap());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    client
+        .subscribe("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+        .await
+        .unwrap();
+    const N: u64 = 3_000;
+    for seq in 1..=N {
+        client
+            .publish(
+                "tapgate/v1/metro/taps/1001",
+                QoS::AtLeastOnce,
+                false,
+                test_tap(&keys, 1001, seq),
+            )
+            .await
+            .unwrap();
+    }
+    let mut forged = test_tap(&keys, 1001, N + 1);
+    forged[20] ^= 1;
+    for (topic, payload) in [
+        ("tapgate/v1/metro/taps/1001", forged),
+        ("tapgate/v1/other/taps/1001", test_tap(&keys, 1001, N + 2)),
+    ] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    wait_for("every tap confirmed", Duration::from_secs(60), || {
+        confirmed.lock().unwrap().len() as u64 == N
+            && stats.quarantined.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(stats.stored.load(Ordering::Relaxed), N);
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        *confirmed.lock().unwrap(),
+        (1..=N).collect::<BTreeSet<u64>>()
+    );
+    let dev = store.device(1001).unwrap().unwrap();
+    assert_eq!((dev.highest_seq, dev.taps), (N, N));
+    assert!(dev.gaps.is_empty(), "{:?}", dev.gaps);
+    assert_eq!(store.taps(10_000).unwrap().len() as u64, N);
+}
