@@ -4,7 +4,9 @@
 //! Delivery is end to end, never trusted to the broker: an incoming publish is acknowledged to
 //! the broker only after the ingest transaction that stored it committed, so a gateway killed
 //! at any point gets the message again from its persistent session; the validator deletes a
-//! tap from its outbox only when the gateway's confirmation arrives.
+//! tap from its outbox only when the gateway's confirmation arrives. With the embedded broker
+//! the taps come over rumqttd's in-process link instead ([`run_linked`]; why that is as safe is
+//! on [`start_embedded_broker_linked`]).
 //!
 //! Topics (docs/mqtt.md): taps arrive on `tapgate/v1/<operator>/taps/<device>`; confirmations
 //! go to `tapgate/v1/<operator>/devices/<device>/confirm` as `{"seqs": [...]}`.
