@@ -14,6 +14,10 @@
 //!   lost after it); the rider taps that gate again and its journal settles the debit from the
 //!   card's counter. The gateway stores taps durably, forwards them to clearing, and is killed
 //!   and restarted mid-day.
+//! - A hotel's pay-TV box (a charge gate with the hotel's signed table) sells films and sports
+//!   hours on the same cards over the hotel's topics to a second gateway (operator "hotel",
+//!   relaying no blocklist: the box holds the card scheme's list from the metro's topics), so
+//!   the revenue per operator is booked apart and checked against what each side collected.
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
@@ -133,11 +137,41 @@ struct Tally {
     loads_torn: u64,
     loads_by_source: std::collections::BTreeMap<String, u64>,
     revenue_minor: i64,
+    /// What the validators collected, by the operator the taps are booked to.
+    revenue_by_operator: std::collections::BTreeMap<&'static str, i64>,
+    /// Presentations at the hotel's pay-TV box, and sales it made.
+    tv_sales: u64,
+    tv_accepted: u64,
     latencies_ns: Vec<u64>,
     taps_cleared: u64,
     clearing_duplicates: u64,
     clearing_anomalies: u64,
     loads_completed_by_clearing: u64,
+}
+
+impl Tally {
+    fn book(&mut self, operator: &'static str, amount_minor: i64) {
+        self.revenue_minor += amount_minor;
+        *self.revenue_by_operator.entry(operator).or_default() += amount_minor;
+    }
+}
+
+/// What a guest buys at the pay-TV box: a film, or a few started hours of sports (capped per
+/// TV day by the hotel's table, from the card's own records).
+fn tv_sale(rng: &mut StdRng) -> validator::gate::Sale {
+    if rng.gen_bool(0.5) {
+        validator::gate::Sale {
+            charge: "movie".into(),
+            items: 1,
+            minutes: 0,
+        }
+    } else {
+        validator::gate::Sale {
+            charge: "sports".into(),
+            items: 0,
+            minutes: rng.gen_range(30..=240),
+        }
+    }
 }
 
 const HOLDER: &str = "tg_demo_cardholder";
@@ -235,17 +269,19 @@ struct Network<'a> {
     rt: &'a tokio::runtime::Runtime,
     clients: Vec<rumqttc::AsyncClient>,
     outbox: Vec<std::collections::BTreeMap<u64, Vec<u8>>>,
+    /// Each device's operator (its topics).
+    operators: Vec<&'static str>,
     confirmed: Arc<Mutex<Vec<std::collections::BTreeSet<u64>>>>,
 }
 
 impl Network<'_> {
-    fn topic(vi: usize) -> String {
-        format!("tapgate/v1/metro/taps/{}", 1000 + vi)
+    fn topic(&self, vi: usize) -> String {
+        format!("tapgate/v1/{}/taps/{}", self.operators[vi], 1000 + vi)
     }
 
     fn publish(&mut self, vi: usize, seq: u64, wire: Vec<u8>) -> Result<()> {
         self.rt.block_on(self.clients[vi].publish(
-            Self::topic(vi),
+            self.topic(vi),
             rumqttc::QoS::AtLeastOnce,
             false,
             wire.clone(),
@@ -269,7 +305,7 @@ impl Network<'_> {
         for (vi, ob) in self.outbox.iter().enumerate() {
             for wire in ob.values() {
                 self.rt.block_on(self.clients[vi].publish(
-                    Self::topic(vi),
+                    self.topic(vi),
                     rumqttc::QoS::AtLeastOnce,
                     false,
                     wire.clone(),
@@ -405,6 +441,15 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|i| SoftwareSam::validator(&keys, 1000 + i))
         .collect::<Result<_, _>>()?;
     let n_val = sams.len();
+    // The Grand Hotel's pay-TV box (device 1000 + n_val), on the hotel's own topics and gateway:
+    // its sales are the hotel's revenue, priced by the hotel's signed table.
+    let tv = n_val;
+    let n_dev = n_val + 1;
+    let hotel_table = fare_rules::source::compile(
+        "fare-rules/samples/hotel/rules.toml",
+        include_str!("../fare-rules/samples/hotel/rules.toml"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     // The fare table every validator holds: the metro-city sample, signed by the back office,
     // verified by each validator as it would be over MQTT.
     let table = fare_rules::source::compile(
@@ -422,10 +467,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     if let Some(e) = sign_err {
         anyhow::bail!("signing the fare table: {e}");
     }
-    let mut gates = Vec::with_capacity(n_val);
-    let mut journals = Vec::with_capacity(n_val);
-    let mut gate_net = Vec::with_capacity(n_val);
-    let mut gate_kind = Vec::with_capacity(n_val);
+    let mut gates = Vec::with_capacity(n_dev);
+    let mut journals = Vec::with_capacity(n_dev);
+    let mut gate_net = Vec::with_capacity(n_dev);
+    let mut gate_kind = Vec::with_capacity(n_dev);
     for (i, sam) in sams.into_iter().enumerate() {
         let (route, stop, kind) = GATES[i % GATES.len()];
         let engine = fare_rules::signed::verify(&signed_table, &keys.verifying_key)?;
@@ -454,6 +499,48 @@ pub fn run(args: DemoArgs) -> Result<()> {
         gate_net.push(net);
         gate_kind.push(kind);
     }
+    {
+        let mut sign_err = None;
+        let signed = fare_rules::signed::encode(&hotel_table, |m| {
+            hsm.sign(m).unwrap_or_else(|e| {
+                sign_err = Some(e);
+                [0; 64]
+            })
+        })?;
+        if let Some(e) = sign_err {
+            anyhow::bail!("signing the hotel table: {e}");
+        }
+        let placement = Placement {
+            device_id: 1000 + tv as u32,
+            stop: String::new(),
+            route: String::new(),
+            kind: GateKind::Charge,
+            utc_offset_s: 9 * 3600,
+            sale: Some(validator::gate::Sale {
+                charge: "movie".into(),
+                items: 1,
+                minutes: 0,
+            }),
+        };
+        let engine = fare_rules::signed::verify(&signed, &keys.verifying_key)?;
+        placement.check(&engine).map_err(|e| anyhow::anyhow!(e))?;
+        gates.push(Gate {
+            sam: SoftwareSam::validator(&keys, 1000 + tv as u32)?,
+            engine: Some(engine),
+            blocklist: purse::blocklist::Blocklist::new("metro"),
+            placement,
+            rng: StdRng::seed_from_u64(args.seed ^ 0x7e1e),
+        });
+        journals.push(Journal::open(
+            &tmp.path().join(format!("validator-{}", 1000 + tv)),
+            10_000_000,
+            1 << 30,
+        )?);
+        gate_net.push(u16::MAX);
+        gate_kind.push(GateKind::Charge);
+    }
+    // Which operator each device's taps are booked to (its topics and its gateway).
+    let device_operator = |vi: usize| if vi == tv { "hotel" } else { "metro" };
     // A day in fast time: 05:00 to 24:00 in Metro City (UTC+9) on 2026-12-01.
     let ms_per_tap = (19 * 3_600_000 / u64::from(args.taps.max(1))).max(1);
     // The embedded MQTT broker and the gateway, forwarding to the charging server.
@@ -464,7 +551,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let secret = |rng: &mut StdRng| hex::encode(rng.gen::<[u8; 12]>());
     let gateway_password = secret(&mut rng);
     users.insert("gateway".to_string(), gateway_password.clone());
-    let device_passwords: Vec<String> = (0..args.validators).map(|_| secret(&mut rng)).collect();
+    let device_passwords: Vec<String> = (0..n_dev).map(|_| secret(&mut rng)).collect();
     for (i, p) in device_passwords.iter().enumerate() {
         users.insert((1000 + i).to_string(), p.clone());
     }
@@ -501,10 +588,29 @@ pub fn run(args: DemoArgs) -> Result<()> {
         (stop, task)
     };
     let mut gateway_run = Some(start_gateway(gw_stats.clone()));
+    // The hotel's gateway: the same broker, the hotel's topics, its revenue booked to "hotel".
+    let hotel_store = gateway::store::Store::open(&tmp.path().join("gateway-hotel"), 1 << 30)?;
+    let hotel_stats = Arc::new(gateway::daemon::GatewayStats::default());
+    let (hotel_stop, hotel_stopped) = tokio::sync::oneshot::channel::<()>();
+    let hotel_gateway = rt.spawn(gateway::daemon::run(
+        gateway::daemon::GatewayConfig {
+            gateway_id: "gw-hotel".into(),
+            operator: "hotel".into(),
+            // The box holds the card scheme's list, from the metro's topics.
+            relay_blocklists: false,
+            ..gw_cfg.clone()
+        },
+        hotel_store.clone(),
+        gw_keys.clone(),
+        hotel_stats.clone(),
+        async {
+            let _ = hotel_stopped.await;
+        },
+    ));
     let waited = Instant::now();
-    while !gw_stats
-        .subscribed
-        .load(std::sync::atomic::Ordering::Acquire)
+    while ![&gw_stats, &hotel_stats]
+        .iter()
+        .all(|s| s.subscribed.load(std::sync::atomic::Ordering::Acquire))
     {
         ensure!(
             waited.elapsed() < std::time::Duration::from_secs(10),
@@ -512,11 +618,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let confirmed = Arc::new(Mutex::new(vec![std::collections::BTreeSet::new(); n_val]));
+    let confirmed = Arc::new(Mutex::new(vec![std::collections::BTreeSet::new(); n_dev]));
     // Each validator keeps the blocklist it verified (the back office's public key) and applied.
     let lists = Arc::new(Mutex::new(vec![
         purse::blocklist::Blocklist::new("metro");
-        n_val
+        n_dev
     ]));
     let verifying_key = keys.verifying_key;
     let mut clients = Vec::new();
@@ -527,7 +633,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .set_clean_session(false)
             .set_keep_alive(std::time::Duration::from_secs(30));
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 10_000);
-        let topic = format!("tapgate/v1/metro/devices/{id}/confirm");
+        let topic = format!("tapgate/v1/{}/devices/{id}/confirm", device_operator(vi));
         let sub = client.clone();
         let conf = confirmed.clone();
         let lists = lists.clone();
@@ -569,7 +675,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut net = Network {
         rt: &rt,
         clients,
-        outbox: vec![Default::default(); n_val],
+        outbox: vec![Default::default(); n_dev],
+        operators: (0..n_dev).map(device_operator).collect(),
         confirmed,
     };
     let mut gateway_restarts = 0u64;
@@ -592,7 +699,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 serde_json::json!({"reason": "reported lost"}),
             )?;
             let blocked_at = Instant::now();
-            let mut seen = vec![None; n_val];
+            let mut seen = vec![None; n_dev];
             while seen.iter().any(Option::is_none) {
                 ensure!(
                     blocked_at.elapsed() < std::time::Duration::from_secs(30),
@@ -620,6 +727,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         // in progress; else an entry.
         let vi = match r.torn_at.take() {
             Some(v) => v,
+            // A hotel guest buys a film or sports hours on the room's pay-TV.
+            None if rng.gen_ratio(1, 40) => tv,
             None => {
                 let fits: Vec<usize> = (0..n_val)
                     .filter(|&v| match r.trip_network {
@@ -656,9 +765,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 tear,
                 sent: 0,
             };
-            gates[vi]
-                .tap(&mut reader, &journals[vi], now_ms, &mut |_| {})
-                .map_err(|e| anyhow::anyhow!("tap {tap}: {e}"))?
+            if vi == tv {
+                let sale = tv_sale(&mut rng);
+                t.tv_sales += 1;
+                gates[vi].charge(&mut reader, &journals[vi], now_ms, &sale, &mut |_| {})
+            } else {
+                gates[vi].tap(&mut reader, &journals[vi], now_ms, &mut |_| {})
+            }
+            .map_err(|e| anyhow::anyhow!("tap {tap}: {e}"))?
         };
         let elapsed = began.elapsed().as_nanos() as u64;
         r.card.tear_after_writes(None);
@@ -666,7 +780,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             Settled::Committed { seq } => {
                 t.debits_settled_committed += 1;
                 t.taps_accepted += 1;
-                t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                let amount = publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                t.book(device_operator(vi), amount);
             }
             Settled::NotCommitted => t.debits_settled_not_committed += 1,
             Settled::Unprovable => t.debits_unresolved += 1,
@@ -677,9 +792,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
             Answer::Accepted { seq, .. } => {
                 t.latencies_ns.push(elapsed);
                 t.taps_accepted += 1;
-                t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
-                r.trip_network = (gate_kind[vi] == GateKind::In).then_some(gate_net[vi]);
-                if let Some(Ok(rec)) = r
+                let amount = publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                t.book(device_operator(vi), amount);
+                if vi == tv {
+                    t.tv_accepted += 1;
+                } else if let Some(Ok(rec)) = r
                     .card
                     .state()
                     .records
@@ -690,6 +807,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     t.taps_transfer += u64::from(rec.flags & flags::TRANSFER != 0);
                     t.taps_capped += u64::from(rec.flags & flags::CAPPED != 0);
                     t.taps_penalty += u64::from(rec.flags & flags::PENALTY != 0);
+                }
+                if vi != tv {
+                    r.trip_network = (gate_kind[vi] == GateKind::In).then_some(gate_net[vi]);
                 }
                 if gate_kind[vi] == GateKind::Out && rng.gen_bool(0.4) {
                     next_rider = Some(ri);
@@ -709,7 +829,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
                     }
                     _ => t.taps_refused += 1,
                 }
-                r.trip_network = None;
+                if vi != tv {
+                    r.trip_network = None;
+                }
             }
             Answer::Torn => {
                 t.taps_torn += 1;
@@ -819,22 +941,25 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let end_ms = DAY0_MS + u64::from(args.taps) * ms_per_tap;
     for r in riders.iter_mut() {
         if let Some(vi) = r.torn_at.take() {
-            let out = gates[vi]
-                .tap(
-                    &mut EmulatedReader {
-                        card: &mut r.card,
-                        rng: &mut card_rng,
-                    },
-                    &journals[vi],
-                    end_ms,
-                    &mut |_| {},
-                )
-                .map_err(|e| anyhow::anyhow!("end-of-day tap: {e}"))?;
+            let mut reader = EmulatedReader {
+                card: &mut r.card,
+                rng: &mut card_rng,
+            };
+            // At the pay-TV box the guest buys again what the torn presentation did not sell.
+            let out = if vi == tv {
+                let sale = tv_sale(&mut rng);
+                t.tv_sales += 1;
+                gates[vi].charge(&mut reader, &journals[vi], end_ms, &sale, &mut |_| {})
+            } else {
+                gates[vi].tap(&mut reader, &journals[vi], end_ms, &mut |_| {})
+            }
+            .map_err(|e| anyhow::anyhow!("end-of-day tap: {e}"))?;
             match out.settled {
                 Settled::Committed { seq } => {
                     t.debits_settled_committed += 1;
                     t.taps_accepted += 1;
-                    t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                    let amount = publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                    t.book(device_operator(vi), amount);
                 }
                 Settled::NotCommitted => t.debits_settled_not_committed += 1,
                 Settled::Unprovable => t.debits_unresolved += 1,
@@ -843,7 +968,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             match out.answer {
                 Answer::Accepted { seq, .. } => {
                     t.taps_accepted += 1;
-                    t.revenue_minor += publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                    let amount = publish_journalled(&mut net, &journals[vi], vi, seq)?;
+                    t.book(device_operator(vi), amount);
                 }
                 Answer::Refused { seq: Some(seq), .. } => {
                     publish_journalled(&mut net, &journals[vi], vi, seq)?;
@@ -889,7 +1015,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    while gw_store.outbox_len()? > 0 {
+    while gw_store.outbox_len()? + hotel_store.outbox_len()? > 0 {
         ensure!(
             drain.elapsed() < std::time::Duration::from_secs(120),
             "taps not forwarded to clearing in time"
@@ -903,15 +1029,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let _ = stop.send(());
         let _ = rt.block_on(task);
     }
-    t.taps_cleared = gw_stats
-        .forwarded
-        .load(std::sync::atomic::Ordering::Relaxed);
-    t.clearing_duplicates = gw_stats
-        .duplicates
-        .load(std::sync::atomic::Ordering::Relaxed);
-    t.clearing_anomalies = gw_stats
-        .quarantined
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let _ = hotel_stop.send(());
+    let _ = rt.block_on(hotel_gateway);
+    let both = |f: fn(&gateway::daemon::GatewayStats) -> &std::sync::atomic::AtomicU64| {
+        [&gw_stats, &hotel_stats]
+            .iter()
+            .map(|s| f(s).load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    t.taps_cleared = both(|s| &s.forwarded);
+    t.clearing_duplicates = both(|s| &s.duplicates);
+    t.clearing_anomalies = both(|s| &s.quarantined);
 
     // Conservation: the ledger's shadow purse equals every card's balance; reconciliation
     // balances every card; every counter a card consumed is booked exactly once.
@@ -962,7 +1090,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .filter(|i| i.state == charging::ledger::IntentState::Voided)
             .count() as u64
     };
-    let value_conserved = out_of_balance == 0
+    // Revenue per operator as the ledger booked it from cleared taps, against what each
+    // operator's validators collected.
+    let ledger_revenue: std::collections::BTreeMap<&str, i64> = {
+        let r = ledger.read()?;
+        let mut m = std::collections::BTreeMap::new();
+        for op in ["metro", "hotel"] {
+            m.insert(op, ledger.balance(&r, &format!("operator:{op}"))?);
+        }
+        m
+    };
+    let revenue_agrees = ["metro", "hotel"].iter().all(|op| {
+        ledger_revenue.get(op).copied().unwrap_or(0)
+            == t.revenue_by_operator.get(op).copied().unwrap_or(0)
+    });
+    let value_conserved = revenue_agrees
+        && out_of_balance == 0
         && report.differences.is_empty()
         && lost == 0
         && paid_twice == 0
@@ -973,7 +1116,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut lat = t.latencies_ns.clone();
     lat.sort_unstable();
     let (p50, p99) = (percentile_us(&lat, 0.5), percentile_us(&lat, 0.99));
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "validators": args.validators,
         "cards": args.cards,
         "seed": args.seed,
@@ -1014,6 +1157,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "tap_latency_us_p99": p99,
         "wall_ms": started.elapsed().as_millis() as u64,
     });
+    // (More fields than one json! call may hold.)
+    summary["revenue_minor_by_operator"] = serde_json::json!(ledger_revenue);
+    summary["revenue_agrees"] = revenue_agrees.into();
+    summary["tv_sales"] = t.tv_sales.into();
+    summary["tv_sales_accepted"] = t.tv_accepted.into();
     if args.json {
         println!("{summary}");
     } else {
@@ -1024,7 +1172,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         );
         println!(
             "  fares                  {} (version {}): {} minor units collected; {} taps continued a journey (transfer), {} were capped, {} carried a missing-tap-out penalty",
-            table.meta.name, table.meta.version, t.revenue_minor, t.taps_transfer, t.taps_capped, t.taps_penalty
+            table.meta.name, table.meta.version, t.revenue_by_operator.get("metro").copied().unwrap_or(0), t.taps_transfer, t.taps_capped, t.taps_penalty
         );
         println!(
             "  taps refused           {} by reason {:?} (insufficient value: the rider tops up online)",
@@ -1046,8 +1194,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
             paid_twice == 0
         );
         println!(
-            "  revenue                {} minor units (operator metro)",
-            t.revenue_minor
+            "  revenue                by operator as booked from cleared taps: {}; {} what the validators collected",
+            ledger_revenue
+                .iter()
+                .map(|(op, v)| format!("{op} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if revenue_agrees { "equals" } else { "DIFFERS FROM" }
+        );
+        println!(
+            "  hotel pay-TV           {} sales of {} presentations (films, sports hours under the TV-day cap), through the hotel's own gateway",
+            t.tv_accepted, t.tv_sales
         );
         println!(
             "  lost card blocked      reached all {} validators in {} ms (p50 {} ms); {} taps refused as blocklisted",

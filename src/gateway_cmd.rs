@@ -80,6 +80,11 @@ pub struct GatewayArgs {
     /// (default 1). With the embedded broker the taps come over an in-process link instead.
     #[arg(long = "ingest-connections")]
     ingest_connections: Option<usize>,
+    /// Do not relay the charging server's blocklists: for a gateway that collects an operator's
+    /// revenue while its validators take the card scheme's list from the scheme operator's
+    /// topics (a hotel's pay-TV boxes on a metro's cards).
+    #[arg(long = "no-blocklist-relay")]
+    no_blocklist_relay: bool,
     /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],
     /// [[tokens]]); without it the API is not started.
     #[arg(long)]
@@ -195,6 +200,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         operator: a.operator,
         share_group: a.share_group,
         ingest_connections: a.ingest_connections.unwrap_or(1),
+        relay_blocklists: !a.no_blocklist_relay,
         ..GatewayConfig::default()
     };
     println!(

@@ -1,6 +1,7 @@
 //! `tapgate demo --json`: the summary's contract fields, and conservation under heavy tearing,
 //! with loads over HTTP through the real charging server, and taps over MQTT through the embedded
-//! broker and the gateway (restarted mid-day) to clearing.
+//! broker and the gateway (restarted mid-day) to clearing; the hotel's pay-TV box through the
+//! hotel's own gateway.
 
 use std::process::Command;
 
@@ -52,6 +53,17 @@ fn demo_json_summary_holds_conservation_under_tears() {
     assert!(
         v["block_propagation_ms_p99"].as_u64().unwrap() > 0,
         "measured: {v}"
+    );
+    // The hotel's pay-TV box sold through its own gateway; each operator's revenue as the
+    // ledger booked it equals what its validators collected.
+    assert!(v["tv_sales_accepted"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["revenue_agrees"], true, "{v}");
+    let by_op = &v["revenue_minor_by_operator"];
+    assert!(by_op["hotel"].as_i64().unwrap() > 0, "{v}");
+    assert!(by_op["metro"].as_i64().unwrap() > 0, "{v}");
+    assert_eq!(
+        by_op["hotel"].as_i64().unwrap() + by_op["metro"].as_i64().unwrap(),
+        v["revenue_minor"].as_i64().unwrap()
     );
     for source in ["card", "mileage", "voucher"] {
         assert!(

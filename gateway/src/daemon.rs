@@ -51,6 +51,10 @@ pub struct GatewayConfig {
     /// broker that caps unacknowledged messages per connection (rumqttd: 100) then delivers
     /// that many per connection while a batch becomes durable.
     pub ingest_connections: usize,
+    /// Relay the charging server's signed blocklists to this operator's validators (default).
+    /// Off for a gateway that only collects an operator's revenue while its validators take
+    /// the card scheme's list from the scheme operator's topics (a hotel on a metro's cards).
+    pub relay_blocklists: bool,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -63,6 +67,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("operator", &self.operator)
             .field("share_group", &self.share_group)
             .field("ingest_connections", &self.ingest_connections)
+            .field("relay_blocklists", &self.relay_blocklists)
             .finish_non_exhaustive()
     }
 }
@@ -80,6 +85,7 @@ impl Default for GatewayConfig {
             queue_max_messages: 10_000,
             share_group: None,
             ingest_connections: 1,
+            relay_blocklists: true,
         }
     }
 }
@@ -526,6 +532,9 @@ async fn run_inner(
         let Some((base, token)) = bl_cfg.charging.clone() else {
             return;
         };
+        if !bl_cfg.relay_blocklists {
+            return;
+        }
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(60))
             .build();
