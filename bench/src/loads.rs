@@ -12,10 +12,10 @@ use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-const TOKEN: &str = "tg_bench_cardholder";
+pub(crate) const TOKEN: &str = "tg_bench_cardholder";
 static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn relay(
+pub(crate) fn relay(
     agent: &ureq::Agent,
     base: &str,
     card: &mut Card,

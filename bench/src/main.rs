@@ -15,6 +15,7 @@ mod loads;
 mod purse_bench;
 mod reconcile;
 mod stats;
+mod system;
 mod validator_bench;
 
 /// One scenario's result: named figures, in print order.
@@ -51,6 +52,7 @@ enum Scenario {
     Gateway,
     Validator,
     Blocklist,
+    System,
 }
 
 impl Scenario {
@@ -65,6 +67,7 @@ impl Scenario {
             Scenario::Gateway => "gateway",
             Scenario::Validator => "validator",
             Scenario::Blocklist => "blocklist",
+            Scenario::System => "system",
         }
     }
 }
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
         Scenario::Clearing => clearing::run(args.n)?,
         Scenario::Validator => validator_bench::run(args.n)?,
         Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
+        Scenario::System => system::run(args.n)?,
         Scenario::Gateway => {
             gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
         }

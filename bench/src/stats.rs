@@ -68,3 +68,21 @@ pub fn status_kib(field: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Another process's CPU time (user + system), seconds, from /proc/PID/stat (0 elsewhere).
+pub fn cpu_s_of_pid(pid: u32) -> f64 {
+    let (u, s) = cpu_user_sys_s_of(&format!("/proc/{pid}/stat"));
+    u + s
+}
+
+/// A memory figure of another process from /proc/PID/status, KiB (0 elsewhere).
+pub fn status_kib_of_pid(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,683 @@
+//! Bench scenario `system`: a load generator driving the running system. The real `tapgate
+//! charging` (software HSM, LMDB ledger) and `tapgate gateway` (embedded broker, forwarding to
+//! clearing) run as processes on loopback, exactly as an operator starts them; this process
+//! plays the field: validators (one MQTT connection each, a password per device) publishing
+//! real signed taps (debits on emulated cards by each validator's SAM), riders' phones relaying
+//! online loads over HTTP, and an operator blocking a card through the API.
+//!
+//! Phases, each measured on its own:
+//! 1. paced taps at a steady rate (a busy network's peak): latency from a validator's publish to
+//!    the gateway's confirmation (the tap durable in the gateway's LMDB);
+//! 2. the remaining taps as fast as the validators can publish: end-to-end taps/s (published →
+//!    confirmed) and until the charging server has cleared every tap; CPU per tap of each
+//!    daemon from /proc;
+//! 3. online loads from 8 client threads: loads/s and latency;
+//! 4. a card blocked through the charging API: the time until every validator holds the
+//!    signed delta relayed by the gateway.
+//!
+//! At the end every tapped card's shadow purse at the charging server must equal the card's own
+//! balance, and every counter it consumed must be booked (`lost` counts the ones that are not).
+//!
+//! Needs the `tapgate` binary built next to this one (`cargo build --release` builds both).
+
+use crate::Figures;
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
+use purse::tap::{TapMeta, TapRecord};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::SeedableRng;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PASSPHRASE: &str = "bench-system";
+const GW_TOKEN: &str = "tg_bench_gateway";
+const OPS_TOKEN: &str = "tg_bench_operator";
+const GW_MQTT_PASSWORD: &str = "bench-gw-mqtt";
+const VALIDATORS: usize = 8;
+const CARDS: usize = 1_000;
+const FARE_MINOR: i32 = 125;
+const START_MINOR: i32 = 100_000;
+/// Phase 1: taps per second, and how many.
+const PACED_RATE: u64 = 2_000;
+const PACED_TAPS: u64 = 4_000;
+const LOADS: u64 = 1_000;
+const LOAD_CLIENTS: usize = 8;
+
+/// Kills (and reaps) a daemon when dropped.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// The last lines of its log, for an error message.
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn tapgate_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("tapgate");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: build the tapgate binary next to bench first (cargo build --release)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn tapgate(bin: &Path, dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.current_dir(dir)
+        .args(args)
+        .env("TAPGATE_KEY_PASSPHRASE", PASSPHRASE)
+        .env("TAPGATE_MQTT_PASSWORD", GW_MQTT_PASSWORD)
+        .env("TAPGATE_GATEWAY_TOKEN", GW_TOKEN)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn http(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, String)> {
+    let req = agent
+        .request(method, url)
+        .set("Authorization", &format!("Bearer {token}"));
+    let res = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => Ok((r.status(), r.into_string()?)),
+        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+        Err(e) => Err(anyhow::anyhow!("{method} {url}: {e}")),
+    }
+}
+
+/// A counter from the gateway's Prometheus text.
+fn gateway_metric(agent: &ureq::Agent, api: &str, name: &str) -> anyhow::Result<u64> {
+    let (code, text) = http(agent, "GET", &format!("{api}/metrics"), OPS_TOKEN, None)?;
+    anyhow::ensure!(code == 200, "gateway /metrics: {code} {text}");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|v| v as u64)
+        .ok_or_else(|| anyhow::anyhow!("gateway /metrics has no {name}"))
+}
+
+fn uid_of(i: usize) -> [u8; 7] {
+    let mut uid = [0x04, 0x5b, 0, 0, 0, 0, 0x80];
+    uid[2..6].copy_from_slice(&(i as u32).to_be_bytes());
+    uid
+}
+
+fn ms(d_us: u64) -> f64 {
+    (d_us as f64 / 100.0).round() / 10.0
+}
+
+/// One validator's view of the run: its publish times (phase 1) and confirmations.
+struct Field {
+    /// Per validator, per sequence number: when it was published (phase 1 only).
+    sent_at: Vec<Vec<Option<Instant>>>,
+    /// Per validator, per sequence number: confirmed yet.
+    confirmed: Vec<Vec<bool>>,
+    latencies_us: Vec<u64>,
+    blocklists: Vec<purse::blocklist::Blocklist>,
+}
+
+pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+    let total = n.unwrap_or(40_000).max(PACED_TAPS + VALIDATORS as u64);
+    let per = total.div_ceil(VALIDATORS as u64) as usize;
+    let total = (per * VALIDATORS) as u64;
+    let bin = tapgate_binary()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+
+    // Keys, as an operator makes them; this process reads them to play the validators' SAMs.
+    let out = tapgate(&bin, dir, &["keys", "init", "--out", "keys"]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "tapgate keys init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys = KeySet::unseal(
+        &std::fs::read(dir.join("keys").join("issuer.keys"))?,
+        PASSPHRASE.as_bytes(),
+    )?;
+    let hsm = SoftwareHsm::new(&keys)?;
+
+    // The charging server.
+    let sha = charging::api::Auth::hash_token;
+    std::fs::write(
+        dir.join("charging.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"charging\"\noperator = \"metro\"\nledger_map_size_bytes = 4294967296\n\n[limits]\nloads_per_minute_per_client = 0\n\n[[tokens]]\nname = \"gw\"\nrole = \"gateway\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"riders\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n",
+            sha(GW_TOKEN),
+            sha(OPS_TOKEN),
+            sha(crate::loads::TOKEN)
+        ),
+    )?;
+    let charging_log = dir.join("charging.log");
+    let mut child = tapgate(
+        &bin,
+        dir,
+        &["charging", "--config", "charging.toml", "--keys", "keys"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(&charging_log)?)
+    .spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut first)?;
+    let charging = Daemon {
+        child,
+        log: charging_log,
+    };
+    let base = first
+        .trim()
+        .strip_prefix("charging listening on ")
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "tapgate charging did not start ({first:?}):\n{}",
+                charging.tail()
+            )
+        })?
+        .to_string();
+
+    // Cards registered with the back office.
+    let mut cards: Vec<Card> = Vec::with_capacity(CARDS);
+    for i in 0..CARDS {
+        let uid = uid_of(i);
+        let mut p = Personalisation::transit(uid, START_MINOR);
+        p.upper_limit_minor = p.upper_limit_minor.max(START_MINOR * 2);
+        let (code, body) = http(
+            &agent,
+            "POST",
+            &format!("{base}/v1/cards"),
+            OPS_TOKEN,
+            Some(
+                serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": START_MINOR}),
+            ),
+        )?;
+        anyhow::ensure!(code == 201, "registering a card: {code} {body}");
+        cards.push(Card::personalise(&p, hsm.card_keys(&uid, 1)?));
+    }
+
+    // The gateway with its embedded broker, a password per validator.
+    let mqtt_port = free_port()?;
+    let api_port = free_port()?;
+    let passwords: Vec<String> = (0..VALIDATORS).map(|v| format!("bench-v{v}")).collect();
+    std::fs::write(
+        dir.join("mqtt-users"),
+        passwords
+            .iter()
+            .enumerate()
+            .map(|(v, p)| format!("{} {p}\n", 1000 + v))
+            .collect::<String>(),
+    )?;
+    std::fs::write(
+        dir.join("gw-api.toml"),
+        format!(
+            "http_listen = \"127.0.0.1:{api_port}\"\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            sha(OPS_TOKEN)
+        ),
+    )?;
+    let gateway_log = dir.join("gateway.log");
+    let gateway = Daemon {
+        child: tapgate(
+            &bin,
+            dir,
+            &[
+                "gateway",
+                "--keys",
+                "keys",
+                "--data",
+                "gw",
+                "--embedded-listen",
+                &format!("127.0.0.1:{mqtt_port}"),
+                "--mqtt-users",
+                "mqtt-users",
+                "--charging",
+                &base,
+                "--operator",
+                "metro",
+                "--config",
+                "gw-api.toml",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&gateway_log)?)
+        .spawn()?,
+        log: gateway_log,
+    };
+    let gw_api = format!("http://127.0.0.1:{api_port}");
+    let waited = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err()
+        || gateway_metric(&agent, &gw_api, "tapgate_gateway_mqtt_subscribed").unwrap_or(0) != 1
+    {
+        anyhow::ensure!(
+            waited.elapsed() < Duration::from_secs(20),
+            "tapgate gateway did not start:\n{}",
+            gateway.tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The validators' taps: real debits on the cards (card i at validator i mod 8), each
+    // signed by its validator's SAM; published one tap per message as a validator does live.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut records: Vec<Vec<Vec<u8>>> = (0..VALIDATORS).map(|_| Vec::with_capacity(per)).collect();
+    for (v, recs) in records.iter_mut().enumerate() {
+        let mut sam = SoftwareSam::validator(&keys, 1000 + v as u32)?;
+        let mine: Vec<usize> = (v..CARDS).step_by(VALIDATORS).collect();
+        let mut card_rng = rand::rngs::StdRng::seed_from_u64(v as u64);
+        for seq in 1..=per as u64 {
+            let card = &mut cards[mine[(seq as usize - 1) % mine.len()]];
+            let mut reader = EmulatedReader {
+                card,
+                rng: &mut card_rng,
+            };
+            let Outcome::Committed { receipt, .. } =
+                txn::debit(&mut reader, &mut sam, &mut rng, |_| Decision::Apply {
+                    amount_minor: FARE_MINOR,
+                    record: None,
+                })?
+            else {
+                anyhow::bail!("a bench debit was refused")
+            };
+            card.remove_from_field();
+            let t = TapRecord::accepted(
+                &receipt,
+                TapMeta {
+                    device_id: 1000 + v as u32,
+                    device_seq: seq,
+                    device_time_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .as_millis() as u64,
+                    ..Default::default()
+                },
+            );
+            recs.push(t.sign_with(|b| sam.device_mac(b)).to_vec());
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let field = Arc::new(Mutex::new(Field {
+        sent_at: vec![vec![None; per + 1]; VALIDATORS],
+        confirmed: vec![vec![false; per + 1]; VALIDATORS],
+        latencies_us: Vec::new(),
+        blocklists: vec![purse::blocklist::Blocklist::new("metro"); VALIDATORS],
+    }));
+    let confirmed_total = Arc::new(AtomicU64::new(0));
+    let verifying_key = keys.verifying_key;
+    let clients: Vec<AsyncClient> = rt.block_on(async {
+        let mut clients = Vec::new();
+        for (v, pw) in passwords.iter().enumerate() {
+            let id = (1000 + v).to_string();
+            let mut o = MqttOptions::new(format!("validator-{id}"), "127.0.0.1", mqtt_port);
+            o.set_credentials(id.clone(), pw.clone())
+                .set_inflight(1_000)
+                .set_max_packet_size(1 << 20, 1 << 20);
+            let (c, mut ev) = AsyncClient::new(o, 20_000);
+            let subscribed = Arc::new(tokio::sync::Notify::new());
+            let (s2, f2, n2) = (subscribed.clone(), field.clone(), confirmed_total.clone());
+            tokio::spawn(async move {
+                let mut subacks = 0;
+                loop {
+                    match ev.poll().await {
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            subacks += 1;
+                            if subacks == 2 {
+                                s2.notify_one();
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p)))
+                            if p.topic.contains("/blocklist/") =>
+                        {
+                            let _ = f2.lock().expect("field").blocklists[v]
+                                .apply(&p.payload, &verifying_key);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let now = Instant::now();
+                            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                            else {
+                                continue;
+                            };
+                            let mut f = f2.lock().expect("field");
+                            for s in body["seqs"]
+                                .as_array()
+                                .map(Vec::as_slice)
+                                .unwrap_or_default()
+                            {
+                                let Some(s) = s.as_u64().map(|s| s as usize) else {
+                                    continue;
+                                };
+                                if s >= f.confirmed[v].len() || f.confirmed[v][s] {
+                                    continue;
+                                }
+                                f.confirmed[v][s] = true;
+                                n2.fetch_add(1, Ordering::Relaxed);
+                                if let Some(at) = f.sent_at[v][s] {
+                                    f.latencies_us.push((now - at).as_micros() as u64);
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("validator {v}: MQTT: {e}; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                    }
+                }
+            });
+            c.subscribe(
+                format!("tapgate/v1/metro/devices/{id}/confirm"),
+                QoS::AtLeastOnce,
+            )
+            .await?;
+            c.subscribe("tapgate/v1/metro/blocklist/#", QoS::AtLeastOnce)
+                .await?;
+            tokio::time::timeout(Duration::from_secs(10), subscribed.notified()).await?;
+            clients.push(c);
+        }
+        anyhow::Ok(clients)
+    })?;
+    let wait_confirmed = |n: u64, what: &str| -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        while confirmed_total.load(Ordering::Relaxed) < n {
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{what}: {} of {n} taps confirmed\n{}",
+                confirmed_total.load(Ordering::Relaxed),
+                gateway.tail()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    };
+
+    // Phase 1: paced taps, round robin over the validators.
+    let paced_rounds = (PACED_TAPS as usize).div_ceil(VALIDATORS);
+    let paced = (paced_rounds * VALIDATORS) as u64;
+    let gw_cpu0 = crate::stats::cpu_s_of_pid(gateway.pid());
+    let ch_cpu0 = crate::stats::cpu_s_of_pid(charging.pid());
+    rt.block_on(async {
+        let tick = Duration::from_millis(5);
+        let per_tick = (PACED_RATE * 5 / 1000).max(1) as usize;
+        let mut next = tokio::time::Instant::now();
+        let mut order = (0..paced_rounds).flat_map(|r| (0..VALIDATORS).map(move |v| (v, r + 1)));
+        loop {
+            let mut sent = 0;
+            for (v, seq) in order.by_ref() {
+                field.lock().expect("field").sent_at[v][seq] = Some(Instant::now());
+                clients[v]
+                    .publish(
+                        format!("tapgate/v1/metro/taps/{}", 1000 + v),
+                        QoS::AtLeastOnce,
+                        false,
+                        records[v][seq - 1].clone(),
+                    )
+                    .await?;
+                sent += 1;
+                if sent == per_tick {
+                    break;
+                }
+            }
+            if sent < per_tick {
+                break;
+            }
+            next += tick;
+            tokio::time::sleep_until(next).await;
+        }
+        anyhow::Ok(())
+    })?;
+    wait_confirmed(paced, "paced taps")?;
+    let mut lat = field.lock().expect("field").latencies_us.clone();
+    lat.sort_unstable();
+
+    // Phase 2: the rest as fast as the validators publish.
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for (v, c) in clients.iter().enumerate() {
+            let c = c.clone();
+            let recs: Vec<Vec<u8>> = records[v][paced_rounds..].to_vec();
+            tasks.push(tokio::spawn(async move {
+                for r in recs {
+                    c.publish(
+                        format!("tapgate/v1/metro/taps/{}", 1000 + v),
+                        QoS::AtLeastOnce,
+                        false,
+                        r,
+                    )
+                    .await?;
+                }
+                Ok::<(), rumqttc::ClientError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    wait_confirmed(total, "taps at full speed")?;
+    let confirmed_s = started.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    loop {
+        let forwarded = gateway_metric(&agent, &gw_api, "tapgate_gateway_taps_forwarded_total")?;
+        let outbox = gateway_metric(&agent, &gw_api, "tapgate_gateway_outbox_taps")?;
+        if forwarded >= total && outbox == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(300),
+            "clearing: {forwarded} of {total} taps forwarded\n{}",
+            gateway.tail()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cleared_s = started.elapsed().as_secs_f64();
+    let gw_cpu = crate::stats::cpu_s_of_pid(gateway.pid()) - gw_cpu0;
+    let ch_cpu = crate::stats::cpu_s_of_pid(charging.pid()) - ch_cpu0;
+    let fast = (total - paced) as f64;
+    let duplicates = gateway_metric(&agent, &gw_api, "tapgate_gateway_taps_duplicate_total")?;
+    let quarantined = gateway_metric(&agent, &gw_api, "tapgate_gateway_taps_quarantined_total")?;
+    let gw_rss_kib = crate::stats::status_kib_of_pid(gateway.pid(), "VmHWM:");
+
+    // Phase 3: online loads, 8 client threads each relaying APDUs for its own cards.
+    let per_client = LOADS.div_ceil(LOAD_CLIENTS as u64) as usize;
+    let mut load_cards: Vec<Vec<Card>> = Vec::new();
+    for c in 0..LOAD_CLIENTS {
+        let mut v = Vec::new();
+        for i in 0..per_client {
+            let uid = uid_of(1_000_000 + c * per_client + i);
+            let (code, body) = http(
+                &agent,
+                "POST",
+                &format!("{base}/v1/cards"),
+                OPS_TOKEN,
+                Some(
+                    serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 0}),
+                ),
+            )?;
+            anyhow::ensure!(code == 201, "registering a card: {code} {body}");
+            v.push(Card::personalise(
+                &Personalisation::transit(uid, 0),
+                hsm.card_keys(&uid, 1)?,
+            ));
+        }
+        load_cards.push(v);
+    }
+    let load_lat = Arc::new(Mutex::new(Vec::new()));
+    let loads_started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let mut handles = Vec::new();
+        for (c, mine) in load_cards.iter_mut().enumerate() {
+            let (base, lat) = (base.clone(), load_lat.clone());
+            handles.push(scope.spawn(move || -> anyhow::Result<()> {
+                let agent = ureq::AgentBuilder::new().build();
+                for (i, card) in mine.iter_mut().enumerate() {
+                    let t = Instant::now();
+                    crate::loads::relay(&agent, &base, card, &format!("sys-{c}-{i}"), 1_000)?;
+                    lat.lock()
+                        .expect("lat")
+                        .push(t.elapsed().as_micros() as u64);
+                }
+                Ok(())
+            }));
+        }
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a load client panicked"))??;
+        }
+        Ok(())
+    })?;
+    let loads_s = loads_started.elapsed().as_secs_f64();
+    let mut load_lat = load_lat.lock().expect("lat").clone();
+    load_lat.sort_unstable();
+    let loads_done = load_lat.len() as u64;
+
+    // Phase 4: a card blocked through the API reaches every validator.
+    let lost_uid = uid_of(0);
+    let blocked_at = Instant::now();
+    let (code, body) = http(
+        &agent,
+        "POST",
+        &format!("{base}/v1/cards/{}/block", hex::encode_upper(lost_uid)),
+        OPS_TOKEN,
+        Some(serde_json::json!({"reason": "reported lost"})),
+    )?;
+    anyhow::ensure!(code == 200, "blocking a card: {code} {body}");
+    let mut held_ms: Vec<Option<u64>> = vec![None; VALIDATORS];
+    while held_ms.iter().any(Option::is_none) {
+        anyhow::ensure!(
+            blocked_at.elapsed() < Duration::from_secs(30),
+            "the block reached {} of {VALIDATORS} validators\n{}",
+            held_ms.iter().flatten().count(),
+            gateway.tail()
+        );
+        {
+            let f = field.lock().expect("field");
+            for (v, h) in held_ms.iter_mut().enumerate() {
+                if h.is_none() && f.blocklists[v].is_blocked(&lost_uid) {
+                    *h = Some(blocked_at.elapsed().as_millis() as u64);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut held: Vec<u64> = held_ms.into_iter().flatten().collect();
+    held.sort_unstable();
+
+    // Nothing lost, nothing doubled: every tapped card's shadow purse equals the card.
+    let mut out_of_balance = 0u64;
+    let mut lost = 0u64;
+    for card in &cards {
+        let s = card.state();
+        let (code, body) = http(
+            &agent,
+            "GET",
+            &format!("{base}/v1/cards/{}", hex::encode_upper(s.uid)),
+            OPS_TOKEN,
+            None,
+        )?;
+        anyhow::ensure!(code == 200, "reading a card: {code} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        if v["shadow_balance_minor"].as_i64() != Some(i64::from(s.balance_minor)) {
+            out_of_balance += 1;
+        }
+        lost += u64::from(s.tmc).saturating_sub(v["last_tmc"].as_u64().unwrap_or(0));
+    }
+    drop(clients);
+    Ok(vec![
+        ("validators", (VALIDATORS as u64).into()),
+        ("cards", (CARDS as u64).into()),
+        ("taps", total.into()),
+        ("paced_taps", paced.into()),
+        ("paced_rate_per_s", PACED_RATE.into()),
+        (
+            "tap_latency_us_p50",
+            crate::stats::quantile(&lat, 0.5).into(),
+        ),
+        (
+            "tap_latency_us_p99",
+            crate::stats::quantile(&lat, 0.99).into(),
+        ),
+        (
+            "tap_latency_ms_max",
+            ms(lat.last().copied().unwrap_or(0)).into(),
+        ),
+        ("taps_per_s", ((fast / confirmed_s) as u64).into()),
+        ("cleared_per_s", ((fast / cleared_s) as u64).into()),
+        (
+            "gateway_cpu_us_per_tap",
+            ((gw_cpu * 1e6 / total as f64) as u64).into(),
+        ),
+        (
+            "charging_cpu_us_per_tap",
+            ((ch_cpu * 1e6 / total as f64) as u64).into(),
+        ),
+        ("gateway_rss_peak_kib", gw_rss_kib.into()),
+        ("duplicated", duplicates.into()),
+        ("quarantined", quarantined.into()),
+        ("lost", lost.into()),
+        ("cards_out_of_balance", out_of_balance.into()),
+        ("loads", loads_done.into()),
+        ("loads_per_s", ((loads_done as f64 / loads_s) as u64).into()),
+        (
+            "load_ms_p50",
+            ms(crate::stats::quantile(&load_lat, 0.5)).into(),
+        ),
+        (
+            "load_ms_p99",
+            ms(crate::stats::quantile(&load_lat, 0.99)).into(),
+        ),
+        (
+            "block_propagation_ms_p50",
+            crate::stats::quantile(&held, 0.5).into(),
+        ),
+        (
+            "block_propagation_ms_p99",
+            crate::stats::quantile(&held, 0.99).into(),
+        ),
+    ])
+}
