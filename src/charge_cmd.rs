@@ -46,6 +46,11 @@ pub struct ChargeArgs {
     /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
     #[arg(long = "passphrase-file")]
     passphrase_file: Option<PathBuf>,
+    /// Drill for an emulated card: it loses power after this many NVM writes of the load's
+    /// commit (1–6), as a card pulled from the reader at that instant; the load is left pending
+    /// and settled by the server from the card's record at its next load.
+    #[arg(long = "tear-after-writes", requires = "card")]
+    tear_after_writes: Option<u32>,
 }
 
 /// The outcome of a relayed load.
@@ -227,6 +232,14 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             crate::pcsc_cmd::ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
         },
         (None, Some(image), Some(keys)) => {
+            if let Some(k) = a.tear_after_writes {
+                if !(1..=purse::card::COMMIT_WRITES).contains(&k) {
+                    return Err(input_err(format!(
+                        "--tear-after-writes {k}: a commit makes 1 to {} NVM writes",
+                        purse::card::COMMIT_WRITES
+                    )));
+                }
+            }
             let text = std::fs::read_to_string(image)
                 .with_context(|| format!("reading card {}", image.display()))?;
             let nvm: Nvm = serde_json::from_str(&text)
@@ -235,6 +248,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             let hsm = SoftwareHsm::new(&ks)?;
             let uid = nvm.main.uid;
             let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+            card.tear_after_writes(a.tear_after_writes);
             let result = {
                 let mut t = EmulatedReader {
                     card: &mut card,

@@ -175,7 +175,8 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             if let Some((l, _, _)) = &tls {
                 println!("embedded MQTT broker TLS listener on {l}");
             }
-            let (_, l) = start_embedded_broker_linked(a.embedded_listen, users, tls);
+            let (_, l) = start_embedded_broker_linked(a.embedded_listen, users, tls, &a.operator)
+                .map_err(|e| anyhow::anyhow!("starting the embedded MQTT broker: {e}"))?;
             link = Some(l);
             println!("embedded MQTT broker on {}", a.embedded_listen);
             (a.embedded_listen.ip().to_string(), a.embedded_listen.port())
@@ -248,9 +249,13 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     rt.block_on(async move {
         let shutdown = crate::cli_util::shutdown_signal();
         match link {
-            Some(link) => run_linked(cfg, link, store, keys, stats, shutdown).await,
-            None => run(cfg, store, keys, stats, shutdown).await,
+            Some(link) => run_linked(cfg, link, store, keys, stats, shutdown)
+                .await
+                .map_err(|e| anyhow::anyhow!("gateway stopped: {e}")),
+            None => {
+                run(cfg, store, keys, stats, shutdown).await;
+                Ok(())
+            }
         }
-    });
-    Ok(())
+    })
 }

@@ -475,6 +475,81 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         loaded.insert(*uid, 2_000i64);
     }
 
+    // Torn loads: a card pulled at each of the commit's NVM writes in turn (one card each),
+    // then loaded again; the server settles the torn load from the card's own record at that
+    // next load — completed if the card committed it, voided (and the payment released) if
+    // not. Each card gained one or two loads, never more, and nothing stays pending.
+    let mut torn_seen = 0;
+    let presented: Vec<[u8; 7]> = uids
+        .iter()
+        .filter(|u| card_balance(dir, u).is_some() && !loaded.contains_key(*u))
+        .copied()
+        .collect();
+    for (k, uid) in (1..=purse::card::COMMIT_WRITES).zip(presented.iter()) {
+        let image = format!("cards/{}.json", hex::encode(uid));
+        let before = card_balance(dir, uid).unwrap();
+        let load = |key: &str, tear: Option<u32>| {
+            let mut args = vec![
+                "charge".to_string(),
+                "--server".into(),
+                base.clone(),
+                "--amount".into(),
+                "2000".into(),
+                "--funding".into(),
+                "card:tok_visa".into(),
+                "--card".into(),
+                image.clone(),
+                "--keys".into(),
+                "keys".into(),
+                "--idempotency-key".into(),
+                key.into(),
+            ];
+            if let Some(k) = tear {
+                args.push("--tear-after-writes".into());
+                args.push(k.to_string());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            tapgate(dir, &args)
+        };
+        let torn = load(&format!("torn-{k}"), Some(k));
+        let said = String::from_utf8_lossy(&torn.stdout).to_string()
+            + &String::from_utf8_lossy(&torn.stderr);
+        assert!(
+            !said.contains("load completed"),
+            "a load torn after {k} writes cannot have been confirmed: {said}"
+        );
+        torn_seen += 1;
+        let again = load(&format!("after-torn-{k}"), None);
+        let said = String::from_utf8_lossy(&again.stdout).to_string()
+            + &String::from_utf8_lossy(&again.stderr);
+        assert!(
+            again.status.success() && said.contains("load completed"),
+            "the next load after a tear at write {k}: {said}"
+        );
+        let (code, v) = http(
+            "GET",
+            &format!("{base}/v1/cards/{}", hex::encode_upper(uid)),
+            OPS_TOKEN,
+            None,
+        );
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(
+            v["pending_loads"], 0,
+            "the torn load was settled at the next load: {v}"
+        );
+        let gained = card_balance(dir, uid).unwrap() - before;
+        assert!(
+            gained == 2_000 || gained == 4_000,
+            "tear at write {k}: the card gained {gained}"
+        );
+        *loaded.entry(*uid).or_insert(0) += gained;
+    }
+    assert_eq!(
+        torn_seen,
+        purse::card::COMMIT_WRITES,
+        "a torn load at every write of the commit"
+    );
+
     // A forged blocklist: every card blocked, version 1000, signed with a key that is not the
     // back office's, left retained where validators take their snapshot (as a compromised
     // gateway account could). Validators must refuse it and keep accepting riders.

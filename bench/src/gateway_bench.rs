@@ -231,7 +231,9 @@ pub fn run_scenario(
                 format!("127.0.0.1:{port}").parse()?,
                 users.clone(),
                 None,
-            );
+                "bench",
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             (None, (ingest_connections == 0).then_some(link))
         }
     };
@@ -306,14 +308,16 @@ pub fn run_scenario(
     let cpu0 = cpu_s();
     let (e2e, confirmed) = rt.block_on(async {
         match link {
-            Some(link) => tokio::spawn(run_linked(
-                cfg,
-                link,
-                store.clone(),
-                gw_keys,
-                stats.clone(),
-                std::future::pending(),
-            )),
+            Some(link) => {
+                let (store, stats) = (store.clone(), stats.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        run_linked(cfg, link, store, gw_keys, stats, std::future::pending()).await
+                    {
+                        eprintln!("gateway: {e}");
+                    }
+                })
+            }
             None => tokio::spawn(run(
                 cfg,
                 store.clone(),

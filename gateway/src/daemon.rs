@@ -101,6 +101,8 @@ pub struct GatewayStats {
     pub quarantined: AtomicU64,
     /// Taps forwarded to clearing.
     pub forwarded: AtomicU64,
+    /// Confirmations dropped because their queue was full (the validators resend those taps).
+    pub confirmations_dropped: AtomicU64,
     /// Whether the tap subscription is in place (readiness).
     pub subscribed: std::sync::atomic::AtomicBool,
     /// The blocklist version last published to validators.
@@ -118,30 +120,65 @@ fn now_ms() -> u64 {
 /// The gateway's in-process link to the embedded broker: taps reach ingestion without TCP or
 /// MQTT framing (see [`start_embedded_broker_linked`]).
 pub struct TapLink {
-    tx: rumqttd::local::LinkTx,
+    /// Kept so the link stays registered with the router.
+    _tx: rumqttd::local::LinkTx,
     rx: rumqttd::local::LinkRx,
+    /// The operator whose taps it is subscribed to.
+    operator: String,
 }
 
 /// Starts the embedded broker like [`start_embedded_broker_tls`] and returns, besides its
 /// thread, an in-process link for [`run_linked`].
 ///
-/// Why this is as safe as a QoS 1 session: the embedded broker keeps its state in this
-/// process's memory, so whatever it holds dies with the gateway either way; what makes delivery
-/// end to end is the validator's outbox, which keeps every tap until the gateway's confirmation
-/// (sent only after the tap is durable) and sends unconfirmed taps again. The link also lifts
+/// The link is subscribed to `operator`'s taps (QoS 0) before the broker opens its listeners,
+/// so no tap published after start-up can miss it. Its client id is random: rumqttd drops a
+/// connection when another connects with the same id, and no network client can guess this
+/// one.
+///
+/// Why a QoS 0 link loses nothing a QoS 1 session would keep: the embedded broker keeps its
+/// state in this process's memory, so whatever it holds dies with the gateway either way; what
+/// makes delivery end to end is the validator's outbox, which keeps every tap until the
+/// gateway's confirmation (sent only after the tap is durable) and sends unconfirmed taps
+/// again (after a reconnect, and after 30 s without any confirmation). The link also lifts
 /// rumqttd's cap of 100 unacknowledged messages per connection, which bounded a TCP
 /// subscriber to 100 taps per group commit.
 pub fn start_embedded_broker_linked(
     listen: SocketAddr,
     users: HashMap<String, String>,
     tls: Option<(SocketAddr, String, String)>,
-) -> (std::thread::JoinHandle<()>, TapLink) {
+    operator: &str,
+) -> Result<(std::thread::JoinHandle<()>, TapLink), String> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let thread = spawn_broker(listen, users, tls, Some(tx));
+    let thread = spawn_broker(listen, users, tls, Some((operator.to_string(), tx)));
     let link = rx
         .recv()
-        .expect("the embedded broker thread hands over its link");
-    (thread, link)
+        .map_err(|_| "the embedded broker stopped before handing over its link".to_string())??;
+    Ok((thread, link))
+}
+
+/// Registers the gateway's link with the router (already running; the listeners are not open
+/// yet) and waits until its subscription to `operator`'s taps is in place.
+fn open_link(broker: &rumqttd::Broker, operator: &str) -> Result<TapLink, String> {
+    let id = format!(
+        "tapgate-gateway-link-{}",
+        hex::encode(rand::random::<[u8; 16]>())
+    );
+    let (mut tx, mut rx) = broker.link(&id).map_err(|e| e.to_string())?;
+    tx.subscribe(format!("tapgate/v1/{operator}/taps/+"))
+        .map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match rx.recv_deadline(deadline) {
+            Ok(Some(rumqttd::Notification::DeviceAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => return Err(format!("subscribing the gateway's link: {e}")),
+        }
+    }
+    Ok(TapLink {
+        _tx: tx,
+        rx,
+        operator: operator.to_string(),
+    })
 }
 
 /// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
@@ -169,7 +206,7 @@ fn spawn_broker(
     listen: SocketAddr,
     users: HashMap<String, String>,
     tls: Option<(SocketAddr, String, String)>,
-    link: Option<std::sync::mpsc::Sender<TapLink>>,
+    link: Option<(String, std::sync::mpsc::Sender<Result<TapLink, String>>)>,
 ) -> std::thread::JoinHandle<()> {
     if tls.is_some() {
         tapgate_http::serve::install_crypto_provider();
@@ -219,13 +256,14 @@ fn spawn_broker(
         .name("mqtt-broker".into())
         .spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
-            if let Some(hand_over) = link {
-                match broker.link("tapgate-gateway-local") {
-                    Ok((tx, rx)) => {
-                        let _ = hand_over.send(TapLink { tx, rx });
+            if let Some((operator, hand_over)) = link {
+                match open_link(&broker, &operator) {
+                    Ok(l) => {
+                        let _ = hand_over.send(Ok(l));
                     }
                     Err(e) => {
                         tracing::error!(%e, "embedded MQTT broker refused the gateway's link");
+                        let _ = hand_over.send(Err(e));
                         return;
                     }
                 }
@@ -247,18 +285,6 @@ enum Source {
 /// Most sequence numbers in one confirmation message.
 pub const CONFIRM_MAX_SEQS: usize = 4_096;
 
-/// What leaves after an ingest transaction committed.
-enum Outgoing {
-    /// The broker may forget this message now.
-    Ack(usize, rumqttc::Publish),
-    /// The validator may delete these taps from its outbox.
-    Confirm {
-        device: u32,
-        topic: String,
-        body: String,
-    },
-}
-
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
     cfg: GatewayConfig,
@@ -267,7 +293,9 @@ pub async fn run(
     stats: Arc<GatewayStats>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
-    run_inner(cfg, None, store, keys, stats, shutdown).await
+    if let Err(e) = run_inner(cfg, None, store, keys, stats, shutdown).await {
+        tracing::error!(%e, "gateway stopped");
+    }
 }
 
 /// [`run`] with the taps taken from the embedded broker over `link` (from
@@ -280,7 +308,13 @@ pub async fn run_linked(
     keys: KeySet,
     stats: Arc<GatewayStats>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) {
+) -> Result<(), String> {
+    if link.operator != cfg.operator {
+        return Err(format!(
+            "the broker link takes operator {:?}'s taps; this gateway serves {:?}",
+            link.operator, cfg.operator
+        ));
+    }
     run_inner(cfg, Some(link), store, keys, stats, shutdown).await
 }
 
@@ -291,7 +325,7 @@ async fn run_inner(
     keys: KeySet,
     stats: Arc<GatewayStats>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) {
+) -> Result<(), String> {
     let linked = link.is_some();
     let connections = if linked {
         1
@@ -322,7 +356,7 @@ async fn run_inner(
         }
         // The request queue (acks, confirmations, subscriptions) drains only while the event
         // loop polls; ingestion never waits on it (see the sender task below).
-        let (client, mut eventloop) = AsyncClient::new(opts, cfg.queue_max_messages.max(1));
+        let (client, mut eventloop) = AsyncClient::new(opts, cfg.queue_max_messages.max(1_000));
         clients.push(client.clone());
         // MQTT event loop: reconnects with backoff; (re)subscribes on every connection. The
         // first connection also takes the validators' heartbeats. Nothing here awaits the
@@ -395,7 +429,10 @@ async fn run_inner(
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
                         };
-                        if tx.send((Source::Mqtt(conn, p), m)).await.is_err() {
+                        // What the ack needs (packet id, QoS), without the payload.
+                        let mut ack = rumqttc::Publish::new("", p.qos, Vec::<u8>::new());
+                        ack.pkid = p.pkid;
+                        if tx.send((Source::Mqtt(conn, ack), m)).await.is_err() {
                             break;
                         }
                     }
@@ -412,49 +449,44 @@ async fn run_inner(
             }
         }));
     }
-    // The in-process link to the embedded broker: a QoS 0 subscription (nothing in flight to
-    // acknowledge); when ingestion falls behind, the queue below fills, this task stops taking,
-    // the broker stops forwarding at its buffer's limit ("unschedule") and keeps the rest in its
-    // log until the task asks again ("wake").
-    let link_task = link.map(
-        |TapLink {
-             tx: mut link_tx,
-             rx: mut link_rx,
-         }| {
-            let filter = format!("tapgate/v1/{}/taps/+", cfg.operator);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                if let Err(e) = link_tx.subscribe(filter) {
-                    tracing::error!(%e, "subscribing the embedded broker link failed");
-                    return;
-                }
-                loop {
-                    match link_rx.next().await {
-                        Ok(Some(rumqttd::Notification::Forward(f))) => {
-                            let m = Message {
-                                topic: String::from_utf8_lossy(&f.publish.topic).into_owned(),
-                                payload: f.publish.payload.to_vec(),
-                            };
-                            if tx.send((Source::Link, m)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Ok(Some(rumqttd::Notification::Unschedule)) => {
-                            if let Err(e) = link_rx.wake().await {
-                                tracing::error!(%e, "embedded broker link closed");
-                                break;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!(%e, "embedded broker link closed");
-                            break;
+    // The in-process link to the embedded broker (subscribed at QoS 0 before the listeners
+    // opened): nothing in flight to acknowledge; when ingestion falls behind, the queue below
+    // fills, this task stops taking, the broker stops forwarding at its buffer's limit
+    // ("unschedule") and keeps the rest in its log until the task asks again ("wake"). If the
+    // link closes the gateway stops with an error (a supervisor restarts it; the validators
+    // resend what is unconfirmed): it never sits there taking nothing.
+    let link_task = link.map(|TapLink { _tx, mut rx, .. }| {
+        let tx = tx.clone();
+        let link_stats = stats.clone();
+        tokio::spawn(async move {
+            let _keep_registered = _tx;
+            let reason = loop {
+                match rx.next().await {
+                    Ok(Some(rumqttd::Notification::Forward(f))) => {
+                        let m = Message {
+                            topic: String::from_utf8_lossy(&f.publish.topic).into_owned(),
+                            payload: f.publish.payload.to_vec(),
+                        };
+                        if tx.send((Source::Link, m)).await.is_err() {
+                            break "ingestion stopped".to_string();
                         }
                     }
+                    Ok(Some(rumqttd::Notification::Unschedule)) => {
+                        if let Err(e) = rx.wake().await {
+                            break format!("the embedded broker's link closed: {e}");
+                        }
+                    }
+                    Ok(Some(rumqttd::Notification::Disconnect(..))) => {
+                        break "the embedded broker disconnected the gateway's link".to_string();
+                    }
+                    Ok(_) => {}
+                    Err(e) => break format!("the embedded broker's link closed: {e}"),
                 }
-            })
-        },
-    );
+            };
+            link_stats.subscribed.store(false, Ordering::Release);
+            reason
+        })
+    });
     drop(tx);
     let client = clients[0].clone();
 
@@ -653,37 +685,43 @@ async fn run_inner(
         }
     });
 
-    // Acknowledgements and confirmations leave from their own task: the MQTT request queue
+    // Acknowledgements and confirmations leave from their own tasks: the MQTT request queue
     // drains only while the event loop polls, and the event loop waits while the ingest queue
     // is full, so ingestion must never wait on that request queue itself (it did, and a broker
     // pushing more unacknowledged messages than the two queues hold — Mosquitto does on a
-    // backlog — stopped the gateway for good). The channel is unbounded but bounded in fact:
-    // one ack per message the broker has in flight to us, one confirmation per device and batch.
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
-    let out_clients = clients.clone();
-    let sender = tokio::spawn(async move {
-        while let Some(o) = out_rx.recv().await {
-            match o {
-                Outgoing::Ack(conn, p) => {
-                    if let Err(e) = out_clients[conn].ack(&p).await {
-                        tracing::warn!(%e, "ack failed; the broker will redeliver (a duplicate)");
-                    }
-                }
-                Outgoing::Confirm {
-                    device,
-                    topic,
-                    body,
-                } => {
-                    if let Err(e) = out_clients[0]
-                        .publish(topic, QoS::AtLeastOnce, false, body)
-                        .await
-                    {
-                        tracing::warn!(%e, device, "confirmation not sent; the validator will resend");
-                    }
+    // backlog — stopped the gateway for good).
+    // - Acks: one task per connection (a stuck connection holds up only its own), unbounded
+    //   but bounded in fact by what the broker has in flight to that connection; never
+    //   dropped (a dropped ack would hold the broker's in-flight slot until a reconnect).
+    // - Confirmations: one bounded queue; when it is full a confirmation is dropped and counted
+    //   — safe, the validator sends the tap again and gets it confirmed as a duplicate.
+    let mut ack_txs = Vec::with_capacity(clients.len());
+    let mut senders = Vec::with_capacity(clients.len() + 1);
+    for c in &clients {
+        let (atx, mut arx) = tokio::sync::mpsc::unbounded_channel::<rumqttc::Publish>();
+        let c = c.clone();
+        senders.push(tokio::spawn(async move {
+            while let Some(p) = arx.recv().await {
+                if let Err(e) = c.ack(&p).await {
+                    tracing::warn!(%e, "ack failed; the broker will redeliver (a duplicate)");
                 }
             }
+        }));
+        ack_txs.push(atx);
+    }
+    let (confirm_tx, mut confirm_rx) =
+        tokio::sync::mpsc::channel::<(u32, String, String)>(cfg.queue_max_messages.max(1_000));
+    let confirm_client = clients[0].clone();
+    senders.push(tokio::spawn(async move {
+        while let Some((device, topic, body)) = confirm_rx.recv().await {
+            if let Err(e) = confirm_client
+                .publish(topic, QoS::AtLeastOnce, false, body)
+                .await
+            {
+                tracing::warn!(%e, device, "confirmation not sent; the validator will resend");
+            }
         }
-    });
+    }));
 
     // Ingest: batches of publishes, one durable transaction each, then acks and confirmations.
     let ingest = async {
@@ -696,27 +734,11 @@ async fn run_inner(
                 }
             }
             let (sources, messages): (Vec<Source>, Vec<Message>) = batch.drain(..).unzip();
-            let messages = Arc::new(messages);
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            // A failed transaction stored nothing: the same batch is tried again (nothing is
-            // acknowledged or confirmed until it is durable), so a full disk stalls ingestion
-            // (back-pressure up to the validators' outboxes) instead of dropping taps.
-            let outcome = loop {
-                let (s, k, m) = (store.clone(), keys.clone(), messages.clone());
-                match tokio::task::spawn_blocking(move || {
-                    s.ingest(&m, |d| k.device_key(d).ok(), now_ms)
-                })
-                .await
-                {
-                    Ok(Ok(o)) => break o,
-                    Ok(Err(e)) => tracing::error!(%e, "ingest failed; retrying the batch"),
-                    Err(e) => tracing::error!(%e, "ingest task failed; retrying the batch"),
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            };
+            let outcome = ingest_durably(&store, &keys, messages, now_ms).await;
             stats.stored.fetch_add(outcome.stored, Ordering::Relaxed);
             stats
                 .duplicates
@@ -726,7 +748,7 @@ async fn run_inner(
                 .fetch_add(outcome.quarantined, Ordering::Relaxed);
             for source in sources {
                 if let Source::Mqtt(conn, p) = source {
-                    let _ = out_tx.send(Outgoing::Ack(conn, p));
+                    let _ = ack_txs[conn].send(p);
                 }
             }
             for ((op, device), seqs) in outcome.confirmations {
@@ -735,29 +757,97 @@ async fn run_inner(
                 // batch: confirmations go in messages of at most CONFIRM_MAX_SEQS (≈ 40 kB).
                 for chunk in seqs.chunks(CONFIRM_MAX_SEQS) {
                     let body = serde_json::json!({ "seqs": chunk }).to_string();
-                    let _ = out_tx.send(Outgoing::Confirm {
-                        device,
-                        topic: topic.clone(),
-                        body,
-                    });
+                    if confirm_tx.try_send((device, topic.clone(), body)).is_err() {
+                        let n = stats.confirmations_dropped.fetch_add(1, Ordering::Relaxed);
+                        if n.is_power_of_two() || n == 0 {
+                            tracing::warn!(
+                                device,
+                                dropped = n + 1,
+                                "confirmation queue full; confirmation dropped (the validator will resend)"
+                            );
+                        }
+                    }
                 }
             }
         }
     };
-    tokio::select! {
-        _ = ingest => {}
-        _ = shutdown => {}
-    }
+    let link_closed = async {
+        match link_task {
+            Some(t) => t
+                .await
+                .unwrap_or_else(|e| format!("the link task failed: {e}")),
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = ingest => Ok(()),
+        _ = shutdown => Ok(()),
+        reason = link_closed => Err(reason),
+    };
     for c in &clients {
-        let _ = c.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), c.disconnect()).await;
     }
     for t in mqtt_tasks {
         t.abort();
     }
-    if let Some(t) = link_task {
+    for t in senders {
         t.abort();
     }
-    sender.abort();
     forwarder.abort();
     blocklists.abort();
+    result
+}
+
+/// One batch made durable. A failed transaction stored nothing, so it is tried again with the
+/// same batch (nothing is acknowledged or confirmed until it is durable): a full disk stalls
+/// ingestion instead of dropping taps (with the embedded broker, messages beyond its log's size
+/// are then dropped by the broker and sent again by their validators, which keep them until
+/// confirmed). A batch whose ingestion panics is taken one message at a time, and a message
+/// that panics alone is dropped unconfirmed (its validator keeps it) instead of stopping
+/// ingestion for everyone.
+async fn ingest_durably(
+    store: &Store,
+    keys: &KeySet,
+    messages: Vec<Message>,
+    now_ms: u64,
+) -> crate::store::IngestOutcome {
+    let once = |m: Arc<Vec<Message>>| {
+        let (s, k) = (store.clone(), keys.clone());
+        tokio::task::spawn_blocking(move || s.ingest(&m, |d| k.device_key(d).ok(), now_ms))
+    };
+    let durable = |m: Arc<Vec<Message>>| async move {
+        loop {
+            match once(m.clone()).await {
+                Ok(Ok(o)) => return Some(o),
+                Ok(Err(e)) => tracing::error!(%e, "ingest failed; retrying the batch"),
+                Err(e) => {
+                    tracing::error!(%e, messages = m.len(), "ingestion panicked");
+                    return None;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let messages = Arc::new(messages);
+    if let Some(o) = durable(messages.clone()).await {
+        return o;
+    }
+    let mut total = crate::store::IngestOutcome::default();
+    for m in messages.iter() {
+        match durable(Arc::new(vec![m.clone()])).await {
+            Some(o) => {
+                total.stored += o.stored;
+                total.duplicates += o.duplicates;
+                total.quarantined += o.quarantined;
+                for (k, seqs) in o.confirmations {
+                    total.confirmations.entry(k).or_default().extend(seqs);
+                }
+            }
+            None => tracing::error!(
+                topic = %m.topic,
+                "a message made ingestion panic; dropped unconfirmed (its validator keeps it)"
+            ),
+        }
+    }
+    total
 }

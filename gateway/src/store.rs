@@ -232,7 +232,7 @@ impl Store {
         let mut out = IngestOutcome::default();
         let mut dev_states: BTreeMap<u32, DeviceState> = BTreeMap::new();
         let mut aggs: BTreeMap<String, Aggregate> = BTreeMap::new();
-        let mut device_keys: BTreeMap<u32, Option<AesKey>> = BTreeMap::new();
+        let mut device_keys: BTreeMap<u32, Option<Box<AesKey>>> = BTreeMap::new();
         let mut t = self.env.write_txn()?;
         let mut next_outbox = self
             .outbox
@@ -273,11 +273,14 @@ impl Store {
             }
             for rec in m.payload.chunks_exact(TAP_LEN) {
                 // One derivation per device and batch (an outbox draining repeats the device).
+                // (Boxed: the map moves its values between nodes, and a moved key would leave
+                // an unwiped copy behind; the box is zeroized in place when dropped.)
                 let key_for = |d: u32| {
                     device_keys
                         .entry(d)
-                        .or_insert_with(|| device_key(d))
-                        .clone()
+                        .or_insert_with(|| device_key(d).map(Box::new))
+                        .as_deref()
+                        .cloned()
                 };
                 let tap = match TapRecord::decode_verified(rec, key_for) {
                     Ok(tap) => tap,

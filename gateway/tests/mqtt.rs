@@ -470,7 +470,9 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
         format!("127.0.0.1:{mqtt_port}").parse().unwrap(),
         users,
         None,
-    );
+        "metro",
+    )
+    .unwrap();
     wait_for("the broker", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_ok()
     })
@@ -486,7 +488,7 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
         ..GatewayConfig::default()
     };
     let gw_keys = keys.for_role(KeyRole::Gateway, 0).unwrap();
-    tokio::spawn(gateway::daemon::run_linked(
+    let gw = tokio::spawn(gateway::daemon::run_linked(
         gw_cfg,
         link,
         store.clone(),
@@ -501,6 +503,22 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
     )
     .await;
 
+    // rumqttd drops a connection when another connects with its client id: a device that
+    // takes the ids the gateway's link could have must not stop ingestion (the link's id is
+    // random).
+    for id in ["tapgate-gateway-local", "tapgate-gateway-link"] {
+        let mut o = MqttOptions::new(id, "127.0.0.1", mqtt_port);
+        o.set_credentials("dev-1001", "dev-secret");
+        let (_c, mut ev) = AsyncClient::new(o, 10);
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                if ev.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
     opts.set_credentials("dev-1001", "dev-secret")
         .set_inflight(500);
@@ -568,4 +586,5 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
     assert_eq!((dev.highest_seq, dev.taps), (N, N));
     assert!(dev.gaps.is_empty(), "{:?}", dev.gaps);
     assert_eq!(store.taps(10_000).unwrap().len() as u64, N);
+    assert!(!gw.is_finished(), "the gateway is still running");
 }
