@@ -584,8 +584,29 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
 
     // Riders tap out at Harbor; the gateway is killed mid-run and restarted.
     // This gate's clock is a day ahead.
-    let v2 = spawn_validator(dir, 1002, 120, 2, Some("+1d"));
-    std::thread::sleep(Duration::from_millis(400));
+    // The gateway is killed once it has stored some of this gate's taps (so the kill lands
+    // mid-run) and shows the gate a day ahead from its heartbeats (it also logs a warning).
+    let v2 = spawn_validator(dir, 1002, 400, 2, Some("+1d"));
+    let t0 = Instant::now();
+    let dev = loop {
+        let (code, dev) = http("GET", &format!("{gw_api}/v1/devices/1002"), OPS_TOKEN, None);
+        if code == 200
+            && dev["taps"].as_u64().unwrap_or(0) >= 20
+            && dev.get("clock_skew_ms").is_some_and(|v| !v.is_null())
+        {
+            break dev;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the gateway saw neither taps nor the clock of device 1002: {code} {dev}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let skew = dev["clock_skew_ms"].as_i64().unwrap_or(0);
+    assert!(
+        (skew - 86_400_000).abs() < 120_000,
+        "device 1002's clock shows a day ahead: {dev}"
+    );
     drop(gateway);
     std::thread::sleep(Duration::from_millis(800));
     gateway = start_gateway(dir, port, &base);
@@ -602,15 +623,6 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         log2.contains("blocklist signature does not verify"),
         "the validator saw the forgery and said why: {log2}"
     );
-    // The gateway shows the gate a day ahead from its heartbeats (and logged a warning).
-    let (code, dev) = http("GET", &format!("{gw_api}/v1/devices/1002"), OPS_TOKEN, None);
-    assert_eq!(code, 200, "{dev}");
-    let skew = dev["clock_skew_ms"].as_i64().unwrap_or(0);
-    assert!(
-        (skew - 86_400_000).abs() < 120_000,
-        "device 1002's clock shows a day ahead: {dev}"
-    );
-
     // Every tap message again, newest first, from each device; and a forged one.
     std::thread::sleep(Duration::from_millis(500));
     let messages = captured.lock().unwrap().clone();

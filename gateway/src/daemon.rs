@@ -406,7 +406,11 @@ async fn run_inner(
                                     if let Ok(mut pr) = sub_stats.propagation.lock() {
                                         let now = now_ms();
                                         pr.heartbeat(device, version, online, now);
-                                        let clock = crate::propagation::parse_clock(&p.payload);
+                                        // A retained status is the last one the device
+                                        // sent, maybe long ago: its clock says nothing now.
+                                        let clock = (!p.retain)
+                                            .then(|| crate::propagation::parse_clock(&p.payload))
+                                            .flatten();
                                         if let Some((skew_ms, true)) =
                                             clock.and_then(|c| pr.clock(device, c, now))
                                         {
