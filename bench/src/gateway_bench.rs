@@ -102,6 +102,9 @@ async fn publish_all(
             .set_inflight(1000)
             .set_max_packet_size(1 << 16, 1 << 16);
         let (c, mut ev) = AsyncClient::new(o, 20_000);
+        let mut net = ev.network_options();
+        net.set_tcp_nodelay(true); // as the validator daemon does
+        ev.set_network_options(net);
         let subscribed = Arc::new(tokio::sync::Notify::new());
         let s2 = subscribed.clone();
         let rcv = received.clone();

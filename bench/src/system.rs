@@ -358,6 +358,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                 .set_inflight(1_000)
                 .set_max_packet_size(1 << 20, 1 << 20);
             let (c, mut ev) = AsyncClient::new(o, 20_000);
+            let mut net = ev.network_options();
+            net.set_tcp_nodelay(true); // as the validator daemon does
+            ev.set_network_options(net);
             let subscribed = Arc::new(tokio::sync::Notify::new());
             let (s2, f2, n2) = (subscribed.clone(), field.clone(), confirmed_total.clone());
             tokio::spawn(async move {

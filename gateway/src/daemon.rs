@@ -357,6 +357,11 @@ async fn run_inner(
         // The request queue (acks, confirmations, subscriptions) drains only while the event
         // loop polls; ingestion never waits on it (see the sender task below).
         let (client, mut eventloop) = AsyncClient::new(opts, cfg.queue_max_messages.max(1_000));
+        // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
+        // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         clients.push(client.clone());
         // MQTT event loop: reconnects with backoff; (re)subscribes on every connection. The
         // first connection also takes the validators' heartbeats. Nothing here awaits the
