@@ -177,7 +177,24 @@ fn killed_at_every_step_nothing_lost_nothing_doubled() {
 /// `tapgate gateway` with its embedded broker on `port` (device 1001's password "v-secret"),
 /// once the broker accepts connections; killed when the guard drops.
 fn start_gateway(dir: &Path, port: u16) -> Kill {
+    start_gateway_with_api(dir, port, None)
+}
+
+/// The gateway, with its HTTP API on `api_port` (an operator token `tg_ops_v`) when given.
+fn start_gateway_with_api(dir: &Path, port: u16, api_port: Option<u16>) -> Kill {
     std::fs::write(dir.join("users"), "1001 v-secret\n").unwrap();
+    let mut api = Vec::new();
+    if let Some(p) = api_port {
+        std::fs::write(
+            dir.join("gw-api.toml"),
+            format!(
+                "http_listen = \"127.0.0.1:{p}\"\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+                charging::api::Auth::hash_token("tg_ops_v")
+            ),
+        )
+        .unwrap();
+        api = vec!["--config".to_string(), "gw-api.toml".to_string()];
+    }
     let gw = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .current_dir(dir)
         .args([
@@ -195,6 +212,7 @@ fn start_gateway(dir: &Path, port: u16) -> Kill {
             "--embedded-listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(&api)
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
         .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
         .stdout(Stdio::null())
@@ -203,6 +221,9 @@ fn start_gateway(dir: &Path, port: u16) -> Kill {
         .unwrap();
     let guard = Kill(gw);
     wait_for_port(port, "the gateway's broker");
+    if let Some(p) = api_port {
+        wait_for_port(p, "the gateway's API");
+    }
     guard
 }
 
@@ -226,7 +247,8 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
 }
 
 /// A validator offline for a long stretch keeps every tap; when the gateway is reachable again
-/// its outbox drains, every tap confirmed after it is durable at the gateway.
+/// — six hours later by the validator's clock (libfaketime) — its outbox drains, every tap
+/// confirmed after it is durable at the gateway, each stored once.
 #[test]
 fn offline_then_back_the_outbox_drains() {
     let d = tempfile::tempdir().unwrap();
@@ -247,10 +269,62 @@ fn offline_then_back_the_outbox_drains() {
         "every accepted tap kept: {out}"
     );
 
-    // The gateway comes up; the validator starts again with no new taps: it drains.
-    let _gw = start_gateway(dir, port);
-    let (v, out) = run_validator(dir, "validator.toml", "0");
+    // The gateway comes up; the validator starts again hours later with no new taps: it
+    // drains.
+    let api_port = free_port();
+    let _gw = start_gateway_with_api(dir, port, Some(api_port));
+    assert!(
+        Command::new("faketime").arg("--version").output().is_ok(),
+        "faketime is not installed: apt-get install faketime (.ci/run does)"
+    );
+    let o = Command::new("faketime")
+        .args(["-f", "+6h", env!("CARGO_BIN_EXE_tapgate")])
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .current_dir(dir)
+        .args([
+            "validator",
+            "--config",
+            "validator.toml",
+            "--crowd-taps",
+            "0",
+            "--json",
+        ])
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .env("VALIDATOR_MQTT_PASSWORD", "v-secret")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["outbox_left"], 0, "every kept tap confirmed: {out}");
+    let metrics = ureq::get(&format!("http://127.0.0.1:{api_port}/metrics"))
+        .set("Authorization", "Bearer tg_ops_v")
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let metric = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in {metrics}")) as u64
+    };
+    assert_eq!(
+        metric("tapgate_gateway_taps_stored_total"),
+        kept,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric("tapgate_gateway_taps_duplicate_total"),
+        0,
+        "{metrics}"
+    );
 }
 
 /// A hotel pay-TV box: `kind = "charge"` with a [sale], the hotel's signed table; every guest's

@@ -243,9 +243,29 @@ fn spawn_broker(
         router: rumqttd::RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 10_000,
-            max_segment_size: 100 << 20,
-            max_segment_count: 10,
-            custom_segment: None,
+            // rumqttd keeps, per subscription filter, a log of what matched it, dropping its
+            // oldest segment when full: these sizes bound its memory. The taps get room for a
+            // large backlog (≈ 1.5 million live taps); each validator's confirmations, of which
+            // there are thousands of filters, get little (a wrapped confirmation is resent by
+            // the validator's outbox and confirmed as a duplicate).
+            max_segment_size: 16 << 20,
+            max_segment_count: 4,
+            custom_segment: Some(HashMap::from([
+                (
+                    "tapgate/v1/+/taps/+".to_string(),
+                    rumqttd::SegmentConfig {
+                        max_segment_size: 64 << 20,
+                        max_segment_count: 4,
+                    },
+                ),
+                (
+                    "tapgate/v1/+/devices/+/confirm".to_string(),
+                    rumqttd::SegmentConfig {
+                        max_segment_size: 1 << 20,
+                        max_segment_count: 2,
+                    },
+                ),
+            ])),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
