@@ -176,6 +176,7 @@ fn tv_sale(rng: &mut StdRng) -> validator::gate::Sale {
 
 const HOLDER: &str = "tg_demo_cardholder";
 const GATEWAY: &str = "tg_demo_gateway";
+const HOTEL_GATEWAY: &str = "tg_demo_hotel_gateway";
 const OPS: &str = "tg_demo_operator";
 
 fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
@@ -369,10 +370,14 @@ pub fn run(args: DemoArgs) -> Result<()> {
     cfg.tokens = vec![
         token("riders-app", Role::Cardholder, HOLDER),
         token("gateway", Role::Gateway, GATEWAY),
+        token("hotel-gateway", Role::Gateway, HOTEL_GATEWAY),
         token("ops", Role::Operator, OPS),
     ];
     cfg.limits.loads_per_minute_per_client = 0; // one demo app speaks for every rider
     cfg.operator = "metro".into();
+    // The hotel's gateway books the pay-TV sales to the hotel, and only there.
+    cfg.gateway_operators
+        .insert("hotel-gateway".into(), vec!["hotel".into()]);
     cfg.points.push(charging::server::PointsConfig {
         name: "mileage".into(),
         minor_per_point_num: 2,
@@ -596,6 +601,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         gateway::daemon::GatewayConfig {
             gateway_id: "gw-hotel".into(),
             operator: "hotel".into(),
+            charging: Some((base.clone(), HOTEL_GATEWAY.into())),
             // The box holds the card scheme's list, from the metro's topics.
             relay_blocklists: false,
             ..gw_cfg.clone()

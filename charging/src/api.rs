@@ -36,6 +36,8 @@ pub enum ApiError {
     Unauthenticated(&'static str),
     /// 403
     Forbidden(Role),
+    /// 403, with what was refused
+    ForbiddenDetail(String),
     /// 400
     BadRequest(String),
     /// 404
@@ -61,6 +63,7 @@ impl IntoResponse for ApiError {
                 "forbidden",
                 format!("role {r:?} may not do this"),
             ),
+            ApiError::ForbiddenDetail(d) => (StatusCode::FORBIDDEN, "forbidden", d),
             ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
             ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
             ApiError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
@@ -130,6 +133,8 @@ pub struct AppState {
     pub rate: Arc<RateLimiter>,
     /// The operator id blocklists are signed for.
     pub operator: String,
+    /// Gateway token name → the operators it may book taps to (unlisted: `operator` only).
+    pub gateway_operators: Arc<std::collections::HashMap<String, Vec<String>>>,
 }
 
 /// A token bucket per caller: `per_minute` starts, refilled continuously, at most
@@ -821,8 +826,26 @@ async fn clearing_batch(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<crate::clearing::BatchOutcome>, ApiError> {
-    require(&st.auth, &headers, &[Role::Gateway])?;
+    let caller = require(&st.auth, &headers, &[Role::Gateway])?;
     let batch: crate::clearing::ClearingBatch = json_body(&body)?;
+    // A gateway books fares only to the operators it serves: its token cannot move revenue to
+    // another operator's account.
+    let own = [st.operator.clone()];
+    let allowed = st
+        .gateway_operators
+        .get(&caller.name)
+        .map_or(&own[..], Vec::as_slice);
+    if let Some(t) = batch.taps.iter().find(|t| {
+        let op = t.operator.as_deref().unwrap_or("default");
+        !allowed.iter().any(|a| a == op)
+    }) {
+        return Err(ApiError::ForbiddenDetail(format!(
+            "gateway {:?} may not book taps to operator {:?} (it may: {}; [gateway_operators] in the charging config)",
+            caller.name,
+            t.operator.as_deref().unwrap_or("default"),
+            allowed.join(", ")
+        )));
+    }
     let now = (st.clock)();
     let loads = st.loads.clone();
     let out =

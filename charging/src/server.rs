@@ -106,6 +106,11 @@ pub struct ServerConfig {
     /// The operator id this back office signs blocklists for.
     #[serde(default = "default_operator")]
     pub operator: String,
+    /// Which operators' revenue each gateway token (by its name) may book taps to, e.g.
+    /// `[gateway_operators] hotel-gw = ["grand-hotel"]`. A gateway not listed books only to
+    /// `operator`: a token cannot put fares on another operator's account.
+    #[serde(default)]
+    pub gateway_operators: std::collections::HashMap<String, Vec<String>>,
     /// Where the issuer keys live: the software HSM (default) or a PKCS#11 token.
     #[serde(default)]
     pub hsm: HsmConfig,
@@ -250,6 +255,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         clock,
         metrics: prometheus::Registry::new(),
         operator: cfg.operator.clone(),
+        gateway_operators: Arc::new(cfg.gateway_operators.clone()),
         rate: Arc::new(crate::api::RateLimiter::new(
             cfg.limits.loads_per_minute_per_client,
         )),

@@ -48,6 +48,7 @@ fn tap_json(r: &CommitReceipt, seq: u64) -> serde_json::Value {
 fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(1));
     let srv = common::start_with(kind, &keys, |cfg| {
+        cfg.operator = "metro".into(); // the taps below are the metro's
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -151,6 +152,7 @@ fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(9));
     let (token, hw) = tapgate_pkcs11::softhsm::hsm_for(&keys).unwrap_or_else(|e| panic!("{e}"));
     let srv = common::start_with_hsm(Box::new(hw), |cfg| {
+        cfg.operator = "metro".into(); // the taps below are the metro's
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -210,6 +212,7 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
     const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(2));
     let srv = common::start_with(kind, &keys, |cfg| {
+        cfg.operator = "metro".into(); // the taps below are the metro's
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -282,6 +285,7 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
     const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
     let srv = common::start_with(kind, &keys, |cfg| {
+        cfg.operator = "metro".into(); // the taps below are the metro's
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -376,6 +380,7 @@ fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) 
     const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(4));
     let srv = common::start_with(kind, &keys, |cfg| {
+        cfg.operator = "metro".into(); // the taps below are the metro's
         cfg.tokens = vec![
             TokenEntry {
                 name: "gw".into(),
@@ -473,3 +478,89 @@ both_hsms!(
     a_cleared_tap_completes_the_pending_load_the_card_applied,
     a_pending_load_is_completed_whatever_order_the_taps_arrive_in,
 );
+
+/// A gateway token books fares only to the operators it serves: the metro's gateway cannot put
+/// taps on the hotel's account (nor the hotel's on the metro's); nothing of a refused batch is
+/// booked, and the same taps from the right gateway clear.
+#[test]
+fn a_gateway_books_taps_only_to_its_own_operators() {
+    const HOTEL_GW: &str = "tg_hotel_gw";
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(8));
+    let srv = common::start(&keys, |cfg| {
+        cfg.operator = "metro".into();
+        cfg.gateway_operators
+            .insert("hotel-gw".into(), vec!["hotel".into()]);
+        cfg.tokens = vec![
+            TokenEntry {
+                name: "gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(GW),
+            },
+            TokenEntry {
+                name: "hotel-gw".into(),
+                role: Role::Gateway,
+                sha256: Auth::hash_token(HOTEL_GW),
+            },
+            TokenEntry {
+                name: "ops".into(),
+                role: Role::Operator,
+                sha256: Auth::hash_token(OPS),
+            },
+        ];
+    });
+    let b = srv.base.clone();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let uid = [4, 1, 2, 3, 4, 5, 6];
+    let (code, _) = common::post(
+        &format!("{b}/v1/cards"),
+        OPS,
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 201);
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 1_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let fare = tap_json(&debit(&mut sam, &mut card, 150), 1);
+    let mut sale = tap_json(&debit(&mut sam, &mut card, 499), 2);
+    sale["operator"] = "hotel".into();
+    let post = |token: &str, id: &str, taps: Vec<serde_json::Value>| {
+        common::post(
+            &format!("{b}/v1/clearing/batches"),
+            token,
+            serde_json::json!({"batch_id": id, "taps": taps}),
+        )
+    };
+    for (token, id, taps) in [
+        (GW, "gw-1", vec![fare.clone(), sale.clone()]),
+        (HOTEL_GW, "hotel-1", vec![sale.clone(), fare.clone()]),
+    ] {
+        let (code, out) = post(token, id, taps);
+        assert_eq!(code, 403, "{out}");
+        assert!(
+            out["detail"]
+                .as_str()
+                .unwrap()
+                .contains("may not book taps"),
+            "{out}"
+        );
+    }
+    {
+        let l = srv.state.loads.ledger();
+        let r = l.read().unwrap();
+        assert_eq!(l.balance(&r, "operator:metro").unwrap(), 0);
+        assert_eq!(l.balance(&r, "operator:hotel").unwrap(), 0);
+    }
+    assert_eq!(post(GW, "gw-2", vec![fare]).0, 200);
+    assert_eq!(post(HOTEL_GW, "hotel-2", vec![sale]).0, 200);
+    let l = srv.state.loads.ledger();
+    let r = l.read().unwrap();
+    assert_eq!(l.balance(&r, "operator:metro").unwrap(), 150);
+    assert_eq!(l.balance(&r, "operator:hotel").unwrap(), 499);
+    assert_eq!(
+        l.balance(&r, &charging::ledger::card_account(&uid))
+            .unwrap(),
+        i64::from(card.state().balance_minor)
+    );
+}
