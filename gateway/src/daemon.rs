@@ -547,7 +547,17 @@ async fn run_inner(
                         .set("Authorization", &format!("Bearer {t}"))
                         .send_json(batch.clone())
                         .map(|_| ())
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| match e {
+                            // The server's reason (a refused operator, a malformed batch) in the
+                            // log, not just the status code.
+                            ureq::Error::Status(code, r) => {
+                                format!(
+                                    "clearing answered {code}: {}",
+                                    r.into_string().unwrap_or_default()
+                                )
+                            }
+                            other => other.to_string(),
+                        })
                 };
                 forward_once(
                     &s,
