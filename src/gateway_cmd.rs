@@ -80,9 +80,10 @@ pub struct GatewayArgs {
     /// (default 1). With the embedded broker the taps come over an in-process link instead.
     #[arg(long = "ingest-connections")]
     ingest_connections: Option<usize>,
-    /// Do not relay the charging server's blocklists: for a gateway that collects an operator's
-    /// revenue while its validators take the card scheme's list from the scheme operator's
-    /// topics (a hotel's pay-TV boxes on a metro's cards).
+    /// Do not relay the charging server's blocklists: for a gateway that only collects an
+    /// operator's revenue (a hotel's pay-TV boxes on a metro's cards). Its validators then need
+    /// the card scheme's list some other way: `tapgate validator` takes lists only under its own
+    /// operator's topics, so today only the demo wires the scheme's list to such a box.
     #[arg(long = "no-blocklist-relay")]
     no_blocklist_relay: bool,
     /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],

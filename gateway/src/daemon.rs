@@ -243,11 +243,11 @@ fn spawn_broker(
         router: rumqttd::RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 10_000,
-            // rumqttd keeps, per subscription filter, a log of what matched it, dropping its
-            // oldest segment when full: these sizes bound its memory. The taps get room for a
-            // large backlog (≈ 1.5 million live taps); each validator's confirmations, of which
-            // there are thousands of filters, get little (a wrapped confirmation is resent by
-            // the validator's outbox and confirmed as a duplicate).
+            // rumqttd keeps, per subscription filter, a log of what matched it (read or not),
+            // dropping its oldest segment only when full: these sizes bound its memory. The
+            // taps get room for a large backlog (≈ 1.5 million live taps); each validator's
+            // confirmations, of which there are thousands of filters, get 2 × 64 kB (a wrapped
+            // confirmation is resent by the validator's outbox and confirmed as a duplicate).
             max_segment_size: 16 << 20,
             max_segment_count: 4,
             custom_segment: Some(HashMap::from([
@@ -261,7 +261,7 @@ fn spawn_broker(
                 (
                     "tapgate/v1/+/devices/+/confirm".to_string(),
                     rumqttd::SegmentConfig {
-                        max_segment_size: 1 << 20,
+                        max_segment_size: 64 << 10,
                         max_segment_count: 2,
                     },
                 ),
@@ -405,15 +405,19 @@ async fn run_inner(
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff_ms = 100;
+                        // Taps at QoS 1 (acknowledged once durable); heartbeats at QoS 0: a
+                        // broker does not queue those while the gateway is away (a queued one
+                        // would arrive late with an old clock), and nothing needs acknowledging
+                        // out of turn (rumqttd takes acks only in order).
                         let mut topics = Vec::new();
                         if !linked {
-                            topics.push(taps.as_str());
+                            topics.push((taps.as_str(), QoS::AtLeastOnce));
                         }
                         if main {
-                            topics.push(status.as_str());
+                            topics.push((status.as_str(), QoS::AtMostOnce));
                         }
-                        for topic in topics {
-                            if let Err(e) = sub_client.try_subscribe(topic, QoS::AtLeastOnce) {
+                        for (topic, qos) in topics {
+                            if let Err(e) = sub_client.try_subscribe(topic, qos) {
                                 tracing::warn!(%e, topic, "subscribe failed");
                             }
                         }
@@ -448,9 +452,6 @@ async fn run_inner(
                                     }
                                 }
                                 None => tracing::warn!(device, "malformed heartbeat ignored"),
-                            }
-                            if let Err(e) = sub_client.try_ack(&p) {
-                                tracing::warn!(%e, "ack failed");
                             }
                             continue;
                         }
@@ -810,6 +811,7 @@ async fn run_inner(
             }
         }
     };
+    let link_abort = link_task.as_ref().map(|t| t.abort_handle());
     let link_closed = async {
         match link_task {
             Some(t) => t
@@ -831,6 +833,9 @@ async fn run_inner(
     }
     for t in senders {
         t.abort();
+    }
+    if let Some(a) = link_abort {
+        a.abort();
     }
     forwarder.abort();
     blocklists.abort();

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const MAX_TAPS_PER_MESSAGE: usize = 64;
 /// Most messages in flight per publishing round.
 const MAX_MESSAGES_PER_ROUND: usize = 32;
-/// With taps waiting and no confirmation for this long, everything unconfirmed is sent again.
+/// When the oldest unconfirmed tap has waited this long, everything unconfirmed is sent again.
 const RESEND_AFTER_MS: u64 = 30_000;
 
 /// Daemon failures.
@@ -519,37 +519,59 @@ pub async fn run(
         // Publishing and heartbeats, until the reader is done; then drain.
         let mut heartbeat = tokio::time::interval(settings.heartbeat);
         let mut drain_deadline: Option<Instant> = None;
+        // The versions come from the metrics, never from the gate (no waiting on a tap).
+        let status = || {
+            serde_json::json!({
+                "device": settings.device_id,
+                "online": true,
+                "blocklist_version": metrics.blocklist_version.get(),
+                "fare_table_version": metrics.fare_table_version.get(),
+                "outbox_depth": metrics.outbox_depth.get(),
+                "clock_ms": now_ms(),
+                "taps": taps_done.load(Ordering::Relaxed),
+            })
+            .to_string()
+        };
+        // The first heartbeat goes out as soon as the connection is up, not a period later.
+        let mut announced = false;
+        // The oldest tap in the outbox and since when it is the oldest: a tap whose
+        // confirmation was lost stays there while newer ones are confirmed around it.
+        let mut head: Option<(u64, u64)> = None;
         loop {
             tokio::select! {
                 _ = wake.notified() => {}
                 _ = heartbeat.tick() => {
-                    // Only while connected (offline it would only fill the request queue); the
-                    // versions come from the metrics, never from the gate (no waiting on a tap).
+                    // Only while connected (offline it would only fill the request queue).
                     if connected.load(Ordering::Relaxed) {
-                        let status = serde_json::json!({
-                            "device": settings.device_id,
-                            "online": true,
-                            "blocklist_version": metrics.blocklist_version.get(),
-                            "fare_table_version": metrics.fare_table_version.get(),
-                            "outbox_depth": metrics.outbox_depth.get(),
-                            "clock_ms": now_ms(),
-                            "taps": taps_done.load(Ordering::Relaxed),
-                        });
-                        let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status.to_string());
+                        let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status());
+                        announced = true;
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
+            if !announced && connected.load(Ordering::Relaxed) {
+                let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status());
+                announced = true;
+            }
             if connected.load(Ordering::Relaxed) {
-                // Taps waiting and nothing confirmed for a while: send them all again (the
-                // gateway drops duplicates).
-                if now_ms().saturating_sub(last_confirm_ms.load(Ordering::Relaxed))
-                    > RESEND_AFTER_MS
-                    && journal.outbox_len()? > 0
-                {
-                    cursor.store(0, Ordering::Relaxed);
-                    last_confirm_ms.store(now_ms(), Ordering::Relaxed);
-                }
+                // The oldest unconfirmed tap has waited too long (its message or its
+                // confirmation was lost, or nothing has been confirmed at all): send everything
+                // unconfirmed again (the gateway confirms duplicates without storing them).
+                let now = now_ms();
+                let oldest = journal.outbox_after(0, 1)?.first().map(|(seq, _)| *seq);
+                head = match (oldest, head) {
+                    (None, _) => None,
+                    (Some(seq), Some((h, since))) if seq == h => {
+                        if now.saturating_sub(since) > RESEND_AFTER_MS {
+                            cursor.store(0, Ordering::Relaxed);
+                            last_confirm_ms.store(now, Ordering::Relaxed);
+                            Some((seq, now))
+                        } else {
+                            Some((h, since))
+                        }
+                    }
+                    (Some(seq), _) => Some((seq, now)),
+                };
                 publish_outbox(&client, &topics, &journal, &cursor).await?;
             }
             if reader_done.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
@@ -564,7 +586,8 @@ pub async fn run(
             topics.status.clone(),
             QoS::AtLeastOnce,
             true,
-            serde_json::json!({"device": settings.device_id, "online": false}).to_string(),
+            serde_json::json!({"device": settings.device_id, "online": false, "clock_ms": now_ms()})
+                .to_string(),
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
