@@ -59,7 +59,11 @@ fn cpu_user_sys_s_of(path: &str) -> (f64, f64) {
 
 /// A memory figure of this process from /proc/self/status, KiB (`VmRSS`, `VmHWM`; 0 elsewhere).
 pub fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    status_kib_of("/proc/self/status", field)
+}
+
+fn status_kib_of(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -77,12 +81,5 @@ pub fn cpu_s_of_pid(pid: u32) -> f64 {
 
 /// A memory figure of another process from /proc/PID/status, KiB (0 elsewhere).
 pub fn status_kib_of_pid(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    status_kib_of(&format!("/proc/{pid}/status"), field)
 }
