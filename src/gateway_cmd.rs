@@ -81,9 +81,9 @@ pub struct GatewayArgs {
     #[arg(long = "ingest-connections")]
     ingest_connections: Option<usize>,
     /// Do not relay the charging server's blocklists: for a gateway that only collects an
-    /// operator's revenue (a hotel's pay-TV boxes on a metro's cards). Its validators then need
-    /// the card scheme's list some other way: `tapgate validator` takes lists only under its own
-    /// operator's topics, so today only the demo wires the scheme's list to such a box.
+    /// operator's revenue (a hotel's pay-TV boxes on a metro's cards), whose validators take the
+    /// card scheme's list from the scheme's topics (`card_scheme` in `tapgate validator`'s
+    /// config).
     #[arg(long = "no-blocklist-relay")]
     no_blocklist_relay: bool,
     /// The HTTP API's configuration (TOML: http_listen, currency, currency_exponent, [tls],

@@ -90,6 +90,9 @@ pub struct ValidatorArgs {
 struct Config {
     device_id: u32,
     operator: String,
+    /// The card scheme whose signed blocklist this validator holds (default: `operator`).
+    #[serde(default)]
+    card_scheme: Option<String>,
     #[serde(default)]
     stop: String,
     #[serde(default)]
@@ -341,7 +344,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     let mut gate = Gate {
         sam,
         engine: None,
-        blocklist: Blocklist::new(&cfg.operator),
+        blocklist: Blocklist::new(cfg.card_scheme.as_deref().unwrap_or(&cfg.operator)),
         placement: Placement {
             device_id: cfg.device_id,
             stop: cfg.stop.clone(),
@@ -468,6 +471,10 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     };
     let settings = Settings {
         operator: cfg.operator.clone(),
+        card_scheme: cfg
+            .card_scheme
+            .clone()
+            .unwrap_or_else(|| cfg.operator.clone()),
         device_id: cfg.device_id,
         heartbeat: Duration::from_secs(cfg.heartbeat_s.max(1)),
         signing_pub,

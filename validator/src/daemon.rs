@@ -65,6 +65,9 @@ impl std::fmt::Debug for MqttSettings {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub operator: String,
+    /// The card scheme whose signed blocklist this validator holds, from that operator's
+    /// topics (a hotel's box on a metro's cards: "metro"); usually `operator` itself.
+    pub card_scheme: String,
     pub device_id: u32,
     pub heartbeat: Duration,
     /// The back office's Ed25519 key: downlink messages must verify under it.
@@ -184,13 +187,20 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(operator: &str, device: u32) -> Self {
+        Self::with_scheme(operator, operator, device)
+    }
+
+    /// Taps, status, confirmations and fares under `operator`; the blocklist under
+    /// `card_scheme`'s topics.
+    pub fn with_scheme(operator: &str, card_scheme: &str, device: u32) -> Self {
         let p = format!("tapgate/v1/{operator}");
+        let s = format!("tapgate/v1/{card_scheme}");
         Self {
             taps: format!("{p}/taps/{device}"),
             confirm: format!("{p}/devices/{device}/confirm"),
             status: format!("{p}/devices/{device}/status"),
-            blocklist_snapshot: format!("{p}/blocklist/snapshot"),
-            blocklist_delta: format!("{p}/blocklist/delta"),
+            blocklist_snapshot: format!("{s}/blocklist/snapshot"),
+            blocklist_delta: format!("{s}/blocklist/delta"),
             fares: format!("{p}/fares/table"),
         }
     }
@@ -286,7 +296,11 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<Summary, DaemonError> {
-    let topics = Topics::new(&settings.operator, settings.device_id);
+    let topics = Topics::with_scheme(
+        &settings.operator,
+        &settings.card_scheme,
+        settings.device_id,
+    );
     let gate = Arc::new(Mutex::new(gate));
     let wake = Arc::new(tokio::sync::Notify::new());
     let reader_done = Arc::new(AtomicBool::new(false));
@@ -669,4 +683,26 @@ pub async fn serve_metrics(
     )
     .await
     .map_err(|e| DaemonError::Metrics(e.to_string()))
+}
+
+#[cfg(test)]
+mod topic_tests {
+    use super::Topics;
+
+    #[test]
+    fn a_box_on_another_schemes_cards_takes_that_schemes_blocklist() {
+        let t = Topics::with_scheme("grand-hotel", "metro", 2001);
+        assert_eq!(t.taps, "tapgate/v1/grand-hotel/taps/2001");
+        assert_eq!(t.confirm, "tapgate/v1/grand-hotel/devices/2001/confirm");
+        assert_eq!(t.status, "tapgate/v1/grand-hotel/devices/2001/status");
+        assert_eq!(t.fares, "tapgate/v1/grand-hotel/fares/table");
+        assert_eq!(t.blocklist_snapshot, "tapgate/v1/metro/blocklist/snapshot");
+        assert_eq!(t.blocklist_delta, "tapgate/v1/metro/blocklist/delta");
+        let own = Topics::new("metro", 1001);
+        assert_eq!(
+            own.blocklist_snapshot,
+            "tapgate/v1/metro/blocklist/snapshot"
+        );
+        assert_eq!(own.taps, "tapgate/v1/metro/taps/1001");
+    }
 }
