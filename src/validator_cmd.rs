@@ -241,6 +241,19 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     if let Some(d) = a.device {
         cfg.device_id = d;
     }
+    for (what, v) in [
+        ("operator", Some(&cfg.operator)),
+        ("card_scheme", cfg.card_scheme.as_ref()),
+    ] {
+        if let Some(v) = v {
+            if v.is_empty() || v.contains(['/', '+', '#']) {
+                return Err(input_err(format!(
+                    "{}: {what} {v:?} must be a non-empty name without '/', '+' or '#' (it is part of MQTT topics)",
+                    a.config.display()
+                )));
+            }
+        }
+    }
     if let Some(j) = a.journal {
         cfg.journal = j;
     }

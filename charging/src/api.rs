@@ -827,7 +827,7 @@ async fn clearing_batch(
     body: axum::body::Bytes,
 ) -> Result<Json<crate::clearing::BatchOutcome>, ApiError> {
     let caller = require(&st.auth, &headers, &[Role::Gateway])?;
-    let batch: crate::clearing::ClearingBatch = json_body(&body)?;
+    let mut batch: crate::clearing::ClearingBatch = json_body(&body)?;
     // A gateway books fares only to the operators it serves: its token cannot move revenue to
     // another operator's account.
     let own = [st.operator.clone()];
@@ -846,21 +846,30 @@ async fn clearing_batch(
             allowed.join(", ")
         )));
     }
+    // Batch ids are per gateway: another gateway's token cannot pre-empt this one's next id
+    // (an empty batch under it would have made the real one look answered, and lost its taps).
+    let asked_id = batch.batch_id.clone();
+    if asked_id.is_empty() || asked_id.len() > 128 {
+        return Err(ApiError::BadRequest(
+            "batch_id must be 1 to 128 characters".into(),
+        ));
+    }
+    batch.batch_id = format!("{}/{}", caller.name, batch.batch_id);
     let now = (st.clock)();
     let loads = st.loads.clone();
-    let out =
-        blocking(move || {
-            let out = crate::clearing::clear_batch(loads.ledger(), loads.hsm(), batch, now)
-                .map_err(|e| match e {
-                    crate::clearing::ClearingError::BadRequest(d) => ApiError::BadRequest(d),
-                    other => ApiError::Internal(other.to_string()),
-                })?;
-            for action in &out.funding {
-                loads.apply_funding(action);
-            }
-            Ok(out)
-        })
-        .await?;
+    let out = blocking(move || {
+        let mut out = crate::clearing::clear_batch(loads.ledger(), loads.hsm(), batch, now)
+            .map_err(|e| match e {
+                crate::clearing::ClearingError::BadRequest(d) => ApiError::BadRequest(d),
+                other => ApiError::Internal(other.to_string()),
+            })?;
+        for action in &out.funding {
+            loads.apply_funding(action);
+        }
+        out.batch_id = asked_id;
+        Ok(out)
+    })
+    .await?;
     Ok(Json(out))
 }
 

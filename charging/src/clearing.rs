@@ -137,9 +137,9 @@ pub fn clear_batch(
     batch: ClearingBatch,
     now_ms: u64,
 ) -> Result<BatchOutcome, ClearingError> {
-    if batch.batch_id.is_empty() || batch.batch_id.len() > 128 {
+    if batch.batch_id.is_empty() || batch.batch_id.len() > 256 {
         return Err(ClearingError::BadRequest(
-            "batch_id must be 1 to 128 characters".into(),
+            "batch_id must be 1 to 256 characters".into(),
         ));
     }
     if batch.taps.len() > BATCH_MAX_TAPS {

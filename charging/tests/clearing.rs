@@ -552,7 +552,12 @@ fn a_gateway_books_taps_only_to_its_own_operators() {
         assert_eq!(l.balance(&r, "operator:metro").unwrap(), 0);
         assert_eq!(l.balance(&r, "operator:hotel").unwrap(), 0);
     }
-    assert_eq!(post(GW, "gw-2", vec![fare]).0, 200);
+    // Batch ids are per gateway: the hotel's token sending an (empty) batch under the metro's
+    // next id does not make the metro's real batch look already answered.
+    let _ = post(HOTEL_GW, "gw-2", vec![]);
+    let (code, out) = post(GW, "gw-2", vec![fare]);
+    assert_eq!((code, out["cleared"].as_u64()), (200, Some(1)), "{out}");
+    assert_eq!(out["batch_id"], "gw-2");
     assert_eq!(post(HOTEL_GW, "hotel-2", vec![sale]).0, 200);
     let l = srv.state.loads.ledger();
     let r = l.read().unwrap();

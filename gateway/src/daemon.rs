@@ -453,6 +453,11 @@ async fn run_inner(
                                 }
                                 None => tracing::warn!(device, "malformed heartbeat ignored"),
                             }
+                            // Subscribed at QoS 0; a QoS 1 status still queued from an older
+                            // subscription of this persistent session is acknowledged.
+                            if p.qos != QoS::AtMostOnce {
+                                let _ = sub_client.try_ack(&p);
+                            }
                             continue;
                         }
                         let m = Message {

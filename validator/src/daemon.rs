@@ -546,11 +546,14 @@ pub async fn run(
             })
             .to_string()
         };
-        // The first heartbeat goes out as soon as the connection is up, not a period later.
+        // The first heartbeat goes out as soon as a connection is up, not a period later.
         let mut announced = false;
-        // The oldest tap in the outbox and since when it is the oldest: a tap whose
-        // confirmation was lost stays there while newer ones are confirmed around it.
-        let mut head: Option<(u64, u64)> = None;
+        let mut was_connected = false;
+        // The oldest tap in the outbox, since when it waits, and how long it may wait before
+        // everything unconfirmed is sent again: a tap whose confirmation was lost stays there
+        // while newer ones are confirmed around it. The wait doubles while the same tap stays
+        // oldest (up to 8×), so an overloaded gateway is not sent the whole outbox every 30 s.
+        let mut head: Option<(u64, u64, u64)> = None;
         loop {
             tokio::select! {
                 _ = wake.notified() => {}
@@ -563,7 +566,12 @@ pub async fn run(
                 }
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
-            if !announced && connected.load(Ordering::Relaxed) {
+            let is_connected = connected.load(Ordering::Relaxed);
+            if is_connected && !was_connected {
+                announced = false; // a reconnect: say so now (the last will said offline)
+            }
+            was_connected = is_connected;
+            if !announced && is_connected {
                 let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status());
                 announced = true;
             }
@@ -575,16 +583,15 @@ pub async fn run(
                 let oldest = journal.outbox_after(0, 1)?.first().map(|(seq, _)| *seq);
                 head = match (oldest, head) {
                     (None, _) => None,
-                    (Some(seq), Some((h, since))) if seq == h => {
-                        if now.saturating_sub(since) > RESEND_AFTER_MS {
+                    (Some(seq), Some((h, since, wait))) if seq == h => {
+                        if now.saturating_sub(since) > wait {
                             cursor.store(0, Ordering::Relaxed);
-                            last_confirm_ms.store(now, Ordering::Relaxed);
-                            Some((seq, now))
+                            Some((seq, now, (wait * 2).min(8 * RESEND_AFTER_MS)))
                         } else {
-                            Some((h, since))
+                            Some((h, since, wait))
                         }
                     }
-                    (Some(seq), _) => Some((seq, now)),
+                    (Some(seq), _) => Some((seq, now, RESEND_AFTER_MS)),
                 };
                 publish_outbox(&client, &topics, &journal, &cursor).await?;
             }
