@@ -861,6 +861,7 @@ async fn clearing_batch(
         let mut out = crate::clearing::clear_batch(loads.ledger(), loads.hsm(), batch, now)
             .map_err(|e| match e {
                 crate::clearing::ClearingError::BadRequest(d) => ApiError::BadRequest(d),
+                crate::clearing::ClearingError::Conflict(d) => ApiError::Conflict(d),
                 other => ApiError::Internal(other.to_string()),
             })?;
         for action in &out.funding {

@@ -116,6 +116,26 @@ pub enum ClearingError {
     /// The HSM failed (no verdict on any tap); the batch can be resent.
     #[error("HSM: {0}")]
     Hsm(String),
+    /// A batch id already answered, sent again with other taps.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The stored answer to a batch id, unless it was answered for other taps (then the same id
+/// must not hide them: 409).
+fn stored_answer(
+    v: serde_json::Value,
+    batch_id: &str,
+    digest: &str,
+) -> Result<Option<BatchOutcome>, ClearingError> {
+    if let Some(d) = v.get("taps_sha256").and_then(|d| d.as_str()) {
+        if d != digest {
+            return Err(ClearingError::Conflict(format!(
+                "batch {batch_id} was answered for other taps: a batch id names one set of taps (was the gateway's store reset? give it a new gateway id)"
+            )));
+        }
+    }
+    Ok(serde_json::from_value::<BatchOutcome>(v).ok())
 }
 
 /// Most taps in one batch.
@@ -149,10 +169,16 @@ pub fn clear_batch(
         )));
     }
     let key = format!("clearing-batch:{}", batch.batch_id);
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(&batch.taps).expect("taps serialise"),
+        ))
+    };
     {
         let r = ledger.read()?;
         if let Some(v) = ledger.idempotent(&r, &key)? {
-            if let Ok(o) = serde_json::from_value::<BatchOutcome>(v) {
+            if let Some(o) = stored_answer(v, &batch.batch_id, &digest)? {
                 return Ok(o);
             }
         }
@@ -220,8 +246,11 @@ pub fn clear_batch(
     let stored_key = key.clone();
     let booked = ledger.transact(move |l, t| {
         if let Some(v) = l.idempotent(t, &stored_key)? {
-            if let Ok(o) = serde_json::from_value::<BatchOutcome>(v) {
-                return Ok(o); // a concurrent retry won
+            match stored_answer(v, &done.batch_id, &digest) {
+                Ok(Some(o)) => return Ok(o), // a concurrent retry won
+                Ok(None) => {}
+                // Answered for other taps meanwhile: fail this attempt; the retry gets the 409.
+                Err(e) => return Err(LedgerError::Commit(e.to_string())),
             }
         }
         for (tap, c) in &good {
@@ -317,11 +346,9 @@ pub fn clear_batch(
         for a in &done.anomalies {
             l.record_anomaly(t, a)?;
         }
-        l.put_idempotent(
-            t,
-            &stored_key,
-            &serde_json::to_value(&done).expect("outcome serialises"),
-        )?;
+        let mut stored = serde_json::to_value(&done).expect("outcome serialises");
+        stored["taps_sha256"] = digest.clone().into();
+        l.put_idempotent(t, &stored_key, &stored)?;
         Ok(done)
     })?;
     Ok(booked)

@@ -92,6 +92,21 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     // The same batch again: the stored answer, nothing booked twice.
     let (_, again) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch);
     assert_eq!(again, out);
+    // The same id with other taps (a gateway whose store was reset reuses ids): refused
+    // loudly, never answered with the old outcome (its taps would be dropped unbooked).
+    let (code, conflict) = common::post(
+        &format!("{b}/v1/clearing/batches"),
+        GW,
+        serde_json::json!({"batch_id": "gw1-000001", "taps": [tap_json(&r1, 1)]}),
+    );
+    assert_eq!(code, 409, "{conflict}");
+    assert!(
+        conflict["detail"]
+            .as_str()
+            .unwrap()
+            .contains("answered for other taps"),
+        "{conflict}"
+    );
     // The same taps in another batch (the gateway lost its acknowledgement): duplicates.
     let (_, dup) = common::post(
         &format!("{b}/v1/clearing/batches"),
