@@ -317,6 +317,21 @@ impl Network<'_> {
     }
 }
 
+/// A fare table signed by the back office, as validators receive it.
+fn sign_table(hsm: &SoftwareHsm, table: &fare_rules::table::Table) -> Result<Vec<u8>> {
+    let mut sign_err = None;
+    let signed = fare_rules::signed::encode(table, |m| {
+        hsm.sign(m).unwrap_or_else(|e| {
+            sign_err = Some(e);
+            [0; 64]
+        })
+    })?;
+    match sign_err {
+        Some(e) => Err(e.into()),
+        None => Ok(signed),
+    }
+}
+
 fn repower(card: &mut Card, hsm: &SoftwareHsm) -> Result<()> {
     if card.is_torn() {
         let uid = card.state().uid;
@@ -462,16 +477,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         include_str!("../fare-rules/samples/metro-city/rules.toml"),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut sign_err = None;
-    let signed_table = fare_rules::signed::encode(&table, |m| {
-        hsm.sign(m).unwrap_or_else(|e| {
-            sign_err = Some(e);
-            [0; 64]
-        })
-    })?;
-    if let Some(e) = sign_err {
-        anyhow::bail!("signing the fare table: {e}");
-    }
+    let signed_table = sign_table(&hsm, &table).context("signing the fare table")?;
     let mut gates = Vec::with_capacity(n_dev);
     let mut journals = Vec::with_capacity(n_dev);
     let mut gate_net = Vec::with_capacity(n_dev);
@@ -505,16 +511,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         gate_kind.push(kind);
     }
     {
-        let mut sign_err = None;
-        let signed = fare_rules::signed::encode(&hotel_table, |m| {
-            hsm.sign(m).unwrap_or_else(|e| {
-                sign_err = Some(e);
-                [0; 64]
-            })
-        })?;
-        if let Some(e) = sign_err {
-            anyhow::bail!("signing the hotel table: {e}");
-        }
+        let signed = sign_table(&hsm, &hotel_table).context("signing the hotel table")?;
         let placement = Placement {
             device_id: 1000 + tv as u32,
             stop: String::new(),

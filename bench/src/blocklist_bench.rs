@@ -22,12 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tapgate_http::auth::{Auth, Role, TokenEntry};
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 async fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
     let t = Instant::now();
     while !done() {
@@ -48,7 +42,7 @@ pub fn run_scenario(n: Option<u64>) -> anyhow::Result<Figures> {
 async fn scenario(validators: u32) -> anyhow::Result<Figures> {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    let port = crate::stats::free_port()?;
     let mut users = HashMap::from([("gateway".to_string(), "gw-secret".to_string())]);
     for v in 0..validators {
         users.insert(format!("{}", 2000 + v), "v-secret".to_string());

@@ -22,12 +22,6 @@ use std::time::{Duration, Instant};
 
 const VALIDATORS: usize = 8;
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 struct Mosquitto(std::process::Child);
 impl Drop for Mosquitto {
     fn drop(&mut self) {
@@ -214,7 +208,7 @@ pub fn run_scenario(
         .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
         .collect();
     let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
-    let port = free_port()?;
+    let port = crate::stats::free_port()?;
     let mut users: HashMap<String, String> = (0..VALIDATORS)
         .map(|vi| ((1000 + vi).to_string(), format!("pw{vi}")))
         .collect();

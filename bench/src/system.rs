@@ -74,12 +74,6 @@ impl Drop for Daemon {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn tapgate_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("tapgate");
@@ -121,6 +115,19 @@ fn http(
         Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
         Err(e) => Err(anyhow::anyhow!("{method} {url}: {e}")),
     }
+}
+
+/// Registers a card with the back office (as personalised with `minor`).
+fn register(agent: &ureq::Agent, base: &str, uid: &[u8; 7], minor: i32) -> anyhow::Result<()> {
+    let (code, body) = http(
+        agent,
+        "POST",
+        &format!("{base}/v1/cards"),
+        OPS_TOKEN,
+        Some(serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": minor})),
+    )?;
+    anyhow::ensure!(code == 201, "registering a card: {code} {body}");
+    Ok(())
 }
 
 /// A counter from the gateway's Prometheus text.
@@ -226,22 +233,13 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         let uid = uid_of(i);
         let mut p = Personalisation::transit(uid, START_MINOR);
         p.upper_limit_minor = p.upper_limit_minor.max(START_MINOR * 2);
-        let (code, body) = http(
-            &agent,
-            "POST",
-            &format!("{base}/v1/cards"),
-            OPS_TOKEN,
-            Some(
-                serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": START_MINOR}),
-            ),
-        )?;
-        anyhow::ensure!(code == 201, "registering a card: {code} {body}");
+        register(&agent, &base, &uid, START_MINOR)?;
         cards.push(Card::personalise(&p, hsm.card_keys(&uid, 1)?));
     }
 
     // The gateway with its embedded broker, a password per validator.
-    let mqtt_port = free_port()?;
-    let api_port = free_port()?;
+    let mqtt_port = crate::stats::free_port()?;
+    let api_port = crate::stats::free_port()?;
     let passwords: Vec<String> = (0..VALIDATORS).map(|v| format!("bench-v{v}")).collect();
     std::fs::write(
         dir.join("mqtt-users"),
@@ -533,16 +531,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         let mut v = Vec::new();
         for i in 0..per_client {
             let uid = uid_of(1_000_000 + c * per_client + i);
-            let (code, body) = http(
-                &agent,
-                "POST",
-                &format!("{base}/v1/cards"),
-                OPS_TOKEN,
-                Some(
-                    serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 0}),
-                ),
-            )?;
-            anyhow::ensure!(code == 201, "registering a card: {code} {body}");
+            register(&agent, &base, &uid, 0)?;
             v.push(Card::personalise(
                 &Personalisation::transit(uid, 0),
                 hsm.card_keys(&uid, 1)?,

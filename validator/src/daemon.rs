@@ -430,7 +430,6 @@ pub async fn run(
         net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
         let cursor = Arc::new(AtomicU64::new(0));
-        let last_confirm_ms = Arc::new(AtomicU64::new(now_ms()));
         let connected = Arc::new(AtomicBool::new(false));
 
         // Incoming: connection state, confirmations, downlink.
@@ -443,7 +442,6 @@ pub async fn run(
                 metrics.clone(),
             );
             let (cursor, connected, wake) = (cursor.clone(), connected.clone(), wake.clone());
-            let last_confirm_ms = last_confirm_ms.clone();
             let pubkey = settings.signing_pub;
             tokio::spawn(async move {
                 loop {
@@ -475,7 +473,6 @@ pub async fn run(
                                         let n =
                                             tokio::task::spawn_blocking(move || j.confirm(&c.seqs))
                                                 .await;
-                                        last_confirm_ms.store(now_ms(), Ordering::Relaxed);
                                         if let Ok(Ok(_)) = n {
                                             if let Ok(d) = journal.outbox_len() {
                                                 metrics.outbox_depth.set(d as i64);
