@@ -81,6 +81,8 @@ enum RoleArg {
     Operator,
     Partner,
     Gateway,
+    /// A Prometheus scraper: `/metrics` only (charging and gateway).
+    Metrics,
 }
 
 /// Runs `tapgate charging …`.
@@ -135,6 +137,7 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                 RoleArg::Operator => Role::Operator,
                 RoleArg::Partner => Role::Partner,
                 RoleArg::Gateway => Role::Gateway,
+                RoleArg::Metrics => Role::Metrics,
             };
             let role_name = serde_json::to_value(role)?
                 .as_str()

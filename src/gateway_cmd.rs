@@ -105,6 +105,9 @@ struct ApiConfig {
     tls: Option<tapgate_http::serve::TlsFiles>,
     #[serde(default)]
     tokens: Vec<tapgate_http::auth::TokenEntry>,
+    /// Serve `/metrics` without a token (default: an operator or metrics token is needed).
+    #[serde(default)]
+    metrics_public: bool,
 }
 
 fn default_http_listen() -> std::net::SocketAddr {
@@ -232,6 +235,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             stats: stats.clone(),
             auth: tapgate_http::auth::Auth::new(&c.tokens).map_err(input_err)?,
             currency: (c.currency, c.currency_exponent),
+            metrics_public: c.metrics_public,
         };
         rt.spawn(async move {
             if let Err(e) = tapgate_http::serve::serve_router(

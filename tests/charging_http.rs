@@ -289,7 +289,20 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
         .into_string()
         .unwrap();
     assert!(doc.contains("/v1/loads/{id}/steps"));
+    // /metrics needs an operator (or metrics) token unless `metrics_public` is set.
+    match ureq::get(&format!("{base}/metrics")).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("metrics without a token: {other:?}"),
+    }
+    match ureq::get(&format!("{base}/metrics"))
+        .set("Authorization", &format!("Bearer {CARDHOLDER}"))
+        .call()
+    {
+        Err(ureq::Error::Status(403, _)) => {}
+        other => panic!("metrics with a cardholder token: {other:?}"),
+    }
     let metrics = ureq::get(&format!("{base}/metrics"))
+        .set("Authorization", &format!("Bearer {OPERATOR}"))
         .call()
         .unwrap()
         .into_string()

@@ -496,6 +496,7 @@ listen = "{listen}"
         .unwrap();
     assert_eq!(got["pending_loads"], 0, "the torn load was settled: {got}");
     let m = ureq::get(&format!("{base}/metrics"))
+        .set("Authorization", &format!("Bearer {OPERATOR}"))
         .call()
         .unwrap()
         .into_string()

@@ -651,6 +651,7 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     let t0 = Instant::now();
     loop {
         let metrics = ureq::get(&format!("{gw_api}/metrics"))
+            .set("Authorization", &format!("Bearer {OPS_TOKEN}"))
             .call()
             .ok()
             .and_then(|r| r.into_string().ok())

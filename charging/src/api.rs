@@ -23,10 +23,16 @@ fn require(auth: &Auth, headers: &HeaderMap, roles: &[Role]) -> Result<Caller, A
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    auth.require(value, roles).map_err(|e| match e {
-        tapgate_http::auth::AuthError::Unauthenticated(m) => ApiError::Unauthenticated(m),
-        tapgate_http::auth::AuthError::Forbidden(r) => ApiError::Forbidden(r),
-    })
+    auth.require(value, roles).map_err(ApiError::from)
+}
+
+impl From<tapgate_http::auth::AuthError> for ApiError {
+    fn from(e: tapgate_http::auth::AuthError) -> Self {
+        match e {
+            tapgate_http::auth::AuthError::Unauthenticated(m) => ApiError::Unauthenticated(m),
+            tapgate_http::auth::AuthError::Forbidden(r) => ApiError::Forbidden(r),
+        }
+    }
 }
 
 /// API errors, each with its HTTP status and a JSON body `{"error": code, "detail": text}`.
@@ -135,6 +141,8 @@ pub struct AppState {
     pub operator: String,
     /// Gateway token name → the operators it may book taps to (unlisted: `operator` only).
     pub gateway_operators: Arc<std::collections::HashMap<String, Vec<String>>>,
+    /// `/metrics` without a token (config `metrics_public`); otherwise operator or metrics role.
+    pub metrics_public: bool,
 }
 
 /// A token bucket per caller: `per_minute` starts, refilled continuously, at most
@@ -981,7 +989,14 @@ async fn signed_delta(
     .await
 }
 
-async fn metrics(State(st): State<AppState>) -> Response {
+/// `GET /metrics`: an operator or metrics token, unless `metrics_public`.
+async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = st.auth.metrics_caller(value, st.metrics_public) {
+        return ApiError::from(e).into_response();
+    }
     let stats = st.loads.stats();
     let mut out = String::new();
     for (name, v) in [

@@ -114,6 +114,9 @@ pub struct ServerConfig {
     /// Where the issuer keys live: the software HSM (default) or a PKCS#11 token.
     #[serde(default)]
     pub hsm: HsmConfig,
+    /// Serve `/metrics` without a token (default: an operator or metrics token is needed).
+    #[serde(default)]
+    pub metrics_public: bool,
 }
 
 /// Which HSM the server uses.
@@ -256,6 +259,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         metrics: prometheus::Registry::new(),
         operator: cfg.operator.clone(),
         gateway_operators: Arc::new(cfg.gateway_operators.clone()),
+        metrics_public: cfg.metrics_public,
         rate: Arc::new(crate::api::RateLimiter::new(
             cfg.limits.loads_per_minute_per_client,
         )),

@@ -27,6 +27,8 @@ pub struct ApiState {
     pub auth: Auth,
     /// Currency code and minor-unit exponent for exports.
     pub currency: (String, u32),
+    /// `/metrics` without a token (config `metrics_public`); otherwise operator or metrics role.
+    pub metrics_public: bool,
 }
 
 fn err(status: StatusCode, code: &str, detail: String) -> Response {
@@ -42,8 +44,13 @@ fn operator(st: &ApiState, headers: &HeaderMap) -> Option<Response> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match st.auth.require(value, &[Role::Operator]) {
-        Ok(_) => None,
+    refusal(st.auth.require(value, &[Role::Operator]).map(|_| ()))
+}
+
+/// The response for a refused caller, `None` when let in.
+fn refusal(r: Result<(), AuthError>) -> Option<Response> {
+    match r {
+        Ok(()) => None,
         Err(AuthError::Unauthenticated(m)) => {
             Some(err(StatusCode::UNAUTHORIZED, "unauthenticated", m.into()))
         }
@@ -203,7 +210,14 @@ async fn tides(
     }
 }
 
-async fn metrics(State(st): State<ApiState>) -> Response {
+/// `GET /metrics`: an operator or metrics token, unless `metrics_public`.
+async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Some(r) = refusal(st.auth.metrics_caller(value, st.metrics_public)) {
+        return r;
+    }
     let mut out = String::new();
     for (name, v) in [
         (

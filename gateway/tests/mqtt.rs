@@ -234,13 +234,21 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         store: store.clone(),
         keys: keys.for_role(KeyRole::Gateway, 0).unwrap(),
         stats: stats.clone(),
-        auth: tapgate_http::auth::Auth::new(&[tapgate_http::auth::TokenEntry {
-            name: "ops".into(),
-            role: tapgate_http::auth::Role::Operator,
-            sha256: tapgate_http::auth::Auth::hash_token("tg_ops"),
-        }])
+        auth: tapgate_http::auth::Auth::new(&[
+            tapgate_http::auth::TokenEntry {
+                name: "ops".into(),
+                role: tapgate_http::auth::Role::Operator,
+                sha256: tapgate_http::auth::Auth::hash_token("tg_ops"),
+            },
+            tapgate_http::auth::TokenEntry {
+                name: "prometheus".into(),
+                role: tapgate_http::auth::Role::Metrics,
+                sha256: tapgate_http::auth::Auth::hash_token("tg_scrape"),
+            },
+        ])
         .unwrap(),
         currency: ("USD".into(), 2),
+        metrics_public: false,
     };
     tokio::spawn(tapgate_http::serve::serve_router(
         "gateway-api",
@@ -303,12 +311,28 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     );
     assert_eq!(csv.lines().count(), 21, "a header and 20 transactions");
     assert!(csv.contains("1001-1,1970-01-01,1970-01-01T00:00:00Z,1.50,USD,Enter,1001,0,1,Smart card or ticket,,04030303030303,98.50"), "{csv}");
-    let (_, metrics) = tokio::task::spawn_blocking({
+    // /metrics is not public: no token is 401, a scraper's token may read it but nothing else.
+    let (code, _) = tokio::task::spawn_blocking({
         let get = get.clone();
         move || get("/metrics", None)
     })
     .await
     .unwrap();
+    assert_eq!(code, 401, "metrics without a token");
+    let (code, _) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/v1/devices/1001", Some("tg_scrape"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 403, "a metrics token reads no device");
+    let (code, metrics) = tokio::task::spawn_blocking({
+        let get = get.clone();
+        move || get("/metrics", Some("tg_scrape"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{metrics}");
     assert!(
         metrics.contains("tapgate_gateway_taps_stored_total 20"),
         "{metrics}"

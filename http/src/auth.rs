@@ -19,6 +19,8 @@ pub enum Role {
     Partner,
     /// A gateway forwarding tap batches.
     Gateway,
+    /// A metrics scraper (Prometheus): reads `/metrics` and nothing else.
+    Metrics,
 }
 
 /// One API token: the SHA-256 of the secret, never the secret itself.
@@ -105,6 +107,20 @@ impl Auth {
         found.ok_or(AuthError::Unauthenticated("unknown token"))
     }
 
+    /// Whether `/metrics` may be answered: with `public` (the operator chose to expose it,
+    /// e.g. on a private network) anyone; otherwise a caller with the operator or metrics role.
+    pub fn metrics_caller(
+        &self,
+        authorization: Option<&str>,
+        public: bool,
+    ) -> Result<(), AuthError> {
+        if public {
+            return Ok(());
+        }
+        self.require(authorization, &[Role::Operator, Role::Metrics])
+            .map(|_| ())
+    }
+
     /// The caller, if its role is one of `roles`.
     pub fn require(
         &self,
@@ -144,6 +160,14 @@ mod tests {
         );
         assert!(auth.caller(Some("Bearer secreT")).is_err());
         assert!(auth.caller(Some("Basic c2VjcmV0")).is_err());
+        assert_eq!(
+            auth.metrics_caller(None, false),
+            Err(AuthError::Unauthenticated(
+                "missing Authorization: Bearer <token>"
+            ))
+        );
+        assert!(auth.metrics_caller(Some("Bearer secret"), false).is_ok());
+        assert!(auth.metrics_caller(None, true).is_ok());
         assert!(Auth::new(&[TokenEntry {
             name: "x".into(),
             role: Role::Gateway,
