@@ -1,6 +1,6 @@
 //! The gateway against a real Mosquitto with tapgate's ACL (deploy/mosquitto/acl): clients must
 //! authenticate, and a device can publish only under its own topic. Needs the `mosquitto` and
-//! `mosquitto_passwd` binaries (`.ci/run` installs them when absent).
+//! `mosquitto_passwd` binaries (`./test.sh` installs them when absent).
 
 use gateway::daemon::{run, GatewayConfig, GatewayStats};
 use gateway::store::Store;
@@ -39,7 +39,7 @@ fn start_mosquitto(dir: &std::path::Path, port: u16) -> Broker {
     ]
     .into_iter()
     .find(|p| std::path::Path::new(p).exists())
-    .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    .expect("mosquitto is not installed: apt-get install mosquitto (./test.sh does)");
     let passwd = dir.join("passwd");
     for (i, (user, pass)) in [
         ("gateway", "gw-secret"),

@@ -3,7 +3,7 @@
 //! `directories.tokendir` is inside the temporary directory).
 //!
 //! These are real SoftHSM2 tokens driven over PKCS#11, not mocks. When SoftHSM2 is missing,
-//! [`module_path`] fails with a message that says how to install it (`.ci/run` does).
+//! [`module_path`] fails with a message that says how to install it (`./test.sh` does).
 
 use crate::{context, PinSource, Pkcs11Config, DEFAULT_PREFIX};
 use cryptoki::session::UserType;
@@ -42,7 +42,7 @@ pub fn module_path() -> Result<PathBuf, String> {
         .find(|p| p.exists())
         .ok_or_else(|| {
             format!(
-                "SoftHSM2 is not installed: no libsofthsm2.so in {} — run .ci/run (it installs \
+                "SoftHSM2 is not installed: no libsofthsm2.so in {} — run ./test.sh (it installs \
                  softhsm2 with apt-get), or `apt-get install softhsm2`, or set ${MODULE_ENV}",
                 CANDIDATES.join(", ")
             )
@@ -98,7 +98,7 @@ impl SoftHsmDir {
             .output()
             .map_err(|e| {
                 format!(
-                    "running softhsm2-util: {e} (SoftHSM2 is not installed? .ci/run installs it)"
+                    "running softhsm2-util: {e} (SoftHSM2 is not installed? ./test.sh installs it)"
                 )
             })?;
         if !out.status.success() {

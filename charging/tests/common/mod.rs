@@ -27,7 +27,7 @@ pub enum HsmKind {
     /// `purse::sam::SoftwareHsm`.
     Software,
     /// `tapgate_pkcs11::Pkcs11Hsm` on a fresh SoftHSM2 token (SoftHSM2 must be installed;
-    /// `.ci/run` installs it — without it these tests fail and say so).
+    /// `./test.sh` installs it — without it these tests fail and say so).
     Pkcs11,
 }
 
