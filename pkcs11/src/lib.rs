@@ -36,7 +36,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use purse::crypto::AesKey;
 use purse::keys::{KeyKind, Role};
-use purse::receipt::{tm_input, CommitReceipt};
+use purse::receipt::CommitReceipt;
 use purse::sam::{Authenticator, CeilingGrant, ExternalCardKey, Hsm, PendingAuth, SamError};
 use rand_core::RngCore;
 use std::collections::HashMap;
@@ -925,13 +925,7 @@ impl State {
             .map_err(sam_err("TM session key"));
             sv.zeroize();
             let ses = ses?;
-            let input = tm_input(
-                receipt.kind,
-                receipt.amount_minor,
-                receipt.balance_after_minor,
-                receipt.tmc,
-                &receipt.uid,
-            );
+            let input = receipt.tm_input();
             let full = cmac_in_token(s, ses, &input);
             let _ = s.destroy_object(ses);
             let mut full = full?;

@@ -3,7 +3,7 @@
 //! the same transaction-MAC verdicts, device MACs, ceiling grants and Ed25519 signatures; and
 //! the errors an operator meets (missing module, unknown token, wrong PIN, missing labels).
 //!
-//! SoftHSM2 must be installed (`.ci/run` installs it); these tests fail, not skip, without it.
+//! SoftHSM2 must be installed (`./test.sh` installs it); these tests fail, not skip, without it.
 
 use purse::card::{Card, Personalisation};
 use purse::keys::{KdfParams, KeyKind, KeySet};
@@ -82,6 +82,7 @@ fn forged_transaction_macs_are_refused_by_both() {
         amount_minor: r.amount_minor,
         balance_after_minor: r.balance_after_minor,
         key_version: r.key_version,
+        reader_id: r.reader_id,
     };
     for (i, forged) in [
         TxClaim {
@@ -106,6 +107,11 @@ fn forged_transaction_macs_are_refused_by_both() {
         },
         TxClaim {
             uid: [9; 7],
+            ..claim.clone()
+        },
+        // A load made without a reader id claimed as a franchise SAM's.
+        TxClaim {
+            reader_id: Some(purse::sam::reader_id_of_device(7001)),
             ..claim.clone()
         },
     ]
@@ -460,6 +466,7 @@ fn a_lost_login_is_no_verdict_and_the_next_operation_reopens_the_session() {
         amount_minor: r.amount_minor,
         balance_after_minor: r.balance_after_minor,
         key_version: r.key_version,
+        reader_id: r.reader_id,
     };
     assert!(matches!(
         hw.verify_claim(&claim),

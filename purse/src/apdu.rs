@@ -33,6 +33,8 @@ pub mod ins {
     pub const ABORT_TRANSACTION: u8 = 0xA7;
     /// GetCardUID.
     pub const GET_CARD_UID: u8 = 0x51;
+    /// CommitReaderID: the transaction MAC reader id (TMRI) the commit binds.
+    pub const COMMIT_READER_ID: u8 = 0xC8;
 }
 
 /// A card status: the second status byte after `91`, or a plain ISO 7816 status word.

@@ -8,9 +8,20 @@
 //!
 //! ## Keys and access rights
 //! Key 0 application master (issuer), key 1 debit (GetValue, ReadRecords, WriteRecord, Debit,
-//! LimitedCredit, ReadData), key 2 credit (GetValue, ReadRecords, WriteRecord, Credit,
+//! LimitedCredit, ReadData), key 2 credit (GetValue, ReadRecords, WriteRecord, Credit, Debit,
 //! ReadData), key 3 TMAC (never used to authenticate; it keys the transaction MAC). Key 0 may
 //! do everything keys 1 and 2 may.
+//!
+//! ## Limited credit
+//! Only a Debit under the debit key (key 1, a validator's fare) arms LimitedCredit, with its
+//! amount; any other committed value change — a Credit, a LimitedCredit, or a Debit under the
+//! credit or master key (the back office's reversal of a load) — disarms it. So a terminal
+//! holding the debit key can give back only its own last fare, never a reversal.
+//!
+//! ## Reader id
+//! CommitReaderID (`C8`, MAC mode, 16 bytes) stages a transaction MAC reader id (TMRI) that
+//! the commit appends to the transaction MAC input: the TMV then proves which reader's SAM
+//! made the change (a franchise terminal's report is checked against it).
 //!
 //! ## Transactions
 //! Debit, Credit, LimitedCredit and WriteRecord are staged in RAM and take effect atomically at
@@ -32,7 +43,7 @@
 use crate::apdu::{self, ins, Status};
 use crate::crypto::{self, AesKey};
 use crate::keys::{KeyError, KeyKind, KeySet};
-use crate::receipt::{tm_input, TxKind};
+use crate::receipt::{tm_input_with_reader, TxKind};
 use crate::sm::{Channel, CommMode};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
@@ -210,6 +221,10 @@ pub struct Torn;
 #[derive(Default)]
 struct Staged {
     value: Option<(TxKind, i32)>,
+    /// The key the value command was authenticated with.
+    value_key: u8,
+    /// The reader id committed in this transaction (CommitReaderID).
+    reader_id: Option<[u8; 16]>,
     records: Vec<TripRecord>,
 }
 
@@ -385,6 +400,7 @@ impl Card {
             ins::COMMIT_TRANSACTION => self.commit(data),
             ins::ABORT_TRANSACTION => self.abort(data),
             ins::GET_CARD_UID => self.get_uid(data),
+            ins::COMMIT_READER_ID => self.commit_reader_id(data),
             _ => Err(Status::IllegalCommand),
         }
     }
@@ -540,7 +556,10 @@ impl Card {
 
     fn value_op(&mut self, code: u8, data: &[u8]) -> Reply {
         let allowed: &[u8] = match code {
-            ins::DEBIT | ins::LIMITED_CREDIT => &[0, 1],
+            // The credit key may debit (the back office's reversal), as on a DESFire value
+            // file whose read-write key may; such a debit does not arm LimitedCredit.
+            ins::DEBIT => &[0, 1, 2],
+            ins::LIMITED_CREDIT => &[0, 1],
             _ => &[0, 2],
         };
         let msg = self.open(code, 1, data, CommMode::Full, allowed)?;
@@ -587,6 +606,20 @@ impl Card {
             }
         };
         self.staged.value = Some((kind, amount));
+        self.staged.value_key = self.session.as_ref().map_or(0, |s| s.key_no);
+        self.seal(&[], CommMode::Mac)
+    }
+
+    fn commit_reader_id(&mut self, data: &[u8]) -> Reply {
+        let msg = self.open(ins::COMMIT_READER_ID, 0, data, CommMode::Mac, &[0, 1, 2])?;
+        let Ok(rid) = <[u8; 16]>::try_from(msg.as_slice()) else {
+            return Err(Status::LengthError);
+        };
+        if self.staged.reader_id.is_some() {
+            // One reader id per transaction.
+            return Err(Status::ParameterError);
+        }
+        self.staged.reader_id = Some(rid);
         self.seal(&[], CommMode::Mac)
     }
 
@@ -711,8 +744,10 @@ impl Card {
         let mut new = old.clone();
         let (kind, amount) = staged.value.unwrap_or((TxKind::RecordOnly, 0));
         new.balance_minor = self.staged_balance_of(old.balance_minor, kind, amount);
+        // Only a fare debit under the debit key arms LimitedCredit; a reversal (a debit under
+        // the credit or master key), a credit or a limited credit disarms it.
         new.limited_credit_minor = match kind {
-            TxKind::Debit => amount,
+            TxKind::Debit if staged.value_key == 1 => amount,
             TxKind::RecordOnly => old.limited_credit_minor,
             _ => 0,
         };
@@ -729,7 +764,14 @@ impl Card {
         let tm_key = crypto::tm_session_mac_key_with(&self.keys.tm, tmc, &new.uid);
         new.tmv = crypto::mac8(
             &tm_key,
-            &tm_input(kind, amount, new.balance_minor, tmc, &new.uid),
+            &tm_input_with_reader(
+                kind,
+                amount,
+                new.balance_minor,
+                tmc,
+                &new.uid,
+                staged.reader_id.as_ref(),
+            ),
         );
         debug_assert!(new.balance_minor >= new.lower_limit_minor);
         debug_assert!(new.balance_minor <= new.upper_limit_minor);

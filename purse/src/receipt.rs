@@ -46,6 +46,24 @@ pub fn tm_input(
     m
 }
 
+/// The transaction-MAC input of a transaction whose terminal committed a reader id (TMRI,
+/// CommitReaderID): [`tm_input`] followed by the 16-byte reader id, so the transaction MAC also
+/// proves which reader's SAM made the change. Without a reader id it is exactly [`tm_input`].
+pub fn tm_input_with_reader(
+    kind: TxKind,
+    amount_minor: i32,
+    balance_after_minor: i32,
+    tmc: u32,
+    uid: &[u8; 7],
+    reader_id: Option<&[u8; 16]>,
+) -> Vec<u8> {
+    let mut m = tm_input(kind, amount_minor, balance_after_minor, tmc, uid).to_vec();
+    if let Some(r) = reader_id {
+        m.extend_from_slice(r);
+    }
+    m
+}
+
 /// A committed value change, proved by the card's MAC'd CommitTransaction response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommitReceipt {
@@ -63,6 +81,9 @@ pub struct CommitReceipt {
     pub balance_after_minor: i32,
     /// The key version of the card's application keys.
     pub key_version: u8,
+    /// The reader id (TMRI) the terminal committed in the transaction, if any: part of the
+    /// transaction MAC's input ([`tm_input_with_reader`]).
+    pub reader_id: Option<[u8; 16]>,
     _proof: Verified,
 }
 
@@ -90,8 +111,27 @@ impl CommitReceipt {
             amount_minor,
             balance_after_minor,
             key_version,
+            reader_id: None,
             _proof: Verified,
         }
+    }
+
+    /// The same receipt with the reader id the terminal committed.
+    pub(crate) fn with_reader(mut self, reader_id: Option<[u8; 16]>) -> Self {
+        self.reader_id = reader_id;
+        self
+    }
+
+    /// The bytes the card's transaction MAC covers for this change.
+    pub fn tm_input(&self) -> Vec<u8> {
+        tm_input_with_reader(
+            self.kind,
+            self.amount_minor,
+            self.balance_after_minor,
+            self.tmc,
+            &self.uid,
+            self.reader_id.as_ref(),
+        )
     }
 
     /// For tests of code downstream of verification (other crates' unit tests): only with
@@ -127,6 +167,10 @@ pub struct TxClaim {
     pub balance_after_minor: i32,
     /// The card key version.
     pub key_version: u8,
+    /// The reader id the change must have been committed under (a franchise report: the
+    /// reporting franchise SAM's id, set by the server, never taken from the report); `None`
+    /// for a transaction without one (validator taps, online loads).
+    pub reader_id: Option<[u8; 16]>,
 }
 
 impl TxClaim {
@@ -141,5 +185,6 @@ impl TxClaim {
             self.balance_after_minor,
             self.key_version,
         )
+        .with_reader(self.reader_id)
     }
 }

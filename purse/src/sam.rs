@@ -13,7 +13,7 @@
 use crate::apdu::ins;
 use crate::crypto::{self, AesKey};
 use crate::keys::{KeyError, KeyKind, KeySet, Role};
-use crate::receipt::{tm_input, CommitReceipt};
+use crate::receipt::CommitReceipt;
 use crate::sm::{Channel, CommMode, SmError};
 use rand_core::RngCore;
 use zeroize::Zeroize;
@@ -212,6 +212,16 @@ pub fn pcd_auth_part2(mut pending: PendingAuth, card_resp: &[u8]) -> Result<Chan
     Ok(Channel::new(keys, ti))
 }
 
+/// The reader id (TMRI) a terminal SAM commits in its transactions (CommitReaderID):
+/// `"TGRID"` ‖ 7 zero bytes ‖ device id (u32 BE). The card binds it into the transaction MAC,
+/// so a franchise report proves which franchise's SAM made the load.
+pub fn reader_id_of_device(device_id: u32) -> [u8; 16] {
+    let mut r = [0u8; 16];
+    r[..5].copy_from_slice(b"TGRID");
+    r[12..].copy_from_slice(&device_id.to_be_bytes());
+    r
+}
+
 /// Runs the terminal side of the EV2 authentication with a diversified card key it holds.
 pub trait Authenticator {
     /// Part 1 with the card key of `kind`/`version` for card `uid`.
@@ -226,6 +236,12 @@ pub trait Authenticator {
 
     /// Whether this holds the master of `kind` at `version` (cards carry the version they hold).
     fn holds_version(&self, kind: KeyKind, version: u8) -> bool;
+
+    /// The reader id this SAM commits in every value transaction (CommitReaderID), if any: a
+    /// franchise SAM commits its own ([`reader_id_of_device`]); validators and the HSM none.
+    fn reader_id(&self) -> Option<[u8; 16]> {
+        None
+    }
 
     /// Part 2: verify the card and open the secure channel.
     fn auth_part2(&mut self, pending: PendingAuth, card_resp: &[u8]) -> Result<Channel, SamError> {
@@ -443,6 +459,10 @@ impl Authenticator for SoftwareSam {
         self.keys.get(kind, version).is_ok()
     }
 
+    fn reader_id(&self) -> Option<[u8; 16]> {
+        (self.role == Role::FranchiseSam).then(|| reader_id_of_device(self.device_id))
+    }
+
     fn auth_part1(
         &mut self,
         kind: KeyKind,
@@ -554,16 +574,7 @@ impl Hsm for SoftwareHsm {
             .keys
             .card_key(KeyKind::Tmac, receipt.key_version, &receipt.uid)?;
         let ses = crypto::tm_session_mac_key(&k_tm, receipt.tmc, &receipt.uid);
-        Ok(crypto::mac8(
-            &ses,
-            &tm_input(
-                receipt.kind,
-                receipt.amount_minor,
-                receipt.balance_after_minor,
-                receipt.tmc,
-                &receipt.uid,
-            ),
-        ))
+        Ok(crypto::mac8(&ses, &receipt.tm_input()))
     }
 
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {

@@ -139,6 +139,7 @@ enum Stage {
     ReadTm,
     ReadRecords,
     Value,
+    ReaderId,
     WriteRecord,
     Commit,
 }
@@ -182,6 +183,7 @@ pub struct Dialogue {
     last_tmv: [u8; 8],
     snapshot: Option<CardSnapshot>,
     decided: Option<(TxKind, i32)>,
+    reader_id: Option<[u8; 16]>,
     tm: Option<Vec<u8>>,
 }
 
@@ -215,6 +217,7 @@ impl Dialogue {
                 last_tmv: [0; 8],
                 snapshot: None,
                 decided: None,
+                reader_id: None,
                 tm: None,
             },
             vec![
@@ -391,6 +394,9 @@ impl Dialogue {
             Stage::Value => {
                 open(resp, self.channel(), CommMode::Mac, "value command")?;
             }
+            Stage::ReaderId => {
+                open(resp, self.channel(), CommMode::Mac, "commit reader id")?;
+            }
             Stage::WriteRecord => {
                 open(resp, self.channel(), CommMode::Mac, "write record")?;
             }
@@ -507,6 +513,17 @@ impl Dialogue {
             self.outstanding.push_back(Stage::Value);
             ahead += 1;
         }
+        // A SAM with a reader id (a franchise terminal's) commits it, so the card's
+        // transaction MAC proves which SAM made the change.
+        if let Some(rid) = auth.reader_id() {
+            match self.secure_ahead(ahead, ins::COMMIT_READER_ID, &[], &rid, "commit reader id") {
+                Ok(c) => cmds.push(c),
+                Err(e) => return self.fail(e),
+            }
+            self.reader_id = Some(rid);
+            self.outstanding.push_back(Stage::ReaderId);
+            ahead += 1;
+        }
         if let Some(rec) = record {
             let l = (rec.len() as u32).to_le_bytes();
             match self.secure_ahead(
@@ -560,7 +577,8 @@ impl Dialogue {
             amount_minor,
             balance_after_minor,
             snapshot.key_version,
-        );
+        )
+        .with_reader(self.reader_id);
         Ok(Outcome::Committed { snapshot, receipt })
     }
 }
