@@ -389,10 +389,13 @@ async fn register_card(
     require(&st.auth, &headers, &[Role::Operator])?;
     let req: RegisterCard = json_body(&body)?;
     let uid = uid_of(&req.card_uid)?;
-    if req.personalised_minor < 0 {
-        return Err(ApiError::BadRequest(
-            "personalised_minor must not be negative".into(),
-        ));
+    // A card's balance is an i32 on the card: a larger value cannot be personalised (it
+    // would be booked as one amount and held as another).
+    if req.personalised_minor < 0 || i32::try_from(req.personalised_minor).is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "personalised_minor must be 0 to {} (a card's balance is a 32-bit value)",
+            i32::MAX
+        )));
     }
     let now = (st.clock)();
     let loads = st.loads.clone();
@@ -686,6 +689,10 @@ fn leak_static(s: String) -> &'static str {
 fn franchise_err(e: crate::franchise::FranchiseError) -> ApiError {
     match e {
         crate::franchise::FranchiseError::BadRequest(d) => ApiError::BadRequest(d),
+        // A payment above what is owed, or a total that would overflow: refused, nothing booked.
+        crate::franchise::FranchiseError::Ledger(crate::ledger::LedgerError::InvalidPosting(
+            d,
+        )) => ApiError::BadRequest(d.to_string()),
         crate::franchise::FranchiseError::Unknown(n) => {
             ApiError::NotFound(format!("no franchise {n:?}"))
         }

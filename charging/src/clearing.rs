@@ -9,7 +9,13 @@
 //! - a counter already booked with the same transaction MAC is a duplicate, counted and skipped;
 //! - a counter already booked with *different* contents is a cloned card: an anomaly, and the
 //!   card is blocked;
-//! - a transaction MAC that does not verify is a forged tap: an anomaly, nothing is posted;
+//! - a transaction MAC that does not verify is a forged tap: nothing is posted; a batch keeps
+//!   per device a count of its forged and malformed taps and at most
+//!   [`REJECTED_EXAMPLES_MAX`] of them as examples (anomalies), so a batch of forgeries grows
+//!   the ledger by a bounded number of rows, not one per tap;
+//! - a limited credit right after a back-office reversal is refused (an anomaly, the card is
+//!   blocked): a limited credit may only undo a validator's own fare, never a reversal (the
+//!   card refuses it too: a reversal does not arm LimitedCredit);
 //! - a debit that takes the shadow purse below zero is an anomaly (the card was loaded outside
 //!   the ledger, or a load is still pending);
 //! - a pending load whose counter a cleared tap turns out to have used is voided.
@@ -102,6 +108,92 @@ pub struct BatchOutcome {
     /// refund): done by the caller once the batch is durable.
     #[serde(skip)]
     pub funding: Vec<FundingAction>,
+    /// Taps refused before booking (`forged_tmac`, `malformed`), counted per device and kind;
+    /// only the first [`REJECTED_EXAMPLES_MAX`] of them are listed in `anomalies`.
+    #[serde(default)]
+    pub rejected: Vec<RejectedCount>,
+}
+
+/// How many taps of one device a batch refused for one reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedCount {
+    /// The device (0: the devices beyond [`REJECTED_DEVICES_MAX`], together).
+    pub device_id: u32,
+    /// `forged_tmac` or `malformed`.
+    pub kind: String,
+    /// Taps refused.
+    pub count: u32,
+}
+
+/// Most refused taps (forged, malformed) one batch lists as examples, in its answer and as
+/// anomaly rows; the rest are only counted ([`BatchOutcome::rejected`]).
+pub const REJECTED_EXAMPLES_MAX: usize = 16;
+/// Most devices one batch counts refused taps for separately; the others are counted together
+/// under device 0.
+pub const REJECTED_DEVICES_MAX: usize = 64;
+
+impl BatchOutcome {
+    /// Counts a refused tap and keeps it as an example while there is room.
+    fn refuse(&mut self, a: Anomaly) {
+        let mut device_id = a.device_id;
+        if !self.rejected.iter().any(|r| r.device_id == device_id)
+            && self
+                .rejected
+                .iter()
+                .map(|r| r.device_id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                >= REJECTED_DEVICES_MAX
+        {
+            device_id = 0;
+        }
+        match self
+            .rejected
+            .iter_mut()
+            .find(|r| r.device_id == device_id && r.kind == a.kind)
+        {
+            Some(r) => r.count = r.count.saturating_add(1),
+            None => self.rejected.push(RejectedCount {
+                device_id,
+                kind: a.kind.clone(),
+                count: 1,
+            }),
+        }
+        let listed = self
+            .anomalies
+            .iter()
+            .filter(|x| x.kind == "forged_tmac" || x.kind == "malformed")
+            .count();
+        if listed < REJECTED_EXAMPLES_MAX {
+            self.anomalies.push(a);
+        }
+    }
+
+    /// One summary anomaly per (device, kind) whose refused taps were not all listed.
+    fn refused_summaries(&self) -> Vec<Anomaly> {
+        self.rejected
+            .iter()
+            .filter_map(|r| {
+                let listed = self
+                    .anomalies
+                    .iter()
+                    .filter(|a| a.kind == r.kind && a.device_id == r.device_id)
+                    .count();
+                let unlisted = (r.count as usize).saturating_sub(listed);
+                (unlisted > 0).then(|| Anomaly {
+                    kind: r.kind.clone(),
+                    card_uid: String::new(),
+                    tmc: 0,
+                    device_id: r.device_id,
+                    device_seq: 0,
+                    detail: format!(
+                        "{} {} taps in batch {} ({unlisted} not listed)",
+                        r.count, r.kind, self.batch_id
+                    ),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Clearing errors (the batch is not booked; the gateway retries it).
@@ -203,7 +295,7 @@ pub fn clear_batch(
             .and_then(|v| v.try_into().ok());
         let tmv: Option<[u8; 8]> = hex::decode(&tap.tmv).ok().and_then(|v| v.try_into().ok());
         let (Some(uid), Some(tmv), Some(kind)) = (uid, tmv, kind_of(&tap.kind)) else {
-            outcome.anomalies.push(anomaly(
+            outcome.refuse(anomaly(
                 "malformed",
                 "card_uid, tmv or kind malformed".into(),
                 &tap,
@@ -211,7 +303,7 @@ pub fn clear_batch(
             continue;
         };
         if tap.amount_minor < 0 || (kind == TxKind::RecordOnly && tap.amount_minor != 0) {
-            outcome.anomalies.push(anomaly(
+            outcome.refuse(anomaly(
                 "malformed",
                 "amount does not fit the kind".into(),
                 &tap,
@@ -226,13 +318,14 @@ pub fn clear_batch(
             amount_minor: tap.amount_minor,
             balance_after_minor: tap.balance_after_minor,
             key_version: tap.key_version,
+            reader_id: None,
         };
         match hsm.lock().expect("hsm lock").verify_claim(&claim) {
             Ok(_) => {}
             // The HSM failed, not the tap: no verdict, the whole batch fails and is resent.
             Err(purse::sam::SamError::Hsm(e)) => return Err(ClearingError::Hsm(e)),
             Err(e) => {
-                outcome.anomalies.push(anomaly(
+                outcome.refuse(anomaly(
                     "forged_tmac",
                     format!("transaction MAC refused: {e}"),
                     &tap,
@@ -268,6 +361,31 @@ pub fn clear_batch(
                         "the card counter was already cleared with different contents",
                         now_ms,
                     )?;
+                }
+                continue;
+            }
+            if c.kind == TxKind::LimitedCredit && follows_reversal(l, t, c)? {
+                // The card refuses this (a reversal does not arm LimitedCredit): a card that
+                // did it is not behaving as ours do. Nothing is booked; the card is blocked.
+                done.anomalies.push(Anomaly {
+                    kind: "limited_credit_after_reversal".into(),
+                    card_uid: tap.card_uid.clone(),
+                    tmc: c.tmc,
+                    device_id: tap.device_id,
+                    device_seq: tap.device_seq,
+                    detail: "a limited credit right after a back-office reversal: a limited credit may only undo a fare".into(),
+                });
+                if l
+                    .set_blocked(
+                        t,
+                        &c.uid,
+                        true,
+                        "a limited credit undid a reversal",
+                        now_ms,
+                    )?
+                    .is_some()
+                {
+                    done.cards_blocked += 1;
                 }
                 continue;
             }
@@ -343,7 +461,7 @@ pub fn clear_batch(
                 });
             }
         }
-        for a in &done.anomalies {
+        for a in done.anomalies.iter().chain(&done.refused_summaries()) {
             l.record_anomaly(t, a)?;
         }
         let mut stored = serde_json::to_value(&done).expect("outcome serialises");
@@ -398,6 +516,21 @@ fn complete_loads_across_gaps(
             done.funding.push(action);
         }
     }
+}
+
+/// Whether the transaction just before this one (counter `tmc − 1`) was a back-office reversal
+/// (pending or completed).
+fn follows_reversal(
+    l: &crate::ledger::LedgerCore,
+    t: &heed::RwTxn<'_>,
+    c: &TxClaim,
+) -> Result<bool, LedgerError> {
+    let Some(before) = c.tmc.checked_sub(2) else {
+        return Ok(false);
+    };
+    Ok(l.intent(t, &c.uid, before)?.is_some_and(|i| {
+        i.kind == crate::ledger::IntentKind::Reversal && i.state != IntentState::Voided
+    }))
 }
 
 /// A counter seen twice with different contents: an anomaly, and the card is blocked.

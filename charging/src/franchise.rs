@@ -1,8 +1,12 @@
 //! Franchise terminals: shops whose SAM may load cards offline up to a credit ceiling.
 //!
 //! - They report their loads later ([`report_loads`]); each is booked only if the HSM verifies
-//!   the card's transaction MAC, and once per card counter: `franchise:<id>` → `card:<UID>`
-//!   (the franchise collected the cash and owes it to us).
+//!   the card's transaction MAC *with the franchise SAM's reader id* (the SAM commits it with
+//!   CommitReaderID and the card binds it into the MAC, so a report proves the load was made
+//!   under that franchise's SAM — not an online load, not another franchise's), and once per
+//!   card counter whoever reports it: a counter already booked (by an online load, a cleared
+//!   tap, another report) or held by an online load's intent is refused.
+//!   Booked: `franchise:<id>` → `card:<UID>` (the franchise collected the cash and owes it).
 //! - They get their ceiling replenished online ([`grant_ceiling`]): the grant is MAC'd with the
 //!   terminal's device key, numbered, and sized so the franchise's exposure — value granted but
 //!   not yet reported, plus value reported but not yet paid — never exceeds its limit.
@@ -11,7 +15,7 @@
 
 use crate::ledger::{card_account, Booking, Ledger, LedgerError};
 use purse::receipt::{TxClaim, TxKind};
-use purse::sam::{CeilingGrant, Hsm};
+use purse::sam::{reader_id_of_device, CeilingGrant, Hsm};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
@@ -100,7 +104,18 @@ pub fn state(ledger: &Ledger, name: &str) -> Result<FranchiseState, FranchiseErr
 /// Value the franchise owes and has not paid (its account is negative by that much).
 pub fn outstanding_minor(ledger: &Ledger, name: &str) -> Result<i64, FranchiseError> {
     let r = ledger.read()?;
-    Ok(-ledger.balance(&r, &format!("franchise:{name}"))?)
+    // A balance of i64::MIN has no negation: saturate (the ledger's checked postings keep
+    // balances away from it anyway).
+    Ok(ledger
+        .balance(&r, &format!("franchise:{name}"))?
+        .saturating_neg())
+}
+
+fn overflow(what: &str) -> LedgerError {
+    LedgerError::InvalidPosting(match what {
+        "granted" => "the franchise's granted total would overflow",
+        _ => "the franchise's reported total would overflow",
+    })
 }
 
 /// Books a terminal's reported loads.
@@ -136,6 +151,8 @@ pub fn report_loads(
             amount_minor: l.amount_minor,
             balance_after_minor: l.balance_after_minor,
             key_version: l.key_version,
+            // Never from the report: the load must carry this franchise's own SAM's id.
+            reader_id: Some(reader_id_of_device(franchise.device_id)),
         };
         match hsm.lock().expect("hsm lock").verify_claim(&claim) {
             Ok(_) => verified.push((i, claim)),
@@ -145,19 +162,44 @@ pub fn report_loads(
         }
     }
     let name = franchise.name.clone();
-    let (accepted, duplicates) = ledger.transact(move |l, t| {
+    let (accepted, duplicates, refused) = ledger.transact(move |l, t| {
         let key = state_key(&name);
         let mut st: FranchiseState = l
             .idempotent(t, &key)?
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         let (mut accepted, mut duplicates) = (0u32, 0u32);
-        for (_, c) in &verified {
+        let mut refused = Vec::new();
+        for (i, c) in &verified {
             let marker = format!("franchise-load:{}:{}", hex::encode_upper(c.uid), c.tmc);
             if l.idempotent(t, &marker)?.is_some() {
                 duplicates += 1;
                 continue;
             }
+            // A counter is booked once, whoever reports it.
+            let shadow = l.card(t, &c.uid)?;
+            let held_by_intent = match c.tmc.checked_sub(1) {
+                Some(before) => l
+                    .intent(t, &c.uid, before)?
+                    .is_some_and(|i| i.state != crate::ledger::IntentState::Voided),
+                None => false,
+            };
+            if c.tmc <= shadow.booked_through_tmc
+                || shadow.booked_above.iter().any(|e| e.0 == c.tmc)
+                || held_by_intent
+            {
+                refused.push((
+                    *i,
+                    "the card counter is already booked by another transaction".to_string(),
+                ));
+                continue;
+            }
+            let Some(reported) = st
+                .reported_total_minor
+                .checked_add(i64::from(c.amount_minor))
+            else {
+                return Err(overflow("reported"));
+            };
             l.post(
                 t,
                 now_ms,
@@ -168,18 +210,29 @@ pub fn report_loads(
             )?;
             l.put_idempotent(t, &marker, &serde_json::Value::String(name.clone()))?;
             l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
-            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, i64::from(c.amount_minor), now_ms)?
-                == Booking::Duplicate {
-                tracing::warn!(uid = %hex::encode_upper(c.uid), tmc = c.tmc, "franchise load at a counter already booked by another transaction");
-            }
-            st.reported_total_minor += i64::from(c.amount_minor);
+            let booking = l.book_counter(
+                t,
+                &c.uid,
+                c.tmc,
+                c.balance_after_minor,
+                i64::from(c.amount_minor),
+                now_ms,
+            )?;
+            debug_assert_ne!(booking, Booking::Duplicate, "checked above");
+            st.reported_total_minor = reported;
             accepted += 1;
         }
-        l.put_idempotent(t, &key, &serde_json::to_value(&st).expect("state serialises"))?;
-        Ok((accepted, duplicates))
+        l.put_idempotent(
+            t,
+            &key,
+            &serde_json::to_value(&st).expect("state serialises"),
+        )?;
+        Ok((accepted, duplicates, refused))
     })?;
     out.accepted = accepted;
     out.duplicates = duplicates;
+    out.rejected.extend(refused);
+    out.rejected.sort_by_key(|r| r.0);
     Ok(out)
 }
 
@@ -207,14 +260,24 @@ pub fn grant_ceiling(
             .idempotent(t, &key)?
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
-        let unreported = st.granted_total_minor - st.reported_total_minor;
-        let headroom = max - unreported.max(0) - outstanding.max(0);
+        let unreported = st
+            .granted_total_minor
+            .saturating_sub(st.reported_total_minor);
+        let headroom = max
+            .saturating_sub(unreported.max(0))
+            .saturating_sub(outstanding.max(0));
         let amount = requested_minor.min(headroom);
         if amount <= 0 {
             return Ok(None);
         }
-        st.last_grant_seq += 1;
-        st.granted_total_minor += amount;
+        let (Some(seq), Some(granted)) = (
+            st.last_grant_seq.checked_add(1),
+            st.granted_total_minor.checked_add(amount),
+        ) else {
+            return Err(overflow("granted"));
+        };
+        st.last_grant_seq = seq;
+        st.granted_total_minor = granted;
         l.put_idempotent(
             t,
             &key,
@@ -251,6 +314,14 @@ pub fn record_payment(
         let marker = format!("franchise-payment:{name}:{reference}");
         if l.idempotent(t, &marker)?.is_some() {
             return Ok(());
+        }
+        // A payment settles what the franchise owes, no more: an overpayment (i64::MAX, say)
+        // would turn into headroom for grants and, added twice, overflow the account.
+        let owed = l.balance(t, &format!("franchise:{name}"))?.saturating_neg();
+        if amount_minor > owed {
+            return Err(LedgerError::InvalidPosting(
+                "a payment above what the franchise owes",
+            ));
         }
         l.post(
             t,

@@ -566,11 +566,19 @@ impl LedgerCore {
             amount_minor,
             reference: reference.to_string(),
         };
-        self.postings.put(txn, &seq, &p)?;
+        // Checked: a balance that would leave i64 refuses the posting (two payments of
+        // i64::MAX must not wrap an account round to a small number).
         let fb = self.balances.get(txn, from)?.unwrap_or(0);
-        self.balances.put(txn, from, &(fb - amount_minor))?;
         let tb = self.balances.get(txn, to)?.unwrap_or(0);
-        self.balances.put(txn, to, &(tb + amount_minor))?;
+        let (Some(fb), Some(tb)) = (fb.checked_sub(amount_minor), tb.checked_add(amount_minor))
+        else {
+            return Err(LedgerError::InvalidPosting(
+                "an account balance would overflow",
+            ));
+        };
+        self.postings.put(txn, &seq, &p)?;
+        self.balances.put(txn, from, &fb)?;
+        self.balances.put(txn, to, &tb)?;
         Ok(p)
     }
 
@@ -708,7 +716,12 @@ impl LedgerCore {
         delta_minor: i64,
     ) -> Result<(), LedgerError> {
         let key = funding_day_key(source, instrument, day);
-        let total = self.funding_days.get(txn, &key)?.unwrap_or(0) + delta_minor;
+        let total = self
+            .funding_days
+            .get(txn, &key)?
+            .unwrap_or(0)
+            .checked_add(delta_minor)
+            .ok_or(LedgerError::InvalidPosting("a day total would overflow"))?;
         Ok(self.funding_days.put(txn, &key, &total)?)
     }
 
@@ -889,7 +902,12 @@ impl LedgerCore {
     ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
         let latest = self.blocks.last(txn)?.map(|(k, _)| k).unwrap_or(0);
         let mut out = Vec::new();
-        for item in self.blocks.range(txn, &((after + 1)..))? {
+        // `after` comes from a query string: u64::MAX has no next version (it must not wrap
+        // round to 0 and list everything).
+        let Some(from) = after.checked_add(1) else {
+            return Ok((out, latest));
+        };
+        for item in self.blocks.range(txn, &(from..))? {
             let (_, c) = item?;
             out.push(c);
             if out.len() >= limit {

@@ -592,7 +592,9 @@ impl LoadService {
         }
         let (dialogue, first) = match reverses {
             None => Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT),
-            Some(_) => Dialogue::start(req.uid, KeyKind::Debit, ins::DEBIT),
+            // A reversal debits under the credit key: the card does not arm LimitedCredit for
+            // a debit under that key, so no debit-key holder can credit a reversal back.
+            Some(_) => Dialogue::start(req.uid, KeyKind::Credit, ins::DEBIT),
         };
         let id = session_id();
         let reply = Reply::Command {
@@ -1265,6 +1267,13 @@ impl LoadService {
         personalised_minor: i64,
         now_ms: u64,
     ) -> Result<(), LoadError> {
+        // The card holds an i32: a value beyond it would be booked as one amount and held as
+        // another (4 294 967 396 as 100).
+        let Ok(personalised_i32) = i32::try_from(personalised_minor) else {
+            return Err(LoadError::BadRequest(format!(
+                "personalised value {personalised_minor} does not fit a card's 32-bit balance"
+            )));
+        };
         let mut t = self.ledger.write()?;
         let reference = format!("issue:{}", hex::encode_upper(uid));
         if self.ledger.card_known(&t, uid)? {
@@ -1284,7 +1293,7 @@ impl LoadService {
             &mut t,
             uid,
             &crate::ledger::CardShadow {
-                booked_balance_minor: Some(personalised_minor as i32),
+                booked_balance_minor: Some(personalised_i32),
                 ..Default::default()
             },
         )?;
@@ -1304,9 +1313,10 @@ fn reply_from_json(v: &serde_json::Value) -> Reply {
     match v.get("status").and_then(|x| x.as_str()) {
         Some("completed") => Reply::Completed {
             session_id: s("session_id"),
-            amount_minor: n("amount_minor") as i32,
-            balance_minor: n("balance_minor") as i32,
-            tmc: n("tmc") as u32,
+            // Stored by this server; a value out of range is not trusted into a wrapped one.
+            amount_minor: i32::try_from(n("amount_minor")).unwrap_or_default(),
+            balance_minor: i32::try_from(n("balance_minor")).unwrap_or_default(),
+            tmc: u32::try_from(n("tmc")).unwrap_or_default(),
         },
         Some("refused") => Reply::Refused {
             session_id: s("session_id"),

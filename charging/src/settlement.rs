@@ -22,13 +22,17 @@ pub fn day_bounds(day: &str) -> Result<(u64, u64), String> {
     if start < 0 {
         return Err(format!("day {day:?} is before 1970"));
     }
-    let start_ms = start as u64 * 1000;
-    Ok((start_ms, start_ms + 86_400_000))
+    let start_ms = u64::try_from(start)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or_else(|| format!("day {day:?} is out of range"))?;
+    Ok((start_ms, start_ms.saturating_add(86_400_000)))
 }
 
 fn utc(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+    i64::try_from(ms / 1000)
         .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
         .and_then(|t| {
             t.format(format_description!(
                 "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
@@ -47,9 +51,10 @@ fn split_ref(reference: &str) -> (&str, &str) {
 
 #[derive(Default)]
 struct Totals {
-    loads_minor: i64,
-    payments_minor: i64,
-    debits_minor: i64,
+    // Wider than a posting: a day's sum of i64 postings cannot overflow it.
+    loads_minor: i128,
+    payments_minor: i128,
+    debits_minor: i128,
 }
 
 /// Builds the day's settlement files.
@@ -73,7 +78,7 @@ pub fn settlement(ledger: &LedgerCore, day: &str) -> Result<Vec<SettlementFile>,
             totals
                 .entry(format!("franchise:{f}"))
                 .or_default()
-                .loads_minor += p.amount_minor;
+                .loads_minor += i128::from(p.amount_minor);
         } else if let Some(f) = p.to.strip_prefix("franchise:") {
             rows.entry(format!("franchise-{f}"))
                 .or_default()
@@ -86,7 +91,7 @@ pub fn settlement(ledger: &LedgerCore, day: &str) -> Result<Vec<SettlementFile>,
             totals
                 .entry(format!("franchise:{f}"))
                 .or_default()
-                .payments_minor += p.amount_minor;
+                .payments_minor += i128::from(p.amount_minor);
         } else if let Some(op) = p.to.strip_prefix("operator:") {
             let (uid, tmc) = split_ref(&p.reference);
             rows.entry(format!("operator-{op}"))
@@ -100,7 +105,7 @@ pub fn settlement(ledger: &LedgerCore, day: &str) -> Result<Vec<SettlementFile>,
             totals
                 .entry(format!("operator:{op}"))
                 .or_default()
-                .debits_minor += p.amount_minor;
+                .debits_minor += i128::from(p.amount_minor);
         }
     }
     let mut files = Vec::new();

@@ -148,10 +148,12 @@ fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
     ] {
         let a = aggs.entry(k).or_default();
         if tap.refusal.is_some() {
-            a.refused += 1;
+            a.refused = a.refused.saturating_add(1);
         } else {
-            a.taps += 1;
-            a.amount_minor += i64::from(tap.amount_minor);
+            a.taps = a.taps.saturating_add(1);
+            // Saturating: a device's taps (MAC'd by the device, not yet by the card) cannot
+            // wrap an operator's aggregate.
+            a.amount_minor = a.amount_minor.saturating_add(i64::from(tap.amount_minor));
         }
     }
 }
@@ -374,9 +376,9 @@ impl Store {
         }
         for (k, delta) in aggs {
             let mut a = self.aggregates.get(&t, &k)?.unwrap_or_default();
-            a.taps += delta.taps;
-            a.refused += delta.refused;
-            a.amount_minor += delta.amount_minor;
+            a.taps = a.taps.saturating_add(delta.taps);
+            a.refused = a.refused.saturating_add(delta.refused);
+            a.amount_minor = a.amount_minor.saturating_add(delta.amount_minor);
             self.aggregates.put(&mut t, &k, &a)?;
         }
         t.commit()?;
