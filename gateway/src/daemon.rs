@@ -6,7 +6,8 @@
 //! at any point gets the message again from its persistent session; the validator deletes a
 //! tap from its outbox only when the gateway's confirmation arrives. With the embedded broker
 //! the taps come over rumqttd's in-process link instead ([`run_linked`]; why that is as safe is
-//! on [`start_embedded_broker_linked`]).
+//! on [`start_embedded_broker_linked`]); the broker itself, and the ACL front that keeps each
+//! device to its own topics, are in [`crate::broker`].
 //!
 //! Topics (docs/mqtt.md): taps arrive on `tapgate/v1/<operator>/taps/<device>`; confirmations
 //! go to `tapgate/v1/<operator>/devices/<device>/confirm` as `{"seqs": [...]}`.
@@ -15,8 +16,6 @@ use crate::forward::forward_once;
 use crate::store::{Message, Store};
 use purse::keys::KeySet;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,183 +116,10 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The gateway's in-process link to the embedded broker: taps reach ingestion without TCP or
-/// MQTT framing (see [`start_embedded_broker_linked`]).
-pub struct TapLink {
-    /// Kept so the link stays registered with the router.
-    _tx: rumqttd::local::LinkTx,
-    rx: rumqttd::local::LinkRx,
-    /// The operator whose taps it is subscribed to.
-    operator: String,
-}
-
-/// Starts the embedded broker like [`start_embedded_broker_tls`] and returns, besides its
-/// thread, an in-process link for [`run_linked`].
-///
-/// The link is subscribed to `operator`'s taps (QoS 0) before the broker opens its listeners,
-/// so no tap published after start-up can miss it. Its client id is random: rumqttd drops a
-/// connection when another connects with the same id, and no network client can guess this
-/// one.
-///
-/// Why a QoS 0 link loses nothing a QoS 1 session would keep: the embedded broker keeps its
-/// state in this process's memory, so whatever it holds dies with the gateway either way; what
-/// makes delivery end to end is the validator's outbox, which keeps every tap until the
-/// gateway's confirmation (sent only after the tap is durable) and sends unconfirmed taps
-/// again (after a reconnect, and after 30 s without any confirmation). The link also lifts
-/// rumqttd's cap of 100 unacknowledged messages per connection, which bounded a TCP
-/// subscriber to 100 taps per group commit.
-pub fn start_embedded_broker_linked(
-    listen: SocketAddr,
-    users: HashMap<String, String>,
-    tls: Option<(SocketAddr, String, String)>,
-    operator: &str,
-) -> Result<(std::thread::JoinHandle<()>, TapLink), String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = spawn_broker(listen, users, tls, Some((operator.to_string(), tx)));
-    let link = rx
-        .recv()
-        .map_err(|_| "the embedded broker stopped before handing over its link".to_string())??;
-    Ok((thread, link))
-}
-
-/// Registers the gateway's link with the router (already running; the listeners are not open
-/// yet) and waits until its subscription to `operator`'s taps is in place.
-fn open_link(broker: &rumqttd::Broker, operator: &str) -> Result<TapLink, String> {
-    let id = format!(
-        "tapgate-gateway-link-{}",
-        hex::encode(rand::random::<[u8; 16]>())
-    );
-    let (mut tx, mut rx) = broker.link(&id).map_err(|e| e.to_string())?;
-    tx.subscribe(format!("tapgate/v1/{operator}/taps/+"))
-        .map_err(|e| e.to_string())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match rx.recv_deadline(deadline) {
-            Ok(Some(rumqttd::Notification::DeviceAck(_))) => break,
-            Ok(_) => {}
-            Err(e) => return Err(format!("subscribing the gateway's link: {e}")),
-        }
-    }
-    Ok(TapLink {
-        _tx: tx,
-        rx,
-        operator: operator.to_string(),
-    })
-}
-
-/// Starts the embedded MQTT broker (rumqttd) on `listen`, in its own thread. `users` maps
-/// usernames to passwords; every client must authenticate when it is not empty.
-pub fn start_embedded_broker(
-    listen: SocketAddr,
-    users: HashMap<String, String>,
-) -> std::thread::JoinHandle<()> {
-    start_embedded_broker_tls(listen, users, None)
-}
-
-/// [`start_embedded_broker`] plus, with `tls` = (listen address, PEM certificate chain path,
-/// PEM private key path), a TLS listener for validators (`mqtts://`; they authenticate with
-/// username and password, no client certificates). The plain listener stays for the gateway
-/// itself on loopback.
-pub fn start_embedded_broker_tls(
-    listen: SocketAddr,
-    users: HashMap<String, String>,
-    tls: Option<(SocketAddr, String, String)>,
-) -> std::thread::JoinHandle<()> {
-    spawn_broker(listen, users, tls, None)
-}
-
-fn spawn_broker(
-    listen: SocketAddr,
-    users: HashMap<String, String>,
-    tls: Option<(SocketAddr, String, String)>,
-    link: Option<(String, std::sync::mpsc::Sender<Result<TapLink, String>>)>,
-) -> std::thread::JoinHandle<()> {
-    if tls.is_some() {
-        tapgate_http::serve::install_crypto_provider();
-    }
-    let server = |name: &str, listen, tls| rumqttd::ServerSettings {
-        name: name.into(),
-        listen,
-        tls,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 16 << 20,
-            max_inflight_count: 5_000,
-            auth: (!users.is_empty()).then(|| users.clone()),
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let mut servers = HashMap::new();
-    servers.insert("tapgate".to_string(), server("tapgate", listen, None));
-    if let Some((addr, certpath, keypath)) = tls {
-        let t = rumqttd::TlsConfig::Rustls {
-            capath: None,
-            certpath,
-            keypath,
-        };
-        servers.insert(
-            "tapgate-tls".to_string(),
-            server("tapgate-tls", addr, Some(t)),
-        );
-    }
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 10_010,
-            max_outgoing_packet_count: 10_000,
-            // rumqttd keeps, per subscription filter, a log of what matched it (read or not),
-            // dropping its oldest segment only when full: these sizes bound its memory. The
-            // taps get room for a large backlog (≈ 1.5 million live taps); each validator's
-            // confirmations, of which there are thousands of filters, get 2 × 64 kB (a wrapped
-            // confirmation is resent by the validator's outbox and confirmed as a duplicate).
-            max_segment_size: 16 << 20,
-            max_segment_count: 4,
-            custom_segment: Some(HashMap::from([
-                (
-                    "tapgate/v1/+/taps/+".to_string(),
-                    rumqttd::SegmentConfig {
-                        max_segment_size: 64 << 20,
-                        max_segment_count: 4,
-                    },
-                ),
-                (
-                    "tapgate/v1/+/devices/+/confirm".to_string(),
-                    rumqttd::SegmentConfig {
-                        max_segment_size: 64 << 10,
-                        max_segment_count: 2,
-                    },
-                ),
-            ])),
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(servers),
-        ..Default::default()
-    };
-    std::thread::Builder::new()
-        .name("mqtt-broker".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Some((operator, hand_over)) = link {
-                match open_link(&broker, &operator) {
-                    Ok(l) => {
-                        let _ = hand_over.send(Ok(l));
-                    }
-                    Err(e) => {
-                        tracing::error!(%e, "embedded MQTT broker refused the gateway's link");
-                        let _ = hand_over.send(Err(e));
-                        return;
-                    }
-                }
-            }
-            if let Err(e) = broker.start() {
-                tracing::error!(%e, "embedded MQTT broker stopped");
-            }
-        })
-        .expect("spawn the broker thread")
-}
+pub use crate::broker::{
+    start_embedded_broker, start_embedded_broker_linked, start_embedded_broker_tls, BrokerStats,
+    BrokerUsers, TapLink,
+};
 
 /// Where a message waiting for ingestion came from: an MQTT connection (acknowledged to the
 /// broker once durable) or the in-process link (nothing to acknowledge).

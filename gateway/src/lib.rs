@@ -7,8 +7,10 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod broker;
 pub mod daemon;
 pub mod forward;
+pub mod mqtt_acl;
 pub mod propagation;
 pub mod report;
 pub mod store;

@@ -44,7 +44,8 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     let mqtt_port = free_port();
     let users = HashMap::from([
         ("gateway".to_string(), "gw-secret".to_string()),
-        ("dev-1001".to_string(), "dev-secret".to_string()),
+        ("1001".to_string(), "dev-secret".to_string()),
+        ("1002".to_string(), "dev2-secret".to_string()),
     ]);
     start_embedded_broker(format!("127.0.0.1:{mqtt_port}").parse().unwrap(), users);
     wait_for("the broker", Duration::from_secs(10), || {
@@ -140,10 +141,10 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
                 ..Default::default()
             },
         );
-        records.push(t.sign_with(|b| sam.device_mac(b)).to_vec());
+        records.push(t.sign_with("metro", |b| sam.device_mac(b)).to_vec());
     }
     let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
-    opts.set_credentials("dev-1001", "dev-secret")
+    opts.set_credentials("1001", "dev-secret")
         .set_clean_session(false);
     let (client, mut events) = AsyncClient::new(opts, 100);
     client
@@ -249,6 +250,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         .unwrap(),
         currency: ("USD".into(), 2),
         metrics_public: false,
+        operator: "metro".into(),
     };
     tokio::spawn(tapgate_http::serve::serve_router(
         "gateway-api",
@@ -342,7 +344,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     // retained snapshot for late joiners) within a bounded time.
     let mut vopts = MqttOptions::new("dev-1001-downlink", "127.0.0.1", mqtt_port);
     vopts
-        .set_credentials("dev-1001", "dev-secret")
+        .set_credentials("1002", "dev2-secret")
         .set_max_packet_size(1 << 20, 16 << 20);
     let (vclient, mut vev) = AsyncClient::new(vopts, 100);
     vclient
@@ -398,10 +400,10 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     // long until the online validators held the block.
     vclient
         .publish(
-            "tapgate/v1/metro/devices/1001/status",
+            "tapgate/v1/metro/devices/1002/status",
             QoS::AtLeastOnce,
             true,
-            r#"{"device":1001,"online":true,"blocklist_version":1,"outbox_depth":0}"#,
+            r#"{"device":1002,"online":true,"blocklist_version":1,"outbox_depth":0}"#,
         )
         .await
         .unwrap();
@@ -438,7 +440,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
 
     // The broker refuses a wrong password.
     let mut bad = MqttOptions::new("intruder", "127.0.0.1", mqtt_port);
-    bad.set_credentials("dev-1001", "guess");
+    bad.set_credentials("1001", "guess");
     let (_c, mut ev) = AsyncClient::new(bad, 10);
     let refused = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -473,7 +475,7 @@ fn test_tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
             ..Default::default()
         },
     )
-    .sign(&keys.device_key(device).unwrap())
+    .sign("metro", &keys.device_key(device).unwrap())
     .to_vec()
 }
 
@@ -488,7 +490,8 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
     let mqtt_port = free_port();
     let users = HashMap::from([
         ("gateway".to_string(), "gw-secret".to_string()),
-        ("dev-1001".to_string(), "dev-secret".to_string()),
+        ("1001".to_string(), "dev-secret".to_string()),
+        ("1002".to_string(), "dev2-secret".to_string()),
     ]);
     let (_, link) = gateway::daemon::start_embedded_broker_linked(
         format!("127.0.0.1:{mqtt_port}").parse().unwrap(),
@@ -529,10 +532,10 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
 
     // rumqttd drops a connection when another connects with its client id: a device that
     // takes the ids the gateway's link could have must not stop ingestion (the link's id is
-    // random).
+    // random, and the broker's front gives a device the id of its username whatever it asks).
     for id in ["tapgate-gateway-local", "tapgate-gateway-link"] {
         let mut o = MqttOptions::new(id, "127.0.0.1", mqtt_port);
-        o.set_credentials("dev-1001", "dev-secret");
+        o.set_credentials("1002", "dev2-secret");
         let (_c, mut ev) = AsyncClient::new(o, 10);
         tokio::spawn(async move {
             for _ in 0..20 {
@@ -544,7 +547,7 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
-    opts.set_credentials("dev-1001", "dev-secret")
+    opts.set_credentials("1001", "dev-secret")
         .set_inflight(500);
     let (client, mut events) = AsyncClient::new(opts, 5_000);
     let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
