@@ -190,7 +190,8 @@ fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
     })
 }
 
-/// The validator signs the tap record (wire format v1) with its device key.
+/// The validator signs the tap record (wire format v2: the MAC covers its operator, the metro)
+/// with its device key.
 fn tap_wire(
     sam: &SoftwareSam,
     r: &CommitReceipt,
@@ -208,7 +209,7 @@ fn tap_wire(
             ..Default::default()
         },
     );
-    record.sign_with(|body| sam.device_mac(body))
+    record.sign_with("metro", |body| sam.device_mac(body))
 }
 
 /// The gates of the day, by validator index (cycled): entries and exits on the metro lines, a
@@ -494,6 +495,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             blocklist: purse::blocklist::Blocklist::new("metro"),
             placement: Placement {
                 device_id: 1000 + i as u32,
+                operator: "metro".into(),
                 stop: stop.into(),
                 route: route.into(),
                 kind,
@@ -514,6 +516,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let signed = sign_table(&hsm, &hotel_table).context("signing the hotel table")?;
         let placement = Placement {
             device_id: 1000 + tv as u32,
+            operator: "hotel".into(),
             stop: String::new(),
             route: String::new(),
             kind: GateKind::Charge,

@@ -108,6 +108,59 @@ struct ApiConfig {
     /// Serve `/metrics` without a token (default: an operator or metrics token is needed).
     #[serde(default)]
     metrics_public: bool,
+    /// Quarantine entries kept per device (oldest dropped beyond it; the device flagged).
+    quarantine_max_per_device: Option<u64>,
+    /// Quarantine bytes kept per device (likewise).
+    quarantine_max_bytes_per_device: Option<u64>,
+    /// Refused records examined per message before the rest of it is left unexamined.
+    quarantine_max_bad_records_per_message: Option<u64>,
+    /// A flagged device gets at most one quarantine entry per this many milliseconds.
+    quarantine_flagged_interval_ms: Option<u64>,
+    /// No quarantine writes once the store's map is this full (percent).
+    quarantine_stop_at_fill_percent: Option<u64>,
+    /// Batches refused (unacknowledged, unconfirmed) once the map is this full (percent).
+    ingest_refuse_at_fill_percent: Option<u64>,
+}
+
+impl ApiConfig {
+    /// The store's bounds: the defaults, with what the config sets.
+    fn store_limits(&self) -> Result<gateway::store::StoreLimits> {
+        let d = gateway::store::StoreLimits::default();
+        let l = gateway::store::StoreLimits {
+            quarantine_max_per_device: self
+                .quarantine_max_per_device
+                .unwrap_or(d.quarantine_max_per_device),
+            quarantine_max_bytes_per_device: self
+                .quarantine_max_bytes_per_device
+                .unwrap_or(d.quarantine_max_bytes_per_device),
+            quarantine_max_bad_records_per_message: self
+                .quarantine_max_bad_records_per_message
+                .unwrap_or(d.quarantine_max_bad_records_per_message),
+            quarantine_flagged_interval_ms: self
+                .quarantine_flagged_interval_ms
+                .unwrap_or(d.quarantine_flagged_interval_ms),
+            quarantine_stop_at_fill_percent: self
+                .quarantine_stop_at_fill_percent
+                .unwrap_or(d.quarantine_stop_at_fill_percent),
+            ingest_refuse_at_fill_percent: self
+                .ingest_refuse_at_fill_percent
+                .unwrap_or(d.ingest_refuse_at_fill_percent),
+        };
+        if l.quarantine_max_per_device == 0 || l.quarantine_max_bad_records_per_message == 0 {
+            return Err(input_err(
+                "quarantine_max_per_device and quarantine_max_bad_records_per_message must be at least 1",
+            ));
+        }
+        if l.quarantine_stop_at_fill_percent >= l.ingest_refuse_at_fill_percent
+            || l.ingest_refuse_at_fill_percent > 99
+        {
+            return Err(input_err(format!(
+                "quarantine_stop_at_fill_percent ({}) must be below ingest_refuse_at_fill_percent ({}), which must be at most 99",
+                l.quarantine_stop_at_fill_percent, l.ingest_refuse_at_fill_percent
+            )));
+        }
+        Ok(l)
+    }
 }
 
 fn default_http_listen() -> std::net::SocketAddr {
@@ -222,6 +275,10 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         }
         None => None,
     };
+    let store = match &api {
+        Some(c) => store.with_limits(c.store_limits()?),
+        None => store,
+    };
     let stats = Arc::new(GatewayStats::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -236,6 +293,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             auth: tapgate_http::auth::Auth::new(&c.tokens).map_err(input_err)?,
             currency: (c.currency, c.currency_exponent),
             metrics_public: c.metrics_public,
+            operator: cfg.operator.clone(),
         };
         rt.spawn(async move {
             if let Err(e) = tapgate_http::serve::serve_router(

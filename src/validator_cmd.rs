@@ -360,6 +360,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         blocklist: Blocklist::new(cfg.card_scheme.as_deref().unwrap_or(&cfg.operator)),
         placement: Placement {
             device_id: cfg.device_id,
+            operator: cfg.operator.clone(),
             stop: cfg.stop.clone(),
             route: cfg.route.clone(),
             kind,

@@ -747,7 +747,8 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
                     .collect::<Vec<_>>()
             })
             .filter_map(|w| {
-                purse::tap::TapRecord::decode_verified(&w, |d| keys.device_key(d).ok()).ok()
+                purse::tap::TapRecord::decode_verified(&w, "metro", |d| keys.device_key(d).ok())
+                    .ok()
             })
             .filter(|t| t.meta.device_id == 1001)
             .collect();

@@ -197,7 +197,7 @@ pub fn run_scenario(
                     ..Default::default()
                 },
             );
-            v.push(t.sign_with(|b| sam.device_mac(b)).to_vec());
+            v.push(t.sign_with("bench", |b| sam.device_mac(b)).to_vec());
         }
         records.push(v);
     }

@@ -74,7 +74,7 @@ pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
                 ..Default::default()
             },
         );
-        std::hint::black_box(tap.sign_with(|b| r.sam.device_mac(b)));
+        std::hint::black_box(tap.sign_with("metro", |b| r.sam.device_mac(b)));
     });
     Ok(figures(&samples, n))
 }

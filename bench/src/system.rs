@@ -331,7 +331,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                     ..Default::default()
                 },
             );
-            recs.push(t.sign_with(|b| sam.device_mac(b)).to_vec());
+            recs.push(t.sign_with("metro", |b| sam.device_mac(b)).to_vec());
         }
     }
 

@@ -88,6 +88,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         blocklist,
         placement: Placement {
             device_id: 1001,
+            operator: "metro".into(),
             stop: metro_stop(3, 4),
             route: "M3".into(),
             kind: TapKind::In,

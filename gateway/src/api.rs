@@ -29,6 +29,8 @@ pub struct ApiState {
     pub currency: (String, u32),
     /// `/metrics` without a token (config `metrics_public`); otherwise operator or metrics role.
     pub metrics_public: bool,
+    /// The operator this gateway serves (stored taps verify for it).
+    pub operator: String,
 }
 
 fn err(status: StatusCode, code: &str, detail: String) -> Response {
@@ -80,14 +82,37 @@ async fn devices(State(st): State<ApiState>, headers: HeaderMap) -> Response {
             .ok()
             .and_then(|p| p.clock_skew(id))
     };
+    let quarantine = match st.store.quarantine_devices(100_000) {
+        Ok(q) => q
+            .into_iter()
+            .collect::<std::collections::BTreeMap<u64, _>>(),
+        Err(e) => return internal(e),
+    };
     match st.store.devices() {
-        Ok(d) => Json(serde_json::json!({
-            "devices": d.iter().map(|(id, s)| serde_json::json!({
-                "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
-                "gaps": s.gaps, "last_seen_ms": s.last_seen_ms, "clock_skew_ms": skew(*id),
-            })).collect::<Vec<_>>()
-        }))
-        .into_response(),
+        Ok(d) => {
+            let mut out: Vec<serde_json::Value> = d
+                .iter()
+                .map(|(id, s)| {
+                    let q = quarantine.get(&u64::from(*id));
+                    serde_json::json!({
+                        "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
+                        "gaps": s.gaps, "last_seen_ms": s.last_seen_ms, "clock_skew_ms": skew(*id),
+                        "flagged": q.is_some_and(|q| q.flagged), "quarantine": q,
+                    })
+                })
+                .collect();
+            // Devices that only ever sent garbage are listed too (flagged is what to look at).
+            let known: std::collections::BTreeSet<u64> =
+                d.iter().map(|(id, _)| u64::from(*id)).collect();
+            for (id, q) in quarantine.iter().filter(|(id, _)| !known.contains(id)) {
+                out.push(serde_json::json!({
+                    "device_id": id, "taps": 0, "highest_seq": 0, "gaps": [],
+                    "last_seen_ms": q.last_seen_ms, "clock_skew_ms": null,
+                    "flagged": q.flagged, "quarantine": q,
+                }));
+            }
+            Json(serde_json::json!({ "devices": out })).into_response()
+        }
         Err(e) => internal(e),
     }
 }
@@ -187,9 +212,11 @@ async fn tides(
     let (cur, exp) = st.currency.clone();
     let keys = st.keys.clone();
     let store = st.store.clone();
+    let operator = st.operator.clone();
     let csv = tokio::task::spawn_blocking(move || {
         crate::report::tides_fare_transactions(
             &store,
+            &operator,
             |d| keys.device_key(d).ok(),
             from,
             to,
@@ -244,6 +271,22 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
             "# TYPE tapgate_gateway_outbox_taps gauge\ntapgate_gateway_outbox_taps {n}\n"
         ));
     }
+    if let Ok(q) = st.store.quarantine_devices(100_000) {
+        let flagged = q.iter().filter(|(_, d)| d.flagged).count();
+        let dropped: u64 = q.iter().map(|(_, d)| d.dropped_entries).sum();
+        let throttled: u64 = q.iter().map(|(_, d)| d.throttled_messages).sum();
+        out.push_str(&format!(
+            "# TYPE tapgate_gateway_quarantine_flagged_devices gauge\ntapgate_gateway_quarantine_flagged_devices {flagged}\n\
+             # TYPE tapgate_gateway_quarantine_dropped_total counter\ntapgate_gateway_quarantine_dropped_total {dropped}\n\
+             # TYPE tapgate_gateway_quarantine_throttled_total counter\ntapgate_gateway_quarantine_throttled_total {throttled}\n"
+        ));
+    }
+    let full = u8::from(st.stats.store_full.load(Ordering::Relaxed));
+    let full_events = st.stats.store_full_events.load(Ordering::Relaxed);
+    out.push_str(&format!(
+        "# TYPE tapgate_gateway_store_full gauge\ntapgate_gateway_store_full {full}\n\
+         # TYPE tapgate_gateway_store_full_total counter\ntapgate_gateway_store_full_total {full_events}\n"
+    ));
     let up = u8::from(st.stats.subscribed.load(Ordering::Relaxed));
     out.push_str(&format!(
         "# TYPE tapgate_gateway_mqtt_subscribed gauge\ntapgate_gateway_mqtt_subscribed {up}\n"

@@ -64,7 +64,7 @@ pub fn forward_once(
     let mut taps = Vec::with_capacity(pending.len());
     for (_, raw) in &pending {
         // Verified at ingest; verified again, since nothing read back from disk is trusted.
-        match TapRecord::decode_verified(raw, &device_key) {
+        match TapRecord::decode_verified(raw, operator, &device_key) {
             Ok(t) => taps.extend(clearing_tap(&t, operator)),
             Err(e) => tracing::error!(%e, "a stored tap no longer verifies; not forwarded"),
         }

@@ -42,9 +42,11 @@ fn utc(ms: u64) -> (String, String) {
     (date, ts)
 }
 
-/// The TIDES `fare_transactions.csv` for taps with device time in `[from_ms, to_ms)`.
+/// The TIDES `fare_transactions.csv` for taps with device time in `[from_ms, to_ms)` (taps
+/// whose device MAC verifies for `operator`, the gateway's).
 pub fn tides_fare_transactions(
     store: &Store,
+    operator: &str,
     device_key: impl Fn(u32) -> Option<AesKey>,
     from_ms: u64,
     to_ms: u64,
@@ -56,7 +58,7 @@ pub fn tides_fare_transactions(
         "transaction_id,service_date,event_timestamp,amount,currency_type,fare_action,device_id,stop_id,num_riders,fare_media_id,fare_capped,token_id,balance\n",
     );
     for raw in store.taps(limit)? {
-        let Ok(t) = TapRecord::decode_verified(&raw, &device_key) else {
+        let Ok(t) = TapRecord::decode_verified(&raw, operator, &device_key) else {
             continue;
         };
         if t.refusal.is_some() || t.meta.device_time_ms < from_ms || t.meta.device_time_ms >= to_ms

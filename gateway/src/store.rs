@@ -7,10 +7,17 @@
 //! - drops duplicates by (device, sequence) — QoS 1 redelivers;
 //! - stores new taps under keys that only grow (device ‖ sequence), appends them to the
 //!   forwarding outbox, and tracks sequence gaps per device;
-//! - keeps anything bad in a quarantine table with the reason.
+//! - keeps anything bad in a quarantine table with the reason: one entry per message (with the
+//!   count of its refused records), bounded per device in entries and bytes (oldest dropped and
+//!   counted, the device flagged), throttled for a flagged device, and not written at all once
+//!   the map is [`StoreLimits::quarantine_stop_at_fill_percent`] full, so garbage can never take
+//!   the room genuine taps need.
 //!
 //! Only after that commit does it return the confirmations to send: a tap is confirmed to its
-//! validator only once it is durable here.
+//! validator only once it is durable here. A store too full to take a batch
+//! ([`StoreLimits::ingest_refuse_at_fill_percent`], or LMDB's `MDB_MAP_FULL`) refuses the whole
+//! batch with [`StoreError::Full`]: nothing of it is stored, acknowledged or confirmed (the
+//! validators keep those taps and send them again), and trimming forwarded taps still has room.
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
@@ -27,6 +34,16 @@ pub enum StoreError {
     /// LMDB failed.
     #[error("gateway storage: {0}")]
     Storage(#[from] heed::Error),
+    /// The store is too full to take this batch (nothing of it was written): the map holds
+    /// `used_bytes` of `map_bytes`, at or above the refusal mark. Raise the map size, or let
+    /// forwarding trim the outbox.
+    #[error("gateway store is full: {used_bytes} of {map_bytes} bytes used; batch refused")]
+    Full {
+        /// bytes in use
+        used_bytes: u64,
+        /// the map size
+        map_bytes: u64,
+    },
     /// The data directory could not be prepared.
     #[error("gateway data directory {path}: {source}")]
     Dir {
@@ -35,6 +52,78 @@ pub enum StoreError {
         /// cause
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Whether this is a full store (the refusal mark, or LMDB's own `MDB_MAP_FULL`): an alarm,
+    /// retried when room returns, never a reason to drop what was accepted.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Full { .. }
+                | StoreError::Storage(heed::Error::Mdb(heed::MdbError::MapFull))
+        )
+    }
+}
+
+/// Bounds on what remote parties can make the store hold (gateway config names in brackets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Quarantine entries kept per device (`quarantine_max_per_device`); beyond it the oldest
+    /// is dropped (counted) and the device flagged.
+    pub quarantine_max_per_device: u64,
+    /// Quarantine bytes kept per device (`quarantine_max_bytes_per_device`), likewise.
+    pub quarantine_max_bytes_per_device: u64,
+    /// Refused records examined per message (`quarantine_max_bad_records_per_message`): past
+    /// it the rest of the message is not examined (nor stored, nor confirmed: its validator
+    /// sends any genuine tap in it again).
+    pub quarantine_max_bad_records_per_message: u64,
+    /// A flagged device gets at most one quarantine entry per this many milliseconds
+    /// (`quarantine_flagged_interval_ms`); its other bad messages are only counted.
+    pub quarantine_flagged_interval_ms: u64,
+    /// No quarantine entry is written while the map is this full (`quarantine_stop_at_fill_percent`):
+    /// the rest is room for genuine taps.
+    pub quarantine_stop_at_fill_percent: u64,
+    /// A batch is refused ([`StoreError::Full`]) while the map is this full
+    /// (`ingest_refuse_at_fill_percent`): the rest is room to trim forwarded taps.
+    pub ingest_refuse_at_fill_percent: u64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            quarantine_max_per_device: 1_000,
+            quarantine_max_bytes_per_device: 1 << 20,
+            quarantine_max_bad_records_per_message: 64,
+            quarantine_flagged_interval_ms: 60_000,
+            quarantine_stop_at_fill_percent: 50,
+            ingest_refuse_at_fill_percent: 90,
+        }
+    }
+}
+
+/// The quarantine's account of one device (by the device id of the topic it published on;
+/// `u64::MAX` for topics that name none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineDevice {
+    /// Entries kept now.
+    pub entries: u64,
+    /// Bytes kept now (entry sizes as counted against the bound).
+    pub bytes: u64,
+    /// Bad messages seen (kept, dropped since, or only counted).
+    pub messages: u64,
+    /// Refused records in them.
+    pub records: u64,
+    /// Entries dropped (oldest first) to stay within the bounds.
+    pub dropped_entries: u64,
+    /// Bad messages only counted, not kept (flagged device throttled, or the map too full).
+    pub throttled_messages: u64,
+    /// The device reached its bound: it is sending garbage (an operator should look).
+    pub flagged: bool,
+    /// When its last entry was written (unix ms).
+    pub last_entry_ms: u64,
+    /// When its last bad message arrived (unix ms).
+    pub last_seen_ms: u64,
 }
 
 /// What the gateway knows about a device.
@@ -64,18 +153,34 @@ pub struct Aggregate {
     pub amount_minor: i64,
 }
 
-/// A quarantined message.
+/// A quarantined message (one entry per message, however many of its records were refused).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantined {
     /// When (unix ms).
     pub received_ms: u64,
     /// The MQTT topic.
     pub topic: String,
-    /// Why.
+    /// Why (the first refused record's reason, with the count when there were several).
     pub reason: String,
-    /// The payload, hex (truncated to 1 KiB).
+    /// The first refused record, or the payload, hex (truncated to 1 KiB).
     pub payload_hex: String,
+    /// Refused records in the message (0: the message as a whole was refused).
+    #[serde(default)]
+    pub records: u64,
+    /// The message's payload size in bytes.
+    #[serde(default)]
+    pub payload_bytes: u64,
 }
+
+impl Quarantined {
+    /// What the entry counts against its device's byte bound.
+    fn size_bytes(&self) -> u64 {
+        (self.topic.len() + self.reason.len() + self.payload_hex.len() + 96) as u64
+    }
+}
+
+/// Most bytes of a refused message or record kept as a sample.
+const QUARANTINE_SAMPLE_BYTES: usize = 1024;
 
 /// One incoming MQTT message.
 #[derive(Clone, Debug)]
@@ -93,8 +198,14 @@ pub struct IngestOutcome {
     pub stored: u64,
     /// Duplicates dropped (already stored).
     pub duplicates: u64,
-    /// Messages or records quarantined.
+    /// Records (or whole messages) refused.
     pub quarantined: u64,
+    /// Quarantine entries dropped, oldest first, to keep devices within their bounds.
+    pub quarantine_dropped: u64,
+    /// Bad messages only counted (flagged devices throttled, or the map too full).
+    pub quarantine_throttled: u64,
+    /// Devices flagged by this batch (reached their quarantine bound).
+    pub flagged: Vec<u64>,
     /// Sequence numbers to confirm, per (operator, device): stored now or already stored.
     pub confirmations: BTreeMap<(String, u32), Vec<u64>>,
 }
@@ -106,9 +217,48 @@ pub struct Store {
     taps: Database<Bytes, Bytes>,
     devices: Database<U64<BE>, SerdeJson<DeviceState>>,
     quarantine: Database<U64<BE>, SerdeJson<Quarantined>>,
+    /// (device ‖ quarantine key) → (): each device's entries, oldest first.
+    quarantine_index: Database<Bytes, heed::types::Unit>,
+    quarantine_devices: Database<U64<BE>, SerdeJson<QuarantineDevice>>,
     outbox: Database<U64<BE>, Bytes>,
     meta: Database<heed::types::Str, U64<BE>>,
     aggregates: Database<heed::types::Str, SerdeJson<Aggregate>>,
+    limits: StoreLimits,
+}
+
+/// One message's refused records, gathered into one quarantine entry.
+#[derive(Default)]
+struct Refused {
+    records: u64,
+    first_reason: Option<String>,
+    sample: Vec<u8>,
+    stopped: bool,
+}
+
+impl Refused {
+    fn add(&mut self, reason: impl FnOnce() -> String, rec: &[u8]) {
+        self.records += 1;
+        if self.first_reason.is_none() {
+            self.first_reason = Some(reason());
+            self.sample = rec[..rec.len().min(QUARANTINE_SAMPLE_BYTES)].to_vec();
+        }
+    }
+
+    fn reason(&self, total: usize) -> String {
+        let first = self.first_reason.clone().unwrap_or_default();
+        let mut r = if self.records <= 1 {
+            first
+        } else {
+            format!(
+                "{} of {total} records refused; first: {first}",
+                self.records
+            )
+        };
+        if self.stopped {
+            r.push_str("; the rest of the message was not examined (nor confirmed)");
+        }
+        r
+    }
 }
 
 /// Parses `tapgate/v1/<operator>/taps/<device>`.
@@ -158,6 +308,13 @@ fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
     }
 }
 
+fn quarantine_key(device: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&device.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
 fn tap_key(device: u32, seq: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&device.to_be_bytes());
@@ -179,13 +336,15 @@ impl Store {
             EnvOpenOptions::new()
                 .read_txn_without_tls()
                 .map_size(map_size_bytes)
-                .max_dbs(8)
+                .max_dbs(10)
                 .open(dir)?
         };
         let mut t = env.write_txn()?;
         let taps = env.create_database(&mut t, Some("taps"))?;
         let devices = env.create_database(&mut t, Some("devices"))?;
         let quarantine = env.create_database(&mut t, Some("quarantine"))?;
+        let quarantine_index = env.create_database(&mut t, Some("quarantine_index"))?;
+        let quarantine_devices = env.create_database(&mut t, Some("quarantine_devices"))?;
         let outbox = env.create_database(&mut t, Some("outbox"))?;
         let meta = env.create_database(&mut t, Some("meta"))?;
         let aggregates = env.create_database(&mut t, Some("aggregates"))?;
@@ -195,32 +354,145 @@ impl Store {
             taps,
             devices,
             quarantine,
+            quarantine_index,
+            quarantine_devices,
             outbox,
             meta,
             aggregates,
+            limits: StoreLimits::default(),
         })
     }
 
+    /// The same store with other limits (the gateway config's).
+    pub fn with_limits(mut self, limits: StoreLimits) -> Store {
+        self.limits = limits;
+        self
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    /// Bytes of the map in use as `t` sees it (pages of every table) and the map size.
+    fn fill(&self, t: &heed::RoTxn<'_, WithoutTls>) -> Result<(u64, u64), StoreError> {
+        let mut pages = 0u64;
+        let mut page_size = 4096u64;
+        let mut add = |st: heed::DatabaseStat| {
+            page_size = u64::from(st.page_size);
+            pages += (st.branch_pages + st.leaf_pages + st.overflow_pages) as u64;
+        };
+        add(self.taps.stat(t)?);
+        add(self.devices.stat(t)?);
+        add(self.quarantine.stat(t)?);
+        add(self.quarantine_index.stat(t)?);
+        add(self.quarantine_devices.stat(t)?);
+        add(self.outbox.stat(t)?);
+        add(self.meta.stat(t)?);
+        add(self.aggregates.stat(t)?);
+        Ok((pages * page_size, self.env.info().map_size as u64))
+    }
+
+    /// Bytes in use and the map size (for the operator: how close the store is to full).
+    pub fn usage(&self) -> Result<(u64, u64), StoreError> {
+        let r = self.env.read_txn()?;
+        self.fill(&r)
+    }
+
+    /// Keeps one quarantine entry for a bad message from `device` (the topic's), within the
+    /// device's bounds; `room` is false when the map is too full for quarantine.
+    #[allow(clippy::too_many_arguments)]
     fn quarantine_put(
         &self,
         t: &mut RwTxn<'_>,
+        out: &mut IngestOutcome,
         now_ms: u64,
-        topic: &str,
+        device: u64,
+        m: &Message,
         reason: String,
-        payload: &[u8],
+        records: u64,
+        sample: &[u8],
+        room: bool,
     ) -> Result<(), StoreError> {
+        let lim = self.limits;
+        // With no room, a device without an account is counted in the catch-all one (device
+        // ids in topics are the publisher's to choose; accounts must not grow without bound).
+        let existing = self.quarantine_devices.get(t, &device)?;
+        let device = if room || existing.is_some() {
+            device
+        } else {
+            u64::MAX
+        };
+        let mut st = match existing {
+            Some(st) => st,
+            None => self.quarantine_devices.get(t, &device)?.unwrap_or_default(),
+        };
+        st.messages += 1;
+        st.records += records;
+        st.last_seen_ms = now_ms;
+        let throttled = st.flagged
+            && now_ms
+                < st.last_entry_ms
+                    .saturating_add(lim.quarantine_flagged_interval_ms);
+        if !room || throttled {
+            st.throttled_messages += 1;
+            out.quarantine_throttled += 1;
+            self.quarantine_devices.put(t, &device, &st)?;
+            return Ok(());
+        }
         let seq = self.quarantine.last(t)?.map(|(k, _)| k + 1).unwrap_or(1);
-        let shown = &payload[..payload.len().min(1024)];
-        self.quarantine.put(
-            t,
-            &seq,
-            &Quarantined {
-                received_ms: now_ms,
-                topic: topic.to_string(),
-                reason,
-                payload_hex: hex::encode(shown),
-            },
-        )?;
+        let shown = &sample[..sample.len().min(QUARANTINE_SAMPLE_BYTES)];
+        let entry = Quarantined {
+            received_ms: now_ms,
+            topic: m.topic.chars().take(256).collect(),
+            reason,
+            payload_hex: hex::encode(shown),
+            records,
+            payload_bytes: m.payload.len() as u64,
+        };
+        self.quarantine.put(t, &seq, &entry)?;
+        self.quarantine_index
+            .put(t, &quarantine_key(device, seq), &())?;
+        st.entries += 1;
+        st.bytes += entry.size_bytes();
+        st.last_entry_ms = now_ms;
+        // Oldest first out, until the device is within its bounds again.
+        while st.entries > lim.quarantine_max_per_device.max(1)
+            || (st.bytes > lim.quarantine_max_bytes_per_device && st.entries > 1)
+        {
+            let oldest = {
+                let lo = quarantine_key(device, 0);
+                let hi = quarantine_key(device, u64::MAX);
+                let range = (
+                    std::ops::Bound::Included(&lo[..]),
+                    std::ops::Bound::Included(&hi[..]),
+                );
+                let mut it = self.quarantine_index.range(t, &range)?;
+                match it.next() {
+                    Some(e) => {
+                        let k = e?.0;
+                        u64::from_be_bytes(k[8..16].try_into().expect("16-byte key"))
+                    }
+                    None => break,
+                }
+            };
+            let size = self
+                .quarantine
+                .get(t, &oldest)?
+                .map_or(0, |q| q.size_bytes());
+            self.quarantine.delete(t, &oldest)?;
+            self.quarantine_index
+                .delete(t, &quarantine_key(device, oldest))?;
+            st.entries -= 1;
+            st.bytes = st.bytes.saturating_sub(size);
+            st.dropped_entries += 1;
+            out.quarantine_dropped += 1;
+            if !st.flagged {
+                st.flagged = true;
+                out.flagged.push(device);
+            }
+        }
+        self.quarantine_devices.put(t, &device, &st)?;
         Ok(())
     }
 
@@ -236,6 +508,15 @@ impl Store {
         let mut aggs: BTreeMap<String, Aggregate> = BTreeMap::new();
         let mut device_keys: BTreeMap<u32, Option<Box<AesKey>>> = BTreeMap::new();
         let mut t = self.env.write_txn()?;
+        let (used_bytes, map_bytes) = self.fill(&t)?;
+        let percent = |p: u64| (map_bytes / 100).saturating_mul(p);
+        if used_bytes >= percent(self.limits.ingest_refuse_at_fill_percent) {
+            return Err(StoreError::Full {
+                used_bytes,
+                map_bytes,
+            });
+        }
+        let room = used_bytes < percent(self.limits.quarantine_stop_at_fill_percent);
         let mut next_outbox = self
             .outbox
             .last(&t)?
@@ -251,29 +532,43 @@ impl Store {
             let Some((op, topic_device)) = parse_tap_topic(&m.topic) else {
                 self.quarantine_put(
                     &mut t,
+                    &mut out,
                     now_ms,
-                    &m.topic,
+                    u64::MAX,
+                    m,
                     "topic is not tapgate/v1/<operator>/taps/<device>".into(),
+                    0,
                     &m.payload,
+                    room,
                 )?;
                 out.quarantined += 1;
                 continue;
             };
+            let qdev = u64::from(topic_device);
             if m.payload.is_empty() || m.payload.len() % TAP_LEN != 0 {
                 self.quarantine_put(
                     &mut t,
+                    &mut out,
                     now_ms,
-                    &m.topic,
+                    qdev,
+                    m,
                     format!(
                         "payload of {} bytes is not a whole number of {TAP_LEN}-byte tap records",
                         m.payload.len()
                     ),
+                    0,
                     &m.payload,
+                    room,
                 )?;
                 out.quarantined += 1;
                 continue;
             }
+            let mut refused = Refused::default();
             for rec in m.payload.chunks_exact(TAP_LEN) {
+                if refused.records >= self.limits.quarantine_max_bad_records_per_message {
+                    refused.stopped = true;
+                    break;
+                }
                 // One derivation per device and batch (an outbox draining repeats the device).
                 // (Boxed: the map moves its values between nodes, and a moved key would leave
                 // an unwiped copy behind; the box is zeroized in place when dropped.)
@@ -284,32 +579,29 @@ impl Store {
                         .as_deref()
                         .cloned()
                 };
-                let tap = match TapRecord::decode_verified(rec, key_for) {
+                // The topic's operator: a record its device signed for another operator (a
+                // metro device publishing on a hotel's topics) does not verify.
+                let tap = match TapRecord::decode_verified(rec, op, key_for) {
                     Ok(tap) => tap,
                     Err(e) => {
-                        let reason = match e {
-                            TapError::BadMac => {
-                                "device MAC does not verify (forged or altered)".to_string()
-                            }
-                            other => other.to_string(),
-                        };
-                        self.quarantine_put(&mut t, now_ms, &m.topic, reason, rec)?;
-                        out.quarantined += 1;
+                        refused.add(
+                            || match e {
+                                TapError::BadMac => format!(
+                                    "device MAC does not verify for operator {op} (forged, altered, or another operator's device)"
+                                ),
+                                other => other.to_string(),
+                            },
+                            rec,
+                        );
                         continue;
                     }
                 };
                 let device = tap.meta.device_id;
                 if device != topic_device {
-                    self.quarantine_put(
-                        &mut t,
-                        now_ms,
-                        &m.topic,
-                        format!(
-                            "record of device {device} published on device {topic_device}'s topic"
-                        ),
+                    refused.add(
+                        || format!("record of device {device} published on device {topic_device}'s topic"),
                         rec,
-                    )?;
-                    out.quarantined += 1;
+                    );
                     continue;
                 }
                 let seq = tap.meta.device_seq;
@@ -369,6 +661,21 @@ impl Store {
                 aggregate_into(&mut aggs, &tap);
                 out.stored += 1;
                 confirm.push(seq);
+            }
+            if refused.records > 0 {
+                let reason = refused.reason(m.payload.len() / TAP_LEN);
+                self.quarantine_put(
+                    &mut t,
+                    &mut out,
+                    now_ms,
+                    qdev,
+                    m,
+                    reason,
+                    refused.records,
+                    &refused.sample,
+                    room,
+                )?;
+                out.quarantined += refused.records;
             }
         }
         for (device, st) in &dev_states {
@@ -445,6 +752,29 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Every device the quarantine has an account of (by topic device id; `u64::MAX`: topics
+    /// naming none), at most `limit`.
+    pub fn quarantine_devices(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u64, QuarantineDevice)>, StoreError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.quarantine_devices.iter(&r)? {
+            out.push(item?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Quarantine entries kept now (all devices).
+    pub fn quarantine_len(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        Ok(self.quarantine.len(&r)?)
     }
 
     /// The next outbox entries to forward: (outbox id, raw tap record), at most `limit`.

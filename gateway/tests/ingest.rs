@@ -35,6 +35,7 @@ fn signed(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
         },
     );
     t.sign(
+        "metro",
         &keys
             .for_role(Role::Gateway, 0)
             .unwrap()
@@ -157,7 +158,7 @@ fn forwarding_is_idempotent_and_clearing_books_each_tap_once() {
     let device_key = gw.device_key(1001).unwrap();
     let msgs: Vec<Message> = real_debits(&ks, 25)
         .iter()
-        .map(|t| msg("tapgate/v1/metro/taps/1001", t.sign(&device_key).to_vec()))
+        .map(|t| msg("tapgate/v1/metro/taps/1001", t.sign("metro", &device_key).to_vec()))
         .collect();
     assert_eq!(store.ingest(&msgs, key, 0).unwrap().stored, 25);
 

@@ -109,7 +109,7 @@ fn tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
             ..Default::default()
         },
     )
-    .sign(&keys.device_key(device).unwrap())
+    .sign("metro", &keys.device_key(device).unwrap())
     .to_vec()
 }
 

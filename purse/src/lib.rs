@@ -9,6 +9,7 @@
 pub mod apdu;
 pub mod blocklist;
 pub mod card;
+pub mod confirm;
 pub mod crypto;
 pub mod keys;
 pub mod receipt;

@@ -1,9 +1,9 @@
 //! The tap record: what a validator journals, signs with its device key and publishes, and what
-//! the gateway verifies. Wire format v1 is fixed-length and big-endian (see docs/protocol.md):
+//! the gateway verifies. Wire format v2 is fixed-length and big-endian (see docs/protocol.md):
 //!
 //! | offset | len | field |
 //! |---|---|---|
-//! | 0 | 1 | format version (1) |
+//! | 0 | 1 | format version (2) |
 //! | 1 | 1 | outcome: 0 accepted, else a [`RefusalReason`] code |
 //! | 2 | 1 | transaction kind ([`TxKind`]) |
 //! | 3 | 1 | card key version |
@@ -19,7 +19,12 @@
 //! | 55 | 4 | route id |
 //! | 59 | 4 | fare-table version |
 //! | 63 | 8 | blocklist version |
-//! | 71 | 8 | device MAC: AES-CMAC (EV2-truncated) over bytes 0..71 under the device key |
+//! | 71 | 8 | device MAC: AES-CMAC (EV2-truncated) under the device key over [`mac_input`]: bytes 0..71 ‖ operator length (u64) ‖ operator |
+//!
+//! The operator the device serves is not on the wire but under the MAC (format v2; v1 MAC'd the
+//! body alone): a record verifies only for the operator its device signed it for, so a metro
+//! device's tap published on a hotel's topics, or forwarded by the hotel's gateway, does not
+//! verify as the hotel's ([`decode_verified`](TapRecord::decode_verified) takes the operator).
 //!
 //! An accepted tap can only be built from a [`CommitReceipt`] (a verified card commit); a
 //! decoded tap is a [`TapRecord`] only after its device MAC verified. Nothing else constructs
@@ -28,9 +33,9 @@
 use crate::crypto::{self, AesKey};
 use crate::receipt::{CommitReceipt, TxKind};
 
-/// The current wire format version.
-pub const TAP_VERSION: u8 = 1;
-/// The length of a v1 tap record on the wire.
+/// The current wire format version (2: the device MAC covers the operator).
+pub const TAP_VERSION: u8 = 2;
+/// The length of a v2 tap record on the wire (v1 had the same layout).
 pub const TAP_LEN: usize = 79;
 const BODY_LEN: usize = TAP_LEN - 8;
 
@@ -231,17 +236,23 @@ impl TapRecord {
         b
     }
 
-    /// Encodes and signs with the device key.
-    pub fn sign(&self, device_key: &AesKey) -> [u8; TAP_LEN] {
-        self.sign_with(|body| crypto::mac8(device_key, body))
+    /// Encodes and signs with the device key, for `operator` (the operator whose topics the
+    /// device publishes on and whose revenue the tap is).
+    pub fn sign(&self, operator: &str, device_key: &AesKey) -> [u8; TAP_LEN] {
+        self.sign_with(operator, |input| crypto::mac8(device_key, input))
     }
 
-    /// Encodes and signs with a MAC function (a SAM's `device_mac`, which keeps the key inside).
-    pub fn sign_with(&self, device_mac: impl FnOnce(&[u8]) -> [u8; 8]) -> [u8; TAP_LEN] {
+    /// Encodes and signs with a MAC function (a SAM's `device_mac`, which keeps the key inside)
+    /// applied to [`mac_input`] of the body and `operator`.
+    pub fn sign_with(
+        &self,
+        operator: &str,
+        device_mac: impl FnOnce(&[u8]) -> [u8; 8],
+    ) -> [u8; TAP_LEN] {
         let body = self.body();
         let mut out = [0u8; TAP_LEN];
         out[..BODY_LEN].copy_from_slice(&body);
-        out[BODY_LEN..].copy_from_slice(&device_mac(&body));
+        out[BODY_LEN..].copy_from_slice(&with_mac_input(&body, operator, device_mac));
         out
     }
 
@@ -251,9 +262,12 @@ impl TapRecord {
         Ok(u32::from_be_bytes(bytes[31..35].try_into().expect("4")))
     }
 
-    /// Decodes strictly and verifies the device MAC with the key `key_for(device_id)` returns.
+    /// Decodes strictly and verifies the device MAC, for `operator`, with the key
+    /// `key_for(device_id)` returns. A record its device signed for another operator is
+    /// [`TapError::BadMac`].
     pub fn decode_verified(
         bytes: &[u8],
+        operator: &str,
         key_for: impl FnOnce(u32) -> Option<AesKey>,
     ) -> Result<TapRecord, TapError> {
         check_frame(bytes)?;
@@ -285,7 +299,9 @@ impl TapRecord {
             blocklist_version: be64(63),
         };
         let key = key_for(meta.device_id).ok_or(TapError::UnknownDevice(meta.device_id))?;
-        let want = crypto::mac8(&key, &bytes[..BODY_LEN]);
+        let want = with_mac_input(&bytes[..BODY_LEN], operator, |input| {
+            crypto::mac8(&key, input)
+        });
         if !crypto::mac_eq(&want, &bytes[BODY_LEN..]) {
             return Err(TapError::BadMac);
         }
@@ -301,6 +317,34 @@ impl TapRecord {
             meta,
             _checked: Checked,
         })
+    }
+}
+
+/// What the device MAC covers: the record's first 71 bytes ‖ the operator's length in bytes
+/// (u64, big-endian) ‖ the operator's name (UTF-8). The fixed-length body and the length prefix
+/// make it injective; the body's first byte (the format version, 2) keeps it apart from the
+/// other messages MAC'd with a device key (confirmations start with `tapgate/confirm`,
+/// ceiling grants with `CEIL`).
+pub fn mac_input(body: &[u8], operator: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(body.len() + 8 + operator.len());
+    v.extend_from_slice(body);
+    v.extend_from_slice(&(operator.len() as u64).to_be_bytes());
+    v.extend_from_slice(operator.as_bytes());
+    v
+}
+
+/// Calls `mac` on [`mac_input`], on the stack for the usual short operator names.
+fn with_mac_input(body: &[u8], operator: &str, mac: impl FnOnce(&[u8]) -> [u8; 8]) -> [u8; 8] {
+    const STACK: usize = BODY_LEN + 8 + 64;
+    let n = body.len() + 8 + operator.len();
+    if body.len() == BODY_LEN && n <= STACK {
+        let mut buf = [0u8; STACK];
+        buf[..BODY_LEN].copy_from_slice(body);
+        buf[BODY_LEN..BODY_LEN + 8].copy_from_slice(&(operator.len() as u64).to_be_bytes());
+        buf[BODY_LEN + 8..n].copy_from_slice(operator.as_bytes());
+        mac(&buf[..n])
+    } else {
+        mac(&mac_input(body, operator))
     }
 }
 
@@ -323,6 +367,8 @@ fn check_frame(bytes: &[u8]) -> Result<(), TapError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    const OP: &str = "metro";
 
     fn key() -> AesKey {
         AesKey::from_bytes([0x42; 16])
@@ -348,15 +394,18 @@ mod tests {
     #[test]
     fn roundtrip_and_every_bit_flip_is_refused() {
         let t = sample();
-        let bytes = t.sign(&key());
+        let bytes = t.sign(OP, &key());
         assert_eq!(bytes.len(), TAP_LEN);
         assert_eq!(TapRecord::peek_device_id(&bytes), Ok(1001));
-        assert_eq!(TapRecord::decode_verified(&bytes, |_| Some(key())), Ok(t));
+        assert_eq!(
+            TapRecord::decode_verified(&bytes, OP, |_| Some(key())),
+            Ok(t)
+        );
         for i in 0..TAP_LEN * 8 {
             let mut b = bytes;
             b[i / 8] ^= 1 << (i % 8);
             assert!(
-                TapRecord::decode_verified(&b, |_| Some(key())).is_err(),
+                TapRecord::decode_verified(&b, OP, |_| Some(key())).is_err(),
                 "bit {i} flipped was accepted"
             );
         }
@@ -364,17 +413,17 @@ mod tests {
 
     #[test]
     fn wrong_key_length_version_and_device_are_typed_errors() {
-        let bytes = sample().sign(&key());
+        let bytes = sample().sign(OP, &key());
         assert_eq!(
-            TapRecord::decode_verified(&bytes, |_| Some(AesKey::from_bytes([1; 16]))),
+            TapRecord::decode_verified(&bytes, OP, |_| Some(AesKey::from_bytes([1; 16]))),
             Err(TapError::BadMac)
         );
         assert_eq!(
-            TapRecord::decode_verified(&bytes, |_| None),
+            TapRecord::decode_verified(&bytes, OP, |_| None),
             Err(TapError::UnknownDevice(1001))
         );
         assert_eq!(
-            TapRecord::decode_verified(&bytes[..78], |_| Some(key())),
+            TapRecord::decode_verified(&bytes[..78], OP, |_| Some(key())),
             Err(TapError::Length {
                 expected: 79,
                 got: 78
@@ -383,32 +432,60 @@ mod tests {
         let mut longer = bytes.to_vec();
         longer.push(0);
         assert!(matches!(
-            TapRecord::decode_verified(&longer, |_| Some(key())),
+            TapRecord::decode_verified(&longer, OP, |_| Some(key())),
             Err(TapError::Length { .. })
         ));
-        let mut v2 = bytes;
-        v2[0] = 2;
+        let mut v3 = bytes;
+        v3[0] = 3;
         assert_eq!(
-            TapRecord::decode_verified(&v2, |_| Some(key())),
-            Err(TapError::UnknownVersion(2))
+            TapRecord::decode_verified(&v3, OP, |_| Some(key())),
+            Err(TapError::UnknownVersion(3))
         );
-        assert!(TapRecord::decode_verified(&[], |_| Some(key())).is_err());
+        // Format v1 MAC'd the body without the operator: refused, never read as v2.
+        let mut v1 = bytes;
+        v1[0] = 1;
+        assert_eq!(
+            TapRecord::decode_verified(&v1, OP, |_| Some(key())),
+            Err(TapError::UnknownVersion(1))
+        );
+        assert!(TapRecord::decode_verified(&[], OP, |_| Some(key())).is_err());
+    }
+
+    #[test]
+    fn a_tap_signed_for_one_operator_does_not_verify_for_another() {
+        let bytes = sample().sign("metro", &key());
+        assert!(TapRecord::decode_verified(&bytes, "metro", |_| Some(key())).is_ok());
+        for other in ["grand-hotel", "metr", "metro2", ""] {
+            assert_eq!(
+                TapRecord::decode_verified(&bytes, other, |_| Some(key())),
+                Err(TapError::BadMac),
+                "{other}"
+            );
+        }
+        // Long operator names take the heap path and still agree with mac_input.
+        let long = "o".repeat(300);
+        let b = sample().sign(&long, &key());
+        assert!(TapRecord::decode_verified(&b, &long, |_| Some(key())).is_ok());
+        assert_eq!(
+            b[BODY_LEN..],
+            crypto::mac8(&key(), &mac_input(&b[..BODY_LEN], &long))
+        );
     }
 
     #[test]
     fn refusals_roundtrip_and_cannot_carry_value() {
         let t = TapRecord::refused(RefusalReason::Blocklisted, [4; 7], 1, 3, 20, meta());
-        let bytes = t.sign(&key());
-        let back = TapRecord::decode_verified(&bytes, |_| Some(key())).unwrap();
+        let bytes = t.sign(OP, &key());
+        let back = TapRecord::decode_verified(&bytes, OP, |_| Some(key())).unwrap();
         assert_eq!(back.refusal, Some(RefusalReason::Blocklisted));
         // A refusal claiming a debit, re-signed by the device: still refused as inconsistent.
         let mut body = bytes;
         body[2] = TxKind::Debit as u8;
         body[15..19].copy_from_slice(&5i32.to_be_bytes());
-        let mac = crypto::mac8(&key(), &body[..BODY_LEN]);
+        let mac = crypto::mac8(&key(), &mac_input(&body[..BODY_LEN], OP));
         body[BODY_LEN..].copy_from_slice(&mac);
         assert_eq!(
-            TapRecord::decode_verified(&body, |_| Some(key())),
+            TapRecord::decode_verified(&body, OP, |_| Some(key())),
             Err(TapError::Inconsistent("a refusal that moved value"))
         );
         for c in 1..=8u8 {
@@ -422,7 +499,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..120)) {
             let _ = TapRecord::peek_device_id(&bytes);
-            let _ = TapRecord::decode_verified(&bytes, |_| Some(key()));
+            let _ = TapRecord::decode_verified(&bytes, OP, |_| Some(key()));
         }
 
         #[test]
@@ -435,7 +512,7 @@ mod tests {
             let r = CommitReceipt::for_tests(uid, tmc, tmv, TxKind::Debit, amount, balance);
             let m = TapMeta { device_id: dev, device_seq: seq, device_time_ms: time, stop_id: stop, route_id: route, fare_table_version: fv, blocklist_version: bv };
             let t = TapRecord::accepted(&r, m);
-            let back = TapRecord::decode_verified(&t.sign(&key()), |d| (d == dev).then(key));
+            let back = TapRecord::decode_verified(&t.sign(OP, &key()), OP, |d| (d == dev).then(key));
             prop_assert_eq!(back, Ok(t));
         }
     }

@@ -13,7 +13,7 @@ proptest! {
     fn tap_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..160)) {
         let key = AesKey::from_bytes([7; 16]);
         let _ = purse::tap::TapRecord::peek_device_id(&bytes);
-        let _ = purse::tap::TapRecord::decode_verified(&bytes, |_| Some(key));
+        let _ = purse::tap::TapRecord::decode_verified(&bytes, "metro", |_| Some(key));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::gate::{Answer, Gate, Settled, Step};
 use crate::journal::{Journal, JournalError};
 use crate::reader::Reader;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use purse::sam::Sam;
 use purse::tap::TAP_LEN;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde::Serialize;
@@ -89,6 +90,8 @@ pub struct Metrics {
     pub blocklist_version: IntGauge,
     pub fare_table_version: IntGauge,
     pub mqtt_connected: IntGauge,
+    /// Confirmations refused (never acted on), by reason: `bad_mac`, `malformed`.
+    pub confirmations_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -118,7 +121,16 @@ impl Metrics {
         )
         .expect("static metric");
         let gauge = |n: &str, h: &str| IntGauge::new(n, h).expect("static metric");
+        let confirmations_refused = IntCounterVec::new(
+            Opts::new(
+                "confirmations_refused_total",
+                "confirmations ignored because they did not verify under the device key (forged, altered, another device's) or were malformed; nothing was deleted on them",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
         let m = Self {
+            confirmations_refused,
             taps,
             latency,
             outbox_depth: gauge(
@@ -139,6 +151,7 @@ impl Metrics {
             Box::new(m.blocklist_version.clone()),
             Box::new(m.fare_table_version.clone()),
             Box::new(m.mqtt_connected.clone()),
+            Box::new(m.confirmations_refused.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
@@ -433,6 +446,19 @@ pub async fn run(
         let connected = Arc::new(AtomicBool::new(false));
 
         // Incoming: connection state, confirmations, downlink.
+        let confirmations = {
+            let g = gate
+                .lock()
+                .map_err(|_| DaemonError::Reader("gate lock".into()))?;
+            Arc::new(Confirmations {
+                journal: journal.clone(),
+                metrics: metrics.clone(),
+                device_key: g.sam.device_key().clone(),
+                operator: settings.operator.clone(),
+                device_id: settings.device_id,
+                log: Mutex::new((None, 0)),
+            })
+        };
         {
             let (client, topics, journal, gate, metrics) = (
                 client.clone(),
@@ -467,23 +493,15 @@ pub async fn run(
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
                             if p.topic == topics.confirm {
-                                match serde_json::from_slice::<Confirm>(&p.payload) {
-                                    Ok(c) => {
-                                        let j = journal.clone();
-                                        let n =
-                                            tokio::task::spawn_blocking(move || j.confirm(&c.seqs))
-                                                .await;
-                                        if let Ok(Ok(_)) = n {
-                                            if let Ok(d) = journal.outbox_len() {
-                                                metrics.outbox_depth.set(d as i64);
-                                                if d < journal.capacity_taps() {
-                                                    metrics.outbox_full.set(0);
-                                                }
-                                            }
+                                let c = confirmations.clone();
+                                let n =
+                                    tokio::task::spawn_blocking(move || c.apply(&p.payload)).await;
+                                if let Ok(Ok(_)) = n {
+                                    if let Ok(d) = journal.outbox_len() {
+                                        metrics.outbox_depth.set(d as i64);
+                                        if d < journal.capacity_taps() {
+                                            metrics.outbox_full.set(0);
                                         }
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "malformed confirmation ignored")
                                     }
                                 }
                             } else {
@@ -622,9 +640,62 @@ pub async fn run(
     })
 }
 
-#[derive(serde::Deserialize)]
-struct Confirm {
-    seqs: Vec<u64>,
+/// Least time between two log lines about refused confirmations (the metric counts each).
+const REFUSED_CONFIRMATION_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The confirmation side of the journal: a confirmation deletes taps only once its MAC
+/// verified under this device's key for this operator and exactly the sequence numbers it
+/// names (`purse::confirm`); anything else is counted, logged at most once a minute, and
+/// deletes nothing.
+pub struct Confirmations {
+    pub journal: Arc<Journal>,
+    pub metrics: Arc<Metrics>,
+    /// A copy of the SAM's device key (zeroized on drop, never logged): the reader thread
+    /// holds the SAM while a card is in the field.
+    pub device_key: purse::crypto::AesKey,
+    pub operator: String,
+    pub device_id: u32,
+    /// When the last refusal was logged, and how many were not logged since.
+    pub log: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Confirmations {
+    /// Verifies a confirmation message and deletes the taps it names; `Ok(None)` when it was
+    /// refused (nothing deleted).
+    pub fn apply(&self, payload: &[u8]) -> Result<Option<usize>, JournalError> {
+        use purse::confirm::{ConfirmError, Confirmation};
+        let verified = Confirmation::decode(payload)
+            .and_then(|c| c.verify_with_key(&self.operator, self.device_id, &self.device_key));
+        match verified {
+            Ok(c) => Ok(Some(self.journal.confirm(&c)?)),
+            Err(e) => {
+                let reason = match e {
+                    ConfirmError::BadMac => "bad_mac",
+                    _ => "malformed",
+                };
+                self.metrics
+                    .confirmations_refused
+                    .with_label_values(&[reason])
+                    .inc();
+                if let Ok(mut l) = self.log.lock() {
+                    let due =
+                        l.0.is_none_or(|t| t.elapsed() >= REFUSED_CONFIRMATION_LOG_EVERY);
+                    if due {
+                        tracing::warn!(
+                            device = self.device_id,
+                            error = %e,
+                            not_logged_since = l.1,
+                            "confirmation refused; nothing deleted (the taps stay until a genuine one)"
+                        );
+                        *l = (Some(Instant::now()), 0);
+                    } else {
+                        l.1 += 1;
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Publishes journalled taps after the cursor, several per message when there is a backlog.

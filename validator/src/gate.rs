@@ -24,6 +24,9 @@ use rand::rngs::StdRng;
 #[derive(Clone, Debug)]
 pub struct Placement {
     pub device_id: u32,
+    /// The operator this gate serves (its taps' topics and revenue): the device MAC of every
+    /// tap covers it, so the tap verifies only as this operator's.
+    pub operator: String,
     /// The stop's id in the fare table.
     pub stop: String,
     /// The route's id in the fare table.
@@ -178,7 +181,7 @@ impl Gate {
     }
 
     fn sign(&self, rec: &TapRecord) -> [u8; TAP_LEN] {
-        rec.sign_with(|b| self.sam.device_mac(b))
+        rec.sign_with(&self.placement.operator, |b| self.sam.device_mac(b))
     }
 
     /// Journals a refusal and answers it.
@@ -342,7 +345,8 @@ impl Gate {
         // The SAM is busy with the card during the dialogue; a settled earlier debit is signed
         // with a copy of the device key that lives for this tap only (zeroized on drop).
         let device_key = self.sam.device_key().clone();
-        let sign = |rec: &TapRecord| rec.sign(&device_key);
+        let operator = self.placement.operator.as_str();
+        let sign = |rec: &TapRecord| rec.sign(operator, &device_key);
         let decide = |snap: &txn::CardSnapshot| -> Decision {
             hook(Step::Read);
             // An earlier torn debit on this card: its counter says what happened.

@@ -11,6 +11,7 @@
 
 use heed::types::{Bytes, Str, U64};
 use heed::{byteorder::BE, Database, Env, EnvOpenOptions, WithoutTls};
+use purse::confirm::Confirmed;
 use purse::receipt::TxKind;
 use purse::tap::TAP_LEN;
 use purse::txn::PendingChange;
@@ -301,11 +302,13 @@ impl Journal {
         Ok(v)
     }
 
-    /// Deletes taps the gateway confirmed; returns how many were still here.
-    pub fn confirm(&self, seqs: &[u64]) -> Result<usize, JournalError> {
+    /// Deletes taps the gateway confirmed; returns how many were still here. Only a
+    /// confirmation whose MAC verified under this device's key ([`Confirmed`], built by
+    /// `purse::confirm::Confirmation::verify`) deletes anything.
+    pub fn confirm(&self, confirmed: &Confirmed) -> Result<usize, JournalError> {
         let mut w = self.env.write_txn()?;
         let mut n = 0;
-        for s in seqs {
+        for s in confirmed.seqs() {
             if self.outbox.delete(&mut w, s)? {
                 n += 1;
             }
@@ -401,7 +404,13 @@ mod tests {
             .map(|e| e.0)
             .collect();
         assert_eq!(after, [2, 3]);
-        assert_eq!(j.confirm(&[1, 2, 99]).unwrap(), 2);
+        let key = purse::crypto::AesKey::from_bytes([7; 16]);
+        let c = purse::confirm::encode_with_key("metro", 1001, &[1, 2, 99], &key).unwrap();
+        let c = purse::confirm::Confirmation::decode(c.as_bytes())
+            .unwrap()
+            .verify_with_key("metro", 1001, &key)
+            .unwrap();
+        assert_eq!(j.confirm(&c).unwrap(), 2);
         // Sequence numbers keep counting after a reopen and confirmations.
         assert_eq!(j.append_tap(None, |s| [s as u8; TAP_LEN]).unwrap(), 4);
     }

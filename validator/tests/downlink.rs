@@ -19,6 +19,7 @@ fn gate(keys: &KeySet) -> Gate {
         blocklist: Blocklist::new("metro"),
         placement: Placement {
             device_id: 7,
+            operator: "metro".into(),
             stop: "Central".into(),
             route: "M1".into(),
             kind: TapKind::In,

@@ -7,7 +7,7 @@ use purse::blocklist::Blocklist;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::receipt::TxKind;
-use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
 use purse::tap::{RefusalReason, TapRecord};
 use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
@@ -56,6 +56,7 @@ fn gate(r: &Rig, stop: &str, kind: TapKind) -> Gate {
         blocklist: Blocklist::new("metro"),
         placement: Placement {
             device_id: 1001,
+            operator: "metro".into(),
             stop: stop.into(),
             route: "M1".into(),
             kind,
@@ -98,7 +99,7 @@ fn journalled(j: &Journal, r: &Rig) -> Vec<TapRecord> {
     j.outbox_after(0, 1000)
         .unwrap()
         .into_iter()
-        .map(|(_, w)| TapRecord::decode_verified(&w, |_| Some(key.clone())).unwrap())
+        .map(|(_, w)| TapRecord::decode_verified(&w, "metro", |_| Some(key.clone())).unwrap())
         .collect()
 }
 
@@ -332,7 +333,13 @@ fn a_full_outbox_takes_no_value_and_says_so() {
         "no value taken"
     );
     // Confirmed: room again.
-    j.confirm(&[1]).unwrap();
+    let key = g.sam.device_key().clone();
+    let c = purse::confirm::encode_with_key("metro", 1001, &[1], &key).unwrap();
+    let c = purse::confirm::Confirmation::decode(c.as_bytes())
+        .unwrap()
+        .verify_with_key("metro", 1001, &key)
+        .unwrap();
+    j.confirm(&c).unwrap();
     let c = tap(&mut g, &mut r, &j, T0_MS + 7_200_000, &mut |_| {});
     assert!(matches!(c.answer, Answer::Accepted { .. }), "{c:?}");
 }
@@ -372,7 +379,7 @@ fn a_card_that_went_elsewhere_after_a_tear_is_settled_by_its_own_record() {
             j.outbox_after(0, 100)
                 .unwrap()
                 .into_iter()
-                .map(|(_, w)| TapRecord::decode_verified(&w, |_| Some(k.clone())).unwrap())
+                .map(|(_, w)| TapRecord::decode_verified(&w, "metro", |_| Some(k.clone())).unwrap())
                 .collect()
         };
         let (ta, tb) = (decode(&ja, &key_a), decode(&jb, &key_b));
@@ -422,6 +429,7 @@ fn a_pay_tv_box_charges_films_and_hours_under_the_day_cap_from_the_card() {
         engine: Some(hotel),
         placement: Placement {
             device_id: 1001,
+            operator: "metro".into(),
             stop: String::new(),
             route: String::new(),
             kind: TapKind::Charge,
