@@ -10,7 +10,9 @@
 //! device to its own topics, are in [`crate::broker`].
 //!
 //! Topics (docs/mqtt.md): taps arrive on `tapgate/v1/<operator>/taps/<device>`; confirmations
-//! go to `tapgate/v1/<operator>/devices/<device>/confirm` as `{"seqs": [...]}`.
+//! go to `tapgate/v1/<operator>/devices/<device>/confirm` as `{"seqs": [...], "mac": "…"}`,
+//! MAC'd with the device's key (`purse::confirm`): a validator deletes taps only on one that
+//! verifies, whatever the broker lets through.
 
 use crate::forward::forward_once;
 use crate::store::{Message, Store};
@@ -102,6 +104,11 @@ pub struct GatewayStats {
     pub forwarded: AtomicU64,
     /// Confirmations dropped because their queue was full (the validators resend those taps).
     pub confirmations_dropped: AtomicU64,
+    /// Alarm: the store is full; batches are refused (not acknowledged, not confirmed) until
+    /// room returns.
+    pub store_full: std::sync::atomic::AtomicBool,
+    /// Times the store became full.
+    pub store_full_events: AtomicU64,
     /// Whether the tap subscription is in place (readiness).
     pub subscribed: std::sync::atomic::AtomicBool,
     /// The blocklist version last published to validators.
@@ -129,7 +136,7 @@ enum Source {
 }
 
 /// Most sequence numbers in one confirmation message.
-pub const CONFIRM_MAX_SEQS: usize = 4_096;
+pub const CONFIRM_MAX_SEQS: usize = purse::confirm::CONFIRM_MAX_SEQS;
 
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
@@ -609,7 +616,7 @@ async fn run_inner(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            let outcome = ingest_durably(&store, &keys, messages, now_ms).await;
+            let outcome = ingest_durably(&store, &keys, &stats, messages, now_ms).await;
             stats.stored.fetch_add(outcome.stored, Ordering::Relaxed);
             stats
                 .duplicates
@@ -622,12 +629,26 @@ async fn run_inner(
                     let _ = ack_txs[conn].send(p);
                 }
             }
+            for device in &outcome.flagged {
+                tracing::warn!(
+                    device,
+                    "device flagged: its quarantine reached its bound (oldest entries dropped; further garbage throttled)"
+                );
+            }
             for ((op, device), seqs) in outcome.confirmations {
                 let topic = format!("tapgate/v1/{op}/devices/{device}/confirm");
+                // The device's key MACs each confirmation (no key: nothing to confirm with;
+                // the tap could not have verified either).
+                let Ok(device_key) = keys.device_key(device) else {
+                    continue;
+                };
                 // A draining outbox can put hundreds of thousands of a device's taps in one
                 // batch: confirmations go in messages of at most CONFIRM_MAX_SEQS (≈ 40 kB).
                 for chunk in seqs.chunks(CONFIRM_MAX_SEQS) {
-                    let body = serde_json::json!({ "seqs": chunk }).to_string();
+                    let Ok(body) = purse::confirm::encode_with_key(&op, device, chunk, &device_key)
+                    else {
+                        continue;
+                    };
                     if confirm_tx.try_send((device, topic.clone(), body)).is_err() {
                         let n = stats.confirmations_dropped.fetch_add(1, Ordering::Relaxed);
                         if n.is_power_of_two() || n == 0 {
@@ -674,15 +695,19 @@ async fn run_inner(
 }
 
 /// One batch made durable. A failed transaction stored nothing, so it is tried again with the
-/// same batch (nothing is acknowledged or confirmed until it is durable): a full disk stalls
+/// same batch (nothing is acknowledged or confirmed until it is durable): a full store stalls
 /// ingestion instead of dropping taps (with the embedded broker, messages beyond its log's size
 /// are then dropped by the broker and sent again by their validators, which keep them until
-/// confirmed). A batch whose ingestion panics is taken one message at a time, and a message
-/// that panics alone is dropped unconfirmed (its validator keeps it) instead of stopping
-/// ingestion for everyone.
-async fn ingest_durably(
+/// confirmed). A full store raises the alarm ([`GatewayStats::store_full`], one log line per
+/// episode) and is tried again with backoff (≤ 5 s) until room returns — the forwarder trims
+/// the outbox, the API keeps serving, and garbage cannot be what fills it (quarantine stops
+/// well before, [`crate::store::StoreLimits`]). A batch whose ingestion panics is taken one
+/// message at a time, and a message that panics alone is dropped unconfirmed (its validator
+/// keeps it) instead of stopping ingestion for everyone.
+pub async fn ingest_durably(
     store: &Store,
     keys: &KeySet,
+    stats: &GatewayStats,
     messages: Vec<Message>,
     now_ms: u64,
 ) -> crate::store::IngestOutcome {
@@ -691,16 +716,33 @@ async fn ingest_durably(
         tokio::task::spawn_blocking(move || s.ingest(&m, |d| k.device_key(d).ok(), now_ms))
     };
     let durable = |m: Arc<Vec<Message>>| async move {
+        let mut backoff_ms = 100u64;
         loop {
             match once(m.clone()).await {
-                Ok(Ok(o)) => return Some(o),
+                Ok(Ok(o)) => {
+                    if stats.store_full.swap(false, Ordering::Relaxed) {
+                        tracing::warn!("gateway store has room again; ingestion resumed");
+                    }
+                    return Some(o);
+                }
+                Ok(Err(e)) if e.is_full() => {
+                    if !stats.store_full.swap(true, Ordering::Relaxed) {
+                        stats.store_full_events.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            %e,
+                            messages = m.len(),
+                            "ALARM: gateway store full; taps are neither acknowledged nor confirmed (validators keep them and send them again) until room returns"
+                        );
+                    }
+                }
                 Ok(Err(e)) => tracing::error!(%e, "ingest failed; retrying the batch"),
                 Err(e) => {
                     tracing::error!(%e, messages = m.len(), "ingestion panicked");
                     return None;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(5_000);
         }
     };
     let messages = Arc::new(messages);
@@ -714,6 +756,9 @@ async fn ingest_durably(
                 total.stored += o.stored;
                 total.duplicates += o.duplicates;
                 total.quarantined += o.quarantined;
+                total.quarantine_dropped += o.quarantine_dropped;
+                total.quarantine_throttled += o.quarantine_throttled;
+                total.flagged.extend(o.flagged);
                 for (k, seqs) in o.confirmations {
                     total.confirmations.entry(k).or_default().extend(seqs);
                 }
