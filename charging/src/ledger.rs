@@ -1051,7 +1051,11 @@ impl LedgerCore {
         if intent.state != IntentState::Authorised {
             return Ok(None); // completed already, or voided: never both
         }
-        let tmc = tmc_before + 1;
+        // A card at the last counter cannot commit another change: no intent completes there.
+        let tmc = tmc_before.checked_add(1).ok_or(LedgerError::NoIntent {
+            uid: hex::encode_upper(uid),
+            tmc: tmc_before,
+        })?;
         let funding = format!("funding:{}", intent.funding_source);
         let card = card_account(uid);
         let amount = i64::from(intent.amount_minor);
@@ -1144,8 +1148,12 @@ impl LedgerCore {
             }
             IntentKind::Reversal => {
                 if let Some(load_tmc) = intent.reverses_tmc {
-                    if let Some(mut load) = self.intent(txn, uid, load_tmc - 1)? {
-                        if load.reversed_at_tmc == Some(tmc_before + 1) {
+                    let load = match load_tmc.checked_sub(1) {
+                        Some(before) => self.intent(txn, uid, before)?,
+                        None => None,
+                    };
+                    if let Some(mut load) = load {
+                        if load.reversed_at_tmc == tmc_before.checked_add(1) {
                             load.reversed_at_tmc = None;
                             self.put_intent(txn, uid, &load)?;
                         }

@@ -525,7 +525,14 @@ impl Dialogue {
             ahead += 1;
         }
         if let Some(rec) = record {
-            let l = (rec.len() as u32).to_le_bytes();
+            // WriteRecord carries a 24-bit length; a record is at most RECORD_SIZE bytes.
+            if rec.len() > RECORD_SIZE {
+                return self.fail(TxError::Protocol {
+                    step: "decide",
+                    what: "record longer than a trip record",
+                });
+            }
+            let l = u32::try_from(rec.len()).unwrap_or(u32::MAX).to_le_bytes();
             match self.secure_ahead(
                 ahead,
                 ins::WRITE_RECORD,
@@ -565,10 +572,16 @@ impl Dialogue {
         }
         let tmv: [u8; 8] = tm[4..].try_into().expect("8");
         let balance_after_minor = match kind {
-            TxKind::Debit => snapshot.balance_minor - amount_minor,
-            TxKind::Credit | TxKind::LimitedCredit => snapshot.balance_minor + amount_minor,
-            TxKind::RecordOnly => snapshot.balance_minor,
-        };
+            TxKind::Debit => snapshot.balance_minor.checked_sub(amount_minor),
+            TxKind::Credit | TxKind::LimitedCredit => {
+                snapshot.balance_minor.checked_add(amount_minor)
+            }
+            TxKind::RecordOnly => Some(snapshot.balance_minor),
+        }
+        .ok_or(TxError::Protocol {
+            step: "commit",
+            what: "the balance after does not fit 32 bits",
+        })?;
         let receipt = CommitReceipt::verified(
             snapshot.uid,
             tmc,
@@ -775,11 +788,14 @@ impl PendingChange {
         }
     }
 
-    fn balance_after_minor(&self) -> i32 {
+    /// `None` when it does not fit 32 bits (no card can have committed it).
+    fn balance_after_minor(&self) -> Option<i32> {
         match self.kind {
-            TxKind::Debit => self.balance_before_minor - self.amount_minor,
-            TxKind::Credit | TxKind::LimitedCredit => self.balance_before_minor + self.amount_minor,
-            TxKind::RecordOnly => self.balance_before_minor,
+            TxKind::Debit => self.balance_before_minor.checked_sub(self.amount_minor),
+            TxKind::Credit | TxKind::LimitedCredit => {
+                self.balance_before_minor.checked_add(self.amount_minor)
+            }
+            TxKind::RecordOnly => Some(self.balance_before_minor),
         }
     }
 }
@@ -815,7 +831,7 @@ pub fn settle(pending: &PendingChange, next: &CardSnapshot) -> Result<Settlement
         return Ok(Settlement::NotCommitted);
     }
     if Some(next.tmc) == pending.tmc_before.checked_add(1) {
-        if next.balance_minor != pending.balance_after_minor() {
+        if Some(next.balance_minor) != pending.balance_after_minor() {
             return Err(TxError::Protocol {
                 step: "settle",
                 what: "counter advanced by one but the balance is not the expected one",
