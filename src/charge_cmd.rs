@@ -21,7 +21,9 @@ pub struct ChargeArgs {
     /// Amount to load, minor units.
     #[arg(long)]
     amount: i32,
-    /// Funding as SOURCE:INSTRUMENT, e.g. card:tok_visa, mileage:alice, voucher:ABCD-EFGH.
+    /// Funding as SOURCE:INSTRUMENT, e.g. card:tok_visa (a card token, registered to your account
+    /// on first use), mileage:M123456 (a membership the programme linked to your account),
+    /// voucher:ABCD-EFGH-… (a voucher code).
     #[arg(long)]
     funding: String,
     /// The API token (default: $TAPGATE_TOKEN).
@@ -75,6 +77,33 @@ pub struct LoadAsk<'a> {
     /// Fault injection (demo, tests): the client vanishes at the n-th command, after
     /// delivering it to the card (`true`) or not.
     pub vanish_at: Option<(usize, bool)>,
+}
+
+/// Registers a card-processor token to the caller's account (`POST /v1/instruments`): a load
+/// is funded only from the caller's own instruments. Already the caller's: nothing to do;
+/// another account's: an error.
+pub fn register_card_token(
+    agent: &ureq::Agent,
+    base: &str,
+    token: &str,
+    instrument: &str,
+) -> Result<()> {
+    let base = base.trim_end_matches('/');
+    match agent
+        .post(&format!("{base}/v1/instruments"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(serde_json::json!({"source": "card", "instrument": instrument}))
+    {
+        Ok(_) => Ok(()),
+        Err(ureq::Error::Status(code, r)) => {
+            let body: serde_json::Value = r.into_json().unwrap_or_default();
+            anyhow::bail!(
+                "registering card token {instrument:?}: server answered {code}: {}",
+                body["detail"].as_str().unwrap_or("(no detail)")
+            )
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reaching {base}"))),
+    }
 }
 
 /// Relays one load for the card behind `card` (an emulated card, a PC/SC reader) through the
@@ -203,6 +232,9 @@ pub fn run(a: ChargeArgs) -> Result<()> {
     let agent = ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(30))
         .build();
+    if source == "card" {
+        register_card_token(&agent, &a.server, &a.token, instrument)?;
+    }
     // Whatever breaks once the load has started, the same key resumes it and never loads twice.
     let retry_hint = || {
         format!("the load did not finish: retry with --idempotency-key {key} (the same key never loads twice)")

@@ -50,6 +50,8 @@ pub enum ApiError {
     NotFound(String),
     /// 409
     Conflict(String),
+    /// 422: an Idempotency-Key (or a partner reference) reused for a different request
+    IdempotencyKeyReused(String),
     /// 503
     Busy,
     /// 429, with Retry-After seconds
@@ -73,6 +75,11 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
             ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
             ApiError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
+            ApiError::IdempotencyKeyReused(d) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                d,
+            ),
             ApiError::TooMany(after) => {
                 return (
                     StatusCode::TOO_MANY_REQUESTS,
@@ -115,6 +122,9 @@ impl From<LoadError> for ApiError {
             LoadError::NotReversible(_) | LoadError::InProgress => {
                 ApiError::Conflict(e.to_string())
             }
+            LoadError::NotYourInstrument { .. } => ApiError::ForbiddenDetail(e.to_string()),
+            LoadError::InstrumentTaken(d) => ApiError::Conflict(d),
+            LoadError::IdempotencyKeyReused(_) => ApiError::IdempotencyKeyReused(e.to_string()),
             LoadError::Ledger(_) | LoadError::Hsm(_) => ApiError::Internal(e.to_string()),
         }
     }
@@ -309,6 +319,9 @@ async fn start_load(
     )?;
     let req: StartLoad = json_body(&body)?;
     let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
+    if caller.role == Role::Cardholder {
+        own_card_or_anonymous(&st, &caller, &uid)?;
+    }
     let loads = st.loads.clone();
     let reply = blocking(move || {
         Ok(loads.start(
@@ -325,6 +338,133 @@ async fn start_load(
     })
     .await?;
     Ok(Json(reply))
+}
+
+/// A cardholder loads only its own cards: a card registered with an owner is that owner's
+/// alone; a card registered without one (anonymous, sold over the counter) or not registered
+/// is loaded by whoever holds it (the card proves itself to the HSM in the dialogue).
+fn own_card_or_anonymous(st: &AppState, caller: &Caller, uid: &[u8; 7]) -> Result<(), ApiError> {
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let shadow = l
+        .card(&r, uid)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    match shadow.owner.as_deref() {
+        Some(owner) if owner != caller.name => Err(ApiError::ForbiddenDetail(format!(
+            "card {} is registered to another account",
+            hex::encode_upper(uid)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /v1/instruments` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterInstrument {
+    /// Source name: `card` (processor tokens); points memberships are linked by their programme.
+    pub source: String,
+    /// The instrument id (e.g. the processor's card token).
+    pub instrument: String,
+}
+
+/// `POST /v1/instruments`: registers a funding instrument (a card-processor token) to the
+/// caller's account; 201 when new, 200 when it was already the caller's, 409 when it is
+/// another account's.
+async fn register_instrument(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let caller = require(
+        &st.auth,
+        &headers,
+        &[Role::Cardholder, Role::Partner, Role::Operator],
+    )?;
+    let req: RegisterInstrument = json_body(&body)?;
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let name = caller.name.clone();
+    let (source, instrument) = (req.source.clone(), req.instrument.clone());
+    let new = blocking(move || {
+        Ok(loads.register_instrument(&name, &req.source, &req.instrument, now)?)
+    })
+    .await?;
+    Ok((
+        if new { StatusCode::CREATED } else { StatusCode::OK },
+        Json(serde_json::json!({"source": source, "instrument": instrument, "account": caller.name})),
+    ))
+}
+
+/// `GET /v1/instruments`: the caller's registered instruments.
+async fn list_instruments(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = require(
+        &st.auth,
+        &headers,
+        &[Role::Cardholder, Role::Partner, Role::Operator],
+    )?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let list = l
+        .instruments_of(&r, &caller.name)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(serde_json::json!({
+        "instruments": list.iter().map(|i| serde_json::json!({"source": i.source, "instrument": i.id, "registered_ms": i.registered_ms})).collect::<Vec<_>>(),
+    })))
+}
+
+/// `POST /v1/partner/points` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditPoints {
+    /// The points programme (a `[[points]]` name).
+    pub program: String,
+    /// The member id at the programme (the funding instrument: `<program>:<member_id>`).
+    pub member_id: String,
+    /// The cardholder account (token name) the membership belongs to.
+    pub account: String,
+    /// Points to credit.
+    pub points: i64,
+    /// The programme's reference (idempotency: the same credit again is answered once).
+    pub reference: String,
+}
+
+/// `POST /v1/partner/points` (role partner, one of the programme's `partners`): credits points
+/// to a member and links the membership to the cardholder account it belongs to.
+async fn credit_points(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::funding::Earned>), ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Partner])?;
+    let req: CreditPoints = json_body(&body)?;
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let earned = blocking(move || {
+        let program = loads.points_program(&req.program).ok_or_else(|| {
+            ApiError::NotFound(format!("no points programme {:?}", req.program))
+        })?;
+        use crate::funding::EarnError as E;
+        program
+            .earn(&caller.name, &req.member_id, &req.account, req.points, &req.reference, now)
+            .map_err(|e| match e {
+                E::NotThisProgrammesPartner { .. } => ApiError::ForbiddenDetail(e.to_string()),
+                E::MemberOfAnotherAccount { .. } => ApiError::Conflict(e.to_string()),
+                E::ReferenceReused(_) => ApiError::IdempotencyKeyReused(e.to_string()),
+                E::Storage(d) => ApiError::Internal(d),
+                other => ApiError::BadRequest(other.to_string()),
+            })
+    })
+    .await?;
+    let status = if earned.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(earned)))
 }
 
 /// `POST /v1/reversals`: takes a completed load back from the card (debit proved by the card)
@@ -653,12 +793,25 @@ async fn partner_voucher(
     ))
 }
 
-async fn get_voucher(
+/// `POST /v1/vouchers/lookup` body: the code travels in the body, never in a path or query (a
+/// voucher code is a bearer secret, and paths end up in access logs).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoucherLookup {
+    code: String,
+}
+
+/// `POST /v1/vouchers/lookup`: a voucher's state, for whoever holds its code.
+async fn lookup_voucher(
     State(st): State<AppState>,
-    Path(code): Path<String>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
+    let VoucherLookup { code } = json_body(&body)?;
+    if code.is_empty() || code.len() > 64 {
+        return Err(ApiError::BadRequest("code must be 1 to 64 characters".into()));
+    }
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
     let v = l
@@ -1062,7 +1215,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/franchise/ceiling", post(franchise_ceiling))
         .route("/v1/franchises/{name}", get(franchise_status))
         .route("/v1/franchises/{name}/payments", post(franchise_payment))
-        .route("/v1/vouchers/{code}", get(get_voucher))
+        .route("/v1/vouchers/lookup", post(lookup_voucher))
+        .route("/v1/instruments", post(register_instrument).get(list_instruments))
+        .route("/v1/partner/points", post(credit_points))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(

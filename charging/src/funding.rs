@@ -60,10 +60,58 @@ impl From<LedgerError> for FundingError {
     }
 }
 
+/// Longest instrument id (a card token, a member id, a voucher code).
+pub const MAX_INSTRUMENT_ID_LEN: usize = 64;
+
+/// Whether `id` may name a funding instrument: 1 to [`MAX_INSTRUMENT_ID_LEN`] ASCII letters,
+/// digits, `-`, `_` or `.`, not starting with `.`. No `:`, `/`, `|`, spaces or control
+/// characters, so an id can never reach into another namespace when a source keeps it in an
+/// account name.
+pub fn valid_instrument_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_INSTRUMENT_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether `name` may be an account (an API caller's token name): the same alphabet as an
+/// instrument id.
+pub fn valid_account_name(name: &str) -> bool {
+    valid_instrument_id(name)
+}
+
+/// Who may fund a load from an instrument of a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// The holder registers the instrument to its own account (`POST /v1/instruments`), e.g. a
+    /// card-processor token; only that account may use it.
+    SelfRegistered,
+    /// The programme links the membership to an account (`POST /v1/partner/points`); only that
+    /// account may use it.
+    LinkedByProgramme,
+    /// The instrument is a bearer secret (a voucher code): whoever presents it may redeem it.
+    Bearer,
+}
+
 /// A source of funds for loads.
 pub trait FundingSource: Send + Sync {
     /// The source's name (`card`, `mileage`, `points`, …).
     fn name(&self) -> &str;
+    /// How an instrument of this source comes to belong to an account.
+    fn holding(&self) -> Holding {
+        Holding::SelfRegistered
+    }
+    /// Checks the form of an instrument id before it is registered (beyond
+    /// [`valid_instrument_id`], which the load service checks for every source).
+    fn check_instrument(&self, _id: &str) -> Result<(), FundingError> {
+        Ok(())
+    }
+    /// This source as a points programme (to credit points through the partner API).
+    fn as_points(&self) -> Option<&PointsProgram> {
+        None
+    }
     /// Reserves funds; returns an authorisation id. The same reference returns the same id.
     fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError>;
     /// Takes the reserved funds (idempotent).
@@ -169,6 +217,16 @@ impl SandboxProcessor {
 impl FundingSource for SandboxProcessor {
     fn name(&self) -> &str {
         "card"
+    }
+
+    fn check_instrument(&self, id: &str) -> Result<(), FundingError> {
+        if id.starts_with("tok_") {
+            Ok(())
+        } else {
+            Err(FundingError::Declined(format!(
+                "instrument {id:?} is not a card token (tok_…)"
+            )))
+        }
     }
 
     fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError> {
@@ -281,29 +339,110 @@ impl FundingSource for SandboxProcessor {
     }
 }
 
+/// Most points one partner credit may carry.
+pub const MAX_EARN_POINTS: i64 = 1_000_000_000;
+
+/// Why a partner's points credit was refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum EarnError {
+    /// The partner does not run this programme.
+    #[error("partner {partner:?} may not credit {program} points")]
+    NotThisProgrammesPartner {
+        /// the partner (token name)
+        partner: String,
+        /// the programme
+        program: String,
+    },
+    /// A malformed member id.
+    #[error("member_id {0:?} must be 1 to 64 letters, digits, '-', '_' or '.'")]
+    InvalidMember(String),
+    /// A malformed account name.
+    #[error("account {0:?} must be 1 to 64 letters, digits, '-', '_' or '.'")]
+    InvalidAccount(String),
+    /// Points out of range.
+    #[error("points must be within 1..={MAX_EARN_POINTS}, got {0}")]
+    InvalidPoints(i64),
+    /// A malformed reference.
+    #[error("reference must be 1 to 128 characters")]
+    InvalidReference,
+    /// The member id is linked to another account: a membership belongs to one account.
+    #[error("member {member:?} of {program} is linked to another account")]
+    MemberOfAnotherAccount {
+        /// the programme
+        program: String,
+        /// the member id
+        member: String,
+    },
+    /// The reference was used before for a different credit.
+    #[error("reference {0:?} was already used for a different credit (member, account or points differ)")]
+    ReferenceReused(String),
+    /// Storage failed.
+    #[error("points storage: {0}")]
+    Storage(String),
+}
+
+impl From<LedgerError> for EarnError {
+    fn from(e: LedgerError) -> Self {
+        EarnError::Storage(e.to_string())
+    }
+}
+
+/// A points credit as booked (or as booked earlier, for a replayed reference).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Earned {
+    /// The programme.
+    pub program: String,
+    /// The member credited.
+    pub member_id: String,
+    /// The account the membership belongs to.
+    pub account: String,
+    /// Points credited.
+    pub points: i64,
+    /// The partner's reference.
+    pub reference: String,
+    /// The member's points after the credit.
+    pub balance_points: i64,
+    /// True when the reference had been booked before (nothing was credited again).
+    #[serde(default)]
+    pub replayed: bool,
+}
+
 /// Mileage or loyalty points kept in the ledger, converted to minor units by a fixed rule.
 ///
-/// Points live in their own accounts (`pts:<program>:<holder>`, in points, never mixed with
-/// money): authorise moves them to `pts:<program>:held:<reference>`, capture to
-/// `pts:<program>:redeemed`, void back to the holder. The money side of a completed load is
+/// Points are credited only by the programme's partners ([`PointsProgram::earn`], the partner
+/// API), which link each member id to the account it belongs to (the instrument registry); a
+/// load may draw on a membership only for that account. Points live in their own accounts
+/// (`pts:<program>:member:<id>`, in points, never mixed with money; `<id>` passes
+/// [`valid_instrument_id`], so it can never name `pts:<program>:issued`, `…:redeemed` or
+/// `…:held:…`): authorise moves them to `pts:<program>:held:<auth>`, capture to
+/// `pts:<program>:redeemed`, void back to the member. The money side of a completed load is
 /// posted from `funding:<program>` to the card like any other source.
 pub struct PointsProgram {
     name: String,
     ledger: Ledger,
     /// Minor units one point is worth, as numerator/denominator (e.g. 1/1, or 2/3).
     minor_per_point: (i64, i64),
+    /// Partner token names that may credit points.
+    partners: Vec<String>,
 }
 
 impl PointsProgram {
     /// A program named `name` (e.g. `mileage`, `points`) whose point is worth
-    /// `num/den` minor units.
+    /// `num/den` minor units. No partner may credit it until [`PointsProgram::with_partners`].
     pub fn new(name: &str, ledger: Ledger, num: i64, den: i64) -> Self {
         assert!(num > 0 && den > 0, "conversion rule must be positive");
         PointsProgram {
             name: name.to_string(),
             ledger,
             minor_per_point: (num, den),
+            partners: Vec::new(),
         }
+    }
+
+    /// The partners (token names, role `partner`) that may credit this programme's points.
+    pub fn with_partners(mut self, partners: Vec<String>) -> Self {
+        self.partners = partners;
+        self
     }
 
     /// Points needed for `amount_minor` (rounded up: the holder never gets value for free).
@@ -312,38 +451,128 @@ impl PointsProgram {
         (amount_minor * den + num - 1) / num
     }
 
-    fn holder_account(&self, holder: &str) -> String {
-        format!("pts:{}:{}", self.name, holder)
+    /// The account of a validated member id.
+    fn holder_account(&self, member: &str) -> Result<String, FundingError> {
+        if !valid_instrument_id(member) {
+            return Err(FundingError::Declined(format!(
+                "{member:?} is not a {} member id",
+                self.name
+            )));
+        }
+        Ok(format!("pts:{}:member:{member}", self.name))
     }
 
-    /// Credits points to a holder (earned from flights, purchases) — issued by the program.
+    /// Credits `points` to `member`, linking the membership to `account` (the cardholder's
+    /// token name) on its first credit — issued by the programme through one of its partners.
+    /// Idempotent by (partner, reference): the same credit again returns what was booked
+    /// (`replayed`), a different one under the same reference is refused.
     pub fn earn(
         &self,
-        holder: &str,
+        partner: &str,
+        member: &str,
+        account: &str,
         points: i64,
         reference: &str,
         now_ms: u64,
-    ) -> Result<(), FundingError> {
-        let mut t = self.ledger.write()?;
-        self.ledger.post(
-            &mut t,
-            now_ms,
-            &format!("pts:{}:issued", self.name),
-            &self.holder_account(holder),
-            points,
-            reference,
-        )?;
-        t.commit().map_err(|e| FundingError::Storage(e.to_string()))
+    ) -> Result<Earned, EarnError> {
+        if !self.partners.iter().any(|p| p == partner) {
+            return Err(EarnError::NotThisProgrammesPartner {
+                partner: partner.to_string(),
+                program: self.name.clone(),
+            });
+        }
+        if !valid_instrument_id(member) {
+            return Err(EarnError::InvalidMember(member.to_string()));
+        }
+        if !valid_account_name(account) {
+            return Err(EarnError::InvalidAccount(account.to_string()));
+        }
+        if !(1..=MAX_EARN_POINTS).contains(&points) {
+            return Err(EarnError::InvalidPoints(points));
+        }
+        if reference.is_empty() || reference.len() > 128 {
+            return Err(EarnError::InvalidReference);
+        }
+        let program = self.name.clone();
+        let holder = format!("pts:{program}:member:{member}");
+        let issued = format!("pts:{program}:issued");
+        let idem = format!("points-earn:{program}:{partner}:{reference}");
+        let (partner, member, account, reference) = (
+            partner.to_string(),
+            member.to_string(),
+            account.to_string(),
+            reference.to_string(),
+        );
+        self.ledger.transact(move |l, t| {
+            let mut earned = Earned {
+                program: program.clone(),
+                member_id: member.clone(),
+                account: account.clone(),
+                points,
+                reference: reference.clone(),
+                balance_points: 0,
+                replayed: false,
+            };
+            if let Some(v) = l.idempotent(t, &idem)? {
+                let same = v["member_id"] == member.as_str()
+                    && v["account"] == account.as_str()
+                    && v["points"] == points;
+                if !same {
+                    return Ok(Err(EarnError::ReferenceReused(reference)));
+                }
+                earned.balance_points = l.balance(t, &holder)?;
+                earned.replayed = true;
+                return Ok(Ok(earned));
+            }
+            match l.instrument(t, &program, &member)? {
+                Some(i) if i.owner != account => {
+                    return Ok(Err(EarnError::MemberOfAnotherAccount { program, member }))
+                }
+                Some(_) => {}
+                None => l.put_instrument(
+                    t,
+                    &crate::ledger::Instrument {
+                        source: program.clone(),
+                        id: member.clone(),
+                        owner: account.clone(),
+                        registered_by: partner.clone(),
+                        registered_ms: now_ms,
+                    },
+                )?,
+            }
+            l.post(
+                t,
+                now_ms,
+                &issued,
+                &holder,
+                points,
+                &format!("earn:{reference}"),
+            )?;
+            l.put_idempotent(
+                t,
+                &idem,
+                &serde_json::json!({"member_id": member, "account": account, "points": points}),
+            )?;
+            earned.balance_points = l.balance(t, &holder)?;
+            Ok(Ok(earned))
+        })?
     }
 
-    /// A holder's points.
-    pub fn balance(&self, holder: &str) -> Result<i64, FundingError> {
+    /// A member's points.
+    pub fn balance(&self, member: &str) -> Result<i64, FundingError> {
+        let account = self.holder_account(member)?;
         let r = self.ledger.read()?;
-        Ok(self.ledger.balance(&r, &self.holder_account(holder))?)
+        Ok(self.ledger.balance(&r, &account)?)
     }
 
     fn held_account(&self, auth_id: &str) -> String {
         format!("pts:{}:held:{}", self.name, auth_id)
+    }
+
+    /// The member an authorisation id (`<member>|<reference>`) holds points of.
+    fn member_of(&self, auth_id: &str) -> Result<String, FundingError> {
+        let member = auth_id.split('|').next().unwrap_or_default();
+        self.holder_account(member)
     }
 }
 
@@ -352,7 +581,16 @@ impl FundingSource for PointsProgram {
         &self.name
     }
 
+    fn holding(&self) -> Holding {
+        Holding::LinkedByProgramme
+    }
+
+    fn as_points(&self) -> Option<&PointsProgram> {
+        Some(self)
+    }
+
     fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError> {
+        let holder = self.holder_account(req.instrument)?;
         let auth_id = format!("{}|{}", req.instrument, req.reference);
         let held = self.held_account(&auth_id);
         let points = self.points_for(req.amount_minor);
@@ -360,23 +598,15 @@ impl FundingSource for PointsProgram {
         if self.ledger.balance(&t, &held)? > 0 {
             return Ok(auth_id); // the same request again
         }
-        let have = self
-            .ledger
-            .balance(&t, &self.holder_account(req.instrument))?;
+        let have = self.ledger.balance(&t, &holder)?;
         if have < points {
             return Err(FundingError::Declined(format!(
                 "{} has {have} {} points, {points} needed",
                 req.instrument, self.name
             )));
         }
-        self.ledger.post(
-            &mut t,
-            0,
-            &self.holder_account(req.instrument),
-            &held,
-            points,
-            req.reference,
-        )?;
+        self.ledger
+            .post(&mut t, 0, &holder, &held, points, req.reference)?;
         t.commit()
             .map_err(|e| FundingError::Storage(e.to_string()))?;
         Ok(auth_id)
@@ -398,18 +628,12 @@ impl FundingSource for PointsProgram {
 
     fn void(&self, auth_id: &str) -> Result<(), FundingError> {
         let held = self.held_account(auth_id);
-        let holder = auth_id.split('|').next().unwrap_or_default();
+        let holder = self.member_of(auth_id)?;
         let mut t = self.ledger.write()?;
         let points = self.ledger.balance(&t, &held)?;
         if points > 0 {
-            self.ledger.post(
-                &mut t,
-                0,
-                &held,
-                &self.holder_account(holder),
-                points,
-                auth_id,
-            )?;
+            self.ledger
+                .post(&mut t, 0, &held, &holder, points, auth_id)?;
             t.commit()
                 .map_err(|e| FundingError::Storage(e.to_string()))?;
         }
@@ -417,18 +641,12 @@ impl FundingSource for PointsProgram {
     }
 
     fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
-        let holder = auth_id.split('|').next().unwrap_or_default();
+        let holder = self.member_of(auth_id)?;
         let points = self.points_for(amount_minor);
         let mut t = self.ledger.write()?;
         let redeemed = format!("pts:{}:redeemed", self.name);
-        self.ledger.post(
-            &mut t,
-            0,
-            &redeemed,
-            &self.holder_account(holder),
-            points,
-            auth_id,
-        )?;
+        self.ledger
+            .post(&mut t, 0, &redeemed, &holder, points, auth_id)?;
         t.commit().map_err(|e| FundingError::Storage(e.to_string()))
     }
 }
@@ -500,8 +718,11 @@ mod tests {
     fn points_are_held_captured_and_released_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
-        let miles = PointsProgram::new("mileage", ledger.clone(), 2, 1); // 1 mile = 2 minor
-        miles.earn("bob", 1_000, "flight:1", 0).unwrap();
+        let miles = PointsProgram::new("mileage", ledger.clone(), 2, 1) // 1 mile = 2 minor
+            .with_partners(vec!["airline".into()]);
+        miles
+            .earn("airline", "bob", "bob-phone", 1_000, "flight:1", 0)
+            .unwrap();
         assert_eq!(miles.points_for(1_001), 501);
         let a = miles.authorise(&req(1_000, "load:1", "bob")).unwrap();
         assert_eq!(miles.balance("bob").unwrap(), 500);
@@ -520,5 +741,79 @@ mod tests {
         let r = ledger.read().unwrap();
         let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
         assert_eq!(sum, 0, "points postings balance");
+    }
+
+    #[test]
+    fn points_are_credited_only_by_the_programmes_partners_once_per_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
+        let miles = PointsProgram::new("mileage", ledger.clone(), 1, 1)
+            .with_partners(vec!["airline".into()]);
+        assert!(matches!(
+            miles.earn("mall", "M1", "alice", 100, "f1", 0),
+            Err(EarnError::NotThisProgrammesPartner { .. })
+        ));
+        let e = miles.earn("airline", "M1", "alice", 100, "f1", 0).unwrap();
+        assert_eq!((e.balance_points, e.replayed), (100, false));
+        let again = miles.earn("airline", "M1", "alice", 100, "f1", 0).unwrap();
+        assert_eq!((again.balance_points, again.replayed), (100, true));
+        assert_eq!(
+            miles.earn("airline", "M1", "alice", 999, "f1", 0),
+            Err(EarnError::ReferenceReused("f1".into()))
+        );
+        assert!(matches!(
+            miles.earn("airline", "M1", "mallory", 100, "f2", 0),
+            Err(EarnError::MemberOfAnotherAccount { .. })
+        ));
+        for bad in [
+            "",
+            "redeemed:x",
+            "a/b",
+            "a|b",
+            "x y",
+            ".hidden",
+            &"m".repeat(65),
+        ] {
+            assert!(
+                matches!(
+                    miles.earn("airline", bad, "alice", 1, "f3", 0),
+                    Err(EarnError::InvalidMember(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let r = ledger.read().unwrap();
+        assert_eq!(
+            ledger
+                .instrument(&r, "mileage", "M1")
+                .unwrap()
+                .unwrap()
+                .owner,
+            "alice"
+        );
+        assert_eq!(miles.balance("M1").unwrap(), 100);
+        let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+        assert_eq!(sum, 0);
+    }
+
+    #[test]
+    fn a_points_authorisation_never_reaches_an_internal_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
+        let miles = PointsProgram::new("mileage", ledger.clone(), 1, 1)
+            .with_partners(vec!["airline".into()]);
+        miles
+            .earn("airline", "M1", "alice", 10_000, "f1", 0)
+            .unwrap();
+        // A load of 1 point captured puts value in the programme's redeemed pool.
+        let a = miles.authorise(&req(1, "load:1", "M1")).unwrap();
+        miles.capture(&a).unwrap();
+        for bad in ["redeemed", "issued", "held:x", "member:M1", ""] {
+            let got = miles.authorise(&req(1, "load:2", bad));
+            assert!(got.is_err(), "{bad:?} authorised");
+        }
+        let r = ledger.read().unwrap();
+        assert_eq!(ledger.balance(&r, "pts:mileage:redeemed").unwrap(), 1);
+        assert_eq!(miles.balance("M1").unwrap(), 9_999);
     }
 }

@@ -11,7 +11,10 @@
 //!
 //! Account names: `card:<UID hex>`, `issuer:float` (value issued at personalisation),
 //! `funding:<source>` (what a funding source owes us), `operator:<id>` (fare revenue),
-//! `points:<holder>` (points liabilities, in points), `franchise:<id>`.
+//! `pts:<programme>:member:<id>` (a points member's points, in points; `<id>` is a validated
+//! instrument id, so it never names `pts:<programme>:issued`, `…:redeemed` or `…:held:…`),
+//! `franchise:<id>`. No account name is ever formatted from a request without validation:
+//! funding instruments are looked up in the instrument registry ([`Instrument`]).
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, Str, I64, U64};
@@ -316,6 +319,29 @@ pub struct LedgerCore {
     /// Loaded per (funding source, instrument, UTC day), minor units: the per-instrument
     /// daily limit.
     funding_days: Database<Str, I64<BE>>,
+    /// Funding instruments and the account each belongs to, by (source, instrument id).
+    instruments: Database<Str, SerdeJson<Instrument>>,
+}
+
+/// A funding instrument registered to an account (an API caller name): a card-processor token
+/// its holder registered, or a points membership the programme linked to the account. A load
+/// may be funded only from an instrument registered to its caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instrument {
+    /// The funding source (`card`, `mileage`, …).
+    pub source: String,
+    /// The instrument id at the source (a card token, a member id).
+    pub id: String,
+    /// The account it belongs to (the cardholder's token name).
+    pub owner: String,
+    /// Who registered it: the holder itself, or the partner that linked the membership.
+    pub registered_by: String,
+    /// When (unix ms).
+    pub registered_ms: u64,
+}
+
+fn instrument_key(source: &str, id: &str) -> String {
+    format!("{source}\u{1f}{id}")
 }
 
 /// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
@@ -496,7 +522,7 @@ impl LedgerCore {
             EnvOpenOptions::new()
                 .read_txn_without_tls()
                 .map_size(map_size_bytes)
-                .max_dbs(11)
+                .max_dbs(16)
                 .open(dir)?
         };
         let mut wtxn = env.write_txn()?;
@@ -510,6 +536,7 @@ impl LedgerCore {
         let anomalies = env.create_database(&mut wtxn, Some("anomalies"))?;
         let gaps = env.create_database(&mut wtxn, Some("counter_gaps"))?;
         let funding_days = env.create_database(&mut wtxn, Some("funding_days"))?;
+        let instruments = env.create_database(&mut wtxn, Some("instruments"))?;
         wtxn.commit()?;
         Ok(LedgerCore {
             env,
@@ -523,6 +550,7 @@ impl LedgerCore {
             anomalies,
             gaps,
             funding_days,
+            instruments,
         })
     }
 
@@ -1206,6 +1234,40 @@ impl LedgerCore {
         value: &serde_json::Value,
     ) -> Result<(), LedgerError> {
         Ok(self.idem.put(txn, key, value)?)
+    }
+
+    /// The registered instrument `id` of funding source `source`, if any.
+    pub fn instrument(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        source: &str,
+        id: &str,
+    ) -> Result<Option<Instrument>, LedgerError> {
+        Ok(self.instruments.get(txn, &instrument_key(source, id))?)
+    }
+
+    /// Registers an instrument (replacing what was stored under its source and id: callers
+    /// check the owner first).
+    pub fn put_instrument(&self, txn: &mut RwTxn<'_>, i: &Instrument) -> Result<(), LedgerError> {
+        Ok(self
+            .instruments
+            .put(txn, &instrument_key(&i.source, &i.id), i)?)
+    }
+
+    /// Every instrument registered to `owner`.
+    pub fn instruments_of(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        owner: &str,
+    ) -> Result<Vec<Instrument>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.instruments.iter(txn)? {
+            let (_, i) = item?;
+            if i.owner == owner {
+                out.push(i);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -15,7 +15,7 @@
 //! card's next contact ([`LoadService::settle_from_snapshot`]): completed and captured if the
 //! card's counter shows it applied the credit, voided and released if not.
 
-use crate::funding::{FundingError, FundingRequest, FundingSource};
+use crate::funding::{FundingError, FundingRequest, FundingSource, Holding};
 use crate::ledger::{
     card_account, FundingAction, IntentKind, IntentState, Ledger, LedgerError, LoadIntent,
 };
@@ -201,6 +201,20 @@ pub enum LoadError {
     /// The load cannot be reversed (already reversed, window passed, not refundable).
     #[error("the load cannot be reversed: {0}")]
     NotReversible(String),
+    /// The funding instrument is not registered to the caller (or not at all).
+    #[error("funding instrument {source_name}:{instrument} is not registered to your account")]
+    NotYourInstrument {
+        /// source name
+        source_name: String,
+        /// the instrument id as asked
+        instrument: String,
+    },
+    /// The instrument is registered to another account.
+    #[error("{0}")]
+    InstrumentTaken(String),
+    /// The Idempotency-Key was used before for a different request.
+    #[error("this Idempotency-Key was used for a different request ({0}); use a new key for a new request")]
+    IdempotencyKeyReused(&'static str),
     /// Storage failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -225,6 +239,9 @@ struct Session {
     reverses: Option<u32>,
     /// The key its final answer is stored under (`LoadService::idem_key`).
     idem: String,
+    /// SHA-256 of what was asked (`request_fingerprint`): a key reused for another request
+    /// is refused.
+    fingerprint: String,
     /// Set once the final reply is stored under the idempotency key.
     idempotent_stored: bool,
 }
@@ -248,6 +265,8 @@ pub struct LoadStats {
 struct Finished {
     /// Its idempotency key (as stored).
     idem: String,
+    /// What was asked (`request_fingerprint`).
+    fingerprint: String,
     caller: String,
     /// The step that produced the final answer.
     seq: u32,
@@ -301,6 +320,7 @@ impl Sessions {
             s.id.clone(),
             Finished {
                 idem: s.idem,
+                fingerprint: s.fingerprint,
                 caller: s.caller,
                 seq: s.seq.wrapping_sub(1),
                 reply: s.last_reply,
@@ -359,6 +379,54 @@ fn intent_record(intent: &LoadIntent) -> [u8; txn::RECORD_SIZE] {
 fn day_of(ms: u64) -> u64 {
     ms / 86_400_000
 }
+
+/// SHA-256 (hex) of what a start asked for: a load's card, amount and funding, or a reversal's
+/// card and load counter. Stored with the answer under the Idempotency-Key.
+fn request_fingerprint(req: &LoadRequest, reverses: Option<u32>) -> String {
+    let text = match reverses {
+        None => format!(
+            "load\n{}\n{}\n{}\n{}",
+            hex::encode_upper(req.uid),
+            req.amount_minor,
+            req.funding_source,
+            req.instrument
+        ),
+        Some(tmc) => return reversal_fingerprint(&req.uid, tmc),
+    };
+    sha256_hex(&text)
+}
+
+fn reversal_fingerprint(uid: &[u8; 7], load_tmc: u32) -> String {
+    sha256_hex(&format!("reversal\n{}\n{load_tmc}", hex::encode_upper(uid)))
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// The value stored under an idempotency key: the final answer and what was asked.
+fn stored_value(reply: &Reply, fingerprint: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(reply).expect("reply serialises");
+    v["request_sha256"] = fingerprint.into();
+    v
+}
+
+/// A stored answer may be returned only to the same request (answers stored before requests
+/// were fingerprinted carry none and are returned as before).
+fn same_request(
+    stored: &serde_json::Value,
+    fingerprint: &str,
+    what: &'static str,
+) -> Result<(), LoadError> {
+    match stored.get("request_sha256").and_then(|v| v.as_str()) {
+        Some(fp) if fp != fingerprint => Err(LoadError::IdempotencyKeyReused(what)),
+        _ => Ok(()),
+    }
+}
+
+const LOAD_DIFFERS: &str = "card, amount or funding differ";
+const REVERSAL_DIFFERS: &str = "card or load counter differ";
 
 impl LoadService {
     /// A service over a ledger, an HSM and funding sources.
@@ -483,9 +551,10 @@ impl LoadService {
                 && i.state == IntentState::Completed
                 && (any_caller || i.requested_by == caller)
         });
+        let fingerprint = reversal_fingerprint(&uid, load_tmc);
         let Some(load) = load else {
             // An idempotent retry of a finished reversal still gets its answer.
-            if let Some(v) = self.stored_answer(caller, &idempotency_key)? {
+            if let Some(v) = self.stored_answer(caller, &idempotency_key, &fingerprint)? {
                 return Ok(v);
             }
             return Err(not_found());
@@ -497,7 +566,7 @@ impl LoadService {
             instrument: String::new(),
             idempotency_key,
         };
-        if let Some(v) = self.stored_answer(caller, &req.idempotency_key)? {
+        if let Some(v) = self.stored_answer(caller, &req.idempotency_key, &fingerprint)? {
             return Ok(v);
         }
         if let Some(at) = load.reversed_at_tmc {
@@ -526,13 +595,25 @@ impl LoadService {
         self.open_session(caller, req, Some(load_tmc), now_ms)
     }
 
-    /// The stored final answer to (caller, idempotency key), if any.
-    fn stored_answer(&self, caller: &str, key: &str) -> Result<Option<Reply>, LoadError> {
+    /// The stored final answer to (caller, idempotency key) of a reversal, if any; refused
+    /// when the key was used for another reversal.
+    fn stored_answer(
+        &self,
+        caller: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> Result<Option<Reply>, LoadError> {
         let r = self.ledger.read()?;
-        Ok(self
+        match self
             .ledger
             .idempotent(&r, &Self::idem_key(true, caller, key))?
-            .map(|v| reply_from_json(&v)))
+        {
+            Some(v) => {
+                same_request(&v, fingerprint, REVERSAL_DIFFERS)?;
+                Ok(Some(reply_from_json(&v)))
+            }
+            None => Ok(None),
+        }
     }
 
     fn open_session(
@@ -548,18 +629,31 @@ impl LoadService {
             ));
         }
         let ikey = Self::idem_key(reverses.is_some(), caller, &req.idempotency_key);
+        let fingerprint = request_fingerprint(&req, reverses);
+        let differs = if reverses.is_some() {
+            REVERSAL_DIFFERS
+        } else {
+            LOAD_DIFFERS
+        };
         {
             let r = self.ledger.read()?;
             if let Some(v) = self.ledger.idempotent(&r, &ikey)? {
+                same_request(&v, &fingerprint, differs)?;
                 return Ok(reply_from_json(&v));
             }
         }
         let mut sessions = self.sessions.lock().expect("sessions lock");
         if let Some(id) = sessions.by_idem.get(&ikey) {
             if let Some(s) = sessions.active.get(id) {
+                if s.fingerprint != fingerprint {
+                    return Err(LoadError::IdempotencyKeyReused(differs));
+                }
                 return Ok(s.last_reply.clone());
             }
             if let Some(f) = sessions.finished.get(id) {
+                if f.fingerprint != fingerprint {
+                    return Err(LoadError::IdempotencyKeyReused(differs));
+                }
                 return Ok(f.reply.clone());
             }
             if sessions.in_flight.contains(id) {
@@ -580,12 +674,16 @@ impl LoadService {
                 req.amount_minor, req.funding_source
             )));
         }
-        if !self.sources.contains_key(&req.funding_source) {
+        let Some(source) = self.sources.get(&req.funding_source) else {
             return Err(LoadError::BadRequest(format!(
                 "unknown funding source {:?}; available: {}",
                 req.funding_source,
                 self.source_names().join(", ")
             )));
+        };
+        if reverses.is_none() {
+            // The instrument is looked up, never formatted into an account from the request.
+            self.check_instrument(caller, source.as_ref(), &req.instrument)?;
         }
         if sessions.active.len() >= self.cfg.max_sessions {
             return Err(LoadError::Busy);
@@ -615,8 +713,112 @@ impl LoadService {
             idempotent_stored: false,
             reverses,
             idem: ikey,
+            fingerprint,
         });
         Ok(reply)
+    }
+
+    /// A load may be funded only from an instrument of the caller's own: a well-formed id,
+    /// registered to the caller (card tokens, points memberships); bearer instruments
+    /// (voucher codes) only need to be well-formed.
+    fn check_instrument(
+        &self,
+        caller: &str,
+        source: &dyn FundingSource,
+        instrument: &str,
+    ) -> Result<(), LoadError> {
+        if !crate::funding::valid_instrument_id(instrument) {
+            return Err(LoadError::BadRequest(format!(
+                "funding.instrument must be 1 to {} letters, digits, '-', '_' or '.' (not starting with '.')",
+                crate::funding::MAX_INSTRUMENT_ID_LEN
+            )));
+        }
+        if source.holding() == Holding::Bearer {
+            return Ok(());
+        }
+        let owner = {
+            let r = self.ledger.read()?;
+            self.ledger.instrument(&r, source.name(), instrument)?
+        };
+        match owner {
+            Some(i) if i.owner == caller => Ok(()),
+            _ => Err(LoadError::NotYourInstrument {
+                source_name: source.name().to_string(),
+                instrument: instrument.to_string(),
+            }),
+        }
+    }
+
+    /// Registers instrument `id` of `source` to `caller`'s account (a card-processor token).
+    /// Returns whether it is new (false: it was already the caller's). Points memberships are
+    /// linked by their programme ([`crate::funding::PointsProgram::earn`]); voucher codes are
+    /// bearer instruments and are not registered.
+    pub fn register_instrument(
+        &self,
+        caller: &str,
+        source_name: &str,
+        id: &str,
+        now_ms: u64,
+    ) -> Result<bool, LoadError> {
+        let source = self.sources.get(source_name).ok_or_else(|| {
+            LoadError::BadRequest(format!(
+                "unknown funding source {source_name:?}; available: {}",
+                self.source_names().join(", ")
+            ))
+        })?;
+        match source.holding() {
+            Holding::SelfRegistered => {}
+            Holding::LinkedByProgramme => {
+                return Err(LoadError::BadRequest(format!(
+                    "{source_name} memberships are linked to accounts by the programme (partner API), not registered by holders"
+                )))
+            }
+            Holding::Bearer => {
+                return Err(LoadError::BadRequest(format!(
+                    "{source_name} instruments are bearer codes: nothing to register"
+                )))
+            }
+        }
+        if !crate::funding::valid_instrument_id(id) {
+            return Err(LoadError::BadRequest(format!(
+                "instrument must be 1 to {} letters, digits, '-', '_' or '.' (not starting with '.')",
+                crate::funding::MAX_INSTRUMENT_ID_LEN
+            )));
+        }
+        if !crate::funding::valid_account_name(caller) {
+            return Err(LoadError::BadRequest(format!(
+                "account {caller:?} cannot hold instruments (its name must be letters, digits, '-', '_' or '.')"
+            )));
+        }
+        source
+            .check_instrument(id)
+            .map_err(|e| LoadError::BadRequest(e.to_string()))?;
+        let (source_name, id, caller) =
+            (source_name.to_string(), id.to_string(), caller.to_string());
+        let taken = format!("{source_name}:{id} is registered to another account");
+        self.ledger
+            .transact(move |l, t| match l.instrument(t, &source_name, &id)? {
+                Some(i) if i.owner == caller => Ok(Ok(false)),
+                Some(_) => Ok(Err(LoadError::InstrumentTaken(taken))),
+                None => {
+                    l.put_instrument(
+                        t,
+                        &crate::ledger::Instrument {
+                            source: source_name,
+                            id,
+                            owner: caller.clone(),
+                            registered_by: caller,
+                            registered_ms: now_ms,
+                        },
+                    )?;
+                    Ok(Ok(true))
+                }
+            })?
+    }
+
+    /// The points programme called `name`, if it is one of the funding sources.
+    pub fn points_program(&self, name: &str) -> Option<&crate::funding::PointsProgram> {
+        self.sources.get(name).and_then(|s| s.as_points())
     }
 
     /// Feeds the card's answers to the commands of step `seq` of session `id`.
@@ -677,10 +879,7 @@ impl LoadService {
             if !reply.is_final() || s.idempotent_stored {
                 return Ok(reply);
             }
-            let (key, value) = (
-                s.idem.clone(),
-                serde_json::to_value(&reply).expect("reply serialises"),
-            );
+            let (key, value) = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
             self.ledger
                 .transact(move |l, t| l.put_idempotent(t, &key, &value))?;
             s.idempotent_stored = true;
@@ -789,8 +988,8 @@ impl LoadService {
                             balance_minor: receipt.balance_after_minor,
                             tmc: receipt.tmc,
                         };
-                        let key = s.idem.clone();
-                        self.complete(&snapshot, &receipt, now_ms, Some((&key, &reply)))?;
+                        let stored = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
+                        self.complete(&snapshot, &receipt, now_ms, Some(stored))?;
                         s.idempotent_stored = true;
                         self.stats.lock().expect("stats").completed += 1;
                         Ok(reply)
@@ -995,7 +1194,14 @@ impl LoadService {
                     "another load for this card at this counter is in progress",
                 )));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // No intent, so no Credit will be sent: release the funds now (nothing else
+                // would — settlement only knows intents in the ledger).
+                if let Err(ve) = source.void(&auth) {
+                    tracing::error!(%ve, auth, source = %s.request.funding_source, "the intent could not be written and its authorisation could not be voided; void it at the source");
+                }
+                return Err(e.into());
+            }
         }
         s.intent_recorded = true;
         Ok(Ok(Decision::Apply {
@@ -1102,17 +1308,11 @@ impl LoadService {
         snapshot: &CardSnapshot,
         receipt: &purse::receipt::CommitReceipt,
         now_ms: u64,
-        idempotent: Option<(&str, &Reply)>,
+        idem: Option<(String, serde_json::Value)>,
     ) -> Result<(), LoadError> {
         let uid = receipt.uid;
         let tmc_before = snapshot.tmc;
         let balance_after = receipt.balance_after_minor;
-        let idem = idempotent.map(|(k, r)| {
-            (
-                k.to_string(),
-                serde_json::to_value(r).expect("reply serialises"),
-            )
-        });
         // One group-committed transaction: the posting, the intent's state, the card's
         // shadow and the client's stored answer become durable together.
         let done = self.ledger.transact(move |l, t| {

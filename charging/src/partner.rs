@@ -10,6 +10,10 @@
 //! Ledger: issuing posts `partner:<id>` → `vouchers:outstanding` (the partner owes us the value;
 //! we owe the holder); a completed load posts `funding:voucher` → `card:<UID>` like any source,
 //! and the capture posts `vouchers:outstanding` → `funding:voucher`.
+//!
+//! A voucher code is a bearer secret: it is kept only in the voucher table. Postings, load
+//! intents, authorisation ids and log lines carry [`voucher_id`] (a SHA-256 of the code) or
+//! [`code_hint`] (its last four characters), and the API takes codes in request bodies only.
 
 use crate::funding::{FundingError, FundingRequest, FundingSource};
 use crate::ledger::{Ledger, LedgerError, Voucher};
@@ -170,6 +174,31 @@ fn voucher_code() -> String {
         .join("-")
 }
 
+/// The id a voucher goes by outside the voucher table (authorisations, intents, postings,
+/// logs): `vch_` and 32 hex digits of the SHA-256 of its code. The code cannot be recovered
+/// from it.
+pub fn voucher_id(code: &str) -> String {
+    let h = Sha256::digest(code.as_bytes());
+    format!("vch_{}", hex::encode(&h[..16]))
+}
+
+/// What a log line or an error may show of a code: its last four characters.
+pub fn code_hint(code: &str) -> String {
+    let tail: String = code
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("…{tail}")
+}
+
+fn auth_index_key(id: &str) -> String {
+    format!("voucher-auth:{id}")
+}
+
 /// Issues (or returns the already issued) voucher for a partner's order.
 pub fn issue_voucher(
     ledger: &Ledger,
@@ -250,7 +279,7 @@ pub fn issue_voucher(
             &format!("partner:{partner}"),
             "vouchers:outstanding",
             v.amount_minor,
-            &format!("voucher:{}", v.code),
+            &format!("voucher:{}", voucher_id(&v.code)),
         )?;
         l.put_idempotent(t, &order_key, &serde_json::Value::String(v.code.clone()))?;
         Ok(v)
@@ -269,6 +298,19 @@ impl VoucherSource {
         VoucherSource { ledger, clock }
     }
 
+    /// The code behind an authorisation id (a [`voucher_id`]; an authorisation made before
+    /// codes were hashed is the code itself).
+    fn code_of(&self, auth_id: &str) -> Result<String, FundingError> {
+        if !auth_id.starts_with("vch_") {
+            return Ok(auth_id.to_string());
+        }
+        let r = self.ledger.read()?;
+        match self.ledger.idempotent(&r, &auth_index_key(auth_id))? {
+            Some(serde_json::Value::String(code)) => Ok(code),
+            _ => Err(FundingError::UnknownAuthorisation(auth_id.to_string())),
+        }
+    }
+
     fn update(
         &self,
         code: &str,
@@ -278,7 +320,7 @@ impl VoucherSource {
         self.ledger.transact(move |l, t| {
             let mut v = match l.voucher(t, &code)? {
                 Some(v) => v,
-                None => return Ok(Err(FundingError::UnknownAuthorisation(code.clone()))),
+                None => return Ok(Err(FundingError::UnknownAuthorisation(code_hint(&code)))),
             };
             match f(&mut v) {
                 Ok(changed) => {
@@ -296,6 +338,10 @@ impl VoucherSource {
 impl FundingSource for VoucherSource {
     fn name(&self) -> &str {
         "voucher"
+    }
+
+    fn holding(&self) -> crate::funding::Holding {
+        crate::funding::Holding::Bearer
     }
 
     fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError> {
@@ -334,18 +380,25 @@ impl FundingSource for VoucherSource {
             v.held_by = Some(reference);
             Ok(true)
         })?;
-        Ok(v.code)
+        // The authorisation goes by the code's hash (it is stored in the intent and logged);
+        // the index leads back to the voucher.
+        let id = voucher_id(&v.code);
+        let (key, code) = (auth_index_key(&id), v.code);
+        self.ledger
+            .transact(move |l, t| l.put_idempotent(t, &key, &serde_json::Value::String(code)))?;
+        Ok(id)
     }
 
     fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
-        let v = self.update(auth_id, |v| match v.state.as_str() {
+        let code = self.code_of(auth_id)?;
+        let v = self.update(&code, |v| match v.state.as_str() {
             "redeemed" => Ok(false),
             "held" => {
                 v.state = "redeemed".into();
                 Ok(true)
             }
             s => Err(FundingError::WrongState {
-                id: v.code.clone(),
+                id: voucher_id(&v.code),
                 state: s.into(),
                 op: "capture",
             }),
@@ -354,8 +407,10 @@ impl FundingSource for VoucherSource {
         let amount = v.amount_minor;
         self.ledger
             .transact(move |l, t| {
-                let reference = format!("voucher-redeemed:{code}");
-                if l.idempotent(t, &reference)?.is_some() {
+                // Vouchers captured before codes were hashed are marked under the code itself.
+                let old_mark = format!("voucher-redeemed:{code}");
+                let reference = format!("voucher-redeemed:{}", voucher_id(&code));
+                if l.idempotent(t, &reference)?.is_some() || l.idempotent(t, &old_mark)?.is_some() {
                     return Ok(());
                 }
                 l.post(
@@ -372,7 +427,8 @@ impl FundingSource for VoucherSource {
     }
 
     fn void(&self, auth_id: &str) -> Result<(), FundingError> {
-        self.update(auth_id, |v| match v.state.as_str() {
+        let code = self.code_of(auth_id)?;
+        self.update(&code, |v| match v.state.as_str() {
             "issued" => Ok(false),
             "held" => {
                 v.state = "issued".into();
@@ -380,7 +436,7 @@ impl FundingSource for VoucherSource {
                 Ok(true)
             }
             s => Err(FundingError::WrongState {
-                id: v.code.clone(),
+                id: voucher_id(&v.code),
                 state: s.into(),
                 op: "void",
             }),

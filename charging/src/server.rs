@@ -69,6 +69,10 @@ pub struct PointsConfig {
     pub minor_per_point_num: i64,
     /// See `minor_per_point_num`.
     pub minor_per_point_den: i64,
+    /// Partner token names (role `partner`) that may credit points (`POST /v1/partner/points`);
+    /// none by default.
+    #[serde(default)]
+    pub partners: Vec<String>,
 }
 
 /// The `[tls]` table: PEM certificate chain and key.
@@ -207,12 +211,21 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
                 p.name
             )));
         }
-        sources.push(Arc::new(PointsProgram::new(
-            &p.name,
-            ledger.clone(),
-            p.minor_per_point_num,
-            p.minor_per_point_den,
-        )));
+        if !crate::funding::valid_instrument_id(&p.name) {
+            return Err(ServerError::Config(format!(
+                "points program {:?}: the name must be letters, digits, '-', '_' or '.'",
+                p.name
+            )));
+        }
+        sources.push(Arc::new(
+            PointsProgram::new(
+                &p.name,
+                ledger.clone(),
+                p.minor_per_point_num,
+                p.minor_per_point_den,
+            )
+            .with_partners(p.partners.clone()),
+        ));
     }
     let clock: Arc<dyn Fn() -> u64 + Send + Sync> = Arc::new(now_ms);
     sources.push(Arc::new(crate::partner::VoucherSource::new(

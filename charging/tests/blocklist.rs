@@ -79,6 +79,7 @@ fn the_owner_reports_a_card_lost_and_the_gateway_sees_numbered_changes() {
     );
     assert!(body["blocklist_version"].is_null(), "{body}");
 
+    common::register_instrument(&b, ALICE, "card", "tok_visa");
     // A load may start; the block is checked once the card has been read (see
     // `a_blocked_card_is_refused` in tests/loads.rs).
     let (code, first) = common::post_with_key(

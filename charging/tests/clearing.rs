@@ -248,6 +248,7 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
         &Personalisation::transit(uid, 1_000),
         hsm.card_keys(&uid, 1).unwrap(),
     );
+    common::register_instrument(&b, HOLDER, "card", "tok_visa");
     let (_, mut reply) = common::post_with_key(
         &format!("{b}/v1/loads"),
         HOLDER,
@@ -331,6 +332,7 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
         &Personalisation::transit(uid, 1_000),
         hsm.card_keys(&uid, 1).unwrap(),
     );
+    common::register_instrument(&b, HOLDER, "card", "tok_visa");
     let (_, mut reply) = common::post_with_key(
         &format!("{b}/v1/loads"),
         HOLDER,
@@ -428,6 +430,7 @@ fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) 
     );
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let before = debit(&mut sam, &mut card, 100); // tmc 1, not cleared yet
+    common::register_instrument(&b, HOLDER, "card", "tok_visa");
     let (_, mut reply) = common::post_with_key(
         &format!("{b}/v1/loads"),
         HOLDER,

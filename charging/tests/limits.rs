@@ -89,6 +89,9 @@ fn per_source_and_per_instrument_limits_hold_and_a_voided_load_gives_its_share_b
             ..LoadConfig::default()
         },
     );
+    for token in ["tok_a", "tok_b", "tok_c"] {
+        svc.register_instrument("alice", "card", token, 0).unwrap();
+    }
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let card = |n: u8| {
         let uid = [0x04, 0x33, n, 2, 3, 4, 5];

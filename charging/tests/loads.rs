@@ -31,13 +31,20 @@ fn world(cfg: LoadConfig, kind: HsmKind) -> World {
     let keys = KeySet::generate(&mut rng);
     let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let miles = Arc::new(PointsProgram::new("mileage", ledger.clone(), 2, 1));
+    let miles = Arc::new(
+        PointsProgram::new("mileage", ledger.clone(), 2, 1).with_partners(vec!["airline".into()]),
+    );
     let svc = LoadService::new(
         ledger,
         common::hsm(kind, &keys),
         vec![processor.clone() as Arc<dyn FundingSource>, miles.clone()],
         cfg,
     );
+    // A load is funded only from the caller's own instruments: alice registers her card
+    // tokens; the airline links her mileage membership to her account.
+    for token in ["tok_visa", "tok_decline"] {
+        svc.register_instrument("alice", "card", token, 0).unwrap();
+    }
     World {
         _dir: dir,
         svc,
@@ -190,12 +197,15 @@ fn the_same_idempotency_key_never_loads_twice(kind: HsmKind) {
         .unwrap();
     assert_eq!(first, again, "a repeated start returns the stored outcome");
     assert_eq!(card.state().balance_minor, 1_000);
-    // The same key from another caller is another request.
+    // The same key from another caller is another request (bob pays with his own card).
+    w.svc
+        .register_instrument("bob", "card", "tok_bob", w.now_ms)
+        .unwrap();
     let other = w
         .svc
         .start(
             "bob",
-            w.req(&card, 1_000, "card", "tok_visa", "same"),
+            w.req(&card, 1_000, "card", "tok_bob", "same"),
             w.now_ms,
         )
         .unwrap();
@@ -319,7 +329,9 @@ fn refusals_move_nothing(kind: HsmKind) {
 
 fn mileage_funds_a_load_and_only_holds_what_it_converts(kind: HsmKind) {
     let mut w = world(LoadConfig::default(), kind);
-    w.miles.earn("alice", 1_000, "flight:ICN-NRT", 0).unwrap();
+    w.miles
+        .earn("airline", "alice", "alice", 1_000, "flight:ICN-NRT", 0)
+        .unwrap();
     let mut card = w.card(6, 0);
     let r = w
         .svc

@@ -36,6 +36,8 @@ fn world() -> World {
         vec![processor.clone() as Arc<dyn FundingSource>],
         LoadConfig::default(),
     );
+    svc.register_instrument("alice", "card", "tok_visa", T0)
+        .unwrap();
     World {
         _dir: dir,
         svc,

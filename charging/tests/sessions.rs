@@ -23,6 +23,8 @@ fn service(dir: &std::path::Path, cfg: LoadConfig) -> (LoadService, SoftwareHsm)
         vec![processor as Arc<dyn FundingSource>],
         cfg,
     );
+    svc.register_instrument("alice", "card", "tok_visa", NOW)
+        .unwrap();
     (svc, SoftwareHsm::new(&keys).unwrap())
 }
 
@@ -109,7 +111,8 @@ fn finished_sessions_do_not_count_against_the_limit_and_answer_a_retried_last_st
         svc.respond("alice", old_id, *old_seq, &[vec![0x91, 0x00]], NOW),
         Err(LoadError::NoSession(_))
     ));
-    let c0 = card(&svc, &hsm, 100);
+    // (The same request: card 0's load again.)
+    let c0 = card(&svc, &hsm, 0);
     let replay = svc
         .start(
             "alice",

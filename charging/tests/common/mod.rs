@@ -146,3 +146,16 @@ pub fn post_with_key(
         Err(e) => panic!("{e}"),
     }
 }
+
+/// Registers a funding instrument (a card token) to the token's account: 201 or 200.
+pub fn register_instrument(base: &str, token: &str, source: &str, instrument: &str) {
+    let (code, body) = post(
+        &format!("{base}/v1/instruments"),
+        token,
+        serde_json::json!({"source": source, "instrument": instrument}),
+    );
+    assert!(
+        code == 201 || code == 200,
+        "registering {source}:{instrument}: {code} {body}"
+    );
+}
