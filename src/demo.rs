@@ -105,7 +105,12 @@ impl Transport for DemoReader<'_> {
 
 struct Rider {
     card: Card,
-    name: String,
+    /// The rider's cardholder token (its account is `rider-<i>`).
+    token: String,
+    /// The rider's card token at the processor, registered to the rider's account.
+    card_token: String,
+    /// The rider's mileage member id, linked to the rider's account by the airline.
+    member: String,
     /// The validator where the card was last torn: the rider taps there again, and its journal
     /// settles the debit from the card's counter.
     torn_at: Option<usize>,
@@ -174,7 +179,9 @@ fn tv_sale(rng: &mut StdRng) -> validator::gate::Sale {
     }
 }
 
-const HOLDER: &str = "tg_demo_cardholder";
+/// Each rider's phone app has its own cardholder token (`rider_token`); the airline credits
+/// miles through the partner API with its own.
+const AIRLINE: &str = "tg_demo_airline";
 const GATEWAY: &str = "tg_demo_gateway";
 const HOTEL_GATEWAY: &str = "tg_demo_hotel_gateway";
 const OPS: &str = "tg_demo_operator";
@@ -188,6 +195,10 @@ fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
         1 => Tear::LoseAnswer(rng.gen_range(1..=10)),
         _ => Tear::Power(rng.gen_range(1..=COMMIT_WRITES)),
     })
+}
+
+fn rider_token(i: u32) -> String {
+    format!("tg_demo_rider_{i}")
 }
 
 /// The validator signs the tap record (wire format v2: the MAC covers its operator, the metro)
@@ -384,12 +395,19 @@ pub fn run(args: DemoArgs) -> Result<()> {
         sha256: Auth::hash_token(t),
     };
     cfg.tokens = vec![
-        token("riders-app", Role::Cardholder, HOLDER),
+        token("airline", Role::Partner, AIRLINE),
         token("gateway", Role::Gateway, GATEWAY),
         token("hotel-gateway", Role::Gateway, HOTEL_GATEWAY),
         token("ops", Role::Operator, OPS),
     ];
-    cfg.limits.loads_per_minute_per_client = 0; // one demo app speaks for every rider
+    for i in 0..args.cards {
+        cfg.tokens.push(token(
+            &format!("rider-{i}"),
+            Role::Cardholder,
+            &rider_token(i),
+        ));
+    }
+    cfg.limits.loads_per_minute_per_client = 0;
     cfg.operator = "metro".into();
     // The hotel's gateway books the pay-TV sales to the hotel, and only there.
     cfg.gateway_operators
@@ -398,6 +416,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         name: "mileage".into(),
         minor_per_point_num: 2,
         minor_per_point_den: 1,
+        partners: vec!["airline".into()],
     });
     cfg.partners.push(PartnerConfig {
         name: "mall".into(),
@@ -431,9 +450,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         );
     }
 
-    // Cards, registered with the back office; riders earn some miles.
-    let miles =
-        charging::funding::PointsProgram::new("mileage", state.loads.ledger().clone(), 2, 1);
+    // Cards, registered with the back office to their riders; each rider registers a card
+    // token, and the airline credits some miles to the rider's membership (partner API).
     let mut riders: Vec<Rider> = Vec::with_capacity(args.cards as usize);
     for i in 0..args.cards {
         let mut uid = [0x04, 0, 0, 0, 0, 0x1D, 0x80];
@@ -446,13 +464,28 @@ pub fn run(args: DemoArgs) -> Result<()> {
             OPS,
             serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": balance, "owner": name}),
         )?;
-        miles.earn(&name, 50_000, "flight", 0)?;
+        let (token, card_token, member) =
+            (rider_token(i), format!("tok_visa_{i}"), format!("M{i:06}"));
+        post(
+            &agent,
+            &format!("{base}/v1/instruments"),
+            &token,
+            serde_json::json!({"source": "card", "instrument": card_token}),
+        )?;
+        post(
+            &agent,
+            &format!("{base}/v1/partner/points"),
+            AIRLINE,
+            serde_json::json!({"program": "mileage", "member_id": member, "account": name, "points": 50_000, "reference": format!("welcome-flight-{i}")}),
+        )?;
         riders.push(Rider {
+            token,
+            card_token,
+            member,
             card: Card::personalise(
                 &Personalisation::transit(uid, balance),
                 hsm.card_keys(&uid, 1)?,
             ),
-            name,
             torn_at: None,
             trip_network: None,
             pending_load: false,
@@ -862,8 +895,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         if short && r.torn_at.is_none() {
             // Top up online through the charging server, funded by card, mileage or a voucher.
             let (source, instrument) = match rng.gen_range(0..3) {
-                0 => ("card".to_string(), "tok_visa".to_string()),
-                1 => ("mileage".to_string(), r.name.clone()),
+                0 => ("card".to_string(), r.card_token.clone()),
+                1 => ("mileage".to_string(), r.member.clone()),
                 _ => {
                     let order = serde_json::json!({"order_id": format!("order-{tap}"), "kind": "gift", "amount_minor": 20_000});
                     let body = serde_json::to_vec(&order)?;
@@ -906,7 +939,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             let relayed = relay_load(
                 &agent,
                 &base,
-                HOLDER,
+                &r.token,
                 &mut purse::txn::EmulatedReader {
                     card: &mut r.card,
                     rng: rand::rngs::OsRng,
