@@ -44,6 +44,7 @@ fn utc(ms: u64) -> (String, String) {
 
 /// The TIDES `fare_transactions.csv` for taps with device time in `[from_ms, to_ms)` (taps
 /// whose device MAC verifies for `operator`, the gateway's).
+#[allow(clippy::too_many_arguments)]
 pub fn tides_fare_transactions(
     store: &Store,
     operator: &str,
