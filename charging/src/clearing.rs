@@ -492,7 +492,7 @@ fn complete_loads_across_gaps(
         else {
             return Ok(());
         };
-        if next != x + 2 {
+        if Some(next) != x.checked_add(2) {
             return Ok(());
         }
         let Some(intent) = l.intent(t, uid, x)? else {

@@ -227,6 +227,49 @@ pub struct CardShadow {
 /// Bound on counters kept above a gap per card (beyond it, the oldest are reported and dropped).
 pub const BOOKED_ABOVE_MAX: usize = 64;
 
+impl CardShadow {
+    /// Books the card's transaction at counter `tmc` (leaving `balance_after_minor`, having
+    /// changed the balance by `delta_minor`) in the shadow: a counter at or below
+    /// `booked_through_tmc` or already waiting above a gap is a duplicate; the next one advances
+    /// `booked_through_tmc` and absorbs the counters waiting right above it; a later one waits
+    /// above the gap (at most [`BOOKED_ABOVE_MAX`], the oldest dropped). Any shadow — one read
+    /// back corrupt included — and any counter leave `booked_above` sorted, unique, above
+    /// `booked_through_tmc` and bounded; nothing overflows.
+    pub fn book(&mut self, tmc: u32, balance_after_minor: i32, delta_minor: i64) -> Booking {
+        // A shadow read back corrupt: only sorted, unique counters above the contiguous ones.
+        self.booked_above.sort_unstable();
+        self.booked_above.dedup_by_key(|e| e.0);
+        let through = self.booked_through_tmc;
+        self.booked_above.retain(|e| e.0 > through);
+        let booking =
+            if tmc <= self.booked_through_tmc || self.booked_above.iter().any(|e| e.0 == tmc) {
+                Booking::Duplicate
+            } else if Some(tmc) == self.booked_through_tmc.checked_add(1) {
+                self.booked_through_tmc = tmc;
+                self.booked_balance_minor = Some(balance_after_minor);
+                // Absorb counters that were waiting above the gap.
+                while let Some(&(t, b, _)) = self.booked_above.first() {
+                    if Some(t) != self.booked_through_tmc.checked_add(1) {
+                        break;
+                    }
+                    self.booked_through_tmc = t;
+                    self.booked_balance_minor = Some(b);
+                    self.booked_above.remove(0);
+                }
+                Booking::InOrder
+            } else {
+                self.booked_above
+                    .push((tmc, balance_after_minor, delta_minor));
+                self.booked_above.sort_unstable();
+                Booking::AboveGap
+            };
+        while self.booked_above.len() > BOOKED_ABOVE_MAX {
+            self.booked_above.remove(0);
+        }
+        booking
+    }
+}
+
 /// A gift certificate or prepaid load sold by a partner, redeemable into a purse.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Voucher {
@@ -663,30 +706,7 @@ impl LedgerCore {
         now_ms: u64,
     ) -> Result<Booking, LedgerError> {
         let mut c = self.card(txn, uid)?;
-        let booking = if tmc <= c.booked_through_tmc || c.booked_above.iter().any(|e| e.0 == tmc) {
-            Booking::Duplicate
-        } else if tmc == c.booked_through_tmc + 1 {
-            c.booked_through_tmc = tmc;
-            c.booked_balance_minor = Some(balance_after_minor);
-            // Absorb counters that were waiting above the gap.
-            c.booked_above.sort_unstable();
-            while let Some(&(t, b, _)) = c.booked_above.first() {
-                if t != c.booked_through_tmc + 1 {
-                    break;
-                }
-                c.booked_through_tmc = t;
-                c.booked_balance_minor = Some(b);
-                c.booked_above.remove(0);
-            }
-            Booking::InOrder
-        } else {
-            c.booked_above.push((tmc, balance_after_minor, delta_minor));
-            c.booked_above.sort_unstable();
-            if c.booked_above.len() > BOOKED_ABOVE_MAX {
-                c.booked_above.remove(0);
-            }
-            Booking::AboveGap
-        };
+        let booking = c.book(tmc, balance_after_minor, delta_minor);
         if booking != Booking::Duplicate {
             self.cards.put(txn, uid, &c)?;
             if c.booked_above.is_empty() {
@@ -699,7 +719,7 @@ impl LedgerCore {
             } else {
                 // The lowest gap starts at the first counter not booked; a new one (or the same
                 // one after the counters below it arrived) starts a new clock.
-                let from_tmc = c.booked_through_tmc + 1;
+                let from_tmc = c.booked_through_tmc.saturating_add(1);
                 if self
                     .gaps
                     .get(txn, uid)?
@@ -811,7 +831,7 @@ impl LedgerCore {
                 self.gaps.delete(txn, &uid)?;
                 continue;
             };
-            let from_tmc = c.booked_through_tmc + 1;
+            let from_tmc = c.booked_through_tmc.saturating_add(1);
             let to_tmc = first_above - 1;
             let hours = now_ms.saturating_sub(clock.since_ms) / 3_600_000;
             let waiting = self

@@ -81,14 +81,14 @@ pub fn reconcile(ledger: &LedgerCore) -> Result<Report, LedgerError> {
         }
         if let Some(&(first_above, _, _)) = shadow.booked_above.first() {
             report.differences.push(diff(Cause::CounterGap {
-                from_tmc: shadow.booked_through_tmc + 1,
+                from_tmc: shadow.booked_through_tmc.saturating_add(1),
                 to_tmc: first_above - 1,
             }));
             continue;
         }
         if shadow.last_tmc > shadow.booked_through_tmc {
             report.differences.push(diff(Cause::Uncleared {
-                from_tmc: shadow.booked_through_tmc + 1,
+                from_tmc: shadow.booked_through_tmc.saturating_add(1),
                 to_tmc: shadow.last_tmc,
             }));
             continue;
