@@ -193,6 +193,15 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
         serde_json::json!({"card_uid": uid_hex, "personalised_minor": 1_000}),
     );
     assert_eq!(code, 201, "{body}");
+    // The cardholder pays with a card token registered to its account.
+    let (code, body) = post(
+        &base,
+        "/v1/instruments",
+        Some(CARDHOLDER),
+        None,
+        serde_json::json!({"source": "card", "instrument": "tok_visa"}),
+    );
+    assert_eq!(code, 201, "{body}");
     // Bad input: a clear 400, and the server keeps serving.
     let (code, body) = post(
         &base,

@@ -250,6 +250,15 @@ fn the_charging_daemon_loads_a_card_with_the_keys_in_the_token() {
         serde_json::json!({"card_uid": uid_hex, "personalised_minor": 1_000}),
     );
     assert_eq!(code, 201, "{body}");
+    // The cardholder pays with a card token registered to its account.
+    let (code, body) = post(
+        &server.base,
+        "/v1/instruments",
+        CARDHOLDER,
+        None,
+        serde_json::json!({"source": "card", "instrument": "tok_visa"}),
+    );
+    assert_eq!(code, 201, "{body}");
     let (code, mut reply) = post(
         &server.base,
         "/v1/loads",

@@ -60,6 +60,25 @@ pub(crate) fn relay(
     Ok(())
 }
 
+/// Registers the card tokens the bench loads with `keys` pay with (`tok_visa_<key>`) to the
+/// bench caller — a load is funded only from the caller's own instruments — before the clock
+/// starts.
+pub(crate) fn register_tokens(
+    agent: &ureq::Agent,
+    base: &str,
+    keys: impl IntoIterator<Item = String>,
+) -> anyhow::Result<()> {
+    for key in keys {
+        agent
+            .post(&format!("{base}/v1/instruments"))
+            .set("Authorization", &format!("Bearer {TOKEN}"))
+            .send_json(
+                serde_json::json!({"source": "card", "instrument": format!("tok_visa_{key}")}),
+            )?;
+    }
+    Ok(())
+}
+
 /// Runs `n` loads from `clients` client threads.
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
@@ -113,6 +132,11 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     });
     let hsm = SoftwareHsm::new(&keys)?;
     let per_client = n.div_ceil(clients as u64);
+    register_tokens(
+        &ureq::AgentBuilder::new().build(),
+        &base,
+        (0..clients).flat_map(|c| (0..per_client).map(move |i| format!("c{c}-{i}"))),
+    )?;
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
     let client_cpu = Arc::new(Mutex::new(0.0f64));
     let cpu_before = crate::stats::cpu_s();

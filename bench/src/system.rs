@@ -539,6 +539,11 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         }
         load_cards.push(v);
     }
+    crate::loads::register_tokens(
+        &agent,
+        &base,
+        (0..LOAD_CLIENTS).flat_map(|c| (0..per_client).map(move |i| format!("sys-{c}-{i}"))),
+    )?;
     let load_lat = Arc::new(Mutex::new(Vec::new()));
     let loads_started = Instant::now();
     std::thread::scope(|scope| -> anyhow::Result<()> {
