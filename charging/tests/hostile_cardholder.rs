@@ -395,3 +395,44 @@ fn an_idempotency_key_is_bound_to_the_request_it_was_first_used_for() {
     assert_eq!(card.state().balance_minor, 700, "loaded once");
     w.assert_conserved(&card);
 }
+
+#[test]
+fn a_voucher_code_never_reaches_postings_authorisations_or_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let order = charging::partner::VoucherOrder {
+        order_id: "o-1".into(),
+        kind: "gift".into(),
+        amount_minor: 1_000,
+        card_uid: None,
+        valid_days: None,
+    };
+    let v = charging::partner::issue_voucher(&ledger, "mall", 10_000, order, NOW).unwrap();
+    let source = charging::partner::VoucherSource::new(ledger.clone(), Arc::new(|| NOW));
+    let auth = source
+        .authorise(&FundingRequest {
+            amount_minor: 1_000,
+            reference: "load:04140101020304:1:s",
+            instrument: &v.code,
+        })
+        .unwrap();
+    assert!(!auth.contains(&v.code), "{auth}");
+    assert_eq!(auth, charging::partner::voucher_id(&v.code));
+    source.capture(&auth).unwrap();
+    source.capture(&auth).unwrap();
+    // Errors name the voucher by hash or its last four characters only.
+    let again = source.void(&auth).unwrap_err().to_string();
+    assert!(!again.contains(&v.code), "{again}");
+    let unknown = source
+        .capture("NOPE-NOPE-NOPE-NOPE")
+        .unwrap_err()
+        .to_string();
+    assert!(!unknown.contains("NOPE-NOPE"), "{unknown}");
+    let r = ledger.read().unwrap();
+    for p in ledger.postings_with_prefix(&r, "").unwrap() {
+        assert!(!p.reference.contains(&v.code), "{p:?}");
+    }
+    assert_eq!(ledger.balance(&r, "vouchers:outstanding").unwrap(), 0);
+    let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+    assert_eq!(sum, 0);
+}
