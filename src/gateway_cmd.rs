@@ -5,11 +5,11 @@ use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
 use clap::Args;
 use gateway::daemon::{
-    run, run_linked, start_embedded_broker_linked, GatewayConfig, GatewayStats, TapLink,
+    run, run_linked, start_embedded_broker_linked, BrokerUsers, GatewayConfig, GatewayStats,
+    TapLink,
 };
 use gateway::store::Store;
 use purse::keys::Role;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,8 +42,11 @@ pub struct GatewayArgs {
     /// PEM private key of the embedded broker's TLS listener.
     #[arg(long = "embedded-tls-key")]
     embedded_tls_key: Option<PathBuf>,
-    /// The embedded broker's users: a file of `username password` lines (validators use their
-    /// device id as username). Required for the embedded broker: every client authenticates.
+    /// The embedded broker's devices: a file of `username password [operator]` lines
+    /// (validators use their device id as username; with an operator, the device may use only
+    /// that operator's topics). Required for the embedded broker: every client authenticates,
+    /// and each device publishes only its own taps and status and reads only its own
+    /// confirmations and the downlink (docs/mqtt.md).
     #[arg(long = "mqtt-users")]
     mqtt_users: Option<PathBuf>,
     /// The gateway's MQTT username.
@@ -200,22 +203,16 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             })?;
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let mut users = HashMap::new();
-            for (i, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let (u, p) = line.split_once(char::is_whitespace).ok_or_else(|| {
-                    input_err(format!(
-                        "{} line {}: expected `username password`",
-                        path.display(),
-                        i + 1
-                    ))
-                })?;
-                users.insert(u.to_string(), p.trim().to_string());
+            let mut users = BrokerUsers::parse_devices(&text)
+                .map_err(|e| input_err(format!("{} {e}", path.display())))?;
+            if users.contains(&a.mqtt_user) {
+                return Err(input_err(format!(
+                    "{}: {:?} is the gateway's own MQTT user (--mqtt-user), not a device",
+                    path.display(),
+                    a.mqtt_user
+                )));
             }
-            users.insert(a.mqtt_user.clone(), a.mqtt_password.clone());
+            users.add_gateway(&a.mqtt_user, &a.mqtt_password);
             let tls = match (
                 a.embedded_tls_listen,
                 &a.embedded_tls_cert,
@@ -280,6 +277,9 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         None => store,
     };
     let stats = Arc::new(GatewayStats::default());
+    if let Some(l) = &link {
+        let _ = stats.broker.set(l.broker_stats());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

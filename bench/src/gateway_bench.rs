@@ -6,7 +6,9 @@
 //! embedded rumqttd).
 
 use crate::Figures;
-use gateway::daemon::{run, run_linked, start_embedded_broker_linked, GatewayConfig, GatewayStats};
+use gateway::daemon::{
+    run, run_linked, start_embedded_broker_linked, BrokerUsers, GatewayConfig, GatewayStats,
+};
 use gateway::store::Store;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeySet, Role};
@@ -77,6 +79,7 @@ fn cpu_s() -> f64 {
 /// Publishes `records[vi]` from VALIDATORS clients at QoS 1 and waits until `done` reports all.
 async fn publish_all(
     port: u16,
+    first_device: usize,
     passwords: &[String],
     records: &[Vec<Vec<u8>>],
     topic_for: impl Fn(usize) -> String,
@@ -86,7 +89,7 @@ async fn publish_all(
 ) -> anyhow::Result<Duration> {
     let mut clients = Vec::new();
     for (vi, pw) in passwords.iter().enumerate() {
-        let id = (1000 + vi).to_string();
+        let id = (first_device + vi).to_string();
         let mut o = MqttOptions::new(
             format!("bench-validator-{id}-{}", confirm_topic_for.is_some()),
             "127.0.0.1",
@@ -209,11 +212,16 @@ pub fn run_scenario(
         .collect();
     let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
     let port = crate::stats::free_port()?;
+    // Devices 1000… send the taps, devices 2000… the raw run's messages (as their own taps
+    // under operator "raw", which the gateway does not take): both pass the embedded broker's
+    // ACL front, as live taps do.
     let mut users: HashMap<String, String> = (0..VALIDATORS)
-        .map(|vi| ((1000 + vi).to_string(), format!("pw{vi}")))
+        .flat_map(|vi| [1000, 2000].map(|d| ((d + vi).to_string(), format!("pw{vi}"))))
         .collect();
     users.insert("gateway".into(), "gwpw".into());
     users.insert("raw".into(), "rawpw".into());
+    let mut broker_users = BrokerUsers::from(users.clone());
+    broker_users.add_gateway("raw", "rawpw");
     // With the embedded broker the gateway takes taps over its in-process link, as
     // `tapgate gateway` does (TAPGATE_BENCH_INGEST_CONNECTIONS > 0 measures that many MQTT
     // connections to it instead).
@@ -226,7 +234,7 @@ pub fn run_scenario(
         _ => {
             let (_, link) = start_embedded_broker_linked(
                 format!("127.0.0.1:{port}").parse()?,
-                users.clone(),
+                broker_users,
                 None,
                 "bench",
             )
@@ -257,7 +265,8 @@ pub fn run_scenario(
             .set_inflight(1000)
             .set_max_packet_size(1 << 16, 1 << 16);
         let (sub, mut ev) = AsyncClient::new(o, 20_000);
-        sub.subscribe("bench/raw/#", QoS::AtLeastOnce).await?;
+        sub.subscribe("tapgate/v1/raw/taps/+", QoS::AtLeastOnce)
+            .await?;
         let rcv = received.clone();
         let ready = Arc::new(tokio::sync::Notify::new());
         let r2 = ready.clone();
@@ -279,9 +288,10 @@ pub fn run_scenario(
         tokio::time::timeout(Duration::from_secs(10), ready.notified()).await?;
         let took = publish_all(
             port,
+            2000,
             &passwords,
             &records,
-            |vi| format!("bench/raw/{}", 1000 + vi),
+            |vi| format!("tapgate/v1/raw/taps/{}", 2000 + vi),
             None,
             received,
             messages,
@@ -335,6 +345,7 @@ pub fn run_scenario(
         let ct = |vi: usize| format!("tapgate/v1/bench/devices/{}/confirm", 1000 + vi);
         let took = publish_all(
             port,
+            1000,
             &passwords,
             &records,
             |vi| format!("tapgate/v1/bench/taps/{}", 1000 + vi),

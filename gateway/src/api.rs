@@ -287,6 +287,9 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
         "# TYPE tapgate_gateway_store_full gauge\ntapgate_gateway_store_full {full}\n\
          # TYPE tapgate_gateway_store_full_total counter\ntapgate_gateway_store_full_total {full_events}\n"
     ));
+    if let Some(b) = st.stats.broker.get() {
+        out.push_str(&b.prometheus());
+    }
     let up = u8::from(st.stats.subscribed.load(Ordering::Relaxed));
     out.push_str(&format!(
         "# TYPE tapgate_gateway_mqtt_subscribed gauge\ntapgate_gateway_mqtt_subscribed {up}\n"

@@ -55,6 +55,35 @@ pub struct BrokerStats {
     pub protocol_errors: AtomicU64,
 }
 
+impl BrokerStats {
+    /// The counters in Prometheus text format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        for (name, c) in [
+            (
+                "tapgate_gateway_mqtt_connections_refused_total",
+                &self.connections_refused,
+            ),
+            (
+                "tapgate_gateway_mqtt_publishes_refused_total",
+                &self.publishes_refused,
+            ),
+            (
+                "tapgate_gateway_mqtt_subscriptions_refused_total",
+                &self.subscriptions_refused,
+            ),
+            (
+                "tapgate_gateway_mqtt_protocol_errors_total",
+                &self.protocol_errors,
+            ),
+        ] {
+            let v = c.load(Ordering::Relaxed);
+            out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
+        }
+        out
+    }
+}
+
 #[derive(Clone)]
 struct BrokerUser {
     password: String,
@@ -154,6 +183,11 @@ impl BrokerUsers {
                 .map_err(|e| format!("line {}: {e}", i + 1))?;
         }
         Ok(users)
+    }
+
+    /// Whether `username` is a user.
+    pub fn contains(&self, username: &str) -> bool {
+        self.users.contains_key(username)
     }
 
     /// Number of users.

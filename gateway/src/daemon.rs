@@ -115,6 +115,8 @@ pub struct GatewayStats {
     pub blocklist_version: AtomicU64,
     /// Which version each validator reports holding, and how fast each version spread.
     pub propagation: std::sync::Mutex<crate::propagation::Propagation>,
+    /// What the embedded broker's ACL front refused (set when this process runs it).
+    pub broker: std::sync::OnceLock<Arc<crate::broker::BrokerStats>>,
 }
 
 fn now_ms() -> u64 {

@@ -1,6 +1,6 @@
 //! The embedded broker's TLS listener: a client that trusts the certificate connects and
 //! authenticates; plain MQTT to the TLS port gets no session; the plain loopback listener
-//! (the gateway's own) still works.
+//! (the gateway's own) still works; the ACL front enforces the same rules over TLS.
 
 use gateway::daemon::start_embedded_broker_tls;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, Transport};
@@ -71,9 +71,29 @@ async fn the_embedded_broker_speaks_tls() {
     );
     // The right certificate but the wrong password: refused.
     assert_ne!(
-        connack(opts("tls-bad-pass", "guess"), Some(ca)).await,
+        connack(opts("tls-bad-pass", "guess"), Some(ca.clone())).await,
         Some(ConnectReturnCode::Success)
     );
+    // The TLS listener keeps a device to its topics as the plain one does: a subscription to
+    // every device's taps closes the connection (no SUBACK).
+    let mut o = opts("tls-spy", "secret");
+    o.set_transport(Transport::tls(ca.clone(), None, None));
+    let (c, mut ev) = AsyncClient::new(o, 10);
+    c.subscribe("tapgate/v1/+/taps/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return "granted",
+                Ok(_) => {}
+                Err(_) => return "closed",
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome, "closed");
     // Plain MQTT to the TLS port: no session.
     assert_eq!(connack(opts("plain", "secret"), None).await, None);
     let mut o = MqttOptions::new("loopback", "127.0.0.1", plain);
