@@ -1,0 +1,375 @@
+//! Hostile franchises and terminals against the real `tapgate charging` daemon (issue 14,
+//! items 5, 6 and 9): a franchise replays the server's own online load as its franchise load,
+//! another franchise claims a shop's load, a debit-key holder credits a reversal back, and
+//! hostile amounts try to wrap the ledger. Each attack is tried over HTTP and does no harm: the
+//! shadow purse equals the card.
+
+use purse::apdu::ins;
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeyKind, KeySet};
+use purse::receipt::CommitReceipt;
+use purse::sam::{Authenticator, SoftwareHsm, SoftwareSam};
+use purse::txn::{self, Decision, EmulatedReader, Outcome, TxError};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const PASS: &str = "hostile-franchise-pass";
+const ALICE: &str = "tg_alice_token_hostile";
+const OPS: &str = "tg_ops_token_hostile";
+const SHOP: &str = "tg_corner_shop_token";
+const KIOSK: &str = "tg_kiosk_token";
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha(t: &str) -> String {
+    charging::api::Auth::hash_token(t)
+}
+
+fn setup() -> (tempfile::TempDir, KeySet, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["keys", "init", "--out"])
+        .arg(dir.path().join("keys"))
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut cfg = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n",
+        dir.path().join("data").to_str().unwrap()
+    );
+    for (name, role, token) in [
+        ("alice", "cardholder", ALICE),
+        ("ops", "operator", OPS),
+        ("corner-shop", "partner", SHOP),
+        ("kiosk", "partner", KIOSK),
+    ] {
+        cfg.push_str(&format!(
+            "\n[[tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+            sha(token)
+        ));
+    }
+    for (name, device) in [("corner-shop", 7001), ("kiosk", 7002)] {
+        cfg.push_str(&format!(
+            "\n[[franchises]]\nname = \"{name}\"\ndevice_id = {device}\nmax_exposure_minor = 100000\n"
+        ));
+    }
+    std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
+    let keys = KeySet::unseal(
+        &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
+        PASS.as_bytes(),
+    )
+    .unwrap();
+    let server = start(dir.path());
+    (dir, keys, server)
+}
+
+fn start(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .arg("charging")
+        .arg("--config")
+        .arg(dir.join("charging.toml"))
+        .arg("--keys")
+        .arg(dir.join("keys"))
+        .env("TAPGATE_KEY_PASSPHRASE", PASS)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tapgate charging");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("charging listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Server { child, base }
+}
+
+fn call(
+    method: &str,
+    url: &str,
+    token: &str,
+    key: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = ureq::request(method, url).set("Authorization", &format!("Bearer {token}"));
+    if let Some(k) = key {
+        req = req.set("Idempotency-Key", k);
+    }
+    let res = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => {
+            let code = r.status();
+            let text = r.into_string().unwrap_or_default();
+            (code, serde_json::from_str(&text).unwrap_or_default())
+        }
+        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+fn post(base: &str, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    call("POST", &format!("{base}{path}"), token, None, Some(body))
+}
+
+/// Relays the server's commands to the card until a final answer.
+fn relay(base: &str, card: &mut Card, mut reply: serde_json::Value) -> serde_json::Value {
+    let mut rng = StdRng::seed_from_u64(5);
+    while reply["status"] == "command" {
+        let answers: Vec<String> = reply["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let cmd = hex::decode(c.as_str().unwrap()).unwrap();
+                hex::encode_upper(card.process(&cmd, &mut rng).unwrap())
+            })
+            .collect();
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        let (code, next) = post(
+            base,
+            &format!("/v1/loads/{id}/steps"),
+            ALICE,
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+        );
+        assert_eq!(code, 200, "{next}");
+        reply = next;
+    }
+    reply
+}
+
+fn value_tx(
+    auth: &mut dyn Authenticator,
+    card: &mut Card,
+    key: KeyKind,
+    code: u8,
+    amount: i32,
+) -> Result<CommitReceipt, TxError> {
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(6),
+    };
+    match txn::run(
+        &mut reader,
+        auth,
+        key,
+        code,
+        &mut StdRng::seed_from_u64(7),
+        |_| Decision::Apply {
+            amount_minor: amount,
+            record: None,
+        },
+    )? {
+        Outcome::Committed { receipt, .. } => Ok(receipt),
+        Outcome::Refused { .. } => panic!("refused"),
+    }
+}
+
+/// A franchise report of one load: (UID, counter, TMV, amount, balance after).
+type Load = ([u8; 7], u32, [u8; 8], i32, i32);
+
+fn of(r: &CommitReceipt) -> Load {
+    (r.uid, r.tmc, r.tmv, r.amount_minor, r.balance_after_minor)
+}
+
+fn report(base: &str, token: &str, (uid, tmc, tmv, amount, after): Load) -> serde_json::Value {
+    let (code, out) = post(
+        base,
+        "/v1/franchise/loads",
+        token,
+        serde_json::json!({"loads": [{
+            "card_uid": hex::encode_upper(uid), "tmc": tmc, "amount_minor": amount,
+            "balance_after_minor": after, "tmv": hex::encode_upper(tmv), "key_version": 1,
+        }]}),
+    );
+    assert_eq!(code, 200, "{out}");
+    out
+}
+
+fn shadow(base: &str, card: &Card) -> i64 {
+    let uid = hex::encode_upper(card.state().uid);
+    let (code, c) = call("GET", &format!("{base}/v1/cards/{uid}"), OPS, None, None);
+    assert_eq!(code, 200, "{c}");
+    c["shadow_balance_minor"].as_i64().unwrap()
+}
+
+fn outstanding(base: &str, name: &str) -> i64 {
+    let (code, s) = call(
+        "GET",
+        &format!("{base}/v1/franchises/{name}"),
+        OPS,
+        None,
+        None,
+    );
+    assert_eq!(code, 200, "{s}");
+    s["outstanding_minor"].as_i64().unwrap()
+}
+
+#[test]
+fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed() {
+    let (_dir, keys, server) = setup();
+    let base = server.base.clone();
+    let issuer = SoftwareHsm::new(&keys).unwrap();
+    let uid = [0x04, 0x14, 0x05, 0x06, 0x07, 0x08, 0x09];
+    let uid_hex = hex::encode_upper(uid);
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 0),
+        issuer.card_keys(&uid, 1).unwrap(),
+    );
+    let (code, body) = post(
+        &base,
+        "/v1/cards",
+        OPS,
+        serde_json::json!({"card_uid": uid_hex, "personalised_minor": 0, "owner": "alice"}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = post(
+        &base,
+        "/v1/instruments",
+        ALICE,
+        serde_json::json!({"source": "card", "instrument": "tok_visa"}),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+
+    // An online load of 500.
+    let (code, first) = call(
+        "POST",
+        &format!("{base}/v1/loads"),
+        ALICE,
+        Some("load-1"),
+        Some(serde_json::json!({"card_uid": uid_hex, "amount_minor": 500,
+            "funding": {"source": "card", "instrument": "tok_visa"}})),
+    );
+    assert_eq!(code, 200, "{first}");
+    let done = relay(&base, &mut card, first);
+    assert_eq!(done["status"], "completed", "{done}");
+    let load_tmc = card.state().tmc;
+    assert_eq!(card.state().balance_minor, 500);
+
+    // Item 5: the shop replays the online load's credit as its own franchise load.
+    let online: Load = (uid, load_tmc, card.state().tmv, 500, 500);
+    let out = report(&base, SHOP, online);
+    assert_eq!(out["accepted"], 0, "{out}");
+    assert_eq!(out["rejected"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(outstanding(&base, "corner-shop"), 0);
+    assert_eq!(shadow(&base, &card), 500, "the shadow purse did not move");
+
+    // The shop's own SAM loads 200 offline: the kiosk cannot report it, the shop can, once.
+    let mut sam = SoftwareSam::franchise(&keys, 7001, 1_000).unwrap();
+    let own = value_tx(&mut sam, &mut card, KeyKind::Credit, ins::CREDIT, 200).unwrap();
+    let out = report(&base, KIOSK, of(&own));
+    assert_eq!(
+        (
+            out["accepted"].as_u64(),
+            out["rejected"].as_array().map(Vec::len)
+        ),
+        (Some(0), Some(1)),
+        "{out}"
+    );
+    let out = report(&base, SHOP, of(&own));
+    assert_eq!(out["accepted"], 1, "{out}");
+    let out = report(&base, SHOP, of(&own));
+    assert_eq!(
+        (out["accepted"].as_u64(), out["duplicates"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(outstanding(&base, "corner-shop"), 200);
+    assert_eq!(outstanding(&base, "kiosk"), 0);
+    assert_eq!(shadow(&base, &card), 700);
+    assert_eq!(card.state().balance_minor, 700);
+
+    // Item 6: the online load is reversed (refunded)...
+    let (code, first) = call(
+        "POST",
+        &format!("{base}/v1/reversals"),
+        ALICE,
+        Some("rev-1"),
+        Some(serde_json::json!({"card_uid": uid_hex, "load_tmc": load_tmc})),
+    );
+    assert_eq!(code, 200, "{first}");
+    let done = relay(&base, &mut card, first);
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(card.state().balance_minor, 200);
+    // ... and a terminal holding the debit key cannot give the 500 back.
+    let mut validator = SoftwareSam::validator(&keys, 1001).unwrap();
+    let r = value_tx(
+        &mut validator,
+        &mut card,
+        KeyKind::Debit,
+        ins::LIMITED_CREDIT,
+        500,
+    );
+    assert!(
+        matches!(
+            r,
+            Err(TxError::Card {
+                status: purse::apdu::Status::BoundaryError,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(card.state().balance_minor, 200);
+    assert_eq!(
+        shadow(&base, &card),
+        200,
+        "value conserved: shadow equals card"
+    );
+
+    // Item 9: hostile amounts are refused, nothing wraps.
+    for reference in ["max-1", "max-2"] {
+        let (code, body) = post(
+            &base,
+            "/v1/franchises/corner-shop/payments",
+            OPS,
+            serde_json::json!({"amount_minor": i64::MAX, "reference": reference}),
+        );
+        assert_eq!(code, 400, "{body}");
+    }
+    assert_eq!(outstanding(&base, "corner-shop"), 200);
+    let (code, body) = post(
+        &base,
+        "/v1/cards",
+        OPS,
+        serde_json::json!({"card_uid": "04141414141499", "personalised_minor": 4_294_967_396i64}),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = post(
+        &base,
+        &format!("/v1/cards/{uid_hex}/block"),
+        OPS,
+        serde_json::json!({"reason": "test"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let delta = |after: &str| {
+        call(
+            "GET",
+            &format!("{base}/v1/blocklist/signed/delta?after={after}"),
+            OPS,
+            None,
+            None,
+        )
+        .0
+    };
+    assert_eq!(delta("0"), 200);
+    assert_eq!(delta("18446744073709551615"), 204);
+}
