@@ -158,35 +158,47 @@ struct Broker {
     closes: bool,
     /// Whether devices are bound to their operator (embedded; Mosquitto with the generated ACL).
     binds_operator: bool,
+    /// The gateway's HTTP API (operator token `tg_ops`), when a gateway runs.
+    api_port: Option<u16>,
     _guard: Kill,
     dir: tempfile::TempDir,
 }
 
-fn tapgate_gateway() -> Broker {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+/// `tapgate keys init` and the gateway's API configuration (operator token `tg_ops`) in `dir`.
+fn gateway_files(dir: &Path, api_port: u16) {
     let o = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .current_dir(dir.path())
+        .current_dir(dir)
         .args(["keys", "init", "--out", "keys"])
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::write(dir.path().join("devices"), DEVICES).unwrap();
-    let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+    std::fs::write(
+        dir.join("gw-api.toml"),
+        format!(
+            "http_listen = \"127.0.0.1:{api_port}\"\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+            charging::api::Auth::hash_token("tg_ops")
+        ),
+    )
+    .unwrap();
+}
+
+/// `tapgate gateway` in `dir` with `args`, its log in gateway.log; once its API answers.
+fn spawn_gateway(dir: &Path, api_port: u16, args: &[&str]) -> Kill {
+    let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .current_dir(dir.path())
+        .current_dir(dir)
         .args([
             "gateway",
             "--keys",
             "keys",
             "--data",
             "gw",
-            "--mqtt-users",
-            "devices",
+            "--operator",
+            "metro",
         ])
-        .args(["--operator", "metro", "--embedded-listen"])
-        .arg(format!("127.0.0.1:{port}"))
+        .args(["--config", "gw-api.toml"])
+        .args(args)
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
         .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
         .stdout(Stdio::null())
@@ -194,12 +206,28 @@ fn tapgate_gateway() -> Broker {
         .spawn()
         .unwrap();
     let guard = Kill(child);
+    wait_for_port(api_port, "the gateway's API");
+    guard
+}
+
+fn tapgate_gateway() -> Broker {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, api_port) = (free_port(), free_port());
+    gateway_files(dir.path(), api_port);
+    std::fs::write(dir.path().join("devices"), DEVICES).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let guard = spawn_gateway(
+        dir.path(),
+        api_port,
+        &["--mqtt-users", "devices", "--embedded-listen", &listen],
+    );
     wait_for_port(port, "the gateway's broker");
     Broker {
         device_port: port,
         gateway_port: port,
         closes: true,
         binds_operator: true,
+        api_port: Some(api_port),
         _guard: guard,
         dir,
     }
@@ -292,6 +320,7 @@ fn mosquitto(generated_acl: bool) -> Option<Broker> {
         gateway_port,
         closes: false,
         binds_operator: generated_acl,
+        api_port: None,
         _guard: guard,
         dir,
     })
@@ -326,6 +355,17 @@ impl Broker {
                 "the front must close a connection that publishes to {topic}"
             );
         }
+    }
+
+    /// The gateway's Prometheus metrics.
+    fn metrics(&self) -> String {
+        let port = self.api_port.expect("a gateway runs");
+        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+            .set("Authorization", "Bearer tg_ops")
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
     }
 
     /// The gateway's log (the embedded broker's).
@@ -500,6 +540,11 @@ fn a_stolen_device_password_cannot_read_another_devices_taps() {
     rt().block_on(async {
         let b = tapgate_gateway();
         a_device_cannot_read_another_devices_taps(&b).await;
+        let m = b.metrics();
+        assert!(
+            m.contains("tapgate_gateway_mqtt_subscriptions_refused_total 4"),
+            "{m}"
+        );
         let log = b.log();
         assert!(log.contains("MQTT client outside its topics"), "{log}");
         assert_eq!(
@@ -518,6 +563,11 @@ fn a_stolen_device_password_cannot_forge_confirmations_or_plant_a_downlink() {
     rt().block_on(async {
         let b = tapgate_gateway();
         a_device_cannot_forge_confirmations_or_plant_a_downlink(&b).await;
+        let m = b.metrics();
+        assert!(
+            m.contains("tapgate_gateway_mqtt_publishes_refused_total 4"),
+            "{m}"
+        );
         if let Some(m) = mosquitto(false) {
             a_device_cannot_forge_confirmations_or_plant_a_downlink(&m).await;
         }
@@ -546,5 +596,54 @@ fn a_stolen_device_password_cannot_take_another_devices_or_the_gateways_client_i
         if let Some(m) = mosquitto(false) {
             a_device_cannot_take_another_devices_or_the_gateways_client_id(&m).await;
         }
+    });
+}
+
+/// Item 7 on Mosquitto with the shipped configuration: the gateway's several connections (two
+/// ingest connections in a shared subscription) keep their own ids on the gateway's listener, a
+/// device that asks for those ids on the validators' listener gets its username instead, and the
+/// gateway takes a device's message without losing a connection.
+#[test]
+fn the_gateway_keeps_its_connections_on_mosquitto_with_the_shipped_config() {
+    rt().block_on(async {
+        let Some(m) = mosquitto(false) else { return };
+        let api_port = free_port();
+        gateway_files(m.dir.path(), api_port);
+        let broker = format!("mqtt://127.0.0.1:{}", m.gateway_port);
+        let _gw = spawn_gateway(
+            m.dir.path(),
+            api_port,
+            &["--broker", &broker, "--ingest-connections", "2"],
+        );
+        let m = Broker {
+            api_port: Some(api_port),
+            ..m
+        };
+        let subscribed = || m.metrics().contains("tapgate_gateway_mqtt_subscribed 1");
+        let t0 = std::time::Instant::now();
+        while !subscribed() {
+            assert!(t0.elapsed() < WAIT, "the gateway did not subscribe");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut takers = Vec::new();
+        for id in ["tapgate-gateway-gw1", "tapgate-gateway-gw1-1"] {
+            takers.push(m.device(1002, id).await);
+        }
+        // A message the gateway must take (not a tap: it goes to quarantine, counted).
+        let mut dev = m.device(1001, "validator-1001").await;
+        assert!(
+            dev.publish("tapgate/v1/metro/taps/1001", false, b"not a tap")
+                .await
+        );
+        let t0 = std::time::Instant::now();
+        while !m
+            .metrics()
+            .contains("tapgate_gateway_taps_quarantined_total 1")
+        {
+            assert!(t0.elapsed() < WAIT, "the gateway did not take the message");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let log = m.log();
+        assert!(!log.contains("MQTT connection lost"), "{log}");
     });
 }
