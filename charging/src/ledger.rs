@@ -263,9 +263,8 @@ impl CardShadow {
                 self.booked_above.sort_unstable();
                 Booking::AboveGap
             };
-        while self.booked_above.len() > BOOKED_ABOVE_MAX {
-            self.booked_above.remove(0);
-        }
+        let excess = self.booked_above.len().saturating_sub(BOOKED_ABOVE_MAX);
+        self.booked_above.drain(..excess);
         booking
     }
 }

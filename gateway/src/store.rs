@@ -142,6 +142,48 @@ pub struct DeviceState {
 /// Most open gap ranges kept per device (older ones are reported and dropped).
 pub const MAX_GAPS: usize = 256;
 
+impl DeviceState {
+    /// Notes that sequence number `seq` arrived (the first time): a jump past `highest_seq + 1`
+    /// opens a gap (at most [`MAX_GAPS`] are kept; the oldest dropped one is returned), a number
+    /// below it closes or splits the gap holding it. Any state, including one read back corrupt
+    /// from the store, and any `seq` (a device chooses it) leave gaps sorted, disjoint, inside
+    /// `1..highest_seq` and at most `MAX_GAPS`; nothing overflows.
+    pub fn record_seq(&mut self, seq: u64) -> Option<(u64, u64)> {
+        if seq > self.highest_seq.saturating_add(1) {
+            // seq ≥ highest + 2, so neither bound overflows.
+            self.gaps.push((self.highest_seq + 1, seq - 1));
+        } else if seq < self.highest_seq {
+            let mut gaps = Vec::with_capacity(self.gaps.len() + 1);
+            for (a, b) in self.gaps.drain(..) {
+                if seq < a || seq > b {
+                    gaps.push((a, b));
+                } else {
+                    if a < seq {
+                        gaps.push((a, seq - 1));
+                    }
+                    if seq < b {
+                        gaps.push((seq + 1, b));
+                    }
+                }
+            }
+            self.gaps = gaps;
+        }
+        self.highest_seq = self.highest_seq.max(seq);
+        // A state read back corrupt: keep only well-formed gaps, in order, below the highest.
+        let highest = self.highest_seq;
+        let mut last_end: Option<u64> = None;
+        self.gaps.retain(|&(a, b)| {
+            let ok = a <= b && b < highest && last_end.is_none_or(|e| a > e);
+            if ok {
+                last_end = Some(b);
+            }
+            ok
+        });
+        let excess = self.gaps.len().saturating_sub(MAX_GAPS);
+        self.gaps.drain(..excess).last()
+    }
+}
+
 /// A running aggregate (per device, stop, route, card-day, product).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Aggregate {
@@ -628,35 +670,14 @@ impl Store {
                             .unwrap_or_default(),
                     ),
                 };
-                if seq > st.highest_seq + 1 {
-                    st.gaps.push((st.highest_seq + 1, seq - 1));
-                    if st.gaps.len() > MAX_GAPS {
-                        let dropped = st.gaps.remove(0);
-                        tracing::warn!(
-                            device,
-                            ?dropped,
-                            "gap list full; oldest gap no longer tracked"
-                        );
-                    }
-                } else if seq < st.highest_seq {
-                    // Fills (part of) a gap.
-                    let mut gaps = Vec::with_capacity(st.gaps.len() + 1);
-                    for (a, b) in st.gaps.drain(..) {
-                        if seq < a || seq > b {
-                            gaps.push((a, b));
-                        } else {
-                            if a < seq {
-                                gaps.push((a, seq - 1));
-                            }
-                            if seq < b {
-                                gaps.push((seq + 1, b));
-                            }
-                        }
-                    }
-                    st.gaps = gaps;
+                if let Some(dropped) = st.record_seq(seq) {
+                    tracing::warn!(
+                        device,
+                        ?dropped,
+                        "gap list full; oldest gap no longer tracked"
+                    );
                 }
-                st.highest_seq = st.highest_seq.max(seq);
-                st.taps += 1;
+                st.taps = st.taps.saturating_add(1);
                 st.last_seen_ms = now_ms;
                 aggregate_into(&mut aggs, &tap);
                 out.stored += 1;

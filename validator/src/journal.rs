@@ -50,10 +50,12 @@ pub struct PendingTap {
     pub record: [u8; 32],
 }
 
-const PENDING_LEN: usize = 7 + 4 + 4 + 1 + 4 + 1 + 8 + 4 + 4 + 4 + 8 + 32;
+/// Bytes of a journalled pending debit.
+pub const PENDING_LEN: usize = 7 + 4 + 4 + 1 + 4 + 1 + 8 + 4 + 4 + 4 + 8 + 32;
 
 impl PendingTap {
-    fn encode(&self) -> [u8; PENDING_LEN] {
+    /// The journal's byte layout of a pending debit (what [`PendingTap::decode`] reads back).
+    pub fn encode(&self) -> [u8; PENDING_LEN] {
         let mut b = [0u8; PENDING_LEN];
         let c = &self.change;
         b[0..7].copy_from_slice(&c.uid);
@@ -71,7 +73,9 @@ impl PendingTap {
         b
     }
 
-    fn decode(b: &[u8]) -> Result<Self, JournalError> {
+    /// Reads back a pending debit the journal wrote; anything else (a corrupt or foreign entry)
+    /// is a typed [`JournalError::Corrupt`], never a panic. Fuzzed (`fuzz/`, `journal_record`).
+    pub fn decode(b: &[u8]) -> Result<Self, JournalError> {
         if b.len() != PENDING_LEN {
             return Err(JournalError::Corrupt("pending entry length"));
         }
