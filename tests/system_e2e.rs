@@ -11,7 +11,7 @@
 //! refuses them once it holds the block and accepted none after. At the end, for every card, the charging server's shadow purse equals the card's
 //! own balance (personalised + loads − the debits it really made): no tap lost, none counted
 //! twice, the forgery booked nowhere. Needs `mosquitto`, `mosquitto_passwd` and `faketime`
-//! (`.ci/run` installs them).
+//! (`./test.sh` installs them).
 
 mod support;
 
@@ -43,7 +43,7 @@ fn command_at(dir: &Path, args: &[&str], clock_offset: Option<&str>) -> Command 
         Some(off) => {
             assert!(
                 Command::new("faketime").arg("--version").output().is_ok(),
-                "faketime is not installed: apt-get install faketime (.ci/run does)"
+                "faketime is not installed: apt-get install faketime (./test.sh does)"
             );
             let mut c = Command::new("faketime");
             c.args(["-f", off, env!("CARGO_BIN_EXE_tapgate")])
@@ -76,7 +76,7 @@ fn start_mosquitto(dir: &Path, port: u16) -> Kill {
     ]
     .into_iter()
     .find(|p| Path::new(p).exists())
-    .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+    .expect("mosquitto is not installed: apt-get install mosquitto (./test.sh does)");
     let conf = dir.join("mosquitto.conf");
     if !conf.exists() {
         let passwd = dir.join("passwd");
