@@ -79,8 +79,7 @@ fn cpu_s() -> f64 {
 /// Publishes `records[vi]` from VALIDATORS clients at QoS 1 and waits until `done` reports all.
 async fn publish_all(
     port: u16,
-    first_device: usize,
-    passwords: &[String],
+    credentials: &[(String, String)],
     records: &[Vec<Vec<u8>>],
     topic_for: impl Fn(usize) -> String,
     confirm_topic_for: Option<&(dyn Fn(usize) -> String + Sync)>,
@@ -88,8 +87,7 @@ async fn publish_all(
     expect: u64,
 ) -> anyhow::Result<Duration> {
     let mut clients = Vec::new();
-    for (vi, pw) in passwords.iter().enumerate() {
-        let id = (first_device + vi).to_string();
+    for (vi, (id, pw)) in credentials.iter().enumerate() {
         let mut o = MqttOptions::new(
             format!("bench-validator-{id}-{}", confirm_topic_for.is_some()),
             "127.0.0.1",
@@ -250,7 +248,11 @@ pub fn run_scenario(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let passwords: Vec<String> = (0..VALIDATORS).map(|vi| format!("pw{vi}")).collect();
+    let credentials = |first: usize| -> Vec<(String, String)> {
+        (0..VALIDATORS)
+            .map(|vi| ((first + vi).to_string(), format!("pw{vi}")))
+            .collect()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -288,8 +290,7 @@ pub fn run_scenario(
         tokio::time::timeout(Duration::from_secs(10), ready.notified()).await?;
         let took = publish_all(
             port,
-            2000,
-            &passwords,
+            &credentials(2000),
             &records,
             |vi| format!("tapgate/v1/raw/taps/{}", 2000 + vi),
             None,
@@ -345,8 +346,7 @@ pub fn run_scenario(
         let ct = |vi: usize| format!("tapgate/v1/bench/devices/{}/confirm", 1000 + vi);
         let took = publish_all(
             port,
-            1000,
-            &passwords,
+            &credentials(1000),
             &records,
             |vi| format!("tapgate/v1/bench/taps/{}", 1000 + vi),
             Some(&ct),
