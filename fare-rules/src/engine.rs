@@ -107,6 +107,10 @@ pub struct Priced {
     pub total_minor: u64,
     pub legs: [PricedLeg; MAX_LEGS],
     pub n: u8,
+    /// A transfer rule lets the last effective leg continue a chain begun at an earlier leg
+    /// (whether or not the lowest total uses it): a later leg may still make a chain across
+    /// it cheaper, so a validator keeps the journey on the card.
+    pub last_may_transfer: bool,
 }
 
 impl Priced {
@@ -188,9 +192,10 @@ struct NetRules {
     by_from: Vec<((Idx, Idx), Idx)>,
 }
 
+/// An effective leg: input legs joined by the join rules.
 #[derive(Clone, Copy, Default)]
-struct EffLeg {
-    first: u8,
+pub(crate) struct EffLeg {
+    pub(crate) first: u8,
     last: u8,
     network: Idx,
     from_stop: Idx,
@@ -200,8 +205,9 @@ struct EffLeg {
     distance_m: u32,
 }
 
+/// A way to price one effective leg: a matching leg rule and its fare for the rider.
 #[derive(Clone, Copy, Default)]
-struct Cand {
+pub(crate) struct Cand {
     rule: Idx,
     group: Idx,
     product: Idx,
@@ -209,10 +215,10 @@ struct Cand {
     fare_minor: u32,
 }
 
+/// Where the pricing stands after a leg.
 #[derive(Clone, Copy)]
-struct State {
-    total: i64,
-    last_charge: i64,
+pub(crate) struct State {
+    pub(crate) total: i64,
     before_chain: i64,
     chain_max_base: u32,
     chain_dist_m: u32,
@@ -221,9 +227,90 @@ struct State {
     transfer: Idx,
 }
 
+impl State {
+    /// The first leg, a new fare.
+    pub(crate) fn first(c: &Cand, e: &EffLeg) -> State {
+        let f = i64::from(c.fare_minor);
+        State {
+            total: f,
+            before_chain: 0,
+            chain_max_base: c.base_minor,
+            chain_dist_m: e.distance_m,
+            prev_cand: u8::MAX,
+            prev_start: u8::MAX,
+            transfer: NONE,
+        }
+    }
+
+    /// A later leg paid as a new fare after state `st` (candidate `c` of the leg before, in
+    /// the chain begun at `s`).
+    pub(crate) fn new_fare(st: &State, to: &Cand, e: &EffLeg, c: usize, s: usize) -> State {
+        State {
+            total: st.total + i64::from(to.fare_minor),
+            before_chain: st.total,
+            chain_max_base: to.base_minor,
+            chain_dist_m: e.distance_m,
+            prev_cand: c as u8,
+            prev_start: s as u8,
+            transfer: NONE,
+        }
+    }
+}
+
+type Dp = [[[State; MAX_LEGS]; MAX_CANDIDATES]; MAX_LEGS];
+
+/// The cheapest final state of the programme, walked back into priced legs.
+fn walk_back(
+    dp: &Dp,
+    cands: &[[Cand; MAX_CANDIDATES]; MAX_LEGS],
+    ncand: &[usize; MAX_LEGS],
+    eff: &[EffLeg],
+) -> Priced {
+    let ne = eff.len();
+    let last = ne - 1;
+    let mut best = (i64::MAX, 0usize, 0usize);
+    for (c, row) in dp[last].iter().enumerate().take(ncand[last]) {
+        for (s, st) in row.iter().enumerate().take(last + 1) {
+            if st.total < best.0 {
+                best = (st.total, c, s);
+            }
+        }
+    }
+    let mut out = Priced {
+        total_minor: best.0.max(0) as u64,
+        legs: [PricedLeg::default(); MAX_LEGS],
+        n: ne as u8,
+        last_may_transfer: false,
+    };
+    let (mut c, mut s) = (best.1, best.2);
+    for j in (0..ne).rev() {
+        let st = dp[j][c][s];
+        let cand = cands[j][c];
+        let prev_total = if j == 0 {
+            0
+        } else {
+            dp[j - 1][st.prev_cand as usize][st.prev_start as usize].total
+        };
+        out.legs[j] = PricedLeg {
+            first_leg: eff[j].first,
+            last_leg: eff[j].last,
+            rule: cand.rule,
+            product: cand.product,
+            fare_minor: cand.fare_minor,
+            transfer: st.transfer,
+            charged_minor: st.total - prev_total,
+            distance_m: eff[j].distance_m,
+        };
+        if j > 0 {
+            c = st.prev_cand as usize;
+            s = st.prev_start as usize;
+        }
+    }
+    out
+}
+
 const NO_STATE: State = State {
     total: i64::MAX,
-    last_charge: 0,
     before_chain: 0,
     chain_max_base: 0,
     chain_dist_m: 0,
@@ -526,7 +613,7 @@ impl Engine {
 
     /// Candidates for one effective leg: the matching rules (highest priority only in priority
     /// mode) that have a price for the rider, cheapest per leg group.
-    fn candidates(
+    pub(crate) fn candidates(
         &self,
         leg: &EffLeg,
         rider: Rider,
@@ -639,24 +726,93 @@ impl Engine {
         !(if to { n.explicit_to } else { n.explicit })
     }
 
-    /// Prices a whole journey: the lowest total the rules allow.
+    /// Prices a whole journey: the lowest total the rules allow. Every effective leg either
+    /// starts a new fare or continues the transfer chain it follows under a transfer rule that
+    /// matches; a small dynamic programme over (leg, candidate, start of the chain) finds the
+    /// cheapest way to split the journey into such chains ([`crate::oracle`] checks it by
+    /// brute force).
     pub fn price_journey(&self, rider: Rider, legs: &[Leg]) -> Result<Priced, QuoteError> {
         let rider = self.resolve(rider);
+        let mut eff = [EffLeg::default(); MAX_LEGS];
+        let ne = self.effective_legs(legs, &mut eff)?;
+        let eff = &eff[..ne];
+        let mut cands = [[Cand::default(); MAX_CANDIDATES]; MAX_LEGS];
+        let mut ncand = [0usize; MAX_LEGS];
+        for (j, e) in eff.iter().enumerate() {
+            ncand[j] = self.candidates(e, rider, e.first as usize, &mut cands[j])?;
+        }
+
+        // dp[j][c][s]: best state after effective leg j priced with candidate c, in a transfer
+        // chain that began at effective leg s.
+        let mut dp = [[[NO_STATE; MAX_LEGS]; MAX_CANDIDATES]; MAX_LEGS];
+        for c in 0..ncand[0] {
+            dp[0][c][0] = State::first(&cands[0][c], &eff[0]);
+        }
+        let mut last_may_transfer = false;
+        for j in 1..ne {
+            let (done, rest) = dp.split_at_mut(j);
+            let (prev, cur) = (&done[j - 1], &mut rest[0]);
+            for c2 in 0..ncand[j] {
+                let to = &cands[j][c2];
+                let mut best_new = NO_STATE;
+                for c in 0..ncand[j - 1] {
+                    let from = &cands[j - 1][c];
+                    for (s, st) in prev[c].iter().enumerate().take(j) {
+                        if st.total == i64::MAX {
+                            continue;
+                        }
+                        for (ti, tr) in self.table.transfer_rules.iter().enumerate() {
+                            let Some(mut ns) = self.transfer(st, from, to, eff, s, j, tr, rider)
+                            else {
+                                continue;
+                            };
+                            last_may_transfer |= j == ne - 1;
+                            ns.prev_cand = c as u8;
+                            ns.prev_start = s as u8;
+                            ns.transfer = ti as Idx;
+                            let slot = &mut cur[c2][s];
+                            if ns.total < slot.total {
+                                *slot = ns;
+                            }
+                        }
+                        // A new fare: always a choice, even where a transfer rule matches (a
+                        // rider may leave a transfer unused when a new fare costs less).
+                        let t_new = st.total + i64::from(to.fare_minor);
+                        if t_new < best_new.total {
+                            best_new = State::new_fare(st, to, &eff[j], c, s);
+                        }
+                    }
+                }
+                let slot = &mut cur[c2][j];
+                if best_new.total < slot.total {
+                    *slot = best_new;
+                }
+            }
+        }
+        let mut out = walk_back(&dp, &cands, &ncand, eff);
+        out.last_may_transfer = last_may_transfer;
+        Ok(out)
+    }
+
+    /// The journey's effective legs (the join rules applied) into `out`; how many.
+    pub(crate) fn effective_legs(
+        &self,
+        legs: &[Leg],
+        out: &mut [EffLeg; MAX_LEGS],
+    ) -> Result<usize, QuoteError> {
         if legs.is_empty() {
             return Err(QuoteError::NoLegs);
         }
         if legs.len() > MAX_LEGS {
             return Err(QuoteError::TooManyLegs);
         }
-        // Join rules: effective legs.
-        let mut eff = [EffLeg::default(); MAX_LEGS];
         let mut ne = 0usize;
         let mut prev_net = NONE;
         for (i, l) in legs.iter().enumerate() {
             let net = self.check_leg(l, i)?;
             let dist = self.distance(l.route, l.from_stop, l.to_stop);
             if i > 0 && self.join_applies(&legs[i - 1], prev_net, l, net) {
-                let e = &mut eff[ne - 1];
+                let e = &mut out[ne - 1];
                 e.last = i as u8;
                 if e.network != net {
                     e.network = NONE;
@@ -665,7 +821,7 @@ impl Engine {
                 e.arrival_s = l.arrival_s;
                 e.distance_m = e.distance_m.saturating_add(dist);
             } else {
-                eff[ne] = EffLeg {
+                out[ne] = EffLeg {
                     first: i as u8,
                     last: i as u8,
                     network: net,
@@ -679,204 +835,83 @@ impl Engine {
             }
             prev_net = net;
         }
-        let eff = &eff[..ne];
-
-        let mut cands = [[Cand::default(); MAX_CANDIDATES]; MAX_LEGS];
-        let mut ncand = [0usize; MAX_LEGS];
-        for (j, e) in eff.iter().enumerate() {
-            ncand[j] = self.candidates(e, rider, e.first as usize, &mut cands[j])?;
-        }
-
-        // dp[j][c][s]: best state after effective leg j priced with candidate c, in a transfer
-        // chain that began at effective leg s.
-        let mut dp = [[[NO_STATE; MAX_LEGS]; MAX_CANDIDATES]; MAX_LEGS];
-        for c in 0..ncand[0] {
-            let f = i64::from(cands[0][c].fare_minor);
-            dp[0][c][0] = State {
-                total: f,
-                last_charge: f,
-                before_chain: 0,
-                chain_max_base: cands[0][c].base_minor,
-                chain_dist_m: eff[0].distance_m,
-                prev_cand: u8::MAX,
-                prev_start: u8::MAX,
-                transfer: NONE,
-            };
-        }
-        let max_transfers = usize::from(self.table.meta.max_transfers);
-        for j in 1..ne {
-            for c2 in 0..ncand[j] {
-                let to = cands[j][c2];
-                let mut best_new = NO_STATE;
-                for c in 0..ncand[j - 1] {
-                    let from = cands[j - 1][c];
-                    for s in 0..j {
-                        let st = dp[j - 1][c][s];
-                        if st.total == i64::MAX {
-                            continue;
-                        }
-                        // A transfer continuing the chain that began at s: when a transfer
-                        // rule matches, the transfer applies (the cheapest matching rule);
-                        // otherwise the leg is a new fare.
-                        let k = j - s;
-                        let mut transferred = false;
-                        for (ti, tr) in self.table.transfer_rules.iter().enumerate() {
-                            if k > max_transfers {
-                                break;
-                            }
-                            if !self.group_ok(tr.from_group, from.group, false)
-                                || !self.group_ok(tr.to_group, to.group, true)
-                                || tr.transfer_count.is_some_and(|n| k > usize::from(n))
-                            {
-                                continue;
-                            }
-                            if let Some(limit) = tr.duration_limit_s {
-                                let (a, b) = match tr.duration_from {
-                                    DurationFrom::DepartureToArrival => {
-                                        (eff[s].departure_s, eff[j].arrival_s)
-                                    }
-                                    DurationFrom::DepartureToDeparture => {
-                                        (eff[s].departure_s, eff[j].departure_s)
-                                    }
-                                    DurationFrom::ArrivalToDeparture => {
-                                        (eff[s].arrival_s, eff[j].departure_s)
-                                    }
-                                    DurationFrom::ArrivalToArrival => {
-                                        (eff[s].arrival_s, eff[j].arrival_s)
-                                    }
-                                    DurationFrom::PreviousArrivalToDeparture => {
-                                        (eff[j - 1].arrival_s, eff[j].departure_s)
-                                    }
-                                };
-                                if b - a > i64::from(limit) || b < a {
-                                    continue;
-                                }
-                            }
-                            if tr.at_timeframe != NONE
-                                && !self.in_timeframe(tr.at_timeframe, eff[j].departure_s)
-                            {
-                                continue;
-                            }
-                            let cost = if tr.product == NONE {
-                                0
-                            } else {
-                                match self.price_of(tr.product, rider) {
-                                    Some(p) => i64::from(p),
-                                    None => continue,
-                                }
-                            };
-                            transferred = true;
-                            let mut ns = State {
-                                prev_cand: c as u8,
-                                prev_start: s as u8,
-                                transfer: ti as Idx,
-                                chain_max_base: st.chain_max_base.max(to.base_minor),
-                                chain_dist_m: st.chain_dist_m.saturating_add(eff[j].distance_m),
-                                before_chain: st.before_chain,
-                                ..st
-                            };
-                            match tr.kind {
-                                TransferKind::FromLegPlusTransfer => {
-                                    ns.total = st.total + cost;
-                                    ns.last_charge = cost;
-                                }
-                                TransferKind::FromLegPlusTransferPlusToLeg => {
-                                    ns.total = st.total + cost + i64::from(to.fare_minor);
-                                    ns.last_charge = cost + i64::from(to.fare_minor);
-                                }
-                                TransferKind::TransferOnly => {
-                                    // The cost is the fare of the whole sub-journey so far.
-                                    ns.total = st.before_chain + cost;
-                                    ns.last_charge = ns.total - st.total;
-                                }
-                                TransferKind::DistanceCombined => {
-                                    let r = &self.table.leg_rules[to.rule as usize];
-                                    let combined = i64::from(ns.chain_max_base)
-                                        + i64::from(self.surcharge(
-                                            &r.pricing,
-                                            ns.chain_dist_m,
-                                            rider,
-                                        ))
-                                        + cost;
-                                    ns.total = st.before_chain + combined;
-                                    ns.last_charge = ns.total - st.total;
-                                }
-                            }
-                            ns.total = ns.total.max(st.before_chain);
-                            let slot = &mut dp[j][c2][s];
-                            if ns.total < slot.total {
-                                *slot = ns;
-                            }
-                        }
-                        if transferred {
-                            continue;
-                        }
-                        // A new fare.
-                        let t_new = st.total + i64::from(to.fare_minor);
-                        if t_new < best_new.total {
-                            best_new = State {
-                                total: t_new,
-                                last_charge: i64::from(to.fare_minor),
-                                before_chain: st.total,
-                                chain_max_base: to.base_minor,
-                                chain_dist_m: eff[j].distance_m,
-                                prev_cand: c as u8,
-                                prev_start: s as u8,
-                                transfer: NONE,
-                            };
-                        }
-                    }
-                }
-                let slot = &mut dp[j][c2][j];
-                if best_new.total < slot.total {
-                    *slot = best_new;
-                }
-            }
-        }
-
-        // Best final state, then walk back.
-        let last = ne - 1;
-        let mut best = (i64::MAX, 0usize, 0usize);
-        for (c, row) in dp[last].iter().enumerate().take(ncand[last]) {
-            for (s, st) in row.iter().enumerate().take(last + 1) {
-                if st.total < best.0 {
-                    best = (st.total, c, s);
-                }
-            }
-        }
-        let mut out = Priced {
-            total_minor: best.0.max(0) as u64,
-            legs: [PricedLeg::default(); MAX_LEGS],
-            n: ne as u8,
-        };
-        let (mut c, mut s) = (best.1, best.2);
-        for j in (0..ne).rev() {
-            let st = dp[j][c][s];
-            let cand = cands[j][c];
-            let prev_total = if j == 0 {
-                0
-            } else {
-                dp[j - 1][st.prev_cand as usize][st.prev_start as usize].total
-            };
-            out.legs[j] = PricedLeg {
-                first_leg: eff[j].first,
-                last_leg: eff[j].last,
-                rule: cand.rule,
-                product: cand.product,
-                fare_minor: cand.fare_minor,
-                transfer: st.transfer,
-                charged_minor: st.total - prev_total,
-                distance_m: eff[j].distance_m,
-            };
-            if j > 0 {
-                c = st.prev_cand as usize;
-                s = st.prev_start as usize;
-            }
-        }
-        Ok(out)
+        Ok(ne)
     }
 
-    fn resolve(&self, rider: Rider) -> Rider {
+    /// Leg `j` priced with `to` continuing, under transfer rule `tr`, the chain that began at
+    /// leg `s` and reached leg `j - 1` priced with `from` in state `st`: the new state (its
+    /// back-pointers left for the caller), or `None` when the rule does not apply.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn transfer(
+        &self,
+        st: &State,
+        from: &Cand,
+        to: &Cand,
+        eff: &[EffLeg],
+        s: usize,
+        j: usize,
+        tr: &TransferRule,
+        rider: Rider,
+    ) -> Option<State> {
+        let k = j - s;
+        if k > usize::from(self.table.meta.max_transfers)
+            || !self.group_ok(tr.from_group, from.group, false)
+            || !self.group_ok(tr.to_group, to.group, true)
+            || tr.transfer_count.is_some_and(|n| k > usize::from(n))
+        {
+            return None;
+        }
+        if let Some(limit) = tr.duration_limit_s {
+            let (a, b) = match tr.duration_from {
+                DurationFrom::DepartureToArrival => (eff[s].departure_s, eff[j].arrival_s),
+                DurationFrom::DepartureToDeparture => (eff[s].departure_s, eff[j].departure_s),
+                DurationFrom::ArrivalToDeparture => (eff[s].arrival_s, eff[j].departure_s),
+                DurationFrom::ArrivalToArrival => (eff[s].arrival_s, eff[j].arrival_s),
+                DurationFrom::PreviousArrivalToDeparture => {
+                    (eff[j - 1].arrival_s, eff[j].departure_s)
+                }
+            };
+            if b - a > i64::from(limit) || b < a {
+                return None;
+            }
+        }
+        if tr.at_timeframe != NONE && !self.in_timeframe(tr.at_timeframe, eff[j].departure_s) {
+            return None;
+        }
+        let cost = if tr.product == NONE {
+            0
+        } else {
+            i64::from(self.price_of(tr.product, rider)?)
+        };
+        let mut ns = State {
+            chain_max_base: st.chain_max_base.max(to.base_minor),
+            chain_dist_m: st.chain_dist_m.saturating_add(eff[j].distance_m),
+            ..*st
+        };
+        match tr.kind {
+            TransferKind::FromLegPlusTransfer => {
+                ns.total = st.total + cost;
+            }
+            TransferKind::FromLegPlusTransferPlusToLeg => {
+                ns.total = st.total + cost + i64::from(to.fare_minor);
+            }
+            TransferKind::TransferOnly => {
+                // The cost is the fare of the whole sub-journey so far.
+                ns.total = st.before_chain + cost;
+            }
+            TransferKind::DistanceCombined => {
+                let r = &self.table.leg_rules[to.rule as usize];
+                let combined = i64::from(ns.chain_max_base)
+                    + i64::from(self.surcharge(&r.pricing, ns.chain_dist_m, rider))
+                    + cost;
+                ns.total = st.before_chain + combined;
+            }
+        }
+        ns.total = ns.total.max(st.before_chain);
+        Some(ns)
+    }
+
+    pub(crate) fn resolve(&self, rider: Rider) -> Rider {
         Rider {
             category: if rider.category == NONE {
                 self.default_category
@@ -1140,9 +1175,14 @@ impl Engine {
                         let e = after.legs()[after.n as usize - 1];
                         let joined = e.transfer != NONE || usize::from(e.first_leg) < nlegs;
                         let diff = after.total_minor.saturating_sub(before.total_minor);
-                        if joined {
+                        // The journey goes on when the leg joins it, and also when it is
+                        // cheapest as a new fare but a transfer rule could still take it into
+                        // a chain with the earlier legs: a later leg may make that chain the
+                        // cheaper one, and charging the difference of the journey's price
+                        // keeps the taps adding up to it.
+                        if joined || after.last_may_transfer {
                             base = diff as u32;
-                            transfer = true;
+                            transfer = joined;
                             continue_journey = true;
                             priced = Some(after);
                         }
@@ -1151,6 +1191,8 @@ impl Engine {
             }
         }
 
+        // A leg priced as a new fare is a new trip, even inside a journey kept on the card.
+        let new_trip = !continue_journey || (tap.kind != TapKind::Out && !transfer);
         // Caps.
         let before_caps = base;
         let mut cap_idx = NONE;
@@ -1163,7 +1205,7 @@ impl Engine {
                 CapPeriod::Week => cap.amount_minor.saturating_sub(week_paid),
                 CapPeriod::DayTrips(n) => {
                     // Free after n paid trips, including the rest of a journey begun free.
-                    if day_trips >= n && (!continue_journey || newest.journey_paid_minor == 0) {
+                    if day_trips >= n && (new_trip || newest.journey_paid_minor == 0) {
                         0
                     } else {
                         u32::MAX
@@ -1190,6 +1232,9 @@ impl Engine {
                 newest.transfers.saturating_add(1)
             };
             record.journey_paid_minor = newest.journey_paid_minor.saturating_add(fare);
+            if new_trip {
+                record.day_trips = day_trips.saturating_add(u8::from(base > 0));
+            }
         } else {
             record.journey_paid_minor = fare;
             if tap.kind != TapKind::Out || penalty > 0 {

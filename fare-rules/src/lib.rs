@@ -10,6 +10,7 @@ pub mod check;
 pub mod engine;
 pub mod gtfs;
 pub mod journey;
+pub mod oracle;
 pub mod record;
 pub mod signed;
 pub mod simulate;

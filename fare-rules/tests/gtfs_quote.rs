@@ -118,10 +118,10 @@ fn transfer_types_counts_and_limits() {
         t(&[("b10", "08:00", "08:20"), ("b22", "10:15", "10:30")]),
         400
     );
-    // A matching type-1 rule applies: bus + 0.50 + rail.
+    // A matching type-1 rule (bus + 0.50 + rail = 5.50) is left unused: two fares cost 5.00.
     assert_eq!(
         t(&[("b10", "08:00", "08:20"), ("r_green", "09:30", "09:50")]),
-        550
+        500
     );
     assert_eq!(
         t(&[("b10", "08:00", "08:20"), ("r_green", "10:00", "10:20")]),
@@ -318,4 +318,73 @@ fn bad_journeys_say_which_leg_and_why() {
         &[("1", "pier", "market", "2025-03-04 8am", &b)],
     ));
     assert!(m.contains("departure: time"), "{m}");
+}
+
+/// The `lowest` feed (issue 16): products `1h` 1.80 and `24h` 6.50, type-2 transfer rules
+/// (3,600 s → `1h`, 86,400 s → `24h`, departure to departure), and on Saturdays a
+/// higher-priority leg rule that makes every leg free.
+fn lowest_legs(day: &str, times: &[&str]) -> Vec<(String, String)> {
+    times
+        .iter()
+        .map(|hm| {
+            let (h, m) = hm.split_once(':').unwrap();
+            let dep = format!("{day} {h}:{m}");
+            let m2: u32 = m.parse::<u32>().unwrap() + 10;
+            (dep, format!("{day} {h}:{m2:02}"))
+        })
+        .collect()
+}
+
+fn lowest_total(e: &Engine, day: &str, times: &[&str]) -> i64 {
+    let routes = ["tram_a", "bus_1", "tram_b"];
+    let stops = ["quays", "station", "square", "airport"];
+    let owned = lowest_legs(day, times);
+    let ls: Vec<L> = owned
+        .iter()
+        .enumerate()
+        .map(|(i, (d, a))| {
+            (
+                routes[i % 3],
+                stops[i % 4],
+                stops[(i + 1) % 4],
+                d.as_str(),
+                a.as_str(),
+            )
+        })
+        .collect();
+    total(e, None, None, &ls)
+}
+
+#[test]
+fn a_new_ticket_is_bought_when_it_costs_less_than_upgrading_the_chain() {
+    let e = engine("lowest");
+    // The third leg starts 70 minutes after the first: a new 1h ticket (1.80 + 1.80), not the
+    // chain upgraded to the 24h product (6.50).
+    assert_eq!(lowest_total(&e, D, &["08:00", "08:30", "09:10"]), 360);
+    assert_eq!(lowest_total(&e, D, &["08:00", "08:30"]), 180);
+    // Four legs more than an hour apart: four tickets (7.20) cost more than the 24h (6.50).
+    assert_eq!(
+        lowest_total(&e, D, &["08:00", "09:10", "10:20", "11:30"]),
+        650
+    );
+    // Five legs: [08:00 08:40] [09:20 10:00] [10:40] = 5.40, under the 24h.
+    assert_eq!(
+        lowest_total(&e, D, &["08:00", "08:40", "09:20", "10:00", "10:40"]),
+        540
+    );
+}
+
+#[test]
+fn free_legs_stay_free_when_a_paid_transfer_rule_matches() {
+    let e = engine("lowest");
+    // Saturday 2025-03-08: the priority-1 rule makes every leg free; the transfer rules'
+    // paid products match these legs too, but are left unused.
+    assert_eq!(
+        lowest_total(&e, "2025-03-08", &["08:00", "08:30", "09:10"]),
+        0
+    );
+    assert_eq!(
+        lowest_total(&e, "2025-03-08", &["08:00", "09:10", "10:20", "11:30"]),
+        0
+    );
 }
