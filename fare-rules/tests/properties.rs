@@ -141,16 +141,106 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_card_histories_never_panic(recs in prop::collection::vec(prop::array::uniform32(any::<u8>()), 0..8),
+    fn arbitrary_card_histories_never_panic(recs in prop::collection::vec(record_strategy(), 0..8),
                                              stop in 0u16..40, route in 0u16..12, time in 0u32..u32::MAX, kind in 0u8..3) {
         let e = town();
-        let history: Vec<TripRecord> = recs.iter().filter_map(|r| TripRecord::decode(r).ok()).collect();
-        let kind = [TapKind::In, TapKind::Out, TapKind::Entry][kind as usize];
+        // Valid records (the town's codes, times near the tap), some of them mutated: every
+        // record decodes unless a mutation broke its format or kind byte, so the engine sees
+        // real histories, not the empty one random bytes almost always decode to.
         let t = e.table();
+        let bytes: Vec<[u8; 32]> = recs.iter().map(|r| r.to_bytes(t, time)).collect();
+        let history: Vec<TripRecord> = bytes.iter().filter_map(|r| TripRecord::decode(r).ok()).collect();
+        let unmutated = recs.iter().filter(|r| r.mutation.is_none()).count();
+        prop_assert!(history.len() >= unmutated, "valid records must decode");
+        let kind = [TapKind::In, TapKind::Out, TapKind::Entry][kind as usize];
         let tap = Tap { kind, time_s: time, route: route % t.routes.len() as u16, stop: stop % t.stops.len() as u16 };
         let view = CardView { rider: ADULT, history: &history, passes: &[] };
         if let Ok(q) = e.quote_tap(&view, &tap) {
             prop_assert!(q.fare_minor <= fare_rules::record::U24_MAX);
+            prop_assert!(q.penalty_minor <= q.fare_minor);
+            if !q.repeat {
+                prop_assert_eq!(q.record.fare_minor, q.fare_minor);
+                prop_assert!(q.record.time_s >= time.min(history.iter().map(|r| r.time_s).max().unwrap_or(time)));
+            }
         }
     }
+}
+
+/// A trip record made of valid parts (a kind, the town's stop and route codes, a time near
+/// the tap's), then perhaps one byte changed.
+#[derive(Clone, Debug)]
+struct RecordSpec {
+    kind: u8,
+    flags: u8,
+    transfers: u8,
+    /// Seconds before the tap.
+    ago_s: u32,
+    route: usize,
+    stop: usize,
+    entry: usize,
+    journey_offset_s: u16,
+    amounts: [u32; 4],
+    day_trips: u8,
+    /// (byte, new value).
+    mutation: Option<(usize, u8)>,
+}
+
+impl RecordSpec {
+    fn to_bytes(&self, t: &fare_rules::table::Table, tap_s: u32) -> [u8; 32] {
+        let kind =
+            [TapKind::Entry, TapKind::In, TapKind::Out, TapKind::Charge][self.kind as usize % 4];
+        let r = TripRecord {
+            kind: Some(kind),
+            flags: self.flags,
+            transfers: self.transfers,
+            time_s: tap_s.saturating_sub(self.ago_s),
+            route_code: t.routes[self.route % t.routes.len()].code,
+            stop_code: t.stops[self.stop % t.stops.len()].code,
+            entry_stop_code: t.stops[self.entry % t.stops.len()].code,
+            journey_offset_s: self.journey_offset_s,
+            fare_minor: self.amounts[0],
+            journey_paid_minor: self.amounts[1],
+            day_paid_minor: self.amounts[2],
+            week_paid_minor: self.amounts[3],
+            day_trips: self.day_trips,
+        };
+        let mut b = r.encode();
+        if let Some((i, v)) = self.mutation {
+            b[i % 32] = v;
+        }
+        b
+    }
+}
+
+fn record_strategy() -> impl Strategy<Value = RecordSpec> {
+    (
+        (0u8..4, 0u8..16, 0u8..6, 0u32..200_000),
+        (0usize..4096, 0usize..4096, 0usize..4096, any::<u16>()),
+        prop::array::uniform4(0u32..20_000),
+        0u8..12,
+        prop::option::weighted(0.2, (0usize..32, any::<u8>())),
+    )
+        .prop_map(
+            |(
+                (kind, flags, transfers, ago_s),
+                (route, stop, entry, journey_offset_s),
+                amounts,
+                day_trips,
+                mutation,
+            )| {
+                RecordSpec {
+                    kind,
+                    flags,
+                    transfers,
+                    ago_s,
+                    route,
+                    stop,
+                    entry,
+                    journey_offset_s,
+                    amounts,
+                    day_trips,
+                    mutation,
+                }
+            },
+        )
 }
