@@ -6,10 +6,12 @@
 use crate::cli_util::{input_err, write_atomic};
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
+use charging::client::{Client, LoadAsk};
+use charging::load::Reply;
 use clap::Args;
 use purse::card::{Card, Nvm};
 use purse::sam::SoftwareHsm;
-use purse::txn::{EmulatedReader, Transport};
+use purse::txn::EmulatedReader;
 use std::path::PathBuf;
 
 /// `tapgate charge`.
@@ -55,160 +57,6 @@ pub struct ChargeArgs {
     tear_after_writes: Option<u32>,
 }
 
-/// The outcome of a relayed load.
-#[derive(Debug)]
-pub struct Relayed {
-    /// The server's final answer.
-    pub reply: serde_json::Value,
-    /// HTTP round trips.
-    pub round_trips: u32,
-}
-
-/// What to load.
-pub struct LoadAsk<'a> {
-    /// Amount, minor units.
-    pub amount_minor: i32,
-    /// Funding source name.
-    pub source: &'a str,
-    /// Instrument at the source.
-    pub instrument: &'a str,
-    /// Idempotency key.
-    pub idempotency_key: &'a str,
-    /// Fault injection (demo, tests): the client vanishes at the n-th command, after
-    /// delivering it to the card (`true`) or not.
-    pub vanish_at: Option<(usize, bool)>,
-}
-
-/// Registers a card-processor token to the caller's account (`POST /v1/instruments`): a load
-/// is funded only from the caller's own instruments. Already the caller's: nothing to do;
-/// another account's: an error.
-pub fn register_card_token(
-    agent: &ureq::Agent,
-    base: &str,
-    token: &str,
-    instrument: &str,
-) -> Result<()> {
-    let base = base.trim_end_matches('/');
-    match agent
-        .post(&format!("{base}/v1/instruments"))
-        .set("Authorization", &format!("Bearer {token}"))
-        .send_json(serde_json::json!({"source": "card", "instrument": instrument}))
-    {
-        Ok(_) => Ok(()),
-        Err(ureq::Error::Status(code, r)) => {
-            let body: serde_json::Value = r.into_json().unwrap_or_default();
-            anyhow::bail!(
-                "registering card token {instrument:?}: server answered {code}: {}",
-                body["detail"].as_str().unwrap_or("(no detail)")
-            )
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("reaching {base}"))),
-    }
-}
-
-/// Relays one load for the card behind `card` (an emulated card, a PC/SC reader) through the
-/// server at `base`: the client side of the protocol. The card's answers go back unread, except
-/// that a batch stops at the first answer that is not DESFire OK / additional frame (the card has
-/// ended the session, so it would refuse the rest).
-pub fn relay_load(
-    agent: &ureq::Agent,
-    base: &str,
-    token: &str,
-    card: &mut dyn Transport,
-    ask: &LoadAsk<'_>,
-) -> Result<Relayed> {
-    let base = base.trim_end_matches('/');
-    let call =
-        |path: &str, body: serde_json::Value, key: Option<&str>| -> Result<serde_json::Value> {
-            let mut req = agent
-                .post(&format!("{base}{path}"))
-                .set("Authorization", &format!("Bearer {token}"));
-            if let Some(k) = key {
-                req = req.set("Idempotency-Key", k);
-            }
-            match req.send_json(body) {
-                Ok(r) => Ok(r.into_json()?),
-                Err(ureq::Error::Status(code, r)) => {
-                    let body: serde_json::Value = r.into_json().unwrap_or_default();
-                    anyhow::bail!(
-                        "server answered {code}: {}",
-                        body["detail"].as_str().unwrap_or("(no detail)")
-                    )
-                }
-                Err(e) => Err(anyhow::Error::new(e).context(format!("reaching {base}"))),
-            }
-        };
-    let uid = card
-        .card_uid()
-        .context("the card left the field before the load started")?;
-    let mut reply = call(
-        "/v1/loads",
-        serde_json::json!({
-            "card_uid": hex::encode_upper(uid),
-            "amount_minor": ask.amount_minor,
-            "funding": {"source": ask.source, "instrument": ask.instrument},
-        }),
-        Some(ask.idempotency_key),
-    )?;
-    let mut round_trips = 1;
-    let mut sent = 0usize;
-    while reply["status"] == "command" {
-        let mut answers = Vec::new();
-        for c in reply["commands"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            let cmd = hex::decode(c.as_str().unwrap_or_default())
-                .context("the server sent a command that is not hex")?;
-            sent += 1;
-            if let Some((n, deliver)) = ask.vanish_at {
-                if sent >= n {
-                    if deliver {
-                        let _ = card.transmit(&cmd);
-                    }
-                    return Ok(Relayed {
-                        reply: serde_json::json!({"status": "vanished", "session_id": reply["session_id"]}),
-                        round_trips,
-                    });
-                }
-            }
-            match card.transmit(&cmd) {
-                Ok(resp) => {
-                    let ok = resp.len() >= 2
-                        && resp[resp.len() - 2] == 0x91
-                        && matches!(resp[resp.len() - 1], 0x00 | 0xAF);
-                    answers.push(hex::encode_upper(resp));
-                    if !ok {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    // The card left the field (or the reader failed): what it received is
-                    // settled at its next contact.
-                    if answers.is_empty() {
-                        anyhow::bail!(
-                            "{e}: the card left the field; the load is settled at its next contact"
-                        );
-                    }
-                    break;
-                }
-            }
-        }
-        if answers.is_empty() {
-            anyhow::bail!("the server sent no command to relay");
-        }
-        let id = reply["session_id"].as_str().unwrap_or_default().to_string();
-        reply = call(
-            &format!("/v1/loads/{id}/steps"),
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-            None,
-        )?;
-        round_trips += 1;
-    }
-    Ok(Relayed { reply, round_trips })
-}
-
 /// Runs `tapgate charge`.
 pub fn run(a: ChargeArgs) -> Result<()> {
     let (source, instrument) = a.funding.split_once(':').ok_or_else(|| {
@@ -229,11 +77,11 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         rand::rngs::OsRng.fill_bytes(&mut b);
         hex::encode(b)
     });
-    let agent = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(30))
-        .build();
+    let client = Client::new(&a.server, &a.token);
     if source == "card" {
-        register_card_token(&agent, &a.server, &a.token, instrument)?;
+        client
+            .register_card_token(instrument)
+            .with_context(|| format!("registering card token {instrument:?}"))?;
     }
     // Whatever breaks once the load has started, the same key resumes it and never loads twice.
     let retry_hint = || {
@@ -244,7 +92,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         source,
         instrument,
         idempotency_key: &key,
-        vanish_at: None,
+        vanish: None,
     };
     let r = match (&a.reader, &a.card, &a.keys) {
         (Some(spec), _, _) => match crate::pcsc_cmd::parse_reader("--reader", spec)? {
@@ -257,7 +105,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             crate::pcsc_cmd::ReaderChoice::Pcsc(filter) => crate::pcsc_cmd::with_card(
                 filter,
                 std::time::Duration::from_secs(a.wait_s),
-                |card| relay_load(&agent, &a.server, &a.token, card, &ask),
+                |card| Ok(client.load(card, &ask)?),
             )
             .with_context(retry_hint)?,
             #[cfg(not(feature = "pcsc"))]
@@ -286,7 +134,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
                     card: &mut card,
                     rng: rand::rngs::OsRng,
                 };
-                relay_load(&agent, &a.server, &a.token, &mut t, &ask)
+                client.load(&mut t, &ask)
             };
             let mut s = serde_json::to_string_pretty(card.nvm())?;
             s.push('\n');
@@ -299,24 +147,25 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             ))
         }
     };
-    match r.reply["status"].as_str() {
-        Some("completed") => println!(
-            "load completed: amount_minor={} balance_minor={} tmc={} round_trips={}",
-            r.reply["amount_minor"], r.reply["balance_minor"], r.reply["tmc"], r.round_trips
+    match r.reply() {
+        Some(Reply::Completed {
+            amount_minor,
+            balance_minor,
+            tmc,
+            ..
+        }) => println!(
+            "load completed: amount_minor={amount_minor} balance_minor={balance_minor} tmc={tmc} round_trips={}",
+            r.round_trips
         ),
-        Some("refused") => {
-            println!(
-                "load refused: reason={} detail={}",
-                r.reply["reason"].as_str().unwrap_or("?"),
-                r.reply["detail"].as_str().unwrap_or("")
-            );
+        Some(Reply::Refused { reason, detail, .. }) => {
+            println!("load refused: reason={reason} detail={detail}");
             anyhow::bail!("load refused");
         }
-        _ => {
-            println!(
-                "load pending: {} (retry with --idempotency-key {key})",
-                r.reply["detail"].as_str().unwrap_or("")
-            );
+        Some(Reply::Pending { detail, .. }) => {
+            println!("load pending: {detail} (retry with --idempotency-key {key})");
+        }
+        Some(Reply::Command { .. }) | None => {
+            println!("load pending:  (retry with --idempotency-key {key})");
         }
     }
     Ok(())

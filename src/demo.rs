@@ -21,9 +21,10 @@
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
-use crate::charge_cmd::{relay_load, LoadAsk};
 use anyhow::{ensure, Context, Result};
 use charging::api::{Auth, Role, TokenEntry};
+use charging::client::{Client, LoadAsk, Vanish};
+use charging::load::Reply;
 use charging::partner::{PartnerConfig, Partners};
 use charging::server::{self, ServerConfig};
 use clap::Args;
@@ -924,7 +925,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 }
             };
             let vanish_at = if rng.gen_range(0..1000) < args.tear_per_mille {
-                Some((rng.gen_range(1..=10), rng.gen_bool(0.5)))
+                Some(Vanish::AtCommand {
+                    n: rng.gen_range(1..=10),
+                    deliver: rng.gen_bool(0.5),
+                })
             } else {
                 None
             };
@@ -934,25 +938,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 source: &source,
                 instrument: &instrument,
                 idempotency_key: &key,
-                vanish_at,
+                vanish: vanish_at,
             };
-            let relayed = relay_load(
-                &agent,
-                &base,
-                &r.token,
+            let relayed = Client::with_agent(agent.clone(), &base, &r.token).load(
                 &mut purse::txn::EmulatedReader {
                     card: &mut r.card,
                     rng: rand::rngs::OsRng,
                 },
                 &ask,
             )?;
-            match relayed.reply["status"].as_str() {
-                Some("completed") => {
+            match relayed.reply() {
+                Some(Reply::Completed { .. }) => {
                     t.loads_completed += 1;
                     *t.loads_by_source.entry(source).or_default() += 1;
                     r.pending_load = false; // older pending loads were settled by the server
                 }
-                Some("refused") => t.loads_refused += 1,
+                Some(Reply::Refused { .. }) => t.loads_refused += 1,
                 _ => {
                     t.loads_torn += 1;
                     r.pending_load = true;

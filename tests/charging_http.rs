@@ -2,9 +2,12 @@
 //! roles are enforced; a server killed mid-load and restarted settles the torn load from the
 //! card's counter — never paid twice, never lost.
 
+use charging::client::{Client, Ending, Vanish};
+use charging::load::Reply;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
+use purse::txn::EmulatedReader;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -113,38 +116,31 @@ fn post(
     }
 }
 
-/// Relays until a final status; if `stop_at_commit`, delivers the commit to the card and
-/// returns without answering the server.
+/// Relays with the typed client from the start's answer `first` until a final status; if
+/// `stop_at_commit`, delivers the commit to the card, takes the card away and returns `null`
+/// without answering the server.
 fn relay(
     base: &str,
     card: &mut Card,
-    mut reply: serde_json::Value,
+    first: serde_json::Value,
     stop_at_commit: bool,
 ) -> serde_json::Value {
-    let mut rng = rand::rngs::OsRng;
-    while reply["status"] == "command" {
-        let mut answers = Vec::new();
-        for c in reply["commands"].as_array().unwrap() {
-            let cmd = hex::decode(c.as_str().unwrap()).unwrap();
-            let resp = card.process(&cmd, &mut rng).unwrap();
-            if stop_at_commit && cmd[1] == purse::apdu::ins::COMMIT_TRANSACTION {
-                card.remove_from_field();
-                return reply;
-            }
-            answers.push(hex::encode_upper(resp));
+    let first: Reply = serde_json::from_value(first).expect("a load reply");
+    let vanish = stop_at_commit.then_some(Vanish::AfterIns(purse::apdu::ins::COMMIT_TRANSACTION));
+    let mut reader = EmulatedReader {
+        card: &mut *card,
+        rng: rand::rngs::OsRng,
+    };
+    let relayed = Client::new(base, CARDHOLDER)
+        .relay(&mut reader, first, vanish)
+        .expect("relayed");
+    match relayed.ending {
+        Ending::Answered(reply) => serde_json::to_value(reply).unwrap(),
+        Ending::Vanished { .. } => {
+            card.remove_from_field();
+            serde_json::Value::Null
         }
-        let id = reply["session_id"].as_str().unwrap().to_string();
-        let (code, next) = post(
-            base,
-            &format!("/v1/loads/{id}/steps"),
-            Some(CARDHOLDER),
-            None,
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-        );
-        assert_eq!(code, 200, "{next}");
-        reply = next;
     }
-    reply
 }
 
 #[test]

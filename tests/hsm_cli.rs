@@ -2,9 +2,11 @@
 //! SoftHSM2 token in a temporary directory (`SOFTHSM2_CONF` points there; the system token
 //! directory is never touched). SoftHSM2 must be installed: `.ci/run` installs it.
 
+use charging::client::{Client, LoadAsk};
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::sam::SoftwareHsm;
+use purse::txn::EmulatedReader;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -259,33 +261,24 @@ fn the_charging_daemon_loads_a_card_with_the_keys_in_the_token() {
         serde_json::json!({"source": "card", "instrument": "tok_visa"}),
     );
     assert_eq!(code, 201, "{body}");
-    let (code, mut reply) = post(
-        &server.base,
-        "/v1/loads",
-        CARDHOLDER,
-        Some("hsm-1"),
-        serde_json::json!({"card_uid": uid_hex, "amount_minor": 2_000, "funding": {"source": "card", "instrument": "tok_visa"}}),
-    );
-    assert_eq!(code, 200, "{reply}");
-    let mut rng = rand::rngs::OsRng;
-    while reply["status"] == "command" {
-        let mut answers = Vec::new();
-        for c in reply["commands"].as_array().unwrap() {
-            let cmd = hex::decode(c.as_str().unwrap()).unwrap();
-            answers.push(hex::encode_upper(card.process(&cmd, &mut rng).unwrap()));
-        }
-        let id = reply["session_id"].as_str().unwrap().to_string();
-        let (code, next) = post(
-            &server.base,
-            &format!("/v1/loads/{id}/steps"),
-            CARDHOLDER,
-            None,
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-        );
-        assert_eq!(code, 200, "{next}");
-        reply = next;
-    }
-    assert_eq!(reply["status"], "completed", "{reply}");
-    assert_eq!(reply["balance_minor"], 3_000);
+    let relayed = Client::new(&server.base, CARDHOLDER)
+        .load(
+            &mut EmulatedReader {
+                card: &mut card,
+                rng: rand::rngs::OsRng,
+            },
+            &LoadAsk {
+                amount_minor: 2_000,
+                source: "card",
+                instrument: "tok_visa",
+                idempotency_key: "hsm-1",
+                vanish: None,
+            },
+        )
+        .expect("relayed");
+    let (_, balance_minor, _) = relayed
+        .completed()
+        .unwrap_or_else(|| panic!("{:?}", relayed.ending));
+    assert_eq!(balance_minor, 3_000);
     assert_eq!(card.state().balance_minor, 3_000);
 }

@@ -4,10 +4,12 @@
 
 use crate::Figures;
 use charging::api::{Auth, Role, TokenEntry};
+use charging::client::{Client, LoadAsk};
 use charging::server::{self, ServerConfig};
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
+use purse::txn::EmulatedReader;
 use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,40 +24,27 @@ pub(crate) fn relay(
     key: &str,
     amount: i32,
 ) -> anyhow::Result<()> {
-    let uid = hex::encode_upper(card.state().uid);
-    let mut reply: serde_json::Value = agent
-        .post(&format!("{base}/v1/loads"))
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .set("Idempotency-Key", key)
-        .send_json(serde_json::json!({"card_uid": uid, "amount_minor": amount, "funding": {"source": "card", "instrument": format!("tok_visa_{key}")}}))?
-        .into_json()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let mut round_trips = 1;
-    while reply["status"] == "command" {
-        let mut answers = Vec::new();
-        for c in reply["commands"]
-            .as_array()
-            .map(|a| a.as_slice())
-            .unwrap_or_default()
-        {
-            let cmd = hex::decode(c.as_str().unwrap_or_default())?;
-            let resp = card
-                .process(&cmd, &mut rng)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            answers.push(hex::encode_upper(resp));
-        }
-        let id = reply["session_id"].as_str().unwrap_or_default().to_string();
-        reply = agent
-            .post(&format!("{base}/v1/loads/{id}/steps"))
-            .set("Authorization", &format!("Bearer {TOKEN}"))
-            .send_json(serde_json::json!({"seq": reply["seq"], "responses": answers}))?
-            .into_json()?;
-        round_trips += 1;
-    }
-    ROUND_TRIPS.store(round_trips, std::sync::atomic::Ordering::Relaxed);
+    let instrument = format!("tok_visa_{key}");
+    let ask = LoadAsk {
+        amount_minor: amount,
+        source: "card",
+        instrument: &instrument,
+        idempotency_key: key,
+        vanish: None,
+    };
+    let mut reader = EmulatedReader {
+        card,
+        rng: rand::rngs::StdRng::seed_from_u64(7),
+    };
+    let relayed = Client::with_agent(agent.clone(), base, TOKEN).load(&mut reader, &ask)?;
+    ROUND_TRIPS.store(
+        relayed.round_trips.into(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     anyhow::ensure!(
-        reply["status"] == "completed",
-        "load did not complete: {reply}"
+        relayed.completed().is_some(),
+        "load did not complete: {:?}",
+        relayed.ending
     );
     Ok(())
 }
@@ -68,13 +57,9 @@ pub(crate) fn register_tokens(
     base: &str,
     keys: impl IntoIterator<Item = String>,
 ) -> anyhow::Result<()> {
+    let client = Client::with_agent(agent.clone(), base, TOKEN);
     for key in keys {
-        agent
-            .post(&format!("{base}/v1/instruments"))
-            .set("Authorization", &format!("Bearer {TOKEN}"))
-            .send_json(
-                serde_json::json!({"source": "card", "instrument": format!("tok_visa_{key}")}),
-            )?;
+        client.register_card_token(&format!("tok_visa_{key}"))?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// The OpenAPI description of this API.
@@ -198,7 +198,7 @@ impl RateLimiter {
 }
 
 /// `POST /v1/loads` body.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartLoad {
     /// Card UID, 14 hex digits.
@@ -210,7 +210,7 @@ pub struct StartLoad {
 }
 
 /// `POST /v1/reversals` body.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartReversal {
     /// Card UID, 14 hex digits.
@@ -220,7 +220,7 @@ pub struct StartReversal {
 }
 
 /// Funding part of a load request.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Funding {
     /// Source name: `card`, `mileage`, `points`, …
@@ -230,7 +230,7 @@ pub struct Funding {
 }
 
 /// `POST /v1/loads/{id}/steps` body.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepBody {
     /// The step number from the commands being answered.
@@ -359,7 +359,7 @@ fn own_card_or_anonymous(st: &AppState, caller: &Caller, uid: &[u8; 7]) -> Resul
 }
 
 /// `POST /v1/instruments` body.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterInstrument {
     /// Source name: `card` (processor tokens); points memberships are linked by their programme.

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod clearing;
+pub mod client;
 pub mod franchise;
 pub mod funding;
 #[allow(unsafe_code)]

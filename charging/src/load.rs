@@ -25,7 +25,7 @@ use purse::sam::{Hsm, SamError};
 use purse::txn::{
     self, CardSnapshot, Decision, Dialogue, Outcome, PendingChange, Settlement, Step, TxError,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -114,7 +114,7 @@ pub struct LoadRequest {
 }
 
 /// The server's answer to every step.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Reply {
     /// Send `commands` (hex APDUs) to the card in order and post their answers, in the same

@@ -1,0 +1,402 @@
+//! The load-relay client: the cardholder's side of `POST /v1/loads`, `POST /v1/reversals` and
+//! `POST /v1/loads/{id}/steps`.
+//!
+//! A [`Client`] starts a load or a reversal, then relays the server's commands to the card over
+//! any [`purse::txn::Transport`] (an emulated card, a PC/SC reader) and the card's answers back,
+//! until the server gives a final [`Reply`]. It holds no key and cannot change the amount: the
+//! card and the HSM talk through it. The bodies it sends are the server's own request types
+//! ([`StartLoad`], [`StartReversal`], [`StepBody`]) and the answers it reads are [`Reply`], so the
+//! two sides cannot drift apart.
+//!
+//! A batch of commands stops at the first answer that is not [`Status::Ok`] or
+//! [`Status::AdditionalFrame`] (the card has ended the session and would refuse the rest), or
+//! when the card leaves the field; the answers the card gave are posted, and whatever the card
+//! received is settled by the server at the card's next contact.
+
+use crate::api::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
+use crate::load::Reply;
+use purse::apdu::Status;
+use purse::txn::{Transport, TransportError};
+use std::time::Duration;
+
+/// How long one HTTP exchange may take before the client gives up (the load is then settled
+/// or resumed with the same idempotency key).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a relayed load or reversal did not reach a final answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an HTTP error (4xx: the request; 5xx: the server).
+    #[error("server answered {code}: {detail}")]
+    Server {
+        /// HTTP status code.
+        code: u16,
+        /// The problem's `detail`, or `(no detail)`.
+        detail: String,
+    },
+    /// The server could not be reached (connection, TLS, timeout).
+    #[error("reaching {base}: {source}")]
+    Unreachable {
+        /// The server's base URL.
+        base: String,
+        /// What failed.
+        source: Box<ureq::Transport>,
+    },
+    /// The server's answer is not a [`Reply`].
+    #[error("the server's answer is not a load reply: {0}")]
+    BadAnswer(String),
+    /// The server sent a command that is not hex.
+    #[error("the server sent a command that is not hex")]
+    BadCommand,
+    /// The server sent a `command` answer with no command in it.
+    #[error("the server sent no command to relay")]
+    NoCommand,
+    /// There was no card to start with.
+    #[error("the card left the field before the load started: {0}")]
+    NoCard(TransportError),
+    /// The card left the field before it answered any command of a batch.
+    #[error("{0}: the card left the field; the load is settled at its next contact")]
+    CardLeft(TransportError),
+}
+
+/// What to load.
+#[derive(Clone, Debug)]
+pub struct LoadAsk<'a> {
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// Funding source name (`card`, `mileage`, `voucher`, …).
+    pub source: &'a str,
+    /// Instrument at the source (a card token, a membership, a voucher code).
+    pub instrument: &'a str,
+    /// Idempotency key: the same key resumes the same load and never loads twice.
+    pub idempotency_key: &'a str,
+    /// Fault injection (demo, tests): the client vanishes mid-dialogue.
+    pub vanish: Option<Vanish>,
+}
+
+/// Fault injection: where the client vanishes without answering the server (a phone that
+/// lost its network, a cardholder who walked away). The load is settled at the card's next
+/// contact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vanish {
+    /// At the n-th command relayed (1-based), after delivering it to the card (`deliver`) or
+    /// not.
+    AtCommand {
+        /// 1-based index of the command, counted over the whole dialogue.
+        n: usize,
+        /// Whether the card receives that command.
+        deliver: bool,
+    },
+    /// Right after delivering the first command with this instruction byte (e.g.
+    /// `purse::apdu::ins::COMMIT_TRANSACTION`: the card applied the load, the server never
+    /// hears its answer).
+    AfterIns(u8),
+}
+
+/// How a relay ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The server's final answer (`completed`, `refused` or `pending`).
+    Answered(Reply),
+    /// The client vanished ([`Vanish`]) in the session with this id.
+    Vanished {
+        /// The server's session id.
+        session_id: String,
+    },
+}
+
+/// The outcome of a relayed load or reversal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relayed {
+    /// How it ended.
+    pub ending: Ending,
+    /// HTTP round trips made (the start included).
+    pub round_trips: u32,
+}
+
+impl Relayed {
+    /// The server's final answer, unless the client vanished.
+    pub fn reply(&self) -> Option<&Reply> {
+        match &self.ending {
+            Ending::Answered(r) => Some(r),
+            Ending::Vanished { .. } => None,
+        }
+    }
+
+    /// The completed load's (amount, balance after, counter), if it completed.
+    pub fn completed(&self) -> Option<(i32, i32, u32)> {
+        match self.reply()? {
+            Reply::Completed {
+                amount_minor,
+                balance_minor,
+                tmc,
+                ..
+            } => Some((*amount_minor, *balance_minor, *tmc)),
+            _ => None,
+        }
+    }
+}
+
+/// A typed client of the charging server's load API for one caller (bearer token).
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &"<secret>")
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client of the server at `base` (e.g. `https://charging.example`) with the API token
+    /// `token`, with its own connection pool and [`DEFAULT_TIMEOUT`].
+    pub fn new(base: &str, token: &str) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout(DEFAULT_TIMEOUT).build();
+        Self::with_agent(agent, base, token)
+    }
+
+    /// A client that shares `agent` (its connection pool, TLS and timeouts).
+    pub fn with_agent(agent: ureq::Agent, base: &str, token: &str) -> Self {
+        Self {
+            agent,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn post<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        key: Option<&str>,
+    ) -> Result<ureq::Response, ClientError> {
+        let mut req = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        if let Some(k) = key {
+            req = req.set("Idempotency-Key", k);
+        }
+        match req.send_json(body) {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(code, r)) => {
+                let body: serde_json::Value = r.into_json().unwrap_or_default();
+                let detail = body["detail"].as_str().unwrap_or("(no detail)").to_string();
+                Err(ClientError::Server { code, detail })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
+                base: self.base.clone(),
+                source: Box::new(t),
+            }),
+        }
+    }
+
+    fn call<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        key: Option<&str>,
+    ) -> Result<Reply, ClientError> {
+        self.post(path, body, key)?
+            .into_json()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+    }
+
+    /// Registers a card-processor token to the caller's account (`POST /v1/instruments`): a
+    /// load is funded only from the caller's own instruments. Already the caller's: nothing to
+    /// do; another account's: an error.
+    pub fn register_card_token(&self, instrument: &str) -> Result<(), ClientError> {
+        let body = RegisterInstrument {
+            source: "card".into(),
+            instrument: instrument.into(),
+        };
+        self.post("/v1/instruments", &body, None).map(drop)
+    }
+
+    /// `POST /v1/loads`: starts (or, with a used key, resumes or answers again) a load.
+    pub fn start_load(&self, uid: &[u8; 7], ask: &LoadAsk<'_>) -> Result<Reply, ClientError> {
+        let body = StartLoad {
+            card_uid: hex::encode_upper(uid),
+            amount_minor: ask.amount_minor,
+            funding: Funding {
+                source: ask.source.into(),
+                instrument: ask.instrument.into(),
+            },
+        };
+        self.call("/v1/loads", &body, Some(ask.idempotency_key))
+    }
+
+    /// `POST /v1/reversals`: starts taking back the load that consumed counter `load_tmc`.
+    pub fn start_reversal(
+        &self,
+        uid: &[u8; 7],
+        load_tmc: u32,
+        idempotency_key: &str,
+    ) -> Result<Reply, ClientError> {
+        let body = StartReversal {
+            card_uid: hex::encode_upper(uid),
+            load_tmc,
+        };
+        self.call("/v1/reversals", &body, Some(idempotency_key))
+    }
+
+    /// `POST /v1/loads/{id}/steps`: the card's answers to the commands of step `seq`.
+    pub fn step(
+        &self,
+        session_id: &str,
+        seq: u32,
+        responses: &[Vec<u8>],
+    ) -> Result<Reply, ClientError> {
+        let body = StepBody {
+            seq,
+            responses: responses.iter().map(hex::encode_upper).collect(),
+        };
+        self.call(&format!("/v1/loads/{session_id}/steps"), &body, None)
+    }
+
+    /// Relays one load for the card behind `card` from start to the server's final answer.
+    pub fn load(
+        &self,
+        card: &mut dyn Transport,
+        ask: &LoadAsk<'_>,
+    ) -> Result<Relayed, ClientError> {
+        let uid = card.card_uid().map_err(ClientError::NoCard)?;
+        let first = self.start_load(&uid, ask)?;
+        self.relay(card, first, ask.vanish)
+    }
+
+    /// Relays one reversal of the load that consumed `load_tmc` for the card behind `card`.
+    pub fn reverse(
+        &self,
+        card: &mut dyn Transport,
+        load_tmc: u32,
+        idempotency_key: &str,
+    ) -> Result<Relayed, ClientError> {
+        let uid = card.card_uid().map_err(ClientError::NoCard)?;
+        let first = self.start_reversal(&uid, load_tmc, idempotency_key)?;
+        self.relay(card, first, None)
+    }
+
+    /// Relays from the server's answer `reply` (to a start) until a final answer: each batch
+    /// of commands to the card, its answers back.
+    pub fn relay(
+        &self,
+        card: &mut dyn Transport,
+        mut reply: Reply,
+        vanish: Option<Vanish>,
+    ) -> Result<Relayed, ClientError> {
+        let mut round_trips = 1;
+        let mut sent = 0usize;
+        while let Reply::Command {
+            session_id,
+            seq,
+            commands,
+        } = &reply
+        {
+            let answers = match relay_batch(card, commands, &mut sent, vanish)? {
+                Batch::Answers(a) => a,
+                Batch::Vanished => {
+                    return Ok(Relayed {
+                        ending: Ending::Vanished {
+                            session_id: session_id.clone(),
+                        },
+                        round_trips,
+                    })
+                }
+            };
+            reply = self.step(session_id, *seq, &answers)?;
+            round_trips += 1;
+        }
+        Ok(Relayed {
+            ending: Ending::Answered(reply),
+            round_trips,
+        })
+    }
+}
+
+/// What one batch of commands gave.
+enum Batch {
+    /// The card's answers, in command order.
+    Answers(Vec<Vec<u8>>),
+    /// The client vanished.
+    Vanished,
+}
+
+/// Whether the card's answer lets the batch go on (the session is still open).
+fn session_goes_on(resp: &[u8]) -> bool {
+    resp.ends_with(&Status::Ok.sw()) || resp.ends_with(&Status::AdditionalFrame.sw())
+}
+
+/// Sends one batch of hex commands to the card; `sent` counts commands over the dialogue.
+fn relay_batch(
+    card: &mut dyn Transport,
+    commands: &[String],
+    sent: &mut usize,
+    vanish: Option<Vanish>,
+) -> Result<Batch, ClientError> {
+    let mut answers = Vec::with_capacity(commands.len());
+    for c in commands {
+        let cmd = hex::decode(c).map_err(|_| ClientError::BadCommand)?;
+        *sent += 1;
+        match vanish {
+            Some(Vanish::AtCommand { n, deliver }) if *sent >= n => {
+                if deliver {
+                    let _ = card.transmit(&cmd);
+                }
+                return Ok(Batch::Vanished);
+            }
+            _ => {}
+        }
+        match card.transmit(&cmd) {
+            Ok(resp) => {
+                if matches!(vanish, Some(Vanish::AfterIns(i)) if cmd.get(1) == Some(&i)) {
+                    return Ok(Batch::Vanished);
+                }
+                let goes_on = session_goes_on(&resp);
+                answers.push(resp);
+                if !goes_on {
+                    break;
+                }
+            }
+            // The card left the field (or the reader failed): what it received is settled at
+            // its next contact.
+            Err(e) if answers.is_empty() => return Err(ClientError::CardLeft(e)),
+            Err(_) => break,
+        }
+    }
+    if answers.is_empty() {
+        return Err(ClientError::NoCommand);
+    }
+    Ok(Batch::Answers(answers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_goes_on_only_while_the_card_keeps_its_session() {
+        assert!(session_goes_on(&purse::apdu::response(&[1, 2], Status::Ok)));
+        assert!(session_goes_on(&purse::apdu::response(
+            &[],
+            Status::AdditionalFrame
+        )));
+        assert!(!session_goes_on(&purse::apdu::response(
+            &[],
+            Status::IntegrityError
+        )));
+        assert!(!session_goes_on(&[]));
+    }
+}
