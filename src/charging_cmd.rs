@@ -254,6 +254,6 @@ fn open_ledger(data: &std::path::Path) -> Result<charging::ledger::Ledger> {
             dir.display()
         )));
     }
-    charging::ledger::Ledger::open(&dir, 1 << 30)
+    charging::ledger::Ledger::open(&dir, charging::ledger::DEFAULT_MAP_SIZE_BYTES)
         .with_context(|| format!("opening the ledger at {}", dir.display()))
 }

@@ -7,9 +7,10 @@
 
 use crate::ledger::{Ledger, LedgerError};
 use heed::types::{SerdeJson, Str};
-use heed::{Database, Env, EnvOpenOptions, WithoutTls};
+use heed::{Database, Env, WithoutTls};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use tapgate_lmdb::{Durability, EnvConfig};
 
 /// A funding request.
 #[derive(Clone, Debug)]
@@ -145,6 +146,9 @@ pub struct ProcessorAuth {
     pub token: String,
 }
 
+/// The sandbox processor's map size: 64 MiB (it keeps one small record per authorisation).
+pub const SANDBOX_MAP_SIZE_BYTES: usize = 64 << 20;
+
 /// A card-payment processor sandbox that behaves like a real one, with persistent state:
 ///
 /// | token | behaviour |
@@ -163,26 +167,18 @@ impl SandboxProcessor {
     /// Opens the sandbox's own store in `dir` (it stands for a remote system: it keeps its
     /// state across our restarts).
     pub fn open(dir: &Path) -> Result<Self, FundingError> {
-        std::fs::create_dir_all(dir).map_err(|e| FundingError::Storage(e.to_string()))?;
-        // SAFETY: opened once per process on a directory only this processor uses. NO_SYNC:
-        // the sandbox stands in for a processor on another machine, whose durability is its
-        // own; committed pages are written to the file (they survive our process being
-        // killed, which the crash tests do) but not fsynced, so a load does not pay two
-        // fsyncs for a simulated remote system. Our own ledger keeps fsync on every commit.
-        #[allow(unsafe_code)]
-        let env = unsafe {
-            EnvOpenOptions::new()
-                .read_txn_without_tls()
-                .map_size(64 << 20)
-                .max_dbs(2)
-                .flags(heed::EnvFlags::NO_SYNC)
-                .open(dir)?
+        // NO_SYNC: the sandbox stands in for a processor on another machine, whose
+        // durability is its own; committed pages are written to the file (they survive our
+        // process being killed, which the crash tests do) but not fsynced, so a load does not
+        // pay two fsyncs for a simulated remote system. Our own ledger keeps fsync on every
+        // commit.
+        let cfg = EnvConfig {
+            map_size_bytes: SANDBOX_MAP_SIZE_BYTES,
+            durability: Durability::NoSync,
         };
-        let mut t = env.write_txn()?;
-        let by_ref: Database<Str, SerdeJson<ProcessorAuth>> =
-            env.create_database(&mut t, Some("by_ref"))?;
-        let by_id = env.create_database(&mut t, Some("by_id"))?;
-        t.commit()?;
+        let (env, [by_ref, by_id]) = tapgate_lmdb::open(dir, ["by_ref", "by_id"], &cfg)
+            .map_err(|e| FundingError::Storage(e.to_string()))?;
+        let (by_ref, by_id) = (by_ref.remap_types(), by_id.remap_types());
         Ok(SandboxProcessor { env, by_ref, by_id })
     }
 

@@ -18,9 +18,10 @@
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, Str, I64, U64};
-use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use heed::{Database, Env, RoTxn, RwTxn, WithoutTls};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use tapgate_lmdb::EnvConfig;
 
 /// Ledger errors.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,10 @@ pub enum LedgerError {
     /// The group commit failed (disk full, I/O): nothing of the batch is durable.
     #[error("ledger commit failed: {0}")]
     Commit(String),
-    /// The ledger directory could not be prepared.
+    /// The ledger's environment could not be opened (directory, map size, LMDB).
+    #[error("opening the ledger: {0}")]
+    Open(#[from] tapgate_lmdb::OpenError),
+    /// The ledger directory could not be prepared, or its committer thread not started.
     #[error("ledger directory {path}: {source}")]
     Dir {
         /// path
@@ -389,18 +393,11 @@ fn instrument_key(source: &str, id: &str) -> String {
 /// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
 /// intents sort by counter and keys only grow.
 pub fn intent_key(uid: &[u8; 7], tmc_before: u32, attempt: u16) -> [u8; 13] {
-    let mut k = [0u8; 13];
-    k[..7].copy_from_slice(uid);
-    k[7..11].copy_from_slice(&tmc_before.to_be_bytes());
-    k[11..].copy_from_slice(&attempt.to_be_bytes());
-    k
+    tapgate_lmdb::key::uid_counter_attempt(uid, tmc_before, attempt)
 }
 
 fn counter_prefix(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
-    let mut k = [0u8; 11];
-    k[..7].copy_from_slice(uid);
-    k[7..].copy_from_slice(&tmc_before.to_be_bytes());
-    k
+    tapgate_lmdb::key::uid_counter(uid, tmc_before)
 }
 
 fn funding_day_key(source: &str, instrument: &str, day: u64) -> String {
@@ -550,49 +547,43 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
     }
 }
 
+/// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
+const DATABASES: tapgate_lmdb::Databases<11> = [
+    "balances",
+    "postings",
+    "load_intents",
+    "cards",
+    "idempotency",
+    "vouchers",
+    "block_changes",
+    "anomalies",
+    "counter_gaps",
+    "funding_days",
+    "instruments",
+];
+
+/// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
+pub const DEFAULT_MAP_SIZE_BYTES: usize = 1 << 30;
+
 impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
-        std::fs::create_dir_all(dir).map_err(|source| LedgerError::Dir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        // SAFETY: LMDB requires that an environment is opened at most once per process and
-        // that its files are not modified by anything but LMDB. The charging daemon owns its
-        // ledger directory exclusively and opens it once at start-up.
-        let env = unsafe {
-            EnvOpenOptions::new()
-                .read_txn_without_tls()
-                .map_size(map_size_bytes)
-                .max_dbs(16)
-                .open(dir)?
-        };
-        let mut wtxn = env.write_txn()?;
-        let balances = env.create_database(&mut wtxn, Some("balances"))?;
-        let postings = env.create_database(&mut wtxn, Some("postings"))?;
-        let intents = env.create_database(&mut wtxn, Some("load_intents"))?;
-        let cards = env.create_database(&mut wtxn, Some("cards"))?;
-        let idem = env.create_database(&mut wtxn, Some("idempotency"))?;
-        let vouchers = env.create_database(&mut wtxn, Some("vouchers"))?;
-        let blocks = env.create_database(&mut wtxn, Some("block_changes"))?;
-        let anomalies = env.create_database(&mut wtxn, Some("anomalies"))?;
-        let gaps = env.create_database(&mut wtxn, Some("counter_gaps"))?;
-        let funding_days = env.create_database(&mut wtxn, Some("funding_days"))?;
-        let instruments = env.create_database(&mut wtxn, Some("instruments"))?;
-        wtxn.commit()?;
+        let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments] =
+            dbs;
         Ok(LedgerCore {
             env,
-            balances,
-            postings,
-            intents,
-            cards,
-            idem,
-            vouchers,
-            blocks,
-            anomalies,
-            gaps,
-            funding_days,
-            instruments,
+            balances: balances.remap_types(),
+            postings: postings.remap_types(),
+            intents: intents.remap_types(),
+            cards: cards.remap_types(),
+            idem: idem.remap_types(),
+            vouchers: vouchers.remap_types(),
+            blocks: blocks.remap_types(),
+            anomalies: anomalies.remap_types(),
+            gaps: gaps.remap_types(),
+            funding_days: funding_days.remap_types(),
+            instruments: instruments.remap_types(),
         })
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Online loads driven through the HSM over an APDU relay, funding sources, the double-entry
 //! ledger in LMDB, and (later) clearing of tap batches.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod api;
@@ -10,7 +10,6 @@ pub mod clearing;
 pub mod client;
 pub mod franchise;
 pub mod funding;
-#[allow(unsafe_code)]
 pub mod ledger;
 pub mod load;
 pub mod partner;

@@ -164,7 +164,7 @@ fn default_listen() -> SocketAddr {
     "127.0.0.1:8443".parse().expect("literal")
 }
 fn default_map_size() -> usize {
-    1 << 30
+    crate::ledger::DEFAULT_MAP_SIZE_BYTES
 }
 
 /// Daemon errors.
