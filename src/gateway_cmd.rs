@@ -25,6 +25,10 @@ pub struct GatewayArgs {
     /// Data directory.
     #[arg(long, default_value = "data/gateway")]
     data: PathBuf,
+    /// The store's map size, bytes: the most it may ever hold (a batch beyond it is refused and
+    /// raises the store_full alarm).
+    #[arg(long = "store-map-size-bytes", default_value_t = gateway::store::DEFAULT_MAP_SIZE_BYTES)]
+    store_map_size_bytes: usize,
     /// An external broker, mqtt://host:port (Mosquitto is the reference). Without it the gateway
     /// starts an embedded broker on --embedded-listen.
     #[arg(long)]
@@ -245,8 +249,8 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         }
         (None, _) => None,
     };
-    let store =
-        Store::open(&a.data, 4 << 30).with_context(|| format!("opening {}", a.data.display()))?;
+    let store = Store::open(&a.data, a.store_map_size_bytes)
+        .with_context(|| format!("opening {}", a.data.display()))?;
     let cfg = GatewayConfig {
         gateway_id: a.gateway_id,
         broker,

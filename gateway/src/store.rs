@@ -21,7 +21,7 @@
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
-use heed::{Database, Env, EnvOpenOptions, RwTxn, WithoutTls};
+use heed::{Database, Env, RwTxn, WithoutTls};
 use purse::crypto::AesKey;
 use purse::tap::{TapError, TapRecord, TAP_LEN};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,9 @@ pub enum StoreError {
         /// the map size
         map_bytes: u64,
     },
+    /// The store's environment could not be opened (directory, map size, LMDB).
+    #[error("opening the gateway store: {0}")]
+    Open(#[from] tapgate_lmdb::OpenError),
     /// The data directory could not be prepared.
     #[error("gateway data directory {path}: {source}")]
     Dir {
@@ -351,56 +354,45 @@ fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
 }
 
 fn quarantine_key(device: u64, seq: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&device.to_be_bytes());
-    k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
+    tapgate_lmdb::key::u64_u64(device, seq)
 }
 
 fn tap_key(device: u32, seq: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&device.to_be_bytes());
-    k[4..].copy_from_slice(&seq.to_be_bytes());
-    k
+    tapgate_lmdb::key::u32_u64(device, seq)
 }
+
+/// The gateway store's map size when the command line names none: 4 GiB.
+pub const DEFAULT_MAP_SIZE_BYTES: usize = 4 << 30;
 
 impl Store {
     /// Opens (or creates) the store.
     pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        // SAFETY: LMDB requires the environment to be opened once per process and its files to
-        // be modified by LMDB only; the gateway owns its data directory.
-        #[allow(unsafe_code)]
-        let env = unsafe {
-            EnvOpenOptions::new()
-                .read_txn_without_tls()
-                .map_size(map_size_bytes)
-                .max_dbs(10)
-                .open(dir)?
-        };
-        let mut t = env.write_txn()?;
-        let taps = env.create_database(&mut t, Some("taps"))?;
-        let devices = env.create_database(&mut t, Some("devices"))?;
-        let quarantine = env.create_database(&mut t, Some("quarantine"))?;
-        let quarantine_index = env.create_database(&mut t, Some("quarantine_index"))?;
-        let quarantine_devices = env.create_database(&mut t, Some("quarantine_devices"))?;
-        let outbox = env.create_database(&mut t, Some("outbox"))?;
-        let meta = env.create_database(&mut t, Some("meta"))?;
-        let aggregates = env.create_database(&mut t, Some("aggregates"))?;
-        t.commit()?;
+        let (env, dbs) = tapgate_lmdb::open(
+            dir,
+            [
+                "taps",
+                "devices",
+                "quarantine",
+                "quarantine_index",
+                "quarantine_devices",
+                "outbox",
+                "meta",
+                "aggregates",
+            ],
+            &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
+        )?;
+        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates] =
+            dbs;
         Ok(Store {
             env,
-            taps,
-            devices,
-            quarantine,
-            quarantine_index,
-            quarantine_devices,
-            outbox,
-            meta,
-            aggregates,
+            taps: taps.remap_types(),
+            devices: devices.remap_types(),
+            quarantine: quarantine.remap_types(),
+            quarantine_index: quarantine_index.remap_types(),
+            quarantine_devices: quarantine_devices.remap_types(),
+            outbox: outbox.remap_types(),
+            meta: meta.remap_types(),
+            aggregates: aggregates.remap_types(),
             limits: StoreLimits::default(),
         })
     }
