@@ -10,7 +10,7 @@
 //!   (replayed at start).
 
 use heed::types::{Bytes, Str, U64};
-use heed::{byteorder::BE, Database, Env, EnvOpenOptions, WithoutTls};
+use heed::{byteorder::BE, Database, Env, WithoutTls};
 use purse::confirm::Confirmed;
 use purse::receipt::TxKind;
 use purse::tap::TAP_LEN;
@@ -27,6 +27,8 @@ pub enum JournalError {
     },
     #[error("journal storage: {0}")]
     Lmdb(#[from] heed::Error),
+    #[error("opening the journal: {0}")]
+    Open(#[from] tapgate_lmdb::OpenError),
     #[error(
         "the outbox holds {0} taps, its configured capacity: the gateway has not confirmed them"
     )]
@@ -138,33 +140,17 @@ impl Journal {
         outbox_capacity_taps: u64,
         map_size_bytes: usize,
     ) -> Result<Self, JournalError> {
-        std::fs::create_dir_all(dir).map_err(|source| JournalError::Dir {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        // SAFETY: LMDB requires that an environment is opened once per process and that its
-        // files are modified by LMDB only; the validator owns its journal directory and opens
-        // it once.
-        #[allow(unsafe_code)]
-        let env = unsafe {
-            EnvOpenOptions::new()
-                .read_txn_without_tls()
-                .map_size(map_size_bytes)
-                .max_dbs(6)
-                .open(dir)?
-        };
-        let mut t = env.write_txn()?;
-        let outbox = env.create_database(&mut t, Some("outbox"))?;
-        let pending = env.create_database(&mut t, Some("pending"))?;
-        let unresolved = env.create_database(&mut t, Some("unresolved"))?;
-        let meta = env.create_database(&mut t, Some("meta"))?;
-        t.commit()?;
+        let (env, [outbox, pending, unresolved, meta]) = tapgate_lmdb::open(
+            dir,
+            ["outbox", "pending", "unresolved", "meta"],
+            &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
+        )?;
         Ok(Self {
             env,
-            outbox,
-            pending,
-            unresolved,
-            meta,
+            outbox: outbox.remap_types(),
+            pending: pending.remap_types(),
+            unresolved: unresolved.remap_types(),
+            meta: meta.remap_types(),
             capacity_taps: outbox_capacity_taps,
         })
     }
@@ -220,9 +206,7 @@ impl Journal {
     /// transacted elsewhere since, so this validator cannot prove it with the card's MAC).
     pub fn resolve_unprovable(&self, p: &PendingTap) -> Result<(), JournalError> {
         let mut w = self.env.write_txn()?;
-        let mut key = [0u8; 11];
-        key[..7].copy_from_slice(&p.change.uid);
-        key[7..].copy_from_slice(&p.change.tmc_before.to_be_bytes());
+        let key = tapgate_lmdb::key::uid_counter(&p.change.uid, p.change.tmc_before);
         self.unresolved.put(&mut w, &key, &p.encode())?;
         self.pending.delete(&mut w, &p.change.uid)?;
         w.commit()?;
