@@ -1,52 +1,24 @@
-//! `tapgate validator`: the validator daemon, configured by a TOML file and flags.
-//!
-//! ```toml
-//! device_id = 1001
-//! operator = "metro"
-//! stop = "Central"                 # the stop and route ids in the fare table
-//! route = "M1"
-//! kind = "in"                      # in, out, entry, or charge (a pay-TV box: see [sale])
-//! utc_offset_minutes = 540
-//! journal = "data/validator-1001"
-//! outbox_capacity_taps = 1000000
-//! keys = "keys"                    # issuer key dir, or `tapgate keys provision --role validator`
-//! fare_table = "metro.tgft"        # optional; later tables arrive over MQTT
-//! heartbeat_s = 30
-//! [mqtt]                           # optional: without it the validator works offline
-//! broker = "mqtt://127.0.0.1:18830"
-//! password_env = "TAPGATE_MQTT_PASSWORD"
-//! [metrics]
-//! listen = "127.0.0.1:9101"
-//! [crowd]                          # the emulated reader (tests, demo, load)
-//! cards = 50
-//! taps = 200
-//! # reader = "pcsc"                # or a PC/SC reader (build with the `pcsc` feature)
-//! # reader_name = "ACS ACR1252"    # part of the reader's name (default: any reader)
-//! # [sale]                         # kind = "charge": what every presentation buys
-//! # charge = "movie"               # a charge id of the fare table
-//! # items = 1
-//! # minutes = 0
-//! ```
+//! `tapgate validator`: the validator daemon, configured by a TOML file (its schema and the
+//! start-up choices it decides: `validator::config`) and flags.
 
 use crate::cli_util::input_err;
-use crate::keys_cmd::{load_keyset, SIGNING_PUB_FILE};
+use crate::keys_cmd::load_keyset;
 use crate::pcsc_cmd::{parse_reader, ReaderChoice};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use fare_rules::record::TapKind;
 use purse::blocklist::Blocklist;
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-use validator::daemon::{self, MqttSettings, Settings};
-use validator::gate::{Gate, Placement, Step};
+use validator::config::{choose_fare_table, Config, ConfigError, JOURNAL_MAP_BYTES};
+use validator::daemon;
+use validator::gate::{Gate, Step};
 use validator::journal::Journal;
-use validator::reader::{Crowd, CrowdConfig, Reader};
+use validator::reader::{Crowd, Reader};
 
 /// `tapgate validator`.
 #[derive(Args)]
@@ -85,137 +57,6 @@ pub struct ValidatorArgs {
     reader: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Config {
-    device_id: u32,
-    operator: String,
-    /// The card scheme whose signed blocklist this validator holds (default: `operator`).
-    #[serde(default)]
-    card_scheme: Option<String>,
-    #[serde(default)]
-    stop: String,
-    #[serde(default)]
-    route: String,
-    #[serde(default = "default_kind")]
-    kind: String,
-    #[serde(default)]
-    utc_offset_minutes: i32,
-    journal: PathBuf,
-    #[serde(default = "default_capacity")]
-    outbox_capacity_taps: u64,
-    keys: PathBuf,
-    /// The back office's Ed25519 public key (hex); default: `signing.pub` beside the keys.
-    signing_pub: Option<String>,
-    fare_table: Option<PathBuf>,
-    #[serde(default = "default_heartbeat")]
-    heartbeat_s: u64,
-    #[serde(default = "default_drain")]
-    drain_timeout_s: u64,
-    mqtt: Option<MqttConfig>,
-    metrics: Option<MetricsConfig>,
-    crowd: Option<CrowdToml>,
-    /// `crowd` (default) or `pcsc`.
-    reader: Option<String>,
-    /// With `reader = "pcsc"`: part of the reader's name (case-insensitive).
-    reader_name: Option<String>,
-    /// With `kind = "charge"`: what every presentation buys.
-    sale: Option<SaleToml>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SaleToml {
-    charge: String,
-    #[serde(default)]
-    items: u32,
-    #[serde(default)]
-    minutes: u32,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MqttConfig {
-    broker: String,
-    /// Default: the device id.
-    username: Option<String>,
-    /// The environment variable holding the password (default TAPGATE_MQTT_PASSWORD).
-    password_env: Option<String>,
-    password_file: Option<PathBuf>,
-    /// PEM CA file: connect over TLS.
-    ca_file: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MetricsConfig {
-    listen: std::net::SocketAddr,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CrowdToml {
-    /// The issuer key set the emulated cards are personalised under (default: `keys`).
-    issuer_keys: Option<PathBuf>,
-    #[serde(default = "default_cards")]
-    cards: u32,
-    #[serde(default = "default_balance")]
-    balance_minor: i32,
-    taps: Option<u64>,
-    #[serde(default)]
-    rate_per_s: f64,
-    #[serde(default = "default_seed")]
-    seed: u64,
-    dir: Option<PathBuf>,
-    #[serde(default)]
-    tear_per_mille: u32,
-}
-
-fn default_kind() -> String {
-    "entry".into()
-}
-fn default_capacity() -> u64 {
-    1_000_000
-}
-fn default_heartbeat() -> u64 {
-    30
-}
-fn default_drain() -> u64 {
-    10
-}
-fn default_cards() -> u32 {
-    50
-}
-fn default_balance() -> i32 {
-    50_000
-}
-fn default_seed() -> u64 {
-    1
-}
-
-fn parse_broker(url: &str) -> Result<(String, u16, bool)> {
-    let (rest, tls) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (r, true)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (r, false)
-    } else {
-        bail!(input_err(format!(
-            "broker {url:?} must look like mqtt://host:port or mqtts://host:port"
-        )));
-    };
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-        input_err(format!(
-            "broker {url:?} needs a port, e.g. mqtt://127.0.0.1:1883"
-        ))
-    })?;
-    let port = port
-        .parse()
-        .map_err(|_| input_err(format!("broker {url:?}: {port:?} is not a port")))?;
-    Ok((host.to_string(), port, tls))
-}
-
 fn parse_crash(s: &str) -> Result<(u64, Step)> {
     let bad = || {
         input_err(format!("--crash-at {s:?}: expected N:STEP, e.g. 3:committed (steps: read, pending, committed, journalled)"))
@@ -232,44 +73,32 @@ fn parse_crash(s: &str) -> Result<(u64, Step)> {
     Ok((n, step))
 }
 
+/// A configuration error: what the operator must fix is an input error (exit 2), named after
+/// the file where the original did (`in_file`).
+fn config_err(in_file: Option<&Path>, e: ConfigError) -> anyhow::Error {
+    match (e, in_file) {
+        (e @ (ConfigError::Parse(_) | ConfigError::Invalid(_)), Some(p)) => {
+            input_err(format!("{}: {e}", p.display()))
+        }
+        (e @ (ConfigError::Invalid(_) | ConfigError::NoFareTable), _) => input_err(e.to_string()),
+        (other, _) => anyhow::Error::new(other),
+    }
+}
+
 /// Runs `tapgate validator`.
 pub fn run(a: ValidatorArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config)
-        .with_context(|| format!("reading {}", a.config.display()))?;
-    let mut cfg: Config =
-        toml::from_str(&text).map_err(|e| input_err(format!("{}: {e}", a.config.display())))?;
+    let path = a.config.as_path();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cfg = Config::from_toml(&text).map_err(|e| config_err(Some(path), e))?;
     if let Some(d) = a.device {
         cfg.device_id = d;
-    }
-    for (what, v) in [
-        ("operator", Some(&cfg.operator)),
-        ("card_scheme", cfg.card_scheme.as_ref()),
-    ] {
-        if let Some(v) = v {
-            if v.is_empty() || v.contains(['/', '+', '#']) {
-                return Err(input_err(format!(
-                    "{}: {what} {v:?} must be a non-empty name without '/', '+' or '#' (it is part of MQTT topics)",
-                    a.config.display()
-                )));
-            }
-        }
     }
     if let Some(j) = a.journal {
         cfg.journal = j;
     }
     if let Some(b) = a.broker {
-        match &mut cfg.mqtt {
-            Some(m) => m.broker = b,
-            None => {
-                cfg.mqtt = Some(MqttConfig {
-                    broker: b,
-                    username: None,
-                    password_env: None,
-                    password_file: None,
-                    ca_file: None,
-                })
-            }
-        }
+        cfg.set_broker(b);
     }
     if let Some(c) = cfg.crowd.as_mut() {
         if let Some(n) = a.crowd_taps {
@@ -279,40 +108,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
             c.seed = s;
         }
     }
-    let kind = match cfg.kind.as_str() {
-        "in" => TapKind::In,
-        "out" => TapKind::Out,
-        "entry" => TapKind::Entry,
-        "charge" => TapKind::Charge,
-        k => bail!(input_err(format!(
-            "{}: kind {k:?} must be in, out, entry or charge",
-            a.config.display()
-        ))),
-    };
-    let sale = match (&cfg.sale, kind) {
-        (Some(s), TapKind::Charge) => {
-            if s.items == 0 && s.minutes == 0 {
-                bail!(input_err(format!(
-                    "{}: [sale] sells nothing: set items or minutes",
-                    a.config.display()
-                )));
-            }
-            Some(validator::gate::Sale {
-                charge: s.charge.clone(),
-                items: s.items,
-                minutes: s.minutes,
-            })
-        }
-        (None, TapKind::Charge) => bail!(input_err(format!(
-            "{}: kind \"charge\" needs a [sale] (charge, items or minutes)",
-            a.config.display()
-        ))),
-        (Some(_), _) => bail!(input_err(format!(
-            "{}: [sale] is for kind = \"charge\" only",
-            a.config.display()
-        ))),
-        (None, _) => None,
-    };
+    let placement = cfg.placement().map_err(|e| config_err(Some(path), e))?;
     let crash_at = a.crash_at.as_deref().map(parse_crash).transpose()?;
     let choice = match (&a.reader, cfg.reader.as_deref()) {
         (Some(flag), _) => parse_reader("--reader", flag)?,
@@ -320,7 +116,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         (None, Some("pcsc")) => ReaderChoice::Pcsc(cfg.reader_name.clone()),
         (None, Some(r)) => bail!(input_err(format!(
             "{}: reader {r:?} must be \"crowd\" or \"pcsc\"",
-            a.config.display()
+            path.display()
         ))),
     };
 
@@ -331,67 +127,32 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
             cfg.device_id
         )
     })?;
-    let signing_pub: [u8; 32] = {
-        let hex_text = match &cfg.signing_pub {
-            Some(h) => h.clone(),
-            None => {
-                let p = if cfg.keys.is_dir() {
-                    cfg.keys.join(SIGNING_PUB_FILE)
-                } else {
-                    cfg.keys.with_file_name(SIGNING_PUB_FILE)
-                };
-                std::fs::read_to_string(&p).with_context(|| {
-                    format!("reading {} (or set signing_pub in the config)", p.display())
-                })?
-            }
-        };
-        hex::decode(hex_text.trim())
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| input_err("signing_pub must be 64 hex digits"))?
-    };
+    let signing_pub = cfg.signing_pub().map_err(|e| config_err(None, e))?;
     let journal = Arc::new(
-        Journal::open(&cfg.journal, cfg.outbox_capacity_taps, 1 << 30)
+        Journal::open(&cfg.journal, cfg.outbox_capacity_taps, JOURNAL_MAP_BYTES)
             .with_context(|| format!("opening the journal {}", cfg.journal.display()))?,
     );
     let mut gate = Gate {
         sam,
         engine: None,
-        blocklist: Blocklist::new(cfg.card_scheme.as_deref().unwrap_or(&cfg.operator)),
-        placement: Placement {
-            device_id: cfg.device_id,
-            operator: cfg.operator.clone(),
-            stop: cfg.stop.clone(),
-            route: cfg.route.clone(),
-            kind,
-            utc_offset_s: cfg.utc_offset_minutes * 60,
-            sale,
-        },
+        blocklist: Blocklist::new(cfg.card_scheme()),
+        placement,
         rng: StdRng::from_entropy(),
     };
-    // What the journal holds first (a newer table may have arrived over MQTT); the configured
-    // table only if it is newer still.
-    daemon::restore(&mut gate, &journal, &signing_pub)?;
-    if let Some(p) = &cfg.fare_table {
-        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-        daemon::apply_downlink(
-            &mut gate,
-            &journal,
-            &signing_pub,
-            daemon::Downlink::FareTable,
-            &bytes,
-        )
-        .or_else(|e| if gate.engine.is_some() { Ok(0) } else { Err(e) })
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-    }
-    let Some(engine) = &gate.engine else {
-        bail!(input_err(
-            "no fare table: set fare_table in the config (later ones arrive over MQTT)"
-        ));
+    let table = match &cfg.fare_table {
+        Some(p) => Some((
+            p.as_path(),
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )),
+        None => None,
     };
-    if let Err(why) = gate.placement.check(engine) {
-        bail!(input_err(why));
-    }
+    choose_fare_table(
+        &mut gate,
+        &journal,
+        &signing_pub,
+        table.as_ref().map(|(p, b)| (*p, b.as_slice())),
+    )
+    .map_err(|e| config_err(None, e))?;
     let pend = journal.pendings()?;
     if !pend.is_empty() {
         eprintln!(
@@ -403,33 +164,18 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     let shutdown = Arc::new(AtomicBool::new(false));
     let reader: Box<dyn Reader> = match choice {
         ReaderChoice::Emulated => {
-            let crowd_cfg = cfg.crowd.as_ref().ok_or_else(|| {
-                input_err(
+            let (Some(section), Some(crowd)) = (&cfg.crowd, cfg.crowd()) else {
+                bail!(input_err(
                     "no reader: add a [crowd] section (emulated cards) or set reader = \"pcsc\"",
-                )
-            })?;
+                ));
+            };
             let issuer = load_keyset(
-                crowd_cfg.issuer_keys.as_ref().unwrap_or(&cfg.keys),
+                section.issuer_keys.as_ref().unwrap_or(&cfg.keys),
                 a.passphrase_file.as_deref(),
             )?;
             let hsm =
                 SoftwareHsm::new(&issuer).context("the emulated crowd needs the issuer key set")?;
-            Box::new(
-                Crowd::new(
-                    CrowdConfig {
-                        cards: crowd_cfg.cards,
-                        balance_minor: crowd_cfg.balance_minor,
-                        taps: crowd_cfg.taps,
-                        rate_per_s: crowd_cfg.rate_per_s,
-                        seed: crowd_cfg.seed,
-                        dir: crowd_cfg.dir.clone(),
-                        tear_per_mille: crowd_cfg.tear_per_mille,
-                    },
-                    hsm,
-                    shutdown.clone(),
-                )
-                .context("card images directory")?,
-            )
+            Box::new(Crowd::new(crowd, hsm, shutdown.clone()).context("card images directory")?)
         }
         #[cfg(feature = "pcsc")]
         ReaderChoice::Pcsc(name) => {
@@ -448,54 +194,9 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
     };
 
-    let mqtt = match &cfg.mqtt {
-        None => None,
-        Some(m) => {
-            let (host, port, tls) = parse_broker(&m.broker)?;
-            let password = match (&m.password_file, &m.password_env) {
-                (Some(f), _) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("reading {}", f.display()))?
-                        .trim()
-                        .to_string(),
-                ),
-                (None, env) => {
-                    std::env::var(env.as_deref().unwrap_or("TAPGATE_MQTT_PASSWORD")).ok()
-                }
-            };
-            let tls_ca_pem = match (&m.ca_file, tls) {
-                (Some(f), _) => {
-                    Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
-                }
-                (None, true) => bail!(input_err("mqtts:// needs ca_file in [mqtt]")),
-                (None, false) => None,
-            };
-            Some(MqttSettings {
-                host,
-                port,
-                username: Some(
-                    m.username
-                        .clone()
-                        .unwrap_or_else(|| cfg.device_id.to_string()),
-                ),
-                password,
-                tls_ca_pem,
-            })
-        }
-    };
-    let settings = Settings {
-        operator: cfg.operator.clone(),
-        card_scheme: cfg
-            .card_scheme
-            .clone()
-            .unwrap_or_else(|| cfg.operator.clone()),
-        device_id: cfg.device_id,
-        heartbeat: Duration::from_secs(cfg.heartbeat_s.max(1)),
-        signing_pub,
-        mqtt,
-        drain_timeout: Duration::from_secs(cfg.drain_timeout_s),
-        crash_at,
-    };
+    let settings = cfg
+        .settings(signing_pub, crash_at)
+        .map_err(|e| config_err(None, e))?;
     let metrics = Arc::new(daemon::Metrics::new(cfg.device_id));
 
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -23,17 +23,16 @@
 use crate::Figures;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
-use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
-use purse::tap::{TapMeta, TapRecord};
+use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::SeedableRng;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tapgate_sim::fleet::{Device, Fleet, FleetOptions};
 
 const PASSPHRASE: &str = "bench-system";
 const GW_TOKEN: &str = "tg_bench_gateway";
@@ -154,16 +153,6 @@ fn uid_of(i: usize) -> [u8; 7] {
 
 fn ms(d_us: u64) -> f64 {
     (d_us as f64 / 100.0).round() / 10.0
-}
-
-/// One validator's view of the run: its publish times (phase 1) and confirmations.
-struct Field {
-    /// Per validator, per sequence number: when it was published (phase 1 only).
-    sent_at: Vec<Vec<Option<Instant>>>,
-    /// Per validator, per sequence number: confirmed yet.
-    confirmed: Vec<Vec<bool>>,
-    latencies_us: Vec<u64>,
-    blocklists: Vec<purse::blocklist::Blocklist>,
 }
 
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
@@ -320,18 +309,18 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                 anyhow::bail!("a bench debit was refused")
             };
             card.remove_from_field();
-            let t = TapRecord::accepted(
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            let wire = tapgate_sim::taps::signed_accepted(
+                &sam,
                 &receipt,
-                TapMeta {
-                    device_id: 1000 + v as u32,
-                    device_seq: seq,
-                    device_time_ms: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)?
-                        .as_millis() as u64,
-                    ..Default::default()
-                },
+                "metro",
+                1000 + v as u32,
+                seq,
+                now_ms,
             );
-            recs.push(t.sign_with("metro", |b| sam.device_mac(b)).to_vec());
+            recs.push(wire.to_vec());
         }
     }
 
@@ -339,96 +328,38 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let field = Arc::new(Mutex::new(Field {
-        sent_at: vec![vec![None; per + 1]; VALIDATORS],
-        confirmed: vec![vec![false; per + 1]; VALIDATORS],
-        latencies_us: Vec::new(),
-        blocklists: vec![purse::blocklist::Blocklist::new("metro"); VALIDATORS],
-    }));
-    let confirmed_total = Arc::new(AtomicU64::new(0));
-    let verifying_key = keys.verifying_key;
-    let clients: Vec<AsyncClient> = rt.block_on(async {
-        let mut clients = Vec::new();
-        for (v, pw) in passwords.iter().enumerate() {
-            let id = (1000 + v).to_string();
-            let mut o = MqttOptions::new(format!("validator-{id}"), "127.0.0.1", mqtt_port);
-            o.set_credentials(id.clone(), pw.clone())
-                .set_inflight(1_000)
-                .set_max_packet_size(1 << 20, 1 << 20);
-            let (c, mut ev) = AsyncClient::new(o, 20_000);
-            let mut net = ev.network_options();
-            net.set_tcp_nodelay(true); // as the validator daemon does
-            ev.set_network_options(net);
-            let subscribed = Arc::new(tokio::sync::Notify::new());
-            let (s2, f2, n2) = (subscribed.clone(), field.clone(), confirmed_total.clone());
-            tokio::spawn(async move {
-                let mut subacks = 0;
-                loop {
-                    match ev.poll().await {
-                        Ok(Event::Incoming(Packet::SubAck(_))) => {
-                            subacks += 1;
-                            if subacks == 2 {
-                                s2.notify_one();
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::Publish(p)))
-                            if p.topic.contains("/blocklist/") =>
-                        {
-                            let _ = f2.lock().expect("field").blocklists[v]
-                                .apply(&p.payload, &verifying_key);
-                        }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let now = Instant::now();
-                            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&p.payload)
-                            else {
-                                continue;
-                            };
-                            let mut f = f2.lock().expect("field");
-                            for s in body["seqs"]
-                                .as_array()
-                                .map(Vec::as_slice)
-                                .unwrap_or_default()
-                            {
-                                let Some(s) = s.as_u64().map(|s| s as usize) else {
-                                    continue;
-                                };
-                                if s >= f.confirmed[v].len() || f.confirmed[v][s] {
-                                    continue;
-                                }
-                                f.confirmed[v][s] = true;
-                                n2.fetch_add(1, Ordering::Relaxed);
-                                if let Some(at) = f.sent_at[v][s] {
-                                    f.latencies_us.push((now - at).as_micros() as u64);
-                                }
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            eprintln!("validator {v}: MQTT: {e}; reconnecting");
-                            tokio::time::sleep(Duration::from_millis(50)).await
-                        }
-                    }
-                }
-            });
-            c.subscribe(
-                format!("tapgate/v1/metro/devices/{id}/confirm"),
-                QoS::AtLeastOnce,
-            )
-            .await?;
-            c.subscribe("tapgate/v1/metro/blocklist/#", QoS::AtLeastOnce)
-                .await?;
-            tokio::time::timeout(Duration::from_secs(10), subscribed.notified()).await?;
-            clients.push(c);
-        }
-        anyhow::Ok(clients)
-    })?;
+    // The validators' MQTT clients, as the validator daemon connects (TCP_NODELAY).
+    let devices = passwords
+        .iter()
+        .enumerate()
+        .map(|(v, password)| Device {
+            id: 1000 + v as u32,
+            password: password.clone(),
+            operator: "metro".into(),
+        })
+        .collect();
+    let fleet = Fleet::connect(
+        rt.handle().clone(),
+        &FleetOptions {
+            host: "127.0.0.1".into(),
+            port: mqtt_port,
+            card_scheme: "metro".into(),
+            verifying_key: keys.verifying_key,
+            persistent_session: false,
+            queue_capacity: 20_000,
+            inflight: Some(1_000),
+            max_packet_bytes: Some(1 << 20),
+            tcp_nodelay: true,
+        },
+        devices,
+    )?;
     let wait_confirmed = |n: u64, what: &str| -> anyhow::Result<()> {
         let t0 = Instant::now();
-        while confirmed_total.load(Ordering::Relaxed) < n {
+        while fleet.confirmed_total() < n {
             anyhow::ensure!(
                 t0.elapsed() < Duration::from_secs(120),
                 "{what}: {} of {n} taps confirmed\n{}",
-                confirmed_total.load(Ordering::Relaxed),
+                fleet.confirmed_total(),
                 gateway.tail()
             );
             std::thread::sleep(Duration::from_millis(2));
@@ -449,10 +380,11 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         loop {
             let mut sent = 0;
             for (v, seq) in order.by_ref() {
-                field.lock().expect("field").sent_at[v][seq] = Some(Instant::now());
-                clients[v]
+                fleet.note_sent(v, seq as u64);
+                fleet
+                    .client(v)
                     .publish(
-                        format!("tapgate/v1/metro/taps/{}", 1000 + v),
+                        fleet.tap_topic(v),
                         QoS::AtLeastOnce,
                         false,
                         records[v][seq - 1].clone(),
@@ -472,25 +404,19 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         anyhow::Ok(())
     })?;
     wait_confirmed(paced, "paced taps")?;
-    let mut lat = field.lock().expect("field").latencies_us.clone();
+    let mut lat = fleet.latencies_us();
     lat.sort_unstable();
 
     // Phase 2: the rest as fast as the validators publish.
     let started = Instant::now();
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for (v, c) in clients.iter().enumerate() {
-            let c = c.clone();
+        for v in 0..fleet.len() {
+            let (c, topic) = (fleet.client(v).clone(), fleet.tap_topic(v));
             let recs: Vec<Vec<u8>> = records[v][paced_rounds..].to_vec();
             tasks.push(tokio::spawn(async move {
                 for r in recs {
-                    c.publish(
-                        format!("tapgate/v1/metro/taps/{}", 1000 + v),
-                        QoS::AtLeastOnce,
-                        false,
-                        r,
-                    )
-                    .await?;
+                    c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
                 }
                 Ok::<(), rumqttc::ClientError>(())
             }));
@@ -584,26 +510,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         Some(serde_json::json!({"reason": "reported lost"})),
     )?;
     anyhow::ensure!(code == 200, "blocking a card: {code} {body}");
-    let mut held_ms: Vec<Option<u64>> = vec![None; VALIDATORS];
-    while held_ms.iter().any(Option::is_none) {
-        anyhow::ensure!(
-            blocked_at.elapsed() < Duration::from_secs(30),
-            "the block reached {} of {VALIDATORS} validators\n{}",
-            held_ms.iter().flatten().count(),
-            gateway.tail()
-        );
-        {
-            let f = field.lock().expect("field");
-            for (v, h) in held_ms.iter_mut().enumerate() {
-                if h.is_none() && f.blocklists[v].is_blocked(&lost_uid) {
-                    *h = Some(blocked_at.elapsed().as_millis() as u64);
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let mut held: Vec<u64> = held_ms.into_iter().flatten().collect();
-    held.sort_unstable();
+    let held = fleet
+        .wait_blocked(&lost_uid, blocked_at, Duration::from_secs(30))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", gateway.tail()))?;
 
     // Nothing lost, nothing doubled: every tapped card's shadow purse equals the card.
     let mut out_of_balance = 0u64;
@@ -624,7 +533,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         }
         lost += u64::from(s.tmc).saturating_sub(v["last_tmc"].as_u64().unwrap_or(0));
     }
-    drop(clients);
+    fleet.disconnect();
     Ok(vec![
         ("validators", (VALIDATORS as u64).into()),
         ("cards", (CARDS as u64).into()),

@@ -2,12 +2,15 @@
 //! machine. Offline purse debits against a local SAM, quoted by the fare engine from the card's
 //! trip records, journalled durably in LMDB, and forwarded over MQTT until the gateway confirms.
 //!
+//! - [`config`]: the configuration file and the start-up choices it decides (placement,
+//!   MQTT, crowd, which fare table).
 //! - [`gate`]: one tap, start to end, exactly once across tears and crashes.
 //! - [`journal`]: the LMDB outbox, pending debits and applied downlink messages.
 //! - [`reader`]: the `Reader` trait and the emulated crowd; `pcsc_reader` (feature `pcsc`):
 //!   PC/SC readers through pcsc-lite.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod daemon;
 pub mod gate;
 pub mod journal;

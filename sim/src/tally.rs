@@ -1,0 +1,176 @@
+//! What the day counts as it goes, and its report.
+
+use crate::check::Conservation;
+use purse::card::Card;
+use purse::tap::RefusalReason;
+use std::collections::BTreeMap;
+
+/// The day's counters.
+#[derive(Default, Debug)]
+pub struct Tally {
+    /// Taps refused because the card is blocklisted.
+    pub taps_refused_blocked: u64,
+    /// Taps accepted (settled tears that the card had committed included).
+    pub taps_accepted: u64,
+    /// Taps refused for any other reason.
+    pub taps_refused: u64,
+    /// Dialogues torn.
+    pub taps_torn: u64,
+    /// Repeated presentations the gate recognised.
+    pub taps_repeat: u64,
+    /// Accepted taps that continued a journey under a transfer rule (from the trip record the
+    /// gate wrote on the card).
+    pub taps_transfer: u64,
+    /// Accepted taps lowered by a cap.
+    pub taps_capped: u64,
+    /// Accepted taps that carried a missing-tap-out penalty.
+    pub taps_penalty: u64,
+    /// Refusals by reason.
+    pub refusals: BTreeMap<&'static str, u64>,
+    /// Torn debits the card had committed, settled by its gate.
+    pub debits_settled_committed: u64,
+    /// Torn debits the card had not committed.
+    pub debits_settled_not_committed: u64,
+    /// Torn debits the card committed but its gate could no longer prove (kept unresolved).
+    pub debits_unresolved: u64,
+    /// Loads completed over HTTP.
+    pub loads_completed: u64,
+    /// Loads refused.
+    pub loads_refused: u64,
+    /// Loads whose client vanished.
+    pub loads_torn: u64,
+    /// Completed loads by funding source.
+    pub loads_by_source: BTreeMap<String, u64>,
+    /// Everything the validators collected.
+    pub revenue_minor: i64,
+    /// What the validators collected, by the operator the taps are booked to.
+    pub revenue_by_operator: BTreeMap<&'static str, i64>,
+    /// Presentations at the hotel's pay-TV box.
+    pub tv_sales: u64,
+    /// Sales the box made.
+    pub tv_accepted: u64,
+    /// Each accepted tap's time at the gate (card and SAM in process).
+    pub latencies_ns: Vec<u64>,
+    /// Taps the gateways forwarded to clearing.
+    pub taps_cleared: u64,
+    /// Duplicates the gateways dropped.
+    pub clearing_duplicates: u64,
+    /// Taps the gateways quarantined.
+    pub clearing_anomalies: u64,
+    /// Loads completed by clearing from cleared taps.
+    pub loads_completed_by_clearing: u64,
+    /// Per validator, sorted: milliseconds until it held the lost card's block.
+    pub block_propagation_ms: Vec<u64>,
+    /// Whether a lost card was blocked during the day.
+    pub lost_card_blocked: bool,
+}
+
+impl Tally {
+    /// Books a fare collected for `operator`.
+    pub fn book(&mut self, operator: &'static str, amount_minor: i64) {
+        self.revenue_minor += amount_minor;
+        *self.revenue_by_operator.entry(operator).or_default() += amount_minor;
+    }
+
+    /// Counts a refusal; whether the card was short of value (the rider then tops up).
+    pub fn refused(&mut self, reason: RefusalReason) -> bool {
+        *self.refusals.entry(reason.name()).or_default() += 1;
+        match reason {
+            RefusalReason::Blocklisted => {
+                self.taps_refused_blocked += 1;
+                false
+            }
+            RefusalReason::InsufficientValue => {
+                self.taps_refused += 1;
+                true
+            }
+            _ => {
+                self.taps_refused += 1;
+                false
+            }
+        }
+    }
+
+    /// Counts the transfer, cap and penalty flags of the trip record the gate just wrote.
+    pub fn count_fare_flags(&mut self, card: &Card) {
+        use fare_rules::record::{flags, TripRecord};
+        if let Some(Ok(rec)) = card.state().records.last().map(TripRecord::decode) {
+            self.taps_transfer += u64::from(rec.flags & flags::TRANSFER != 0);
+            self.taps_capped += u64::from(rec.flags & flags::CAPPED != 0);
+            self.taps_penalty += u64::from(rec.flags & flags::PENALTY != 0);
+        }
+    }
+}
+
+/// Another tenth of the day.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Percent of the day's taps done.
+    pub percent: u32,
+    /// Taps accepted so far.
+    pub taps_accepted: u64,
+    /// Taps refused (not blocklisted) so far.
+    pub taps_refused: u64,
+    /// Dialogues torn so far.
+    pub taps_torn: u64,
+    /// Loads completed so far.
+    pub loads_completed: u64,
+    /// Loads torn so far.
+    pub loads_torn: u64,
+    /// Taps the metro's gateway forwarded to clearing so far.
+    pub cleared: u64,
+}
+
+/// The day's report.
+pub struct DayReport {
+    /// The counters.
+    pub tally: Tally,
+    /// The metro's fare table.
+    pub fare_table: fare_rules::table::Meta,
+    /// How many times the metro's gateway was killed and restarted.
+    pub gateway_restarts: u64,
+    /// The ledger against the cards.
+    pub conservation: Conservation,
+    /// Whether each operator's booked revenue equals what its validators collected.
+    pub revenue_agrees: bool,
+    /// Whether value was conserved (and clearing found no anomaly).
+    pub value_conserved: bool,
+    /// Tap latency at the gate, µs, median.
+    pub tap_latency_us_p50: f64,
+    /// Tap latency at the gate, µs, 99th percentile.
+    pub tap_latency_us_p99: f64,
+}
+
+impl DayReport {
+    /// The report of a day that counted `tally` and ended with `conservation`.
+    pub fn new(
+        tally: Tally,
+        fare_table: fare_rules::table::Meta,
+        gateway_restarts: u64,
+        conservation: Conservation,
+    ) -> DayReport {
+        let revenue_agrees = conservation.revenue_agrees(&tally.revenue_by_operator);
+        let value_conserved =
+            conservation.holds(&tally.revenue_by_operator) && tally.clearing_anomalies == 0;
+        let mut lat = tally.latencies_ns.clone();
+        lat.sort_unstable();
+        DayReport {
+            tap_latency_us_p50: percentile_us(&lat, 0.5),
+            tap_latency_us_p99: percentile_us(&lat, 0.99),
+            tally,
+            fare_table,
+            gateway_restarts,
+            conservation,
+            revenue_agrees,
+            value_conserved,
+        }
+    }
+}
+
+fn percentile_us(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    (sorted[i] as f64 / 100.0).round() / 10.0
+}
