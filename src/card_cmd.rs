@@ -1,13 +1,14 @@
 //! `tapgate card …`: personalise, inspect, debit and load emulated cards.
 
-use crate::cli_util::{input_err, uid7, write_atomic};
+use crate::card_image::{read_image, write_image};
+use crate::cli_util::{input_err, uid7};
 use crate::keys_cmd::load_keyset;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use purse::card::{Card, Nvm, Personalisation};
+use purse::card::{Card, Personalisation};
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::{self, Decision, EmulatedReader, LoadOutcome, Outcome};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// `tapgate card`.
 #[derive(Args)]
@@ -90,30 +91,14 @@ enum CardCmd {
         #[arg(long)]
         card: PathBuf,
         /// vpcd's address (its first reader slot listens on 35963).
-        #[arg(long, default_value = crate::card_serve::VPCD_DEFAULT)]
+        #[arg(long, default_value = validator::vpcd::VPCD_DEFAULT)]
         vpcd: String,
         /// Fault injection: the card leaves the field at its N-th command APDU, or at its first
         /// CommitTransaction with `commit`, after executing it and before the answer reaches
         /// the reader; then the process ends.
         #[arg(long = "pull-at", value_name = "N|commit")]
-        pull_at: Option<crate::card_serve::PullAt>,
+        pull_at: Option<validator::vpcd::PullAt>,
     },
-}
-
-pub(crate) fn read_image(path: &Path) -> Result<Nvm> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading card {}", path.display()))?;
-    let nvm: Nvm = serde_json::from_str(&text)
-        .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
-    nvm.validate()
-        .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
-    Ok(nvm)
-}
-
-pub(crate) fn write_image(path: &Path, nvm: &Nvm) -> Result<()> {
-    let mut s = serde_json::to_string_pretty(nvm)?;
-    s.push('\n');
-    write_atomic(path, s.as_bytes())
 }
 
 fn amount_arg(amount: i32) -> Result<i32> {

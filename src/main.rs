@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod card_cmd;
+mod card_image;
 mod card_serve;
 mod charge_cmd;
 mod charging_cmd;

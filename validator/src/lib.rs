@@ -7,7 +7,8 @@
 //! - [`gate`]: one tap, start to end, exactly once across tears and crashes.
 //! - [`journal`]: the LMDB outbox, pending debits and applied downlink messages.
 //! - [`reader`]: the `Reader` trait and the emulated crowd; `pcsc_reader` (feature `pcsc`):
-//!   PC/SC readers through pcsc-lite.
+//!   PC/SC readers through pcsc-lite; [`vpcd`]: an emulated card served to pcscd through
+//!   vsmartcard's vpcd (tests, `tapgate card serve`).
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -17,3 +18,4 @@ pub mod journal;
 #[cfg(feature = "pcsc")]
 pub mod pcsc_reader;
 pub mod reader;
+pub mod vpcd;

@@ -1,0 +1,25 @@
+//! Card image files (`tapgate card issue` writes them; `show`, `debit`, `load`, `serve` and
+//! `tapgate charge` read them): the card's NVM as pretty JSON, written atomically.
+
+use crate::cli_util::{input_err, write_atomic};
+use anyhow::{Context, Result};
+use purse::card::Nvm;
+use std::path::Path;
+
+/// Reads and validates a card image.
+pub(crate) fn read_image(path: &Path) -> Result<Nvm> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading card {}", path.display()))?;
+    let nvm: Nvm = serde_json::from_str(&text)
+        .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
+    nvm.validate()
+        .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
+    Ok(nvm)
+}
+
+/// Writes a card image atomically.
+pub(crate) fn write_image(path: &Path, nvm: &Nvm) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(nvm)?;
+    s.push('\n');
+    write_atomic(path, s.as_bytes())
+}
