@@ -99,87 +99,6 @@ pub struct GatewayArgs {
     config: Option<PathBuf>,
 }
 
-/// The gateway's HTTP API configuration file.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApiConfig {
-    #[serde(default = "default_http_listen")]
-    http_listen: std::net::SocketAddr,
-    #[serde(default = "default_currency")]
-    currency: String,
-    #[serde(default = "default_exponent")]
-    currency_exponent: u32,
-    tls: Option<tapgate_http::serve::TlsFiles>,
-    #[serde(default)]
-    tokens: Vec<tapgate_http::auth::TokenEntry>,
-    /// Serve `/metrics` without a token (default: an operator or metrics token is needed).
-    #[serde(default)]
-    metrics_public: bool,
-    /// Quarantine entries kept per device (oldest dropped beyond it; the device flagged).
-    quarantine_max_per_device: Option<u64>,
-    /// Quarantine bytes kept per device (likewise).
-    quarantine_max_bytes_per_device: Option<u64>,
-    /// Refused records examined per message before the rest of it is left unexamined.
-    quarantine_max_bad_records_per_message: Option<u64>,
-    /// A flagged device gets at most one quarantine entry per this many milliseconds.
-    quarantine_flagged_interval_ms: Option<u64>,
-    /// No quarantine writes once the store's map is this full (percent).
-    quarantine_stop_at_fill_percent: Option<u64>,
-    /// Batches refused (unacknowledged, unconfirmed) once the map is this full (percent).
-    ingest_refuse_at_fill_percent: Option<u64>,
-}
-
-impl ApiConfig {
-    /// The store's bounds: the defaults, with what the config sets.
-    fn store_limits(&self) -> Result<gateway::store::StoreLimits> {
-        let d = gateway::store::StoreLimits::default();
-        let l = gateway::store::StoreLimits {
-            quarantine_max_per_device: self
-                .quarantine_max_per_device
-                .unwrap_or(d.quarantine_max_per_device),
-            quarantine_max_bytes_per_device: self
-                .quarantine_max_bytes_per_device
-                .unwrap_or(d.quarantine_max_bytes_per_device),
-            quarantine_max_bad_records_per_message: self
-                .quarantine_max_bad_records_per_message
-                .unwrap_or(d.quarantine_max_bad_records_per_message),
-            quarantine_flagged_interval_ms: self
-                .quarantine_flagged_interval_ms
-                .unwrap_or(d.quarantine_flagged_interval_ms),
-            quarantine_stop_at_fill_percent: self
-                .quarantine_stop_at_fill_percent
-                .unwrap_or(d.quarantine_stop_at_fill_percent),
-            ingest_refuse_at_fill_percent: self
-                .ingest_refuse_at_fill_percent
-                .unwrap_or(d.ingest_refuse_at_fill_percent),
-        };
-        if l.quarantine_max_per_device == 0 || l.quarantine_max_bad_records_per_message == 0 {
-            return Err(input_err(
-                "quarantine_max_per_device and quarantine_max_bad_records_per_message must be at least 1",
-            ));
-        }
-        if l.quarantine_stop_at_fill_percent >= l.ingest_refuse_at_fill_percent
-            || l.ingest_refuse_at_fill_percent > 99
-        {
-            return Err(input_err(format!(
-                "quarantine_stop_at_fill_percent ({}) must be below ingest_refuse_at_fill_percent ({}), which must be at most 99",
-                l.quarantine_stop_at_fill_percent, l.ingest_refuse_at_fill_percent
-            )));
-        }
-        Ok(l)
-    }
-}
-
-fn default_http_listen() -> std::net::SocketAddr {
-    "127.0.0.1:8444".parse().expect("literal")
-}
-fn default_currency() -> String {
-    "USD".into()
-}
-fn default_exponent() -> u32 {
-    2
-}
-
 fn parse_broker(url: &str) -> Result<(String, u16)> {
     let rest = url
         .strip_prefix("mqtt://")
@@ -270,14 +189,14 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            let c: ApiConfig = toml::from_str(&text)
+            let c: gateway::config::ApiConfig = toml::from_str(&text)
                 .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
             Some(c)
         }
         None => None,
     };
     let store = match &api {
-        Some(c) => store.with_limits(c.store_limits()?),
+        Some(c) => store.with_limits(c.store_limits().map_err(|e| input_err(e.to_string()))?),
         None => store,
     };
     let stats = Arc::new(GatewayStats::default());

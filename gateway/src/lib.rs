@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod config;
 pub mod daemon;
 pub mod forward;
 pub mod mqtt_acl;

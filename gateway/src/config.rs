@@ -1,0 +1,109 @@
+//! The gateway's HTTP API configuration file (`tapgate gateway --config`): the listener, the
+//! currency of the reports, tokens, and the store's quarantine and fill bounds.
+//!
+//! ```toml
+//! http_listen = "127.0.0.1:8444"
+//! currency = "USD"
+//! currency_exponent = 2
+//! quarantine_max_per_device = 1000     # optional bounds; the defaults are StoreLimits's
+//! [[tokens]]
+//! name = "ops"
+//! role = "operator"
+//! sha256 = "…"
+//! ```
+
+use crate::store::StoreLimits;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is not acceptable (the message names it).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The gateway's HTTP API configuration file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The API's listen address (default 127.0.0.1:8444).
+    #[serde(default = "default_http_listen")]
+    pub http_listen: std::net::SocketAddr,
+    /// ISO 4217 currency of the amounts reported (default USD).
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Its minor-unit exponent (default 2).
+    #[serde(default = "default_exponent")]
+    pub currency_exponent: u32,
+    /// HTTPS; plain HTTP when absent.
+    pub tls: Option<tapgate_http::serve::TlsFiles>,
+    /// Bearer tokens (operators, metrics).
+    #[serde(default)]
+    pub tokens: Vec<tapgate_http::auth::TokenEntry>,
+    /// Serve `/metrics` without a token (default: an operator or metrics token is needed).
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// Quarantine entries kept per device (oldest dropped beyond it; the device flagged).
+    pub quarantine_max_per_device: Option<u64>,
+    /// Quarantine bytes kept per device (likewise).
+    pub quarantine_max_bytes_per_device: Option<u64>,
+    /// Refused records examined per message before the rest of it is left unexamined.
+    pub quarantine_max_bad_records_per_message: Option<u64>,
+    /// A flagged device gets at most one quarantine entry per this many milliseconds.
+    pub quarantine_flagged_interval_ms: Option<u64>,
+    /// No quarantine writes once the store's map is this full (percent).
+    pub quarantine_stop_at_fill_percent: Option<u64>,
+    /// Batches refused (unacknowledged, unconfirmed) once the map is this full (percent).
+    pub ingest_refuse_at_fill_percent: Option<u64>,
+}
+
+impl ApiConfig {
+    /// The store's bounds: the defaults, with what the config sets.
+    pub fn store_limits(&self) -> Result<StoreLimits, ConfigError> {
+        let d = StoreLimits::default();
+        let l = StoreLimits {
+            quarantine_max_per_device: self
+                .quarantine_max_per_device
+                .unwrap_or(d.quarantine_max_per_device),
+            quarantine_max_bytes_per_device: self
+                .quarantine_max_bytes_per_device
+                .unwrap_or(d.quarantine_max_bytes_per_device),
+            quarantine_max_bad_records_per_message: self
+                .quarantine_max_bad_records_per_message
+                .unwrap_or(d.quarantine_max_bad_records_per_message),
+            quarantine_flagged_interval_ms: self
+                .quarantine_flagged_interval_ms
+                .unwrap_or(d.quarantine_flagged_interval_ms),
+            quarantine_stop_at_fill_percent: self
+                .quarantine_stop_at_fill_percent
+                .unwrap_or(d.quarantine_stop_at_fill_percent),
+            ingest_refuse_at_fill_percent: self
+                .ingest_refuse_at_fill_percent
+                .unwrap_or(d.ingest_refuse_at_fill_percent),
+        };
+        if l.quarantine_max_per_device == 0 || l.quarantine_max_bad_records_per_message == 0 {
+            return Err(ConfigError::Invalid(
+                "quarantine_max_per_device and quarantine_max_bad_records_per_message must be at least 1".into(),
+            ));
+        }
+        if l.quarantine_stop_at_fill_percent >= l.ingest_refuse_at_fill_percent
+            || l.ingest_refuse_at_fill_percent > 99
+        {
+            return Err(ConfigError::Invalid(format!(
+                "quarantine_stop_at_fill_percent ({}) must be below ingest_refuse_at_fill_percent ({}), which must be at most 99",
+                l.quarantine_stop_at_fill_percent, l.ingest_refuse_at_fill_percent
+            )));
+        }
+        Ok(l)
+    }
+}
+
+fn default_http_listen() -> std::net::SocketAddr {
+    "127.0.0.1:8444".parse().expect("literal")
+}
+fn default_currency() -> String {
+    "USD".into()
+}
+fn default_exponent() -> u32 {
+    2
+}
