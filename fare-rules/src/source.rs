@@ -654,208 +654,310 @@ fn index_of(names: &[String]) -> HashMap<String, Idx> {
 }
 
 /// Compiles TOML fare rules (`file` names the source in errors).
+///
+/// One function per source section, in the order the sections may refer to each other:
+/// table, categories, media, timeframes, networks, routes, areas, joins, products, fares,
+/// transfers, caps, passes, charges, coupons.
 pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
     let s: Src = toml::from_str(src).map_err(|e| SourceError::Syntax {
         file: file.to_string(),
         message: e.to_string().trim_end().to_string(),
     })?;
-    let cx = Cx {
-        file,
-        line_starts: src
-            .bytes()
-            .enumerate()
-            .filter(|&(_, b)| b == b'\n')
-            .map(|(i, _)| i + 1)
-            .collect(),
+    let mut c = Compiler {
+        cx: Cx {
+            file,
+            line_starts: src
+                .bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i + 1)
+                .collect(),
+        },
+        src,
+        t: Table::default(),
+        cats: Vec::new(),
+        ids: Ids::default(),
+        service_ids: HashMap::new(),
     };
-    let mut t = Table::default();
+    c.meta(&s.table)?;
+    c.categories(&s.categories)?;
+    c.media(&s.media)?;
+    c.timeframes(&s.timeframes)?;
+    c.networks(&s.networks);
+    c.routes(&s.routes)?;
+    c.areas(&s.areas);
+    c.joins(&s.joins)?;
+    c.products(&s.products)?;
+    c.fares(&s.fares)?;
+    c.transfers(&s.transfers)?;
+    c.caps(&s.caps)?;
+    let mut codes = HashMap::new();
+    c.passes(&s.passes, &mut codes)?;
+    c.charges(&s.charges, &mut codes)?;
+    c.coupons(&s.coupons, &mut codes)?;
+    let mut t = c.t;
+    finish_codes(&mut t).map_err(|m| SourceError::Field {
+        file: file.to_string(),
+        line: 1,
+        field: "stops".into(),
+        message: m,
+    })?;
+    Ok(t)
+}
 
-    // Meta.
-    let currency = s.table.currency.get_ref().clone();
-    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(cx.err(
-            s.table.currency.span().start,
-            "table.currency",
-            format!("\"{currency}\" is not an ISO 4217 code, e.g. \"KRW\" or \"USD\""),
-        ));
-    }
-    t.meta = Meta {
-        name: s.table.name.clone(),
-        version: s.table.version,
-        currency_exponent: currency_exponent(&currency),
-        currency,
-        effective_from_day: s.table.effective_from.0,
-        effective_until_day: s.table.effective_until.map(|d| d.0),
-        day_start_s: s.table.day_starts_at.map_or(0, |c| c.0),
-        max_transfers: s.table.max_transfers.unwrap_or(4),
-        priority_mode: true,
-    };
-    if let Some(u) = t.meta.effective_until_day {
-        if u <= t.meta.effective_from_day {
-            return Err(cx.err(
-                section(src, "[table]"),
-                "table.effective_until",
-                "the table must end after it begins".into(),
+/// The ids each section defines, by name, for the sections after it to resolve.
+#[derive(Default)]
+struct Ids {
+    categories: HashMap<String, Idx>,
+    media: HashMap<String, Idx>,
+    timeframes: HashMap<String, Idx>,
+    networks: HashMap<String, Idx>,
+    /// Stops in order of first mention (routes, then areas).
+    stops: HashMap<String, Idx>,
+    areas: HashMap<String, Idx>,
+    products: HashMap<String, Idx>,
+    /// Fare groups (a fare's `group`, else its id).
+    groups: HashMap<String, Idx>,
+}
+
+/// Codes of passes (kind 0), charges (1) and coupons (2), with the id that took each.
+type Codes = HashMap<(u8, u16), String>;
+
+/// The table being compiled, with what the sections compiled so far define.
+struct Compiler<'s> {
+    cx: Cx<'s>,
+    src: &'s str,
+    t: Table,
+    /// Rider categories in table order with the percentage of the default price each pays.
+    cats: Vec<(String, u16)>,
+    ids: Ids,
+    /// One service per distinct (days, start, end).
+    service_ids: HashMap<(u8, Option<i32>, Option<i32>), Idx>,
+}
+
+impl Compiler<'_> {
+    fn meta(&mut self, m: &SrcMeta) -> Result<(), SourceError> {
+        let currency = m.currency.get_ref().clone();
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(self.cx.err(
+                m.currency.span().start,
+                "table.currency",
+                format!("\"{currency}\" is not an ISO 4217 code, e.g. \"KRW\" or \"USD\""),
             ));
         }
+        self.t.meta = Meta {
+            name: m.name.clone(),
+            version: m.version,
+            currency_exponent: currency_exponent(&currency),
+            currency,
+            effective_from_day: m.effective_from.0,
+            effective_until_day: m.effective_until.map(|d| d.0),
+            day_start_s: m.day_starts_at.map_or(0, |c| c.0),
+            max_transfers: m.max_transfers.unwrap_or(4),
+            priority_mode: true,
+        };
+        if let Some(u) = self.t.meta.effective_until_day {
+            if u <= self.t.meta.effective_from_day {
+                return Err(self.cx.err(
+                    section(self.src, "[table]"),
+                    "table.effective_until",
+                    "the table must end after it begins".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
-    // Rider categories.
-    let mut cats: Vec<(String, u16)> = Vec::new();
-    if s.categories.is_empty() {
-        t.categories.push(Category {
-            id: "adult".into(),
-            default: true,
-            surcharge_percent: 100,
-        });
-        cats.push(("adult".into(), 100));
+    fn categories(&mut self, src: &BTreeMap<String, SrcCategory>) -> Result<(), SourceError> {
+        if src.is_empty() {
+            self.t.categories.push(Category {
+                id: "adult".into(),
+                default: true,
+                surcharge_percent: 100,
+            });
+            self.cats.push(("adult".into(), 100));
+        }
+        for (id, c) in src {
+            let pct = c.percent.unwrap_or(100);
+            self.t.categories.push(Category {
+                id: id.clone(),
+                default: c.default,
+                surcharge_percent: c.surcharge_percent.unwrap_or(pct),
+            });
+            self.cats.push((id.clone(), pct));
+        }
+        let defaults = self.t.categories.iter().filter(|c| c.default).count();
+        if defaults != 1 {
+            return Err(self.cx.err(
+                section(self.src, "[categories]"),
+                "categories",
+                format!(
+                    "exactly one rider category needs `default = true` (found {defaults}); e.g. adult = {{ default = true }}"
+                ),
+            ));
+        }
+        self.ids.categories = index_of(&self.cats.iter().map(|c| c.0.clone()).collect::<Vec<_>>());
+        Ok(())
     }
-    for (id, c) in &s.categories {
-        let pct = c.percent.unwrap_or(100);
-        t.categories.push(Category {
-            id: id.clone(),
-            default: c.default,
-            surcharge_percent: c.surcharge_percent.unwrap_or(pct),
-        });
-        cats.push((id.clone(), pct));
-    }
-    let defaults = t.categories.iter().filter(|c| c.default).count();
-    if defaults != 1 {
-        return Err(cx.err(
-            section(src, "[categories]"),
-            "categories",
-            format!(
-                "exactly one rider category needs `default = true` (found {defaults}); e.g. adult = {{ default = true }}"
-            ),
-        ));
-    }
-    let cat_ids = index_of(&cats.iter().map(|c| c.0.clone()).collect::<Vec<_>>());
 
-    // Media.
-    let defaults: Vec<&String> = s
-        .media
-        .iter()
-        .filter(|m| m.1.default)
-        .map(|m| m.0)
-        .collect();
-    if defaults.len() > 1 {
-        return Err(cx.err(
-            section(src, "[media]"),
-            "media",
-            format!(
-                "at most one medium may be the default (found {})",
-                defaults.len()
-            ),
-        ));
+    fn media(&mut self, src: &BTreeMap<String, SrcMedium>) -> Result<(), SourceError> {
+        let defaults: Vec<&String> = src.iter().filter(|m| m.1.default).map(|m| m.0).collect();
+        if defaults.len() > 1 {
+            return Err(self.cx.err(
+                section(self.src, "[media]"),
+                "media",
+                format!(
+                    "at most one medium may be the default (found {})",
+                    defaults.len()
+                ),
+            ));
+        }
+        self.t.default_medium = src
+            .keys()
+            .position(|k| defaults.first() == Some(&k))
+            .map(|i| i as Idx);
+        for m in src.keys() {
+            self.t.media.push(Named {
+                id: m.clone(),
+                explicit: true,
+                explicit_to: true,
+            });
+        }
+        self.ids.media = index_of(
+            &self
+                .t
+                .media
+                .iter()
+                .map(|m| m.id.clone())
+                .collect::<Vec<_>>(),
+        );
+        Ok(())
     }
-    t.default_medium = s
-        .media
-        .keys()
-        .position(|k| defaults.first() == Some(&k))
-        .map(|i| i as Idx);
-    for m in s.media.keys() {
-        t.media.push(Named {
-            id: m.clone(),
-            explicit: true,
-            explicit_to: true,
-        });
-    }
-    let media_ids = index_of(&t.media.iter().map(|m| m.id.clone()).collect::<Vec<_>>());
 
-    // Timeframes: one service per distinct (days, start, end).
-    let mut service_ids: HashMap<(u8, Option<i32>, Option<i32>), Idx> = HashMap::new();
-    let mut service = |t: &mut Table, days: u8, start: Option<i32>, end: Option<i32>| {
+    /// The service for `days` between `start` and `end` (NONE: every day, always).
+    fn service(&mut self, days: u8, start: Option<i32>, end: Option<i32>) -> Idx {
         if days == 0x7f && start.is_none() && end.is_none() {
             return NONE;
         }
-        *service_ids.entry((days, start, end)).or_insert_with(|| {
-            t.services.push(Service {
-                id: format!("days{days:02x}"),
-                weekdays: days,
-                start_day: start,
-                end_day: end,
-                added: vec![],
-                removed: vec![],
-            });
-            (t.services.len() - 1) as Idx
-        })
-    };
-    for (id, spans) in &s.timeframes {
-        let mut g = TimeframeGroup {
-            id: id.clone(),
-            spans: vec![],
-        };
-        for sp in spans {
-            let v = sp.get_ref();
-            let days = v.days.map_or(0x7f, |d| d.0);
-            let (from, to) = (v.from.map_or(0, |c| c.0), v.to.map_or(86_400, |c| c.0));
-            let (start, end) = (v.start.map(|d| d.0), v.end.map(|d| d.0));
-            if let (Some(a), Some(b)) = (start, end) {
-                if a > b {
-                    return Err(cx.err(
-                        sp.span().start,
-                        &format!("timeframes.{id}.end"),
-                        "the span ends before it starts: `end` is before `start`".into(),
-                    ));
-                }
+        let t = &mut self.t;
+        *self
+            .service_ids
+            .entry((days, start, end))
+            .or_insert_with(|| {
+                t.services.push(Service {
+                    id: format!("days{days:02x}"),
+                    weekdays: days,
+                    start_day: start,
+                    end_day: end,
+                    added: vec![],
+                    removed: vec![],
+                });
+                (t.services.len() - 1) as Idx
+            })
+    }
+
+    fn timeframes(
+        &mut self,
+        src: &BTreeMap<String, Vec<Spanned<SrcSpan>>>,
+    ) -> Result<(), SourceError> {
+        for (id, spans) in src {
+            let mut g = TimeframeGroup {
+                id: id.clone(),
+                spans: vec![],
+            };
+            for sp in spans {
+                self.span(id, sp, &mut g.spans)?;
             }
-            if from == to {
-                return Err(cx.err(
+            self.t.timeframes.push(g);
+        }
+        self.ids.timeframes = index_of(
+            &self
+                .t
+                .timeframes
+                .iter()
+                .map(|g| g.id.clone())
+                .collect::<Vec<_>>(),
+        );
+        Ok(())
+    }
+
+    /// One span of timeframe `id`: one timeframe, or two when it crosses midnight.
+    fn span(
+        &mut self,
+        id: &str,
+        sp: &Spanned<SrcSpan>,
+        out: &mut Vec<Timeframe>,
+    ) -> Result<(), SourceError> {
+        let v = sp.get_ref();
+        let days = v.days.map_or(0x7f, |d| d.0);
+        let (from, to) = (v.from.map_or(0, |c| c.0), v.to.map_or(86_400, |c| c.0));
+        let (start, end) = (v.start.map(|d| d.0), v.end.map(|d| d.0));
+        if let (Some(a), Some(b)) = (start, end) {
+            if a > b {
+                return Err(self.cx.err(
                     sp.span().start,
-                    &format!("timeframes.{id}.to"),
-                    "the span is empty: `to` equals `from`".into(),
+                    &format!("timeframes.{id}.end"),
+                    "the span ends before it starts: `end` is before `start`".into(),
                 ));
             }
-            if from < to {
-                let sv = service(&mut t, days, start, end);
-                g.spans.push(Timeframe {
-                    start_s: from,
-                    end_s: to,
-                    service: sv,
-                });
-            } else {
-                // Crosses midnight: the evening on `days`, the early hours on the next days.
-                let sv = service(&mut t, days, start, end);
-                g.spans.push(Timeframe {
-                    start_s: from,
-                    end_s: 86_400,
-                    service: sv,
-                });
-                let next = ((days << 1) | (days >> 6)) & 0x7f;
-                let sv2 = service(&mut t, next, start.map(|d| d + 1), end.map(|d| d + 1));
-                g.spans.push(Timeframe {
-                    start_s: 0,
-                    end_s: to,
-                    service: sv2,
-                });
-            }
         }
-        t.timeframes.push(g);
+        if from == to {
+            return Err(self.cx.err(
+                sp.span().start,
+                &format!("timeframes.{id}.to"),
+                "the span is empty: `to` equals `from`".into(),
+            ));
+        }
+        let service = self.service(days, start, end);
+        if from < to {
+            out.push(Timeframe {
+                start_s: from,
+                end_s: to,
+                service,
+            });
+        } else {
+            // Crosses midnight: the evening on `days`, the early hours on the next days.
+            out.push(Timeframe {
+                start_s: from,
+                end_s: 86_400,
+                service,
+            });
+            let next = ((days << 1) | (days >> 6)) & 0x7f;
+            let service = self.service(next, start.map(|d| d + 1), end.map(|d| d + 1));
+            out.push(Timeframe {
+                start_s: 0,
+                end_s: to,
+                service,
+            });
+        }
+        Ok(())
     }
-    let tf_ids = index_of(
-        &t.timeframes
-            .iter()
-            .map(|g| g.id.clone())
-            .collect::<Vec<_>>(),
-    );
 
-    // Networks.
-    for (id, n) in &s.networks {
-        t.networks.push(Network {
-            id: id.clone(),
-            explicit: true,
-            tap_out: n.tap_out.as_ref().map(|o| TapOut {
-                penalty_minor: o.penalty.0,
-                max_trip_s: o.max_trip.map_or(4 * 3600, |d| d.0),
-            }),
-        });
+    fn networks(&mut self, src: &BTreeMap<String, SrcNetwork>) {
+        for (id, n) in src {
+            self.t.networks.push(Network {
+                id: id.clone(),
+                explicit: true,
+                tap_out: n.tap_out.as_ref().map(|o| TapOut {
+                    penalty_minor: o.penalty.0,
+                    max_trip_s: o.max_trip.map_or(4 * 3600, |d| d.0),
+                }),
+            });
+        }
+        self.ids.networks = index_of(
+            &self
+                .t
+                .networks
+                .iter()
+                .map(|n| n.id.clone())
+                .collect::<Vec<_>>(),
+        );
     }
-    let net_ids = index_of(&t.networks.iter().map(|n| n.id.clone()).collect::<Vec<_>>());
 
-    // Stops (from routes, areas and joins, in order of first mention) and routes.
-    let mut stop_ids: HashMap<String, Idx> = HashMap::new();
-    let mut add_stop = |t: &mut Table, id: &str| -> Idx {
-        *stop_ids.entry(id.to_string()).or_insert_with(|| {
+    /// The stop `id`, added on its first mention.
+    fn add_stop(&mut self, id: &str) -> Idx {
+        let t = &mut self.t;
+        *self.ids.stops.entry(id.to_string()).or_insert_with(|| {
             t.stops.push(Stop {
                 id: id.to_string(),
                 code: code24(id),
@@ -863,39 +965,55 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             });
             (t.stops.len() - 1) as Idx
         })
-    };
-    let mut route_seen: HashMap<String, usize> = HashMap::new();
-    for r in &s.routes {
-        let v = r.get_ref();
-        if let Some(prev) = route_seen.insert(v.id.clone(), cx.line(r.span().start)) {
-            return Err(cx.err(
-                r.span().start,
-                "routes.id",
-                format!("route \"{}\" is already defined at line {prev}", v.id),
-            ));
-        }
-        let network = cx.resolve(&v.network, "routes.network", "network", &net_ids)?;
-        if let Some(at) = &v.at {
-            if at.len() != v.stops.len() {
-                return Err(cx.err(
+    }
+
+    fn routes(&mut self, src: &[Spanned<SrcRoute>]) -> Result<(), SourceError> {
+        let mut route_seen: HashMap<String, usize> = HashMap::new();
+        for r in src {
+            let v = r.get_ref();
+            if let Some(prev) = route_seen.insert(v.id.clone(), self.cx.line(r.span().start)) {
+                return Err(self.cx.err(
                     r.span().start,
-                    "routes.at",
-                    format!(
-                        "route \"{}\" lists {} stops but {} distances; give one distance per stop",
-                        v.id,
-                        v.stops.len(),
-                        at.len()
-                    ),
+                    "routes.id",
+                    format!("route \"{}\" is already defined at line {prev}", v.id),
                 ));
             }
+            let network =
+                self.cx
+                    .resolve(&v.network, "routes.network", "network", &self.ids.networks)?;
+            if let Some(at) = &v.at {
+                if at.len() != v.stops.len() {
+                    return Err(self.cx.err(
+                        r.span().start,
+                        "routes.at",
+                        format!(
+                            "route \"{}\" lists {} stops but {} distances; give one distance per stop",
+                            v.id,
+                            v.stops.len(),
+                            at.len()
+                        ),
+                    ));
+                }
+            }
+            let chainage = self.chainage(v)?;
+            self.t.routes.push(Route {
+                id: v.id.clone(),
+                code: code24(&v.id),
+                network,
+                chainage,
+            });
         }
+        Ok(())
+    }
+
+    /// Every stop the route serves, at its distance along it (0 when no `at` is given), sorted.
+    fn chainage(&mut self, v: &SrcRoute) -> Result<Vec<(Idx, u32)>, SourceError> {
         let mut chainage = Vec::new();
-        // Every stop the route serves, at its distance along it (0 when no `at` is given).
         for (i, st) in v.stops.iter().enumerate() {
-            let si = add_stop(&mut t, st.get_ref());
+            let si = self.add_stop(st.get_ref());
             if chainage.iter().any(|&(s, _)| s == si) {
                 if v.at.is_some() {
-                    return Err(cx.err(
+                    return Err(self.cx.err(
                         st.span().start,
                         "routes.stops",
                         format!(
@@ -910,126 +1028,113 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             chainage.push((si, v.at.as_ref().map_or(0, |at| at[i].0)));
         }
         chainage.sort_unstable();
-        t.routes.push(Route {
-            id: v.id.clone(),
-            code: code24(&v.id),
-            network,
-            chainage,
-        });
-    }
-    // Areas (zones).
-    for (area, stops) in &s.areas {
-        t.areas.push(Named {
-            id: area.clone(),
-            explicit: true,
-            explicit_to: true,
-        });
-        let ai = (t.areas.len() - 1) as Idx;
-        for st in stops {
-            let si = add_stop(&mut t, st.get_ref());
-            let a = &mut t.stops[si as usize].areas;
-            if !a.contains(&ai) {
-                a.push(ai);
-                a.sort_unstable();
-            }
-        }
-    }
-    let area_ids = index_of(&t.areas.iter().map(|a| a.id.clone()).collect::<Vec<_>>());
-    let stop_names: HashMap<String, Idx> = stop_ids.clone();
-    for j in &s.joins {
-        let v = j.get_ref();
-        let from_network =
-            cx.resolve(&v.from_network, "joins.from_network", "network", &net_ids)?;
-        let to_network = cx.resolve(&v.to_network, "joins.to_network", "network", &net_ids)?;
-        let from_stop = match &v.from_stop {
-            Some(n) => cx.resolve(n, "joins.from_stop", "stop", &stop_names)?,
-            None => NONE,
-        };
-        let to_stop = match &v.to_stop {
-            Some(n) => cx.resolve(n, "joins.to_stop", "stop", &stop_names)?,
-            None => NONE,
-        };
-        t.join_rules.push(JoinRule {
-            from_network,
-            to_network,
-            from_stop,
-            to_stop,
-        });
+        Ok(chainage)
     }
 
-    // Products (with `like` resolved in dependency order; a cycle is an error).
-    let prod_names: Vec<String> = s.products.keys().cloned().collect();
-    let prod_ids = index_of(&prod_names);
-    let mut base_price: Vec<Option<u32>> = vec![None; prod_names.len()];
-    fn resolve_price(
-        cx: &Cx,
-        i: usize,
-        names: &[String],
-        ids: &HashMap<String, Idx>,
-        prods: &BTreeMap<String, Spanned<SrcProduct>>,
-        memo: &mut Vec<Option<u32>>,
-        stack: &mut Vec<usize>,
-    ) -> Result<u32, SourceError> {
-        if let Some(p) = memo[i] {
-            return Ok(p);
+    fn areas(&mut self, src: &BTreeMap<String, Vec<Name>>) {
+        for (area, stops) in src {
+            self.t.areas.push(Named {
+                id: area.clone(),
+                explicit: true,
+                explicit_to: true,
+            });
+            let ai = (self.t.areas.len() - 1) as Idx;
+            for st in stops {
+                let si = self.add_stop(st.get_ref());
+                let a = &mut self.t.stops[si as usize].areas;
+                if !a.contains(&ai) {
+                    a.push(ai);
+                    a.sort_unstable();
+                }
+            }
         }
-        let p = &prods[&names[i]];
-        if stack.contains(&i) {
-            let cycle: Vec<&str> = stack
+        self.ids.areas = index_of(
+            &self
+                .t
+                .areas
                 .iter()
-                .chain(std::iter::once(&i))
-                .map(|&k| names[k].as_str())
-                .collect();
-            return Err(cx.err(
-                p.span().start,
-                &format!("products.{}.like", names[i]),
-                format!(
-                    "products refer to each other in a cycle: {}",
-                    cycle.join(" → ")
-                ),
-            ));
+                .map(|a| a.id.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    fn joins(&mut self, src: &[Spanned<SrcJoin>]) -> Result<(), SourceError> {
+        let (cx, ids) = (&self.cx, &self.ids);
+        for j in src {
+            let v = j.get_ref();
+            let from_network = cx.resolve(
+                &v.from_network,
+                "joins.from_network",
+                "network",
+                &ids.networks,
+            )?;
+            let to_network =
+                cx.resolve(&v.to_network, "joins.to_network", "network", &ids.networks)?;
+            let from_stop = match &v.from_stop {
+                Some(n) => cx.resolve(n, "joins.from_stop", "stop", &ids.stops)?,
+                None => NONE,
+            };
+            let to_stop = match &v.to_stop {
+                Some(n) => cx.resolve(n, "joins.to_stop", "stop", &ids.stops)?,
+                None => NONE,
+            };
+            self.t.join_rules.push(JoinRule {
+                from_network,
+                to_network,
+                from_stop,
+                to_stop,
+            });
         }
-        let v = p.get_ref();
-        let price = match (&v.price, &v.like) {
-            (Some(m), None) => m.0,
-            (None, Some(like)) => {
-                let li =
-                    cx.resolve(like, &format!("products.{}.like", names[i]), "product", ids)?;
-                stack.push(i);
-                let base = resolve_price(cx, li as usize, names, ids, prods, memo, stack)?;
-                stack.pop();
-                base.saturating_add(v.add.map_or(0, |a| a.0))
-            }
-            _ => {
-                return Err(cx.err(
-                    p.span().start,
-                    &format!("products.{}", names[i]),
-                    "give either `price` or `like` (another product) with an optional `add`".into(),
-                ))
-            }
+        Ok(())
+    }
+
+    /// Products (with `like` resolved in dependency order; a cycle is an error).
+    fn products(&mut self, src: &BTreeMap<String, Spanned<SrcProduct>>) -> Result<(), SourceError> {
+        let names: Vec<String> = src.keys().cloned().collect();
+        self.ids.products = index_of(&names);
+        let mut base_price: Vec<Option<u32>> = vec![None; names.len()];
+        let mut prices = Prices {
+            cx: &self.cx,
+            names: &names,
+            ids: &self.ids.products,
+            prods: src,
+            memo: &mut base_price,
+            stack: Vec::new(),
         };
-        memo[i] = Some(price);
-        Ok(price)
+        for i in 0..names.len() {
+            prices.stack.clear();
+            prices.resolve(i)?;
+        }
+        for (i, name) in names.iter().enumerate() {
+            let p = &src[name];
+            let v = p.get_ref();
+            let prices = self.product_rows(
+                &format!("products.{name}"),
+                p.span().start,
+                base_price[i].unwrap_or(0),
+                &v.by_category,
+                &v.by_medium,
+            )?;
+            self.t.products.push(Product {
+                id: name.clone(),
+                name: v.name.clone().unwrap_or_else(|| name.clone()),
+                prices,
+            });
+        }
+        Ok(())
     }
-    for i in 0..prod_names.len() {
-        resolve_price(
-            &cx,
-            i,
-            &prod_names,
-            &prod_ids,
-            &s.products,
-            &mut base_price,
-            &mut Vec::new(),
-        )?;
-    }
-    let product_rows = |cx: &Cx,
-                        field: &str,
-                        offset: usize,
-                        price: u32,
-                        by_cat: &BTreeMap<String, Money>,
-                        by_med: &BTreeMap<String, Money>|
-     -> Result<Vec<Price>, SourceError> {
-        let mut rows = Vec::new();
+
+    /// A product's prices: per category (its own, or `price` scaled by the category's
+    /// percentage), and per medium.
+    fn product_rows(
+        &self,
+        field: &str,
+        offset: usize,
+        price: u32,
+        by_cat: &BTreeMap<String, Money>,
+        by_med: &BTreeMap<String, Money>,
+    ) -> Result<Vec<Price>, SourceError> {
+        let (cx, cat_ids, media_ids) = (&self.cx, &self.ids.categories, &self.ids.media);
         for k in by_cat.keys() {
             if !cat_ids.contains_key(k) {
                 let hint = closest(k, cat_ids.keys().map(String::as_str))
@@ -1051,7 +1156,8 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                 ));
             }
         }
-        for (ci, (cname, pct)) in cats.iter().enumerate() {
+        let mut rows = Vec::new();
+        for (ci, (cname, pct)) in self.cats.iter().enumerate() {
             let scale = |p: u32| (u64::from(p) * u64::from(*pct) / 100) as u32;
             let own = by_cat.get(cname).map(|m| m.0);
             rows.push(Price {
@@ -1068,26 +1174,13 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             }
         }
         Ok(rows)
-    };
-    for (i, name) in prod_names.iter().enumerate() {
-        let p = &s.products[name];
-        let v = p.get_ref();
-        let prices = product_rows(
-            &cx,
-            &format!("products.{name}"),
-            p.span().start,
-            base_price[i].unwrap_or(0),
-            &v.by_category,
-            &v.by_medium,
-        )?;
-        t.products.push(Product {
-            id: name.clone(),
-            name: v.name.clone().unwrap_or_else(|| name.clone()),
-            prices,
-        });
     }
-    let inline_product = |t: &mut Table, id: String, price: u32| -> Idx {
-        let prices = cats
+
+    /// A product defined where it is used (a fare's `price`, an `od` entry, a transfer's
+    /// `cost`), priced per category by the categories' percentages.
+    fn inline_product(&mut self, id: String, price: u32) -> Idx {
+        let prices = self
+            .cats
             .iter()
             .enumerate()
             .map(|(ci, (_, pct))| Price {
@@ -1096,30 +1189,38 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                 amount_minor: (u64::from(price) * u64::from(*pct) / 100) as i32,
             })
             .collect();
-        t.products.push(Product {
+        self.t.products.push(Product {
             id: id.clone(),
             name: id,
             prices,
         });
-        (t.products.len() - 1) as Idx
-    };
+        (self.t.products.len() - 1) as Idx
+    }
 
-    // Fare (leg) rules.
-    let mut group_ids: HashMap<String, Idx> = HashMap::new();
-    let mut fare_ids: HashMap<String, usize> = HashMap::new();
-    for f in &s.fares {
-        let v = f.get_ref();
-        let line = cx.line(f.span().start);
-        if let Some(prev) = fare_ids.insert(v.id.clone(), line) {
-            return Err(cx.err(
-                f.span().start,
-                "fares.id",
-                format!("fare rule \"{}\" is already defined at line {prev}", v.id),
-            ));
+    /// Fare (leg) rules.
+    fn fares(&mut self, src: &[Spanned<SrcFare>]) -> Result<(), SourceError> {
+        let mut fare_ids: HashMap<String, usize> = HashMap::new();
+        for f in src {
+            let v = f.get_ref();
+            let line = self.cx.line(f.span().start);
+            if let Some(prev) = fare_ids.insert(v.id.clone(), line) {
+                return Err(self.cx.err(
+                    f.span().start,
+                    "fares.id",
+                    format!("fare rule \"{}\" is already defined at line {prev}", v.id),
+                ));
+            }
+            self.fare(f, line)?;
         }
-        let origin = format!("{file}:{line} fare {}", v.id);
+        Ok(())
+    }
+
+    /// The leg rule of one fare (one per zone pair of an `od` table).
+    fn fare(&mut self, f: &Spanned<SrcFare>, line: usize) -> Result<(), SourceError> {
+        let v = f.get_ref();
         let gname = v.group.clone().unwrap_or_else(|| v.id.clone());
-        let leg_group = *group_ids.entry(gname.clone()).or_insert_with(|| {
+        let t = &mut self.t;
+        let leg_group = *self.ids.groups.entry(gname.clone()).or_insert_with(|| {
             t.leg_groups.push(Named {
                 id: gname,
                 explicit: false,
@@ -1127,63 +1228,29 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             });
             (t.leg_groups.len() - 1) as Idx
         });
+        let (cx, ids) = (&self.cx, &self.ids);
         let opt = |n: &Option<Name>, field: &str, kind: &str, ids: &HashMap<String, Idx>| {
             n.as_ref()
                 .map_or(Ok(NONE), |n| cx.resolve(n, field, kind, ids))
         };
-        let network = opt(&v.network, "fares.network", "network", &net_ids)?;
-        let from_timeframe = opt(&v.timeframe, "fares.timeframe", "timeframe", &tf_ids)?;
+        let network = opt(&v.network, "fares.network", "network", &ids.networks)?;
+        let from_timeframe = opt(
+            &v.timeframe,
+            "fares.timeframe",
+            "timeframe",
+            &ids.timeframes,
+        )?;
         let to_timeframe = opt(
             &v.arrive_timeframe,
             "fares.arrive_timeframe",
             "timeframe",
-            &tf_ids,
+            &ids.timeframes,
         )?;
-        let from_zone = opt(&v.from_zone, "fares.from_zone", "zone", &area_ids)?;
-        let to_zone = opt(&v.to_zone, "fares.to_zone", "zone", &area_ids)?;
-        let pricing = match &v.distance {
-            None => Pricing::Product,
-            Some(d) => {
-                let mut bands = Vec::new();
-                let mut prev = d.base.0;
-                for (bi, b) in d.bands.iter().enumerate() {
-                    let upto = b.upto.map_or(u32::MAX, |u| u.0);
-                    if upto <= prev {
-                        return Err(cx.err(
-                            f.span().start,
-                            "fares.distance.bands.upto",
-                            format!("band {} ends at {upto} m, not after where the previous one ends ({prev} m); list bands in increasing distance", bi + 1),
-                        ));
-                    }
-                    if b.every.0 == 0 {
-                        return Err(cx.err(
-                            f.span().start,
-                            "fares.distance.bands.every",
-                            "a step of 0 m never ends; e.g. every = \"5km\"".into(),
-                        ));
-                    }
-                    if b.upto.is_none() && bi + 1 != d.bands.len() {
-                        return Err(cx.err(
-                            f.span().start,
-                            "fares.distance.bands.upto",
-                            "only the last band may leave `upto` open".into(),
-                        ));
-                    }
-                    bands.push(Band {
-                        upto_m: upto,
-                        step_m: b.every.0,
-                        add_minor: b.add.0,
-                    });
-                    prev = upto;
-                }
-                Pricing::Distance {
-                    base_m: d.base.0,
-                    bands,
-                }
-            }
-        };
+        let from_zone = opt(&v.from_zone, "fares.from_zone", "zone", &ids.areas)?;
+        let to_zone = opt(&v.to_zone, "fares.to_zone", "zone", &ids.areas)?;
+        let pricing = self.pricing(f)?;
         if v.symmetric.is_some() && v.od.is_none() {
-            return Err(cx.err(
+            return Err(self.cx.err(
                 f.span().start,
                 "fares.symmetric",
                 "`symmetric` applies to an `od` table; this fare has none".into(),
@@ -1193,7 +1260,7 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
             + usize::from(v.product.is_some())
             + usize::from(v.od.is_some());
         if sources != 1 {
-            return Err(cx.err(
+            return Err(self.cx.err(
                 f.span().start,
                 "fares",
                 format!(
@@ -1202,139 +1269,183 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                 ),
             ));
         }
-        let push = |t: &mut Table, from_area: Idx, to_area: Idx, product: Idx| {
-            t.leg_rules.push(LegRule {
-                origin: origin.clone(),
-                leg_group,
-                network,
-                from_area,
-                to_area,
-                from_timeframe,
-                to_timeframe,
-                product,
-                pricing: pricing.clone(),
-                priority: v.priority,
-            });
+        let rule = LegRule {
+            origin: format!("{}:{line} fare {}", self.cx.file, v.id),
+            leg_group,
+            network,
+            from_area: from_zone,
+            to_area: to_zone,
+            from_timeframe,
+            to_timeframe,
+            product: NONE,
+            pricing,
+            priority: v.priority,
         };
         if let Some(p) = v.price {
-            let pi = inline_product(&mut t, format!("fare:{}", v.id), p.0);
-            push(&mut t, from_zone, to_zone, pi);
+            let product = self.inline_product(format!("fare:{}", v.id), p.0);
+            self.t.leg_rules.push(LegRule { product, ..rule });
         } else if let Some(pn) = &v.product {
-            let pi = cx.resolve(pn, "fares.product", "product", &prod_ids)?;
-            push(&mut t, from_zone, to_zone, pi);
+            let product = self
+                .cx
+                .resolve(pn, "fares.product", "product", &self.ids.products)?;
+            self.t.leg_rules.push(LegRule { product, ..rule });
         } else if let Some(od) = &v.od {
-            if v.from_zone.is_some() || v.to_zone.is_some() {
-                return Err(cx.err(
-                    f.span().start,
-                    "fares.od",
-                    "an `od` table gives its own zones; drop from_zone/to_zone".into(),
-                ));
-            }
-            let mut seen: HashMap<(Idx, Idx), (u32, usize)> = HashMap::new();
-            let symmetric = v.symmetric.unwrap_or(true);
-            for (a, b, m) in od {
-                let ai = cx.resolve(a, "fares.od", "zone", &area_ids)?;
-                let bi = cx.resolve(b, "fares.od", "zone", &area_ids)?;
-                let mut pairs = vec![(ai, bi)];
-                if symmetric && ai != bi {
-                    pairs.push((bi, ai));
-                }
-                for (x, y) in pairs {
-                    if let Some(&(prev, pline)) = seen.get(&(x, y)) {
-                        if prev != m.0 {
-                            return Err(cx.err(
-                                a.span().start,
-                                "fares.od",
-                                format!(
-                                    "contradictory prices for {} → {}: {} here, {prev} at line {pline}",
-                                    t.areas[x as usize].id, t.areas[y as usize].id, m.0
-                                ),
-                            ));
-                        }
-                        continue;
-                    }
-                    seen.insert((x, y), (m.0, cx.line(a.span().start)));
-                    let pid = format!(
-                        "fare:{}:{}-{}",
-                        v.id, t.areas[x as usize].id, t.areas[y as usize].id
-                    );
-                    let pi = inline_product(&mut t, pid, m.0);
-                    push(&mut t, x, y, pi);
-                }
-            }
+            self.od_table(f, od, &rule)?;
         }
+        Ok(())
     }
 
-    // Transfers.
-    let mut tcount = 0usize;
-    for tr in &s.transfers {
-        let v = tr.get_ref();
-        tcount += 1;
-        let origin = format!("{file}:{} transfer {tcount}", cx.line(tr.span().start));
-        let group = |n: &Name, field: &str| -> Result<Idx, SourceError> {
-            if n.get_ref() == "any" {
-                Ok(NONE)
-            } else {
-                cx.resolve(n, field, "fare group", &group_ids)
-            }
+    /// A fare's distance pricing (bands in increasing distance), or its product's price.
+    fn pricing(&self, f: &Spanned<SrcFare>) -> Result<Pricing, SourceError> {
+        let Some(d) = &f.get_ref().distance else {
+            return Ok(Pricing::Product);
         };
+        let mut bands = Vec::new();
+        let mut prev = d.base.0;
+        for (bi, b) in d.bands.iter().enumerate() {
+            let upto = b.upto.map_or(u32::MAX, |u| u.0);
+            if upto <= prev {
+                return Err(self.cx.err(
+                    f.span().start,
+                    "fares.distance.bands.upto",
+                    format!("band {} ends at {upto} m, not after where the previous one ends ({prev} m); list bands in increasing distance", bi + 1),
+                ));
+            }
+            if b.every.0 == 0 {
+                return Err(self.cx.err(
+                    f.span().start,
+                    "fares.distance.bands.every",
+                    "a step of 0 m never ends; e.g. every = \"5km\"".into(),
+                ));
+            }
+            if b.upto.is_none() && bi + 1 != d.bands.len() {
+                return Err(self.cx.err(
+                    f.span().start,
+                    "fares.distance.bands.upto",
+                    "only the last band may leave `upto` open".into(),
+                ));
+            }
+            bands.push(Band {
+                upto_m: upto,
+                step_m: b.every.0,
+                add_minor: b.add.0,
+            });
+            prev = upto;
+        }
+        Ok(Pricing::Distance {
+            base_m: d.base.0,
+            bands,
+        })
+    }
+
+    /// An origin–destination table: one leg rule (and product) per zone pair, both directions
+    /// unless `symmetric = false`; the same pair at two prices is an error.
+    fn od_table(
+        &mut self,
+        f: &Spanned<SrcFare>,
+        od: &[(Name, Name, Money)],
+        rule: &LegRule,
+    ) -> Result<(), SourceError> {
+        let v = f.get_ref();
+        if v.from_zone.is_some() || v.to_zone.is_some() {
+            return Err(self.cx.err(
+                f.span().start,
+                "fares.od",
+                "an `od` table gives its own zones; drop from_zone/to_zone".into(),
+            ));
+        }
+        let mut seen: HashMap<(Idx, Idx), (u32, usize)> = HashMap::new();
+        let symmetric = v.symmetric.unwrap_or(true);
+        for (a, b, m) in od {
+            let ai = self.cx.resolve(a, "fares.od", "zone", &self.ids.areas)?;
+            let bi = self.cx.resolve(b, "fares.od", "zone", &self.ids.areas)?;
+            let mut pairs = vec![(ai, bi)];
+            if symmetric && ai != bi {
+                pairs.push((bi, ai));
+            }
+            for (x, y) in pairs {
+                let (xn, yn) = (
+                    self.t.areas[x as usize].id.clone(),
+                    self.t.areas[y as usize].id.clone(),
+                );
+                if let Some(&(prev, pline)) = seen.get(&(x, y)) {
+                    if prev != m.0 {
+                        return Err(self.cx.err(
+                            a.span().start,
+                            "fares.od",
+                            format!(
+                                "contradictory prices for {xn} → {yn}: {} here, {prev} at line {pline}",
+                                m.0
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                seen.insert((x, y), (m.0, self.cx.line(a.span().start)));
+                let product = self.inline_product(format!("fare:{}:{xn}-{yn}", v.id), m.0);
+                self.t.leg_rules.push(LegRule {
+                    from_area: x,
+                    to_area: y,
+                    product,
+                    ..rule.clone()
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn transfers(&mut self, src: &[Spanned<SrcTransfer>]) -> Result<(), SourceError> {
+        for (i, tr) in src.iter().enumerate() {
+            self.transfer(tr, i + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Transfer `tcount` (1-based): one rule per (from, to) group pair.
+    fn transfer(&mut self, tr: &Spanned<SrcTransfer>, tcount: usize) -> Result<(), SourceError> {
+        let v = tr.get_ref();
+        let origin = format!(
+            "{}:{} transfer {tcount}",
+            self.cx.file,
+            self.cx.line(tr.span().start)
+        );
         let mut pairs = Vec::new();
         for f in Names::list(&v.from) {
             for to in Names::list(&v.to) {
-                pairs.push((group(&f, "transfers.from")?, group(&to, "transfers.to")?));
+                pairs.push((
+                    self.group(&f, "transfers.from")?,
+                    self.group(&to, "transfers.to")?,
+                ));
             }
         }
-        let duration_from = match v.measured.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("first_boarding") => DurationFrom::DepartureToDeparture,
-            Some("first_boarding_to_arrival") => DurationFrom::DepartureToArrival,
-            Some("last_alighting") => DurationFrom::PreviousArrivalToDeparture,
-            Some("first_alighting") => DurationFrom::ArrivalToDeparture,
-            Some("first_alighting_to_arrival") => DurationFrom::ArrivalToArrival,
-            Some(other) => {
-                return Err(cx.err(
-                    v.measured.as_ref().map_or(0, |m| m.span().start),
-                    "transfers.measured",
-                    format!("\"{other}\" is not a way to measure; use first_boarding (default), first_boarding_to_arrival, first_alighting, first_alighting_to_arrival or last_alighting"),
-                ))
-            }
-        };
-        let kind = match v.pricing.as_ref().map(|m| m.get_ref().as_str()) {
-            None | Some("free") | Some("from_leg_plus_cost") => TransferKind::FromLegPlusTransfer,
-            Some("from_leg_plus_cost_plus_to_leg") => TransferKind::FromLegPlusTransferPlusToLeg,
-            Some("cost_only") => TransferKind::TransferOnly,
-            Some("distance_combined") => TransferKind::DistanceCombined,
-            Some(other) => {
-                return Err(cx.err(
-                    v.pricing.as_ref().map_or(0, |m| m.span().start),
-                    "transfers.pricing",
-                    format!("\"{other}\" is not a transfer pricing; use free, from_leg_plus_cost, from_leg_plus_cost_plus_to_leg, cost_only or distance_combined"),
-                ))
-            }
-        };
+        let duration_from = self.measured(v)?;
+        let kind = self.transfer_kind(v)?;
         if kind == TransferKind::TransferOnly && v.cost.is_none() {
-            return Err(cx.err(
+            return Err(self.cx.err(
                 tr.span().start,
                 "transfers.cost",
                 "pricing = \"cost_only\" makes `cost` the fare of the whole sub-journey: give it (0 would make it free)".into(),
             ));
         }
         if v.max == Some(0) {
-            return Err(cx.err(
+            return Err(self.cx.err(
                 tr.span().start,
                 "transfers.max",
                 "max = 0 allows no transfer; remove the rule instead".into(),
             ));
         }
         let product = match v.cost {
-            Some(c) if c.0 > 0 => inline_product(&mut t, format!("transfer:{tcount}"), c.0),
+            Some(c) if c.0 > 0 => self.inline_product(format!("transfer:{tcount}"), c.0),
             _ => NONE,
         };
         let at_timeframe = match &v.during {
-            Some(n) => cx.resolve(n, "transfers.during", "timeframe", &tf_ids)?,
+            Some(n) => self
+                .cx
+                .resolve(n, "transfers.during", "timeframe", &self.ids.timeframes)?,
             None => NONE,
         };
         for (from_group, to_group) in pairs {
-            t.transfer_rules.push(TransferRule {
+            self.t.transfer_rules.push(TransferRule {
                 origin: origin.clone(),
                 from_group,
                 to_group,
@@ -1346,147 +1457,285 @@ pub fn compile(file: &str, src: &str) -> Result<Table, SourceError> {
                 at_timeframe,
             });
         }
+        Ok(())
     }
 
-    // Caps.
-    for (ci, c) in s.caps.iter().enumerate() {
-        let v = c.get_ref();
-        let id = v.id.clone().unwrap_or_else(|| format!("cap{}", ci + 1));
-        let period = match (v.period.get_ref().as_str(), v.trips, v.amount) {
-            ("day", None, Some(_)) => CapPeriod::Day,
-            ("week", None, Some(_)) => CapPeriod::Week,
-            ("day", Some(n), None) if n > 0 => CapPeriod::DayTrips(n),
-            (p @ ("day" | "week"), _, _) => {
-                return Err(cx.err(
-                    c.span().start,
-                    "caps",
-                    format!("a {p} cap needs `amount` (a money cap) or, for a day, `trips` (free after that many paid trips), not both"),
-                ))
-            }
-            (other, _, _) => {
-                return Err(cx.err(
-                    v.period.span().start,
-                    "caps.period",
-                    format!("\"{other}\" is not a cap period; use \"day\" or \"week\""),
-                ))
-            }
-        };
-        let cats_of: Vec<Idx> = match &v.categories {
-            None => vec![NONE],
-            Some(list) if list.is_empty() => {
-                return Err(cx.err(
-                    c.span().start,
-                    "caps.categories",
-                    "an empty list caps nobody; leave `categories` out to cap every rider".into(),
-                ))
-            }
-            Some(list) => list
-                .iter()
-                .map(|n| cx.resolve(n, "caps.categories", "rider category", &cat_ids))
-                .collect::<Result<_, _>>()?,
-        };
-        for category in cats_of {
-            t.caps.push(Cap {
-                id: id.clone(),
-                period,
-                amount_minor: v.amount.map_or(0, |m| m.0),
-                category,
-            });
+    /// A fare group by name (`any`: every group).
+    fn group(&self, n: &Name, field: &str) -> Result<Idx, SourceError> {
+        if n.get_ref() == "any" {
+            Ok(NONE)
+        } else {
+            self.cx.resolve(n, field, "fare group", &self.ids.groups)
         }
     }
 
-    // Passes, charges, coupons.
-    let mut codes: HashMap<(u8, u16), String> = HashMap::new();
-    let mut code_ok = |cx: &Cx, kind: u8, code: u16, id: &str, off: usize| {
+    fn measured(&self, v: &SrcTransfer) -> Result<DurationFrom, SourceError> {
+        Ok(match v.measured.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("first_boarding") => DurationFrom::DepartureToDeparture,
+            Some("first_boarding_to_arrival") => DurationFrom::DepartureToArrival,
+            Some("last_alighting") => DurationFrom::PreviousArrivalToDeparture,
+            Some("first_alighting") => DurationFrom::ArrivalToDeparture,
+            Some("first_alighting_to_arrival") => DurationFrom::ArrivalToArrival,
+            Some(other) => {
+                return Err(self.cx.err(
+                    v.measured.as_ref().map_or(0, |m| m.span().start),
+                    "transfers.measured",
+                    format!("\"{other}\" is not a way to measure; use first_boarding (default), first_boarding_to_arrival, first_alighting, first_alighting_to_arrival or last_alighting"),
+                ))
+            }
+        })
+    }
+
+    fn transfer_kind(&self, v: &SrcTransfer) -> Result<TransferKind, SourceError> {
+        Ok(match v.pricing.as_ref().map(|m| m.get_ref().as_str()) {
+            None | Some("free") | Some("from_leg_plus_cost") => TransferKind::FromLegPlusTransfer,
+            Some("from_leg_plus_cost_plus_to_leg") => TransferKind::FromLegPlusTransferPlusToLeg,
+            Some("cost_only") => TransferKind::TransferOnly,
+            Some("distance_combined") => TransferKind::DistanceCombined,
+            Some(other) => {
+                return Err(self.cx.err(
+                    v.pricing.as_ref().map_or(0, |m| m.span().start),
+                    "transfers.pricing",
+                    format!("\"{other}\" is not a transfer pricing; use free, from_leg_plus_cost, from_leg_plus_cost_plus_to_leg, cost_only or distance_combined"),
+                ))
+            }
+        })
+    }
+
+    fn caps(&mut self, src: &[Spanned<SrcCap>]) -> Result<(), SourceError> {
+        for (ci, c) in src.iter().enumerate() {
+            let v = c.get_ref();
+            let id = v.id.clone().unwrap_or_else(|| format!("cap{}", ci + 1));
+            let period = match (v.period.get_ref().as_str(), v.trips, v.amount) {
+                ("day", None, Some(_)) => CapPeriod::Day,
+                ("week", None, Some(_)) => CapPeriod::Week,
+                ("day", Some(n), None) if n > 0 => CapPeriod::DayTrips(n),
+                (p @ ("day" | "week"), _, _) => {
+                    return Err(self.cx.err(
+                        c.span().start,
+                        "caps",
+                        format!("a {p} cap needs `amount` (a money cap) or, for a day, `trips` (free after that many paid trips), not both"),
+                    ))
+                }
+                (other, _, _) => {
+                    return Err(self.cx.err(
+                        v.period.span().start,
+                        "caps.period",
+                        format!("\"{other}\" is not a cap period; use \"day\" or \"week\""),
+                    ))
+                }
+            };
+            let cats_of: Vec<Idx> = match &v.categories {
+                None => vec![NONE],
+                Some(list) if list.is_empty() => {
+                    return Err(self.cx.err(
+                        c.span().start,
+                        "caps.categories",
+                        "an empty list caps nobody; leave `categories` out to cap every rider"
+                            .into(),
+                    ))
+                }
+                Some(list) => list
+                    .iter()
+                    .map(|n| {
+                        self.cx.resolve(
+                            n,
+                            "caps.categories",
+                            "rider category",
+                            &self.ids.categories,
+                        )
+                    })
+                    .collect::<Result<_, _>>()?,
+            };
+            for category in cats_of {
+                self.t.caps.push(Cap {
+                    id: id.clone(),
+                    period,
+                    amount_minor: v.amount.map_or(0, |m| m.0),
+                    category,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims `code` of `kind` for `id`; a code used twice is an error.
+    fn code_ok(
+        &self,
+        codes: &mut Codes,
+        kind: u8,
+        code: u16,
+        id: &str,
+        off: usize,
+    ) -> Result<(), SourceError> {
         if let Some(prev) = codes.insert((kind, code), id.to_string()) {
-            return Err(cx.err(
+            return Err(self.cx.err(
                 off,
                 "code",
                 format!("code {code} is already used by \"{prev}\""),
             ));
         }
         Ok(())
-    };
-    for p in &s.passes {
-        let v = p.get_ref();
-        code_ok(&cx, 0, v.code, &v.id, p.span().start)?;
-        let networks = v
-            .networks
-            .iter()
-            .map(|n| cx.resolve(n, "passes.networks", "network", &net_ids))
-            .collect::<Result<_, _>>()?;
-        let category = match &v.category {
-            Some(n) => cx.resolve(n, "passes.category", "rider category", &cat_ids)?,
-            None => NONE,
-        };
-        t.passes.push(Pass {
-            id: v.id.clone(),
-            code: v.code,
-            price_minor: v.price.0,
-            validity_s: v.validity.0,
-            networks,
-            category,
-        });
     }
-    for c in &s.charges {
-        let v = c.get_ref();
-        code_ok(&cx, 1, v.code, &v.id, c.span().start)?;
-        if v.per_item.is_none() && v.per_hour.is_none() {
+
+    fn passes(&mut self, src: &[Spanned<SrcPass>], codes: &mut Codes) -> Result<(), SourceError> {
+        for p in src {
+            let v = p.get_ref();
+            self.code_ok(codes, 0, v.code, &v.id, p.span().start)?;
+            let networks = v
+                .networks
+                .iter()
+                .map(|n| {
+                    self.cx
+                        .resolve(n, "passes.networks", "network", &self.ids.networks)
+                })
+                .collect::<Result<_, _>>()?;
+            let category = match &v.category {
+                Some(n) => {
+                    self.cx
+                        .resolve(n, "passes.category", "rider category", &self.ids.categories)?
+                }
+                None => NONE,
+            };
+            self.t.passes.push(Pass {
+                id: v.id.clone(),
+                code: v.code,
+                price_minor: v.price.0,
+                validity_s: v.validity.0,
+                networks,
+                category,
+            });
+        }
+        Ok(())
+    }
+
+    fn charges(
+        &mut self,
+        src: &[Spanned<SrcCharge>],
+        codes: &mut Codes,
+    ) -> Result<(), SourceError> {
+        for c in src {
+            let v = c.get_ref();
+            self.code_ok(codes, 1, v.code, &v.id, c.span().start)?;
+            if v.per_item.is_none() && v.per_hour.is_none() {
+                return Err(self.cx.err(
+                    c.span().start,
+                    "charges",
+                    format!("charge \"{}\" needs `per_item` or `per_hour`", v.id),
+                ));
+            }
+            self.t.charges.push(Charge {
+                id: v.id.clone(),
+                code: v.code,
+                per_item_minor: v.per_item.map(|m| m.0),
+                per_hour_minor: v.per_hour.map(|m| m.0),
+                day_cap_minor: v.day_cap.map(|m| m.0),
+            });
+        }
+        Ok(())
+    }
+
+    fn coupons(
+        &mut self,
+        src: &[Spanned<SrcCoupon>],
+        codes: &mut Codes,
+    ) -> Result<(), SourceError> {
+        for c in src {
+            let v = c.get_ref();
+            self.code_ok(codes, 2, v.code, &v.id, c.span().start)?;
+            match (v.value, v.percent) {
+                (Some(_), None) => {}
+                (None, Some(p)) if (1..=100).contains(&p) => {}
+                (None, Some(p)) => {
+                    return Err(self.cx.err(
+                        c.span().start,
+                        "coupons.percent",
+                        format!("percent {p} must be 1 to 100"),
+                    ))
+                }
+                _ => {
+                    return Err(self.cx.err(
+                        c.span().start,
+                        "coupons",
+                        format!(
+                            "coupon \"{}\" needs exactly one of `value` or `percent`",
+                            v.id
+                        ),
+                    ))
+                }
+            }
+            self.t.coupons.push(Coupon {
+                id: v.id.clone(),
+                code: v.code,
+                value_minor: v.value.map(|m| m.0),
+                percent: v.percent,
+                expires_day: v.expires.map(|d| d.0),
+                single_use: v.single_use,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Base prices of products, `like` chains followed (with the chain kept to report a cycle).
+struct Prices<'a, 's> {
+    cx: &'a Cx<'s>,
+    names: &'a [String],
+    ids: &'a HashMap<String, Idx>,
+    prods: &'a BTreeMap<String, Spanned<SrcProduct>>,
+    memo: &'a mut Vec<Option<u32>>,
+    stack: Vec<usize>,
+}
+
+impl Prices<'_, '_> {
+    fn resolve(&mut self, i: usize) -> Result<u32, SourceError> {
+        if let Some(p) = self.memo[i] {
+            return Ok(p);
+        }
+        let (cx, names) = (self.cx, self.names);
+        let p = &self.prods[&names[i]];
+        if self.stack.contains(&i) {
+            let cycle: Vec<&str> = self
+                .stack
+                .iter()
+                .chain(std::iter::once(&i))
+                .map(|&k| names[k].as_str())
+                .collect();
             return Err(cx.err(
-                c.span().start,
-                "charges",
-                format!("charge \"{}\" needs `per_item` or `per_hour`", v.id),
+                p.span().start,
+                &format!("products.{}.like", names[i]),
+                format!(
+                    "products refer to each other in a cycle: {}",
+                    cycle.join(" → ")
+                ),
             ));
         }
-        t.charges.push(Charge {
-            id: v.id.clone(),
-            code: v.code,
-            per_item_minor: v.per_item.map(|m| m.0),
-            per_hour_minor: v.per_hour.map(|m| m.0),
-            day_cap_minor: v.day_cap.map(|m| m.0),
-        });
-    }
-    for c in &s.coupons {
-        let v = c.get_ref();
-        code_ok(&cx, 2, v.code, &v.id, c.span().start)?;
-        match (v.value, v.percent) {
-            (Some(_), None) => {}
-            (None, Some(p)) if (1..=100).contains(&p) => {}
-            (None, Some(p)) => {
-                return Err(cx.err(
-                    c.span().start,
-                    "coupons.percent",
-                    format!("percent {p} must be 1 to 100"),
-                ))
+        let v = p.get_ref();
+        let price = match (&v.price, &v.like) {
+            (Some(m), None) => m.0,
+            (None, Some(like)) => {
+                let li = cx.resolve(
+                    like,
+                    &format!("products.{}.like", names[i]),
+                    "product",
+                    self.ids,
+                )?;
+                self.stack.push(i);
+                let base = self.resolve(li as usize)?;
+                self.stack.pop();
+                base.saturating_add(v.add.map_or(0, |a| a.0))
             }
             _ => {
                 return Err(cx.err(
-                    c.span().start,
-                    "coupons",
-                    format!(
-                        "coupon \"{}\" needs exactly one of `value` or `percent`",
-                        v.id
-                    ),
+                    p.span().start,
+                    &format!("products.{}", names[i]),
+                    "give either `price` or `like` (another product) with an optional `add`".into(),
                 ))
             }
-        }
-        t.coupons.push(Coupon {
-            id: v.id.clone(),
-            code: v.code,
-            value_minor: v.value.map(|m| m.0),
-            percent: v.percent,
-            expires_day: v.expires.map(|d| d.0),
-            single_use: v.single_use,
-        });
+        };
+        self.memo[i] = Some(price);
+        Ok(price)
     }
-
-    finish_codes(&mut t).map_err(|m| SourceError::Field {
-        file: file.to_string(),
-        line: 1,
-        field: "stops".into(),
-        message: m,
-    })?;
-    Ok(t)
 }
 
 /// Fills the sorted stop and route code indexes; two ids with one code are an error.
