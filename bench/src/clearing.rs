@@ -71,26 +71,26 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let ledger = Ledger::open(dir.path(), 4 << 30)?;
     {
         // The cards were issued: their personalised value is in the ledger.
-        let mut t = ledger.write()?;
-        for c in &cards_issued {
-            ledger.post(
-                &mut t,
-                0,
-                "issuer:float",
-                &charging::ledger::card_account(c),
-                i64::from(i32::MAX / 2),
-                "issue",
-            )?;
-            ledger.put_card(
-                &mut t,
-                c,
-                &charging::ledger::CardShadow {
-                    booked_balance_minor: Some(i32::MAX / 2),
-                    ..Default::default()
-                },
-            )?;
-        }
-        t.commit()?;
+        let issued = cards_issued.clone();
+        ledger.transact(move |t| {
+            for c in &issued {
+                t.post(
+                    0,
+                    "issuer:float",
+                    &charging::ledger::card_account(c),
+                    i64::from(i32::MAX / 2),
+                    "issue",
+                )?;
+                t.put_card(
+                    c,
+                    &charging::ledger::CardShadow {
+                        booked_balance_minor: Some(i32::MAX / 2),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
     }
     let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(&keys)?));
     let started = Instant::now();

@@ -13,31 +13,24 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let chunk = 50_000u64;
     let mut i = 0u64;
     while i < n {
-        let mut t = ledger.write()?;
-        for j in i..(i + chunk).min(n) {
-            let mut uid = [0x04, 0, 0, 0, 0, 0, 0];
-            uid[2..7].copy_from_slice(&j.to_be_bytes()[3..8]);
-            ledger.post(
-                &mut t,
-                0,
-                "issuer:float",
-                &card_account(&uid),
-                1_000,
-                "issue",
-            )?;
-            ledger.post(&mut t, 0, "funding:card", &card_account(&uid), 500, "load")?;
-            ledger.put_card(
-                &mut t,
-                &uid,
-                &CardShadow {
-                    last_tmc: 1,
-                    booked_through_tmc: 1,
-                    booked_balance_minor: Some(1_500),
-                    ..Default::default()
-                },
-            )?;
-        }
-        t.commit()?;
+        ledger.transact(move |t| {
+            for j in i..(i + chunk).min(n) {
+                let mut uid = [0x04, 0, 0, 0, 0, 0, 0];
+                uid[2..7].copy_from_slice(&j.to_be_bytes()[3..8]);
+                t.post(0, "issuer:float", &card_account(&uid), 1_000, "issue")?;
+                t.post(0, "funding:card", &card_account(&uid), 500, "load")?;
+                t.put_card(
+                    &uid,
+                    &CardShadow {
+                        last_tmc: 1,
+                        booked_through_tmc: 1,
+                        booked_balance_minor: Some(1_500),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
         i += chunk;
     }
     let populate = t0.elapsed();

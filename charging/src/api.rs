@@ -346,9 +346,7 @@ async fn start_load(
 fn own_card_or_anonymous(st: &AppState, caller: &Caller, uid: &[u8; 7]) -> Result<(), ApiError> {
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let shadow = l
-        .card(&r, uid)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let shadow = r.card(uid).map_err(|e| ApiError::Internal(e.to_string()))?;
     match shadow.owner.as_deref() {
         Some(owner) if owner != caller.name => Err(ApiError::ForbiddenDetail(format!(
             "card {} is registered to another account",
@@ -391,8 +389,14 @@ async fn register_instrument(
     })
     .await?;
     Ok((
-        if new { StatusCode::CREATED } else { StatusCode::OK },
-        Json(serde_json::json!({"source": source, "instrument": instrument, "account": caller.name})),
+        if new {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(
+            serde_json::json!({"source": source, "instrument": instrument, "account": caller.name}),
+        ),
     ))
 }
 
@@ -408,8 +412,8 @@ async fn list_instruments(
     )?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let list = l
-        .instruments_of(&r, &caller.name)
+    let list = r
+        .instruments_of(&caller.name)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(serde_json::json!({
         "instruments": list.iter().map(|i| serde_json::json!({"source": i.source, "instrument": i.id, "registered_ms": i.registered_ms})).collect::<Vec<_>>(),
@@ -444,12 +448,19 @@ async fn credit_points(
     let now = (st.clock)();
     let loads = st.loads.clone();
     let earned = blocking(move || {
-        let program = loads.points_program(&req.program).ok_or_else(|| {
-            ApiError::NotFound(format!("no points programme {:?}", req.program))
-        })?;
+        let program = loads
+            .points_program(&req.program)
+            .ok_or_else(|| ApiError::NotFound(format!("no points programme {:?}", req.program)))?;
         use crate::funding::EarnError as E;
         program
-            .earn(&caller.name, &req.member_id, &req.account, req.points, &req.reference, now)
+            .earn(
+                &caller.name,
+                &req.member_id,
+                &req.account,
+                req.points,
+                &req.reference,
+                now,
+            )
             .map_err(|e| match e {
                 E::NotThisProgrammesPartner { .. } => ApiError::ForbiddenDetail(e.to_string()),
                 E::MemberOfAnotherAccount { .. } => ApiError::Conflict(e.to_string()),
@@ -545,10 +556,10 @@ async fn register_card(
             .map_err(ApiError::from)?;
         if let Some(owner) = req.owner {
             let l = loads.ledger();
-            l.transact(move |l, t| {
-                let mut s = l.card(t, &uid)?;
+            l.transact(move |t| {
+                let mut s = t.card(&uid)?;
                 s.owner = Some(owner);
-                l.put_card(t, &uid, &s)
+                t.put_card(&uid, &s)
             })
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         }
@@ -567,22 +578,22 @@ async fn get_card(
     let uid = uid_of(&uid_hex)?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    if !l
-        .card_known(&r, &uid)
+    if !r
+        .card_known(&uid)
         .map_err(|e| ApiError::Internal(e.to_string()))?
     {
         return Err(ApiError::NotFound(format!(
             "card {uid_hex} is not registered"
         )));
     }
-    let shadow = l
-        .card(&r, &uid)
+    let shadow = r
+        .card(&uid)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let balance = l
-        .balance(&r, &crate::ledger::card_account(&uid))
+    let balance = r
+        .balance(&crate::ledger::card_account(&uid))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let open = l
-        .open_intents(&r, &uid)
+    let open = r
+        .open_intents(&uid)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(serde_json::json!({
         "card_uid": hex::encode_upper(uid),
@@ -605,7 +616,7 @@ async fn set_block(
     let ledger = st.loads.ledger().clone();
     blocking(move || {
         ledger
-            .transact(move |l, t| l.set_blocked(t, &uid, blocked, &reason, now))
+            .transact(move |t| t.set_blocked(&uid, blocked, &reason, now))
             .map_err(|e| ApiError::Internal(e.to_string()))
     })
     .await
@@ -674,8 +685,8 @@ async fn report_card(
     if caller.role == Role::Cardholder {
         let l = st.loads.ledger();
         let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let shadow = l
-            .card(&r, &uid)
+        let shadow = r
+            .card(&uid)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         if shadow.owner.as_deref() != Some(caller.name.as_str()) {
             // Same answer as for an unknown card: do not reveal whose cards exist.
@@ -712,8 +723,8 @@ async fn block_changes(
     require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (changes, latest) = l
-        .block_changes(&r, q.after, q.limit.clamp(1, 100_000))
+    let (changes, latest) = r
+        .block_changes(q.after, q.limit.clamp(1, 100_000))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(
         serde_json::json!({"latest_version": latest, "changes": changes}),
@@ -730,8 +741,8 @@ async fn anomalies(
     require(&st.auth, &headers, &[Role::Operator])?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (found, last) = l
-        .anomalies(&r, q.after, q.limit.clamp(1, 100_000))
+    let (found, last) = r
+        .anomalies(q.after, q.limit.clamp(1, 100_000))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let list: Vec<serde_json::Value> = found
         .into_iter()
@@ -810,12 +821,14 @@ async fn lookup_voucher(
     require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
     let VoucherLookup { code } = json_body(&body)?;
     if code.is_empty() || code.len() > 64 {
-        return Err(ApiError::BadRequest("code must be 1 to 64 characters".into()));
+        return Err(ApiError::BadRequest(
+            "code must be 1 to 64 characters".into(),
+        ));
     }
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let v = l
-        .voucher(&r, &code)
+    let v = r
+        .voucher(&code)
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .ok_or_else(|| ApiError::NotFound("no such voucher".into()))?;
     Ok(Json(serde_json::json!({
@@ -843,9 +856,9 @@ fn franchise_err(e: crate::franchise::FranchiseError) -> ApiError {
     match e {
         crate::franchise::FranchiseError::BadRequest(d) => ApiError::BadRequest(d),
         // A payment above what is owed, or a total that would overflow: refused, nothing booked.
-        crate::franchise::FranchiseError::Ledger(crate::ledger::LedgerError::InvalidPosting(
-            d,
-        )) => ApiError::BadRequest(d.to_string()),
+        crate::franchise::FranchiseError::Ledger(crate::ledger::LedgerError::InvalidPosting(d)) => {
+            ApiError::BadRequest(d.to_string())
+        }
         crate::franchise::FranchiseError::Unknown(n) => {
             ApiError::NotFound(format!("no franchise {n:?}"))
         }
@@ -1080,14 +1093,14 @@ async fn signed_snapshot(
     blocking(move || {
         let l = st2.loads.ledger();
         let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let (_, latest) = l
-            .block_changes(&r, u64::MAX - 1, 1)
+        let (_, latest) = r
+            .block_changes(u64::MAX - 1, 1)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         if latest == 0 {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        let entries: Vec<([u8; 7], bool)> = l
-            .all_cards(&r)
+        let entries: Vec<([u8; 7], bool)> = r
+            .all_cards()
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .into_iter()
             .filter(|(_, c)| c.blocked)
@@ -1120,8 +1133,8 @@ async fn signed_delta(
     blocking(move || {
         let l = st2.loads.ledger();
         let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let (changes, _) = l
-            .block_changes(&r, q.after, q.limit.clamp(1, 1_000_000))
+        let (changes, _) = r
+            .block_changes(q.after, q.limit.clamp(1, 1_000_000))
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         drop(r);
         let Some(last) = changes.last().map(|c| c.version) else {
@@ -1216,7 +1229,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/franchises/{name}", get(franchise_status))
         .route("/v1/franchises/{name}/payments", post(franchise_payment))
         .route("/v1/vouchers/lookup", post(lookup_voucher))
-        .route("/v1/instruments", post(register_instrument).get(list_instruments))
+        .route(
+            "/v1/instruments",
+            post(register_instrument).get(list_instruments),
+        )
         .route("/v1/partner/points", post(credit_points))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -22,7 +22,9 @@
 //!
 //! A debit posts `card:<UID>` → `operator:<id>` with reference `tap:<UID>:<TMC>`.
 
-use crate::ledger::{card_account, Booking, FundingAction, IntentState, Ledger, LedgerError};
+use crate::ledger::{
+    card_account, Booking, FundingAction, IntentState, Ledger, LedgerError, LedgerWrite,
+};
 use purse::receipt::{TxClaim, TxKind};
 use purse::sam::Hsm;
 use serde::{Deserialize, Serialize};
@@ -68,23 +70,7 @@ pub struct ClearingBatch {
     pub taps: Vec<ClearingTap>,
 }
 
-/// Something clearing found wrong.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Anomaly {
-    /// `forged_tmac`, `clone`, `negative_shadow`, `malformed`, `counter_gap` (the gap sweep;
-    /// device id and sequence 0).
-    pub kind: String,
-    /// Card UID (hex), when known.
-    pub card_uid: String,
-    /// The counter.
-    pub tmc: u32,
-    /// The reporting device and its sequence number.
-    pub device_id: u32,
-    /// Device sequence number.
-    pub device_seq: u64,
-    /// Detail.
-    pub detail: String,
-}
+pub use crate::ledger::Anomaly;
 
 /// The answer to a batch (stored under its id).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,7 +255,7 @@ pub fn clear_batch(
     };
     {
         let r = ledger.read()?;
-        if let Some(v) = ledger.idempotent(&r, &key)? {
+        if let Some(v) = r.idempotent(&key)? {
             if let Some(o) = stored_answer(v, &batch.batch_id, &digest)? {
                 return Ok(o);
             }
@@ -337,8 +323,8 @@ pub fn clear_batch(
     }
     let mut done = outcome;
     let stored_key = key.clone();
-    let booked = ledger.transact(move |l, t| {
-        if let Some(v) = l.idempotent(t, &stored_key)? {
+    let booked = ledger.transact(move |t| {
+        if let Some(v) = t.idempotent(&stored_key)? {
             match stored_answer(v, &done.batch_id, &digest) {
                 Ok(Some(o)) => return Ok(o), // a concurrent retry won
                 Ok(None) => {}
@@ -348,13 +334,11 @@ pub fn clear_batch(
         }
         for (tap, c) in &good {
             let marker = format!("tap:{}:{}", hex::encode_upper(c.uid), c.tmc);
-            if let Some(prev) = l.idempotent(t, &marker)? {
+            if let Some(prev) = t.idempotent(&marker)? {
                 if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
                     done.duplicates += 1;
                 } else {
-                    clone_found(
-                        l,
-                        t,
+                    clone_found(t,
                         &mut done,
                         tap,
                         c,
@@ -364,7 +348,7 @@ pub fn clear_batch(
                 }
                 continue;
             }
-            if c.kind == TxKind::LimitedCredit && follows_reversal(l, t, c)? {
+            if c.kind == TxKind::LimitedCredit && follows_reversal(t, c)? {
                 // The card refuses this (a reversal does not arm LimitedCredit): a card that
                 // did it is not behaving as ours do. Nothing is booked; the card is blocked.
                 done.anomalies.push(Anomaly {
@@ -375,10 +359,7 @@ pub fn clear_batch(
                     device_seq: tap.device_seq,
                     detail: "a limited credit right after a back-office reversal: a limited credit may only undo a fare".into(),
                 });
-                if l
-                    .set_blocked(
-                        t,
-                        &c.uid,
+                if t.set_blocked(&c.uid,
                         true,
                         "a limited credit undid a reversal",
                         now_ms,
@@ -391,9 +372,7 @@ pub fn clear_batch(
             }
             if c.kind == TxKind::Debit && c.amount_minor > 0 {
                 let op = tap.operator.clone().unwrap_or_else(|| "default".into());
-                l.post(
-                    t,
-                    now_ms,
+                t.post(now_ms,
                     &card_account(&c.uid),
                     &format!("operator:{op}"),
                     i64::from(c.amount_minor),
@@ -401,33 +380,27 @@ pub fn clear_batch(
                 )?;
             } else if c.kind == TxKind::LimitedCredit && c.amount_minor > 0 {
                 let op = tap.operator.clone().unwrap_or_else(|| "default".into());
-                l.post(
-                    t,
-                    now_ms,
+                t.post(now_ms,
                     &format!("operator:{op}"),
                     &card_account(&c.uid),
                     i64::from(c.amount_minor),
                     &marker,
                 )?;
             }
-            l.put_idempotent(
-                t,
-                &marker,
+            t.put_idempotent(&marker,
                 &serde_json::Value::String(tap.tmv.to_uppercase()),
             )?;
-            l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
+            t.observe_card(&c.uid, c.tmc, c.balance_after_minor)?;
             let delta = match c.kind {
                 TxKind::Debit => -i64::from(c.amount_minor),
                 TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
                 TxKind::RecordOnly => 0,
             };
-            if l.book_counter(t, &c.uid, c.tmc, c.balance_after_minor, delta, now_ms)?
+            if t.book_counter(&c.uid, c.tmc, c.balance_after_minor, delta, now_ms)?
                 == Booking::Duplicate
             {
                 // Booked by a load at the same counter: the load's own record already holds it.
-                clone_found(
-                    l,
-                    t,
+                clone_found(t,
                     &mut done,
                     tap,
                     c,
@@ -438,19 +411,18 @@ pub fn clear_batch(
             // A pending load (or reversal) recorded at tmc−1 did not happen: this tap used
             // its counter.
             if let Some(before) = c.tmc.checked_sub(1) {
-                let open = l
-                    .intent(t, &c.uid, before)?
+                let open = t.intent(&c.uid, before)?
                     .is_some_and(|i| i.state == IntentState::Authorised);
                 if open {
                     done.loads_voided += 1;
-                    if let Some(action) = l.void_intent(t, &c.uid, before, now_ms)? {
+                    if let Some(action) = t.void_intent(&c.uid, before, now_ms)? {
                         done.funding.push(action);
                     }
                 }
             }
-            complete_loads_across_gaps(l, t, &c.uid, now_ms, &mut done)?;
+            complete_loads_across_gaps(t, &c.uid, now_ms, &mut done)?;
             cleared_one(&mut done);
-            if l.balance(t, &card_account(&c.uid))? < 0 {
+            if t.balance(&card_account(&c.uid))? < 0 {
                 done.anomalies.push(Anomaly {
                     kind: "negative_shadow".into(),
                     card_uid: tap.card_uid.clone(),
@@ -462,11 +434,11 @@ pub fn clear_batch(
             }
         }
         for a in done.anomalies.iter().chain(&done.refused_summaries()) {
-            l.record_anomaly(t, a)?;
+            t.record_anomaly(a)?;
         }
         let mut stored = serde_json::to_value(&done).expect("outcome serialises");
         stored["taps_sha256"] = digest.clone().into();
-        l.put_idempotent(t, &stored_key, &stored)?;
+        t.put_idempotent(&stored_key, &stored)?;
         Ok(done)
     })?;
     Ok(booked)
@@ -478,14 +450,13 @@ pub fn clear_batch(
 /// the card proved after it), the card applied the load: complete it and book its counter. Runs
 /// after every booking, so it does not matter in which order taps arrive.
 fn complete_loads_across_gaps(
-    l: &crate::ledger::LedgerCore,
-    t: &mut heed::RwTxn<'_>,
+    t: &mut dyn LedgerWrite,
     uid: &[u8; 7],
     now_ms: u64,
     done: &mut BatchOutcome,
 ) -> Result<(), LedgerError> {
     loop {
-        let shadow = l.card(t, uid)?;
+        let shadow = t.card(uid)?;
         let x = shadow.booked_through_tmc;
         let (Some(bal_x), Some(&(next, bal_next, delta_next))) =
             (shadow.booked_balance_minor, shadow.booked_above.first())
@@ -495,7 +466,7 @@ fn complete_loads_across_gaps(
         if Some(next) != x.checked_add(2) {
             return Ok(());
         }
-        let Some(intent) = l.intent(t, uid, x)? else {
+        let Some(intent) = t.intent(uid, x)? else {
             return Ok(());
         };
         // Only a load: a reversal is a Debit, which a validator's fare of the same amount at
@@ -511,7 +482,7 @@ fn complete_loads_across_gaps(
         let Ok(after) = i32::try_from(after) else {
             return Ok(());
         };
-        if let Some(action) = l.complete_intent(t, uid, x, after, now_ms)? {
+        if let Some(action) = t.complete_intent(uid, x, after, now_ms)? {
             done.loads_completed += 1;
             done.funding.push(action);
         }
@@ -520,15 +491,11 @@ fn complete_loads_across_gaps(
 
 /// Whether the transaction just before this one (counter `tmc − 1`) was a back-office reversal
 /// (pending or completed).
-fn follows_reversal(
-    l: &crate::ledger::LedgerCore,
-    t: &heed::RwTxn<'_>,
-    c: &TxClaim,
-) -> Result<bool, LedgerError> {
+fn follows_reversal(t: &dyn LedgerWrite, c: &TxClaim) -> Result<bool, LedgerError> {
     let Some(before) = c.tmc.checked_sub(2) else {
         return Ok(false);
     };
-    Ok(l.intent(t, &c.uid, before)?.is_some_and(|i| {
+    Ok(t.intent(&c.uid, before)?.is_some_and(|i| {
         i.kind == crate::ledger::IntentKind::Reversal && i.state != IntentState::Voided
     }))
 }
@@ -536,8 +503,7 @@ fn follows_reversal(
 /// A counter seen twice with different contents: an anomaly, and the card is blocked.
 #[allow(clippy::too_many_arguments)]
 fn clone_found(
-    l: &crate::ledger::LedgerCore,
-    t: &mut heed::RwTxn<'_>,
+    t: &mut dyn LedgerWrite,
     done: &mut BatchOutcome,
     tap: &ClearingTap,
     c: &TxClaim,
@@ -552,8 +518,7 @@ fn clone_found(
         device_seq: tap.device_seq,
         detail: detail.into(),
     });
-    if l.set_blocked(
-        t,
+    if t.set_blocked(
         &c.uid,
         true,
         "clone suspected: a counter seen twice",

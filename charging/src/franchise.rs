@@ -95,8 +95,7 @@ fn state_key(name: &str) -> String {
 /// The franchise's state.
 pub fn state(ledger: &Ledger, name: &str) -> Result<FranchiseState, FranchiseError> {
     let r = ledger.read()?;
-    Ok(ledger
-        .idempotent(&r, &state_key(name))?
+    Ok(r.idempotent(&state_key(name))?
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default())
 }
@@ -106,9 +105,7 @@ pub fn outstanding_minor(ledger: &Ledger, name: &str) -> Result<i64, FranchiseEr
     let r = ledger.read()?;
     // A balance of i64::MIN has no negation: saturate (the ledger's checked postings keep
     // balances away from it anyway).
-    Ok(ledger
-        .balance(&r, &format!("franchise:{name}"))?
-        .saturating_neg())
+    Ok(r.balance(&format!("franchise:{name}"))?.saturating_neg())
 }
 
 fn overflow(what: &str) -> LedgerError {
@@ -162,25 +159,25 @@ pub fn report_loads(
         }
     }
     let name = franchise.name.clone();
-    let (accepted, duplicates, refused) = ledger.transact(move |l, t| {
+    let (accepted, duplicates, refused) = ledger.transact(move |t| {
         let key = state_key(&name);
-        let mut st: FranchiseState = l
-            .idempotent(t, &key)?
+        let mut st: FranchiseState = t
+            .idempotent(&key)?
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         let (mut accepted, mut duplicates) = (0u32, 0u32);
         let mut refused = Vec::new();
         for (i, c) in &verified {
             let marker = format!("franchise-load:{}:{}", hex::encode_upper(c.uid), c.tmc);
-            if l.idempotent(t, &marker)?.is_some() {
+            if t.idempotent(&marker)?.is_some() {
                 duplicates += 1;
                 continue;
             }
             // A counter is booked once, whoever reports it.
-            let shadow = l.card(t, &c.uid)?;
+            let shadow = t.card(&c.uid)?;
             let held_by_intent = match c.tmc.checked_sub(1) {
-                Some(before) => l
-                    .intent(t, &c.uid, before)?
+                Some(before) => t
+                    .intent(&c.uid, before)?
                     .is_some_and(|i| i.state != crate::ledger::IntentState::Voided),
                 None => false,
             };
@@ -200,18 +197,16 @@ pub fn report_loads(
             else {
                 return Err(overflow("reported"));
             };
-            l.post(
-                t,
+            t.post(
                 now_ms,
                 &format!("franchise:{name}"),
                 &card_account(&c.uid),
                 i64::from(c.amount_minor),
                 &marker,
             )?;
-            l.put_idempotent(t, &marker, &serde_json::Value::String(name.clone()))?;
-            l.observe_card(t, &c.uid, c.tmc, c.balance_after_minor)?;
-            let booking = l.book_counter(
-                t,
+            t.put_idempotent(&marker, &serde_json::Value::String(name.clone()))?;
+            t.observe_card(&c.uid, c.tmc, c.balance_after_minor)?;
+            let booking = t.book_counter(
                 &c.uid,
                 c.tmc,
                 c.balance_after_minor,
@@ -222,11 +217,7 @@ pub fn report_loads(
             st.reported_total_minor = reported;
             accepted += 1;
         }
-        l.put_idempotent(
-            t,
-            &key,
-            &serde_json::to_value(&st).expect("state serialises"),
-        )?;
+        t.put_idempotent(&key, &serde_json::to_value(&st).expect("state serialises"))?;
         Ok((accepted, duplicates, refused))
     })?;
     out.accepted = accepted;
@@ -254,10 +245,10 @@ pub fn grant_ceiling(
     let max = franchise.max_exposure_minor;
     // Decide and record the grant in one transaction, so two concurrent requests cannot both
     // use the same headroom or the same sequence number.
-    let decided = ledger.transact(move |l, t| {
+    let decided = ledger.transact(move |t| {
         let key = state_key(&name);
-        let mut st: FranchiseState = l
-            .idempotent(t, &key)?
+        let mut st: FranchiseState = t
+            .idempotent(&key)?
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         let unreported = st
@@ -278,11 +269,7 @@ pub fn grant_ceiling(
         };
         st.last_grant_seq = seq;
         st.granted_total_minor = granted;
-        l.put_idempotent(
-            t,
-            &key,
-            &serde_json::to_value(&st).expect("state serialises"),
-        )?;
+        t.put_idempotent(&key, &serde_json::to_value(&st).expect("state serialises"))?;
         Ok(Some((st.last_grant_seq, amount)))
     })?;
     let Some((seq, amount)) = decided else {
@@ -310,28 +297,27 @@ pub fn record_payment(
         ));
     }
     let (name, reference) = (name.to_string(), reference.to_string());
-    ledger.transact(move |l, t| {
+    ledger.transact(move |t| {
         let marker = format!("franchise-payment:{name}:{reference}");
-        if l.idempotent(t, &marker)?.is_some() {
+        if t.idempotent(&marker)?.is_some() {
             return Ok(());
         }
         // A payment settles what the franchise owes, no more: an overpayment (i64::MAX, say)
         // would turn into headroom for grants and, added twice, overflow the account.
-        let owed = l.balance(t, &format!("franchise:{name}"))?.saturating_neg();
+        let owed = t.balance(&format!("franchise:{name}"))?.saturating_neg();
         if amount_minor > owed {
             return Err(LedgerError::InvalidPosting(
                 "a payment above what the franchise owes",
             ));
         }
-        l.post(
-            t,
+        t.post(
             now_ms,
             "bank:settlements",
             &format!("franchise:{name}"),
             amount_minor,
             &marker,
         )?;
-        l.put_idempotent(t, &marker, &serde_json::Value::Bool(true))
+        t.put_idempotent(&marker, &serde_json::Value::Bool(true))
     })?;
     Ok(())
 }

@@ -499,7 +499,7 @@ impl PointsProgram {
             account.to_string(),
             reference.to_string(),
         );
-        self.ledger.transact(move |l, t| {
+        self.ledger.transact(move |t| {
             let mut earned = Earned {
                 program: program.clone(),
                 member_id: member.clone(),
@@ -509,47 +509,42 @@ impl PointsProgram {
                 balance_points: 0,
                 replayed: false,
             };
-            if let Some(v) = l.idempotent(t, &idem)? {
+            if let Some(v) = t.idempotent(&idem)? {
                 let same = v["member_id"] == member.as_str()
                     && v["account"] == account.as_str()
                     && v["points"] == points;
                 if !same {
                     return Ok(Err(EarnError::ReferenceReused(reference)));
                 }
-                earned.balance_points = l.balance(t, &holder)?;
+                earned.balance_points = t.balance(&holder)?;
                 earned.replayed = true;
                 return Ok(Ok(earned));
             }
-            match l.instrument(t, &program, &member)? {
+            match t.instrument(&program, &member)? {
                 Some(i) if i.owner != account => {
                     return Ok(Err(EarnError::MemberOfAnotherAccount { program, member }))
                 }
                 Some(_) => {}
-                None => l.put_instrument(
-                    t,
-                    &crate::ledger::Instrument {
-                        source: program.clone(),
-                        id: member.clone(),
-                        owner: account.clone(),
-                        registered_by: partner.clone(),
-                        registered_ms: now_ms,
-                    },
-                )?,
+                None => t.put_instrument(&crate::ledger::Instrument {
+                    source: program.clone(),
+                    id: member.clone(),
+                    owner: account.clone(),
+                    registered_by: partner.clone(),
+                    registered_ms: now_ms,
+                })?,
             }
-            l.post(
-                t,
+            t.post(
                 now_ms,
                 &issued,
                 &holder,
                 points,
                 &format!("earn:{reference}"),
             )?;
-            l.put_idempotent(
-                t,
+            t.put_idempotent(
                 &idem,
                 &serde_json::json!({"member_id": member, "account": account, "points": points}),
             )?;
-            earned.balance_points = l.balance(t, &holder)?;
+            earned.balance_points = t.balance(&holder)?;
             Ok(Ok(earned))
         })?
     }
@@ -558,7 +553,7 @@ impl PointsProgram {
     pub fn balance(&self, member: &str) -> Result<i64, FundingError> {
         let account = self.holder_account(member)?;
         let r = self.ledger.read()?;
-        Ok(self.ledger.balance(&r, &account)?)
+        Ok(r.balance(&account)?)
     }
 
     fn held_account(&self, auth_id: &str) -> String {
@@ -590,60 +585,65 @@ impl FundingSource for PointsProgram {
         let auth_id = format!("{}|{}", req.instrument, req.reference);
         let held = self.held_account(&auth_id);
         let points = self.points_for(req.amount_minor);
-        let mut t = self.ledger.write()?;
-        if self.ledger.balance(&t, &held)? > 0 {
-            return Ok(auth_id); // the same request again
-        }
-        let have = self.ledger.balance(&t, &holder)?;
-        if have < points {
+        let reference = req.reference.to_string();
+        let (holder_t, held_t) = (holder.clone(), held);
+        // Ok(None): held (now or by the same request before); Ok(Some(have)): too few points.
+        let short = self.ledger.transact(move |t| {
+            if t.balance(&held_t)? > 0 {
+                return Ok(None); // the same request again
+            }
+            let have = t.balance(&holder_t)?;
+            if have < points {
+                return Ok(Some(have));
+            }
+            t.post(0, &holder_t, &held_t, points, &reference)?;
+            Ok(None)
+        })?;
+        if let Some(have) = short {
             return Err(FundingError::Declined(format!(
                 "{} has {have} {} points, {points} needed",
                 req.instrument, self.name
             )));
         }
-        self.ledger
-            .post(&mut t, 0, &holder, &held, points, req.reference)?;
-        t.commit()
-            .map_err(|e| FundingError::Storage(e.to_string()))?;
         Ok(auth_id)
     }
 
     fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
         let held = self.held_account(auth_id);
-        let mut t = self.ledger.write()?;
-        let points = self.ledger.balance(&t, &held)?;
-        if points > 0 {
-            let redeemed = format!("pts:{}:redeemed", self.name);
-            self.ledger
-                .post(&mut t, 0, &held, &redeemed, points, auth_id)?;
-            t.commit()
-                .map_err(|e| FundingError::Storage(e.to_string()))?;
-        }
+        let redeemed = format!("pts:{}:redeemed", self.name);
+        let reference = auth_id.to_string();
+        self.ledger.transact(move |t| {
+            let points = t.balance(&held)?;
+            if points > 0 {
+                t.post(0, &held, &redeemed, points, &reference)?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
     fn void(&self, auth_id: &str) -> Result<(), FundingError> {
         let held = self.held_account(auth_id);
         let holder = self.member_of(auth_id)?;
-        let mut t = self.ledger.write()?;
-        let points = self.ledger.balance(&t, &held)?;
-        if points > 0 {
-            self.ledger
-                .post(&mut t, 0, &held, &holder, points, auth_id)?;
-            t.commit()
-                .map_err(|e| FundingError::Storage(e.to_string()))?;
-        }
+        let reference = auth_id.to_string();
+        self.ledger.transact(move |t| {
+            let points = t.balance(&held)?;
+            if points > 0 {
+                t.post(0, &held, &holder, points, &reference)?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
     fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
         let holder = self.member_of(auth_id)?;
         let points = self.points_for(amount_minor);
-        let mut t = self.ledger.write()?;
         let redeemed = format!("pts:{}:redeemed", self.name);
-        self.ledger
-            .post(&mut t, 0, &redeemed, &holder, points, auth_id)?;
-        t.commit().map_err(|e| FundingError::Storage(e.to_string()))
+        let reference = auth_id.to_string();
+        Ok(self
+            .ledger
+            .transact(move |t| t.post(0, &redeemed, &holder, points, &reference).map(drop))?)
     }
 }
 
@@ -735,7 +735,7 @@ mod tests {
         assert_eq!(miles.balance("bob").unwrap(), 500);
         assert!(miles.authorise(&req(1_002, "load:3", "bob")).is_err());
         let r = ledger.read().unwrap();
-        let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+        let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
         assert_eq!(sum, 0, "points postings balance");
     }
 
@@ -780,15 +780,11 @@ mod tests {
         }
         let r = ledger.read().unwrap();
         assert_eq!(
-            ledger
-                .instrument(&r, "mileage", "M1")
-                .unwrap()
-                .unwrap()
-                .owner,
+            r.instrument("mileage", "M1").unwrap().unwrap().owner,
             "alice"
         );
         assert_eq!(miles.balance("M1").unwrap(), 100);
-        let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+        let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
         assert_eq!(sum, 0);
     }
 
@@ -809,7 +805,7 @@ mod tests {
             assert!(got.is_err(), "{bad:?} authorised");
         }
         let r = ledger.read().unwrap();
-        assert_eq!(ledger.balance(&r, "pts:mileage:redeemed").unwrap(), 1);
+        assert_eq!(r.balance("pts:mileage:redeemed").unwrap(), 1);
         assert_eq!(miles.balance("M1").unwrap(), 9_999);
     }
 }

@@ -542,7 +542,7 @@ impl LoadService {
         let load = {
             let r = self.ledger.read()?;
             match load_tmc.checked_sub(1) {
-                Some(before) => self.ledger.intent(&r, &uid, before)?,
+                Some(before) => r.intent(&uid, before)?,
                 None => None,
             }
         }
@@ -604,10 +604,7 @@ impl LoadService {
         fingerprint: &str,
     ) -> Result<Option<Reply>, LoadError> {
         let r = self.ledger.read()?;
-        match self
-            .ledger
-            .idempotent(&r, &Self::idem_key(true, caller, key))?
-        {
+        match r.idempotent(&Self::idem_key(true, caller, key))? {
             Some(v) => {
                 same_request(&v, fingerprint, REVERSAL_DIFFERS)?;
                 Ok(Some(reply_from_json(&v)))
@@ -637,7 +634,7 @@ impl LoadService {
         };
         {
             let r = self.ledger.read()?;
-            if let Some(v) = self.ledger.idempotent(&r, &ikey)? {
+            if let Some(v) = r.idempotent(&ikey)? {
                 same_request(&v, &fingerprint, differs)?;
                 return Ok(reply_from_json(&v));
             }
@@ -738,7 +735,7 @@ impl LoadService {
         }
         let owner = {
             let r = self.ledger.read()?;
-            self.ledger.instrument(&r, source.name(), instrument)?
+            r.instrument(source.name(), instrument)?
         };
         match owner {
             Some(i) if i.owner == caller => Ok(()),
@@ -797,20 +794,17 @@ impl LoadService {
             (source_name.to_string(), id.to_string(), caller.to_string());
         let taken = format!("{source_name}:{id} is registered to another account");
         self.ledger
-            .transact(move |l, t| match l.instrument(t, &source_name, &id)? {
+            .transact(move |t| match t.instrument(&source_name, &id)? {
                 Some(i) if i.owner == caller => Ok(Ok(false)),
                 Some(_) => Ok(Err(LoadError::InstrumentTaken(taken))),
                 None => {
-                    l.put_instrument(
-                        t,
-                        &crate::ledger::Instrument {
-                            source: source_name,
-                            id,
-                            owner: caller.clone(),
-                            registered_by: caller,
-                            registered_ms: now_ms,
-                        },
-                    )?;
+                    t.put_instrument(&crate::ledger::Instrument {
+                        source: source_name,
+                        id,
+                        owner: caller.clone(),
+                        registered_by: caller,
+                        registered_ms: now_ms,
+                    })?;
                     Ok(Ok(true))
                 }
             })?
@@ -881,7 +875,7 @@ impl LoadService {
             }
             let (key, value) = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
             self.ledger
-                .transact(move |l, t| l.put_idempotent(t, &key, &value))?;
+                .transact(move |t| t.put_idempotent(&key, &value))?;
             s.idempotent_stored = true;
             Ok(reply)
         });
@@ -1061,7 +1055,7 @@ impl LoadService {
         self.settle_from_snapshot(snap, now_ms)?;
         let shadow = {
             let r = self.ledger.read()?;
-            self.ledger.card(&r, &uid)?
+            r.card(&uid)?
         };
         if shadow.blocked {
             return Ok(Err(self.refused(
@@ -1117,8 +1111,7 @@ impl LoadService {
         let max_daily = self.cfg.max_daily_for(&source_name);
         let instrument_today = {
             let r = self.ledger.read()?;
-            self.ledger
-                .funding_day_total(&r, &source_name, &instrument, today)?
+            r.funding_day_total(&source_name, &instrument, today)?
         };
         if instrument_today + i64::from(amount) > max_daily {
             return Ok(Err(self.instrument_limit(s, instrument_today, max_daily)));
@@ -1164,20 +1157,20 @@ impl LoadService {
         // Durable before any Credit leaves the server (group commit: shared fsync).
         // The instrument's day total is checked again where it is raised (two cards loading
         // from one instrument at once).
-        let recorded = self.ledger.transact(move |l, t| {
-            let so_far = l.funding_day_total(t, &source_name, &instrument, today)?;
+        let recorded = self.ledger.transact(move |t| {
+            let so_far = t.funding_day_total(&source_name, &instrument, today)?;
             if so_far + i64::from(amount) > max_daily {
                 return Ok(Some(so_far));
             }
-            l.add_funding_day(t, &source_name, &instrument, today, i64::from(amount))?;
-            l.insert_intent(t, &uid, &mut intent)?;
-            let mut shadow = l.observe_card(t, &uid, tmc, balance)?;
+            t.add_funding_day(&source_name, &instrument, today, i64::from(amount))?;
+            t.insert_intent(&uid, &mut intent)?;
+            let mut shadow = t.observe_card(&uid, tmc, balance)?;
             if shadow.load_day != today {
                 shadow.load_day = today;
                 shadow.load_day_minor = 0;
             }
             shadow.load_day_minor += i64::from(amount);
-            l.put_card(t, &uid, &shadow)?;
+            t.put_card(&uid, &shadow)?;
             Ok(None)
         });
         match recorded {
@@ -1268,8 +1261,8 @@ impl LoadService {
             reversed_at_tmc: None,
         };
         let record = intent_record(&reversal).to_vec();
-        let recorded = self.ledger.transact(move |l, t| {
-            let Some(mut load) = l.intent(t, &uid, load_tmc - 1)? else {
+        let recorded = self.ledger.transact(move |t| {
+            let Some(mut load) = t.intent(&uid, load_tmc - 1)? else {
                 return Ok(Err("the load is gone"));
             };
             if load.state != IntentState::Completed || load.reversed_at_tmc.is_some() {
@@ -1278,10 +1271,10 @@ impl LoadService {
             reversal.funding_source = load.funding_source.clone();
             reversal.funding_auth = load.funding_auth.clone();
             reversal.instrument = load.instrument.clone();
-            l.insert_intent(t, &uid, &mut reversal)?;
+            t.insert_intent(&uid, &mut reversal)?;
             load.reversed_at_tmc = Some(tmc + 1);
-            l.put_intent(t, &uid, &load)?;
-            l.observe_card(t, &uid, tmc, balance)?;
+            t.put_intent(&uid, &load)?;
+            t.observe_card(&uid, tmc, balance)?;
             Ok(Ok(()))
         });
         match recorded {
@@ -1315,10 +1308,10 @@ impl LoadService {
         let balance_after = receipt.balance_after_minor;
         // One group-committed transaction: the posting, the intent's state, the card's
         // shadow and the client's stored answer become durable together.
-        let done = self.ledger.transact(move |l, t| {
-            let action = l.complete_intent(t, &uid, tmc_before, balance_after, now_ms)?;
+        let done = self.ledger.transact(move |t| {
+            let action = t.complete_intent(&uid, tmc_before, balance_after, now_ms)?;
             if let Some((key, value)) = &idem {
-                l.put_idempotent(t, key, value)?;
+                t.put_idempotent(key, value)?;
             }
             Ok(action)
         })?;
@@ -1332,7 +1325,7 @@ impl LoadService {
         let uid = *uid;
         let voided = self
             .ledger
-            .transact(move |l, t| l.void_intent(t, &uid, tmc_before, now_ms))?;
+            .transact(move |t| t.void_intent(&uid, tmc_before, now_ms))?;
         if let Some(action) = voided {
             self.apply_funding(&action);
         }
@@ -1348,7 +1341,7 @@ impl LoadService {
     ) -> Result<usize, LoadError> {
         let open = {
             let r = self.ledger.read()?;
-            self.ledger.open_intents(&r, &snap.uid)?
+            r.open_intents(&snap.uid)?
         };
         let mut settled = 0;
         for intent in open {
@@ -1400,7 +1393,7 @@ impl LoadService {
                 let (uid, before) = (snap.uid, intent.tmc_before);
                 let done = self
                     .ledger
-                    .transact(move |l, t| l.complete_intent(t, &uid, before, after, now_ms))?;
+                    .transact(move |t| t.complete_intent(&uid, before, after, now_ms))?;
                 if let Some(action) = done {
                     self.apply_funding(&action);
                 }
@@ -1474,30 +1467,29 @@ impl LoadService {
                 "personalised value {personalised_minor} does not fit a card's 32-bit balance"
             )));
         };
-        let mut t = self.ledger.write()?;
         let reference = format!("issue:{}", hex::encode_upper(uid));
-        if self.ledger.card_known(&t, uid)? {
-            return Ok(());
-        }
-        if personalised_minor > 0 {
-            self.ledger.post(
-                &mut t,
-                now_ms,
-                "issuer:float",
-                &card_account(uid),
-                personalised_minor,
-                &reference,
-            )?;
-        }
-        self.ledger.put_card(
-            &mut t,
-            uid,
-            &crate::ledger::CardShadow {
-                booked_balance_minor: Some(personalised_i32),
-                ..Default::default()
-            },
-        )?;
-        t.commit().map_err(LedgerError::from)?;
+        let uid = *uid;
+        self.ledger.transact(move |t| {
+            if t.card_known(&uid)? {
+                return Ok(());
+            }
+            if personalised_minor > 0 {
+                t.post(
+                    now_ms,
+                    "issuer:float",
+                    &card_account(&uid),
+                    personalised_minor,
+                    &reference,
+                )?;
+            }
+            t.put_card(
+                &uid,
+                &crate::ledger::CardShadow {
+                    booked_balance_minor: Some(personalised_i32),
+                    ..Default::default()
+                },
+            )
+        })?;
         Ok(())
     }
 }

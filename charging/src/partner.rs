@@ -253,10 +253,10 @@ pub fn issue_voucher(
     }
     let order_key = format!("partner-order:{partner}:{}", order.order_id);
     let partner = partner.to_string();
-    Ok(ledger.transact(move |l, t| {
-        if let Some(existing) = l.idempotent(t, &order_key)? {
+    Ok(ledger.transact(move |t| {
+        if let Some(existing) = t.idempotent(&order_key)? {
             let code = existing.as_str().unwrap_or_default().to_string();
-            if let Some(v) = l.voucher(t, &code)? {
+            if let Some(v) = t.voucher(&code)? {
                 return Ok(v);
             }
         }
@@ -272,16 +272,15 @@ pub fn issue_voucher(
             held_by: None,
             issued_ms: now_ms,
         };
-        l.put_voucher(t, &v)?;
-        l.post(
-            t,
+        t.put_voucher(&v)?;
+        t.post(
             now_ms,
             &format!("partner:{partner}"),
             "vouchers:outstanding",
             v.amount_minor,
             &format!("voucher:{}", voucher_id(&v.code)),
         )?;
-        l.put_idempotent(t, &order_key, &serde_json::Value::String(v.code.clone()))?;
+        t.put_idempotent(&order_key, &serde_json::Value::String(v.code.clone()))?;
         Ok(v)
     })?)
 }
@@ -305,7 +304,7 @@ impl VoucherSource {
             return Ok(auth_id.to_string());
         }
         let r = self.ledger.read()?;
-        match self.ledger.idempotent(&r, &auth_index_key(auth_id))? {
+        match r.idempotent(&auth_index_key(auth_id))? {
             Some(serde_json::Value::String(code)) => Ok(code),
             _ => Err(FundingError::UnknownAuthorisation(auth_id.to_string())),
         }
@@ -317,15 +316,15 @@ impl VoucherSource {
         f: impl FnOnce(&mut Voucher) -> Result<bool, FundingError> + Send + 'static,
     ) -> Result<Voucher, FundingError> {
         let code = code.to_string();
-        self.ledger.transact(move |l, t| {
-            let mut v = match l.voucher(t, &code)? {
+        self.ledger.transact(move |t| {
+            let mut v = match t.voucher(&code)? {
                 Some(v) => v,
                 None => return Ok(Err(FundingError::UnknownAuthorisation(code_hint(&code)))),
             };
             match f(&mut v) {
                 Ok(changed) => {
                     if changed {
-                        l.put_voucher(t, &v)?;
+                        t.put_voucher(&v)?;
                     }
                     Ok(Ok(v))
                 }
@@ -385,7 +384,7 @@ impl FundingSource for VoucherSource {
         let id = voucher_id(&v.code);
         let (key, code) = (auth_index_key(&id), v.code);
         self.ledger
-            .transact(move |l, t| l.put_idempotent(t, &key, &serde_json::Value::String(code)))?;
+            .transact(move |t| t.put_idempotent(&key, &serde_json::Value::String(code)))?;
         Ok(id)
     }
 
@@ -406,22 +405,21 @@ impl FundingSource for VoucherSource {
         let code = v.code.clone();
         let amount = v.amount_minor;
         self.ledger
-            .transact(move |l, t| {
+            .transact(move |t| {
                 // Vouchers captured before codes were hashed are marked under the code itself.
                 let old_mark = format!("voucher-redeemed:{code}");
                 let reference = format!("voucher-redeemed:{}", voucher_id(&code));
-                if l.idempotent(t, &reference)?.is_some() || l.idempotent(t, &old_mark)?.is_some() {
+                if t.idempotent(&reference)?.is_some() || t.idempotent(&old_mark)?.is_some() {
                     return Ok(());
                 }
-                l.post(
-                    t,
+                t.post(
                     0,
                     "vouchers:outstanding",
                     "funding:voucher",
                     amount,
                     &reference,
                 )?;
-                l.put_idempotent(t, &reference, &serde_json::Value::Bool(true))
+                t.put_idempotent(&reference, &serde_json::Value::Bool(true))
             })
             .map_err(FundingError::from)
     }

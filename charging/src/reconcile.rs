@@ -1,7 +1,7 @@
 //! Reconciliation: for every card, the ledger's shadow purse (personalised value + loads −
 //! debits) against the balance the card itself proved at its last booked counter.
 
-use crate::ledger::{card_account, LedgerCore, LedgerError};
+use crate::ledger::{card_account, Ledger, LedgerError};
 use serde::Serialize;
 
 /// Why a card does not reconcile.
@@ -59,12 +59,12 @@ pub struct Report {
 }
 
 /// Reconciles every card in the ledger.
-pub fn reconcile(ledger: &LedgerCore) -> Result<Report, LedgerError> {
+pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
     let r = ledger.read()?;
     let mut report = Report::default();
-    for (uid, shadow) in ledger.all_cards(&r)? {
+    for (uid, shadow) in r.all_cards()? {
         report.cards += 1;
-        let ledger_balance = ledger.balance(&r, &card_account(&uid))?;
+        let ledger_balance = r.balance(&card_account(&uid))?;
         let diff = |cause| Difference {
             card_uid: hex::encode_upper(uid),
             ledger_balance_minor: ledger_balance,
@@ -72,7 +72,7 @@ pub fn reconcile(ledger: &LedgerCore) -> Result<Report, LedgerError> {
             booked_through_tmc: shadow.booked_through_tmc,
             cause,
         };
-        let open = ledger.open_intents(&r, &uid)?;
+        let open = r.open_intents(&uid)?;
         if !open.is_empty() {
             report.differences.push(diff(Cause::PendingLoad {
                 at_tmc: open.iter().map(|i| i.tmc_before).collect(),

@@ -311,7 +311,7 @@ pub async fn serve_on(
             let now = clock();
             let ledger = loads.ledger().clone();
             let swept = tokio::task::spawn_blocking(move || {
-                ledger.transact(move |l, t| l.sweep_gaps(t, now, gap_timeout_ms))
+                ledger.transact(move |t| t.sweep_gaps(now, gap_timeout_ms))
             })
             .await;
             match swept {

@@ -1,7 +1,7 @@
 //! Settlement files for a business day (UTC): per franchise (its loads and its payments) and per
 //! operator (the fare revenue cleared from taps), plus a summary, as CSV.
 
-use crate::ledger::{LedgerCore, LedgerError, Posting};
+use crate::ledger::{Ledger, LedgerError, Posting};
 use std::collections::BTreeMap;
 use time::macros::format_description;
 
@@ -58,12 +58,12 @@ struct Totals {
 }
 
 /// Builds the day's settlement files.
-pub fn settlement(ledger: &LedgerCore, day: &str) -> Result<Vec<SettlementFile>, SettlementError> {
+pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, SettlementError> {
     let (start, end) = day_bounds(day).map_err(SettlementError::Day)?;
     let r = ledger.read()?;
     let mut rows: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
-    let all: Vec<Posting> = ledger.postings_with_prefix(&r, "")?;
+    let all: Vec<Posting> = r.postings_with_prefix("")?;
     for p in all.iter().filter(|p| p.time_ms >= start && p.time_ms < end) {
         if let Some(f) = p.from.strip_prefix("franchise:") {
             let (uid, tmc) = split_ref(&p.reference);
@@ -166,35 +166,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = crate::ledger::Ledger::open(dir.path(), 16 << 20).unwrap();
         let day = 86_400_000 * 20_000; // 2024-10-04
-        let mut t = l.write().unwrap();
-        l.post(
-            &mut t,
-            day + 1_000,
-            "franchise:shop",
-            "card:0401",
-            2_000,
-            "franchise-load:0401:1",
-        )
+        l.transact(move |t| {
+            t.post(
+                day + 1_000,
+                "franchise:shop",
+                "card:0401",
+                2_000,
+                "franchise-load:0401:1",
+            )
+            .unwrap();
+            t.post(
+                day + 2_000,
+                "bank:settlements",
+                "franchise:shop",
+                1_500,
+                "franchise-payment:shop:b1",
+            )
+            .unwrap();
+            t.post(
+                day - 1,
+                "franchise:shop",
+                "card:0402",
+                999,
+                "franchise-load:0402:1",
+            )
+            .unwrap();
+            Ok(())
+        })
         .unwrap();
-        l.post(
-            &mut t,
-            day + 2_000,
-            "bank:settlements",
-            "franchise:shop",
-            1_500,
-            "franchise-payment:shop:b1",
-        )
-        .unwrap();
-        l.post(
-            &mut t,
-            day - 1,
-            "franchise:shop",
-            "card:0402",
-            999,
-            "franchise-load:0402:1",
-        )
-        .unwrap();
-        t.commit().unwrap();
         let files = settlement(&l, "2024-10-04").unwrap();
         let shop = files
             .iter()

@@ -123,11 +123,10 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     {
         let r = l.read().unwrap();
         assert_eq!(
-            l.balance(&r, &charging::ledger::card_account(&uid))
-                .unwrap(),
+            r.balance(&charging::ledger::card_account(&uid)).unwrap(),
             i64::from(card.state().balance_minor)
         );
-        assert_eq!(l.balance(&r, "operator:metro").unwrap(), 350);
+        assert_eq!(r.balance("operator:metro").unwrap(), 350);
     }
     let report = charging::reconcile::reconcile(l).unwrap();
     assert_eq!(report.balanced, 1, "{report:?}");
@@ -146,10 +145,7 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     assert_eq!(out["cards_blocked"], 1);
     assert_eq!(out["anomalies"][0]["kind"], "clone");
     let r = l.read().unwrap();
-    assert!(
-        l.card(&r, &uid).unwrap().blocked,
-        "the cloned card is blocked"
-    );
+    assert!(r.card(&uid).unwrap().blocked, "the cloned card is blocked");
     // Only gateways clear.
     let (code, _) = common::post(
         &format!("{b}/v1/clearing/batches"),
@@ -209,7 +205,7 @@ fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
     let l = srv.state.loads.ledger();
     {
         let r = l.read().unwrap();
-        assert_eq!(l.balance(&r, "operator:metro").unwrap(), 0);
+        assert_eq!(r.balance("operator:metro").unwrap(), 0);
     }
 
     let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch);
@@ -217,7 +213,7 @@ fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
     assert_eq!(out["cleared"], 1);
     assert_eq!(out["anomalies"].as_array().unwrap().len(), 0, "{out}");
     let r = l.read().unwrap();
-    assert_eq!(l.balance(&r, "operator:metro").unwrap(), 150);
+    assert_eq!(r.balance("operator:metro").unwrap(), 150);
 }
 
 /// A load torn before its credit reached the card, and the card then used at a validator: the
@@ -290,7 +286,7 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
     assert_eq!(out["loads_voided"], 1, "{out}");
     let l = srv.state.loads.ledger();
     let r = l.read().unwrap();
-    let intents = l.all_intents(&r).unwrap();
+    let intents = r.all_intents().unwrap();
     assert_eq!(intents[0].state, charging::ledger::IntentState::Voided);
 }
 
@@ -377,12 +373,11 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
     {
         let r = l.read().unwrap();
         assert_eq!(
-            l.balance(&r, &charging::ledger::card_account(&uid))
-                .unwrap(),
+            r.balance(&charging::ledger::card_account(&uid)).unwrap(),
             1_580
         );
         assert_eq!(
-            l.all_intents(&r).unwrap()[0].state,
+            r.all_intents().unwrap()[0].state,
             charging::ledger::IntentState::Completed
         );
     }
@@ -482,8 +477,7 @@ fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) 
     {
         let r = l.read().unwrap();
         assert_eq!(
-            l.balance(&r, &charging::ledger::card_account(&uid))
-                .unwrap(),
+            r.balance(&charging::ledger::card_account(&uid)).unwrap(),
             i64::from(card.state().balance_minor)
         );
     }
@@ -567,8 +561,8 @@ fn a_gateway_books_taps_only_to_its_own_operators() {
     {
         let l = srv.state.loads.ledger();
         let r = l.read().unwrap();
-        assert_eq!(l.balance(&r, "operator:metro").unwrap(), 0);
-        assert_eq!(l.balance(&r, "operator:hotel").unwrap(), 0);
+        assert_eq!(r.balance("operator:metro").unwrap(), 0);
+        assert_eq!(r.balance("operator:hotel").unwrap(), 0);
     }
     // Batch ids are per gateway: the hotel's token sending an (empty) batch under the metro's
     // next id does not make the metro's real batch look already answered.
@@ -579,11 +573,10 @@ fn a_gateway_books_taps_only_to_its_own_operators() {
     assert_eq!(post(HOTEL_GW, "hotel-2", vec![sale]).0, 200);
     let l = srv.state.loads.ledger();
     let r = l.read().unwrap();
-    assert_eq!(l.balance(&r, "operator:metro").unwrap(), 150);
-    assert_eq!(l.balance(&r, "operator:hotel").unwrap(), 499);
+    assert_eq!(r.balance("operator:metro").unwrap(), 150);
+    assert_eq!(r.balance("operator:hotel").unwrap(), 499);
     assert_eq!(
-        l.balance(&r, &charging::ledger::card_account(&uid))
-            .unwrap(),
+        r.balance(&charging::ledger::card_account(&uid)).unwrap(),
         i64::from(card.state().balance_minor)
     );
 }

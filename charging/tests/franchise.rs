@@ -173,12 +173,12 @@ fn franchise_loads_are_reported_verified_booked_once_and_ceilings_follow_exposur
     let r = l.read().unwrap();
     for c in &cards {
         assert_eq!(
-            l.balance(&r, &charging::ledger::card_account(&c.state().uid))
+            r.balance(&charging::ledger::card_account(&c.state().uid))
                 .unwrap(),
             2_000
         );
     }
-    assert_eq!(l.balance(&r, "franchise:corner-shop").unwrap(), 0);
+    assert_eq!(r.balance("franchise:corner-shop").unwrap(), 0);
     drop(r);
     let status: serde_json::Value = ureq::get(&format!("{base}/v1/franchises/corner-shop"))
         .set("Authorization", &format!("Bearer {SHOP}"))

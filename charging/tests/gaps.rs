@@ -78,14 +78,14 @@ fn clear(svc: &LoadService, id: &str, taps: Vec<ClearingTap>, now: u64) {
 
 fn sweep(svc: &LoadService, now: u64) -> charging::ledger::GapSweep {
     svc.ledger()
-        .transact(move |l, t| l.sweep_gaps(t, now, TIMEOUT))
+        .transact(move |t| t.sweep_gaps(now, TIMEOUT))
         .unwrap()
 }
 
 fn blocked(svc: &LoadService, uid: &[u8; 7]) -> bool {
     let l = svc.ledger();
     let r = l.read().unwrap();
-    l.card(&r, uid).unwrap().blocked
+    r.card(uid).unwrap().blocked
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
     {
         let l = svc.ledger();
         let r = l.read().unwrap();
-        let (changes, _) = l.block_changes(&r, 0, 10).unwrap();
+        let (changes, _) = r.block_changes(0, 10).unwrap();
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].card_uid, hex::encode_upper(b));
     }
@@ -175,14 +175,14 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
     {
         let l = svc.ledger();
         let (b_uid, now) = (b, T0 + 2 * TIMEOUT);
-        l.transact(move |l, t| l.book_counter(t, &b_uid, 2, 5_900, 5_000, now))
+        l.transact(move |t| t.book_counter(&b_uid, 2, 5_900, 5_000, now))
             .unwrap();
     }
     assert!(!blocked(&svc, &b), "unblocked when the gap filled");
     {
         let l = svc.ledger();
         let r = l.read().unwrap();
-        let (changes, _) = l.block_changes(&r, 0, 10).unwrap();
+        let (changes, _) = r.block_changes(0, 10).unwrap();
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[1].action, "unblock");
     }

@@ -134,15 +134,15 @@ impl World {
     fn balance(&self, account: &str) -> i64 {
         let l = self.svc.ledger();
         let r = l.read().unwrap();
-        l.balance(&r, account).unwrap()
+        r.balance(account).unwrap()
     }
 
     /// Double entry: every account together sums to zero.
     fn ledger_sums_to_zero(&self) {
         let l = self.svc.ledger();
         let r = l.read().unwrap();
-        let sum: i128 = l
-            .balances(&r)
+        let sum: i128 = r
+            .balances()
             .unwrap()
             .iter()
             .map(|(_, b)| i128::from(*b))
@@ -326,11 +326,7 @@ fn a_reversal_cannot_be_credited_back_by_a_debit_key_holder(kind: HsmKind) {
     assert_eq!(w.balance(&card_account(&card.state().uid)), 0);
     w.ledger_sums_to_zero();
     let l = w.svc.ledger();
-    assert!(
-        l.card(&l.read().unwrap(), &card.state().uid)
-            .unwrap()
-            .blocked
-    );
+    assert!(l.read().unwrap().card(&card.state().uid).unwrap().blocked);
 }
 
 both_hsms!(
@@ -385,7 +381,7 @@ fn a_batch_of_forged_taps_is_stored_as_a_bounded_summary() {
     );
     let l = w.svc.ledger();
     let r = l.read().unwrap();
-    let (rows, last) = l.anomalies(&r, 0, 100_000).unwrap();
+    let (rows, last) = r.anomalies(0, 100_000).unwrap();
     assert_eq!(last as usize, rows.len());
     assert!(
         rows.len() <= REJECTED_EXAMPLES_MAX + 2,
@@ -395,10 +391,7 @@ fn a_batch_of_forged_taps_is_stored_as_a_bounded_summary() {
     assert!(rows
         .iter()
         .any(|(_, a)| a.detail.contains("5000 forged_tmac")));
-    let stored = l
-        .idempotent(&r, "clearing-batch:gw-1-10000")
-        .unwrap()
-        .unwrap();
+    let stored = r.idempotent("clearing-batch:gw-1-10000").unwrap().unwrap();
     assert!(
         stored.to_string().len() < 16 * 1024,
         "the stored answer is bounded"
@@ -418,21 +411,21 @@ fn money_and_counters_never_wrap_at_their_edges() {
         Err(LoadError::BadRequest(_))
     ));
     let l = w.svc.ledger();
-    assert!(!l.card_known(&l.read().unwrap(), &uid).unwrap());
+    assert!(!l.read().unwrap().card_known(&uid).unwrap());
     assert_eq!(w.balance(&card_account(&uid)), 0);
 
     // Postings that would overflow an account are refused and change nothing.
-    l.transact(|l, t| l.post(t, T0, "a", "b", i64::MAX, "p1").map(|_| ()))
+    l.transact(|t| t.post(T0, "a", "b", i64::MAX, "p1").map(|_| ()))
         .unwrap();
     let e = l
-        .transact(|l, t| l.post(t, T0, "a", "b", i64::MAX, "p2").map(|_| ()))
+        .transact(|t| t.post(T0, "a", "b", i64::MAX, "p2").map(|_| ()))
         .unwrap_err();
     assert!(matches!(e, LedgerError::InvalidPosting(_)), "{e}");
     assert_eq!((w.balance("a"), w.balance("b")), (-i64::MAX, i64::MAX));
 
     // The blocklist after the last possible version: nothing, not everything from 0.
     let r = l.read().unwrap();
-    let (changes, _) = l.block_changes(&r, u64::MAX, 10).unwrap();
+    let (changes, _) = r.block_changes(u64::MAX, 10).unwrap();
     assert!(changes.is_empty());
 }
 
@@ -503,7 +496,7 @@ fn hostile_amounts_over_http_are_refused_without_wrapping() {
 
     // A block exists; the delta after u64::MAX is empty (204), not a signed list from 0.
     let l = srv.state.loads.ledger();
-    l.transact(move |l, t| l.set_blocked(t, &uid, true, "lost", T0).map(|_| ()))
+    l.transact(move |t| t.set_blocked(&uid, true, "lost", T0).map(|_| ()))
         .unwrap();
     let delta =
         |after: &str| match ureq::get(&format!("{base}/v1/blocklist/signed/delta?after={after}"))

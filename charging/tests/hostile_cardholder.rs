@@ -136,20 +136,12 @@ impl World {
     /// card's shadow purse equals the card.
     fn assert_conserved(&self, card: &Card) {
         let r = self.ledger.read().unwrap();
-        let sum: i64 = self
-            .ledger
-            .balances(&r)
-            .unwrap()
-            .iter()
-            .map(|(_, b)| b)
-            .sum();
+        let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
         assert_eq!(sum, 0, "the ledger's balances sum to zero");
         let uid = card.state().uid;
-        assert!(self.ledger.open_intents(&r, &uid).unwrap().is_empty());
+        assert!(r.open_intents(&uid).unwrap().is_empty());
         assert_eq!(
-            self.ledger
-                .balance(&r, &charging::ledger::card_account(&uid))
-                .unwrap(),
+            r.balance(&charging::ledger::card_account(&uid)).unwrap(),
             i64::from(card.state().balance_minor),
             "the shadow purse agrees with the card"
         );
@@ -205,7 +197,7 @@ fn internal_account_names_cannot_be_named_as_instruments() {
     ));
     let pool_before = {
         let r = w.ledger.read().unwrap();
-        w.ledger.balance(&r, "pts:mileage:redeemed").unwrap()
+        r.balance("pts:mileage:redeemed").unwrap()
     };
     assert_eq!(pool_before, 5_000);
     let long = "x".repeat(65);
@@ -245,11 +237,11 @@ fn internal_account_names_cannot_be_named_as_instruments() {
     }
     let r = w.ledger.read().unwrap();
     assert_eq!(
-        w.ledger.balance(&r, "pts:mileage:redeemed").unwrap(),
+        r.balance("pts:mileage:redeemed").unwrap(),
         pool_before,
         "nothing drawn from the programme's pool"
     );
-    assert_eq!(w.ledger.balance(&r, "funding:mileage").unwrap(), -5_000);
+    assert_eq!(r.balance("funding:mileage").unwrap(), -5_000);
     drop(r);
     w.assert_conserved(&card);
 }
@@ -307,8 +299,8 @@ fn an_authorisation_is_voided_when_the_intent_cannot_be_written() {
         loop {
             filler += 1;
             let reference = format!("{filler}:{}", "f".repeat(size));
-            let ok = w.ledger.transact(move |l, t| {
-                l.post(t, 0, "filler:a", "filler:b", 1, &reference)?;
+            let ok = w.ledger.transact(move |t| {
+                t.post(0, "filler:a", "filler:b", 1, &reference)?;
                 Ok(())
             });
             if ok.is_err() {
@@ -318,12 +310,12 @@ fn an_authorisation_is_voided_when_the_intent_cannot_be_written() {
     }
     // Last, writes shaped like the intent's (a day total and a card record) until one fails.
     for n in 0u32.. {
-        let ok = w.ledger.transact(move |l, t| {
+        let ok = w.ledger.transact(move |t| {
             let tok = format!("tok_fill{n}");
-            l.add_funding_day(t, "card", &tok, 0, 1)?;
+            t.add_funding_day("card", &tok, 0, 1)?;
             let mut uid = [0xFF; 7];
             uid[..4].copy_from_slice(&n.to_be_bytes());
-            l.put_card(t, &uid, &Default::default())
+            t.put_card(&uid, &Default::default())
         });
         if ok.is_err() {
             break;
@@ -429,10 +421,10 @@ fn a_voucher_code_never_reaches_postings_authorisations_or_errors() {
         .to_string();
     assert!(!unknown.contains("NOPE-NOPE"), "{unknown}");
     let r = ledger.read().unwrap();
-    for p in ledger.postings_with_prefix(&r, "").unwrap() {
+    for p in r.postings_with_prefix("").unwrap() {
         assert!(!p.reference.contains(&v.code), "{p:?}");
     }
-    assert_eq!(ledger.balance(&r, "vouchers:outstanding").unwrap(), 0);
-    let sum: i64 = ledger.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+    assert_eq!(r.balance("vouchers:outstanding").unwrap(), 0);
+    let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
     assert_eq!(sum, 0);
 }

@@ -141,10 +141,7 @@ impl World {
 
     fn shadow(&self, card: &Card) -> i64 {
         let r = self.svc.ledger().read().unwrap();
-        self.svc
-            .ledger()
-            .balance(&r, &card_account(&card.state().uid))
-            .unwrap()
+        r.balance(&card_account(&card.state().uid)).unwrap()
     }
 }
 
@@ -170,8 +167,8 @@ fn a_relayed_load_completes_and_is_posted_and_captured(kind: HsmKind) {
         "shadow purse = personalised + loads"
     );
     let r = w.svc.ledger().read().unwrap();
-    assert_eq!(w.svc.ledger().balance(&r, "funding:card").unwrap(), -2_500);
-    let intents = w.svc.ledger().all_intents(&r).unwrap();
+    assert_eq!(r.balance("funding:card").unwrap(), -2_500);
+    let intents = r.all_intents().unwrap();
     assert_eq!(intents.len(), 1);
     assert_eq!(intents[0].state, IntentState::Completed);
     assert_eq!(
@@ -413,7 +410,7 @@ fn a_load_torn_at_any_step_is_settled_exactly_once(kind: HsmKind) {
                 "stop {stop} deliver {deliver}"
             );
             let r = w.svc.ledger().read().unwrap();
-            let intents = w.svc.ledger().all_intents(&r).unwrap();
+            let intents = r.all_intents().unwrap();
             assert!(
                 intents.iter().all(|i| i.state != IntentState::Authorised),
                 "all settled: {intents:?}"
@@ -446,12 +443,14 @@ fn a_blocked_card_is_refused(kind: HsmKind) {
     let mut card = w.card(8, 0);
     {
         let l = w.svc.ledger();
-        let mut t = l.write().unwrap();
-        let mut s = l.card(&t, &card.state().uid).unwrap();
-        s.blocked = true;
-        s.block_reason = Some("reported stolen".into());
-        l.put_card(&mut t, &card.state().uid, &s).unwrap();
-        t.commit().unwrap();
+        let uid = card.state().uid;
+        l.transact(move |t| {
+            let mut s = t.card(&uid)?;
+            s.blocked = true;
+            s.block_reason = Some("reported stolen".into());
+            t.put_card(&uid, &s)
+        })
+        .unwrap();
     }
     let r = w.load(&mut card, 100, "b");
     assert!(
@@ -517,7 +516,7 @@ fn a_partial_batch_is_left_pending_and_settled_from_the_counter(kind: HsmKind) {
         "{next:?}"
     );
     let r = w.svc.ledger().read().unwrap();
-    let intents = w.svc.ledger().all_intents(&r).unwrap();
+    let intents = r.all_intents().unwrap();
     assert_eq!(intents.len(), 2);
     assert_eq!(intents[0].state, IntentState::Voided);
     assert_eq!(

@@ -167,18 +167,17 @@ fn vouchers_are_sold_once_and_redeemed_once() {
     // The ledger: the partner owes what it sold; the redeemed voucher is netted out.
     let l = srv.state.loads.ledger();
     let r = l.read().unwrap();
-    assert_eq!(l.balance(&r, "partner:mall").unwrap(), -3_500);
+    assert_eq!(r.balance("partner:mall").unwrap(), -3_500);
     assert_eq!(
-        l.balance(&r, "vouchers:outstanding").unwrap(),
+        r.balance("vouchers:outstanding").unwrap(),
         500,
         "the bound voucher is still outstanding"
     );
-    assert_eq!(l.balance(&r, "funding:voucher").unwrap(), 0);
+    assert_eq!(r.balance("funding:voucher").unwrap(), 0);
     assert_eq!(
-        l.balance(&r, &charging::ledger::card_account(&uid))
-            .unwrap(),
+        r.balance(&charging::ledger::card_account(&uid)).unwrap(),
         3_000
     );
-    let sum: i64 = l.balances(&r).unwrap().iter().map(|(_, b)| b).sum();
+    let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
     assert_eq!(sum, 0);
 }

@@ -140,20 +140,20 @@ impl World {
     fn shadow(&self, card: &Card) -> i64 {
         let l = self.svc.ledger();
         let r = l.read().unwrap();
-        l.balance(&r, &card_account(&card.state().uid)).unwrap()
+        r.balance(&card_account(&card.state().uid)).unwrap()
     }
 
     /// What the funding source and the operator hold (negative: paid out to cards).
     fn funding(&self) -> i64 {
         let l = self.svc.ledger();
         let r = l.read().unwrap();
-        l.balance(&r, "funding:card").unwrap() + l.balance(&r, "operator:metro").unwrap()
+        r.balance("funding:card").unwrap() + r.balance("operator:metro").unwrap()
     }
 
     fn load_auth(&self, card: &Card, load_tmc: u32) -> String {
         let l = self.svc.ledger();
         let r = l.read().unwrap();
-        l.intent(&r, &card.state().uid, load_tmc - 1)
+        r.intent(&card.state().uid, load_tmc - 1)
             .unwrap()
             .unwrap()
             .funding_auth
@@ -229,14 +229,11 @@ fn a_completed_load_is_reversed_once_and_refunded() {
     {
         let l = w.svc.ledger();
         let r = l.read().unwrap();
-        let rev = l.intent(&r, &card.state().uid, load_tmc).unwrap().unwrap();
+        let rev = r.intent(&card.state().uid, load_tmc).unwrap().unwrap();
         assert_eq!(rev.kind, IntentKind::Reversal);
         assert_eq!(rev.state, IntentState::Completed);
         assert_eq!(rev.reverses_tmc, Some(load_tmc));
-        let load = l
-            .intent(&r, &card.state().uid, load_tmc - 1)
-            .unwrap()
-            .unwrap();
+        let load = r.intent(&card.state().uid, load_tmc - 1).unwrap().unwrap();
         assert_eq!(load.reversed_at_tmc, Some(load_tmc + 1));
     }
     let report = charging::reconcile::reconcile(w.svc.ledger()).unwrap();
@@ -312,11 +309,8 @@ fn a_reversal_torn_at_any_step_is_settled_exactly_once() {
             let refunded = w.refunded(&card, load_tmc);
             let l = w.svc.ledger();
             let r = l.read().unwrap();
-            let intents = l.all_intents(&r).unwrap();
-            let load = l
-                .intent(&r, &card.state().uid, load_tmc - 1)
-                .unwrap()
-                .unwrap();
+            let intents = r.all_intents().unwrap();
+            let load = r.intent(&card.state().uid, load_tmc - 1).unwrap().unwrap();
             drop(r);
             assert!(
                 intents.iter().all(|i| i.state != IntentState::Authorised),
@@ -455,10 +449,7 @@ fn clearing_settles_a_torn_reversal_from_the_counters_taps_prove() {
             // Reversible again (the tap took the counter the reversal had reserved).
             let l = w.svc.ledger();
             let r = l.read().unwrap();
-            let load = l
-                .intent(&r, &card.state().uid, load_tmc - 1)
-                .unwrap()
-                .unwrap();
+            let load = r.intent(&card.state().uid, load_tmc - 1).unwrap().unwrap();
             assert_eq!(load.reversed_at_tmc, None);
             drop(r);
             w.conserved(&card, 1_000);
@@ -492,18 +483,15 @@ fn a_fare_of_the_same_amount_is_never_taken_for_a_torn_reversal() {
     assert_eq!(w.refunded(&card, load_tmc), 0, "nothing refunded");
     let l = w.svc.ledger();
     let r = l.read().unwrap();
-    let reversals: Vec<_> = l
-        .all_intents(&r)
+    let reversals: Vec<_> = r
+        .all_intents()
         .unwrap()
         .into_iter()
         .filter(|i| i.kind == IntentKind::Reversal)
         .collect();
     assert_eq!(reversals.len(), 1);
     assert_eq!(reversals[0].state, IntentState::Voided);
-    let load = l
-        .intent(&r, &card.state().uid, load_tmc - 1)
-        .unwrap()
-        .unwrap();
+    let load = r.intent(&card.state().uid, load_tmc - 1).unwrap().unwrap();
     assert_eq!(load.reversed_at_tmc, None, "the load can be reversed again");
 }
 

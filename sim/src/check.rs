@@ -62,31 +62,29 @@ pub fn conservation<'a>(
     let r = ledger.read()?;
     for card in cards {
         let s = card.state();
-        if ledger.balance(&r, &charging::ledger::card_account(&s.uid))?
-            != i64::from(s.balance_minor)
-        {
+        if r.balance(&charging::ledger::card_account(&s.uid))? != i64::from(s.balance_minor) {
             out_of_balance += 1;
         }
-        let shadow = ledger.card(&r, &s.uid)?;
+        let shadow = r.card(&s.uid)?;
         lost += u64::from(s.tmc.saturating_sub(shadow.booked_through_tmc));
     }
     let twice = |prefix: &str| -> Result<u64, SimError> {
         let mut seen = HashSet::new();
-        let postings = ledger.postings_with_prefix(&r, prefix)?;
+        let postings = r.postings_with_prefix(prefix)?;
         Ok(postings
             .iter()
             .filter(|p| !seen.insert(p.reference.clone()))
             .count() as u64)
     };
     let (taps_duplicated, loads_paid_twice) = (twice("tap:")?, twice("load:")?);
-    let loads_voided = ledger
-        .all_intents(&r)?
+    let loads_voided = r
+        .all_intents()?
         .iter()
         .filter(|i| i.state == IntentState::Voided)
         .count() as u64;
     let mut revenue_by_operator = BTreeMap::new();
     for op in OPERATORS {
-        revenue_by_operator.insert(op, ledger.balance(&r, &format!("operator:{op}"))?);
+        revenue_by_operator.insert(op, r.balance(&format!("operator:{op}"))?);
     }
     drop(r);
     Ok(Conservation {

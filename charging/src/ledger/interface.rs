@@ -1,0 +1,187 @@
+//! The ledger's interface: what the load service, clearing, franchise, partner and API code
+//! may do with the ledger, in the domain's words, without knowing how it is stored.
+//!
+//! [`LedgerRead`] is a consistent snapshot (every read in it sees the same committed state).
+//! [`LedgerWrite`] is one transaction: whatever a closure given to
+//! [`Ledger::transact`](super::Ledger::transact) does through it commits together, or not at
+//! all (its failure rolls back only its own writes). The operations are the ledger's
+//! transactions' steps — post, book a counter, insert / complete / void an intent, record an
+//! anomaly, block a card, sweep the gaps — and the caller composes them into the transaction
+//! its rule needs (clearing books a counter, posts the fare and voids a pending load in one).
+//! No storage type (an LMDB transaction, a SQL connection) crosses this interface: a second
+//! backend implements these two traits and nothing else changes.
+
+use super::records::*;
+use super::LedgerError;
+
+/// Reads in one consistent snapshot of the ledger.
+pub trait LedgerRead {
+    /// An account's balance.
+    fn balance(&self, account: &str) -> Result<i64, LedgerError>;
+
+    /// Every account and its balance.
+    fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError>;
+
+    /// Every posting whose reference starts with `prefix` (reports, tests).
+    fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError>;
+
+    /// The card's shadow record.
+    fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError>;
+
+    /// What was loaded from `instrument` at `source` on UTC day `day` (minor units).
+    fn funding_day_total(
+        &self,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError>;
+
+    /// Anomalies numbered above `after`, at most `limit`, and the last number.
+    fn anomalies(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError>;
+
+    /// Every card's shadow record (reconciliation).
+    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
+
+    /// Block changes after `after`, at most `limit`, and the latest version.
+    fn block_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BlockChange>, u64), LedgerError>;
+
+    /// A voucher by code.
+    fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError>;
+
+    /// Whether the card has a shadow record.
+    fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError>;
+
+    /// The live intent at (card, counter), or else the latest voided one.
+    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError>;
+
+    /// A card's intents that are not settled yet.
+    fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError>;
+
+    /// All intents (reports, reconciliation).
+    fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError>;
+
+    /// The stored answer for an idempotency key.
+    fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError>;
+
+    /// The registered instrument `id` of funding source `source`, if any.
+    fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError>;
+
+    /// Every instrument registered to `owner`.
+    fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError>;
+}
+
+/// One write transaction of the ledger (it reads its own writes).
+pub trait LedgerWrite: LedgerRead {
+    /// Posts `amount_minor` from `from` to `to`.
+    fn post(
+        &mut self,
+        time_ms: u64,
+        from: &str,
+        to: &str,
+        amount_minor: i64,
+        reference: &str,
+    ) -> Result<Posting, LedgerError>;
+
+    /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
+    /// booked. Counters only advance `booked_through_tmc` when contiguous; a counter booked
+    /// above a gap starts the gap's clock (`now_ms`) for [`LedgerWrite::sweep_gaps`].
+    fn book_counter(
+        &mut self,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_after_minor: i32,
+        delta_minor: i64,
+        now_ms: u64,
+    ) -> Result<Booking, LedgerError>;
+
+    /// Adds `delta_minor` to that day's total.
+    fn add_funding_day(
+        &mut self,
+        source: &str,
+        instrument: &str,
+        day: u64,
+        delta_minor: i64,
+    ) -> Result<(), LedgerError>;
+
+    /// Appends an anomaly (numbered from 1) and returns its number.
+    fn record_anomaly(&mut self, a: &crate::clearing::Anomaly) -> Result<u64, LedgerError>;
+
+    /// A counter gap that never fills: every card whose lowest gap has been open longer than
+    /// `older_than_ms` is reported once as a `counter_gap` anomaly. When the card's own proved
+    /// balances show value *appearing* across the gap (more than the booked changes explain)
+    /// and no load is pending there, the card is blocked ([`GAP_BLOCK_REASON`]): a credit the
+    /// back office never made is a cloned card or a leaked key; if the gap later fills with
+    /// proved transactions (a franchise terminal reporting late), the block is lifted. Missing
+    /// debits (value that left the card at a terminal whose taps never arrived) are the
+    /// operator's loss, not the cardholder's fault, and a pending load or reversal in the gap
+    /// waits for the card: both are reported, not blocked. Returns the anomalies raised.
+    fn sweep_gaps(&mut self, now_ms: u64, older_than_ms: u64) -> Result<GapSweep, LedgerError>;
+
+    /// Blocks or unblocks a card, appending a numbered change when its state changes.
+    /// Returns the new version, or `None` when the card already was in that state.
+    fn set_blocked(
+        &mut self,
+        uid: &[u8; 7],
+        blocked: bool,
+        reason: &str,
+        time_ms: u64,
+    ) -> Result<Option<u64>, LedgerError>;
+
+    /// Stores a voucher.
+    fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError>;
+
+    /// Stores the card's shadow record.
+    fn put_card(&mut self, uid: &[u8; 7], shadow: &CardShadow) -> Result<(), LedgerError>;
+
+    /// Records what a card reported (its counter and balance, read under MAC).
+    fn observe_card(
+        &mut self,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_minor: i32,
+    ) -> Result<CardShadow, LedgerError>;
+
+    /// Records a new load intent; refuses it while a live (authorised or completed) intent
+    /// exists for the same card counter. Sets `intent.attempt`.
+    fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError>;
+
+    /// Replaces an intent (same card, counter and attempt).
+    fn put_intent(&mut self, uid: &[u8; 7], intent: &LoadIntent) -> Result<(), LedgerError>;
+
+    /// The card proved the intent's change at counter `tmc` (leaving `balance_after_minor`):
+    /// posts it (a load funding → card, a reversal card → funding), marks the intent
+    /// completed and books the counter,. Returns what to do with the funding once
+    /// `txn` is durable, or `None` if it was already completed.
+    fn complete_intent(
+        &mut self,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        balance_after_minor: i32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError>;
+
+    /// The card never applied the intent's change: marks it voided (a load's day
+    /// total is given back; a reversal frees its load to be reversed again). Returns what to
+    /// do with the funding once the transaction is durable, or `None` if it was not open.
+    fn void_intent(
+        &mut self,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError>;
+
+    /// Stores the answer for an idempotency key.
+    fn put_idempotent(&mut self, key: &str, value: &serde_json::Value) -> Result<(), LedgerError>;
+
+    /// Registers an instrument (replacing what was stored under its source and id: callers
+    /// check the owner first).
+    fn put_instrument(&mut self, i: &Instrument) -> Result<(), LedgerError>;
+}

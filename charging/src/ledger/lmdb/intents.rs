@@ -1,0 +1,230 @@
+//! Load intents (a load or a reversal) keyed by (card, counter, attempt): the one place an intent's posting, counter and funding action are decided.
+
+use super::*;
+
+impl LedgerCore {
+    /// Records a new load intent; refuses it while a live (authorised or completed) intent
+    /// exists for the same card counter. Sets `intent.attempt`.
+    pub(super) fn insert_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        intent: &mut LoadIntent,
+    ) -> Result<(), LedgerError> {
+        let mut attempts = 0u16;
+        for item in self
+            .intents
+            .prefix_iter(txn, &counter_prefix(uid, intent.tmc_before)[..])?
+        {
+            let (_, existing) = item?;
+            if existing.state != IntentState::Voided {
+                return Err(LedgerError::IntentExists {
+                    uid: hex::encode_upper(uid),
+                    tmc: intent.tmc_before,
+                });
+            }
+            attempts += 1;
+        }
+        intent.attempt = attempts;
+        Ok(self
+            .intents
+            .put(txn, &intent_key(uid, intent.tmc_before, attempts), intent)?)
+    }
+
+    /// The live intent at (card, counter), or else the latest voided one.
+    pub(super) fn intent(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+    ) -> Result<Option<LoadIntent>, LedgerError> {
+        let mut last = None;
+        for item in self
+            .intents
+            .prefix_iter(txn, &counter_prefix(uid, tmc_before)[..])?
+        {
+            let (_, i) = item?;
+            if i.state != IntentState::Voided {
+                return Ok(Some(i));
+            }
+            last = Some(i);
+        }
+        Ok(last)
+    }
+
+    /// Replaces an intent (same card, counter and attempt).
+    pub(super) fn put_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError> {
+        Ok(self.intents.put(
+            txn,
+            &intent_key(uid, intent.tmc_before, intent.attempt),
+            intent,
+        )?)
+    }
+
+    /// The card proved the intent's change at counter `tmc` (leaving `balance_after_minor`):
+    /// posts it (a load funding → card, a reversal card → funding), marks the intent
+    /// completed and books the counter, in `txn`. Returns what to do with the funding once
+    /// `txn` is durable, or `None` if it was already completed.
+    pub(super) fn complete_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        balance_after_minor: i32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        let mut intent =
+            self.intent(txn, uid, tmc_before)?
+                .ok_or_else(|| LedgerError::NoIntent {
+                    uid: hex::encode_upper(uid),
+                    tmc: tmc_before,
+                })?;
+        if intent.state != IntentState::Authorised {
+            return Ok(None); // completed already, or voided: never both
+        }
+        // A card at the last counter cannot commit another change: no intent completes there.
+        let tmc = tmc_before.checked_add(1).ok_or(LedgerError::NoIntent {
+            uid: hex::encode_upper(uid),
+            tmc: tmc_before,
+        })?;
+        let funding = format!("funding:{}", intent.funding_source);
+        let card = card_account(uid);
+        let amount = i64::from(intent.amount_minor);
+        let action = match intent.kind {
+            IntentKind::Load => {
+                self.post(
+                    txn,
+                    now_ms,
+                    &funding,
+                    &card,
+                    amount,
+                    &format!("load:{}:{tmc}", hex::encode_upper(uid)),
+                )?;
+                FundingAction::Capture {
+                    source: intent.funding_source.clone(),
+                    auth: intent.funding_auth.clone(),
+                }
+            }
+            IntentKind::Reversal => {
+                self.post(
+                    txn,
+                    now_ms,
+                    &card,
+                    &funding,
+                    amount,
+                    &format!("reversal:{}:{tmc}", hex::encode_upper(uid)),
+                )?;
+                FundingAction::Refund {
+                    source: intent.funding_source.clone(),
+                    auth: intent.funding_auth.clone(),
+                    amount_minor: amount,
+                }
+            }
+        };
+        intent.state = IntentState::Completed;
+        intent.settled_ms = Some(now_ms);
+        self.put_intent(txn, uid, &intent)?;
+        self.observe_card(txn, uid, tmc, balance_after_minor)?;
+        self.book_counter(
+            txn,
+            uid,
+            tmc,
+            balance_after_minor,
+            intent.delta_minor(),
+            now_ms,
+        )?;
+        Ok(Some(action))
+    }
+
+    /// The card never applied the intent's change: marks it voided in `txn` (a load's day
+    /// total is given back; a reversal frees its load to be reversed again). Returns what to
+    /// do with the funding once `txn` is durable, or `None` if it was not open.
+    pub(super) fn void_intent(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        let Some(mut intent) = self.intent(txn, uid, tmc_before)? else {
+            return Ok(None);
+        };
+        if intent.state != IntentState::Authorised {
+            return Ok(None);
+        }
+        intent.state = IntentState::Voided;
+        intent.settled_ms = Some(now_ms);
+        self.put_intent(txn, uid, &intent)?;
+        match intent.kind {
+            IntentKind::Load => {
+                let day = intent.created_ms / 86_400_000;
+                let mut shadow = self.card(txn, uid)?;
+                if shadow.load_day == day {
+                    shadow.load_day_minor -= i64::from(intent.amount_minor);
+                    self.put_card(txn, uid, &shadow)?;
+                }
+                if !intent.instrument.is_empty() {
+                    self.add_funding_day(
+                        txn,
+                        &intent.funding_source,
+                        &intent.instrument,
+                        day,
+                        -i64::from(intent.amount_minor),
+                    )?;
+                }
+                Ok(Some(FundingAction::Release {
+                    source: intent.funding_source,
+                    auth: intent.funding_auth,
+                }))
+            }
+            IntentKind::Reversal => {
+                if let Some(load_tmc) = intent.reverses_tmc {
+                    let load = match load_tmc.checked_sub(1) {
+                        Some(before) => self.intent(txn, uid, before)?,
+                        None => None,
+                    };
+                    if let Some(mut load) = load {
+                        if load.reversed_at_tmc == tmc_before.checked_add(1) {
+                            load.reversed_at_tmc = None;
+                            self.put_intent(txn, uid, &load)?;
+                        }
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// A card's intents that are not settled yet.
+    pub(super) fn open_intents(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+    ) -> Result<Vec<LoadIntent>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.intents.prefix_iter(txn, &uid[..])? {
+            let (_, i) = item?;
+            if i.state == IntentState::Authorised {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// All intents (reports, reconciliation).
+    pub(super) fn all_intents(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+    ) -> Result<Vec<LoadIntent>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.intents.iter(txn)? {
+            out.push(item?.1);
+        }
+        Ok(out)
+    }
+}

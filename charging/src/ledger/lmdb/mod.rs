@@ -1,0 +1,534 @@
+//! The ledger in LMDB (heed), opened through `tapgate-lmdb`: its databases, a group committer
+//! (concurrent transactions share one fsync), and the implementation of [`LedgerRead`] and
+//! [`LedgerWrite`] over LMDB transactions.
+
+mod anomalies;
+mod cards;
+mod intents;
+mod postings;
+mod registry;
+#[cfg(test)]
+mod tests;
+
+use super::interface::{LedgerRead, LedgerWrite};
+use super::records::*;
+use super::{card_account, LedgerError};
+use heed::byteorder::BE;
+use heed::types::{Bytes, SerdeJson, Str, I64, U64};
+use heed::{Database, Env, RoTxn, RwTxn, WithoutTls};
+use std::path::Path;
+use tapgate_lmdb::EnvConfig;
+
+/// The LMDB ledger's databases; the methods behind [`LedgerRead`] and [`LedgerWrite`] live in
+/// this module's files, by concern.
+#[derive(Clone)]
+pub struct LedgerCore {
+    env: Env<WithoutTls>,
+    balances: Database<Str, I64<BE>>,
+    postings: Database<U64<BE>, SerdeJson<Posting>>,
+    intents: Database<Bytes, SerdeJson<LoadIntent>>,
+    cards: Database<Bytes, SerdeJson<CardShadow>>,
+    idem: Database<Str, SerdeJson<serde_json::Value>>,
+    vouchers: Database<Str, SerdeJson<Voucher>>,
+    blocks: Database<U64<BE>, SerdeJson<BlockChange>>,
+    /// Every anomaly raised (clearing, the gap sweep), numbered.
+    anomalies: Database<U64<BE>, SerdeJson<Anomaly>>,
+    /// Cards with counters booked above a gap → the gap's clock.
+    gaps: Database<Bytes, SerdeJson<GapClock>>,
+    /// Loaded per (funding source, instrument, UTC day), minor units: the per-instrument
+    /// daily limit.
+    funding_days: Database<Str, I64<BE>>,
+    /// Funding instruments and the account each belongs to, by (source, instrument id).
+    instruments: Database<Str, SerdeJson<Instrument>>,
+}
+
+fn instrument_key(source: &str, id: &str) -> String {
+    format!("{source}\u{1f}{id}")
+}
+
+/// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
+/// intents sort by counter and keys only grow.
+fn intent_key(uid: &[u8; 7], tmc_before: u32, attempt: u16) -> [u8; 13] {
+    tapgate_lmdb::key::uid_counter_attempt(uid, tmc_before, attempt)
+}
+
+fn counter_prefix(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
+    tapgate_lmdb::key::uid_counter(uid, tmc_before)
+}
+
+fn funding_day_key(source: &str, instrument: &str, day: u64) -> String {
+    format!("{source}\u{1f}{instrument}\u{1f}{day}")
+}
+
+/// A unit of work for the group committer: runs inside a nested transaction of the shared
+/// batch transaction and reports back once the batch is durable.
+type Job = Box<dyn FnOnce(&mut dyn LedgerWrite) -> JobDone + Send>;
+
+struct JobDone {
+    ok: bool,
+    deliver: Box<dyn FnOnce(Result<(), String>) + Send>,
+}
+
+/// Most jobs in one group commit.
+pub const GROUP_COMMIT_MAX_JOBS: usize = 256;
+/// Most jobs waiting for the committer (back-pressure beyond it).
+pub const GROUP_COMMIT_QUEUE_JOBS: usize = 4_096;
+
+/// The LMDB ledger: its databases plus a group committer, so that concurrent transactions share one
+/// fsync without giving up durability (each caller returns only after its batch committed).
+#[derive(Clone)]
+pub struct LmdbLedger {
+    core: LedgerCore,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    committer: std::sync::Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl std::ops::Deref for LmdbLedger {
+    type Target = LedgerCore;
+    fn deref(&self) -> &LedgerCore {
+        &self.core
+    }
+}
+
+impl LmdbLedger {
+    /// Opens (or creates) the ledger in `dir` with room for `map_size_bytes`, and starts its
+    /// committer thread (it ends when the last `Ledger` clone is dropped).
+    pub fn open(dir: &Path, map_size_bytes: usize) -> Result<LmdbLedger, LedgerError> {
+        let core = LedgerCore::open(dir, map_size_bytes)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(GROUP_COMMIT_QUEUE_JOBS);
+        let writer = core.clone();
+        let handle = std::thread::Builder::new()
+            .name("ledger-commit".into())
+            .spawn(move || group_commit_loop(writer, rx))
+            .map_err(|source| LedgerError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        Ok(LmdbLedger {
+            core,
+            jobs: tx,
+            committer: std::sync::Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Closes this handle; the last one to close waits for the committer to finish, so the
+    /// environment can be opened again in the same process.
+    pub fn close(self) {
+        let LmdbLedger {
+            core,
+            jobs,
+            committer,
+        } = self;
+        drop(jobs);
+        drop(core);
+        if let Ok(m) = std::sync::Arc::try_unwrap(committer) {
+            if let Some(h) = m.into_inner().ok().flatten() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Runs `f` in a write transaction that is committed together with other concurrent
+    /// callers' (group commit), and returns once it is durable. If `f` fails, only its own
+    /// writes are rolled back (it runs in a nested transaction).
+    pub fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<T, LedgerError>>(1);
+        let job: Job = Box::new(move |w| {
+            let result = f(w);
+            JobDone {
+                ok: result.is_ok(),
+                deliver: Box::new(move |committed| {
+                    let out = match (result, committed) {
+                        (Ok(v), Ok(())) => Ok(v),
+                        (Ok(_), Err(e)) => Err(LedgerError::Commit(e)),
+                        (Err(e), _) => Err(e),
+                    };
+                    let _ = tx.send(out);
+                }),
+            }
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| LedgerError::Commit("the committer thread has stopped".into()))?;
+        rx.recv()
+            .map_err(|_| LedgerError::Commit("the committer thread has stopped".into()))?
+    }
+}
+
+fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < GROUP_COMMIT_MAX_JOBS {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut dones = Vec::with_capacity(batch.len());
+        let result = (|| -> Result<(), heed::Error> {
+            let mut wtxn = core.env.write_txn()?;
+            for job in batch.drain(..) {
+                let mut nested = core.env.nested_write_txn(&mut wtxn)?;
+                let done = job(&mut LmdbWrite {
+                    core: &core,
+                    txn: &mut nested,
+                });
+                if done.ok {
+                    nested.commit()?;
+                } else {
+                    nested.abort();
+                }
+                dones.push(done);
+            }
+            wtxn.commit()
+        })();
+        let result = result.map_err(|e| e.to_string());
+        // Jobs that never ran (the batch failed to start) are told too.
+        for job in batch {
+            let done = JobDone {
+                ok: false,
+                deliver: Box::new(|_| {}),
+            };
+            drop(job);
+            dones.push(done);
+        }
+        for d in dones {
+            (d.deliver)(result.clone());
+        }
+    }
+}
+
+/// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
+const DATABASES: tapgate_lmdb::Databases<11> = [
+    "balances",
+    "postings",
+    "load_intents",
+    "cards",
+    "idempotency",
+    "vouchers",
+    "block_changes",
+    "anomalies",
+    "counter_gaps",
+    "funding_days",
+    "instruments",
+];
+
+/// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
+pub const DEFAULT_MAP_SIZE_BYTES: usize = 1 << 30;
+
+impl LedgerCore {
+    /// Opens (or creates) the ledger databases in `dir`.
+    fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
+        let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments] =
+            dbs;
+        Ok(LedgerCore {
+            env,
+            balances: balances.remap_types(),
+            postings: postings.remap_types(),
+            intents: intents.remap_types(),
+            cards: cards.remap_types(),
+            idem: idem.remap_types(),
+            vouchers: vouchers.remap_types(),
+            blocks: blocks.remap_types(),
+            anomalies: anomalies.remap_types(),
+            gaps: gaps.remap_types(),
+            funding_days: funding_days.remap_types(),
+            instruments: instruments.remap_types(),
+        })
+    }
+}
+
+/// A read snapshot of the LMDB ledger.
+pub struct LmdbRead<'a> {
+    core: &'a LedgerCore,
+    txn: RoTxn<'a, WithoutTls>,
+}
+
+impl LedgerCore {
+    /// A read snapshot.
+    pub fn read(&self) -> Result<LmdbRead<'_>, LedgerError> {
+        Ok(LmdbRead {
+            core: self,
+            txn: self.env.read_txn()?,
+        })
+    }
+}
+
+impl LedgerRead for LmdbRead<'_> {
+    fn balance(&self, account: &str) -> Result<i64, LedgerError> {
+        self.core.balance(&self.txn, account)
+    }
+
+    fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.core.balances(&self.txn)
+    }
+
+    fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
+        self.core.postings_with_prefix(&self.txn, prefix)
+    }
+
+    fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
+        self.core.card(&self.txn, uid)
+    }
+
+    fn funding_day_total(
+        &self,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError> {
+        self.core
+            .funding_day_total(&self.txn, source, instrument, day)
+    }
+
+    fn anomalies(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
+        self.core.anomalies(&self.txn, after, limit)
+    }
+
+    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        self.core.all_cards(&self.txn)
+    }
+
+    fn block_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
+        self.core.block_changes(&self.txn, after, limit)
+    }
+
+    fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
+        self.core.voucher(&self.txn, code)
+    }
+
+    fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
+        self.core.card_known(&self.txn, uid)
+    }
+
+    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
+        self.core.intent(&self.txn, uid, tmc_before)
+    }
+
+    fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+        self.core.open_intents(&self.txn, uid)
+    }
+
+    fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
+        self.core.all_intents(&self.txn)
+    }
+
+    fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+        self.core.idempotent(&self.txn, key)
+    }
+
+    fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
+        self.core.instrument(&self.txn, source, id)
+    }
+
+    fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
+        self.core.instruments_of(&self.txn, owner)
+    }
+}
+
+/// One write transaction of the LMDB ledger (a nested transaction of the group commit).
+pub struct LmdbWrite<'a, 't> {
+    core: &'a LedgerCore,
+    txn: &'a mut RwTxn<'t>,
+}
+
+impl LedgerRead for LmdbWrite<'_, '_> {
+    fn balance(&self, account: &str) -> Result<i64, LedgerError> {
+        self.core.balance(self.txn, account)
+    }
+
+    fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.core.balances(self.txn)
+    }
+
+    fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
+        self.core.postings_with_prefix(self.txn, prefix)
+    }
+
+    fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
+        self.core.card(self.txn, uid)
+    }
+
+    fn funding_day_total(
+        &self,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError> {
+        self.core
+            .funding_day_total(self.txn, source, instrument, day)
+    }
+
+    fn anomalies(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
+        self.core.anomalies(self.txn, after, limit)
+    }
+
+    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        self.core.all_cards(self.txn)
+    }
+
+    fn block_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
+        self.core.block_changes(self.txn, after, limit)
+    }
+
+    fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
+        self.core.voucher(self.txn, code)
+    }
+
+    fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
+        self.core.card_known(self.txn, uid)
+    }
+
+    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
+        self.core.intent(self.txn, uid, tmc_before)
+    }
+
+    fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+        self.core.open_intents(self.txn, uid)
+    }
+
+    fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
+        self.core.all_intents(self.txn)
+    }
+
+    fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+        self.core.idempotent(self.txn, key)
+    }
+
+    fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
+        self.core.instrument(self.txn, source, id)
+    }
+
+    fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
+        self.core.instruments_of(self.txn, owner)
+    }
+}
+
+impl LedgerWrite for LmdbWrite<'_, '_> {
+    fn post(
+        &mut self,
+        time_ms: u64,
+        from: &str,
+        to: &str,
+        amount_minor: i64,
+        reference: &str,
+    ) -> Result<Posting, LedgerError> {
+        self.core
+            .post(self.txn, time_ms, from, to, amount_minor, reference)
+    }
+
+    fn book_counter(
+        &mut self,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_after_minor: i32,
+        delta_minor: i64,
+        now_ms: u64,
+    ) -> Result<Booking, LedgerError> {
+        self.core
+            .book_counter(self.txn, uid, tmc, balance_after_minor, delta_minor, now_ms)
+    }
+
+    fn add_funding_day(
+        &mut self,
+        source: &str,
+        instrument: &str,
+        day: u64,
+        delta_minor: i64,
+    ) -> Result<(), LedgerError> {
+        self.core
+            .add_funding_day(self.txn, source, instrument, day, delta_minor)
+    }
+
+    fn record_anomaly(&mut self, a: &crate::clearing::Anomaly) -> Result<u64, LedgerError> {
+        self.core.record_anomaly(self.txn, a)
+    }
+
+    fn sweep_gaps(&mut self, now_ms: u64, older_than_ms: u64) -> Result<GapSweep, LedgerError> {
+        self.core.sweep_gaps(self.txn, now_ms, older_than_ms)
+    }
+
+    fn set_blocked(
+        &mut self,
+        uid: &[u8; 7],
+        blocked: bool,
+        reason: &str,
+        time_ms: u64,
+    ) -> Result<Option<u64>, LedgerError> {
+        self.core
+            .set_blocked(self.txn, uid, blocked, reason, time_ms)
+    }
+
+    fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError> {
+        self.core.put_voucher(self.txn, v)
+    }
+
+    fn put_card(&mut self, uid: &[u8; 7], shadow: &CardShadow) -> Result<(), LedgerError> {
+        self.core.put_card(self.txn, uid, shadow)
+    }
+
+    fn observe_card(
+        &mut self,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_minor: i32,
+    ) -> Result<CardShadow, LedgerError> {
+        self.core.observe_card(self.txn, uid, tmc, balance_minor)
+    }
+
+    fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError> {
+        self.core.insert_intent(self.txn, uid, intent)
+    }
+
+    fn put_intent(&mut self, uid: &[u8; 7], intent: &LoadIntent) -> Result<(), LedgerError> {
+        self.core.put_intent(self.txn, uid, intent)
+    }
+
+    fn complete_intent(
+        &mut self,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        balance_after_minor: i32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        self.core
+            .complete_intent(self.txn, uid, tmc_before, balance_after_minor, now_ms)
+    }
+
+    fn void_intent(
+        &mut self,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        now_ms: u64,
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        self.core.void_intent(self.txn, uid, tmc_before, now_ms)
+    }
+
+    fn put_idempotent(&mut self, key: &str, value: &serde_json::Value) -> Result<(), LedgerError> {
+        self.core.put_idempotent(self.txn, key, value)
+    }
+
+    fn put_instrument(&mut self, i: &Instrument) -> Result<(), LedgerError> {
+        self.core.put_instrument(self.txn, i)
+    }
+}

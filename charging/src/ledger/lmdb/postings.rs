@@ -1,0 +1,122 @@
+//! Postings and balances (double entry), and the per-instrument day totals.
+
+use super::*;
+
+impl LedgerCore {
+    /// Posts `amount_minor` from `from` to `to` inside `txn`.
+    pub(super) fn post(
+        &self,
+        txn: &mut RwTxn<'_>,
+        time_ms: u64,
+        from: &str,
+        to: &str,
+        amount_minor: i64,
+        reference: &str,
+    ) -> Result<Posting, LedgerError> {
+        if amount_minor <= 0 {
+            return Err(LedgerError::InvalidPosting("amount must be positive"));
+        }
+        if from == to {
+            return Err(LedgerError::InvalidPosting(
+                "from and to are the same account",
+            ));
+        }
+        let seq = match self.postings.last(txn)? {
+            Some((k, _)) => k + 1,
+            None => 1,
+        };
+        let p = Posting {
+            seq,
+            time_ms,
+            from: from.to_string(),
+            to: to.to_string(),
+            amount_minor,
+            reference: reference.to_string(),
+        };
+        // Checked: a balance that would leave i64 refuses the posting (two payments of
+        // i64::MAX must not wrap an account round to a small number).
+        let fb = self.balances.get(txn, from)?.unwrap_or(0);
+        let tb = self.balances.get(txn, to)?.unwrap_or(0);
+        let (Some(fb), Some(tb)) = (fb.checked_sub(amount_minor), tb.checked_add(amount_minor))
+        else {
+            return Err(LedgerError::InvalidPosting(
+                "an account balance would overflow",
+            ));
+        };
+        self.postings.put(txn, &seq, &p)?;
+        self.balances.put(txn, from, &fb)?;
+        self.balances.put(txn, to, &tb)?;
+        Ok(p)
+    }
+
+    /// An account's balance.
+    pub(super) fn balance(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        account: &str,
+    ) -> Result<i64, LedgerError> {
+        Ok(self.balances.get(txn, account)?.unwrap_or(0))
+    }
+
+    /// Every account and its balance.
+    pub(super) fn balances(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+    ) -> Result<Vec<(String, i64)>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.balances.iter(txn)? {
+            let (k, v) = item?;
+            out.push((k.to_string(), v));
+        }
+        Ok(out)
+    }
+
+    /// Every posting whose reference starts with `prefix` (reports, tests).
+    pub(super) fn postings_with_prefix(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        prefix: &str,
+    ) -> Result<Vec<Posting>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.postings.iter(txn)? {
+            let (_, p) = item?;
+            if p.reference.starts_with(prefix) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What was loaded from `instrument` at `source` on UTC day `day` (minor units).
+    pub(super) fn funding_day_total(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError> {
+        Ok(self
+            .funding_days
+            .get(txn, &funding_day_key(source, instrument, day))?
+            .unwrap_or(0))
+    }
+
+    /// Adds `delta_minor` to that day's total.
+    pub(super) fn add_funding_day(
+        &self,
+        txn: &mut RwTxn<'_>,
+        source: &str,
+        instrument: &str,
+        day: u64,
+        delta_minor: i64,
+    ) -> Result<(), LedgerError> {
+        let key = funding_day_key(source, instrument, day);
+        let total = self
+            .funding_days
+            .get(txn, &key)?
+            .unwrap_or(0)
+            .checked_add(delta_minor)
+            .ok_or(LedgerError::InvalidPosting("a day total would overflow"))?;
+        Ok(self.funding_days.put(txn, &key, &total)?)
+    }
+}

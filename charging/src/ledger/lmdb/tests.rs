@@ -1,0 +1,118 @@
+//! The LMDB ledger through its interface: durability, one intent per counter, group commit.
+
+use crate::ledger::*;
+
+#[test]
+fn postings_balance_to_zero_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+        l.transact(move |t| {
+            t.post(1, "issuer:float", "card:01", 1_000, "issue:01")
+                .unwrap();
+            t.post(2, "funding:card", "card:01", 500, "load:01:1")
+                .unwrap();
+            t.post(3, "card:01", "operator:metro", 120, "tap:01:2")
+                .unwrap();
+            assert!(t.post(4, "a", "a", 1, "x").is_err());
+            assert!(t.post(4, "a", "b", 0, "x").is_err());
+            Ok(())
+        })
+        .unwrap();
+        l.close();
+    }
+    let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let r = l.read().unwrap();
+    assert_eq!(r.balance("card:01").unwrap(), 1_380);
+    let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
+    assert_eq!(sum, 0);
+    assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 1);
+}
+
+#[test]
+fn one_intent_per_card_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let uid = [1u8; 7];
+    let mut intent = LoadIntent {
+        uid: hex::encode_upper(uid),
+        tmc_before: 4,
+        attempt: 0,
+        balance_before_minor: 10,
+        amount_minor: 100,
+        key_version: 1,
+        funding_source: "card".into(),
+        funding_auth: "auth_1".into(),
+        instrument: "tok_visa".into(),
+        idempotency_key: "k".into(),
+        requested_by: "alice".into(),
+        state: IntentState::Authorised,
+        created_ms: 0,
+        settled_ms: None,
+        kind: IntentKind::Load,
+        reverses_tmc: None,
+        reversed_at_tmc: None,
+    };
+    l.transact(move |t| {
+        t.insert_intent(&uid, &mut intent).unwrap();
+        assert!(matches!(
+            t.insert_intent(&uid, &mut intent.clone()),
+            Err(LedgerError::IntentExists { .. })
+        ));
+        let mut other = intent.clone();
+        other.tmc_before = 5;
+        t.insert_intent(&uid, &mut other).unwrap();
+        t.insert_intent(&[2u8; 7], &mut intent.clone()).unwrap();
+        // Once voided, the counter takes a new attempt.
+        intent.state = IntentState::Voided;
+        t.put_intent(&uid, &intent).unwrap();
+        let mut retry = intent.clone();
+        retry.state = IntentState::Authorised;
+        t.insert_intent(&uid, &mut retry).unwrap();
+        assert_eq!(retry.attempt, 1);
+        assert_eq!(t.intent(&uid, 4).unwrap().unwrap().attempt, 1);
+        Ok(())
+    })
+    .unwrap();
+    let r = l.read().unwrap();
+    assert_eq!(r.open_intents(&uid).unwrap().len(), 2);
+    assert_eq!(r.all_intents().unwrap().len(), 4);
+}
+
+#[test]
+fn group_commit_keeps_each_callers_writes_and_rolls_back_only_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(dir.path(), 64 << 20).unwrap();
+    std::thread::scope(|scope| {
+        for i in 0..16u64 {
+            let l = l.clone();
+            scope.spawn(move || {
+                for j in 0..50u64 {
+                    let ok = l.transact(move |t| {
+                        t.post(
+                            0,
+                            "funding:card",
+                            &format!("card:{i}"),
+                            10,
+                            &format!("load:{i}:{j}"),
+                        )?;
+                        if j % 10 == 9 {
+                            // A failing job: its posting must not survive.
+                            return Err(LedgerError::InvalidPosting("injected"));
+                        }
+                        Ok(())
+                    });
+                    assert_eq!(ok.is_ok(), j % 10 != 9);
+                }
+            });
+        }
+    });
+    l.close();
+    let l = Ledger::open(dir.path(), 64 << 20).unwrap();
+    let r = l.read().unwrap();
+    for i in 0..16u64 {
+        assert_eq!(r.balance(&format!("card:{i}")).unwrap(), 450);
+    }
+    assert_eq!(r.balance("funding:card").unwrap(), -16 * 450);
+    assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 16 * 45);
+}

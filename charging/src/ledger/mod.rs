@@ -1,0 +1,147 @@
+//! The double-entry ledger, behind an interface.
+//!
+//! Every movement of value is a [`Posting`]: an amount from one account to another, with a
+//! reference that traces it to a card counter (`load:<UID>:<TMC>`, `tap:<UID>:<TMC>`) or a
+//! funding reference. Account balances are kept beside the postings in the same transaction,
+//! so the sum of all balances is always zero and a card account's balance is its shadow purse
+//! relative to issuance: personalised value + loads − debits.
+//!
+//! Load intents are keyed by (card UID, the card's TMC before the load): at most one intent per
+//! card counter can exist, so a load can never be applied or paid twice.
+//!
+//! Account names: `card:<UID hex>`, `issuer:float` (value issued at personalisation),
+//! `funding:<source>` (what a funding source owes us), `operator:<id>` (fare revenue),
+//! `pts:<programme>:member:<id>` (a points member's points, in points; `<id>` is a validated
+//! instrument id, so it never names `pts:<programme>:issued`, `…:redeemed` or `…:held:…`),
+//! `franchise:<id>`. No account name is ever formatted from a request without validation:
+//! funding instruments are looked up in the instrument registry ([`Instrument`]).
+//!
+//! ## The interface
+//!
+//! The services (load, clearing, franchise, partner, the API) reach the ledger only through
+//! [`Ledger`]: [`Ledger::read`] gives a consistent snapshot ([`LedgerRead`]), and
+//! [`Ledger::transact`] runs a closure in one write transaction ([`LedgerWrite`]) whose
+//! operations are the ledger's own steps in the domain's words (post, book a counter, insert /
+//! complete / void an intent, record an anomaly, block a card, sweep the gaps); everything the
+//! closure does commits together, durably, before `transact` returns, or not at all. No storage
+//! type crosses the interface. The records ([`Posting`], [`LoadIntent`], [`CardShadow`],
+//! [`Anomaly`], …) are the ledger's own: the callers decide what goes in them.
+//!
+//! The first backend is LMDB ([`LmdbLedger`], `lmdb/`: the databases, a group committer that
+//! shares one fsync between concurrent transactions, one file per concern). A second backend
+//! (PostgreSQL) implements [`LedgerRead`] and [`LedgerWrite`] and becomes a variant of
+//! [`Ledger`]'s backend; no service changes.
+
+mod interface;
+mod lmdb;
+mod records;
+
+pub use interface::{LedgerRead, LedgerWrite};
+pub use lmdb::{
+    LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,
+    GROUP_COMMIT_QUEUE_JOBS,
+};
+pub use records::*;
+use std::path::Path;
+
+/// Ledger errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// LMDB failed (disk full, map full, I/O).
+    #[error("ledger storage: {0}")]
+    Storage(#[from] heed::Error),
+    /// An intent already exists for this card counter and is not settled.
+    #[error("card {uid} already has a load pending at counter {tmc}")]
+    IntentExists {
+        /// card
+        uid: String,
+        /// counter
+        tmc: u32,
+    },
+    /// No intent for this card counter.
+    #[error("no load intent for card {uid} at counter {tmc}")]
+    NoIntent {
+        /// card
+        uid: String,
+        /// counter
+        tmc: u32,
+    },
+    /// A posting would be invalid (non-positive amount, same account on both sides).
+    #[error("invalid posting: {0}")]
+    InvalidPosting(&'static str),
+    /// The group commit failed (disk full, I/O): nothing of the batch is durable.
+    #[error("ledger commit failed: {0}")]
+    Commit(String),
+    /// The ledger's environment could not be opened (directory, map size, LMDB).
+    #[error("opening the ledger: {0}")]
+    Open(#[from] tapgate_lmdb::OpenError),
+    /// The ledger directory could not be prepared, or its committer thread not started.
+    #[error("ledger directory {path}: {source}")]
+    Dir {
+        /// path
+        path: String,
+        /// cause
+        source: std::io::Error,
+    },
+}
+
+/// The account name of a card's shadow purse.
+pub fn card_account(uid: &[u8; 7]) -> String {
+    format!("card:{}", hex::encode_upper(uid))
+}
+
+/// The key of a load intent: UID (7) ‖ TMC before (u32 BE) ‖ attempt (u16 BE), so one card's
+/// intents sort by counter and keys only grow.
+pub fn intent_key(uid: &[u8; 7], tmc_before: u32, attempt: u16) -> [u8; 13] {
+    tapgate_lmdb::key::uid_counter_attempt(uid, tmc_before, attempt)
+}
+
+/// The ledger the services hold: a cheap clone of one opened backend.
+#[derive(Clone)]
+pub struct Ledger {
+    backend: Backend,
+}
+
+/// The storage behind a [`Ledger`].
+#[derive(Clone)]
+enum Backend {
+    /// LMDB, in the charging server's data directory.
+    Lmdb(LmdbLedger),
+}
+
+impl Ledger {
+    /// Opens (or creates) the LMDB ledger in `dir` with room for `map_size_bytes`, and starts
+    /// its committer thread (it ends when the last `Ledger` clone is closed or dropped).
+    pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Ledger, LedgerError> {
+        Ok(Ledger {
+            backend: Backend::Lmdb(LmdbLedger::open(dir, map_size_bytes)?),
+        })
+    }
+
+    /// A consistent read snapshot.
+    pub fn read(&self) -> Result<Box<dyn LedgerRead + '_>, LedgerError> {
+        match &self.backend {
+            Backend::Lmdb(l) => Ok(Box::new(l.read()?)),
+        }
+    }
+
+    /// Runs `f` in one write transaction and returns once it is durable (committed together
+    /// with concurrent callers' transactions). If `f` fails, only its own writes are rolled
+    /// back.
+    pub fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        match &self.backend {
+            Backend::Lmdb(l) => l.transact(f),
+        }
+    }
+
+    /// Closes this handle; the last one to close waits for the backend to finish, so the
+    /// ledger can be opened again in the same process.
+    pub fn close(self) {
+        match self.backend {
+            Backend::Lmdb(l) => l.close(),
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The records the ledger stores: postings, load intents, card shadows, block changes,
+//! vouchers, instruments and anomalies. They are the same whatever backend stores them.
+
+use serde::{Deserialize, Serialize};
+
+/// One movement of value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posting {
+    /// Sequence number (monotonic, the LMDB key).
+    pub seq: u64,
+    /// When it was posted (unix ms, from the daemon's clock).
+    pub time_ms: u64,
+    /// Account debited.
+    pub from: String,
+    /// Account credited.
+    pub to: String,
+    /// Amount, minor units (> 0).
+    pub amount_minor: i64,
+    /// What it traces to: `load:<UID>:<TMC>`, `tap:<UID>:<TMC>`, `issue:<UID>`, a funding ref.
+    pub reference: String,
+}
+
+/// Where a load intent stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentState {
+    /// Funding authorised, Credit may have been sent; the card has not proved it yet.
+    Authorised,
+    /// The card proved the credit (transaction MAC verified); funding captured.
+    Completed,
+    /// The card never applied it; funding released.
+    Voided,
+}
+
+/// What an intent changes on the card.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentKind {
+    /// A load: Credit, funding → card.
+    #[default]
+    Load,
+    /// A reversal of a completed load: Debit by the back office, card → funding, and the
+    /// funding refunded.
+    Reversal,
+}
+
+/// What to do with the funding source once an intent's change is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FundingAction {
+    /// A load the card applied: capture the authorisation.
+    Capture {
+        /// source name
+        source: String,
+        /// authorisation id
+        auth: String,
+    },
+    /// A load the card never applied: release the authorisation.
+    Release {
+        /// source name
+        source: String,
+        /// authorisation id
+        auth: String,
+    },
+    /// A reversal the card applied: refund the load's funding.
+    Refund {
+        /// source name
+        source: String,
+        /// authorisation id
+        auth: String,
+        /// minor units
+        amount_minor: i64,
+    },
+}
+
+/// A load or a reversal: (card, counter, amount, funding), recorded before the card is touched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadIntent {
+    /// Card UID (hex).
+    pub uid: String,
+    /// The card's TMC before the load; the load consumes `tmc_before + 1`.
+    pub tmc_before: u32,
+    /// Attempt number at this counter (earlier attempts were voided).
+    #[serde(default)]
+    pub attempt: u16,
+    /// The card's balance before the load.
+    pub balance_before_minor: i32,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// The card key version.
+    pub key_version: u8,
+    /// The funding source name.
+    pub funding_source: String,
+    /// The funding source's authorisation id.
+    pub funding_auth: String,
+    /// The instrument at the source (card token, points holder) — for its daily limit.
+    #[serde(default)]
+    pub instrument: String,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+    /// Who asked (the authenticated caller).
+    pub requested_by: String,
+    /// State.
+    pub state: IntentState,
+    /// Created (unix ms).
+    pub created_ms: u64,
+    /// Settled (unix ms).
+    pub settled_ms: Option<u64>,
+    /// Load or reversal.
+    #[serde(default)]
+    pub kind: IntentKind,
+    /// A reversal: the counter the reversed load consumed.
+    #[serde(default)]
+    pub reverses_tmc: Option<u32>,
+    /// A load: the counter of the reversal that takes (or took) it back, while that reversal
+    /// is pending or completed.
+    #[serde(default)]
+    pub reversed_at_tmc: Option<u32>,
+}
+
+impl LoadIntent {
+    /// The change to the card's value, minor units (negative for a reversal).
+    pub fn delta_minor(&self) -> i64 {
+        match self.kind {
+            IntentKind::Load => i64::from(self.amount_minor),
+            IntentKind::Reversal => -i64::from(self.amount_minor),
+        }
+    }
+
+    /// The value command the card executes for it.
+    pub fn tx_kind(&self) -> purse::receipt::TxKind {
+        match self.kind {
+            IntentKind::Load => purse::receipt::TxKind::Credit,
+            IntentKind::Reversal => purse::receipt::TxKind::Debit,
+        }
+    }
+}
+
+/// What the ledger knows about a card.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardShadow {
+    /// The highest TMC the back office has seen from the card.
+    pub last_tmc: u32,
+    /// The balance the card reported with that TMC.
+    pub last_reported_balance_minor: Option<i32>,
+    /// Blocked cards are refused loads and listed for validators.
+    pub blocked: bool,
+    /// Why it is blocked.
+    pub block_reason: Option<String>,
+    /// The day (unix days, UTC) `load_day_minor` counts.
+    #[serde(default)]
+    pub load_day: u64,
+    /// Loads authorised or completed on `load_day`, minor units.
+    #[serde(default)]
+    pub load_day_minor: i64,
+    /// The cardholder (API caller name) who may report the card lost or stolen.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Every counter 1..=`booked_through_tmc` has been booked (load, debit, or record-only).
+    #[serde(default)]
+    pub booked_through_tmc: u32,
+    /// The card's balance after the transaction at `booked_through_tmc` (as the card proved it).
+    #[serde(default)]
+    pub booked_balance_minor: Option<i32>,
+    /// Counters booked above a gap: (counter, balance after, the change it made), sorted; a
+    /// gap that never fills is an anomaly.
+    #[serde(default)]
+    pub booked_above: Vec<(u32, i32, i64)>,
+}
+
+/// Bound on counters kept above a gap per card (beyond it, the oldest are reported and dropped).
+pub const BOOKED_ABOVE_MAX: usize = 64;
+
+impl CardShadow {
+    /// Books the card's transaction at counter `tmc` (leaving `balance_after_minor`, having
+    /// changed the balance by `delta_minor`) in the shadow: a counter at or below
+    /// `booked_through_tmc` or already waiting above a gap is a duplicate; the next one advances
+    /// `booked_through_tmc` and absorbs the counters waiting right above it; a later one waits
+    /// above the gap (at most [`BOOKED_ABOVE_MAX`], the oldest dropped). Any shadow — one read
+    /// back corrupt included — and any counter leave `booked_above` sorted, unique, above
+    /// `booked_through_tmc` and bounded; nothing overflows.
+    pub fn book(&mut self, tmc: u32, balance_after_minor: i32, delta_minor: i64) -> Booking {
+        // A shadow read back corrupt: only sorted, unique counters above the contiguous ones.
+        self.booked_above.sort_unstable();
+        self.booked_above.dedup_by_key(|e| e.0);
+        let through = self.booked_through_tmc;
+        self.booked_above.retain(|e| e.0 > through);
+        let booking =
+            if tmc <= self.booked_through_tmc || self.booked_above.iter().any(|e| e.0 == tmc) {
+                Booking::Duplicate
+            } else if Some(tmc) == self.booked_through_tmc.checked_add(1) {
+                self.booked_through_tmc = tmc;
+                self.booked_balance_minor = Some(balance_after_minor);
+                // Absorb counters that were waiting above the gap.
+                while let Some(&(t, b, _)) = self.booked_above.first() {
+                    if Some(t) != self.booked_through_tmc.checked_add(1) {
+                        break;
+                    }
+                    self.booked_through_tmc = t;
+                    self.booked_balance_minor = Some(b);
+                    self.booked_above.remove(0);
+                }
+                Booking::InOrder
+            } else {
+                self.booked_above
+                    .push((tmc, balance_after_minor, delta_minor));
+                self.booked_above.sort_unstable();
+                Booking::AboveGap
+            };
+        let excess = self.booked_above.len().saturating_sub(BOOKED_ABOVE_MAX);
+        self.booked_above.drain(..excess);
+        booking
+    }
+}
+
+/// A gift certificate or prepaid load sold by a partner, redeemable into a purse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Voucher {
+    /// The redemption code (secret to the holder).
+    pub code: String,
+    /// The partner that sold it.
+    pub partner: String,
+    /// The partner's order id (idempotency).
+    pub order_id: String,
+    /// `gift` (any card) or `load` (bound to `card_uid`).
+    pub kind: String,
+    /// Value, minor units.
+    pub amount_minor: i64,
+    /// Only this card may redeem it (`load` vouchers).
+    pub card_uid: Option<String>,
+    /// Expiry (unix ms).
+    pub expires_ms: u64,
+    /// `issued`, `held` (a load is in progress), `redeemed`.
+    pub state: String,
+    /// The load reference holding it.
+    pub held_by: Option<String>,
+    /// Issued at (unix ms).
+    pub issued_ms: u64,
+}
+
+/// One change to the blocklist, numbered: the gateway publishes them in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockChange {
+    /// Version (1, 2, …): the list after this change.
+    pub version: u64,
+    /// Card UID (hex).
+    pub card_uid: String,
+    /// `block` or `unblock`.
+    pub action: String,
+    /// Why (lost, stolen, clone suspected, …).
+    pub reason: String,
+    /// When (unix ms).
+    pub time_ms: u64,
+}
+
+/// Why the gap sweep blocks a card (and the reason it is unblocked under when the gap fills).
+pub const GAP_BLOCK_REASON: &str = "value appeared across a counter gap that never filled";
+
+/// The clock of a card's lowest counter gap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapClock {
+    /// The first missing counter.
+    pub from_tmc: u32,
+    /// When this gap was first seen (unix ms).
+    pub since_ms: u64,
+    /// Reported by the sweep already.
+    pub reported: bool,
+}
+
+/// What a gap sweep found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GapSweep {
+    /// The `counter_gap` anomalies raised (also recorded in the ledger).
+    pub anomalies: Vec<Anomaly>,
+    /// Cards blocked because value appeared across a gap.
+    pub cards_blocked: u32,
+}
+
+/// What booking a counter found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Booking {
+    /// Booked in order.
+    InOrder,
+    /// Booked above a gap (earlier counters not seen yet).
+    AboveGap,
+    /// This counter was already booked: a duplicate (or a cloned card).
+    Duplicate,
+}
+
+/// A funding instrument registered to an account (an API caller name): a card-processor token
+/// its holder registered, or a points membership the programme linked to the account. A load
+/// may be funded only from an instrument registered to its caller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instrument {
+    /// The funding source (`card`, `mileage`, …).
+    pub source: String,
+    /// The instrument id at the source (a card token, a member id).
+    pub id: String,
+    /// The account it belongs to (the cardholder's token name).
+    pub owner: String,
+    /// Who registered it: the holder itself, or the partner that linked the membership.
+    pub registered_by: String,
+    /// When (unix ms).
+    pub registered_ms: u64,
+}
+
+/// Something found wrong with a card or a device, numbered in the ledger (`GET /v1/anomalies`).
+/// The ledger stores it; clearing and the gap sweep decide what it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anomaly {
+    /// `forged_tmac`, `clone`, `negative_shadow`, `malformed`, `counter_gap` (the gap sweep;
+    /// device id and sequence 0).
+    pub kind: String,
+    /// Card UID (hex), when known.
+    pub card_uid: String,
+    /// The counter.
+    pub tmc: u32,
+    /// The reporting device and its sequence number.
+    pub device_id: u32,
+    /// Device sequence number.
+    pub device_seq: u64,
+    /// Detail.
+    pub detail: String,
+}
