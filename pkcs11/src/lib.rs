@@ -239,7 +239,9 @@ fn sam_err(what: &'static str) -> impl FnOnce(CkError) -> SamError {
 
 /// One initialised context per module and process: PKCS#11 allows a single `C_Initialize`
 /// per application, and every [`Pkcs11Hsm`] of the process shares it (it is finalised at exit).
-fn context(module: &Path) -> Result<Pkcs11, Pkcs11Error> {
+/// Public for tools that manage tokens in the same process (the test kit's SoftHSM2 tokens),
+/// which must use this context rather than initialise the module a second time.
+pub fn context(module: &Path) -> Result<Pkcs11, Pkcs11Error> {
     static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut map = CONTEXTS
         .get_or_init(|| Mutex::new(HashMap::new()))

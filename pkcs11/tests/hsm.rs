@@ -12,8 +12,8 @@ use purse::sam::{Authenticator, CeilingGrant, Hsm, SamError, SoftwareHsm};
 use purse::txn::{self, Decision, EmulatedReader, LoadOutcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tapgate_pkcs11::softhsm::{self, TestToken};
 use tapgate_pkcs11::{import, PinSource, Pkcs11Error, Pkcs11Hsm, TokenSession};
+use tapgate_testkit::softhsm::{self, TestToken};
 
 fn token_with(keys: &KeySet) -> (TestToken, Pkcs11Hsm) {
     softhsm::hsm_for(keys).unwrap_or_else(|e| panic!("{e}"))

@@ -1,0 +1,174 @@
+//! The charging server in process on a loopback port, with the software HSM or a SoftHSM2
+//! token, and the HTTP calls its tests make.
+
+use charging::api::AppState;
+use charging::server::{self, ServerConfig, ServerError};
+
+/// A charging server serving on a loopback port from its own runtime; stopped (and its data
+/// directory removed) when dropped.
+pub struct ChargingServer {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// The server's state (ledger, load service, …), for tests that look inside.
+    pub state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    rt: Option<tokio::runtime::Runtime>,
+    handle: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ChargingServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let (Some(rt), Some(h)) = (self.rt.take(), self.handle.take()) else {
+            return;
+        };
+        // On a thread of its own: a runtime can be neither blocked on nor dropped from inside
+        // another one (an async test holding a server).
+        let _ = std::thread::spawn(move || {
+            let _ = rt.block_on(h);
+            drop(rt);
+        })
+        .join();
+    }
+}
+
+/// Which HSM a test's server uses: the suites that touch the HSM run once with each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HsmKind {
+    /// `purse::sam::SoftwareHsm`.
+    Software,
+    /// `tapgate_pkcs11::Pkcs11Hsm` on a fresh SoftHSM2 token (SoftHSM2 must be installed;
+    /// `./test.sh` installs it — without it these tests fail and say so).
+    Pkcs11,
+}
+
+/// The HSM of `kind` holding the HSM role's keys of `keys`.
+pub fn hsm(kind: HsmKind, keys: &purse::keys::KeySet) -> Box<dyn purse::sam::Hsm + Send> {
+    match kind {
+        HsmKind::Software => Box::new(purse::sam::SoftwareHsm::new(keys).expect("software HSM")),
+        HsmKind::Pkcs11 => {
+            let (_token, hsm) = crate::softhsm::hsm_for(keys).unwrap_or_else(|e| panic!("{e}"));
+            Box::new(hsm)
+        }
+    }
+}
+
+/// `both_hsms!(a, b)`: for each `fn a(kind: HsmKind)`, the tests `a::software` and
+/// `a::pkcs11` — the same scenario and the same expected outcomes with either HSM.
+#[macro_export]
+macro_rules! both_hsms {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn software() {
+                    super::$name($crate::charging::HsmKind::Software)
+                }
+                #[test]
+                fn pkcs11() {
+                    super::$name($crate::charging::HsmKind::Pkcs11)
+                }
+            }
+        )*
+    };
+}
+
+/// Starts a server with the software HSM; `edit` adjusts the configuration.
+pub fn start(keys: &purse::keys::KeySet, edit: impl FnOnce(&mut ServerConfig)) -> ChargingServer {
+    start_with(HsmKind::Software, keys, edit)
+}
+
+/// Starts a server with an HSM of `kind`; `edit` adjusts the configuration.
+pub fn start_with(
+    kind: HsmKind,
+    keys: &purse::keys::KeySet,
+    edit: impl FnOnce(&mut ServerConfig),
+) -> ChargingServer {
+    start_with_hsm(hsm(kind, keys), edit)
+}
+
+/// Starts a server with this HSM; `edit` adjusts the configuration (its data directory is a
+/// new temporary one, the ledger's map 32 MiB).
+pub fn start_with_hsm(
+    hsm: Box<dyn purse::sam::Hsm + Send>,
+    edit: impl FnOnce(&mut ServerConfig),
+) -> ChargingServer {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut cfg = ServerConfig::from_toml(&format!(
+        "data_dir = {:?}\nledger_map_size_bytes = 33554432",
+        dir.path().to_str().expect("utf-8 path")
+    ))
+    .expect("server config");
+    edit(&mut cfg);
+    let state = server::build(&cfg, hsm).expect("building the charging server");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback listener");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    let handle = rt.spawn(async move {
+        server::serve_on(listener, &cfg, st, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    ChargingServer {
+        base,
+        state,
+        stop: Some(stop),
+        rt: Some(rt),
+        handle: Some(handle),
+        _dir: dir,
+    }
+}
+
+fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
+    match r {
+        Ok(r) => {
+            let code = r.status();
+            (code, r.into_json().unwrap_or_default())
+        }
+        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// POST JSON with a bearer token; returns (status, body).
+pub fn post(url: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    answer(
+        ureq::post(url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_json(body),
+    )
+}
+
+/// POST JSON with a bearer token and an Idempotency-Key.
+pub fn post_with_key(
+    url: &str,
+    token: &str,
+    key: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    answer(
+        ureq::post(url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .set("Idempotency-Key", key)
+            .send_json(body),
+    )
+}
+
+/// Registers a funding instrument (a card token) to the token's account: 201 or 200.
+pub fn register_instrument(base: &str, token: &str, source: &str, instrument: &str) {
+    let (code, body) = post(
+        &format!("{base}/v1/instruments"),
+        token,
+        serde_json::json!({"source": source, "instrument": instrument}),
+    );
+    assert!(
+        code == 201 || code == 200,
+        "registering {source}:{instrument}: {code} {body}"
+    );
+}

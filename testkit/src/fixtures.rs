@@ -1,0 +1,48 @@
+//! Small fixtures: bearer tokens, personalised cards, signed taps.
+
+use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
+use purse::receipt::{CommitReceipt, TxKind};
+use purse::sam::SoftwareHsm;
+use purse::tap::{TapMeta, TapRecord};
+use tapgate_http::auth::{Auth, Role, TokenEntry};
+
+/// A configured bearer token: `name` with `role`, whose secret is `secret`.
+pub fn token(name: &str, role: Role, secret: &str) -> TokenEntry {
+    TokenEntry {
+        name: name.into(),
+        role,
+        sha256: Auth::hash_token(secret),
+    }
+}
+
+/// A transit card with `uid` and `balance_minor`, its keys (version 1) from `hsm`.
+pub fn transit_card(hsm: &SoftwareHsm, uid: [u8; 7], balance_minor: i32) -> Card {
+    Card::personalise(
+        &Personalisation::transit(uid, balance_minor),
+        hsm.card_keys(&uid, 1).expect("card keys"),
+    )
+}
+
+/// A tap record of `operator`'s `device` with sequence number `seq`, signed with the device's
+/// key from `keys` (the card: `04 05 05 05 05 05 <seq>`, 1.00 debited, 10.00 left).
+pub fn signed_tap(keys: &KeySet, operator: &str, device: u32, seq: u64) -> Vec<u8> {
+    let r = CommitReceipt::for_tests(
+        [4, 5, 5, 5, 5, 5, seq as u8],
+        seq as u32,
+        [1; 8],
+        TxKind::Debit,
+        100,
+        1_000,
+    );
+    TapRecord::accepted(
+        &r,
+        TapMeta {
+            device_id: device,
+            device_seq: seq,
+            ..Default::default()
+        },
+    )
+    .sign(operator, &keys.device_key(device).expect("device key"))
+    .to_vec()
+}

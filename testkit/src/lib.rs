@@ -1,0 +1,34 @@
+//! tapgate's test kit: what the tests of every crate, the root end-to-end tests and the
+//! benchmarks share, written once (dev-only, never published).
+//!
+//! - [`net`]: loopback ports no other test of the process gets, waiting for a listener;
+//! - [`wait`]: waiting on a condition with a deadline (never a fixed sleep);
+//! - [`process`]: a guard that kills and reaps a child process;
+//! - [`mosquitto`]: Mosquitto with a password file and the shipped ACL or configuration;
+//! - [`fixtures`]: bearer tokens, personalised cards, signed taps;
+//! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
+//! - `softhsm` (feature `softhsm`): SoftHSM2 tokens in temporary directories;
+//! - `charging` (feature `charging`): the charging server in process, with either HSM.
+//!
+//! Each part a crate may not depend on is behind a feature: the gateway's tests take the kit
+//! without `charging`, so the gateway never depends on the charging server, even for tests.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod fixtures;
+pub mod mosquitto;
+pub mod net;
+pub mod process;
+pub mod wait;
+
+#[cfg(feature = "gateway")]
+pub mod broker;
+#[cfg(feature = "charging")]
+pub mod charging;
+#[cfg(feature = "softhsm")]
+pub mod softhsm;
+
+pub use net::{free_port, wait_for_port, wait_for_port_async};
+pub use process::Kill;
+pub use wait::{wait_until, wait_until_async};
