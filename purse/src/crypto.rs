@@ -128,8 +128,10 @@ pub fn mac_eq(a: &[u8], b: &[u8]) -> bool {
     a.ct_eq(b).into()
 }
 
-/// The CMAC subkeys K1 and K2 (RFC 4493 §2.3), needed for AN10922's fixed 32-byte padding.
-fn subkeys(cipher: &Aes128) -> ([u8; 16], [u8; 16]) {
+/// The CMAC subkeys K1 and K2 (RFC 4493 §2.3) from `L = E(K, 0¹²⁸)`: K1 = dbl(L), K2 =
+/// dbl(K1). The one copy of the derivation: the software path ([`diversify_an10922`]) and an
+/// HSM that can only hand out `L` (`tapgate-pkcs11`) both use it. The caller zeroizes them.
+pub fn cmac_subkeys(l: &[u8; 16]) -> ([u8; 16], [u8; 16]) {
     fn dbl(x: &[u8; 16]) -> [u8; 16] {
         let mut out = [0u8; 16];
         let mut carry = 0u8;
@@ -142,30 +144,33 @@ fn subkeys(cipher: &Aes128) -> ([u8; 16], [u8; 16]) {
         }
         out
     }
+    let k1 = dbl(l);
+    let k2 = dbl(&k1);
+    (k1, k2)
+}
+
+/// The CMAC subkeys of a key in this process, needed for AN10922's fixed 32-byte padding.
+fn subkeys(cipher: &Aes128) -> ([u8; 16], [u8; 16]) {
     let mut l = [0u8; 16];
     cipher.encrypt_block((&mut l).into());
-    let k1 = dbl(&l);
-    let k2 = dbl(&k1);
+    let keys = cmac_subkeys(&l);
     l.zeroize();
-    (k1, k2)
+    keys
 }
 
 /// Maximum length of the AN10922 diversification input M (including the 0x01 constant).
 pub const AN10922_MAX_INPUT: usize = 32;
 
-/// NXP AN10922 §2.2 AES-128 key diversification.
-///
-/// M = 0x01 ‖ UID ‖ AID ‖ system identifier (1 to 32 bytes). If M is 32 bytes it is CMAC'd with
-/// K1 as RFC 4493 does for a complete last block; otherwise it is padded with 0x80 00… to
-/// **32 bytes** (not to the next block) and the last block is XORed with K2. The diversified key
-/// is the last block of AES-CBC (zero IV) over the result.
-pub fn diversify_an10922(
-    master: &AesKey,
-    uid: &[u8],
-    aid: &[u8],
-    system_id: &[u8],
-) -> Result<AesKey, CryptoError> {
-    let len = 1 + uid.len() + aid.len() + system_id.len();
+/// AN10922's diversification input, ready for AES-CBC: M = 0x01 ‖ `parts` (1 to 32 bytes in
+/// all) padded with 0x80 00… to **32 bytes**, its last block XORed with K1 when M was a full
+/// 32 bytes, with K2 otherwise. The one copy of the padding rule: [`diversify_an10922`] runs
+/// CBC over it here, `tapgate-pkcs11` block by block in the token. The caller zeroizes it.
+pub fn an10922_input(
+    parts: [&[u8]; 3],
+    k1: &[u8; 16],
+    k2: &[u8; 16],
+) -> Result<[u8; 32], CryptoError> {
+    let len = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
     if len == 1 {
         return Err(CryptoError::DiversificationInputEmpty);
     }
@@ -174,20 +179,41 @@ pub fn diversify_an10922(
     }
     let mut m = [0u8; 32];
     m[0] = 0x01;
-    m[1..1 + uid.len()].copy_from_slice(uid);
-    m[1 + uid.len()..1 + uid.len() + aid.len()].copy_from_slice(aid);
-    m[1 + uid.len() + aid.len()..len].copy_from_slice(system_id);
-    let cipher = master.cipher();
-    let (mut k1, mut k2) = subkeys(&cipher);
+    let mut at = 1;
+    for p in parts {
+        m[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
     let sub = if len == 32 {
-        &k1
+        k1
     } else {
         m[len] = 0x80;
-        &k2
+        k2
     };
     for i in 0..16 {
         m[16 + i] ^= sub[i];
     }
+    Ok(m)
+}
+
+/// NXP AN10922 §2.2 AES-128 key diversification.
+///
+/// M = 0x01 ‖ UID ‖ AID ‖ system identifier (1 to 32 bytes). If M is 32 bytes it is CMAC'd with
+/// K1 as RFC 4493 does for a complete last block; otherwise it is padded with 0x80 00… to
+/// **32 bytes** (not to the next block) and the last block is XORed with K2 ([`an10922_input`]).
+/// The diversified key is the last block of AES-CBC (zero IV) over the result.
+pub fn diversify_an10922(
+    master: &AesKey,
+    uid: &[u8],
+    aid: &[u8],
+    system_id: &[u8],
+) -> Result<AesKey, CryptoError> {
+    let cipher = master.cipher();
+    let (mut k1, mut k2) = subkeys(&cipher);
+    let m = an10922_input([uid, aid, system_id], &k1, &k2);
+    k1.zeroize();
+    k2.zeroize();
+    let mut m = m?;
     let mut state = [0u8; 16];
     for block in m.chunks_exact(16) {
         for i in 0..16 {
@@ -196,8 +222,6 @@ pub fn diversify_an10922(
         cipher.encrypt_block((&mut state).into());
     }
     m.zeroize();
-    k1.zeroize();
-    k2.zeroize();
     Ok(AesKey(state))
 }
 
@@ -249,25 +273,27 @@ pub fn ev2_session_keys(key: &AesKey, rnd_a: &[u8; 16], rnd_b: &[u8; 16]) -> Ses
     keys
 }
 
-/// SesTMMACKey = CMAC(K_TM, 5A 00 01 00 80 ‖ (TMC+1) as 4 bytes LE ‖ UID (7 bytes)).
-///
-/// `tmc_next` is the counter value the transaction consumes (TMC+1).
-pub fn tm_session_mac_key(k_tm: &AesKey, tmc_next: u32, uid: &[u8; 7]) -> AesKey {
+/// The transaction-MAC session vector `5A 00 01 00 80 ‖ (TMC+1) as 4 bytes LE ‖ UID (7 bytes)`
+/// that SesTMMACKey is the CMAC of (the one copy: software and token HSMs both use it).
+pub fn tm_session_vector(tmc_next: u32, uid: &[u8; 7]) -> [u8; 16] {
     let mut sv = [0u8; 16];
     sv[0..5].copy_from_slice(&[0x5A, 0x00, 0x01, 0x00, 0x80]);
     sv[5..9].copy_from_slice(&tmc_next.to_le_bytes());
     sv[9..16].copy_from_slice(uid);
-    AesKey(cmac(k_tm, &sv))
+    sv
+}
+
+/// SesTMMACKey = CMAC(K_TM, [`tm_session_vector`]).
+///
+/// `tmc_next` is the counter value the transaction consumes (TMC+1).
+pub fn tm_session_mac_key(k_tm: &AesKey, tmc_next: u32, uid: &[u8; 7]) -> AesKey {
+    AesKey(cmac(k_tm, &tm_session_vector(tmc_next, uid)))
 }
 
 /// [`tm_session_mac_key`] from K_TM's expanded CMAC state.
 pub fn tm_session_mac_key_with(k_tm: &Cmac<Aes128>, tmc_next: u32, uid: &[u8; 7]) -> AesKey {
-    let mut sv = [0u8; 16];
-    sv[0..5].copy_from_slice(&[0x5A, 0x00, 0x01, 0x00, 0x80]);
-    sv[5..9].copy_from_slice(&tmc_next.to_le_bytes());
-    sv[9..16].copy_from_slice(uid);
     let mut m = k_tm.clone();
-    m.update(&sv);
+    m.update(&tm_session_vector(tmc_next, uid));
     AesKey(m.finalize().into_bytes().into())
 }
 

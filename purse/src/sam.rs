@@ -222,6 +222,18 @@ pub fn reader_id_of_device(device_id: u32) -> [u8; 16] {
     r
 }
 
+/// Whether a back-office HSM may open an EV2 session with a card key of `kind`: never with
+/// the transaction-MAC key, which it holds only to check the card's transaction MACs (a
+/// session under K_TM would let whoever drives the HSM compute them). The one copy of the
+/// refusal: [`SoftwareHsm`] and `tapgate-pkcs11`'s token HSM both call it from
+/// [`Authenticator::holds_version`] and [`Authenticator::auth_part1`].
+pub fn hsm_may_authenticate(kind: KeyKind) -> Result<(), SamError> {
+    if kind == KeyKind::Tmac {
+        return Err(SamError::NotAllowed("authenticating with the TMAC key"));
+    }
+    Ok(())
+}
+
 /// Runs the terminal side of the EV2 authentication with a diversified card key it holds.
 pub trait Authenticator {
     /// Part 1 with the card key of `kind`/`version` for card `uid`.
@@ -549,7 +561,7 @@ impl SoftwareHsm {
 
 impl Authenticator for SoftwareHsm {
     fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
-        kind != KeyKind::Tmac && self.keys.get(kind, version).is_ok()
+        hsm_may_authenticate(kind).is_ok() && self.keys.get(kind, version).is_ok()
     }
 
     fn auth_part1(
@@ -560,9 +572,7 @@ impl Authenticator for SoftwareHsm {
         ek_rnd_b: &[u8],
         rng: &mut dyn RngCore,
     ) -> Result<(PendingAuth, [u8; 32]), SamError> {
-        if kind == KeyKind::Tmac {
-            return Err(SamError::NotAllowed("authenticating with the TMAC key"));
-        }
+        hsm_may_authenticate(kind)?;
         let key = self.keys.card_key(kind, version, uid)?;
         pcd_auth_part1(key, ek_rnd_b, rng)
     }

@@ -128,22 +128,6 @@ pub enum Outcome {
 /// The record size the terminal expects on the card.
 pub const RECORD_SIZE: usize = crate::card::RECORD_SIZE;
 
-/// The commands of a [`Dialogue`], in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stage {
-    Select,
-    KeyVersion,
-    Auth1,
-    Auth2,
-    GetValue,
-    ReadTm,
-    ReadRecords,
-    Value,
-    ReaderId,
-    WriteRecord,
-    Commit,
-}
-
 /// What a [`Dialogue`] wants next.
 #[derive(Debug)]
 pub enum Step {
@@ -159,6 +143,94 @@ pub enum Step {
     Done(Outcome),
 }
 
+/// A command of the value batch whose answer is still expected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cmd {
+    Value,
+    ReaderId,
+    WriteRecord,
+    Commit,
+}
+
+impl Cmd {
+    fn step(self) -> &'static str {
+        match self {
+            Cmd::Value => "value command",
+            Cmd::ReaderId => "commit reader id",
+            Cmd::WriteRecord => "write record",
+            Cmd::Commit => "commit",
+        }
+    }
+}
+
+/// The change the caller decided, sent to the card in the value batch.
+#[derive(Clone, Copy, Debug)]
+struct Change {
+    kind: TxKind,
+    amount_minor: i32,
+    reader_id: Option<[u8; 16]>,
+}
+
+/// Where a [`Dialogue`] is. Each stage names the answer it expects next and holds exactly what
+/// the card has shown so far, so no later stage can run without what an earlier one proved.
+enum Stage {
+    /// SelectApplication's answer (GetKeyVersion's and part 1's follow in the same batch).
+    Select,
+    /// GetKeyVersion's answer.
+    KeyVersion,
+    /// AuthenticateEV2First part 1's answer: E(K, RndB).
+    Auth1 { key_version: u8 },
+    /// Part 2's answer: the card's proof of the key.
+    Auth2 {
+        key_version: u8,
+        pending: crate::sam::PendingAuth,
+    },
+    /// GetValue's answer under MAC (the TM file and the records follow in the same batch).
+    ReadValue { ch: Channel, key_version: u8 },
+    /// ReadData(TM file)'s answer under MAC.
+    ReadTm {
+        ch: Channel,
+        key_version: u8,
+        balance_minor: i32,
+    },
+    /// ReadRecords' answer under MAC.
+    ReadRecords {
+        ch: Channel,
+        key_version: u8,
+        balance_minor: i32,
+        tmc: u32,
+        last_tmv: [u8; 8],
+    },
+    /// The card has been read: the caller's [`Dialogue::decide`] is next.
+    Deciding { ch: Channel, snapshot: CardSnapshot },
+    /// The value batch is out: the answers of `outstanding` are expected, the commit's last.
+    Committing {
+        ch: Channel,
+        snapshot: CardSnapshot,
+        change: Change,
+        outstanding: std::collections::VecDeque<Cmd>,
+    },
+    /// Finished or failed; a failed dialogue keeps the snapshot it had read.
+    Ended { snapshot: Option<CardSnapshot> },
+}
+
+impl Stage {
+    fn name(&self) -> &'static str {
+        match self {
+            Stage::Select => "select",
+            Stage::KeyVersion => "key version",
+            Stage::Auth1 { .. } => "authentication part 1",
+            Stage::Auth2 { .. } => "authentication part 2",
+            Stage::ReadValue { .. } => "get value",
+            Stage::ReadTm { .. } => "read TM file",
+            Stage::ReadRecords { .. } => "read records",
+            Stage::Deciding { .. } => "deciding",
+            Stage::Committing { .. } => "committing",
+            Stage::Ended { .. } => "ended",
+        }
+    }
+}
+
 /// One card transaction as a sans-IO state machine: it takes the card's answers and returns
 /// the next commands, so the bytes can travel over anything — an emulated card, a PC/SC
 /// reader, or an HTTP relay (the charging server).
@@ -172,26 +244,14 @@ pub struct Dialogue {
     uid: [u8; 7],
     key: KeyKind,
     value_code: u8,
-    outstanding: std::collections::VecDeque<Stage>,
-    awaiting_decision: bool,
-    finished: bool,
-    key_version: Option<u8>,
-    pending_auth: Option<crate::sam::PendingAuth>,
-    ch: Option<Channel>,
-    balance_minor: i32,
-    tmc: u32,
-    last_tmv: [u8; 8],
-    snapshot: Option<CardSnapshot>,
-    decided: Option<(TxKind, i32)>,
-    reader_id: Option<[u8; 16]>,
-    tm: Option<Vec<u8>>,
+    stage: Stage,
 }
 
 impl std::fmt::Debug for Dialogue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dialogue")
             .field("uid", &hex::encode_upper(self.uid))
-            .field("outstanding", &self.outstanding)
+            .field("stage", &self.stage.name())
             .finish_non_exhaustive()
     }
 }
@@ -199,26 +259,17 @@ impl std::fmt::Debug for Dialogue {
 impl Dialogue {
     /// Starts a dialogue with the card `uid` (from anticollision) using card key `key`;
     /// `value_code` is Debit, Credit or LimitedCredit. Returns the first batch of APDUs.
+    ///
+    /// # Panics
+    /// If `key` is not a card key (the device keys are not on cards).
     pub fn start(uid: [u8; 7], key: KeyKind, value_code: u8) -> (Dialogue, Vec<Vec<u8>>) {
-        let key_no = key.card_key_no().expect("card key");
+        let key_no = key.card_key_no().expect("a card key");
         (
             Dialogue {
                 uid,
                 key,
                 value_code,
-                outstanding: [Stage::Select, Stage::KeyVersion, Stage::Auth1].into(),
-                awaiting_decision: false,
-                finished: false,
-                key_version: None,
-                pending_auth: None,
-                ch: None,
-                balance_minor: 0,
-                tmc: 0,
-                last_tmv: [0; 8],
-                snapshot: None,
-                decided: None,
-                reader_id: None,
-                tm: None,
+                stage: Stage::Select,
             },
             vec![
                 apdu::wrap(ins::SELECT_APPLICATION, &DEFAULT_AID),
@@ -235,30 +286,29 @@ impl Dialogue {
 
     /// The snapshot, once the card has been read.
     pub fn snapshot(&self) -> Option<&CardSnapshot> {
-        self.snapshot.as_ref()
+        match &self.stage {
+            Stage::Deciding { snapshot, .. } | Stage::Committing { snapshot, .. } => Some(snapshot),
+            Stage::Ended { snapshot } => snapshot.as_ref(),
+            _ => None,
+        }
     }
 
     /// Whether the commit command has been handed out (after that, a lost answer leaves the
     /// outcome unknown until the card's next contact).
     pub fn commit_sent(&self) -> bool {
-        self.outstanding.contains(&Stage::Commit)
+        matches!(self.stage, Stage::Committing { .. })
     }
 
     /// Takes the open secure channel (for read-only sessions that stop at the decision).
     pub fn into_channel(self) -> Option<Channel> {
-        self.ch
-    }
-
-    fn channel(&mut self) -> &mut Channel {
-        self.ch
-            .as_mut()
-            .expect("channel exists after authentication")
-    }
-
-    fn fail(&mut self, e: TxError) -> Result<Step, TxError> {
-        self.finished = true;
-        self.outstanding.clear();
-        Err(e)
+        match self.stage {
+            Stage::ReadValue { ch, .. }
+            | Stage::ReadTm { ch, .. }
+            | Stage::ReadRecords { ch, .. }
+            | Stage::Deciding { ch, .. }
+            | Stage::Committing { ch, .. } => Some(ch),
+            _ => None,
+        }
     }
 
     /// Feeds the card's answer to the oldest outstanding command.
@@ -268,189 +318,195 @@ impl Dialogue {
         rng: &mut dyn RngCore,
         resp: &[u8],
     ) -> Result<Step, TxError> {
-        let Some(stage) = self.outstanding.pop_front() else {
+        if matches!(self.stage, Stage::Deciding { .. } | Stage::Ended { .. }) {
             return Err(TxError::Protocol {
                 step: "dialogue",
                 what: "no command is outstanding",
             });
-        };
-        if let Err(e) = self.process(stage, auth, rng, resp) {
-            return self.fail(e);
         }
-        if !self.outstanding.is_empty() {
-            return Ok(Step::Continue);
-        }
-        let next = match stage {
-            Stage::Auth1 => self.auth2_batch(),
-            Stage::Auth2 => self.read_batch(),
-            Stage::ReadRecords => {
-                self.awaiting_decision = true;
-                return Ok(Step::Decide(self.snapshot.clone().expect("built")));
+        let stage = std::mem::replace(&mut self.stage, Stage::Ended { snapshot: None });
+        match self.advance(stage, auth, rng, resp) {
+            Ok((next, step)) => {
+                self.stage = next;
+                Ok(step)
             }
-            Stage::Commit => {
-                let tm = self.tm.take().expect("commit answer kept");
-                match self.finish(&tm) {
-                    Ok(o) => {
-                        self.finished = true;
-                        return Ok(Step::Done(o));
-                    }
-                    Err(e) => return self.fail(e),
-                }
+            Err((snapshot, e)) => {
+                self.stage = Stage::Ended { snapshot };
+                Err(e)
             }
-            _ => Err(TxError::Protocol {
-                step: "dialogue",
-                what: "batch ended at an unexpected command",
-            }),
-        };
-        match next {
-            Ok(st) => Ok(st),
-            Err(e) => self.fail(e),
         }
     }
 
-    fn process(
-        &mut self,
+    /// One answer: the stage after it and what to tell the caller, or the error that ends the
+    /// dialogue (with the snapshot, if the card had been read).
+    fn advance(
+        &self,
         stage: Stage,
         auth: &mut dyn Authenticator,
         rng: &mut dyn RngCore,
         resp: &[u8],
-    ) -> Result<(), TxError> {
-        match stage {
+    ) -> Result<(Stage, Step), (Option<CardSnapshot>, TxError)> {
+        let unread = |e: TxError| (None, e);
+        Ok(match stage {
             Stage::Select => {
-                ok_data(resp, "select")?;
+                ok_data(resp, "select").map_err(unread)?;
+                (Stage::KeyVersion, Step::Continue)
             }
             Stage::KeyVersion => {
-                let [v] = ok_data(resp, "get key version")?[..] else {
-                    return Err(TxError::Protocol {
-                        step: "get key version",
-                        what: "not one byte",
-                    });
+                let key_version = self.key_version(auth, resp).map_err(unread)?;
+                (Stage::Auth1 { key_version }, Step::Continue)
+            }
+            Stage::Auth1 { key_version } => {
+                let (pending, frame) = self.auth1(auth, rng, key_version, resp).map_err(unread)?;
+                let cmd = apdu::wrap(ins::ADDITIONAL_FRAME, &frame);
+                (
+                    Stage::Auth2 {
+                        key_version,
+                        pending,
+                    },
+                    Step::Transmit(vec![cmd]),
+                )
+            }
+            Stage::Auth2 {
+                key_version,
+                pending,
+            } => {
+                let answer = ok_data(resp, "authenticate").map_err(unread)?;
+                let mut ch = auth
+                    .auth_part2(pending, answer)
+                    .map_err(|e| unread(e.into()))?;
+                let cmds = read_batch(&mut ch).map_err(unread)?;
+                (Stage::ReadValue { ch, key_version }, Step::Transmit(cmds))
+            }
+            Stage::ReadValue {
+                mut ch,
+                key_version,
+            } => {
+                let balance_minor = read_value(resp, &mut ch).map_err(unread)?;
+                let next = Stage::ReadTm {
+                    ch,
+                    key_version,
+                    balance_minor,
                 };
-                if !auth.holds_version(self.key, v) {
-                    return Err(TxError::UnknownKeyVersion(v));
-                }
-                self.key_version = Some(v);
+                (next, Step::Continue)
             }
-            Stage::Auth1 => {
-                let (ek_rnd_b, status) = split(resp, "authenticate")?;
-                if status != Status::AdditionalFrame {
-                    return Err(TxError::Card {
-                        step: "authenticate",
-                        status,
-                    });
-                }
-                let v = self.key_version.ok_or(TxError::Protocol {
-                    step: "authenticate",
-                    what: "key version unknown",
-                })?;
-                let (pending, frame) = auth.auth_part1(self.key, v, &self.uid, ek_rnd_b, rng)?;
-                self.pending_auth = Some(pending);
-                self.tm = Some(frame.to_vec());
+            Stage::ReadTm {
+                mut ch,
+                key_version,
+                balance_minor,
+            } => {
+                let tm = open(resp, &mut ch, CommMode::Mac, "read TM file").map_err(unread)?;
+                let (tmc, last_tmv) =
+                    tmc_tmv(&tm, "read TM file", "TM file is not 12 bytes").map_err(unread)?;
+                let next = Stage::ReadRecords {
+                    ch,
+                    key_version,
+                    balance_minor,
+                    tmc,
+                    last_tmv,
+                };
+                (next, Step::Continue)
             }
-            Stage::Auth2 => {
-                let answer = ok_data(resp, "authenticate")?;
-                let pending = self.pending_auth.take().expect("part 1 ran");
-                self.ch = Some(auth.auth_part2(pending, answer)?);
-            }
-            Stage::GetValue => {
-                let v = open(resp, self.channel(), CommMode::Mac, "get value")?;
-                self.balance_minor =
-                    i32::from_le_bytes(v[..].try_into().map_err(|_| TxError::Protocol {
-                        step: "get value",
-                        what: "value is not 4 bytes",
-                    })?);
-            }
-            Stage::ReadTm => {
-                let tm = open(resp, self.channel(), CommMode::Mac, "read TM file")?;
-                if tm.len() != 12 {
-                    return Err(TxError::Protocol {
-                        step: "read TM file",
-                        what: "TM file is not 12 bytes",
-                    });
-                }
-                self.tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
-                self.last_tmv = tm[4..].try_into().expect("8");
-            }
-            Stage::ReadRecords => {
-                let recs = open(resp, self.channel(), CommMode::Mac, "read records")?;
-                if !recs.len().is_multiple_of(RECORD_SIZE) {
-                    return Err(TxError::Protocol {
-                        step: "read records",
-                        what: "records are not whole",
-                    });
-                }
-                self.snapshot = Some(CardSnapshot {
+            Stage::ReadRecords {
+                mut ch,
+                key_version,
+                balance_minor,
+                tmc,
+                last_tmv,
+            } => {
+                let records = read_records(resp, &mut ch).map_err(unread)?;
+                let snapshot = CardSnapshot {
                     uid: self.uid,
-                    key_version: self.key_version.unwrap_or_default(),
-                    balance_minor: self.balance_minor,
-                    tmc: self.tmc,
-                    last_tmv: self.last_tmv,
-                    records: recs
-                        .chunks_exact(RECORD_SIZE)
-                        .map(|c| c.try_into().expect("whole record"))
-                        .collect(),
-                });
+                    key_version,
+                    balance_minor,
+                    tmc,
+                    last_tmv,
+                    records,
+                };
+                let step = Step::Decide(snapshot.clone());
+                (Stage::Deciding { ch, snapshot }, step)
             }
-            Stage::Value => {
-                open(resp, self.channel(), CommMode::Mac, "value command")?;
+            Stage::Committing {
+                mut ch,
+                snapshot,
+                change,
+                mut outstanding,
+            } => {
+                let Some(cmd) = outstanding.pop_front() else {
+                    let e = TxError::Protocol {
+                        step: "dialogue",
+                        what: "no command is outstanding",
+                    };
+                    return Err((Some(snapshot), e));
+                };
+                let answer = match open(resp, &mut ch, CommMode::Mac, cmd.step()) {
+                    Ok(a) => a,
+                    Err(e) => return Err((Some(snapshot), e)),
+                };
+                if cmd != Cmd::Commit {
+                    let next = Stage::Committing {
+                        ch,
+                        snapshot,
+                        change,
+                        outstanding,
+                    };
+                    return Ok((next, Step::Continue));
+                }
+                match finish(&snapshot, change, &answer) {
+                    Ok(receipt) => (
+                        Stage::Ended { snapshot: None },
+                        Step::Done(Outcome::Committed { snapshot, receipt }),
+                    ),
+                    Err(e) => return Err((Some(snapshot), e)),
+                }
             }
-            Stage::ReaderId => {
-                open(resp, self.channel(), CommMode::Mac, "commit reader id")?;
+            Stage::Deciding { snapshot, .. } => {
+                let e = TxError::Protocol {
+                    step: "dialogue",
+                    what: "no command is outstanding",
+                };
+                return Err((Some(snapshot), e));
             }
-            Stage::WriteRecord => {
-                open(resp, self.channel(), CommMode::Mac, "write record")?;
+            Stage::Ended { snapshot } => {
+                let e = TxError::Protocol {
+                    step: "dialogue",
+                    what: "no command is outstanding",
+                };
+                return Err((snapshot, e));
             }
-            Stage::Commit => {
-                let tm = open(resp, self.channel(), CommMode::Mac, "commit")?;
-                self.tm = Some(tm);
-            }
+        })
+    }
+
+    /// GetKeyVersion's answer: one byte, a version this SAM/HSM holds.
+    fn key_version(&self, auth: &dyn Authenticator, resp: &[u8]) -> Result<u8, TxError> {
+        let [v] = ok_data(resp, "get key version")?[..] else {
+            return Err(TxError::Protocol {
+                step: "get key version",
+                what: "not one byte",
+            });
+        };
+        if !auth.holds_version(self.key, v) {
+            return Err(TxError::UnknownKeyVersion(v));
         }
-        Ok(())
+        Ok(v)
     }
 
-    fn auth2_batch(&mut self) -> Result<Step, TxError> {
-        let frame = self.tm.take().expect("auth part 1 frame");
-        self.outstanding.push_back(Stage::Auth2);
-        Ok(Step::Transmit(vec![apdu::wrap(
-            ins::ADDITIONAL_FRAME,
-            &frame,
-        )]))
-    }
-
-    fn secure_ahead(
-        &mut self,
-        ahead: u16,
-        code: u8,
-        header: &[u8],
-        data: &[u8],
-        step: &'static str,
-    ) -> Result<Vec<u8>, TxError> {
-        self.channel()
-            .command_apdu_ahead(ahead, code, header, data, CommMode::Mac)
-            .map_err(|source| TxError::Sm { step, source })
-    }
-
-    fn read_batch(&mut self) -> Result<Step, TxError> {
-        let cmds = vec![
-            self.secure_ahead(0, ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?,
-            self.secure_ahead(
-                1,
-                ins::READ_DATA,
-                &[FILE_TMAC, 0, 0, 0, 0, 0, 0],
-                &[],
-                "read TM file",
-            )?,
-            self.secure_ahead(
-                2,
-                ins::READ_RECORDS,
-                &[FILE_RECORDS, 0, 0, 0, 0, 0, 0],
-                &[],
-                "read records",
-            )?,
-        ];
-        self.outstanding
-            .extend([Stage::GetValue, Stage::ReadTm, Stage::ReadRecords]);
-        Ok(Step::Transmit(cmds))
+    /// Part 1's answer (AF, E(K, RndB)): the SAM's half and the frame part 2 sends.
+    fn auth1(
+        &self,
+        auth: &mut dyn Authenticator,
+        rng: &mut dyn RngCore,
+        key_version: u8,
+        resp: &[u8],
+    ) -> Result<(crate::sam::PendingAuth, [u8; 32]), TxError> {
+        let (ek_rnd_b, status) = split(resp, "authenticate")?;
+        if status != Status::AdditionalFrame {
+            return Err(TxError::Card {
+                step: "authenticate",
+                status,
+            });
+        }
+        Ok(auth.auth_part1(self.key, key_version, &self.uid, ek_rnd_b, rng)?)
     }
 
     /// Applies the caller's decision (after [`Step::Decide`]).
@@ -459,26 +515,60 @@ impl Dialogue {
         auth: &mut dyn Authenticator,
         decision: Decision,
     ) -> Result<Step, TxError> {
-        if !self.awaiting_decision {
-            return Err(TxError::Protocol {
-                step: "decide",
-                what: "the card has not been read yet",
-            });
-        }
-        self.awaiting_decision = false;
+        let (mut ch, snapshot) =
+            match std::mem::replace(&mut self.stage, Stage::Ended { snapshot: None }) {
+                Stage::Deciding { ch, snapshot } => (ch, snapshot),
+                other => {
+                    self.stage = other;
+                    return Err(TxError::Protocol {
+                        step: "decide",
+                        what: "the card has not been read yet",
+                    });
+                }
+            };
         let (amount_minor, record) = match decision {
-            Decision::Refuse => {
-                self.finished = true;
-                let snapshot = self.snapshot.take().expect("read before deciding");
-                return Ok(Step::Done(Outcome::Refused { snapshot }));
-            }
+            Decision::Refuse => return Ok(Step::Done(Outcome::Refused { snapshot })),
             Decision::Apply {
                 amount_minor,
                 record,
             } => (amount_minor, record),
         };
+        let change = match self.change(auth, amount_minor) {
+            Ok(c) => c,
+            Err(e) => {
+                self.stage = Stage::Ended {
+                    snapshot: Some(snapshot),
+                };
+                return Err(e);
+            }
+        };
+        if amount_minor == 0 && record.is_none() {
+            return Ok(Step::Done(Outcome::Refused { snapshot }));
+        }
+        match self.value_batch(auth, &mut ch, change, record) {
+            Ok((cmds, outstanding)) => {
+                self.stage = Stage::Committing {
+                    ch,
+                    snapshot,
+                    change,
+                    outstanding,
+                };
+                Ok(Step::Transmit(cmds))
+            }
+            Err(e) => {
+                self.stage = Stage::Ended {
+                    snapshot: Some(snapshot),
+                };
+                Err(e)
+            }
+        }
+    }
+
+    /// The change an amount makes with this dialogue's value command (and the reader id this
+    /// SAM commits, if any).
+    fn change(&self, auth: &dyn Authenticator, amount_minor: i32) -> Result<Change, TxError> {
         if amount_minor < 0 {
-            return self.fail(TxError::Protocol {
+            return Err(TxError::Protocol {
                 step: "decide",
                 what: "negative amount",
             });
@@ -489,110 +579,182 @@ impl Dialogue {
             (_, ins::CREDIT) => TxKind::Credit,
             (_, ins::LIMITED_CREDIT) => TxKind::LimitedCredit,
             _ => {
-                return self.fail(TxError::Protocol {
+                return Err(TxError::Protocol {
                     step: "decide",
                     what: "not a value command",
                 })
             }
         };
-        if amount_minor == 0 && record.is_none() {
-            self.finished = true;
-            let snapshot = self.snapshot.take().expect("read before deciding");
-            return Ok(Step::Done(Outcome::Refused { snapshot }));
-        }
-        self.decided = Some((kind, amount_minor));
-        let mut cmds = Vec::with_capacity(3);
-        let mut ahead = 0u16;
-        if amount_minor > 0 {
+        Ok(Change {
+            kind,
+            amount_minor,
+            reader_id: auth.reader_id(),
+        })
+    }
+
+    /// The value batch: [value command (FULL)], [CommitReaderID], [WriteRecord], Commit, and
+    /// the answers it expects.
+    fn value_batch(
+        &self,
+        auth: &mut dyn Authenticator,
+        ch: &mut Channel,
+        change: Change,
+        record: Option<Vec<u8>>,
+    ) -> Result<(Vec<Vec<u8>>, std::collections::VecDeque<Cmd>), TxError> {
+        let mut cmds = Vec::with_capacity(4);
+        let mut outstanding = std::collections::VecDeque::with_capacity(4);
+        if change.amount_minor > 0 {
             let code = self.value_code;
-            let body = match auth.wrap_value(self.channel(), code, amount_minor) {
-                Ok(b) => b,
-                Err(e) => return self.fail(e.into()),
-            };
+            let body = auth.wrap_value(ch, code, change.amount_minor)?;
             cmds.push(apdu::wrap(code, &body));
-            self.outstanding.push_back(Stage::Value);
-            ahead += 1;
+            outstanding.push_back(Cmd::Value);
         }
         // A SAM with a reader id (a franchise terminal's) commits it, so the card's
         // transaction MAC proves which SAM made the change.
-        if let Some(rid) = auth.reader_id() {
-            match self.secure_ahead(ahead, ins::COMMIT_READER_ID, &[], &rid, "commit reader id") {
-                Ok(c) => cmds.push(c),
-                Err(e) => return self.fail(e),
-            }
-            self.reader_id = Some(rid);
-            self.outstanding.push_back(Stage::ReaderId);
-            ahead += 1;
+        if let Some(rid) = change.reader_id {
+            let ahead = outstanding.len() as u16;
+            cmds.push(secure_ahead(
+                ch,
+                ahead,
+                ins::COMMIT_READER_ID,
+                &[],
+                &rid,
+                "commit reader id",
+            )?);
+            outstanding.push_back(Cmd::ReaderId);
         }
         if let Some(rec) = record {
             // WriteRecord carries a 24-bit length; a record is at most RECORD_SIZE bytes.
             if rec.len() > RECORD_SIZE {
-                return self.fail(TxError::Protocol {
+                return Err(TxError::Protocol {
                     step: "decide",
                     what: "record longer than a trip record",
                 });
             }
             let l = u32::try_from(rec.len()).unwrap_or(u32::MAX).to_le_bytes();
-            match self.secure_ahead(
+            let header = [FILE_RECORDS, 0, 0, 0, l[0], l[1], l[2]];
+            let ahead = outstanding.len() as u16;
+            cmds.push(secure_ahead(
+                ch,
                 ahead,
                 ins::WRITE_RECORD,
-                &[FILE_RECORDS, 0, 0, 0, l[0], l[1], l[2]],
+                &header,
                 &rec,
                 "write record",
-            ) {
-                Ok(c) => cmds.push(c),
-                Err(e) => return self.fail(e),
-            }
-            self.outstanding.push_back(Stage::WriteRecord);
-            ahead += 1;
+            )?);
+            outstanding.push_back(Cmd::WriteRecord);
         }
-        match self.secure_ahead(ahead, ins::COMMIT_TRANSACTION, &[], &[0x01], "commit") {
-            Ok(c) => cmds.push(c),
-            Err(e) => return self.fail(e),
-        }
-        self.outstanding.push_back(Stage::Commit);
-        Ok(Step::Transmit(cmds))
+        let ahead = outstanding.len() as u16;
+        cmds.push(secure_ahead(
+            ch,
+            ahead,
+            ins::COMMIT_TRANSACTION,
+            &[],
+            &[0x01],
+            "commit",
+        )?);
+        outstanding.push_back(Cmd::Commit);
+        Ok((cmds, outstanding))
     }
+}
 
-    fn finish(&mut self, tm: &[u8]) -> Result<Outcome, TxError> {
-        let snapshot = self.snapshot.take().expect("read before commit");
-        let (kind, amount_minor) = self.decided.take().expect("decided before commit");
-        if tm.len() != 12 {
-            return Err(TxError::Protocol {
-                step: "commit",
-                what: "TMC ‖ TMV is not 12 bytes",
-            });
-        }
-        let tmc = u32::from_le_bytes(tm[..4].try_into().expect("4"));
-        if Some(tmc) != snapshot.tmc.checked_add(1) {
-            return Err(TxError::Protocol {
-                step: "commit",
-                what: "counter did not advance by exactly one",
-            });
-        }
-        let tmv: [u8; 8] = tm[4..].try_into().expect("8");
-        let balance_after_minor = match kind {
-            TxKind::Debit => snapshot.balance_minor.checked_sub(amount_minor),
-            TxKind::Credit | TxKind::LimitedCredit => {
-                snapshot.balance_minor.checked_add(amount_minor)
-            }
-            TxKind::RecordOnly => Some(snapshot.balance_minor),
-        }
-        .ok_or(TxError::Protocol {
+/// A command under MAC, `ahead` commands after the ones already wrapped in this batch.
+fn secure_ahead(
+    ch: &mut Channel,
+    ahead: u16,
+    code: u8,
+    header: &[u8],
+    data: &[u8],
+    step: &'static str,
+) -> Result<Vec<u8>, TxError> {
+    ch.command_apdu_ahead(ahead, code, header, data, CommMode::Mac)
+        .map_err(|source| TxError::Sm { step, source })
+}
+
+/// The reads under MAC: GetValue, ReadData(TM file), ReadRecords.
+fn read_batch(ch: &mut Channel) -> Result<Vec<Vec<u8>>, TxError> {
+    let whole = [0, 0, 0, 0, 0, 0];
+    let tm_file = [
+        FILE_TMAC, whole[0], whole[1], whole[2], whole[3], whole[4], whole[5],
+    ];
+    let records = [FILE_RECORDS, 0, 0, 0, 0, 0, 0];
+    Ok(vec![
+        secure_ahead(ch, 0, ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?,
+        secure_ahead(ch, 1, ins::READ_DATA, &tm_file, &[], "read TM file")?,
+        secure_ahead(ch, 2, ins::READ_RECORDS, &records, &[], "read records")?,
+    ])
+}
+
+/// GetValue's answer: the balance (4 bytes LE).
+fn read_value(resp: &[u8], ch: &mut Channel) -> Result<i32, TxError> {
+    let v = open(resp, ch, CommMode::Mac, "get value")?;
+    let v: [u8; 4] = v[..].try_into().map_err(|_| TxError::Protocol {
+        step: "get value",
+        what: "value is not 4 bytes",
+    })?;
+    Ok(i32::from_le_bytes(v))
+}
+
+/// ReadRecords' answer: whole trip records, newest first.
+fn read_records(resp: &[u8], ch: &mut Channel) -> Result<Vec<crate::card::TripRecord>, TxError> {
+    let recs = open(resp, ch, CommMode::Mac, "read records")?;
+    let (records, rest) = recs.as_chunks::<RECORD_SIZE>();
+    if !rest.is_empty() {
+        return Err(TxError::Protocol {
+            step: "read records",
+            what: "records are not whole",
+        });
+    }
+    Ok(records.to_vec())
+}
+
+/// TMC (u32 LE) ‖ TMV (8 bytes): the TM file and the commit's answer.
+fn tmc_tmv(
+    bytes: &[u8],
+    step: &'static str,
+    what: &'static str,
+) -> Result<(u32, [u8; 8]), TxError> {
+    let Ok([c0, c1, c2, c3, tmv @ ..]) = <[u8; 12]>::try_from(bytes) else {
+        return Err(TxError::Protocol { step, what });
+    };
+    Ok((u32::from_le_bytes([c0, c1, c2, c3]), tmv))
+}
+
+/// The commit's answer, verified: the counter advanced by exactly one, and the receipt.
+fn finish(snapshot: &CardSnapshot, change: Change, tm: &[u8]) -> Result<CommitReceipt, TxError> {
+    let (tmc, tmv) = tmc_tmv(tm, "commit", "TMC ‖ TMV is not 12 bytes")?;
+    if Some(tmc) != snapshot.tmc.checked_add(1) {
+        return Err(TxError::Protocol {
             step: "commit",
-            what: "the balance after does not fit 32 bits",
-        })?;
-        let receipt = CommitReceipt::verified(
-            snapshot.uid,
-            tmc,
-            tmv,
-            kind,
-            amount_minor,
-            balance_after_minor,
-            snapshot.key_version,
-        )
-        .with_reader(self.reader_id);
-        Ok(Outcome::Committed { snapshot, receipt })
+            what: "counter did not advance by exactly one",
+        });
+    }
+    let balance_after_minor =
+        balance_after(change.kind, snapshot.balance_minor, change.amount_minor).ok_or(
+            TxError::Protocol {
+                step: "commit",
+                what: "the balance after does not fit 32 bits",
+            },
+        )?;
+    Ok(CommitReceipt::verified(
+        snapshot.uid,
+        tmc,
+        tmv,
+        change.kind,
+        change.amount_minor,
+        balance_after_minor,
+        snapshot.key_version,
+    )
+    .with_reader(change.reader_id))
+}
+
+/// The balance after a change of `kind`, or `None` when it does not fit 32 bits (no card can
+/// have committed it).
+fn balance_after(kind: TxKind, before_minor: i32, amount_minor: i32) -> Option<i32> {
+    match kind {
+        TxKind::Debit => before_minor.checked_sub(amount_minor),
+        TxKind::Credit | TxKind::LimitedCredit => before_minor.checked_add(amount_minor),
+        TxKind::RecordOnly => Some(before_minor),
     }
 }
 
@@ -625,7 +787,11 @@ pub fn open_session(
         match exchange(t, &mut d, auth, rng, batch)? {
             Step::Transmit(next) => batch = next,
             Step::Decide(snapshot) => {
-                return Ok((d.into_channel().expect("authenticated"), snapshot))
+                let ch = d.into_channel().ok_or(TxError::Protocol {
+                    step: "open session",
+                    what: "read without a channel",
+                })?;
+                return Ok((ch, snapshot));
             }
             Step::Continue | Step::Done(_) => unreachable!("a dialogue decides before it finishes"),
         }
@@ -649,7 +815,12 @@ pub fn run(
     loop {
         let mut step = exchange(t, &mut d, auth, rng, batch)?;
         if let Step::Decide(snapshot) = step {
-            let f = decide.take().expect("one decision per dialogue");
+            let Some(f) = decide.take() else {
+                return Err(TxError::Protocol {
+                    step: "decide",
+                    what: "a second decision in one dialogue",
+                });
+            };
             step = d.decide(auth, f(&snapshot))?;
         }
         match step {
@@ -790,13 +961,7 @@ impl PendingChange {
 
     /// `None` when it does not fit 32 bits (no card can have committed it).
     fn balance_after_minor(&self) -> Option<i32> {
-        match self.kind {
-            TxKind::Debit => self.balance_before_minor.checked_sub(self.amount_minor),
-            TxKind::Credit | TxKind::LimitedCredit => {
-                self.balance_before_minor.checked_add(self.amount_minor)
-            }
-            TxKind::RecordOnly => Some(self.balance_before_minor),
-        }
+        balance_after(self.kind, self.balance_before_minor, self.amount_minor)
     }
 }
 
