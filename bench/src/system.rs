@@ -21,6 +21,7 @@
 //! Needs the `tapgate` binary built next to this one (`cargo build --release` builds both).
 
 use crate::Figures;
+use charging::reconcile::{card_conserved, CardTruth, ShadowView};
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::{SoftwareHsm, SoftwareSam};
@@ -528,10 +529,22 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         )?;
         anyhow::ensure!(code == 200, "reading a card: {code} {body}");
         let v: serde_json::Value = serde_json::from_str(&body)?;
-        if v["shadow_balance_minor"].as_i64() != Some(i64::from(s.balance_minor)) {
-            out_of_balance += 1;
-        }
-        lost += u64::from(s.tmc).saturating_sub(v["last_tmc"].as_u64().unwrap_or(0));
+        let (balanced, unbooked) = card_conserved(
+            &CardTruth {
+                uid: s.uid,
+                balance_minor: s.balance_minor,
+                tmc: s.tmc,
+            },
+            &ShadowView {
+                balance_minor: v["shadow_balance_minor"].as_i64().unwrap_or(i64::MIN),
+                booked_through_tmc: v["booked_through_tmc"]
+                    .as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(0),
+            },
+        );
+        out_of_balance += u64::from(!balanced);
+        lost += unbooked;
     }
     fleet.disconnect();
     Ok(vec![

@@ -599,6 +599,7 @@ async fn get_card(
         "card_uid": hex::encode_upper(uid),
         "shadow_balance_minor": balance,
         "last_tmc": shadow.last_tmc,
+        "booked_through_tmc": shadow.booked_through_tmc,
         "last_reported_balance_minor": shadow.last_reported_balance_minor,
         "blocked": shadow.blocked,
         "block_reason": shadow.block_reason,
