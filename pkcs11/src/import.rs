@@ -2,8 +2,8 @@
 //! non-extractable objects that can only derive (masters) or sign (the Ed25519 key).
 
 use crate::{master_label, params_label, signing_label, Pkcs11Error, TokenSession, HSM_KINDS};
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use purse::keys::{KeySet, Role};
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use purse::keys::{KeyEntry, KeySet, Role};
 use zeroize::Zeroizing;
 
 /// DER of the Ed25519 curve OID 1.3.101.112 (`CKA_EC_PARAMS` of an Edwards key).
@@ -81,8 +81,55 @@ pub fn import_keyset(
         .collect();
     labels.push(signing_label(prefix));
     labels.push(params_label(prefix));
+    let existing = existing_objects(ts, prefix, &labels, replace)?;
+    // Every new object is created (and checked) before any old one goes: a failure half-way
+    // destroys what was created and leaves the token as it was.
+    let mut created: Vec<ObjectHandle> = Vec::new();
+    let result = (|| -> Result<Vec<Imported>, Pkcs11Error> {
+        let mut out = Vec::new();
+        for e in entries {
+            out.push(create_master(ts, prefix, e, &mut created)?);
+        }
+        out.push(create_signing_key(
+            ts,
+            prefix,
+            seed,
+            &keys.verifying_key,
+            &mut created,
+        )?);
+        out.push(create_params(ts, prefix, &keys, &mut created)?);
+        Ok(out)
+    })();
+    match result {
+        Ok(out) => {
+            for (_, h) in existing {
+                ts.session
+                    .destroy_object(h)
+                    .map_err(Pkcs11Error::call("destroying an object being replaced"))?;
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            for h in created {
+                let _ = ts.session.destroy_object(h);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The objects an import would replace: those with the new labels, and with `replace` every
+/// other master under `prefix` (replacing a key set replaces all of it: masters of versions
+/// the new set lacks would otherwise be found at the next open). Without `replace`, an
+/// existing label is [`Pkcs11Error::Exists`].
+fn existing_objects(
+    ts: &TokenSession,
+    prefix: &str,
+    labels: &[String],
+    replace: bool,
+) -> Result<Vec<(String, ObjectHandle)>, Pkcs11Error> {
     let mut existing = Vec::new();
-    for label in &labels {
+    for label in labels {
         for class in [
             ObjectClass::SECRET_KEY,
             ObjectClass::PRIVATE_KEY,
@@ -103,163 +150,163 @@ pub fn import_keyset(
             });
         }
     }
-    if replace {
-        // Replacing a key set replaces all of it: masters of versions the new set lacks go too
-        // (they would otherwise be found at the next open).
-        let all = ts
-            .session
-            .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
-            .map_err(Pkcs11Error::call("finding old masters"))?;
-        for h in all {
-            let label = ts
-                .session
-                .get_attributes(h, &[cryptoki::object::AttributeType::Label])
-                .map_err(Pkcs11Error::call("reading a label"))?
-                .into_iter()
-                .find_map(|a| match a {
-                    Attribute::Label(l) => String::from_utf8(l).ok(),
-                    _ => None,
-                });
-            if let Some(l) = label {
-                if crate::parse_master_label(prefix, &l).is_some()
-                    && !existing.iter().any(|(_, e)| *e == h)
-                {
-                    existing.push((l, h));
-                }
-            }
-        }
+    if !replace {
+        return Ok(existing);
     }
-    // Every new object is created (and checked) before any old one goes: a failure half-way
-    // destroys what was created and leaves the token as it was.
-    let mut created: Vec<cryptoki::object::ObjectHandle> = Vec::new();
-    let result = (|| -> Result<Vec<Imported>, Pkcs11Error> {
-        let mut out = Vec::new();
-        for e in entries {
-            let label = master_label(prefix, e.kind, e.version);
-            let value = Zeroizing::new(e.key.expose_secret().to_vec());
-            let h = create_zeroizing(
-                &ts.session,
-                vec![
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Modifiable(false),
-                    Attribute::Derive(true),
-                    Attribute::Encrypt(false),
-                    Attribute::Decrypt(false),
-                    Attribute::Sign(false),
-                    Attribute::Verify(false),
-                    Attribute::Wrap(false),
-                    Attribute::Unwrap(false),
-                    Attribute::Label(label.clone().into_bytes()),
-                    Attribute::Value(value.to_vec()),
-                ],
-            )
-            .map_err(Pkcs11Error::call("creating a master key object"))?;
-            created.push(h);
-            let mine = kcv(&e.key);
-            if let Ok(attrs) = ts
-                .session
-                .get_attributes(h, &[cryptoki::object::AttributeType::CheckValue])
-            {
-                for a in attrs {
-                    if let Attribute::CheckValue(v) = a {
-                        if v.len() >= 3 && hex::encode_upper(&v[..3]) != mine {
-                            return Err(Pkcs11Error::Malformed {
-                                label,
-                                msg: "the token's key check value differs from the key set's"
-                                    .into(),
-                            });
-                        }
-                    }
-                }
-            }
-            out.push(Imported {
-                label,
-                check: format!("kcv {mine}"),
+    let all = ts
+        .session
+        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])
+        .map_err(Pkcs11Error::call("finding old masters"))?;
+    for h in all {
+        let label = ts
+            .session
+            .get_attributes(h, &[cryptoki::object::AttributeType::Label])
+            .map_err(Pkcs11Error::call("reading a label"))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Label(l) => String::from_utf8(l).ok(),
+                _ => None,
             });
-        }
-
-        let label = signing_label(prefix);
-        let h = create_zeroizing(
-            &ts.session,
-            vec![
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::KeyType(KeyType::EC_EDWARDS),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Modifiable(false),
-                Attribute::Sign(true),
-                Attribute::Derive(false),
-                Attribute::EcParams(ED25519_OID.to_vec()),
-                Attribute::Label(label.clone().into_bytes()),
-                Attribute::Value(seed.to_vec()),
-            ],
-        )
-        .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
-        created.push(h);
-        let mut point = vec![0x04, 0x20];
-        point.extend_from_slice(&keys.verifying_key);
-        let h = ts
-            .session
-            .create_object(&[
-                Attribute::Class(ObjectClass::PUBLIC_KEY),
-                Attribute::KeyType(KeyType::EC_EDWARDS),
-                Attribute::Token(true),
-                Attribute::Private(false),
-                Attribute::Verify(true),
-                Attribute::EcParams(ED25519_OID.to_vec()),
-                Attribute::EcPoint(point),
-                Attribute::Label(label.clone().into_bytes()),
-            ])
-            .map_err(Pkcs11Error::call("creating the Ed25519 public key"))?;
-        created.push(h);
-        out.push(Imported {
-            label,
-            check: format!("ed25519 public {}", hex::encode_upper(keys.verifying_key)),
-        });
-
-        let label = params_label(prefix);
-        let h = ts
-            .session
-            .create_object(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Modifiable(false),
-                Attribute::Application(b"tapgate".to_vec()),
-                Attribute::Label(label.clone().into_bytes()),
-                Attribute::Value(encode_params(&keys)),
-            ])
-            .map_err(Pkcs11Error::call("creating the parameters object"))?;
-        created.push(h);
-        out.push(Imported {
-            label,
-            check: "parameters".into(),
-        });
-        Ok(out)
-    })();
-    match result {
-        Ok(out) => {
-            for (_, h) in existing {
-                ts.session
-                    .destroy_object(h)
-                    .map_err(Pkcs11Error::call("destroying an object being replaced"))?;
+        if let Some(l) = label {
+            if crate::parse_master_label(prefix, &l).is_some()
+                && !existing.iter().any(|(_, e)| *e == h)
+            {
+                existing.push((l, h));
             }
-            Ok(out)
-        }
-        Err(e) => {
-            for h in created {
-                let _ = ts.session.destroy_object(h);
-            }
-            Err(e)
         }
     }
+    Ok(existing)
+}
+
+/// A master as a derive-only token object, its check value compared with the token's.
+fn create_master(
+    ts: &TokenSession,
+    prefix: &str,
+    e: &KeyEntry,
+    created: &mut Vec<ObjectHandle>,
+) -> Result<Imported, Pkcs11Error> {
+    let label = master_label(prefix, e.kind, e.version);
+    let value = Zeroizing::new(e.key.expose_secret().to_vec());
+    let h = create_zeroizing(
+        &ts.session,
+        vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(false),
+            Attribute::Derive(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Value(value.to_vec()),
+        ],
+    )
+    .map_err(Pkcs11Error::call("creating a master key object"))?;
+    created.push(h);
+    let mine = kcv(&e.key);
+    if let Ok(attrs) = ts
+        .session
+        .get_attributes(h, &[cryptoki::object::AttributeType::CheckValue])
+    {
+        for a in attrs {
+            if let Attribute::CheckValue(v) = a {
+                if v.len() >= 3 && hex::encode_upper(&v[..3]) != mine {
+                    return Err(Pkcs11Error::Malformed {
+                        label,
+                        msg: "the token's key check value differs from the key set's".into(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(Imported {
+        label,
+        check: format!("kcv {mine}"),
+    })
+}
+
+/// The Ed25519 signing key pair (the private key sensitive, sign-only).
+fn create_signing_key(
+    ts: &TokenSession,
+    prefix: &str,
+    seed: &[u8; 32],
+    verifying_key: &[u8; 32],
+    created: &mut Vec<ObjectHandle>,
+) -> Result<Imported, Pkcs11Error> {
+    let label = signing_label(prefix);
+    let h = create_zeroizing(
+        &ts.session,
+        vec![
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(false),
+            Attribute::Sign(true),
+            Attribute::Derive(false),
+            Attribute::EcParams(ED25519_OID.to_vec()),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Value(seed.to_vec()),
+        ],
+    )
+    .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
+    created.push(h);
+    let mut point = vec![0x04, 0x20];
+    point.extend_from_slice(verifying_key);
+    let h = ts
+        .session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(ED25519_OID.to_vec()),
+            Attribute::EcPoint(point),
+            Attribute::Label(label.clone().into_bytes()),
+        ])
+        .map_err(Pkcs11Error::call("creating the Ed25519 public key"))?;
+    created.push(h);
+    Ok(Imported {
+        label,
+        check: format!("ed25519 public {}", hex::encode_upper(verifying_key)),
+    })
+}
+
+/// The parameters data object (AID, system id, verifying key).
+fn create_params(
+    ts: &TokenSession,
+    prefix: &str,
+    keys: &KeySet,
+    created: &mut Vec<ObjectHandle>,
+) -> Result<Imported, Pkcs11Error> {
+    let label = params_label(prefix);
+    let h = ts
+        .session
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Application(b"tapgate".to_vec()),
+            Attribute::Label(label.clone().into_bytes()),
+            Attribute::Value(encode_params(keys)),
+        ])
+        .map_err(Pkcs11Error::call("creating the parameters object"))?;
+    created.push(h);
+    Ok(Imported {
+        label,
+        check: "parameters".into(),
+    })
 }
 
 /// `C_CreateObject` with a template holding key bytes, which are zeroized afterwards whatever
