@@ -263,6 +263,10 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
             "tapgate_gateway_taps_forwarded_total",
             st.stats.forwarded.load(Ordering::Relaxed),
         ),
+        (
+            "tapgate_gateway_blocklists_refused_total",
+            st.stats.blocklists_refused.load(Ordering::Relaxed),
+        ),
     ] {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }

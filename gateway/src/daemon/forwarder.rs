@@ -1,0 +1,87 @@
+//! The forwarder: the outbox to clearing over HTTP, with backoff; batch ids are idempotent
+//! (`forward_once`), so a lost answer resends the same batch.
+
+use super::{GatewayConfig, GatewayStats};
+use crate::forward::forward_once;
+use crate::store::Store;
+use purse::keys::KeySet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// Starts the forwarder (it ends at once when no charging server is configured).
+pub(super) fn spawn(
+    cfg: GatewayConfig,
+    store: Store,
+    keys: KeySet,
+    stats: Arc<GatewayStats>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some((base, token)) = cfg.charging.clone() else {
+            return;
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let mut backoff_ms = 50u64;
+        loop {
+            let (s, k, c) = (store.clone(), keys.clone(), cfg.clone());
+            let sink = clearing_sink(agent.clone(), base.clone(), token.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                let mut sink = sink;
+                forward_once(
+                    &s,
+                    &c.gateway_id,
+                    &c.operator,
+                    |d| k.device_key(d).ok(),
+                    c.forward_batch_max_taps,
+                    &mut sink,
+                )
+            })
+            .await;
+            match result {
+                Ok(Ok(0)) => {
+                    backoff_ms = 50;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(Ok(n)) => {
+                    backoff_ms = 50;
+                    stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%e, backoff_ms, "forwarding to clearing failed; retrying the same batch");
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(5_000);
+                }
+                Err(e) => tracing::error!(%e, "forwarder task failed"),
+            }
+        }
+    })
+}
+
+/// Posts a clearing batch to `base` with the gateway's `token` (blocking).
+fn clearing_sink(
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+) -> impl FnMut(&serde_json::Value) -> Result<(), String> + Send + 'static {
+    move |batch: &serde_json::Value| {
+        agent
+            .post(&format!("{base}/v1/clearing/batches"))
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_json(batch.clone())
+            .map(|_| ())
+            .map_err(|e| match e {
+                // The server's reason (a refused operator, a malformed batch) in the log, not
+                // just the status code.
+                ureq::Error::Status(code, r) => {
+                    format!(
+                        "clearing answered {code}: {}",
+                        r.into_string().unwrap_or_default()
+                    )
+                }
+                other => other.to_string(),
+            })
+    }
+}
