@@ -1,0 +1,455 @@
+//! Loading a feed: one function per file, each reading its rows into the [`Feed`].
+
+use super::csv::{parse_amount, AmountError, CsvFile};
+use super::*;
+use crate::table::currency_exponent;
+
+/// Loads a feed whose files `open` returns (`None`: absent): the required files first, then
+/// each file in the order the reference lists them.
+pub(super) fn load_with(open: impl Fn(&'static str) -> Result<Option<CsvFile>>) -> Result<Feed> {
+    let mut feed = Feed::default();
+    let required = |file: &'static str| -> Result<CsvFile> {
+        open(file)?.ok_or(GtfsError::MissingFile { file })
+    };
+    let products = required(FARE_PRODUCTS)?;
+    let leg_rules = required(FARE_LEG_RULES)?;
+    for (file, read) in BEFORE_PRODUCTS {
+        if let Some(f) = open(file)? {
+            read(&f, &mut feed)?;
+        }
+    }
+    fare_products(&products, &mut feed)?;
+    fare_leg_rules(&leg_rules, &mut feed)?;
+    for (file, read) in AFTER_LEG_RULES {
+        if let Some(f) = open(file)? {
+            read(&f, &mut feed)?;
+        }
+    }
+    Ok(feed)
+}
+
+/// Reads one file's rows into the feed.
+type Reader = fn(&CsvFile, &mut Feed) -> Result<()>;
+
+const BEFORE_PRODUCTS: [(&str, Reader); 13] = [
+    (AGENCY, agency),
+    (FEED_INFO, feed_info),
+    (STOPS, stops),
+    (ROUTES, routes),
+    (NETWORKS, networks),
+    (ROUTE_NETWORKS, route_networks),
+    (AREAS, areas),
+    (STOP_AREAS, stop_areas),
+    (CALENDAR, calendar),
+    (CALENDAR_DATES, calendar_dates),
+    (TIMEFRAMES, timeframes),
+    (RIDER_CATEGORIES, rider_categories),
+    (FARE_MEDIA, fare_media),
+];
+
+const AFTER_LEG_RULES: [(&str, Reader); 2] = [
+    (FARE_LEG_JOIN_RULES, fare_leg_join_rules),
+    (FARE_TRANSFER_RULES, fare_transfer_rules),
+];
+
+/// `agency.txt`.
+fn agency(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    for r in f.rows() {
+        feed.agencies.push(AgencyRow {
+            line: r.line,
+            agency_id: r.s("agency_id"),
+            agency_name: r.s("agency_name"),
+            agency_timezone: r.s("agency_timezone"),
+        });
+    }
+    Ok(())
+}
+
+/// `feed_info.txt`.
+fn feed_info(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    if let Some(r) = f.rows().next() {
+        feed.feed_info = Some(FeedInfoRow {
+            line: r.line,
+            feed_start_date: r.date("feed_start_date")?,
+            feed_end_date: r.date("feed_end_date")?,
+        });
+    }
+    Ok(())
+}
+
+/// `stops.txt`.
+fn stops(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["stop_id"])?;
+    let mut rows = Vec::new();
+    for r in f.rows() {
+        rows.push(StopRow {
+            line: r.line,
+            stop_id: r.req("stop_id")?,
+            parent_station: r.s("parent_station"),
+        });
+    }
+    feed.stops = Some(rows);
+    Ok(())
+}
+
+/// `routes.txt`.
+fn routes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["route_id"])?;
+    let mut rows = Vec::new();
+    for r in f.rows() {
+        rows.push(RouteRow {
+            line: r.line,
+            route_id: r.req("route_id")?,
+            network_id: r.s("network_id"),
+        });
+    }
+    feed.routes = Some(rows);
+    Ok(())
+}
+
+/// `networks.txt`.
+fn networks(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["network_id"])?;
+    for r in f.rows() {
+        feed.networks.push(NetworkRow {
+            line: r.line,
+            network_id: r.req("network_id")?,
+            network_name: r.s("network_name"),
+        });
+    }
+    Ok(())
+}
+
+/// `route_networks.txt`.
+fn route_networks(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["network_id", "route_id"])?;
+    for r in f.rows() {
+        feed.route_networks.push(RouteNetworkRow {
+            line: r.line,
+            route_id: r.req("route_id")?,
+            network_id: r.req("network_id")?,
+        });
+    }
+    Ok(())
+}
+
+/// `areas.txt`.
+fn areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["area_id"])?;
+    for r in f.rows() {
+        feed.areas.push(AreaRow {
+            line: r.line,
+            area_id: r.req("area_id")?,
+            area_name: r.s("area_name"),
+        });
+    }
+    Ok(())
+}
+
+/// `stop_areas.txt`.
+fn stop_areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["area_id", "stop_id"])?;
+    for r in f.rows() {
+        feed.stop_areas.push(StopAreaRow {
+            line: r.line,
+            area_id: r.req("area_id")?,
+            stop_id: r.req("stop_id")?,
+        });
+    }
+    Ok(())
+}
+
+/// `calendar.txt`.
+fn calendar(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    const DAYS: [&str; 7] = [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+    ];
+    f.require(&["service_id", "start_date", "end_date"])?;
+    f.require(&DAYS)?;
+    for r in f.rows() {
+        let mut weekdays = 0u8;
+        for (bit, day) in DAYS.iter().enumerate() {
+            if r.enumeration(day, 1, None, "0 or 1")? == 1 {
+                weekdays |= 1 << bit;
+            }
+        }
+        let start_day = r.date("start_date")?;
+        let end_day = r.date("end_date")?;
+        let (Some(start_day), Some(end_day)) = (start_day, end_day) else {
+            let field = if start_day.is_none() {
+                "start_date"
+            } else {
+                "end_date"
+            };
+            return Err(GtfsError::Empty {
+                file: CALENDAR,
+                line: r.line,
+                field,
+            });
+        };
+        if end_day < start_day {
+            return Err(r.invalid("end_date", "end_date is before start_date".to_string()));
+        }
+        feed.calendar.push(CalendarRow {
+            line: r.line,
+            service_id: r.req("service_id")?,
+            weekdays,
+            start_day,
+            end_day,
+        });
+    }
+    Ok(())
+}
+
+/// `calendar_dates.txt`.
+fn calendar_dates(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["service_id", "date", "exception_type"])?;
+    for r in f.rows() {
+        let exception_type =
+            r.enumeration("exception_type", 2, None, "1 (added) or 2 (removed)")?;
+        if exception_type == 0 {
+            return Err(r.bad("exception_type", "1 (added) or 2 (removed)"));
+        }
+        feed.calendar_dates.push(CalendarDateRow {
+            line: r.line,
+            service_id: r.req("service_id")?,
+            day: r.date("date")?.ok_or(GtfsError::Empty {
+                file: CALENDAR_DATES,
+                line: r.line,
+                field: "date",
+            })?,
+            exception_type,
+        });
+    }
+    Ok(())
+}
+
+/// `timeframes.txt`.
+fn timeframes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["timeframe_group_id", "service_id"])?;
+    for r in f.rows() {
+        let (start_s, end_s) = match (r.time("start_time")?, r.time("end_time")?) {
+            (None, None) => (0, 86_400),
+            (Some(s), Some(e)) => (s, e),
+            (None, Some(_)) => {
+                return Err(r.invalid(
+                    "start_time",
+                    "start_time is empty but end_time is set".to_string(),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(r.invalid(
+                    "end_time",
+                    "end_time is empty but start_time is set".to_string(),
+                ))
+            }
+        };
+        if end_s <= start_s {
+            return Err(r.invalid(
+                "end_time",
+                format!(
+                    "end_time {} is not after start_time {}",
+                    r.get("end_time"),
+                    r.get("start_time")
+                ),
+            ));
+        }
+        feed.timeframes.push(TimeframeRow {
+            line: r.line,
+            timeframe_group_id: r.req("timeframe_group_id")?,
+            start_s,
+            end_s,
+            service_id: r.s("service_id"),
+        });
+    }
+    Ok(())
+}
+
+/// `rider_categories.txt`.
+fn rider_categories(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["rider_category_id"])?;
+    for r in f.rows() {
+        feed.rider_categories.push(RiderCategoryRow {
+            line: r.line,
+            rider_category_id: r.req("rider_category_id")?,
+            rider_category_name: r.s("rider_category_name"),
+            is_default_fare_category: r.enumeration(
+                "is_default_fare_category",
+                1,
+                Some(0),
+                "0 or 1",
+            )? == 1,
+        });
+    }
+    Ok(())
+}
+
+/// `fare_media.txt`.
+fn fare_media(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["fare_media_id"])?;
+    for r in f.rows() {
+        feed.fare_media.push(FareMediaRow {
+            line: r.line,
+            fare_media_id: r.req("fare_media_id")?,
+            fare_media_name: r.s("fare_media_name"),
+            fare_media_type: r.enumeration(
+                "fare_media_type",
+                4,
+                Some(0),
+                "a fare media type 0 to 4",
+            )?,
+        });
+    }
+    Ok(())
+}
+
+/// `fare_leg_join_rules.txt`.
+fn fare_leg_join_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["from_network_id", "to_network_id"])?;
+    for r in f.rows() {
+        let row = FareLegJoinRuleRow {
+            line: r.line,
+            from_network_id: r.req("from_network_id")?,
+            to_network_id: r.req("to_network_id")?,
+            from_stop_id: r.s("from_stop_id"),
+            to_stop_id: r.s("to_stop_id"),
+        };
+        if row.from_stop_id.is_empty() != row.to_stop_id.is_empty() {
+            let field = if row.from_stop_id.is_empty() {
+                "from_stop_id"
+            } else {
+                "to_stop_id"
+            };
+            return Err(r.invalid(
+                field,
+                "from_stop_id and to_stop_id must be both set or both empty".to_string(),
+            ));
+        }
+        feed.fare_leg_join_rules.push(row);
+    }
+    Ok(())
+}
+
+/// `fare_transfer_rules.txt`.
+fn fare_transfer_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["fare_transfer_type"])?;
+    for r in f.rows() {
+        let from_leg_group_id = r.s("from_leg_group_id");
+        let to_leg_group_id = r.s("to_leg_group_id");
+        const COUNT: &str = "-1 (no limit) or a positive integer";
+        let transfer_count = r.int::<i32>("transfer_count", COUNT)?;
+        match transfer_count {
+            Some(n) if n == 0 || n < -1 => return Err(r.bad("transfer_count", COUNT)),
+            Some(_) if from_leg_group_id != to_leg_group_id => {
+                return Err(r.invalid(
+                    "transfer_count",
+                    format!(
+                        "transfer_count is forbidden when from_leg_group_id (\"{from_leg_group_id}\") differs from to_leg_group_id (\"{to_leg_group_id}\")"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let duration_limit = r.int::<u32>("duration_limit", "a positive number of seconds")?;
+        if duration_limit == Some(0) {
+            return Err(r.bad("duration_limit", "a positive number of seconds"));
+        }
+        const LIMIT_TYPE: &str = "a duration limit type 0 to 3";
+        let duration_limit_type = match r.int::<u8>("duration_limit_type", LIMIT_TYPE)? {
+            Some(t) if t > 3 => return Err(r.bad("duration_limit_type", LIMIT_TYPE)),
+            t => t,
+        };
+        match (duration_limit, duration_limit_type) {
+            (Some(_), None) => {
+                return Err(r.invalid(
+                    "duration_limit_type",
+                    "required because duration_limit is set".to_string(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(r.invalid(
+                    "duration_limit_type",
+                    "forbidden because duration_limit is empty".to_string(),
+                ))
+            }
+            _ => {}
+        }
+        feed.fare_transfer_rules.push(FareTransferRuleRow {
+            line: r.line,
+            from_leg_group_id,
+            to_leg_group_id,
+            transfer_count,
+            duration_limit,
+            duration_limit_type,
+            fare_transfer_type: r.enumeration(
+                "fare_transfer_type",
+                2,
+                None,
+                "a fare transfer type 0, 1 or 2",
+            )?,
+            fare_product_id: r.s("fare_product_id"),
+        });
+    }
+    Ok(())
+}
+
+/// `fare_products.txt`.
+fn fare_products(products: &CsvFile, feed: &mut Feed) -> Result<()> {
+    products.require(&["fare_product_id", "amount", "currency"])?;
+    for r in products.rows() {
+        let currency = r.req("currency")?;
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(r.bad("currency", "an ISO 4217 currency code, e.g. \"USD\""));
+        }
+        let exponent = currency_exponent(&currency);
+        let amount = r.req("amount")?;
+        let amount_minor = parse_amount(&amount, exponent).map_err(|e| match e {
+            AmountError::Syntax => r.bad("amount", "a decimal amount, e.g. \"2.75\""),
+            AmountError::TooPrecise(n) => r.invalid(
+                "amount",
+                format!("\"{amount}\" has {n} decimals but {currency} has {exponent}"),
+            ),
+            AmountError::TooLarge => r.invalid("amount", format!("\"{amount}\" is too large")),
+        })?;
+        feed.fare_products.push(FareProductRow {
+            line: r.line,
+            fare_product_id: r.req("fare_product_id")?,
+            fare_product_name: r.s("fare_product_name"),
+            rider_category_id: r.s("rider_category_id"),
+            fare_media_id: r.s("fare_media_id"),
+            amount_minor,
+            currency,
+        });
+    }
+    Ok(())
+}
+
+/// `fare_leg_rules.txt`.
+fn fare_leg_rules(leg_rules: &CsvFile, feed: &mut Feed) -> Result<()> {
+    leg_rules.require(&["fare_product_id"])?;
+    feed.has_rule_priority = leg_rules.has("rule_priority");
+    for r in leg_rules.rows() {
+        let rule_priority = r.int::<i32>("rule_priority", "a non-negative integer")?;
+        if rule_priority.is_some_and(|p| p < 0) {
+            return Err(r.bad("rule_priority", "a non-negative integer"));
+        }
+        feed.fare_leg_rules.push(FareLegRuleRow {
+            line: r.line,
+            leg_group_id: r.s("leg_group_id"),
+            network_id: r.s("network_id"),
+            from_area_id: r.s("from_area_id"),
+            to_area_id: r.s("to_area_id"),
+            from_timeframe_group_id: r.s("from_timeframe_group_id"),
+            to_timeframe_group_id: r.s("to_timeframe_group_id"),
+            fare_product_id: r.req("fare_product_id")?,
+            rule_priority,
+        });
+    }
+    Ok(())
+}
