@@ -412,9 +412,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let started = Instant::now();
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for v in 0..fleet.len() {
+        for (v, recs) in records.iter().enumerate() {
             let (c, topic) = (fleet.client(v).clone(), fleet.tap_topic(v));
-            let recs: Vec<Vec<u8>> = records[v][paced_rounds..].to_vec();
+            let recs: Vec<Vec<u8>> = recs[paced_rounds..].to_vec();
             tasks.push(tokio::spawn(async move {
                 for r in recs {
                     c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
