@@ -61,6 +61,19 @@ fn covers(a: &LegRule, b: &LegRule) -> bool {
 pub fn check(engine: &Engine) -> Vec<Finding> {
     let t = engine.table();
     let mut out = Vec::new();
+    same_keys(t, &mut out);
+    unreachable(t, &mut out);
+    uncovered(engine, &mut out);
+    unserved_stops(t, &mut out);
+    unused_timeframes(t, &mut out);
+    unused_products(t, &mut out);
+    weekly_caps(t, &mut out);
+    out.sort_by(|a, b| a.level.cmp(&b.level).then_with(|| a.origin.cmp(&b.origin)));
+    out
+}
+
+/// Same match keys: contradictory (same group, other prices), duplicate, or overlapping.
+fn same_keys(t: &Table, out: &mut Vec<Finding>) {
     let key = |r: &LegRule| {
         (
             r.network,
@@ -71,8 +84,6 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             r.priority,
         )
     };
-
-    // Same match keys: contradictory (same group, other prices), duplicate, or overlapping.
     let mut by_key: BTreeMap<_, Vec<usize>> = BTreeMap::new();
     for (i, r) in t.leg_rules.iter().enumerate() {
         by_key.entry(key(r)).or_default().push(i);
@@ -102,30 +113,36 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             }
         }
     }
+}
 
-    // Unreachable: a higher-priority rule matches every leg this one does.
-    if t.meta.priority_mode {
-        for (j, b) in t.leg_rules.iter().enumerate() {
-            if let Some(a) = t
-                .leg_rules
-                .iter()
-                .enumerate()
-                .find(|(i, a)| *i != j && a.priority > b.priority && covers(a, b))
-                .map(|(_, a)| a)
-            {
-                out.push(Finding {
-                    level: Level::Warning,
-                    origin: b.origin.clone(),
-                    message: format!(
-                        "can never apply: {} (priority {}) matches every leg it does",
-                        a.origin, a.priority
-                    ),
-                });
-            }
+/// Unreachable: a higher-priority rule matches every leg this one does.
+fn unreachable(t: &Table, out: &mut Vec<Finding>) {
+    if !t.meta.priority_mode {
+        return;
+    }
+    for (j, b) in t.leg_rules.iter().enumerate() {
+        if let Some(a) = t
+            .leg_rules
+            .iter()
+            .enumerate()
+            .find(|(i, a)| *i != j && a.priority > b.priority && covers(a, b))
+            .map(|(_, a)| a)
+        {
+            out.push(Finding {
+                level: Level::Warning,
+                origin: b.origin.clone(),
+                message: format!(
+                    "can never apply: {} (priority {}) matches every leg it does",
+                    a.origin, a.priority
+                ),
+            });
         }
     }
+}
 
-    // Stop pairs on each network that no rule prices (timeframes aside), by area signature.
+/// Stop pairs on each network that no rule prices (timeframes aside), by area signature.
+fn uncovered(engine: &Engine, out: &mut Vec<Finding>) {
+    let t = engine.table();
     let mut net_stops: BTreeMap<Idx, BTreeSet<Idx>> = BTreeMap::new();
     for r in &t.routes {
         let e = net_stops.entry(r.network).or_default();
@@ -177,8 +194,10 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             });
         }
     }
+}
 
-    // Defined and never used.
+/// Stops on no route (when routes list their stops).
+fn unserved_stops(t: &Table, out: &mut Vec<Finding>) {
     let mut served = vec![false; t.stops.len()];
     for r in &t.routes {
         for &(s, _) in &r.chainage {
@@ -196,6 +215,10 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             }
         }
     }
+}
+
+/// Timeframes no leg or transfer rule uses.
+fn unused_timeframes(t: &Table, out: &mut Vec<Finding>) {
     let mut used_tf = vec![false; t.timeframes.len()];
     for r in &t.leg_rules {
         for tf in [r.from_timeframe, r.to_timeframe] {
@@ -218,6 +241,10 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             });
         }
     }
+}
+
+/// Products no rule uses, and products with no price.
+fn unused_products(t: &Table, out: &mut Vec<Finding>) {
     let mut used_p = vec![false; t.products.len()];
     for r in &t.leg_rules {
         used_p[r.product as usize] = true;
@@ -243,6 +270,10 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             });
         }
     }
+}
+
+/// A weekly cap below a daily cap of the same riders.
+fn weekly_caps(t: &Table, out: &mut Vec<Finding>) {
     for (i, c) in t.caps.iter().enumerate() {
         if c.period != CapPeriod::Week {
             continue;
@@ -262,8 +293,6 @@ pub fn check(engine: &Engine) -> Vec<Finding> {
             });
         }
     }
-    out.sort_by(|a, b| a.level.cmp(&b.level).then_with(|| a.origin.cmp(&b.origin)));
-    out
 }
 
 #[cfg(test)]

@@ -57,9 +57,17 @@ pub fn rail_stop(l: usize, i: usize) -> String {
 /// The TOML source of a synthetic city.
 pub fn city_source(s: CitySize) -> String {
     let mut o = String::with_capacity(1 << 20);
-    let _ = writeln!(
-        o,
-        r#"[table]
+    o.push_str(HEADER);
+    routes(&mut o, s);
+    zones(&mut o, s);
+    o.push_str(FARES);
+    rail_fares(&mut o, s);
+    o.push_str(TRANSFERS_AND_CAPS);
+    o
+}
+
+/// The table, categories, timeframes, networks and base products.
+const HEADER: &str = r#"[table]
 name = "Synthetic city"
 version = 1
 currency = "KRW"
@@ -68,28 +76,84 @@ day_starts_at = "04:00"
 max_transfers = 4
 
 [categories]
-adult = {{ default = true }}
-youth = {{ percent = 80 }}
-child = {{ percent = 50, surcharge_percent = 0 }}
-senior = {{ percent = 0 }}
-disabled = {{ percent = 0 }}
+adult = { default = true }
+youth = { percent = 80 }
+child = { percent = 50, surcharge_percent = 0 }
+senior = { percent = 0 }
+disabled = { percent = 0 }
 
 [timeframes]
-peak = [{{ days = "mon-fri", from = "07:00", to = "09:30" }}, {{ days = "mon-fri", from = "17:30", to = "19:30" }}]
-night = [{{ from = "21:00", to = "05:00" }}]
+peak = [{ days = "mon-fri", from = "07:00", to = "09:30" }, { days = "mon-fri", from = "17:30", to = "19:30" }]
+night = [{ from = "21:00", to = "05:00" }]
 
 [networks.metro]
-tap_out = {{ penalty = 2800 }}
+tap_out = { penalty = 2800 }
 [networks.bus]
-tap_out = {{ penalty = 1500 }}
+tap_out = { penalty = 1500 }
 [networks.rail]
-tap_out = {{ penalty = 6000 }}
+tap_out = { penalty = 6000 }
 
 [products]
-metro_base = {{ price = 1400, by_category = {{ youth = 900, child = 500 }} }}
-bus_base = {{ price = 1500, by_category = {{ youth = 900, child = 550 }} }}
-"#
-    );
+metro_base = { price = 1400, by_category = { youth = 900, child = 500 } }
+bus_base = { price = 1500, by_category = { youth = 900, child = 550 } }
+
+"#;
+
+/// Metro and bus fares by distance.
+const FARES: &str = r#"
+[[fares]]
+id = "metro"
+network = "metro"
+product = "metro_base"
+distance = { base = "10km", bands = [{ upto = "50km", every = "5km", add = 100 }, { every = "8km", add = 100 }] }
+
+[[fares]]
+id = "bus"
+network = "bus"
+product = "bus_base"
+distance = { base = "10km", bands = [{ upto = "50km", every = "5km", add = 100 }, { every = "8km", add = 100 }] }
+
+"#;
+
+/// Transfers between metro and bus (longer at night) and onto rail; a day and a week cap.
+const TRANSFERS_AND_CAPS: &str = r#"[[transfers]]
+from = ["metro", "bus"]
+to = ["metro", "bus"]
+within = "30m"
+measured = "last_alighting"
+max = 4
+pricing = "distance_combined"
+
+[[transfers]]
+from = ["metro", "bus"]
+to = ["metro", "bus"]
+within = "60m"
+measured = "last_alighting"
+during = "night"
+max = 4
+pricing = "distance_combined"
+
+[[transfers]]
+from = ["metro", "bus"]
+to = "rail"
+within = "30m"
+measured = "last_alighting"
+pricing = "from_leg_plus_cost_plus_to_leg"
+cost = 0
+
+[[caps]]
+period = "day"
+amount = 12000
+categories = ["adult", "youth"]
+
+[[caps]]
+period = "week"
+amount = 60000
+
+"#;
+
+/// Metro lines and bus routes with their stops' distances; rail lines (priced by zone).
+fn routes(o: &mut String, s: CitySize) {
     let stop_list = |ids: Vec<String>, step_m: usize| {
         let names: Vec<String> = ids.iter().map(|i| format!("\"{i}\"")).collect();
         let at: Vec<String> = (0..ids.len())
@@ -138,7 +202,10 @@ bus_base = {{ price = 1500, by_category = {{ youth = 900, child = 550 }} }}
             names.join(", ")
         );
     }
-    // Rail zones: stop i of a line is in zone i * zones / stops.
+}
+
+/// Rail zones: stop i of a line is in zone i * zones / stops.
+fn zones(o: &mut String, s: CitySize) {
     let _ = writeln!(o, "[areas]");
     for z in 0..s.zones {
         let mut members = Vec::new();
@@ -157,22 +224,10 @@ bus_base = {{ price = 1500, by_category = {{ youth = 900, child = 550 }} }}
         members.dedup();
         let _ = writeln!(o, "z{z} = [{}]", members.join(", "));
     }
-    let _ = writeln!(
-        o,
-        r#"
-[[fares]]
-id = "metro"
-network = "metro"
-product = "metro_base"
-distance = {{ base = "10km", bands = [{{ upto = "50km", every = "5km", add = 100 }}, {{ every = "8km", add = 100 }}] }}
+}
 
-[[fares]]
-id = "bus"
-network = "bus"
-product = "bus_base"
-distance = {{ base = "10km", bands = [{{ upto = "50km", every = "5km", add = 100 }}, {{ every = "8km", add = 100 }}] }}
-"#
-    );
+/// The rail origin–destination tables: off-peak, and peak at a higher priority.
+fn rail_fares(o: &mut String, s: CitySize) {
     for (id, extra, peak) in [("rail", 0u32, false), ("rail-peak", 300, true)] {
         let _ = writeln!(
             o,
@@ -190,44 +245,6 @@ distance = {{ base = "10km", bands = [{{ upto = "50km", every = "5km", add = 100
         }
         let _ = writeln!(o, "]\n");
     }
-    let _ = writeln!(
-        o,
-        r#"[[transfers]]
-from = ["metro", "bus"]
-to = ["metro", "bus"]
-within = "30m"
-measured = "last_alighting"
-max = 4
-pricing = "distance_combined"
-
-[[transfers]]
-from = ["metro", "bus"]
-to = ["metro", "bus"]
-within = "60m"
-measured = "last_alighting"
-during = "night"
-max = 4
-pricing = "distance_combined"
-
-[[transfers]]
-from = ["metro", "bus"]
-to = "rail"
-within = "30m"
-measured = "last_alighting"
-pricing = "from_leg_plus_cost_plus_to_leg"
-cost = 0
-
-[[caps]]
-period = "day"
-amount = 12000
-categories = ["adult", "youth"]
-
-[[caps]]
-period = "week"
-amount = 60000
-"#
-    );
-    o
 }
 
 #[cfg(test)]
