@@ -1,0 +1,171 @@
+//! Completion: the card's proof posted, intents voided, torn loads and reversals settled from the card's next snapshot, cards registered.
+
+use super::*;
+
+impl LoadService {
+    pub(super) fn complete(
+        &self,
+        snapshot: &CardSnapshot,
+        receipt: &purse::receipt::CommitReceipt,
+        now_ms: u64,
+        idem: Option<(String, serde_json::Value)>,
+    ) -> Result<(), LoadError> {
+        let uid = receipt.uid();
+        let tmc_before = snapshot.tmc();
+        let balance_after = receipt.balance_after_minor();
+        // One group-committed transaction: the posting, the intent's state, the card's
+        // shadow and the client's stored answer become durable together.
+        let done = self.ledger.transact(move |t| {
+            let action = t.complete_intent(&uid, tmc_before, balance_after, now_ms)?;
+            if let Some((key, value)) = &idem {
+                t.put_idempotent(key, value)?;
+            }
+            Ok(action)
+        })?;
+        if let Some(action) = done {
+            self.apply_funding(&action);
+        }
+        Ok(())
+    }
+
+    pub(super) fn void_intent(
+        &self,
+        uid: &[u8; 7],
+        tmc_before: u32,
+        now_ms: u64,
+    ) -> Result<(), LoadError> {
+        let uid = *uid;
+        let voided = self
+            .ledger
+            .transact(move |t| t.void_intent(&uid, tmc_before, now_ms))?;
+        if let Some(action) = voided {
+            self.apply_funding(&action);
+        }
+        Ok(())
+    }
+
+    /// Settles the card's open intents from a snapshot read under MAC (a later load session,
+    /// or the counter and balance of a cleared tap). Returns how many were settled.
+    pub fn settle_from_snapshot(
+        &self,
+        snap: &CardSnapshot,
+        now_ms: u64,
+    ) -> Result<usize, LoadError> {
+        let open = {
+            let r = self.ledger.read()?;
+            r.open_intents(&snap.uid())?
+        };
+        let mut settled = 0;
+        for intent in open {
+            // Whether the card made *this* change is decided by the record the server wrote
+            // with it (read under MAC in this session), never by counter and balance alone: a
+            // validator's debit (or a franchise credit) of the same amount at the same counter
+            // has the same counter, balance and kind of transaction MAC.
+            let ours = intent_record(&intent);
+            let at = intent.tmc_before + 1;
+            let on_card = snap.records().iter().any(|r| r[..] == ours[..]);
+            if snap.tmc() == at && snap.records().first().is_some_and(|r| r[..] == ours[..]) {
+                let pending = PendingChange {
+                    uid: snap.uid(),
+                    tmc_before: intent.tmc_before,
+                    balance_before_minor: intent.balance_before_minor,
+                    kind: intent.tx_kind(),
+                    amount_minor: intent.amount_minor,
+                    key_version: intent.key_version,
+                };
+                let Ok(Settlement::Committed(receipt)) = txn::settle(&pending, snap) else {
+                    tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card holds its record but not its balance; left for clearing");
+                    continue;
+                };
+                let verified = {
+                    let hsm = self.hsm.lock().expect("hsm lock");
+                    hsm.verify_tmac(&receipt)
+                };
+                // The HSM failing says nothing about the card: fail the request, the intent
+                // stays open for the next contact.
+                if let Err(e @ SamError::Hsm(_)) = verified {
+                    return Err(e.into());
+                }
+                if verified.is_err() {
+                    tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card's transaction MAC does not verify");
+                    continue;
+                }
+                let before = CardSnapshot {
+                    tmc: intent.tmc_before,
+                    ..snap.clone()
+                };
+                self.complete(&before, &receipt, now_ms, None)?;
+            } else if snap.tmc() > at && on_card {
+                // Applied, and the card has transacted since (its MAC for this one is gone):
+                // the record, read under MAC, proves it.
+                let after = i64::from(intent.balance_before_minor) + intent.delta_minor();
+                let Ok(after) = i32::try_from(after) else {
+                    continue;
+                };
+                let (uid, before) = (snap.uid(), intent.tmc_before);
+                let done = self
+                    .ledger
+                    .transact(move |t| t.complete_intent(&uid, before, after, now_ms))?;
+                if let Some(action) = done {
+                    self.apply_funding(&action);
+                }
+            } else if snap.tmc() == intent.tmc_before
+                || (snap.tmc() >= at && !on_card && ((snap.tmc() - at) as usize) < snap.records().len())
+            {
+                // The counter never moved; or the record is not on the card and fewer
+                // transactions followed than the card holds records (whatever size its cyclic
+                // file is, ours could not have been pushed out): the card never applied it.
+                self.void_intent(&snap.uid(), intent.tmc_before, now_ms)?;
+                self.stats.lock().expect("stats").settled_voided += 1;
+                settled += 1;
+                continue;
+            } else {
+                // Counter behind (a restored card) or too far ahead to tell: clearing decides.
+                continue;
+            }
+            self.stats.lock().expect("stats").settled_completed += 1;
+            settled += 1;
+        }
+        Ok(settled)
+    }
+
+    /// Registers a newly personalised card: posts its initial value from `issuer:float`.
+    pub fn register_card(
+        &self,
+        uid: &[u8; 7],
+        personalised_minor: i64,
+        now_ms: u64,
+    ) -> Result<(), LoadError> {
+        // The card holds an i32: a value beyond it would be booked as one amount and held as
+        // another (4 294 967 396 as 100).
+        let Ok(personalised_i32) = i32::try_from(personalised_minor) else {
+            return Err(LoadError::BadRequest(format!(
+                "personalised value {personalised_minor} does not fit a card's 32-bit balance"
+            )));
+        };
+        let reference = format!("issue:{}", hex::encode_upper(uid));
+        let uid = *uid;
+        self.ledger.transact(move |t| {
+            if t.card_known(&uid)? {
+                return Ok(());
+            }
+            if personalised_minor > 0 {
+                t.post(
+                    now_ms,
+                    "issuer:float",
+                    &card_account(&uid),
+                    personalised_minor,
+                    &reference,
+                )?;
+            }
+            t.put_card(
+                &uid,
+                &crate::ledger::CardShadow {
+                    booked_balance_minor: Some(personalised_i32),
+                    ..Default::default()
+                },
+            )
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,320 @@
+//! The decision before any Credit leaves the server: the card's state, limits (per card, per source, per instrument), the funding authorisation and the intent, durable first.
+
+use super::*;
+use crate::ledger::CardShadow;
+
+impl LoadService {
+    /// Checks the ledger and limits, authorises funding and records the intent.
+    /// Returns the decision, or a final refusal.
+    /// At `Step::Decide`: older intents settled from the card's snapshot, the card's state and
+    /// the limits checked, the funding authorised and the intent durable — or a refusal.
+    pub(super) fn decide(
+        &self,
+        s: &mut Session,
+        snap: &CardSnapshot,
+        now_ms: u64,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        self.settle_from_snapshot(snap, now_ms)?;
+        let shadow = {
+            let r = self.ledger.read()?;
+            r.card(&snap.uid())?
+        };
+        if let Some(refusal) = self.card_refusal(s, snap, &shadow) {
+            return Ok(Err(refusal));
+        }
+        if let Some(load_tmc) = s.reverses {
+            return self.decide_reversal(s, snap, load_tmc, now_ms);
+        }
+        let today = day_of(now_ms);
+        if let Some(refusal) = self.limit_refusal(s, snap, &shadow, today)? {
+            return Ok(Err(refusal));
+        }
+        let source = self.sources[&s.request.funding_source].clone();
+        // Unique per session (a retry inside the session reuses it; two racing sessions never
+        // share an authorisation).
+        let reference = format!(
+            "load:{}:{}:{}",
+            hex::encode_upper(snap.uid()),
+            snap.tmc() + 1,
+            s.id
+        );
+        let req = FundingRequest {
+            amount_minor: i64::from(s.request.amount_minor),
+            reference: &reference,
+            instrument: &s.request.instrument,
+        };
+        let auth = match source.authorise(&req) {
+            Err(FundingError::Timeout) => source.authorise(&req), // same reference: safe
+            other => other,
+        };
+        let auth = match auth {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(self.refused(s, "funding_declined", &e.to_string()))),
+        };
+        self.record_intent(s, snap, &*source, auth, now_ms)
+    }
+
+    /// A card the back office will not load: blocked, or a counter behind what was seen (a
+    /// restored or cloned card).
+    fn card_refusal(&self, s: &Session, snap: &CardSnapshot, shadow: &CardShadow) -> Option<Reply> {
+        if shadow.blocked {
+            return Some(self.refused(
+                s,
+                "card_blocked",
+                shadow.block_reason.as_deref().unwrap_or("blocked"),
+            ));
+        }
+        if snap.tmc() < shadow.last_tmc {
+            return Some(self.refused(
+                s,
+                "counter_behind",
+                &format!(
+                    "card reports counter {} but {} was already seen: a restored or cloned card",
+                    snap.tmc(), shadow.last_tmc
+                ),
+            ));
+        }
+        None
+    }
+
+    /// The load's limits: the balance ceiling, the card's daily limit and the instrument's
+    /// daily limit (checked again where it is raised, in [`Self::record_intent`]).
+    fn limit_refusal(
+        &self,
+        s: &Session,
+        snap: &CardSnapshot,
+        shadow: &CardShadow,
+        today: u64,
+    ) -> Result<Option<Reply>, LoadError> {
+        let amount = s.request.amount_minor;
+        if i64::from(snap.balance_minor()) + i64::from(amount)
+            > i64::from(self.cfg.balance_ceiling_minor)
+        {
+            return Ok(Some(self.refused(
+                s,
+                "balance_ceiling",
+                &format!(
+                    "balance {} + {} would exceed the ceiling of {}",
+                    snap.balance_minor(), amount, self.cfg.balance_ceiling_minor
+                ),
+            )));
+        }
+        let loaded_today = if shadow.load_day == today {
+            shadow.load_day_minor
+        } else {
+            0
+        };
+        if loaded_today + i64::from(amount) > self.cfg.max_daily_per_card_minor {
+            return Ok(Some(self.refused(
+                s,
+                "daily_limit",
+                &format!(
+                    "{loaded_today} already loaded today; the daily limit is {}",
+                    self.cfg.max_daily_per_card_minor
+                ),
+            )));
+        }
+        let max_daily = self.cfg.max_daily_for(&s.request.funding_source);
+        let instrument_today = {
+            let r = self.ledger.read()?;
+            r.funding_day_total(&s.request.funding_source, &s.request.instrument, today)?
+        };
+        if instrument_today + i64::from(amount) > max_daily {
+            return Ok(Some(self.instrument_limit(s, instrument_today, max_daily)));
+        }
+        Ok(None)
+    }
+
+    /// Makes the authorised load's intent durable before any Credit leaves the server (group
+    /// commit: shared fsync), raising the instrument's day total where it is checked again (two
+    /// cards loading from one instrument at once); voids the authorisation if it cannot.
+    fn record_intent(
+        &self,
+        s: &mut Session,
+        snap: &CardSnapshot,
+        source: &dyn FundingSource,
+        auth: String,
+        now_ms: u64,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        let (uid, amount, today) = (snap.uid(), s.request.amount_minor, day_of(now_ms));
+        let source_name = s.request.funding_source.clone();
+        let instrument = s.request.instrument.clone();
+        let max_daily = self.cfg.max_daily_for(&source_name);
+        let mut intent = LoadIntent {
+            uid: hex::encode_upper(uid),
+            tmc_before: snap.tmc(),
+            attempt: 0,
+            balance_before_minor: snap.balance_minor(),
+            amount_minor: amount,
+            key_version: snap.key_version(),
+            funding_source: source_name.clone(),
+            funding_auth: auth.clone(),
+            instrument: instrument.clone(),
+            idempotency_key: s.request.idempotency_key.clone(),
+            requested_by: s.caller.clone(),
+            state: IntentState::Authorised,
+            created_ms: now_ms,
+            settled_ms: None,
+            kind: IntentKind::Load,
+            reverses_tmc: None,
+            reversed_at_tmc: None,
+        };
+        let (tmc, balance) = (snap.tmc(), snap.balance_minor());
+        let record = intent_record(&intent).to_vec();
+        let recorded = self.ledger.transact(move |t| {
+            let so_far = t.funding_day_total(&source_name, &instrument, today)?;
+            if so_far + i64::from(amount) > max_daily {
+                return Ok(Some(so_far));
+            }
+            t.add_funding_day(&source_name, &instrument, today, i64::from(amount))?;
+            t.insert_intent(&uid, &mut intent)?;
+            let mut shadow = t.observe_card(&uid, tmc, balance)?;
+            if shadow.load_day != today {
+                shadow.load_day = today;
+                shadow.load_day_minor = 0;
+            }
+            shadow.load_day_minor += i64::from(amount);
+            t.put_card(&uid, &shadow)?;
+            Ok(None)
+        });
+        match recorded {
+            Ok(None) => {}
+            Ok(Some(so_far)) => {
+                let _ = source.void(&auth);
+                return Ok(Err(self.instrument_limit(s, so_far, max_daily)));
+            }
+            Err(LedgerError::IntentExists { .. }) => {
+                let _ = source.void(&auth);
+                return Ok(Err(self.refused(
+                    s,
+                    "load_in_progress",
+                    "another load for this card at this counter is in progress",
+                )));
+            }
+            Err(e) => {
+                // No intent, so no Credit will be sent: release the funds now (nothing else
+                // would — settlement only knows intents in the ledger).
+                if let Err(ve) = source.void(&auth) {
+                    tracing::error!(%ve, auth, source = %s.request.funding_source, "the intent could not be written and its authorisation could not be voided; void it at the source");
+                }
+                return Err(e.into());
+            }
+        }
+        s.intent_recorded = true;
+        Ok(Ok(Decision::Apply {
+            amount_minor: amount,
+            record: Some(record),
+        }))
+    }
+
+    pub(super) fn instrument_limit(&self, s: &Session, so_far: i64, max: i64) -> Reply {
+        self.refused(
+            s,
+            "instrument_daily_limit",
+            &format!(
+                "{so_far} already loaded today from this {} instrument; its daily limit is {max}",
+                s.request.funding_source
+            ),
+        )
+    }
+
+    /// A load may be funded only from an instrument of the caller's own: a well-formed id,
+    /// registered to the caller (card tokens, points memberships); bearer instruments
+    /// (voucher codes) only need to be well-formed.
+    pub(super) fn check_instrument(
+        &self,
+        caller: &str,
+        source: &dyn FundingSource,
+        instrument: &str,
+    ) -> Result<(), LoadError> {
+        if !crate::funding::valid_instrument_id(instrument) {
+            return Err(LoadError::BadRequest(format!(
+                "funding.instrument must be 1 to {} letters, digits, '-', '_' or '.' (not starting with '.')",
+                crate::funding::MAX_INSTRUMENT_ID_LEN
+            )));
+        }
+        if source.holding() == Holding::Bearer {
+            return Ok(());
+        }
+        let owner = {
+            let r = self.ledger.read()?;
+            r.instrument(source.name(), instrument)?
+        };
+        match owner {
+            Some(i) if i.owner == caller => Ok(()),
+            _ => Err(LoadError::NotYourInstrument {
+                source_name: source.name().to_string(),
+                instrument: instrument.to_string(),
+            }),
+        }
+    }
+
+    /// Registers instrument `id` of `source` to `caller`'s account (a card-processor token).
+    /// Returns whether it is new (false: it was already the caller's). Points memberships are
+    /// linked by their programme ([`crate::funding::PointsProgram::earn`]); voucher codes are
+    /// bearer instruments and are not registered.
+    pub fn register_instrument(
+        &self,
+        caller: &str,
+        source_name: &str,
+        id: &str,
+        now_ms: u64,
+    ) -> Result<bool, LoadError> {
+        let source = self.sources.get(source_name).ok_or_else(|| {
+            LoadError::BadRequest(format!(
+                "unknown funding source {source_name:?}; available: {}",
+                self.source_names().join(", ")
+            ))
+        })?;
+        match source.holding() {
+            Holding::SelfRegistered => {}
+            Holding::LinkedByProgramme => {
+                return Err(LoadError::BadRequest(format!(
+                    "{source_name} memberships are linked to accounts by the programme (partner API), not registered by holders"
+                )))
+            }
+            Holding::Bearer => {
+                return Err(LoadError::BadRequest(format!(
+                    "{source_name} instruments are bearer codes: nothing to register"
+                )))
+            }
+        }
+        if !crate::funding::valid_instrument_id(id) {
+            return Err(LoadError::BadRequest(format!(
+                "instrument must be 1 to {} letters, digits, '-', '_' or '.' (not starting with '.')",
+                crate::funding::MAX_INSTRUMENT_ID_LEN
+            )));
+        }
+        if !crate::funding::valid_account_name(caller) {
+            return Err(LoadError::BadRequest(format!(
+                "account {caller:?} cannot hold instruments (its name must be letters, digits, '-', '_' or '.')"
+            )));
+        }
+        source
+            .check_instrument(id)
+            .map_err(|e| LoadError::BadRequest(e.to_string()))?;
+        let (source_name, id, caller) =
+            (source_name.to_string(), id.to_string(), caller.to_string());
+        let taken = format!("{source_name}:{id} is registered to another account");
+        self.ledger
+            .transact(move |t| match t.instrument(&source_name, &id)? {
+                Some(i) if i.owner == caller => Ok(Ok(false)),
+                Some(_) => Ok(Err(LoadError::InstrumentTaken(taken))),
+                None => {
+                    t.put_instrument(&crate::ledger::Instrument {
+                        source: source_name,
+                        id,
+                        owner: caller.clone(),
+                        registered_by: caller,
+                        registered_ms: now_ms,
+                    })?;
+                    Ok(Ok(true))
+                }
+            })?
+    }
+
+    /// The points programme called `name`, if it is one of the funding sources.
+    pub fn points_program(&self, name: &str) -> Option<&crate::funding::PointsProgram> {
+        self.sources.get(name).and_then(|s| s.as_points())
+    }
+}

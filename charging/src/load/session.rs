@@ -1,0 +1,371 @@
+//! Relay sessions: opening one (or answering a retried start), each step of the card dialogue, refusals, and expiry.
+
+use super::*;
+
+impl LoadService {
+    pub(super) fn open_session(
+        &self,
+        caller: &str,
+        req: LoadRequest,
+        reverses: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        if req.idempotency_key.is_empty() || req.idempotency_key.len() > 128 {
+            return Err(LoadError::BadRequest(
+                "an Idempotency-Key of 1 to 128 characters is required".into(),
+            ));
+        }
+        let ikey = Self::idem_key(reverses.is_some(), caller, &req.idempotency_key);
+        let fingerprint = request_fingerprint(&req, reverses);
+        let differs = if reverses.is_some() {
+            REVERSAL_DIFFERS
+        } else {
+            LOAD_DIFFERS
+        };
+        {
+            let r = self.ledger.read()?;
+            if let Some(v) = r.idempotent(&ikey)? {
+                same_request(&v, &fingerprint, differs)?;
+                return Ok(reply_from_json(&v));
+            }
+        }
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if let Some(id) = sessions.by_idem.get(&ikey) {
+            if let Some(s) = sessions.active.get(id) {
+                if s.fingerprint != fingerprint {
+                    return Err(LoadError::IdempotencyKeyReused(differs));
+                }
+                return Ok(s.last_reply.clone());
+            }
+            if let Some(f) = sessions.finished.get(id) {
+                if f.fingerprint != fingerprint {
+                    return Err(LoadError::IdempotencyKeyReused(differs));
+                }
+                return Ok(f.reply.clone());
+            }
+            if sessions.in_flight.contains(id) {
+                return Err(LoadError::InProgress);
+            }
+        }
+        if req.amount_minor <= 0 {
+            return Err(LoadError::BadRequest(format!(
+                "amount_minor must be positive, got {}",
+                req.amount_minor
+            )));
+        }
+        let max_load = self.cfg.max_load_for(&req.funding_source);
+        // A reversal takes back exactly what was loaded, whatever the limits are today.
+        if reverses.is_none() && req.amount_minor > max_load {
+            return Err(LoadError::BadRequest(format!(
+                "amount_minor {} exceeds the per-load limit of {max_load} for {} funding",
+                req.amount_minor, req.funding_source
+            )));
+        }
+        let Some(source) = self.sources.get(&req.funding_source) else {
+            return Err(LoadError::BadRequest(format!(
+                "unknown funding source {:?}; available: {}",
+                req.funding_source,
+                self.source_names().join(", ")
+            )));
+        };
+        if reverses.is_none() {
+            // The instrument is looked up, never formatted into an account from the request.
+            self.check_instrument(caller, source.as_ref(), &req.instrument)?;
+        }
+        if sessions.active.len() >= self.cfg.max_sessions {
+            return Err(LoadError::Busy);
+        }
+        let (dialogue, first) = match reverses {
+            None => Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT),
+            // A reversal debits under the credit key: the card does not arm LimitedCredit for
+            // a debit under that key, so no debit-key holder can credit a reversal back.
+            Some(_) => Dialogue::start(req.uid, KeyKind::Credit, ins::DEBIT),
+        };
+        let id = session_id();
+        let reply = Reply::Command {
+            session_id: id.clone(),
+            seq: 1,
+            commands: first.iter().map(hex::encode_upper).collect(),
+        };
+        sessions.insert(Session {
+            id,
+            caller: caller.to_string(),
+            request: req,
+            dialogue,
+            seq: 1,
+            last_reply: reply.clone(),
+            touched_ms: now_ms,
+            intent_recorded: false,
+            commit_sent: false,
+            idempotent_stored: false,
+            reverses,
+            idem: ikey,
+            fingerprint,
+        });
+        Ok(reply)
+    }
+
+    /// Feeds the card's answers to the commands of step `seq` of session `id`.
+    pub fn respond(
+        &self,
+        caller: &str,
+        id: &str,
+        seq: u32,
+        responses: &[Vec<u8>],
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        if responses.is_empty() || responses.len() > 8 {
+            return Err(LoadError::BadRequest(format!(
+                "{} responses: a step has 1 to 8",
+                responses.len()
+            )));
+        }
+        // Take the session out while we work on it (no lock held across HSM or ledger work).
+        let mut s = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            if let Some(f) = sessions.finished.get(id) {
+                if f.caller != caller {
+                    return Err(LoadError::NotYours);
+                }
+                if seq == f.seq {
+                    // A retry of the last step: the same final answer again.
+                    return Ok(f.reply.clone());
+                }
+                return Err(LoadError::OutOfOrder {
+                    expected: f.seq,
+                    got: seq,
+                });
+            }
+            if sessions.in_flight.contains(id) {
+                return Err(LoadError::InProgress);
+            }
+            let s = sessions
+                .active
+                .get(id)
+                .ok_or_else(|| LoadError::NoSession(id.to_string()))?;
+            if s.caller != caller {
+                return Err(LoadError::NotYours);
+            }
+            if seq == s.seq.wrapping_sub(1) {
+                // A retry of the previous step: the same answer again.
+                return Ok(s.last_reply.clone());
+            }
+            if seq != s.seq {
+                return Err(LoadError::OutOfOrder {
+                    expected: s.seq,
+                    got: seq,
+                });
+            }
+            sessions.take(id).expect("present")
+        };
+        s.touched_ms = now_ms;
+        let reply = self.advance(&mut s, responses, now_ms).and_then(|reply| {
+            if !reply.is_final() || s.idempotent_stored {
+                return Ok(reply);
+            }
+            let (key, value) = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
+            self.ledger
+                .transact(move |t| t.put_idempotent(&key, &value))?;
+            s.idempotent_stored = true;
+            Ok(reply)
+        });
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // Our own failure (storage, HSM): the session ends; an intent already recorded
+                // is settled at the card's next contact.
+                let mut sessions = self.sessions.lock().expect("sessions lock");
+                if s.intent_recorded {
+                    self.stats.lock().expect("stats").pending += 1;
+                    // A retried start with this key must not begin a second load while this
+                    // one is undecided: it gets this answer (kept in memory; the ledger could
+                    // not take it).
+                    s.last_reply = Reply::Pending {
+                        session_id: s.id.clone(),
+                        detail: format!("the server failed ({e}); the load is settled at the card's next contact"),
+                    };
+                    s.seq += 1;
+                    sessions.finish(s, self.cfg.max_finished_sessions);
+                } else {
+                    sessions.forget(&s.id, &s.idem);
+                }
+                return Err(e);
+            }
+        };
+        s.last_reply = reply.clone();
+        if let Reply::Command { seq, .. } = &reply {
+            s.seq = *seq;
+        } else {
+            s.seq += 1;
+        }
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if reply.is_final() {
+            // Finished sessions stay for retries until they expire.
+            sessions.finish(s, self.cfg.max_finished_sessions);
+        } else {
+            sessions.insert(s);
+        }
+        Ok(reply)
+    }
+
+    pub(super) fn advance(
+        &self,
+        s: &mut Session,
+        responses: &[Vec<u8>],
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        let mut step = Step::Continue;
+        for response in responses {
+            let fed = {
+                let mut hsm = self.hsm.lock().expect("hsm lock");
+                s.dialogue
+                    .on_response(hsm.as_mut(), &mut rand::rngs::OsRng, response)
+            };
+            step = match fed {
+                Ok(st) => st,
+                Err(e) => return Ok(self.dialogue_failed(s, e)),
+            };
+        }
+        if matches!(step, Step::Continue) {
+            // Fewer answers than commands: the card left the field mid-batch.
+            return Ok(
+                self.dialogue_failed(s, TxError::Transport(purse::txn::TransportError::CardGone))
+            );
+        }
+        let step = match step {
+            Step::Decide(snapshot) => match self.decide(s, &snapshot, now_ms)? {
+                Ok(decision) => {
+                    let mut hsm = self.hsm.lock().expect("hsm lock");
+                    match s.dialogue.decide(hsm.as_mut(), decision) {
+                        Ok(st) => st,
+                        Err(e) => {
+                            drop(hsm);
+                            return Ok(self.dialogue_failed(s, e));
+                        }
+                    }
+                }
+                Err(refusal) => return Ok(refusal),
+            },
+            other => other,
+        };
+        match step {
+            Step::Transmit(batch) => {
+                if s.dialogue.commit_sent() {
+                    s.commit_sent = true;
+                }
+                Ok(Reply::Command {
+                    session_id: s.id.clone(),
+                    seq: s.seq + 1,
+                    commands: batch.iter().map(hex::encode_upper).collect(),
+                })
+            }
+            Step::Done(Outcome::Committed { snapshot, receipt }) => {
+                let verified = {
+                    let hsm = self.hsm.lock().expect("hsm lock");
+                    hsm.verify_tmac(&receipt)
+                };
+                match verified {
+                    Ok(_) => {
+                        let reply = Reply::Completed {
+                            session_id: s.id.clone(),
+                            amount_minor: receipt.amount_minor(),
+                            balance_minor: receipt.balance_after_minor(),
+                            tmc: receipt.tmc(),
+                        };
+                        let stored = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
+                        self.complete(&snapshot, &receipt, now_ms, Some(stored))?;
+                        s.idempotent_stored = true;
+                        self.stats.lock().expect("stats").completed += 1;
+                        Ok(reply)
+                    }
+                    Err(e) => {
+                        // The commit answer verified under the session MAC but the TMV does
+                        // not: a broken card or key mismatch. Leave it for settlement.
+                        self.stats.lock().expect("stats").pending += 1;
+                        Ok(Reply::Pending {
+                            session_id: s.id.clone(),
+                            detail: format!("transaction MAC check failed: {e}"),
+                        })
+                    }
+                }
+            }
+            Step::Done(Outcome::Refused { .. }) => {
+                Ok(self.refused(s, "refused", "nothing to load"))
+            }
+            Step::Decide(_) | Step::Continue => unreachable!("handled above"),
+        }
+    }
+
+    pub(super) fn refused(&self, s: &Session, reason: &str, detail: &str) -> Reply {
+        self.stats.lock().expect("stats").refused += 1;
+        Reply::Refused {
+            session_id: s.id.clone(),
+            reason: reason.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    pub(super) fn dialogue_failed(&self, s: &Session, e: TxError) -> Reply {
+        if s.commit_sent {
+            // The card may or may not have committed: settle at next contact.
+            self.stats.lock().expect("stats").pending += 1;
+            return Reply::Pending {
+                session_id: s.id.clone(),
+                detail: format!("the card's answer to the commit could not be verified ({e}); the load is settled at the card's next contact"),
+            };
+        }
+        if s.intent_recorded {
+            // The card refused before any commit (limit, wrong MAC): nothing is staged on a
+            // card after an error, so the intent can be voided now.
+            let uid = s.request.uid;
+            if let Some(snap) = s.dialogue.snapshot().cloned() {
+                if let Err(err) = self.void_intent(&uid, snap.tmc(), 0) {
+                    tracing::warn!(%err, "voiding after a refused credit failed; left for settlement");
+                }
+            }
+        }
+        let reason = match &e {
+            TxError::UnknownKeyVersion(_) => "unknown_key_version",
+            TxError::Card { .. } => "card_refused",
+            TxError::Sam(_) => "authentication_failed",
+            _ => "card_dialogue_failed",
+        };
+        self.refused(s, reason, &e.to_string())
+    }
+
+    /// Drops relay sessions idle longer than the configured timeout.
+    pub fn expire_sessions(&self, now_ms: u64) -> usize {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let sessions = &mut *sessions;
+        let before = sessions.active.len() + sessions.finished.len();
+        let timeout = self.cfg.session_idle_timeout_ms;
+        let mut pending = 0;
+        let by_idem = &mut sessions.by_idem;
+        sessions.active.retain(|_, s| {
+            let keep = now_ms.saturating_sub(s.touched_ms) < timeout;
+            if !keep {
+                if s.intent_recorded {
+                    pending += 1;
+                }
+                if by_idem.get(&s.idem).is_some_and(|v| *v == s.id) {
+                    by_idem.remove(&s.idem);
+                }
+            }
+            keep
+        });
+        let by_idem = &mut sessions.by_idem;
+        sessions.finished.retain(|id, f| {
+            let keep = now_ms.saturating_sub(f.touched_ms) < timeout;
+            if !keep && by_idem.get(&f.idem).is_some_and(|v| v == id) {
+                by_idem.remove(&f.idem);
+            }
+            keep
+        });
+        let finished = &sessions.finished;
+        sessions
+            .finished_order
+            .retain(|id| finished.contains_key(id));
+        self.stats.lock().expect("stats").pending += pending;
+        before - sessions.active.len() - sessions.finished.len()
+    }
+}
