@@ -266,8 +266,42 @@ pub fn clear_batch(
         batch_id: batch.batch_id.clone(),
         ..Default::default()
     };
-    let mut good = Vec::with_capacity(batch.taps.len());
-    for tap in batch.taps {
+    let good = verify_taps(hsm, batch.taps, &mut outcome)?;
+    let mut done = outcome;
+    let stored_key = key.clone();
+    let booked = ledger.transact(move |t| {
+        if let Some(v) = t.idempotent(&stored_key)? {
+            match stored_answer(v, &done.batch_id, &digest) {
+                Ok(Some(o)) => return Ok(o), // a concurrent retry won
+                Ok(None) => {}
+                // Answered for other taps meanwhile: fail this attempt; the retry gets the 409.
+                Err(e) => return Err(LedgerError::Commit(e.to_string())),
+            }
+        }
+        for (tap, c) in &good {
+            book_tap(t, tap, c, now_ms, &mut done)?;
+        }
+        for a in done.anomalies.iter().chain(&done.refused_summaries()) {
+            t.record_anomaly(a)?;
+        }
+        let mut stored = serde_json::to_value(&done).expect("outcome serialises");
+        stored["taps_sha256"] = digest.clone().into();
+        t.put_idempotent(&stored_key, &stored)?;
+        Ok(done)
+    })?;
+    Ok(booked)
+}
+
+/// Verifies every tap's transaction MAC in the HSM (outside the write transaction): the taps
+/// that verified, with their claims; the others are refused into `outcome` (malformed, forged).
+/// An HSM failure is no verdict: the whole batch fails and is resent.
+fn verify_taps(
+    hsm: &Mutex<Box<dyn Hsm + Send>>,
+    taps: Vec<ClearingTap>,
+    outcome: &mut BatchOutcome,
+) -> Result<Vec<(ClearingTap, TxClaim)>, ClearingError> {
+    let mut good = Vec::with_capacity(taps.len());
+    for tap in taps {
         let anomaly = |kind: &str, detail: String, tap: &ClearingTap| Anomaly {
             kind: kind.into(),
             card_uid: tap.card_uid.clone(),
@@ -321,127 +355,118 @@ pub fn clear_batch(
         }
         good.push((tap, claim));
     }
-    let mut done = outcome;
-    let stored_key = key.clone();
-    let booked = ledger.transact(move |t| {
-        if let Some(v) = t.idempotent(&stored_key)? {
-            match stored_answer(v, &done.batch_id, &digest) {
-                Ok(Some(o)) => return Ok(o), // a concurrent retry won
-                Ok(None) => {}
-                // Answered for other taps meanwhile: fail this attempt; the retry gets the 409.
-                Err(e) => return Err(LedgerError::Commit(e.to_string())),
-            }
-        }
-        for (tap, c) in &good {
-            let marker = format!("tap:{}:{}", hex::encode_upper(c.uid), c.tmc);
-            if let Some(prev) = t.idempotent(&marker)? {
-                if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
-                    done.duplicates += 1;
-                } else {
-                    clone_found(t,
-                        &mut done,
-                        tap,
-                        c,
-                        "the card counter was already cleared with different contents",
-                        now_ms,
-                    )?;
-                }
-                continue;
-            }
-            if c.kind == TxKind::LimitedCredit && follows_reversal(t, c)? {
-                // The card refuses this (a reversal does not arm LimitedCredit): a card that
-                // did it is not behaving as ours do. Nothing is booked; the card is blocked.
-                done.anomalies.push(Anomaly {
-                    kind: "limited_credit_after_reversal".into(),
-                    card_uid: tap.card_uid.clone(),
-                    tmc: c.tmc,
-                    device_id: tap.device_id,
-                    device_seq: tap.device_seq,
-                    detail: "a limited credit right after a back-office reversal: a limited credit may only undo a fare".into(),
-                });
-                if t.set_blocked(&c.uid,
-                        true,
-                        "a limited credit undid a reversal",
-                        now_ms,
-                    )?
-                    .is_some()
-                {
-                    done.cards_blocked += 1;
-                }
-                continue;
-            }
-            if c.kind == TxKind::Debit && c.amount_minor > 0 {
-                let op = tap.operator.clone().unwrap_or_else(|| "default".into());
-                t.post(now_ms,
-                    &card_account(&c.uid),
-                    &format!("operator:{op}"),
-                    i64::from(c.amount_minor),
-                    &marker,
-                )?;
-            } else if c.kind == TxKind::LimitedCredit && c.amount_minor > 0 {
-                let op = tap.operator.clone().unwrap_or_else(|| "default".into());
-                t.post(now_ms,
-                    &format!("operator:{op}"),
-                    &card_account(&c.uid),
-                    i64::from(c.amount_minor),
-                    &marker,
-                )?;
-            }
-            t.put_idempotent(&marker,
-                &serde_json::Value::String(tap.tmv.to_uppercase()),
+    Ok(good)
+}
+
+/// Books one verified tap inside the batch's transaction: a duplicate is counted, a counter
+/// cleared with other contents or already booked by a load is a clone, a limited credit right
+/// after a reversal blocks the card; otherwise the fare (or limited credit) is posted, the
+/// counter booked once, a pending load at the counter below voided, loads across a gap
+/// completed, and a negative shadow purse reported.
+fn book_tap(
+    t: &mut dyn LedgerWrite,
+    tap: &ClearingTap,
+    c: &TxClaim,
+    now_ms: u64,
+    done: &mut BatchOutcome,
+) -> Result<(), LedgerError> {
+    let marker = format!("tap:{}:{}", hex::encode_upper(c.uid), c.tmc);
+    if let Some(prev) = t.idempotent(&marker)? {
+        if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
+            done.duplicates += 1;
+        } else {
+            clone_found(
+                t,
+                done,
+                tap,
+                c,
+                "the card counter was already cleared with different contents",
+                now_ms,
             )?;
-            t.observe_card(&c.uid, c.tmc, c.balance_after_minor)?;
-            let delta = match c.kind {
-                TxKind::Debit => -i64::from(c.amount_minor),
-                TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
-                TxKind::RecordOnly => 0,
-            };
-            if t.book_counter(&c.uid, c.tmc, c.balance_after_minor, delta, now_ms)?
-                == Booking::Duplicate
-            {
-                // Booked by a load at the same counter: the load's own record already holds it.
-                clone_found(t,
-                    &mut done,
-                    tap,
-                    c,
-                    "a tap at a counter already booked by a load",
-                    now_ms,
-                )?;
-            }
-            // A pending load (or reversal) recorded at tmc−1 did not happen: this tap used
-            // its counter.
-            if let Some(before) = c.tmc.checked_sub(1) {
-                let open = t.intent(&c.uid, before)?
-                    .is_some_and(|i| i.state == IntentState::Authorised);
-                if open {
-                    done.loads_voided += 1;
-                    if let Some(action) = t.void_intent(&c.uid, before, now_ms)? {
-                        done.funding.push(action);
-                    }
-                }
-            }
-            complete_loads_across_gaps(t, &c.uid, now_ms, &mut done)?;
-            cleared_one(&mut done);
-            if t.balance(&card_account(&c.uid))? < 0 {
-                done.anomalies.push(Anomaly {
-                    kind: "negative_shadow".into(),
-                    card_uid: tap.card_uid.clone(),
-                    tmc: c.tmc,
-                    device_id: tap.device_id,
-                    device_seq: tap.device_seq,
-                    detail: "the shadow purse went below zero".into(),
-                });
+        }
+        return Ok(());
+    }
+    if c.kind == TxKind::LimitedCredit && follows_reversal(t, c)? {
+        // The card refuses this (a reversal does not arm LimitedCredit): a card that
+        // did it is not behaving as ours do. Nothing is booked; the card is blocked.
+        done.anomalies.push(Anomaly {
+            kind: "limited_credit_after_reversal".into(),
+            card_uid: tap.card_uid.clone(),
+            tmc: c.tmc,
+            device_id: tap.device_id,
+            device_seq: tap.device_seq,
+            detail: "a limited credit right after a back-office reversal: a limited credit may only undo a fare".into(),
+        });
+        if t.set_blocked(&c.uid, true, "a limited credit undid a reversal", now_ms)?
+            .is_some()
+        {
+            done.cards_blocked += 1;
+        }
+        return Ok(());
+    }
+    if c.kind == TxKind::Debit && c.amount_minor > 0 {
+        let op = tap.operator.clone().unwrap_or_else(|| "default".into());
+        t.post(
+            now_ms,
+            &card_account(&c.uid),
+            &format!("operator:{op}"),
+            i64::from(c.amount_minor),
+            &marker,
+        )?;
+    } else if c.kind == TxKind::LimitedCredit && c.amount_minor > 0 {
+        let op = tap.operator.clone().unwrap_or_else(|| "default".into());
+        t.post(
+            now_ms,
+            &format!("operator:{op}"),
+            &card_account(&c.uid),
+            i64::from(c.amount_minor),
+            &marker,
+        )?;
+    }
+    t.put_idempotent(&marker, &serde_json::Value::String(tap.tmv.to_uppercase()))?;
+    t.observe_card(&c.uid, c.tmc, c.balance_after_minor)?;
+    let delta = match c.kind {
+        TxKind::Debit => -i64::from(c.amount_minor),
+        TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
+        TxKind::RecordOnly => 0,
+    };
+    if t.book_counter(&c.uid, c.tmc, c.balance_after_minor, delta, now_ms)? == Booking::Duplicate {
+        // Booked by a load at the same counter: the load's own record already holds it.
+        clone_found(
+            t,
+            done,
+            tap,
+            c,
+            "a tap at a counter already booked by a load",
+            now_ms,
+        )?;
+    }
+    // A pending load (or reversal) recorded at tmc−1 did not happen: this tap used
+    // its counter.
+    if let Some(before) = c.tmc.checked_sub(1) {
+        let open = t
+            .intent(&c.uid, before)?
+            .is_some_and(|i| i.state == IntentState::Authorised);
+        if open {
+            done.loads_voided += 1;
+            if let Some(action) = t.void_intent(&c.uid, before, now_ms)? {
+                done.funding.push(action);
             }
         }
-        for a in done.anomalies.iter().chain(&done.refused_summaries()) {
-            t.record_anomaly(a)?;
-        }
-        let mut stored = serde_json::to_value(&done).expect("outcome serialises");
-        stored["taps_sha256"] = digest.clone().into();
-        t.put_idempotent(&stored_key, &stored)?;
-        Ok(done)
-    })?;
-    Ok(booked)
+    }
+    complete_loads_across_gaps(t, &c.uid, now_ms, done)?;
+    cleared_one(done);
+    if t.balance(&card_account(&c.uid))? < 0 {
+        done.anomalies.push(Anomaly {
+            kind: "negative_shadow".into(),
+            card_uid: tap.card_uid.clone(),
+            tmc: c.tmc,
+            device_id: tap.device_id,
+            device_seq: tap.device_seq,
+            detail: "the shadow purse went below zero".into(),
+        });
+    }
+    Ok(())
 }
 
 /// A pending load (or reversal) whose counter no tap has claimed, just below the first counter booked above a

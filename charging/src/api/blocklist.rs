@@ -1,0 +1,143 @@
+//! The blocklist: numbered changes and the HSM-signed snapshot and delta the gateways relay.
+
+use super::*;
+
+#[derive(Deserialize)]
+pub(super) struct ChangesQuery {
+    #[serde(default)]
+    pub(super) after: u64,
+    #[serde(default = "default_limit")]
+    pub(super) limit: usize,
+}
+
+pub(super) fn default_limit() -> usize {
+    10_000
+}
+
+/// `GET /v1/blocklist/changes?after=N&limit=M` (gateway, operator): numbered block and unblock
+/// changes, for the gateway to sign and publish in order.
+pub(super) async fn block_changes(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (changes, latest) = r
+        .block_changes(q.after, q.limit.clamp(1, 100_000))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(
+        serde_json::json!({"latest_version": latest, "changes": changes}),
+    ))
+}
+
+pub(super) fn signed_list(
+    st: &AppState,
+    update: &purse::blocklist::ListUpdate,
+) -> Result<Response, ApiError> {
+    let body = update.body();
+    let sig = st
+        .loads
+        .hsm()
+        .lock()
+        .expect("hsm lock")
+        .sign(&body)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut bytes = body;
+    bytes.extend_from_slice(&sig);
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static("x-tapgate-blocklist-version"),
+                update.to_version.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `GET /v1/blocklist/signed/snapshot` (gateway, operator): every blocked card at the latest
+/// version, signed by the back office (wire format: purse::blocklist).
+pub(super) async fn signed_snapshot(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    let st2 = st.clone();
+    blocking(move || {
+        let l = st2.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (_, latest) = r
+            .block_changes(u64::MAX - 1, 1)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if latest == 0 {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let entries: Vec<([u8; 7], bool)> = r
+            .all_cards()
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .into_iter()
+            .filter(|(_, c)| c.blocked)
+            .map(|(uid, _)| (uid, true))
+            .collect();
+        drop(r);
+        signed_list(
+            &st2,
+            &purse::blocklist::ListUpdate {
+                kind: purse::blocklist::ListKind::Snapshot,
+                operator: st2.operator.clone(),
+                from_version: 0,
+                to_version: latest,
+                entries,
+            },
+        )
+    })
+    .await
+}
+
+/// `GET /v1/blocklist/signed/delta?after=N` (gateway, operator): the changes after version N,
+/// signed; 204 when there are none.
+pub(super) async fn signed_delta(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
+) -> Result<Response, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    let st2 = st.clone();
+    blocking(move || {
+        let l = st2.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (changes, _) = r
+            .block_changes(q.after, q.limit.clamp(1, 1_000_000))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        drop(r);
+        let Some(last) = changes.last().map(|c| c.version) else {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        };
+        let mut entries = Vec::with_capacity(changes.len());
+        for c in &changes {
+            let uid: [u8; 7] = hex::decode(&c.card_uid)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| ApiError::Internal(format!("stored UID {:?}", c.card_uid)))?;
+            entries.push((uid, c.action == "block"));
+        }
+        signed_list(
+            &st2,
+            &purse::blocklist::ListUpdate {
+                kind: purse::blocklist::ListKind::Delta,
+                operator: st2.operator.clone(),
+                from_version: q.after,
+                to_version: last,
+                entries,
+            },
+        )
+    })
+    .await
+}
