@@ -154,9 +154,21 @@ impl Nvm {
         self.commit_flag = false;
     }
 
-    /// Checks the structural invariants of a card image read from storage.
+    /// Checks the structural invariants of a card image read from storage: of the committed
+    /// state, and of the journal's (which recovery may roll forward into the committed one).
     pub fn validate(&self) -> Result<(), &'static str> {
-        let s = &self.main;
+        Self::validate_state(&self.main)?;
+        if let Some(j) = &self.journal {
+            Self::validate_state(j)
+                .map_err(|_| "the journal holds a state that is not a valid card state")?;
+        }
+        if self.commit_flag && self.journal.is_none() {
+            return Err("commit flag without a journal");
+        }
+        Ok(())
+    }
+
+    fn validate_state(s: &CardState) -> Result<(), &'static str> {
         if s.lower_limit_minor > s.upper_limit_minor {
             return Err("lower limit above upper limit");
         }
@@ -168,9 +180,6 @@ impl Nvm {
         }
         if s.limited_credit_minor < 0 {
             return Err("negative limited credit");
-        }
-        if self.commit_flag && self.journal.is_none() {
-            return Err("commit flag without a journal");
         }
         Ok(())
     }
