@@ -1,14 +1,14 @@
 //! `tapgate fare …`: check, compile, test, explain, simulate and quote fare rules.
 //!
-//! RULES is a TOML source file, a GTFS feed directory, or a compiled table (`.tgft`, read
-//! without its signature being checked unless `--pubkey` is given).
+//! RULES is a TOML source file, a GTFS feed (directory or .zip), or a compiled table (`.tgft`,
+//! read without its signature being checked unless `--pubkey` is given).
 
 use crate::cli_util::write_atomic;
 use crate::keys_cmd::load_keyset;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use fare_rules::cases::run_cases;
-use fare_rules::check::{check, Level};
+use fare_rules::check::{check_as, Authored, Level};
 use fare_rules::engine::Engine;
 use fare_rules::journey::{quote, Journey};
 use fare_rules::table::Table;
@@ -79,7 +79,7 @@ enum FareCmd {
     /// Quote a journey (JSON) against a GTFS-Fares v2 feed or rules; prints one JSON object
     /// on the last line.
     Quote {
-        /// A GTFS feed directory.
+        /// A GTFS feed: a directory or a .zip file (Fares v2, or v1 when it has no v2 files).
         #[arg(long, conflicts_with = "rules")]
         gtfs: Option<PathBuf>,
         /// A .toml source or .tgft table instead of a feed.
@@ -93,8 +93,8 @@ enum FareCmd {
 
 /// Compiles or loads rules from a path, by kind.
 pub fn load_rules(path: &Path) -> Result<Table> {
-    if path.is_dir() {
-        return gtfs::load_and_compile(path)
+    if gtfs::is_feed(path) {
+        return gtfs::load_path(path)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("GTFS feed {}", path.display()));
     }
@@ -108,6 +108,15 @@ pub fn load_rules(path: &Path) -> Result<Table> {
         String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
     let name = path.display().to_string();
     source::compile(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// What `fare check` holds the rules to: a feed's reference, or the TOML source's.
+fn authored(path: &Path) -> Authored {
+    if gtfs::is_feed(path) {
+        Authored::Gtfs
+    } else {
+        Authored::Source
+    }
 }
 
 fn engine(path: &Path) -> Result<Engine> {
@@ -139,7 +148,7 @@ pub fn run(args: FareArgs) -> Result<u8> {
     match args.cmd {
         FareCmd::Check { rules } => {
             let e = engine(&rules)?;
-            let findings = check(&e);
+            let findings = check_as(&e, authored(&rules));
             for f in &findings {
                 println!("{f}");
             }
@@ -164,7 +173,7 @@ pub fn run(args: FareArgs) -> Result<u8> {
             force,
         } => {
             let e = engine(&rules)?;
-            let errors: Vec<_> = check(&e)
+            let errors: Vec<_> = check_as(&e, authored(&rules))
                 .into_iter()
                 .filter(|f| f.level == Level::Error)
                 .collect();
@@ -405,7 +414,7 @@ pub fn run(args: FareArgs) -> Result<u8> {
                 (Some(g), None) => g,
                 (None, Some(r)) => r,
                 _ => bail!(crate::cli_util::input_err(
-                    "give the fares: --gtfs DIR (or --rules FILE)"
+                    "give the fares: --gtfs DIR|ZIP (or --rules FILE)"
                 )),
             };
             let e = engine(&src)?;

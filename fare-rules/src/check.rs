@@ -57,13 +57,38 @@ fn covers(a: &LegRule, b: &LegRule) -> bool {
         && f(a.to_timeframe, b.to_timeframe)
 }
 
-/// Checks a table; findings sorted errors first.
+/// Where a table's rules were written: the level of a finding follows what that format forbids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authored {
+    /// tapgate's TOML source: a contradiction or a stop pair left unpriced is an error.
+    Source,
+    /// A GTFS feed: only what the reference forbids is an error (a `fare_leg_rules.txt` row
+    /// repeating another's legs and product). Several products for the same legs (a single and
+    /// a day pass) are allowed, and a feed need not price every stop pair: warnings.
+    Gtfs,
+}
+
+/// Checks a table compiled from a TOML source; findings sorted errors first.
 pub fn check(engine: &Engine) -> Vec<Finding> {
+    check_as(engine, Authored::Source)
+}
+
+/// Checks a table by the rules of the format it was written in; findings sorted errors first.
+pub fn check_as(engine: &Engine, authored: Authored) -> Vec<Finding> {
     let t = engine.table();
     let mut out = Vec::new();
-    same_keys(t, &mut out);
+    match authored {
+        Authored::Source => same_keys(t, &mut out),
+        Authored::Gtfs => same_legs_gtfs(t, &mut out),
+    }
     unreachable(t, &mut out);
+    let from = out.len();
     uncovered(engine, &mut out);
+    if authored == Authored::Gtfs {
+        for f in &mut out[from..] {
+            f.level = Level::Warning;
+        }
+    }
     unserved_stops(t, &mut out);
     unused_timeframes(t, &mut out);
     unused_products(t, &mut out);
@@ -104,6 +129,49 @@ fn same_keys(t: &Table, out: &mut Vec<Finding>) {
                         Level::Warning,
                         "overlaps it: both match the same legs (the cheaper applies)",
                     ),
+                };
+                out.push(Finding {
+                    level,
+                    origin: b.origin.clone(),
+                    message: format!("{what} ({})", a.origin),
+                });
+            }
+        }
+    }
+}
+
+/// GTFS leg rules matching the same legs: the same product again repeats the row's primary key
+/// (an error); another product is another fare the rider may buy (the cheapest applies).
+fn same_legs_gtfs(t: &Table, out: &mut Vec<Finding>) {
+    let key = |r: &LegRule| {
+        (
+            r.network,
+            r.from_area,
+            r.to_area,
+            r.from_timeframe,
+            r.to_timeframe,
+        )
+    };
+    let mut by_key: BTreeMap<_, Vec<usize>> = BTreeMap::new();
+    for (i, r) in t.leg_rules.iter().enumerate() {
+        by_key.entry(key(r)).or_default().push(i);
+    }
+    for idxs in by_key.values().filter(|v| v.len() > 1) {
+        for (k, &i) in idxs.iter().enumerate() {
+            for &j in &idxs[k + 1..] {
+                let (a, b) = (&t.leg_rules[i], &t.leg_rules[j]);
+                let (level, what) = if a.product == b.product {
+                    (
+                        Level::Error,
+                        "repeats it: the same legs and fare product (the primary key of fare_leg_rules.txt)",
+                    )
+                } else if a.priority != b.priority {
+                    continue;
+                } else {
+                    (
+                        Level::Warning,
+                        "offers another product for the same legs (allowed; tapgate charges the cheapest)",
+                    )
                 };
                 out.push(Finding {
                     level,

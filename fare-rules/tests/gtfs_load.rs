@@ -473,7 +473,7 @@ fn missing_fare_products_is_named() {
     let e = error("bad-missing-products");
     assert_eq!(
         e,
-        "fare_products.txt: missing (a GTFS-Fares v2 feed needs fare_products.txt and fare_leg_rules.txt)"
+        "fare_products.txt: missing (a GTFS-Fares v2 feed needs fare_products.txt and fare_leg_rules.txt; a Fares v1 feed, fare_attributes.txt)"
     );
     match gtfs::load_dir(&feed_dir("bad-missing-products")) {
         Err(GtfsError::MissingFile { file }) => assert_eq!(file, "fare_products.txt"),

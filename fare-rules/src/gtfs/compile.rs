@@ -11,15 +11,15 @@ use crate::table::{
 };
 
 /// Ids of one kind, in order of definition, with their table index.
-struct Ids {
-    what: &'static str,
-    source: &'static str,
-    order: Vec<String>,
-    index: HashMap<String, Idx>,
+pub(super) struct Ids {
+    pub(super) what: &'static str,
+    pub(super) source: &'static str,
+    pub(super) order: Vec<String>,
+    pub(super) index: HashMap<String, Idx>,
 }
 
 impl Ids {
-    fn new(what: &'static str, source: &'static str) -> Ids {
+    pub(super) fn new(what: &'static str, source: &'static str) -> Ids {
         Ids {
             what,
             source,
@@ -28,12 +28,18 @@ impl Ids {
         }
     }
 
-    fn get(&self, id: &str) -> Option<Idx> {
+    pub(super) fn get(&self, id: &str) -> Option<Idx> {
         self.index.get(id).copied()
     }
 
     /// Adds `id` if new; its index either way.
-    fn add(&mut self, id: &str, file: &'static str, line: u64, field: &'static str) -> Result<Idx> {
+    pub(super) fn add(
+        &mut self,
+        id: &str,
+        file: &'static str,
+        line: u64,
+        field: &'static str,
+    ) -> Result<Idx> {
         if let Some(i) = self.get(id) {
             return Ok(i);
         }
@@ -52,7 +58,7 @@ impl Ids {
     }
 
     /// Adds `id`, refusing a duplicate.
-    fn add_new(
+    pub(super) fn add_new(
         &mut self,
         id: &str,
         file: &'static str,
@@ -71,7 +77,13 @@ impl Ids {
     }
 
     /// The index of `id`, [`NONE`] when empty; an unknown id is an error naming the known ones.
-    fn resolve(&self, id: &str, file: &'static str, line: u64, field: &'static str) -> Result<Idx> {
+    pub(super) fn resolve(
+        &self,
+        id: &str,
+        file: &'static str,
+        line: u64,
+        field: &'static str,
+    ) -> Result<Idx> {
         if id.is_empty() {
             return Ok(NONE);
         }
@@ -85,7 +97,7 @@ impl Ids {
         })
     }
 
-    fn hint(&self, id: &str) -> String {
+    pub(super) fn hint(&self, id: &str) -> String {
         const SHOWN: usize = 10;
         let mut hint = if self.order.is_empty() {
             format!("({} has none)", self.source)
@@ -133,7 +145,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Sorted (code, index) pairs; two ids with one code are an error naming both.
-fn codes(
+pub(super) fn codes(
     ids: &[(String, u64)],
     file: &'static str,
     field: &'static str,
@@ -163,6 +175,9 @@ fn codes(
 /// Compiles a loaded feed into a fare table: one function per file group, each resolving the
 /// ids of the groups before it.
 pub fn compile(feed: &Feed) -> Result<Table> {
+    if feed.fare_products.is_empty() && !feed.fare_attributes.is_empty() {
+        return super::v1::compile_v1(feed);
+    }
     let mut table = Table {
         meta: meta(feed)?,
         ..Table::default()

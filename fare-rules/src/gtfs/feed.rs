@@ -23,6 +23,8 @@ pub struct StopRow {
     pub line: u64,
     pub stop_id: String,
     pub parent_station: String,
+    /// The fare zone (GTFS Fares v1 `fare_rules.txt` origin/destination/contains ids).
+    pub zone_id: String,
 }
 
 /// `routes.txt`.
@@ -124,6 +126,30 @@ pub struct FareProductRow {
     pub currency: String,
 }
 
+/// `fare_attributes.txt` (GTFS Fares v1; `price` exactly in minor units of `currency_type`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FareAttributeRow {
+    pub line: u64,
+    pub fare_id: String,
+    pub amount_minor: i32,
+    pub currency: String,
+    /// Transfers allowed on the fare (`None`: unlimited).
+    pub transfers: Option<u8>,
+    /// Seconds from the first boarding within which a transfer may start.
+    pub transfer_duration: Option<u32>,
+}
+
+/// `fare_rules.txt` (GTFS Fares v1): the fare applies where every non-empty field matches.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FareRuleRow {
+    pub line: u64,
+    pub fare_id: String,
+    pub route_id: String,
+    pub origin_id: String,
+    pub destination_id: String,
+    pub contains_id: String,
+}
+
 /// `fare_leg_rules.txt`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FareLegRuleRow {
@@ -184,4 +210,7 @@ pub struct Feed {
     pub has_rule_priority: bool,
     pub fare_leg_join_rules: Vec<FareLegJoinRuleRow>,
     pub fare_transfer_rules: Vec<FareTransferRuleRow>,
+    /// GTFS Fares v1, read only when the feed has no Fares v2 files.
+    pub fare_attributes: Vec<FareAttributeRow>,
+    pub fare_rules: Vec<FareRuleRow>,
 }

@@ -1,17 +1,28 @@
 //! Loading a feed: one function per file, each reading its rows into the [`Feed`].
 
-use super::csv::{parse_amount, AmountError, CsvFile};
+use super::csv::{parse_amount, AmountError, CsvFile, Row};
 use super::*;
 use crate::table::currency_exponent;
 
 /// Loads a feed whose files `open` returns (`None`: absent): the required files first, then
-/// each file in the order the reference lists them.
+/// each file in the order the reference lists them. A feed with Fares v2 files is read as v2
+/// (its `fare_attributes.txt` and `fare_rules.txt` are ignored, as the reference says);
+/// without them, `fare_attributes.txt` makes it a Fares v1 feed.
 pub(super) fn load_with(open: impl Fn(&'static str) -> Result<Option<CsvFile>>) -> Result<Feed> {
     let mut feed = Feed::default();
     let required = |file: &'static str| -> Result<CsvFile> {
         open(file)?.ok_or(GtfsError::MissingFile { file })
     };
-    let products = required(FARE_PRODUCTS)?;
+    let Some(products) = open(FARE_PRODUCTS)? else {
+        if let Some(attributes) = open(FARE_ATTRIBUTES)? {
+            if open(FARE_LEG_RULES)?.is_none() {
+                return load_v1(&open, &attributes);
+            }
+        }
+        return Err(GtfsError::MissingFile {
+            file: FARE_PRODUCTS,
+        });
+    };
     let leg_rules = required(FARE_LEG_RULES)?;
     for (file, read) in BEFORE_PRODUCTS {
         if let Some(f) = open(file)? {
@@ -26,6 +37,90 @@ pub(super) fn load_with(open: impl Fn(&'static str) -> Result<Option<CsvFile>>) 
         }
     }
     Ok(feed)
+}
+
+/// A Fares v1 feed: agency, feed info, stops (with their zones), routes and the two v1 files.
+fn load_v1(
+    open: &impl Fn(&'static str) -> Result<Option<CsvFile>>,
+    attributes: &CsvFile,
+) -> Result<Feed> {
+    let mut feed = Feed::default();
+    for (file, read) in &BEFORE_PRODUCTS[..4] {
+        if let Some(f) = open(file)? {
+            read(&f, &mut feed)?;
+        }
+    }
+    fare_attributes(attributes, &mut feed)?;
+    if let Some(f) = open(FARE_RULES)? {
+        fare_rules(&f, &mut feed)?;
+    }
+    Ok(feed)
+}
+
+/// `fare_attributes.txt` (Fares v1).
+fn fare_attributes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["fare_id", "price", "currency_type"])?;
+    for r in f.rows() {
+        let (amount_minor, currency) = amount(&r, "price", "currency_type")?;
+        r.enumeration(
+            "payment_method",
+            1,
+            Some(0),
+            "0 (on board) or 1 (before boarding)",
+        )?;
+        let transfers = match r.get("transfers") {
+            "" => None,
+            _ => Some(r.enumeration("transfers", 2, None, "0, 1, 2 or empty (unlimited)")?),
+        };
+        feed.fare_attributes.push(FareAttributeRow {
+            line: r.line,
+            fare_id: r.req("fare_id")?,
+            amount_minor,
+            currency,
+            transfers,
+            transfer_duration: r.int::<u32>("transfer_duration", "a number of seconds")?,
+        });
+    }
+    Ok(())
+}
+
+/// `fare_rules.txt` (Fares v1).
+fn fare_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["fare_id"])?;
+    for r in f.rows() {
+        feed.fare_rules.push(FareRuleRow {
+            line: r.line,
+            fare_id: r.req("fare_id")?,
+            route_id: r.s("route_id"),
+            origin_id: r.s("origin_id"),
+            destination_id: r.s("destination_id"),
+            contains_id: r.s("contains_id"),
+        });
+    }
+    Ok(())
+}
+
+/// An exact amount in the minor units of its ISO 4217 currency, with the currency.
+fn amount(
+    r: &Row,
+    amount_field: &'static str,
+    currency_field: &'static str,
+) -> Result<(i32, String)> {
+    let currency = r.req(currency_field)?;
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(r.bad(currency_field, "an ISO 4217 currency code, e.g. \"USD\""));
+    }
+    let exponent = currency_exponent(&currency);
+    let amount = r.req(amount_field)?;
+    let minor = parse_amount(&amount, exponent).map_err(|e| match e {
+        AmountError::Syntax => r.bad(amount_field, "a decimal amount, e.g. \"2.75\""),
+        AmountError::TooPrecise(n) => r.invalid(
+            amount_field,
+            format!("\"{amount}\" has {n} decimals but {currency} has {exponent}"),
+        ),
+        AmountError::TooLarge => r.invalid(amount_field, format!("\"{amount}\" is too large")),
+    })?;
+    Ok((minor, currency))
 }
 
 /// Reads one file's rows into the feed.
@@ -86,6 +181,7 @@ fn stops(f: &CsvFile, feed: &mut Feed) -> Result<()> {
             line: r.line,
             stop_id: r.req("stop_id")?,
             parent_station: r.s("parent_station"),
+            zone_id: r.s("zone_id"),
         });
     }
     feed.stops = Some(rows);
@@ -403,20 +499,7 @@ fn fare_transfer_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
 fn fare_products(products: &CsvFile, feed: &mut Feed) -> Result<()> {
     products.require(&["fare_product_id", "amount", "currency"])?;
     for r in products.rows() {
-        let currency = r.req("currency")?;
-        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(r.bad("currency", "an ISO 4217 currency code, e.g. \"USD\""));
-        }
-        let exponent = currency_exponent(&currency);
-        let amount = r.req("amount")?;
-        let amount_minor = parse_amount(&amount, exponent).map_err(|e| match e {
-            AmountError::Syntax => r.bad("amount", "a decimal amount, e.g. \"2.75\""),
-            AmountError::TooPrecise(n) => r.invalid(
-                "amount",
-                format!("\"{amount}\" has {n} decimals but {currency} has {exponent}"),
-            ),
-            AmountError::TooLarge => r.invalid("amount", format!("\"{amount}\" is too large")),
-        })?;
+        let (amount_minor, currency) = amount(&r, "amount", "currency")?;
         feed.fare_products.push(FareProductRow {
             line: r.line,
             fare_product_id: r.req("fare_product_id")?,

@@ -17,13 +17,16 @@
 //! Modules by job: `feed` (the rows), `csv` (strict reading, value parsers), `load` (one reader
 //! per file), `compile` (one function per file group).
 
+mod archive;
 mod compile;
 mod csv;
 mod feed;
 mod load;
+mod v1;
 
 use std::path::Path;
 
+pub use archive::{load_zip, load_zip_bounded, MAX_UNZIPPED_BYTES};
 pub use compile::compile;
 pub use feed::*;
 
@@ -35,7 +38,7 @@ use crate::table::Table;
 pub enum GtfsError {
     /// A required file is absent.
     #[error(
-        "{file}: missing (a GTFS-Fares v2 feed needs fare_products.txt and fare_leg_rules.txt)"
+        "{file}: missing (a GTFS-Fares v2 feed needs fare_products.txt and fare_leg_rules.txt; a Fares v1 feed, fare_attributes.txt)"
     )]
     MissingFile { file: &'static str },
     /// A file exists but could not be read.
@@ -109,6 +112,8 @@ pub(crate) const FARE_PRODUCTS: &str = "fare_products.txt";
 pub(crate) const FARE_LEG_RULES: &str = "fare_leg_rules.txt";
 pub(crate) const FARE_LEG_JOIN_RULES: &str = "fare_leg_join_rules.txt";
 pub(crate) const FARE_TRANSFER_RULES: &str = "fare_transfer_rules.txt";
+pub(crate) const FARE_ATTRIBUTES: &str = "fare_attributes.txt";
+pub(crate) const FARE_RULES: &str = "fare_rules.txt";
 
 /// Reads the fare-relevant files of the GTFS feed in `dir`.
 pub fn load_dir(dir: &Path) -> Result<Feed> {
@@ -118,6 +123,23 @@ pub fn load_dir(dir: &Path) -> Result<Feed> {
 /// [`load_dir`] then [`compile`].
 pub fn load_and_compile(dir: &Path) -> Result<Table> {
     compile(&load_dir(dir)?)
+}
+
+/// Whether `path` is a feed: a directory or a `.zip` file.
+pub fn is_feed(path: &Path) -> bool {
+    path.is_dir()
+        || path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+}
+
+/// A feed directory or `.zip` file, loaded and compiled.
+pub fn load_path(path: &Path) -> Result<Table> {
+    if path.is_dir() {
+        load_and_compile(path)
+    } else {
+        compile(&load_zip(path)?)
+    }
 }
 
 #[cfg(test)]
