@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::{free_port, wait_for_port, Kill};
+use tapgate_testkit::mosquitto::MosquittoConfig;
 
 const PASS: &str = "hostile-device";
 const WAIT: Duration = Duration::from_secs(10);
@@ -160,7 +161,7 @@ struct Broker {
     binds_operator: bool,
     /// The gateway's HTTP API (operator token `tg_ops`), when a gateway runs.
     api_port: Option<u16>,
-    _guard: Kill,
+    _guard: Box<dyn std::any::Any + Send>,
     dir: tempfile::TempDir,
 }
 
@@ -228,7 +229,7 @@ fn tapgate_gateway() -> Broker {
         closes: true,
         binds_operator: true,
         api_port: Some(api_port),
-        _guard: guard,
+        _guard: Box::new(guard),
         dir,
     }
 }
@@ -236,92 +237,39 @@ fn tapgate_gateway() -> Broker {
 /// Mosquitto with deploy/mosquitto/tapgate.conf (its two listeners on free loopback ports) and
 /// an ACL: the shipped `acl`, or the one `tapgate-acl.sh` generates from the devices file.
 fn mosquitto(generated_acl: bool) -> Option<Broker> {
-    let bin = [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists());
-    let Some(bin) = bin else {
+    if tapgate_testkit::mosquitto::binary().is_none() {
         eprintln!("mosquitto is not installed: skipping its half (.ci/run installs it)");
         return None;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto");
-    let passwd = d.join("passwd");
-    let mut users: Vec<(&str, &str)> = DEVICES
-        .lines()
-        .map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next().unwrap(), f.next().unwrap())
-        })
-        .collect();
-    users.push(("gateway", "gw-secret"));
-    for (i, (u, p)) in users.iter().enumerate() {
-        let mut c = Command::new("mosquitto_passwd");
-        c.arg("-b");
-        if i == 0 {
-            c.arg("-c");
-        }
-        assert!(c.arg(&passwd).arg(u).arg(p).status().unwrap().success());
+    let (device_port, gateway_port) = (free_port(), free_port());
+    let mut conf = MosquittoConfig::shipped(device_port, gateway_port).user("gateway", "gw-secret");
+    for l in DEVICES.lines() {
+        let mut f = l.split_whitespace();
+        conf = conf.user(f.next().unwrap(), f.next().unwrap());
     }
-    let acl = if generated_acl {
+    if generated_acl {
         std::fs::write(d.join("devices"), DEVICES).unwrap();
         let o = Command::new("sh")
-            .arg(deploy.join("tapgate-acl.sh"))
+            .arg(tapgate_testkit::mosquitto::deploy_dir().join("tapgate-acl.sh"))
             .arg(d.join("devices"))
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         std::fs::write(d.join("acl"), &o.stdout).unwrap();
-        d.join("acl")
-    } else {
-        deploy.join("acl")
-    };
-    // The shipped configuration, with this test's paths and ports.
-    let (device_port, gateway_port) = (free_port(), free_port());
-    let shipped = std::fs::read_to_string(deploy.join("tapgate.conf")).unwrap();
-    let mut conf = String::new();
-    for line in shipped.lines() {
-        let line = match line.split_whitespace().next() {
-            Some("password_file") => format!("password_file {}", passwd.display()),
-            Some("acl_file") => format!("acl_file {}", acl.display()),
-            Some("persistence") => "persistence false".into(),
-            Some("autosave_interval") => continue,
-            Some("listener") if line.contains("127.0.0.1") => {
-                format!("listener {gateway_port} 127.0.0.1")
-            }
-            Some("listener") => format!("listener {device_port} 127.0.0.1"),
-            _ => line.to_string(),
-        };
-        conf.push_str(&line);
-        conf.push('\n');
+        conf = conf.acl(&d.join("acl"));
     }
-    conf.push_str(&format!(
-        "log_dest file {}\n",
-        d.join("mosquitto.log").display()
-    ));
-    assert!(conf.contains("use_username_as_clientid true"), "{conf}");
-    std::fs::write(d.join("mosquitto.conf"), conf).unwrap();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(d.join("mosquitto.conf"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = Kill(child);
-    wait_for_port(device_port, "mosquitto");
-    wait_for_port(gateway_port, "mosquitto's gateway listener");
+    let guard = conf.start(d);
+    let text = std::fs::read_to_string(guard.conf()).unwrap();
+    assert!(text.contains("use_username_as_clientid true"), "{text}");
     Some(Broker {
         device_port,
         gateway_port,
         closes: false,
         binds_operator: generated_acl,
         api_port: None,
-        _guard: guard,
+        _guard: Box::new(guard),
         dir,
     })
 }

@@ -10,7 +10,7 @@ use purse::txn::EmulatedReader;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use tapgate_pkcs11::softhsm::{self, SoftHsmDir};
+use tapgate_testkit::softhsm::{self, SoftHsmDir};
 
 const PASS: &str = "hsm-cli-pass";
 const PIN: &str = "cli-user-pin";

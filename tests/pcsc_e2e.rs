@@ -15,6 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use tapgate_testkit::free_port;
 use validator::journal::Journal;
 
 const PASS: &str = "pcsc-e2e-pass";
@@ -222,14 +223,6 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         assert!(t0.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Taps the validator counted so far, from its metrics endpoint.

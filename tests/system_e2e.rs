@@ -22,8 +22,10 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
+use std::time::{Duration, Instant, SystemTime};
+use support::{free_port, keys_and_fare_table, Kill};
+use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
+use tapgate_testkit::wait::wait_until;
 
 const PASS: &str = "system-e2e";
 const START_MINOR: i64 = 20_000;
@@ -67,62 +69,56 @@ fn tapgate(dir: &Path, args: &[&str]) -> Output {
     command(dir, args).output().expect("run tapgate")
 }
 
-/// Mosquitto with passwords and the shipped ACL on `port` (the password file and config are
-/// written once; a restart reuses them).
-fn start_mosquitto(dir: &Path, port: u16) -> Kill {
-    let mosquitto = [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("mosquitto is not installed: apt-get install mosquitto (./test.sh does)");
-    let conf = dir.join("mosquitto.conf");
-    if !conf.exists() {
-        let passwd = dir.join("passwd");
-        for (i, (user, pass)) in [
-            ("gateway", "gw-secret"),
-            ("1001", "v1001-secret"),
-            ("1002", "v1002-secret"),
-        ]
+/// Mosquitto with passwords and the shipped ACL on `port` (a restart in the same `dir`
+/// rewrites the same files).
+fn start_mosquitto(dir: &Path, port: u16) -> Mosquitto {
+    MosquittoConfig::on_port(port)
+        .user("gateway", "gw-secret")
+        .user("1001", "v1001-secret")
+        .user("1002", "v1002-secret")
+        .shipped_acl()
+        .start(dir)
+}
+
+/// Whether a validator wrote a card image (made a tap) after `t`.
+fn tapped_since(dir: &Path, t: SystemTime) -> bool {
+    std::fs::read_dir(dir.join("cards"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .any(|m| m > t)
+}
+
+/// The tap records of `device` among the captured messages (their device MACs verified).
+fn captured_taps(
+    captured: &Captured,
+    keys: &purse::keys::KeySet,
+    device: u32,
+) -> Vec<purse::tap::TapRecord> {
+    captured
+        .lock()
+        .unwrap()
         .iter()
-        .enumerate()
-        {
-            let mut c = Command::new("mosquitto_passwd");
-            c.arg("-b");
-            if i == 0 {
-                c.arg("-c");
-            }
-            assert!(c
-                .arg(&passwd)
-                .arg(user)
-                .arg(pass)
-                .status()
-                .expect("mosquitto_passwd")
-                .success());
-        }
-        let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mosquitto/acl");
-        std::fs::write(
-            &conf,
-            format!(
-                "per_listener_settings false\nallow_anonymous false\npassword_file {}\nacl_file {acl}\npersistence false\nlog_dest file {}\nlistener {port} 127.0.0.1\n",
-                passwd.display(),
-                dir.join("mosquitto.log").display()
-            ),
-        )
-        .unwrap();
-    }
-    let child = Command::new(mosquitto)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mosquitto");
-    let guard = Kill(child);
-    wait_for_port(port, "mosquitto");
-    guard
+        .flat_map(|(_, m)| {
+            m.chunks(purse::tap::TAP_LEN)
+                .map(|c| c.to_vec())
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|w| {
+            purse::tap::TapRecord::decode_verified(&w, "metro", |d| keys.device_key(d).ok()).ok()
+        })
+        .filter(|t| t.meta().device_id == device)
+        .collect()
+}
+
+/// The issuer key set the test made (`keys/issuer.keys`).
+fn issuer_keys(dir: &Path) -> purse::keys::KeySet {
+    purse::keys::KeySet::unseal(
+        &std::fs::read(dir.join("keys/issuer.keys")).unwrap(),
+        PASS.as_bytes(),
+    )
+    .unwrap()
 }
 
 /// `tapgate charging`; returns the guard and its base URL.
@@ -431,9 +427,26 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
 
     // Riders tap in at Central; the broker goes down for a second mid-run and comes back.
     let v1 = spawn_validator(dir, 1001, 120, 1, None);
-    std::thread::sleep(Duration::from_millis(400));
+    wait_until(
+        "validator 1001's first taps at the broker",
+        Duration::from_secs(20),
+        || {
+            captured
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(t, _)| t.ends_with("/1001"))
+        },
+    );
+    let down_at = SystemTime::now();
     drop(broker);
-    std::thread::sleep(Duration::from_millis(1_000));
+    // The broker stays down until the gate has made taps it cannot send (journalled, sent
+    // when the broker is back).
+    wait_until(
+        "a tap at Central while the broker is down",
+        Duration::from_secs(20),
+        || tapped_since(dir, down_at),
+    );
     broker = start_mosquitto(dir, port);
     let s1 = finish(v1);
     assert_eq!(
@@ -612,8 +625,15 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         (skew - 86_400_000).abs() < 120_000,
         "device 1002's clock shows a day ahead: {dev}"
     );
+    let published_before = captured.lock().unwrap().len();
     drop(gateway);
-    std::thread::sleep(Duration::from_millis(800));
+    // The gateway stays down until the gate has published taps nobody takes in the meantime
+    // (the broker keeps them in the gateway's persistent session).
+    wait_until(
+        "taps of Harbor published while the gateway is down",
+        Duration::from_secs(20),
+        || captured.lock().unwrap().len() > published_before,
+    );
     gateway = start_gateway(dir, port, &base);
     let (s2, log2) = finish_with_log(v2);
     assert_eq!(
@@ -628,8 +648,28 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         log2.contains("blocklist signature does not verify"),
         "the validator saw the forgery and said why: {log2}"
     );
-    // Every tap message again, newest first, from each device; and a forged one.
-    std::thread::sleep(Duration::from_millis(500));
+    // Every tap message again, newest first, from each device; and a forged one. First the
+    // capture has each device's last tap (the highest sequence number the gateway stored).
+    let keys = issuer_keys(dir);
+    for device in [1001u32, 1002] {
+        let (code, dev) = http(
+            "GET",
+            &format!("{gw_api}/v1/devices/{device}"),
+            OPS_TOKEN,
+            None,
+        );
+        assert_eq!(code, 200, "{dev}");
+        let last = dev["highest_seq"].as_u64().unwrap();
+        wait_until(
+            &format!("the capture to see device {device}'s last tap ({last})"),
+            Duration::from_secs(20),
+            || {
+                captured_taps(&captured, &keys, device)
+                    .iter()
+                    .any(|t| t.meta().device_seq == last)
+            },
+        );
+    }
     let messages = captured.lock().unwrap().clone();
     assert!(!messages.is_empty(), "the capture saw the taps");
     for (device, pass) in [("1001", "v1001-secret"), ("1002", "v1002-secret")] {
@@ -732,11 +772,6 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         refused_blocked > 0,
         "blocked cards were refused: {s3}\n{log3}"
     );
-    let keys = purse::keys::KeySet::unseal(
-        &std::fs::read(dir.join("keys/issuer.keys")).unwrap(),
-        PASS.as_bytes(),
-    )
-    .unwrap();
     let t0 = Instant::now();
     let run3 = loop {
         let all = captured.lock().unwrap().clone();
@@ -751,9 +786,9 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
                 purse::tap::TapRecord::decode_verified(&w, "metro", |d| keys.device_key(d).ok())
                     .ok()
             })
-            .filter(|t| t.meta.device_id == 1001)
+            .filter(|t| t.meta().device_id == 1001)
             .collect();
-        let accepted = run3.iter().filter(|t| t.refusal.is_none()).count() as u64;
+        let accepted = run3.iter().filter(|t| t.refusal().is_none()).count() as u64;
         if accepted >= s3["taps_accepted"].as_u64().unwrap() {
             break run3;
         }
@@ -761,24 +796,24 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
         std::thread::sleep(Duration::from_millis(100));
     };
     for t in &run3 {
-        if t.refusal.is_none() && blocked.contains(&t.uid) {
+        if t.refusal().is_none() && blocked.contains(&t.uid()) {
             assert!(
-                t.meta.blocklist_version < version,
+                t.meta().blocklist_version < version,
                 "a blocked card was accepted while the validator held version {} (block at {version})",
-                t.meta.blocklist_version
+                t.meta().blocklist_version
             );
         }
     }
     // How long after the validator came up (its first tap) it held the block.
     let first = run3
         .iter()
-        .map(|t| t.meta.device_time_ms)
+        .map(|t| t.meta().device_time_ms)
         .min()
         .unwrap_or(0);
     let holding = run3
         .iter()
-        .filter(|t| t.meta.blocklist_version >= version)
-        .map(|t| t.meta.device_time_ms)
+        .filter(|t| t.meta().blocklist_version >= version)
+        .map(|t| t.meta().device_time_ms)
         .min();
     let Some(holding) = holding else {
         panic!("no tap of the run was made holding the block")

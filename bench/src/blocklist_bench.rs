@@ -42,7 +42,7 @@ pub fn run_scenario(n: Option<u64>) -> anyhow::Result<Figures> {
 async fn scenario(validators: u32) -> anyhow::Result<Figures> {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
     let dir = tempfile::tempdir()?;
-    let port = crate::stats::free_port()?;
+    let port = tapgate_testkit::free_port();
     let mut users = HashMap::from([("gateway".to_string(), "gw-secret".to_string())]);
     for v in 0..validators {
         users.insert(format!("{}", 2000 + v), "v-secret".to_string());

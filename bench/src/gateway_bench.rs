@@ -24,48 +24,20 @@ use std::time::{Duration, Instant};
 
 const VALIDATORS: usize = 8;
 
-struct Mosquitto(std::process::Child);
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// Mosquitto on `port` with passwords for `users`, no ACL, queues deep enough for the backlog.
 fn start_mosquitto(
     dir: &std::path::Path,
     port: u16,
     users: &HashMap<String, String>,
-) -> anyhow::Result<Mosquitto> {
-    let passwd = dir.join("passwd");
-    for (i, (u, p)) in users.iter().enumerate() {
-        let mut c = std::process::Command::new("mosquitto_passwd");
-        c.arg("-b");
-        if i == 0 {
-            c.arg("-c");
-        }
-        anyhow::ensure!(
-            c.arg(&passwd).arg(u).arg(p).status()?.success(),
-            "mosquitto_passwd failed"
-        );
+) -> anyhow::Result<tapgate_testkit::mosquitto::Mosquitto> {
+    let mut conf = tapgate_testkit::mosquitto::MosquittoConfig::on_port(port)
+        .line("max_queued_messages 1000000")
+        .line("max_inflight_messages 1000")
+        .no_log();
+    for (u, p) in users {
+        conf = conf.user(u, p);
     }
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "per_listener_settings false\nallow_anonymous false\npassword_file {}\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest none\nlistener {port} 127.0.0.1\n",
-            passwd.display()
-        ),
-    )?;
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .ok_or_else(|| anyhow::anyhow!("mosquitto is not installed"))?;
-    let child = std::process::Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .spawn()?;
-    Ok(Mosquitto(child))
+    conf.try_start(dir).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn rss_peak_kib() -> u64 {
@@ -209,7 +181,7 @@ pub fn run_scenario(
         .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
         .collect();
     let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
-    let port = crate::stats::free_port()?;
+    let port = tapgate_testkit::free_port();
     // Devices 1000… send the taps, devices 2000… the raw run's messages (as their own taps
     // under operator "raw", which the gateway does not take): both pass the embedded broker's
     // ACL front, as live taps do.

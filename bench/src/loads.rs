@@ -94,7 +94,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let server_hsm: Box<dyn purse::sam::Hsm + Send> = match hsm_kind.as_str() {
         "software" => Box::new(SoftwareHsm::new(&keys)?),
         "pkcs11" => Box::new(
-            tapgate_pkcs11::softhsm::hsm_for(&keys)
+            tapgate_testkit::softhsm::hsm_for(&keys)
                 .map_err(|e| anyhow::anyhow!("TAPGATE_BENCH_HSM=pkcs11: {e}"))?
                 .1,
         ),

@@ -6,14 +6,7 @@ use gateway::daemon::start_embedded_broker_tls;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, Transport};
 use std::collections::HashMap;
 use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use tapgate_testkit::{free_port, wait_for_port_async};
 
 async fn connack(mut opts: MqttOptions, tls_ca: Option<Vec<u8>>) -> Option<ConnectReturnCode> {
     if let Some(ca) = tls_ca {
@@ -51,14 +44,7 @@ async fn the_embedded_broker_speaks_tls() {
             key_path.display().to_string(),
         )),
     );
-    let t = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "broker did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_port_async(port, "the broker's TLS listener").await;
     let ca = cert.cert.pem().into_bytes();
     let opts = |id: &str, pass: &str| {
         let mut o = MqttOptions::new(id, "localhost", port);

@@ -5,112 +5,29 @@
 use gateway::daemon::{run, GatewayConfig, GatewayStats};
 use gateway::store::Store;
 use purse::keys::{KeySet, Role};
-use purse::receipt::{CommitReceipt, TxKind};
-use purse::tap::{TapMeta, TapRecord};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tapgate_testkit::fixtures::signed_tap;
+use tapgate_testkit::free_port;
+use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
+use tapgate_testkit::wait_until_async;
 
-struct Broker(Child);
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_mosquitto(dir: &std::path::Path, port: u16) -> Broker {
-    let mosquitto = [
-        "/usr/sbin/mosquitto",
-        "/usr/bin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ]
-    .into_iter()
-    .find(|p| std::path::Path::new(p).exists())
-    .expect("mosquitto is not installed: apt-get install mosquitto (./test.sh does)");
-    let passwd = dir.join("passwd");
-    for (i, (user, pass)) in [
-        ("gateway", "gw-secret"),
-        ("1001", "d1-secret"),
-        ("1002", "d2-secret"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mut c = Command::new("mosquitto_passwd");
-        c.arg("-b");
-        if i == 0 {
-            c.arg("-c");
-        }
-        let st = c
-            .arg(&passwd)
-            .arg(user)
-            .arg(pass)
-            .status()
-            .expect("mosquitto_passwd");
-        assert!(st.success());
-    }
-    let acl = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mosquitto/acl");
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "per_listener_settings false\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\nlog_dest file {}\nlistener {port} 127.0.0.1\n",
-            passwd.display(),
-            acl,
-            dir.join("mosquitto.log").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(mosquitto)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mosquitto");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "mosquitto did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker(child)
+/// Mosquitto with the shipped ACL, the gateway's and two devices' passwords.
+fn start_mosquitto(dir: &std::path::Path, port: u16) -> Mosquitto {
+    MosquittoConfig::on_port(port)
+        .user("gateway", "gw-secret")
+        .user("1001", "d1-secret")
+        .user("1002", "d2-secret")
+        .shipped_acl()
+        .start(dir)
 }
 
 fn tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
-    let r = CommitReceipt::for_tests(
-        [4, 5, 5, 5, 5, 5, seq as u8],
-        seq as u32,
-        [1; 8],
-        TxKind::Debit,
-        100,
-        1_000,
-    );
-    TapRecord::accepted(
-        &r,
-        TapMeta {
-            device_id: device,
-            device_seq: seq,
-            ..Default::default()
-        },
-    )
-    .sign("metro", &keys.device_key(device).unwrap())
-    .to_vec()
+    signed_tap(keys, "metro", device, seq)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,26 +254,42 @@ async fn a_backlog_larger_than_the_queues_is_taken_whole() {
     };
     let store = Store::open(&dir.path().join("gw"), 32 << 20).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first_stats = Arc::new(GatewayStats::default());
     let first = tokio::spawn(run(
         cfg.clone(),
         store.clone(),
         keys.clone(),
-        Arc::new(GatewayStats::default()),
+        first_stats.clone(),
         async {
             let _ = stopped.await;
         },
     ));
-    // Let the first run make the persistent session, then stop it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first run makes the persistent session (its subscription acknowledged), then stops.
+    wait_until_async(
+        "the first run's subscription",
+        Duration::from_secs(10),
+        || {
+            first_stats
+                .subscribed
+                .load(std::sync::atomic::Ordering::Acquire)
+        },
+    )
+    .await;
     let _ = stop.send(());
     first.await.unwrap();
     let mut opts = MqttOptions::new("device-1001-backlog", "127.0.0.1", port);
     opts.set_credentials("1001", "d1-secret").set_inflight(200);
     let (client, mut events) = AsyncClient::new(opts, 2_000);
+    let broker_took = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let took = broker_took.clone();
     tokio::spawn(async move {
         loop {
-            if events.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    took.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
     });
@@ -373,7 +306,13 @@ async fn a_backlog_larger_than_the_queues_is_taken_whole() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every tap in the broker (acknowledged to the device) before the gateway comes back.
+    wait_until_async(
+        "the broker to take the backlog",
+        Duration::from_secs(20),
+        || broker_took.load(std::sync::atomic::Ordering::Relaxed) >= N,
+    )
+    .await;
     let stats = Arc::new(GatewayStats::default());
     tokio::spawn(run(
         cfg,

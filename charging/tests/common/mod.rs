@@ -1,47 +1,13 @@
-//! An in-process charging server on a loopback port, for HTTP tests.
-#![allow(dead_code)]
+//! The charging server in process on a loopback port, for HTTP tests: the test kit's
+//! (`tapgate_testkit::charging`), under the names these suites use.
+#![allow(dead_code, unused_imports)]
 
-use charging::api::AppState;
-use charging::server::{self, ServerConfig, ServerError};
+pub use tapgate_testkit::charging::{
+    hsm, post, post_with_key, register_instrument, start, start_with, start_with_hsm, HsmKind,
+};
 
-pub struct Running {
-    pub base: String,
-    pub state: AppState,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    rt: tokio::runtime::Runtime,
-    handle: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.stop.take().expect("once").send(());
-        let h = self.handle.take().expect("once");
-        let _ = self.rt.block_on(h);
-    }
-}
-
-/// Which HSM a test's server uses: the suites that touch the HSM run once with each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HsmKind {
-    /// `purse::sam::SoftwareHsm`.
-    Software,
-    /// `tapgate_pkcs11::Pkcs11Hsm` on a fresh SoftHSM2 token (SoftHSM2 must be installed;
-    /// `./test.sh` installs it — without it these tests fail and say so).
-    Pkcs11,
-}
-
-/// The HSM of `kind` holding the HSM role's keys of `keys`.
-pub fn hsm(kind: HsmKind, keys: &purse::keys::KeySet) -> Box<dyn purse::sam::Hsm + Send> {
-    match kind {
-        HsmKind::Software => Box::new(purse::sam::SoftwareHsm::new(keys).unwrap()),
-        HsmKind::Pkcs11 => {
-            let (_token, hsm) =
-                tapgate_pkcs11::softhsm::hsm_for(keys).unwrap_or_else(|e| panic!("{e}"));
-            Box::new(hsm)
-        }
-    }
-}
+/// A running server (the kit's [`tapgate_testkit::charging::ChargingServer`]).
+pub type Running = tapgate_testkit::charging::ChargingServer;
 
 /// `both_hsms!(a, b)`: for each `fn a(kind: HsmKind)`, the tests `a::software` and
 /// `a::pkcs11` — the same scenario and the same expected outcomes with either HSM.
@@ -61,101 +27,4 @@ macro_rules! both_hsms {
             }
         )*
     };
-}
-
-/// Starts a server with the software HSM; `edit` adjusts the configuration.
-pub fn start(keys: &purse::keys::KeySet, edit: impl FnOnce(&mut ServerConfig)) -> Running {
-    start_with(HsmKind::Software, keys, edit)
-}
-
-/// Starts a server with an HSM of `kind`; `edit` adjusts the configuration.
-pub fn start_with(
-    kind: HsmKind,
-    keys: &purse::keys::KeySet,
-    edit: impl FnOnce(&mut ServerConfig),
-) -> Running {
-    start_with_hsm(hsm(kind, keys), edit)
-}
-
-/// Starts a server with this HSM; `edit` adjusts the configuration.
-pub fn start_with_hsm(
-    hsm: Box<dyn purse::sam::Hsm + Send>,
-    edit: impl FnOnce(&mut ServerConfig),
-) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ServerConfig::from_toml(&format!(
-        "data_dir = {:?}\nledger_map_size_bytes = 33554432",
-        dir.path().to_str().unwrap()
-    ))
-    .unwrap();
-    edit(&mut cfg);
-    let state = server::build(&cfg, hsm).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let st = state.clone();
-    let handle = rt.spawn(async move {
-        server::serve_on(listener, &cfg, st, async {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    Running {
-        base,
-        state,
-        stop: Some(stop),
-        rt,
-        handle: Some(handle),
-        _dir: dir,
-    }
-}
-
-/// POST JSON with a bearer token; returns (status, body).
-pub fn post(url: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    match ureq::post(url)
-        .set("Authorization", &format!("Bearer {token}"))
-        .send_json(body)
-    {
-        Ok(r) => {
-            let code = r.status();
-            (code, r.into_json().unwrap_or_default())
-        }
-        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
-}
-
-/// POST JSON with a bearer token and an Idempotency-Key.
-pub fn post_with_key(
-    url: &str,
-    token: &str,
-    key: &str,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    match ureq::post(url)
-        .set("Authorization", &format!("Bearer {token}"))
-        .set("Idempotency-Key", key)
-        .send_json(body)
-    {
-        Ok(r) => {
-            let code = r.status();
-            (code, r.into_json().unwrap_or_default())
-        }
-        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
-}
-
-/// Registers a funding instrument (a card token) to the token's account: 201 or 200.
-pub fn register_instrument(base: &str, token: &str, source: &str, instrument: &str) {
-    let (code, body) = post(
-        &format!("{base}/v1/instruments"),
-        token,
-        serde_json::json!({"source": source, "instrument": instrument}),
-    );
-    assert!(
-        code == 201 || code == 200,
-        "registering {source}:{instrument}: {code} {body}"
-    );
 }

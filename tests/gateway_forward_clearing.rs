@@ -1,0 +1,132 @@
+//! The gateway's forwarding against the charging server's clearing core (in process):
+//! idempotent batches that clearing books exactly once, even when an answer is lost. (In the
+//! root tests: the gateway crate does not depend on the charging server, even for tests.)
+
+use gateway::forward::forward_once;
+use gateway::store::{Message, Store};
+use purse::keys::{KeySet, Role};
+use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
+use purse::tap::{TapMeta, TapRecord};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Mutex;
+use tapgate_testkit::fixtures::transit_card;
+
+fn keys() -> KeySet {
+    KeySet::generate(&mut StdRng::seed_from_u64(1))
+}
+
+fn msg(topic: &str, payload: Vec<u8>) -> Message {
+    Message {
+        topic: topic.into(),
+        payload,
+    }
+}
+
+fn real_debits(keys: &KeySet, n: usize) -> Vec<TapRecord> {
+    let hsm = SoftwareHsm::new(keys).unwrap();
+    let mut sam = SoftwareSam::validator(keys, 1001).unwrap();
+    let uid = [4, 2, 2, 2, 2, 2, 2];
+    let mut card = transit_card(&hsm, uid, 100_000);
+    (0..n)
+        .map(|i| {
+            let mut reader = EmulatedReader {
+                card: &mut card,
+                rng: StdRng::seed_from_u64(i as u64),
+            };
+            let Outcome::Committed { receipt, .. } =
+                txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(7), |_| {
+                    Decision::Apply {
+                        amount_minor: 150,
+                        record: None,
+                    }
+                })
+                .unwrap()
+            else {
+                panic!()
+            };
+            TapRecord::accepted(
+                &receipt,
+                TapMeta {
+                    device_id: 1001,
+                    device_seq: i as u64 + 1,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn forwarding_is_idempotent_and_clearing_books_each_tap_once() {
+    let ks = keys();
+    let gw = ks.for_role(Role::Gateway, 0).unwrap();
+    let key = |d: u32| gw.device_key(d).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("gw"), 64 << 20).unwrap();
+    let device_key = gw.device_key(1001).unwrap();
+    let msgs: Vec<Message> = real_debits(&ks, 25)
+        .iter()
+        .map(|t| {
+            msg(
+                "tapgate/v1/metro/taps/1001",
+                t.sign("metro", &device_key).to_vec(),
+            )
+        })
+        .collect();
+    assert_eq!(store.ingest(&msgs, key, 0).unwrap().stored, 25);
+
+    // Clearing in process (the charging core), behind a sink that fails once.
+    let ledger = charging::ledger::Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let uid = [4, 2, 2, 2, 2, 2, 2];
+    ledger
+        .transact(move |t| {
+            t.post(
+                0,
+                "issuer:float",
+                &charging::ledger::card_account(&uid),
+                100_000,
+                "issue",
+            )?;
+            t.put_card(
+                &uid,
+                &charging::ledger::CardShadow {
+                    booked_balance_minor: Some(100_000),
+                    ..Default::default()
+                },
+            )
+        })
+        .unwrap();
+    let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(&ks).unwrap()));
+    let mut ids = Vec::new();
+    let mut fail_next = true;
+    let mut sink = |batch: &serde_json::Value| -> Result<(), String> {
+        ids.push(batch["batch_id"].as_str().unwrap().to_string());
+        let b: charging::clearing::ClearingBatch =
+            serde_json::from_value(batch.clone()).map_err(|e| e.to_string())?;
+        let out =
+            charging::clearing::clear_batch(&ledger, &hsm, b, 0).map_err(|e| e.to_string())?;
+        assert!(out.anomalies.is_empty(), "{out:?}");
+        if fail_next {
+            fail_next = false;
+            return Err("acknowledgement lost".into()); // clearing booked it; we did not hear
+        }
+        Ok(())
+    };
+    assert!(forward_once(&store, "gw1", "metro", key, 10, &mut sink).is_err());
+    assert_eq!(
+        store.outbox_len().unwrap(),
+        25,
+        "nothing trimmed without an answer"
+    );
+    while forward_once(&store, "gw1", "metro", key, 10, &mut sink).unwrap() > 0 {}
+    assert_eq!(ids[0], ids[1], "the retry is the same batch");
+    assert_eq!(store.outbox_len().unwrap(), 0);
+    let r = ledger.read().unwrap();
+    assert_eq!(
+        r.balance("operator:metro").unwrap(),
+        25 * 150,
+        "each tap booked once"
+    );
+}
