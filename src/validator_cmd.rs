@@ -162,7 +162,50 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     }
 
     let shutdown = Arc::new(AtomicBool::new(false));
-    let reader: Box<dyn Reader> = match choice {
+    let reader = open_reader(choice, &cfg, a.passphrase_file.as_deref(), &shutdown)?;
+
+    let settings = cfg
+        .settings(signing_pub, crash_at)
+        .map_err(|e| config_err(None, e))?;
+    let metrics = Arc::new(daemon::Metrics::new(cfg.device_id));
+
+    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let summary = rt.block_on(async {
+        {
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                crate::cli_util::shutdown_signal().await;
+                s.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+        if let Some(mc) = &cfg.metrics {
+            spawn_metrics(mc, metrics.clone(), shutdown.clone())?;
+        }
+        let summary = daemon::run(
+            settings,
+            gate,
+            journal.clone(),
+            reader,
+            metrics,
+            shutdown.clone(),
+        )
+        .await
+        .context("validator")?;
+        shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
+        anyhow::Ok(summary)
+    })?;
+
+    print_summary(cfg.device_id, &summary, a.json)
+}
+
+/// The reader of `choice`: the emulated crowd of `[crowd]`, or a PC/SC reader.
+fn open_reader(
+    choice: ReaderChoice,
+    cfg: &Config,
+    passphrase_file: Option<&Path>,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<Box<dyn Reader>> {
+    Ok(match choice {
         ReaderChoice::Emulated => {
             let (Some(section), Some(crowd)) = (&cfg.crowd, cfg.crowd()) else {
                 bail!(input_err(
@@ -171,7 +214,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
             };
             let issuer = load_keyset(
                 section.issuer_keys.as_ref().unwrap_or(&cfg.keys),
-                a.passphrase_file.as_deref(),
+                passphrase_file,
             )?;
             let hsm =
                 SoftwareHsm::new(&issuer).context("the emulated crowd needs the issuer key set")?;
@@ -192,64 +235,46 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         }
         #[cfg(not(feature = "pcsc"))]
         ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
+    })
+}
+
+/// Serves `/metrics` on `[metrics]`'s listener until `shutdown` (on the current runtime).
+fn spawn_metrics(
+    mc: &validator::config::MetricsConfig,
+    metrics: Arc<daemon::Metrics>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<()> {
+    let listener = std::net::TcpListener::bind(mc.listen)
+        .with_context(|| format!("metrics listen {}", mc.listen))?;
+    let tls = match (&mc.tls_cert, &mc.tls_key) {
+        (Some(c), Some(k)) => Some(tapgate_http::serve::TlsFiles {
+            cert: c.clone(),
+            key: k.clone(),
+        }),
+        (None, None) => None,
+        _ => bail!(input_err(
+            "[metrics] needs both tls_cert and tls_key, or neither"
+        )),
     };
-
-    let settings = cfg
-        .settings(signing_pub, crash_at)
-        .map_err(|e| config_err(None, e))?;
-    let metrics = Arc::new(daemon::Metrics::new(cfg.device_id));
-
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    let summary = rt.block_on(async {
-        {
-            let s = shutdown.clone();
-            tokio::spawn(async move {
-                crate::cli_util::shutdown_signal().await;
-                s.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
+    let (m, s) = (metrics, shutdown);
+    tokio::spawn(async move {
+        let stop = async move {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        if let Err(e) = daemon::serve_metrics(listener, tls, m, stop).await {
+            eprintln!("metrics: {e}");
         }
-        if let Some(mc) = &cfg.metrics {
-            let listener = std::net::TcpListener::bind(mc.listen)
-                .with_context(|| format!("metrics listen {}", mc.listen))?;
-            let tls = match (&mc.tls_cert, &mc.tls_key) {
-                (Some(c), Some(k)) => Some(tapgate_http::serve::TlsFiles {
-                    cert: c.clone(),
-                    key: k.clone(),
-                }),
-                (None, None) => None,
-                _ => bail!(input_err(
-                    "[metrics] needs both tls_cert and tls_key, or neither"
-                )),
-            };
-            let (m, s) = (metrics.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let stop = async move {
-                    while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                };
-                if let Err(e) = daemon::serve_metrics(listener, tls, m, stop).await {
-                    eprintln!("metrics: {e}");
-                }
-            });
-        }
-        let summary = daemon::run(
-            settings,
-            gate,
-            journal.clone(),
-            reader,
-            metrics,
-            shutdown.clone(),
-        )
-        .await
-        .context("validator")?;
-        shutdown.store(true, std::sync::atomic::Ordering::Relaxed);
-        anyhow::Ok(summary)
-    })?;
+    });
+    Ok(())
+}
 
+/// The day's summary in words (and as JSON with `--json`).
+fn print_summary(device_id: u32, summary: &daemon::Summary, json: bool) -> Result<()> {
     println!(
         "validator {}: {} taps: {} accepted ({} minor units), {} refused, {} torn, {} repeats; {} earlier tears settled",
-        cfg.device_id,
+        device_id,
         summary.taps,
         summary.taps_accepted,
         summary.fares_minor,
@@ -265,8 +290,8 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         "tap latency p50 {} us, p99 {} us; outbox: {} taps not yet confirmed",
         summary.tap_latency_us_p50, summary.tap_latency_us_p99, summary.outbox_left
     );
-    if a.json {
-        println!("{}", serde_json::to_string(&summary)?);
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
     }
     Ok(())
 }
