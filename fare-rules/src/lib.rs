@@ -2,7 +2,13 @@
 //! signed table, evaluated on-device at every tap.
 //!
 //! - [`table`]: the compiled model both sources produce.
-//! - [`gtfs`]: GTFS-Fares v2 feed loading and compilation.
+//! - [`source`]: the planners' TOML format and its compiler.
+//! - [`gtfs`]: GTFS feeds (Fares v2 and v1, directories and zips) loaded and compiled.
+//! - [`engine`]: the validated, indexed table and its quotes (journey, tap, charge).
+//! - [`oracle`]: the brute-force lowest total the property tests compare the engine with.
+//! - [`record`]: the trip record on the card; [`signed`]: the signed table file.
+//! - [`check`], [`cases`], [`journey`], [`simulate`]: `tapgate fare check`, `test`/`explain`,
+//!   `quote` and `simulate`; [`synth`]: a synthetic city for benches and tests.
 #![forbid(unsafe_code)]
 
 pub mod cases;
