@@ -206,10 +206,10 @@ pub fn run(args: CardArgs) -> Result<()> {
             match result {
                 Ok(Outcome::Committed { receipt, .. }) => println!(
                     "debit accepted: amount_minor={} balance_minor={} tmc={} tmv={}",
-                    receipt.amount_minor,
-                    receipt.balance_after_minor,
-                    receipt.tmc,
-                    hex::encode_upper(receipt.tmv)
+                    receipt.amount_minor(),
+                    receipt.balance_after_minor(),
+                    receipt.tmc(),
+                    hex::encode_upper(receipt.tmv())
                 ),
                 Ok(Outcome::Refused { .. }) => println!("debit refused"),
                 Err(e) if c.is_torn() => {
@@ -246,10 +246,10 @@ pub fn run(args: CardArgs) -> Result<()> {
             match result {
                 Ok(LoadOutcome::Loaded { proof, .. }) => println!(
                     "load completed: amount_minor={} balance_minor={} tmc={} tmv={} tmac=verified",
-                    proof.receipt.amount_minor,
-                    proof.receipt.balance_after_minor,
-                    proof.receipt.tmc,
-                    hex::encode_upper(proof.receipt.tmv)
+                    proof.receipt().amount_minor(),
+                    proof.receipt().balance_after_minor(),
+                    proof.receipt().tmc(),
+                    hex::encode_upper(proof.receipt().tmv())
                 ),
                 Ok(LoadOutcome::Refused { .. }) => println!("load refused"),
                 Err(e) if c.is_torn() => {

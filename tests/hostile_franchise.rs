@@ -188,7 +188,13 @@ fn value_tx(
 type Load = ([u8; 7], u32, [u8; 8], i32, i32);
 
 fn of(r: &CommitReceipt) -> Load {
-    (r.uid, r.tmc, r.tmv, r.amount_minor, r.balance_after_minor)
+    (
+        r.uid(),
+        r.tmc(),
+        r.tmv(),
+        r.amount_minor(),
+        r.balance_after_minor(),
+    )
 }
 
 fn report(base: &str, token: &str, (uid, tmc, tmv, amount, after): Load) -> serde_json::Value {

@@ -51,18 +51,18 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         taps.push(ClearingTap {
             device_id: 1001,
             device_seq: i + 1,
-            card_uid: hex::encode_upper(receipt.uid),
-            tmc: receipt.tmc,
-            kind: if receipt.kind == TxKind::Debit {
+            card_uid: hex::encode_upper(receipt.uid()),
+            tmc: receipt.tmc(),
+            kind: if receipt.kind() == TxKind::Debit {
                 "debit"
             } else {
                 "record_only"
             }
             .into(),
-            amount_minor: receipt.amount_minor,
-            balance_after_minor: receipt.balance_after_minor,
-            tmv: hex::encode_upper(receipt.tmv),
-            key_version: receipt.key_version,
+            amount_minor: receipt.amount_minor(),
+            balance_after_minor: receipt.balance_after_minor(),
+            tmv: hex::encode_upper(receipt.tmv()),
+            key_version: receipt.key_version(),
             operator: Some("metro".into()),
             device_time_ms: 0,
         });

@@ -23,10 +23,10 @@
 //! A debit posts `card:<UID>` → `operator:<id>` with reference `tap:<UID>:<TMC>`.
 
 use crate::ledger::{
-    card_account, Booking, FundingAction, IntentState, Ledger, LedgerError, LedgerWrite,
+    card_account, Booking, Completion, FundingAction, IntentState, Ledger, LedgerError, LedgerWrite,
 };
 use purse::receipt::{TxClaim, TxKind};
-use purse::sam::Hsm;
+use purse::sam::{Hsm, TmacVerified};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
@@ -278,8 +278,8 @@ pub fn clear_batch(
                 Err(e) => return Err(LedgerError::Commit(e.to_string())),
             }
         }
-        for (tap, c) in &good {
-            book_tap(t, tap, c, now_ms, &mut done)?;
+        for (tap, proof) in &good {
+            book_tap(t, tap, proof, now_ms, &mut done)?;
         }
         for a in done.anomalies.iter().chain(&done.refused_summaries()) {
             t.record_anomaly(a)?;
@@ -293,13 +293,14 @@ pub fn clear_batch(
 }
 
 /// Verifies every tap's transaction MAC in the HSM (outside the write transaction): the taps
-/// that verified, with their claims; the others are refused into `outcome` (malformed, forged).
+/// that verified, with the HSM's proofs; the others are refused into `outcome` (malformed,
+/// forged).
 /// An HSM failure is no verdict: the whole batch fails and is resent.
 fn verify_taps(
     hsm: &Mutex<Box<dyn Hsm + Send>>,
     taps: Vec<ClearingTap>,
     outcome: &mut BatchOutcome,
-) -> Result<Vec<(ClearingTap, TxClaim)>, ClearingError> {
+) -> Result<Vec<(ClearingTap, TmacVerified)>, ClearingError> {
     let mut good = Vec::with_capacity(taps.len());
     for tap in taps {
         let anomaly = |kind: &str, detail: String, tap: &ClearingTap| Anomaly {
@@ -340,8 +341,8 @@ fn verify_taps(
             key_version: tap.key_version,
             reader_id: None,
         };
-        match hsm.lock().expect("hsm lock").verify_claim(&claim) {
-            Ok(_) => {}
+        let proof = match hsm.lock().expect("hsm lock").verify_claim(&claim) {
+            Ok(proof) => proof,
             // The HSM failed, not the tap: no verdict, the whole batch fails and is resent.
             Err(purse::sam::SamError::Hsm(e)) => return Err(ClearingError::Hsm(e)),
             Err(e) => {
@@ -352,8 +353,8 @@ fn verify_taps(
                 ));
                 continue;
             }
-        }
-        good.push((tap, claim));
+        };
+        good.push((tap, proof));
     }
     Ok(good)
 }
@@ -366,10 +367,11 @@ fn verify_taps(
 fn book_tap(
     t: &mut dyn LedgerWrite,
     tap: &ClearingTap,
-    c: &TxClaim,
+    proof: &TmacVerified,
     now_ms: u64,
     done: &mut BatchOutcome,
 ) -> Result<(), LedgerError> {
+    let c = &proof.receipt().to_claim();
     let marker = format!("tap:{}:{}", hex::encode_upper(c.uid), c.tmc);
     if let Some(prev) = t.idempotent(&marker)? {
         if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
@@ -404,33 +406,10 @@ fn book_tap(
         }
         return Ok(());
     }
-    if c.kind == TxKind::Debit && c.amount_minor > 0 {
-        let op = tap.operator.clone().unwrap_or_else(|| "default".into());
-        t.post(
-            now_ms,
-            &card_account(&c.uid),
-            &format!("operator:{op}"),
-            i64::from(c.amount_minor),
-            &marker,
-        )?;
-    } else if c.kind == TxKind::LimitedCredit && c.amount_minor > 0 {
-        let op = tap.operator.clone().unwrap_or_else(|| "default".into());
-        t.post(
-            now_ms,
-            &format!("operator:{op}"),
-            &card_account(&c.uid),
-            i64::from(c.amount_minor),
-            &marker,
-        )?;
-    }
+    let op = tap.operator.as_deref().unwrap_or("default");
+    t.post_cleared_tap(proof, op, &marker, now_ms)?;
     t.put_idempotent(&marker, &serde_json::Value::String(tap.tmv.to_uppercase()))?;
-    t.observe_card(&c.uid, c.tmc, c.balance_after_minor)?;
-    let delta = match c.kind {
-        TxKind::Debit => -i64::from(c.amount_minor),
-        TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
-        TxKind::RecordOnly => 0,
-    };
-    if t.book_counter(&c.uid, c.tmc, c.balance_after_minor, delta, now_ms)? == Booking::Duplicate {
+    if t.book_proved(proof, now_ms)? == Booking::Duplicate {
         // Booked by a load at the same counter: the load's own record already holds it.
         clone_found(
             t,
@@ -454,7 +433,7 @@ fn book_tap(
             }
         }
     }
-    complete_loads_across_gaps(t, &c.uid, now_ms, done)?;
+    complete_loads_across_gaps(t, proof, now_ms, done)?;
     cleared_one(done);
     if t.balance(&card_account(&c.uid))? < 0 {
         done.anomalies.push(Anomaly {
@@ -476,10 +455,11 @@ fn book_tap(
 /// after every booking, so it does not matter in which order taps arrive.
 fn complete_loads_across_gaps(
     t: &mut dyn LedgerWrite,
-    uid: &[u8; 7],
+    booked: &TmacVerified,
     now_ms: u64,
     done: &mut BatchOutcome,
 ) -> Result<(), LedgerError> {
+    let uid = &booked.receipt().uid();
     loop {
         let shadow = t.card(uid)?;
         let x = shadow.booked_through_tmc;
@@ -507,7 +487,12 @@ fn complete_loads_across_gaps(
         let Ok(after) = i32::try_from(after) else {
             return Ok(());
         };
-        if let Some(action) = t.complete_intent(uid, x, after, now_ms)? {
+        let proof = Completion::AcrossGap {
+            booked,
+            tmc_before: x,
+            balance_after_minor: after,
+        };
+        if let Some(action) = t.complete_intent(proof, now_ms)? {
             done.loads_completed += 1;
             done.funding.push(action);
         }

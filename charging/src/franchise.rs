@@ -13,7 +13,7 @@
 //! - The operator records their payments ([`record_payment`]); settlement files list a business
 //!   day's loads and payments per franchise (`tapgate charging settlement`).
 
-use crate::ledger::{card_account, Booking, Ledger, LedgerError};
+use crate::ledger::{Booking, Ledger, LedgerError};
 use purse::receipt::{TxClaim, TxKind};
 use purse::sam::{reader_id_of_device, CeilingGrant, Hsm};
 use serde::{Deserialize, Serialize};
@@ -152,7 +152,7 @@ pub fn report_loads(
             reader_id: Some(reader_id_of_device(franchise.device_id)),
         };
         match hsm.lock().expect("hsm lock").verify_claim(&claim) {
-            Ok(_) => verified.push((i, claim)),
+            Ok(proof) => verified.push((i, proof)),
             // The HSM failed, not the load: no verdict; the report fails and can be resent.
             Err(purse::sam::SamError::Hsm(e)) => return Err(FranchiseError::Hsm(e)),
             Err(e) => out.rejected.push((i, format!("transaction MAC: {e}"))),
@@ -167,7 +167,8 @@ pub fn report_loads(
             .unwrap_or_default();
         let (mut accepted, mut duplicates) = (0u32, 0u32);
         let mut refused = Vec::new();
-        for (i, c) in &verified {
+        for (i, proof) in &verified {
+            let c = &proof.receipt().to_claim();
             let marker = format!("franchise-load:{}:{}", hex::encode_upper(c.uid), c.tmc);
             if t.idempotent(&marker)?.is_some() {
                 duplicates += 1;
@@ -197,22 +198,9 @@ pub fn report_loads(
             else {
                 return Err(overflow("reported"));
             };
-            t.post(
-                now_ms,
-                &format!("franchise:{name}"),
-                &card_account(&c.uid),
-                i64::from(c.amount_minor),
-                &marker,
-            )?;
+            t.post_franchise_load(proof, &name, &marker, now_ms)?;
             t.put_idempotent(&marker, &serde_json::Value::String(name.clone()))?;
-            t.observe_card(&c.uid, c.tmc, c.balance_after_minor)?;
-            let booking = t.book_counter(
-                &c.uid,
-                c.tmc,
-                c.balance_after_minor,
-                i64::from(c.amount_minor),
-                now_ms,
-            )?;
+            let booking = t.book_proved(proof, now_ms)?;
             debug_assert_ne!(booking, Booking::Duplicate, "checked above");
             st.reported_total_minor = reported;
             accepted += 1;

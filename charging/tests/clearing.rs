@@ -38,9 +38,9 @@ fn debit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
 
 fn tap_json(r: &CommitReceipt, seq: u64) -> serde_json::Value {
     serde_json::json!({
-        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid), "tmc": r.tmc,
-        "kind": if r.amount_minor == 0 { "record_only" } else { "debit" }, "amount_minor": r.amount_minor,
-        "balance_after_minor": r.balance_after_minor, "tmv": hex::encode_upper(r.tmv), "key_version": r.key_version,
+        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
+        "kind": if r.amount_minor() == 0 { "record_only" } else { "debit" }, "amount_minor": r.amount_minor(),
+        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()), "key_version": r.key_version(),
         "operator": "metro",
     })
 }
@@ -135,7 +135,7 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     let mut clone = Card::power_on(card.nvm().clone(), hsm.card_keys(&uid, 1).unwrap());
     let real4 = debit(&mut sam, &mut card, 100);
     let fake4 = debit(&mut sam, &mut clone, 300);
-    assert_eq!(real4.tmc, fake4.tmc);
+    assert_eq!(real4.tmc(), fake4.tmc());
     let (_, out) = common::post(
         &format!("{b}/v1/clearing/batches"),
         GW,
@@ -277,7 +277,7 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
     card.remove_from_field();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let tap = debit(&mut sam, &mut card, 120);
-    assert_eq!(tap.tmc, 1);
+    assert_eq!(tap.tmc(), 1);
     let (_, out) = common::post(
         &format!("{b}/v1/clearing/batches"),
         GW,
@@ -362,7 +362,7 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
     assert_eq!(card.state().balance_minor, 1_700);
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let tap = debit(&mut sam, &mut card, 120);
-    assert_eq!(tap.tmc, 2);
+    assert_eq!(tap.tmc(), 2);
     let (_, out) = common::post(
         &format!("{b}/v1/clearing/batches"),
         GW,
@@ -457,7 +457,7 @@ fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) 
     }
     card.remove_from_field();
     let after = debit(&mut sam, &mut card, 50); // tmc 3
-    assert_eq!((before.tmc, after.tmc), (1, 3));
+    assert_eq!((before.tmc(), after.tmc()), (1, 3));
     let (_, first) = common::post(
         &format!("{b}/v1/clearing/batches"),
         GW,

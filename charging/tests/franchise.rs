@@ -40,12 +40,12 @@ fn offline_load(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> serde_js
         panic!("refused")
     };
     serde_json::json!({
-        "card_uid": hex::encode_upper(receipt.uid),
-        "tmc": receipt.tmc,
-        "amount_minor": receipt.amount_minor,
-        "balance_after_minor": receipt.balance_after_minor,
-        "tmv": hex::encode_upper(receipt.tmv),
-        "key_version": receipt.key_version,
+        "card_uid": hex::encode_upper(receipt.uid()),
+        "tmc": receipt.tmc(),
+        "amount_minor": receipt.amount_minor(),
+        "balance_after_minor": receipt.balance_after_minor(),
+        "tmv": hex::encode_upper(receipt.tmv()),
+        "key_version": receipt.key_version(),
     })
 }
 

@@ -54,10 +54,10 @@ fn change(
 
 fn tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
     serde_json::from_value(serde_json::json!({
-        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid), "tmc": r.tmc,
-        "kind": "debit", "amount_minor": r.amount_minor,
-        "balance_after_minor": r.balance_after_minor, "tmv": hex::encode_upper(r.tmv),
-        "key_version": r.key_version, "operator": "metro",
+        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
+        "kind": "debit", "amount_minor": r.amount_minor(),
+        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
+        "key_version": r.key_version(), "operator": "metro",
     }))
     .unwrap()
 }

@@ -161,12 +161,12 @@ impl World {
 
     fn report(&self, franchise: &FranchiseConfig, r: &CommitReceipt) -> franchise::ReportOutcome {
         let load = ReportedLoad {
-            card_uid: hex::encode_upper(r.uid),
-            tmc: r.tmc,
-            amount_minor: r.amount_minor,
-            balance_after_minor: r.balance_after_minor,
-            tmv: hex::encode_upper(r.tmv),
-            key_version: r.key_version,
+            card_uid: hex::encode_upper(r.uid()),
+            tmc: r.tmc(),
+            amount_minor: r.amount_minor(),
+            balance_after_minor: r.balance_after_minor(),
+            tmv: hex::encode_upper(r.tmv()),
+            key_version: r.key_version(),
         };
         franchise::report_loads(self.svc.ledger(), &self.hsm, franchise, &[load], self.now).unwrap()
     }
@@ -302,13 +302,13 @@ fn a_reversal_cannot_be_credited_back_by_a_debit_key_holder(kind: HsmKind) {
             taps: vec![ClearingTap {
                 device_id: 1001,
                 device_seq: 1,
-                card_uid: hex::encode_upper(lc.uid),
-                tmc: lc.tmc,
+                card_uid: hex::encode_upper(lc.uid()),
+                tmc: lc.tmc(),
                 kind: "limited_credit".into(),
-                amount_minor: lc.amount_minor,
-                balance_after_minor: lc.balance_after_minor,
-                tmv: hex::encode_upper(lc.tmv),
-                key_version: lc.key_version,
+                amount_minor: lc.amount_minor(),
+                balance_after_minor: lc.balance_after_minor(),
+                tmv: hex::encode_upper(lc.tmv()),
+                key_version: lc.key_version(),
                 operator: None,
                 device_time_ms: w.now,
             }],
@@ -473,8 +473,8 @@ fn hostile_amounts_over_http_are_refused_without_wrapping() {
         &format!("{base}/v1/franchise/loads"),
         SHOP,
         serde_json::json!({"loads": [{
-            "card_uid": hex::encode_upper(r.uid), "tmc": r.tmc, "amount_minor": 501,
-            "balance_after_minor": 501, "tmv": hex::encode_upper(r.tmv), "key_version": 1,
+            "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(), "amount_minor": 501,
+            "balance_after_minor": 501, "tmv": hex::encode_upper(r.tmv()), "key_version": 1,
         }]}),
     );
     assert_eq!((code, out["accepted"].as_u64()), (200, Some(1)), "{out}");

@@ -22,27 +22,27 @@ pub enum ForwardError {
 
 /// The clearing JSON for one verified tap record (accepted taps only).
 pub fn clearing_tap(t: &TapRecord, operator: &str) -> Option<serde_json::Value> {
-    if t.refusal.is_some() {
+    if t.refusal().is_some() {
         return None;
     }
-    let kind = match t.kind {
+    let kind = match t.kind() {
         TxKind::Debit => "debit",
         TxKind::LimitedCredit => "limited_credit",
         TxKind::RecordOnly => "record_only",
         TxKind::Credit => return None,
     };
     Some(serde_json::json!({
-        "device_id": t.meta.device_id,
-        "device_seq": t.meta.device_seq,
-        "card_uid": hex::encode_upper(t.uid),
-        "tmc": t.tmc,
+        "device_id": t.meta().device_id,
+        "device_seq": t.meta().device_seq,
+        "card_uid": hex::encode_upper(t.uid()),
+        "tmc": t.tmc(),
         "kind": kind,
-        "amount_minor": t.amount_minor,
-        "balance_after_minor": t.balance_after_minor,
-        "tmv": hex::encode_upper(t.tmv),
-        "key_version": t.key_version,
+        "amount_minor": t.amount_minor(),
+        "balance_after_minor": t.balance_after_minor(),
+        "tmv": hex::encode_upper(t.tmv()),
+        "key_version": t.key_version(),
         "operator": operator,
-        "device_time_ms": t.meta.device_time_ms,
+        "device_time_ms": t.meta().device_time_ms,
     }))
 }
 

@@ -62,20 +62,22 @@ pub fn tides_fare_transactions(
         let Ok(t) = TapRecord::decode_verified(&raw, operator, &device_key) else {
             continue;
         };
-        if t.refusal.is_some() || t.meta.device_time_ms < from_ms || t.meta.device_time_ms >= to_ms
+        if t.refusal().is_some()
+            || t.meta().device_time_ms < from_ms
+            || t.meta().device_time_ms >= to_ms
         {
             continue;
         }
-        let (date, ts) = utc(t.meta.device_time_ms);
+        let (date, ts) = utc(t.meta().device_time_ms);
         csv.push_str(&format!(
             "{}-{},{date},{ts},{},{currency},Enter,{},{},1,Smart card or ticket,,{},{}\n",
-            t.meta.device_id,
-            t.meta.device_seq,
-            decimal(i64::from(t.amount_minor), exponent),
-            t.meta.device_id,
-            t.meta.stop_id,
-            hex::encode_upper(t.uid),
-            decimal(i64::from(t.balance_after_minor), exponent),
+            t.meta().device_id,
+            t.meta().device_seq,
+            decimal(i64::from(t.amount_minor()), exponent),
+            t.meta().device_id,
+            t.meta().stop_id,
+            hex::encode_upper(t.uid()),
+            decimal(i64::from(t.balance_after_minor()), exponent),
         ));
     }
     Ok(csv)

@@ -328,27 +328,27 @@ pub fn parse_tap_topic(topic: &str) -> Option<(&str, u32)> {
 
 /// Adds one tap to the batch's aggregate deltas.
 fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
-    let day = tap.meta.device_time_ms / 86_400_000;
-    let product = match (tap.refusal, tap.kind) {
+    let day = tap.meta().device_time_ms / 86_400_000;
+    let product = match (tap.refusal(), tap.kind()) {
         (Some(r), _) => format!("refused:{}", r.name()),
         (None, purse::receipt::TxKind::RecordOnly) => "free".to_string(),
         (None, _) => "stored_value".to_string(),
     };
     for k in [
-        format!("device:{}", tap.meta.device_id),
-        format!("stop:{}", tap.meta.stop_id),
-        format!("route:{}", tap.meta.route_id),
-        format!("card-day:{}:{day}", hex::encode_upper(tap.uid)),
+        format!("device:{}", tap.meta().device_id),
+        format!("stop:{}", tap.meta().stop_id),
+        format!("route:{}", tap.meta().route_id),
+        format!("card-day:{}:{day}", hex::encode_upper(tap.uid())),
         format!("product:{product}"),
     ] {
         let a = aggs.entry(k).or_default();
-        if tap.refusal.is_some() {
+        if tap.refusal().is_some() {
             a.refused = a.refused.saturating_add(1);
         } else {
             a.taps = a.taps.saturating_add(1);
             // Saturating: a device's taps (MAC'd by the device, not yet by the card) cannot
             // wrap an operator's aggregate.
-            a.amount_minor = a.amount_minor.saturating_add(i64::from(tap.amount_minor));
+            a.amount_minor = a.amount_minor.saturating_add(i64::from(tap.amount_minor()));
         }
     }
 }
@@ -630,7 +630,7 @@ impl Store {
                         continue;
                     }
                 };
-                let device = tap.meta.device_id;
+                let device = tap.meta().device_id;
                 if device != topic_device {
                     refused.add(
                         || format!("record of device {device} published on device {topic_device}'s topic"),
@@ -638,7 +638,7 @@ impl Store {
                     );
                     continue;
                 }
-                let seq = tap.meta.device_seq;
+                let seq = tap.meta().device_seq;
                 let key = tap_key(device, seq);
                 let confirm = out
                     .confirmations

@@ -12,7 +12,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 use purse::crypto::AesKey;
 use purse::keys::{KeyKind, Role};
-use purse::receipt::CommitReceipt;
+use purse::receipt::TxClaim;
 use purse::sam::SamError;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -192,23 +192,23 @@ impl State {
         Ok(mac)
     }
 
-    /// The transaction MAC a card computes for `receipt`, computed in the token:
+    /// The transaction MAC a card computes for `claim`, computed in the token:
     /// K_TM diversified, SesTMMACKey = CMAC(K_TM, SV) derived as `E(K_TM, SV ⊕ K1)` (K1 from
     /// `E(K_TM, 0)`), then CMAC over the transaction with it. Neither key leaves the token.
-    pub(crate) fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError> {
-        let master = self.master(KeyKind::Tmac, receipt.key_version)?;
+    pub(crate) fn transaction_mac(&self, claim: &TxClaim) -> Result<[u8; 8], SamError> {
+        let master = self.master(KeyKind::Tmac, claim.key_version)?;
         let s = &self.session;
         let k_tm = diversify_in_token(
             s,
             master,
-            [&receipt.uid, &self.aid, &self.system_id],
+            [&claim.uid, &self.aid, &self.system_id],
             &[Attribute::Derive(true)],
         )?;
         let result = (|| {
             let l =
                 derive_block_clear(s, k_tm, [0; 16], &[0; 16]).map_err(sam_err("TM subkeys"))?;
             let (mut k1, mut k2) = purse::crypto::cmac_subkeys(&l);
-            let mut sv = purse::crypto::tm_session_vector(receipt.tmc, &receipt.uid);
+            let mut sv = purse::crypto::tm_session_vector(claim.tmc, &claim.uid);
             for i in 0..16 {
                 sv[i] ^= k1[i];
             }
@@ -224,7 +224,7 @@ impl State {
             .map_err(sam_err("TM session key"));
             sv.zeroize();
             let ses = ses?;
-            let input = receipt.tm_input();
+            let input = claim.tm_input();
             let full = cmac_in_token(s, ses, &input);
             let _ = s.destroy_object(ses);
             let mut full = full?;

@@ -11,7 +11,7 @@ use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
 use purse::crypto::AesKey;
 use purse::keys::KeyKind;
-use purse::receipt::CommitReceipt;
+use purse::receipt::TxClaim;
 use purse::sam::{Authenticator, CeilingGrant, ExternalCardKey, Hsm, PendingAuth, SamError};
 use rand_core::RngCore;
 use std::sync::{Arc, Mutex};
@@ -173,9 +173,9 @@ impl Authenticator for Pkcs11Hsm {
 }
 
 impl Hsm for Pkcs11Hsm {
-    fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError> {
+    fn transaction_mac(&self, claim: &TxClaim) -> Result<[u8; 8], SamError> {
         let mut st = self.shared.state()?;
-        run(&mut st, |st| st.transaction_mac(receipt))
+        run(&mut st, |st| st.transaction_mac(claim))
     }
 
     fn ceiling_grant(

@@ -41,7 +41,7 @@ fn load<H: Hsm>(hsm: &mut H, card: &mut Card, amount: i32, seed: u64) -> LoadOut
 
 fn loaded(o: LoadOutcome) -> CommitReceipt {
     match o {
-        LoadOutcome::Loaded { proof, .. } => proof.receipt,
+        LoadOutcome::Loaded { proof, .. } => proof.receipt().clone(),
         other => panic!("{other:?}"),
     }
 }
@@ -59,7 +59,7 @@ fn loads_through_the_token_equal_loads_through_the_software_hsm() {
     let ra = loaded(load(&mut soft, &mut a, 2_500, 7));
     let rb = loaded(load(&mut hw, &mut b, 2_500, 7));
     assert_eq!(ra, rb);
-    assert_eq!(rb.balance_after_minor, 3_500);
+    assert_eq!(rb.balance_after_minor(), 3_500);
     assert_eq!(a.state(), b.state());
 
     // Each HSM accepts the other's receipts (the TMV is the card's).
@@ -75,14 +75,14 @@ fn forged_transaction_macs_are_refused_by_both() {
     let mut c = card(&soft, 2, 1, 0);
     let r = loaded(load(&mut soft, &mut c, 700, 3));
     let claim = TxClaim {
-        uid: r.uid,
-        tmc: r.tmc,
-        tmv: r.tmv,
-        kind: r.kind,
-        amount_minor: r.amount_minor,
-        balance_after_minor: r.balance_after_minor,
-        key_version: r.key_version,
-        reader_id: r.reader_id,
+        uid: r.uid(),
+        tmc: r.tmc(),
+        tmv: r.tmv(),
+        kind: r.kind(),
+        amount_minor: r.amount_minor(),
+        balance_after_minor: r.balance_after_minor(),
+        key_version: r.key_version(),
+        reader_id: r.reader_id(),
     };
     for (i, forged) in [
         TxClaim {
@@ -98,7 +98,7 @@ fn forged_transaction_macs_are_refused_by_both() {
             ..claim.clone()
         },
         TxClaim {
-            tmc: r.tmc + 1,
+            tmc: r.tmc() + 1,
             ..claim.clone()
         },
         TxClaim {
@@ -132,7 +132,7 @@ fn forged_transaction_macs_are_refused_by_both() {
         }
     }
     // A claim of the genuine change verifies; a negative one is refused before the token.
-    assert_eq!(hw.verify_claim(&claim).unwrap().receipt, r);
+    assert_eq!(hw.verify_claim(&claim).unwrap().receipt(), &r);
     assert!(hw
         .verify_claim(&TxClaim {
             amount_minor: -1,
@@ -324,7 +324,7 @@ fn import_refuses_existing_labels_unless_replace_and_prints_check_values() {
     assert!(!hw.holds_version(KeyKind::Credit, 2));
     let soft = SoftwareHsm::new(&newer).unwrap();
     let mut c = card(&soft, 20, 1, 0);
-    assert_eq!(loaded(load(&mut hw, &mut c, 5, 1)).balance_after_minor, 5);
+    assert_eq!(loaded(load(&mut hw, &mut c, 5, 1)).balance_after_minor(), 5);
 }
 
 #[test]
@@ -459,21 +459,21 @@ fn a_lost_login_is_no_verdict_and_the_next_operation_reopens_the_session() {
     // refused, loads work.
     hw.verify_tmac(&r).unwrap();
     let claim = TxClaim {
-        uid: r.uid,
-        tmc: r.tmc,
+        uid: r.uid(),
+        tmc: r.tmc(),
         tmv: [0; 8],
-        kind: r.kind,
-        amount_minor: r.amount_minor,
-        balance_after_minor: r.balance_after_minor,
-        key_version: r.key_version,
-        reader_id: r.reader_id,
+        kind: r.kind(),
+        amount_minor: r.amount_minor(),
+        balance_after_minor: r.balance_after_minor(),
+        key_version: r.key_version(),
+        reader_id: r.reader_id(),
     };
     assert!(matches!(
         hw.verify_claim(&claim),
         Err(SamError::TmacMismatch { .. })
     ));
     assert_eq!(
-        loaded(load(&mut hw, &mut c, 200, 2)).balance_after_minor,
+        loaded(load(&mut hw, &mut c, 200, 2)).balance_after_minor(),
         500
     );
     assert!(hw.verify_device_mac(5, b"x", &[0; 8]).is_ok());

@@ -64,26 +64,27 @@ pub fn tm_input_with_reader(
     m
 }
 
-/// A committed value change, proved by the card's MAC'd CommitTransaction response.
+/// A committed value change, proved by the card's MAC'd CommitTransaction response. Its
+/// fields are read through getters; only the transaction drivers in this crate build one (and
+/// the HSM's check of a claim, [`crate::sam::Hsm::verify_claim`]), so another crate cannot:
+///
+/// ```compile_fail
+/// use purse::receipt::{CommitReceipt, TxKind};
+/// let forged = CommitReceipt {
+///     uid: [4; 7], tmc: 1, tmv: [0; 8], kind: TxKind::Credit, amount_minor: 100_000,
+///     balance_after_minor: 100_000, key_version: 1, reader_id: None,
+/// };
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommitReceipt {
-    /// Card UID.
-    pub uid: [u8; 7],
-    /// The transaction counter value this change consumed (TMC after commit).
-    pub tmc: u32,
-    /// The card's transaction MAC (verifiable only by the HSM).
-    pub tmv: [u8; 8],
-    /// The kind of change.
-    pub kind: TxKind,
-    /// The amount moved, minor units, ≥ 0.
-    pub amount_minor: i32,
-    /// The purse balance after the change, minor units.
-    pub balance_after_minor: i32,
-    /// The key version of the card's application keys.
-    pub key_version: u8,
-    /// The reader id (TMRI) the terminal committed in the transaction, if any: part of the
-    /// transaction MAC's input ([`tm_input_with_reader`]).
-    pub reader_id: Option<[u8; 16]>,
+    uid: [u8; 7],
+    tmc: u32,
+    tmv: [u8; 8],
+    kind: TxKind,
+    amount_minor: i32,
+    balance_after_minor: i32,
+    key_version: u8,
+    reader_id: Option<[u8; 16]>,
     _proof: Verified,
 }
 
@@ -120,6 +121,62 @@ impl CommitReceipt {
     pub(crate) fn with_reader(mut self, reader_id: Option<[u8; 16]>) -> Self {
         self.reader_id = reader_id;
         self
+    }
+
+    /// Card UID.
+    pub fn uid(&self) -> [u8; 7] {
+        self.uid
+    }
+
+    /// The transaction counter value this change consumed (TMC after commit).
+    pub fn tmc(&self) -> u32 {
+        self.tmc
+    }
+
+    /// The card's transaction MAC (verifiable only by the HSM).
+    pub fn tmv(&self) -> [u8; 8] {
+        self.tmv
+    }
+
+    /// The kind of change.
+    pub fn kind(&self) -> TxKind {
+        self.kind
+    }
+
+    /// The amount moved, minor units, ≥ 0.
+    pub fn amount_minor(&self) -> i32 {
+        self.amount_minor
+    }
+
+    /// The purse balance after the change, minor units.
+    pub fn balance_after_minor(&self) -> i32 {
+        self.balance_after_minor
+    }
+
+    /// The key version of the card's application keys.
+    pub fn key_version(&self) -> u8 {
+        self.key_version
+    }
+
+    /// The reader id (TMRI) the terminal committed in the transaction, if any: part of the
+    /// transaction MAC's input ([`tm_input_with_reader`]).
+    pub fn reader_id(&self) -> Option<[u8; 16]> {
+        self.reader_id
+    }
+
+    /// The change as a claim (plain data), e.g. to send it on or to have the HSM check the
+    /// card's transaction MAC on it.
+    pub fn to_claim(&self) -> TxClaim {
+        TxClaim {
+            uid: self.uid,
+            tmc: self.tmc,
+            tmv: self.tmv,
+            kind: self.kind,
+            amount_minor: self.amount_minor,
+            balance_after_minor: self.balance_after_minor,
+            key_version: self.key_version,
+            reader_id: self.reader_id,
+        }
     }
 
     /// The bytes the card's transaction MAC covers for this change.
@@ -174,8 +231,21 @@ pub struct TxClaim {
 }
 
 impl TxClaim {
-    /// The receipt this claim would be if true (only the HSM's check makes it one).
-    pub(crate) fn to_receipt(&self) -> CommitReceipt {
+    /// The bytes the card's transaction MAC covers, if the claim is true.
+    pub fn tm_input(&self) -> Vec<u8> {
+        tm_input_with_reader(
+            self.kind,
+            self.amount_minor,
+            self.balance_after_minor,
+            self.tmc,
+            &self.uid,
+            self.reader_id.as_ref(),
+        )
+    }
+
+    /// The receipt a claim is once the HSM verified its transaction MAC (only
+    /// [`crate::sam::Hsm::verify_claim`] calls it).
+    pub(crate) fn into_verified(self) -> CommitReceipt {
         CommitReceipt::verified(
             self.uid,
             self.tmc,

@@ -13,7 +13,7 @@
 use crate::apdu::ins;
 use crate::crypto::{self, AesKey};
 use crate::keys::{KeyError, KeyKind, KeySet, Role};
-use crate::receipt::CommitReceipt;
+use crate::receipt::{CommitReceipt, TxClaim};
 use crate::sm::{Channel, CommMode, SmError};
 use rand_core::RngCore;
 use zeroize::Zeroize;
@@ -286,31 +286,32 @@ pub trait Sam: Authenticator {
 
 /// The back office's key holder.
 pub trait Hsm: Authenticator {
-    /// The transaction MAC the card must have produced for `receipt` (8 bytes over
-    /// [`tm_input`] with the card's session TM key), computed where the TMAC key lives.
-    fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError>;
+    /// The transaction MAC the card must have produced for `claim` (8 bytes over
+    /// [`TxClaim::tm_input`] with the card's session TM key), computed where the TMAC key lives.
+    fn transaction_mac(&self, claim: &TxClaim) -> Result<[u8; 8], SamError>;
     /// Verifies the card's transaction MAC on a committed change. Only the HSM can do this: the
     /// proof is built here, after a constant-time comparison, and nowhere else.
     fn verify_tmac(&self, receipt: &CommitReceipt) -> Result<TmacVerified, SamError> {
-        let want = self.transaction_mac(receipt)?;
-        if !crypto::mac_eq(&want, &receipt.tmv) {
-            return Err(SamError::TmacMismatch {
-                uid: hex::encode_upper(receipt.uid),
-                tmc: receipt.tmc,
-            });
-        }
-        Ok(TmacVerified {
-            receipt: receipt.clone(),
-            _proof: HsmChecked,
-        })
+        self.verify_claim(&receipt.to_claim())
     }
-    /// Verifies a claimed value change (a reported franchise load, a cleared tap): only a
-    /// change the card really made has a transaction MAC that verifies.
-    fn verify_claim(&self, claim: &crate::receipt::TxClaim) -> Result<TmacVerified, SamError> {
+    /// Verifies a claimed value change (a reported franchise load, a cleared tap, a torn load
+    /// settled from the card's counter): only a change the card really made has a transaction
+    /// MAC that verifies. The [`TmacVerified`] it returns is the only way to one.
+    fn verify_claim(&self, claim: &TxClaim) -> Result<TmacVerified, SamError> {
         if claim.amount_minor < 0 {
             return Err(SamError::NotAllowed("a negative amount"));
         }
-        self.verify_tmac(&claim.to_receipt())
+        let want = self.transaction_mac(claim)?;
+        if !crypto::mac_eq(&want, &claim.tmv) {
+            return Err(SamError::TmacMismatch {
+                uid: hex::encode_upper(claim.uid),
+                tmc: claim.tmc,
+            });
+        }
+        Ok(TmacVerified {
+            receipt: claim.clone().into_verified(),
+            _proof: HsmChecked,
+        })
     }
     /// A ceiling grant for a franchise SAM (authenticated with that device's key).
     fn ceiling_grant(
@@ -363,12 +364,36 @@ impl CeilingGrant {
     }
 }
 
-/// Proof that the HSM verified a card's transaction MAC.
+/// Proof that the HSM verified a card's transaction MAC: what the back office's ledger takes to
+/// post a cleared tap, a franchise load or a completed load. Built only by
+/// [`Hsm::verify_claim`] (and [`Hsm::verify_tmac`]), so another crate cannot:
+///
+/// ```compile_fail
+/// # fn forge(receipt: purse::receipt::CommitReceipt) {
+/// let forged = purse::sam::TmacVerified { receipt };
+/// # }
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TmacVerified {
-    /// The verified receipt.
-    pub receipt: CommitReceipt,
+    receipt: CommitReceipt,
     _proof: HsmChecked,
+}
+
+impl TmacVerified {
+    /// The verified change.
+    pub fn receipt(&self) -> &CommitReceipt {
+        &self.receipt
+    }
+
+    /// For tests of code downstream of the HSM (other crates' tests and benches): only with
+    /// the `test-support` feature, never in production builds.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn for_tests(receipt: CommitReceipt) -> Self {
+        TmacVerified {
+            receipt,
+            _proof: HsmChecked,
+        }
+    }
 }
 
 /// Zero-sized witness that the HSM checked a transaction MAC; private to this module.
@@ -579,12 +604,12 @@ impl Authenticator for SoftwareHsm {
 }
 
 impl Hsm for SoftwareHsm {
-    fn transaction_mac(&self, receipt: &CommitReceipt) -> Result<[u8; 8], SamError> {
+    fn transaction_mac(&self, claim: &TxClaim) -> Result<[u8; 8], SamError> {
         let k_tm = self
             .keys
-            .card_key(KeyKind::Tmac, receipt.key_version, &receipt.uid)?;
-        let ses = crypto::tm_session_mac_key(&k_tm, receipt.tmc, &receipt.uid);
-        Ok(crypto::mac8(&ses, &receipt.tm_input()))
+            .card_key(KeyKind::Tmac, claim.key_version, &claim.uid)?;
+        let ses = crypto::tm_session_mac_key(&k_tm, claim.tmc, &claim.uid);
+        Ok(crypto::mac8(&ses, &claim.tm_input()))
     }
 
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {

@@ -26,12 +26,13 @@
 //! device's tap published on a hotel's topics, or forwarded by the hotel's gateway, does not
 //! verify as the hotel's ([`decode_verified`](TapRecord::decode_verified) takes the operator).
 //!
-//! An accepted tap can only be built from a [`CommitReceipt`] (a verified card commit); a
-//! decoded tap is a [`TapRecord`] only after its device MAC verified. Nothing else constructs
-//! one.
+//! An accepted tap can only be built from a [`CommitReceipt`] (a verified card commit) or a
+//! [`SettledClaim`] (a torn debit the card's counter, read under MAC, settled); a decoded tap
+//! is a [`TapRecord`] only after its device MAC verified. Nothing else constructs one.
 
 use crate::crypto::{self, AesKey};
-use crate::receipt::{CommitReceipt, TxKind};
+use crate::receipt::{CommitReceipt, TxClaim, TxKind};
+use crate::txn::SettledClaim;
 
 /// The current wire format version (2: the device MAC covers the operator).
 pub const TAP_VERSION: u8 = 2;
@@ -150,42 +151,102 @@ pub enum TapError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Checked;
 
-/// A tap record (verified).
+/// A tap record: built from a verified commit ([`TapRecord::accepted`]), a torn debit the
+/// card's counter settled ([`TapRecord::settled`]), a refusal that moved no value
+/// ([`TapRecord::refused`]), or decoded with its device MAC checked
+/// ([`TapRecord::decode_verified`]). Its fields are read through getters; another crate cannot
+/// write one:
+///
+/// ```compile_fail
+/// use purse::tap::{TapMeta, TapRecord};
+/// use purse::receipt::TxKind;
+/// let forged = TapRecord {
+///     refusal: None, kind: TxKind::Debit, key_version: 1, uid: [4; 7], tmc: 1,
+///     amount_minor: 100, balance_after_minor: 0, tmv: [0; 8], meta: TapMeta::default(),
+/// };
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TapRecord {
-    /// `None` when accepted, else why refused.
-    pub refusal: Option<RefusalReason>,
-    /// Transaction kind (RecordOnly for refusals).
-    pub kind: TxKind,
-    /// Card key version.
-    pub key_version: u8,
-    /// Card UID.
-    pub uid: [u8; 7],
-    /// The counter the change consumed (refusals: the counter the card showed, or 0).
-    pub tmc: u32,
-    /// Amount, minor units.
-    pub amount_minor: i32,
-    /// Balance after, minor units (refusals: the balance the card showed, or 0).
-    pub balance_after_minor: i32,
-    /// Card transaction MAC (zero for refusals).
-    pub tmv: [u8; 8],
-    /// Where and when.
-    pub meta: TapMeta,
+    refusal: Option<RefusalReason>,
+    kind: TxKind,
+    key_version: u8,
+    uid: [u8; 7],
+    tmc: u32,
+    amount_minor: i32,
+    balance_after_minor: i32,
+    tmv: [u8; 8],
+    meta: TapMeta,
     _checked: Checked,
 }
 
 impl TapRecord {
+    /// `None` when accepted, else why refused.
+    pub fn refusal(&self) -> Option<RefusalReason> {
+        self.refusal
+    }
+
+    /// Transaction kind (RecordOnly for refusals).
+    pub fn kind(&self) -> TxKind {
+        self.kind
+    }
+
+    /// Card key version.
+    pub fn key_version(&self) -> u8 {
+        self.key_version
+    }
+
+    /// Card UID.
+    pub fn uid(&self) -> [u8; 7] {
+        self.uid
+    }
+
+    /// The counter the change consumed (refusals: the counter the card showed, or 0).
+    pub fn tmc(&self) -> u32 {
+        self.tmc
+    }
+
+    /// Amount, minor units.
+    pub fn amount_minor(&self) -> i32 {
+        self.amount_minor
+    }
+
+    /// Balance after, minor units (refusals: the balance the card showed, or 0).
+    pub fn balance_after_minor(&self) -> i32 {
+        self.balance_after_minor
+    }
+
+    /// Card transaction MAC (zero for refusals).
+    pub fn tmv(&self) -> [u8; 8] {
+        self.tmv
+    }
+
+    /// Where and when.
+    pub fn meta(&self) -> &TapMeta {
+        &self.meta
+    }
+
     /// An accepted tap, from the card's verified commit.
     pub fn accepted(receipt: &CommitReceipt, meta: TapMeta) -> TapRecord {
+        Self::from_claim(&receipt.to_claim(), meta)
+    }
+
+    /// An accepted tap whose commit answer the validator never saw (the card was pulled): the
+    /// card's counter and balance, read under MAC at its next tap, settled it
+    /// ([`crate::txn::settle`]). Its transaction MAC is the card's own, checked in clearing.
+    pub fn settled(settled: &SettledClaim, meta: TapMeta) -> TapRecord {
+        Self::from_claim(settled.claim(), meta)
+    }
+
+    fn from_claim(c: &TxClaim, meta: TapMeta) -> TapRecord {
         TapRecord {
             refusal: None,
-            kind: receipt.kind,
-            key_version: receipt.key_version,
-            uid: receipt.uid,
-            tmc: receipt.tmc,
-            amount_minor: receipt.amount_minor,
-            balance_after_minor: receipt.balance_after_minor,
-            tmv: receipt.tmv,
+            kind: c.kind,
+            key_version: c.key_version,
+            uid: c.uid,
+            tmc: c.tmc,
+            amount_minor: c.amount_minor,
+            balance_after_minor: c.balance_after_minor,
+            tmv: c.tmv,
             meta,
             _checked: Checked,
         }

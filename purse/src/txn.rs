@@ -15,7 +15,7 @@
 use crate::apdu::{self, ins, Status};
 use crate::card::{Card, FILE_RECORDS, FILE_TMAC, FILE_VALUE, INS_GET_KEY_VERSION};
 use crate::keys::{KeyKind, DEFAULT_AID};
-use crate::receipt::{CommitReceipt, TxKind};
+use crate::receipt::{CommitReceipt, TxClaim, TxKind};
 use crate::sam::{Authenticator, Hsm, SamError, TmacVerified};
 use crate::sm::{Channel, CommMode, SmError};
 use rand_core::RngCore;
@@ -77,21 +77,82 @@ pub enum TxError {
     },
 }
 
-/// What the terminal learnt from the card before deciding.
+/// What the terminal learnt from the card before deciding, read under the session MAC. Only a
+/// [`Dialogue`] builds one (its fields are read through getters), so a snapshot handed to
+/// [`settle`] is what a card really showed:
+///
+/// ```compile_fail
+/// let forged = purse::txn::CardSnapshot {
+///     uid: [4; 7], key_version: 1, balance_minor: 0, tmc: 1, last_tmv: [0; 8], records: vec![],
+/// };
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CardSnapshot {
+    uid: [u8; 7],
+    key_version: u8,
+    balance_minor: i32,
+    tmc: u32,
+    last_tmv: [u8; 8],
+    records: Vec<crate::card::TripRecord>,
+    _read: ReadUnderMac,
+}
+
+/// Zero-sized witness that a dialogue read the snapshot under MAC; private to this module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ReadUnderMac;
+
+impl CardSnapshot {
     /// Card UID.
-    pub uid: [u8; 7],
+    pub fn uid(&self) -> [u8; 7] {
+        self.uid
+    }
+
     /// Card key version.
-    pub key_version: u8,
+    pub fn key_version(&self) -> u8 {
+        self.key_version
+    }
+
     /// Balance, minor units.
-    pub balance_minor: i32,
+    pub fn balance_minor(&self) -> i32 {
+        self.balance_minor
+    }
+
     /// The transaction counter (committed transactions so far).
-    pub tmc: u32,
+    pub fn tmc(&self) -> u32 {
+        self.tmc
+    }
+
     /// The transaction MAC of the last committed transaction.
-    pub last_tmv: [u8; 8],
+    pub fn last_tmv(&self) -> [u8; 8] {
+        self.last_tmv
+    }
+
     /// Trip records, newest first.
-    pub records: Vec<crate::card::TripRecord>,
+    pub fn records(&self) -> &[crate::card::TripRecord] {
+        &self.records
+    }
+
+    /// For tests of code downstream of a card read (other crates' tests and benches): only
+    /// with the `test-support` feature, never in production builds.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn for_tests(
+        uid: [u8; 7],
+        key_version: u8,
+        balance_minor: i32,
+        tmc: u32,
+        last_tmv: [u8; 8],
+        records: Vec<crate::card::TripRecord>,
+    ) -> Self {
+        CardSnapshot {
+            uid,
+            key_version,
+            balance_minor,
+            tmc,
+            last_tmv,
+            records,
+            _read: ReadUnderMac,
+        }
+    }
 }
 
 /// What the caller decides after seeing the snapshot.
@@ -422,6 +483,7 @@ impl Dialogue {
                     tmc,
                     last_tmv,
                     records,
+                    _read: ReadUnderMac,
                 };
                 let step = Step::Decide(snapshot.clone());
                 (Stage::Deciding { ch, snapshot }, step)
@@ -968,14 +1030,37 @@ impl PendingChange {
 /// What the card's next contact says about a pending change.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Settlement {
-    /// The card committed it: here is its receipt, with the card's own TMV read under MAC
-    /// (clearing verifies it in the HSM like any other).
-    Committed(CommitReceipt),
+    /// The card committed it: the change as a claim, with the card's own TMV read under MAC —
+    /// not a receipt (the terminal never saw the commit answer): clearing, or the back office's
+    /// HSM ([`crate::sam::Hsm::verify_claim`]), checks its transaction MAC like any other.
+    Committed(SettledClaim),
     /// The card never committed it: nothing moved.
     NotCommitted,
     /// The card has moved on by more than one transaction since; the pending change is settled
     /// by clearing from the card's transaction chain instead.
     MovedOn,
+}
+
+/// A pending change the card's counter and balance, read under MAC at its next contact, show
+/// committed: a [`TxClaim`] built only by [`settle`] from a [`CardSnapshot`] a dialogue read.
+/// A validator journals it as a tap ([`crate::tap::TapRecord::settled`]); the back office has
+/// its HSM verify the claim.
+///
+/// ```compile_fail
+/// # fn forge(claim: purse::receipt::TxClaim) {
+/// let forged = purse::txn::SettledClaim { claim };
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettledClaim {
+    claim: TxClaim,
+}
+
+impl SettledClaim {
+    /// The change the card made, as a claim for the HSM to verify.
+    pub fn claim(&self) -> &TxClaim {
+        &self.claim
+    }
 }
 
 /// Settles a pending change from a snapshot read (under MAC) at the card's next contact.
@@ -1002,15 +1087,18 @@ pub fn settle(pending: &PendingChange, next: &CardSnapshot) -> Result<Settlement
                 what: "counter advanced by one but the balance is not the expected one",
             });
         }
-        return Ok(Settlement::Committed(CommitReceipt::verified(
-            pending.uid,
-            next.tmc,
-            next.last_tmv,
-            pending.kind,
-            pending.amount_minor,
-            next.balance_minor,
-            pending.key_version,
-        )));
+        return Ok(Settlement::Committed(SettledClaim {
+            claim: TxClaim {
+                uid: pending.uid,
+                tmc: next.tmc,
+                tmv: next.last_tmv,
+                kind: pending.kind,
+                amount_minor: pending.amount_minor,
+                balance_after_minor: next.balance_minor,
+                key_version: pending.key_version,
+                reader_id: None,
+            },
+        }));
     }
     if next.tmc < pending.tmc_before {
         return Err(TxError::Protocol {

@@ -59,7 +59,7 @@ fn a_debit_key_holder_cannot_credit_back_a_reversal() {
     // The cardholder loads 500 online, then the load is reversed (the funding refunded).
     rig.load(&mut card, 500).unwrap();
     let rev = value_tx(&mut rig.hsm, &mut card, KeyKind::Credit, ins::DEBIT, 500).unwrap();
-    assert_eq!((rev.kind, rev.balance_after_minor), (TxKind::Debit, 0));
+    assert_eq!((rev.kind(), rev.balance_after_minor()), (TxKind::Debit, 0));
     rig.hsm.verify_tmac(&rev).unwrap();
     assert_eq!(
         card.state().limited_credit_minor,
@@ -93,7 +93,7 @@ fn a_reversal_disarms_a_fare_allowance_and_a_fare_still_can_be_undone() {
         300,
     )
     .unwrap();
-    assert_eq!(lc.balance_after_minor, 2_000);
+    assert_eq!(lc.balance_after_minor(), 2_000);
     // A fare, then a reversal: the fare's allowance is gone.
     rig.debit(&mut card, 300).unwrap();
     value_tx(&mut rig.hsm, &mut card, KeyKind::Credit, ins::DEBIT, 100).unwrap();
@@ -138,16 +138,16 @@ fn a_franchise_load_proves_its_sam_and_an_online_load_proves_none() {
     let mut card = rig.card(63, 0);
 
     let franchise_load = value_tx(&mut shop, &mut card, KeyKind::Credit, ins::CREDIT, 700).unwrap();
-    assert_eq!(franchise_load.reader_id, Some(reader_id_of_device(7001)));
+    assert_eq!(franchise_load.reader_id(), Some(reader_id_of_device(7001)));
     rig.hsm.verify_tmac(&franchise_load).unwrap();
     let claim = |r: &CommitReceipt, reader: Option<[u8; 16]>| TxClaim {
-        uid: r.uid,
-        tmc: r.tmc,
-        tmv: r.tmv,
-        kind: r.kind,
-        amount_minor: r.amount_minor,
-        balance_after_minor: r.balance_after_minor,
-        key_version: r.key_version,
+        uid: r.uid(),
+        tmc: r.tmc(),
+        tmv: r.tmv(),
+        kind: r.kind(),
+        amount_minor: r.amount_minor(),
+        balance_after_minor: r.balance_after_minor(),
+        key_version: r.key_version(),
         reader_id: reader,
     };
     rig.hsm
@@ -161,10 +161,10 @@ fn a_franchise_load_proves_its_sam_and_an_online_load_proves_none() {
     }
 
     let online = match rig.load(&mut card, 500).unwrap() {
-        txn::LoadOutcome::Loaded { proof, .. } => proof.receipt,
+        txn::LoadOutcome::Loaded { proof, .. } => proof.receipt().clone(),
         other => panic!("{other:?}"),
     };
-    assert_eq!(online.reader_id, None);
+    assert_eq!(online.reader_id(), None);
     assert!(matches!(
         rig.hsm
             .verify_claim(&claim(&online, Some(reader_id_of_device(7001)))),

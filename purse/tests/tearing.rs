@@ -268,11 +268,11 @@ fn pending_debit_is_settled_exactly_once_at_next_contact() {
             .unwrap();
             match settle(&pending, &snap).unwrap() {
                 Settlement::Committed(r) => {
-                    assert_eq!((snap.balance_minor, snap.tmc), (750, 1), "{tear:?}");
-                    assert!(rig.hsm.verify_tmac(&r).is_ok(), "{tear:?}");
+                    assert_eq!((snap.balance_minor(), snap.tmc()), (750, 1), "{tear:?}");
+                    assert!(rig.hsm.verify_claim(r.claim()).is_ok(), "{tear:?}");
                 }
                 Settlement::NotCommitted => {
-                    assert_eq!((snap.balance_minor, snap.tmc), (1_000, 0), "{tear:?}")
+                    assert_eq!((snap.balance_minor(), snap.tmc()), (1_000, 0), "{tear:?}")
                 }
                 Settlement::MovedOn => panic!("no other transaction happened"),
             }

@@ -26,7 +26,7 @@ fn debit_then_load_moves_exact_value_and_one_counter_each() {
     let mut card = rig.card(1, 10_000);
     let r = receipt(rig.debit(&mut card, 1_250).unwrap());
     assert_eq!(
-        (r.kind, r.amount_minor, r.balance_after_minor, r.tmc),
+        (r.kind(), r.amount_minor(), r.balance_after_minor(), r.tmc()),
         (TxKind::Debit, 1_250, 8_750, 1)
     );
     assert_eq!(card.state().balance_minor, 8_750);
@@ -36,10 +36,10 @@ fn debit_then_load_moves_exact_value_and_one_counter_each() {
 
     match rig.load(&mut card, 5_000).unwrap() {
         txn::LoadOutcome::Loaded { proof, snapshot } => {
-            assert_eq!(snapshot.balance_minor, 8_750);
-            assert_eq!(proof.receipt.tmc, 2);
-            assert_eq!(proof.receipt.balance_after_minor, 13_750);
-            assert_eq!(proof.receipt.kind, TxKind::Credit);
+            assert_eq!(snapshot.balance_minor(), 8_750);
+            assert_eq!(proof.receipt().tmc(), 2);
+            assert_eq!(proof.receipt().balance_after_minor(), 13_750);
+            assert_eq!(proof.receipt().kind(), TxKind::Credit);
         }
         other => panic!("{other:?}"),
     }
@@ -72,7 +72,7 @@ fn refusal_decision_leaves_card_untouched() {
         rng: StdRng::seed_from_u64(1),
     };
     let out = txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |s| {
-        assert_eq!(s.balance_minor, 500);
+        assert_eq!(s.balance_minor(), 500);
         Decision::Refuse
     })
     .unwrap();
@@ -85,7 +85,10 @@ fn zero_fare_tap_writes_record_and_consumes_one_counter() {
     let mut rig = Rig::new(4);
     let mut card = rig.card(4, 500);
     let r = receipt(rig.debit(&mut card, 0).unwrap());
-    assert_eq!((r.kind, r.amount_minor, r.tmc), (TxKind::RecordOnly, 0, 1));
+    assert_eq!(
+        (r.kind(), r.amount_minor(), r.tmc()),
+        (TxKind::RecordOnly, 0, 1)
+    );
     assert_eq!(card.state().balance_minor, 500);
     rig.hsm.verify_tmac(&r).unwrap();
 }
@@ -204,7 +207,7 @@ fn compromised_validator_cannot_add_value() {
     assert!(lc(201, &mut card, &mut rig).is_err());
     let r = receipt(lc(200, &mut card, &mut rig).unwrap());
     assert_eq!(
-        (r.kind, r.balance_after_minor),
+        (r.kind(), r.balance_after_minor()),
         (TxKind::LimitedCredit, 500)
     );
     assert!(
@@ -221,14 +224,14 @@ fn forged_or_altered_transaction_mac_is_refused_by_the_hsm() {
     let r = receipt(rig.debit(&mut card, 300).unwrap());
     rig.hsm.verify_tmac(&r).unwrap();
     // A terminal claims a smaller debit, a different balance, counter or card: all refused.
-    let uid = r.uid;
+    let uid = r.uid();
     let variants = [
-        CommitReceipt::for_tests(uid, r.tmc, r.tmv, TxKind::Debit, 30, 4_970),
-        CommitReceipt::for_tests(uid, r.tmc, r.tmv, TxKind::Debit, 300, 4_800),
-        CommitReceipt::for_tests(uid, r.tmc + 1, r.tmv, TxKind::Debit, 300, 4_700),
-        CommitReceipt::for_tests([9; 7], r.tmc, r.tmv, TxKind::Debit, 300, 4_700),
-        CommitReceipt::for_tests(uid, r.tmc, [0; 8], TxKind::Debit, 300, 4_700),
-        CommitReceipt::for_tests(uid, r.tmc, r.tmv, TxKind::Credit, 300, 4_700),
+        CommitReceipt::for_tests(uid, r.tmc(), r.tmv(), TxKind::Debit, 30, 4_970),
+        CommitReceipt::for_tests(uid, r.tmc(), r.tmv(), TxKind::Debit, 300, 4_800),
+        CommitReceipt::for_tests(uid, r.tmc() + 1, r.tmv(), TxKind::Debit, 300, 4_700),
+        CommitReceipt::for_tests([9; 7], r.tmc(), r.tmv(), TxKind::Debit, 300, 4_700),
+        CommitReceipt::for_tests(uid, r.tmc(), [0; 8], TxKind::Debit, 300, 4_700),
+        CommitReceipt::for_tests(uid, r.tmc(), r.tmv(), TxKind::Credit, 300, 4_700),
     ];
     for v in variants {
         assert!(
@@ -409,9 +412,9 @@ fn records_are_cyclic_and_read_newest_first() {
         rng: StdRng::seed_from_u64(1),
     };
     let out = txn::debit(&mut reader, &mut rig.sam, &mut rig.rng, |s| {
-        assert_eq!(s.records.len(), 7);
-        assert_eq!(s.records[0], [10; 32]);
-        assert_eq!(s.records[6], [4; 32]);
+        assert_eq!(s.records().len(), 7);
+        assert_eq!(s.records()[0], [10; 32]);
+        assert_eq!(s.records()[6], [4; 32]);
         Decision::Refuse
     })
     .unwrap();

@@ -350,7 +350,7 @@ impl Gate {
         let decide = |snap: &txn::CardSnapshot| -> Decision {
             hook(Step::Read);
             // An earlier torn debit on this card: its counter says what happened.
-            match journal.pending(&snap.uid) {
+            match journal.pending(&snap.uid()) {
                 Err(e) => {
                     verdict = Verdict::Failed(e.into());
                     return Decision::Refuse;
@@ -358,10 +358,12 @@ impl Gate {
                 Ok(Some(p)) => {
                     // Did *this* debit commit? Its trip record on the card says so: the counter
                     // alone cannot tell it from another validator's transaction.
-                    let newest_is_ours =
-                        snap.records.first().is_some_and(|r| r[..] == p.record[..]);
-                    let ours_on_card = snap.records.iter().any(|r| r[..] == p.record[..]);
-                    if snap.tmc == p.change.tmc_before.wrapping_add(1) && newest_is_ours {
+                    let newest_is_ours = snap
+                        .records()
+                        .first()
+                        .is_some_and(|r| r[..] == p.record[..]);
+                    let ours_on_card = snap.records().iter().any(|r| r[..] == p.record[..]);
+                    if snap.tmc() == p.change.tmc_before.wrapping_add(1) && newest_is_ours {
                         let Ok(Settlement::Committed(receipt)) = txn::settle(&p.change, snap)
                         else {
                             verdict = Verdict::Refuse(RefusalReason::TornUnresolved);
@@ -375,8 +377,8 @@ impl Gate {
                             blocklist_version: p.blocklist_version,
                             ..meta_base
                         };
-                        match journal.append_tap(Some(&snap.uid), |seq| {
-                            sign(&TapRecord::accepted(
+                        match journal.append_tap(Some(&snap.uid()), |seq| {
+                            sign(&TapRecord::settled(
                                 &receipt,
                                 TapMeta {
                                     device_seq: seq,
@@ -392,7 +394,7 @@ impl Gate {
                         }
                     } else if !ours_on_card {
                         // Never committed: any counter steps since are other transactions.
-                        if let Err(e) = journal.clear_pending(&snap.uid) {
+                        if let Err(e) = journal.clear_pending(&snap.uid()) {
                             verdict = Verdict::Failed(e.into());
                             return Decision::Refuse;
                         }
@@ -401,7 +403,7 @@ impl Gate {
                         // Committed, but the card has transacted since: its MAC for that
                         // transaction is gone, so this validator cannot prove it. Kept for the
                         // back office (the card's counter chain shows the step), never dropped.
-                        tracing::warn!(uid = ?snap.uid, tmc = p.change.tmc_before + 1,
+                        tracing::warn!(uid = ?snap.uid(), tmc = p.change.tmc_before + 1,
                             "a torn debit committed but can no longer be proved here; kept as unresolved");
                         if let Err(e) = journal.resolve_unprovable(&p) {
                             verdict = Verdict::Failed(e.into());
@@ -412,12 +414,12 @@ impl Gate {
                 }
                 Ok(None) => {}
             }
-            if blocklist.is_blocked(&snap.uid) {
+            if blocklist.is_blocked(&snap.uid()) {
                 verdict = Verdict::Refuse(RefusalReason::Blocklisted);
                 return Decision::Refuse;
             }
             let history: Vec<TripRecord> = snap
-                .records
+                .records()
                 .iter()
                 .filter_map(|r| TripRecord::decode(r).ok())
                 .collect();
@@ -449,7 +451,7 @@ impl Gate {
                 verdict = Verdict::Repeat;
                 return Decision::Refuse;
             }
-            if i64::from(q.fare_minor) > i64::from(snap.balance_minor) {
+            if i64::from(q.fare_minor) > i64::from(snap.balance_minor()) {
                 verdict = Verdict::Refuse(RefusalReason::InsufficientValue);
                 return Decision::Refuse;
             }
@@ -500,7 +502,7 @@ impl Gate {
                 hook(Step::Committed);
                 let fare_minor = match verdict {
                     Verdict::Apply { fare_minor } => fare_minor,
-                    _ => receipt.amount_minor.max(0) as u32,
+                    _ => receipt.amount_minor().max(0) as u32,
                 };
                 let meta = self.meta(0, now_ms, codes.0, codes.1);
                 let seq = journal.append_tap(Some(&uid), |seq| {
@@ -516,7 +518,7 @@ impl Gate {
                 Ok(TapOutcome {
                     answer: Answer::Accepted {
                         fare_minor,
-                        balance_minor: receipt.balance_after_minor,
+                        balance_minor: receipt.balance_after_minor(),
                         seq,
                     },
                     uid: Some(uid),
@@ -540,7 +542,11 @@ impl Gate {
                     journal,
                     reason,
                     uid,
-                    Some((snapshot.key_version, snapshot.tmc, snapshot.balance_minor)),
+                    Some((
+                        snapshot.key_version(),
+                        snapshot.tmc(),
+                        snapshot.balance_minor(),
+                    )),
                     now_ms,
                     codes,
                 )?;

@@ -105,8 +105,8 @@ fn journalled(j: &Journal, r: &Rig) -> Vec<TapRecord> {
 
 fn debited(taps: &[TapRecord]) -> i64 {
     taps.iter()
-        .filter(|t| t.refusal.is_none() && t.kind == TxKind::Debit)
-        .map(|t| i64::from(t.amount_minor))
+        .filter(|t| t.refusal().is_none() && t.kind() == TxKind::Debit)
+        .map(|t| i64::from(t.amount_minor()))
         .sum()
 }
 
@@ -189,8 +189,8 @@ fn refusals_carry_their_reason_and_are_journalled() {
     );
     assert_eq!(r.card.state().balance_minor, START_MINOR);
     let taps = journalled(&j, &r);
-    assert_eq!(taps[0].refusal, Some(RefusalReason::Blocklisted));
-    assert_eq!(taps[0].meta.blocklist_version, 1);
+    assert_eq!(taps[0].refusal(), Some(RefusalReason::Blocklisted));
+    assert_eq!(taps[0].meta().blocklist_version, 1);
 
     // Not enough value.
     let mut r2 = rig();
@@ -243,8 +243,8 @@ fn a_card_pulled_at_every_write_is_debited_exactly_once() {
         // No counter journalled twice.
         let mut tmcs: Vec<u32> = taps
             .iter()
-            .filter(|t| t.refusal.is_none())
-            .map(|t| t.tmc)
+            .filter(|t| t.refusal().is_none())
+            .map(|t| t.tmc())
             .collect();
         let len = tmcs.len();
         tmcs.dedup();
@@ -398,8 +398,8 @@ fn a_card_that_went_elsewhere_after_a_tear_is_settled_by_its_own_record() {
         let mut tmcs: Vec<u32> = ta
             .iter()
             .chain(&tb)
-            .filter(|t| t.refusal.is_none())
-            .map(|t| t.tmc)
+            .filter(|t| t.refusal().is_none())
+            .map(|t| t.tmc())
             .collect();
         let len = tmcs.len();
         tmcs.sort_unstable();
@@ -482,5 +482,5 @@ fn a_pay_tv_box_charges_films_and_hours_under_the_day_cap_from_the_card() {
     assert_eq!(debited(&taps), paid);
     assert_eq!(r.card.state().balance_minor, START_MINOR - paid as i32);
     let sports_code = 2;
-    assert_eq!(taps[1].meta.route_id, sports_code);
+    assert_eq!(taps[1].meta().route_id, sports_code);
 }

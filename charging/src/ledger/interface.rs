@@ -12,7 +12,77 @@
 //! backend implements these two traits and nothing else changes.
 
 use super::records::*;
-use super::LedgerError;
+use super::{card_account, LedgerError};
+use purse::receipt::TxKind;
+use purse::sam::TmacVerified;
+use purse::txn::CardSnapshot;
+
+/// What proves that a card made an intent's change — the only ways to complete one
+/// ([`LedgerWrite::complete_intent`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Completion<'a> {
+    /// The HSM verified the card's transaction MAC of the change itself (the load's or
+    /// reversal's commit answer, or a torn one settled from the card's counter).
+    Proved(&'a TmacVerified),
+    /// The intent's own record is on the card, read under MAC at a later counter
+    /// (`snapshot`): the change left `balance_after_minor`.
+    OnCard {
+        /// the card's later read
+        snapshot: &'a CardSnapshot,
+        /// the intent's counter
+        tmc_before: u32,
+        /// the balance the change left
+        balance_after_minor: i32,
+    },
+    /// Clearing: the card's booked balances across the intent's counter — every one from a
+    /// tap whose transaction MAC the HSM verified, `booked` being the one booked now — show
+    /// exactly the intent's change.
+    AcrossGap {
+        /// the verified tap being booked
+        booked: &'a TmacVerified,
+        /// the intent's counter
+        tmc_before: u32,
+        /// the balance the change left
+        balance_after_minor: i32,
+    },
+}
+
+impl Completion<'_> {
+    /// The card.
+    pub fn uid(&self) -> [u8; 7] {
+        match self {
+            Completion::Proved(p) => p.receipt().uid(),
+            Completion::OnCard { snapshot, .. } => snapshot.uid(),
+            Completion::AcrossGap { booked, .. } => booked.receipt().uid(),
+        }
+    }
+
+    /// The intent's counter (the card's counter before the change).
+    pub fn tmc_before(&self) -> u32 {
+        match self {
+            // A committed change consumed counter tmc ≥ 1.
+            Completion::Proved(p) => p.receipt().tmc().saturating_sub(1),
+            Completion::OnCard { tmc_before, .. } | Completion::AcrossGap { tmc_before, .. } => {
+                *tmc_before
+            }
+        }
+    }
+
+    /// The balance the change left on the card.
+    pub fn balance_after_minor(&self) -> i32 {
+        match self {
+            Completion::Proved(p) => p.receipt().balance_after_minor(),
+            Completion::OnCard {
+                balance_after_minor,
+                ..
+            }
+            | Completion::AcrossGap {
+                balance_after_minor,
+                ..
+            } => *balance_after_minor,
+        }
+    }
+}
 
 /// Reads in one consistent snapshot of the ledger.
 pub trait LedgerRead {
@@ -156,17 +226,72 @@ pub trait LedgerWrite: LedgerRead {
     /// Replaces an intent (same card, counter and attempt).
     fn put_intent(&mut self, uid: &[u8; 7], intent: &LoadIntent) -> Result<(), LedgerError>;
 
-    /// The card proved the intent's change at counter `tmc` (leaving `balance_after_minor`):
+    /// The card proved the intent's change (`proof`: its counter and the balance it left):
     /// posts it (a load funding → card, a reversal card → funding), marks the intent
-    /// completed and books the counter,. Returns what to do with the funding once
-    /// `txn` is durable, or `None` if it was already completed.
+    /// completed and books the counter. Returns what to do with the funding once the
+    /// transaction is durable, or `None` if it was already completed.
     fn complete_intent(
         &mut self,
-        uid: &[u8; 7],
-        tmc_before: u32,
-        balance_after_minor: i32,
+        proof: Completion<'_>,
         now_ms: u64,
     ) -> Result<Option<FundingAction>, LedgerError>;
+
+    /// Books a card transaction the HSM proved (a cleared tap, a franchise load): the card's
+    /// shadow observes its counter and balance, and the counter is booked once with its
+    /// change.
+    fn book_proved(&mut self, proof: &TmacVerified, now_ms: u64) -> Result<Booking, LedgerError> {
+        let r = proof.receipt();
+        let uid = r.uid();
+        self.observe_card(&uid, r.tmc(), r.balance_after_minor())?;
+        let delta = match r.kind() {
+            TxKind::Debit => -i64::from(r.amount_minor()),
+            TxKind::LimitedCredit | TxKind::Credit => i64::from(r.amount_minor()),
+            TxKind::RecordOnly => 0,
+        };
+        self.book_counter(&uid, r.tmc(), r.balance_after_minor(), delta, now_ms)
+    }
+
+    /// Posts a cleared tap's revenue, proved by the HSM: a fare `card:<UID>` →
+    /// `operator:<operator>`, a limited credit (an undone fare) back; a record-only tap posts
+    /// nothing.
+    fn post_cleared_tap(
+        &mut self,
+        proof: &TmacVerified,
+        operator: &str,
+        reference: &str,
+        now_ms: u64,
+    ) -> Result<(), LedgerError> {
+        let r = proof.receipt();
+        let (card, op) = (card_account(&r.uid()), format!("operator:{operator}"));
+        let amount = i64::from(r.amount_minor());
+        match r.kind() {
+            TxKind::Debit if amount > 0 => self.post(now_ms, &card, &op, amount, reference)?,
+            TxKind::LimitedCredit if amount > 0 => {
+                self.post(now_ms, &op, &card, amount, reference)?
+            }
+            _ => return Ok(()),
+        };
+        Ok(())
+    }
+
+    /// Posts a franchise terminal's offline load, proved by the HSM (its transaction MAC bound
+    /// to the franchise SAM's reader id): `franchise:<name>` → `card:<UID>`.
+    fn post_franchise_load(
+        &mut self,
+        proof: &TmacVerified,
+        franchise: &str,
+        reference: &str,
+        now_ms: u64,
+    ) -> Result<Posting, LedgerError> {
+        let r = proof.receipt();
+        self.post(
+            now_ms,
+            &format!("franchise:{franchise}"),
+            &card_account(&r.uid()),
+            i64::from(r.amount_minor()),
+            reference,
+        )
+    }
 
     /// The card never applied the intent's change: marks it voided (a load's day
     /// total is given back; a reversal frees its load to be reversed again). Returns what to

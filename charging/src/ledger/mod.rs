@@ -36,7 +36,7 @@ mod interface;
 mod lmdb;
 mod records;
 
-pub use interface::{LedgerRead, LedgerWrite};
+pub use interface::{Completion, LedgerRead, LedgerWrite};
 pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,
     GROUP_COMMIT_QUEUE_JOBS,

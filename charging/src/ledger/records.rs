@@ -133,6 +133,19 @@ impl LoadIntent {
             IntentKind::Reversal => purse::receipt::TxKind::Debit,
         }
     }
+
+    /// The change it records, as the card would have made it: what
+    /// [`purse::txn::settle`] compares the card's next snapshot with.
+    pub fn pending_change(&self, uid: [u8; 7]) -> purse::txn::PendingChange {
+        purse::txn::PendingChange {
+            uid,
+            tmc_before: self.tmc_before,
+            balance_before_minor: self.balance_before_minor,
+            kind: self.tx_kind(),
+            amount_minor: self.amount_minor,
+            key_version: self.key_version,
+        }
+    }
 }
 
 /// What the ledger knows about a card.

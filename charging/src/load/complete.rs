@@ -3,20 +3,19 @@
 use super::*;
 
 impl LoadService {
+    /// Completes the intent the HSM-verified change `proof` proves, storing the client's
+    /// answer with it.
     pub(super) fn complete(
         &self,
-        snapshot: &CardSnapshot,
-        receipt: &purse::receipt::CommitReceipt,
+        proof: &TmacVerified,
         now_ms: u64,
         idem: Option<(String, serde_json::Value)>,
     ) -> Result<(), LoadError> {
-        let uid = receipt.uid();
-        let tmc_before = snapshot.tmc();
-        let balance_after = receipt.balance_after_minor();
+        let proof = proof.clone();
         // One group-committed transaction: the posting, the intent's state, the card's
         // shadow and the client's stored answer become durable together.
         let done = self.ledger.transact(move |t| {
-            let action = t.complete_intent(&uid, tmc_before, balance_after, now_ms)?;
+            let action = t.complete_intent(Completion::Proved(&proof), now_ms)?;
             if let Some((key, value)) = &idem {
                 t.put_idempotent(key, value)?;
             }
@@ -65,36 +64,26 @@ impl LoadService {
             let at = intent.tmc_before + 1;
             let on_card = snap.records().iter().any(|r| r[..] == ours[..]);
             if snap.tmc() == at && snap.records().first().is_some_and(|r| r[..] == ours[..]) {
-                let pending = PendingChange {
-                    uid: snap.uid(),
-                    tmc_before: intent.tmc_before,
-                    balance_before_minor: intent.balance_before_minor,
-                    kind: intent.tx_kind(),
-                    amount_minor: intent.amount_minor,
-                    key_version: intent.key_version,
-                };
-                let Ok(Settlement::Committed(receipt)) = txn::settle(&pending, snap) else {
+                let pending = intent.pending_change(snap.uid());
+                let Ok(Settlement::Committed(settled)) = txn::settle(&pending, snap) else {
                     tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card holds its record but not its balance; left for clearing");
                     continue;
                 };
                 let verified = {
                     let hsm = self.hsm.lock().expect("hsm lock");
-                    hsm.verify_tmac(&receipt)
+                    hsm.verify_claim(settled.claim())
                 };
-                // The HSM failing says nothing about the card: fail the request, the intent
-                // stays open for the next contact.
-                if let Err(e @ SamError::Hsm(_)) = verified {
-                    return Err(e.into());
-                }
-                if verified.is_err() {
-                    tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card's transaction MAC does not verify");
-                    continue;
-                }
-                let before = CardSnapshot {
-                    tmc: intent.tmc_before,
-                    ..snap.clone()
+                let proof = match verified {
+                    Ok(proof) => proof,
+                    // The HSM failing says nothing about the card: fail the request, the
+                    // intent stays open for the next contact.
+                    Err(e @ SamError::Hsm(_)) => return Err(e.into()),
+                    Err(_) => {
+                        tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card's transaction MAC does not verify");
+                        continue;
+                    }
                 };
-                self.complete(&before, &receipt, now_ms, None)?;
+                self.complete(&proof, now_ms, None)?;
             } else if snap.tmc() > at && on_card {
                 // Applied, and the card has transacted since (its MAC for this one is gone):
                 // the record, read under MAC, proves it.
@@ -102,15 +91,22 @@ impl LoadService {
                 let Ok(after) = i32::try_from(after) else {
                     continue;
                 };
-                let (uid, before) = (snap.uid(), intent.tmc_before);
-                let done = self
-                    .ledger
-                    .transact(move |t| t.complete_intent(&uid, before, after, now_ms))?;
+                let (snapshot, tmc_before) = (snap.clone(), intent.tmc_before);
+                let done = self.ledger.transact(move |t| {
+                    let proof = Completion::OnCard {
+                        snapshot: &snapshot,
+                        tmc_before,
+                        balance_after_minor: after,
+                    };
+                    t.complete_intent(proof, now_ms)
+                })?;
                 if let Some(action) = done {
                     self.apply_funding(&action);
                 }
             } else if snap.tmc() == intent.tmc_before
-                || (snap.tmc() >= at && !on_card && ((snap.tmc() - at) as usize) < snap.records().len())
+                || (snap.tmc() >= at
+                    && !on_card
+                    && ((snap.tmc() - at) as usize) < snap.records().len())
             {
                 // The counter never moved; or the record is not on the card and fewer
                 // transactions followed than the card holds records (whatever size its cyclic

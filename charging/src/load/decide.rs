@@ -70,7 +70,8 @@ impl LoadService {
                 "counter_behind",
                 &format!(
                     "card reports counter {} but {} was already seen: a restored or cloned card",
-                    snap.tmc(), shadow.last_tmc
+                    snap.tmc(),
+                    shadow.last_tmc
                 ),
             ));
         }
@@ -95,7 +96,9 @@ impl LoadService {
                 "balance_ceiling",
                 &format!(
                     "balance {} + {} would exceed the ceiling of {}",
-                    snap.balance_minor(), amount, self.cfg.balance_ceiling_minor
+                    snap.balance_minor(),
+                    amount,
+                    self.cfg.balance_ceiling_minor
                 ),
             )));
         }

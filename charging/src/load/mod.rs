@@ -22,14 +22,13 @@ mod session;
 
 use crate::funding::{FundingError, FundingRequest, FundingSource, Holding};
 use crate::ledger::{
-    card_account, FundingAction, IntentKind, IntentState, Ledger, LedgerError, LoadIntent,
+    card_account, Completion, FundingAction, IntentKind, IntentState, Ledger, LedgerError,
+    LoadIntent,
 };
 use purse::apdu::ins;
 use purse::keys::KeyKind;
-use purse::sam::{Hsm, SamError};
-use purse::txn::{
-    self, CardSnapshot, Decision, Dialogue, Outcome, PendingChange, Settlement, Step, TxError,
-};
+use purse::sam::{Hsm, SamError, TmacVerified};
+use purse::txn::{self, CardSnapshot, Decision, Dialogue, Outcome, Settlement, Step, TxError};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

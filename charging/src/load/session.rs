@@ -259,13 +259,13 @@ impl LoadService {
                     commands: batch.iter().map(hex::encode_upper).collect(),
                 })
             }
-            Step::Done(Outcome::Committed { snapshot, receipt }) => {
+            Step::Done(Outcome::Committed { receipt, .. }) => {
                 let verified = {
                     let hsm = self.hsm.lock().expect("hsm lock");
                     hsm.verify_tmac(&receipt)
                 };
                 match verified {
-                    Ok(_) => {
+                    Ok(proof) => {
                         let reply = Reply::Completed {
                             session_id: s.id.clone(),
                             amount_minor: receipt.amount_minor(),
@@ -273,7 +273,7 @@ impl LoadService {
                             tmc: receipt.tmc(),
                         };
                         let stored = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
-                        self.complete(&snapshot, &receipt, now_ms, Some(stored))?;
+                        self.complete(&proof, now_ms, Some(stored))?;
                         s.idempotent_stored = true;
                         self.stats.lock().expect("stats").completed += 1;
                         Ok(reply)

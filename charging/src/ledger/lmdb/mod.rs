@@ -10,7 +10,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-use super::interface::{LedgerRead, LedgerWrite};
+use super::interface::{Completion, LedgerRead, LedgerWrite};
 use super::records::*;
 use super::{card_account, LedgerError};
 use heed::byteorder::BE;
@@ -506,13 +506,16 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
 
     fn complete_intent(
         &mut self,
-        uid: &[u8; 7],
-        tmc_before: u32,
-        balance_after_minor: i32,
+        proof: Completion<'_>,
         now_ms: u64,
     ) -> Result<Option<FundingAction>, LedgerError> {
-        self.core
-            .complete_intent(self.txn, uid, tmc_before, balance_after_minor, now_ms)
+        self.core.complete_intent(
+            self.txn,
+            &proof.uid(),
+            proof.tmc_before(),
+            proof.balance_after_minor(),
+            now_ms,
+        )
     }
 
     fn void_intent(
