@@ -83,10 +83,3 @@ pub fn cpu_s_of_pid(pid: u32) -> f64 {
 pub fn status_kib_of_pid(pid: u32, field: &str) -> u64 {
     status_kib_of(&format!("/proc/{pid}/status"), field)
 }
-
-/// A loopback port nothing listens on now (for the brokers and daemons a scenario starts).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}

@@ -228,8 +228,8 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     }
 
     // The gateway with its embedded broker, a password per validator.
-    let mqtt_port = crate::stats::free_port()?;
-    let api_port = crate::stats::free_port()?;
+    let mqtt_port = tapgate_testkit::free_port();
+    let api_port = tapgate_testkit::free_port();
     let passwords: Vec<String> = (0..VALIDATORS).map(|v| format!("bench-v{v}")).collect();
     std::fs::write(
         dir.join("mqtt-users"),
