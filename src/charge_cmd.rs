@@ -57,6 +57,47 @@ pub struct ChargeArgs {
     tear_after_writes: Option<u32>,
 }
 
+/// The card a load goes to.
+enum CardTarget<'a> {
+    /// A card on a PC/SC reader whose name contains this (`None`: any reader).
+    #[cfg(feature = "pcsc")]
+    Pcsc(Option<String>),
+    /// An emulated card image and the key set that opens it.
+    Image {
+        image: &'a std::path::Path,
+        keys: &'a std::path::Path,
+    },
+}
+
+/// Checks the card flags (`--reader`, or `--card` with `--keys`, `--tear-after-writes`).
+fn card_target(a: &ChargeArgs) -> Result<CardTarget<'_>> {
+    match (&a.reader, &a.card, &a.keys) {
+        (Some(spec), _, _) => match crate::pcsc_cmd::parse_reader("--reader", spec)? {
+            crate::pcsc_cmd::ReaderChoice::Emulated => Err(input_err(
+                "--reader: the emulated card is given with --card and --keys",
+            )),
+            #[cfg(feature = "pcsc")]
+            crate::pcsc_cmd::ReaderChoice::Pcsc(filter) => Ok(CardTarget::Pcsc(filter)),
+            #[cfg(not(feature = "pcsc"))]
+            crate::pcsc_cmd::ReaderChoice::Pcsc(_) => Err(crate::pcsc_cmd::not_built()),
+        },
+        (None, Some(image), Some(keys)) => {
+            if let Some(k) = a.tear_after_writes {
+                if !(1..=purse::card::COMMIT_WRITES).contains(&k) {
+                    return Err(input_err(format!(
+                        "--tear-after-writes {k}: a commit makes 1 to {} NVM writes",
+                        purse::card::COMMIT_WRITES
+                    )));
+                }
+            }
+            Ok(CardTarget::Image { image, keys })
+        }
+        _ => Err(input_err(
+            "which card? --reader pcsc[:NAME] for a card on a PC/SC reader, or --card IMAGE --keys DIR for an emulated card",
+        )),
+    }
+}
+
 /// Runs `tapgate charge`.
 pub fn run(a: ChargeArgs) -> Result<()> {
     let (source, instrument) = a.funding.split_once(':').ok_or_else(|| {
@@ -71,12 +112,14 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             a.amount
         )));
     }
-    let key = a.idempotency_key.unwrap_or_else(|| {
+    let key = a.idempotency_key.clone().unwrap_or_else(|| {
         use rand::RngCore;
         let mut b = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut b);
         hex::encode(b)
     });
+    // Which card, checked before anything goes to the server.
+    let target = card_target(&a)?;
     let client = Client::new(&a.server, &a.token);
     if source == "card" {
         client
@@ -94,32 +137,15 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         idempotency_key: &key,
         vanish: None,
     };
-    let r = match (&a.reader, &a.card, &a.keys) {
-        (Some(spec), _, _) => match crate::pcsc_cmd::parse_reader("--reader", spec)? {
-            crate::pcsc_cmd::ReaderChoice::Emulated => {
-                return Err(input_err(
-                    "--reader: the emulated card is given with --card and --keys",
-                ))
-            }
-            #[cfg(feature = "pcsc")]
-            crate::pcsc_cmd::ReaderChoice::Pcsc(filter) => crate::pcsc_cmd::with_card(
-                filter,
-                std::time::Duration::from_secs(a.wait_s),
-                |card| Ok(client.load(card, &ask)?),
-            )
-            .with_context(retry_hint)?,
-            #[cfg(not(feature = "pcsc"))]
-            crate::pcsc_cmd::ReaderChoice::Pcsc(_) => return Err(crate::pcsc_cmd::not_built()),
-        },
-        (None, Some(image), Some(keys)) => {
-            if let Some(k) = a.tear_after_writes {
-                if !(1..=purse::card::COMMIT_WRITES).contains(&k) {
-                    return Err(input_err(format!(
-                        "--tear-after-writes {k}: a commit makes 1 to {} NVM writes",
-                        purse::card::COMMIT_WRITES
-                    )));
-                }
-            }
+    let r = match target {
+        #[cfg(feature = "pcsc")]
+        CardTarget::Pcsc(filter) => {
+            crate::pcsc_cmd::with_card(filter, std::time::Duration::from_secs(a.wait_s), |card| {
+                Ok(client.load(card, &ask)?)
+            })
+            .with_context(retry_hint)?
+        }
+        CardTarget::Image { image, keys } => {
             let text = std::fs::read_to_string(image)
                 .with_context(|| format!("reading card {}", image.display()))?;
             let nvm: Nvm = serde_json::from_str(&text)
@@ -140,11 +166,6 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             s.push('\n');
             write_atomic(image, s.as_bytes())?;
             result.with_context(retry_hint)?
-        }
-        _ => {
-            return Err(input_err(
-                "which card? --reader pcsc[:NAME] for a card on a PC/SC reader, or --card IMAGE --keys DIR for an emulated card",
-            ))
         }
     };
     match r.reply() {
