@@ -30,45 +30,8 @@ use purse::sam::{Hsm, TmacVerified};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
-/// One tap as the gateway forwards it (already device-verified and de-duplicated).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClearingTap {
-    /// Validator device id.
-    pub device_id: u32,
-    /// The device's sequence number for this tap.
-    pub device_seq: u64,
-    /// Card UID, 14 hex digits.
-    pub card_uid: String,
-    /// The counter the transaction consumed.
-    pub tmc: u32,
-    /// `debit`, `record_only` (a free tap: transfer or capped) or `limited_credit` (an undo).
-    pub kind: String,
-    /// Amount, minor units.
-    pub amount_minor: i32,
-    /// The card's balance after.
-    pub balance_after_minor: i32,
-    /// The card's transaction MAC, 16 hex digits.
-    pub tmv: String,
-    /// The card key version.
-    pub key_version: u8,
-    /// The operator whose revenue this is (default `default`).
-    #[serde(default)]
-    pub operator: Option<String>,
-    /// When the validator saw it (unix ms, device clock).
-    #[serde(default)]
-    pub device_time_ms: u64,
-}
-
-/// A batch from the gateway.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClearingBatch {
-    /// The gateway's idempotent batch id.
-    pub batch_id: String,
-    /// The taps.
-    pub taps: Vec<ClearingTap>,
-}
+/// The batch wire format, shared with the gateway: [`purse::batch`].
+pub use purse::batch::{ClearingBatch, ClearingTap};
 
 pub use crate::ledger::Anomaly;
 
@@ -219,15 +182,6 @@ fn stored_answer(
 /// Most taps in one batch.
 pub const BATCH_MAX_TAPS: usize = 10_000;
 
-fn kind_of(s: &str) -> Option<TxKind> {
-    match s {
-        "debit" => Some(TxKind::Debit),
-        "record_only" => Some(TxKind::RecordOnly),
-        "limited_credit" => Some(TxKind::LimitedCredit),
-        _ => None,
-    }
-}
-
 /// Clears one batch.
 pub fn clear_batch(
     ledger: &Ledger,
@@ -315,7 +269,9 @@ fn verify_taps(
             .ok()
             .and_then(|v| v.try_into().ok());
         let tmv: Option<[u8; 8]> = hex::decode(&tap.tmv).ok().and_then(|v| v.try_into().ok());
-        let (Some(uid), Some(tmv), Some(kind)) = (uid, tmv, kind_of(&tap.kind)) else {
+        let (Some(uid), Some(tmv), Some(kind)) =
+            (uid, tmv, purse::batch::kind_from_name(&tap.kind))
+        else {
             outcome.refuse(anomaly(
                 "malformed",
                 "card_uid, tmv or kind malformed".into(),

@@ -5,8 +5,8 @@
 //! on the batch id makes a retry harmless. The outbox is trimmed only after clearing answered.
 
 use crate::store::{Store, StoreError};
+use purse::batch::{ClearingBatch, ClearingTap};
 use purse::crypto::AesKey;
-use purse::receipt::TxKind;
 use purse::tap::TapRecord;
 
 /// Forwarding errors.
@@ -18,32 +18,6 @@ pub enum ForwardError {
     /// Clearing did not take the batch (network, server); retry later with the same batch.
     #[error("clearing refused or unreachable: {0}")]
     Sink(String),
-}
-
-/// The clearing JSON for one verified tap record (accepted taps only).
-pub fn clearing_tap(t: &TapRecord, operator: &str) -> Option<serde_json::Value> {
-    if t.refusal().is_some() {
-        return None;
-    }
-    let kind = match t.kind() {
-        TxKind::Debit => "debit",
-        TxKind::LimitedCredit => "limited_credit",
-        TxKind::RecordOnly => "record_only",
-        TxKind::Credit => return None,
-    };
-    Some(serde_json::json!({
-        "device_id": t.meta().device_id,
-        "device_seq": t.meta().device_seq,
-        "card_uid": hex::encode_upper(t.uid()),
-        "tmc": t.tmc(),
-        "kind": kind,
-        "amount_minor": t.amount_minor(),
-        "balance_after_minor": t.balance_after_minor(),
-        "tmv": hex::encode_upper(t.tmv()),
-        "key_version": t.key_version(),
-        "operator": operator,
-        "device_time_ms": t.meta().device_time_ms,
-    }))
 }
 
 /// Forwards one batch of at most `max_taps`; returns how many outbox entries it cleared.
@@ -65,14 +39,15 @@ pub fn forward_once(
     for (_, raw) in &pending {
         // Verified at ingest; verified again, since nothing read back from disk is trusted.
         match TapRecord::decode_verified(raw, operator, &device_key) {
-            Ok(t) => taps.extend(clearing_tap(&t, operator)),
+            Ok(t) => taps.extend(ClearingTap::from_tap(&t, operator)),
             Err(e) => tracing::error!(%e, "a stored tap no longer verifies; not forwarded"),
         }
     }
-    let batch = serde_json::json!({
-        "batch_id": format!("{gateway_id}-{first}-{last}"),
-        "taps": taps,
-    });
+    let batch = ClearingBatch {
+        batch_id: format!("{gateway_id}-{first}-{last}"),
+        taps,
+    };
+    let batch = serde_json::to_value(&batch).map_err(|e| ForwardError::Sink(e.to_string()))?;
     sink(&batch).map_err(ForwardError::Sink)?;
     store.forwarded(last)?;
     Ok(pending.len())

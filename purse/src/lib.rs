@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod apdu;
+pub mod batch;
 pub mod blocklist;
 pub mod card;
 pub mod confirm;

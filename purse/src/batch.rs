@@ -1,0 +1,143 @@
+//! The clearing batch: the JSON a gateway posts to the back office's clearing
+//! (`POST /v1/clearing/batches`), one entry per accepted tap. Both sides use these types, so
+//! the wire format is written once.
+//!
+//! ```json
+//! {"batch_id": "gw-metro-17-42",
+//!  "taps": [{"device_id": 1001, "device_seq": 17, "card_uid": "04A1B2C3D4E5F6", "tmc": 8,
+//!            "kind": "debit", "amount_minor": 150, "balance_after_minor": 850,
+//!            "tmv": "0011223344556677", "key_version": 1, "operator": "metro",
+//!            "device_time_ms": 1700000000000}]}
+//! ```
+//!
+//! A tap's kind travels as a word ([`kind_name`], [`kind_from_name`]) and is checked by
+//! clearing per tap, so one malformed tap does not refuse the whole batch. Nothing here is
+//! trusted: clearing verifies every tap's transaction MAC in its HSM.
+
+use crate::receipt::TxKind;
+use crate::tap::TapRecord;
+use serde::{Deserialize, Serialize};
+
+/// One tap as the gateway forwards it (device-verified and de-duplicated by the gateway).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearingTap {
+    /// Validator device id.
+    pub device_id: u32,
+    /// The device's sequence number for this tap.
+    pub device_seq: u64,
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+    /// The counter the transaction consumed.
+    pub tmc: u32,
+    /// `debit`, `record_only` (a free tap: transfer or capped) or `limited_credit` (an undo).
+    pub kind: String,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// The card's balance after.
+    pub balance_after_minor: i32,
+    /// The card's transaction MAC, 16 hex digits.
+    pub tmv: String,
+    /// The card key version.
+    pub key_version: u8,
+    /// The operator whose revenue this is (default `default`).
+    #[serde(default)]
+    pub operator: Option<String>,
+    /// When the validator saw it (unix ms, device clock).
+    #[serde(default)]
+    pub device_time_ms: u64,
+}
+
+impl ClearingTap {
+    /// The clearing entry of a verified tap record of `operator`'s: accepted taps only (a
+    /// refusal moved no value; a credit is never a validator's tap).
+    pub fn from_tap(t: &TapRecord, operator: &str) -> Option<ClearingTap> {
+        if t.refusal().is_some() {
+            return None;
+        }
+        let meta = t.meta();
+        Some(ClearingTap {
+            device_id: meta.device_id,
+            device_seq: meta.device_seq,
+            card_uid: hex::encode_upper(t.uid()),
+            tmc: t.tmc(),
+            kind: kind_name(t.kind())?.to_string(),
+            amount_minor: t.amount_minor(),
+            balance_after_minor: t.balance_after_minor(),
+            tmv: hex::encode_upper(t.tmv()),
+            key_version: t.key_version(),
+            operator: Some(operator.to_string()),
+            device_time_ms: meta.device_time_ms,
+        })
+    }
+}
+
+/// A batch from a gateway: its idempotent id (`<gateway>-<first>-<last>`, the outbox range)
+/// and its taps.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClearingBatch {
+    /// The gateway's idempotent batch id.
+    pub batch_id: String,
+    /// The taps.
+    pub taps: Vec<ClearingTap>,
+}
+
+/// The word a tap's kind travels as; `None` for a credit (a load is never cleared as a tap).
+pub fn kind_name(kind: TxKind) -> Option<&'static str> {
+    match kind {
+        TxKind::Debit => Some("debit"),
+        TxKind::LimitedCredit => Some("limited_credit"),
+        TxKind::RecordOnly => Some("record_only"),
+        TxKind::Credit => None,
+    }
+}
+
+/// The kind a word names ([`kind_name`]'s inverse); `None` for anything else.
+pub fn kind_from_name(name: &str) -> Option<TxKind> {
+    match name {
+        "debit" => Some(TxKind::Debit),
+        "record_only" => Some(TxKind::RecordOnly),
+        "limited_credit" => Some(TxKind::LimitedCredit),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receipt::CommitReceipt;
+    use crate::tap::{RefusalReason, TapMeta};
+
+    #[test]
+    fn an_accepted_tap_round_trips_through_the_batch_json() {
+        let r = CommitReceipt::for_tests([4, 1, 2, 3, 4, 5, 6], 8, [9; 8], TxKind::Debit, 150, 850);
+        let meta = TapMeta {
+            device_id: 1001,
+            device_seq: 17,
+            device_time_ms: 1_700_000_000_000,
+            ..TapMeta::default()
+        };
+        let tap = ClearingTap::from_tap(&TapRecord::accepted(&r, meta), "metro").unwrap();
+        assert_eq!(tap.kind, "debit");
+        assert_eq!(tap.card_uid, "04010203040506");
+        assert_eq!(tap.operator.as_deref(), Some("metro"));
+        let batch = ClearingBatch {
+            batch_id: "gw-17-17".into(),
+            taps: vec![tap],
+        };
+        let json = serde_json::to_string(&batch).unwrap();
+        assert_eq!(serde_json::from_str::<ClearingBatch>(&json).unwrap(), batch);
+        let refused = TapRecord::refused(RefusalReason::Blocklisted, [4; 7], 1, 8, 850, meta);
+        assert_eq!(ClearingTap::from_tap(&refused, "metro"), None);
+    }
+
+    #[test]
+    fn kind_names_round_trip_and_a_credit_has_none() {
+        for k in [TxKind::Debit, TxKind::LimitedCredit, TxKind::RecordOnly] {
+            assert_eq!(kind_from_name(kind_name(k).unwrap()), Some(k));
+        }
+        assert_eq!(kind_name(TxKind::Credit), None);
+        assert_eq!(kind_from_name("credit"), None);
+    }
+}
