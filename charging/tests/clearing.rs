@@ -161,7 +161,7 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
 #[test]
 fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(9));
-    let (token, hw) = tapgate_pkcs11::softhsm::hsm_for(&keys).unwrap_or_else(|e| panic!("{e}"));
+    let (token, hw) = tapgate_testkit::softhsm::hsm_for(&keys).unwrap_or_else(|e| panic!("{e}"));
     let srv = common::start_with_hsm(Box::new(hw), |cfg| {
         cfg.operator = "metro".into(); // the taps below are the metro's
         cfg.tokens = vec![

@@ -23,7 +23,6 @@
 #![warn(missing_docs)]
 
 pub mod import;
-pub mod softhsm;
 
 mod derive;
 mod hsm;
