@@ -10,7 +10,7 @@
 //! (committed) or the entry dropped (not committed).
 
 use crate::journal::{Journal, JournalError, PendingTap};
-use fare_rules::engine::{CardView, Engine, Rider, Tap};
+use fare_rules::engine::{CardView, Engine, Rider, Tap, TapQuote};
 use fare_rules::record::{TapKind, TripRecord};
 use fare_rules::table::NONE;
 use purse::blocklist::Blocklist;
@@ -187,22 +187,20 @@ impl Gate {
     /// Journals a refusal and answers it.
     fn refuse(
         &self,
-        journal: &Journal,
+        p: &Presented<'_>,
         reason: RefusalReason,
-        uid: [u8; 7],
-        snap: Option<(u8, u32, i32)>,
-        now_ms: u64,
-        codes: (u32, u32),
+        shown: Option<&txn::CardSnapshot>,
     ) -> Result<Answer, GateError> {
-        let (kv, tmc, bal) = snap.unwrap_or((0, 0, 0));
-        let seq = match journal.append_tap(None, |seq| {
+        let (kv, tmc, bal) =
+            shown.map_or((0, 0, 0), |s| (s.key_version(), s.tmc(), s.balance_minor()));
+        let seq = match p.journal.append_tap(None, |seq| {
             let rec = TapRecord::refused(
                 reason,
-                uid,
+                p.uid,
                 kv,
                 tmc,
                 bal,
-                self.meta(seq, now_ms, codes.0, codes.1),
+                self.meta(seq, p.now_ms, p.codes.0, p.codes.1),
             );
             self.sign(&rec)
         }) {
@@ -249,74 +247,14 @@ impl Gate {
         hook: &mut dyn FnMut(Step),
     ) -> Result<TapOutcome, GateError> {
         let engine = self.engine.as_ref().ok_or(GateError::NoFareTable)?;
-        let version = engine.table().meta.version;
         let time_s = local_s(now_ms, self.placement.utc_offset_s);
-        // What is priced: a transit tap here, or a sale (its charge code in the route field).
-        enum Priced {
-            Tap(Tap),
-            Charge { code: u16, items: u32, minutes: u32 },
-        }
-        let (codes, priced) = match sale {
-            None => {
-                let stop =
-                    engine
-                        .stop(&self.placement.stop)
-                        .ok_or_else(|| GateError::Placement {
-                            what: "stop",
-                            id: self.placement.stop.clone(),
-                            version,
-                        })?;
-                let route =
-                    engine
-                        .route(&self.placement.route)
-                        .ok_or_else(|| GateError::Placement {
-                            what: "route",
-                            id: self.placement.route.clone(),
-                            version,
-                        })?;
-                (
-                    (
-                        engine.table().stops[stop as usize].code,
-                        engine.table().routes[route as usize].code,
-                    ),
-                    Priced::Tap(Tap {
-                        kind: self.placement.kind,
-                        time_s,
-                        route,
-                        stop,
-                    }),
-                )
-            }
-            Some(sale) => {
-                let c = engine
-                    .table()
-                    .charges
-                    .iter()
-                    .find(|c| c.id == sale.charge)
-                    .ok_or_else(|| GateError::Placement {
-                        what: "charge",
-                        id: sale.charge.clone(),
-                        version,
-                    })?;
-                (
-                    (0, u32::from(c.code)),
-                    Priced::Charge {
-                        code: c.code,
-                        items: sale.items,
-                        minutes: sale.minutes,
-                    },
-                )
-            }
-        };
-        let uid = match card.card_uid() {
-            Ok(u) => u,
-            Err(_) => {
-                return Ok(TapOutcome {
-                    answer: Answer::Torn,
-                    uid: None,
-                    settled: Settled::None,
-                })
-            }
+        let (codes, priced) = self.placement.priced(engine, sale, time_s)?;
+        let Ok(uid) = card.card_uid() else {
+            return Ok(TapOutcome {
+                answer: Answer::Torn,
+                uid: None,
+                settled: Settled::None,
+            });
         };
         if journal.outbox_full()? {
             // It could not journal a debit: take no value (the alarm is raised by the daemon).
@@ -329,183 +267,57 @@ impl Gate {
                 settled: Settled::None,
             });
         }
-
-        // What the decision closure found out, for after the dialogue.
-        enum Verdict {
-            Undecided,
-            Repeat,
-            Refuse(RefusalReason),
-            Apply { fare_minor: u32 },
-            Failed(GateError),
-        }
-        let mut verdict = Verdict::Undecided;
-        let mut settled = Settled::None;
-        let blocklist = &self.blocklist;
-        let meta_base = self.meta(0, now_ms, codes.0, codes.1);
         // The SAM is busy with the card during the dialogue; a settled earlier debit is signed
         // with a copy of the device key that lives for this tap only (zeroized on drop).
         let device_key = self.sam.device_key().clone();
-        let operator = self.placement.operator.as_str();
-        let sign = |rec: &TapRecord| rec.sign(operator, &device_key);
-        let decide = |snap: &txn::CardSnapshot| -> Decision {
-            hook(Step::Read);
-            // An earlier torn debit on this card: its counter says what happened.
-            match journal.pending(&snap.uid()) {
-                Err(e) => {
-                    verdict = Verdict::Failed(e.into());
-                    return Decision::Refuse;
-                }
-                Ok(Some(p)) => {
-                    // Did *this* debit commit? Its trip record on the card says so: the counter
-                    // alone cannot tell it from another validator's transaction.
-                    let newest_is_ours = snap
-                        .records()
-                        .first()
-                        .is_some_and(|r| r[..] == p.record[..]);
-                    let ours_on_card = snap.records().iter().any(|r| r[..] == p.record[..]);
-                    if snap.tmc() == p.change.tmc_before.wrapping_add(1) && newest_is_ours {
-                        let Ok(Settlement::Committed(receipt)) = txn::settle(&p.change, snap)
-                        else {
-                            verdict = Verdict::Refuse(RefusalReason::TornUnresolved);
-                            return Decision::Refuse;
-                        };
-                        let meta = TapMeta {
-                            device_time_ms: p.time_ms,
-                            stop_id: p.stop_code,
-                            route_id: p.route_code,
-                            fare_table_version: p.fare_table_version,
-                            blocklist_version: p.blocklist_version,
-                            ..meta_base
-                        };
-                        match journal.append_tap(Some(&snap.uid()), |seq| {
-                            sign(&TapRecord::settled(
-                                &receipt,
-                                TapMeta {
-                                    device_seq: seq,
-                                    ..meta
-                                },
-                            ))
-                        }) {
-                            Ok(seq) => settled = Settled::Committed { seq },
-                            Err(e) => {
-                                verdict = Verdict::Failed(e.into());
-                                return Decision::Refuse;
-                            }
-                        }
-                    } else if !ours_on_card {
-                        // Never committed: any counter steps since are other transactions.
-                        if let Err(e) = journal.clear_pending(&snap.uid()) {
-                            verdict = Verdict::Failed(e.into());
-                            return Decision::Refuse;
-                        }
-                        settled = Settled::NotCommitted;
-                    } else {
-                        // Committed, but the card has transacted since: its MAC for that
-                        // transaction is gone, so this validator cannot prove it. Kept for the
-                        // back office (the card's counter chain shows the step), never dropped.
-                        tracing::warn!(uid = ?snap.uid(), tmc = p.change.tmc_before + 1,
-                            "a torn debit committed but can no longer be proved here; kept as unresolved");
-                        if let Err(e) = journal.resolve_unprovable(&p) {
-                            verdict = Verdict::Failed(e.into());
-                            return Decision::Refuse;
-                        }
-                        settled = Settled::Unprovable;
-                    }
-                }
-                Ok(None) => {}
-            }
-            if blocklist.is_blocked(&snap.uid()) {
-                verdict = Verdict::Refuse(RefusalReason::Blocklisted);
-                return Decision::Refuse;
-            }
-            let history: Vec<TripRecord> = snap
-                .records()
-                .iter()
-                .filter_map(|r| TripRecord::decode(r).ok())
-                .collect();
-            let view = CardView {
-                rider: Rider {
-                    category: NONE,
-                    medium: NONE,
-                },
-                history: &history,
-                passes: &[],
-            };
-            let quoted = match &priced {
-                Priced::Tap(t) => engine.quote_tap(&view, t),
-                Priced::Charge {
-                    code,
-                    items,
-                    minutes,
-                } => engine.quote_charge(&view, *code, *items, *minutes, time_s),
-            };
-            let q = match quoted {
-                Ok(q) => q,
-                Err(e) => {
-                    tracing::warn!(error = %e, "fare quote failed");
-                    verdict = Verdict::Refuse(RefusalReason::FareError);
-                    return Decision::Refuse;
-                }
-            };
-            if q.repeat {
-                verdict = Verdict::Repeat;
-                return Decision::Refuse;
-            }
-            if i64::from(q.fare_minor) > i64::from(snap.balance_minor()) {
-                verdict = Verdict::Refuse(RefusalReason::InsufficientValue);
-                return Decision::Refuse;
-            }
-            let kind = if q.fare_minor > 0 {
-                TxKind::Debit
-            } else {
-                TxKind::RecordOnly
-            };
-            // A settlement may have taken the outbox's last place: no room, no debit.
-            match journal.outbox_full() {
-                Ok(false) => {}
-                Ok(true) => {
-                    verdict = Verdict::Refuse(RefusalReason::Other);
-                    return Decision::Refuse;
-                }
-                Err(e) => {
-                    verdict = Verdict::Failed(e.into());
-                    return Decision::Refuse;
-                }
-            }
-            let record = q.record.encode();
-            let pending = PendingTap {
-                change: PendingChange::new(snap, kind, q.fare_minor as i32),
-                time_ms: now_ms,
-                stop_code: codes.0,
-                route_code: codes.1,
-                fare_table_version: meta_base.fare_table_version,
-                blocklist_version: meta_base.blocklist_version,
-                record,
-            };
-            if let Err(e) = journal.put_pending(&pending) {
-                verdict = Verdict::Failed(e.into());
-                return Decision::Refuse;
-            }
-            hook(Step::PendingJournalled);
-            verdict = Verdict::Apply {
-                fare_minor: q.fare_minor,
-            };
-            Decision::Apply {
-                amount_minor: q.fare_minor as i32,
-                record: Some(record.to_vec()),
-            }
+        let mut decider = Decider {
+            journal,
+            blocklist: &self.blocklist,
+            engine,
+            priced: &priced,
+            operator: &self.placement.operator,
+            device_key: &device_key,
+            meta_base: self.meta(0, now_ms, codes.0, codes.1),
+            now_ms,
+            time_s,
+            hook: &mut *hook,
+            verdict: Verdict::Undecided,
+            settled: Settled::None,
         };
-        let out = txn::debit(card, &mut self.sam, &mut self.rng, decide);
-        let verdict = verdict;
-        match out {
+        let out = txn::debit(card, &mut self.sam, &mut self.rng, |snap| {
+            decider.decide(snap)
+        });
+        let Decider {
+            verdict, settled, ..
+        } = decider;
+        let presented = Presented {
+            journal,
+            uid,
+            now_ms,
+            codes,
+            settled,
+        };
+        self.conclude(&presented, out, verdict, hook)
+    }
+
+    /// After the dialogue: the committed debit journalled as a signed tap, a refusal
+    /// journalled and answered, a tear left for the card's next tap.
+    fn conclude(
+        &self,
+        p: &Presented<'_>,
+        out: Result<Outcome, TxError>,
+        verdict: Verdict,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<TapOutcome, GateError> {
+        let answer = match out {
             Ok(Outcome::Committed { receipt, .. }) => {
                 hook(Step::Committed);
                 let fare_minor = match verdict {
                     Verdict::Apply { fare_minor } => fare_minor,
                     _ => receipt.amount_minor().max(0) as u32,
                 };
-                let meta = self.meta(0, now_ms, codes.0, codes.1);
-                let seq = journal.append_tap(Some(&uid), |seq| {
+                let meta = self.meta(0, p.now_ms, p.codes.0, p.codes.1);
+                let seq = p.journal.append_tap(Some(&p.uid), |seq| {
                     self.sign(&TapRecord::accepted(
                         &receipt,
                         TapMeta {
@@ -515,53 +327,20 @@ impl Gate {
                     ))
                 })?;
                 hook(Step::Journalled);
-                Ok(TapOutcome {
-                    answer: Answer::Accepted {
-                        fare_minor,
-                        balance_minor: receipt.balance_after_minor(),
-                        seq,
-                    },
-                    uid: Some(uid),
-                    settled,
-                })
+                Answer::Accepted {
+                    fare_minor,
+                    balance_minor: receipt.balance_after_minor(),
+                    seq,
+                }
             }
-            Ok(Outcome::Refused { snapshot }) => {
-                let reason = match verdict {
-                    Verdict::Repeat => {
-                        return Ok(TapOutcome {
-                            answer: Answer::Repeat,
-                            uid: Some(uid),
-                            settled,
-                        })
-                    }
-                    Verdict::Failed(e) => return Err(e),
-                    Verdict::Refuse(r) => r,
-                    _ => RefusalReason::Other,
-                };
-                let answer = self.refuse(
-                    journal,
-                    reason,
-                    uid,
-                    Some((
-                        snapshot.key_version(),
-                        snapshot.tmc(),
-                        snapshot.balance_minor(),
-                    )),
-                    now_ms,
-                    codes,
-                )?;
-                Ok(TapOutcome {
-                    answer,
-                    uid: Some(uid),
-                    settled,
-                })
-            }
-            Err(TxError::Transport(_)) => Ok(TapOutcome {
-                // The pending entry (if it was written) stays until the card's next tap.
-                answer: Answer::Torn,
-                uid: Some(uid),
-                settled,
-            }),
+            Ok(Outcome::Refused { snapshot }) => match verdict {
+                Verdict::Repeat => Answer::Repeat,
+                Verdict::Failed(e) => return Err(e),
+                Verdict::Refuse(r) => self.refuse(p, r, Some(&snapshot))?,
+                _ => self.refuse(p, RefusalReason::Other, Some(&snapshot))?,
+            },
+            // The pending entry (if it was written) stays until the card's next tap.
+            Err(TxError::Transport(_)) => Answer::Torn,
             Err(e) => {
                 let reason = match e {
                     TxError::UnknownKeyVersion(_) => RefusalReason::UnknownKeyVersion,
@@ -569,13 +348,253 @@ impl Gate {
                 };
                 // A dialogue that failed after the pending entry was written (a card that
                 // refused its commit): the counter settles it at the next tap, as for a tear.
-                let answer = self.refuse(journal, reason, uid, None, now_ms, codes)?;
-                Ok(TapOutcome {
-                    answer,
-                    uid: Some(uid),
-                    settled,
-                })
+                self.refuse(p, reason, None)?
+            }
+        };
+        Ok(TapOutcome {
+            answer,
+            uid: Some(p.uid),
+            settled: p.settled,
+        })
+    }
+}
+
+/// The card in the field, once its UID is known: what the steps after the dialogue need.
+struct Presented<'j> {
+    journal: &'j Journal,
+    uid: [u8; 7],
+    now_ms: u64,
+    /// The stop and route codes of the tap (a sale: 0 and its charge code).
+    codes: (u32, u32),
+    /// An earlier torn debit settled during this tap.
+    settled: Settled,
+}
+
+/// What is priced: a transit tap here, or a sale (its charge code in the route field).
+enum Priced {
+    Tap(Tap),
+    Charge { code: u16, items: u32, minutes: u32 },
+}
+
+/// What the decision found out, for after the dialogue.
+enum Verdict {
+    Undecided,
+    Repeat,
+    Refuse(RefusalReason),
+    Apply { fare_minor: u32 },
+    Failed(GateError),
+}
+
+impl Placement {
+    /// The tap's stop and route codes and what is priced: this gate's stop and route, or the
+    /// sale's charge.
+    fn priced(
+        &self,
+        engine: &Engine,
+        sale: Option<&Sale>,
+        time_s: u32,
+    ) -> Result<((u32, u32), Priced), GateError> {
+        let version = engine.table().meta.version;
+        let missing = |what: &'static str, id: &str| GateError::Placement {
+            what,
+            id: id.to_string(),
+            version,
+        };
+        let Some(sale) = sale else {
+            let stop = engine
+                .stop(&self.stop)
+                .ok_or_else(|| missing("stop", &self.stop))?;
+            let route = engine
+                .route(&self.route)
+                .ok_or_else(|| missing("route", &self.route))?;
+            let codes = (
+                engine.table().stops[stop as usize].code,
+                engine.table().routes[route as usize].code,
+            );
+            let tap = Tap {
+                kind: self.kind,
+                time_s,
+                route,
+                stop,
+            };
+            return Ok((codes, Priced::Tap(tap)));
+        };
+        let c = engine
+            .table()
+            .charges
+            .iter()
+            .find(|c| c.id == sale.charge)
+            .ok_or_else(|| missing("charge", &sale.charge))?;
+        let priced = Priced::Charge {
+            code: c.code,
+            items: sale.items,
+            minutes: sale.minutes,
+        };
+        Ok(((0, u32::from(c.code)), priced))
+    }
+}
+
+/// The gate's decision while the card is in the field (called by the dialogue once the card
+/// has been read under MAC): settle an earlier torn debit, the blocklist, the fare, the
+/// balance, room in the outbox, the debit journalled as pending — then apply or refuse.
+struct Decider<'a> {
+    journal: &'a Journal,
+    blocklist: &'a Blocklist,
+    engine: &'a Engine,
+    priced: &'a Priced,
+    operator: &'a str,
+    device_key: &'a purse::crypto::AesKey,
+    meta_base: TapMeta,
+    now_ms: u64,
+    time_s: u32,
+    hook: &'a mut dyn FnMut(Step),
+    verdict: Verdict,
+    settled: Settled,
+}
+
+impl Decider<'_> {
+    fn decide(&mut self, snap: &txn::CardSnapshot) -> Decision {
+        (self.hook)(Step::Read);
+        match self.apply(snap) {
+            Ok(decision) => decision,
+            Err(verdict) => {
+                self.verdict = verdict;
+                Decision::Refuse
             }
         }
+    }
+
+    /// The debit to apply, or why not.
+    fn apply(&mut self, snap: &txn::CardSnapshot) -> Result<Decision, Verdict> {
+        self.settle_earlier(snap)?;
+        if self.blocklist.is_blocked(&snap.uid()) {
+            return Err(Verdict::Refuse(RefusalReason::Blocklisted));
+        }
+        let q = self.quote(snap)?;
+        if q.repeat {
+            return Err(Verdict::Repeat);
+        }
+        if i64::from(q.fare_minor) > i64::from(snap.balance_minor()) {
+            return Err(Verdict::Refuse(RefusalReason::InsufficientValue));
+        }
+        let kind = if q.fare_minor > 0 {
+            TxKind::Debit
+        } else {
+            TxKind::RecordOnly
+        };
+        // A settlement may have taken the outbox's last place: no room, no debit.
+        match self.journal.outbox_full() {
+            Ok(false) => {}
+            Ok(true) => return Err(Verdict::Refuse(RefusalReason::Other)),
+            Err(e) => return Err(Verdict::Failed(e.into())),
+        }
+        let record = q.record.encode();
+        let pending = PendingTap {
+            change: PendingChange::new(snap, kind, q.fare_minor as i32),
+            time_ms: self.now_ms,
+            stop_code: self.meta_base.stop_id,
+            route_code: self.meta_base.route_id,
+            fare_table_version: self.meta_base.fare_table_version,
+            blocklist_version: self.meta_base.blocklist_version,
+            record,
+        };
+        if let Err(e) = self.journal.put_pending(&pending) {
+            return Err(Verdict::Failed(e.into()));
+        }
+        (self.hook)(Step::PendingJournalled);
+        self.verdict = Verdict::Apply {
+            fare_minor: q.fare_minor,
+        };
+        Ok(Decision::Apply {
+            amount_minor: q.fare_minor as i32,
+            record: Some(record.to_vec()),
+        })
+    }
+
+    /// An earlier torn debit on this card: its counter and trip record say what happened. A
+    /// committed one is journalled as a signed tap now, one never committed is dropped, one
+    /// committed but no longer provable here is kept as unresolved.
+    fn settle_earlier(&mut self, snap: &txn::CardSnapshot) -> Result<(), Verdict> {
+        let failed = |e: JournalError| Verdict::Failed(e.into());
+        let uid = snap.uid();
+        let Some(p) = self.journal.pending(&uid).map_err(failed)? else {
+            return Ok(());
+        };
+        // Did *this* debit commit? Its trip record on the card says so: the counter alone
+        // cannot tell it from another validator's transaction.
+        let newest_is_ours = snap
+            .records()
+            .first()
+            .is_some_and(|r| r[..] == p.record[..]);
+        let ours_on_card = snap.records().iter().any(|r| r[..] == p.record[..]);
+        if snap.tmc() == p.change.tmc_before.wrapping_add(1) && newest_is_ours {
+            let Ok(Settlement::Committed(settled)) = txn::settle(&p.change, snap) else {
+                return Err(Verdict::Refuse(RefusalReason::TornUnresolved));
+            };
+            let meta = TapMeta {
+                device_time_ms: p.time_ms,
+                stop_id: p.stop_code,
+                route_id: p.route_code,
+                fare_table_version: p.fare_table_version,
+                blocklist_version: p.blocklist_version,
+                ..self.meta_base
+            };
+            let (operator, device_key) = (self.operator, self.device_key);
+            let seq = self
+                .journal
+                .append_tap(Some(&uid), |seq| {
+                    let meta = TapMeta {
+                        device_seq: seq,
+                        ..meta
+                    };
+                    TapRecord::settled(&settled, meta).sign(operator, device_key)
+                })
+                .map_err(failed)?;
+            self.settled = Settled::Committed { seq };
+        } else if !ours_on_card {
+            // Never committed: any counter steps since are other transactions.
+            self.journal.clear_pending(&uid).map_err(failed)?;
+            self.settled = Settled::NotCommitted;
+        } else {
+            // Committed, but the card has transacted since: its MAC for that transaction is
+            // gone, so this validator cannot prove it. Kept for the back office (the card's
+            // counter chain shows the step), never dropped.
+            tracing::warn!(uid = ?uid, tmc = p.change.tmc_before + 1,
+                "a torn debit committed but can no longer be proved here; kept as unresolved");
+            self.journal.resolve_unprovable(&p).map_err(failed)?;
+            self.settled = Settled::Unprovable;
+        }
+        Ok(())
+    }
+
+    /// The fare (or the sale's price) from the card's trip records.
+    fn quote(&self, snap: &txn::CardSnapshot) -> Result<TapQuote, Verdict> {
+        let history: Vec<TripRecord> = snap
+            .records()
+            .iter()
+            .filter_map(|r| TripRecord::decode(r).ok())
+            .collect();
+        let view = CardView {
+            rider: Rider {
+                category: NONE,
+                medium: NONE,
+            },
+            history: &history,
+            passes: &[],
+        };
+        let quoted = match self.priced {
+            Priced::Tap(t) => self.engine.quote_tap(&view, t),
+            Priced::Charge {
+                code,
+                items,
+                minutes,
+            } => self
+                .engine
+                .quote_charge(&view, *code, *items, *minutes, self.time_s),
+        };
+        quoted.map_err(|e| {
+            tracing::warn!(error = %e, "fare quote failed");
+            Verdict::Refuse(RefusalReason::FareError)
+        })
     }
 }
