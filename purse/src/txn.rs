@@ -407,43 +407,75 @@ impl Dialogue {
         rng: &mut dyn RngCore,
         resp: &[u8],
     ) -> Result<(Stage, Step), (Option<CardSnapshot>, TxError)> {
-        let unread = |e: TxError| (None, e);
+        let none_outstanding = TxError::Protocol {
+            step: "dialogue",
+            what: "no command is outstanding",
+        };
+        match stage {
+            Stage::Committing {
+                ch,
+                snapshot,
+                change,
+                outstanding,
+            } => advance_commit(ch, snapshot, change, outstanding, resp),
+            Stage::Deciding { snapshot, .. } => Err((Some(snapshot), none_outstanding)),
+            Stage::Ended { snapshot } => Err((snapshot, none_outstanding)),
+            Stage::ReadValue { .. } | Stage::ReadTm { .. } | Stage::ReadRecords { .. } => {
+                self.advance_read(stage, resp).map_err(|e| (None, e))
+            }
+            Stage::Select | Stage::KeyVersion | Stage::Auth1 { .. } | Stage::Auth2 { .. } => self
+                .advance_auth(stage, auth, rng, resp)
+                .map_err(|e| (None, e)),
+        }
+    }
+
+    /// An answer of the first two batches: select, key version, authentication.
+    fn advance_auth(
+        &self,
+        stage: Stage,
+        auth: &mut dyn Authenticator,
+        rng: &mut dyn RngCore,
+        resp: &[u8],
+    ) -> Result<(Stage, Step), TxError> {
         Ok(match stage {
             Stage::Select => {
-                ok_data(resp, "select").map_err(unread)?;
+                ok_data(resp, "select")?;
                 (Stage::KeyVersion, Step::Continue)
             }
             Stage::KeyVersion => {
-                let key_version = self.key_version(auth, resp).map_err(unread)?;
+                let key_version = self.key_version(auth, resp)?;
                 (Stage::Auth1 { key_version }, Step::Continue)
             }
             Stage::Auth1 { key_version } => {
-                let (pending, frame) = self.auth1(auth, rng, key_version, resp).map_err(unread)?;
+                let (pending, frame) = self.auth1(auth, rng, key_version, resp)?;
                 let cmd = apdu::wrap(ins::ADDITIONAL_FRAME, &frame);
-                (
-                    Stage::Auth2 {
-                        key_version,
-                        pending,
-                    },
-                    Step::Transmit(vec![cmd]),
-                )
+                let next = Stage::Auth2 {
+                    key_version,
+                    pending,
+                };
+                (next, Step::Transmit(vec![cmd]))
             }
             Stage::Auth2 {
                 key_version,
                 pending,
             } => {
-                let answer = ok_data(resp, "authenticate").map_err(unread)?;
-                let mut ch = auth
-                    .auth_part2(pending, answer)
-                    .map_err(|e| unread(e.into()))?;
-                let cmds = read_batch(&mut ch).map_err(unread)?;
+                let answer = ok_data(resp, "authenticate")?;
+                let mut ch = auth.auth_part2(pending, answer)?;
+                let cmds = read_batch(&mut ch)?;
                 (Stage::ReadValue { ch, key_version }, Step::Transmit(cmds))
             }
+            _ => return Err(not_expected("authentication")),
+        })
+    }
+
+    /// An answer of the reads under MAC: value, TM file, records (then the snapshot).
+    fn advance_read(&self, stage: Stage, resp: &[u8]) -> Result<(Stage, Step), TxError> {
+        Ok(match stage {
             Stage::ReadValue {
                 mut ch,
                 key_version,
             } => {
-                let balance_minor = read_value(resp, &mut ch).map_err(unread)?;
+                let balance_minor = read_value(resp, &mut ch)?;
                 let next = Stage::ReadTm {
                     ch,
                     key_version,
@@ -456,9 +488,8 @@ impl Dialogue {
                 key_version,
                 balance_minor,
             } => {
-                let tm = open(resp, &mut ch, CommMode::Mac, "read TM file").map_err(unread)?;
-                let (tmc, last_tmv) =
-                    tmc_tmv(&tm, "read TM file", "TM file is not 12 bytes").map_err(unread)?;
+                let tm = open(resp, &mut ch, CommMode::Mac, "read TM file")?;
+                let (tmc, last_tmv) = tmc_tmv(&tm, "read TM file", "TM file is not 12 bytes")?;
                 let next = Stage::ReadRecords {
                     ch,
                     key_version,
@@ -475,67 +506,19 @@ impl Dialogue {
                 tmc,
                 last_tmv,
             } => {
-                let records = read_records(resp, &mut ch).map_err(unread)?;
                 let snapshot = CardSnapshot {
                     uid: self.uid,
                     key_version,
                     balance_minor,
                     tmc,
                     last_tmv,
-                    records,
+                    records: read_records(resp, &mut ch)?,
                     _read: ReadUnderMac,
                 };
                 let step = Step::Decide(snapshot.clone());
                 (Stage::Deciding { ch, snapshot }, step)
             }
-            Stage::Committing {
-                mut ch,
-                snapshot,
-                change,
-                mut outstanding,
-            } => {
-                let Some(cmd) = outstanding.pop_front() else {
-                    let e = TxError::Protocol {
-                        step: "dialogue",
-                        what: "no command is outstanding",
-                    };
-                    return Err((Some(snapshot), e));
-                };
-                let answer = match open(resp, &mut ch, CommMode::Mac, cmd.step()) {
-                    Ok(a) => a,
-                    Err(e) => return Err((Some(snapshot), e)),
-                };
-                if cmd != Cmd::Commit {
-                    let next = Stage::Committing {
-                        ch,
-                        snapshot,
-                        change,
-                        outstanding,
-                    };
-                    return Ok((next, Step::Continue));
-                }
-                match finish(&snapshot, change, &answer) {
-                    Ok(receipt) => (
-                        Stage::Ended { snapshot: None },
-                        Step::Done(Outcome::Committed { snapshot, receipt }),
-                    ),
-                    Err(e) => return Err((Some(snapshot), e)),
-                }
-            }
-            Stage::Deciding { snapshot, .. } => {
-                let e = TxError::Protocol {
-                    step: "dialogue",
-                    what: "no command is outstanding",
-                };
-                return Err((Some(snapshot), e));
-            }
-            Stage::Ended { snapshot } => {
-                let e = TxError::Protocol {
-                    step: "dialogue",
-                    what: "no command is outstanding",
-                };
-                return Err((snapshot, e));
-            }
+            _ => return Err(not_expected("read")),
         })
     }
 
@@ -717,6 +700,48 @@ impl Dialogue {
         )?);
         outstanding.push_back(Cmd::Commit);
         Ok((cmds, outstanding))
+    }
+}
+
+/// An answer of the value batch: a command's MAC'd answer, then the commit's, which ends the
+/// dialogue with the receipt.
+fn advance_commit(
+    mut ch: Channel,
+    snapshot: CardSnapshot,
+    change: Change,
+    mut outstanding: std::collections::VecDeque<Cmd>,
+    resp: &[u8],
+) -> Result<(Stage, Step), (Option<CardSnapshot>, TxError)> {
+    let Some(cmd) = outstanding.pop_front() else {
+        return Err((Some(snapshot), not_expected("value batch")));
+    };
+    let answer = match open(resp, &mut ch, CommMode::Mac, cmd.step()) {
+        Ok(a) => a,
+        Err(e) => return Err((Some(snapshot), e)),
+    };
+    if cmd != Cmd::Commit {
+        let next = Stage::Committing {
+            ch,
+            snapshot,
+            change,
+            outstanding,
+        };
+        return Ok((next, Step::Continue));
+    }
+    match finish(&snapshot, change, &answer) {
+        Ok(receipt) => Ok((
+            Stage::Ended { snapshot: None },
+            Step::Done(Outcome::Committed { snapshot, receipt }),
+        )),
+        Err(e) => Err((Some(snapshot), e)),
+    }
+}
+
+/// A stage that got an answer it does not take (unreachable through [`Dialogue::on_response`]).
+fn not_expected(step: &'static str) -> TxError {
+    TxError::Protocol {
+        step,
+        what: "an answer at a stage that expects none of this kind",
     }
 }
 
