@@ -121,7 +121,15 @@ impl World {
         observe(Event::Started { base: &office.base });
         let riders = riders::issue(cfg.cards, &office, &hsm, &mut rng)?;
         let gates = Gates::install(&keys, &hsm, cfg.validators, cfg.seed, dir.path())?;
-        let ops = Operators::start(&rt, &keys, gates.len(), &office.base, dir.path(), &mut rng)?;
+        let ops = Operators::start(
+            &rt,
+            &keys,
+            gates.len(),
+            gates.tv,
+            &office.base,
+            dir.path(),
+            &mut rng,
+        )?;
         let fleet = connect_fleet(&rt, &keys, &gates, &ops)?;
         Ok(World {
             cfg: cfg.clone(),

@@ -89,13 +89,16 @@ pub struct Operators {
 }
 
 impl Operators {
-    /// Starts the broker with a password for the gateways and for each of `devices`, then both
-    /// gateways (stores under `dir`), forwarding to the charging server at `base`; returns when
-    /// both have subscribed.
+    /// Starts the broker with a password for the gateways and for each of `devices` (each bound
+    /// to its operator's topics: device index `tv` is the hotel's box, the others the metro's),
+    /// then both gateways (stores under `dir`), forwarding to the charging server at `base`;
+    /// returns when both have subscribed.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         rt: &Runtime,
         keys: &KeySet,
         devices: usize,
+        tv: usize,
         base: &str,
         dir: &Path,
         rng: &mut StdRng,
@@ -103,13 +106,16 @@ impl Operators {
         let mqtt_port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut users = std::collections::HashMap::new();
+        let mut users = gateway::broker::BrokerUsers::new();
         let secret = |rng: &mut StdRng| hex::encode(rng.gen::<[u8; 12]>());
         let gateway_password = secret(rng);
-        users.insert("gateway".to_string(), gateway_password.clone());
+        users.add_gateway("gateway", &gateway_password);
         let device_passwords: Vec<String> = (0..devices).map(|_| secret(rng)).collect();
         for (i, p) in device_passwords.iter().enumerate() {
-            users.insert((FIRST_DEVICE as usize + i).to_string(), p.clone());
+            let operator = if i == tv { "hotel" } else { "metro" };
+            users
+                .add_device(&(FIRST_DEVICE as usize + i).to_string(), p, Some(operator))
+                .map_err(SimError::Setup)?;
         }
         let listen = format!("127.0.0.1:{mqtt_port}")
             .parse()
