@@ -11,6 +11,7 @@ mod blocklist_bench;
 mod clearing;
 mod fare;
 mod gateway_bench;
+mod limits;
 mod loads;
 mod purse_bench;
 mod reconcile;

@@ -1,6 +1,10 @@
 //! Bench scenarios `debit` and `load`: one complete card transaction, card and terminal sides
-//! in one process (emulated card, software SAM/HSM), reporting per-transaction latency.
+//! in one process (emulated card, software SAM/HSM), reporting per-transaction latency, and
+//! beside it the limit measured right before in the same process: `floor_ns`, the median of
+//! the same AES block operations, key expansions and CMACs alone ([`crate::limits::DEBIT`],
+//! [`crate::limits::LOAD`]), and `ratio_to_floor` = median / floor.
 
+use crate::limits::{self, CryptoWork};
 use crate::stats::{quantile, time_each};
 use crate::Figures;
 use purse::card::{Card, Personalisation};
@@ -36,13 +40,16 @@ fn rig(balance_minor: i32) -> Rig {
     }
 }
 
-fn figures(samples: &[u64], n: u64) -> Figures {
-    vec![
+fn figures(samples: &[u64], n: u64, work: &CryptoWork, floor: &[u64]) -> Figures {
+    let median_ns = quantile(samples, 0.5);
+    let mut f = vec![
         ("n", n.into()),
-        ("median_ns", quantile(samples, 0.5).into()),
+        ("median_ns", median_ns.into()),
         ("p99_ns", quantile(samples, 0.99).into()),
         ("min_ns", quantile(samples, 0.0).into()),
-    ]
+    ];
+    f.extend(limits::crypto_floor_figures(work, floor, median_ns));
+    f
 }
 
 /// One complete debit: select, key version, EV2 authentication, GetValue, TM file and trip
@@ -50,6 +57,8 @@ fn figures(samples: &[u64], n: u64) -> Figures {
 /// checks, and the device MAC over the tap.
 pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(20_000);
+    // The limit, right before: the same AES and CMAC work alone.
+    let floor = limits::time_crypto(&limits::DEBIT, n);
     let mut r = rig(i32::MAX / 2);
     let mut seq = 0u64;
     let samples = time_each(n / 10, n, || {
@@ -76,13 +85,14 @@ pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
         );
         std::hint::black_box(tap.sign_with("metro", |b| r.sam.device_mac(b)));
     });
-    Ok(figures(&samples, n))
+    Ok(figures(&samples, n, &limits::DEBIT, &floor))
 }
 
 /// One complete online load: the same dialogue with the credit key in the software HSM,
 /// Credit in FULL mode, and the HSM's transaction-MAC verification.
 pub fn load(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(20_000);
+    let floor = limits::time_crypto(&limits::LOAD, n);
     let mut r = rig(0);
     let samples = time_each(n / 10, n, || {
         let mut reader = EmulatedReader {
@@ -96,5 +106,5 @@ pub fn load(n: Option<u64>) -> anyhow::Result<Figures> {
         .expect("load");
         assert!(matches!(out, LoadOutcome::Loaded { .. }));
     });
-    Ok(figures(&samples, n))
+    Ok(figures(&samples, n, &limits::LOAD, &floor))
 }

@@ -10,6 +10,12 @@
 //! `card_side_us_per_tap` (time inside the emulated card: a real card spends it in its chip),
 //! and
 //! `rss_mib` (resident size with the blocklist and the table loaded).
+//!
+//! The limit, measured in the same run right before the taps: `raw_commit_p99_us`, the p99 of
+//! the same two durable LMDB commits per tap alone on the same disk
+//! ([`crate::limits::RawJournal`]), run in alternation with the taps (100 raw, 100 taps, …) so
+//! both meet the same disk and the same load from other processes, and `p99_ratio` = tap p99 / raw p99 (also
+//! `raw_commit_p50_us` and `p50_ratio`).
 
 use crate::stats::{cpu_user_sys_s, quantile, status_kib};
 use crate::Figures;
@@ -108,6 +114,12 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             hsm.card_keys(&uid, 1)?,
         ));
     }
+    // The limit: the journal's two durable commits per tap alone, on the same disk, in
+    // alternation with the taps.
+    let mut raw_journal = crate::limits::RawJournal::open()?;
+    let mut raw = Vec::with_capacity(n as usize);
+    // The raw commits' wall and CPU time, taken out of the taps' figures.
+    let (mut raw_s, mut raw_user, mut raw_sys) = (0.0f64, 0.0f64, 0.0f64);
     let mut lat = Vec::with_capacity(n as usize);
     let mut card_rng = StdRng::seed_from_u64(5);
     let cpu0 = cpu_user_sys_s();
@@ -117,6 +129,16 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let mut card_ns = 0u64;
     for (i, card) in cards.iter_mut().enumerate() {
         let i = i as u64;
+        if i % 100 == 0 {
+            let (t, c) = (Instant::now(), cpu_user_sys_s());
+            for _ in 0..100.min(n - i) {
+                raw.push(raw_journal.tap()?);
+            }
+            let c1 = cpu_user_sys_s();
+            raw_s += t.elapsed().as_secs_f64();
+            raw_user += c1.0 - c.0;
+            raw_sys += c1.1 - c.1;
+        }
         let t = Instant::now();
         let out = gate
             .tap(
@@ -137,18 +159,24 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             accepted += 1;
         }
     }
-    let wall = t0.elapsed().as_secs_f64();
+    let wall = t0.elapsed().as_secs_f64() - raw_s;
     let cpu1 = cpu_user_sys_s();
-    let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    let (user, sys) = (cpu1.0 - cpu0.0 - raw_user, cpu1.1 - cpu0.1 - raw_sys);
     anyhow::ensure!(
         accepted == n,
         "every tap should be accepted ({accepted} of {n})"
     );
     lat.sort_unstable();
+    raw.sort_unstable();
+    let ratio = |q: f64| crate::limits::ratio(quantile(&lat, q) as f64, quantile(&raw, q) as f64);
     Ok(vec![
         ("taps", n.into()),
         ("p50_us", quantile(&lat, 0.5).into()),
         ("p99_us", quantile(&lat, 0.99).into()),
+        ("raw_commit_p50_us", quantile(&raw, 0.5).into()),
+        ("raw_commit_p99_us", quantile(&raw, 0.99).into()),
+        ("p50_ratio", ratio(0.5)),
+        ("p99_ratio", ratio(0.99)),
         ("taps_per_s", ((n as f64 / wall).round() as u64).into()),
         (
             "cpu_us_per_tap",

@@ -1,0 +1,195 @@
+//! Limits measured in the same run as the figures they bound (issue 22): the cryptographic work
+//! alone of a debit or a load, and the durable LMDB commits alone of a validator's tap. Each is
+//! the same work with nothing around it, timed in the same process right before the scenario,
+//! so that a figure can be read as a ratio that survives the machine's ±30% from run to run.
+
+use crate::stats::{quantile, time_each};
+use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
+use aes::Aes128;
+use cmac::{Cmac, Mac};
+use std::hint::black_box;
+use std::time::Instant;
+
+/// The cryptographic work of one card transaction, card and terminal sides together, counted
+/// from the protocol code (purse/src: card.rs, sm.rs, sam.rs, crypto.rs, txn.rs).
+///
+/// A CMAC here is the `cmac` crate's over a message of that length with an expanded state:
+/// ⌈len/16⌉ block encryptions (one for an empty message) and one more for its subkey at
+/// finalisation (cmac 0.7 derives K1/K2 per message). Key expansions are `Aes128::new` (round
+/// keys for both directions; a `Cmac` is built on one); encryptions and decryptions are single
+/// AES blocks outside a CMAC (CBC blocks, IVs, AN10922 diversification).
+#[derive(Clone, Copy, Debug)]
+pub struct CryptoWork {
+    /// AES-128 key expansions.
+    pub key_expansions: u32,
+    /// AES block encryptions outside CMACs.
+    pub encryptions: u32,
+    /// AES block decryptions.
+    pub decryptions: u32,
+    /// The length of every CMAC's message, bytes.
+    pub cmacs: &'static [usize],
+}
+
+impl CryptoWork {
+    /// AES block operations in all, CMAC blocks and their subkeys included.
+    pub fn aes_blocks(&self) -> u64 {
+        let cmac_blocks: usize = self.cmacs.iter().map(|&l| l.div_ceil(16).max(1) + 1).sum();
+        u64::from(self.encryptions) + u64::from(self.decryptions) + cmac_blocks as u64
+    }
+}
+
+/// A debit as the `debit` scenario runs it: a validator SAM (no reader id), a Debit in FULL
+/// mode, one 32-byte trip record written, a card that already holds its 7 records (so the
+/// read-records answer is 7 × 32 bytes), and the 79-byte tap record's device MAC.
+///
+/// Card (emulated, its card keys and K_TM's CMAC state expanded at personalisation):
+/// - AuthenticateEV2First: E(RndB), 1 block. Part 2: D(RndA ‖ RndB') 2 blocks, E(TI ‖ RndA' ‖
+///   …) 2 blocks; session keys SesAuthENC/SesAuthMAC: a CMAC state (1 expansion), 2 CMACs of
+///   the 32-byte SV1/SV2; the channel expands SesAuthENC and SesAuthMAC (2 expansions).
+/// - Each secure-messaging command is opened with a CMAC of Cmd ‖ CmdCtr ‖ TI ‖ header ‖ data
+///   (7 + header + data bytes) and each answer sealed with one of RC ‖ CmdCtr ‖ TI ‖ data
+///   (7 + data): GetValue 8 / 11, ReadData (TM file) 14 / 19, ReadRecords 14 / 231,
+///   Debit (FULL: 16 encrypted bytes) 24 / 7 plus its IV (1 encryption) and 1 decryption,
+///   WriteRecord 46 / 7, CommitTransaction 8 / 19.
+/// - Commit: SesTMMACKey = CMAC(K_TM, 16-byte SV) from the expanded state, then the TMV = CMAC
+///   of the 20-byte TM input under a freshly expanded SesTMMACKey (1 expansion).
+///
+/// SAM (`SoftwareSam::validator`):
+/// - AN10922 diversification of the debit key: 1 expansion, 3 encryptions (L for the subkeys,
+///   2 CBC blocks); the card key expanded (1); D(E(RndB)) 1 block; E(RndA ‖ RndB') 2 blocks.
+/// - Part 2: D 2 blocks; session keys as the card (1 expansion, CMACs of 32 and 32); channel 2.
+/// - Commands MACed: GetValue 8, ReadData 14, ReadRecords 14, Debit 24 (+ IV and 1 CBC
+///   block), WriteRecord 46, Commit 8; answers checked: 11, 19, 231, 7, 7, 19.
+/// - The tap record's device MAC: 71-byte body ‖ 8-byte length ‖ "metro" = 84 bytes.
+pub const DEBIT: CryptoWork = CryptoWork {
+    key_expansions: 4 + 5,
+    encryptions: (1 + 2 + 1) + (3 + 2 + 1 + 1),
+    decryptions: (2 + 1) + (1 + 2),
+    cmacs: &[
+        // card
+        32, 32, 8, 11, 14, 19, 14, 231, 24, 7, 46, 7, 8, 16, 20, 19, // SAM
+        32, 32, 8, 14, 14, 11, 19, 231, 24, 46, 8, 7, 7, 19, 84,
+    ],
+};
+
+/// An online load as the `load` scenario runs it: the software HSM authenticates with the
+/// credit key, Credit in FULL mode, no record, a card that holds no records (the read-records
+/// answer is empty), and the HSM's check of the transaction MAC.
+///
+/// As [`DEBIT`] without the WriteRecord and the tap's device MAC, with a 7-byte read-records
+/// answer, and the HSM's TMAC check: AN10922 diversification of K_TM (1 expansion, 3
+/// encryptions), SesTMMACKey = CMAC of the 16-byte SV under K_TM (1 expansion), the TMV = CMAC of
+/// the 20-byte TM input under SesTMMACKey (1 expansion).
+pub const LOAD: CryptoWork = CryptoWork {
+    key_expansions: 4 + 5 + 3,
+    encryptions: (1 + 2 + 1) + (3 + 2 + 1 + 1 + 3),
+    decryptions: (2 + 1) + (1 + 2),
+    cmacs: &[
+        // card
+        32, 32, 8, 11, 14, 19, 14, 7, 24, 7, 8, 16, 20, 19, // HSM
+        32, 32, 8, 14, 14, 11, 19, 7, 24, 8, 7, 19, 16, 20,
+    ],
+};
+
+/// Times `n` runs of `work` alone (after `n / 10` warm-up runs): sorted ns per run.
+pub fn time_crypto(work: &CryptoWork, n: u64) -> Vec<u64> {
+    let key = [0x2Bu8; 16];
+    let cipher = Aes128::new(&key.into());
+    let mut mac = <Cmac<Aes128> as KeyInit>::new(&[0x7Eu8; 16].into());
+    let msg = [0x5Au8; 256];
+    time_each(n / 10, n, || {
+        for _ in 0..work.key_expansions {
+            black_box(Aes128::new(black_box(&key).into()));
+        }
+        let mut block = [0u8; 16];
+        for _ in 0..work.encryptions {
+            cipher.encrypt_block((&mut block).into());
+        }
+        for _ in 0..work.decryptions {
+            cipher.decrypt_block((&mut block).into());
+        }
+        black_box(block);
+        for &len in work.cmacs {
+            mac.update(black_box(&msg[..len]));
+            black_box(mac.finalize_reset().into_bytes());
+        }
+    })
+}
+
+/// The figures of a crypto floor beside a scenario's median: `floor_ns`, `ratio_to_floor` and
+/// the work counted.
+pub fn crypto_floor_figures(work: &CryptoWork, floor: &[u64], median_ns: u64) -> crate::Figures {
+    let floor_ns = quantile(floor, 0.5);
+    vec![
+        ("floor_ns", floor_ns.into()),
+        ("ratio_to_floor", ratio(median_ns as f64, floor_ns as f64)),
+        ("floor_key_expansions", work.key_expansions.into()),
+        ("floor_aes_blocks", work.aes_blocks().into()),
+        ("floor_cmacs", (work.cmacs.len() as u64).into()),
+    ]
+}
+
+/// `a / b` rounded to two decimals, as JSON (null when `b` is 0).
+pub fn ratio(a: f64, b: f64) -> serde_json::Value {
+    if b > 0.0 {
+        ((a / b * 100.0).round() / 100.0).into()
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// The durable LMDB commits of validator taps alone, on the disk the journal uses (a
+/// temporary directory beside it), opened through `tapgate-lmdb` as the journal is: per tap the
+/// pending debit (7-byte UID → `validator::journal::PENDING_LEN` bytes, committed), then the tap
+/// (the outbox's length and the next sequence number read, 8-byte sequence → 79-byte record,
+/// the next sequence number written, the pending debit deleted, committed).
+pub struct RawJournal {
+    env: tapgate_lmdb::LmdbEnv,
+    outbox: tapgate_lmdb::RawDatabase,
+    pending: tapgate_lmdb::RawDatabase,
+    meta: tapgate_lmdb::RawDatabase,
+    next: u64,
+    _dir: tempfile::TempDir,
+}
+
+impl RawJournal {
+    /// A fresh environment in a temporary directory.
+    pub fn open() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (env, [outbox, pending, meta]) = tapgate_lmdb::open(
+            dir.path(),
+            ["outbox", "pending", "meta"],
+            &tapgate_lmdb::EnvConfig::durable(1 << 30),
+        )?;
+        Ok(Self {
+            env,
+            outbox,
+            pending,
+            meta,
+            next: 0,
+            _dir: dir,
+        })
+    }
+
+    /// One tap's two commits; returns the µs they took.
+    pub fn tap(&mut self) -> anyhow::Result<u64> {
+        let i = self.next;
+        self.next += 1;
+        let b = (i as u32).to_be_bytes();
+        let uid = [0x04, 0xBE, 0x0C, b[0], b[1], b[2], b[3]];
+        let pending_value = [0xA5u8; validator::journal::PENDING_LEN];
+        let tap = [0x3Cu8; purse::tap::TAP_LEN];
+        let t = Instant::now();
+        let mut w = self.env.write_txn()?;
+        self.pending.put(&mut w, &uid, &pending_value)?;
+        w.commit()?;
+        let mut w = self.env.write_txn()?;
+        black_box(self.outbox.len(&w)?);
+        black_box(self.meta.get(&w, b"next_seq")?);
+        self.outbox.put(&mut w, &(i + 1).to_be_bytes(), &tap)?;
+        self.meta.put(&mut w, b"next_seq", &(i + 2).to_be_bytes())?;
+        self.pending.delete(&mut w, &uid)?;
+        w.commit()?;
+        Ok(t.elapsed().as_micros() as u64)
+    }
+}
