@@ -193,3 +193,193 @@ impl RawJournal {
         Ok(t.elapsed().as_micros() as u64)
     }
 }
+
+/// One HTTP round trip as the charging client makes it: the request line and the sizes of the
+/// request and response bodies.
+#[derive(Clone, Debug)]
+pub struct RoundTrip {
+    /// `POST /v1/...`
+    pub request_line: String,
+    /// Request body, bytes.
+    pub request_bytes: usize,
+    /// Response body, bytes.
+    pub response_bytes: usize,
+}
+
+/// A byte-recording TCP relay in front of `upstream` for one connection: what the client sent
+/// and what the server answered, each as one byte stream. Connect to `addr`; join the handle
+/// once the client has closed its connection.
+pub struct Recorder {
+    /// Where the client connects.
+    pub addr: std::net::SocketAddr,
+    handle: std::thread::JoinHandle<std::io::Result<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Recorder {
+    /// Listens on loopback for one connection and relays it to `upstream`.
+    pub fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let handle = std::thread::spawn(move || {
+            let (client, _) = listener.accept()?;
+            let server = std::net::TcpStream::connect(upstream)?;
+            let copy = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+                    use std::io::{Read, Write};
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let k = from.read(&mut buf)?;
+                        if k == 0 {
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                            return Ok(seen);
+                        }
+                        seen.extend_from_slice(&buf[..k]);
+                        to.write_all(&buf[..k])?;
+                    }
+                })
+            };
+            let up = copy(client.try_clone()?, server.try_clone()?);
+            let down = copy(server, client);
+            let sent = up
+                .join()
+                .map_err(|_| std::io::Error::other("relay panicked"))??;
+            let answered = down
+                .join()
+                .map_err(|_| std::io::Error::other("relay panicked"))??;
+            Ok((sent, answered))
+        });
+        Ok(Self { addr, handle })
+    }
+
+    /// The round trips seen, once the client has closed the connection.
+    pub fn finish(self) -> anyhow::Result<Vec<RoundTrip>> {
+        let (sent, answered) = self
+            .handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("recorder panicked"))??;
+        let requests = http_messages(&sent)?;
+        let responses = http_messages(&answered)?;
+        anyhow::ensure!(
+            requests.len() == responses.len(),
+            "{} requests, {} responses",
+            requests.len(),
+            responses.len()
+        );
+        Ok(requests
+            .into_iter()
+            .zip(responses)
+            .map(|((line, req), (_, resp))| RoundTrip {
+                request_line: line,
+                request_bytes: req,
+                response_bytes: resp,
+            })
+            .collect())
+    }
+}
+
+/// HTTP/1.1 messages in a byte stream: each one's first line and its body length (from
+/// Content-Length; a chunked body is refused).
+fn http_messages(stream: &[u8]) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < stream.len() {
+        let end = stream[at..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("an HTTP message without the end of its head"))?;
+        let raw_head = String::from_utf8_lossy(&stream[at..at + end]);
+        let first = raw_head.lines().next().unwrap_or_default().to_string();
+        let head = raw_head.to_ascii_lowercase();
+        anyhow::ensure!(
+            !head.contains("transfer-encoding: chunked"),
+            "a chunked body: {first}"
+        );
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse::<usize>())
+            .transpose()?
+            .unwrap_or(0);
+        out.push((first, len));
+        at += end + 4 + len;
+    }
+    Ok(out)
+}
+
+/// Round trips to an endpoint that does nothing but answer a body of the asked size: an axum
+/// router served by `tapgate_http::serve::serve_router` (the charging server's listener code)
+/// on a tokio runtime of 2 workers (as the `loads` scenario's), driven by `clients` threads
+/// that each make `per_client` times the `plan`'s round trips (same bodies' sizes, the same
+/// headers as the charging client) on one keep-alive agent. Returns the round trips made and
+/// the seconds they took.
+pub fn raw_round_trips(
+    clients: usize,
+    per_client: u64,
+    plan: &[RoundTrip],
+    token: &str,
+) -> anyhow::Result<(u64, f64)> {
+    use axum::extract::Path;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let router = axum::Router::new().route(
+        "/raw/{n}",
+        axum::routing::any(|Path(n): Path<usize>, body: axum::body::Bytes| async move {
+            black_box(body);
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                vec![b' '; n],
+            )
+        }),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(tapgate_http::serve::serve_router(
+        "raw",
+        listener,
+        None,
+        router,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let body = vec![b' '; plan.iter().map(|r| r.request_bytes).max().unwrap_or(0)];
+    let auth = format!("Bearer {token}");
+    let started = Instant::now();
+    let done = std::thread::scope(|scope| -> anyhow::Result<u64> {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (base, body, auth) = (&base, &body, &auth);
+                scope.spawn(move || -> anyhow::Result<u64> {
+                    let agent = ureq::AgentBuilder::new().build();
+                    let mut n = 0u64;
+                    for _ in 0..per_client {
+                        for r in plan {
+                            let resp = agent
+                                .post(&format!("{base}/raw/{}", r.response_bytes))
+                                .set("Authorization", auth)
+                                .set("Content-Type", "application/json")
+                                .send_bytes(&body[..r.request_bytes])?;
+                            let mut got = Vec::with_capacity(r.response_bytes);
+                            std::io::Read::read_to_end(&mut resp.into_reader(), &mut got)?;
+                            n += 1;
+                        }
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for h in handles {
+            n += h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+        }
+        Ok(n)
+    })?;
+    let wall = started.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    Ok((done, wall))
+}

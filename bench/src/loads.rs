@@ -1,6 +1,12 @@
 //! Bench scenario `loads`: online loads end to end over HTTP against the real charging server
 //! (axum, software HSM, LMDB ledger, sandbox processor) on loopback. Client threads each own
 //! emulated cards and only relay APDUs.
+//!
+//! The limit, measured in the same run: `raw_round_trips_per_s`, the same client threads making
+//! the same number of HTTP round trips, with bodies of the same sizes (recorded from one load
+//! relayed through a byte-recording relay before the clock starts), to an endpoint that does
+//! nothing on the same server code ([`crate::limits::raw_round_trips`]) — half right before the
+//! loads and half right after — and `ratio` = loads/s × round trips per load / raw.
 
 use crate::Figures;
 use charging::api::{Auth, Role, TokenEntry};
@@ -102,7 +108,8 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     };
     let state = server::build(&cfg, server_hsm)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let server_addr = listener.local_addr()?;
+    let base = format!("http://{server_addr}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -120,8 +127,28 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     register_tokens(
         &ureq::AgentBuilder::new().build(),
         &base,
-        (0..clients).flat_map(|c| (0..per_client).map(move |i| format!("c{c}-{i}"))),
+        (0..clients)
+            .flat_map(|c| (0..per_client).map(move |i| format!("c{c}-{i}")))
+            .chain(["calibration".to_string()]),
     )?;
+    // One load through a recording relay: the round trips' body sizes for the raw limit.
+    let plan = {
+        let recorder = crate::limits::Recorder::start(server_addr)?;
+        let uid = [0x04, 0xCA, 0x1B, 0, 0, 0, 1];
+        let mut card =
+            Card::personalise(&Personalisation::transit(uid, 0), hsm.card_keys(&uid, 1)?);
+        let agent = ureq::AgentBuilder::new().build();
+        relay(
+            &agent,
+            &format!("http://{}", recorder.addr),
+            &mut card,
+            "calibration",
+            1_000,
+        )?;
+        drop(agent);
+        recorder.finish()?
+    };
+    let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
     let client_cpu = Arc::new(Mutex::new(0.0f64));
     let cpu_before = crate::stats::cpu_s();
@@ -164,11 +191,16 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let total_cpu = crate::stats::cpu_s() - cpu_before;
     let clients_cpu = *client_cpu.lock().expect("cpu");
     let server_cpu = (total_cpu - clients_cpu).max(0.0);
+    let raw_after =
+        crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
+    let raw_per_s = (raw_before.0 + raw_after.0) as f64 / (raw_before.1 + raw_after.1);
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
     let mut lat = latencies.lock().expect("lat").clone();
     lat.sort_unstable();
     let total = lat.len() as u64;
+    let loads_per_s = total as f64 / wall.as_secs_f64();
+    let round_trips_per_load = plan.len() as u64;
     Ok(vec![
         ("hsm", hsm_kind.into()),
         ("loads", total.into()),
@@ -181,10 +213,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             "client_cpu_us_per_load",
             (((clients_cpu * 1e6) / total.max(1) as f64) as u64).into(),
         ),
-        (
-            "loads_per_s",
-            ((total as f64 / wall.as_secs_f64()).round() as u64).into(),
-        ),
+        ("loads_per_s", (loads_per_s.round() as u64).into()),
         (
             "p50_ms",
             (crate::stats::quantile(&lat, 0.5) as f64 / 1000.0).into(),
@@ -198,6 +227,31 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             ROUND_TRIPS
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .into(),
+        ),
+        (
+            "round_trips",
+            plan.iter()
+                .map(|r| {
+                    format!(
+                        "{}: {} B / {} B",
+                        r.request_line, r.request_bytes, r.response_bytes
+                    )
+                })
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        (
+            "request_bytes_per_load",
+            (plan.iter().map(|r| r.request_bytes as u64).sum::<u64>()).into(),
+        ),
+        (
+            "response_bytes_per_load",
+            (plan.iter().map(|r| r.response_bytes as u64).sum::<u64>()).into(),
+        ),
+        ("raw_round_trips_per_s", (raw_per_s.round() as u64).into()),
+        (
+            "ratio",
+            crate::limits::ratio(loads_per_s * round_trips_per_load as f64, raw_per_s),
         ),
     ])
 }
