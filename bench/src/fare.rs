@@ -6,6 +6,10 @@
 //! `tapgate fare quote` runs); `tap_median_ns`/`tap_p99_ns` for the validator's quote at the
 //! journey's last tap-out (`Engine::quote_tap`: rebuilds the journey from the card's records
 //! and prices it twice); the compiled table's signed size and the time to verify and load it.
+//!
+//! The floor, in the same run: `flat_median_ns`/`flat_p99_ns`, a one-leg quote on a trivial
+//! table (one route of two stops, one flat fare, nothing else), and `ratio_to_flat` and
+//! `tap_ratio_to_flat`, the journey and tap medians over it.
 
 use crate::stats::{quantile, time_each};
 use crate::Figures;
@@ -145,12 +149,25 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         );
     });
 
+    let flat = flat_quote(n)?;
+    let flat_median = quantile(&flat, 0.5);
+    let (median, tap_median) = (quantile(&samples, 0.5), quantile(&tap_samples, 0.5));
     Ok(vec![
         ("n", n.into()),
-        ("median_ns", quantile(&samples, 0.5).into()),
+        ("median_ns", median.into()),
         ("p99_ns", quantile(&samples, 0.99).into()),
-        ("tap_median_ns", quantile(&tap_samples, 0.5).into()),
+        ("tap_median_ns", tap_median.into()),
         ("tap_p99_ns", quantile(&tap_samples, 0.99).into()),
+        ("flat_median_ns", flat_median.into()),
+        ("flat_p99_ns", quantile(&flat, 0.99).into()),
+        (
+            "ratio_to_flat",
+            crate::limits::ratio(median as f64, flat_median as f64),
+        ),
+        (
+            "tap_ratio_to_flat",
+            crate::limits::ratio(tap_median as f64, flat_median as f64),
+        ),
         ("journey_total_minor", priced.total_minor.into()),
         ("stops", t.stops.len().into()),
         ("routes", t.routes.len().into()),
@@ -159,4 +176,62 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ("load_ms", (quantile(&loads, 0.5) as f64 / 1e6).into()),
         ("compile_ms", compile_ms.into()),
     ])
+}
+
+/// A trivial table: one network, one route of two stops, one flat fare.
+const FLAT: &str = r#"
+[table]
+name = "Flat"
+version = 1
+currency = "KRW"
+effective_from = "2026-01-01"
+
+[networks.bus]
+
+[[routes]]
+id = "B1"
+network = "bus"
+stops = ["A", "B"]
+
+[products]
+flat = { name = "Flat fare", price = 1000 }
+
+[[fares]]
+id = "flat"
+network = "bus"
+product = "flat"
+"#;
+
+/// `n` one-leg quotes on [`FLAT`] (after `n / 10` warm-up runs): sorted ns per quote.
+fn flat_quote(n: u64) -> anyhow::Result<Vec<u64>> {
+    let table =
+        fare_rules::source::compile("flat.toml", FLAT).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let engine = fare_rules::engine::Engine::new(table).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let at = |s: &str| parse_local(&format!("2026-12-01T{s}")).map_err(|e| anyhow::anyhow!(e));
+    let stop = |s: &str| engine.stop(s).ok_or_else(|| anyhow::anyhow!("no stop {s}"));
+    let legs = [Leg {
+        route: engine
+            .route("B1")
+            .ok_or_else(|| anyhow::anyhow!("no route B1"))?,
+        from_stop: stop("A")?,
+        to_stop: stop("B")?,
+        departure_s: at("08:00")?,
+        arrival_s: at("08:20")?,
+    }];
+    let rider = Rider {
+        category: NONE,
+        medium: NONE,
+    };
+    let total = engine
+        .price_journey(rider, &legs)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .total_minor;
+    anyhow::ensure!(total == 1000, "the flat fare should be 1000, got {total}");
+    Ok(time_each(n / 10, n, || {
+        black_box(
+            engine
+                .price_journey(rider, black_box(&legs))
+                .expect("quote"),
+        );
+    }))
 }
