@@ -183,7 +183,7 @@ impl DeviceState {
             ok
         });
         let excess = self.gaps.len().saturating_sub(MAX_GAPS);
-        self.gaps.drain(..excess).last()
+        self.gaps.drain(..excess).next_back()
     }
 }
 
