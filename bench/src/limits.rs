@@ -18,6 +18,10 @@ use std::time::Instant;
 /// finalisation (cmac 0.7 derives K1/K2 per message). Key expansions are `Aes128::new` (round
 /// keys for both directions; a `Cmac` is built on one); encryptions and decryptions are single
 /// AES blocks outside a CMAC (CBC blocks, IVs, AN10922 diversification).
+///
+/// The counts were checked against the code once by running a debit and a load on a copy of
+/// `aes` 0.8.4 that counts key expansions and blocks (not kept): debit 9 expansions, 121
+/// encryptions, 6 decryptions (with 7 records on the card; 93 with none); load 12, 82, 6.
 #[derive(Clone, Copy, Debug)]
 pub struct CryptoWork {
     /// AES-128 key expansions.

@@ -129,7 +129,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let mut card_ns = 0u64;
     for (i, card) in cards.iter_mut().enumerate() {
         let i = i as u64;
-        if i % 100 == 0 {
+        if i.is_multiple_of(100) {
             let (t, c) = (Instant::now(), cpu_user_sys_s());
             for _ in 0..100.min(n - i) {
                 raw.push(raw_journal.tap()?);
