@@ -271,6 +271,18 @@ pub struct Store {
     limits: StoreLimits,
 }
 
+/// What one `ingest` call accumulates across its messages.
+struct Batch {
+    out: IngestOutcome,
+    dev_states: BTreeMap<u32, DeviceState>,
+    aggs: BTreeMap<String, Aggregate>,
+    device_keys: BTreeMap<u32, Option<Box<AesKey>>>,
+    next_outbox: u64,
+    /// Quarantine may still write (the map is below `quarantine_stop_at_fill_percent`).
+    room: bool,
+    now_ms: u64,
+}
+
 /// One message's refused records, gathered into one quarantine entry.
 #[derive(Default)]
 struct Refused {
@@ -537,12 +549,20 @@ impl Store {
         device_key: impl Fn(u32) -> Option<AesKey>,
         now_ms: u64,
     ) -> Result<IngestOutcome, StoreError> {
-        let mut out = IngestOutcome::default();
-        let mut dev_states: BTreeMap<u32, DeviceState> = BTreeMap::new();
-        let mut aggs: BTreeMap<String, Aggregate> = BTreeMap::new();
-        let mut device_keys: BTreeMap<u32, Option<Box<AesKey>>> = BTreeMap::new();
         let mut t = self.env.write_txn()?;
-        let (used_bytes, map_bytes) = self.fill(&t)?;
+        let mut b = self.begin_batch(&t, now_ms)?;
+        for m in messages {
+            self.ingest_message(&mut t, &mut b, m, &device_key)?;
+        }
+        self.finish_batch(&mut t, &mut b)?;
+        t.commit()?;
+        Ok(b.out)
+    }
+
+    /// Refuses the batch when the map is past `ingest_refuse_at_fill_percent`; otherwise the
+    /// batch's state: whether quarantine still has room, the next outbox id.
+    fn begin_batch(&self, t: &RwTxn<'_>, now_ms: u64) -> Result<Batch, StoreError> {
+        let (used_bytes, map_bytes) = self.fill(t)?;
         let percent = |p: u64| (map_bytes / 100).saturating_mul(p);
         if used_bytes >= percent(self.limits.ingest_refuse_at_fill_percent) {
             return Err(StoreError::Full {
@@ -550,159 +570,184 @@ impl Store {
                 map_bytes,
             });
         }
-        let room = used_bytes < percent(self.limits.quarantine_stop_at_fill_percent);
-        let mut next_outbox = self
-            .outbox
-            .last(&t)?
-            .map(|(k, _)| k + 1)
-            .unwrap_or_else(|| {
-                // Continue after what was forwarded, so outbox ids never repeat.
-                0
-            });
-        if next_outbox == 0 {
-            next_outbox = self.meta.get(&t, "forwarded_through")?.unwrap_or(0) + 1;
+        // Continue after the outbox, or after what was forwarded: outbox ids never repeat.
+        let next_outbox = match self.outbox.last(t)? {
+            Some((k, _)) => k + 1,
+            None => self.meta.get(t, "forwarded_through")?.unwrap_or(0) + 1,
+        };
+        Ok(Batch {
+            out: IngestOutcome::default(),
+            dev_states: BTreeMap::new(),
+            aggs: BTreeMap::new(),
+            device_keys: BTreeMap::new(),
+            next_outbox,
+            room: used_bytes < percent(self.limits.quarantine_stop_at_fill_percent),
+            now_ms,
+        })
+    }
+
+    /// One message: its topic and length checked, each record stored or refused; the refused
+    /// ones become one quarantine entry.
+    fn ingest_message(
+        &self,
+        t: &mut RwTxn<'_>,
+        b: &mut Batch,
+        m: &Message,
+        device_key: &impl Fn(u32) -> Option<AesKey>,
+    ) -> Result<(), StoreError> {
+        let Some((op, topic_device)) = parse_tap_topic(&m.topic) else {
+            let reason = "topic is not tapgate/v1/<operator>/taps/<device>".to_string();
+            self.quarantine_put(
+                t,
+                &mut b.out,
+                b.now_ms,
+                u64::MAX,
+                m,
+                reason,
+                0,
+                &m.payload,
+                b.room,
+            )?;
+            b.out.quarantined += 1;
+            return Ok(());
+        };
+        let qdev = u64::from(topic_device);
+        if m.payload.is_empty() || !m.payload.len().is_multiple_of(TAP_LEN) {
+            let reason = format!(
+                "payload of {} bytes is not a whole number of {TAP_LEN}-byte tap records",
+                m.payload.len()
+            );
+            self.quarantine_put(
+                t, &mut b.out, b.now_ms, qdev, m, reason, 0, &m.payload, b.room,
+            )?;
+            b.out.quarantined += 1;
+            return Ok(());
         }
-        for m in messages {
-            let Some((op, topic_device)) = parse_tap_topic(&m.topic) else {
-                self.quarantine_put(
-                    &mut t,
-                    &mut out,
-                    now_ms,
-                    u64::MAX,
-                    m,
-                    "topic is not tapgate/v1/<operator>/taps/<device>".into(),
-                    0,
-                    &m.payload,
-                    room,
-                )?;
-                out.quarantined += 1;
-                continue;
-            };
-            let qdev = u64::from(topic_device);
-            if m.payload.is_empty() || m.payload.len() % TAP_LEN != 0 {
-                self.quarantine_put(
-                    &mut t,
-                    &mut out,
-                    now_ms,
-                    qdev,
-                    m,
-                    format!(
-                        "payload of {} bytes is not a whole number of {TAP_LEN}-byte tap records",
-                        m.payload.len()
-                    ),
-                    0,
-                    &m.payload,
-                    room,
-                )?;
-                out.quarantined += 1;
-                continue;
+        let mut refused = Refused::default();
+        for rec in m.payload.chunks_exact(TAP_LEN) {
+            if refused.records >= self.limits.quarantine_max_bad_records_per_message {
+                refused.stopped = true;
+                break;
             }
-            let mut refused = Refused::default();
-            for rec in m.payload.chunks_exact(TAP_LEN) {
-                if refused.records >= self.limits.quarantine_max_bad_records_per_message {
-                    refused.stopped = true;
-                    break;
-                }
-                // One derivation per device and batch (an outbox draining repeats the device).
-                // (Boxed: the map moves its values between nodes, and a moved key would leave
-                // an unwiped copy behind; the box is zeroized in place when dropped.)
-                let key_for = |d: u32| {
-                    device_keys
-                        .entry(d)
-                        .or_insert_with(|| device_key(d).map(Box::new))
-                        .as_deref()
-                        .cloned()
-                };
-                // The topic's operator: a record its device signed for another operator (a
-                // metro device publishing on a hotel's topics) does not verify.
-                let tap = match TapRecord::decode_verified(rec, op, key_for) {
-                    Ok(tap) => tap,
-                    Err(e) => {
-                        refused.add(
-                            || match e {
-                                TapError::BadMac => format!(
-                                    "device MAC does not verify for operator {op} (forged, altered, or another operator's device)"
-                                ),
-                                other => other.to_string(),
-                            },
-                            rec,
-                        );
-                        continue;
-                    }
-                };
-                let device = tap.meta().device_id;
-                if device != topic_device {
-                    refused.add(
-                        || format!("record of device {device} published on device {topic_device}'s topic"),
-                        rec,
-                    );
-                    continue;
-                }
-                let seq = tap.meta().device_seq;
-                let key = tap_key(device, seq);
-                let confirm = out
-                    .confirmations
-                    .entry((op.to_string(), device))
-                    .or_default();
-                if self.taps.get(&t, &key)?.is_some() {
-                    out.duplicates += 1;
-                    confirm.push(seq);
-                    continue;
-                }
-                self.taps.put(&mut t, &key, rec)?;
-                self.outbox.put(&mut t, &next_outbox, &key)?;
-                next_outbox += 1;
-                // Device states and aggregates are accumulated for the whole batch and written
-                // once per key at the end (an outbox draining repeats the same keys).
-                let st = match dev_states.entry(device) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => e.insert(
-                        self.devices
-                            .get(&t, &u64::from(device))?
-                            .unwrap_or_default(),
-                    ),
-                };
-                if let Some(dropped) = st.record_seq(seq) {
-                    tracing::warn!(
-                        device,
-                        ?dropped,
-                        "gap list full; oldest gap no longer tracked"
-                    );
-                }
-                st.taps = st.taps.saturating_add(1);
-                st.last_seen_ms = now_ms;
-                aggregate_into(&mut aggs, &tap);
-                out.stored += 1;
-                confirm.push(seq);
-            }
-            if refused.records > 0 {
-                let reason = refused.reason(m.payload.len() / TAP_LEN);
-                self.quarantine_put(
-                    &mut t,
-                    &mut out,
-                    now_ms,
-                    qdev,
-                    m,
-                    reason,
-                    refused.records,
-                    &refused.sample,
-                    room,
-                )?;
-                out.quarantined += refused.records;
-            }
+            self.ingest_record(t, b, op, topic_device, rec, device_key, &mut refused)?;
         }
-        for (device, st) in &dev_states {
-            self.devices.put(&mut t, &u64::from(*device), st)?;
+        if refused.records > 0 {
+            let reason = refused.reason(m.payload.len() / TAP_LEN);
+            self.quarantine_put(
+                t,
+                &mut b.out,
+                b.now_ms,
+                qdev,
+                m,
+                reason,
+                refused.records,
+                &refused.sample,
+                b.room,
+            )?;
+            b.out.quarantined += refused.records;
         }
-        for (k, delta) in aggs {
-            let mut a = self.aggregates.get(&t, &k)?.unwrap_or_default();
+        Ok(())
+    }
+
+    /// One record: verified for the topic's operator and device, then stored once (a duplicate
+    /// is confirmed again), or added to `refused`.
+    #[allow(clippy::too_many_arguments)]
+    fn ingest_record(
+        &self,
+        t: &mut RwTxn<'_>,
+        b: &mut Batch,
+        op: &str,
+        topic_device: u32,
+        rec: &[u8],
+        device_key: &impl Fn(u32) -> Option<AesKey>,
+        refused: &mut Refused,
+    ) -> Result<(), StoreError> {
+        // One derivation per device and batch (an outbox draining repeats the device). (Boxed:
+        // the map moves its values between nodes, and a moved key would leave an unwiped copy
+        // behind; the box is zeroized in place when dropped.)
+        let device_keys = &mut b.device_keys;
+        let key_for = |d: u32| {
+            device_keys
+                .entry(d)
+                .or_insert_with(|| device_key(d).map(Box::new))
+                .as_deref()
+                .cloned()
+        };
+        // The topic's operator: a record its device signed for another operator (a metro device
+        // publishing on a hotel's topics) does not verify.
+        let tap = match TapRecord::decode_verified(rec, op, key_for) {
+            Ok(tap) => tap,
+            Err(e) => {
+                refused.add(
+                    || match e {
+                        TapError::BadMac => format!(
+                            "device MAC does not verify for operator {op} (forged, altered, or another operator's device)"
+                        ),
+                        other => other.to_string(),
+                    },
+                    rec,
+                );
+                return Ok(());
+            }
+        };
+        let device = tap.meta().device_id;
+        if device != topic_device {
+            refused.add(
+                || format!("record of device {device} published on device {topic_device}'s topic"),
+                rec,
+            );
+            return Ok(());
+        }
+        let seq = tap.meta().device_seq;
+        let key = tap_key(device, seq);
+        let confirm = b
+            .out
+            .confirmations
+            .entry((op.to_string(), device))
+            .or_default();
+        confirm.push(seq);
+        if self.taps.get(t, &key)?.is_some() {
+            b.out.duplicates += 1;
+            return Ok(());
+        }
+        self.taps.put(t, &key, rec)?;
+        self.outbox.put(t, &b.next_outbox, &key)?;
+        b.next_outbox += 1;
+        // Device states and aggregates are accumulated for the whole batch and written once per
+        // key at the end (an outbox draining repeats the same keys).
+        let st = match b.dev_states.entry(device) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(self.devices.get(t, &u64::from(device))?.unwrap_or_default())
+            }
+        };
+        if let Some(dropped) = st.record_seq(seq) {
+            tracing::warn!(
+                device,
+                ?dropped,
+                "gap list full; oldest gap no longer tracked"
+            );
+        }
+        st.taps = st.taps.saturating_add(1);
+        st.last_seen_ms = b.now_ms;
+        aggregate_into(&mut b.aggs, &tap);
+        b.out.stored += 1;
+        Ok(())
+    }
+
+    /// Writes the batch's device states and aggregates, once per key.
+    fn finish_batch(&self, t: &mut RwTxn<'_>, b: &mut Batch) -> Result<(), StoreError> {
+        for (device, st) in &b.dev_states {
+            self.devices.put(t, &u64::from(*device), st)?;
+        }
+        for (k, delta) in std::mem::take(&mut b.aggs) {
+            let mut a = self.aggregates.get(t, &k)?.unwrap_or_default();
             a.taps = a.taps.saturating_add(delta.taps);
             a.refused = a.refused.saturating_add(delta.refused);
             a.amount_minor = a.amount_minor.saturating_add(delta.amount_minor);
-            self.aggregates.put(&mut t, &k, &a)?;
+            self.aggregates.put(t, &k, &a)?;
         }
-        t.commit()?;
-        Ok(out)
+        Ok(())
     }
 
     /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
