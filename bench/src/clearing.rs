@@ -2,10 +2,10 @@
 //! transaction MAC verified in the software HSM, counters booked, postings group-committed to
 //! LMDB with fsync. The taps are real: debits on emulated cards through validator SAMs.
 //!
-//! The limits, measured in the same run right before: `raw_tmac_per_s`, the same taps'
-//! transaction-MAC checks alone in the software HSM; `raw_commit_per_s`, the same batches of
-//! LMDB puts alone with one fsynced commit per batch ([`raw_commits`]); and `ratio`, the
-//! clearing rate over the slower of the two.
+//! The limits, measured in the same run, batch by batch in alternation with the clearing:
+//! `raw_tmac_per_s`, the same taps' transaction-MAC checks alone in the software HSM;
+//! `raw_commit_per_s`, the same batches of LMDB puts alone with one fsynced commit per batch
+//! ([`RawLedger`]); and `ratio`, the clearing rate over the slower of the two.
 
 use crate::Figures;
 use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
@@ -99,20 +99,28 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             Ok(())
         })?;
     }
-    // The limits: the transaction-MAC checks alone, and the batches' puts alone.
-    let raw_tmac_per_s = {
-        let hsm = SoftwareHsm::new(&keys)?;
-        let started = Instant::now();
-        for r in &receipts {
-            std::hint::black_box(hsm.verify_tmac(r)?);
-        }
-        receipts.len() as f64 / started.elapsed().as_secs_f64()
-    };
-    let raw_commit_per_s = raw_commits(&cards_issued, n, batch_taps)?;
+    // The limits, batch by batch in alternation with the clearing (so that all three meet the
+    // same disk and the same load from other processes): the batch's transaction-MAC checks
+    // alone, then its LMDB puts alone, then the batch cleared.
+    let raw_hsm = SoftwareHsm::new(&keys)?;
+    let mut raw_ledger = RawLedger::open(&cards_issued)?;
+    let (mut tmac_s, mut commit_s, mut clearing_s) = (0.0f64, 0.0f64, 0.0f64);
     let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(&keys)?));
-    let started = Instant::now();
     let mut cleared = 0u64;
-    for (b, chunk) in taps.chunks(batch_taps).enumerate() {
+    for (b, (chunk, receipts)) in taps
+        .chunks(batch_taps)
+        .zip(receipts.chunks(batch_taps))
+        .enumerate()
+    {
+        let t = Instant::now();
+        for r in receipts {
+            std::hint::black_box(raw_hsm.verify_tmac(r)?);
+        }
+        tmac_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        raw_ledger.batch(b, chunk.len())?;
+        commit_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let out = clear_batch(
             &ledger,
             &hsm,
@@ -122,6 +130,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             },
             0,
         )?;
+        clearing_s += t.elapsed().as_secs_f64();
         anyhow::ensure!(
             out.anomalies.is_empty(),
             "{} anomalies, the first: {:?}",
@@ -130,15 +139,16 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         );
         cleared += u64::from(out.cleared);
     }
-    let wall = started.elapsed();
-    let taps_per_s = cleared as f64 / wall.as_secs_f64();
+    let raw_tmac_per_s = n as f64 / tmac_s;
+    let raw_commit_per_s = n as f64 / commit_s;
+    let taps_per_s = cleared as f64 / clearing_s;
     Ok(vec![
         ("taps", cleared.into()),
         ("batch_taps", (batch_taps as u64).into()),
         ("taps_per_s", (taps_per_s as u64).into()),
         (
             "batches_per_s",
-            (((cleared as f64 / batch_taps as f64) / wall.as_secs_f64()) as u64).into(),
+            (((cleared as f64 / batch_taps as f64) / clearing_s) as u64).into(),
         ),
         ("raw_tmac_per_s", (raw_tmac_per_s as u64).into()),
         ("raw_commit_per_s", (raw_commit_per_s as u64).into()),
@@ -149,58 +159,80 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     ])
 }
 
-/// The LMDB puts of clearing `taps` taps on `cards` in batches of `batch_taps`, alone, with one
-/// fsynced commit per batch, in an environment opened through `tapgate-lmdb` on the same disk
-/// as the ledger (a temporary directory), its cards and accounts issued first. Per tap, as the
-/// ledger books a cleared debit (charging/src/ledger: `post`, `put_idempotent`,
-/// `book_counter`): the posting (8-byte sequence → its JSON), the card's and the operator's
-/// balances, the tap's idempotency marker (`tap:<UID>:<TMC>` → the TMV), the card's shadow
-/// (UID → its JSON); per batch, the batch's stored answer. Returns taps per second.
-fn raw_commits(cards: &[[u8; 7]], taps: u64, batch_taps: usize) -> anyhow::Result<f64> {
-    use charging::ledger::{card_account, CardShadow, Posting};
-    let dir = tempfile::tempdir()?;
-    let (env, [balances, postings, cards_db, idem]) = tapgate_lmdb::open(
-        dir.path(),
-        ["balances", "postings", "cards", "idempotency"],
-        &tapgate_lmdb::EnvConfig::durable(4 << 30),
-    )?;
-    let shadow = |tmc: u32| {
-        serde_json::to_vec(&CardShadow {
-            last_tmc: tmc,
-            last_reported_balance_minor: Some(i32::MAX / 2),
-            booked_balance_minor: Some(i32::MAX / 2),
-            booked_through_tmc: tmc,
-            ..Default::default()
-        })
-    };
-    {
+/// The LMDB puts of clearing batches of taps, alone, with one fsynced commit per batch, in an
+/// environment opened through `tapgate-lmdb` on the same disk as the ledger (a temporary
+/// directory), its cards and accounts issued first. Per tap, as the ledger books a cleared debit
+/// (charging/src/ledger: `post`, `put_idempotent`, `book_counter`): the posting (8-byte
+/// sequence → its JSON), the card's and the operator's balances, the tap's idempotency marker
+/// (`tap:<UID>:<TMC>` → the TMV), the card's shadow (UID → its JSON); per batch, the batch's
+/// stored answer. The taps go round the cards as the scenario's do.
+struct RawLedger {
+    env: tapgate_lmdb::LmdbEnv,
+    dbs: [tapgate_lmdb::RawDatabase; 4],
+    cards: Vec<[u8; 7]>,
+    answer: Vec<u8>,
+    done: u64,
+    _dir: tempfile::TempDir,
+}
+
+fn shadow(tmc: u32) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&charging::ledger::CardShadow {
+        last_tmc: tmc,
+        last_reported_balance_minor: Some(i32::MAX / 2),
+        booked_balance_minor: Some(i32::MAX / 2),
+        booked_through_tmc: tmc,
+        ..Default::default()
+    })
+}
+
+impl RawLedger {
+    fn open(cards: &[[u8; 7]]) -> anyhow::Result<Self> {
+        use charging::ledger::card_account;
+        let dir = tempfile::tempdir()?;
+        let (env, dbs) = tapgate_lmdb::open(
+            dir.path(),
+            ["balances", "postings", "cards", "idempotency"],
+            &tapgate_lmdb::EnvConfig::durable(4 << 30),
+        )?;
+        let [balances, _, cards_db, _] = &dbs;
         let mut w = env.write_txn()?;
         for c in cards {
             balances.put(&mut w, card_account(c).as_bytes(), &i64::MAX.to_be_bytes())?;
             cards_db.put(&mut w, c, &shadow(0)?)?;
         }
         w.commit()?;
+        let answer = serde_json::to_vec(&serde_json::json!({
+            "batch_id": "b0",
+            "cleared": 1000,
+            "duplicates": 0,
+            "loads_voided": 0,
+            "cards_blocked": 0,
+            "anomalies": [],
+            "loads_completed": 0,
+            "rejected": [],
+            "taps_sha256": "0".repeat(64),
+        }))?;
+        Ok(Self {
+            env,
+            dbs,
+            cards: cards.to_vec(),
+            answer,
+            done: 0,
+            _dir: dir,
+        })
     }
-    let answer = serde_json::to_vec(&serde_json::json!({
-        "batch_id": "b0",
-        "cleared": batch_taps,
-        "duplicates": 0,
-        "loads_voided": 0,
-        "cards_blocked": 0,
-        "anomalies": [],
-        "loads_completed": 0,
-        "rejected": [],
-        "taps_sha256": "0".repeat(64),
-    }))?;
-    let started = Instant::now();
-    let mut seq = 0u64;
-    let mut done = 0u64;
-    for b in 0..taps.div_ceil(batch_taps as u64) {
-        let mut w = env.write_txn()?;
-        for _ in 0..(batch_taps as u64).min(taps - done) {
-            let card = &cards[(done % cards.len() as u64) as usize];
-            let tmc = (done / cards.len() as u64 + 1) as u32;
-            seq += 1;
+
+    /// Batch `b` of `taps` taps, committed with fsync.
+    fn batch(&mut self, b: usize, taps: usize) -> anyhow::Result<()> {
+        use charging::ledger::{card_account, Posting};
+        let [balances, postings, cards_db, idem] = &self.dbs;
+        let mut w = self.env.write_txn()?;
+        for _ in 0..taps {
+            let n_cards = self.cards.len() as u64;
+            let card = &self.cards[(self.done % n_cards) as usize];
+            let tmc = (self.done / n_cards + 1) as u32;
+            self.done += 1;
+            let seq = self.done;
             let account = card_account(card);
             let posting = Posting {
                 seq,
@@ -219,10 +251,13 @@ fn raw_commits(cards: &[[u8; 7]], taps: u64, batch_taps: usize) -> anyhow::Resul
                 &serde_json::to_vec(&"0123456789ABCDEF")?,
             )?;
             cards_db.put(&mut w, card, &shadow(tmc)?)?;
-            done += 1;
         }
-        idem.put(&mut w, format!("clearing-batch:b{b}").as_bytes(), &answer)?;
+        idem.put(
+            &mut w,
+            format!("clearing-batch:b{b}").as_bytes(),
+            &self.answer,
+        )?;
         w.commit()?;
+        Ok(())
     }
-    Ok(done as f64 / started.elapsed().as_secs_f64())
 }

@@ -3,7 +3,7 @@
 //! the same work with nothing around it, timed in the same process right before the scenario,
 //! so that a figure can be read as a ratio that survives the machine's ±30% from run to run.
 
-use crate::stats::{quantile, time_each};
+use crate::stats::quantile;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::Aes128;
 use cmac::{Cmac, Mac};
@@ -95,13 +95,13 @@ pub const LOAD: CryptoWork = CryptoWork {
     ],
 };
 
-/// Times `n` runs of `work` alone (after `n / 10` warm-up runs): sorted ns per run.
-pub fn time_crypto(work: &CryptoWork, n: u64) -> Vec<u64> {
+/// One run of `work` alone, as a closure to time.
+pub fn crypto_work(work: &CryptoWork) -> impl FnMut() + '_ {
     let key = [0x2Bu8; 16];
     let cipher = Aes128::new(&key.into());
     let mut mac = <Cmac<Aes128> as KeyInit>::new(&[0x7Eu8; 16].into());
     let msg = [0x5Au8; 256];
-    time_each(n / 10, n, || {
+    move || {
         for _ in 0..work.key_expansions {
             black_box(Aes128::new(black_box(&key).into()));
         }
@@ -117,7 +117,7 @@ pub fn time_crypto(work: &CryptoWork, n: u64) -> Vec<u64> {
             mac.update(black_box(&msg[..len]));
             black_box(mac.finalize_reset().into_bytes());
         }
-    })
+    }
 }
 
 /// The figures of a crypto floor beside a scenario's median: `floor_ns`, `ratio_to_floor` and

@@ -1,11 +1,12 @@
 //! Bench scenarios `debit` and `load`: one complete card transaction, card and terminal sides
 //! in one process (emulated card, software SAM/HSM), reporting per-transaction latency, and
-//! beside it the limit measured right before in the same process: `floor_ns`, the median of
-//! the same AES block operations, key expansions and CMACs alone ([`crate::limits::DEBIT`],
-//! [`crate::limits::LOAD`]), and `ratio_to_floor` = median / floor.
+//! beside it the limit measured in the same process, in alternation with it (20 rounds of
+//! n/20 runs of each): `floor_ns`, the median of the same AES block operations, key expansions
+//! and CMACs alone ([`crate::limits::DEBIT`], [`crate::limits::LOAD`]), and `ratio_to_floor` =
+//! median / floor.
 
 use crate::limits::{self, CryptoWork};
-use crate::stats::{quantile, time_each};
+use crate::stats::{quantile, time_alternating};
 use crate::Figures;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
@@ -57,34 +58,34 @@ fn figures(samples: &[u64], n: u64, work: &CryptoWork, floor: &[u64]) -> Figures
 /// checks, and the device MAC over the tap.
 pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(20_000);
-    // The limit, right before: the same AES and CMAC work alone.
-    let floor = limits::time_crypto(&limits::DEBIT, n);
     let mut r = rig(i32::MAX / 2);
     let mut seq = 0u64;
-    let samples = time_each(n / 10, n, || {
-        let mut reader = EmulatedReader {
-            card: &mut r.card,
-            rng: &mut r.card_rng,
-        };
-        let out = txn::debit(&mut reader, &mut r.sam, &mut r.rng, |_| Decision::Apply {
-            amount_minor: 1,
-            record: Some(vec![0x11; txn::RECORD_SIZE]),
-        })
-        .expect("debit");
-        let Outcome::Committed { receipt, .. } = out else {
-            panic!("debit refused")
-        };
-        seq += 1;
-        let tap = purse::tap::TapRecord::accepted(
-            &receipt,
-            purse::tap::TapMeta {
-                device_id: 1001,
-                device_seq: seq,
-                ..Default::default()
-            },
-        );
-        std::hint::black_box(tap.sign_with("metro", |b| r.sam.device_mac(b)));
-    });
+    // The limit, timed in alternation with the debits: the same AES and CMAC work alone.
+    let (floor, samples) =
+        time_alternating(n / 10, n, 20, limits::crypto_work(&limits::DEBIT), || {
+            let mut reader = EmulatedReader {
+                card: &mut r.card,
+                rng: &mut r.card_rng,
+            };
+            let out = txn::debit(&mut reader, &mut r.sam, &mut r.rng, |_| Decision::Apply {
+                amount_minor: 1,
+                record: Some(vec![0x11; txn::RECORD_SIZE]),
+            })
+            .expect("debit");
+            let Outcome::Committed { receipt, .. } = out else {
+                panic!("debit refused")
+            };
+            seq += 1;
+            let tap = purse::tap::TapRecord::accepted(
+                &receipt,
+                purse::tap::TapMeta {
+                    device_id: 1001,
+                    device_seq: seq,
+                    ..Default::default()
+                },
+            );
+            std::hint::black_box(tap.sign_with("metro", |b| r.sam.device_mac(b)));
+        });
     Ok(figures(&samples, n, &limits::DEBIT, &floor))
 }
 
@@ -92,19 +93,19 @@ pub fn debit(n: Option<u64>) -> anyhow::Result<Figures> {
 /// Credit in FULL mode, and the HSM's transaction-MAC verification.
 pub fn load(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(20_000);
-    let floor = limits::time_crypto(&limits::LOAD, n);
     let mut r = rig(0);
-    let samples = time_each(n / 10, n, || {
-        let mut reader = EmulatedReader {
-            card: &mut r.card,
-            rng: &mut r.card_rng,
-        };
-        let out = txn::load_online(&mut reader, &mut r.hsm, &mut r.rng, |_| Decision::Apply {
-            amount_minor: 1,
-            record: None,
-        })
-        .expect("load");
-        assert!(matches!(out, LoadOutcome::Loaded { .. }));
-    });
+    let (floor, samples) =
+        time_alternating(n / 10, n, 20, limits::crypto_work(&limits::LOAD), || {
+            let mut reader = EmulatedReader {
+                card: &mut r.card,
+                rng: &mut r.card_rng,
+            };
+            let out = txn::load_online(&mut reader, &mut r.hsm, &mut r.rng, |_| Decision::Apply {
+                amount_minor: 1,
+                record: None,
+            })
+            .expect("load");
+            assert!(matches!(out, LoadOutcome::Loaded { .. }));
+        });
     Ok(figures(&samples, n, &limits::LOAD, &floor))
 }

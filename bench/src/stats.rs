@@ -17,6 +17,41 @@ pub fn time_each(warmup: u64, n: u64, mut f: impl FnMut()) -> Vec<u64> {
     samples
 }
 
+/// Times `n` runs each of `a` and `b` (after `warmup` runs of each), in alternation: `chunks`
+/// rounds of `n / chunks` runs of `a` then of `b`, so that both meet the same machine (a limit
+/// and the figure it bounds, on a machine whose speed drifts while others use it). Returns the
+/// sorted per-run durations in ns of `a` and of `b`.
+pub fn time_alternating(
+    warmup: u64,
+    n: u64,
+    chunks: u64,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (Vec<u64>, Vec<u64>) {
+    for _ in 0..warmup {
+        a();
+        b();
+    }
+    let (mut sa, mut sb) = (
+        Vec::with_capacity(n as usize),
+        Vec::with_capacity(n as usize),
+    );
+    let chunks = chunks.clamp(1, n.max(1));
+    for c in 0..chunks {
+        let k = n / chunks + u64::from(c < n % chunks);
+        for (f, s) in [(&mut a as &mut dyn FnMut(), &mut sa), (&mut b, &mut sb)] {
+            for _ in 0..k {
+                let t = Instant::now();
+                f();
+                s.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+    }
+    sa.sort_unstable();
+    sb.sort_unstable();
+    (sa, sb)
+}
+
 /// The `q`-quantile (0.0..=1.0) of sorted samples.
 pub fn quantile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
