@@ -68,9 +68,7 @@ fn valid_image() -> impl Strategy<Value = serde_json::Value> {
             let p = Personalisation::transit([4, 1, 2, 3, 4, 5, 6], balance);
             let mut nvm = Card::personalise(&p, card_keys()).nvm().clone();
             let max = usize::from(nvm.main.max_records);
-            nvm.main.records = (0..records.min(max))
-                .map(|i| [i as u8; 32])
-                .collect();
+            nvm.main.records = (0..records.min(max)).map(|i| [i as u8; 32]).collect();
             if let Some((flag, change, more)) = journal {
                 let mut next = nvm.main.clone();
                 next.balance_minor =
