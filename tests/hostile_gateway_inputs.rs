@@ -102,7 +102,8 @@ fn a_forged_confirmation_deletes_no_tap_from_a_validator() {
     let refused = handler.metrics.render();
     assert!(
         refused.contains("confirmations_refused_total{reason=\"bad_mac\",device=\"1001\"} 5")
-            && refused.contains("confirmations_refused_total{reason=\"malformed\",device=\"1001\"} 1"),
+            && refused
+                .contains("confirmations_refused_total{reason=\"malformed\",device=\"1001\"} 1"),
         "{refused}"
     );
 
