@@ -8,16 +8,16 @@
 //! `…/devices/<device>/status` (retained; the last will marks the validator offline),
 //! blocklists on `…/blocklist/{snapshot,delta}`, fare tables on `…/fares/table` (retained).
 
-use crate::gate::{Answer, Gate, Settled, Step};
+mod reader_thread;
+mod uplink;
+
+use crate::gate::{Gate, Step};
 use crate::journal::{Journal, JournalError};
 use crate::reader::Reader;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
-use purse::sam::Sam;
-use purse::tap::TAP_LEN;
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -305,7 +305,7 @@ pub async fn run(
     settings: Settings,
     gate: Gate,
     journal: Arc<Journal>,
-    mut reader: Box<dyn Reader>,
+    reader: Box<dyn Reader>,
     metrics: Arc<Metrics>,
     shutdown: Arc<AtomicBool>,
 ) -> Result<Summary, DaemonError> {
@@ -314,330 +314,66 @@ pub async fn run(
         &settings.card_scheme,
         settings.device_id,
     );
-    let gate = Arc::new(Mutex::new(gate));
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let reader_done = Arc::new(AtomicBool::new(false));
-    let taps_done = Arc::new(AtomicU64::new(0));
-
-    {
-        let g = gate
-            .lock()
-            .map_err(|_| DaemonError::Reader("gate lock".into()))?;
-        metrics.blocklist_version.set(g.blocklist.version() as i64);
-        metrics.fare_table_version.set(i64::from(g.fare_version()));
-    }
-    metrics.outbox_depth.set(journal.outbox_len()? as i64);
-
-    // The reader loop.
-    let loop_handle = {
-        let (gate, journal, metrics, wake) =
-            (gate.clone(), journal.clone(), metrics.clone(), wake.clone());
-        let (shutdown, done, taps_done) =
-            (shutdown.clone(), reader_done.clone(), taps_done.clone());
-        let crash_at = settings.crash_at;
-        std::thread::Builder::new()
-            .name("reader".into())
-            .spawn(move || -> Result<Summary, String> {
-                let mut s = Summary::default();
-                let mut lat = Vec::new();
-                while !shutdown.load(Ordering::Relaxed) {
-                    let Some(card) = reader.wait_card() else { break };
-                    let t0 = Instant::now();
-                    let n = s.taps + 1;
-                    let mut hook = |step: Step| {
-                        if crash_at == Some((n, step)) {
-                            eprintln!("fault injection: power cut at {step:?} of tap {n}");
-                            std::process::abort();
-                        }
-                    };
-                    let out = {
-                        let mut g = gate.lock().map_err(|_| "gate lock poisoned".to_string())?;
-                        g.tap(card, &journal, now_ms(), &mut hook)
-                    };
-                    reader.card_removed();
-                    let out = match out {
-                        Ok(o) => o,
-                        Err(e) => {
-                            tracing::error!(error = %e, "tap failed");
-                            metrics.taps.with_label_values(&["error", "gate"]).inc();
-                            continue;
-                        }
-                    };
-                    let us = t0.elapsed().as_micros() as u64;
-                    metrics.latency.observe(us as f64 / 1e6);
-                    lat.push(us);
-                    s.taps += 1;
-                    if !matches!(out.settled, Settled::None) {
-                        s.tears_settled += 1;
-                    }
-                    match out.answer {
-                        Answer::Accepted { fare_minor, .. } => {
-                            s.taps_accepted += 1;
-                            s.fares_minor += i64::from(fare_minor);
-                            metrics.taps.with_label_values(&["accepted", ""]).inc();
-                        }
-                        Answer::Refused { reason, seq } => {
-                            *s.taps_refused.entry(reason.name().to_string()).or_default() += 1;
-                            metrics.taps.with_label_values(&["refused", reason.name()]).inc();
-                            if seq.is_none() {
-                                metrics.outbox_full.set(1);
-                                tracing::error!(
-                                    capacity = journal.capacity_taps(),
-                                    "ALARM: the outbox is full; taps are refused until the gateway confirms"
-                                );
-                            }
-                        }
-                        Answer::Torn => {
-                            s.taps_torn += 1;
-                            metrics.taps.with_label_values(&["torn", ""]).inc();
-                        }
-                        Answer::Repeat => {
-                            s.taps_repeat += 1;
-                            metrics.taps.with_label_values(&["repeat", ""]).inc();
-                        }
-                    }
-                    taps_done.store(s.taps, Ordering::Relaxed);
-                    if let Ok(d) = journal.outbox_len() {
-                        metrics.outbox_depth.set(d as i64);
-                    }
-                    wake.notify_one();
-                }
-                lat.sort_unstable();
-                let q = |p: f64| lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0);
-                s.tap_latency_us_p50 = q(0.5);
-                s.tap_latency_us_p99 = q(0.99);
-                done.store(true, Ordering::Relaxed);
-                wake.notify_one();
-                Ok(s)
-            })
-            .map_err(|e| DaemonError::Reader(e.to_string()))?
+    let shared = Shared {
+        gate: Arc::new(Mutex::new(gate)),
+        journal,
+        metrics,
+        wake: Arc::new(tokio::sync::Notify::new()),
+        shutdown,
+        reader_done: Arc::new(AtomicBool::new(false)),
+        taps_done: Arc::new(AtomicU64::new(0)),
     };
-
-    // MQTT.
+    shared.show_versions()?;
+    let loop_handle = reader_thread::spawn(shared.clone(), reader, settings.crash_at)?;
     if let Some(m) = &settings.mqtt {
-        let mut opts = MqttOptions::new(
-            format!("validator-{}", settings.device_id),
-            m.host.clone(),
-            m.port,
-        );
-        opts.set_clean_session(false)
-            .set_keep_alive(Duration::from_secs(15))
-            .set_max_packet_size(32 << 20, 32 << 20)
-            .set_last_will(LastWill::new(
-                topics.status.clone(),
-                serde_json::json!({"device": settings.device_id, "online": false}).to_string(),
-                QoS::AtLeastOnce,
-                true,
-            ));
-        if let (Some(u), Some(p)) = (&m.username, &m.password) {
-            opts.set_credentials(u.clone(), p.clone());
-        }
-        if let Some(ca) = &m.tls_ca_pem {
-            tapgate_http::serve::install_crypto_provider();
-            opts.set_transport(rumqttc::Transport::tls(ca.clone(), None, None));
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, 256);
-        // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
-        // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
-        let mut net = eventloop.network_options();
-        net.set_tcp_nodelay(true);
-        eventloop.set_network_options(net);
-        let cursor = Arc::new(AtomicU64::new(0));
-        let connected = Arc::new(AtomicBool::new(false));
-
-        // Incoming: connection state, confirmations, downlink.
-        let confirmations = {
-            let g = gate
-                .lock()
-                .map_err(|_| DaemonError::Reader("gate lock".into()))?;
-            Arc::new(Confirmations {
-                journal: journal.clone(),
-                metrics: metrics.clone(),
-                device_key: g.sam.device_key().clone(),
-                operator: settings.operator.clone(),
-                device_id: settings.device_id,
-                log: Mutex::new((None, 0)),
-            })
-        };
-        {
-            let (client, topics, journal, gate, metrics) = (
-                client.clone(),
-                topics.clone(),
-                journal.clone(),
-                gate.clone(),
-                metrics.clone(),
-            );
-            let (cursor, connected, wake) = (cursor.clone(), connected.clone(), wake.clone());
-            let pubkey = settings.signing_pub;
-            tokio::spawn(async move {
-                loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            connected.store(true, Ordering::Relaxed);
-                            metrics.mqtt_connected.set(1);
-                            // Resend everything not confirmed yet (the gateway drops duplicates).
-                            cursor.store(0, Ordering::Relaxed);
-                            for t in [
-                                &topics.confirm,
-                                &topics.blocklist_snapshot,
-                                &topics.blocklist_delta,
-                                &topics.fares,
-                            ] {
-                                // Never await the request queue from the event loop itself: it
-                                // only drains while this loop polls.
-                                if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
-                                    tracing::warn!(error = %e, topic = %t, "subscribe failed");
-                                }
-                            }
-                            wake.notify_one();
-                        }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            if p.topic == topics.confirm {
-                                let c = confirmations.clone();
-                                let n =
-                                    tokio::task::spawn_blocking(move || c.apply(&p.payload)).await;
-                                if let Ok(Ok(_)) = n {
-                                    if let Ok(d) = journal.outbox_len() {
-                                        metrics.outbox_depth.set(d as i64);
-                                        if d < journal.capacity_taps() {
-                                            metrics.outbox_full.set(0);
-                                        }
-                                    }
-                                }
-                            } else {
-                                let kind = if p.topic == topics.fares {
-                                    Downlink::FareTable
-                                } else {
-                                    Downlink::Blocklist
-                                };
-                                let (gate, journal, metrics) =
-                                    (gate.clone(), journal.clone(), metrics.clone());
-                                let payload = p.payload.to_vec();
-                                let _ = tokio::task::spawn_blocking(move || {
-                                    let Ok(mut g) = gate.lock() else { return };
-                                    match apply_downlink(&mut g, &journal, &pubkey, kind, &payload)
-                                    {
-                                        Ok(v) => {
-                                            tracing::info!(?kind, version = v, "downlink applied");
-                                            metrics
-                                                .blocklist_version
-                                                .set(g.blocklist.version() as i64);
-                                            metrics
-                                                .fare_table_version
-                                                .set(i64::from(g.fare_version()));
-                                        }
-                                        Err(e) => tracing::warn!(?kind, "{e}"),
-                                    }
-                                })
-                                .await;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            if connected.swap(false, Ordering::Relaxed) {
-                                tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
-                            }
-                            metrics.mqtt_connected.set(0);
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                    }
-                }
-            });
-        }
-
-        // Publishing and heartbeats, until the reader is done; then drain.
-        let mut heartbeat = tokio::time::interval(settings.heartbeat);
-        let mut drain_deadline: Option<Instant> = None;
-        // The versions come from the metrics, never from the gate (no waiting on a tap).
-        let status = || {
-            serde_json::json!({
-                "device": settings.device_id,
-                "online": true,
-                "blocklist_version": metrics.blocklist_version.get(),
-                "fare_table_version": metrics.fare_table_version.get(),
-                "outbox_depth": metrics.outbox_depth.get(),
-                "clock_ms": now_ms(),
-                "taps": taps_done.load(Ordering::Relaxed),
-            })
-            .to_string()
-        };
-        // The first heartbeat goes out as soon as a connection is up, not a period later.
-        let mut announced = false;
-        let mut was_connected = false;
-        // The oldest tap in the outbox, since when it waits, and how long it may wait before
-        // everything unconfirmed is sent again: a tap whose confirmation was lost stays there
-        // while newer ones are confirmed around it. The wait doubles while the same tap stays
-        // oldest (up to 8×), so an overloaded gateway is not sent the whole outbox every 30 s.
-        let mut head: Option<(u64, u64, u64)> = None;
-        loop {
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = heartbeat.tick() => {
-                    // Only while connected (offline it would only fill the request queue).
-                    if connected.load(Ordering::Relaxed) {
-                        let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status());
-                        announced = true;
-                    }
-                }
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-            let is_connected = connected.load(Ordering::Relaxed);
-            if is_connected && !was_connected {
-                announced = false; // a reconnect: say so now (the last will said offline)
-            }
-            was_connected = is_connected;
-            if !announced && is_connected {
-                let _ = client.try_publish(topics.status.clone(), QoS::AtLeastOnce, true, status());
-                announced = true;
-            }
-            if connected.load(Ordering::Relaxed) {
-                // The oldest unconfirmed tap has waited too long (its message or its
-                // confirmation was lost, or nothing has been confirmed at all): send everything
-                // unconfirmed again (the gateway confirms duplicates without storing them).
-                let now = now_ms();
-                let oldest = journal.outbox_after(0, 1)?.first().map(|(seq, _)| *seq);
-                head = match (oldest, head) {
-                    (None, _) => None,
-                    (Some(seq), Some((h, since, wait))) if seq == h => {
-                        if now.saturating_sub(since) > wait {
-                            cursor.store(0, Ordering::Relaxed);
-                            Some((seq, now, (wait * 2).min(8 * RESEND_AFTER_MS)))
-                        } else {
-                            Some((h, since, wait))
-                        }
-                    }
-                    (Some(seq), _) => Some((seq, now, RESEND_AFTER_MS)),
-                };
-                publish_outbox(&client, &topics, &journal, &cursor).await?;
-            }
-            if reader_done.load(Ordering::Relaxed) || shutdown.load(Ordering::Relaxed) {
-                let deadline =
-                    *drain_deadline.get_or_insert_with(|| Instant::now() + settings.drain_timeout);
-                if journal.outbox_len()? == 0 || Instant::now() >= deadline {
-                    break;
-                }
-            }
-        }
-        let _ = client.try_publish(
-            topics.status.clone(),
-            QoS::AtLeastOnce,
-            true,
-            serde_json::json!({"device": settings.device_id, "online": false, "clock_ms": now_ms()})
-                .to_string(),
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+        uplink::run(&settings, m, &topics, &shared).await?;
     }
-
     let summary = tokio::task::spawn_blocking(move || loop_handle.join())
         .await
         .map_err(|e| DaemonError::Reader(e.to_string()))?
         .map_err(|_| DaemonError::Reader("the reader loop panicked".into()))?
         .map_err(DaemonError::Reader)?;
     Ok(Summary {
-        outbox_left: journal.outbox_len()?,
+        outbox_left: shared.journal.outbox_len()?,
         ..summary
     })
+}
+
+/// What the reader thread and the MQTT tasks share.
+#[derive(Clone)]
+struct Shared {
+    gate: Arc<Mutex<Gate>>,
+    journal: Arc<Journal>,
+    metrics: Arc<Metrics>,
+    /// Wakes the publisher: a tap was journalled, the connection came up, the reader ended.
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: Arc<AtomicBool>,
+    /// Set by the reader thread when it ends: the publisher drains, then stops.
+    reader_done: Arc<AtomicBool>,
+    /// Taps so far (for the heartbeat, without waiting on the gate).
+    taps_done: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// Sets the version and outbox gauges from the gate and the journal at start-up.
+    fn show_versions(&self) -> Result<(), DaemonError> {
+        {
+            let g = self
+                .gate
+                .lock()
+                .map_err(|_| DaemonError::Reader("gate lock".into()))?;
+            self.metrics
+                .blocklist_version
+                .set(g.blocklist.version() as i64);
+            self.metrics
+                .fare_table_version
+                .set(i64::from(g.fare_version()));
+        }
+        self.metrics
+            .outbox_depth
+            .set(self.journal.outbox_len()? as i64);
+        Ok(())
+    }
 }
 
 /// Least time between two log lines about refused confirmations (the metric counts each).
@@ -696,40 +432,6 @@ impl Confirmations {
             }
         }
     }
-}
-
-/// Publishes journalled taps after the cursor, several per message when there is a backlog.
-async fn publish_outbox(
-    client: &AsyncClient,
-    topics: &Topics,
-    journal: &Arc<Journal>,
-    cursor: &Arc<AtomicU64>,
-) -> Result<(), DaemonError> {
-    for _ in 0..MAX_MESSAGES_PER_ROUND {
-        let after = cursor.load(Ordering::Relaxed);
-        let batch = journal.outbox_after(after, MAX_TAPS_PER_MESSAGE)?;
-        let Some(&(last, _)) = batch.last() else {
-            break;
-        };
-        let mut payload = Vec::with_capacity(batch.len() * TAP_LEN);
-        for (_, w) in &batch {
-            payload.extend_from_slice(w);
-        }
-        if client
-            .try_publish(topics.taps.clone(), QoS::AtLeastOnce, false, payload)
-            .is_err()
-        {
-            break; // the client's queue is full: next round
-        }
-        // A reconnect may have reset the cursor meanwhile: that reset wins.
-        if cursor
-            .compare_exchange(after, last, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            break;
-        }
-    }
-    Ok(())
 }
 
 /// Serves `/metrics` (and `/healthz`) on `listener`.

@@ -1,0 +1,125 @@
+//! The reader thread: waits for cards, runs each tap through the gate (taps are synchronous
+//! and take milliseconds), counts what happened and wakes the publisher.
+
+use super::{now_ms, Shared, Summary};
+use crate::daemon::DaemonError;
+use crate::gate::{Answer, Settled, Step, TapOutcome};
+use crate::reader::Reader;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Starts the reader loop on its own thread; joining it gives the run's summary (without
+/// `outbox_left`).
+pub(super) fn spawn(
+    shared: Shared,
+    reader: Box<dyn Reader>,
+    crash_at: Option<(u64, Step)>,
+) -> Result<JoinHandle<Result<Summary, String>>, DaemonError> {
+    std::thread::Builder::new()
+        .name("reader".into())
+        .spawn(move || reader_loop(&shared, reader, crash_at))
+        .map_err(|e| DaemonError::Reader(e.to_string()))
+}
+
+/// Taps cards until the reader has no more or shutdown is set.
+fn reader_loop(
+    shared: &Shared,
+    mut reader: Box<dyn Reader>,
+    crash_at: Option<(u64, Step)>,
+) -> Result<Summary, String> {
+    let mut s = Summary::default();
+    let mut lat = Vec::new();
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        let Some(card) = reader.wait_card() else {
+            break;
+        };
+        let t0 = Instant::now();
+        let n = s.taps + 1;
+        let mut hook = |step: Step| {
+            if crash_at == Some((n, step)) {
+                eprintln!("fault injection: power cut at {step:?} of tap {n}");
+                std::process::abort();
+            }
+        };
+        let out = {
+            let mut g = shared
+                .gate
+                .lock()
+                .map_err(|_| "gate lock poisoned".to_string())?;
+            g.tap(card, &shared.journal, now_ms(), &mut hook)
+        };
+        reader.card_removed();
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "tap failed");
+                shared
+                    .metrics
+                    .taps
+                    .with_label_values(&["error", "gate"])
+                    .inc();
+                continue;
+            }
+        };
+        let us = t0.elapsed().as_micros() as u64;
+        shared.metrics.latency.observe(us as f64 / 1e6);
+        lat.push(us);
+        count(shared, &mut s, &out);
+        shared.taps_done.store(s.taps, Ordering::Relaxed);
+        if let Ok(d) = shared.journal.outbox_len() {
+            shared.metrics.outbox_depth.set(d as i64);
+        }
+        shared.wake.notify_one();
+    }
+    lat.sort_unstable();
+    let q = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    s.tap_latency_us_p50 = q(0.5);
+    s.tap_latency_us_p99 = q(0.99);
+    shared.reader_done.store(true, Ordering::Relaxed);
+    shared.wake.notify_one();
+    Ok(s)
+}
+
+/// Counts one finished tap in the summary and the metrics; raises the alarm when a tap was
+/// refused because the outbox is full.
+fn count(shared: &Shared, s: &mut Summary, out: &TapOutcome) {
+    let metrics = &shared.metrics;
+    s.taps += 1;
+    if !matches!(out.settled, Settled::None) {
+        s.tears_settled += 1;
+    }
+    match &out.answer {
+        Answer::Accepted { fare_minor, .. } => {
+            s.taps_accepted += 1;
+            s.fares_minor += i64::from(*fare_minor);
+            metrics.taps.with_label_values(&["accepted", ""]).inc();
+        }
+        Answer::Refused { reason, seq } => {
+            *s.taps_refused.entry(reason.name().to_string()).or_default() += 1;
+            metrics
+                .taps
+                .with_label_values(&["refused", reason.name()])
+                .inc();
+            if seq.is_none() {
+                metrics.outbox_full.set(1);
+                tracing::error!(
+                    capacity = shared.journal.capacity_taps(),
+                    "ALARM: the outbox is full; taps are refused until the gateway confirms"
+                );
+            }
+        }
+        Answer::Torn => {
+            s.taps_torn += 1;
+            metrics.taps.with_label_values(&["torn", ""]).inc();
+        }
+        Answer::Repeat => {
+            s.taps_repeat += 1;
+            metrics.taps.with_label_values(&["repeat", ""]).inc();
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The MQTT side of the daemon: the connection options, the event loop (connection state,
+//! confirmations, downlink), the publisher (outbox, resends, heartbeats) and the drain and
+//! goodbye at shutdown.
+
+use super::{
+    apply_downlink, now_ms, Confirmations, DaemonError, Downlink, MqttSettings, Settings, Shared,
+    Topics, MAX_MESSAGES_PER_ROUND, MAX_TAPS_PER_MESSAGE, RESEND_AFTER_MS,
+};
+use crate::journal::Journal;
+use purse::sam::Sam;
+use purse::tap::TAP_LEN;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the event loop and the publisher share: the client, where the outbox was published
+/// up to (a reconnect resets it to 0: resend everything unconfirmed) and whether the broker
+/// is connected.
+#[derive(Clone)]
+struct Link {
+    client: AsyncClient,
+    topics: Topics,
+    cursor: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
+}
+
+/// Connects to the broker, runs the event loop as a task and publishes until the reader is
+/// done (or shutdown is set) and the outbox drained (or `drain_timeout` passed); then says
+/// goodbye and disconnects.
+pub(super) async fn run(
+    settings: &Settings,
+    m: &MqttSettings,
+    topics: &Topics,
+    shared: &Shared,
+) -> Result<(), DaemonError> {
+    let (client, eventloop) = connect(settings, m, topics);
+    let link = Link {
+        client,
+        topics: topics.clone(),
+        cursor: Arc::new(AtomicU64::new(0)),
+        connected: Arc::new(AtomicBool::new(false)),
+    };
+    let confirmations = confirmations(settings, shared)?;
+    tokio::spawn(event_loop(
+        eventloop,
+        link.clone(),
+        shared.clone(),
+        confirmations,
+        settings.signing_pub,
+    ));
+    publish_until_drained(settings, &link, shared).await?;
+    goodbye(&link, settings.device_id).await;
+    Ok(())
+}
+
+/// The client and its event loop: persistent session, last will (offline, retained),
+/// credentials and TLS when configured, TCP_NODELAY.
+fn connect(settings: &Settings, m: &MqttSettings, topics: &Topics) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(
+        format!("validator-{}", settings.device_id),
+        m.host.clone(),
+        m.port,
+    );
+    opts.set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(15))
+        .set_max_packet_size(32 << 20, 32 << 20)
+        .set_last_will(LastWill::new(
+            topics.status.clone(),
+            serde_json::json!({"device": settings.device_id, "online": false}).to_string(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let (Some(u), Some(p)) = (&m.username, &m.password) {
+        opts.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(ca) = &m.tls_ca_pem {
+        tapgate_http::serve::install_crypto_provider();
+        opts.set_transport(rumqttc::Transport::tls(ca.clone(), None, None));
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 256);
+    // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
+    // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop)
+}
+
+/// The confirmation checker, with a copy of the SAM's device key.
+fn confirmations(settings: &Settings, shared: &Shared) -> Result<Arc<Confirmations>, DaemonError> {
+    let g = shared
+        .gate
+        .lock()
+        .map_err(|_| DaemonError::Reader("gate lock".into()))?;
+    Ok(Arc::new(Confirmations {
+        journal: shared.journal.clone(),
+        metrics: shared.metrics.clone(),
+        device_key: g.sam.device_key().clone(),
+        operator: settings.operator.clone(),
+        device_id: settings.device_id,
+        log: Mutex::new((None, 0)),
+    }))
+}
+
+/// Incoming: connection state, confirmations, downlink. Runs for the life of the process.
+async fn event_loop(
+    mut eventloop: EventLoop,
+    link: Link,
+    shared: Shared,
+    confirmations: Arc<Confirmations>,
+    pubkey: [u8; 32],
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => on_connected(&link, &shared),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if p.topic == link.topics.confirm {
+                    on_confirmation(&shared, confirmations.clone(), p).await;
+                } else {
+                    on_downlink(&link.topics, &shared, pubkey, p).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if link.connected.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
+                }
+                shared.metrics.mqtt_connected.set(0);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// A (re)connection: resend everything not confirmed yet (the gateway drops duplicates) and
+/// subscribe to confirmations and downlink.
+fn on_connected(link: &Link, shared: &Shared) {
+    link.connected.store(true, Ordering::Relaxed);
+    shared.metrics.mqtt_connected.set(1);
+    link.cursor.store(0, Ordering::Relaxed);
+    let t = &link.topics;
+    for t in [
+        &t.confirm,
+        &t.blocklist_snapshot,
+        &t.blocklist_delta,
+        &t.fares,
+    ] {
+        // Never await the request queue from the event loop itself: it only drains while
+        // this loop polls.
+        if let Err(e) = link.client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+            tracing::warn!(error = %e, topic = %t, "subscribe failed");
+        }
+    }
+    shared.wake.notify_one();
+}
+
+/// A confirmation: verified and applied off the event loop; the outbox gauges follow.
+async fn on_confirmation(shared: &Shared, confirmations: Arc<Confirmations>, p: Publish) {
+    let n = tokio::task::spawn_blocking(move || confirmations.apply(&p.payload)).await;
+    if let Ok(Ok(_)) = n {
+        let journal = &shared.journal;
+        if let Ok(d) = journal.outbox_len() {
+            shared.metrics.outbox_depth.set(d as i64);
+            if d < journal.capacity_taps() {
+                shared.metrics.outbox_full.set(0);
+            }
+        }
+    }
+}
+
+/// A blocklist or fare table: verified, applied and journalled off the event loop (it waits
+/// for the gate, which a tap may hold).
+async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publish) {
+    let kind = if p.topic == topics.fares {
+        Downlink::FareTable
+    } else {
+        Downlink::Blocklist
+    };
+    let shared = shared.clone();
+    let payload = p.payload.to_vec();
+    let _ = tokio::task::spawn_blocking(move || {
+        let Ok(mut g) = shared.gate.lock() else {
+            return;
+        };
+        match apply_downlink(&mut g, &shared.journal, &pubkey, kind, &payload) {
+            Ok(v) => {
+                tracing::info!(?kind, version = v, "downlink applied");
+                let metrics = &shared.metrics;
+                metrics.blocklist_version.set(g.blocklist.version() as i64);
+                metrics.fare_table_version.set(i64::from(g.fare_version()));
+            }
+            Err(e) => tracing::warn!(?kind, "{e}"),
+        }
+    })
+    .await;
+}
+
+/// Publishing and heartbeats, until the reader is done (or shutdown is set) and the outbox
+/// is empty or `drain_timeout` has passed.
+async fn publish_until_drained(
+    settings: &Settings,
+    link: &Link,
+    shared: &Shared,
+) -> Result<(), DaemonError> {
+    let mut heartbeat = tokio::time::interval(settings.heartbeat);
+    let mut drain_deadline: Option<Instant> = None;
+    // The first heartbeat goes out as soon as a connection is up, not a period later.
+    let mut announced = false;
+    let mut was_connected = false;
+    let mut resend = Resend::default();
+    loop {
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = heartbeat.tick() => {
+                // Only while connected (offline it would only fill the request queue).
+                if link.connected.load(Ordering::Relaxed) {
+                    announce(settings, link, shared);
+                    announced = true;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let is_connected = link.connected.load(Ordering::Relaxed);
+        if is_connected && !was_connected {
+            announced = false; // a reconnect: say so now (the last will said offline)
+        }
+        was_connected = is_connected;
+        if !announced && is_connected {
+            announce(settings, link, shared);
+            announced = true;
+        }
+        if link.connected.load(Ordering::Relaxed) {
+            resend.check(&shared.journal, &link.cursor)?;
+            publish_outbox(link, &shared.journal).await?;
+        }
+        if shared.reader_done.load(Ordering::Relaxed) || shared.shutdown.load(Ordering::Relaxed) {
+            let deadline =
+                *drain_deadline.get_or_insert_with(|| Instant::now() + settings.drain_timeout);
+            if shared.journal.outbox_len()? == 0 || Instant::now() >= deadline {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Publishes the heartbeat (retained). The versions come from the metrics, never from the
+/// gate (no waiting on a tap).
+fn announce(settings: &Settings, link: &Link, shared: &Shared) {
+    let metrics = &shared.metrics;
+    let status = serde_json::json!({
+        "device": settings.device_id,
+        "online": true,
+        "blocklist_version": metrics.blocklist_version.get(),
+        "fare_table_version": metrics.fare_table_version.get(),
+        "outbox_depth": metrics.outbox_depth.get(),
+        "clock_ms": now_ms(),
+        "taps": shared.taps_done.load(Ordering::Relaxed),
+    })
+    .to_string();
+    let _ = link
+        .client
+        .try_publish(link.topics.status.clone(), QoS::AtLeastOnce, true, status);
+}
+
+/// The oldest tap in the outbox, since when it waits, and how long it may wait before
+/// everything unconfirmed is sent again: a tap whose confirmation was lost stays there while
+/// newer ones are confirmed around it. The wait doubles while the same tap stays oldest (up
+/// to 8×), so an overloaded gateway is not sent the whole outbox every 30 s.
+#[derive(Default)]
+struct Resend {
+    head: Option<(u64, u64, u64)>,
+}
+
+impl Resend {
+    /// When the oldest unconfirmed tap has waited too long (its message or its confirmation
+    /// was lost, or nothing has been confirmed at all), rewinds the cursor: everything
+    /// unconfirmed is sent again (the gateway confirms duplicates without storing them).
+    fn check(&mut self, journal: &Journal, cursor: &AtomicU64) -> Result<(), DaemonError> {
+        let now = now_ms();
+        let oldest = journal.outbox_after(0, 1)?.first().map(|(seq, _)| *seq);
+        self.head = match (oldest, self.head) {
+            (None, _) => None,
+            (Some(seq), Some((h, since, wait))) if seq == h => {
+                if now.saturating_sub(since) > wait {
+                    cursor.store(0, Ordering::Relaxed);
+                    Some((seq, now, (wait * 2).min(8 * RESEND_AFTER_MS)))
+                } else {
+                    Some((h, since, wait))
+                }
+            }
+            (Some(seq), _) => Some((seq, now, RESEND_AFTER_MS)),
+        };
+        Ok(())
+    }
+}
+
+/// Publishes journalled taps after the cursor, several per message when there is a backlog.
+async fn publish_outbox(link: &Link, journal: &Journal) -> Result<(), DaemonError> {
+    let cursor = &link.cursor;
+    for _ in 0..MAX_MESSAGES_PER_ROUND {
+        let after = cursor.load(Ordering::Relaxed);
+        let batch = journal.outbox_after(after, MAX_TAPS_PER_MESSAGE)?;
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        let mut payload = Vec::with_capacity(batch.len() * TAP_LEN);
+        for (_, w) in &batch {
+            payload.extend_from_slice(w);
+        }
+        if link
+            .client
+            .try_publish(link.topics.taps.clone(), QoS::AtLeastOnce, false, payload)
+            .is_err()
+        {
+            break; // the client's queue is full: next round
+        }
+        // A reconnect may have reset the cursor meanwhile: that reset wins.
+        if cursor
+            .compare_exchange(after, last, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Says offline (retained), lets it go out, and disconnects.
+async fn goodbye(link: &Link, device_id: u32) {
+    let _ = link.client.try_publish(
+        link.topics.status.clone(),
+        QoS::AtLeastOnce,
+        true,
+        serde_json::json!({"device": device_id, "online": false, "clock_ms": now_ms()}).to_string(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), link.client.disconnect()).await;
+}
