@@ -11,8 +11,7 @@ use fare_rules::cases::run_cases;
 use fare_rules::check::{check_as, Authored, Level};
 use fare_rules::engine::Engine;
 use fare_rules::journey::{quote, Journey};
-use fare_rules::table::Table;
-use fare_rules::{gtfs, signed, simulate, source};
+use fare_rules::{gtfs, signed, simulate};
 use purse::sam::{Hsm, SoftwareHsm};
 use std::path::{Path, PathBuf};
 
@@ -91,25 +90,6 @@ enum FareCmd {
     },
 }
 
-/// Compiles or loads rules from a path, by kind.
-pub fn load_rules(path: &Path) -> Result<Table> {
-    if gtfs::is_feed(path) {
-        return gtfs::load_path(path)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("GTFS feed {}", path.display()));
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    if bytes.starts_with(signed::MAGIC) {
-        let e = signed::decode_unverified(&bytes)
-            .with_context(|| format!("fare table {}", path.display()))?;
-        return Ok(e.table().clone());
-    }
-    let text =
-        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
-    let name = path.display().to_string();
-    source::compile(&name, &text).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
 /// What `fare check` holds the rules to: a feed's reference, or the TOML source's.
 fn authored(path: &Path) -> Authored {
     if gtfs::is_feed(path) {
@@ -120,7 +100,7 @@ fn authored(path: &Path) -> Authored {
 }
 
 fn engine(path: &Path) -> Result<Engine> {
-    let t = load_rules(path)?;
+    let t = fare_rules::load_any(path)?;
     Engine::new(t).with_context(|| format!("fare table from {}", path.display()))
 }
 
@@ -146,160 +126,16 @@ fn money(minor: i64, exponent: u8) -> String {
 /// Run `tapgate fare …`; returns the process exit code.
 pub fn run(args: FareArgs) -> Result<u8> {
     match args.cmd {
-        FareCmd::Check { rules } => {
-            let e = engine(&rules)?;
-            let findings = check_as(&e, authored(&rules));
-            for f in &findings {
-                println!("{f}");
-            }
-            let errors = findings.iter().filter(|f| f.level == Level::Error).count();
-            let t = e.table();
-            println!(
-                "fare check: {} version {}: {} rules, {} stops, {} routes; {errors} error(s), {} warning(s)",
-                t.meta.name,
-                t.meta.version,
-                t.leg_rules.len(),
-                t.stops.len(),
-                t.routes.len(),
-                findings.len() - errors
-            );
-            Ok(u8::from(errors > 0))
-        }
+        FareCmd::Check { rules } => check(&rules),
         FareCmd::Compile {
             rules,
             keys,
             out,
             passphrase_file,
             force,
-        } => {
-            let e = engine(&rules)?;
-            let errors: Vec<_> = check_as(&e, authored(&rules))
-                .into_iter()
-                .filter(|f| f.level == Level::Error)
-                .collect();
-            if !errors.is_empty() && !force {
-                for f in &errors {
-                    eprintln!("{f}");
-                }
-                bail!(
-                    "{} error(s) in {}: fix them (see `tapgate fare check`) or pass --force",
-                    errors.len(),
-                    rules.display()
-                );
-            }
-            let ks = load_keyset(&keys, passphrase_file.as_deref())?;
-            let hsm = SoftwareHsm::new(&ks)?;
-            let mut sig_err = None;
-            let bytes = signed::encode(e.table(), |m| match hsm.sign(m) {
-                Ok(s) => s,
-                Err(err) => {
-                    sig_err = Some(err);
-                    [0; 64]
-                }
-            })?;
-            if let Some(err) = sig_err {
-                bail!("signing the fare table: {err}");
-            }
-            // Verify what we wrote with the public key, as a validator will.
-            signed::verify(&bytes, &hsm.verifying_key()).context("verifying the signed table")?;
-            write_atomic(&out, &bytes)?;
-            let t = e.table();
-            println!(
-                "compiled {} version {} ({} rules, {} stops) into {}: {} bytes, signed",
-                t.meta.name,
-                t.meta.version,
-                t.leg_rules.len(),
-                t.stops.len(),
-                out.display(),
-                bytes.len()
-            );
-            Ok(0)
-        }
-        FareCmd::Inspect { table, pubkey } => {
-            let bytes =
-                std::fs::read(&table).with_context(|| format!("reading {}", table.display()))?;
-            let h = signed::peek(&bytes).with_context(|| table.display().to_string())?;
-            let (e, verified) = match pubkey {
-                Some(k) => {
-                    let key: [u8; 32] = hex::decode(k.trim())
-                        .ok()
-                        .and_then(|v| v.try_into().ok())
-                        .ok_or_else(|| {
-                            crate::cli_util::input_err("--pubkey must be 64 hex digits")
-                        })?;
-                    (signed::verify(&bytes, &key)?, true)
-                }
-                None => (signed::decode_unverified(&bytes)?, false),
-            };
-            let t = e.table();
-            println!("table: {} version {}", t.meta.name, h.version);
-            let day = |d: i32| {
-                let s = fare_rules::cases::format_local(i64::from(d) * 86_400);
-                s.get(..10).unwrap_or(&s).to_string()
-            };
-            println!(
-                "effective: from {} until {}",
-                day(h.effective_from_day),
-                h.effective_until_day
-                    .map_or("further notice".to_string(), day)
-            );
-            println!(
-                "contents: {} categories, {} networks, {} areas, {} stops, {} routes, {} products, {} leg rules, {} transfer rules, {} caps, {} passes, {} charges, {} coupons",
-                t.categories.len(), t.networks.len(), t.areas.len(), t.stops.len(), t.routes.len(),
-                t.products.len(), t.leg_rules.len(), t.transfer_rules.len(), t.caps.len(),
-                t.passes.len(), t.charges.len(), t.coupons.len()
-            );
-            println!(
-                "signature: {}",
-                if verified {
-                    "verified"
-                } else {
-                    "not checked (give --pubkey)"
-                }
-            );
-            Ok(0)
-        }
-        FareCmd::Test { rules, cases } => {
-            let e = engine(&rules)?;
-            let text = read_text(&cases)?;
-            let results = run_cases(&e, &cases.display().to_string(), &text)
-                .map_err(|err| anyhow::anyhow!("{err}"))?;
-            let mut failed = 0;
-            for r in &results {
-                if r.passed() {
-                    println!("ok   {}", r.name);
-                    continue;
-                }
-                failed += 1;
-                println!("FAIL {} ({}:{})", r.name, cases.display(), r.line);
-                if let Some(err) = &r.error {
-                    println!("  error: {err}");
-                }
-                if let Some(exp) = &r.expected {
-                    println!("  expected fares: {exp:?}");
-                }
-                if let Some(t) = r.expected_total {
-                    println!("  expected total: {t}");
-                }
-                println!(
-                    "  actual fares:   {:?} (total {})",
-                    r.actual,
-                    r.actual.iter().map(|&f| u64::from(f)).sum::<u64>()
-                );
-                for (i, x) in r.explained.iter().enumerate() {
-                    let mark = match &r.expected {
-                        Some(exp) if exp.get(i) != r.actual.get(i) => "≠",
-                        _ => " ",
-                    };
-                    println!("  {mark} {}", x.replace('\n', "\n    "));
-                }
-            }
-            println!(
-                "fare test: {} passed, {failed} failed",
-                results.len() - failed
-            );
-            Ok(u8::from(failed > 0))
-        }
+        } => compile(&rules, &keys, &out, passphrase_file.as_deref(), force),
+        FareCmd::Inspect { table, pubkey } => inspect(&table, pubkey),
+        FareCmd::Test { rules, cases } => test(&rules, &cases),
         FareCmd::Explain {
             rules,
             cases,
@@ -307,104 +143,19 @@ pub fn run(args: FareArgs) -> Result<u8> {
             journey,
         } => {
             let e = engine(&rules)?;
-            if let Some(j) = journey {
-                let text = read_text(&j)?;
-                let jn: Journey = serde_json::from_str(&text)
-                    .with_context(|| format!("journey {}", j.display()))?;
-                let q = quote(&e, &jn).map_err(|err| anyhow::anyhow!("{err}"))?;
-                let exp = e.table().meta.currency_exponent;
-                for (i, l) in q.legs.iter().enumerate() {
-                    println!(
-                        "leg {} (journey legs {:?}) {} → {}: rule {} product {} fare {}{}; adds {}",
-                        i + 1,
-                        l.journey_legs,
-                        l.from_stop_id,
-                        l.to_stop_id,
-                        l.leg_rule,
-                        l.fare_product_id,
-                        money(i64::from(l.fare_minor), exp),
-                        l.transfer_rule
-                            .as_ref()
-                            .map_or(String::new(), |t| format!("; transfer {t}")),
-                        money(l.amount_minor, exp)
-                    );
-                }
-                println!("total {} {}", money(q.total_minor, exp), q.currency);
-                return Ok(0);
-            }
-            let Some(cases) = cases else {
-                bail!(crate::cli_util::input_err(
+            match (journey, cases) {
+                (Some(j), _) => explain_journey(&e, &j),
+                (None, Some(cases)) => explain_cases(&e, &cases, case),
+                (None, None) => bail!(crate::cli_util::input_err(
                     "give a CASES file (optionally --case NAME) or --journey FILE"
-                ));
-            };
-            let text = read_text(&cases)?;
-            let results = run_cases(&e, &cases.display().to_string(), &text)
-                .map_err(|err| anyhow::anyhow!("{err}"))?;
-            let mut shown = 0;
-            for r in results
-                .iter()
-                .filter(|r| case.as_ref().is_none_or(|c| &r.name == c))
-            {
-                shown += 1;
-                println!("{}", r.name);
-                for x in &r.explained {
-                    println!("  {}", x.replace('\n', "\n  "));
-                }
-                if let Some(err) = &r.error {
-                    println!("  error: {err}");
-                }
-                println!(
-                    "  total {}",
-                    r.actual.iter().map(|&f| u64::from(f)).sum::<u64>()
-                );
+                )),
             }
-            if shown == 0 {
-                bail!(crate::cli_util::input_err(format!(
-                    "no case named {:?} in {}",
-                    case.unwrap_or_default(),
-                    cases.display()
-                )));
-            }
-            Ok(0)
         }
         FareCmd::Simulate {
             rules,
             baseline,
             taps,
-        } => {
-            let new = engine(&rules)?;
-            let old = engine(&baseline)?;
-            let log = read_text(&taps)?;
-            let rep = simulate::simulate(&new, &old, &taps.display().to_string(), &log)
-                .map_err(|err| anyhow::anyhow!("{err}"))?;
-            let exp = new.table().meta.currency_exponent;
-            println!(
-                "replayed {} taps of {} cards: baseline {} → new {} {} ({:+})",
-                rep.taps,
-                rep.cards,
-                money(rep.total.baseline_minor, exp),
-                money(rep.total.new_minor, exp),
-                rep.currency,
-                rep.total.change_minor
-            );
-            for (cat, imp) in &rep.by_rider_category {
-                println!(
-                    "  {cat:<10} {:>7} taps  {} → {} ({:+})",
-                    imp.taps,
-                    money(imp.baseline_minor, exp),
-                    money(imp.new_minor, exp),
-                    imp.change_minor
-                );
-            }
-            if rep.unpriced_taps > 0 {
-                println!("  {} tap(s) could not be priced, e.g.:", rep.unpriced_taps);
-                for x in &rep.unpriced_examples {
-                    println!("    {x}");
-                }
-            }
-            println!("{}", serde_json::to_string(&rep)?);
-            Ok(0)
-        }
+        } => simulate(&rules, &baseline, &taps),
         FareCmd::Quote {
             gtfs,
             rules,
@@ -417,14 +168,274 @@ pub fn run(args: FareArgs) -> Result<u8> {
                     "give the fares: --gtfs DIR|ZIP (or --rules FILE)"
                 )),
             };
-            let e = engine(&src)?;
-            let text = read_text(&journey)?;
-            let jn: Journey = serde_json::from_str(&text).map_err(|err| {
-                crate::cli_util::input_err(format!("journey {}: {err}", journey.display()))
-            })?;
-            let q = quote(&e, &jn).map_err(|err| anyhow::anyhow!("{err}"))?;
-            println!("{}", serde_json::to_string(&q)?);
-            Ok(0)
+            quote_journey(&src, &journey)
         }
     }
+}
+
+/// `fare check`: the findings, then a summary line; exit 1 on an error.
+fn check(rules: &Path) -> Result<u8> {
+    let e = engine(rules)?;
+    let findings = check_as(&e, authored(rules));
+    for f in &findings {
+        println!("{f}");
+    }
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    let t = e.table();
+    println!(
+        "fare check: {} version {}: {} rules, {} stops, {} routes; {errors} error(s), {} warning(s)",
+        t.meta.name,
+        t.meta.version,
+        t.leg_rules.len(),
+        t.stops.len(),
+        t.routes.len(),
+        findings.len() - errors
+    );
+    Ok(u8::from(errors > 0))
+}
+
+/// `fare compile`: check (unless forced), sign with the key set's Ed25519 key, verify, write.
+fn compile(
+    rules: &Path,
+    keys: &Path,
+    out: &Path,
+    passphrase_file: Option<&Path>,
+    force: bool,
+) -> Result<u8> {
+    let e = engine(rules)?;
+    let errors: Vec<_> = check_as(&e, authored(rules))
+        .into_iter()
+        .filter(|f| f.level == Level::Error)
+        .collect();
+    if !errors.is_empty() && !force {
+        for f in &errors {
+            eprintln!("{f}");
+        }
+        bail!(
+            "{} error(s) in {}: fix them (see `tapgate fare check`) or pass --force",
+            errors.len(),
+            rules.display()
+        );
+    }
+    let ks = load_keyset(keys, passphrase_file)?;
+    let hsm = SoftwareHsm::new(&ks)?;
+    let mut sig_err = None;
+    let bytes = signed::encode(e.table(), |m| match hsm.sign(m) {
+        Ok(s) => s,
+        Err(err) => {
+            sig_err = Some(err);
+            [0; 64]
+        }
+    })?;
+    if let Some(err) = sig_err {
+        bail!("signing the fare table: {err}");
+    }
+    // Verify what we wrote with the public key, as a validator will.
+    signed::verify(&bytes, &hsm.verifying_key()).context("verifying the signed table")?;
+    write_atomic(out, &bytes)?;
+    let t = e.table();
+    println!(
+        "compiled {} version {} ({} rules, {} stops) into {}: {} bytes, signed",
+        t.meta.name,
+        t.meta.version,
+        t.leg_rules.len(),
+        t.stops.len(),
+        out.display(),
+        bytes.len()
+    );
+    Ok(0)
+}
+
+/// `fare inspect`: a signed table's header and contents, its signature checked if given a key.
+fn inspect(table: &Path, pubkey: Option<String>) -> Result<u8> {
+    let bytes = std::fs::read(table).with_context(|| format!("reading {}", table.display()))?;
+    let h = signed::peek(&bytes).with_context(|| table.display().to_string())?;
+    let (e, verified) = match pubkey {
+        Some(k) => {
+            let key: [u8; 32] = hex::decode(k.trim())
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or_else(|| crate::cli_util::input_err("--pubkey must be 64 hex digits"))?;
+            (signed::verify(&bytes, &key)?, true)
+        }
+        None => (signed::decode_unverified(&bytes)?, false),
+    };
+    let t = e.table();
+    println!("table: {} version {}", t.meta.name, h.version);
+    let day = |d: i32| {
+        let s = fare_rules::cases::format_local(i64::from(d) * 86_400);
+        s.get(..10).unwrap_or(&s).to_string()
+    };
+    println!(
+        "effective: from {} until {}",
+        day(h.effective_from_day),
+        h.effective_until_day
+            .map_or("further notice".to_string(), day)
+    );
+    println!(
+        "contents: {} categories, {} networks, {} areas, {} stops, {} routes, {} products, {} leg rules, {} transfer rules, {} caps, {} passes, {} charges, {} coupons",
+        t.categories.len(), t.networks.len(), t.areas.len(), t.stops.len(), t.routes.len(),
+        t.products.len(), t.leg_rules.len(), t.transfer_rules.len(), t.caps.len(),
+        t.passes.len(), t.charges.len(), t.coupons.len()
+    );
+    println!(
+        "signature: {}",
+        if verified {
+            "verified"
+        } else {
+            "not checked (give --pubkey)"
+        }
+    );
+    Ok(0)
+}
+
+/// `fare test`: golden journeys, each failure explained; exit 1 if one fails.
+fn test(rules: &Path, cases: &Path) -> Result<u8> {
+    let e = engine(rules)?;
+    let text = read_text(cases)?;
+    let results = run_cases(&e, &cases.display().to_string(), &text)
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let mut failed = 0;
+    for r in &results {
+        if r.passed() {
+            println!("ok   {}", r.name);
+            continue;
+        }
+        failed += 1;
+        println!("FAIL {} ({}:{})", r.name, cases.display(), r.line);
+        if let Some(err) = &r.error {
+            println!("  error: {err}");
+        }
+        if let Some(exp) = &r.expected {
+            println!("  expected fares: {exp:?}");
+        }
+        if let Some(t) = r.expected_total {
+            println!("  expected total: {t}");
+        }
+        println!(
+            "  actual fares:   {:?} (total {})",
+            r.actual,
+            r.actual.iter().map(|&f| u64::from(f)).sum::<u64>()
+        );
+        for (i, x) in r.explained.iter().enumerate() {
+            let mark = match &r.expected {
+                Some(exp) if exp.get(i) != r.actual.get(i) => "≠",
+                _ => " ",
+            };
+            println!("  {mark} {}", x.replace('\n', "\n    "));
+        }
+    }
+    println!(
+        "fare test: {} passed, {failed} failed",
+        results.len() - failed
+    );
+    Ok(u8::from(failed > 0))
+}
+
+/// `fare explain --journey FILE`: the breakdown of one whole journey's quote.
+fn explain_journey(e: &Engine, j: &Path) -> Result<u8> {
+    let text = read_text(j)?;
+    let jn: Journey =
+        serde_json::from_str(&text).with_context(|| format!("journey {}", j.display()))?;
+    let q = quote(e, &jn).map_err(|err| anyhow::anyhow!("{err}"))?;
+    let exp = e.table().meta.currency_exponent;
+    for (i, l) in q.legs.iter().enumerate() {
+        println!(
+            "leg {} (journey legs {:?}) {} → {}: rule {} product {} fare {}{}; adds {}",
+            i + 1,
+            l.journey_legs,
+            l.from_stop_id,
+            l.to_stop_id,
+            l.leg_rule,
+            l.fare_product_id,
+            money(i64::from(l.fare_minor), exp),
+            l.transfer_rule
+                .as_ref()
+                .map_or(String::new(), |t| format!("; transfer {t}")),
+            money(l.amount_minor, exp)
+        );
+    }
+    println!("total {} {}", money(q.total_minor, exp), q.currency);
+    Ok(0)
+}
+
+/// `fare explain CASES [--case NAME]`: every tap of the cases (or of the one named).
+fn explain_cases(e: &Engine, cases: &Path, case: Option<String>) -> Result<u8> {
+    let text = read_text(cases)?;
+    let results = run_cases(e, &cases.display().to_string(), &text)
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let mut shown = 0;
+    for r in results
+        .iter()
+        .filter(|r| case.as_ref().is_none_or(|c| &r.name == c))
+    {
+        shown += 1;
+        println!("{}", r.name);
+        for x in &r.explained {
+            println!("  {}", x.replace('\n', "\n  "));
+        }
+        if let Some(err) = &r.error {
+            println!("  error: {err}");
+        }
+        println!(
+            "  total {}",
+            r.actual.iter().map(|&f| u64::from(f)).sum::<u64>()
+        );
+    }
+    if shown == 0 {
+        bail!(crate::cli_util::input_err(format!(
+            "no case named {:?} in {}",
+            case.unwrap_or_default(),
+            cases.display()
+        )));
+    }
+    Ok(0)
+}
+
+/// `fare simulate`: a tap log replayed under new and baseline rules.
+fn simulate(rules: &Path, baseline: &Path, taps: &Path) -> Result<u8> {
+    let new = engine(rules)?;
+    let old = engine(baseline)?;
+    let log = read_text(taps)?;
+    let rep = simulate::simulate(&new, &old, &taps.display().to_string(), &log)
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
+    let exp = new.table().meta.currency_exponent;
+    println!(
+        "replayed {} taps of {} cards: baseline {} → new {} {} ({:+})",
+        rep.taps,
+        rep.cards,
+        money(rep.total.baseline_minor, exp),
+        money(rep.total.new_minor, exp),
+        rep.currency,
+        rep.total.change_minor
+    );
+    for (cat, imp) in &rep.by_rider_category {
+        println!(
+            "  {cat:<10} {:>7} taps  {} → {} ({:+})",
+            imp.taps,
+            money(imp.baseline_minor, exp),
+            money(imp.new_minor, exp),
+            imp.change_minor
+        );
+    }
+    if rep.unpriced_taps > 0 {
+        println!("  {} tap(s) could not be priced, e.g.:", rep.unpriced_taps);
+        for x in &rep.unpriced_examples {
+            println!("    {x}");
+        }
+    }
+    println!("{}", serde_json::to_string(&rep)?);
+    Ok(0)
+}
+
+/// `fare quote`: one journey's quote as JSON on the last line.
+fn quote_journey(src: &Path, journey: &Path) -> Result<u8> {
+    let e = engine(src)?;
+    let text = read_text(journey)?;
+    let jn: Journey = serde_json::from_str(&text).map_err(|err| {
+        crate::cli_util::input_err(format!("journey {}: {err}", journey.display()))
+    })?;
+    let q = quote(&e, &jn).map_err(|err| anyhow::anyhow!("{err}"))?;
+    println!("{}", serde_json::to_string(&q)?);
+    Ok(0)
 }

@@ -4,6 +4,7 @@
 //! - [`table`]: the compiled model both sources produce.
 //! - [`source`]: the planners' TOML format and its compiler.
 //! - [`gtfs`]: GTFS feeds (Fares v2 and v1, directories and zips) loaded and compiled.
+//! - [`load`]: [`load_any`], rules from a path whatever its kind (feed, signed table, TOML).
 //! - [`engine`]: the validated, indexed table and its quotes (journey, tap, charge).
 //! - [`oracle`]: the brute-force lowest total the property tests compare the engine with.
 //! - [`record`]: the trip record on the card; [`signed`]: the signed table file.
@@ -16,6 +17,7 @@ pub mod check;
 pub mod engine;
 pub mod gtfs;
 pub mod journey;
+pub mod load;
 pub mod oracle;
 pub mod record;
 pub mod signed;
@@ -23,3 +25,5 @@ pub mod simulate;
 pub mod source;
 pub mod synth;
 pub mod table;
+
+pub use load::{load_any, LoadError};
