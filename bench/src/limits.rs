@@ -315,14 +315,14 @@ fn http_messages(stream: &[u8]) -> anyhow::Result<Vec<(String, usize)>> {
 /// router served by `tapgate_http::serve::serve_router` (the charging server's listener code)
 /// on a tokio runtime of 2 workers (as the `loads` scenario's), driven by `clients` threads
 /// that each make `per_client` times the `plan`'s round trips (same bodies' sizes, the same
-/// headers as the charging client) on one keep-alive agent. Returns the round trips made and
-/// the seconds they took.
+/// headers as the charging client) on one keep-alive agent. Returns the round trips made, the
+/// seconds they took and the process CPU seconds (server and clients) they used.
 pub fn raw_round_trips(
     clients: usize,
     per_client: u64,
     plan: &[RoundTrip],
     token: &str,
-) -> anyhow::Result<(u64, f64)> {
+) -> anyhow::Result<(u64, f64, f64)> {
     use axum::extract::Path;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -352,6 +352,7 @@ pub fn raw_round_trips(
     ));
     let body = vec![b' '; plan.iter().map(|r| r.request_bytes).max().unwrap_or(0)];
     let auth = format!("Bearer {token}");
+    let cpu_before = crate::stats::cpu_s();
     let started = Instant::now();
     let done = std::thread::scope(|scope| -> anyhow::Result<u64> {
         let handles: Vec<_> = (0..clients)
@@ -383,7 +384,8 @@ pub fn raw_round_trips(
         Ok(n)
     })?;
     let wall = started.elapsed().as_secs_f64();
+    let cpu = crate::stats::cpu_s() - cpu_before;
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
-    Ok((done, wall))
+    Ok((done, wall, cpu))
 }

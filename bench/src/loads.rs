@@ -6,7 +6,9 @@
 //! the same number of HTTP round trips, with bodies of the same sizes (recorded from one load
 //! relayed through a byte-recording relay before the clock starts), to an endpoint that does
 //! nothing on the same server code ([`crate::limits::raw_round_trips`]) — half right before the
-//! loads and half right after — and `ratio` = loads/s × round trips per load / raw.
+//! loads and half right after — and `ratio` = loads/s × round trips per load / raw; and the
+//! CPU of it: `raw_cpu_us_per_round_trip` (process CPU, server and clients) and `cpu_ratio` =
+//! CPU per load / (round trips per load × raw CPU per round trip).
 
 use crate::Figures;
 use charging::api::{Auth, Role, TokenEntry};
@@ -193,7 +195,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let server_cpu = (total_cpu - clients_cpu).max(0.0);
     let raw_after =
         crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
-    let raw_per_s = (raw_before.0 + raw_after.0) as f64 / (raw_before.1 + raw_after.1);
+    let raw_round_trips = (raw_before.0 + raw_after.0) as f64;
+    let raw_per_s = raw_round_trips / (raw_before.1 + raw_after.1);
+    let raw_cpu_us_per_round_trip = (raw_before.2 + raw_after.2) * 1e6 / raw_round_trips;
     let _ = stop_tx.send(());
     let _ = rt.block_on(server);
     let mut lat = latencies.lock().expect("lat").clone();
@@ -249,6 +253,17 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             (plan.iter().map(|r| r.response_bytes as u64).sum::<u64>()).into(),
         ),
         ("raw_round_trips_per_s", (raw_per_s.round() as u64).into()),
+        (
+            "raw_cpu_us_per_round_trip",
+            (raw_cpu_us_per_round_trip.round() as u64).into(),
+        ),
+        (
+            "cpu_ratio",
+            crate::limits::ratio(
+                total_cpu * 1e6 / total.max(1) as f64,
+                raw_cpu_us_per_round_trip * round_trips_per_load as f64,
+            ),
+        ),
         (
             "ratio",
             crate::limits::ratio(loads_per_s * round_trips_per_load as f64, raw_per_s),
