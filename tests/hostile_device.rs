@@ -448,10 +448,22 @@ async fn a_device_cannot_take_another_devices_or_the_gateways_client_id(b: &Brok
             .subscribe("tapgate/v1/metro/devices/1001/confirm")
             .await
     );
-    let mut gateway = b.gateway("tapgate-gateway-gw1").await;
-    assert!(gateway.subscribe("tapgate/v1/metro/taps/+").await);
+    // Not the daemon's own id (`tapgate-gateway-gw1`): the running gateway would take it back
+    // from this client when it reconnects, and that is not the attack under test.
+    let mut gateway = b.gateway("gateway-watch").await;
+    assert!(
+        gateway.subscribe("tapgate/v1/metro/taps/+").await,
+        "the gateway's subscription was refused or its connection closed; gateway log:\n{}",
+        b.log()
+    );
     let mut attackers = Vec::new();
-    for id in ["validator-1001", "tapgate-gateway-gw1", "1001", "gateway"] {
+    for id in [
+        "validator-1001",
+        "gateway-watch",
+        "tapgate-gateway-gw1",
+        "1001",
+        "gateway",
+    ] {
         attackers.push(b.device(1002, id).await);
     }
     // Both are still connected: each gets a message on the connection it had.
