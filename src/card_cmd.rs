@@ -1,6 +1,6 @@
 //! `tapgate card …`: personalise, inspect, debit and load emulated cards.
 
-use crate::card_image::{read_image, write_image};
+use crate::card_image::{lock_image, read_image, write_image};
 use crate::cli_util::{input_err, uid7};
 use crate::keys_cmd::load_keyset;
 use anyhow::Result;
@@ -187,6 +187,7 @@ pub fn run(args: CardArgs) -> Result<()> {
             let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
             let hsm = SoftwareHsm::new(&ks)?;
             let mut sam = SoftwareSam::validator(&ks, device)?;
+            let _lock = lock_image(&card)?;
             let nvm = read_image(&card)?;
             let uid = nvm.main.uid;
             let mut c = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
@@ -227,6 +228,7 @@ pub fn run(args: CardArgs) -> Result<()> {
             let amount = amount_arg(amount)?;
             let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
             let mut hsm = SoftwareHsm::new(&ks)?;
+            let _lock = lock_image(&card)?;
             let nvm = read_image(&card)?;
             let uid = nvm.main.uid;
             let mut c = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);

@@ -1,5 +1,7 @@
 //! Card image files (`tapgate card issue` writes them; `show`, `debit`, `load`, `serve` and
-//! `tapgate charge` read them): the card's NVM as pretty JSON, written atomically.
+//! `tapgate charge` read them): the card's NVM as pretty JSON, written atomically. Whoever
+//! changes a card holds its [`lock_image`] from the read to the write (a validator's crowd may
+//! present the same image meanwhile: `validator::image_lock`).
 
 use crate::cli_util::{input_err, write_atomic};
 use anyhow::{Context, Result};
@@ -15,6 +17,14 @@ pub(crate) fn read_image(path: &Path) -> Result<Nvm> {
     nvm.validate()
         .map_err(|e| input_err(format!("card image {}: {e}", path.display())))?;
     Ok(nvm)
+}
+
+/// Takes the card image's lock (waits for a tap or a load by another process to end).
+pub(crate) fn lock_image(path: &Path) -> Result<validator::image_lock::ImageLock> {
+    Ok(validator::image_lock::ImageLock::acquire(
+        path,
+        validator::reader::IMAGE_WAIT,
+    )?)
 }
 
 /// Writes a card image atomically.

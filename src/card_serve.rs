@@ -3,7 +3,7 @@
 //! set and the image, saves the image atomically as the card changes, stops on Ctrl-C /
 //! SIGTERM, and prints what happens.
 
-use crate::card_image::{read_image, write_image};
+use crate::card_image::{lock_image, read_image, write_image};
 use crate::cli_util::input_err;
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
@@ -57,6 +57,8 @@ pub fn run(o: ServeOpts) -> Result<()> {
     let addr = resolve(&o.vpcd)?;
     let ks = load_keyset(&o.keys, o.passphrase_file.as_deref())?;
     let hsm = SoftwareHsm::new(&ks)?;
+    // The card is in this reader until the serve ends: no other process may change it.
+    let _lock = lock_image(&o.card)?;
     let nvm = read_image(&o.card)?;
     let image = o.card.clone();
     let save: vpcd::Saver =

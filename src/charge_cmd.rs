@@ -146,6 +146,9 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             .with_context(retry_hint)?
         }
         CardTarget::Image { image, keys } => {
+            // Held from the read to the write: a validator's crowd presenting the same card
+            // waits, and reads the loaded image after.
+            let _lock = crate::card_image::lock_image(image)?;
             let text = std::fs::read_to_string(image)
                 .with_context(|| format!("reading card {}", image.display()))?;
             let nvm: Nvm = serde_json::from_str(&text)

@@ -5,6 +5,7 @@
 //! - [`config`]: the configuration file and the start-up choices it decides (placement,
 //!   MQTT, crowd, which fare table).
 //! - [`gate`]: one tap, start to end, exactly once across tears and crashes.
+//! - [`image_lock`]: one holder at a time for an emulated card's image file.
 //! - [`journal`]: the LMDB outbox, pending debits and applied downlink messages.
 //! - [`reader`]: the `Reader` trait and the emulated crowd; `pcsc_reader` (feature `pcsc`):
 //!   PC/SC readers through pcsc-lite; [`vpcd`]: an emulated card served to pcscd through
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod daemon;
 pub mod gate;
+pub mod image_lock;
 pub mod journal;
 #[cfg(feature = "pcsc")]
 pub mod pcsc_reader;

@@ -2,8 +2,11 @@
 //! [`Crowd`] is the emulated reader for tests, the demo and load tests: emulated cards
 //! presented one after another with realistic timing (exponential gaps at a configured rate),
 //! kept in memory and, optionally, as card images in a directory so they survive a restart of
-//! the validator process (a real card keeps its state in its own chip).
+//! the validator process (a real card keeps its state in its own chip). An image is read again
+//! at every presentation under its [`ImageLock`], held until the card leaves the field, so a
+//! load made meanwhile by `tapgate charge --card` on the same image is never written away.
 
+use crate::image_lock::ImageLock;
 use purse::card::{Card, Nvm, Personalisation};
 use purse::sam::SoftwareHsm;
 use purse::txn::{EmulatedReader, Transport, TransportError};
@@ -58,6 +61,8 @@ struct CardInField {
     rng: StdRng,
     image: Option<PathBuf>,
     last_image: String,
+    /// The image's lock, held while the card is in the field.
+    _lock: Option<ImageLock>,
 }
 
 impl CardInField {
@@ -137,10 +142,10 @@ impl Crowd {
             .map(|d| d.join(format!("{}.json", hex(&crowd_uid(i as u32)))))
     }
 
+    /// Card `i`: from its image when there is one (read again every time: another process
+    /// may have loaded the card since), else from memory, else newly personalised.
     fn take_card(&mut self, i: usize) -> Card {
-        if let Some(c) = self.cards[i].take() {
-            return c;
-        }
+        let cached = self.cards[i].take();
         let uid = crowd_uid(i as u32);
         let keys = |v| self.hsm.card_keys(&uid, v);
         if let Some(p) = self.image_path(i) {
@@ -151,6 +156,9 @@ impl Crowd {
                     }
                 }
             }
+        }
+        if let Some(c) = cached {
+            return c;
         }
         let mut p = Personalisation::transit(uid, self.cfg.balance_minor);
         p.upper_limit_minor = p.upper_limit_minor.max(self.cfg.balance_minor);
@@ -179,10 +187,20 @@ impl Crowd {
         self.cards[i] = Some(card);
     }
 
+    /// Card `i`'s image lock (`None` without a directory). A card whose image another process
+    /// holds past [`IMAGE_WAIT`] is not presented: `Err` with the reason.
+    fn lock_card(&self, i: usize) -> Result<Option<ImageLock>, crate::image_lock::ImageLockError> {
+        match self.image_path(i) {
+            Some(p) => ImageLock::acquire(&p, IMAGE_WAIT).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The cards' balances now (for conservation checks).
     pub fn balances(&mut self) -> Vec<([u8; 7], i32)> {
         (0..self.cards.len())
             .map(|i| {
+                let _lock = self.lock_card(i).ok().flatten();
                 let c = self.take_card(i);
                 let out = (c.state().uid, c.state().balance_minor);
                 self.cards[i] = Some(c);
@@ -191,6 +209,10 @@ impl Crowd {
             .collect()
     }
 }
+
+/// How long a presentation waits for an image another process holds (a `tapgate charge` of
+/// the same card takes a few round trips).
+pub const IMAGE_WAIT: Duration = Duration::from_secs(10);
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -218,6 +240,13 @@ impl Reader for Crowd {
             return None;
         }
         let i = self.rng.gen_range(0..self.cards.len());
+        let lock = match self.lock_card(i) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("{e}; the card is not presented");
+                return self.wait_card();
+            }
+        };
         let mut card = self.take_card(i);
         if self.cfg.tear_per_mille > 0 && self.rng.gen_range(0..1000) < self.cfg.tear_per_mille {
             card.tear_after_writes(Some(self.rng.gen_range(0..6)));
@@ -231,13 +260,73 @@ impl Reader for Crowd {
             rng,
             image,
             last_image: String::new(),
+            _lock: lock,
         });
         self.reader.as_mut().map(|r| r as &mut dyn Transport)
     }
 
     fn card_removed(&mut self) {
         if let (Some(i), Some(r)) = (self.current.take(), self.reader.take()) {
-            self.put_card(i, r.card);
+            // The image is written before the lock is let go.
+            let CardInField {
+                card, _lock: lock, ..
+            } = r;
+            self.put_card(i, card);
+            drop(lock);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn issuer() -> purse::keys::KeySet {
+        purse::keys::KeySet::generate(&mut StdRng::seed_from_u64(7))
+    }
+
+    /// Another process (here: this test) changes the image between two presentations: the
+    /// crowd presents the card as the image has it, not as it last saw it.
+    #[test]
+    fn an_image_is_read_again_at_every_presentation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = CrowdConfig {
+            cards: 1,
+            balance_minor: 1_000,
+            taps: Some(2),
+            rate_per_s: 0.0,
+            seed: 1,
+            dir: Some(dir.path().to_path_buf()),
+            tear_per_mille: 0,
+        };
+        let ks = issuer();
+        let hsm = SoftwareHsm::new(&ks).unwrap();
+        let mut crowd = Crowd::new(
+            cfg,
+            SoftwareHsm::new(&ks).unwrap(),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        assert!(crowd.wait_card().is_some());
+        let image = crowd.image_path(0).unwrap();
+        // While the card is in the field, its image is locked.
+        assert!(ImageLock::acquire(&image, Duration::ZERO).is_err());
+        crowd.card_removed();
+        let uid = crowd_uid(0);
+        let loaded = Card::personalise(
+            &Personalisation::transit(uid, 3_000),
+            hsm.card_keys(&uid, 1).unwrap(),
+        );
+        {
+            let _held = ImageLock::acquire(&image, Duration::ZERO).unwrap();
+            std::fs::write(&image, serde_json::to_string(loaded.nvm()).unwrap()).unwrap();
+        }
+        assert!(crowd.wait_card().is_some());
+        let in_field = crowd.reader.as_ref().unwrap();
+        assert_eq!(in_field.card.state().balance_minor, 3_000);
+        crowd.card_removed();
+        assert_eq!(crowd.balances(), vec![(uid, 3_000)]);
     }
 }
