@@ -97,18 +97,27 @@ pub fn check_as(engine: &Engine, authored: Authored) -> Vec<Finding> {
     out
 }
 
-/// Same match keys: contradictory (same group, other prices), duplicate, or overlapping.
-fn same_keys(t: &Table, out: &mut Vec<Finding>) {
-    let key = |r: &LegRule| {
-        (
-            r.network,
-            r.from_area,
-            r.to_area,
-            r.from_timeframe,
-            r.to_timeframe,
-            r.priority,
-        )
-    };
+/// What a leg rule matches a leg by: network, areas and timeframes.
+type LegKey = (Idx, Idx, Idx, Idx, Idx);
+
+fn leg_key(r: &LegRule) -> LegKey {
+    (
+        r.network,
+        r.from_area,
+        r.to_area,
+        r.from_timeframe,
+        r.to_timeframe,
+    )
+}
+
+/// Every pair of leg rules (`a` before `b`) with the same `key`: `judge` says what `b` does
+/// to `a`, if anything, and that is a finding at `b`.
+fn same_key_pairs<K: Ord>(
+    t: &Table,
+    key: impl Fn(&LegRule) -> K,
+    judge: impl Fn(&LegRule, &LegRule) -> Option<(Level, &'static str)>,
+    out: &mut Vec<Finding>,
+) {
     let mut by_key: BTreeMap<_, Vec<usize>> = BTreeMap::new();
     for (i, r) in t.leg_rules.iter().enumerate() {
         by_key.entry(key(r)).or_default().push(i);
@@ -117,70 +126,65 @@ fn same_keys(t: &Table, out: &mut Vec<Finding>) {
         for (k, &i) in idxs.iter().enumerate() {
             for &j in &idxs[k + 1..] {
                 let (a, b) = (&t.leg_rules[i], &t.leg_rules[j]);
-                let same_price =
-                    prices(t, a.product) == prices(t, b.product) && a.pricing == b.pricing;
-                let (level, what) = match (a.leg_group == b.leg_group, same_price) {
-                    (true, false) => (
-                        Level::Error,
-                        "contradicts it: both match the same legs in the same fare group at other prices",
-                    ),
-                    (true, true) => (Level::Warning, "duplicates it"),
-                    (false, _) => (
-                        Level::Warning,
-                        "overlaps it: both match the same legs (the cheaper applies)",
-                    ),
-                };
-                out.push(Finding {
-                    level,
-                    origin: b.origin.clone(),
-                    message: format!("{what} ({})", a.origin),
-                });
+                if let Some((level, what)) = judge(a, b) {
+                    out.push(Finding {
+                        level,
+                        origin: b.origin.clone(),
+                        message: format!("{what} ({})", a.origin),
+                    });
+                }
             }
         }
     }
 }
 
+/// Same match keys: contradictory (same group, other prices), duplicate, or overlapping.
+fn same_keys(t: &Table, out: &mut Vec<Finding>) {
+    let key = |r: &LegRule| (leg_key(r), r.priority);
+    same_key_pairs(
+        t,
+        key,
+        |a, b| {
+            let same_price = prices(t, a.product) == prices(t, b.product) && a.pricing == b.pricing;
+            Some(match (a.leg_group == b.leg_group, same_price) {
+            (true, false) => (
+                Level::Error,
+                "contradicts it: both match the same legs in the same fare group at other prices",
+            ),
+            (true, true) => (Level::Warning, "duplicates it"),
+            (false, _) => (
+                Level::Warning,
+                "overlaps it: both match the same legs (the cheaper applies)",
+            ),
+        })
+        },
+        out,
+    );
+}
+
 /// GTFS leg rules matching the same legs: the same product again repeats the row's primary key
 /// (an error); another product is another fare the rider may buy (the cheapest applies).
 fn same_legs_gtfs(t: &Table, out: &mut Vec<Finding>) {
-    let key = |r: &LegRule| {
-        (
-            r.network,
-            r.from_area,
-            r.to_area,
-            r.from_timeframe,
-            r.to_timeframe,
-        )
-    };
-    let mut by_key: BTreeMap<_, Vec<usize>> = BTreeMap::new();
-    for (i, r) in t.leg_rules.iter().enumerate() {
-        by_key.entry(key(r)).or_default().push(i);
-    }
-    for idxs in by_key.values().filter(|v| v.len() > 1) {
-        for (k, &i) in idxs.iter().enumerate() {
-            for &j in &idxs[k + 1..] {
-                let (a, b) = (&t.leg_rules[i], &t.leg_rules[j]);
-                let (level, what) = if a.product == b.product {
-                    (
-                        Level::Error,
-                        "repeats it: the same legs and fare product (the primary key of fare_leg_rules.txt)",
-                    )
-                } else if a.priority != b.priority {
-                    continue;
-                } else {
-                    (
-                        Level::Warning,
-                        "offers another product for the same legs (allowed; tapgate charges the cheapest)",
-                    )
-                };
-                out.push(Finding {
-                    level,
-                    origin: b.origin.clone(),
-                    message: format!("{what} ({})", a.origin),
-                });
+    same_key_pairs(
+        t,
+        leg_key,
+        |a, b| {
+            if a.product == b.product {
+                Some((
+                Level::Error,
+                "repeats it: the same legs and fare product (the primary key of fare_leg_rules.txt)",
+            ))
+            } else if a.priority != b.priority {
+                None
+            } else {
+                Some((
+                Level::Warning,
+                "offers another product for the same legs (allowed; tapgate charges the cheapest)",
+            ))
             }
-        }
-    }
+        },
+        out,
+    );
 }
 
 /// Unreachable: a higher-priority rule matches every leg this one does.

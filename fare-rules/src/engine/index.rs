@@ -134,29 +134,39 @@ fn lookup(codes: &[(u32, Idx)], code: u32) -> Option<Idx> {
         .map(|i| codes[i].1)
 }
 
+/// A required index: `i` must point into a list of `len` (`place` names where, for the error).
+fn req(
+    what: &'static str,
+    i: Idx,
+    len: usize,
+    place: &dyn Fn() -> String,
+) -> Result<(), TableError> {
+    if usize::from(i) >= len {
+        Err(TableError::BadIndex {
+            what,
+            index: i,
+            place: place(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// An optional index: [`NONE`], or one [`req`] accepts.
+fn chk(
+    what: &'static str,
+    i: Idx,
+    len: usize,
+    place: &dyn Fn() -> String,
+) -> Result<(), TableError> {
+    if i == NONE {
+        Ok(())
+    } else {
+        req(what, i, len, place)
+    }
+}
+
 fn validate(t: &Table) -> Result<(), TableError> {
-    let chk = |what: &'static str, i: Idx, len: usize, place: &dyn Fn() -> String| {
-        if i != NONE && usize::from(i) >= len {
-            Err(TableError::BadIndex {
-                what,
-                index: i,
-                place: place(),
-            })
-        } else {
-            Ok(())
-        }
-    };
-    let req = |what: &'static str, i: Idx, len: usize, place: &dyn Fn() -> String| {
-        if usize::from(i) >= len {
-            Err(TableError::BadIndex {
-                what,
-                index: i,
-                place: place(),
-            })
-        } else {
-            Ok(())
-        }
-    };
     let n = |v: usize| v;
     for len in [
         t.categories.len(),
@@ -277,17 +287,6 @@ fn validate(t: &Table) -> Result<(), TableError> {
 
 /// The card codes of stops and routes: one sorted, unique entry per stop and per route.
 fn validate_codes(t: &Table) -> Result<(), TableError> {
-    let req = |what: &'static str, i: Idx, len: usize, place: &dyn Fn() -> String| {
-        if usize::from(i) >= len {
-            Err(TableError::BadIndex {
-                what,
-                index: i,
-                place: place(),
-            })
-        } else {
-            Ok(())
-        }
-    };
     for (what, codes, len) in [
         ("stop", &t.stop_codes, t.stops.len()),
         ("route", &t.route_codes, t.routes.len()),

@@ -175,13 +175,14 @@ pub(super) fn codes(
 /// Compiles a loaded feed into a fare table: one function per file group, each resolving the
 /// ids of the groups before it.
 pub fn compile(feed: &Feed) -> Result<Table> {
-    if feed.fare_products.is_empty() && !feed.fare_attributes.is_empty() {
-        return super::v1::compile_v1(feed);
-    }
+    let v1 = feed.fare_products.is_empty() && !feed.fare_attributes.is_empty();
     let mut table = Table {
-        meta: meta(feed)?,
+        meta: meta(feed, v1)?,
         ..Table::default()
     };
+    if v1 {
+        return super::v1::compile_v1(feed, table);
+    }
     let networks = networks(feed)?;
     let areas = areas(feed)?;
     let stops = stops(feed, &areas, &mut table)?;
@@ -197,35 +198,60 @@ pub fn compile(feed: &Feed) -> Result<Table> {
     Ok(table)
 }
 
-/// The table's name, currency (one for the whole feed) and validity.
-fn meta(feed: &Feed) -> Result<Meta> {
-    let mut currency: Option<&FareProductRow> = None;
-    for p in &feed.fare_products {
-        match currency {
-            None => currency = Some(p),
-            Some(first) if first.currency != p.currency => {
-                return Err(GtfsError::Invalid {
-                    file: FARE_PRODUCTS,
-                    line: p.line,
-                    field: "currency",
-                    message: format!(
-                        "currency {} differs from {} on line {}; a table has a single currency",
-                        p.currency, first.currency, first.line
-                    ),
-                });
-            }
-            Some(_) => {}
-        }
+/// The table's name, currency (one for the whole feed, from the file that prices:
+/// `fare_products.txt`, or `fare_attributes.txt` for Fares v1) and validity.
+fn meta(feed: &Feed, v1: bool) -> Result<Meta> {
+    let currency = if v1 {
+        single_currency(
+            feed.fare_attributes.iter().map(|a| (&a.currency, a.line)),
+            FARE_ATTRIBUTES,
+            ["currency_type", "fare_id"],
+            "fares",
+        )?
+    } else {
+        single_currency(
+            feed.fare_products.iter().map(|p| (&p.currency, p.line)),
+            FARE_PRODUCTS,
+            ["currency", "fare_product_id"],
+            "fare products",
+        )?
+    };
+    Ok(feed_meta(feed, currency, !v1 && feed.has_rule_priority))
+}
+
+/// The one currency of a file's priced rows (`(currency, line)`): a row in another currency
+/// than the first is an error at its `field` (a table has a single currency), and so is a file
+/// without rows (at `id_field`: it has no `what`).
+fn single_currency<'a>(
+    rows: impl IntoIterator<Item = (&'a String, u64)>,
+    file: &'static str,
+    [field, id_field]: [&'static str; 2],
+    what: &str,
+) -> Result<String> {
+    let mut rows = rows.into_iter();
+    let (first, first_line) = rows.next().ok_or_else(|| GtfsError::Invalid {
+        file,
+        line: 1,
+        field: id_field,
+        message: format!("the file has no {what}"),
+    })?;
+    if let Some((other, line)) = rows.find(|(c, _)| *c != first) {
+        return Err(GtfsError::Invalid {
+            file,
+            line,
+            field,
+            message: format!(
+                "currency {other} differs from {first} on line {first_line}; a table has a single currency"
+            ),
+        });
     }
-    let currency = currency
-        .map(|p| p.currency.clone())
-        .ok_or(GtfsError::Invalid {
-            file: FARE_PRODUCTS,
-            line: 1,
-            field: "fare_product_id",
-            message: "the file has no fare products".to_string(),
-        })?;
-    Ok(Meta {
+    Ok(first.clone())
+}
+
+/// The table's header from the feed: named after its first named agency, valid over
+/// `feed_info.txt`'s dates (open-ended where it gives none), in `currency`.
+fn feed_meta(feed: &Feed, currency: String, priority_mode: bool) -> Meta {
+    Meta {
         name: feed
             .agencies
             .iter()
@@ -248,8 +274,8 @@ fn meta(feed: &Feed) -> Result<Meta> {
             .map(|d| d.saturating_add(1)),
         day_start_s: 0,
         max_transfers: 255,
-        priority_mode: feed.has_rule_priority,
-    })
+        priority_mode,
+    }
 }
 
 /// Networks from networks.txt, routes.txt and route_networks.txt.

@@ -21,16 +21,12 @@ use std::collections::BTreeMap;
 use super::compile::{codes, Ids};
 use super::*;
 use crate::table::{
-    currency_exponent, DurationFrom, Idx, LegRule, Meta, Named, Network, Price, Pricing, Product,
-    Route, Stop, Table, TransferKind, TransferRule, NONE,
+    DurationFrom, Idx, LegRule, Named, Network, Price, Pricing, Product, Route, Stop, Table,
+    TransferKind, TransferRule, NONE,
 };
 
-/// Compiles a Fares v1 feed.
-pub(super) fn compile_v1(feed: &Feed) -> Result<Table> {
-    let mut table = Table {
-        meta: meta(feed)?,
-        ..Table::default()
-    };
+/// Compiles a Fares v1 feed into `table` (which has its meta already).
+pub(super) fn compile_v1(feed: &Feed, mut table: Table) -> Result<Table> {
     let zones = stops_and_zones(feed, &mut table)?;
     let routes = routes(feed, &mut table)?;
     let fares = fares(feed, &mut table)?;
@@ -60,55 +56,6 @@ pub(super) fn compile_v1(feed: &Feed) -> Result<Table> {
         transfer_rule(a, fare, &mut table)?;
     }
     Ok(table)
-}
-
-fn meta(feed: &Feed) -> Result<Meta> {
-    let first = feed.fare_attributes.first().ok_or(GtfsError::Invalid {
-        file: FARE_ATTRIBUTES,
-        line: 1,
-        field: "fare_id",
-        message: "the file has no fares".to_string(),
-    })?;
-    if let Some(other) = feed
-        .fare_attributes
-        .iter()
-        .find(|a| a.currency != first.currency)
-    {
-        return Err(GtfsError::Invalid {
-            file: FARE_ATTRIBUTES,
-            line: other.line,
-            field: "currency_type",
-            message: format!(
-                "currency {} differs from {} on line {}; a table has a single currency",
-                other.currency, first.currency, first.line
-            ),
-        });
-    }
-    Ok(Meta {
-        name: feed
-            .agencies
-            .iter()
-            .map(|a| a.agency_name.as_str())
-            .find(|n| !n.is_empty())
-            .unwrap_or("GTFS feed")
-            .to_string(),
-        version: 1,
-        currency_exponent: currency_exponent(&first.currency),
-        currency: first.currency.clone(),
-        effective_from_day: feed
-            .feed_info
-            .as_ref()
-            .and_then(|f| f.feed_start_date)
-            .unwrap_or(i32::MIN / 2),
-        effective_until_day: feed
-            .feed_info
-            .as_ref()
-            .and_then(|f| f.feed_end_date)
-            .map(|d| d.saturating_add(1)),
-        day_start_s: 0,
-        max_transfers: 255,
-        priority_mode: false,
-    })
 }
 
 /// Stops (from `stops.txt`, required by v1 zones) and their zones as areas.
