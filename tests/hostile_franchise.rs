@@ -8,13 +8,14 @@ use purse::apdu::ins;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
-use purse::sam::{Authenticator, SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome, TxError};
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::TxError;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use tapgate_testkit::fixtures::value_tx;
+use tapgate_testkit::{http, spawn_charging, Kill};
 
 const PASS: &str = "hostile-franchise-pass";
 const ALICE: &str = "tg_alice_token_hostile";
@@ -23,15 +24,8 @@ const SHOP: &str = "tg_corner_shop_token";
 const KIOSK: &str = "tg_kiosk_token";
 
 struct Server {
-    child: Child,
+    _child: Kill,
     base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn sha(t: &str) -> String {
@@ -78,57 +72,24 @@ fn setup() -> (tempfile::TempDir, KeySet, Server) {
 }
 
 fn start(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .arg("charging")
-        .arg("--config")
-        .arg(dir.join("charging.toml"))
-        .arg("--keys")
-        .arg(dir.join("keys"))
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tapgate charging");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("charging listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, base }
-}
-
-fn call(
-    method: &str,
-    url: &str,
-    token: &str,
-    key: Option<&str>,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    let mut req = ureq::request(method, url).set("Authorization", &format!("Bearer {token}"));
-    if let Some(k) = key {
-        req = req.set("Idempotency-Key", k);
-    }
-    let res = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match res {
-        Ok(r) => {
-            let code = r.status();
-            let text = r.into_string().unwrap_or_default();
-            (code, serde_json::from_str(&text).unwrap_or_default())
-        }
-        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("transport error: {e}"),
+    let (child, base) = spawn_charging(
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .arg("charging")
+            .arg("--config")
+            .arg(dir.join("charging.toml"))
+            .arg("--keys")
+            .arg(dir.join("keys"))
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .stderr(Stdio::inherit()),
+    );
+    Server {
+        _child: child,
+        base,
     }
 }
 
 fn post(base: &str, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    call("POST", &format!("{base}{path}"), token, None, Some(body))
+    http::post(&format!("{base}{path}"), token, body)
 }
 
 /// Relays the server's commands to the card until a final answer.
@@ -155,33 +116,6 @@ fn relay(base: &str, card: &mut Card, mut reply: serde_json::Value) -> serde_jso
         reply = next;
     }
     reply
-}
-
-fn value_tx(
-    auth: &mut dyn Authenticator,
-    card: &mut Card,
-    key: KeyKind,
-    code: u8,
-    amount: i32,
-) -> Result<CommitReceipt, TxError> {
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(6),
-    };
-    match txn::run(
-        &mut reader,
-        auth,
-        key,
-        code,
-        &mut StdRng::seed_from_u64(7),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        },
-    )? {
-        Outcome::Committed { receipt, .. } => Ok(receipt),
-        Outcome::Refused { .. } => panic!("refused"),
-    }
 }
 
 /// A franchise report of one load: (UID, counter, TMV, amount, balance after).
@@ -213,19 +147,13 @@ fn report(base: &str, token: &str, (uid, tmc, tmv, amount, after): Load) -> serd
 
 fn shadow(base: &str, card: &Card) -> i64 {
     let uid = hex::encode_upper(card.state().uid);
-    let (code, c) = call("GET", &format!("{base}/v1/cards/{uid}"), OPS, None, None);
+    let (code, c) = http::get(&format!("{base}/v1/cards/{uid}"), OPS);
     assert_eq!(code, 200, "{c}");
     c["shadow_balance_minor"].as_i64().unwrap()
 }
 
 fn outstanding(base: &str, name: &str) -> i64 {
-    let (code, s) = call(
-        "GET",
-        &format!("{base}/v1/franchises/{name}"),
-        OPS,
-        None,
-        None,
-    );
+    let (code, s) = http::get(&format!("{base}/v1/franchises/{name}"), OPS);
     assert_eq!(code, 200, "{s}");
     s["outstanding_minor"].as_i64().unwrap()
 }
@@ -257,13 +185,12 @@ fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed()
     assert!(code == 200 || code == 201, "{code} {body}");
 
     // An online load of 500.
-    let (code, first) = call(
-        "POST",
+    let (code, first) = http::post_with_key(
         &format!("{base}/v1/loads"),
         ALICE,
-        Some("load-1"),
-        Some(serde_json::json!({"card_uid": uid_hex, "amount_minor": 500,
-            "funding": {"source": "card", "instrument": "tok_visa"}})),
+        "load-1",
+        serde_json::json!({"card_uid": uid_hex, "amount_minor": 500,
+            "funding": {"source": "card", "instrument": "tok_visa"}}),
     );
     assert_eq!(code, 200, "{first}");
     let done = relay(&base, &mut card, first);
@@ -304,12 +231,11 @@ fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed()
     assert_eq!(card.state().balance_minor, 700);
 
     // Item 6: the online load is reversed (refunded)...
-    let (code, first) = call(
-        "POST",
+    let (code, first) = http::post_with_key(
         &format!("{base}/v1/reversals"),
         ALICE,
-        Some("rev-1"),
-        Some(serde_json::json!({"card_uid": uid_hex, "load_tmc": load_tmc})),
+        "rev-1",
+        serde_json::json!({"card_uid": uid_hex, "load_tmc": load_tmc}),
     );
     assert_eq!(code, 200, "{first}");
     let done = relay(&base, &mut card, first);
@@ -367,12 +293,9 @@ fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed()
     );
     assert_eq!(code, 200, "{body}");
     let delta = |after: &str| {
-        call(
-            "GET",
+        http::get(
             &format!("{base}/v1/blocklist/signed/delta?after={after}"),
             OPS,
-            None,
-            None,
         )
         .0
     };

@@ -18,10 +18,11 @@ use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome, TxError};
+use purse::txn::TxError;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
+use tapgate_testkit::fixtures::value_tx;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -177,33 +178,6 @@ fn shop(name: &str, device_id: u32) -> FranchiseConfig {
         name: name.into(),
         device_id,
         max_exposure_minor: 100_000,
-    }
-}
-
-fn value_tx(
-    auth: &mut dyn purse::sam::Authenticator,
-    card: &mut Card,
-    key: KeyKind,
-    code: u8,
-    amount: i32,
-) -> Result<CommitReceipt, TxError> {
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(3),
-    };
-    match txn::run(
-        &mut reader,
-        auth,
-        key,
-        code,
-        &mut StdRng::seed_from_u64(4),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        },
-    )? {
-        Outcome::Committed { receipt, .. } => Ok(receipt),
-        Outcome::Refused { .. } => panic!("refused"),
     }
 }
 

@@ -5,40 +5,11 @@ mod common;
 
 use common::Rig;
 use purse::apdu::{ins, Status};
-use purse::card::Card;
 use purse::keys::KeyKind;
 use purse::receipt::{CommitReceipt, TxClaim, TxKind};
 use purse::sam::{reader_id_of_device, Authenticator, Hsm, SamError, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome, TxError};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-
-fn value_tx(
-    auth: &mut dyn Authenticator,
-    card: &mut Card,
-    key: KeyKind,
-    code: u8,
-    amount: i32,
-) -> Result<CommitReceipt, TxError> {
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(7),
-    };
-    match txn::run(
-        &mut reader,
-        auth,
-        key,
-        code,
-        &mut StdRng::seed_from_u64(8),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        },
-    )? {
-        Outcome::Committed { receipt, .. } => Ok(receipt),
-        Outcome::Refused { .. } => panic!("refused"),
-    }
-}
+use purse::txn::{self, TxError};
+use tapgate_testkit::fixtures::value_tx;
 
 fn boundary(r: Result<CommitReceipt, TxError>) {
     match r {

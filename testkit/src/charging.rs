@@ -4,6 +4,9 @@
 use charging::api::AppState;
 use charging::server::{self, ServerConfig, ServerError};
 
+/// The HTTP calls its tests make (the kit's [`crate::http`]).
+pub use crate::http::{post, post_with_key};
+
 /// A charging server serving on a loopback port from its own runtime; stopped (and its data
 /// directory removed) when dropped.
 pub struct ChargingServer {
@@ -123,41 +126,6 @@ pub fn start_with_hsm(
         handle: Some(handle),
         _dir: dir,
     }
-}
-
-fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, serde_json::Value) {
-    match r {
-        Ok(r) => {
-            let code = r.status();
-            (code, r.into_json().unwrap_or_default())
-        }
-        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
-}
-
-/// POST JSON with a bearer token; returns (status, body).
-pub fn post(url: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    answer(
-        ureq::post(url)
-            .set("Authorization", &format!("Bearer {token}"))
-            .send_json(body),
-    )
-}
-
-/// POST JSON with a bearer token and an Idempotency-Key.
-pub fn post_with_key(
-    url: &str,
-    token: &str,
-    key: &str,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    answer(
-        ureq::post(url)
-            .set("Authorization", &format!("Bearer {token}"))
-            .set("Idempotency-Key", key)
-            .send_json(body),
-    )
 }
 
 /// Registers a funding instrument (a card token) to the token's account: 201 or 200.

@@ -1,10 +1,13 @@
-//! Small fixtures: bearer tokens, personalised cards, signed taps.
+//! Small fixtures: bearer tokens, personalised cards, value transactions, signed taps.
 
 use purse::card::{Card, Personalisation};
-use purse::keys::KeySet;
+use purse::keys::{KeyKind, KeySet};
 use purse::receipt::{CommitReceipt, TxKind};
-use purse::sam::SoftwareHsm;
+use purse::sam::{Authenticator, SoftwareHsm};
 use purse::tap::{TapMeta, TapRecord};
+use purse::txn::{self, Decision, EmulatedReader, Outcome, TxError};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use tapgate_http::auth::{Auth, Role, TokenEntry};
 
 /// A configured bearer token: `name` with `role`, whose secret is `secret`.
@@ -22,6 +25,38 @@ pub fn transit_card(hsm: &SoftwareHsm, uid: [u8; 7], balance_minor: i32) -> Card
         &Personalisation::transit(uid, balance_minor),
         hsm.card_keys(&uid, 1).expect("card keys"),
     )
+}
+
+/// One value transaction on an emulated `card`, as a terminal authenticated by `auth` with
+/// `key` would run it: value command `code` (debit, credit, limited credit…) of `amount`,
+/// with no record. The card's answer is the test's subject, so the card's refusals come back
+/// as errors; the terminal's decision never refuses (a refusal panics).
+pub fn value_tx(
+    auth: &mut dyn Authenticator,
+    card: &mut Card,
+    key: KeyKind,
+    code: u8,
+    amount: i32,
+) -> Result<CommitReceipt, TxError> {
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(7),
+    };
+    let outcome = txn::run(
+        &mut reader,
+        auth,
+        key,
+        code,
+        &mut StdRng::seed_from_u64(8),
+        |_| Decision::Apply {
+            amount_minor: amount,
+            record: None,
+        },
+    )?;
+    match outcome {
+        Outcome::Committed { receipt, .. } => Ok(receipt),
+        Outcome::Refused { .. } => panic!("the terminal refused its own transaction"),
+    }
 }
 
 /// A tap record of `operator`'s `device` with sequence number `seq`, signed with the device's

@@ -3,9 +3,11 @@
 //!
 //! - [`net`]: loopback ports no other test of the process gets, waiting for a listener;
 //! - [`wait`]: waiting on a condition with a deadline (never a fixed sleep);
-//! - [`process`]: a guard that kills and reaps a child process;
+//! - [`process`]: a guard that kills and reaps a child process, a daemon spawned until it
+//!   announces its address;
 //! - [`mosquitto`]: Mosquitto with a password file and the shipped ACL or configuration;
-//! - [`fixtures`]: bearer tokens, personalised cards, signed taps;
+//! - [`fixtures`]: bearer tokens, personalised cards, value transactions, signed taps;
+//! - `http` (feature `http`): the JSON calls with a bearer token the tests make;
 //! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
 //! - `softhsm` (feature `softhsm`): SoftHSM2 tokens in temporary directories;
 //! - `charging` (feature `charging`): the charging server in process, with either HSM.
@@ -26,9 +28,11 @@ pub mod wait;
 pub mod broker;
 #[cfg(feature = "charging")]
 pub mod charging;
+#[cfg(feature = "http")]
+pub mod http;
 #[cfg(feature = "softhsm")]
 pub mod softhsm;
 
 pub use net::{free_port, wait_for_port, wait_for_port_async};
-pub use process::Kill;
+pub use process::{spawn_charging, Kill};
 pub use wait::{wait_until, wait_until_async};
