@@ -81,22 +81,7 @@ fn forwarding_is_idempotent_and_clearing_books_each_tap_once() {
     let ledger = charging::ledger::Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
     let uid = [4, 2, 2, 2, 2, 2, 2];
     ledger
-        .transact(move |t| {
-            t.post(
-                0,
-                "issuer:float",
-                &charging::ledger::card_account(&uid),
-                100_000,
-                "issue",
-            )?;
-            t.put_card(
-                &uid,
-                &charging::ledger::CardShadow {
-                    booked_balance_minor: Some(100_000),
-                    ..Default::default()
-                },
-            )
-        })
+        .transact(move |t| t.issue_card(&uid, 100_000, "issue", 0))
         .unwrap();
     let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(&ks).unwrap()));
     let mut ids = Vec::new();

@@ -81,20 +81,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         let issued = cards_issued.clone();
         ledger.transact(move |t| {
             for c in &issued {
-                t.post(
-                    0,
-                    "issuer:float",
-                    &charging::ledger::card_account(c),
-                    i64::from(i32::MAX / 2),
-                    "issue",
-                )?;
-                t.put_card(
-                    c,
-                    &charging::ledger::CardShadow {
-                        booked_balance_minor: Some(i32::MAX / 2),
-                        ..Default::default()
-                    },
-                )?;
+                t.issue_card(c, i32::MAX / 2, "issue", 0)?;
             }
             Ok(())
         })?;

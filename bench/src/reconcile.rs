@@ -2,7 +2,9 @@
 //! issuance and a load booked, in an LMDB ledger on disk.
 
 use crate::Figures;
-use charging::ledger::{card_account, CardShadow, Ledger};
+use charging::ledger::Ledger;
+use purse::receipt::{CommitReceipt, TxKind};
+use purse::sam::TmacVerified;
 use std::time::Instant;
 
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
@@ -17,17 +19,19 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             for j in i..(i + chunk).min(n) {
                 let mut uid = [0x04, 0, 0, 0, 0, 0, 0];
                 uid[2..7].copy_from_slice(&j.to_be_bytes()[3..8]);
-                t.post(0, "issuer:float", &card_account(&uid), 1_000, "issue")?;
-                t.post(0, "funding:card", &card_account(&uid), 500, "load")?;
-                t.put_card(
-                    &uid,
-                    &CardShadow {
-                        last_tmc: 1,
-                        booked_through_tmc: 1,
-                        booked_balance_minor: Some(1_500),
-                        ..Default::default()
-                    },
-                )?;
+                // Issued with 1 000, then a load of 500 at counter 1 that the HSM proved
+                // (a franchise terminal's: posted and booked without an intent).
+                t.issue_card(&uid, 1_000, "issue", 0)?;
+                let load = TmacVerified::for_tests(CommitReceipt::for_tests(
+                    uid,
+                    1,
+                    [0; 8],
+                    TxKind::Credit,
+                    500,
+                    1_500,
+                ));
+                t.post_franchise_load(&load, "bench", "load", 0)?;
+                t.book_proved(&load, 0)?;
             }
             Ok(())
         })?;

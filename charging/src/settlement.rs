@@ -57,6 +57,39 @@ struct Totals {
     debits_minor: i128,
 }
 
+/// What a posting is to the party it settles with.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A franchise's load onto a card (it owes us).
+    Load,
+    /// A franchise's payment to us.
+    Payment,
+    /// Fare revenue cleared for an operator (we owe it).
+    Debit,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Load => "load",
+            Kind::Payment => "payment",
+            Kind::Debit => "debit",
+        }
+    }
+}
+
+/// The party (`franchise:<id>`, `operator:<id>`) a posting settles with, and what it is.
+fn classify(p: &Posting) -> Option<(String, Kind)> {
+    if let Some(f) = p.from.strip_prefix("franchise:") {
+        Some((format!("franchise:{f}"), Kind::Load))
+    } else if let Some(f) = p.to.strip_prefix("franchise:") {
+        Some((format!("franchise:{f}"), Kind::Payment))
+    } else {
+        let op = p.to.strip_prefix("operator:")?;
+        Some((format!("operator:{op}"), Kind::Debit))
+    }
+}
+
 /// Builds the day's settlement files.
 pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, SettlementError> {
     let (start, end) = day_bounds(day).map_err(SettlementError::Day)?;
@@ -65,48 +98,29 @@ pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, Set
     let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
     let all: Vec<Posting> = r.postings_with_prefix("")?;
     for p in all.iter().filter(|p| p.time_ms >= start && p.time_ms < end) {
-        if let Some(f) = p.from.strip_prefix("franchise:") {
-            let (uid, tmc) = split_ref(&p.reference);
-            rows.entry(format!("franchise-{f}"))
-                .or_default()
-                .push(format!(
-                    "{},load,{uid},{tmc},{},{}",
-                    utc(p.time_ms),
-                    p.amount_minor,
-                    p.reference
-                ));
-            totals
-                .entry(format!("franchise:{f}"))
-                .or_default()
-                .loads_minor += i128::from(p.amount_minor);
-        } else if let Some(f) = p.to.strip_prefix("franchise:") {
-            rows.entry(format!("franchise-{f}"))
-                .or_default()
-                .push(format!(
-                    "{},payment,,,{},{}",
-                    utc(p.time_ms),
-                    p.amount_minor,
-                    p.reference
-                ));
-            totals
-                .entry(format!("franchise:{f}"))
-                .or_default()
-                .payments_minor += i128::from(p.amount_minor);
-        } else if let Some(op) = p.to.strip_prefix("operator:") {
-            let (uid, tmc) = split_ref(&p.reference);
-            rows.entry(format!("operator-{op}"))
-                .or_default()
-                .push(format!(
-                    "{},debit,{uid},{tmc},{},{}",
-                    utc(p.time_ms),
-                    p.amount_minor,
-                    p.reference
-                ));
-            totals
-                .entry(format!("operator:{op}"))
-                .or_default()
-                .debits_minor += i128::from(p.amount_minor);
-        }
+        let Some((party, kind)) = classify(p) else {
+            continue;
+        };
+        let (uid, tmc) = match kind {
+            Kind::Payment => ("", ""),
+            Kind::Load | Kind::Debit => split_ref(&p.reference),
+        };
+        rows.entry(party.replacen(':', "-", 1))
+            .or_default()
+            .push(format!(
+                "{},{},{uid},{tmc},{},{}",
+                utc(p.time_ms),
+                kind.word(),
+                p.amount_minor,
+                p.reference
+            ));
+        let t = totals.entry(party).or_default();
+        let column = match kind {
+            Kind::Load => &mut t.loads_minor,
+            Kind::Payment => &mut t.payments_minor,
+            Kind::Debit => &mut t.debits_minor,
+        };
+        *column += i128::from(p.amount_minor);
     }
     let mut files = Vec::new();
     for (party, lines) in rows {
@@ -166,13 +180,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let l = crate::ledger::Ledger::open(dir.path(), 16 << 20).unwrap();
         let day = 86_400_000 * 20_000; // 2024-10-04
+        let load = |uid: [u8; 7], amount: i32| {
+            purse::sam::TmacVerified::for_tests(purse::receipt::CommitReceipt::for_tests(
+                uid,
+                1,
+                [0; 8],
+                purse::receipt::TxKind::Credit,
+                amount,
+                amount,
+            ))
+        };
+        let (a, b) = ([4, 1, 0, 0, 0, 0, 1], [4, 2, 0, 0, 0, 0, 1]);
+        let (load_a, load_b) = (load(a, 2_000), load(b, 999));
         l.transact(move |t| {
-            t.post(
+            t.post_franchise_load(
+                &load_a,
+                "shop",
+                "franchise-load:04010000000001:1",
                 day + 1_000,
-                "franchise:shop",
-                "card:0401",
-                2_000,
-                "franchise-load:0401:1",
             )
             .unwrap();
             t.post(
@@ -183,14 +208,8 @@ mod tests {
                 "franchise-payment:shop:b1",
             )
             .unwrap();
-            t.post(
-                day - 1,
-                "franchise:shop",
-                "card:0402",
-                999,
-                "franchise-load:0402:1",
-            )
-            .unwrap();
+            t.post_franchise_load(&load_b, "shop", "franchise-load:04020000000001:1", day - 1)
+                .unwrap();
             Ok(())
         })
         .unwrap();
@@ -200,9 +219,9 @@ mod tests {
             .find(|f| f.name == "franchise-shop-2024-10-04.csv")
             .unwrap();
         assert_eq!(shop.csv.lines().count(), 3, "{}", shop.csv);
-        assert!(shop
-            .csv
-            .contains("2024-10-04T00:00:01Z,load,0401,1,2000,franchise-load:0401:1"));
+        assert!(shop.csv.contains(
+            "2024-10-04T00:00:01Z,load,04010000000001,1,2000,franchise-load:04010000000001:1"
+        ));
         let summary = files
             .iter()
             .find(|f| f.name == "summary-2024-10-04.csv")

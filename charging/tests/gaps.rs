@@ -124,7 +124,7 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
         hsm.card_keys(&b, 1).unwrap(),
     );
     let b1 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_b, 100);
-    let _rogue = change(&mut hsm, KeyKind::Credit, ins::CREDIT, &mut card_b, 5_000);
+    let rogue = change(&mut hsm, KeyKind::Credit, ins::CREDIT, &mut card_b, 5_000);
     let b3 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_b, 100);
     clear(&svc, "b2", vec![tap(&b1, 4), tap(&b3, 6)], T0 + HOUR);
 
@@ -174,9 +174,9 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
     // value is explained by a proved transaction and the block is lifted.
     {
         let l = svc.ledger();
-        let (b_uid, now) = (b, T0 + 2 * TIMEOUT);
-        l.transact(move |t| t.book_counter(&b_uid, 2, 5_900, 5_000, now))
-            .unwrap();
+        let proof = purse::sam::Hsm::verify_tmac(&hsm, &rogue).unwrap();
+        let now = T0 + 2 * TIMEOUT;
+        l.transact(move |t| t.book_proved(&proof, now)).unwrap();
     }
     assert!(!blocked(&svc, &b), "unblocked when the gap filled");
     {

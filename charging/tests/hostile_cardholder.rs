@@ -315,7 +315,7 @@ fn an_authorisation_is_voided_when_the_intent_cannot_be_written() {
             t.add_funding_day("card", &tok, 0, 1)?;
             let mut uid = [0xFF; 7];
             uid[..4].copy_from_slice(&n.to_be_bytes());
-            t.put_card(&uid, &Default::default())
+            t.issue_card(&uid, 0, "filler", 0).map(drop)
         });
         if ok.is_err() {
             break;

@@ -444,13 +444,8 @@ fn a_blocked_card_is_refused(kind: HsmKind) {
     {
         let l = w.svc.ledger();
         let uid = card.state().uid;
-        l.transact(move |t| {
-            let mut s = t.card(&uid)?;
-            s.blocked = true;
-            s.block_reason = Some("reported stolen".into());
-            t.put_card(&uid, &s)
-        })
-        .unwrap();
+        l.transact(move |t| t.set_blocked(&uid, true, "reported stolen", 0))
+            .unwrap();
     }
     let r = w.load(&mut card, 100, "b");
     assert!(

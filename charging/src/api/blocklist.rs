@@ -1,6 +1,8 @@
 //! The blocklist: numbered changes and the HSM-signed snapshot and delta the gateways relay.
 
 use super::*;
+use crate::ledger::LedgerRead;
+use purse::blocklist::{ListKind, ListUpdate};
 
 #[derive(Deserialize)]
 pub(super) struct ChangesQuery {
@@ -62,22 +64,40 @@ pub(super) fn signed_list(
         .into_response())
 }
 
+/// The signed list a handler answers with: the read (`update`, in one ledger snapshot; `None`
+/// when there is nothing to list) on the blocking pool, then the HSM's signature; 204 when
+/// there is nothing.
+async fn signed_answer(
+    st: AppState,
+    headers: HeaderMap,
+    update: impl FnOnce(&dyn LedgerRead, &str) -> Result<Option<ListUpdate>, ApiError> + Send + 'static,
+) -> Result<Response, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    blocking(move || {
+        let l = st.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let update = update(&*r, &st.operator)?;
+        drop(r);
+        match update {
+            Some(u) => signed_list(&st, &u),
+            None => Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    })
+    .await
+}
+
 /// `GET /v1/blocklist/signed/snapshot` (gateway, operator): every blocked card at the latest
 /// version, signed by the back office (wire format: purse::blocklist).
 pub(super) async fn signed_snapshot(
     State(st): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
-    let st2 = st.clone();
-    blocking(move || {
-        let l = st2.loads.ledger();
-        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    signed_answer(st, headers, |r, operator| {
         let (_, latest) = r
             .block_changes(u64::MAX - 1, 1)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         if latest == 0 {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+            return Ok(None);
         }
         let entries: Vec<([u8; 7], bool)> = r
             .all_cards()
@@ -86,17 +106,13 @@ pub(super) async fn signed_snapshot(
             .filter(|(_, c)| c.blocked)
             .map(|(uid, _)| (uid, true))
             .collect();
-        drop(r);
-        signed_list(
-            &st2,
-            &purse::blocklist::ListUpdate {
-                kind: purse::blocklist::ListKind::Snapshot,
-                operator: st2.operator.clone(),
-                from_version: 0,
-                to_version: latest,
-                entries,
-            },
-        )
+        Ok(Some(ListUpdate {
+            kind: ListKind::Snapshot,
+            operator: operator.to_string(),
+            from_version: 0,
+            to_version: latest,
+            entries,
+        }))
     })
     .await
 }
@@ -108,17 +124,12 @@ pub(super) async fn signed_delta(
     headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
 ) -> Result<Response, ApiError> {
-    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
-    let st2 = st.clone();
-    blocking(move || {
-        let l = st2.loads.ledger();
-        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    signed_answer(st, headers, move |r, operator| {
         let (changes, _) = r
             .block_changes(q.after, q.limit.clamp(1, 1_000_000))
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        drop(r);
         let Some(last) = changes.last().map(|c| c.version) else {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+            return Ok(None);
         };
         let mut entries = Vec::with_capacity(changes.len());
         for c in &changes {
@@ -128,16 +139,13 @@ pub(super) async fn signed_delta(
                 .ok_or_else(|| ApiError::Internal(format!("stored UID {:?}", c.card_uid)))?;
             entries.push((uid, c.action == "block"));
         }
-        signed_list(
-            &st2,
-            &purse::blocklist::ListUpdate {
-                kind: purse::blocklist::ListKind::Delta,
-                operator: st2.operator.clone(),
-                from_version: q.after,
-                to_version: last,
-                entries,
-            },
-        )
+        Ok(Some(ListUpdate {
+            kind: ListKind::Delta,
+            operator: operator.to_string(),
+            from_version: q.after,
+            to_version: last,
+            entries,
+        }))
     })
     .await
 }

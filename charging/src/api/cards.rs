@@ -47,12 +47,8 @@ pub(super) async fn register_card(
             .map_err(ApiError::from)?;
         if let Some(owner) = req.owner {
             let l = loads.ledger();
-            l.transact(move |t| {
-                let mut s = t.card(&uid)?;
-                s.owner = Some(owner);
-                t.put_card(&uid, &s)
-            })
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            l.transact(move |t| t.set_owner(&uid, &owner))
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
         }
         Ok(())
     })

@@ -10,6 +10,56 @@
 //! its rule needs (clearing books a counter, posts the fare and voids a pending load in one).
 //! No storage type (an LMDB transaction, a SQL connection) crosses this interface: a second
 //! backend implements these two traits and nothing else changes.
+//!
+//! ## Proofs
+//!
+//! A card's shadow (its account's value, its counters, what it reported) changes only on a
+//! proof: [`LedgerWrite::book_proved`], [`LedgerWrite::post_cleared_tap`] and
+//! [`LedgerWrite::post_franchise_load`] take the HSM's [`TmacVerified`],
+//! [`LedgerWrite::observe_card`] a [`CardSnapshot`] read under MAC,
+//! [`LedgerWrite::complete_intent`] a [`Completion`]; the one exception is a card's issuance
+//! ([`LedgerWrite::issue_card`], once per card, before it ever transacted). [`LedgerWrite::post`]
+//! refuses a `card:` account ([`LedgerError::CardAccount`]). The primitives underneath (post to
+//! any account, book a counter, record a counter, store a shadow) take a [`LedgerOnly`] token
+//! that only this module can make, and the trait is sealed, so code outside the ledger can
+//! neither call them nor implement the trait to intercept the token:
+//!
+//! ```compile_fail
+//! use charging::ledger::{LedgerOnly, LedgerWrite};
+//! fn book_without_proof(t: &mut dyn LedgerWrite) {
+//!     // A counter booked with no transaction MAC behind it: refused at compile time.
+//!     let _ = t.book_counter(LedgerOnly(()), &[4; 7], 2, 5_900, 5_000, 0);
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! use charging::ledger::{LedgerOnly, LedgerWrite};
+//! fn load_without_proof(t: &mut dyn LedgerWrite) {
+//!     // Value posted to a card with no proof: refused at compile time.
+//!     let _ = t.post_any(LedgerOnly(()), 0, "funding:card", "card:04040404040404", 500, "x");
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! // Nor can another crate implement the trait (and be handed the token): its seal is
+//! // private to the ledger.
+//! struct Mine;
+//! impl charging::ledger::interface::sealed::Sealed for Mine {}
+//! ```
+//!
+//! Posting to a card through the public [`LedgerWrite::post`] compiles and is refused:
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use charging::ledger::{card_account, Ledger, LedgerError};
+//! let dir = tempfile::tempdir()?;
+//! let ledger = Ledger::open(dir.path(), 16 << 20)?;
+//! let card = card_account(&[4; 7]);
+//! let r = ledger.transact(move |t| t.post(0, "funding:card", &card, 500, "load"));
+//! assert!(matches!(r, Err(LedgerError::CardAccount { .. })));
+//! # ledger.close();
+//! # Ok(()) }
+//! ```
 
 use super::records::*;
 use super::{card_account, LedgerError};
@@ -148,11 +198,47 @@ pub trait LedgerRead {
     fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError>;
 }
 
+/// A token only this module can make: the ledger's primitives that change a card's shadow
+/// without a proof take it, so only the proof-taking steps of [`LedgerWrite`] call them.
+#[derive(Debug)]
+pub struct LedgerOnly(());
+
+/// The seal: only the ledger's backends implement [`LedgerWrite`] (another implementation
+/// would be handed [`LedgerOnly`] tokens).
+pub(super) mod sealed {
+    /// Implemented by the ledger's own write transactions only.
+    pub trait Sealed {}
+}
+
+/// Whether an account is a card's shadow purse.
+fn is_card_account(account: &str) -> bool {
+    account.starts_with("card:")
+}
+
 /// One write transaction of the ledger (it reads its own writes).
-pub trait LedgerWrite: LedgerRead {
-    /// Posts `amount_minor` from `from` to `to`.
+pub trait LedgerWrite: LedgerRead + sealed::Sealed {
+    /// Posts `amount_minor` from `from` to `to`, neither of them a card: value reaches or
+    /// leaves a card only on a proof (the proof-taking steps below), or at its issuance.
     fn post(
         &mut self,
+        time_ms: u64,
+        from: &str,
+        to: &str,
+        amount_minor: i64,
+        reference: &str,
+    ) -> Result<Posting, LedgerError> {
+        if let Some(account) = [from, to].into_iter().find(|a| is_card_account(a)) {
+            return Err(LedgerError::CardAccount {
+                account: account.to_string(),
+            });
+        }
+        self.post_any(LedgerOnly(()), time_ms, from, to, amount_minor, reference)
+    }
+
+    /// Posts between any two accounts, cards included (the ledger's own steps only).
+    fn post_any(
+        &mut self,
+        token: LedgerOnly,
         time_ms: u64,
         from: &str,
         to: &str,
@@ -162,15 +248,36 @@ pub trait LedgerWrite: LedgerRead {
 
     /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
     /// booked. Counters only advance `booked_through_tmc` when contiguous; a counter booked
-    /// above a gap starts the gap's clock (`now_ms`) for [`LedgerWrite::sweep_gaps`].
+    /// above a gap starts the gap's clock (`now_ms`) for [`LedgerWrite::sweep_gaps`]. The
+    /// ledger's own steps only: the services book through [`LedgerWrite::book_proved`] and
+    /// [`LedgerWrite::complete_intent`].
     fn book_counter(
         &mut self,
+        token: LedgerOnly,
         uid: &[u8; 7],
         tmc: u32,
         balance_after_minor: i32,
         delta_minor: i64,
         now_ms: u64,
     ) -> Result<Booking, LedgerError>;
+
+    /// Records a counter and balance the card reported (the ledger's own steps only: the
+    /// services record a [`CardSnapshot`] with [`LedgerWrite::observe_card`]).
+    fn observe_counter(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        tmc: u32,
+        balance_minor: i32,
+    ) -> Result<CardShadow, LedgerError>;
+
+    /// Stores the card's shadow record (the ledger's own steps only).
+    fn put_card(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        shadow: &CardShadow,
+    ) -> Result<(), LedgerError>;
 
     /// Adds `delta_minor` to that day's total.
     fn add_funding_day(
@@ -208,16 +315,79 @@ pub trait LedgerWrite: LedgerRead {
     /// Stores a voucher.
     fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError>;
 
-    /// Stores the card's shadow record.
-    fn put_card(&mut self, uid: &[u8; 7], shadow: &CardShadow) -> Result<(), LedgerError>;
+    /// Records what a card reported: its counter and balance, read under MAC by a dialogue.
+    fn observe_card(&mut self, snapshot: &CardSnapshot) -> Result<CardShadow, LedgerError> {
+        self.observe_counter(
+            LedgerOnly(()),
+            &snapshot.uid(),
+            snapshot.tmc(),
+            snapshot.balance_minor(),
+        )
+    }
 
-    /// Records what a card reported (its counter and balance, read under MAC).
-    fn observe_card(
+    /// Issues a newly personalised card: posts its personalised value `issuer:float` →
+    /// `card:<UID>` and starts its shadow there. A card already known is left as it is
+    /// (returns `false`): its value changes only on proofs from then on.
+    fn issue_card(
         &mut self,
         uid: &[u8; 7],
-        tmc: u32,
-        balance_minor: i32,
-    ) -> Result<CardShadow, LedgerError>;
+        personalised_minor: i32,
+        reference: &str,
+        now_ms: u64,
+    ) -> Result<bool, LedgerError> {
+        if self.card_known(uid)? {
+            return Ok(false);
+        }
+        if personalised_minor < 0 {
+            return Err(LedgerError::InvalidPosting(
+                "a card's personalised value is not negative",
+            ));
+        }
+        if personalised_minor > 0 {
+            self.post_any(
+                LedgerOnly(()),
+                now_ms,
+                "issuer:float",
+                &card_account(uid),
+                i64::from(personalised_minor),
+                reference,
+            )?;
+        }
+        let shadow = CardShadow {
+            booked_balance_minor: Some(personalised_minor),
+            ..Default::default()
+        };
+        self.put_card(LedgerOnly(()), uid, &shadow)?;
+        Ok(true)
+    }
+
+    /// Sets the cardholder who may report the card lost or stolen.
+    fn set_owner(&mut self, uid: &[u8; 7], owner: &str) -> Result<(), LedgerError> {
+        let mut shadow = self.card(uid)?;
+        shadow.owner = Some(owner.to_string());
+        self.put_card(LedgerOnly(()), uid, &shadow)
+    }
+
+    /// Counts `amount_minor` into the card's loads of UTC day `day` (the per-card daily
+    /// limit), starting the day's count afresh on a new day.
+    fn add_load_day(
+        &mut self,
+        uid: &[u8; 7],
+        day: u64,
+        amount_minor: i64,
+    ) -> Result<CardShadow, LedgerError> {
+        let mut shadow = self.card(uid)?;
+        if shadow.load_day != day {
+            shadow.load_day = day;
+            shadow.load_day_minor = 0;
+        }
+        shadow.load_day_minor = shadow
+            .load_day_minor
+            .checked_add(amount_minor)
+            .ok_or(LedgerError::InvalidPosting("a day total would overflow"))?;
+        self.put_card(LedgerOnly(()), uid, &shadow)?;
+        Ok(shadow)
+    }
 
     /// Records a new load intent; refuses it while a live (authorised or completed) intent
     /// exists for the same card counter. Sets `intent.attempt`.
@@ -242,13 +412,20 @@ pub trait LedgerWrite: LedgerRead {
     fn book_proved(&mut self, proof: &TmacVerified, now_ms: u64) -> Result<Booking, LedgerError> {
         let r = proof.receipt();
         let uid = r.uid();
-        self.observe_card(&uid, r.tmc(), r.balance_after_minor())?;
+        self.observe_counter(LedgerOnly(()), &uid, r.tmc(), r.balance_after_minor())?;
         let delta = match r.kind() {
             TxKind::Debit => -i64::from(r.amount_minor()),
             TxKind::LimitedCredit | TxKind::Credit => i64::from(r.amount_minor()),
             TxKind::RecordOnly => 0,
         };
-        self.book_counter(&uid, r.tmc(), r.balance_after_minor(), delta, now_ms)
+        self.book_counter(
+            LedgerOnly(()),
+            &uid,
+            r.tmc(),
+            r.balance_after_minor(),
+            delta,
+            now_ms,
+        )
     }
 
     /// Posts a cleared tap's revenue, proved by the HSM: a fare `card:<UID>` →
@@ -265,9 +442,11 @@ pub trait LedgerWrite: LedgerRead {
         let (card, op) = (card_account(&r.uid()), format!("operator:{operator}"));
         let amount = i64::from(r.amount_minor());
         match r.kind() {
-            TxKind::Debit if amount > 0 => self.post(now_ms, &card, &op, amount, reference)?,
+            TxKind::Debit if amount > 0 => {
+                self.post_any(LedgerOnly(()), now_ms, &card, &op, amount, reference)?
+            }
             TxKind::LimitedCredit if amount > 0 => {
-                self.post(now_ms, &op, &card, amount, reference)?
+                self.post_any(LedgerOnly(()), now_ms, &op, &card, amount, reference)?
             }
             _ => return Ok(()),
         };
@@ -284,7 +463,8 @@ pub trait LedgerWrite: LedgerRead {
         now_ms: u64,
     ) -> Result<Posting, LedgerError> {
         let r = proof.receipt();
-        self.post(
+        self.post_any(
+            LedgerOnly(()),
             now_ms,
             &format!("franchise:{franchise}"),
             &card_account(&r.uid()),

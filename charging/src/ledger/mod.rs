@@ -36,7 +36,7 @@ mod interface;
 mod lmdb;
 mod records;
 
-pub use interface::{Completion, LedgerRead, LedgerWrite};
+pub use interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,
     GROUP_COMMIT_QUEUE_JOBS,
@@ -65,6 +65,13 @@ pub enum LedgerError {
         uid: String,
         /// counter
         tmc: u32,
+    },
+    /// A plain posting named a card's account: value reaches or leaves a card only on a
+    /// proof (a transaction MAC the HSM verified, a load's completion), or at its issuance.
+    #[error("posting to or from {account} needs the card's proof")]
+    CardAccount {
+        /// the card account named
+        account: String,
     },
     /// A posting would be invalid (non-positive amount, same account on both sides).
     #[error("invalid posting: {0}")]

@@ -141,27 +141,8 @@ impl LoadService {
         };
         let reference = format!("issue:{}", hex::encode_upper(uid));
         let uid = *uid;
-        self.ledger.transact(move |t| {
-            if t.card_known(&uid)? {
-                return Ok(());
-            }
-            if personalised_minor > 0 {
-                t.post(
-                    now_ms,
-                    "issuer:float",
-                    &card_account(&uid),
-                    personalised_minor,
-                    &reference,
-                )?;
-            }
-            t.put_card(
-                &uid,
-                &crate::ledger::CardShadow {
-                    booked_balance_minor: Some(personalised_i32),
-                    ..Default::default()
-                },
-            )
-        })?;
+        self.ledger
+            .transact(move |t| t.issue_card(&uid, personalised_i32, &reference, now_ms))?;
         Ok(())
     }
 }

@@ -162,8 +162,8 @@ impl LoadService {
             reverses_tmc: None,
             reversed_at_tmc: None,
         };
-        let (tmc, balance) = (snap.tmc(), snap.balance_minor());
         let record = intent_record(&intent).to_vec();
+        let snapshot = snap.clone();
         let recorded = self.ledger.transact(move |t| {
             let so_far = t.funding_day_total(&source_name, &instrument, today)?;
             if so_far + i64::from(amount) > max_daily {
@@ -171,13 +171,8 @@ impl LoadService {
             }
             t.add_funding_day(&source_name, &instrument, today, i64::from(amount))?;
             t.insert_intent(&uid, &mut intent)?;
-            let mut shadow = t.observe_card(&uid, tmc, balance)?;
-            if shadow.load_day != today {
-                shadow.load_day = today;
-                shadow.load_day_minor = 0;
-            }
-            shadow.load_day_minor += i64::from(amount);
-            t.put_card(&uid, &shadow)?;
+            t.observe_card(&snapshot)?;
+            t.add_load_day(&uid, today, i64::from(amount))?;
             Ok(None)
         });
         match recorded {

@@ -22,8 +22,7 @@ mod session;
 
 use crate::funding::{FundingError, FundingRequest, FundingSource, Holding};
 use crate::ledger::{
-    card_account, Completion, FundingAction, IntentKind, IntentState, Ledger, LedgerError,
-    LoadIntent,
+    Completion, FundingAction, IntentKind, IntentState, Ledger, LedgerError, LoadIntent,
 };
 use purse::apdu::ins;
 use purse::keys::KeyKind;

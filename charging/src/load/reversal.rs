@@ -125,6 +125,7 @@ impl LoadService {
             reversed_at_tmc: None,
         };
         let record = intent_record(&reversal).to_vec();
+        let snapshot = snap.clone();
         let recorded = self.ledger.transact(move |t| {
             let Some(mut load) = t.intent(&uid, load_tmc - 1)? else {
                 return Ok(Err("the load is gone"));
@@ -138,7 +139,7 @@ impl LoadService {
             t.insert_intent(&uid, &mut reversal)?;
             load.reversed_at_tmc = Some(tmc + 1);
             t.put_intent(&uid, &load)?;
-            t.observe_card(&uid, tmc, balance)?;
+            t.observe_card(&snapshot)?;
             Ok(Ok(()))
         });
         match recorded {

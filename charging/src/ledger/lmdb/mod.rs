@@ -10,7 +10,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-use super::interface::{Completion, LedgerRead, LedgerWrite};
+use super::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 use super::records::*;
 use super::{card_account, LedgerError};
 use heed::byteorder::BE;
@@ -258,21 +258,49 @@ impl LedgerCore {
     }
 }
 
-impl LedgerRead for LmdbRead<'_> {
+/// A consistent view of the databases (a read snapshot, or a write transaction reading its
+/// own writes): both implement [`LedgerRead`] through it.
+mod view {
+    use super::*;
+
+    /// The core and the transaction a read goes through.
+    pub trait View {
+        /// The databases and the transaction.
+        fn view(&self) -> (&LedgerCore, &RoTxn<'_, WithoutTls>);
+    }
+
+    impl View for LmdbRead<'_> {
+        fn view(&self) -> (&LedgerCore, &RoTxn<'_, WithoutTls>) {
+            (self.core, &self.txn)
+        }
+    }
+
+    impl View for LmdbWrite<'_, '_> {
+        fn view(&self) -> (&LedgerCore, &RoTxn<'_, WithoutTls>) {
+            (self.core, self.txn)
+        }
+    }
+}
+
+impl<T: view::View> LedgerRead for T {
     fn balance(&self, account: &str) -> Result<i64, LedgerError> {
-        self.core.balance(&self.txn, account)
+        let (core, txn) = self.view();
+        core.balance(txn, account)
     }
 
     fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
-        self.core.balances(&self.txn)
+        let (core, txn) = self.view();
+        core.balances(txn)
     }
 
     fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
-        self.core.postings_with_prefix(&self.txn, prefix)
+        let (core, txn) = self.view();
+        core.postings_with_prefix(txn, prefix)
     }
 
     fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
-        self.core.card(&self.txn, uid)
+        let (core, txn) = self.view();
+        core.card(txn, uid)
     }
 
     fn funding_day_total(
@@ -281,8 +309,8 @@ impl LedgerRead for LmdbRead<'_> {
         instrument: &str,
         day: u64,
     ) -> Result<i64, LedgerError> {
-        self.core
-            .funding_day_total(&self.txn, source, instrument, day)
+        let (core, txn) = self.view();
+        core.funding_day_total(txn, source, instrument, day)
     }
 
     fn anomalies(
@@ -290,11 +318,13 @@ impl LedgerRead for LmdbRead<'_> {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
-        self.core.anomalies(&self.txn, after, limit)
+        let (core, txn) = self.view();
+        core.anomalies(txn, after, limit)
     }
 
     fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        self.core.all_cards(&self.txn)
+        let (core, txn) = self.view();
+        core.all_cards(txn)
     }
 
     fn block_changes(
@@ -302,39 +332,48 @@ impl LedgerRead for LmdbRead<'_> {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
-        self.core.block_changes(&self.txn, after, limit)
+        let (core, txn) = self.view();
+        core.block_changes(txn, after, limit)
     }
 
     fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
-        self.core.voucher(&self.txn, code)
+        let (core, txn) = self.view();
+        core.voucher(txn, code)
     }
 
     fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
-        self.core.card_known(&self.txn, uid)
+        let (core, txn) = self.view();
+        core.card_known(txn, uid)
     }
 
     fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
-        self.core.intent(&self.txn, uid, tmc_before)
+        let (core, txn) = self.view();
+        core.intent(txn, uid, tmc_before)
     }
 
     fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
-        self.core.open_intents(&self.txn, uid)
+        let (core, txn) = self.view();
+        core.open_intents(txn, uid)
     }
 
     fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
-        self.core.all_intents(&self.txn)
+        let (core, txn) = self.view();
+        core.all_intents(txn)
     }
 
     fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
-        self.core.idempotent(&self.txn, key)
+        let (core, txn) = self.view();
+        core.idempotent(txn, key)
     }
 
     fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
-        self.core.instrument(&self.txn, source, id)
+        let (core, txn) = self.view();
+        core.instrument(txn, source, id)
     }
 
     fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
-        self.core.instruments_of(&self.txn, owner)
+        let (core, txn) = self.view();
+        core.instruments_of(txn, owner)
     }
 }
 
@@ -344,89 +383,12 @@ pub struct LmdbWrite<'a, 't> {
     txn: &'a mut RwTxn<'t>,
 }
 
-impl LedgerRead for LmdbWrite<'_, '_> {
-    fn balance(&self, account: &str) -> Result<i64, LedgerError> {
-        self.core.balance(self.txn, account)
-    }
-
-    fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
-        self.core.balances(self.txn)
-    }
-
-    fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
-        self.core.postings_with_prefix(self.txn, prefix)
-    }
-
-    fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
-        self.core.card(self.txn, uid)
-    }
-
-    fn funding_day_total(
-        &self,
-        source: &str,
-        instrument: &str,
-        day: u64,
-    ) -> Result<i64, LedgerError> {
-        self.core
-            .funding_day_total(self.txn, source, instrument, day)
-    }
-
-    fn anomalies(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
-        self.core.anomalies(self.txn, after, limit)
-    }
-
-    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        self.core.all_cards(self.txn)
-    }
-
-    fn block_changes(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
-        self.core.block_changes(self.txn, after, limit)
-    }
-
-    fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
-        self.core.voucher(self.txn, code)
-    }
-
-    fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
-        self.core.card_known(self.txn, uid)
-    }
-
-    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
-        self.core.intent(self.txn, uid, tmc_before)
-    }
-
-    fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
-        self.core.open_intents(self.txn, uid)
-    }
-
-    fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
-        self.core.all_intents(self.txn)
-    }
-
-    fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
-        self.core.idempotent(self.txn, key)
-    }
-
-    fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
-        self.core.instrument(self.txn, source, id)
-    }
-
-    fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
-        self.core.instruments_of(self.txn, owner)
-    }
-}
+impl super::interface::sealed::Sealed for LmdbWrite<'_, '_> {}
 
 impl LedgerWrite for LmdbWrite<'_, '_> {
-    fn post(
+    fn post_any(
         &mut self,
+        _: LedgerOnly,
         time_ms: u64,
         from: &str,
         to: &str,
@@ -439,6 +401,7 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
 
     fn book_counter(
         &mut self,
+        _: LedgerOnly,
         uid: &[u8; 7],
         tmc: u32,
         balance_after_minor: i32,
@@ -483,12 +446,18 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         self.core.put_voucher(self.txn, v)
     }
 
-    fn put_card(&mut self, uid: &[u8; 7], shadow: &CardShadow) -> Result<(), LedgerError> {
+    fn put_card(
+        &mut self,
+        _: LedgerOnly,
+        uid: &[u8; 7],
+        shadow: &CardShadow,
+    ) -> Result<(), LedgerError> {
         self.core.put_card(self.txn, uid, shadow)
     }
 
-    fn observe_card(
+    fn observe_counter(
         &mut self,
+        _: LedgerOnly,
         uid: &[u8; 7],
         tmc: u32,
         balance_minor: i32,

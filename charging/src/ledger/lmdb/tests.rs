@@ -8,12 +8,19 @@ fn postings_balance_to_zero_and_survive_reopen() {
     {
         let l = Ledger::open(dir.path(), 16 << 20).unwrap();
         l.transact(move |t| {
-            t.post(1, "issuer:float", "card:01", 1_000, "issue:01")
+            t.post(1, "issuer:float", "wallet:01", 1_000, "issue:01")
                 .unwrap();
-            t.post(2, "funding:card", "card:01", 500, "load:01:1")
+            t.post(2, "funding:card", "wallet:01", 500, "load:01:1")
                 .unwrap();
-            t.post(3, "card:01", "operator:metro", 120, "tap:01:2")
+            t.post(3, "wallet:01", "operator:metro", 120, "tap:01:2")
                 .unwrap();
+            // A card's account moves only on a proof.
+            for (from, to) in [("funding:card", "card:01"), ("card:01", "operator:metro")] {
+                assert!(matches!(
+                    t.post(4, from, to, 1, "x"),
+                    Err(LedgerError::CardAccount { account }) if account == "card:01"
+                ));
+            }
             assert!(t.post(4, "a", "a", 1, "x").is_err());
             assert!(t.post(4, "a", "b", 0, "x").is_err());
             Ok(())
@@ -23,7 +30,8 @@ fn postings_balance_to_zero_and_survive_reopen() {
     }
     let l = Ledger::open(dir.path(), 16 << 20).unwrap();
     let r = l.read().unwrap();
-    assert_eq!(r.balance("card:01").unwrap(), 1_380);
+    assert_eq!(r.balance("wallet:01").unwrap(), 1_380);
+    assert_eq!(r.balance("card:01").unwrap(), 0);
     let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
     assert_eq!(sum, 0);
     assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 1);
@@ -92,7 +100,7 @@ fn group_commit_keeps_each_callers_writes_and_rolls_back_only_failures() {
                         t.post(
                             0,
                             "funding:card",
-                            &format!("card:{i}"),
+                            &format!("wallet:{i}"),
                             10,
                             &format!("load:{i}:{j}"),
                         )?;
@@ -111,7 +119,7 @@ fn group_commit_keeps_each_callers_writes_and_rolls_back_only_failures() {
     let l = Ledger::open(dir.path(), 64 << 20).unwrap();
     let r = l.read().unwrap();
     for i in 0..16u64 {
-        assert_eq!(r.balance(&format!("card:{i}")).unwrap(), 450);
+        assert_eq!(r.balance(&format!("wallet:{i}")).unwrap(), 450);
     }
     assert_eq!(r.balance("funding:card").unwrap(), -16 * 450);
     assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 16 * 45);
