@@ -15,7 +15,6 @@
 
 use aes::cipher::{
     block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
-    KeyIvInit,
 };
 use aes::Aes128;
 use cmac::{Cmac, Mac};
@@ -299,26 +298,12 @@ pub fn tm_session_mac_key_with(k_tm: &Cmac<Aes128>, tmc_next: u32, uid: &[u8; 7]
 
 /// AES-128-CBC encryption in place; `data` must be whole blocks.
 pub fn cbc_encrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
-    if !data.len().is_multiple_of(BLOCK) {
-        return Err(CryptoError::NotBlockAligned { got: data.len() });
-    }
-    let len = data.len();
-    cbc::Encryptor::<Aes128>::new(&key.0.into(), iv.into())
-        .encrypt_padded_mut::<NoPadding>(data, len)
-        .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
-    Ok(())
+    cbc(key.cipher(), iv, data, Direction::Encrypt)
 }
 
 /// AES-128-CBC decryption in place; `data` must be whole blocks.
 pub fn cbc_decrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
-    if !data.len().is_multiple_of(BLOCK) {
-        return Err(CryptoError::NotBlockAligned { got: data.len() });
-    }
-    let len = data.len();
-    cbc::Decryptor::<Aes128>::new(&key.0.into(), iv.into())
-        .decrypt_padded_mut::<NoPadding>(data)
-        .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
-    Ok(())
+    cbc(key.cipher(), iv, data, Direction::Decrypt)
 }
 
 /// AES-128-CBC encryption in place with an already expanded cipher (whole blocks).
@@ -327,14 +312,7 @@ pub fn cbc_encrypt_with(
     iv: &[u8; 16],
     data: &mut [u8],
 ) -> Result<(), CryptoError> {
-    let len = data.len();
-    if !len.is_multiple_of(BLOCK) {
-        return Err(CryptoError::NotBlockAligned { got: len });
-    }
-    cbc::Encryptor::<Aes128>::inner_iv_init(cipher.clone(), iv.into())
-        .encrypt_padded_mut::<NoPadding>(data, len)
-        .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
-    Ok(())
+    cbc(cipher.clone(), iv, data, Direction::Encrypt)
 }
 
 /// AES-128-CBC decryption in place with an already expanded cipher (whole blocks).
@@ -343,14 +321,38 @@ pub fn cbc_decrypt_with(
     iv: &[u8; 16],
     data: &mut [u8],
 ) -> Result<(), CryptoError> {
+    cbc(cipher.clone(), iv, data, Direction::Decrypt)
+}
+
+/// Which way [`cbc`] runs.
+#[derive(Clone, Copy)]
+enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+/// AES-128-CBC without padding, in place over whole blocks: the one copy behind the four
+/// public helpers. The CBC mode owns its cipher, so it takes the expanded key by value (the
+/// `_with` helpers clone theirs, as the mode always needed).
+#[inline]
+fn cbc(cipher: Aes128, iv: &[u8; 16], data: &mut [u8], dir: Direction) -> Result<(), CryptoError> {
     let len = data.len();
     if !len.is_multiple_of(BLOCK) {
         return Err(CryptoError::NotBlockAligned { got: len });
     }
-    cbc::Decryptor::<Aes128>::inner_iv_init(cipher.clone(), iv.into())
-        .decrypt_padded_mut::<NoPadding>(data)
-        .map_err(|_| CryptoError::NotBlockAligned { got: len })?;
-    Ok(())
+    let done = match dir {
+        Direction::Encrypt => cbc::Encryptor::<Aes128>::inner_iv_init(cipher, iv.into())
+            .encrypt_padded_mut::<NoPadding>(data, len)
+            .is_ok(),
+        Direction::Decrypt => cbc::Decryptor::<Aes128>::inner_iv_init(cipher, iv.into())
+            .decrypt_padded_mut::<NoPadding>(data)
+            .is_ok(),
+    };
+    if done {
+        Ok(())
+    } else {
+        Err(CryptoError::NotBlockAligned { got: len })
+    }
 }
 
 /// AES-128 ECB encryption of one block (used to derive the EV2 IVs).

@@ -69,22 +69,17 @@ pub fn tm_input_with_reader(
 /// the HSM's check of a claim, [`crate::sam::Hsm::verify_claim`]), so another crate cannot:
 ///
 /// ```compile_fail
-/// use purse::receipt::{CommitReceipt, TxKind};
-/// let forged = CommitReceipt {
+/// use purse::receipt::{CommitReceipt, TxClaim, TxKind};
+/// let claim = TxClaim {
 ///     uid: [4; 7], tmc: 1, tmv: [0; 8], kind: TxKind::Credit, amount_minor: 100_000,
 ///     balance_after_minor: 100_000, key_version: 1, reader_id: None,
 /// };
+/// let forged = CommitReceipt { claim };
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommitReceipt {
-    uid: [u8; 7],
-    tmc: u32,
-    tmv: [u8; 8],
-    kind: TxKind,
-    amount_minor: i32,
-    balance_after_minor: i32,
-    key_version: u8,
-    reader_id: Option<[u8; 16]>,
+    /// The change as the card committed it (the receipt is its claim, proved).
+    claim: TxClaim,
     _proof: Verified,
 }
 
@@ -93,102 +88,66 @@ pub struct CommitReceipt {
 struct Verified;
 
 impl CommitReceipt {
-    /// Built only by the transaction drivers after the commit response verified.
-    pub(crate) fn verified(
-        uid: [u8; 7],
-        tmc: u32,
-        tmv: [u8; 8],
-        kind: TxKind,
-        amount_minor: i32,
-        balance_after_minor: i32,
-        key_version: u8,
-    ) -> Self {
-        debug_assert!(amount_minor >= 0);
+    /// Built only by the transaction drivers after the commit response verified (and by
+    /// [`TxClaim::into_verified`] once the HSM checked the claim's transaction MAC).
+    pub(crate) fn verified(claim: TxClaim) -> Self {
+        debug_assert!(claim.amount_minor >= 0);
         CommitReceipt {
-            uid,
-            tmc,
-            tmv,
-            kind,
-            amount_minor,
-            balance_after_minor,
-            key_version,
-            reader_id: None,
+            claim,
             _proof: Verified,
         }
     }
 
-    /// The same receipt with the reader id the terminal committed.
-    pub(crate) fn with_reader(mut self, reader_id: Option<[u8; 16]>) -> Self {
-        self.reader_id = reader_id;
-        self
-    }
-
     /// Card UID.
     pub fn uid(&self) -> [u8; 7] {
-        self.uid
+        self.claim.uid
     }
 
     /// The transaction counter value this change consumed (TMC after commit).
     pub fn tmc(&self) -> u32 {
-        self.tmc
+        self.claim.tmc
     }
 
     /// The card's transaction MAC (verifiable only by the HSM).
     pub fn tmv(&self) -> [u8; 8] {
-        self.tmv
+        self.claim.tmv
     }
 
     /// The kind of change.
     pub fn kind(&self) -> TxKind {
-        self.kind
+        self.claim.kind
     }
 
     /// The amount moved, minor units, ≥ 0.
     pub fn amount_minor(&self) -> i32 {
-        self.amount_minor
+        self.claim.amount_minor
     }
 
     /// The purse balance after the change, minor units.
     pub fn balance_after_minor(&self) -> i32 {
-        self.balance_after_minor
+        self.claim.balance_after_minor
     }
 
     /// The key version of the card's application keys.
     pub fn key_version(&self) -> u8 {
-        self.key_version
+        self.claim.key_version
     }
 
     /// The reader id (TMRI) the terminal committed in the transaction, if any: part of the
     /// transaction MAC's input ([`tm_input_with_reader`]).
     pub fn reader_id(&self) -> Option<[u8; 16]> {
-        self.reader_id
+        self.claim.reader_id
     }
 
     /// The change as a claim (plain data), e.g. to send it on or to have the HSM check the
     /// card's transaction MAC on it.
     pub fn to_claim(&self) -> TxClaim {
-        TxClaim {
-            uid: self.uid,
-            tmc: self.tmc,
-            tmv: self.tmv,
-            kind: self.kind,
-            amount_minor: self.amount_minor,
-            balance_after_minor: self.balance_after_minor,
-            key_version: self.key_version,
-            reader_id: self.reader_id,
-        }
+        self.claim.clone()
     }
 
     /// The bytes the card's transaction MAC covers for this change.
     pub fn tm_input(&self) -> Vec<u8> {
-        tm_input_with_reader(
-            self.kind,
-            self.amount_minor,
-            self.balance_after_minor,
-            self.tmc,
-            &self.uid,
-            self.reader_id.as_ref(),
-        )
+        self.claim.tm_input()
     }
 
     /// For tests of code downstream of verification (other crates' unit tests): only with
@@ -202,7 +161,16 @@ impl CommitReceipt {
         amount_minor: i32,
         balance_after_minor: i32,
     ) -> Self {
-        Self::verified(uid, tmc, tmv, kind, amount_minor, balance_after_minor, 1)
+        Self::verified(TxClaim {
+            uid,
+            tmc,
+            tmv,
+            kind,
+            amount_minor,
+            balance_after_minor,
+            key_version: 1,
+            reader_id: None,
+        })
     }
 }
 
@@ -246,15 +214,6 @@ impl TxClaim {
     /// The receipt a claim is once the HSM verified its transaction MAC (only
     /// [`crate::sam::Hsm::verify_claim`] calls it).
     pub(crate) fn into_verified(self) -> CommitReceipt {
-        CommitReceipt::verified(
-            self.uid,
-            self.tmc,
-            self.tmv,
-            self.kind,
-            self.amount_minor,
-            self.balance_after_minor,
-            self.key_version,
-        )
-        .with_reader(self.reader_id)
+        CommitReceipt::verified(self)
     }
 }

@@ -828,16 +828,16 @@ fn finish(snapshot: &CardSnapshot, change: Change, tm: &[u8]) -> Result<CommitRe
                 what: "the balance after does not fit 32 bits",
             },
         )?;
-    Ok(CommitReceipt::verified(
-        snapshot.uid,
+    Ok(CommitReceipt::verified(TxClaim {
+        uid: snapshot.uid,
         tmc,
         tmv,
-        change.kind,
-        change.amount_minor,
+        kind: change.kind,
+        amount_minor: change.amount_minor,
         balance_after_minor,
-        snapshot.key_version,
-    )
-    .with_reader(change.reader_id))
+        key_version: snapshot.key_version,
+        reader_id: change.reader_id,
+    }))
 }
 
 /// The balance after a change of `kind`, or `None` when it does not fit 32 bits (no card can
