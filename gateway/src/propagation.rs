@@ -180,19 +180,8 @@ pub fn parse_clock(payload: &[u8]) -> Option<u64> {
 
 /// The device id of a status topic `tapgate/v1/<op>/devices/<device>/status`.
 pub fn status_device(topic: &str) -> Option<u32> {
-    let mut it = topic.split('/');
-    match (
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-    ) {
-        (Some("tapgate"), Some("v1"), Some(_), Some("devices"), Some(d), Some("status"), None) => {
-            d.parse().ok()
-        }
+    match crate::store::topic_levels(topic)? {
+        ["tapgate", "v1", _, "devices", d, "status"] => d.parse().ok(),
         _ => None,
     }
 }

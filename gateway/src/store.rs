@@ -320,22 +320,20 @@ impl Refused {
 
 /// Parses `tapgate/v1/<operator>/taps/<device>`.
 pub fn parse_tap_topic(topic: &str) -> Option<(&str, u32)> {
-    let mut it = topic.split('/');
-    match (
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-    ) {
-        (Some("tapgate"), Some("v1"), Some(op), Some("taps"), Some(dev), None)
-            if !op.is_empty() =>
-        {
-            Some((op, dev.parse().ok()?))
-        }
+    match topic_levels(topic)? {
+        ["tapgate", "v1", op, "taps", dev] if !op.is_empty() => Some((op, dev.parse().ok()?)),
         _ => None,
     }
+}
+
+/// The `N` levels of an MQTT topic, if it has exactly `N` (for matching against a pattern).
+pub(crate) fn topic_levels<const N: usize>(topic: &str) -> Option<[&str; N]> {
+    let mut it = topic.split('/');
+    let mut levels = [""; N];
+    for level in &mut levels {
+        *level = it.next()?;
+    }
+    it.next().is_none().then_some(levels)
 }
 
 /// Adds one tap to the batch's aggregate deltas.
