@@ -177,6 +177,11 @@ fn serve(a: ServeArgs) -> Result<()> {
     if let Some(d) = a.data {
         cfg.data_dir = d;
     }
+    let setting = match &a.config {
+        Some(p) => format!("data_dir in {} / --data", p.display()),
+        None => "--data".into(),
+    };
+    crate::data_dir::ensure_dir(&cfg.data_dir, &setting)?;
     let hsm = open_hsm(&cfg.hsm, a.keys.as_deref(), a.passphrase_file.as_deref())?;
     if cfg.tokens.is_empty() {
         eprintln!("warning: no API tokens configured: every authenticated endpoint will refuse (see `tapgate charging token`)");

@@ -168,6 +168,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         }
         (None, _) => None,
     };
+    crate::data_dir::ensure_dir(&a.data, "--data")?;
     let store = Store::open(&a.data, a.store_map_size_bytes)
         .with_context(|| format!("opening {}", a.data.display()))?;
     let cfg = GatewayConfig {

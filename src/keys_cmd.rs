@@ -128,6 +128,13 @@ pub fn load_keyset(dir_or_file: &Path, passphrase_file: Option<&Path>) -> Result
     } else {
         dir_or_file.to_path_buf()
     };
+    if !path.exists() {
+        return Err(input_err(format!(
+            "no key set at {}: run `tapgate keys init --out {}` (or point keys / --keys at an existing key set)",
+            path.display(),
+            dir_or_file.display()
+        )));
+    }
     let bytes =
         std::fs::read(&path).with_context(|| format!("reading key set {}", path.display()))?;
     let pass = passphrase(passphrase_file)?;

@@ -7,6 +7,7 @@ mod card_serve;
 mod charge_cmd;
 mod charging_cmd;
 mod cli_util;
+mod data_dir;
 mod demo;
 mod fare_cmd;
 mod gateway_cmd;
@@ -53,8 +54,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr; TAPGATE_LOG takes tracing's filter syntax. The demo keeps the embedded
     // broker's connection chatter (clients coming and going at its end) out of its output.
+    // A validator says when it connects and what its broker refuses; the gateway's embedded
+    // broker speaks through its front (`gateway::broker`), not rumqttd's connection chatter
+    // (a client's clean disconnect is not an error).
     let default_filter = match cli.command {
         Command::Demo(_) => "warn,rumqttd=off",
+        Command::Validator(_) => "warn,validator=info",
+        Command::Gateway(_) => "warn,gateway=info,rumqttd=off",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -128,6 +128,10 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         )
     })?;
     let signing_pub = cfg.signing_pub().map_err(|e| config_err(None, e))?;
+    crate::data_dir::ensure_dir(
+        &cfg.journal,
+        &format!("journal in {} / --journal", path.display()),
+    )?;
     let journal = Arc::new(
         Journal::open(&cfg.journal, cfg.outbox_capacity_taps, JOURNAL_MAP_BYTES)
             .with_context(|| format!("opening the journal {}", cfg.journal.display()))?,
@@ -195,7 +199,20 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         anyhow::Ok(summary)
     })?;
 
-    print_summary(cfg.device_id, &summary, a.json)
+    print_summary(cfg.device_id, &summary, a.json)?;
+    if summary.outbox_left > 0 {
+        let why = if cfg.mqtt.is_some() {
+            "the gateway has not confirmed them"
+        } else {
+            "no [mqtt]: this validator works offline"
+        };
+        eprintln!(
+            "warning: {} taps are not confirmed ({why}): they stay in the journal {} and are sent at the next start with [mqtt]; never delete it",
+            summary.outbox_left,
+            cfg.journal.display()
+        );
+    }
+    Ok(())
 }
 
 /// The reader of `choice`: the emulated crowd of `[crowd]`, or a PC/SC reader.

@@ -456,6 +456,7 @@ fn spawn_broker(
         secret,
         stats,
         logged: Mutex::new(HashSet::new()),
+        logins_logged: Mutex::new(HashMap::new()),
         slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
     });
     let thread = std::thread::Builder::new()
@@ -485,8 +486,14 @@ struct Front {
     stats: Arc<BrokerStats>,
     /// Users already logged for a violation (each is logged once; every one is counted).
     logged: Mutex<HashSet<String>>,
+    /// When each refused login was last logged (once per user per minute: a device with a
+    /// wrong password retries every half second).
+    logins_logged: Mutex<HashMap<String, std::time::Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// How often one user's refused login is logged again.
+const LOGIN_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the front closed a connection.
 #[derive(Debug)]
@@ -586,12 +593,14 @@ impl Front {
                     return;
                 }
             };
+        let user = connect.login.as_ref().map(|l| l.username.clone());
         let (role, username, internal_connect) = match self.admit(connect) {
             Ok(a) => a,
             Err(code) => {
                 self.stats
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
+                self.login_refused(user.as_deref(), code);
                 let mut out = BytesMut::new();
                 if ConnAck::new(code, false).write(&mut out).is_ok() {
                     let _ = cwr.write_all(&out).await;
@@ -673,6 +682,46 @@ impl Front {
             .write(&mut out, MAX_PACKET_BYTES)
             .map_err(|_| ConnectReturnCode::BadClientId)?;
         Ok((role, login.username, out))
+    }
+
+    /// Logs a refused CONNECT, once per user per minute (every one is counted).
+    fn login_refused(&self, user: Option<&str>, code: ConnectReturnCode) {
+        let key = user.unwrap_or("").to_string();
+        let now = std::time::Instant::now();
+        let due = self
+            .logins_logged
+            .lock()
+            .map(|mut l| {
+                if l.len() >= 10_000 {
+                    l.retain(|_, t| now.duration_since(*t) < LOGIN_LOG_EVERY);
+                }
+                match l.get(&key) {
+                    Some(t) if now.duration_since(*t) < LOGIN_LOG_EVERY => false,
+                    // Bounded: past 10,000 users refused within a minute, only counted.
+                    None if l.len() >= 10_000 => false,
+                    _ => {
+                        l.insert(key.clone(), now);
+                        true
+                    }
+                }
+            })
+            .unwrap_or(false);
+        if !due {
+            return;
+        }
+        let why = match code {
+            ConnectReturnCode::BadUserNamePassword => {
+                "unknown user or wrong password (--mqtt-users lists `username password [operator]`)"
+            }
+            ConnectReturnCode::NotAuthorized if user.is_none() => "no username and password",
+            ConnectReturnCode::NotAuthorized => "its will topic is outside its topics",
+            ConnectReturnCode::RefusedProtocolVersion => "not MQTT 3.1.1",
+            _ => "refused",
+        };
+        tracing::warn!(
+            user = user.unwrap_or("(none)"),
+            "MQTT login refused: {why} (logged once per user per minute; counted in tapgate_gateway_mqtt_connections_refused_total)"
+        );
     }
 
     fn refused(&self, user: &str, r: Refusal) {

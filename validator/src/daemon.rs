@@ -223,8 +223,24 @@ const BL_SNAPSHOT: &str = "blocklist/0-snapshot";
 const BL_DELTA: &str = "blocklist/1-delta/";
 const FARE_TABLE: &str = "fares/table";
 
+/// What a downlink message did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownlinkOutcome {
+    /// Applied: the version now in force.
+    Applied(u64),
+    /// A genuine message for a version the gate already holds (or an older one), e.g. the
+    /// retained snapshot again at a reconnect: nothing to do, nothing wrong.
+    AlreadyHeld {
+        /// The version in force.
+        held: u64,
+        /// The message's version.
+        got: u64,
+    },
+}
+
 /// Applies a downlink message (verified against `pubkey`; out-of-order or forged updates are
-/// refused and change nothing) and journals it so a restart replays it.
+/// refused and change nothing) and journals it so a restart replays it. A version already held
+/// is an error here (see [`apply_downlink_outcome`] to tell it from a refusal).
 pub fn apply_downlink(
     gate: &mut Gate,
     journal: &Journal,
@@ -232,32 +248,57 @@ pub fn apply_downlink(
     topic_kind: Downlink,
     bytes: &[u8],
 ) -> Result<u64, String> {
+    match apply_downlink_outcome(gate, journal, pubkey, topic_kind, bytes)? {
+        DownlinkOutcome::Applied(v) => Ok(v),
+        DownlinkOutcome::AlreadyHeld { held, got } => Err(match topic_kind {
+            Downlink::Blocklist => format!(
+                "blocklist refused: {}",
+                purse::blocklist::ListError::Stale { held, got }
+            ),
+            Downlink::FareTable => {
+                format!("fare table version {got} refused: version {held} is in force")
+            }
+        }),
+    }
+}
+
+/// [`apply_downlink`], telling a version already held apart from a refusal.
+pub fn apply_downlink_outcome(
+    gate: &mut Gate,
+    journal: &Journal,
+    pubkey: &[u8; 32],
+    topic_kind: Downlink,
+    bytes: &[u8],
+) -> Result<DownlinkOutcome, String> {
     match topic_kind {
         Downlink::Blocklist => {
             // One signature check, even for a 1,000,000-entry snapshot.
             let u = purse::blocklist::ListUpdate::verify(bytes, pubkey)
                 .map_err(|e| format!("blocklist refused: {e}"))?;
-            let v = gate
-                .blocklist
-                .apply_verified(&u)
-                .map_err(|e| format!("blocklist refused: {e}"))?;
+            let v = match gate.blocklist.apply_verified(&u) {
+                Ok(v) => v,
+                Err(purse::blocklist::ListError::Stale { held, got }) => {
+                    return Ok(DownlinkOutcome::AlreadyHeld { held, got })
+                }
+                Err(e) => return Err(format!("blocklist refused: {e}")),
+            };
             let r = if u.kind == purse::blocklist::ListKind::Snapshot {
                 journal.replace_blobs("blocklist/", BL_SNAPSHOT, bytes)
             } else {
                 journal.put_blob(&format!("{BL_DELTA}{v:020}"), bytes)
             };
             r.map_err(|e| format!("journalling the blocklist: {e}"))?;
-            Ok(v)
+            Ok(DownlinkOutcome::Applied(v))
         }
         Downlink::FareTable => {
             let header =
                 fare_rules::signed::peek(bytes).map_err(|e| format!("fare table refused: {e}"))?;
             let current = gate.fare_version();
             if u64::from(header.version) <= u64::from(current) && gate.engine.is_some() {
-                return Err(format!(
-                    "fare table version {} refused: version {current} is in force",
-                    header.version
-                ));
+                return Ok(DownlinkOutcome::AlreadyHeld {
+                    held: u64::from(current),
+                    got: u64::from(header.version),
+                });
             }
             let engine = fare_rules::signed::verify(bytes, pubkey)
                 .map_err(|e| format!("fare table refused: {e}"))?;
@@ -272,7 +313,7 @@ pub fn apply_downlink(
                 .put_blob(FARE_TABLE, bytes)
                 .map_err(|e| format!("journalling the fare table: {e}"))?;
             gate.engine = Some(engine);
-            Ok(u64::from(header.version))
+            Ok(DownlinkOutcome::Applied(u64::from(header.version)))
         }
     }
 }

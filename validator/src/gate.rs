@@ -65,6 +65,26 @@ impl Placement {
                         ));
                     }
                 }
+                // A table that lists the route's stops (a TOML source does; a GTFS feed's
+                // routes carry none) must list this one: elsewhere every tap would be refused
+                // as a fare error.
+                let t = engine.table();
+                let (stop, route) = (engine.stop(&self.stop), engine.route(&self.route));
+                if let (Some(stop), Some(route)) = (stop, route) {
+                    let served = &t.routes[route as usize].chainage;
+                    if !served.is_empty() && !served.iter().any(|&(s, _)| s == stop) {
+                        let names: Vec<&str> = served
+                            .iter()
+                            .map(|&(s, _)| t.stops[s as usize].id.as_str())
+                            .collect();
+                        return Err(format!(
+                            "stop {:?} is not on route {:?} in fare table version {version} (its stops: {}): set stop and route to a stop the route serves",
+                            self.stop,
+                            self.route,
+                            names.join(", ")
+                        ));
+                    }
+                }
             }
         }
         Ok(())

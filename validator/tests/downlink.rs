@@ -134,3 +134,50 @@ fn downlink_applies_in_order_refuses_forgeries_and_survives_a_restart() {
     assert!(g.blocklist.is_blocked(&[4, 0, 0, 0, 0, 0, 2]));
     assert_eq!(g.fare_version(), 5);
 }
+
+/// The retained snapshot and table come again at every reconnect: a version already held is
+/// told apart from a refusal (the daemon logs it at debug, not as a warning), and changes nothing.
+#[test]
+fn a_version_already_held_is_not_a_refusal() {
+    use validator::daemon::{apply_downlink_outcome, DownlinkOutcome};
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
+    let back_office = SigningKey::from_bytes(&[1; 32]);
+    let pk = back_office.verifying_key().to_bytes();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+    let mut g = gate(&keys);
+    let (bl, ft) = (Downlink::Blocklist, Downlink::FareTable);
+    let snapshot = list(&back_office, ListKind::Snapshot, 0, 3, 1);
+    assert_eq!(
+        apply_downlink_outcome(&mut g, &j, &pk, bl, &snapshot),
+        Ok(DownlinkOutcome::Applied(3))
+    );
+    assert_eq!(
+        apply_downlink_outcome(&mut g, &j, &pk, bl, &snapshot),
+        Ok(DownlinkOutcome::AlreadyHeld { held: 3, got: 3 })
+    );
+    assert_eq!(
+        apply_downlink_outcome(&mut g, &j, &pk, ft, &table(&back_office, 5)),
+        Ok(DownlinkOutcome::Applied(5))
+    );
+    assert_eq!(
+        apply_downlink_outcome(&mut g, &j, &pk, ft, &table(&back_office, 5)),
+        Ok(DownlinkOutcome::AlreadyHeld { held: 5, got: 5 })
+    );
+    // A forgery is still a refusal, whatever version it claims.
+    let forger = SigningKey::from_bytes(&[2; 32]);
+    assert!(apply_downlink_outcome(
+        &mut g,
+        &j,
+        &pk,
+        bl,
+        &list(&forger, ListKind::Snapshot, 0, 3, 1)
+    )
+    .is_err());
+    // The old entry point keeps its answer for callers that want one.
+    assert!(apply_downlink(&mut g, &j, &pk, bl, &snapshot)
+        .unwrap_err()
+        .contains("stale blocklist version 3 (holding 3)"));
+    assert_eq!(g.blocklist.version(), 3);
+    assert_eq!(g.fare_version(), 5);
+}

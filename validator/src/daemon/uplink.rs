@@ -2,9 +2,10 @@
 //! confirmations, downlink), the publisher (outbox, resends, heartbeats) and the drain and
 //! goodbye at shutdown.
 
+use super::DownlinkOutcome;
 use super::{
-    apply_downlink, now_ms, Confirmations, DaemonError, Downlink, MqttSettings, Settings, Shared,
-    Topics, MAX_MESSAGES_PER_ROUND, MAX_TAPS_PER_MESSAGE, RESEND_AFTER_MS,
+    apply_downlink_outcome, now_ms, Confirmations, DaemonError, Downlink, MqttSettings, Settings,
+    Shared, Topics, MAX_MESSAGES_PER_ROUND, MAX_TAPS_PER_MESSAGE, RESEND_AFTER_MS,
 };
 use crate::journal::Journal;
 use purse::sam::Sam;
@@ -23,7 +24,14 @@ struct Link {
     topics: Topics,
     cursor: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
+    /// `host:port`, the username and whether a password is set, for the log.
+    broker: Arc<str>,
+    user: Arc<str>,
+    has_password: bool,
 }
+
+/// How often the same connection failure is logged again while it lasts.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Connects to the broker, runs the event loop as a task and publishes until the reader is
 /// done (or shutdown is set) and the outbox drained (or `drain_timeout` passed); then says
@@ -40,6 +48,9 @@ pub(super) async fn run(
         topics: topics.clone(),
         cursor: Arc::new(AtomicU64::new(0)),
         connected: Arc::new(AtomicBool::new(false)),
+        broker: format!("{}:{}", m.host, m.port).into(),
+        user: m.username.clone().unwrap_or_default().into(),
+        has_password: m.password.is_some(),
     };
     let confirmations = confirmations(settings, shared)?;
     tokio::spawn(event_loop(
@@ -111,9 +122,16 @@ async fn event_loop(
     confirmations: Arc<Confirmations>,
     pubkey: [u8; 32],
 ) {
+    // The last failure logged and when: a broker that stays away or keeps refusing is logged
+    // once a minute, not at every retry.
+    let mut logged: Option<(String, Instant)> = None;
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => on_connected(&link, &shared),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                tracing::info!(broker = %link.broker, user = %link.user, "connected to the MQTT broker");
+                logged = None;
+                on_connected(&link, &shared)
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic == link.topics.confirm {
                     on_confirmation(&shared, confirmations.clone(), p).await;
@@ -124,13 +142,47 @@ async fn event_loop(
             Ok(_) => {}
             Err(e) => {
                 if link.connected.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
+                    tracing::warn!(broker = %link.broker, error = %e, "MQTT connection lost; reconnecting (taps stay journalled)");
+                } else {
+                    log_failure(&link, &e, &mut logged);
                 }
                 shared.metrics.mqtt_connected.set(0);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
+}
+
+/// A connection attempt that failed: a refused login says which setting to check; logged when
+/// it changes and once a minute while it lasts.
+fn log_failure(link: &Link, e: &rumqttc::ConnectionError, logged: &mut Option<(String, Instant)>) {
+    use rumqttc::{ConnectReturnCode as Code, ConnectionError as E};
+    let refused = match e {
+        E::ConnectionRefused(Code::BadUserNamePassword | Code::NotAuthorized) => {
+            Some(if link.has_password {
+                "authentication refused: check [mqtt] password_env (or password_file) and the broker's password for this user"
+            } else {
+                "authentication refused: no password set: check [mqtt] password_env (default TAPGATE_MQTT_PASSWORD) or password_file"
+            })
+        }
+        _ => None,
+    };
+    let what = refused.map_or_else(|| e.to_string(), str::to_string);
+    let due = logged
+        .as_ref()
+        .is_none_or(|(w, t)| *w != what || t.elapsed() >= FAILURE_LOG_EVERY);
+    if !due {
+        return;
+    }
+    match refused {
+        Some(why) => {
+            tracing::error!(broker = %link.broker, user = %link.user, "the MQTT broker refused this validator: {why}; retrying (taps stay journalled)")
+        }
+        None => {
+            tracing::warn!(broker = %link.broker, error = %e, "cannot connect to the MQTT broker; retrying (taps stay journalled)")
+        }
+    }
+    *logged = Some((what, Instant::now()));
 }
 
 /// A (re)connection: resend everything not confirmed yet (the gateway drops duplicates) and
@@ -183,12 +235,15 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
         let Ok(mut g) = shared.gate.lock() else {
             return;
         };
-        match apply_downlink(&mut g, &shared.journal, &pubkey, kind, &payload) {
-            Ok(v) => {
+        match apply_downlink_outcome(&mut g, &shared.journal, &pubkey, kind, &payload) {
+            Ok(DownlinkOutcome::Applied(v)) => {
                 tracing::info!(?kind, version = v, "downlink applied");
                 let metrics = &shared.metrics;
                 metrics.blocklist_version.set(g.blocklist.version() as i64);
                 metrics.fare_table_version.set(i64::from(g.fare_version()));
+            }
+            Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
+                tracing::debug!(?kind, held, got, "downlink already held");
             }
             Err(e) => tracing::warn!(?kind, "{e}"),
         }
