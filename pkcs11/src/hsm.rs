@@ -12,8 +12,7 @@ use cryptoki::session::Session;
 use purse::crypto::AesKey;
 use purse::keys::KeyKind;
 use purse::receipt::TxClaim;
-use purse::sam::{Authenticator, CeilingGrant, ExternalCardKey, Hsm, PendingAuth, SamError};
-use rand_core::RngCore;
+use purse::sam::{Authenticator, CardKey, ExternalCardKey, Hsm, SamError};
 use std::sync::{Arc, Mutex};
 use zeroize::Zeroize;
 
@@ -137,14 +136,7 @@ impl Authenticator for Pkcs11Hsm {
                 .unwrap_or(false)
     }
 
-    fn auth_part1(
-        &mut self,
-        kind: KeyKind,
-        version: u8,
-        uid: &[u8; 7],
-        ek_rnd_b: &[u8],
-        rng: &mut dyn RngCore,
-    ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    fn auth_key(&self, kind: KeyKind, version: u8, uid: &[u8; 7]) -> Result<CardKey, SamError> {
         purse::sam::hsm_may_authenticate(kind)?;
         let (handle, generation) = {
             let mut st = self.shared.state()?;
@@ -168,7 +160,7 @@ impl Authenticator for Pkcs11Hsm {
             handle,
             generation,
         };
-        purse::sam::pcd_auth_part1_external(Box::new(key), ek_rnd_b, rng)
+        Ok(CardKey::External(Box::new(key)))
     }
 }
 
@@ -178,35 +170,14 @@ impl Hsm for Pkcs11Hsm {
         run(&mut st, |st| st.transaction_mac(claim))
     }
 
-    fn ceiling_grant(
-        &self,
-        device_id: u32,
-        seq: u32,
-        amount_minor: i64,
-    ) -> Result<CeilingGrant, SamError> {
-        let mut st = self.shared.state()?;
-        let r = st.device_mac(
-            device_id,
-            &CeilingGrant::mac_input(device_id, seq, amount_minor),
-        );
-        if matches!(r, Err(SamError::Hsm(_))) {
-            st.broken = true;
-        }
-        Ok(CeilingGrant {
-            device_id,
-            seq,
-            amount_minor,
-            mac: r?,
-        })
-    }
-
-    fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
+    /// In the token (ceiling grants and device-MAC checks use it; the key stays inside).
+    fn device_mac_for(&self, device_id: u32, body: &[u8]) -> Result<[u8; 8], SamError> {
         let mut st = self.shared.state()?;
         let r = st.device_mac(device_id, body);
         if matches!(r, Err(SamError::Hsm(_))) {
             st.broken = true;
         }
-        Ok(purse::crypto::mac_eq(&r?, mac))
+        r
     }
 
     /// Provisioning a validator SAM needs its device key in clear (see docs/hsm.md).

@@ -108,30 +108,37 @@ impl std::fmt::Debug for PendingAuth {
     }
 }
 
+/// A diversified card key an [`Authenticator`] authenticates with: in this process, or
+/// inside a hardware token.
+pub enum CardKey {
+    /// In this process (the software SAM and HSM).
+    Clear(AesKey),
+    /// Inside a hardware token (see [`ExternalCardKey`]).
+    External(Box<dyn ExternalCardKey>),
+}
+
+impl std::fmt::Debug for CardKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CardKey::Clear(_) => f.write_str("CardKey::Clear(<secret>)"),
+            CardKey::External(_) => f.write_str("CardKey::External(<token object>)"),
+        }
+    }
+}
+
 /// PCD part 1: from E(K, RndB) build E(K, RndA ‖ RndB') (32 bytes, the AF frame's data).
 pub fn pcd_auth_part1(
-    key: AesKey,
+    key: CardKey,
     ek_rnd_b: &[u8],
     rng: &mut dyn RngCore,
 ) -> Result<(PendingAuth, [u8; 32]), SamError> {
-    let cipher = key.cipher();
-    auth_part1_with(PendingKey::Clear { key, cipher }, ek_rnd_b, rng)
-}
-
-/// PCD part 1 with a card key held in a token (see [`ExternalCardKey`]).
-pub fn pcd_auth_part1_external(
-    key: Box<dyn ExternalCardKey>,
-    ek_rnd_b: &[u8],
-    rng: &mut dyn RngCore,
-) -> Result<(PendingAuth, [u8; 32]), SamError> {
-    auth_part1_with(PendingKey::External(key), ek_rnd_b, rng)
-}
-
-fn auth_part1_with(
-    mut key: PendingKey,
-    ek_rnd_b: &[u8],
-    rng: &mut dyn RngCore,
-) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    let mut key = match key {
+        CardKey::Clear(key) => {
+            let cipher = key.cipher();
+            PendingKey::Clear { key, cipher }
+        }
+        CardKey::External(key) => PendingKey::External(key),
+    };
     let mut rnd_b: [u8; 16] = ek_rnd_b
         .try_into()
         .map_err(|_| SamError::CardAuthentication("E(RndB) is not 16 bytes"))?;
@@ -226,7 +233,7 @@ pub fn reader_id_of_device(device_id: u32) -> [u8; 16] {
 /// the transaction-MAC key, which it holds only to check the card's transaction MACs (a
 /// session under K_TM would let whoever drives the HSM compute them). The one copy of the
 /// refusal: [`SoftwareHsm`] and `tapgate-pkcs11`'s token HSM both call it from
-/// [`Authenticator::holds_version`] and [`Authenticator::auth_part1`].
+/// [`Authenticator::holds_version`] and [`Authenticator::auth_key`].
 pub fn hsm_may_authenticate(kind: KeyKind) -> Result<(), SamError> {
     if kind == KeyKind::Tmac {
         return Err(SamError::NotAllowed("authenticating with the TMAC key"));
@@ -236,7 +243,10 @@ pub fn hsm_may_authenticate(kind: KeyKind) -> Result<(), SamError> {
 
 /// Runs the terminal side of the EV2 authentication with a diversified card key it holds.
 pub trait Authenticator {
-    /// Part 1 with the card key of `kind`/`version` for card `uid`.
+    /// The card key of `kind`/`version` for card `uid`, if this may authenticate with it.
+    fn auth_key(&self, kind: KeyKind, version: u8, uid: &[u8; 7]) -> Result<CardKey, SamError>;
+
+    /// Part 1 with the card key of `kind`/`version` for card `uid` ([`Self::auth_key`]).
     fn auth_part1(
         &mut self,
         kind: KeyKind,
@@ -244,7 +254,9 @@ pub trait Authenticator {
         uid: &[u8; 7],
         ek_rnd_b: &[u8],
         rng: &mut dyn RngCore,
-    ) -> Result<(PendingAuth, [u8; 32]), SamError>;
+    ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+        pcd_auth_part1(self.auth_key(kind, version, uid)?, ek_rnd_b, rng)
+    }
 
     /// Whether this holds the master of `kind` at `version` (cards carry the version they hold).
     fn holds_version(&self, kind: KeyKind, version: u8) -> bool;
@@ -260,14 +272,23 @@ pub trait Authenticator {
         pcd_auth_part2(pending, card_resp)
     }
 
-    /// Builds a Debit / Credit / LimitedCredit command body (FULL mode) in the session.
-    /// Implementations refuse what their role may not do.
+    /// Whether this may build the value command `code` for `amount_minor` (and counts it, for
+    /// a franchise SAM's ceiling). Implementations refuse what their role may not do; by
+    /// default everything is allowed (the back office's HSM).
+    fn authorize_value(&mut self, code: u8, amount_minor: i32) -> Result<(), SamError> {
+        let _ = (code, amount_minor);
+        Ok(())
+    }
+
+    /// Builds a Debit / Credit / LimitedCredit command body (FULL mode) in the session, if
+    /// [`Self::authorize_value`] allows it.
     fn wrap_value(
         &mut self,
         channel: &mut Channel,
         code: u8,
         amount_minor: i32,
     ) -> Result<Vec<u8>, SamError> {
+        self.authorize_value(code, amount_minor)?;
         let mut data = [0u8; 4];
         data.copy_from_slice(&amount_minor.to_le_bytes());
         Ok(channel.wrap_command(code, &[crate::card::FILE_VALUE], &data, CommMode::Full)?)
@@ -313,6 +334,12 @@ pub trait Hsm: Authenticator {
             _proof: HsmChecked,
         })
     }
+    /// The device MAC over `body` with `device_id`'s key (AES-CMAC, EV2-truncated): what
+    /// [`Hsm::ceiling_grant`] and [`Hsm::verify_device_mac`] compute. By default with the device
+    /// key in memory; an HSM that can compute it where the key lives does so.
+    fn device_mac_for(&self, device_id: u32, body: &[u8]) -> Result<[u8; 8], SamError> {
+        Ok(crypto::mac8(&self.device_key(device_id)?, body))
+    }
     /// A ceiling grant for a franchise SAM (authenticated with that device's key).
     fn ceiling_grant(
         &self,
@@ -320,16 +347,18 @@ pub trait Hsm: Authenticator {
         seq: u32,
         amount_minor: i64,
     ) -> Result<CeilingGrant, SamError> {
-        let key = self.device_key(device_id)?;
+        let input = CeilingGrant::mac_input(device_id, seq, amount_minor);
         Ok(CeilingGrant {
             device_id,
             seq,
             amount_minor,
-            mac: crypto::mac8(&key, &CeilingGrant::mac_input(device_id, seq, amount_minor)),
+            mac: self.device_mac_for(device_id, &input)?,
         })
     }
     /// Verifies a device MAC (constant-time) for `device_id`.
-    fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError>;
+    fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
+        Ok(crypto::mac_eq(&self.device_mac_for(device_id, body)?, mac))
+    }
     /// The device key for `device_id` (provisioning a validator SAM).
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError>;
     /// Ed25519 signature over `msg` (blocklists, fare tables).
@@ -500,14 +529,7 @@ impl Authenticator for SoftwareSam {
         (self.role == Role::FranchiseSam).then(|| reader_id_of_device(self.device_id))
     }
 
-    fn auth_part1(
-        &mut self,
-        kind: KeyKind,
-        version: u8,
-        uid: &[u8; 7],
-        ek_rnd_b: &[u8],
-        rng: &mut dyn RngCore,
-    ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    fn auth_key(&self, kind: KeyKind, version: u8, uid: &[u8; 7]) -> Result<CardKey, SamError> {
         let key = self
             .keys
             .card_key(kind, version, uid)
@@ -516,15 +538,10 @@ impl Authenticator for SoftwareSam {
                 kind: kind.name(),
                 version,
             })?;
-        pcd_auth_part1(key, ek_rnd_b, rng)
+        Ok(CardKey::Clear(key))
     }
 
-    fn wrap_value(
-        &mut self,
-        channel: &mut Channel,
-        code: u8,
-        amount_minor: i32,
-    ) -> Result<Vec<u8>, SamError> {
+    fn authorize_value(&mut self, code: u8, amount_minor: i32) -> Result<(), SamError> {
         match (self.role, code) {
             (_, ins::DEBIT) | (_, ins::LIMITED_CREDIT) => {}
             (Role::FranchiseSam, ins::CREDIT) => {
@@ -538,9 +555,7 @@ impl Authenticator for SoftwareSam {
             }
             _ => return Err(SamError::NotAllowed("a credit")),
         }
-        let mut data = [0u8; 4];
-        data.copy_from_slice(&amount_minor.to_le_bytes());
-        Ok(channel.wrap_command(code, &[crate::card::FILE_VALUE], &data, CommMode::Full)?)
+        Ok(())
     }
 }
 
@@ -589,17 +604,9 @@ impl Authenticator for SoftwareHsm {
         hsm_may_authenticate(kind).is_ok() && self.keys.get(kind, version).is_ok()
     }
 
-    fn auth_part1(
-        &mut self,
-        kind: KeyKind,
-        version: u8,
-        uid: &[u8; 7],
-        ek_rnd_b: &[u8],
-        rng: &mut dyn RngCore,
-    ) -> Result<(PendingAuth, [u8; 32]), SamError> {
+    fn auth_key(&self, kind: KeyKind, version: u8, uid: &[u8; 7]) -> Result<CardKey, SamError> {
         hsm_may_authenticate(kind)?;
-        let key = self.keys.card_key(kind, version, uid)?;
-        pcd_auth_part1(key, ek_rnd_b, rng)
+        Ok(CardKey::Clear(self.keys.card_key(kind, version, uid)?))
     }
 }
 
@@ -610,11 +617,6 @@ impl Hsm for SoftwareHsm {
             .card_key(KeyKind::Tmac, claim.key_version, &claim.uid)?;
         let ses = crypto::tm_session_mac_key(&k_tm, claim.tmc, &claim.uid);
         Ok(crypto::mac8(&ses, &claim.tm_input()))
-    }
-
-    fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
-        let key = self.keys.device_key(device_id)?;
-        Ok(crypto::mac_eq(&crypto::mac8(&key, body), mac))
     }
 
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
