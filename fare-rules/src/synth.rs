@@ -62,7 +62,8 @@ pub fn city_source(s: CitySize) -> String {
     zones(&mut o, s);
     o.push_str(FARES);
     rail_fares(&mut o, s);
-    o.push_str(TRANSFERS_AND_CAPS);
+    metro_bus_transfers(&mut o);
+    o.push_str(RAIL_TRANSFERS_AND_CAPS);
     o
 }
 
@@ -115,25 +116,26 @@ distance = { base = "10km", bands = [{ upto = "50km", every = "5km", add = 100 }
 
 "#;
 
-/// Transfers between metro and bus (longer at night) and onto rail; a day and a week cap.
-const TRANSFERS_AND_CAPS: &str = r#"[[transfers]]
+/// Transfers between metro and bus: up to 4, within 30 minutes, 60 at night.
+fn metro_bus_transfers(o: &mut String) {
+    for (within, during) in [("30m", ""), ("60m", "during = \"night\"\n")] {
+        let _ = write!(
+            o,
+            r#"[[transfers]]
 from = ["metro", "bus"]
 to = ["metro", "bus"]
-within = "30m"
+within = "{within}"
 measured = "last_alighting"
-max = 4
+{during}max = 4
 pricing = "distance_combined"
 
-[[transfers]]
-from = ["metro", "bus"]
-to = ["metro", "bus"]
-within = "60m"
-measured = "last_alighting"
-during = "night"
-max = 4
-pricing = "distance_combined"
+"#
+        );
+    }
+}
 
-[[transfers]]
+/// Transfers onto rail; a day and a week cap.
+const RAIL_TRANSFERS_AND_CAPS: &str = r#"[[transfers]]
 from = ["metro", "bus"]
 to = "rail"
 within = "30m"
