@@ -455,14 +455,14 @@ fn complete_loads_across_gaps(
     }
 }
 
-/// Whether the transaction just before this one (counter `tmc − 1`) was a back-office reversal
-/// (pending or completed).
+/// Whether the transaction just before this one (counter `tmc − 1`) was a back-office debit —
+/// a reversal or an online payment, pending or completed (neither arms LimitedCredit).
 fn follows_reversal(t: &dyn LedgerWrite, c: &TxClaim) -> Result<bool, LedgerError> {
     let Some(before) = c.tmc.checked_sub(2) else {
         return Ok(false);
     };
     Ok(t.intent(&c.uid, before)?.is_some_and(|i| {
-        i.kind == crate::ledger::IntentKind::Reversal && i.state != IntentState::Voided
+        i.kind != crate::ledger::IntentKind::Load && i.state != IntentState::Voided
     }))
 }
 
