@@ -6,8 +6,10 @@ use crate::keys_cmd::load_keyset;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use purse::card::{Card, Personalisation};
+use purse::keys::KeySet;
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::{self, Decision, EmulatedReader, LoadOutcome, Outcome};
+use rand::rngs::OsRng;
 use std::path::PathBuf;
 
 /// `tapgate card`.
@@ -25,6 +27,22 @@ struct KeyOpts {
     /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
     #[arg(long = "passphrase-file")]
     passphrase_file: Option<PathBuf>,
+}
+
+/// What a value transaction on a card image needs: `card debit` and `card load`.
+#[derive(Args)]
+struct TxOpts {
+    #[command(flatten)]
+    keys: KeyOpts,
+    /// Card image (updated in place).
+    #[arg(long)]
+    card: PathBuf,
+    /// Amount in minor units.
+    #[arg(long)]
+    amount: i32,
+    /// Inject a tear: the card loses power after this many NVM writes of the commit.
+    #[arg(long = "tear-after-writes")]
+    tear_after_writes: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -54,33 +72,15 @@ enum CardCmd {
     /// Debit the card at an emulated validator (software SAM with the debit key only).
     Debit {
         #[command(flatten)]
-        keys: KeyOpts,
-        /// Card image (updated in place).
-        #[arg(long)]
-        card: PathBuf,
-        /// Amount in minor units.
-        #[arg(long)]
-        amount: i32,
+        tx: TxOpts,
         /// Validator device id.
         #[arg(long, default_value_t = 1)]
         device: u32,
-        /// Inject a tear: the card loses power after this many NVM writes of the commit.
-        #[arg(long = "tear-after-writes")]
-        tear_after_writes: Option<u32>,
     },
     /// Load value onto the card online (software HSM with the credit key).
     Load {
         #[command(flatten)]
-        keys: KeyOpts,
-        /// Card image (updated in place).
-        #[arg(long)]
-        card: PathBuf,
-        /// Amount in minor units.
-        #[arg(long)]
-        amount: i32,
-        /// Inject a tear: the card loses power after this many NVM writes of the commit.
-        #[arg(long = "tear-after-writes")]
-        tear_after_writes: Option<u32>,
+        tx: TxOpts,
     },
     /// Present the card to PC/SC as a virtual ICC through vsmartcard's vpcd (docs/readers.md),
     /// until Ctrl-C or SIGTERM.
@@ -176,34 +176,16 @@ pub fn run(args: CardArgs) -> Result<()> {
                 println!("recovered       a torn commit was settled at power-on");
             }
         }
-        CardCmd::Debit {
-            keys,
-            card,
-            amount,
-            device,
-            tear_after_writes,
-        } => {
-            let amount = amount_arg(amount)?;
-            let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
-            let hsm = SoftwareHsm::new(&ks)?;
+        CardCmd::Debit { tx, device } => {
+            let amount = amount_arg(tx.amount)?;
+            let ks = load_keyset(&tx.keys.keys, tx.keys.passphrase_file.as_deref())?;
             let mut sam = SoftwareSam::validator(&ks, device)?;
-            let _lock = lock_image(&card)?;
-            let nvm = read_image(&card)?;
-            let uid = nvm.main.uid;
-            let mut c = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
-            c.tear_after_writes(tear_after_writes);
-            let mut rng = rand::rngs::OsRng;
-            let result = {
-                let mut reader = EmulatedReader {
-                    card: &mut c,
-                    rng: rand::rngs::OsRng,
-                };
-                txn::debit(&mut reader, &mut sam, &mut rng, |_| Decision::Apply {
+            let (result, torn) = on_card(&tx, &ks, |reader| {
+                txn::debit(reader, &mut sam, &mut OsRng, |_| Decision::Apply {
                     amount_minor: amount,
                     record: Some(trip_record(device, amount)),
                 })
-            };
-            write_image(&card, c.nvm())?;
+            })?;
             match result {
                 Ok(Outcome::Committed { receipt, .. }) => println!(
                     "debit accepted: amount_minor={} balance_minor={} tmc={} tmv={}",
@@ -213,38 +195,19 @@ pub fn run(args: CardArgs) -> Result<()> {
                     hex::encode_upper(receipt.tmv())
                 ),
                 Ok(Outcome::Refused { .. }) => println!("debit refused"),
-                Err(e) if c.is_torn() => {
-                    println!("card torn during the debit ({e}); `tapgate card show` settles it");
-                }
-                Err(e) => return Err(anyhow::Error::new(e).context("debit refused by the card")),
+                Err(e) => return torn_or_refused(e, torn, "debit"),
             }
         }
-        CardCmd::Load {
-            keys,
-            card,
-            amount,
-            tear_after_writes,
-        } => {
-            let amount = amount_arg(amount)?;
-            let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
+        CardCmd::Load { tx } => {
+            let amount = amount_arg(tx.amount)?;
+            let ks = load_keyset(&tx.keys.keys, tx.keys.passphrase_file.as_deref())?;
             let mut hsm = SoftwareHsm::new(&ks)?;
-            let _lock = lock_image(&card)?;
-            let nvm = read_image(&card)?;
-            let uid = nvm.main.uid;
-            let mut c = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
-            c.tear_after_writes(tear_after_writes);
-            let mut rng = rand::rngs::OsRng;
-            let result = {
-                let mut reader = EmulatedReader {
-                    card: &mut c,
-                    rng: rand::rngs::OsRng,
-                };
-                txn::load_online(&mut reader, &mut hsm, &mut rng, |_| Decision::Apply {
+            let (result, torn) = on_card(&tx, &ks, |reader| {
+                txn::load_online(reader, &mut hsm, &mut OsRng, |_| Decision::Apply {
                     amount_minor: amount,
                     record: None,
                 })
-            };
-            write_image(&card, c.nvm())?;
+            })?;
             match result {
                 Ok(LoadOutcome::Loaded { proof, .. }) => println!(
                     "load completed: amount_minor={} balance_minor={} tmc={} tmv={} tmac=verified",
@@ -254,14 +217,44 @@ pub fn run(args: CardArgs) -> Result<()> {
                     hex::encode_upper(proof.receipt().tmv())
                 ),
                 Ok(LoadOutcome::Refused { .. }) => println!("load refused"),
-                Err(e) if c.is_torn() => {
-                    println!("card torn during the load ({e}); `tapgate card show` settles it");
-                }
-                Err(e) => return Err(anyhow::Error::new(e).context("load refused by the card")),
+                Err(e) => return torn_or_refused(e, torn, "load"),
             }
         }
     }
     Ok(())
+}
+
+/// Runs one transaction (`tx` drives it through an emulated reader) on the card in the image
+/// `opts.card`: locked while it runs, powered on with its keys from the issuer key set `ks` and
+/// the tear to inject, written back whatever the outcome. Returns the result and whether the
+/// card tore.
+fn on_card<T>(
+    opts: &TxOpts,
+    ks: &KeySet,
+    tx: impl FnOnce(&mut EmulatedReader<'_, OsRng>) -> T,
+) -> Result<(T, bool)> {
+    let _lock = lock_image(&opts.card)?;
+    let nvm = read_image(&opts.card)?;
+    let keys = SoftwareHsm::new(ks)?.card_keys(&nvm.main.uid, nvm.main.key_version)?;
+    let mut card = Card::power_on(nvm, keys);
+    card.tear_after_writes(opts.tear_after_writes);
+    let result = tx(&mut EmulatedReader {
+        card: &mut card,
+        rng: OsRng,
+    });
+    write_image(&opts.card, card.nvm())?;
+    Ok((result, card.is_torn()))
+}
+
+/// A failed transaction: a torn card is reported (`tapgate card show` settles it), anything
+/// else is the card's refusal.
+fn torn_or_refused(e: txn::TxError, torn: bool, what: &str) -> Result<()> {
+    if torn {
+        println!("card torn during the {what} ({e}); `tapgate card show` settles it");
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(e).context(format!("{what} refused by the card")))
+    }
 }
 
 /// A 32-byte trip record for the CLI walk-through: device id, amount (the validator writes the
