@@ -148,6 +148,8 @@ pub struct Conservation {
     pub taps_duplicated: u64,
     /// Load postings booked more than once.
     pub loads_paid_twice: u64,
+    /// Online payments (`payment:<id>` postings) booked more than once.
+    pub payments_paid_twice: u64,
     /// Load intents voided.
     pub loads_voided: u64,
     /// Each operator's revenue as the ledger booked it from cleared taps.
@@ -176,6 +178,7 @@ impl Conservation {
             && self.reconcile.differences.is_empty()
             && self.taps_lost == 0
             && self.loads_paid_twice == 0
+            && self.payments_paid_twice == 0
             && self.taps_duplicated == 0
     }
 }
@@ -200,6 +203,7 @@ pub fn conservation(
         }
         out.taps_duplicated = booked_twice(&*r, "tap:")?;
         out.loads_paid_twice = booked_twice(&*r, "load:")?;
+        out.payments_paid_twice = booked_twice(&*r, "payment:")?;
         out.loads_voided = r
             .all_intents()?
             .iter()
