@@ -8,9 +8,9 @@ use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use purse::txn::EmulatedReader;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use tapgate_testkit::{http, spawn_charging, Kill};
 
 const PASS: &str = "http-test-pass";
 const CARDHOLDER: &str = "tg_cardholder_token_for_tests";
@@ -21,41 +21,27 @@ fn sha(t: &str) -> String {
 }
 
 struct Server {
-    child: Child,
+    _child: Kill,
     base: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "charging",
-            "--config",
-            dir.join("charging.toml").to_str().unwrap(),
-            "--keys",
-            dir.join("keys").to_str().unwrap(),
-        ])
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tapgate charging");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("charging listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Server { child, base }
+    let (child, base) = spawn_charging(
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args([
+                "charging",
+                "--config",
+                dir.join("charging.toml").to_str().unwrap(),
+                "--keys",
+                dir.join("keys").to_str().unwrap(),
+            ])
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .stderr(Stdio::inherit()),
+    );
+    Server {
+        _child: child,
+        base,
+    }
 }
 
 fn setup() -> (tempfile::TempDir, KeySet) {
@@ -93,27 +79,7 @@ fn post(
     key: Option<&str>,
     body: serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let mut req = ureq::post(&format!("{base}{path}"));
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    if let Some(k) = key {
-        req = req.set("Idempotency-Key", k);
-    }
-    match req.send_json(body) {
-        Ok(r) => {
-            let status = r.status();
-            let text = r.into_string().unwrap();
-            (
-                status,
-                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-            )
-        }
-        Err(ureq::Error::Status(code, r)) => {
-            (code, r.into_json().unwrap_or(serde_json::Value::Null))
-        }
-        Err(e) => panic!("transport error: {e}"),
-    }
+    http::call("POST", &format!("{base}{path}"), token, key, Some(body))
 }
 
 /// Relays with the typed client from the start's answer `first` until a final status; if

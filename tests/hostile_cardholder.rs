@@ -6,14 +6,13 @@
 //! body gets 422; voucher codes travel in bodies only. After each, the ledger agrees with the
 //! card (`tapgate charging reconcile`). Crate-level twins: charging/tests/hostile_cardholder.rs.
 
-mod support;
-
 use purse::card::{Card, Nvm, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use tapgate_testkit::http::call;
+use tapgate_testkit::{spawn_charging, Kill};
 
 const PASS: &str = "hostile-cardholder-pass";
 const ALICE: &str = "tg_alice_phone";
@@ -23,7 +22,7 @@ const AIRLINE: &str = "tg_airline";
 const MALL: &str = "tg_mall_partner";
 
 struct Server {
-    _child: support::Kill,
+    _child: Kill,
     base: String,
     dir: tempfile::TempDir,
     keys: KeySet,
@@ -55,62 +54,32 @@ fn start() -> Server {
         ));
     }
     std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .arg("charging")
-        .arg("--config")
-        .arg(dir.path().join("charging.toml"))
-        .arg("--keys")
-        .arg(dir.path().join("keys"))
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("charging listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let (child, base) = charging(&dir.path().join("charging.toml"), dir.path());
     let keys = KeySet::unseal(
         &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
         PASS.as_bytes(),
     )
     .unwrap();
     Server {
-        _child: support::Kill(child),
+        _child: child,
         base,
         dir,
         keys,
     }
 }
 
-fn call(
-    method: &str,
-    url: &str,
-    token: Option<&str>,
-    key: Option<&str>,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    let mut req = ureq::request(method, url);
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    if let Some(k) = key {
-        req = req.set("Idempotency-Key", k);
-    }
-    let r = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match r {
-        Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
-        Err(ureq::Error::Status(c, r)) => (c, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("transport error: {e}"),
-    }
+/// `tapgate charging --config <config>` with the keys under `dir`: its guard and base URL.
+fn charging(config: &Path, dir: &Path) -> (Kill, String) {
+    spawn_charging(
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .arg("charging")
+            .arg("--config")
+            .arg(config)
+            .arg("--keys")
+            .arg(dir.join("keys"))
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .stderr(Stdio::inherit()),
+    )
 }
 
 impl Server {
@@ -533,28 +502,9 @@ fn voucher_codes_travel_in_request_bodies_only() {
             _child, dir, keys, ..
         } = s;
         drop(_child);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-            .arg("charging")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--keys")
-            .arg(dir.path().join("keys"))
-            .env("TAPGATE_KEY_PASSPHRASE", PASS)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("charging listening on ")
-            .unwrap()
-            .to_string();
+        let (child, base) = charging(&cfg, dir.path());
         Server {
-            _child: support::Kill(child),
+            _child: child,
             base,
             dir,
             keys,

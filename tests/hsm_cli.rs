@@ -7,10 +7,10 @@ use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::sam::SoftwareHsm;
 use purse::txn::EmulatedReader;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use tapgate_testkit::softhsm::{self, SoftHsmDir};
+use tapgate_testkit::{http, spawn_charging};
 
 const PASS: &str = "hsm-cli-pass";
 const PIN: &str = "cli-user-pin";
@@ -146,39 +146,6 @@ fn import_hsm_prints_labels_and_check_values_and_refuses_to_overwrite() {
     );
 }
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn post(
-    base: &str,
-    path: &str,
-    token: &str,
-    key: Option<&str>,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let mut req =
-        ureq::post(&format!("{base}{path}")).set("Authorization", &format!("Bearer {token}"));
-    if let Some(k) = key {
-        req = req.set("Idempotency-Key", k);
-    }
-    match req.send_json(body) {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(serde_json::Value::Null)),
-        Err(ureq::Error::Status(code, r)) => {
-            (code, r.into_json().unwrap_or(serde_json::Value::Null))
-        }
-        Err(e) => panic!("transport error: {e}"),
-    }
-}
-
 #[test]
 fn the_charging_daemon_loads_a_card_with_the_keys_in_the_token() {
     let r = rig("charging-cli");
@@ -213,29 +180,18 @@ fn the_charging_daemon_loads_a_card_with_the_keys_in_the_token() {
     assert!(stderr(&o).contains("pin_file, pin_env"), "{}", stderr(&o));
 
     // No --keys, no passphrase: the keys are in the token.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "charging",
-            "--config",
-            d.join("charging.toml").to_str().unwrap(),
-        ])
-        .env_remove("TAPGATE_KEY_PASSPHRASE")
-        .env("SOFTHSM2_CONF", r.hsm.conf())
-        .env("TAPGATE_TEST_HSM_PIN", PIN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tapgate charging");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("charging listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    let server = Server { child, base };
+    let (_server, base) = spawn_charging(
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args([
+                "charging",
+                "--config",
+                d.join("charging.toml").to_str().unwrap(),
+            ])
+            .env_remove("TAPGATE_KEY_PASSPHRASE")
+            .env("SOFTHSM2_CONF", r.hsm.conf())
+            .env("TAPGATE_TEST_HSM_PIN", PIN)
+            .stderr(Stdio::inherit()),
+    );
 
     let uid = [0x04, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56];
     let uid_hex = hex::encode_upper(uid);
@@ -244,24 +200,20 @@ fn the_charging_daemon_loads_a_card_with_the_keys_in_the_token() {
         &Personalisation::transit(uid, 1_000),
         soft.card_keys(&uid, 1).unwrap(),
     );
-    let (code, body) = post(
-        &server.base,
-        "/v1/cards",
+    let (code, body) = http::post(
+        &format!("{base}/v1/cards"),
         OPERATOR,
-        None,
         serde_json::json!({"card_uid": uid_hex, "personalised_minor": 1_000}),
     );
     assert_eq!(code, 201, "{body}");
     // The cardholder pays with a card token registered to its account.
-    let (code, body) = post(
-        &server.base,
-        "/v1/instruments",
+    let (code, body) = http::post(
+        &format!("{base}/v1/instruments"),
         CARDHOLDER,
-        None,
         serde_json::json!({"source": "card", "instrument": "tok_visa"}),
     );
     assert_eq!(code, 201, "{body}");
-    let relayed = Client::new(&server.base, CARDHOLDER)
+    let relayed = Client::new(&base, CARDHOLDER)
         .load(
             &mut EmulatedReader {
                 card: &mut card,

@@ -17,7 +17,6 @@ mod support;
 
 use charging::reconcile::{card_conserved, CardTruth, ShadowView};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use support::{free_port, keys_and_fare_table, Kill};
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
+use tapgate_testkit::spawn_charging;
 use tapgate_testkit::wait::wait_until;
 
 const PASS: &str = "system-e2e";
@@ -123,24 +123,13 @@ fn issuer_keys(dir: &Path) -> purse::keys::KeySet {
 
 /// `tapgate charging`; returns the guard and its base URL.
 fn start_charging(dir: &Path) -> (Kill, String) {
-    let mut child = command(
-        dir,
-        &["charging", "--config", "charging.toml", "--keys", "keys"],
+    spawn_charging(
+        command(
+            dir,
+            &["charging", "--config", "charging.toml", "--keys", "keys"],
+        )
+        .stderr(Stdio::null()),
     )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("start tapgate charging");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("charging listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (Kill(child), base)
 }
 
 fn start_gateway(dir: &Path, broker_port: u16, charging: &str) -> Kill {
@@ -180,16 +169,7 @@ fn http(
     token: &str,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let req = ureq::request(method, url).set("Authorization", &format!("Bearer {token}"));
-    let res = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match res {
-        Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
+    tapgate_testkit::http::call(method, url, Some(token), None, body)
 }
 
 fn validator_toml(dir: &Path, device: u32, stop: &str, kind: &str, port: u16) {
