@@ -80,7 +80,11 @@ fn config_err(in_file: Option<&Path>, e: ConfigError) -> anyhow::Error {
         (e @ (ConfigError::Parse(_) | ConfigError::Invalid(_)), Some(p)) => {
             input_err(format!("{}: {e}", p.display()))
         }
-        (e @ (ConfigError::Invalid(_) | ConfigError::NoFareTable), _) => input_err(e.to_string()),
+        (
+            e
+            @ (ConfigError::Invalid(_) | ConfigError::NoFareTable | ConfigError::FareTable { .. }),
+            _,
+        ) => input_err(e.to_string()),
         (other, _) => anyhow::Error::new(other),
     }
 }
