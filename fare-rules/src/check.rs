@@ -277,15 +277,25 @@ fn unserved_stops(t: &Table, out: &mut Vec<Finding>) {
         }
     }
     if t.routes.iter().any(|r| !r.chainage.is_empty()) {
-        for (i, s) in t.stops.iter().enumerate() {
-            if !served[i] {
-                out.push(Finding {
-                    level: Level::Warning,
-                    origin: format!("stop {}", s.id),
-                    message: "is on no route".into(),
-                });
-            }
-        }
+        let ids = t.stops.iter().map(|s| s.id.as_str());
+        warn_unmarked(ids, &served, "stop", "is on no route", out);
+    }
+}
+
+/// A warning at each `what` of `ids` that `marked` (one flag each, in order) does not mark.
+fn warn_unmarked<'a>(
+    ids: impl Iterator<Item = &'a str>,
+    marked: &[bool],
+    what: &str,
+    message: &str,
+    out: &mut Vec<Finding>,
+) {
+    for (id, _) in ids.zip(marked).filter(|(_, &m)| !m) {
+        out.push(Finding {
+            level: Level::Warning,
+            origin: format!("{what} {id}"),
+            message: message.into(),
+        });
     }
 }
 
@@ -304,15 +314,8 @@ fn unused_timeframes(t: &Table, out: &mut Vec<Finding>) {
             used_tf[r.at_timeframe as usize] = true;
         }
     }
-    for (i, g) in t.timeframes.iter().enumerate() {
-        if !used_tf[i] {
-            out.push(Finding {
-                level: Level::Warning,
-                origin: format!("timeframe {}", g.id),
-                message: "is used by no rule".into(),
-            });
-        }
-    }
+    let ids = t.timeframes.iter().map(|g| g.id.as_str());
+    warn_unmarked(ids, &used_tf, "timeframe", "is used by no rule", out);
 }
 
 /// Products no rule uses, and products with no price.
@@ -326,14 +329,9 @@ fn unused_products(t: &Table, out: &mut Vec<Finding>) {
             used_p[r.product as usize] = true;
         }
     }
-    for (i, p) in t.products.iter().enumerate() {
-        if !used_p[i] {
-            out.push(Finding {
-                level: Level::Warning,
-                origin: format!("product {}", p.id),
-                message: "is used by no rule".into(),
-            });
-        }
+    let ids = t.products.iter().map(|p| p.id.as_str());
+    warn_unmarked(ids, &used_p, "product", "is used by no rule", out);
+    for p in &t.products {
         if p.prices.is_empty() {
             out.push(Finding {
                 level: Level::Error,

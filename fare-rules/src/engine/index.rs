@@ -73,20 +73,12 @@ impl Engine {
 
     /// Rider category index by id.
     pub fn category(&self, id: &str) -> Option<Idx> {
-        self.table
-            .categories
-            .iter()
-            .position(|c| c.id == id)
-            .map(|i| i as Idx)
+        index_by_id(&self.table.categories, id, |c| &c.id)
     }
 
     /// Medium index by id.
     pub fn medium(&self, id: &str) -> Option<Idx> {
-        self.table
-            .media
-            .iter()
-            .position(|c| c.id == id)
-            .map(|i| i as Idx)
+        index_by_id(&self.table.media, id, |m| &m.id)
     }
 
     /// The default rider category (`NONE` if the table has none).
@@ -125,6 +117,11 @@ impl Engine {
             .iter()
             .any(|s| sec >= s.start_s && sec < s.end_s && self.service_runs(s.service, day))
     }
+}
+
+/// The index of the entry of `items` whose id (`id_of`) is `id`.
+fn index_by_id<T>(items: &[T], id: &str, id_of: impl Fn(&T) -> &String) -> Option<Idx> {
+    items.iter().position(|x| id_of(x) == id).map(|i| i as Idx)
 }
 
 fn lookup(codes: &[(u32, Idx)], code: u32) -> Option<Idx> {
