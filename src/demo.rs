@@ -90,11 +90,11 @@ fn print_event(args: &DemoArgs, event: Event<'_>) {
     }
     match event {
         Event::Started { base } => println!(
-            "tapgate demo: {} validators, {} cards, {} taps, seed {}; charging server on {base}",
+            "tapgate demo: {} metro validators and the hotel's pay-TV box, {} cards, {} taps, seed {}; charging server on {base}",
             args.validators, args.cards, args.taps, args.seed
         ),
         Event::Progress(p) => println!(
-            "[{:>3}%] taps accepted {:>6}  refused {:>5}  torn {:>4}  loads {:>5} (torn {:>3})  cleared {:>6}",
+            "[{:>3}%] taps accepted {:>6}  refused {:>5}  interrupted {:>4}  top-ups {:>5} (interrupted {:>3})  metro taps at clearing {:>6}",
             p.percent, p.taps_accepted, p.taps_refused, p.taps_torn, p.loads_completed, p.loads_torn, p.cleared
         ),
     }
@@ -137,7 +137,6 @@ fn summary(args: &DemoArgs, report: &DayReport, started: Instant) -> serde_json:
         "debits_settled_committed": t.debits_settled_committed,
         "debits_settled_not_committed": t.debits_settled_not_committed,
         "debits_unresolved": t.debits_unresolved,
-        "revenue_minor": t.revenue_minor,
         "cards_out_of_balance": c.cards_out_of_balance,
         "reconcile_differences": c.reconcile.differences.len(),
         "value_conserved": report.value_conserved,
@@ -147,68 +146,152 @@ fn summary(args: &DemoArgs, report: &DayReport, started: Instant) -> serde_json:
     });
     // (More fields than one json! call may hold.)
     summary["revenue_minor_by_operator"] = serde_json::json!(c.revenue_by_operator);
+    // Never one sum across currencies (the metro books KRW, the hotel USD).
+    summary["revenue_minor_by_currency"] = serde_json::json!(report.revenue_by_currency());
+    summary["currency_by_operator"] = report
+        .currencies
+        .iter()
+        .map(|(op, (cur, exp))| {
+            (
+                op.to_string(),
+                serde_json::json!({"currency": cur, "exponent": exp}),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    summary["devices"] = (args.validators + 1).into();
+    summary["taps_accepted_at_day_end"] = t.taps_accepted_at_day_end.into();
+    summary["taps_refused_at_day_end"] = t.taps_refused_at_day_end.into();
+    summary["refusals_reported"] = t.refusals_reported.into();
+    summary["check_in_taps"] = t.check_in_taps.into();
     summary["revenue_agrees"] = report.revenue_agrees.into();
     summary["tv_sales"] = t.tv_sales.into();
     summary["tv_sales_accepted"] = t.tv_accepted.into();
     summary
 }
 
-/// The summary in words.
+/// An operator's amount in its currency (`1,780,900 KRW`).
+fn money(report: &DayReport, operator: &str, minor: i64) -> String {
+    match report.currencies.get(operator) {
+        Some((cur, exp)) => crate::money::amount(minor, *exp, cur),
+        None => format!("{minor} minor units"),
+    }
+}
+
+/// The summary in words, for an agency: what each line counts is in docs/operations.md
+/// ("The demo's summary").
 fn print_summary(report: &DayReport) {
     let (t, c) = (&report.tally, &report.conservation);
     let table = &report.fare_table;
     let propagation_ms = &t.block_propagation_ms;
-    let (p50, p99) = (report.tap_latency_us_p50, report.tap_latency_us_p99);
-    let gateway_restarts = report.gateway_restarts;
+    let ms = |us: f64| format!("{:.1} ms", us / 1000.0);
+    let refused = t.taps_refused + t.taps_refused_blocked;
+    let reasons = t
+        .refusals
+        .iter()
+        .map(|(r, n)| format!("{n} {}", r.replace('_', " ")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let metro_fares = t.revenue_by_operator.get("metro").copied().unwrap_or(0);
     println!("summary");
     println!(
-        "  taps accepted          {} ({} torn and settled later)",
-        t.taps_accepted, t.debits_settled_committed
+        "  taps accepted          {} ({} at the metro's gates, {} sales at the hotel's pay-TV box)",
+        t.taps_accepted,
+        t.taps_accepted - t.tv_accepted,
+        t.tv_accepted,
     );
     println!(
-        "  fares                  {} (version {}): {} minor units collected; {} taps continued a journey (transfer), {} were capped, {} carried a missing-tap-out penalty",
-        table.name, table.version, t.revenue_by_operator.get("metro").copied().unwrap_or(0), t.taps_transfer, t.taps_capped, t.taps_penalty
+        "  day's end              after the last progress line, cards interrupted mid-tap were presented once more: {} accepted, {} refused (counted above)",
+        t.taps_accepted_at_day_end, t.taps_refused_at_day_end
+    );
+    let before_paying = t.taps_torn.saturating_sub(
+        t.debits_settled_committed + t.debits_settled_not_committed + t.debits_unresolved,
     );
     println!(
-        "  taps refused           {} by reason {:?} (insufficient value: the rider tops up online)",
-        t.taps_refused + t.taps_refused_blocked,
-        t.refusals
+        "  interrupted taps       {} (card pulled or power lost mid-tap): {} had paid (booked when the card came back), {} had started paying and were rolled back by the card, {} stopped before paying{}",
+        t.taps_torn,
+        t.debits_settled_committed,
+        t.debits_settled_not_committed,
+        before_paying,
+        if t.debits_unresolved > 0 {
+            format!(", {} not yet known (settled by clearing)", t.debits_unresolved)
+        } else {
+            String::new()
+        }
     );
     println!(
-        "  taps cleared           {} via MQTT, the gateway and clearing; gateway killed and restarted {gateway_restarts}x mid-day; {} duplicates dropped, {} quarantined",
-        t.taps_cleared, t.clearing_duplicates, t.clearing_anomalies
+        "  fares                  {} (version {}): {} collected; {} taps continued a journey (transfer), {} were capped, {} carried a missing-tap-out penalty",
+        table.name,
+        table.version,
+        money(report, "metro", metro_fares),
+        t.taps_transfer,
+        t.taps_capped,
+        t.taps_penalty
     );
     println!(
-        "  loads completed        {} over HTTP by source {:?}; {} completed from cleared taps",
-        t.loads_completed, t.loads_by_source, t.loads_completed_by_clearing
+        "  taps refused           {refused}: {reasons} (a rider short of value tops up online)"
     );
     println!(
-        "  loads torn             {} (client vanished); {} voided in all, none paid twice: {}",
-        t.loads_torn,
-        c.loads_voided,
-        c.loads_paid_twice == 0
+        "  taps sent to clearing  {} = {} accepted + {} refusals (reported, no money moves) + {} free check-in taps (cards whose top-up was interrupted); through MQTT and the operators' gateways (the metro's killed and restarted {}x mid-day); {} duplicates dropped, {} set aside as suspect",
+        t.taps_cleared,
+        t.taps_accepted,
+        t.refusals_reported,
+        t.check_in_taps,
+        report.gateway_restarts,
+        t.clearing_duplicates,
+        t.clearing_anomalies
     );
     println!(
-        "  revenue                by operator as booked from cleared taps: {}; {} what the validators collected",
-        c.revenue_by_operator
+        "  top-ups                {} completed online, by funding {}{}",
+        t.loads_completed + t.loads_completed_by_clearing,
+        t.loads_by_source
             .iter()
-            .map(|(op, v)| format!("{op} {v}"))
+            .map(|(s, n)| format!("{s} {n}"))
             .collect::<Vec<_>>()
             .join(", "),
-        if report.revenue_agrees { "equals" } else { "DIFFERS FROM" }
+        if t.loads_completed_by_clearing > 0 {
+            format!(
+                " ({} confirmed later from the card's next taps)",
+                t.loads_completed_by_clearing
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  interrupted top-ups    {} (the rider's phone or PC went away mid-top-up): {} cancelled and the payment released; {} charged twice",
+        t.loads_torn, c.loads_voided, c.loads_paid_twice
+    );
+    println!(
+        "  revenue                {}; {} what the validators collected",
+        c.revenue_by_operator
+            .iter()
+            .map(|(op, v)| format!("{op} {}", money(report, op, *v)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if report.revenue_agrees {
+            "booked from cleared taps, equal to"
+        } else {
+            "booked from cleared taps, DIFFERENT FROM"
+        }
     );
     println!(
         "  hotel pay-TV           {} sales of {} presentations (films, sports hours under the TV-day cap), through the hotel's own gateway",
         t.tv_accepted, t.tv_sales
     );
     println!(
-        "  lost card blocked      reached all {} validators in {} ms (p50 {} ms); {} taps refused as blocklisted",
+        "  lost card blocked      reached all {} devices ({} metro validators and the hotel's box) within {} ms (half of them within {} ms); {} taps refused as blocked",
         propagation_ms.len(),
+        propagation_ms.len().saturating_sub(1),
         propagation_ms.last().copied().unwrap_or(0),
         propagation_ms.get(propagation_ms.len() / 2).copied().unwrap_or(0),
         t.taps_refused_blocked
     );
-    println!("  tap latency            p50 {p50} µs, p99 {p99} µs (card + SAM in process)");
+    println!(
+        "  tap time at the gate   median {}, 99% within {} (card and security module in this process)",
+        ms(report.tap_latency_us_p50),
+        ms(report.tap_latency_us_p99)
+    );
     println!(
         "  reconciliation         {} cards, {} balanced, {} differences",
         c.reconcile.cards,
@@ -216,11 +299,11 @@ fn print_summary(report: &DayReport) {
         c.reconcile.differences.len()
     );
     println!(
-        "  conservation           {}",
+        "  value conserved        {}",
         if report.value_conserved {
-            "held: every card's balance = personalised + loads − debits = the ledger's shadow purse"
+            "yes: every card's balance = issued + top-ups − fares = what the back office's ledger says it holds"
         } else {
-            "FAILED"
+            "NO"
         }
     );
 }

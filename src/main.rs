@@ -12,6 +12,7 @@ mod demo;
 mod fare_cmd;
 mod gateway_cmd;
 mod keys_cmd;
+mod money;
 mod pcsc_cmd;
 mod validator_cmd;
 

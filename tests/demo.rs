@@ -61,10 +61,26 @@ fn demo_json_summary_holds_conservation_under_tears() {
     let by_op = &v["revenue_minor_by_operator"];
     assert!(by_op["hotel"].as_i64().unwrap() > 0, "{v}");
     assert!(by_op["metro"].as_i64().unwrap() > 0, "{v}");
-    assert_eq!(
-        by_op["hotel"].as_i64().unwrap() + by_op["metro"].as_i64().unwrap(),
-        v["revenue_minor"].as_i64().unwrap()
+    // Revenue by currency, never one sum of KRW and USD.
+    assert_eq!(v["currency_by_operator"]["metro"]["currency"], "KRW", "{v}");
+    assert_eq!(v["currency_by_operator"]["hotel"]["currency"], "USD", "{v}");
+    assert_eq!(v["revenue_minor_by_currency"]["KRW"], by_op["metro"], "{v}");
+    assert_eq!(v["revenue_minor_by_currency"]["USD"], by_op["hotel"], "{v}");
+    assert!(
+        v.get("revenue_minor").is_none(),
+        "no cross-currency sum: {v}"
     );
+    // The counts agree: what went to clearing is the accepted taps, the reported refusals and
+    // the free check-in taps; the devices are the metro's validators and the hotel's box.
+    assert_eq!(
+        v["taps_cleared"].as_u64().unwrap(),
+        v["taps_accepted"].as_u64().unwrap()
+            + v["refusals_reported"].as_u64().unwrap()
+            + v["check_in_taps"].as_u64().unwrap(),
+        "{v}"
+    );
+    assert!(v["refusals_reported"].as_u64().unwrap() <= v["taps_refused"].as_u64().unwrap());
+    assert_eq!(v["devices"], 5, "{v}");
     for source in ["card", "mileage", "voucher"] {
         assert!(
             v["loads_by_source"][source].as_u64().unwrap_or(0) > 0,

@@ -314,6 +314,7 @@ impl World {
                 if let Some(seq) = seq {
                     // Refusals are reported to the gateway too.
                     self.gates.publish(&mut self.fleet, vi, seq)?;
+                    self.tally.refusals_reported += 1;
                 }
                 if !tv {
                     self.riders[ri].trip_network = None;
@@ -400,14 +401,24 @@ impl World {
     /// what the torn presentation did not sell).
     fn last_presentation(&mut self, ri: usize, vi: usize, end_ms: u64) -> Result<(), SimError> {
         let out = self.present(ri, vi, None, end_ms, "end-of-day tap")?;
+        let before = self.tally.taps_accepted;
+        let refused_before = self.tally.taps_refused + self.tally.taps_refused_blocked;
         self.book_settled(vi, out.settled)?;
         match out.answer {
             Answer::Accepted { seq, .. } => self.publish_accepted(vi, seq)?,
-            Answer::Refused { seq: Some(seq), .. } => {
+            Answer::Refused {
+                seq: Some(seq),
+                reason,
+            } => {
                 self.gates.publish(&mut self.fleet, vi, seq)?;
+                self.tally.refusals_reported += 1;
+                self.tally.refused(reason);
             }
             _ => {}
         }
+        self.tally.taps_accepted_at_day_end += self.tally.taps_accepted - before;
+        self.tally.taps_refused_at_day_end +=
+            self.tally.taps_refused + self.tally.taps_refused_blocked - refused_before;
         self.riders[ri].card.remove_from_field();
         Ok(())
     }
@@ -433,6 +444,7 @@ impl World {
                 crate::taps::signed_accepted(sam, &receipt, "metro", FIRST_DEVICE, seq, end_ms)
             })?;
             self.gates.publish(&mut self.fleet, 0, seq)?;
+            self.tally.check_in_taps += 1;
         }
         r.pending_load = false;
         r.card.remove_from_field();
@@ -480,9 +492,23 @@ impl World {
             self.riders.iter().map(|r| &r.card),
         )?;
         self.office.stop(&self.rt);
+        let meta = &self.gates.table.meta;
+        let currencies = [
+            ("metro", (meta.currency.clone(), meta.currency_exponent)),
+            (
+                "hotel",
+                (
+                    self.gates.hotel_meta.currency.clone(),
+                    self.gates.hotel_meta.currency_exponent,
+                ),
+            ),
+        ]
+        .into_iter()
+        .collect();
         Ok(DayReport::new(
             self.tally,
             self.gates.table.meta.clone(),
+            currencies,
             self.ops.restarts,
             cons,
         ))
@@ -492,7 +518,7 @@ impl World {
         Progress {
             percent,
             taps_accepted: self.tally.taps_accepted,
-            taps_refused: self.tally.taps_refused,
+            taps_refused: self.tally.taps_refused + self.tally.taps_refused_blocked,
             taps_torn: self.tally.taps_torn,
             loads_completed: self.tally.loads_completed,
             loads_torn: self.tally.loads_torn,

@@ -56,6 +56,8 @@ pub struct Gates {
     pub tv: usize,
     /// The metro's fare table.
     pub table: Table,
+    /// The hotel's fare table's header (its currency).
+    pub hotel_meta: fare_rules::table::Meta,
 }
 
 impl Gates {
@@ -89,6 +91,7 @@ impl Gates {
             kind: Vec::with_capacity(n),
             tv: sams.len(),
             table,
+            hotel_meta: hotel_table.meta.clone(),
         };
         for (i, sam) in sams.into_iter().enumerate() {
             let (route, stop, kind) = GATES[i % GATES.len()];

@@ -41,8 +41,6 @@ pub struct Tally {
     pub loads_torn: u64,
     /// Completed loads by funding source.
     pub loads_by_source: BTreeMap<String, u64>,
-    /// Everything the validators collected.
-    pub revenue_minor: i64,
     /// What the validators collected, by the operator the taps are booked to.
     pub revenue_by_operator: BTreeMap<&'static str, i64>,
     /// Presentations at the hotel's pay-TV box.
@@ -51,8 +49,19 @@ pub struct Tally {
     pub tv_accepted: u64,
     /// Each accepted tap's time at the gate (card and SAM in process).
     pub latencies_ns: Vec<u64>,
-    /// Taps the gateways forwarded to clearing.
+    /// Taps the gateways forwarded to clearing: the accepted ones, the refusals the gates
+    /// reported and the free check-in taps.
     pub taps_cleared: u64,
+    /// Of the accepted taps, those of torn cards presented once more at the day's end (after
+    /// the last progress line).
+    pub taps_accepted_at_day_end: u64,
+    /// Of the refused taps, those at the day's end (after the last progress line).
+    pub taps_refused_at_day_end: u64,
+    /// Refusals the gates reported to the gateway (they go to clearing too, moving no money).
+    pub refusals_reported: u64,
+    /// Free check-in taps at the day's end (a card whose load was torn shows clearing its
+    /// counter).
+    pub check_in_taps: u64,
     /// Duplicates the gateways dropped.
     pub clearing_duplicates: u64,
     /// Taps the gateways quarantined.
@@ -68,7 +77,6 @@ pub struct Tally {
 impl Tally {
     /// Books a fare collected for `operator`.
     pub fn book(&mut self, operator: &'static str, amount_minor: i64) {
-        self.revenue_minor += amount_minor;
         *self.revenue_by_operator.entry(operator).or_default() += amount_minor;
     }
 
@@ -109,7 +117,7 @@ pub struct Progress {
     pub percent: u32,
     /// Taps accepted so far.
     pub taps_accepted: u64,
-    /// Taps refused (not blocklisted) so far.
+    /// Taps refused so far (blocklisted included).
     pub taps_refused: u64,
     /// Dialogues torn so far.
     pub taps_torn: u64,
@@ -127,6 +135,8 @@ pub struct DayReport {
     pub tally: Tally,
     /// The metro's fare table.
     pub fare_table: fare_rules::table::Meta,
+    /// Each operator's currency and its minor-unit exponent (from its fare table).
+    pub currencies: BTreeMap<&'static str, (String, u8)>,
     /// How many times the metro's gateway was killed and restarted.
     pub gateway_restarts: u64,
     /// The ledger against the cards.
@@ -142,10 +152,22 @@ pub struct DayReport {
 }
 
 impl DayReport {
+    /// Revenue by currency (never summed across currencies): what the validators collected.
+    pub fn revenue_by_currency(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for (op, minor) in &self.tally.revenue_by_operator {
+            if let Some((cur, _)) = self.currencies.get(op) {
+                *out.entry(cur.clone()).or_default() += *minor;
+            }
+        }
+        out
+    }
+
     /// The report of a day that counted `tally` and ended with `conservation`.
     pub fn new(
         tally: Tally,
         fare_table: fare_rules::table::Meta,
+        currencies: BTreeMap<&'static str, (String, u8)>,
         gateway_restarts: u64,
         conservation: Conservation,
     ) -> DayReport {
@@ -159,6 +181,7 @@ impl DayReport {
             tap_latency_us_p99: percentile_us(&lat, 0.99),
             tally,
             fare_table,
+            currencies,
             gateway_restarts,
             conservation,
             revenue_agrees,
