@@ -83,6 +83,8 @@ enum RoleArg {
     Gateway,
     /// A Prometheus scraper: `/metrics` only (charging and gateway).
     Metrics,
+    /// An internet merchant: makes online payments and reads its own (charging).
+    Merchant,
 }
 
 /// Runs `tapgate charging …`.
@@ -138,6 +140,7 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                 RoleArg::Partner => Role::Partner,
                 RoleArg::Gateway => Role::Gateway,
                 RoleArg::Metrics => Role::Metrics,
+                RoleArg::Merchant => Role::Merchant,
             };
             let role_name = serde_json::to_value(role)?
                 .as_str()

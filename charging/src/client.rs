@@ -13,7 +13,7 @@
 //! when the card leaves the field; the answers the card gave are posted, and whatever the card
 //! received is settled by the server at the card's next contact.
 
-use crate::api::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
+use crate::api::{Funding, PayPayment, RegisterInstrument, StartLoad, StartReversal, StepBody};
 use crate::load::Reply;
 use purse::apdu::Status;
 use purse::txn::{Transport, TransportError};
@@ -189,7 +189,15 @@ impl Client {
         if let Some(k) = key {
             req = req.set("Idempotency-Key", k);
         }
-        match req.send_json(body) {
+        self.answer(req.send_json(body))
+    }
+
+    /// The server's answer, or its HTTP error as a [`ClientError`].
+    fn answer(
+        &self,
+        result: Result<ureq::Response, ureq::Error>,
+    ) -> Result<ureq::Response, ClientError> {
+        match result {
             Ok(r) => Ok(r),
             Err(ureq::Error::Status(code, r)) => {
                 let body: serde_json::Value = r.into_json().unwrap_or_default();
@@ -250,6 +258,50 @@ impl Client {
             load_tmc,
         };
         self.call("/v1/reversals", &body, Some(idempotency_key))
+    }
+
+    /// `POST /v1/payments/{id}/pay`: starts (or, with a used key, answers again) paying the
+    /// merchant's payment `payment_id` from the card.
+    pub fn start_payment(
+        &self,
+        uid: &[u8; 7],
+        payment_id: &str,
+        idempotency_key: &str,
+    ) -> Result<Reply, ClientError> {
+        let body = PayPayment {
+            card_uid: hex::encode_upper(uid),
+        };
+        self.call(
+            &format!("/v1/payments/{payment_id}/pay"),
+            &body,
+            Some(idempotency_key),
+        )
+    }
+
+    /// `GET /v1/payments/{id}`: what the payment asks for (merchant, amount, currency,
+    /// description, state).
+    pub fn payment(&self, payment_id: &str) -> Result<serde_json::Value, ClientError> {
+        let req = self
+            .agent
+            .get(&format!("{}/v1/payments/{payment_id}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        self.answer(req.call())?
+            .into_json()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))
+    }
+
+    /// Relays paying `payment_id` for the card behind `card` from start to the server's final
+    /// answer (`vanish`: fault injection, as for loads).
+    pub fn pay(
+        &self,
+        card: &mut dyn Transport,
+        payment_id: &str,
+        idempotency_key: &str,
+        vanish: Option<Vanish>,
+    ) -> Result<Relayed, ClientError> {
+        let uid = card.card_uid().map_err(ClientError::NoCard)?;
+        let first = self.start_payment(&uid, payment_id, idempotency_key)?;
+        self.relay(card, first, vanish)
     }
 
     /// `POST /v1/loads/{id}/steps`: the card's answers to the commands of step `seq`.

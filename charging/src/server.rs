@@ -38,6 +38,8 @@ pub struct Limits {
     pub sources: std::collections::HashMap<String, crate::load::SourceLimits>,
     /// Loads a caller may start per minute (0 = unlimited).
     pub loads_per_minute_per_client: u32,
+    /// `[limits.payments]`: online payments' limits.
+    pub payments: crate::load::PaymentLimits,
 }
 
 impl Default for Limits {
@@ -54,6 +56,7 @@ impl Default for Limits {
             reversal_window_ms: d.reversal_window_ms,
             max_daily_per_instrument_minor: d.max_daily_per_instrument_minor,
             sources: d.sources,
+            payments: d.payments,
             loads_per_minute_per_client: 60,
         }
     }
@@ -256,6 +259,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             reversal_window_ms: l.reversal_window_ms,
             max_daily_per_instrument_minor: l.max_daily_per_instrument_minor,
             sources: l.sources.clone(),
+            payments: l.payments.clone(),
         },
     );
     Ok(AppState {

@@ -21,6 +21,8 @@ pub enum Role {
     Gateway,
     /// A metrics scraper (Prometheus): reads `/metrics` and nothing else.
     Metrics,
+    /// An internet merchant: makes online payments and reads its own.
+    Merchant,
 }
 
 /// One API token: the SHA-256 of the secret, never the secret itself.

@@ -2,23 +2,27 @@
 //! server also serves at `/openapi.yaml`.
 //!
 //! Every endpoint that changes state or reads private data needs `Authorization: Bearer
-//! <token>`; tokens map to a caller name and a role (cardholder, operator, partner, gateway).
+//! <token>`; tokens map to a caller name and a role (cardholder, operator, partner, gateway,
+//! merchant, metrics).
 
 mod blocklist;
 mod cards;
 mod franchise;
 mod loads;
 mod partner;
+mod payments;
 
 use blocklist::*;
 use cards::*;
 use franchise::*;
 use loads::*;
 use partner::*;
+use payments::*;
 
 pub use cards::{BlockCard, RegisterCard};
 pub use loads::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
 pub use partner::CreditPoints;
+pub use payments::{payment_json, CreatePayment, PayPayment};
 
 use crate::load::{LoadError, LoadRequest, LoadService, Reply};
 use axum::extract::{Path, State};
@@ -134,7 +138,11 @@ impl From<LoadError> for ApiError {
             LoadError::NotYours => ApiError::NotFound("no such load session".into()),
             LoadError::OutOfOrder { .. } => ApiError::Conflict(e.to_string()),
             LoadError::Busy => ApiError::Busy,
-            LoadError::NoSuchLoad { .. } => ApiError::NotFound(e.to_string()),
+            LoadError::NoSuchLoad { .. } | LoadError::NoSuchPayment(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            LoadError::PaymentNotPayable(d) => ApiError::Conflict(d),
+            LoadError::PaymentLimit(d) => ApiError::ForbiddenDetail(d),
             LoadError::NotReversible(_) | LoadError::InProgress => {
                 ApiError::Conflict(e.to_string())
             }
@@ -313,6 +321,10 @@ pub fn router(state: AppState) -> Router {
             post(register_instrument).get(list_instruments),
         )
         .route("/v1/partner/points", post(credit_points))
+        .route("/v1/merchant/payments", post(create_payment))
+        .route("/v1/merchant/payments/{id}", get(merchant_payment))
+        .route("/v1/payments/{id}", get(payment_for_cardholder))
+        .route("/v1/payments/{id}/pay", post(pay_payment))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(

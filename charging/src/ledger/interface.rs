@@ -196,6 +196,16 @@ pub trait LedgerRead {
 
     /// Every instrument registered to `owner`.
     fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError>;
+
+    /// A payment by id.
+    fn payment(&self, id: &str) -> Result<Option<Payment>, LedgerError>;
+
+    /// The id of `merchant`'s payment for `order_id`, if it made one.
+    fn payment_for_order(
+        &self,
+        merchant: &str,
+        order_id: &str,
+    ) -> Result<Option<String>, LedgerError>;
 }
 
 /// A token only this module can make: the ledger's primitives that change a card's shadow
@@ -270,6 +280,66 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         tmc: u32,
         balance_minor: i32,
     ) -> Result<CardShadow, LedgerError>;
+
+    /// Stores a payment and indexes it by (merchant, order) (the ledger's own steps only: a
+    /// payment completes only with its intent).
+    fn put_payment(&mut self, token: LedgerOnly, payment: &Payment) -> Result<(), LedgerError>;
+
+    /// Makes a merchant's payment, or returns the one it already made for that order (and
+    /// `false`).
+    fn create_payment(&mut self, payment: &Payment) -> Result<(Payment, bool), LedgerError> {
+        if let Some(id) = self.payment_for_order(&payment.merchant, &payment.order_id)? {
+            if let Some(p) = self.payment(&id)? {
+                return Ok((p, false));
+            }
+        }
+        if payment.state != PaymentState::Open || payment.card_uid.is_some() {
+            return Err(LedgerError::InvalidPosting(
+                "a new payment is open and unpaid",
+            ));
+        }
+        self.put_payment(LedgerOnly(()), payment)?;
+        Ok((payment.clone(), true))
+    }
+
+    /// Records a card's payment intent (`intent.payment_id` names the payment, which must be
+    /// open and unexpired at `now_ms`): the payment becomes pending at the intent's card and
+    /// counter, in the same transaction; [`LedgerWrite::complete_intent`] completes both,
+    /// [`LedgerWrite::void_intent`] opens the payment again.
+    fn begin_payment(
+        &mut self,
+        uid: &[u8; 7],
+        intent: &mut LoadIntent,
+        now_ms: u64,
+    ) -> Result<Payment, LedgerError> {
+        let id = intent.payment_id.clone().unwrap_or_default();
+        let mut p = self
+            .payment(&id)?
+            .ok_or_else(|| LedgerError::PaymentNotOpen {
+                id: id.clone(),
+                why: "no such payment".into(),
+            })?;
+        let why = match p.state {
+            PaymentState::Open if now_ms > p.expires_ms => Some("it expired".to_string()),
+            PaymentState::Open => None,
+            PaymentState::Pending => Some("another card's payment of it is in progress".into()),
+            PaymentState::Completed => Some("it is paid".into()),
+        };
+        if let Some(why) = why {
+            return Err(LedgerError::PaymentNotOpen { id, why });
+        }
+        if intent.kind != IntentKind::Payment || intent.amount_minor != p.amount_minor {
+            return Err(LedgerError::InvalidPosting(
+                "the intent is not this payment's",
+            ));
+        }
+        self.insert_intent(uid, intent)?;
+        p.state = PaymentState::Pending;
+        p.card_uid = Some(hex::encode_upper(uid));
+        p.tmc = intent.tmc_before.checked_add(1);
+        self.put_payment(LedgerOnly(()), &p)?;
+        Ok(p)
+    }
 
     /// Stores the card's shadow record (the ledger's own steps only).
     fn put_card(

@@ -66,6 +66,14 @@ pub enum LedgerError {
         /// counter
         tmc: u32,
     },
+    /// The payment cannot be paid now (unknown, expired, pending, paid).
+    #[error("payment {id} cannot be paid: {why}")]
+    PaymentNotOpen {
+        /// payment id
+        id: String,
+        /// why
+        why: String,
+    },
     /// A plain posting named a card's account: value reaches or leaves a card only on a
     /// proof (a transaction MAC the HSM verified, a load's completion), or at its issuance.
     #[error("posting to or from {account} needs the card's proof")]

@@ -42,6 +42,9 @@ pub enum IntentKind {
     /// A reversal of a completed load: Debit by the back office, card → funding, and the
     /// funding refunded.
     Reversal,
+    /// An online payment to a merchant: Debit by the back office, card → `merchant:<id>`
+    /// (the intent's `payment_id` names the [`Payment`]).
+    Payment,
 }
 
 /// What to do with the funding source once an intent's change is durable.
@@ -60,6 +63,13 @@ pub enum FundingAction {
         source: String,
         /// authorisation id
         auth: String,
+    },
+    /// A payment the card made: the merchant is told (no funding moves).
+    Paid {
+        /// the payment
+        payment_id: String,
+        /// its merchant
+        merchant: String,
     },
     /// A reversal the card applied: refund the load's funding.
     Refund {
@@ -115,6 +125,9 @@ pub struct LoadIntent {
     /// is pending or completed.
     #[serde(default)]
     pub reversed_at_tmc: Option<u32>,
+    /// A payment: the [`Payment`] it pays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
 }
 
 impl LoadIntent {
@@ -122,7 +135,7 @@ impl LoadIntent {
     pub fn delta_minor(&self) -> i64 {
         match self.kind {
             IntentKind::Load => i64::from(self.amount_minor),
-            IntentKind::Reversal => -i64::from(self.amount_minor),
+            IntentKind::Reversal | IntentKind::Payment => -i64::from(self.amount_minor),
         }
     }
 
@@ -130,7 +143,7 @@ impl LoadIntent {
     pub fn tx_kind(&self) -> purse::receipt::TxKind {
         match self.kind {
             IntentKind::Load => purse::receipt::TxKind::Credit,
-            IntentKind::Reversal => purse::receipt::TxKind::Debit,
+            IntentKind::Reversal | IntentKind::Payment => purse::receipt::TxKind::Debit,
         }
     }
 
@@ -333,4 +346,58 @@ pub struct Anomaly {
     pub device_seq: u64,
     /// Detail.
     pub detail: String,
+}
+
+/// The day-total key (funding source position) of what a card paid online per day; the
+/// instrument is the card's UID in hex. Not an account.
+pub const PAYMENT_CARD_DAY: &str = "payments:card";
+/// The day-total key of what a merchant was paid online per day; the instrument is the
+/// merchant. Not an account.
+pub const PAYMENT_MERCHANT_DAY: &str = "payments:merchant";
+
+/// Where an online payment stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentState {
+    /// Made by the merchant; no card has paid it yet (or a card's attempt was voided).
+    Open,
+    /// A card's Debit may have been sent: settled from the card's next contact.
+    Pending,
+    /// The card paid it (its transaction MAC verified, or its record read back under MAC).
+    Completed,
+}
+
+/// A merchant's online payment: what the cardholder's card pays, once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    /// `pay_<32 hex>`.
+    pub id: String,
+    /// The merchant (its token's name): the payment goes to `merchant:<merchant>`.
+    pub merchant: String,
+    /// The merchant's order id (one payment per merchant and order).
+    pub order_id: String,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// What is bought.
+    pub description: String,
+    /// Unpaid after this (unix ms), it can no longer be paid.
+    pub expires_ms: u64,
+    /// Where the outcome is sent.
+    #[serde(default)]
+    pub notify_url: Option<String>,
+    /// State.
+    pub state: PaymentState,
+    /// Made (unix ms).
+    pub created_ms: u64,
+    /// The card paying (pending) or that paid (completed), hex.
+    #[serde(default)]
+    pub card_uid: Option<String>,
+    /// The card counter the payment consumes (pending) or consumed (completed).
+    #[serde(default)]
+    pub tmc: Option<u32>,
+    /// Completed (unix ms).
+    #[serde(default)]
+    pub paid_ms: Option<u64>,
 }

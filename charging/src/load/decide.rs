@@ -22,8 +22,10 @@ impl LoadService {
         if let Some(refusal) = self.card_refusal(s, snap, &shadow) {
             return Ok(Err(refusal));
         }
-        if let Some(load_tmc) = s.reverses {
-            return self.decide_reversal(s, snap, load_tmc, now_ms);
+        match s.purpose.clone() {
+            Purpose::Load => {}
+            Purpose::Reversal(load_tmc) => return self.decide_reversal(s, snap, load_tmc, now_ms),
+            Purpose::Payment(id) => return self.decide_payment(s, snap, &id, now_ms),
         }
         let today = day_of(now_ms);
         if let Some(refusal) = self.limit_refusal(s, snap, &shadow, today)? {
@@ -161,6 +163,7 @@ impl LoadService {
             kind: IntentKind::Load,
             reverses_tmc: None,
             reversed_at_tmc: None,
+            payment_id: None,
         };
         let record = intent_record(&intent).to_vec();
         let snapshot = snap.clone();

@@ -17,8 +17,11 @@
 
 mod complete;
 mod decide;
+mod payment;
 mod reversal;
 mod session;
+
+pub use payment::{valid_merchant, PaymentAsk, PaymentLimits};
 
 use crate::funding::{FundingError, FundingRequest, FundingSource, Holding};
 use crate::ledger::{
@@ -56,6 +59,8 @@ pub struct LoadConfig {
     pub max_daily_per_instrument_minor: i64,
     /// Tighter limits for particular funding sources, by source name.
     pub sources: HashMap<String, SourceLimits>,
+    /// Online payments' limits.
+    pub payments: PaymentLimits,
 }
 
 /// Limits of one funding source (each tightens the general limit).
@@ -97,6 +102,7 @@ impl Default for LoadConfig {
             reversal_window_ms: 7 * 86_400_000,
             max_daily_per_instrument_minor: 1_000_000,
             sources: HashMap::new(),
+            payments: PaymentLimits::default(),
         }
     }
 }
@@ -190,6 +196,15 @@ pub enum LoadError {
     /// Too many sessions.
     #[error("too many load sessions in progress; retry later")]
     Busy,
+    /// No such payment (or not the caller's to see).
+    #[error("no payment {0}")]
+    NoSuchPayment(String),
+    /// The payment cannot be paid (paid, pending, expired).
+    #[error("{0}")]
+    PaymentNotPayable(String),
+    /// A merchant's payment request is refused by a limit.
+    #[error("{0}")]
+    PaymentLimit(String),
     /// No completed load at that counter of that card (or not the caller's).
     #[error("no completed load of card {uid} at counter {tmc} that you may reverse")]
     NoSuchLoad {
@@ -226,6 +241,28 @@ pub enum LoadError {
     Hsm(#[from] SamError),
 }
 
+/// What a relay session changes on the card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Purpose {
+    /// A load (Credit), funded by the request's source.
+    Load,
+    /// A reversal (a Debit) of the completed load that consumed this counter.
+    Reversal(u32),
+    /// A payment (a Debit) of this [`crate::ledger::Payment`] to its merchant.
+    Payment(String),
+}
+
+impl Purpose {
+    /// The namespace of its idempotency keys and intent records.
+    fn word(&self) -> &'static str {
+        match self {
+            Purpose::Load => "load",
+            Purpose::Reversal(_) => "reversal",
+            Purpose::Payment(_) => "payment",
+        }
+    }
+}
+
 struct Session {
     id: String,
     caller: String,
@@ -238,8 +275,8 @@ struct Session {
     intent_recorded: bool,
     /// Set once CommitTransaction was sent (after that, the outcome is unknown on error).
     commit_sent: bool,
-    /// A reversal of the completed load at this counter (a Debit), instead of a load.
-    reverses: Option<u32>,
+    /// A load, a reversal or a payment.
+    purpose: Purpose,
     /// The key its final answer is stored under (`LoadService::idem_key`).
     idem: String,
     /// SHA-256 of what was asked (`request_fingerprint`): a key reused for another request
@@ -262,6 +299,8 @@ pub struct LoadStats {
     pub settled_completed: u64,
     /// pending loads settled as voided
     pub settled_voided: u64,
+    /// payments completed (at once or settled later)
+    pub payments_completed: u64,
 }
 
 /// A session that gave its final answer, kept so a retried last step (or start) gets it again.
@@ -314,6 +353,35 @@ impl Sessions {
         if self.by_idem.get(idem).is_some_and(|v| v == id) {
             self.by_idem.remove(idem);
         }
+    }
+
+    /// The answer of the session started with idempotency key `ikey`, while it is kept (an
+    /// error while a step of it is being worked on).
+    fn answer_again(
+        &self,
+        ikey: &str,
+        fingerprint: &str,
+        differs: &'static str,
+    ) -> Result<Option<Reply>, LoadError> {
+        let Some(id) = self.by_idem.get(ikey) else {
+            return Ok(None);
+        };
+        if let Some(s) = self.active.get(id) {
+            if s.fingerprint != fingerprint {
+                return Err(LoadError::IdempotencyKeyReused(differs));
+            }
+            return Ok(Some(s.last_reply.clone()));
+        }
+        if let Some(f) = self.finished.get(id) {
+            if f.fingerprint != fingerprint {
+                return Err(LoadError::IdempotencyKeyReused(differs));
+            }
+            return Ok(Some(f.reply.clone()));
+        }
+        if self.in_flight.contains(id) {
+            return Err(LoadError::InProgress);
+        }
+        Ok(None)
     }
 
     fn finish(&mut self, s: Session, max: usize) {
@@ -370,6 +438,7 @@ fn intent_record(intent: &LoadIntent) -> [u8; txn::RECORD_SIZE] {
     r[0] = match intent.kind {
         IntentKind::Load => 0x4C,
         IntentKind::Reversal => 0x52,
+        IntentKind::Payment => 0x50,
     };
     r[1..5].copy_from_slice(&intent.amount_minor.to_le_bytes());
     r[5..13].copy_from_slice(&intent.created_ms.to_le_bytes());
@@ -383,18 +452,20 @@ fn day_of(ms: u64) -> u64 {
     ms / 86_400_000
 }
 
-/// SHA-256 (hex) of what a start asked for: a load's card, amount and funding, or a reversal's
-/// card and load counter. Stored with the answer under the Idempotency-Key.
-fn request_fingerprint(req: &LoadRequest, reverses: Option<u32>) -> String {
-    let text = match reverses {
-        None => format!(
+/// SHA-256 (hex) of what a start asked for: a load's card, amount and funding, a reversal's
+/// card and load counter, a payment's card and payment. Stored with the answer under the
+/// Idempotency-Key.
+fn request_fingerprint(req: &LoadRequest, purpose: &Purpose) -> String {
+    let text = match purpose {
+        Purpose::Load => format!(
             "load\n{}\n{}\n{}\n{}",
             hex::encode_upper(req.uid),
             req.amount_minor,
             req.funding_source,
             req.instrument
         ),
-        Some(tmc) => return reversal_fingerprint(&req.uid, tmc),
+        Purpose::Reversal(tmc) => return reversal_fingerprint(&req.uid, *tmc),
+        Purpose::Payment(id) => format!("payment\n{}\n{id}", hex::encode_upper(req.uid)),
     };
     sha256_hex(&text)
 }
@@ -430,6 +501,7 @@ fn same_request(
 
 const LOAD_DIFFERS: &str = "card, amount or funding differ";
 const REVERSAL_DIFFERS: &str = "card or load counter differ";
+const PAYMENT_DIFFERS: &str = "card or payment differ";
 
 impl LoadService {
     /// A service over a ledger, an HSM and funding sources.
@@ -462,6 +534,13 @@ impl LoadService {
     /// what is owed.
     pub fn apply_funding(&self, action: &FundingAction) {
         let (source, auth, result) = match action {
+            FundingAction::Paid {
+                payment_id,
+                merchant,
+            } => {
+                self.payment_paid(payment_id, merchant);
+                return;
+            }
             FundingAction::Capture { source, auth } => (
                 source,
                 auth,
@@ -508,19 +587,15 @@ impl LoadService {
         v
     }
 
-    /// Where the final answer to (caller, key) is stored: loads and reversals have their own
-    /// namespaces, so a key reused for the other kind never returns the wrong answer.
-    fn idem_key(reversal: bool, caller: &str, key: &str) -> String {
-        if reversal {
-            format!("reversal:{caller}:{key}")
-        } else {
-            format!("load:{caller}:{key}")
-        }
+    /// Where the final answer to (caller, key) is stored: loads, reversals and payments have
+    /// their own namespaces, so a key reused for another kind never returns the wrong answer.
+    fn idem_key(purpose: &Purpose, caller: &str, key: &str) -> String {
+        format!("{}:{caller}:{key}", purpose.word())
     }
 
     /// Starts a load: returns the first command for the card.
     pub fn start(&self, caller: &str, req: LoadRequest, now_ms: u64) -> Result<Reply, LoadError> {
-        self.open_session(caller, req, None, now_ms)
+        self.open_session(caller, req, Purpose::Load, now_ms)
     }
 
     /// The stored final answer to (caller, idempotency key) of a reversal, if any; refused
@@ -531,14 +606,8 @@ impl LoadService {
         key: &str,
         fingerprint: &str,
     ) -> Result<Option<Reply>, LoadError> {
-        let r = self.ledger.read()?;
-        match r.idempotent(&Self::idem_key(true, caller, key))? {
-            Some(v) => {
-                same_request(&v, fingerprint, REVERSAL_DIFFERS)?;
-                Ok(Some(reply_from_json(&v)))
-            }
-            None => Ok(None),
-        }
+        let ikey = Self::idem_key(&Purpose::Reversal(0), caller, key);
+        self.stored_reply(&ikey, fingerprint, REVERSAL_DIFFERS)
     }
 }
 

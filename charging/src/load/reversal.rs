@@ -75,7 +75,7 @@ impl LoadService {
                 )))
             }
         }
-        self.open_session(caller, req, Some(load_tmc), now_ms)
+        self.open_session(caller, req, Purpose::Reversal(load_tmc), now_ms)
     }
 
     /// A reversal: the card must still hold the load's value; the reversal intent and the
@@ -123,6 +123,7 @@ impl LoadService {
             kind: IntentKind::Reversal,
             reverses_tmc: Some(load_tmc),
             reversed_at_tmc: None,
+            payment_id: None,
         };
         let record = intent_record(&reversal).to_vec();
         let snapshot = snap.clone();

@@ -7,7 +7,7 @@ impl LoadService {
         &self,
         caller: &str,
         req: LoadRequest,
-        reverses: Option<u32>,
+        purpose: Purpose,
         now_ms: u64,
     ) -> Result<Reply, LoadError> {
         if req.idempotency_key.is_empty() || req.idempotency_key.len() > 128 {
@@ -15,37 +15,19 @@ impl LoadService {
                 "an Idempotency-Key of 1 to 128 characters is required".into(),
             ));
         }
-        let ikey = Self::idem_key(reverses.is_some(), caller, &req.idempotency_key);
-        let fingerprint = request_fingerprint(&req, reverses);
-        let differs = if reverses.is_some() {
-            REVERSAL_DIFFERS
-        } else {
-            LOAD_DIFFERS
+        let ikey = Self::idem_key(&purpose, caller, &req.idempotency_key);
+        let fingerprint = request_fingerprint(&req, &purpose);
+        let differs = match purpose {
+            Purpose::Load => LOAD_DIFFERS,
+            Purpose::Reversal(_) => REVERSAL_DIFFERS,
+            Purpose::Payment(_) => PAYMENT_DIFFERS,
         };
-        {
-            let r = self.ledger.read()?;
-            if let Some(v) = r.idempotent(&ikey)? {
-                same_request(&v, &fingerprint, differs)?;
-                return Ok(reply_from_json(&v));
-            }
+        if let Some(reply) = self.stored_reply(&ikey, &fingerprint, differs)? {
+            return Ok(reply);
         }
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(id) = sessions.by_idem.get(&ikey) {
-            if let Some(s) = sessions.active.get(id) {
-                if s.fingerprint != fingerprint {
-                    return Err(LoadError::IdempotencyKeyReused(differs));
-                }
-                return Ok(s.last_reply.clone());
-            }
-            if let Some(f) = sessions.finished.get(id) {
-                if f.fingerprint != fingerprint {
-                    return Err(LoadError::IdempotencyKeyReused(differs));
-                }
-                return Ok(f.reply.clone());
-            }
-            if sessions.in_flight.contains(id) {
-                return Err(LoadError::InProgress);
-            }
+        if let Some(reply) = sessions.answer_again(&ikey, &fingerprint, differs)? {
+            return Ok(reply);
         }
         if req.amount_minor <= 0 {
             return Err(LoadError::BadRequest(format!(
@@ -53,33 +35,46 @@ impl LoadService {
                 req.amount_minor
             )));
         }
-        let max_load = self.cfg.max_load_for(&req.funding_source);
-        // A reversal takes back exactly what was loaded, whatever the limits are today.
-        if reverses.is_none() && req.amount_minor > max_load {
-            return Err(LoadError::BadRequest(format!(
-                "amount_minor {} exceeds the per-load limit of {max_load} for {} funding",
-                req.amount_minor, req.funding_source
-            )));
-        }
-        let Some(source) = self.sources.get(&req.funding_source) else {
-            return Err(LoadError::BadRequest(format!(
-                "unknown funding source {:?}; available: {}",
-                req.funding_source,
-                self.source_names().join(", ")
-            )));
-        };
-        if reverses.is_none() {
+        // A reversal takes back exactly what was loaded, whatever the limits are today; a
+        // payment's limits were checked when it was made.
+        if purpose == Purpose::Load {
+            let max_load = self.cfg.max_load_for(&req.funding_source);
+            if req.amount_minor > max_load {
+                return Err(LoadError::BadRequest(format!(
+                    "amount_minor {} exceeds the per-load limit of {max_load} for {} funding",
+                    req.amount_minor, req.funding_source
+                )));
+            }
+            let Some(source) = self.sources.get(&req.funding_source) else {
+                return Err(LoadError::BadRequest(format!(
+                    "unknown funding source {:?}; available: {}",
+                    req.funding_source,
+                    self.source_names().join(", ")
+                )));
+            };
             // The instrument is looked up, never formatted into an account from the request.
             self.check_instrument(caller, source.as_ref(), &req.instrument)?;
+        }
+        if let Purpose::Reversal(_) = purpose {
+            if !self.sources.contains_key(&req.funding_source) {
+                return Err(LoadError::BadRequest(format!(
+                    "unknown funding source {:?}; available: {}",
+                    req.funding_source,
+                    self.source_names().join(", ")
+                )));
+            }
         }
         if sessions.active.len() >= self.cfg.max_sessions {
             return Err(LoadError::Busy);
         }
-        let (dialogue, first) = match reverses {
-            None => Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT),
-            // A reversal debits under the credit key: the card does not arm LimitedCredit for
-            // a debit under that key, so no debit-key holder can credit a reversal back.
-            Some(_) => Dialogue::start(req.uid, KeyKind::Credit, ins::DEBIT),
+        let (dialogue, first) = match purpose {
+            Purpose::Load => Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT),
+            // A reversal or a payment debits under the credit key: the card does not arm
+            // LimitedCredit for a debit under that key, so no debit-key holder (a validator)
+            // can credit it back.
+            Purpose::Reversal(_) | Purpose::Payment(_) => {
+                Dialogue::start(req.uid, KeyKind::Credit, ins::DEBIT)
+            }
         };
         let id = session_id();
         let reply = Reply::Command {
@@ -98,11 +93,29 @@ impl LoadService {
             intent_recorded: false,
             commit_sent: false,
             idempotent_stored: false,
-            reverses,
+            purpose,
             idem: ikey,
             fingerprint,
         });
         Ok(reply)
+    }
+
+    /// The final answer stored in the ledger under idempotency key `ikey`, if any (refused
+    /// when the key was used for another request).
+    pub(super) fn stored_reply(
+        &self,
+        ikey: &str,
+        fingerprint: &str,
+        differs: &'static str,
+    ) -> Result<Option<Reply>, LoadError> {
+        let r = self.ledger.read()?;
+        match r.idempotent(ikey)? {
+            Some(v) => {
+                same_request(&v, fingerprint, differs)?;
+                Ok(Some(reply_from_json(&v)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Feeds the card's answers to the commands of step `seq` of session `id`.

@@ -125,6 +125,21 @@ impl LedgerCore {
                     amount_minor: amount,
                 }
             }
+            IntentKind::Payment => {
+                let p = self.payment_completed(txn, &intent, tmc, now_ms)?;
+                self.post(
+                    txn,
+                    now_ms,
+                    &card,
+                    &format!("merchant:{}", p.merchant),
+                    amount,
+                    &format!("payment:{}", p.id),
+                )?;
+                FundingAction::Paid {
+                    payment_id: p.id,
+                    merchant: p.merchant,
+                }
+            }
         };
         intent.state = IntentState::Completed;
         intent.settled_ms = Some(now_ms);
@@ -181,6 +196,10 @@ impl LedgerCore {
                     source: intent.funding_source,
                     auth: intent.funding_auth,
                 }))
+            }
+            IntentKind::Payment => {
+                self.payment_voided(txn, &intent)?;
+                Ok(None)
             }
             IntentKind::Reversal => {
                 if let Some(load_tmc) = intent.reverses_tmc {

@@ -5,6 +5,7 @@
 mod anomalies;
 mod cards;
 mod intents;
+mod payments;
 mod postings;
 mod registry;
 #[cfg(test)]
@@ -40,6 +41,10 @@ pub struct LedgerCore {
     funding_days: Database<Str, I64<BE>>,
     /// Funding instruments and the account each belongs to, by (source, instrument id).
     instruments: Database<Str, SerdeJson<Instrument>>,
+    /// Merchants' payments by id.
+    payments: Database<Str, SerdeJson<Payment>>,
+    /// (merchant, order id) → payment id.
+    payment_orders: Database<Str, Str>,
 }
 
 fn instrument_key(source: &str, id: &str) -> String {
@@ -202,7 +207,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<11> = [
+const DATABASES: tapgate_lmdb::Databases<13> = [
     "balances",
     "postings",
     "load_intents",
@@ -214,6 +219,8 @@ const DATABASES: tapgate_lmdb::Databases<11> = [
     "counter_gaps",
     "funding_days",
     "instruments",
+    "payments",
+    "payment_orders",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -223,7 +230,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders] =
             dbs;
         Ok(LedgerCore {
             env,
@@ -238,6 +245,8 @@ impl LedgerCore {
             gaps: gaps.remap_types(),
             funding_days: funding_days.remap_types(),
             instruments: instruments.remap_types(),
+            payments: payments.remap_types(),
+            payment_orders: payment_orders.remap_types(),
         })
     }
 }
@@ -375,6 +384,20 @@ impl<T: view::View> LedgerRead for T {
         let (core, txn) = self.view();
         core.instruments_of(txn, owner)
     }
+
+    fn payment(&self, id: &str) -> Result<Option<Payment>, LedgerError> {
+        let (core, txn) = self.view();
+        core.payment(txn, id)
+    }
+
+    fn payment_for_order(
+        &self,
+        merchant: &str,
+        order_id: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let (core, txn) = self.view();
+        core.payment_for_order(txn, merchant, order_id)
+    }
 }
 
 /// One write transaction of the LMDB ledger (a nested transaction of the group commit).
@@ -444,6 +467,10 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
 
     fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError> {
         self.core.put_voucher(self.txn, v)
+    }
+
+    fn put_payment(&mut self, _: LedgerOnly, payment: &Payment) -> Result<(), LedgerError> {
+        self.core.put_payment(self.txn, payment)
     }
 
     fn put_card(

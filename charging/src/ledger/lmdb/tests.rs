@@ -60,6 +60,7 @@ fn one_intent_per_card_counter() {
         kind: IntentKind::Load,
         reverses_tmc: None,
         reversed_at_tmc: None,
+        payment_id: None,
     };
     l.transact(move |t| {
         t.insert_intent(&uid, &mut intent).unwrap();

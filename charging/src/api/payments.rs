@@ -1,0 +1,160 @@
+//! Online payments: the merchant's API (`/v1/merchant/payments`) and the cardholder's relay of
+//! a payment (`POST /v1/payments/{id}/pay`, then the load relay's steps).
+
+use super::*;
+use crate::ledger::{Payment, PaymentState};
+use crate::load::PaymentAsk;
+use time::format_description::well_known::Rfc3339;
+
+/// `POST /v1/merchant/payments` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePayment {
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// ISO 4217 code, e.g. `EUR`.
+    pub currency: String,
+    /// The merchant's order id: the same order id gives the same payment.
+    pub order_id: String,
+    /// What is bought (shown to the cardholder).
+    #[serde(default)]
+    pub description: String,
+    /// Payable until (RFC 3339, e.g. `2026-12-06T15:00:00Z`).
+    pub expires: String,
+    /// Where the outcome is sent.
+    #[serde(default)]
+    pub notify_url: Option<String>,
+}
+
+/// `POST /v1/payments/{id}/pay` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayPayment {
+    /// Card UID, 14 hex digits.
+    pub card_uid: String,
+}
+
+fn rfc3339(ms: u64) -> String {
+    i64::try_from(ms / 1000)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn parse_rfc3339(field: &str, s: &str) -> Result<u64, ApiError> {
+    let t = time::OffsetDateTime::parse(s, &Rfc3339)
+        .map_err(|e| ApiError::BadRequest(format!("{field} {s:?} is not an RFC 3339 time: {e}")))?;
+    u64::try_from(t.unix_timestamp())
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .ok_or_else(|| ApiError::BadRequest(format!("{field} {s:?} is out of range")))
+}
+
+/// A payment as its merchant sees it (`state`: `open`, `pending`, `completed`, `expired`).
+pub fn payment_json(p: &Payment, now_ms: u64) -> serde_json::Value {
+    let state = match p.state {
+        PaymentState::Open if now_ms > p.expires_ms => "expired",
+        PaymentState::Open => "open",
+        PaymentState::Pending => "pending",
+        PaymentState::Completed => "completed",
+    };
+    serde_json::json!({
+        "id": p.id,
+        "merchant": p.merchant,
+        "order_id": p.order_id,
+        "amount_minor": p.amount_minor,
+        "currency": p.currency,
+        "description": p.description,
+        "expires": rfc3339(p.expires_ms),
+        "notify_url": p.notify_url,
+        "state": state,
+        "created": rfc3339(p.created_ms),
+        "card_uid": p.card_uid,
+        "tmc": p.tmc,
+        "paid": p.paid_ms.map(rfc3339),
+    })
+}
+
+/// `POST /v1/merchant/payments` (merchant): makes a payment; 201 when new, 200 with the same
+/// payment when the order id was made before with the same terms.
+pub(super) async fn create_payment(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Merchant])?;
+    let req: CreatePayment = json_body(&body)?;
+    let ask = PaymentAsk {
+        amount_minor: req.amount_minor,
+        currency: req.currency,
+        order_id: req.order_id,
+        description: req.description,
+        expires_ms: parse_rfc3339("expires", &req.expires)?,
+        notify_url: req.notify_url,
+    };
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let (p, new) = blocking(move || Ok(loads.create_payment(&caller.name, ask, now)?)).await?;
+    let code = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(payment_json(&p, now))))
+}
+
+/// `GET /v1/merchant/payments/{id}` (merchant): its own payment; another merchant's is not
+/// found.
+pub(super) async fn merchant_payment(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Merchant])?;
+    let p = st.loads.payment_of(&caller.name, &id)?;
+    Ok(Json(payment_json(&p, (st.clock)())))
+}
+
+/// `GET /v1/payments/{id}` (cardholder): what the payment asks for, before paying it.
+pub(super) async fn payment_for_cardholder(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let p = r
+        .payment(&id)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no payment {id}")))?;
+    let full = payment_json(&p, (st.clock)());
+    Ok(Json(serde_json::json!({
+        "id": full["id"],
+        "merchant": full["merchant"],
+        "amount_minor": full["amount_minor"],
+        "currency": full["currency"],
+        "description": full["description"],
+        "expires": full["expires"],
+        "state": full["state"],
+    })))
+}
+
+/// `POST /v1/payments/{id}/pay` (cardholder): starts paying the payment from the card; the
+/// relay goes on at `POST /v1/loads/{session}/steps`, exactly as a load's.
+pub(super) async fn pay_payment(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Reply>, ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
+    let req: PayPayment = json_body(&body)?;
+    let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
+    own_card_or_anonymous(&st, &caller, &uid)?;
+    let loads = st.loads.clone();
+    let reply =
+        blocking(move || Ok(loads.start_payment(&caller.name, &id, uid, key, now)?)).await?;
+    Ok(Json(reply))
+}

@@ -1,0 +1,91 @@
+//! Merchants' online payments, by id and by (merchant, order).
+
+use super::*;
+
+fn order_key(merchant: &str, order_id: &str) -> String {
+    format!("{merchant}\u{1f}{order_id}")
+}
+
+impl LedgerCore {
+    /// A payment by id.
+    pub(super) fn payment(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        id: &str,
+    ) -> Result<Option<Payment>, LedgerError> {
+        Ok(self.payments.get(txn, id)?)
+    }
+
+    /// The id of `merchant`'s payment for `order_id`.
+    pub(super) fn payment_for_order(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        merchant: &str,
+        order_id: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        Ok(self
+            .payment_orders
+            .get(txn, &order_key(merchant, order_id))?
+            .map(str::to_string))
+    }
+
+    /// Stores a payment and its order index.
+    pub(super) fn put_payment(&self, txn: &mut RwTxn<'_>, p: &Payment) -> Result<(), LedgerError> {
+        self.payments.put(txn, &p.id, p)?;
+        self.payment_orders
+            .put(txn, &order_key(&p.merchant, &p.order_id), &p.id)?;
+        Ok(())
+    }
+
+    /// The payment an intent pays, completed by the card at counter `tmc` (`now_ms`).
+    pub(super) fn payment_completed(
+        &self,
+        txn: &mut RwTxn<'_>,
+        intent: &LoadIntent,
+        tmc: u32,
+        now_ms: u64,
+    ) -> Result<Payment, LedgerError> {
+        let id = intent.payment_id.as_deref().unwrap_or_default();
+        let mut p = self
+            .payment(txn, id)?
+            .ok_or_else(|| LedgerError::PaymentNotOpen {
+                id: id.to_string(),
+                why: "the intent's payment is gone".into(),
+            })?;
+        p.state = PaymentState::Completed;
+        p.card_uid = Some(intent.uid.clone());
+        p.tmc = Some(tmc);
+        p.paid_ms = Some(now_ms);
+        self.put_payment(txn, &p)?;
+        Ok(p)
+    }
+
+    /// The card never made the intent's payment: the day totals are given back and the
+    /// payment is open again (if it still is this intent's).
+    pub(super) fn payment_voided(
+        &self,
+        txn: &mut RwTxn<'_>,
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError> {
+        let id = intent.payment_id.as_deref().unwrap_or_default();
+        let Some(mut p) = self.payment(txn, id)? else {
+            return Ok(());
+        };
+        let (day, amount) = (
+            intent.created_ms / 86_400_000,
+            i64::from(intent.amount_minor),
+        );
+        self.add_funding_day(txn, PAYMENT_CARD_DAY, &intent.uid, day, -amount)?;
+        self.add_funding_day(txn, PAYMENT_MERCHANT_DAY, &p.merchant, day, -amount)?;
+        if p.state == PaymentState::Pending
+            && p.card_uid.as_deref() == Some(intent.uid.as_str())
+            && p.tmc == intent.tmc_before.checked_add(1)
+        {
+            p.state = PaymentState::Open;
+            p.card_uid = None;
+            p.tmc = None;
+            self.put_payment(txn, &p)?;
+        }
+        Ok(())
+    }
+}

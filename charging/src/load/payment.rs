@@ -1,0 +1,336 @@
+//! Online payments to merchants: the merchant makes a payment, the cardholder's client relays
+//! the card's dialogue exactly as for a load, and the server debits the card (a Debit under the
+//! credit key, inside the HSM, proved by the card's transaction MAC) and books card →
+//! `merchant:<id>`. The payment intent (card, counter) is durable, and the payment pending,
+//! before the Debit leaves the server; a torn payment is settled from the card's next contact
+//! like a torn load ([`LoadService::settle_from_snapshot`]): paid once or opened again, never
+//! paid twice, never lost.
+
+use super::*;
+use crate::ledger::{Payment, PaymentState};
+
+/// Limits on online payments.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentLimits {
+    /// Largest single payment, minor units.
+    pub max_payment_minor: i32,
+    /// Most one card may pay per day (UTC), minor units.
+    pub max_daily_per_card_minor: i64,
+    /// Most one merchant may be paid per day (UTC), minor units.
+    pub max_daily_per_merchant_minor: i64,
+    /// Longest a payment may stay payable, ms.
+    pub max_expiry_ms: u64,
+}
+
+impl Default for PaymentLimits {
+    fn default() -> Self {
+        PaymentLimits {
+            max_payment_minor: 200_000,
+            max_daily_per_card_minor: 500_000,
+            max_daily_per_merchant_minor: 100_000_000,
+            max_expiry_ms: 7 * 86_400_000,
+        }
+    }
+}
+
+/// What a merchant asks for (`POST /v1/merchant/payments`).
+#[derive(Clone, Debug)]
+pub struct PaymentAsk {
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// ISO 4217 code (three capital letters).
+    pub currency: String,
+    /// The merchant's order id.
+    pub order_id: String,
+    /// What is bought.
+    pub description: String,
+    /// Payable until (unix ms).
+    pub expires_ms: u64,
+    /// Where the outcome is sent (http or https).
+    pub notify_url: Option<String>,
+}
+
+use crate::ledger::{PAYMENT_CARD_DAY as CARD_DAY, PAYMENT_MERCHANT_DAY as MERCHANT_DAY};
+
+/// A name usable in an account (`merchant:<name>`): letters, digits, `.`, `_`, `-`.
+pub fn valid_merchant(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn printable(s: &str, max: usize) -> bool {
+    s.len() <= max && !s.chars().any(char::is_control)
+}
+
+impl PaymentAsk {
+    fn check(&self, limits: &PaymentLimits, now_ms: u64) -> Result<(), LoadError> {
+        let bad = |m: String| Err(LoadError::BadRequest(m));
+        if self.amount_minor <= 0 {
+            return bad(format!(
+                "amount_minor must be positive, got {}",
+                self.amount_minor
+            ));
+        }
+        if self.amount_minor > limits.max_payment_minor {
+            return Err(LoadError::PaymentLimit(format!(
+                "amount_minor {} exceeds the per-payment limit of {}",
+                self.amount_minor, limits.max_payment_minor
+            )));
+        }
+        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return bad(format!(
+                "currency {:?} must be an ISO 4217 code (three capital letters)",
+                self.currency
+            ));
+        }
+        if self.order_id.is_empty() || !printable(&self.order_id, 128) {
+            return bad("order_id must be 1 to 128 printable characters".into());
+        }
+        if !printable(&self.description, 500) {
+            return bad("description must be at most 500 printable characters".into());
+        }
+        if self.expires_ms <= now_ms || self.expires_ms - now_ms > limits.max_expiry_ms {
+            return bad(format!(
+                "expires must be in the future and within {} h",
+                limits.max_expiry_ms / 3_600_000
+            ));
+        }
+        if let Some(url) = &self.notify_url {
+            let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+            if !scheme_ok || !printable(url, 2_000) || url.contains(char::is_whitespace) {
+                return bad("notify_url must be an http(s) URL".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn payment_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("pay_{}", hex::encode(b))
+}
+
+impl LoadService {
+    /// Makes `merchant`'s payment, or returns the one it already made for that order id
+    /// (`false`). An order id made again with other terms is refused.
+    pub fn create_payment(
+        &self,
+        merchant: &str,
+        ask: PaymentAsk,
+        now_ms: u64,
+    ) -> Result<(Payment, bool), LoadError> {
+        if !valid_merchant(merchant) {
+            return Err(LoadError::BadRequest(format!(
+                "merchant name {merchant:?} is not usable in an account"
+            )));
+        }
+        ask.check(&self.cfg.payments, now_ms)?;
+        let payment = Payment {
+            id: payment_id(),
+            merchant: merchant.to_string(),
+            order_id: ask.order_id,
+            amount_minor: ask.amount_minor,
+            currency: ask.currency,
+            description: ask.description,
+            expires_ms: ask.expires_ms,
+            notify_url: ask.notify_url,
+            state: PaymentState::Open,
+            created_ms: now_ms,
+            card_uid: None,
+            tmc: None,
+            paid_ms: None,
+        };
+        let asked = payment.clone();
+        let (stored, new) = self.ledger.transact(move |t| t.create_payment(&asked))?;
+        let same_terms = stored.amount_minor == payment.amount_minor
+            && stored.currency == payment.currency
+            && stored.description == payment.description
+            && stored.notify_url == payment.notify_url;
+        if !new && !same_terms {
+            return Err(LoadError::IdempotencyKeyReused(
+                "order id made before with another amount, currency, description or notify_url",
+            ));
+        }
+        Ok((stored, new))
+    }
+
+    /// `merchant`'s payment `id` (another merchant's is not found).
+    pub fn payment_of(&self, merchant: &str, id: &str) -> Result<Payment, LoadError> {
+        let r = self.ledger.read()?;
+        r.payment(id)?
+            .filter(|p| p.merchant == merchant)
+            .ok_or_else(|| LoadError::NoSuchPayment(id.to_string()))
+    }
+
+    /// Starts paying payment `payment_id` with card `uid`: returns the first command for the
+    /// card, like [`LoadService::start`]; the relay goes on with [`LoadService::respond`].
+    pub fn start_payment(
+        &self,
+        caller: &str,
+        payment_id: &str,
+        uid: [u8; 7],
+        idempotency_key: String,
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        let payment = {
+            let r = self.ledger.read()?;
+            r.payment(payment_id)?
+        }
+        .ok_or_else(|| LoadError::NoSuchPayment(payment_id.to_string()))?;
+        let purpose = Purpose::Payment(payment.id.clone());
+        let req = LoadRequest {
+            uid,
+            amount_minor: payment.amount_minor,
+            funding_source: String::new(),
+            instrument: String::new(),
+            idempotency_key,
+        };
+        let this_card = payment.card_uid.as_deref() == Some(hex::encode_upper(uid).as_str());
+        let payable = match payment.state {
+            PaymentState::Open if now_ms > payment.expires_ms => Err("it expired"),
+            PaymentState::Open => Ok(()),
+            // Torn with this card: its contact now settles it first (then it is paid, or open
+            // to pay again).
+            PaymentState::Pending if this_card => Ok(()),
+            PaymentState::Pending => Err("a card's payment of it is in progress"),
+            PaymentState::Completed => Err("it is paid"),
+        };
+        if let Err(why) = payable {
+            // A retried start of the session that paid it gets its answer again.
+            let ikey = Self::idem_key(&purpose, caller, &req.idempotency_key);
+            let fingerprint = request_fingerprint(&req, &purpose);
+            if let Some(r) = self.stored_reply(&ikey, &fingerprint, PAYMENT_DIFFERS)? {
+                return Ok(r);
+            }
+            let sessions = self.sessions.lock().expect("sessions lock");
+            if let Some(r) = sessions.answer_again(&ikey, &fingerprint, PAYMENT_DIFFERS)? {
+                return Ok(r);
+            }
+            return Err(LoadError::PaymentNotPayable(format!(
+                "payment {payment_id} cannot be paid: {why}"
+            )));
+        }
+        self.open_session(caller, req, purpose, now_ms)
+    }
+
+    /// At `Step::Decide` of a payment: the card holds enough, the day limits of the card and
+    /// the merchant hold, and the intent with the payment pending is durable before the Debit
+    /// leaves the server — or a refusal.
+    pub(super) fn decide_payment(
+        &self,
+        s: &mut Session,
+        snap: &CardSnapshot,
+        payment_id: &str,
+        now_ms: u64,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        let amount = s.request.amount_minor;
+        if snap.balance_minor() < amount {
+            return Ok(Err(self.refused(
+                s,
+                "insufficient_value",
+                &format!(
+                    "the card holds {}; the payment is {amount}",
+                    snap.balance_minor()
+                ),
+            )));
+        }
+        let uid = snap.uid();
+        let mut intent = LoadIntent {
+            uid: hex::encode_upper(uid),
+            tmc_before: snap.tmc(),
+            attempt: 0,
+            balance_before_minor: snap.balance_minor(),
+            amount_minor: amount,
+            key_version: snap.key_version(),
+            funding_source: String::new(),
+            funding_auth: String::new(),
+            instrument: String::new(),
+            idempotency_key: s.request.idempotency_key.clone(),
+            requested_by: s.caller.clone(),
+            state: IntentState::Authorised,
+            created_ms: now_ms,
+            settled_ms: None,
+            kind: IntentKind::Payment,
+            reverses_tmc: None,
+            reversed_at_tmc: None,
+            payment_id: Some(payment_id.to_string()),
+        };
+        let record = intent_record(&intent).to_vec();
+        let snapshot = snap.clone();
+        let limits = self.cfg.payments.clone();
+        let today = day_of(now_ms);
+        let card = hex::encode_upper(uid);
+        let recorded = self.ledger.transact(move |t| {
+            let merchant = match t.payment(intent.payment_id.as_deref().unwrap_or_default())? {
+                Some(p) if p.state == PaymentState::Completed => {
+                    return Ok(Err((
+                        "already_paid",
+                        format!(
+                            "the payment is paid (card {}, counter {})",
+                            p.card_uid.unwrap_or_default(),
+                            p.tmc.unwrap_or_default()
+                        ),
+                    )))
+                }
+                Some(p) => p.merchant,
+                None => return Ok(Err(("payment_not_payable", "no such payment".into()))),
+            };
+            let card_day = t.funding_day_total(CARD_DAY, &card, today)?;
+            if card_day + i64::from(amount) > limits.max_daily_per_card_minor {
+                return Ok(Err((
+                    "daily_limit",
+                    format!(
+                        "{card_day} already paid with this card today; its daily limit is {}",
+                        limits.max_daily_per_card_minor
+                    ),
+                )));
+            }
+            let merchant_day = t.funding_day_total(MERCHANT_DAY, &merchant, today)?;
+            if merchant_day + i64::from(amount) > limits.max_daily_per_merchant_minor {
+                return Ok(Err((
+                    "merchant_daily_limit",
+                    "the merchant's daily limit is reached".into(),
+                )));
+            }
+            match t.begin_payment(&uid, &mut intent, now_ms) {
+                Ok(_) => {}
+                Err(LedgerError::PaymentNotOpen { why, .. }) => {
+                    return Ok(Err(("payment_not_payable", why)))
+                }
+                Err(e) => return Err(e),
+            }
+            t.add_funding_day(CARD_DAY, &card, today, i64::from(amount))?;
+            t.add_funding_day(MERCHANT_DAY, &merchant, today, i64::from(amount))?;
+            t.observe_card(&snapshot)?;
+            Ok(Ok(()))
+        });
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err((reason, detail))) => return Ok(Err(self.refused(s, reason, &detail))),
+            Err(LedgerError::IntentExists { .. }) => {
+                return Ok(Err(self.refused(
+                    s,
+                    "load_in_progress",
+                    "another change for this card at this counter is in progress",
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        s.intent_recorded = true;
+        Ok(Ok(Decision::Apply {
+            amount_minor: amount,
+            record: Some(record),
+        }))
+    }
+
+    /// A payment the card made is booked (here, or settled later): the merchant is told.
+    pub(super) fn payment_paid(&self, payment_id: &str, merchant: &str) {
+        self.stats.lock().expect("stats").payments_completed += 1;
+        tracing::info!(payment_id, merchant, "payment completed");
+    }
+}

@@ -1,0 +1,449 @@
+//! Online payments (issue 20): a merchant makes a payment, the cardholder's client relays the
+//! card's dialogue, the server debits the card and books card → merchant once. Attacks: a
+//! merchant acting on another merchant's payment, a payment replayed to another merchant, a
+//! second client racing the first on one payment, a payment torn at every relay position then
+//! settled once. Value is conserved in every test (`charging::reconcile::conservation`).
+
+mod common;
+
+use charging::client::{Client, Ending, Vanish};
+use charging::load::Reply;
+use charging::reconcile::{conservation, CardTruth};
+use purse::card::Card;
+use purse::keys::KeySet;
+use purse::sam::SoftwareHsm;
+use purse::txn::{EmulatedReader, Transport};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+use tapgate_http::auth::Role;
+use tapgate_testkit::fixtures::{token, transit_card};
+use tapgate_testkit::http::{get, post, post_with_key};
+
+const OPS: &str = "tg_ops_pay";
+const ALICE: &str = "tg_alice_pay";
+const BOB: &str = "tg_bob_pay";
+const SHOP: &str = "tg_shop_pay";
+const OTHER: &str = "tg_other_pay";
+
+struct World {
+    srv: common::Running,
+    hsm: SoftwareHsm,
+}
+
+fn world() -> World {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(20));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![
+            token("ops", Role::Operator, OPS),
+            token("alice", Role::Cardholder, ALICE),
+            token("bob", Role::Cardholder, BOB),
+            token("rail-shop", Role::Merchant, SHOP),
+            token("other-shop", Role::Merchant, OTHER),
+        ];
+    });
+    World {
+        srv,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+    }
+}
+
+fn rfc3339_in(seconds: i64) -> String {
+    (time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+impl World {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.srv.base)
+    }
+
+    /// A card personalised with `balance`, registered to `owner`.
+    fn card(&self, n: u8, balance: i32, owner: &str) -> Card {
+        let uid = [0x04, 0x20, n, 1, 2, 3, 4];
+        let (code, body) = post(
+            &self.url("/v1/cards"),
+            OPS,
+            json!({"card_uid": hex::encode_upper(uid), "personalised_minor": balance, "owner": owner}),
+        );
+        assert_eq!(code, 201, "{body}");
+        transit_card(&self.hsm, uid, balance)
+    }
+
+    /// Makes a payment as `merchant`: (status, body).
+    fn create(&self, merchant: &str, order: &str, amount: i32) -> (u16, Value) {
+        post(
+            &self.url("/v1/merchant/payments"),
+            merchant,
+            json!({
+                "amount_minor": amount,
+                "currency": "EUR",
+                "order_id": order,
+                "description": "Rail ticket Lyon → Paris",
+                "expires": rfc3339_in(3_600),
+                "notify_url": "https://shop.example/notify",
+            }),
+        )
+    }
+
+    fn payment_id(&self, merchant: &str, order: &str, amount: i32) -> String {
+        let (code, body) = self.create(merchant, order, amount);
+        assert_eq!(code, 201, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    fn client(&self, token: &str) -> Client {
+        Client::new(&self.srv.base, token)
+    }
+
+    fn pay(
+        &self,
+        who: &str,
+        card: &mut Card,
+        id: &str,
+        key: &str,
+        vanish: Option<Vanish>,
+    ) -> Ending {
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(3),
+        };
+        self.client(who)
+            .pay(&mut reader, id, key, vanish)
+            .unwrap()
+            .ending
+    }
+
+    /// The ledger against the cards: value conserved, nothing booked twice, and every card
+    /// reconciles (no payment left pending).
+    fn conserved(&self, cards: &[&Card]) {
+        let truths = cards.iter().map(|c| CardTruth {
+            uid: c.state().uid,
+            balance_minor: c.state().balance_minor,
+            tmc: c.state().tmc,
+        });
+        let c = conservation(self.srv.state.loads.ledger(), truths, &[]).unwrap();
+        assert!(c.holds(&Default::default()), "{c:#?}");
+    }
+
+    fn balance(&self, account: &str) -> i64 {
+        let l = self.srv.state.loads.ledger();
+        let r = l.read().unwrap();
+        r.balance(account).unwrap()
+    }
+}
+
+fn completed(e: &Ending) -> (i32, i32, u32) {
+    match e {
+        Ending::Answered(Reply::Completed {
+            amount_minor,
+            balance_minor,
+            tmc,
+            ..
+        }) => (*amount_minor, *balance_minor, *tmc),
+        other => panic!("not completed: {other:?}"),
+    }
+}
+
+fn refused(e: &Ending) -> String {
+    match e {
+        Ending::Answered(Reply::Refused { reason, .. }) => reason.clone(),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+#[test]
+fn a_payment_is_paid_once_and_its_merchant_alone_sees_it() {
+    let w = world();
+    let mut card = w.card(1, 5_000, "alice");
+    let id = w.payment_id(SHOP, "order-1", 1_200);
+    assert!(id.starts_with("pay_"), "{id}");
+
+    // The same order id gives the same payment; with other terms it is refused.
+    let (code, again) = w.create(SHOP, "order-1", 1_200);
+    assert_eq!((code, again["id"].as_str()), (200, Some(id.as_str())));
+    assert_eq!(w.create(SHOP, "order-1", 1_300).0, 422);
+
+    // Bad requests are refused with a clear error.
+    for bad in [
+        json!({"amount_minor": 0, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(60)}),
+        json!({"amount_minor": 5, "currency": "euro", "order_id": "x", "expires": rfc3339_in(60)}),
+        json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(-60)}),
+        json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": "tomorrow"}),
+        json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(60), "notify_url": "ftp://x"}),
+    ] {
+        let (code, body) = post(&w.url("/v1/merchant/payments"), SHOP, bad);
+        assert_eq!(code, 400, "{body}");
+    }
+    // Above the per-payment limit (200 000 by default).
+    assert_eq!(w.create(SHOP, "big", 200_001).0, 403);
+
+    // Roles: a cardholder cannot make payments, a merchant cannot pay one.
+    assert_eq!(w.create(ALICE, "order-x", 100).0, 403);
+    let (code, _) = post_with_key(
+        &w.url(&format!("/v1/payments/{id}/pay")),
+        SHOP,
+        "k",
+        json!({"card_uid": hex::encode_upper(card.state().uid)}),
+    );
+    assert_eq!(code, 403);
+
+    // The cardholder sees what it pays; the other merchant does not see it at all.
+    let (code, seen) = get(&w.url(&format!("/v1/payments/{id}")), ALICE);
+    assert_eq!(code, 200, "{seen}");
+    assert_eq!(
+        (seen["amount_minor"].as_i64(), seen["merchant"].as_str()),
+        (Some(1_200), Some("rail-shop"))
+    );
+    let (code, _) = get(&w.url(&format!("/v1/merchant/payments/{id}")), OTHER);
+    assert_eq!(code, 404);
+
+    // Paid through the relay: the card is debited once, the merchant credited.
+    let paid = w.pay(ALICE, &mut card, &id, "pay-1", None);
+    let (amount, balance, tmc) = completed(&paid);
+    assert_eq!((amount, balance, tmc), (1_200, 3_800, 1));
+    assert_eq!(card.state().balance_minor, 3_800);
+    assert_eq!(w.balance("merchant:rail-shop"), 1_200);
+    let (code, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(code, 200);
+    assert_eq!(p["state"], "completed", "{p}");
+    assert_eq!(p["card_uid"], hex::encode_upper(card.state().uid));
+    assert_eq!(p["tmc"], 1);
+
+    // The same key again: the same answer, the card untouched; another key: refused.
+    assert_eq!(w.pay(ALICE, &mut card, &id, "pay-1", None), paid);
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(4),
+    };
+    let again = w.client(ALICE).pay(&mut reader, &id, "pay-2", None);
+    assert!(
+        matches!(
+            again,
+            Err(charging::client::ClientError::Server { code: 409, .. })
+        ),
+        "{again:?}"
+    );
+    assert_eq!(card.state().balance_minor, 3_800);
+    w.conserved(&[&card]);
+}
+
+#[test]
+fn a_card_that_holds_too_little_or_is_someone_elses_is_refused() {
+    let w = world();
+    let mut poor = w.card(2, 100, "alice");
+    let id = w.payment_id(SHOP, "order-2", 1_000);
+    assert_eq!(
+        refused(&w.pay(ALICE, &mut poor, &id, "k1", None)),
+        "insufficient_value"
+    );
+    assert_eq!(poor.state().balance_minor, 100);
+
+    // Bob cannot pay with Alice's card.
+    let mut rich = w.card(3, 5_000, "alice");
+    let mut reader = EmulatedReader {
+        card: &mut rich,
+        rng: StdRng::seed_from_u64(5),
+    };
+    let r = w.client(BOB).pay(&mut reader, &id, "k2", None);
+    assert!(
+        matches!(
+            r,
+            Err(charging::client::ClientError::Server { code: 403, .. })
+        ),
+        "{r:?}"
+    );
+    // The payment stayed open: Alice pays it with her other card.
+    completed(&w.pay(ALICE, &mut rich, &id, "k3", None));
+    w.conserved(&[&poor, &rich]);
+}
+
+#[test]
+fn a_payment_replayed_to_another_merchant_pays_only_its_own() {
+    let w = world();
+    let mut card = w.card(4, 5_000, "alice");
+    let a = w.payment_id(SHOP, "order-7", 700);
+    // The other merchant makes a payment with the same order id: a payment of its own.
+    let b = w.payment_id(OTHER, "order-7", 700);
+    assert_ne!(a, b);
+    completed(&w.pay(ALICE, &mut card, &a, "key-a", None));
+    // The same start replayed against the other merchant's payment: the key names another
+    // request, refused; the card is not touched.
+    let (code, body) = post_with_key(
+        &w.url(&format!("/v1/payments/{b}/pay")),
+        ALICE,
+        "key-a",
+        json!({"card_uid": hex::encode_upper(card.state().uid)}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(w.balance("merchant:rail-shop"), 700);
+    assert_eq!(w.balance("merchant:other-shop"), 0);
+    let (_, pb) = get(&w.url(&format!("/v1/merchant/payments/{b}")), OTHER);
+    assert_eq!(pb["state"], "open");
+    // A merchant cannot read the other's, whatever the id.
+    assert_eq!(
+        get(&w.url(&format!("/v1/merchant/payments/{a}")), OTHER).0,
+        404
+    );
+    assert_eq!(
+        get(&w.url(&format!("/v1/merchant/payments/{b}")), SHOP).0,
+        404
+    );
+    assert_eq!(card.state().balance_minor, 4_300);
+    w.conserved(&[&card]);
+}
+
+/// Sends one batch of the server's commands to the card and posts its answers.
+fn step(client: &Client, reader: &mut dyn Transport, reply: &Reply) -> Reply {
+    let Reply::Command {
+        session_id,
+        seq,
+        commands,
+    } = reply
+    else {
+        panic!("no command to relay: {reply:?}");
+    };
+    let answers: Vec<Vec<u8>> = commands
+        .iter()
+        .map(|c| reader.transmit(&hex::decode(c).unwrap()).unwrap())
+        .collect();
+    client.step(session_id, *seq, &answers).unwrap()
+}
+
+fn has_debit(reply: &Reply) -> bool {
+    matches!(reply, Reply::Command { commands, .. }
+        if commands.iter().any(|c| hex::decode(c).unwrap().get(1) == Some(&purse::apdu::ins::DEBIT)))
+}
+
+#[test]
+fn a_second_client_racing_the_first_on_one_payment_is_refused() {
+    let w = world();
+    let mut first = w.card(5, 5_000, "alice");
+    let mut second = w.card(6, 5_000, "bob");
+    let id = w.payment_id(SHOP, "order-race", 900);
+    let (alice, bob) = (w.client(ALICE), w.client(BOB));
+    let mut ra = EmulatedReader {
+        card: &mut first,
+        rng: StdRng::seed_from_u64(6),
+    };
+    let mut rb = EmulatedReader {
+        card: &mut second,
+        rng: StdRng::seed_from_u64(7),
+    };
+    // Both start while the payment is open.
+    let mut a = alice
+        .start_payment(&ra.card.state().uid, &id, "race-a")
+        .unwrap();
+    let b = bob
+        .start_payment(&rb.card.state().uid, &id, "race-b")
+        .unwrap();
+    // The first reaches its Debit: its intent is durable, the payment pending.
+    while !has_debit(&a) {
+        a = step(&alice, &mut ra, &a);
+    }
+    // The second runs to its decision: refused, its card untouched.
+    let relayed = bob.relay(&mut rb, b, None).unwrap();
+    assert!(
+        matches!(relayed.reply(), Some(Reply::Refused { reason, .. }) if reason == "payment_not_payable"),
+        "{relayed:?}"
+    );
+    // The first completes.
+    let done = alice.relay(&mut ra, a, None).unwrap();
+    assert!(done.completed().is_some(), "{done:?}");
+    assert_eq!(
+        (first.state().balance_minor, second.state().balance_minor),
+        (4_100, 5_000)
+    );
+    assert_eq!(w.balance("merchant:rail-shop"), 900);
+    w.conserved(&[&first, &second]);
+}
+
+#[test]
+fn a_payment_torn_at_every_relay_position_is_settled_once() {
+    let w = world();
+    // How many commands a whole payment relays.
+    let mut probe = w.card(7, 5_000, "alice");
+    let id = w.payment_id(SHOP, "probe", 100);
+    let mut reader = EmulatedReader {
+        card: &mut probe,
+        rng: StdRng::seed_from_u64(8),
+    };
+    let mut counter = Counting {
+        inner: &mut reader,
+        sent: 0,
+    };
+    assert!(w
+        .client(ALICE)
+        .pay(&mut counter, &id, "probe", None)
+        .unwrap()
+        .completed()
+        .is_some());
+    let commands = counter.sent;
+    assert!(commands >= 6, "{commands}");
+
+    let mut cards = vec![probe];
+    let mut paid = 100i64;
+    let mut n = 10u8;
+    let (mut made_before, mut made_now) = (0, 0);
+    for at in 1..=commands {
+        for deliver in [false, true] {
+            n += 1;
+            let mut card = w.card(n, 5_000, "alice");
+            let id = w.payment_id(SHOP, &format!("torn-{at}-{deliver}"), 300);
+            let torn = w.pay(
+                ALICE,
+                &mut card,
+                &id,
+                &format!("t-{n}"),
+                Some(Vanish::AtCommand { n: at, deliver }),
+            );
+            assert!(matches!(torn, Ending::Vanished { .. }), "{torn:?}");
+            // The card's next contact: paying the same payment again with it settles the torn
+            // attempt first — paid already (the card made it) or paid now (it never did).
+            let next = w.pay(ALICE, &mut card, &id, &format!("n-{n}"), None);
+            match &next {
+                Ending::Answered(Reply::Completed { .. }) => made_now += 1,
+                Ending::Answered(Reply::Refused { reason, .. }) if reason == "already_paid" => {
+                    made_before += 1
+                }
+                other => panic!("command {at} deliver {deliver}: {other:?}"),
+            }
+            assert_eq!(
+                card.state().balance_minor,
+                4_700,
+                "command {at} deliver {deliver}: debited exactly once"
+            );
+            let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+            assert_eq!(
+                p["state"], "completed",
+                "command {at} deliver {deliver}: {p}"
+            );
+            paid += 300;
+            cards.push(card);
+        }
+    }
+    assert!(
+        made_before >= 1 && made_now >= 1,
+        "both outcomes exercised: {made_before} torn after the card paid, {made_now} before"
+    );
+    assert_eq!(w.balance("merchant:rail-shop"), paid);
+    w.conserved(&cards.iter().collect::<Vec<_>>());
+}
+
+/// A transport that counts the commands it carries.
+struct Counting<'a> {
+    inner: &'a mut dyn Transport,
+    sent: usize,
+}
+
+impl Transport for Counting<'_> {
+    fn transmit(&mut self, apdu: &[u8]) -> Result<Vec<u8>, purse::txn::TransportError> {
+        self.sent += 1;
+        self.inner.transmit(apdu)
+    }
+
+    fn card_uid(&mut self) -> Result<[u8; 7], purse::txn::TransportError> {
+        self.inner.card_uid()
+    }
+}
