@@ -19,15 +19,7 @@ use zeroize::{Zeroize, Zeroizing};
 /// Template of a derived secret that stays in the token: a session object, sensitive, never
 /// extractable, usable for what `usage` lists.
 pub(crate) fn secret_template(usage: &[Attribute]) -> Vec<Attribute> {
-    let mut t = vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(16.into()),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-    ];
+    let mut t = block_template(false);
     t.extend_from_slice(usage);
     t
 }
@@ -35,14 +27,20 @@ pub(crate) fn secret_template(usage: &[Attribute]) -> Vec<Attribute> {
 /// Template of a derived block the server reads back (a CMAC subkey seed, a first CBC block,
 /// a provisioned device key): a session object destroyed right after reading it.
 fn readable_template() -> Vec<Attribute> {
+    block_template(true)
+}
+
+/// What every derived block is: a private 16-byte AES session object, sensitive and never
+/// extractable unless the server is to read it back (`readable`).
+fn block_template(readable: bool) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::ValueLen(16.into()),
         Attribute::Token(false),
         Attribute::Private(true),
-        Attribute::Sensitive(false),
-        Attribute::Extractable(true),
+        Attribute::Sensitive(!readable),
+        Attribute::Extractable(readable),
     ]
 }
 

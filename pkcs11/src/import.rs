@@ -187,28 +187,20 @@ fn create_master(
 ) -> Result<Imported, Pkcs11Error> {
     let label = master_label(prefix, e.kind, e.version);
     let value = Zeroizing::new(e.key.expose_secret().to_vec());
-    let h = create_zeroizing(
-        &ts.session,
-        vec![
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Modifiable(false),
-            Attribute::Derive(true),
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Label(label.clone().into_bytes()),
-            Attribute::Value(value.to_vec()),
-        ],
-    )
-    .map_err(Pkcs11Error::call("creating a master key object"))?;
+    let mut template = stored_secret(ObjectClass::SECRET_KEY, KeyType::AES);
+    template.extend([
+        Attribute::Derive(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Label(label.clone().into_bytes()),
+        Attribute::Value(value.to_vec()),
+    ]);
+    let h = create_zeroizing(&ts.session, template)
+        .map_err(Pkcs11Error::call("creating a master key object"))?;
     created.push(h);
     let mine = kcv(&e.key);
     if let Ok(attrs) = ts
@@ -241,24 +233,16 @@ fn create_signing_key(
     created: &mut Vec<ObjectHandle>,
 ) -> Result<Imported, Pkcs11Error> {
     let label = signing_label(prefix);
-    let h = create_zeroizing(
-        &ts.session,
-        vec![
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::KeyType(KeyType::EC_EDWARDS),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Modifiable(false),
-            Attribute::Sign(true),
-            Attribute::Derive(false),
-            Attribute::EcParams(ED25519_OID.to_vec()),
-            Attribute::Label(label.clone().into_bytes()),
-            Attribute::Value(seed.to_vec()),
-        ],
-    )
-    .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
+    let mut template = stored_secret(ObjectClass::PRIVATE_KEY, KeyType::EC_EDWARDS);
+    template.extend([
+        Attribute::Sign(true),
+        Attribute::Derive(false),
+        Attribute::EcParams(ED25519_OID.to_vec()),
+        Attribute::Label(label.clone().into_bytes()),
+        Attribute::Value(seed.to_vec()),
+    ]);
+    let h = create_zeroizing(&ts.session, template)
+        .map_err(Pkcs11Error::call("creating the Ed25519 private key"))?;
     created.push(h);
     let mut point = vec![0x04, 0x20];
     point.extend_from_slice(verifying_key);
@@ -307,6 +291,21 @@ fn create_params(
         label,
         check: "parameters".into(),
     })
+}
+
+/// How tapgate keeps a secret in the token: a token object (it persists), private, sensitive,
+/// never extractable, never modified; the caller adds what it may be used for, its label and
+/// its value.
+fn stored_secret(class: ObjectClass, key_type: KeyType) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(class),
+        Attribute::KeyType(key_type),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+    ]
 }
 
 /// `C_CreateObject` with a template holding key bytes, which are zeroized afterwards whatever
