@@ -551,14 +551,35 @@ impl Card {
         }
     }
 
-    fn get_value(&mut self, data: &[u8]) -> Reply {
-        let msg = self.open(ins::GET_VALUE, 1, data, CommMode::Mac, &[0, 1, 2])?;
-        if msg.len() != 1 {
+    /// A file command under MAC (the debit, read and credit keys may): the message, whose
+    /// header is `file(1)`, then for a 7-byte header two 3-byte LE numbers (offset or record
+    /// number, length or count), returned beside it (0 for a 1-byte header). A read is the
+    /// header alone; a write (`then_data`) carries its data after it.
+    fn open_file(
+        &mut self,
+        code: u8,
+        file: u8,
+        header_len: usize,
+        then_data: bool,
+        data: &[u8],
+    ) -> Result<(Vec<u8>, [usize; 2]), Status> {
+        let msg = self.open(code, header_len, data, CommMode::Mac, &[0, 1, 2])?;
+        if !then_data && msg.len() != header_len {
             return Err(Status::LengthError);
         }
-        if msg[0] != FILE_VALUE {
+        if msg.first() != Some(&file) {
             return Err(Status::FileNotFound);
         }
+        let le24 = |i: usize| {
+            msg.get(i..i + 3)
+                .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize)
+        };
+        let numbers = [le24(1), le24(4)];
+        Ok((msg, numbers))
+    }
+
+    fn get_value(&mut self, data: &[u8]) -> Reply {
+        self.open_file(ins::GET_VALUE, FILE_VALUE, 1, false, data)?;
         let v = self.nvm.main.balance_minor.to_le_bytes();
         self.seal(&v, CommMode::Mac)
     }
@@ -633,12 +654,8 @@ impl Card {
     }
 
     fn write_record(&mut self, data: &[u8]) -> Reply {
-        let msg = self.open(ins::WRITE_RECORD, 7, data, CommMode::Mac, &[0, 1, 2])?;
-        if msg[0] != FILE_RECORDS {
-            return Err(Status::FileNotFound);
-        }
-        let offset = u32::from_le_bytes([msg[1], msg[2], msg[3], 0]) as usize;
-        let len = u32::from_le_bytes([msg[4], msg[5], msg[6], 0]) as usize;
+        let (msg, [offset, len]) =
+            self.open_file(ins::WRITE_RECORD, FILE_RECORDS, 7, true, data)?;
         let body = &msg[7..];
         let size = RECORD_SIZE;
         if len != body.len() || len == 0 {
@@ -657,15 +674,8 @@ impl Card {
     }
 
     fn read_records(&mut self, data: &[u8]) -> Reply {
-        let msg = self.open(ins::READ_RECORDS, 7, data, CommMode::Mac, &[0, 1, 2])?;
-        if msg.len() != 7 {
-            return Err(Status::LengthError);
-        }
-        if msg[0] != FILE_RECORDS {
-            return Err(Status::FileNotFound);
-        }
-        let rec_no = u32::from_le_bytes([msg[1], msg[2], msg[3], 0]) as usize;
-        let count = u32::from_le_bytes([msg[4], msg[5], msg[6], 0]) as usize;
+        let (_, [rec_no, count]) =
+            self.open_file(ins::READ_RECORDS, FILE_RECORDS, 7, false, data)?;
         let recs = &self.nvm.main.records;
         let available = recs.len().saturating_sub(rec_no);
         let count = if count == 0 { available } else { count };
@@ -685,15 +695,7 @@ impl Card {
     }
 
     fn read_data(&mut self, data: &[u8]) -> Reply {
-        let msg = self.open(ins::READ_DATA, 7, data, CommMode::Mac, &[0, 1, 2])?;
-        if msg.len() != 7 {
-            return Err(Status::LengthError);
-        }
-        if msg[0] != FILE_TMAC {
-            return Err(Status::FileNotFound);
-        }
-        let offset = u32::from_le_bytes([msg[1], msg[2], msg[3], 0]) as usize;
-        let len = u32::from_le_bytes([msg[4], msg[5], msg[6], 0]) as usize;
+        let (_, [offset, len]) = self.open_file(ins::READ_DATA, FILE_TMAC, 7, false, data)?;
         let mut file = [0u8; 12];
         file[..4].copy_from_slice(&self.nvm.main.tmc.to_le_bytes());
         file[4..].copy_from_slice(&self.nvm.main.tmv);
