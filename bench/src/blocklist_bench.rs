@@ -9,6 +9,7 @@
 use crate::Figures;
 use charging::server::{build, serve_on, ServerConfig};
 use gateway::daemon::{run, start_embedded_broker, GatewayConfig, GatewayStats};
+use gateway::propagation::Report;
 use gateway::store::Store;
 use purse::blocklist::Blocklist;
 use purse::keys::{KeySet, Role as KeyRole};
@@ -43,6 +44,46 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
     let dir = tempfile::tempdir()?;
     let port = tapgate_testkit::free_port();
+    start_broker(port, validators).await?;
+    let base = start_charging(dir.path(), &keys)?;
+    let stats = start_gateway(dir.path(), port, &base, &keys).await?;
+    let (all_hold, subscribed) = spawn_validators(validators, port, keys.verifying_key);
+    wait(
+        "the validators to subscribe",
+        Duration::from_secs(60),
+        || subscribed.load(Ordering::Relaxed) >= u64::from(validators),
+    )
+    .await?;
+    wait(
+        "the gateway to see every validator online",
+        Duration::from_secs(60),
+        || stats.propagation.lock().map(|p| p.online()).unwrap_or(0) >= validators as usize,
+    )
+    .await?;
+
+    // Block a card; measure until every validator holds the block.
+    let t0 = Instant::now();
+    block_card(&base).await?;
+    wait(
+        "every validator to hold the block",
+        Duration::from_secs(120),
+        || all_hold.load(Ordering::Relaxed) >= u64::from(validators),
+    )
+    .await?;
+    let block_to_all_ms = t0.elapsed().as_millis() as u64;
+    let report = propagation_report(&stats).await?;
+    Ok(vec![
+        ("validators", validators.into()),
+        ("propagation_ms_p50", report.ms_to_50.unwrap_or(0).into()),
+        ("propagation_ms_p99", report.ms_to_99.unwrap_or(0).into()),
+        ("propagation_ms_100", report.ms_to_100.unwrap_or(0).into()),
+        ("block_to_all_ms", block_to_all_ms.into()),
+        ("online_validators", report.online_validators.into()),
+    ])
+}
+
+/// The embedded broker on `port`, with the gateway's and `validators` validators' passwords.
+async fn start_broker(port: u16, validators: u32) -> anyhow::Result<()> {
     let mut users = HashMap::from([("gateway".to_string(), "gw-secret".to_string())]);
     for v in 0..validators {
         users.insert(format!("{}", 2000 + v), "v-secret".to_string());
@@ -51,12 +92,14 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
     wait("the broker", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
-    .await?;
+    .await
+}
 
-    // The back office.
+/// The back office, serving on this runtime: its base URL.
+fn start_charging(dir: &std::path::Path, keys: &KeySet) -> anyhow::Result<String> {
     let mut cfg = ServerConfig::from_toml(&format!(
         "data_dir = {:?}\nledger_map_size_bytes = 67108864",
-        dir.path().join("charging").to_string_lossy()
+        dir.join("charging").to_string_lossy()
     ))?;
     cfg.tokens = vec![
         TokenEntry {
@@ -71,19 +114,27 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
         },
     ];
     cfg.operator = "metro".into();
-    let state = build(&cfg, Box::new(SoftwareHsm::new(&keys)?))?;
+    let state = build(&cfg, Box::new(SoftwareHsm::new(keys)?))?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { serve_on(listener, &cfg, state, std::future::pending()).await });
+    Ok(base)
+}
 
-    // The gateway.
-    let store = Store::open(&dir.path().join("gateway"), 64 << 20)?;
+/// The gateway, relaying the back office's blocklist: its statistics once it has subscribed.
+async fn start_gateway(
+    dir: &std::path::Path,
+    port: u16,
+    base: &str,
+    keys: &KeySet,
+) -> anyhow::Result<Arc<GatewayStats>> {
+    let store = Store::open(&dir.join("gateway"), 64 << 20)?;
     let stats = Arc::new(GatewayStats::default());
     tokio::spawn(run(
         GatewayConfig {
             broker: ("127.0.0.1".into(), port),
             mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
-            charging: Some((base.clone(), "tg_gw".into())),
+            charging: Some((base.to_string(), "tg_gw".into())),
             operator: "metro".into(),
             ..GatewayConfig::default()
         },
@@ -96,73 +147,81 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
         stats.subscribed.load(Ordering::Acquire)
     })
     .await?;
+    Ok(stats)
+}
 
-    // The validators: verify and apply what arrives, report the version held.
-    let pk = keys.verifying_key;
+/// The validators 2000…: each verifies and applies what arrives and reports the version it
+/// holds. Counters of the validators holding a block, and of those subscribed.
+fn spawn_validators(
+    validators: u32,
+    port: u16,
+    pk: [u8; 32],
+) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
     let all_hold = Arc::new(AtomicU64::new(0));
     let subscribed = Arc::new(AtomicU64::new(0));
     for v in 0..validators {
-        let device = 2000 + v;
-        let mut o = MqttOptions::new(format!("sim-{device}"), "127.0.0.1", port);
-        o.set_credentials(device.to_string(), "v-secret")
-            .set_keep_alive(Duration::from_secs(30))
-            .set_max_packet_size(16 << 20, 16 << 20);
-        let (client, mut ev) = AsyncClient::new(o, 16);
         let (all_hold, subscribed) = (all_hold.clone(), subscribed.clone());
-        tokio::spawn(async move {
-            let status = format!("tapgate/v1/metro/devices/{device}/status");
-            let mut list = Blocklist::new("metro");
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client
-                            .subscribe("tapgate/v1/metro/blocklist/#", QoS::AtLeastOnce)
-                            .await;
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        subscribed.fetch_add(1, Ordering::Relaxed);
-                        let hb = serde_json::json!({"device": device, "online": true, "blocklist_version": list.version()});
-                        let _ = client
-                            .publish(status.clone(), QoS::AtLeastOnce, true, hb.to_string())
-                            .await;
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let before = list.version();
-                        if let Ok(v) = list.apply(&p.payload, &pk) {
-                            if v > before {
-                                if before == 0 {
-                                    all_hold.fetch_add(1, Ordering::Relaxed);
-                                }
-                                // The heartbeat right after a change (validators also send one
-                                // on their regular interval).
-                                let hb = serde_json::json!({"device": device, "online": true, "blocklist_version": v});
-                                let _ = client
-                                    .publish(status.clone(), QoS::AtLeastOnce, true, hb.to_string())
-                                    .await;
-                            }
+        tokio::spawn(validator(2000 + v, port, pk, all_hold, subscribed));
+    }
+    (all_hold, subscribed)
+}
+
+/// One simulated validator's MQTT loop: subscribe to the blocklist, heartbeat the version
+/// held at subscription and right after each change (validators also send one on their
+/// regular interval).
+async fn validator(
+    device: u32,
+    port: u16,
+    pk: [u8; 32],
+    all_hold: Arc<AtomicU64>,
+    subscribed: Arc<AtomicU64>,
+) {
+    let mut o = MqttOptions::new(format!("sim-{device}"), "127.0.0.1", port);
+    o.set_credentials(device.to_string(), "v-secret")
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut ev) = AsyncClient::new(o, 16);
+    let status = format!("tapgate/v1/metro/devices/{device}/status");
+    let mut list = Blocklist::new("metro");
+    let heartbeat = |version: u64| {
+        serde_json::json!({"device": device, "online": true, "blocklist_version": version})
+            .to_string()
+    };
+    loop {
+        match ev.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                let _ = client
+                    .subscribe("tapgate/v1/metro/blocklist/#", QoS::AtLeastOnce)
+                    .await;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subscribed.fetch_add(1, Ordering::Relaxed);
+                let hb = heartbeat(list.version());
+                let _ = client
+                    .publish(status.clone(), QoS::AtLeastOnce, true, hb)
+                    .await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let before = list.version();
+                if let Ok(v) = list.apply(&p.payload, &pk) {
+                    if v > before {
+                        if before == 0 {
+                            all_hold.fetch_add(1, Ordering::Relaxed);
                         }
+                        let _ = client
+                            .publish(status.clone(), QoS::AtLeastOnce, true, heartbeat(v))
+                            .await;
                     }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             }
-        });
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
-    wait(
-        "the validators to subscribe",
-        Duration::from_secs(60),
-        || subscribed.load(Ordering::Relaxed) >= u64::from(validators),
-    )
-    .await?;
-    wait(
-        "the gateway to see every validator online",
-        Duration::from_secs(60),
-        || stats.propagation.lock().map(|p| p.online()).unwrap_or(0) >= validators as usize,
-    )
-    .await?;
+}
 
-    // Block a card.
-    let t0 = Instant::now();
+/// The operator blocks a card through the back office's API.
+async fn block_card(base: &str) -> anyhow::Result<()> {
     let url = format!("{base}/v1/cards/04AABBCCDDEEFF/block");
     tokio::task::spawn_blocking(move || {
         ureq::post(&url)
@@ -172,14 +231,12 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
             .map_err(|e| e.to_string())
     })
     .await?
-    .map_err(|e| anyhow::anyhow!("blocking: {e}"))?;
-    wait(
-        "every validator to hold the block",
-        Duration::from_secs(120),
-        || all_hold.load(Ordering::Relaxed) >= u64::from(validators),
-    )
-    .await?;
-    let block_to_all_ms = t0.elapsed().as_millis() as u64;
+    .map_err(|e| anyhow::anyhow!("blocking: {e}"))
+}
+
+/// The gateway's propagation report of the latest version, once it has counted every
+/// validator's heartbeat.
+async fn propagation_report(stats: &GatewayStats) -> anyhow::Result<Report> {
     wait(
         "the gateway to count every heartbeat",
         Duration::from_secs(60),
@@ -193,21 +250,11 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
         },
     )
     .await?;
-    let report = {
-        let p = stats
-            .propagation
-            .lock()
-            .map_err(|_| anyhow::anyhow!("lock"))?;
-        p.latest()
-            .and_then(|v| p.report(v))
-            .ok_or_else(|| anyhow::anyhow!("no report"))?
-    };
-    Ok(vec![
-        ("validators", validators.into()),
-        ("propagation_ms_p50", report.ms_to_50.unwrap_or(0).into()),
-        ("propagation_ms_p99", report.ms_to_99.unwrap_or(0).into()),
-        ("propagation_ms_100", report.ms_to_100.unwrap_or(0).into()),
-        ("block_to_all_ms", block_to_all_ms.into()),
-        ("online_validators", report.online_validators.into()),
-    ])
+    let p = stats
+        .propagation
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?;
+    p.latest()
+        .and_then(|v| p.report(v))
+        .ok_or_else(|| anyhow::anyhow!("no report"))
 }

@@ -15,7 +15,7 @@ use crate::stats::{quantile, time_each};
 use crate::Figures;
 use ed25519_dalek::{Signer, SigningKey};
 use fare_rules::cases::{parse_local, SimCard};
-use fare_rules::engine::{CardView, Leg, Rider, Tap};
+use fare_rules::engine::{CardView, Engine, Leg, Rider, Tap};
 use fare_rules::record::TapKind;
 use fare_rules::synth::{bus_stop, city_source, metro_stop, rail_stop, CitySize};
 use fare_rules::table::NONE;
@@ -25,55 +25,13 @@ use std::time::Instant;
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(200_000);
     let size = CitySize::CITY;
-    let src = city_source(size);
-    let t0 = Instant::now();
-    let table =
-        fare_rules::source::compile("city.toml", &src).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let key = SigningKey::from_bytes(&[9; 32]);
-    let signed = fare_rules::signed::encode(&table, |m| key.sign(m).to_bytes())?;
-    let pk = key.verifying_key().to_bytes();
+    let (signed, pk, compile_ms) = signed_city_table(size)?;
     let loads = time_each(3, 21, || {
         black_box(fare_rules::signed::verify(black_box(&signed), &pk).expect("verify"));
     });
     let engine = fare_rules::signed::verify(&signed, &pk)?;
-    let t = engine.table();
 
-    let id = |s: &str| engine.stop(s).ok_or_else(|| anyhow::anyhow!("no stop {s}"));
-    let route = |s: &str| {
-        engine
-            .route(s)
-            .ok_or_else(|| anyhow::anyhow!("no route {s}"))
-    };
-    let at = |s: &str| parse_local(&format!("2026-12-01T{s}")).map_err(|e| anyhow::anyhow!(e));
-    let (b, m, r) = (5usize, 5usize, 5usize);
-    let interchange = metro_stop(m, size.stops_per_metro_line - 1);
-    let legs = [
-        Leg {
-            route: route(&format!("B{b}"))?,
-            from_stop: id(&bus_stop(b, size.stops_per_bus_route - 1))?,
-            to_stop: id(&metro_stop(
-                b % size.metro_lines,
-                (b / size.metro_lines) % size.stops_per_metro_line,
-            ))?,
-            departure_s: at("08:00")?,
-            arrival_s: at("08:20")?,
-        },
-        Leg {
-            route: route(&format!("M{m}"))?,
-            from_stop: id(&metro_stop(m, 0))?,
-            to_stop: id(&interchange)?,
-            departure_s: at("08:25")?,
-            arrival_s: at("09:05")?,
-        },
-        Leg {
-            route: route(&format!("R{r}"))?,
-            from_stop: id(&interchange)?,
-            to_stop: id(&rail_stop(r, size.stops_per_rail_line - 1))?,
-            departure_s: at("09:10")?,
-            arrival_s: at("09:50")?,
-        },
-    ];
+    let legs = journey(&engine, size)?;
     let rider = Rider {
         category: NONE,
         medium: NONE,
@@ -95,52 +53,17 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     });
 
     // The validator's view: the card holds the first five taps; quote the last tap-out.
-    let mut card = SimCard::default();
-    let taps = |l: &Leg| {
-        [
-            Tap {
-                kind: TapKind::In,
-                time_s: l.departure_s as u32,
-                route: l.route,
-                stop: l.from_stop,
-            },
-            Tap {
-                kind: TapKind::Out,
-                time_s: l.arrival_s as u32,
-                route: l.route,
-                stop: l.to_stop,
-            },
-        ]
-    };
-    let all: Vec<Tap> = legs.iter().flat_map(taps).collect();
-    let mut total = 0u64;
-    for tap in &all[..5] {
-        let view = CardView {
-            rider,
-            history: &card.history,
-            passes: &[],
-        };
-        let q = engine
-            .quote_tap(&view, tap)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        total += u64::from(q.fare_minor);
-        card.write(&q.record);
-    }
-    let last = all[5];
-    let view = CardView {
-        rider,
-        history: &card.history,
-        passes: &[],
-    };
-    let q = engine
-        .quote_tap(&view, &last)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    total += u64::from(q.fare_minor);
+    let (card, last, total) = tap_by_tap(&engine, rider, &legs)?;
     anyhow::ensure!(
         total == priced.total_minor,
         "tap by tap ({total}) and whole journey ({}) disagree",
         priced.total_minor
     );
+    let view = CardView {
+        rider,
+        history: &card.history,
+        passes: &[],
+    };
     let tap_samples = time_each(n / 10, n, || {
         black_box(
             engine
@@ -150,8 +73,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     });
 
     let flat = flat_quote(n)?;
-    let flat_median = quantile(&flat, 0.5);
+    let t = engine.table();
     let (median, tap_median) = (quantile(&samples, 0.5), quantile(&tap_samples, 0.5));
+    let flat_median = quantile(&flat, 0.5);
     Ok(vec![
         ("n", n.into()),
         ("median_ns", median.into()),
@@ -176,6 +100,97 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ("load_ms", (quantile(&loads, 0.5) as f64 / 1e6).into()),
         ("compile_ms", compile_ms.into()),
     ])
+}
+
+/// The city-sized table compiled and signed: the signed bytes, the verifying key and the
+/// compile time (ms).
+fn signed_city_table(size: CitySize) -> anyhow::Result<(Vec<u8>, [u8; 32], f64)> {
+    let src = city_source(size);
+    let t0 = Instant::now();
+    let table =
+        fare_rules::source::compile("city.toml", &src).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let signed = fare_rules::signed::encode(&table, |m| key.sign(m).to_bytes())?;
+    Ok((signed, key.verifying_key().to_bytes(), compile_ms))
+}
+
+/// The bench journey: bus → metro (a distance-combined transfer) → regional rail.
+fn journey(engine: &Engine, size: CitySize) -> anyhow::Result<[Leg; 3]> {
+    let id = |s: &str| engine.stop(s).ok_or_else(|| anyhow::anyhow!("no stop {s}"));
+    let route = |s: &str| {
+        engine
+            .route(s)
+            .ok_or_else(|| anyhow::anyhow!("no route {s}"))
+    };
+    let at = |s: &str| parse_local(&format!("2026-12-01T{s}")).map_err(|e| anyhow::anyhow!(e));
+    let (b, m, r) = (5usize, 5usize, 5usize);
+    let interchange = metro_stop(m, size.stops_per_metro_line - 1);
+    Ok([
+        Leg {
+            route: route(&format!("B{b}"))?,
+            from_stop: id(&bus_stop(b, size.stops_per_bus_route - 1))?,
+            to_stop: id(&metro_stop(
+                b % size.metro_lines,
+                (b / size.metro_lines) % size.stops_per_metro_line,
+            ))?,
+            departure_s: at("08:00")?,
+            arrival_s: at("08:20")?,
+        },
+        Leg {
+            route: route(&format!("M{m}"))?,
+            from_stop: id(&metro_stop(m, 0))?,
+            to_stop: id(&interchange)?,
+            departure_s: at("08:25")?,
+            arrival_s: at("09:05")?,
+        },
+        Leg {
+            route: route(&format!("R{r}"))?,
+            from_stop: id(&interchange)?,
+            to_stop: id(&rail_stop(r, size.stops_per_rail_line - 1))?,
+            departure_s: at("09:10")?,
+            arrival_s: at("09:50")?,
+        },
+    ])
+}
+
+/// The journey tapped in and out leg by leg on a card: the card holding the first five taps'
+/// records, the last tap-out, and the fares of all six quoted as the validator does.
+fn tap_by_tap(engine: &Engine, rider: Rider, legs: &[Leg]) -> anyhow::Result<(SimCard, Tap, u64)> {
+    let taps = |l: &Leg| {
+        [
+            Tap {
+                kind: TapKind::In,
+                time_s: l.departure_s as u32,
+                route: l.route,
+                stop: l.from_stop,
+            },
+            Tap {
+                kind: TapKind::Out,
+                time_s: l.arrival_s as u32,
+                route: l.route,
+                stop: l.to_stop,
+            },
+        ]
+    };
+    let all: Vec<Tap> = legs.iter().flat_map(taps).collect();
+    let mut card = SimCard::default();
+    let mut total = 0u64;
+    for (k, tap) in all.iter().enumerate() {
+        let view = CardView {
+            rider,
+            history: &card.history,
+            passes: &[],
+        };
+        let q = engine
+            .quote_tap(&view, tap)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        total += u64::from(q.fare_minor);
+        if k < 5 {
+            card.write(&q.record);
+        }
+    }
+    Ok((card, all[5], total))
 }
 
 /// A trivial table: one network, one route of two stops, one flat fare.

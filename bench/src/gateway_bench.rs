@@ -8,6 +8,7 @@
 use crate::Figures;
 use gateway::daemon::{
     run, run_linked, start_embedded_broker_linked, BrokerUsers, GatewayConfig, GatewayStats,
+    TapLink,
 };
 use gateway::store::Store;
 use purse::card::{Card, Personalisation};
@@ -138,11 +139,74 @@ pub fn run_scenario(
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let keys = KeySet::generate(&mut rng);
-    let hsm = SoftwareHsm::new(&keys)?;
-    // Real taps: debits on emulated cards, signed by each validator's SAM.
+    let records = signed_taps(&keys, &mut rng, per)?;
+    let total = per * VALIDATORS as u64;
+    // A validator back from an outage drains its outbox several taps per message.
+    let records: Vec<Vec<Vec<u8>>> = records
+        .into_iter()
+        .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
+        .collect();
+    let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
+    let port = tapgate_testkit::free_port();
+    // With the embedded broker the gateway takes taps over its in-process link, as
+    // `tapgate gateway` does (TAPGATE_BENCH_INGEST_CONNECTIONS > 0 measures that many MQTT
+    // connections to it instead).
+    let ingest_connections: usize = std::env::var("TAPGATE_BENCH_INGEST_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (_mosq, link) = start_broker(dir.path(), port, broker, ingest_connections)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    // 1. Raw broker rate: a subscriber counts the same messages at QoS 1, no processing.
+    let raw_cpu0 = cpu_s();
+    let took = rt.block_on(raw_run(port, &records, messages))?;
+    let raw_rate = total as f64 / took.as_secs_f64();
+    let raw_cpu = cpu_s() - raw_cpu0;
+
+    // 2. End to end through the gateway.
+    let store = Store::open(&dir.path().join("gw"), 4 << 30)?;
+    let stats = Arc::new(GatewayStats::default());
+    let cfg = GatewayConfig {
+        broker: ("127.0.0.1".into(), port),
+        mqtt_credentials: Some(("gateway".into(), "gwpw".into())),
+        ingest_connections: ingest_connections.max(1),
+        operator: "bench".into(),
+        ..GatewayConfig::default()
+    };
+    let gw_keys = keys.for_role(Role::Gateway, 0)?;
+    let cpu0 = cpu_s();
+    let (e2e, confirmed) = rt.block_on(async {
+        spawn_gateway(cfg, link, store, gw_keys, stats.clone());
+        end_to_end(port, &records, &stats, total).await
+    })?;
+    let cpu = cpu_s() - cpu0;
+    let run = Run {
+        broker,
+        total,
+        taps_per_message,
+        e2e_rate: total as f64 / e2e.as_secs_f64(),
+        raw_rate,
+        confirmed,
+        cpu,
+        raw_cpu,
+    };
+    Ok(report(&run, &stats))
+}
+
+/// Real taps, `per` a validator: debits on emulated cards, signed by each validator's SAM.
+fn signed_taps(
+    keys: &KeySet,
+    rng: &mut rand::rngs::StdRng,
+    per: u64,
+) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
+    let hsm = SoftwareHsm::new(keys)?;
     let mut records = Vec::new();
     for vi in 0..VALIDATORS {
-        let mut sam = SoftwareSam::validator(&keys, 1000 + vi as u32)?;
+        let mut sam = SoftwareSam::validator(keys, 1000 + vi as u32)?;
         let uid = [4, vi as u8, 9, 9, 9, 9, 9];
         let mut p = Personalisation::transit(uid, i32::MAX / 2);
         p.upper_limit_minor = i32::MAX;
@@ -155,7 +219,7 @@ pub fn run_scenario(
                 rng: &mut crng,
             };
             let Outcome::Committed { receipt, .. } =
-                txn::debit(&mut reader, &mut sam, &mut rng, |_| Decision::Apply {
+                txn::debit(&mut reader, &mut sam, &mut *rng, |_| Decision::Apply {
                     amount_minor: 125,
                     record: None,
                 })?
@@ -174,14 +238,20 @@ pub fn run_scenario(
         }
         records.push(v);
     }
-    let total = per * VALIDATORS as u64;
-    // A validator back from an outage drains its outbox several taps per message.
-    let records: Vec<Vec<Vec<u8>>> = records
-        .into_iter()
-        .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
-        .collect();
-    let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
-    let port = tapgate_testkit::free_port();
+    Ok(records)
+}
+
+/// The broker on `port`, Mosquitto or the embedded one, waited for: Mosquitto's guard, or
+/// the embedded broker's in-process link when the gateway takes taps over it.
+fn start_broker(
+    dir: &std::path::Path,
+    port: u16,
+    broker: &str,
+    ingest_connections: usize,
+) -> anyhow::Result<(
+    Option<tapgate_testkit::mosquitto::Mosquitto>,
+    Option<TapLink>,
+)> {
     // Devices 1000… send the taps, devices 2000… the raw run's messages (as their own taps
     // under operator "raw", which the gateway does not take): both pass the embedded broker's
     // ACL front, as live taps do.
@@ -192,15 +262,8 @@ pub fn run_scenario(
     users.insert("raw".into(), "rawpw".into());
     let mut broker_users = BrokerUsers::from(users.clone());
     broker_users.add_gateway("raw", "rawpw");
-    // With the embedded broker the gateway takes taps over its in-process link, as
-    // `tapgate gateway` does (TAPGATE_BENCH_INGEST_CONNECTIONS > 0 measures that many MQTT
-    // connections to it instead).
-    let ingest_connections: usize = std::env::var("TAPGATE_BENCH_INGEST_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let (_mosq, link) = match broker {
-        "mosquitto" => (Some(start_mosquitto(dir.path(), port, &users)?), None),
+    let started = match broker {
+        "mosquitto" => (Some(start_mosquitto(dir, port, &users)?), None),
         _ => {
             let (_, link) = start_embedded_broker_linked(
                 format!("127.0.0.1:{port}").parse()?,
@@ -220,141 +283,154 @@ pub fn run_scenario(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let credentials = |first: usize| -> Vec<(String, String)> {
-        (0..VALIDATORS)
-            .map(|vi| ((first + vi).to_string(), format!("pw{vi}")))
-            .collect()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    Ok(started)
+}
 
-    // 1. Raw broker rate: a subscriber counts the same messages at QoS 1, no processing.
-    let raw_cpu0 = cpu_s();
-    let raw_rate = rt.block_on(async {
-        let received = Arc::new(AtomicU64::new(0));
-        let mut o = MqttOptions::new("bench-raw", "127.0.0.1", port);
-        o.set_credentials("raw", "rawpw")
-            .set_inflight(1000)
-            .set_max_packet_size(1 << 16, 1 << 16);
-        let (sub, mut ev) = AsyncClient::new(o, 20_000);
-        sub.subscribe("tapgate/v1/raw/taps/+", QoS::AtLeastOnce)
-            .await?;
-        let rcv = received.clone();
-        let ready = Arc::new(tokio::sync::Notify::new());
-        let r2 = ready.clone();
-        tokio::spawn(async move {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => r2.notify_one(),
-                    Ok(Event::Incoming(Packet::Publish(_))) => {
-                        rcv.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        eprintln!("bench MQTT client: {e}; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(20)).await
-                    }
+/// The MQTT credentials of validators `first`, `first + 1`, ….
+fn credentials(first: usize) -> Vec<(String, String)> {
+    (0..VALIDATORS)
+        .map(|vi| ((first + vi).to_string(), format!("pw{vi}")))
+        .collect()
+}
+
+/// The raw run: a subscriber counts the messages at QoS 1 while devices 2000… publish them;
+/// the time they took.
+async fn raw_run(port: u16, records: &[Vec<Vec<u8>>], messages: u64) -> anyhow::Result<Duration> {
+    let received = Arc::new(AtomicU64::new(0));
+    let mut o = MqttOptions::new("bench-raw", "127.0.0.1", port);
+    o.set_credentials("raw", "rawpw")
+        .set_inflight(1000)
+        .set_max_packet_size(1 << 16, 1 << 16);
+    let (sub, mut ev) = AsyncClient::new(o, 20_000);
+    sub.subscribe("tapgate/v1/raw/taps/+", QoS::AtLeastOnce)
+        .await?;
+    let rcv = received.clone();
+    let ready = Arc::new(tokio::sync::Notify::new());
+    let r2 = ready.clone();
+    tokio::spawn(async move {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => r2.notify_one(),
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    rcv.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("bench MQTT client: {e}; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(20)).await
                 }
             }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ready.notified()).await?;
-        let took = publish_all(
-            port,
-            &credentials(2000),
-            &records,
-            |vi| format!("tapgate/v1/raw/taps/{}", 2000 + vi),
-            None,
-            received,
-            messages,
-        )
-        .await?;
-        anyhow::Ok(total as f64 / took.as_secs_f64())
-    })?;
-
-    let raw_cpu = cpu_s() - raw_cpu0;
-    // 2. End to end through the gateway.
-    let store = Store::open(&dir.path().join("gw"), 4 << 30)?;
-    let stats = Arc::new(GatewayStats::default());
-    let cfg = GatewayConfig {
-        broker: ("127.0.0.1".into(), port),
-        mqtt_credentials: Some(("gateway".into(), "gwpw".into())),
-        ingest_connections: ingest_connections.max(1),
-        operator: "bench".into(),
-        ..GatewayConfig::default()
-    };
-    let gw_keys = keys.for_role(Role::Gateway, 0)?;
-    let cpu0 = cpu_s();
-    let (e2e, confirmed) = rt.block_on(async {
-        match link {
-            Some(link) => {
-                let (store, stats) = (store.clone(), stats.clone());
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        run_linked(cfg, link, store, gw_keys, stats, std::future::pending()).await
-                    {
-                        eprintln!("gateway: {e}");
-                    }
-                })
-            }
-            None => tokio::spawn(run(
-                cfg,
-                store.clone(),
-                gw_keys,
-                stats.clone(),
-                std::future::pending(),
-            )),
-        };
-        let waited = Instant::now();
-        while !stats.subscribed.load(Ordering::Acquire) {
-            anyhow::ensure!(
-                waited.elapsed() < Duration::from_secs(10),
-                "gateway did not subscribe"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let received = Arc::new(AtomicU64::new(0));
-        let ct = |vi: usize| format!("tapgate/v1/bench/devices/{}/confirm", 1000 + vi);
-        let took = publish_all(
-            port,
-            &credentials(1000),
-            &records,
-            |vi| format!("tapgate/v1/bench/taps/{}", 1000 + vi),
-            Some(&ct),
-            received.clone(),
-            total,
-        )
-        .await?;
-        anyhow::Ok((took, received.load(Ordering::Relaxed)))
-    })?;
-    let cpu = cpu_s() - cpu0;
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready.notified()).await?;
+    publish_all(
+        port,
+        &credentials(2000),
+        records,
+        |vi| format!("tapgate/v1/raw/taps/{}", 2000 + vi),
+        None,
+        received,
+        messages,
+    )
+    .await
+}
+
+/// The gateway on the runtime: over the broker's in-process link when there is one, else
+/// over MQTT connections.
+fn spawn_gateway(
+    cfg: GatewayConfig,
+    link: Option<TapLink>,
+    store: Store,
+    gw_keys: KeySet,
+    stats: Arc<GatewayStats>,
+) {
+    match link {
+        Some(link) => tokio::spawn(async move {
+            if let Err(e) =
+                run_linked(cfg, link, store, gw_keys, stats, std::future::pending()).await
+            {
+                eprintln!("gateway: {e}");
+            }
+        }),
+        None => tokio::spawn(run(cfg, store, gw_keys, stats, std::future::pending())),
+    };
+}
+
+/// Once the gateway has subscribed, devices 1000… publish the taps and count the gateway's
+/// confirmations; the time until all `total` were confirmed, and how many were.
+async fn end_to_end(
+    port: u16,
+    records: &[Vec<Vec<u8>>],
+    stats: &GatewayStats,
+    total: u64,
+) -> anyhow::Result<(Duration, u64)> {
+    let waited = Instant::now();
+    while !stats.subscribed.load(Ordering::Acquire) {
+        anyhow::ensure!(
+            waited.elapsed() < Duration::from_secs(10),
+            "gateway did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let ct = |vi: usize| format!("tapgate/v1/bench/devices/{}/confirm", 1000 + vi);
+    let took = publish_all(
+        port,
+        &credentials(1000),
+        records,
+        |vi| format!("tapgate/v1/bench/taps/{}", 1000 + vi),
+        Some(&ct),
+        received.clone(),
+        total,
+    )
+    .await?;
+    Ok((took, received.load(Ordering::Relaxed)))
+}
+
+/// What a run measured.
+struct Run<'a> {
+    broker: &'a str,
+    total: u64,
+    taps_per_message: usize,
+    e2e_rate: f64,
+    raw_rate: f64,
+    confirmed: u64,
+    /// This process's CPU (s) over the end-to-end run and over the raw run.
+    cpu: f64,
+    raw_cpu: f64,
+}
+
+/// The figures, in print order (names are a contract: docs/benchmarks.md).
+fn report(r: &Run, stats: &GatewayStats) -> Figures {
+    let total = r.total;
     let stored = stats.stored.load(Ordering::Relaxed);
-    let e2e_rate = total as f64 / e2e.as_secs_f64();
-    Ok(vec![
-        ("broker", broker.into()),
+    vec![
+        ("broker", r.broker.into()),
         ("taps", total.into()),
         ("validators", (VALIDATORS as u64).into()),
-        ("taps_per_message", (taps_per_message as u64).into()),
-        ("taps_per_s", (e2e_rate as u64).into()),
-        ("broker_raw_per_s", (raw_rate as u64).into()),
+        ("taps_per_message", (r.taps_per_message as u64).into()),
+        ("taps_per_s", (r.e2e_rate as u64).into()),
+        ("broker_raw_per_s", (r.raw_rate as u64).into()),
         (
             "ratio_to_raw",
-            ((e2e_rate / raw_rate * 100.0).round() / 100.0).into(),
+            ((r.e2e_rate / r.raw_rate * 100.0).round() / 100.0).into(),
         ),
         ("lost", total.saturating_sub(stored).into()),
         (
             "duplicated",
             stats.duplicates.load(Ordering::Relaxed).into(),
         ),
-        ("confirmations", confirmed.into()),
-        ("cpu_us_per_tap", ((cpu * 1e6 / total as f64) as u64).into()),
+        ("confirmations", r.confirmed.into()),
+        (
+            "cpu_us_per_tap",
+            ((r.cpu * 1e6 / total as f64) as u64).into(),
+        ),
         // The same process's CPU for the raw run (publishers, subscriber and, when embedded,
         // the broker): what the gateway adds is the difference.
         (
             "raw_cpu_us_per_tap",
-            ((raw_cpu * 1e6 / total as f64) as u64).into(),
+            ((r.raw_cpu * 1e6 / total as f64) as u64).into(),
         ),
         ("rss_peak_kib", rss_peak_kib().into()),
-    ])
+    ]
 }

@@ -82,75 +82,140 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
-    let mut cfg = ServerConfig {
-        tokens: vec![TokenEntry {
-            name: "bench".into(),
-            role: Role::Cardholder,
-            sha256: Auth::hash_token(TOKEN),
-        }],
-        ..ServerConfig::from_toml(&format!(
-            "data_dir = {:?}",
-            dir.path().to_str().unwrap_or_default()
-        ))?
-    };
-    cfg.limits.loads_per_minute_per_client = 0; // one bench caller drives every load
-                                                // (each load has its own card token: the
-                                                // per-instrument daily limit is per rider)
+    let (hsm_kind, server_hsm) = server_hsm(&keys)?;
+    let server = Server::start(dir.path(), server_hsm)?;
+    let hsm = SoftwareHsm::new(&keys)?;
+    let per_client = n.div_ceil(clients as u64);
+    register_tokens(
+        &ureq::AgentBuilder::new().build(),
+        &server.base,
+        (0..clients)
+            .flat_map(|c| (0..per_client).map(move |i| format!("c{c}-{i}")))
+            .chain(["calibration".to_string()]),
+    )?;
+    let plan = calibrate(server.addr, &hsm)?;
+    let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
+    let driven = drive(clients, per_client, n, &server.base, &hsm)?;
+    let raw_after =
+        crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
+    server.stop();
+    Ok(report(
+        &hsm_kind, clients, &driven, &plan, raw_before, raw_after,
+    ))
+}
 
-    // TAPGATE_BENCH_HSM=pkcs11: the server's keys in a SoftHSM2 token (docs/hsm.md).
+/// The server's HSM: TAPGATE_BENCH_HSM=pkcs11 puts its keys in a SoftHSM2 token
+/// (docs/hsm.md); the default is the software HSM. Its name and the HSM.
+fn server_hsm(keys: &KeySet) -> anyhow::Result<(String, Box<dyn purse::sam::Hsm + Send>)> {
     let hsm_kind = std::env::var("TAPGATE_BENCH_HSM").unwrap_or_else(|_| "software".into());
-    let server_hsm: Box<dyn purse::sam::Hsm + Send> = match hsm_kind.as_str() {
-        "software" => Box::new(SoftwareHsm::new(&keys)?),
+    let hsm: Box<dyn purse::sam::Hsm + Send> = match hsm_kind.as_str() {
+        "software" => Box::new(SoftwareHsm::new(keys)?),
         "pkcs11" => Box::new(
-            tapgate_testkit::softhsm::hsm_for(&keys)
+            tapgate_testkit::softhsm::hsm_for(keys)
                 .map_err(|e| anyhow::anyhow!("TAPGATE_BENCH_HSM=pkcs11: {e}"))?
                 .1,
         ),
         other => anyhow::bail!("TAPGATE_BENCH_HSM={other:?}: use software or pkcs11"),
     };
-    let state = server::build(&cfg, server_hsm)?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let server_addr = listener.local_addr()?;
-    let base = format!("http://{server_addr}");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_cfg = cfg.clone();
-    let server = rt.spawn(async move {
-        server::serve_on(listener, &server_cfg, state, async {
-            let _ = stop_rx.await;
+    Ok((hsm_kind, hsm))
+}
+
+/// The charging server on loopback, on a runtime of its own.
+struct Server {
+    addr: std::net::SocketAddr,
+    /// `http://<addr>`.
+    base: String,
+    rt: tokio::runtime::Runtime,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), charging::server::ServerError>>,
+}
+
+impl Server {
+    /// The server with its data in `dir`, the bench caller's token, no load rate limit.
+    fn start(dir: &std::path::Path, hsm: Box<dyn purse::sam::Hsm + Send>) -> anyhow::Result<Self> {
+        let mut cfg = ServerConfig {
+            tokens: vec![TokenEntry {
+                name: "bench".into(),
+                role: Role::Cardholder,
+                sha256: Auth::hash_token(TOKEN),
+            }],
+            ..ServerConfig::from_toml(&format!(
+                "data_dir = {:?}",
+                dir.to_str().unwrap_or_default()
+            ))?
+        };
+        // One bench caller drives every load (each load has its own card token: the
+        // per-instrument daily limit is per rider).
+        cfg.limits.loads_per_minute_per_client = 0;
+        let state = server::build(&cfg, hsm)?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = rt.spawn(async move {
+            server::serve_on(listener, &cfg, state, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Ok(Server {
+            addr,
+            base: format!("http://{addr}"),
+            rt,
+            stop,
+            handle,
         })
-        .await
-    });
-    let hsm = SoftwareHsm::new(&keys)?;
-    let per_client = n.div_ceil(clients as u64);
-    register_tokens(
-        &ureq::AgentBuilder::new().build(),
-        &base,
-        (0..clients)
-            .flat_map(|c| (0..per_client).map(move |i| format!("c{c}-{i}")))
-            .chain(["calibration".to_string()]),
+    }
+
+    /// Stops the server and waits until it has.
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.rt.block_on(self.handle);
+    }
+}
+
+/// One load through a recording relay before the clock starts: the round trips' body sizes
+/// for the raw limit.
+fn calibrate(
+    server: std::net::SocketAddr,
+    hsm: &SoftwareHsm,
+) -> anyhow::Result<Vec<crate::limits::RoundTrip>> {
+    let recorder = crate::limits::Recorder::start(server)?;
+    let uid = [0x04, 0xCA, 0x1B, 0, 0, 0, 1];
+    let mut card = Card::personalise(&Personalisation::transit(uid, 0), hsm.card_keys(&uid, 1)?);
+    let agent = ureq::AgentBuilder::new().build();
+    relay(
+        &agent,
+        &format!("http://{}", recorder.addr),
+        &mut card,
+        "calibration",
+        1_000,
     )?;
-    // One load through a recording relay: the round trips' body sizes for the raw limit.
-    let plan = {
-        let recorder = crate::limits::Recorder::start(server_addr)?;
-        let uid = [0x04, 0xCA, 0x1B, 0, 0, 0, 1];
-        let mut card =
-            Card::personalise(&Personalisation::transit(uid, 0), hsm.card_keys(&uid, 1)?);
-        let agent = ureq::AgentBuilder::new().build();
-        relay(
-            &agent,
-            &format!("http://{}", recorder.addr),
-            &mut card,
-            "calibration",
-            1_000,
-        )?;
-        drop(agent);
-        recorder.finish()?
-    };
-    let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
+    drop(agent);
+    recorder.finish()
+}
+
+/// What the loads measured.
+struct Driven {
+    /// Each load's latency, sorted (µs).
+    lat: Vec<u64>,
+    wall: std::time::Duration,
+    /// Process CPU over the loads, and the client threads' share of it (s).
+    total_cpu: f64,
+    clients_cpu: f64,
+}
+
+/// `clients` threads each load `per_client` cards of their own, relaying APDUs.
+fn drive(
+    clients: usize,
+    per_client: u64,
+    n: u64,
+    base: &str,
+    hsm: &SoftwareHsm,
+) -> anyhow::Result<Driven> {
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
     let client_cpu = Arc::new(Mutex::new(0.0f64));
     let cpu_before = crate::stats::cpu_s();
@@ -158,7 +223,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for c in 0..clients {
-            let base = base.clone();
+            let base = base.to_string();
             let lat = latencies.clone();
             let ccpu = client_cpu.clone();
             let mut cards: Vec<Card> = (0..per_client)
@@ -192,20 +257,35 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let wall = started.elapsed();
     let total_cpu = crate::stats::cpu_s() - cpu_before;
     let clients_cpu = *client_cpu.lock().expect("cpu");
-    let server_cpu = (total_cpu - clients_cpu).max(0.0);
-    let raw_after =
-        crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
+    let mut lat = latencies.lock().expect("lat").clone();
+    lat.sort_unstable();
+    Ok(Driven {
+        lat,
+        wall,
+        total_cpu,
+        clients_cpu,
+    })
+}
+
+/// The figures, in print order (names are a contract: docs/benchmarks.md); `raw_before` and
+/// `raw_after` are the raw limit's (round trips, seconds, CPU seconds) either side.
+fn report(
+    hsm_kind: &str,
+    clients: usize,
+    d: &Driven,
+    plan: &[crate::limits::RoundTrip],
+    raw_before: (u64, f64, f64),
+    raw_after: (u64, f64, f64),
+) -> Figures {
+    let server_cpu = (d.total_cpu - d.clients_cpu).max(0.0);
     let raw_round_trips = (raw_before.0 + raw_after.0) as f64;
     let raw_per_s = raw_round_trips / (raw_before.1 + raw_after.1);
     let raw_cpu_us_per_round_trip = (raw_before.2 + raw_after.2) * 1e6 / raw_round_trips;
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
-    let mut lat = latencies.lock().expect("lat").clone();
-    lat.sort_unstable();
+    let lat = &d.lat;
     let total = lat.len() as u64;
-    let loads_per_s = total as f64 / wall.as_secs_f64();
+    let loads_per_s = total as f64 / d.wall.as_secs_f64();
     let round_trips_per_load = plan.len() as u64;
-    Ok(vec![
+    vec![
         ("hsm", hsm_kind.into()),
         ("loads", total.into()),
         ("clients", (clients as u64).into()),
@@ -215,16 +295,16 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ),
         (
             "client_cpu_us_per_load",
-            (((clients_cpu * 1e6) / total.max(1) as f64) as u64).into(),
+            (((d.clients_cpu * 1e6) / total.max(1) as f64) as u64).into(),
         ),
         ("loads_per_s", (loads_per_s.round() as u64).into()),
         (
             "p50_ms",
-            (crate::stats::quantile(&lat, 0.5) as f64 / 1000.0).into(),
+            (crate::stats::quantile(lat, 0.5) as f64 / 1000.0).into(),
         ),
         (
             "p99_ms",
-            (crate::stats::quantile(&lat, 0.99) as f64 / 1000.0).into(),
+            (crate::stats::quantile(lat, 0.99) as f64 / 1000.0).into(),
         ),
         (
             "http_round_trips_per_load",
@@ -260,7 +340,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         (
             "cpu_ratio",
             crate::limits::ratio(
-                total_cpu * 1e6 / total.max(1) as f64,
+                d.total_cpu * 1e6 / total.max(1) as f64,
                 raw_cpu_us_per_round_trip * round_trips_per_load as f64,
             ),
         ),
@@ -268,5 +348,5 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             "ratio",
             crate::limits::ratio(loads_per_s * round_trips_per_load as f64, raw_per_s),
         ),
-    ])
+    ]
 }

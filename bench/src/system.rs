@@ -167,20 +167,46 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         .timeout(Duration::from_secs(30))
         .build();
 
-    // Keys, as an operator makes them; this process reads them to play the validators' SAMs.
-    let out = tapgate(&bin, dir, &["keys", "init", "--out", "keys"]).output()?;
+    // Set-up: keys, the charging server, the cards registered with it, the gateway, the taps.
+    let keys = init_keys(&bin, dir)?;
+    let hsm = SoftwareHsm::new(&keys)?;
+    let (charging, base) = start_charging(&bin, dir)?;
+    let mut cards = register_cards(&agent, &base, &hsm)?;
+    let gateway = start_gateway(&bin, dir, &agent, &base)?;
+    let records = signed_taps(&keys, &mut cards, per)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let fleet = connect_fleet(&rt, &gateway, &keys)?;
+
+    // Drive and measure, phase by phase.
+    let taps = drive_taps(&rt, &fleet, &records, total, &agent, &gateway, &charging)?;
+    let loads = online_loads(&agent, &base, &hsm)?;
+    let held = block_propagation(&agent, &base, &fleet, &gateway)?;
+    let (out_of_balance, lost) = conservation(&agent, &base, &cards)?;
+    fleet.disconnect();
+    Ok(report(total, &taps, &loads, &held, lost, out_of_balance))
+}
+
+/// `tapgate keys init`, as an operator makes them; this process reads them to play the
+/// validators' SAMs.
+fn init_keys(bin: &Path, dir: &Path) -> anyhow::Result<KeySet> {
+    let out = tapgate(bin, dir, &["keys", "init", "--out", "keys"]).output()?;
     anyhow::ensure!(
         out.status.success(),
         "tapgate keys init: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let keys = KeySet::unseal(
+    Ok(KeySet::unseal(
         &std::fs::read(dir.join("keys").join("issuer.keys"))?,
         PASSPHRASE.as_bytes(),
-    )?;
-    let hsm = SoftwareHsm::new(&keys)?;
+    )?)
+}
 
-    // The charging server.
+/// `tapgate charging` (software HSM, no rate limit) with its log in `charging.log`: the
+/// daemon and its base URL.
+fn start_charging(bin: &Path, dir: &Path) -> anyhow::Result<(Daemon, String)> {
     let sha = charging::api::Auth::hash_token;
     std::fs::write(
         dir.join("charging.toml"),
@@ -193,7 +219,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     )?;
     let charging_log = dir.join("charging.log");
     let mut child = tapgate(
-        &bin,
+        bin,
         dir,
         &["charging", "--config", "charging.toml", "--keys", "keys"],
     )
@@ -216,18 +242,41 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             )
         })?
         .to_string();
+    Ok((charging, base))
+}
 
-    // Cards registered with the back office.
+/// The tapped cards, registered with the back office.
+fn register_cards(agent: &ureq::Agent, base: &str, hsm: &SoftwareHsm) -> anyhow::Result<Vec<Card>> {
     let mut cards: Vec<Card> = Vec::with_capacity(CARDS);
     for i in 0..CARDS {
         let uid = uid_of(i);
         let mut p = Personalisation::transit(uid, START_MINOR);
         p.upper_limit_minor = p.upper_limit_minor.max(START_MINOR * 2);
-        register(&agent, &base, &uid, START_MINOR)?;
+        register(agent, base, &uid, START_MINOR)?;
         cards.push(Card::personalise(&p, hsm.card_keys(&uid, 1)?));
     }
+    Ok(cards)
+}
 
-    // The gateway with its embedded broker, a password per validator.
+/// The gateway daemon and how to reach it.
+struct Gateway {
+    daemon: Daemon,
+    /// `http://127.0.0.1:<port>` of its API.
+    api: String,
+    /// Its embedded broker's port.
+    mqtt_port: u16,
+    /// Validator `1000 + v`'s MQTT password at index `v`.
+    passwords: Vec<String>,
+}
+
+/// `tapgate gateway` with its embedded broker, a password per validator, forwarding to
+/// `base`; returned once its broker listens and it has subscribed.
+fn start_gateway(
+    bin: &Path,
+    dir: &Path,
+    agent: &ureq::Agent,
+    base: &str,
+) -> anyhow::Result<Gateway> {
     let mqtt_port = tapgate_testkit::free_port();
     let api_port = tapgate_testkit::free_port();
     let passwords: Vec<String> = (0..VALIDATORS).map(|v| format!("bench-v{v}")).collect();
@@ -243,56 +292,63 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         dir.join("gw-api.toml"),
         format!(
             "http_listen = \"127.0.0.1:{api_port}\"\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
-            sha(OPS_TOKEN)
+            charging::api::Auth::hash_token(OPS_TOKEN)
         ),
     )?;
     let gateway_log = dir.join("gateway.log");
-    let gateway = Daemon {
-        child: tapgate(
-            &bin,
-            dir,
-            &[
-                "gateway",
-                "--keys",
-                "keys",
-                "--data",
-                "gw",
-                "--embedded-listen",
-                &format!("127.0.0.1:{mqtt_port}"),
-                "--mqtt-users",
-                "mqtt-users",
-                "--charging",
-                &base,
-                "--operator",
-                "metro",
-                "--config",
-                "gw-api.toml",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&gateway_log)?)
-        .spawn()?,
+    let embedded = format!("127.0.0.1:{mqtt_port}");
+    let args = [
+        "gateway",
+        "--keys",
+        "keys",
+        "--data",
+        "gw",
+        "--embedded-listen",
+        &embedded,
+        "--mqtt-users",
+        "mqtt-users",
+        "--charging",
+        base,
+        "--operator",
+        "metro",
+        "--config",
+        "gw-api.toml",
+    ];
+    let daemon = Daemon {
+        child: tapgate(bin, dir, &args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&gateway_log)?)
+            .spawn()?,
         log: gateway_log,
     };
-    let gw_api = format!("http://127.0.0.1:{api_port}");
+    let api = format!("http://127.0.0.1:{api_port}");
     let waited = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err()
-        || gateway_metric(&agent, &gw_api, "tapgate_gateway_mqtt_subscribed").unwrap_or(0) != 1
+        || gateway_metric(agent, &api, "tapgate_gateway_mqtt_subscribed").unwrap_or(0) != 1
     {
         anyhow::ensure!(
             waited.elapsed() < Duration::from_secs(20),
             "tapgate gateway did not start:\n{}",
-            gateway.tail()
+            daemon.tail()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(Gateway {
+        daemon,
+        api,
+        mqtt_port,
+        passwords,
+    })
+}
 
-    // The validators' taps: real debits on the cards (card i at validator i mod 8), each
-    // signed by its validator's SAM; published one tap per message as a validator does live.
+/// The validators' taps: real debits on the cards (card i at validator i mod 8), each
+/// signed by its validator's SAM; `per` a validator, one tap per message as a validator
+/// publishes live.
+fn signed_taps(keys: &KeySet, cards: &mut [Card], per: usize) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut records: Vec<Vec<Vec<u8>>> = (0..VALIDATORS).map(|_| Vec::with_capacity(per)).collect();
     for (v, recs) in records.iter_mut().enumerate() {
-        let mut sam = SoftwareSam::validator(&keys, 1000 + v as u32)?;
+        let mut sam = SoftwareSam::validator(keys, 1000 + v as u32)?;
         let mine: Vec<usize> = (v..CARDS).step_by(VALIDATORS).collect();
         let mut card_rng = rand::rngs::StdRng::seed_from_u64(v as u64);
         for seq in 1..=per as u64 {
@@ -324,13 +380,17 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             recs.push(wire.to_vec());
         }
     }
+    Ok(records)
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    // The validators' MQTT clients, as the validator daemon connects (TCP_NODELAY).
-    let devices = passwords
+/// The validators' MQTT clients, as the validator daemon connects (TCP_NODELAY).
+fn connect_fleet(
+    rt: &tokio::runtime::Runtime,
+    gateway: &Gateway,
+    keys: &KeySet,
+) -> anyhow::Result<Fleet> {
+    let devices = gateway
+        .passwords
         .iter()
         .enumerate()
         .map(|(v, password)| Device {
@@ -339,11 +399,11 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             operator: "metro".into(),
         })
         .collect();
-    let fleet = Fleet::connect(
+    Ok(Fleet::connect(
         rt.handle().clone(),
         &FleetOptions {
             host: "127.0.0.1".into(),
-            port: mqtt_port,
+            port: gateway.mqtt_port,
             card_scheme: "metro".into(),
             verifying_key: keys.verifying_key,
             persistent_session: false,
@@ -353,112 +413,173 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             tcp_nodelay: true,
         },
         devices,
-    )?;
-    let wait_confirmed = |n: u64, what: &str| -> anyhow::Result<()> {
-        let t0 = Instant::now();
-        while fleet.confirmed_total() < n {
-            anyhow::ensure!(
-                t0.elapsed() < Duration::from_secs(120),
-                "{what}: {} of {n} taps confirmed\n{}",
-                fleet.confirmed_total(),
-                gateway.tail()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
-    };
+    )?)
+}
 
-    // Phase 1: paced taps, round robin over the validators.
+/// What phases 1 and 2 measured.
+struct TapFigures {
+    paced: u64,
+    /// Phase 1's publish-to-confirmation latencies, sorted (µs).
+    lat: Vec<u64>,
+    /// Taps published at full speed.
+    fast: f64,
+    confirmed_s: f64,
+    cleared_s: f64,
+    gw_cpu: f64,
+    ch_cpu: f64,
+    duplicates: u64,
+    quarantined: u64,
+    gw_rss_kib: u64,
+}
+
+/// Phases 1 and 2: paced taps, then the rest at full speed until confirmed and cleared; the
+/// daemons' CPU over both.
+fn drive_taps(
+    rt: &tokio::runtime::Runtime,
+    fleet: &Fleet,
+    records: &[Vec<Vec<u8>>],
+    total: u64,
+    agent: &ureq::Agent,
+    gateway: &Gateway,
+    charging: &Daemon,
+) -> anyhow::Result<TapFigures> {
     let paced_rounds = (PACED_TAPS as usize).div_ceil(VALIDATORS);
     let paced = (paced_rounds * VALIDATORS) as u64;
-    let gw_cpu0 = crate::stats::cpu_s_of_pid(gateway.pid());
+    let gw_cpu0 = crate::stats::cpu_s_of_pid(gateway.daemon.pid());
     let ch_cpu0 = crate::stats::cpu_s_of_pid(charging.pid());
-    rt.block_on(async {
-        let tick = Duration::from_millis(5);
-        let per_tick = (PACED_RATE * 5 / 1000).max(1) as usize;
-        let mut next = tokio::time::Instant::now();
-        let mut order = (0..paced_rounds).flat_map(|r| (0..VALIDATORS).map(move |v| (v, r + 1)));
-        loop {
-            let mut sent = 0;
-            for (v, seq) in order.by_ref() {
-                fleet.note_sent(v, seq as u64);
-                fleet
-                    .client(v)
-                    .publish(
-                        fleet.tap_topic(v),
-                        QoS::AtLeastOnce,
-                        false,
-                        records[v][seq - 1].clone(),
-                    )
-                    .await?;
-                sent += 1;
-                if sent == per_tick {
-                    break;
-                }
-            }
-            if sent < per_tick {
-                break;
-            }
-            next += tick;
-            tokio::time::sleep_until(next).await;
-        }
-        anyhow::Ok(())
-    })?;
-    wait_confirmed(paced, "paced taps")?;
+    rt.block_on(publish_paced(fleet, records, paced_rounds))?;
+    wait_confirmed(fleet, &gateway.daemon, paced, "paced taps")?;
     let mut lat = fleet.latencies_us();
     lat.sort_unstable();
 
-    // Phase 2: the rest as fast as the validators publish.
     let started = Instant::now();
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for (v, recs) in records.iter().enumerate() {
-            let (c, topic) = (fleet.client(v).clone(), fleet.tap_topic(v));
-            let recs: Vec<Vec<u8>> = recs[paced_rounds..].to_vec();
-            tasks.push(tokio::spawn(async move {
-                for r in recs {
-                    c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
-                }
-                Ok::<(), rumqttc::ClientError>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
-    })?;
-    wait_confirmed(total, "taps at full speed")?;
+    rt.block_on(publish_rest(fleet, records, paced_rounds))?;
+    wait_confirmed(fleet, &gateway.daemon, total, "taps at full speed")?;
     let confirmed_s = started.elapsed().as_secs_f64();
+    wait_cleared(agent, gateway, total)?;
+    let cleared_s = started.elapsed().as_secs_f64();
+    let metric = |name| gateway_metric(agent, &gateway.api, name);
+    Ok(TapFigures {
+        paced,
+        lat,
+        fast: (total - paced) as f64,
+        confirmed_s,
+        cleared_s,
+        gw_cpu: crate::stats::cpu_s_of_pid(gateway.daemon.pid()) - gw_cpu0,
+        ch_cpu: crate::stats::cpu_s_of_pid(charging.pid()) - ch_cpu0,
+        duplicates: metric("tapgate_gateway_taps_duplicate_total")?,
+        quarantined: metric("tapgate_gateway_taps_quarantined_total")?,
+        gw_rss_kib: crate::stats::status_kib_of_pid(gateway.daemon.pid(), "VmHWM:"),
+    })
+}
+
+/// Phase 1: the first `rounds` taps of each validator at `PACED_RATE`, round robin.
+async fn publish_paced(
+    fleet: &Fleet,
+    records: &[Vec<Vec<u8>>],
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let tick = Duration::from_millis(5);
+    let per_tick = (PACED_RATE * 5 / 1000).max(1) as usize;
+    let mut next = tokio::time::Instant::now();
+    let mut order = (0..rounds).flat_map(|r| (0..VALIDATORS).map(move |v| (v, r + 1)));
+    loop {
+        let mut sent = 0;
+        for (v, seq) in order.by_ref() {
+            fleet.note_sent(v, seq as u64);
+            fleet
+                .client(v)
+                .publish(
+                    fleet.tap_topic(v),
+                    QoS::AtLeastOnce,
+                    false,
+                    records[v][seq - 1].clone(),
+                )
+                .await?;
+            sent += 1;
+            if sent == per_tick {
+                break;
+            }
+        }
+        if sent < per_tick {
+            break;
+        }
+        next += tick;
+        tokio::time::sleep_until(next).await;
+    }
+    Ok(())
+}
+
+/// Phase 2: each validator's taps after the first `from`, as fast as it publishes.
+async fn publish_rest(fleet: &Fleet, records: &[Vec<Vec<u8>>], from: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for (v, recs) in records.iter().enumerate() {
+        let (c, topic) = (fleet.client(v).clone(), fleet.tap_topic(v));
+        let recs: Vec<Vec<u8>> = recs[from..].to_vec();
+        tasks.push(tokio::spawn(async move {
+            for r in recs {
+                c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
+            }
+            Ok::<(), rumqttc::ClientError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Waits (2 minutes at most) until the gateway has confirmed `n` taps.
+fn wait_confirmed(fleet: &Fleet, gateway: &Daemon, n: u64, what: &str) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while fleet.confirmed_total() < n {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{what}: {} of {n} taps confirmed\n{}",
+            fleet.confirmed_total(),
+            gateway.tail()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Waits (5 minutes at most) until the gateway has forwarded all `total` taps to clearing
+/// and its outbox is empty.
+fn wait_cleared(agent: &ureq::Agent, gateway: &Gateway, total: u64) -> anyhow::Result<()> {
     let t0 = Instant::now();
     loop {
-        let forwarded = gateway_metric(&agent, &gw_api, "tapgate_gateway_taps_forwarded_total")?;
-        let outbox = gateway_metric(&agent, &gw_api, "tapgate_gateway_outbox_taps")?;
+        let forwarded =
+            gateway_metric(agent, &gateway.api, "tapgate_gateway_taps_forwarded_total")?;
+        let outbox = gateway_metric(agent, &gateway.api, "tapgate_gateway_outbox_taps")?;
         if forwarded >= total && outbox == 0 {
-            break;
+            return Ok(());
         }
         anyhow::ensure!(
             t0.elapsed() < Duration::from_secs(300),
             "clearing: {forwarded} of {total} taps forwarded\n{}",
-            gateway.tail()
+            gateway.daemon.tail()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let cleared_s = started.elapsed().as_secs_f64();
-    let gw_cpu = crate::stats::cpu_s_of_pid(gateway.pid()) - gw_cpu0;
-    let ch_cpu = crate::stats::cpu_s_of_pid(charging.pid()) - ch_cpu0;
-    let fast = (total - paced) as f64;
-    let duplicates = gateway_metric(&agent, &gw_api, "tapgate_gateway_taps_duplicate_total")?;
-    let quarantined = gateway_metric(&agent, &gw_api, "tapgate_gateway_taps_quarantined_total")?;
-    let gw_rss_kib = crate::stats::status_kib_of_pid(gateway.pid(), "VmHWM:");
+}
 
-    // Phase 3: online loads, 8 client threads each relaying APDUs for its own cards.
+/// What phase 3 measured.
+struct LoadFigures {
+    /// Latencies, sorted (µs).
+    lat: Vec<u64>,
+    secs: f64,
+}
+
+/// Phase 3: online loads, 8 client threads each relaying APDUs for its own cards.
+fn online_loads(agent: &ureq::Agent, base: &str, hsm: &SoftwareHsm) -> anyhow::Result<LoadFigures> {
     let per_client = LOADS.div_ceil(LOAD_CLIENTS as u64) as usize;
     let mut load_cards: Vec<Vec<Card>> = Vec::new();
     for c in 0..LOAD_CLIENTS {
         let mut v = Vec::new();
         for i in 0..per_client {
             let uid = uid_of(1_000_000 + c * per_client + i);
-            register(&agent, &base, &uid, 0)?;
+            register(agent, base, &uid, 0)?;
             v.push(Card::personalise(
                 &Personalisation::transit(uid, 0),
                 hsm.card_keys(&uid, 1)?,
@@ -467,8 +588,8 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         load_cards.push(v);
     }
     crate::loads::register_tokens(
-        &agent,
-        &base,
+        agent,
+        base,
         (0..LOAD_CLIENTS).flat_map(|c| (0..per_client).map(move |i| format!("sys-{c}-{i}"))),
     )?;
     let load_lat = Arc::new(Mutex::new(Vec::new()));
@@ -476,7 +597,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for (c, mine) in load_cards.iter_mut().enumerate() {
-            let (base, lat) = (base.clone(), load_lat.clone());
+            let (base, lat) = (base.to_string(), load_lat.clone());
             handles.push(scope.spawn(move || -> anyhow::Result<()> {
                 let agent = ureq::AgentBuilder::new().build();
                 for (i, card) in mine.iter_mut().enumerate() {
@@ -495,33 +616,43 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         }
         Ok(())
     })?;
-    let loads_s = loads_started.elapsed().as_secs_f64();
-    let mut load_lat = load_lat.lock().expect("lat").clone();
-    load_lat.sort_unstable();
-    let loads_done = load_lat.len() as u64;
+    let secs = loads_started.elapsed().as_secs_f64();
+    let mut lat = load_lat.lock().expect("lat").clone();
+    lat.sort_unstable();
+    Ok(LoadFigures { lat, secs })
+}
 
-    // Phase 4: a card blocked through the API reaches every validator.
+/// Phase 4: a card blocked through the API reaches every validator; the delays (ms).
+fn block_propagation(
+    agent: &ureq::Agent,
+    base: &str,
+    fleet: &Fleet,
+    gateway: &Gateway,
+) -> anyhow::Result<Vec<u64>> {
     let lost_uid = uid_of(0);
     let blocked_at = Instant::now();
     let (code, body) = http(
-        &agent,
+        agent,
         "POST",
         &format!("{base}/v1/cards/{}/block", hex::encode_upper(lost_uid)),
         OPS_TOKEN,
         Some(serde_json::json!({"reason": "reported lost"})),
     )?;
     anyhow::ensure!(code == 200, "blocking a card: {code} {body}");
-    let held = fleet
+    fleet
         .wait_blocked(&lost_uid, blocked_at, Duration::from_secs(30))
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", gateway.tail()))?;
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", gateway.daemon.tail()))
+}
 
-    // Nothing lost, nothing doubled: every tapped card's shadow purse equals the card.
+/// Nothing lost, nothing doubled: every tapped card's shadow purse equals the card. Returns
+/// (cards out of balance, counters not booked).
+fn conservation(agent: &ureq::Agent, base: &str, cards: &[Card]) -> anyhow::Result<(u64, u64)> {
     let mut out_of_balance = 0u64;
     let mut lost = 0u64;
-    for card in &cards {
+    for card in cards {
         let s = card.state();
         let (code, body) = http(
-            &agent,
+            agent,
             "GET",
             &format!("{base}/v1/cards/{}", hex::encode_upper(s.uid)),
             OPS_TOKEN,
@@ -546,57 +677,59 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         out_of_balance += u64::from(!balanced);
         lost += unbooked;
     }
-    fleet.disconnect();
-    Ok(vec![
+    Ok((out_of_balance, lost))
+}
+
+/// The figures, in print order (names are a contract: docs/benchmarks.md).
+fn report(
+    total: u64,
+    taps: &TapFigures,
+    loads: &LoadFigures,
+    held: &[u64],
+    lost: u64,
+    out_of_balance: u64,
+) -> Figures {
+    let q = crate::stats::quantile;
+    let (lat, load_lat) = (&taps.lat, &loads.lat);
+    let loads_done = load_lat.len() as u64;
+    vec![
         ("validators", (VALIDATORS as u64).into()),
         ("cards", (CARDS as u64).into()),
         ("taps", total.into()),
-        ("paced_taps", paced.into()),
+        ("paced_taps", taps.paced.into()),
         ("paced_rate_per_s", PACED_RATE.into()),
-        (
-            "tap_latency_us_p50",
-            crate::stats::quantile(&lat, 0.5).into(),
-        ),
-        (
-            "tap_latency_us_p99",
-            crate::stats::quantile(&lat, 0.99).into(),
-        ),
+        ("tap_latency_us_p50", q(lat, 0.5).into()),
+        ("tap_latency_us_p99", q(lat, 0.99).into()),
         (
             "tap_latency_ms_max",
             ms(lat.last().copied().unwrap_or(0)).into(),
         ),
-        ("taps_per_s", ((fast / confirmed_s) as u64).into()),
-        ("cleared_per_s", ((fast / cleared_s) as u64).into()),
+        ("taps_per_s", ((taps.fast / taps.confirmed_s) as u64).into()),
+        (
+            "cleared_per_s",
+            ((taps.fast / taps.cleared_s) as u64).into(),
+        ),
         (
             "gateway_cpu_us_per_tap",
-            ((gw_cpu * 1e6 / total as f64) as u64).into(),
+            ((taps.gw_cpu * 1e6 / total as f64) as u64).into(),
         ),
         (
             "charging_cpu_us_per_tap",
-            ((ch_cpu * 1e6 / total as f64) as u64).into(),
+            ((taps.ch_cpu * 1e6 / total as f64) as u64).into(),
         ),
-        ("gateway_rss_peak_kib", gw_rss_kib.into()),
-        ("duplicated", duplicates.into()),
-        ("quarantined", quarantined.into()),
+        ("gateway_rss_peak_kib", taps.gw_rss_kib.into()),
+        ("duplicated", taps.duplicates.into()),
+        ("quarantined", taps.quarantined.into()),
         ("lost", lost.into()),
         ("cards_out_of_balance", out_of_balance.into()),
         ("loads", loads_done.into()),
-        ("loads_per_s", ((loads_done as f64 / loads_s) as u64).into()),
         (
-            "load_ms_p50",
-            ms(crate::stats::quantile(&load_lat, 0.5)).into(),
+            "loads_per_s",
+            ((loads_done as f64 / loads.secs) as u64).into(),
         ),
-        (
-            "load_ms_p99",
-            ms(crate::stats::quantile(&load_lat, 0.99)).into(),
-        ),
-        (
-            "block_propagation_ms_p50",
-            crate::stats::quantile(&held, 0.5).into(),
-        ),
-        (
-            "block_propagation_ms_p99",
-            crate::stats::quantile(&held, 0.99).into(),
-        ),
-    ])
+        ("load_ms_p50", ms(q(load_lat, 0.5)).into()),
+        ("load_ms_p99", ms(q(load_lat, 0.99)).into()),
+        ("block_propagation_ms_p50", q(held, 0.5).into()),
+        ("block_propagation_ms_p99", q(held, 0.99).into()),
+    ]
 }
