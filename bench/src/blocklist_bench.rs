@@ -152,11 +152,7 @@ async fn start_gateway(
 
 /// The validators 2000…: each verifies and applies what arrives and reports the version it
 /// holds. Counters of the validators holding a block, and of those subscribed.
-fn spawn_validators(
-    validators: u32,
-    port: u16,
-    pk: [u8; 32],
-) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+fn spawn_validators(validators: u32, port: u16, pk: [u8; 32]) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
     let all_hold = Arc::new(AtomicU64::new(0));
     let subscribed = Arc::new(AtomicU64::new(0));
     for v in 0..validators {
