@@ -131,13 +131,11 @@ fn lookup(codes: &[(u32, Idx)], code: u32) -> Option<Idx> {
         .map(|i| codes[i].1)
 }
 
-/// A required index: `i` must point into a list of `len` (`place` names where, for the error).
-fn req(
-    what: &'static str,
-    i: Idx,
-    len: usize,
-    place: &dyn Fn() -> String,
-) -> Result<(), TableError> {
+/// Where in the table an index is, said only for an error.
+type Place<'a> = &'a dyn Fn() -> String;
+
+/// A required index: `i` must point into a list of `len`.
+fn req(what: &'static str, i: Idx, len: usize, place: Place) -> Result<(), TableError> {
     if usize::from(i) >= len {
         Err(TableError::BadIndex {
             what,
@@ -150,12 +148,7 @@ fn req(
 }
 
 /// An optional index: [`NONE`], or one [`req`] accepts.
-fn chk(
-    what: &'static str,
-    i: Idx,
-    len: usize,
-    place: &dyn Fn() -> String,
-) -> Result<(), TableError> {
+fn chk(what: &'static str, i: Idx, len: usize, place: Place) -> Result<(), TableError> {
     if i == NONE {
         Ok(())
     } else {
