@@ -6,12 +6,12 @@
 use crate::cli_util::{input_err, write_atomic};
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
-use charging::client::{Client, LoadAsk};
+use charging::client::{Client, ClientError, LoadAsk, Relayed};
 use charging::load::Reply;
 use clap::Args;
 use purse::card::{Card, Nvm};
 use purse::sam::SoftwareHsm;
-use purse::txn::EmulatedReader;
+use purse::txn::{EmulatedReader, Transport};
 use std::path::PathBuf;
 
 /// `tapgate charge`.
@@ -34,6 +34,14 @@ pub struct ChargeArgs {
     /// Idempotency key (default: a new random one; reuse it to retry the same load safely).
     #[arg(long = "idempotency-key")]
     idempotency_key: Option<String>,
+    /// Which card.
+    #[command(flatten)]
+    card: CardFlags,
+}
+
+/// The card flags of `tapgate charge` and `tapgate pay`.
+#[derive(Args)]
+pub struct CardFlags {
     /// The card on a PC/SC reader: `pcsc` (any reader) or `pcsc:NAME` (a reader whose name
     /// contains NAME). Needs a build with the `pcsc` feature.
     #[arg(long, conflicts_with_all = ["card", "keys"])]
@@ -50,15 +58,15 @@ pub struct ChargeArgs {
     /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
     #[arg(long = "passphrase-file")]
     passphrase_file: Option<PathBuf>,
-    /// Drill for an emulated card: it loses power after this many NVM writes of the load's
-    /// commit (1–6), as a card pulled from the reader at that instant; the load is left pending
-    /// and settled by the server from the card's record at its next load.
+    /// Drill for an emulated card: it loses power after this many NVM writes of the commit
+    /// (1–6), as a card pulled from the reader at that instant; the load (or payment) is left
+    /// pending and settled by the server from the card's record at its next contact.
     #[arg(long = "tear-after-writes", requires = "card")]
     tear_after_writes: Option<u32>,
 }
 
-/// The card a load goes to.
-enum CardTarget<'a> {
+/// The card a load or a payment goes to.
+pub(crate) enum CardTarget<'a> {
     /// A card on a PC/SC reader whose name contains this (`None`: any reader).
     #[cfg(feature = "pcsc")]
     Pcsc(Option<String>),
@@ -70,7 +78,7 @@ enum CardTarget<'a> {
 }
 
 /// Checks the card flags (`--reader`, or `--card` with `--keys`, `--tear-after-writes`).
-fn card_target(a: &ChargeArgs) -> Result<CardTarget<'_>> {
+pub(crate) fn card_target(a: &CardFlags) -> Result<CardTarget<'_>> {
     match (&a.reader, &a.card, &a.keys) {
         (Some(spec), _, _) => match crate::pcsc_cmd::parse_reader("--reader", spec)? {
             crate::pcsc_cmd::ReaderChoice::Emulated => Err(input_err(
@@ -119,7 +127,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         hex::encode(b)
     });
     // Which card, checked before anything goes to the server.
-    let target = card_target(&a)?;
+    let target = card_target(&a.card)?;
     let client = Client::new(&a.server, &a.token);
     if source == "card" {
         client
@@ -137,40 +145,8 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         idempotency_key: &key,
         vanish: None,
     };
-    let r = match target {
-        #[cfg(feature = "pcsc")]
-        CardTarget::Pcsc(filter) => {
-            crate::pcsc_cmd::with_card(filter, std::time::Duration::from_secs(a.wait_s), |card| {
-                Ok(client.load(card, &ask)?)
-            })
-            .with_context(retry_hint)?
-        }
-        CardTarget::Image { image, keys } => {
-            // Held from the read to the write: a validator's crowd presenting the same card
-            // waits, and reads the loaded image after.
-            let _lock = crate::card_image::lock_image(image)?;
-            let text = std::fs::read_to_string(image)
-                .with_context(|| format!("reading card {}", image.display()))?;
-            let nvm: Nvm = serde_json::from_str(&text)
-                .map_err(|e| input_err(format!("card image {}: {e}", image.display())))?;
-            let ks = load_keyset(keys, a.passphrase_file.as_deref())?;
-            let hsm = SoftwareHsm::new(&ks)?;
-            let uid = nvm.main.uid;
-            let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
-            card.tear_after_writes(a.tear_after_writes);
-            let result = {
-                let mut t = EmulatedReader {
-                    card: &mut card,
-                    rng: rand::rngs::OsRng,
-                };
-                client.load(&mut t, &ask)
-            };
-            let mut s = serde_json::to_string_pretty(card.nvm())?;
-            s.push('\n');
-            write_atomic(image, s.as_bytes())?;
-            result.with_context(retry_hint)?
-        }
-    };
+    let r = relay_with_card(&a.card, target, |card| client.load(card, &ask))
+        .with_context(retry_hint)?;
     match r.reply() {
         Some(Reply::Completed {
             amount_minor,
@@ -193,4 +169,46 @@ pub fn run(a: ChargeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `relay` (a load, a payment) on the card the flags chose: a card on a PC/SC reader, or
+/// an emulated card image, written back (atomically) whatever the relay's outcome.
+pub(crate) fn relay_with_card(
+    flags: &CardFlags,
+    target: CardTarget<'_>,
+    relay: impl FnOnce(&mut dyn Transport) -> Result<Relayed, ClientError>,
+) -> Result<Relayed> {
+    match target {
+        #[cfg(feature = "pcsc")]
+        CardTarget::Pcsc(filter) => crate::pcsc_cmd::with_card(
+            filter,
+            std::time::Duration::from_secs(flags.wait_s),
+            |card| Ok(relay(card)?),
+        ),
+        CardTarget::Image { image, keys } => {
+            // Held from the read to the write: a validator's crowd presenting the same card
+            // waits, and reads the changed image after.
+            let _lock = crate::card_image::lock_image(image)?;
+            let text = std::fs::read_to_string(image)
+                .with_context(|| format!("reading card {}", image.display()))?;
+            let nvm: Nvm = serde_json::from_str(&text)
+                .map_err(|e| input_err(format!("card image {}: {e}", image.display())))?;
+            let ks = load_keyset(keys, flags.passphrase_file.as_deref())?;
+            let hsm = SoftwareHsm::new(&ks)?;
+            let uid = nvm.main.uid;
+            let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+            card.tear_after_writes(flags.tear_after_writes);
+            let result = {
+                let mut t = EmulatedReader {
+                    card: &mut card,
+                    rng: rand::rngs::OsRng,
+                };
+                relay(&mut t)
+            };
+            let mut s = serde_json::to_string_pretty(card.nvm())?;
+            s.push('\n');
+            write_atomic(image, s.as_bytes())?;
+            Ok(result?)
+        }
+    }
 }

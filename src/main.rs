@@ -13,6 +13,7 @@ mod fare_cmd;
 mod gateway_cmd;
 mod keys_cmd;
 mod money;
+mod pay_cmd;
 mod pcsc_cmd;
 mod validator_cmd;
 
@@ -37,6 +38,9 @@ enum Command {
     /// Load a card online through a charging server (the cardholder's client): a card on a
     /// PC/SC reader, or an emulated card image.
     Charge(charge_cmd::ChargeArgs),
+    /// Pay a merchant's online payment from a card through a charging server (the
+    /// cardholder's client): a card on a PC/SC reader, or an emulated card image.
+    Pay(pay_cmd::PayArgs),
     /// The charging server: online loads through the HSM, funding, ledger.
     Charging(charging_cmd::ChargingArgs),
     /// The gateway: taps from MQTT, verified, de-duplicated, stored, confirmed, forwarded.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo(args) => report(demo::run(args)),
         Command::Charge(args) => report(charge_cmd::run(args)),
+        Command::Pay(args) => report(pay_cmd::run(args)),
         Command::Charging(args) => report(charging_cmd::run(args)),
         Command::Gateway(args) => report(gateway_cmd::run_cmd(*args)),
         Command::Validator(args) => report(validator_cmd::run(args)),

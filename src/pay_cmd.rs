@@ -1,0 +1,88 @@
+//! `tapgate pay`: the cardholder pays a merchant's online payment from the card. Like `tapgate
+//! charge`, it finds the card (`--reader pcsc[:NAME]`, or an emulated card image with
+//! `--card`/`--keys`) and relays the card dialogue to the charging server; it holds no key and
+//! cannot change the amount or the merchant.
+
+use crate::charge_cmd::{card_target, relay_with_card, CardFlags};
+use crate::cli_util::input_err;
+use anyhow::{Context, Result};
+use charging::client::Client;
+use charging::load::Reply;
+use clap::Args;
+
+/// `tapgate pay`.
+#[derive(Args)]
+pub struct PayArgs {
+    /// The charging server, e.g. https://charging.example or http://127.0.0.1:8443.
+    #[arg(long)]
+    server: String,
+    /// The merchant's payment id (`pay_…`), as the merchant's page gave it.
+    #[arg(long)]
+    payment: String,
+    /// The API token (default: $TAPGATE_TOKEN).
+    #[arg(long, env = "TAPGATE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Idempotency key (default: a new random one; reuse it to retry the same payment safely).
+    #[arg(long = "idempotency-key")]
+    idempotency_key: Option<String>,
+    /// Which card.
+    #[command(flatten)]
+    card: CardFlags,
+}
+
+/// Runs `tapgate pay`.
+pub fn run(a: PayArgs) -> Result<()> {
+    if !a.payment.starts_with("pay_") || a.payment.len() > 100 {
+        return Err(input_err(format!(
+            "--payment {:?} is not a payment id (pay_…)",
+            a.payment
+        )));
+    }
+    let key = a.idempotency_key.clone().unwrap_or_else(|| {
+        use rand::RngCore;
+        let mut b = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        hex::encode(b)
+    });
+    let target = card_target(&a.card)?;
+    let client = Client::new(&a.server, &a.token);
+    let asked = client
+        .payment(&a.payment)
+        .with_context(|| format!("reading payment {}", a.payment))?;
+    println!(
+        "paying {} {} to {}: {}",
+        asked["amount_minor"],
+        asked["currency"].as_str().unwrap_or_default(),
+        asked["merchant"].as_str().unwrap_or_default(),
+        asked["description"].as_str().unwrap_or_default()
+    );
+    let retry_hint = || {
+        format!("the payment did not finish: retry with --idempotency-key {key} (the same key never pays twice)")
+    };
+    let r = relay_with_card(&a.card, target, |card| {
+        client.pay(card, &a.payment, &key, None)
+    })
+    .with_context(retry_hint)?;
+    match r.reply() {
+        Some(Reply::Completed {
+            amount_minor,
+            balance_minor,
+            tmc,
+            ..
+        }) => println!(
+            "payment completed: payment={} amount_minor={amount_minor} balance_minor={balance_minor} tmc={tmc} round_trips={}",
+            a.payment, r.round_trips
+        ),
+        Some(Reply::Refused { reason, detail, .. }) => {
+            println!("payment refused: reason={reason} detail={detail}");
+            anyhow::bail!("payment refused");
+        }
+        Some(Reply::Pending { detail, .. }) => {
+            println!("payment pending: {detail} (retry with --idempotency-key {key})");
+        }
+        Some(Reply::Command { .. }) | None => {
+            println!("payment pending: (retry with --idempotency-key {key})");
+        }
+    }
+    Ok(())
+}
