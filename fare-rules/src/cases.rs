@@ -146,13 +146,7 @@ pub fn quote_src_tap(
     let time = parse_local(&tap.at)?;
     let time_s = u32::try_from(time).map_err(|_| format!("time {} is out of range", tap.at))?;
     if let Some(ch) = &tap.charge {
-        let Some(c) = t.charges.iter().find(|c| &c.id == ch) else {
-            return Err(unknown(
-                "charge",
-                ch,
-                t.charges.iter().map(|c| c.id.as_str()),
-            ));
-        };
+        let c = by_id(&t.charges, "charge", ch, |c| c.id.as_str())?;
         let cv = CardView {
             rider,
             history: &card.history,
@@ -162,13 +156,7 @@ pub fn quote_src_tap(
             .quote_charge(&cv, c.code, tap.items, tap.minutes, time_s)
             .map_err(|e| e.to_string())?;
         if let Some(cp) = &tap.coupon {
-            let Some(coupon) = t.coupons.iter().find(|c| &c.id == cp) else {
-                return Err(unknown(
-                    "coupon",
-                    cp,
-                    t.coupons.iter().map(|c| c.id.as_str()),
-                ));
-            };
+            let coupon = by_id(&t.coupons, "coupon", cp, |c| c.id.as_str())?;
             let used = card.used_coupons.contains(&coupon.code);
             let off = engine
                 .coupon_discount(
@@ -223,6 +211,19 @@ pub fn quote_src_tap(
         card.write(&q.record);
     }
     Ok((q, Some(q_tap)))
+}
+
+/// The entry of `items` whose id (`id_of`) is `id`; another id is an error naming the closest.
+fn by_id<'a, T>(
+    items: &'a [T],
+    kind: &str,
+    id: &str,
+    id_of: impl Fn(&T) -> &str,
+) -> Result<&'a T, String> {
+    items
+        .iter()
+        .find(|x| id_of(x) == id)
+        .ok_or_else(|| unknown(kind, id, items.iter().map(&id_of)))
 }
 
 fn unknown<'a>(kind: &str, id: &str, names: impl IntoIterator<Item = &'a str>) -> String {

@@ -11,7 +11,7 @@
 use crate::cases::{format_local, parse_local};
 use crate::engine::{Engine, Leg, QuoteError, Rider, MAX_LEGS_IN};
 use crate::source::closest;
-use crate::table::NONE;
+use crate::table::{Idx, NONE};
 use serde::{Deserialize, Serialize};
 
 /// A journey to quote.
@@ -89,26 +89,18 @@ pub fn quote(engine: &Engine, j: &Journey) -> Result<QuoteOut, JourneyError> {
             j.legs.len()
         )));
     }
-    let category = match &j.rider_category_id {
-        None => NONE,
-        Some(c) => engine.category(c).ok_or_else(|| {
-            input(unknown(
-                "rider_category_id",
-                c,
-                t.categories.iter().map(|x| x.id.as_str()),
-            ))
-        })?,
-    };
-    let medium = match &j.fare_media_id {
-        None => NONE,
-        Some(m) => engine.medium(m).ok_or_else(|| {
-            input(unknown(
-                "fare_media_id",
-                m,
-                t.media.iter().map(|x| x.id.as_str()),
-            ))
-        })?,
-    };
+    let category = optional_index(
+        "rider_category_id",
+        j.rider_category_id.as_deref(),
+        |c| engine.category(c),
+        t.categories.iter().map(|x| x.id.as_str()),
+    )?;
+    let medium = optional_index(
+        "fare_media_id",
+        j.fare_media_id.as_deref(),
+        |m| engine.medium(m),
+        t.media.iter().map(|x| x.id.as_str()),
+    )?;
     let mut legs = Vec::with_capacity(j.legs.len());
     for (i, l) in j.legs.iter().enumerate() {
         let n = i + 1;
@@ -189,6 +181,20 @@ fn describe_leg(l: &JourneyLeg) -> String {
         "route {}, {} → {}, {}",
         l.route_id, l.from_stop_id, l.to_stop_id, l.departure
     )
+}
+
+/// The index an optional `field` names ([`NONE`] without one); an id `index` does not know is
+/// an input error naming the closest of `names`.
+fn optional_index<'a>(
+    field: &str,
+    id: Option<&str>,
+    index: impl Fn(&str) -> Option<Idx>,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<Idx, JourneyError> {
+    match id {
+        None => Ok(NONE),
+        Some(id) => index(id).ok_or_else(|| JourneyError::Input(unknown(field, id, names))),
+    }
 }
 
 fn unknown<'a>(field: &str, id: &str, names: impl IntoIterator<Item = &'a str>) -> String {

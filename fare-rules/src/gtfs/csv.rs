@@ -172,11 +172,21 @@ impl Row<'_> {
         field: &'static str,
         expected: &'static str,
     ) -> Result<Option<T>> {
+        self.optional(field, |v| v.parse().ok(), expected)
+    }
+
+    /// An optional field `parse` reads (`None` when empty; what it refuses is not `expected`).
+    fn optional<T>(
+        &self,
+        field: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+        expected: &'static str,
+    ) -> Result<Option<T>> {
         let v = self.get(field);
         if v.is_empty() {
             return Ok(None);
         }
-        v.parse().map(Some).map_err(|_| self.bad(field, expected))
+        parse(v).map(Some).ok_or_else(|| self.bad(field, expected))
     }
 
     /// An enum field with values `0..=max`; `default` when empty (`None`: required).
@@ -200,24 +210,13 @@ impl Row<'_> {
 
     /// A `YYYYMMDD` date as days since 1970-01-01 (`None` when empty).
     pub(super) fn date(&self, field: &'static str) -> Result<Option<i32>> {
-        let v = self.get(field);
-        if v.is_empty() {
-            return Ok(None);
-        }
-        parse_date(v)
-            .map(Some)
-            .ok_or_else(|| self.bad(field, "a date as YYYYMMDD, e.g. \"20250131\""))
+        self.optional(field, parse_date, "a date as YYYYMMDD, e.g. \"20250131\"")
     }
 
     /// An `H:MM:SS` time of at most 24:00:00 as seconds after midnight (`None` when empty).
     pub(super) fn time(&self, field: &'static str) -> Result<Option<u32>> {
-        let v = self.get(field);
-        if v.is_empty() {
-            return Ok(None);
-        }
-        parse_time(v)
-            .map(Some)
-            .ok_or_else(|| self.bad(field, "a time from 00:00:00 to 24:00:00 as HH:MM:SS"))
+        let expected = "a time from 00:00:00 to 24:00:00 as HH:MM:SS";
+        self.optional(field, parse_time, expected)
     }
 }
 
