@@ -2,6 +2,8 @@
 //! roles are enforced; a server killed mid-load and restarted settles the torn load from the
 //! card's counter — never paid twice, never lost.
 
+mod support;
+
 use charging::client::{Client, Ending, Vanish};
 use charging::load::Reply;
 use purse::card::{Card, Personalisation};
@@ -15,10 +17,6 @@ use tapgate_testkit::{http, spawn_charging, Kill};
 const PASS: &str = "http-test-pass";
 const CARDHOLDER: &str = "tg_cardholder_token_for_tests";
 const OPERATOR: &str = "tg_operator_token_for_tests";
-
-fn sha(t: &str) -> String {
-    charging::api::Auth::hash_token(t)
-}
 
 struct Server {
     _child: Kill,
@@ -46,29 +44,16 @@ fn start(dir: &Path) -> Server {
 
 fn setup() -> (tempfile::TempDir, KeySet) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "keys",
-            "init",
-            "--out",
-            dir.path().join("keys").to_str().unwrap(),
-        ])
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let ks = support::keys_init(dir.path(), PASS);
     let cfg = format!(
-        "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n\n[[tokens]]\nname = \"alice\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n\n[[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n",
+        "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n{}",
         dir.path().join("data").to_str().unwrap(),
-        sha(CARDHOLDER),
-        sha(OPERATOR)
+        support::tokens_toml(&[
+            ("alice", "cardholder", CARDHOLDER),
+            ("ops", "operator", OPERATOR)
+        ])
     );
     std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
-    let ks = KeySet::unseal(
-        &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
-        PASS.as_bytes(),
-    )
-    .unwrap();
     (dir, ks)
 }
 
@@ -272,12 +257,8 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
         Err(ureq::Error::Status(403, _)) => {}
         other => panic!("metrics with a cardholder token: {other:?}"),
     }
-    let metrics = ureq::get(&format!("{base}/metrics"))
-        .set("Authorization", &format!("Bearer {OPERATOR}"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let (code, metrics) = http::get_text(&format!("{base}/metrics"), OPERATOR);
+    assert_eq!(code, 200, "{metrics}");
     assert!(
         metrics.contains("tapgate_charging_loads_settled_completed_total 1"),
         "{metrics}"

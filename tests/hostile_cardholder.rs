@@ -6,6 +6,8 @@
 //! body gets 422; voucher codes travel in bodies only. After each, the ledger agrees with the
 //! card (`tapgate charging reconcile`). Crate-level twins: charging/tests/hostile_cardholder.rs.
 
+mod support;
+
 use purse::card::{Card, Nvm, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
@@ -30,36 +32,20 @@ struct Server {
 
 fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["keys", "init", "--out"])
-        .arg(dir.path().join("keys"))
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let keys = support::keys_init(dir.path(), PASS);
     let mut cfg = format!(
         "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n\n[[points]]\nname = \"mileage\"\nminor_per_point_num = 1\nminor_per_point_den = 1\npartners = [\"airline\"]\n",
         dir.path().join("data").to_str().unwrap(),
     );
-    for (name, role, token) in [
+    cfg.push_str(&support::tokens_toml(&[
         ("alice", "cardholder", ALICE),
         ("bob", "cardholder", BOB),
         ("ops", "operator", OPS),
         ("airline", "partner", AIRLINE),
         ("mall", "partner", MALL),
-    ] {
-        cfg.push_str(&format!(
-            "\n[[tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
-            charging::api::Auth::hash_token(token)
-        ));
-    }
+    ]));
     std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
     let (child, base) = charging(&dir.path().join("charging.toml"), dir.path());
-    let keys = KeySet::unseal(
-        &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
-        PASS.as_bytes(),
-    )
-    .unwrap();
     Server {
         _child: child,
         base,

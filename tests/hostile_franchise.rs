@@ -4,6 +4,8 @@
 //! hostile amounts try to wrap the ledger. Each attack is tried over HTTP and does no harm: the
 //! shadow purse equals the card.
 
+mod support;
+
 use purse::apdu::ins;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
@@ -28,45 +30,25 @@ struct Server {
     base: String,
 }
 
-fn sha(t: &str) -> String {
-    charging::api::Auth::hash_token(t)
-}
-
 fn setup() -> (tempfile::TempDir, KeySet, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["keys", "init", "--out"])
-        .arg(dir.path().join("keys"))
-        .env("TAPGATE_KEY_PASSPHRASE", PASS)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let keys = support::keys_init(dir.path(), PASS);
     let mut cfg = format!(
         "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n",
         dir.path().join("data").to_str().unwrap()
     );
-    for (name, role, token) in [
+    cfg.push_str(&support::tokens_toml(&[
         ("alice", "cardholder", ALICE),
         ("ops", "operator", OPS),
         ("corner-shop", "partner", SHOP),
         ("kiosk", "partner", KIOSK),
-    ] {
-        cfg.push_str(&format!(
-            "\n[[tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
-            sha(token)
-        ));
-    }
+    ]));
     for (name, device) in [("corner-shop", 7001), ("kiosk", 7002)] {
         cfg.push_str(&format!(
             "\n[[franchises]]\nname = \"{name}\"\ndevice_id = {device}\nmax_exposure_minor = 100000\n"
         ));
     }
     std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
-    let keys = KeySet::unseal(
-        &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
-        PASS.as_bytes(),
-    )
-    .unwrap();
     let server = start(dir.path());
     (dir, keys, server)
 }

@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tapgate_testkit::free_port;
+use tapgate_testkit::{free_port, http, spawn_charging, Kill};
 use validator::journal::Journal;
 
 const PASS: &str = "pcsc-e2e-pass";
@@ -264,23 +264,12 @@ fn charge(dir: &Path, base: &str, amount: &str, key: &str) -> Output {
     )
 }
 
-fn start_charging(dir: &Path) -> (Proc, String) {
-    let mut child = tapgate(dir)
-        .args(["charging", "--config", "charging.toml", "--keys", "keys"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("charging listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    (Proc(child), base)
+fn start_charging(dir: &Path) -> (Kill, String) {
+    spawn_charging(
+        tapgate(dir)
+            .args(["charging", "--config", "charging.toml", "--keys", "keys"])
+            .stderr(Stdio::inherit()),
+    )
 }
 
 #[test]
@@ -481,19 +470,11 @@ listen = "{listen}"
     let (balance, tmc) = card_state(dir);
     assert_eq!(balance, START_MINOR + 2_000 + 500 + 300 - debits);
     assert_eq!(tmc, 5, "one counter value per change: 3 loads, 2 debits");
-    let got: serde_json::Value = ureq::get(&format!("{base}/v1/cards/{UID}"))
-        .set("Authorization", &format!("Bearer {OPERATOR}"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let (code, got) = http::get(&format!("{base}/v1/cards/{UID}"), OPERATOR);
+    assert_eq!(code, 200, "{got}");
     assert_eq!(got["pending_loads"], 0, "the torn load was settled: {got}");
-    let m = ureq::get(&format!("{base}/metrics"))
-        .set("Authorization", &format!("Bearer {OPERATOR}"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let (code, m) = http::get_text(&format!("{base}/metrics"), OPERATOR);
+    assert_eq!(code, 200, "{m}");
     assert!(
         m.contains("tapgate_charging_loads_settled_completed_total 1"),
         "the torn load was completed from the card's counter: {m}"

@@ -14,6 +14,18 @@ pub fn call(
     key: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
+    let (code, text) = call_text(method, url, token, key, body);
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// [`call`], the body as text (empty when unreadable).
+fn call_text(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
     let mut req = ureq::request(method, url);
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
@@ -26,16 +38,15 @@ pub fn call(
         None => req.call(),
     };
     match res {
-        Ok(r) => (r.status(), json_of(r)),
-        Err(ureq::Error::Status(code, r)) => (code, json_of(r)),
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
         Err(e) => panic!("{method} {url}: transport error: {e}"),
     }
 }
 
-/// The body as JSON, `null` when it is empty or not JSON.
-fn json_of(r: ureq::Response) -> Value {
-    let text = r.into_string().unwrap_or_default();
-    serde_json::from_str(&text).unwrap_or(Value::Null)
+/// GET a text body (the Prometheus metrics) with a bearer token.
+pub fn get_text(url: &str, token: &str) -> (u16, String) {
+    call_text("GET", url, Some(token), None, None)
 }
 
 /// GET with a bearer token.

@@ -32,3 +32,33 @@ pub fn keys_and_fare_table(dir: &std::path::Path, passphrase: &str, sample: &str
         out,
     ]);
 }
+
+/// `tapgate keys init --out keys` in `dir` with `passphrase`, and the issuer key set it sealed
+/// there (`keys/issuer.keys`).
+pub fn keys_init(dir: &std::path::Path, passphrase: &str) -> purse::keys::KeySet {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["keys", "init", "--out"])
+        .arg(dir.join("keys"))
+        .env("TAPGATE_KEY_PASSPHRASE", passphrase)
+        .output()
+        .expect("run tapgate keys init");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    purse::keys::KeySet::unseal(
+        &std::fs::read(dir.join("keys/issuer.keys")).expect("keys/issuer.keys"),
+        passphrase.as_bytes(),
+    )
+    .expect("unsealing the issuer keys")
+}
+
+/// The `[[tokens]]` tables of a charging configuration: (name, role, bearer secret) each.
+pub fn tokens_toml(tokens: &[(&str, &str, &str)]) -> String {
+    tokens
+        .iter()
+        .map(|(name, role, secret)| {
+            format!(
+                "\n[[tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+                charging::api::Auth::hash_token(secret)
+            )
+        })
+        .collect()
+}
