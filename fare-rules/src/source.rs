@@ -36,35 +36,101 @@ pub struct Money(pub u32);
 
 impl<'de> Deserialize<'de> for Money {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Money;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an amount in whole minor units, e.g. 1250 for 12.50")
+        let form = Form::new("an amount in whole minor units, e.g. 1250 for 12.50", |v| {
+            Err(format!(
+                "amount \"{v}\" must be a number of minor units without quotes, e.g. 1250"
+            ))
+        })
+        .int(|v| {
+            if (0..=0x00ff_ffff).contains(&v) {
+                Ok(Money(v as u32))
+            } else {
+                Err(format!(
+                    "amount {v} is out of range: 0 to 16777215 minor units"
+                ))
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Money, E> {
-                if (0..=0x00ff_ffff).contains(&v) {
-                    Ok(Money(v as u32))
-                } else {
-                    Err(E::custom(format!(
-                        "amount {v} is out of range: 0 to 16777215 minor units"
-                    )))
-                }
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Money, E> {
-                Err(E::custom(format!(
-                    "amount {v} is not whole minor units: money is never fractional here, \
-                     write {} for {v}",
-                    (v * 100.0).round() as i64
-                )))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Money, E> {
-                Err(E::custom(format!(
-                    "amount \"{v}\" must be a number of minor units without quotes, e.g. 1250"
-                )))
-            }
+        })
+        .float(|v| {
+            Err(format!(
+                "amount {v} is not whole minor units: money is never fractional here, \
+                 write {} for {v}",
+                (v * 100.0).round() as i64
+            ))
+        });
+        d.deserialize_any(form)
+    }
+}
+
+/// How a value type of the source reads, for serde: what it expects, what it makes of a
+/// string, and its own answer to an integer, a float or a table where it has one (else serde's
+/// "invalid type: …, expected …", as for any other form). The one visitor of these types.
+struct Form<T> {
+    expecting: &'static str,
+    string: fn(&str) -> Result<T, String>,
+    int: Option<fn(i64) -> Result<T, String>>,
+    float: Option<fn(f64) -> Result<T, String>>,
+    table: Option<&'static str>,
+}
+
+impl<T> Form<T> {
+    fn new(expecting: &'static str, string: fn(&str) -> Result<T, String>) -> Self {
+        Form {
+            expecting,
+            string,
+            int: None,
+            float: None,
+            table: None,
         }
-        d.deserialize_any(V)
+    }
+
+    fn int(self, int: fn(i64) -> Result<T, String>) -> Self {
+        Form {
+            int: Some(int),
+            ..self
+        }
+    }
+
+    fn float(self, float: fn(f64) -> Result<T, String>) -> Self {
+        Form {
+            float: Some(float),
+            ..self
+        }
+    }
+
+    /// A table (how toml hands over a bare date) is refused with `why`.
+    fn table(self, why: &'static str) -> Self {
+        Form {
+            table: Some(why),
+            ..self
+        }
+    }
+}
+
+impl<'de, T> Visitor<'de> for Form<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.string)(v).map_err(E::custom)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        match self.int {
+            Some(int) => int(v).map_err(E::custom),
+            None => Err(E::invalid_type(de::Unexpected::Signed(v), &self)),
+        }
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        match self.float {
+            Some(float) => float(v).map_err(E::custom),
+            None => Err(E::invalid_type(de::Unexpected::Float(v), &self)),
+        }
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, _m: A) -> Result<T, A::Error> {
+        match self.table {
+            Some(why) => Err(de::Error::custom(why)),
+            None => Err(de::Error::invalid_type(de::Unexpected::Map, &self)),
+        }
     }
 }
 
@@ -116,20 +182,11 @@ pub struct Dur(pub u32);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration with a unit, e.g. \"90m\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
-                Err(E::custom(format!("\"{v}\" needs a unit, e.g. \"{v}m\"")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
-                parse_duration_s(v).map(Dur).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
+        let form = Form::new("a duration with a unit, e.g. \"90m\"", |v| {
+            parse_duration_s(v).map(Dur)
+        })
+        .int(|v| Err(format!("\"{v}\" needs a unit, e.g. \"{v}m\"")));
+        d.deserialize_any(form)
     }
 }
 
@@ -177,27 +234,16 @@ pub struct Dist(pub u32);
 
 impl<'de> Deserialize<'de> for Dist {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Dist;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a distance with a unit, e.g. \"10km\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dist, E> {
-                Err(E::custom(format!(
-                    "distance {v} needs a unit, e.g. \"{v}m\" or \"{v}km\""
-                )))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Dist, E> {
-                Err(E::custom(format!(
-                    "distance {v} needs a unit, e.g. \"{v}km\""
-                )))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dist, E> {
-                parse_distance_m(v).map(Dist).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
+        let form = Form::new("a distance with a unit, e.g. \"10km\"", |v| {
+            parse_distance_m(v).map(Dist)
+        })
+        .int(|v| {
+            Err(format!(
+                "distance {v} needs a unit, e.g. \"{v}m\" or \"{v}km\""
+            ))
+        })
+        .float(|v| Err(format!("distance {v} needs a unit, e.g. \"{v}km\"")));
+        d.deserialize_any(form)
     }
 }
 
@@ -240,22 +286,11 @@ pub struct Day(pub i32);
 
 impl<'de> Deserialize<'de> for Day {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Day;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a date as a string, e.g. \"2026-12-01\"")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Day, E> {
-                parse_day(v).map(Day).map_err(E::custom)
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, _m: A) -> Result<Day, A::Error> {
-                Err(de::Error::custom(
-                    "write the date in quotes, e.g. \"2026-12-01\" (a bare TOML date is not used)",
-                ))
-            }
-        }
-        d.deserialize_any(V)
+        let form = Form::new("a date as a string, e.g. \"2026-12-01\"", |v| {
+            parse_day(v).map(Day)
+        })
+        .table("write the date in quotes, e.g. \"2026-12-01\" (a bare TOML date is not used)");
+        d.deserialize_any(form)
     }
 }
 
