@@ -216,6 +216,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             stats: stats.clone(),
             auth: tapgate_http::auth::Auth::new(&c.tokens).map_err(input_err)?,
             currency: (c.currency, c.currency_exponent),
+            places: Arc::new(places(&c.fare_tables)?),
             metrics_public: c.metrics_public,
             operator: cfg.operator.clone(),
         };
@@ -245,4 +246,21 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             }
         }
     })
+}
+
+/// The stop and route ids of the fare tables the API config names, by the codes tap records
+/// carry (`fare_tables`).
+fn places(tables: &[PathBuf]) -> Result<gateway::report::Places> {
+    let mut p = gateway::report::Places::default();
+    for path in tables {
+        let t = fare_rules::load_any(path)
+            .map_err(|e| input_err(format!("fare_tables: {}: {e}", path.display())))?;
+        for s in &t.stops {
+            p.stops.insert(s.code, s.id.clone());
+        }
+        for r in &t.routes {
+            p.routes.insert(r.code, r.id.clone());
+        }
+    }
+    Ok(p)
 }

@@ -203,6 +203,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         ])
         .unwrap(),
         currency: ("USD".into(), 2),
+        places: Default::default(),
         metrics_public: false,
         operator: "metro".into(),
     };

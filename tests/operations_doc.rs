@@ -74,8 +74,11 @@ fn the_operations_page_stands_the_system_up() {
     assert!(out.contains("outbox: 0 taps not yet confirmed"), "{all}");
     assert!(out.contains("load completed: amount_minor=2000"), "{all}");
     assert!(out.contains("\"action\":\"block\""), "{all}");
+    // The TIDES export: the header, then rows with the GTFS stop and route ids in KRW.
+    assert!(out.contains("token_id,balance,route_id"), "{all}");
     assert!(
-        out.contains("fare_transactions") || out.contains("transaction_id"),
+        out.lines()
+            .any(|l| l.contains(",1400,KRW,Enter,1001,Central,") && l.ends_with(",M1")),
         "{all}"
     );
     let last = out.lines().last().unwrap_or_default();

@@ -27,6 +27,8 @@ pub struct ApiState {
     pub auth: Auth,
     /// Currency code and minor-unit exponent for exports.
     pub currency: (String, u32),
+    /// The stop and route ids the export writes for tap records' codes.
+    pub places: Arc<crate::report::Places>,
     /// `/metrics` without a token (config `metrics_public`); otherwise operator or metrics role.
     pub metrics_public: bool,
     /// The operator this gateway serves (stored taps verify for it).
@@ -213,6 +215,7 @@ async fn tides(
     let keys = st.keys.clone();
     let store = st.store.clone();
     let operator = st.operator.clone();
+    let places = st.places.clone();
     let csv = tokio::task::spawn_blocking(move || {
         crate::report::tides_fare_transactions(
             &store,
@@ -222,6 +225,7 @@ async fn tides(
             to,
             &cur,
             exp,
+            &places,
             10_000_000,
         )
     })

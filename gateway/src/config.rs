@@ -5,6 +5,7 @@
 //! http_listen = "127.0.0.1:8444"
 //! currency = "USD"
 //! currency_exponent = 2
+//! fare_tables = ["metro.tgft"]         # the TIDES export writes their GTFS stop and route ids
 //! quarantine_max_per_device = 1000     # optional bounds; the defaults are StoreLimits's
 //! [[tokens]]
 //! name = "ops"
@@ -35,6 +36,10 @@ pub struct ApiConfig {
     /// Its minor-unit exponent (default 2).
     #[serde(default = "default_exponent")]
     pub currency_exponent: u32,
+    /// Fare tables (signed `.tgft`, TOML source or GTFS feed) whose stop and route ids the
+    /// TIDES export writes for tap records' codes (a code none names is written as its number).
+    #[serde(default)]
+    pub fare_tables: Vec<std::path::PathBuf>,
     /// HTTPS; plain HTTP when absent.
     pub tls: Option<tapgate_http::serve::TlsFiles>,
     /// Bearer tokens (operators, metrics).

@@ -4,12 +4,16 @@
 //! `service_date`, `event_timestamp` (device clock, UTC), `amount` (major units, exact decimal
 //! from the integer minor units), `currency_type`, `fare_action` (`Enter` for a tap that
 //! debited or was free; refusals are not transactions and are left out), `device_id`,
-//! `stop_id`, `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped`
-//! (empty: the fare engine decides), `token_id` (card UID), `balance` (major units).
+//! `stop_id` (the GTFS `stops.stop_id` of the fare table the gate priced with — see [`Places`]),
+//! `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped` (empty: the fare
+//! engine decides), `token_id` (card UID), `balance` (major units), and one column beyond the
+//! TIDES schema, last: `route_id` (GTFS `routes.route_id`), so a transaction joins to the
+//! agency's GTFS by stop and route.
 
 use crate::store::{Store, StoreError};
 use purse::crypto::AesKey;
 use purse::tap::TapRecord;
+use std::collections::HashMap;
 
 /// Formats integer minor units as an exact decimal with `exponent` fraction digits.
 pub fn decimal(minor: i64, exponent: u32) -> String {
@@ -25,6 +29,29 @@ pub fn decimal(minor: i64, exponent: u32) -> String {
         abs % unit as u64,
         width = exponent as usize
     )
+}
+
+/// What the 24-bit stop and route codes of tap records stand for: the stop and route ids of the
+/// GTFS feed or TOML source the fare tables were compiled from (`fare_rules::table::code24`).
+/// A code no table names is written as its number.
+#[derive(Clone, Debug, Default)]
+pub struct Places {
+    /// Stop code → GTFS `stop_id`.
+    pub stops: HashMap<u32, String>,
+    /// Route code → GTFS `route_id`.
+    pub routes: HashMap<u32, String>,
+}
+
+impl Places {
+    fn name(map: &HashMap<u32, String>, code: u32) -> String {
+        let id = map.get(&code).cloned().unwrap_or_else(|| code.to_string());
+        // CSV: an id with a comma, a quote or a line break is quoted.
+        if id.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", id.replace('"', "\"\""))
+        } else {
+            id
+        }
+    }
 }
 
 fn utc(ms: u64) -> (String, String) {
@@ -53,10 +80,11 @@ pub fn tides_fare_transactions(
     to_ms: u64,
     currency: &str,
     exponent: u32,
+    places: &Places,
     limit: usize,
 ) -> Result<String, StoreError> {
     let mut csv = String::from(
-        "transaction_id,service_date,event_timestamp,amount,currency_type,fare_action,device_id,stop_id,num_riders,fare_media_id,fare_capped,token_id,balance\n",
+        "transaction_id,service_date,event_timestamp,amount,currency_type,fare_action,device_id,stop_id,num_riders,fare_media_id,fare_capped,token_id,balance,route_id\n",
     );
     for raw in store.taps(limit)? {
         let Ok(t) = TapRecord::decode_verified(&raw, operator, &device_key) else {
@@ -70,14 +98,15 @@ pub fn tides_fare_transactions(
         }
         let (date, ts) = utc(t.meta().device_time_ms);
         csv.push_str(&format!(
-            "{}-{},{date},{ts},{},{currency},Enter,{},{},1,Smart card or ticket,,{},{}\n",
+            "{}-{},{date},{ts},{},{currency},Enter,{},{},1,Smart card or ticket,,{},{},{}\n",
             t.meta().device_id,
             t.meta().device_seq,
             decimal(i64::from(t.amount_minor()), exponent),
             t.meta().device_id,
-            t.meta().stop_id,
+            Places::name(&places.stops, t.meta().stop_id),
             hex::encode_upper(t.uid()),
             decimal(i64::from(t.balance_after_minor()), exponent),
+            Places::name(&places.routes, t.meta().route_id),
         ));
     }
     Ok(csv)
@@ -94,6 +123,18 @@ mod tests {
         assert_eq!(decimal(-1_050, 2), "-10.50");
         assert_eq!(decimal(1_234, 0), "1234");
         assert_eq!(decimal(1_234, 3), "1.234");
+    }
+
+    #[test]
+    fn places_name_codes_and_quote_what_csv_needs() {
+        let p = Places {
+            stops: [(7, "Central".to_string()), (8, "Stop, \"A\"".to_string())].into(),
+            routes: HashMap::new(),
+        };
+        assert_eq!(Places::name(&p.stops, 7), "Central");
+        assert_eq!(Places::name(&p.stops, 8), "\"Stop, \"\"A\"\"\"");
+        assert_eq!(Places::name(&p.stops, 9), "9");
+        assert_eq!(Places::name(&p.routes, 12), "12");
     }
 
     #[test]
