@@ -21,6 +21,7 @@ pub mod franchise;
 pub mod funding;
 pub mod ledger;
 pub mod load;
+pub mod notify;
 pub mod partner;
 pub mod reconcile;
 pub mod server;

@@ -307,6 +307,11 @@ pub async fn serve_on(
     let loads = state.loads.clone();
     let clock = state.clock.clone();
     let gap_timeout_ms = cfg.limits.counter_gap_timeout_ms;
+    // Merchants' notifications go out from the same tick (an unreachable merchant costs at
+    // most this per attempt).
+    let notifier = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
     let reaper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -326,6 +331,14 @@ pub async fn serve_on(
                 ),
                 Ok(Err(e)) => tracing::error!(%e, "gap sweep failed; retried at the next tick"),
                 _ => {}
+            }
+            let (loads, agent, now) = (loads.clone(), notifier.clone(), clock());
+            let sent = tokio::task::spawn_blocking(move || {
+                crate::notify::deliver_due(&loads, &agent, now)
+            })
+            .await;
+            if let Ok(Err(e)) = sent {
+                tracing::error!(%e, "merchant notifications failed; retried at the next tick");
             }
         }
     });

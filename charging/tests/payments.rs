@@ -447,3 +447,156 @@ impl Transport for Counting<'_> {
         self.inner.card_uid()
     }
 }
+
+/// A merchant's notification endpoint on a loopback port: it records every request's body and
+/// signature, and answers 503 while `down`, 204 after.
+struct Receiver {
+    url: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: Seen,
+}
+
+/// Each request the receiver answered: (status, body, signature header).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(u16, Vec<u8>, String)>>>;
+
+fn receiver() -> Receiver {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/notify", listener.local_addr().unwrap());
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen: Seen = Default::default();
+    let (d, s) = (down.clone(), seen.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut length, mut signature) = (0usize, String::new());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                if let Some(v) = lower.strip_prefix("tapgate-signature:") {
+                    signature = v.trim().to_string();
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let code = if d.load(Ordering::SeqCst) { 503 } else { 204 };
+            s.lock().unwrap().push((code, body, signature));
+            let status = if code == 204 {
+                "204 No Content"
+            } else {
+                "503 Service Unavailable"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    Receiver { url, down, seen }
+}
+
+#[test]
+fn a_notification_receiver_down_for_an_hour_is_told_later_once_and_signed() {
+    use std::sync::atomic::Ordering;
+    let w = world();
+    let rx = receiver();
+    let mut card = w.card(40, 5_000, "alice");
+    let (code, body) = post(
+        &w.url("/v1/merchant/payments"),
+        SHOP,
+        json!({
+            "amount_minor": 450, "currency": "EUR", "order_id": "notified",
+            "description": "Hotel film", "expires": rfc3339_in(600), "notify_url": rx.url,
+        }),
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    completed(&w.pay(ALICE, &mut card, &id, "n1", None));
+
+    let loads = &w.srv.state.loads;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Down for an hour: every attempt that falls due fails and backs off.
+    let mut now = t0;
+    while now < t0 + 3_600_000 {
+        charging::notify::deliver_due(loads, &agent, now).unwrap();
+        now += 60_000;
+    }
+    let failed = rx.seen.lock().unwrap().len();
+    assert!(
+        (5..=40).contains(&failed),
+        "{failed} attempts while down: retried with backoff"
+    );
+    // Back up: delivered at the next due attempt, then never again.
+    rx.down.store(false, Ordering::SeqCst);
+    for _ in 0..3 {
+        now += 3_600_000;
+        charging::notify::deliver_due(loads, &agent, now).unwrap();
+    }
+    let seen = rx.seen.lock().unwrap().clone();
+    let delivered: Vec<_> = seen.iter().filter(|(code, _, _)| *code == 204).collect();
+    assert_eq!(
+        delivered.len(),
+        1,
+        "delivered once: {} requests",
+        seen.len()
+    );
+    let (_, body, signature) = delivered[0];
+    let n = {
+        let r = loads.ledger().read().unwrap();
+        r.notification(&id).unwrap().unwrap()
+    };
+    assert!(
+        n.delivered_ms.is_some() && n.attempts as usize == seen.len(),
+        "{n:?}"
+    );
+
+    // The body names the payment, completed; the signature verifies with the published key
+    // over the context and the body, and not over anything else.
+    let v: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(
+        (
+            v["event"].as_str(),
+            v["payment"]["id"].as_str(),
+            v["payment"]["state"].as_str()
+        ),
+        (
+            Some("payment.completed"),
+            Some(id.as_str()),
+            Some("completed")
+        )
+    );
+    let (code, key) = get(&w.url("/v1/merchant/notification-key"), SHOP);
+    assert_eq!(code, 200, "{key}");
+    let public: [u8; 32] = hex::decode(key["public_key_hex"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let public = ed25519_dalek::VerifyingKey::from_bytes(&public).unwrap();
+    let sig: [u8; 64] = hex::decode(signature).unwrap().try_into().unwrap();
+    let sig = ed25519_dalek::Signature::from_bytes(&sig);
+    let mut msg = charging::notify::SIGNATURE_CONTEXT.to_vec();
+    msg.extend_from_slice(body);
+    public
+        .verify_strict(&msg, &sig)
+        .expect("signature verifies");
+    assert!(
+        public.verify_strict(body, &sig).is_err(),
+        "only with the context"
+    );
+    assert_eq!(get(&w.url("/v1/merchant/notification-key"), ALICE).0, 403);
+    w.conserved(&[&card]);
+}

@@ -323,6 +323,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/partner/points", post(credit_points))
         .route("/v1/merchant/payments", post(create_payment))
         .route("/v1/merchant/payments/{id}", get(merchant_payment))
+        .route("/v1/merchant/notification-key", get(notification_key))
         .route("/v1/payments/{id}", get(payment_for_cardholder))
         .route("/v1/payments/{id}/pay", post(pay_payment))
         .route("/metrics", get(metrics))

@@ -116,6 +116,23 @@ pub(super) async fn merchant_payment(
     Ok(Json(payment_json(&p, (st.clock)())))
 }
 
+/// `GET /v1/merchant/notification-key` (merchant): the Ed25519 public key that signs
+/// notifications, and the context the signature covers before the body.
+pub(super) async fn notification_key(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, &headers, &[Role::Merchant])?;
+    let key = st.loads.hsm().lock().expect("hsm lock").verifying_key();
+    Ok(Json(serde_json::json!({
+        "algorithm": "ed25519",
+        "public_key_hex": hex::encode(key),
+        "header": crate::notify::SIGNATURE_HEADER,
+        "signed": "context || body",
+        "context": String::from_utf8_lossy(crate::notify::SIGNATURE_CONTEXT),
+    })))
+}
+
 /// `GET /v1/payments/{id}` (cardholder): what the payment asks for, before paying it.
 pub(super) async fn payment_for_cardholder(
     State(st): State<AppState>,

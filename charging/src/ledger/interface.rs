@@ -206,6 +206,16 @@ pub trait LedgerRead {
         merchant: &str,
         order_id: &str,
     ) -> Result<Option<String>, LedgerError>;
+
+    /// The notification of a payment's outcome.
+    fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError>;
+
+    /// Undelivered notifications due at `now_ms`, at most `limit`.
+    fn notifications_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Notification>, LedgerError>;
 }
 
 /// A token only this module can make: the ledger's primitives that change a card's shadow
@@ -340,6 +350,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         self.put_payment(LedgerOnly(()), &p)?;
         Ok(p)
     }
+
+    /// Stores a notification's delivery state.
+    fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError>;
 
     /// Stores the card's shadow record (the ledger's own steps only).
     fn put_card(

@@ -401,3 +401,21 @@ pub struct Payment {
     #[serde(default)]
     pub paid_ms: Option<u64>,
 }
+
+/// A merchant's notification of a payment's outcome, retried until its `notify_url` answers
+/// 2xx.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The payment (the merchant de-duplicates by it).
+    pub payment_id: String,
+    /// Where it goes.
+    pub url: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The next attempt is due then (unix ms).
+    pub next_attempt_ms: u64,
+    /// Delivered (a 2xx answer) then (unix ms).
+    pub delivered_ms: Option<u64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}

@@ -45,6 +45,8 @@ pub struct LedgerCore {
     payments: Database<Str, SerdeJson<Payment>>,
     /// (merchant, order id) → payment id.
     payment_orders: Database<Str, Str>,
+    /// Payment id → its notification to the merchant.
+    notifications: Database<Str, SerdeJson<Notification>>,
 }
 
 fn instrument_key(source: &str, id: &str) -> String {
@@ -207,7 +209,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<13> = [
+const DATABASES: tapgate_lmdb::Databases<14> = [
     "balances",
     "postings",
     "load_intents",
@@ -221,6 +223,7 @@ const DATABASES: tapgate_lmdb::Databases<13> = [
     "instruments",
     "payments",
     "payment_orders",
+    "notifications",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -230,7 +233,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications] =
             dbs;
         Ok(LedgerCore {
             env,
@@ -247,6 +250,7 @@ impl LedgerCore {
             instruments: instruments.remap_types(),
             payments: payments.remap_types(),
             payment_orders: payment_orders.remap_types(),
+            notifications: notifications.remap_types(),
         })
     }
 }
@@ -398,6 +402,20 @@ impl<T: view::View> LedgerRead for T {
         let (core, txn) = self.view();
         core.payment_for_order(txn, merchant, order_id)
     }
+
+    fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
+        let (core, txn) = self.view();
+        Ok(core.notifications.get(txn, payment_id)?)
+    }
+
+    fn notifications_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Notification>, LedgerError> {
+        let (core, txn) = self.view();
+        core.notifications_due(txn, now_ms, limit)
+    }
 }
 
 /// One write transaction of the LMDB ledger (a nested transaction of the group commit).
@@ -471,6 +489,10 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
 
     fn put_payment(&mut self, _: LedgerOnly, payment: &Payment) -> Result<(), LedgerError> {
         self.core.put_payment(self.txn, payment)
+    }
+
+    fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {
+        Ok(self.core.notifications.put(self.txn, &n.payment_id, n)?)
     }
 
     fn put_card(

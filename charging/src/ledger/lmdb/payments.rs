@@ -57,7 +57,42 @@ impl LedgerCore {
         p.tmc = Some(tmc);
         p.paid_ms = Some(now_ms);
         self.put_payment(txn, &p)?;
+        // The merchant is told, durably: the notification is due now and retried until its
+        // URL answers 2xx.
+        if let Some(url) = &p.notify_url {
+            if self.notifications.get(txn, &p.id)?.is_none() {
+                let n = Notification {
+                    payment_id: p.id.clone(),
+                    url: url.clone(),
+                    attempts: 0,
+                    next_attempt_ms: now_ms,
+                    delivered_ms: None,
+                    last_error: None,
+                };
+                self.notifications.put(txn, &p.id, &n)?;
+            }
+        }
         Ok(p)
+    }
+
+    /// Undelivered notifications due at `now_ms`, at most `limit`.
+    pub(super) fn notifications_due(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Notification>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.notifications.iter(txn)? {
+            let (_, n) = item?;
+            if n.delivered_ms.is_none() && n.next_attempt_ms <= now_ms {
+                out.push(n);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The card never made the intent's payment: the day totals are given back and the
