@@ -348,14 +348,20 @@ fn explain_journey(e: &Engine, j: &Path) -> Result<u8> {
             l.to_stop_id,
             l.leg_rule,
             l.fare_product_id,
-            money(i64::from(l.fare_minor), exp),
+            l.fare_minor,
             l.transfer_rule
                 .as_ref()
                 .map_or(String::new(), |t| format!("; transfer {t}")),
-            money(l.amount_minor, exp)
+            l.amount_minor
         );
     }
-    println!("total {} {}", money(q.total_minor, exp), q.currency);
+    // Amounts in minor units, as `fare test` and `fare explain --case` print them (and as the
+    // rules are written); the total in the currency too.
+    println!(
+        "total {} ({})",
+        q.total_minor,
+        crate::money::amount(q.total_minor, exp, &q.currency)
+    );
     Ok(0)
 }
 

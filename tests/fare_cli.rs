@@ -67,6 +67,22 @@ fn quote_prints_one_json_object_on_the_last_line() {
     assert_eq!(v["currency"], "CAD");
     assert_eq!(v["legs"].as_array().unwrap().len(), 1);
     assert_eq!(v["legs"][0]["fare_product_id"], "single");
+    // `fare explain --journey` prints amounts as `fare test` and `fare explain --case` do, in
+    // minor units, and the total in the currency too.
+    let o = tapgate(&[
+        "fare",
+        "explain",
+        &feed("riders"),
+        "--journey",
+        j.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains("fare 330; adds 330"), "{}", out(&o));
+    assert!(
+        out(&o).lines().last().unwrap() == "total 330 (3.30 CAD)",
+        "{}",
+        out(&o)
+    );
 
     // A journey no rule prices: the error names the leg and why; exit 1.
     std::fs::write(
