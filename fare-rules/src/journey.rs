@@ -89,18 +89,12 @@ pub fn quote(engine: &Engine, j: &Journey) -> Result<QuoteOut, JourneyError> {
             j.legs.len()
         )));
     }
-    let category = optional_index(
-        "rider_category_id",
-        j.rider_category_id.as_deref(),
-        |c| engine.category(c),
-        t.categories.iter().map(|x| x.id.as_str()),
-    )?;
-    let medium = optional_index(
-        "fare_media_id",
-        j.fare_media_id.as_deref(),
-        |m| engine.medium(m),
-        t.media.iter().map(|x| x.id.as_str()),
-    )?;
+    let names = t.categories.iter().map(|c| c.id.as_str());
+    let id = j.rider_category_id.as_deref();
+    let category = optional_index("rider_category_id", id, |c| engine.category(c), names)?;
+    let names = t.media.iter().map(|m| m.id.as_str());
+    let id = j.fare_media_id.as_deref();
+    let medium = optional_index("fare_media_id", id, |m| engine.medium(m), names)?;
     let mut legs = Vec::with_capacity(j.legs.len());
     for (i, l) in j.legs.iter().enumerate() {
         let n = i + 1;
