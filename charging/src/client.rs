@@ -278,6 +278,27 @@ impl Client {
         )
     }
 
+    /// Relays collecting the merchant's refund `refund_id` onto the card behind `card` (the
+    /// card that paid) from start to the server's final answer.
+    pub fn collect_refund(
+        &self,
+        card: &mut dyn Transport,
+        refund_id: &str,
+        idempotency_key: &str,
+        vanish: Option<Vanish>,
+    ) -> Result<Relayed, ClientError> {
+        let uid = card.card_uid().map_err(ClientError::NoCard)?;
+        let body = PayPayment {
+            card_uid: hex::encode_upper(uid),
+        };
+        let first = self.call(
+            &format!("/v1/refunds/{refund_id}/collect"),
+            &body,
+            Some(idempotency_key),
+        )?;
+        self.relay(card, first, vanish)
+    }
+
     /// `GET /v1/payments/{id}`: what the payment asks for (merchant, amount, currency,
     /// description, state).
     pub fn payment(&self, payment_id: &str) -> Result<serde_json::Value, ClientError> {

@@ -41,6 +41,8 @@ fn world() -> World {
             token("rail-shop", Role::Merchant, SHOP),
             token("other-shop", Role::Merchant, OTHER),
         ];
+        // The torn-at-every-position tests start many relays in a second.
+        cfg.limits.loads_per_minute_per_client = 0;
     });
     World {
         srv,
@@ -599,4 +601,178 @@ fn a_notification_receiver_down_for_an_hour_is_told_later_once_and_signed() {
     );
     assert_eq!(get(&w.url("/v1/merchant/notification-key"), ALICE).0, 403);
     w.conserved(&[&card]);
+}
+
+impl World {
+    /// A refund of `amount` of payment `id` by `merchant` with `key`: (status, body).
+    fn refund(&self, merchant: &str, id: &str, amount: i32, key: &str) -> (u16, Value) {
+        post_with_key(
+            &self.url(&format!("/v1/merchant/payments/{id}/refunds")),
+            merchant,
+            key,
+            json!({"amount_minor": amount}),
+        )
+    }
+
+    fn collect(&self, card: &mut Card, refund: &str, key: &str, vanish: Option<Vanish>) -> Ending {
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(11),
+        };
+        self.client(ALICE)
+            .collect_refund(&mut reader, refund, key, vanish)
+            .unwrap()
+            .ending
+    }
+}
+
+#[test]
+fn refunds_stay_within_what_was_paid_and_reach_only_the_card_that_paid() {
+    let w = world();
+    let mut card = w.card(50, 5_000, "alice");
+    let mut other = w.card(51, 5_000, "alice");
+    let id = w.payment_id(SHOP, "refund-me", 1_000);
+    // Not paid yet: nothing to refund.
+    assert_eq!(w.refund(SHOP, &id, 100, "r0").0, 409);
+    completed(&w.pay(ALICE, &mut card, &id, "p", None));
+    assert_eq!(card.state().balance_minor, 4_000);
+
+    // Partial, then above what is left: refused; the rest: made. The same key gives the same
+    // refund; another merchant's token does not find the payment.
+    let (code, first) = w.refund(SHOP, &id, 600, "r1");
+    assert_eq!(code, 201, "{first}");
+    assert_eq!(first["state"], "pending");
+    assert_eq!(w.refund(SHOP, &id, 600, "r1").1["id"], first["id"]);
+    assert_eq!(w.refund(SHOP, &id, 700, "r1").0, 422);
+    let (code, body) = w.refund(SHOP, &id, 401, "r2");
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(w.refund(OTHER, &id, 100, "r3").0, 404);
+    assert_eq!(w.refund(SHOP, &id, 0, "r4").0, 409);
+    let (code, second) = w.refund(SHOP, &id, 400, "r5");
+    assert_eq!(code, 201, "{second}");
+    assert_eq!(w.refund(SHOP, &id, 1, "r6").0, 409);
+    let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(p["refunded_minor"], 1_000);
+    // Held apart from the merchant until the card collects it.
+    assert_eq!(w.balance("merchant:rail-shop"), 0);
+    assert_eq!(w.balance("refunds:pending"), 1_000);
+
+    // Only the card that paid collects it; the refund is a Credit the HSM made.
+    let first_id = first["id"].as_str().unwrap();
+    let mut reader = EmulatedReader {
+        card: &mut other,
+        rng: StdRng::seed_from_u64(12),
+    };
+    let r = w
+        .client(ALICE)
+        .collect_refund(&mut reader, first_id, "c0", None);
+    assert!(
+        matches!(
+            r,
+            Err(charging::client::ClientError::Server { code: 409, .. })
+        ),
+        "{r:?}"
+    );
+    let (amount, balance, _) = completed(&w.collect(&mut card, first_id, "c1", None));
+    assert_eq!((amount, balance), (600, 4_600));
+    // Collected once: again with another key is refused, the card untouched.
+    assert_eq!(
+        refused(&w.collect(&mut card, first_id, "c2", None)),
+        "refund_not_collectable"
+    );
+    assert_eq!(card.state().balance_minor, 4_600);
+    let (_, r) = get(&w.url(&format!("/v1/merchant/refunds/{first_id}")), SHOP);
+    assert_eq!(r["state"], "credited", "{r}");
+    assert_eq!(
+        get(&w.url(&format!("/v1/merchant/refunds/{first_id}")), OTHER).0,
+        404
+    );
+
+    // The second refund's collection torn at every relay position: settled once.
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let torn = w.collect(
+        &mut card,
+        &second_id,
+        "c3",
+        Some(Vanish::AfterIns(purse::apdu::ins::COMMIT_TRANSACTION)),
+    );
+    assert!(matches!(torn, Ending::Vanished { .. }), "{torn:?}");
+    card.remove_from_field();
+    // The card's next contact (a payment of another order) settles the torn credit.
+    let next = w.payment_id(SHOP, "after-refund", 100);
+    completed(&w.pay(ALICE, &mut card, &next, "p2", None));
+    let (_, r) = get(&w.url(&format!("/v1/merchant/refunds/{second_id}")), SHOP);
+    assert_eq!(r["state"], "credited", "{r}");
+    assert_eq!(card.state().balance_minor, 4_600 + 400 - 100);
+    assert_eq!(w.balance("refunds:pending"), 0);
+    assert_eq!(w.balance("merchant:rail-shop"), 100);
+    w.conserved(&[&card, &other]);
+}
+
+#[test]
+fn a_refund_collection_torn_at_every_relay_position_is_credited_once() {
+    let w = world();
+    let mut probe = w.card(60, 5_000, "alice");
+    let id = w.payment_id(SHOP, "probe-refund", 500);
+    completed(&w.pay(ALICE, &mut probe, &id, "p", None));
+    let (_, r) = w.refund(SHOP, &id, 500, "r");
+    let refund = r["id"].as_str().unwrap().to_string();
+    let mut reader = EmulatedReader {
+        card: &mut probe,
+        rng: StdRng::seed_from_u64(13),
+    };
+    let mut counter = Counting {
+        inner: &mut reader,
+        sent: 0,
+    };
+    assert!(w
+        .client(ALICE)
+        .collect_refund(&mut counter, &refund, "c", None)
+        .unwrap()
+        .completed()
+        .is_some());
+    let commands = counter.sent;
+    let mut cards = vec![probe];
+    let mut n = 60u8;
+    let (mut before, mut now) = (0, 0);
+    for at in 1..=commands {
+        for deliver in [false, true] {
+            n += 1;
+            let mut card = w.card(n, 5_000, "alice");
+            let id = w.payment_id(SHOP, &format!("r-{at}-{deliver}"), 300);
+            completed(&w.pay(ALICE, &mut card, &id, &format!("p{n}"), None));
+            let (_, r) = w.refund(SHOP, &id, 300, &format!("r{n}"));
+            let refund = r["id"].as_str().unwrap().to_string();
+            let torn = w.collect(
+                &mut card,
+                &refund,
+                &format!("t{n}"),
+                Some(Vanish::AtCommand { n: at, deliver }),
+            );
+            assert!(matches!(torn, Ending::Vanished { .. }), "{torn:?}");
+            card.remove_from_field();
+            // Collecting again settles the torn attempt first: credited already, or now.
+            match w.collect(&mut card, &refund, &format!("a{n}"), None) {
+                Ending::Answered(Reply::Completed { .. }) => now += 1,
+                Ending::Answered(Reply::Refused { reason, .. })
+                    if reason == "refund_not_collectable" =>
+                {
+                    before += 1
+                }
+                other => panic!("command {at} deliver {deliver}: {other:?}"),
+            }
+            assert_eq!(
+                card.state().balance_minor,
+                5_000,
+                "command {at} deliver {deliver}: credited exactly once"
+            );
+            cards.push(card);
+        }
+    }
+    assert!(
+        before >= 1 && now >= 1,
+        "both outcomes: {before} before, {now} now"
+    );
+    assert_eq!(w.balance("refunds:pending"), 0);
+    w.conserved(&cards.iter().collect::<Vec<_>>());
 }

@@ -22,7 +22,7 @@ use payments::*;
 pub use cards::{BlockCard, RegisterCard};
 pub use loads::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
 pub use partner::CreditPoints;
-pub use payments::{payment_json, CreatePayment, PayPayment};
+pub use payments::{payment_json, refund_json, CreatePayment, CreateRefund, PayPayment};
 
 use crate::load::{LoadError, LoadRequest, LoadService, Reply};
 use axum::extract::{Path, State};
@@ -142,6 +142,7 @@ impl From<LoadError> for ApiError {
                 ApiError::NotFound(e.to_string())
             }
             LoadError::PaymentNotPayable(d) => ApiError::Conflict(d),
+            LoadError::RefundRefused(_) => ApiError::Conflict(e.to_string()),
             LoadError::PaymentLimit(d) => ApiError::ForbiddenDetail(d),
             LoadError::NotReversible(_) | LoadError::InProgress => {
                 ApiError::Conflict(e.to_string())
@@ -324,6 +325,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/merchant/payments", post(create_payment))
         .route("/v1/merchant/payments/{id}", get(merchant_payment))
         .route("/v1/merchant/notification-key", get(notification_key))
+        .route("/v1/merchant/payments/{id}/refunds", post(create_refund))
+        .route("/v1/merchant/refunds/{id}", get(merchant_refund))
+        .route("/v1/refunds/{id}", get(refund_for_cardholder))
+        .route("/v1/refunds/{id}/collect", post(collect_refund))
         .route("/v1/payments/{id}", get(payment_for_cardholder))
         .route("/v1/payments/{id}/pay", post(pay_payment))
         .route("/metrics", get(metrics))

@@ -2,7 +2,7 @@
 //! a payment (`POST /v1/payments/{id}/pay`, then the load relay's steps).
 
 use super::*;
-use crate::ledger::{Payment, PaymentState};
+use crate::ledger::{Payment, PaymentState, Refund, RefundState};
 use crate::load::PaymentAsk;
 use time::format_description::well_known::Rfc3339;
 
@@ -24,6 +24,14 @@ pub struct CreatePayment {
     /// Where the outcome is sent.
     #[serde(default)]
     pub notify_url: Option<String>,
+}
+
+/// `POST /v1/merchant/payments/{id}/refunds` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRefund {
+    /// Amount, minor units (all or part of what is left to refund).
+    pub amount_minor: i32,
 }
 
 /// `POST /v1/payments/{id}/pay` body.
@@ -73,7 +81,92 @@ pub fn payment_json(p: &Payment, now_ms: u64) -> serde_json::Value {
         "card_uid": p.card_uid,
         "tmc": p.tmc,
         "paid": p.paid_ms.map(rfc3339),
+        "refunded_minor": p.refunded_minor,
     })
+}
+
+/// A refund as its merchant and its cardholder see it (`state`: `pending`, `collecting`,
+/// `credited`).
+pub fn refund_json(r: &Refund) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "payment_id": r.payment_id,
+        "merchant": r.merchant,
+        "card_uid": r.card_uid,
+        "amount_minor": r.amount_minor,
+        "state": match r.state {
+            RefundState::Pending => "pending",
+            RefundState::Collecting => "collecting",
+            RefundState::Credited => "credited",
+        },
+        "created": rfc3339(r.created_ms),
+        "tmc": r.tmc,
+        "credited": r.credited_ms.map(rfc3339),
+    })
+}
+
+/// `POST /v1/merchant/payments/{id}/refunds` (merchant, Idempotency-Key): refunds all or part
+/// of its completed payment; the card that paid collects it online
+/// (`POST /v1/refunds/{id}/collect`).
+pub(super) async fn create_refund(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Merchant])?;
+    let req: CreateRefund = json_body(&body)?;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let now = (st.clock)();
+    let loads = st.loads.clone();
+    let r = blocking(move || {
+        Ok(loads.create_refund(&caller.name, &id, req.amount_minor, &key, now)?)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(refund_json(&r))))
+}
+
+/// `GET /v1/merchant/refunds/{id}` (merchant): its own refund.
+pub(super) async fn merchant_refund(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Merchant])?;
+    Ok(Json(refund_json(
+        &st.loads.refund_of(Some(&caller.name), &id)?,
+    )))
+}
+
+/// `GET /v1/refunds/{id}` (cardholder): a refund to collect.
+pub(super) async fn refund_for_cardholder(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
+    Ok(Json(refund_json(&st.loads.refund_of(None, &id)?)))
+}
+
+/// `POST /v1/refunds/{id}/collect` (cardholder, Idempotency-Key): the card that paid collects
+/// the refund (a Credit by the back office), relayed like a load.
+pub(super) async fn collect_refund(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<Reply>, ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
+    let req: PayPayment = json_body(&body)?;
+    let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
+    own_card_or_anonymous(&st, &caller, &uid)?;
+    let loads = st.loads.clone();
+    let reply = blocking(move || Ok(loads.start_refund(&caller.name, &id, uid, key, now)?)).await?;
+    Ok(Json(reply))
 }
 
 /// `POST /v1/merchant/payments` (merchant): makes a payment; 201 when new, 200 with the same

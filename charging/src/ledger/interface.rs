@@ -207,6 +207,9 @@ pub trait LedgerRead {
         order_id: &str,
     ) -> Result<Option<String>, LedgerError>;
 
+    /// A refund by id.
+    fn refund(&self, id: &str) -> Result<Option<Refund>, LedgerError>;
+
     /// The notification of a payment's outcome.
     fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError>;
 
@@ -349,6 +352,101 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         p.tmc = intent.tmc_before.checked_add(1);
         self.put_payment(LedgerOnly(()), &p)?;
         Ok(p)
+    }
+
+    /// Stores a refund (the ledger's own steps only: a refund moves value only with its
+    /// posting, or the card's proof).
+    fn put_refund(&mut self, token: LedgerOnly, refund: &Refund) -> Result<(), LedgerError>;
+
+    /// Makes a merchant's refund of its completed payment `refund.payment_id` (paid at most
+    /// `window_ms` before `now_ms`), no more than what was paid less what was refunded
+    /// already: the refund's value moves `merchant:<id>` → `refunds:pending` now (so it is
+    /// never settled to the merchant) and reaches the card when the card collects it.
+    fn create_refund(
+        &mut self,
+        refund: &Refund,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<Refund, LedgerError> {
+        let refused = |why: String| Err(LedgerError::RefundRefused(why));
+        let Some(mut p) = self
+            .payment(&refund.payment_id)?
+            .filter(|p| p.merchant == refund.merchant)
+        else {
+            return refused(format!("no payment {}", refund.payment_id));
+        };
+        let (Some(card), Some(paid_ms)) = (p.card_uid.clone(), p.paid_ms) else {
+            return refused("the payment is not paid".into());
+        };
+        if p.state != PaymentState::Completed {
+            return refused("the payment is not paid".into());
+        }
+        if now_ms.saturating_sub(paid_ms) > window_ms {
+            return refused(format!(
+                "paid {} h ago; payments are refunded within {} h",
+                now_ms.saturating_sub(paid_ms) / 3_600_000,
+                window_ms / 3_600_000
+            ));
+        }
+        let left = i64::from(p.amount_minor) - p.refunded_minor;
+        if refund.amount_minor <= 0 || i64::from(refund.amount_minor) > left {
+            return refused(format!(
+                "{} is not between 1 and the {left} left to refund",
+                refund.amount_minor
+            ));
+        }
+        p.refunded_minor += i64::from(refund.amount_minor);
+        self.put_payment(LedgerOnly(()), &p)?;
+        self.post(
+            now_ms,
+            &format!("merchant:{}", p.merchant),
+            "refunds:pending",
+            i64::from(refund.amount_minor),
+            &format!("refund-made:{}", refund.id),
+        )?;
+        let made = Refund {
+            card_uid: card,
+            state: RefundState::Pending,
+            created_ms: now_ms,
+            tmc: None,
+            credited_ms: None,
+            ..refund.clone()
+        };
+        self.put_refund(LedgerOnly(()), &made)?;
+        Ok(made)
+    }
+
+    /// Records a card's collection of a refund (`intent.payment_id` names it): the refund must
+    /// be pending and this card's; it becomes collecting at the intent's counter, in the same
+    /// transaction.
+    fn begin_refund(
+        &mut self,
+        uid: &[u8; 7],
+        intent: &mut LoadIntent,
+    ) -> Result<Refund, LedgerError> {
+        let id = intent.payment_id.clone().unwrap_or_default();
+        let refused = |why: &str| Err(LedgerError::RefundRefused(why.to_string()));
+        let Some(mut r) = self.refund(&id)? else {
+            return refused("no such refund");
+        };
+        if r.card_uid != hex::encode_upper(uid) {
+            return refused("the refund goes to the card that paid");
+        }
+        match r.state {
+            RefundState::Pending => {}
+            RefundState::Collecting => return refused("it is being collected"),
+            RefundState::Credited => return refused("it is collected"),
+        }
+        if intent.kind != IntentKind::Refund || intent.amount_minor != r.amount_minor {
+            return Err(LedgerError::InvalidPosting(
+                "the intent is not this refund's",
+            ));
+        }
+        self.insert_intent(uid, intent)?;
+        r.state = RefundState::Collecting;
+        r.tmc = intent.tmc_before.checked_add(1);
+        self.put_refund(LedgerOnly(()), &r)?;
+        Ok(r)
     }
 
     /// Stores a notification's delivery state.

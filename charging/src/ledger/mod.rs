@@ -74,6 +74,10 @@ pub enum LedgerError {
         /// why
         why: String,
     },
+    /// The refund cannot be made or collected (not paid, window passed, above what was paid,
+    /// another card, already collected).
+    #[error("refund refused: {0}")]
+    RefundRefused(String),
     /// A plain posting named a card's account: value reaches or leaves a card only on a
     /// proof (a transaction MAC the HSM verified, a load's completion), or at its issuance.
     #[error("posting to or from {account} needs the card's proof")]

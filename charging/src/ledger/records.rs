@@ -45,6 +45,9 @@ pub enum IntentKind {
     /// An online payment to a merchant: Debit by the back office, card → `merchant:<id>`
     /// (the intent's `payment_id` names the [`Payment`]).
     Payment,
+    /// A merchant's refund collected by the card: Credit by the back office,
+    /// `refunds:pending` → card (the intent's `payment_id` names the [`Refund`]).
+    Refund,
 }
 
 /// What to do with the funding source once an intent's change is durable.
@@ -70,6 +73,11 @@ pub enum FundingAction {
         payment_id: String,
         /// its merchant
         merchant: String,
+    },
+    /// A refund the card collected (no funding moves).
+    RefundCredited {
+        /// the refund
+        refund_id: String,
     },
     /// A reversal the card applied: refund the load's funding.
     Refund {
@@ -125,7 +133,7 @@ pub struct LoadIntent {
     /// is pending or completed.
     #[serde(default)]
     pub reversed_at_tmc: Option<u32>,
-    /// A payment: the [`Payment`] it pays.
+    /// A payment: the [`Payment`] it pays; a refund: the [`Refund`] it collects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
 }
@@ -134,7 +142,7 @@ impl LoadIntent {
     /// The change to the card's value, minor units (negative for a reversal).
     pub fn delta_minor(&self) -> i64 {
         match self.kind {
-            IntentKind::Load => i64::from(self.amount_minor),
+            IntentKind::Load | IntentKind::Refund => i64::from(self.amount_minor),
             IntentKind::Reversal | IntentKind::Payment => -i64::from(self.amount_minor),
         }
     }
@@ -142,7 +150,7 @@ impl LoadIntent {
     /// The value command the card executes for it.
     pub fn tx_kind(&self) -> purse::receipt::TxKind {
         match self.kind {
-            IntentKind::Load => purse::receipt::TxKind::Credit,
+            IntentKind::Load | IntentKind::Refund => purse::receipt::TxKind::Credit,
             IntentKind::Reversal | IntentKind::Payment => purse::receipt::TxKind::Debit,
         }
     }
@@ -400,6 +408,48 @@ pub struct Payment {
     /// Completed (unix ms).
     #[serde(default)]
     pub paid_ms: Option<u64>,
+    /// Refunded so far (every refund made, collected or not), minor units.
+    #[serde(default)]
+    pub refunded_minor: i64,
+}
+
+/// Where a refund stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundState {
+    /// Made by the merchant (its value held in `refunds:pending`); the card has not collected
+    /// it.
+    Pending,
+    /// The card's Credit may have been sent: settled from the card's next contact.
+    Collecting,
+    /// The card proved the credit.
+    Credited,
+}
+
+/// A merchant's refund of (part of) a completed payment, credited to the card that paid it
+/// when the card collects it online.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    /// `ref_<32 hex>`.
+    pub id: String,
+    /// The refunded payment.
+    pub payment_id: String,
+    /// Its merchant.
+    pub merchant: String,
+    /// The card that paid, hex: the only card that collects it.
+    pub card_uid: String,
+    /// Amount, minor units.
+    pub amount_minor: i32,
+    /// State.
+    pub state: RefundState,
+    /// Made (unix ms).
+    pub created_ms: u64,
+    /// The card counter the credit consumes (collecting) or consumed (credited).
+    #[serde(default)]
+    pub tmc: Option<u32>,
+    /// Credited (unix ms).
+    #[serde(default)]
+    pub credited_ms: Option<u64>,
 }
 
 /// A merchant's notification of a payment's outcome, retried until its `notify_url` answers

@@ -26,6 +26,7 @@ impl LoadService {
             Purpose::Load => {}
             Purpose::Reversal(load_tmc) => return self.decide_reversal(s, snap, load_tmc, now_ms),
             Purpose::Payment(id) => return self.decide_payment(s, snap, &id, now_ms),
+            Purpose::Refund(id) => return self.decide_refund(s, snap, &id, now_ms),
         }
         let today = day_of(now_ms);
         if let Some(refusal) = self.limit_refusal(s, snap, &shadow, today)? {

@@ -202,6 +202,9 @@ pub enum LoadError {
     /// The payment cannot be paid (paid, pending, expired).
     #[error("{0}")]
     PaymentNotPayable(String),
+    /// A refund cannot be made or collected.
+    #[error("refund refused: {0}")]
+    RefundRefused(String),
     /// A merchant's payment request is refused by a limit.
     #[error("{0}")]
     PaymentLimit(String),
@@ -250,6 +253,8 @@ enum Purpose {
     Reversal(u32),
     /// A payment (a Debit) of this [`crate::ledger::Payment`] to its merchant.
     Payment(String),
+    /// A merchant's [`crate::ledger::Refund`] collected by the card (a Credit).
+    Refund(String),
 }
 
 impl Purpose {
@@ -259,6 +264,7 @@ impl Purpose {
             Purpose::Load => "load",
             Purpose::Reversal(_) => "reversal",
             Purpose::Payment(_) => "payment",
+            Purpose::Refund(_) => "refund",
         }
     }
 }
@@ -439,6 +445,7 @@ fn intent_record(intent: &LoadIntent) -> [u8; txn::RECORD_SIZE] {
         IntentKind::Load => 0x4C,
         IntentKind::Reversal => 0x52,
         IntentKind::Payment => 0x50,
+        IntentKind::Refund => 0x43,
     };
     r[1..5].copy_from_slice(&intent.amount_minor.to_le_bytes());
     r[5..13].copy_from_slice(&intent.created_ms.to_le_bytes());
@@ -466,6 +473,7 @@ fn request_fingerprint(req: &LoadRequest, purpose: &Purpose) -> String {
         ),
         Purpose::Reversal(tmc) => return reversal_fingerprint(&req.uid, *tmc),
         Purpose::Payment(id) => format!("payment\n{}\n{id}", hex::encode_upper(req.uid)),
+        Purpose::Refund(id) => format!("refund\n{}\n{id}", hex::encode_upper(req.uid)),
     };
     sha256_hex(&text)
 }
@@ -539,6 +547,10 @@ impl LoadService {
                 merchant,
             } => {
                 self.payment_paid(payment_id, merchant);
+                return;
+            }
+            FundingAction::RefundCredited { refund_id } => {
+                tracing::info!(refund_id, "refund credited to the card");
                 return;
             }
             FundingAction::Capture { source, auth } => (

@@ -7,7 +7,7 @@
 //! paid twice, never lost.
 
 use super::*;
-use crate::ledger::{Payment, PaymentState};
+use crate::ledger::{Payment, PaymentState, Refund, RefundState};
 
 /// Limits on online payments.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -21,6 +21,8 @@ pub struct PaymentLimits {
     pub max_daily_per_merchant_minor: i64,
     /// Longest a payment may stay payable, ms.
     pub max_expiry_ms: u64,
+    /// A completed payment may be refunded within this long after it was paid, ms.
+    pub refund_window_ms: u64,
 }
 
 impl Default for PaymentLimits {
@@ -30,6 +32,7 @@ impl Default for PaymentLimits {
             max_daily_per_card_minor: 500_000,
             max_daily_per_merchant_minor: 100_000_000,
             max_expiry_ms: 7 * 86_400_000,
+            refund_window_ms: 30 * 86_400_000,
         }
     }
 }
@@ -108,11 +111,12 @@ impl PaymentAsk {
     }
 }
 
-fn payment_id() -> String {
+/// A new random id with this prefix (`pay`, `ref`).
+fn new_id(prefix: &str) -> String {
     use rand::RngCore;
     let mut b = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut b);
-    format!("pay_{}", hex::encode(b))
+    format!("{prefix}_{}", hex::encode(b))
 }
 
 impl LoadService {
@@ -131,7 +135,7 @@ impl LoadService {
         }
         ask.check(&self.cfg.payments, now_ms)?;
         let payment = Payment {
-            id: payment_id(),
+            id: new_id("pay"),
             merchant: merchant.to_string(),
             order_id: ask.order_id,
             amount_minor: ask.amount_minor,
@@ -144,6 +148,7 @@ impl LoadService {
             card_uid: None,
             tmc: None,
             paid_ms: None,
+            refunded_minor: 0,
         };
         let asked = payment.clone();
         let (stored, new) = self.ledger.transact(move |t| t.create_payment(&asked))?;
@@ -241,24 +246,8 @@ impl LoadService {
         }
         let uid = snap.uid();
         let mut intent = LoadIntent {
-            uid: hex::encode_upper(uid),
-            tmc_before: snap.tmc(),
-            attempt: 0,
-            balance_before_minor: snap.balance_minor(),
-            amount_minor: amount,
-            key_version: snap.key_version(),
-            funding_source: String::new(),
-            funding_auth: String::new(),
-            instrument: String::new(),
-            idempotency_key: s.request.idempotency_key.clone(),
-            requested_by: s.caller.clone(),
-            state: IntentState::Authorised,
-            created_ms: now_ms,
-            settled_ms: None,
-            kind: IntentKind::Payment,
-            reverses_tmc: None,
-            reversed_at_tmc: None,
             payment_id: Some(payment_id.to_string()),
+            ..self.server_intent(s, snap, now_ms)
         };
         let record = intent_record(&intent).to_vec();
         let snapshot = snap.clone();
@@ -326,6 +315,176 @@ impl LoadService {
             amount_minor: amount,
             record: Some(record),
         }))
+    }
+
+    /// Makes `merchant`'s refund of `amount_minor` of its completed payment `payment_id`
+    /// (`idempotency_key`: the same key gives the same refund, never a second one).
+    pub fn create_refund(
+        &self,
+        merchant: &str,
+        payment_id: &str,
+        amount_minor: i32,
+        idempotency_key: &str,
+        now_ms: u64,
+    ) -> Result<Refund, LoadError> {
+        if idempotency_key.is_empty() || idempotency_key.len() > 128 {
+            return Err(LoadError::BadRequest(
+                "an Idempotency-Key of 1 to 128 characters is required".into(),
+            ));
+        }
+        // Another merchant's payment is not found (whatever its id).
+        self.payment_of(merchant, payment_id)?;
+        let ikey = format!("refund-made:{merchant}:{idempotency_key}");
+        let refund = Refund {
+            id: new_id("ref"),
+            payment_id: payment_id.to_string(),
+            merchant: merchant.to_string(),
+            card_uid: String::new(),
+            amount_minor,
+            state: RefundState::Pending,
+            created_ms: now_ms,
+            tmc: None,
+            credited_ms: None,
+        };
+        let window = self.cfg.payments.refund_window_ms;
+        let made = self.ledger.transact(move |t| {
+            if let Some(v) = t.idempotent(&ikey)? {
+                let earlier = v.as_str().and_then(|id| t.refund(id).transpose());
+                return match earlier.transpose()? {
+                    Some(r)
+                        if r.payment_id == refund.payment_id && r.amount_minor == amount_minor =>
+                    {
+                        Ok(Ok(r))
+                    }
+                    _ => Ok(Err(())),
+                };
+            }
+            let r = t.create_refund(&refund, now_ms, window)?;
+            t.put_idempotent(&ikey, &serde_json::Value::String(r.id.clone()))?;
+            Ok(Ok(r))
+        });
+        match made {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(())) => Err(LoadError::IdempotencyKeyReused("payment or amount differ")),
+            Err(LedgerError::RefundRefused(why)) => Err(LoadError::RefundRefused(why)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `merchant`'s refund `id`, or the cardholder's view of it (`merchant` `None`).
+    pub fn refund_of(&self, merchant: Option<&str>, id: &str) -> Result<Refund, LoadError> {
+        let r = self.ledger.read()?;
+        r.refund(id)?
+            .filter(|r| merchant.is_none_or(|m| r.merchant == m))
+            .ok_or_else(|| LoadError::NoSuchPayment(id.to_string()))
+    }
+
+    /// Starts collecting refund `refund_id` onto card `uid` (the card that paid): returns the
+    /// first command for the card; the relay goes on with [`LoadService::respond`].
+    pub fn start_refund(
+        &self,
+        caller: &str,
+        refund_id: &str,
+        uid: [u8; 7],
+        idempotency_key: String,
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        let refund = self.refund_of(None, refund_id)?;
+        if refund.card_uid != hex::encode_upper(uid) {
+            return Err(LoadError::RefundRefused(
+                "the refund goes to the card that paid".into(),
+            ));
+        }
+        let req = LoadRequest {
+            uid,
+            amount_minor: refund.amount_minor,
+            funding_source: String::new(),
+            instrument: String::new(),
+            idempotency_key,
+        };
+        self.open_session(caller, req, Purpose::Refund(refund.id), now_ms)
+    }
+
+    /// At `Step::Decide` of a refund's collection: the card's balance ceiling holds, and the
+    /// intent with the refund collecting is durable before the Credit leaves the server.
+    pub(super) fn decide_refund(
+        &self,
+        s: &mut Session,
+        snap: &CardSnapshot,
+        refund_id: &str,
+        now_ms: u64,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        let amount = s.request.amount_minor;
+        if i64::from(snap.balance_minor()) + i64::from(amount)
+            > i64::from(self.cfg.balance_ceiling_minor)
+        {
+            return Ok(Err(self.refused(
+                s,
+                "balance_ceiling",
+                &format!(
+                    "balance {} + {amount} would exceed the ceiling of {}",
+                    snap.balance_minor(),
+                    self.cfg.balance_ceiling_minor
+                ),
+            )));
+        }
+        let uid = snap.uid();
+        let mut intent = LoadIntent {
+            kind: IntentKind::Refund,
+            payment_id: Some(refund_id.to_string()),
+            ..self.server_intent(s, snap, now_ms)
+        };
+        let record = intent_record(&intent).to_vec();
+        let snapshot = snap.clone();
+        let recorded = self.ledger.transact(move |t| {
+            t.begin_refund(&uid, &mut intent)?;
+            t.observe_card(&snapshot)?;
+            Ok(())
+        });
+        match recorded {
+            Ok(()) => {}
+            Err(LedgerError::RefundRefused(why)) => {
+                return Ok(Err(self.refused(s, "refund_not_collectable", &why)))
+            }
+            Err(LedgerError::IntentExists { .. }) => {
+                return Ok(Err(self.refused(
+                    s,
+                    "load_in_progress",
+                    "another change for this card at this counter is in progress",
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        s.intent_recorded = true;
+        Ok(Ok(Decision::Apply {
+            amount_minor: amount,
+            record: Some(record),
+        }))
+    }
+
+    /// The intent of a back-office change with no funding source (a payment, a refund) at the
+    /// card's snapshot.
+    fn server_intent(&self, s: &Session, snap: &CardSnapshot, now_ms: u64) -> LoadIntent {
+        LoadIntent {
+            uid: hex::encode_upper(snap.uid()),
+            tmc_before: snap.tmc(),
+            attempt: 0,
+            balance_before_minor: snap.balance_minor(),
+            amount_minor: s.request.amount_minor,
+            key_version: snap.key_version(),
+            funding_source: String::new(),
+            funding_auth: String::new(),
+            instrument: String::new(),
+            idempotency_key: s.request.idempotency_key.clone(),
+            requested_by: s.caller.clone(),
+            state: IntentState::Authorised,
+            created_ms: now_ms,
+            settled_ms: None,
+            kind: IntentKind::Payment,
+            reverses_tmc: None,
+            reversed_at_tmc: None,
+            payment_id: None,
+        }
     }
 
     /// A payment the card made is booked (here, or settled later): the merchant is told.

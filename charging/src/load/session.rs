@@ -20,7 +20,7 @@ impl LoadService {
         let differs = match purpose {
             Purpose::Load => LOAD_DIFFERS,
             Purpose::Reversal(_) => REVERSAL_DIFFERS,
-            Purpose::Payment(_) => PAYMENT_DIFFERS,
+            Purpose::Payment(_) | Purpose::Refund(_) => PAYMENT_DIFFERS,
         };
         if let Some(reply) = self.stored_reply(&ikey, &fingerprint, differs)? {
             return Ok(reply);
@@ -68,7 +68,9 @@ impl LoadService {
             return Err(LoadError::Busy);
         }
         let (dialogue, first) = match purpose {
-            Purpose::Load => Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT),
+            Purpose::Load | Purpose::Refund(_) => {
+                Dialogue::start(req.uid, KeyKind::Credit, ins::CREDIT)
+            }
             // A reversal or a payment debits under the credit key: the card does not arm
             // LimitedCredit for a debit under that key, so no debit-key holder (a validator)
             // can credit it back.

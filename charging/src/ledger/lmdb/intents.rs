@@ -125,6 +125,18 @@ impl LedgerCore {
                     amount_minor: amount,
                 }
             }
+            IntentKind::Refund => {
+                let r = self.refund_credited(txn, &intent, tmc, now_ms)?;
+                self.post(
+                    txn,
+                    now_ms,
+                    "refunds:pending",
+                    &card,
+                    amount,
+                    &format!("refund:{}", r.id),
+                )?;
+                FundingAction::RefundCredited { refund_id: r.id }
+            }
             IntentKind::Payment => {
                 let p = self.payment_completed(txn, &intent, tmc, now_ms)?;
                 self.post(
@@ -199,6 +211,10 @@ impl LedgerCore {
             }
             IntentKind::Payment => {
                 self.payment_voided(txn, &intent)?;
+                Ok(None)
+            }
+            IntentKind::Refund => {
+                self.refund_voided(txn, &intent)?;
                 Ok(None)
             }
             IntentKind::Reversal => {

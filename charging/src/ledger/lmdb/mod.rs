@@ -47,6 +47,8 @@ pub struct LedgerCore {
     payment_orders: Database<Str, Str>,
     /// Payment id → its notification to the merchant.
     notifications: Database<Str, SerdeJson<Notification>>,
+    /// Merchants' refunds by id.
+    refunds: Database<Str, SerdeJson<Refund>>,
 }
 
 fn instrument_key(source: &str, id: &str) -> String {
@@ -209,7 +211,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<14> = [
+const DATABASES: tapgate_lmdb::Databases<15> = [
     "balances",
     "postings",
     "load_intents",
@@ -224,6 +226,7 @@ const DATABASES: tapgate_lmdb::Databases<14> = [
     "payments",
     "payment_orders",
     "notifications",
+    "refunds",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -233,7 +236,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds] =
             dbs;
         Ok(LedgerCore {
             env,
@@ -251,6 +254,7 @@ impl LedgerCore {
             payments: payments.remap_types(),
             payment_orders: payment_orders.remap_types(),
             notifications: notifications.remap_types(),
+            refunds: refunds.remap_types(),
         })
     }
 }
@@ -403,6 +407,11 @@ impl<T: view::View> LedgerRead for T {
         core.payment_for_order(txn, merchant, order_id)
     }
 
+    fn refund(&self, id: &str) -> Result<Option<Refund>, LedgerError> {
+        let (core, txn) = self.view();
+        Ok(core.refunds.get(txn, id)?)
+    }
+
     fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
         let (core, txn) = self.view();
         Ok(core.notifications.get(txn, payment_id)?)
@@ -489,6 +498,10 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
 
     fn put_payment(&mut self, _: LedgerOnly, payment: &Payment) -> Result<(), LedgerError> {
         self.core.put_payment(self.txn, payment)
+    }
+
+    fn put_refund(&mut self, _: LedgerOnly, refund: &Refund) -> Result<(), LedgerError> {
+        Ok(self.core.refunds.put(self.txn, &refund.id, refund)?)
     }
 
     fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {

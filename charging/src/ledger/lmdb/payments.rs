@@ -124,3 +124,44 @@ impl LedgerCore {
         Ok(())
     }
 }
+
+impl LedgerCore {
+    /// The refund an intent collects, credited by the card at counter `tmc`.
+    pub(super) fn refund_credited(
+        &self,
+        txn: &mut RwTxn<'_>,
+        intent: &LoadIntent,
+        tmc: u32,
+        now_ms: u64,
+    ) -> Result<Refund, LedgerError> {
+        let id = intent.payment_id.as_deref().unwrap_or_default();
+        let mut r = self
+            .refunds
+            .get(txn, id)?
+            .ok_or_else(|| LedgerError::RefundRefused(format!("refund {id} is gone")))?;
+        r.state = RefundState::Credited;
+        r.tmc = Some(tmc);
+        r.credited_ms = Some(now_ms);
+        self.refunds.put(txn, &r.id, &r)?;
+        Ok(r)
+    }
+
+    /// The card never applied the refund's credit: it is pending again (if it still is this
+    /// intent's).
+    pub(super) fn refund_voided(
+        &self,
+        txn: &mut RwTxn<'_>,
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError> {
+        let id = intent.payment_id.as_deref().unwrap_or_default();
+        let Some(mut r) = self.refunds.get(txn, id)? else {
+            return Ok(());
+        };
+        if r.state == RefundState::Collecting && r.tmc == intent.tmc_before.checked_add(1) {
+            r.state = RefundState::Pending;
+            r.tmc = None;
+            self.refunds.put(txn, &r.id, &r)?;
+        }
+        Ok(())
+    }
+}
