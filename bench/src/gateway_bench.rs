@@ -102,21 +102,14 @@ async fn publish_all(
         clients.push(c);
     }
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (vi, c) in clients.iter().enumerate() {
-        let c = c.clone();
-        let recs = records[vi].clone();
-        let topic = topic_for(vi);
-        tasks.push(tokio::spawn(async move {
-            for r in recs {
-                c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
-            }
-            Ok::<(), rumqttc::ClientError>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+    crate::mqtt::publish_lanes(
+        clients
+            .iter()
+            .enumerate()
+            .map(|(vi, c)| (c.clone(), topic_for(vi), records[vi].clone()))
+            .collect(),
+    )
+    .await?;
     while received.load(Ordering::Relaxed) < expect {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(120),

@@ -13,6 +13,7 @@ mod fare;
 mod gateway_bench;
 mod limits;
 mod loads;
+mod mqtt;
 mod purse_bench;
 mod reconcile;
 mod stats;

@@ -512,21 +512,20 @@ async fn publish_paced(
 
 /// Phase 2: each validator's taps after the first `from`, as fast as it publishes.
 async fn publish_rest(fleet: &Fleet, records: &[Vec<Vec<u8>>], from: usize) -> anyhow::Result<()> {
-    let mut tasks = Vec::new();
-    for (v, recs) in records.iter().enumerate() {
-        let (c, topic) = (fleet.client(v).clone(), fleet.tap_topic(v));
-        let recs: Vec<Vec<u8>> = recs[from..].to_vec();
-        tasks.push(tokio::spawn(async move {
-            for r in recs {
-                c.publish(topic.clone(), QoS::AtLeastOnce, false, r).await?;
-            }
-            Ok::<(), rumqttc::ClientError>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
+    crate::mqtt::publish_lanes(
+        records
+            .iter()
+            .enumerate()
+            .map(|(v, recs)| {
+                (
+                    fleet.client(v).clone(),
+                    fleet.tap_topic(v),
+                    recs[from..].to_vec(),
+                )
+            })
+            .collect(),
+    )
+    .await
 }
 
 /// Waits (2 minutes at most) until the gateway has confirmed `n` taps.
