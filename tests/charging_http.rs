@@ -11,8 +11,8 @@ use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use purse::txn::EmulatedReader;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use tapgate_testkit::{http, spawn_charging, Kill};
+use std::process::Command;
+use tapgate_testkit::{http, Kill};
 
 const PASS: &str = "http-test-pass";
 const CARDHOLDER: &str = "tg_cardholder_token_for_tests";
@@ -24,18 +24,8 @@ struct Server {
 }
 
 fn start(dir: &Path) -> Server {
-    let (child, base) = spawn_charging(
-        Command::new(env!("CARGO_BIN_EXE_tapgate"))
-            .args([
-                "charging",
-                "--config",
-                dir.join("charging.toml").to_str().unwrap(),
-                "--keys",
-                dir.join("keys").to_str().unwrap(),
-            ])
-            .env("TAPGATE_KEY_PASSPHRASE", PASS)
-            .stderr(Stdio::inherit()),
-    );
+    let (child, base) =
+        support::start_charging(&dir.join("charging.toml"), &dir.join("keys"), PASS);
     Server {
         _child: child,
         base,
@@ -227,12 +217,8 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
     let done = relay(&base, &mut card, first, false);
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(card.state().balance_minor, 3_600);
-    let got: serde_json::Value = ureq::get(&format!("{base}/v1/cards/{uid_hex}"))
-        .set("Authorization", &format!("Bearer {OPERATOR}"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let (code, got) = http::get(&format!("{base}/v1/cards/{uid_hex}"), OPERATOR);
+    assert_eq!(code, 200, "{got}");
     assert_eq!(
         got["shadow_balance_minor"], 3_600,
         "ledger agrees with the card: {got}"
@@ -246,17 +232,10 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
         .unwrap();
     assert!(doc.contains("/v1/loads/{id}/steps"));
     // /metrics needs an operator (or metrics) token unless `metrics_public` is set.
-    match ureq::get(&format!("{base}/metrics")).call() {
-        Err(ureq::Error::Status(401, _)) => {}
-        other => panic!("metrics without a token: {other:?}"),
-    }
-    match ureq::get(&format!("{base}/metrics"))
-        .set("Authorization", &format!("Bearer {CARDHOLDER}"))
-        .call()
-    {
-        Err(ureq::Error::Status(403, _)) => {}
-        other => panic!("metrics with a cardholder token: {other:?}"),
-    }
+    let (code, _) = http::call("GET", &format!("{base}/metrics"), None, None, None);
+    assert_eq!(code, 401, "metrics without a token");
+    let (code, _) = http::get_text(&format!("{base}/metrics"), CARDHOLDER);
+    assert_eq!(code, 403, "metrics with a cardholder token");
     let (code, metrics) = http::get_text(&format!("{base}/metrics"), OPERATOR);
     assert_eq!(code, 200, "{metrics}");
     assert!(
@@ -264,23 +243,7 @@ fn a_load_over_http_with_roles_enforced_and_a_restart_mid_load() {
         "{metrics}"
     );
     // Reconciliation (another process, while the server runs): the card balances.
-    let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "charging",
-            "reconcile",
-            "--data",
-            dir.path().join("data").to_str().unwrap(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = support::reconcile(&dir.path().join("data"));
     assert_eq!(report["cards"], 1, "{report}");
     assert_eq!(report["balanced"], 1, "{report}");
     drop(server);

@@ -12,9 +12,9 @@ use purse::card::{Card, Nvm, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use tapgate_testkit::http::call;
-use tapgate_testkit::{spawn_charging, Kill};
+use tapgate_testkit::Kill;
 
 const PASS: &str = "hostile-cardholder-pass";
 const ALICE: &str = "tg_alice_phone";
@@ -45,27 +45,17 @@ fn start() -> Server {
         ("mall", "partner", MALL),
     ]));
     std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
-    let (child, base) = charging(&dir.path().join("charging.toml"), dir.path());
+    let (child, base) = support::start_charging(
+        &dir.path().join("charging.toml"),
+        &dir.path().join("keys"),
+        PASS,
+    );
     Server {
         _child: child,
         base,
         dir,
         keys,
     }
-}
-
-/// `tapgate charging --config <config>` with the keys under `dir`: its guard and base URL.
-fn charging(config: &Path, dir: &Path) -> (Kill, String) {
-    spawn_charging(
-        Command::new(env!("CARGO_BIN_EXE_tapgate"))
-            .arg("charging")
-            .arg("--config")
-            .arg(config)
-            .arg("--keys")
-            .arg(dir.join("keys"))
-            .env("TAPGATE_KEY_PASSPHRASE", PASS)
-            .stderr(Stdio::inherit()),
-    )
 }
 
 impl Server {
@@ -173,19 +163,7 @@ impl Server {
             "{got}"
         );
         assert_eq!(got["pending_loads"], 0, "{got}");
-        let out = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-            .args(["charging", "reconcile", "--json", "--data"])
-            .arg(self.dir.path().join("data"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let report: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let report = support::reconcile(&self.dir.path().join("data"));
         assert_eq!(report["cards"], report["balanced"], "{report}");
     }
 
@@ -265,13 +243,7 @@ fn a_cardholder_cannot_fund_from_another_holders_points() {
     assert_eq!(image_balance(&image), 5_000);
     let (_, b) = s.credit(AIRLINE, "M-ALICE", "alice", 10_000, "flight-1");
     assert_eq!(b["balance_points"].as_i64(), Some(5_000), "{b}");
-    let reconcile = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["charging", "reconcile", "--json", "--data"])
-        .arg(s.dir.path().join("data"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&reconcile.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = support::reconcile(&s.dir.path().join("data"));
     assert_eq!(report["cards"], report["balanced"], "{report}");
 }
 
@@ -488,7 +460,7 @@ fn voucher_codes_travel_in_request_bodies_only() {
             _child, dir, keys, ..
         } = s;
         drop(_child);
-        let (child, base) = charging(&cfg, dir.path());
+        let (child, base) = support::start_charging(&cfg, &dir.path().join("keys"), PASS);
         Server {
             _child: child,
             base,

@@ -11,13 +11,11 @@ use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
 use purse::sam::{SoftwareHsm, SoftwareSam};
-use purse::txn::TxError;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use tapgate_testkit::fixtures::value_tx;
-use tapgate_testkit::{http, spawn_charging, Kill};
+use tapgate_testkit::fixtures::{assert_boundary, value_tx};
+use tapgate_testkit::{http, Kill};
 
 const PASS: &str = "hostile-franchise-pass";
 const ALICE: &str = "tg_alice_token_hostile";
@@ -54,16 +52,8 @@ fn setup() -> (tempfile::TempDir, KeySet, Server) {
 }
 
 fn start(dir: &Path) -> Server {
-    let (child, base) = spawn_charging(
-        Command::new(env!("CARGO_BIN_EXE_tapgate"))
-            .arg("charging")
-            .arg("--config")
-            .arg(dir.join("charging.toml"))
-            .arg("--keys")
-            .arg(dir.join("keys"))
-            .env("TAPGATE_KEY_PASSPHRASE", PASS)
-            .stderr(Stdio::inherit()),
-    );
+    let (child, base) =
+        support::start_charging(&dir.join("charging.toml"), &dir.join("keys"), PASS);
     Server {
         _child: child,
         base,
@@ -232,16 +222,7 @@ fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed()
         ins::LIMITED_CREDIT,
         500,
     );
-    assert!(
-        matches!(
-            r,
-            Err(TxError::Card {
-                status: purse::apdu::Status::BoundaryError,
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_boundary(&r);
     assert_eq!(card.state().balance_minor, 200);
     assert_eq!(
         shadow(&base, &card),

@@ -13,16 +13,16 @@ use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::{card_account, Ledger, LedgerError};
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
 use common::HsmKind;
-use purse::apdu::{ins, Status};
+use purse::apdu::ins;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
-use purse::txn::TxError;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
-use tapgate_testkit::fixtures::value_tx;
+use tapgate_testkit::fixtures::{assert_boundary, value_tx};
+use tapgate_testkit::http;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -242,16 +242,7 @@ fn a_reversal_cannot_be_credited_back_by_a_debit_key_holder(kind: HsmKind) {
         ins::LIMITED_CREDIT,
         500,
     );
-    assert!(
-        matches!(
-            r,
-            Err(TxError::Card {
-                status: Status::BoundaryError,
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_boundary(&r);
     assert_eq!(card.state().balance_minor, 0);
     w.conserved(&card);
 
@@ -460,27 +451,21 @@ fn hostile_amounts_over_http_are_refused_without_wrapping() {
         );
         assert_eq!(code, 400, "{body}");
     }
-    let status: serde_json::Value = ureq::get(&format!("{base}/v1/franchises/corner-shop"))
-        .set("Authorization", &format!("Bearer {OPS}"))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let (code, status) = http::get(&format!("{base}/v1/franchises/corner-shop"), OPS);
+    assert_eq!(code, 200, "{status}");
     assert_eq!(status["outstanding_minor"], 501);
 
     // A block exists; the delta after u64::MAX is empty (204), not a signed list from 0.
     let l = srv.state.loads.ledger();
     l.transact(move |t| t.set_blocked(&uid, true, "lost", T0).map(|_| ()))
         .unwrap();
-    let delta =
-        |after: &str| match ureq::get(&format!("{base}/v1/blocklist/signed/delta?after={after}"))
-            .set("Authorization", &format!("Bearer {OPS}"))
-            .call()
-        {
-            Ok(r) => r.status(),
-            Err(ureq::Error::Status(c, _)) => c,
-            Err(e) => panic!("{e}"),
-        };
+    let delta = |after: &str| {
+        http::get(
+            &format!("{base}/v1/blocklist/signed/delta?after={after}"),
+            OPS,
+        )
+        .0
+    };
     assert_eq!(delta("0"), 200);
     assert_eq!(delta("18446744073709551615"), 204);
 }

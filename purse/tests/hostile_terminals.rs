@@ -9,17 +9,7 @@ use purse::keys::KeyKind;
 use purse::receipt::{CommitReceipt, TxClaim, TxKind};
 use purse::sam::{reader_id_of_device, Authenticator, Hsm, SamError, SoftwareSam};
 use purse::txn::{self, TxError};
-use tapgate_testkit::fixtures::value_tx;
-
-fn boundary(r: Result<CommitReceipt, TxError>) {
-    match r {
-        Err(TxError::Card {
-            status: Status::BoundaryError,
-            ..
-        }) => {}
-        other => panic!("expected a boundary error, got {other:?}"),
-    }
-}
+use tapgate_testkit::fixtures::{assert_boundary, value_tx};
 
 /// Invariant 1: a limited credit undoes only a validator's own fare, never the back office's
 /// reversal of a load — even for a terminal holding the debit key.
@@ -39,7 +29,7 @@ fn a_debit_key_holder_cannot_credit_back_a_reversal() {
     );
     // A (compromised) validator tries to give the reversed 500 back.
     let before = card.state().clone();
-    boundary(value_tx(
+    assert_boundary(&value_tx(
         &mut rig.sam,
         &mut card,
         KeyKind::Debit,
@@ -69,7 +59,7 @@ fn a_reversal_disarms_a_fare_allowance_and_a_fare_still_can_be_undone() {
     rig.debit(&mut card, 300).unwrap();
     value_tx(&mut rig.hsm, &mut card, KeyKind::Credit, ins::DEBIT, 100).unwrap();
     let before = card.state().clone();
-    boundary(value_tx(
+    assert_boundary(&value_tx(
         &mut rig.sam,
         &mut card,
         KeyKind::Debit,

@@ -59,6 +59,21 @@ pub fn value_tx(
     }
 }
 
+/// Asserts that the card refused a value transaction with a boundary error (a limit, an
+/// allowance, a value that would wrap): the answer the attack tests expect.
+pub fn assert_boundary(r: &Result<CommitReceipt, TxError>) {
+    assert!(
+        matches!(
+            r,
+            Err(TxError::Card {
+                status: purse::apdu::Status::BoundaryError,
+                ..
+            })
+        ),
+        "expected a boundary error, got {r:?}"
+    );
+}
+
 /// A tap record of `operator`'s `device` with sequence number `seq`, signed with the device's
 /// key from `keys` (the card: `04 05 05 05 05 05 <seq>`, 1.00 debited, 10.00 left).
 pub fn signed_tap(keys: &KeySet, operator: &str, device: u32, seq: u64) -> Vec<u8> {

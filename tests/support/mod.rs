@@ -62,3 +62,36 @@ pub fn tokens_toml(tokens: &[(&str, &str, &str)]) -> String {
         })
         .collect()
 }
+
+/// `tapgate charging --config <config> --keys <keys>` unsealing with `passphrase` (its
+/// standard error inherited): the guard and the base URL it announces.
+pub fn start_charging(
+    config: &std::path::Path,
+    keys: &std::path::Path,
+    passphrase: &str,
+) -> (Kill, String) {
+    tapgate_testkit::spawn_charging(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .arg("charging")
+            .arg("--config")
+            .arg(config)
+            .arg("--keys")
+            .arg(keys)
+            .env("TAPGATE_KEY_PASSPHRASE", passphrase)
+            .stderr(std::process::Stdio::inherit()),
+    )
+}
+
+/// `tapgate charging reconcile --json --data <data>` (another process, beside a running
+/// server): its JSON report. The command must succeed.
+pub fn reconcile(data: &std::path::Path) -> serde_json::Value {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["charging", "reconcile", "--json", "--data"])
+        .arg(data)
+        .output()
+        .expect("run tapgate charging reconcile");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no JSON report ({e}) in {stdout}"))
+}
