@@ -60,6 +60,9 @@ enum ChargingCmd {
         /// Directory to write the CSV files into.
         #[arg(long)]
         out: PathBuf,
+        /// Merchants' fee on their online sales, in basis points (150 = 1.5 %).
+        #[arg(long = "merchant-fee-bps", default_value_t = 0)]
+        merchant_fee_bps: u32,
     },
     /// Create an API token: prints the token once and the [[tokens]] entry for the config.
     Token {
@@ -113,10 +116,16 @@ pub fn run(args: ChargingArgs) -> Result<()> {
             ledger.close();
             Ok(())
         }
-        Some(ChargingCmd::Settlement { data, day, out }) => {
+        Some(ChargingCmd::Settlement {
+            data,
+            day,
+            out,
+            merchant_fee_bps,
+        }) => {
             charging::settlement::day_bounds(&day).map_err(input_err)?;
             let ledger = open_ledger(&data)?;
-            let files = charging::settlement::settlement(&ledger, &day)?;
+            let files =
+                charging::settlement::settlement_with_fees(&ledger, &day, merchant_fee_bps)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             for f in &files {
                 write_atomic(&out.join(&f.name), f.csv.as_bytes())?;

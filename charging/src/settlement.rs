@@ -1,7 +1,9 @@
-//! Settlement files for a business day (UTC): per franchise (its loads and its payments) and per
-//! operator (the fare revenue cleared from taps), plus a summary, as CSV.
+//! Settlement files for a business day (UTC): per franchise (its loads and its payments), per
+//! operator (the fare revenue cleared from taps) and per merchant (its online payments and
+//! refunds), plus a summary and, when merchants were paid, a merchants' summary with their fees,
+//! as CSV.
 
-use crate::ledger::{Ledger, LedgerError, Posting};
+use crate::ledger::{Ledger, LedgerError, LedgerRead, Posting};
 use std::collections::BTreeMap;
 use time::macros::format_description;
 
@@ -66,6 +68,10 @@ enum Kind {
     Payment,
     /// Fare revenue cleared for an operator (we owe it).
     Debit,
+    /// A card's online payment to a merchant (we owe it).
+    Sale,
+    /// A merchant's refund to a card (it owes us).
+    Refund,
 }
 
 impl Kind {
@@ -74,6 +80,8 @@ impl Kind {
             Kind::Load => "load",
             Kind::Payment => "payment",
             Kind::Debit => "debit",
+            Kind::Sale => "sale",
+            Kind::Refund => "refund",
         }
     }
 }
@@ -84,26 +92,64 @@ fn classify(p: &Posting) -> Option<(String, Kind)> {
         Some((format!("franchise:{f}"), Kind::Load))
     } else if let Some(f) = p.to.strip_prefix("franchise:") {
         Some((format!("franchise:{f}"), Kind::Payment))
+    } else if let Some(m) = p.to.strip_prefix("merchant:") {
+        Some((format!("merchant:{m}"), Kind::Sale))
+    } else if let Some(m) = p.from.strip_prefix("merchant:") {
+        Some((format!("merchant:{m}"), Kind::Refund))
     } else {
         let op = p.to.strip_prefix("operator:")?;
         Some((format!("operator:{op}"), Kind::Debit))
     }
 }
 
-/// Builds the day's settlement files.
+/// The card and counter of a merchant's posting, from its payment or refund record.
+fn merchant_card(r: &dyn LedgerRead, p: &Posting) -> Result<(String, String), LedgerError> {
+    let show =
+        |uid: String, tmc: Option<u32>| (uid, tmc.map(|t| t.to_string()).unwrap_or_default());
+    if let Some(id) = p.reference.strip_prefix("payment:") {
+        if let Some(pay) = r.payment(id)? {
+            return Ok(show(pay.card_uid.unwrap_or_default(), pay.tmc));
+        }
+    }
+    if let Some(id) = p.reference.strip_prefix("refund-made:") {
+        if let Some(refund) = r.refund(id)? {
+            return Ok(show(refund.card_uid, refund.tmc));
+        }
+    }
+    Ok(Default::default())
+}
+
+/// Builds the day's settlement files, merchants paying no fee.
 pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, SettlementError> {
+    settlement_with_fees(ledger, day, 0)
+}
+
+/// Builds the day's settlement files; merchants pay `merchant_fee_bps` basis points of their
+/// sales (rounded down, per merchant and day).
+pub fn settlement_with_fees(
+    ledger: &Ledger,
+    day: &str,
+    merchant_fee_bps: u32,
+) -> Result<Vec<SettlementFile>, SettlementError> {
     let (start, end) = day_bounds(day).map_err(SettlementError::Day)?;
     let r = ledger.read()?;
     let mut rows: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut totals: BTreeMap<String, Totals> = BTreeMap::new();
+    // Merchants: (sales, refunds).
+    let mut merchants: BTreeMap<String, (i128, i128)> = BTreeMap::new();
     let all: Vec<Posting> = r.postings_with_prefix("")?;
     for p in all.iter().filter(|p| p.time_ms >= start && p.time_ms < end) {
         let Some((party, kind)) = classify(p) else {
             continue;
         };
+        let merchant_card = match kind {
+            Kind::Sale | Kind::Refund => merchant_card(&*r, p)?,
+            _ => Default::default(),
+        };
         let (uid, tmc) = match kind {
             Kind::Payment => ("", ""),
             Kind::Load | Kind::Debit => split_ref(&p.reference),
+            Kind::Sale | Kind::Refund => (merchant_card.0.as_str(), merchant_card.1.as_str()),
         };
         rows.entry(party.replacen(':', "-", 1))
             .or_default()
@@ -114,13 +160,14 @@ pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, Set
                 p.amount_minor,
                 p.reference
             ));
-        let t = totals.entry(party).or_default();
-        let column = match kind {
-            Kind::Load => &mut t.loads_minor,
-            Kind::Payment => &mut t.payments_minor,
-            Kind::Debit => &mut t.debits_minor,
-        };
-        *column += i128::from(p.amount_minor);
+        let amount = i128::from(p.amount_minor);
+        match kind {
+            Kind::Sale => merchants.entry(party).or_default().0 += amount,
+            Kind::Refund => merchants.entry(party).or_default().1 += amount,
+            Kind::Load => totals.entry(party).or_default().loads_minor += amount,
+            Kind::Payment => totals.entry(party).or_default().payments_minor += amount,
+            Kind::Debit => totals.entry(party).or_default().debits_minor += amount,
+        }
     }
     let mut files = Vec::new();
     for (party, lines) in rows {
@@ -147,6 +194,19 @@ pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, Set
         name: format!("summary-{day}.csv"),
         csv: summary,
     });
+    if !merchants.is_empty() {
+        let mut csv = String::from("merchant,sales_minor,refunds_minor,fee_minor,net_minor\n");
+        for (party, (sales, refunds)) in &merchants {
+            // What we owe the merchant for the day: its sales less its refunds and its fee.
+            let fee = sales * i128::from(merchant_fee_bps) / 10_000;
+            let net = sales - refunds - fee;
+            csv.push_str(&format!("{party},{sales},{refunds},{fee},{net}\n"));
+        }
+        files.push(SettlementFile {
+            name: format!("merchants-{day}.csv"),
+            csv,
+        });
+    }
     Ok(files)
 }
 

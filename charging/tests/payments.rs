@@ -776,3 +776,59 @@ fn a_refund_collection_torn_at_every_relay_position_is_credited_once() {
     assert_eq!(w.balance("refunds:pending"), 0);
     w.conserved(&cards.iter().collect::<Vec<_>>());
 }
+
+#[test]
+fn a_merchants_day_settles_its_sales_refunds_and_fee() {
+    let w = world();
+    let mut card = w.card(90, 5_000, "alice");
+    let uid = hex::encode_upper(card.state().uid);
+    let a = w.payment_id(SHOP, "s-1", 1_000);
+    let b = w.payment_id(SHOP, "s-2", 500);
+    completed(&w.pay(ALICE, &mut card, &a, "sa", None));
+    completed(&w.pay(ALICE, &mut card, &b, "sb", None));
+    let (code, refund) = w.refund(SHOP, &a, 200, "ra");
+    assert_eq!(code, 201, "{refund}");
+    let day = time::OffsetDateTime::now_utc()
+        .date()
+        .format(time::macros::format_description!("[year]-[month]-[day]"))
+        .unwrap();
+    let files =
+        charging::settlement::settlement_with_fees(w.srv.state.loads.ledger(), &day, 150).unwrap();
+    let file = |name: &str| {
+        files
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} in {:?}",
+                    files.iter().map(|f| &f.name).collect::<Vec<_>>()
+                )
+            })
+            .csv
+            .clone()
+    };
+    let shop = file(&format!("merchant-rail-shop-{day}.csv"));
+    assert_eq!(shop.lines().count(), 4, "{shop}");
+    assert!(
+        shop.contains(&format!(",sale,{uid},1,1000,payment:{a}")),
+        "{shop}"
+    );
+    assert!(
+        shop.contains(&format!(",sale,{uid},2,500,payment:{b}")),
+        "{shop}"
+    );
+    assert!(
+        shop.contains(&format!(
+            ",refund,{uid},,200,refund-made:{}",
+            refund["id"].as_str().unwrap()
+        )),
+        "{shop}"
+    );
+    // 1 500 sold, 200 refunded, 1.5 % fee (22.5, rounded down): 1 278 owed to the merchant.
+    let merchants = file(&format!("merchants-{day}.csv"));
+    assert!(
+        merchants.contains("merchant:rail-shop,1500,200,22,1278"),
+        "{merchants}"
+    );
+    w.conserved(&[&card]);
+}
