@@ -21,6 +21,7 @@ use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
+use tapgate_testkit::charging::relay_in_process;
 use tapgate_testkit::fixtures::{assert_boundary, value_tx};
 use tapgate_testkit::http;
 
@@ -70,27 +71,10 @@ impl World {
         )
     }
 
-    fn relay(&mut self, card: &mut Card, mut reply: Reply) -> Reply {
-        let mut rng = StdRng::seed_from_u64(9);
-        loop {
-            let Reply::Command {
-                session_id,
-                seq,
-                commands,
-            } = &reply
-            else {
-                return reply;
-            };
-            let answers: Vec<Vec<u8>> = commands
-                .iter()
-                .map(|c| card.process(&hex::decode(c).unwrap(), &mut rng).unwrap())
-                .collect();
-            self.now += 5;
-            reply = self
-                .svc
-                .respond("alice", session_id, *seq, &answers, self.now)
-                .unwrap();
-        }
+    fn relay(&mut self, card: &mut Card, reply: Reply) -> Reply {
+        relay_in_process(&self.svc, "alice", card, reply, &mut self.now, 5, None)
+            .expect("a relay step")
+            .0
     }
 
     fn load(&mut self, card: &mut Card, amount: i32, key: &str) -> u32 {

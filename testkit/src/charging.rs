@@ -140,3 +140,56 @@ pub fn register_instrument(base: &str, token: &str, source: &str, instrument: &s
         "registering {source}:{instrument}: {code} {body}"
     );
 }
+
+/// Where an in-process relay takes the card away (a tear, a client that vanishes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tear {
+    /// The command (counted from 1 over the whole relay) at which the card leaves.
+    pub at: usize,
+    /// Whether that command reached the card before it left.
+    pub delivered: bool,
+}
+
+/// Relays the load service's commands to `card` as `caller` until a final reply (the
+/// in-process twin of the HTTP relay): each step's answers posted `step_ms` after the last
+/// (`now_ms` advances). With `tear`, the card leaves the field at that command and the reply
+/// then outstanding comes back unanswered. Returns the last reply and how many commands the
+/// card answered; the service's refusals are returned as errors.
+pub fn relay_in_process(
+    svc: &charging::load::LoadService,
+    caller: &str,
+    card: &mut purse::card::Card,
+    mut reply: charging::load::Reply,
+    now_ms: &mut u64,
+    step_ms: u64,
+    tear: Option<Tear>,
+) -> Result<(charging::load::Reply, usize), charging::load::LoadError> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut n = 0;
+    loop {
+        let charging::load::Reply::Command {
+            session_id,
+            seq,
+            commands,
+        } = &reply
+        else {
+            return Ok((reply, n));
+        };
+        let mut answers = Vec::with_capacity(commands.len());
+        for c in commands {
+            let apdu = hex::decode(c).expect("a hex command");
+            if let Some(t) = tear.filter(|t| t.at == n + 1) {
+                if t.delivered {
+                    let _ = card.process(&apdu, &mut rng);
+                }
+                card.remove_from_field();
+                return Ok((reply, n));
+            }
+            answers.push(card.process(&apdu, &mut rng).expect("the card answers"));
+            n += 1;
+        }
+        *now_ms += step_ms;
+        reply = svc.respond(caller, session_id, *seq, &answers, *now_ms)?;
+    }
+}
