@@ -14,12 +14,12 @@ use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tapgate_http::auth::Role;
 use tapgate_testkit::fixtures::{token, transit_card};
+use tapgate_testkit::mqtt::ConfirmedDevice;
 use tapgate_testkit::wait_until_async as wait_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,33 +108,8 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
     opts.set_credentials("1001", "dev-secret")
         .set_clean_session(false);
-    let (client, mut events) = AsyncClient::new(opts, 100);
-    client
-        .subscribe("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let c2 = confirmed.clone();
-    let subscribed = Arc::new(tokio::sync::Notify::new());
-    let s2 = subscribed.clone();
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                    for s in v["seqs"].as_array().unwrap() {
-                        c2.lock().unwrap().insert(s.as_u64().unwrap());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
-        .await
-        .expect("subscribed");
+    let device = ConfirmedDevice::connect(opts, 100, "tapgate/v1/metro/devices/1001/confirm").await;
+    let client = &device.client;
     for r in &records {
         client
             .publish(
@@ -169,7 +144,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         .unwrap();
 
     wait_for("all 20 confirmations", Duration::from_secs(20), || {
-        confirmed.lock().unwrap().len() == 20
+        device.count() == 20
     })
     .await;
     let ledger = state.loads.ledger().clone();

@@ -8,12 +8,12 @@ use purse::keys::{KeySet, Role};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tapgate_testkit::fixtures::signed_tap;
 use tapgate_testkit::free_port;
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
+use tapgate_testkit::mqtt::ConfirmedDevice;
 use tapgate_testkit::wait_until_async;
 
 /// Mosquitto with the shipped ACL, the gateway's and two devices' passwords.
@@ -56,32 +56,8 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
 
     let mut opts = MqttOptions::new("device-1001", "127.0.0.1", port);
     opts.set_credentials("1001", "d1-secret");
-    let (client, mut events) = AsyncClient::new(opts, 100);
-    client
-        .subscribe("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let subscribed = Arc::new(tokio::sync::Notify::new());
-    let (c2, s2) = (confirmed.clone(), subscribed.clone());
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                    for s in v["seqs"].as_array().unwrap() {
-                        c2.lock().unwrap().insert(s.as_u64().unwrap());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
-        .await
-        .expect("subscribed");
+    let device = ConfirmedDevice::connect(opts, 100, "tapgate/v1/metro/devices/1001/confirm").await;
+    let client = &device.client;
     let start = Instant::now();
     while !stats.subscribed.load(std::sync::atomic::Ordering::Acquire) {
         assert!(
@@ -112,7 +88,7 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
             .unwrap();
     }
     let start = Instant::now();
-    while confirmed.lock().unwrap().len() < 5 {
+    while device.count() < 5 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "timed out waiting for confirmations"

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_testkit::fixtures::signed_tap;
+use tapgate_testkit::mqtt::ConfirmedDevice;
 use tapgate_testkit::{free_port, wait_for_port_async, wait_until_async as wait_for};
 
 fn test_tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
@@ -97,32 +98,9 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
     .await;
     let mut opts = MqttOptions::new("dev-1001", "127.0.0.1", mqtt_port);
     opts.set_credentials("1001", "dev-secret").set_inflight(500);
-    let (client, mut events) = AsyncClient::new(opts, 5_000);
-    let confirmed = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let (c2, subscribed) = (confirmed.clone(), Arc::new(tokio::sync::Notify::new()));
-    let s2 = subscribed.clone();
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => s2.notify_one(),
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                    for s in v["seqs"].as_array().unwrap() {
-                        c2.lock().unwrap().insert(s.as_u64().unwrap());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    client
-        .subscribe("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
-        .await
-        .unwrap();
+    let device =
+        ConfirmedDevice::connect(opts, 5_000, "tapgate/v1/metro/devices/1001/confirm").await;
+    let client = &device.client;
     const N: u64 = 3_000;
     for seq in 1..=N {
         client
@@ -147,16 +125,12 @@ async fn the_in_process_link_takes_every_tap_once_and_confirms_it() {
             .unwrap();
     }
     wait_for("every tap confirmed", Duration::from_secs(60), || {
-        confirmed.lock().unwrap().len() as u64 == N
-            && stats.quarantined.load(Ordering::Relaxed) == 1
+        device.count() as u64 == N && stats.quarantined.load(Ordering::Relaxed) == 1
     })
     .await;
     assert_eq!(stats.stored.load(Ordering::Relaxed), N);
     assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0);
-    assert_eq!(
-        *confirmed.lock().unwrap(),
-        (1..=N).collect::<BTreeSet<u64>>()
-    );
+    assert_eq!(device.confirmed(), (1..=N).collect::<BTreeSet<u64>>());
     let dev = store.device(1001).unwrap().unwrap();
     assert_eq!((dev.highest_seq, dev.taps), (N, N));
     assert!(dev.gaps.is_empty(), "{:?}", dev.gaps);

@@ -9,6 +9,7 @@
 //! - [`fixtures`]: bearer tokens, personalised cards, value transactions, signed taps;
 //! - `http` (feature `http`): the JSON calls with a bearer token the tests make;
 //! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
+//! - `mqtt` (feature `mqtt`, with `gateway`): a device's session collecting confirmations;
 //! - `softhsm` (feature `softhsm`): SoftHSM2 tokens in temporary directories;
 //! - `charging` (feature `charging`): the charging server in process, with either HSM.
 //!
@@ -30,6 +31,8 @@ pub mod broker;
 pub mod charging;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "softhsm")]
 pub mod softhsm;
 
