@@ -30,6 +30,34 @@ fn tap(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
     signed_tap(keys, "metro", device, seq)
 }
 
+/// Device 1001's taps `seqs`, published on its own topic at QoS 1.
+async fn publish_taps(client: &AsyncClient, keys: &KeySet, seqs: std::ops::RangeInclusive<u64>) {
+    for seq in seqs {
+        client
+            .publish(
+                "tapgate/v1/metro/taps/1001",
+                QoS::AtLeastOnce,
+                false,
+                tap(keys, 1001, seq),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The gateway with `cfg` on this runtime until the test ends: its statistics.
+fn spawn_gateway(cfg: GatewayConfig, store: &Store, keys: &KeySet) -> Arc<GatewayStats> {
+    let stats = Arc::new(GatewayStats::default());
+    tokio::spawn(run(
+        cfg,
+        store.clone(),
+        keys.clone(),
+        stats.clone(),
+        std::future::pending(),
+    ));
+    stats
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,33 +67,24 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
         .for_role(Role::Gateway, 0)
         .unwrap();
     let store = Store::open(&dir.path().join("gw"), 32 << 20).unwrap();
-    let stats = Arc::new(GatewayStats::default());
     let cfg = GatewayConfig {
         broker: ("127.0.0.1".into(), port),
         mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
         operator: "metro".into(),
         ..GatewayConfig::default()
     };
-    tokio::spawn(run(
-        cfg,
-        store.clone(),
-        keys.clone(),
-        stats.clone(),
-        std::future::pending(),
-    ));
+    let stats = spawn_gateway(cfg, &store, &keys);
 
     let mut opts = MqttOptions::new("device-1001", "127.0.0.1", port);
     opts.set_credentials("1001", "d1-secret");
     let device = ConfirmedDevice::connect(opts, 100, "tapgate/v1/metro/devices/1001/confirm").await;
     let client = &device.client;
-    let start = Instant::now();
-    while !stats.subscribed.load(std::sync::atomic::Ordering::Acquire) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the gateway did not subscribe"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_async(
+        "the gateway's subscription",
+        Duration::from_secs(10),
+        || stats.subscribed.load(std::sync::atomic::Ordering::Acquire),
+    )
+    .await;
     // Device 1001 tries another device's topic first: the broker drops it.
     client
         .publish(
@@ -76,17 +95,7 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
         )
         .await
         .unwrap();
-    for seq in 1..=5 {
-        client
-            .publish(
-                "tapgate/v1/metro/taps/1001",
-                QoS::AtLeastOnce,
-                false,
-                tap(&keys, 1001, seq),
-            )
-            .await
-            .unwrap();
-    }
+    publish_taps(client, &keys, 1..=5).await;
     let start = Instant::now();
     while device.count() < 5 {
         assert!(
@@ -135,7 +144,6 @@ async fn a_shared_subscription_splits_taps_between_gateways() {
     let mut gws = Vec::new();
     for id in ["gw-a", "gw-b"] {
         let store = Store::open(&dir.path().join(id), 32 << 20).unwrap();
-        let stats = Arc::new(GatewayStats::default());
         let cfg = GatewayConfig {
             gateway_id: id.into(),
             broker: ("127.0.0.1".into(), port),
@@ -144,14 +152,7 @@ async fn a_shared_subscription_splits_taps_between_gateways() {
             operator: "metro".into(),
             ..GatewayConfig::default()
         };
-        tokio::spawn(run(
-            cfg,
-            store.clone(),
-            keys.clone(),
-            stats.clone(),
-            std::future::pending(),
-        ));
-        gws.push(stats);
+        gws.push(spawn_gateway(cfg, &store, &keys));
     }
     let start = Instant::now();
     while !gws
@@ -174,17 +175,7 @@ async fn a_shared_subscription_splits_taps_between_gateways() {
             }
         }
     });
-    for seq in 1..=40 {
-        client
-            .publish(
-                "tapgate/v1/metro/taps/1001",
-                QoS::AtLeastOnce,
-                false,
-                tap(&keys, 1001, seq),
-            )
-            .await
-            .unwrap();
-    }
+    publish_taps(&client, &keys, 1..=40).await;
     let stored = || -> Vec<u64> {
         gws.iter()
             .map(|s| s.stored.load(std::sync::atomic::Ordering::Relaxed))
@@ -271,17 +262,7 @@ async fn a_backlog_larger_than_the_queues_is_taken_whole() {
     });
     // Under Mosquitto's default max_queued_messages (1,000) for a client that is away.
     const N: u64 = 900;
-    for seq in 1..=N {
-        client
-            .publish(
-                "tapgate/v1/metro/taps/1001",
-                QoS::AtLeastOnce,
-                false,
-                tap(&keys, 1001, seq),
-            )
-            .await
-            .unwrap();
-    }
+    publish_taps(&client, &keys, 1..=N).await;
     // Every tap in the broker (acknowledged to the device) before the gateway comes back.
     wait_until_async(
         "the broker to take the backlog",
@@ -289,14 +270,7 @@ async fn a_backlog_larger_than_the_queues_is_taken_whole() {
         || broker_took.load(std::sync::atomic::Ordering::Relaxed) >= N,
     )
     .await;
-    let stats = Arc::new(GatewayStats::default());
-    tokio::spawn(run(
-        cfg,
-        store.clone(),
-        keys.clone(),
-        stats.clone(),
-        std::future::pending(),
-    ));
+    let stats = spawn_gateway(cfg, &store, &keys);
     let start = Instant::now();
     while stats.stored.load(std::sync::atomic::Ordering::Relaxed) < N {
         assert!(
