@@ -29,6 +29,7 @@ const OTHER: &str = "tg_other_pay";
 struct World {
     srv: common::Running,
     hsm: SoftwareHsm,
+    keys: KeySet,
 }
 
 fn world() -> World {
@@ -47,6 +48,7 @@ fn world() -> World {
     World {
         srv,
         hsm: SoftwareHsm::new(&keys).unwrap(),
+        keys,
     }
 }
 
@@ -313,9 +315,13 @@ fn step(client: &Client, reader: &mut dyn Transport, reply: &Reply) -> Reply {
     client.step(session_id, *seq, &answers).unwrap()
 }
 
-fn has_debit(reply: &Reply) -> bool {
+fn has_ins(reply: &Reply, ins: u8) -> bool {
     matches!(reply, Reply::Command { commands, .. }
-        if commands.iter().any(|c| hex::decode(c).unwrap().get(1) == Some(&purse::apdu::ins::DEBIT)))
+        if commands.iter().any(|c| hex::decode(c).unwrap().get(1) == Some(&ins)))
+}
+
+fn has_debit(reply: &Reply) -> bool {
+    has_ins(reply, purse::apdu::ins::DEBIT)
 }
 
 #[test]
@@ -830,5 +836,98 @@ fn a_merchants_day_settles_its_sales_refunds_and_fee() {
         merchants.contains("merchant:rail-shop,1500,200,22,1278"),
         "{merchants}"
     );
+    w.conserved(&[&card]);
+}
+
+/// A validator's fare debit of `card` (device 1001), as clearing receives it.
+fn fare_at_a_validator(w: &World, card: &mut Card, amount: i32, seq: u64) {
+    let mut sam = purse::sam::SoftwareSam::validator(&w.keys, 1001).unwrap();
+    let r = tapgate_testkit::fixtures::value_tx(
+        &mut sam,
+        card,
+        purse::keys::KeyKind::Debit,
+        purse::apdu::ins::DEBIT,
+        amount,
+    )
+    .unwrap();
+    let tap: charging::clearing::ClearingTap = serde_json::from_value(json!({
+        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
+        "kind": "debit", "amount_minor": r.amount_minor(),
+        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
+        "key_version": r.key_version(), "operator": "metro",
+    }))
+    .unwrap();
+    let loads = &w.srv.state.loads;
+    let batch = charging::clearing::ClearingBatch {
+        batch_id: format!("b{seq}"),
+        taps: vec![tap],
+    };
+    let out = charging::clearing::clear_batch(loads.ledger(), loads.hsm(), batch, 0).unwrap();
+    assert!(out.anomalies.is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_payment_and_a_refund_racing_a_tap_at_a_validator_are_settled_by_clearing() {
+    let w = world();
+    let mut card = w.card(95, 5_000, "alice");
+    let alice = w.client(ALICE);
+    let id = w.payment_id(SHOP, "race-tap", 1_000);
+
+    // The payment's intent is durable and its Debit on the way, but the card leaves for a
+    // validator, which debits a fare at the counter the payment would have used.
+    let uid = card.state().uid;
+    let mut reply = alice.start_payment(&uid, &id, "rt1").unwrap();
+    {
+        let mut reader = EmulatedReader {
+            card: &mut card,
+            rng: StdRng::seed_from_u64(14),
+        };
+        while !has_debit(&reply) {
+            reply = step(&alice, &mut reader, &reply);
+        }
+    }
+    card.remove_from_field();
+    let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(p["state"], "pending", "{p}");
+    fare_at_a_validator(&w, &mut card, 150, 1);
+    // Clearing saw the counter used by the fare: the payment is open again, the merchant
+    // unpaid; paying it now completes it once.
+    let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(p["state"], "open", "{p}");
+    assert_eq!(w.balance("merchant:rail-shop"), 0);
+    completed(&w.pay(ALICE, &mut card, &id, "rt2", None));
+    assert_eq!(card.state().balance_minor, 5_000 - 150 - 1_000);
+
+    // A refund's collection races a tap the same way: pending again, then collected once.
+    let (_, refund) = w.refund(SHOP, &id, 400, "rt-r");
+    let refund = refund["id"].as_str().unwrap().to_string();
+    let body = json!({"card_uid": hex::encode_upper(uid)});
+    let (code, first) = post_with_key(
+        &w.url(&format!("/v1/refunds/{refund}/collect")),
+        ALICE,
+        "rt3",
+        body,
+    );
+    assert_eq!(code, 200, "{first}");
+    let mut reply: Reply = serde_json::from_value(first).unwrap();
+    {
+        let mut reader = EmulatedReader {
+            card: &mut card,
+            rng: StdRng::seed_from_u64(15),
+        };
+        while !has_ins(&reply, purse::apdu::ins::CREDIT) {
+            reply = step(&alice, &mut reader, &reply);
+        }
+    }
+    card.remove_from_field();
+    let (_, r) = get(&w.url(&format!("/v1/merchant/refunds/{refund}")), SHOP);
+    assert_eq!(r["state"], "collecting", "{r}");
+    fare_at_a_validator(&w, &mut card, 150, 2);
+    let (_, r) = get(&w.url(&format!("/v1/merchant/refunds/{refund}")), SHOP);
+    assert_eq!(r["state"], "pending", "{r}");
+    completed(&w.collect(&mut card, &refund, "rt4", None));
+    assert_eq!(card.state().balance_minor, 5_000 - 150 - 1_000 - 150 + 400);
+    assert_eq!(w.balance("operator:metro"), 300);
+    assert_eq!(w.balance("refunds:pending"), 0);
     w.conserved(&[&card]);
 }

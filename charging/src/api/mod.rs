@@ -272,6 +272,10 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
             "tapgate_charging_loads_settled_voided_total",
             stats.settled_voided,
         ),
+        (
+            "tapgate_charging_payments_completed_total",
+            stats.payments_completed,
+        ),
     ] {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
