@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tapgate_http::auth::Role;
 use tapgate_testkit::fixtures::{token, transit_card};
-use tapgate_testkit::mqtt::ConfirmedDevice;
+use tapgate_testkit::mqtt::{self, ConfirmedDevice};
 use tapgate_testkit::wait_until_async as wait_for;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,19 +371,8 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     // The broker refuses a wrong password.
     let mut bad = MqttOptions::new("intruder", "127.0.0.1", mqtt_port);
     bad.set_credentials("1001", "guess");
-    let (_c, mut ev) = AsyncClient::new(bad, 10);
-    let refused = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ev.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(a))) => {
-                    return a.code != rumqttc::ConnectReturnCode::Success
-                }
-                Err(_) => return true,
-                _ => {}
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
-    assert!(refused, "a wrong password must not connect");
+    assert!(
+        mqtt::refused(bad).await,
+        "a wrong password must not connect"
+    );
 }

@@ -12,19 +12,7 @@ async fn connack(mut opts: MqttOptions, tls_ca: Option<Vec<u8>>) -> Option<Conne
     if let Some(ca) = tls_ca {
         opts.set_transport(Transport::tls(ca, None, None));
     }
-    let (_c, mut ev) = AsyncClient::new(opts, 10);
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ev.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(a))) => return Some(a.code),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
+    tapgate_testkit::mqtt::connack(opts).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tapgate_testkit::fixtures::signed_tap;
 use tapgate_testkit::free_port;
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
-use tapgate_testkit::mqtt::ConfirmedDevice;
+use tapgate_testkit::mqtt::{self, ConfirmedDevice};
 use tapgate_testkit::wait_until_async;
 
 /// Mosquitto with the shipped ACL, the gateway's and two devices' passwords.
@@ -114,21 +114,7 @@ async fn mosquitto_acl_keeps_each_device_to_its_own_topic() {
     // A wrong password is refused.
     let mut bad = MqttOptions::new("intruder", "127.0.0.1", port);
     bad.set_credentials("1002", "guess");
-    let (_c, mut ev) = AsyncClient::new(bad, 10);
-    let refused = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match ev.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(a))) => {
-                    return a.code != rumqttc::ConnectReturnCode::Success
-                }
-                Err(_) => return true,
-                _ => {}
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
-    assert!(refused);
+    assert!(mqtt::refused(bad).await);
 }
 
 /// Two gateways in one shared-subscription group split the taps between them; together they

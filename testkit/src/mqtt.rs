@@ -59,3 +59,47 @@ impl ConfirmedDevice {
         self.confirmed.lock().expect("confirmed").len()
     }
 }
+
+/// What a broker answered a connection.
+enum Answer {
+    /// Its CONNACK, with this code.
+    ConnAck(rumqttc::ConnectReturnCode),
+    /// The connection failed (closed, refused, TLS) before a CONNACK.
+    Failed,
+    /// Nothing within 5 s.
+    Silent,
+}
+
+async fn answer(opts: MqttOptions) -> Answer {
+    let (_client, mut events) = AsyncClient::new(opts, 10);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => return Answer::ConnAck(a.code),
+                Ok(_) => {}
+                Err(_) => return Answer::Failed,
+            }
+        }
+    })
+    .await
+    .unwrap_or(Answer::Silent)
+}
+
+/// The broker's CONNACK code for a connection with `opts` (its transport as set there), or
+/// `None` when the connection failed first or nothing came within 5 s.
+pub async fn connack(opts: MqttOptions) -> Option<rumqttc::ConnectReturnCode> {
+    match answer(opts).await {
+        Answer::ConnAck(code) => Some(code),
+        Answer::Failed | Answer::Silent => None,
+    }
+}
+
+/// Whether the broker refused a connection with `opts`: a CONNACK that is not a success, or
+/// the connection closed. A broker that says nothing within 5 s did not refuse.
+pub async fn refused(opts: MqttOptions) -> bool {
+    match answer(opts).await {
+        Answer::ConnAck(code) => code != rumqttc::ConnectReturnCode::Success,
+        Answer::Failed => true,
+        Answer::Silent => false,
+    }
+}
