@@ -14,6 +14,7 @@ mod gateway_bench;
 mod limits;
 mod loads;
 mod mqtt;
+mod payments;
 mod purse_bench;
 mod reconcile;
 mod stats;
@@ -49,6 +50,7 @@ enum Scenario {
     Load,
     Fare,
     Loads,
+    Payments,
     Reconcile,
     Clearing,
     Gateway,
@@ -64,6 +66,7 @@ impl Scenario {
             Scenario::Load => "load",
             Scenario::Fare => "fare",
             Scenario::Loads => "loads",
+            Scenario::Payments => "payments",
             Scenario::Reconcile => "reconcile",
             Scenario::Clearing => "clearing",
             Scenario::Gateway => "gateway",
@@ -81,6 +84,7 @@ fn main() -> Result<()> {
         Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
         Scenario::Loads => loads::run(args.n)?,
+        Scenario::Payments => payments::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
         Scenario::Validator => validator_bench::run(args.n)?,

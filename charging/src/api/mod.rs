@@ -22,7 +22,7 @@ use payments::*;
 pub use cards::{BlockCard, RegisterCard};
 pub use loads::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
 pub use partner::CreditPoints;
-pub use payments::{payment_json, refund_json, CreatePayment, CreateRefund, PayPayment};
+pub use payments::{payment_json, refund_json, rfc3339, CreatePayment, CreateRefund, PayPayment};
 
 use crate::load::{LoadError, LoadRequest, LoadService, Reply};
 use axum::extract::{Path, State};

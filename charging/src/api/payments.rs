@@ -42,7 +42,9 @@ pub struct PayPayment {
     pub card_uid: String,
 }
 
-fn rfc3339(ms: u64) -> String {
+/// Unix ms as RFC 3339 UTC (`2026-12-06T15:00:00Z`), as the payments API writes and reads
+/// times; empty when out of range.
+pub fn rfc3339(ms: u64) -> String {
     i64::try_from(ms / 1000)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
