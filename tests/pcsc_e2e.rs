@@ -11,6 +11,8 @@
 //! same machine) from sharing the slot.
 #![cfg(feature = "pcsc")]
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -279,21 +281,7 @@ fn a_card_behind_vpcd_is_loaded_debited_and_torn_through_pcsc() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
 
-    must(run(dir, &["keys", "init", "--out", "keys"]));
-    let rules =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fare-rules/samples/metro-city/rules.toml");
-    must(run(
-        dir,
-        &[
-            "fare",
-            "compile",
-            rules.to_str().unwrap(),
-            "--keys",
-            "keys",
-            "--out",
-            "metro.tgft",
-        ],
-    ));
+    support::keys_and_fare_table(dir, PASS, "metro-city/rules.toml", "metro.tgft");
     must(run(
         dir,
         &[
