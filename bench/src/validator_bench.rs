@@ -31,6 +31,8 @@ use purse::txn::{Transport, TransportError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::time::Instant;
+use validator::gate::{Answer, Gate, Placement};
+use validator::journal::Journal;
 
 /// The emulated card's side, timed: what a real card does in its own chip.
 struct Timed<'a, T: Transport> {
@@ -49,8 +51,6 @@ impl<T: Transport> Transport for Timed<'_, T> {
         r
     }
 }
-use validator::gate::{Answer, Gate, Placement};
-use validator::journal::Journal;
 
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(10_000);
@@ -58,34 +58,9 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let keys = KeySet::generate(&mut rng);
     let hsm = SoftwareHsm::new(&keys)?;
     let signer = SigningKey::from_bytes(&[11; 32]);
-    let pk = signer.verifying_key().to_bytes();
-
-    let table = fare_rules::source::compile("city.toml", &city_source(CitySize::CITY))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let signed_table = fare_rules::signed::encode(&table, |m| signer.sign(m).to_bytes())?;
-    let engine = fare_rules::signed::verify(&signed_table, &pk)?;
-    drop(table);
-
-    // 1,000,000 blocked cards (none of them ours).
+    let engine = city_engine(&signer)?;
     let rss_before_kib = status_kib("VmRSS:");
-    let entries: Vec<([u8; 7], bool)> = (0..1_000_000u32)
-        .map(|i| {
-            let b = i.to_be_bytes();
-            ([0x04, 0xB1, 0x0C, b[0], b[1], b[2], b[3]], true)
-        })
-        .collect();
-    let snapshot = ListUpdate {
-        kind: ListKind::Snapshot,
-        operator: "metro".into(),
-        from_version: 0,
-        to_version: 1,
-        entries,
-    }
-    .sign_with(|m| signer.sign(m).to_bytes());
-    let mut blocklist = Blocklist::new("metro");
-    blocklist.apply(&snapshot, &pk)?;
-    drop(snapshot);
-
+    let blocklist = million_blocked(&signer)?;
     let dir = tempfile::tempdir()?;
     let journal = Journal::open(dir.path(), n + 10, 1 << 30)?;
     let mut gate = Gate {
@@ -104,7 +79,6 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         rng: StdRng::seed_from_u64(4),
     };
     let rss_kib = status_kib("VmRSS:");
-
     let mut cards = Vec::with_capacity(n as usize);
     for i in 0..n {
         let b = (i as u32).to_be_bytes();
@@ -114,8 +88,66 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             hsm.card_keys(&uid, 1)?,
         ));
     }
-    // The limit: the journal's two durable commits per tap alone, on the same disk, in
-    // alternation with the taps.
+    let d = drive(&mut gate, &journal, &mut cards)?;
+    anyhow::ensure!(
+        d.accepted == n,
+        "every tap should be accepted ({} of {n})",
+        d.accepted
+    );
+    Ok(report(n, &d, rss_kib, rss_before_kib))
+}
+
+/// The synthetic city's fare table, compiled, signed by `signer` and verified as a
+/// validator loads it.
+fn city_engine(signer: &SigningKey) -> anyhow::Result<fare_rules::engine::Engine> {
+    let table = fare_rules::source::compile("city.toml", &city_source(CitySize::CITY))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let signed_table = fare_rules::signed::encode(&table, |m| signer.sign(m).to_bytes())?;
+    Ok(fare_rules::signed::verify(
+        &signed_table,
+        &signer.verifying_key().to_bytes(),
+    )?)
+}
+
+/// A blocklist of 1,000,000 blocked cards (none of them the bench's), signed by `signer`.
+fn million_blocked(signer: &SigningKey) -> anyhow::Result<Blocklist> {
+    let entries: Vec<([u8; 7], bool)> = (0..1_000_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            ([0x04, 0xB1, 0x0C, b[0], b[1], b[2], b[3]], true)
+        })
+        .collect();
+    let snapshot = ListUpdate {
+        kind: ListKind::Snapshot,
+        operator: "metro".into(),
+        from_version: 0,
+        to_version: 1,
+        entries,
+    }
+    .sign_with(|m| signer.sign(m).to_bytes());
+    let mut blocklist = Blocklist::new("metro");
+    blocklist.apply(&snapshot, &signer.verifying_key().to_bytes())?;
+    Ok(blocklist)
+}
+
+/// What the taps and the raw commits beside them measured.
+struct Driven {
+    /// Each tap's latency and each raw commit pair's, sorted (µs).
+    lat: Vec<u64>,
+    raw: Vec<u64>,
+    /// The taps' wall time and CPU (user, system), the raw commits' taken out (s).
+    wall: f64,
+    user: f64,
+    sys: f64,
+    /// Time inside the emulated cards (ns).
+    card_ns: u64,
+    accepted: u64,
+}
+
+/// Each card presented once at the gate, in alternation with the limit: the journal's two
+/// durable commits per tap alone, on the same disk (100 raw, 100 taps, …).
+fn drive(gate: &mut Gate, journal: &Journal, cards: &mut [Card]) -> anyhow::Result<Driven> {
+    let n = cards.len() as u64;
     let mut raw_journal = crate::limits::RawJournal::open()?;
     let mut raw = Vec::with_capacity(n as usize);
     // The raw commits' wall and CPU time, taken out of the taps' figures.
@@ -140,19 +172,15 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             raw_sys += c1.1 - c.1;
         }
         let t = Instant::now();
+        let mut reader = Timed {
+            inner: EmulatedReader {
+                card,
+                rng: &mut card_rng,
+            },
+            card_ns: &mut card_ns,
+        };
         let out = gate
-            .tap(
-                &mut Timed {
-                    inner: EmulatedReader {
-                        card,
-                        rng: &mut card_rng,
-                    },
-                    card_ns: &mut card_ns,
-                },
-                &journal,
-                now_ms + i,
-                &mut |_| {},
-            )
+            .tap(&mut reader, journal, now_ms + i, &mut |_| {})
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         lat.push(t.elapsed().as_micros() as u64);
         if matches!(out.answer, Answer::Accepted { .. }) {
@@ -161,34 +189,43 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     }
     let wall = t0.elapsed().as_secs_f64() - raw_s;
     let cpu1 = cpu_user_sys_s();
-    let (user, sys) = (cpu1.0 - cpu0.0 - raw_user, cpu1.1 - cpu0.1 - raw_sys);
-    anyhow::ensure!(
-        accepted == n,
-        "every tap should be accepted ({accepted} of {n})"
-    );
     lat.sort_unstable();
     raw.sort_unstable();
-    let ratio = |q: f64| crate::limits::ratio(quantile(&lat, q) as f64, quantile(&raw, q) as f64);
-    Ok(vec![
+    Ok(Driven {
+        lat,
+        raw,
+        wall,
+        user: cpu1.0 - cpu0.0 - raw_user,
+        sys: cpu1.1 - cpu0.1 - raw_sys,
+        card_ns,
+        accepted,
+    })
+}
+
+/// The figures, in print order (names are a contract: docs/benchmarks.md).
+fn report(n: u64, d: &Driven, rss_kib: u64, rss_before_kib: u64) -> Figures {
+    let (lat, raw) = (&d.lat, &d.raw);
+    let ratio = |q: f64| crate::limits::ratio(quantile(lat, q) as f64, quantile(raw, q) as f64);
+    vec![
         ("taps", n.into()),
-        ("p50_us", quantile(&lat, 0.5).into()),
-        ("p99_us", quantile(&lat, 0.99).into()),
-        ("raw_commit_p50_us", quantile(&raw, 0.5).into()),
-        ("raw_commit_p99_us", quantile(&raw, 0.99).into()),
+        ("p50_us", quantile(lat, 0.5).into()),
+        ("p99_us", quantile(lat, 0.99).into()),
+        ("raw_commit_p50_us", quantile(raw, 0.5).into()),
+        ("raw_commit_p99_us", quantile(raw, 0.99).into()),
         ("p50_ratio", ratio(0.5)),
         ("p99_ratio", ratio(0.99)),
-        ("taps_per_s", ((n as f64 / wall).round() as u64).into()),
+        ("taps_per_s", ((n as f64 / d.wall).round() as u64).into()),
         (
             "cpu_us_per_tap",
-            (((user + sys) * 1e6 / n as f64).round() as u64).into(),
+            (((d.user + d.sys) * 1e6 / n as f64).round() as u64).into(),
         ),
         (
             "user_cpu_us_per_tap",
-            ((user * 1e6 / n as f64).round() as u64).into(),
+            ((d.user * 1e6 / n as f64).round() as u64).into(),
         ),
         (
             "card_side_us_per_tap",
-            ((card_ns as f64 / 1e3 / n as f64).round() as u64).into(),
+            ((d.card_ns as f64 / 1e3 / n as f64).round() as u64).into(),
         ),
         ("rss_mib", (rss_kib / 1024).into()),
         (
@@ -196,5 +233,5 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             (rss_kib.saturating_sub(rss_before_kib) / 1024).into(),
         ),
         ("blocklist_entries", 1_000_000u64.into()),
-    ])
+    ]
 }
