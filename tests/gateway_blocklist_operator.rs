@@ -3,7 +3,7 @@
 //! of them, says so (a log line and `tapgate_gateway_blocklists_refused_total`) and keeps its
 //! version where it was. (In the root tests: it runs the real charging server.)
 
-use gateway::daemon::{run, GatewayConfig, GatewayStats};
+use gateway::daemon::GatewayConfig;
 use gateway::store::Store;
 use purse::keys::{KeySet, Role as KeyRole};
 use rand::rngs::StdRng;
@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_http::auth::Role;
+use tapgate_testkit::broker::spawn_gateway;
 use tapgate_testkit::fixtures::token;
 use tapgate_testkit::wait_until_async;
 
@@ -63,8 +64,7 @@ async fn another_operators_blocklist_is_not_relayed() {
     tokio::time::timeout(Duration::from_secs(10), listening.notified())
         .await
         .expect("the listener subscribed");
-    let stats = Arc::new(GatewayStats::default());
-    tokio::spawn(run(
+    let stats = spawn_gateway(
         GatewayConfig {
             broker: ("127.0.0.1".into(), mqtt_port),
             mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
@@ -72,11 +72,9 @@ async fn another_operators_blocklist_is_not_relayed() {
             operator: "metro".into(),
             ..GatewayConfig::default()
         },
-        Store::open(&dir.path().join("gateway"), 64 << 20).unwrap(),
-        keys.for_role(KeyRole::Gateway, 0).unwrap(),
-        stats.clone(),
-        std::future::pending(),
-    ));
+        &Store::open(&dir.path().join("gateway"), 64 << 20).unwrap(),
+        &keys.for_role(KeyRole::Gateway, 0).unwrap(),
+    );
     // The positive signal: the gateway fetched version 1, checked it and refused it.
     wait_until_async(
         "the gateway to refuse the other operator's list",

@@ -5,7 +5,7 @@
 //! signed delta; a client with a wrong password is refused by the broker. (In the root tests:
 //! the gateway crate does not depend on the charging server, even for tests.)
 
-use gateway::daemon::{run, GatewayConfig, GatewayStats};
+use gateway::daemon::GatewayConfig;
 use gateway::store::Store;
 use purse::keys::{KeySet, Role as KeyRole};
 use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tapgate_http::auth::Role;
+use tapgate_testkit::broker::subscribed_gateway;
 use tapgate_testkit::fixtures::{token, transit_card};
 use tapgate_testkit::mqtt::{self, ConfirmedDevice};
 use tapgate_testkit::wait_until_async as wait_for;
@@ -50,7 +51,6 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
 
     // The gateway.
     let store = Store::open(&dir.path().join("gateway"), 64 << 20).unwrap();
-    let stats = Arc::new(GatewayStats::default());
     let gw_cfg = GatewayConfig {
         broker: ("127.0.0.1".into(), mqtt_port),
         mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
@@ -59,20 +59,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         ..GatewayConfig::default()
     };
     let gw_keys = keys.for_role(KeyRole::Gateway, 0).unwrap();
-    tokio::spawn(run(
-        gw_cfg,
-        store.clone(),
-        gw_keys,
-        stats.clone(),
-        std::future::pending(),
-    ));
-
-    wait_for(
-        "the gateway's subscription",
-        Duration::from_secs(10),
-        || stats.subscribed.load(Ordering::Acquire),
-    )
-    .await;
+    let stats = subscribed_gateway(gw_cfg, &store, &gw_keys).await;
 
     // A validator: real debits, signed tap records, published at QoS 1.
     let hsm = SoftwareHsm::new(&keys).unwrap();

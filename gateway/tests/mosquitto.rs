@@ -10,6 +10,7 @@ use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tapgate_testkit::broker::spawn_gateway;
 use tapgate_testkit::fixtures::signed_tap;
 use tapgate_testkit::free_port;
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
@@ -43,19 +44,6 @@ async fn publish_taps(client: &AsyncClient, keys: &KeySet, seqs: std::ops::Range
             .await
             .unwrap();
     }
-}
-
-/// The gateway with `cfg` on this runtime until the test ends: its statistics.
-fn spawn_gateway(cfg: GatewayConfig, store: &Store, keys: &KeySet) -> Arc<GatewayStats> {
-    let stats = Arc::new(GatewayStats::default());
-    tokio::spawn(run(
-        cfg,
-        store.clone(),
-        keys.clone(),
-        stats.clone(),
-        std::future::pending(),
-    ));
-    stats
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
