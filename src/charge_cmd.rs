@@ -120,12 +120,7 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             a.amount
         )));
     }
-    let key = a.idempotency_key.clone().unwrap_or_else(|| {
-        use rand::RngCore;
-        let mut b = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        hex::encode(b)
-    });
+    let key = idempotency_key(a.idempotency_key.clone());
     // Which card, checked before anything goes to the server.
     let target = card_target(&a.card)?;
     let client = Client::new(&a.server, &a.token);
@@ -147,6 +142,23 @@ pub fn run(a: ChargeArgs) -> Result<()> {
     };
     let r = relay_with_card(&a.card, target, |card| client.load(card, &ask))
         .with_context(retry_hint)?;
+    print_outcome("load", "", &r, &key)
+}
+
+/// The given idempotency key, or a new random one.
+pub(crate) fn idempotency_key(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        use rand::RngCore;
+        let mut b = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        hex::encode(b)
+    })
+}
+
+/// Prints how a relayed `what` (`load`, `payment`) ended — `<what> completed: <label>amount_minor=…
+/// balance_minor=… tmc=… round_trips=…`, `<what> refused: reason=… detail=…` (an error),
+/// `<what> pending: … (retry with --idempotency-key KEY)`.
+pub(crate) fn print_outcome(what: &str, label: &str, r: &Relayed, key: &str) -> Result<()> {
     match r.reply() {
         Some(Reply::Completed {
             amount_minor,
@@ -154,18 +166,18 @@ pub fn run(a: ChargeArgs) -> Result<()> {
             tmc,
             ..
         }) => println!(
-            "load completed: amount_minor={amount_minor} balance_minor={balance_minor} tmc={tmc} round_trips={}",
+            "{what} completed: {label}amount_minor={amount_minor} balance_minor={balance_minor} tmc={tmc} round_trips={}",
             r.round_trips
         ),
         Some(Reply::Refused { reason, detail, .. }) => {
-            println!("load refused: reason={reason} detail={detail}");
-            anyhow::bail!("load refused");
+            println!("{what} refused: reason={reason} detail={detail}");
+            anyhow::bail!("{what} refused");
         }
         Some(Reply::Pending { detail, .. }) => {
-            println!("load pending: {detail} (retry with --idempotency-key {key})");
+            println!("{what} pending: {detail} (retry with --idempotency-key {key})");
         }
         Some(Reply::Command { .. }) | None => {
-            println!("load pending:  (retry with --idempotency-key {key})");
+            println!("{what} pending:  (retry with --idempotency-key {key})");
         }
     }
     Ok(())

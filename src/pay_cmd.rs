@@ -3,11 +3,10 @@
 //! `--card`/`--keys`) and relays the card dialogue to the charging server; it holds no key and
 //! cannot change the amount or the merchant.
 
-use crate::charge_cmd::{card_target, relay_with_card, CardFlags};
+use crate::charge_cmd::{card_target, idempotency_key, print_outcome, relay_with_card, CardFlags};
 use crate::cli_util::input_err;
 use anyhow::{Context, Result};
 use charging::client::Client;
-use charging::load::Reply;
 use clap::Args;
 
 /// `tapgate pay`.
@@ -38,12 +37,7 @@ pub fn run(a: PayArgs) -> Result<()> {
             a.payment
         )));
     }
-    let key = a.idempotency_key.clone().unwrap_or_else(|| {
-        use rand::RngCore;
-        let mut b = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        hex::encode(b)
-    });
+    let key = idempotency_key(a.idempotency_key.clone());
     let target = card_target(&a.card)?;
     let client = Client::new(&a.server, &a.token);
     let asked = client
@@ -63,26 +57,5 @@ pub fn run(a: PayArgs) -> Result<()> {
         client.pay(card, &a.payment, &key, None)
     })
     .with_context(retry_hint)?;
-    match r.reply() {
-        Some(Reply::Completed {
-            amount_minor,
-            balance_minor,
-            tmc,
-            ..
-        }) => println!(
-            "payment completed: payment={} amount_minor={amount_minor} balance_minor={balance_minor} tmc={tmc} round_trips={}",
-            a.payment, r.round_trips
-        ),
-        Some(Reply::Refused { reason, detail, .. }) => {
-            println!("payment refused: reason={reason} detail={detail}");
-            anyhow::bail!("payment refused");
-        }
-        Some(Reply::Pending { detail, .. }) => {
-            println!("payment pending: {detail} (retry with --idempotency-key {key})");
-        }
-        Some(Reply::Command { .. }) | None => {
-            println!("payment pending: (retry with --idempotency-key {key})");
-        }
-    }
-    Ok(())
+    print_outcome("payment", &format!("payment={} ", a.payment), &r, &key)
 }

@@ -162,12 +162,28 @@ pub(super) async fn collect_refund(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
+    start_relay(st, headers, body, move |loads, caller, uid, key, now| {
+        loads.start_refund(caller, &id, uid, key, now)
+    })
+    .await
+}
+
+/// A cardholder's relay on its own (or an anonymous) card: the checks of a load's start, then
+/// `start` on the blocking pool.
+async fn start_relay(
+    st: AppState,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    start: impl FnOnce(&LoadService, &str, [u8; 7], String, u64) -> Result<Reply, LoadError>
+        + Send
+        + 'static,
+) -> Result<Json<Reply>, ApiError> {
     let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
     let req: PayPayment = json_body(&body)?;
     let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     own_card_or_anonymous(&st, &caller, &uid)?;
     let loads = st.loads.clone();
-    let reply = blocking(move || Ok(loads.start_refund(&caller.name, &id, uid, key, now)?)).await?;
+    let reply = blocking(move || Ok(start(&loads, &caller.name, uid, key, now)?)).await?;
     Ok(Json(reply))
 }
 
@@ -261,12 +277,8 @@ pub(super) async fn pay_payment(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
-    let req: PayPayment = json_body(&body)?;
-    let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
-    own_card_or_anonymous(&st, &caller, &uid)?;
-    let loads = st.loads.clone();
-    let reply =
-        blocking(move || Ok(loads.start_payment(&caller.name, &id, uid, key, now)?)).await?;
-    Ok(Json(reply))
+    start_relay(st, headers, body, move |loads, caller, uid, key, now| {
+        loads.start_payment(caller, &id, uid, key, now)
+    })
+    .await
 }

@@ -592,6 +592,34 @@ impl LoadService {
         self.stats.lock().expect("stats lock").clone()
     }
 
+    /// The decision once a back-office change's intent is recorded (`recorded`: the ledger
+    /// transaction's outcome — done, a refusal as (reason, detail), or an error): the value
+    /// command with the intent's `record`, or the refusal.
+    fn apply_once_recorded(
+        &self,
+        s: &mut Session,
+        recorded: Result<Result<(), (&'static str, String)>, LedgerError>,
+        record: Vec<u8>,
+    ) -> Result<Result<Decision, Reply>, LoadError> {
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err((reason, detail))) => return Ok(Err(self.refused(s, reason, &detail))),
+            Err(LedgerError::IntentExists { .. }) => {
+                return Ok(Err(self.refused(
+                    s,
+                    "load_in_progress",
+                    "another change for this card at this counter is in progress",
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        s.intent_recorded = true;
+        Ok(Ok(Decision::Apply {
+            amount_minor: s.request.amount_minor,
+            record: Some(record),
+        }))
+    }
+
     /// Funding source names.
     pub fn source_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.sources.keys().cloned().collect();

@@ -298,23 +298,7 @@ impl LoadService {
             t.observe_card(&snapshot)?;
             Ok(Ok(()))
         });
-        match recorded {
-            Ok(Ok(())) => {}
-            Ok(Err((reason, detail))) => return Ok(Err(self.refused(s, reason, &detail))),
-            Err(LedgerError::IntentExists { .. }) => {
-                return Ok(Err(self.refused(
-                    s,
-                    "load_in_progress",
-                    "another change for this card at this counter is in progress",
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        s.intent_recorded = true;
-        Ok(Ok(Decision::Apply {
-            amount_minor: amount,
-            record: Some(record),
-        }))
+        self.apply_once_recorded(s, recorded, record)
     }
 
     /// Makes `merchant`'s refund of `amount_minor` of its completed payment `payment_id`
@@ -437,29 +421,17 @@ impl LoadService {
         let record = intent_record(&intent).to_vec();
         let snapshot = snap.clone();
         let recorded = self.ledger.transact(move |t| {
-            t.begin_refund(&uid, &mut intent)?;
+            match t.begin_refund(&uid, &mut intent) {
+                Ok(_) => {}
+                Err(LedgerError::RefundRefused(why)) => {
+                    return Ok(Err(("refund_not_collectable", why)))
+                }
+                Err(e) => return Err(e),
+            }
             t.observe_card(&snapshot)?;
-            Ok(())
+            Ok(Ok(()))
         });
-        match recorded {
-            Ok(()) => {}
-            Err(LedgerError::RefundRefused(why)) => {
-                return Ok(Err(self.refused(s, "refund_not_collectable", &why)))
-            }
-            Err(LedgerError::IntentExists { .. }) => {
-                return Ok(Err(self.refused(
-                    s,
-                    "load_in_progress",
-                    "another change for this card at this counter is in progress",
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        s.intent_recorded = true;
-        Ok(Ok(Decision::Apply {
-            amount_minor: amount,
-            record: Some(record),
-        }))
+        self.apply_once_recorded(s, recorded, record)
     }
 
     /// The intent of a back-office change with no funding source (a payment, a refund) at the

@@ -129,10 +129,13 @@ impl LoadService {
         let snapshot = snap.clone();
         let recorded = self.ledger.transact(move |t| {
             let Some(mut load) = t.intent(&uid, load_tmc - 1)? else {
-                return Ok(Err("the load is gone"));
+                return Ok(Err(("not_reversible", "the load is gone".into())));
             };
             if load.state != IntentState::Completed || load.reversed_at_tmc.is_some() {
-                return Ok(Err("another reversal took it back or is in progress"));
+                return Ok(Err((
+                    "not_reversible",
+                    "another reversal took it back or is in progress".into(),
+                )));
             }
             reversal.funding_source = load.funding_source.clone();
             reversal.funding_auth = load.funding_auth.clone();
@@ -143,22 +146,6 @@ impl LoadService {
             t.observe_card(&snapshot)?;
             Ok(Ok(()))
         });
-        match recorded {
-            Ok(Ok(())) => {}
-            Ok(Err(why)) => return Ok(Err(self.refused(s, "not_reversible", why))),
-            Err(LedgerError::IntentExists { .. }) => {
-                return Ok(Err(self.refused(
-                    s,
-                    "load_in_progress",
-                    "another change for this card at this counter is in progress",
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        s.intent_recorded = true;
-        Ok(Ok(Decision::Apply {
-            amount_minor: amount,
-            record: Some(record),
-        }))
+        self.apply_once_recorded(s, recorded, record)
     }
 }
