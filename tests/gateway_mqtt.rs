@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tapgate_http::auth::Role;
 use tapgate_testkit::broker::subscribed_gateway;
 use tapgate_testkit::fixtures::{token, transit_card};
+use tapgate_testkit::http;
 use tapgate_testkit::mqtt::{self, ConfirmedDevice};
 use tapgate_testkit::wait_until_async as wait_for;
 
@@ -177,15 +178,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         std::future::pending(),
     ));
     let get = move |path: &str, token: Option<&str>| {
-        let mut r = ureq::get(&format!("{api}{path}"));
-        if let Some(t) = token {
-            r = r.set("Authorization", &format!("Bearer {t}"));
-        }
-        match r.call() {
-            Ok(r) => (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
-            Err(e) => panic!("{e}"),
-        }
+        http::call_text("GET", &format!("{api}{path}"), token, None, None)
     };
     let (code, body) = tokio::task::spawn_blocking({
         let get = get.clone();
@@ -294,14 +287,16 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         .expect("subscribed");
     let blocked_at = Instant::now();
     let block_uid = hex::encode_upper([4, 8, 8, 8, 8, 8, 8]);
-    tokio::task::spawn_blocking(move || {
-        ureq::post(&format!("{charging_url}/v1/cards/{block_uid}/block"))
-            .set("Authorization", "Bearer tg_ops")
-            .send_json(serde_json::json!({"reason": "stolen"}))
-            .unwrap();
+    let (code, body) = tokio::task::spawn_blocking(move || {
+        http::post(
+            &format!("{charging_url}/v1/cards/{block_uid}/block"),
+            "tg_ops",
+            serde_json::json!({"reason": "stolen"}),
+        )
     })
     .await
     .unwrap();
+    assert_eq!(code, 200, "blocking a card: {body}");
     wait_for(
         "the block to reach the validator",
         Duration::from_secs(20),

@@ -308,12 +308,10 @@ impl Broker {
     /// The gateway's Prometheus metrics.
     fn metrics(&self) -> String {
         let port = self.api_port.expect("a gateway runs");
-        ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-            .set("Authorization", "Bearer tg_ops")
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap()
+        let (code, text) =
+            tapgate_testkit::http::get_text(&format!("http://127.0.0.1:{port}/metrics"), "tg_ops");
+        assert_eq!(code, 200, "gateway /metrics: {text}");
+        text
     }
 
     /// The gateway's log (the embedded broker's).

@@ -19,7 +19,7 @@ pub fn call(
 }
 
 /// [`call`], the body as text (empty when unreadable).
-fn call_text(
+pub fn call_text(
     method: &str,
     url: &str,
     token: Option<&str>,
