@@ -232,12 +232,10 @@ fn taps_counted(metrics: &str) -> u64 {
     let Ok(r) = ureq::get(&format!("http://{metrics}/metrics")).call() else {
         return 0;
     };
-    r.into_string()
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("tapgate_validator_taps_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    tapgate_testkit::metrics::sum(
+        &r.into_string().unwrap_or_default(),
+        "tapgate_validator_taps_total",
+    ) as u64
 }
 
 fn summary(out: &str) -> serde_json::Value {

@@ -297,22 +297,13 @@ fn offline_then_back_the_outbox_drains() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["outbox_left"], 0, "every kept tap confirmed: {out}");
-    let metrics = ureq::get(&format!("http://127.0.0.1:{api_port}/metrics"))
-        .set("Authorization", "Bearer tg_ops_v")
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let (code, metrics) = tapgate_testkit::http::get_text(
+        &format!("http://127.0.0.1:{api_port}/metrics"),
+        "tg_ops_v",
+    );
+    assert_eq!(code, 200, "gateway /metrics: {metrics}");
     let metric = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
+        tapgate_testkit::metrics::sample(&metrics, name)
             .unwrap_or_else(|| panic!("no {name} in {metrics}")) as u64
     };
     assert_eq!(

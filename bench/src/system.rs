@@ -134,14 +134,7 @@ fn register(agent: &ureq::Agent, base: &str, uid: &[u8; 7], minor: i32) -> anyho
 fn gateway_metric(agent: &ureq::Agent, api: &str, name: &str) -> anyhow::Result<u64> {
     let (code, text) = http(agent, "GET", &format!("{api}/metrics"), OPS_TOKEN, None)?;
     anyhow::ensure!(code == 200, "gateway /metrics: {code} {text}");
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
+    tapgate_testkit::metrics::sample(&text, name)
         .map(|v| v as u64)
         .ok_or_else(|| anyhow::anyhow!("gateway /metrics has no {name}"))
 }

@@ -6,6 +6,7 @@
 //! - [`process`]: a guard that kills and reaps a child process, a daemon spawned until it
 //!   announces its address;
 //! - [`mosquitto`]: Mosquitto with a password file and the shipped ACL or configuration;
+//! - [`metrics`]: samples read from the Prometheus text of `/metrics`;
 //! - [`fixtures`]: bearer tokens, personalised cards, value transactions, signed taps;
 //! - `http` (feature `http`): the JSON calls with a bearer token the tests make;
 //! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod fixtures;
+pub mod metrics;
 pub mod mosquitto;
 pub mod net;
 pub mod process;
