@@ -24,6 +24,10 @@ pub struct PayArgs {
     /// Idempotency key (default: a new random one; reuse it to retry the same payment safely).
     #[arg(long = "idempotency-key")]
     idempotency_key: Option<String>,
+    /// The card's payment PIN, when its holder set one and the payment is above its amount
+    /// (default: $TAPGATE_PAYMENT_PIN).
+    #[arg(long, env = "TAPGATE_PAYMENT_PIN", hide_env_values = true)]
+    pin: Option<String>,
     /// Which card.
     #[command(flatten)]
     card: CardFlags,
@@ -54,7 +58,7 @@ pub fn run(a: PayArgs) -> Result<()> {
         format!("the payment did not finish: retry with --idempotency-key {key} (the same key never pays twice)")
     };
     let r = relay_with_card(&a.card, target, |card| {
-        client.pay(card, &a.payment, &key, None)
+        client.pay_with_pin(card, &a.payment, &key, a.pin.as_deref(), None)
     })
     .with_context(retry_hint)?;
     print_outcome("payment", &format!("payment={} ", a.payment), &r, &key)

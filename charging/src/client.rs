@@ -261,15 +261,18 @@ impl Client {
     }
 
     /// `POST /v1/payments/{id}/pay`: starts (or, with a used key, answers again) paying the
-    /// merchant's payment `payment_id` from the card.
+    /// merchant's payment `payment_id` from the card (`pin`: the card's payment PIN, when its
+    /// holder set one and the payment is above its amount).
     pub fn start_payment(
         &self,
         uid: &[u8; 7],
         payment_id: &str,
         idempotency_key: &str,
+        pin: Option<&str>,
     ) -> Result<Reply, ClientError> {
         let body = PayPayment {
             card_uid: hex::encode_upper(uid),
+            pin: pin.map(str::to_string),
         };
         self.call(
             &format!("/v1/payments/{payment_id}/pay"),
@@ -290,6 +293,7 @@ impl Client {
         let uid = card.card_uid().map_err(ClientError::NoCard)?;
         let body = PayPayment {
             card_uid: hex::encode_upper(uid),
+            pin: None,
         };
         let first = self.call(
             &format!("/v1/refunds/{refund_id}/collect"),
@@ -320,8 +324,20 @@ impl Client {
         idempotency_key: &str,
         vanish: Option<Vanish>,
     ) -> Result<Relayed, ClientError> {
+        self.pay_with_pin(card, payment_id, idempotency_key, None, vanish)
+    }
+
+    /// [`Client::pay`] with the card's payment PIN.
+    pub fn pay_with_pin(
+        &self,
+        card: &mut dyn Transport,
+        payment_id: &str,
+        idempotency_key: &str,
+        pin: Option<&str>,
+        vanish: Option<Vanish>,
+    ) -> Result<Relayed, ClientError> {
         let uid = card.card_uid().map_err(ClientError::NoCard)?;
-        let first = self.start_payment(&uid, payment_id, idempotency_key)?;
+        let first = self.start_payment(&uid, payment_id, idempotency_key, pin)?;
         self.relay(card, first, vanish)
     }
 

@@ -341,10 +341,10 @@ fn a_second_client_racing_the_first_on_one_payment_is_refused() {
     };
     // Both start while the payment is open.
     let mut a = alice
-        .start_payment(&ra.card.state().uid, &id, "race-a")
+        .start_payment(&ra.card.state().uid, &id, "race-a", None)
         .unwrap();
     let b = bob
-        .start_payment(&rb.card.state().uid, &id, "race-b")
+        .start_payment(&rb.card.state().uid, &id, "race-b", None)
         .unwrap();
     // The first reaches its Debit: its intent is durable, the payment pending.
     while !has_debit(&a) {
@@ -876,7 +876,7 @@ fn a_payment_and_a_refund_racing_a_tap_at_a_validator_are_settled_by_clearing() 
     // The payment's intent is durable and its Debit on the way, but the card leaves for a
     // validator, which debits a fare at the counter the payment would have used.
     let uid = card.state().uid;
-    let mut reply = alice.start_payment(&uid, &id, "rt1").unwrap();
+    let mut reply = alice.start_payment(&uid, &id, "rt1", None).unwrap();
     {
         let mut reader = EmulatedReader {
             card: &mut card,
@@ -929,5 +929,63 @@ fn a_payment_and_a_refund_racing_a_tap_at_a_validator_are_settled_by_clearing() 
     assert_eq!(card.state().balance_minor, 5_000 - 150 - 1_000 - 150 + 400);
     assert_eq!(w.balance("operator:metro"), 300);
     assert_eq!(w.balance("refunds:pending"), 0);
+    w.conserved(&[&card]);
+}
+
+#[test]
+fn above_the_amount_its_holder_chose_a_card_pays_only_with_its_pin() {
+    let w = world();
+    let mut card = w.card(97, 5_000, "alice");
+    let uid = hex::encode_upper(card.state().uid);
+    let set =
+        |who: &str, body: Value| post(&w.url(&format!("/v1/cards/{uid}/payment-pin")), who, body).0;
+    // Only the card's registered owner sets it; a PIN is 4 to 12 digits.
+    assert_eq!(set(BOB, json!({"pin": "2468", "above_minor": 500})), 403);
+    assert_eq!(set(ALICE, json!({"pin": "12ab", "above_minor": 500})), 400);
+    assert_eq!(set(ALICE, json!({"pin": "2468", "above_minor": 500})), 204);
+
+    let pay = |card: &mut Card, id: &str, key: &str, pin: Option<&str>| {
+        let mut reader = EmulatedReader {
+            card,
+            rng: StdRng::seed_from_u64(16),
+        };
+        w.client(ALICE)
+            .pay_with_pin(&mut reader, id, key, pin, None)
+    };
+    let forbidden = |r: Result<charging::client::Relayed, charging::client::ClientError>,
+                     why: &str| {
+        assert!(
+            matches!(&r, Err(charging::client::ClientError::Server { code: 403, detail }) if detail.starts_with(why)),
+            "{why}: {r:?}"
+        );
+    };
+    // At or below the amount: no PIN needed.
+    let small = w.payment_id(SHOP, "pin-small", 500);
+    assert!(pay(&mut card, &small, "s", None)
+        .unwrap()
+        .completed()
+        .is_some());
+    // Above it: refused without the PIN or with a wrong one, paid with the right one.
+    let big = w.payment_id(SHOP, "pin-big", 501);
+    forbidden(pay(&mut card, &big, "b1", None), "pin_required");
+    forbidden(pay(&mut card, &big, "b2", Some("1111")), "wrong_pin");
+    assert_eq!(card.state().balance_minor, 4_500, "nothing moved");
+    assert!(pay(&mut card, &big, "b3", Some("2468"))
+        .unwrap()
+        .completed()
+        .is_some());
+    // Three wrong in a row lock it, even against the right one, until it is set again.
+    let other = w.payment_id(SHOP, "pin-locked", 600);
+    for k in ["l1", "l2"] {
+        forbidden(pay(&mut card, &other, k, Some("0000")), "wrong_pin");
+    }
+    forbidden(pay(&mut card, &other, "l3", Some("0000")), "pin_locked");
+    forbidden(pay(&mut card, &other, "l4", Some("2468")), "pin_locked");
+    assert_eq!(set(ALICE, json!({"pin": "97531", "above_minor": 500})), 204);
+    assert!(pay(&mut card, &other, "l5", Some("97531"))
+        .unwrap()
+        .completed()
+        .is_some());
+    assert_eq!(card.state().balance_minor, 5_000 - 500 - 501 - 600);
     w.conserved(&[&card]);
 }

@@ -143,7 +143,7 @@ impl From<LoadError> for ApiError {
             }
             LoadError::PaymentNotPayable(d) => ApiError::Conflict(d),
             LoadError::RefundRefused(_) => ApiError::Conflict(e.to_string()),
-            LoadError::PaymentLimit(d) => ApiError::ForbiddenDetail(d),
+            LoadError::PaymentLimit(d) | LoadError::Pin(d) => ApiError::ForbiddenDetail(d),
             LoadError::NotReversible(_) | LoadError::InProgress => {
                 ApiError::Conflict(e.to_string())
             }
@@ -335,6 +335,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/refunds/{id}/collect", post(collect_refund))
         .route("/v1/payments/{id}", get(payment_for_cardholder))
         .route("/v1/payments/{id}/pay", post(pay_payment))
+        .route("/v1/cards/{uid}/payment-pin", post(set_payment_pin))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(

@@ -34,12 +34,44 @@ pub struct CreateRefund {
     pub amount_minor: i32,
 }
 
-/// `POST /v1/payments/{id}/pay` body.
+/// `POST /v1/payments/{id}/pay` and `POST /v1/refunds/{id}/collect` body.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PayPayment {
     /// Card UID, 14 hex digits.
     pub card_uid: String,
+    /// The card's payment PIN, when its holder set one and the payment is above its amount
+    /// (not used to collect a refund).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+}
+
+/// `POST /v1/cards/{uid}/payment-pin` body.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetPaymentPin {
+    /// 4 to 12 digits.
+    pub pin: String,
+    /// Payments above this need the PIN, minor units.
+    pub above_minor: i32,
+}
+
+/// `POST /v1/cards/{uid}/payment-pin` (cardholder, the card's registered owner): payments
+/// above `above_minor` from this card need the PIN; three wrong ones lock it until it is set
+/// again.
+pub(super) async fn set_payment_pin(
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
+    let req: SetPaymentPin = json_body(&body)?;
+    let uid = uid_of(&uid_hex)?;
+    let loads = st.loads.clone();
+    blocking(move || Ok(loads.set_payment_pin(&caller.name, uid, &req.pin, req.above_minor)?))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Unix ms as RFC 3339 UTC (`2026-12-06T15:00:00Z`), as the payments API writes and reads
@@ -162,9 +194,12 @@ pub(super) async fn collect_refund(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    start_relay(st, headers, body, move |loads, caller, uid, key, now| {
-        loads.start_refund(caller, &id, uid, key, now)
-    })
+    start_relay(
+        st,
+        headers,
+        body,
+        move |loads, caller, uid, key, _pin, now| loads.start_refund(caller, &id, uid, key, now),
+    )
     .await
 }
 
@@ -174,7 +209,7 @@ async fn start_relay(
     st: AppState,
     headers: HeaderMap,
     body: axum::body::Bytes,
-    start: impl FnOnce(&LoadService, &str, [u8; 7], String, u64) -> Result<Reply, LoadError>
+    start: impl FnOnce(&LoadService, &str, [u8; 7], String, Option<String>, u64) -> Result<Reply, LoadError>
         + Send
         + 'static,
 ) -> Result<Json<Reply>, ApiError> {
@@ -183,7 +218,7 @@ async fn start_relay(
     let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     own_card_or_anonymous(&st, &caller, &uid)?;
     let loads = st.loads.clone();
-    let reply = blocking(move || Ok(start(&loads, &caller.name, uid, key, now)?)).await?;
+    let reply = blocking(move || Ok(start(&loads, &caller.name, uid, key, req.pin, now)?)).await?;
     Ok(Json(reply))
 }
 
@@ -277,8 +312,13 @@ pub(super) async fn pay_payment(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    start_relay(st, headers, body, move |loads, caller, uid, key, now| {
-        loads.start_payment(caller, &id, uid, key, now)
-    })
+    start_relay(
+        st,
+        headers,
+        body,
+        move |loads, caller, uid, key, pin, now| {
+            loads.start_payment(caller, &id, uid, key, pin, now)
+        },
+    )
     .await
 }

@@ -549,6 +549,29 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         self.put_card(LedgerOnly(()), uid, &shadow)
     }
 
+    /// Sets (or replaces, unlocking it) the card's PIN for online payments.
+    fn set_payment_pin(&mut self, uid: &[u8; 7], pin: &PaymentPin) -> Result<(), LedgerError> {
+        let mut shadow = self.card(uid)?;
+        shadow.payment_pin = Some(pin.clone());
+        self.put_card(LedgerOnly(()), uid, &shadow)
+    }
+
+    /// Checks `pin` against the card's payment PIN: a wrong one counts towards the lock, a
+    /// right one (while not locked) clears the count. Returns whether it was accepted.
+    fn check_payment_pin(&mut self, uid: &[u8; 7], pin: &str) -> Result<bool, LedgerError> {
+        let mut shadow = self.card(uid)?;
+        let Some(p) = shadow.payment_pin.as_mut() else {
+            return Ok(true);
+        };
+        let ok = p.failures < PaymentPin::MAX_FAILURES && p.matches(pin);
+        let failures = if ok { 0 } else { p.failures.saturating_add(1) };
+        if failures != p.failures {
+            p.failures = failures;
+            self.put_card(LedgerOnly(()), uid, &shadow)?;
+        }
+        Ok(ok)
+    }
+
     /// Counts `amount_minor` into the card's loads of UTC day `day` (the per-card daily
     /// limit), starting the day's count afresh on a new day.
     fn add_load_day(

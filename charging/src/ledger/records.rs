@@ -199,6 +199,68 @@ pub struct CardShadow {
     /// gap that never fills is an anomaly.
     #[serde(default)]
     pub booked_above: Vec<(u32, i32, i64)>,
+    /// The cardholder's PIN for online payments above an amount, if it set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_pin: Option<PaymentPin>,
+}
+
+/// A card's PIN for online payments above `above_minor`: salted SHA-256, never the PIN; locked
+/// after [`PaymentPin::MAX_FAILURES`] wrong ones in a row until the cardholder sets it again.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentPin {
+    /// Random salt, hex.
+    pub salt_hex: String,
+    /// SHA-256(salt ‖ PIN), hex.
+    pub sha256_hex: String,
+    /// Payments above this need the PIN, minor units.
+    pub above_minor: i32,
+    /// Wrong PINs in a row.
+    pub failures: u32,
+}
+
+impl std::fmt::Debug for PaymentPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentPin")
+            .field("above_minor", &self.above_minor)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PaymentPin {
+    /// Wrong PINs in a row that lock it.
+    pub const MAX_FAILURES: u32 = 3;
+
+    /// A PIN record for `pin` with a new random salt.
+    pub fn new(pin: &str, above_minor: i32) -> PaymentPin {
+        use rand::RngCore;
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        PaymentPin {
+            salt_hex: hex::encode(salt),
+            sha256_hex: hex::encode(Self::digest(&salt, pin)),
+            above_minor,
+            failures: 0,
+        }
+    }
+
+    fn digest(salt: &[u8], pin: &str) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(salt);
+        h.update(pin.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Whether `pin` is this PIN (compared in constant time).
+    pub fn matches(&self, pin: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let (Ok(salt), Ok(want)) = (hex::decode(&self.salt_hex), hex::decode(&self.sha256_hex))
+        else {
+            return false;
+        };
+        bool::from(Self::digest(&salt, pin).ct_eq(&want[..]))
+    }
 }
 
 /// Bound on counters kept above a gap per card (beyond it, the oldest are reported and dropped).

@@ -202,6 +202,9 @@ pub enum LoadError {
     /// The payment cannot be paid (paid, pending, expired).
     #[error("{0}")]
     PaymentNotPayable(String),
+    /// The card's payment PIN is needed, wrong, or locked (by then: set it again).
+    #[error("{0}")]
+    Pin(String),
     /// A refund cannot be made or collected.
     #[error("refund refused: {0}")]
     RefundRefused(String),

@@ -174,19 +174,28 @@ impl LoadService {
 
     /// Starts paying payment `payment_id` with card `uid`: returns the first command for the
     /// card, like [`LoadService::start`]; the relay goes on with [`LoadService::respond`].
+    /// Above the amount the cardholder chose, the card's payment PIN (`pin`) is checked first.
     pub fn start_payment(
         &self,
         caller: &str,
         payment_id: &str,
         uid: [u8; 7],
         idempotency_key: String,
+        pin: Option<String>,
         now_ms: u64,
     ) -> Result<Reply, LoadError> {
-        let payment = {
+        let (payment, shadow) = {
             let r = self.ledger.read()?;
-            r.payment(payment_id)?
+            (r.payment(payment_id)?, r.card(&uid)?)
+        };
+        let payment = payment.ok_or_else(|| LoadError::NoSuchPayment(payment_id.to_string()))?;
+        let guarded = shadow
+            .payment_pin
+            .as_ref()
+            .is_some_and(|p| payment.amount_minor > p.above_minor);
+        if guarded && payment.state == PaymentState::Open {
+            self.check_pin(&uid, pin)?;
         }
-        .ok_or_else(|| LoadError::NoSuchPayment(payment_id.to_string()))?;
         let purpose = Purpose::Payment(payment.id.clone());
         let req = LoadRequest {
             uid,
@@ -221,6 +230,59 @@ impl LoadService {
             )));
         }
         self.open_session(caller, req, purpose, now_ms)
+    }
+
+    /// The card's payment PIN: needed, right (clears the count), or wrong (counts towards the
+    /// lock).
+    fn check_pin(&self, uid: &[u8; 7], pin: Option<String>) -> Result<(), LoadError> {
+        let Some(pin) = pin else {
+            return Err(LoadError::Pin(
+                "pin_required: this card's holder asks for its payment PIN above this amount"
+                    .into(),
+            ));
+        };
+        let uid = *uid;
+        let (ok, locked) = self.ledger.transact(move |t| {
+            let ok = t.check_payment_pin(&uid, &pin)?;
+            let failures = t.card(&uid)?.payment_pin.map_or(0, |p| p.failures);
+            Ok((ok, failures >= crate::ledger::PaymentPin::MAX_FAILURES))
+        })?;
+        match (ok, locked) {
+            (true, _) => Ok(()),
+            (false, true) => Err(LoadError::Pin(
+                "pin_locked: too many wrong PINs; the cardholder sets the PIN again".into(),
+            )),
+            (false, false) => Err(LoadError::Pin("wrong_pin".into())),
+        }
+    }
+
+    /// Sets the payment PIN of `caller`'s own card `uid` (a card registered to it): payments
+    /// above `above_minor` need it. Setting it again unlocks it.
+    pub fn set_payment_pin(
+        &self,
+        caller: &str,
+        uid: [u8; 7],
+        pin: &str,
+        above_minor: i32,
+    ) -> Result<(), LoadError> {
+        if !(4..=12).contains(&pin.len()) || !pin.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(LoadError::BadRequest("pin must be 4 to 12 digits".into()));
+        }
+        if above_minor < 0 {
+            return Err(LoadError::BadRequest(
+                "above_minor must not be negative".into(),
+            ));
+        }
+        let owner = self.ledger.read()?.card(&uid)?.owner;
+        if owner.as_deref() != Some(caller) {
+            return Err(LoadError::Pin(
+                "only the card's registered owner sets its payment PIN".into(),
+            ));
+        }
+        let record = crate::ledger::PaymentPin::new(pin, above_minor);
+        self.ledger
+            .transact(move |t| t.set_payment_pin(&uid, &record))?;
+        Ok(())
     }
 
     /// At `Step::Decide` of a payment: the card holds enough, the day limits of the card and
