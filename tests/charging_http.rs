@@ -12,24 +12,14 @@ use purse::sam::SoftwareHsm;
 use purse::txn::EmulatedReader;
 use std::path::Path;
 use std::process::Command;
-use tapgate_testkit::{http, Kill};
+use tapgate_testkit::http;
 
 const PASS: &str = "http-test-pass";
 const CARDHOLDER: &str = "tg_cardholder_token_for_tests";
 const OPERATOR: &str = "tg_operator_token_for_tests";
 
-struct Server {
-    _child: Kill,
-    base: String,
-}
-
-fn start(dir: &Path) -> Server {
-    let (child, base) =
-        support::start_charging(&dir.join("charging.toml"), &dir.join("keys"), PASS);
-    Server {
-        _child: child,
-        base,
-    }
+fn start(dir: &Path) -> support::Charging {
+    support::start_charging(&dir.join("charging.toml"), &dir.join("keys"), PASS)
 }
 
 fn setup() -> (tempfile::TempDir, KeySet) {

@@ -45,7 +45,10 @@ fn start() -> Server {
         ("mall", "partner", MALL),
     ]));
     std::fs::write(dir.path().join("charging.toml"), cfg).unwrap();
-    let (child, base) = support::start_charging(
+    let support::Charging {
+        process: child,
+        base,
+    } = support::start_charging(
         &dir.path().join("charging.toml"),
         &dir.path().join("keys"),
         PASS,
@@ -460,7 +463,10 @@ fn voucher_codes_travel_in_request_bodies_only() {
             _child, dir, keys, ..
         } = s;
         drop(_child);
-        let (child, base) = support::start_charging(&cfg, &dir.path().join("keys"), PASS);
+        let support::Charging {
+            process: child,
+            base,
+        } = support::start_charging(&cfg, &dir.path().join("keys"), PASS);
         Server {
             _child: child,
             base,

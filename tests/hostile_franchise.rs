@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
 use tapgate_testkit::fixtures::{assert_boundary, value_tx};
-use tapgate_testkit::{http, Kill};
+use tapgate_testkit::http;
 
 const PASS: &str = "hostile-franchise-pass";
 const ALICE: &str = "tg_alice_token_hostile";
@@ -23,12 +23,7 @@ const OPS: &str = "tg_ops_token_hostile";
 const SHOP: &str = "tg_corner_shop_token";
 const KIOSK: &str = "tg_kiosk_token";
 
-struct Server {
-    _child: Kill,
-    base: String,
-}
-
-fn setup() -> (tempfile::TempDir, KeySet, Server) {
+fn setup() -> (tempfile::TempDir, KeySet, support::Charging) {
     let dir = tempfile::tempdir().unwrap();
     let keys = support::keys_init(dir.path(), PASS);
     let mut cfg = format!(
@@ -51,13 +46,8 @@ fn setup() -> (tempfile::TempDir, KeySet, Server) {
     (dir, keys, server)
 }
 
-fn start(dir: &Path) -> Server {
-    let (child, base) =
-        support::start_charging(&dir.join("charging.toml"), &dir.join("keys"), PASS);
-    Server {
-        _child: child,
-        base,
-    }
+fn start(dir: &Path) -> support::Charging {
+    support::start_charging(&dir.join("charging.toml"), &dir.join("keys"), PASS)
 }
 
 fn post(base: &str, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {

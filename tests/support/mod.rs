@@ -63,14 +63,22 @@ pub fn tokens_toml(tokens: &[(&str, &str, &str)]) -> String {
         .collect()
 }
 
+/// A `tapgate charging` process, killed when dropped.
+pub struct Charging {
+    /// The base URL it announced.
+    pub base: String,
+    /// The process.
+    pub process: Kill,
+}
+
 /// `tapgate charging --config <config> --keys <keys>` unsealing with `passphrase` (its
-/// standard error inherited): the guard and the base URL it announces.
+/// standard error inherited).
 pub fn start_charging(
     config: &std::path::Path,
     keys: &std::path::Path,
     passphrase: &str,
-) -> (Kill, String) {
-    tapgate_testkit::spawn_charging(
+) -> Charging {
+    let (process, base) = tapgate_testkit::spawn_charging(
         std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
             .arg("charging")
             .arg("--config")
@@ -79,7 +87,8 @@ pub fn start_charging(
             .arg(keys)
             .env("TAPGATE_KEY_PASSPHRASE", passphrase)
             .stderr(std::process::Stdio::inherit()),
-    )
+    );
+    Charging { base, process }
 }
 
 /// `tapgate charging reconcile --json --data <data>` (another process, beside a running
