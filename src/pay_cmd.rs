@@ -1,7 +1,8 @@
 //! `tapgate pay`: the cardholder pays a merchant's online payment from the card. Like `tapgate
 //! charge`, it finds the card (`--reader pcsc[:NAME]`, or an emulated card image with
 //! `--card`/`--keys`) and relays the card dialogue to the charging server; it holds no key and
-//! cannot change the amount or the merchant.
+//! cannot change the amount or the merchant. With `--refund REF` it collects a merchant's refund
+//! of a payment onto the card that paid (a credit the HSM makes).
 
 use crate::charge_cmd::{card_target, idempotency_key, print_outcome, relay_with_card, CardFlags};
 use crate::cli_util::input_err;
@@ -16,8 +17,11 @@ pub struct PayArgs {
     #[arg(long)]
     server: String,
     /// The merchant's payment id (`pay_…`), as the merchant's page gave it.
+    #[arg(long, required_unless_present = "refund", conflicts_with = "refund")]
+    payment: Option<String>,
+    /// Collect this refund (`ref_…`) onto the card that paid, instead of paying.
     #[arg(long)]
-    payment: String,
+    refund: Option<String>,
     /// The API token (default: $TAPGATE_TOKEN).
     #[arg(long, env = "TAPGATE_TOKEN", hide_env_values = true)]
     token: String,
@@ -35,18 +39,36 @@ pub struct PayArgs {
 
 /// Runs `tapgate pay`.
 pub fn run(a: PayArgs) -> Result<()> {
-    if !a.payment.starts_with("pay_") || a.payment.len() > 100 {
+    let (prefix, id) = match (&a.payment, &a.refund) {
+        (Some(p), _) => ("pay_", p.as_str()),
+        (None, Some(r)) => ("ref_", r.as_str()),
+        (None, None) => {
+            return Err(input_err(
+                "which payment? --payment pay_… or --refund ref_…",
+            ))
+        }
+    };
+    if !id.starts_with(prefix) || id.len() > 100 {
         return Err(input_err(format!(
-            "--payment {:?} is not a payment id (pay_…)",
-            a.payment
+            "{id:?} is not an id of the form {prefix}…"
         )));
     }
     let key = idempotency_key(a.idempotency_key.clone());
     let target = card_target(&a.card)?;
     let client = Client::new(&a.server, &a.token);
+    let retry_hint = || {
+        format!("it did not finish: retry with --idempotency-key {key} (the same key never moves value twice)")
+    };
+    if a.payment.is_none() {
+        let r = relay_with_card(&a.card, target, |card| {
+            client.collect_refund(card, id, &key, None)
+        })
+        .with_context(retry_hint)?;
+        return print_outcome("refund", &format!("refund={id} "), &r, &key);
+    }
     let asked = client
-        .payment(&a.payment)
-        .with_context(|| format!("reading payment {}", a.payment))?;
+        .payment(id)
+        .with_context(|| format!("reading payment {id}"))?;
     println!(
         "paying {} {} to {}: {}",
         asked["amount_minor"],
@@ -54,12 +76,9 @@ pub fn run(a: PayArgs) -> Result<()> {
         asked["merchant"].as_str().unwrap_or_default(),
         asked["description"].as_str().unwrap_or_default()
     );
-    let retry_hint = || {
-        format!("the payment did not finish: retry with --idempotency-key {key} (the same key never pays twice)")
-    };
     let r = relay_with_card(&a.card, target, |card| {
-        client.pay_with_pin(card, &a.payment, &key, a.pin.as_deref(), None)
+        client.pay_with_pin(card, id, &key, a.pin.as_deref(), None)
     })
     .with_context(retry_hint)?;
-    print_outcome("payment", &format!("payment={} ", a.payment), &r, &key)
+    print_outcome("payment", &format!("payment={id} "), &r, &key)
 }

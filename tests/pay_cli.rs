@@ -171,6 +171,39 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
         None,
     );
     assert_eq!((code, p["state"].as_str()), (200, Some("completed")), "{p}");
+    // The merchant refunds part of it; `tapgate pay --refund` collects it onto the card.
+    let (code, refund) = http::call(
+        "POST",
+        &format!("{base}/v1/merchant/payments/{id}/refunds"),
+        Some(MERCHANT),
+        Some("refund-1"),
+        Some(serde_json::json!({"amount_minor": 300})),
+    );
+    assert_eq!(code, 201, "{refund}");
+    let refund = refund["id"].as_str().unwrap().to_string();
+    let out = tapgate(&[
+        "pay",
+        "--server",
+        &base,
+        "--refund",
+        &refund,
+        "--card",
+        card.to_str().unwrap(),
+        "--keys",
+        keys.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "refund completed: refund={refund} amount_minor=300 balance_minor=1600 tmc=2"
+        )),
+        "{stdout}"
+    );
     // Not a payment id: a usage error before anything is sent.
     let out = tapgate(&[
         "pay",
