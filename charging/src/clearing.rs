@@ -18,7 +18,11 @@
 //!   card refuses it too: a reversal does not arm LimitedCredit);
 //! - a debit that takes the shadow purse below zero is an anomaly (the card was loaded outside
 //!   the ledger, or a load is still pending);
-//! - a pending load whose counter a cleared tap turns out to have used is voided.
+//! - a pending load whose counter a cleared tap turns out to have used is voided;
+//! - a genuine card the ledger has never seen (not registered, loaded or cleared) is learned
+//!   from its first proved tap: issued with the balance it proved just before that tap, so a
+//!   card that taps before its registration is not booked below zero ([`learn_card`]; a late
+//!   registration then changes nothing).
 //!
 //! A debit posts `card:<UID>` → `operator:<id>` with reference `tap:<UID>:<TMC>`.
 
@@ -61,6 +65,9 @@ pub struct BatchOutcome {
     /// only the first [`REJECTED_EXAMPLES_MAX`] of them are listed in `anomalies`.
     #[serde(default)]
     pub rejected: Vec<RejectedCount>,
+    /// Cards the ledger had never seen, learned from their first proved tap in this batch.
+    #[serde(default)]
+    pub cards_learned: u32,
 }
 
 /// How many taps of one device a batch refused for one reason.
@@ -363,7 +370,23 @@ fn book_tap(
         return Ok(());
     }
     let op = tap.operator.as_deref().unwrap_or("default");
-    t.post_cleared_tap(proof, op, &marker, now_ms)?;
+    if learn_card(t, c, now_ms, done)? == Learned::Before {
+        // The card was learned from a later state: this change is inside the balance it was
+        // issued with, so the operator's fare comes from the issuer's float.
+        let op = format!("operator:{op}");
+        let amount = i64::from(c.amount_minor);
+        match c.kind {
+            TxKind::Debit if amount > 0 => {
+                t.post(now_ms, "issuer:float", &op, amount, &marker)?;
+            }
+            TxKind::LimitedCredit if amount > 0 => {
+                t.post(now_ms, &op, "issuer:float", amount, &marker)?;
+            }
+            _ => {}
+        }
+    } else {
+        t.post_cleared_tap(proof, op, &marker, now_ms)?;
+    }
     t.put_idempotent(&marker, &serde_json::Value::String(tap.tmv.to_uppercase()))?;
     if t.book_proved(proof, now_ms)? == Booking::Duplicate {
         // Booked by a load at the same counter: the load's own record already holds it.
@@ -402,6 +425,62 @@ fn book_tap(
         });
     }
     Ok(())
+}
+
+/// Where a tap stands against a card clearing learned from its taps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Learned {
+    /// A card the ledger knew otherwise (registered, loaded), or one that cannot be learned.
+    No,
+    /// The tap is at or after the counter the card was learned at.
+    AtOrAfter,
+    /// The tap's change happened before the state the card was learned from.
+    Before,
+}
+
+/// A genuine card (its tap's transaction MAC verified) that the ledger has never seen — not
+/// registered, loaded or cleared — is learned from this first proved tap: issued
+/// (`issuer:float` → `card:<UID>`) with the balance the card proved just before it, and the
+/// counter recorded (`learned-card:<UID>`). Taps below that counter arriving later changed the
+/// card before that state ([`Learned::Before`]). A registration afterwards finds the card
+/// known and changes nothing (`LedgerWrite::issue_card`).
+fn learn_card(
+    t: &mut dyn LedgerWrite,
+    c: &TxClaim,
+    now_ms: u64,
+    done: &mut BatchOutcome,
+) -> Result<Learned, LedgerError> {
+    let uid = hex::encode_upper(c.uid);
+    let key = format!("learned-card:{uid}");
+    if let Some(v) = t.idempotent(&key)? {
+        let at = v["tmc"].as_u64().unwrap_or(0);
+        return Ok(if u64::from(c.tmc) < at {
+            Learned::Before
+        } else {
+            Learned::AtOrAfter
+        });
+    }
+    if t.card_known(&c.uid)? {
+        return Ok(Learned::No);
+    }
+    let change = match c.kind {
+        TxKind::Debit => -i64::from(c.amount_minor),
+        TxKind::LimitedCredit | TxKind::Credit => i64::from(c.amount_minor),
+        TxKind::RecordOnly => 0,
+    };
+    let Ok(before) = i32::try_from(i64::from(c.balance_after_minor) - change) else {
+        return Ok(Learned::No);
+    };
+    if before < 0 {
+        return Ok(Learned::No);
+    }
+    t.issue_card(&c.uid, before, &format!("learned:{uid}:{}", c.tmc), now_ms)?;
+    t.put_idempotent(
+        &key,
+        &serde_json::json!({"tmc": c.tmc, "balance_before_minor": before}),
+    )?;
+    done.cards_learned += 1;
+    Ok(Learned::AtOrAfter)
 }
 
 /// A pending load (or reversal) whose counter no tap has claimed, just below the first counter booked above a

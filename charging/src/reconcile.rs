@@ -13,6 +13,13 @@ use std::collections::{BTreeMap, HashSet};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "cause", rename_all = "snake_case")]
 pub enum Cause {
+    /// Clearing saw one of the card's counters twice with different contents and blocked the
+    /// card: the ledger may agree with one copy, but the card is not to be trusted (reported
+    /// while the block stands).
+    Clone {
+        /// the first counter seen twice (`None`: its anomaly is no longer at hand)
+        tmc: Option<u32>,
+    },
     /// A load is authorised but not yet proved or voided (settles at the card's next contact).
     PendingLoad {
         /// counters the pending loads were recorded at
@@ -66,6 +73,7 @@ pub struct Report {
 /// Reconciles every card in the ledger.
 pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
     let r = ledger.read()?;
+    let clones = clone_counters(&*r)?;
     let mut report = Report::default();
     for (uid, shadow) in r.all_cards()? {
         report.cards += 1;
@@ -77,6 +85,15 @@ pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
             booked_through_tmc: shadow.booked_through_tmc,
             cause,
         };
+        let clone = clones.get(&hex::encode_upper(uid)).copied();
+        let blocked_as_clone = shadow
+            .block_reason
+            .as_deref()
+            .is_some_and(|why| why.starts_with("clone suspected"));
+        if shadow.blocked && (clone.is_some() || blocked_as_clone) {
+            report.differences.push(diff(Cause::Clone { tmc: clone }));
+            continue;
+        }
         let open = r.open_intents(&uid)?;
         if !open.is_empty() {
             report.differences.push(diff(Cause::PendingLoad {
@@ -105,6 +122,26 @@ pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
         }
     }
     Ok(report)
+}
+
+/// The first counter of each card that clearing saw twice with different contents (the
+/// `clone` anomalies), by card UID (hex).
+fn clone_counters(r: &dyn LedgerRead) -> Result<BTreeMap<String, u32>, LedgerError> {
+    let mut out = BTreeMap::new();
+    let mut after = 0;
+    loop {
+        let (page, _) = r.anomalies(after, 10_000)?;
+        let Some(&(last, _)) = page.last() else {
+            return Ok(out);
+        };
+        for (_, a) in page {
+            if a.kind == "clone" {
+                let tmc = out.entry(a.card_uid).or_insert(a.tmc);
+                *tmc = (*tmc).min(a.tmc);
+            }
+        }
+        after = last;
+    }
 }
 
 /// A card's true state, read from the card itself (not from the ledger).

@@ -1,0 +1,220 @@
+//! Cards clearing has not seen: a genuine card (its transaction MAC verifies) that taps before
+//! the back office registered it is learned from its first proved state — no negative shadow
+//! purse, and a late registration leaves reconciliation balanced, in whatever order its taps
+//! arrive. And a card clearing blocked as a clone is reported by reconciliation.
+
+use charging::clearing::{clear_batch, BatchOutcome, ClearingBatch, ClearingTap};
+use charging::funding::{FundingSource, SandboxProcessor};
+use charging::ledger::{card_account, Ledger};
+use charging::load::{LoadConfig, LoadService};
+use charging::reconcile::{reconcile, Cause};
+use purse::apdu::ins;
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeyKind, KeySet};
+use purse::receipt::CommitReceipt;
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::{self, Decision, EmulatedReader, Outcome};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn debit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let out = txn::run(
+        &mut reader,
+        sam,
+        KeyKind::Debit,
+        ins::DEBIT,
+        &mut StdRng::seed_from_u64(2),
+        |_| Decision::Apply {
+            amount_minor: amount,
+            record: None,
+        },
+    )
+    .unwrap();
+    match out {
+        Outcome::Committed { receipt, .. } => receipt,
+        Outcome::Refused { .. } => panic!("refused"),
+    }
+}
+
+fn tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
+    serde_json::from_value(serde_json::json!({
+        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
+        "kind": "debit", "amount_minor": r.amount_minor(),
+        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
+        "key_version": r.key_version(), "operator": "metro",
+    }))
+    .unwrap()
+}
+
+struct Rig {
+    svc: LoadService,
+    hsm: SoftwareHsm,
+    sam: SoftwareSam,
+    _dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
+    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
+    let svc = LoadService::new(
+        ledger,
+        Box::new(SoftwareHsm::new(&keys).unwrap()),
+        vec![processor as Arc<dyn FundingSource>],
+        LoadConfig::default(),
+    );
+    Rig {
+        svc,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+        sam: SoftwareSam::validator(&keys, 1001).unwrap(),
+        _dir: dir,
+    }
+}
+
+fn clear(rig: &Rig, id: &str, taps: Vec<ClearingTap>, now: u64) -> BatchOutcome {
+    clear_batch(
+        rig.svc.ledger(),
+        rig.svc.hsm(),
+        ClearingBatch {
+            batch_id: id.into(),
+            taps,
+        },
+        now,
+    )
+    .unwrap()
+}
+
+fn card_balance_in_ledger(rig: &Rig, uid: &[u8; 7]) -> i64 {
+    let l = rig.svc.ledger();
+    let r = l.read().unwrap();
+    r.balance(&card_account(uid)).unwrap()
+}
+
+fn revenue(rig: &Rig) -> i64 {
+    let l = rig.svc.ledger();
+    let r = l.read().unwrap();
+    r.balance("operator:metro").unwrap()
+}
+
+#[test]
+fn a_card_tapping_before_registration_is_learned_and_a_late_registration_keeps_it_balanced() {
+    let mut rig = rig();
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 7];
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 5_000),
+        rig.hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let d1 = debit(&mut rig.sam, &mut card, 100);
+    let d2 = debit(&mut rig.sam, &mut card, 200);
+    let out = clear(&rig, "b1", vec![tap(&d1, 1), tap(&d2, 2)], T0);
+    assert_eq!(out.cleared, 2, "{out:?}");
+    assert!(out.anomalies.is_empty(), "no negative shadow: {out:?}");
+    assert_eq!(out.cards_learned, 1, "{out:?}");
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 4_700);
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+
+    // The operator registers it afterwards: nothing changes, it stays balanced.
+    rig.svc.register_card(&uid, 5_000, T0 + 1).unwrap();
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 4_700);
+    let d3 = debit(&mut rig.sam, &mut card, 50);
+    let out = clear(&rig, "b2", vec![tap(&d3, 3)], T0 + 2);
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    assert_eq!(out.cards_learned, 0);
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+    assert_eq!(
+        card_balance_in_ledger(&rig, &uid),
+        i64::from(card.state().balance_minor)
+    );
+    assert_eq!(revenue(&rig), 350);
+}
+
+#[test]
+fn taps_of_an_unregistered_card_arriving_out_of_order_still_balance() {
+    let mut rig = rig();
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 8];
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 5_000),
+        rig.hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let d: Vec<CommitReceipt> = [100, 200, 50, 400]
+        .into_iter()
+        .map(|a| debit(&mut rig.sam, &mut card, a))
+        .collect();
+    // The third and fourth taps come first (another gateway was faster); learned at counter 3.
+    let out = clear(&rig, "late-first", vec![tap(&d[2], 3), tap(&d[3], 4)], T0);
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    assert_eq!(out.cards_learned, 1);
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 4_250);
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert!(
+        matches!(
+            rep.differences.first().map(|d| &d.cause),
+            Some(Cause::CounterGap {
+                from_tmc: 1,
+                to_tmc: 2
+            })
+        ),
+        "counters 1 and 2 are not cleared yet: {rep:?}"
+    );
+    // The first two arrive: the card's balance does not move again (their value left the card
+    // before the state it was learned from), the operator gets its fares.
+    let out = clear(
+        &rig,
+        "early-last",
+        vec![tap(&d[0], 1), tap(&d[1], 2)],
+        T0 + 1,
+    );
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    assert_eq!(
+        card_balance_in_ledger(&rig, &uid),
+        i64::from(card.state().balance_minor)
+    );
+    assert_eq!(revenue(&rig), 750);
+    rig.svc.register_card(&uid, 5_000, T0 + 2).unwrap();
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+    // The issuer's float paid out exactly the card's personalised value.
+    let l = rig.svc.ledger();
+    let r = l.read().unwrap();
+    assert_eq!(r.balance("issuer:float").unwrap(), -5_000);
+}
+
+#[test]
+fn a_card_blocked_as_a_clone_is_reported_by_reconciliation() {
+    let mut rig = rig();
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 9];
+    rig.svc.register_card(&uid, 5_000, T0).unwrap();
+    let keys = rig.hsm.card_keys(&uid, 1).unwrap();
+    let mut card = Card::personalise(&Personalisation::transit(uid, 5_000), keys);
+    // A copy of the card's memory, used elsewhere at the same counter.
+    let mut copy = Card::power_on(card.nvm().clone(), rig.hsm.card_keys(&uid, 1).unwrap());
+    let genuine = debit(&mut rig.sam, &mut card, 100);
+    let cloned = debit(&mut rig.sam, &mut copy, 300);
+    assert_eq!(genuine.tmc(), cloned.tmc());
+    let out = clear(&rig, "c1", vec![tap(&genuine, 1)], T0);
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    let out = clear(&rig, "c2", vec![tap(&cloned, 2)], T0 + 1);
+    assert_eq!(out.cards_blocked, 1, "{out:?}");
+    assert_eq!(out.anomalies[0].kind, "clone");
+    // The ledger and the genuine card agree, but the card is a clone: reconciliation says so.
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!(rep.balanced, 0, "{rep:?}");
+    let d = &rep.differences[0];
+    assert_eq!(d.card_uid, hex::encode_upper(uid));
+    assert!(
+        matches!(&d.cause, Cause::Clone { tmc: Some(1), .. }),
+        "{rep:?}"
+    );
+    let json = serde_json::to_value(d).unwrap();
+    assert_eq!(json["cause"], "clone", "{json}");
+}
