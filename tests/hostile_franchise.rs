@@ -6,11 +6,13 @@
 
 mod support;
 
+use charging::client::{Client, LoadAsk};
 use purse::apdu::ins;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
 use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::Path;
@@ -52,32 +54,6 @@ fn start(dir: &Path) -> support::Charging {
 
 fn post(base: &str, path: &str, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
     http::post(&format!("{base}{path}"), token, body)
-}
-
-/// Relays the server's commands to the card until a final answer.
-fn relay(base: &str, card: &mut Card, mut reply: serde_json::Value) -> serde_json::Value {
-    let mut rng = StdRng::seed_from_u64(5);
-    while reply["status"] == "command" {
-        let answers: Vec<String> = reply["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                let cmd = hex::decode(c.as_str().unwrap()).unwrap();
-                hex::encode_upper(card.process(&cmd, &mut rng).unwrap())
-            })
-            .collect();
-        let id = reply["session_id"].as_str().unwrap().to_string();
-        let (code, next) = post(
-            base,
-            &format!("/v1/loads/{id}/steps"),
-            ALICE,
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-        );
-        assert_eq!(code, 200, "{next}");
-        reply = next;
-    }
-    reply
 }
 
 /// A franchise report of one load: (UID, counter, TMV, amount, balance after).
@@ -147,16 +123,23 @@ fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed()
     assert!(code == 200 || code == 201, "{code} {body}");
 
     // An online load of 500.
-    let (code, first) = http::post_with_key(
-        &format!("{base}/v1/loads"),
-        ALICE,
-        "load-1",
-        serde_json::json!({"card_uid": uid_hex, "amount_minor": 500,
-            "funding": {"source": "card", "instrument": "tok_visa"}}),
-    );
-    assert_eq!(code, 200, "{first}");
-    let done = relay(&base, &mut card, first);
-    assert_eq!(done["status"], "completed", "{done}");
+    let client = Client::new(&base, ALICE);
+    let loaded = client
+        .load(
+            &mut EmulatedReader {
+                card: &mut card,
+                rng: StdRng::seed_from_u64(5),
+            },
+            &LoadAsk {
+                amount_minor: 500,
+                source: "card",
+                instrument: "tok_visa",
+                idempotency_key: "load-1",
+                vanish: None,
+            },
+        )
+        .unwrap();
+    assert!(loaded.completed().is_some(), "{:?}", loaded.ending);
     let load_tmc = card.state().tmc;
     assert_eq!(card.state().balance_minor, 500);
 
@@ -193,15 +176,17 @@ fn a_franchise_reports_only_what_its_own_sam_did_and_a_reversal_stays_reversed()
     assert_eq!(card.state().balance_minor, 700);
 
     // Item 6: the online load is reversed (refunded)...
-    let (code, first) = http::post_with_key(
-        &format!("{base}/v1/reversals"),
-        ALICE,
-        "rev-1",
-        serde_json::json!({"card_uid": uid_hex, "load_tmc": load_tmc}),
-    );
-    assert_eq!(code, 200, "{first}");
-    let done = relay(&base, &mut card, first);
-    assert_eq!(done["status"], "completed", "{done}");
+    let reversed = client
+        .reverse(
+            &mut EmulatedReader {
+                card: &mut card,
+                rng: StdRng::seed_from_u64(5),
+            },
+            load_tmc,
+            "rev-1",
+        )
+        .unwrap();
+    assert!(reversed.completed().is_some(), "{:?}", reversed.ending);
     assert_eq!(card.state().balance_minor, 200);
     // ... and a terminal holding the debit key cannot give the 500 back.
     let mut validator = SoftwareSam::validator(&keys, 1001).unwrap();
