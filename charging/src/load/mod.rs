@@ -623,6 +623,18 @@ impl LoadService {
         }))
     }
 
+    /// A back-office debit of the session's amount that the card cannot cover: the refusal
+    /// (`insufficient_value`; `what` says what the amount is), or `None`.
+    fn too_little(&self, s: &Session, snap: &CardSnapshot, what: &str) -> Option<Reply> {
+        (snap.balance_minor() < s.request.amount_minor).then(|| {
+            self.refused(
+                s,
+                "insufficient_value",
+                &format!("the card holds {}; {what}", snap.balance_minor()),
+            )
+        })
+    }
+
     /// Funding source names.
     pub fn source_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.sources.keys().cloned().collect();

@@ -296,15 +296,8 @@ impl LoadService {
         now_ms: u64,
     ) -> Result<Result<Decision, Reply>, LoadError> {
         let amount = s.request.amount_minor;
-        if snap.balance_minor() < amount {
-            return Ok(Err(self.refused(
-                s,
-                "insufficient_value",
-                &format!(
-                    "the card holds {}; the payment is {amount}",
-                    snap.balance_minor()
-                ),
-            )));
+        if let Some(refusal) = self.too_little(s, snap, &format!("the payment is {amount}")) {
+            return Ok(Err(refusal));
         }
         let uid = snap.uid();
         let mut intent = LoadIntent {

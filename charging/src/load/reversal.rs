@@ -88,15 +88,9 @@ impl LoadService {
         now_ms: u64,
     ) -> Result<Result<Decision, Reply>, LoadError> {
         let amount = s.request.amount_minor;
-        if snap.balance_minor() < amount {
-            return Ok(Err(self.refused(
-                s,
-                "insufficient_value",
-                &format!(
-                    "the card holds {}; the load of {amount} was partly spent",
-                    snap.balance_minor()
-                ),
-            )));
+        let partly_spent = format!("the load of {amount} was partly spent");
+        if let Some(refusal) = self.too_little(s, snap, &partly_spent) {
+            return Ok(Err(refusal));
         }
         let uid = snap.uid();
         let (tmc, balance) = (snap.tmc(), snap.balance_minor());
