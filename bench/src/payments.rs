@@ -39,10 +39,55 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         });
     let base = server.base.clone();
     let agent = ureq::AgentBuilder::new().build();
-    let load_keys = |c: u64| (0..per_client).map(move |i| format!("l{c}-{i}"));
-    crate::loads::register_tokens(&agent, &base, (0..clients).flat_map(load_keys))?;
+    crate::loads::register_tokens(
+        &agent,
+        &base,
+        (0..clients).flat_map(|c| load_keys(c, per_client)),
+    )?;
+    let mut work = payments_made(&base, &hsm, clients, per_client)?;
 
-    // Before the clock: each client's card issued with value, and its payments made.
+    // Loads, then payments, each phase timed on its own.
+    let t0 = Instant::now();
+    drive_loads(&agent, &base, &hsm, clients, per_client)?;
+    let loads_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let round_trips = drive_payments(&agent, &base, &mut work)?;
+    let payments_s = t1.elapsed().as_secs_f64();
+
+    let done = clients * per_client;
+    conserved(&server, &work, done)?;
+    let (payments_per_s, loads_per_s) = (done as f64 / payments_s, done as f64 / loads_s);
+    Ok(vec![
+        ("clients", clients.into()),
+        ("payments", done.into()),
+        ("payments_per_s", (payments_per_s.round() as u64).into()),
+        (
+            "round_trips_per_payment",
+            (round_trips as f64 / done as f64).into(),
+        ),
+        ("loads", done.into()),
+        ("loads_per_s", (loads_per_s.round() as u64).into()),
+        (
+            "ratio_to_loads",
+            ((payments_per_s / loads_per_s * 100.0).round() / 100.0).into(),
+        ),
+        ("hsm", "software".into()),
+    ])
+}
+
+/// Client `c`'s idempotency keys for its `per_client` loads (`l<c>-<i>`).
+fn load_keys(c: u64, per_client: u64) -> impl Iterator<Item = String> {
+    (0..per_client).map(move |i| format!("l{c}-{i}"))
+}
+
+/// Before the clock: each client's card issued with value, and its payments made by the
+/// merchant. (card, payment ids) a client.
+fn payments_made(
+    base: &str,
+    hsm: &SoftwareHsm,
+    clients: u64,
+    per_client: u64,
+) -> anyhow::Result<Vec<(Card, Vec<String>)>> {
     let expires = charging::api::rfc3339(
         u64::try_from(
             std::time::SystemTime::now()
@@ -78,20 +123,28 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         }
         work.push((card, ids));
     }
+    Ok(work)
+}
 
-    // Loads, then payments, each phase timed on its own.
-    let t0 = Instant::now();
+/// `clients` threads each load a card of their own `per_client` times.
+fn drive_loads(
+    agent: &ureq::Agent,
+    base: &str,
+    hsm: &SoftwareHsm,
+    clients: u64,
+    per_client: u64,
+) -> anyhow::Result<()> {
     std::thread::scope(|s| -> anyhow::Result<()> {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
-                let (agent, base, hsm) = (agent.clone(), base.clone(), &hsm);
+                let (agent, base) = (agent.clone(), base.to_string());
                 s.spawn(move || -> anyhow::Result<()> {
                     let uid = [0x04, 0xBE, 0x10, 0, 0, (c >> 8) as u8, c as u8];
                     let mut card = Card::personalise(
                         &Personalisation::transit(uid, 0),
                         hsm.card_keys(&uid, 1)?,
                     );
-                    for key in load_keys(c) {
+                    for key in load_keys(c, per_client) {
                         crate::loads::relay(&agent, &base, &mut card, &key, 100)?;
                     }
                     Ok(())
@@ -103,16 +156,21 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                 .map_err(|_| anyhow::anyhow!("a load client panicked"))??;
         }
         Ok(())
-    })?;
-    let loads_s = t0.elapsed().as_secs_f64();
+    })
+}
 
-    let t1 = Instant::now();
-    let round_trips = std::thread::scope(|s| -> anyhow::Result<u64> {
+/// One thread a client pays its payments with its card; the round trips they took.
+fn drive_payments(
+    agent: &ureq::Agent,
+    base: &str,
+    work: &mut [(Card, Vec<String>)],
+) -> anyhow::Result<u64> {
+    std::thread::scope(|s| -> anyhow::Result<u64> {
         let handles: Vec<_> = work
             .iter_mut()
             .enumerate()
             .map(|(c, (card, ids))| {
-                let client = Client::with_agent(agent.clone(), &base, crate::loads::TOKEN);
+                let client = Client::with_agent(agent.clone(), base, crate::loads::TOKEN);
                 s.spawn(move || -> anyhow::Result<u64> {
                     let mut trips = 0u64;
                     for (i, id) in ids.iter().enumerate() {
@@ -139,12 +197,16 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
                 .map_err(|_| anyhow::anyhow!("a payment client panicked"))??;
         }
         Ok(total)
-    })?;
-    let payments_s = t1.elapsed().as_secs_f64();
+    })
+}
 
-    // Every payment booked once, every card as the ledger says.
+/// Every payment booked once, every card as the ledger says.
+fn conserved(
+    server: &tapgate_testkit::charging::ChargingServer,
+    work: &[(Card, Vec<String>)],
+    done: u64,
+) -> anyhow::Result<()> {
     let ledger = server.state.loads.ledger();
-    let done = clients * per_client;
     let merchant = ledger.read()?.balance("merchant:rail-shop")?;
     anyhow::ensure!(
         merchant == i64::try_from(done * 100)?,
@@ -161,21 +223,5 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         conserved.payments_paid_twice == 0 && conserved.cards_out_of_balance == 0,
         "{conserved:?}"
     );
-    let (payments_per_s, loads_per_s) = (done as f64 / payments_s, done as f64 / loads_s);
-    Ok(vec![
-        ("clients", clients.into()),
-        ("payments", done.into()),
-        ("payments_per_s", (payments_per_s.round() as u64).into()),
-        (
-            "round_trips_per_payment",
-            (round_trips as f64 / done as f64).into(),
-        ),
-        ("loads", done.into()),
-        ("loads_per_s", (loads_per_s.round() as u64).into()),
-        (
-            "ratio_to_loads",
-            ((payments_per_s / loads_per_s * 100.0).round() / 100.0).into(),
-        ),
-        ("hsm", "software".into()),
-    ])
+    Ok(())
 }
