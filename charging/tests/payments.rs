@@ -989,3 +989,80 @@ fn above_the_amount_its_holder_chose_a_card_pays_only_with_its_pin() {
     assert_eq!(card.state().balance_minor, 5_000 - 500 - 501 - 600);
     w.conserved(&[&card]);
 }
+
+#[test]
+fn the_running_server_notifies_the_merchant_on_its_own() {
+    use std::sync::atomic::Ordering;
+    let w = world();
+    let rx = receiver();
+    rx.down.store(false, Ordering::SeqCst);
+    let mut card = w.card(98, 5_000, "alice");
+    let (code, body) = post(
+        &w.url("/v1/merchant/payments"),
+        SHOP,
+        json!({
+            "amount_minor": 250, "currency": "EUR", "order_id": "ticked",
+            "expires": rfc3339_in(600), "notify_url": rx.url,
+        }),
+    );
+    assert_eq!(code, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    completed(&w.pay(ALICE, &mut card, &id, "t", None));
+    // The server's own tick (every 5 s) sends it: no call from the test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while rx.seen.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notification within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let seen = rx.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "sent once");
+    let v: Value = serde_json::from_slice(&seen[0].1).unwrap();
+    assert_eq!(v["payment"]["id"].as_str(), Some(id.as_str()));
+    w.conserved(&[&card]);
+}
+
+#[test]
+fn a_torn_payment_is_settled_by_the_cards_next_load() {
+    let w = world();
+    let mut card = w.card(99, 5_000, "alice");
+    let id = w.payment_id(SHOP, "torn-then-load", 800);
+    let torn = w.pay(
+        ALICE,
+        &mut card,
+        &id,
+        "tl1",
+        Some(Vanish::AfterIns(purse::apdu::ins::COMMIT_TRANSACTION)),
+    );
+    assert!(matches!(torn, Ending::Vanished { .. }), "{torn:?}");
+    card.remove_from_field();
+    assert_eq!(
+        card.state().balance_minor,
+        4_200,
+        "the card made the payment"
+    );
+    let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(p["state"], "pending", "{p}");
+    // The card's next contact is a load: it settles the payment first.
+    tapgate_testkit::charging::register_instrument(&w.srv.base, ALICE, "card", "tok_visa_tl");
+    let mut reader = EmulatedReader {
+        card: &mut card,
+        rng: StdRng::seed_from_u64(17),
+    };
+    let ask = charging::client::LoadAsk {
+        amount_minor: 1_000,
+        source: "card",
+        instrument: "tok_visa_tl",
+        idempotency_key: "load-after",
+        vanish: None,
+    };
+    let loaded = w.client(ALICE).load(&mut reader, &ask).unwrap();
+    assert!(loaded.completed().is_some(), "{loaded:?}");
+    let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(p["state"], "completed", "{p}");
+    assert_eq!(w.balance("merchant:rail-shop"), 800);
+    assert_eq!(card.state().balance_minor, 5_200);
+    w.conserved(&[&card]);
+}
