@@ -81,6 +81,18 @@ fn the_operations_page_stands_the_system_up() {
             .any(|l| l.contains(",1400,KRW,Enter,1001,Central,") && l.ends_with(",M1")),
         "{all}"
     );
+    // The charging server's /metrics counts clearing.
+    assert!(
+        out.lines().any(|l| l
+            .strip_prefix("tapgate_charging_clearing_taps_booked_total ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)),
+        "{all}"
+    );
+    assert!(
+        out.contains("tapgate_charging_clearing_anomalies_total{kind=\"clone\"} 0"),
+        "{all}"
+    );
     let last = out.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("reconciled 20 cards") && last.ends_with("20 balanced, 0 differences"),

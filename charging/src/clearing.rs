@@ -32,6 +32,8 @@ use crate::ledger::{
 use purse::receipt::{TxClaim, TxKind};
 use purse::sam::{Hsm, TmacVerified};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// The batch wire format, shared with the gateway: [`purse::batch`].
@@ -189,6 +191,101 @@ fn stored_answer(
 /// Most taps in one batch.
 pub const BATCH_MAX_TAPS: usize = 10_000;
 
+/// Clearing's counters since the server started (`GET /metrics`): batches booked, taps booked
+/// and found duplicate, cards blocked and learned, loads voided and completed, anomalies by
+/// kind (refused taps all counted, not only the listed examples).
+#[derive(Debug, Default)]
+pub struct ClearingStats {
+    batches: AtomicU64,
+    taps_booked: AtomicU64,
+    taps_duplicate: AtomicU64,
+    cards_blocked: AtomicU64,
+    cards_learned: AtomicU64,
+    loads_voided: AtomicU64,
+    loads_completed: AtomicU64,
+    anomalies: Mutex<BTreeMap<String, u64>>,
+}
+
+/// The anomaly kinds a batch raises (each is shown, at 0 until it happens).
+const ANOMALY_KINDS: [&str; 5] = [
+    "clone",
+    "forged_tmac",
+    "limited_credit_after_reversal",
+    "malformed",
+    "negative_shadow",
+];
+
+impl ClearingStats {
+    /// Counts a batch booked now (not a stored answer to a retry).
+    fn count(&self, o: &BatchOutcome) {
+        let add = |c: &AtomicU64, n: u32| c.fetch_add(u64::from(n), Ordering::Relaxed);
+        add(&self.batches, 1);
+        add(&self.taps_booked, o.cleared);
+        add(&self.taps_duplicate, o.duplicates);
+        add(&self.cards_blocked, o.cards_blocked);
+        add(&self.cards_learned, o.cards_learned);
+        add(&self.loads_voided, o.loads_voided);
+        add(&self.loads_completed, o.loads_completed);
+        let Ok(mut by_kind) = self.anomalies.lock() else {
+            return;
+        };
+        for r in &o.rejected {
+            *by_kind.entry(r.kind.clone()).or_default() += u64::from(r.count);
+        }
+        for a in &o.anomalies {
+            if a.kind != "forged_tmac" && a.kind != "malformed" {
+                *by_kind.entry(a.kind.clone()).or_default() += 1;
+            }
+        }
+    }
+
+    /// The Prometheus text of the counters.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, c) in [
+            ("batches", &self.batches),
+            ("taps_booked", &self.taps_booked),
+            ("taps_duplicate", &self.taps_duplicate),
+            ("cards_blocked", &self.cards_blocked),
+            ("cards_learned", &self.cards_learned),
+            ("loads_voided", &self.loads_voided),
+            ("loads_completed", &self.loads_completed),
+        ] {
+            let name = format!("tapgate_charging_clearing_{name}_total");
+            out.push_str(&format!(
+                "# TYPE {name} counter\n{name} {}\n",
+                c.load(Ordering::Relaxed)
+            ));
+        }
+        let name = "tapgate_charging_clearing_anomalies_total";
+        out.push_str(&format!("# TYPE {name} counter\n"));
+        let mut by_kind = self.anomalies.lock().map(|m| m.clone()).unwrap_or_default();
+        for k in ANOMALY_KINDS {
+            by_kind.entry(k.to_string()).or_default();
+        }
+        for (kind, n) in by_kind {
+            out.push_str(&format!("{name}{{kind=\"{kind}\"}} {n}\n"));
+        }
+        out
+    }
+}
+
+/// [`clear_batch`], counted into `stats` when the batch is booked now (a retried batch's
+/// stored answer is not counted again).
+pub fn clear_batch_counted(
+    ledger: &Ledger,
+    hsm: &Mutex<Box<dyn Hsm + Send>>,
+    batch: ClearingBatch,
+    now_ms: u64,
+    stats: &ClearingStats,
+) -> Result<BatchOutcome, ClearingError> {
+    let (outcome, fresh) = clear(ledger, hsm, batch, now_ms)?;
+    if fresh {
+        stats.count(&outcome);
+    }
+    Ok(outcome)
+}
+
 /// Clears one batch.
 pub fn clear_batch(
     ledger: &Ledger,
@@ -196,6 +293,16 @@ pub fn clear_batch(
     batch: ClearingBatch,
     now_ms: u64,
 ) -> Result<BatchOutcome, ClearingError> {
+    clear(ledger, hsm, batch, now_ms).map(|(outcome, _)| outcome)
+}
+
+/// Clears one batch; whether it was booked now (`false`: the stored answer of a retry).
+fn clear(
+    ledger: &Ledger,
+    hsm: &Mutex<Box<dyn Hsm + Send>>,
+    batch: ClearingBatch,
+    now_ms: u64,
+) -> Result<(BatchOutcome, bool), ClearingError> {
     if batch.batch_id.is_empty() || batch.batch_id.len() > 256 {
         return Err(ClearingError::BadRequest(
             "batch_id must be 1 to 256 characters".into(),
@@ -218,7 +325,7 @@ pub fn clear_batch(
         let r = ledger.read()?;
         if let Some(v) = r.idempotent(&key)? {
             if let Some(o) = stored_answer(v, &batch.batch_id, &digest)? {
-                return Ok(o);
+                return Ok((o, false));
             }
         }
     }
@@ -233,7 +340,7 @@ pub fn clear_batch(
     let booked = ledger.transact(move |t| {
         if let Some(v) = t.idempotent(&stored_key)? {
             match stored_answer(v, &done.batch_id, &digest) {
-                Ok(Some(o)) => return Ok(o), // a concurrent retry won
+                Ok(Some(o)) => return Ok((o, false)), // a concurrent retry won
                 Ok(None) => {}
                 // Answered for other taps meanwhile: fail this attempt; the retry gets the 409.
                 Err(e) => return Err(LedgerError::Commit(e.to_string())),
@@ -248,7 +355,7 @@ pub fn clear_batch(
         let mut stored = serde_json::to_value(&done).expect("outcome serialises");
         stored["taps_sha256"] = digest.clone().into();
         t.put_idempotent(&stored_key, &stored)?;
-        Ok(done)
+        Ok((done, true))
     })?;
     Ok(booked)
 }

@@ -274,6 +274,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         ),
         clock,
         metrics: prometheus::Registry::new(),
+        clearing: Default::default(),
         operator: cfg.operator.clone(),
         gateway_operators: Arc::new(cfg.gateway_operators.clone()),
         metrics_public: cfg.metrics_public,

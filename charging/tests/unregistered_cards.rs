@@ -218,3 +218,39 @@ fn a_card_blocked_as_a_clone_is_reported_by_reconciliation() {
     let json = serde_json::to_value(d).unwrap();
     assert_eq!(json["cause"], "clone", "{json}");
 }
+
+#[test]
+fn clearing_counts_batches_taps_and_anomalies_by_kind_once() {
+    let mut rig = rig();
+    let stats = charging::clearing::ClearingStats::default();
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 10];
+    let keys = rig.hsm.card_keys(&uid, 1).unwrap();
+    let mut card = Card::personalise(&Personalisation::transit(uid, 5_000), keys);
+    let mut copy = Card::power_on(card.nvm().clone(), rig.hsm.card_keys(&uid, 1).unwrap());
+    let d1 = debit(&mut rig.sam, &mut card, 100);
+    let d2 = debit(&mut rig.sam, &mut card, 200);
+    let fake1 = debit(&mut rig.sam, &mut copy, 300);
+    let batch = |id: &str, taps: Vec<ClearingTap>| ClearingBatch {
+        batch_id: id.into(),
+        taps,
+    };
+    let count = |b| {
+        charging::clearing::clear_batch_counted(rig.svc.ledger(), rig.svc.hsm(), b, T0, &stats)
+            .unwrap()
+    };
+    count(batch("b1", vec![tap(&d1, 1), tap(&d2, 2)]));
+    // The gateway lost the answer and sends the same batch again: not counted twice.
+    count(batch("b1", vec![tap(&d1, 1), tap(&d2, 2)]));
+    count(batch("b2", vec![tap(&fake1, 3)]));
+    let text = stats.render();
+    for line in [
+        "tapgate_charging_clearing_batches_total 2",
+        "tapgate_charging_clearing_taps_booked_total 2",
+        "tapgate_charging_clearing_cards_learned_total 1",
+        "tapgate_charging_clearing_cards_blocked_total 1",
+        "tapgate_charging_clearing_anomalies_total{kind=\"clone\"} 1",
+        "tapgate_charging_clearing_anomalies_total{kind=\"forged_tmac\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
+    }
+}

@@ -199,9 +199,11 @@ pub(super) async fn clearing_batch(
     batch.batch_id = format!("{}/{}", caller.name, batch.batch_id);
     let now = (st.clock)();
     let loads = st.loads.clone();
+    let stats = st.clearing.clone();
     let out = blocking(move || {
-        let mut out = crate::clearing::clear_batch(loads.ledger(), loads.hsm(), batch, now)
-            .map_err(|e| match e {
+        let mut out =
+            crate::clearing::clear_batch_counted(loads.ledger(), loads.hsm(), batch, now, &stats)
+                .map_err(|e| match e {
                 crate::clearing::ClearingError::BadRequest(d) => ApiError::BadRequest(d),
                 crate::clearing::ClearingError::Conflict(d) => ApiError::Conflict(d),
                 other => ApiError::Internal(other.to_string()),

@@ -170,6 +170,8 @@ pub struct AppState {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Prometheus registry.
     pub metrics: prometheus::Registry,
+    /// Clearing's counters (`/metrics`).
+    pub clearing: Arc<crate::clearing::ClearingStats>,
     /// Per-caller rate limit on starting loads.
     pub rate: Arc<RateLimiter>,
     /// The operator id blocklists are signed for.
@@ -279,6 +281,7 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
     ] {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
+    out.push_str(&st.clearing.render());
     let encoder = prometheus::TextEncoder::new();
     if let Ok(s) = encoder.encode_to_string(&st.metrics.gather()) {
         out.push_str(&s);
