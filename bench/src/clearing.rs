@@ -12,7 +12,7 @@ use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
 use charging::ledger::Ledger;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
-use purse::receipt::TxKind;
+use purse::receipt::{CommitReceipt, TxKind};
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::SeedableRng;
@@ -24,22 +24,68 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let batch_taps = 1_000usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
-    let hsm = SoftwareHsm::new(&keys)?;
-    let mut sam = SoftwareSam::validator(&keys, 1001)?;
-    let cards_n = 1_000u64;
-    let mut cards: Vec<Card> = (0..cards_n)
+    let mut cards = cards(&SoftwareHsm::new(&keys)?, 1_000)?;
+    let cards_issued: Vec<[u8; 7]> = cards.iter().map(|c| c.state().uid).collect();
+    let (taps, receipts) = debits(&keys, &mut cards, &mut rng, n)?;
+    let dir = tempfile::tempdir()?;
+    let ledger = Ledger::open(dir.path(), 4 << 30)?;
+    {
+        // The cards were issued: their personalised value is in the ledger.
+        let issued = cards_issued.clone();
+        ledger.transact(move |t| {
+            for c in &issued {
+                t.issue_card(c, i32::MAX / 2, "issue", 0)?;
+            }
+            Ok(())
+        })?;
+    }
+    let t = clear_beside_limits(&keys, &ledger, &cards_issued, &taps, &receipts, batch_taps)?;
+    let raw_tmac_per_s = n as f64 / t.tmac_s;
+    let raw_commit_per_s = n as f64 / t.commit_s;
+    let taps_per_s = t.cleared as f64 / t.clearing_s;
+    Ok(vec![
+        ("taps", t.cleared.into()),
+        ("batch_taps", (batch_taps as u64).into()),
+        ("taps_per_s", (taps_per_s as u64).into()),
+        (
+            "batches_per_s",
+            (((t.cleared as f64 / batch_taps as f64) / t.clearing_s) as u64).into(),
+        ),
+        ("raw_tmac_per_s", (raw_tmac_per_s as u64).into()),
+        ("raw_commit_per_s", (raw_commit_per_s as u64).into()),
+        (
+            "ratio",
+            crate::limits::ratio(taps_per_s, raw_tmac_per_s.min(raw_commit_per_s)),
+        ),
+    ])
+}
+
+/// `count` transit cards with room for every debit, their keys from `hsm`.
+fn cards(hsm: &SoftwareHsm, count: u64) -> anyhow::Result<Vec<Card>> {
+    (0..count)
         .map(|i| {
             let mut uid = [0x04, 0, 0, 0, 0, 0, 9];
             uid[1..5].copy_from_slice(&(i as u32).to_be_bytes());
             let mut p = Personalisation::transit(uid, i32::MAX / 2);
             p.upper_limit_minor = i32::MAX;
-            Card::personalise(&p, hsm.card_keys(&uid, 1).expect("keys"))
+            Ok(Card::personalise(&p, hsm.card_keys(&uid, 1)?))
         })
-        .collect();
-    let cards_issued: Vec<[u8; 7]> = cards.iter().map(|c| c.state().uid).collect();
+        .collect()
+}
+
+/// `n` real debits round the cards through validator 1001's SAM: the taps as a gateway
+/// forwards them, and their receipts (for the transaction-MAC limit).
+fn debits(
+    keys: &KeySet,
+    cards: &mut [Card],
+    rng: &mut rand::rngs::StdRng,
+    n: u64,
+) -> anyhow::Result<(Vec<ClearingTap>, Vec<CommitReceipt>)> {
+    let mut sam = SoftwareSam::validator(keys, 1001)?;
     let mut taps = Vec::with_capacity(n as usize);
     let mut receipts = Vec::with_capacity(n as usize);
     let mut card_rng = rand::rngs::StdRng::seed_from_u64(2);
+    let cards_n = cards.len() as u64;
     for i in 0..n {
         let card = &mut cards[(i % cards_n) as usize];
         let mut reader = EmulatedReader {
@@ -47,7 +93,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             rng: &mut card_rng,
         };
         let Outcome::Committed { receipt, .. } =
-            txn::debit(&mut reader, &mut sam, &mut rng, |_| Decision::Apply {
+            txn::debit(&mut reader, &mut sam, &mut *rng, |_| Decision::Apply {
                 amount_minor: 125,
                 record: None,
             })?
@@ -74,25 +120,32 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         });
         receipts.push(receipt);
     }
-    let dir = tempfile::tempdir()?;
-    let ledger = Ledger::open(dir.path(), 4 << 30)?;
-    {
-        // The cards were issued: their personalised value is in the ledger.
-        let issued = cards_issued.clone();
-        ledger.transact(move |t| {
-            for c in &issued {
-                t.issue_card(c, i32::MAX / 2, "issue", 0)?;
-            }
-            Ok(())
-        })?;
-    }
-    // The limits, batch by batch in alternation with the clearing (so that all three meet the
-    // same disk and the same load from other processes): the batch's transaction-MAC checks
-    // alone, then its LMDB puts alone, then the batch cleared.
-    let raw_hsm = SoftwareHsm::new(&keys)?;
-    let mut raw_ledger = RawLedger::open(&cards_issued)?;
+    Ok((taps, receipts))
+}
+
+/// The seconds spent on each, and the taps cleared.
+struct Timings {
+    tmac_s: f64,
+    commit_s: f64,
+    clearing_s: f64,
+    cleared: u64,
+}
+
+/// The limits, batch by batch in alternation with the clearing (so that all three meet the
+/// same disk and the same load from other processes): the batch's transaction-MAC checks
+/// alone, then its LMDB puts alone, then the batch cleared.
+fn clear_beside_limits(
+    keys: &KeySet,
+    ledger: &Ledger,
+    cards_issued: &[[u8; 7]],
+    taps: &[ClearingTap],
+    receipts: &[CommitReceipt],
+    batch_taps: usize,
+) -> anyhow::Result<Timings> {
+    let raw_hsm = SoftwareHsm::new(keys)?;
+    let mut raw_ledger = RawLedger::open(cards_issued)?;
     let (mut tmac_s, mut commit_s, mut clearing_s) = (0.0f64, 0.0f64, 0.0f64);
-    let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(&keys)?));
+    let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(keys)?));
     let mut cleared = 0u64;
     for (b, (chunk, receipts)) in taps
         .chunks(batch_taps)
@@ -109,7 +162,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         commit_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let out = clear_batch(
-            &ledger,
+            ledger,
             &hsm,
             ClearingBatch {
                 batch_id: format!("b{b}"),
@@ -126,24 +179,12 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         );
         cleared += u64::from(out.cleared);
     }
-    let raw_tmac_per_s = n as f64 / tmac_s;
-    let raw_commit_per_s = n as f64 / commit_s;
-    let taps_per_s = cleared as f64 / clearing_s;
-    Ok(vec![
-        ("taps", cleared.into()),
-        ("batch_taps", (batch_taps as u64).into()),
-        ("taps_per_s", (taps_per_s as u64).into()),
-        (
-            "batches_per_s",
-            (((cleared as f64 / batch_taps as f64) / clearing_s) as u64).into(),
-        ),
-        ("raw_tmac_per_s", (raw_tmac_per_s as u64).into()),
-        ("raw_commit_per_s", (raw_commit_per_s as u64).into()),
-        (
-            "ratio",
-            crate::limits::ratio(taps_per_s, raw_tmac_per_s.min(raw_commit_per_s)),
-        ),
-    ])
+    Ok(Timings {
+        tmac_s,
+        commit_s,
+        clearing_s,
+        cleared,
+    })
 }
 
 /// The LMDB puts of clearing batches of taps, alone, with one fsynced commit per batch, in an
