@@ -285,6 +285,9 @@ fn report(
     let total = lat.len() as u64;
     let loads_per_s = total as f64 / d.wall.as_secs_f64();
     let round_trips_per_load = plan.len() as u64;
+    let bytes = |f: fn(&crate::limits::RoundTrip) -> usize| -> u64 {
+        plan.iter().map(|r| f(r) as u64).sum()
+    };
     vec![
         ("hsm", hsm_kind.into()),
         ("loads", total.into()),
@@ -312,25 +315,11 @@ fn report(
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .into(),
         ),
-        (
-            "round_trips",
-            plan.iter()
-                .map(|r| {
-                    format!(
-                        "{}: {} B / {} B",
-                        r.request_line, r.request_bytes, r.response_bytes
-                    )
-                })
-                .collect::<Vec<_>>()
-                .into(),
-        ),
-        (
-            "request_bytes_per_load",
-            (plan.iter().map(|r| r.request_bytes as u64).sum::<u64>()).into(),
-        ),
+        ("round_trips", described(plan).into()),
+        ("request_bytes_per_load", bytes(|r| r.request_bytes).into()),
         (
             "response_bytes_per_load",
-            (plan.iter().map(|r| r.response_bytes as u64).sum::<u64>()).into(),
+            bytes(|r| r.response_bytes).into(),
         ),
         ("raw_round_trips_per_s", (raw_per_s.round() as u64).into()),
         (
@@ -349,4 +338,16 @@ fn report(
             crate::limits::ratio(loads_per_s * round_trips_per_load as f64, raw_per_s),
         ),
     ]
+}
+
+/// Each recorded round trip as `<request line>: <request bytes> B / <response bytes> B`.
+fn described(plan: &[crate::limits::RoundTrip]) -> Vec<String> {
+    plan.iter()
+        .map(|r| {
+            format!(
+                "{}: {} B / {} B",
+                r.request_line, r.request_bytes, r.response_bytes
+            )
+        })
+        .collect()
 }
