@@ -81,6 +81,15 @@ fn the_operations_page_stands_the_system_up() {
             .any(|l| l.contains(",1400,KRW,Enter,1001,Central,") && l.ends_with(",M1")),
         "{all}"
     );
+    // Cards that tapped before their registration were learned, not booked below zero.
+    assert!(out.contains("{\"anomalies\":[],\"last_seq\":0}"), "{all}");
+    assert!(
+        out.lines().any(|l| l
+            .strip_prefix("tapgate_charging_clearing_cards_learned_total ")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)),
+        "some cards tapped before step 10 registered them: {all}"
+    );
     // The charging server's /metrics counts clearing.
     assert!(
         out.lines().any(|l| l
