@@ -204,6 +204,13 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
     })?;
 
     print_summary(cfg.device_id, &summary, a.json)?;
+    let fare_errors = summary.taps_refused.get("fare_error").copied().unwrap_or(0);
+    if fare_errors > 0 && summary.taps_accepted == 0 {
+        eprintln!(
+            "warning: all {fare_errors} priced taps were refused as fare_error: the fare table cannot price this gate; check stop, route and kind in {} against the table (`tapgate fare explain`)",
+            path.display()
+        );
+    }
     if summary.outbox_left > 0 {
         let why = if cfg.mqtt.is_some() {
             "the gateway has not confirmed them"

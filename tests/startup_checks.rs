@@ -220,3 +220,46 @@ fn a_refused_login_is_logged_once_by_each_side() {
     );
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// A table that cannot price any tap at this gate (here a GTFS feed whose routes list no stops,
+/// so the start-up check cannot tell): the validator says so at exit.
+#[test]
+fn a_gate_the_table_cannot_price_is_said_at_exit() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    keys_and_fare_table(dir, PASS, "metro-city/rules.toml", "metro.tgft");
+    let feed = format!(
+        "{}/fare-rules/tests/gtfs-feeds/timeframes",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let o = tapgate(
+        dir,
+        &[
+            "fare", "compile", &feed, "--keys", "keys", "--out", "tf.tgft",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(
+        dir.join("v.toml"),
+        validator_toml("capitol", "keys", "journal", "")
+            .replace(
+                "route = \"M1\"\nkind = \"in\"",
+                "route = \"red\"\nkind = \"entry\"",
+            )
+            .replace("metro.tgft", "tf.tgft"),
+    )
+    .unwrap();
+    let o = tapgate(
+        dir,
+        &["validator", "--config", "v.toml", "--crowd-taps", "3"],
+        &[],
+    );
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("warning: all 3 priced taps were refused as fare_error")
+            && e.contains("check stop, route and kind in v.toml"),
+        "{e}"
+    );
+}
