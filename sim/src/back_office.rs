@@ -21,6 +21,8 @@ pub const GATEWAY: &str = "tg_demo_gateway";
 pub const HOTEL_GATEWAY: &str = "tg_demo_hotel_gateway";
 /// The operator's token (cards, blocks).
 pub const OPS: &str = "tg_demo_operator";
+/// The rail ticket office's merchant token (its account is `merchant:<crate::shop::MERCHANT>`).
+pub const RAIL_SHOP: &str = "tg_demo_rail_tickets";
 
 /// Rider `i`'s cardholder token (its account is `rider-<i>`).
 pub fn rider_token(i: u32) -> String {
@@ -42,8 +44,8 @@ pub struct BackOffice {
 
 impl BackOffice {
     /// The server's configuration: its data under `data`, a token per rider, the airline, the
-    /// two gateways (the hotel's books only to "hotel") and the operator, the mileage programme
-    /// and the mall.
+    /// two gateways (the hotel's books only to "hotel"), the operator and the rail ticket office
+    /// (a merchant), the mileage programme and the mall.
     pub fn config(
         data: &Path,
         riders: u32,
@@ -65,6 +67,7 @@ impl BackOffice {
             token("gateway", Role::Gateway, GATEWAY),
             token("hotel-gateway", Role::Gateway, HOTEL_GATEWAY),
             token("ops", Role::Operator, OPS),
+            token(crate::shop::MERCHANT, Role::Merchant, RAIL_SHOP),
         ];
         for i in 0..riders {
             cfg.tokens.push(token(
@@ -129,13 +132,26 @@ impl BackOffice {
         token: &str,
         body: serde_json::Value,
     ) -> Result<serde_json::Value, SimError> {
+        self.post_keyed(path, token, None, body)
+    }
+
+    /// [`BackOffice::post`] with an `Idempotency-Key` header.
+    pub fn post_keyed(
+        &self,
+        path: &str,
+        token: &str,
+        idempotency_key: Option<&str>,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, SimError> {
         let url = format!("{}{path}", self.base);
-        match self
+        let mut req = self
             .agent
             .post(&url)
-            .set("Authorization", &format!("Bearer {token}"))
-            .send_json(body)
-        {
+            .set("Authorization", &format!("Bearer {token}"));
+        if let Some(key) = idempotency_key {
+            req = req.set("Idempotency-Key", key);
+        }
+        match req.send_json(body) {
             Ok(r) => Ok(r.into_json().unwrap_or_default()),
             Err(ureq::Error::Status(status, r)) => {
                 let b: serde_json::Value = r.into_json().unwrap_or_default();

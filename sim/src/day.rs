@@ -2,19 +2,22 @@
 //! broker and gateways, the validators' MQTT clients); each tap picks a rider and a gate, maybe
 //! tears the dialogue, books what the gate answered and tops up a rider who ran short; a third
 //! into the day a card is reported lost and blocked, half-way the metro's gateway is killed and
-//! restarted; at the end torn cards meet their gate again, every tap is confirmed and cleared,
-//! and the ledger is checked against the cards.
+//! restarted; every [`SALE_EVERY_TAPS`] taps a rider buys a train ticket online from the rail
+//! ticket office ([`crate::shop`]); at the end torn cards meet their gate again (and the office
+//! online), every tap is confirmed and cleared, and the ledger is checked against the cards and
+//! the merchant's books.
 
 use crate::back_office::BackOffice;
 use crate::check::{self, Conservation};
-use crate::faults::{pick_tear, Tear, TornReader};
+use crate::faults::{pick_tear, pick_vanish, Tear, TornReader};
 use crate::fleet::{Device, Fleet, FleetOptions};
 use crate::gates::{tv_sale, Gates, DAY0_MS, FIRST_DEVICE};
 use crate::operators::Operators;
 use crate::riders::{self, Rider};
+use crate::shop::{Shop, MERCHANT, SALE_EVERY_TAPS};
 use crate::tally::{DayReport, Progress, Tally};
 use crate::SimError;
-use charging::client::{Client, LoadAsk, Vanish};
+use charging::client::{Client, LoadAsk};
 use charging::load::Reply;
 use fare_rules::record::TapKind as GateKind;
 use purse::keys::KeySet;
@@ -87,6 +90,8 @@ struct World {
     ops: Operators,
     fleet: Fleet,
     tally: Tally,
+    /// The rail ticket office.
+    shop: Shop,
     /// Simulated time between taps: the day runs 05:00 to 24:00.
     ms_per_tap: u64,
     /// A rider who just tapped out often changes lines right away (a transfer).
@@ -131,6 +136,14 @@ impl World {
             &mut rng,
         )?;
         let fleet = connect_fleet(&rt, &keys, &gates, &ops)?;
+        // The office sells in the card scheme's currency (the metro's).
+        let meta = &gates.table.meta;
+        let shop = Shop::new(
+            cfg.seed,
+            cfg.tear_per_mille,
+            &meta.currency,
+            meta.currency_exponent,
+        );
         Ok(World {
             cfg: cfg.clone(),
             rng,
@@ -142,6 +155,7 @@ impl World {
             ops,
             fleet,
             tally: Tally::default(),
+            shop,
             ms_per_tap: (19 * 3_600_000 / u64::from(cfg.taps.max(1))).max(1),
             next_rider: None,
             _dir: dir,
@@ -159,6 +173,10 @@ impl World {
             Some(ri) => ri,
             None => self.rng.gen_range(0..self.riders.len()),
         };
+        // A torn payment or collection is settled at the card's next contact: the rider goes
+        // back online to the office before tapping.
+        self.shop
+            .next_contact(&self.office, &mut self.riders[ri], &self.hsm)?;
         let vi = self.choose_gate(ri);
         let tear = pick_tear(&mut self.rng, self.cfg.tear_per_mille);
         // The validator holds the blocklist it verified and applied from MQTT.
@@ -180,6 +198,12 @@ impl World {
         }
         if short && self.riders[ri].torn_at.is_none() {
             self.top_up(ri, tap)?;
+        }
+        if tap % SALE_EVERY_TAPS == SALE_EVERY_TAPS / 2 {
+            if let Some(ci) = self.shop.customer(&self.riders) {
+                self.shop
+                    .sell(&self.office, &mut self.riders[ci], &self.hsm)?;
+            }
         }
         Ok(())
     }
@@ -344,14 +368,7 @@ impl World {
                 self.office.buy_voucher(&format!("order-{tap}"), 20_000)?,
             ),
         };
-        let vanish = if self.rng.gen_range(0..1000) < self.cfg.tear_per_mille {
-            Some(Vanish::AtCommand {
-                n: self.rng.gen_range(1..=10),
-                deliver: self.rng.gen_bool(0.5),
-            })
-        } else {
-            None
-        };
+        let vanish = pick_vanish(&mut self.rng, self.cfg.tear_per_mille);
         let key = format!("demo-load-{tap}");
         let ask = LoadAsk {
             amount_minor: 20_000,
@@ -381,12 +398,15 @@ impl World {
         riders::repower(&mut r.card, &self.hsm)
     }
 
-    /// End of day: a card torn at a validator meets it once more (its journal settles the
-    /// debit from the card's counter); a card with a torn load makes a free check-in tap, which
-    /// books the next counter so clearing settles the load.
+    /// End of day: a card with a torn payment or collection goes back online to the office;
+    /// a card torn at a validator meets it once more (its journal settles the debit from the
+    /// card's counter); a card with a torn load makes a free check-in tap, which books the next
+    /// counter so clearing settles the load.
     fn end_of_day(&mut self) -> Result<(), SimError> {
         let end_ms = DAY0_MS + u64::from(self.cfg.taps) * self.ms_per_tap;
         for ri in 0..self.riders.len() {
+            self.shop
+                .next_contact(&self.office, &mut self.riders[ri], &self.hsm)?;
             if let Some(vi) = self.riders[ri].torn_at.take() {
                 self.last_presentation(ri, vi, end_ms)?;
             }
@@ -491,7 +511,11 @@ impl World {
             self.office.state.loads.ledger(),
             self.riders.iter().map(|r| &r.card),
         )?;
+        let books = check::shop_books(self.office.state.loads.ledger(), &[MERCHANT])?;
         self.office.stop(&self.rt);
+        self.tally
+            .payments_by_merchant
+            .insert(MERCHANT.to_string(), self.shop.tally.clone());
         let meta = &self.gates.table.meta;
         let currencies = [
             ("metro", (meta.currency.clone(), meta.currency_exponent)),
@@ -511,6 +535,7 @@ impl World {
             currencies,
             self.ops.restarts,
             cons,
+            books,
         ))
     }
 

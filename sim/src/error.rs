@@ -38,6 +38,9 @@ pub enum SimError {
     /// A load relay failed (not a refusal or a vanished client).
     #[error(transparent)]
     Relay(#[from] charging::client::ClientError),
+    /// The ticket office got an answer its day cannot go on from (a refund not collected).
+    #[error("ticket office: {0}")]
+    Shop(String),
     /// A journal's tap is not where the gate said.
     #[error("{0}")]
     Journal(String),

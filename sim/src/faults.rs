@@ -1,5 +1,6 @@
 //! Faults of a card dialogue: a card pulled away, an answer lost, power lost mid-commit.
 
+use charging::client::Vanish;
 use purse::card::COMMIT_WRITES;
 use purse::txn::{EmulatedReader, Transport, TransportError};
 use rand::rngs::StdRng;
@@ -25,6 +26,19 @@ pub fn pick_tear(rng: &mut StdRng, per_mille: u32) -> Option<Tear> {
         0 => Tear::PullBefore(rng.gen_range(1..=10)),
         1 => Tear::LoseAnswer(rng.gen_range(1..=10)),
         _ => Tear::Power(rng.gen_range(1..=COMMIT_WRITES)),
+    })
+}
+
+/// Draws whether (per mille) and where the cardholder's client vanishes from an online relay
+/// (a load, a payment, a refund's collection): at one of its first ten commands, delivered to
+/// the card or not.
+pub fn pick_vanish(rng: &mut StdRng, per_mille: u32) -> Option<Vanish> {
+    if rng.gen_range(0..1000) >= per_mille {
+        return None;
+    }
+    Some(Vanish::AtCommand {
+        n: rng.gen_range(1..=10),
+        deliver: rng.gen_bool(0.5),
     })
 }
 

@@ -7,7 +7,9 @@
 //! pay-TV box ([`gates`]: the validator crate's `Gate` with a SAM, a signed fare table and an
 //! LMDB journal each); the embedded broker and two gateways ([`operators`]); the validators'
 //! MQTT side ([`fleet`]: store-and-forward, confirmations, blocklists); torn dialogues
-//! ([`faults`]); at the end the ledger checked against every card ([`check`]). The day is
+//! ([`faults`]); a rail ticket office selling tickets online, paid from the riders' cards
+//! through the relay, some torn, some refunded ([`shop`]); at the end the ledger checked
+//! against every card and the merchant's books ([`check`]). The day is
 //! deterministic for a seed and its sizes, but for timings.
 //!
 //! This crate prints nothing: it reports [`day::Event`]s and a [`tally::DayReport`], and the
@@ -23,6 +25,7 @@ pub mod fleet;
 pub mod gates;
 pub mod operators;
 pub mod riders;
+pub mod shop;
 pub mod tally;
 pub mod taps;
 

@@ -25,6 +25,11 @@ pub struct Rider {
     pub trip_network: Option<u16>,
     /// A load whose client vanished (settled by the server at the next load or by clearing).
     pub pending_load: bool,
+    /// A payment to the ticket office whose client vanished: the rider pays it again at the
+    /// card's next contact, which settles the torn one first (see [`crate::shop`]): its id and amount.
+    pub pending_payment: Option<(String, i32)>,
+    /// A refund whose collection was torn: collected again at the card's next contact.
+    pub pending_refund: Option<(String, i32)>,
 }
 
 /// Rider `i`'s card UID.
@@ -76,6 +81,8 @@ pub fn issue(
             torn_at: None,
             trip_network: None,
             pending_load: false,
+            pending_payment: None,
+            pending_refund: None,
         });
     }
     Ok(riders)

@@ -1,6 +1,6 @@
 //! What the day counts as it goes, and its report.
 
-use crate::check::Conservation;
+use crate::check::{Conservation, ShopBooks};
 use purse::card::Card;
 use purse::tap::RefusalReason;
 use std::collections::BTreeMap;
@@ -72,6 +72,49 @@ pub struct Tally {
     pub block_propagation_ms: Vec<u64>,
     /// Whether a lost card was blocked during the day.
     pub lost_card_blocked: bool,
+    /// Online payments and refunds, by merchant (its account name).
+    pub payments_by_merchant: BTreeMap<String, MerchantTally>,
+}
+
+/// One merchant's online payments and refunds in the day, as the cardholders' clients saw them.
+#[derive(Default, Debug, Clone)]
+pub struct MerchantTally {
+    /// The payments' currency (the card scheme's).
+    pub currency: String,
+    /// Its minor-unit exponent.
+    pub exponent: u8,
+    /// Payments the merchant made (one per order).
+    pub payments_made: u64,
+    /// Payments paid (torn ones settled as paid included).
+    pub payments_completed: u64,
+    /// What they paid, minor units.
+    pub paid_minor: i64,
+    /// Payments refused before any value moved, by reason.
+    pub payments_refused: BTreeMap<String, u64>,
+    /// Payments whose client vanished mid-relay.
+    pub payments_torn: u64,
+    /// Of those, settled at the card's next contact as paid by the torn dialogue.
+    pub payments_torn_paid_before: u64,
+    /// Of those, settled as not paid by the card, then paid at that contact.
+    pub payments_torn_paid_on_retry: u64,
+    /// Refunds the merchant made.
+    pub refunds: u64,
+    /// Of those, of the whole payment.
+    pub refunds_whole: u64,
+    /// Of those, of part of it (a cancellation fee kept).
+    pub refunds_partial: u64,
+    /// What they refund, minor units.
+    pub refunded_minor: i64,
+    /// Refunds the cards that paid collected.
+    pub refunds_collected: u64,
+    /// What they collected, minor units.
+    pub refunds_collected_minor: i64,
+    /// Collections whose client vanished mid-relay.
+    pub collections_torn: u64,
+    /// Of those, settled at the card's next contact as credited by the torn dialogue.
+    pub collections_torn_credited_before: u64,
+    /// Of those, settled as not credited, then credited at that contact.
+    pub collections_torn_credited_on_retry: u64,
 }
 
 impl Tally {
@@ -143,7 +186,13 @@ pub struct DayReport {
     pub conservation: Conservation,
     /// Whether each operator's booked revenue equals what its validators collected.
     pub revenue_agrees: bool,
-    /// Whether value was conserved (and clearing found no anomaly).
+    /// The ledger's side of the online payments and refunds.
+    pub shop_books: ShopBooks,
+    /// Whether each merchant's account holds what its customers paid less what it refunded,
+    /// the refunds not yet collected are what `refunds:pending` holds, and no refund was
+    /// credited twice.
+    pub payments_agree: bool,
+    /// Whether value was conserved (and clearing found no anomaly, and the payments agree).
     pub value_conserved: bool,
     /// Tap latency at the gate, µs, median.
     pub tap_latency_us_p50: f64,
@@ -170,10 +219,13 @@ impl DayReport {
         currencies: BTreeMap<&'static str, (String, u8)>,
         gateway_restarts: u64,
         conservation: Conservation,
+        shop_books: ShopBooks,
     ) -> DayReport {
         let revenue_agrees = conservation.revenue_agrees(&tally.revenue_by_operator);
-        let value_conserved =
-            conservation.holds(&tally.revenue_by_operator) && tally.clearing_anomalies == 0;
+        let payments_agree = payments_agree(&tally.payments_by_merchant, &shop_books);
+        let value_conserved = conservation.holds(&tally.revenue_by_operator)
+            && tally.clearing_anomalies == 0
+            && payments_agree;
         let mut lat = tally.latencies_ns.clone();
         lat.sort_unstable();
         DayReport {
@@ -185,9 +237,23 @@ impl DayReport {
             gateway_restarts,
             conservation,
             revenue_agrees,
+            shop_books,
+            payments_agree,
             value_conserved,
         }
     }
+}
+
+/// Whether the ledger's `books` agree with what the merchants' customers paid and collected.
+fn payments_agree(merchants: &BTreeMap<String, MerchantTally>, books: &ShopBooks) -> bool {
+    let each = merchants.iter().all(|(m, t)| {
+        books.merchant_minor.get(m).copied().unwrap_or(0) == t.paid_minor - t.refunded_minor
+    });
+    let waiting: i64 = merchants
+        .values()
+        .map(|t| t.refunded_minor - t.refunds_collected_minor)
+        .sum();
+    each && books.refunds_pending_minor == waiting && books.refunds_credited_twice == 0
 }
 
 fn percentile_us(sorted: &[u64], q: f64) -> f64 {
