@@ -8,12 +8,14 @@ use charging::funding::{FundingSource, PointsProgram, SandboxProcessor};
 use charging::ledger::{card_account, IntentState, Ledger};
 use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
 use common::HsmKind;
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
+use tapgate_testkit::charging::{relay_in_process, Tear};
+use tapgate_testkit::fixtures::transit_card;
 
 struct World {
     _dir: tempfile::TempDir,
@@ -62,10 +64,7 @@ impl World {
         self.svc
             .register_card(&uid, i64::from(balance), self.now_ms)
             .unwrap();
-        Card::personalise(
-            &Personalisation::transit(uid, balance),
-            self.hsm.card_keys(&uid, 1).unwrap(),
-        )
+        transit_card(&self.hsm, uid, balance)
     }
 
     fn req(
@@ -85,58 +84,41 @@ impl World {
         }
     }
 
-    /// Relays until a final reply, or until `stop_after` commands have been handled; with
-    /// `deliver_last` false the last command never reaches the card. The client then vanishes.
-    fn relay(
-        &mut self,
-        card: &mut Card,
-        reply: Reply,
-        stop_after: Option<usize>,
-        deliver_last: bool,
-    ) -> Reply {
-        let mut rng = StdRng::seed_from_u64(9);
-        let mut reply = reply;
-        let mut n = 0;
-        loop {
-            let Reply::Command {
-                session_id,
-                seq,
-                commands,
-            } = &reply
-            else {
-                return reply;
-            };
-            let mut answers = Vec::new();
-            for command in commands {
-                n += 1;
-                let apdu = hex::decode(command).unwrap();
-                if stop_after == Some(n) {
-                    if deliver_last {
-                        let _ = card.process(&apdu, &mut rng);
-                    }
-                    card.remove_from_field();
-                    return reply;
-                }
-                answers.push(card.process(&apdu, &mut rng).unwrap());
-            }
-            self.now_ms += 5;
-            reply = self
-                .svc
-                .respond("alice", session_id, *seq, &answers, self.now_ms)
-                .unwrap();
-        }
+    /// Relays until a final reply (the kit's in-process relay, a step every 5 ms); with `tear`
+    /// the card leaves the field at that command and the client vanishes.
+    fn relay(&mut self, card: &mut Card, reply: Reply, tear: Option<Tear>) -> Reply {
+        relay_in_process(&self.svc, "alice", card, reply, &mut self.now_ms, 5, tear)
+            .unwrap()
+            .0
     }
 
-    fn load(&mut self, card: &mut Card, amount: i32, key: &str) -> Reply {
-        let r = self
-            .svc
+    /// Starts alice's load of `amount` from `source`'s `instrument` under `key`.
+    fn start(&self, card: &Card, amount: i32, source: &str, instrument: &str, key: &str) -> Reply {
+        self.svc
             .start(
                 "alice",
-                self.req(card, amount, "card", "tok_visa", key),
+                self.req(card, amount, source, instrument, key),
                 self.now_ms,
             )
-            .unwrap();
-        self.relay(card, r, None, true)
+            .unwrap()
+    }
+
+    /// Alice's load of `amount` with her card token, relayed to its final reply.
+    fn load(&mut self, card: &mut Card, amount: i32, key: &str) -> Reply {
+        self.load_from(card, amount, "card", "tok_visa", key)
+    }
+
+    /// Alice's load of `amount` from `source`'s `instrument`, relayed to its final reply.
+    fn load_from(
+        &mut self,
+        card: &mut Card,
+        amount: i32,
+        source: &str,
+        instrument: &str,
+        key: &str,
+    ) -> Reply {
+        let r = self.start(card, amount, source, instrument, key);
+        self.relay(card, r, None)
     }
 
     fn shadow(&self, card: &Card) -> i64 {
@@ -184,14 +166,7 @@ fn the_same_idempotency_key_never_loads_twice(kind: HsmKind) {
     let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(2, 0);
     let first = w.load(&mut card, 1_000, "same");
-    let again = w
-        .svc
-        .start(
-            "alice",
-            w.req(&card, 1_000, "card", "tok_visa", "same"),
-            w.now_ms,
-        )
-        .unwrap();
+    let again = w.start(&card, 1_000, "card", "tok_visa", "same");
     assert_eq!(first, again, "a repeated start returns the stored outcome");
     assert_eq!(card.state().balance_minor, 1_000);
     // The same key from another caller is another request (bob pays with his own card).
@@ -213,14 +188,7 @@ fn a_retried_step_gets_the_same_command_and_feeds_the_card_once(kind: HsmKind) {
     let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(3, 0);
     let mut rng = StdRng::seed_from_u64(2);
-    let r = w
-        .svc
-        .start(
-            "alice",
-            w.req(&card, 700, "card", "tok_visa", "r"),
-            w.now_ms,
-        )
-        .unwrap();
+    let r = w.start(&card, 700, "card", "tok_visa", "r");
     let Reply::Command {
         session_id,
         seq,
@@ -260,7 +228,7 @@ fn a_retried_step_gets_the_same_command_and_feeds_the_card_once(kind: HsmKind) {
             .is_err(),
         "no answers"
     );
-    let done = w.relay(&mut card, a, None, true);
+    let done = w.relay(&mut card, a, None);
     assert!(matches!(done, Reply::Completed { .. }), "{done:?}");
     assert_eq!(card.state().balance_minor, 700);
 }
@@ -282,15 +250,7 @@ fn refusals_move_nothing(kind: HsmKind) {
         "{r:?}"
     );
     // Declined card.
-    let r = w
-        .svc
-        .start(
-            "alice",
-            w.req(&card, 500, "card", "tok_decline", "c2"),
-            w.now_ms,
-        )
-        .unwrap();
-    let r = w.relay(&mut card, r, None, true);
+    let r = w.load_from(&mut card, 500, "card", "tok_decline", "c2");
     assert!(
         matches!(&r, Reply::Refused { reason, .. } if reason == "funding_declined"),
         "{r:?}"
@@ -330,15 +290,7 @@ fn mileage_funds_a_load_and_only_holds_what_it_converts(kind: HsmKind) {
         .earn("airline", "alice", "alice", 1_000, "flight:ICN-NRT", 0)
         .unwrap();
     let mut card = w.card(6, 0);
-    let r = w
-        .svc
-        .start(
-            "alice",
-            w.req(&card, 1_200, "mileage", "alice", "m1"),
-            w.now_ms,
-        )
-        .unwrap();
-    let r = w.relay(&mut card, r, None, true);
+    let r = w.load_from(&mut card, 1_200, "mileage", "alice", "m1");
     assert!(
         matches!(
             r,
@@ -350,15 +302,7 @@ fn mileage_funds_a_load_and_only_holds_what_it_converts(kind: HsmKind) {
         "{r:?}"
     );
     assert_eq!(w.miles.balance("alice").unwrap(), 400);
-    let r = w
-        .svc
-        .start(
-            "alice",
-            w.req(&card, 1_000, "mileage", "alice", "m2"),
-            w.now_ms,
-        )
-        .unwrap();
-    let r = w.relay(&mut card, r, None, true);
+    let r = w.load_from(&mut card, 1_000, "mileage", "alice", "m2");
     assert!(
         matches!(&r, Reply::Refused { reason, .. } if reason == "funding_declined"),
         "{r:?}"
@@ -375,15 +319,12 @@ fn a_load_torn_at_any_step_is_settled_exactly_once(kind: HsmKind) {
         for deliver in [false, true] {
             let mut w = world(LoadConfig::default(), kind);
             let mut card = w.card(7, 1_000);
-            let r = w
-                .svc
-                .start(
-                    "alice",
-                    w.req(&card, 3_000, "card", "tok_visa", "t1"),
-                    w.now_ms,
-                )
-                .unwrap();
-            let torn = w.relay(&mut card, r, Some(stop), deliver);
+            let r = w.start(&card, 3_000, "card", "tok_visa", "t1");
+            let tear = Tear {
+                at: stop,
+                delivered: deliver,
+            };
+            let torn = w.relay(&mut card, r, Some(tear));
             // Sessions expire; the next contact is a new load.
             w.now_ms += 60_000;
             w.svc.expire_sessions(w.now_ms);
@@ -464,14 +405,7 @@ fn a_partial_batch_is_left_pending_and_settled_from_the_counter(kind: HsmKind) {
     let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(9, 0);
     let mut rng = StdRng::seed_from_u64(3);
-    let mut reply = w
-        .svc
-        .start(
-            "alice",
-            w.req(&card, 900, "card", "tok_visa", "p1"),
-            w.now_ms,
-        )
-        .unwrap();
+    let mut reply = w.start(&card, 900, "card", "tok_visa", "p1");
     loop {
         let Reply::Command {
             session_id,
@@ -534,11 +468,12 @@ fn reconcile_reports_each_difference_with_its_cause(kind: HsmKind) {
     let mut c = w.card(22, 1_000);
     assert!(matches!(w.load(&mut a, 500, "a1"), Reply::Completed { .. }));
     // b: a load torn after the commit reached the card.
-    let r = w
-        .svc
-        .start("alice", w.req(&b, 300, "card", "tok_visa", "b1"), w.now_ms)
-        .unwrap();
-    w.relay(&mut b, r, Some(10), true);
+    let r = w.start(&b, 300, "card", "tok_visa", "b1");
+    let tear = Tear {
+        at: 10,
+        delivered: true,
+    };
+    w.relay(&mut b, r, Some(tear));
     // c: a debit at a validator (not cleared yet), then a load: the load's counter sits above
     // a gap.
     let mut sam = purse::sam::SoftwareSam::validator(&w.keys, 1).unwrap();
