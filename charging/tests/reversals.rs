@@ -6,13 +6,15 @@ use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::{card_account, IntentKind, IntentState, Ledger};
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
 use purse::apdu::ins;
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::{KeyKind, KeySet};
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
+use tapgate_testkit::charging::{relay_in_process, Tear};
+use tapgate_testkit::fixtures::transit_card;
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -54,52 +56,27 @@ impl World {
         self.svc
             .register_card(&uid, i64::from(balance), self.now)
             .unwrap();
-        Card::personalise(
-            &Personalisation::transit(uid, balance),
-            self.hsm.card_keys(&uid, 1).unwrap(),
-        )
+        transit_card(&self.hsm, uid, balance)
     }
 
-    /// Relays until a final reply; with `stop_after` the card leaves the field at that command
-    /// (`deliver_last`: whether that command reached it first) and the client vanishes.
+    /// Relays until a final reply (the kit's in-process relay, a step every 5 ms); with
+    /// `stop_after` the card leaves the field at that command (`deliver_last`: whether that
+    /// command reached it first) and the client vanishes.
     fn relay(
         &mut self,
         caller: &str,
         card: &mut Card,
-        mut reply: Reply,
+        reply: Reply,
         stop_after: Option<usize>,
         deliver_last: bool,
     ) -> Reply {
-        let mut rng = StdRng::seed_from_u64(9);
-        let mut n = 0;
-        loop {
-            let Reply::Command {
-                session_id,
-                seq,
-                commands,
-            } = &reply
-            else {
-                return reply;
-            };
-            let mut answers = Vec::new();
-            for c in commands {
-                n += 1;
-                let apdu = hex::decode(c).unwrap();
-                if stop_after == Some(n) {
-                    if deliver_last {
-                        let _ = card.process(&apdu, &mut rng);
-                    }
-                    card.remove_from_field();
-                    return reply;
-                }
-                answers.push(card.process(&apdu, &mut rng).unwrap());
-            }
-            self.now += 5;
-            reply = self
-                .svc
-                .respond(caller, session_id, *seq, &answers, self.now)
-                .unwrap();
-        }
+        let tear = stop_after.map(|at| Tear {
+            at,
+            delivered: deliver_last,
+        });
+        relay_in_process(&self.svc, caller, card, reply, &mut self.now, 5, tear)
+            .unwrap()
+            .0
     }
 
     fn load(&mut self, card: &mut Card, amount: i32, key: &str) -> Reply {
@@ -351,25 +328,10 @@ fn reversal_commands() -> usize {
     let mut w = world();
     let mut card = w.card(3, 0);
     let load_tmc = tmc_of(&w.load(&mut card, 400, "l"));
-    let mut n = 0;
-    let mut reply = w.reverse("alice", &card, load_tmc, "r").unwrap();
-    let mut rng = StdRng::seed_from_u64(9);
-    while let Reply::Command {
-        session_id,
-        seq,
-        commands,
-    } = &reply
-    {
-        n += commands.len();
-        let answers: Vec<Vec<u8>> = commands
-            .iter()
-            .map(|c| card.process(&hex::decode(c).unwrap(), &mut rng).unwrap())
-            .collect();
-        reply = w
-            .svc
-            .respond("alice", session_id, *seq, &answers, w.now)
-            .unwrap();
-    }
+    let reply = w.reverse("alice", &card, load_tmc, "r").unwrap();
+    // Relayed at one instant: n counts every command the card answered.
+    let (reply, n) =
+        relay_in_process(&w.svc, "alice", &mut card, reply, &mut w.now, 0, None).unwrap();
     assert!(matches!(reply, Reply::Completed { .. }), "{reply:?}");
     n
 }
