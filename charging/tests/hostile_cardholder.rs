@@ -8,12 +8,14 @@
 use charging::funding::{FundingError, FundingRequest, FundingSource, PointsProgram};
 use charging::ledger::Ledger;
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
+use tapgate_testkit::charging::relay_in_process;
+use tapgate_testkit::fixtures::transit_card;
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -85,10 +87,7 @@ impl World {
         self.svc
             .register_card(&uid, i64::from(balance), NOW)
             .unwrap();
-        Card::personalise(
-            &Personalisation::transit(uid, balance),
-            self.hsm.card_keys(&uid, 1).unwrap(),
-        )
+        transit_card(&self.hsm, uid, balance)
     }
 
     fn start(
@@ -112,24 +111,10 @@ impl World {
         )
     }
 
-    /// Relays to the final answer (or the first error).
-    fn relay(&self, caller: &str, card: &mut Card, mut reply: Reply) -> Result<Reply, LoadError> {
-        let mut rng = StdRng::seed_from_u64(5);
-        loop {
-            let Reply::Command {
-                session_id,
-                seq,
-                commands,
-            } = &reply
-            else {
-                return Ok(reply);
-            };
-            let answers: Vec<Vec<u8>> = commands
-                .iter()
-                .map(|c| card.process(&hex::decode(c).unwrap(), &mut rng).unwrap())
-                .collect();
-            reply = self.svc.respond(caller, session_id, *seq, &answers, NOW)?;
-        }
+    /// Relays to the final answer (or the first error): the kit's relay, at one instant.
+    fn relay(&self, caller: &str, card: &mut Card, reply: Reply) -> Result<Reply, LoadError> {
+        let mut now = NOW;
+        relay_in_process(&self.svc, caller, card, reply, &mut now, 0, None).map(|(r, _)| r)
     }
 
     /// Value is conserved: the ledger's balances sum to zero, no load is left open, and the

@@ -5,12 +5,14 @@ use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::Ledger;
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply, SourceLimits};
 use charging::server::{self, ServerConfig};
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
+use tapgate_testkit::charging::{relay_in_process, Tear};
+use tapgate_testkit::fixtures::transit_card;
 
 const DAY: u64 = 86_400_000;
 
@@ -24,39 +26,20 @@ fn req(card: &Card, amount: i32, token: &str, key: &str) -> LoadRequest {
     }
 }
 
-/// Relays a load to its end, or pulls the card at command `stop` without delivering it.
-/// Returns the last reply and how many commands the card answered.
+/// Relays a load to its end at `now` (the kit's relay), or pulls the card at command `stop`
+/// without delivering it. Returns the last reply and how many commands the card answered.
 fn relay(
     svc: &LoadService,
     card: &mut Card,
-    mut reply: Reply,
-    now: u64,
+    reply: Reply,
+    mut now: u64,
     stop: Option<usize>,
 ) -> (Reply, usize) {
-    let mut rng = StdRng::seed_from_u64(4);
-    let mut n = 0;
-    loop {
-        let Reply::Command {
-            session_id,
-            seq,
-            commands,
-        } = &reply
-        else {
-            return (reply, n);
-        };
-        let mut answers = Vec::new();
-        for c in commands {
-            if stop == Some(n + 1) {
-                card.remove_from_field();
-                return (reply, n);
-            }
-            n += 1;
-            answers.push(card.process(&hex::decode(c).unwrap(), &mut rng).unwrap());
-        }
-        reply = svc
-            .respond("alice", session_id, *seq, &answers, now)
-            .unwrap();
-    }
+    let tear = stop.map(|at| Tear {
+        at,
+        delivered: false,
+    });
+    relay_in_process(svc, "alice", card, reply, &mut now, 0, tear).unwrap()
 }
 
 fn refused_reason(r: &Reply) -> &str {
@@ -96,10 +79,7 @@ fn per_source_and_per_instrument_limits_hold_and_a_voided_load_gives_its_share_b
     let card = |n: u8| {
         let uid = [0x04, 0x33, n, 2, 3, 4, 5];
         svc.register_card(&uid, 0, 1_700_000_000_000).unwrap();
-        Card::personalise(
-            &Personalisation::transit(uid, 0),
-            hsm.card_keys(&uid, 1).unwrap(),
-        )
+        transit_card(&hsm, uid, 0)
     };
     let mut now = 1_700_000_000_000u64;
     let (mut a, mut b, mut c) = (card(1), card(2), card(3));
