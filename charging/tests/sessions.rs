@@ -4,12 +4,13 @@
 use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::Ledger;
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
+use tapgate_testkit::fixtures::transit_card;
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -31,29 +32,25 @@ fn service(dir: &std::path::Path, cfg: LoadConfig) -> (LoadService, SoftwareHsm)
 fn card(svc: &LoadService, hsm: &SoftwareHsm, n: u16) -> Card {
     let uid = [0x04, 0x51, (n >> 8) as u8, n as u8, 3, 4, 5];
     svc.register_card(&uid, 0, NOW).unwrap();
-    Card::personalise(
-        &Personalisation::transit(uid, 0),
-        hsm.card_keys(&uid, 1).unwrap(),
-    )
+    transit_card(hsm, uid, 0)
+}
+
+/// Alice's load of 5.00 onto `card` with her card token under `key`.
+fn req(card: &Card, key: &str) -> LoadRequest {
+    LoadRequest {
+        uid: card.state().uid,
+        amount_minor: 500,
+        funding_source: "card".into(),
+        instrument: "tok_visa".into(),
+        idempotency_key: key.into(),
+    }
 }
 
 /// Runs one load to its final answer; returns the session id, the last step's seq and the
 /// final reply.
 fn load(svc: &LoadService, card: &mut Card, key: &str) -> (String, u32, Reply) {
     let mut rng = StdRng::seed_from_u64(5);
-    let mut reply = svc
-        .start(
-            "alice",
-            LoadRequest {
-                uid: card.state().uid,
-                amount_minor: 500,
-                funding_source: "card".into(),
-                instrument: "tok_visa".into(),
-                idempotency_key: key.into(),
-            },
-            NOW,
-        )
-        .unwrap();
+    let mut reply = svc.start("alice", req(card, key), NOW).unwrap();
     loop {
         let Reply::Command {
             session_id,
@@ -113,19 +110,7 @@ fn finished_sessions_do_not_count_against_the_limit_and_answer_a_retried_last_st
     ));
     // (The same request: card 0's load again.)
     let c0 = card(&svc, &hsm, 0);
-    let replay = svc
-        .start(
-            "alice",
-            LoadRequest {
-                uid: c0.state().uid,
-                amount_minor: 500,
-                funding_source: "card".into(),
-                instrument: "tok_visa".into(),
-                idempotency_key: "k0".into(),
-            },
-            NOW,
-        )
-        .unwrap();
+    let replay = svc.start("alice", req(&c0, "k0"), NOW).unwrap();
     assert_eq!(&replay, old_reply);
     assert_eq!(c0.state().balance_minor, 0);
     let (new_id, new_seq, _) = &finished[3];
@@ -136,28 +121,8 @@ fn finished_sessions_do_not_count_against_the_limit_and_answer_a_retried_last_st
     assert_eq!(svc.expire_sessions(NOW + 60_000), 2);
     // A session in progress does count: with one open, a second load is refused as busy.
     let c1 = card(&svc, &hsm, 200);
-    let open = svc.start(
-        "alice",
-        LoadRequest {
-            uid: c1.state().uid,
-            amount_minor: 500,
-            funding_source: "card".into(),
-            instrument: "tok_visa".into(),
-            idempotency_key: "open".into(),
-        },
-        NOW,
-    );
+    let open = svc.start("alice", req(&c1, "open"), NOW);
     assert!(matches!(open, Ok(Reply::Command { .. })));
-    let busy = svc.start(
-        "alice",
-        LoadRequest {
-            uid: c0.state().uid,
-            amount_minor: 500,
-            funding_source: "card".into(),
-            instrument: "tok_visa".into(),
-            idempotency_key: "second".into(),
-        },
-        NOW,
-    );
+    let busy = svc.start("alice", req(&c0, "second"), NOW);
     assert!(matches!(busy, Err(LoadError::Busy)), "{busy:?}");
 }
