@@ -6,17 +6,96 @@ mod common;
 
 use common::HsmKind;
 
-use charging::api::{Auth, Role, TokenEntry};
-use purse::card::{Card, Personalisation};
+use charging::api::Role;
+use charging::server::ServerConfig;
+use purse::card::Card;
 use purse::keys::KeySet;
 use purse::receipt::CommitReceipt;
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use tapgate_testkit::fixtures::{token, transit_card};
 
 const GW: &str = "tg_gw";
+const HOTEL_GW: &str = "tg_hotel_gw";
+const HOLDER: &str = "tg_holder";
 const OPS: &str = "tg_ops";
+
+/// The metro's server (the taps below are the metro's) with the bearer tokens named: `gw`,
+/// `hotel-gw` (gateways), `holder` (a cardholder), `ops` (an operator).
+fn metro(names: &'static [&'static str]) -> impl FnOnce(&mut ServerConfig) {
+    move |cfg| {
+        cfg.operator = "metro".into();
+        cfg.tokens = names
+            .iter()
+            .map(|&name| {
+                let (role, secret) = match name {
+                    "gw" => (Role::Gateway, GW),
+                    "hotel-gw" => (Role::Gateway, HOTEL_GW),
+                    "holder" => (Role::Cardholder, HOLDER),
+                    "ops" => (Role::Operator, OPS),
+                    other => panic!("no token {other}"),
+                };
+                token(name, role, secret)
+            })
+            .collect();
+    }
+}
+
+/// A transit card of 10.00 the operator issues on the server at `b` (201), and the card.
+fn issued_card(b: &str, hsm: &SoftwareHsm, uid: [u8; 7]) -> Card {
+    let (code, out) = common::post(
+        &format!("{b}/v1/cards"),
+        OPS,
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
+    );
+    assert_eq!(code, 201, "{out}");
+    transit_card(hsm, uid, 1_000)
+}
+
+/// The holder's load of 7.00 (from a card token registered first) relayed over HTTP until the
+/// server hands out the value batch (Credit first); with `applied` the card gets that batch,
+/// otherwise the client vanishes with it. Either way the answers never reach the server and
+/// the card leaves the field.
+fn load_lost_at_the_credit(b: &str, card: &mut Card, applied: bool) {
+    let uid = card.state().uid;
+    common::register_instrument(b, HOLDER, "card", "tok_visa");
+    let (_, mut reply) = common::post_with_key(
+        &format!("{b}/v1/loads"),
+        HOLDER,
+        "k",
+        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
+    );
+    let mut rng = StdRng::seed_from_u64(3);
+    loop {
+        let commands: Vec<Vec<u8>> = reply["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
+            .collect();
+        let credit = commands[0][1] == purse::apdu::ins::CREDIT;
+        if credit && !applied {
+            break;
+        }
+        let answers: Vec<String> = commands
+            .iter()
+            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
+            .collect();
+        if credit {
+            break;
+        }
+        let id = reply["session_id"].as_str().unwrap().to_string();
+        reply = common::post(
+            &format!("{b}/v1/loads/{id}/steps"),
+            HOLDER,
+            serde_json::json!({"seq": reply["seq"], "responses": answers}),
+        )
+        .1;
+    }
+    card.remove_from_field();
+}
 
 fn debit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
     let mut reader = EmulatedReader {
@@ -47,35 +126,12 @@ fn tap_json(r: &CommitReceipt, seq: u64) -> serde_json::Value {
 
 fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(1));
-    let srv = common::start_with(kind, &keys, |cfg| {
-        cfg.operator = "metro".into(); // the taps below are the metro's
-        cfg.tokens = vec![
-            TokenEntry {
-                name: "gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(GW),
-            },
-            TokenEntry {
-                name: "ops".into(),
-                role: Role::Operator,
-                sha256: Auth::hash_token(OPS),
-            },
-        ];
-    });
+    let srv = common::start_with(kind, &keys, metro(&["gw", "ops"]));
     let b = srv.base.clone();
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let uid = [4, 1, 2, 3, 4, 5, 6];
-    let (code, _) = common::post(
-        &format!("{b}/v1/cards"),
-        OPS,
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
-    );
-    assert_eq!(code, 201);
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 1_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = issued_card(&b, &hsm, uid);
     let r1 = debit(&mut sam, &mut card, 150);
     let r2 = debit(&mut sam, &mut card, 0); // a free transfer tap
     let r3 = debit(&mut sam, &mut card, 200);
@@ -162,35 +218,12 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
 fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(9));
     let (token, hw) = tapgate_testkit::softhsm::hsm_for(&keys).unwrap_or_else(|e| panic!("{e}"));
-    let srv = common::start_with_hsm(Box::new(hw), |cfg| {
-        cfg.operator = "metro".into(); // the taps below are the metro's
-        cfg.tokens = vec![
-            TokenEntry {
-                name: "gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(GW),
-            },
-            TokenEntry {
-                name: "ops".into(),
-                role: Role::Operator,
-                sha256: Auth::hash_token(OPS),
-            },
-        ];
-    });
+    let srv = common::start_with_hsm(Box::new(hw), metro(&["gw", "ops"]));
     let b = srv.base.clone();
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let uid = [4, 9, 9, 9, 9, 9, 9];
-    let (code, _) = common::post(
-        &format!("{b}/v1/cards"),
-        OPS,
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
-    );
-    assert_eq!(code, 201);
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 1_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = issued_card(&b, &hsm, uid);
     let r1 = debit(&mut sam, &mut card, 150);
     let batch = serde_json::json!({"batch_id": "gw9-000001", "taps": [tap_json(&r1, 1)]});
 
@@ -220,61 +253,14 @@ fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
 /// cleared tap shows the counter was a debit, so the pending load is voided and its funding
 /// released — without the card ever coming back to a load session.
 fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
-    const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(2));
-    let srv = common::start_with(kind, &keys, |cfg| {
-        cfg.operator = "metro".into(); // the taps below are the metro's
-        cfg.tokens = vec![
-            TokenEntry {
-                name: "gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(GW),
-            },
-            TokenEntry {
-                name: "holder".into(),
-                role: Role::Cardholder,
-                sha256: Auth::hash_token(HOLDER),
-            },
-        ];
-    });
+    let srv = common::start_with(kind, &keys, metro(&["gw", "holder"]));
     let b = srv.base.clone();
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let uid = [4, 6, 6, 6, 6, 6, 6];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 1_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
-    common::register_instrument(&b, HOLDER, "card", "tok_visa");
-    let (_, mut reply) = common::post_with_key(
-        &format!("{b}/v1/loads"),
-        HOLDER,
-        "k",
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
-    );
-    let mut rng = StdRng::seed_from_u64(3);
-    loop {
-        let commands: Vec<Vec<u8>> = reply["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
-            .collect();
-        if commands[0][1] == purse::apdu::ins::CREDIT {
-            break; // the client vanishes with the value batch
-        }
-        let answers: Vec<String> = commands
-            .iter()
-            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
-            .collect();
-        let id = reply["session_id"].as_str().unwrap().to_string();
-        reply = common::post(
-            &format!("{b}/v1/loads/{id}/steps"),
-            HOLDER,
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-        )
-        .1;
-    }
-    card.remove_from_field();
+    let mut card = transit_card(&hsm, uid, 1_000);
+    // The client vanishes with the value batch.
+    load_lost_at_the_credit(&b, &mut card, false);
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let tap = debit(&mut sam, &mut card, 120);
     assert_eq!(tap.tmc(), 1);
@@ -294,71 +280,14 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
 /// used at validators: the cleared tap's proved balance shows the load's amount arriving across
 /// the load's counter, so clearing completes the load and captures its funding.
 fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
-    const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
-    let srv = common::start_with(kind, &keys, |cfg| {
-        cfg.operator = "metro".into(); // the taps below are the metro's
-        cfg.tokens = vec![
-            TokenEntry {
-                name: "gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(GW),
-            },
-            TokenEntry {
-                name: "holder".into(),
-                role: Role::Cardholder,
-                sha256: Auth::hash_token(HOLDER),
-            },
-            TokenEntry {
-                name: "ops".into(),
-                role: Role::Operator,
-                sha256: Auth::hash_token(OPS),
-            },
-        ];
-    });
+    let srv = common::start_with(kind, &keys, metro(&["gw", "holder", "ops"]));
     let b = srv.base.clone();
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let uid = [4, 7, 7, 7, 7, 7, 1];
-    common::post(
-        &format!("{b}/v1/cards"),
-        OPS,
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
-    );
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 1_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
-    common::register_instrument(&b, HOLDER, "card", "tok_visa");
-    let (_, mut reply) = common::post_with_key(
-        &format!("{b}/v1/loads"),
-        HOLDER,
-        "k",
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
-    );
-    let mut rng = StdRng::seed_from_u64(3);
-    loop {
-        let commands: Vec<Vec<u8>> = reply["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
-            .collect();
-        let answers: Vec<String> = commands
-            .iter()
-            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
-            .collect();
-        if commands[0][1] == purse::apdu::ins::CREDIT {
-            break; // the card applied it; the answers never reach the server
-        }
-        let id = reply["session_id"].as_str().unwrap().to_string();
-        reply = common::post(
-            &format!("{b}/v1/loads/{id}/steps"),
-            HOLDER,
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-        )
-        .1;
-    }
-    card.remove_from_field();
+    let mut card = issued_card(&b, &hsm, uid);
+    // The card applied it; the answers never reach the server.
+    load_lost_at_the_credit(&b, &mut card, true);
     assert_eq!(card.state().balance_minor, 1_700);
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let tap = debit(&mut sam, &mut card, 120);
@@ -389,73 +318,16 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
 /// batches): the tap after the load is cleared before the tap before it. The load is completed
 /// once the gap below it closes.
 fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) {
-    const HOLDER: &str = "tg_holder";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(4));
-    let srv = common::start_with(kind, &keys, |cfg| {
-        cfg.operator = "metro".into(); // the taps below are the metro's
-        cfg.tokens = vec![
-            TokenEntry {
-                name: "gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(GW),
-            },
-            TokenEntry {
-                name: "holder".into(),
-                role: Role::Cardholder,
-                sha256: Auth::hash_token(HOLDER),
-            },
-            TokenEntry {
-                name: "ops".into(),
-                role: Role::Operator,
-                sha256: Auth::hash_token(OPS),
-            },
-        ];
-    });
+    let srv = common::start_with(kind, &keys, metro(&["gw", "holder", "ops"]));
     let b = srv.base.clone();
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let uid = [4, 7, 7, 7, 7, 7, 2];
-    common::post(
-        &format!("{b}/v1/cards"),
-        OPS,
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
-    );
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 1_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = issued_card(&b, &hsm, uid);
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let before = debit(&mut sam, &mut card, 100); // tmc 1, not cleared yet
-    common::register_instrument(&b, HOLDER, "card", "tok_visa");
-    let (_, mut reply) = common::post_with_key(
-        &format!("{b}/v1/loads"),
-        HOLDER,
-        "k",
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "amount_minor": 700, "funding": {"source": "card", "instrument": "tok_visa"}}),
-    );
-    let mut rng = StdRng::seed_from_u64(3);
-    loop {
-        let commands: Vec<Vec<u8>> = reply["commands"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| hex::decode(c.as_str().unwrap()).unwrap())
-            .collect();
-        let answers: Vec<String> = commands
-            .iter()
-            .map(|c| hex::encode_upper(card.process(c, &mut rng).unwrap()))
-            .collect();
-        if commands[0][1] == purse::apdu::ins::CREDIT {
-            break; // applied (tmc 2); the answers are lost
-        }
-        let id = reply["session_id"].as_str().unwrap().to_string();
-        reply = common::post(
-            &format!("{b}/v1/loads/{id}/steps"),
-            HOLDER,
-            serde_json::json!({"seq": reply["seq"], "responses": answers}),
-        )
-        .1;
-    }
-    card.remove_from_field();
+                                                  // Applied (tmc 2); the answers are lost.
+    load_lost_at_the_credit(&b, &mut card, true);
     let after = debit(&mut sam, &mut card, 50); // tmc 3
     assert_eq!((before.tmc(), after.tmc()), (1, 3));
     let (_, first) = common::post(
@@ -496,44 +368,17 @@ both_hsms!(
 /// booked, and the same taps from the right gateway clear.
 #[test]
 fn a_gateway_books_taps_only_to_its_own_operators() {
-    const HOTEL_GW: &str = "tg_hotel_gw";
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(8));
     let srv = common::start(&keys, |cfg| {
-        cfg.operator = "metro".into();
+        metro(&["gw", "hotel-gw", "ops"])(cfg);
         cfg.gateway_operators
             .insert("hotel-gw".into(), vec!["hotel".into()]);
-        cfg.tokens = vec![
-            TokenEntry {
-                name: "gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(GW),
-            },
-            TokenEntry {
-                name: "hotel-gw".into(),
-                role: Role::Gateway,
-                sha256: Auth::hash_token(HOTEL_GW),
-            },
-            TokenEntry {
-                name: "ops".into(),
-                role: Role::Operator,
-                sha256: Auth::hash_token(OPS),
-            },
-        ];
     });
     let b = srv.base.clone();
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let uid = [4, 1, 2, 3, 4, 5, 6];
-    let (code, _) = common::post(
-        &format!("{b}/v1/cards"),
-        OPS,
-        serde_json::json!({"card_uid": hex::encode_upper(uid), "personalised_minor": 1_000}),
-    );
-    assert_eq!(code, 201);
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 1_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = issued_card(&b, &hsm, uid);
     let fare = tap_json(&debit(&mut sam, &mut card, 150), 1);
     let mut sale = tap_json(&debit(&mut sam, &mut card, 499), 2);
     sale["operator"] = "hotel".into();
