@@ -8,10 +8,27 @@ use purse::card::{Card, FILE_VALUE};
 use purse::keys::KeyKind;
 use purse::receipt::{CommitReceipt, TxKind};
 use purse::sam::{Authenticator, Hsm, SamError, SoftwareSam};
-use purse::sm::CommMode;
+use purse::sm::{Channel, CommMode};
 use purse::txn::{self, Decision, EmulatedReader, Outcome, Transport, TxError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use tapgate_testkit::fixtures::{assert_boundary, value_tx};
+
+/// A debit session the rig's validator SAM opens on `card` (the SAM drawing from `rng`): the
+/// reader holding the card, and the session's channel.
+fn debit_session<'c>(
+    rig: &mut Rig,
+    card: &'c mut Card,
+    rng: &mut StdRng,
+) -> (EmulatedReader<'c, StdRng>, Channel) {
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(1),
+    };
+    let (ch, _snapshot) =
+        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, rng).unwrap();
+    (reader, ch)
+}
 
 fn receipt(o: Outcome) -> CommitReceipt {
     match o {
@@ -97,22 +114,7 @@ fn zero_fare_tap_writes_record_and_consumes_one_counter() {
 fn validator_sam_cannot_authenticate_with_the_credit_key() {
     let mut rig = Rig::new(5);
     let mut card = rig.card(5, 500);
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let err = txn::run(
-        &mut reader,
-        &mut rig.sam,
-        KeyKind::Credit,
-        ins::CREDIT,
-        &mut rig.rng,
-        |_| Decision::Apply {
-            amount_minor: 1_000,
-            record: None,
-        },
-    )
-    .unwrap_err();
+    let err = value_tx(&mut rig.sam, &mut card, KeyKind::Credit, ins::CREDIT, 1_000).unwrap_err();
     assert!(matches!(err, TxError::UnknownKeyVersion(1)), "{err}");
     // And asked directly, the SAM has no credit key to authenticate with.
     let err = rig
@@ -136,12 +138,7 @@ fn compromised_validator_cannot_add_value() {
     let mut rig = Rig::new(6);
     let mut card = rig.card(6, 500);
     let mut rng = StdRng::seed_from_u64(2);
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let (mut ch, _snap) =
-        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng).unwrap();
+    let (mut reader, mut ch) = debit_session(&mut rig, &mut card, &mut rng);
     // The SAM itself refuses to build a credit...
     assert!(rig.sam.wrap_value(&mut ch, ins::CREDIT, 100).is_err());
     // ...and a hand-built one under the debit session is refused by the card.
@@ -156,56 +153,23 @@ fn compromised_validator_cannot_add_value() {
     let resp = reader.transmit(&apdu::wrap(ins::CREDIT, &body)).unwrap();
     assert_eq!(resp, Status::PermissionDenied.sw().to_vec());
 
-    // LimitedCredit with no prior debit: boundary error.
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(1),
+    // LimitedCredit under the debit key with no prior debit: boundary error.
+    let lc = |amount: i32, card: &mut Card, rig: &mut Rig| {
+        value_tx(
+            &mut rig.sam,
+            card,
+            KeyKind::Debit,
+            ins::LIMITED_CREDIT,
+            amount,
+        )
     };
-    let err = txn::run(
-        &mut reader,
-        &mut rig.sam,
-        KeyKind::Debit,
-        ins::LIMITED_CREDIT,
-        &mut rng,
-        |_| Decision::Apply {
-            amount_minor: 1,
-            record: None,
-        },
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            TxError::Card {
-                status: Status::BoundaryError,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_boundary(&lc(1, &mut card, &mut rig));
     assert_eq!(card.state().balance_minor, 500);
 
     // After a debit of 200, LimitedCredit may undo up to 200 and no more, once.
     receipt(rig.debit(&mut card, 200).unwrap());
-    let lc = |amount: i32, card: &mut Card, rig: &mut Rig| {
-        let mut reader = EmulatedReader {
-            card,
-            rng: StdRng::seed_from_u64(1),
-        };
-        txn::run(
-            &mut reader,
-            &mut rig.sam,
-            KeyKind::Debit,
-            ins::LIMITED_CREDIT,
-            &mut StdRng::seed_from_u64(3),
-            |_| Decision::Apply {
-                amount_minor: amount,
-                record: None,
-            },
-        )
-    };
     assert!(lc(201, &mut card, &mut rig).is_err());
-    let r = receipt(lc(200, &mut card, &mut rig).unwrap());
+    let r = lc(200, &mut card, &mut rig).unwrap();
     assert_eq!(
         (r.kind(), r.balance_after_minor()),
         (TxKind::LimitedCredit, 500)
@@ -278,12 +242,7 @@ fn reordered_and_altered_frames_end_the_session() {
     let mut rig = Rig::new(9);
     let mut card = rig.card(9, 5_000);
     let mut rng = StdRng::seed_from_u64(2);
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let (mut ch, _) =
-        txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng).unwrap();
+    let (mut reader, mut ch) = debit_session(&mut rig, &mut card, &mut rng);
     let first = rig.sam.wrap_value(&mut ch, ins::DEBIT, 100).unwrap();
     // Pretend the first went through on our side only, build the next at counter+1.
     let _ = ch.open_response(&[0u8; 8], CommMode::Mac); // fails, counter unchanged
@@ -302,25 +261,10 @@ fn franchise_sam_loads_only_under_its_ceiling() {
     let rig = Rig::new(10);
     let mut fsam = SoftwareSam::franchise(&rig.keys, 7001, 1_000).unwrap();
     let mut card = rig.card(10, 0);
-    let mut rng = StdRng::seed_from_u64(2);
-    let mut go = |amount: i32, card: &mut Card, fsam: &mut SoftwareSam| {
-        let mut reader = EmulatedReader {
-            card,
-            rng: StdRng::seed_from_u64(1),
-        };
-        txn::run(
-            &mut reader,
-            fsam,
-            KeyKind::Credit,
-            ins::CREDIT,
-            &mut rng,
-            |_| Decision::Apply {
-                amount_minor: amount,
-                record: None,
-            },
-        )
+    let go = |amount: i32, card: &mut Card, fsam: &mut SoftwareSam| {
+        value_tx(fsam, card, KeyKind::Credit, ins::CREDIT, amount)
     };
-    receipt(go(600, &mut card, &mut fsam).unwrap());
+    go(600, &mut card, &mut fsam).unwrap();
     assert_eq!(fsam.ceiling_minor(), 400);
     let err = go(600, &mut card, &mut fsam).unwrap_err();
     assert!(
@@ -347,7 +291,7 @@ fn franchise_sam_loads_only_under_its_ceiling() {
         "another device's grant is refused"
     );
     assert_eq!(fsam.ceiling_minor(), 1_400);
-    receipt(go(600, &mut card, &mut fsam).unwrap());
+    go(600, &mut card, &mut fsam).unwrap();
     assert_eq!(card.state().balance_minor, 1_200);
 }
 
