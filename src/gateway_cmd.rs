@@ -192,12 +192,16 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let c: gateway::config::ApiConfig = toml::from_str(&text)
                 .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
-            Some(c)
+            let tables = fare_tables(&c.fare_tables)?;
+            let currency = report_currency(&c, &tables)?;
+            Some((c, tables, currency))
         }
         None => None,
     };
     let store = match &api {
-        Some(c) => store.with_limits(c.store_limits().map_err(|e| input_err(e.to_string()))?),
+        Some((c, _, _)) => {
+            store.with_limits(c.store_limits().map_err(|e| input_err(e.to_string()))?)
+        }
         None => store,
     };
     let stats = Arc::new(GatewayStats::default());
@@ -207,7 +211,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Some(c) = api {
+    if let Some((c, tables, currency)) = api {
         let listener = std::net::TcpListener::bind(c.http_listen)
             .with_context(|| format!("listening on {}", c.http_listen))?;
         let state = gateway::api::ApiState {
@@ -215,8 +219,8 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             keys: keys.clone(),
             stats: stats.clone(),
             auth: tapgate_http::auth::Auth::new(&c.tokens).map_err(input_err)?,
-            currency: (c.currency, c.currency_exponent),
-            places: Arc::new(places(&c.fare_tables)?),
+            currency,
+            places: Arc::new(places(&tables)),
             metrics_public: c.metrics_public,
             operator: cfg.operator.clone(),
         };
@@ -248,13 +252,58 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     })
 }
 
-/// The stop and route ids of the fare tables the API config names, by the codes tap records
-/// carry (`fare_tables`).
-fn places(tables: &[PathBuf]) -> Result<gateway::report::Places> {
+/// The fare tables the API config names (`fare_tables`).
+fn fare_tables(paths: &[PathBuf]) -> Result<Vec<fare_rules::table::Table>> {
+    paths
+        .iter()
+        .map(|path| {
+            fare_rules::load_any(path)
+                .map_err(|e| input_err(format!("fare_tables: {}: {e}", path.display())))
+        })
+        .collect()
+}
+
+/// The currency of the reports: the config's, else the fare tables' (they must agree), else
+/// USD with 2 decimals.
+fn report_currency(
+    c: &gateway::config::ApiConfig,
+    tables: &[fare_rules::table::Table],
+) -> Result<(String, u32)> {
+    let mut of_tables = tables
+        .iter()
+        .map(|t| (t.meta.currency.clone(), u32::from(t.meta.currency_exponent)));
+    let first = of_tables.next();
+    if c.currency.is_none() {
+        if let Some(other) = of_tables.find(|x| Some(x) != first.as_ref()) {
+            return Err(input_err(format!(
+                "fare_tables are in {} and {}: set currency and currency_exponent for the reports",
+                first.map(|f| f.0).unwrap_or_default(),
+                other.0
+            )));
+        }
+    }
+    // Not set: the tables' currency, and the exponent of a table in that currency.
+    let cur = c
+        .currency
+        .clone()
+        .or(first.map(|f| f.0))
+        .unwrap_or_else(|| "USD".into());
+    let exp = c
+        .currency_exponent
+        .or_else(|| {
+            tables
+                .iter()
+                .find(|t| t.meta.currency == cur)
+                .map(|t| u32::from(t.meta.currency_exponent))
+        })
+        .unwrap_or(2);
+    Ok((cur, exp))
+}
+
+/// The stop and route ids of the fare tables, by the codes tap records carry.
+fn places(tables: &[fare_rules::table::Table]) -> gateway::report::Places {
     let mut p = gateway::report::Places::default();
-    for path in tables {
-        let t = fare_rules::load_any(path)
-            .map_err(|e| input_err(format!("fare_tables: {}: {e}", path.display())))?;
+    for t in tables {
         for s in &t.stops {
             p.stops.insert(s.code, s.id.clone());
         }
@@ -262,5 +311,5 @@ fn places(tables: &[PathBuf]) -> Result<gateway::report::Places> {
             p.routes.insert(r.code, r.id.clone());
         }
     }
-    Ok(p)
+    p
 }

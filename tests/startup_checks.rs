@@ -86,6 +86,42 @@ fn config_mistakes_name_the_setting_to_fix() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("tapgate keys init"), "{}", stderr(&o));
 
+    // Fare tables in two currencies for the gateway's reports, and no currency set.
+    std::fs::write(
+        dir.join("mixed.toml"),
+        format!(
+            "fare_tables = [\"metro.tgft\", {:?}]\n",
+            format!(
+                "{}/fare-rules/samples/hotel/rules.toml",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        ),
+    )
+    .unwrap();
+    let o = tapgate(
+        dir,
+        &[
+            "gateway",
+            "--keys",
+            "keys",
+            "--data",
+            "gw-ok",
+            "--mqtt-users",
+            "mqtt-users",
+            "--embedded-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--config",
+            "mixed.toml",
+        ],
+        &[("TAPGATE_MQTT_PASSWORD", "gw-secret")],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("fare_tables are in KRW and USD: set currency"),
+        "{}",
+        stderr(&o)
+    );
+
     // Directories that cannot be created: the setting, the user, the OS error once.
     let once = |o: &Output, setting: &str| {
         let e = stderr(o);

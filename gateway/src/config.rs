@@ -3,9 +3,9 @@
 //!
 //! ```toml
 //! http_listen = "127.0.0.1:8444"
-//! currency = "USD"
-//! currency_exponent = 2
 //! fare_tables = ["metro.tgft"]         # the TIDES export writes their GTFS stop and route ids
+//! currency = "USD"                     # default: the fare tables' currency, else USD
+//! currency_exponent = 2                # default: the fare tables', else 2
 //! quarantine_max_per_device = 1000     # optional bounds; the defaults are StoreLimits's
 //! [[tokens]]
 //! name = "ops"
@@ -30,12 +30,11 @@ pub struct ApiConfig {
     /// The API's listen address (default 127.0.0.1:8444).
     #[serde(default = "default_http_listen")]
     pub http_listen: std::net::SocketAddr,
-    /// ISO 4217 currency of the amounts reported (default USD).
-    #[serde(default = "default_currency")]
-    pub currency: String,
-    /// Its minor-unit exponent (default 2).
-    #[serde(default = "default_exponent")]
-    pub currency_exponent: u32,
+    /// ISO 4217 currency of the amounts reported (default: the `fare_tables`' currency, else
+    /// USD).
+    pub currency: Option<String>,
+    /// Its minor-unit exponent (default: the `fare_tables`', else 2).
+    pub currency_exponent: Option<u32>,
     /// Fare tables (signed `.tgft`, TOML source or GTFS feed) whose stop and route ids the
     /// TIDES export writes for tap records' codes (a code none names is written as its number).
     #[serde(default)]
@@ -105,10 +104,4 @@ impl ApiConfig {
 
 fn default_http_listen() -> std::net::SocketAddr {
     "127.0.0.1:8444".parse().expect("literal")
-}
-fn default_currency() -> String {
-    "USD".into()
-}
-fn default_exponent() -> u32 {
-    2
 }
