@@ -2,13 +2,26 @@
 //! image through the charging daemon; the same key never pays twice, another key is refused
 //! once the payment is paid, and the merchant reads the outcome.
 
-use std::process::{Command, Output, Stdio};
-use tapgate_testkit::{http, spawn_charging};
+mod support;
+
+use std::process::{Command, Output};
+use tapgate_testkit::http;
 
 const PASS: &str = "pay-cli-pass";
 const CARDHOLDER: &str = "tg_cardholder_pay_cli";
 const OPERATOR: &str = "tg_operator_pay_cli";
 const MERCHANT: &str = "tg_merchant_pay_cli";
+
+/// The standard output of a command that must have succeeded (its output in the message if not).
+fn succeeded(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
 
 fn tapgate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tapgate"))
@@ -48,33 +61,21 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
     assert!(tapgate(&["keys", "init", "--out", keys.to_str().unwrap()])
         .status
         .success());
-    let sha = charging::api::Auth::hash_token;
     std::fs::write(
         d.join("charging.toml"),
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n\n\
-             [[tokens]]\nname = \"alice\"\nrole = \"cardholder\"\nsha256 = \"{}\"\n\n\
-             [[tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n\
-             [[tokens]]\nname = \"rail-shop\"\nrole = \"merchant\"\nsha256 = \"{}\"\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n{}",
             d.join("data").to_str().unwrap(),
-            sha(CARDHOLDER),
-            sha(OPERATOR),
-            sha(MERCHANT)
+            support::tokens_toml(&[
+                ("alice", "cardholder", CARDHOLDER),
+                ("ops", "operator", OPERATOR),
+                ("rail-shop", "merchant", MERCHANT),
+            ])
         ),
     )
     .unwrap();
-    let (_server, base) = spawn_charging(
-        Command::new(env!("CARGO_BIN_EXE_tapgate"))
-            .args([
-                "charging",
-                "--config",
-                d.join("charging.toml").to_str().unwrap(),
-                "--keys",
-                keys.to_str().unwrap(),
-            ])
-            .env("TAPGATE_KEY_PASSPHRASE", PASS)
-            .stderr(Stdio::inherit()),
-    );
+    let server = support::start_charging(&d.join("charging.toml"), &keys, PASS);
+    let base = server.base.clone();
     let card = d.join("card.json");
     let uid = "04B1B2B3B4B5B6";
     assert!(tapgate(&[
@@ -91,12 +92,10 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
     ])
     .status
     .success());
-    let (code, body) = http::call(
-        "POST",
+    let (code, body) = http::post(
         &format!("{base}/v1/cards"),
-        Some(OPERATOR),
-        None,
-        Some(serde_json::json!({"card_uid": uid, "personalised_minor": 2000, "owner": "alice"})),
+        OPERATOR,
+        serde_json::json!({"card_uid": uid, "personalised_minor": 2000, "owner": "alice"}),
     );
     assert_eq!(code, 201, "{body}");
     let expires = rfc3339_utc(
@@ -106,15 +105,13 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
             .as_secs()
             + 3_600,
     );
-    let (code, payment) = http::call(
-        "POST",
+    let (code, payment) = http::post(
         &format!("{base}/v1/merchant/payments"),
-        Some(MERCHANT),
-        None,
-        Some(serde_json::json!({
+        MERCHANT,
+        serde_json::json!({
             "amount_minor": 700, "currency": "EUR", "order_id": "T-1001",
             "description": "Lyon → Paris, 2nd class", "expires": expires,
-        })),
+        }),
     );
     assert_eq!(code, 201, "{payment}");
     let id = payment["id"].as_str().unwrap().to_string();
@@ -134,13 +131,7 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
             key,
         ])
     };
-    let out = pay("p1");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&pay("p1"));
     assert!(
         stdout.contains("paying 700 EUR to rail-shop: Lyon → Paris, 2nd class"),
         "{stdout}"
@@ -163,25 +154,18 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
     );
     let out = tapgate(&["card", "show", card.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("balance_minor   1300"));
-    let (code, p) = http::call(
-        "GET",
-        &format!("{base}/v1/merchant/payments/{id}"),
-        Some(MERCHANT),
-        None,
-        None,
-    );
+    let (code, p) = http::get(&format!("{base}/v1/merchant/payments/{id}"), MERCHANT);
     assert_eq!((code, p["state"].as_str()), (200, Some("completed")), "{p}");
     // The merchant refunds part of it; `tapgate pay --refund` collects it onto the card.
-    let (code, refund) = http::call(
-        "POST",
+    let (code, refund) = http::post_with_key(
         &format!("{base}/v1/merchant/payments/{id}/refunds"),
-        Some(MERCHANT),
-        Some("refund-1"),
-        Some(serde_json::json!({"amount_minor": 300})),
+        MERCHANT,
+        "refund-1",
+        serde_json::json!({"amount_minor": 300}),
     );
     assert_eq!(code, 201, "{refund}");
     let refund = refund["id"].as_str().unwrap().to_string();
-    let out = tapgate(&[
+    let stdout = succeeded(&tapgate(&[
         "pay",
         "--server",
         &base,
@@ -191,13 +175,7 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
         card.to_str().unwrap(),
         "--keys",
         keys.to_str().unwrap(),
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ]));
     assert!(
         stdout.contains(&format!(
             "refund completed: refund={refund} amount_minor=300 balance_minor=1600 tmc=2"
