@@ -30,6 +30,23 @@ fn validator_toml(stop: &str, keys: &str, journal: &str, extra: &str) -> String 
     )
 }
 
+/// Writes `toml` to v.toml in `dir` and runs `tapgate validator --config v.toml --crowd-taps
+/// <taps>` there with `env`.
+fn validator(dir: &Path, toml: &str, taps: &str, env: &[(&str, &str)]) -> Output {
+    std::fs::write(dir.join("v.toml"), toml).unwrap();
+    tapgate(
+        dir,
+        &["validator", "--config", "v.toml", "--crowd-taps", taps],
+        env,
+    )
+}
+
+/// The command stopped at start (exit 2) saying `says`.
+fn refused_at_start(o: &Output, says: &str) {
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(o));
+    assert!(stderr(o).contains(says), "{says}: {}", stderr(o));
+}
+
 #[test]
 fn config_mistakes_name_the_setting_to_fix() {
     let d = tempfile::tempdir().unwrap();
@@ -39,22 +56,13 @@ fn config_mistakes_name_the_setting_to_fix() {
     std::fs::write(dir.join("mqtt-users"), "1001 v-secret metro\n").unwrap();
 
     // A stop the route does not serve: every tap would be refused as a fare error.
-    std::fs::write(
-        dir.join("v.toml"),
-        validator_toml("Depot", "keys", "journal", ""),
-    )
-    .unwrap();
-    let o = tapgate(
+    let o = validator(
         dir,
-        &["validator", "--config", "v.toml", "--crowd-taps", "2"],
+        &validator_toml("Depot", "keys", "journal", ""),
+        "2",
         &[],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("stop \"Depot\" is not on route \"M1\""),
-        "{}",
-        stderr(&o)
-    );
+    refused_at_start(&o, "stop \"Depot\" is not on route \"M1\"");
     assert!(
         stderr(&o).contains("Central, Market"),
         "the route's stops: {}",
@@ -62,29 +70,19 @@ fn config_mistakes_name_the_setting_to_fix() {
     );
 
     // No key set where the config points.
-    std::fs::write(
-        dir.join("v.toml"),
-        validator_toml("Central", "no-keys", "journal", ""),
-    )
-    .unwrap();
-    let o = tapgate(
+    let o = validator(
         dir,
-        &["validator", "--config", "v.toml", "--crowd-taps", "2"],
+        &validator_toml("Central", "no-keys", "journal", ""),
+        "2",
         &[],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("run `tapgate keys init --out no-keys`"),
-        "{}",
-        stderr(&o)
-    );
+    refused_at_start(&o, "run `tapgate keys init --out no-keys`");
     let o = tapgate(
         dir,
         &["gateway", "--keys", "no-keys", "--data", "gw"],
         &[("TAPGATE_MQTT_PASSWORD", "gw-secret")],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("tapgate keys init"), "{}", stderr(&o));
+    refused_at_start(&o, "tapgate keys init");
 
     // Fare tables in two currencies for the gateway's reports, and no currency set.
     std::fs::write(
@@ -115,18 +113,12 @@ fn config_mistakes_name_the_setting_to_fix() {
         ],
         &[("TAPGATE_MQTT_PASSWORD", "gw-secret")],
     );
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("fare_tables are in KRW and USD: set currency"),
-        "{}",
-        stderr(&o)
-    );
+    refused_at_start(&o, "fare_tables are in KRW and USD: set currency");
 
     // Directories that cannot be created: the setting, the user, the OS error once.
     let once = |o: &Output, setting: &str| {
+        refused_at_start(o, setting);
         let e = stderr(o);
-        assert_eq!(o.status.code(), Some(2), "{e}");
-        assert!(e.contains(setting), "{setting}: {e}");
         assert!(
             e.contains("cannot create the directory") && e.contains("as user"),
             "{e}"
@@ -137,14 +129,10 @@ fn config_mistakes_name_the_setting_to_fix() {
             "the OS error once: {e}"
         );
     };
-    std::fs::write(
-        dir.join("v.toml"),
-        validator_toml("Central", "keys", "a-file/journal", ""),
-    )
-    .unwrap();
-    let o = tapgate(
+    let o = validator(
         dir,
-        &["validator", "--config", "v.toml", "--crowd-taps", "2"],
+        &validator_toml("Central", "keys", "a-file/journal", ""),
+        "2",
         &[],
     );
     once(&o, "journal in v.toml / --journal");
@@ -208,18 +196,10 @@ fn a_refused_login_is_logged_once_by_each_side() {
     wait_for_port(port, "the embedded broker");
     let mqtt =
         format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\npassword_env = \"V1001_PASSWORD\"");
-    std::fs::write(
-        dir.join("v.toml"),
-        validator_toml("Central", "keys", "journal", &mqtt),
-    )
-    .unwrap();
+    let v_toml = validator_toml("Central", "keys", "journal", &mqtt);
 
     // A wrong password: the validator keeps retrying (every 0.5 s) until its drain gives up.
-    let o = tapgate(
-        dir,
-        &["validator", "--config", "v.toml", "--crowd-taps", "3"],
-        &[("V1001_PASSWORD", "wrong")],
-    );
+    let o = validator(dir, &v_toml, "3", &[("V1001_PASSWORD", "wrong")]);
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert_eq!(
@@ -234,11 +214,7 @@ fn a_refused_login_is_logged_once_by_each_side() {
     );
 
     // The right one: it says it connected, everything is confirmed, it leaves cleanly.
-    let o = tapgate(
-        dir,
-        &["validator", "--config", "v.toml", "--crowd-taps", "1"],
-        &[("V1001_PASSWORD", "v-secret")],
-    );
+    let o = validator(dir, &v_toml, "1", &[("V1001_PASSWORD", "v-secret")]);
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(e.contains("connected to the MQTT broker"), "{e}");
@@ -276,19 +252,15 @@ fn a_gate_the_table_cannot_price_is_said_at_exit() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::write(
-        dir.join("v.toml"),
-        validator_toml("capitol", "keys", "journal", "")
+    let o = validator(
+        dir,
+        &validator_toml("capitol", "keys", "journal", "")
             .replace(
                 "route = \"M1\"\nkind = \"in\"",
                 "route = \"red\"\nkind = \"entry\"",
             )
             .replace("metro.tgft", "tf.tgft"),
-    )
-    .unwrap();
-    let o = tapgate(
-        dir,
-        &["validator", "--config", "v.toml", "--crowd-taps", "3"],
+        "3",
         &[],
     );
     let e = stderr(&o);
