@@ -117,6 +117,29 @@ fn parse_broker(url: &str) -> Result<(String, u16)> {
 /// Runs `tapgate gateway`.
 pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     let keys = load_keyset(&a.keys, a.passphrase_file.as_deref())?.for_role(Role::Gateway, 0)?;
+    // Every configuration error before anything starts.
+    let api = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let c: gateway::config::ApiConfig = toml::from_str(&text)
+                .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
+            let tables = fare_tables(&c.fare_tables)?;
+            let currency = report_currency(&c, &tables)?;
+            Some((c, tables, currency))
+        }
+        None => None,
+    };
+    let charging = match (&a.charging, &a.charging_token) {
+        (Some(url), Some(token)) => Some((url.trim_end_matches('/').to_string(), token.clone())),
+        (Some(_), None) => {
+            return Err(input_err(
+                "--charging needs --charging-token or $TAPGATE_GATEWAY_TOKEN",
+            ))
+        }
+        (None, _) => None,
+    };
+    crate::data_dir::ensure_dir(&a.data, "--data")?;
     let mut link: Option<TapLink> = None;
     let broker = match &a.broker {
         Some(url) => parse_broker(url)?,
@@ -159,16 +182,6 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             (a.embedded_listen.ip().to_string(), a.embedded_listen.port())
         }
     };
-    let charging = match (&a.charging, &a.charging_token) {
-        (Some(url), Some(token)) => Some((url.trim_end_matches('/').to_string(), token.clone())),
-        (Some(_), None) => {
-            return Err(input_err(
-                "--charging needs --charging-token or $TAPGATE_GATEWAY_TOKEN",
-            ))
-        }
-        (None, _) => None,
-    };
-    crate::data_dir::ensure_dir(&a.data, "--data")?;
     let store = Store::open(&a.data, a.store_map_size_bytes)
         .with_context(|| format!("opening {}", a.data.display()))?;
     let cfg = GatewayConfig {
@@ -186,18 +199,6 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         "gateway {} ingesting from mqtt://{}:{}",
         cfg.gateway_id, cfg.broker.0, cfg.broker.1
     );
-    let api = match &a.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let c: gateway::config::ApiConfig = toml::from_str(&text)
-                .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
-            let tables = fare_tables(&c.fare_tables)?;
-            let currency = report_currency(&c, &tables)?;
-            Some((c, tables, currency))
-        }
-        None => None,
-    };
     let store = match &api {
         Some((c, _, _)) => {
             store.with_limits(c.store_limits().map_err(|e| input_err(e.to_string()))?)
