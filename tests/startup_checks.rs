@@ -54,14 +54,17 @@ fn config_mistakes_name_the_setting_to_fix() {
     keys_and_fare_table(dir, PASS, "metro-city/rules.toml", "metro.tgft");
     std::fs::write(dir.join("a-file"), "not a directory").unwrap();
     std::fs::write(dir.join("mqtt-users"), "1001 v-secret metro\n").unwrap();
+    // The validator at `stop` with `keys` and `journal` (two crowd taps); the gateway with
+    // `args` after `tapgate gateway`.
+    let start_validator =
+        |stop, keys, journal| validator(dir, &validator_toml(stop, keys, journal, ""), "2", &[]);
+    let start_gateway = |args: &[&str]| {
+        let args: Vec<&str> = ["gateway"].iter().chain(args).copied().collect();
+        tapgate(dir, &args, &[("TAPGATE_MQTT_PASSWORD", "gw-secret")])
+    };
 
     // A stop the route does not serve: every tap would be refused as a fare error.
-    let o = validator(
-        dir,
-        &validator_toml("Depot", "keys", "journal", ""),
-        "2",
-        &[],
-    );
+    let o = start_validator("Depot", "keys", "journal");
     refused_at_start(&o, "stop \"Depot\" is not on route \"M1\"");
     assert!(
         stderr(&o).contains("Central, Market"),
@@ -70,18 +73,9 @@ fn config_mistakes_name_the_setting_to_fix() {
     );
 
     // No key set where the config points.
-    let o = validator(
-        dir,
-        &validator_toml("Central", "no-keys", "journal", ""),
-        "2",
-        &[],
-    );
+    let o = start_validator("Central", "no-keys", "journal");
     refused_at_start(&o, "run `tapgate keys init --out no-keys`");
-    let o = tapgate(
-        dir,
-        &["gateway", "--keys", "no-keys", "--data", "gw"],
-        &[("TAPGATE_MQTT_PASSWORD", "gw-secret")],
-    );
+    let o = start_gateway(&["--keys", "no-keys", "--data", "gw"]);
     refused_at_start(&o, "tapgate keys init");
 
     // Fare tables in two currencies for the gateway's reports, and no currency set.
@@ -96,23 +90,18 @@ fn config_mistakes_name_the_setting_to_fix() {
         ),
     )
     .unwrap();
-    let o = tapgate(
-        dir,
-        &[
-            "gateway",
-            "--keys",
-            "keys",
-            "--data",
-            "gw-ok",
-            "--mqtt-users",
-            "mqtt-users",
-            "--embedded-listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--config",
-            "mixed.toml",
-        ],
-        &[("TAPGATE_MQTT_PASSWORD", "gw-secret")],
-    );
+    let o = start_gateway(&[
+        "--keys",
+        "keys",
+        "--data",
+        "gw-ok",
+        "--mqtt-users",
+        "mqtt-users",
+        "--embedded-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--config",
+        "mixed.toml",
+    ]);
     refused_at_start(&o, "fare_tables are in KRW and USD: set currency");
 
     // Directories that cannot be created: the setting, the user, the OS error once.
@@ -129,26 +118,16 @@ fn config_mistakes_name_the_setting_to_fix() {
             "the OS error once: {e}"
         );
     };
-    let o = validator(
-        dir,
-        &validator_toml("Central", "keys", "a-file/journal", ""),
-        "2",
-        &[],
-    );
+    let o = start_validator("Central", "keys", "a-file/journal");
     once(&o, "journal in v.toml / --journal");
-    let o = tapgate(
-        dir,
-        &[
-            "gateway",
-            "--keys",
-            "keys",
-            "--data",
-            "a-file/gw",
-            "--mqtt-users",
-            "mqtt-users",
-        ],
-        &[("TAPGATE_MQTT_PASSWORD", "gw-secret")],
-    );
+    let o = start_gateway(&[
+        "--keys",
+        "keys",
+        "--data",
+        "a-file/gw",
+        "--mqtt-users",
+        "mqtt-users",
+    ]);
     once(&o, "--data");
     std::fs::write(
         dir.join("charging.toml"),
