@@ -115,6 +115,15 @@ fn debit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
     }
 }
 
+/// Posts the batch `id` of `taps` to the clearing of the server at `b` as `token`.
+fn clear(b: &str, token: &str, id: &str, taps: Vec<serde_json::Value>) -> (u16, serde_json::Value) {
+    common::post(
+        &format!("{b}/v1/clearing/batches"),
+        token,
+        serde_json::json!({"batch_id": id, "taps": taps}),
+    )
+}
+
 fn tap_json(r: &CommitReceipt, seq: u64) -> serde_json::Value {
     serde_json::json!({
         "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
@@ -139,22 +148,18 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     // A forged tap: a compromised validator claims a debit the card never made.
     let mut forged = tap_json(&r3, 9);
     forged["amount_minor"] = 5.into();
-    let batch = serde_json::json!({"batch_id": "gw1-000001", "taps": [tap_json(&r1, 1), tap_json(&r2, 2), tap_json(&r3, 3), forged]});
-    let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch.clone());
+    let taps = vec![tap_json(&r1, 1), tap_json(&r2, 2), tap_json(&r3, 3), forged];
+    let (code, out) = clear(&b, GW, "gw1-000001", taps.clone());
     assert_eq!(code, 200, "{out}");
     assert_eq!(out["cleared"], 3);
     assert_eq!(out["anomalies"].as_array().unwrap().len(), 1);
     assert_eq!(out["anomalies"][0]["kind"], "forged_tmac");
     // The same batch again: the stored answer, nothing booked twice.
-    let (_, again) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch);
+    let (_, again) = clear(&b, GW, "gw1-000001", taps);
     assert_eq!(again, out);
     // The same id with other taps (a gateway whose store was reset reuses ids): refused
     // loudly, never answered with the old outcome (its taps would be dropped unbooked).
-    let (code, conflict) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        GW,
-        serde_json::json!({"batch_id": "gw1-000001", "taps": [tap_json(&r1, 1)]}),
-    );
+    let (code, conflict) = clear(&b, GW, "gw1-000001", vec![tap_json(&r1, 1)]);
     assert_eq!(code, 409, "{conflict}");
     assert!(
         conflict["detail"]
@@ -164,11 +169,7 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
         "{conflict}"
     );
     // The same taps in another batch (the gateway lost its acknowledgement): duplicates.
-    let (_, dup) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        GW,
-        serde_json::json!({"batch_id": "gw1-000002", "taps": [tap_json(&r1, 1)]}),
-    );
+    let (_, dup) = clear(&b, GW, "gw1-000002", vec![tap_json(&r1, 1)]);
     assert_eq!(
         (dup["cleared"].as_u64(), dup["duplicates"].as_u64()),
         (Some(0), Some(1))
@@ -192,10 +193,11 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     let real4 = debit(&mut sam, &mut card, 100);
     let fake4 = debit(&mut sam, &mut clone, 300);
     assert_eq!(real4.tmc(), fake4.tmc());
-    let (_, out) = common::post(
-        &format!("{b}/v1/clearing/batches"),
+    let (_, out) = clear(
+        &b,
         GW,
-        serde_json::json!({"batch_id": "gw1-000003", "taps": [tap_json(&real4, 4), tap_json(&fake4, 5)]}),
+        "gw1-000003",
+        vec![tap_json(&real4, 4), tap_json(&fake4, 5)],
     );
     assert_eq!(out["cleared"], 1);
     assert_eq!(out["cards_blocked"], 1);
@@ -203,11 +205,7 @@ fn batches_clear_once_forgeries_and_clones_are_anomalies(kind: HsmKind) {
     let r = l.read().unwrap();
     assert!(r.card(&uid).unwrap().blocked, "the cloned card is blocked");
     // Only gateways clear.
-    let (code, _) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        OPS,
-        serde_json::json!({"batch_id": "x", "taps": []}),
-    );
+    let (code, _) = clear(&b, OPS, "x", vec![]);
     assert_eq!(code, 403);
 }
 
@@ -225,14 +223,14 @@ fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
     let uid = [4, 9, 9, 9, 9, 9, 9];
     let mut card = issued_card(&b, &hsm, uid);
     let r1 = debit(&mut sam, &mut card, 150);
-    let batch = serde_json::json!({"batch_id": "gw9-000001", "taps": [tap_json(&r1, 1)]});
+    let taps = vec![tap_json(&r1, 1)];
 
     tapgate_pkcs11::TokenSession::open(&token.config)
         .unwrap()
         .session
         .logout()
         .unwrap();
-    let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch.clone());
+    let (code, out) = clear(&b, GW, "gw9-000001", taps.clone());
     assert_eq!(code, 500, "{out}");
     assert_eq!(out["error"], "internal", "{out}");
     let l = srv.state.loads.ledger();
@@ -241,7 +239,7 @@ fn an_hsm_failure_fails_the_batch_and_the_resent_batch_clears() {
         assert_eq!(r.balance("operator:metro").unwrap(), 0);
     }
 
-    let (code, out) = common::post(&format!("{b}/v1/clearing/batches"), GW, batch);
+    let (code, out) = clear(&b, GW, "gw9-000001", taps);
     assert_eq!(code, 200, "{out}");
     assert_eq!(out["cleared"], 1);
     assert_eq!(out["anomalies"].as_array().unwrap().len(), 0, "{out}");
@@ -264,11 +262,7 @@ fn a_cleared_tap_voids_the_pending_load_whose_counter_it_used(kind: HsmKind) {
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let tap = debit(&mut sam, &mut card, 120);
     assert_eq!(tap.tmc(), 1);
-    let (_, out) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        GW,
-        serde_json::json!({"batch_id": "b1", "taps": [tap_json(&tap, 1)]}),
-    );
+    let (_, out) = clear(&b, GW, "b1", vec![tap_json(&tap, 1)]);
     assert_eq!(out["loads_voided"], 1, "{out}");
     let l = srv.state.loads.ledger();
     let r = l.read().unwrap();
@@ -292,11 +286,7 @@ fn a_cleared_tap_completes_the_pending_load_the_card_applied(kind: HsmKind) {
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let tap = debit(&mut sam, &mut card, 120);
     assert_eq!(tap.tmc(), 2);
-    let (_, out) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        GW,
-        serde_json::json!({"batch_id": "b1", "taps": [tap_json(&tap, 1)]}),
-    );
+    let (_, out) = clear(&b, GW, "b1", vec![tap_json(&tap, 1)]);
     assert_eq!(out["loads_completed"], 1, "{out}");
     let l = srv.state.loads.ledger();
     {
@@ -330,20 +320,12 @@ fn a_pending_load_is_completed_whatever_order_the_taps_arrive_in(kind: HsmKind) 
     load_lost_at_the_credit(&b, &mut card, true);
     let after = debit(&mut sam, &mut card, 50); // tmc 3
     assert_eq!((before.tmc(), after.tmc()), (1, 3));
-    let (_, first) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        GW,
-        serde_json::json!({"batch_id": "late-1", "taps": [tap_json(&after, 2)]}),
-    );
+    let (_, first) = clear(&b, GW, "late-1", vec![tap_json(&after, 2)]);
     assert_eq!(
         first["loads_completed"], 0,
         "the gap below is still open: {first}"
     );
-    let (_, second) = common::post(
-        &format!("{b}/v1/clearing/batches"),
-        GW,
-        serde_json::json!({"batch_id": "late-2", "taps": [tap_json(&before, 1)]}),
-    );
+    let (_, second) = clear(&b, GW, "late-2", vec![tap_json(&before, 1)]);
     assert_eq!(second["loads_completed"], 1, "{second}");
     let l = srv.state.loads.ledger();
     {
@@ -382,18 +364,11 @@ fn a_gateway_books_taps_only_to_its_own_operators() {
     let fare = tap_json(&debit(&mut sam, &mut card, 150), 1);
     let mut sale = tap_json(&debit(&mut sam, &mut card, 499), 2);
     sale["operator"] = "hotel".into();
-    let post = |token: &str, id: &str, taps: Vec<serde_json::Value>| {
-        common::post(
-            &format!("{b}/v1/clearing/batches"),
-            token,
-            serde_json::json!({"batch_id": id, "taps": taps}),
-        )
-    };
     for (token, id, taps) in [
         (GW, "gw-1", vec![fare.clone(), sale.clone()]),
         (HOTEL_GW, "hotel-1", vec![sale.clone(), fare.clone()]),
     ] {
-        let (code, out) = post(token, id, taps);
+        let (code, out) = clear(&b, token, id, taps);
         assert_eq!(code, 403, "{out}");
         assert!(
             out["detail"]
@@ -411,11 +386,11 @@ fn a_gateway_books_taps_only_to_its_own_operators() {
     }
     // Batch ids are per gateway: the hotel's token sending an (empty) batch under the metro's
     // next id does not make the metro's real batch look already answered.
-    let _ = post(HOTEL_GW, "gw-2", vec![]);
-    let (code, out) = post(GW, "gw-2", vec![fare]);
+    let _ = clear(&b, HOTEL_GW, "gw-2", vec![]);
+    let (code, out) = clear(&b, GW, "gw-2", vec![fare]);
     assert_eq!((code, out["cleared"].as_u64()), (200, Some(1)), "{out}");
     assert_eq!(out["batch_id"], "gw-2");
-    assert_eq!(post(HOTEL_GW, "hotel-2", vec![sale]).0, 200);
+    assert_eq!(clear(&b, HOTEL_GW, "hotel-2", vec![sale]).0, 200);
     let l = srv.state.loads.ledger();
     let r = l.read().unwrap();
     assert_eq!(r.balance("operator:metro").unwrap(), 150);
