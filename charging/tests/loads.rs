@@ -127,6 +127,14 @@ impl World {
     }
 }
 
+/// Asserts that `r` is a refusal for `why`.
+fn assert_refused(r: &Reply, why: &str) {
+    assert!(
+        matches!(r, Reply::Refused { reason, .. } if reason == why),
+        "{r:?}"
+    );
+}
+
 fn a_relayed_load_completes_and_is_posted_and_captured(kind: HsmKind) {
     let mut w = world(LoadConfig::default(), kind);
     let mut card = w.card(1, 1_000);
@@ -245,16 +253,10 @@ fn refusals_move_nothing(kind: HsmKind) {
     let mut card = w.card(4, 9_000);
     // Ceiling.
     let r = w.load(&mut card, 1_001, "c1");
-    assert!(
-        matches!(&r, Reply::Refused { reason, .. } if reason == "balance_ceiling"),
-        "{r:?}"
-    );
+    assert_refused(&r, "balance_ceiling");
     // Declined card.
     let r = w.load_from(&mut card, 500, "card", "tok_decline", "c2");
-    assert!(
-        matches!(&r, Reply::Refused { reason, .. } if reason == "funding_declined"),
-        "{r:?}"
-    );
+    assert_refused(&r, "funding_declined");
     // Bad requests.
     assert!(w
         .svc
@@ -277,10 +279,7 @@ fn refusals_move_nothing(kind: HsmKind) {
         Reply::Completed { .. }
     ));
     let r = w.load(&mut card2, 1_001, "d2");
-    assert!(
-        matches!(&r, Reply::Refused { reason, .. } if reason == "daily_limit"),
-        "{r:?}"
-    );
+    assert_refused(&r, "daily_limit");
     assert_eq!(card2.state().balance_minor, 5_000);
 }
 
@@ -303,10 +302,7 @@ fn mileage_funds_a_load_and_only_holds_what_it_converts(kind: HsmKind) {
     );
     assert_eq!(w.miles.balance("alice").unwrap(), 400);
     let r = w.load_from(&mut card, 1_000, "mileage", "alice", "m2");
-    assert!(
-        matches!(&r, Reply::Refused { reason, .. } if reason == "funding_declined"),
-        "{r:?}"
-    );
+    assert_refused(&r, "funding_declined");
     assert_eq!(w.miles.balance("alice").unwrap(), 400);
 }
 
@@ -389,10 +385,7 @@ fn a_blocked_card_is_refused(kind: HsmKind) {
             .unwrap();
     }
     let r = w.load(&mut card, 100, "b");
-    assert!(
-        matches!(&r, Reply::Refused { reason, .. } if reason == "card_blocked"),
-        "{r:?}"
-    );
+    assert_refused(&r, "card_blocked");
     assert_eq!(card.state().balance_minor, 0);
 }
 
