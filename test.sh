@@ -26,6 +26,8 @@ if ! command -v softhsm2-util >/dev/null 2>&1; then need_apt+=(softhsm2); fi
 if ! pkg-config --exists libpcsclite 2>/dev/null; then need_apt+=(libpcsclite-dev pkgconf); fi
 if ! command -v pcscd >/dev/null 2>&1 && [ ! -x /usr/sbin/pcscd ]; then need_apt+=(pcscd); fi
 if ! dpkg -s vsmartcard-vpcd >/dev/null 2>&1; then need_apt+=(vsmartcard-vpcd); fi
+# docs/operations.md's commands, which tests/operations_doc.rs runs, call the HTTP APIs with curl.
+if ! command -v curl >/dev/null 2>&1; then need_apt+=(curl); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
