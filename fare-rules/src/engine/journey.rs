@@ -69,13 +69,15 @@ impl State {
     }
 }
 
-type Dp = [[[State; MAX_LEGS]; MAX_CANDIDATES]; MAX_LEGS];
+/// The programme's table for a journey of up to `N` effective legs: `dp[j][c][s]`. Sized to
+/// the journey (not to [`MAX_LEGS`]) because filling it is most of a short quote's cost.
+type Dp<const N: usize> = [[[State; N]; MAX_CANDIDATES]; N];
 
 /// The cheapest final state of the programme, walked back into priced legs.
-fn walk_back(
-    dp: &Dp,
-    cands: &[[Cand; MAX_CANDIDATES]; MAX_LEGS],
-    ncand: &[usize; MAX_LEGS],
+fn walk_back<const N: usize>(
+    dp: &Dp<N>,
+    cands: &[[Cand; MAX_CANDIDATES]; N],
+    ncand: &[usize; N],
     eff: &[EffLeg],
 ) -> Priced {
     let ne = eff.len();
@@ -412,15 +414,35 @@ impl Engine {
         let mut eff = [EffLeg::default(); MAX_LEGS];
         let ne = self.effective_legs(legs, &mut eff)?;
         let eff = &eff[..ne];
-        let mut cands = [[Cand::default(); MAX_CANDIDATES]; MAX_LEGS];
-        let mut ncand = [0usize; MAX_LEGS];
+        // The tables sized to the journey: short journeys (the common case) fill a few
+        // hundred bytes instead of the 16 KiB a `MAX_LEGS` table takes.
+        match ne {
+            1 => self.price_effective::<1>(rider, eff),
+            2 => self.price_effective::<2>(rider, eff),
+            3 => self.price_effective::<3>(rider, eff),
+            4 => self.price_effective::<4>(rider, eff),
+            _ => self.price_effective::<MAX_LEGS>(rider, eff),
+        }
+    }
+
+    /// [`Engine::price_journey`] over effective legs, with tables for up to `N` of them
+    /// (`eff.len() <= N`).
+    fn price_effective<const N: usize>(
+        &self,
+        rider: Rider,
+        eff: &[EffLeg],
+    ) -> Result<Priced, QuoteError> {
+        let ne = eff.len();
+        debug_assert!(ne >= 1 && ne <= N);
+        let mut cands = [[Cand::default(); MAX_CANDIDATES]; N];
+        let mut ncand = [0usize; N];
         for (j, e) in eff.iter().enumerate() {
             ncand[j] = self.candidates(e, rider, e.first as usize, &mut cands[j])?;
         }
 
         // dp[j][c][s]: best state after effective leg j priced with candidate c, in a transfer
         // chain that began at effective leg s.
-        let mut dp = [[[NO_STATE; MAX_LEGS]; MAX_CANDIDATES]; MAX_LEGS];
+        let mut dp: Dp<N> = [[[NO_STATE; N]; MAX_CANDIDATES]; N];
         for c in 0..ncand[0] {
             dp[0][c][0] = State::first(&cands[0][c], &eff[0]);
         }
