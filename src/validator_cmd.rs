@@ -161,6 +161,11 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         table.as_ref().map(|(p, b)| (*p, b.as_slice())),
     )
     .map_err(|e| config_err(None, e))?;
+    // The summary's amounts in the fare table's currency.
+    let currency = gate.engine.as_ref().map(|e| {
+        let m = &e.table().meta;
+        (m.currency.clone(), m.currency_exponent)
+    });
     let pend = journal.pendings()?;
     if !pend.is_empty() {
         eprintln!(
@@ -203,7 +208,7 @@ pub fn run(a: ValidatorArgs) -> Result<()> {
         anyhow::Ok(summary)
     })?;
 
-    print_summary(cfg.device_id, &summary, a.json)?;
+    print_summary(cfg.device_id, &summary, currency.as_ref(), a.json)?;
     let fare_errors = summary.taps_refused.get("fare_error").copied().unwrap_or(0);
     if fare_errors > 0 && summary.taps_accepted == 0 {
         eprintln!(
@@ -299,13 +304,22 @@ fn spawn_metrics(
 }
 
 /// The day's summary in words (and as JSON with `--json`).
-fn print_summary(device_id: u32, summary: &daemon::Summary, json: bool) -> Result<()> {
+fn print_summary(
+    device_id: u32,
+    summary: &daemon::Summary,
+    currency: Option<&(String, u8)>,
+    json: bool,
+) -> Result<()> {
+    let fares = summary.fares_minor;
     println!(
-        "validator {}: {} taps: {} accepted ({} minor units), {} refused, {} torn, {} repeats; {} earlier tears settled",
+        "validator {}: {} taps: {} accepted ({}), {} refused, {} torn, {} repeats; {} earlier tears settled",
         device_id,
         summary.taps,
         summary.taps_accepted,
-        summary.fares_minor,
+        match currency {
+            Some((cur, exp)) => crate::money::amount(fares, *exp, cur),
+            None => format!("{fares} minor units"),
+        },
         summary.taps_refused.values().sum::<u64>(),
         summary.taps_torn,
         summary.taps_repeat,
@@ -315,8 +329,10 @@ fn print_summary(device_id: u32, summary: &daemon::Summary, json: bool) -> Resul
         println!("  refused {reason}: {n}");
     }
     println!(
-        "tap latency p50 {} us, p99 {} us; outbox: {} taps not yet confirmed",
-        summary.tap_latency_us_p50, summary.tap_latency_us_p99, summary.outbox_left
+        "tap time median {:.1} ms, 99% within {:.1} ms; outbox: {} taps not yet confirmed",
+        summary.tap_latency_us_p50 as f64 / 1000.0,
+        summary.tap_latency_us_p99 as f64 / 1000.0,
+        summary.outbox_left
     );
     if json {
         println!("{}", serde_json::to_string(summary)?);

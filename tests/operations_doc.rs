@@ -72,6 +72,13 @@ fn the_operations_page_stands_the_system_up() {
     // What the page says each step shows.
     assert!(err.contains("connected to the MQTT broker"), "{all}");
     assert!(out.contains("outbox: 0 taps not yet confirmed"), "{all}");
+    // The validator's summary: fares in the table's currency, times in ms.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("validator 1001: 20 taps:") && l.contains(" KRW)")),
+        "{all}"
+    );
+    assert!(out.contains("tap time median "), "{all}");
     assert!(out.contains("load completed: amount_minor=2000"), "{all}");
     assert!(out.contains("\"action\":\"block\""), "{all}");
     // The TIDES export: the header, then rows with the GTFS stop and route ids in KRW.
