@@ -18,6 +18,11 @@
 //!   hours on the same cards over the hotel's topics to a second gateway (operator "hotel",
 //!   relaying no blocklist: the box holds the card scheme's list from the metro's topics), so
 //!   the revenue per operator is booked apart and checked against what each side collected.
+//! - A rail ticket office (merchant `rail-tickets`) sells train tickets online every 50 taps:
+//!   riders pay from their cards through the same relay as the top-ups (a rider short of value
+//!   tops up first); some clients vanish mid-payment and pay again at the card's next contact,
+//!   which settles the torn payment first; one ticket in five is refunded (wholly or keeping a
+//!   fee) and the card that paid collects the refund online.
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
@@ -167,7 +172,55 @@ fn summary(args: &DemoArgs, report: &DayReport, started: Instant) -> serde_json:
     summary["revenue_agrees"] = report.revenue_agrees.into();
     summary["tv_sales"] = t.tv_sales.into();
     summary["tv_sales_accepted"] = t.tv_accepted.into();
+    payments_summary(&mut summary, report);
     summary
+}
+
+/// The online payments' fields: per merchant, the day's totals and the ledger's agreement.
+fn payments_summary(summary: &mut serde_json::Value, report: &DayReport) {
+    let merchants = &report.tally.payments_by_merchant;
+    let books = &report.shop_books;
+    summary["payments_by_merchant"] = merchants
+        .iter()
+        .map(|(m, t)| {
+            let v = serde_json::json!({
+                "currency": t.currency,
+                "exponent": t.exponent,
+                "payments_made": t.payments_made,
+                "payments_completed": t.payments_completed,
+                "payments_after_top_up": t.payments_after_top_up,
+                "paid_minor": t.paid_minor,
+                "payments_refused": t.payments_refused.values().sum::<u64>(),
+                "payments_refused_by_reason": t.payments_refused,
+                "payments_torn": t.payments_torn,
+                "payments_torn_paid_before": t.payments_torn_paid_before,
+                "payments_torn_paid_on_retry": t.payments_torn_paid_on_retry,
+                "payments_torn_refused_on_retry": t.payments_torn_refused_on_retry,
+                "refunds": t.refunds,
+                "refunds_whole": t.refunds_whole,
+                "refunds_partial": t.refunds_partial,
+                "refunded_minor": t.refunded_minor,
+                "refunds_collected": t.refunds_collected,
+                "refunds_collected_minor": t.refunds_collected_minor,
+                "refund_collections_torn": t.collections_torn,
+                "refund_collections_torn_credited_before": t.collections_torn_credited_before,
+                "refund_collections_torn_credited_on_retry": t.collections_torn_credited_on_retry,
+                "booked_minor": books.merchant_minor.get(m).copied().unwrap_or(0),
+            });
+            (m.clone(), v)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let sum = |f: fn(&tapgate_sim::tally::MerchantTally) -> u64| -> u64 {
+        merchants.values().map(f).sum()
+    };
+    summary["payments_completed"] = sum(|t| t.payments_completed).into();
+    summary["payments_torn"] = sum(|t| t.payments_torn).into();
+    summary["payments_paid_twice"] = report.conservation.payments_paid_twice.into();
+    summary["refunds_collected"] = sum(|t| t.refunds_collected).into();
+    summary["refunds_credited_twice"] = books.refunds_credited_twice.into();
+    summary["refunds_pending_minor"] = books.refunds_pending_minor.into();
+    summary["payments_agree"] = report.payments_agree.into();
 }
 
 /// An operator's amount in its currency (`1,780,900 KRW`).
@@ -279,6 +332,7 @@ fn print_summary(report: &DayReport) {
         "  hotel pay-TV           {} sales of {} presentations (films, sports hours under the TV-day cap), through the hotel's own gateway",
         t.tv_accepted, t.tv_sales
     );
+    print_payments(report);
     println!(
         "  lost card blocked      reached all {} devices ({} metro validators and the hotel's box) within {} ms (half of them within {} ms); {} taps refused as blocked",
         propagation_ms.len(),
@@ -301,9 +355,61 @@ fn print_summary(report: &DayReport) {
     println!(
         "  value conserved        {}",
         if report.value_conserved {
-            "yes: every card's balance = issued + top-ups − fares = what the back office's ledger says it holds"
+            "yes: every card's balance = issued + top-ups + refunds − fares − online payments = what the back office's ledger says it holds; each merchant's account = paid − refunded"
         } else {
             "NO"
         }
     );
+}
+
+/// The `online payments` and `refunds` lines: per merchant, in its currency.
+fn print_payments(report: &DayReport) {
+    let books = &report.shop_books;
+    for (m, t) in &report.tally.payments_by_merchant {
+        let money = |minor: i64| crate::money::amount(minor, t.exponent, &t.currency);
+        let refused = t
+            .payments_refused
+            .iter()
+            .map(|(r, n)| format!("{n} {}", r.replace('_', " ")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "  online payments        {m} (rail ticket office): {} tickets paid from cards through the relay, {}{}; {} interrupted mid-payment, settled at the card's next contact: {} had paid, {} paid then, {} refused then{}; {} paid twice",
+            t.payments_completed,
+            money(t.paid_minor),
+            if refused.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} refused: {refused})", t.payments_refused.values().sum::<u64>())
+            },
+            t.payments_torn,
+            t.payments_torn_paid_before,
+            t.payments_torn_paid_on_retry,
+            t.payments_torn_refused_on_retry,
+            if t.payments_after_top_up > 0 {
+                format!(
+                    "; {} paid after the rider topped up (the card held too little)",
+                    t.payments_after_top_up
+                )
+            } else {
+                String::new()
+            },
+            report.conservation.payments_paid_twice,
+        );
+        println!(
+            "  refunds                {m}: {} ({} whole, {} keeping a fee), {}; {} collected onto the cards that paid, {} ({} collections interrupted: {} had been credited, {} credited then); {} still to collect; the merchant's account {} = paid − refunded{}",
+            t.refunds,
+            t.refunds_whole,
+            t.refunds_partial,
+            money(t.refunded_minor),
+            t.refunds_collected,
+            money(t.refunds_collected_minor),
+            t.collections_torn,
+            t.collections_torn_credited_before,
+            t.collections_torn_credited_on_retry,
+            money(t.refunded_minor - t.refunds_collected_minor),
+            money(books.merchant_minor.get(m).copied().unwrap_or(0)),
+            if report.payments_agree { "" } else { " — DISAGREES" },
+        );
+    }
 }

@@ -14,7 +14,7 @@ use crate::fleet::{Device, Fleet, FleetOptions};
 use crate::gates::{tv_sale, Gates, DAY0_MS, FIRST_DEVICE};
 use crate::operators::Operators;
 use crate::riders::{self, Rider};
-use crate::shop::{Shop, MERCHANT, SALE_EVERY_TAPS};
+use crate::shop::{Shop, Short, MERCHANT, SALE_EVERY_TAPS};
 use crate::tally::{DayReport, Progress, Tally};
 use crate::SimError;
 use charging::client::{Client, LoadAsk};
@@ -175,8 +175,7 @@ impl World {
         };
         // A torn payment or collection is settled at the card's next contact: the rider goes
         // back online to the office before tapping.
-        self.shop
-            .next_contact(&self.office, &mut self.riders[ri], &self.hsm)?;
+        self.shop_contact(ri)?;
         let vi = self.choose_gate(ri);
         let tear = pick_tear(&mut self.rng, self.cfg.tear_per_mille);
         // The validator holds the blocklist it verified and applied from MQTT.
@@ -197,13 +196,35 @@ impl World {
             self.ops.restart_metro(&self.rt);
         }
         if short && self.riders[ri].torn_at.is_none() {
-            self.top_up(ri, tap)?;
+            self.top_up(ri, &tap.to_string())?;
         }
         if tap % SALE_EVERY_TAPS == SALE_EVERY_TAPS / 2 {
             if let Some(ci) = self.shop.customer(&self.riders) {
-                self.shop
+                self.shop_contact(ci)?;
+                let short = self
+                    .shop
                     .sell(&self.office, &mut self.riders[ci], &self.hsm)?;
+                self.pay_short(ci, short)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Rider `ri`'s card's next contact with the ticket office (its torn payment or collection
+    /// settled).
+    fn shop_contact(&mut self, ri: usize) -> Result<(), SimError> {
+        let short = self
+            .shop
+            .next_contact(&self.office, &mut self.riders[ri], &self.hsm)?;
+        self.pay_short(ri, short)
+    }
+
+    /// A rider whose card held too little for a ticket tops up online, then pays it.
+    fn pay_short(&mut self, ri: usize, short: Option<Short>) -> Result<(), SimError> {
+        if let Some(short) = short {
+            self.top_up(ri, &short.tag)?;
+            self.shop
+                .pay_after_top_up(&self.office, &mut self.riders[ri], &self.hsm, short)?;
         }
         Ok(())
     }
@@ -359,17 +380,17 @@ impl World {
 
     /// Tops up online through the charging server, funded by card, mileage or a voucher bought
     /// from the mall; the client sometimes vanishes mid-load.
-    fn top_up(&mut self, ri: usize, tap: u32) -> Result<(), SimError> {
+    fn top_up(&mut self, ri: usize, tag: &str) -> Result<(), SimError> {
         let (source, instrument) = match self.rng.gen_range(0..3) {
             0 => ("card".to_string(), self.riders[ri].card_token.clone()),
             1 => ("mileage".to_string(), self.riders[ri].member.clone()),
             _ => (
                 "voucher".to_string(),
-                self.office.buy_voucher(&format!("order-{tap}"), 20_000)?,
+                self.office.buy_voucher(&format!("order-{tag}"), 20_000)?,
             ),
         };
         let vanish = pick_vanish(&mut self.rng, self.cfg.tear_per_mille);
-        let key = format!("demo-load-{tap}");
+        let key = format!("demo-load-{tag}");
         let ask = LoadAsk {
             amount_minor: 20_000,
             source: &source,
@@ -405,8 +426,7 @@ impl World {
     fn end_of_day(&mut self) -> Result<(), SimError> {
         let end_ms = DAY0_MS + u64::from(self.cfg.taps) * self.ms_per_tap;
         for ri in 0..self.riders.len() {
-            self.shop
-                .next_contact(&self.office, &mut self.riders[ri], &self.hsm)?;
+            self.shop_contact(ri)?;
             if let Some(vi) = self.riders[ri].torn_at.take() {
                 self.last_presentation(ri, vi, end_ms)?;
             }

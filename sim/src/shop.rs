@@ -31,14 +31,29 @@ pub const SALE_EVERY_TAPS: u32 = 50;
 
 /// Tickets on sale: the trip and its fare in currency units of the card scheme (KRW).
 const TICKETS: [(&str, i64); 4] = [
+    ("Seoul → Incheon Airport, AREX", 4_450),
     ("Seoul → Suwon, ITX-Saemaeul", 4_800),
     ("Yongsan → Gwangmyeong, KTX", 8_400),
     ("Seoul → Cheonan-Asan, KTX", 14_000),
-    ("Seoul → Daejeon, KTX", 23_700),
 ];
+
+/// The refusal of a card that holds too little.
+const INSUFFICIENT: &str = "insufficient_value";
 
 /// One ticket in five is cancelled and refunded; half of those keep a 10 % fee.
 const REFUND_ONE_IN: u32 = 5;
+
+/// A payment refused because the card holds too little: the rider tops up online and pays
+/// it again ([`Shop::pay_after_top_up`]).
+#[derive(Debug)]
+pub struct Short {
+    /// The payment's id.
+    pub payment: String,
+    /// Its amount, minor units.
+    pub amount: i32,
+    /// A tag of its own for the top-up's keys (`shop-<n>`).
+    pub tag: String,
+}
 
 /// The ticket office and its day.
 pub struct Shop {
@@ -79,15 +94,15 @@ impl Shop {
         riders[ri].torn_at.is_none().then_some(ri)
     }
 
-    /// One sale: the office makes a payment for a ticket; the rider pays it from the card (its
-    /// earlier torn payment or collection first: this is the card's next contact).
+    /// One sale: the office makes a payment for a ticket; the rider pays it from the card
+    /// (call [`Shop::next_contact`] first: a torn payment or collection is settled before).
+    /// A card short of value comes back as [`Short`].
     pub fn sell(
         &mut self,
         office: &BackOffice,
         rider: &mut Rider,
         hsm: &SoftwareHsm,
-    ) -> Result<(), SimError> {
-        self.next_contact(office, rider, hsm)?;
+    ) -> Result<Option<Short>, SimError> {
         self.orders += 1;
         let (trip, units) = TICKETS[self.rng.gen_range(0..TICKETS.len())];
         let amount = i32::try_from(units * 10i64.pow(u32::from(self.tally.exponent)))
@@ -112,44 +127,80 @@ impl Shop {
             .ok_or_else(|| SimError::Shop(format!("a payment without an id: {made}")))?
             .to_string();
         self.tally.payments_made += 1;
-        let vanish = pick_vanish(&mut self.rng, self.tear_per_mille);
+        let vanish = self.vanish();
         let out = self.pay(office, rider, hsm, &id, vanish)?;
         match out.ending {
-            Ending::Answered(Reply::Completed { .. }) => self.paid(office, rider, hsm, &id, amount),
+            Ending::Answered(Reply::Completed { .. }) => {
+                self.paid(office, rider, hsm, &id, amount)?;
+            }
+            Ending::Answered(Reply::Refused { reason, .. }) if reason == INSUFFICIENT => {
+                return Ok(Some(self.short(id, amount)))
+            }
             Ending::Answered(Reply::Refused { reason, .. }) => {
                 *self.tally.payments_refused.entry(reason).or_default() += 1;
-                Ok(())
             }
             Ending::Answered(Reply::Pending { .. } | Reply::Command { .. })
             | Ending::Vanished { .. } => {
                 self.tally.payments_torn += 1;
                 rider.pending_payment = Some((id, amount));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The rider topped up after `short`: pays that payment again (not torn).
+    pub fn pay_after_top_up(
+        &mut self,
+        office: &BackOffice,
+        rider: &mut Rider,
+        hsm: &SoftwareHsm,
+        short: Short,
+    ) -> Result<(), SimError> {
+        self.tally.payments_after_top_up += 1;
+        let (id, amount) = (short.payment, short.amount);
+        match self.pay(office, rider, hsm, &id, None)?.ending {
+            Ending::Answered(Reply::Completed { .. }) => self.paid(office, rider, hsm, &id, amount),
+            Ending::Answered(Reply::Refused { reason, .. }) => {
+                *self.tally.payments_refused.entry(reason).or_default() += 1;
                 Ok(())
             }
+            other => Err(SimError::Shop(format!(
+                "payment {id} paid after a top-up without a final answer: {other:?}"
+            ))),
         }
     }
 
     /// The card's next contact with the office: a torn payment paid again (which settles the
-    /// torn one first), a torn collection collected again.
+    /// torn one first), a torn collection collected again. A torn payment the card had not
+    /// made and cannot cover comes back as [`Short`].
     pub fn next_contact(
         &mut self,
         office: &BackOffice,
         rider: &mut Rider,
         hsm: &SoftwareHsm,
-    ) -> Result<(), SimError> {
+    ) -> Result<Option<Short>, SimError> {
         let (payment, refund) = (rider.pending_payment.take(), rider.pending_refund.take());
+        let mut short = None;
         if let Some((id, amount)) = payment {
             match self.pay(office, rider, hsm, &id, None)?.ending {
                 Ending::Answered(Reply::Completed { .. }) => {
                     self.tally.payments_torn_paid_on_retry += 1;
                     self.paid(office, rider, hsm, &id, amount)?;
                 }
-                Ending::Answered(Reply::Refused { reason, .. }) if reason == "already_paid" => {
-                    self.tally.payments_torn_paid_before += 1;
-                    self.paid(office, rider, hsm, &id, amount)?;
-                }
+                // Refused: paid by the torn dialogue (`already_paid`; a card left holding less
+                // than the amount is answered `insufficient_value` even then, so the payment's
+                // state decides), or not made and refused now.
                 Ending::Answered(Reply::Refused { reason, .. }) => {
-                    *self.tally.payments_refused.entry(reason).or_default() += 1;
+                    if self.state(office, rider, &id)? == "completed" {
+                        self.tally.payments_torn_paid_before += 1;
+                        self.paid(office, rider, hsm, &id, amount)?;
+                    } else if reason == INSUFFICIENT {
+                        self.tally.payments_torn_refused_on_retry += 1;
+                        short = Some(self.short(id, amount));
+                    } else {
+                        self.tally.payments_torn_refused_on_retry += 1;
+                        *self.tally.payments_refused.entry(reason).or_default() += 1;
+                    }
                 }
                 other => {
                     return Err(SimError::Shop(format!(
@@ -176,7 +227,14 @@ impl Shop {
             }
             self.collected(amount);
         }
-        Ok(())
+        Ok(short)
+    }
+
+    /// Payment `id`'s state as the rider's client reads it (`GET /v1/payments/{id}`).
+    fn state(&self, office: &BackOffice, rider: &Rider, id: &str) -> Result<String, SimError> {
+        let client = Client::with_agent(office.agent.clone(), &office.base, &rider.token);
+        let p = client.payment(id)?;
+        Ok(p["state"].as_str().unwrap_or_default().to_string())
     }
 
     /// Payment `id` of `amount` is paid; one ticket in [`REFUND_ONE_IN`] is cancelled: the
@@ -213,7 +271,7 @@ impl Shop {
         self.tally.refunds_whole += u64::from(whole);
         self.tally.refunds_partial += u64::from(!whole);
         self.tally.refunded_minor += i64::from(refund_minor);
-        let vanish = pick_vanish(&mut self.rng, self.tear_per_mille);
+        let vanish = self.vanish();
         match self.collect(office, rider, hsm, &refund, vanish)?.ending {
             Ending::Answered(Reply::Completed { .. }) => self.collected(refund_minor),
             Ending::Answered(Reply::Pending { .. }) | Ending::Vanished { .. } => {
@@ -227,6 +285,27 @@ impl Shop {
             }
         }
         Ok(())
+    }
+
+    /// Whether and where the client vanishes: as the top-ups' clients do, or (half of the
+    /// tears) right after the card received CommitTransaction — the card made the change and
+    /// the server never heard.
+    fn vanish(&mut self) -> Option<Vanish> {
+        let v = pick_vanish(&mut self.rng, self.tear_per_mille)?;
+        Some(if self.rng.gen_bool(0.5) {
+            Vanish::AfterIns(purse::apdu::ins::COMMIT_TRANSACTION)
+        } else {
+            v
+        })
+    }
+
+    fn short(&mut self, payment: String, amount: i32) -> Short {
+        self.keys += 1;
+        Short {
+            payment,
+            amount,
+            tag: format!("shop-{}", self.keys),
+        }
     }
 
     fn collected(&mut self, amount: i32) {

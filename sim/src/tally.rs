@@ -89,7 +89,9 @@ pub struct MerchantTally {
     pub payments_completed: u64,
     /// What they paid, minor units.
     pub paid_minor: i64,
-    /// Payments refused before any value moved, by reason.
+    /// Payments the rider paid after topping up online (the card held too little).
+    pub payments_after_top_up: u64,
+    /// Payments refused before any value moved, by reason (after the top-up, if any).
     pub payments_refused: BTreeMap<String, u64>,
     /// Payments whose client vanished mid-relay.
     pub payments_torn: u64,
@@ -97,6 +99,9 @@ pub struct MerchantTally {
     pub payments_torn_paid_before: u64,
     /// Of those, settled as not paid by the card, then paid at that contact.
     pub payments_torn_paid_on_retry: u64,
+    /// Of those, settled as not paid by the card, then refused at that contact (a card short
+    /// of value tops up and pays it: [`MerchantTally::payments_after_top_up`]).
+    pub payments_torn_refused_on_retry: u64,
     /// Refunds the merchant made.
     pub refunds: u64,
     /// Of those, of the whole payment.
