@@ -1,7 +1,7 @@
 //! `tapgate demo --json`: the summary's contract fields, and conservation under heavy tearing,
 //! with loads over HTTP through the real charging server, and taps over MQTT through the embedded
 //! broker and the gateway (restarted mid-day) to clearing; the hotel's pay-TV box through the
-//! hotel's own gateway.
+//! hotel's own gateway; the rail ticket office's online payments and refunds.
 
 use std::process::Command;
 
@@ -87,6 +87,40 @@ fn demo_json_summary_holds_conservation_under_tears() {
             "{source}: {v}"
         );
     }
+    // The rail ticket office: tickets paid from the cards through the relay, torn payments
+    // settled once at the card's next contact, refunds (whole and partial) collected by the
+    // cards that paid; the merchant's account is what it was paid less what it refunded.
+    let shop = &v["payments_by_merchant"]["rail-tickets"];
+    let n = |f: &str| shop[f].as_u64().unwrap_or_else(|| panic!("{f}: {v}"));
+    let minor = |f: &str| shop[f].as_i64().unwrap_or_else(|| panic!("{f}: {v}"));
+    assert_eq!(shop["currency"], "KRW", "{v}");
+    assert!(n("payments_completed") > 20, "{v}");
+    assert_eq!(v["payments_completed"], shop["payments_completed"], "{v}");
+    assert!(n("payments_torn") > 0, "payments were torn: {v}");
+    assert_eq!(
+        n("payments_torn"),
+        n("payments_torn_paid_before")
+            + n("payments_torn_paid_on_retry")
+            + n("payments_torn_refused_on_retry"),
+        "every torn payment settled once: {v}"
+    );
+    assert!(n("payments_torn_paid_before") > 0, "{v}");
+    assert!(n("payments_torn_paid_on_retry") > 0, "{v}");
+    assert_eq!(v["payments_paid_twice"], 0, "{v}");
+    assert!(n("refunds_whole") > 0 && n("refunds_partial") > 0, "{v}");
+    assert_eq!(n("refunds"), n("refunds_whole") + n("refunds_partial"));
+    assert_eq!(n("refunds_collected"), n("refunds"), "all collected: {v}");
+    assert_eq!(minor("refunds_collected_minor"), minor("refunded_minor"));
+    assert!(n("refund_collections_torn") > 0, "{v}");
+    assert_eq!(v["refunds_pending_minor"], 0, "{v}");
+    assert_eq!(v["refunds_credited_twice"], 0, "{v}");
+    assert_eq!(
+        minor("booked_minor"),
+        minor("paid_minor") - minor("refunded_minor"),
+        "{v}"
+    );
+    assert!(minor("refunded_minor") > 0 && minor("refunded_minor") < minor("paid_minor"));
+    assert_eq!(v["payments_agree"], true, "{v}");
     for field in [
         "taps_refused",
         "loads_completed",
