@@ -13,9 +13,7 @@
 //!
 //! Keys live in [`AesKey`], which zeroizes on drop and never prints its bytes.
 
-use aes::cipher::{
-    block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
-};
+use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::Aes128;
 use cmac::{Cmac, Mac};
 use subtle::ConstantTimeEq;
@@ -298,12 +296,12 @@ pub fn tm_session_mac_key_with(k_tm: &Cmac<Aes128>, tmc_next: u32, uid: &[u8; 7]
 
 /// AES-128-CBC encryption in place; `data` must be whole blocks.
 pub fn cbc_encrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
-    cbc(key.cipher(), iv, data, Direction::Encrypt)
+    cbc(&key.cipher(), iv, data, Direction::Encrypt)
 }
 
 /// AES-128-CBC decryption in place; `data` must be whole blocks.
 pub fn cbc_decrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
-    cbc(key.cipher(), iv, data, Direction::Decrypt)
+    cbc(&key.cipher(), iv, data, Direction::Decrypt)
 }
 
 /// AES-128-CBC encryption in place with an already expanded cipher (whole blocks).
@@ -312,7 +310,7 @@ pub fn cbc_encrypt_with(
     iv: &[u8; 16],
     data: &mut [u8],
 ) -> Result<(), CryptoError> {
-    cbc(cipher.clone(), iv, data, Direction::Encrypt)
+    cbc(cipher, iv, data, Direction::Encrypt)
 }
 
 /// AES-128-CBC decryption in place with an already expanded cipher (whole blocks).
@@ -321,7 +319,7 @@ pub fn cbc_decrypt_with(
     iv: &[u8; 16],
     data: &mut [u8],
 ) -> Result<(), CryptoError> {
-    cbc(cipher.clone(), iv, data, Direction::Decrypt)
+    cbc(cipher, iv, data, Direction::Decrypt)
 }
 
 /// Which way [`cbc`] runs.
@@ -332,27 +330,38 @@ enum Direction {
 }
 
 /// AES-128-CBC without padding, in place over whole blocks: the one copy behind the four
-/// public helpers. The CBC mode owns its cipher, so it takes the expanded key by value (the
-/// `_with` helpers clone theirs, as the mode always needed).
+/// public helpers. It borrows the expanded key (the `cbc` crate's mode owns its cipher, which
+/// cost a copy of the ~700-byte key schedule per call); the chaining blocks are zeroized.
 #[inline]
-fn cbc(cipher: Aes128, iv: &[u8; 16], data: &mut [u8], dir: Direction) -> Result<(), CryptoError> {
+fn cbc(cipher: &Aes128, iv: &[u8; 16], data: &mut [u8], dir: Direction) -> Result<(), CryptoError> {
     let len = data.len();
     if !len.is_multiple_of(BLOCK) {
         return Err(CryptoError::NotBlockAligned { got: len });
     }
-    let done = match dir {
-        Direction::Encrypt => cbc::Encryptor::<Aes128>::inner_iv_init(cipher, iv.into())
-            .encrypt_padded_mut::<NoPadding>(data, len)
-            .is_ok(),
-        Direction::Decrypt => cbc::Decryptor::<Aes128>::inner_iv_init(cipher, iv.into())
-            .decrypt_padded_mut::<NoPadding>(data)
-            .is_ok(),
-    };
-    if done {
-        Ok(())
-    } else {
-        Err(CryptoError::NotBlockAligned { got: len })
+    let mut chain = *iv;
+    let mut tmp = [0u8; 16];
+    for block in data.chunks_exact_mut(BLOCK) {
+        match dir {
+            Direction::Encrypt => {
+                for (c, b) in chain.iter_mut().zip(block.iter()) {
+                    *c ^= b;
+                }
+                cipher.encrypt_block((&mut chain).into());
+                block.copy_from_slice(&chain);
+            }
+            Direction::Decrypt => {
+                tmp.copy_from_slice(block);
+                cipher.decrypt_block(block.into());
+                for (b, c) in block.iter_mut().zip(chain.iter()) {
+                    *b ^= c;
+                }
+                chain = tmp;
+            }
+        }
     }
+    chain.zeroize();
+    tmp.zeroize();
+    Ok(())
 }
 
 /// AES-128 ECB encryption of one block (used to derive the EV2 IVs).
@@ -564,6 +573,27 @@ mod tests {
         cbc_decrypt(&key, &iv, &mut data).unwrap();
         assert_eq!(data, orig);
         assert!(cbc_encrypt(&key, &iv, &mut [0u8; 15]).is_err());
+    }
+
+    /// NIST SP 800-38A F.2.1 / F.2.2 (CBC-AES128), with the borrowed cipher too.
+    #[test]
+    fn cbc_sp800_38a() {
+        let key = k(RFC4493_KEY);
+        let iv: [u8; 16] = h("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
+        let plain = h(RFC4493_MSG);
+        let want = h(
+            "7649abac8119b246cee98e9b12e9197d 5086cb9b507219ee95db113a917678b2 \
+                      73bed6b8e3c1743b7116e69e22229516 3ff1caa1681fac09120eca307586e1a7",
+        );
+        let mut data = plain.clone();
+        cbc_encrypt(&key, &iv, &mut data).unwrap();
+        assert_eq!(data, want);
+        cbc_decrypt_with(&key.cipher(), &iv, &mut data).unwrap();
+        assert_eq!(data, plain);
+        cbc_encrypt_with(&key.cipher(), &iv, &mut data).unwrap();
+        assert_eq!(data, want);
+        cbc_decrypt(&key, &iv, &mut data).unwrap();
+        assert_eq!(data, plain);
     }
 
     #[test]

@@ -73,11 +73,14 @@ pub struct PendingAuth {
 }
 
 /// Where the card key of a half-finished authentication is.
-// The clear variant is the validator's per-tap path; boxing it would add an allocation per tap.
-#[allow(clippy::large_enum_variant)]
 enum PendingKey {
-    /// In this process (the software SAM and HSM).
-    Clear { key: AesKey, cipher: aes::Aes128 },
+    /// In this process (the software SAM and HSM). The expanded key (≈ 700 bytes, zeroized on
+    /// drop by `aes`) is boxed once, so that handing the pending authentication from part 1
+    /// to part 2 moves a pointer, not the key schedule.
+    Clear {
+        key: AesKey,
+        cipher: Box<aes::Aes128>,
+    },
     /// Inside a hardware token; only a handle is here.
     External(Box<dyn ExternalCardKey>),
 }
@@ -134,7 +137,7 @@ pub fn pcd_auth_part1(
 ) -> Result<(PendingAuth, [u8; 32]), SamError> {
     let mut key = match key {
         CardKey::Clear(key) => {
-            let cipher = key.cipher();
+            let cipher = Box::new(key.cipher());
             PendingKey::Clear { key, cipher }
         }
         CardKey::External(key) => PendingKey::External(key),

@@ -234,8 +234,8 @@ struct Change {
 
 /// Where a [`Dialogue`] is. Each stage names the answer it expects next and holds exactly what
 /// the card has shown so far, so no later stage can run without what an earlier one proved.
-/// The channel and the pending authentication (key schedules, about a kilobyte each) are boxed
-/// so that moving from one stage to the next copies pointers, not key schedules.
+/// The channel and the pending authentication keep their key schedules (about a kilobyte
+/// each) behind a box of their own, so moving from one stage to the next copies pointers.
 enum Stage {
     /// SelectApplication's answer (GetKeyVersion's and part 1's follow in the same batch).
     Select,
@@ -246,32 +246,29 @@ enum Stage {
     /// Part 2's answer: the card's proof of the key.
     Auth2 {
         key_version: u8,
-        pending: Box<crate::sam::PendingAuth>,
+        pending: crate::sam::PendingAuth,
     },
     /// GetValue's answer under MAC (the TM file and the records follow in the same batch).
-    ReadValue { ch: Box<Channel>, key_version: u8 },
+    ReadValue { ch: Channel, key_version: u8 },
     /// ReadData(TM file)'s answer under MAC.
     ReadTm {
-        ch: Box<Channel>,
+        ch: Channel,
         key_version: u8,
         balance_minor: i32,
     },
     /// ReadRecords' answer under MAC.
     ReadRecords {
-        ch: Box<Channel>,
+        ch: Channel,
         key_version: u8,
         balance_minor: i32,
         tmc: u32,
         last_tmv: [u8; 8],
     },
     /// The card has been read: the caller's [`Dialogue::decide`] is next.
-    Deciding {
-        ch: Box<Channel>,
-        snapshot: CardSnapshot,
-    },
+    Deciding { ch: Channel, snapshot: CardSnapshot },
     /// The value batch is out: the answers of `outstanding` are expected, the commit's last.
     Committing {
-        ch: Box<Channel>,
+        ch: Channel,
         snapshot: CardSnapshot,
         change: Change,
         outstanding: std::collections::VecDeque<Cmd>,
@@ -372,7 +369,7 @@ impl Dialogue {
             | Stage::ReadTm { ch, .. }
             | Stage::ReadRecords { ch, .. }
             | Stage::Deciding { ch, .. }
-            | Stage::Committing { ch, .. } => Some(*ch),
+            | Stage::Committing { ch, .. } => Some(ch),
             _ => None,
         }
     }
@@ -456,7 +453,7 @@ impl Dialogue {
                 let cmd = apdu::wrap(ins::ADDITIONAL_FRAME, &frame);
                 let next = Stage::Auth2 {
                     key_version,
-                    pending: Box::new(pending),
+                    pending,
                 };
                 (next, Step::Transmit(vec![cmd]))
             }
@@ -465,7 +462,7 @@ impl Dialogue {
                 pending,
             } => {
                 let answer = ok_data(resp, "authenticate")?;
-                let mut ch = Box::new(auth.auth_part2(*pending, answer)?);
+                let mut ch = auth.auth_part2(pending, answer)?;
                 let cmds = read_batch(&mut ch)?;
                 (Stage::ReadValue { ch, key_version }, Step::Transmit(cmds))
             }
@@ -711,7 +708,7 @@ impl Dialogue {
 /// An answer of the value batch: a command's MAC'd answer, then the commit's, which ends the
 /// dialogue with the receipt.
 fn advance_commit(
-    mut ch: Box<Channel>,
+    mut ch: Channel,
     snapshot: CardSnapshot,
     change: Change,
     mut outstanding: std::collections::VecDeque<Cmd>,
