@@ -772,7 +772,7 @@ impl Card {
             return Err(Status::BoundaryError);
         };
         new.tmc = tmc;
-        let tm_key = crypto::tm_session_mac_key_with(&self.keys.tm, tmc, &new.uid);
+        let tm_key = crypto::tm_session_mac_key_reset(&mut self.keys.tm, tmc, &new.uid);
         new.tmv = crypto::mac8(
             &tm_key,
             &tm_input_with_reader(

@@ -294,6 +294,13 @@ pub fn tm_session_mac_key_with(k_tm: &Cmac<Aes128>, tmc_next: u32, uid: &[u8; 7]
     AesKey(m.finalize().into_bytes().into())
 }
 
+/// [`tm_session_mac_key`] from K_TM's expanded CMAC state, which is reset for the next use
+/// (the card's path: no copy of the state, unlike [`tm_session_mac_key_with`]).
+pub fn tm_session_mac_key_reset(k_tm: &mut Cmac<Aes128>, tmc_next: u32, uid: &[u8; 7]) -> AesKey {
+    k_tm.update(&tm_session_vector(tmc_next, uid));
+    AesKey(k_tm.finalize_reset().into_bytes().into())
+}
+
 /// AES-128-CBC encryption in place; `data` must be whole blocks.
 pub fn cbc_encrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), CryptoError> {
     cbc(&key.cipher(), iv, data, Direction::Encrypt)
@@ -538,6 +545,14 @@ mod tests {
             tm_session_mac_key(&k, 7, &uid),
             tm_session_mac_key_with(&cmac_state(&k), 7, &uid)
         );
+        // The resetting form leaves the state ready for the next counter value.
+        let mut state = cmac_state(&k);
+        for tmc in [7, 8] {
+            assert_eq!(
+                tm_session_mac_key(&k, tmc, &uid),
+                tm_session_mac_key_reset(&mut state, tmc, &uid)
+            );
+        }
     }
 
     #[test]
