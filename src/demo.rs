@@ -136,7 +136,8 @@ fn summary(args: &DemoArgs, report: &DayReport, started: Instant) -> serde_json:
         "loads_completed": t.loads_completed + t.loads_completed_by_clearing,
         "loads_refused": t.loads_refused,
         "loads_torn": t.loads_torn,
-        "loads_voided": c.loads_voided,
+        // Load intents only: the payments' and refund collections' voided intents apart.
+        "loads_voided": loads_voided(report),
         "loads_paid_twice": c.loads_paid_twice,
         "loads_by_source": t.loads_by_source,
         "debits_settled_committed": t.debits_settled_committed,
@@ -221,6 +222,17 @@ fn payments_summary(summary: &mut serde_json::Value, report: &DayReport) {
     summary["refunds_credited_twice"] = books.refunds_credited_twice.into();
     summary["refunds_pending_minor"] = books.refunds_pending_minor.into();
     summary["payments_agree"] = report.payments_agree.into();
+    summary["payment_intents_voided"] = books.payment_intents_voided.into();
+    summary["refund_intents_voided"] = books.refund_intents_voided.into();
+}
+
+/// Load intents voided (the ledger's count holds the payments' and refunds' too).
+fn loads_voided(report: &DayReport) -> u64 {
+    let b = &report.shop_books;
+    report
+        .conservation
+        .loads_voided
+        .saturating_sub(b.payment_intents_voided + b.refund_intents_voided)
 }
 
 /// An operator's amount in its currency (`1,780,900 KRW`).
@@ -313,7 +325,9 @@ fn print_summary(report: &DayReport) {
     );
     println!(
         "  interrupted top-ups    {} (the rider's phone or PC went away mid-top-up): {} cancelled and the payment released; {} charged twice",
-        t.loads_torn, c.loads_voided, c.loads_paid_twice
+        t.loads_torn,
+        loads_voided(report),
+        c.loads_paid_twice
     );
     println!(
         "  revenue                {}; {} what the validators collected",

@@ -8,7 +8,7 @@
 //! ([`charging::reconcile::conservation`]); this module hands it the cards.
 
 use crate::SimError;
-use charging::ledger::Ledger;
+use charging::ledger::{IntentKind, IntentState, Ledger};
 use charging::reconcile::CardTruth;
 use purse::card::Card;
 use std::collections::{BTreeMap, HashSet};
@@ -45,6 +45,11 @@ pub struct ShopBooks {
     pub refunds_pending_minor: i64,
     /// Refund credits (`refund:<id>` postings) booked more than once.
     pub refunds_credited_twice: u64,
+    /// Payment intents voided (a torn payment the card never made), which
+    /// [`Conservation::loads_voided`] counts with the loads'.
+    pub payment_intents_voided: u64,
+    /// Refund collections' intents voided, likewise.
+    pub refund_intents_voided: u64,
 }
 
 /// Reads the books of `merchants` and of the refunds from the ledger.
@@ -65,5 +70,11 @@ pub fn shop_books(ledger: &Ledger, merchants: &[&str]) -> Result<ShopBooks, SimE
         .iter()
         .filter(|p| !seen.insert(p.reference.clone()))
         .count() as u64;
+    for i in r.all_intents()? {
+        if i.state == IntentState::Voided {
+            books.payment_intents_voided += u64::from(i.kind == IntentKind::Payment);
+            books.refund_intents_voided += u64::from(i.kind == IntentKind::Refund);
+        }
+    }
     Ok(books)
 }
