@@ -439,6 +439,45 @@ fn a_payment_torn_at_every_relay_position_is_settled_once() {
     w.conserved(&cards.iter().collect::<Vec<_>>());
 }
 
+/// A card the torn payment left holding less than the amount: paying again is `already_paid`
+/// (the payment is settled from this contact), not `insufficient_value`.
+#[test]
+fn a_torn_payment_that_left_the_card_short_is_already_paid_not_refused() {
+    let w = world();
+    let mut cards = Vec::new();
+    let mut already_paid = 0;
+    for at in 1..=12u8 {
+        let mut card = w.card(100 + at, 400, "alice");
+        let id = w.payment_id(SHOP, &format!("short-{at}"), 300);
+        let torn = w.pay(
+            ALICE,
+            &mut card,
+            &id,
+            &format!("s-{at}"),
+            Some(Vanish::AtCommand {
+                n: usize::from(at),
+                deliver: true,
+            }),
+        );
+        // Fewer commands than `at`: the first attempt was whole.
+        if !matches!(torn, Ending::Answered(Reply::Completed { .. })) {
+            assert!(matches!(torn, Ending::Vanished { .. }), "{torn:?}");
+            match w.pay(ALICE, &mut card, &id, &format!("sn-{at}"), None) {
+                Ending::Answered(Reply::Completed { .. }) => {}
+                Ending::Answered(Reply::Refused { reason, .. }) if reason == "already_paid" => {
+                    already_paid += 1
+                }
+                other => panic!("torn at command {at}: {other:?}"),
+            }
+        }
+        assert_eq!(card.state().balance_minor, 100, "command {at}: paid once");
+        cards.push(card);
+    }
+    assert!(already_paid >= 1, "a tear after the card paid was exercised");
+    assert_eq!(w.balance("merchant:rail-shop"), 12 * 300);
+    w.conserved(&cards.iter().collect::<Vec<_>>());
+}
+
 /// A transport that counts the commands it carries.
 struct Counting<'a> {
     inner: &'a mut dyn Transport,

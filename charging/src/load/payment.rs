@@ -296,9 +296,6 @@ impl LoadService {
         now_ms: u64,
     ) -> Result<Result<Decision, Reply>, LoadError> {
         let amount = s.request.amount_minor;
-        if let Some(refusal) = self.too_little(s, snap, &format!("the payment is {amount}")) {
-            return Ok(Err(refusal));
-        }
         let uid = snap.uid();
         let mut intent = LoadIntent {
             payment_id: Some(payment_id.to_string()),
@@ -324,6 +321,17 @@ impl LoadService {
                 Some(p) => p.merchant,
                 None => return Ok(Err(("payment_not_payable", "no such payment".into()))),
             };
+            // After the payment's state: a payment the card already made (settled from this
+            // contact) is `already_paid` even when what is left on the card is less.
+            if snapshot.balance_minor() < amount {
+                return Ok(Err((
+                    "insufficient_value",
+                    format!(
+                        "the card holds {}; the payment is {amount}",
+                        snapshot.balance_minor()
+                    ),
+                )));
+            }
             let card_day = t.funding_day_total(CARD_DAY, &card, today)?;
             if card_day + i64::from(amount) > limits.max_daily_per_card_minor {
                 return Ok(Err((
