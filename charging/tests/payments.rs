@@ -473,7 +473,10 @@ fn a_torn_payment_that_left_the_card_short_is_already_paid_not_refused() {
         assert_eq!(card.state().balance_minor, 100, "command {at}: paid once");
         cards.push(card);
     }
-    assert!(already_paid >= 1, "a tear after the card paid was exercised");
+    assert!(
+        already_paid >= 1,
+        "a tear after the card paid was exercised"
+    );
     assert_eq!(w.balance("merchant:rail-shop"), 12 * 300);
     w.conserved(&cards.iter().collect::<Vec<_>>());
 }
