@@ -5,7 +5,7 @@ use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
 use charging::api::{Auth, Role};
 use charging::server::{self, HsmConfig, HsmKind, ServerConfig};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use purse::sam::{Hsm, SoftwareHsm};
 use std::path::PathBuf;
 
@@ -69,25 +69,26 @@ enum ChargingCmd {
         /// Caller name.
         #[arg(long)]
         name: String,
-        /// Role.
-        #[arg(long, value_enum)]
-        role: RoleArg,
+        /// Role: cardholder, operator, partner, gateway, metrics (a Prometheus scraper:
+        /// `/metrics` only, charging and gateway) or merchant (an internet merchant: makes
+        /// online payments and reads its own, charging).
+        #[arg(long, value_parser = role_parser())]
+        role: Role,
         /// Append the entry to this config file.
         #[arg(long)]
         append_to: Option<PathBuf>,
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum RoleArg {
-    Cardholder,
-    Operator,
-    Partner,
-    Gateway,
-    /// A Prometheus scraper: `/metrics` only (charging and gateway).
-    Metrics,
-    /// An internet merchant: makes online payments and reads its own (charging).
-    Merchant,
+/// `--role`: one of the API's roles, by the name the config files use.
+fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Role::ALL.map(Role::name)).try_map(|s| {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or("not a role")
+    })
 }
 
 /// Runs `tapgate charging …`.
@@ -143,18 +144,7 @@ pub fn run(args: ChargingArgs) -> Result<()> {
             let mut b = [0u8; 24];
             rand::rngs::OsRng.fill_bytes(&mut b);
             let token = format!("tg_{}", hex::encode(b));
-            let role = match role {
-                RoleArg::Cardholder => Role::Cardholder,
-                RoleArg::Operator => Role::Operator,
-                RoleArg::Partner => Role::Partner,
-                RoleArg::Gateway => Role::Gateway,
-                RoleArg::Metrics => Role::Metrics,
-                RoleArg::Merchant => Role::Merchant,
-            };
-            let role_name = serde_json::to_value(role)?
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let role_name = role.name();
             let entry = format!(
                 "\n[[tokens]]\nname = {name:?}\nrole = {role_name:?}\nsha256 = \"{}\"\n",
                 Auth::hash_token(&token)

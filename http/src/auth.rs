@@ -25,6 +25,30 @@ pub enum Role {
     Merchant,
 }
 
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 6] = [
+        Role::Cardholder,
+        Role::Operator,
+        Role::Partner,
+        Role::Gateway,
+        Role::Metrics,
+        Role::Merchant,
+    ];
+
+    /// The role's name in configuration files (`role = "cardholder"`) and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Cardholder => "cardholder",
+            Role::Operator => "operator",
+            Role::Partner => "partner",
+            Role::Gateway => "gateway",
+            Role::Metrics => "metrics",
+            Role::Merchant => "merchant",
+        }
+    }
+}
+
 /// One API token: the SHA-256 of the secret, never the secret itself.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct TokenEntry {
@@ -140,6 +164,15 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_roles_name_is_its_name_in_config_files() {
+        for role in Role::ALL {
+            assert_eq!(serde_json::to_value(role).unwrap(), role.name());
+            let back: Role = serde_json::from_value(role.name().into()).unwrap();
+            assert_eq!(back, role);
+        }
+    }
 
     #[test]
     fn tokens_are_checked_by_hash_and_role() {
