@@ -310,8 +310,10 @@ pub async fn serve_on(
     let gap_timeout_ms = cfg.limits.counter_gap_timeout_ms;
     // Merchants' notifications go out from the same tick (an unreachable merchant costs at
     // most this per attempt).
+    // No redirects: a merchant's endpoint cannot bounce the signed POST elsewhere.
     let notifier = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
+        .redirects(0)
         .build();
     let reaper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -33,6 +33,11 @@ struct World {
 }
 
 fn world() -> World {
+    // The notification receivers of these tests listen on loopback.
+    world_on(true)
+}
+
+fn world_on(notify_private_hosts: bool) -> World {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(20));
     let srv = common::start(&keys, |cfg| {
         cfg.tokens = vec![
@@ -44,6 +49,7 @@ fn world() -> World {
         ];
         // The torn-at-every-position tests start many relays in a second.
         cfg.limits.loads_per_minute_per_client = 0;
+        cfg.limits.payments.notify_private_hosts = notify_private_hosts;
     });
     World {
         srv,
@@ -231,6 +237,34 @@ fn a_payment_is_paid_once_and_its_merchant_alone_sees_it() {
     );
     assert_eq!(card.state().balance_minor, 3_800);
     w.conserved(&[&card]);
+}
+
+/// A merchant cannot aim the server's signed notifications at the back office's own network
+/// (unless the operator allows it, as the loopback receivers of the other tests need).
+#[test]
+fn a_notify_url_naming_a_private_host_is_refused() {
+    let w = world_on(false);
+    for url in [
+        "http://127.0.0.1:5432/",
+        "http://localhost:9090/metrics",
+        "https://LOCALHOST./x",
+        "http://[::1]:8080/",
+        "http://[::ffff:10.0.0.1]/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.1.2.3/",
+        "http://user@192.168.1.1:80/",
+        "http://0.0.0.0/",
+    ] {
+        let (code, body) = post(
+            &w.url("/v1/merchant/payments"),
+            SHOP,
+            json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(60), "notify_url": url}),
+        );
+        assert_eq!(code, 400, "{url}: {body}");
+        assert!(body.to_string().contains("notify_url"), "{url}: {body}");
+    }
+    let (code, body) = w.create(SHOP, "public", 5);
+    assert_eq!(code, 201, "a public endpoint is taken: {body}");
 }
 
 #[test]

@@ -23,6 +23,11 @@ pub struct PaymentLimits {
     pub max_expiry_ms: u64,
     /// A completed payment may be refunded within this long after it was paid, ms.
     pub refund_window_ms: u64,
+    /// Whether a `notify_url` may name `localhost` or a loopback, private, link-local or
+    /// unspecified address (a merchant's test set-up on the server's own machine). Off, a
+    /// merchant cannot aim the server's signed POSTs at the back office's own network. A host
+    /// name is checked as written, not as it resolves.
+    pub notify_private_hosts: bool,
 }
 
 impl Default for PaymentLimits {
@@ -33,6 +38,7 @@ impl Default for PaymentLimits {
             max_daily_per_merchant_minor: 100_000_000,
             max_expiry_ms: 7 * 86_400_000,
             refund_window_ms: 30 * 86_400_000,
+            notify_private_hosts: false,
         }
     }
 }
@@ -66,6 +72,37 @@ pub fn valid_merchant(name: &str) -> bool {
 
 fn printable(s: &str, max: usize) -> bool {
     s.len() <= max && !s.chars().any(char::is_control)
+}
+
+/// Whether an http(s) URL's host is `localhost` or an IP literal that is not public
+/// (loopback, private, link-local, unspecified, IPv6 unique-local, or IPv4 mapped into IPv6).
+fn names_a_private_host(url: &str) -> bool {
+    use std::net::{IpAddr, Ipv6Addr};
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    let private_v6 = |a: &Ipv6Addr| {
+        let s0 = a.segments()[0];
+        a.is_loopback() || a.is_unspecified() || s0 & 0xfe00 == 0xfc00 || s0 & 0xffc0 == 0xfe80
+    };
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => {
+            a.is_loopback() || a.is_private() || a.is_link_local() || a.is_unspecified()
+        }
+        Ok(IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+            Some(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+            None => private_v6(&a),
+        },
+        Err(_) => false,
+    }
 }
 
 impl PaymentAsk {
@@ -105,6 +142,12 @@ impl PaymentAsk {
             let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
             if !scheme_ok || !printable(url, 2_000) || url.contains(char::is_whitespace) {
                 return bad("notify_url must be an http(s) URL".into());
+            }
+            if !limits.notify_private_hosts && names_a_private_host(url) {
+                return bad(format!(
+                    "notify_url {url:?} names localhost or a loopback, private or link-local \
+                     address; notifications go to the merchant's public endpoint"
+                ));
             }
         }
         Ok(())
