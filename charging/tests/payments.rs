@@ -1018,7 +1018,23 @@ fn above_the_amount_its_holder_chose_a_card_pays_only_with_its_pin() {
     // Only the card's registered owner sets it; a PIN is 4 to 12 digits.
     assert_eq!(set(BOB, json!({"pin": "2468", "above_minor": 500})), 403);
     assert_eq!(set(ALICE, json!({"pin": "12ab", "above_minor": 500})), 400);
-    assert_eq!(set(ALICE, json!({"pin": "2468", "above_minor": 500})), 204);
+    assert_eq!(set(ALICE, json!({"pin": "1357", "above_minor": 500})), 204);
+    // Changing it takes the current one (a wrong one counts towards the lock).
+    assert_eq!(set(ALICE, json!({"pin": "2468", "above_minor": 500})), 403);
+    assert_eq!(
+        set(
+            ALICE,
+            json!({"pin": "2468", "above_minor": 500, "current_pin": "0000"})
+        ),
+        403
+    );
+    assert_eq!(
+        set(
+            ALICE,
+            json!({"pin": "2468", "above_minor": 500, "current_pin": "1357"})
+        ),
+        204
+    );
 
     let pay = |card: &mut Card, id: &str, key: &str, pin: Option<&str>| {
         let mut reader = EmulatedReader {
@@ -1057,7 +1073,17 @@ fn above_the_amount_its_holder_chose_a_card_pays_only_with_its_pin() {
     }
     forbidden(pay(&mut card, &other, "l3", Some("0000")), "pin_locked");
     forbidden(pay(&mut card, &other, "l4", Some("2468")), "pin_locked");
-    assert_eq!(set(ALICE, json!({"pin": "97531", "above_minor": 500})), 204);
+    // The owner's token alone does not lift the PIN: a new one needs the current one, which a
+    // locked PIN does not take either; an operator (who identified the holder) resets it.
+    assert_eq!(set(ALICE, json!({"pin": "97531", "above_minor": 500})), 403);
+    assert_eq!(
+        set(
+            ALICE,
+            json!({"pin": "97531", "above_minor": 0, "current_pin": "2468"})
+        ),
+        403
+    );
+    assert_eq!(set(OPS, json!({"pin": "97531", "above_minor": 500})), 204);
     assert!(pay(&mut card, &other, "l5", Some("97531"))
         .unwrap()
         .completed()

@@ -54,23 +54,36 @@ pub struct SetPaymentPin {
     pub pin: String,
     /// Payments above this need the PIN, minor units.
     pub above_minor: i32,
+    /// The PIN set now, if the card has one (a cardholder changes it only with it).
+    #[serde(default)]
+    pub current_pin: Option<String>,
 }
 
-/// `POST /v1/cards/{uid}/payment-pin` (cardholder, the card's registered owner): payments
-/// above `above_minor` from this card need the PIN; three wrong ones lock it until it is set
-/// again.
+/// `POST /v1/cards/{uid}/payment-pin` (cardholder, the card's registered owner, with
+/// `current_pin` once the card has one; or an operator): payments above `above_minor` from
+/// this card need the PIN; three wrong ones lock it until an operator sets it again.
 pub(super) async fn set_payment_pin(
     State(st): State<AppState>,
     Path(uid_hex): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
+    let caller = require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
     let req: SetPaymentPin = json_body(&body)?;
     let uid = uid_of(&uid_hex)?;
     let loads = st.loads.clone();
-    blocking(move || Ok(loads.set_payment_pin(&caller.name, uid, &req.pin, req.above_minor)?))
-        .await?;
+    let operator = caller.role == Role::Operator;
+    blocking(move || {
+        Ok(loads.set_payment_pin(
+            &caller.name,
+            operator,
+            uid,
+            &req.pin,
+            req.current_pin,
+            req.above_minor,
+        )?)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -280,8 +280,7 @@ impl LoadService {
     fn check_pin(&self, uid: &[u8; 7], pin: Option<String>) -> Result<(), LoadError> {
         let Some(pin) = pin else {
             return Err(LoadError::Pin(
-                "pin_required: this card's holder asks for its payment PIN above this amount"
-                    .into(),
+                "pin_required: this card's holder asks for its payment PIN here".into(),
             ));
         };
         let uid = *uid;
@@ -293,19 +292,24 @@ impl LoadService {
         match (ok, locked) {
             (true, _) => Ok(()),
             (false, true) => Err(LoadError::Pin(
-                "pin_locked: too many wrong PINs; the cardholder sets the PIN again".into(),
+                "pin_locked: too many wrong PINs; an operator sets the PIN again".into(),
             )),
             (false, false) => Err(LoadError::Pin("wrong_pin".into())),
         }
     }
 
     /// Sets the payment PIN of `caller`'s own card `uid` (a card registered to it): payments
-    /// above `above_minor` need it. Setting it again unlocks it.
+    /// above `above_minor` need it. A card that has a PIN changes it only with `current` (a
+    /// wrong one counts towards the lock, as at a payment): the owner's token alone does not
+    /// lift the PIN. An `operator` (who identified the holder otherwise) sets it without, which
+    /// also unlocks a locked one.
     pub fn set_payment_pin(
         &self,
         caller: &str,
+        operator: bool,
         uid: [u8; 7],
         pin: &str,
+        current: Option<String>,
         above_minor: i32,
     ) -> Result<(), LoadError> {
         if !(4..=12).contains(&pin.len()) || !pin.bytes().all(|b| b.is_ascii_digit()) {
@@ -316,11 +320,16 @@ impl LoadService {
                 "above_minor must not be negative".into(),
             ));
         }
-        let owner = self.ledger.read()?.card(&uid)?.owner;
-        if owner.as_deref() != Some(caller) {
-            return Err(LoadError::Pin(
-                "only the card's registered owner sets its payment PIN".into(),
-            ));
+        if !operator {
+            let card = self.ledger.read()?.card(&uid)?;
+            if card.owner.as_deref() != Some(caller) {
+                return Err(LoadError::Pin(
+                    "only the card's registered owner sets its payment PIN".into(),
+                ));
+            }
+            if card.payment_pin.is_some() {
+                self.check_pin(&uid, current)?;
+            }
         }
         let record = crate::ledger::PaymentPin::new(pin, above_minor);
         self.ledger
