@@ -254,6 +254,14 @@ fn a_notify_url_naming_a_private_host_is_refused() {
         "http://10.1.2.3/",
         "http://user@192.168.1.1:80/",
         "http://0.0.0.0/",
+        // Forms the HTTP client reads as 127.0.0.1 (WHATWG URL rules).
+        "http://127.1/",
+        "http://2130706433/",
+        "http://0x7f.0.0.1/",
+        "http://%31%32%37.0.0.1/",
+        "http://127.0.0.1\\@example.com/",
+        "http://100.100.100.200/",
+        "http://[64:ff9b::a9fe:a9fe]/",
     ] {
         let (code, body) = post(
             &w.url("/v1/merchant/payments"),

@@ -74,34 +74,51 @@ fn printable(s: &str, max: usize) -> bool {
     s.len() <= max && !s.chars().any(char::is_control)
 }
 
-/// Whether an http(s) URL's host is `localhost` or an IP literal that is not public
-/// (loopback, private, link-local, unspecified, IPv6 unique-local, or IPv4 mapped into IPv6).
+/// Whether an http(s) URL's host, as the HTTP client will read it (WHATWG rules, the `url`
+/// crate ureq uses: `127.1`, `2130706433`, `0x7f.0.0.1`, `%31…` and `\\@` all name
+/// 127.0.0.1), is `localhost` or an address that is not public: loopback, private, link-local,
+/// unspecified, shared (100.64/10), "this network" (0/8), IPv6 unique-local, IPv4-mapped or
+/// NAT64 forms of those. A URL it cannot parse counts as private.
 fn names_a_private_host(url: &str) -> bool {
-    use std::net::{IpAddr, Ipv6Addr};
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host_port.split(':').next().unwrap_or_default(),
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let v4 = |a: Ipv4Addr| {
+        let [o0, o1, ..] = a.octets();
+        a.is_loopback()
+            || a.is_private()
+            || a.is_link_local()
+            || o0 == 0
+            || (o0 == 100 && (64..128).contains(&o1))
     };
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
-    }
-    let private_v6 = |a: &Ipv6Addr| {
-        let s0 = a.segments()[0];
-        a.is_loopback() || a.is_unspecified() || s0 & 0xfe00 == 0xfc00 || s0 & 0xffc0 == 0xfe80
-    };
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => {
-            a.is_loopback() || a.is_private() || a.is_link_local() || a.is_unspecified()
+    let v6 = |a: Ipv6Addr| {
+        let s = a.segments();
+        let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+        match a.to_ipv4_mapped() {
+            Some(m) => v4(m),
+            None if nat64 => v4(Ipv4Addr::new(
+                (s[6] >> 8) as u8,
+                s[6] as u8,
+                (s[7] >> 8) as u8,
+                s[7] as u8,
+            )),
+            None => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || s[0] & 0xfe00 == 0xfc00
+                    || s[0] & 0xffc0 == 0xfe80
+            }
         }
-        Ok(IpAddr::V6(a)) => match a.to_ipv4_mapped() {
-            Some(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-            None => private_v6(&a),
-        },
-        Err(_) => false,
+    };
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.');
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(a)) => v4(a),
+        Some(url::Host::Ipv6(a)) => v6(a),
+        None => true,
     }
 }
 
