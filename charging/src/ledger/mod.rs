@@ -50,6 +50,17 @@ pub enum LedgerError {
     /// LMDB failed (disk full, map full, I/O).
     #[error("ledger storage: {0}")]
     Storage(#[from] heed::Error),
+    /// A proof offered to complete an intent is not that intent's change (another kind or
+    /// amount): nothing is booked.
+    #[error("card {uid} at counter {tmc}: the proof is not the pending change ({why})")]
+    ProofNotIntent {
+        /// card
+        uid: String,
+        /// counter before the change
+        tmc: u32,
+        /// what differs
+        why: String,
+    },
     /// An intent already exists for this card counter and is not settled.
     #[error("card {uid} already has a load pending at counter {tmc}")]
     IntentExists {

@@ -540,6 +540,31 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         proof: Completion<'_>,
         now_ms: u64,
     ) -> Result<Option<FundingAction>, LedgerError> {
+        if let Completion::Proved(v) = &proof {
+            // The HSM proved *a* change at the intent's counter: it must be the intent's own
+            // (its kind and amount), not another transaction that took that counter.
+            let r = v.receipt();
+            let (uid, tmc) = (r.uid(), proof.tmc_before());
+            if let Some(intent) = self.core.intent(self.txn, &uid, tmc)? {
+                let kind = match intent.kind {
+                    IntentKind::Load | IntentKind::Refund => purse::receipt::TxKind::Credit,
+                    IntentKind::Reversal | IntentKind::Payment => purse::receipt::TxKind::Debit,
+                };
+                if r.kind() != kind || r.amount_minor() != intent.amount_minor {
+                    return Err(LedgerError::ProofNotIntent {
+                        uid: hex::encode_upper(uid),
+                        tmc,
+                        why: format!(
+                            "proved {:?} of {}, pending {:?} of {}",
+                            r.kind(),
+                            r.amount_minor(),
+                            kind,
+                            intent.amount_minor
+                        ),
+                    });
+                }
+            }
+        }
         self.core.complete_intent(
             self.txn,
             &proof.uid(),
