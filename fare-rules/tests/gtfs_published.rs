@@ -197,3 +197,67 @@ fn a_repeated_leg_rule_row_is_an_error() {
         "{errs:?}"
     );
 }
+
+/// `location-groups` is `priority` (2.50 any leg, 4.00 express, 7.50 to `airport_area`) with a
+/// location group `airport_shuttle` (downtown and the two airport terminals): the reference
+/// defines location groups for on-demand pickup and drop-off only — fare leg rules name areas,
+/// and stop_areas.txt puts stops in areas — so the group changes no fare. Downtown is in the
+/// group but not in `airport_area`: downtown → midtown stays 2.50.
+#[test]
+fn location_groups_load_and_price_nothing() {
+    let feed = gtfs::load_dir(&feed_dir("location-groups")).unwrap();
+    assert_eq!(feed.location_groups.len(), 1);
+    assert_eq!(feed.location_groups[0].location_group_id, "airport_shuttle");
+    assert_eq!(
+        feed.location_groups[0].location_group_name,
+        "Airport shuttle pickup points"
+    );
+    let stops: Vec<_> = feed
+        .location_group_stops
+        .iter()
+        .map(|r| (r.location_group_id.as_str(), r.stop_id.as_str(), r.line))
+        .collect();
+    assert_eq!(
+        stops,
+        [
+            ("airport_shuttle", "downtown", 2),
+            ("airport_shuttle", "airport_t1", 3),
+            ("airport_shuttle", "airport_t2", 4)
+        ]
+    );
+    let with = gtfs::load_and_compile(&feed_dir("location-groups")).unwrap();
+    assert_eq!(with, gtfs::load_and_compile(&feed_dir("priority")).unwrap());
+    let e = engine_at(&feed_dir("location-groups"));
+    assert_eq!(
+        total(&e, &[("l5", "downtown", "midtown", "08:00", "08:20")]),
+        250
+    );
+    assert_eq!(
+        total(&e, &[("x90", "downtown", "midtown", "08:00", "08:20")]),
+        400
+    );
+    assert_eq!(
+        total(&e, &[("l5", "downtown", "airport_t1", "08:00", "08:40")]),
+        750
+    );
+    assert_eq!(
+        total(&e, &[("l5", "airport_t2", "downtown", "08:00", "08:40")]),
+        250
+    );
+}
+
+/// `bad-location-group-area`: `fare_leg_rules.txt` line 4 names the location group as its
+/// `to_area_id`. The reference's fare leg rules name areas only: an error that says what the
+/// id is and what the field wants.
+#[test]
+fn a_fare_leg_rule_naming_a_location_group_is_an_error_that_says_so() {
+    let e = gtfs::load_and_compile(&feed_dir("bad-location-group-area")).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(
+            "fare_leg_rules.txt line 4, field to_area_id: \"airport_shuttle\" is a location group"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("areas.txt, stop_areas.txt"), "{msg}");
+}

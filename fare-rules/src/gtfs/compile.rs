@@ -185,15 +185,20 @@ pub fn compile(feed: &Feed) -> Result<Table> {
     }
     let networks = networks(feed)?;
     let areas = areas(feed)?;
-    let stops = stops(feed, &areas, &mut table)?;
+    let groups = location_groups(feed)?;
+    let stops = stops(feed, &areas, &mut table)
+        .map_err(|e| named_a_location_group(e, &groups, "a stop"))?;
+    location_group_stops(feed, &groups, &stops)?;
     routes(feed, &networks, &mut table)?;
     let services = services(feed, &mut table)?;
     let timeframes = timeframes(feed, &services, &mut table)?;
     let categories = categories(feed, &mut table)?;
     let media = media(feed, &mut table)?;
     let products = products(feed, &categories, &media, &mut table)?;
-    let leg_groups = leg_rules(feed, &networks, &areas, &timeframes, &products, &mut table)?;
-    join_rules(feed, &networks, &stops, &mut table)?;
+    let leg_groups = leg_rules(feed, &networks, &areas, &timeframes, &products, &mut table)
+        .map_err(|e| named_a_location_group(e, &groups, "an area"))?;
+    join_rules(feed, &networks, &stops, &mut table)
+        .map_err(|e| named_a_location_group(e, &groups, "a stop"))?;
     transfer_rules(feed, &leg_groups, &products, &mut table)?;
     Ok(table)
 }
@@ -305,6 +310,101 @@ fn areas(feed: &Feed) -> Result<Ids> {
         areas.add(&sa.area_id, STOP_AREAS, sa.line, "area_id")?;
     }
     Ok(areas)
+}
+
+/// Location groups (location_groups.txt): groups of stops where a rider may request pickup or
+/// drop off. The reference gives them no part in fares — `fare_leg_rules.txt` names areas
+/// (areas.txt, stop_areas.txt), `stop_areas.txt` and `fare_leg_join_rules.txt` name stops — so
+/// they are only checked: ids unique, and none equal to a `stop_id` (the reference wants ids
+/// unique across `stops.stop_id` and `location_groups.location_group_id`).
+fn location_groups(feed: &Feed) -> Result<Ids> {
+    let mut groups = Ids::new("location group", LOCATION_GROUPS);
+    for g in &feed.location_groups {
+        groups.add_new(
+            &g.location_group_id,
+            LOCATION_GROUPS,
+            g.line,
+            "location_group_id",
+        )?;
+    }
+    if let Some(stops) = &feed.stops {
+        for g in &feed.location_groups {
+            if let Some(s) = stops.iter().find(|s| s.stop_id == g.location_group_id) {
+                return Err(GtfsError::Invalid {
+                    file: LOCATION_GROUPS,
+                    line: g.line,
+                    field: "location_group_id",
+                    message: format!(
+                        "\"{}\" is also a stop_id (stops.txt line {}); the reference wants ids unique across stops.stop_id and location_groups.location_group_id",
+                        g.location_group_id, s.line
+                    ),
+                });
+            }
+        }
+    }
+    Ok(groups)
+}
+
+/// location_group_stops.txt: each row names a location group and a stop (checked against
+/// stops.txt when the feed has one), once.
+fn location_group_stops(feed: &Feed, groups: &Ids, stops: &Ids) -> Result<()> {
+    if feed.stops.is_none() {
+        // The stops are those the fare files name: none may be a location group.
+        for g in &feed.location_groups {
+            if stops.get(&g.location_group_id).is_some() {
+                return Err(GtfsError::Invalid {
+                    file: LOCATION_GROUPS,
+                    line: g.line,
+                    field: "location_group_id",
+                    message: format!(
+                        "\"{}\" is a location group, but stop_areas.txt or fare_leg_join_rules.txt names it as a stop; the reference wants ids unique across stops.stop_id and location_groups.location_group_id",
+                        g.location_group_id
+                    ),
+                });
+            }
+        }
+    }
+    let f = LOCATION_GROUP_STOPS;
+    let mut seen: HashMap<(&str, &str), u64> = HashMap::new();
+    for r in &feed.location_group_stops {
+        groups.resolve(&r.location_group_id, f, r.line, "location_group_id")?;
+        if feed.stops.is_some() {
+            stops.resolve(&r.stop_id, f, r.line, "stop_id")?;
+        }
+        if let Some(first) = seen.insert((&r.location_group_id, &r.stop_id), r.line) {
+            return Err(GtfsError::Invalid {
+                file: f,
+                line: r.line,
+                field: "stop_id",
+                message: format!(
+                    "stop \"{}\" is already in location group \"{}\" (line {first})",
+                    r.stop_id, r.location_group_id
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An unknown area or stop that is a location group: said so, with what the field names.
+fn named_a_location_group(e: GtfsError, groups: &Ids, names: &'static str) -> GtfsError {
+    match e {
+        GtfsError::Unknown {
+            file,
+            line,
+            field,
+            value,
+            ..
+        } if groups.get(&value).is_some() => GtfsError::Invalid {
+            file,
+            line,
+            field,
+            message: format!(
+                "\"{value}\" is a location group (location_groups.txt), but {field} names {names}; location groups only say where on-demand service picks up and drops off, and no fare file names them (group its stops in an area: areas.txt, stop_areas.txt)"
+            ),
+        },
+        e => e,
+    }
 }
 
 /// Stops (from stops.txt, else those stop_areas.txt and join rules name), each in its own

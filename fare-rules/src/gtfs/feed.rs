@@ -67,6 +67,24 @@ pub struct StopAreaRow {
     pub stop_id: String,
 }
 
+/// `location_groups.txt`: a group of stops where a rider may request pickup or drop off
+/// (on-demand service). The reference does not let fare files name one: loaded and checked,
+/// never priced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LocationGroupRow {
+    pub line: u64,
+    pub location_group_id: String,
+    pub location_group_name: String,
+}
+
+/// `location_group_stops.txt`: a stop in a location group.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LocationGroupStopRow {
+    pub line: u64,
+    pub location_group_id: String,
+    pub stop_id: String,
+}
+
 /// `calendar.txt` (weekday bit 0 = Monday; dates as days since 1970-01-01).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CalendarRow {
@@ -199,6 +217,8 @@ pub struct Feed {
     pub route_networks: Vec<RouteNetworkRow>,
     pub areas: Vec<AreaRow>,
     pub stop_areas: Vec<StopAreaRow>,
+    pub location_groups: Vec<LocationGroupRow>,
+    pub location_group_stops: Vec<LocationGroupStopRow>,
     pub calendar: Vec<CalendarRow>,
     pub calendar_dates: Vec<CalendarDateRow>,
     pub timeframes: Vec<TimeframeRow>,

@@ -126,7 +126,7 @@ fn amount(
 /// Reads one file's rows into the feed.
 type Reader = fn(&CsvFile, &mut Feed) -> Result<()>;
 
-const BEFORE_PRODUCTS: [(&str, Reader); 13] = [
+const BEFORE_PRODUCTS: [(&str, Reader); 15] = [
     (AGENCY, agency),
     (FEED_INFO, feed_info),
     (STOPS, stops),
@@ -135,6 +135,8 @@ const BEFORE_PRODUCTS: [(&str, Reader); 13] = [
     (ROUTE_NETWORKS, route_networks),
     (AREAS, areas),
     (STOP_AREAS, stop_areas),
+    (LOCATION_GROUPS, location_groups),
+    (LOCATION_GROUP_STOPS, location_group_stops),
     (CALENDAR, calendar),
     (CALENDAR_DATES, calendar_dates),
     (TIMEFRAMES, timeframes),
@@ -249,6 +251,32 @@ fn stop_areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
         feed.stop_areas.push(StopAreaRow {
             line: r.line,
             area_id: r.req("area_id")?,
+            stop_id: r.req("stop_id")?,
+        });
+    }
+    Ok(())
+}
+
+/// `location_groups.txt`.
+fn location_groups(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["location_group_id"])?;
+    for r in f.rows() {
+        feed.location_groups.push(LocationGroupRow {
+            line: r.line,
+            location_group_id: r.req("location_group_id")?,
+            location_group_name: r.s("location_group_name"),
+        });
+    }
+    Ok(())
+}
+
+/// `location_group_stops.txt`.
+fn location_group_stops(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+    f.require(&["location_group_id", "stop_id"])?;
+    for r in f.rows() {
+        feed.location_group_stops.push(LocationGroupStopRow {
+            line: r.line,
+            location_group_id: r.req("location_group_id")?,
             stop_id: r.req("stop_id")?,
         });
     }

@@ -8,11 +8,17 @@
 //!
 //! Only the fare-relevant files are read: `agency.txt`, `feed_info.txt`, `stops.txt`,
 //! `routes.txt`, `networks.txt`, `route_networks.txt`, `areas.txt`, `stop_areas.txt`,
-//! `calendar.txt`, `calendar_dates.txt`, `timeframes.txt`, `rider_categories.txt`,
-//! `fare_media.txt`, `fare_products.txt`, `fare_leg_rules.txt`, `fare_leg_join_rules.txt` and
-//! `fare_transfer_rules.txt`. Only `fare_products.txt` and `fare_leg_rules.txt` are required.
+//! `location_groups.txt`, `location_group_stops.txt`, `calendar.txt`, `calendar_dates.txt`,
+//! `timeframes.txt`, `rider_categories.txt`, `fare_media.txt`, `fare_products.txt`,
+//! `fare_leg_rules.txt`, `fare_leg_join_rules.txt` and `fare_transfer_rules.txt`. Only `fare_products.txt` and `fare_leg_rules.txt` are required.
 //! Columns may come in any order, unknown columns are ignored, values are trimmed and a UTF-8
 //! byte-order mark is tolerated.
+//!
+//! Location groups (`location_groups.txt`, `location_group_stops.txt`) are read and checked as
+//! the reference defines them, but priced nowhere: the reference uses them only for on-demand
+//! pickup and drop-off (`stop_times.location_group_id`); fare leg rules name areas, and
+//! `stop_areas.txt` assigns stops (not location groups) to areas. A fare file naming a location
+//! group is an error that says so.
 //!
 //! Modules by job: `feed` (the rows), `csv` (strict reading, value parsers), `load` (one reader
 //! per file), `compile` (one function per file group).
@@ -103,6 +109,8 @@ pub(crate) const NETWORKS: &str = "networks.txt";
 pub(crate) const ROUTE_NETWORKS: &str = "route_networks.txt";
 pub(crate) const AREAS: &str = "areas.txt";
 pub(crate) const STOP_AREAS: &str = "stop_areas.txt";
+pub(crate) const LOCATION_GROUPS: &str = "location_groups.txt";
+pub(crate) const LOCATION_GROUP_STOPS: &str = "location_group_stops.txt";
 pub(crate) const CALENDAR: &str = "calendar.txt";
 pub(crate) const CALENDAR_DATES: &str = "calendar_dates.txt";
 pub(crate) const TIMEFRAMES: &str = "timeframes.txt";
@@ -415,6 +423,92 @@ mod tests {
         assert!(e.starts_with("stops.txt line 3, field stop_id: "), "{e}");
         assert!(
             e.contains(&format!("\"{a}\"")) && e.contains(&format!("\"{b}\"")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn location_groups_are_checked_as_the_reference_defines_them() {
+        let stops = "stop_id\na\nb\n";
+        let err = |files: &[(&'static str, &str)]| {
+            let mut all = vec![(FARE_PRODUCTS, PRODUCTS), (FARE_LEG_RULES, LEG_RULES)];
+            all.extend_from_slice(files);
+            compile_files(&all).unwrap_err().to_string()
+        };
+        // Loaded and priced nowhere.
+        let ok = compile_files(&[
+            (FARE_PRODUCTS, PRODUCTS),
+            (FARE_LEG_RULES, LEG_RULES),
+            (STOPS, stops),
+            (LOCATION_GROUPS, "location_group_id\ng\n"),
+            (
+                LOCATION_GROUP_STOPS,
+                "location_group_id,stop_id\ng,a\ng,b\n",
+            ),
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        // A location group id must not be a stop_id.
+        let e = err(&[(STOPS, stops), (LOCATION_GROUPS, "location_group_id\nb\n")]);
+        assert!(
+            e.starts_with("location_groups.txt line 2, field location_group_id: \"b\" is also a stop_id (stops.txt line 3)"),
+            "{e}"
+        );
+        // Nor one of the stops the fare files name when there is no stops.txt.
+        let e = err(&[
+            (STOP_AREAS, "area_id,stop_id\nz,g\n"),
+            (LOCATION_GROUPS, "location_group_id\ng\n"),
+        ]);
+        assert!(
+            e.contains("\"g\" is a location group, but stop_areas.txt"),
+            "{e}"
+        );
+        // stop_areas.txt assigns stops, not location groups, to areas.
+        let e = err(&[
+            (STOPS, stops),
+            (STOP_AREAS, "area_id,stop_id\nz,g\n"),
+            (LOCATION_GROUPS, "location_group_id\ng\n"),
+        ]);
+        assert!(
+            e.starts_with("stop_areas.txt line 2, field stop_id: \"g\" is a location group"),
+            "{e}"
+        );
+        // Ids unique; references resolve; a row once.
+        let e = err(&[(LOCATION_GROUPS, "location_group_id\ng\ng\n")]);
+        assert!(e.contains("duplicate location group id \"g\""), "{e}");
+        let e = err(&[
+            (LOCATION_GROUPS, "location_group_id\ng\n"),
+            (LOCATION_GROUP_STOPS, "location_group_id,stop_id\nh,a\n"),
+        ]);
+        assert!(
+            e.starts_with("location_group_stops.txt line 2, field location_group_id: unknown location group \"h\""),
+            "{e}"
+        );
+        let e = err(&[
+            (STOPS, stops),
+            (LOCATION_GROUPS, "location_group_id\ng\n"),
+            (LOCATION_GROUP_STOPS, "location_group_id,stop_id\ng,c\n"),
+        ]);
+        assert!(
+            e.starts_with("location_group_stops.txt line 2, field stop_id: unknown stop \"c\""),
+            "{e}"
+        );
+        let e = err(&[
+            (STOPS, stops),
+            (LOCATION_GROUPS, "location_group_id\ng\n"),
+            (
+                LOCATION_GROUP_STOPS,
+                "location_group_id,stop_id\ng,a\ng,a\n",
+            ),
+        ]);
+        assert!(
+            e.contains(
+                "line 3, field stop_id: stop \"a\" is already in location group \"g\" (line 2)"
+            ),
+            "{e}"
+        );
+        let e = err(&[(LOCATION_GROUP_STOPS, "location_group_id\ng\n")]);
+        assert!(
+            e.starts_with("location_group_stops.txt line 1, field stop_id: required column"),
             "{e}"
         );
     }
