@@ -131,6 +131,8 @@ pub fn run(args: CardArgs) -> Result<()> {
             let mut p = Personalisation::transit(uid, balance);
             p.upper_limit_minor = upper_limit;
             let card = Card::personalise(&p, hsm.card_keys(&uid, p.key_version)?);
+            // As every writer of an image: not while a crowd or a load has the card.
+            let _lock = lock_image(&out)?;
             write_image(&out, card.nvm())?;
             println!(
                 "card issued: uid={} balance_minor={balance} image={}",
