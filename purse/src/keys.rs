@@ -28,36 +28,26 @@ pub const DEFAULT_AID: [u8; 3] = [0x54, 0x47, 0x01];
 /// The default system identifier used in diversification.
 pub const DEFAULT_SYSTEM_ID: &[u8] = b"tapgate";
 
-/// The kind of a key in a key set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum KeyKind {
-    /// KM_APP: the application master (card key 0), issuer only.
-    App = 1,
-    /// KM_DEBIT: debit, read, limited credit (card key 1).
-    Debit = 2,
-    /// KM_CREDIT: credit / loads (card key 2).
-    Credit = 3,
-    /// KM_TMAC: the card's transaction-MAC key (card key 3), HSM only.
-    Tmac = 4,
-    /// KM_DEVICE: derives per-device tap-signing keys.
-    DeviceMaster = 5,
-    /// One device's tap-signing key.
-    Device = 6,
+wire_code! {
+    /// The kind of a key in a key set.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum KeyKind {
+        /// KM_APP: the application master (card key 0), issuer only.
+        App = 1,
+        /// KM_DEBIT: debit, read, limited credit (card key 1).
+        Debit = 2,
+        /// KM_CREDIT: credit / loads (card key 2).
+        Credit = 3,
+        /// KM_TMAC: the card's transaction-MAC key (card key 3), HSM only.
+        Tmac = 4,
+        /// KM_DEVICE: derives per-device tap-signing keys.
+        DeviceMaster = 5,
+        /// One device's tap-signing key.
+        Device = 6,
+    }
 }
 
 impl KeyKind {
-    fn from_u8(b: u8) -> Option<KeyKind> {
-        Some(match b {
-            1 => KeyKind::App,
-            2 => KeyKind::Debit,
-            3 => KeyKind::Credit,
-            4 => KeyKind::Tmac,
-            5 => KeyKind::DeviceMaster,
-            6 => KeyKind::Device,
-            _ => return None,
-        })
-    }
-
     /// The card key number this master diversifies into, if any.
     pub fn card_key_no(self) -> Option<u8> {
         match self {
@@ -391,7 +381,8 @@ impl KeySet {
         let n = r.u8()? as usize;
         let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
-            let kind = KeyKind::from_u8(r.u8()?).ok_or(KeyError::Malformed("unknown key kind"))?;
+            let kind =
+                KeyKind::from_code(r.u8()?).ok_or(KeyError::Malformed("unknown key kind"))?;
             let version = r.u8()?;
             let id = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
             let key = AesKey::from_slice(r.take(16)?)?;

@@ -6,6 +6,38 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// Declares a one-byte wire code: the enum with each variant's stable code, `from_code` (`None`
+/// for a byte this version does not know) and `code`. The codes are on the wire and in reports,
+/// so they are written once, here in each declaration, and never derived from the order.
+macro_rules! wire_code {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $code:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $code,)+
+        }
+
+        impl $name {
+            /// Decodes a wire code; `None` for a code this version does not know.
+            $vis fn from_code(c: u8) -> Option<$name> {
+                match c {
+                    $($code => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// The wire code.
+            $vis fn code(self) -> u8 {
+                self as u8
+            }
+        }
+    };
+}
+
 pub mod apdu;
 pub mod batch;
 pub mod blocklist;

@@ -2,29 +2,18 @@
 //! CommitTransaction response under the session MAC, so no code path can journal or sign an
 //! unverified value change. Its fields are readable; it can only be built inside this crate.
 
-/// What kind of value change a committed transaction made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TxKind {
-    /// No value change (e.g. a capped or free transfer tap that only wrote a trip record).
-    RecordOnly = 0,
-    /// A debit.
-    Debit = 1,
-    /// A credit (load).
-    Credit = 2,
-    /// A limited credit (undo of the last debit).
-    LimitedCredit = 3,
-}
-
-impl TxKind {
-    /// Decodes the wire byte.
-    pub fn from_u8(b: u8) -> Option<TxKind> {
-        Some(match b {
-            0 => TxKind::RecordOnly,
-            1 => TxKind::Debit,
-            2 => TxKind::Credit,
-            3 => TxKind::LimitedCredit,
-            _ => return None,
-        })
+wire_code! {
+    /// What kind of value change a committed transaction made.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum TxKind {
+        /// No value change (e.g. a capped or free transfer tap that only wrote a trip record).
+        RecordOnly = 0,
+        /// A debit.
+        Debit = 1,
+        /// A credit (load).
+        Credit = 2,
+        /// A limited credit (undo of the last debit).
+        LimitedCredit = 3,
     }
 }
 

@@ -40,48 +40,30 @@ pub const TAP_VERSION: u8 = 2;
 pub const TAP_LEN: usize = 79;
 const BODY_LEN: usize = TAP_LEN - 8;
 
-/// Why a validator refused a card. Stable codes: they are on the wire and in reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RefusalReason {
-    /// 1: the card is on the blocklist.
-    Blocklisted = 1,
-    /// 2: not enough value for the fare.
-    InsufficientValue = 2,
-    /// 3: the product (pass, ticket) has expired.
-    ExpiredProduct = 3,
-    /// 4: an earlier torn transaction on this card could not be settled.
-    TornUnresolved = 4,
-    /// 5: the card's key version is not held by this validator's SAM.
-    UnknownKeyVersion = 5,
-    /// 6: the card refused a command or failed authentication.
-    CardError = 6,
-    /// 7: no fare rule prices this journey.
-    FareError = 7,
-    /// 8: anything else.
-    Other = 8,
+wire_code! {
+    /// Why a validator refused a card. Stable codes: they are on the wire and in reports.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum RefusalReason {
+        /// 1: the card is on the blocklist.
+        Blocklisted = 1,
+        /// 2: not enough value for the fare.
+        InsufficientValue = 2,
+        /// 3: the product (pass, ticket) has expired.
+        ExpiredProduct = 3,
+        /// 4: an earlier torn transaction on this card could not be settled.
+        TornUnresolved = 4,
+        /// 5: the card's key version is not held by this validator's SAM.
+        UnknownKeyVersion = 5,
+        /// 6: the card refused a command or failed authentication.
+        CardError = 6,
+        /// 7: no fare rule prices this journey.
+        FareError = 7,
+        /// 8: anything else.
+        Other = 8,
+    }
 }
 
 impl RefusalReason {
-    /// Decodes a wire code.
-    pub fn from_code(c: u8) -> Option<RefusalReason> {
-        Some(match c {
-            1 => RefusalReason::Blocklisted,
-            2 => RefusalReason::InsufficientValue,
-            3 => RefusalReason::ExpiredProduct,
-            4 => RefusalReason::TornUnresolved,
-            5 => RefusalReason::UnknownKeyVersion,
-            6 => RefusalReason::CardError,
-            7 => RefusalReason::FareError,
-            8 => RefusalReason::Other,
-            _ => return None,
-        })
-    }
-
-    /// The wire code.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-
     /// A short snake_case name for logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
@@ -338,7 +320,7 @@ impl TapRecord {
             0 => None,
             c => Some(RefusalReason::from_code(c).ok_or(TapError::UnknownOutcome(c))?),
         };
-        let kind = TxKind::from_u8(bytes[2]).ok_or(TapError::UnknownKind(bytes[2]))?;
+        let kind = TxKind::from_code(bytes[2]).ok_or(TapError::UnknownKind(bytes[2]))?;
         let amount_minor = be32(15) as i32;
         let tmv: [u8; 8] = bytes[23..31].try_into().expect("8");
         if amount_minor < 0 {
