@@ -2,6 +2,7 @@
 //! machine. Offline purse debits against a local SAM, quoted by the fare engine from the card's
 //! trip records, journalled durably in LMDB, and forwarded over MQTT until the gateway confirms.
 //!
+//! - [`card_image`]: atomic, durable writes of an emulated card's image (and the CLI's files).
 //! - [`config`]: the configuration file and the start-up choices it decides (placement,
 //!   MQTT, crowd, which fare table).
 //! - [`gate`]: one tap, start to end, exactly once across tears and crashes.
@@ -12,6 +13,7 @@
 //!   vsmartcard's vpcd (tests, `tapgate card serve`).
 #![deny(unsafe_code)]
 
+pub mod card_image;
 pub mod config;
 pub mod daemon;
 pub mod gate;

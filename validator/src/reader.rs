@@ -6,7 +6,8 @@
 //! at every presentation under its [`ImageLock`], held until the card leaves the field, so a
 //! load made meanwhile by `tapgate charge --card` on the same image is never written away.
 
-use crate::image_lock::ImageLock;
+use crate::card_image::{write_atomic, WriteError};
+use crate::image_lock::{ImageLock, ImageLockError};
 use purse::card::{Card, Nvm, Personalisation};
 use purse::sam::SoftwareHsm;
 use purse::txn::{EmulatedReader, Transport, TransportError};
@@ -22,6 +23,11 @@ pub trait Reader: Send {
     fn wait_card(&mut self) -> Option<&mut dyn Transport>;
     /// The card has left the field.
     fn card_removed(&mut self);
+    /// Why the reader stopped, when [`Reader::wait_card`] returned `None` because of an error
+    /// (not because it ran out of cards or is shutting down).
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Crowd settings.
@@ -52,36 +58,59 @@ pub struct Crowd {
     next_at: Instant,
     reader: Option<CardInField>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Why the crowd stopped presenting cards, if an error made it.
+    failure: Option<String>,
 }
 
 /// The card in the field. With an image path, its NVM is written to the file after every
-/// command that changed it, as a chip keeps its memory whatever happens to the reader.
+/// command that changed it, as a chip keeps its memory whatever happens to the reader. A write
+/// that fails is a chip whose memory write did not happen: the command fails as a tear does
+/// (the card leaves the field) and the card keeps the state its image holds, so no counter value
+/// is spent twice.
 struct CardInField {
     card: Card,
     rng: StdRng,
     image: Option<PathBuf>,
+    /// The image's text as last written ("" before the first write).
     last_image: String,
+    /// The NVM as the image holds it: what the card is if a write fails.
+    saved: Nvm,
+    /// A write of the image failed: the card answers nothing more and goes back to `saved`.
+    failed: bool,
     /// The image's lock, held while the card is in the field.
     _lock: Option<ImageLock>,
 }
 
 impl CardInField {
-    fn persist(&mut self) {
-        let Some(p) = &self.image else { return };
-        let Ok(text) = serde_json::to_string(self.card.nvm()) else {
-            return;
+    /// Writes the image if the card's NVM changed since the last write.
+    fn persist(&mut self) -> Result<(), WriteError> {
+        let Some(p) = &self.image else {
+            return Ok(());
         };
+        let text = serde_json::to_string(self.card.nvm()).map_err(|e| WriteError {
+            step: "serialising",
+            path: p.clone(),
+            io: e.into(),
+        })?;
         if text != self.last_image {
-            let tmp = p.with_extension("tmp");
-            if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, p).is_ok() {
-                self.last_image = text;
-            }
+            write_atomic(p, text.as_bytes())?;
+            self.last_image = text;
+            self.saved = self.card.nvm().clone();
+        }
+        Ok(())
+    }
+
+    fn gone(&self) -> Result<(), TransportError> {
+        match self.failed {
+            true => Err(TransportError::CardGone),
+            false => Ok(()),
         }
     }
 }
 
 impl Transport for CardInField {
     fn card_uid(&mut self) -> Result<[u8; 7], TransportError> {
+        self.gone()?;
         EmulatedReader {
             card: &mut self.card,
             rng: &mut self.rng,
@@ -89,12 +118,22 @@ impl Transport for CardInField {
         .card_uid()
     }
     fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        self.gone()?;
         let r = EmulatedReader {
             card: &mut self.card,
             rng: &mut self.rng,
         }
         .transmit(command);
-        self.persist();
+        if let Err(e) = self.persist() {
+            self.failed = true;
+            tracing::error!(
+                error = %e,
+                "card image not written: the card keeps the state its image holds and this tap fails"
+            );
+            return Err(TransportError::Link(format!(
+                "card image not written, the card keeps its previous state: {e}"
+            )));
+        }
         r
     }
 }
@@ -127,6 +166,7 @@ impl Crowd {
             hsm,
             cfg,
             stop,
+            failure: None,
         })
     }
 
@@ -166,7 +206,10 @@ impl Crowd {
         Card::personalise(&p, k)
     }
 
-    fn put_card(&mut self, i: usize, mut card: Card) {
+    /// Puts card `i` back after a presentation; writes its image unless it holds `last_image`
+    /// already (a failure is logged: the image keeps the card's last written state, which the
+    /// next presentation reads).
+    fn put_card(&mut self, i: usize, mut card: Card, last_image: &str) {
         if card.is_torn() {
             let uid = card.state().uid;
             let nvm = card.nvm().clone();
@@ -177,10 +220,15 @@ impl Crowd {
         card.tear_after_writes(None);
         card.remove_from_field();
         if let Some(p) = self.image_path(i) {
-            if let Ok(text) = serde_json::to_string(card.nvm()) {
-                let tmp = p.with_extension("tmp");
-                if std::fs::write(&tmp, text).is_ok() {
-                    let _ = std::fs::rename(&tmp, &p);
+            match serde_json::to_string(card.nvm()) {
+                Ok(text) if text == last_image => {}
+                Ok(text) => {
+                    if let Err(e) = write_atomic(&p, text.as_bytes()) {
+                        tracing::error!(error = %e, "card image not written");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, image = %p.display(), "card image not written")
                 }
             }
         }
@@ -189,7 +237,7 @@ impl Crowd {
 
     /// Card `i`'s image lock (`None` without a directory). A card whose image another process
     /// holds past [`IMAGE_WAIT`] is not presented: `Err` with the reason.
-    fn lock_card(&self, i: usize) -> Result<Option<ImageLock>, crate::image_lock::ImageLockError> {
+    fn lock_card(&self, i: usize) -> Result<Option<ImageLock>, ImageLockError> {
         match self.image_path(i) {
             Some(p) => ImageLock::acquire(&p, IMAGE_WAIT).map(Some),
             None => Ok(None),
@@ -214,37 +262,64 @@ impl Crowd {
 /// the same card takes a few round trips).
 pub const IMAGE_WAIT: Duration = Duration::from_secs(10);
 
+/// Consecutive images that could not be locked for an error other than another holder (a
+/// missing directory, no permission) before the crowd gives up.
+pub const LOCK_ATTEMPTS: u32 = 8;
+
+/// The pause after the `n`-th consecutive lock error (n ≥ 1): 10 ms doubling, at most 1 s.
+fn lock_backoff(n: u32) -> Duration {
+    Duration::from_millis(10u64 << n.saturating_sub(1).min(10)).min(Duration::from_secs(1))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl Reader for Crowd {
+    /// Presents a random card. A card whose image another process holds past [`IMAGE_WAIT`]
+    /// is not presented and another is drawn; an image that cannot be locked at all (its
+    /// directory gone, no permission) is retried after a bounded back-off, and after
+    /// [`LOCK_ATTEMPTS`] such errors in a row the crowd stops with [`Reader::failure`] set.
     fn wait_card(&mut self) -> Option<&mut dyn Transport> {
-        if self.cfg.taps.is_some_and(|n| self.presented >= n) || self.cards.is_empty() {
-            return None;
-        }
-        // Realistic gaps: exponential inter-arrival at the configured rate.
-        if self.cfg.rate_per_s > 0.0 {
-            let now = Instant::now();
-            while Instant::now() < self.next_at {
-                if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut errors = 0;
+        let (i, lock) = loop {
+            if self.cfg.taps.is_some_and(|n| self.presented >= n) || self.cards.is_empty() {
+                return None;
+            }
+            // Realistic gaps: exponential inter-arrival at the configured rate.
+            if self.cfg.rate_per_s > 0.0 {
+                let now = Instant::now();
+                if !self.sleep_until(self.next_at) {
                     return None;
                 }
-                std::thread::sleep((self.next_at - Instant::now()).min(Duration::from_millis(50)));
+                let u: f64 = self.rng.gen_range(1e-9..1.0);
+                let gap = -u.ln() / self.cfg.rate_per_s;
+                self.next_at = now.max(self.next_at) + Duration::from_secs_f64(gap);
             }
-            let u: f64 = self.rng.gen_range(1e-9..1.0);
-            let gap = -u.ln() / self.cfg.rate_per_s;
-            self.next_at = now.max(self.next_at) + Duration::from_secs_f64(gap);
-        }
-        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
-        let i = self.rng.gen_range(0..self.cards.len());
-        let lock = match self.lock_card(i) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("{e}; the card is not presented");
-                return self.wait_card();
+            if self.stopped() {
+                return None;
+            }
+            let i = self.rng.gen_range(0..self.cards.len());
+            match self.lock_card(i) {
+                Ok(l) => break (i, l),
+                Err(e @ ImageLockError::Busy { .. }) => {
+                    tracing::warn!("{e}; the card is not presented");
+                }
+                Err(e) => {
+                    errors += 1;
+                    if errors >= LOCK_ATTEMPTS {
+                        let msg = format!(
+                            "the crowd stops: {errors} card images in a row could not be locked; the last: {e}"
+                        );
+                        tracing::error!("{msg}");
+                        self.failure = Some(msg);
+                        return None;
+                    }
+                    tracing::warn!("{e}; the card is not presented");
+                    if !self.sleep_until(Instant::now() + lock_backoff(errors)) {
+                        return None;
+                    }
+                }
             }
         };
         let mut card = self.take_card(i);
@@ -256,10 +331,12 @@ impl Reader for Crowd {
         let rng = StdRng::seed_from_u64(self.card_rng.gen());
         let image = self.image_path(i);
         self.reader = Some(CardInField {
+            saved: card.nvm().clone(),
             card,
             rng,
             image,
             last_image: String::new(),
+            failed: false,
             _lock: lock,
         });
         self.reader.as_mut().map(|r| r as &mut dyn Transport)
@@ -269,10 +346,50 @@ impl Reader for Crowd {
         if let (Some(i), Some(r)) = (self.current.take(), self.reader.take()) {
             // The image is written before the lock is let go.
             let CardInField {
-                card, _lock: lock, ..
+                card,
+                saved,
+                failed,
+                last_image,
+                _lock: lock,
+                ..
             } = r;
-            self.put_card(i, card);
+            if failed {
+                // The chip's write did not happen: the card is as its image holds it.
+                let uid = saved.main.uid;
+                match self.hsm.card_keys(&uid, saved.main.key_version) {
+                    Ok(k) => self.put_card(i, Card::power_on(saved, k), &last_image),
+                    // (Cannot happen: the card was powered on with these keys.) The next
+                    // presentation reads the image.
+                    Err(_) => self.cards[i] = None,
+                }
+            } else {
+                self.put_card(i, card, &last_image);
+            }
             drop(lock);
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.clone()
+    }
+}
+
+impl Crowd {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sleeps until `t` in short steps; `false` if shutdown was asked meanwhile.
+    fn sleep_until(&self, t: Instant) -> bool {
+        loop {
+            if self.stopped() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= t {
+                return true;
+            }
+            std::thread::sleep((t - now).min(Duration::from_millis(50)));
         }
     }
 }
@@ -328,5 +445,118 @@ mod tests {
         assert_eq!(in_field.card.state().balance_minor, 3_000);
         crowd.card_removed();
         assert_eq!(crowd.balances(), vec![(uid, 3_000)]);
+    }
+
+    fn crowd_in(dir: &std::path::Path, ks: &purse::keys::KeySet) -> Crowd {
+        let cfg = CrowdConfig {
+            cards: 1,
+            balance_minor: 1_000,
+            taps: Some(10),
+            rate_per_s: 0.0,
+            seed: 1,
+            dir: Some(dir.to_path_buf()),
+            tear_per_mille: 0,
+        };
+        Crowd::new(
+            cfg,
+            SoftwareHsm::new(ks).unwrap(),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap()
+    }
+
+    /// A load of 100 on the card in the field; `before_commit` runs when the server decides.
+    fn load(
+        crowd: &mut Crowd,
+        hsm: &mut SoftwareHsm,
+        before_commit: impl FnOnce(),
+    ) -> Result<purse::txn::LoadOutcome, purse::txn::TxError> {
+        let t = crowd.wait_card().expect("a card");
+        let out = purse::txn::load_online(t, hsm, &mut StdRng::seed_from_u64(3), |_| {
+            before_commit();
+            purse::txn::Decision::Apply {
+                amount_minor: 100,
+                record: None,
+            }
+        });
+        crowd.card_removed();
+        out
+    }
+
+    /// The image cannot be written at the commit (here its temporary file's place is taken,
+    /// which stops root too): the commit fails as a tear, with the reason, and the card is what
+    /// its unchanged image says — the next value change uses the counter value again, which no
+    /// proof of the failed one holds. Before, the failure was ignored: the load was answered,
+    /// the image kept the old counter, and the next change reused it (a clone in clearing).
+    #[test]
+    fn an_image_that_cannot_be_written_fails_the_commit_and_stays_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = issuer();
+        let mut hsm = SoftwareHsm::new(&ks).unwrap();
+        let mut crowd = crowd_in(dir.path(), &ks);
+        let image = crowd.image_path(0).unwrap();
+        assert!(matches!(
+            load(&mut crowd, &mut hsm, || {}),
+            Ok(purse::txn::LoadOutcome::Loaded { .. })
+        ));
+        let before = std::fs::read_to_string(&image).unwrap();
+        let blocker = dir.path().join(format!(
+            ".{}.tmp",
+            image.file_name().unwrap().to_str().unwrap()
+        ));
+        let err = load(&mut crowd, &mut hsm, || {
+            std::fs::create_dir(&blocker).unwrap()
+        })
+        .expect_err("a commit whose image was not written is not answered");
+        assert!(
+            matches!(&err, purse::txn::TxError::Transport(TransportError::Link(m)) if m.contains("card image not written") && m.contains(".tmp")),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&image).unwrap(), before);
+        let uid = crowd_uid(0);
+        assert_eq!(crowd.balances(), vec![(uid, 1_100)]);
+
+        std::fs::remove_dir(&blocker).unwrap();
+        assert!(matches!(
+            load(&mut crowd, &mut hsm, || {}),
+            Ok(purse::txn::LoadOutcome::Loaded { .. })
+        ));
+        let nvm: Nvm = serde_json::from_str(&std::fs::read_to_string(&image).unwrap()).unwrap();
+        assert_eq!((nvm.main.balance_minor, nvm.main.tmc), (1_200, 2));
+        assert_eq!(crowd.balances(), vec![(uid, 1_200)]);
+    }
+
+    /// The images' directory is gone while the card is in the field: the dialogue fails, no
+    /// image appears, and the crowd, unable to lock any image, gives up after a bounded number
+    /// of tries with the reason (before, it retried by recursing without end).
+    #[test]
+    fn a_missing_directory_fails_the_tap_and_the_crowd_gives_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("cards");
+        let ks = issuer();
+        let mut hsm = SoftwareHsm::new(&ks).unwrap();
+        let mut crowd = crowd_in(&images, &ks);
+        let image = crowd.image_path(0).unwrap();
+        let t = crowd.wait_card().expect("a card");
+        std::fs::remove_dir_all(&images).unwrap();
+        let out = purse::txn::load_online(t, &mut hsm, &mut StdRng::seed_from_u64(3), |_| {
+            purse::txn::Decision::Apply {
+                amount_minor: 100,
+                record: None,
+            }
+        });
+        assert!(
+            matches!(&out, Err(purse::txn::TxError::Transport(TransportError::Link(m))) if m.contains("card image not written")),
+            "{out:?}"
+        );
+        crowd.card_removed();
+        assert!(!image.exists());
+        assert!(crowd.failure().is_none());
+
+        let started = Instant::now();
+        assert!(crowd.wait_card().is_none());
+        let why = crowd.failure().expect("the reason the crowd stopped");
+        assert!(why.contains("could not be locked"), "{why}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -30,8 +30,10 @@ fn reader_loop(
 ) -> Result<Summary, String> {
     let mut s = Summary::default();
     let mut lat = Vec::new();
+    let mut failure = None;
     while !shared.shutdown.load(Ordering::Relaxed) {
         let Some(card) = reader.wait_card() else {
+            failure = reader.failure();
             break;
         };
         let t0 = Instant::now();
@@ -82,7 +84,10 @@ fn reader_loop(
     s.tap_latency_us_p99 = q(0.99);
     shared.reader_done.store(true, Ordering::Relaxed);
     shared.wake.notify_one();
-    Ok(s)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(s),
+    }
 }
 
 /// Counts one finished tap in the summary and the metrics; raises the alarm when a tap was
