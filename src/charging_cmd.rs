@@ -60,8 +60,10 @@ enum ChargingCmd {
         /// Directory to write the CSV files into.
         #[arg(long)]
         out: PathBuf,
-        /// Merchants' fee on their online sales, in basis points (150 = 1.5 %).
-        #[arg(long = "merchant-fee-bps", default_value_t = 0)]
+        /// Merchants' fee on their online sales, in basis points (150 = 1.5 %; at most 10000,
+        /// the whole sale).
+        #[arg(long = "merchant-fee-bps", default_value_t = 0,
+              value_parser = clap::value_parser!(u32).range(0..=10_000))]
         merchant_fee_bps: u32,
     },
     /// Create an API token: prints the token once and the [[tokens]] entry for the config.

@@ -124,13 +124,20 @@ pub fn settlement(ledger: &Ledger, day: &str) -> Result<Vec<SettlementFile>, Set
     settlement_with_fees(ledger, day, 0)
 }
 
+/// The highest merchant fee, in basis points: 10 000 bps is the whole sale.
+pub const MAX_MERCHANT_FEE_BPS: u32 = 10_000;
+
 /// Builds the day's settlement files; merchants pay `merchant_fee_bps` basis points of their
-/// sales (rounded down, per merchant and day).
+/// sales (rounded down, per merchant and day). A fee above [`MAX_MERCHANT_FEE_BPS`] (more
+/// than the sale) is refused: [`SettlementError::FeeTooHigh`].
 pub fn settlement_with_fees(
     ledger: &Ledger,
     day: &str,
     merchant_fee_bps: u32,
 ) -> Result<Vec<SettlementFile>, SettlementError> {
+    if merchant_fee_bps > MAX_MERCHANT_FEE_BPS {
+        return Err(SettlementError::FeeTooHigh(merchant_fee_bps));
+    }
     let (start, end) = day_bounds(day).map_err(SettlementError::Day)?;
     let r = ledger.read()?;
     let mut rows: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -216,6 +223,9 @@ pub enum SettlementError {
     /// The day is malformed.
     #[error("{0}")]
     Day(String),
+    /// The merchant fee is above [`MAX_MERCHANT_FEE_BPS`] (more than the sale itself).
+    #[error("merchant fee of {0} basis points is above 10000 (100 % of the sale)")]
+    FeeTooHigh(u32),
     /// Storage.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -233,6 +243,21 @@ mod tests {
         );
         assert!(day_bounds("2026-13-01").is_err());
         assert!(day_bounds("yesterday").is_err());
+    }
+
+    #[test]
+    fn a_merchant_fee_above_the_whole_sale_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = crate::ledger::Ledger::open(dir.path(), 16 << 20).unwrap();
+        assert!(settlement_with_fees(&l, "2024-10-04", MAX_MERCHANT_FEE_BPS).is_ok());
+        match settlement_with_fees(&l, "2024-10-04", 10_001) {
+            Err(SettlementError::FeeTooHigh(10_001)) => {}
+            other => panic!("a fee of 10001 bps settled: {other:?}"),
+        }
+        assert!(matches!(
+            settlement_with_fees(&l, "2024-10-04", u32::MAX),
+            Err(SettlementError::FeeTooHigh(_))
+        ));
     }
 
     #[test]
