@@ -4,6 +4,10 @@
 //! ## Files of the application (AID [`crate::keys::DEFAULT_AID`])
 //! - `0x01` value file: balance with lower/upper limits and limited credit.
 //! - `0x02` cyclic record file of recent trips ([`RECORD_SIZE`] bytes × `max_records`).
+//! - `0x03` profile file ([`PROFILE_SIZE`] bytes, read with ReadData): what the issuer wrote
+//!   about the holder at personalisation — the rider category the fares are priced for
+//!   ([`encode_profile`]). No command writes it: only personalisation (the issuer) sets it, and a
+//!   terminal reads it under the session MAC like the balance.
 //! - `0x0F` transaction MAC file: TMC (u32 LE) ‖ TMV (8 bytes), read with ReadData.
 //!
 //! ## Keys and access rights
@@ -53,8 +57,70 @@ use zeroize::Zeroize;
 pub const FILE_VALUE: u8 = 0x01;
 /// The cyclic trip-record file number.
 pub const FILE_RECORDS: u8 = 0x02;
+/// The profile file number (the holder's rider category).
+pub const FILE_PROFILE: u8 = 0x03;
 /// The transaction MAC file number.
 pub const FILE_TMAC: u8 = 0x0F;
+/// Size of the profile file: format (1 byte, [`PROFILE_FORMAT`]) ‖ length of the rider
+/// category id (1 byte, 0 = none: the fare table's default) ‖ the id (UTF-8) ‖ zeros.
+pub const PROFILE_SIZE: usize = 32;
+/// The profile file's format byte.
+pub const PROFILE_FORMAT: u8 = 1;
+/// The longest rider category id the profile file holds, in bytes.
+pub const MAX_RIDER_CATEGORY_LEN: usize = PROFILE_SIZE - 2;
+
+/// Why a rider category cannot be personalised, or a profile file read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProfileError {
+    /// The id is longer than [`MAX_RIDER_CATEGORY_LEN`] bytes.
+    #[error("a rider category id is at most {MAX_RIDER_CATEGORY_LEN} bytes")]
+    TooLong,
+    /// The id has a control character or a space (a GTFS id is printable).
+    #[error("a rider category id has no spaces or control characters")]
+    NotPrintable,
+    /// The profile file is not a format-1 profile.
+    #[error("the profile file is not a format-{PROFILE_FORMAT} profile of {PROFILE_SIZE} bytes")]
+    Format,
+}
+
+/// Checks a rider category id for the profile file (empty: none).
+pub fn check_rider_category(id: &str) -> Result<(), ProfileError> {
+    if id.len() > MAX_RIDER_CATEGORY_LEN {
+        return Err(ProfileError::TooLong);
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ProfileError::NotPrintable);
+    }
+    Ok(())
+}
+
+/// The profile file's bytes for a rider category id (empty: none).
+pub fn encode_profile(rider_category: &str) -> Result<[u8; PROFILE_SIZE], ProfileError> {
+    check_rider_category(rider_category)?;
+    let mut file = [0u8; PROFILE_SIZE];
+    file[0] = PROFILE_FORMAT;
+    file[1] = rider_category.len() as u8;
+    file[2..2 + rider_category.len()].copy_from_slice(rider_category.as_bytes());
+    Ok(file)
+}
+
+/// The rider category a profile file holds (`None`: none, priced as the table's default).
+pub fn decode_profile(file: &[u8]) -> Result<Option<&str>, ProfileError> {
+    let [PROFILE_FORMAT, len, rest @ ..] = file else {
+        return Err(ProfileError::Format);
+    };
+    let len = usize::from(*len);
+    if file.len() != PROFILE_SIZE || len > MAX_RIDER_CATEGORY_LEN {
+        return Err(ProfileError::Format);
+    }
+    let (id, pad) = rest.split_at(len);
+    if pad.iter().any(|&b| b != 0) {
+        return Err(ProfileError::Format);
+    }
+    let id = std::str::from_utf8(id).map_err(|_| ProfileError::Format)?;
+    check_rider_category(id).map_err(|_| ProfileError::Format)?;
+    Ok((!id.is_empty()).then_some(id))
+}
 /// GetKeyVersion command code.
 pub const INS_GET_KEY_VERSION: u8 = 0x64;
 /// Trip-record size in bytes (fixed, as the fare engine's record layout).
@@ -84,6 +150,9 @@ pub struct Personalisation {
     pub limited_credit_enabled: bool,
     /// Number of records kept.
     pub max_records: u8,
+    /// The holder's rider category id (child, senior, student …; empty: none, priced as the
+    /// fare table's default), written to the profile file.
+    pub rider_category: String,
 }
 
 impl Personalisation {
@@ -98,6 +167,7 @@ impl Personalisation {
             upper_limit_minor: 500_000,
             limited_credit_enabled: true,
             max_records: DEFAULT_MAX_RECORDS,
+            rider_category: String::new(),
         }
     }
 }
@@ -129,6 +199,22 @@ pub struct CardState {
     pub tmc: u32,
     /// Transaction MAC value of the last committed transaction.
     pub tmv: [u8; 8],
+    /// The profile file's rider category id (empty: none). Absent from images of cards issued
+    /// before the profile file (they read as none); left out of an image when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rider_category: String,
+}
+
+impl CardState {
+    /// The profile file as the card serves it.
+    pub fn profile(&self) -> [u8; PROFILE_SIZE] {
+        // validate() keeps the id encodable; an image that was not validated reads as none.
+        encode_profile(&self.rider_category).unwrap_or_else(|_| {
+            let mut none = [0u8; PROFILE_SIZE];
+            none[0] = PROFILE_FORMAT;
+            none
+        })
+    }
 }
 
 /// The card's non-volatile memory: the state plus the commit journal used for atomicity.
@@ -180,6 +266,9 @@ impl Nvm {
         }
         if s.limited_credit_minor < 0 {
             return Err("negative limited credit");
+        }
+        if check_rider_category(&s.rider_category).is_err() {
+            return Err("rider category is not a printable id of at most 30 bytes");
         }
         Ok(())
     }
@@ -294,6 +383,7 @@ impl Card {
             records: Vec::new(),
             tmc: 0,
             tmv: [0; 8],
+            rider_category: p.rider_category.clone(),
         };
         Card::power_on(
             Nvm {
@@ -695,12 +785,23 @@ impl Card {
     }
 
     fn read_data(&mut self, data: &[u8]) -> Reply {
-        let (_, [offset, len]) = self.open_file(ins::READ_DATA, FILE_TMAC, 7, false, data)?;
-        let mut file = [0u8; 12];
-        file[..4].copy_from_slice(&self.nvm.main.tmc.to_le_bytes());
-        file[4..].copy_from_slice(&self.nvm.main.tmv);
-        let end = if len == 0 { 12 } else { offset + len };
-        if offset > 12 || end > 12 || end < offset {
+        // The file number only says which file to expect; open_file checks it under the MAC.
+        let file_no = match data.first() {
+            Some(&FILE_PROFILE) => FILE_PROFILE,
+            _ => FILE_TMAC,
+        };
+        let (_, [offset, len]) = self.open_file(ins::READ_DATA, file_no, 7, false, data)?;
+        let mut file = [0u8; PROFILE_SIZE];
+        let size = if file_no == FILE_PROFILE {
+            file = self.nvm.main.profile();
+            PROFILE_SIZE
+        } else {
+            file[..4].copy_from_slice(&self.nvm.main.tmc.to_le_bytes());
+            file[4..12].copy_from_slice(&self.nvm.main.tmv);
+            12
+        };
+        let end = if len == 0 { size } else { offset + len };
+        if offset > size || end > size || end < offset {
             return Err(Status::BoundaryError);
         }
         self.seal(&file[offset..end], CommMode::Mac)

@@ -13,7 +13,9 @@
 //! ([`CardSnapshot::tmc`]): `tmc == before + 1` with the expected balance means it committed.
 
 use crate::apdu::{self, ins, Status};
-use crate::card::{Card, FILE_RECORDS, FILE_TMAC, FILE_VALUE, INS_GET_KEY_VERSION};
+use crate::card::{
+    Card, FILE_PROFILE, FILE_RECORDS, FILE_TMAC, FILE_VALUE, INS_GET_KEY_VERSION, PROFILE_SIZE,
+};
 use crate::keys::{KeyKind, DEFAULT_AID};
 use crate::receipt::{CommitReceipt, TxClaim, TxKind};
 use crate::sam::{Authenticator, Hsm, SamError, TmacVerified};
@@ -94,8 +96,18 @@ pub struct CardSnapshot {
     tmc: u32,
     last_tmv: [u8; 8],
     records: Vec<crate::card::TripRecord>,
+    /// The profile file, checked ([`crate::card::decode_profile`] accepts it).
+    profile: [u8; PROFILE_SIZE],
     _read: ReadUnderMac,
 }
+
+/// The profile of a card with no rider category.
+#[cfg(any(test, feature = "test-support"))]
+const NO_PROFILE: [u8; PROFILE_SIZE] = {
+    let mut p = [0u8; PROFILE_SIZE];
+    p[0] = crate::card::PROFILE_FORMAT;
+    p
+};
 
 /// Zero-sized witness that a dialogue read the snapshot under MAC; private to this module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +144,20 @@ impl CardSnapshot {
         &self.records
     }
 
+    /// The holder's rider category id, as the issuer personalised it (`None`: none, priced as
+    /// the fare table's default). Read under the session MAC, so no one between the card and
+    /// the terminal can change it, and no terminal can write it.
+    pub fn rider_category(&self) -> Option<&str> {
+        crate::card::decode_profile(&self.profile).ok().flatten()
+    }
+
+    /// [`CardSnapshot::for_tests`] of a card personalised with a rider category.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn with_rider_category_for_tests(mut self, rider_category: &str) -> Self {
+        self.profile = crate::card::encode_profile(rider_category).expect("a valid id");
+        self
+    }
+
     /// For tests of code downstream of a card read (other crates' tests and benches): only
     /// with the `test-support` feature, never in production builds.
     #[cfg(any(test, feature = "test-support"))]
@@ -150,6 +176,7 @@ impl CardSnapshot {
             tmc,
             last_tmv,
             records,
+            profile: NO_PROFILE,
             _read: ReadUnderMac,
         }
     }
@@ -264,6 +291,15 @@ enum Stage {
         tmc: u32,
         last_tmv: [u8; 8],
     },
+    /// ReadData(profile file)'s answer under MAC.
+    ReadProfile {
+        ch: Channel,
+        key_version: u8,
+        balance_minor: i32,
+        tmc: u32,
+        last_tmv: [u8; 8],
+        records: Vec<crate::card::TripRecord>,
+    },
     /// The card has been read: the caller's [`Dialogue::decide`] is next.
     Deciding { ch: Channel, snapshot: CardSnapshot },
     /// The value batch is out: the answers of `outstanding` are expected, the commit's last.
@@ -287,6 +323,7 @@ impl Stage {
             Stage::ReadValue { .. } => "get value",
             Stage::ReadTm { .. } => "read TM file",
             Stage::ReadRecords { .. } => "read records",
+            Stage::ReadProfile { .. } => "read profile",
             Stage::Deciding { .. } => "deciding",
             Stage::Committing { .. } => "committing",
             Stage::Ended { .. } => "ended",
@@ -299,7 +336,7 @@ impl Stage {
 /// reader, or an HTTP relay (the charging server).
 ///
 /// Four batches: [SelectApplication, GetKeyVersion, AuthenticateEV2First] → [authentication
-/// part 2] → [GetValue, ReadData(TM file), ReadRecords] under MAC → [`Step::Decide`] →
+/// part 2] → [GetValue, ReadData(TM file), ReadRecords, ReadData(profile)] under MAC → [`Step::Decide`] →
 /// [value command (FULL), WriteRecord, CommitTransaction] → [`Outcome`]. Answers are verified
 /// strictly in order; the first failure ends the dialogue (the card has ended the session too,
 /// so later commands of the batch are refused by it).
@@ -368,6 +405,7 @@ impl Dialogue {
             Stage::ReadValue { ch, .. }
             | Stage::ReadTm { ch, .. }
             | Stage::ReadRecords { ch, .. }
+            | Stage::ReadProfile { ch, .. }
             | Stage::Deciding { ch, .. }
             | Stage::Committing { ch, .. } => Some(ch),
             _ => None,
@@ -422,9 +460,10 @@ impl Dialogue {
             } => advance_commit(ch, snapshot, change, outstanding, resp),
             Stage::Deciding { snapshot, .. } => Err((Some(snapshot), none_outstanding)),
             Stage::Ended { snapshot } => Err((snapshot, none_outstanding)),
-            Stage::ReadValue { .. } | Stage::ReadTm { .. } | Stage::ReadRecords { .. } => {
-                self.advance_read(stage, resp).map_err(|e| (None, e))
-            }
+            Stage::ReadValue { .. }
+            | Stage::ReadTm { .. }
+            | Stage::ReadRecords { .. }
+            | Stage::ReadProfile { .. } => self.advance_read(stage, resp).map_err(|e| (None, e)),
             Stage::Select | Stage::KeyVersion | Stage::Auth1 { .. } | Stage::Auth2 { .. } => self
                 .advance_auth(stage, auth, rng, resp)
                 .map_err(|e| (None, e)),
@@ -470,7 +509,7 @@ impl Dialogue {
         })
     }
 
-    /// An answer of the reads under MAC: value, TM file, records (then the snapshot).
+    /// An answer of the reads under MAC: value, TM file, records, profile (then the snapshot).
     fn advance_read(&self, stage: Stage, resp: &[u8]) -> Result<(Stage, Step), TxError> {
         Ok(match stage {
             Stage::ReadValue {
@@ -508,13 +547,32 @@ impl Dialogue {
                 tmc,
                 last_tmv,
             } => {
+                let next = Stage::ReadProfile {
+                    records: read_records(resp, &mut ch)?,
+                    ch,
+                    key_version,
+                    balance_minor,
+                    tmc,
+                    last_tmv,
+                };
+                (next, Step::Continue)
+            }
+            Stage::ReadProfile {
+                mut ch,
+                key_version,
+                balance_minor,
+                tmc,
+                last_tmv,
+                records,
+            } => {
                 let snapshot = CardSnapshot {
                     uid: self.uid,
                     key_version,
                     balance_minor,
                     tmc,
                     last_tmv,
-                    records: read_records(resp, &mut ch)?,
+                    records,
+                    profile: read_profile(resp, &mut ch)?,
                     _read: ReadUnderMac,
                 };
                 let step = Step::Decide(snapshot.clone());
@@ -760,17 +818,19 @@ fn secure_ahead(
         .map_err(|source| TxError::Sm { step, source })
 }
 
-/// The reads under MAC: GetValue, ReadData(TM file), ReadRecords.
+/// The reads under MAC: GetValue, ReadData(TM file), ReadRecords, ReadData(profile file).
 fn read_batch(ch: &mut Channel) -> Result<Vec<Vec<u8>>, TxError> {
     let whole = [0, 0, 0, 0, 0, 0];
     let tm_file = [
         FILE_TMAC, whole[0], whole[1], whole[2], whole[3], whole[4], whole[5],
     ];
     let records = [FILE_RECORDS, 0, 0, 0, 0, 0, 0];
+    let profile = [FILE_PROFILE, 0, 0, 0, 0, 0, 0];
     Ok(vec![
         secure_ahead(ch, 0, ins::GET_VALUE, &[FILE_VALUE], &[], "get value")?,
         secure_ahead(ch, 1, ins::READ_DATA, &tm_file, &[], "read TM file")?,
         secure_ahead(ch, 2, ins::READ_RECORDS, &records, &[], "read records")?,
+        secure_ahead(ch, 3, ins::READ_DATA, &profile, &[], "read profile")?,
     ])
 }
 
@@ -795,6 +855,18 @@ fn read_records(resp: &[u8], ch: &mut Channel) -> Result<Vec<crate::card::TripRe
         });
     }
     Ok(records.to_vec())
+}
+
+/// ReadData(profile file)'s answer: a well-formed profile.
+fn read_profile(resp: &[u8], ch: &mut Channel) -> Result<[u8; PROFILE_SIZE], TxError> {
+    let file = open(resp, ch, CommMode::Mac, "read profile")?;
+    let bad = || TxError::Protocol {
+        step: "read profile",
+        what: "the profile file is not a format-1 profile",
+    };
+    let file: [u8; PROFILE_SIZE] = file[..].try_into().map_err(|_| bad())?;
+    crate::card::decode_profile(&file).map_err(|_| bad())?;
+    Ok(file)
 }
 
 /// TMC (u32 LE) ‖ TMV (8 bytes): the TM file and the commit's answer.
