@@ -204,13 +204,23 @@ pub struct CardShadow {
     pub payment_pin: Option<PaymentPin>,
 }
 
-/// A card's PIN for online payments above `above_minor`: salted SHA-256, never the PIN; locked
-/// after [`PaymentPin::MAX_FAILURES`] wrong ones in a row until the cardholder sets it again.
+/// A card's PIN for online payments above `above_minor`: an Argon2id hash (memory-hard, a
+/// random salt per PIN, both in the PHC string), never the PIN — a 4-digit PIN in a copy of the
+/// ledger costs 10 000 Argon2id runs of 19 MiB each, not 10 000 SHA-256s. Locked after
+/// [`PaymentPin::MAX_FAILURES`] wrong ones in a row until the cardholder sets it again.
+///
+/// A record written before Argon2 (`salt_hex` + `sha256_hex`, SHA-256(salt ‖ PIN)) still
+/// verifies, and the load service replaces it with an Argon2id one at its first right PIN.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentPin {
-    /// Random salt, hex.
+    /// `$argon2id$v=19$m=…,t=…,p=…$<salt>$<hash>`; empty in a record from before Argon2.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub phc: String,
+    /// Before Argon2: the random salt, hex (empty since).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub salt_hex: String,
-    /// SHA-256(salt ‖ PIN), hex.
+    /// Before Argon2: SHA-256(salt ‖ PIN), hex (empty since).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256_hex: String,
     /// Payments above this need the PIN, minor units.
     pub above_minor: i32,
@@ -223,28 +233,51 @@ impl std::fmt::Debug for PaymentPin {
         f.debug_struct("PaymentPin")
             .field("above_minor", &self.above_minor)
             .field("failures", &self.failures)
+            .field("legacy", &self.is_legacy())
             .finish_non_exhaustive()
     }
 }
+
+/// Argon2id's cost for payment PINs: 19 MiB, 2 passes, 1 lane (OWASP's first choice).
+const PIN_M_KIB: u32 = 19_456;
+const PIN_T: u32 = 2;
+const PIN_P: u32 = 1;
+/// The most memory a stored PHC string may ask for (a corrupt record cannot make a check
+/// allocate gigabytes).
+const PIN_MAX_M_KIB: u32 = 262_144;
 
 impl PaymentPin {
     /// Wrong PINs in a row that lock it.
     pub const MAX_FAILURES: u32 = 3;
 
-    /// A PIN record for `pin` with a new random salt.
+    /// A PIN record for `pin`: Argon2id with a new random 16-byte salt.
     pub fn new(pin: &str, above_minor: i32) -> PaymentPin {
+        use argon2::password_hash::{PasswordHasher, SaltString};
         use rand::RngCore;
         let mut salt = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut salt);
+        let salt = SaltString::encode_b64(&salt).expect("16 bytes is a valid salt");
+        let params = argon2::Params::new(PIN_M_KIB, PIN_T, PIN_P, Some(32)).expect("valid params");
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let phc = argon
+            .hash_password(pin.as_bytes(), &salt)
+            .expect("Argon2id over a short PIN")
+            .to_string();
         PaymentPin {
-            salt_hex: hex::encode(salt),
-            sha256_hex: hex::encode(Self::digest(&salt, pin)),
+            phc,
+            salt_hex: String::new(),
+            sha256_hex: String::new(),
             above_minor,
             failures: 0,
         }
     }
 
-    fn digest(salt: &[u8], pin: &str) -> [u8; 32] {
+    /// Whether the record is from before Argon2 (salted SHA-256).
+    pub fn is_legacy(&self) -> bool {
+        self.phc.is_empty()
+    }
+
+    fn legacy_digest(salt: &[u8], pin: &str) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(salt);
@@ -252,14 +285,89 @@ impl PaymentPin {
         h.finalize().into()
     }
 
-    /// Whether `pin` is this PIN (compared in constant time).
+    /// Whether `pin` is this PIN: the Argon2id hash recomputed with the record's salt and
+    /// parameters and compared in constant time (a record from before Argon2: its salted
+    /// SHA-256, in constant time too). A record that does not parse matches nothing.
     pub fn matches(&self, pin: &str) -> bool {
         use subtle::ConstantTimeEq;
-        let (Ok(salt), Ok(want)) = (hex::decode(&self.salt_hex), hex::decode(&self.sha256_hex))
-        else {
-            return false;
-        };
-        bool::from(Self::digest(&salt, pin).ct_eq(&want[..]))
+        if self.is_legacy() {
+            let (Ok(salt), Ok(want)) =
+                (hex::decode(&self.salt_hex), hex::decode(&self.sha256_hex))
+            else {
+                return false;
+            };
+            return bool::from(Self::legacy_digest(&salt, pin).ct_eq(&want[..]));
+        }
+        self.argon2_matches(pin).unwrap_or(false)
+    }
+
+    fn argon2_matches(&self, pin: &str) -> Option<bool> {
+        use argon2::password_hash::{PasswordHash, PasswordHasher};
+        use subtle::ConstantTimeEq;
+        let parsed = PasswordHash::new(&self.phc).ok()?;
+        if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
+            return None;
+        }
+        let params = argon2::Params::try_from(&parsed).ok()?;
+        if params.m_cost() > PIN_MAX_M_KIB {
+            return None;
+        }
+        let (want, salt) = (parsed.hash?, parsed.salt?);
+        let argon = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            params.clone(),
+        );
+        let got = argon
+            .hash_password_customized(pin.as_bytes(), None, None, params, salt)
+            .ok()?
+            .hash?;
+        Some(bool::from(got.as_bytes().ct_eq(want.as_bytes())))
+    }
+}
+
+#[cfg(test)]
+mod payment_pin_tests {
+    use super::PaymentPin;
+
+    #[test]
+    fn a_pin_is_kept_as_argon2id_with_its_own_salt() {
+        let a = PaymentPin::new("2468", 5_000);
+        let b = PaymentPin::new("2468", 5_000);
+        assert!(a.phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{}", a.phc);
+        assert!(a.salt_hex.is_empty() && a.sha256_hex.is_empty());
+        // A random salt per PIN: the same PIN never gives the same record.
+        assert_ne!(a.phc, b.phc);
+        assert!(a.matches("2468") && b.matches("2468"));
+        assert!(!a.matches("2469") && !a.matches("") && !a.matches("24680"));
+        // The JSON the ledger stores holds no SHA-256 of the PIN.
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("sha256"), "{json}");
+    }
+
+    #[test]
+    fn a_record_from_before_argon2_still_verifies() {
+        let salt = [7u8; 16];
+        let legacy = serde_json::json!({
+            "salt_hex": hex::encode(salt),
+            "sha256_hex": hex::encode(PaymentPin::legacy_digest(&salt, "1357")),
+            "above_minor": 100,
+            "failures": 1,
+        });
+        let p: PaymentPin = serde_json::from_value(legacy).unwrap();
+        assert!(p.is_legacy());
+        assert!(p.matches("1357") && !p.matches("1358"));
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_phc_matches_nothing() {
+        let mut p = PaymentPin::new("2468", 0);
+        p.phc = p.phc.replace("argon2id", "argon2i");
+        assert!(!p.matches("2468"));
+        p.phc = "$argon2id$v=19$m=4194304,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2g".into();
+        assert!(!p.matches("2468"));
+        p.phc = "garbage".into();
+        assert!(!p.matches("2468"));
     }
 }
 

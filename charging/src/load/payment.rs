@@ -293,26 +293,68 @@ impl LoadService {
     }
 
     /// The card's payment PIN: needed, right (clears the count), or wrong (counts towards the
-    /// lock).
+    /// lock). The attempt is counted in the ledger before the PIN is checked, so guesses sent in
+    /// parallel cannot outnumber the lock, and the Argon2id check runs outside the ledger's
+    /// write transaction (it takes tens of milliseconds). A right PIN clears the count and
+    /// replaces a record from before Argon2 with an Argon2id one.
     fn check_pin(&self, uid: &[u8; 7], pin: Option<String>) -> Result<(), LoadError> {
+        use crate::ledger::PaymentPin;
+        let locked = || {
+            LoadError::Pin("pin_locked: too many wrong PINs; an operator sets the PIN again".into())
+        };
         let Some(pin) = pin else {
             return Err(LoadError::Pin(
                 "pin_required: this card's holder asks for its payment PIN here".into(),
             ));
         };
         let uid = *uid;
-        let (ok, locked) = self.ledger.transact(move |t| {
-            let ok = t.check_payment_pin(&uid, &pin)?;
-            let failures = t.card(&uid)?.payment_pin.map_or(0, |p| p.failures);
-            Ok((ok, failures >= crate::ledger::PaymentPin::MAX_FAILURES))
+        let reserved = self.ledger.transact(move |t| {
+            let Some(mut p) = t.card(&uid)?.payment_pin else {
+                return Ok(None);
+            };
+            if p.failures >= PaymentPin::MAX_FAILURES {
+                return Ok(Some(None));
+            }
+            let record = p.clone();
+            p.failures += 1;
+            t.set_payment_pin(&uid, &p)?;
+            Ok(Some(Some(record)))
         })?;
-        match (ok, locked) {
-            (true, _) => Ok(()),
-            (false, true) => Err(LoadError::Pin(
-                "pin_locked: too many wrong PINs; an operator sets the PIN again".into(),
-            )),
-            (false, false) => Err(LoadError::Pin("wrong_pin".into())),
+        let record = match reserved {
+            None => return Ok(()),
+            Some(None) => return Err(locked()),
+            Some(Some(record)) => record,
+        };
+        if !record.matches(&pin) {
+            return Err(if record.failures + 1 >= PaymentPin::MAX_FAILURES {
+                locked()
+            } else {
+                LoadError::Pin("wrong_pin".into())
+            });
         }
+        let upgraded = record
+            .is_legacy()
+            .then(|| PaymentPin::new(&pin, record.above_minor));
+        self.ledger.transact(move |t| {
+            // Only the record this PIN was checked against (not one an operator set since).
+            let now = t.card(&uid)?.payment_pin;
+            let same = now.as_ref().is_some_and(|p| {
+                (&p.phc, &p.salt_hex, &p.sha256_hex)
+                    == (&record.phc, &record.salt_hex, &record.sha256_hex)
+            });
+            match now {
+                Some(p) if same => {
+                    let cleared = PaymentPin {
+                        failures: 0,
+                        above_minor: p.above_minor,
+                        ..upgraded.unwrap_or(p)
+                    };
+                    t.set_payment_pin(&uid, &cleared)
+                }
+                _ => Ok(()),
+            }
+        })?;
+        Ok(())
     }
 
     /// Sets the payment PIN of `caller`'s own card `uid` (a card registered to it): payments
