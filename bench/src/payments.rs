@@ -114,7 +114,7 @@ fn payments_made(
                 &format!("{base}/v1/merchant/payments"),
                 MERCHANT,
                 serde_json::json!({
-                    "amount_minor": 100, "currency": "EUR", "order_id": format!("o{c}-{i}"),
+                    "amount_minor": 100, "currency": "KRW", "order_id": format!("o{c}-{i}"),
                     "description": "bench", "expires": expires,
                 }),
             );

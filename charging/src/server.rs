@@ -124,6 +124,14 @@ pub struct ServerConfig {
     /// Serve `/metrics` without a token (default: an operator or metrics token is needed).
     #[serde(default)]
     pub metrics_public: bool,
+    /// The card scheme's currency (ISO 4217, default `KRW`): what the cards' minor units count.
+    /// Merchants' payments and refunds in another currency are refused.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+}
+
+fn default_currency() -> String {
+    crate::load::DEFAULT_CURRENCY.into()
 }
 
 /// Which HSM the server uses.
@@ -203,6 +211,12 @@ fn now_ms() -> u64 {
 
 /// Builds the application state from the configuration and an HSM.
 pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, ServerError> {
+    if !crate::load::valid_currency(&cfg.currency) {
+        return Err(ServerError::Config(format!(
+            "currency {:?} must be an ISO 4217 code (three capital letters, e.g. KRW)",
+            cfg.currency
+        )));
+    }
     let ledger = Ledger::open(&cfg.data_dir.join("ledger"), cfg.ledger_map_size_bytes)?;
     let mut sources: Vec<Arc<dyn FundingSource>> = vec![Arc::new(SandboxProcessor::open(
         &cfg.data_dir.join("sandbox-processor"),
@@ -260,6 +274,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             max_daily_per_instrument_minor: l.max_daily_per_instrument_minor,
             sources: l.sources.clone(),
             payments: l.payments.clone(),
+            currency: cfg.currency.clone(),
         },
     );
     Ok(AppState {

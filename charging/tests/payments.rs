@@ -88,7 +88,7 @@ impl World {
             merchant,
             json!({
                 "amount_minor": amount,
-                "currency": "EUR",
+                "currency": "KRW",
                 "order_id": order,
                 "description": "Rail ticket Lyon → Paris",
                 "expires": rfc3339_in(3_600),
@@ -177,11 +177,11 @@ fn a_payment_is_paid_once_and_its_merchant_alone_sees_it() {
 
     // Bad requests are refused with a clear error.
     for bad in [
-        json!({"amount_minor": 0, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(60)}),
+        json!({"amount_minor": 0, "currency": "KRW", "order_id": "x", "expires": rfc3339_in(60)}),
         json!({"amount_minor": 5, "currency": "euro", "order_id": "x", "expires": rfc3339_in(60)}),
-        json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(-60)}),
-        json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": "tomorrow"}),
-        json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(60), "notify_url": "ftp://x"}),
+        json!({"amount_minor": 5, "currency": "KRW", "order_id": "x", "expires": rfc3339_in(-60)}),
+        json!({"amount_minor": 5, "currency": "KRW", "order_id": "x", "expires": "tomorrow"}),
+        json!({"amount_minor": 5, "currency": "KRW", "order_id": "x", "expires": rfc3339_in(60), "notify_url": "ftp://x"}),
     ] {
         let (code, body) = post(&w.url("/v1/merchant/payments"), SHOP, bad);
         assert_eq!(code, 400, "{body}");
@@ -266,7 +266,7 @@ fn a_notify_url_naming_a_private_host_is_refused() {
         let (code, body) = post(
             &w.url("/v1/merchant/payments"),
             SHOP,
-            json!({"amount_minor": 5, "currency": "EUR", "order_id": "x", "expires": rfc3339_in(60), "notify_url": url}),
+            json!({"amount_minor": 5, "currency": "KRW", "order_id": "x", "expires": rfc3339_in(60), "notify_url": url}),
         );
         assert_eq!(code, 400, "{url}: {body}");
         assert!(body.to_string().contains("notify_url"), "{url}: {body}");
@@ -605,7 +605,7 @@ fn a_notification_receiver_down_for_an_hour_is_told_later_once_and_signed() {
         &w.url("/v1/merchant/payments"),
         SHOP,
         json!({
-            "amount_minor": 450, "currency": "EUR", "order_id": "notified",
+            "amount_minor": 450, "currency": "KRW", "order_id": "notified",
             "description": "Hotel film", "expires": rfc3339_in(600), "notify_url": rx.url,
         }),
     );
@@ -1111,7 +1111,7 @@ fn the_running_server_notifies_the_merchant_on_its_own() {
         &w.url("/v1/merchant/payments"),
         SHOP,
         json!({
-            "amount_minor": 250, "currency": "EUR", "order_id": "ticked",
+            "amount_minor": 250, "currency": "KRW", "order_id": "ticked",
             "expires": rfc3339_in(600), "notify_url": rx.url,
         }),
     );
@@ -1175,4 +1175,79 @@ fn a_torn_payment_is_settled_by_the_cards_next_load() {
     assert_eq!(w.balance("merchant:rail-shop"), 800);
     assert_eq!(card.state().balance_minor, 5_200);
     w.conserved(&[&card]);
+}
+
+/// A payment's amount is in the cards' minor units: a merchant's payment (or refund) in another
+/// currency than the card scheme's is refused when it is made, never debited as if it were.
+#[test]
+fn a_payment_or_refund_in_another_currency_than_the_schemes_is_refused() {
+    let w = world();
+    let mut card = w.card(90, 5_000, "alice");
+    for currency in ["EUR", "USD"] {
+        let (code, body) = post(
+            &w.url("/v1/merchant/payments"),
+            SHOP,
+            json!({"amount_minor": 500, "currency": currency, "order_id": format!("fx-{currency}"),
+                   "expires": rfc3339_in(3_600)}),
+        );
+        assert_eq!(code, 400, "{body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(&format!("currency \"{currency}\" is not the card scheme's"))
+                && detail.contains("cards hold KRW"),
+            "{body}"
+        );
+    }
+    // In the scheme's currency: made and paid; a refund naming another currency is refused,
+    // one naming KRW (or none) is made.
+    let id = w.payment_id(SHOP, "fx-ok", 500);
+    completed(&w.pay(ALICE, &mut card, &id, "fx-p", None));
+    let (code, body) = post_with_key(
+        &w.url(&format!("/v1/merchant/payments/{id}/refunds")),
+        SHOP,
+        "fx-r1",
+        json!({"amount_minor": 100, "currency": "EUR"}),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap_or_default().contains("cards hold KRW"),
+        "{body}"
+    );
+    let (code, body) = post_with_key(
+        &w.url(&format!("/v1/merchant/payments/{id}/refunds")),
+        SHOP,
+        "fx-r2",
+        json!({"amount_minor": 100, "currency": "KRW"}),
+    );
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(card.state().balance_minor, 4_500);
+    w.conserved(&[&card]);
+
+    // A scheme in EUR (charging.toml `currency = "EUR"`) takes EUR and refuses KRW.
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
+    let eur = common::start(&keys, |cfg| {
+        cfg.tokens = vec![token("rail-shop", Role::Merchant, SHOP)];
+        cfg.currency = "EUR".into();
+    });
+    let make = |currency: &str, order: &str| {
+        post(
+            &format!("{}/v1/merchant/payments", eur.base),
+            SHOP,
+            json!({"amount_minor": 500, "currency": currency, "order_id": order,
+                   "expires": rfc3339_in(3_600)}),
+        )
+        .0
+    };
+    assert_eq!(make("EUR", "e1"), 201);
+    assert_eq!(make("KRW", "k1"), 400);
+    // A currency that is not an ISO 4217 code is a configuration error.
+    let cfg = charging::server::ServerConfig::from_toml(
+        "data_dir = \"/nonexistent\"\ncurrency = \"won\"",
+    )
+    .unwrap();
+    let hsm = Box::new(SoftwareHsm::new(&keys).unwrap());
+    match charging::server::build(&cfg, hsm) {
+        Err(e) => assert!(e.to_string().contains("currency \"won\""), "{e}"),
+        Ok(_) => panic!("a currency of \"won\" was accepted"),
+    }
 }

@@ -12,7 +12,8 @@ use time::format_description::well_known::Rfc3339;
 pub struct CreatePayment {
     /// Amount, minor units.
     pub amount_minor: i32,
-    /// ISO 4217 code, e.g. `EUR`.
+    /// ISO 4217 code: the card scheme's (`currency` in charging.toml, default `KRW`); any
+    /// other is refused (400).
     pub currency: String,
     /// The merchant's order id: the same order id gives the same payment.
     pub order_id: String,
@@ -32,6 +33,9 @@ pub struct CreatePayment {
 pub struct CreateRefund {
     /// Amount, minor units (all or part of what is left to refund).
     pub amount_minor: i32,
+    /// ISO 4217 code; when given, it must be the card scheme's (as the payment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
 }
 
 /// `POST /v1/payments/{id}/pay` and `POST /v1/refunds/{id}/collect` body.
@@ -171,7 +175,14 @@ pub(super) async fn create_refund(
     let now = (st.clock)();
     let loads = st.loads.clone();
     let r = blocking(move || {
-        Ok(loads.create_refund(&caller.name, &id, req.amount_minor, &key, now)?)
+        Ok(loads.create_refund(
+            &caller.name,
+            &id,
+            req.amount_minor,
+            req.currency.as_deref(),
+            &key,
+            now,
+        )?)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(refund_json(&r))))

@@ -61,6 +61,18 @@ pub struct LoadConfig {
     pub sources: HashMap<String, SourceLimits>,
     /// Online payments' limits.
     pub payments: PaymentLimits,
+    /// The card scheme's currency (ISO 4217): what the cards' minor units count. A merchant's
+    /// payment or refund in any other currency is refused when it is made.
+    pub currency: String,
+}
+
+/// The card scheme's currency when the configuration names none: the demo's metro fares are
+/// in KRW.
+pub const DEFAULT_CURRENCY: &str = "KRW";
+
+/// Whether `code` looks like an ISO 4217 code: three capital letters.
+pub fn valid_currency(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 /// Limits of one funding source (each tightens the general limit).
@@ -103,6 +115,7 @@ impl Default for LoadConfig {
             max_daily_per_instrument_minor: 1_000_000,
             sources: HashMap::new(),
             payments: PaymentLimits::default(),
+            currency: DEFAULT_CURRENCY.to_string(),
         }
     }
 }

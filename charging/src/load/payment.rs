@@ -122,8 +122,20 @@ fn names_a_private_host(url: &str) -> bool {
     }
 }
 
+/// A payment or a refund in `currency` when the cards hold `scheme`'s minor units: refused
+/// (the amount would be taken as `scheme`'s units — "500 EUR" would debit 500 KRW).
+fn same_currency(what: &str, currency: &str, scheme: &str) -> Result<(), LoadError> {
+    if currency == scheme {
+        return Ok(());
+    }
+    Err(LoadError::BadRequest(format!(
+        "currency {currency:?} is not the card scheme's: cards hold {scheme}, so a {what} is \
+         made in {scheme} (amount_minor in {scheme} minor units)"
+    )))
+}
+
 impl PaymentAsk {
-    fn check(&self, limits: &PaymentLimits, now_ms: u64) -> Result<(), LoadError> {
+    fn check(&self, limits: &PaymentLimits, scheme: &str, now_ms: u64) -> Result<(), LoadError> {
         let bad = |m: String| Err(LoadError::BadRequest(m));
         if self.amount_minor <= 0 {
             return bad(format!(
@@ -137,12 +149,13 @@ impl PaymentAsk {
                 self.amount_minor, limits.max_payment_minor
             )));
         }
-        if self.currency.len() != 3 || !self.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        if !valid_currency(&self.currency) {
             return bad(format!(
                 "currency {:?} must be an ISO 4217 code (three capital letters)",
                 self.currency
             ));
         }
+        same_currency("payment", &self.currency, scheme)?;
         if self.order_id.is_empty() || !printable(&self.order_id, 128) {
             return bad("order_id must be 1 to 128 printable characters".into());
         }
@@ -193,7 +206,7 @@ impl LoadService {
                 "merchant name {merchant:?} is not usable in an account"
             )));
         }
-        ask.check(&self.cfg.payments, now_ms)?;
+        ask.check(&self.cfg.payments, &self.cfg.currency, now_ms)?;
         let payment = Payment {
             id: new_id("pay"),
             merchant: merchant.to_string(),
@@ -266,6 +279,10 @@ impl LoadService {
         };
         let this_card = payment.card_uid.as_deref() == Some(hex::encode_upper(uid).as_str());
         let payable = match payment.state {
+            // Made before currencies were checked: its amount is not in the cards' units.
+            PaymentState::Open if payment.currency != self.cfg.currency => {
+                Err("its currency is not the card scheme's")
+            }
             PaymentState::Open if now_ms > payment.expires_ms => Err("it expired"),
             PaymentState::Open => Ok(()),
             // Torn with this card: its contact now settles it first (then it is paid, or open
@@ -477,11 +494,13 @@ impl LoadService {
 
     /// Makes `merchant`'s refund of `amount_minor` of its completed payment `payment_id`
     /// (`idempotency_key`: the same key gives the same refund, never a second one).
+    /// `currency`, when the merchant names one, must be the card scheme's.
     pub fn create_refund(
         &self,
         merchant: &str,
         payment_id: &str,
         amount_minor: i32,
+        currency: Option<&str>,
         idempotency_key: &str,
         now_ms: u64,
     ) -> Result<Refund, LoadError> {
@@ -489,6 +508,9 @@ impl LoadService {
             return Err(LoadError::BadRequest(
                 "an Idempotency-Key of 1 to 128 characters is required".into(),
             ));
+        }
+        if let Some(c) = currency {
+            same_currency("refund", c, &self.cfg.currency)?;
         }
         // Another merchant's payment is not found (whatever its id).
         self.payment_of(merchant, payment_id)?;
