@@ -548,20 +548,20 @@ enum Learned {
 /// A genuine card (its tap's transaction MAC verified) that the ledger has never seen — not
 /// registered, loaded or cleared — is learned from this first proved tap: issued
 /// (`issuer:float` → `card:<UID>`) with the balance the card proved just before it, and the
-/// counter recorded (`learned-card:<UID>`). Taps below that counter arriving later changed the
-/// card before that state ([`Learned::Before`]). A registration afterwards finds the card
-/// known and changes nothing (`LedgerWrite::issue_card`).
+/// counter recorded (`learned-card:<UID>`, [`crate::ledger::LearnedCard`]). Taps below that
+/// counter arriving later changed the card before that state ([`Learned::Before`]), and so did
+/// a franchise load or an online load below it reported later: their value moves against
+/// `issuer:float`, never the card again (`LedgerWrite::post_franchise_load`,
+/// `LedgerWrite::complete_intent`). A registration afterwards changes nothing, or is refused
+/// if its personalised value contradicts what the card proved (`LoadService::register_card`).
 fn learn_card(
     t: &mut dyn LedgerWrite,
     c: &TxClaim,
     now_ms: u64,
     done: &mut BatchOutcome,
 ) -> Result<Learned, LedgerError> {
-    let uid = hex::encode_upper(c.uid);
-    let key = format!("learned-card:{uid}");
-    if let Some(v) = t.idempotent(&key)? {
-        let at = v["tmc"].as_u64().unwrap_or(0);
-        return Ok(if u64::from(c.tmc) < at {
+    if let Some(learned) = t.learned_card(&c.uid)? {
+        return Ok(if c.tmc < learned.tmc {
             Learned::Before
         } else {
             Learned::AtOrAfter
@@ -581,10 +581,15 @@ fn learn_card(
     if before < 0 {
         return Ok(Learned::No);
     }
+    let uid = hex::encode_upper(c.uid);
     t.issue_card(&c.uid, before, &format!("learned:{uid}:{}", c.tmc), now_ms)?;
+    let learned = crate::ledger::LearnedCard {
+        tmc: c.tmc,
+        balance_before_minor: before,
+    };
     t.put_idempotent(
-        &key,
-        &serde_json::json!({"tmc": c.tmc, "balance_before_minor": before}),
+        &crate::ledger::learned_card_key(&c.uid),
+        &serde_json::to_value(learned).expect("a learned card serialises"),
     )?;
     done.cards_learned += 1;
     Ok(Learned::AtOrAfter)
@@ -670,13 +675,8 @@ fn clone_found(
         device_seq: tap.device_seq,
         detail: detail.into(),
     });
-    if t.set_blocked(
-        &c.uid,
-        true,
-        "clone suspected: a counter seen twice",
-        now_ms,
-    )?
-    .is_some()
+    if t.set_blocked(&c.uid, true, crate::ledger::CLONE_BLOCK_REASON, now_ms)?
+        .is_some()
     {
         done.cards_blocked += 1;
     }

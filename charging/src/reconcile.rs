@@ -89,7 +89,7 @@ pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
         let blocked_as_clone = shadow
             .block_reason
             .as_deref()
-            .is_some_and(|why| why.starts_with("clone suspected"));
+            .is_some_and(|why| why == crate::ledger::CLONE_BLOCK_REASON);
         if shadow.blocked && (clone.is_some() || blocked_as_clone) {
             report.differences.push(diff(Cause::Clone { tmc: clone }));
             continue;

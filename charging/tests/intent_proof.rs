@@ -33,7 +33,7 @@ fn a_fare_at_a_loads_counter_does_not_complete_the_load() {
     let mut card = transit_card(&hsm, uid, 1_000);
 
     // A load of 5,000 pending at counter 0; the card's next change is a 100 fare instead.
-    let intent = LoadIntent {
+    let mut intent = LoadIntent {
         uid: hex::encode_upper(uid),
         tmc_before: 0,
         attempt: 0,
@@ -54,7 +54,7 @@ fn a_fare_at_a_loads_counter_does_not_complete_the_load() {
         payment_id: None,
     };
     svc.ledger()
-        .transact(move |t| t.put_intent(&uid, &intent))
+        .transact(move |t| t.insert_intent(&uid, &mut intent))
         .unwrap();
     let fare = value_tx(&mut sam, &mut card, KeyKind::Debit, ins::DEBIT, 100).unwrap();
     assert_eq!(fare.tmc(), 1);

@@ -254,3 +254,201 @@ fn clearing_counts_batches_taps_and_anomalies_by_kind_once() {
         assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
     }
 }
+
+/// The franchise terminal of the learned-card tests, with a ceiling granted by the back office.
+fn franchise(rig: &Rig) -> (charging::franchise::FranchiseConfig, SoftwareSam) {
+    let cfg = charging::franchise::FranchiseConfig {
+        name: "corner-shop".into(),
+        device_id: 7001,
+        max_exposure_minor: 10_000,
+    };
+    let grant = charging::franchise::grant_ceiling(rig.svc.ledger(), rig.svc.hsm(), &cfg, 10_000)
+        .unwrap()
+        .expect("a ceiling");
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
+    let mut sam = SoftwareSam::franchise(&keys, cfg.device_id, 0).unwrap();
+    sam.apply_ceiling_grant(&grant).unwrap();
+    (cfg, sam)
+}
+
+fn credit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
+    tapgate_testkit::fixtures::value_tx(sam, card, KeyKind::Credit, ins::CREDIT, amount).unwrap()
+}
+
+fn balance_of(rig: &Rig, account: &str) -> i64 {
+    rig.svc.ledger().read().unwrap().balance(account).unwrap()
+}
+
+#[test]
+fn a_franchise_load_inside_a_learned_balance_is_not_credited_twice() {
+    let mut rig = rig();
+    let (cfg, mut shop) = franchise(&rig);
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 11];
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 5_000),
+        rig.hsm.card_keys(&uid, 1).unwrap(),
+    );
+    // Loaded offline at the shop (counter 1), then a fare (counter 2); the tap is cleared first.
+    let load = credit(&mut shop, &mut card, 2_000);
+    assert_eq!(load.tmc(), 1);
+    let fare = debit(&mut rig.sam, &mut card, 100);
+    let out = clear(&rig, "t1", vec![tap(&fare, 1)], T0);
+    assert_eq!(out.cards_learned, 1, "{out:?}");
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 6_900);
+
+    // The shop reports its load: the learned balance already held it.
+    let reported = charging::franchise::ReportedLoad {
+        card_uid: hex::encode_upper(uid),
+        tmc: load.tmc(),
+        amount_minor: load.amount_minor(),
+        balance_after_minor: load.balance_after_minor(),
+        tmv: hex::encode_upper(load.tmv()),
+        key_version: load.key_version(),
+    };
+    let out = charging::franchise::report_loads(
+        rig.svc.ledger(),
+        rig.svc.hsm(),
+        &cfg,
+        std::slice::from_ref(&reported),
+        T0 + 1,
+    )
+    .unwrap();
+    assert_eq!((out.accepted, out.rejected.len()), (1, 0), "{out:?}");
+    assert_eq!(
+        card_balance_in_ledger(&rig, &uid),
+        i64::from(card.state().balance_minor),
+        "the card is credited once"
+    );
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+    // The shop owes its load; the float paid out only the personalised value.
+    assert_eq!(balance_of(&rig, "franchise:corner-shop"), -2_000);
+    assert_eq!(balance_of(&rig, "issuer:float"), -5_000);
+    assert_eq!(revenue(&rig), 100);
+    // The operator registers it afterwards with its real personalised value: nothing moves.
+    rig.svc.register_card(&uid, 5_000, T0 + 2).unwrap();
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+}
+
+#[test]
+fn an_online_load_below_the_learned_counter_completed_late_is_not_credited_twice() {
+    use charging::ledger::{Completion, IntentKind, IntentState, LoadIntent};
+    use purse::sam::Hsm;
+    let mut rig = rig();
+    let (_, mut shop) = franchise(&rig);
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 12];
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 5_000),
+        rig.hsm.card_keys(&uid, 1).unwrap(),
+    );
+    // A load of 2,000 pending at counter 0 that the card applied; its answer was lost.
+    let mut intent = LoadIntent {
+        uid: hex::encode_upper(uid),
+        tmc_before: 0,
+        attempt: 0,
+        balance_before_minor: 5_000,
+        amount_minor: 2_000,
+        key_version: 1,
+        funding_source: "sandbox".into(),
+        funding_auth: "auth-1".into(),
+        instrument: String::new(),
+        idempotency_key: "k".into(),
+        requested_by: "alice".into(),
+        state: IntentState::Authorised,
+        created_ms: T0,
+        settled_ms: None,
+        kind: IntentKind::Load,
+        reverses_tmc: None,
+        reversed_at_tmc: None,
+        payment_id: None,
+    };
+    rig.svc
+        .ledger()
+        .transact(move |t| t.insert_intent(&uid, &mut intent))
+        .unwrap();
+    let load = credit(&mut shop, &mut card, 2_000);
+    let fare = debit(&mut rig.sam, &mut card, 100);
+    let out = clear(&rig, "t1", vec![tap(&fare, 1)], T0);
+    assert_eq!(out.cards_learned, 1, "{out:?}");
+
+    // The load's proof arrives after the card was learned from the state that holds it.
+    let proof = rig.hsm.verify_tmac(&load).unwrap();
+    rig.svc
+        .ledger()
+        .transact(move |t| t.complete_intent(Completion::Proved(&proof), T0 + 1))
+        .unwrap()
+        .expect("completed now");
+    assert_eq!(
+        card_balance_in_ledger(&rig, &uid),
+        i64::from(card.state().balance_minor),
+        "the card is credited once"
+    );
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+    assert_eq!(balance_of(&rig, "funding:sandbox"), -2_000);
+    assert_eq!(balance_of(&rig, "issuer:float"), -5_000);
+}
+
+#[test]
+fn registering_a_learned_card_with_another_personalised_value_is_a_conflict() {
+    let mut rig = rig();
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 13];
+    let mut card = Card::personalise(
+        &Personalisation::transit(uid, 5_000),
+        rig.hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let fare = debit(&mut rig.sam, &mut card, 100);
+    let out = clear(&rig, "t1", vec![tap(&fare, 1)], T0);
+    assert_eq!(out.cards_learned, 1, "{out:?}");
+
+    let refused = rig.svc.register_card(&uid, 7_000, T0 + 1);
+    let Err(charging::load::LoadError::RegistrationConflict(why)) = &refused else {
+        panic!("{refused:?}");
+    };
+    assert!(why.contains("5000") && why.contains("7000"), "{why}");
+    assert!(why.contains(&hex::encode_upper(uid)), "{why}");
+    let l = rig.svc.ledger();
+    let (anomalies, _) = l.read().unwrap().anomalies(0, 100).unwrap();
+    assert_eq!(anomalies.len(), 1, "{anomalies:?}");
+    assert_eq!(anomalies[0].1.kind, "registration_mismatch");
+    assert_eq!(anomalies[0].1.card_uid, hex::encode_upper(uid));
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 4_900);
+
+    // The value the card proved: an idempotent success, nothing recorded.
+    rig.svc.register_card(&uid, 5_000, T0 + 2).unwrap();
+    rig.svc.register_card(&uid, 5_000, T0 + 3).unwrap();
+    assert_eq!(l.read().unwrap().anomalies(0, 100).unwrap().0.len(), 1);
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 4_900);
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+}
+
+#[test]
+fn only_clearings_own_clone_block_makes_a_clone_in_reconciliation() {
+    let rig = rig();
+    let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 14];
+    rig.svc.register_card(&uid, 5_000, T0).unwrap();
+    // An operator's block whose free text happens to start like clearing's reason.
+    rig.svc
+        .ledger()
+        .transact(move |t| {
+            t.set_blocked(&uid, true, "clone suspected by the conductor, checking", T0)
+        })
+        .unwrap();
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!((rep.cards, rep.balanced), (1, 1), "{rep:?}");
+    // Clearing's own reason is the shared constant.
+    let uid2 = [0x04, 0xC0, 0x0D, 0, 0, 0, 15];
+    rig.svc.register_card(&uid2, 5_000, T0).unwrap();
+    rig.svc
+        .ledger()
+        .transact(move |t| t.set_blocked(&uid2, true, charging::ledger::CLONE_BLOCK_REASON, T0))
+        .unwrap();
+    let rep = reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!(rep.balanced, 1, "{rep:?}");
+    assert!(
+        matches!(rep.differences[0].cause, Cause::Clone { tmc: None }),
+        "{rep:?}"
+    );
+}

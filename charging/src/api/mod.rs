@@ -148,7 +148,9 @@ impl From<LoadError> for ApiError {
                 ApiError::Conflict(e.to_string())
             }
             LoadError::NotYourInstrument { .. } => ApiError::ForbiddenDetail(e.to_string()),
-            LoadError::InstrumentTaken(d) => ApiError::Conflict(d),
+            LoadError::InstrumentTaken(d) | LoadError::RegistrationConflict(d) => {
+                ApiError::Conflict(d)
+            }
             LoadError::IdempotencyKeyReused(_) => ApiError::IdempotencyKeyReused(e.to_string()),
             LoadError::Ledger(_) | LoadError::Hsm(_) => ApiError::Internal(e.to_string()),
         }

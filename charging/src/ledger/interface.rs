@@ -20,7 +20,8 @@
 //! [`LedgerWrite::complete_intent`] a [`Completion`]; the one exception is a card's issuance
 //! ([`LedgerWrite::issue_card`], once per card, before it ever transacted). [`LedgerWrite::post`]
 //! refuses a `card:` account ([`LedgerError::CardAccount`]). The primitives underneath (post to
-//! any account, book a counter, record a counter, store a shadow) take a [`LedgerOnly`] token
+//! any account, book a counter, record a counter, store a shadow, replace an intent) take a
+//! [`LedgerOnly`] token
 //! that only this module can make, and the trait is sealed, so code outside the ledger can
 //! neither call them nor implement the trait to intercept the token:
 //!
@@ -37,6 +38,15 @@
 //! fn load_without_proof(t: &mut dyn LedgerWrite) {
 //!     // Value posted to a card with no proof: refused at compile time.
 //!     let _ = t.post_any(LedgerOnly(()), 0, "funding:card", "card:04040404040404", 500, "x");
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! use charging::ledger::{LedgerOnly, LedgerWrite, LoadIntent};
+//! fn rewrite_intent(t: &mut dyn LedgerWrite, mut intent: LoadIntent) {
+//!     // A pending load's amount rewritten behind the card's back: refused at compile time.
+//!     intent.amount_minor = 1;
+//!     let _ = t.put_intent(LedgerOnly(()), &[4; 7], &intent);
 //! }
 //! ```
 //!
@@ -62,7 +72,7 @@
 //! ```
 
 use super::records::*;
-use super::{card_account, LedgerError};
+use super::{card_account, learned_card_key, LearnedCard, LedgerError};
 use purse::receipt::TxKind;
 use purse::sam::TmacVerified;
 use purse::txn::CardSnapshot;
@@ -190,6 +200,20 @@ pub trait LedgerRead {
 
     /// The stored answer for an idempotency key.
     fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError>;
+
+    /// The state clearing learned the card from, if it learned it ([`LearnedCard`]).
+    fn learned_card(&self, uid: &[u8; 7]) -> Result<Option<LearnedCard>, LedgerError> {
+        Ok(self
+            .idempotent(&learned_card_key(uid))?
+            .and_then(|v| serde_json::from_value(v).ok()))
+    }
+
+    /// Whether the card's change at counter `tmc` happened before the state clearing learned
+    /// the card from: its value is inside the balance the card was issued with from
+    /// `issuer:float`, so the card side of its posting is `issuer:float`, not the card.
+    fn changed_before_learned(&self, uid: &[u8; 7], tmc: u32) -> Result<bool, LedgerError> {
+        Ok(self.learned_card(uid)?.is_some_and(|l| tmc < l.tmc))
+    }
 
     /// The registered instrument `id` of funding source `source`, if any.
     fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError>;
@@ -597,12 +621,55 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// exists for the same card counter. Sets `intent.attempt`.
     fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError>;
 
-    /// Replaces an intent (same card, counter and attempt).
-    fn put_intent(&mut self, uid: &[u8; 7], intent: &LoadIntent) -> Result<(), LedgerError>;
+    /// Replaces an intent (same card, counter and attempt). The ledger's own steps only: an
+    /// intent's amount, kind and funding are fixed when it is inserted; its state changes
+    /// through [`LedgerWrite::complete_intent`] and [`LedgerWrite::void_intent`], a load's
+    /// reversal mark through [`LedgerWrite::mark_load_reversing`].
+    fn put_intent(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError>;
+
+    /// Marks the completed load whose change consumed counter `load_tmc` as being taken back
+    /// by the reversal whose change will consume `reversal_tmc` (voiding that reversal clears
+    /// the mark again). Refused unless the load is completed and not marked already. Returns
+    /// the load as marked.
+    fn mark_load_reversing(
+        &mut self,
+        uid: &[u8; 7],
+        load_tmc: u32,
+        reversal_tmc: u32,
+    ) -> Result<LoadIntent, LedgerError> {
+        let refused = |why: &'static str| LedgerError::NotReversible {
+            uid: hex::encode_upper(uid),
+            tmc: load_tmc,
+            why,
+        };
+        let load = match load_tmc.checked_sub(1) {
+            Some(before) => self.intent(uid, before)?,
+            None => None,
+        };
+        let Some(mut load) = load.filter(|i| i.kind == IntentKind::Load) else {
+            return Err(refused("no load there"));
+        };
+        if load.state != IntentState::Completed {
+            return Err(refused("the load is not completed"));
+        }
+        if load.reversed_at_tmc.is_some() {
+            return Err(refused("another reversal took it back or is in progress"));
+        }
+        load.reversed_at_tmc = Some(reversal_tmc);
+        self.put_intent(LedgerOnly(()), uid, &load)?;
+        Ok(load)
+    }
 
     /// The card proved the intent's change (`proof`: its counter and the balance it left):
-    /// posts it (a load funding → card, a reversal card → funding), marks the intent
-    /// completed and books the counter. Returns what to do with the funding once the
+    /// posts it (a load funding → card, a reversal card → funding; for a change made before
+    /// the state clearing learned the card from, [`LedgerRead::changed_before_learned`],
+    /// `issuer:float` stands in for the card), marks the intent completed and books the
+    /// counter. Returns what to do with the funding once the
     /// transaction is durable, or `None` if it was already completed.
     fn complete_intent(
         &mut self,
@@ -658,7 +725,11 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     }
 
     /// Posts a franchise terminal's offline load, proved by the HSM (its transaction MAC bound
-    /// to the franchise SAM's reader id): `franchise:<name>` → `card:<UID>`.
+    /// to the franchise SAM's reader id): `franchise:<name>` → `card:<UID>`; or, for a load
+    /// made before the state clearing learned the card from
+    /// ([`LedgerRead::changed_before_learned`]), `franchise:<name>` → `issuer:float`: the card
+    /// was issued with a balance that already held the load, so the franchise pays back the
+    /// float that funded it and the card is not credited twice.
     fn post_franchise_load(
         &mut self,
         proof: &TmacVerified,
@@ -667,11 +738,17 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         now_ms: u64,
     ) -> Result<Posting, LedgerError> {
         let r = proof.receipt();
+        let uid = r.uid();
+        let to = if self.changed_before_learned(&uid, r.tmc())? {
+            "issuer:float".to_string()
+        } else {
+            card_account(&uid)
+        };
         self.post_any(
             LedgerOnly(()),
             now_ms,
             &format!("franchise:{franchise}"),
-            &card_account(&r.uid()),
+            &to,
             i64::from(r.amount_minor()),
             reference,
         )

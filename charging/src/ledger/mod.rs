@@ -69,6 +69,16 @@ pub enum LedgerError {
         /// counter
         tmc: u32,
     },
+    /// A load cannot be marked as being reversed (none there, not completed, marked already).
+    #[error("the load of card {uid} at counter {tmc} cannot be reversed: {why}")]
+    NotReversible {
+        /// card
+        uid: String,
+        /// the counter the load consumed
+        tmc: u32,
+        /// why
+        why: &'static str,
+    },
     /// No intent for this card counter.
     #[error("no load intent for card {uid} at counter {tmc}")]
     NoIntent {
@@ -113,6 +123,30 @@ pub enum LedgerError {
         /// cause
         source: std::io::Error,
     },
+}
+
+/// Why clearing blocks a card it saw use one counter twice with different contents (a clone);
+/// reconciliation reports a card blocked for exactly this reason as a clone (as the gap sweep
+/// blocks and unblocks under [`GAP_BLOCK_REASON`]).
+pub const CLONE_BLOCK_REASON: &str = "clone suspected: a counter seen twice";
+
+/// A card clearing learned from its first proved tap (it was never registered, loaded or
+/// cleared before): issued from `issuer:float` with the balance it proved just before
+/// counter `tmc`, stored under [`learned_card_key`]. A change the card made at a counter below
+/// `tmc` (a tap, a franchise load, an online load completed late) is inside that balance, so
+/// the card side of its posting is `issuer:float`, never the card again
+/// ([`LedgerRead::changed_before_learned`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedCard {
+    /// The counter of the tap the card was learned from.
+    pub tmc: u32,
+    /// The balance the card proved just before that tap, which it was issued with.
+    pub balance_before_minor: i32,
+}
+
+/// The key a [`LearnedCard`] is stored under (`learned-card:<UID>`).
+pub fn learned_card_key(uid: &[u8; 7]) -> String {
+    format!("learned-card:{}", hex::encode_upper(uid))
 }
 
 /// The account name of a card's shadow purse.

@@ -125,7 +125,13 @@ impl LoadService {
         Ok(settled)
     }
 
-    /// Registers a newly personalised card: posts its initial value from `issuer:float`.
+    /// Registers a newly personalised card: posts its initial value from `issuer:float`. A
+    /// card already known keeps its balance (registering it again with the same value is an
+    /// idempotent success). A card clearing learned from its first transaction (counter 1)
+    /// proved the value it was personalised with: registering it with another value is
+    /// refused ([`LoadError::RegistrationConflict`]) and recorded as a
+    /// `registration_mismatch` anomaly. (Learned from a later counter, the card's changes
+    /// before it sit between the two values, and the value is not checked.)
     pub fn register_card(
         &self,
         uid: &[u8; 7],
@@ -139,10 +145,33 @@ impl LoadService {
                 "personalised value {personalised_minor} does not fit a card's 32-bit balance"
             )));
         };
-        let reference = format!("issue:{}", hex::encode_upper(uid));
+        let uid_hex = hex::encode_upper(uid);
+        let reference = format!("issue:{uid_hex}");
         let uid = *uid;
-        self.ledger
-            .transact(move |t| t.issue_card(&uid, personalised_i32, &reference, now_ms))?;
-        Ok(())
+        let registered = self.ledger.transact(move |t| {
+            if let Some(learned) = t.learned_card(&uid)? {
+                if learned.tmc == 1 && learned.balance_before_minor != personalised_i32 {
+                    let detail = format!(
+                        "card {uid_hex} was learned by clearing from its first transaction, \
+                         which proved it was personalised with {}; registering it with \
+                         personalised_minor {personalised_i32} contradicts that (the ledger \
+                         keeps the proved value)",
+                        learned.balance_before_minor
+                    );
+                    t.record_anomaly(&crate::ledger::Anomaly {
+                        kind: "registration_mismatch".into(),
+                        card_uid: uid_hex,
+                        tmc: 0,
+                        device_id: 0,
+                        device_seq: 0,
+                        detail: detail.clone(),
+                    })?;
+                    return Ok(Err(detail));
+                }
+            }
+            t.issue_card(&uid, personalised_i32, &reference, now_ms)?;
+            Ok(Ok(()))
+        })?;
+        registered.map_err(LoadError::RegistrationConflict)
     }
 }

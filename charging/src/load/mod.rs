@@ -249,6 +249,10 @@ pub enum LoadError {
     /// The instrument is registered to another account.
     #[error("{0}")]
     InstrumentTaken(String),
+    /// A card's registration contradicts what the card proved (its personalised value
+    /// differs from the balance clearing learned it with).
+    #[error("{0}")]
+    RegistrationConflict(String),
     /// The Idempotency-Key was used before for a different request.
     #[error("this Idempotency-Key was used for a different request ({0}); use a new key for a new request")]
     IdempotencyKeyReused(&'static str),

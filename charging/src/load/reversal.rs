@@ -122,7 +122,7 @@ impl LoadService {
         let record = intent_record(&reversal).to_vec();
         let snapshot = snap.clone();
         let recorded = self.ledger.transact(move |t| {
-            let Some(mut load) = t.intent(&uid, load_tmc - 1)? else {
+            let Some(load) = t.intent(&uid, load_tmc - 1)? else {
                 return Ok(Err(("not_reversible", "the load is gone".into())));
             };
             if load.state != IntentState::Completed || load.reversed_at_tmc.is_some() {
@@ -135,8 +135,7 @@ impl LoadService {
             reversal.funding_auth = load.funding_auth.clone();
             reversal.instrument = load.instrument.clone();
             t.insert_intent(&uid, &mut reversal)?;
-            load.reversed_at_tmc = Some(tmc + 1);
-            t.put_intent(&uid, &load)?;
+            t.mark_load_reversing(&uid, load_tmc, tmc + 1)?;
             t.observe_card(&snapshot)?;
             Ok(Ok(()))
         });

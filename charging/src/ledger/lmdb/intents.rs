@@ -68,14 +68,17 @@ impl LedgerCore {
 
     /// The card proved the intent's change at counter `tmc` (leaving `balance_after_minor`):
     /// posts it (a load funding → card, a reversal card → funding), marks the intent
-    /// completed and books the counter, in `txn`. Returns what to do with the funding once
-    /// `txn` is durable, or `None` if it was already completed.
+    /// completed and books the counter, in `txn`. `before_learned`: the change happened before
+    /// the state clearing learned the card from, so `issuer:float` (which funded the learned
+    /// balance, this change included) stands in for the card in the posting. Returns what to
+    /// do with the funding once `txn` is durable, or `None` if it was already completed.
     pub(super) fn complete_intent(
         &self,
         txn: &mut RwTxn<'_>,
         uid: &[u8; 7],
         tmc_before: u32,
         balance_after_minor: i32,
+        before_learned: bool,
         now_ms: u64,
     ) -> Result<Option<FundingAction>, LedgerError> {
         let mut intent =
@@ -93,7 +96,11 @@ impl LedgerCore {
             tmc: tmc_before,
         })?;
         let funding = format!("funding:{}", intent.funding_source);
-        let card = card_account(uid);
+        let card = if before_learned {
+            "issuer:float".to_string()
+        } else {
+            card_account(uid)
+        };
         let amount = i64::from(intent.amount_minor);
         let action = match intent.kind {
             IntentKind::Load => {

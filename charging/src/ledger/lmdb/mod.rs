@@ -531,7 +531,12 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         self.core.insert_intent(self.txn, uid, intent)
     }
 
-    fn put_intent(&mut self, uid: &[u8; 7], intent: &LoadIntent) -> Result<(), LedgerError> {
+    fn put_intent(
+        &mut self,
+        _: LedgerOnly,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<(), LedgerError> {
         self.core.put_intent(self.txn, uid, intent)
     }
 
@@ -565,11 +570,19 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
                 }
             }
         }
+        let (uid, tmc_before) = (proof.uid(), proof.tmc_before());
+        // A change below the counter clearing learned the card at is inside the balance the
+        // card was issued with: its value moves against the float that funded that balance.
+        let before_learned = match tmc_before.checked_add(1) {
+            Some(tmc) => self.changed_before_learned(&uid, tmc)?,
+            None => false,
+        };
         self.core.complete_intent(
             self.txn,
-            &proof.uid(),
-            proof.tmc_before(),
+            &uid,
+            tmc_before,
             proof.balance_after_minor(),
+            before_learned,
             now_ms,
         )
     }

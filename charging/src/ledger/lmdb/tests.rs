@@ -73,8 +73,8 @@ fn one_intent_per_card_counter() {
         t.insert_intent(&uid, &mut other).unwrap();
         t.insert_intent(&[2u8; 7], &mut intent.clone()).unwrap();
         // Once voided, the counter takes a new attempt.
+        t.void_intent(&uid, 4, 0).unwrap();
         intent.state = IntentState::Voided;
-        t.put_intent(&uid, &intent).unwrap();
         let mut retry = intent.clone();
         retry.state = IntentState::Authorised;
         t.insert_intent(&uid, &mut retry).unwrap();
