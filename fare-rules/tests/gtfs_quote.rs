@@ -388,3 +388,21 @@ fn free_legs_stay_free_when_a_paid_transfer_rule_matches() {
         0
     );
 }
+
+/// `categories`: products per rider category (the single: adult 2.00, child 1.00, senior 0.80)
+/// and one for any category (the airport express, 6.00). A rider is priced as their category,
+/// a rider with none as the default (adult); a product with an empty `rider_category_id` is
+/// eligible for every category.
+#[test]
+fn products_are_picked_for_the_rider_category() {
+    let e = engine("categories");
+    let (a, b) = (at("08:00"), at("08:20"));
+    let bus = |r: Option<&str>| total(&e, r, None, &[("b1", "quay", "market", &a, &b)]);
+    assert_eq!(bus(Some("adult")), 200);
+    assert_eq!(bus(Some("child")), 100);
+    assert_eq!(bus(Some("senior")), 80);
+    assert_eq!(bus(None), 200);
+    let air = |r: Option<&str>| total(&e, r, None, &[("ax", "quay", "airport", &a, &b)]);
+    assert_eq!(air(Some("child")), 600);
+    assert_eq!(air(None), 600);
+}

@@ -587,6 +587,22 @@ impl Decider<'_> {
         Ok(())
     }
 
+    /// The rider category the card was personalised with, in this fare table: `NONE` (the
+    /// table's default) for a card with none, or with one the table does not distinguish — a
+    /// table with no child fare charges a child card its default fare, never refuses it.
+    fn rider_category(&self, snap: &txn::CardSnapshot) -> fare_rules::table::Idx {
+        let Some(id) = snap.rider_category() else {
+            return NONE;
+        };
+        self.engine.category(id).unwrap_or_else(|| {
+            tracing::debug!(
+                rider_category = id,
+                "the fare table has no such rider category; its default applies"
+            );
+            NONE
+        })
+    }
+
     /// The fare (or the sale's price) from the card's trip records.
     fn quote(&self, snap: &txn::CardSnapshot) -> Result<TapQuote, Verdict> {
         let history: Vec<TripRecord> = snap
@@ -596,7 +612,7 @@ impl Decider<'_> {
             .collect();
         let view = CardView {
             rider: Rider {
-                category: NONE,
+                category: self.rider_category(snap),
                 medium: NONE,
             },
             history: &history,

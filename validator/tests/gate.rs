@@ -484,3 +484,79 @@ fn a_pay_tv_box_charges_films_and_hours_under_the_day_cap_from_the_card() {
     let sports_code = 2;
     assert_eq!(taps[1].meta().route_id, sports_code);
 }
+
+/// A card personalised with `category` (empty: none), the rig's keys.
+fn card_of(r: &Rig, uid: [u8; 7], category: &str) -> Card {
+    let mut p = Personalisation::transit(uid, START_MINOR);
+    p.rider_category = category.into();
+    Card::personalise(&p, r.hsm.card_keys(&uid, 1).unwrap())
+}
+
+/// Presents `card` (another card than the rig's) once and returns the fare charged.
+fn fare_for(g: &mut Gate, card: &mut Card, j: &Journal, at_ms: u64) -> u32 {
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut reader = EmulatedReader {
+        card,
+        rng: &mut rng,
+    };
+    let out = g.tap(&mut reader, j, at_ms, &mut |_| {}).unwrap();
+    card.remove_from_field();
+    match out.answer {
+        Answer::Accepted { fare_minor, .. } => fare_minor,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The metro-city table prices adults (default), youth and children: a child card pays the
+/// child's base fare (5.00) and no distance surcharge (the category's surcharge is 0 %), at
+/// every gate, from the category the issuer wrote on the card; a card whose category the table
+/// does not know ("student") pays the default fare, as does a card with none.
+#[test]
+fn a_child_card_pays_the_child_fare_at_every_gate() {
+    let r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let mut entry = gate(&r, "Central", TapKind::In);
+    let mut exit = gate(&r, "University", TapKind::Out);
+    let cases = [
+        ("child", [0x04, 0x70, 1, 2, 3, 4, 5], 500, 0),
+        ("", [0x04, 0x71, 1, 2, 3, 4, 5], 1400, 100),
+        ("adult", [0x04, 0x72, 1, 2, 3, 4, 5], 1400, 100),
+        ("student", [0x04, 0x73, 1, 2, 3, 4, 5], 1400, 100),
+    ];
+    for (category, uid, at_entry, at_exit) in cases {
+        let mut card = card_of(&r, uid, category);
+        let a = fare_for(&mut entry, &mut card, &j, T0_MS);
+        let b = fare_for(&mut exit, &mut card, &j, T0_MS + 20 * 60_000);
+        assert_eq!((a, b), (at_entry, at_exit), "{category:?}");
+        assert_eq!(
+            card.state().balance_minor,
+            START_MINOR - (at_entry + at_exit) as i32
+        );
+    }
+}
+
+/// The GTFS feed `categories` (fare-rules/tests/gtfs-feeds): the bus single is 2.00 adult,
+/// 1.00 child, 0.80 senior. A validator on route b1 charges each card its category's fare.
+#[test]
+fn a_gtfs_feed_prices_each_card_as_its_rider_category() {
+    let r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let feed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fare-rules/tests/gtfs-feeds/categories");
+    let engine = Engine::new(fare_rules::gtfs::load_and_compile(&feed).unwrap()).unwrap();
+    let mut g = gate(&r, "quay", TapKind::In);
+    g.engine = Some(engine);
+    g.placement.route = "b1".into();
+    g.placement.utc_offset_s = 0;
+    for (category, uid, fare) in [
+        ("child", [0x04, 0x80, 1, 2, 3, 4, 5], 100),
+        ("senior", [0x04, 0x81, 1, 2, 3, 4, 5], 80),
+        ("adult", [0x04, 0x82, 1, 2, 3, 4, 5], 200),
+        ("", [0x04, 0x83, 1, 2, 3, 4, 5], 200),
+    ] {
+        let mut card = card_of(&r, uid, category);
+        assert_eq!(fare_for(&mut g, &mut card, &j, T0_MS), fare, "{category:?}");
+    }
+}
