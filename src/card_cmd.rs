@@ -60,6 +60,11 @@ enum CardCmd {
         /// Balance ceiling in minor units.
         #[arg(long = "upper-limit", default_value_t = 500_000)]
         upper_limit: i32,
+        /// The holder's rider category id as the fare tables name it (child, senior, student
+        /// …), written to the card's profile file: every validator prices the card as it.
+        /// Default: none (the table's default category).
+        #[arg(long = "rider-category", value_name = "ID")]
+        rider_category: Option<String>,
         /// Output card image.
         #[arg(long)]
         out: PathBuf,
@@ -118,9 +123,13 @@ pub fn run(args: CardArgs) -> Result<()> {
             uid,
             balance,
             upper_limit,
+            rider_category,
             out,
         } => {
             let uid = uid7("--uid", &uid)?;
+            let rider_category = rider_category.unwrap_or_default();
+            purse::card::check_rider_category(&rider_category)
+                .map_err(|e| input_err(format!("--rider-category {rider_category:?}: {e}")))?;
             if balance < 0 || balance > upper_limit {
                 return Err(input_err(format!(
                     "--balance {balance} must be within 0..={upper_limit} (--upper-limit)"
@@ -130,12 +139,18 @@ pub fn run(args: CardArgs) -> Result<()> {
             let hsm = SoftwareHsm::new(&ks)?;
             let mut p = Personalisation::transit(uid, balance);
             p.upper_limit_minor = upper_limit;
+            p.rider_category.clone_from(&rider_category);
             let card = Card::personalise(&p, hsm.card_keys(&uid, p.key_version)?);
             // As every writer of an image: not while a crowd or a load has the card.
             let _lock = lock_image(&out)?;
             write_image(&out, card.nvm())?;
+            let category = if rider_category.is_empty() {
+                String::new()
+            } else {
+                format!(" rider_category={rider_category}")
+            };
             println!(
-                "card issued: uid={} balance_minor={balance} image={}",
+                "card issued: uid={} balance_minor={balance}{category} image={}",
                 hex::encode_upper(uid),
                 out.display()
             );
@@ -162,6 +177,11 @@ pub fn run(args: CardArgs) -> Result<()> {
             println!("uid             {}", hex::encode_upper(s.uid));
             println!("aid             {}", hex::encode_upper(s.aid));
             println!("key_version     {}", s.key_version);
+            if s.rider_category.is_empty() {
+                println!("rider_category  none (the fare table's default)");
+            } else {
+                println!("rider_category  {}", s.rider_category);
+            }
             println!("balance_minor   {}", s.balance_minor);
             println!(
                 "limits_minor    {}..={}",
