@@ -53,6 +53,7 @@ impl CryptoWork {
 /// - Each secure-messaging command is opened with a CMAC of Cmd ‖ CmdCtr ‖ TI ‖ header ‖ data
 ///   (7 + header + data bytes) and each answer sealed with one of RC ‖ CmdCtr ‖ TI ‖ data
 ///   (7 + data): GetValue 8 / 11, ReadData (TM file) 14 / 19, ReadRecords 14 / 231,
+///   ReadData (profile file) 14 / 39,
 ///   Debit (FULL: 16 encrypted bytes) 24 / 7 plus its IV (1 encryption) and 1 decryption,
 ///   WriteRecord 46 / 7, CommitTransaction 8 / 19.
 /// - Commit: SesTMMACKey = CMAC(K_TM, 16-byte SV) from the expanded state, then the TMV = CMAC
@@ -62,8 +63,9 @@ impl CryptoWork {
 /// - AN10922 diversification of the debit key: 1 expansion, 3 encryptions (L for the subkeys,
 ///   2 CBC blocks); the card key expanded (1); D(E(RndB)) 1 block; E(RndA ‖ RndB') 2 blocks.
 /// - Part 2: D 2 blocks; session keys as the card (1 expansion, CMACs of 32 and 32); channel 2.
-/// - Commands MACed: GetValue 8, ReadData 14, ReadRecords 14, Debit 24 (+ IV and 1 CBC
-///   block), WriteRecord 46, Commit 8; answers checked: 11, 19, 231, 7, 7, 19.
+/// - Commands MACed: GetValue 8, ReadData 14, ReadRecords 14, ReadData (profile) 14, Debit 24
+///   (+ IV and 1 CBC block), WriteRecord 46, Commit 8; answers checked: 11, 19, 231, 39, 7, 7,
+///   19.
 /// - The tap record's device MAC: 71-byte body ‖ 8-byte length ‖ "metro" = 84 bytes.
 pub const DEBIT: CryptoWork = CryptoWork {
     key_expansions: 4 + 5,
@@ -71,8 +73,8 @@ pub const DEBIT: CryptoWork = CryptoWork {
     decryptions: (2 + 1) + (1 + 2),
     cmacs: &[
         // card
-        32, 32, 8, 11, 14, 19, 14, 231, 24, 7, 46, 7, 8, 16, 20, 19, // SAM
-        32, 32, 8, 14, 14, 11, 19, 231, 24, 46, 8, 7, 7, 19, 84,
+        32, 32, 8, 11, 14, 19, 14, 231, 14, 39, 24, 7, 46, 7, 8, 16, 20, 19, // SAM
+        32, 32, 8, 14, 14, 14, 11, 19, 231, 39, 24, 46, 8, 7, 7, 19, 84,
     ],
 };
 
@@ -90,8 +92,8 @@ pub const LOAD: CryptoWork = CryptoWork {
     decryptions: (2 + 1) + (1 + 2),
     cmacs: &[
         // card
-        32, 32, 8, 11, 14, 19, 14, 7, 24, 7, 8, 16, 20, 19, // HSM
-        32, 32, 8, 14, 14, 11, 19, 7, 24, 8, 7, 19, 16, 20,
+        32, 32, 8, 11, 14, 19, 14, 7, 14, 39, 24, 7, 8, 16, 20, 19, // HSM
+        32, 32, 8, 14, 14, 14, 11, 19, 7, 39, 24, 8, 7, 19, 16, 20,
     ],
 };
 
