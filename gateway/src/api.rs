@@ -271,6 +271,10 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
             "tapgate_gateway_blocklists_refused_total",
             st.stats.blocklists_refused.load(Ordering::Relaxed),
         ),
+        (
+            "tapgate_gateway_forward_failures_total",
+            st.stats.forward_failures.load(Ordering::Relaxed),
+        ),
     ] {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
@@ -297,6 +301,12 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     ));
     if let Some(b) = st.stats.broker.get() {
         out.push_str(&b.prometheus());
+    }
+    if let Ok(p) = st.stats.propagation.lock() {
+        out.push_str(&crate::metrics::validators(&p));
+    }
+    if let Ok(d) = st.store.devices() {
+        out.push_str(&crate::metrics::gaps(&d));
     }
     let up = u8::from(st.stats.subscribed.load(Ordering::Relaxed));
     out.push_str(&format!(

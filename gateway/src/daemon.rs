@@ -105,6 +105,8 @@ pub struct GatewayStats {
     pub quarantined: AtomicU64,
     /// Taps forwarded to clearing.
     pub forwarded: AtomicU64,
+    /// Batches clearing did not take (unreachable, refused); each is retried.
+    pub forward_failures: AtomicU64,
     /// Confirmations dropped because their queue was full (the validators resend those taps).
     pub confirmations_dropped: AtomicU64,
     /// Alarm: the store is full; batches are refused (not acknowledged, not confirmed) until

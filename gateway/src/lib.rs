@@ -11,6 +11,7 @@ pub mod broker;
 pub mod config;
 pub mod daemon;
 pub mod forward;
+pub mod metrics;
 pub mod mqtt_acl;
 pub mod propagation;
 pub mod report;

@@ -120,6 +120,14 @@ impl Propagation {
         self.devices.get(&device).and_then(|d| d.clock_skew_ms)
     }
 
+    /// Each validator's last heartbeat: (device, online, last heartbeat at (unix ms, gateway
+    /// clock), clock offset (ms) if its heartbeats carry its clock).
+    pub fn validators(&self) -> impl Iterator<Item = (u32, bool, u64, Option<i64>)> + '_ {
+        self.devices
+            .iter()
+            .map(|(&id, d)| (id, d.online, d.last_seen_ms, d.clock_skew_ms))
+    }
+
     /// Validators online now.
     pub fn online(&self) -> usize {
         self.devices.values().filter(|d| d.online).count()

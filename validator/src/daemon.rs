@@ -87,6 +87,8 @@ pub struct Metrics {
     pub latency: Histogram,
     pub outbox_depth: IntGauge,
     pub outbox_full: IntGauge,
+    /// The outbox's bound (`outbox_capacity_taps`), set by the daemon's caller.
+    pub outbox_capacity: IntGauge,
     pub blocklist_version: IntGauge,
     pub fare_table_version: IntGauge,
     pub mqtt_connected: IntGauge,
@@ -138,6 +140,10 @@ impl Metrics {
                 "journalled taps the gateway has not confirmed",
             ),
             outbox_full: gauge("outbox_full", "1 when the outbox is at its bound (alarm)"),
+            outbox_capacity: gauge(
+                "outbox_capacity",
+                "the outbox's bound in taps (outbox_capacity_taps)",
+            ),
             blocklist_version: gauge("blocklist_version", "blocklist version held"),
             fare_table_version: gauge("fare_table_version", "fare table version in force"),
             mqtt_connected: gauge("mqtt_connected", "1 while connected to the broker"),
@@ -148,6 +154,7 @@ impl Metrics {
             Box::new(m.latency.clone()),
             Box::new(m.outbox_depth.clone()),
             Box::new(m.outbox_full.clone()),
+            Box::new(m.outbox_capacity.clone()),
             Box::new(m.blocklist_version.clone()),
             Box::new(m.fare_table_version.clone()),
             Box::new(m.mqtt_connected.clone()),
@@ -413,6 +420,9 @@ impl Shared {
         self.metrics
             .outbox_depth
             .set(self.journal.outbox_len()? as i64);
+        self.metrics
+            .outbox_capacity
+            .set(i64::try_from(self.journal.capacity_taps()).unwrap_or(i64::MAX));
         Ok(())
     }
 }

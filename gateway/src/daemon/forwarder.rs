@@ -50,6 +50,7 @@ pub(super) fn spawn(
                     stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
+                    stats.forward_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%e, backoff_ms, "forwarding to clearing failed; retrying the same batch");
                     tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
                     backoff_ms = (backoff_ms * 2).min(5_000);
