@@ -1,9 +1,10 @@
 //! Card image files (`tapgate card issue` writes them; `show`, `debit`, `load`, `serve` and
-//! `tapgate charge` read them): the card's NVM as pretty JSON, written atomically. Whoever
+//! `tapgate charge` read them): the card's NVM as pretty JSON, written atomically and durably
+//! (`validator::card_image::write_atomic`). Whoever
 //! changes a card holds its [`lock_image`] from the read to the write (a validator's crowd may
 //! present the same image meanwhile: `validator::image_lock`).
 
-use crate::cli_util::{input_err, write_atomic};
+use crate::cli_util::input_err;
 use anyhow::{Context, Result};
 use purse::card::Nvm;
 use std::path::Path;
@@ -27,9 +28,10 @@ pub(crate) fn lock_image(path: &Path) -> Result<validator::image_lock::ImageLock
     )?)
 }
 
-/// Writes a card image atomically.
+/// Writes a card image atomically and durably (the caller holds its [`lock_image`]).
 pub(crate) fn write_image(path: &Path, nvm: &Nvm) -> Result<()> {
     let mut s = serde_json::to_string_pretty(nvm)?;
     s.push('\n');
-    write_atomic(path, s.as_bytes())
+    validator::card_image::write_atomic(path, s.as_bytes())?;
+    Ok(())
 }

@@ -3,13 +3,13 @@
 //! dialogue to the charging server, and shows the result. It holds no key and cannot change the
 //! amount.
 
-use crate::cli_util::{input_err, write_atomic};
+use crate::cli_util::input_err;
 use crate::keys_cmd::load_keyset;
 use anyhow::{Context, Result};
 use charging::client::{Client, ClientError, LoadAsk, Relayed};
 use charging::load::Reply;
 use clap::Args;
-use purse::card::{Card, Nvm};
+use purse::card::Card;
 use purse::sam::SoftwareHsm;
 use purse::txn::{EmulatedReader, Transport};
 use std::path::PathBuf;
@@ -201,10 +201,7 @@ pub(crate) fn relay_with_card(
             // Held from the read to the write: a validator's crowd presenting the same card
             // waits, and reads the changed image after.
             let _lock = crate::card_image::lock_image(image)?;
-            let text = std::fs::read_to_string(image)
-                .with_context(|| format!("reading card {}", image.display()))?;
-            let nvm: Nvm = serde_json::from_str(&text)
-                .map_err(|e| input_err(format!("card image {}: {e}", image.display())))?;
+            let nvm = crate::card_image::read_image(image)?;
             let ks = load_keyset(keys, flags.passphrase_file.as_deref())?;
             let hsm = SoftwareHsm::new(&ks)?;
             let uid = nvm.main.uid;
@@ -217,9 +214,7 @@ pub(crate) fn relay_with_card(
                 };
                 relay(&mut t)
             };
-            let mut s = serde_json::to_string_pretty(card.nvm())?;
-            s.push('\n');
-            write_atomic(image, s.as_bytes())?;
+            crate::card_image::write_image(image, card.nvm())?;
             Ok(result?)
         }
     }

@@ -80,22 +80,9 @@ pub fn passphrase(file: Option<&Path>) -> Result<zeroize::Zeroizing<Vec<u8>>> {
     }
 }
 
-/// Writes a file atomically (temp file + rename), so a crash never leaves half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("tapgate")
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
-}
+/// Writes a file atomically and durably (temp file, fsync, rename, fsync of the directory): the
+/// one implementation, in the validator crate, which writes card images the same way.
+pub use validator::card_image::write_atomic;
 
 /// Resolves at Ctrl-C or (on Unix) SIGTERM: the daemons' graceful-shutdown trigger.
 pub async fn shutdown_signal() {

@@ -160,3 +160,98 @@ fn a_load_during_taps_stays_on_the_card() {
         "one counter step per value change"
     );
 }
+
+/// `tapgate card issue` writes an image only under its lock: while another process (here: this
+/// test) holds the image, issue waits, and writes once the holder lets go.
+#[test]
+fn card_issue_waits_for_the_image_lock() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    support::keys_init(dir, PASS);
+    let image = dir.join("card.json");
+    let held = validator::image_lock::ImageLock::acquire(&image, std::time::Duration::ZERO)
+        .expect("lock the image");
+    let mut issue = command(
+        dir,
+        &[
+            "card",
+            "issue",
+            "--keys",
+            "keys",
+            "--uid",
+            "04782E21801D81",
+            "--balance",
+            "1000",
+            "--out",
+            "card.json",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !image.exists(),
+        "card issue wrote the image while another process held it"
+    );
+    assert!(issue.try_wait().unwrap().is_none(), "card issue is waiting");
+    drop(held);
+    let o = issue.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", said(&o));
+    assert!(image.exists());
+}
+
+/// `tapgate charge --card` checks the image as every reader of images does (`validate`): an
+/// image whose balance is outside its limits is refused as bad input (exit 2) before anything
+/// goes to the server, and the image is left as it was.
+#[test]
+fn charge_refuses_an_image_that_does_not_validate() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    support::keys_init(dir, PASS);
+    let o = tapgate(
+        dir,
+        &[
+            "card",
+            "issue",
+            "--keys",
+            "keys",
+            "--uid",
+            "04782E21801D82",
+            "--balance",
+            "1000",
+            "--out",
+            "card.json",
+        ],
+    );
+    assert!(o.status.success(), "{}", said(&o));
+    let image = dir.join("card.json");
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&image).unwrap()).unwrap();
+    let upper = card["main"]["upper_limit_minor"].as_i64().unwrap();
+    card["main"]["balance_minor"] = serde_json::json!(upper + 1);
+    let bad = serde_json::to_string_pretty(&card).unwrap();
+    std::fs::write(&image, &bad).unwrap();
+    let o = tapgate(
+        dir,
+        &[
+            "charge",
+            "--server",
+            "http://127.0.0.1:9",
+            "--token",
+            RIDER,
+            "--amount",
+            "500",
+            "--funding",
+            "mall:order-1",
+            "--card",
+            "card.json",
+            "--keys",
+            "keys",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", said(&o));
+    assert!(said(&o).contains("balance outside its limits"), "{}", said(&o));
+    assert_eq!(std::fs::read_to_string(&image).unwrap(), bad);
+}
