@@ -431,7 +431,8 @@ impl Dialogue {
                 self.stage = next;
                 Ok(step)
             }
-            Err((snapshot, e)) => {
+            Err(failed) => {
+                let (snapshot, e) = *failed;
                 self.stage = Stage::Ended { snapshot };
                 Err(e)
             }
@@ -446,7 +447,7 @@ impl Dialogue {
         auth: &mut dyn Authenticator,
         rng: &mut dyn RngCore,
         resp: &[u8],
-    ) -> Result<(Stage, Step), (Option<CardSnapshot>, TxError)> {
+    ) -> Result<(Stage, Step), Failed> {
         let none_outstanding = TxError::Protocol {
             step: "dialogue",
             what: "no command is outstanding",
@@ -458,15 +459,17 @@ impl Dialogue {
                 change,
                 outstanding,
             } => advance_commit(ch, snapshot, change, outstanding, resp),
-            Stage::Deciding { snapshot, .. } => Err((Some(snapshot), none_outstanding)),
-            Stage::Ended { snapshot } => Err((snapshot, none_outstanding)),
+            Stage::Deciding { snapshot, .. } => Err(Box::new((Some(snapshot), none_outstanding))),
+            Stage::Ended { snapshot } => Err(Box::new((snapshot, none_outstanding))),
             Stage::ReadValue { .. }
             | Stage::ReadTm { .. }
             | Stage::ReadRecords { .. }
-            | Stage::ReadProfile { .. } => self.advance_read(stage, resp).map_err(|e| (None, e)),
+            | Stage::ReadProfile { .. } => self
+                .advance_read(stage, resp)
+                .map_err(|e| Box::new((None, e))),
             Stage::Select | Stage::KeyVersion | Stage::Auth1 { .. } | Stage::Auth2 { .. } => self
                 .advance_auth(stage, auth, rng, resp)
-                .map_err(|e| (None, e)),
+                .map_err(|e| Box::new((None, e))),
         }
     }
 
@@ -771,13 +774,13 @@ fn advance_commit(
     change: Change,
     mut outstanding: std::collections::VecDeque<Cmd>,
     resp: &[u8],
-) -> Result<(Stage, Step), (Option<CardSnapshot>, TxError)> {
+) -> Result<(Stage, Step), Failed> {
     let Some(cmd) = outstanding.pop_front() else {
-        return Err((Some(snapshot), not_expected("value batch")));
+        return Err(Box::new((Some(snapshot), not_expected("value batch"))));
     };
     let answer = match open(resp, &mut ch, CommMode::Mac, cmd.step()) {
         Ok(a) => a,
-        Err(e) => return Err((Some(snapshot), e)),
+        Err(e) => return Err(Box::new((Some(snapshot), e))),
     };
     if cmd != Cmd::Commit {
         let next = Stage::Committing {
@@ -793,9 +796,13 @@ fn advance_commit(
             Stage::Ended { snapshot: None },
             Step::Done(Outcome::Committed { snapshot, receipt }),
         )),
-        Err(e) => Err((Some(snapshot), e)),
+        Err(e) => Err(Box::new((Some(snapshot), e))),
     }
 }
+
+/// How an answer ended the dialogue: the snapshot read so far (if any) and why (boxed: the
+/// error path is rare and keeps the happy path's result small).
+type Failed = Box<(Option<CardSnapshot>, TxError)>;
 
 /// A stage that got an answer it does not take (unreachable through [`Dialogue::on_response`]).
 fn not_expected(step: &'static str) -> TxError {
