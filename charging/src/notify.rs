@@ -28,6 +28,10 @@ pub const SIGNATURE_HEADER: &str = "Tapgate-Signature";
 /// Most notifications sent per call.
 const BATCH: usize = 64;
 
+/// Most notifications in flight at once (a slow merchant holds one of them, at most for the
+/// HTTP client's timeout; the others go on).
+pub const CONCURRENCY: usize = 8;
+
 /// The wait before attempt `attempts + 1`: 5 s doubled per failure, at most an hour.
 pub fn backoff_ms(attempts: u32) -> u64 {
     let doubled = 5_000u64.saturating_mul(1u64 << attempts.saturating_sub(1).min(20));
@@ -75,7 +79,48 @@ pub fn signed_body(
     Ok(Some((body, sig)))
 }
 
-/// Sends every notification due at `now_ms` (blocking: call it off the async workers).
+/// Sends one notification and stores the outcome: `Some(true)` delivered, `Some(false)` failed
+/// (retried after [`backoff_ms`]), `None` its payment is gone.
+fn deliver_one(
+    loads: &LoadService,
+    agent: &ureq::Agent,
+    mut n: Notification,
+    now_ms: u64,
+) -> Result<Option<bool>, NotifyError> {
+    let Some((body, sig)) = signed_body(loads, &n.payment_id, now_ms)? else {
+        return Ok(None);
+    };
+    let sent = agent
+        .post(&n.url)
+        .set("Content-Type", "application/json")
+        .set(SIGNATURE_HEADER, &hex::encode(sig))
+        .send_bytes(&body);
+    n.attempts = n.attempts.saturating_add(1);
+    let ok = match sent {
+        Ok(r) if (200..300).contains(&r.status()) => {
+            n.delivered_ms = Some(now_ms);
+            n.last_error = None;
+            true
+        }
+        other => {
+            let why = match other {
+                Ok(r) => format!("answered {}", r.status()),
+                Err(ureq::Error::Status(code, _)) => format!("answered {code}"),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(payment_id = %n.payment_id, attempts = n.attempts, why, "notification not delivered; retried");
+            n.next_attempt_ms = now_ms.saturating_add(backoff_ms(n.attempts));
+            n.last_error = Some(why);
+            false
+        }
+    };
+    loads.ledger().transact(move |t| t.put_notification(&n))?;
+    Ok(Some(ok))
+}
+
+/// Sends every notification due at `now_ms`, [`CONCURRENCY`] at a time, and returns when all
+/// were answered or timed out (blocking: call it off the async workers). Only the due ones are
+/// read (the ledger's due index), earliest due first.
 pub fn deliver_due(
     loads: &LoadService,
     agent: &ureq::Agent,
@@ -85,41 +130,101 @@ pub fn deliver_due(
         let r = loads.ledger().read()?;
         r.notifications_due(now_ms, BATCH)?
     };
-    let mut out = Delivered::default();
-    for mut n in due {
-        let Some((body, sig)) = signed_body(loads, &n.payment_id, now_ms)? else {
-            continue;
-        };
-        let sent = agent
-            .post(&n.url)
-            .set("Content-Type", "application/json")
-            .set(SIGNATURE_HEADER, &hex::encode(sig))
-            .send_bytes(&body);
-        n.attempts = n.attempts.saturating_add(1);
-        match sent {
-            Ok(r) if (200..300).contains(&r.status()) => {
-                n.delivered_ms = Some(now_ms);
-                n.last_error = None;
-                out.delivered += 1;
-            }
-            other => {
-                let why = match other {
-                    Ok(r) => format!("answered {}", r.status()),
-                    Err(ureq::Error::Status(code, _)) => format!("answered {code}"),
-                    Err(e) => e.to_string(),
-                };
-                tracing::warn!(payment_id = %n.payment_id, attempts = n.attempts, why, "notification not delivered; retried");
-                n.next_attempt_ms = now_ms.saturating_add(backoff_ms(n.attempts));
-                n.last_error = Some(why);
-                out.failed += 1;
-            }
+    let workers = due.len().min(CONCURRENCY);
+    let queue = std::sync::Mutex::new(due.into_iter());
+    let outcomes = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let next = queue.lock().expect("queue lock").next();
+                let Some(n) = next else { break };
+                let outcome = deliver_one(loads, agent, n, now_ms);
+                outcomes.lock().expect("outcomes lock").push(outcome);
+            });
         }
-        let stored: Notification = n;
-        loads
-            .ledger()
-            .transact(move |t| t.put_notification(&stored))?;
+    });
+    let mut out = Delivered::default();
+    for o in outcomes.into_inner().expect("outcomes lock") {
+        match o? {
+            Some(true) => out.delivered += 1,
+            Some(false) => out.failed += 1,
+            None => {}
+        }
     }
     Ok(out)
+}
+
+/// The server's notifier: each tick starts the due notifications that are not in flight yet,
+/// at most [`CONCURRENCY`] in flight at once, each on its own thread, and returns at once — a
+/// merchant whose endpoint takes its time holds one slot until the HTTP timeout, never the
+/// tick nor another merchant's notification.
+pub struct Notifier {
+    agent: ureq::Agent,
+    in_flight: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl Notifier {
+    /// A notifier sending with `agent` (its timeout bounds a slow merchant's hold on a slot).
+    pub fn new(agent: ureq::Agent) -> Notifier {
+        Notifier {
+            agent,
+            in_flight: Default::default(),
+        }
+    }
+
+    /// Notifications being sent right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().expect("in-flight lock").len()
+    }
+
+    /// Starts sending the notifications due at `now_ms` that are not in flight, while fewer
+    /// than [`CONCURRENCY`] are; returns how many it started. Each records its outcome in the
+    /// ledger when its merchant answers (or the timeout passes).
+    pub fn start_due(
+        &self,
+        loads: &std::sync::Arc<LoadService>,
+        now_ms: u64,
+    ) -> Result<usize, NotifyError> {
+        let busy = self.in_flight();
+        if busy >= CONCURRENCY {
+            return Ok(0);
+        }
+        // The ones in flight are still due in the index (their outcome is not stored yet).
+        let due = {
+            let r = loads.ledger().read()?;
+            r.notifications_due(now_ms, busy + CONCURRENCY)?
+        };
+        let mut started = 0;
+        for n in due {
+            {
+                let mut flying = self.in_flight.lock().expect("in-flight lock");
+                if flying.len() >= CONCURRENCY {
+                    break;
+                }
+                if !flying.insert(n.payment_id.clone()) {
+                    continue;
+                }
+            }
+            let (loads, agent, flying) =
+                (loads.clone(), self.agent.clone(), self.in_flight.clone());
+            let (id, key) = (n.payment_id.clone(), n.payment_id.clone());
+            let spawned = std::thread::Builder::new()
+                .name("notify".into())
+                .spawn(move || {
+                    if let Err(e) = deliver_one(&loads, &agent, n, now_ms) {
+                        tracing::error!(%e, payment_id = %id, "storing a notification's outcome failed; retried");
+                    }
+                    flying.lock().expect("in-flight lock").remove(&id);
+                });
+            if let Err(e) = spawned {
+                tracing::error!(%e, "cannot start a notification thread; retried at the next tick");
+                self.in_flight.lock().expect("in-flight lock").remove(&key);
+                break;
+            }
+            started += 1;
+        }
+        Ok(started)
+    }
 }
 
 /// Why a round of deliveries stopped.

@@ -323,13 +323,15 @@ pub async fn serve_on(
     let loads = state.loads.clone();
     let clock = state.clock.clone();
     let gap_timeout_ms = cfg.limits.counter_gap_timeout_ms;
-    // Merchants' notifications go out from the same tick (an unreachable merchant costs at
-    // most this per attempt).
+    // Merchants' notifications are started from the same tick, a few at a time in their own
+    // threads (an unreachable merchant holds one for at most the timeout).
     // No redirects: a merchant's endpoint cannot bounce the signed POST elsewhere.
-    let notifier = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .redirects(0)
-        .build();
+    let notifier = crate::notify::Notifier::new(
+        ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .redirects(0)
+            .build(),
+    );
     let reaper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -350,12 +352,9 @@ pub async fn serve_on(
                 Ok(Err(e)) => tracing::error!(%e, "gap sweep failed; retried at the next tick"),
                 _ => {}
             }
-            let (loads, agent, now) = (loads.clone(), notifier.clone(), clock());
-            let sent = tokio::task::spawn_blocking(move || {
-                crate::notify::deliver_due(&loads, &agent, now)
-            })
-            .await;
-            if let Ok(Err(e)) = sent {
+            // Started, not awaited: a slow merchant holds one of the notifier's slots, never
+            // the tick.
+            if let Err(e) = notifier.start_due(&loads, clock()) {
                 tracing::error!(%e, "merchant notifications failed; retried at the next tick");
             }
         }

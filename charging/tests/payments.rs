@@ -1210,7 +1210,10 @@ fn a_payment_or_refund_in_another_currency_than_the_schemes_is_refused() {
     );
     assert_eq!(code, 400, "{body}");
     assert!(
-        body["detail"].as_str().unwrap_or_default().contains("cards hold KRW"),
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cards hold KRW"),
         "{body}"
     );
     let (code, body) = post_with_key(
@@ -1250,4 +1253,181 @@ fn a_payment_or_refund_in_another_currency_than_the_schemes_is_refused() {
         Err(e) => assert!(e.to_string().contains("currency \"won\""), "{e}"),
         Ok(_) => panic!("a currency of \"won\" was accepted"),
     }
+}
+
+/// A merchant's endpoint that takes its time: it reads each request, counts it, and answers
+/// 204 only once `release` is set. Each connection is served on its own thread.
+fn slow_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/slow", listener.local_addr().unwrap());
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, a) = (release.clone(), accepted.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let (r, a) = (r.clone(), a.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                a.fetch_add(1, Ordering::SeqCst);
+                while !r.load(Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            });
+        }
+    });
+    (url, release, accepted)
+}
+
+/// Notifications go out several at a time: a merchant whose endpoint hangs does not hold back
+/// another merchant's notification, which is delivered while the slow ones are still waiting
+/// for their answers; then every one is delivered once.
+#[test]
+fn a_slow_merchant_does_not_delay_another_merchants_notification() {
+    use std::sync::atomic::Ordering;
+    let w = world();
+    let (slow_url, release, accepted) = slow_receiver();
+    let fast = receiver();
+    fast.down.store(false, Ordering::SeqCst);
+    let mut card = w.card(95, 5_000, "alice");
+    let mut ids = Vec::new();
+    // The slow merchant's payments complete first: they are due first.
+    for (merchant, order, url) in [
+        (SHOP, "slow-1", slow_url.as_str()),
+        (SHOP, "slow-2", slow_url.as_str()),
+        (SHOP, "slow-3", slow_url.as_str()),
+        (OTHER, "fast-1", fast.url.as_str()),
+    ] {
+        let (code, body) = post(
+            &w.url("/v1/merchant/payments"),
+            merchant,
+            json!({"amount_minor": 100, "currency": "KRW", "order_id": order,
+                   "expires": rfc3339_in(600), "notify_url": url}),
+        );
+        assert_eq!(code, 201, "{body}");
+        let id = body["id"].as_str().unwrap().to_string();
+        completed(&w.pay(ALICE, &mut card, &id, order, None));
+        ids.push(id);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let loads = w.srv.state.loads.clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1_000;
+    let round = std::thread::spawn(move || {
+        // Longer than the test waits for the fast merchant: a sequential round would still be
+        // waiting on the slow one.
+        let agent = ureq::AgentBuilder::new()
+            .timeout(std::time::Duration::from_secs(60))
+            .build();
+        charging::notify::deliver_due(&loads, &agent, now).unwrap()
+    });
+    // The other merchant is told while the slow one has not answered a single notification.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fast.seen.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fast merchant was not told while the slow one hung ({} slow requests open)",
+            accepted.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!release.load(Ordering::SeqCst));
+    // The slow ones were all sent side by side, not one after the other.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while accepted.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slow ones not sent side by side"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    release.store(true, Ordering::SeqCst);
+    let done = round.join().unwrap();
+    assert_eq!((done.delivered, done.failed), (4, 0));
+    let r = w.srv.state.loads.ledger().read().unwrap();
+    for id in &ids {
+        let n = r.notification(id).unwrap().unwrap();
+        assert!(n.delivered_ms.is_some() && n.attempts == 1, "{n:?}");
+    }
+    assert!(r.notifications_due(u64::MAX, 100).unwrap().is_empty());
+    drop(r);
+    assert_eq!(fast.seen.lock().unwrap().len(), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "each slow one sent once");
+    w.conserved(&[&card]);
+}
+
+/// A delivery round reads only the notifications due, earliest due first (the due index), not
+/// every notification stored in the order of their payment ids.
+#[test]
+fn only_due_notifications_are_read_earliest_first() {
+    let w = world();
+    let ledger = w.srv.state.loads.ledger();
+    let n = |id: &str, next: u64, delivered: Option<u64>| charging::ledger::Notification {
+        payment_id: id.into(),
+        url: "https://shop.example/n".into(),
+        attempts: 0,
+        next_attempt_ms: next,
+        delivered_ms: delivered,
+        last_error: None,
+    };
+    let stored = [
+        n("pay_a", 300, None),
+        n("pay_b", 100, None),
+        n("pay_c", 200, None),
+        n("pay_d", 10_000, None),
+        n("pay_e", 50, Some(60)),
+    ];
+    ledger
+        .transact(move |t| {
+            for x in &stored {
+                t.put_notification(x)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let due = |now: u64, limit: usize| -> Vec<String> {
+        let r = ledger.read().unwrap();
+        r.notifications_due(now, limit)
+            .unwrap()
+            .into_iter()
+            .map(|n| n.payment_id)
+            .collect()
+    };
+    assert_eq!(due(500, 10), ["pay_b", "pay_c", "pay_a"]);
+    assert_eq!(due(150, 10), ["pay_b"]);
+    assert_eq!(due(500, 2), ["pay_b", "pay_c"]);
+    // A failed attempt moves it back; a delivered one leaves the index.
+    ledger
+        .transact(move |t| {
+            t.put_notification(&n("pay_b", 400, None))?;
+            t.put_notification(&n("pay_c", 200, Some(210)))
+        })
+        .unwrap();
+    assert_eq!(due(500, 10), ["pay_a", "pay_b"]);
+    assert_eq!(due(20_000, 10), ["pay_a", "pay_b", "pay_d"]);
 }

@@ -47,6 +47,9 @@ pub struct LedgerCore {
     payment_orders: Database<Str, Str>,
     /// Payment id → its notification to the merchant.
     notifications: Database<Str, SerdeJson<Notification>>,
+    /// Undelivered notifications by when they are due: next attempt (unix ms, u64 BE) ‖ payment
+    /// id → nothing. A delivery round reads only the due ones, in the order they fell due.
+    notifications_due: Database<Bytes, Bytes>,
     /// Merchants' refunds by id.
     refunds: Database<Str, SerdeJson<Refund>>,
 }
@@ -211,7 +214,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<15> = [
+const DATABASES: tapgate_lmdb::Databases<16> = [
     "balances",
     "postings",
     "load_intents",
@@ -227,6 +230,7 @@ const DATABASES: tapgate_lmdb::Databases<15> = [
     "payment_orders",
     "notifications",
     "refunds",
+    "notifications_due",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -236,9 +240,9 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due] =
             dbs;
-        Ok(LedgerCore {
+        let core = LedgerCore {
             env,
             balances: balances.remap_types(),
             postings: postings.remap_types(),
@@ -254,8 +258,14 @@ impl LedgerCore {
             payments: payments.remap_types(),
             payment_orders: payment_orders.remap_types(),
             notifications: notifications.remap_types(),
+            notifications_due: notifications_due.remap_types(),
             refunds: refunds.remap_types(),
-        })
+        };
+        // A ledger from before the due index: its undelivered notifications are indexed once.
+        let mut wtxn = core.env.write_txn()?;
+        core.index_notifications(&mut wtxn)?;
+        wtxn.commit()?;
+        Ok(core)
     }
 }
 
@@ -505,7 +515,7 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
     }
 
     fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {
-        Ok(self.core.notifications.put(self.txn, &n.payment_id, n)?)
+        self.core.put_notification(self.txn, n)
     }
 
     fn put_card(

@@ -6,6 +6,14 @@ fn order_key(merchant: &str, order_id: &str) -> String {
     format!("{merchant}\u{1f}{order_id}")
 }
 
+/// A notification's key in the due index: next attempt (u64 BE) ‖ payment id.
+fn due_key(next_attempt_ms: u64, payment_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + payment_id.len());
+    k.extend_from_slice(&next_attempt_ms.to_be_bytes());
+    k.extend_from_slice(payment_id.as_bytes());
+    k
+}
+
 impl LedgerCore {
     /// A payment by id.
     pub(super) fn payment(
@@ -69,13 +77,52 @@ impl LedgerCore {
                     delivered_ms: None,
                     last_error: None,
                 };
-                self.notifications.put(txn, &p.id, &n)?;
+                self.put_notification(txn, &n)?;
             }
         }
         Ok(p)
     }
 
-    /// Undelivered notifications due at `now_ms`, at most `limit`.
+    /// Stores a notification and keeps the due index in step: its old entry goes, a new one
+    /// at its next attempt while it is undelivered.
+    pub(super) fn put_notification(
+        &self,
+        txn: &mut RwTxn<'_>,
+        n: &Notification,
+    ) -> Result<(), LedgerError> {
+        if let Some(old) = self.notifications.get(txn, &n.payment_id)? {
+            self.notifications_due
+                .delete(txn, &due_key(old.next_attempt_ms, &old.payment_id))?;
+        }
+        self.notifications.put(txn, &n.payment_id, n)?;
+        if n.delivered_ms.is_none() {
+            self.notifications_due
+                .put(txn, &due_key(n.next_attempt_ms, &n.payment_id), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Indexes the undelivered notifications of a ledger written before the due index (one
+    /// scan, only while the index is empty).
+    pub(super) fn index_notifications(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
+        if !self.notifications_due.is_empty(txn)? {
+            return Ok(());
+        }
+        let undelivered: Vec<Notification> = self
+            .notifications
+            .iter(txn)?
+            .filter_map(|item| item.ok().map(|(_, n)| n))
+            .filter(|n| n.delivered_ms.is_none())
+            .collect();
+        for n in undelivered {
+            self.notifications_due
+                .put(txn, &due_key(n.next_attempt_ms, &n.payment_id), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Undelivered notifications due at `now_ms`, at most `limit`, earliest due first: read
+    /// from the due index, so a round costs what is due, not every notification ever stored.
     pub(super) fn notifications_due(
         &self,
         txn: &RoTxn<'_, WithoutTls>,
@@ -83,12 +130,23 @@ impl LedgerCore {
         limit: usize,
     ) -> Result<Vec<Notification>, LedgerError> {
         let mut out = Vec::new();
-        for item in self.notifications.iter(txn)? {
-            let (_, n) = item?;
-            if n.delivered_ms.is_none() && n.next_attempt_ms <= now_ms {
-                out.push(n);
-                if out.len() >= limit {
-                    break;
+        for item in self.notifications_due.iter(txn)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item?;
+            let Some((when, id)) = key.split_first_chunk::<8>() else {
+                continue;
+            };
+            if u64::from_be_bytes(*when) > now_ms {
+                break;
+            }
+            let Ok(id) = std::str::from_utf8(id) else {
+                continue;
+            };
+            if let Some(n) = self.notifications.get(txn, id)? {
+                if n.delivered_ms.is_none() && n.next_attempt_ms <= now_ms {
+                    out.push(n);
                 }
             }
         }
