@@ -5,7 +5,7 @@
 #   ./test.sh setup      only the set-up (CI runs it before clippy, which builds the PC/SC feature)
 # What it installs when absent (Debian packages, apt-get as root): Mosquitto (tests run the
 # gateway against it with the shipped ACL), libfaketime (a validator with its clock a day ahead),
-# SoftHSM2 (PKCS#11 tests), pcsc-lite's headers, pcscd and vsmartcard's virtual reader (PC/SC
+# SoftHSM2 (PKCS#11 tests), PostgreSQL (the ledger's second backend), pcsc-lite's headers, pcscd and vsmartcard's virtual reader (PC/SC
 # tests). The tests start their own brokers, servers and tokens on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,6 +26,8 @@ if ! command -v softhsm2-util >/dev/null 2>&1; then need_apt+=(softhsm2); fi
 if ! pkg-config --exists libpcsclite 2>/dev/null; then need_apt+=(libpcsclite-dev pkgconf); fi
 if ! command -v pcscd >/dev/null 2>&1 && [ ! -x /usr/sbin/pcscd ]; then need_apt+=(pcscd); fi
 if ! dpkg -s vsmartcard-vpcd >/dev/null 2>&1; then need_apt+=(vsmartcard-vpcd); fi
+# The PostgreSQL ledger's tests start throwaway clusters (initdb, postgres, pg_ctl) as the postgres user.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then need_apt+=(postgresql); fi
 # docs/operations.md's commands, which tests/operations_doc.rs runs, call the HTTP APIs with curl.
 if ! command -v curl >/dev/null 2>&1; then need_apt+=(curl); fi
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -335,9 +335,11 @@ fn clear(
         ..Default::default()
     };
     let good = verify_taps(hsm, batch.taps, &mut outcome)?;
-    let mut done = outcome;
+    let outcome_before = outcome;
     let stored_key = key.clone();
     let booked = ledger.transact(move |t| {
+        // A transaction the database runs again starts from the outcome before booking.
+        let mut done = outcome_before.clone();
         if let Some(v) = t.idempotent(&stored_key)? {
             match stored_answer(v, &done.batch_id, &digest) {
                 Ok(Some(o)) => return Ok((o, false)), // a concurrent retry won

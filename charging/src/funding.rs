@@ -514,7 +514,7 @@ impl PointsProgram {
                     && v["account"] == account.as_str()
                     && v["points"] == points;
                 if !same {
-                    return Ok(Err(EarnError::ReferenceReused(reference)));
+                    return Ok(Err(EarnError::ReferenceReused(reference.clone())));
                 }
                 earned.balance_points = t.balance(&holder)?;
                 earned.replayed = true;
@@ -522,7 +522,10 @@ impl PointsProgram {
             }
             match t.instrument(&program, &member)? {
                 Some(i) if i.owner != account => {
-                    return Ok(Err(EarnError::MemberOfAnotherAccount { program, member }))
+                    return Ok(Err(EarnError::MemberOfAnotherAccount {
+                        program: program.clone(),
+                        member: member.clone(),
+                    }))
                 }
                 Some(_) => {}
                 None => t.put_instrument(&crate::ledger::Instrument {

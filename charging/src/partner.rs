@@ -266,7 +266,7 @@ pub fn issue_voucher(
             order_id: order.order_id.clone(),
             kind: order.kind.clone(),
             amount_minor: order.amount_minor,
-            card_uid,
+            card_uid: card_uid.clone(),
             expires_ms: now_ms + valid_ms,
             state: "issued".into(),
             held_by: None,
@@ -313,7 +313,7 @@ impl VoucherSource {
     fn update(
         &self,
         code: &str,
-        f: impl FnOnce(&mut Voucher) -> Result<bool, FundingError> + Send + 'static,
+        mut f: impl FnMut(&mut Voucher) -> Result<bool, FundingError> + Send + 'static,
     ) -> Result<Voucher, FundingError> {
         let code = code.to_string();
         self.ledger.transact(move |t| {
@@ -376,7 +376,7 @@ impl FundingSource for VoucherSource {
                 }
             }
             v.state = "held".into();
-            v.held_by = Some(reference);
+            v.held_by = Some(reference.clone());
             Ok(true)
         })?;
         // The authorisation goes by the code's hash (it is stored in the intent and logged);
@@ -384,7 +384,7 @@ impl FundingSource for VoucherSource {
         let id = voucher_id(&v.code);
         let (key, code) = (auth_index_key(&id), v.code);
         self.ledger
-            .transact(move |t| t.put_idempotent(&key, &serde_json::Value::String(code)))?;
+            .transact(move |t| t.put_idempotent(&key, &serde_json::Value::String(code.clone())))?;
         Ok(id)
     }
 

@@ -7,6 +7,7 @@
 //!   announces its address;
 //! - [`mosquitto`]: Mosquitto with a password file and the shipped ACL or configuration;
 //! - [`metrics`]: samples read from the Prometheus text of `/metrics`;
+//! - [`postgres`]: a throwaway PostgreSQL cluster and a database per test;
 //! - [`fixtures`]: bearer tokens, personalised cards, value transactions, signed taps;
 //! - `http` (feature `http`): the JSON calls with a bearer token the tests make;
 //! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
@@ -24,6 +25,7 @@ pub mod fixtures;
 pub mod metrics;
 pub mod mosquitto;
 pub mod net;
+pub mod postgres;
 pub mod process;
 pub mod wait;
 

@@ -28,12 +28,19 @@
 //! [`Anomaly`], …) are the ledger's own: the callers decide what goes in them.
 //!
 //! The first backend is LMDB ([`LmdbLedger`], `lmdb/`: the databases, a group committer that
-//! shares one fsync between concurrent transactions, one file per concern). A second backend
-//! (PostgreSQL) implements [`LedgerRead`] and [`LedgerWrite`] and becomes a variant of
-//! [`Ledger`]'s backend; no service changes.
+//! shares one fsync between concurrent transactions, one file per concern), the default. The
+//! second is PostgreSQL ([`PgLedger`], `postgres/`: versioned migrations in
+//! `charging/migrations/`, `SERIALIZABLE` transactions on connection threads of their own,
+//! retried on conflicts); [`Ledger::open_postgres`] opens it, and no service changes.
+//!
+//! A transaction's closure is `FnMut`: the database backend runs it again from the start when
+//! the database aborts its transaction (a serialization failure, a deadlock), so a closure
+//! must not consume what it captured (clone it instead) and must have no effect outside the
+//! ledger that a second run would repeat.
 
 mod interface;
 mod lmdb;
+pub mod postgres;
 mod records;
 
 pub use interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
@@ -41,6 +48,7 @@ pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,
     GROUP_COMMIT_QUEUE_JOBS,
 };
+pub use postgres::{PgConfig, PgLedger};
 pub use records::*;
 use std::path::Path;
 
@@ -115,6 +123,20 @@ pub enum LedgerError {
     /// The ledger's environment could not be opened (directory, map size, LMDB).
     #[error("opening the ledger: {0}")]
     Open(#[from] tapgate_lmdb::OpenError),
+    /// The ledger's database could not be reached (refused, lost, a bad URL), after the
+    /// retries its transactions take: nothing of the transaction is durable.
+    #[error("ledger database unavailable: {0}")]
+    Unavailable(String),
+    /// The connection to the ledger's database was lost while it committed: the transaction
+    /// may or may not be durable (read it back before doing it again).
+    #[error("ledger database lost during commit, outcome unknown: {0}")]
+    CommitUnknown(String),
+    /// The ledger's database refused a statement (not a conflict: those are retried).
+    #[error("ledger database: {0}")]
+    Database(String),
+    /// The ledger database's schema is not the one this build knows.
+    #[error("ledger schema: {0}")]
+    Schema(String),
     /// The ledger directory could not be prepared, or its committer thread not started.
     #[error("ledger directory {path}: {source}")]
     Dir {
@@ -171,6 +193,8 @@ pub struct Ledger {
 enum Backend {
     /// LMDB, in the charging server's data directory.
     Lmdb(LmdbLedger),
+    /// PostgreSQL (`[ledger] kind = "postgres"`).
+    Postgres(PgLedger),
 }
 
 impl Ledger {
@@ -182,22 +206,44 @@ impl Ledger {
         })
     }
 
+    /// Connects to the PostgreSQL ledger `cfg` names, refusing a database whose schema is not
+    /// the one this build knows ([`LedgerError::Schema`]: `tapgate charging migrate` applies
+    /// the migrations). Its connections live on threads of their own, so it may be opened and
+    /// used from any thread, a tokio worker included.
+    pub fn open_postgres(cfg: PgConfig) -> Result<Ledger, LedgerError> {
+        // The schema check connects on a connection thread too.
+        Ok(Ledger {
+            backend: Backend::Postgres(PgLedger::open(cfg)?),
+        })
+    }
+
+    /// Which backend holds the ledger: `lmdb` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Lmdb(_) => "lmdb",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
     /// A consistent read snapshot.
     pub fn read(&self) -> Result<Box<dyn LedgerRead + '_>, LedgerError> {
         match &self.backend {
             Backend::Lmdb(l) => Ok(Box::new(l.read()?)),
+            Backend::Postgres(p) => Ok(Box::new(p.read()?)),
         }
     }
 
     /// Runs `f` in one write transaction and returns once it is durable (committed together
     /// with concurrent callers' transactions). If `f` fails, only its own writes are rolled
-    /// back.
+    /// back. On PostgreSQL `f` may run more than once (a conflict rolls back its transaction
+    /// and runs it again): only the run that commits counts.
     pub fn transact<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+        f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
         match &self.backend {
             Backend::Lmdb(l) => l.transact(f),
+            Backend::Postgres(p) => p.transact(f),
         }
     }
 
@@ -206,6 +252,7 @@ impl Ledger {
     pub fn close(self) {
         match self.backend {
             Backend::Lmdb(l) => l.close(),
+            Backend::Postgres(p) => p.close(),
         }
     }
 }

@@ -160,7 +160,7 @@ impl LoadService {
                     );
                     t.record_anomaly(&crate::ledger::Anomaly {
                         kind: "registration_mismatch".into(),
-                        card_uid: uid_hex,
+                        card_uid: uid_hex.clone(),
                         tmc: 0,
                         device_id: 0,
                         device_seq: 0,

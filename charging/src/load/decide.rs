@@ -301,13 +301,13 @@ impl LoadService {
         self.ledger
             .transact(move |t| match t.instrument(&source_name, &id)? {
                 Some(i) if i.owner == caller => Ok(Ok(false)),
-                Some(_) => Ok(Err(LoadError::InstrumentTaken(taken))),
+                Some(_) => Ok(Err(LoadError::InstrumentTaken(taken.clone()))),
                 None => {
                     t.put_instrument(&crate::ledger::Instrument {
-                        source: source_name,
-                        id,
+                        source: source_name.clone(),
+                        id: id.clone(),
                         owner: caller.clone(),
-                        registered_by: caller,
+                        registered_by: caller.clone(),
                         registered_ms: now_ms,
                     })?;
                     Ok(Ok(true))

@@ -1,0 +1,475 @@
+//! The ledger in PostgreSQL: the same [`LedgerRead`] / [`LedgerWrite`] over SQL tables
+//! (`charging/migrations/`), exactly-once enforced by the database.
+//!
+//! ## Threads
+//!
+//! The synchronous `postgres` client runs its own small runtime and panics when it is used on a
+//! thread that drives a tokio runtime — and the ledger is called from tokio workers (the load
+//! service's background tick, the API's handlers). So no connection is ever used on the
+//! caller's thread: each connection is owned by a dedicated OS thread ([`Conn`]) that runs the
+//! jobs sent to it, one at a time. [`PgLedger::transact`] sends the whole closure to such a
+//! thread (the closure is `Send + 'static` for the LMDB committer already) and waits for its
+//! answer; a [`PgRead`] leases one connection thread for its snapshot and sends each read to
+//! it. Waiting on a channel is all a caller does, from whatever thread.
+//!
+//! ## Transactions
+//!
+//! A write transaction runs at `SERIALIZABLE`: every closure behaves as if it ran alone, as it
+//! does under LMDB's single writer, so the ledger's steps (read a shadow, decide, write it back)
+//! need no explicit locks. Unique keys back the rules up (one live intent per card counter, one
+//! payment per merchant order, one posting sequence). A transaction the database aborts — a
+//! serialization failure (SQLSTATE 40001), a deadlock (40P01), a unique key taken by a
+//! concurrent transaction (23505) — is rolled back and the closure run again from the start
+//! (hence `FnMut`), up to [`MAX_ATTEMPTS`] times with a growing, jittered pause. A connection
+//! refused or lost before `COMMIT` is retried the same way on a new connection (for up to
+//! [`PgConfig::connect_timeout`]); one lost *during* `COMMIT` is reported
+//! ([`LedgerError::CommitUnknown`]), never retried blindly. A read snapshot is `REPEATABLE READ
+//! READ ONLY`.
+//!
+//! Any database error inside a closure poisons its transaction: even if the closure ignores the
+//! error and returns `Ok`, nothing commits and `transact` returns the error (or retries).
+
+mod read;
+mod schema;
+mod write;
+
+pub use read::PgRead;
+pub use schema::{migrate, schema_version, MIGRATIONS};
+pub use write::PgWrite;
+
+use super::interface::LedgerWrite;
+use super::LedgerError;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most runs of one transaction's closure (serialization failures, deadlocks, lost connections).
+pub const MAX_ATTEMPTS: u32 = 40;
+
+/// How to reach the database. The password is never printed ([`std::fmt::Debug`] hides it).
+#[derive(Clone)]
+pub struct PgConfig {
+    /// `postgres://user@host:port/db` (a password in the URL works but is discouraged: the
+    /// config file names `password_file` or `password_env` instead).
+    pub url: String,
+    /// The password, read from the file or environment variable the config names.
+    pub password: Option<zeroize::Zeroizing<String>>,
+    /// Most connections (one thread each).
+    pub max_connections: usize,
+    /// How long a transaction keeps trying to reach a database that refuses connections.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &redact_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// The URL with any password in it replaced (for messages).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<hidden>{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl PgConfig {
+    /// A config for `url` with `password` and the defaults (16 connections, 10 s to connect).
+    pub fn new(url: &str, password: Option<&str>) -> PgConfig {
+        PgConfig {
+            url: url.to_string(),
+            password: password.map(|p| zeroize::Zeroizing::new(p.to_string())),
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn client_config(&self) -> Result<postgres::Config, LedgerError> {
+        let mut c: postgres::Config = self.url.parse().map_err(|e| {
+            LedgerError::Unavailable(format!("ledger url {}: {e}", redact_url(&self.url)))
+        })?;
+        if let Some(p) = &self.password {
+            c.password(p.as_bytes());
+        }
+        c.application_name("tapgate-charging");
+        c.connect_timeout(Duration::from_secs(5));
+        Ok(c)
+    }
+
+    /// Connects once (on the calling thread: only from threads without a tokio runtime, such
+    /// as the connection threads and the `migrate` command).
+    fn connect(&self) -> Result<postgres::Client, LedgerError> {
+        self.client_config()?
+            .connect(postgres::NoTls)
+            .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", redact_url(&self.url))))
+    }
+}
+
+/// A connection and its prepared statements, owned by one connection thread.
+pub(crate) struct Session {
+    cfg: Arc<PgConfig>,
+    client: Option<postgres::Client>,
+    statements: std::collections::HashMap<&'static str, postgres::Statement>,
+}
+
+impl Session {
+    /// The connection, (re)connected if it is missing or closed.
+    fn client(&mut self) -> Result<&mut postgres::Client, LedgerError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.statements.clear();
+            self.client = None;
+            self.client = Some(self.cfg.connect()?);
+        }
+        Ok(self.client.as_mut().expect("just connected"))
+    }
+
+    /// Forgets a connection that failed (the next job connects afresh).
+    fn drop_client(&mut self) {
+        self.client = None;
+        self.statements.clear();
+    }
+}
+
+/// A statement run through the session's cache of prepared statements.
+pub(crate) struct Db<'s> {
+    client: &'s mut postgres::Client,
+    statements: &'s mut std::collections::HashMap<&'static str, postgres::Statement>,
+    /// The first error of the transaction (it aborts the transaction, whatever the caller
+    /// does with it).
+    failure: Option<Failure>,
+}
+
+/// How a statement failed: whether the transaction may run again, whether the connection is
+/// gone, and the error as the ledger reports it.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    retryable: bool,
+    lost: bool,
+    error: String,
+}
+
+impl<'s> Db<'s> {
+    fn new(
+        client: &'s mut postgres::Client,
+        statements: &'s mut std::collections::HashMap<&'static str, postgres::Statement>,
+    ) -> Db<'s> {
+        Db {
+            client,
+            statements,
+            failure: None,
+        }
+    }
+
+    fn note<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+        if let Err(e) = &r {
+            if self.failure.is_none() {
+                self.failure = Some(Failure {
+                    retryable: retryable(e),
+                    lost: lost(e),
+                    error: e.to_string(),
+                });
+            }
+        }
+        r
+    }
+
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql);
+        let s = self.note(s)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// Rows of `sql`.
+    pub(crate) fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        let r = self.client.query(&s, params);
+        self.note(r)
+    }
+
+    /// At most one row of `sql`.
+    pub(crate) fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Option<postgres::Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        let r = self.client.query_opt(&s, params);
+        self.note(r)
+    }
+
+    /// Runs `sql`; the rows it changed.
+    pub(crate) fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let s = self.statement(sql)?;
+        let r = self.client.execute(&s, params);
+        self.note(r)
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Session) + Send>;
+
+/// One connection thread: it owns a [`Session`] and runs the jobs sent to it in order.
+struct Conn {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Conn {
+    fn spawn(cfg: Arc<PgConfig>, n: usize) -> Result<Conn, LedgerError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name(format!("ledger-pg-{n}"))
+            .spawn(move || {
+                let mut s = Session {
+                    cfg,
+                    client: None,
+                    statements: Default::default(),
+                };
+                while let Ok(job) = rx.recv() {
+                    job(&mut s);
+                }
+            })
+            .map_err(|e| LedgerError::Unavailable(format!("starting a connection thread: {e}")))?;
+        Ok(Conn { jobs: tx })
+    }
+
+    /// Runs `f` on the connection thread and waits for its answer.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Session) -> T + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .send(Box::new(move |s| {
+                let _ = tx.send(f(s));
+            }))
+            .map_err(|_| stopped())?;
+        rx.recv().map_err(|_| stopped())
+    }
+
+    /// Sends `f` without waiting.
+    fn post(&self, f: impl FnOnce(&mut Session) + Send + 'static) {
+        let _ = self.jobs.send(Box::new(f));
+    }
+}
+
+fn stopped() -> LedgerError {
+    LedgerError::Commit("a ledger connection thread stopped".into())
+}
+
+struct Pool {
+    cfg: Arc<PgConfig>,
+    idle: Mutex<(Vec<Conn>, usize)>,
+    freed: Condvar,
+}
+
+/// A connection thread lent to one caller; back to the pool on drop.
+pub(crate) struct Lease {
+    pool: Arc<Pool>,
+    conn: Option<Conn>,
+}
+
+impl Lease {
+    fn conn(&self) -> &Conn {
+        self.conn.as_ref().expect("leased")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.0.push(c);
+            self.pool.freed.notify_one();
+        }
+    }
+}
+
+impl Pool {
+    fn lease(self: &Arc<Self>) -> Result<Lease, LedgerError> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(conn) = idle.0.pop() {
+                return Ok(Lease {
+                    pool: self.clone(),
+                    conn: Some(conn),
+                });
+            }
+            if idle.1 < self.cfg.max_connections.max(1) {
+                idle.1 += 1;
+                let n = idle.1;
+                drop(idle);
+                let conn = Conn::spawn(self.cfg.clone(), n);
+                if conn.is_err() {
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                }
+                return Ok(Lease {
+                    pool: self.clone(),
+                    conn: Some(conn?),
+                });
+            }
+            idle = self.freed.wait(idle).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The PostgreSQL ledger: a pool of connection threads (cheap to clone).
+#[derive(Clone)]
+pub struct PgLedger {
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for PgLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLedger")
+            .field("cfg", &self.pool.cfg)
+            .finish()
+    }
+}
+
+impl PgLedger {
+    /// Connects and checks that the database holds exactly the schema this build knows
+    /// ([`MIGRATIONS`]): an empty database, or an older or newer schema, is refused with what
+    /// to do ([`LedgerError::Schema`]). `tapgate charging migrate` applies the migrations.
+    pub fn open(cfg: PgConfig) -> Result<PgLedger, LedgerError> {
+        let l = PgLedger {
+            pool: Arc::new(Pool {
+                cfg: Arc::new(cfg),
+                idle: Mutex::new((Vec::new(), 0)),
+                freed: Condvar::new(),
+            }),
+        };
+        let lease = l.pool.lease()?;
+        lease.conn().run(|s| {
+            let client = s.client()?;
+            schema::check(client)
+        })??;
+        Ok(l)
+    }
+
+    /// A consistent read snapshot (`REPEATABLE READ READ ONLY`), holding one connection until
+    /// it is dropped.
+    pub fn read(&self) -> Result<PgRead, LedgerError> {
+        PgRead::begin(self.pool.lease()?)
+    }
+
+    /// Runs `f` in one `SERIALIZABLE` transaction, on a connection thread, and returns once it
+    /// committed; a transaction the database aborts (serialization failure, deadlock, a unique
+    /// key taken concurrently, a connection lost before `COMMIT`) is rolled back and `f` run
+    /// again. If `f` fails, nothing of it commits.
+    pub fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let lease = self.pool.lease()?;
+        lease.conn().run(move |s| write::run(s, f))?
+    }
+
+    /// The retries taken so far by this process's transactions (serialization failures,
+    /// deadlocks, lost connections): tests and the bench read it.
+    pub fn retries() -> u64 {
+        write::RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Ends this handle; connection threads end when the last handle is gone.
+    pub fn close(self) {}
+}
+
+/// The pause before attempt `attempt` (1-based) of a transaction: 1 ms doubling to 100 ms, with
+/// jitter so that two conflicting transactions do not collide again in step.
+fn backoff(attempt: u32) -> Duration {
+    let base = 1u64 << attempt.min(7);
+    let ms = base.min(100);
+    let jitter = rand::random::<u64>() % (ms + 1);
+    Duration::from_micros((ms * 1_000) / 2 + jitter * 500)
+}
+
+/// Whether a database error ends the transaction but not the attempt: the closure may run again.
+fn retryable(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    match e.code() {
+        Some(c) => {
+            *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::UNIQUE_VIOLATION
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || c.code().starts_with("08")
+        }
+        None => e.is_closed() || lost(e),
+    }
+}
+
+/// Whether the error is the connection's (the server went away, a socket error).
+fn lost(e: &postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        src = s.source();
+    }
+    e.code().is_some_and(|c| {
+        c.code().starts_with("08")
+            || *c == postgres::error::SqlState::ADMIN_SHUTDOWN
+            || *c == postgres::error::SqlState::CANNOT_CONNECT_NOW
+    })
+}
+
+/// A database error as the ledger reports it.
+fn db_error(e: &postgres::Error) -> LedgerError {
+    if lost(e) {
+        LedgerError::Unavailable(e.to_string())
+    } else if e.code() == Some(&postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+        LedgerError::InvalidPosting("a number would overflow")
+    } else {
+        LedgerError::Database(match e.as_db_error() {
+            Some(d) => format!("{} ({})", d.message(), d.code().code()),
+            None => e.to_string(),
+        })
+    }
+}
+
+/// When a deadline passed.
+fn past(deadline: Instant) -> bool {
+    Instant::now() >= deadline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_never_shows() {
+        let c = PgConfig::new("postgres://u:secret@h:1/db", Some("hunter2"));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,524 @@
+//! Reads: the queries behind [`LedgerRead`] (shared by a snapshot and a write transaction),
+//! and [`PgRead`], a `REPEATABLE READ READ ONLY` snapshot on a leased connection thread.
+
+use super::{db_error, Db, Lease, LedgerError};
+use crate::ledger::interface::LedgerRead;
+use crate::ledger::records::*;
+use serde::de::DeserializeOwned;
+
+/// A u64 the ledger keeps (times, counters, numbers) as a bigint.
+pub(super) fn big(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A bigint back to the u64 it was.
+pub(super) fn unbig(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(super) fn uid_hex(uid: &[u8; 7]) -> String {
+    hex::encode_upper(uid)
+}
+
+/// A record from its jsonb column (a record that no longer parses is an error, never a default).
+fn record<T: DeserializeOwned>(row: &postgres::Row, col: &str) -> Result<T, LedgerError> {
+    let v: serde_json::Value = row.get(col);
+    serde_json::from_value(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
+}
+
+/// The queries: each takes the statement runner and owned-or-borrowed arguments and returns
+/// the record, so a snapshot and a write transaction run the very same SQL.
+pub(super) mod q {
+    use super::*;
+
+    pub fn balance(db: &mut Db<'_>, account: &str) -> Result<i64, LedgerError> {
+        let row = db
+            .query_opt(
+                "SELECT balance_minor FROM balances WHERE account = $1",
+                &[&account],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    pub fn balances(db: &mut Db<'_>) -> Result<Vec<(String, i64)>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT account, balance_minor FROM balances ORDER BY account",
+                &[],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub fn postings_with_prefix(
+        db: &mut Db<'_>,
+        prefix: &str,
+    ) -> Result<Vec<Posting>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT seq, time_ms, from_account, to_account, amount_minor, reference FROM postings \
+                 WHERE starts_with(reference, $1) ORDER BY seq",
+                &[&prefix],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(rows
+            .iter()
+            .map(|r| Posting {
+                seq: unbig(r.get(0)),
+                time_ms: unbig(r.get(1)),
+                from: r.get(2),
+                to: r.get(3),
+                amount_minor: r.get(4),
+                reference: r.get(5),
+            })
+            .collect())
+    }
+
+    pub fn card_opt(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
+        let row = db
+            .query_opt("SELECT record FROM cards WHERE uid = $1", &[&uid_hex(uid)])
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| record(&r, "record")).transpose()
+    }
+
+    pub fn funding_day_total(
+        db: &mut Db<'_>,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError> {
+        let row = db
+            .query_opt(
+                "SELECT total_minor FROM funding_days WHERE source = $1 AND instrument = $2 AND day = $3",
+                &[&source, &instrument, &big(day)],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map(|r| r.get(0)).unwrap_or(0))
+    }
+
+    pub fn anomalies(
+        db: &mut Db<'_>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
+        let last: i64 = db
+            .query_opt(
+                "SELECT last FROM ledger_sequences WHERE name = 'anomalies'",
+                &[],
+            )
+            .map_err(|e| db_error(&e))?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let rows = db
+            .query(
+                "SELECT seq, record FROM anomalies WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&big(after), &big(limit as u64)],
+            )
+            .map_err(|e| db_error(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push((unbig(r.get(0)), record(r, "record")?));
+        }
+        Ok((out, unbig(last)))
+    }
+
+    pub fn all_cards(db: &mut Db<'_>) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        let rows = db
+            .query("SELECT uid, record FROM cards ORDER BY uid", &[])
+            .map_err(|e| db_error(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let uid: String = r.get(0);
+            if let Some(uid) = hex::decode(&uid)
+                .ok()
+                .and_then(|b| <[u8; 7]>::try_from(b).ok())
+            {
+                out.push((uid, record(r, "record")?));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn block_changes(
+        db: &mut Db<'_>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
+        let latest: i64 = db
+            .query_opt(
+                "SELECT last FROM ledger_sequences WHERE name = 'block_changes'",
+                &[],
+            )
+            .map_err(|e| db_error(&e))?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        // `after` comes from a query string: u64::MAX has no next version.
+        if after.checked_add(1).is_none() {
+            return Ok((Vec::new(), unbig(latest)));
+        }
+        let rows = db
+            .query(
+                "SELECT version, card_uid, action, reason, time_ms FROM block_changes \
+                 WHERE version > $1 ORDER BY version LIMIT $2",
+                &[&big(after), &big(limit as u64)],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok((
+            rows.iter()
+                .map(|r| BlockChange {
+                    version: unbig(r.get(0)),
+                    card_uid: r.get(1),
+                    action: r.get(2),
+                    reason: r.get(3),
+                    time_ms: unbig(r.get(4)),
+                })
+                .collect(),
+            unbig(latest),
+        ))
+    }
+
+    pub fn voucher(db: &mut Db<'_>, code: &str) -> Result<Option<Voucher>, LedgerError> {
+        let row = db
+            .query_opt("SELECT record FROM vouchers WHERE code = $1", &[&code])
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| record(&r, "record")).transpose()
+    }
+
+    /// A card counter's intents, by attempt.
+    pub fn intents_at(
+        db: &mut Db<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+    ) -> Result<Vec<LoadIntent>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT record FROM load_intents WHERE uid = $1 AND tmc_before = $2 ORDER BY attempt",
+                &[&uid_hex(uid), &i64::from(tmc_before)],
+            )
+            .map_err(|e| db_error(&e))?;
+        rows.iter().map(|r| record(r, "record")).collect()
+    }
+
+    pub fn intent(
+        db: &mut Db<'_>,
+        uid: &[u8; 7],
+        tmc_before: u32,
+    ) -> Result<Option<LoadIntent>, LedgerError> {
+        let all = intents_at(db, uid, tmc_before)?;
+        let live = all.iter().find(|i| i.state != IntentState::Voided).cloned();
+        Ok(live.or_else(|| all.last().cloned()))
+    }
+
+    pub fn open_intents(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT record FROM load_intents WHERE uid = $1 AND state = 'authorised' \
+                 ORDER BY tmc_before, attempt",
+                &[&uid_hex(uid)],
+            )
+            .map_err(|e| db_error(&e))?;
+        rows.iter().map(|r| record(r, "record")).collect()
+    }
+
+    pub fn all_intents(db: &mut Db<'_>) -> Result<Vec<LoadIntent>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT record FROM load_intents ORDER BY uid, tmc_before, attempt",
+                &[],
+            )
+            .map_err(|e| db_error(&e))?;
+        rows.iter().map(|r| record(r, "record")).collect()
+    }
+
+    pub fn idempotent(
+        db: &mut Db<'_>,
+        key: &str,
+    ) -> Result<Option<serde_json::Value>, LedgerError> {
+        let row = db
+            .query_opt("SELECT answer FROM idempotency WHERE key = $1", &[&key])
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub fn instrument(
+        db: &mut Db<'_>,
+        source: &str,
+        id: &str,
+    ) -> Result<Option<Instrument>, LedgerError> {
+        let row = db
+            .query_opt(
+                "SELECT record FROM instruments WHERE source = $1 AND id = $2",
+                &[&source, &id],
+            )
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| record(&r, "record")).transpose()
+    }
+
+    pub fn instruments_of(db: &mut Db<'_>, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT record FROM instruments WHERE owner = $1 ORDER BY source, id",
+                &[&owner],
+            )
+            .map_err(|e| db_error(&e))?;
+        rows.iter().map(|r| record(r, "record")).collect()
+    }
+
+    pub fn payment(db: &mut Db<'_>, id: &str) -> Result<Option<Payment>, LedgerError> {
+        let row = db
+            .query_opt("SELECT record FROM payments WHERE id = $1", &[&id])
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| record(&r, "record")).transpose()
+    }
+
+    pub fn payment_for_order(
+        db: &mut Db<'_>,
+        merchant: &str,
+        order_id: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let row = db
+            .query_opt(
+                "SELECT id FROM payments WHERE merchant = $1 AND order_id = $2",
+                &[&merchant, &order_id],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub fn refund(db: &mut Db<'_>, id: &str) -> Result<Option<Refund>, LedgerError> {
+        let row = db
+            .query_opt("SELECT record FROM refunds WHERE id = $1", &[&id])
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| record(&r, "record")).transpose()
+    }
+
+    pub fn refunds_uncollected(
+        db: &mut Db<'_>,
+        made_by_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Refund>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT record FROM refunds WHERE state = 'pending' AND created_ms <= $1 \
+                 ORDER BY created_ms, id LIMIT $2",
+                &[&big(made_by_ms), &big(limit as u64)],
+            )
+            .map_err(|e| db_error(&e))?;
+        rows.iter().map(|r| record(r, "record")).collect()
+    }
+
+    pub fn notification(
+        db: &mut Db<'_>,
+        payment_id: &str,
+    ) -> Result<Option<Notification>, LedgerError> {
+        let row = db
+            .query_opt(
+                "SELECT record FROM notifications WHERE payment_id = $1",
+                &[&payment_id],
+            )
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| record(&r, "record")).transpose()
+    }
+
+    pub fn notifications_due(
+        db: &mut Db<'_>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Notification>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT record FROM notifications WHERE NOT delivered AND next_attempt_ms <= $1 \
+                 ORDER BY next_attempt_ms, payment_id LIMIT $2",
+                &[&big(now_ms), &big(limit as u64)],
+            )
+            .map_err(|e| db_error(&e))?;
+        rows.iter().map(|r| record(r, "record")).collect()
+    }
+}
+
+/// A read snapshot of the PostgreSQL ledger: one leased connection thread in a
+/// `REPEATABLE READ READ ONLY` transaction, ended when the snapshot drops.
+pub struct PgRead {
+    lease: Lease,
+}
+
+impl PgRead {
+    pub(super) fn begin(lease: Lease) -> Result<PgRead, LedgerError> {
+        lease.conn().run(|s| {
+            let c = s.client()?;
+            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .map_err(|e| {
+                    let err = db_error(&e);
+                    if super::lost(&e) {
+                        s.drop_client();
+                    }
+                    err
+                })
+        })??;
+        Ok(PgRead { lease })
+    }
+
+    /// Runs one query of the snapshot on its connection thread.
+    fn q<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        self.lease.conn().run(move |s| {
+            let Some(client) = s.client.as_mut() else {
+                return Err(LedgerError::Unavailable(
+                    "the snapshot's connection is gone".into(),
+                ));
+            };
+            let mut db = Db::new(client, &mut s.statements);
+            let out = f(&mut db);
+            if db.failure.as_ref().is_some_and(|f| f.lost) {
+                s.drop_client();
+            }
+            out
+        })?
+    }
+}
+
+impl Drop for PgRead {
+    fn drop(&mut self) {
+        // Queued before the lease returns: the next user's jobs run after it.
+        self.lease.conn().post(|s| {
+            if let Some(c) = s.client.as_mut() {
+                if c.batch_execute("COMMIT").is_err() {
+                    s.drop_client();
+                }
+            }
+        });
+    }
+}
+
+impl LedgerRead for PgRead {
+    fn balance(&self, account: &str) -> Result<i64, LedgerError> {
+        let account = account.to_string();
+        self.q(move |db| q::balance(db, &account))
+    }
+
+    fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.q(q::balances)
+    }
+
+    fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
+        let prefix = prefix.to_string();
+        self.q(move |db| q::postings_with_prefix(db, &prefix))
+    }
+
+    fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| Ok(q::card_opt(db, &uid)?.unwrap_or_default()))
+    }
+
+    fn funding_day_total(
+        &self,
+        source: &str,
+        instrument: &str,
+        day: u64,
+    ) -> Result<i64, LedgerError> {
+        let (source, instrument) = (source.to_string(), instrument.to_string());
+        self.q(move |db| q::funding_day_total(db, &source, &instrument, day))
+    }
+
+    fn anomalies(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
+        self.q(move |db| q::anomalies(db, after, limit))
+    }
+
+    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        self.q(q::all_cards)
+    }
+
+    fn block_changes(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
+        self.q(move |db| q::block_changes(db, after, limit))
+    }
+
+    fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
+        let code = code.to_string();
+        self.q(move |db| q::voucher(db, &code))
+    }
+
+    fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| Ok(q::card_opt(db, &uid)?.is_some()))
+    }
+
+    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| q::intent(db, &uid, tmc_before))
+    }
+
+    fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| q::open_intents(db, &uid))
+    }
+
+    fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
+        self.q(q::all_intents)
+    }
+
+    fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+        let key = key.to_string();
+        self.q(move |db| q::idempotent(db, &key))
+    }
+
+    fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
+        let (source, id) = (source.to_string(), id.to_string());
+        self.q(move |db| q::instrument(db, &source, &id))
+    }
+
+    fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
+        let owner = owner.to_string();
+        self.q(move |db| q::instruments_of(db, &owner))
+    }
+
+    fn payment(&self, id: &str) -> Result<Option<Payment>, LedgerError> {
+        let id = id.to_string();
+        self.q(move |db| q::payment(db, &id))
+    }
+
+    fn payment_for_order(
+        &self,
+        merchant: &str,
+        order_id: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        let (merchant, order_id) = (merchant.to_string(), order_id.to_string());
+        self.q(move |db| q::payment_for_order(db, &merchant, &order_id))
+    }
+
+    fn refund(&self, id: &str) -> Result<Option<Refund>, LedgerError> {
+        let id = id.to_string();
+        self.q(move |db| q::refund(db, &id))
+    }
+
+    fn refunds_uncollected(
+        &self,
+        made_by_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Refund>, LedgerError> {
+        self.q(move |db| q::refunds_uncollected(db, made_by_ms, limit))
+    }
+
+    fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
+        let id = payment_id.to_string();
+        self.q(move |db| q::notification(db, &id))
+    }
+
+    fn notifications_due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Notification>, LedgerError> {
+        self.q(move |db| q::notifications_due(db, now_ms, limit))
+    }
+}

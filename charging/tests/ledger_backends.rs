@@ -1,0 +1,782 @@
+//! The ledger's behaviour through its interface, the same test run on each backend (LMDB and
+//! PostgreSQL, a throwaway cluster and database per test), and what only the database backend
+//! has: exactly-once under concurrent transactions, retried conflicts, the schema check, the
+//! migrations, a refused connection.
+
+use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
+use charging::funding::{FundingSource, SandboxProcessor};
+use charging::ledger::postgres::{self, MIGRATIONS};
+use charging::ledger::*;
+use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
+use purse::apdu::ins;
+use purse::keys::{KeyKind, KeySet};
+use purse::sam::{SoftwareHsm, SoftwareSam};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+use tapgate_testkit::charging::relay_in_process;
+use tapgate_testkit::fixtures::{transit_card, value_tx};
+use tapgate_testkit::postgres::TestDb;
+
+const T0: u64 = 1_700_000_000_000;
+
+/// A backend under test; the cluster (for PostgreSQL) lives as long as it.
+struct Under {
+    ledger: Option<Ledger>,
+    _dir: tempfile::TempDir,
+    db: Option<TestDb>,
+}
+
+impl Under {
+    fn lmdb() -> Under {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+        Under {
+            ledger: Some(ledger),
+            _dir: dir,
+            db: None,
+        }
+    }
+
+    fn postgres() -> Under {
+        let db = TestDb::start();
+        let cfg = PgConfig::new(&db.url, Some(db.password()));
+        assert_eq!(postgres::migrate(&cfg).unwrap().len(), MIGRATIONS.len());
+        let ledger = Ledger::open_postgres(cfg).unwrap();
+        Under {
+            ledger: Some(ledger),
+            _dir: tempfile::tempdir().unwrap(),
+            db: Some(db),
+        }
+    }
+
+    fn ledger(&self) -> &Ledger {
+        self.ledger.as_ref().unwrap()
+    }
+}
+
+impl Drop for Under {
+    fn drop(&mut self) {
+        if let Some(l) = self.ledger.take() {
+            l.close();
+        }
+    }
+}
+
+/// `backends!(f, …)`: for each `fn f(u: &Under)`, the tests `f::lmdb` and `f::postgres`.
+macro_rules! backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn lmdb() {
+                    super::$name(&super::Under::lmdb());
+                }
+                #[test]
+                fn postgres() {
+                    super::$name(&super::Under::postgres());
+                }
+            }
+        )*
+    };
+}
+
+backends!(
+    postings_balance_to_zero_and_cards_move_only_on_proofs,
+    one_intent_per_card_counter,
+    concurrent_transactions_keep_each_callers_writes_and_roll_back_only_failures,
+    blocks_and_anomalies_are_numbered_without_gaps,
+    records_round_trip,
+    a_gap_is_swept_once_and_a_block_lifts_when_it_fills,
+    a_load_and_a_cleared_tap_end_to_end,
+);
+
+fn postings_balance_to_zero_and_cards_move_only_on_proofs(u: &Under) {
+    let l = u.ledger();
+    l.transact(move |t| {
+        t.post(1, "issuer:float", "wallet:01", 1_000, "issue:01")?;
+        t.post(2, "funding:card", "wallet:01", 500, "load:01:1")?;
+        t.post(3, "wallet:01", "operator:metro", 120, "tap:01:2")?;
+        for (from, to) in [("funding:card", "card:01"), ("card:01", "operator:metro")] {
+            assert!(matches!(
+                t.post(4, from, to, 1, "x"),
+                Err(LedgerError::CardAccount { account }) if account == "card:01"
+            ));
+        }
+        assert!(t.post(4, "a", "a", 1, "x").is_err());
+        assert!(t.post(4, "a", "b", 0, "x").is_err());
+        // A balance that would leave i64 is refused, and the transaction goes on.
+        t.post(5, "big:a", "big:b", i64::MAX, "max")?;
+        assert!(matches!(
+            t.post(5, "big:a", "big:b", i64::MAX, "max"),
+            Err(LedgerError::InvalidPosting(_))
+        ));
+        t.post(6, "big:b", "big:a", i64::MAX, "back")?;
+        Ok(())
+    })
+    .unwrap();
+    // A failing transaction leaves nothing.
+    let r = l.transact(move |t| {
+        t.post(7, "funding:card", "wallet:01", 9, "lost")?;
+        Err::<(), _>(LedgerError::InvalidPosting("injected"))
+    });
+    assert!(r.is_err());
+    let r = l.read().unwrap();
+    assert_eq!(r.balance("wallet:01").unwrap(), 1_380);
+    assert_eq!(r.balance("card:01").unwrap(), 0);
+    let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
+    assert_eq!(sum, 0);
+    let loads = r.postings_with_prefix("load:").unwrap();
+    assert_eq!(loads.len(), 1);
+    assert_eq!(
+        (
+            loads[0].from.as_str(),
+            loads[0].to.as_str(),
+            loads[0].amount_minor
+        ),
+        ("funding:card", "wallet:01", 500)
+    );
+    assert!(r.postings_with_prefix("lost").unwrap().is_empty());
+}
+
+fn intent(uid: [u8; 7], tmc_before: u32) -> LoadIntent {
+    LoadIntent {
+        uid: hex::encode_upper(uid),
+        tmc_before,
+        attempt: 0,
+        balance_before_minor: 10,
+        amount_minor: 100,
+        key_version: 1,
+        funding_source: "card".into(),
+        funding_auth: "auth_1".into(),
+        instrument: "tok_visa".into(),
+        idempotency_key: "k".into(),
+        requested_by: "alice".into(),
+        state: IntentState::Authorised,
+        created_ms: T0,
+        settled_ms: None,
+        kind: IntentKind::Load,
+        reverses_tmc: None,
+        reversed_at_tmc: None,
+        payment_id: None,
+    }
+}
+
+fn one_intent_per_card_counter(u: &Under) {
+    let l = u.ledger();
+    let uid = [1u8; 7];
+    l.transact(move |t| {
+        let mut first = intent(uid, 4);
+        t.insert_intent(&uid, &mut first)?;
+        assert!(matches!(
+            t.insert_intent(&uid, &mut intent(uid, 4)),
+            Err(LedgerError::IntentExists { .. })
+        ));
+        t.insert_intent(&uid, &mut intent(uid, 5))?;
+        t.insert_intent(&[2u8; 7], &mut intent([2u8; 7], 4))?;
+        // Once voided, the counter takes a new attempt.
+        assert!(matches!(
+            t.void_intent(&uid, 4, T0 + 1)?,
+            Some(FundingAction::Release { .. })
+        ));
+        let mut retry = intent(uid, 4);
+        t.insert_intent(&uid, &mut retry)?;
+        assert_eq!(retry.attempt, 1);
+        assert_eq!(t.intent(&uid, 4)?.unwrap().attempt, 1);
+        Ok(())
+    })
+    .unwrap();
+    let r = l.read().unwrap();
+    assert_eq!(r.open_intents(&uid).unwrap().len(), 2);
+    assert_eq!(r.all_intents().unwrap().len(), 4);
+    assert_eq!(
+        r.intent(&uid, 4).unwrap().unwrap().state,
+        IntentState::Authorised
+    );
+}
+
+fn concurrent_transactions_keep_each_callers_writes_and_roll_back_only_failures(u: &Under) {
+    let l = u.ledger();
+    std::thread::scope(|scope| {
+        for i in 0..8u64 {
+            let l = l.clone();
+            scope.spawn(move || {
+                for j in 0..20u64 {
+                    let ok = l.transact(move |t| {
+                        t.post(
+                            0,
+                            "funding:card",
+                            &format!("wallet:{i}"),
+                            10,
+                            &format!("load:{i}:{j}"),
+                        )?;
+                        if j % 10 == 9 {
+                            return Err(LedgerError::InvalidPosting("injected"));
+                        }
+                        Ok(())
+                    });
+                    assert_eq!(ok.is_ok(), j % 10 != 9, "{ok:?}");
+                }
+            });
+        }
+    });
+    let r = l.read().unwrap();
+    for i in 0..8u64 {
+        assert_eq!(r.balance(&format!("wallet:{i}")).unwrap(), 180);
+    }
+    assert_eq!(r.balance("funding:card").unwrap(), -8 * 180);
+    assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 8 * 18);
+}
+
+fn blocks_and_anomalies_are_numbered_without_gaps(u: &Under) {
+    let l = u.ledger();
+    let (a, b) = ([4u8; 7], [5u8; 7]);
+    let versions = l
+        .transact(move |t| {
+            let v1 = t.set_blocked(&a, true, "lost", T0)?;
+            let again = t.set_blocked(&a, true, "lost", T0)?;
+            let v2 = t.set_blocked(&b, true, "stolen", T0)?;
+            let v3 = t.set_blocked(&a, false, "found", T0 + 1)?;
+            Ok((v1, again, v2, v3))
+        })
+        .unwrap();
+    assert_eq!(versions, (Some(1), None, Some(2), Some(3)));
+    // A failed transaction takes no number.
+    let _ = l.transact(move |t| {
+        t.set_blocked(&b, false, "x", T0)?;
+        Err::<(), _>(LedgerError::InvalidPosting("injected"))
+    });
+    let anomaly = move |n: u32| Anomaly {
+        kind: "clone".into(),
+        card_uid: hex::encode_upper(a),
+        tmc: n,
+        device_id: 7,
+        device_seq: u64::from(n),
+        detail: format!("#{n}"),
+    };
+    let numbers = l
+        .transact(move |t| {
+            Ok((
+                t.record_anomaly(&anomaly(1))?,
+                t.record_anomaly(&anomaly(2))?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(numbers, (1, 2));
+    let r = l.read().unwrap();
+    let (changes, latest) = r.block_changes(0, 10).unwrap();
+    assert_eq!(latest, 3);
+    assert_eq!(
+        changes.iter().map(|c| c.version).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(changes[2].action, "unblock");
+    assert_eq!(r.block_changes(2, 10).unwrap().0.len(), 1);
+    assert_eq!(r.block_changes(u64::MAX, 10).unwrap(), (vec![], 3));
+    let (list, last) = r.anomalies(1, 10).unwrap();
+    assert_eq!(last, 2);
+    assert_eq!(list, vec![(2, anomaly(2))]);
+    assert!(r.card(&a).unwrap().block_reason.is_none());
+    assert!(r.card(&b).unwrap().blocked);
+}
+
+fn records_round_trip(u: &Under) {
+    let l = u.ledger();
+    let uid = [6u8; 7];
+    let voucher = Voucher {
+        code: "V1".into(),
+        partner: "shop".into(),
+        order_id: "o1".into(),
+        kind: "load".into(),
+        amount_minor: 500,
+        card_uid: None,
+        expires_ms: T0 + 10,
+        state: "issued".into(),
+        held_by: None,
+        issued_ms: T0,
+    };
+    let instrument = |id: &str, owner: &str| Instrument {
+        source: "card".into(),
+        id: id.into(),
+        owner: owner.into(),
+        registered_by: owner.into(),
+        registered_ms: T0,
+    };
+    let notification = |id: &str, due: u64| Notification {
+        payment_id: id.into(),
+        url: "https://shop.example/n".into(),
+        attempts: 0,
+        next_attempt_ms: due,
+        delivered_ms: None,
+        last_error: None,
+    };
+    let v = voucher.clone();
+    let (i1, i2, i3) = (
+        instrument("tok_a", "alice"),
+        instrument("tok_b", "alice"),
+        instrument("tok_c", "bob"),
+    );
+    let (n1, n2) = (notification("p2", T0 + 5), notification("p1", T0 + 9));
+    l.transact(move |t| {
+        assert!(t.issue_card(&uid, 1_000, "issue:06", T0)?);
+        assert!(!t.issue_card(&uid, 1_000, "issue:06", T0)?);
+        t.set_owner(&uid, "alice")?;
+        t.add_load_day(&uid, 3, 250)?;
+        t.put_voucher(&v)?;
+        t.put_idempotent("batch:gw:b1", &serde_json::json!({"booked": 3}))?;
+        t.put_instrument(&i1)?;
+        t.put_instrument(&i2)?;
+        t.put_instrument(&i3)?;
+        t.add_funding_day("card", "tok_a", 3, 400)?;
+        t.add_funding_day("card", "tok_a", 3, -100)?;
+        t.put_notification(&n1)?;
+        t.put_notification(&n2)?;
+        Ok(())
+    })
+    .unwrap();
+    let r = l.read().unwrap();
+    let c = r.card(&uid).unwrap();
+    assert_eq!(c.owner.as_deref(), Some("alice"));
+    assert_eq!((c.load_day, c.load_day_minor), (3, 250));
+    assert_eq!(c.booked_balance_minor, Some(1_000));
+    assert!(r.card_known(&uid).unwrap());
+    assert!(!r.card_known(&[7u8; 7]).unwrap());
+    assert_eq!(r.card(&[7u8; 7]).unwrap(), CardShadow::default());
+    assert_eq!(r.balance(&card_account(&uid)).unwrap(), 1_000);
+    assert_eq!(r.all_cards().unwrap().len(), 1);
+    assert_eq!(r.voucher("V1").unwrap(), Some(voucher));
+    assert_eq!(r.voucher("V2").unwrap(), None);
+    assert_eq!(
+        r.idempotent("batch:gw:b1").unwrap(),
+        Some(serde_json::json!({"booked": 3}))
+    );
+    assert_eq!(r.idempotent("batch:gw:b2").unwrap(), None);
+    assert_eq!(r.instrument("card", "tok_c").unwrap().unwrap().owner, "bob");
+    assert_eq!(r.instruments_of("alice").unwrap().len(), 2);
+    assert_eq!(r.funding_day_total("card", "tok_a", 3).unwrap(), 300);
+    assert_eq!(r.funding_day_total("card", "tok_a", 4).unwrap(), 0);
+    let due = r.notifications_due(T0 + 9, 10).unwrap();
+    assert_eq!(
+        due.iter()
+            .map(|n| n.payment_id.as_str())
+            .collect::<Vec<_>>(),
+        ["p2", "p1"],
+        "earliest due first"
+    );
+    assert_eq!(r.notifications_due(T0 + 6, 10).unwrap().len(), 1);
+    assert!(r.notification("p1").unwrap().is_some());
+}
+
+/// A validator's debit of `amount` on `card`, proved by its SAM.
+fn debit(
+    sam: &mut SoftwareSam,
+    card: &mut purse::card::Card,
+    amount: i32,
+) -> purse::receipt::CommitReceipt {
+    value_tx(sam, card, KeyKind::Debit, ins::DEBIT, amount).unwrap()
+}
+
+fn tap(r: &purse::receipt::CommitReceipt, seq: u64) -> ClearingTap {
+    serde_json::from_value(serde_json::json!({
+        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()),
+        "tmc": r.tmc(), "kind": "debit", "amount_minor": r.amount_minor(),
+        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
+        "key_version": r.key_version(), "operator": "metro",
+    }))
+    .unwrap()
+}
+
+fn service(ledger: Ledger, keys: &KeySet, dir: &std::path::Path) -> LoadService {
+    let processor = Arc::new(SandboxProcessor::open(&dir.join("processor")).unwrap());
+    LoadService::new(
+        ledger,
+        Box::new(SoftwareHsm::new(keys).unwrap()),
+        vec![processor as Arc<dyn FundingSource>],
+        LoadConfig::default(),
+    )
+}
+
+fn a_gap_is_swept_once_and_a_block_lifts_when_it_fills(u: &Under) {
+    const HOUR: u64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(11));
+    let svc = service(u.ledger().clone(), &keys, dir.path());
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let a = [0x04, 0xA0, 1, 2, 3, 4, 5];
+    svc.register_card(&a, 1_000, T0).unwrap();
+    let mut card = transit_card(&hsm, a, 1_000);
+    let (a1, a2, a3) = (
+        debit(&mut sam, &mut card, 100),
+        debit(&mut sam, &mut card, 200),
+        debit(&mut sam, &mut card, 50),
+    );
+    let batch = |id: &str, taps| ClearingBatch {
+        batch_id: id.into(),
+        taps,
+    };
+    let out = clear_batch(
+        svc.ledger(),
+        svc.hsm(),
+        batch("b1", vec![tap(&a1, 1), tap(&a3, 3)]),
+        T0,
+    )
+    .unwrap();
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    // The same batch again books nothing twice.
+    clear_batch(
+        svc.ledger(),
+        svc.hsm(),
+        batch("b1", vec![tap(&a1, 1), tap(&a3, 3)]),
+        T0,
+    )
+    .unwrap();
+    let sweep = |now| {
+        svc.ledger()
+            .transact(move |t| t.sweep_gaps(now, 72 * HOUR))
+            .unwrap()
+    };
+    assert_eq!(sweep(T0 + HOUR), Default::default());
+    let s = sweep(T0 + 73 * HOUR);
+    assert_eq!(s.anomalies.len(), 1);
+    assert_eq!(
+        (s.anomalies[0].kind.as_str(), s.anomalies[0].tmc),
+        ("counter_gap", 2)
+    );
+    assert!(s.anomalies[0]
+        .detail
+        .contains("200 minor units of debits never cleared"));
+    assert_eq!(s.cards_blocked, 0);
+    assert_eq!(sweep(T0 + 100 * HOUR), Default::default(), "reported once");
+    clear_batch(
+        svc.ledger(),
+        svc.hsm(),
+        batch("b2", vec![tap(&a2, 2)]),
+        T0 + 100 * HOUR,
+    )
+    .unwrap();
+    let r = svc.ledger().read().unwrap();
+    assert_eq!(
+        r.postings_with_prefix("tap:").unwrap().len(),
+        3,
+        "each tap once"
+    );
+    assert_eq!(r.balance("operator:metro").unwrap(), 350);
+    assert_eq!(r.balance(&card_account(&a)).unwrap(), 650);
+    let shadow = r.card(&a).unwrap();
+    assert_eq!(
+        (shadow.booked_through_tmc, shadow.booked_balance_minor),
+        (3, Some(650))
+    );
+    drop(r);
+    let report = charging::reconcile::reconcile(svc.ledger()).unwrap();
+    assert_eq!((report.cards, report.balanced), (1, 1), "{report:?}");
+}
+
+fn a_load_and_a_cleared_tap_end_to_end(u: &Under) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
+    let svc = service(u.ledger().clone(), &keys, dir.path());
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let uid = [0x04, 0x11, 1, 2, 3, 4, 5];
+    svc.register_card(&uid, 1_000, T0).unwrap();
+    svc.register_instrument("alice", "card", "tok_visa", T0)
+        .unwrap();
+    let mut card = transit_card(&hsm, uid, 1_000);
+    let mut now = T0;
+    let req = LoadRequest {
+        uid,
+        amount_minor: 2_500,
+        funding_source: "card".into(),
+        instrument: "tok_visa".into(),
+        idempotency_key: "k1".into(),
+    };
+    let first = svc.start("alice", req.clone(), now).unwrap();
+    let (done, _) = relay_in_process(&svc, "alice", &mut card, first, &mut now, 5, None).unwrap();
+    assert!(
+        matches!(
+            done,
+            Reply::Completed {
+                balance_minor: 3_500,
+                tmc: 1,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+    // The same key again: the stored answer, no second load.
+    assert_eq!(svc.start("alice", req, now).unwrap(), done);
+    let fare = debit(&mut sam, &mut card, 300);
+    let out = clear_batch(
+        svc.ledger(),
+        svc.hsm(),
+        ClearingBatch {
+            batch_id: "gw-1".into(),
+            taps: vec![tap(&fare, 1)],
+        },
+        now,
+    )
+    .unwrap();
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    let r = svc.ledger().read().unwrap();
+    assert_eq!(card.state().balance_minor, 3_200);
+    assert_eq!(
+        r.balance(&card_account(&uid)).unwrap(),
+        3_200,
+        "shadow = card"
+    );
+    assert_eq!(r.balance("funding:card").unwrap(), -2_500);
+    assert_eq!(r.balance("operator:metro").unwrap(), 300);
+    assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 1);
+    let intents = r.all_intents().unwrap();
+    assert_eq!(intents.len(), 1);
+    assert_eq!(intents[0].state, IntentState::Completed);
+    let sum: i64 = r.balances().unwrap().iter().map(|(_, b)| b).sum();
+    assert_eq!(sum, 0);
+}
+
+// ---- PostgreSQL only ----
+
+#[test]
+fn two_transactions_racing_for_one_card_counter_book_it_once() {
+    let u = Under::postgres();
+    let l = u.ledger();
+    let uid = [9u8; 7];
+    for round in 0..10u32 {
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let results: Vec<_> = (0..2)
+            .map(|n| {
+                let (l, barrier) = (l.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut waited = false;
+                    l.transact(move |t| {
+                        let existing = t.intent(&uid, round)?;
+                        // A retried run does not wait again.
+                        if !std::mem::replace(&mut waited, true) {
+                            barrier.wait();
+                        }
+                        if existing.is_some() {
+                            return Err(LedgerError::IntentExists {
+                                uid: hex::encode_upper(uid),
+                                tmc: round,
+                            });
+                        }
+                        let mut i = intent(uid, round);
+                        i.idempotency_key = format!("k{n}");
+                        t.insert_intent(&uid, &mut i)?;
+                        t.post(T0, "funding:card", "wallet:race", 100, &format!("r{round}"))?;
+                        Ok(n)
+                    })
+                })
+            })
+            .collect();
+        let results: Vec<_> = results.into_iter().map(|h| h.join().unwrap()).collect();
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "round {round}: {results:?}");
+        assert!(results
+            .iter()
+            .any(|r| matches!(r, Err(LedgerError::IntentExists { .. }))));
+    }
+    let r = l.read().unwrap();
+    assert_eq!(r.open_intents(&uid).unwrap().len(), 10);
+    assert_eq!(
+        r.balance("wallet:race").unwrap(),
+        1_000,
+        "each counter paid once"
+    );
+}
+
+#[test]
+fn a_serialization_conflict_is_retried_and_the_closure_runs_again() {
+    let u = Under::postgres();
+    let l = u.ledger();
+    l.transact(|t| t.post(T0, "seed:a", "hot", 1, "seed").map(|_| ()))
+        .unwrap();
+    let before = PgLedger::retries();
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|n| {
+            let (l, runs, barrier) = (l.clone(), runs.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut waited = false;
+                l.transact(move |t| {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    // Both read the hot balance, then both write it: one must run again.
+                    let b = t.balance("hot")?;
+                    if !std::mem::replace(&mut waited, true) {
+                        barrier.wait();
+                    }
+                    t.post(T0, &format!("payer:{n}"), "hot", 10, &format!("p{n}"))?;
+                    Ok(b)
+                })
+            })
+        })
+        .collect();
+    let seen: Vec<i64> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    assert!(
+        runs.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "one closure ran again"
+    );
+    assert!(PgLedger::retries() > before);
+    let mut seen = seen;
+    seen.sort();
+    assert_eq!(seen, [1, 11], "the retried one saw the other's posting");
+    assert_eq!(l.read().unwrap().balance("hot").unwrap(), 21);
+}
+
+#[test]
+fn migrate_is_idempotent_and_the_schema_is_checked_at_open() {
+    let db = TestDb::start();
+    let cfg = PgConfig::new(&db.url, Some(db.password()));
+    // An empty database is refused with what to do.
+    let e = PgLedger::open(cfg.clone()).unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::Schema(m) if m.contains("schema version 0") && m.contains("tapgate charging migrate")),
+        "{e}"
+    );
+    let applied = postgres::migrate(&cfg).unwrap();
+    assert_eq!(applied, MIGRATIONS.iter().map(|m| m.0).collect::<Vec<_>>());
+    assert!(postgres::migrate(&cfg).unwrap().is_empty(), "nothing twice");
+    let latest = MIGRATIONS.last().unwrap().0;
+    assert_eq!(postgres::schema_version(&cfg).unwrap(), latest);
+    PgLedger::open(cfg.clone()).unwrap();
+    // Two migrators at once on a fresh database apply each migration once.
+    let mut cluster = db.cluster;
+    let url2 = cluster.create_database();
+    let cfg2 = PgConfig::new(&url2, Some(cluster.password()));
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let c = cfg2.clone();
+            std::thread::spawn(move || postgres::migrate(&c).unwrap())
+        })
+        .collect();
+    let total: usize = both.into_iter().map(|h| h.join().unwrap().len()).sum();
+    assert_eq!(total, MIGRATIONS.len());
+    // A schema newer than this build knows is refused, by open and by migrate.
+    cluster
+        .psql(
+            "test1",
+            &format!(
+                "INSERT INTO schema_version (version, name) VALUES ({}, 'future')",
+                latest + 1
+            ),
+        )
+        .unwrap();
+    let e = PgLedger::open(cfg.clone()).unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::Schema(m) if m.contains("newer")),
+        "{e}"
+    );
+    assert!(matches!(
+        postgres::migrate(&cfg),
+        Err(LedgerError::Schema(_))
+    ));
+    // An older one (a version removed) is refused too.
+    cluster
+        .psql(
+            "test1",
+            &format!("DELETE FROM schema_version WHERE version >= {latest}"),
+        )
+        .unwrap();
+    let e = PgLedger::open(cfg).unwrap_err();
+    assert!(
+        matches!(&e, LedgerError::Schema(m) if m.contains("needs")),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_refused_connection_is_a_clear_error_not_a_panic() {
+    let port = tapgate_testkit::free_port();
+    let mut cfg = PgConfig::new(
+        &format!("postgres://tapgate@127.0.0.1:{port}/x"),
+        Some("pw"),
+    );
+    cfg.connect_timeout = std::time::Duration::from_millis(300);
+    let e = PgLedger::open(cfg.clone()).unwrap_err();
+    assert!(matches!(e, LedgerError::Unavailable(_)), "{e}");
+    assert!(!e.to_string().contains("pw@"), "{e}");
+    // A wrong password is refused too, and never shown.
+    let db = TestDb::start();
+    let cfg = PgConfig::new(&db.url, Some("not-the-password"));
+    let e = PgLedger::open(cfg).unwrap_err();
+    assert!(matches!(e, LedgerError::Unavailable(_)), "{e}");
+    assert!(!e.to_string().contains("not-the-password"));
+}
+
+#[test]
+fn the_ledger_survives_a_server_restart_between_transactions() {
+    let mut u = Under::postgres();
+    let l = u.ledger().clone();
+    l.transact(|t| t.post(T0, "a", "b", 5, "before").map(|_| ()))
+        .unwrap();
+    let db = u.db.as_mut().unwrap();
+    db.cluster.stop();
+    db.cluster.start_server().unwrap();
+    // The pooled connection died with the server: the transaction reconnects and runs.
+    l.transact(|t| t.post(T0, "a", "b", 5, "after").map(|_| ()))
+        .unwrap();
+    assert_eq!(l.read().unwrap().balance("b").unwrap(), 10);
+}
+
+#[test]
+fn a_ledger_on_postgres_is_usable_from_inside_a_tokio_runtime() {
+    let u = Under::postgres();
+    let l = u.ledger().clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let b = rt.block_on(async move {
+        // Called straight on a worker thread (no spawn_blocking): no panic.
+        l.transact(|t| t.post(T0, "x", "y", 3, "in-runtime").map(|_| ()))
+            .unwrap();
+        let r = l.read().unwrap();
+        r.balance("y").unwrap()
+    });
+    assert_eq!(b, 3);
+}
+
+#[test]
+fn finance_views_answer_in_sql() {
+    let u = Under::postgres();
+    let l = u.ledger();
+    let day = 1_700_006_400_000u64; // 2023-11-15T00:00:00Z
+    l.transact(move |t| {
+        t.post(day + 1_000, "wallet:1", "operator:metro", 300, "tap:1")?;
+        t.post(day + 2_000, "wallet:1", "operator:metro", 200, "tap:2")?;
+        t.post(day + 3_000, "operator:metro", "wallet:1", 50, "undo:2")?;
+        t.post(
+            day + 4_000,
+            "franchise:shop",
+            "wallet:2",
+            2_000,
+            "franchise-load:1",
+        )?;
+        t.post(
+            day + 5_000,
+            "bank",
+            "franchise:shop",
+            1_500,
+            "franchise-payment:1",
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let db = u.db.as_ref().unwrap();
+    let q = |sql: &str| db.cluster.psql(db.name(), sql).unwrap().trim().to_string();
+    assert_eq!(
+        q("SELECT operator, day, fares_minor, undone_minor, revenue_minor, taps FROM revenue_per_operator_day"),
+        "metro|2023-11-15|500|50|450|2"
+    );
+    assert_eq!(
+        q("SELECT franchise, day, loads_minor, payments_minor, owed_minor FROM settlement_per_franchise_day"),
+        "shop|2023-11-15|2000|1500|500"
+    );
+    assert_eq!(q("SELECT count(*) FROM reconciliation_causes"), "0");
+}
