@@ -352,6 +352,15 @@ pub async fn serve_on(
                 Ok(Err(e)) => tracing::error!(%e, "gap sweep failed; retried at the next tick"),
                 _ => {}
             }
+            // Refunds not collected in time go back to their merchants.
+            let (l, now) = (loads.clone(), clock());
+            match tokio::task::spawn_blocking(move || l.expire_refunds(now, 256)).await {
+                Ok(Ok(e)) if !e.is_empty() => {
+                    tracing::info!(expired = e.len(), "uncollected refunds expired")
+                }
+                Ok(Err(e)) => tracing::error!(%e, "refund expiry failed; retried at the next tick"),
+                _ => {}
+            }
             // Started, not awaited: a slow merchant holds one of the notifier's slots, never
             // the tick.
             if let Err(e) = notifier.start_due(&loads, clock()) {

@@ -72,6 +72,8 @@ enum Kind {
     Sale,
     /// A merchant's refund to a card (it owes us).
     Refund,
+    /// A merchant's refund that expired uncollected: back to the merchant (we owe it again).
+    RefundExpired,
 }
 
 impl Kind {
@@ -82,6 +84,7 @@ impl Kind {
             Kind::Debit => "debit",
             Kind::Sale => "sale",
             Kind::Refund => "refund",
+            Kind::RefundExpired => "refund_expired",
         }
     }
 }
@@ -92,6 +95,11 @@ fn classify(p: &Posting) -> Option<(String, Kind)> {
         Some((format!("franchise:{f}"), Kind::Load))
     } else if let Some(f) = p.to.strip_prefix("franchise:") {
         Some((format!("franchise:{f}"), Kind::Payment))
+    } else if let (Some(m), true) = (
+        p.to.strip_prefix("merchant:"),
+        p.reference.starts_with("refund-expired:"),
+    ) {
+        Some((format!("merchant:{m}"), Kind::RefundExpired))
     } else if let Some(m) = p.to.strip_prefix("merchant:") {
         Some((format!("merchant:{m}"), Kind::Sale))
     } else if let Some(m) = p.from.strip_prefix("merchant:") {
@@ -111,7 +119,11 @@ fn merchant_card(r: &dyn LedgerRead, p: &Posting) -> Result<(String, String), Le
             return Ok(show(pay.card_uid.unwrap_or_default(), pay.tmc));
         }
     }
-    if let Some(id) = p.reference.strip_prefix("refund-made:") {
+    if let Some(id) = p
+        .reference
+        .strip_prefix("refund-made:")
+        .or_else(|| p.reference.strip_prefix("refund-expired:"))
+    {
         if let Some(refund) = r.refund(id)? {
             return Ok(show(refund.card_uid, refund.tmc));
         }
@@ -150,13 +162,15 @@ pub fn settlement_with_fees(
             continue;
         };
         let merchant_card = match kind {
-            Kind::Sale | Kind::Refund => merchant_card(&*r, p)?,
+            Kind::Sale | Kind::Refund | Kind::RefundExpired => merchant_card(&*r, p)?,
             _ => Default::default(),
         };
         let (uid, tmc) = match kind {
             Kind::Payment => ("", ""),
             Kind::Load | Kind::Debit => split_ref(&p.reference),
-            Kind::Sale | Kind::Refund => (merchant_card.0.as_str(), merchant_card.1.as_str()),
+            Kind::Sale | Kind::Refund | Kind::RefundExpired => {
+                (merchant_card.0.as_str(), merchant_card.1.as_str())
+            }
         };
         rows.entry(party.replacen(':', "-", 1))
             .or_default()
@@ -171,6 +185,8 @@ pub fn settlement_with_fees(
         match kind {
             Kind::Sale => merchants.entry(party).or_default().0 += amount,
             Kind::Refund => merchants.entry(party).or_default().1 += amount,
+            // Never reached the card: the refund is taken back out of the day's refunds.
+            Kind::RefundExpired => merchants.entry(party).or_default().1 -= amount,
             Kind::Load => totals.entry(party).or_default().loads_minor += amount,
             Kind::Payment => totals.entry(party).or_default().payments_minor += amount,
             Kind::Debit => totals.entry(party).or_default().debits_minor += amount,

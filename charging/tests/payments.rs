@@ -1431,3 +1431,118 @@ fn only_due_notifications_are_read_earliest_first() {
     assert_eq!(due(500, 10), ["pay_a", "pay_b"]);
     assert_eq!(due(20_000, 10), ["pay_a", "pay_b", "pay_d"]);
 }
+
+/// A refund the card never collects does not stay in `refunds:pending` for ever: after
+/// `refund_expiry_ms` its value goes back to the merchant (once, value conserved), it shows
+/// `expired`, and the card can no longer collect it; a collected refund never expires.
+#[test]
+fn a_refund_never_collected_expires_back_to_the_merchant() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(20));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![
+            token("ops", Role::Operator, OPS),
+            token("alice", Role::Cardholder, ALICE),
+            token("rail-shop", Role::Merchant, SHOP),
+        ];
+        cfg.limits.loads_per_minute_per_client = 0;
+        cfg.limits.payments.refund_expiry_ms = 60_000;
+    });
+    let w = World {
+        srv,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+        keys,
+    };
+    let mut card = w.card(96, 5_000, "alice");
+    let id = w.payment_id(SHOP, "expire-me", 1_000);
+    completed(&w.pay(ALICE, &mut card, &id, "ex-p", None));
+    let (code, kept) = w.refund(SHOP, &id, 300, "ex-r1");
+    assert_eq!(code, 201, "{kept}");
+    let (code, collected) = w.refund(SHOP, &id, 200, "ex-r2");
+    assert_eq!(code, 201, "{collected}");
+    let (kept, collected) = (
+        kept["id"].as_str().unwrap().to_string(),
+        collected["id"].as_str().unwrap().to_string(),
+    );
+    completed(&w.collect(&mut card, &collected, "ex-c1", None));
+    assert_eq!(w.balance("refunds:pending"), 300);
+    assert_eq!(w.balance("merchant:rail-shop"), 500);
+
+    let loads = &w.srv.state.loads;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Within the expiry: nothing moves.
+    assert!(loads.expire_refunds(now, 100).unwrap().is_empty());
+    let (_, r) = get(&w.url(&format!("/v1/merchant/refunds/{kept}")), SHOP);
+    assert_eq!(r["state"], "pending", "{r}");
+    // Past it: the uncollected one goes back to the merchant, once.
+    let expired = loads.expire_refunds(now + 61_000, 100).unwrap();
+    assert_eq!(
+        expired.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [kept.as_str()]
+    );
+    assert!(loads.expire_refunds(now + 120_000, 100).unwrap().is_empty());
+    assert_eq!(w.balance("refunds:pending"), 0);
+    assert_eq!(w.balance("merchant:rail-shop"), 800);
+    for (path, token) in [
+        (format!("/v1/merchant/refunds/{kept}"), SHOP),
+        (format!("/v1/refunds/{kept}"), ALICE),
+    ] {
+        let (code, r) = get(&w.url(&path), token);
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["state"], "expired", "{r}");
+        assert!(r["expired"].is_string(), "{r}");
+    }
+    let (_, r) = get(&w.url(&format!("/v1/merchant/refunds/{collected}")), SHOP);
+    assert_eq!(r["state"], "credited", "{r}");
+    let (_, p) = get(&w.url(&format!("/v1/merchant/payments/{id}")), SHOP);
+    assert_eq!(p["refunded_minor"], 200, "{p}");
+    // The card can no longer collect it.
+    assert_eq!(
+        refused(&w.collect(&mut card, &kept, "ex-c2", None)),
+        "refund_not_collectable"
+    );
+    assert_eq!(card.state().balance_minor, 5_000 - 1_000 + 200);
+    let postings = loads
+        .ledger()
+        .read()
+        .unwrap()
+        .postings_with_prefix("refund-expired:")
+        .unwrap();
+    assert_eq!(postings.len(), 1, "{postings:?}");
+    // Settlement: the expired refund is a `refund_expired` row, taken back out of the day's
+    // refunds (the merchant is owed it again).
+    let day = |ms: u64| {
+        time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+            .unwrap()
+            .date()
+            .to_string()
+    };
+    let files =
+        charging::settlement::settlement_with_fees(loads.ledger(), &day(now + 61_000), 0).unwrap();
+    let rows = files
+        .iter()
+        .find(|f| f.name.starts_with("merchant-rail-shop-"))
+        .unwrap();
+    assert!(
+        rows.csv.contains(&format!(
+            ",refund_expired,{},",
+            hex::encode_upper(card.state().uid)
+        )) && rows.csv.contains(&format!(",300,refund-expired:{kept}")),
+        "{}",
+        rows.csv
+    );
+    if day(now) == day(now + 61_000) {
+        let summary = files
+            .iter()
+            .find(|f| f.name.starts_with("merchants-"))
+            .unwrap();
+        assert!(
+            summary.csv.contains("merchant:rail-shop,1000,200,0,800"),
+            "{}",
+            summary.csv
+        );
+    }
+    w.conserved(&[&card]);
+}

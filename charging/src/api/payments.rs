@@ -137,7 +137,7 @@ pub fn payment_json(p: &Payment, now_ms: u64) -> serde_json::Value {
 }
 
 /// A refund as its merchant and its cardholder see it (`state`: `pending`, `collecting`,
-/// `credited`).
+/// `credited`, `expired` — not collected in time, its value back with the merchant).
 pub fn refund_json(r: &Refund) -> serde_json::Value {
     serde_json::json!({
         "id": r.id,
@@ -149,10 +149,12 @@ pub fn refund_json(r: &Refund) -> serde_json::Value {
             RefundState::Pending => "pending",
             RefundState::Collecting => "collecting",
             RefundState::Credited => "credited",
+            RefundState::Expired => "expired",
         },
         "created": rfc3339(r.created_ms),
         "tmc": r.tmc,
         "credited": r.credited_ms.map(rfc3339),
+        "expired": r.expired_ms.map(rfc3339),
     })
 }
 

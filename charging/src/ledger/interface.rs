@@ -234,6 +234,14 @@ pub trait LedgerRead {
     /// A refund by id.
     fn refund(&self, id: &str) -> Result<Option<Refund>, LedgerError>;
 
+    /// Refunds not collected (`pending`) made at or before `made_by_ms`, oldest first, at
+    /// most `limit` (an index by the time they were made: the expiry sweep reads only these).
+    fn refunds_uncollected(
+        &self,
+        made_by_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Refund>, LedgerError>;
+
     /// The notification of a payment's outcome.
     fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError>;
 
@@ -460,6 +468,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
             RefundState::Pending => {}
             RefundState::Collecting => return refused("it is being collected"),
             RefundState::Credited => return refused("it is collected"),
+            RefundState::Expired => {
+                return refused("it expired uncollected; its value went back to the merchant")
+            }
         }
         if intent.kind != IntentKind::Refund || intent.amount_minor != r.amount_minor {
             return Err(LedgerError::InvalidPosting(
@@ -471,6 +482,35 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         r.tmc = intent.tmc_before.checked_add(1);
         self.put_refund(LedgerOnly(()), &r)?;
         Ok(r)
+    }
+
+    /// A refund still `pending` (not collected, no collection in progress) expires: its value
+    /// goes back `refunds:pending` → `merchant:<id>` (reference `refund-expired:<id>`), the
+    /// payment's `refunded_minor` gives it back, and the refund is `expired` — in this
+    /// transaction. Any other refund is left as it is (`None`).
+    fn expire_refund(&mut self, id: &str, now_ms: u64) -> Result<Option<Refund>, LedgerError> {
+        let Some(mut r) = self.refund(id)? else {
+            return Ok(None);
+        };
+        if r.state != RefundState::Pending {
+            return Ok(None);
+        }
+        let amount = i64::from(r.amount_minor);
+        self.post(
+            now_ms,
+            "refunds:pending",
+            &format!("merchant:{}", r.merchant),
+            amount,
+            &format!("refund-expired:{}", r.id),
+        )?;
+        if let Some(mut p) = self.payment(&r.payment_id)? {
+            p.refunded_minor = (p.refunded_minor - amount).max(0);
+            self.put_payment(LedgerOnly(()), &p)?;
+        }
+        r.state = RefundState::Expired;
+        r.expired_ms = Some(now_ms);
+        self.put_refund(LedgerOnly(()), &r)?;
+        Ok(Some(r))
     }
 
     /// Stores a notification's delivery state.

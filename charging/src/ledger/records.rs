@@ -258,7 +258,8 @@ impl PaymentPin {
         rand::rngs::OsRng.fill_bytes(&mut salt);
         let salt = SaltString::encode_b64(&salt).expect("16 bytes is a valid salt");
         let params = argon2::Params::new(PIN_M_KIB, PIN_T, PIN_P, Some(32)).expect("valid params");
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let phc = argon
             .hash_password(pin.as_bytes(), &salt)
             .expect("Argon2id over a short PIN")
@@ -291,8 +292,7 @@ impl PaymentPin {
     pub fn matches(&self, pin: &str) -> bool {
         use subtle::ConstantTimeEq;
         if self.is_legacy() {
-            let (Ok(salt), Ok(want)) =
-                (hex::decode(&self.salt_hex), hex::decode(&self.sha256_hex))
+            let (Ok(salt), Ok(want)) = (hex::decode(&self.salt_hex), hex::decode(&self.sha256_hex))
             else {
                 return false;
             };
@@ -334,7 +334,11 @@ mod payment_pin_tests {
     fn a_pin_is_kept_as_argon2id_with_its_own_salt() {
         let a = PaymentPin::new("2468", 5_000);
         let b = PaymentPin::new("2468", 5_000);
-        assert!(a.phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{}", a.phc);
+        assert!(
+            a.phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{}",
+            a.phc
+        );
         assert!(a.salt_hex.is_empty() && a.sha256_hex.is_empty());
         // A random salt per PIN: the same PIN never gives the same record.
         assert_ne!(a.phc, b.phc);
@@ -594,6 +598,9 @@ pub enum RefundState {
     Collecting,
     /// The card proved the credit.
     Credited,
+    /// Not collected within `[limits.payments] refund_expiry_ms`: its value went back from
+    /// `refunds:pending` to the merchant (reference `refund-expired:<id>`).
+    Expired,
 }
 
 /// A merchant's refund of (part of) a completed payment, credited to the card that paid it
@@ -620,6 +627,9 @@ pub struct Refund {
     /// Credited (unix ms).
     #[serde(default)]
     pub credited_ms: Option<u64>,
+    /// Expired, its value back with the merchant (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_ms: Option<u64>,
 }
 
 /// A merchant's notification of a payment's outcome, retried until its `notify_url` answers

@@ -23,6 +23,9 @@ pub struct PaymentLimits {
     pub max_expiry_ms: u64,
     /// A completed payment may be refunded within this long after it was paid, ms.
     pub refund_window_ms: u64,
+    /// A refund the card has not collected this long after it was made expires: its value
+    /// goes back to the merchant, ms.
+    pub refund_expiry_ms: u64,
     /// Whether a `notify_url` may name `localhost` or a loopback, private, link-local or
     /// unspecified address (a merchant's test set-up on the server's own machine). Off, a
     /// merchant cannot aim the server's signed POSTs at the back office's own network. A host
@@ -38,6 +41,7 @@ impl Default for PaymentLimits {
             max_daily_per_merchant_minor: 100_000_000,
             max_expiry_ms: 7 * 86_400_000,
             refund_window_ms: 30 * 86_400_000,
+            refund_expiry_ms: 30 * 86_400_000,
             notify_private_hosts: false,
         }
     }
@@ -364,7 +368,7 @@ impl LoadService {
                     let cleared = PaymentPin {
                         failures: 0,
                         above_minor: p.above_minor,
-                        ..upgraded.unwrap_or(p)
+                        ..upgraded.clone().unwrap_or(p)
                     };
                     t.set_payment_pin(&uid, &cleared)
                 }
@@ -525,6 +529,7 @@ impl LoadService {
             created_ms: now_ms,
             tmc: None,
             credited_ms: None,
+            expired_ms: None,
         };
         let window = self.cfg.payments.refund_window_ms;
         let made = self.ledger.transact(move |t| {
@@ -549,6 +554,28 @@ impl LoadService {
             Err(LedgerError::RefundRefused(why)) => Err(LoadError::RefundRefused(why)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Expires the refunds not collected within `refund_expiry_ms` of being made (at most
+    /// `limit` per call, oldest first; a collection in progress is left to settle): each one's
+    /// value goes back to its merchant in its own transaction. Returns the refunds expired.
+    pub fn expire_refunds(&self, now_ms: u64, limit: usize) -> Result<Vec<Refund>, LoadError> {
+        let Some(made_by) = now_ms.checked_sub(self.cfg.payments.refund_expiry_ms) else {
+            return Ok(Vec::new());
+        };
+        let due = self.ledger.read()?.refunds_uncollected(made_by, limit)?;
+        let mut expired = Vec::new();
+        for r in due {
+            let id = r.id.clone();
+            if let Some(e) = self
+                .ledger
+                .transact(move |t| t.expire_refund(&id, now_ms))?
+            {
+                tracing::info!(refund_id = %e.id, merchant = %e.merchant, amount_minor = e.amount_minor, "refund not collected in time: back to the merchant");
+                expired.push(e);
+            }
+        }
+        Ok(expired)
     }
 
     /// `merchant`'s refund `id`, or the cardholder's view of it (`merchant` `None`).

@@ -50,6 +50,9 @@ pub struct LedgerCore {
     /// Undelivered notifications by when they are due: next attempt (unix ms, u64 BE) ‖ payment
     /// id → nothing. A delivery round reads only the due ones, in the order they fell due.
     notifications_due: Database<Bytes, Bytes>,
+    /// Refunds not collected (`pending`) by when they were made: made (unix ms, u64 BE) ‖
+    /// refund id → nothing. The expiry sweep reads only the old ones.
+    refunds_uncollected: Database<Bytes, Bytes>,
     /// Merchants' refunds by id.
     refunds: Database<Str, SerdeJson<Refund>>,
 }
@@ -214,7 +217,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<16> = [
+const DATABASES: tapgate_lmdb::Databases<17> = [
     "balances",
     "postings",
     "load_intents",
@@ -231,6 +234,7 @@ const DATABASES: tapgate_lmdb::Databases<16> = [
     "notifications",
     "refunds",
     "notifications_due",
+    "refunds_uncollected",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -240,7 +244,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected] =
             dbs;
         let core = LedgerCore {
             env,
@@ -259,11 +263,13 @@ impl LedgerCore {
             payment_orders: payment_orders.remap_types(),
             notifications: notifications.remap_types(),
             notifications_due: notifications_due.remap_types(),
+            refunds_uncollected: refunds_uncollected.remap_types(),
             refunds: refunds.remap_types(),
         };
         // A ledger from before the due index: its undelivered notifications are indexed once.
         let mut wtxn = core.env.write_txn()?;
         core.index_notifications(&mut wtxn)?;
+        core.index_refunds(&mut wtxn)?;
         wtxn.commit()?;
         Ok(core)
     }
@@ -422,6 +428,15 @@ impl<T: view::View> LedgerRead for T {
         Ok(core.refunds.get(txn, id)?)
     }
 
+    fn refunds_uncollected(
+        &self,
+        made_by_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Refund>, LedgerError> {
+        let (core, txn) = self.view();
+        core.refunds_uncollected(txn, made_by_ms, limit)
+    }
+
     fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
         let (core, txn) = self.view();
         Ok(core.notifications.get(txn, payment_id)?)
@@ -511,7 +526,7 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
     }
 
     fn put_refund(&mut self, _: LedgerOnly, refund: &Refund) -> Result<(), LedgerError> {
-        Ok(self.core.refunds.put(self.txn, &refund.id, refund)?)
+        self.core.put_refund(self.txn, refund)
     }
 
     fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {

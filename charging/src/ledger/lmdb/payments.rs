@@ -6,7 +6,8 @@ fn order_key(merchant: &str, order_id: &str) -> String {
     format!("{merchant}\u{1f}{order_id}")
 }
 
-/// A notification's key in the due index: next attempt (u64 BE) ‖ payment id.
+/// A key of a time index: the time (unix ms, u64 BE) ‖ the id (the notifications' next
+/// attempt ‖ payment id, the uncollected refunds' creation ‖ refund id).
 fn due_key(next_attempt_ms: u64, payment_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + payment_id.len());
     k.extend_from_slice(&next_attempt_ms.to_be_bytes());
@@ -200,7 +201,7 @@ impl LedgerCore {
         r.state = RefundState::Credited;
         r.tmc = Some(tmc);
         r.credited_ms = Some(now_ms);
-        self.refunds.put(txn, &r.id, &r)?;
+        self.put_refund(txn, &r)?;
         Ok(r)
     }
 
@@ -218,8 +219,74 @@ impl LedgerCore {
         if r.state == RefundState::Collecting && r.tmc == intent.tmc_before.checked_add(1) {
             r.state = RefundState::Pending;
             r.tmc = None;
-            self.refunds.put(txn, &r.id, &r)?;
+            self.put_refund(txn, &r)?;
         }
         Ok(())
+    }
+}
+
+impl LedgerCore {
+    /// Stores a refund and keeps the index of uncollected ones in step: in it while `pending`.
+    pub(super) fn put_refund(&self, txn: &mut RwTxn<'_>, r: &Refund) -> Result<(), LedgerError> {
+        if let Some(old) = self.refunds.get(txn, &r.id)? {
+            self.refunds_uncollected
+                .delete(txn, &due_key(old.created_ms, &old.id))?;
+        }
+        self.refunds.put(txn, &r.id, r)?;
+        if r.state == RefundState::Pending {
+            self.refunds_uncollected
+                .put(txn, &due_key(r.created_ms, &r.id), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Indexes the pending refunds of a ledger written before the index (one scan, only while
+    /// the index is empty).
+    pub(super) fn index_refunds(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
+        if !self.refunds_uncollected.is_empty(txn)? {
+            return Ok(());
+        }
+        let pending: Vec<Refund> = self
+            .refunds
+            .iter(txn)?
+            .filter_map(|item| item.ok().map(|(_, r)| r))
+            .filter(|r| r.state == RefundState::Pending)
+            .collect();
+        for r in pending {
+            self.refunds_uncollected
+                .put(txn, &due_key(r.created_ms, &r.id), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Pending refunds made at or before `made_by_ms`, oldest first, at most `limit`.
+    pub(super) fn refunds_uncollected(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        made_by_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Refund>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.refunds_uncollected.iter(txn)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item?;
+            let Some((made, id)) = key.split_first_chunk::<8>() else {
+                continue;
+            };
+            if u64::from_be_bytes(*made) > made_by_ms {
+                break;
+            }
+            let Ok(id) = std::str::from_utf8(id) else {
+                continue;
+            };
+            if let Some(r) = self.refunds.get(txn, id)? {
+                if r.state == RefundState::Pending {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
     }
 }
