@@ -27,8 +27,19 @@ use std::process::ExitCode;
     about = "Stored-value smart-card transit and ticketing gateway"
 )]
 struct Cli {
+    /// Log lines on standard error: `text`, or `json` (one JSON object a line; a line about a
+    /// tap or an HTTP request carries `device`, `card` (masked UID), `seq`, `request_id`).
+    #[arg(long = "log-format", global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -68,14 +79,26 @@ fn main() -> ExitCode {
         Command::Gateway(_) => "warn,gateway=info,rumqttd=off",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAPGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TAPGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object a line: the event's fields at the top level beside timestamp, level,
+        // target and message; the innermost span's fields (an HTTP request's request_id,
+        // method, path) under "span".
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match cli.command {
         Command::Demo(args) => report(demo::run(args)),
         Command::Charge(args) => report(charge_cmd::run(args)),

@@ -1,7 +1,8 @@
 //! What tapgate's HTTP APIs (charging, gateway) share: bearer-token roles ([`auth`]) and the
-//! HTTP/HTTPS listener ([`serve`]).
+//! HTTP/HTTPS listener ([`serve`]), which gives every request an id ([`request_id`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod request_id;
 pub mod serve;

@@ -38,7 +38,8 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves (then drains for up to 10 s).
+/// Serves `router` on `listener` until `shutdown` resolves (then drains for up to 10 s), each
+/// request with its id ([`crate::request_id`]).
 /// Prints `<name> listening on <scheme>://<addr>` once bound.
 pub async fn serve_router(
     name: &'static str,
@@ -48,6 +49,7 @@ pub async fn serve_router(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     listener.set_nonblocking(true)?;
+    let router = router.layer(axum::middleware::from_fn(crate::request_id::layer));
     let handle = axum_server::Handle::new();
     let h2 = handle.clone();
     tokio::spawn(async move {

@@ -79,6 +79,28 @@ impl RefusalReason {
     }
 }
 
+/// A card UID as logs show it: `…` and its last 4 hex digits (`…A1B2`), never the whole UID.
+/// Every log line that names a card names it through [`masked_uid`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskedUid(Option<[u8; 2]>);
+
+/// The UID `uid` masked to its last 4 hex digits (a UID shorter than 2 bytes shows as `…`).
+pub fn masked_uid(uid: &[u8]) -> MaskedUid {
+    MaskedUid(match uid {
+        [.., a, b] => Some([*a, *b]),
+        _ => None,
+    })
+}
+
+impl std::fmt::Display for MaskedUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some([a, b]) => write!(f, "\u{2026}{a:02X}{b:02X}"),
+            None => f.write_str("\u{2026}"),
+        }
+    }
+}
+
 /// Where and when, from the validator.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TapMeta {
@@ -409,6 +431,14 @@ fn check_frame(bytes: &[u8]) -> Result<(), TapError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_masked_uid_shows_only_its_last_four_hex_digits() {
+        let uid = [0x04, 0xC0, 0x0D, 0x12, 0x34, 0xA1, 0xB2];
+        assert_eq!(masked_uid(&uid).to_string(), "\u{2026}A1B2");
+        assert!(!masked_uid(&uid).to_string().contains("04C00D"));
+        assert_eq!(masked_uid(&[0xAB]).to_string(), "\u{2026}");
+    }
     use proptest::prelude::*;
 
     const OP: &str = "metro";

@@ -579,7 +579,8 @@ impl Decider<'_> {
             // Committed, but the card has transacted since: its MAC for that transaction is
             // gone, so this validator cannot prove it. Kept for the back office (the card's
             // counter chain shows the step), never dropped.
-            tracing::warn!(uid = ?uid, tmc = p.change.tmc_before + 1,
+            tracing::warn!(device = self.meta_base.device_id,
+                card = %purse::tap::masked_uid(&uid), tmc = p.change.tmc_before + 1,
                 "a torn debit committed but can no longer be proved here; kept as unresolved");
             self.journal.resolve_unprovable(&p).map_err(failed)?;
             self.settled = Settled::Unprovable;

@@ -31,6 +31,7 @@ fn reader_loop(
     let mut s = Summary::default();
     let mut lat = Vec::new();
     let mut failure = None;
+    let device = shared.gate.lock().map_or(0, |g| g.placement.device_id);
     while !shared.shutdown.load(Ordering::Relaxed) {
         let Some(card) = reader.wait_card() else {
             failure = reader.failure();
@@ -68,6 +69,7 @@ fn reader_loop(
         shared.metrics.latency.observe(us as f64 / 1e6);
         lat.push(us);
         count(shared, &mut s, &out);
+        log_tap(device, &out);
         shared.taps_done.store(s.taps, Ordering::Relaxed);
         if let Ok(d) = shared.journal.outbox_len() {
             shared.metrics.outbox_depth.set(d as i64);
@@ -87,6 +89,42 @@ fn reader_loop(
     match failure {
         Some(e) => Err(e),
         None => Ok(s),
+    }
+}
+
+/// One debug line per tap (`TAPGATE_LOG=validator=debug`): the device, the card (its UID
+/// masked), the tap's sequence number when it was journalled, and the outcome.
+fn log_tap(device: u32, out: &TapOutcome) {
+    let card = out
+        .uid
+        .map(|u| purse::tap::masked_uid(&u).to_string())
+        .unwrap_or_default();
+    match &out.answer {
+        Answer::Accepted {
+            fare_minor, seq, ..
+        } => tracing::debug!(device, card, seq, fare_minor, outcome = "accepted", "tap"),
+        Answer::Refused {
+            reason,
+            seq: Some(seq),
+        } => tracing::debug!(
+            device,
+            card,
+            seq,
+            outcome = "refused",
+            reason = reason.name(),
+            "tap"
+        ),
+        Answer::Refused { reason, seq: None } => {
+            tracing::debug!(
+                device,
+                card,
+                outcome = "refused",
+                reason = reason.name(),
+                "tap"
+            )
+        }
+        Answer::Torn => tracing::debug!(device, card, outcome = "torn", "tap"),
+        Answer::Repeat => tracing::debug!(device, card, outcome = "repeat", "tap"),
     }
 }
 
