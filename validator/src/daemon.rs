@@ -162,6 +162,10 @@ impl Metrics {
         ] {
             m.registry.register(c).expect("unique metric names");
         }
+        // Exported at 0 from the start, so the first refusal is an increase an alert sees.
+        for reason in ["bad_mac", "malformed"] {
+            m.confirmations_refused.with_label_values(&[reason]);
+        }
         m
     }
 
