@@ -6,7 +6,9 @@
 # What it installs when absent (Debian packages, apt-get as root): Mosquitto (tests run the
 # gateway against it with the shipped ACL), libfaketime (a validator with its clock a day ahead),
 # SoftHSM2 (PKCS#11 tests), PostgreSQL (the ledger's second backend), pcsc-lite's headers, pcscd and vsmartcard's virtual reader (PC/SC
-# tests). The tests start their own brokers, servers and tokens on free loopback ports.
+# tests), Prometheus's promtool and python3-venv (the operator-tools test), and from PyPI Frictionless
+# into target/tools/py (the TIDES export's check). The tests start their own brokers, servers and
+# tokens on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,11 +32,24 @@ if ! dpkg -s vsmartcard-vpcd >/dev/null 2>&1; then need_apt+=(vsmartcard-vpcd); 
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then need_apt+=(postgresql); fi
 # docs/operations.md's commands, which tests/operations_doc.rs runs, call the HTTP APIs with curl.
 if ! command -v curl >/dev/null 2>&1; then need_apt+=(curl); fi
+# tests/operator_tools.rs checks deploy/prometheus/alerts.yml with promtool (Debian's prometheus)
+# and validates the TIDES export with Frictionless, from PyPI into a virtual environment under
+# target/ (python3-venv brings the venv module's pip).
+if ! command -v promtool >/dev/null 2>&1; then need_apt+=(prometheus); fi
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   "${SUDO[@]}" apt-get update -qq
   "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+# Frictionless for tests/operator_tools.rs (it looks in target/tools/py first).
+FRICTIONLESS_VERSION=5.21.0
+if ! target/tools/py/bin/frictionless --version 2>/dev/null | grep -qx "$FRICTIONLESS_VERSION"; then
+  echo "== installing frictionless $FRICTIONLESS_VERSION into target/tools/py"
+  python3 -m venv target/tools/py
+  target/tools/py/bin/pip install -q "frictionless==$FRICTIONLESS_VERSION"
 fi
 
 # pcscd with vpcd's first reader slot ("Virtual PCD 00 00" on port 35963). No systemd here: start
