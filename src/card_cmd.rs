@@ -68,6 +68,10 @@ enum CardCmd {
         /// Output card image.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an image that already exists at --out: the card it held, with its value and
+        /// counter, is gone (without it, an existing image is an error and is left untouched).
+        #[arg(long)]
+        force: bool,
     },
     /// Print a card's state (never its keys).
     Show {
@@ -125,6 +129,7 @@ pub fn run(args: CardArgs) -> Result<()> {
             upper_limit,
             rider_category,
             out,
+            force,
         } => {
             let uid = uid7("--uid", &uid)?;
             let rider_category = rider_category.unwrap_or_default();
@@ -143,6 +148,13 @@ pub fn run(args: CardArgs) -> Result<()> {
             let card = Card::personalise(&p, hsm.card_keys(&uid, p.key_version)?);
             // As every writer of an image: not while a crowd or a load has the card.
             let _lock = lock_image(&out)?;
+            if !force && out.exists() {
+                return Err(input_err(format!(
+                    "--out {}: a card image is already there (its card holds value and a counter); \
+                     pass --force to replace it",
+                    out.display()
+                )));
+            }
             write_image(&out, card.nvm())?;
             let category = if rider_category.is_empty() {
                 String::new()

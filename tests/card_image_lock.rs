@@ -255,3 +255,43 @@ fn charge_refuses_an_image_that_does_not_validate() {
     assert!(said(&o).contains("balance outside its limits"), "{}", said(&o));
     assert_eq!(std::fs::read_to_string(&image).unwrap(), bad);
 }
+
+/// `tapgate card issue` does not overwrite a card: an image already at `--out` holds a card with
+/// value and a counter, so issuing over it is refused (exit 2, the image unchanged) unless
+/// `--force` says the old card is to go.
+#[test]
+fn card_issue_refuses_to_overwrite_a_card_without_force() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    support::keys_init(dir, PASS);
+    let issue = |balance: &str, force: bool| {
+        let mut args = vec![
+            "card",
+            "issue",
+            "--keys",
+            "keys",
+            "--uid",
+            "04782E21801D81",
+            "--balance",
+            balance,
+            "--out",
+            "card.json",
+        ];
+        if force {
+            args.push("--force");
+        }
+        tapgate(dir, &args)
+    };
+    let first = issue("1000", false);
+    assert!(first.status.success(), "{}", said(&first));
+    let image = std::fs::read(dir.join("card.json")).unwrap();
+
+    let again = issue("9000", false);
+    assert_eq!(again.status.code(), Some(2), "{}", said(&again));
+    assert!(said(&again).contains("--force"), "{}", said(&again));
+    assert_eq!(std::fs::read(dir.join("card.json")).unwrap(), image);
+
+    let forced = issue("9000", true);
+    assert!(forced.status.success(), "{}", said(&forced));
+    assert!(said(&forced).contains("balance_minor=9000"), "{}", said(&forced));
+}
