@@ -66,7 +66,7 @@ impl LoadService {
             if snap.tmc() == at && snap.records().first().is_some_and(|r| r[..] == ours[..]) {
                 let pending = intent.pending_change(snap.uid());
                 let Ok(Settlement::Committed(settled)) = txn::settle(&pending, snap) else {
-                    tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card holds its record but not its balance; left for clearing");
+                    tracing::error!(card = %purse::tap::masked_uid(&snap.uid()), tmc = intent.tmc_before, "pending change: the card holds its record but not its balance; left for clearing");
                     continue;
                 };
                 let verified = {
@@ -79,7 +79,7 @@ impl LoadService {
                     // intent stays open for the next contact.
                     Err(e @ SamError::Hsm(_)) => return Err(e.into()),
                     Err(_) => {
-                        tracing::error!(uid = %intent.uid, tmc = intent.tmc_before, "pending change: the card's transaction MAC does not verify");
+                        tracing::error!(card = %purse::tap::masked_uid(&snap.uid()), tmc = intent.tmc_before, "pending change: the card's transaction MAC does not verify");
                         continue;
                     }
                 };
