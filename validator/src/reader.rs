@@ -60,6 +60,8 @@ pub struct Crowd {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Why the crowd stopped presenting cards, if an error made it.
     failure: Option<String>,
+    /// Card images in a row that were there but unusable (see `take_card`).
+    unusable: u32,
 }
 
 /// The card in the field. With an image path, its NVM is written to the file after every
@@ -167,6 +169,7 @@ impl Crowd {
             cfg,
             stop,
             failure: None,
+            unusable: 0,
         })
     }
 
@@ -183,27 +186,40 @@ impl Crowd {
     }
 
     /// Card `i`: from its image when there is one (read again every time: another process
-    /// may have loaded the card since), else from memory, else newly personalised.
-    fn take_card(&mut self, i: usize) -> Card {
+    /// may have loaded the card since), else from memory, else newly personalised. An image
+    /// that is there but cannot be read, parsed, validated or keyed is an error: the card is
+    /// not made up anew from memory or personalisation, which would spend its counters again.
+    fn take_card(&mut self, i: usize) -> Result<Card, String> {
         let cached = self.cards[i].take();
         let uid = crowd_uid(i as u32);
-        let keys = |v| self.hsm.card_keys(&uid, v);
         if let Some(p) = self.image_path(i) {
-            if let Ok(text) = std::fs::read_to_string(&p) {
-                if let Ok(nvm) = serde_json::from_str::<Nvm>(&text) {
-                    if let Ok(k) = keys(nvm.main.key_version) {
-                        return Card::power_on(nvm, k);
-                    }
+            match std::fs::read_to_string(&p) {
+                Ok(text) => {
+                    let unusable =
+                        |why: String| format!("card image {} is unusable: {why}", p.display());
+                    let nvm =
+                        serde_json::from_str::<Nvm>(&text).map_err(|e| unusable(e.to_string()))?;
+                    nvm.validate().map_err(|e| unusable(e.to_string()))?;
+                    let k = self
+                        .hsm
+                        .card_keys(&uid, nvm.main.key_version)
+                        .map_err(|e| unusable(e.to_string()))?;
+                    return Ok(Card::power_on(nvm, k));
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("card image {}: {e}", p.display())),
             }
         }
         if let Some(c) = cached {
-            return c;
+            return Ok(c);
         }
         let mut p = Personalisation::transit(uid, self.cfg.balance_minor);
         p.upper_limit_minor = p.upper_limit_minor.max(self.cfg.balance_minor);
-        let k = keys(p.key_version).expect("the issuer holds version-1 keys");
-        Card::personalise(&p, k)
+        let k = self
+            .hsm
+            .card_keys(&uid, p.key_version)
+            .expect("the issuer holds version-1 keys");
+        Ok(Card::personalise(&p, k))
     }
 
     /// Puts card `i` back after a presentation; writes its image unless it holds `last_image`
@@ -247,12 +263,19 @@ impl Crowd {
     /// The cards' balances now (for conservation checks).
     pub fn balances(&mut self) -> Vec<([u8; 7], i32)> {
         (0..self.cards.len())
-            .map(|i| {
+            .filter_map(|i| {
                 let _lock = self.lock_card(i).ok().flatten();
-                let c = self.take_card(i);
-                let out = (c.state().uid, c.state().balance_minor);
-                self.cards[i] = Some(c);
-                out
+                match self.take_card(i) {
+                    Ok(c) => {
+                        let out = (c.state().uid, c.state().balance_minor);
+                        self.cards[i] = Some(c);
+                        Some(out)
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}; its balance is not reported");
+                        None
+                    }
+                }
             })
             .collect()
     }
@@ -282,47 +305,67 @@ impl Reader for Crowd {
     /// [`LOCK_ATTEMPTS`] such errors in a row the crowd stops with [`Reader::failure`] set.
     fn wait_card(&mut self) -> Option<&mut dyn Transport> {
         let mut errors = 0;
-        let (i, lock) = loop {
-            if self.cfg.taps.is_some_and(|n| self.presented >= n) || self.cards.is_empty() {
-                return None;
-            }
-            // Realistic gaps: exponential inter-arrival at the configured rate.
-            if self.cfg.rate_per_s > 0.0 {
-                let now = Instant::now();
-                if !self.sleep_until(self.next_at) {
+        let (i, lock, mut card) = loop {
+            let (i, lock) = loop {
+                if self.cfg.taps.is_some_and(|n| self.presented >= n) || self.cards.is_empty() {
                     return None;
                 }
-                let u: f64 = self.rng.gen_range(1e-9..1.0);
-                let gap = -u.ln() / self.cfg.rate_per_s;
-                self.next_at = now.max(self.next_at) + Duration::from_secs_f64(gap);
-            }
-            if self.stopped() {
-                return None;
-            }
-            let i = self.rng.gen_range(0..self.cards.len());
-            match self.lock_card(i) {
-                Ok(l) => break (i, l),
-                Err(e @ ImageLockError::Busy { .. }) => {
-                    tracing::warn!("{e}; the card is not presented");
+                // Realistic gaps: exponential inter-arrival at the configured rate.
+                if self.cfg.rate_per_s > 0.0 {
+                    let now = Instant::now();
+                    if !self.sleep_until(self.next_at) {
+                        return None;
+                    }
+                    let u: f64 = self.rng.gen_range(1e-9..1.0);
+                    let gap = -u.ln() / self.cfg.rate_per_s;
+                    self.next_at = now.max(self.next_at) + Duration::from_secs_f64(gap);
                 }
+                if self.stopped() {
+                    return None;
+                }
+                let i = self.rng.gen_range(0..self.cards.len());
+                match self.lock_card(i) {
+                    Ok(l) => break (i, l),
+                    Err(e @ ImageLockError::Busy { .. }) => {
+                        tracing::warn!("{e}; the card is not presented");
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors >= LOCK_ATTEMPTS {
+                            let msg = format!(
+                                "the crowd stops: {errors} card images in a row could not be locked; the last: {e}"
+                            );
+                            tracing::error!("{msg}");
+                            self.failure = Some(msg);
+                            return None;
+                        }
+                        tracing::warn!("{e}; the card is not presented");
+                        if !self.sleep_until(Instant::now() + lock_backoff(errors)) {
+                            return None;
+                        }
+                    }
+                }
+            };
+            match self.take_card(i) {
+                Ok(card) => break (i, lock, card),
                 Err(e) => {
-                    errors += 1;
-                    if errors >= LOCK_ATTEMPTS {
+                    // Not presented; the image is left as it is for the operator to look at. A
+                    // crowd whose images all fail stops as one whose images cannot be locked.
+                    self.unusable += 1;
+                    if self.unusable >= LOCK_ATTEMPTS {
                         let msg = format!(
-                            "the crowd stops: {errors} card images in a row could not be locked; the last: {e}"
+                            "the crowd stops: {} card images in a row were unusable; the last: {e}",
+                            self.unusable
                         );
                         tracing::error!("{msg}");
                         self.failure = Some(msg);
                         return None;
                     }
-                    tracing::warn!("{e}; the card is not presented");
-                    if !self.sleep_until(Instant::now() + lock_backoff(errors)) {
-                        return None;
-                    }
+                    tracing::error!("{e}; the card is not presented");
                 }
             }
         };
-        let mut card = self.take_card(i);
+        self.unusable = 0;
         if self.cfg.tear_per_mille > 0 && self.rng.gen_range(0..1000) < self.cfg.tear_per_mille {
             card.tear_after_writes(Some(self.rng.gen_range(0..6)));
         }
@@ -558,5 +601,27 @@ mod tests {
         let why = crowd.failure().expect("the reason the crowd stopped");
         assert!(why.contains("could not be locked"), "{why}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// An image that is there but cannot be used (here: not JSON) is not replaced by a card
+    /// made up from memory or personalised anew (that card would spend counters the real one
+    /// already spent): the card is not presented, its image is left as it was, and a crowd
+    /// whose images are all unusable stops with the reason.
+    #[test]
+    fn an_unusable_image_is_never_replaced_by_a_made_up_card() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = issuer();
+        let mut crowd = crowd_in(dir.path(), &ks);
+        let image = crowd.image_path(0).unwrap();
+        // A first presentation writes the card's image and keeps the card in memory.
+        assert!(crowd.wait_card().is_some());
+        crowd.card_removed();
+        std::fs::write(&image, b"{ torn").unwrap();
+
+        assert!(crowd.wait_card().is_none(), "a card was made up");
+        let why = crowd.failure().expect("the reason the crowd stopped");
+        assert!(why.contains("unusable"), "{why}");
+        assert_eq!(std::fs::read(&image).unwrap(), b"{ torn");
+        assert!(crowd.balances().is_empty());
     }
 }
