@@ -6,9 +6,33 @@
 
 use crate::charge_cmd::{card_target, idempotency_key, print_outcome, relay_with_card, CardFlags};
 use crate::cli_util::input_err;
+use crate::keys_cmd::pin_source;
 use anyhow::{Context, Result};
 use charging::client::Client;
 use clap::Args;
+use std::path::PathBuf;
+use zeroize::Zeroizing;
+
+/// The variable the payment PIN is read from when neither `--pin-file` nor `--pin-env` is given.
+pub const PIN_ENV: &str = "TAPGATE_PAYMENT_PIN";
+
+/// The payment PIN from `--pin-file` or `--pin-env` (through the same [`pin_source`] as the
+/// token PIN of `tapgate keys import-hsm`), else from `$TAPGATE_PAYMENT_PIN` if it is set, else
+/// none.
+fn payment_pin(
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+) -> Result<Option<Zeroizing<String>>> {
+    let source = match (pin_file, pin_env) {
+        (None, None) if std::env::var_os(PIN_ENV).is_none() => return Ok(None),
+        (None, None) => pin_source(None, Some(PIN_ENV.to_string()))?,
+        (f, e) => pin_source(f, e)?,
+    };
+    let pin = source
+        .read()
+        .map_err(|e| input_err(format!("the payment PIN: {e}")))?;
+    Ok(Some(pin))
+}
 
 /// `tapgate pay`.
 #[derive(Args)]
@@ -28,10 +52,15 @@ pub struct PayArgs {
     /// Idempotency key (default: a new random one; reuse it to retry the same payment safely).
     #[arg(long = "idempotency-key")]
     idempotency_key: Option<String>,
-    /// The card's payment PIN, when its holder set one and the payment is above its amount
-    /// (default: $TAPGATE_PAYMENT_PIN).
-    #[arg(long, env = "TAPGATE_PAYMENT_PIN", hide_env_values = true)]
-    pin: Option<String>,
+    /// Read the card's payment PIN (when its holder set one and the payment is above its
+    /// amount) from this file. The PIN is never an argument: it would show in the process
+    /// list. Default: $TAPGATE_PAYMENT_PIN when it is set.
+    #[arg(long = "pin-file", conflicts_with = "pin_env")]
+    pin_file: Option<PathBuf>,
+    /// Read the card's payment PIN from this environment variable (instead of
+    /// $TAPGATE_PAYMENT_PIN).
+    #[arg(long = "pin-env")]
+    pin_env: Option<String>,
     /// Which card.
     #[command(flatten)]
     card: CardFlags,
@@ -54,6 +83,7 @@ pub fn run(a: PayArgs) -> Result<()> {
         )));
     }
     let key = idempotency_key(a.idempotency_key.clone());
+    let pin = payment_pin(a.pin_file.clone(), a.pin_env.clone())?;
     let target = card_target(&a.card)?;
     let client = Client::new(&a.server, &a.token);
     let retry_hint = || {
@@ -77,7 +107,7 @@ pub fn run(a: PayArgs) -> Result<()> {
         asked["description"].as_str().unwrap_or_default()
     );
     let r = relay_with_card(&a.card, target, |card| {
-        client.pay_with_pin(card, id, &key, a.pin.as_deref(), None)
+        client.pay_with_pin(card, id, &key, pin.as_deref().map(String::as_str), None)
     })
     .with_context(retry_hint)?;
     print_outcome("payment", &format!("payment={id} "), &r, &key)

@@ -279,3 +279,84 @@ fn card_walkthrough_conserves_value_and_keeps_keys_out_of_files() {
         assert!(!image.contains(&bytes.join(",")), "key bytes in image");
     }
 }
+
+/// A merchant fee above the whole sale (10000 bps) is refused before any ledger is opened.
+#[test]
+fn settlement_refuses_a_merchant_fee_above_10000_bps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (dir.path().join("data"), dir.path().join("out"));
+    let o = tapgate(
+        &[
+            "charging",
+            "settlement",
+            "--data",
+            data.to_str().unwrap(),
+            "--day",
+            "2026-12-06",
+            "--out",
+            out.to_str().unwrap(),
+            "--merchant-fee-bps",
+            "10001",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("10001 is not in 0..=10000"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists(), "no settlement file is written");
+}
+
+/// `tapgate pay` takes the payment PIN only from a file or an environment variable: a PIN on
+/// the command line would show in the process list.
+#[test]
+fn pay_takes_no_pin_on_the_command_line() {
+    let o = tapgate(
+        &[
+            "pay",
+            "--server",
+            "http://127.0.0.1:9",
+            "--payment",
+            "pay_x",
+            "--token",
+            "t",
+            "--pin",
+            "2468",
+            "--card",
+            "c.json",
+            "--keys",
+            "k",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unexpected argument '--pin'"),
+        "{}",
+        stderr(&o)
+    );
+    // Both sources at once: a usage error too.
+    let o = tapgate(
+        &[
+            "pay",
+            "--server",
+            "http://127.0.0.1:9",
+            "--payment",
+            "pay_x",
+            "--token",
+            "t",
+            "--pin-file",
+            "pin.txt",
+            "--pin-env",
+            "MY_PIN",
+            "--card",
+            "c.json",
+            "--keys",
+            "k",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

@@ -109,7 +109,7 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
         &format!("{base}/v1/merchant/payments"),
         MERCHANT,
         serde_json::json!({
-            "amount_minor": 700, "currency": "EUR", "order_id": "T-1001",
+            "amount_minor": 700, "currency": "KRW", "order_id": "T-1001",
             "description": "Lyon → Paris, 2nd class", "expires": expires,
         }),
     );
@@ -133,7 +133,7 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
     };
     let stdout = succeeded(&pay("p1"));
     assert!(
-        stdout.contains("paying 700 EUR to rail-shop: Lyon → Paris, 2nd class"),
+        stdout.contains("paying 700 KRW to rail-shop: Lyon → Paris, 2nd class"),
         "{stdout}"
     );
     assert!(
@@ -182,6 +182,69 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
         )),
         "{stdout}"
     );
+    // A PIN above 500: read from a file (never from the command line), or from the variable
+    // --pin-env names; without it the payment is refused before the card is touched.
+    let (code, body) = http::post(
+        &format!("{base}/v1/cards/{uid}/payment-pin"),
+        CARDHOLDER,
+        serde_json::json!({"pin": "2468", "above_minor": 500}),
+    );
+    assert_eq!(code, 204, "{body}");
+    let make = |order: &str| {
+        let (code, p) = http::post(
+            &format!("{base}/v1/merchant/payments"),
+            MERCHANT,
+            serde_json::json!({"amount_minor": 600, "currency": "KRW", "order_id": order,
+                               "expires": expires}),
+        );
+        assert_eq!(code, 201, "{p}");
+        p["id"].as_str().unwrap().to_string()
+    };
+    let (guarded, by_env) = (make("T-1002"), make("T-1003"));
+    let pay_pin = |id: &str, extra: &[&str], env: Option<(&str, &str)>| {
+        let mut args = vec![
+            "pay",
+            "--server",
+            &base,
+            "--payment",
+            id,
+            "--card",
+            card.to_str().unwrap(),
+            "--keys",
+            keys.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tapgate"));
+        cmd.args(&args)
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .env("TAPGATE_TOKEN", CARDHOLDER)
+            .env_remove("TAPGATE_PAYMENT_PIN");
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = pay_pin(&guarded, &[], None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pin_required"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pin_file = d.join("pin.txt");
+    std::fs::write(&pin_file, "2468\n").unwrap();
+    let stdout = succeeded(&pay_pin(
+        &guarded,
+        &["--pin-file", pin_file.to_str().unwrap()],
+        None,
+    ));
+    assert!(stdout.contains("balance_minor=1000"), "{stdout}");
+    let stdout = succeeded(&pay_pin(
+        &by_env,
+        &["--pin-env", "MY_CARD_PIN"],
+        Some(("MY_CARD_PIN", "2468")),
+    ));
+    assert!(stdout.contains("balance_minor=400"), "{stdout}");
     // Not a payment id: a usage error before anything is sent.
     let out = tapgate(&[
         "pay",
