@@ -5,8 +5,9 @@
 //! from the integer minor units), `currency_type`, `fare_action` (`Enter` for a tap that
 //! debited or was free; refusals are not transactions and are left out), `device_id`,
 //! `stop_id` (the GTFS `stops.stop_id` of the fare table the gate priced with — see [`Places`]),
-//! `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped` (empty: the fare
-//! engine decides), `token_id` (card UID), `balance` (major units), and one column beyond the
+//! `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped` (empty, a missing
+//! value to TIDES: the tap record does not carry the fare engine's cap flag, which stays in the
+//! card's trip record), `token_id` (card UID), `balance` (major units), and one column beyond the
 //! TIDES schema, last: `route_id` (GTFS `routes.route_id`), so a transaction joins to the
 //! agency's GTFS by stop and route.
 
