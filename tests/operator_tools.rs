@@ -1,8 +1,8 @@
 //! The operator's standard tools against the daemons as they run: the Prometheus alerting rules
-//! (`deploy/prometheus/alerts.yml`, checked by `promtool`) and the Grafana dashboard
-//! (`deploy/grafana/tapgate.json`) name only metrics the daemons export; the gateway's TIDES
-//! `fare_transactions.csv` export validates against the TIDES table schema with Frictionless;
-//! `--log-format json` writes JSON lines whose card UIDs are masked.
+//! (`deploy/prometheus/alerts.yml`, checked and unit-tested by `promtool`) and the Grafana
+//! dashboard (`deploy/grafana/tapgate.json`) name only metrics the daemons export; the gateway's
+//! TIDES `fare_transactions.csv` export validates against the TIDES table schema with
+//! Frictionless; `--log-format json` writes JSON lines whose card UIDs are masked.
 //!
 //! One world per test, every part a real process on loopback: `tapgate charging`, `tapgate
 //! gateway` (embedded broker, HTTP API, forwarding to clearing) and a `tapgate validator` with its
@@ -232,6 +232,18 @@ fn alert_rules_and_dashboard_name_only_metrics_the_daemons_export() {
     assert!(
         o.status.success(),
         "promtool check rules: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let o = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(repo().join("deploy/prometheus/alerts.test.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "promtool test rules: {}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
