@@ -191,8 +191,9 @@ pub struct Ledger {
 /// The storage behind a [`Ledger`].
 #[derive(Clone)]
 enum Backend {
-    /// LMDB, in the charging server's data directory.
-    Lmdb(LmdbLedger),
+    /// LMDB, in the charging server's data directory (boxed: its databases' handles make it
+    /// far larger than the PostgreSQL handle).
+    Lmdb(Box<LmdbLedger>),
     /// PostgreSQL (`[ledger] kind = "postgres"`).
     Postgres(PgLedger),
 }
@@ -202,7 +203,7 @@ impl Ledger {
     /// its committer thread (it ends when the last `Ledger` clone is closed or dropped).
     pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Ledger, LedgerError> {
         Ok(Ledger {
-            backend: Backend::Lmdb(LmdbLedger::open(dir, map_size_bytes)?),
+            backend: Backend::Lmdb(Box::new(LmdbLedger::open(dir, map_size_bytes)?)),
         })
     }
 
