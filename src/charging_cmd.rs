@@ -66,6 +66,14 @@ enum ChargingCmd {
               value_parser = clap::value_parser!(u32).range(0..=10_000))]
         merchant_fee_bps: u32,
     },
+    /// Apply the ledger database's migrations (`[ledger] kind = "postgres"`): creates or
+    /// upgrades its schema to the one this build runs on, each migration once (running it again
+    /// changes nothing). A database newer than this build is refused.
+    Migrate {
+        /// Configuration file (TOML), as for `tapgate charging`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Create an API token: prints the token once and the [[tokens]] entry for the config.
     Token {
         /// Caller name.
@@ -161,12 +169,14 @@ pub fn run(args: ChargingArgs) -> Result<()> {
             println!("token={token}");
             Ok(())
         }
+        Some(ChargingCmd::Migrate { config }) => migrate(config.as_deref()),
         None => serve(args.serve),
     }
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
-    let mut cfg = match &a.config {
+/// The server's configuration file (the built-in default without `--config`).
+fn read_config(path: Option<&std::path::Path>) -> Result<ServerConfig> {
+    Ok(match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading config {}", path.display()))?;
@@ -174,7 +184,47 @@ fn serve(a: ServeArgs) -> Result<()> {
                 .map_err(|e| input_err(format!("config {}: {e}", path.display())))?
         }
         None => ServerConfig::from_toml("data_dir = \"data/charging\"").expect("default config"),
-    };
+    })
+}
+
+/// `tapgate charging migrate`: the PostgreSQL ledger's schema, brought to this build's.
+fn migrate(config: Option<&std::path::Path>) -> Result<()> {
+    let cfg = read_config(config)?;
+    if cfg.ledger.kind == server::LedgerKind::Lmdb {
+        println!("ledger kind lmdb: nothing to migrate (LMDB needs no schema)");
+        return Ok(());
+    }
+    let pg = cfg
+        .ledger
+        .postgres()
+        .map_err(|e| input_err(e.to_string()))?;
+    let url = charging::ledger::postgres::redact_url(&pg.url);
+    let applied = charging::ledger::postgres::migrate(&pg)
+        .with_context(|| format!("migrating the ledger database {url}"))?;
+    for v in &applied {
+        let name = charging::ledger::postgres::MIGRATIONS
+            .iter()
+            .find(|m| m.0 == *v)
+            .map(|m| m.1)
+            .unwrap_or_default();
+        println!("applied migration {v:04}_{name}");
+    }
+    println!(
+        "ledger database {url}: schema version {}{}",
+        charging::ledger::postgres::known_version(),
+        if applied.is_empty() {
+            " (up to date)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let mut cfg = read_config(a.config.as_deref())?;
+    // A [ledger] table that cannot work is the config's error (exit 2), before anything starts.
+    cfg.ledger.check().map_err(|e| input_err(format!("{e}")))?;
     if let Some(l) = a.listen {
         cfg.listen = l;
     }

@@ -128,6 +128,119 @@ pub struct ServerConfig {
     /// Merchants' payments and refunds in another currency are refused.
     #[serde(default = "default_currency")]
     pub currency: String,
+    /// Where the ledger lives: LMDB in `data_dir` (default) or PostgreSQL (`[ledger]`).
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// Which backend holds the ledger.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerKind {
+    /// LMDB in `data_dir/ledger` (the embedded default: the demo, a single box).
+    #[default]
+    Lmdb,
+    /// PostgreSQL at `url` (docs/postgres.md); `tapgate charging migrate` prepares its schema.
+    Postgres,
+}
+
+/// The `[ledger]` table. The database password is never in the configuration: only the file
+/// or environment variable it is read from (and it is never logged).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// `lmdb` (default) or `postgres`.
+    #[serde(default)]
+    pub kind: LedgerKind,
+    /// `postgres://user@host:port/db` (kind `postgres`).
+    pub url: Option<String>,
+    /// A file holding the database password (its first line).
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the database password.
+    pub password_env: Option<String>,
+    /// Most connections to the database (default 16).
+    pub max_connections: Option<usize>,
+}
+
+impl LedgerConfig {
+    /// Refuses a table that cannot work (before anything starts): a `url` or password for
+    /// LMDB, a PostgreSQL ledger without a usable `url` or with a password source that is
+    /// missing.
+    pub fn check(&self) -> Result<(), ServerError> {
+        match self.kind {
+            LedgerKind::Lmdb => {
+                if self.url.is_some() || self.password_file.is_some() || self.password_env.is_some()
+                {
+                    return Err(ServerError::Config(
+                        "[ledger] url and password are for kind = \"postgres\" (the default kind is lmdb)"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
+            LedgerKind::Postgres => self.postgres().map(|_| ()),
+        }
+    }
+
+    /// The PostgreSQL connection this table names, its password read from the file or the
+    /// environment (kind `postgres` only).
+    pub fn postgres(&self) -> Result<crate::ledger::PgConfig, ServerError> {
+        let url = self.url.as_deref().ok_or_else(|| {
+            ServerError::Config(
+                "[ledger] kind = \"postgres\" needs url = \"postgres://user@host:port/db\"".into(),
+            )
+        })?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ServerError::Config(format!(
+                "[ledger] url {:?} is not a postgres:// URL",
+                crate::ledger::postgres::redact_url(url)
+            )));
+        }
+        let password = match (&self.password_file, &self.password_env) {
+            (Some(_), Some(_)) => {
+                return Err(ServerError::Config(
+                    "[ledger] names both password_file and password_env: give one".into(),
+                ))
+            }
+            (Some(f), None) => {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    ServerError::Config(format!("[ledger] password_file {}: {e}", f.display()))
+                })?;
+                let text = zeroize::Zeroizing::new(text);
+                Some(text.lines().next().unwrap_or_default().to_string())
+            }
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                ServerError::Config(format!(
+                    "[ledger] password_env: the environment variable {var} is not set"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        let mut c = crate::ledger::PgConfig::new(url, None);
+        c.password = password.map(zeroize::Zeroizing::new);
+        if let Some(n) = self.max_connections {
+            if n == 0 {
+                return Err(ServerError::Config(
+                    "[ledger] max_connections must be at least 1".into(),
+                ));
+            }
+            c.max_connections = n;
+        }
+        Ok(c)
+    }
+}
+
+/// Opens the ledger `cfg` names: LMDB in its data directory, or PostgreSQL (whose schema must
+/// be the one this build knows: `tapgate charging migrate` applies it).
+pub fn open_ledger(cfg: &ServerConfig) -> Result<Ledger, ServerError> {
+    cfg.ledger.check()?;
+    match cfg.ledger.kind {
+        LedgerKind::Lmdb => Ok(Ledger::open(
+            &cfg.data_dir.join("ledger"),
+            cfg.ledger_map_size_bytes,
+        )?),
+        LedgerKind::Postgres => Ok(Ledger::open_postgres(cfg.ledger.postgres()?)?),
+    }
 }
 
 fn default_currency() -> String {
@@ -217,7 +330,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             cfg.currency
         )));
     }
-    let ledger = Ledger::open(&cfg.data_dir.join("ledger"), cfg.ledger_map_size_bytes)?;
+    let ledger = open_ledger(cfg)?;
     let mut sources: Vec<Arc<dyn FundingSource>> = vec![Arc::new(SandboxProcessor::open(
         &cfg.data_dir.join("sandbox-processor"),
     )?)];

@@ -34,7 +34,7 @@ mod schema;
 mod write;
 
 pub use read::PgRead;
-pub use schema::{migrate, schema_version, MIGRATIONS};
+pub use schema::{known_version, migrate, schema_version, MIGRATIONS};
 pub use write::PgWrite;
 
 use super::interface::LedgerWrite;
