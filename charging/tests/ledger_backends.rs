@@ -780,3 +780,32 @@ fn finance_views_answer_in_sql() {
     );
     assert_eq!(q("SELECT count(*) FROM reconciliation_causes"), "0");
 }
+
+#[test]
+fn a_snapshot_held_across_a_transaction_never_starves_the_pool() {
+    let db = TestDb::start();
+    let mut cfg = PgConfig::new(&db.url, Some(db.password()));
+    postgres::migrate(&cfg).unwrap();
+    cfg.max_connections = 1;
+    let l = Ledger::open_postgres(cfg).unwrap();
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            let l = l.clone();
+            scope.spawn(move || {
+                for j in 0..5 {
+                    // As clearing does: a snapshot still open while the thread transacts.
+                    let r = l.read().unwrap();
+                    let _ = r.idempotent(&format!("batch:{i}:{j}")).unwrap();
+                    l.transact(move |t| {
+                        t.post(T0, "funding:card", &format!("w:{i}"), 1, "x")
+                            .map(|_| ())
+                    })
+                    .unwrap();
+                    drop(r);
+                }
+            });
+        }
+    });
+    assert_eq!(l.read().unwrap().balance("funding:card").unwrap(), -20);
+    l.close();
+}

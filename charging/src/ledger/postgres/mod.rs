@@ -295,8 +295,14 @@ impl Lease {
     }
 }
 
+thread_local! {
+    /// Leases the current thread holds (a snapshot kept open while it transacts, say).
+    static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
+        HELD.with(|h| h.set(h.get().saturating_sub(1)));
         if let Some(c) = self.conn.take() {
             let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             idle.0.push(c);
@@ -306,7 +312,20 @@ impl Drop for Lease {
 }
 
 impl Pool {
+    /// A connection thread: an idle one, a new one below the limit, or — for a thread that
+    /// holds one already — a new one beyond it. A thread waits only while it holds none, and
+    /// holders never wait, so a snapshot held across a transaction (which LMDB allows) cannot
+    /// deadlock the pool however many threads do it at once.
     fn lease(self: &Arc<Self>) -> Result<Lease, LedgerError> {
+        let lease = self.lease_inner();
+        if lease.is_ok() {
+            HELD.with(|h| h.set(h.get() + 1));
+        }
+        lease
+    }
+
+    fn lease_inner(self: &Arc<Self>) -> Result<Lease, LedgerError> {
+        let holder = HELD.with(|h| h.get()) > 0;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(conn) = idle.0.pop() {
@@ -315,7 +334,7 @@ impl Pool {
                     conn: Some(conn),
                 });
             }
-            if idle.1 < self.cfg.max_connections.max(1) {
+            if holder || idle.1 < self.cfg.max_connections.max(1) {
                 idle.1 += 1;
                 let n = idle.1;
                 drop(idle);
