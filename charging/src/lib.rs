@@ -3,7 +3,7 @@
 //! Online loads driven through the HSM over an APDU relay ([`load`], and its client side,
 //! [`client`]), funding sources ([`funding`]), clearing of the gateways' tap batches
 //! ([`clearing`]), franchise loads ([`franchise`]), partner vouchers ([`partner`]), the HTTP
-//! API ([`api`], [`server`]), reconciliation ([`reconcile`]) and settlement files
+//! API ([`api`], [`server`]) and the cardholder pages ([`pages`]), reconciliation ([`reconcile`]) and settlement files
 //! ([`settlement`]).
 //!
 //! Everything that keeps money reaches the double-entry [`ledger`] through its interface:
@@ -22,6 +22,7 @@ pub mod funding;
 pub mod ledger;
 pub mod load;
 pub mod notify;
+pub mod pages;
 pub mod partner;
 pub mod reconcile;
 pub mod server;

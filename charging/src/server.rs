@@ -131,6 +131,9 @@ pub struct ServerConfig {
     /// Where the ledger lives: LMDB in `data_dir` (default) or PostgreSQL (`[ledger]`).
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// The `[pages]` table: the cardholder pages served beside the API (docs/pages.md).
+    #[serde(default)]
+    pub pages: crate::pages::PagesConfig,
 }
 
 /// Which backend holds the ledger.
@@ -324,6 +327,7 @@ fn now_ms() -> u64 {
 
 /// Builds the application state from the configuration and an HSM.
 pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, ServerError> {
+    cfg.pages.check(&cfg.tokens).map_err(ServerError::Config)?;
     if !crate::load::valid_currency(&cfg.currency) {
         return Err(ServerError::Config(format!(
             "currency {:?} must be an ISO 4217 code (three capital letters, e.g. KRW)",
@@ -431,7 +435,9 @@ pub async fn serve_on(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let app = api::router(state.clone());
+    let pages = crate::pages::router(state.clone(), &cfg.pages, cfg.tls.is_some(), &cfg.currency)
+        .map_err(ServerError::Config)?;
+    let app = api::router(state.clone()).merge(pages);
     // Expire idle relay sessions and sweep counter gaps that never filled, in the background.
     let loads = state.loads.clone();
     let clock = state.clock.clone();

@@ -39,7 +39,8 @@ pub fn install_crypto_provider() {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves (then drains for up to 10 s), each
-/// request with its id ([`crate::request_id`]).
+/// request with its id ([`crate::request_id`]) and the peer's address
+/// (`axum::extract::ConnectInfo<SocketAddr>`, for per-address limits).
 /// Prints `<name> listening on <scheme>://<addr>` once bound.
 pub async fn serve_router(
     name: &'static str,
@@ -69,14 +70,14 @@ pub async fn serve_router(
             announce(name, handle.clone(), "https");
             axum_server::from_tcp_rustls(listener, config)
                 .handle(handle)
-                .serve(router.into_make_service())
+                .serve(router.into_make_service_with_connect_info::<SocketAddr>())
                 .await?;
         }
         None => {
             announce(name, handle.clone(), "http");
             axum_server::from_tcp(listener)
                 .handle(handle)
-                .serve(router.into_make_service())
+                .serve(router.into_make_service_with_connect_info::<SocketAddr>())
                 .await?;
         }
     }

@@ -1,0 +1,280 @@
+//! What the cardholder pages show of a card, read from the ledger: the balance, the history of
+//! trips and loads from the postings, the load intents, and the top-ups asked for on the pages.
+
+use crate::ledger::{IntentKind, IntentState, LedgerError, LedgerRead, Posting};
+use serde::{Deserialize, Serialize};
+
+/// One line of a card's history: a posting to or from the card's account.
+#[derive(Clone, Debug, Serialize)]
+pub struct Entry {
+    /// The posting's sequence number.
+    pub seq: u64,
+    /// When the back office booked it (unix ms).
+    pub time_ms: u64,
+    /// `trip`, `load`, `reversal`, `payment`, `refund`, `issue` or `other`.
+    pub kind: &'static str,
+    /// Where: the operator of a trip, the funding source of a load, the merchant of a payment.
+    pub place: String,
+    /// The change to the card's value, minor units (negative for a fare or a payment).
+    pub amount_minor: i64,
+    /// The card's transaction counter the change consumed, when the reference names one.
+    pub tmc: Option<u32>,
+}
+
+/// The account on the other side of `p` from `card`, without its kind prefix.
+fn other_side<'a>(p: &'a Posting, card: &str) -> &'a str {
+    let other = if p.from == card { &p.to } else { &p.from };
+    other.split_once(':').map_or(other.as_str(), |(_, name)| name)
+}
+
+/// A card's postings as history lines, newest first (one scan of the postings: the ledger
+/// keeps no index by account).
+pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerError> {
+    let card = crate::ledger::card_account(uid);
+    let mut out: Vec<Entry> = r
+        .postings_with_prefix("")?
+        .into_iter()
+        .filter(|p| p.from == card || p.to == card)
+        .map(|p| {
+            let sign = if p.to == card { 1 } else { -1 };
+            let word = p.reference.split(':').next().unwrap_or("");
+            let other = if p.from == card { &p.to } else { &p.from };
+            let kind = match word {
+                "tap" => "trip",
+                "load" | "franchise-load" => "load",
+                "reversal" => "reversal",
+                "refund" => "refund",
+                "issue" | "learned" => "issue",
+                _ if other.starts_with("merchant:") => "payment",
+                _ if other.starts_with("franchise:") => "load",
+                _ => "other",
+            };
+            let tmc = match word {
+                "tap" | "load" | "franchise-load" | "reversal" => {
+                    p.reference.rsplit(':').next().and_then(|t| t.parse().ok())
+                }
+                _ => None,
+            };
+            Entry {
+                seq: p.seq,
+                time_ms: p.time_ms,
+                kind,
+                place: other_side(&p, &card).to_string(),
+                amount_minor: sign * p.amount_minor,
+                tmc,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.seq.cmp(&a.seq));
+    Ok(out)
+}
+
+/// A load as the pages show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadView {
+    /// The card's counter before the load.
+    pub tmc_before: u32,
+    /// Minor units.
+    pub amount_minor: i64,
+    /// Funding source.
+    pub source: String,
+    /// `pending`, `completed` or `voided`.
+    pub state: &'static str,
+    /// Asked for (unix ms).
+    pub created_ms: u64,
+    /// The idempotency key the client gave.
+    pub idempotency_key: String,
+    /// Who asked.
+    pub requested_by: String,
+}
+
+/// The word a page shows for an intent's state.
+pub fn state_word(s: IntentState) -> &'static str {
+    match s {
+        IntentState::Authorised => "pending",
+        IntentState::Completed => "completed",
+        IntentState::Voided => "voided",
+    }
+}
+
+/// The card's load intents (not reversals, payments or refunds), newest first.
+pub fn loads(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<LoadView>, LedgerError> {
+    let hex_uid = hex::encode_upper(uid);
+    let mut v: Vec<LoadView> = r
+        .all_intents()?
+        .into_iter()
+        .filter(|i| i.uid.eq_ignore_ascii_case(&hex_uid) && i.kind == IntentKind::Load)
+        .map(|i| LoadView {
+            tmc_before: i.tmc_before,
+            amount_minor: i64::from(i.amount_minor),
+            source: i.funding_source,
+            state: state_word(i.state),
+            created_ms: i.created_ms,
+            idempotency_key: i.idempotency_key,
+            requested_by: i.requested_by,
+        })
+        .collect();
+    v.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+    Ok(v)
+}
+
+/// A top-up asked for on the pages: the amount and funding the holder chose, waiting for the
+/// card at a reader (`tapgate charge` with the order's idempotency key makes the load).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopUp {
+    /// Random id.
+    pub id: String,
+    /// Card UID, hex.
+    pub card_uid: String,
+    /// Minor units.
+    pub amount_minor: i64,
+    /// Funding source.
+    pub source: String,
+    /// The instrument at the source.
+    pub instrument: String,
+    /// Asked for (unix ms).
+    pub created_ms: u64,
+}
+
+impl TopUp {
+    /// The idempotency key `tapgate charge` is given for this top-up: the load it makes is
+    /// found by it.
+    pub fn idempotency_key(&self) -> String {
+        format!("page-topup-{}", self.id)
+    }
+
+    /// Where the top-up stands: the state of the load made with its key by its holder, or
+    /// `pending` while no load was made yet.
+    pub fn state(&self, holder: &str, loads: &[LoadView]) -> (&'static str, Option<u32>) {
+        let key = self.idempotency_key();
+        match loads
+            .iter()
+            .find(|l| l.idempotency_key == key && l.requested_by == holder)
+        {
+            Some(l) => (l.state, Some(l.tmc_before)),
+            None => ("pending", None),
+        }
+    }
+}
+
+/// The most top-ups kept per holder (the oldest are forgotten beyond it).
+pub const MAX_TOPUPS_PER_HOLDER: usize = 50;
+
+/// Where a holder's top-ups are kept in the ledger's key-value records.
+pub fn topups_key(holder: &str) -> String {
+    format!("pages-topups:{holder}")
+}
+
+/// A holder's top-ups, newest first.
+pub fn topups(r: &dyn LedgerRead, holder: &str) -> Result<Vec<TopUp>, LedgerError> {
+    Ok(r
+        .idempotent(&topups_key(holder))?
+        .and_then(|v| serde_json::from_value::<Vec<TopUp>>(v).ok())
+        .unwrap_or_default())
+}
+
+/// The month (`YYYY-MM`, UTC) of a time.
+pub fn month_of(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}", t.year(), u8::from(t.month()))
+}
+
+/// A time as `YYYY-MM-DD HH:MM UTC`.
+pub fn when(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
+}
+
+/// Digits after the decimal point of a currency (ISO 4217).
+fn exponent(currency: &str) -> u32 {
+    const ZERO: [&str; 17] = [
+        "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
+        "VUV", "XAF", "XOF", "XPF",
+    ];
+    const THREE: [&str; 7] = ["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
+    if ZERO.contains(&currency) {
+        0
+    } else if THREE.contains(&currency) {
+        3
+    } else {
+        2
+    }
+}
+
+/// An amount of minor units in its currency: `5,000 KRW`, `-12.50 USD`.
+pub fn money(minor: i64, currency: &str) -> String {
+    let exp = exponent(currency);
+    let unit = 10i64.pow(exp);
+    let (sign, abs) = (if minor < 0 { "-" } else { "" }, minor.unsigned_abs());
+    let (whole, frac) = (abs / unit as u64, abs % unit as u64);
+    let digits = whole.to_string();
+    let mut grouped = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    if exp == 0 {
+        format!("{sign}{grouped} {currency}")
+    } else {
+        format!("{sign}{grouped}.{frac:0w$} {currency}", w = exp as usize)
+    }
+}
+
+/// An amount typed by a holder (`5000`, `12.50`, `1,000`) in minor units of `currency`.
+pub fn parse_money(text: &str, currency: &str) -> Option<i64> {
+    let exp = exponent(currency) as usize;
+    let t: String = text.trim().chars().filter(|c| *c != ',').collect();
+    let (whole, frac) = t.split_once('.').unwrap_or((&t, ""));
+    if whole.is_empty() && frac.is_empty()
+        || frac.len() > exp
+        || !whole.chars().all(|c| c.is_ascii_digit())
+        || !frac.chars().all(|c| c.is_ascii_digit())
+        || whole.len() > 12
+    {
+        return None;
+    }
+    let w: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let f: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<exp$}").parse().ok()?
+    };
+    w.checked_mul(10i64.pow(exp as u32))?.checked_add(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_is_shown_and_read_in_its_currency() {
+        assert_eq!(money(5_000, "KRW"), "5,000 KRW");
+        assert_eq!(money(-1_234_567, "KRW"), "-1,234,567 KRW");
+        assert_eq!(money(1_250, "USD"), "12.50 USD");
+        assert_eq!(money(5, "USD"), "0.05 USD");
+        assert_eq!(parse_money("5,000", "KRW"), Some(5_000));
+        assert_eq!(parse_money("12.5", "USD"), Some(1_250));
+        assert_eq!(parse_money("12.505", "USD"), None);
+        assert_eq!(parse_money("1.5", "KRW"), None);
+        assert_eq!(parse_money("-3", "KRW"), None);
+        assert_eq!(parse_money("", "KRW"), None);
+        assert_eq!(parse_money("1e9", "KRW"), None);
+    }
+
+    #[test]
+    fn times_are_utc() {
+        assert_eq!(when(0), "1970-01-01 00:00 UTC");
+        assert_eq!(month_of(1_700_000_000_000), "2023-11");
+    }
+}
