@@ -3,11 +3,21 @@
 -- also kept whole as jsonb (the ledger's own serde form), so a field added to a record needs no
 -- migration. Amounts are integer minor units (bigint); times are Unix milliseconds (bigint).
 
--- Account balances, kept beside the postings in the same transaction: they sum to zero.
+-- Account balances, kept beside the postings in the same transaction: they sum to zero. An
+-- account's balance is the sum of its shards: a card's account has one (shard 0); an account
+-- every load or tap moves (funding:card, operator:<id>) is spread over the connections' shards,
+-- so concurrent transactions do not all update one row (which SERIALIZABLE would abort and
+-- retry one after the other). `account_balances` sums them.
 CREATE TABLE balances (
-    account        text PRIMARY KEY,
-    balance_minor  bigint NOT NULL
+    account        text NOT NULL,
+    shard          smallint NOT NULL,
+    balance_minor  bigint NOT NULL,
+    PRIMARY KEY (account, shard)
 );
+
+CREATE VIEW account_balances AS
+SELECT account, sum(balance_minor)::bigint AS balance_minor
+FROM balances GROUP BY account;
 
 -- Every movement of value (double entry): from one account to another.
 CREATE TABLE postings (

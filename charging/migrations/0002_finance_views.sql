@@ -24,7 +24,7 @@ FROM (
 GROUP BY operator, day;
 
 -- What each franchise owes per UTC day: its offline loads onto cards (franchise:<id> → card)
--- less what it paid us (→ franchise:<id>); `balance_minor` in `balances` is the running total.
+-- less what it paid us (→ franchise:<id>); its `account_balances` row is the running total.
 CREATE VIEW settlement_per_franchise_day AS
 SELECT franchise,
        day,
@@ -68,7 +68,7 @@ SELECT c.uid AS card_uid,
          ELSE 'mismatch'
        END AS cause
 FROM cards c
-LEFT JOIN balances b ON b.account = 'card:' || c.uid;
+LEFT JOIN account_balances b ON b.account = 'card:' || c.uid;
 
 -- The reconciliation causes counted (what finance looks at first).
 CREATE VIEW reconciliation_causes AS

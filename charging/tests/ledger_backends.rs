@@ -809,3 +809,47 @@ fn a_snapshot_held_across_a_transaction_never_starves_the_pool() {
     assert_eq!(l.read().unwrap().balance("funding:card").unwrap(), -20);
     l.close();
 }
+
+/// Figures (run by hand: `cargo test -p charging --test ledger_backends figures -- --ignored
+/// --nocapture`): transactions per second of a clearing-shaped transaction (an idempotency
+/// check, a posting to the operator's hot account, the answer stored) from 8 threads, on each
+/// backend in the same run.
+#[test]
+#[ignore]
+fn figures_transactions_per_second() {
+    fn measure(l: &Ledger, n: u64) -> f64 {
+        let started = std::time::Instant::now();
+        std::thread::scope(|scope| {
+            for i in 0..8u64 {
+                let l = l.clone();
+                scope.spawn(move || {
+                    for j in 0..n / 8 {
+                        l.transact(move |t| {
+                            let key = format!("batch:{i}:{j}");
+                            if t.idempotent(&key)?.is_some() {
+                                return Ok(());
+                            }
+                            t.post(T0, &format!("wallet:{i}"), "operator:metro", 1, &key)?;
+                            t.put_idempotent(&key, &serde_json::json!(1))
+                        })
+                        .unwrap();
+                    }
+                });
+            }
+        });
+        n as f64 / started.elapsed().as_secs_f64()
+    }
+    let n = 4_000;
+    let lmdb = measure(Under::lmdb().ledger(), n);
+    let retries = PgLedger::retries();
+    let pg = measure(Under::postgres().ledger(), n);
+    println!(
+        "{}",
+        serde_json::json!({
+            "transactions": n, "threads": 8,
+            "lmdb_tx_per_s": lmdb.round(), "postgres_tx_per_s": pg.round(),
+            "ratio_to_lmdb": (pg / lmdb * 100.0).round() / 100.0,
+            "postgres_retries": PgLedger::retries() - retries,
+        })
+    );
+}

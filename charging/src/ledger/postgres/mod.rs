@@ -42,6 +42,10 @@ use super::LedgerError;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// Shards of an account other than a card's: concurrent transactions on different connections
+/// move different rows of `funding:card` or `operator:<id>` (see `0001_ledger.sql`).
+pub const SHARDS: usize = 16;
+
 /// Most runs of one transaction's closure (serialization failures, deadlocks, lost connections).
 pub const MAX_ATTEMPTS: u32 = 40;
 
@@ -118,6 +122,8 @@ impl PgConfig {
 /// A connection and its prepared statements, owned by one connection thread.
 pub(crate) struct Session {
     cfg: Arc<PgConfig>,
+    /// The shard of the busy accounts this connection's transactions move ([`SHARDS`]).
+    shard: i16,
     client: Option<postgres::Client>,
     statements: std::collections::HashMap<&'static str, postgres::Statement>,
 }
@@ -242,6 +248,7 @@ impl Conn {
             .spawn(move || {
                 let mut s = Session {
                     cfg,
+                    shard: i16::try_from(n % SHARDS).unwrap_or(0),
                     client: None,
                     statements: Default::default(),
                 };

@@ -34,7 +34,7 @@ pub(super) mod q {
     pub fn balance(db: &mut Db<'_>, account: &str) -> Result<i64, LedgerError> {
         let row = db
             .query_opt(
-                "SELECT balance_minor FROM balances WHERE account = $1",
+                "SELECT coalesce(sum(balance_minor), 0)::bigint FROM balances WHERE account = $1",
                 &[&account],
             )
             .map_err(|e| db_error(&e))?;
@@ -44,7 +44,7 @@ pub(super) mod q {
     pub fn balances(db: &mut Db<'_>) -> Result<Vec<(String, i64)>, LedgerError> {
         let rows = db
             .query(
-                "SELECT account, balance_minor FROM balances ORDER BY account",
+                "SELECT account, sum(balance_minor)::bigint FROM balances GROUP BY account ORDER BY account",
                 &[],
             )
             .map_err(|e| db_error(&e))?;

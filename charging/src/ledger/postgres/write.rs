@@ -35,8 +35,12 @@ pub(super) fn run<T>(
             return Err(e);
         }
         let Session {
-            client, statements, ..
+            client,
+            statements,
+            shard,
+            ..
         } = s;
+        let shard = *shard;
         let client = client.as_mut().expect("connected above");
         if let Err(e) = client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE") {
             let gone = lost(&e);
@@ -53,6 +57,7 @@ pub(super) fn run<T>(
         let (out, failure) = {
             let mut w = PgWrite {
                 db: RefCell::new(Db::new(client, statements)),
+                shard,
             };
             let out = f(&mut w);
             (out, w.db.into_inner().failure)
@@ -101,6 +106,8 @@ pub(super) fn run<T>(
 /// One write transaction of the PostgreSQL ledger (it reads its own writes).
 pub struct PgWrite<'s> {
     db: RefCell<Db<'s>>,
+    /// This connection's shard of the accounts many transactions move.
+    shard: i16,
 }
 
 impl crate::ledger::interface::sealed::Sealed for PgWrite<'_> {}
@@ -168,18 +175,19 @@ impl PgWrite<'_> {
                 "from and to are the same account",
             ));
         }
-        let fb = self.balance(from)?;
-        let tb = self.balance(to)?;
-        let (Some(fb), Some(tb)) = (fb.checked_sub(amount_minor), tb.checked_add(amount_minor))
-        else {
+        // Each side's shard moves by the amount, unless that would leave i64 (then nothing
+        // moves and the posting is refused; the transaction goes on, as under LMDB).
+        if !self.add_balance(from, -amount_minor)? {
             return Err(LedgerError::InvalidPosting(
                 "an account balance would overflow",
             ));
-        };
-        const SET: &str = "INSERT INTO balances (account, balance_minor) VALUES ($1, $2) \
-             ON CONFLICT (account) DO UPDATE SET balance_minor = EXCLUDED.balance_minor";
-        self.exec(SET, &[&from, &fb])?;
-        self.exec(SET, &[&to, &tb])?;
+        }
+        if !self.add_balance(to, amount_minor)? {
+            self.add_balance(from, amount_minor)?;
+            return Err(LedgerError::InvalidPosting(
+                "an account balance would overflow",
+            ));
+        }
         let row = self
             .db
             .borrow_mut()
@@ -198,6 +206,30 @@ impl PgWrite<'_> {
             amount_minor,
             reference: reference.to_string(),
         })
+    }
+
+    /// Adds `delta` to `account`'s shard (a card's account: its one shard; another account:
+    /// this connection's), unless the shard would leave i64 (`false`, nothing changed).
+    fn add_balance(&self, account: &str, delta: i64) -> Result<bool, LedgerError> {
+        let shard = if account.starts_with("card:") {
+            0
+        } else {
+            self.shard
+        };
+        let row = self
+            .db
+            .borrow_mut()
+            .query_opt(
+                "INSERT INTO balances (account, shard, balance_minor) VALUES ($1, $2, $3) \
+                 ON CONFLICT (account, shard) DO UPDATE \
+                 SET balance_minor = balances.balance_minor + EXCLUDED.balance_minor \
+                 WHERE balances.balance_minor::numeric + EXCLUDED.balance_minor::numeric \
+                 BETWEEN -9223372036854775808 AND 9223372036854775807 \
+                 RETURNING balance_minor",
+                &[&account, &shard, &delta],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(row.is_some())
     }
 
     fn store_card(&self, uid: &[u8; 7], shadow: &CardShadow) -> Result<(), LedgerError> {
