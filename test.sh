@@ -7,7 +7,8 @@
 # gateway against it with the shipped ACL), libfaketime (a validator with its clock a day ahead),
 # SoftHSM2 (PKCS#11 tests), PostgreSQL (the ledger's second backend), pcsc-lite's headers, pcscd and vsmartcard's virtual reader (PC/SC
 # tests), Prometheus's promtool and python3-venv (the operator-tools test), and from PyPI Frictionless
-# into target/tools/py (the TIDES export's check). The tests start their own brokers, servers and
+# into target/tools/py (the TIDES export's check), chromium and chromium-driver (the pages'
+# browser tests). The tests start their own brokers, servers and
 # tokens on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,6 +38,9 @@ if ! command -v curl >/dev/null 2>&1; then need_apt+=(curl); fi
 # target/ (python3-venv brings the venv module's pip).
 if ! command -v promtool >/dev/null 2>&1; then need_apt+=(prometheus); fi
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
+# tests/pages.rs drives Debian's chromium headless through chromedriver (WebDriver).
+if ! command -v chromium >/dev/null 2>&1; then need_apt+=(chromium); fi
+if ! command -v chromedriver >/dev/null 2>&1; then need_apt+=(chromium-driver); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -24,7 +24,9 @@ pub struct Entry {
 /// The account on the other side of `p` from `card`, without its kind prefix.
 fn other_side<'a>(p: &'a Posting, card: &str) -> &'a str {
     let other = if p.from == card { &p.to } else { &p.from };
-    other.split_once(':').map_or(other.as_str(), |(_, name)| name)
+    other
+        .split_once(':')
+        .map_or(other.as_str(), |(_, name)| name)
 }
 
 /// A card's postings as history lines, newest first (one scan of the postings: the ledger
@@ -167,8 +169,7 @@ pub fn topups_key(holder: &str) -> String {
 
 /// A holder's top-ups, newest first.
 pub fn topups(r: &dyn LedgerRead, holder: &str) -> Result<Vec<TopUp>, LedgerError> {
-    Ok(r
-        .idempotent(&topups_key(holder))?
+    Ok(r.idempotent(&topups_key(holder))?
         .and_then(|v| serde_json::from_value::<Vec<TopUp>>(v).ok())
         .unwrap_or_default())
 }
@@ -244,7 +245,11 @@ pub fn parse_money(text: &str, currency: &str) -> Option<i64> {
     {
         return None;
     }
-    let w: i64 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let w: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let f: i64 = if frac.is_empty() {
         0
     } else {

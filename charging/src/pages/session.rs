@@ -50,7 +50,10 @@ pub fn check_phc(phc: &str) -> Result<(), String> {
     }
     let params = argon2::Params::try_from(&parsed).map_err(|e| format!("parameters: {e}"))?;
     if params.m_cost() > MAX_M_KIB {
-        return Err(format!("m={} KiB is more than {MAX_M_KIB}", params.m_cost()));
+        return Err(format!(
+            "m={} KiB is more than {MAX_M_KIB}",
+            params.m_cost()
+        ));
     }
     if parsed.hash.is_none() || parsed.salt.is_none() {
         return Err("no salt or no hash".into());
@@ -68,11 +71,9 @@ pub fn verify_password(phc: &str, password: &str) -> bool {
     let Ok(parsed) = PasswordHash::new(phc) else {
         return false;
     };
-    let (Ok(params), Some(want), Some(salt)) = (
-        argon2::Params::try_from(&parsed),
-        parsed.hash,
-        parsed.salt,
-    ) else {
+    let (Ok(params), Some(want), Some(salt)) =
+        (argon2::Params::try_from(&parsed), parsed.hash, parsed.salt)
+    else {
         return false;
     };
     let argon = argon2::Argon2::new(
@@ -218,7 +219,10 @@ impl SignInLimiter {
 
     fn retry_after(&self, times: &[u64], now_ms: u64) -> u64 {
         let oldest = times.first().copied().unwrap_or(now_ms);
-        (oldest + self.window_ms).saturating_sub(now_ms).div_ceil(1000).max(1)
+        (oldest + self.window_ms)
+            .saturating_sub(now_ms)
+            .div_ceil(1000)
+            .max(1)
     }
 
     fn live(times: &mut Vec<u64>, window_ms: u64, now_ms: u64) {
@@ -229,7 +233,10 @@ impl SignInLimiter {
         if map.len() < max {
             return;
         }
-        map.retain(|_, v| v.last().is_some_and(|t| now_ms.saturating_sub(*t) < window_ms));
+        map.retain(|_, v| {
+            v.last()
+                .is_some_and(|t| now_ms.saturating_sub(*t) < window_ms)
+        });
         while map.len() >= max {
             let Some(k) = map
                 .iter()
@@ -337,7 +344,10 @@ mod tests {
         for acct in ["c", "d", "e"] {
             let _ = l.attempt(acct, "a1", 100);
         }
-        assert!(matches!(l.attempt("f", "a1", 100), Err(Throttled::Address(_))));
+        assert!(matches!(
+            l.attempt("f", "a1", 100),
+            Err(Throttled::Address(_))
+        ));
         l.succeeded("ann");
         assert!(l.attempt("ann", "a3", 100).is_ok());
     }
