@@ -18,6 +18,7 @@
 use crate::api::payment_json;
 use crate::ledger::{LedgerError, Notification};
 use crate::load::LoadService;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 
 /// What the signature covers before the body.
 pub const SIGNATURE_CONTEXT: &[u8] = b"tapgate-payment-notification-v1\n";
@@ -252,5 +253,145 @@ mod tests {
         assert_eq!(backoff_ms(5), 80_000);
         assert_eq!(backoff_ms(12), 3_600_000);
         assert_eq!(backoff_ms(u32::MAX), 3_600_000);
+    }
+}
+
+/// Whether `ip` is not a public address: loopback, private, link-local, unspecified, shared
+/// (100.64/10), "this network" (0/8), IPv6 unique-local, or the IPv4-mapped or NAT64 form of one
+/// of those. A merchant's notification is never sent to such an address unless the operator
+/// allows it (`[limits.payments] notify_private_hosts`).
+pub fn not_public(ip: IpAddr) -> bool {
+    let v4 = |a: Ipv4Addr| {
+        let [o0, o1, ..] = a.octets();
+        a.is_loopback()
+            || a.is_private()
+            || a.is_link_local()
+            || a.is_broadcast()
+            || o0 == 0
+            || (o0 == 100 && (64..128).contains(&o1))
+    };
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            match a.to_ipv4_mapped() {
+                Some(m) => v4(m),
+                None if nat64 => v4(Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                )),
+                None => {
+                    a.is_loopback()
+                        || a.is_unspecified()
+                        || s[0] & 0xfe00 == 0xfc00
+                        || s[0] & 0xffc0 == 0xfe80
+                }
+            }
+        }
+    }
+}
+
+/// The notifications' name resolver: the system's, keeping only public addresses. The check of
+/// a `notify_url` when the payment is made reads only its text; a public name can still resolve
+/// to a private address (or be re-pointed at one later), so the addresses are checked again
+/// here, when each notification is sent, and those are the only ones the client connects to.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PublicOnly;
+
+impl ureq::Resolver for PublicOnly {
+    fn resolve(&self, netloc: &str) -> std::io::Result<Vec<SocketAddr>> {
+        let all: Vec<SocketAddr> = netloc.to_socket_addrs()?.collect();
+        let public: Vec<SocketAddr> = all
+            .iter()
+            .copied()
+            .filter(|a| !not_public(a.ip()))
+            .collect();
+        if public.is_empty() && !all.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{netloc} resolves only to addresses that are not public ({}); \
+                     [limits.payments] notify_private_hosts allows them",
+                    all.iter()
+                        .map(|a| a.ip().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        Ok(public)
+    }
+}
+
+/// The HTTP client that sends notifications: `timeout` per request, no redirects (a merchant's
+/// endpoint cannot bounce the signed POST elsewhere) and, unless `private_hosts`, only public
+/// addresses ([`PublicOnly`]).
+pub fn agent(timeout: std::time::Duration, private_hosts: bool) -> ureq::Agent {
+    let b = ureq::AgentBuilder::new().timeout(timeout).redirects(0);
+    if private_hosts {
+        b.build()
+    } else {
+        b.resolver(PublicOnly).build()
+    }
+}
+
+#[cfg(test)]
+mod resolver_tests {
+    use super::*;
+    use ureq::Resolver;
+
+    /// Whatever a name or an address resolves to, only public addresses are kept; a netloc
+    /// with none is refused with the addresses it named (a public name re-pointed at the back
+    /// office's network, DNS rebinding, is caught here, when the notification is sent).
+    #[test]
+    fn only_public_addresses_are_resolved() {
+        for netloc in [
+            "localhost:80",
+            "127.0.0.1:443",
+            "10.1.2.3:80",
+            "[::1]:80",
+            "[::ffff:192.168.0.1]:80",
+            "[64:ff9b::a00:1]:80",
+            "100.64.0.1:80",
+            "0.0.0.0:80",
+        ] {
+            let e = PublicOnly.resolve(netloc).expect_err(netloc);
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{netloc}");
+            assert!(e.to_string().contains("notify_private_hosts"), "{e}");
+        }
+        let public = PublicOnly.resolve("93.184.216.34:443").unwrap();
+        assert_eq!(public, vec!["93.184.216.34:443".parse().unwrap()]);
+    }
+
+    /// A server that allows private hosts resolves them as the system does (its tests and an
+    /// operator's own network); one that does not, refuses before any connection.
+    #[test]
+    fn the_agent_keeps_private_addresses_only_when_allowed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let refused = agent(std::time::Duration::from_secs(2), false)
+            .post(&url)
+            .send_string("{}");
+        match refused {
+            Err(ureq::Error::Transport(t)) => {
+                assert!(t.to_string().contains("not public"), "{t}")
+            }
+            other => panic!("sent to a loopback address: {other:?}"),
+        }
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+        });
+        let allowed = agent(std::time::Duration::from_secs(2), true)
+            .post(&url)
+            .send_string("{}");
+        assert_eq!(allowed.expect("allowed").status(), 204);
     }
 }

@@ -444,13 +444,11 @@ pub async fn serve_on(
     let gap_timeout_ms = cfg.limits.counter_gap_timeout_ms;
     // Merchants' notifications are started from the same tick, a few at a time in their own
     // threads (an unreachable merchant holds one for at most the timeout).
-    // No redirects: a merchant's endpoint cannot bounce the signed POST elsewhere.
-    let notifier = crate::notify::Notifier::new(
-        ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .redirects(0)
-            .build(),
-    );
+    // No redirects, and only public addresses unless the operator allows private ones.
+    let notifier = crate::notify::Notifier::new(crate::notify::agent(
+        Duration::from_secs(10),
+        cfg.limits.payments.notify_private_hosts,
+    ));
     let reaper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {

@@ -84,34 +84,8 @@ fn printable(s: &str, max: usize) -> bool {
 /// unspecified, shared (100.64/10), "this network" (0/8), IPv6 unique-local, IPv4-mapped or
 /// NAT64 forms of those. A URL it cannot parse counts as private.
 fn names_a_private_host(url: &str) -> bool {
-    use std::net::{Ipv4Addr, Ipv6Addr};
-    let v4 = |a: Ipv4Addr| {
-        let [o0, o1, ..] = a.octets();
-        a.is_loopback()
-            || a.is_private()
-            || a.is_link_local()
-            || o0 == 0
-            || (o0 == 100 && (64..128).contains(&o1))
-    };
-    let v6 = |a: Ipv6Addr| {
-        let s = a.segments();
-        let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
-        match a.to_ipv4_mapped() {
-            Some(m) => v4(m),
-            None if nat64 => v4(Ipv4Addr::new(
-                (s[6] >> 8) as u8,
-                s[6] as u8,
-                (s[7] >> 8) as u8,
-                s[7] as u8,
-            )),
-            None => {
-                a.is_loopback()
-                    || a.is_unspecified()
-                    || s[0] & 0xfe00 == 0xfc00
-                    || s[0] & 0xffc0 == 0xfe80
-            }
-        }
-    };
+    use crate::notify::not_public;
+    use std::net::IpAddr;
     match url::Url::parse(url)
         .ok()
         .and_then(|u| u.host().map(|h| h.to_owned()))
@@ -120,8 +94,8 @@ fn names_a_private_host(url: &str) -> bool {
             let d = d.trim_end_matches('.');
             d == "localhost" || d.ends_with(".localhost")
         }
-        Some(url::Host::Ipv4(a)) => v4(a),
-        Some(url::Host::Ipv6(a)) => v6(a),
+        Some(url::Host::Ipv4(a)) => not_public(IpAddr::V4(a)),
+        Some(url::Host::Ipv6(a)) => not_public(IpAddr::V6(a)),
         None => true,
     }
 }
