@@ -23,6 +23,9 @@
 //!   tops up first); some clients vanish mid-payment and pay again at the card's next contact,
 //!   which settles the torn payment first; one ticket in five is refunded (wholly or keeping a
 //!   fee) and the card that paid collects the refund online.
+//! - The charging server serves the cardholder pages (`console: URL`, and `cardholder login:
+//!   NAME PASSWORD` for one rider, a new password each run) while the day runs;
+//!   `--keep-serving` keeps them up after it until interrupted.
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
@@ -56,6 +59,9 @@ pub struct DemoArgs {
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// After the day, keep the charging server and its pages up until interrupted (Ctrl-C).
+    #[arg(long = "keep-serving")]
+    keep_serving: bool,
 }
 
 /// Runs the demo: the simulated day of `tapgate_sim`, its progress and summary printed.
@@ -69,7 +75,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
         tear_per_mille: args.tear_per_mille,
         data: args.data.clone(),
     };
-    let report = day::run(&cfg, &mut |event| print_event(&args, event))?;
+    let (report, serving) = if args.keep_serving {
+        let (report, serving) =
+            day::run_and_keep_serving(&cfg, &mut |event| print_event(&args, event))?;
+        (report, Some(serving))
+    } else {
+        (
+            day::run(&cfg, &mut |event| print_event(&args, event))?,
+            None,
+        )
+    };
     if std::env::var("TAPGATE_DEMO_DEBUG").is_ok() {
         for d in &report.conservation.reconcile.differences {
             eprintln!("difference: {d:?}");
@@ -81,6 +96,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     } else {
         print_summary(&report);
     }
+    if let Some(serving) = serving {
+        println!(
+            "the day is over; the pages stay up at {}/ until interrupted (Ctrl-C)",
+            serving.base()
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tokio::signal::ctrl_c())?;
+        drop(serving);
+    }
     ensure!(
         report.value_conserved,
         "conservation check failed: {summary}"
@@ -90,6 +116,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
 /// The start line and a progress line per tenth of the day (not with `--json`).
 fn print_event(args: &DemoArgs, event: Event<'_>) {
+    // The pages' lines come in either mode (a script reads them before the JSON line).
+    if let Event::Pages {
+        console,
+        name,
+        password,
+    } = event
+    {
+        println!("console: {console}");
+        println!("cardholder login: {name} {password}");
+        return;
+    }
     if args.json {
         return;
     }
@@ -98,6 +135,7 @@ fn print_event(args: &DemoArgs, event: Event<'_>) {
             "tapgate demo: {} metro validators and the hotel's pay-TV box, {} cards, {} taps, seed {}; charging server on {base}",
             args.validators, args.cards, args.taps, args.seed
         ),
+        Event::Pages { .. } => {}
         Event::Progress(p) => println!(
             "[{:>3}%] taps accepted {:>6}  refused {:>5}  interrupted {:>4}  top-ups {:>5} (interrupted {:>3})  metro taps at clearing {:>6}",
             p.percent, p.taps_accepted, p.taps_refused, p.taps_torn, p.loads_completed, p.loads_torn, p.cleared

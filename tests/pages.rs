@@ -535,3 +535,60 @@ fn sign_in_is_rate_limited_per_account_with_a_clear_message() {
     let (_agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
     assert!(cookie.starts_with("tg_session="));
 }
+
+#[test]
+fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "demo",
+            "--taps",
+            "200",
+            "--cards",
+            "10",
+            "--validators",
+            "2",
+            "--keep-serving",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tapgate demo");
+    let pid = child.id();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let _kill = Kill(child);
+    let (mut console, mut login) = (None, None);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(url) = line.strip_prefix("console: ") {
+            console = Some(url.trim_end_matches('/').to_string());
+        }
+        if let Some(l) = line.strip_prefix("cardholder login: ") {
+            let (name, pw) = l.split_once(' ').unwrap();
+            login = Some((name.to_string(), pw.to_string()));
+        }
+        if line.starts_with("the day is over; the pages stay up at ") {
+            break;
+        }
+    }
+    let base = console.expect("a console: URL line");
+    let (name, password) = login.expect("a cardholder login: NAME PASSWORD line");
+    // After the day: the printed login signs in and sees its card.
+    let (agent, cookie) = signed_in_agent(&base, &name, &password);
+    let cards = agent
+        .get(&format!("{base}/cards"))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(cards.contains("class=\"card-link\""), "{cards}");
+    // Ctrl-C ends it.
+    Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    tapgate_testkit::wait::wait_until("the demo to stop", Duration::from_secs(20), || {
+        agent.get(&format!("{base}/healthz")).call().is_err()
+    });
+}

@@ -55,10 +55,60 @@ pub enum Event<'a> {
     },
     /// Another tenth of the day's taps is done.
     Progress(Progress),
+    /// The cardholder pages are served at `console` (the server's base URL); `name` signs in
+    /// with `password` (a new random one each day) and sees its card.
+    Pages {
+        /// The pages' address.
+        console: &'a str,
+        /// The cardholder's account name.
+        name: &'a str,
+        /// The cardholder's password.
+        password: &'a str,
+    },
 }
+
+/// The cardholder who may sign in to the pages during the demo.
+pub const PAGES_HOLDER: &str = "rider-0";
 
 /// Runs a whole day; `observe` hears of its progress.
 pub fn run(cfg: &DayConfig, observe: &mut dyn FnMut(Event<'_>)) -> Result<DayReport, SimError> {
+    let mut world = day(cfg, observe)?;
+    let report = world.report()?;
+    world.office.stop(&world.rt);
+    Ok(report)
+}
+
+/// The back office (and its pages) kept serving after the day: stopped when dropped.
+pub struct Serving {
+    world: World,
+}
+
+impl Serving {
+    /// The charging server's base URL.
+    pub fn base(&self) -> &str {
+        &self.world.office.base
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.world.office.stop(&self.world.rt);
+    }
+}
+
+/// Runs a whole day like [`run`], but leaves the charging server (API and pages) serving until
+/// the returned [`Serving`] is dropped.
+pub fn run_and_keep_serving(
+    cfg: &DayConfig,
+    observe: &mut dyn FnMut(Event<'_>),
+) -> Result<(DayReport, Serving), SimError> {
+    let mut world = day(cfg, observe)?;
+    let report = world.report()?;
+    Ok((report, Serving { world }))
+}
+
+/// The day up to its end: taps, the end of day and the drain.
+fn day(cfg: &DayConfig, observe: &mut dyn FnMut(Event<'_>)) -> Result<World, SimError> {
     if cfg.validators == 0 || cfg.cards == 0 {
         return Err(SimError::Setup(
             "--validators and --cards must be > 0".into(),
@@ -74,7 +124,7 @@ pub fn run(cfg: &DayConfig, observe: &mut dyn FnMut(Event<'_>)) -> Result<DayRep
     }
     world.end_of_day()?;
     world.drain()?;
-    world.close()
+    Ok(world)
 }
 
 /// Everything of the day (fields drop in order: the stores before their directory, the
@@ -117,13 +167,33 @@ impl World {
             rng.fill(&mut b);
             b
         });
-        let server_cfg = BackOffice::config(&data, cfg.cards, &partner_key)?;
+        let mut server_cfg = BackOffice::config(&data, cfg.cards, &partner_key)?;
+        // One rider signs in to the cardholder pages with a new random password (from the OS,
+        // so the seeded day stays the same).
+        let password = {
+            use rand::RngCore;
+            let mut b = [0u8; 12];
+            rand::rngs::OsRng.fill_bytes(&mut b);
+            hex::encode(b)
+        };
+        server_cfg
+            .pages
+            .cardholders
+            .push(charging::pages::CardholderLogin {
+                name: PAGES_HOLDER.into(),
+                password_argon2: charging::pages::hash_password(&password),
+            });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
         let office = BackOffice::start(&rt, &server_cfg, &keys, partner_key)?;
         observe(Event::Started { base: &office.base });
+        observe(Event::Pages {
+            console: &format!("{}/", office.base),
+            name: PAGES_HOLDER,
+            password: &password,
+        });
         let riders = riders::issue(cfg.cards, &office, &hsm, &mut rng)?;
         let gates = Gates::install(&keys, &hsm, cfg.validators, cfg.seed, dir.path())?;
         let ops = Operators::start(
@@ -525,14 +595,13 @@ impl World {
         Ok(())
     }
 
-    /// The ledger checked against every card; the back office stops.
-    fn close(mut self) -> Result<DayReport, SimError> {
+    /// The ledger checked against every card.
+    fn report(&mut self) -> Result<DayReport, SimError> {
         let cons: Conservation = check::conservation(
             self.office.state.loads.ledger(),
             self.riders.iter().map(|r| &r.card),
         )?;
         let books = check::shop_books(self.office.state.loads.ledger(), &[MERCHANT])?;
-        self.office.stop(&self.rt);
         self.tally
             .payments_by_merchant
             .insert(MERCHANT.to_string(), self.shop.tally.clone());
@@ -550,7 +619,7 @@ impl World {
         .into_iter()
         .collect();
         Ok(DayReport::new(
-            self.tally,
+            std::mem::take(&mut self.tally),
             self.gates.table.meta.clone(),
             currencies,
             self.ops.restarts,
