@@ -853,3 +853,39 @@ fn figures_transactions_per_second() {
         })
     );
 }
+
+#[test]
+fn a_server_lost_mid_transaction_is_retried_and_books_once() {
+    let TestDb { cluster, url } = TestDb::start();
+    let cfg = PgConfig::new(&url, Some(cluster.password()));
+    postgres::migrate(&cfg).unwrap();
+    let l = Ledger::open_postgres(cfg).unwrap();
+    let cluster = Arc::new(std::sync::Mutex::new(cluster));
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (c, r) = (cluster.clone(), runs.clone());
+    l.transact(move |t| {
+        t.post(T0, "funding:card", "wallet:x", 7, "load:x:1")?;
+        if r.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            // The database restarts under the open transaction (its session is ended).
+            let mut c = c.lock().unwrap();
+            c.stop();
+            c.start_server().unwrap();
+        }
+        t.put_idempotent("load-key", &serde_json::json!("done"))
+    })
+    .unwrap();
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "run again once"
+    );
+    let r = l.read().unwrap();
+    assert_eq!(r.balance("wallet:x").unwrap(), 7, "posted once");
+    assert_eq!(r.postings_with_prefix("load:x:").unwrap().len(), 1);
+    assert_eq!(
+        r.idempotent("load-key").unwrap(),
+        Some(serde_json::json!("done"))
+    );
+    drop(r);
+    l.close();
+}

@@ -44,7 +44,7 @@ pub(super) mod q {
     pub fn balances(db: &mut Db<'_>) -> Result<Vec<(String, i64)>, LedgerError> {
         let rows = db
             .query(
-                "SELECT account, sum(balance_minor)::bigint FROM balances GROUP BY account ORDER BY account",
+                "SELECT account, sum(balance_minor)::bigint FROM balances GROUP BY account ORDER BY account COLLATE \"C\"",
                 &[],
             )
             .map_err(|e| db_error(&e))?;
@@ -258,7 +258,7 @@ pub(super) mod q {
     pub fn instruments_of(db: &mut Db<'_>, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
         let rows = db
             .query(
-                "SELECT record FROM instruments WHERE owner = $1 ORDER BY source, id",
+                "SELECT record FROM instruments WHERE owner = $1 ORDER BY source COLLATE \"C\", id COLLATE \"C\"",
                 &[&owner],
             )
             .map_err(|e| db_error(&e))?;
@@ -301,7 +301,7 @@ pub(super) mod q {
         let rows = db
             .query(
                 "SELECT record FROM refunds WHERE state = 'pending' AND created_ms <= $1 \
-                 ORDER BY created_ms, id LIMIT $2",
+                 ORDER BY created_ms, id COLLATE \"C\" LIMIT $2",
                 &[&big(made_by_ms), &big(limit as u64)],
             )
             .map_err(|e| db_error(&e))?;
@@ -329,7 +329,7 @@ pub(super) mod q {
         let rows = db
             .query(
                 "SELECT record FROM notifications WHERE NOT delivered AND next_attempt_ms <= $1 \
-                 ORDER BY next_attempt_ms, payment_id LIMIT $2",
+                 ORDER BY next_attempt_ms, payment_id COLLATE \"C\" LIMIT $2",
                 &[&big(now_ms), &big(limit as u64)],
             )
             .map_err(|e| db_error(&e))?;
