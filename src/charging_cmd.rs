@@ -88,6 +88,16 @@ enum ChargingCmd {
         #[arg(long)]
         append_to: Option<PathBuf>,
     },
+    /// Let a cardholder sign in to the pages: reads the password from standard input (its first
+    /// line) and prints the [[pages.cardholders]] entry with its Argon2id hash (docs/pages.md).
+    PageLogin {
+        /// The cardholder's account name (the owner of their cards).
+        #[arg(long)]
+        name: String,
+        /// Append the entry to this config file.
+        #[arg(long)]
+        append_to: Option<PathBuf>,
+    },
 }
 
 /// `--role`: one of the API's roles, by the name the config files use.
@@ -167,6 +177,28 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                 print!("{entry}");
             }
             println!("token={token}");
+            Ok(())
+        }
+        Some(ChargingCmd::PageLogin { name, append_to }) => {
+            let mut password = zeroize::Zeroizing::new(String::new());
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(input_err(
+                    "give the password on standard input (an empty one is refused)",
+                ));
+            }
+            let entry = format!(
+                "\n[[pages.cardholders]]\nname = {name:?}\npassword_argon2 = \"{}\"\n",
+                charging::pages::hash_password(password)
+            );
+            if let Some(path) = append_to {
+                let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+                text.push_str(&entry);
+                write_atomic(&path, text.as_bytes())?;
+            } else {
+                print!("{entry}");
+            }
             Ok(())
         }
         Some(ChargingCmd::Migrate { config }) => migrate(config.as_deref()),

@@ -592,3 +592,32 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
         agent.get(&format!("{base}/healthz")).call().is_err()
     });
 }
+
+#[test]
+fn charging_page_login_prints_a_config_entry_with_the_passwords_argon2id_hash() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["charging", "page-login", "--name", "rider-7"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a long passphrase\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let entry = String::from_utf8(out.stdout).unwrap();
+    let cfg = charging::server::ServerConfig::from_toml(&format!("data_dir = \"/tmp/x\"\n{entry}"))
+        .expect("the entry is configuration");
+    let login = &cfg.pages.cardholders[0];
+    assert_eq!(login.name, "rider-7");
+    assert!(charging::pages::verify_password(
+        &login.password_argon2,
+        "a long passphrase"
+    ));
+    assert!(!entry.contains("a long passphrase"));
+}

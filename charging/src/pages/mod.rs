@@ -38,7 +38,7 @@ use std::sync::Arc;
 pub struct CardholderLogin {
     /// The account name: the owner of their cards (their API caller name).
     pub name: String,
-    /// The password's Argon2id hash, a PHC string (`tapgate charging hash-password`).
+    /// The password's Argon2id hash, a PHC string (`tapgate charging page-login`).
     pub password_argon2: String,
 }
 
