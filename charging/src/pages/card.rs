@@ -67,7 +67,7 @@ pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerEr
             }
         })
         .collect();
-    out.sort_by(|a, b| b.seq.cmp(&a.seq));
+    out.sort_by_key(|e| std::cmp::Reverse(e.seq));
     Ok(out)
 }
 
@@ -116,7 +116,7 @@ pub fn loads(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<LoadView>, LedgerE
             requested_by: i.requested_by,
         })
         .collect();
-    v.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+    v.sort_by_key(|l| std::cmp::Reverse(l.created_ms));
     Ok(v)
 }
 
