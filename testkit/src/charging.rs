@@ -18,6 +18,8 @@ pub struct ChargingServer {
     rt: Option<tokio::runtime::Runtime>,
     handle: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
     _dir: tempfile::TempDir,
+    /// The PostgreSQL cluster of a server whose ledger is there (stopped after the server).
+    _pg: Option<crate::postgres::TestDb>,
 }
 
 impl Drop for ChargingServer {
@@ -106,6 +108,7 @@ pub fn start_with_hsm(
     ))
     .expect("server config");
     edit(&mut cfg);
+    let pg = ledger_in_postgres(&mut cfg, dir.path());
     let state = server::build(&cfg, hsm).expect("building the charging server");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback listener");
     let base = format!("http://{}", listener.local_addr().expect("address"));
@@ -125,7 +128,38 @@ pub fn start_with_hsm(
         rt: Some(rt),
         handle: Some(handle),
         _dir: dir,
+        _pg: pg,
     }
+}
+
+/// With `TAPGATE_TEST_LEDGER=postgres`, a server whose test left the ledger at its default
+/// (LMDB) keeps it in a throwaway PostgreSQL database instead — so every suite that starts its
+/// server here runs on either backend:
+/// `TAPGATE_TEST_LEDGER=postgres cargo test -p charging --test clearing`.
+fn ledger_in_postgres(
+    cfg: &mut ServerConfig,
+    dir: &std::path::Path,
+) -> Option<crate::postgres::TestDb> {
+    let wanted = std::env::var("TAPGATE_TEST_LEDGER").is_ok_and(|v| v == "postgres");
+    if !wanted || cfg.ledger != server::LedgerConfig::default() {
+        return None;
+    }
+    let db = crate::postgres::TestDb::start();
+    let pw = dir.join("ledger-password");
+    std::fs::write(&pw, db.password()).expect("writing the password file");
+    charging::ledger::postgres::migrate(&charging::ledger::PgConfig::new(
+        &db.url,
+        Some(db.password()),
+    ))
+    .expect("migrating the test database");
+    cfg.ledger = server::LedgerConfig {
+        kind: server::LedgerKind::Postgres,
+        url: Some(db.url.clone()),
+        password_file: Some(pw),
+        password_env: None,
+        max_connections: None,
+    };
+    Some(db)
 }
 
 /// Registers a funding instrument (a card token) to the token's account: 201 or 200.
