@@ -5,7 +5,6 @@
 use charging::api::{Auth, Role, TokenEntry};
 use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
 use charging::funding::{FundingSource, SandboxProcessor};
-use charging::ledger::Ledger;
 use charging::load::{LoadConfig, LoadService};
 use charging::server::{self, ServerConfig};
 use purse::apdu::ins;
@@ -92,7 +91,7 @@ fn blocked(svc: &LoadService, uid: &[u8; 7]) -> bool {
 fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared() {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(11));
-    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let (ledger, _pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
     let svc = LoadService::new(
         ledger,

@@ -2,7 +2,7 @@
 //! of another transaction at the same counter (a validator's fare) completes nothing.
 
 use charging::funding::{FundingSource, SandboxProcessor};
-use charging::ledger::{Completion, IntentKind, IntentState, Ledger, LedgerError, LoadIntent};
+use charging::ledger::{Completion, IntentKind, IntentState, LedgerError, LoadIntent};
 use charging::load::{LoadConfig, LoadService};
 use purse::apdu::ins;
 use purse::keys::{KeyKind, KeySet};
@@ -18,7 +18,7 @@ const T0: u64 = 1_700_000_000_000;
 fn a_fare_at_a_loads_counter_does_not_complete_the_load() {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(31));
-    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let (ledger, _pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
     let svc = LoadService::new(
         ledger,

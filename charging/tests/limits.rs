@@ -2,7 +2,6 @@
 //! token, a points holder) that a voided load gives back.
 
 use charging::funding::{FundingSource, SandboxProcessor};
-use charging::ledger::Ledger;
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply, SourceLimits};
 use charging::server::{self, ServerConfig};
 use purse::card::Card;
@@ -53,7 +52,7 @@ fn refused_reason(r: &Reply) -> &str {
 fn per_source_and_per_instrument_limits_hold_and_a_voided_load_gives_its_share_back() {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(31));
-    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let (ledger, _pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
     let svc = LoadService::new(
         ledger,

@@ -5,7 +5,7 @@
 mod common;
 
 use charging::funding::{FundingSource, PointsProgram, SandboxProcessor};
-use charging::ledger::{card_account, IntentState, Ledger};
+use charging::ledger::{card_account, IntentState};
 use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
 use common::HsmKind;
 use purse::card::Card;
@@ -25,13 +25,15 @@ struct World {
     hsm: SoftwareHsm,
     keys: KeySet,
     now_ms: u64,
+    /// The ledger's PostgreSQL cluster with TAPGATE_TEST_LEDGER=postgres (stopped last).
+    _pg: Option<tapgate_testkit::postgres::TestDb>,
 }
 
 fn world(cfg: LoadConfig, kind: HsmKind) -> World {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
-    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
     let miles = Arc::new(
         PointsProgram::new("mileage", ledger.clone(), 2, 1).with_partners(vec!["airline".into()]),
@@ -55,6 +57,7 @@ fn world(cfg: LoadConfig, kind: HsmKind) -> World {
         hsm: SoftwareHsm::new(&keys).unwrap(),
         keys: keys.clone(),
         now_ms: 1_700_000_000_000,
+        _pg: pg,
     }
 }
 

@@ -3,7 +3,7 @@
 //! torn at any step is settled from the card's counter like a load, and value is conserved.
 
 use charging::funding::{FundingSource, SandboxProcessor};
-use charging::ledger::{card_account, IntentKind, IntentState, Ledger};
+use charging::ledger::{card_account, IntentKind, IntentState};
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
 use purse::apdu::ins;
 use purse::card::Card;
@@ -25,12 +25,14 @@ struct World {
     hsm: SoftwareHsm,
     keys: KeySet,
     now: u64,
+    /// The ledger's PostgreSQL cluster with TAPGATE_TEST_LEDGER=postgres (stopped last).
+    _pg: Option<tapgate_testkit::postgres::TestDb>,
 }
 
 fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
-    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
     let svc = LoadService::new(
         ledger,
@@ -47,6 +49,7 @@ fn world() -> World {
         hsm: SoftwareHsm::new(&keys).unwrap(),
         keys,
         now: T0,
+        _pg: pg,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use charging::clearing::{clear_batch, BatchOutcome, ClearingBatch, ClearingTap};
 use charging::funding::{FundingSource, SandboxProcessor};
-use charging::ledger::{card_account, Ledger};
+use charging::ledger::card_account;
 use charging::load::{LoadConfig, LoadService};
 use charging::reconcile::{reconcile, Cause};
 use purse::apdu::ins;
@@ -58,12 +58,14 @@ struct Rig {
     hsm: SoftwareHsm,
     sam: SoftwareSam,
     _dir: tempfile::TempDir,
+    /// The ledger's PostgreSQL cluster with TAPGATE_TEST_LEDGER=postgres (stopped last).
+    _pg: Option<tapgate_testkit::postgres::TestDb>,
 }
 
 fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
-    let ledger = Ledger::open(&dir.path().join("ledger"), 64 << 20).unwrap();
+    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
     let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
     let svc = LoadService::new(
         ledger,
@@ -76,6 +78,7 @@ fn rig() -> Rig {
         hsm: SoftwareHsm::new(&keys).unwrap(),
         sam: SoftwareSam::validator(&keys, 1001).unwrap(),
         _dir: dir,
+        _pg: pg,
     }
 }
 

@@ -132,6 +132,23 @@ pub fn start_with_hsm(
     }
 }
 
+/// The ledger a test opens in `dir`: LMDB (a 64 MiB map), or with
+/// `TAPGATE_TEST_LEDGER=postgres` a throwaway PostgreSQL database, migrated — the guard stops
+/// its cluster, so keep it as long as the ledger (declare it before what holds the ledger).
+pub fn test_ledger(
+    dir: &std::path::Path,
+) -> (charging::ledger::Ledger, Option<crate::postgres::TestDb>) {
+    if std::env::var("TAPGATE_TEST_LEDGER").is_ok_and(|v| v == "postgres") {
+        let db = crate::postgres::TestDb::start();
+        let cfg = charging::ledger::PgConfig::new(&db.url, Some(db.password()));
+        charging::ledger::postgres::migrate(&cfg).expect("migrating the test database");
+        let ledger = charging::ledger::Ledger::open_postgres(cfg).expect("opening the ledger");
+        return (ledger, Some(db));
+    }
+    let ledger = charging::ledger::Ledger::open(dir, 64 << 20).expect("opening the ledger");
+    (ledger, None)
+}
+
 /// With `TAPGATE_TEST_LEDGER=postgres`, a server whose test left the ledger at its default
 /// (LMDB) keeps it in a throwaway PostgreSQL database instead — so every suite that starts its
 /// server here runs on either backend:
