@@ -38,6 +38,7 @@ macro_rules! wire_code {
     };
 }
 
+pub mod actionlist;
 pub mod apdu;
 pub mod batch;
 pub mod blocklist;

@@ -364,6 +364,16 @@ pub trait Hsm: Authenticator {
     }
     /// The device key for `device_id` (provisioning a validator SAM).
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError>;
+    /// The card's credit key (version `version`) wrapped for an action-list order
+    /// ([`crate::actionlist::wrap_card_key`] under [`crate::actionlist::derive_wrap_key`]): what
+    /// lets a validator's SAM credit this card, and no other, without the credit master. An HSM
+    /// that cannot do it in its token says so.
+    fn wrap_order_key(&self, uid: &[u8; 7], version: u8) -> Result<[u8; 16], SamError> {
+        let _ = (uid, version);
+        Err(SamError::NotAllowed(
+            "wrapping a card's credit key for the action list on this HSM",
+        ))
+    }
     /// Ed25519 signature over `msg` (blocklists, fare tables).
     fn sign(&self, msg: &[u8]) -> Result<[u8; 64], SamError>;
     /// The public key devices verify signatures with.
@@ -440,10 +450,13 @@ pub struct SoftwareSam {
     device_key: AesKey,
     /// The device key's CMAC state, expanded once (tap signing is on the hot path).
     device_mac: cmac::Cmac<aes::Aes128>,
-    /// Remaining credit ceiling for a franchise SAM (minor units).
+    /// Remaining credit ceiling (minor units): a franchise SAM's loads, a validator SAM's
+    /// action-list pick-ups.
     ceiling_minor: i64,
     /// The last ceiling grant applied.
     last_grant_seq: u32,
+    /// Action-list orders this SAM authorised a credit for, with their expiry (each once).
+    picked_up: std::collections::BTreeMap<u64, u64>,
 }
 
 impl std::fmt::Debug for SoftwareSam {
@@ -470,6 +483,7 @@ impl SoftwareSam {
             device_key,
             ceiling_minor: 0,
             last_grant_seq: 0,
+            picked_up: std::collections::BTreeMap::new(),
         })
     }
 
@@ -485,7 +499,33 @@ impl SoftwareSam {
             device_key,
             ceiling_minor,
             last_grant_seq: 0,
+            picked_up: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// Opens an action-list pick-up of `order` at `now_s` (unix seconds): an [`Authenticator`]
+    /// that authenticates only with that card's credit key (unwrapped from the order with a
+    /// key derived from KM_DEBIT, [`crate::actionlist::derive_wrap_key`]) and authorises only
+    /// one Credit of the order's amount, within this SAM's remaining ceiling, once per order
+    /// (an order authorised here before is refused, whatever became of it). A validator SAM
+    /// holds no credit master: a card not on a list it verified cannot be credited at all.
+    pub fn pickup<'a>(
+        &'a mut self,
+        order: &'a crate::actionlist::ListedOrder,
+        now_s: u64,
+    ) -> Result<PickupSam<'a>, SamError> {
+        if self.role != Role::ValidatorSam {
+            return Err(SamError::NotAllowed("an action-list pick-up on this SAM"));
+        }
+        if !order.order().live_at(now_s) {
+            return Err(SamError::NotAllowed("an expired order"));
+        }
+        // Orders past their expiry can never be authorised again: forget them (bounded).
+        self.picked_up.retain(|_, expires_s| *expires_s > now_s);
+        if self.picked_up.contains_key(&order.order().order_id) {
+            return Err(SamError::NotAllowed("an order this SAM already credited"));
+        }
+        Ok(PickupSam { sam: self, order })
     }
 
     /// The remaining credit ceiling (franchise SAMs).
@@ -496,7 +536,7 @@ impl SoftwareSam {
     /// Applies a ceiling grant from the back office: refused unless its MAC verifies under
     /// this SAM's device key and its sequence number is newer than the last one applied.
     pub fn apply_ceiling_grant(&mut self, grant: &CeilingGrant) -> Result<(), SamError> {
-        if self.role != Role::FranchiseSam {
+        if !matches!(self.role, Role::FranchiseSam | Role::ValidatorSam) {
             return Err(SamError::NotAllowed("replenishing a ceiling"));
         }
         let want = crypto::mac8(
@@ -577,6 +617,66 @@ impl Sam for SoftwareSam {
     }
 }
 
+/// A validator SAM during one action-list pick-up ([`SoftwareSam::pickup`]).
+pub struct PickupSam<'a> {
+    sam: &'a mut SoftwareSam,
+    order: &'a crate::actionlist::ListedOrder,
+}
+
+impl std::fmt::Debug for PickupSam<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PickupSam")
+            .field("device_id", &self.sam.device_id)
+            .field("order", self.order.order())
+            .finish()
+    }
+}
+
+impl Authenticator for PickupSam<'_> {
+    fn holds_version(&self, kind: KeyKind, version: u8) -> bool {
+        kind == KeyKind::Credit
+            && version == self.order.order().key_version
+            && self.sam.keys.get(KeyKind::Debit, version).is_ok()
+    }
+
+    fn auth_key(&self, kind: KeyKind, version: u8, uid: &[u8; 7]) -> Result<CardKey, SamError> {
+        let o = self.order.order();
+        if kind != KeyKind::Credit || version != o.key_version || *uid != o.uid {
+            return Err(SamError::KeyNotHeld {
+                role: self.sam.role,
+                kind: kind.name(),
+                version,
+            });
+        }
+        let km = self.sam.keys.get(KeyKind::Debit, version)?;
+        let wrap = crate::actionlist::derive_wrap_key(km, uid)
+            .map_err(|_| SamError::NotAllowed("deriving the order wrap key"))?;
+        Ok(CardKey::Clear(crate::actionlist::unwrap_card_key(
+            &wrap,
+            &o.wrapped_key,
+        )))
+    }
+
+    fn authorize_value(&mut self, code: u8, amount_minor: i32) -> Result<(), SamError> {
+        let o = self.order.order();
+        if code != ins::CREDIT || amount_minor != o.amount_minor {
+            return Err(SamError::NotAllowed("anything but the order's credit"));
+        }
+        if self.sam.picked_up.contains_key(&o.order_id) {
+            return Err(SamError::NotAllowed("an order this SAM already credited"));
+        }
+        if i64::from(amount_minor) > self.sam.ceiling_minor {
+            return Err(SamError::CeilingExceeded {
+                requested_minor: amount_minor,
+                remaining_minor: self.sam.ceiling_minor,
+            });
+        }
+        self.sam.ceiling_minor -= i64::from(amount_minor);
+        self.sam.picked_up.insert(o.order_id, o.expires_s);
+        Ok(())
+    }
+}
+
 /// A software HSM: the issuer's full key set, sealed at rest by its owner.
 pub struct SoftwareHsm {
     keys: KeySet,
@@ -624,6 +724,14 @@ impl Hsm for SoftwareHsm {
 
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
         Ok(self.keys.device_key(device_id)?)
+    }
+
+    fn wrap_order_key(&self, uid: &[u8; 7], version: u8) -> Result<[u8; 16], SamError> {
+        let card_key = self.keys.card_key(KeyKind::Credit, version, uid)?;
+        let wrap_key =
+            crate::actionlist::derive_wrap_key(self.keys.get(KeyKind::Debit, version)?, uid)
+                .map_err(|_| SamError::NotAllowed("deriving the order wrap key"))?;
+        Ok(crate::actionlist::wrap_card_key(&wrap_key, &card_key))
     }
 
     fn sign(&self, msg: &[u8]) -> Result<[u8; 64], SamError> {
