@@ -239,6 +239,16 @@ impl ClearingStats {
         }
     }
 
+    /// Taps refused and anomalies raised since the server started, by kind (every kind a
+    /// batch raises is listed, at 0 until it happens).
+    pub fn anomalies_by_kind(&self) -> BTreeMap<String, u64> {
+        let mut by_kind = self.anomalies.lock().map(|m| m.clone()).unwrap_or_default();
+        for k in ANOMALY_KINDS {
+            by_kind.entry(k.to_string()).or_default();
+        }
+        by_kind
+    }
+
     /// The Prometheus text of the counters.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -259,11 +269,7 @@ impl ClearingStats {
         }
         let name = "tapgate_charging_clearing_anomalies_total";
         out.push_str(&format!("# TYPE {name} counter\n"));
-        let mut by_kind = self.anomalies.lock().map(|m| m.clone()).unwrap_or_default();
-        for k in ANOMALY_KINDS {
-            by_kind.entry(k.to_string()).or_default();
-        }
-        for (kind, n) in by_kind {
+        for (kind, n) in self.anomalies_by_kind() {
             out.push_str(&format!("{name}{{kind=\"{kind}\"}} {n}\n"));
         }
         out

@@ -1,4 +1,5 @@
-//! The cardholder pages: served by the charging server on its own listener, beside the API.
+//! The cardholder pages and the operator console: served by the charging server on its own
+//! listener, beside the API.
 //!
 //! Server-rendered HTML (minijinja templates, escaped by default) with a little JavaScript; the
 //! templates, the style sheet and the script are compiled into the binary. A cardholder signs
@@ -13,13 +14,18 @@
 //! the loads with their state), top up (an amount and an instrument the holder owns; the load
 //! itself is made by `tapgate charge` at a reader with the top-up's idempotency key), report
 //! lost or stolen (a confirmation, then the block), receipts (a load, a month of trips).
+//!
+//! Operators (`[[pages.operators]]`) sign in on the same form, with the same sessions, CSRF
+//! tokens and limits; the session carries the role, and the console (`/console`, [`console`])
+//! answers 403 to a cardholder's session as the cardholder pages do to an operator's.
 //! docs/pages.md describes them.
 
 mod card;
+mod console;
 mod session;
 
 pub use card::{money, parse_money, Entry, LoadView, TopUp};
-pub use session::{check_phc, hash_password, verify_password};
+pub use session::{check_phc, hash_password, verify_password, PageRole};
 
 use crate::api::AppState;
 use crate::ledger::LedgerRead;
@@ -32,19 +38,22 @@ use serde::Deserialize;
 use session::{Sessions, SignInLimiter, Throttled};
 use std::sync::Arc;
 
-/// A cardholder who may sign in to the pages.
+/// A cardholder or an operator who may sign in to the pages.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CardholderLogin {
-    /// The account name: the owner of their cards (their API caller name).
+pub struct PageLogin {
+    /// The account name: a cardholder's is the owner of their cards (their API caller name).
     pub name: String,
     /// The password's Argon2id hash, a PHC string (`tapgate charging page-login`).
     pub password_argon2: String,
 }
 
-impl std::fmt::Debug for CardholderLogin {
+/// A cardholder's login (`[[pages.cardholders]]`).
+pub type CardholderLogin = PageLogin;
+
+impl std::fmt::Debug for PageLogin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CardholderLogin")
+        f.debug_struct("PageLogin")
             .field("name", &self.name)
             .field("password_argon2", &"<hash>")
             .finish()
@@ -58,7 +67,9 @@ pub struct PagesConfig {
     /// Serve the pages (default true; without cardholders nobody can sign in).
     pub enabled: bool,
     /// Cardholders who may sign in.
-    pub cardholders: Vec<CardholderLogin>,
+    pub cardholders: Vec<PageLogin>,
+    /// Operators who may sign in to the console.
+    pub operators: Vec<PageLogin>,
     /// A session idle this long ends (default 30 minutes).
     pub session_idle_ms: u64,
     /// Failed sign-ins per account within `sign_in_window_ms` before it is refused (default 5).
@@ -74,6 +85,7 @@ impl Default for PagesConfig {
         PagesConfig {
             enabled: true,
             cardholders: Vec::new(),
+            operators: Vec::new(),
             session_idle_ms: 30 * 60_000,
             max_failures_per_account: 5,
             max_attempts_per_address: 30,
@@ -83,32 +95,50 @@ impl Default for PagesConfig {
 }
 
 impl PagesConfig {
-    /// Checks the cardholders: names unique and not another role's token, hashes Argon2id.
+    /// Every login with its role.
+    fn logins(&self) -> impl Iterator<Item = (PageRole, &PageLogin)> {
+        self.cardholders
+            .iter()
+            .map(|c| (PageRole::Cardholder, c))
+            .chain(self.operators.iter().map(|c| (PageRole::Operator, c)))
+    }
+
+    /// Checks the logins: names unique (across cardholders and operators) and not another
+    /// role's token, hashes Argon2id.
     pub fn check(&self, tokens: &[crate::api::TokenEntry]) -> Result<(), String> {
         let mut seen = std::collections::HashSet::new();
-        for c in &self.cardholders {
+        for (role, c) in self.logins() {
+            let table = match role {
+                PageRole::Cardholder => "[[pages.cardholders]]",
+                PageRole::Operator => "[[pages.operators]]",
+            };
+            let api_role = match role {
+                PageRole::Cardholder => crate::api::Role::Cardholder,
+                PageRole::Operator => crate::api::Role::Operator,
+            };
             if c.name.is_empty() || c.name.len() > 128 {
-                return Err("[[pages.cardholders]]: a name of 1 to 128 characters".into());
+                return Err(format!("{table}: a name of 1 to 128 characters"));
             }
             if !seen.insert(c.name.as_str()) {
                 return Err(format!(
-                    "[[pages.cardholders]] {:?} is listed twice",
+                    "{table} {:?} is listed twice (a page login's name is one account, cardholder or operator)",
                     c.name
                 ));
             }
             if let Some(t) = tokens
                 .iter()
-                .find(|t| t.name == c.name && t.role != crate::api::Role::Cardholder)
+                .find(|t| t.name == c.name && t.role != api_role)
             {
                 return Err(format!(
-                    "[[pages.cardholders]] {:?} is the name of a {} token: a page login is a cardholder's",
+                    "{table} {:?} is the name of a {} token: a page login is a {}'s",
                     c.name,
-                    t.role.name()
+                    t.role.name(),
+                    role.name()
                 ));
             }
             check_phc(&c.password_argon2).map_err(|e| {
                 format!(
-                    "[[pages.cardholders]] {:?}: password_argon2 must be an Argon2id PHC string ({e})",
+                    "{table} {:?}: password_argon2 must be an Argon2id PHC string ({e})",
                     c.name
                 )
             })?;
@@ -129,7 +159,8 @@ impl PagesConfig {
 #[derive(Clone)]
 struct Pages {
     api: AppState,
-    logins: Arc<std::collections::HashMap<String, String>>,
+    /// Account name → its role and password hash.
+    logins: Arc<std::collections::HashMap<String, (PageRole, String)>>,
     sessions: Arc<Sessions>,
     limiter: Arc<SignInLimiter>,
     templates: Arc<minijinja::Environment<'static>>,
@@ -139,7 +170,7 @@ struct Pages {
 }
 
 /// The templates, compiled into the binary.
-const TEMPLATES: [(&str, &str); 11] = [
+const TEMPLATES: [(&str, &str); 19] = [
     ("base.html", include_str!("templates/base.html")),
     ("home.html", include_str!("templates/home.html")),
     ("login.html", include_str!("templates/login.html")),
@@ -160,6 +191,35 @@ const TEMPLATES: [(&str, &str); 11] = [
         include_str!("templates/receipt_month.html"),
     ),
     ("message.html", include_str!("templates/message.html")),
+    ("console.html", include_str!("templates/console.html")),
+    (
+        "console_card.html",
+        include_str!("templates/console_card.html"),
+    ),
+    (
+        "console_card_body.html",
+        include_str!("templates/console_card_body.html"),
+    ),
+    (
+        "console_chart.html",
+        include_str!("templates/console_chart.html"),
+    ),
+    (
+        "console_blocks.html",
+        include_str!("templates/console_blocks.html"),
+    ),
+    (
+        "console_anomalies.html",
+        include_str!("templates/console_anomalies.html"),
+    ),
+    (
+        "console_traffic.html",
+        include_str!("templates/console_traffic.html"),
+    ),
+    (
+        "console_settlement.html",
+        include_str!("templates/console_settlement.html"),
+    ),
 ];
 const STYLE_CSS: &str = include_str!("assets/style.css");
 const APP_JS: &str = include_str!("assets/app.js");
@@ -189,9 +249,8 @@ pub fn router(
     let pages = Pages {
         api,
         logins: Arc::new(
-            cfg.cardholders
-                .iter()
-                .map(|c| (c.name.clone(), c.password_argon2.clone()))
+            cfg.logins()
+                .map(|(role, c)| (c.name.clone(), (role, c.password_argon2.clone())))
                 .collect(),
         ),
         sessions: Arc::new(Sessions::new(cfg.session_idle_ms)),
@@ -215,6 +274,7 @@ pub fn router(
         .route("/cards/{uid}/report", get(report_form).post(report))
         .route("/cards/{uid}/receipts/load/{tmc}", get(receipt_load))
         .route("/cards/{uid}/receipts/month/{month}", get(receipt_month))
+        .merge(console::routes())
         .route(
             "/assets/style.css",
             get(|| async { asset("text/css", STYLE_CSS) }),
@@ -269,6 +329,8 @@ enum PageError {
     SignIn,
     /// 403: a form without its CSRF token.
     Csrf,
+    /// 403: a page of another role (a cardholder on the console, an operator on a card).
+    Forbidden(String),
     /// 404 (also another holder's card).
     NotFound(String),
     /// 400 with what to fix.
@@ -317,6 +379,9 @@ impl Pages {
                 "Form refused",
                 "This form was not sent from this site's page, or it has expired. Go back, reload the page and try again.",
             ),
+            PageError::Forbidden(what) => {
+                self.message(StatusCode::FORBIDDEN, "Not for this account", &what)
+            }
             PageError::NotFound(what) => {
                 self.message(StatusCode::NOT_FOUND, "Not found", &what)
             }
@@ -343,15 +408,48 @@ impl Pages {
         Some((id, s))
     }
 
+    /// The signed-in cardholder's session.
     fn signed_in(&self, headers: &HeaderMap) -> Result<session::Session, PageError> {
-        self.session(headers)
-            .map(|(_, s)| s)
-            .ok_or(PageError::SignIn)
+        self.signed_in_as(headers, PageRole::Cardholder)
     }
 
-    /// The session of a POST whose form carries its CSRF token.
+    /// The signed-in session if it is `role`'s: to the sign-in page without one, 403 for
+    /// another role's.
+    fn signed_in_as(
+        &self,
+        headers: &HeaderMap,
+        role: PageRole,
+    ) -> Result<session::Session, PageError> {
+        let s = self
+            .session(headers)
+            .map(|(_, s)| s)
+            .ok_or(PageError::SignIn)?;
+        if s.role != role {
+            return Err(PageError::Forbidden(match role {
+                PageRole::Cardholder => {
+                    "These pages are a cardholder's: sign in as a cardholder to see cards.".into()
+                }
+                PageRole::Operator => {
+                    "The console is an operator's: a cardholder's account cannot open it.".into()
+                }
+            }));
+        }
+        Ok(s)
+    }
+
+    /// The cardholder's session of a POST whose form carries its CSRF token.
     fn posted(&self, headers: &HeaderMap, csrf: &str) -> Result<session::Session, PageError> {
-        let s = self.signed_in(headers)?;
+        self.posted_as(headers, csrf, PageRole::Cardholder)
+    }
+
+    /// `role`'s session of a POST whose form carries its CSRF token.
+    fn posted_as(
+        &self,
+        headers: &HeaderMap,
+        csrf: &str,
+        role: PageRole,
+    ) -> Result<session::Session, PageError> {
+        let s = self.signed_in_as(headers, role)?;
         if csrf.is_empty() || !session::same_token(&s.csrf, csrf) {
             return Err(PageError::Csrf);
         }
@@ -401,10 +499,18 @@ struct CsrfOnly {
 }
 
 async fn home(State(p): State<Pages>, headers: HeaderMap) -> Response {
-    let holder = p.session(&headers).map(|(_, s)| s.holder);
+    let s = p.session(&headers).map(|(_, s)| s);
+    let of = |role| {
+        s.as_ref()
+            .filter(|s| s.role == role)
+            .map(|s| s.holder.clone())
+    };
     p.render(
         "home.html",
-        minijinja::context! { holder => holder, csrf => p.session(&headers).map(|(_, s)| s.csrf) },
+        minijinja::context! {
+            holder => of(PageRole::Cardholder), operator => of(PageRole::Operator),
+            csrf => s.as_ref().map(|s| s.csrf.clone()),
+        },
     )
 }
 
@@ -482,18 +588,18 @@ async fn login(
         return login_page(&p, StatusCode::TOO_MANY_REQUESTS, Some(&msg), &name);
     }
     // An unknown account costs the same Argon2 work as a known one.
-    let phc = p.logins.get(&name).cloned();
+    let login = p.logins.get(&name).cloned();
     let password = zeroize::Zeroizing::new(f.password);
-    let ok = tokio::task::spawn_blocking(move || match phc {
-        Some(phc) => verify_password(&phc, &password),
+    let role = tokio::task::spawn_blocking(move || match login {
+        Some((role, phc)) => verify_password(&phc, &password).then_some(role),
         None => {
             let _ = verify_password(dummy_hash(), &password);
-            false
+            None
         }
     })
     .await
-    .unwrap_or(false);
-    if !ok {
+    .unwrap_or(None);
+    let Some(role) = role else {
         p.limiter.failed(&name, now);
         return login_page(
             &p,
@@ -501,11 +607,15 @@ async fn login(
             Some("That account name and password do not match."),
             &name,
         );
-    }
+    };
     p.limiter.succeeded(&name);
     // A new session id at every sign-in (no fixation), and the sign-in cookie dropped.
-    let id = p.sessions.create(&name, now);
-    let mut r = Redirect::to("/cards").into_response();
+    let id = p.sessions.create(role, &name, now);
+    let mut r = Redirect::to(match role {
+        PageRole::Cardholder => "/cards",
+        PageRole::Operator => "/console",
+    })
+    .into_response();
     for c in [
         session::set_cookie(session::SESSION_COOKIE, &id, p.tls, None),
         session::set_cookie(session::PRE_COOKIE, "", p.tls, Some(0)),
@@ -1041,6 +1151,37 @@ mod tests {
         cfg.cardholders.push(cfg.cardholders[0].clone());
         assert!(cfg.check(&[]).unwrap_err().contains("twice"));
         assert!(!format!("{:?}", cfg.cardholders[0]).contains("argon2id"));
+    }
+
+    #[test]
+    fn operator_logins_are_checked_beside_the_cardholders() {
+        let login = |name: &str| PageLogin {
+            name: name.into(),
+            password_argon2: hash_password("pw"),
+        };
+        let token = |name: &str, role| crate::api::TokenEntry {
+            name: name.into(),
+            role,
+            sha256: crate::api::Auth::hash_token("x"),
+        };
+        let mut cfg = PagesConfig::default();
+        cfg.cardholders.push(login("ann"));
+        cfg.operators.push(login("ops"));
+        assert!(cfg
+            .check(&[token("ops", crate::api::Role::Operator)])
+            .is_ok());
+        assert!(cfg
+            .check(&[token("ops", crate::api::Role::Cardholder)])
+            .unwrap_err()
+            .contains("[[pages.operators]] \"ops\" is the name of a cardholder token"));
+        cfg.operators.push(login("ann"));
+        assert!(cfg.check(&[]).unwrap_err().contains("listed twice"));
+        let parsed: PagesConfig = toml::from_str(&format!(
+            "[[operators]]\nname = \"ops\"\npassword_argon2 = \"{}\"\n",
+            hash_password("pw")
+        ))
+        .unwrap();
+        assert_eq!(parsed.operators[0].name, "ops");
     }
 }
 #[cfg(test)]

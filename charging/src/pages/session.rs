@@ -94,11 +94,32 @@ pub fn same_token(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
-/// A signed-in cardholder.
+/// Who a page login is: the pages a session may reach follow from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageRole {
+    /// A cardholder: their own cards (`/cards`).
+    Cardholder,
+    /// An operator: the console (`/console`).
+    Operator,
+}
+
+impl PageRole {
+    /// The word the configuration and the pages use.
+    pub fn name(self) -> &'static str {
+        match self {
+            PageRole::Cardholder => "cardholder",
+            PageRole::Operator => "operator",
+        }
+    }
+}
+
+/// A signed-in cardholder or operator.
 #[derive(Clone, Debug)]
 pub struct Session {
-    /// The cardholder's account name (the owner of their cards, their API caller name).
+    /// The account name (a cardholder's: the owner of their cards, their API caller name).
     pub holder: String,
+    /// What the account is.
+    pub role: PageRole,
     /// The CSRF token every form of this session carries.
     pub csrf: String,
     /// Last used (unix ms).
@@ -124,9 +145,9 @@ impl Sessions {
         }
     }
 
-    /// A new session for `holder`: its id (the cookie's value). The holder's oldest session
-    /// ends when it has too many; expired ones are swept when the store is full.
-    pub fn create(&self, holder: &str, now_ms: u64) -> String {
+    /// A new session for `holder` in `role`: its id (the cookie's value). The account's oldest
+    /// session ends when it has too many; expired ones are swept when the store is full.
+    pub fn create(&self, role: PageRole, holder: &str, now_ms: u64) -> String {
         let mut m = self.by_id.lock().expect("sessions lock");
         let idle = self.idle_ms;
         if m.len() >= self.max_total {
@@ -144,7 +165,7 @@ impl Sessions {
         }
         let mut mine: Vec<(String, u64)> = m
             .iter()
-            .filter(|(_, s)| s.holder == holder)
+            .filter(|(_, s)| s.holder == holder && s.role == role)
             .map(|(k, s)| (k.clone(), s.touched_ms))
             .collect();
         if mine.len() >= self.max_per_holder {
@@ -158,6 +179,7 @@ impl Sessions {
             id.clone(),
             Session {
                 holder: holder.to_string(),
+                role,
                 csrf: random_token(),
                 touched_ms: now_ms,
             },
@@ -355,12 +377,17 @@ mod tests {
     #[test]
     fn sessions_expire_and_are_bounded_per_holder() {
         let s = Sessions::new(1_000);
-        let a = s.create("ann", 0);
+        let a = s.create(PageRole::Cardholder, "ann", 0);
         assert_eq!(s.get(&a, 500).unwrap().holder, "ann");
         assert!(s.get(&a, 1_600).is_none(), "idle too long");
-        let ids: Vec<String> = (0..9).map(|i| s.create("ann", 2_000 + i)).collect();
+        let ids: Vec<String> = (0..9)
+            .map(|i| s.create(PageRole::Cardholder, "ann", 2_000 + i))
+            .collect();
+        let op = s.create(PageRole::Operator, "ops", 2_000);
         assert!(s.get(&ids[0], 2_100).is_none(), "the oldest of nine ended");
         assert!(s.get(&ids[8], 2_100).is_some());
+        let o = s.get(&op, 2_100).expect("another account's session stays");
+        assert_eq!((o.role, o.holder.as_str()), (PageRole::Operator, "ops"));
         s.end(&ids[8]);
         assert!(s.get(&ids[8], 2_100).is_none());
     }

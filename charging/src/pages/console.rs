@@ -1,0 +1,846 @@
+//! The operator console: blocks (block and unblock a card, the blocklist and its versions),
+//! anomalies beside the card's history, revenue and traffic as charts, the day's settlement
+//! files. Every page needs an operator's session; a cardholder's answers 403. Reads the ledger
+//! through the same handle as the API and writes only through `LedgerWrite::set_blocked`, as
+//! `POST /v1/cards/{uid}/block` does.
+
+use super::*;
+use crate::ledger::BlockChange;
+use std::collections::BTreeMap;
+
+/// The console's routes (merged into the pages' router).
+pub(super) fn routes() -> Router<Pages> {
+    Router::new()
+        .route("/console", get(overview))
+        .route("/console/card", get(find_card))
+        .route("/console/cards/{uid}", get(card_page))
+        .route("/console/cards/{uid}/block", post(block))
+        .route("/console/cards/{uid}/unblock", post(unblock))
+        .route("/console/blocks", get(blocks).post(block_by_form))
+        .route("/console/anomalies", get(anomalies))
+        .route("/console/traffic", get(traffic))
+        .route("/console/settlement", get(settlement))
+        .route("/console/settlement/{day}/{name}", get(settlement_file))
+}
+
+fn operator(p: &Pages, headers: &HeaderMap) -> Result<session::Session, PageError> {
+    p.signed_in_as(headers, PageRole::Operator)
+}
+
+/// The common context of a console page.
+fn frame(s: &session::Session) -> (String, String) {
+    (s.holder.clone(), s.csrf.clone())
+}
+
+fn uid_of(hex_uid: &str) -> Result<[u8; 7], PageError> {
+    hex::decode(hex_uid.trim())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| PageError::NotFound("A card number is 14 hexadecimal digits.".into()))
+}
+
+/// Every block change and the latest version (the console reads them all: the list is small
+/// next to the postings).
+fn all_changes(r: &dyn LedgerRead) -> Result<(Vec<BlockChange>, u64), PageError> {
+    Ok(r.block_changes(0, 1_000_000)?)
+}
+
+fn change_ctx(c: &BlockChange) -> minijinja::Value {
+    minijinja::context! {
+        version => c.version, uid => c.card_uid, action => c.action, reason => c.reason,
+        when => card::when(c.time_ms),
+    }
+}
+
+async fn overview(State(p): State<Pages>, headers: HeaderMap) -> Response {
+    let result = async {
+        let s = operator(&p, &headers)?;
+        let p2 = p.clone();
+        let ctx = blocking(move || {
+            let l = p2.api.loads.ledger();
+            let r = l.read()?;
+            let (_, version) = r.block_changes(u64::MAX - 1, 1)?;
+            let cards = r.all_cards()?;
+            let blocked = cards.iter().filter(|(_, c)| c.blocked).count();
+            let (_, anomalies) = r.anomalies(u64::MAX - 1, 1)?;
+            Ok(minijinja::context! {
+                version => version, cards => cards.len(), blocked => blocked,
+                anomalies => anomalies,
+            })
+        })
+        .await?;
+        let (operator, csrf) = frame(&s);
+        let stats = p.api.loads.stats();
+        Ok::<_, PageError>(p.render(
+            "console.html",
+            minijinja::context! {
+                operator => operator, csrf => csrf, holder => None::<String>, o => ctx,
+                loads_completed => stats.completed, loads_refused => stats.refused,
+                loads_pending => stats.pending,
+            },
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+#[derive(Deserialize)]
+struct FindQuery {
+    #[serde(default)]
+    uid: String,
+}
+
+async fn find_card(
+    State(p): State<Pages>,
+    headers: HeaderMap,
+    Query(q): Query<FindQuery>,
+) -> Response {
+    let result = async {
+        operator(&p, &headers)?;
+        let uid = uid_of(&q.uid)?;
+        Ok::<_, PageError>(
+            Redirect::to(&format!("/console/cards/{}", hex::encode_upper(uid))).into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+#[derive(Deserialize)]
+struct CardQuery {
+    #[serde(default)]
+    blocklist_version: Option<u64>,
+    #[serde(default)]
+    unchanged: Option<String>,
+}
+
+/// Lines of a card's history the console shows beside its anomalies.
+const HISTORY_LINES: usize = 50;
+
+/// What the console shows of a card: its state, its block changes, its anomalies, its history.
+fn card_ctx(
+    p: &Pages,
+    r: &dyn LedgerRead,
+    uid: &[u8; 7],
+    history_lines: usize,
+) -> Result<minijinja::Value, PageError> {
+    let hex_uid = hex::encode_upper(uid);
+    let known = r.card_known(uid)?;
+    let shadow = r.card(uid)?;
+    let balance = r.balance(&crate::ledger::card_account(uid))?;
+    let (changes, _) = all_changes(r)?;
+    let mut mine: Vec<minijinja::Value> = changes
+        .iter()
+        .filter(|c| c.card_uid.eq_ignore_ascii_case(&hex_uid))
+        .map(change_ctx)
+        .collect();
+    mine.reverse();
+    let (found, _) = r.anomalies(0, 1_000_000)?;
+    let mut anomalies: Vec<minijinja::Value> = found
+        .iter()
+        .filter(|(_, a)| a.card_uid.eq_ignore_ascii_case(&hex_uid))
+        .map(|(seq, a)| anomaly_ctx(*seq, a))
+        .collect();
+    anomalies.reverse();
+    let history = card::history(r, uid)?;
+    let lines = history.len();
+    let shown: Vec<minijinja::Value> = history
+        .iter()
+        .take(history_lines)
+        .map(|e| entry_ctx(p, e))
+        .collect();
+    Ok(minijinja::context! {
+        uid => hex_uid, known => known, owner => shadow.owner,
+        balance => p.money(balance),
+        proved_balance => shadow.last_reported_balance_minor.map(|b| p.money(i64::from(b))),
+        last_tmc => shadow.last_tmc, booked_through_tmc => shadow.booked_through_tmc,
+        blocked => shadow.blocked, block_reason => shadow.block_reason,
+        changes => mine, anomalies => anomalies, history => shown, history_lines => lines,
+    })
+}
+
+async fn card_page(
+    State(p): State<Pages>,
+    Path(uid_hex): Path<String>,
+    Query(q): Query<CardQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let s = operator(&p, &headers)?;
+        let uid = uid_of(&uid_hex)?;
+        let p2 = p.clone();
+        let ctx = blocking(move || {
+            let l = p2.api.loads.ledger();
+            let r = l.read()?;
+            card_ctx(&p2, &*r, &uid, HISTORY_LINES)
+        })
+        .await?;
+        let (operator, csrf) = frame(&s);
+        Ok::<_, PageError>(p.render(
+            "console_card.html",
+            minijinja::context! {
+                operator => operator, csrf => csrf, holder => None::<String>, card => ctx,
+                blocklist_version => q.blocklist_version, unchanged => q.unchanged.is_some(),
+            },
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+#[derive(Deserialize)]
+struct BlockForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Blocks or unblocks a card as the API's `block`/`unblock` do (`set_blocked` with a reason of
+/// 1 to 200 characters), then shows the card with the blocklist version the change made.
+async fn set_block(
+    p: &Pages,
+    headers: &HeaderMap,
+    uid_hex: &str,
+    f: &BlockForm,
+    blocked: bool,
+) -> Result<Response, PageError> {
+    operator_posted(p, headers, &f.csrf)?;
+    let uid = uid_of(uid_hex)?;
+    let reason = f.reason.trim().to_string();
+    if reason.is_empty() || reason.len() > 200 {
+        return Err(PageError::Bad(
+            "Give a reason of 1 to 200 characters (lost, stolen, fraud, …).".into(),
+        ));
+    }
+    let p2 = p.clone();
+    let version = blocking(move || {
+        let l = p2.api.loads.ledger();
+        let now = p2.now();
+        Ok(l.transact(move |t| t.set_blocked(&uid, blocked, &reason, now))?)
+    })
+    .await?;
+    let to = match version {
+        Some(v) => format!(
+            "/console/cards/{}?blocklist_version={v}",
+            hex::encode_upper(uid)
+        ),
+        None => format!("/console/cards/{}?unchanged=1", hex::encode_upper(uid)),
+    };
+    Ok(Redirect::to(&to).into_response())
+}
+
+fn operator_posted(
+    p: &Pages,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<session::Session, PageError> {
+    p.posted_as(headers, csrf, PageRole::Operator)
+}
+
+async fn block(
+    State(p): State<Pages>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    Form(f): Form<BlockForm>,
+) -> Response {
+    set_block(&p, &headers, &uid_hex, &f, true)
+        .await
+        .unwrap_or_else(|e| p.error(e))
+}
+
+async fn unblock(
+    State(p): State<Pages>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    Form(f): Form<BlockForm>,
+) -> Response {
+    set_block(&p, &headers, &uid_hex, &f, false)
+        .await
+        .unwrap_or_else(|e| p.error(e))
+}
+
+/// The blocks page's form: a card number typed in.
+async fn block_by_form(
+    State(p): State<Pages>,
+    headers: HeaderMap,
+    Form(f): Form<BlockForm>,
+) -> Response {
+    set_block(&p, &headers, &f.uid.clone(), &f, true)
+        .await
+        .unwrap_or_else(|e| p.error(e))
+}
+
+/// Block changes shown on the blocks page.
+const CHANGES_SHOWN: usize = 100;
+
+async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
+    let result = async {
+        let s = operator(&p, &headers)?;
+        let p2 = p.clone();
+        let ctx = blocking(move || {
+            let l = p2.api.loads.ledger();
+            let r = l.read()?;
+            let (changes, version) = all_changes(&*r)?;
+            let blocked: Vec<minijinja::Value> = r
+                .all_cards()?
+                .into_iter()
+                .filter(|(_, c)| c.blocked)
+                .map(|(uid, c)| {
+                    let hex_uid = hex::encode_upper(uid);
+                    let since = changes
+                        .iter()
+                        .rev()
+                        .find(|ch| ch.card_uid.eq_ignore_ascii_case(&hex_uid))
+                        .map(|ch| ch.version);
+                    minijinja::context! {
+                        uid => hex_uid, reason => c.block_reason, version => since,
+                    }
+                })
+                .collect();
+            let recent: Vec<minijinja::Value> = changes
+                .iter()
+                .rev()
+                .take(CHANGES_SHOWN)
+                .map(change_ctx)
+                .collect();
+            Ok(minijinja::context! {
+                version => version, blocked => blocked, changes => recent,
+                total_changes => changes.len(),
+            })
+        })
+        .await?;
+        let (operator, csrf) = frame(&s);
+        Ok::<_, PageError>(p.render(
+            "console_blocks.html",
+            minijinja::context! { operator => operator, csrf => csrf, holder => None::<String>, b => ctx },
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+fn anomaly_ctx(seq: u64, a: &crate::clearing::Anomaly) -> minijinja::Value {
+    minijinja::context! {
+        seq => seq, kind => a.kind, label => anomaly_label(&a.kind), uid => a.card_uid,
+        tmc => a.tmc, device_id => a.device_id, device_seq => a.device_seq, detail => a.detail,
+    }
+}
+
+/// What an anomaly kind means, in words.
+fn anomaly_label(kind: &str) -> &'static str {
+    match kind {
+        "forged_tmac" => "forged MAC",
+        "malformed" => "malformed tap",
+        "clone" => "clone",
+        "counter_gap" => "counter gap",
+        "negative_shadow" => "shadow mismatch (below zero)",
+        "registration_mismatch" => "registration mismatch",
+        "limited_credit_after_reversal" => "credit after a reversal",
+        _ => "other",
+    }
+}
+
+#[derive(Deserialize)]
+struct AnomalyQuery {
+    #[serde(default)]
+    page: Option<usize>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// Anomalies per page.
+const ANOMALY_LINES: usize = 50;
+
+async fn anomalies(
+    State(p): State<Pages>,
+    headers: HeaderMap,
+    Query(q): Query<AnomalyQuery>,
+) -> Response {
+    let result = async {
+        let s = operator(&p, &headers)?;
+        let p2 = p.clone();
+        let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
+        let kind = q.kind.clone().filter(|k| !k.is_empty());
+        let ctx = blocking(move || {
+            let l = p2.api.loads.ledger();
+            let r = l.read()?;
+            let (mut all, last) = r.anomalies(0, 1_000_000)?;
+            all.reverse();
+            let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+            for (_, a) in &all {
+                *kinds.entry(a.kind.clone()).or_default() += 1;
+            }
+            let listed: Vec<&(u64, crate::clearing::Anomaly)> = all
+                .iter()
+                .filter(|(_, a)| kind.as_deref().is_none_or(|k| a.kind == k))
+                .collect();
+            let pages = listed.len().div_ceil(ANOMALY_LINES).max(1);
+            let rows: Vec<minijinja::Value> = listed
+                .iter()
+                .skip((page - 1) * ANOMALY_LINES)
+                .take(ANOMALY_LINES)
+                .map(|(seq, a)| anomaly_ctx(*seq, a))
+                .collect();
+            // The one shown beside its card: the one asked for, else the newest listed.
+            let selected = match q.seq {
+                Some(seq) => all.iter().find(|(s, _)| *s == seq),
+                None => listed.first().copied(),
+            };
+            let (selected, beside) = match selected {
+                Some((seq, a)) => {
+                    let card = uid_of(&a.card_uid)
+                        .ok()
+                        .map(|uid| card_ctx(&p2, &*r, &uid, 20))
+                        .transpose()?;
+                    (Some(anomaly_ctx(*seq, a)), card)
+                }
+                None => (None, None),
+            };
+            let kinds: Vec<minijinja::Value> = kinds
+                .into_iter()
+                .map(|(k, n)| minijinja::context! { kind => anomaly_label(&k), key => k, count => n })
+                .collect();
+            Ok(minijinja::context! {
+                rows => rows, page => page, pages => pages, last => last, kinds => kinds,
+                kind => kind, selected => selected, card => beside, total => listed.len(),
+            })
+        })
+        .await?;
+        let (operator, csrf) = frame(&s);
+        Ok::<_, PageError>(p.render(
+            "console_anomalies.html",
+            minijinja::context! { operator => operator, csrf => csrf, holder => None::<String>, a => ctx },
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+/// A horizontal bar chart drawn as SVG by the template: each bar's geometry is computed here
+/// from the numbers (no script, no library).
+#[derive(serde::Serialize)]
+struct Chart {
+    /// The chart's height in SVG units (the width is [`CHART_WIDTH`]).
+    height: u32,
+    bars: Vec<Bar>,
+}
+
+#[derive(serde::Serialize)]
+struct Bar {
+    label: String,
+    value: String,
+    /// The label's baseline.
+    y_label: u32,
+    /// The bar's top.
+    y: u32,
+    /// The bar's width (0 to [`BAR_MAX`]).
+    w: u32,
+    /// Where the value's text starts.
+    x_value: u32,
+    /// The bar is a negative value.
+    negative: bool,
+}
+
+const CHART_WIDTH: u32 = 400;
+const BAR_MAX: u32 = 300;
+const ROW: u32 = 38;
+
+/// Bars for `(label, value, shown as)`: the longest is [`BAR_MAX`], a non-zero value at least 2.
+fn chart(rows: Vec<(String, i64, String)>) -> Chart {
+    let max = rows
+        .iter()
+        .map(|(_, v, _)| v.unsigned_abs())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let bars = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, (label, v, value))| {
+            let i = i as u32;
+            let w = (u128::from(v.unsigned_abs()) * u128::from(BAR_MAX) / u128::from(max)) as u32;
+            let w = if v != 0 { w.max(2) } else { 0 };
+            Bar {
+                label,
+                value,
+                y_label: i * ROW + 13,
+                y: i * ROW + 18,
+                w,
+                x_value: w + 6,
+                negative: v < 0,
+            }
+        })
+        .collect::<Vec<_>>();
+    Chart {
+        height: (bars.len() as u32 * ROW).max(ROW),
+        bars,
+    }
+}
+
+/// The UTC day (`YYYY-MM-DD`) of a time.
+fn day_of(ms: u64) -> String {
+    card::when(ms)[..10].to_string()
+}
+
+/// Days of revenue the traffic page shows (the latest ones with postings).
+const DAYS_SHOWN: usize = 14;
+
+/// What the traffic page counts from one scan of the postings.
+#[derive(Default)]
+struct Traffic {
+    /// (day, operator) → (net revenue, taps).
+    revenue: BTreeMap<(String, String), (i64, u64)>,
+    /// source → (amount, loads).
+    loads: BTreeMap<String, (i64, u64)>,
+}
+
+fn traffic_of(postings: &[crate::ledger::Posting]) -> Traffic {
+    let mut t = Traffic::default();
+    for p in postings {
+        let day = day_of(p.time_ms);
+        if let Some(op) = p.to.strip_prefix("operator:") {
+            let e = t.revenue.entry((day.clone(), op.to_string())).or_default();
+            e.0 = e.0.saturating_add(p.amount_minor);
+            if p.reference.starts_with("tap:") {
+                e.1 += 1;
+            }
+        }
+        if let Some(op) = p.from.strip_prefix("operator:") {
+            let e = t.revenue.entry((day, op.to_string())).or_default();
+            e.0 = e.0.saturating_sub(p.amount_minor);
+        }
+        let word = p.reference.split(':').next().unwrap_or("");
+        if matches!(word, "load" | "franchise-load") && p.to.starts_with("card:") {
+            let e = t.loads.entry(p.from.clone()).or_default();
+            e.0 = e.0.saturating_add(p.amount_minor);
+            e.1 += 1;
+        }
+    }
+    t
+}
+
+async fn traffic(State(p): State<Pages>, headers: HeaderMap) -> Response {
+    let result = async {
+        let s = operator(&p, &headers)?;
+        let p2 = p.clone();
+        let (t, anomalies) = blocking(move || {
+            let l = p2.api.loads.ledger();
+            let r = l.read()?;
+            let t = traffic_of(&r.postings_with_prefix("")?);
+            let (all, _) = r.anomalies(0, 1_000_000)?;
+            let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
+            for (_, a) in all {
+                *by_kind.entry(a.kind).or_default() += 1;
+            }
+            Ok((t, by_kind))
+        })
+        .await?;
+        let mut days: Vec<&String> = t.revenue.keys().map(|(d, _)| d).collect();
+        days.dedup();
+        let first_day = days
+            .len()
+            .checked_sub(DAYS_SHOWN)
+            .and_then(|i| days.get(i))
+            .map(|d| d.to_string());
+        let shown = t
+            .revenue
+            .iter()
+            .filter(|((d, _), _)| first_day.as_ref().is_none_or(|f| d >= f));
+        let revenue = chart(
+            shown
+                .clone()
+                .map(|((d, op), (v, _))| (format!("{d} · {op}"), *v, p.money(*v)))
+                .collect(),
+        );
+        let taps = chart(
+            shown
+                .map(|((d, op), (_, n))| (format!("{d} · {op}"), *n as i64, format!("{n} taps")))
+                .collect(),
+        );
+        let loads = chart(
+            t.loads
+                .iter()
+                .map(|(src, (v, n))| {
+                    (
+                        src.clone(),
+                        *v,
+                        format!(
+                            "{} in {n} load{}",
+                            p.money(*v),
+                            if *n == 1 { "" } else { "s" }
+                        ),
+                    )
+                })
+                .collect(),
+        );
+        let stats = p.api.loads.stats();
+        let mut refused: Vec<(String, i64, String)> = p
+            .api
+            .clearing
+            .anomalies_by_kind()
+            .into_iter()
+            .filter(|(k, _)| k == "forged_tmac" || k == "malformed")
+            .map(|(k, n)| {
+                (
+                    format!("tap refused at clearing: {}", anomaly_label(&k)),
+                    n as i64,
+                    n.to_string(),
+                )
+            })
+            .collect();
+        refused.push((
+            "load refused by the back office".into(),
+            stats.refused as i64,
+            stats.refused.to_string(),
+        ));
+        let refusals = chart(refused);
+        let anomalies = chart(
+            anomalies
+                .into_iter()
+                .map(|(k, n)| (anomaly_label(&k).to_string(), n, n.to_string()))
+                .collect(),
+        );
+        let (operator, csrf) = frame(&s);
+        Ok::<_, PageError>(p.render(
+            "console_traffic.html",
+            minijinja::context! {
+                operator => operator, csrf => csrf, holder => None::<String>,
+                revenue => revenue, taps => taps, loads => loads, refusals => refusals,
+                anomalies => anomalies, width => CHART_WIDTH, currency => p.currency,
+            },
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+#[derive(Deserialize)]
+struct SettlementQuery {
+    #[serde(default)]
+    day: Option<String>,
+    #[serde(default)]
+    merchant_fee_bps: Option<u32>,
+}
+
+/// The day's files, built as `tapgate charging settlement` builds them.
+async fn build_settlement(
+    p: &Pages,
+    day: String,
+    fee_bps: u32,
+) -> Result<Vec<crate::settlement::SettlementFile>, PageError> {
+    crate::settlement::day_bounds(&day).map_err(PageError::Bad)?;
+    if fee_bps > crate::settlement::MAX_MERCHANT_FEE_BPS {
+        return Err(PageError::Bad(format!(
+            "A merchant fee is at most {} basis points.",
+            crate::settlement::MAX_MERCHANT_FEE_BPS
+        )));
+    }
+    let p2 = p.clone();
+    blocking(move || {
+        crate::settlement::settlement_with_fees(p2.api.loads.ledger(), &day, fee_bps)
+            .map_err(|e| PageError::Internal(e.to_string()))
+    })
+    .await
+}
+
+async fn settlement(
+    State(p): State<Pages>,
+    headers: HeaderMap,
+    Query(q): Query<SettlementQuery>,
+) -> Response {
+    let result = async {
+        let s = operator(&p, &headers)?;
+        let day = q
+            .day
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| day_of(p.now()));
+        let fee = q.merchant_fee_bps.unwrap_or(0);
+        let files = build_settlement(&p, day.clone(), fee).await?;
+        let p2 = p.clone();
+        let days = blocking(move || {
+            let l = p2.api.loads.ledger();
+            let r = l.read()?;
+            let mut days: Vec<String> = r
+                .postings_with_prefix("")?
+                .iter()
+                .map(|p| day_of(p.time_ms))
+                .collect();
+            days.sort();
+            days.dedup();
+            days.reverse();
+            days.truncate(DAYS_SHOWN);
+            Ok(days)
+        })
+        .await?;
+        let rows: Vec<minijinja::Value> = files
+            .iter()
+            .map(|f| {
+                minijinja::context! {
+                    name => f.name, lines => f.csv.lines().count().saturating_sub(1),
+                    bytes => f.csv.len(),
+                }
+            })
+            .collect();
+        let (operator, csrf) = frame(&s);
+        Ok::<_, PageError>(p.render(
+            "console_settlement.html",
+            minijinja::context! {
+                operator => operator, csrf => csrf, holder => None::<String>, day => day,
+                fee => fee, files => rows, days => days,
+            },
+        ))
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+async fn settlement_file(
+    State(p): State<Pages>,
+    headers: HeaderMap,
+    Path((day, name)): Path<(String, String)>,
+    Query(q): Query<SettlementQuery>,
+) -> Response {
+    let result = async {
+        operator(&p, &headers)?;
+        let files = build_settlement(&p, day, q.merchant_fee_bps.unwrap_or(0)).await?;
+        // Only a file the day has: the name is one of the built files', never a path.
+        let f = files
+            .into_iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| PageError::NotFound("The day has no such settlement file.".into()))?;
+        Ok::<_, PageError>(
+            (
+                [
+                    (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{}\"", f.name),
+                    ),
+                ],
+                f.csv,
+            )
+                .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|e| p.error(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_are_drawn_to_scale() {
+        let c = chart(vec![
+            ("a".into(), 1_000, "1000".into()),
+            ("b".into(), 500, "500".into()),
+            ("c".into(), 0, "0".into()),
+            ("d".into(), 1, "1".into()),
+            ("e".into(), -1_000, "-1000".into()),
+        ]);
+        let w: Vec<u32> = c.bars.iter().map(|b| b.w).collect();
+        assert_eq!(w, vec![BAR_MAX, BAR_MAX / 2, 0, 2, BAR_MAX]);
+        assert!(c.bars[4].negative);
+        assert_eq!(c.height, 5 * ROW);
+        assert_eq!(chart(Vec::new()).height, ROW);
+    }
+
+    #[test]
+    fn traffic_counts_revenue_per_day_and_operator_and_loads_per_source() {
+        let post =
+            |time_ms, from: &str, to: &str, amount_minor, reference: &str| crate::ledger::Posting {
+                seq: 0,
+                time_ms,
+                from: from.into(),
+                to: to.into(),
+                amount_minor,
+                reference: reference.into(),
+            };
+        let day = 86_400_000;
+        let t = traffic_of(&[
+            post(0, "card:04", "operator:metro", 1_250, "tap:04:1"),
+            post(10, "card:05", "operator:metro", 1_250, "tap:05:1"),
+            post(day, "card:04", "operator:bus", 900, "tap:04:2"),
+            post(day, "operator:bus", "card:04", 100, "reversal:04:3"),
+            post(5, "funding:card", "card:04", 5_000, "load:04:4"),
+            post(6, "franchise:shop", "card:05", 3_000, "franchise-load:05:2"),
+            post(7, "issuer:float", "card:06", 3_000, "issue:06"),
+        ]);
+        assert_eq!(
+            t.revenue[&("1970-01-01".into(), "metro".into())],
+            (2_500, 2)
+        );
+        assert_eq!(t.revenue[&("1970-01-02".into(), "bus".into())], (800, 1));
+        assert_eq!(t.loads["funding:card"], (5_000, 1));
+        assert_eq!(t.loads["franchise:shop"], (3_000, 1));
+        assert_eq!(t.loads.len(), 2);
+    }
+
+    #[test]
+    fn console_templates_render() {
+        let env = environment();
+        let c = chart(vec![("x".into(), 3, "3".into())]);
+        let r = env
+            .get_template("console_traffic.html")
+            .unwrap()
+            .render(minijinja::context! {
+                operator => "ops", csrf => "c", holder => None::<String>, revenue => &c, taps => &c,
+                loads => &c, refusals => &c, anomalies => chart(Vec::new()), width => CHART_WIDTH,
+                currency => "KRW",
+            });
+        assert!(r.unwrap().contains("<svg"));
+    }
+
+    fn card() -> minijinja::Value {
+        minijinja::context! {
+            uid => "04A1A1A1A1A1A1", known => true, owner => Some("ann"), balance => "5 KRW",
+            proved_balance => None::<String>, last_tmc => 0, booked_through_tmc => 0,
+            blocked => true, block_reason => Some("fraud"),
+            changes => vec![minijinja::context! { version => 1, uid => "04A1A1A1A1A1A1", action => "block", reason => "fraud", when => "w" }],
+            anomalies => Vec::<minijinja::Value>::new(),
+            history => vec![minijinja::context! { when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, month => "m" }],
+            history_lines => 1,
+        }
+    }
+
+    #[test]
+    fn a_card_and_an_anomaly_beside_its_card_render() {
+        let env = environment();
+        let r = env
+            .get_template("console_card.html")
+            .unwrap()
+            .render(minijinja::context! {
+                operator => "ops", csrf => "c", holder => None::<String>, card => card(),
+                blocklist_version => Some(1), unchanged => false,
+            });
+        let html = r.unwrap();
+        assert!(
+            html.contains("Blocked: fraud") && html.contains("/unblock"),
+            "{html}"
+        );
+        let selected = minijinja::context! { seq => 3, kind => "clone", label => "clone", uid => "04A1A1A1A1A1A1", tmc => 4, device_id => 1, device_seq => 9, detail => "two cards" };
+        let a = minijinja::context! {
+            rows => vec![selected.clone()], page => 1, pages => 1, last => 3,
+            kinds => vec![minijinja::context! { kind => "clone", key => "clone", count => 1 }],
+            kind => None::<String>, selected => selected, card => card(), total => 1,
+        };
+        let r = env
+            .get_template("console_anomalies.html")
+            .unwrap()
+            .render(minijinja::context! {
+                operator => "ops", csrf => "c", holder => None::<String>, a => a,
+            });
+        let html = r.unwrap();
+        assert!(
+            html.contains("two cards") && html.contains("float"),
+            "{html}"
+        );
+    }
+}
