@@ -45,6 +45,10 @@ enum ChargingCmd {
         /// The charging data directory.
         #[arg(long, default_value = "data/charging")]
         data: PathBuf,
+        /// The server's configuration: its `[ledger]` (PostgreSQL or LMDB in its data_dir)
+        /// instead of `--data`.
+        #[arg(long, conflicts_with = "data")]
+        config: Option<PathBuf>,
         /// Print the report as one JSON object on the last line.
         #[arg(long)]
         json: bool,
@@ -54,6 +58,10 @@ enum ChargingCmd {
         /// The charging data directory.
         #[arg(long, default_value = "data/charging")]
         data: PathBuf,
+        /// The server's configuration: its `[ledger]` (PostgreSQL or LMDB in its data_dir)
+        /// instead of `--data`.
+        #[arg(long, conflicts_with = "data")]
+        config: Option<PathBuf>,
         /// The business day, YYYY-MM-DD (UTC).
         #[arg(long)]
         day: String,
@@ -114,8 +122,8 @@ fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
 /// Runs `tapgate charging …`.
 pub fn run(args: ChargingArgs) -> Result<()> {
     match args.cmd {
-        Some(ChargingCmd::Reconcile { data, json }) => {
-            let ledger = open_ledger(&data)?;
+        Some(ChargingCmd::Reconcile { data, config, json }) => {
+            let ledger = open_configured_ledger(&data, config.as_deref())?;
             let started = std::time::Instant::now();
             let report = charging::reconcile::reconcile(&ledger)?;
             let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -139,12 +147,13 @@ pub fn run(args: ChargingArgs) -> Result<()> {
         }
         Some(ChargingCmd::Settlement {
             data,
+            config,
             day,
             out,
             merchant_fee_bps,
         }) => {
             charging::settlement::day_bounds(&day).map_err(input_err)?;
-            let ledger = open_ledger(&data)?;
+            let ledger = open_configured_ledger(&data, config.as_deref())?;
             let files =
                 charging::settlement::settlement_with_fees(&ledger, &day, merchant_fee_bps)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -335,6 +344,22 @@ fn open_hsm(
             Ok(Box::new(hsm))
         }
     }
+}
+
+/// The ledger of `--config` (its `[ledger]` table), else the LMDB ledger of `--data`.
+fn open_configured_ledger(
+    data: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> Result<charging::ledger::Ledger> {
+    let Some(path) = config else {
+        return open_ledger(data);
+    };
+    let cfg = read_config(Some(path))?;
+    cfg.ledger.check().map_err(|e| input_err(format!("{e}")))?;
+    if cfg.ledger.kind == server::LedgerKind::Lmdb {
+        return open_ledger(&cfg.data_dir);
+    }
+    server::open_ledger(&cfg).context("opening the ledger")
 }
 
 fn open_ledger(data: &std::path::Path) -> Result<charging::ledger::Ledger> {

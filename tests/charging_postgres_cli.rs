@@ -86,6 +86,20 @@ fn migrate_applies_the_schema_once_and_the_server_checks_it() {
         .psql(db.name(), "SELECT count(*) FROM schema_version")
         .unwrap();
     assert_eq!(tables.trim(), "2");
+    // Reconciliation and settlement read the configured ledger.
+    let (code, out, err) = run(tapgate()
+        .args(["charging", "reconcile", "--json", "--config"])
+        .arg(&cfg));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"cards\":0"), "{out}");
+    let files = dir.path().join("settlement");
+    let (code, out, err) = run(tapgate()
+        .args(["charging", "settlement", "--day", "2026-12-01", "--out"])
+        .arg(&files)
+        .arg("--config")
+        .arg(&cfg));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("wrote"), "{out}");
 }
 
 #[test]
