@@ -238,14 +238,19 @@ impl Ledger {
     /// with concurrent callers' transactions). If `f` fails, only its own writes are rolled
     /// back. On PostgreSQL `f` may run more than once (a conflict rolls back its transaction
     /// and runs it again): only the run that commits counts.
+    ///
+    /// The wait (the group commit's fsync, the database's round trips) goes through
+    /// [`may_block`]: on a tokio worker the runtime's other tasks move to another thread
+    /// meanwhile, so a request handler may call this without handing all its work to a
+    /// blocking thread.
     pub fn transact<T: Send + 'static>(
         &self,
         f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
-        match &self.backend {
+        may_block(|| match &self.backend {
             Backend::Lmdb(l) => l.transact(f),
             Backend::Postgres(p) => p.transact(f),
-        }
+        })
     }
 
     /// Closes this handle; the last one to close waits for the backend to finish, so the
@@ -255,5 +260,69 @@ impl Ledger {
             Backend::Lmdb(l) => l.close(),
             Backend::Postgres(p) => p.close(),
         }
+    }
+}
+
+/// Runs `f`, which waits (a group commit's fsync, a database's or a remote system's answer):
+/// on a worker of a multi-threaded tokio runtime through `block_in_place`, so the worker's
+/// other tasks move to another thread while this one waits; anywhere else (a plain thread, a
+/// blocking-pool thread, a current-thread runtime) it simply runs `f`. Inside another
+/// `may_block` it costs nothing more (the worker's tasks have moved already).
+pub fn may_block<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A request handler that waits for a group commit on the worker itself (no hand-off to
+    /// a blocking thread) must not hold the runtime's other tasks up: with one worker, a
+    /// transaction that can only finish once another task has run still finishes.
+    #[test]
+    fn a_commit_waited_for_on_a_worker_lets_other_tasks_run() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ledger = Ledger::open(dir.path(), 1 << 24).expect("ledger");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (ran_tx, ran_rx) = std::sync::mpsc::channel::<()>();
+        let waiting = ledger.clone();
+        let outcome = rt.block_on(async move {
+            let handler = tokio::spawn(async move {
+                waiting.transact(move |_| Ok(ran_rx.recv_timeout(Duration::from_secs(5)).is_ok()))
+            });
+            // Give the handler the worker first, then ask for it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let other = tokio::spawn(async move {
+                let _ = ran_tx.send(());
+            });
+            other.await.expect("other task");
+            handler.await.expect("handler")
+        });
+        assert!(
+            outcome.expect("committed"),
+            "the other task ran while the handler waited"
+        );
+        ledger.close();
+    }
+
+    /// Outside a multi-threaded runtime (a plain thread, a current-thread runtime) the wait
+    /// simply blocks, as it did before.
+    #[test]
+    fn may_block_runs_anywhere() {
+        assert_eq!(may_block(|| 1), 1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(rt.block_on(async { may_block(|| 2) }), 2);
     }
 }

@@ -1,6 +1,7 @@
 //! Relay sessions: opening one (or answering a retried start), each step of the card dialogue, refusals, and expiry.
 
 use super::*;
+use crate::ledger::may_block;
 
 impl LoadService {
     pub(super) fn open_session(
@@ -248,7 +249,9 @@ impl LoadService {
             );
         }
         let step = match step {
-            Step::Decide(snapshot) => match self.decide(s, &snapshot, now_ms)? {
+            // The decision reads and writes the ledger and asks the funding source: it may
+            // wait (fsync, a remote processor), so the worker's other tasks move meanwhile.
+            Step::Decide(snapshot) => match may_block(|| self.decide(s, &snapshot, now_ms))? {
                 Ok(decision) => {
                     let mut hsm = self.hsm.lock().expect("hsm lock");
                     match s.dialogue.decide(hsm.as_mut(), decision) {
@@ -274,7 +277,7 @@ impl LoadService {
                     commands: batch.iter().map(hex::encode_upper).collect(),
                 })
             }
-            Step::Done(Outcome::Committed { receipt, .. }) => {
+            Step::Done(Outcome::Committed { receipt, .. }) => may_block(|| {
                 let verified = {
                     let hsm = self.hsm.lock().expect("hsm lock");
                     hsm.verify_tmac(&receipt)
@@ -303,7 +306,7 @@ impl LoadService {
                         })
                     }
                 }
-            }
+            }),
             Step::Done(Outcome::Refused { .. }) => {
                 Ok(self.refused(s, "refused", "nothing to load"))
             }
