@@ -23,9 +23,10 @@
 //!   tops up first); some clients vanish mid-payment and pay again at the card's next contact,
 //!   which settles the torn payment first; one ticket in five is refunded (wholly or keeping a
 //!   fee) and the card that paid collects the refund online.
-//! - The charging server serves the cardholder pages (`console: URL`, and `cardholder login:
-//!   NAME PASSWORD` for one rider, a new password each run) while the day runs;
-//!   `--keep-serving` keeps them up after it until interrupted.
+//! - The charging server serves the cardholder pages and the operator console (`console: URL`,
+//!   `cardholder login: NAME PASSWORD` for one rider and `operator login: NAME PASSWORD`, new
+//!   passwords each run) while the day runs; `--keep-serving` keeps them up after it until
+//!   interrupted.
 //! - The day ends with the conservation check: every card's balance equals the ledger's shadow
 //!   purse, reconciliation balances every card, no counter is lost or booked twice.
 
@@ -121,10 +122,13 @@ fn print_event(args: &DemoArgs, event: Event<'_>) {
         console,
         name,
         password,
+        operator,
+        operator_password,
     } = event
     {
         println!("console: {console}");
         println!("cardholder login: {name} {password}");
+        println!("operator login: {operator} {operator_password}");
         return;
     }
     if args.json {

@@ -1,4 +1,4 @@
-//! The cardholder pages in a real browser: Debian's chromium, headless, driven over WebDriver
+//! The cardholder pages and the operator console in a real browser: Debian's chromium, headless, driven over WebDriver
 //! (chromedriver) against a charging server on a loopback port. Each browser test saves a
 //! screenshot under target/test-output/pages/. `./test.sh` installs chromium and
 //! chromium-driver when absent. Plain HTTP checks (CSRF, sign-in limits) need no browser.
@@ -24,13 +24,15 @@ const ANN_PASSWORD: &str = "ann's long passphrase";
 const BOB_PASSWORD: &str = "bob's long passphrase";
 const ANN_CARD: &str = "04A1A1A1A1A1A1";
 const BOB_CARD: &str = "04B2B2B2B2B2B2";
+const OP_PASSWORD: &str = "the operator's long passphrase";
 
 fn keys() -> KeySet {
     KeySet::generate(&mut StdRng::seed_from_u64(18))
 }
 
 /// A charging server with two cardholders (ann, bob) who may sign in to the pages, a card
-/// each (5,000 and 7,000 KRW), and ann's card token at the processor.
+/// each (5,000 and 7,000 KRW), ann's card token at the processor, and an operator (`op`) who
+/// may sign in to the console.
 fn world(keys: &KeySet) -> ChargingServer {
     let s = server::start(keys, |cfg| {
         cfg.tokens = vec![
@@ -46,6 +48,10 @@ fn world(keys: &KeySet) -> ChargingServer {
                     password_argon2: charging::pages::hash_password(pw),
                 });
         }
+        cfg.pages.operators.push(charging::pages::PageLogin {
+            name: "op".into(),
+            password_argon2: charging::pages::hash_password(OP_PASSWORD),
+        });
     });
     for (uid, balance, owner) in [(ANN_CARD, 5_000, "ann"), (BOB_CARD, 7_000, "bob")] {
         let (code, body) = post(
@@ -134,6 +140,11 @@ impl Browser {
 
     /// Signs in by keyboard: types the name, tabs to the password, presses Enter.
     async fn sign_in(&self, base: &str, name: &str, password: &str) {
+        self.sign_in_to(base, name, password, "/cards").await
+    }
+
+    /// Signs in by keyboard and waits for the page the account lands on.
+    async fn sign_in_to(&self, base: &str, name: &str, password: &str, landing: &str) {
         self.client.goto(&format!("{base}/login")).await.unwrap();
         let field = self.client.find(Locator::Id("name")).await.unwrap();
         field.send_keys(name).await.unwrap();
@@ -142,7 +153,7 @@ impl Browser {
         assert_eq!(pw.attr("id").await.unwrap().as_deref(), Some("password"));
         pw.send_keys(password).await.unwrap();
         pw.send_keys("\u{E007}").await.unwrap(); // Enter
-        wait_url(&self.client, "/cards").await;
+        wait_url(&self.client, landing).await;
     }
 
     async fn close(self) {
@@ -557,7 +568,7 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
     let pid = child.id();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let _kill = Kill(child);
-    let (mut console, mut login) = (None, None);
+    let (mut console, mut login, mut operator) = (None, None, None);
     for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(url) = line.strip_prefix("console: ") {
@@ -566,6 +577,10 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
         if let Some(l) = line.strip_prefix("cardholder login: ") {
             let (name, pw) = l.split_once(' ').unwrap();
             login = Some((name.to_string(), pw.to_string()));
+        }
+        if let Some(l) = line.strip_prefix("operator login: ") {
+            let (name, pw) = l.split_once(' ').unwrap();
+            operator = Some((name.to_string(), pw.to_string()));
         }
         if line.starts_with("the day is over; the pages stay up at ") {
             break;
@@ -583,6 +598,50 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
         .into_string()
         .unwrap();
     assert!(cards.contains("class=\"card-link\""), "{cards}");
+    // The printed operator login opens the console: the day's revenue charted, its
+    // settlement files listed.
+    let (op_name, op_password) = operator.expect("an operator login: NAME PASSWORD line");
+    let (op_agent, op_cookie) = signed_in_agent(&base, &op_name, &op_password);
+    let page = |path: &str| {
+        op_agent
+            .get(&format!("{base}{path}"))
+            .set("Cookie", &op_cookie)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    };
+    let traffic = page("/console/traffic");
+    let revenue =
+        &traffic[traffic.find("id=\"revenue\"").unwrap()..traffic.find("id=\"taps\"").unwrap()];
+    assert!(revenue.contains("<rect"), "{revenue}");
+    let settlement = page("/console/settlement");
+    let at = settlement
+        .find("/console/settlement?day=")
+        .expect("a day with postings");
+    let day = &settlement[at + 24..at + 34];
+    assert!(
+        page(&format!("/console/settlement?day={day}")).contains("operator-"),
+        "{day}"
+    );
+    // The console with the day's numbers, in the browser.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let b = Browser::start().await;
+            b.sign_in_to(&base, &op_name, &op_password, "/console")
+                .await;
+            b.client
+                .goto(&format!("{base}/console/traffic"))
+                .await
+                .unwrap();
+            assert!(b.text("#revenue").await.contains("KRW"));
+            b.screenshot("console_traffic_demo").await;
+            b.close().await;
+        });
     // Ctrl-C ends it.
     Command::new("kill")
         .args(["-INT", &pid.to_string()])
@@ -620,4 +679,350 @@ fn charging_page_login_prints_a_config_entry_with_the_passwords_argon2id_hash() 
         "a long passphrase"
     ));
     assert!(!entry.contains("a long passphrase"));
+}
+
+// ---- The operator console ----
+
+/// Clears a field and types `text` into it.
+async fn retype(c: &Client, id: &str, text: &str) {
+    let f = c.find(Locator::Id(id)).await.unwrap();
+    f.clear().await.unwrap();
+    f.send_keys(text).await.unwrap();
+}
+
+async fn click(c: &Client, id: &str) {
+    c.find(Locator::Id(id))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn wait_query(c: &Client, contains: &str) {
+    for _ in 0..100 {
+        if c.current_url()
+            .await
+            .unwrap()
+            .query()
+            .is_some_and(|q| q.contains(contains))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {contains} in {}", c.current_url().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
+    let keys = keys();
+    let s = world(&keys);
+    let b = Browser::start().await;
+    b.sign_in_to(&s.base, "op", OP_PASSWORD, "/console").await;
+    assert_eq!(b.text("#operator").await, "op");
+    assert_eq!(b.text("#blocklist-version").await, "0");
+    // Find the card by its number, by keyboard.
+    let find = b.client.find(Locator::Id("find-uid")).await.unwrap();
+    find.send_keys(ANN_CARD).await.unwrap();
+    find.send_keys("\u{E007}").await.unwrap(); // Enter
+    wait_url(&b.client, ANN_CARD).await;
+    assert!(b.text("#block-state").await.contains("Not blocked"));
+    retype(&b.client, "block-reason", "stolen").await;
+    click(&b.client, "block").await;
+    wait_query(&b.client, "blocklist_version=1").await;
+    let state = b.text("#block-state").await;
+    assert!(
+        state.contains("Blocked: stolen") && state.contains("blocklist version 1"),
+        "{state}"
+    );
+    let changes = b.text("table.block-changes").await;
+    assert!(
+        changes.contains("block") && changes.contains("stolen"),
+        "{changes}"
+    );
+    b.screenshot("console_card_blocked").await;
+    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
+    let shadow = || s.state.loads.ledger().read().unwrap().card(&uid).unwrap();
+    assert!(shadow().blocked);
+    assert_eq!(shadow().block_reason.as_deref(), Some("stolen"));
+    // The blocks page lists it, with the version.
+    b.client
+        .goto(&format!("{}/console/blocks", s.base))
+        .await
+        .unwrap();
+    assert_eq!(b.text("#blocklist-version").await, "1");
+    let blocked = b.text("#blocked").await;
+    assert!(
+        blocked.contains(ANN_CARD) && blocked.contains("stolen"),
+        "{blocked}"
+    );
+    assert!(!blocked.contains(BOB_CARD));
+    b.screenshot("console_blocks").await;
+    // Unblock: version 2.
+    b.client
+        .goto(&format!("{}/console/cards/{ANN_CARD}", s.base))
+        .await
+        .unwrap();
+    click(&b.client, "unblock").await;
+    wait_query(&b.client, "blocklist_version=2").await;
+    assert!(b.text("#block-state").await.contains("Not blocked"));
+    assert!(!shadow().blocked);
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomalies_show_beside_the_cards_history_and_traffic_is_charted() {
+    let keys = keys();
+    let s = world(&keys);
+    // A clone reported against bob's card, and a load onto ann's (relayed in process).
+    s.state
+        .loads
+        .ledger()
+        .transact(|t| {
+            t.record_anomaly(&charging::clearing::Anomaly {
+                kind: "clone".into(),
+                card_uid: BOB_CARD.into(),
+                tmc: 4,
+                device_id: 7,
+                device_seq: 99,
+                detail: "counter 4 seen twice with different balances".into(),
+            })
+        })
+        .unwrap();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
+    let mut card = tapgate_testkit::fixtures::transit_card(&hsm, uid, 5_000);
+    let svc = s.state.loads.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let first = svc
+            .start(
+                "ann",
+                charging::load::LoadRequest {
+                    uid,
+                    amount_minor: 2_000,
+                    funding_source: "card".into(),
+                    instrument: "tok_ann_visa".into(),
+                    idempotency_key: "console-load".into(),
+                },
+                now,
+            )
+            .expect("the load starts");
+        server::relay_in_process(&svc, "ann", &mut card, first, &mut now, 5, None)
+            .expect("the load runs")
+    })
+    .await
+    .unwrap();
+    let b = Browser::start().await;
+    b.sign_in_to(&s.base, "op", OP_PASSWORD, "/console").await;
+    b.client
+        .goto(&format!("{}/console/anomalies", s.base))
+        .await
+        .unwrap();
+    let list = b.text("#anomalies").await;
+    assert!(list.contains("clone") && list.contains(BOB_CARD), "{list}");
+    // The newest is shown beside its card: the detail, the card's balance and history.
+    let beside = b.text("#beside").await;
+    assert!(
+        beside.contains("counter 4 seen twice")
+            && beside.contains("7,000 KRW")
+            && beside.contains("issue"),
+        "{beside}"
+    );
+    b.screenshot("console_anomalies").await;
+    b.client
+        .goto(&format!("{}/console/traffic", s.base))
+        .await
+        .unwrap();
+    let loads = b.text("#loads").await;
+    assert!(loads.contains("funding:card"), "{loads}");
+    let bars = b
+        .client
+        .find_all(Locator::Css("#loads svg rect"))
+        .await
+        .unwrap();
+    assert_eq!(bars.len(), 1);
+    assert!(b.text("#anomaly-kinds").await.contains("clone"));
+    b.screenshot("console_traffic").await;
+    b.close().await;
+}
+
+#[test]
+fn a_cardholder_cannot_reach_the_console_nor_an_operator_the_cards() {
+    let keys = keys();
+    let s = world(&keys);
+    let (agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
+    let get = |path: &str, cookie: &str| {
+        status(
+            agent
+                .get(&format!("{}{path}", s.base))
+                .set("Cookie", cookie)
+                .call(),
+        )
+    };
+    for path in [
+        "/console".to_string(),
+        "/console/blocks".into(),
+        "/console/anomalies".into(),
+        "/console/traffic".into(),
+        "/console/settlement".into(),
+        format!("/console/cards/{ANN_CARD}"),
+        format!("/console/card?uid={BOB_CARD}"),
+    ] {
+        let (code, body) = get(&path, &cookie);
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("The console is an operator"), "{body}");
+    }
+    // Not even with the session's own CSRF token.
+    let csrf = csrf_of(
+        &agent
+            .get(&format!("{}/cards/{ANN_CARD}/report", s.base))
+            .set("Cookie", &cookie)
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    );
+    let (code, _) = status(
+        agent
+            .post(&format!("{}/console/cards/{BOB_CARD}/block", s.base))
+            .set("Cookie", &cookie)
+            .send_form(&[("reason", "fraud"), ("csrf", &csrf)]),
+    );
+    assert_eq!(code, 403);
+    let uid: [u8; 7] = hex::decode(BOB_CARD).unwrap().try_into().unwrap();
+    assert!(
+        !s.state
+            .loads
+            .ledger()
+            .read()
+            .unwrap()
+            .card(&uid)
+            .unwrap()
+            .blocked
+    );
+    // An operator signs in on the same form and lands on the console; the cards are not theirs.
+    let (_, op) = signed_in_agent(&s.base, "op", OP_PASSWORD);
+    assert_eq!(get("/console", &op).0, 200);
+    let (code, body) = get("/cards", &op);
+    assert_eq!(code, 403, "{body}");
+}
+
+#[test]
+fn a_console_form_without_its_csrf_token_is_refused() {
+    let keys = keys();
+    let s = world(&keys);
+    let (agent, cookie) = signed_in_agent(&s.base, "op", OP_PASSWORD);
+    let page = agent
+        .get(&format!("{}/console/cards/{BOB_CARD}", s.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let csrf = csrf_of(&page);
+    let post_form = |path: &str, fields: &[(&str, &str)]| {
+        status(
+            agent
+                .post(&format!("{}{path}", s.base))
+                .set("Cookie", &cookie)
+                .send_form(fields),
+        )
+    };
+    let block = format!("/console/cards/{BOB_CARD}/block");
+    let (code, body) = post_form(&block, &[("reason", "fraud")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("Form refused"), "{body}");
+    assert_eq!(
+        post_form(&block, &[("reason", "fraud"), ("csrf", &"0".repeat(64))]).0,
+        403
+    );
+    assert_eq!(
+        post_form("/console/blocks", &[("uid", BOB_CARD), ("reason", "fraud")]).0,
+        403
+    );
+    let uid: [u8; 7] = hex::decode(BOB_CARD).unwrap().try_into().unwrap();
+    let blocked = || {
+        s.state
+            .loads
+            .ledger()
+            .read()
+            .unwrap()
+            .card(&uid)
+            .unwrap()
+            .blocked
+    };
+    assert!(!blocked(), "nothing blocked without the token");
+    // With it: blocked, the redirect names the blocklist version.
+    let r = agent
+        .post(&format!("{}{block}", s.base))
+        .set("Cookie", &cookie)
+        .send_form(&[("reason", "fraud"), ("csrf", &csrf)])
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/console/cards/{BOB_CARD}?blocklist_version=1").as_str())
+    );
+    assert!(blocked());
+    // Unblocking needs it too.
+    let unblock = format!("/console/cards/{BOB_CARD}/unblock");
+    assert_eq!(post_form(&unblock, &[("reason", "found")]).0, 403);
+    assert!(blocked());
+}
+
+#[test]
+fn the_days_settlement_csv_downloads_from_the_console() {
+    let keys = keys();
+    let s = world(&keys);
+    let (agent, cookie) = signed_in_agent(&s.base, "op", OP_PASSWORD);
+    let page = agent
+        .get(&format!("{}/console/settlement", s.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    // The server's day (UTC) by default.
+    let at = page.find("id=\"day\">").expect("the day") + 9;
+    let today = page[at..at + 10].to_string();
+    assert_eq!(today.as_bytes()[4], b'-');
+    let file = format!("summary-{today}.csv");
+    assert!(page.contains(&file), "{page}");
+    let r = agent
+        .get(&format!("{}/console/settlement/{today}/{file}", s.base))
+        .set("Cookie", &cookie)
+        .call()
+        .unwrap();
+    assert_eq!(r.header("content-type"), Some("text/csv; charset=utf-8"));
+    assert_eq!(
+        r.header("content-disposition"),
+        Some(format!("attachment; filename=\"{file}\"").as_str())
+    );
+    let csv = r.into_string().unwrap();
+    // The same bytes as `tapgate charging settlement` writes.
+    let files = charging::settlement::settlement(s.state.loads.ledger(), &today).unwrap();
+    assert_eq!(csv, files.iter().find(|f| f.name == file).unwrap().csv);
+    assert!(csv.starts_with("party,loads_minor,payments_minor,debits_minor,net_minor\n"));
+    // Only the day's own files: no other name, no path.
+    for bad in ["../../etc/passwd", "summary-2020-01-01.csv", "x.csv"] {
+        let (code, _) = status(
+            agent
+                .get(&format!("{}/console/settlement/{today}/{bad}", s.base))
+                .set("Cookie", &cookie)
+                .call(),
+        );
+        assert_eq!(code, 404, "{bad}");
+    }
+    let (code, _) = status(
+        agent
+            .get(&format!("{}/console/settlement/not-a-day/{file}", s.base))
+            .set("Cookie", &cookie)
+            .call(),
+    );
+    assert_eq!(code, 400);
 }

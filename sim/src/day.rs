@@ -56,7 +56,8 @@ pub enum Event<'a> {
     /// Another tenth of the day's taps is done.
     Progress(Progress),
     /// The cardholder pages are served at `console` (the server's base URL); `name` signs in
-    /// with `password` (a new random one each day) and sees its card.
+    /// with `password` (a new random one each day) and sees its card; `operator` signs in
+    /// with `operator_password` and sees the operator console.
     Pages {
         /// The pages' address.
         console: &'a str,
@@ -64,11 +65,18 @@ pub enum Event<'a> {
         name: &'a str,
         /// The cardholder's password.
         password: &'a str,
+        /// The operator's account name.
+        operator: &'a str,
+        /// The operator's password.
+        operator_password: &'a str,
     },
 }
 
 /// The cardholder who may sign in to the pages during the demo.
 pub const PAGES_HOLDER: &str = "rider-0";
+
+/// The operator who may sign in to the console during the demo.
+pub const PAGES_OPERATOR: &str = "operator";
 
 /// Runs a whole day; `observe` hears of its progress.
 pub fn run(cfg: &DayConfig, observe: &mut dyn FnMut(Event<'_>)) -> Result<DayReport, SimError> {
@@ -168,14 +176,15 @@ impl World {
             b
         });
         let mut server_cfg = BackOffice::config(&data, cfg.cards, &partner_key)?;
-        // One rider signs in to the cardholder pages with a new random password (from the OS,
-        // so the seeded day stays the same).
-        let password = {
+        // One rider signs in to the cardholder pages, and an operator to the console, each with
+        // a new random password (from the OS, so the seeded day stays the same).
+        let new_password = || {
             use rand::RngCore;
             let mut b = [0u8; 12];
             rand::rngs::OsRng.fill_bytes(&mut b);
             hex::encode(b)
         };
+        let (password, operator_password) = (new_password(), new_password());
         server_cfg
             .pages
             .cardholders
@@ -183,6 +192,10 @@ impl World {
                 name: PAGES_HOLDER.into(),
                 password_argon2: charging::pages::hash_password(&password),
             });
+        server_cfg.pages.operators.push(charging::pages::PageLogin {
+            name: PAGES_OPERATOR.into(),
+            password_argon2: charging::pages::hash_password(&operator_password),
+        });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -193,6 +206,8 @@ impl World {
             console: &format!("{}/", office.base),
             name: PAGES_HOLDER,
             password: &password,
+            operator: PAGES_OPERATOR,
+            operator_password: &operator_password,
         });
         let riders = riders::issue(cfg.cards, &office, &hsm, &mut rng)?;
         let gates = Gates::install(&keys, &hsm, cfg.validators, cfg.seed, dir.path())?;

@@ -422,7 +422,8 @@ async fn anomalies(
 }
 
 /// A horizontal bar chart drawn as SVG by the template: each bar's geometry is computed here
-/// from the numbers (no script, no library).
+/// from the numbers (no script, no library). A row is its label (left) and value (right) on
+/// one line and the bar under them.
 #[derive(serde::Serialize)]
 struct Chart {
     /// The chart's height in SVG units (the width is [`CHART_WIDTH`]).
@@ -440,14 +441,12 @@ struct Bar {
     y: u32,
     /// The bar's width (0 to [`BAR_MAX`]).
     w: u32,
-    /// Where the value's text starts.
-    x_value: u32,
     /// The bar is a negative value.
     negative: bool,
 }
 
 const CHART_WIDTH: u32 = 400;
-const BAR_MAX: u32 = 300;
+const BAR_MAX: u32 = CHART_WIDTH;
 const ROW: u32 = 38;
 
 /// Bars for `(label, value, shown as)`: the longest is [`BAR_MAX`], a non-zero value at least 2.
@@ -471,7 +470,6 @@ fn chart(rows: Vec<(String, i64, String)>) -> Chart {
                 y_label: i * ROW + 13,
                 y: i * ROW + 18,
                 w,
-                x_value: w + 6,
                 negative: v < 0,
             }
         })
@@ -515,7 +513,11 @@ fn traffic_of(postings: &[crate::ledger::Posting]) -> Traffic {
             e.0 = e.0.saturating_sub(p.amount_minor);
         }
         let word = p.reference.split(':').next().unwrap_or("");
-        if matches!(word, "load" | "franchise-load") && p.to.starts_with("card:") {
+        // A load's value leaves its source for the card (or for the issuer's float when the
+        // card was learned later from a state that already held it).
+        if matches!(word, "load" | "franchise-load")
+            && (p.from.starts_with("funding:") || p.from.starts_with("franchise:"))
+        {
             let e = t.loads.entry(p.from.clone()).or_default();
             e.0 = e.0.saturating_add(p.amount_minor);
             e.1 += 1;
@@ -772,13 +774,14 @@ mod tests {
             post(5, "funding:card", "card:04", 5_000, "load:04:4"),
             post(6, "franchise:shop", "card:05", 3_000, "franchise-load:05:2"),
             post(7, "issuer:float", "card:06", 3_000, "issue:06"),
+            post(8, "funding:card", "issuer:float", 1_000, "load:07:3"),
         ]);
         assert_eq!(
             t.revenue[&("1970-01-01".into(), "metro".into())],
             (2_500, 2)
         );
         assert_eq!(t.revenue[&("1970-01-02".into(), "bus".into())], (800, 1));
-        assert_eq!(t.loads["funding:card"], (5_000, 1));
+        assert_eq!(t.loads["funding:card"], (6_000, 2));
         assert_eq!(t.loads["franchise:shop"], (3_000, 1));
         assert_eq!(t.loads.len(), 2);
     }
