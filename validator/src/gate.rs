@@ -9,11 +9,14 @@
 //! says whether the debit happened ([`purse::txn::settle`]): the tap is then journalled once
 //! (committed) or the entry dropped (not committed).
 
-use crate::journal::{Journal, JournalError, PendingTap};
+use crate::journal::{Journal, JournalError, PendingPickup, PendingTap};
 use fare_rules::engine::{CardView, Engine, Rider, Tap, TapQuote};
 use fare_rules::record::{TapKind, TripRecord};
 use fare_rules::table::NONE;
+use purse::actionlist::{self, ActionList};
+use purse::apdu::ins;
 use purse::blocklist::Blocklist;
+use purse::keys::KeyKind;
 use purse::receipt::TxKind;
 use purse::sam::{Sam, SoftwareSam};
 use purse::tap::{RefusalReason, TapMeta, TapRecord, TAP_LEN};
@@ -160,6 +163,45 @@ pub enum Settled {
     Unprovable,
 }
 
+/// What an action-list pick-up did at a tap ([`Gate::pick_up`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pickup {
+    /// No live order on the list that this validator has not applied.
+    Nothing,
+    /// The card committed the order's credit; its tap (kind Credit, the order id in its stop
+    /// and route fields) is journalled as `seq`.
+    Applied {
+        order_id: u64,
+        amount_minor: i32,
+        balance_minor: i32,
+        seq: u64,
+    },
+    /// The card already holds the order's pick-up record (another validator applied it).
+    AlreadyOnCard { order_id: u64 },
+    /// Not applied now; the order stays on the list (for this validator too unless its SAM
+    /// already authorised it).
+    NotApplied { order_id: u64, why: PickupRefusal },
+    /// The card left mid-credit: settled from its counter and records at its next tap here.
+    Torn { order_id: u64 },
+    /// An earlier torn pick-up awaits settlement: this tap settles it, no new one starts.
+    Settling,
+}
+
+/// Why an order was not applied at this tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PickupRefusal {
+    /// The SAM's remaining ceiling is below the order's amount (the back office tops it up).
+    CeilingExhausted { remaining_minor: i64 },
+    /// The SAM refused the order (one it already authorised, or expired).
+    Sam(String),
+    /// The card is on the blocklist.
+    Blocklisted,
+    /// No room to journal the credit.
+    OutboxFull,
+    /// The card refused the credit (its upper limit) or the dialogue failed.
+    Card(String),
+}
+
 /// The result of one tap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TapOutcome {
@@ -256,6 +298,172 @@ impl Gate {
         hook: &mut dyn FnMut(Step),
     ) -> Result<TapOutcome, GateError> {
         self.transact(card, journal, now_ms, Some(sale), hook)
+    }
+
+    /// A tap with the action list: the card's first live order this validator has not applied
+    /// is picked up ([`Gate::pick_up`]), then the tap goes on as [`Gate::tap`] (a pick-up that
+    /// tore ends the presentation: the card is gone).
+    pub fn tap_with_actions(
+        &mut self,
+        card: &mut dyn Transport,
+        journal: &Journal,
+        actions: &ActionList,
+        now_ms: u64,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<(Pickup, TapOutcome), GateError> {
+        let pickup = self.pick_up(card, journal, actions, now_ms, hook)?;
+        if let Pickup::Torn { .. } = pickup {
+            let uid = card.card_uid().ok();
+            let outcome = TapOutcome {
+                answer: Answer::Torn,
+                uid,
+                settled: Settled::None,
+            };
+            return Ok((pickup, outcome));
+        }
+        let outcome = self.tap(card, journal, now_ms, hook)?;
+        Ok((pickup, outcome))
+    }
+
+    /// Picks up the card's first live order on `actions` that this validator has not applied:
+    /// a Credit of the order's amount in a session under the card's own credit key, which only
+    /// the order carries (wrapped) and only the SAM unwraps, within the SAM's granted ceiling.
+    /// Exactly once: the order is skipped when the card shows its pick-up record (another
+    /// validator applied it) or this journal has it; the pick-up is journalled as pending
+    /// before the card is touched, and the credit's tap, the order marked applied and the
+    /// pending entry cleared are one journal transaction. A tear is settled at the card's next
+    /// tap here from its counter and records, like a torn debit.
+    pub fn pick_up(
+        &mut self,
+        card: &mut dyn Transport,
+        journal: &Journal,
+        actions: &ActionList,
+        now_ms: u64,
+        hook: &mut dyn FnMut(Step),
+    ) -> Result<Pickup, GateError> {
+        let now_s = now_ms / 1000;
+        let Ok(uid) = card.card_uid() else {
+            return Ok(Pickup::Nothing);
+        };
+        if journal.pending_pickup(&uid)?.is_some() {
+            return Ok(Pickup::Settling);
+        }
+        let mut order = None;
+        for o in actions.for_card(&uid, now_s) {
+            if !journal.order_applied(o.order().order_id)? {
+                order = Some(o);
+                break;
+            }
+        }
+        let Some(listed) = order else {
+            return Ok(Pickup::Nothing);
+        };
+        let o = listed.order().clone();
+        let not_applied = |why| {
+            Ok(Pickup::NotApplied {
+                order_id: o.order_id,
+                why,
+            })
+        };
+        if self.blocklist.is_blocked(&uid) {
+            return not_applied(PickupRefusal::Blocklisted);
+        }
+        if journal.outbox_full()? {
+            return not_applied(PickupRefusal::OutboxFull);
+        }
+        if self.sam.ceiling_minor() < i64::from(o.amount_minor) {
+            return not_applied(PickupRefusal::CeilingExhausted {
+                remaining_minor: self.sam.ceiling_minor(),
+            });
+        }
+        let codes = actionlist::order_tap_codes(o.order_id);
+        let meta = self.meta(0, now_ms, codes.0, codes.1);
+        let time_s = u32::try_from(now_s).unwrap_or(u32::MAX);
+        let record = actionlist::pickup_record(o.order_id, o.amount_minor, time_s, meta.device_id);
+        let device_key = self.sam.device_key().clone();
+        let mut sam = match self.sam.pickup(listed, now_s) {
+            Ok(s) => s,
+            Err(e) => return not_applied(PickupRefusal::Sam(e.to_string())),
+        };
+        let mut verdict: Result<(), Result<Pickup, GateError>> = Ok(());
+        let out = txn::run(
+            card,
+            &mut sam,
+            KeyKind::Credit,
+            ins::CREDIT,
+            &mut self.rng,
+            |snap| {
+                hook(Step::Read);
+                if snap
+                    .records()
+                    .iter()
+                    .any(|r| actionlist::order_on_record(r) == Some(o.order_id))
+                {
+                    verdict = Err(journal
+                        .mark_applied(o.order_id, o.expires_s, None)
+                        .map(|()| Pickup::AlreadyOnCard {
+                            order_id: o.order_id,
+                        })
+                        .map_err(GateError::from));
+                    return Decision::Refuse;
+                }
+                let pending = PendingPickup {
+                    tap: PendingTap {
+                        change: PendingChange::new(snap, TxKind::Credit, o.amount_minor),
+                        time_ms: now_ms,
+                        stop_code: codes.0,
+                        route_code: codes.1,
+                        fare_table_version: meta.fare_table_version,
+                        blocklist_version: meta.blocklist_version,
+                        record,
+                    },
+                    order_id: o.order_id,
+                    expires_s: o.expires_s,
+                };
+                if let Err(e) = journal.put_pending_pickup(&pending) {
+                    verdict = Err(Err(e.into()));
+                    return Decision::Refuse;
+                }
+                hook(Step::PendingJournalled);
+                Decision::Apply {
+                    amount_minor: o.amount_minor,
+                    record: Some(record.to_vec()),
+                }
+            },
+        );
+        drop(sam);
+        match out {
+            Ok(Outcome::Committed { receipt, .. }) => {
+                hook(Step::Committed);
+                let operator = &self.placement.operator;
+                let seq = journal.append_pickup(&uid, o.order_id, o.expires_s, |seq| {
+                    TapRecord::accepted(
+                        &receipt,
+                        TapMeta {
+                            device_seq: seq,
+                            ..meta
+                        },
+                    )
+                    .sign(operator, &device_key)
+                })?;
+                hook(Step::Journalled);
+                Ok(Pickup::Applied {
+                    order_id: o.order_id,
+                    amount_minor: o.amount_minor,
+                    balance_minor: receipt.balance_after_minor(),
+                    seq,
+                })
+            }
+            Ok(Outcome::Refused { .. }) => match verdict {
+                Err(answer) => answer,
+                Ok(()) => not_applied(PickupRefusal::Card("refused".into())),
+            },
+            // The pending entry (if written) is settled at the card's next tap.
+            Err(TxError::Transport(_)) => Ok(Pickup::Torn {
+                order_id: o.order_id,
+            }),
+            Err(e) => not_applied(PickupRefusal::Card(e.to_string())),
+        }
     }
 
     fn transact(
@@ -486,6 +694,7 @@ impl Decider<'_> {
 
     /// The debit to apply, or why not.
     fn apply(&mut self, snap: &txn::CardSnapshot) -> Result<Decision, Verdict> {
+        self.settle_pickup(snap)?;
         self.settle_earlier(snap)?;
         if self.blocklist.is_blocked(&snap.uid()) {
             return Err(Verdict::Refuse(RefusalReason::Blocklisted));
@@ -584,6 +793,56 @@ impl Decider<'_> {
                 "a torn debit committed but can no longer be proved here; kept as unresolved");
             self.journal.resolve_unprovable(&p).map_err(failed)?;
             self.settled = Settled::Unprovable;
+        }
+        Ok(())
+    }
+
+    /// An earlier torn pick-up on this card, settled as a torn debit is: its pick-up record
+    /// newest on the card one counter step later → committed, journalled as the credit's tap
+    /// and the order applied; not on the card → never committed, dropped (the order is not
+    /// applied here; this SAM authorised it once and will not again, another validator may);
+    /// on the card but no longer provable here → the order applied, the change kept with the
+    /// unresolved ones for the back office.
+    fn settle_pickup(&mut self, snap: &txn::CardSnapshot) -> Result<(), Verdict> {
+        let failed = |e: JournalError| Verdict::Failed(e.into());
+        let uid = snap.uid();
+        let Some(p) = self.journal.pending_pickup(&uid).map_err(failed)? else {
+            return Ok(());
+        };
+        let rec = &p.tap.record;
+        let newest_is_ours = snap.records().first().is_some_and(|r| r[..] == rec[..]);
+        let ours_on_card = snap.records().iter().any(|r| r[..] == rec[..]);
+        if snap.tmc() == p.tap.change.tmc_before.wrapping_add(1) && newest_is_ours {
+            let Ok(Settlement::Committed(settled)) = txn::settle(&p.tap.change, snap) else {
+                return Err(Verdict::Refuse(RefusalReason::TornUnresolved));
+            };
+            let meta = TapMeta {
+                device_time_ms: p.tap.time_ms,
+                stop_id: p.tap.stop_code,
+                route_id: p.tap.route_code,
+                fare_table_version: p.tap.fare_table_version,
+                blocklist_version: p.tap.blocklist_version,
+                ..self.meta_base
+            };
+            let (operator, device_key) = (self.operator, self.device_key);
+            self.journal
+                .append_pickup(&uid, p.order_id, p.expires_s, |seq| {
+                    let meta = TapMeta {
+                        device_seq: seq,
+                        ..meta
+                    };
+                    TapRecord::settled(&settled, meta).sign(operator, device_key)
+                })
+                .map_err(failed)?;
+        } else if !ours_on_card {
+            self.journal.clear_pending_pickup(&uid).map_err(failed)?;
+        } else {
+            tracing::warn!(device = self.meta_base.device_id,
+                card = %purse::tap::masked_uid(&uid), order = p.order_id,
+                "a torn pick-up committed but can no longer be proved here; kept as unresolved");
+            self.journal
+                .mark_applied(p.order_id, p.expires_s, Some(&p))
+                .map_err(failed)?;
         }
         Ok(())
     }

@@ -6,6 +6,12 @@
 //! - `pending`: by card UID, the debit a tap is about to apply, written *before* the card is
 //!   touched; cleared in the same transaction that journals the committed tap. A pending entry
 //!   that survives a tear or a crash is settled from the card's counter at its next tap.
+//! - `pickups`: by card UID, the action-list credit a pick-up is about to apply (a
+//!   [`PendingTap`] of kind Credit whose stop and route codes carry the order id, and the
+//!   order's expiry), written before the card is touched, cleared with the credit's tap.
+//! - `applied`: by order id, the action-list orders applied (or found on the card) here, with
+//!   their expiry: never applied again; pruned once expired (an expired order is never
+//!   applied anyway).
 //! - `meta`: the next sequence number, and the signed blocklist and fare-table messages applied
 //!   (replayed at start).
 
@@ -128,7 +134,42 @@ pub struct Journal {
     /// elsewhere since): kept for the back office, never dropped.
     unresolved: Database<Bytes, Bytes>,
     meta: Database<Str, Bytes>,
+    pickups: Database<Bytes, Bytes>,
+    applied: Database<U64<BE>, U64<BE>>,
     capacity_taps: u64,
+}
+
+/// An action-list credit about to be applied to a card, journalled before the card is touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingPickup {
+    /// The credit, as a pending tap (kind Credit; stop and route codes carry the order id,
+    /// `purse::actionlist::order_tap_codes`; `record` is the pick-up record it writes).
+    pub tap: PendingTap,
+    /// The order.
+    pub order_id: u64,
+    /// The order's expiry (unix seconds).
+    pub expires_s: u64,
+}
+
+impl PendingPickup {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = self.tap.encode().to_vec();
+        b.extend_from_slice(&self.order_id.to_be_bytes());
+        b.extend_from_slice(&self.expires_s.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, JournalError> {
+        if b.len() != PENDING_LEN + 16 {
+            return Err(JournalError::Corrupt("pending pick-up length"));
+        }
+        let be64 = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8"));
+        Ok(PendingPickup {
+            tap: PendingTap::decode(&b[..PENDING_LEN])?,
+            order_id: be64(PENDING_LEN),
+            expires_s: be64(PENDING_LEN + 8),
+        })
+    }
 }
 
 const NEXT_SEQ: &str = "next_seq";
@@ -140,9 +181,16 @@ impl Journal {
         outbox_capacity_taps: u64,
         map_size_bytes: usize,
     ) -> Result<Self, JournalError> {
-        let (env, [outbox, pending, unresolved, meta]) = tapgate_lmdb::open(
+        let (env, [outbox, pending, unresolved, meta, pickups, applied]) = tapgate_lmdb::open(
             dir,
-            ["outbox", "pending", "unresolved", "meta"],
+            [
+                "outbox",
+                "pending",
+                "unresolved",
+                "meta",
+                "pickups",
+                "applied",
+            ],
             &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
         )?;
         Ok(Self {
@@ -151,6 +199,8 @@ impl Journal {
             pending: pending.remap_types(),
             unresolved: unresolved.remap_types(),
             meta: meta.remap_types(),
+            pickups: pickups.remap_types(),
+            applied: applied.remap_types(),
             capacity_taps: outbox_capacity_taps,
         })
     }
@@ -251,11 +301,25 @@ impl Journal {
         make: impl FnOnce(u64) -> [u8; TAP_LEN],
     ) -> Result<u64, JournalError> {
         let mut w = self.env.write_txn()?;
-        let n = self.outbox.len(&w)?;
+        let seq = self.append_in(&mut w, make)?;
+        if let Some(uid) = clear {
+            self.pending.delete(&mut w, uid)?;
+        }
+        w.commit()?;
+        Ok(seq)
+    }
+
+    /// Takes the next sequence number and appends the tap `make(seq)` builds, in `w`.
+    fn append_in(
+        &self,
+        w: &mut heed::RwTxn<'_>,
+        make: impl FnOnce(u64) -> [u8; TAP_LEN],
+    ) -> Result<u64, JournalError> {
+        let n = self.outbox.len(w)?;
         if n >= self.capacity_taps {
             return Err(JournalError::OutboxFull(n));
         }
-        let seq = match self.meta.get(&w, NEXT_SEQ)? {
+        let seq = match self.meta.get(w, NEXT_SEQ)? {
             Some(b) if b.len() == 8 => {
                 let mut x = [0u8; 8];
                 x.copy_from_slice(b);
@@ -265,13 +329,97 @@ impl Journal {
             None => 1,
         };
         let wire = make(seq);
-        self.outbox.put(&mut w, &seq, &wire)?;
-        self.meta.put(&mut w, NEXT_SEQ, &(seq + 1).to_be_bytes())?;
-        if let Some(uid) = clear {
-            self.pending.delete(&mut w, uid)?;
+        self.outbox.put(w, &seq, &wire)?;
+        self.meta.put(w, NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+        Ok(seq)
+    }
+
+    /// The pick-up journalled for a card and not yet settled, if any.
+    pub fn pending_pickup(&self, uid: &[u8; 7]) -> Result<Option<PendingPickup>, JournalError> {
+        let r = self.env.read_txn()?;
+        self.pickups
+            .get(&r, uid)?
+            .map(PendingPickup::decode)
+            .transpose()
+    }
+
+    /// Journals a pick-up about to be applied, durably, before the card is touched.
+    pub fn put_pending_pickup(&self, p: &PendingPickup) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        self.pickups.put(&mut w, &p.tap.change.uid, &p.encode())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Drops a card's pending pick-up (the card showed it never happened: the order is not
+    /// applied here).
+    pub fn clear_pending_pickup(&self, uid: &[u8; 7]) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        self.pickups.delete(&mut w, uid)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Whether an order was applied (or found on the card) here.
+    pub fn order_applied(&self, order_id: u64) -> Result<bool, JournalError> {
+        let r = self.env.read_txn()?;
+        Ok(self.applied.get(&r, &order_id)?.is_some())
+    }
+
+    /// Records an order as applied without a tap of this validator (found on the card, or
+    /// committed but no longer provable here), clearing `clear`'s pending pick-up; a pick-up
+    /// the card committed but this validator cannot prove is kept with the unresolved debits.
+    pub fn mark_applied(
+        &self,
+        order_id: u64,
+        expires_s: u64,
+        clear: Option<&PendingPickup>,
+    ) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        self.applied.put(&mut w, &order_id, &expires_s)?;
+        if let Some(p) = clear {
+            let c = &p.tap.change;
+            let key = tapgate_lmdb::key::uid_counter(&c.uid, c.tmc_before);
+            self.unresolved.put(&mut w, &key, &p.tap.encode())?;
+            self.pickups.delete(&mut w, &c.uid)?;
         }
         w.commit()?;
+        Ok(())
+    }
+
+    /// In one transaction: the pick-up's credit journalled as a tap (as [`Self::append_tap`]),
+    /// the order recorded as applied, and the card's pending pick-up cleared.
+    pub fn append_pickup(
+        &self,
+        uid: &[u8; 7],
+        order_id: u64,
+        expires_s: u64,
+        make: impl FnOnce(u64) -> [u8; TAP_LEN],
+    ) -> Result<u64, JournalError> {
+        let mut w = self.env.write_txn()?;
+        let seq = self.append_in(&mut w, make)?;
+        self.applied.put(&mut w, &order_id, &expires_s)?;
+        self.pickups.delete(&mut w, uid)?;
+        w.commit()?;
         Ok(seq)
+    }
+
+    /// Forgets applied orders expired at `now_s` (they are never applied anyway); returns how
+    /// many.
+    pub fn prune_applied(&self, now_s: u64) -> Result<usize, JournalError> {
+        let mut w = self.env.write_txn()?;
+        let expired: Vec<u64> = self
+            .applied
+            .iter(&w)?
+            .filter_map(|e| e.ok())
+            .filter(|(_, exp)| *exp <= now_s)
+            .map(|(id, _)| id)
+            .collect();
+        for id in &expired {
+            self.applied.delete(&mut w, id)?;
+        }
+        w.commit()?;
+        Ok(expired.len())
     }
 
     /// Up to `max` journalled taps with a sequence number above `after`, in order.
