@@ -96,12 +96,16 @@ enum ChargingCmd {
         #[arg(long)]
         append_to: Option<PathBuf>,
     },
-    /// Let a cardholder sign in to the pages: reads the password from standard input (its first
-    /// line) and prints the [[pages.cardholders]] entry with its Argon2id hash (docs/pages.md).
+    /// Let a cardholder (or, with --role operator, an operator) sign in to the pages: reads
+    /// the password from standard input (its first line) and prints the [[pages.cardholders]]
+    /// (or [[pages.operators]]) entry with its Argon2id hash (docs/pages.md).
     PageLogin {
-        /// The cardholder's account name (the owner of their cards).
+        /// The account name (a cardholder's: the owner of their cards).
         #[arg(long)]
         name: String,
+        /// cardholder (their cards) or operator (the console).
+        #[arg(long, default_value = "cardholder", value_parser = ["cardholder", "operator"])]
+        role: String,
         /// Append the entry to this config file.
         #[arg(long)]
         append_to: Option<PathBuf>,
@@ -188,7 +192,11 @@ pub fn run(args: ChargingArgs) -> Result<()> {
             println!("token={token}");
             Ok(())
         }
-        Some(ChargingCmd::PageLogin { name, append_to }) => {
+        Some(ChargingCmd::PageLogin {
+            name,
+            role,
+            append_to,
+        }) => {
             let mut password = zeroize::Zeroizing::new(String::new());
             std::io::stdin().read_line(&mut password)?;
             let password = password.trim_end_matches(['\r', '\n']);
@@ -198,7 +206,12 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                 ));
             }
             let entry = format!(
-                "\n[[pages.cardholders]]\nname = {name:?}\npassword_argon2 = \"{}\"\n",
+                "\n[[pages.{}]]\nname = {name:?}\npassword_argon2 = \"{}\"\n",
+                if role == "operator" {
+                    "operators"
+                } else {
+                    "cardholders"
+                },
                 charging::pages::hash_password(password)
             );
             if let Some(path) = append_to {

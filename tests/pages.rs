@@ -1026,3 +1026,48 @@ fn the_days_settlement_csv_downloads_from_the_console() {
     );
     assert_eq!(code, 400);
 }
+
+#[test]
+fn charging_page_login_role_operator_prints_a_pages_operators_entry() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "charging",
+            "page-login",
+            "--name",
+            "duty-officer",
+            "--role",
+            "operator",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"the console's passphrase\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let entry = String::from_utf8(out.stdout).unwrap();
+    assert!(entry.contains("[[pages.operators]]"), "{entry}");
+    let cfg = charging::server::ServerConfig::from_toml(&format!("data_dir = \"/tmp/x\"\n{entry}"))
+        .expect("the entry is configuration");
+    assert!(cfg.pages.cardholders.is_empty());
+    let login = &cfg.pages.operators[0];
+    assert_eq!(login.name, "duty-officer");
+    assert!(charging::pages::verify_password(
+        &login.password_argon2,
+        "the console's passphrase"
+    ));
+    // Another role is refused by the command line.
+    let bad = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["charging", "page-login", "--name", "x", "--role", "partner"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!bad.success());
+}
