@@ -30,7 +30,8 @@ pub struct ClearingTap {
     pub card_uid: String,
     /// The counter the transaction consumed.
     pub tmc: u32,
-    /// `debit`, `record_only` (a free tap: transfer or capped) or `limited_credit` (an undo).
+    /// `debit`, `record_only` (a free tap: transfer or capped), `limited_credit` (an undo), or
+    /// `pickup:<order id>` (an action-list order credited at the tap, [`pickup_order`]).
     pub kind: String,
     /// Amount, minor units.
     pub amount_minor: i32,
@@ -50,18 +51,23 @@ pub struct ClearingTap {
 
 impl ClearingTap {
     /// The clearing entry of a verified tap record of `operator`'s: accepted taps only (a
-    /// refusal moved no value; a credit is never a validator's tap).
+    /// refusal moved no value; a validator's only credit is an action-list pick-up, which
+    /// travels with its order id as `pickup:<order id>`).
     pub fn from_tap(t: &TapRecord, operator: &str) -> Option<ClearingTap> {
         if t.refusal().is_some() {
             return None;
         }
         let meta = t.meta();
+        let kind = match crate::actionlist::order_of_tap(t) {
+            Some(order_id) => format!("{PICKUP}{order_id}"),
+            None => kind_name(t.kind())?.to_string(),
+        };
         Some(ClearingTap {
             device_id: meta.device_id,
             device_seq: meta.device_seq,
             card_uid: hex::encode_upper(t.uid()),
             tmc: t.tmc(),
-            kind: kind_name(t.kind())?.to_string(),
+            kind,
             amount_minor: t.amount_minor(),
             balance_after_minor: t.balance_after_minor(),
             tmv: hex::encode_upper(t.tmv()),
@@ -93,14 +99,27 @@ pub fn kind_name(kind: TxKind) -> Option<&'static str> {
     }
 }
 
-/// The kind a word names ([`kind_name`]'s inverse); `None` for anything else.
+/// The kind a word names ([`kind_name`]'s inverse, and `pickup:<order id>` a credit);
+/// `None` for anything else.
 pub fn kind_from_name(name: &str) -> Option<TxKind> {
     match name {
         "debit" => Some(TxKind::Debit),
         "record_only" => Some(TxKind::RecordOnly),
         "limited_credit" => Some(TxKind::LimitedCredit),
-        _ => None,
+        _ => pickup_order(name).map(|_| TxKind::Credit),
     }
+}
+
+/// The prefix of a pick-up's kind word.
+const PICKUP: &str = "pickup:";
+
+/// The order a `pickup:<order id>` kind word names (decimal digits only, no sign or spaces).
+pub fn pickup_order(kind: &str) -> Option<u64> {
+    let digits = kind.strip_prefix(PICKUP)?;
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 #[cfg(test)]
@@ -139,5 +158,31 @@ mod tests {
         }
         assert_eq!(kind_name(TxKind::Credit), None);
         assert_eq!(kind_from_name("credit"), None);
+    }
+
+    #[test]
+    fn a_pickup_travels_with_its_order_id_and_nothing_else_parses_as_one() {
+        let r = CommitReceipt::for_tests([4; 7], 9, [1; 8], TxKind::Credit, 500, 1500);
+        let (hi, lo) = crate::actionlist::order_tap_codes(12_345_678_901);
+        let meta = TapMeta {
+            device_id: 1001,
+            stop_id: hi,
+            route_id: lo,
+            ..TapMeta::default()
+        };
+        let tap = ClearingTap::from_tap(&TapRecord::accepted(&r, meta), "metro").unwrap();
+        assert_eq!(tap.kind, "pickup:12345678901");
+        assert_eq!(kind_from_name(&tap.kind), Some(TxKind::Credit));
+        assert_eq!(pickup_order(&tap.kind), Some(12_345_678_901));
+        for bad in [
+            "pickup:",
+            "pickup:+1",
+            "pickup: 1",
+            "pickup:1x",
+            "pickup:99999999999999999999999",
+            "Pickup:1",
+        ] {
+            assert_eq!(kind_from_name(bad), None, "{bad}");
+        }
     }
 }
