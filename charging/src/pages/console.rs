@@ -625,8 +625,34 @@ async fn traffic(State(p): State<Pages>, headers: HeaderMap) -> Response {
 struct SettlementQuery {
     #[serde(default)]
     day: Option<String>,
+    /// Basis points; empty is 0 (a form's field), anything else not a number is refused.
     #[serde(default)]
-    merchant_fee_bps: Option<u32>,
+    merchant_fee_bps: Option<String>,
+}
+
+impl SettlementQuery {
+    fn fee_bps(&self) -> Result<u32, PageError> {
+        match self.merchant_fee_bps.as_deref().map(str::trim) {
+            None | Some("") => Ok(0),
+            Some(t) => t.parse().map_err(|_| {
+                PageError::Bad("A merchant fee is a whole number of basis points.".into())
+            }),
+        }
+    }
+}
+
+/// A file name as a `Content-Disposition` parameter: only `[A-Za-z0-9._-]` (a franchise's or
+/// merchant's name is configuration, not a header's syntax).
+fn safe_file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The day's files, built as `tapgate charging settlement` builds them.
@@ -662,7 +688,7 @@ async fn settlement(
             .clone()
             .filter(|d| !d.is_empty())
             .unwrap_or_else(|| day_of(p.now()));
-        let fee = q.merchant_fee_bps.unwrap_or(0);
+        let fee = q.fee_bps()?;
         let files = build_settlement(&p, day.clone(), fee).await?;
         let p2 = p.clone();
         let days = blocking(move || {
@@ -710,7 +736,7 @@ async fn settlement_file(
 ) -> Response {
     let result = async {
         operator(&p, &headers)?;
-        let files = build_settlement(&p, day, q.merchant_fee_bps.unwrap_or(0)).await?;
+        let files = build_settlement(&p, day, q.fee_bps()?).await?;
         // Only a file the day has: the name is one of the built files', never a path.
         let f = files
             .into_iter()
@@ -722,7 +748,7 @@ async fn settlement_file(
                     (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
                     (
                         header::CONTENT_DISPOSITION,
-                        format!("attachment; filename=\"{}\"", f.name),
+                        format!("attachment; filename=\"{}\"", safe_file_name(&f.name)),
                     ),
                 ],
                 f.csv,
@@ -737,6 +763,26 @@ async fn settlement_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_download_name_and_a_fee_are_read_strictly() {
+        assert_eq!(
+            safe_file_name("merchant-a\"b\r\n.csv"),
+            "merchant-a_b__.csv"
+        );
+        assert_eq!(
+            safe_file_name("summary-2026-12-06.csv"),
+            "summary-2026-12-06.csv"
+        );
+        let q = |v: Option<&str>| SettlementQuery {
+            day: None,
+            merchant_fee_bps: v.map(String::from),
+        };
+        assert_eq!(q(None).fee_bps().ok(), Some(0));
+        assert_eq!(q(Some(" ")).fee_bps().ok(), Some(0));
+        assert_eq!(q(Some("250")).fee_bps().ok(), Some(250));
+        assert!(q(Some("2.5")).fee_bps().is_err());
+    }
 
     #[test]
     fn bars_are_drawn_to_scale() {
