@@ -502,6 +502,20 @@ fn book_tap(
     } else {
         t.post_cleared_tap(proof, op, &marker, now_ms)?;
     }
+    // An action-list order a validator credited: completed here, once, from the proof.
+    if let (TxKind::Credit, Some(order_id)) = (c.kind, purse::batch::pickup_order(&tap.kind)) {
+        let booked = crate::load::complete_order_from_tap(
+            t,
+            proof,
+            order_id,
+            tap.device_id,
+            tap.device_seq,
+            now_ms,
+        )?;
+        if let crate::load::PickupBooked::Unmatched(a) = booked {
+            done.anomalies.push(a);
+        }
+    }
     t.put_idempotent(&marker, &serde_json::Value::String(tap.tmv.to_uppercase()))?;
     if t.book_proved(proof, now_ms)? == Booking::Duplicate {
         // Booked by a load at the same counter: the load's own record already holds it.

@@ -794,6 +794,40 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         )
     }
 
+    /// Posts an action-list order a validator credited at a tap, proved by the HSM (the
+    /// card's transaction MAC over the Credit): `from` (the orders' escrow, `orders:pending`)
+    /// → `card:<UID>`; for a credit made before the state clearing learned the card from,
+    /// `from` → `issuer:float` (the card's issued balance already held it), as for a franchise
+    /// load. Only a Credit posts.
+    fn post_order_pickup(
+        &mut self,
+        proof: &TmacVerified,
+        from: &str,
+        reference: &str,
+        now_ms: u64,
+    ) -> Result<Posting, LedgerError> {
+        let r = proof.receipt();
+        if r.kind() != TxKind::Credit {
+            return Err(LedgerError::InvalidPosting(
+                "an order is picked up by a credit only",
+            ));
+        }
+        let uid = r.uid();
+        let to = if self.changed_before_learned(&uid, r.tmc())? {
+            "issuer:float".to_string()
+        } else {
+            card_account(&uid)
+        };
+        self.post_any(
+            LedgerOnly(()),
+            now_ms,
+            from,
+            &to,
+            i64::from(r.amount_minor()),
+            reference,
+        )
+    }
+
     /// The card never applied the intent's change: marks it voided (a load's day
     /// total is given back; a reversal frees its load to be reversed again). Returns what to
     /// do with the funding once the transaction is durable, or `None` if it was not open.

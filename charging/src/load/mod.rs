@@ -17,10 +17,15 @@
 
 mod complete;
 mod decide;
+mod order;
 mod payment;
 mod reversal;
 mod session;
 
+pub use order::{
+    complete_order_from_tap, list_version, OrderError, OrderLimits, OrderRecord, OrderRequest,
+    OrderState, PickedUp, PickupBooked, ORDERS_PENDING, ORDERS_UNMATCHED,
+};
 pub use payment::{valid_merchant, PaymentAsk, PaymentLimits};
 
 use crate::funding::{FundingError, FundingRequest, FundingSource, Holding};

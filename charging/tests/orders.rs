@@ -1,0 +1,312 @@
+//! Action-list orders in the back office: an order is paid through a funding source like a
+//! load, listed (signed snapshot and deltas a validator applies), completed exactly once by
+//! clearing from the pick-up's transaction MAC, and refunded to its funding once after its
+//! expiry when never picked up — value conserved throughout.
+
+use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
+use charging::funding::{FundingSource, SandboxProcessor};
+use charging::ledger::card_account;
+use charging::load::{
+    LoadConfig, LoadService, OrderError, OrderLimits, OrderRequest, OrderState, ORDERS_PENDING,
+};
+use purse::actionlist::{self, ActionList};
+use purse::apdu::ins;
+use purse::card::{Card, Personalisation};
+use purse::keys::{KeyKind, KeySet};
+use purse::receipt::CommitReceipt;
+use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
+use purse::tap::{TapMeta, TapRecord};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+use tapgate_testkit::fixtures::value_tx;
+
+const T0: u64 = 1_800_000_000_000;
+const HOLDER: &str = "alice";
+
+struct Rig {
+    svc: LoadService,
+    hsm: SoftwareHsm,
+    keys: KeySet,
+    processor: Arc<SandboxProcessor>,
+    limits: OrderLimits,
+    _dir: tempfile::TempDir,
+    _pg: Option<tapgate_testkit::postgres::TestDb>,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(1919));
+    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
+    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
+    let svc = LoadService::new(
+        ledger,
+        Box::new(SoftwareHsm::new(&keys).unwrap()),
+        vec![processor.clone() as Arc<dyn FundingSource>],
+        LoadConfig::default(),
+    );
+    svc.register_instrument(HOLDER, "card", "tok_visa", T0)
+        .unwrap();
+    Rig {
+        svc,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+        keys,
+        processor,
+        limits: OrderLimits {
+            expiry_ms: 3_600_000,
+            refund_grace_ms: 600_000,
+            ..OrderLimits::default()
+        },
+        _dir: dir,
+        _pg: pg,
+    }
+}
+
+fn card(rig: &Rig, n: u8, balance: i32) -> Card {
+    let uid = [0x04, 0x19, n, 1, 2, 3, 4];
+    rig.svc.register_card(&uid, i64::from(balance), T0).unwrap();
+    Card::personalise(
+        &Personalisation::transit(uid, balance),
+        rig.hsm.card_keys(&uid, 1).unwrap(),
+    )
+}
+
+fn request(card: &Card, amount: i32, key: &str) -> OrderRequest {
+    OrderRequest {
+        uid: card.state().uid,
+        amount_minor: amount,
+        funding_source: "card".into(),
+        instrument: "tok_visa".into(),
+        idempotency_key: key.into(),
+    }
+}
+
+/// The validator side: the signed snapshot applied as a validator does.
+fn validator_list(rig: &Rig) -> ActionList {
+    let snap = rig.svc.action_snapshot("metro").unwrap().unwrap();
+    let bytes = rig.svc.sign_actions(&snap).unwrap();
+    let mut l = ActionList::new("metro");
+    l.apply(&bytes, &rig.hsm.verifying_key()).unwrap();
+    l
+}
+
+/// A validator SAM (granted `ceiling`) picks up order `id` from the list: the credit's receipt.
+fn pick_up(rig: &Rig, list: &ActionList, id: u64, card: &mut Card, device: u32) -> CommitReceipt {
+    let mut sam = SoftwareSam::validator(&rig.keys, device).unwrap();
+    sam.apply_ceiling_grant(&rig.hsm.ceiling_grant(device, 1, 1_000_000).unwrap())
+        .unwrap();
+    let o = list.get(id).unwrap();
+    let amount = o.order().amount_minor;
+    let mut p = sam.pickup(o, T0 / 1000).unwrap();
+    value_tx(&mut p, card, KeyKind::Credit, ins::CREDIT, amount).unwrap()
+}
+
+fn pickup_tap(r: &CommitReceipt, order_id: u64, device: u32, seq: u64) -> ClearingTap {
+    let (hi, lo) = actionlist::order_tap_codes(order_id);
+    let meta = TapMeta {
+        device_id: device,
+        device_seq: seq,
+        device_time_ms: T0,
+        stop_id: hi,
+        route_id: lo,
+        ..TapMeta::default()
+    };
+    ClearingTap::from_tap(&TapRecord::accepted(r, meta), "metro").unwrap()
+}
+
+fn clear(rig: &Rig, id: &str, taps: Vec<ClearingTap>) -> charging::clearing::BatchOutcome {
+    clear_batch(
+        rig.svc.ledger(),
+        rig.svc.hsm(),
+        ClearingBatch {
+            batch_id: id.into(),
+            taps,
+        },
+        T0 + 60_000,
+    )
+    .unwrap()
+}
+
+fn balance(rig: &Rig, account: &str) -> i64 {
+    rig.svc.ledger().read().unwrap().balance(account).unwrap()
+}
+
+#[test]
+fn an_order_is_paid_listed_picked_up_and_completed_once_by_clearing() {
+    let rig = rig();
+    let mut c = card(&rig, 1, 1_000);
+    let uid = c.state().uid;
+    let o = rig
+        .svc
+        .create_order(HOLDER, &rig.limits, request(&c, 5_000, "k1"), T0)
+        .unwrap();
+    assert_eq!((o.id, o.state), (1, OrderState::Open));
+    // The same key again: the same order, not a second one; another order under it: refused.
+    let again = rig
+        .svc
+        .create_order(HOLDER, &rig.limits, request(&c, 5_000, "k1"), T0)
+        .unwrap();
+    assert_eq!(again, o);
+    assert!(matches!(
+        rig.svc
+            .create_order(HOLDER, &rig.limits, request(&c, 6_000, "k1"), T0),
+        Err(OrderError::IdempotencyKeyReused)
+    ));
+    // Paid up front: captured at the source, the value waiting in orders:pending.
+    assert_eq!(
+        rig.processor.authorisation(&o.auth).unwrap().state,
+        "captured"
+    );
+    assert_eq!(balance(&rig, ORDERS_PENDING), 5_000);
+
+    let list = validator_list(&rig);
+    assert_eq!(list.len(), 1);
+    let r = pick_up(&rig, &list, 1, &mut c, 1001);
+    assert_eq!(c.state().balance_minor, 6_000);
+    let tap = pickup_tap(&r, 1, 1001, 7);
+    let out = clear(&rig, "gw-7-7", vec![tap.clone()]);
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    // Resent (the gateway lost the answer): booked once.
+    let again = clear(&rig, "gw-7-7-again", vec![tap]);
+    assert!(again.anomalies.is_empty(), "{again:?}");
+    let o = rig.svc.order(1).unwrap();
+    assert_eq!(o.state, OrderState::Completed);
+    assert_eq!(o.picked_up.unwrap().tmc, r.tmc());
+    assert_eq!(balance(&rig, ORDERS_PENDING), 0);
+    assert_eq!(balance(&rig, &card_account(&uid)), 6_000);
+    // Withdrawn from the list: a delta removes it; a validator applying it holds nothing.
+    let d = rig.svc.action_delta("metro", 1, 100).unwrap().unwrap();
+    assert_eq!(d.entries, vec![actionlist::Entry::Remove { order_id: 1 }]);
+    let mut l = list.clone();
+    l.apply(&rig.svc.sign_actions(&d).unwrap(), &rig.hsm.verifying_key())
+        .unwrap();
+    assert!(l.is_empty());
+    // Expiry later refunds nothing: it was picked up.
+    let refunded = rig
+        .svc
+        .expire_orders(&rig.limits, T0 + 86_400_000, 100)
+        .unwrap();
+    assert!(refunded.is_empty());
+    let rep = charging::reconcile::reconcile(rig.svc.ledger()).unwrap();
+    assert_eq!(rep.balanced, rep.cards, "{rep:?}");
+}
+
+#[test]
+fn an_order_picked_up_twice_is_completed_once_and_the_second_credit_is_an_anomaly() {
+    let rig = rig();
+    let mut c = card(&rig, 2, 0);
+    let uid = c.state().uid;
+    rig.svc
+        .create_order(HOLDER, &rig.limits, request(&c, 2_000, "k"), T0)
+        .unwrap();
+    let list = validator_list(&rig);
+    // Two validators whose card records were lost between them (beyond the cyclic file).
+    let a = pick_up(&rig, &list, 1, &mut c, 1001);
+    let b = pick_up(&rig, &list, 1, &mut c, 1002);
+    let out = clear(
+        &rig,
+        "b",
+        vec![pickup_tap(&a, 1, 1001, 1), pickup_tap(&b, 1, 1002, 1)],
+    );
+    assert_eq!(out.anomalies.len(), 1, "{out:?}");
+    assert_eq!(out.anomalies[0].kind, "pickup_unmatched");
+    assert_eq!(rig.svc.order(1).unwrap().picked_up.unwrap().device_id, 1001);
+    // The ledger follows the card (both credits are real); the second is the operator's loss.
+    assert_eq!(balance(&rig, &card_account(&uid)), 4_000);
+    assert_eq!(balance(&rig, ORDERS_PENDING), 0);
+    assert_eq!(balance(&rig, charging::load::ORDERS_UNMATCHED), -2_000);
+}
+
+#[test]
+fn an_order_never_picked_up_is_refunded_to_its_funding_once_after_expiry() {
+    let rig = rig();
+    let c = card(&rig, 3, 0);
+    let o = rig
+        .svc
+        .create_order(HOLDER, &rig.limits, request(&c, 3_000, "k"), T0)
+        .unwrap();
+    let o2 = rig
+        .svc
+        .create_order(
+            HOLDER,
+            &rig.limits,
+            request(&c, 1_000, "k2"),
+            T0 + 1_000_000,
+        )
+        .unwrap();
+    let funding_before = balance(&rig, "funding:card");
+    // Not before expiry plus the grace.
+    let at = o.expires_ms + rig.limits.refund_grace_ms - 1;
+    assert!(rig
+        .svc
+        .expire_orders(&rig.limits, at, 100)
+        .unwrap()
+        .is_empty());
+    let at = o.expires_ms + rig.limits.refund_grace_ms;
+    let refunded = rig.svc.expire_orders(&rig.limits, at, 100).unwrap();
+    assert_eq!(refunded.len(), 1, "only the first is due");
+    assert_eq!(refunded[0].id, o.id);
+    assert!(
+        rig.svc
+            .expire_orders(&rig.limits, at, 100)
+            .unwrap()
+            .is_empty(),
+        "once"
+    );
+    assert_eq!(rig.svc.order(o.id).unwrap().state, OrderState::Refunded);
+    assert_eq!(rig.svc.order(o2.id).unwrap().state, OrderState::Open);
+    assert_eq!(balance(&rig, "funding:card"), funding_before + 3_000);
+    assert_eq!(balance(&rig, ORDERS_PENDING), 1_000);
+    let a = rig.processor.authorisation(&o.auth).unwrap();
+    assert_eq!(a.refunded_minor, 3_000);
+    // The snapshot lists the open one only.
+    let snap = rig.svc.action_snapshot("metro").unwrap().unwrap();
+    assert_eq!(snap.entries.len(), 1);
+    assert_eq!(snap.entries[0].order_id(), o2.id);
+}
+
+#[test]
+fn orders_are_refused_for_blocked_cards_others_instruments_and_out_of_limits() {
+    let rig = rig();
+    let c = card(&rig, 4, 0);
+    let uid = c.state().uid;
+    assert!(matches!(
+        rig.svc
+            .create_order("mallory", &rig.limits, request(&c, 1_000, "k"), T0),
+        Err(OrderError::Refused {
+            reason: "not_your_instrument",
+            ..
+        })
+    ));
+    assert!(matches!(
+        rig.svc
+            .create_order(HOLDER, &rig.limits, request(&c, 0, "k"), T0),
+        Err(OrderError::BadRequest(_))
+    ));
+    let mut declined = request(&c, 1_000, "k3");
+    declined.instrument = "tok_decline_1".into();
+    rig.svc
+        .register_instrument(HOLDER, "card", "tok_decline_1", T0)
+        .unwrap();
+    assert!(matches!(
+        rig.svc.create_order(HOLDER, &rig.limits, declined, T0),
+        Err(OrderError::Refused {
+            reason: "funding_declined",
+            ..
+        })
+    ));
+    rig.svc
+        .ledger()
+        .transact(move |t| t.set_blocked(&uid, true, "lost", T0).map(|_| ()))
+        .unwrap();
+    assert!(matches!(
+        rig.svc
+            .create_order(HOLDER, &rig.limits, request(&c, 1_000, "k4"), T0),
+        Err(OrderError::Refused {
+            reason: "card_blocked",
+            ..
+        })
+    ));
+    assert_eq!(balance(&rig, ORDERS_PENDING), 0);
+    assert!(rig.svc.action_snapshot("metro").unwrap().is_none());
+}
