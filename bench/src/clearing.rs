@@ -39,7 +39,11 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             Ok(())
         })?;
     }
+    let size_before = ledger_file_bytes(dir.path())?;
     let t = clear_beside_limits(&keys, &ledger, &cards_issued, &taps, &receipts, batch_taps)?;
+    // What the cleared taps added to the ledger's file (LMDB grows it page by page).
+    let bytes_per_tap =
+        ledger_file_bytes(dir.path())?.saturating_sub(size_before) as f64 / t.cleared.max(1) as f64;
     let raw_tmac_per_s = n as f64 / t.tmac_s;
     let raw_commit_per_s = n as f64 / t.commit_s;
     let taps_per_s = t.cleared as f64 / t.clearing_s;
@@ -57,7 +61,20 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             "ratio",
             crate::limits::ratio(taps_per_s, raw_tmac_per_s.min(raw_commit_per_s)),
         ),
+        (
+            "ledger_bytes_per_tap",
+            (bytes_per_tap.round() as u64).into(),
+        ),
+        (
+            "ledger_mib_per_million_taps",
+            ((bytes_per_tap * 1e6 / (1u64 << 20) as f64).round() as u64).into(),
+        ),
     ])
+}
+
+/// The size of the LMDB ledger's data file in `dir`.
+fn ledger_file_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(dir.join("data.mdb"))?.len())
 }
 
 /// `count` transit cards with room for every debit, their keys from `hsm`.

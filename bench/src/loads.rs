@@ -72,13 +72,18 @@ pub(crate) fn register_tokens(
     Ok(())
 }
 
-/// Runs `n` loads from `clients` client threads.
-pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+/// Runs `n` loads from `clients` client threads (`--clients`, else TAPGATE_BENCH_CLIENTS, else
+/// 8).
+pub fn run(n: Option<u64>, clients: Option<usize>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
-    let clients: usize = std::env::var("TAPGATE_BENCH_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let clients: usize = clients
+        .or_else(|| {
+            std::env::var("TAPGATE_BENCH_CLIENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(8)
+        .max(1);
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);

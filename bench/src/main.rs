@@ -42,6 +42,9 @@ struct Args {
     /// For `gateway`: taps per MQTT message (1 = live taps; more = an outbox draining).
     #[arg(long = "taps-per-message", default_value_t = 1)]
     taps_per_message: usize,
+    /// For `loads`: concurrent client threads (default 8, or TAPGATE_BENCH_CLIENTS).
+    #[arg(long)]
+    clients: Option<usize>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -83,7 +86,7 @@ fn main() -> Result<()> {
         Scenario::Debit => purse_bench::debit(args.n)?,
         Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
-        Scenario::Loads => loads::run(args.n)?,
+        Scenario::Loads => loads::run(args.n, args.clients)?,
         Scenario::Payments => payments::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
