@@ -329,9 +329,9 @@ fn anomaly_ctx(seq: u64, a: &crate::clearing::Anomaly) -> minijinja::Value {
     }
 }
 
-/// What an anomaly kind means, in words.
-fn anomaly_label(kind: &str) -> &'static str {
-    match kind {
+/// What an anomaly kind means, in words (a kind without words: itself).
+fn anomaly_label(kind: &str) -> String {
+    let words = match kind {
         "forged_tmac" => "forged MAC",
         "malformed" => "malformed tap",
         "clone" => "clone",
@@ -339,8 +339,9 @@ fn anomaly_label(kind: &str) -> &'static str {
         "negative_shadow" => "shadow mismatch (below zero)",
         "registration_mismatch" => "registration mismatch",
         "limited_credit_after_reversal" => "credit after a reversal",
-        _ => "other",
-    }
+        other => other,
+    };
+    words.to_string()
 }
 
 #[derive(Deserialize)]
@@ -604,7 +605,7 @@ async fn traffic(State(p): State<Pages>, headers: HeaderMap) -> Response {
         let anomalies = chart(
             anomalies
                 .into_iter()
-                .map(|(k, n)| (anomaly_label(&k).to_string(), n, n.to_string()))
+                .map(|(k, n)| (anomaly_label(&k), n, n.to_string()))
                 .collect(),
         );
         let (operator, csrf) = frame(&s);
@@ -782,6 +783,12 @@ mod tests {
         assert_eq!(q(Some(" ")).fee_bps().ok(), Some(0));
         assert_eq!(q(Some("250")).fee_bps().ok(), Some(250));
         assert!(q(Some("2.5")).fee_bps().is_err());
+    }
+
+    #[test]
+    fn an_anomaly_kind_without_words_is_shown_as_itself() {
+        assert_eq!(anomaly_label("forged_tmac"), "forged MAC");
+        assert_eq!(anomaly_label("some_new_kind"), "some_new_kind");
     }
 
     #[test]
