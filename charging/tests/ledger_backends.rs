@@ -1119,3 +1119,29 @@ fn figures_loads_per_second() {
         })
     );
 }
+
+#[test]
+fn a_closure_that_panics_panics_its_caller_and_the_ledger_goes_on() {
+    let db = TestDb::start();
+    let mut cfg = PgConfig::new(&db.url, Some(db.password()));
+    postgres::migrate(&cfg).unwrap();
+    cfg.max_connections = 1;
+    let l = Ledger::open_postgres(cfg).unwrap();
+    let l2 = l.clone();
+    let caught = std::panic::catch_unwind(move || {
+        l2.transact(|t| {
+            t.post(T0, "a", "b", 5, "half")?;
+            panic!("a bug in a closure");
+            #[allow(unreachable_code)]
+            Ok(())
+        })
+    });
+    let message = caught.unwrap_err();
+    assert_eq!(message.downcast_ref::<&str>(), Some(&"a bug in a closure"));
+    // Nothing of it committed, and the one connection thread serves the next transaction.
+    l.transact(|t| t.post(T0, "a", "b", 7, "whole").map(|_| ()))
+        .unwrap();
+    let r = l.read().unwrap();
+    assert_eq!(r.balance("b").unwrap(), 7);
+    assert!(r.postings_with_prefix("half").unwrap().is_empty());
+}

@@ -260,7 +260,9 @@ impl Conn {
         Ok(Conn { jobs: tx })
     }
 
-    /// Runs `f` on the connection thread and waits for its answer.
+    /// Runs `f` on the connection thread and waits for its answer. A panic in `f` (a caller's
+    /// closure) is the caller's: it resumes on the caller's thread, the connection (perhaps in
+    /// the middle of a transaction) is closed, and the thread serves the next job.
     fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Session) -> T + Send + 'static,
@@ -268,10 +270,17 @@ impl Conn {
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
             .send(Box::new(move |s| {
-                let _ = tx.send(f(s));
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
+                if out.is_err() {
+                    s.drop_client();
+                }
+                let _ = tx.send(out);
             }))
             .map_err(|_| stopped())?;
-        rx.recv().map_err(|_| stopped())
+        match rx.recv().map_err(|_| stopped())? {
+            Ok(v) => Ok(v),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Sends `f` without waiting.
