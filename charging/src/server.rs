@@ -478,6 +478,18 @@ pub async fn serve_on(
                 Ok(Err(e)) => tracing::error!(%e, "refund expiry failed; retried at the next tick"),
                 _ => {}
             }
+            // Action-list orders not picked up in time go back to their funding.
+            let (l, now) = (loads.clone(), clock());
+            let expired = tokio::task::spawn_blocking(move || {
+                l.expire_orders(&crate::load::OrderLimits::default(), now, 256)
+            });
+            match expired.await {
+                Ok(Ok(e)) if !e.is_empty() => {
+                    tracing::info!(refunded = e.len(), "orders not picked up refunded")
+                }
+                Ok(Err(e)) => tracing::error!(%e, "order expiry failed; retried at the next tick"),
+                _ => {}
+            }
             // Started, not awaited: a slow merchant holds one of the notifier's slots, never
             // the tick.
             if let Err(e) = notifier.start_due(&loads, clock()) {

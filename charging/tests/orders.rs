@@ -21,6 +21,8 @@ use rand::SeedableRng;
 use std::sync::Arc;
 use tapgate_testkit::fixtures::value_tx;
 
+mod common;
+
 const T0: u64 = 1_800_000_000_000;
 const HOLDER: &str = "alice";
 
@@ -309,4 +311,121 @@ fn orders_are_refused_for_blocked_cards_others_instruments_and_out_of_limits() {
     ));
     assert_eq!(balance(&rig, ORDERS_PENDING), 0);
     assert!(rig.svc.action_snapshot("metro").unwrap().is_none());
+}
+
+
+fn get_bytes(url: &str, token: &str) -> (u16, Option<String>, Vec<u8>) {
+    match ureq::get(url)
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+    {
+        Ok(r) => {
+            let v = r.header("x-tapgate-actions-version").map(str::to_string);
+            let code = r.status();
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut b).unwrap();
+            (code, v, b)
+        }
+        Err(ureq::Error::Status(c, _)) => (c, None, Vec::new()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn over_http_a_cardholder_orders_for_its_own_card_and_the_gateway_reads_the_signed_list() {
+    use charging::api::{Auth, Role, TokenEntry};
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(2020));
+    let srv = common::start(&keys, |cfg| {
+        let t = |n: &str, r, tok: &str| TokenEntry {
+            name: n.into(),
+            role: r,
+            sha256: Auth::hash_token(tok),
+        };
+        cfg.tokens = vec![
+            t("alice", Role::Cardholder, "tg_alice"),
+            t("bob", Role::Cardholder, "tg_bob"),
+            t("ops", Role::Operator, "tg_ops"),
+            t("gw", Role::Gateway, "tg_gw"),
+        ];
+    });
+    let b = srv.base.clone();
+    let uid = "04AABBCCDDEE19";
+    let (code, _) = common::post(
+        &format!("{b}/v1/cards"),
+        "tg_ops",
+        serde_json::json!({"card_uid": uid, "personalised_minor": 0, "owner": "alice"}),
+    );
+    assert_eq!(code, 201);
+    common::register_instrument(&b, "tg_alice", "card", "tok_visa");
+    common::register_instrument(&b, "tg_bob", "card", "tok_bob");
+    // Nothing listed yet.
+    assert_eq!(
+        get_bytes(&format!("{b}/v1/actions/signed/snapshot"), "tg_gw").0,
+        204
+    );
+    let body = |instrument: &str| {
+        serde_json::json!({"card_uid": uid, "amount_minor": 5000,
+            "funding": {"source": "card", "instrument": instrument}})
+    };
+    // Another holder's card: refused; no Idempotency-Key: refused.
+    let (code, _) = tapgate_testkit::http::post_with_key(
+        &format!("{b}/v1/orders"),
+        "tg_bob",
+        "o1",
+        body("tok_bob"),
+    );
+    assert_eq!(code, 403);
+    let (code, _) = common::post(&format!("{b}/v1/orders"), "tg_alice", body("tok_visa"));
+    assert_eq!(code, 400);
+    let (code, o) = tapgate_testkit::http::post_with_key(
+        &format!("{b}/v1/orders"),
+        "tg_alice",
+        "o1",
+        body("tok_visa"),
+    );
+    assert_eq!(code, 201, "{o}");
+    assert_eq!(
+        (o["state"].as_str(), o["amount_minor"].as_i64()),
+        (Some("open"), Some(5000))
+    );
+    let id = o["order_id"].as_u64().unwrap();
+    let (code, again) = tapgate_testkit::http::post_with_key(
+        &format!("{b}/v1/orders"),
+        "tg_alice",
+        "o1",
+        body("tok_visa"),
+    );
+    assert_eq!(
+        (code, again["order_id"].as_u64()),
+        (201, Some(id)),
+        "the same order"
+    );
+    let get = |token: &str| match ureq::get(&format!("{b}/v1/orders/{id}"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+    {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(c, _)) => c,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        (get("tg_alice"), get("tg_ops"), get("tg_bob")),
+        (200, 200, 404)
+    );
+    // The gateway's reads: the snapshot and the delta, signed by the back office.
+    for path in ["snapshot", "delta?after=0"] {
+        let (code, v, bytes) = get_bytes(&format!("{b}/v1/actions/signed/{path}"), "tg_gw");
+        assert_eq!((code, v.as_deref()), (200, Some("1")), "{path}");
+        let u = actionlist::ActionUpdate::verify(&bytes, &keys.verifying_key).unwrap();
+        assert_eq!(u.entries.len(), 1);
+        assert_eq!(u.entries[0].order_id(), id);
+    }
+    assert_eq!(
+        get_bytes(&format!("{b}/v1/actions/signed/delta?after=1"), "tg_gw").0,
+        204
+    );
+    assert_eq!(
+        get_bytes(&format!("{b}/v1/actions/signed/snapshot"), "tg_alice").0,
+        403
+    );
 }

@@ -9,6 +9,7 @@ mod blocklist;
 mod cards;
 mod franchise;
 mod loads;
+mod orders;
 mod partner;
 mod payments;
 
@@ -16,11 +17,13 @@ use blocklist::*;
 use cards::*;
 use franchise::*;
 use loads::*;
+use orders::*;
 use partner::*;
 use payments::*;
 
 pub use cards::{BlockCard, RegisterCard};
 pub use loads::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
+pub use orders::{order_json, CreateOrder};
 pub use partner::CreditPoints;
 pub use payments::{payment_json, refund_json, rfc3339, CreatePayment, CreateRefund, PayPayment};
 
@@ -313,6 +316,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/anomalies", get(anomalies))
         .route("/v1/blocklist/signed/snapshot", get(signed_snapshot))
         .route("/v1/blocklist/signed/delta", get(signed_delta))
+        .route("/v1/orders", post(create_order))
+        .route("/v1/orders/{id}", get(get_order))
+        .route("/v1/actions/signed/snapshot", get(actions_snapshot))
+        .route("/v1/actions/signed/delta", get(actions_delta))
         .route("/v1/partner/vouchers", post(partner_voucher))
         .route(
             "/v1/clearing/batches",
