@@ -20,6 +20,7 @@ BEGIN {
   out = out "# --- the downlink, readable by every authenticated client ---" "\n"
   out = out "pattern read  tapgate/v1/+/blocklist/#" "\n"
   out = out "pattern read  tapgate/v1/+/fares/#" "\n"
+  out = out "pattern read  tapgate/v1/+/actions/#" "\n"
   out = out "" "\n"
 }
 /^[ \t]*(#|$)/ { next }
@@ -42,6 +43,7 @@ END {
   out = out "topic write tapgate/v1/+/devices/+/confirm" "\n"
   out = out "topic write tapgate/v1/+/blocklist/#" "\n"
   out = out "topic write tapgate/v1/+/fares/#" "\n"
+  out = out "topic write tapgate/v1/+/actions/#" "\n"
   printf "%s", out
 }
 ' "$devices"

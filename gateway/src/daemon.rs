@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod actions;
 mod forwarder;
 mod mqtt;
 mod relay;
@@ -208,6 +209,12 @@ async fn run_inner(
         keys.verifying_key,
         stats.clone(),
     );
+    let action_lists = actions::spawn(
+        clients[0].clone(),
+        cfg.clone(),
+        store.clone(),
+        keys.verifying_key,
+    );
     let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages);
     let ingest = ingest_loop(rx, &cfg, &store, &keys, &stats, &senders);
     let link_abort = link_task.as_ref().map(|t| t.abort_handle());
@@ -236,6 +243,7 @@ async fn run_inner(
     }
     forwarder.abort();
     blocklists.abort();
+    action_lists.abort();
     result
 }
 

@@ -3,7 +3,8 @@
 //!
 //! A device (a validator; its username is its device id) publishes only its own taps and status
 //! (`tapgate/v1/<its operator>/taps/<its id>`, `…/devices/<its id>/status`) and reads only its
-//! own confirmations and the downlink (`tapgate/v1/<any operator>/blocklist/#`, `…/fares/#`). A
+//! own confirmations and the downlink (`tapgate/v1/<any operator>/blocklist/#`, `…/fares/#`,
+//! `…/actions/#`). A
 //! subscription filter is allowed only if every topic it can match is readable, so
 //! `tapgate/v1/+/taps/+` or `#` is refused to a device. The gateway is not restricted.
 
@@ -117,6 +118,7 @@ impl Role {
                     own_confirm.as_str(),
                     "tapgate/v1/+/blocklist/#",
                     "tapgate/v1/+/fares/#",
+                    "tapgate/v1/+/actions/#",
                 ]
                 .iter()
                 .any(|p| covers(p, filter))
@@ -150,6 +152,7 @@ mod tests {
             "tapgate/v1/metro/blocklist/snapshot",
             "tapgate/v1/metro/blocklist/delta",
             "tapgate/v1/metro/fares/table",
+            "tapgate/v1/metro/actions/delta",
             "tapgate/v1/metro/taps/1001/x",
             "tapgate/v1/metro/taps/+",
             "tapgate/v1/+/taps/1001",
@@ -178,6 +181,9 @@ mod tests {
             "tapgate/v1/+/blocklist/#",
             "tapgate/v1/hotel/fares/table",
             "tapgate/v1/metro/fares/+",
+            "tapgate/v1/metro/actions/snapshot",
+            "tapgate/v1/metro/actions/delta",
+            "tapgate/v1/+/actions/#",
             "$share/g/tapgate/v1/metro/devices/1001/confirm",
         ] {
             assert!(d.may_subscribe(f), "{f}");

@@ -98,16 +98,25 @@ pub fn tides_fare_transactions(
             continue;
         }
         let (date, ts) = utc(t.meta().device_time_ms);
+        // An action-list pick-up added value (its stop and route fields hold the order id).
+        let pickup = purse::actionlist::order_of_tap(&t).is_some();
+        let (action, stop, route) = if pickup {
+            ("Add", String::new(), String::new())
+        } else {
+            (
+                "Enter",
+                Places::name(&places.stops, t.meta().stop_id),
+                Places::name(&places.routes, t.meta().route_id),
+            )
+        };
         csv.push_str(&format!(
-            "{}-{},{date},{ts},{},{currency},Enter,{},{},1,Smart card or ticket,,{},{},{}\n",
+            "{}-{},{date},{ts},{},{currency},{action},{},{stop},1,Smart card or ticket,,{},{},{route}\n",
             t.meta().device_id,
             t.meta().device_seq,
             decimal(i64::from(t.amount_minor()), exponent),
             t.meta().device_id,
-            Places::name(&places.stops, t.meta().stop_id),
             hex::encode_upper(t.uid()),
             decimal(i64::from(t.balance_after_minor()), exponent),
-            Places::name(&places.routes, t.meta().route_id),
         ));
     }
     Ok(csv)

@@ -338,6 +338,14 @@ pub(crate) fn topic_levels<const N: usize>(topic: &str) -> Option<[&str; N]> {
 
 /// Adds one tap to the batch's aggregate deltas.
 fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
+    // An action-list pick-up is value added, not a fare: counted under its own product only
+    // (its stop and route fields hold the order id; a device's and a card's amounts stay fares).
+    if purse::actionlist::order_of_tap(tap).is_some() {
+        let a = aggs.entry("product:pickup".to_string()).or_default();
+        a.taps = a.taps.saturating_add(1);
+        a.amount_minor = a.amount_minor.saturating_add(i64::from(tap.amount_minor()));
+        return;
+    }
     let day = tap.meta().device_time_ms / 86_400_000;
     let product = match (tap.refusal(), tap.kind()) {
         (Some(r), _) => format!("refused:{}", r.name()),
@@ -883,6 +891,20 @@ impl Store {
     pub fn set_blocklist_version(&self, v: u64) -> Result<(), StoreError> {
         let mut t = self.env.write_txn()?;
         self.meta.put(&mut t, "blocklist_version", &v)?;
+        t.commit()?;
+        Ok(())
+    }
+
+    /// The action-list version last relayed to validators.
+    pub fn actions_version(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, "actions_version")?.unwrap_or(0))
+    }
+
+    /// Records the action-list version relayed.
+    pub fn set_actions_version(&self, v: u64) -> Result<(), StoreError> {
+        let mut t = self.env.write_txn()?;
+        self.meta.put(&mut t, "actions_version", &v)?;
         t.commit()?;
         Ok(())
     }

@@ -1,0 +1,171 @@
+//! The action-list relay: the back office's signed orders to pick up at the next tap
+//! (`purse::actionlist`), relayed to the operator's validators the way the blocklist is —
+//! deltas at QoS 1 on `tapgate/v1/<operator>/actions/delta`, the whole list retained on
+//! `…/actions/snapshot` (refreshed at most every 10 s after a change). The gateway cannot forge
+//! or alter a list (it has no signing key); one validators would refuse (another operator's,
+//! or not signed by the back office this gateway knows) is logged once per version and not
+//! relayed. The version last relayed survives a restart in the store.
+
+use super::GatewayConfig;
+use crate::store::Store;
+use purse::actionlist::ActionUpdate;
+use rumqttc::{AsyncClient, QoS};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Starts the relay (it ends at once without a charging server or with relaying off).
+pub(super) fn spawn(
+    client: AsyncClient,
+    cfg: GatewayConfig,
+    store: Store,
+    verifying_key: [u8; 32],
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some((base, token)) = cfg.charging.clone() else {
+            return;
+        };
+        if !cfg.relay_blocklists {
+            return;
+        }
+        let held = {
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || s.actions_version().unwrap_or(0))
+                .await
+                .unwrap_or(0)
+        };
+        let mut relay = ActionRelay {
+            client,
+            operator: cfg.operator,
+            store,
+            verifying_key,
+            agent: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+            base,
+            token,
+            held,
+            last_snapshot: Instant::now() - Duration::from_secs(60),
+            snapshot_due: true,
+            refused_version: None,
+        };
+        loop {
+            relay.relay_delta().await;
+            if relay.snapshot_due && relay.last_snapshot.elapsed() >= SNAPSHOT_INTERVAL {
+                relay.relay_snapshot().await;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    })
+}
+
+struct ActionRelay {
+    client: AsyncClient,
+    operator: String,
+    store: Store,
+    verifying_key: [u8; 32],
+    agent: ureq::Agent,
+    base: String,
+    token: String,
+    /// The version last relayed.
+    held: u64,
+    last_snapshot: Instant,
+    snapshot_due: bool,
+    refused_version: Option<u64>,
+}
+
+impl ActionRelay {
+    /// GET `path`: `None` on 204, else the version header and the body.
+    async fn get(&self, path: String) -> Result<Option<(u64, Vec<u8>)>, String> {
+        let (a, b, t) = (self.agent.clone(), self.base.clone(), self.token.clone());
+        tokio::task::spawn_blocking(move || {
+            let r = a
+                .get(&format!("{b}{path}"))
+                .set("Authorization", &format!("Bearer {t}"))
+                .call()
+                .map_err(|e| e.to_string())?;
+            if r.status() == 204 {
+                return Ok(None);
+            }
+            let v: u64 = r
+                .header("x-tapgate-actions-version")
+                .and_then(|v| v.parse().ok())
+                .ok_or("no version header")?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes)
+                .map_err(|e| e.to_string())?;
+            Ok(Some((v, bytes)))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Whether validators would take `bytes` as version `v` of this operator's list; a refusal
+    /// is logged once per version.
+    fn acceptable(&mut self, v: u64, bytes: &[u8]) -> bool {
+        let why = match ActionUpdate::verify(bytes, &self.verifying_key) {
+            Ok(u) if u.operator == self.operator && u.to_version == v => return true,
+            Ok(u) if u.operator != self.operator => format!(
+                "it is operator {:?}'s list; this gateway serves {:?}",
+                u.operator, self.operator
+            ),
+            Ok(u) => format!("the header says version {v}, the list {}", u.to_version),
+            Err(e) => e.to_string(),
+        };
+        if self.refused_version != Some(v) {
+            self.refused_version = Some(v);
+            tracing::error!(
+                version = v,
+                "action list from the charging server not relayed: validators would refuse it: {why}"
+            );
+        }
+        false
+    }
+
+    async fn relay_delta(&mut self) {
+        let (v, delta) = match self
+            .get(format!("/v1/actions/signed/delta?after={}", self.held))
+            .await
+        {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(%e, "fetching action-list changes failed"),
+        };
+        if !self.acceptable(v, &delta) {
+            return;
+        }
+        let topic = format!("tapgate/v1/{}/actions/delta", self.operator);
+        if self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, delta)
+            .await
+            .is_ok()
+        {
+            self.held = v;
+            let s = self.store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.set_actions_version(v)).await;
+            self.snapshot_due = true;
+        }
+    }
+
+    async fn relay_snapshot(&mut self) {
+        self.last_snapshot = Instant::now();
+        let Ok(Some((v, bytes))) = self.get("/v1/actions/signed/snapshot".into()).await else {
+            return;
+        };
+        if !self.acceptable(v, &bytes) {
+            return;
+        }
+        let topic = format!("tapgate/v1/{}/actions/snapshot", self.operator);
+        if self
+            .client
+            .publish(topic, QoS::AtLeastOnce, true, bytes)
+            .await
+            .is_ok()
+        {
+            self.snapshot_due = false;
+        }
+    }
+}
