@@ -207,6 +207,9 @@ pub struct Topics {
     pub blocklist_snapshot: String,
     pub blocklist_delta: String,
     pub fares: String,
+    /// The action list (orders to pick up at the next tap), under the card scheme's topics.
+    pub actions_snapshot: String,
+    pub actions_delta: String,
 }
 
 impl Topics {
@@ -226,6 +229,8 @@ impl Topics {
             blocklist_snapshot: format!("{s}/blocklist/snapshot"),
             blocklist_delta: format!("{s}/blocklist/delta"),
             fares: format!("{p}/fares/table"),
+            actions_snapshot: format!("{s}/actions/snapshot"),
+            actions_delta: format!("{s}/actions/delta"),
         }
     }
 }
@@ -329,6 +334,57 @@ pub fn apply_downlink_outcome(
     }
 }
 
+const AL_PREFIX: &str = "actions/";
+const AL_SNAPSHOT: &str = "actions/0-snapshot";
+const AL_DELTA: &str = "actions/1-delta/";
+
+/// Applies a signed action-list message (verified against `pubkey`; forged, foreign or
+/// out-of-order ones change nothing) and journals it so a restart replays it; applied orders
+/// already expired at `now_ms` are forgotten from the journal.
+pub fn apply_actions(
+    list: &mut purse::actionlist::ActionList,
+    journal: &Journal,
+    pubkey: &[u8; 32],
+    bytes: &[u8],
+    now_ms: u64,
+) -> Result<DownlinkOutcome, String> {
+    let u = purse::actionlist::ActionUpdate::verify(bytes, pubkey)
+        .map_err(|e| format!("action list refused: {e}"))?;
+    let kind = u.kind;
+    let mut next = list.clone();
+    let v = match next.apply(bytes, pubkey) {
+        Ok(v) => v,
+        Err(purse::actionlist::ActionListError::Stale { held, got }) => {
+            return Ok(DownlinkOutcome::AlreadyHeld { held, got })
+        }
+        Err(e) => return Err(format!("action list refused: {e}")),
+    };
+    let r = if kind == purse::blocklist::ListKind::Snapshot {
+        journal.replace_blobs(AL_PREFIX, AL_SNAPSHOT, bytes)
+    } else {
+        journal.put_blob(&format!("{AL_DELTA}{v:020}"), bytes)
+    };
+    r.map_err(|e| format!("journalling the action list: {e}"))?;
+    *list = next;
+    if let Err(e) = journal.prune_applied(now_ms / 1000) {
+        tracing::warn!(error = %e, "pruning expired applied orders failed");
+    }
+    Ok(DownlinkOutcome::Applied(v))
+}
+
+/// The journalled action list (snapshot and deltas) of `card_scheme`, replayed.
+pub fn restore_actions(
+    card_scheme: &str,
+    journal: &Journal,
+    pubkey: &[u8; 32],
+) -> Result<purse::actionlist::ActionList, DaemonError> {
+    let mut l = purse::actionlist::ActionList::new(card_scheme);
+    for (_, b) in journal.blobs(AL_PREFIX)? {
+        let _ = l.apply(&b, pubkey);
+    }
+    Ok(l)
+}
+
 /// A downlink message kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Downlink {
@@ -366,8 +422,10 @@ pub async fn run(
         &settings.card_scheme,
         settings.device_id,
     );
+    let actions = restore_actions(&settings.card_scheme, &journal, &settings.signing_pub)?;
     let shared = Shared {
         gate: Arc::new(Mutex::new(gate)),
+        actions: Arc::new(Mutex::new(actions)),
         journal,
         metrics,
         wake: Arc::new(tokio::sync::Notify::new()),
@@ -395,6 +453,8 @@ pub async fn run(
 #[derive(Clone)]
 struct Shared {
     gate: Arc<Mutex<Gate>>,
+    /// The action list (locked after the gate, never before it).
+    actions: Arc<Mutex<purse::actionlist::ActionList>>,
     journal: Arc<Journal>,
     metrics: Arc<Metrics>,
     /// Wakes the publisher: a tap was journalled, the connection came up, the reader ended.

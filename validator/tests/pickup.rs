@@ -408,3 +408,55 @@ fn a_card_pulled_mid_credit_at_every_write_is_credited_at_most_once_and_settled(
         assert_eq!(on_card, 1, "n={n}");
     }
 }
+
+#[test]
+fn the_action_list_from_the_downlink_is_verified_journalled_and_restored() {
+    use validator::daemon::{apply_actions, restore_actions, DownlinkOutcome};
+    let r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let pk = r.hsm.verifying_key();
+    let sign = |u: &ActionUpdate| u.sign_with(|b| r.hsm.sign(b).unwrap());
+    let exp = T0_MS / 1000 + DAY_S;
+    let snap = ActionUpdate {
+        kind: ListKind::Snapshot,
+        operator: "metro".into(),
+        from_version: 0,
+        to_version: 4,
+        entries: vec![Entry::Add(order(&r, UID, 1, 500, exp))],
+    };
+    let delta = ActionUpdate {
+        kind: ListKind::Delta,
+        operator: "metro".into(),
+        from_version: 4,
+        to_version: 5,
+        entries: vec![Entry::Add(order(&r, UID, 2, 700, exp))],
+    };
+    let mut l = ActionList::new("metro");
+    assert_eq!(
+        apply_actions(&mut l, &j, &pk, &sign(&snap), T0_MS),
+        Ok(DownlinkOutcome::Applied(4))
+    );
+    assert_eq!(
+        apply_actions(&mut l, &j, &pk, &sign(&snap), T0_MS),
+        Ok(DownlinkOutcome::AlreadyHeld { held: 4, got: 4 })
+    );
+    // Forged (another key) or altered: refused, nothing changes or is journalled.
+    let forger = SoftwareHsm::new(&KeySet::generate(&mut StdRng::seed_from_u64(99))).unwrap();
+    let forged = delta.sign_with(|b| forger.sign(b).unwrap());
+    assert!(apply_actions(&mut l, &j, &pk, &forged, T0_MS).is_err());
+    let mut altered = sign(&delta);
+    let n = altered.len();
+    altered[n - 70] ^= 1;
+    assert!(apply_actions(&mut l, &j, &pk, &altered, T0_MS).is_err());
+    assert_eq!(l.version(), 4);
+    assert_eq!(
+        apply_actions(&mut l, &j, &pk, &sign(&delta), T0_MS),
+        Ok(DownlinkOutcome::Applied(5))
+    );
+    drop(j);
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let back = restore_actions("metro", &j, &pk).unwrap();
+    assert_eq!(back, l);
+    assert_eq!(back.for_card(&UID, T0_MS / 1000).len(), 2);
+}

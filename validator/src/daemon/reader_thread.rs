@@ -3,7 +3,7 @@
 
 use super::{now_ms, Shared, Summary};
 use crate::daemon::DaemonError;
-use crate::gate::{Answer, Settled, Step, TapOutcome};
+use crate::gate::{Answer, Pickup, Settled, Step, TapOutcome};
 use crate::reader::Reader;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -50,7 +50,15 @@ fn reader_loop(
                 .gate
                 .lock()
                 .map_err(|_| "gate lock poisoned".to_string())?;
-            g.tap(card, &shared.journal, now_ms(), &mut hook)
+            let actions = shared
+                .actions
+                .lock()
+                .map_err(|_| "action list lock poisoned".to_string())?;
+            g.tap_with_actions(card, &shared.journal, &actions, now_ms(), &mut hook)
+                .map(|(pickup, out)| {
+                    log_pickup(device, &pickup);
+                    out
+                })
         };
         reader.card_removed();
         let out = match out {
@@ -94,6 +102,27 @@ fn reader_loop(
 
 /// One debug line per tap (`TAPGATE_LOG=validator=debug`): the device, the card (its UID
 /// masked), the tap's sequence number when it was journalled, and the outcome.
+/// An action-list pick-up that did something (nothing to pick up is not logged).
+fn log_pickup(device: u32, p: &Pickup) {
+    match p {
+        Pickup::Nothing => {}
+        Pickup::Applied {
+            order_id,
+            amount_minor,
+            balance_minor,
+            seq,
+        } => tracing::info!(
+            device,
+            order_id,
+            amount_minor,
+            balance_minor,
+            seq,
+            "order picked up"
+        ),
+        other => tracing::info!(device, pickup = ?other, "order not picked up"),
+    }
+}
+
 fn log_tap(device: u32, out: &TapOutcome) {
     let card = out
         .uid

@@ -197,6 +197,8 @@ fn on_connected(link: &Link, shared: &Shared) {
         &t.blocklist_snapshot,
         &t.blocklist_delta,
         &t.fares,
+        &t.actions_snapshot,
+        &t.actions_delta,
     ] {
         // Never await the request queue from the event loop itself: it only drains while
         // this loop polls.
@@ -224,6 +226,26 @@ async fn on_confirmation(shared: &Shared, confirmations: Arc<Confirmations>, p: 
 /// A blocklist or fare table: verified, applied and journalled off the event loop (it waits
 /// for the gate, which a tap may hold).
 async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publish) {
+    if p.topic == topics.actions_snapshot || p.topic == topics.actions_delta {
+        let shared = shared.clone();
+        let payload = p.payload.to_vec();
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(mut l) = shared.actions.lock() else {
+                return;
+            };
+            match super::apply_actions(&mut l, &shared.journal, &pubkey, &payload, now_ms()) {
+                Ok(DownlinkOutcome::Applied(v)) => {
+                    tracing::info!(version = v, orders = l.len(), "action list applied")
+                }
+                Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
+                    tracing::debug!(held, got, "action list already held")
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        })
+        .await;
+        return;
+    }
     let kind = if p.topic == topics.fares {
         Downlink::FareTable
     } else {
