@@ -163,6 +163,10 @@ pub struct LedgerConfig {
     pub password_env: Option<String>,
     /// Most connections to the database (default 16).
     pub max_connections: Option<usize>,
+    /// The CA certificates (PEM) that sign the database server's certificate: connections are
+    /// then TLS, the certificate checked against them and the URL's host. Without it, plain
+    /// TCP (loopback or a private network only).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl LedgerConfig {
@@ -172,7 +176,10 @@ impl LedgerConfig {
     pub fn check(&self) -> Result<(), ServerError> {
         match self.kind {
             LedgerKind::Lmdb => {
-                if self.url.is_some() || self.password_file.is_some() || self.password_env.is_some()
+                if self.url.is_some()
+                    || self.password_file.is_some()
+                    || self.password_env.is_some()
+                    || self.ca_file.is_some()
                 {
                     return Err(ServerError::Config(
                         "[ledger] url and password are for kind = \"postgres\" (the default kind is lmdb)"
@@ -221,6 +228,15 @@ impl LedgerConfig {
         };
         let mut c = crate::ledger::PgConfig::new(url, None);
         c.password = password.map(zeroize::Zeroizing::new);
+        if let Some(ca) = &self.ca_file {
+            if !ca.is_file() {
+                return Err(ServerError::Config(format!(
+                    "[ledger] ca_file {}: no such file",
+                    ca.display()
+                )));
+            }
+            c.ca_file = Some(ca.clone());
+        }
         if let Some(n) = self.max_connections {
             if n == 0 {
                 return Err(ServerError::Config(

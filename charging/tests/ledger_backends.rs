@@ -1145,3 +1145,58 @@ fn a_closure_that_panics_panics_its_caller_and_the_ledger_goes_on() {
     assert_eq!(r.balance("b").unwrap(), 7);
     assert!(r.postings_with_prefix("half").unwrap().is_empty());
 }
+
+/// A CA and a certificate it signs for 127.0.0.1: (CA PEM, certificate PEM, key PEM).
+fn tls_chain() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn tls_to_the_database_is_verified_against_the_configured_ca() {
+    let TestDb { mut cluster, url } = TestDb::start();
+    let (ca, cert, key) = tls_chain();
+    cluster.enable_tls(&cert, &key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let mut cfg = PgConfig::new(&url, Some(cluster.password()));
+    cfg.ca_file = Some(ca_file);
+    postgres::migrate(&cfg).unwrap();
+    let l = Ledger::open_postgres(cfg).unwrap();
+    l.transact(|t| t.post(T0, "a", "b", 3, "over-tls").map(|_| ()))
+        .unwrap();
+    assert_eq!(l.read().unwrap().balance("b").unwrap(), 3);
+    let db = url.rsplit('/').next().unwrap();
+    let tls = cluster
+        .psql(
+            db,
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'tapgate-charging'",
+        )
+        .unwrap();
+    assert_eq!(tls.trim(), "t", "every ledger connection is TLS");
+    l.close();
+
+    // A server whose certificate another CA signed is refused.
+    let (other_ca, _, _) = tls_chain();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, other_ca).unwrap();
+    let mut cfg = PgConfig::new(&url, Some(cluster.password()));
+    cfg.ca_file = Some(other);
+    cfg.connect_timeout = std::time::Duration::from_millis(200);
+    let e = PgLedger::open(cfg).unwrap_err();
+    assert!(matches!(e, LedgerError::Unavailable(_)), "{e}");
+    // A URL that asks for TLS without a CA to check it is refused before connecting.
+    let cfg = PgConfig::new(&format!("{url}?sslmode=require"), Some(cluster.password()));
+    let e = PgLedger::open(cfg).unwrap_err();
+    assert!(e.to_string().contains("ca_file"), "{e}");
+}

@@ -75,6 +75,7 @@ fn a_load_and_a_cleared_tap_on_a_postgres_ledger() {
             password_file: Some(pw_path),
             password_env: None,
             max_connections: Some(4),
+            ca_file: None,
         };
     });
     let b = srv.base.clone();

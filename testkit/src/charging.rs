@@ -175,6 +175,7 @@ fn ledger_in_postgres(
         password_file: Some(pw),
         password_env: None,
         max_connections: None,
+        ca_file: None,
     };
     Some(db)
 }

@@ -215,6 +215,31 @@ impl Cluster {
         self.running = false;
     }
 
+    /// Turns TLS on with this certificate chain and key (PEM) and restarts the server; clients
+    /// may still connect without TLS unless they ask for it.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        let data = self.data();
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&cert, cert_pem).map_err(|e| format!("{}: {e}", cert.display()))?;
+        std::fs::write(&key, key_pem).map_err(|e| format!("{}: {e}", key.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod {}: {e}", key.display()))?;
+        if self.as_postgres {
+            let (uid, gid) = postgres_ids()?;
+            for p in [&cert, &key] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", p.display()))?;
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| format!("{e}"))?;
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        self.stop();
+        self.start_server()
+    }
+
     /// The loopback TCP port.
     pub fn port(&self) -> u16 {
         self.port

@@ -61,6 +61,12 @@ pub struct PgConfig {
     pub max_connections: usize,
     /// How long a transaction keeps trying to reach a database that refuses connections.
     pub connect_timeout: Duration,
+    /// The CA certificates (PEM) that sign the database server's certificate: with them,
+    /// every connection is TLS and the server's certificate is checked against them and the
+    /// URL's host (a URL saying `sslmode=disable` is refused). Without them, plain TCP
+    /// (loopback or a private network only; a URL saying `sslmode=require` is refused, and
+    /// `prefer` never tries TLS half-way).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -95,6 +101,7 @@ impl PgConfig {
             password: password.map(|p| zeroize::Zeroizing::new(p.to_string())),
             max_connections: 16,
             connect_timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
 
@@ -107,15 +114,71 @@ impl PgConfig {
         }
         c.application_name("tapgate-charging");
         c.connect_timeout(Duration::from_secs(5));
+        match (&self.ca_file, c.get_ssl_mode()) {
+            (Some(_), postgres::config::SslMode::Disable) => {
+                return Err(LedgerError::Unavailable(
+                    "the ledger url says sslmode=disable but a CA file is configured for TLS"
+                        .into(),
+                ))
+            }
+            (Some(_), _) => {
+                c.ssl_mode(postgres::config::SslMode::Require);
+            }
+            (None, postgres::config::SslMode::Require) => {
+                return Err(LedgerError::Unavailable(
+                    "the ledger url asks for TLS (sslmode=require): name the CA that signs the database's certificate ([ledger] ca_file)"
+                        .into(),
+                ))
+            }
+            (None, _) => {
+                // No TLS configured: never try it half-way (`prefer` would fall back silently).
+                c.ssl_mode(postgres::config::SslMode::Disable);
+            }
+        }
         Ok(c)
+    }
+
+    /// The TLS connector for `ca_file`: the server's certificate must chain to these CAs and
+    /// name the URL's host.
+    fn tls(
+        &self,
+        ca_file: &std::path::Path,
+    ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, LedgerError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let bad = |e: String| {
+            LedgerError::Unavailable(format!("ledger ca_file {}: {e}", ca_file.display()))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(e.to_string()))? {
+            roots
+                .add(cert.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad("no certificate in it".into()));
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
     /// Connects once (on the calling thread: only from threads without a tokio runtime, such
     /// as the connection threads and the `migrate` command).
     fn connect(&self) -> Result<postgres::Client, LedgerError> {
-        self.client_config()?
-            .connect(postgres::NoTls)
-            .map_err(|e| LedgerError::Unavailable(format!("{}: {e}", redact_url(&self.url))))
+        let config = self.client_config()?;
+        let unavailable = |e: postgres::Error| {
+            LedgerError::Unavailable(format!("{}: {e}", redact_url(&self.url)))
+        };
+        match &self.ca_file {
+            Some(ca) => config.connect(self.tls(ca)?).map_err(unavailable),
+            None => config.connect(postgres::NoTls).map_err(unavailable),
+        }
     }
 }
 
