@@ -95,7 +95,7 @@ fn validator_list(rig: &Rig) -> ActionList {
 /// A validator SAM (granted `ceiling`) picks up order `id` from the list: the credit's receipt.
 fn pick_up(rig: &Rig, list: &ActionList, id: u64, card: &mut Card, device: u32) -> CommitReceipt {
     let mut sam = SoftwareSam::validator(&rig.keys, device).unwrap();
-    sam.apply_ceiling_grant(&rig.hsm.ceiling_grant(device, 1, 1_000_000).unwrap())
+    sam.apply_action_grant(&rig.hsm.action_grant(device, 1, 1_000_000).unwrap())
         .unwrap();
     let o = list.get(id).unwrap();
     let amount = o.order().amount_minor;

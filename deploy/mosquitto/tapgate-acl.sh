@@ -32,6 +32,7 @@ BEGIN {
   out = out "topic write tapgate/v1/" op "/taps/" dev "\n"
   out = out "topic write tapgate/v1/" op "/devices/" dev "/status" "\n"
   out = out "topic read  tapgate/v1/" op "/devices/" dev "/confirm" "\n"
+  out = out "topic read  tapgate/v1/" op "/devices/" dev "/ceiling" "\n"
   out = out "" "\n"
 }
 END {
@@ -41,6 +42,7 @@ END {
   out = out "topic read  tapgate/v1/+/taps/+" "\n"
   out = out "topic read  tapgate/v1/+/devices/+/status" "\n"
   out = out "topic write tapgate/v1/+/devices/+/confirm" "\n"
+  out = out "topic write tapgate/v1/+/devices/+/ceiling" "\n"
   out = out "topic write tapgate/v1/+/blocklist/#" "\n"
   out = out "topic write tapgate/v1/+/fares/#" "\n"
   out = out "topic write tapgate/v1/+/actions/#" "\n"

@@ -3,8 +3,8 @@
 //!
 //! A device (a validator; its username is its device id) publishes only its own taps and status
 //! (`tapgate/v1/<its operator>/taps/<its id>`, `…/devices/<its id>/status`) and reads only its
-//! own confirmations and the downlink (`tapgate/v1/<any operator>/blocklist/#`, `…/fares/#`,
-//! `…/actions/#`). A
+//! own confirmations and action-list ceiling grant (`…/devices/<its id>/confirm`, `…/ceiling`)
+//! and the downlink (`tapgate/v1/<any operator>/blocklist/#`, `…/fares/#`, `…/actions/#`). A
 //! subscription filter is allowed only if every topic it can match is readable, so
 //! `tapgate/v1/+/taps/+` or `#` is refused to a device. The gateway is not restricted.
 
@@ -114,8 +114,10 @@ impl Role {
             Role::Device { id, operator } => {
                 let op = operator.as_deref().unwrap_or("+");
                 let own_confirm = format!("tapgate/v1/{op}/devices/{id}/confirm");
+                let own_ceiling = format!("tapgate/v1/{op}/devices/{id}/ceiling");
                 [
                     own_confirm.as_str(),
+                    own_ceiling.as_str(),
                     "tapgate/v1/+/blocklist/#",
                     "tapgate/v1/+/fares/#",
                     "tapgate/v1/+/actions/#",
@@ -184,6 +186,7 @@ mod tests {
             "tapgate/v1/metro/actions/snapshot",
             "tapgate/v1/metro/actions/delta",
             "tapgate/v1/+/actions/#",
+            "tapgate/v1/metro/devices/1001/ceiling",
             "$share/g/tapgate/v1/metro/devices/1001/confirm",
         ] {
             assert!(d.may_subscribe(f), "{f}");
@@ -198,6 +201,7 @@ mod tests {
             "tapgate/v1/metro/taps/1002",
             "tapgate/v1/metro/devices/+/confirm",
             "tapgate/v1/metro/devices/1002/confirm",
+            "tapgate/v1/metro/devices/1002/ceiling",
             "tapgate/v1/hotel/devices/1001/confirm",
             "tapgate/v1/+/devices/1001/confirm",
             "tapgate/v1/metro/devices/1001/#",

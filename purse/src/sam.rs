@@ -358,6 +358,22 @@ pub trait Hsm: Authenticator {
             mac: self.device_mac_for(device_id, &input)?,
         })
     }
+    /// A validator's action-list ceiling for `device_id`: the total the back office has granted
+    /// it so far, numbered (authenticated with that device's key).
+    fn action_grant(
+        &self,
+        device_id: u32,
+        seq: u32,
+        total_minor: i64,
+    ) -> Result<ActionGrant, SamError> {
+        let input = ActionGrant::mac_input(device_id, seq, total_minor);
+        Ok(ActionGrant {
+            device_id,
+            seq,
+            total_minor,
+            mac: self.device_mac_for(device_id, &input)?,
+        })
+    }
     /// Verifies a device MAC (constant-time) for `device_id`.
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
         Ok(crypto::mac_eq(&self.device_mac_for(device_id, body)?, mac))
@@ -403,6 +419,62 @@ impl CeilingGrant {
         m[8..12].copy_from_slice(&seq.to_be_bytes());
         m[12..20].copy_from_slice(&amount_minor.to_be_bytes());
         m
+    }
+}
+
+/// A validator's action-list credit ceiling: the *total* the back office has granted the
+/// device so far (not an increment), numbered and MAC'd with the device's key. Cumulative, so a
+/// validator that missed grants catches up from the latest one (the gateway keeps it retained
+/// on the device's topic); the SAM takes only a newer number and never a smaller total. The
+/// back office grants so that the total minus the device's pick-ups cleared stays within its
+/// exposure limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActionGrant {
+    /// The validator's device id.
+    pub device_id: u32,
+    /// Grant number (strictly increasing per device).
+    pub seq: u32,
+    /// Total granted so far, minor units.
+    pub total_minor: i64,
+    /// `MACt(device key, "ACTC" ‖ device_id BE ‖ seq BE ‖ total BE)`.
+    pub mac: [u8; 8],
+}
+
+/// Bytes of an encoded [`ActionGrant`].
+pub const ACTION_GRANT_LEN: usize = 28;
+
+impl ActionGrant {
+    /// The bytes the grant MAC covers (`ACTC` keeps it apart from a franchise's `CEIL` grant,
+    /// a tap record and a confirmation under the same device key).
+    pub fn mac_input(device_id: u32, seq: u32, total_minor: i64) -> [u8; 20] {
+        let mut m = [0u8; 20];
+        m[..4].copy_from_slice(b"ACTC");
+        m[4..8].copy_from_slice(&device_id.to_be_bytes());
+        m[8..12].copy_from_slice(&seq.to_be_bytes());
+        m[12..20].copy_from_slice(&total_minor.to_be_bytes());
+        m
+    }
+
+    /// The wire form: the MAC input's fields after `ACTC`, then the MAC (28 bytes).
+    pub fn encode(&self) -> [u8; ACTION_GRANT_LEN] {
+        let mut b = [0u8; ACTION_GRANT_LEN];
+        b[..20].copy_from_slice(&Self::mac_input(self.device_id, self.seq, self.total_minor));
+        b[20..].copy_from_slice(&self.mac);
+        b[..4].copy_from_slice(b"ACTC");
+        b
+    }
+
+    /// Reads the wire form (the MAC is checked by the SAM that applies it).
+    pub fn decode(b: &[u8]) -> Option<ActionGrant> {
+        if b.len() != ACTION_GRANT_LEN || &b[..4] != b"ACTC" {
+            return None;
+        }
+        Some(ActionGrant {
+            device_id: u32::from_be_bytes(b[4..8].try_into().ok()?),
+            seq: u32::from_be_bytes(b[8..12].try_into().ok()?),
+            total_minor: i64::from_be_bytes(b[12..20].try_into().ok()?),
+            mac: b[20..28].try_into().ok()?,
+        })
     }
 }
 
@@ -457,6 +529,8 @@ pub struct SoftwareSam {
     last_grant_seq: u32,
     /// Action-list orders this SAM authorised a credit for, with their expiry (each once).
     picked_up: std::collections::BTreeMap<u64, u64>,
+    /// A validator SAM's action-list grant applied last (its number and total).
+    action_grant: (u32, i64),
 }
 
 impl std::fmt::Debug for SoftwareSam {
@@ -484,6 +558,7 @@ impl SoftwareSam {
             ceiling_minor: 0,
             last_grant_seq: 0,
             picked_up: std::collections::BTreeMap::new(),
+            action_grant: (0, 0),
         })
     }
 
@@ -500,6 +575,7 @@ impl SoftwareSam {
             ceiling_minor,
             last_grant_seq: 0,
             picked_up: std::collections::BTreeMap::new(),
+            action_grant: (0, 0),
         })
     }
 
@@ -528,6 +604,55 @@ impl SoftwareSam {
         Ok(PickupSam { sam: self, order })
     }
 
+    /// Applies a validator's action-list ceiling grant ([`ActionGrant`]): refused unless its
+    /// MAC verifies under this SAM's device key, its number is newer than the last one applied
+    /// and its total is not smaller; the remaining ceiling grows by what the total added.
+    pub fn apply_action_grant(&mut self, grant: &ActionGrant) -> Result<(), SamError> {
+        if self.role != Role::ValidatorSam {
+            return Err(SamError::NotAllowed("an action-list grant on this SAM"));
+        }
+        let want = crypto::mac8(
+            &self.device_key,
+            &ActionGrant::mac_input(grant.device_id, grant.seq, grant.total_minor),
+        );
+        if grant.device_id != self.device_id || !crypto::mac_eq(&want, &grant.mac) {
+            return Err(SamError::NotAllowed("an action grant that does not verify"));
+        }
+        let (seq, total) = self.action_grant;
+        if grant.seq <= seq {
+            return Err(SamError::NotAllowed("a replayed action grant"));
+        }
+        if grant.total_minor < total {
+            return Err(SamError::NotAllowed(
+                "an action grant below the total granted",
+            ));
+        }
+        self.ceiling_minor += grant.total_minor - total;
+        self.action_grant = (grant.seq, grant.total_minor);
+        Ok(())
+    }
+
+    /// A software validator SAM brought back after a restart: the last grant it applied and
+    /// what it had spent of the grants (its host journals both; a hardware SAM keeps them
+    /// itself). The remaining ceiling is the grant's total less `spent_minor`.
+    pub fn restore_action_ceiling(
+        &mut self,
+        grant: &ActionGrant,
+        spent_minor: i64,
+    ) -> Result<(), SamError> {
+        if self.action_grant != (0, 0) || spent_minor < 0 {
+            return Err(SamError::NotAllowed("restoring a SAM in use"));
+        }
+        self.apply_action_grant(grant)?;
+        self.ceiling_minor -= spent_minor;
+        Ok(())
+    }
+
+    /// The last action-list grant applied: its number and total (0, 0 before the first).
+    pub fn action_grant(&self) -> (u32, i64) {
+        self.action_grant
+    }
+
     /// The remaining credit ceiling (franchise SAMs).
     pub fn ceiling_minor(&self) -> i64 {
         self.ceiling_minor
@@ -536,7 +661,7 @@ impl SoftwareSam {
     /// Applies a ceiling grant from the back office: refused unless its MAC verifies under
     /// this SAM's device key and its sequence number is newer than the last one applied.
     pub fn apply_ceiling_grant(&mut self, grant: &CeilingGrant) -> Result<(), SamError> {
-        if !matches!(self.role, Role::FranchiseSam | Role::ValidatorSam) {
+        if self.role != Role::FranchiseSam {
             return Err(SamError::NotAllowed("replenishing a ceiling"));
         }
         let want = crypto::mac8(

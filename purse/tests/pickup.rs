@@ -47,7 +47,7 @@ fn list(rig: &Rig, orders: Vec<Order>) -> ActionList {
 fn a_listed_order_is_credited_once_within_the_ceiling() {
     let rig = Rig::new(40);
     let mut sam = SoftwareSam::validator(&rig.keys, 1001).unwrap();
-    sam.apply_ceiling_grant(&rig.hsm.ceiling_grant(1001, 1, 1_000).unwrap())
+    sam.apply_action_grant(&rig.hsm.action_grant(1001, 1, 1_000).unwrap())
         .unwrap();
     let mut card = rig.card(40, 100);
     let l = list(&rig, vec![order(&rig, &card, 7, 600)]);
@@ -73,7 +73,7 @@ fn a_stolen_validator_credits_at_most_its_ceiling_and_only_listed_cards() {
     let rig = Rig::new(41);
     // The thief holds the validator: its SAM (granted 1 000) and the list it received.
     let mut sam = SoftwareSam::validator(&rig.keys, 1001).unwrap();
-    sam.apply_ceiling_grant(&rig.hsm.ceiling_grant(1001, 1, 1_000).unwrap())
+    sam.apply_action_grant(&rig.hsm.action_grant(1001, 1, 1_000).unwrap())
         .unwrap();
     let mut listed = rig.card(41, 0);
     let mut other_listed = rig.card(42, 0);
@@ -89,10 +89,7 @@ fn a_stolen_validator_credits_at_most_its_ceiling_and_only_listed_cards() {
 
     // An unlisted card: the SAM has no credit master and no key for it, through any order.
     let err = value_tx(&mut sam, &mut unlisted, KeyKind::Credit, ins::CREDIT, 100).unwrap_err();
-    assert!(
-        matches!(err, TxError::UnknownKeyVersion(1)),
-        "{err}"
-    );
+    assert!(matches!(err, TxError::UnknownKeyVersion(1)), "{err}");
     let err = value_tx(
         &mut sam.pickup(o1, NOW).unwrap(),
         &mut unlisted,
@@ -151,11 +148,11 @@ fn a_stolen_validator_credits_at_most_its_ceiling_and_only_listed_cards() {
         "{err}"
     );
     // A replayed or forged grant adds nothing.
-    let grant = rig.hsm.ceiling_grant(1001, 1, 1_000).unwrap();
-    assert!(sam.apply_ceiling_grant(&grant).is_err());
-    let mut forged = rig.hsm.ceiling_grant(1001, 2, 1).unwrap();
-    forged.amount_minor = 1_000_000;
-    assert!(sam.apply_ceiling_grant(&forged).is_err());
+    let grant = rig.hsm.action_grant(1001, 1, 1_000).unwrap();
+    assert!(sam.apply_action_grant(&grant).is_err());
+    let mut forged = rig.hsm.action_grant(1001, 2, 1).unwrap();
+    forged.total_minor = 1_000_000;
+    assert!(sam.apply_action_grant(&forged).is_err());
     assert_eq!(sam.ceiling_minor(), 300);
     // An expired order opens nothing.
     assert!(sam.pickup(o2, NOW + 86_400).is_err());
@@ -167,4 +164,49 @@ fn a_stolen_validator_credits_at_most_its_ceiling_and_only_listed_cards() {
         total, 700,
         "at most the granted ceiling, only to listed cards"
     );
+}
+
+#[test]
+fn action_grants_are_cumulative_numbered_and_restored_with_what_was_spent() {
+    use purse::sam::ActionGrant;
+    let rig = Rig::new(44);
+    let mut sam = SoftwareSam::validator(&rig.keys, 1001).unwrap();
+    let g = |seq, total| rig.hsm.action_grant(1001, seq, total).unwrap();
+    // A missed grant does not matter: the next one carries the total.
+    sam.apply_action_grant(&g(3, 5_000)).unwrap();
+    assert_eq!(sam.ceiling_minor(), 5_000);
+    assert!(sam.apply_action_grant(&g(3, 9_000)).is_err(), "same number");
+    assert!(
+        sam.apply_action_grant(&g(4, 4_000)).is_err(),
+        "a smaller total"
+    );
+    sam.apply_action_grant(&g(5, 8_000)).unwrap();
+    assert_eq!(sam.ceiling_minor(), 8_000);
+    assert_eq!(sam.action_grant(), (5, 8_000));
+    // Another device's grant, a franchise grant, an altered one: refused.
+    assert!(sam
+        .apply_action_grant(&rig.hsm.action_grant(1002, 9, 1_000_000).unwrap())
+        .is_err());
+    assert!(sam
+        .apply_ceiling_grant(&rig.hsm.ceiling_grant(1001, 9, 1_000_000).unwrap())
+        .is_err());
+    let mut altered = g(6, 9_000);
+    altered.total_minor = 90_000;
+    assert!(sam.apply_action_grant(&altered).is_err());
+    assert_eq!(
+        ActionGrant::decode(&g(6, 9_000).encode()),
+        Some(g(6, 9_000))
+    );
+    assert_eq!(ActionGrant::decode(&[0; 28]), None);
+    // A restarted software SAM: the last grant less what its host journalled as spent.
+    let mut again = SoftwareSam::validator(&rig.keys, 1001).unwrap();
+    again.restore_action_ceiling(&g(5, 8_000), 3_000).unwrap();
+    assert_eq!(again.ceiling_minor(), 5_000);
+    assert!(
+        again.restore_action_ceiling(&g(5, 8_000), 0).is_err(),
+        "once"
+    );
+    // A franchise SAM takes no action grant.
+    let mut f = SoftwareSam::franchise(&rig.keys, 1001, 0).unwrap();
+    assert!(f.apply_action_grant(&g(7, 1_000)).is_err());
 }

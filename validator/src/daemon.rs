@@ -210,6 +210,8 @@ pub struct Topics {
     /// The action list (orders to pick up at the next tap), under the card scheme's topics.
     pub actions_snapshot: String,
     pub actions_delta: String,
+    /// This device's action-list ceiling grant (retained, MAC'd with its device key).
+    pub ceiling: String,
 }
 
 impl Topics {
@@ -231,6 +233,7 @@ impl Topics {
             fares: format!("{p}/fares/table"),
             actions_snapshot: format!("{s}/actions/snapshot"),
             actions_delta: format!("{s}/actions/delta"),
+            ceiling: format!("{p}/devices/{device}/ceiling"),
         }
     }
 }
@@ -372,6 +375,55 @@ pub fn apply_actions(
     Ok(DownlinkOutcome::Applied(v))
 }
 
+const CEILING_GRANT: &str = "ceiling/grant";
+
+/// Applies this device's action-list ceiling grant (`purse::sam::ActionGrant`, MAC'd with the
+/// device key, cumulative and numbered) to the gate's SAM and journals it; an older or equal
+/// number is already held; a forged, altered or another device's grant changes nothing.
+pub fn apply_action_grant(
+    gate: &mut Gate,
+    journal: &Journal,
+    bytes: &[u8],
+) -> Result<DownlinkOutcome, String> {
+    let g = purse::sam::ActionGrant::decode(bytes)
+        .ok_or_else(|| "action grant refused: malformed".to_string())?;
+    let (held, _) = gate.sam.action_grant();
+    if g.seq <= held && g.device_id == gate.placement.device_id {
+        return Ok(DownlinkOutcome::AlreadyHeld {
+            held: u64::from(held),
+            got: u64::from(g.seq),
+        });
+    }
+    gate.sam
+        .apply_action_grant(&g)
+        .map_err(|e| format!("action grant refused: {e}"))?;
+    // A grant applied but not journalled is simply missing after a restart (less ceiling,
+    // never more) until the retained grant arrives again.
+    journal
+        .put_blob(CEILING_GRANT, bytes)
+        .map_err(|e| format!("journalling the action grant: {e}"))?;
+    Ok(DownlinkOutcome::Applied(u64::from(g.seq)))
+}
+
+/// Brings a restarted gate's SAM back to its action ceiling: the last grant journalled less
+/// what the journal counts as spent.
+pub fn restore_action_ceiling(gate: &mut Gate, journal: &Journal) -> Result<(), DaemonError> {
+    let Some(b) = journal.blob(CEILING_GRANT)? else {
+        return Ok(());
+    };
+    let Some(g) = purse::sam::ActionGrant::decode(&b) else {
+        tracing::warn!("the journalled action grant is malformed; waiting for the next one");
+        return Ok(());
+    };
+    if let Err(e) = gate
+        .sam
+        .restore_action_ceiling(&g, journal.ceiling_spent()?)
+    {
+        tracing::warn!(error = %e, "the journalled action grant does not apply; waiting for the next one");
+    }
+    Ok(())
+}
+
 /// The journalled action list (snapshot and deltas) of `card_scheme`, replayed.
 pub fn restore_actions(
     card_scheme: &str,
@@ -423,6 +475,8 @@ pub async fn run(
         settings.device_id,
     );
     let actions = restore_actions(&settings.card_scheme, &journal, &settings.signing_pub)?;
+    let mut gate = gate;
+    restore_action_ceiling(&mut gate, &journal)?;
     let shared = Shared {
         gate: Arc::new(Mutex::new(gate)),
         actions: Arc::new(Mutex::new(actions)),

@@ -173,6 +173,7 @@ impl PendingPickup {
 }
 
 const NEXT_SEQ: &str = "next_seq";
+const CEILING_SPENT: &str = "ceiling_spent";
 
 impl Journal {
     /// Opens (or creates) the journal in `dir`.
@@ -343,12 +344,32 @@ impl Journal {
             .transpose()
     }
 
-    /// Journals a pick-up about to be applied, durably, before the card is touched.
+    /// Journals a pick-up about to be applied, durably, before the card is touched — and,
+    /// in the same transaction, its amount as spent of the SAM's action ceiling (counted
+    /// before the SAM counts it, so a restart never gives back ceiling that was used).
     pub fn put_pending_pickup(&self, p: &PendingPickup) -> Result<(), JournalError> {
         let mut w = self.env.write_txn()?;
         self.pickups.put(&mut w, &p.tap.change.uid, &p.encode())?;
+        let spent = self.spent_in(&w)? + i64::from(p.tap.change.amount_minor);
+        self.meta.put(&mut w, CEILING_SPENT, &spent.to_be_bytes())?;
         w.commit()?;
         Ok(())
+    }
+
+    fn spent_in(&self, t: &heed::RoTxn<'_, WithoutTls>) -> Result<i64, JournalError> {
+        match self.meta.get(t, CEILING_SPENT)? {
+            None => Ok(0),
+            Some(b) => Ok(i64::from_be_bytes(
+                b.try_into()
+                    .map_err(|_| JournalError::Corrupt("ceiling spent"))?,
+            )),
+        }
+    }
+
+    /// What pick-ups have taken of the SAM's action ceiling, ever (minor units).
+    pub fn ceiling_spent(&self) -> Result<i64, JournalError> {
+        let r = self.env.read_txn()?;
+        self.spent_in(&r)
     }
 
     /// Drops a card's pending pick-up (the card showed it never happened: the order is not

@@ -60,8 +60,8 @@ fn engine() -> Engine {
 fn gate(r: &Rig, device_id: u32, stop: &str, ceiling_minor: i64) -> Gate {
     let mut sam = SoftwareSam::validator(&r.keys, device_id).unwrap();
     if ceiling_minor > 0 {
-        let grant = r.hsm.ceiling_grant(device_id, 1, ceiling_minor).unwrap();
-        sam.apply_ceiling_grant(&grant).unwrap();
+        let grant = r.hsm.action_grant(device_id, 1, ceiling_minor).unwrap();
+        sam.apply_action_grant(&grant).unwrap();
     }
     Gate {
         sam,
@@ -298,7 +298,7 @@ fn an_exhausted_ceiling_applies_nothing_and_the_debit_still_works() {
     );
     // The back office tops the ceiling up (a MAC'd, numbered grant): the next tap picks it up.
     g.sam
-        .apply_ceiling_grant(&r.hsm.ceiling_grant(1001, 2, 1).unwrap())
+        .apply_action_grant(&r.hsm.action_grant(1001, 2, 5_000).unwrap())
         .unwrap();
     let (p, _) = tap(&mut g, &mut r, &j, &l, T0_MS + 3_600_000);
     assert!(matches!(p, Pickup::Applied { order_id: 3, .. }), "{p:?}");
@@ -459,4 +459,40 @@ fn the_action_list_from_the_downlink_is_verified_journalled_and_restored() {
     let back = restore_actions("metro", &j, &pk).unwrap();
     assert_eq!(back, l);
     assert_eq!(back.for_card(&UID, T0_MS / 1000).len(), 2);
+}
+
+#[test]
+fn the_ceiling_grant_from_the_downlink_survives_a_restart_less_what_was_spent() {
+    use validator::daemon::{apply_action_grant, restore_action_ceiling, DownlinkOutcome};
+    let mut r = rig();
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let mut g = gate(&r, 1001, "Central", 0);
+    let grant = |seq, total| r.hsm.action_grant(1001, seq, total).unwrap().encode();
+    assert_eq!(
+        apply_action_grant(&mut g, &j, &grant(1, 5_000)),
+        Ok(DownlinkOutcome::Applied(1))
+    );
+    assert_eq!(
+        apply_action_grant(&mut g, &j, &grant(1, 5_000)),
+        Ok(DownlinkOutcome::AlreadyHeld { held: 1, got: 1 })
+    );
+    let other = r.hsm.action_grant(1002, 2, 90_000).unwrap().encode();
+    assert!(apply_action_grant(&mut g, &j, &other).is_err());
+    let mut forged = grant(2, 90_000);
+    forged[27] ^= 1;
+    assert!(apply_action_grant(&mut g, &j, &forged).is_err());
+    assert!(apply_action_grant(&mut g, &j, b"nonsense").is_err());
+    assert_eq!(g.sam.ceiling_minor(), 5_000);
+    let l = list(&r, vec![order(&r, UID, 8, 3_000, T0_MS / 1000 + DAY_S)]);
+    let (p, _) = tap(&mut g, &mut r, &j, &l, T0_MS);
+    assert!(matches!(p, Pickup::Applied { order_id: 8, .. }), "{p:?}");
+    assert_eq!(j.ceiling_spent().unwrap(), 3_000);
+    // The validator restarts: a fresh SAM gets its ceiling back from the journal, not more.
+    drop(j);
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let mut g = gate(&r, 1001, "Central", 0);
+    restore_action_ceiling(&mut g, &j).unwrap();
+    assert_eq!(g.sam.ceiling_minor(), 2_000);
+    assert_eq!(g.sam.action_grant(), (1, 5_000));
 }

@@ -199,6 +199,7 @@ fn on_connected(link: &Link, shared: &Shared) {
         &t.fares,
         &t.actions_snapshot,
         &t.actions_delta,
+        &t.ceiling,
     ] {
         // Never await the request queue from the event loop itself: it only drains while
         // this loop polls.
@@ -226,6 +227,28 @@ async fn on_confirmation(shared: &Shared, confirmations: Arc<Confirmations>, p: 
 /// A blocklist or fare table: verified, applied and journalled off the event loop (it waits
 /// for the gate, which a tap may hold).
 async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publish) {
+    if p.topic == topics.ceiling {
+        let shared = shared.clone();
+        let payload = p.payload.to_vec();
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(mut g) = shared.gate.lock() else {
+                return;
+            };
+            match super::apply_action_grant(&mut g, &shared.journal, &payload) {
+                Ok(DownlinkOutcome::Applied(seq)) => {
+                    tracing::info!(
+                        seq,
+                        ceiling_minor = g.sam.ceiling_minor(),
+                        "action ceiling granted"
+                    )
+                }
+                Ok(DownlinkOutcome::AlreadyHeld { .. }) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        })
+        .await;
+        return;
+    }
     if p.topic == topics.actions_snapshot || p.topic == topics.actions_delta {
         let shared = shared.clone();
         let payload = p.payload.to_vec();
