@@ -422,64 +422,7 @@ async fn anomalies(
     result.unwrap_or_else(|e| p.error(e))
 }
 
-/// A horizontal bar chart drawn as SVG by the template: each bar's geometry is computed here
-/// from the numbers (no script, no library). A row is its label (left) and value (right) on
-/// one line and the bar under them.
-#[derive(serde::Serialize)]
-struct Chart {
-    /// The chart's height in SVG units (the width is [`CHART_WIDTH`]).
-    height: u32,
-    bars: Vec<Bar>,
-}
-
-#[derive(serde::Serialize)]
-struct Bar {
-    label: String,
-    value: String,
-    /// The label's baseline.
-    y_label: u32,
-    /// The bar's top.
-    y: u32,
-    /// The bar's width (0 to [`BAR_MAX`]).
-    w: u32,
-    /// The bar is a negative value.
-    negative: bool,
-}
-
-const CHART_WIDTH: u32 = 400;
-const BAR_MAX: u32 = CHART_WIDTH;
-const ROW: u32 = 38;
-
-/// Bars for `(label, value, shown as)`: the longest is [`BAR_MAX`], a non-zero value at least 2.
-fn chart(rows: Vec<(String, i64, String)>) -> Chart {
-    let max = rows
-        .iter()
-        .map(|(_, v, _)| v.unsigned_abs())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let bars = rows
-        .into_iter()
-        .enumerate()
-        .map(|(i, (label, v, value))| {
-            let i = i as u32;
-            let w = (u128::from(v.unsigned_abs()) * u128::from(BAR_MAX) / u128::from(max)) as u32;
-            let w = if v != 0 { w.max(2) } else { 0 };
-            Bar {
-                label,
-                value,
-                y_label: i * ROW + 13,
-                y: i * ROW + 18,
-                w,
-                negative: v < 0,
-            }
-        })
-        .collect::<Vec<_>>();
-    Chart {
-        height: (bars.len() as u32 * ROW).max(ROW),
-        bars,
-    }
-}
+use tapgate_http::pages::chart::{chart, CHART_WIDTH};
 
 /// The UTC day (`YYYY-MM-DD`) of a time.
 fn day_of(ms: u64) -> String {
@@ -789,22 +732,6 @@ mod tests {
     fn an_anomaly_kind_without_words_is_shown_as_itself() {
         assert_eq!(anomaly_label("forged_tmac"), "forged MAC");
         assert_eq!(anomaly_label("some_new_kind"), "some_new_kind");
-    }
-
-    #[test]
-    fn bars_are_drawn_to_scale() {
-        let c = chart(vec![
-            ("a".into(), 1_000, "1000".into()),
-            ("b".into(), 500, "500".into()),
-            ("c".into(), 0, "0".into()),
-            ("d".into(), 1, "1".into()),
-            ("e".into(), -1_000, "-1000".into()),
-        ]);
-        let w: Vec<u32> = c.bars.iter().map(|b| b.w).collect();
-        assert_eq!(w, vec![BAR_MAX, BAR_MAX / 2, 0, 2, BAR_MAX]);
-        assert!(c.bars[4].negative);
-        assert_eq!(c.height, 5 * ROW);
-        assert_eq!(chart(Vec::new()).height, ROW);
     }
 
     #[test]

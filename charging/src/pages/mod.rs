@@ -22,158 +22,43 @@
 
 mod card;
 mod console;
-mod session;
 
 pub use card::{money, parse_money, Entry, LoadView, TopUp};
-pub use session::{check_phc, hash_password, verify_password, PageRole};
+pub use tapgate_http::pages::{
+    check_phc, hash_password, verify_password, CardholderLogin, PageLogin, PageRole, PagesConfig,
+};
 
 use crate::api::AppState;
 use crate::ledger::LedgerRead;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
-use session::{Sessions, SignInLimiter, Throttled};
 use std::sync::Arc;
-
-/// A cardholder or an operator who may sign in to the pages.
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PageLogin {
-    /// The account name: a cardholder's is the owner of their cards (their API caller name).
-    pub name: String,
-    /// The password's Argon2id hash, a PHC string (`tapgate charging page-login`).
-    pub password_argon2: String,
-}
-
-/// A cardholder's login (`[[pages.cardholders]]`).
-pub type CardholderLogin = PageLogin;
-
-impl std::fmt::Debug for PageLogin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageLogin")
-            .field("name", &self.name)
-            .field("password_argon2", &"<hash>")
-            .finish()
-    }
-}
-
-/// The `[pages]` table of the charging server's configuration.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PagesConfig {
-    /// Serve the pages (default true; without cardholders nobody can sign in).
-    pub enabled: bool,
-    /// Cardholders who may sign in.
-    pub cardholders: Vec<PageLogin>,
-    /// Operators who may sign in to the console.
-    pub operators: Vec<PageLogin>,
-    /// A session idle this long ends (default 30 minutes).
-    pub session_idle_ms: u64,
-    /// Failed sign-ins per account within `sign_in_window_ms` before it is refused (default 5).
-    pub max_failures_per_account: u32,
-    /// Sign-in attempts per client address within `sign_in_window_ms` (default 30).
-    pub max_attempts_per_address: u32,
-    /// The sign-in limits' window (default 15 minutes).
-    pub sign_in_window_ms: u64,
-}
-
-impl Default for PagesConfig {
-    fn default() -> Self {
-        PagesConfig {
-            enabled: true,
-            cardholders: Vec::new(),
-            operators: Vec::new(),
-            session_idle_ms: 30 * 60_000,
-            max_failures_per_account: 5,
-            max_attempts_per_address: 30,
-            sign_in_window_ms: 15 * 60_000,
-        }
-    }
-}
-
-impl PagesConfig {
-    /// Every login with its role.
-    fn logins(&self) -> impl Iterator<Item = (PageRole, &PageLogin)> {
-        self.cardholders
-            .iter()
-            .map(|c| (PageRole::Cardholder, c))
-            .chain(self.operators.iter().map(|c| (PageRole::Operator, c)))
-    }
-
-    /// Checks the logins: names unique (across cardholders and operators) and not another
-    /// role's token, hashes Argon2id.
-    pub fn check(&self, tokens: &[crate::api::TokenEntry]) -> Result<(), String> {
-        let mut seen = std::collections::HashSet::new();
-        for (role, c) in self.logins() {
-            let table = match role {
-                PageRole::Cardholder => "[[pages.cardholders]]",
-                PageRole::Operator => "[[pages.operators]]",
-            };
-            let api_role = match role {
-                PageRole::Cardholder => crate::api::Role::Cardholder,
-                PageRole::Operator => crate::api::Role::Operator,
-            };
-            if c.name.is_empty() || c.name.len() > 128 {
-                return Err(format!("{table}: a name of 1 to 128 characters"));
-            }
-            if !seen.insert(c.name.as_str()) {
-                return Err(format!(
-                    "{table} {:?} is listed twice (a page login's name is one account, cardholder or operator)",
-                    c.name
-                ));
-            }
-            if let Some(t) = tokens
-                .iter()
-                .find(|t| t.name == c.name && t.role != api_role)
-            {
-                return Err(format!(
-                    "{table} {:?} is the name of a {} token: a page login is a {}'s",
-                    c.name,
-                    t.role.name(),
-                    role.name()
-                ));
-            }
-            check_phc(&c.password_argon2).map_err(|e| {
-                format!(
-                    "{table} {:?}: password_argon2 must be an Argon2id PHC string ({e})",
-                    c.name
-                )
-            })?;
-        }
-        if self.session_idle_ms == 0 || self.sign_in_window_ms == 0 {
-            return Err("[pages] session_idle_ms and sign_in_window_ms must be > 0".into());
-        }
-        if self.max_failures_per_account == 0 || self.max_attempts_per_address == 0 {
-            return Err(
-                "[pages] max_failures_per_account and max_attempts_per_address must be > 0".into(),
-            );
-        }
-        Ok(())
-    }
-}
+use tapgate_http::pages::{blocking, session, HasSite, PageError, Site};
 
 /// The pages' own state beside the API's.
 #[derive(Clone)]
 struct Pages {
     api: AppState,
-    /// Account name → its role and password hash.
-    logins: Arc<std::collections::HashMap<String, (PageRole, String)>>,
-    sessions: Arc<Sessions>,
-    limiter: Arc<SignInLimiter>,
-    templates: Arc<minijinja::Environment<'static>>,
-    /// Cookies are Secure over TLS.
-    tls: bool,
+    /// Sign-in, sessions, templates (shared with the gateway's console).
+    site: Arc<Site>,
     currency: String,
 }
 
-/// The templates, compiled into the binary.
-const TEMPLATES: [(&str, &str); 19] = [
+impl HasSite for Pages {
+    fn site(&self) -> &Site {
+        &self.site
+    }
+}
+
+/// The templates, compiled into the binary (beside the shared ones: `login.html`,
+/// `message.html`, `console_chart.html`).
+const TEMPLATES: [(&str, &str); 16] = [
     ("base.html", include_str!("templates/base.html")),
     ("home.html", include_str!("templates/home.html")),
-    ("login.html", include_str!("templates/login.html")),
     ("cards.html", include_str!("templates/cards.html")),
     ("card.html", include_str!("templates/card.html")),
     ("topup.html", include_str!("templates/topup.html")),
@@ -190,7 +75,6 @@ const TEMPLATES: [(&str, &str); 19] = [
         "receipt_month.html",
         include_str!("templates/receipt_month.html"),
     ),
-    ("message.html", include_str!("templates/message.html")),
     ("console.html", include_str!("templates/console.html")),
     (
         "console_card.html",
@@ -199,10 +83,6 @@ const TEMPLATES: [(&str, &str); 19] = [
     (
         "console_card_body.html",
         include_str!("templates/console_card_body.html"),
-    ),
-    (
-        "console_chart.html",
-        include_str!("templates/console_chart.html"),
     ),
     (
         "console_blocks.html",
@@ -221,17 +101,10 @@ const TEMPLATES: [(&str, &str); 19] = [
         include_str!("templates/console_settlement.html"),
     ),
 ];
-const STYLE_CSS: &str = include_str!("assets/style.css");
-const APP_JS: &str = include_str!("assets/app.js");
-
+/// The environment with the shared templates and these.
+#[cfg(test)]
 fn environment() -> minijinja::Environment<'static> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-    for (name, src) in TEMPLATES {
-        env.add_template(name, src)
-            .unwrap_or_else(|e| panic!("template {name}: {e}"));
-    }
-    env
+    tapgate_http::pages::environment(&TEMPLATES)
 }
 
 /// The pages' routes, to merge into the API's router. `tls`: the listener serves HTTPS
@@ -245,28 +118,17 @@ pub fn router(
     if !cfg.enabled {
         return Ok(Router::new());
     }
-    cfg.check(&[])?;
+    let site = Site::new(cfg, &TEMPLATES, tls, api.clock.clone(), |role| match role {
+        PageRole::Cardholder => "/cards",
+        PageRole::Operator => "/console",
+    })?;
     let pages = Pages {
         api,
-        logins: Arc::new(
-            cfg.logins()
-                .map(|(role, c)| (c.name.clone(), (role, c.password_argon2.clone())))
-                .collect(),
-        ),
-        sessions: Arc::new(Sessions::new(cfg.session_idle_ms)),
-        limiter: Arc::new(SignInLimiter::new(
-            cfg.max_failures_per_account,
-            cfg.max_attempts_per_address,
-            cfg.sign_in_window_ms,
-        )),
-        templates: Arc::new(environment()),
-        tls,
+        site: Arc::new(site),
         currency: currency.to_string(),
     };
     Ok(Router::new()
         .route("/", get(home))
-        .route("/login", get(login_form).post(login))
-        .route("/logout", post(logout))
         .route("/cards", get(cards))
         .route("/cards/{uid}", get(card_page))
         .route("/cards/{uid}/topup", get(topup_form).post(topup))
@@ -275,68 +137,11 @@ pub fn router(
         .route("/cards/{uid}/receipts/load/{tmc}", get(receipt_load))
         .route("/cards/{uid}/receipts/month/{month}", get(receipt_month))
         .merge(console::routes())
-        .route(
-            "/assets/style.css",
-            get(|| async { asset("text/css", STYLE_CSS) }),
-        )
-        .route(
-            "/assets/app.js",
-            get(|| async { asset("text/javascript", APP_JS) }),
-        )
-        .layer(axum::middleware::map_response(security_headers))
+        .merge(tapgate_http::pages::sign_in_routes())
+        .layer(axum::middleware::map_response(
+            tapgate_http::pages::security_headers,
+        ))
         .with_state(pages))
-}
-
-fn asset(kind: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, kind),
-            (header::CACHE_CONTROL, "public, max-age=3600"),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-/// Every page: no framing, scripts and styles from this origin only, no MIME sniffing, no
-/// referrer; private pages are not cached.
-async fn security_headers(mut r: Response) -> Response {
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    if !h.contains_key(header::CACHE_CONTROL) {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    r
-}
-
-/// A page's failure, shown as a page.
-enum PageError {
-    /// Not signed in: to the sign-in page.
-    SignIn,
-    /// 403: a form without its CSRF token.
-    Csrf,
-    /// 403: a page of another role (a cardholder on the console, an operator on a card).
-    Forbidden(String),
-    /// 404 (also another holder's card).
-    NotFound(String),
-    /// 400 with what to fix.
-    Bad(String),
-    /// 500 (logged).
-    Internal(String),
 }
 
 impl From<crate::ledger::LedgerError> for PageError {
@@ -347,65 +152,20 @@ impl From<crate::ledger::LedgerError> for PageError {
 
 impl Pages {
     fn render(&self, name: &str, ctx: minijinja::Value) -> Response {
-        match self
-            .templates
-            .get_template(name)
-            .and_then(|t| t.render(ctx))
-        {
-            Ok(html) => {
-                ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
-            }
-            Err(e) => {
-                tracing::error!(template = name, error = %e, "page template failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-            }
-        }
-    }
-
-    fn message(&self, status: StatusCode, title: &str, text: &str) -> Response {
-        let mut r = self.render(
-            "message.html",
-            minijinja::context! { title => title, text => text, holder => None::<String> },
-        );
-        *r.status_mut() = status;
-        r
+        self.site.render(name, ctx)
     }
 
     fn error(&self, e: PageError) -> Response {
-        match e {
-            PageError::SignIn => Redirect::to("/login").into_response(),
-            PageError::Csrf => self.message(
-                StatusCode::FORBIDDEN,
-                "Form refused",
-                "This form was not sent from this site's page, or it has expired. Go back, reload the page and try again.",
-            ),
-            PageError::Forbidden(what) => {
-                self.message(StatusCode::FORBIDDEN, "Not for this account", &what)
-            }
-            PageError::NotFound(what) => {
-                self.message(StatusCode::NOT_FOUND, "Not found", &what)
-            }
-            PageError::Bad(what) => self.message(StatusCode::BAD_REQUEST, "Please check", &what),
-            PageError::Internal(d) => {
-                tracing::error!(detail = %d, "page failed");
-                self.message(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Something went wrong",
-                    "The back office could not answer. Please try again in a moment.",
-                )
-            }
-        }
+        self.site.error(e)
     }
 
     fn now(&self) -> u64 {
-        (self.api.clock)()
+        self.site.now()
     }
 
     /// The signed-in session, if any.
     fn session(&self, headers: &HeaderMap) -> Option<(String, session::Session)> {
-        let id = session::cookie(headers, session::SESSION_COOKIE)?;
-        let s = self.sessions.get(&id, self.now())?;
-        Some((id, s))
+        self.site.session(headers)
     }
 
     /// The signed-in cardholder's session.
@@ -420,21 +180,7 @@ impl Pages {
         headers: &HeaderMap,
         role: PageRole,
     ) -> Result<session::Session, PageError> {
-        let s = self
-            .session(headers)
-            .map(|(_, s)| s)
-            .ok_or(PageError::SignIn)?;
-        if s.role != role {
-            return Err(PageError::Forbidden(match role {
-                PageRole::Cardholder => {
-                    "These pages are a cardholder's: sign in as a cardholder to see cards.".into()
-                }
-                PageRole::Operator => {
-                    "The console is an operator's: a cardholder's account cannot open it.".into()
-                }
-            }));
-        }
-        Ok(s)
+        self.site.signed_in_as(headers, role)
     }
 
     /// The cardholder's session of a POST whose form carries its CSRF token.
@@ -449,11 +195,7 @@ impl Pages {
         csrf: &str,
         role: PageRole,
     ) -> Result<session::Session, PageError> {
-        let s = self.signed_in_as(headers, role)?;
-        if csrf.is_empty() || !session::same_token(&s.csrf, csrf) {
-            return Err(PageError::Csrf);
-        }
-        Ok(s)
+        self.site.posted_as(headers, csrf, role)
     }
 
     /// The holder's card `uid_hex`: refused as not found when it is not theirs.
@@ -482,22 +224,6 @@ impl Pages {
     }
 }
 
-/// Runs `f` (ledger reads) off the async worker.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, PageError> + Send + 'static,
-) -> Result<T, PageError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| PageError::Internal(format!("worker failed: {e}")))?
-}
-
-/// The form field every POST carries.
-#[derive(Deserialize)]
-struct CsrfOnly {
-    #[serde(default)]
-    csrf: String,
-}
-
 async fn home(State(p): State<Pages>, headers: HeaderMap) -> Response {
     let s = p.session(&headers).map(|(_, s)| s);
     let of = |role| {
@@ -512,145 +238,6 @@ async fn home(State(p): State<Pages>, headers: HeaderMap) -> Response {
             csrf => s.as_ref().map(|s| s.csrf.clone()),
         },
     )
-}
-
-/// The sign-in page; its form's CSRF token is also set in a cookie of its own.
-async fn login_form(State(p): State<Pages>) -> Response {
-    login_page(&p, StatusCode::OK, None, "")
-}
-
-fn login_page(p: &Pages, status: StatusCode, error: Option<&str>, name: &str) -> Response {
-    let token = session::random_token();
-    let mut r = p.render(
-        "login.html",
-        minijinja::context! { csrf => token, error => error, name => name, holder => None::<String> },
-    );
-    *r.status_mut() = status;
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(
-        session::PRE_COOKIE,
-        &token,
-        p.tls,
-        Some(3600),
-    )) {
-        r.headers_mut().append(header::SET_COOKIE, v);
-    }
-    r
-}
-
-#[derive(Deserialize)]
-struct LoginForm {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    password: String,
-    #[serde(default)]
-    csrf: String,
-}
-
-/// The client's address as the listener saw it.
-fn address(req_ext: Option<&axum::extract::ConnectInfo<std::net::SocketAddr>>) -> String {
-    req_ext.map_or_else(|| "unknown".into(), |c| c.0.ip().to_string())
-}
-
-async fn login(
-    State(p): State<Pages>,
-    headers: HeaderMap,
-    connect: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
-    Form(f): Form<LoginForm>,
-) -> Response {
-    let pre = session::cookie(&headers, session::PRE_COOKIE).unwrap_or_default();
-    if f.csrf.is_empty() || !session::same_token(&pre, &f.csrf) {
-        return p.error(PageError::Csrf);
-    }
-    let name = f.name.trim().to_string();
-    if name.is_empty() || name.len() > 128 || f.password.is_empty() || f.password.len() > 1024 {
-        return login_page(
-            &p,
-            StatusCode::BAD_REQUEST,
-            Some("Enter your account name and password."),
-            &name,
-        );
-    }
-    let now = p.now();
-    let addr = address(connect.as_ref().map(|c| &c.0));
-    if let Err(t) = p.limiter.attempt(&name, &addr, now) {
-        let (mins, why) = match t {
-            Throttled::Account(s) => (s.div_ceil(60), "Too many failed sign-ins for this account."),
-            Throttled::Address(s) => (
-                s.div_ceil(60),
-                "Too many sign-in attempts from your network address.",
-            ),
-        };
-        let msg = format!(
-            "{why} Try again in {mins} minute{}.",
-            if mins == 1 { "" } else { "s" }
-        );
-        return login_page(&p, StatusCode::TOO_MANY_REQUESTS, Some(&msg), &name);
-    }
-    // An unknown account costs the same Argon2 work as a known one.
-    let login = p.logins.get(&name).cloned();
-    let password = zeroize::Zeroizing::new(f.password);
-    let role = tokio::task::spawn_blocking(move || match login {
-        Some((role, phc)) => verify_password(&phc, &password).then_some(role),
-        None => {
-            let _ = verify_password(dummy_hash(), &password);
-            None
-        }
-    })
-    .await
-    .unwrap_or(None);
-    let Some(role) = role else {
-        p.limiter.failed(&name, now);
-        return login_page(
-            &p,
-            StatusCode::UNAUTHORIZED,
-            Some("That account name and password do not match."),
-            &name,
-        );
-    };
-    p.limiter.succeeded(&name);
-    // A new session id at every sign-in (no fixation), and the sign-in cookie dropped.
-    let id = p.sessions.create(role, &name, now);
-    let mut r = Redirect::to(match role {
-        PageRole::Cardholder => "/cards",
-        PageRole::Operator => "/console",
-    })
-    .into_response();
-    for c in [
-        session::set_cookie(session::SESSION_COOKIE, &id, p.tls, None),
-        session::set_cookie(session::PRE_COOKIE, "", p.tls, Some(0)),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&c) {
-            r.headers_mut().append(header::SET_COOKIE, v);
-        }
-    }
-    r
-}
-
-/// A hash to verify unknown accounts against (same cost as a real one).
-fn dummy_hash() -> &'static str {
-    static H: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    H.get_or_init(|| hash_password("no such account"))
-}
-
-async fn logout(State(p): State<Pages>, headers: HeaderMap, Form(f): Form<CsrfOnly>) -> Response {
-    let Some((id, s)) = p.session(&headers) else {
-        return Redirect::to("/login").into_response();
-    };
-    if f.csrf.is_empty() || !session::same_token(&s.csrf, &f.csrf) {
-        return p.error(PageError::Csrf);
-    }
-    p.sessions.end(&id);
-    let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(
-        session::SESSION_COOKIE,
-        "",
-        p.tls,
-        Some(0),
-    )) {
-        r.headers_mut().append(header::SET_COOKIE, v);
-    }
-    r
 }
 
 async fn cards(State(p): State<Pages>, headers: HeaderMap) -> Response {
@@ -963,7 +550,7 @@ async fn topup_state(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("127.0.0.1:8443");
-        let server = format!("{}://{host}", if p.tls { "https" } else { "http" });
+        let server = format!("{}://{host}", if p.site.tls() { "https" } else { "http" });
         Ok::<_, PageError>(p.render(
             "topup_state.html",
             minijinja::context! {
@@ -1127,61 +714,12 @@ mod tests {
     #[test]
     fn every_template_compiles() {
         let env = environment();
+        for (name, _) in tapgate_http::pages::SHARED_TEMPLATES {
+            assert!(env.get_template(name).is_ok(), "{name}");
+        }
         for (name, _) in TEMPLATES {
             assert!(env.get_template(name).is_ok(), "{name}");
         }
-    }
-
-    #[test]
-    fn a_login_config_is_checked() {
-        let mut cfg = PagesConfig::default();
-        cfg.cardholders.push(CardholderLogin {
-            name: "ann".into(),
-            password_argon2: "plain".into(),
-        });
-        assert!(cfg.check(&[]).unwrap_err().contains("Argon2id"));
-        cfg.cardholders[0].password_argon2 = hash_password("pw");
-        assert!(cfg.check(&[]).is_ok());
-        let ops = crate::api::TokenEntry {
-            name: "ann".into(),
-            role: crate::api::Role::Operator,
-            sha256: crate::api::Auth::hash_token("x"),
-        };
-        assert!(cfg.check(&[ops]).unwrap_err().contains("operator token"));
-        cfg.cardholders.push(cfg.cardholders[0].clone());
-        assert!(cfg.check(&[]).unwrap_err().contains("twice"));
-        assert!(!format!("{:?}", cfg.cardholders[0]).contains("argon2id"));
-    }
-
-    #[test]
-    fn operator_logins_are_checked_beside_the_cardholders() {
-        let login = |name: &str| PageLogin {
-            name: name.into(),
-            password_argon2: hash_password("pw"),
-        };
-        let token = |name: &str, role| crate::api::TokenEntry {
-            name: name.into(),
-            role,
-            sha256: crate::api::Auth::hash_token("x"),
-        };
-        let mut cfg = PagesConfig::default();
-        cfg.cardholders.push(login("ann"));
-        cfg.operators.push(login("ops"));
-        assert!(cfg
-            .check(&[token("ops", crate::api::Role::Operator)])
-            .is_ok());
-        assert!(cfg
-            .check(&[token("ops", crate::api::Role::Cardholder)])
-            .unwrap_err()
-            .contains("[[pages.operators]] \"ops\" is the name of a cardholder token"));
-        cfg.operators.push(login("ann"));
-        assert!(cfg.check(&[]).unwrap_err().contains("listed twice"));
-        let parsed: PagesConfig = toml::from_str(&format!(
-            "[[operators]]\nname = \"ops\"\npassword_argon2 = \"{}\"\n",
-            hash_password("pw")
-        ))
-        .unwrap();
-        assert_eq!(parsed.operators[0].name, "ops");
     }
 }
 #[cfg(test)]

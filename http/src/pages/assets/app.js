@@ -10,4 +10,29 @@ document.addEventListener("DOMContentLoaded", function () {
     var ms = parseInt(r.getAttribute("data-autorefresh"), 10) || 5000;
     setTimeout(function () { window.location.reload(); }, ms);
   }
+  // A live figure (the gateway console's block propagation): [data-poll] fetches its JSON
+  // every data-poll-ms and writes each of its "shown" texts into [data-field=NAME].
+  var live = document.querySelector("[data-poll]");
+  if (live) {
+    var url = live.getAttribute("data-poll");
+    var every = parseInt(live.getAttribute("data-poll-ms"), 10) || 2000;
+    var note = live.querySelector("[data-live-note]");
+    if (note) { note.textContent = "Updating every " + every / 1000 + " seconds."; }
+    var tick = function () {
+      fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (j) {
+          if (!j || !j.shown) { return; }
+          Object.keys(j.shown).forEach(function (k) {
+            live.querySelectorAll('[data-field="' + k + '"]').forEach(function (e) {
+              e.textContent = j.shown[k];
+            });
+          });
+          var bar = live.querySelector("progress");
+          if (bar) { bar.max = j.max; bar.value = j.holding; bar.textContent = j.shown.percent; }
+        })
+        .catch(function () {});
+    };
+    setInterval(tick, every);
+  }
 });
