@@ -72,10 +72,15 @@ pub(super) fn run<T>(
                     std::thread::sleep(backoff(attempt));
                     continue;
                 }
-                return Err(if fl.lost {
-                    LedgerError::Unavailable(fl.error)
+                let error = if fl.retryable {
+                    format!("{} (gave up after {attempt} attempts)", fl.error)
                 } else {
-                    LedgerError::Database(fl.error)
+                    fl.error
+                };
+                return Err(if fl.lost {
+                    LedgerError::Unavailable(error)
+                } else {
+                    LedgerError::Database(error)
                 });
             }
             (Err(e), None) => {
