@@ -313,7 +313,6 @@ fn orders_are_refused_for_blocked_cards_others_instruments_and_out_of_limits() {
     assert!(rig.svc.action_snapshot("metro").unwrap().is_none());
 }
 
-
 fn get_bytes(url: &str, token: &str) -> (u16, Option<String>, Vec<u8>) {
     match ureq::get(url)
         .set("Authorization", &format!("Bearer {token}"))
@@ -428,4 +427,64 @@ fn over_http_a_cardholder_orders_for_its_own_card_and_the_gateway_reads_the_sign
         get_bytes(&format!("{b}/v1/actions/signed/snapshot"), "tg_alice").0,
         403
     );
+    // The gateway asks for a validator's ceiling grant; a cardholder may not.
+    let (code, g) = common::post(
+        &format!("{b}/v1/validators/1001/ceiling"),
+        "tg_gw",
+        serde_json::json!({}),
+    );
+    assert_eq!(code, 200, "{g}");
+    let bytes = hex::decode(g["grant"].as_str().unwrap()).unwrap();
+    let grant = purse::sam::ActionGrant::decode(&bytes).unwrap();
+    assert_eq!((grant.device_id, grant.seq), (1001, 1));
+    let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    sam.apply_action_grant(&grant).unwrap();
+    let (code, _) = common::post(
+        &format!("{b}/v1/validators/1001/ceiling"),
+        "tg_alice",
+        serde_json::json!({}),
+    );
+    assert_eq!(code, 403);
+}
+
+#[test]
+fn a_validators_ceiling_grant_follows_its_cleared_pickups_within_the_exposure_limit() {
+    let mut rig = rig();
+    rig.limits.validator_exposure_minor = 10_000;
+    let g1 = rig.svc.action_grant_for(1001, &rig.limits).unwrap();
+    assert_eq!((g1.seq, g1.total_minor), (1, 10_000));
+    // Asked again with nothing cleared: the same grant, no more exposure.
+    let again = rig.svc.action_grant_for(1001, &rig.limits).unwrap();
+    assert_eq!(again, g1);
+    let mut sam = SoftwareSam::validator(&rig.keys, 1001).unwrap();
+    sam.apply_action_grant(&g1).unwrap();
+    // The validator picks up an order; once clearing has it, the grant tops the ceiling up.
+    let mut c = card(&rig, 5, 0);
+    rig.svc
+        .create_order(HOLDER, &rig.limits, request(&c, 4_000, "k"), T0)
+        .unwrap();
+    let list = validator_list(&rig);
+    let o = list.get(1).unwrap();
+    let r = value_tx(
+        &mut sam.pickup(o, T0 / 1000).unwrap(),
+        &mut c,
+        KeyKind::Credit,
+        ins::CREDIT,
+        4_000,
+    )
+    .unwrap();
+    assert_eq!(sam.ceiling_minor(), 6_000);
+    let out = clear(&rig, "b", vec![pickup_tap(&r, 1, 1001, 1)]);
+    assert!(out.anomalies.is_empty(), "{out:?}");
+    let g2 = rig.svc.action_grant_for(1001, &rig.limits).unwrap();
+    assert_eq!((g2.seq, g2.total_minor), (2, 14_000));
+    sam.apply_action_grant(&g2).unwrap();
+    assert_eq!(sam.ceiling_minor(), 10_000, "exposure back at the limit");
+    // Another device's grants are its own.
+    let other = rig.svc.action_grant_for(1002, &rig.limits).unwrap();
+    assert_eq!(
+        (other.device_id, other.seq, other.total_minor),
+        (1002, 1, 10_000)
+    );
+    assert!(sam.apply_action_grant(&other).is_err());
 }

@@ -320,6 +320,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/actions/signed/snapshot", get(actions_snapshot))
         .route("/v1/actions/signed/delta", get(actions_delta))
+        .route("/v1/validators/{device}/ceiling", post(validator_ceiling))
         .route("/v1/partner/vouchers", post(partner_voucher))
         .route(
             "/v1/clearing/batches",

@@ -181,3 +181,28 @@ pub(super) async fn actions_delta(
     })
     .await
 }
+
+/// `POST /v1/validators/{device}/ceiling` (gateway, operator): the validator's action-list
+/// ceiling grant — the total granted, raised to its pick-ups cleared plus the exposure limit
+/// when that is more — as `{device_id, seq, total_minor, grant}` (`grant`: the 28-byte wire
+/// form, hex, that the gateway publishes retained on the device's `…/devices/<id>/ceiling`).
+pub(super) async fn validator_ceiling(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(device): Path<u32>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    let loads = st.loads.clone();
+    let g = blocking(move || {
+        loads
+            .action_grant_for(device, &OrderLimits::default())
+            .map_err(order_err)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({
+        "device_id": g.device_id,
+        "seq": g.seq,
+        "total_minor": g.total_minor,
+        "grant": hex::encode_upper(g.encode()),
+    })))
+}

@@ -35,6 +35,9 @@ pub struct OrderLimits {
     pub max_order_minor: i32,
     /// The card key version the orders' wrapped credit keys are of.
     pub key_version: u8,
+    /// Most a validator may have credited beyond its pick-ups cleared: its ceiling grants'
+    /// total stays within the pick-ups cleared plus this.
+    pub validator_exposure_minor: i64,
 }
 
 impl Default for OrderLimits {
@@ -44,6 +47,7 @@ impl Default for OrderLimits {
             refund_grace_ms: 2 * 86_400_000,
             max_order_minor: 100_000,
             key_version: 1,
+            validator_exposure_minor: 200_000,
         }
     }
 }
@@ -173,6 +177,12 @@ fn change_key(v: u64) -> String {
     format!("action-orders:change:{v:020}")
 }
 const EXPIRY_CURSOR: &str = "action-orders:expiry-cursor";
+fn grant_key(device: u32) -> String {
+    format!("action-ceiling:{device}")
+}
+fn cleared_key(device: u32) -> String {
+    format!("action-ceiling-cleared:{device}")
+}
 fn request_key(caller: &str, key: &str) -> String {
     format!("action-order-request:{caller}:{key}")
 }
@@ -239,6 +249,10 @@ pub fn complete_order_from_tap(
     let r = proof.receipt();
     let uid = hex::encode_upper(r.uid());
     let reference = format!("order:{order_id}:pickup:{uid}:{}", r.tmc());
+    // Whatever it completes, the device credited this much of its ceiling.
+    let cleared = get_u64(t, &cleared_key(device_id))?
+        .saturating_add(u64::try_from(r.amount_minor()).unwrap_or(0));
+    t.put_idempotent(&cleared_key(device_id), &serde_json::json!(cleared))?;
     let found = order(t, order_id)?;
     let why = match &found {
         None => Some("no such order".to_string()),
@@ -534,6 +548,45 @@ impl LoadService {
             to_version: latest,
             entries,
         }))
+    }
+
+    /// Validator `device`'s action-list ceiling grant: the total granted, raised (a new
+    /// number) to the device's pick-ups cleared plus `validator_exposure_minor` when that is
+    /// more than granted so far; otherwise the last grant again. MAC'd by the HSM with the
+    /// device's key ([`purse::sam::ActionGrant`]).
+    pub fn action_grant_for(
+        &self,
+        device: u32,
+        limits: &OrderLimits,
+    ) -> Result<purse::sam::ActionGrant, OrderError> {
+        let exposure = limits.validator_exposure_minor.max(0);
+        let (seq, total) = self.ledger.transact(move |t| {
+            let cleared = i64::try_from(get_u64(t, &cleared_key(device))?).unwrap_or(i64::MAX);
+            let (seq, total) = t
+                .idempotent(&grant_key(device))?
+                .and_then(|v| {
+                    Some((
+                        u32::try_from(v.get("seq")?.as_u64()?).ok()?,
+                        v.get("total_minor")?.as_i64()?,
+                    ))
+                })
+                .unwrap_or((0, 0));
+            let target = cleared.saturating_add(exposure);
+            if target <= total && seq > 0 {
+                return Ok((seq, total));
+            }
+            let next = (seq + 1, target.max(total));
+            t.put_idempotent(
+                &grant_key(device),
+                &serde_json::json!({"seq": next.0, "total_minor": next.1}),
+            )?;
+            Ok(next)
+        })?;
+        self.hsm
+            .lock()
+            .expect("hsm lock")
+            .action_grant(device, seq, total)
+            .map_err(|e| OrderError::Hsm(e.to_string()))
     }
 
     /// Signs an action-list update with the back office's Ed25519 key (as the blocklist).
