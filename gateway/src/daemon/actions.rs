@@ -4,7 +4,9 @@
 //! `…/actions/snapshot` (refreshed at most every 10 s after a change). The gateway cannot forge
 //! or alter a list (it has no signing key); one validators would refuse (another operator's,
 //! or not signed by the back office this gateway knows) is logged once per version and not
-//! relayed. The version last relayed survives a restart in the store.
+//! relayed. The version last relayed survives a restart in the store. Each validator's
+//! action-list ceiling grant is fetched from the back office and published retained on its own
+//! `…/devices/<id>/ceiling` topic.
 
 use super::GatewayConfig;
 use crate::store::Store;
@@ -15,6 +17,8 @@ use tokio::task::JoinHandle;
 
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often each known validator's action-list ceiling grant is asked for.
+const GRANT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Starts the relay (it ends at once without a charging server or with relaying off).
 pub(super) fn spawn(
@@ -50,11 +54,17 @@ pub(super) fn spawn(
             last_snapshot: Instant::now() - Duration::from_secs(60),
             snapshot_due: true,
             refused_version: None,
+            granted: std::collections::HashMap::new(),
         };
+        let mut last_grants = Instant::now() - GRANT_INTERVAL;
         loop {
             relay.relay_delta().await;
             if relay.snapshot_due && relay.last_snapshot.elapsed() >= SNAPSHOT_INTERVAL {
                 relay.relay_snapshot().await;
+            }
+            if last_grants.elapsed() >= GRANT_INTERVAL {
+                last_grants = Instant::now();
+                relay.relay_grants().await;
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -74,6 +84,8 @@ struct ActionRelay {
     last_snapshot: Instant,
     snapshot_due: bool,
     refused_version: Option<u64>,
+    /// Per validator, the ceiling grant number last published.
+    granted: std::collections::HashMap<u32, u32>,
 }
 
 impl ActionRelay {
@@ -147,6 +159,57 @@ impl ActionRelay {
             let s = self.store.clone();
             let _ = tokio::task::spawn_blocking(move || s.set_actions_version(v)).await;
             self.snapshot_due = true;
+        }
+    }
+
+    /// Each validator this gateway has heard from gets its action-list ceiling grant from the
+    /// back office (`POST /v1/validators/<id>/ceiling`), published retained on its own
+    /// `…/devices/<id>/ceiling` when the number is new. The grant is cumulative and MAC'd with
+    /// the device's key: a validator that missed one catches up from the next, and the
+    /// gateway can neither forge nor enlarge one.
+    async fn relay_grants(&mut self) {
+        let store = self.store.clone();
+        let devices = match tokio::task::spawn_blocking(move || store.devices()).await {
+            Ok(Ok(d)) => d,
+            _ => return,
+        };
+        for (device, _) in devices {
+            let (a, b, t) = (self.agent.clone(), self.base.clone(), self.token.clone());
+            let asked = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+                let v: serde_json::Value = a
+                    .post(&format!("{b}/v1/validators/{device}/ceiling"))
+                    .set("Authorization", &format!("Bearer {t}"))
+                    .send_json(serde_json::json!({}))
+                    .map_err(|e| e.to_string())?
+                    .into_json()
+                    .map_err(|e| e.to_string())?;
+                let hex = v.get("grant").and_then(|g| g.as_str()).ok_or("no grant")?;
+                hex::decode(hex).map_err(|e| e.to_string())
+            })
+            .await;
+            let bytes = match asked {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    tracing::warn!(device, %e, "asking for a validator's ceiling grant failed");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let Some(g) = purse::sam::ActionGrant::decode(&bytes) else {
+                continue;
+            };
+            if g.device_id != device || self.granted.get(&device) == Some(&g.seq) {
+                continue;
+            }
+            let topic = format!("tapgate/v1/{}/devices/{device}/ceiling", self.operator);
+            if self
+                .client
+                .publish(topic, QoS::AtLeastOnce, true, bytes)
+                .await
+                .is_ok()
+            {
+                self.granted.insert(device, g.seq);
+            }
         }
     }
 
