@@ -426,10 +426,17 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         operator: cfg.operator.clone(),
         gateway_operators: Arc::new(cfg.gateway_operators.clone()),
         metrics_public: cfg.metrics_public,
+        relay_inline: relay_inline(cfg),
         rate: Arc::new(crate::api::RateLimiter::new(
             cfg.limits.loads_per_minute_per_client,
         )),
     })
+}
+
+/// Whether relay requests may run on the HTTP worker ([`AppState::relay_inline`]): only with
+/// the LMDB ledger and the software HSM, whose calls never wait on a network.
+fn relay_inline(cfg: &ServerConfig) -> bool {
+    cfg.ledger.kind == LedgerKind::Lmdb && cfg.hsm.kind == HsmKind::Software
 }
 
 /// Binds `cfg.listen` and serves until `shutdown` resolves. Prints
@@ -521,4 +528,26 @@ pub async fn serve_on(
         tapgate_http::serve::ServeError::Io(e) => ServerError::Io(e),
         other => ServerError::Config(other.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relay requests stay on the HTTP worker only when nothing they call can wait on a
+    /// network: the LMDB ledger with the software HSM. A PKCS#11 token (perhaps a network HSM)
+    /// or a PostgreSQL ledger sends them to a blocking thread.
+    #[test]
+    fn relay_requests_run_inline_only_with_lmdb_and_the_software_hsm() {
+        let cfg = |extra: &str| {
+            ServerConfig::from_toml(&format!("data_dir = \"/nonexistent\"\n{extra}")).unwrap()
+        };
+        assert!(relay_inline(&cfg("")));
+        assert!(!relay_inline(&cfg(
+            "[hsm]\nkind = \"pkcs11\"\nmodule = \"/x.so\"\n"
+        )));
+        assert!(!relay_inline(&cfg(
+            "[ledger]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1:1/db\"\n"
+        )));
+    }
 }

@@ -242,13 +242,14 @@ pub(super) async fn load_step(
 /// tasks over while they wait ([`crate::ledger::may_block`]: the funding source, the group
 /// commit). Handing every step to [`blocking`] instead cost each request a thread hand-off
 /// (block_in_place wakes a thread to take the worker over): three of a load's five requests
-/// wait for nothing. With PostgreSQL every read is a round trip to the database: the whole
-/// request goes to [`blocking`].
+/// wait for nothing. With PostgreSQL every read is a round trip to the database, and a
+/// PKCS#11 token may be a network HSM: then the whole request goes to [`blocking`]
+/// ([`AppState::relay_inline`]).
 async fn relay_work<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    if st.loads.ledger().kind() == "lmdb" {
+    if st.relay_inline {
         f()
     } else {
         blocking(f).await

@@ -185,6 +185,11 @@ pub struct AppState {
     pub gateway_operators: Arc<std::collections::HashMap<String, Vec<String>>>,
     /// `/metrics` without a token (config `metrics_public`); otherwise operator or metrics role.
     pub metrics_public: bool,
+    /// Relay requests run on the HTTP worker itself (LMDB ledger and the in-process software
+    /// HSM: the steps are memory reads and microseconds of crypto); otherwise (PostgreSQL, whose
+    /// reads are round trips, or a PKCS#11 token, which may be a network HSM taking
+    /// milliseconds per call) each request goes to a blocking thread.
+    pub relay_inline: bool,
 }
 
 /// A token bucket per caller: `per_minute` starts, refilled continuously, at most
