@@ -386,6 +386,7 @@ impl Gate {
             Err(e) => return not_applied(PickupRefusal::Sam(e.to_string())),
         };
         let mut verdict: Result<(), Result<Pickup, GateError>> = Ok(());
+        // The SAM is borrowed for the dialogue only (the tap is signed with the key copy).
         let out = txn::run(
             card,
             &mut sam,
@@ -431,7 +432,6 @@ impl Gate {
                 }
             },
         );
-        drop(sam);
         match out {
             Ok(Outcome::Committed { receipt, .. }) => {
                 hook(Step::Committed);
