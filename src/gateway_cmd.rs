@@ -124,6 +124,8 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
                 .with_context(|| format!("reading {}", path.display()))?;
             let c: gateway::config::ApiConfig = toml::from_str(&text)
                 .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
+            c.check_pages()
+                .map_err(|e| input_err(format!("config {}: {e}", path.display())))?;
             let tables = fare_tables(&c.fare_tables)?;
             let currency = report_currency(&c, &tables)?;
             Some((c, tables, currency))
@@ -225,12 +227,21 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             metrics_public: c.metrics_public,
             operator: cfg.operator.clone(),
         };
+        let console = gateway::console::router(state.clone(), &c.pages, c.tls.is_some())
+            .map_err(input_err)?;
+        if c.pages.enabled && !c.pages.operators.is_empty() {
+            let scheme = if c.tls.is_some() { "https" } else { "http" };
+            println!(
+                "gateway console on {scheme}://{}/console",
+                listener.local_addr()?
+            );
+        }
         rt.spawn(async move {
             if let Err(e) = tapgate_http::serve::serve_router(
                 "gateway-api",
                 listener,
                 c.tls.as_ref(),
-                gateway::api::router(state),
+                gateway::api::router(state).merge(console),
                 std::future::pending(),
             )
             .await

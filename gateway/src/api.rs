@@ -73,48 +73,71 @@ fn internal(e: impl std::fmt::Display) -> Response {
     )
 }
 
+/// Every device the gateway knows of, by id: from its taps (taps stored, highest sequence,
+/// open gaps, last tap), its heartbeats (online, last heartbeat, the blocklist and fare table
+/// versions it holds, its outbox's depth, its clock's skew) and the quarantine's account of it
+/// (`flagged`, `quarantine`). A device only heard from by heartbeat, or only through refused
+/// messages, is listed too. `GET /v1/devices` and the console's devices page.
+pub fn devices_view(st: &ApiState) -> Result<Vec<serde_json::Value>, crate::store::StoreError> {
+    let heartbeats: std::collections::BTreeMap<u64, crate::propagation::ValidatorStatus> = st
+        .stats
+        .propagation
+        .lock()
+        .map(|p| p.statuses())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| (u64::from(v.device_id), v))
+        .collect();
+    let quarantine = st
+        .store
+        .quarantine_devices(100_000)?
+        .into_iter()
+        .collect::<std::collections::BTreeMap<u64, _>>();
+    let taps: std::collections::BTreeMap<u64, crate::store::DeviceState> = st
+        .store
+        .devices()?
+        .into_iter()
+        .map(|(id, s)| (u64::from(id), s))
+        .collect();
+    let ids: std::collections::BTreeSet<u64> = taps
+        .keys()
+        .chain(heartbeats.keys())
+        .chain(quarantine.keys())
+        .copied()
+        .collect();
+    Ok(ids
+        .into_iter()
+        .map(|id| {
+            let q = quarantine.get(&id);
+            let h = heartbeats.get(&id);
+            let s = taps.get(&id).cloned().unwrap_or_default();
+            let last_seen_ms = match taps.get(&id) {
+                Some(s) => s.last_seen_ms,
+                None => q.map_or(0, |q| q.last_seen_ms),
+            };
+            serde_json::json!({
+                "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
+                "gaps": s.gaps, "last_seen_ms": last_seen_ms,
+                "clock_skew_ms": h.and_then(|h| h.clock_skew_ms),
+                "flagged": q.is_some_and(|q| q.flagged), "quarantine": q,
+                "online": h.is_some_and(|h| h.online),
+                "last_heartbeat_ms": h.map(|h| h.last_heartbeat_ms),
+                "blocklist_version": h.map(|h| h.blocklist_version),
+                "fare_table_version": h.and_then(|h| h.fare_table_version),
+                "outbox_depth": h.and_then(|h| h.outbox_depth),
+            })
+        })
+        .collect())
+}
+
 async fn devices(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     if let Some(r) = operator(&st, &headers) {
         return r;
     }
-    let skew = |id: u32| {
-        st.stats
-            .propagation
-            .lock()
-            .ok()
-            .and_then(|p| p.clock_skew(id))
-    };
-    let quarantine = match st.store.quarantine_devices(100_000) {
-        Ok(q) => q
-            .into_iter()
-            .collect::<std::collections::BTreeMap<u64, _>>(),
-        Err(e) => return internal(e),
-    };
-    match st.store.devices() {
-        Ok(d) => {
-            let mut out: Vec<serde_json::Value> = d
-                .iter()
-                .map(|(id, s)| {
-                    let q = quarantine.get(&u64::from(*id));
-                    serde_json::json!({
-                        "device_id": id, "taps": s.taps, "highest_seq": s.highest_seq,
-                        "gaps": s.gaps, "last_seen_ms": s.last_seen_ms, "clock_skew_ms": skew(*id),
-                        "flagged": q.is_some_and(|q| q.flagged), "quarantine": q,
-                    })
-                })
-                .collect();
-            // Devices that only ever sent garbage are listed too (flagged is what to look at).
-            let known: std::collections::BTreeSet<u64> =
-                d.iter().map(|(id, _)| u64::from(*id)).collect();
-            for (id, q) in quarantine.iter().filter(|(id, _)| !known.contains(id)) {
-                out.push(serde_json::json!({
-                    "device_id": id, "taps": 0, "highest_seq": 0, "gaps": [],
-                    "last_seen_ms": q.last_seen_ms, "clock_skew_ms": null,
-                    "flagged": q.flagged, "quarantine": q,
-                }));
-            }
-            Json(serde_json::json!({ "devices": out })).into_response()
-        }
+    let st2 = st.clone();
+    match tokio::task::spawn_blocking(move || devices_view(&st2)).await {
+        Ok(Ok(out)) => Json(serde_json::json!({ "devices": out })).into_response(),
+        Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
 }

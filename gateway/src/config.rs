@@ -11,6 +11,9 @@
 //! name = "ops"
 //! role = "operator"
 //! sha256 = "…"
+//! [[pages.operators]]                # who may sign in to the console (docs/pages.md)
+//! name = "duty-officer"
+//! password_argon2 = "$argon2id$v=19$m=19456,t=2,p=1$…"
 //! ```
 
 use crate::store::StoreLimits;
@@ -59,9 +62,23 @@ pub struct ApiConfig {
     pub quarantine_stop_at_fill_percent: Option<u64>,
     /// Batches refused (unacknowledged, unconfirmed) once the map is this full (percent).
     pub ingest_refuse_at_fill_percent: Option<u64>,
+    /// The operator console's sign-in (`[[pages.operators]]`) and limits, as the charging
+    /// server's `[pages]`; the gateway has no cardholder pages.
+    #[serde(default)]
+    pub pages: tapgate_http::pages::PagesConfig,
 }
 
 impl ApiConfig {
+    /// The console's logins: operators only (Argon2id, unique, not another role's token).
+    pub fn check_pages(&self) -> Result<(), ConfigError> {
+        if !self.pages.cardholders.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[[pages.cardholders]]: the gateway serves only the operator console (cardholders sign in to the charging server)".into(),
+            ));
+        }
+        self.pages.check(&self.tokens).map_err(ConfigError::Invalid)
+    }
+
     /// The store's bounds: the defaults, with what the config sets.
     pub fn store_limits(&self) -> Result<StoreLimits, ConfigError> {
         let d = StoreLimits::default();

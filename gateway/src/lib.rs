@@ -9,6 +9,7 @@
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod forward;
 pub mod metrics;

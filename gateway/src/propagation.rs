@@ -28,6 +28,29 @@ struct DeviceState {
     last_seen_ms: u64,
     /// Validator clock − gateway clock at its last heartbeat (ms).
     clock_skew_ms: Option<i64>,
+    /// The fare table version its last heartbeat reported.
+    fare_table_version: Option<u64>,
+    /// The taps its last heartbeat said were waiting in its outbox.
+    outbox_depth: Option<u64>,
+}
+
+/// A validator as its heartbeats describe it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ValidatorStatus {
+    /// The device id.
+    pub device_id: u32,
+    /// Its last heartbeat said online (false after its goodbye or last will).
+    pub online: bool,
+    /// When its last heartbeat arrived (unix ms, gateway clock).
+    pub last_heartbeat_ms: u64,
+    /// The highest blocklist version it reported while online.
+    pub blocklist_version: u64,
+    /// The fare table version it last reported.
+    pub fare_table_version: Option<u64>,
+    /// The taps waiting in its outbox at its last heartbeat.
+    pub outbox_depth: Option<u64>,
+    /// Its clock minus the gateway's at its last live heartbeat (ms; positive: ahead).
+    pub clock_skew_ms: Option<i64>,
 }
 
 /// The tracker.
@@ -115,6 +138,39 @@ impl Propagation {
         Some((skew, !was_off && skew.abs() > CLOCK_SKEW_WARN_MS))
     }
 
+    /// What a heartbeat says beside the blocklist version: the fare table version and the
+    /// outbox's depth (kept when a heartbeat does not say, e.g. the goodbye).
+    pub fn details(
+        &mut self,
+        device: u32,
+        fare_table_version: Option<u64>,
+        outbox_depth: Option<u64>,
+    ) {
+        if let Some(d) = self.devices.get_mut(&device) {
+            d.fare_table_version = fare_table_version.or(d.fare_table_version);
+            d.outbox_depth = outbox_depth.or(d.outbox_depth);
+        }
+    }
+
+    /// Every validator heard from, by device id.
+    pub fn statuses(&self) -> Vec<ValidatorStatus> {
+        let mut out: Vec<ValidatorStatus> = self
+            .devices
+            .iter()
+            .map(|(&id, d)| ValidatorStatus {
+                device_id: id,
+                online: d.online,
+                last_heartbeat_ms: d.last_seen_ms,
+                blocklist_version: d.version,
+                fare_table_version: d.fare_table_version,
+                outbox_depth: d.outbox_depth,
+                clock_skew_ms: d.clock_skew_ms,
+            })
+            .collect();
+        out.sort_unstable_by_key(|v| v.device_id);
+        out
+    }
+
     /// The validator's clock offset at its last heartbeat (ms; positive: ahead).
     pub fn clock_skew(&self, device: u32) -> Option<i64> {
         self.devices.get(&device).and_then(|d| d.clock_skew_ms)
@@ -178,6 +234,15 @@ pub fn parse_status(payload: &[u8]) -> Option<(u64, bool)> {
         .and_then(|x| x.as_u64())
         .unwrap_or(0);
     Some((version, online))
+}
+
+/// The fare table version and outbox depth in a heartbeat payload, where it says.
+pub fn parse_details(payload: &[u8]) -> (Option<u64>, Option<u64>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return (None, None);
+    };
+    let field = |k: &str| v.get(k).and_then(|x| x.as_u64());
+    (field("fare_table_version"), field("outbox_depth"))
 }
 
 /// The validator's clock (unix ms) in a heartbeat payload, if it says.
@@ -255,5 +320,27 @@ mod tests {
         assert_eq!(p.clock(9, 3_000, 3_050), Some((-50, false)));
         assert_eq!(p.clock(9, 4_000, 4_000 + day), Some((-(day as i64), true)));
         assert_eq!(p.clock(77, 0, 0), None, "unknown device");
+    }
+
+    #[test]
+    fn a_heartbeat_s_details_are_kept_per_validator() {
+        let mut p = Propagation::default();
+        p.heartbeat(9, 4, true, 1_000);
+        let payload = br#"{"device":9,"online":true,"blocklist_version":4,"fare_table_version":3,"outbox_depth":12,"clock_ms":5}"#;
+        let (fare, outbox) = parse_details(payload);
+        p.details(9, fare, outbox);
+        p.heartbeat(9, 4, false, 2_000);
+        p.details(9, None, None);
+        let s = p.statuses();
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].online, s[0].last_heartbeat_ms, s[0].blocklist_version),
+            (false, 2_000, 4)
+        );
+        assert_eq!(
+            (s[0].fare_table_version, s[0].outbox_depth),
+            (Some(3), Some(12))
+        );
+        assert_eq!(parse_details(b"not json"), (None, None));
     }
 }

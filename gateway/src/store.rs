@@ -336,6 +336,19 @@ pub(crate) fn topic_levels<const N: usize>(topic: &str) -> Option<[&str; N]> {
     it.next().is_none().then_some(levels)
 }
 
+/// The UTC hour of a time, `YYYY-MM-DDTHH` (the `hour:` aggregates' keys sort by time).
+pub fn hour_of(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000).min(253_402_300_799) as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour()
+    )
+}
+
 /// Adds one tap to the batch's aggregate deltas.
 fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
     // An action-list pick-up is value added, not a fare: counted under its own product only
@@ -358,6 +371,7 @@ fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
         format!("route:{}", tap.meta().route_id),
         format!("card-day:{}:{day}", hex::encode_upper(tap.uid())),
         format!("product:{product}"),
+        format!("hour:{}", hour_of(tap.meta().device_time_ms)),
     ] {
         let a = aggs.entry(k).or_default();
         if tap.refusal().is_some() {

@@ -170,6 +170,8 @@ impl Connection {
                 if let Ok(mut pr) = self.stats.propagation.lock() {
                     let now = now_ms();
                     pr.heartbeat(device, version, online, now);
+                    let (fare, outbox) = crate::propagation::parse_details(&p.payload);
+                    pr.details(device, fare, outbox);
                     // A retained status is the last one the device sent, maybe long ago: its
                     // clock says nothing now.
                     let clock = (!p.retain)

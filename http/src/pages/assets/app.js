@@ -11,7 +11,7 @@ document.addEventListener("DOMContentLoaded", function () {
     setTimeout(function () { window.location.reload(); }, ms);
   }
   // A live figure (the gateway console's block propagation): [data-poll] fetches its JSON
-  // every data-poll-ms and writes each of its "shown" texts into [data-field=NAME].
+  // every data-poll-ms and writes each of its "shown" texts into the page's [data-field=NAME].
   var live = document.querySelector("[data-poll]");
   if (live) {
     var url = live.getAttribute("data-poll");
@@ -24,7 +24,7 @@ document.addEventListener("DOMContentLoaded", function () {
         .then(function (j) {
           if (!j || !j.shown) { return; }
           Object.keys(j.shown).forEach(function (k) {
-            live.querySelectorAll('[data-field="' + k + '"]').forEach(function (e) {
+            document.querySelectorAll('[data-field="' + k + '"]').forEach(function (e) {
               e.textContent = j.shown[k];
             });
           });
