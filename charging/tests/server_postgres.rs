@@ -135,6 +135,12 @@ fn a_load_and_a_cleared_tap_on_a_postgres_ledger() {
         assert_eq!(intents.len(), 1);
         assert_eq!(intents[0].state, IntentState::Completed);
     }
+    let (code, metrics) = tapgate_testkit::http::get_text(&format!("{b}/metrics"), OPS);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("# TYPE tapgate_charging_ledger_retries_total counter"),
+        "{metrics}"
+    );
     let report = charging::reconcile::reconcile(l).unwrap();
     assert_eq!((report.cards, report.balanced), (1, 1), "{report:?}");
     // Finance reads the same in SQL.

@@ -288,6 +288,12 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
             "tapgate_charging_payments_completed_total",
             stats.payments_completed,
         ),
+        // Transactions the ledger's database aborted and this process ran again (PostgreSQL;
+        // always 0 on LMDB).
+        (
+            "tapgate_charging_ledger_retries_total",
+            crate::ledger::PgLedger::retries(),
+        ),
     ] {
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
