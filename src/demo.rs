@@ -131,6 +131,10 @@ fn print_event(args: &DemoArgs, event: Event<'_>) {
         println!("operator login: {operator} {operator_password}");
         return;
     }
+    if let Event::GatewayConsole { console } = event {
+        println!("gateway console: {console}");
+        return;
+    }
     if args.json {
         return;
     }
@@ -139,7 +143,7 @@ fn print_event(args: &DemoArgs, event: Event<'_>) {
             "tapgate demo: {} metro validators and the hotel's pay-TV box, {} cards, {} taps, seed {}; charging server on {base}",
             args.validators, args.cards, args.taps, args.seed
         ),
-        Event::Pages { .. } => {}
+        Event::Pages { .. } | Event::GatewayConsole { .. } => {}
         Event::Progress(p) => println!(
             "[{:>3}%] taps accepted {:>6}  refused {:>5}  interrupted {:>4}  top-ups {:>5} (interrupted {:>3})  metro taps at clearing {:>6}",
             p.percent, p.taps_accepted, p.taps_refused, p.taps_torn, p.loads_completed, p.loads_torn, p.cleared

@@ -569,8 +569,12 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let _kill = Kill(child);
     let (mut console, mut login, mut operator) = (None, None, None);
+    let mut gateway_console = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
+        if let Some(url) = line.strip_prefix("gateway console: ") {
+            gateway_console = Some(url.to_string());
+        }
         if let Some(url) = line.strip_prefix("console: ") {
             console = Some(url.trim_end_matches('/').to_string());
         }
@@ -623,6 +627,21 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
     assert!(
         page(&format!("/console/settlement?day={day}")).contains("operator-"),
         "{day}"
+    );
+    // The printed gateway console: the same operator login, the metro's validators listed.
+    let gw = gateway_console.expect("a gateway console: URL line");
+    let gw_base = gw.strip_suffix("/console").expect("…/console");
+    let (gw_agent, gw_cookie) = signed_in_agent(gw_base, &op_name, &op_password);
+    let devices = gw_agent
+        .get(&gw)
+        .set("Cookie", &gw_cookie)
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        devices.contains("id=\"device-1000\"") && devices.contains("id=\"serving\">metro<"),
+        "{devices}"
     );
     // The console with the day's numbers, in the browser.
     tokio::runtime::Builder::new_multi_thread()

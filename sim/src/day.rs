@@ -70,6 +70,12 @@ pub enum Event<'a> {
         /// The operator's password.
         operator_password: &'a str,
     },
+    /// The metro gateway's operator console is served at `console`; the same operator login
+    /// signs in to it.
+    GatewayConsole {
+        /// The console's address.
+        console: &'a str,
+    },
 }
 
 /// The cardholder who may sign in to the pages during the demo.
@@ -158,6 +164,47 @@ struct World {
     rt: tokio::runtime::Runtime,
 }
 
+/// The metro gateway's API and operator console on a loopback port (its store and counters
+/// survive the gateway's restart), the operator signing in with `operator_password`: its URL.
+fn gateway_console(
+    rt: &tokio::runtime::Runtime,
+    keys: &KeySet,
+    ops: &Operators,
+    currency: (String, u32),
+    operator_password: &str,
+) -> Result<String, SimError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let console = format!("http://{}/console", listener.local_addr()?);
+    let state = gateway::api::ApiState {
+        store: ops.metro.store.clone(),
+        keys: keys.for_role(purse::keys::Role::Gateway, 0)?,
+        stats: ops.metro.stats.clone(),
+        auth: tapgate_http::auth::Auth::new(&[]).map_err(SimError::Setup)?,
+        currency,
+        places: Default::default(),
+        metrics_public: false,
+        operator: "metro".into(),
+    };
+    let mut pages = tapgate_http::pages::PagesConfig::default();
+    pages.operators.push(tapgate_http::pages::PageLogin {
+        name: PAGES_OPERATOR.into(),
+        password_argon2: tapgate_http::pages::hash_password(operator_password),
+    });
+    let router = gateway::api::router(state.clone())
+        .merge(gateway::console::router(state, &pages, false).map_err(SimError::Setup)?);
+    rt.spawn(async move {
+        let _ = tapgate_http::serve::serve_router(
+            "gateway-api",
+            listener,
+            None,
+            router,
+            std::future::pending(),
+        )
+        .await;
+    });
+    Ok(console)
+}
+
 impl World {
     /// The back office, the riders, the gates, the broker and gateways, the validators' clients.
     fn open(cfg: &DayConfig, observe: &mut dyn FnMut(Event<'_>)) -> Result<World, SimError> {
@@ -220,6 +267,17 @@ impl World {
             dir.path(),
             &mut rng,
         )?;
+        let console = gateway_console(
+            &rt,
+            &keys,
+            &ops,
+            (
+                gates.table.meta.currency.clone(),
+                u32::from(gates.table.meta.currency_exponent),
+            ),
+            &operator_password,
+        )?;
+        observe(Event::GatewayConsole { console: &console });
         let fleet = connect_fleet(&rt, &keys, &gates, &ops)?;
         // The office sells in the card scheme's currency (the metro's).
         let meta = &gates.table.meta;
