@@ -261,10 +261,9 @@ fn propagation_now(c: &Console) -> Option<serde_json::Value> {
         Some(ms) => format!("reached after {}", duration(ms)),
         None => "not yet".to_string(),
     };
-    let percent = if r.online_validators == 0 {
-        "no validator online".to_string()
-    } else {
-        format!("{}%", r.holding * 100 / r.online_validators)
+    let percent = match (r.holding * 100).checked_div(r.online_validators) {
+        Some(p) => format!("{p}%"),
+        None => "no validator online".to_string(),
     };
     for (k, v) in [
         ("version", r.version.to_string()),
