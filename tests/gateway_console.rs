@@ -445,5 +445,9 @@ async fn an_operator_sees_the_validators_and_a_block_reach_them() {
     c.find(Locator::Css("#taps-per-hour svg rect"))
         .await
         .expect("a bar for the hour's taps");
+    c.screenshot()
+        .await
+        .map(|png| std::fs::write(output_dir().join("gateway_traffic.png"), png).unwrap())
+        .unwrap();
     let _ = c.close().await;
 }
