@@ -73,12 +73,16 @@ async fn an_order_reaches_the_validator_is_picked_up_once_and_completed_by_clear
         .subscribe("tapgate/v1/metro/actions/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    device
+        .subscribe("tapgate/v1/metro/devices/1001/ceiling", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Vec<u8>)>();
     tokio::spawn(async move {
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(p.payload.to_vec());
+                    let _ = tx.send((p.topic.ends_with("/ceiling"), p.payload.to_vec()));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -103,7 +107,7 @@ async fn an_order_reaches_the_validator_is_picked_up_once_and_completed_by_clear
     let pk = keys.verifying_key;
     tokio::time::timeout(Duration::from_secs(20), async {
         while list.get(order.id).is_none() {
-            let msg = rx.recv().await.expect("the device's session");
+            let (_, msg) = rx.recv().await.expect("the device's session");
             let _ = validator::daemon::apply_actions(&mut list, &journal, &pk, &msg, now_ms());
         }
     })
@@ -218,15 +222,23 @@ async fn an_order_reaches_the_validator_is_picked_up_once_and_completed_by_clear
     .expect("clearing completed the order");
     assert_eq!(completed.picked_up.as_ref().unwrap().device_id, 1001);
 
-    // The withdrawal reaches the validator too.
+    // The withdrawal reaches the validator, and so does its ceiling grant, which the gateway
+    // asks for once it has heard from the device.
+    let mut granted = false;
     tokio::time::timeout(Duration::from_secs(20), async {
-        while list.get(order.id).is_some() {
-            let msg = rx.recv().await.expect("the device's session");
-            let _ = validator::daemon::apply_actions(&mut list, &journal, &pk, &msg, now_ms());
+        while list.get(order.id).is_some() || !granted {
+            let (ceiling, msg) = rx.recv().await.expect("the device's session");
+            if ceiling {
+                let r = validator::daemon::apply_action_grant(&mut gate, &journal, &msg);
+                assert!(r.is_ok(), "{r:?}");
+                granted = true;
+            } else {
+                let _ = validator::daemon::apply_actions(&mut list, &journal, &pk, &msg, now_ms());
+            }
         }
     })
     .await
-    .expect("the withdrawal reached the validator");
+    .expect("the withdrawal and the grant reached the validator");
 
     // The ledger follows the card: its shadow purse is the card's balance.
     let ledger = back_office.state.loads.ledger().clone();

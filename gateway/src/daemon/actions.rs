@@ -19,6 +19,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
 /// How often each known validator's action-list ceiling grant is asked for.
 const GRANT_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a validator heard from for the first time is looked for (it gets its first grant
+/// without waiting for the next round).
+const NEW_DEVICE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Starts the relay (it ends at once without a charging server or with relaying off).
 pub(super) fn spawn(
@@ -57,6 +60,7 @@ pub(super) fn spawn(
             granted: std::collections::HashMap::new(),
         };
         let mut last_grants = Instant::now() - GRANT_INTERVAL;
+        let mut last_new = Instant::now();
         loop {
             relay.relay_delta().await;
             if relay.snapshot_due && relay.last_snapshot.elapsed() >= SNAPSHOT_INTERVAL {
@@ -64,7 +68,10 @@ pub(super) fn spawn(
             }
             if last_grants.elapsed() >= GRANT_INTERVAL {
                 last_grants = Instant::now();
-                relay.relay_grants().await;
+                relay.relay_grants(false).await;
+            } else if last_new.elapsed() >= NEW_DEVICE_INTERVAL {
+                last_new = Instant::now();
+                relay.relay_grants(true).await;
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -167,13 +174,16 @@ impl ActionRelay {
     /// `…/devices/<id>/ceiling` when the number is new. The grant is cumulative and MAC'd with
     /// the device's key: a validator that missed one catches up from the next, and the
     /// gateway can neither forge nor enlarge one.
-    async fn relay_grants(&mut self) {
+    async fn relay_grants(&mut self, only_new: bool) {
         let store = self.store.clone();
         let devices = match tokio::task::spawn_blocking(move || store.devices()).await {
             Ok(Ok(d)) => d,
             _ => return,
         };
         for (device, _) in devices {
+            if only_new && self.granted.contains_key(&device) {
+                continue;
+            }
             let (a, b, t) = (self.agent.clone(), self.base.clone(), self.token.clone());
             let asked = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
                 let v: serde_json::Value = a
