@@ -234,6 +234,37 @@ impl State {
         result
     }
 
+    /// An action-list order's wrapped key (`purse::actionlist`): the card's credit key
+    /// (AN10922 over `01 ‖ uid ‖ aid ‖ system id` under KM_CREDIT) and the wrap key (AN10922
+    /// over `01 ‖ uid ‖ "ACT"` under KM_DEBIT), both of `version`, derived in the token into
+    /// readable session objects and read; the wrapping itself and the zeroizing of both keys
+    /// happen here (see docs/hsm.md: both cross into server memory for the time of one wrap).
+    pub(crate) fn wrap_order_key_clear(
+        &self,
+        uid: &[u8; 7],
+        version: u8,
+    ) -> Result<[u8; 16], SamError> {
+        let s = &self.session;
+        let clear = |master: &Master, parts: [&[u8]; 3], what: &'static str| {
+            let (first, second) = an10922_blocks(master, parts)?;
+            let c1 =
+                derive_block_clear(s, master.handle, [0; 16], &first).map_err(sam_err(what))?;
+            let key = derive_block_clear(s, master.handle, *c1, &second).map_err(sam_err(what))?;
+            Ok::<AesKey, SamError>(AesKey::from_bytes(*key))
+        };
+        let card = clear(
+            self.master(KeyKind::Credit, version)?,
+            [uid, &self.aid, &self.system_id],
+            "the order's card credit key",
+        )?;
+        let wrap = clear(
+            self.master(KeyKind::Debit, version)?,
+            [uid, b"ACT", &[]],
+            "the order's wrap key",
+        )?;
+        Ok(purse::actionlist::wrap_card_key(&wrap, &card))
+    }
+
     /// The device key of `device_id` in clear, for provisioning a validator SAM: AN10922 over
     /// `01 ‖ id ‖ "DEV"` derived in the token into readable session objects, read, destroyed
     /// (see docs/hsm.md).

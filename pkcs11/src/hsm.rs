@@ -180,6 +180,11 @@ impl Hsm for Pkcs11Hsm {
         r
     }
 
+    fn wrap_order_key(&self, uid: &[u8; 7], version: u8) -> Result<[u8; 16], SamError> {
+        let mut st = self.shared.state()?;
+        run(&mut st, |st| st.wrap_order_key_clear(uid, version))
+    }
+
     /// Provisioning a validator SAM needs its device key in clear (see docs/hsm.md).
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
         let mut st = self.shared.state()?;

@@ -511,3 +511,23 @@ fn a_pin_refused_at_reopening_is_not_retried() {
     assert!(e.contains("not retried"), "{e}");
     assert!(Pkcs11Hsm::open(&t.config).unwrap().verify_tmac(&r).is_ok());
 }
+
+#[test]
+fn action_list_wrapped_keys_and_grants_equal_the_software_hsm() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(19));
+    let soft = SoftwareHsm::new(&keys).unwrap();
+    let (_t, hw) = token_with(&keys);
+    let uid = [0x04, 0x19, 0x2E, 0x21, 0x80, 0x1D, 0x80];
+    assert_eq!(
+        hw.wrap_order_key(&uid, 1).unwrap(),
+        soft.wrap_order_key(&uid, 1).unwrap()
+    );
+    assert!(
+        hw.wrap_order_key(&uid, 9).is_err(),
+        "a version the token lacks"
+    );
+    assert_eq!(
+        hw.action_grant(1001, 3, 50_000).unwrap(),
+        soft.action_grant(1001, 3, 50_000).unwrap()
+    );
+}
