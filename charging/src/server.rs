@@ -40,6 +40,8 @@ pub struct Limits {
     pub loads_per_minute_per_client: u32,
     /// `[limits.payments]`: online payments' limits.
     pub payments: crate::load::PaymentLimits,
+    /// `[limits.orders]`: action-list orders (value picked up at the next tap).
+    pub orders: crate::load::OrderLimits,
 }
 
 impl Default for Limits {
@@ -58,6 +60,7 @@ impl Default for Limits {
             sources: d.sources,
             payments: d.payments,
             loads_per_minute_per_client: 60,
+            orders: crate::load::OrderLimits::default(),
         }
     }
 }
@@ -409,7 +412,8 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
             payments: l.payments.clone(),
             currency: cfg.currency.clone(),
         },
-    );
+    )
+    .with_order_limits(l.orders.clone());
     Ok(AppState {
         loads: Arc::new(loads),
         auth: Auth::new(&cfg.tokens).map_err(ServerError::Config)?,
@@ -504,7 +508,7 @@ pub async fn serve_on(
             // Action-list orders not picked up in time go back to their funding.
             let (l, now) = (loads.clone(), clock());
             let expired = tokio::task::spawn_blocking(move || {
-                l.expire_orders(&crate::load::OrderLimits::default(), now, 256)
+                l.expire_orders(l.order_limits(), now, 256)
             });
             match expired.await {
                 Ok(Ok(e)) if !e.is_empty() => {

@@ -488,3 +488,21 @@ fn a_validators_ceiling_grant_follows_its_cleared_pickups_within_the_exposure_li
     );
     assert!(sam.apply_action_grant(&other).is_err());
 }
+
+#[test]
+fn order_limits_come_from_the_limits_orders_table() {
+    let l: charging::server::Limits =
+        toml::from_str("[orders]\nexpiry_ms = 86400000\nvalidator_exposure_minor = 50000\n")
+            .unwrap();
+    assert_eq!(l.orders.expiry_ms, 86_400_000);
+    assert_eq!(l.orders.validator_exposure_minor, 50_000);
+    assert_eq!(
+        l.orders.max_order_minor,
+        OrderLimits::default().max_order_minor
+    );
+    assert!(toml::from_str::<charging::server::Limits>("[orders]\nexpiry = 1\n").is_err());
+    assert_eq!(
+        charging::server::Limits::default().orders,
+        OrderLimits::default()
+    );
+}

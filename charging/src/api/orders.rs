@@ -2,7 +2,7 @@
 //! action list the gateways relay to validators (`/v1/actions/signed/{snapshot,delta}`).
 
 use super::*;
-use crate::load::{OrderError, OrderLimits, OrderRecord, OrderRequest};
+use crate::load::{OrderError, OrderRecord, OrderRequest};
 
 /// `POST /v1/orders` body.
 #[derive(Serialize, Deserialize)]
@@ -78,7 +78,7 @@ pub(super) async fn create_order(
         loads
             .create_order(
                 &caller.name,
-                &OrderLimits::default(),
+                loads.order_limits(),
                 OrderRequest {
                     uid,
                     amount_minor: req.amount_minor,
@@ -195,7 +195,7 @@ pub(super) async fn validator_ceiling(
     let loads = st.loads.clone();
     let g = blocking(move || {
         loads
-            .action_grant_for(device, &OrderLimits::default())
+            .action_grant_for(device, loads.order_limits())
             .map_err(order_err)
     })
     .await?;

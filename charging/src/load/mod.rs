@@ -451,6 +451,8 @@ pub struct LoadService {
     sessions: Mutex<Sessions>,
     cfg: LoadConfig,
     stats: Mutex<LoadStats>,
+    /// Action-list orders' limits ([`LoadService::with_order_limits`]).
+    order_limits: OrderLimits,
 }
 
 fn session_id() -> String {
@@ -554,7 +556,19 @@ impl LoadService {
             sessions: Mutex::new(Sessions::default()),
             cfg,
             stats: Mutex::new(LoadStats::default()),
+            order_limits: OrderLimits::default(),
         }
+    }
+
+    /// The service with these action-list order limits (the default: [`OrderLimits::default`]).
+    pub fn with_order_limits(mut self, limits: OrderLimits) -> Self {
+        self.order_limits = limits;
+        self
+    }
+
+    /// The action-list order limits in force (the API's and the server tick's).
+    pub fn order_limits(&self) -> &OrderLimits {
+        &self.order_limits
     }
 
     /// The ledger.

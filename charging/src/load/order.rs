@@ -23,8 +23,9 @@ use crate::ledger::{Anomaly, LedgerRead, LedgerWrite};
 use purse::actionlist::{ActionUpdate, Entry, Order};
 use purse::blocklist::ListKind;
 
-/// Limits of action-list orders.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Limits of action-list orders (`[limits.orders]` in the server's configuration).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct OrderLimits {
     /// An order may be picked up for this long after it is made.
     pub expiry_ms: u64,
