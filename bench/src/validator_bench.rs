@@ -16,22 +16,29 @@
 //! ([`crate::limits::RawJournal`]), run in alternation with the taps (100 raw, 100 taps, …) so
 //! both meet the same disk and the same load from other processes, and `p99_ratio` = tap p99 / raw p99 (also
 //! `raw_commit_p50_us` and `p50_ratio`).
+//!
+//! Every tenth card has an order on the action list (docs/action-list.md): its tap first picks
+//! the value up (a second card session under the card's credit key, its own journal commits),
+//! then pays the fare. Those taps are reported apart: `pickup_taps`, `pickup_p50_us`,
+//! `pickup_p99_us` (card in the field to answer, both transactions); `p50_us`/`p99_us` are the
+//! other taps'.
 
 use crate::stats::{cpu_user_sys_s, quantile, status_kib};
 use crate::Figures;
 use ed25519_dalek::{Signer, SigningKey};
 use fare_rules::record::TapKind;
 use fare_rules::synth::{city_source, metro_stop, CitySize};
+use purse::actionlist::{ActionList, ActionUpdate, Entry, Order};
 use purse::blocklist::{Blocklist, ListKind, ListUpdate};
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
-use purse::sam::{SoftwareHsm, SoftwareSam};
+use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use purse::txn::EmulatedReader;
 use purse::txn::{Transport, TransportError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::time::Instant;
-use validator::gate::{Answer, Gate, Placement};
+use validator::gate::{Answer, Gate, Pickup, Placement};
 use validator::journal::Journal;
 
 /// The emulated card's side, timed: what a real card does in its own chip.
@@ -62,7 +69,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let rss_before_kib = status_kib("VmRSS:");
     let blocklist = million_blocked(&signer)?;
     let dir = tempfile::tempdir()?;
-    let journal = Journal::open(dir.path(), n + 10, 1 << 30)?;
+    let journal = Journal::open(dir.path(), 2 * n + 10, 1 << 30)?;
     let mut gate = Gate {
         sam: SoftwareSam::validator(&keys, 1001)?,
         engine: Some(engine),
@@ -88,11 +95,23 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             hsm.card_keys(&uid, 1)?,
         ));
     }
-    let d = drive(&mut gate, &journal, &mut cards)?;
+    let actions = orders(&hsm, &signer, &cards)?;
+    gate.sam.apply_action_grant(&hsm.action_grant(
+        1001,
+        1,
+        i64::from(ORDER_MINOR) * n as i64,
+    )?)?;
+    let d = drive(&mut gate, &journal, &actions, &mut cards)?;
     anyhow::ensure!(
         d.accepted == n,
         "every tap should be accepted ({} of {n})",
         d.accepted
+    );
+    anyhow::ensure!(
+        d.pickup_lat.len() == actions.len(),
+        "every order should be picked up ({} of {})",
+        d.pickup_lat.len(),
+        actions.len()
     );
     Ok(report(n, &d, rss_kib, rss_before_kib))
 }
@@ -107,6 +126,36 @@ fn city_engine(signer: &SigningKey) -> anyhow::Result<fare_rules::engine::Engine
         &signed_table,
         &signer.verifying_key().to_bytes(),
     )?)
+}
+
+/// The value of each order on the action list.
+const ORDER_MINOR: i32 = 5_000;
+
+/// An order for every tenth card, on a signed action list as a validator holds it.
+fn orders(hsm: &SoftwareHsm, signer: &SigningKey, cards: &[Card]) -> anyhow::Result<ActionList> {
+    let mut entries = Vec::new();
+    for (i, c) in cards.iter().enumerate().filter(|(i, _)| i % 10 == 0) {
+        let uid = c.state().uid;
+        entries.push(Entry::Add(Order {
+            order_id: i as u64 + 1,
+            uid,
+            amount_minor: ORDER_MINOR,
+            expires_s: u64::MAX,
+            key_version: 1,
+            wrapped_key: hsm.wrap_order_key(&uid, 1)?,
+        }));
+    }
+    let signed = ActionUpdate {
+        kind: ListKind::Snapshot,
+        operator: "metro".into(),
+        from_version: 0,
+        to_version: 1,
+        entries,
+    }
+    .sign_with(|m| signer.sign(m).to_bytes());
+    let mut list = ActionList::new("metro");
+    list.apply(&signed, &signer.verifying_key().to_bytes())?;
+    Ok(list)
 }
 
 /// A blocklist of 1,000,000 blocked cards (none of them the bench's), signed by `signer`.
@@ -132,8 +181,10 @@ fn million_blocked(signer: &SigningKey) -> anyhow::Result<Blocklist> {
 
 /// What the taps and the raw commits beside them measured.
 struct Driven {
-    /// Each tap's latency and each raw commit pair's, sorted (µs).
+    /// Each tap's latency (without a pick-up) and each raw commit pair's, sorted (µs).
     lat: Vec<u64>,
+    /// The latency of each tap that picked an order up, sorted (µs).
+    pickup_lat: Vec<u64>,
     raw: Vec<u64>,
     /// The taps' wall time and CPU (user, system), the raw commits' taken out (s).
     wall: f64,
@@ -146,13 +197,19 @@ struct Driven {
 
 /// Each card presented once at the gate, in alternation with the limit: the journal's two
 /// durable commits per tap alone, on the same disk (100 raw, 100 taps, …).
-fn drive(gate: &mut Gate, journal: &Journal, cards: &mut [Card]) -> anyhow::Result<Driven> {
+fn drive(
+    gate: &mut Gate,
+    journal: &Journal,
+    actions: &ActionList,
+    cards: &mut [Card],
+) -> anyhow::Result<Driven> {
     let n = cards.len() as u64;
     let mut raw_journal = crate::limits::RawJournal::open()?;
     let mut raw = Vec::with_capacity(n as usize);
     // The raw commits' wall and CPU time, taken out of the taps' figures.
     let (mut raw_s, mut raw_user, mut raw_sys) = (0.0f64, 0.0f64, 0.0f64);
     let mut lat = Vec::with_capacity(n as usize);
+    let mut pickup_lat = Vec::new();
     let mut card_rng = StdRng::seed_from_u64(5);
     let cpu0 = cpu_user_sys_s();
     let t0 = Instant::now();
@@ -179,10 +236,14 @@ fn drive(gate: &mut Gate, journal: &Journal, cards: &mut [Card]) -> anyhow::Resu
             },
             card_ns: &mut card_ns,
         };
-        let out = gate
-            .tap(&mut reader, journal, now_ms + i, &mut |_| {})
+        let (pickup, out) = gate
+            .tap_with_actions(&mut reader, journal, actions, now_ms + i, &mut |_| {})
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        lat.push(t.elapsed().as_micros() as u64);
+        let us = t.elapsed().as_micros() as u64;
+        match pickup {
+            Pickup::Applied { .. } => pickup_lat.push(us),
+            _ => lat.push(us),
+        }
         if matches!(out.answer, Answer::Accepted { .. }) {
             accepted += 1;
         }
@@ -190,9 +251,11 @@ fn drive(gate: &mut Gate, journal: &Journal, cards: &mut [Card]) -> anyhow::Resu
     let wall = t0.elapsed().as_secs_f64() - raw_s;
     let cpu1 = cpu_user_sys_s();
     lat.sort_unstable();
+    pickup_lat.sort_unstable();
     raw.sort_unstable();
     Ok(Driven {
         lat,
+        pickup_lat,
         raw,
         wall,
         user: cpu1.0 - cpu0.0 - raw_user,
@@ -227,6 +290,9 @@ fn report(n: u64, d: &Driven, rss_kib: u64, rss_before_kib: u64) -> Figures {
             "card_side_us_per_tap",
             ((d.card_ns as f64 / 1e3 / n as f64).round() as u64).into(),
         ),
+        ("pickup_taps", (d.pickup_lat.len() as u64).into()),
+        ("pickup_p50_us", quantile(&d.pickup_lat, 0.5).into()),
+        ("pickup_p99_us", quantile(&d.pickup_lat, 0.99).into()),
         ("rss_mib", (rss_kib / 1024).into()),
         (
             "blocklist_mib",
