@@ -105,3 +105,63 @@ fn ingest_verifies_dedupes_quarantines_and_tracks_gaps() {
     assert_eq!(store.device(1001).unwrap().unwrap().gaps, vec![(3, 3)]);
     assert_eq!(store.outbox_len().unwrap(), 4);
 }
+
+#[test]
+fn an_action_list_pickup_is_value_added_not_a_fare() {
+    let ks = keys();
+    let gw = ks.for_role(Role::Gateway, 0).unwrap();
+    let key = |d: u32| gw.device_key(d).ok();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    let (hi, lo) = purse::actionlist::order_tap_codes(77);
+    let r = CommitReceipt::for_tests(
+        [4, 7, 7, 7, 7, 7, 7],
+        3,
+        [3; 8],
+        TxKind::Credit,
+        5_000,
+        6_000,
+    );
+    let pickup = TapRecord::accepted(
+        &r,
+        TapMeta {
+            device_id: 1001,
+            device_seq: 1,
+            device_time_ms: 1_796_079_600_000,
+            stop_id: hi,
+            route_id: lo,
+            ..Default::default()
+        },
+    )
+    .sign("metro", &gw.device_key(1001).unwrap());
+    let out = store
+        .ingest(
+            &[msg("tapgate/v1/metro/taps/1001", pickup.to_vec())],
+            key,
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    let products = store.aggregates("product:", 10).unwrap();
+    assert_eq!(products.len(), 1);
+    assert_eq!(products[0].0, "product:pickup");
+    assert_eq!(products[0].1.amount_minor, 5_000);
+    for prefix in ["stop:", "route:", "card-day:", "device:"] {
+        assert!(store.aggregates(prefix, 10).unwrap().is_empty(), "{prefix}");
+    }
+    let csv = gateway::report::tides_fare_transactions(
+        &store,
+        "metro",
+        key,
+        0,
+        u64::MAX,
+        "KRW",
+        0,
+        &gateway::report::Places::default(),
+        10,
+    )
+    .unwrap();
+    let row = csv.lines().nth(1).unwrap();
+    assert!(row.contains(",Add,1001,,1,"), "{row}");
+    assert!(row.ends_with(','), "no route: {row}");
+}
