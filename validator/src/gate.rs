@@ -400,8 +400,40 @@ impl Gate {
                     .iter()
                     .any(|r| actionlist::order_on_record(r) == Some(o.order_id))
                 {
-                    verdict = Err(journal
-                        .mark_applied(o.order_id, o.expires_s, None)
+                    // Applied elsewhere. When that pick-up is still the card's last transaction
+                    // (its validator may have lost the card mid-commit), the card's TMV is still
+                    // its proof: journalled here too, so clearing completes the order whatever
+                    // became of the other validator (a duplicate there is one tap by counter).
+                    let newest = snap.records().first();
+                    let last = newest.and_then(|r| actionlist::order_on_record(r));
+                    let recorded = if last == Some(o.order_id) {
+                        let change = PendingChange {
+                            uid,
+                            tmc_before: snap.tmc().wrapping_sub(1),
+                            balance_before_minor: snap.balance_minor().wrapping_sub(o.amount_minor),
+                            kind: TxKind::Credit,
+                            amount_minor: o.amount_minor,
+                            key_version: snap.key_version(),
+                        };
+                        match txn::settle(&change, snap) {
+                            Ok(Settlement::Committed(settled)) => journal
+                                .append_pickup(&uid, o.order_id, o.expires_s, |seq| {
+                                    TapRecord::settled(
+                                        &settled,
+                                        TapMeta {
+                                            device_seq: seq,
+                                            ..meta
+                                        },
+                                    )
+                                    .sign(&self.placement.operator, &device_key)
+                                })
+                                .map(|_| ()),
+                            _ => journal.mark_applied(o.order_id, o.expires_s, None),
+                        }
+                    } else {
+                        journal.mark_applied(o.order_id, o.expires_s, None)
+                    };
+                    verdict = Err(recorded
                         .map(|()| Pickup::AlreadyOnCard {
                             order_id: o.order_id,
                         })

@@ -496,3 +496,50 @@ fn the_ceiling_grant_from_the_downlink_survives_a_restart_less_what_was_spent() 
     assert_eq!(g.sam.ceiling_minor(), 2_000);
     assert_eq!(g.sam.action_grant(), (1, 5_000));
 }
+
+/// A tear mid-credit at one validator, then the card at another before it comes back: the
+/// credit is journalled once, by whichever validator can still prove it.
+#[test]
+fn a_credit_torn_at_one_validator_is_proved_by_the_next_one_the_card_meets() {
+    for n in 0..8u32 {
+        let mut r = rig();
+        let (_da, ja) = journal();
+        let (_db, jb) = journal();
+        let l = list(&r, vec![order(&r, UID, 6, 2_500, T0_MS / 1000 + DAY_S)]);
+        let mut a = gate(&r, 1001, "Central", 10_000);
+        let mut b = gate(&r, 1002, "Market", 10_000);
+        r.card.tear_after_writes(Some(n));
+        let (first, _) = tap(&mut a, &mut r, &ja, &l, T0_MS);
+        r.card.tear_after_writes(None);
+        let (at_b, _) = tap(&mut b, &mut r, &jb, &l, T0_MS + 3_600_000);
+        let (back_at_a, _) = tap(&mut a, &mut r, &ja, &l, T0_MS + 7_200_000);
+        let (ta, tb) = (journalled(&ja, &r, 1001), journalled(&jb, &r, 1002));
+        // Both may hold it (the same card counter and TMV: one tap to clearing); by counter,
+        // it is there once.
+        let by_counter: std::collections::BTreeMap<u32, i32> = ta
+            .iter()
+            .chain(&tb)
+            .filter(|t| t.kind() == TxKind::Credit)
+            .map(|t| (t.tmc(), t.amount_minor()))
+            .collect();
+        let credits: i64 = by_counter.values().map(|a| i64::from(*a)).sum();
+        for t in ta.iter().chain(&tb).filter(|t| t.kind() == TxKind::Credit) {
+            let mut same = ta.iter().chain(&tb).filter(|u| u.tmc() == t.tmc());
+            assert!(
+                same.all(|u| u.tmv() == t.tmv()),
+                "n={n}: one proof per counter"
+            );
+        }
+        assert_eq!(
+            credits, 2_500,
+            "n={n}: journalled once: {first:?} {at_b:?} {back_at_a:?}"
+        );
+        assert_eq!(
+            i64::from(r.card.state().balance_minor),
+            i64::from(START_MINOR) + credits - sum(&ta, TxKind::Debit) - sum(&tb, TxKind::Debit),
+            "n={n}: value conserved"
+        );
+        assert!(ja.pending_pickup(&UID).unwrap().is_none(), "n={n}");
+        assert!(jb.order_applied(6).unwrap(), "n={n}");
+    }
+}
