@@ -94,6 +94,12 @@ pub struct Metrics {
     pub mqtt_connected: IntGauge,
     /// Confirmations refused (never acted on), by reason: `bad_mac`, `malformed`.
     pub confirmations_refused: IntCounterVec,
+    /// Action-list pick-ups by outcome: `applied`, `already_on_card`, `not_applied`, `torn`.
+    pub pickups: IntCounterVec,
+    /// The action-list version held.
+    pub action_list_version: IntGauge,
+    /// What is left of the SAM's action-list ceiling, minor units.
+    pub action_ceiling_minor: IntGauge,
 }
 
 impl Metrics {
@@ -131,8 +137,22 @@ impl Metrics {
             &["reason"],
         )
         .expect("static metric");
+        let pickups = IntCounterVec::new(
+            Opts::new(
+                "pickups_total",
+                "action-list orders at a tap: applied, already_on_card (another validator did), not_applied (ceiling, blocklist, SAM, card), torn",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric");
         let m = Self {
             confirmations_refused,
+            pickups,
+            action_list_version: gauge("action_list_version", "action-list version held"),
+            action_ceiling_minor: gauge(
+                "action_ceiling_minor",
+                "what is left of the SAM's action-list ceiling (minor units)",
+            ),
             taps,
             latency,
             outbox_depth: gauge(
@@ -159,12 +179,18 @@ impl Metrics {
             Box::new(m.fare_table_version.clone()),
             Box::new(m.mqtt_connected.clone()),
             Box::new(m.confirmations_refused.clone()),
+            Box::new(m.pickups.clone()),
+            Box::new(m.action_list_version.clone()),
+            Box::new(m.action_ceiling_minor.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
         // Exported at 0 from the start, so the first refusal is an increase an alert sees.
         for reason in ["bad_mac", "malformed"] {
             m.confirmations_refused.with_label_values(&[reason]);
+        }
+        for outcome in ["applied", "already_on_card", "not_applied", "torn"] {
+            m.pickups.with_label_values(&[outcome]);
         }
         m
     }
@@ -534,6 +560,12 @@ impl Shared {
             self.metrics
                 .fare_table_version
                 .set(i64::from(g.fare_version()));
+            self.metrics.action_ceiling_minor.set(g.sam.ceiling_minor());
+        }
+        if let Ok(l) = self.actions.lock() {
+            self.metrics
+                .action_list_version
+                .set(i64::try_from(l.version()).unwrap_or(i64::MAX));
         }
         self.metrics
             .outbox_depth
@@ -633,7 +665,23 @@ pub async fn serve_metrics(
 
 #[cfg(test)]
 mod topic_tests {
-    use super::Topics;
+    use super::{Metrics, Topics};
+
+    #[test]
+    fn the_action_list_metrics_are_exported_from_the_start() {
+        let text = Metrics::new(1001).render();
+        for line in [
+            "tapgate_validator_pickups_total{outcome=\"applied\",device=\"1001\"} 0",
+            "tapgate_validator_pickups_total{outcome=\"torn\",device=\"1001\"} 0",
+            "tapgate_validator_action_list_version{device=\"1001\"} 0",
+            "tapgate_validator_action_ceiling_minor{device=\"1001\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        let t = Topics::new("metro", 1001);
+        assert_eq!(t.actions_delta, "tapgate/v1/metro/actions/delta");
+        assert_eq!(t.ceiling, "tapgate/v1/metro/devices/1001/ceiling");
+    }
 
     #[test]
     fn a_box_on_another_schemes_cards_takes_that_schemes_blocklist() {

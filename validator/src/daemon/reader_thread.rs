@@ -54,11 +54,18 @@ fn reader_loop(
                 .actions
                 .lock()
                 .map_err(|_| "action list lock poisoned".to_string())?;
-            g.tap_with_actions(card, &shared.journal, &actions, now_ms(), &mut hook)
+            let out = g
+                .tap_with_actions(card, &shared.journal, &actions, now_ms(), &mut hook)
                 .map(|(pickup, out)| {
                     log_pickup(device, &pickup);
+                    count_pickup(shared, &pickup);
                     out
-                })
+                });
+            shared
+                .metrics
+                .action_ceiling_minor
+                .set(g.sam.ceiling_minor());
+            out
         };
         reader.card_removed();
         let out = match out {
@@ -102,6 +109,17 @@ fn reader_loop(
 
 /// One debug line per tap (`TAPGATE_LOG=validator=debug`): the device, the card (its UID
 /// masked), the tap's sequence number when it was journalled, and the outcome.
+fn count_pickup(shared: &Shared, p: &Pickup) {
+    let outcome = match p {
+        Pickup::Nothing | Pickup::Settling => return,
+        Pickup::Applied { .. } => "applied",
+        Pickup::AlreadyOnCard { .. } => "already_on_card",
+        Pickup::NotApplied { .. } => "not_applied",
+        Pickup::Torn { .. } => "torn",
+    };
+    shared.metrics.pickups.with_label_values(&[outcome]).inc();
+}
+
 /// An action-list pick-up that did something (nothing to pick up is not logged).
 fn log_pickup(device: u32, p: &Pickup) {
     match p {

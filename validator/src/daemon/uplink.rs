@@ -236,6 +236,8 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
             };
             match super::apply_action_grant(&mut g, &shared.journal, &payload) {
                 Ok(DownlinkOutcome::Applied(seq)) => {
+                    let ceiling = g.sam.ceiling_minor();
+                    shared.metrics.action_ceiling_minor.set(ceiling);
                     tracing::info!(
                         seq,
                         ceiling_minor = g.sam.ceiling_minor(),
@@ -258,6 +260,8 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
             };
             match super::apply_actions(&mut l, &shared.journal, &pubkey, &payload, now_ms()) {
                 Ok(DownlinkOutcome::Applied(v)) => {
+                    let held = i64::try_from(v).unwrap_or(i64::MAX);
+                    shared.metrics.action_list_version.set(held);
                     tracing::info!(version = v, orders = l.len(), "action list applied")
                 }
                 Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
