@@ -311,6 +311,21 @@ fn orders_are_refused_for_blocked_cards_others_instruments_and_out_of_limits() {
     ));
     assert_eq!(balance(&rig, ORDERS_PENDING), 0);
     assert!(rig.svc.action_snapshot("metro").unwrap().is_none());
+    // Over the card's balance ceiling (500 000 by default): the card would refuse it.
+    let rich = card(&rig, 6, 480_000);
+    let mut limits = rig.limits.clone();
+    limits.max_order_minor = 100_000;
+    assert!(matches!(
+        rig.svc
+            .create_order(HOLDER, &limits, request(&rich, 30_000, "k5"), T0),
+        Err(OrderError::Refused {
+            reason: "balance_ceiling",
+            ..
+        })
+    ));
+    rig.svc
+        .create_order(HOLDER, &limits, request(&rich, 20_000, "k6"), T0)
+        .unwrap();
 }
 
 fn get_bytes(url: &str, token: &str) -> (u16, Option<String>, Vec<u8>) {

@@ -347,11 +347,27 @@ impl LoadService {
             });
         }
         self.check_instrument(caller, &*source, &req.instrument)?;
-        if self.ledger.read()?.card(&req.uid)?.blocked {
-            return Err(OrderError::Refused {
-                reason: "card_blocked",
-                detail: format!("card {uid_hex} is blocked"),
-            });
+        {
+            let r = self.ledger.read()?;
+            if r.card(&req.uid)?.blocked {
+                return Err(OrderError::Refused {
+                    reason: "card_blocked",
+                    detail: format!("card {uid_hex} is blocked"),
+                });
+            }
+            // The card would refuse a credit over its upper limit: not taken as an order. (The
+            // shadow purse lags only by fares not cleared yet, which lower it.)
+            let balance = r.balance(&crate::ledger::card_account(&req.uid))?;
+            let ceiling = i64::from(self.cfg.balance_ceiling_minor);
+            if balance.saturating_add(i64::from(req.amount_minor)) > ceiling {
+                return Err(OrderError::Refused {
+                    reason: "balance_ceiling",
+                    detail: format!(
+                        "balance {balance} + {} would exceed the ceiling of {ceiling}",
+                        req.amount_minor
+                    ),
+                });
+            }
         }
         let reference = format!("order:{caller}:{}", req.idempotency_key);
         let freq = FundingRequest {
