@@ -128,14 +128,22 @@ impl Browser {
         std::fs::write(output_dir().join(format!("{name}.png")), png).expect("saving screenshot");
     }
 
+    /// The text of the element `css` names. A page that reloads itself (a pending top-up's)
+    /// can replace the element between finding it and reading it, or be between two loads: a
+    /// failed find or read is tried again for up to 10 s before it fails the test.
     async fn text(&self, css: &str) -> String {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .text()
-            .await
-            .expect("text")
+        let mut last = String::new();
+        for _ in 0..100 {
+            match self.client.find(Locator::Css(css)).await {
+                Ok(e) => match e.text().await {
+                    Ok(t) => return t,
+                    Err(err) => last = err.to_string(),
+                },
+                Err(err) => last = err.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css}: {last}")
     }
 
     /// Signs in by keyboard: types the name, tabs to the password, presses Enter.
