@@ -252,7 +252,11 @@ fn charge_refuses_an_image_that_does_not_validate() {
         ],
     );
     assert_eq!(o.status.code(), Some(2), "{}", said(&o));
-    assert!(said(&o).contains("balance outside its limits"), "{}", said(&o));
+    assert!(
+        said(&o).contains("balance outside its limits"),
+        "{}",
+        said(&o)
+    );
     assert_eq!(std::fs::read_to_string(&image).unwrap(), bad);
 }
 
@@ -293,5 +297,9 @@ fn card_issue_refuses_to_overwrite_a_card_without_force() {
 
     let forced = issue("9000", true);
     assert!(forced.status.success(), "{}", said(&forced));
-    assert!(said(&forced).contains("balance_minor=9000"), "{}", said(&forced));
+    assert!(
+        said(&forced).contains("balance_minor=9000"),
+        "{}",
+        said(&forced)
+    );
 }

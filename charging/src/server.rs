@@ -507,9 +507,8 @@ pub async fn serve_on(
             }
             // Action-list orders not picked up in time go back to their funding.
             let (l, now) = (loads.clone(), clock());
-            let expired = tokio::task::spawn_blocking(move || {
-                l.expire_orders(l.order_limits(), now, 256)
-            });
+            let expired =
+                tokio::task::spawn_blocking(move || l.expire_orders(l.order_limits(), now, 256));
             match expired.await {
                 Ok(Ok(e)) if !e.is_empty() => {
                     tracing::info!(refunded = e.len(), "orders not picked up refunded")
