@@ -81,10 +81,7 @@ fn internal(e: impl std::fmt::Display) -> Response {
 pub fn devices_view(st: &ApiState) -> Result<Vec<serde_json::Value>, crate::store::StoreError> {
     let heartbeats: std::collections::BTreeMap<u64, crate::propagation::ValidatorStatus> = st
         .stats
-        .propagation
-        .lock()
-        .map(|p| p.statuses())
-        .unwrap_or_default()
+        .validator_statuses()
         .into_iter()
         .map(|v| (u64::from(v.device_id), v))
         .collect();

@@ -25,6 +25,7 @@ mod forwarder;
 mod mqtt;
 mod relay;
 mod sender;
+mod signed_list;
 
 /// Daemon settings. `Debug` never shows the MQTT password or the clearing token.
 #[derive(Clone)]
@@ -126,6 +127,16 @@ pub struct GatewayStats {
     pub propagation: std::sync::Mutex<crate::propagation::Propagation>,
     /// What the embedded broker's ACL front refused (set when this process runs it).
     pub broker: std::sync::OnceLock<Arc<crate::broker::BrokerStats>>,
+}
+
+impl GatewayStats {
+    /// What each validator last reported by heartbeat (none when the tracker is poisoned).
+    pub fn validator_statuses(&self) -> Vec<crate::propagation::ValidatorStatus> {
+        self.propagation
+            .lock()
+            .map(|p| p.statuses())
+            .unwrap_or_default()
+    }
 }
 
 fn now_ms() -> u64 {

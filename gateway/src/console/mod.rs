@@ -301,10 +301,7 @@ async fn propagation(State(c): State<Console>, headers: HeaderMap) -> Response {
         let validators: Vec<minijinja::Value> = c
             .api
             .stats
-            .propagation
-            .lock()
-            .map(|p| p.statuses())
-            .unwrap_or_default()
+            .validator_statuses()
             .into_iter()
             .map(|v| {
                 minijinja::context! {
