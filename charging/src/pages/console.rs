@@ -14,8 +14,14 @@ pub(super) fn routes() -> Router<Pages> {
         .route("/console", get(overview))
         .route("/console/card", get(find_card))
         .route("/console/cards/{uid}", get(card_page))
-        .route("/console/cards/{uid}/block", post(block))
-        .route("/console/cards/{uid}/unblock", post(unblock))
+        .route(
+            "/console/cards/{uid}/block",
+            post(|p, uid, headers, f| block_card(p, uid, headers, f, true)),
+        )
+        .route(
+            "/console/cards/{uid}/unblock",
+            post(|p, uid, headers, f| block_card(p, uid, headers, f, false)),
+        )
         .route("/console/blocks", get(blocks).post(block_by_form))
         .route("/console/anomalies", get(anomalies))
         .route("/console/traffic", get(traffic))
@@ -27,9 +33,15 @@ fn operator(p: &Pages, headers: &HeaderMap) -> Result<session::Session, PageErro
     p.signed_in_as(headers, PageRole::Operator)
 }
 
-/// The common context of a console page.
-fn frame(s: &session::Session) -> (String, String) {
-    (s.holder.clone(), s.csrf.clone())
+/// A console page: `page`'s context in the frame every console page has (the operator's
+/// name, the session's CSRF token, no cardholder).
+fn console_page(p: &Pages, s: &session::Session, name: &str, page: minijinja::Value) -> Response {
+    p.render(
+        name,
+        minijinja::context! {
+            operator => s.holder, csrf => s.csrf, holder => None::<String>, ..page
+        },
+    )
 }
 
 fn uid_of(hex_uid: &str) -> Result<[u8; 7], PageError> {
@@ -53,35 +65,32 @@ fn change_ctx(c: &BlockChange) -> minijinja::Value {
 }
 
 async fn overview(State(p): State<Pages>, headers: HeaderMap) -> Response {
-    let result = async {
+    p.answer(async {
         let s = operator(&p, &headers)?;
-        let p2 = p.clone();
-        let ctx = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let (_, version) = r.block_changes(u64::MAX - 1, 1)?;
-            let cards = r.all_cards()?;
-            let blocked = cards.iter().filter(|(_, c)| c.blocked).count();
-            let (_, anomalies) = r.anomalies(u64::MAX - 1, 1)?;
-            Ok(minijinja::context! {
-                version => version, cards => cards.len(), blocked => blocked,
-                anomalies => anomalies,
+        let ctx = p
+            .read(move |_, r| {
+                let (_, version) = r.block_changes(u64::MAX - 1, 1)?;
+                let cards = r.all_cards()?;
+                let blocked = cards.iter().filter(|(_, c)| c.blocked).count();
+                let (_, anomalies) = r.anomalies(u64::MAX - 1, 1)?;
+                Ok(minijinja::context! {
+                    version => version, cards => cards.len(), blocked => blocked,
+                    anomalies => anomalies,
+                })
             })
-        })
-        .await?;
-        let (operator, csrf) = frame(&s);
+            .await?;
         let stats = p.api.loads.stats();
-        Ok::<_, PageError>(p.render(
+        Ok::<_, PageError>(console_page(
+            &p,
+            &s,
             "console.html",
             minijinja::context! {
-                operator => operator, csrf => csrf, holder => None::<String>, o => ctx,
-                loads_completed => stats.completed, loads_refused => stats.refused,
+                o => ctx, loads_completed => stats.completed, loads_refused => stats.refused,
                 loads_pending => stats.pending,
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -95,15 +104,14 @@ async fn find_card(
     headers: HeaderMap,
     Query(q): Query<FindQuery>,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         operator(&p, &headers)?;
         let uid = uid_of(&q.uid)?;
         Ok::<_, PageError>(
             Redirect::to(&format!("/console/cards/{}", hex::encode_upper(uid))).into_response(),
         )
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -165,27 +173,22 @@ async fn card_page(
     Query(q): Query<CardQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = operator(&p, &headers)?;
         let uid = uid_of(&uid_hex)?;
-        let p2 = p.clone();
-        let ctx = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            card_ctx(&p2, &*r, &uid, HISTORY_LINES)
-        })
-        .await?;
-        let (operator, csrf) = frame(&s);
-        Ok::<_, PageError>(p.render(
+        let ctx = p
+            .read(move |p2, r| card_ctx(p2, r, &uid, HISTORY_LINES))
+            .await?;
+        Ok::<_, PageError>(console_page(
+            &p,
+            &s,
             "console_card.html",
             minijinja::context! {
-                operator => operator, csrf => csrf, holder => None::<String>, card => ctx,
-                blocklist_version => q.blocklist_version, unchanged => q.unchanged.is_some(),
+                card => ctx, blocklist_version => q.blocklist_version, unchanged => q.unchanged.is_some(),
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -240,26 +243,16 @@ fn operator_posted(
     p.posted_as(headers, csrf, PageRole::Operator)
 }
 
-async fn block(
+/// `POST /console/cards/{uid}/block` (`blocked`) and `…/unblock`.
+async fn block_card(
     State(p): State<Pages>,
     Path(uid_hex): Path<String>,
     headers: HeaderMap,
     Form(f): Form<BlockForm>,
+    blocked: bool,
 ) -> Response {
-    set_block(&p, &headers, &uid_hex, &f, true)
+    p.answer(set_block(&p, &headers, &uid_hex, &f, blocked))
         .await
-        .unwrap_or_else(|e| p.error(e))
-}
-
-async fn unblock(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-    Form(f): Form<BlockForm>,
-) -> Response {
-    set_block(&p, &headers, &uid_hex, &f, false)
-        .await
-        .unwrap_or_else(|e| p.error(e))
 }
 
 /// The blocks page's form: a card number typed in.
@@ -268,58 +261,54 @@ async fn block_by_form(
     headers: HeaderMap,
     Form(f): Form<BlockForm>,
 ) -> Response {
-    set_block(&p, &headers, &f.uid.clone(), &f, true)
-        .await
-        .unwrap_or_else(|e| p.error(e))
+    p.answer(set_block(&p, &headers, &f.uid, &f, true)).await
 }
 
 /// Block changes shown on the blocks page.
 const CHANGES_SHOWN: usize = 100;
 
 async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
-    let result = async {
+    p.answer(async {
         let s = operator(&p, &headers)?;
-        let p2 = p.clone();
-        let ctx = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let (changes, version) = all_changes(&*r)?;
-            let blocked: Vec<minijinja::Value> = r
-                .all_cards()?
-                .into_iter()
-                .filter(|(_, c)| c.blocked)
-                .map(|(uid, c)| {
-                    let hex_uid = hex::encode_upper(uid);
-                    let since = changes
-                        .iter()
-                        .rev()
-                        .find(|ch| ch.card_uid.eq_ignore_ascii_case(&hex_uid))
-                        .map(|ch| ch.version);
-                    minijinja::context! {
-                        uid => hex_uid, reason => c.block_reason, version => since,
-                    }
+        let ctx = p
+            .read(move |_, r| {
+                let (changes, version) = all_changes(r)?;
+                let blocked: Vec<minijinja::Value> = r
+                    .all_cards()?
+                    .into_iter()
+                    .filter(|(_, c)| c.blocked)
+                    .map(|(uid, c)| {
+                        let hex_uid = hex::encode_upper(uid);
+                        let since = changes
+                            .iter()
+                            .rev()
+                            .find(|ch| ch.card_uid.eq_ignore_ascii_case(&hex_uid))
+                            .map(|ch| ch.version);
+                        minijinja::context! {
+                            uid => hex_uid, reason => c.block_reason, version => since,
+                        }
+                    })
+                    .collect();
+                let recent: Vec<minijinja::Value> = changes
+                    .iter()
+                    .rev()
+                    .take(CHANGES_SHOWN)
+                    .map(change_ctx)
+                    .collect();
+                Ok(minijinja::context! {
+                    version => version, blocked => blocked, changes => recent,
+                    total_changes => changes.len(),
                 })
-                .collect();
-            let recent: Vec<minijinja::Value> = changes
-                .iter()
-                .rev()
-                .take(CHANGES_SHOWN)
-                .map(change_ctx)
-                .collect();
-            Ok(minijinja::context! {
-                version => version, blocked => blocked, changes => recent,
-                total_changes => changes.len(),
             })
-        })
-        .await?;
-        let (operator, csrf) = frame(&s);
-        Ok::<_, PageError>(p.render(
+            .await?;
+        Ok::<_, PageError>(console_page(
+            &p,
+            &s,
             "console_blocks.html",
-            minijinja::context! { operator => operator, csrf => csrf, holder => None::<String>, b => ctx },
+            minijinja::context! { b => ctx },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 fn anomaly_ctx(seq: u64, a: &crate::clearing::Anomaly) -> minijinja::Value {
@@ -362,14 +351,11 @@ async fn anomalies(
     headers: HeaderMap,
     Query(q): Query<AnomalyQuery>,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = operator(&p, &headers)?;
-        let p2 = p.clone();
         let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
         let kind = q.kind.clone().filter(|k| !k.is_empty());
-        let ctx = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
+        let ctx = p.read(move |p2, r| {
             let (mut all, last) = r.anomalies(0, 1_000_000)?;
             all.reverse();
             let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
@@ -396,7 +382,7 @@ async fn anomalies(
                 Some((seq, a)) => {
                     let card = uid_of(&a.card_uid)
                         .ok()
-                        .map(|uid| card_ctx(&p2, &*r, &uid, 20))
+                        .map(|uid| card_ctx(p2, &*r, &uid, 20))
                         .transpose()?;
                     (Some(anomaly_ctx(*seq, a)), card)
                 }
@@ -412,14 +398,14 @@ async fn anomalies(
             })
         })
         .await?;
-        let (operator, csrf) = frame(&s);
-        Ok::<_, PageError>(p.render(
+        Ok::<_, PageError>(console_page(
+            &p,
+            &s,
             "console_anomalies.html",
-            minijinja::context! { operator => operator, csrf => csrf, holder => None::<String>, a => ctx },
+            minijinja::context! { a => ctx },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 use tapgate_http::pages::chart::{chart, CHART_WIDTH};
@@ -471,21 +457,19 @@ fn traffic_of(postings: &[crate::ledger::Posting]) -> Traffic {
 }
 
 async fn traffic(State(p): State<Pages>, headers: HeaderMap) -> Response {
-    let result = async {
+    p.answer(async {
         let s = operator(&p, &headers)?;
-        let p2 = p.clone();
-        let (t, anomalies) = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let t = traffic_of(&r.postings_with_prefix("")?);
-            let (all, _) = r.anomalies(0, 1_000_000)?;
-            let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
-            for (_, a) in all {
-                *by_kind.entry(a.kind).or_default() += 1;
-            }
-            Ok((t, by_kind))
-        })
-        .await?;
+        let (t, anomalies) = p
+            .read(move |_, r| {
+                let t = traffic_of(&r.postings_with_prefix("")?);
+                let (all, _) = r.anomalies(0, 1_000_000)?;
+                let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();
+                for (_, a) in all {
+                    *by_kind.entry(a.kind).or_default() += 1;
+                }
+                Ok((t, by_kind))
+            })
+            .await?;
         let mut days: Vec<&String> = t.revenue.keys().map(|(d, _)| d).collect();
         days.dedup();
         let first_day = days
@@ -551,18 +535,17 @@ async fn traffic(State(p): State<Pages>, headers: HeaderMap) -> Response {
                 .map(|(k, n)| (anomaly_label(&k), n, n.to_string()))
                 .collect(),
         );
-        let (operator, csrf) = frame(&s);
-        Ok::<_, PageError>(p.render(
+        Ok::<_, PageError>(console_page(
+            &p,
+            &s,
             "console_traffic.html",
             minijinja::context! {
-                operator => operator, csrf => csrf, holder => None::<String>,
                 revenue => revenue, taps => taps, loads => loads, refusals => refusals,
                 anomalies => anomalies, width => CHART_WIDTH, currency => p.currency,
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -625,7 +608,7 @@ async fn settlement(
     headers: HeaderMap,
     Query(q): Query<SettlementQuery>,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = operator(&p, &headers)?;
         let day = q
             .day
@@ -634,22 +617,20 @@ async fn settlement(
             .unwrap_or_else(|| day_of(p.now()));
         let fee = q.fee_bps()?;
         let files = build_settlement(&p, day.clone(), fee).await?;
-        let p2 = p.clone();
-        let days = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let mut days: Vec<String> = r
-                .postings_with_prefix("")?
-                .iter()
-                .map(|p| day_of(p.time_ms))
-                .collect();
-            days.sort();
-            days.dedup();
-            days.reverse();
-            days.truncate(DAYS_SHOWN);
-            Ok(days)
-        })
-        .await?;
+        let days = p
+            .read(move |_, r| {
+                let mut days: Vec<String> = r
+                    .postings_with_prefix("")?
+                    .iter()
+                    .map(|p| day_of(p.time_ms))
+                    .collect();
+                days.sort();
+                days.dedup();
+                days.reverse();
+                days.truncate(DAYS_SHOWN);
+                Ok(days)
+            })
+            .await?;
         let rows: Vec<minijinja::Value> = files
             .iter()
             .map(|f| {
@@ -659,17 +640,16 @@ async fn settlement(
                 }
             })
             .collect();
-        let (operator, csrf) = frame(&s);
-        Ok::<_, PageError>(p.render(
+        Ok::<_, PageError>(console_page(
+            &p,
+            &s,
             "console_settlement.html",
-            minijinja::context! {
-                operator => operator, csrf => csrf, holder => None::<String>, day => day,
+            minijinja::context! { day => day,
                 fee => fee, files => rows, days => days,
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 async fn settlement_file(
@@ -678,7 +658,7 @@ async fn settlement_file(
     Path((day, name)): Path<(String, String)>,
     Query(q): Query<SettlementQuery>,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         operator(&p, &headers)?;
         let files = build_settlement(&p, day, q.fee_bps()?).await?;
         // Only a file the day has: the name is one of the built files', never a path.
@@ -699,9 +679,8 @@ async fn settlement_file(
             )
                 .into_response(),
         )
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[cfg(test)]

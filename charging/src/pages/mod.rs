@@ -56,11 +56,15 @@ impl HasSite for Pages {
 
 /// The templates, compiled into the binary (beside the shared ones: `login.html`,
 /// `message.html`, `console_chart.html`).
-const TEMPLATES: [(&str, &str); 16] = [
+const TEMPLATES: [(&str, &str); 17] = [
     ("base.html", include_str!("templates/base.html")),
     ("home.html", include_str!("templates/home.html")),
     ("cards.html", include_str!("templates/cards.html")),
     ("card.html", include_str!("templates/card.html")),
+    (
+        "card_history.html",
+        include_str!("templates/card_history.html"),
+    ),
     ("topup.html", include_str!("templates/topup.html")),
     (
         "topup_state.html",
@@ -222,6 +226,29 @@ impl Pages {
     fn money(&self, minor: i64) -> String {
         money(minor, &self.currency)
     }
+
+    /// Runs `f` over a read of the ledger on a blocking thread (with the pages' state).
+    async fn read<T, F>(&self, f: F) -> Result<T, PageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pages, &dyn LedgerRead) -> Result<T, PageError> + Send + 'static,
+    {
+        let p = self.clone();
+        blocking(move || {
+            let l = p.api.loads.ledger();
+            let r = l.read()?;
+            f(&p, &*r)
+        })
+        .await
+    }
+
+    /// The page a handler made, or its error's page.
+    async fn answer(
+        &self,
+        page: impl std::future::Future<Output = Result<Response, PageError>>,
+    ) -> Response {
+        page.await.unwrap_or_else(|e| self.error(e))
+    }
 }
 
 async fn home(State(p): State<Pages>, headers: HeaderMap) -> Response {
@@ -241,34 +268,32 @@ async fn home(State(p): State<Pages>, headers: HeaderMap) -> Response {
 }
 
 async fn cards(State(p): State<Pages>, headers: HeaderMap) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.signed_in(&headers)?;
-        let (p2, holder) = (p.clone(), s.holder.clone());
-        let list = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let mut out = Vec::new();
-            for (uid, shadow) in r.all_cards()? {
-                if shadow.owner.as_deref() == Some(holder.as_str()) {
-                    let balance = r.balance(&crate::ledger::card_account(&uid))?;
-                    out.push(minijinja::context! {
-                        uid => hex::encode_upper(uid),
-                        balance => p2.money(balance),
-                        blocked => shadow.blocked,
-                        block_reason => shadow.block_reason,
-                    });
+        let holder = s.holder.clone();
+        let list = p
+            .read(move |p2, r| {
+                let mut out = Vec::new();
+                for (uid, shadow) in r.all_cards()? {
+                    if shadow.owner.as_deref() == Some(holder.as_str()) {
+                        let balance = r.balance(&crate::ledger::card_account(&uid))?;
+                        out.push(minijinja::context! {
+                            uid => hex::encode_upper(uid),
+                            balance => p2.money(balance),
+                            blocked => shadow.blocked,
+                            block_reason => shadow.block_reason,
+                        });
+                    }
                 }
-            }
-            Ok(out)
-        })
-        .await?;
+                Ok(out)
+            })
+            .await?;
         Ok::<_, PageError>(p.render(
             "cards.html",
             minijinja::context! { holder => s.holder, csrf => s.csrf, cards => list },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -300,27 +325,25 @@ async fn card_page(
     Query(q): Query<CardQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.signed_in(&headers)?;
-        let (p2, holder) = (p.clone(), s.holder.clone());
+        let holder = s.holder.clone();
         let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
-        let ctx = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let uid = p2.own_card(&*r, &holder, &uid_hex)?;
+        let ctx = p.read(move |p2, r| {
+            let uid = p2.own_card(r, &holder, &uid_hex)?;
             let shadow = r.card(&uid)?;
             let balance = r.balance(&crate::ledger::card_account(&uid))?;
-            let history = card::history(&*r, &uid)?;
+            let history = card::history(r, &uid)?;
             let pages = history.len().div_ceil(PAGE_LINES).max(1);
             let shown: Vec<minijinja::Value> = history
                 .iter()
                 .skip((page - 1) * PAGE_LINES)
                 .take(PAGE_LINES)
-                .map(|e| entry_ctx(&p2, e))
+                .map(|e| entry_ctx(p2, e))
                 .collect();
-            let loads = card::loads(&*r, &uid)?;
+            let loads = card::loads(r, &uid)?;
             let hex_uid = hex::encode_upper(uid);
-            let topups: Vec<minijinja::Value> = card::topups(&*r, &holder)?
+            let topups: Vec<minijinja::Value> = card::topups(r, &holder)?
                 .into_iter()
                 .filter(|t| t.card_uid == hex_uid)
                 .take(10)
@@ -371,9 +394,8 @@ async fn card_page(
                 blocklist_version => q.blocklist_version,
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 /// The holder's instruments, as `source:instrument` choices.
@@ -403,14 +425,13 @@ async fn topup_page(
     amount: &str,
 ) -> Result<Response, PageError> {
     let s = p.signed_in(headers)?;
-    let (p2, holder) = (p.clone(), s.holder.clone());
-    let (uid, choices, blocked) = blocking(move || {
-        let l = p2.api.loads.ledger();
-        let r = l.read()?;
-        let uid = p2.own_card(&*r, &holder, &uid_hex)?;
-        Ok((uid, instruments(&*r, &holder)?, r.card(&uid)?.blocked))
-    })
-    .await?;
+    let holder = s.holder.clone();
+    let (uid, choices, blocked) = p
+        .read(move |p2, r| {
+            let uid = p2.own_card(r, &holder, &uid_hex)?;
+            Ok((uid, instruments(r, &holder)?, r.card(&uid)?.blocked))
+        })
+        .await?;
     let choices: Vec<minijinja::Value> = choices
         .into_iter()
         .map(|(s, i)| minijinja::context! { value => format!("{s}:{i}"), source => s, instrument => i })
@@ -443,7 +464,7 @@ async fn topup(
     headers: HeaderMap,
     Form(f): Form<TopUpForm>,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.posted(&headers, &f.csrf)?;
         let Some(amount) =
             parse_money(&f.amount, &p.currency).filter(|a| *a > 0 && *a <= i64::from(i32::MAX))
@@ -519,9 +540,8 @@ async fn topup(
                 .await
             }
         }
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 async fn topup_state(
@@ -529,23 +549,22 @@ async fn topup_state(
     Path((uid_hex, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.signed_in(&headers)?;
-        let (p2, holder) = (p.clone(), s.holder.clone());
-        let (t, state, tmc) = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let uid = p2.own_card(&*r, &holder, &uid_hex)?;
-            let hex_uid = hex::encode_upper(uid);
-            let t = card::topups(&*r, &holder)?
-                .into_iter()
-                .find(|t| t.id == id && t.card_uid == hex_uid)
-                .ok_or_else(|| PageError::NotFound("No such top-up.".into()))?;
-            let loads = card::loads(&*r, &uid)?;
-            let (state, tmc) = t.state(&holder, &loads);
-            Ok((t, state, tmc))
-        })
-        .await?;
+        let holder = s.holder.clone();
+        let (t, state, tmc) = p
+            .read(move |p2, r| {
+                let uid = p2.own_card(r, &holder, &uid_hex)?;
+                let hex_uid = hex::encode_upper(uid);
+                let t = card::topups(r, &holder)?
+                    .into_iter()
+                    .find(|t| t.id == id && t.card_uid == hex_uid)
+                    .ok_or_else(|| PageError::NotFound("No such top-up.".into()))?;
+                let loads = card::loads(r, &uid)?;
+                let (state, tmc) = t.state(&holder, &loads);
+                Ok((t, state, tmc))
+            })
+            .await?;
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -561,9 +580,8 @@ async fn topup_state(
                 server => server,
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 async fn report_form(
@@ -571,13 +589,11 @@ async fn report_form(
     Path(uid_hex): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.signed_in(&headers)?;
-        let (p2, holder) = (p.clone(), s.holder.clone());
-        let (uid, blocked) = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let uid = p2.own_card(&*r, &holder, &uid_hex)?;
+        let holder = s.holder.clone();
+        let (uid, blocked) = p.read(move |p2, r| {
+            let uid = p2.own_card(r, &holder, &uid_hex)?;
             Ok((uid, r.card(&uid)?.blocked))
         })
         .await?;
@@ -585,9 +601,8 @@ async fn report_form(
             "report.html",
             minijinja::context! { holder => s.holder, csrf => s.csrf, uid => hex::encode_upper(uid), blocked => blocked },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -604,7 +619,7 @@ async fn report(
     headers: HeaderMap,
     Form(f): Form<ReportForm>,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.posted(&headers, &f.csrf)?;
         let reason = match f.reason.as_str() {
             "lost" | "stolen" => f.reason.clone(),
@@ -628,9 +643,8 @@ async fn report(
             to.push_str(&format!("?blocklist_version={v}"));
         }
         Ok(Redirect::to(&to).into_response())
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 async fn receipt_load(
@@ -638,20 +652,21 @@ async fn receipt_load(
     Path((uid_hex, tmc)): Path<(String, u32)>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.signed_in(&headers)?;
-        let (p2, holder) = (p.clone(), s.holder.clone());
-        let (uid, entry) = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let uid = p2.own_card(&*r, &holder, &uid_hex)?;
-            let e = card::history(&*r, &uid)?
-                .into_iter()
-                .find(|e| e.kind == "load" && e.tmc == Some(tmc))
-                .ok_or_else(|| PageError::NotFound("No completed load at that counter.".into()))?;
-            Ok((uid, e))
-        })
-        .await?;
+        let holder = s.holder.clone();
+        let (uid, entry) = p
+            .read(move |p2, r| {
+                let uid = p2.own_card(r, &holder, &uid_hex)?;
+                let e = card::history(r, &uid)?
+                    .into_iter()
+                    .find(|e| e.kind == "load" && e.tmc == Some(tmc))
+                    .ok_or_else(|| {
+                        PageError::NotFound("No completed load at that counter.".into())
+                    })?;
+                Ok((uid, e))
+            })
+            .await?;
         Ok::<_, PageError>(p.render(
             "receipt_load.html",
             minijinja::context! {
@@ -659,9 +674,8 @@ async fn receipt_load(
                 load => entry_ctx(&p, &entry), operator => p.api.operator,
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 async fn receipt_month(
@@ -669,7 +683,7 @@ async fn receipt_month(
     Path((uid_hex, month)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
+    p.answer(async {
         let s = p.signed_in(&headers)?;
         let valid = month.len() == 7
             && month.as_bytes()[4] == b'-'
@@ -680,19 +694,18 @@ async fn receipt_month(
         if !valid {
             return Err(PageError::NotFound("A month is written YYYY-MM.".into()));
         }
-        let (p2, holder, m) = (p.clone(), s.holder.clone(), month.clone());
-        let (uid, trips) = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let uid = p2.own_card(&*r, &holder, &uid_hex)?;
-            let mut trips: Vec<Entry> = card::history(&*r, &uid)?
-                .into_iter()
-                .filter(|e| e.kind == "trip" && card::month_of(e.time_ms) == m)
-                .collect();
-            trips.reverse();
-            Ok((uid, trips))
-        })
-        .await?;
+        let (holder, m) = (s.holder.clone(), month.clone());
+        let (uid, trips) = p
+            .read(move |p2, r| {
+                let uid = p2.own_card(r, &holder, &uid_hex)?;
+                let mut trips: Vec<Entry> = card::history(r, &uid)?
+                    .into_iter()
+                    .filter(|e| e.kind == "trip" && card::month_of(e.time_ms) == m)
+                    .collect();
+                trips.reverse();
+                Ok((uid, trips))
+            })
+            .await?;
         let total: i64 = trips.iter().map(|e| -e.amount_minor).sum();
         let rows: Vec<minijinja::Value> = trips.iter().map(|e| entry_ctx(&p, e)).collect();
         Ok::<_, PageError>(p.render(
@@ -702,9 +715,8 @@ async fn receipt_month(
                 trips => rows, total => p.money(total), count => trips.len(),
             },
         ))
-    }
-    .await;
-    result.unwrap_or_else(|e| p.error(e))
+    })
+    .await
 }
 
 #[cfg(test)]
