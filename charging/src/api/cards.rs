@@ -170,18 +170,13 @@ pub(super) async fn report_card(
             )))
         }
     };
-    if caller.role == Role::Cardholder {
-        let l = st.loads.ledger();
-        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let shadow = r
-            .card(&uid)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        if shadow.owner.as_deref() != Some(caller.name.as_str()) {
-            // Same answer as for an unknown card: do not reveal whose cards exist.
-            return Err(ApiError::NotFound(format!(
-                "card {uid_hex} is not registered to you"
-            )));
-        }
+    if caller.role == Role::Cardholder
+        && card_owner(&st, &uid)?.as_deref() != Some(caller.name.as_str())
+    {
+        // Same answer as for an unknown card: do not reveal whose cards exist.
+        return Err(ApiError::NotFound(format!(
+            "card {uid_hex} is not registered to you"
+        )));
     }
     let version = set_block(&st, uid, true, reason).await?;
     Ok(Json(

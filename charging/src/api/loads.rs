@@ -34,6 +34,19 @@ pub struct Funding {
     pub instrument: String,
 }
 
+impl Funding {
+    /// A load's (or an order's) request for `amount_minor` onto card `uid` from this funding.
+    pub(super) fn request(self, uid: [u8; 7], amount_minor: i32, key: String) -> LoadRequest {
+        LoadRequest {
+            uid,
+            amount_minor,
+            funding_source: self.source,
+            instrument: self.instrument,
+            idempotency_key: key,
+        }
+    }
+}
+
 /// `POST /v1/loads/{id}/steps` body.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,16 +76,23 @@ pub(super) fn start_checks(
     Ok((key, uid, now))
 }
 
+/// Who may load, order and keep funding instruments: a cardholder, a partner, an operator.
+pub(super) const PAYERS: &[Role] = &[Role::Cardholder, Role::Partner, Role::Operator];
+
+/// The card's registered owner (none: sold anonymously, or not registered).
+pub(super) fn card_owner(st: &AppState, uid: &[u8; 7]) -> Result<Option<String>, ApiError> {
+    let l = st.loads.ledger();
+    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let shadow = r.card(uid).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(shadow.owner)
+}
+
 pub(super) async fn start_load(
     State(st): State<AppState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let req: StartLoad = json_body(&body)?;
     let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     if caller.role == Role::Cardholder {
@@ -82,13 +102,7 @@ pub(super) async fn start_load(
     let reply = relay_work(&st, move || {
         Ok(loads.start(
             &caller.name,
-            LoadRequest {
-                uid,
-                amount_minor: req.amount_minor,
-                funding_source: req.funding.source,
-                instrument: req.funding.instrument,
-                idempotency_key: key,
-            },
+            req.funding.request(uid, req.amount_minor, key),
             now,
         )?)
     })
@@ -104,10 +118,7 @@ pub(super) fn own_card_or_anonymous(
     caller: &Caller,
     uid: &[u8; 7],
 ) -> Result<(), ApiError> {
-    let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let shadow = r.card(uid).map_err(|e| ApiError::Internal(e.to_string()))?;
-    match shadow.owner.as_deref() {
+    match card_owner(st, uid)?.as_deref() {
         Some(owner) if owner != caller.name => Err(ApiError::ForbiddenDetail(format!(
             "card {} is registered to another account",
             hex::encode_upper(uid)
@@ -134,11 +145,7 @@ pub(super) async fn register_instrument(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let req: RegisterInstrument = json_body(&body)?;
     let now = (st.clock)();
     let loads = st.loads.clone();
@@ -165,11 +172,7 @@ pub(super) async fn list_instruments(
     State(st): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let l = st.loads.ledger();
     let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
     let list = r
@@ -187,11 +190,7 @@ pub(super) async fn start_reversal(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let req: StartReversal = json_body(&body)?;
     let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     let loads = st.loads.clone();
@@ -209,11 +208,7 @@ pub(super) async fn load_step(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<Reply>, ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let step: StepBody = json_body(&body)?;
     let mut responses = Vec::with_capacity(step.responses.len());
     for (i, r) in step.responses.iter().enumerate() {

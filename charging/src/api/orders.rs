@@ -2,7 +2,7 @@
 //! action list the gateways relay to validators (`/v1/actions/signed/{snapshot,delta}`).
 
 use super::*;
-use crate::load::{OrderError, OrderRecord, OrderRequest};
+use crate::load::{OrderError, OrderRecord};
 
 /// `POST /v1/orders` body.
 #[derive(Serialize, Deserialize)]
@@ -51,22 +51,13 @@ pub(super) async fn create_order(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let req: CreateOrder = json_body(&body)?;
     let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
     if caller.role == Role::Cardholder {
         // No card at a reader proves anything here: a cardholder orders for its own
         // registered cards only.
-        let l = st.loads.ledger();
-        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let shadow = r
-            .card(&uid)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        if shadow.owner.as_deref() != Some(caller.name.as_str()) {
+        if card_owner(&st, &uid)?.as_deref() != Some(caller.name.as_str()) {
             return Err(ApiError::ForbiddenDetail(format!(
                 "card {} is not registered to this account",
                 hex::encode_upper(uid)
@@ -79,13 +70,7 @@ pub(super) async fn create_order(
             .create_order(
                 &caller.name,
                 loads.order_limits(),
-                OrderRequest {
-                    uid,
-                    amount_minor: req.amount_minor,
-                    funding_source: req.funding.source,
-                    instrument: req.funding.instrument,
-                    idempotency_key: key,
-                },
+                req.funding.request(uid, req.amount_minor, key),
                 now,
             )
             .map_err(order_err)
@@ -101,23 +86,13 @@ pub(super) async fn get_order(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = require(
-        &st.auth,
-        &headers,
-        &[Role::Cardholder, Role::Partner, Role::Operator],
-    )?;
+    let caller = require(&st.auth, &headers, PAYERS)?;
     let o = st.loads.order(id).map_err(order_err)?;
     let visible = caller.role == Role::Operator
         || o.caller == caller.name
         || (caller.role == Role::Cardholder && {
             let uid = uid_of(&o.card_uid)?;
-            let l = st.loads.ledger();
-            let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-            r.card(&uid)
-                .map_err(|e| ApiError::Internal(e.to_string()))?
-                .owner
-                .as_deref()
-                == Some(caller.name.as_str())
+            card_owner(&st, &uid)?.as_deref() == Some(caller.name.as_str())
         });
     if !visible {
         return Err(ApiError::NotFound(format!("no order {id}")));

@@ -113,20 +113,9 @@ pub struct OrderRecord {
     pub refunded_ms: Option<u64>,
 }
 
-/// What a new order asks for.
-#[derive(Clone, Debug)]
-pub struct OrderRequest {
-    /// The card.
-    pub uid: [u8; 7],
-    /// The value, minor units.
-    pub amount_minor: i32,
-    /// Funding source name.
-    pub funding_source: String,
-    /// Instrument at the source.
-    pub instrument: String,
-    /// The caller's idempotency key.
-    pub idempotency_key: String,
-}
+/// What a new order asks for: what a load does (the card, the value, the funding, the
+/// caller's idempotency key).
+pub type OrderRequest = super::LoadRequest;
 
 /// Why an order was not made, or a list not built.
 #[derive(Debug, thiserror::Error)]
