@@ -42,6 +42,7 @@ mod interface;
 mod lmdb;
 pub mod postgres;
 mod records;
+mod rules;
 
 pub use interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 pub use lmdb::{

@@ -1,6 +1,7 @@
 //! Numbered anomalies, and the sweep of counter gaps that never fill.
 
 use super::*;
+use crate::ledger::rules::{self, GapDecision};
 
 impl LedgerCore {
     /// Appends an anomaly (numbered from 1) and returns its number.
@@ -57,57 +58,15 @@ impl LedgerCore {
         let mut sweep = GapSweep::default();
         for (uid, mut clock) in due {
             let c = self.card(txn, &uid)?;
-            let Some(&(first_above, balance_after, delta)) = c.booked_above.first() else {
-                self.gaps.delete(txn, &uid)?;
-                continue;
-            };
-            let from_tmc = c.booked_through_tmc.saturating_add(1);
-            let to_tmc = first_above - 1;
-            let hours = now_ms.saturating_sub(clock.since_ms) / 3_600_000;
-            let waiting = self
-                .open_intents(txn, &uid)?
-                .into_iter()
-                .find(|i| i.tmc_before + 1 >= from_tmc && i.tmc_before < first_above);
-            // What the missing counters changed: the balance before the first booked counter
-            // above the gap, minus the balance after the last one below it.
-            let missing = c
-                .booked_balance_minor
-                .map(|below| i64::from(balance_after) - delta - i64::from(below));
-            let (block, detail) = match (waiting, missing) {
-                (Some(i), _) => (
-                    false,
-                    format!(
-                        "counters {from_tmc}..={to_tmc} missing for {hours} h; a pending {:?} at counter {} waits for the card",
-                        i.kind,
-                        i.tmc_before + 1
-                    ),
-                ),
-                (None, Some(m)) if m > 0 => (
-                    true,
-                    format!(
-                        "counters {from_tmc}..={to_tmc} missing for {hours} h and {m} minor units appeared across them with no load booked"
-                    ),
-                ),
-                (None, Some(m)) => (
-                    false,
-                    format!(
-                        "counters {from_tmc}..={to_tmc} missing for {hours} h: {} minor units of debits never cleared",
-                        -m
-                    ),
-                ),
-                (None, None) => (
-                    false,
-                    format!("counters {from_tmc}..={to_tmc} missing for {hours} h"),
-                ),
-            };
-            let anomaly = Anomaly {
-                kind: "counter_gap".into(),
-                card_uid: hex::encode_upper(uid),
-                tmc: from_tmc,
-                device_id: 0,
-                device_seq: 0,
-                detail,
-            };
+            let open = self.open_intents(txn, &uid)?;
+            let (anomaly, block) =
+                match rules::gap_decision(&uid, &c, &open, clock.since_ms, now_ms) {
+                    GapDecision::Closed => {
+                        self.gaps.delete(txn, &uid)?;
+                        continue;
+                    }
+                    GapDecision::Report { anomaly, block } => (anomaly, block),
+                };
             self.record_anomaly(txn, &anomaly)?;
             sweep.anomalies.push(anomaly);
             if block

@@ -576,23 +576,7 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
             let r = v.receipt();
             let (uid, tmc) = (r.uid(), proof.tmc_before());
             if let Some(intent) = self.core.intent(self.txn, &uid, tmc)? {
-                let kind = match intent.kind {
-                    IntentKind::Load | IntentKind::Refund => purse::receipt::TxKind::Credit,
-                    IntentKind::Reversal | IntentKind::Payment => purse::receipt::TxKind::Debit,
-                };
-                if r.kind() != kind || r.amount_minor() != intent.amount_minor {
-                    return Err(LedgerError::ProofNotIntent {
-                        uid: hex::encode_upper(uid),
-                        tmc,
-                        why: format!(
-                            "proved {:?} of {}, pending {:?} of {}",
-                            r.kind(),
-                            r.amount_minor(),
-                            kind,
-                            intent.amount_minor
-                        ),
-                    });
-                }
+                super::rules::check_proof(&intent, &uid, tmc, r.kind(), r.amount_minor())?;
             }
         }
         let (uid, tmc_before) = (proof.uid(), proof.tmc_before());

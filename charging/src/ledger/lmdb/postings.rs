@@ -13,14 +13,7 @@ impl LedgerCore {
         amount_minor: i64,
         reference: &str,
     ) -> Result<Posting, LedgerError> {
-        if amount_minor <= 0 {
-            return Err(LedgerError::InvalidPosting("amount must be positive"));
-        }
-        if from == to {
-            return Err(LedgerError::InvalidPosting(
-                "from and to are the same account",
-            ));
-        }
+        crate::ledger::rules::check_posting(from, to, amount_minor)?;
         let seq = match self.postings.last(txn)? {
             Some((k, _)) => k + 1,
             None => 1,

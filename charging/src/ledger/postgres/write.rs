@@ -8,6 +8,7 @@ use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, 
 use crate::ledger::card_account;
 use crate::ledger::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 use crate::ledger::records::*;
+use crate::ledger::rules::{self, GapDecision};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -172,14 +173,7 @@ impl PgWrite<'_> {
         amount_minor: i64,
         reference: &str,
     ) -> Result<Posting, LedgerError> {
-        if amount_minor <= 0 {
-            return Err(LedgerError::InvalidPosting("amount must be positive"));
-        }
-        if from == to {
-            return Err(LedgerError::InvalidPosting(
-                "from and to are the same account",
-            ));
-        }
+        rules::check_posting(from, to, amount_minor)?;
         // Each side's shard moves by the amount, unless that would leave i64 (then nothing
         // moves and the posting is refused; the transaction goes on, as under LMDB).
         if !self.add_balance(from, -amount_minor)? {
@@ -707,55 +701,15 @@ impl LedgerWrite for PgWrite<'_> {
         let mut sweep = GapSweep::default();
         for (uid, mut clock) in due {
             let c = self.card(&uid)?;
-            let Some(&(first_above, balance_after, delta)) = c.booked_above.first() else {
-                self.delete_gap(&uid)?;
-                continue;
-            };
-            let from_tmc = c.booked_through_tmc.saturating_add(1);
-            let to_tmc = first_above - 1;
-            let hours = now_ms.saturating_sub(clock.since_ms) / 3_600_000;
-            let waiting = self
-                .open_intents(&uid)?
-                .into_iter()
-                .find(|i| i.tmc_before + 1 >= from_tmc && i.tmc_before < first_above);
-            let missing = c
-                .booked_balance_minor
-                .map(|below| i64::from(balance_after) - delta - i64::from(below));
-            let (block, detail) = match (waiting, missing) {
-                (Some(i), _) => (
-                    false,
-                    format!(
-                        "counters {from_tmc}..={to_tmc} missing for {hours} h; a pending {:?} at counter {} waits for the card",
-                        i.kind,
-                        i.tmc_before + 1
-                    ),
-                ),
-                (None, Some(m)) if m > 0 => (
-                    true,
-                    format!(
-                        "counters {from_tmc}..={to_tmc} missing for {hours} h and {m} minor units appeared across them with no load booked"
-                    ),
-                ),
-                (None, Some(m)) => (
-                    false,
-                    format!(
-                        "counters {from_tmc}..={to_tmc} missing for {hours} h: {} minor units of debits never cleared",
-                        -m
-                    ),
-                ),
-                (None, None) => (
-                    false,
-                    format!("counters {from_tmc}..={to_tmc} missing for {hours} h"),
-                ),
-            };
-            let anomaly = Anomaly {
-                kind: "counter_gap".into(),
-                card_uid: hex::encode_upper(uid),
-                tmc: from_tmc,
-                device_id: 0,
-                device_seq: 0,
-                detail,
-            };
+            let open = self.open_intents(&uid)?;
+            let (anomaly, block) =
+                match rules::gap_decision(&uid, &c, &open, clock.since_ms, now_ms) {
+                    GapDecision::Closed => {
+                        self.delete_gap(&uid)?;
+                        continue;
+                    }
+                    GapDecision::Report { anomaly, block } => (anomaly, block),
+                };
             self.record_anomaly(&anomaly)?;
             sweep.anomalies.push(anomaly);
             if block
@@ -842,26 +796,9 @@ impl LedgerWrite for PgWrite<'_> {
     ) -> Result<Option<FundingAction>, LedgerError> {
         let (uid, tmc_before) = (proof.uid(), proof.tmc_before());
         if let Completion::Proved(v) = &proof {
-            // The HSM proved *a* change at the intent's counter: it must be the intent's own.
             let r = v.receipt();
             if let Some(intent) = self.intent(&uid, tmc_before)? {
-                let kind = match intent.kind {
-                    IntentKind::Load | IntentKind::Refund => purse::receipt::TxKind::Credit,
-                    IntentKind::Reversal | IntentKind::Payment => purse::receipt::TxKind::Debit,
-                };
-                if r.kind() != kind || r.amount_minor() != intent.amount_minor {
-                    return Err(LedgerError::ProofNotIntent {
-                        uid: hex::encode_upper(uid),
-                        tmc: tmc_before,
-                        why: format!(
-                            "proved {:?} of {}, pending {:?} of {}",
-                            r.kind(),
-                            r.amount_minor(),
-                            kind,
-                            intent.amount_minor
-                        ),
-                    });
-                }
+                rules::check_proof(&intent, &uid, tmc_before, r.kind(), r.amount_minor())?;
             }
         }
         let before_learned = match tmc_before.checked_add(1) {
