@@ -72,9 +72,29 @@ pub(crate) fn register_tokens(
     Ok(())
 }
 
+/// The ledger a `loads` run keeps its books in (`--ledger`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LedgerChoice {
+    /// The embedded default, in the run's temporary directory.
+    Lmdb,
+    /// A throwaway PostgreSQL cluster on loopback (the test kit's), migrated as `tapgate
+    /// charging migrate` migrates; then the same scenario on LMDB, for the ratio.
+    Postgres,
+}
+
+/// The longest one run drives loads: past it, clients start no new load and the figures are
+/// over the loads done.
+const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Runs `n` loads from `clients` client threads (`--clients`, else TAPGATE_BENCH_CLIENTS, else
-/// 8).
-pub fn run(n: Option<u64>, clients: Option<usize>) -> anyhow::Result<Figures> {
+/// 8) with the ledger on `ledger`. On PostgreSQL the figures are the PostgreSQL run's, then
+/// `ledger_retries` (transactions the database aborted and the ledger ran again), and the LMDB
+/// run's of the same invocation: `lmdb_loads_per_s`, `lmdb_p99_ms`, `ratio_to_lmdb`.
+pub fn run(
+    n: Option<u64>,
+    clients: Option<usize>,
+    ledger: LedgerChoice,
+) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
     let clients: usize = clients
         .or_else(|| {
@@ -84,11 +104,47 @@ pub fn run(n: Option<u64>, clients: Option<usize>) -> anyhow::Result<Figures> {
         })
         .unwrap_or(8)
         .max(1);
+    match ledger {
+        LedgerChoice::Lmdb => Ok(run_once(n, clients, None)?.0),
+        LedgerChoice::Postgres => {
+            let mut cluster = tapgate_testkit::postgres::Cluster::try_start()
+                .map_err(|e| anyhow::anyhow!("--ledger postgres: {e}"))?;
+            let url = cluster.create_database();
+            let retries_before = charging::ledger::PgLedger::retries();
+            let (mut figures, pg) = run_once(n, clients, Some((&url, cluster.password())))?;
+            let retries = charging::ledger::PgLedger::retries() - retries_before;
+            drop(cluster);
+            let (_, lmdb) = run_once(n, clients, None)?;
+            figures.insert(0, ("ledger", "postgres".into()));
+            figures.push(("ledger_retries", retries.into()));
+            figures.push(("lmdb_loads_per_s", (lmdb.loads_per_s.round() as u64).into()));
+            figures.push(("lmdb_p99_ms", lmdb.p99_ms.into()));
+            figures.push((
+                "ratio_to_lmdb",
+                crate::limits::ratio(pg.loads_per_s, lmdb.loads_per_s),
+            ));
+            Ok(figures)
+        }
+    }
+}
+
+/// What the ratio to LMDB needs of a run.
+struct Headline {
+    loads_per_s: f64,
+    p99_ms: f64,
+}
+
+/// One run on a fresh server: on LMDB, or on the PostgreSQL database at `pg` (URL, password).
+fn run_once(
+    n: u64,
+    clients: usize,
+    pg: Option<(&str, &str)>,
+) -> anyhow::Result<(Figures, Headline)> {
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
     let (hsm_kind, server_hsm) = server_hsm(&keys)?;
-    let server = Server::start(dir.path(), server_hsm)?;
+    let server = Server::start(dir.path(), pg, server_hsm)?;
     let hsm = SoftwareHsm::new(&keys)?;
     let per_client = n.div_ceil(clients as u64);
     register_tokens(
@@ -104,8 +160,13 @@ pub fn run(n: Option<u64>, clients: Option<usize>) -> anyhow::Result<Figures> {
     let raw_after =
         crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
     server.stop();
-    Ok(report(
-        &hsm_kind, clients, &driven, &plan, raw_before, raw_after,
+    let headline = Headline {
+        loads_per_s: driven.lat.len() as f64 / driven.wall.as_secs_f64(),
+        p99_ms: crate::stats::quantile(&driven.lat, 0.99) as f64 / 1000.0,
+    };
+    Ok((
+        report(&hsm_kind, clients, &driven, &plan, raw_before, raw_after),
+        headline,
     ))
 }
 
@@ -136,19 +197,34 @@ struct Server {
 }
 
 impl Server {
-    /// The server with its data in `dir`, the bench caller's token, no load rate limit.
-    fn start(dir: &std::path::Path, hsm: Box<dyn purse::sam::Hsm + Send>) -> anyhow::Result<Self> {
+    /// The server with its data in `dir`, the bench caller's token, no load rate limit; its
+    /// ledger in LMDB there, or with `pg` (URL, password) in that PostgreSQL database, through
+    /// the `[ledger]` table a deployment writes and migrated as `tapgate charging migrate` does.
+    fn start(
+        dir: &std::path::Path,
+        pg: Option<(&str, &str)>,
+        hsm: Box<dyn purse::sam::Hsm + Send>,
+    ) -> anyhow::Result<Self> {
+        let mut toml = format!("data_dir = {:?}\n", dir.to_str().unwrap_or_default());
+        if let Some((url, password)) = pg {
+            let pw = dir.join("ledger-password");
+            std::fs::write(&pw, password)?;
+            toml.push_str(&format!(
+                "[ledger]\nkind = \"postgres\"\nurl = {url:?}\npassword_file = {:?}\n",
+                pw.to_str().unwrap_or_default()
+            ));
+        }
         let mut cfg = ServerConfig {
             tokens: vec![TokenEntry {
                 name: "bench".into(),
                 role: Role::Cardholder,
                 sha256: Auth::hash_token(TOKEN),
             }],
-            ..ServerConfig::from_toml(&format!(
-                "data_dir = {:?}",
-                dir.to_str().unwrap_or_default()
-            ))?
+            ..ServerConfig::from_toml(&toml)?
         };
+        if pg.is_some() {
+            charging::ledger::postgres::migrate(&cfg.ledger.postgres()?)?;
+        }
         // One bench caller drives every load (each load has its own card token: the
         // per-instrument daily limit is per rider).
         cfg.limits.loads_per_minute_per_client = 0;
@@ -242,8 +318,13 @@ fn drive(
                 })
                 .collect();
             handles.push(scope.spawn(move || -> anyhow::Result<()> {
-                let agent = ureq::AgentBuilder::new().build();
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(std::time::Duration::from_secs(60))
+                    .build();
                 for (i, card) in cards.iter_mut().enumerate() {
+                    if started.elapsed() > RUN_LIMIT {
+                        break;
+                    }
                     let t = Instant::now();
                     relay(&agent, &base, card, &format!("c{c}-{i}"), 1_000)?;
                     lat.lock()

@@ -45,6 +45,10 @@ struct Args {
     /// For `loads`: concurrent client threads (default 8, or TAPGATE_BENCH_CLIENTS).
     #[arg(long)]
     clients: Option<usize>,
+    /// For `loads`: the ledger, `lmdb` (default) or `postgres` (a throwaway cluster on
+    /// loopback; then the same run on LMDB, and the ratio).
+    #[arg(long, value_enum, default_value = "lmdb")]
+    ledger: loads::LedgerChoice,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -86,7 +90,7 @@ fn main() -> Result<()> {
         Scenario::Debit => purse_bench::debit(args.n)?,
         Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
-        Scenario::Loads => loads::run(args.n, args.clients)?,
+        Scenario::Loads => loads::run(args.n, args.clients, args.ledger)?,
         Scenario::Payments => payments::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
