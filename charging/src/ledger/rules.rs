@@ -122,6 +122,106 @@ pub(super) fn check_proof(
     Ok(())
 }
 
+/// The record an intent's completion settled besides the card: a refund credited, a payment
+/// made (the backend stores those first; a load or a reversal settles none).
+pub(super) enum Settled {
+    /// a load or a reversal: the funding source is the other side
+    Funding,
+    /// the refund credited to the card
+    Refund(Refund),
+    /// the payment the card made
+    Payment(Payment),
+}
+
+/// A posting to make: `amount_minor` from `from` to `to`, traced by `reference`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Move {
+    /// debited account
+    pub from: String,
+    /// credited account
+    pub to: String,
+    /// minor units
+    pub amount_minor: i64,
+    /// trace
+    pub reference: String,
+}
+
+/// The card proved `intent`'s change at counter `tmc`: marks the intent completed at `now_ms`
+/// and says what to post (a load funding → card, a reversal card → funding, a refund
+/// `refunds:pending` → card, a payment card → merchant) and what to do with the funding once
+/// the transaction is durable (a refund or payment without its record is refused). `before_learned`: the change happened before the state clearing
+/// learned the card from, so `issuer:float` (which funded the learned balance, this change
+/// included) stands in for the card.
+pub(super) fn complete(
+    intent: &mut LoadIntent,
+    uid: &[u8; 7],
+    tmc: u32,
+    before_learned: bool,
+    settled: Settled,
+    now_ms: u64,
+) -> Result<(Move, FundingAction), LedgerError> {
+    let funding = format!("funding:{}", intent.funding_source);
+    let card = if before_learned {
+        "issuer:float".to_string()
+    } else {
+        super::card_account(uid)
+    };
+    let amount_minor = i64::from(intent.amount_minor);
+    let counter_ref = |what: &str| format!("{what}:{}:{tmc}", hex::encode_upper(uid));
+    let (from, to, reference, action) = match (intent.kind, settled) {
+        (IntentKind::Refund, Settled::Refund(r)) => (
+            "refunds:pending".to_string(),
+            card,
+            format!("refund:{}", r.id),
+            FundingAction::RefundCredited { refund_id: r.id },
+        ),
+        (IntentKind::Payment, Settled::Payment(p)) => (
+            card,
+            format!("merchant:{}", p.merchant),
+            format!("payment:{}", p.id),
+            FundingAction::Paid {
+                payment_id: p.id,
+                merchant: p.merchant,
+            },
+        ),
+        (IntentKind::Reversal, _) => (
+            card,
+            funding,
+            counter_ref("reversal"),
+            FundingAction::Refund {
+                source: intent.funding_source.clone(),
+                auth: intent.funding_auth.clone(),
+                amount_minor,
+            },
+        ),
+        (IntentKind::Load, _) => (
+            funding,
+            card,
+            counter_ref("load"),
+            FundingAction::Capture {
+                source: intent.funding_source.clone(),
+                auth: intent.funding_auth.clone(),
+            },
+        ),
+        (IntentKind::Refund | IntentKind::Payment, _) => {
+            return Err(LedgerError::InvalidPosting(
+                "a refund or payment completes only with its own record",
+            ))
+        }
+    };
+    intent.state = IntentState::Completed;
+    intent.settled_ms = Some(now_ms);
+    Ok((
+        Move {
+            from,
+            to,
+            amount_minor,
+            reference,
+        },
+        action,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +269,44 @@ mod tests {
             gap_decision(&uid, &c, &[], 0, 0),
             GapDecision::Closed
         ));
+    }
+
+    #[test]
+    fn a_completion_books_a_load_from_its_funding_and_refuses_a_refund_without_its_record() {
+        let intent: LoadIntent = serde_json::from_value(serde_json::json!({
+            "uid": "01010101010101", "tmc_before": 4, "balance_before_minor": 0,
+            "amount_minor": 250, "key_version": 1, "funding_source": "card",
+            "funding_auth": "a1", "idempotency_key": "k", "requested_by": "t", "created_ms": 0, "state": "authorised", "kind": "load"
+        }))
+        .expect("an intent");
+        let uid = [1; 7];
+        let mut load = intent.clone();
+        let (m, action) = complete(&mut load, &uid, 5, false, Settled::Funding, 9).expect("load");
+        assert_eq!(
+            (
+                m.from.as_str(),
+                m.to.as_str(),
+                m.amount_minor,
+                m.reference.as_str()
+            ),
+            (
+                "funding:card",
+                "card:01010101010101",
+                250,
+                "load:01010101010101:5"
+            )
+        );
+        assert!(matches!(action, FundingAction::Capture { .. }));
+        assert_eq!(
+            (load.state, load.settled_ms),
+            (IntentState::Completed, Some(9))
+        );
+        let (m, _) =
+            complete(&mut intent.clone(), &uid, 5, true, Settled::Funding, 9).expect("load");
+        assert_eq!(m.to, "issuer:float");
+        let mut refund = intent;
+        refund.kind = IntentKind::Refund;
+        assert!(complete(&mut refund, &uid, 5, false, Settled::Funding, 9).is_err());
+        assert_eq!(refund.state, IntentState::Authorised);
     }
 }

@@ -1,6 +1,8 @@
-//! Load intents (a load or a reversal) keyed by (card, counter, attempt): the one place an intent's posting, counter and funding action are decided.
+//! Load intents (a load or a reversal) keyed by (card, counter, attempt): their storage; what an
+//! intent's completion posts and which funding action follows is decided in `ledger::rules`.
 
 use super::*;
+use crate::ledger::rules::{self, Settled};
 
 impl LedgerCore {
     /// Records a new load intent; refuses it while a live (authorised or completed) intent
@@ -67,8 +69,8 @@ impl LedgerCore {
     }
 
     /// The card proved the intent's change at counter `tmc` (leaving `balance_after_minor`):
-    /// posts it (a load funding → card, a reversal card → funding), marks the intent
-    /// completed and books the counter, in `txn`. `before_learned`: the change happened before
+    /// posts it as `rules::complete` says (a load funding → card, a reversal card → funding,
+    /// …), marks the intent completed and books the counter, in `txn`. `before_learned`: the change happened before
     /// the state clearing learned the card from, so `issuer:float` (which funded the learned
     /// balance, this change included) stands in for the card in the posting. Returns what to
     /// do with the funding once `txn` is durable, or `None` if it was already completed.
@@ -95,73 +97,15 @@ impl LedgerCore {
             uid: hex::encode_upper(uid),
             tmc: tmc_before,
         })?;
-        let funding = format!("funding:{}", intent.funding_source);
-        let card = if before_learned {
-            "issuer:float".to_string()
-        } else {
-            card_account(uid)
-        };
-        let amount = i64::from(intent.amount_minor);
-        let action = match intent.kind {
-            IntentKind::Load => {
-                self.post(
-                    txn,
-                    now_ms,
-                    &funding,
-                    &card,
-                    amount,
-                    &format!("load:{}:{tmc}", hex::encode_upper(uid)),
-                )?;
-                FundingAction::Capture {
-                    source: intent.funding_source.clone(),
-                    auth: intent.funding_auth.clone(),
-                }
-            }
-            IntentKind::Reversal => {
-                self.post(
-                    txn,
-                    now_ms,
-                    &card,
-                    &funding,
-                    amount,
-                    &format!("reversal:{}:{tmc}", hex::encode_upper(uid)),
-                )?;
-                FundingAction::Refund {
-                    source: intent.funding_source.clone(),
-                    auth: intent.funding_auth.clone(),
-                    amount_minor: amount,
-                }
-            }
-            IntentKind::Refund => {
-                let r = self.refund_credited(txn, &intent, tmc, now_ms)?;
-                self.post(
-                    txn,
-                    now_ms,
-                    "refunds:pending",
-                    &card,
-                    amount,
-                    &format!("refund:{}", r.id),
-                )?;
-                FundingAction::RefundCredited { refund_id: r.id }
-            }
+        let settled = match intent.kind {
+            IntentKind::Load | IntentKind::Reversal => Settled::Funding,
+            IntentKind::Refund => Settled::Refund(self.refund_credited(txn, &intent, tmc, now_ms)?),
             IntentKind::Payment => {
-                let p = self.payment_completed(txn, &intent, tmc, now_ms)?;
-                self.post(
-                    txn,
-                    now_ms,
-                    &card,
-                    &format!("merchant:{}", p.merchant),
-                    amount,
-                    &format!("payment:{}", p.id),
-                )?;
-                FundingAction::Paid {
-                    payment_id: p.id,
-                    merchant: p.merchant,
-                }
+                Settled::Payment(self.payment_completed(txn, &intent, tmc, now_ms)?)
             }
         };
-        intent.state = IntentState::Completed;
-        intent.settled_ms = Some(now_ms);
+        let (m, action) = rules::complete(&mut intent, uid, tmc, before_learned, settled, now_ms)?;
+        self.post(txn, now_ms, &m.from, &m.to, m.amount_minor, &m.reference)?;
         self.put_intent(txn, uid, &intent)?;
         self.observe_card(txn, uid, tmc, balance_after_minor)?;
         self.book_counter(

@@ -13,7 +13,7 @@ mod tests;
 
 use super::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 use super::records::*;
-use super::{card_account, LedgerError};
+use super::LedgerError;
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, Str, I64, U64};
 use heed::{Database, Env, RoTxn, RwTxn, WithoutTls};

@@ -5,10 +5,9 @@
 
 use super::read::{big, q, uid_hex, unbig};
 use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, MAX_ATTEMPTS};
-use crate::ledger::card_account;
 use crate::ledger::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 use crate::ledger::records::*;
-use crate::ledger::rules::{self, GapDecision};
+use crate::ledger::rules::{self, GapDecision, Settled};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -819,69 +818,13 @@ impl LedgerWrite for PgWrite<'_> {
             uid: hex::encode_upper(uid),
             tmc: tmc_before,
         })?;
-        let funding = format!("funding:{}", intent.funding_source);
-        let card = if before_learned {
-            "issuer:float".to_string()
-        } else {
-            card_account(&uid)
+        let settled = match intent.kind {
+            IntentKind::Load | IntentKind::Reversal => Settled::Funding,
+            IntentKind::Refund => Settled::Refund(self.refund_credited(&intent, tmc, now_ms)?),
+            IntentKind::Payment => Settled::Payment(self.payment_completed(&intent, tmc, now_ms)?),
         };
-        let amount = i64::from(intent.amount_minor);
-        let action = match intent.kind {
-            IntentKind::Load => {
-                self.post_raw(
-                    now_ms,
-                    &funding,
-                    &card,
-                    amount,
-                    &format!("load:{}:{tmc}", hex::encode_upper(uid)),
-                )?;
-                FundingAction::Capture {
-                    source: intent.funding_source.clone(),
-                    auth: intent.funding_auth.clone(),
-                }
-            }
-            IntentKind::Reversal => {
-                self.post_raw(
-                    now_ms,
-                    &card,
-                    &funding,
-                    amount,
-                    &format!("reversal:{}:{tmc}", hex::encode_upper(uid)),
-                )?;
-                FundingAction::Refund {
-                    source: intent.funding_source.clone(),
-                    auth: intent.funding_auth.clone(),
-                    amount_minor: amount,
-                }
-            }
-            IntentKind::Refund => {
-                let r = self.refund_credited(&intent, tmc, now_ms)?;
-                self.post_raw(
-                    now_ms,
-                    "refunds:pending",
-                    &card,
-                    amount,
-                    &format!("refund:{}", r.id),
-                )?;
-                FundingAction::RefundCredited { refund_id: r.id }
-            }
-            IntentKind::Payment => {
-                let p = self.payment_completed(&intent, tmc, now_ms)?;
-                self.post_raw(
-                    now_ms,
-                    &card,
-                    &format!("merchant:{}", p.merchant),
-                    amount,
-                    &format!("payment:{}", p.id),
-                )?;
-                FundingAction::Paid {
-                    payment_id: p.id,
-                    merchant: p.merchant,
-                }
-            }
-        };
-        intent.state = IntentState::Completed;
-        intent.settled_ms = Some(now_ms);
+        let (m, action) = rules::complete(&mut intent, &uid, tmc, before_learned, settled, now_ms)?;
+        self.post_raw(now_ms, &m.from, &m.to, m.amount_minor, &m.reference)?;
         self.store_intent(&uid, &intent)?;
         self.observe(&uid, tmc, balance_after_minor)?;
         self.book(&uid, tmc, balance_after_minor, intent.delta_minor(), now_ms)?;
