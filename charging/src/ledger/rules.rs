@@ -222,6 +222,64 @@ pub(super) fn complete(
     ))
 }
 
+/// The card made `intent`'s payment `p` at counter `tmc`: `p` is completed, and the merchant is
+/// told, durably, if it gave a URL: the notification returned is due now and retried until its
+/// URL answers 2xx (the backend stores it unless one is stored already).
+pub(super) fn pay(
+    p: &mut Payment,
+    intent: &LoadIntent,
+    tmc: u32,
+    now_ms: u64,
+) -> Option<Notification> {
+    p.state = PaymentState::Completed;
+    p.card_uid = Some(intent.uid.clone());
+    p.tmc = Some(tmc);
+    p.paid_ms = Some(now_ms);
+    p.notify_url.as_ref().map(|url| Notification {
+        payment_id: p.id.clone(),
+        url: url.clone(),
+        attempts: 0,
+        next_attempt_ms: now_ms,
+        delivered_ms: None,
+        last_error: None,
+    })
+}
+
+/// The card never made `intent`'s payment `p`: it is open again if it still is this intent's
+/// (then `true`: store it). The day totals the payment took are the backend's to give back.
+pub(super) fn reopen_payment(p: &mut Payment, intent: &LoadIntent) -> bool {
+    if p.state == PaymentState::Pending
+        && p.card_uid.as_deref() == Some(intent.uid.as_str())
+        && p.tmc == intent.tmc_before.checked_add(1)
+    {
+        p.state = PaymentState::Open;
+        p.card_uid = None;
+        p.tmc = None;
+        true
+    } else {
+        false
+    }
+}
+
+/// The card credited refund `r` at counter `tmc`.
+pub(super) fn credit_refund(r: &mut Refund, tmc: u32, now_ms: u64) {
+    r.state = RefundState::Credited;
+    r.tmc = Some(tmc);
+    r.credited_ms = Some(now_ms);
+}
+
+/// The card never applied `intent`'s refund credit `r`: it is pending again if it still is this
+/// intent's (then `true`: store it).
+pub(super) fn reopen_refund(r: &mut Refund, intent: &LoadIntent) -> bool {
+    if r.state == RefundState::Collecting && r.tmc == intent.tmc_before.checked_add(1) {
+        r.state = RefundState::Pending;
+        r.tmc = None;
+        true
+    } else {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +366,47 @@ mod tests {
         refund.kind = IntentKind::Refund;
         assert!(complete(&mut refund, &uid, 5, false, Settled::Funding, 9).is_err());
         assert_eq!(refund.state, IntentState::Authorised);
+    }
+
+    #[test]
+    fn a_payment_paid_tells_its_merchant_and_reopens_only_for_its_own_intent() {
+        let intent: LoadIntent = serde_json::from_value(serde_json::json!({
+            "uid": "01010101010101", "tmc_before": 4, "balance_before_minor": 0,
+            "amount_minor": 250, "key_version": 1, "funding_source": "payment",
+            "funding_auth": "", "idempotency_key": "k", "requested_by": "t",
+            "created_ms": 0, "state": "authorised", "kind": "payment"
+        }))
+        .expect("an intent");
+        let mut p = Payment {
+            id: "p1".into(),
+            merchant: "m".into(),
+            order_id: "o".into(),
+            amount_minor: 250,
+            currency: "EUR".into(),
+            description: String::new(),
+            expires_ms: 10,
+            notify_url: Some("https://m.example/n".into()),
+            state: PaymentState::Pending,
+            created_ms: 0,
+            card_uid: Some("01010101010101".into()),
+            tmc: Some(5),
+            paid_ms: None,
+            refunded_minor: 0,
+        };
+        let mut other = p.clone();
+        other.tmc = Some(6);
+        assert!(!reopen_payment(&mut other, &intent));
+        assert_eq!(other.state, PaymentState::Pending);
+        let mut open = p.clone();
+        assert!(reopen_payment(&mut open, &intent));
+        assert_eq!(
+            (open.state, open.card_uid, open.tmc),
+            (PaymentState::Open, None, None)
+        );
+        let n = pay(&mut p, &intent, 5, 77).expect("the merchant gave a URL");
+        assert_eq!((n.payment_id.as_str(), n.next_attempt_ms), ("p1", 77));
+        assert_eq!((p.state, p.paid_ms), (PaymentState::Completed, Some(77)));
+        p.notify_url = None;
+        assert!(pay(&mut p, &intent, 5, 78).is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! Merchants' online payments, by id and by (merchant, order).
 
 use super::*;
+use crate::ledger::rules;
 
 fn order_key(merchant: &str, order_id: &str) -> String {
     format!("{merchant}\u{1f}{order_id}")
@@ -61,23 +62,10 @@ impl LedgerCore {
                 id: id.to_string(),
                 why: "the intent's payment is gone".into(),
             })?;
-        p.state = PaymentState::Completed;
-        p.card_uid = Some(intent.uid.clone());
-        p.tmc = Some(tmc);
-        p.paid_ms = Some(now_ms);
+        let notification = rules::pay(&mut p, intent, tmc, now_ms);
         self.put_payment(txn, &p)?;
-        // The merchant is told, durably: the notification is due now and retried until its
-        // URL answers 2xx.
-        if let Some(url) = &p.notify_url {
+        if let Some(n) = notification {
             if self.notifications.get(txn, &p.id)?.is_none() {
-                let n = Notification {
-                    payment_id: p.id.clone(),
-                    url: url.clone(),
-                    attempts: 0,
-                    next_attempt_ms: now_ms,
-                    delivered_ms: None,
-                    last_error: None,
-                };
                 self.put_notification(txn, &n)?;
             }
         }
@@ -171,13 +159,7 @@ impl LedgerCore {
         );
         self.add_funding_day(txn, PAYMENT_CARD_DAY, &intent.uid, day, -amount)?;
         self.add_funding_day(txn, PAYMENT_MERCHANT_DAY, &p.merchant, day, -amount)?;
-        if p.state == PaymentState::Pending
-            && p.card_uid.as_deref() == Some(intent.uid.as_str())
-            && p.tmc == intent.tmc_before.checked_add(1)
-        {
-            p.state = PaymentState::Open;
-            p.card_uid = None;
-            p.tmc = None;
+        if rules::reopen_payment(&mut p, intent) {
             self.put_payment(txn, &p)?;
         }
         Ok(())
@@ -198,9 +180,7 @@ impl LedgerCore {
             .refunds
             .get(txn, id)?
             .ok_or_else(|| LedgerError::RefundRefused(format!("refund {id} is gone")))?;
-        r.state = RefundState::Credited;
-        r.tmc = Some(tmc);
-        r.credited_ms = Some(now_ms);
+        rules::credit_refund(&mut r, tmc, now_ms);
         self.put_refund(txn, &r)?;
         Ok(r)
     }
@@ -216,9 +196,7 @@ impl LedgerCore {
         let Some(mut r) = self.refunds.get(txn, id)? else {
             return Ok(());
         };
-        if r.state == RefundState::Collecting && r.tmc == intent.tmc_before.checked_add(1) {
-            r.state = RefundState::Pending;
-            r.tmc = None;
+        if rules::reopen_refund(&mut r, intent) {
             self.put_refund(txn, &r)?;
         }
         Ok(())

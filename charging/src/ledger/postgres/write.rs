@@ -396,21 +396,11 @@ impl PgWrite<'_> {
                 id: id.to_string(),
                 why: "the intent's payment is gone".into(),
             })?;
-        p.state = PaymentState::Completed;
-        p.card_uid = Some(intent.uid.clone());
-        p.tmc = Some(tmc);
-        p.paid_ms = Some(now_ms);
+        let notification = rules::pay(&mut p, intent, tmc, now_ms);
         self.store_payment(&p)?;
-        if let Some(url) = &p.notify_url {
+        if let Some(n) = notification {
             if self.notification(&p.id)?.is_none() {
-                self.store_notification(&Notification {
-                    payment_id: p.id.clone(),
-                    url: url.clone(),
-                    attempts: 0,
-                    next_attempt_ms: now_ms,
-                    delivered_ms: None,
-                    last_error: None,
-                })?;
+                self.store_notification(&n)?;
             }
         }
         Ok(p)
@@ -427,13 +417,7 @@ impl PgWrite<'_> {
         );
         self.add_funding_day(PAYMENT_CARD_DAY, &intent.uid, day, -amount)?;
         self.add_funding_day(PAYMENT_MERCHANT_DAY, &p.merchant, day, -amount)?;
-        if p.state == PaymentState::Pending
-            && p.card_uid.as_deref() == Some(intent.uid.as_str())
-            && p.tmc == intent.tmc_before.checked_add(1)
-        {
-            p.state = PaymentState::Open;
-            p.card_uid = None;
-            p.tmc = None;
+        if rules::reopen_payment(&mut p, intent) {
             self.store_payment(&p)?;
         }
         Ok(())
@@ -449,9 +433,7 @@ impl PgWrite<'_> {
         let mut r = self
             .refund(id)?
             .ok_or_else(|| LedgerError::RefundRefused(format!("refund {id} is gone")))?;
-        r.state = RefundState::Credited;
-        r.tmc = Some(tmc);
-        r.credited_ms = Some(now_ms);
+        rules::credit_refund(&mut r, tmc, now_ms);
         self.store_refund(&r)?;
         Ok(r)
     }
@@ -461,9 +443,7 @@ impl PgWrite<'_> {
         let Some(mut r) = self.refund(id)? else {
             return Ok(());
         };
-        if r.state == RefundState::Collecting && r.tmc == intent.tmc_before.checked_add(1) {
-            r.state = RefundState::Pending;
-            r.tmc = None;
+        if rules::reopen_refund(&mut r, intent) {
             self.store_refund(&r)?;
         }
         Ok(())
