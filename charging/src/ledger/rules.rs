@@ -280,6 +280,50 @@ pub(super) fn reopen_refund(r: &mut Refund, intent: &LoadIntent) -> bool {
     }
 }
 
+/// What a booked counter does to the card's gap clock (see `LedgerWrite::book_counter`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum GapAfterBooking {
+    /// No counter waits above a gap: the clock goes, and the card is unblocked if `unblock`
+    /// (it was blocked for a gap: every booked counter is proved by the card's MAC, so the
+    /// value that seemed to appear came from a real transaction, a late franchise report say).
+    Filled {
+        /// lift the gap's block ([`GAP_FILLED`])
+        unblock: bool,
+    },
+    /// A new lowest gap (or the same one after the counters below it arrived): store this clock.
+    Start(GapClock),
+    /// The lowest gap's clock runs on.
+    Keep,
+}
+
+/// Why a gap's block is lifted.
+pub(super) const GAP_FILLED: &str = "the counter gap filled";
+
+/// The gap clock after card `c` booked a counter at `now_ms`; `current` reads the card's
+/// stored clock (only when a gap is open).
+pub(super) fn gap_after_booking(
+    c: &CardShadow,
+    now_ms: u64,
+    current: impl FnOnce() -> Result<Option<GapClock>, LedgerError>,
+) -> Result<GapAfterBooking, LedgerError> {
+    if c.booked_above.is_empty() {
+        return Ok(GapAfterBooking::Filled {
+            unblock: c.blocked && c.block_reason.as_deref() == Some(GAP_BLOCK_REASON),
+        });
+    }
+    // The lowest gap starts at the first counter not booked.
+    let from_tmc = c.booked_through_tmc.saturating_add(1);
+    Ok(if current()?.is_none_or(|g| g.from_tmc != from_tmc) {
+        GapAfterBooking::Start(GapClock {
+            from_tmc,
+            since_ms: now_ms,
+            reported: false,
+        })
+    } else {
+        GapAfterBooking::Keep
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,5 +452,34 @@ mod tests {
         assert_eq!((p.state, p.paid_ms), (PaymentState::Completed, Some(77)));
         p.notify_url = None;
         assert!(pay(&mut p, &intent, 5, 78).is_none());
+    }
+
+    #[test]
+    fn a_booking_starts_a_gap_clock_once_and_a_filled_gap_lifts_only_its_own_block() {
+        let c = card(2, Some(500), (5, 900, 100));
+        let started = gap_after_booking(&c, 42, || Ok(None)).expect("no storage");
+        let clock = GapClock {
+            from_tmc: 3,
+            since_ms: 42,
+            reported: false,
+        };
+        assert_eq!(started, GapAfterBooking::Start(clock.clone()));
+        let kept = gap_after_booking(&c, 99, || Ok(Some(clock.clone()))).expect("no storage");
+        assert_eq!(kept, GapAfterBooking::Keep);
+        let mut filled = CardShadow {
+            blocked: true,
+            block_reason: Some(GAP_BLOCK_REASON.into()),
+            ..CardShadow::default()
+        };
+        let read = || -> Result<Option<GapClock>, LedgerError> { panic!("not read") };
+        assert_eq!(
+            gap_after_booking(&filled, 1, read).expect("no storage"),
+            GapAfterBooking::Filled { unblock: true }
+        );
+        filled.block_reason = Some("lost".into());
+        assert_eq!(
+            gap_after_booking(&filled, 1, || Ok(None)).expect("no storage"),
+            GapAfterBooking::Filled { unblock: false }
+        );
     }
 }

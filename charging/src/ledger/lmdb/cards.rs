@@ -1,6 +1,7 @@
 //! Card shadows: counters booked once, what the card reported, blocks and their numbered changes.
 
 use super::*;
+use crate::ledger::rules::{self, GapAfterBooking};
 
 impl LedgerCore {
     /// The card's shadow record.
@@ -64,32 +65,15 @@ impl LedgerCore {
         let booking = c.book(tmc, balance_after_minor, delta_minor);
         if booking != Booking::Duplicate {
             self.cards.put(txn, uid, &c)?;
-            if c.booked_above.is_empty() {
-                self.gaps.delete(txn, uid)?;
-                if c.blocked && c.block_reason.as_deref() == Some(GAP_BLOCK_REASON) {
-                    // Every booked counter is proved by the card's MAC: the value that seemed
-                    // to appear came from a real transaction (a late franchise report, say).
-                    self.set_blocked(txn, uid, false, "the counter gap filled", now_ms)?;
+            match rules::gap_after_booking(&c, now_ms, || Ok(self.gaps.get(txn, uid)?))? {
+                GapAfterBooking::Filled { unblock } => {
+                    self.gaps.delete(txn, uid)?;
+                    if unblock {
+                        self.set_blocked(txn, uid, false, rules::GAP_FILLED, now_ms)?;
+                    }
                 }
-            } else {
-                // The lowest gap starts at the first counter not booked; a new one (or the same
-                // one after the counters below it arrived) starts a new clock.
-                let from_tmc = c.booked_through_tmc.saturating_add(1);
-                if self
-                    .gaps
-                    .get(txn, uid)?
-                    .is_none_or(|g| g.from_tmc != from_tmc)
-                {
-                    self.gaps.put(
-                        txn,
-                        uid,
-                        &GapClock {
-                            from_tmc,
-                            since_ms: now_ms,
-                            reported: false,
-                        },
-                    )?;
-                }
+                GapAfterBooking::Start(clock) => self.gaps.put(txn, uid, &clock)?,
+                GapAfterBooking::Keep => {}
             }
         }
         Ok(booking)

@@ -7,7 +7,7 @@ use super::read::{big, q, uid_hex, unbig};
 use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, MAX_ATTEMPTS};
 use crate::ledger::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 use crate::ledger::records::*;
-use crate::ledger::rules::{self, GapDecision, Settled};
+use crate::ledger::rules::{self, GapAfterBooking, GapDecision, Settled};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -346,23 +346,15 @@ impl PgWrite<'_> {
         let booking = c.book(tmc, balance_after_minor, delta_minor);
         if booking != Booking::Duplicate {
             self.store_card(uid, &c)?;
-            if c.booked_above.is_empty() {
-                self.delete_gap(uid)?;
-                if c.blocked && c.block_reason.as_deref() == Some(GAP_BLOCK_REASON) {
-                    self.set_blocked(uid, false, "the counter gap filled", now_ms)?;
+            match rules::gap_after_booking(&c, now_ms, || self.gap(uid))? {
+                GapAfterBooking::Filled { unblock } => {
+                    self.delete_gap(uid)?;
+                    if unblock {
+                        self.set_blocked(uid, false, rules::GAP_FILLED, now_ms)?;
+                    }
                 }
-            } else {
-                let from_tmc = c.booked_through_tmc.saturating_add(1);
-                if self.gap(uid)?.is_none_or(|g| g.from_tmc != from_tmc) {
-                    self.put_gap(
-                        uid,
-                        &GapClock {
-                            from_tmc,
-                            since_ms: now_ms,
-                            reported: false,
-                        },
-                    )?;
-                }
+                GapAfterBooking::Start(clock) => self.put_gap(uid, &clock)?,
+                GapAfterBooking::Keep => {}
             }
         }
         Ok(booking)
