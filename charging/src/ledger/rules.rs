@@ -324,6 +324,69 @@ pub(super) fn gap_after_booking(
     })
 }
 
+/// What voiding an intent leaves the backend to do besides storing it (see `void`).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Voided {
+    /// A load: its day totals are given back (the card's, see `give_back_load_day`, and its
+    /// instrument's when it has one): the day it counted in (unix days) and what it counted
+    /// (minor units); and its funding is released (the action).
+    Load(u64, i64, FundingAction),
+    /// A payment: its day totals are given back and it reopens (`reopen_payment`).
+    Payment,
+    /// A refund: it is pending again (`reopen_refund`).
+    Refund,
+    /// A reversal: the load it reverses (the intent at this counter-before) is free to be
+    /// reversed again (`free_reversed_load`).
+    Reversal {
+        /// the reversed load's counter before it
+        load_tmc_before: Option<u32>,
+    },
+}
+
+/// The card never applied `intent`'s change: marks it voided at `now_ms` and says what else
+/// follows.
+pub(super) fn void(intent: &mut LoadIntent, now_ms: u64) -> Voided {
+    intent.state = IntentState::Voided;
+    intent.settled_ms = Some(now_ms);
+    match intent.kind {
+        IntentKind::Load => Voided::Load(
+            intent.created_ms / 86_400_000,
+            i64::from(intent.amount_minor),
+            FundingAction::Release {
+                source: intent.funding_source.clone(),
+                auth: intent.funding_auth.clone(),
+            },
+        ),
+        IntentKind::Payment => Voided::Payment,
+        IntentKind::Refund => Voided::Refund,
+        IntentKind::Reversal => Voided::Reversal {
+            load_tmc_before: intent.reverses_tmc.and_then(|t| t.checked_sub(1)),
+        },
+    }
+}
+
+/// A voided load gives its amount back to the card's load day total if that is still its day
+/// (then `true`: store the shadow).
+pub(super) fn give_back_load_day(shadow: &mut CardShadow, day: u64, amount_minor: i64) -> bool {
+    if shadow.load_day == day {
+        shadow.load_day_minor -= amount_minor;
+        true
+    } else {
+        false
+    }
+}
+
+/// A reversal voided at `reversal_tmc_before` frees `load` to be reversed again if it was
+/// marked reversed by it (then `true`: store the load).
+pub(super) fn free_reversed_load(load: &mut LoadIntent, reversal_tmc_before: u32) -> bool {
+    if load.reversed_at_tmc == reversal_tmc_before.checked_add(1) {
+        load.reversed_at_tmc = None;
+        true
+    } else {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,5 +544,48 @@ mod tests {
             gap_after_booking(&filled, 1, || Ok(None)).expect("no storage"),
             GapAfterBooking::Filled { unblock: false }
         );
+    }
+
+    #[test]
+    fn a_voided_load_gives_its_day_back_and_a_voided_reversal_frees_only_its_load() {
+        let mut load: LoadIntent = serde_json::from_value(serde_json::json!({
+            "uid": "01010101010101", "tmc_before": 4, "balance_before_minor": 0,
+            "amount_minor": 250, "key_version": 1, "funding_source": "card",
+            "funding_auth": "a1", "idempotency_key": "k", "requested_by": "t",
+            "created_ms": 86_400_000, "state": "authorised", "kind": "load"
+        }))
+        .expect("an intent");
+        let mut voided = load.clone();
+        let Voided::Load(day, amount_minor, _) = void(&mut voided, 5) else {
+            panic!("a load voids as a load");
+        };
+        assert_eq!((day, amount_minor), (1, 250));
+        assert_eq!(
+            (voided.state, voided.settled_ms),
+            (IntentState::Voided, Some(5))
+        );
+        let mut shadow = CardShadow {
+            load_day: 1,
+            load_day_minor: 300,
+            ..CardShadow::default()
+        };
+        assert!(give_back_load_day(&mut shadow, 1, 250));
+        assert_eq!(shadow.load_day_minor, 50);
+        assert!(!give_back_load_day(&mut shadow, 2, 250));
+        let mut reversal = load.clone();
+        reversal.kind = IntentKind::Reversal;
+        reversal.reverses_tmc = Some(5);
+        reversal.tmc_before = 7;
+        assert_eq!(
+            void(&mut reversal, 6),
+            Voided::Reversal {
+                load_tmc_before: Some(4)
+            }
+        );
+        load.reversed_at_tmc = Some(9);
+        assert!(!free_reversed_load(&mut load, 7));
+        load.reversed_at_tmc = Some(8);
+        assert!(free_reversed_load(&mut load, 7));
+        assert_eq!(load.reversed_at_tmc, None);
     }
 }

@@ -2,7 +2,7 @@
 //! intent's completion posts and which funding action follows is decided in `ledger::rules`.
 
 use super::*;
-use crate::ledger::rules::{self, Settled};
+use crate::ledger::rules::{self, Settled, Voided};
 
 impl LedgerCore {
     /// Records a new load intent; refuses it while a live (authorised or completed) intent
@@ -135,15 +135,12 @@ impl LedgerCore {
         if intent.state != IntentState::Authorised {
             return Ok(None);
         }
-        intent.state = IntentState::Voided;
-        intent.settled_ms = Some(now_ms);
+        let voided = rules::void(&mut intent, now_ms);
         self.put_intent(txn, uid, &intent)?;
-        match intent.kind {
-            IntentKind::Load => {
-                let day = intent.created_ms / 86_400_000;
+        match voided {
+            Voided::Load(day, amount_minor, action) => {
                 let mut shadow = self.card(txn, uid)?;
-                if shadow.load_day == day {
-                    shadow.load_day_minor -= i64::from(intent.amount_minor);
+                if rules::give_back_load_day(&mut shadow, day, amount_minor) {
                     self.put_card(txn, uid, &shadow)?;
                 }
                 if !intent.instrument.is_empty() {
@@ -152,31 +149,23 @@ impl LedgerCore {
                         &intent.funding_source,
                         &intent.instrument,
                         day,
-                        -i64::from(intent.amount_minor),
+                        -amount_minor,
                     )?;
                 }
-                Ok(Some(FundingAction::Release {
-                    source: intent.funding_source,
-                    auth: intent.funding_auth,
-                }))
+                Ok(Some(action))
             }
-            IntentKind::Payment => {
+            Voided::Payment => {
                 self.payment_voided(txn, &intent)?;
                 Ok(None)
             }
-            IntentKind::Refund => {
+            Voided::Refund => {
                 self.refund_voided(txn, &intent)?;
                 Ok(None)
             }
-            IntentKind::Reversal => {
-                if let Some(load_tmc) = intent.reverses_tmc {
-                    let load = match load_tmc.checked_sub(1) {
-                        Some(before) => self.intent(txn, uid, before)?,
-                        None => None,
-                    };
-                    if let Some(mut load) = load {
-                        if load.reversed_at_tmc == tmc_before.checked_add(1) {
-                            load.reversed_at_tmc = None;
+            Voided::Reversal { load_tmc_before } => {
+                if let Some(before) = load_tmc_before {
+                    if let Some(mut load) = self.intent(txn, uid, before)? {
+                        if rules::free_reversed_load(&mut load, tmc_before) {
                             self.put_intent(txn, uid, &load)?;
                         }
                     }

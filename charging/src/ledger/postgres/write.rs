@@ -7,7 +7,7 @@ use super::read::{big, q, uid_hex, unbig};
 use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, MAX_ATTEMPTS};
 use crate::ledger::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
 use crate::ledger::records::*;
-use crate::ledger::rules::{self, GapAfterBooking, GapDecision, Settled};
+use crate::ledger::rules::{self, GapAfterBooking, GapDecision, Settled, Voided};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -816,15 +816,12 @@ impl LedgerWrite for PgWrite<'_> {
         if intent.state != IntentState::Authorised {
             return Ok(None);
         }
-        intent.state = IntentState::Voided;
-        intent.settled_ms = Some(now_ms);
+        let voided = rules::void(&mut intent, now_ms);
         self.store_intent(uid, &intent)?;
-        match intent.kind {
-            IntentKind::Load => {
-                let day = intent.created_ms / 86_400_000;
+        match voided {
+            Voided::Load(day, amount_minor, action) => {
                 let mut shadow = self.card(uid)?;
-                if shadow.load_day == day {
-                    shadow.load_day_minor -= i64::from(intent.amount_minor);
+                if rules::give_back_load_day(&mut shadow, day, amount_minor) {
                     self.store_card(uid, &shadow)?;
                 }
                 if !intent.instrument.is_empty() {
@@ -832,31 +829,23 @@ impl LedgerWrite for PgWrite<'_> {
                         &intent.funding_source,
                         &intent.instrument,
                         day,
-                        -i64::from(intent.amount_minor),
+                        -amount_minor,
                     )?;
                 }
-                Ok(Some(FundingAction::Release {
-                    source: intent.funding_source,
-                    auth: intent.funding_auth,
-                }))
+                Ok(Some(action))
             }
-            IntentKind::Payment => {
+            Voided::Payment => {
                 self.payment_voided(&intent)?;
                 Ok(None)
             }
-            IntentKind::Refund => {
+            Voided::Refund => {
                 self.refund_voided(&intent)?;
                 Ok(None)
             }
-            IntentKind::Reversal => {
-                if let Some(load_tmc) = intent.reverses_tmc {
-                    let load = match load_tmc.checked_sub(1) {
-                        Some(before) => self.intent(uid, before)?,
-                        None => None,
-                    };
-                    if let Some(mut load) = load {
-                        if load.reversed_at_tmc == tmc_before.checked_add(1) {
-                            load.reversed_at_tmc = None;
+            Voided::Reversal { load_tmc_before } => {
+                if let Some(before) = load_tmc_before {
+                    if let Some(mut load) = self.intent(uid, before)? {
+                        if rules::free_reversed_load(&mut load, tmc_before) {
                             self.store_intent(uid, &load)?;
                         }
                     }
