@@ -348,14 +348,7 @@ impl Gate {
         if journal.pending_pickup(&uid)?.is_some() {
             return Ok(Pickup::Settling);
         }
-        let mut order = None;
-        for o in actions.for_card(&uid, now_s) {
-            if !journal.order_applied(o.order().order_id)? {
-                order = Some(o);
-                break;
-            }
-        }
-        let Some(listed) = order else {
+        let Some(listed) = next_order(journal, actions, &uid, now_s)? else {
             return Ok(Pickup::Nothing);
         };
         let o = listed.order().clone();
@@ -365,21 +358,11 @@ impl Gate {
                 why,
             })
         };
-        if self.blocklist.is_blocked(&uid) {
-            return not_applied(PickupRefusal::Blocklisted);
-        }
-        if journal.outbox_full()? {
-            return not_applied(PickupRefusal::OutboxFull);
-        }
-        if self.sam.ceiling_minor() < i64::from(o.amount_minor) {
-            return not_applied(PickupRefusal::CeilingExhausted {
-                remaining_minor: self.sam.ceiling_minor(),
-            });
+        if let Some(why) = self.pickup_refusal(journal, &uid, &o)? {
+            return not_applied(why);
         }
         let codes = actionlist::order_tap_codes(o.order_id);
         let meta = self.meta(0, now_ms, codes.0, codes.1);
-        let time_s = u32::try_from(now_s).unwrap_or(u32::MAX);
-        let record = actionlist::pickup_record(o.order_id, o.amount_minor, time_s, meta.device_id);
         let device_key = self.sam.device_key().clone();
         let mut sam = match self.sam.pickup(listed, now_s) {
             Ok(s) => s,
@@ -400,39 +383,14 @@ impl Gate {
                     .iter()
                     .any(|r| actionlist::order_on_record(r) == Some(o.order_id))
                 {
-                    // Applied elsewhere. When that pick-up is still the card's last transaction
-                    // (its validator may have lost the card mid-commit), the card's TMV is still
-                    // its proof: journalled here too, so clearing completes the order whatever
-                    // became of the other validator (a duplicate there is one tap by counter).
-                    let newest = snap.records().first();
-                    let last = newest.and_then(|r| actionlist::order_on_record(r));
-                    let recorded = if last == Some(o.order_id) {
-                        let change = PendingChange {
-                            uid,
-                            tmc_before: snap.tmc().wrapping_sub(1),
-                            balance_before_minor: snap.balance_minor().wrapping_sub(o.amount_minor),
-                            kind: TxKind::Credit,
-                            amount_minor: o.amount_minor,
-                            key_version: snap.key_version(),
-                        };
-                        match txn::settle(&change, snap) {
-                            Ok(Settlement::Committed(settled)) => journal
-                                .append_pickup(&uid, o.order_id, o.expires_s, |seq| {
-                                    TapRecord::settled(
-                                        &settled,
-                                        TapMeta {
-                                            device_seq: seq,
-                                            ..meta
-                                        },
-                                    )
-                                    .sign(&self.placement.operator, &device_key)
-                                })
-                                .map(|_| ()),
-                            _ => journal.mark_applied(o.order_id, o.expires_s, None),
-                        }
-                    } else {
-                        journal.mark_applied(o.order_id, o.expires_s, None)
-                    };
+                    let recorded = journal_applied_elsewhere(
+                        journal,
+                        snap,
+                        &o,
+                        meta,
+                        &self.placement.operator,
+                        &device_key,
+                    );
                     verdict = Err(recorded
                         .map(|()| Pickup::AlreadyOnCard {
                             order_id: o.order_id,
@@ -440,19 +398,7 @@ impl Gate {
                         .map_err(GateError::from));
                     return Decision::Refuse;
                 }
-                let pending = PendingPickup {
-                    tap: PendingTap {
-                        change: PendingChange::new(snap, TxKind::Credit, o.amount_minor),
-                        time_ms: now_ms,
-                        stop_code: codes.0,
-                        route_code: codes.1,
-                        fare_table_version: meta.fare_table_version,
-                        blocklist_version: meta.blocklist_version,
-                        record,
-                    },
-                    order_id: o.order_id,
-                    expires_s: o.expires_s,
-                };
+                let pending = pending_pickup(snap, &o, now_ms, meta);
                 if let Err(e) = journal.put_pending_pickup(&pending) {
                     verdict = Err(Err(e.into()));
                     return Decision::Refuse;
@@ -460,7 +406,7 @@ impl Gate {
                 hook(Step::PendingJournalled);
                 Decision::Apply {
                     amount_minor: o.amount_minor,
-                    record: Some(record.to_vec()),
+                    record: Some(pending.tap.record.to_vec()),
                 }
             },
         );
@@ -496,6 +442,27 @@ impl Gate {
             }),
             Err(e) => not_applied(PickupRefusal::Card(e.to_string())),
         }
+    }
+
+    /// Why order `o` is not picked up on card `uid`, decided before the card is touched: the
+    /// card is blocklisted, the outbox is full, or the SAM's granted ceiling is below the amount.
+    fn pickup_refusal(
+        &self,
+        journal: &Journal,
+        uid: &[u8; 7],
+        o: &actionlist::Order,
+    ) -> Result<Option<PickupRefusal>, JournalError> {
+        Ok(if self.blocklist.is_blocked(uid) {
+            Some(PickupRefusal::Blocklisted)
+        } else if journal.outbox_full()? {
+            Some(PickupRefusal::OutboxFull)
+        } else if self.sam.ceiling_minor() < i64::from(o.amount_minor) {
+            Some(PickupRefusal::CeilingExhausted {
+                remaining_minor: self.sam.ceiling_minor(),
+            })
+        } else {
+            None
+        })
     }
 
     fn transact(
@@ -924,5 +891,90 @@ impl Decider<'_> {
             tracing::warn!(error = %e, "fare quote failed");
             Verdict::Refuse(RefusalReason::FareError)
         })
+    }
+}
+
+/// The order to pick up on card `uid`: its first live listed order this journal has not
+/// applied.
+fn next_order<'a>(
+    journal: &Journal,
+    actions: &'a ActionList,
+    uid: &[u8; 7],
+    now_s: u64,
+) -> Result<Option<&'a actionlist::ListedOrder>, JournalError> {
+    for o in actions.for_card(uid, now_s) {
+        if !journal.order_applied(o.order().order_id)? {
+            return Ok(Some(o));
+        }
+    }
+    Ok(None)
+}
+
+/// What is journalled, before the card is touched, for picking up order `o` on the card read
+/// as `snap`: the pending credit, with the pick-up record it writes on the card.
+fn pending_pickup(
+    snap: &txn::CardSnapshot,
+    o: &actionlist::Order,
+    now_ms: u64,
+    meta: TapMeta,
+) -> PendingPickup {
+    let time_s = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
+    PendingPickup {
+        tap: PendingTap {
+            change: PendingChange::new(snap, TxKind::Credit, o.amount_minor),
+            time_ms: now_ms,
+            stop_code: meta.stop_id,
+            route_code: meta.route_id,
+            fare_table_version: meta.fare_table_version,
+            blocklist_version: meta.blocklist_version,
+            record: actionlist::pickup_record(o.order_id, o.amount_minor, time_s, meta.device_id),
+        },
+        order_id: o.order_id,
+        expires_s: o.expires_s,
+    }
+}
+
+/// Order `o` is on the card already: another validator applied it. When that pick-up is still
+/// the card's last transaction (its validator may have lost the card mid-commit), the card's
+/// TMV is still its proof: journalled here too, so clearing completes the order whatever became
+/// of the other validator (a duplicate there is one tap by counter). Otherwise the order is
+/// only marked applied.
+fn journal_applied_elsewhere(
+    journal: &Journal,
+    snap: &txn::CardSnapshot,
+    o: &actionlist::Order,
+    meta: TapMeta,
+    operator: &str,
+    device_key: &purse::crypto::AesKey,
+) -> Result<(), JournalError> {
+    let last = snap
+        .records()
+        .first()
+        .and_then(|r| actionlist::order_on_record(r));
+    if last != Some(o.order_id) {
+        return journal.mark_applied(o.order_id, o.expires_s, None);
+    }
+    let change = PendingChange {
+        uid: snap.uid(),
+        tmc_before: snap.tmc().wrapping_sub(1),
+        balance_before_minor: snap.balance_minor().wrapping_sub(o.amount_minor),
+        kind: TxKind::Credit,
+        amount_minor: o.amount_minor,
+        key_version: snap.key_version(),
+    };
+    match txn::settle(&change, snap) {
+        Ok(Settlement::Committed(settled)) => journal
+            .append_pickup(&snap.uid(), o.order_id, o.expires_s, |seq| {
+                TapRecord::settled(
+                    &settled,
+                    TapMeta {
+                        device_seq: seq,
+                        ..meta
+                    },
+                )
+                .sign(operator, device_key)
+            })
+            .map(|_| ()),
+        _ => journal.mark_applied(o.order_id, o.expires_s, None),
     }
 }
