@@ -284,20 +284,10 @@ enum Stage {
         balance_minor: i32,
     },
     /// ReadRecords' answer under MAC.
-    ReadRecords {
-        ch: Channel,
-        key_version: u8,
-        balance_minor: i32,
-        tmc: u32,
-        last_tmv: [u8; 8],
-    },
+    ReadRecords(ReadSoFar),
     /// ReadData(profile file)'s answer under MAC.
     ReadProfile {
-        ch: Channel,
-        key_version: u8,
-        balance_minor: i32,
-        tmc: u32,
-        last_tmv: [u8; 8],
+        read: ReadSoFar,
         records: Vec<crate::card::TripRecord>,
     },
     /// The card has been read: the caller's [`Dialogue::decide`] is next.
@@ -313,6 +303,16 @@ enum Stage {
     Ended { snapshot: Option<CardSnapshot> },
 }
 
+/// What the reads under MAC have given once the TM file is read: the channel, the key
+/// version, the balance and the card's transaction counter and last TMV.
+struct ReadSoFar {
+    ch: Channel,
+    key_version: u8,
+    balance_minor: i32,
+    tmc: u32,
+    last_tmv: [u8; 8],
+}
+
 impl Stage {
     fn name(&self) -> &'static str {
         match self {
@@ -322,7 +322,7 @@ impl Stage {
             Stage::Auth2 { .. } => "authentication part 2",
             Stage::ReadValue { .. } => "get value",
             Stage::ReadTm { .. } => "read TM file",
-            Stage::ReadRecords { .. } => "read records",
+            Stage::ReadRecords(_) => "read records",
             Stage::ReadProfile { .. } => "read profile",
             Stage::Deciding { .. } => "deciding",
             Stage::Committing { .. } => "committing",
@@ -404,8 +404,11 @@ impl Dialogue {
         match self.stage {
             Stage::ReadValue { ch, .. }
             | Stage::ReadTm { ch, .. }
-            | Stage::ReadRecords { ch, .. }
-            | Stage::ReadProfile { ch, .. }
+            | Stage::ReadRecords(ReadSoFar { ch, .. })
+            | Stage::ReadProfile {
+                read: ReadSoFar { ch, .. },
+                ..
+            }
             | Stage::Deciding { ch, .. }
             | Stage::Committing { ch, .. } => Some(ch),
             _ => None,
@@ -463,7 +466,7 @@ impl Dialogue {
             Stage::Ended { snapshot } => Err(Box::new((snapshot, none_outstanding))),
             Stage::ReadValue { .. }
             | Stage::ReadTm { .. }
-            | Stage::ReadRecords { .. }
+            | Stage::ReadRecords(_)
             | Stage::ReadProfile { .. } => self
                 .advance_read(stage, resp)
                 .map_err(|e| Box::new((None, e))),
@@ -534,38 +537,28 @@ impl Dialogue {
             } => {
                 let tm = open(resp, &mut ch, CommMode::Mac, "read TM file")?;
                 let (tmc, last_tmv) = tmc_tmv(&tm, "read TM file", "TM file is not 12 bytes")?;
-                let next = Stage::ReadRecords {
+                let next = Stage::ReadRecords(ReadSoFar {
                     ch,
                     key_version,
                     balance_minor,
                     tmc,
                     last_tmv,
-                };
+                });
                 (next, Step::Continue)
             }
-            Stage::ReadRecords {
-                mut ch,
-                key_version,
-                balance_minor,
-                tmc,
-                last_tmv,
-            } => {
-                let next = Stage::ReadProfile {
-                    records: read_records(resp, &mut ch)?,
-                    ch,
-                    key_version,
-                    balance_minor,
-                    tmc,
-                    last_tmv,
-                };
-                (next, Step::Continue)
+            Stage::ReadRecords(mut read) => {
+                let records = read_records(resp, &mut read.ch)?;
+                (Stage::ReadProfile { read, records }, Step::Continue)
             }
             Stage::ReadProfile {
-                mut ch,
-                key_version,
-                balance_minor,
-                tmc,
-                last_tmv,
+                read:
+                    ReadSoFar {
+                        mut ch,
+                        key_version,
+                        balance_minor,
+                        tmc,
+                        last_tmv,
+                    },
                 records,
             } => {
                 let snapshot = CardSnapshot {
