@@ -13,7 +13,10 @@
 //! when the card leaves the field; the answers the card gave are posted, and whatever the card
 //! received is settled by the server at the card's next contact.
 
-use crate::api::{Funding, PayPayment, RegisterInstrument, StartLoad, StartReversal, StepBody};
+use crate::api::{
+    Funding, PayPayment, RegisterInstrument, StartLoad, StartReversal, StepBody, IN_PROGRESS,
+    UNKNOWN_SESSION,
+};
 use crate::load::Reply;
 use purse::apdu::Status;
 use purse::txn::{Transport, TransportError};
@@ -41,6 +44,19 @@ pub enum ClientError {
         base: String,
         /// What failed.
         source: Box<ureq::Transport>,
+    },
+    /// The server asks to start again with the same idempotency key (HTTP 409 with error code
+    /// `unknown_session`: the step reached a server that does not hold the session; or
+    /// `in_progress`: the load is being worked on right now, here or on another server).
+    /// [`Client::load`] does, by itself, up to [`RESTARTS`] times.
+    #[error("server answered {code} {error}: {detail}")]
+    StartAgain {
+        /// HTTP status code.
+        code: u16,
+        /// `unknown_session` or `in_progress`.
+        error: String,
+        /// The problem's `detail`.
+        detail: String,
     },
     /// The server's answer is not a [`Reply`].
     #[error("the server's answer is not a load reply: {0}")]
@@ -110,8 +126,11 @@ pub enum Ending {
 pub struct Relayed {
     /// How it ended.
     pub ending: Ending,
-    /// HTTP round trips made (the start included).
+    /// HTTP round trips made (the start included), in the attempt that ended it.
     pub round_trips: u32,
+    /// How many times the load started again with the same idempotency key
+    /// ([`Client::load`]; 0 for the rest).
+    pub restarts: u32,
 }
 
 impl Relayed {
@@ -137,18 +156,38 @@ impl Relayed {
     }
 }
 
-/// A typed client of the charging server's load API for one caller (bearer token).
-#[derive(Clone)]
+/// How many times [`Client::load`] starts a load again with the same idempotency key (a
+/// server that cannot be reached or failed, a step that reached a server not holding the
+/// session, a load in progress elsewhere) before it gives up with the last error.
+pub const RESTARTS: u32 = 30;
+
+/// A typed client of the charging server's load API for one caller (bearer token), of one
+/// server (or a load balancer in front of several) or of several servers it fails over
+/// between ([`Client::with_servers`]).
 pub struct Client {
     agent: ureq::Agent,
-    base: String,
+    /// The servers' base URLs (at least one).
+    bases: Vec<String>,
+    /// The one in use (an index into `bases`).
+    current: std::sync::atomic::AtomicUsize,
     token: String,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Self {
+        Client {
+            agent: self.agent.clone(),
+            bases: self.bases.clone(),
+            current: std::sync::atomic::AtomicUsize::new(self.current_index()),
+            token: self.token.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("base", &self.base)
+            .field("bases", &self.bases)
             .field("token", &"<secret>")
             .finish()
     }
@@ -164,16 +203,39 @@ impl Client {
 
     /// A client that shares `agent` (its connection pool, TLS and timeouts).
     pub fn with_agent(agent: ureq::Agent, base: &str, token: &str) -> Self {
+        Self::with_servers(agent, &[base], token)
+    }
+
+    /// A client of several charging servers on one ledger, starting with the first: a load
+    /// that cannot go on where it is (the server unreachable or failing, the session not held
+    /// there) starts again with the same idempotency key on the next ([`Client::load`]).
+    /// `bases` must not be empty.
+    pub fn with_servers(agent: ureq::Agent, bases: &[&str], token: &str) -> Self {
+        assert!(!bases.is_empty(), "a client needs a server");
         Self {
             agent,
-            base: base.trim_end_matches('/').to_string(),
+            bases: bases
+                .iter()
+                .map(|b| b.trim_end_matches('/').to_string())
+                .collect(),
+            current: std::sync::atomic::AtomicUsize::new(0),
             token: token.to_string(),
         }
     }
 
-    /// The server's base URL.
+    fn current_index(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Relaxed) % self.bases.len()
+    }
+
+    /// The base URL of the server in use.
     pub fn base(&self) -> &str {
-        &self.base
+        &self.bases[self.current_index()]
+    }
+
+    /// Moves on to the next server (the same one when there is only one).
+    fn next_server(&self) {
+        self.current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn post<B: serde::Serialize>(
@@ -184,7 +246,7 @@ impl Client {
     ) -> Result<ureq::Response, ClientError> {
         let mut req = self
             .agent
-            .post(&format!("{}{path}", self.base))
+            .post(&format!("{}{path}", self.base()))
             .set("Authorization", &format!("Bearer {}", self.token));
         if let Some(k) = key {
             req = req.set("Idempotency-Key", k);
@@ -202,10 +264,17 @@ impl Client {
             Err(ureq::Error::Status(code, r)) => {
                 let body: serde_json::Value = r.into_json().unwrap_or_default();
                 let detail = body["detail"].as_str().unwrap_or("(no detail)").to_string();
-                Err(ClientError::Server { code, detail })
+                match body["error"].as_str() {
+                    Some(e @ (UNKNOWN_SESSION | IN_PROGRESS)) => Err(ClientError::StartAgain {
+                        code,
+                        error: e.to_string(),
+                        detail,
+                    }),
+                    _ => Err(ClientError::Server { code, detail }),
+                }
             }
             Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
-                base: self.base.clone(),
+                base: self.base().to_string(),
                 source: Box::new(t),
             }),
         }
@@ -308,7 +377,7 @@ impl Client {
     pub fn payment(&self, payment_id: &str) -> Result<serde_json::Value, ClientError> {
         let req = self
             .agent
-            .get(&format!("{}/v1/payments/{payment_id}", self.base))
+            .get(&format!("{}/v1/payments/{payment_id}", self.base()))
             .set("Authorization", &format!("Bearer {}", self.token));
         self.answer(req.call())?
             .into_json()
@@ -356,14 +425,38 @@ impl Client {
     }
 
     /// Relays one load for the card behind `card` from start to the server's final answer.
+    /// When it cannot go on where it is — the server unreachable or failing (5xx), the step
+    /// reached a server that does not hold the session (`unknown_session`), the load is being
+    /// worked on elsewhere (`in_progress`) — it starts again with the same idempotency key
+    /// (on the next server, if it has several), up to [`RESTARTS`] times: the server resolves
+    /// what an earlier attempt left on the card, so the card is never loaded twice.
     pub fn load(
         &self,
         card: &mut dyn Transport,
         ask: &LoadAsk<'_>,
     ) -> Result<Relayed, ClientError> {
         let uid = card.card_uid().map_err(ClientError::NoCard)?;
-        let first = self.start_load(&uid, ask)?;
-        self.relay(card, first, ask.vanish)
+        let mut restarts = 0;
+        loop {
+            let attempt = self
+                .start_load(&uid, ask)
+                .and_then(|first| self.relay(card, first, ask.vanish));
+            match attempt {
+                Ok(mut relayed) => {
+                    relayed.restarts = restarts;
+                    return Ok(relayed);
+                }
+                Err(e) if restarts < RESTARTS && start_again(&e) => {
+                    restarts += 1;
+                    if !matches!(&e, ClientError::StartAgain { error, .. } if error == IN_PROGRESS)
+                    {
+                        self.next_server();
+                    }
+                    std::thread::sleep(Duration::from_millis(50 * u64::from(restarts.min(8))));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Relays one reversal of the load that consumed `load_tmc` for the card behind `card`.
@@ -402,6 +495,7 @@ impl Client {
                             session_id: session_id.clone(),
                         },
                         round_trips,
+                        restarts: 0,
                     })
                 }
             };
@@ -411,7 +505,19 @@ impl Client {
         Ok(Relayed {
             ending: Ending::Answered(reply),
             round_trips,
+            restarts: 0,
         })
+    }
+}
+
+/// Whether a load that failed with `e` may start again with the same idempotency key: the
+/// server could not be reached or failed, or asked for it. A refusal of the request (4xx) is
+/// final; so is the card leaving the field (the load is settled at its next contact).
+fn start_again(e: &ClientError) -> bool {
+    match e {
+        ClientError::StartAgain { .. } | ClientError::Unreachable { .. } => true,
+        ClientError::Server { code, .. } => *code >= 500,
+        _ => false,
     }
 }
 

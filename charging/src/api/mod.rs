@@ -7,6 +7,7 @@
 
 mod blocklist;
 mod cards;
+mod fares;
 mod franchise;
 mod loads;
 mod orders;
@@ -73,6 +74,9 @@ pub enum ApiError {
     NotFound(String),
     /// 409
     Conflict(String),
+    /// 409 with its own stable error code: `unknown_session` (a relay step reached a server
+    /// that does not hold its session), `in_progress` (retry shortly with the same key)
+    ConflictCode(&'static str, String),
     /// 422: an Idempotency-Key (or a partner reference) reused for a different request
     IdempotencyKeyReused(String),
     /// 503
@@ -98,6 +102,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d),
             ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d),
             ApiError::Conflict(d) => (StatusCode::CONFLICT, "conflict", d),
+            ApiError::ConflictCode(code, d) => (StatusCode::CONFLICT, code, d),
             ApiError::IdempotencyKeyReused(d) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
@@ -133,12 +138,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The error code of a relay step that reached a server not holding its session (409): the
+/// client starts again with the same Idempotency-Key ([`crate::client`] does).
+pub const UNKNOWN_SESSION: &str = "unknown_session";
+/// The error code of a start or step whose load is being worked on right now, here or on
+/// another server (409): retry shortly with the same Idempotency-Key.
+pub const IN_PROGRESS: &str = "in_progress";
+
 impl From<LoadError> for ApiError {
     fn from(e: LoadError) -> Self {
         match e {
             LoadError::BadRequest(d) => ApiError::BadRequest(d),
-            LoadError::NoSession(_) => ApiError::NotFound(e.to_string()),
-            LoadError::NotYours => ApiError::NotFound("no such load session".into()),
+            // Another caller's session is answered as one this server does not hold.
+            LoadError::NoSession(_) => ApiError::ConflictCode(UNKNOWN_SESSION, e.to_string()),
+            LoadError::NotYours => ApiError::ConflictCode(
+                UNKNOWN_SESSION,
+                "no such load session on this server: start again with the same Idempotency-Key"
+                    .into(),
+            ),
             LoadError::OutOfOrder { .. } => ApiError::Conflict(e.to_string()),
             LoadError::Busy => ApiError::Busy,
             LoadError::NoSuchLoad { .. } | LoadError::NoSuchPayment(_) => {
@@ -147,9 +164,8 @@ impl From<LoadError> for ApiError {
             LoadError::PaymentNotPayable(d) => ApiError::Conflict(d),
             LoadError::RefundRefused(_) => ApiError::Conflict(e.to_string()),
             LoadError::PaymentLimit(d) | LoadError::Pin(d) => ApiError::ForbiddenDetail(d),
-            LoadError::NotReversible(_) | LoadError::InProgress => {
-                ApiError::Conflict(e.to_string())
-            }
+            LoadError::NotReversible(_) => ApiError::Conflict(e.to_string()),
+            LoadError::InProgress => ApiError::ConflictCode(IN_PROGRESS, e.to_string()),
             LoadError::NotYourInstrument { .. } => ApiError::ForbiddenDetail(e.to_string()),
             LoadError::InstrumentTaken(d) | LoadError::RegistrationConflict(d) => {
                 ApiError::Conflict(d)
@@ -360,6 +376,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/payments/{id}", get(payment_for_cardholder))
         .route("/v1/payments/{id}/pay", post(pay_payment))
         .route("/v1/cards/{uid}/payment-pin", post(set_payment_pin))
+        .merge(fares::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(

@@ -1,7 +1,18 @@
 //! The decision before any Credit leaves the server: the card's state, limits (per card, per source, per instrument), the funding authorisation and the intent, durable first.
 
+use super::attempts::{claim_attempt, Claim};
 use super::*;
 use crate::ledger::CardShadow;
+
+/// What the transaction recording a load's intent did.
+enum Recorded {
+    /// Recorded.
+    Done,
+    /// The instrument's day total would pass its limit (what was loaded so far).
+    OverLimit(i64),
+    /// Another attempt with the idempotency key is completed or open.
+    Taken(Box<LoadIntent>),
+}
 
 impl LoadService {
     /// Checks the ledger and limits, authorises funding and records the intent.
@@ -14,7 +25,15 @@ impl LoadService {
         snap: &CardSnapshot,
         now_ms: u64,
     ) -> Result<Result<Decision, Reply>, LoadError> {
+        // An attempt with this key on another server (or before a restart) is resolved by the
+        // card first: never a second load for one key.
+        let earlier = self.earlier_attempt(s)?;
         self.settle_from_snapshot(snap, now_ms)?;
+        if let Some(earlier) = earlier {
+            if let Some(answer) = self.after_earlier(s, &earlier)? {
+                return Ok(Err(answer));
+            }
+        }
         let shadow = {
             let r = self.ledger.read()?;
             r.card(&snap.uid())?
@@ -168,22 +187,32 @@ impl LoadService {
         };
         let record = intent_record(&intent).to_vec();
         let snapshot = snap.clone();
+        let claimant = s.claimant();
         let recorded = self.ledger.transact(move |t| {
             let so_far = t.funding_day_total(&source_name, &instrument, today)?;
             if so_far + i64::from(amount) > max_daily {
-                return Ok(Some(so_far));
+                return Ok(Recorded::OverLimit(so_far));
+            }
+            // The idempotency key is claimed in the same transaction: of two servers starting
+            // one key at once, the database lets one record its intent.
+            if let Claim::Taken(earlier) = claim_attempt(t, &claimant, &intent)? {
+                return Ok(Recorded::Taken(earlier));
             }
             t.add_funding_day(&source_name, &instrument, today, i64::from(amount))?;
             t.insert_intent(&uid, &mut intent)?;
             t.observe_card(&snapshot)?;
             t.add_load_day(&uid, today, i64::from(amount))?;
-            Ok(None)
+            Ok(Recorded::Done)
         });
         match recorded {
-            Ok(None) => {}
-            Ok(Some(so_far)) => {
+            Ok(Recorded::Done) => {}
+            Ok(Recorded::OverLimit(so_far)) => {
                 let _ = source.void(&auth);
                 return Ok(Err(self.instrument_limit(s, so_far, max_daily)));
+            }
+            Ok(Recorded::Taken(earlier)) => {
+                let _ = source.void(&auth);
+                return self.taken_answer(s, &earlier).map(Err);
             }
             Err(LedgerError::IntentExists { .. }) => {
                 let _ = source.void(&auth);

@@ -15,6 +15,7 @@
 //! card's next contact ([`LoadService::settle_from_snapshot`]): completed and captured if the
 //! card's counter shows it applied the credit, voided and released if not.
 
+mod attempts;
 mod complete;
 mod decide;
 mod order;
@@ -197,8 +198,9 @@ pub enum LoadError {
     /// A malformed request.
     #[error("bad request: {0}")]
     BadRequest(String),
-    /// Unknown or expired session.
-    #[error("no load session {0} (unknown, finished or expired)")]
+    /// Unknown or expired session — or one another charging server holds (a session's keys
+    /// never leave the server that opened it): start again with the same Idempotency-Key.
+    #[error("no load session {0} on this server (unknown, expired, or opened on another server): start again with the same Idempotency-Key")]
     NoSession(String),
     /// The session belongs to another caller.
     #[error("this load session belongs to another caller")]
@@ -237,8 +239,11 @@ pub enum LoadError {
         /// the load's counter
         tmc: u32,
     },
-    /// A step of this load (or reversal) is being worked on right now: retry shortly.
-    #[error("this load is being worked on right now; retry in a moment")]
+    /// A step of this load (or reversal) is being worked on right now — here, or, with the same
+    /// idempotency key, on another charging server: retry shortly (with the same key).
+    #[error(
+        "this load is being worked on right now; retry in a moment with the same Idempotency-Key"
+    )]
     InProgress,
     /// The load cannot be reversed (already reversed, window passed, not refundable).
     #[error("the load cannot be reversed: {0}")]
@@ -302,6 +307,9 @@ struct Session {
     seq: u32,
     last_reply: Reply,
     touched_ms: u64,
+    /// When it was opened: the card's session with this server began after it (see
+    /// [`LoadService::earlier_attempt`]).
+    started_ms: u64,
     /// Set once the intent is in the ledger (after that, errors leave it for settlement).
     intent_recorded: bool,
     /// Set once CommitTransaction was sent (after that, the outcome is unknown on error).

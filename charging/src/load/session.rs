@@ -93,6 +93,7 @@ impl LoadService {
             seq: 1,
             last_reply: reply.clone(),
             touched_ms: now_ms,
+            started_ms: now_ms,
             intent_recorded: false,
             commit_sent: false,
             idempotent_stored: false,
