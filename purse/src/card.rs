@@ -42,7 +42,16 @@
 //! never between.
 //!
 //! Card keys are not part of the serialised image: the emulated secure element re-derives them
-//! from the issuer masters at power-on ([`CardKeys::derive`]), so no image holds a key.
+//! from the issuer masters at power-on ([`CardKeys::derive`], [`CardKeys::derive_each`] at the
+//! version each key reports), so no image holds a key.
+//!
+//! ## Key versions and ChangeKey
+//! Each key carries a version byte (GetKeyVersion `64`, per key number). ChangeKey (`C4`,
+//! FULL mode, only in a session of key 0: [`crate::rekey`]) replaces one key and its version in
+//! one NVM write; a ChangeKey of key 0 ends the session. The image keeps one `key_version` while
+//! all four agree and `key_versions` while a rotation is part way (a card torn between two
+//! ChangeKeys). The emulated card uses the key it was sent until power-off and re-derives the
+//! same key from its version at power-on (a genuine HSM sends exactly that key).
 
 use crate::apdu::{self, ins, Status};
 use crate::crypto::{self, AesKey};
@@ -179,8 +188,12 @@ pub struct CardState {
     pub uid: [u8; 7],
     /// Application identifier.
     pub aid: [u8; 3],
-    /// Version of the card's application keys.
+    /// Version of the card's application keys (all four, unless `key_versions` says otherwise).
     pub key_version: u8,
+    /// Each key's version (key numbers 0..=3) while they differ — a rotation part way; absent
+    /// when all four are at `key_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_versions: Option<[u8; 4]>,
     /// Current balance, minor units.
     pub balance_minor: i32,
     /// Lower limit, minor units.
@@ -206,6 +219,23 @@ pub struct CardState {
 }
 
 impl CardState {
+    /// Each key's version, key numbers 0..=3 (what GetKeyVersion reports).
+    pub fn key_versions(&self) -> [u8; 4] {
+        self.key_versions.unwrap_or([self.key_version; 4])
+    }
+
+    /// Sets key `key_no`'s version; one `key_version` again once all four agree.
+    fn set_key_version(&mut self, key_no: u8, version: u8) {
+        let mut all = self.key_versions();
+        all[usize::from(key_no) & 3] = version;
+        if all.iter().all(|&v| v == version) {
+            self.key_version = version;
+            self.key_versions = None;
+        } else {
+            self.key_versions = Some(all);
+        }
+    }
+
     /// The profile file as the card serves it.
     pub fn profile(&self) -> [u8; PROFILE_SIZE] {
         // validate() keeps the id encodable; an image that was not validated reads as none.
@@ -293,12 +323,33 @@ impl std::fmt::Debug for CardKeys {
 impl CardKeys {
     /// Diversifies the four card keys from an issuer key set (personalisation).
     pub fn derive(issuer: &KeySet, uid: &[u8; 7], version: u8) -> Result<CardKeys, KeyError> {
+        Self::derive_each(issuer, uid, [version; 4])
+    }
+
+    /// Diversifies each card key at its own version (key numbers 0..=3): a card part way
+    /// through a rotation ([`CardState::key_versions`]).
+    pub fn derive_each(
+        issuer: &KeySet,
+        uid: &[u8; 7],
+        versions: [u8; 4],
+    ) -> Result<CardKeys, KeyError> {
+        let [v0, v1, v2, v3] = versions;
         Ok(CardKeys::from_keys([
-            issuer.card_key(KeyKind::App, version, uid)?,
-            issuer.card_key(KeyKind::Debit, version, uid)?,
-            issuer.card_key(KeyKind::Credit, version, uid)?,
-            issuer.card_key(KeyKind::Tmac, version, uid)?,
+            issuer.card_key(KeyKind::App, v0, uid)?,
+            issuer.card_key(KeyKind::Debit, v1, uid)?,
+            issuer.card_key(KeyKind::Credit, v2, uid)?,
+            issuer.card_key(KeyKind::Tmac, v3, uid)?,
         ]))
+    }
+
+    /// Replaces key `key_no` (ChangeKey), with its expanded state.
+    fn replace(&mut self, key_no: u8, key: AesKey) {
+        let i = usize::from(key_no);
+        match i {
+            0..=2 => self.ciphers[i] = key.cipher(),
+            _ => self.tm = crypto::cmac_state(&key),
+        }
+        self.keys[i & 3] = key;
     }
 
     /// From four explicit keys (app, debit, credit, tmac).
@@ -374,6 +425,7 @@ impl Card {
             uid: p.uid,
             aid: crate::keys::DEFAULT_AID,
             key_version: p.key_version,
+            key_versions: None,
             balance_minor: p.balance_minor,
             lower_limit_minor: p.lower_limit_minor,
             upper_limit_minor: p.upper_limit_minor,
@@ -500,6 +552,7 @@ impl Card {
             ins::ABORT_TRANSACTION => self.abort(data),
             ins::GET_CARD_UID => self.get_uid(data),
             ins::COMMIT_READER_ID => self.commit_reader_id(data),
+            crate::rekey::INS_CHANGE_KEY => self.change_key(data),
             _ => Err(Status::IllegalCommand),
         }
     }
@@ -531,17 +584,50 @@ impl Card {
         if data[0] > 3 {
             return Err(Status::NoSuchKey);
         }
+        let version = self.nvm.main.key_versions()[usize::from(data[0])];
         match &mut self.session {
             // Inside a session the answer is MAC'd (and the counter advances).
             Some(s) => {
                 let body = s
                     .channel
-                    .seal_response(&[self.nvm.main.key_version], CommMode::Mac)
+                    .seal_response(&[version], CommMode::Mac)
                     .map_err(|_| Status::IntegrityError)?;
                 Self::ok(&body)
             }
-            None => Self::ok(&[self.nvm.main.key_version]),
+            None => Self::ok(&[version]),
         }
+    }
+
+    /// ChangeKey in FULL mode, only in a session of key 0 and outside a transaction: the key
+    /// and its version change in one NVM write. Key 0's change ends the session and is answered
+    /// without a MAC; another key's is MAC'd.
+    fn change_key(&mut self, data: &[u8]) -> Reply {
+        let &key_no = data.first().ok_or(Status::LengthError)?;
+        if key_no > 3 {
+            return Err(Status::NoSuchKey);
+        }
+        let own = crate::rekey::CHANGE_KEY_AUTH_KEY_NO;
+        let msg = zeroize::Zeroizing::new(self.open(
+            crate::rekey::INS_CHANGE_KEY,
+            1,
+            data,
+            CommMode::Full,
+            &[own],
+        )?);
+        if self.staged.value.is_some() || !self.staged.records.is_empty() {
+            return Err(Status::PermissionDenied);
+        }
+        let old = (key_no != own).then(|| &self.keys.keys[usize::from(key_no)]);
+        let (key, version) = crate::rekey::open_change_key_data(&msg[1..], old)?;
+        self.keys.replace(key_no, key);
+        if self.nvm_write(|n| n.main.set_key_version(key_no, version)) {
+            return Ok(Vec::new());
+        }
+        if key_no == own {
+            self.session = None;
+            return Self::ok(&[]);
+        }
+        self.seal(&[], CommMode::Mac)
     }
 
     fn auth_first(&mut self, data: &[u8], rng: &mut dyn RngCore) -> Reply {

@@ -27,6 +27,9 @@ use zeroize::{Zeroize, Zeroizing};
 pub const DEFAULT_AID: [u8; 3] = [0x54, 0x47, 0x01];
 /// The default system identifier used in diversification.
 pub const DEFAULT_SYSTEM_ID: &[u8] = b"tapgate";
+/// The masters diversified into card keys, which rotate together ([`KeySet::rotate_card_keys`]).
+pub const CARD_MASTERS: [KeyKind; 4] =
+    [KeyKind::App, KeyKind::Debit, KeyKind::Credit, KeyKind::Tmac];
 
 wire_code! {
     /// The kind of a key in a key set.
@@ -121,6 +124,9 @@ pub enum KeyError {
         /// version
         version: u8,
     },
+    /// A rotation or retirement the key set cannot take.
+    #[error("key rotation: {0}")]
+    Rotation(&'static str),
     /// Argon2 parameters are out of range.
     #[error("key-derivation parameters invalid: {0}")]
     Kdf(String),
@@ -169,6 +175,10 @@ pub struct KeySet {
     pub signing_seed: Option<Zeroizing<[u8; 32]>>,
     /// The Ed25519 public key devices verify with.
     pub verifying_key: [u8; 32],
+    /// Card-key versions the operator retired ([`KeySet::retire`]): terminals' SAMs no longer
+    /// hold them; the HSM keeps them to migrate cards still on them and to verify their
+    /// transaction MACs.
+    pub retired: Vec<u8>,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -176,6 +186,7 @@ impl std::fmt::Debug for KeySet {
         f.debug_struct("KeySet")
             .field("aid", &hex::encode_upper(self.aid))
             .field("entries", &self.entries)
+            .field("retired", &self.retired)
             .field(
                 "signing_seed",
                 &self.signing_seed.as_ref().map(|_| "<secret>"),
@@ -235,6 +246,7 @@ impl KeySet {
             entries,
             signing_seed: Some(seed),
             verifying_key,
+            retired: Vec::new(),
         }
     }
 
@@ -257,6 +269,78 @@ impl KeySet {
             .filter(|e| e.kind == kind)
             .map(|e| e.version)
             .max()
+    }
+
+    /// The versions held of a kind, newest first.
+    pub fn versions(&self, kind: KeyKind) -> Vec<u8> {
+        let mut v: Vec<u8> = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == kind && e.id == 0)
+            .map(|e| e.version)
+            .collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.dedup();
+        v
+    }
+
+    /// Whether the operator retired card-key version `version`.
+    pub fn is_retired(&self, version: u8) -> bool {
+        self.retired.contains(&version)
+    }
+
+    /// The card-key version cards are moved to: the newest version held of every card master
+    /// (App, Debit, Credit, TMAC), or `None` when they disagree or one is missing.
+    pub fn card_version(&self) -> Option<u8> {
+        let v = self.latest_version(KeyKind::Debit)?;
+        CARD_MASTERS
+            .iter()
+            .all(|&k| self.latest_version(k) == Some(v))
+            .then_some(v)
+    }
+
+    /// A new issuer card-key version: fresh App, Debit, Credit and TMAC masters one above the
+    /// newest held, beside the old ones (cards move to it at their next online load).
+    pub fn rotate_card_keys(
+        &mut self,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<u8, KeyError> {
+        let newest = CARD_MASTERS
+            .iter()
+            .filter_map(|&k| self.latest_version(k))
+            .max()
+            .unwrap_or(0);
+        let v = newest
+            .checked_add(1)
+            .ok_or(KeyError::Rotation("every key version up to 255 is used"))?;
+        for kind in CARD_MASTERS {
+            self.entries.push(KeyEntry {
+                kind,
+                version: v,
+                id: 0,
+                key: random_key(rng),
+            });
+        }
+        Ok(v)
+    }
+
+    /// Retires card-key version `version`: refused unless it is held and older than the
+    /// current [`KeySet::card_version`] (the version cards are moved to is never retired).
+    pub fn retire(&mut self, version: u8) -> Result<(), KeyError> {
+        let current = self.card_version().ok_or(KeyError::Rotation(
+            "the card masters' newest versions disagree",
+        ))?;
+        if version >= current {
+            return Err(KeyError::Rotation(
+                "only a version older than the current one can be retired",
+            ));
+        }
+        self.get(KeyKind::Debit, version)?;
+        if !self.is_retired(version) {
+            self.retired.push(version);
+            self.retired.sort_unstable();
+        }
+        Ok(())
     }
 
     /// The device key held for `device_id` (validator/franchise role), or derived from the
@@ -319,13 +403,24 @@ impl KeySet {
             Role::FranchiseSam => &[KeyKind::Debit, KeyKind::Credit],
             Role::Gateway => &[KeyKind::DeviceMaster],
         };
+        let terminal = matches!(role, Role::ValidatorSam | Role::FranchiseSam);
+        // A terminal's SAM holds the current and the previous version, never a retired one.
+        let held = |e: &KeyEntry| {
+            !terminal
+                || (!self.is_retired(e.version)
+                    && self
+                        .versions(e.kind)
+                        .iter()
+                        .take(2)
+                        .any(|&v| v == e.version))
+        };
         let mut entries: Vec<KeyEntry> = self
             .entries
             .iter()
-            .filter(|e| allowed.contains(&e.kind))
+            .filter(|e| allowed.contains(&e.kind) && held(e))
             .cloned()
             .collect();
-        if matches!(role, Role::ValidatorSam | Role::FranchiseSam) {
+        if terminal {
             entries.push(KeyEntry {
                 kind: KeyKind::Device,
                 version: 1,
@@ -343,12 +438,15 @@ impl KeySet {
                 None
             },
             verifying_key: self.verifying_key,
+            retired: self.retired.clone(),
         })
     }
 
     fn encode_plain(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(64 + 22 * self.entries.len()));
-        out.push(1); // plaintext layout version
+        // Plaintext layout 1; 2 appends the retired versions (written only when there are some,
+        // so a key set without retirements stays readable by older builds).
+        out.push(if self.retired.is_empty() { 1 } else { 2 });
         out.extend_from_slice(&self.aid);
         out.push(self.system_id.len() as u8);
         out.extend_from_slice(&self.system_id);
@@ -367,12 +465,17 @@ impl KeySet {
             None => out.push(0),
         }
         out.extend_from_slice(&self.verifying_key);
+        if !self.retired.is_empty() {
+            out.push(self.retired.len() as u8);
+            out.extend_from_slice(&self.retired);
+        }
         out
     }
 
     fn decode_plain(b: &[u8]) -> Result<KeySet, KeyError> {
         let mut r = Cursor { b, pos: 0 };
-        if r.u8()? != 1 {
+        let layout = r.u8()?;
+        if layout != 1 && layout != 2 {
             return Err(KeyError::Malformed("unknown plaintext layout"));
         }
         let aid: [u8; 3] = r.take(3)?.try_into().expect("3 bytes");
@@ -403,6 +506,12 @@ impl KeySet {
             _ => return Err(KeyError::Malformed("bad signing-key flag")),
         };
         let verifying_key: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+        let retired = if layout == 2 {
+            let n = r.u8()? as usize;
+            r.take(n)?.to_vec()
+        } else {
+            Vec::new()
+        };
         if r.pos != b.len() {
             return Err(KeyError::Malformed("trailing bytes"));
         }
@@ -412,6 +521,7 @@ impl KeySet {
             entries,
             signing_seed,
             verifying_key,
+            retired,
         })
     }
 
@@ -613,5 +723,39 @@ mod tests {
             ks.get(KeyKind::Debit, 2).unwrap()
         );
         assert_eq!(ks.latest_version(KeyKind::Debit), Some(2));
+    }
+
+    #[test]
+    fn terminals_hold_current_and_previous_until_retired() {
+        let mut ks = KeySet::generate(&mut rng());
+        assert_eq!(ks.rotate_card_keys(&mut rng()).unwrap(), 2);
+        assert_eq!(ks.card_version(), Some(2));
+        let v = ks.for_role(Role::ValidatorSam, 9).unwrap();
+        assert_eq!(v.versions(KeyKind::Debit), vec![2, 1]);
+        assert!(v.get(KeyKind::App, 2).is_err());
+        // A third version pushes the first out of the SAMs, not out of the HSM.
+        assert_eq!(ks.rotate_card_keys(&mut rng()).unwrap(), 3);
+        let v = ks.for_role(Role::ValidatorSam, 9).unwrap();
+        assert_eq!(v.versions(KeyKind::Debit), vec![3, 2]);
+        let f = ks.for_role(Role::FranchiseSam, 9).unwrap();
+        assert_eq!(f.versions(KeyKind::Credit), vec![3, 2]);
+        let h = ks.for_role(Role::Hsm, 0).unwrap();
+        assert_eq!(h.versions(KeyKind::Tmac), vec![3, 2, 1]);
+        // Retiring: never the current version, never one not held.
+        assert!(ks.retire(3).is_err());
+        assert!(ks.retire(9).is_err());
+        ks.retire(2).unwrap();
+        let v = ks.for_role(Role::ValidatorSam, 9).unwrap();
+        assert_eq!(v.versions(KeyKind::Debit), vec![3]);
+        assert!(v.is_retired(2));
+        let h = ks.for_role(Role::Hsm, 0).unwrap();
+        assert_eq!(h.versions(KeyKind::App), vec![3, 2, 1]);
+        // The retirement survives sealing.
+        let sealed = ks
+            .seal(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut rng())
+            .unwrap();
+        let back = KeySet::unseal(&sealed, b"pw").unwrap();
+        assert_eq!(back.retired, vec![2]);
+        assert_eq!(back.card_version(), Some(3));
     }
 }

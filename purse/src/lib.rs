@@ -47,6 +47,7 @@ pub mod confirm;
 pub mod crypto;
 pub mod keys;
 pub mod receipt;
+pub mod rekey;
 pub mod sam;
 pub mod sm;
 pub mod tap;

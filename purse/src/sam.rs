@@ -264,6 +264,13 @@ pub trait Authenticator {
     /// Whether this holds the master of `kind` at `version` (cards carry the version they hold).
     fn holds_version(&self, kind: KeyKind, version: u8) -> bool;
 
+    /// Whether the operator retired `version` of `kind` for this holder (`tapgate keys retire`):
+    /// a card still on it is refused with its own reason and migrated at its next online load.
+    fn retired_version(&self, kind: KeyKind, version: u8) -> bool {
+        let _ = (kind, version);
+        false
+    }
+
     /// The reader id this SAM commits in every value transaction (CommitReaderID), if any: a
     /// franchise SAM commits its own ([`reader_id_of_device`]); validators and the HSM none.
     fn reader_id(&self) -> Option<[u8; 16]> {
@@ -326,7 +333,20 @@ pub trait Hsm: Authenticator {
             return Err(SamError::NotAllowed("a negative amount"));
         }
         let want = self.transaction_mac(claim)?;
-        if !crypto::mac_eq(&want, &claim.tmv) {
+        let mut verified = crypto::mac_eq(&want, &claim.tmv);
+        // A card torn between two ChangeKeys of a rotation authenticates with one version
+        // while its TMAC key may hold the other: the other versions held are tried too.
+        for v in self.tmac_versions() {
+            if verified {
+                break;
+            }
+            if v != claim.key_version {
+                let mut other = claim.clone();
+                other.key_version = v;
+                verified = crypto::mac_eq(&self.transaction_mac(&other)?, &claim.tmv);
+            }
+        }
+        if !verified {
             return Err(SamError::TmacMismatch {
                 uid: hex::encode_upper(claim.uid),
                 tmc: claim.tmc,
@@ -336,6 +356,25 @@ pub trait Hsm: Authenticator {
             receipt: claim.clone().into_verified(),
             _proof: HsmChecked,
         })
+    }
+    /// The versions of KM_TMAC this HSM holds (newest first), which [`Hsm::verify_claim`] tries
+    /// after the claim's own. None by default.
+    fn tmac_versions(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// ChangeKey's plaintext ([`crate::rekey::change_key_data`]) for the card key `kind` of
+    /// card `uid`, from version `old_version` to `new_version`: computed where the masters
+    /// are, for [`crate::rekey::Rekey`] to encrypt under the session. An HSM that cannot do it
+    /// says so.
+    fn change_key_data(
+        &self,
+        kind: KeyKind,
+        old_version: u8,
+        new_version: u8,
+        uid: &[u8; 7],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SamError> {
+        let _ = (kind, old_version, new_version, uid);
+        Err(SamError::NotAllowed("ChangeKey on this HSM"))
     }
     /// The device MAC over `body` with `device_id`'s key (AES-CMAC, EV2-truncated): what
     /// [`Hsm::ceiling_grant`] and [`Hsm::verify_device_mac`] compute. By default with the device
@@ -693,6 +732,16 @@ impl Authenticator for SoftwareSam {
         self.keys.get(kind, version).is_ok()
     }
 
+    /// Retired by the operator, or older than any version this SAM holds (rotated out).
+    fn retired_version(&self, kind: KeyKind, version: u8) -> bool {
+        self.keys.is_retired(version)
+            || self
+                .keys
+                .versions(kind)
+                .last()
+                .is_some_and(|&oldest| version < oldest)
+    }
+
     fn reader_id(&self) -> Option<[u8; 16]> {
         (self.role == Role::FranchiseSam).then(|| reader_id_of_device(self.device_id))
     }
@@ -825,6 +874,19 @@ impl SoftwareHsm {
     pub fn card_keys(&self, uid: &[u8; 7], version: u8) -> Result<crate::card::CardKeys, SamError> {
         Ok(crate::card::CardKeys::derive(&self.keys, uid, version)?)
     }
+
+    /// The card keys an emulated card holds in `state`, each at the version it reports (a card
+    /// torn mid-rotation holds some keys at the old version, some at the new).
+    pub fn card_keys_of(
+        &self,
+        state: &crate::card::CardState,
+    ) -> Result<crate::card::CardKeys, SamError> {
+        Ok(crate::card::CardKeys::derive_each(
+            &self.keys,
+            &state.uid,
+            state.key_versions(),
+        )?)
+    }
 }
 
 impl Authenticator for SoftwareHsm {
@@ -849,6 +911,22 @@ impl Hsm for SoftwareHsm {
 
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
         Ok(self.keys.device_key(device_id)?)
+    }
+
+    fn tmac_versions(&self) -> Vec<u8> {
+        self.keys.versions(KeyKind::Tmac)
+    }
+
+    fn change_key_data(
+        &self,
+        kind: KeyKind,
+        old_version: u8,
+        new_version: u8,
+        uid: &[u8; 7],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SamError> {
+        let new = self.keys.card_key(kind, new_version, uid)?;
+        let old = self.keys.card_key(kind, old_version, uid)?;
+        crate::rekey::change_key_data_for(kind, &new, &old, new_version)
     }
 
     fn wrap_order_key(&self, uid: &[u8; 7], version: u8) -> Result<[u8; 16], SamError> {

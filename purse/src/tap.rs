@@ -60,6 +60,9 @@ wire_code! {
         FareError = 7,
         /// 8: anything else.
         Other = 8,
+        /// 9: the card is still on a key version the operator retired (`tapgate keys retire`):
+        /// it is migrated at its next online load.
+        KeyVersionRetired = 9,
     }
 }
 
@@ -75,6 +78,7 @@ impl RefusalReason {
             RefusalReason::CardError => "card_error",
             RefusalReason::FareError => "fare_error",
             RefusalReason::Other => "other",
+            RefusalReason::KeyVersionRetired => "key_version_retired",
         }
     }
 }
@@ -561,11 +565,11 @@ mod tests {
             TapRecord::decode_verified(&body, OP, |_| Some(key())),
             Err(TapError::Inconsistent("a refusal that moved value"))
         );
-        for c in 1..=8u8 {
+        for c in 1..=9u8 {
             assert_eq!(RefusalReason::from_code(c).unwrap().code(), c);
         }
         assert!(RefusalReason::from_code(0).is_none());
-        assert!(RefusalReason::from_code(9).is_none());
+        assert!(RefusalReason::from_code(10).is_none());
     }
 
     proptest! {
