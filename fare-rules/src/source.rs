@@ -1775,44 +1775,72 @@ impl Prices<'_, '_> {
 
 /// Fills the sorted stop and route code indexes; two ids with one code are an error.
 pub fn finish_codes(t: &mut Table) -> Result<(), String> {
-    let mut sc: Vec<(u32, Idx)> = t
-        .stops
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.code, i as Idx))
-        .collect();
-    sc.sort_unstable();
-    for w in sc.windows(2) {
-        if w[0].0 == w[1].0 {
-            return Err(format!(
-                "stops \"{}\" and \"{}\" share card code {:06x}; rename one",
-                t.stops[w[0].1 as usize].id, t.stops[w[1].1 as usize].id, w[0].0
-            ));
-        }
-    }
-    let mut rc: Vec<(u32, Idx)> = t
-        .routes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.code, i as Idx))
-        .collect();
-    rc.sort_unstable();
-    for w in rc.windows(2) {
-        if w[0].0 == w[1].0 {
-            return Err(format!(
-                "routes \"{}\" and \"{}\" share card code {:06x}; rename one",
-                t.routes[w[0].1 as usize].id, t.routes[w[1].1 as usize].id, w[0].0
-            ));
-        }
-    }
+    let sc = sorted_codes("stops", t.stops.iter().map(|s| (s.code, s.id.as_str())))?;
+    let rc = sorted_codes("routes", t.routes.iter().map(|r| (r.code, r.id.as_str())))?;
     t.stop_codes = sc;
     t.route_codes = rc;
     Ok(())
 }
 
+/// `(code, index)` of each of `what` (its code and id, in table order), sorted by code; two ids
+/// with one code are an error.
+fn sorted_codes<'a>(
+    what: &str,
+    items: impl Iterator<Item = (u32, &'a str)>,
+) -> Result<Vec<(u32, Idx)>, String> {
+    let (mut codes, ids): (Vec<(u32, Idx)>, Vec<&str>) = items
+        .enumerate()
+        .map(|(i, (code, id))| ((code, i as Idx), id))
+        .unzip();
+    codes.sort_unstable();
+    for w in codes.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(format!(
+                "{what} \"{}\" and \"{}\" share card code {:06x}; rename one",
+                ids[w[0].1 as usize], ids[w[1].1 as usize], w[0].0
+            ));
+        }
+    }
+    Ok(codes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_are_sorted_and_a_shared_code_is_refused_naming_both_ids() {
+        use crate::table::{Route, Stop};
+        let stop = |id: &str, code| Stop {
+            id: id.into(),
+            code,
+            ..Stop::default()
+        };
+        let route = |id: &str, code| Route {
+            id: id.into(),
+            code,
+            ..Route::default()
+        };
+        let mut t = Table {
+            stops: vec![stop("a", 9), stop("b", 3)],
+            routes: vec![route("r", 7), route("s", 1)],
+            ..Table::default()
+        };
+        finish_codes(&mut t).unwrap();
+        assert_eq!(t.stop_codes, vec![(3, 1), (9, 0)]);
+        assert_eq!(t.route_codes, vec![(1, 1), (7, 0)]);
+        t.stops.push(stop("c", 9));
+        assert_eq!(
+            finish_codes(&mut t).unwrap_err(),
+            "stops \"a\" and \"c\" share card code 000009; rename one"
+        );
+        t.stops.pop();
+        t.routes.push(route("t", 1));
+        assert_eq!(
+            finish_codes(&mut t).unwrap_err(),
+            "routes \"s\" and \"t\" share card code 000001; rename one"
+        );
+    }
 
     #[test]
     fn durations() {
