@@ -517,3 +517,59 @@ fn a_missing_directory_reports_the_required_file() {
     let e = error("no-such-feed");
     assert!(e.starts_with("fare_products.txt: missing"), "{e}");
 }
+
+/// A copy of feed `name` in a fresh directory, with `line` appended to each `(file, line)`.
+fn feed_with(name: &str, tag: &str, appended: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tg-gtfs-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(feed_dir(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    for (file, line) in appended {
+        let mut text = std::fs::read_to_string(dir.join(file)).unwrap();
+        text.push_str(line);
+        text.push('\n');
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn networks_and_areas_are_defined_once_and_may_be_named_only_elsewhere() {
+    let compile = |tag, appended: &[(&str, &str)]| {
+        let dir = feed_with(
+            if tag == "area" || tag == "named-area" {
+                "zones"
+            } else {
+                "transfers"
+            },
+            tag,
+            appended,
+        );
+        let out = gtfs::load_and_compile(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        out
+    };
+    let e = compile("network", &[("networks.txt", "bus,Another bus")]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "networks.txt line 4, field network_id: duplicate network id \"bus\""
+    );
+    let e = compile("area", &[("areas.txt", "zone2,Zone 2 again")]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "areas.txt line 5, field area_id: duplicate area id \"zone2\""
+    );
+    // Named in stop_areas.txt (or route_networks.txt) alone: an id all the same.
+    let t = compile("named-area", &[("stop_areas.txt", "zone9,central")]).unwrap();
+    assert!(stop_areas(&t, "central").contains(&"zone9".to_string()));
+    let t = compile(
+        "named-network",
+        &[("routes.txt", "t1,T1,0"), ("route_networks.txt", "tram,t1")],
+    )
+    .unwrap();
+    assert_eq!(t.networks.len(), 3, "{:?}", t.networks);
+    assert_eq!(usize::from(network(&t, "tram")), 2);
+}

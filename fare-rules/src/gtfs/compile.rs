@@ -57,6 +57,26 @@ impl Ids {
         Ok(i)
     }
 
+    /// The ids `defined` in their own file (a duplicate refused), then those `named` in
+    /// other files that were not defined (added as new); each as (id, file, line), all in
+    /// column `field`.
+    pub(super) fn defined_then_named<'a>(
+        what: &'static str,
+        source: &'static str,
+        field: &'static str,
+        defined: impl IntoIterator<Item = (&'a str, &'static str, u64)>,
+        named: impl IntoIterator<Item = (&'a str, &'static str, u64)>,
+    ) -> Result<Ids> {
+        let mut ids = Ids::new(what, source);
+        for (id, file, line) in defined {
+            ids.add_new(id, file, line, field)?;
+        }
+        for (id, file, line) in named {
+            ids.add(id, file, line, field)?;
+        }
+        Ok(ids)
+    }
+
     /// Adds `id`, refusing a duplicate.
     pub(super) fn add_new(
         &mut self,
@@ -285,31 +305,41 @@ fn feed_meta(feed: &Feed, currency: String, priority_mode: bool) -> Meta {
 
 /// Networks from networks.txt, routes.txt and route_networks.txt.
 fn networks(feed: &Feed) -> Result<Ids> {
-    let mut networks = Ids::new("network", "networks.txt/routes.txt");
-    for n in &feed.networks {
-        networks.add_new(&n.network_id, NETWORKS, n.line, "network_id")?;
-    }
-    for r in feed.routes.iter().flatten() {
-        if !r.network_id.is_empty() {
-            networks.add(&r.network_id, ROUTES, r.line, "network_id")?;
-        }
-    }
-    for rn in &feed.route_networks {
-        networks.add(&rn.network_id, ROUTE_NETWORKS, rn.line, "network_id")?;
-    }
-    Ok(networks)
+    let defined = feed
+        .networks
+        .iter()
+        .map(|n| (n.network_id.as_str(), NETWORKS, n.line));
+    let on_routes = feed
+        .routes
+        .iter()
+        .flatten()
+        .filter(|r| !r.network_id.is_empty())
+        .map(|r| (r.network_id.as_str(), ROUTES, r.line));
+    let on_route_networks = feed
+        .route_networks
+        .iter()
+        .map(|rn| (rn.network_id.as_str(), ROUTE_NETWORKS, rn.line));
+    let named = on_routes.chain(on_route_networks);
+    Ids::defined_then_named(
+        "network",
+        "networks.txt/routes.txt",
+        "network_id",
+        defined,
+        named,
+    )
 }
 
 /// Areas from areas.txt and stop_areas.txt.
 fn areas(feed: &Feed) -> Result<Ids> {
-    let mut areas = Ids::new("area", AREAS);
-    for a in &feed.areas {
-        areas.add_new(&a.area_id, AREAS, a.line, "area_id")?;
-    }
-    for sa in &feed.stop_areas {
-        areas.add(&sa.area_id, STOP_AREAS, sa.line, "area_id")?;
-    }
-    Ok(areas)
+    let defined = feed
+        .areas
+        .iter()
+        .map(|a| (a.area_id.as_str(), AREAS, a.line));
+    let named = feed
+        .stop_areas
+        .iter()
+        .map(|sa| (sa.area_id.as_str(), STOP_AREAS, sa.line));
+    Ids::defined_then_named("area", AREAS, "area_id", defined, named)
 }
 
 /// Location groups (location_groups.txt): groups of stops where a rider may request pickup or
