@@ -452,13 +452,20 @@ pub struct CeilingGrant {
 impl CeilingGrant {
     /// The bytes the grant MAC covers.
     pub fn mac_input(device_id: u32, seq: u32, amount_minor: i64) -> [u8; 20] {
-        let mut m = [0u8; 20];
-        m[..4].copy_from_slice(b"CEIL");
-        m[4..8].copy_from_slice(&device_id.to_be_bytes());
-        m[8..12].copy_from_slice(&seq.to_be_bytes());
-        m[12..20].copy_from_slice(&amount_minor.to_be_bytes());
-        m
+        grant_mac_input(b"CEIL", device_id, seq, amount_minor)
     }
+}
+
+/// What a device grant's MAC covers: `tag ‖ device_id BE ‖ seq BE ‖ amount BE` (the tag keeps
+/// a franchise's `CEIL` grant, a validator's `ACTC` grant, a tap record and a confirmation
+/// apart under the same device key).
+fn grant_mac_input(tag: &[u8; 4], device_id: u32, seq: u32, amount_minor: i64) -> [u8; 20] {
+    let mut m = [0u8; 20];
+    m[..4].copy_from_slice(tag);
+    m[4..8].copy_from_slice(&device_id.to_be_bytes());
+    m[8..12].copy_from_slice(&seq.to_be_bytes());
+    m[12..20].copy_from_slice(&amount_minor.to_be_bytes());
+    m
 }
 
 /// A validator's action-list credit ceiling: the *total* the back office has granted the
@@ -486,12 +493,7 @@ impl ActionGrant {
     /// The bytes the grant MAC covers (`ACTC` keeps it apart from a franchise's `CEIL` grant,
     /// a tap record and a confirmation under the same device key).
     pub fn mac_input(device_id: u32, seq: u32, total_minor: i64) -> [u8; 20] {
-        let mut m = [0u8; 20];
-        m[..4].copy_from_slice(b"ACTC");
-        m[4..8].copy_from_slice(&device_id.to_be_bytes());
-        m[8..12].copy_from_slice(&seq.to_be_bytes());
-        m[12..20].copy_from_slice(&total_minor.to_be_bytes());
-        m
+        grant_mac_input(b"ACTC", device_id, seq, total_minor)
     }
 
     /// The wire form: the MAC input's fields after `ACTC`, then the MAC (28 bytes).
@@ -650,11 +652,8 @@ impl SoftwareSam {
         if self.role != Role::ValidatorSam {
             return Err(SamError::NotAllowed("an action-list grant on this SAM"));
         }
-        let want = crypto::mac8(
-            &self.device_key,
-            &ActionGrant::mac_input(grant.device_id, grant.seq, grant.total_minor),
-        );
-        if grant.device_id != self.device_id || !crypto::mac_eq(&want, &grant.mac) {
+        let input = ActionGrant::mac_input(grant.device_id, grant.seq, grant.total_minor);
+        if !self.grant_verifies(grant.device_id, &input, &grant.mac) {
             return Err(SamError::NotAllowed("an action grant that does not verify"));
         }
         let (seq, total) = self.action_grant;
@@ -703,11 +702,8 @@ impl SoftwareSam {
         if self.role != Role::FranchiseSam {
             return Err(SamError::NotAllowed("replenishing a ceiling"));
         }
-        let want = crypto::mac8(
-            &self.device_key,
-            &CeilingGrant::mac_input(grant.device_id, grant.seq, grant.amount_minor),
-        );
-        if grant.device_id != self.device_id || !crypto::mac_eq(&want, &grant.mac) {
+        let input = CeilingGrant::mac_input(grant.device_id, grant.seq, grant.amount_minor);
+        if !self.grant_verifies(grant.device_id, &input, &grant.mac) {
             return Err(SamError::NotAllowed("a ceiling grant that does not verify"));
         }
         if grant.seq <= self.last_grant_seq {
@@ -724,6 +720,12 @@ impl SoftwareSam {
     /// The last ceiling grant sequence number applied.
     pub fn last_grant_seq(&self) -> u32 {
         self.last_grant_seq
+    }
+
+    /// Whether a grant is for this SAM's device and its MAC over `input` verifies under the
+    /// device key (constant-time).
+    fn grant_verifies(&self, device_id: u32, input: &[u8; 20], mac: &[u8; 8]) -> bool {
+        device_id == self.device_id && crypto::mac_eq(&crypto::mac8(&self.device_key, input), mac)
     }
 }
 

@@ -374,3 +374,18 @@ fn hsm_does_not_authenticate_with_the_tmac_key() {
         .unwrap_err();
     assert!(matches!(err, SamError::NotAllowed(_)));
 }
+
+/// A device grant's MAC covers its tag, then device id, number and amount big-endian: the tag
+/// keeps a franchise's ceiling grant from passing as a validator's action grant.
+#[test]
+fn grant_mac_inputs_are_tagged_and_big_endian() {
+    use purse::sam::{ActionGrant, CeilingGrant};
+    let c = CeilingGrant::mac_input(0x0102_0304, 5, -2);
+    assert_eq!(&c[..4], b"CEIL");
+    assert_eq!(c[4..8], [1, 2, 3, 4]);
+    assert_eq!(c[8..12], 5u32.to_be_bytes());
+    assert_eq!(c[12..], (-2i64).to_be_bytes());
+    let a = ActionGrant::mac_input(0x0102_0304, 5, -2);
+    assert_eq!(&a[..4], b"ACTC");
+    assert_eq!(a[4..], c[4..]);
+}
