@@ -204,6 +204,29 @@ impl SandboxProcessor {
         Ok(())
     }
 
+    /// Captures or voids an authorisation: `authorised` becomes `to`; already `to` is done
+    /// (a retry); any other state refuses `op`.
+    fn finish_authorisation(
+        &self,
+        auth_id: &str,
+        to: &str,
+        op: &'static str,
+    ) -> Result<(), FundingError> {
+        let (reference, mut a) = self.get(auth_id)?;
+        match a.state.as_str() {
+            s if s == to => Ok(()),
+            "authorised" => {
+                a.state = to.into();
+                self.put(&reference, &a)
+            }
+            s => Err(FundingError::WrongState {
+                id: auth_id.into(),
+                state: s.into(),
+                op,
+            }),
+        }
+    }
+
     /// An authorisation's state (tests, support).
     pub fn authorisation(&self, id: &str) -> Result<ProcessorAuth, FundingError> {
         Ok(self.get(id)?.1)
@@ -285,35 +308,11 @@ impl FundingSource for SandboxProcessor {
     }
 
     fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
-        let (reference, mut a) = self.get(auth_id)?;
-        match a.state.as_str() {
-            "captured" => Ok(()),
-            "authorised" => {
-                a.state = "captured".into();
-                self.put(&reference, &a)
-            }
-            s => Err(FundingError::WrongState {
-                id: auth_id.into(),
-                state: s.into(),
-                op: "capture",
-            }),
-        }
+        self.finish_authorisation(auth_id, "captured", "capture")
     }
 
     fn void(&self, auth_id: &str) -> Result<(), FundingError> {
-        let (reference, mut a) = self.get(auth_id)?;
-        match a.state.as_str() {
-            "voided" => Ok(()),
-            "authorised" => {
-                a.state = "voided".into();
-                self.put(&reference, &a)
-            }
-            s => Err(FundingError::WrongState {
-                id: auth_id.into(),
-                state: s.into(),
-                op: "void",
-            }),
-        }
+        self.finish_authorisation(auth_id, "voided", "void")
     }
 
     fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
@@ -568,6 +567,21 @@ impl PointsProgram {
         let member = auth_id.split('|').next().unwrap_or_default();
         self.holder_account(member)
     }
+
+    /// Capture or void: whatever an authorisation still holds goes to account `to` (the
+    /// redeemed account, or back to the member); nothing left is a done retry.
+    fn move_held(&self, auth_id: &str, to: String) -> Result<(), FundingError> {
+        let held = self.held_account(auth_id);
+        let reference = auth_id.to_string();
+        self.ledger.transact(move |t| {
+            let points = t.balance(&held)?;
+            if points > 0 {
+                t.post(0, &held, &to, points, &reference)?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
 }
 
 impl FundingSource for PointsProgram {
@@ -612,31 +626,11 @@ impl FundingSource for PointsProgram {
     }
 
     fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
-        let held = self.held_account(auth_id);
-        let redeemed = format!("pts:{}:redeemed", self.name);
-        let reference = auth_id.to_string();
-        self.ledger.transact(move |t| {
-            let points = t.balance(&held)?;
-            if points > 0 {
-                t.post(0, &held, &redeemed, points, &reference)?;
-            }
-            Ok(())
-        })?;
-        Ok(())
+        self.move_held(auth_id, format!("pts:{}:redeemed", self.name))
     }
 
     fn void(&self, auth_id: &str) -> Result<(), FundingError> {
-        let held = self.held_account(auth_id);
-        let holder = self.member_of(auth_id)?;
-        let reference = auth_id.to_string();
-        self.ledger.transact(move |t| {
-            let points = t.balance(&held)?;
-            if points > 0 {
-                t.post(0, &held, &holder, points, &reference)?;
-            }
-            Ok(())
-        })?;
-        Ok(())
+        self.move_held(auth_id, self.member_of(auth_id)?)
     }
 
     fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
@@ -678,7 +672,10 @@ mod tests {
         );
         p.capture(&a).unwrap();
         p.capture(&a).unwrap();
-        assert!(matches!(p.void(&a), Err(FundingError::WrongState { .. })));
+        assert!(matches!(
+            p.void(&a),
+            Err(FundingError::WrongState { op: "void", .. })
+        ));
         p.refund(&a, 200).unwrap();
         assert!(p.refund(&a, 301).is_err());
         assert!(matches!(
@@ -693,6 +690,12 @@ mod tests {
         let t = p.authorise(&req(700, "load:3", "tok_timeout")).unwrap();
         assert_eq!(p.authorisation(&t).unwrap().state, "authorised");
         p.void(&t).unwrap();
+        p.void(&t).unwrap();
+        assert_eq!(p.authorisation(&t).unwrap().state, "voided");
+        assert!(matches!(
+            p.capture(&t),
+            Err(FundingError::WrongState { op: "capture", .. })
+        ));
         assert!(p
             .authorise(&req(1_001, "load:4", "tok_limit_1000"))
             .is_err());
