@@ -244,25 +244,62 @@ impl State {
         uid: &[u8; 7],
         version: u8,
     ) -> Result<[u8; 16], SamError> {
-        let s = &self.session;
-        let clear = |master: &Master, parts: [&[u8]; 3], what: &'static str| {
-            let (first, second) = an10922_blocks(master, parts)?;
-            let c1 =
-                derive_block_clear(s, master.handle, [0; 16], &first).map_err(sam_err(what))?;
-            let key = derive_block_clear(s, master.handle, *c1, &second).map_err(sam_err(what))?;
-            Ok::<AesKey, SamError>(AesKey::from_bytes(*key))
-        };
-        let card = clear(
+        let card = self.an10922_clear(
             self.master(KeyKind::Credit, version)?,
             [uid, &self.aid, &self.system_id],
             "the order's card credit key",
         )?;
-        let wrap = clear(
+        let wrap = self.an10922_clear(
             self.master(KeyKind::Debit, version)?,
             [uid, b"ACT", &[]],
             "the order's wrap key",
         )?;
         Ok(purse::actionlist::wrap_card_key(&wrap, &card))
+    }
+
+    /// AN10922 under `master` derived in the token into readable session objects and read
+    /// back (each destroyed once read).
+    fn an10922_clear(
+        &self,
+        master: &Master,
+        parts: [&[u8]; 3],
+        what: &'static str,
+    ) -> Result<AesKey, SamError> {
+        let s = &self.session;
+        let (first, second) = an10922_blocks(master, parts)?;
+        let c1 = derive_block_clear(s, master.handle, [0; 16], &first).map_err(sam_err(what))?;
+        let key = derive_block_clear(s, master.handle, *c1, &second).map_err(sam_err(what))?;
+        Ok(AesKey::from_bytes(*key))
+    }
+
+    /// ChangeKey's plaintext for the card key `kind` of `uid` from `old_version` to
+    /// `new_version` (`purse::rekey`): both card keys derived in the token and read back for
+    /// the time of one ChangeKey (see docs/hsm.md), the cryptogram's plaintext built here and
+    /// encrypted under the session by the caller.
+    pub(crate) fn change_key_data_clear(
+        &self,
+        kind: KeyKind,
+        old_version: u8,
+        new_version: u8,
+        uid: &[u8; 7],
+    ) -> Result<Zeroizing<Vec<u8>>, SamError> {
+        let parts: [&[u8]; 3] = [uid, &self.aid, &self.system_id];
+        let what = "a card key for ChangeKey";
+        let new = self.an10922_clear(self.master(kind, new_version)?, parts, what)?;
+        let old = self.an10922_clear(self.master(kind, old_version)?, parts, what)?;
+        purse::rekey::change_key_data_for(kind, &new, &old, new_version)
+    }
+
+    /// The versions held of `kind`, newest first.
+    pub(crate) fn versions(&self, kind: KeyKind) -> Vec<u8> {
+        let mut v: Vec<u8> = self
+            .masters
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, v)| *v)
+            .collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v
     }
 
     /// The device key of `device_id` in clear, for provisioning a validator SAM: AN10922 over

@@ -185,6 +185,35 @@ impl Hsm for Pkcs11Hsm {
         run(&mut st, |st| st.wrap_order_key_clear(uid, version))
     }
 
+    fn card_key_version(&self) -> Option<u8> {
+        let st = self.shared.state().ok()?;
+        let v = *st.versions(KeyKind::Debit).first()?;
+        purse::keys::CARD_MASTERS
+            .iter()
+            .all(|&k| st.versions(k).first() == Some(&v))
+            .then_some(v)
+    }
+
+    fn tmac_versions(&self) -> Vec<u8> {
+        self.shared
+            .state()
+            .map(|st| st.versions(KeyKind::Tmac))
+            .unwrap_or_default()
+    }
+
+    fn change_key_data(
+        &self,
+        kind: KeyKind,
+        old_version: u8,
+        new_version: u8,
+        uid: &[u8; 7],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SamError> {
+        let mut st = self.shared.state()?;
+        run(&mut st, |st| {
+            st.change_key_data_clear(kind, old_version, new_version, uid)
+        })
+    }
+
     /// Provisioning a validator SAM needs its device key in clear (see docs/hsm.md).
     fn device_key(&self, device_id: u32) -> Result<AesKey, SamError> {
         let mut st = self.shared.state()?;

@@ -27,7 +27,8 @@ use zeroize::{Zeroize, Zeroizing};
 pub const DEFAULT_AID: [u8; 3] = [0x54, 0x47, 0x01];
 /// The default system identifier used in diversification.
 pub const DEFAULT_SYSTEM_ID: &[u8] = b"tapgate";
-/// The masters diversified into card keys, which rotate together ([`KeySet::rotate_card_keys`]).
+/// The masters diversified into card keys, indexed by card key number; they rotate together
+/// ([`KeySet::rotate_card_keys`]).
 pub const CARD_MASTERS: [KeyKind; 4] =
     [KeyKind::App, KeyKind::Debit, KeyKind::Credit, KeyKind::Tmac];
 

@@ -18,16 +18,18 @@
 //! ## The dialogue
 //! `[SelectApplication, GetKeyVersion 0, 1, 2, 3]` → (nothing to do if every key is at the
 //! target) → AuthenticateEV2First with key 0 (the application master, HSM only) at the version
-//! the card reports → `[ChangeKey 1, 2, 3 for each key not yet at the target, ChangeKey 0 last]`
-//! → [`RekeyOutcome`]. Key 0 changes last because its change ends the session; a dialogue torn
-//! anywhere is resumed by the next one, which reads the versions again and changes only what is
-//! still old. If key 0 refuses the version it reports, the target version is tried, then the
-//! other.
+//! the card reports → `[ChangeKey 0]` (its change ends the session) → AuthenticateEV2First with
+//! the new key 0 → `[ChangeKey 1, 3, 2]` for each key not yet at the target → [`RekeyOutcome`].
+//! The credit key changes last, so a card whose credit key — the one every online load reads
+//! the version of — is at the target has every key there: a load that finds the credit key
+//! old runs a rotation. A dialogue torn anywhere is resumed by the next one, which reads the
+//! versions again and changes only what is still old. If key 0 refuses the version it reports,
+//! the target version is tried, then the others.
 
 use crate::apdu::{self, ins, Status};
 use crate::card::INS_GET_KEY_VERSION;
 use crate::crypto::AesKey;
-use crate::keys::{KeyKind, DEFAULT_AID};
+use crate::keys::{KeyKind, CARD_MASTERS, DEFAULT_AID};
 use crate::sam::{Hsm, PendingAuth, SamError};
 use crate::sm::{Channel, CommMode};
 use crate::txn::{Transport, TxError};
@@ -39,8 +41,6 @@ use zeroize::Zeroizing;
 pub const INS_CHANGE_KEY: u8 = 0xC4;
 /// The key whose session may change keys: the application master.
 pub const CHANGE_KEY_AUTH_KEY_NO: u8 = 0;
-/// The card key a card key number holds.
-pub const CARD_KEYS: [KeyKind; 4] = [KeyKind::App, KeyKind::Debit, KeyKind::Credit, KeyKind::Tmac];
 
 /// NXP's CRC32 of `data` as the card transmits it (ChangeKey's CRC32NK): polynomial
 /// 0xEDB88320, preset 0xFFFFFFFF, no final inversion, least significant byte first.
@@ -144,25 +144,34 @@ pub enum RekeyStep {
     Done(RekeyOutcome),
 }
 
+/// What a rotation has seen and done so far.
+struct Progress {
+    /// Each key's version as the card reported it.
+    before: [u8; 4],
+    /// Each key's version now (as reported, then as changed).
+    now: [u8; 4],
+    /// Keys changed so far, in order.
+    changed: Vec<u8>,
+}
+
 enum Stage {
     Select,
     Versions(Vec<u8>),
     /// Part 1's answer, authenticating key 0 at `candidates[0]`.
     Auth1 {
-        versions: [u8; 4],
+        progress: Progress,
         candidates: Vec<u8>,
     },
     Auth2 {
-        versions: [u8; 4],
+        progress: Progress,
         candidates: Vec<u8>,
         pending: PendingAuth,
     },
-    /// The ChangeKey batch is out; the answers of `outstanding` are expected.
+    /// A ChangeKey batch is out; the answers of `outstanding` are expected.
     Changing {
         ch: Channel,
-        versions: [u8; 4],
+        progress: Progress,
         outstanding: VecDeque<u8>,
-        changed: Vec<u8>,
     },
     Ended,
 }
@@ -195,6 +204,15 @@ fn status_of<'a>(resp: &'a [u8], step: &'static str) -> Result<(&'a [u8], Status
         step,
         what: "response shorter than a status word",
     })
+}
+
+fn card_error(step: &'static str, status: Status) -> TxError {
+    TxError::Card { step, status }
+}
+
+/// AuthenticateEV2First part 1 with key 0.
+fn auth_key0() -> Vec<u8> {
+    apdu::wrap(ins::AUTH_EV2_FIRST, &[CHANGE_KEY_AUTH_KEY_NO, 0x00])
 }
 
 impl Rekey {
@@ -241,29 +259,23 @@ impl Rekey {
             Stage::Select => {
                 let (_, status) = status_of(resp, "select")?;
                 if status != Status::Ok {
-                    return Err(TxError::Card {
-                        step: "select",
-                        status,
-                    });
+                    return Err(card_error("select", status));
                 }
                 Ok((Stage::Versions(Vec::with_capacity(4)), RekeyStep::Continue))
             }
             Stage::Versions(got) => self.on_version(got, resp),
             Stage::Auth1 {
-                versions,
+                progress,
                 candidates,
             } => {
                 let (ek_rnd_b, status) = status_of(resp, "authenticate")?;
                 if status != Status::AdditionalFrame {
-                    return Err(TxError::Card {
-                        step: "authenticate",
-                        status,
-                    });
+                    return Err(card_error("authenticate", status));
                 }
                 let (pending, frame) =
                     hsm.auth_part1(KeyKind::App, candidates[0], &self.uid, ek_rnd_b, rng)?;
                 let next = Stage::Auth2 {
-                    versions,
+                    progress,
                     candidates,
                     pending,
                 };
@@ -271,16 +283,15 @@ impl Rekey {
                 Ok((next, RekeyStep::Transmit(vec![cmd])))
             }
             Stage::Auth2 {
-                versions,
+                progress,
                 candidates,
                 pending,
-            } => self.on_auth2(versions, candidates, pending, hsm, resp),
+            } => self.on_auth2(progress, candidates, pending, hsm, resp),
             Stage::Changing {
                 ch,
-                versions,
+                progress,
                 outstanding,
-                changed,
-            } => self.on_changed(ch, versions, outstanding, changed, resp),
+            } => self.on_changed(ch, progress, outstanding, resp),
             Stage::Ended => Err(protocol("no command is outstanding")),
         }
     }
@@ -292,10 +303,7 @@ impl Rekey {
             return Err(if status == Status::Ok {
                 protocol("a key version is not one byte")
             } else {
-                TxError::Card {
-                    step: "get key version",
-                    status,
-                }
+                card_error("get key version", status)
             });
         };
         got.push(*v);
@@ -307,14 +315,13 @@ impl Rekey {
                 "the card holds a key newer than the target version",
             ));
         }
+        let progress = Progress {
+            before: versions,
+            now: versions,
+            changed: Vec::with_capacity(4),
+        };
         if versions.iter().all(|&v| v == self.target) {
-            let done = RekeyOutcome {
-                uid: self.uid,
-                before: versions,
-                after: self.target,
-                changed: Vec::new(),
-            };
-            return Ok((Stage::Ended, RekeyStep::Done(done)));
+            return Ok((Stage::Ended, RekeyStep::Done(self.outcome(progress))));
         }
         // The version key 0 reports first; then the target, then any other key's version.
         let mut candidates = vec![versions[0]];
@@ -323,19 +330,29 @@ impl Rekey {
                 candidates.push(v);
             }
         }
-        let cmd = apdu::wrap(ins::AUTH_EV2_FIRST, &[CHANGE_KEY_AUTH_KEY_NO, 0x00]);
         let next = Stage::Auth1 {
-            versions,
+            progress,
             candidates,
         };
-        Ok((next, RekeyStep::Transmit(vec![cmd])))
+        Ok((next, RekeyStep::Transmit(vec![auth_key0()])))
     }
 
-    /// Part 2's answer: the ChangeKey batch, or the next candidate version of key 0 when the
-    /// card refused this one.
+    fn outcome(&self, progress: Progress) -> RekeyOutcome {
+        RekeyOutcome {
+            uid: self.uid,
+            before: progress.before,
+            after: self.target,
+            changed: progress.changed,
+        }
+    }
+
+    /// Part 2's answer: the next ChangeKey batch, or the next candidate version of key 0 when
+    /// the card refused this one. Key 0 changes first, alone (its change ends the session);
+    /// the others follow in a session of the new key 0, the credit key last — so a card whose
+    /// credit key (what every load reads) is at the target has all its keys there.
     fn on_auth2(
         &self,
-        versions: [u8; 4],
+        progress: Progress,
         mut candidates: Vec<u8>,
         pending: PendingAuth,
         hsm: &mut dyn Hsm,
@@ -344,33 +361,34 @@ impl Rekey {
         let (answer, status) = status_of(resp, "authenticate")?;
         if status == Status::AuthenticationError && candidates.len() > 1 {
             candidates.remove(0);
-            let cmd = apdu::wrap(ins::AUTH_EV2_FIRST, &[CHANGE_KEY_AUTH_KEY_NO, 0x00]);
             let next = Stage::Auth1 {
-                versions,
+                progress,
                 candidates,
             };
-            return Ok((next, RekeyStep::Transmit(vec![cmd])));
+            return Ok((next, RekeyStep::Transmit(vec![auth_key0()])));
         }
         if status != Status::Ok {
-            return Err(TxError::Card {
-                step: "authenticate",
-                status,
-            });
+            return Err(card_error("authenticate", status));
         }
-        // Key 0 is changed whenever its reported version is not the target, even when it
-        // authenticated at the target: that puts its version byte right.
         let mut ch = hsm.auth_part2(pending, answer)?;
-        let mut order: Vec<u8> = (1..4u8)
-            .filter(|&k| versions[usize::from(k)] != self.target)
-            .collect();
-        if versions[0] != self.target {
-            order.push(CHANGE_KEY_AUTH_KEY_NO);
+        // Key 0 is changed whenever its version byte is not the target, even when it
+        // authenticated at the target: that puts its version byte right.
+        let order: Vec<u8> = if progress.now[0] != self.target {
+            vec![CHANGE_KEY_AUTH_KEY_NO]
+        } else {
+            [1u8, 3, 2]
+                .into_iter()
+                .filter(|&k| progress.now[usize::from(k)] != self.target)
+                .collect()
+        };
+        if order.is_empty() {
+            return Ok((Stage::Ended, RekeyStep::Done(self.outcome(progress))));
         }
         let mut batch = Vec::with_capacity(order.len());
         for (ahead, &k) in order.iter().enumerate() {
-            let old = versions[usize::from(k)];
-            let data =
-                hsm.change_key_data(CARD_KEYS[usize::from(k)], old, self.target, &self.uid)?;
+            let old = progress.now[usize::from(k)];
+            let kind = CARD_MASTERS[usize::from(k)];
+            let data = hsm.change_key_data(kind, old, self.target, &self.uid)?;
             let cmd =
                 change_key_apdu(&mut ch, ahead as u16, k, &data).map_err(|source| TxError::Sm {
                     step: "change key",
@@ -378,32 +396,21 @@ impl Rekey {
                 })?;
             batch.push(cmd);
         }
-        if batch.is_empty() {
-            // Every key was current once key 0's real version was known.
-            let done = RekeyOutcome {
-                uid: self.uid,
-                before: versions,
-                after: self.target,
-                changed: Vec::new(),
-            };
-            return Ok((Stage::Ended, RekeyStep::Done(done)));
-        }
         let next = Stage::Changing {
             ch,
-            versions,
+            progress,
             outstanding: order.into(),
-            changed: Vec::with_capacity(4),
         };
         Ok((next, RekeyStep::Transmit(batch)))
     }
 
-    /// A ChangeKey answer: MAC'd for keys 1..=3, plain for key 0 (its session is gone).
+    /// A ChangeKey answer: MAC'd for keys 1..=3, plain for key 0 (its session is gone, and a
+    /// new one under the new key 0 changes the others).
     fn on_changed(
         &self,
         mut ch: Channel,
-        versions: [u8; 4],
+        mut progress: Progress,
         mut outstanding: VecDeque<u8>,
-        mut changed: Vec<u8>,
         resp: &[u8],
     ) -> Result<(Stage, RekeyStep), TxError> {
         let k = outstanding
@@ -411,10 +418,7 @@ impl Rekey {
             .ok_or(protocol("no command is outstanding"))?;
         let (data, status) = status_of(resp, "change key")?;
         if status != Status::Ok {
-            return Err(TxError::Card {
-                step: "change key",
-                status,
-            });
+            return Err(card_error("change key", status));
         }
         if k == CHANGE_KEY_AUTH_KEY_NO {
             if !data.is_empty() {
@@ -431,23 +435,24 @@ impl Rekey {
                 return Err(protocol("ChangeKey answered with data"));
             }
         }
-        changed.push(k);
+        progress.now[usize::from(k)] = self.target;
+        progress.changed.push(k);
         if !outstanding.is_empty() {
             let next = Stage::Changing {
                 ch,
-                versions,
+                progress,
                 outstanding,
-                changed,
             };
             return Ok((next, RekeyStep::Continue));
         }
-        let done = RekeyOutcome {
-            uid: self.uid,
-            before: versions,
-            after: self.target,
-            changed,
+        if progress.now.iter().all(|&v| v == self.target) {
+            return Ok((Stage::Ended, RekeyStep::Done(self.outcome(progress))));
+        }
+        let next = Stage::Auth1 {
+            progress,
+            candidates: vec![self.target],
         };
-        Ok((Stage::Ended, RekeyStep::Done(done)))
+        Ok((next, RekeyStep::Transmit(vec![auth_key0()])))
     }
 }
 

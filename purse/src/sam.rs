@@ -357,6 +357,11 @@ pub trait Hsm: Authenticator {
             _proof: HsmChecked,
         })
     }
+    /// The card-key version cards are moved to at their next online load (the newest version
+    /// held of every card master, [`KeySet::card_version`]); `None`: no rotation here.
+    fn card_key_version(&self) -> Option<u8> {
+        None
+    }
     /// The versions of KM_TMAC this HSM holds (newest first), which [`Hsm::verify_claim`] tries
     /// after the claim's own. None by default.
     fn tmac_versions(&self) -> Vec<u8> {
@@ -917,6 +922,10 @@ impl Hsm for SoftwareHsm {
 
     fn tmac_versions(&self) -> Vec<u8> {
         self.keys.versions(KeyKind::Tmac)
+    }
+
+    fn card_key_version(&self) -> Option<u8> {
+        self.keys.card_version()
     }
 
     fn change_key_data(
