@@ -77,6 +77,8 @@ use purse::receipt::TxKind;
 use purse::sam::TmacVerified;
 use purse::txn::CardSnapshot;
 
+mod steps;
+
 /// What proves that a card made an intent's change — the only ways to complete one
 /// ([`LedgerWrite::complete_intent`]).
 #[derive(Clone, Copy, Debug)]
@@ -189,8 +191,17 @@ pub trait LedgerRead {
     /// Whether the card has a shadow record.
     fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError>;
 
+    /// Every intent at (card, counter), by attempt.
+    fn intents_at(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Vec<LoadIntent>, LedgerError>;
+
     /// The live intent at (card, counter), or else the latest voided one.
-    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError>;
+    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
+        let mut all = self.intents_at(uid, tmc_before)?;
+        match all.iter().position(|i| i.state != IntentState::Voided) {
+            Some(live) => Ok(Some(all.swap_remove(live))),
+            None => Ok(all.pop()),
+        }
+    }
 
     /// A card's intents that are not settled yet.
     fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError>;
@@ -308,23 +319,49 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// [`LedgerWrite::complete_intent`].
     fn book_counter(
         &mut self,
-        token: LedgerOnly,
+        _: LedgerOnly,
         uid: &[u8; 7],
         tmc: u32,
         balance_after_minor: i32,
         delta_minor: i64,
         now_ms: u64,
-    ) -> Result<Booking, LedgerError>;
+    ) -> Result<Booking, LedgerError> {
+        steps::book(self, uid, (tmc, balance_after_minor, delta_minor), now_ms)
+    }
+
+    /// The card's gap clock, if a counter is booked above a gap (the ledger's own steps).
+    fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError>;
+
+    /// Every gap clock the sweep has not reported yet, by card.
+    fn unreported_gaps(&self) -> Result<Vec<([u8; 7], GapClock)>, LedgerError>;
+
+    /// Stores the card's gap clock, or removes it (`None`) (the ledger's own steps only).
+    fn put_gap(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        clock: Option<&GapClock>,
+    ) -> Result<(), LedgerError>;
+
+    /// Appends a block change, numbered next in the one series of versions, and returns its
+    /// version (the ledger's own steps only: [`LedgerWrite::set_blocked`] decides).
+    fn append_block_change(
+        &mut self,
+        token: LedgerOnly,
+        change: BlockChange,
+    ) -> Result<u64, LedgerError>;
 
     /// Records a counter and balance the card reported (the ledger's own steps only: the
     /// services record a [`CardSnapshot`] with [`LedgerWrite::observe_card`]).
     fn observe_counter(
         &mut self,
-        token: LedgerOnly,
+        _: LedgerOnly,
         uid: &[u8; 7],
         tmc: u32,
         balance_minor: i32,
-    ) -> Result<CardShadow, LedgerError>;
+    ) -> Result<CardShadow, LedgerError> {
+        steps::observe(self, uid, tmc, balance_minor)
+    }
 
     /// Stores a payment and indexes it by (merchant, order) (the ledger's own steps only: a
     /// payment completes only with its intent).
@@ -531,6 +568,17 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         instrument: &str,
         day: u64,
         delta_minor: i64,
+    ) -> Result<(), LedgerError> {
+        steps::add_funding_day(self, (source, instrument, day), delta_minor)
+    }
+
+    /// Stores a day total: (funding source, instrument, UTC day) → minor units (the ledger's
+    /// own steps only: [`LedgerWrite::add_funding_day`]).
+    fn put_funding_day(
+        &mut self,
+        token: LedgerOnly,
+        key: (&str, &str, u64),
+        total_minor: i64,
     ) -> Result<(), LedgerError>;
 
     /// Appends an anomaly (numbered from 1) and returns its number.
@@ -545,7 +593,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// debits (value that left the card at a terminal whose taps never arrived) are the
     /// operator's loss, not the cardholder's fault, and a pending load or reversal in the gap
     /// waits for the card: both are reported, not blocked. Returns the anomalies raised.
-    fn sweep_gaps(&mut self, now_ms: u64, older_than_ms: u64) -> Result<GapSweep, LedgerError>;
+    fn sweep_gaps(&mut self, now_ms: u64, older_than_ms: u64) -> Result<GapSweep, LedgerError> {
+        steps::sweep_gaps(self, now_ms, older_than_ms)
+    }
 
     /// Blocks or unblocks a card, appending a numbered change when its state changes.
     /// Returns the new version, or `None` when the card already was in that state.
@@ -555,7 +605,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         blocked: bool,
         reason: &str,
         time_ms: u64,
-    ) -> Result<Option<u64>, LedgerError>;
+    ) -> Result<Option<u64>, LedgerError> {
+        steps::set_blocked(self, uid, blocked, reason, time_ms)
+    }
 
     /// Stores a voucher.
     fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError>;
@@ -659,7 +711,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
 
     /// Records a new load intent; refuses it while a live (authorised or completed) intent
     /// exists for the same card counter. Sets `intent.attempt`.
-    fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError>;
+    fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError> {
+        steps::insert_intent(self, uid, intent)
+    }
 
     /// Replaces an intent (same card, counter and attempt). The ledger's own steps only: an
     /// intent's amount, kind and funding are fixed when it is inserted; its state changes
@@ -715,7 +769,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         &mut self,
         proof: Completion<'_>,
         now_ms: u64,
-    ) -> Result<Option<FundingAction>, LedgerError>;
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        steps::complete_intent(self, proof, now_ms)
+    }
 
     /// Books a card transaction the HSM proved (a cleared tap, a franchise load): the card's
     /// shadow observes its counter and balance, and the counter is booked once with its
@@ -836,7 +892,9 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         uid: &[u8; 7],
         tmc_before: u32,
         now_ms: u64,
-    ) -> Result<Option<FundingAction>, LedgerError>;
+    ) -> Result<Option<FundingAction>, LedgerError> {
+        steps::void_intent(self, uid, tmc_before, now_ms)
+    }
 
     /// Stores the answer for an idempotency key.
     fn put_idempotent(&mut self, key: &str, value: &serde_json::Value) -> Result<(), LedgerError>;

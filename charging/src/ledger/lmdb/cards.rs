@@ -1,7 +1,7 @@
-//! Card shadows: counters booked once, what the card reported, blocks and their numbered changes.
+//! Card shadows and the numbered block changes (storage only: booking a counter, observing a
+//! card and blocking it are the ledger's steps, `interface/steps.rs`).
 
 use super::*;
-use crate::ledger::rules::{self, GapAfterBooking};
 
 impl LedgerCore {
     /// The card's shadow record.
@@ -32,53 +32,6 @@ impl LedgerCore {
         Ok(self.cards.put(txn, uid, shadow)?)
     }
 
-    /// Records what a card reported (its counter and balance, read under MAC).
-    pub(super) fn observe_card(
-        &self,
-        txn: &mut RwTxn<'_>,
-        uid: &[u8; 7],
-        tmc: u32,
-        balance_minor: i32,
-    ) -> Result<CardShadow, LedgerError> {
-        let mut c = self.card(txn, uid)?;
-        if tmc >= c.last_tmc {
-            c.last_tmc = tmc;
-            c.last_reported_balance_minor = Some(balance_minor);
-            self.cards.put(txn, uid, &c)?;
-        }
-        Ok(c)
-    }
-
-    /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
-    /// booked. Counters only advance `booked_through_tmc` when contiguous; a counter booked
-    /// above a gap starts the gap's clock (`now_ms`) for [`LedgerWrite::sweep_gaps`].
-    pub(super) fn book_counter(
-        &self,
-        txn: &mut RwTxn<'_>,
-        uid: &[u8; 7],
-        tmc: u32,
-        balance_after_minor: i32,
-        delta_minor: i64,
-        now_ms: u64,
-    ) -> Result<Booking, LedgerError> {
-        let mut c = self.card(txn, uid)?;
-        let booking = c.book(tmc, balance_after_minor, delta_minor);
-        if booking != Booking::Duplicate {
-            self.cards.put(txn, uid, &c)?;
-            match rules::gap_after_booking(&c, now_ms, || Ok(self.gaps.get(txn, uid)?))? {
-                GapAfterBooking::Filled { unblock } => {
-                    self.gaps.delete(txn, uid)?;
-                    if unblock {
-                        self.set_blocked(txn, uid, false, rules::GAP_FILLED, now_ms)?;
-                    }
-                }
-                GapAfterBooking::Start(clock) => self.gaps.put(txn, uid, &clock)?,
-                GapAfterBooking::Keep => {}
-            }
-        }
-        Ok(booking)
-    }
-
     /// Every card's shadow record (reconciliation).
     pub(super) fn all_cards(
         &self,
@@ -94,36 +47,16 @@ impl LedgerCore {
         Ok(out)
     }
 
-    /// Blocks or unblocks a card, appending a numbered change when its state changes.
-    /// Returns the new version, or `None` when the card already was in that state.
-    pub(super) fn set_blocked(
+    /// Appends a block change numbered after the last one; returns its version.
+    pub(super) fn append_block_change(
         &self,
         txn: &mut RwTxn<'_>,
-        uid: &[u8; 7],
-        blocked: bool,
-        reason: &str,
-        time_ms: u64,
-    ) -> Result<Option<u64>, LedgerError> {
-        let mut c = self.card(txn, uid)?;
-        if c.blocked == blocked {
-            return Ok(None);
-        }
-        c.blocked = blocked;
-        c.block_reason = blocked.then(|| reason.to_string());
-        self.cards.put(txn, uid, &c)?;
+        mut change: BlockChange,
+    ) -> Result<u64, LedgerError> {
         let version = self.blocks.last(txn)?.map(|(k, _)| k + 1).unwrap_or(1);
-        self.blocks.put(
-            txn,
-            &version,
-            &BlockChange {
-                version,
-                card_uid: hex::encode_upper(uid),
-                action: if blocked { "block" } else { "unblock" }.into(),
-                reason: reason.to_string(),
-                time_ms,
-            },
-        )?;
-        Ok(Some(version))
+        change.version = version;
+        self.blocks.put(txn, &version, &change)?;
+        Ok(version)
     }
 
     /// Block changes after `after`, at most `limit`, and the latest version.

@@ -11,7 +11,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-use super::interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite};
+use super::interface::{LedgerOnly, LedgerRead, LedgerWrite};
 use super::records::*;
 use super::LedgerError;
 use heed::byteorder::BE;
@@ -379,9 +379,9 @@ impl<T: view::View> LedgerRead for T {
         core.card_known(txn, uid)
     }
 
-    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
+    fn intents_at(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Vec<LoadIntent>, LedgerError> {
         let (core, txn) = self.view();
-        core.intent(txn, uid, tmc_before)
+        core.intents_at(txn, uid, tmc_before)
     }
 
     fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
@@ -474,47 +474,50 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
             .post(self.txn, time_ms, from, to, amount_minor, reference)
     }
 
-    fn book_counter(
+    fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError> {
+        let (core, txn) = view::View::view(self);
+        Ok(core.gaps.get(txn, uid)?)
+    }
+
+    fn unreported_gaps(&self) -> Result<Vec<([u8; 7], GapClock)>, LedgerError> {
+        let (core, txn) = view::View::view(self);
+        core.unreported_gaps(txn)
+    }
+
+    fn put_gap(
         &mut self,
         _: LedgerOnly,
         uid: &[u8; 7],
-        tmc: u32,
-        balance_after_minor: i32,
-        delta_minor: i64,
-        now_ms: u64,
-    ) -> Result<Booking, LedgerError> {
-        self.core
-            .book_counter(self.txn, uid, tmc, balance_after_minor, delta_minor, now_ms)
+        clock: Option<&GapClock>,
+    ) -> Result<(), LedgerError> {
+        match clock {
+            Some(c) => self.core.gaps.put(self.txn, uid, c)?,
+            None => {
+                self.core.gaps.delete(self.txn, uid)?;
+            }
+        }
+        Ok(())
     }
 
-    fn add_funding_day(
+    fn append_block_change(
         &mut self,
-        source: &str,
-        instrument: &str,
-        day: u64,
-        delta_minor: i64,
+        _: LedgerOnly,
+        change: BlockChange,
+    ) -> Result<u64, LedgerError> {
+        self.core.append_block_change(self.txn, change)
+    }
+
+    fn put_funding_day(
+        &mut self,
+        _: LedgerOnly,
+        key: (&str, &str, u64),
+        total_minor: i64,
     ) -> Result<(), LedgerError> {
-        self.core
-            .add_funding_day(self.txn, source, instrument, day, delta_minor)
+        self.core.put_funding_day(self.txn, key, total_minor)
     }
 
     fn record_anomaly(&mut self, a: &crate::clearing::Anomaly) -> Result<u64, LedgerError> {
         self.core.record_anomaly(self.txn, a)
-    }
-
-    fn sweep_gaps(&mut self, now_ms: u64, older_than_ms: u64) -> Result<GapSweep, LedgerError> {
-        self.core.sweep_gaps(self.txn, now_ms, older_than_ms)
-    }
-
-    fn set_blocked(
-        &mut self,
-        uid: &[u8; 7],
-        blocked: bool,
-        reason: &str,
-        time_ms: u64,
-    ) -> Result<Option<u64>, LedgerError> {
-        self.core
-            .set_blocked(self.txn, uid, blocked, reason, time_ms)
     }
 
     fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError> {
@@ -542,20 +545,6 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         self.core.put_card(self.txn, uid, shadow)
     }
 
-    fn observe_counter(
-        &mut self,
-        _: LedgerOnly,
-        uid: &[u8; 7],
-        tmc: u32,
-        balance_minor: i32,
-    ) -> Result<CardShadow, LedgerError> {
-        self.core.observe_card(self.txn, uid, tmc, balance_minor)
-    }
-
-    fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError> {
-        self.core.insert_intent(self.txn, uid, intent)
-    }
-
     fn put_intent(
         &mut self,
         _: LedgerOnly,
@@ -563,46 +552,6 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         intent: &LoadIntent,
     ) -> Result<(), LedgerError> {
         self.core.put_intent(self.txn, uid, intent)
-    }
-
-    fn complete_intent(
-        &mut self,
-        proof: Completion<'_>,
-        now_ms: u64,
-    ) -> Result<Option<FundingAction>, LedgerError> {
-        if let Completion::Proved(v) = &proof {
-            // The HSM proved *a* change at the intent's counter: it must be the intent's own
-            // (its kind and amount), not another transaction that took that counter.
-            let r = v.receipt();
-            let (uid, tmc) = (r.uid(), proof.tmc_before());
-            if let Some(intent) = self.core.intent(self.txn, &uid, tmc)? {
-                super::rules::check_proof(&intent, &uid, tmc, r.kind(), r.amount_minor())?;
-            }
-        }
-        let (uid, tmc_before) = (proof.uid(), proof.tmc_before());
-        // A change below the counter clearing learned the card at is inside the balance the
-        // card was issued with: its value moves against the float that funded that balance.
-        let before_learned = match tmc_before.checked_add(1) {
-            Some(tmc) => self.changed_before_learned(&uid, tmc)?,
-            None => false,
-        };
-        self.core.complete_intent(
-            self.txn,
-            &uid,
-            tmc_before,
-            proof.balance_after_minor(),
-            before_learned,
-            now_ms,
-        )
-    }
-
-    fn void_intent(
-        &mut self,
-        uid: &[u8; 7],
-        tmc_before: u32,
-        now_ms: u64,
-    ) -> Result<Option<FundingAction>, LedgerError> {
-        self.core.void_intent(self.txn, uid, tmc_before, now_ms)
     }
 
     fn put_idempotent(&mut self, key: &str, value: &serde_json::Value) -> Result<(), LedgerError> {

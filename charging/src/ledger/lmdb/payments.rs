@@ -1,7 +1,6 @@
 //! Merchants' online payments, by id and by (merchant, order).
 
 use super::*;
-use crate::ledger::rules;
 
 fn order_key(merchant: &str, order_id: &str) -> String {
     format!("{merchant}\u{1f}{order_id}")
@@ -45,31 +44,6 @@ impl LedgerCore {
         self.payment_orders
             .put(txn, &order_key(&p.merchant, &p.order_id), &p.id)?;
         Ok(())
-    }
-
-    /// The payment an intent pays, completed by the card at counter `tmc` (`now_ms`).
-    pub(super) fn payment_completed(
-        &self,
-        txn: &mut RwTxn<'_>,
-        intent: &LoadIntent,
-        tmc: u32,
-        now_ms: u64,
-    ) -> Result<Payment, LedgerError> {
-        let id = intent.payment_id.as_deref().unwrap_or_default();
-        let mut p = self
-            .payment(txn, id)?
-            .ok_or_else(|| LedgerError::PaymentNotOpen {
-                id: id.to_string(),
-                why: "the intent's payment is gone".into(),
-            })?;
-        let notification = rules::pay(&mut p, intent, tmc, now_ms);
-        self.put_payment(txn, &p)?;
-        if let Some(n) = notification {
-            if self.notifications.get(txn, &p.id)?.is_none() {
-                self.put_notification(txn, &n)?;
-            }
-        }
-        Ok(p)
     }
 
     /// Stores a notification and keeps the due index in step: its old entry goes, a new one
@@ -140,66 +114,6 @@ impl LedgerCore {
             }
         }
         Ok(out)
-    }
-
-    /// The card never made the intent's payment: the day totals are given back and the
-    /// payment is open again (if it still is this intent's).
-    pub(super) fn payment_voided(
-        &self,
-        txn: &mut RwTxn<'_>,
-        intent: &LoadIntent,
-    ) -> Result<(), LedgerError> {
-        let id = intent.payment_id.as_deref().unwrap_or_default();
-        let Some(mut p) = self.payment(txn, id)? else {
-            return Ok(());
-        };
-        let (day, amount) = (
-            intent.created_ms / 86_400_000,
-            i64::from(intent.amount_minor),
-        );
-        self.add_funding_day(txn, PAYMENT_CARD_DAY, &intent.uid, day, -amount)?;
-        self.add_funding_day(txn, PAYMENT_MERCHANT_DAY, &p.merchant, day, -amount)?;
-        if rules::reopen_payment(&mut p, intent) {
-            self.put_payment(txn, &p)?;
-        }
-        Ok(())
-    }
-}
-
-impl LedgerCore {
-    /// The refund an intent collects, credited by the card at counter `tmc`.
-    pub(super) fn refund_credited(
-        &self,
-        txn: &mut RwTxn<'_>,
-        intent: &LoadIntent,
-        tmc: u32,
-        now_ms: u64,
-    ) -> Result<Refund, LedgerError> {
-        let id = intent.payment_id.as_deref().unwrap_or_default();
-        let mut r = self
-            .refunds
-            .get(txn, id)?
-            .ok_or_else(|| LedgerError::RefundRefused(format!("refund {id} is gone")))?;
-        rules::credit_refund(&mut r, tmc, now_ms);
-        self.put_refund(txn, &r)?;
-        Ok(r)
-    }
-
-    /// The card never applied the refund's credit: it is pending again (if it still is this
-    /// intent's).
-    pub(super) fn refund_voided(
-        &self,
-        txn: &mut RwTxn<'_>,
-        intent: &LoadIntent,
-    ) -> Result<(), LedgerError> {
-        let id = intent.payment_id.as_deref().unwrap_or_default();
-        let Some(mut r) = self.refunds.get(txn, id)? else {
-            return Ok(());
-        };
-        if rules::reopen_refund(&mut r, intent) {
-            self.put_refund(txn, &r)?;
-        }
-        Ok(())
     }
 }
 

@@ -94,22 +94,14 @@ impl LedgerCore {
             .unwrap_or(0))
     }
 
-    /// Adds `delta_minor` to that day's total.
-    pub(super) fn add_funding_day(
+    /// Stores a day total.
+    pub(super) fn put_funding_day(
         &self,
         txn: &mut RwTxn<'_>,
-        source: &str,
-        instrument: &str,
-        day: u64,
-        delta_minor: i64,
+        (source, instrument, day): (&str, &str, u64),
+        total_minor: i64,
     ) -> Result<(), LedgerError> {
         let key = funding_day_key(source, instrument, day);
-        let total = self
-            .funding_days
-            .get(txn, &key)?
-            .unwrap_or(0)
-            .checked_add(delta_minor)
-            .ok_or(LedgerError::InvalidPosting("a day total would overflow"))?;
-        Ok(self.funding_days.put(txn, &key, &total)?)
+        Ok(self.funding_days.put(txn, &key, &total_minor)?)
     }
 }

@@ -2,7 +2,6 @@
 //! and [`PgRead`], a `REPEATABLE READ READ ONLY` snapshot on a leased connection thread.
 
 use super::{db_error, Db, Lease, LedgerError};
-use crate::ledger::interface::LedgerRead;
 use crate::ledger::records::*;
 use serde::de::DeserializeOwned;
 
@@ -200,16 +199,6 @@ pub(super) mod q {
         rows.iter().map(|r| record(r, "record")).collect()
     }
 
-    pub fn intent(
-        db: &mut Db<'_>,
-        uid: &[u8; 7],
-        tmc_before: u32,
-    ) -> Result<Option<LoadIntent>, LedgerError> {
-        let all = intents_at(db, uid, tmc_before)?;
-        let live = all.iter().find(|i| i.state != IntentState::Voided).cloned();
-        Ok(live.or_else(|| all.last().cloned()))
-    }
-
     pub fn open_intents(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
         let rows = db
             .query(
@@ -393,132 +382,150 @@ impl Drop for PgRead {
     }
 }
 
-impl LedgerRead for PgRead {
-    fn balance(&self, account: &str) -> Result<i64, LedgerError> {
-        let account = account.to_string();
-        self.q(move |db| q::balance(db, &account))
-    }
+/// The [`LedgerRead`] of a type whose `q` runs one query (a snapshot, a write transaction):
+/// written once for both, over the queries of [`q`].
+macro_rules! reads_through_q {
+    ($t:ty) => {
+        impl crate::ledger::interface::LedgerRead for $t {
+            fn balance(&self, account: &str) -> Result<i64, LedgerError> {
+                let account = account.to_string();
+                self.q(move |db| super::read::q::balance(db, &account))
+            }
 
-    fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
-        self.q(q::balances)
-    }
+            fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
+                self.q(super::read::q::balances)
+            }
 
-    fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
-        let prefix = prefix.to_string();
-        self.q(move |db| q::postings_with_prefix(db, &prefix))
-    }
+            fn postings_with_prefix(&self, prefix: &str) -> Result<Vec<Posting>, LedgerError> {
+                let prefix = prefix.to_string();
+                self.q(move |db| super::read::q::postings_with_prefix(db, &prefix))
+            }
 
-    fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
-        let uid = *uid;
-        self.q(move |db| Ok(q::card_opt(db, &uid)?.unwrap_or_default()))
-    }
+            fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| Ok(super::read::q::card_opt(db, &uid)?.unwrap_or_default()))
+            }
 
-    fn funding_day_total(
-        &self,
-        source: &str,
-        instrument: &str,
-        day: u64,
-    ) -> Result<i64, LedgerError> {
-        let (source, instrument) = (source.to_string(), instrument.to_string());
-        self.q(move |db| q::funding_day_total(db, &source, &instrument, day))
-    }
+            fn funding_day_total(
+                &self,
+                source: &str,
+                instrument: &str,
+                day: u64,
+            ) -> Result<i64, LedgerError> {
+                let (source, instrument) = (source.to_string(), instrument.to_string());
+                self.q(move |db| super::read::q::funding_day_total(db, &source, &instrument, day))
+            }
 
-    fn anomalies(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
-        self.q(move |db| q::anomalies(db, after, limit))
-    }
+            fn anomalies(
+                &self,
+                after: u64,
+                limit: usize,
+            ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
+                self.q(move |db| super::read::q::anomalies(db, after, limit))
+            }
 
-    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        self.q(q::all_cards)
-    }
+            fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+                self.q(super::read::q::all_cards)
+            }
 
-    fn block_changes(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
-        self.q(move |db| q::block_changes(db, after, limit))
-    }
+            fn block_changes(
+                &self,
+                after: u64,
+                limit: usize,
+            ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
+                self.q(move |db| super::read::q::block_changes(db, after, limit))
+            }
 
-    fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
-        let code = code.to_string();
-        self.q(move |db| q::voucher(db, &code))
-    }
+            fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
+                let code = code.to_string();
+                self.q(move |db| super::read::q::voucher(db, &code))
+            }
 
-    fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
-        let uid = *uid;
-        self.q(move |db| Ok(q::card_opt(db, &uid)?.is_some()))
-    }
+            fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| Ok(super::read::q::card_opt(db, &uid)?.is_some()))
+            }
 
-    fn intent(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Option<LoadIntent>, LedgerError> {
-        let uid = *uid;
-        self.q(move |db| q::intent(db, &uid, tmc_before))
-    }
+            fn intents_at(
+                &self,
+                uid: &[u8; 7],
+                tmc_before: u32,
+            ) -> Result<Vec<LoadIntent>, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| super::read::q::intents_at(db, &uid, tmc_before))
+            }
 
-    fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
-        let uid = *uid;
-        self.q(move |db| q::open_intents(db, &uid))
-    }
+            fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| super::read::q::open_intents(db, &uid))
+            }
 
-    fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
-        self.q(q::all_intents)
-    }
+            fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
+                self.q(super::read::q::all_intents)
+            }
 
-    fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
-        let key = key.to_string();
-        self.q(move |db| q::idempotent(db, &key))
-    }
+            fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+                let key = key.to_string();
+                self.q(move |db| super::read::q::idempotent(db, &key))
+            }
 
-    fn instrument(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
-        let (source, id) = (source.to_string(), id.to_string());
-        self.q(move |db| q::instrument(db, &source, &id))
-    }
+            fn instrument(
+                &self,
+                source: &str,
+                id: &str,
+            ) -> Result<Option<Instrument>, LedgerError> {
+                let (source, id) = (source.to_string(), id.to_string());
+                self.q(move |db| super::read::q::instrument(db, &source, &id))
+            }
 
-    fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
-        let owner = owner.to_string();
-        self.q(move |db| q::instruments_of(db, &owner))
-    }
+            fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
+                let owner = owner.to_string();
+                self.q(move |db| super::read::q::instruments_of(db, &owner))
+            }
 
-    fn payment(&self, id: &str) -> Result<Option<Payment>, LedgerError> {
-        let id = id.to_string();
-        self.q(move |db| q::payment(db, &id))
-    }
+            fn payment(&self, id: &str) -> Result<Option<Payment>, LedgerError> {
+                let id = id.to_string();
+                self.q(move |db| super::read::q::payment(db, &id))
+            }
 
-    fn payment_for_order(
-        &self,
-        merchant: &str,
-        order_id: &str,
-    ) -> Result<Option<String>, LedgerError> {
-        let (merchant, order_id) = (merchant.to_string(), order_id.to_string());
-        self.q(move |db| q::payment_for_order(db, &merchant, &order_id))
-    }
+            fn payment_for_order(
+                &self,
+                merchant: &str,
+                order_id: &str,
+            ) -> Result<Option<String>, LedgerError> {
+                let (merchant, order_id) = (merchant.to_string(), order_id.to_string());
+                self.q(move |db| super::read::q::payment_for_order(db, &merchant, &order_id))
+            }
 
-    fn refund(&self, id: &str) -> Result<Option<Refund>, LedgerError> {
-        let id = id.to_string();
-        self.q(move |db| q::refund(db, &id))
-    }
+            fn refund(&self, id: &str) -> Result<Option<Refund>, LedgerError> {
+                let id = id.to_string();
+                self.q(move |db| super::read::q::refund(db, &id))
+            }
 
-    fn refunds_uncollected(
-        &self,
-        made_by_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Refund>, LedgerError> {
-        self.q(move |db| q::refunds_uncollected(db, made_by_ms, limit))
-    }
+            fn refunds_uncollected(
+                &self,
+                made_by_ms: u64,
+                limit: usize,
+            ) -> Result<Vec<Refund>, LedgerError> {
+                self.q(move |db| super::read::q::refunds_uncollected(db, made_by_ms, limit))
+            }
 
-    fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
-        let id = payment_id.to_string();
-        self.q(move |db| q::notification(db, &id))
-    }
+            fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
+                let id = payment_id.to_string();
+                self.q(move |db| super::read::q::notification(db, &id))
+            }
 
-    fn notifications_due(
-        &self,
-        now_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Notification>, LedgerError> {
-        self.q(move |db| q::notifications_due(db, now_ms, limit))
-    }
+            fn notifications_due(
+                &self,
+                now_ms: u64,
+                limit: usize,
+            ) -> Result<Vec<Notification>, LedgerError> {
+                self.q(move |db| super::read::q::notifications_due(db, now_ms, limit))
+            }
+        }
+    };
 }
+
+pub(super) use reads_through_q;
+
+reads_through_q!(PgRead);
