@@ -150,4 +150,11 @@ fn the_owner_reports_a_card_lost_and_the_gateway_sees_numbered_changes() {
     assert!(!from_snapshot.is_blocked(&uid_bytes) && !from_deltas.is_blocked(&uid_bytes));
     let (code, _) = fetch("/v1/blocklist/signed/delta?after=2");
     assert_eq!(code, 204, "nothing new after the latest version");
+    // The gateway reads the version from a header, the bytes as they are.
+    let r = ureq::get(&format!("{b}/v1/blocklist/signed/snapshot"))
+        .set("Authorization", &format!("Bearer {GW}"))
+        .call()
+        .unwrap();
+    assert_eq!(r.header("x-tapgate-blocklist-version"), Some("2"));
+    assert_eq!(r.content_type(), "application/octet-stream");
 }

@@ -48,20 +48,34 @@ pub(super) fn signed_list(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let mut bytes = body;
     bytes.extend_from_slice(&sig);
-    Ok((
+    Ok(signed_list_response(
+        "x-tapgate-blocklist-version",
+        update.to_version,
+        bytes,
+    ))
+}
+
+/// A signed list's answer: its bytes as `application/octet-stream`, its version in the
+/// `version_header` the gateway reads it from.
+pub(super) fn signed_list_response(
+    version_header: &'static str,
+    version: u64,
+    bytes: Vec<u8>,
+) -> Response {
+    (
         [
             (
                 axum::http::header::CONTENT_TYPE,
                 "application/octet-stream".to_string(),
             ),
             (
-                axum::http::HeaderName::from_static("x-tapgate-blocklist-version"),
-                update.to_version.to_string(),
+                axum::http::HeaderName::from_static(version_header),
+                version.to_string(),
             ),
         ],
         bytes,
     )
-        .into_response())
+        .into_response()
 }
 
 /// The signed list a handler answers with: the read (`update`, in one ledger snapshot; `None`

@@ -108,20 +108,11 @@ fn signed_actions(
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let bytes = st.loads.sign_actions(&u).map_err(order_err)?;
-    Ok((
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                "application/octet-stream".to_string(),
-            ),
-            (
-                axum::http::HeaderName::from_static("x-tapgate-actions-version"),
-                u.to_version.to_string(),
-            ),
-        ],
+    Ok(super::blocklist::signed_list_response(
+        "x-tapgate-actions-version",
+        u.to_version,
         bytes,
-    )
-        .into_response())
+    ))
 }
 
 /// `GET /v1/actions/signed/snapshot` (gateway, operator): every open order at the latest
