@@ -182,13 +182,7 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                 "\n[[tokens]]\nname = {name:?}\nrole = {role_name:?}\nsha256 = \"{}\"\n",
                 Auth::hash_token(&token)
             );
-            if let Some(path) = append_to {
-                let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-                text.push_str(&entry);
-                write_atomic(&path, text.as_bytes())?;
-            } else {
-                print!("{entry}");
-            }
+            append_or_print(&entry, append_to.as_deref())?;
             println!("token={token}");
             Ok(())
         }
@@ -214,14 +208,7 @@ pub fn run(args: ChargingArgs) -> Result<()> {
                 },
                 charging::pages::hash_password(password)
             );
-            if let Some(path) = append_to {
-                let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-                text.push_str(&entry);
-                write_atomic(&path, text.as_bytes())?;
-            } else {
-                print!("{entry}");
-            }
-            Ok(())
+            append_or_print(&entry, append_to.as_deref())
         }
         Some(ChargingCmd::Migrate { config }) => migrate(config.as_deref()),
         None => serve(args.serve),
@@ -229,6 +216,19 @@ pub fn run(args: ChargingArgs) -> Result<()> {
 }
 
 /// The server's configuration file (the built-in default without `--config`).
+/// A config entry (`charging token`, `charging page-login`) appended to the config file, or
+/// printed when none is named.
+fn append_or_print(entry: &str, append_to: Option<&std::path::Path>) -> Result<()> {
+    if let Some(path) = append_to {
+        let mut text = std::fs::read_to_string(path).unwrap_or_default();
+        text.push_str(entry);
+        write_atomic(path, text.as_bytes())?;
+    } else {
+        print!("{entry}");
+    }
+    Ok(())
+}
+
 fn read_config(path: Option<&std::path::Path>) -> Result<ServerConfig> {
     Ok(match path {
         Some(path) => {

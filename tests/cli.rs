@@ -360,3 +360,52 @@ fn pay_takes_no_pin_on_the_command_line() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// `charging token --append-to` and `charging page-login --append-to` add their entries to the
+/// config file (what was there kept), which then reads as configuration.
+#[test]
+fn charging_token_and_page_login_append_their_entries_to_the_config() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("charging.toml");
+    std::fs::write(&cfg_path, "data_dir = \"/tmp/x\"\n").unwrap();
+    let path = cfg_path.to_str().unwrap();
+    let args = ["charging", "token", "--name", "gw-1", "--role", "gateway"];
+    let o = tapgate(&[&args[..], &["--append-to", path]].concat(), None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let token = stdout(&o);
+    let token = token.trim().strip_prefix("token=").expect("token line");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args([
+            "charging",
+            "page-login",
+            "--name",
+            "rider-7",
+            "--append-to",
+            path,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a passphrase\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty(), "appended, not printed");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let cfg = charging::server::ServerConfig::from_toml(&text).expect("still configuration");
+    assert_eq!(cfg.data_dir, Path::new("/tmp/x"));
+    assert_eq!(cfg.tokens.len(), 1);
+    assert_eq!(cfg.tokens[0].name, "gw-1");
+    assert_eq!(cfg.tokens[0].sha256, charging::api::Auth::hash_token(token));
+    assert_eq!(cfg.pages.cardholders[0].name, "rider-7");
+    assert!(charging::pages::verify_password(
+        &cfg.pages.cardholders[0].password_argon2,
+        "a passphrase"
+    ));
+}
