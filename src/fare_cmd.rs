@@ -8,10 +8,9 @@ use crate::keys_cmd::load_keyset;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use fare_rules::cases::run_cases;
-use fare_rules::check::{check_as, Authored, Level};
 use fare_rules::engine::Engine;
 use fare_rules::journey::{quote, Journey};
-use fare_rules::{gtfs, signed, simulate};
+use fare_rules::{publish, signed, simulate};
 use purse::sam::{Hsm, SoftwareHsm};
 use std::path::{Path, PathBuf};
 
@@ -45,6 +44,18 @@ enum FareCmd {
         /// Compile even if `fare check` finds errors.
         #[arg(long)]
         force: bool,
+    },
+    /// Send rules to the charging server to check, sign in its HSM and publish to validators
+    /// through the gateways (exit 1 if `fare check` finds an error: nothing is published).
+    Publish {
+        /// Rules: a .toml source or a zipped GTFS feed.
+        rules: PathBuf,
+        /// The charging server's base URL.
+        #[arg(long)]
+        server: String,
+        /// An operator's API token (default: $TAPGATE_TOKEN).
+        #[arg(long, env = "TAPGATE_TOKEN", hide_env_values = true)]
+        token: String,
     },
     /// Show a compiled table's header and contents, verifying its signature if given a key.
     Inspect {
@@ -90,15 +101,6 @@ enum FareCmd {
     },
 }
 
-/// What `fare check` holds the rules to: a feed's reference, or the TOML source's.
-fn authored(path: &Path) -> Authored {
-    if gtfs::is_feed(path) {
-        Authored::Gtfs
-    } else {
-        Authored::Source
-    }
-}
-
 fn engine(path: &Path) -> Result<Engine> {
     let t = fare_rules::load_any(path)?;
     Engine::new(t).with_context(|| format!("fare table from {}", path.display()))
@@ -134,6 +136,11 @@ pub fn run(args: FareArgs) -> Result<u8> {
             passphrase_file,
             force,
         } => compile(&rules, &keys, &out, passphrase_file.as_deref(), force),
+        FareCmd::Publish {
+            rules,
+            server,
+            token,
+        } => publish_rules(&rules, &server, &token),
         FareCmd::Inspect { table, pubkey } => inspect(&table, pubkey),
         FareCmd::Test { rules, cases } => test(&rules, &cases),
         FareCmd::Explain {
@@ -176,22 +183,12 @@ pub fn run(args: FareArgs) -> Result<u8> {
 /// `fare check`: the findings, then a summary line; exit 1 on an error.
 fn check(rules: &Path) -> Result<u8> {
     let e = engine(rules)?;
-    let findings = check_as(&e, authored(rules));
-    for f in &findings {
+    let r = publish::review(&e, publish::authored(rules));
+    for f in &r.findings {
         println!("{f}");
     }
-    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
-    let t = e.table();
-    println!(
-        "fare check: {} version {}: {} rules, {} stops, {} routes; {errors} error(s), {} warning(s)",
-        t.meta.name,
-        t.meta.version,
-        t.leg_rules.len(),
-        t.stops.len(),
-        t.routes.len(),
-        findings.len() - errors
-    );
-    Ok(u8::from(errors > 0))
+    println!("{}", r.summary);
+    Ok(u8::from(r.errors > 0))
 }
 
 /// `fare compile`: check (unless forced), sign with the key set's Ed25519 key, verify, write.
@@ -203,35 +200,29 @@ fn compile(
     force: bool,
 ) -> Result<u8> {
     let e = engine(rules)?;
-    let errors: Vec<_> = check_as(&e, authored(rules))
-        .into_iter()
-        .filter(|f| f.level == Level::Error)
-        .collect();
-    if !errors.is_empty() && !force {
-        for f in &errors {
-            eprintln!("{f}");
-        }
-        bail!(
-            "{} error(s) in {}: fix them (see `tapgate fare check`) or pass --force",
-            errors.len(),
-            rules.display()
-        );
-    }
     let ks = load_keyset(keys, passphrase_file)?;
     let hsm = SoftwareHsm::new(&ks)?;
-    let mut sig_err = None;
-    let bytes = signed::encode(e.table(), |m| match hsm.sign(m) {
-        Ok(s) => s,
-        Err(err) => {
-            sig_err = Some(err);
-            [0; 64]
+    let sign = |m: &[u8]| hsm.sign(m);
+    let bytes = match publish::sign_checked(
+        &e,
+        publish::authored(rules),
+        force,
+        sign,
+        &hsm.verifying_key(),
+    ) {
+        Ok(b) => b,
+        Err(publish::SignError::Findings(errors)) => {
+            for f in &errors {
+                eprintln!("{f}");
+            }
+            bail!(
+                "{} error(s) in {}: fix them (see `tapgate fare check`) or pass --force",
+                errors.len(),
+                rules.display()
+            );
         }
-    })?;
-    if let Some(err) = sig_err {
-        bail!("signing the fare table: {err}");
-    }
-    // Verify what we wrote with the public key, as a validator will.
-    signed::verify(&bytes, &hsm.verifying_key()).context("verifying the signed table")?;
+        Err(err) => return Err(err.into()),
+    };
     write_atomic(out, &bytes)?;
     let t = e.table();
     println!(
@@ -244,6 +235,59 @@ fn compile(
         bytes.len()
     );
     Ok(0)
+}
+
+/// `fare publish`: the rules sent to the charging server, which checks them, signs them in its
+/// HSM and hands them to the gateways for validators (`POST /v1/fares`, what the operator
+/// console's *Publish* does). Exit 1 when `fare check` found an error (nothing published).
+fn publish_rules(rules: &Path, server: &str, token: &str) -> Result<u8> {
+    if rules.is_dir() {
+        bail!(crate::cli_util::input_err(
+            "a GTFS feed is published zipped: give its .zip file"
+        ));
+    }
+    let bytes = std::fs::read(rules).with_context(|| format!("reading {}", rules.display()))?;
+    let name = rules
+        .file_name()
+        .map_or("rules".into(), |n| n.to_string_lossy().into_owned());
+    let url = format!("{}/v1/fares", server.trim_end_matches('/'));
+    let answer = match ureq::post(&url)
+        .query("name", &name)
+        .set("Authorization", &format!("Bearer {token}"))
+        .set("Content-Type", "application/octet-stream")
+        .send_bytes(&bytes)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => bail!("{url}: {e}"),
+    };
+    let status = answer.status();
+    let body: serde_json::Value = answer
+        .into_json()
+        .with_context(|| format!("{url}: the answer is not JSON (status {status})"))?;
+    for f in body["findings"].as_array().into_iter().flatten() {
+        println!("{}", f.as_str().unwrap_or_default());
+    }
+    if let Some(s) = body["summary"].as_str() {
+        println!("{s}");
+    }
+    match status {
+        201 => {
+            println!(
+                "published version {} ({} bytes, signed by the back office); the gateways relay it to validators",
+                body["version"], body["bytes"]
+            );
+            Ok(0)
+        }
+        422 if body["error"] == "fare_check" => {
+            println!("nothing published: fix the error(s) above");
+            Ok(1)
+        }
+        _ => bail!(
+            "{url}: {status} {}",
+            body["detail"].as_str().unwrap_or_default()
+        ),
+    }
 }
 
 /// `fare inspect`: a signed table's header and contents, its signature checked if given a key.

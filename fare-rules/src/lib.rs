@@ -9,7 +9,9 @@
 //! - [`oracle`]: the brute-force lowest total the property tests compare the engine with.
 //! - [`record`]: the trip record on the card; [`signed`]: the signed table file.
 //! - [`check`], [`cases`], [`journey`], [`simulate`]: `tapgate fare check`, `test`/`explain`,
-//!   `quote` and `simulate`; [`synth`]: a synthetic city for benches and tests.
+//!   `quote` and `simulate`; [`publish`]: the check's review and the checked, signed and
+//!   verified table (`fare compile`, `fare publish`, the console); [`synth`]: a synthetic city
+//!   for benches and tests.
 #![forbid(unsafe_code)]
 
 pub mod cases;
@@ -19,6 +21,7 @@ pub mod gtfs;
 pub mod journey;
 pub mod load;
 pub mod oracle;
+pub mod publish;
 pub mod record;
 pub mod signed;
 pub mod simulate;
@@ -26,4 +29,4 @@ pub mod source;
 pub mod synth;
 pub mod table;
 
-pub use load::{load_any, LoadError};
+pub use load::{load_any, load_bytes, LoadError};

@@ -24,7 +24,25 @@ pub fn load_zip_bounded(path: &Path, max_unzipped_bytes: u64) -> Result<Feed> {
         message,
     };
     let file = std::fs::File::open(path).map_err(|e| io(format!("{}: {e}", path.display())))?;
-    let archive = zip::ZipArchive::new(file).map_err(|e| io(format!("{}: {e}", path.display())))?;
+    load_zip_from(file, &path.display().to_string(), max_unzipped_bytes)
+}
+
+/// A zipped feed's bytes (an upload), read as [`load_zip`] reads a file; `label` names it in
+/// errors.
+pub fn load_zip_bytes(bytes: &[u8], label: &str) -> Result<Feed> {
+    load_zip_from(std::io::Cursor::new(bytes), label, MAX_UNZIPPED_BYTES)
+}
+
+fn load_zip_from<R: Read + std::io::Seek>(
+    reader: R,
+    label: &str,
+    max_unzipped_bytes: u64,
+) -> Result<Feed> {
+    let io = |message: String| GtfsError::Io {
+        file: "feed zip",
+        message,
+    };
+    let archive = zip::ZipArchive::new(reader).map_err(|e| io(format!("{label}: {e}")))?;
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
     let archive = std::cell::RefCell::new(archive);
     let budget = std::cell::Cell::new(max_unzipped_bytes);

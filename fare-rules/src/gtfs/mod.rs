@@ -32,7 +32,7 @@ mod v1;
 
 use std::path::Path;
 
-pub use archive::{load_zip, load_zip_bounded, MAX_UNZIPPED_BYTES};
+pub use archive::{load_zip, load_zip_bounded, load_zip_bytes, MAX_UNZIPPED_BYTES};
 pub use compile::compile;
 pub use feed::*;
 
