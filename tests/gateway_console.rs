@@ -10,26 +10,17 @@
 
 mod support;
 
-use fantoccini::{Client, ClientBuilder, Locator};
-use std::path::PathBuf;
+use fantoccini::Locator;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
 use tapgate_http::auth::Role;
+use tapgate_testkit::browser::{agent, csrf_of, signed_in_agent, status, Browser};
 use tapgate_testkit::fixtures::token;
 
 const PASS: &str = "gateway-console";
 const OP_PASSWORD: &str = "the duty officer's long passphrase";
-
-/// Where this test's screenshots go (beside the charging pages').
-fn output_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let dir = target.join("test-output").join("pages");
-    std::fs::create_dir_all(&dir).expect("screenshot folder");
-    dir
-}
+const GW_TOKEN: &str = "tg_gw_console";
 
 /// The world: a charging server (operator metro) in this process, the gateway and a validator
 /// as processes. Returns the console's base URL, the guards and the back office.
@@ -52,7 +43,12 @@ fn world() -> World {
     .unwrap();
     let back_office = tapgate_testkit::charging::start(&keys, |cfg| {
         cfg.operator = "metro".into();
-        cfg.tokens = vec![token("gw", Role::Gateway, "tg_gw_console")];
+        cfg.tokens = vec![token("gw", Role::Gateway, GW_TOKEN)];
+        // The same duty officer signs in to the back office's console (fare tables).
+        cfg.pages.operators.push(tapgate_http::pages::PageLogin {
+            name: "duty".into(),
+            password_argon2: tapgate_http::pages::hash_password(OP_PASSWORD),
+        });
     });
     let (mqtt, api) = (free_port(), free_port());
     std::fs::write(dir.join("users"), "1001 v-secret\n").unwrap();
@@ -79,7 +75,7 @@ fn world() -> World {
             .args(["--operator", "metro", "--embedded-listen"])
             .arg(format!("127.0.0.1:{mqtt}"))
             .args(["--config", "gw-api.toml", "--charging", &back_office.base])
-            .args(["--charging-token", "tg_gw_console"])
+            .args(["--charging-token", GW_TOKEN])
             .env("TAPGATE_KEY_PASSPHRASE", PASS)
             .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
             .stdout(Stdio::null())
@@ -134,59 +130,6 @@ rate_per_s = 4
     }
 }
 
-/// A client with no cookie jar and no redirects.
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().redirects(0).build()
-}
-
-fn status(r: Result<ureq::Response, ureq::Error>) -> (u16, String) {
-    match r {
-        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
-}
-
-fn csrf_of(html: &str) -> String {
-    let at = html.find("name=\"csrf\" value=\"").expect("a csrf field");
-    html[at + 19..].split('"').next().unwrap().to_string()
-}
-
-/// The sign-in form's cookie (`name=value`) and its CSRF field.
-fn sign_in_form(agent: &ureq::Agent, base: &str) -> (String, String) {
-    let r = agent.get(&format!("{base}/login")).call().unwrap();
-    let pre = r
-        .all("set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("tg_signin="))
-        .expect("the sign-in cookie")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    (pre, csrf_of(&r.into_string().unwrap()))
-}
-
-/// Signs in over HTTP: the session cookie.
-fn signed_in(agent: &ureq::Agent, base: &str) -> String {
-    let (pre, csrf) = sign_in_form(agent, base);
-    let r = agent
-        .post(&format!("{base}/login"))
-        .set("Cookie", &pre)
-        .send_form(&[("name", "duty"), ("password", OP_PASSWORD), ("csrf", &csrf)])
-        .expect("signing in");
-    assert_eq!(r.status(), 303);
-    assert_eq!(r.header("location"), Some("/console"));
-    r.all("set-cookie")
-        .into_iter()
-        .find(|c| c.starts_with("tg_session=") && !c.starts_with("tg_session=;"))
-        .expect("a session cookie")
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 #[test]
 fn without_a_session_or_a_csrf_token_nothing_happens() {
     let w = world();
@@ -203,7 +146,7 @@ fn without_a_session_or_a_csrf_token_nothing_happens() {
     );
     assert_eq!(code, 401, "{body}");
     // The JSON API still wants its bearer token; the console's cookie is no token.
-    let cookie = signed_in(&a, &w.base);
+    let (a, cookie) = signed_in_agent(&w.base, "duty", OP_PASSWORD);
     let (code, _) = status(
         a.get(&format!("{}/v1/devices", w.base))
             .set("Cookie", &cookie)
@@ -254,112 +197,29 @@ fn without_a_session_or_a_csrf_token_nothing_happens() {
     assert_eq!(r.header("x-frame-options"), Some("DENY"));
 }
 
-/// chromedriver on a free port and a headless chromium session at a phone's width.
-async fn browser() -> (Client, Kill) {
-    let driver_bin = ["chromedriver", "/usr/bin/chromedriver"]
-        .into_iter()
-        .find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok()
-        })
-        .expect(
-            "chromedriver is not installed: ./test.sh setup installs chromium and chromium-driver",
-        );
-    let port = free_port();
-    let driver = Kill(
-        Command::new(driver_bin)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting chromedriver"),
-    );
-    wait_for_port(port, "chromedriver");
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=412,1400"]
-        }),
-    );
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("a chromium session through chromedriver");
-    (client, driver)
-}
-
-async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .expect("text")
-}
-
-/// Waits (up to `secs`) until the element `css` of the page shown says `want`, reloading the
-/// page each time when `reload`.
-async fn wait_text(c: &Client, css: &str, want: &str, secs: u64, reload: bool) -> String {
-    let since = Instant::now();
-    loop {
-        if let Ok(e) = c.find(Locator::Css(css)).await {
-            if let Ok(t) = e.text().await {
-                if t.contains(want) {
-                    return t;
-                }
-                assert!(
-                    since.elapsed() < Duration::from_secs(secs),
-                    "{css} says {t:?}, not {want:?}"
-                );
-            }
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(secs),
-            "no {css} saying {want:?}"
-        );
-        if reload {
-            c.refresh().await.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+/// Signs in to the gateway's console by keyboard (a console page without a session goes to
+/// the sign-in form first) and lands on the devices page.
+async fn sign_in(b: &Browser, w: &World) {
+    b.goto(&format!("{}/console", w.base)).await;
+    b.wait_url("/login").await;
+    b.sign_in_to(&w.base, "duty", OP_PASSWORD, "/console").await;
+    assert_eq!(b.text("#operator").await, "duty");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_sees_the_validators_and_a_block_reach_them() {
     let w = world();
-    let (c, _driver) = browser().await;
+    let b = Browser::start(1400).await;
 
     // Signing in by keyboard lands on the devices page.
-    c.goto(&format!("{}/console", w.base)).await.unwrap();
-    assert!(c.current_url().await.unwrap().path().ends_with("/login"));
-    let field = c.find(Locator::Id("name")).await.unwrap();
-    field.send_keys("duty").await.unwrap();
-    field.send_keys("\u{E004}").await.unwrap(); // Tab
-    let pw = c.active_element().await.unwrap();
-    assert_eq!(pw.attr("id").await.unwrap().as_deref(), Some("password"));
-    pw.send_keys(OP_PASSWORD).await.unwrap();
-    pw.send_keys("\u{E007}").await.unwrap(); // Enter
-    for _ in 0..100 {
-        if c.current_url().await.unwrap().path() == "/console" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(c.current_url().await.unwrap().path(), "/console");
-    assert_eq!(text(&c, "#operator").await, "duty");
+    sign_in(&b, &w).await;
 
     // The validator, online, with its heartbeat's versions and outbox, and its taps.
-    wait_text(&c, "#device-1001 td.state", "online", 30, true).await;
+    b.wait_text("#device-1001 td.state", "online", 30, true)
+        .await;
     let since = Instant::now();
     loop {
-        let taps = text(&c, "#device-1001 td.taps").await;
+        let taps = b.text("#device-1001 td.taps").await;
         let n: u64 = taps
             .split_whitespace()
             .last()
@@ -373,7 +233,7 @@ async fn an_operator_sees_the_validators_and_a_block_reach_them() {
             "no taps: {taps:?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        c.refresh().await.unwrap();
+        b.client.refresh().await.unwrap();
     }
     for cell in [
         "heartbeat",
@@ -383,14 +243,11 @@ async fn an_operator_sees_the_validators_and_a_block_reach_them() {
         "skew",
         "last-tap",
     ] {
-        let t = text(&c, &format!("#device-1001 td.{cell}")).await;
+        let t = b.text(&format!("#device-1001 td.{cell}")).await;
         assert!(!t.trim().is_empty() && !t.contains('—'), "{cell}: {t:?}");
     }
-    assert!(text(&c, "#online-count").await.starts_with("1 of 1"));
-    c.screenshot()
-        .await
-        .map(|png| std::fs::write(output_dir().join("gateway_devices.png"), png).unwrap())
-        .unwrap();
+    assert!(b.text("#online-count").await.starts_with("1 of 1"));
+    b.screenshot("gateway_devices").await;
 
     // Block propagation: nothing published yet, then a card blocked at the back office
     // reaches the validator; the page says so without being reloaded.
@@ -403,51 +260,165 @@ async fn an_operator_sees_the_validators_and_a_block_reach_them() {
     })
     .await
     .unwrap();
-    c.goto(&format!("{}/console/propagation", w.base))
-        .await
-        .unwrap();
+    b.goto(&format!("{}/console/propagation", w.base)).await;
     // The gateway fetches the list at its next poll: reload until it has published it.
-    wait_text(&c, "#propagation [data-field=version]", "1", 60, true).await;
+    b.wait_text("#propagation [data-field=version]", "1", 60, true)
+        .await;
     // From here the page is not reloaded: its script follows the validator's heartbeats.
-    let held = wait_text(&c, "#to-100", "reached after", 30, false).await;
+    let held = b.wait_text("#to-100", "reached after", 30, false).await;
     assert!(held.starts_with("reached after"), "{held}");
     assert_eq!(
-        text(&c, "[data-field=percent]").await,
+        b.text("[data-field=percent]").await,
         "100%",
         "the one validator online holds version 1"
     );
-    wait_text(&c, "[data-field=v1001-holds]", "yes", 10, false).await;
+    b.wait_text("[data-field=v1001-holds]", "yes", 10, false)
+        .await;
     // The script is what keeps it current: the figure's time moves on without a reload.
-    let as_of = text(&c, "[data-field=as_of]").await;
+    let as_of = b.text("[data-field=as_of]").await;
     let since = Instant::now();
-    while text(&c, "[data-field=as_of]").await == as_of {
+    while b.text("[data-field=as_of]").await == as_of {
         assert!(
             since.elapsed() < Duration::from_secs(8),
             "the page did not update itself"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(text(&c, "[data-live-note]")
+    assert!(b
+        .text("[data-live-note]")
         .await
         .contains("Updating every 2 seconds"));
-    assert_eq!(text(&c, "[data-field=v1001-version]").await, "1");
-    c.screenshot()
-        .await
-        .map(|png| std::fs::write(output_dir().join("gateway_propagation.png"), png).unwrap())
-        .unwrap();
+    assert_eq!(b.text("[data-field=v1001-version]").await, "1");
+    b.screenshot("gateway_propagation").await;
 
     // Taps per hour, as bars.
-    c.goto(&format!("{}/console/traffic", w.base))
-        .await
-        .unwrap();
-    let chart = wait_text(&c, "#taps-per-hour", "metro", 10, true).await;
+    b.goto(&format!("{}/console/traffic", w.base)).await;
+    let chart = b.wait_text("#taps-per-hour", "metro", 10, true).await;
     assert!(chart.contains("Taps accepted per hour"), "{chart}");
-    c.find(Locator::Css("#taps-per-hour svg rect"))
+    b.client
+        .find(Locator::Css("#taps-per-hour svg rect"))
         .await
         .expect("a bar for the hour's taps");
-    c.screenshot()
+    b.screenshot("gateway_traffic").await;
+    b.close().await;
+}
+
+/// The metro's rules (the table the validator runs, version 1) at `version`, with `extra`
+/// appended, written as `name` in `dir`.
+fn metro_rules(dir: &std::path::Path, name: &str, version: u32, extra: &str) -> String {
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fare-rules/samples/metro-city/rules.toml"),
+    )
+    .unwrap()
+    .replacen("version = 1\n", &format!("version = {version}\n"), 1);
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{rules}\n{extra}")).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// What the back office answers the gateway asking for the published fare table (200 with
+/// the table, 204 when there is none).
+fn published(base: &str) -> u16 {
+    status(
+        ureq::get(&format!("{base}/v1/fares/signed/snapshot"))
+            .set("Authorization", &format!("Bearer {GW_TOKEN}"))
+            .call(),
+    )
+    .0
+}
+
+/// Uploads `rules` (and the tap log `taps`, if any) on the back office's fare-table page and
+/// presses `button` (`check` or `publish`).
+async fn upload(b: &Browser, base: &str, rules: &str, taps: Option<&str>, button: &str) {
+    b.goto(&format!("{base}/console/fares")).await;
+    let pick = |id: &'static str, path: String| async move {
+        b.client
+            .find(Locator::Id(id))
+            .await
+            .unwrap()
+            .send_keys(&path)
+            .await
+            .unwrap()
+    };
+    pick("rules", rules.to_string()).await;
+    if let Some(t) = taps {
+        pick("taps", t.to_string()).await;
+    }
+    b.click(button).await;
+    b.wait_text("#check-summary", "fare check:", 20, false)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fare_table_with_an_error_is_not_published_and_a_good_one_reaches_the_validator() {
+    let w = world();
+    let files = tempfile::tempdir().unwrap();
+    let base = w.back_office.base.clone();
+    let b = Browser::start(1400).await;
+    b.sign_in_to(&base, "duty", OP_PASSWORD, "/console").await;
+
+    // A second night-bus fare for the same legs at another price: `fare check`'s error.
+    let bad = metro_rules(
+        files.path(),
+        "bad.toml",
+        2,
+        "[[fares]]\nid = \"nightbus-dear\"\ngroup = \"nightbus\"\nnetwork = \"nightbus\"\nprice = 3000\n",
+    );
+    upload(&b, &base, &bad, None, "publish").await;
+    let findings = b.text("#findings").await;
+    assert!(
+        findings.contains("error") && findings.contains("contradicts"),
+        "{findings}"
+    );
+    assert!(b.text("#check-summary").await.contains("1 error(s)"));
+    let state = b.text("#publish-state").await;
+    assert!(state.contains("nothing was published"), "{state}");
+    b.screenshot("console_fare_table_refused").await;
+    assert_eq!(published(&base), 204, "nothing for the gateway to relay");
+    b.goto(&format!("{base}/console/fares")).await;
+    b.text("#published-version-none").await;
+
+    // The metro's rules at version 2: signed and published; the gateway relays them and the
+    // validator reports holding version 2.
+    let good = metro_rules(files.path(), "metro-v2.toml", 2, "");
+    let taps = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fare-rules/samples/metro-city/taps.csv");
+    upload(&b, &base, &good, Some(taps.to_str().unwrap()), "publish").await;
+    assert!(b.text("#check-summary").await.contains("0 error(s)"));
+    let state = b.text("#publish-state").await;
+    assert!(state.contains("Published version 2"), "{state}");
+    assert!(b
+        .text("#simulation-error")
         .await
-        .map(|png| std::fs::write(output_dir().join("gateway_traffic.png"), png).unwrap())
-        .unwrap();
-    let _ = c.close().await;
+        .contains("nothing to compare with"));
+    assert_eq!(b.text("#published-version").await, "2");
+    assert_eq!(published(&base), 200);
+    b.screenshot("console_fare_table_published").await;
+
+    // A dearer metro (version 3), checked only: its revenue impact against version 2.
+    let dear = metro_rules(files.path(), "metro-v3.toml", 3, "")
+        .replace("metro-v3.toml", "metro-v3-dear.toml");
+    std::fs::write(
+        &dear,
+        std::fs::read_to_string(files.path().join("metro-v3.toml"))
+            .unwrap()
+            .replacen("price = 1400,", "price = 1550,", 1),
+    )
+    .unwrap();
+    upload(&b, &base, &dear, Some(taps.to_str().unwrap()), "check").await;
+    let sim = b.text("#simulation").await;
+    assert!(sim.contains("taps") && sim.contains('+'), "{sim}");
+    assert_eq!(
+        b.text("#publish-state").await,
+        "Checked: not published yet."
+    );
+    assert_eq!(b.text("#published-version").await, "2", "still version 2");
+    b.screenshot("console_fare_table_impact").await;
+
+    // The validator took version 2 (its heartbeat says so on the gateway's console).
+    sign_in(&b, &w).await;
+    b.wait_text("#device-1001 td.fare", "2", 60, true).await;
+    b.screenshot("gateway_fare_table_version").await;
+    b.close().await;
 }

@@ -3,18 +3,17 @@
 //! screenshot under target/test-output/pages/. `./test.sh` installs chromium and
 //! chromium-driver when absent. Plain HTTP checks (CSRF, sign-in limits) need no browser.
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::Locator;
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tapgate_testkit::browser::{csrf_of, page, sign_in_form, signed_in_agent, status, Browser};
 use tapgate_testkit::charging::{self as server, ChargingServer};
 use tapgate_testkit::fixtures::token;
 use tapgate_testkit::http::post;
-use tapgate_testkit::net::free_port;
 use tapgate_testkit::process::Kill;
 
 const OPS: &str = "tg_pages_ops";
@@ -65,129 +64,56 @@ fn world(keys: &KeySet) -> ChargingServer {
     s
 }
 
-/// Where this test's screenshots go.
-fn output_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let dir = target.join("test-output").join("pages");
-    std::fs::create_dir_all(&dir).expect("screenshot folder");
-    dir
+/// What the ledger holds of the card `uid_hex`.
+fn shadow(s: &ChargingServer, uid_hex: &str) -> charging::ledger::CardShadow {
+    let uid: [u8; 7] = hex::decode(uid_hex).unwrap().try_into().unwrap();
+    s.state.loads.ledger().read().unwrap().card(&uid).unwrap()
 }
 
-/// chromedriver on a free port, and a headless chromium session at a phone's width.
-struct Browser {
-    client: Client,
-    _driver: Kill,
-}
-
-impl Browser {
-    async fn start() -> Browser {
-        let driver_bin = ["chromedriver", "/usr/bin/chromedriver"]
-            .into_iter()
-            .find(|b| {
-                Command::new(b)
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok()
-            })
-            .expect("chromedriver is not installed: ./test.sh setup installs chromium and chromium-driver");
-        let port = free_port();
-        let driver = Kill(
-            Command::new(driver_bin)
-                .arg(format!("--port={port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting chromedriver"),
-        );
-        tapgate_testkit::net::wait_for_port(port, "chromedriver");
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            serde_json::json!({
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=412,1000"]
-            }),
-        );
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-            .expect("a chromium session through chromedriver");
-        Browser {
-            client,
-            _driver: driver,
-        }
-    }
-
-    async fn screenshot(&self, name: &str) {
-        let png = self.client.screenshot().await.expect("screenshot");
-        std::fs::write(output_dir().join(format!("{name}.png")), png).expect("saving screenshot");
-    }
-
-    /// The text of the element `css` names. A page that reloads itself (a pending top-up's)
-    /// can replace the element between finding it and reading it, or be between two loads: a
-    /// failed find or read is tried again for up to 10 s before it fails the test.
-    async fn text(&self, css: &str) -> String {
-        let mut last = String::new();
-        for _ in 0..100 {
-            match self.client.find(Locator::Css(css)).await {
-                Ok(e) => match e.text().await {
-                    Ok(t) => return t,
-                    Err(err) => last = err.to_string(),
+/// Ann's card at a reader: a load of `amount` from her card token relayed in process with
+/// `key` (what `tapgate charge` does).
+async fn load_in_process(
+    keys: &KeySet,
+    s: &ChargingServer,
+    amount: i32,
+    key: String,
+) -> charging::load::Reply {
+    let hsm = SoftwareHsm::new(keys).unwrap();
+    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
+    let mut card = tapgate_testkit::fixtures::transit_card(&hsm, uid, 5_000);
+    let svc = s.state.loads.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let first = svc
+            .start(
+                "ann",
+                charging::load::LoadRequest {
+                    uid,
+                    amount_minor: amount,
+                    funding_source: "card".into(),
+                    instrument: "tok_ann_visa".into(),
+                    idempotency_key: key,
                 },
-                Err(err) => last = err.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("{css}: {last}")
-    }
-
-    /// Signs in by keyboard: types the name, tabs to the password, presses Enter.
-    async fn sign_in(&self, base: &str, name: &str, password: &str) {
-        self.sign_in_to(base, name, password, "/cards").await
-    }
-
-    /// Signs in by keyboard and waits for the page the account lands on.
-    async fn sign_in_to(&self, base: &str, name: &str, password: &str, landing: &str) {
-        self.client.goto(&format!("{base}/login")).await.unwrap();
-        let field = self.client.find(Locator::Id("name")).await.unwrap();
-        field.send_keys(name).await.unwrap();
-        field.send_keys("\u{E004}").await.unwrap(); // Tab
-        let pw = self.client.active_element().await.unwrap();
-        assert_eq!(pw.attr("id").await.unwrap().as_deref(), Some("password"));
-        pw.send_keys(password).await.unwrap();
-        pw.send_keys("\u{E007}").await.unwrap(); // Enter
-        wait_url(&self.client, landing).await;
-    }
-
-    async fn close(self) {
-        let _ = self.client.close().await;
-    }
-}
-
-async fn wait_url(c: &Client, ends_with: &str) {
-    for _ in 0..100 {
-        if c.current_url().await.unwrap().path().ends_with(ends_with) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "the browser did not reach {ends_with}: at {}",
-        c.current_url().await.unwrap()
-    );
+                now,
+            )
+            .expect("the load starts");
+        server::relay_in_process(&svc, "ann", &mut card, first, &mut now, 5, None)
+            .expect("the load runs")
+            .0
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cardholder_signs_in_and_sees_their_cards_balance() {
     let keys = keys();
     let s = world(&keys);
-    let b = Browser::start().await;
-    b.sign_in(&s.base, "ann", ANN_PASSWORD).await;
+    let b = Browser::start(1000).await;
+    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
     assert_eq!(b.text("#holder").await, "ann");
     let list = b.text("ul.cards").await;
     assert!(
@@ -202,7 +128,7 @@ async fn a_cardholder_signs_in_and_sees_their_cards_balance() {
         .click()
         .await
         .unwrap();
-    wait_url(&b.client, ANN_CARD).await;
+    b.wait_url(ANN_CARD).await;
     assert_eq!(b.text("#balance").await, "5,000 KRW");
     let history = b.text("#history").await;
     assert!(
@@ -217,13 +143,10 @@ async fn a_cardholder_signs_in_and_sees_their_cards_balance() {
 async fn another_holders_card_is_refused() {
     let keys = keys();
     let s = world(&keys);
-    let b = Browser::start().await;
-    b.sign_in(&s.base, "ann", ANN_PASSWORD).await;
+    let b = Browser::start(1000).await;
+    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
     for path in ["", "/topup", "/report", "/receipts/month/2026-01"] {
-        b.client
-            .goto(&format!("{}/cards/{BOB_CARD}{path}", s.base))
-            .await
-            .unwrap();
+        b.goto(&format!("{}/cards/{BOB_CARD}{path}", s.base)).await;
         let page = b.client.source().await.unwrap();
         assert!(
             page.contains("You have no card with that number") && !page.contains("7,000"),
@@ -247,27 +170,12 @@ async fn another_holders_card_is_refused() {
 async fn a_top_up_is_pending_until_the_card_proves_the_load() {
     let keys = keys();
     let s = world(&keys);
-    let b = Browser::start().await;
-    b.sign_in(&s.base, "ann", ANN_PASSWORD).await;
-    b.client
-        .goto(&format!("{}/cards/{ANN_CARD}", s.base))
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Id("top-up"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_url(&b.client, "/topup").await;
-    b.client
-        .find(Locator::Id("amount"))
-        .await
-        .unwrap()
-        .send_keys("3,000")
-        .await
-        .unwrap();
+    let b = Browser::start(1000).await;
+    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
+    b.goto(&format!("{}/cards/{ANN_CARD}", s.base)).await;
+    b.click("top-up").await;
+    b.wait_url("/topup").await;
+    b.retype("amount", "3,000").await;
     b.client
         .find(Locator::Id("funding"))
         .await
@@ -275,26 +183,8 @@ async fn a_top_up_is_pending_until_the_card_proves_the_load() {
         .select_by_value("card:tok_ann_visa")
         .await
         .unwrap();
-    b.client
-        .find(Locator::Id("ask-top-up"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    for _ in 0..100 {
-        if b.client
-            .current_url()
-            .await
-            .unwrap()
-            .path()
-            .contains("/topups/")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(b.text("#topup-state").await, "pending");
+    b.click("ask-top-up").await;
+    b.wait_text("#topup-state", "pending", 10, false).await;
     let command = b.text("#charge-command").await;
     assert!(
         command.contains("--amount 3000") && command.contains("--funding card:tok_ann_visa"),
@@ -310,50 +200,14 @@ async fn a_top_up_is_pending_until_the_card_proves_the_load() {
 
     // The card at a reader: the load relayed with the top-up's key (what `tapgate charge`
     // does), in process.
-    let hsm = SoftwareHsm::new(&keys).unwrap();
-    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
-    let mut card = tapgate_testkit::fixtures::transit_card(&hsm, uid, 5_000);
-    let svc = s.state.loads.clone();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let (reply, _) = tokio::task::spawn_blocking(move || {
-        let mut now = now;
-        let first = svc
-            .start(
-                "ann",
-                charging::load::LoadRequest {
-                    uid,
-                    amount_minor: 3_000,
-                    funding_source: "card".into(),
-                    instrument: "tok_ann_visa".into(),
-                    idempotency_key: key,
-                },
-                now,
-            )
-            .expect("the load starts");
-        server::relay_in_process(&svc, "ann", &mut card, first, &mut now, 5, None)
-            .expect("the load runs")
-    })
-    .await
-    .unwrap();
+    let reply = load_in_process(&keys, &s, 3_000, key).await;
     assert!(
         matches!(reply, charging::load::Reply::Completed { .. }),
         "{reply:?}"
     );
     // The page refreshes itself: the top-up is completed, the balance 8,000.
-    for _ in 0..100 {
-        if b.text("#topup-state").await == "completed" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(b.text("#topup-state").await, "completed");
-    b.client
-        .goto(&format!("{}/cards/{ANN_CARD}", s.base))
-        .await
-        .unwrap();
+    b.wait_text("#topup-state", "completed", 20, false).await;
+    b.goto(&format!("{}/cards/{ANN_CARD}", s.base)).await;
     assert_eq!(b.text("#balance").await, "8,000 KRW");
     assert!(b.text("#loads").await.contains("completed"));
     b.screenshot("top_up_completed").await;
@@ -364,28 +218,13 @@ async fn a_top_up_is_pending_until_the_card_proves_the_load() {
 async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
     let keys = keys();
     let s = world(&keys);
-    let b = Browser::start().await;
-    b.sign_in(&s.base, "ann", ANN_PASSWORD).await;
-    b.client
-        .goto(&format!("{}/cards/{ANN_CARD}/report", s.base))
-        .await
-        .unwrap();
+    let b = Browser::start(1000).await;
+    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
+    b.goto(&format!("{}/cards/{ANN_CARD}/report", s.base)).await;
     b.screenshot("report_confirmation").await;
-    b.client
-        .find(Locator::Id("reason-lost"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    b.client
-        .find(Locator::Id("confirm-block"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_url(&b.client, ANN_CARD).await;
+    b.click("reason-lost").await;
+    b.click("confirm-block").await;
+    b.wait_url(ANN_CARD).await;
     let state = b.text("#block-state").await;
     assert!(
         state.contains("Blocked: lost") && state.contains("version"),
@@ -393,63 +232,9 @@ async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
     );
     b.screenshot("card_blocked").await;
     b.close().await;
-    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
-    let shadow = s.state.loads.ledger().read().unwrap().card(&uid).unwrap();
+    let shadow = shadow(&s, ANN_CARD);
     assert!(shadow.blocked);
     assert_eq!(shadow.block_reason.as_deref(), Some("lost"));
-}
-
-/// A client with no cookie jar and no redirects: signs in over HTTP, returns the session cookie.
-fn signed_in_agent(base: &str, name: &str, password: &str) -> (ureq::Agent, String) {
-    let agent = ureq::AgentBuilder::new().redirects(0).build();
-    let (pre, csrf) = sign_in_form(&agent, base);
-    let r = agent
-        .post(&format!("{base}/login"))
-        .set("Cookie", &pre)
-        .send_form(&[("name", name), ("password", password), ("csrf", &csrf)])
-        .expect("signing in");
-    assert_eq!(r.status(), 303);
-    let cookie = set_cookies(&r)
-        .into_iter()
-        .find(|c| c.starts_with("tg_session=") && !c.starts_with("tg_session=;"))
-        .expect("a session cookie");
-    (agent, cookie)
-}
-
-fn set_cookies(r: &ureq::Response) -> Vec<String> {
-    r.all("set-cookie")
-        .into_iter()
-        .map(|c| c.split(';').next().unwrap().to_string())
-        .collect()
-}
-
-/// The sign-in form's cookie (`name=value`) and its CSRF field.
-fn sign_in_form(agent: &ureq::Agent, base: &str) -> (String, String) {
-    let r = agent.get(&format!("{base}/login")).call().unwrap();
-    let full: Vec<String> = r.all("set-cookie").into_iter().map(String::from).collect();
-    let pre = full
-        .iter()
-        .find(|c| c.starts_with("tg_signin="))
-        .expect("the sign-in cookie");
-    assert!(
-        pre.contains("HttpOnly") && pre.contains("SameSite=Strict"),
-        "{pre}"
-    );
-    let html = r.into_string().unwrap();
-    (pre.split(';').next().unwrap().to_string(), csrf_of(&html))
-}
-
-fn csrf_of(html: &str) -> String {
-    let at = html.find("name=\"csrf\" value=\"").expect("a csrf field");
-    html[at + 19..].split('"').next().unwrap().to_string()
-}
-
-fn status(r: Result<ureq::Response, ureq::Error>) -> (u16, String) {
-    match r {
-        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
-        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
-        Err(e) => panic!("{e}"),
-    }
 }
 
 #[test]
@@ -457,14 +242,11 @@ fn a_form_posted_without_its_csrf_token_is_refused() {
     let keys = keys();
     let s = world(&keys);
     let (agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
-    let page = agent
-        .get(&format!("{}/cards/{ANN_CARD}/report", s.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let csrf = csrf_of(&page);
+    let csrf = csrf_of(&page(
+        &agent,
+        &format!("{}/cards/{ANN_CARD}/report", s.base),
+        &cookie,
+    ));
     let report = |fields: &[(&str, &str)]| {
         status(
             agent
@@ -488,29 +270,10 @@ fn a_form_posted_without_its_csrf_token_is_refused() {
             .send_form(&[("amount", "1000"), ("funding", "card:tok_ann_visa")]),
     );
     assert_eq!(top_up.0, 403);
-    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
-    assert!(
-        !s.state
-            .loads
-            .ledger()
-            .read()
-            .unwrap()
-            .card(&uid)
-            .unwrap()
-            .blocked
-    );
+    assert!(!shadow(&s, ANN_CARD).blocked);
     // With it: the card is blocked.
     assert_eq!(report(&[("reason", "lost"), ("csrf", &csrf)]).0, 303);
-    assert!(
-        s.state
-            .loads
-            .ledger()
-            .read()
-            .unwrap()
-            .card(&uid)
-            .unwrap()
-            .blocked
-    );
+    assert!(shadow(&s, ANN_CARD).blocked);
     // The sign-in form too: without its cookie's token, refused.
     let (code, _) = status(agent.post(&format!("{}/login", s.base)).send_form(&[
         ("name", "ann"),
@@ -602,13 +365,7 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
     let (name, password) = login.expect("a cardholder login: NAME PASSWORD line");
     // After the day: the printed login signs in and sees its card.
     let (agent, cookie) = signed_in_agent(&base, &name, &password);
-    let cards = agent
-        .get(&format!("{base}/cards"))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let cards = page(&agent, &format!("{base}/cards"), &cookie);
     assert!(cards.contains("class=\"card-link\""), "{cards}");
     // The printed operator login opens the console: the day's revenue charted, its
     // settlement files listed.
@@ -658,13 +415,10 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
         .build()
         .unwrap()
         .block_on(async {
-            let b = Browser::start().await;
+            let b = Browser::start(1000).await;
             b.sign_in_to(&base, &op_name, &op_password, "/console")
                 .await;
-            b.client
-                .goto(&format!("{base}/console/traffic"))
-                .await
-                .unwrap();
+            b.goto(&format!("{base}/console/traffic")).await;
             assert!(b.text("#revenue").await.contains("KRW"));
             b.screenshot("console_traffic_demo").await;
             b.close().await;
@@ -710,42 +464,11 @@ fn charging_page_login_prints_a_config_entry_with_the_passwords_argon2id_hash() 
 
 // ---- The operator console ----
 
-/// Clears a field and types `text` into it.
-async fn retype(c: &Client, id: &str, text: &str) {
-    let f = c.find(Locator::Id(id)).await.unwrap();
-    f.clear().await.unwrap();
-    f.send_keys(text).await.unwrap();
-}
-
-async fn click(c: &Client, id: &str) {
-    c.find(Locator::Id(id))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-}
-
-async fn wait_query(c: &Client, contains: &str) {
-    for _ in 0..100 {
-        if c.current_url()
-            .await
-            .unwrap()
-            .query()
-            .is_some_and(|q| q.contains(contains))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no {contains} in {}", c.current_url().await.unwrap());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
     let keys = keys();
     let s = world(&keys);
-    let b = Browser::start().await;
+    let b = Browser::start(1000).await;
     b.sign_in_to(&s.base, "op", OP_PASSWORD, "/console").await;
     assert_eq!(b.text("#operator").await, "op");
     assert_eq!(b.text("#blocklist-version").await, "0");
@@ -753,11 +476,11 @@ async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
     let find = b.client.find(Locator::Id("find-uid")).await.unwrap();
     find.send_keys(ANN_CARD).await.unwrap();
     find.send_keys("\u{E007}").await.unwrap(); // Enter
-    wait_url(&b.client, ANN_CARD).await;
+    b.wait_url(ANN_CARD).await;
     assert!(b.text("#block-state").await.contains("Not blocked"));
-    retype(&b.client, "block-reason", "stolen").await;
-    click(&b.client, "block").await;
-    wait_query(&b.client, "blocklist_version=1").await;
+    b.retype("block-reason", "stolen").await;
+    b.click("block").await;
+    b.wait_query("blocklist_version=1").await;
     let state = b.text("#block-state").await;
     assert!(
         state.contains("Blocked: stolen") && state.contains("blocklist version 1"),
@@ -769,15 +492,11 @@ async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
         "{changes}"
     );
     b.screenshot("console_card_blocked").await;
-    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
-    let shadow = || s.state.loads.ledger().read().unwrap().card(&uid).unwrap();
-    assert!(shadow().blocked);
-    assert_eq!(shadow().block_reason.as_deref(), Some("stolen"));
+    let held = || shadow(&s, ANN_CARD);
+    assert!(held().blocked);
+    assert_eq!(held().block_reason.as_deref(), Some("stolen"));
     // The blocks page lists it, with the version.
-    b.client
-        .goto(&format!("{}/console/blocks", s.base))
-        .await
-        .unwrap();
+    b.goto(&format!("{}/console/blocks", s.base)).await;
     assert_eq!(b.text("#blocklist-version").await, "1");
     let blocked = b.text("#blocked").await;
     assert!(
@@ -787,14 +506,12 @@ async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
     assert!(!blocked.contains(BOB_CARD));
     b.screenshot("console_blocks").await;
     // Unblock: version 2.
-    b.client
-        .goto(&format!("{}/console/cards/{ANN_CARD}", s.base))
-        .await
-        .unwrap();
-    click(&b.client, "unblock").await;
-    wait_query(&b.client, "blocklist_version=2").await;
+    b.goto(&format!("{}/console/cards/{ANN_CARD}", s.base))
+        .await;
+    b.click("unblock").await;
+    b.wait_query("blocklist_version=2").await;
     assert!(b.text("#block-state").await.contains("Not blocked"));
-    assert!(!shadow().blocked);
+    assert!(!held().blocked);
     b.close().await;
 }
 
@@ -817,39 +534,10 @@ async fn anomalies_show_beside_the_cards_history_and_traffic_is_charted() {
             })
         })
         .unwrap();
-    let hsm = SoftwareHsm::new(&keys).unwrap();
-    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
-    let mut card = tapgate_testkit::fixtures::transit_card(&hsm, uid, 5_000);
-    let svc = s.state.loads.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let first = svc
-            .start(
-                "ann",
-                charging::load::LoadRequest {
-                    uid,
-                    amount_minor: 2_000,
-                    funding_source: "card".into(),
-                    instrument: "tok_ann_visa".into(),
-                    idempotency_key: "console-load".into(),
-                },
-                now,
-            )
-            .expect("the load starts");
-        server::relay_in_process(&svc, "ann", &mut card, first, &mut now, 5, None)
-            .expect("the load runs")
-    })
-    .await
-    .unwrap();
-    let b = Browser::start().await;
+    load_in_process(&keys, &s, 2_000, "console-load".into()).await;
+    let b = Browser::start(1000).await;
     b.sign_in_to(&s.base, "op", OP_PASSWORD, "/console").await;
-    b.client
-        .goto(&format!("{}/console/anomalies", s.base))
-        .await
-        .unwrap();
+    b.goto(&format!("{}/console/anomalies", s.base)).await;
     let list = b.text("#anomalies").await;
     assert!(list.contains("clone") && list.contains(BOB_CARD), "{list}");
     // The newest is shown beside its card: the detail, the card's balance and history.
@@ -861,10 +549,7 @@ async fn anomalies_show_beside_the_cards_history_and_traffic_is_charted() {
         "{beside}"
     );
     b.screenshot("console_anomalies").await;
-    b.client
-        .goto(&format!("{}/console/traffic", s.base))
-        .await
-        .unwrap();
+    b.goto(&format!("{}/console/traffic", s.base)).await;
     let loads = b.text("#loads").await;
     assert!(loads.contains("funding:card"), "{loads}");
     let bars = b
@@ -905,15 +590,11 @@ fn a_cardholder_cannot_reach_the_console_nor_an_operator_the_cards() {
         assert!(body.contains("The console is an operator"), "{body}");
     }
     // Not even with the session's own CSRF token.
-    let csrf = csrf_of(
-        &agent
-            .get(&format!("{}/cards/{ANN_CARD}/report", s.base))
-            .set("Cookie", &cookie)
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap(),
-    );
+    let csrf = csrf_of(&page(
+        &agent,
+        &format!("{}/cards/{ANN_CARD}/report", s.base),
+        &cookie,
+    ));
     let (code, _) = status(
         agent
             .post(&format!("{}/console/cards/{BOB_CARD}/block", s.base))
@@ -921,17 +602,7 @@ fn a_cardholder_cannot_reach_the_console_nor_an_operator_the_cards() {
             .send_form(&[("reason", "fraud"), ("csrf", &csrf)]),
     );
     assert_eq!(code, 403);
-    let uid: [u8; 7] = hex::decode(BOB_CARD).unwrap().try_into().unwrap();
-    assert!(
-        !s.state
-            .loads
-            .ledger()
-            .read()
-            .unwrap()
-            .card(&uid)
-            .unwrap()
-            .blocked
-    );
+    assert!(!shadow(&s, BOB_CARD).blocked);
     // An operator signs in on the same form and lands on the console; the cards are not theirs.
     let (_, op) = signed_in_agent(&s.base, "op", OP_PASSWORD);
     assert_eq!(get("/console", &op).0, 200);
@@ -944,14 +615,11 @@ fn a_console_form_without_its_csrf_token_is_refused() {
     let keys = keys();
     let s = world(&keys);
     let (agent, cookie) = signed_in_agent(&s.base, "op", OP_PASSWORD);
-    let page = agent
-        .get(&format!("{}/console/cards/{BOB_CARD}", s.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let csrf = csrf_of(&page);
+    let csrf = csrf_of(&page(
+        &agent,
+        &format!("{}/console/cards/{BOB_CARD}", s.base),
+        &cookie,
+    ));
     let post_form = |path: &str, fields: &[(&str, &str)]| {
         status(
             agent
@@ -972,17 +640,7 @@ fn a_console_form_without_its_csrf_token_is_refused() {
         post_form("/console/blocks", &[("uid", BOB_CARD), ("reason", "fraud")]).0,
         403
     );
-    let uid: [u8; 7] = hex::decode(BOB_CARD).unwrap().try_into().unwrap();
-    let blocked = || {
-        s.state
-            .loads
-            .ledger()
-            .read()
-            .unwrap()
-            .card(&uid)
-            .unwrap()
-            .blocked
-    };
+    let blocked = || shadow(&s, BOB_CARD).blocked;
     assert!(!blocked(), "nothing blocked without the token");
     // With it: blocked, the redirect names the blocklist version.
     let r = agent
@@ -1007,13 +665,7 @@ fn the_days_settlement_csv_downloads_from_the_console() {
     let keys = keys();
     let s = world(&keys);
     let (agent, cookie) = signed_in_agent(&s.base, "op", OP_PASSWORD);
-    let page = agent
-        .get(&format!("{}/console/settlement", s.base))
-        .set("Cookie", &cookie)
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let page = page(&agent, &format!("{}/console/settlement", s.base), &cookie);
     // The server's day (UTC) by default.
     let at = page.find("id=\"day\">").expect("the day") + 9;
     let today = page[at..at + 10].to_string();

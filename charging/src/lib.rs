@@ -17,6 +17,7 @@
 pub mod api;
 pub mod clearing;
 pub mod client;
+pub mod fares;
 pub mod franchise;
 pub mod funding;
 pub mod ledger;

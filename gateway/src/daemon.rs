@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod actions;
+mod fares;
 mod forwarder;
 mod mqtt;
 mod relay;
@@ -226,6 +227,12 @@ async fn run_inner(
         store.clone(),
         keys.verifying_key,
     );
+    let fare_tables = fares::spawn(
+        clients[0].clone(),
+        cfg.clone(),
+        store.clone(),
+        keys.verifying_key,
+    );
     let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages);
     let ingest = ingest_loop(rx, &cfg, &store, &keys, &stats, &senders);
     let link_abort = link_task.as_ref().map(|t| t.abort_handle());
@@ -255,6 +262,7 @@ async fn run_inner(
     forwarder.abort();
     blocklists.abort();
     action_lists.abort();
+    fare_tables.abort();
     result
 }
 

@@ -13,7 +13,8 @@
 //! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
 //! - `mqtt` (feature `mqtt`, with `gateway`): a device's session collecting confirmations;
 //! - `softhsm` (feature `softhsm`): SoftHSM2 tokens in temporary directories;
-//! - `charging` (feature `charging`): the charging server in process, with either HSM.
+//! - `charging` (feature `charging`): the charging server in process, with either HSM;
+//! - `browser` (feature `browser`): chromium through chromedriver, the pages over plain HTTP.
 //!
 //! Each part a crate may not depend on is behind a feature: the gateway's tests take the kit
 //! without `charging`, so the gateway never depends on the charging server, even for tests.
@@ -31,6 +32,8 @@ pub mod wait;
 
 #[cfg(feature = "gateway")]
 pub mod broker;
+#[cfg(feature = "browser")]
+pub mod browser;
 #[cfg(feature = "charging")]
 pub mod charging;
 #[cfg(feature = "http")]

@@ -22,6 +22,7 @@
 
 mod card;
 mod console;
+mod fares;
 
 pub use card::{money, parse_money, Entry, LoadView, TopUp};
 pub use tapgate_http::pages::{
@@ -56,7 +57,7 @@ impl HasSite for Pages {
 
 /// The templates, compiled into the binary (beside the shared ones: `login.html`,
 /// `message.html`, `console_chart.html`).
-const TEMPLATES: [(&str, &str); 17] = [
+const TEMPLATES: [(&str, &str); 18] = [
     ("base.html", include_str!("templates/base.html")),
     ("home.html", include_str!("templates/home.html")),
     ("cards.html", include_str!("templates/cards.html")),
@@ -104,6 +105,10 @@ const TEMPLATES: [(&str, &str); 17] = [
         "console_settlement.html",
         include_str!("templates/console_settlement.html"),
     ),
+    (
+        "console_fares.html",
+        include_str!("templates/console_fares.html"),
+    ),
 ];
 /// The environment with the shared templates and these.
 #[cfg(test)]
@@ -141,6 +146,7 @@ pub fn router(
         .route("/cards/{uid}/receipts/load/{tmc}", get(receipt_load))
         .route("/cards/{uid}/receipts/month/{month}", get(receipt_month))
         .merge(console::routes())
+        .merge(fares::routes())
         .merge(tapgate_http::pages::sign_in_routes())
         .layer(axum::middleware::map_response(
             tapgate_http::pages::security_headers,

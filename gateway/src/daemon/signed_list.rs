@@ -1,5 +1,6 @@
 //! A signed list relayed from the back office to the operator's validators: the blocklist
-//! ([`super::relay`]) and the action list ([`super::actions`]) travel the same way. Each round
+//! ([`super::relay`]), the action list ([`super::actions`]) and the fare table
+//! ([`super::fares`]) travel the same way. Each round
 //! the changes after the version held are fetched (`GET /v1/<path>/signed/delta?after=<v>`,
 //! the version in a response header) and, when validators would take them, published at QoS 1
 //! on `tapgate/v1/<operator>/<topic>/delta`; the whole list (`…/signed/snapshot`) is published
@@ -26,6 +27,12 @@ pub(super) trait SignedList {
     /// The list's name in log lines ("blocklist") and as an adjective ("blocklist changes").
     const NAME: &'static str;
     const ADJECTIVE: &'static str = Self::NAME;
+    /// The topic under `…/<PATH>/` changes are published on, and whether retained (a list
+    /// whose change is the whole of it, a fare table, is one retained topic).
+    const DELTA_TOPIC: &'static str = "delta";
+    const DELTA_RETAINED: bool = false;
+    /// The topic under `…/<PATH>/` the whole list is published on, retained.
+    const SNAPSHOT_TOPIC: &'static str = "snapshot";
     /// Whether a snapshot validators would refuse is reported like a delta (logged and
     /// counted; the snapshot then needs its version header), or only left unrelayed.
     const REPORT_SNAPSHOT_REFUSAL: bool;
@@ -184,7 +191,7 @@ impl<L: SignedList> SignedListRelay<L> {
         if !self.acceptable(v, &delta) {
             return;
         }
-        if self.publish("delta", false, delta).await {
+        if self.publish(L::DELTA_TOPIC, L::DELTA_RETAINED, delta).await {
             self.list.published(v);
             let s = self.store.clone();
             let _ = tokio::task::spawn_blocking(move || L::persist(&s, v)).await;
@@ -208,7 +215,7 @@ impl<L: SignedList> SignedListRelay<L> {
         if !take {
             return;
         }
-        if self.publish("snapshot", true, bytes).await {
+        if self.publish(L::SNAPSHOT_TOPIC, true, bytes).await {
             self.snapshot_due = false;
         }
     }

@@ -11,7 +11,10 @@
 //! and [`Site::posted_as`] (a form, with its CSRF token). docs/pages.md describes them.
 
 pub mod chart;
+pub mod form;
 pub mod session;
+
+pub use form::{multipart, Part};
 
 pub use session::{
     check_phc, hash_password, random_token, same_token, verify_password, PageRole, Session,
