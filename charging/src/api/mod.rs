@@ -8,7 +8,6 @@
 mod blocklist;
 mod cards;
 mod fares;
-mod fares;
 mod franchise;
 mod loads;
 mod orders;
@@ -377,7 +376,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/payments/{id}", get(payment_for_cardholder))
         .route("/v1/payments/{id}/pay", post(pay_payment))
         .route("/v1/cards/{uid}/payment-pin", post(set_payment_pin))
-        .merge(fares::routes())
         .merge(fares::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
