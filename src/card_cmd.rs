@@ -269,7 +269,7 @@ fn on_card<T>(
 ) -> Result<(T, bool)> {
     let _lock = lock_image(&opts.card)?;
     let nvm = read_image(&opts.card)?;
-    let keys = SoftwareHsm::new(ks)?.card_keys(&nvm.main.uid, nvm.main.key_version)?;
+    let keys = SoftwareHsm::new(ks)?.card_keys_of(&nvm.main)?;
     let mut card = Card::power_on(nvm, keys);
     card.tear_after_writes(opts.tear_after_writes);
     let result = tx(&mut EmulatedReader {

@@ -204,8 +204,7 @@ pub(crate) fn relay_with_card(
             let nvm = crate::card_image::read_image(image)?;
             let ks = load_keyset(keys, flags.passphrase_file.as_deref())?;
             let hsm = SoftwareHsm::new(&ks)?;
-            let uid = nvm.main.uid;
-            let mut card = Card::power_on(nvm.clone(), hsm.card_keys(&uid, nvm.main.key_version)?);
+            let mut card = Card::power_on(nvm.clone(), hsm.card_keys_of(&nvm.main)?);
             card.tear_after_writes(flags.tear_after_writes);
             let result = {
                 let mut t = EmulatedReader {

@@ -79,6 +79,32 @@ enum KeysCmd {
         #[arg(long = "passphrase-file")]
         passphrase_file: Option<PathBuf>,
     },
+    /// Add a new card-key version: fresh KM_APP, KM_DEBIT, KM_CREDIT and KM_TMAC one above the
+    /// newest, beside the old ones (docs/key-rotation.md). Then re-import the HSM and
+    /// re-provision the SAMs: they hold both versions; cards move to the new one at their next
+    /// online load.
+    Rotate {
+        /// The issuer key directory (or key-set file).
+        #[arg(long)]
+        keys: PathBuf,
+        /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+        #[arg(long = "passphrase-file")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Retire an old card-key version: SAMs provisioned afterwards no longer hold it, and a
+    /// validator refuses a card still on it (`key_version_retired`) until its next online load
+    /// moves it. The HSM keeps it to move those cards and to clear their taps.
+    Retire {
+        /// The issuer key directory (or key-set file).
+        #[arg(long)]
+        keys: PathBuf,
+        /// The version to retire (older than the current one).
+        #[arg(long)]
+        version: u8,
+        /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+        #[arg(long = "passphrase-file")]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Import the HSM role's keys (every version of KM_APP, KM_DEBIT, KM_CREDIT, KM_TMAC,
     /// KM_DEVICE, the Ed25519 signing key) into a PKCS#11 token as sensitive, non-extractable
     /// objects labelled `<prefix>/KM_CREDIT/v1` etc. Prints one line per object: label and key
@@ -121,13 +147,18 @@ enum ProvisionRole {
     Gateway,
 }
 
-/// Loads and unseals `DIR/issuer.keys` (or a key file given directly).
-pub fn load_keyset(dir_or_file: &Path, passphrase_file: Option<&Path>) -> Result<KeySet> {
-    let path = if dir_or_file.is_dir() {
+/// `DIR/issuer.keys`, or a key file given directly.
+fn keyset_path(dir_or_file: &Path) -> PathBuf {
+    if dir_or_file.is_dir() {
         dir_or_file.join(ISSUER_FILE)
     } else {
         dir_or_file.to_path_buf()
-    };
+    }
+}
+
+/// Loads and unseals `DIR/issuer.keys` (or a key file given directly).
+pub fn load_keyset(dir_or_file: &Path, passphrase_file: Option<&Path>) -> Result<KeySet> {
+    let path = keyset_path(dir_or_file);
     if !path.exists() {
         return Err(input_err(format!(
             "no key set at {}: run `tapgate keys init --out {}` (or point keys / --keys at an existing key set)",
@@ -155,9 +186,46 @@ pub fn pin_source(
     }
 }
 
+/// `tapgate keys rotate` and `tapgate keys retire`: the issuer key set changed and sealed
+/// again in place (atomically), what the operator does next printed.
+fn rotation(keys: &Path, passphrase_file: Option<&Path>, retire: Option<u8>) -> Result<()> {
+    let mut ks = load_keyset(keys, passphrase_file)?;
+    let done = match retire {
+        None => format!(
+            "card keys rotated: version {} of app, debit, credit and tmac added",
+            ks.rotate_card_keys(&mut rand::rngs::OsRng)?
+        ),
+        Some(v) => {
+            ks.retire(v).map_err(|e| input_err(e.to_string()))?;
+            format!("card-key version {v} retired")
+        }
+    };
+    let pass = passphrase(passphrase_file)?;
+    let sealed = ks.seal(&pass, KdfParams::DEFAULT, &mut rand::rngs::OsRng)?;
+    write_atomic(&keyset_path(keys), &sealed)?;
+    println!("{done}");
+    println!(
+        "  versions held: {:?}; retired: {:?}; cards move to version {}",
+        ks.versions(purse::keys::KeyKind::Debit),
+        ks.retired,
+        ks.card_version().map_or("-".to_string(), |v| v.to_string())
+    );
+    println!("  next: `tapgate keys import-hsm --replace` (PKCS#11) or restart the charging server (software HSM), then `tapgate keys provision` for every validator and franchise SAM");
+    Ok(())
+}
+
 /// Runs `tapgate keys …`.
 pub fn run(args: KeysArgs) -> Result<()> {
     match args.cmd {
+        KeysCmd::Rotate {
+            keys,
+            passphrase_file,
+        } => rotation(&keys, passphrase_file.as_deref(), None)?,
+        KeysCmd::Retire {
+            keys,
+            version,
+            passphrase_file,
+        } => rotation(&keys, passphrase_file.as_deref(), Some(version))?,
         KeysCmd::ImportHsm {
             keys,
             passphrase_file,

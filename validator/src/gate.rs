@@ -18,7 +18,7 @@ use purse::apdu::ins;
 use purse::blocklist::Blocklist;
 use purse::keys::KeyKind;
 use purse::receipt::TxKind;
-use purse::sam::{Sam, SoftwareSam};
+use purse::sam::{Authenticator, Sam, SoftwareSam};
 use purse::tap::{RefusalReason, TapMeta, TapRecord, TAP_LEN};
 use purse::txn::{self, Decision, Outcome, PendingChange, Settlement, Transport, TxError};
 use rand::rngs::StdRng;
@@ -570,6 +570,13 @@ impl Gate {
             Err(TxError::Transport(_)) => Answer::Torn,
             Err(e) => {
                 let reason = match e {
+                    // A version the operator retired has its own reason: the card is
+                    // migrated at its next online load.
+                    TxError::UnknownKeyVersion(v)
+                        if self.sam.retired_version(KeyKind::Debit, v) =>
+                    {
+                        RefusalReason::KeyVersionRetired
+                    }
                     TxError::UnknownKeyVersion(_) => RefusalReason::UnknownKeyVersion,
                     _ => RefusalReason::CardError,
                 };

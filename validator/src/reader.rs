@@ -202,7 +202,7 @@ impl Crowd {
                     nvm.validate().map_err(|e| unusable(e.to_string()))?;
                     let k = self
                         .hsm
-                        .card_keys(&uid, nvm.main.key_version)
+                        .card_keys_of(&nvm.main)
                         .map_err(|e| unusable(e.to_string()))?;
                     return Ok(Card::power_on(nvm, k));
                 }
@@ -227,9 +227,8 @@ impl Crowd {
     /// next presentation reads).
     fn put_card(&mut self, i: usize, mut card: Card, last_image: &str) {
         if card.is_torn() {
-            let uid = card.state().uid;
             let nvm = card.nvm().clone();
-            if let Ok(k) = self.hsm.card_keys(&uid, nvm.main.key_version) {
+            if let Ok(k) = self.hsm.card_keys_of(&nvm.main) {
                 card = Card::power_on(nvm, k);
             }
         }
@@ -398,8 +397,7 @@ impl Reader for Crowd {
             } = r;
             if failed {
                 // The chip's write did not happen: the card is as its image holds it.
-                let uid = saved.main.uid;
-                match self.hsm.card_keys(&uid, saved.main.key_version) {
+                match self.hsm.card_keys_of(&saved.main) {
                     Ok(k) => self.put_card(i, Card::power_on(saved, k), &last_image),
                     // (Cannot happen: the card was powered on with these keys.) The next
                     // presentation reads the image.

@@ -108,7 +108,7 @@ impl VirtualCard {
     /// Powers on the card of `nvm` (its keys from `hsm`), saving its image with `save`
     /// whenever it changes — at once if power-on recovery settled a torn commit.
     pub fn open(nvm: Nvm, hsm: SoftwareHsm, save: Saver) -> Result<Self, VpcdError> {
-        let keys = hsm.card_keys(&nvm.main.uid, nvm.main.key_version)?;
+        let keys = hsm.card_keys_of(&nvm.main)?;
         let card = Card::power_on(nvm.clone(), keys);
         let mut v = Self {
             card,
@@ -149,7 +149,7 @@ impl VirtualCard {
     /// Power on (or after a reset): recovery from the NVM image, no session.
     fn power_on(&mut self) -> Result<(), VpcdError> {
         let nvm = self.card.nvm().clone();
-        let keys = self.hsm.card_keys(&nvm.main.uid, nvm.main.key_version)?;
+        let keys = self.hsm.card_keys_of(&nvm.main)?;
         self.card = Card::power_on(nvm, keys);
         self.persist()
     }

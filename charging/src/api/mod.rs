@@ -304,6 +304,7 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
             "tapgate_charging_payments_completed_total",
             stats.payments_completed,
         ),
+        ("tapgate_charging_keys_rotated_total", stats.keys_rotated),
         // Transactions the ledger's database aborted and this process ran again (PostgreSQL;
         // always 0 on LMDB).
         (

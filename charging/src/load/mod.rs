@@ -20,6 +20,7 @@ mod complete;
 mod decide;
 mod order;
 mod payment;
+mod rekey;
 mod reversal;
 mod session;
 
@@ -323,6 +324,8 @@ struct Session {
     fingerprint: String,
     /// Set once the final reply is stored under the idempotency key.
     idempotent_stored: bool,
+    /// A key rotation under way after the completed load (`rekey.rs`).
+    migration: Option<rekey::Migration>,
 }
 
 /// Counters for metrics and the bench.
@@ -340,6 +343,8 @@ pub struct LoadStats {
     pub settled_voided: u64,
     /// payments completed (at once or settled later)
     pub payments_completed: u64,
+    /// cards moved to the current key version after a load (`rekey.rs`)
+    pub keys_rotated: u64,
 }
 
 /// A session that gave its final answer, kept so a retried last step (or start) gets it again.

@@ -97,6 +97,7 @@ impl LoadService {
             intent_recorded: false,
             commit_sent: false,
             idempotent_stored: false,
+            migration: None,
             purpose,
             idem: ikey,
             fingerprint,
@@ -231,6 +232,9 @@ impl LoadService {
         responses: &[Vec<u8>],
         now_ms: u64,
     ) -> Result<Reply, LoadError> {
+        if s.migration.is_some() {
+            return Ok(self.advance_migration(s, responses));
+        }
         let mut step = Step::Continue;
         for response in responses {
             let fed = {
@@ -295,7 +299,7 @@ impl LoadService {
                         self.complete(&proof, now_ms, Some(stored))?;
                         s.idempotent_stored = true;
                         self.stats.lock().expect("stats").completed += 1;
-                        Ok(reply)
+                        Ok(self.migrate_after_load(s, receipt.key_version(), reply))
                     }
                     Err(e) => {
                         // The commit answer verified under the session MAC but the TMV does
