@@ -37,7 +37,8 @@
 //! use charging::ledger::{LedgerOnly, LedgerWrite};
 //! fn load_without_proof(t: &mut dyn LedgerWrite) {
 //!     // Value posted to a card with no proof: refused at compile time.
-//!     let _ = t.post_any(LedgerOnly(()), 0, "funding:card", "card:04040404040404", 500, "x");
+//!     let card = "card:04040404040404";
+//!     let _ = t.post_any(LedgerOnly(()), charging::ledger::NewPosting::new(0, "funding:card", card, 500, "x"));
 //! }
 //! ```
 //!
@@ -78,6 +79,53 @@ use purse::sam::TmacVerified;
 use purse::txn::CardSnapshot;
 
 mod steps;
+
+/// A posting to make: `amount_minor` from `from` to `to` at `time_ms`, traced by `reference`
+/// ([`LedgerWrite::post_any`] numbers it).
+#[derive(Clone, Copy, Debug)]
+pub struct NewPosting<'a> {
+    /// when (unix ms)
+    pub time_ms: u64,
+    /// debited account
+    pub from: &'a str,
+    /// credited account
+    pub to: &'a str,
+    /// minor units
+    pub amount_minor: i64,
+    /// trace
+    pub reference: &'a str,
+}
+
+impl<'a> NewPosting<'a> {
+    /// The posting of `amount_minor` from `from` to `to`.
+    pub fn new(
+        time_ms: u64,
+        from: &'a str,
+        to: &'a str,
+        amount_minor: i64,
+        reference: &'a str,
+    ) -> Self {
+        NewPosting {
+            time_ms,
+            from,
+            to,
+            amount_minor,
+            reference,
+        }
+    }
+
+    /// The stored posting, numbered `seq`.
+    pub fn numbered(&self, seq: u64) -> Posting {
+        Posting {
+            seq,
+            time_ms: self.time_ms,
+            from: self.from.to_string(),
+            to: self.to.to_string(),
+            amount_minor: self.amount_minor,
+            reference: self.reference.to_string(),
+        }
+    }
+}
 
 /// What proves that a card made an intent's change — the only ways to complete one
 /// ([`LedgerWrite::complete_intent`]).
@@ -298,18 +346,25 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
                 account: account.to_string(),
             });
         }
-        self.post_any(LedgerOnly(()), time_ms, from, to, amount_minor, reference)
+        let entry = NewPosting::new(time_ms, from, to, amount_minor, reference);
+        self.post_any(LedgerOnly(()), entry)
     }
 
-    /// Posts between any two accounts, cards included (the ledger's own steps only).
-    fn post_any(
+    /// Posts between any two accounts, cards included (the ledger's own steps only): a
+    /// positive amount between two different accounts, refused if either balance would leave
+    /// i64 (then nothing moves and the transaction goes on).
+    fn post_any(&mut self, _: LedgerOnly, entry: NewPosting<'_>) -> Result<Posting, LedgerError> {
+        super::rules::check_posting(entry.from, entry.to, entry.amount_minor)?;
+        self.append_posting(LedgerOnly(()), entry)
+    }
+
+    /// Numbers and stores a checked posting and moves both balances, unless one would leave
+    /// i64 ([`LedgerError::InvalidPosting`], nothing changed) (the ledger's own steps only:
+    /// [`LedgerWrite::post_any`] checks it first).
+    fn append_posting(
         &mut self,
         token: LedgerOnly,
-        time_ms: u64,
-        from: &str,
-        to: &str,
-        amount_minor: i64,
-        reference: &str,
+        entry: NewPosting<'_>,
     ) -> Result<Posting, LedgerError>;
 
     /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
@@ -641,14 +696,10 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
             ));
         }
         if personalised_minor > 0 {
-            self.post_any(
-                LedgerOnly(()),
-                now_ms,
-                "issuer:float",
-                &card_account(uid),
-                i64::from(personalised_minor),
-                reference,
-            )?;
+            let card = card_account(uid);
+            let value = i64::from(personalised_minor);
+            let entry = NewPosting::new(now_ms, "issuer:float", &card, value, reference);
+            self.post_any(LedgerOnly(()), entry)?;
         }
         let shadow = CardShadow {
             booked_balance_minor: Some(personalised_minor),
@@ -808,15 +859,15 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         let r = proof.receipt();
         let (card, op) = (card_account(&r.uid()), format!("operator:{operator}"));
         let amount = i64::from(r.amount_minor());
-        match r.kind() {
-            TxKind::Debit if amount > 0 => {
-                self.post_any(LedgerOnly(()), now_ms, &card, &op, amount, reference)?
-            }
-            TxKind::LimitedCredit if amount > 0 => {
-                self.post_any(LedgerOnly(()), now_ms, &op, &card, amount, reference)?
-            }
+        let (from, to) = match r.kind() {
+            TxKind::Debit if amount > 0 => (&card, &op),
+            TxKind::LimitedCredit if amount > 0 => (&op, &card),
             _ => return Ok(()),
         };
+        self.post_any(
+            LedgerOnly(()),
+            NewPosting::new(now_ms, from, to, amount, reference),
+        )?;
         Ok(())
     }
 
@@ -840,13 +891,11 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         } else {
             card_account(&uid)
         };
+        let from = format!("franchise:{franchise}");
+        let amount = i64::from(r.amount_minor());
         self.post_any(
             LedgerOnly(()),
-            now_ms,
-            &format!("franchise:{franchise}"),
-            &to,
-            i64::from(r.amount_minor()),
-            reference,
+            NewPosting::new(now_ms, &from, &to, amount, reference),
         )
     }
 
@@ -874,13 +923,10 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         } else {
             card_account(&uid)
         };
+        let amount = i64::from(r.amount_minor());
         self.post_any(
             LedgerOnly(()),
-            now_ms,
-            from,
-            &to,
-            i64::from(r.amount_minor()),
-            reference,
+            NewPosting::new(now_ms, from, &to, amount, reference),
         )
     }
 

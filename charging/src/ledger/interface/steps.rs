@@ -3,7 +3,7 @@
 //! clock, a block change, a day total) and asks `ledger::rules` what to decide. The trait's
 //! provided methods call them; a backend implements the primitives only.
 
-use super::{Completion, LedgerOnly, LedgerWrite};
+use super::{Completion, LedgerOnly, LedgerWrite, NewPosting};
 use crate::ledger::records::*;
 use crate::ledger::rules::{self, GapAfterBooking, GapDecision, Settled, Voided};
 use crate::ledger::LedgerError;
@@ -179,8 +179,8 @@ pub(super) fn complete_intent<W: LedgerWrite + ?Sized>(
         IntentKind::Payment => Settled::Payment(payment_completed(w, &intent, tmc, now_ms)?),
     };
     let (m, action) = rules::complete(&mut intent, &uid, tmc, before_learned, settled, now_ms)?;
-    let token = LedgerOnly(());
-    w.post_any(token, now_ms, &m.from, &m.to, m.amount_minor, &m.reference)?;
+    let entry = NewPosting::new(now_ms, &m.from, &m.to, m.amount_minor, &m.reference);
+    w.post_any(LedgerOnly(()), entry)?;
     w.put_intent(LedgerOnly(()), &uid, &intent)?;
     let balance_after_minor = proof.balance_after_minor();
     observe(w, &uid, tmc, balance_after_minor)?;

@@ -461,17 +461,12 @@ pub struct LmdbWrite<'a, 't> {
 impl super::interface::sealed::Sealed for LmdbWrite<'_, '_> {}
 
 impl LedgerWrite for LmdbWrite<'_, '_> {
-    fn post_any(
+    fn append_posting(
         &mut self,
         _: LedgerOnly,
-        time_ms: u64,
-        from: &str,
-        to: &str,
-        amount_minor: i64,
-        reference: &str,
+        entry: super::NewPosting<'_>,
     ) -> Result<Posting, LedgerError> {
-        self.core
-            .post(self.txn, time_ms, from, to, amount_minor, reference)
+        self.core.append_posting(self.txn, entry)
     }
 
     fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError> {

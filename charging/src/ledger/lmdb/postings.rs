@@ -3,29 +3,18 @@
 use super::*;
 
 impl LedgerCore {
-    /// Posts `amount_minor` from `from` to `to` inside `txn`.
-    pub(super) fn post(
+    /// Numbers and stores a checked posting inside `txn` and moves both balances.
+    pub(super) fn append_posting(
         &self,
         txn: &mut RwTxn<'_>,
-        time_ms: u64,
-        from: &str,
-        to: &str,
-        amount_minor: i64,
-        reference: &str,
+        entry: crate::ledger::NewPosting<'_>,
     ) -> Result<Posting, LedgerError> {
-        crate::ledger::rules::check_posting(from, to, amount_minor)?;
         let seq = match self.postings.last(txn)? {
             Some((k, _)) => k + 1,
             None => 1,
         };
-        let p = Posting {
-            seq,
-            time_ms,
-            from: from.to_string(),
-            to: to.to_string(),
-            amount_minor,
-            reference: reference.to_string(),
-        };
+        let p = entry.numbered(seq);
+        let (from, to, amount_minor) = (entry.from, entry.to, entry.amount_minor);
         // Checked: a balance that would leave i64 refuses the posting (two payments of
         // i64::MAX must not wrap an account round to a small number).
         let fb = self.balances.get(txn, from)?.unwrap_or(0);

@@ -5,9 +5,8 @@
 
 use super::read::{big, uid_hex, unbig};
 use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, MAX_ATTEMPTS};
-use crate::ledger::interface::{LedgerOnly, LedgerWrite};
+use crate::ledger::interface::{LedgerOnly, LedgerWrite, NewPosting};
 use crate::ledger::records::*;
-use crate::ledger::rules;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -198,16 +197,12 @@ impl PgWrite<'_> {
 super::read::reads_through_q!(PgWrite<'_>);
 
 impl LedgerWrite for PgWrite<'_> {
-    fn post_any(
+    fn append_posting(
         &mut self,
         _: LedgerOnly,
-        time_ms: u64,
-        from: &str,
-        to: &str,
-        amount_minor: i64,
-        reference: &str,
+        entry: NewPosting<'_>,
     ) -> Result<Posting, LedgerError> {
-        rules::check_posting(from, to, amount_minor)?;
+        let (from, to, amount_minor) = (entry.from, entry.to, entry.amount_minor);
         // Each side's shard moves by the amount, unless that would leave i64 (then nothing
         // moves and the posting is refused; the transaction goes on, as under LMDB).
         let overflow = LedgerError::InvalidPosting("an account balance would overflow");
@@ -222,17 +217,16 @@ impl LedgerWrite for PgWrite<'_> {
             .one(
                 "INSERT INTO postings (time_ms, from_account, to_account, amount_minor, reference) \
                  VALUES ($1, $2, $3, $4, $5) RETURNING seq",
-                &[&big(time_ms), &from, &to, &amount_minor, &reference],
+                &[
+                    &big(entry.time_ms),
+                    &from,
+                    &to,
+                    &amount_minor,
+                    &entry.reference,
+                ],
             )?
             .ok_or_else(|| LedgerError::Database("no posting number".into()))?;
-        Ok(Posting {
-            seq: unbig(row.get(0)),
-            time_ms,
-            from: from.to_string(),
-            to: to.to_string(),
-            amount_minor,
-            reference: reference.to_string(),
-        })
+        Ok(entry.numbered(unbig(row.get(0))))
     }
 
     fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError> {
