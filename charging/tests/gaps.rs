@@ -4,62 +4,21 @@
 
 use charging::api::{Auth, Role, TokenEntry};
 use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
-use charging::funding::{FundingSource, SandboxProcessor};
 use charging::load::{LoadConfig, LoadService};
 use charging::server::{self, ServerConfig};
 use purse::apdu::ins;
-use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
-use purse::receipt::CommitReceipt;
 use purse::sam::{SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
+use tapgate_testkit::charging::load_service;
+use tapgate_testkit::fixtures::{clearing_tap, transit_card, value_tx};
 
 const T0: u64 = 1_700_000_000_000;
 const HOUR: u64 = 3_600_000;
 const TIMEOUT: u64 = 72 * HOUR;
 const OPS: &str = "tg_ops_gaps";
-
-fn change(
-    auth: &mut dyn purse::sam::Authenticator,
-    key: KeyKind,
-    code: u8,
-    card: &mut Card,
-    amount: i32,
-) -> CommitReceipt {
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let out = txn::run(
-        &mut reader,
-        auth,
-        key,
-        code,
-        &mut StdRng::seed_from_u64(2),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        },
-    )
-    .unwrap();
-    match out {
-        Outcome::Committed { receipt, .. } => receipt,
-        Outcome::Refused { .. } => panic!("refused"),
-    }
-}
-
-fn tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
-    serde_json::from_value(serde_json::json!({
-        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
-        "kind": "debit", "amount_minor": r.amount_minor(),
-        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
-        "key_version": r.key_version(), "operator": "metro",
-    }))
-    .unwrap()
-}
 
 fn clear(svc: &LoadService, id: &str, taps: Vec<ClearingTap>, now: u64) {
     let out = clear_batch(
@@ -91,41 +50,38 @@ fn blocked(svc: &LoadService, uid: &[u8; 7]) -> bool {
 fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared() {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(11));
-    let (ledger, _pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    );
+    let (_pg, svc, _) = load_service(dir.path(), &keys, LoadConfig::default());
     let mut hsm = SoftwareHsm::new(&keys).unwrap();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
 
     // Card A: three debits; the middle one's tap is late (its validator was offline).
     let a = [0x04, 0xA0, 1, 2, 3, 4, 5];
     svc.register_card(&a, 1_000, T0).unwrap();
-    let mut card_a = Card::personalise(
-        &Personalisation::transit(a, 1_000),
-        hsm.card_keys(&a, 1).unwrap(),
+    let mut card_a = transit_card(&hsm, a, 1_000);
+    let a1 = value_tx(&mut sam, &mut card_a, KeyKind::Debit, ins::DEBIT, 100).unwrap();
+    let a2 = value_tx(&mut sam, &mut card_a, KeyKind::Debit, ins::DEBIT, 200).unwrap();
+    let a3 = value_tx(&mut sam, &mut card_a, KeyKind::Debit, ins::DEBIT, 50).unwrap();
+    clear(
+        &svc,
+        "b1",
+        vec![clearing_tap(&a1, 1), clearing_tap(&a3, 3)],
+        T0,
     );
-    let a1 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_a, 100);
-    let a2 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_a, 200);
-    let a3 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_a, 50);
-    clear(&svc, "b1", vec![tap(&a1, 1), tap(&a3, 3)], T0);
 
     // Card B: a credit the back office never made (a leaked credit key), then a debit that is
     // cleared: value appeared across the gap.
     let b = [0x04, 0xB0, 1, 2, 3, 4, 5];
     svc.register_card(&b, 1_000, T0).unwrap();
-    let mut card_b = Card::personalise(
-        &Personalisation::transit(b, 1_000),
-        hsm.card_keys(&b, 1).unwrap(),
+    let mut card_b = transit_card(&hsm, b, 1_000);
+    let b1 = value_tx(&mut sam, &mut card_b, KeyKind::Debit, ins::DEBIT, 100).unwrap();
+    let rogue = value_tx(&mut hsm, &mut card_b, KeyKind::Credit, ins::CREDIT, 5_000).unwrap();
+    let b3 = value_tx(&mut sam, &mut card_b, KeyKind::Debit, ins::DEBIT, 100).unwrap();
+    clear(
+        &svc,
+        "b2",
+        vec![clearing_tap(&b1, 4), clearing_tap(&b3, 6)],
+        T0 + HOUR,
     );
-    let b1 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_b, 100);
-    let rogue = change(&mut hsm, KeyKind::Credit, ins::CREDIT, &mut card_b, 5_000);
-    let b3 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_b, 100);
-    clear(&svc, "b2", vec![tap(&b1, 4), tap(&b3, 6)], T0 + HOUR);
 
     // Before the timeout nothing is raised.
     assert_eq!(sweep(&svc, T0 + TIMEOUT - HOUR), Default::default());
@@ -188,17 +144,17 @@ fn a_gap_that_never_fills_is_reported_once_and_blocks_only_when_value_appeared()
 
     // A's late tap fills its gap: A reconciles; B still differs (its counter 2 was booked
     // by hand above, without a posting: the value the ledger never saw).
-    clear(&svc, "b3", vec![tap(&a2, 2)], T0 + 2 * TIMEOUT);
+    clear(&svc, "b3", vec![clearing_tap(&a2, 2)], T0 + 2 * TIMEOUT);
     let report = charging::reconcile::reconcile(svc.ledger()).unwrap();
     assert_eq!(report.balanced, 1, "{report:?}");
     assert_eq!(report.differences.len(), 1);
     assert_eq!(report.differences[0].card_uid, hex::encode_upper(b));
 
     // A new gap on A later starts a new clock.
-    let a4 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_a, 10);
-    let a5 = change(&mut sam, KeyKind::Debit, ins::DEBIT, &mut card_a, 10);
+    let a4 = value_tx(&mut sam, &mut card_a, KeyKind::Debit, ins::DEBIT, 10).unwrap();
+    let a5 = value_tx(&mut sam, &mut card_a, KeyKind::Debit, ins::DEBIT, 10).unwrap();
     let _ = a4;
-    clear(&svc, "b4", vec![tap(&a5, 5)], T0 + 3 * TIMEOUT);
+    clear(&svc, "b4", vec![clearing_tap(&a5, 5)], T0 + 3 * TIMEOUT);
     assert_eq!(
         sweep(&svc, T0 + 3 * TIMEOUT + HOUR),
         Default::default(),

@@ -4,7 +4,6 @@
 //! arrive. And a card clearing blocked as a clone is reported by reconciliation.
 
 use charging::clearing::{clear_batch, BatchOutcome, ClearingBatch, ClearingTap};
-use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::card_account;
 use charging::load::{LoadConfig, LoadService};
 use charging::reconcile::{reconcile, Cause};
@@ -13,44 +12,15 @@ use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
 use purse::sam::{SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::sync::Arc;
+use tapgate_testkit::charging::load_service;
+use tapgate_testkit::fixtures::{clearing_tap, transit_card, value_tx};
 
 const T0: u64 = 1_700_000_000_000;
 
 fn debit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let out = txn::run(
-        &mut reader,
-        sam,
-        KeyKind::Debit,
-        ins::DEBIT,
-        &mut StdRng::seed_from_u64(2),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        },
-    )
-    .unwrap();
-    match out {
-        Outcome::Committed { receipt, .. } => receipt,
-        Outcome::Refused { .. } => panic!("refused"),
-    }
-}
-
-fn tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
-    serde_json::from_value(serde_json::json!({
-        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
-        "kind": "debit", "amount_minor": r.amount_minor(),
-        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
-        "key_version": r.key_version(), "operator": "metro",
-    }))
-    .unwrap()
+    value_tx(sam, card, KeyKind::Debit, ins::DEBIT, amount).unwrap()
 }
 
 struct Rig {
@@ -65,14 +35,7 @@ struct Rig {
 fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
-    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    );
+    let (pg, svc, _) = load_service(dir.path(), &keys, LoadConfig::default());
     Rig {
         svc,
         hsm: SoftwareHsm::new(&keys).unwrap(),
@@ -111,13 +74,15 @@ fn revenue(rig: &Rig) -> i64 {
 fn a_card_tapping_before_registration_is_learned_and_a_late_registration_keeps_it_balanced() {
     let mut rig = rig();
     let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 7];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 5_000),
-        rig.hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = transit_card(&rig.hsm, uid, 5_000);
     let d1 = debit(&mut rig.sam, &mut card, 100);
     let d2 = debit(&mut rig.sam, &mut card, 200);
-    let out = clear(&rig, "b1", vec![tap(&d1, 1), tap(&d2, 2)], T0);
+    let out = clear(
+        &rig,
+        "b1",
+        vec![clearing_tap(&d1, 1), clearing_tap(&d2, 2)],
+        T0,
+    );
     assert_eq!(out.cleared, 2, "{out:?}");
     assert!(out.anomalies.is_empty(), "no negative shadow: {out:?}");
     assert_eq!(out.cards_learned, 1, "{out:?}");
@@ -129,7 +94,7 @@ fn a_card_tapping_before_registration_is_learned_and_a_late_registration_keeps_i
     rig.svc.register_card(&uid, 5_000, T0 + 1).unwrap();
     assert_eq!(card_balance_in_ledger(&rig, &uid), 4_700);
     let d3 = debit(&mut rig.sam, &mut card, 50);
-    let out = clear(&rig, "b2", vec![tap(&d3, 3)], T0 + 2);
+    let out = clear(&rig, "b2", vec![clearing_tap(&d3, 3)], T0 + 2);
     assert!(out.anomalies.is_empty(), "{out:?}");
     assert_eq!(out.cards_learned, 0);
     let rep = reconcile(rig.svc.ledger()).unwrap();
@@ -145,16 +110,18 @@ fn a_card_tapping_before_registration_is_learned_and_a_late_registration_keeps_i
 fn taps_of_an_unregistered_card_arriving_out_of_order_still_balance() {
     let mut rig = rig();
     let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 8];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 5_000),
-        rig.hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = transit_card(&rig.hsm, uid, 5_000);
     let d: Vec<CommitReceipt> = [100, 200, 50, 400]
         .into_iter()
         .map(|a| debit(&mut rig.sam, &mut card, a))
         .collect();
     // The third and fourth taps come first (another gateway was faster); learned at counter 3.
-    let out = clear(&rig, "late-first", vec![tap(&d[2], 3), tap(&d[3], 4)], T0);
+    let out = clear(
+        &rig,
+        "late-first",
+        vec![clearing_tap(&d[2], 3), clearing_tap(&d[3], 4)],
+        T0,
+    );
     assert!(out.anomalies.is_empty(), "{out:?}");
     assert_eq!(out.cards_learned, 1);
     assert_eq!(card_balance_in_ledger(&rig, &uid), 4_250);
@@ -174,7 +141,7 @@ fn taps_of_an_unregistered_card_arriving_out_of_order_still_balance() {
     let out = clear(
         &rig,
         "early-last",
-        vec![tap(&d[0], 1), tap(&d[1], 2)],
+        vec![clearing_tap(&d[0], 1), clearing_tap(&d[1], 2)],
         T0 + 1,
     );
     assert!(out.anomalies.is_empty(), "{out:?}");
@@ -204,9 +171,9 @@ fn a_card_blocked_as_a_clone_is_reported_by_reconciliation() {
     let genuine = debit(&mut rig.sam, &mut card, 100);
     let cloned = debit(&mut rig.sam, &mut copy, 300);
     assert_eq!(genuine.tmc(), cloned.tmc());
-    let out = clear(&rig, "c1", vec![tap(&genuine, 1)], T0);
+    let out = clear(&rig, "c1", vec![clearing_tap(&genuine, 1)], T0);
     assert!(out.anomalies.is_empty(), "{out:?}");
-    let out = clear(&rig, "c2", vec![tap(&cloned, 2)], T0 + 1);
+    let out = clear(&rig, "c2", vec![clearing_tap(&cloned, 2)], T0 + 1);
     assert_eq!(out.cards_blocked, 1, "{out:?}");
     assert_eq!(out.anomalies[0].kind, "clone");
     // The ledger and the genuine card agree, but the card is a clone: reconciliation says so.
@@ -241,10 +208,16 @@ fn clearing_counts_batches_taps_and_anomalies_by_kind_once() {
         charging::clearing::clear_batch_counted(rig.svc.ledger(), rig.svc.hsm(), b, T0, &stats)
             .unwrap()
     };
-    count(batch("b1", vec![tap(&d1, 1), tap(&d2, 2)]));
+    count(batch(
+        "b1",
+        vec![clearing_tap(&d1, 1), clearing_tap(&d2, 2)],
+    ));
     // The gateway lost the answer and sends the same batch again: not counted twice.
-    count(batch("b1", vec![tap(&d1, 1), tap(&d2, 2)]));
-    count(batch("b2", vec![tap(&fake1, 3)]));
+    count(batch(
+        "b1",
+        vec![clearing_tap(&d1, 1), clearing_tap(&d2, 2)],
+    ));
+    count(batch("b2", vec![clearing_tap(&fake1, 3)]));
     let text = stats.render();
     for line in [
         "tapgate_charging_clearing_batches_total 2",
@@ -275,7 +248,7 @@ fn franchise(rig: &Rig) -> (charging::franchise::FranchiseConfig, SoftwareSam) {
 }
 
 fn credit(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> CommitReceipt {
-    tapgate_testkit::fixtures::value_tx(sam, card, KeyKind::Credit, ins::CREDIT, amount).unwrap()
+    value_tx(sam, card, KeyKind::Credit, ins::CREDIT, amount).unwrap()
 }
 
 fn balance_of(rig: &Rig, account: &str) -> i64 {
@@ -287,15 +260,12 @@ fn a_franchise_load_inside_a_learned_balance_is_not_credited_twice() {
     let mut rig = rig();
     let (cfg, mut shop) = franchise(&rig);
     let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 11];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 5_000),
-        rig.hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = transit_card(&rig.hsm, uid, 5_000);
     // Loaded offline at the shop (counter 1), then a fare (counter 2); the tap is cleared first.
     let load = credit(&mut shop, &mut card, 2_000);
     assert_eq!(load.tmc(), 1);
     let fare = debit(&mut rig.sam, &mut card, 100);
-    let out = clear(&rig, "t1", vec![tap(&fare, 1)], T0);
+    let out = clear(&rig, "t1", vec![clearing_tap(&fare, 1)], T0);
     assert_eq!(out.cards_learned, 1, "{out:?}");
     assert_eq!(card_balance_in_ledger(&rig, &uid), 6_900);
 
@@ -341,10 +311,7 @@ fn an_online_load_below_the_learned_counter_completed_late_is_not_credited_twice
     let mut rig = rig();
     let (_, mut shop) = franchise(&rig);
     let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 12];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 5_000),
-        rig.hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = transit_card(&rig.hsm, uid, 5_000);
     // A load of 2,000 pending at counter 0 that the card applied; its answer was lost.
     let mut intent = LoadIntent {
         uid: hex::encode_upper(uid),
@@ -372,7 +339,7 @@ fn an_online_load_below_the_learned_counter_completed_late_is_not_credited_twice
         .unwrap();
     let load = credit(&mut shop, &mut card, 2_000);
     let fare = debit(&mut rig.sam, &mut card, 100);
-    let out = clear(&rig, "t1", vec![tap(&fare, 1)], T0);
+    let out = clear(&rig, "t1", vec![clearing_tap(&fare, 1)], T0);
     assert_eq!(out.cards_learned, 1, "{out:?}");
 
     // The load's proof arrives after the card was learned from the state that holds it.
@@ -397,12 +364,9 @@ fn an_online_load_below_the_learned_counter_completed_late_is_not_credited_twice
 fn registering_a_learned_card_with_another_personalised_value_is_a_conflict() {
     let mut rig = rig();
     let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 13];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 5_000),
-        rig.hsm.card_keys(&uid, 1).unwrap(),
-    );
+    let mut card = transit_card(&rig.hsm, uid, 5_000);
     let fare = debit(&mut rig.sam, &mut card, 100);
-    let out = clear(&rig, "t1", vec![tap(&fare, 1)], T0);
+    let out = clear(&rig, "t1", vec![clearing_tap(&fare, 1)], T0);
     assert_eq!(out.cards_learned, 1, "{out:?}");
 
     let refused = rig.svc.register_card(&uid, 7_000, T0 + 1);

@@ -149,6 +149,46 @@ pub fn test_ledger(
     (ledger, None)
 }
 
+/// A load service on `ledger` with the software HSM of `keys` and the sandbox card processor
+/// (funding source `card`, kept in `dir`), as the charging server wires it; the processor too,
+/// for tests that look at its authorisations.
+pub fn load_service_on(
+    ledger: charging::ledger::Ledger,
+    keys: &purse::keys::KeySet,
+    dir: &std::path::Path,
+    cfg: charging::load::LoadConfig,
+) -> (
+    charging::load::LoadService,
+    std::sync::Arc<charging::funding::SandboxProcessor>,
+) {
+    use charging::funding::{FundingSource, SandboxProcessor};
+    let processor =
+        std::sync::Arc::new(SandboxProcessor::open(&dir.join("processor")).expect("processor"));
+    let svc = charging::load::LoadService::new(
+        ledger,
+        Box::new(purse::sam::SoftwareHsm::new(keys).expect("software HSM")),
+        vec![processor.clone() as std::sync::Arc<dyn FundingSource>],
+        cfg,
+    );
+    (svc, processor)
+}
+
+/// [`load_service_on`] the [`test_ledger`] in `dir`. The guard of its PostgreSQL cluster (if
+/// any) comes first: bound first, it is dropped after the service.
+pub fn load_service(
+    dir: &std::path::Path,
+    keys: &purse::keys::KeySet,
+    cfg: charging::load::LoadConfig,
+) -> (
+    Option<crate::postgres::TestDb>,
+    charging::load::LoadService,
+    std::sync::Arc<charging::funding::SandboxProcessor>,
+) {
+    let (ledger, pg) = test_ledger(&dir.join("ledger"));
+    let (svc, processor) = load_service_on(ledger, keys, dir, cfg);
+    (pg, svc, processor)
+}
+
 /// With `TAPGATE_TEST_LEDGER=postgres`, a server whose test left the ledger at its default
 /// (LMDB) keeps it in a throwaway PostgreSQL database instead — so every suite that starts its
 /// server here runs on either backend:

@@ -1,5 +1,6 @@
 //! Small fixtures: bearer tokens, personalised cards, value transactions, signed taps.
 
+use purse::batch::ClearingTap;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::{CommitReceipt, TxKind};
@@ -38,6 +39,18 @@ pub fn value_tx(
     code: u8,
     amount: i32,
 ) -> Result<CommitReceipt, TxError> {
+    value_tx_with_record(auth, card, key, code, amount, None)
+}
+
+/// [`value_tx`] that also writes trip `record` (a validator's fare) in the same transaction.
+pub fn value_tx_with_record(
+    auth: &mut dyn Authenticator,
+    card: &mut Card,
+    key: KeyKind,
+    code: u8,
+    amount: i32,
+    record: Option<Vec<u8>>,
+) -> Result<CommitReceipt, TxError> {
     let mut reader = EmulatedReader {
         card,
         rng: StdRng::seed_from_u64(7),
@@ -50,7 +63,7 @@ pub fn value_tx(
         &mut StdRng::seed_from_u64(8),
         |_| Decision::Apply {
             amount_minor: amount,
-            record: None,
+            record,
         },
     )?;
     match outcome {
@@ -72,6 +85,24 @@ pub fn assert_boundary(r: &Result<CommitReceipt, TxError>) {
         ),
         "expected a boundary error, got {r:?}"
     );
+}
+
+/// The clearing entry of fare `r` as validator 1001 of `metro` forwards it, its `seq`-th tap:
+/// a debit of the receipt's amount (what a clearing batch carries, `purse::batch`).
+pub fn clearing_tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
+    ClearingTap {
+        device_id: 1001,
+        device_seq: seq,
+        card_uid: hex::encode_upper(r.uid()),
+        tmc: r.tmc(),
+        kind: "debit".into(),
+        amount_minor: r.amount_minor(),
+        balance_after_minor: r.balance_after_minor(),
+        tmv: hex::encode_upper(r.tmv()),
+        key_version: r.key_version(),
+        operator: Some("metro".into()),
+        device_time_ms: 0,
+    }
 }
 
 /// A tap record of `operator`'s `device` with sequence number `seq`, signed with the device's
