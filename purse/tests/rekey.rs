@@ -2,12 +2,15 @@
 //! versions working in the window, a rotation torn at every APDU and every NVM write resumed
 //! with every key usable throughout, and the refusals a card owes a terminal that is not key 0.
 
+mod common;
+
+use common::{Tear, TearingReader};
 use purse::apdu::{self, ins};
 use purse::card::{Card, CardKeys, Personalisation, INS_GET_KEY_VERSION};
 use purse::keys::{KeyKind, KeySet};
 use purse::rekey::{self, INS_CHANGE_KEY};
 use purse::sam::{Authenticator, Hsm, SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome, Transport, TransportError, TxError};
+use purse::txn::{self, Decision, EmulatedReader, Outcome, Transport, TxError};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -112,44 +115,6 @@ fn a_card_moves_to_the_new_version_and_both_work_until_retirement() {
     assert_eq!(laggard.state().balance_minor, 4_900);
 }
 
-/// Where a rotation is torn.
-#[derive(Clone, Copy, Debug)]
-enum Tear {
-    /// The card leaves the field before the n-th APDU.
-    PullBefore(usize),
-    /// The n-th APDU reaches the card, its answer is lost, the card leaves.
-    LoseAnswer(usize),
-    /// Power is lost right after the k-th NVM write (one per ChangeKey).
-    Power(u32),
-}
-
-struct Tearing<'a> {
-    inner: EmulatedReader<'a, StdRng>,
-    tear: Tear,
-    sent: usize,
-}
-
-impl Transport for Tearing<'_> {
-    fn card_uid(&mut self) -> Result<[u8; 7], TransportError> {
-        self.inner.card_uid()
-    }
-    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
-        self.sent += 1;
-        match self.tear {
-            Tear::PullBefore(n) if self.sent >= n => {
-                self.inner.card.remove_from_field();
-                Err(TransportError::CardGone)
-            }
-            Tear::LoseAnswer(n) if self.sent >= n => {
-                let _ = self.inner.transmit(command);
-                self.inner.card.remove_from_field();
-                Err(TransportError::CardGone)
-            }
-            _ => self.inner.transmit(command),
-        }
-    }
-}
-
 /// APDUs of a whole rotation: select, four GetKeyVersion, two authentication frames, ChangeKey
 /// 0, two authentication frames, three ChangeKey.
 const REKEY_APDUS: usize = 13;
@@ -166,7 +131,7 @@ fn a_rotation_torn_anywhere_leaves_every_key_usable_and_is_resumed() {
         if let Tear::Power(k) = tear {
             card.tear_after_writes(Some(k));
         }
-        let mut t = Tearing {
+        let mut t = TearingReader {
             inner: reader(&mut card),
             tear,
             sent: 0,

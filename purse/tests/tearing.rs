@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::Rig;
+use common::{Rig, Tear, TearingReader};
 use proptest::prelude::*;
 use purse::apdu::{self, ins};
 use purse::card::{Card, CardState};
@@ -13,7 +13,7 @@ use purse::keys::KeyKind;
 use purse::receipt::{CommitReceipt, TxKind};
 use purse::sam::Hsm;
 use purse::sm::CommMode;
-use purse::txn::{self, Decision, EmulatedReader, Transport, TransportError};
+use purse::txn::{self, Decision, EmulatedReader, Transport};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -23,44 +23,6 @@ enum Op {
     Load(i32),
     LimitedCredit(i32),
     AbortedDebit(i32),
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Tear {
-    None,
-    /// The card leaves the field before the n-th APDU.
-    PullBefore(usize),
-    /// The n-th APDU reaches the card but its answer is lost and the card leaves.
-    LoseAnswer(usize),
-    /// Power is lost right after the k-th NVM write of the commit.
-    Power(u32),
-}
-
-struct TearingReader<'a> {
-    inner: EmulatedReader<'a, StdRng>,
-    tear: Tear,
-    sent: usize,
-}
-
-impl Transport for TearingReader<'_> {
-    fn card_uid(&mut self) -> Result<[u8; 7], TransportError> {
-        self.inner.card_uid()
-    }
-    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
-        self.sent += 1;
-        match self.tear {
-            Tear::PullBefore(n) if self.sent >= n => {
-                self.inner.card.remove_from_field();
-                Err(TransportError::CardGone)
-            }
-            Tear::LoseAnswer(n) if self.sent >= n => {
-                let _ = self.inner.transmit(command);
-                self.inner.card.remove_from_field();
-                Err(TransportError::CardGone)
-            }
-            _ => self.inner.transmit(command),
-        }
-    }
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {

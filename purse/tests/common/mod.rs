@@ -97,3 +97,44 @@ impl Transport for Flaky<'_> {
         self.inner.transmit(command)
     }
 }
+
+/// Where a transaction is torn.
+#[derive(Clone, Copy, Debug)]
+pub enum Tear {
+    /// Not at all.
+    None,
+    /// The card leaves the field before the n-th APDU.
+    PullBefore(usize),
+    /// The n-th APDU reaches the card but its answer is lost and the card leaves.
+    LoseAnswer(usize),
+    /// Power is lost right after the k-th NVM write (of a commit, of a ChangeKey).
+    Power(u32),
+}
+
+/// A transport that tears as its [`Tear`] says (the power tear is armed on the card).
+pub struct TearingReader<'a> {
+    pub inner: EmulatedReader<'a, StdRng>,
+    pub tear: Tear,
+    pub sent: usize,
+}
+
+impl Transport for TearingReader<'_> {
+    fn card_uid(&mut self) -> Result<[u8; 7], TransportError> {
+        self.inner.card_uid()
+    }
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, TransportError> {
+        self.sent += 1;
+        match self.tear {
+            Tear::PullBefore(n) if self.sent >= n => {
+                self.inner.card.remove_from_field();
+                Err(TransportError::CardGone)
+            }
+            Tear::LoseAnswer(n) if self.sent >= n => {
+                let _ = self.inner.transmit(command);
+                self.inner.card.remove_from_field();
+                Err(TransportError::CardGone)
+            }
+            _ => self.inner.transmit(command),
+        }
+    }
+}
