@@ -1,15 +1,14 @@
 //! A pending change is completed only by the proof of that change: a genuine transaction MAC
 //! of another transaction at the same counter (a validator's fare) completes nothing.
 
-use charging::funding::{FundingSource, SandboxProcessor};
-use charging::ledger::{Completion, IntentKind, IntentState, LedgerError, LoadIntent};
-use charging::load::{LoadConfig, LoadService};
+use charging::ledger::{Completion, IntentState, LedgerError};
+use charging::load::LoadConfig;
 use purse::apdu::ins;
 use purse::keys::{KeyKind, KeySet};
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::sync::Arc;
+use tapgate_testkit::charging::{authorised_load, load_service};
 use tapgate_testkit::fixtures::{transit_card, value_tx};
 
 const T0: u64 = 1_700_000_000_000;
@@ -18,14 +17,7 @@ const T0: u64 = 1_700_000_000_000;
 fn a_fare_at_a_loads_counter_does_not_complete_the_load() {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(31));
-    let (ledger, _pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    );
+    let (_pg, svc, _) = load_service(dir.path(), &keys, LoadConfig::default());
     let hsm = SoftwareHsm::new(&keys).unwrap();
     let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
     let uid = [0x04, 0x1D, 1, 2, 3, 4, 5];
@@ -33,26 +25,7 @@ fn a_fare_at_a_loads_counter_does_not_complete_the_load() {
     let mut card = transit_card(&hsm, uid, 1_000);
 
     // A load of 5,000 pending at counter 0; the card's next change is a 100 fare instead.
-    let mut intent = LoadIntent {
-        uid: hex::encode_upper(uid),
-        tmc_before: 0,
-        attempt: 0,
-        balance_before_minor: 1_000,
-        amount_minor: 5_000,
-        key_version: 1,
-        funding_source: "sandbox".into(),
-        funding_auth: "auth-1".into(),
-        instrument: String::new(),
-        idempotency_key: "k".into(),
-        requested_by: "alice".into(),
-        state: IntentState::Authorised,
-        created_ms: T0,
-        settled_ms: None,
-        kind: IntentKind::Load,
-        reverses_tmc: None,
-        reversed_at_tmc: None,
-        payment_id: None,
-    };
+    let mut intent = authorised_load(uid, 0, 1_000, 5_000, T0);
     svc.ledger()
         .transact(move |t| t.insert_intent(&uid, &mut intent))
         .unwrap();

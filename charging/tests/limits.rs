@@ -1,7 +1,6 @@
 //! Funding-source limits: a per-load limit per source, and a per-day limit per instrument (a card
 //! token, a points holder) that a voided load gives back.
 
-use charging::funding::{FundingSource, SandboxProcessor};
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply, SourceLimits};
 use charging::server::{self, ServerConfig};
 use purse::card::Card;
@@ -9,8 +8,7 @@ use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::sync::Arc;
-use tapgate_testkit::charging::{relay_in_process, Tear};
+use tapgate_testkit::charging::{load_service, relay_in_process, Tear};
 use tapgate_testkit::fixtures::transit_card;
 
 const DAY: u64 = 86_400_000;
@@ -52,25 +50,19 @@ fn refused_reason(r: &Reply) -> &str {
 fn per_source_and_per_instrument_limits_hold_and_a_voided_load_gives_its_share_back() {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(31));
-    let (ledger, _pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        LoadConfig {
-            max_daily_per_instrument_minor: 1_500,
-            sources: [(
-                "card".to_string(),
-                SourceLimits {
-                    max_load_minor: Some(800),
-                    max_daily_per_instrument_minor: None,
-                },
-            )]
-            .into(),
-            ..LoadConfig::default()
-        },
-    );
+    let cfg = LoadConfig {
+        max_daily_per_instrument_minor: 1_500,
+        sources: [(
+            "card".to_string(),
+            SourceLimits {
+                max_load_minor: Some(800),
+                max_daily_per_instrument_minor: None,
+            },
+        )]
+        .into(),
+        ..LoadConfig::default()
+    };
+    let (_pg, svc, _) = load_service(dir.path(), &keys, cfg);
     for token in ["tok_a", "tok_b", "tok_c"] {
         svc.register_instrument("alice", "card", token, 0).unwrap();
     }

@@ -14,7 +14,7 @@ use purse::receipt::CommitReceipt;
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tapgate_testkit::charging::load_service;
+use tapgate_testkit::charging::{authorised_load, load_service};
 use tapgate_testkit::fixtures::{clearing_tap, transit_card, value_tx};
 
 const T0: u64 = 1_700_000_000_000;
@@ -306,33 +306,14 @@ fn a_franchise_load_inside_a_learned_balance_is_not_credited_twice() {
 
 #[test]
 fn an_online_load_below_the_learned_counter_completed_late_is_not_credited_twice() {
-    use charging::ledger::{Completion, IntentKind, IntentState, LoadIntent};
+    use charging::ledger::Completion;
     use purse::sam::Hsm;
     let mut rig = rig();
     let (_, mut shop) = franchise(&rig);
     let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 12];
     let mut card = transit_card(&rig.hsm, uid, 5_000);
     // A load of 2,000 pending at counter 0 that the card applied; its answer was lost.
-    let mut intent = LoadIntent {
-        uid: hex::encode_upper(uid),
-        tmc_before: 0,
-        attempt: 0,
-        balance_before_minor: 5_000,
-        amount_minor: 2_000,
-        key_version: 1,
-        funding_source: "sandbox".into(),
-        funding_auth: "auth-1".into(),
-        instrument: String::new(),
-        idempotency_key: "k".into(),
-        requested_by: "alice".into(),
-        state: IntentState::Authorised,
-        created_ms: T0,
-        settled_ms: None,
-        kind: IntentKind::Load,
-        reverses_tmc: None,
-        reversed_at_tmc: None,
-        payment_id: None,
-    };
+    let mut intent = authorised_load(uid, 0, 5_000, 2_000, T0);
     rig.svc
         .ledger()
         .transact(move |t| t.insert_intent(&uid, &mut intent))

@@ -189,6 +189,39 @@ pub fn load_service(
     (pg, svc, processor)
 }
 
+/// A load intent as the load service records it once the funding is authorised: `amount_minor`
+/// onto card `uid` at counter `tmc_before` with `balance_before_minor`, asked by `alice` (idempotency
+/// key `k`) at `created_ms`, funded by the sandbox's authorisation `auth-1`.
+pub fn authorised_load(
+    uid: [u8; 7],
+    tmc_before: u32,
+    balance_before_minor: i32,
+    amount_minor: i32,
+    created_ms: u64,
+) -> charging::ledger::LoadIntent {
+    use charging::ledger::{IntentKind, IntentState, LoadIntent};
+    LoadIntent {
+        uid: hex::encode_upper(uid),
+        tmc_before,
+        attempt: 0,
+        balance_before_minor,
+        amount_minor,
+        key_version: 1,
+        funding_source: "sandbox".into(),
+        funding_auth: "auth-1".into(),
+        instrument: String::new(),
+        idempotency_key: "k".into(),
+        requested_by: "alice".into(),
+        state: IntentState::Authorised,
+        created_ms,
+        settled_ms: None,
+        kind: IntentKind::Load,
+        reverses_tmc: None,
+        reversed_at_tmc: None,
+        payment_id: None,
+    }
+}
+
 /// With `TAPGATE_TEST_LEDGER=postgres`, a server whose test left the ledger at its default
 /// (LMDB) keeps it in a throwaway PostgreSQL database instead — so every suite that starts its
 /// server here runs on either backend:
