@@ -230,6 +230,11 @@ async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
         state.contains("Blocked: lost") && state.contains("version"),
         "{state}"
     );
+    // How far the block reached is the gateways' figure: the page says where it is.
+    assert!(b
+        .text("#propagation-note")
+        .await
+        .contains("on the operator's gateway console"));
     b.screenshot("card_blocked").await;
     b.close().await;
     let shadow = shadow(&s, ANN_CARD);
@@ -433,26 +438,33 @@ fn the_demo_serves_the_pages_and_keeps_serving_until_interrupted() {
     });
 }
 
-#[test]
-fn charging_page_login_prints_a_config_entry_with_the_passwords_argon2id_hash() {
+/// `tapgate charging page-login ARGS` with `passphrase` on standard input: the entry it
+/// printed, read back as configuration.
+fn page_login(args: &[&str], passphrase: &str) -> (String, charging::server::ServerConfig) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args(["charging", "page-login", "--name", "rider-7"])
+        .args(["charging", "page-login"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"a long passphrase\n")
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{passphrase}\n").as_bytes())
         .unwrap();
+    drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let entry = String::from_utf8(out.stdout).unwrap();
     let cfg = charging::server::ServerConfig::from_toml(&format!("data_dir = \"/tmp/x\"\n{entry}"))
         .expect("the entry is configuration");
+    (entry, cfg)
+}
+
+#[test]
+fn charging_page_login_prints_a_config_entry_with_the_passwords_argon2id_hash() {
+    let (entry, cfg) = page_login(&["--name", "rider-7"], "a long passphrase");
     let login = &cfg.pages.cardholders[0];
     assert_eq!(login.name, "rider-7");
     assert!(charging::pages::verify_password(
@@ -708,32 +720,11 @@ fn the_days_settlement_csv_downloads_from_the_console() {
 
 #[test]
 fn charging_page_login_role_operator_prints_a_pages_operators_entry() {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
-        .args([
-            "charging",
-            "page-login",
-            "--name",
-            "duty-officer",
-            "--role",
-            "operator",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"the console's passphrase\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let entry = String::from_utf8(out.stdout).unwrap();
+    let (entry, cfg) = page_login(
+        &["--name", "duty-officer", "--role", "operator"],
+        "the console's passphrase",
+    );
     assert!(entry.contains("[[pages.operators]]"), "{entry}");
-    let cfg = charging::server::ServerConfig::from_toml(&format!("data_dir = \"/tmp/x\"\n{entry}"))
-        .expect("the entry is configuration");
     assert!(cfg.pages.cardholders.is_empty());
     let login = &cfg.pages.operators[0];
     assert_eq!(login.name, "duty-officer");
@@ -749,4 +740,139 @@ fn charging_page_login_role_operator_prints_a_pages_operators_entry() {
         .status()
         .unwrap();
     assert!(!bad.success());
+}
+
+// ---- Fare tables: the console and `tapgate fare publish`, one operation ----
+
+/// The metro sample's rules at `version`, with `extra` appended, written as `name` in `dir`.
+fn metro_rules(dir: &std::path::Path, name: &str, version: u32, extra: &str) -> std::path::PathBuf {
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fare-rules/samples/metro-city/rules.toml"),
+    )
+    .unwrap()
+    .replacen("version = 1\n", &format!("version = {version}\n"), 1);
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{rules}\n{extra}")).unwrap();
+    path
+}
+
+/// `tapgate fare publish RULES --server BASE` with the operator's token: exit code and output.
+fn fare_publish(base: &str, rules: &std::path::Path) -> (i32, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_tapgate"))
+        .args(["fare", "publish"])
+        .arg(rules)
+        .args(["--server", base])
+        .env("TAPGATE_TOKEN", OPS)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), text)
+}
+
+/// A multipart form (`fields`: name, file name if a file, bytes) as `(content type, body)`.
+fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let b = "tg-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, file, bytes) in fields {
+        body.extend_from_slice(
+            format!("--{b}\r\nContent-Disposition: form-data; name=\"{name}\"").as_bytes(),
+        );
+        if let Some(f) = file {
+            body.extend_from_slice(format!("; filename=\"{f}\"").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n\r\n");
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{b}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={b}"), body)
+}
+
+#[test]
+fn fare_publish_and_the_consoles_upload_publish_alike_and_refuse_alike() {
+    let keys = keys();
+    let s = world(&keys);
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = || {
+        let r = ureq::get(&format!("{}/v1/fares/signed/snapshot", s.base))
+            .set("Authorization", &format!("Bearer {OPS}"))
+            .call()
+            .unwrap();
+        let version = r.header("x-tapgate-fares-version").map(str::to_string);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes).unwrap();
+        (version, bytes)
+    };
+    // A contradiction: the CLI prints the finding, exits 1, and nothing is published.
+    let bad = metro_rules(
+        dir.path(),
+        "bad.toml",
+        2,
+        "[[fares]]\nid = \"nightbus-dear\"\ngroup = \"nightbus\"\nnetwork = \"nightbus\"\nprice = 3000\n",
+    );
+    let (code, out) = fare_publish(&s.base, &bad);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("contradicts") && out.contains("nothing published"),
+        "{out}"
+    );
+    assert_eq!(snapshot(), (None, Vec::new()));
+
+    // The console's form: refused without the session's CSRF token, and to a cardholder.
+    let good = metro_rules(dir.path(), "metro-v2.toml", 2, "");
+    let rules = std::fs::read(&good).unwrap();
+    let (op_agent, op) = signed_in_agent(&s.base, "op", OP_PASSWORD);
+    let post = |agent: &ureq::Agent, cookie: &str, csrf: &str| {
+        let (ct, body) = multipart(&[
+            ("csrf", None, csrf.as_bytes()),
+            ("rules", Some("metro-v2.toml"), &rules),
+            ("action", None, b"publish"),
+        ]);
+        status(
+            agent
+                .post(&format!("{}/console/fares", s.base))
+                .set("Cookie", cookie)
+                .set("Content-Type", &ct)
+                .send_bytes(&body),
+        )
+    };
+    let (code, body) = post(&op_agent, &op, "");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("Form refused"), "{body}");
+    let (ann_agent, ann) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
+    let ann_csrf = csrf_of(&page(&ann_agent, &format!("{}/cards", s.base), &ann));
+    assert_eq!(post(&ann_agent, &ann, &ann_csrf).0, 403);
+    assert_eq!(snapshot(), (None, Vec::new()), "nothing published");
+
+    // The CLI publishes version 2: signed by the back office's key, shown on the console.
+    let (code, out) = fare_publish(&s.base, &good);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("published version 2"), "{out}");
+    let (version, bytes) = snapshot();
+    assert_eq!(version.as_deref(), Some("2"));
+    let key = purse::sam::Hsm::verifying_key(&SoftwareHsm::new(&keys).unwrap());
+    let table = fare_rules::signed::verify(&bytes, &key).expect("signed by the back office");
+    assert_eq!(table.table().meta.version, 2);
+    let console = page(&op_agent, &format!("{}/console/fares", s.base), &op);
+    assert!(
+        console.contains("id=\"published-version\">2<") && console.contains("metro-v2.toml"),
+        "{console}"
+    );
+    // The same table again, from the console with its token: not newer, nothing changes.
+    let csrf = csrf_of(&console);
+    let (code, body) = post(&op_agent, &op, &csrf);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("is not newer than the published version 2"),
+        "{body}"
+    );
+    let (code, out) = fare_publish(&s.base, &good);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("not newer"), "{out}");
+    assert_eq!(snapshot().1, bytes);
 }

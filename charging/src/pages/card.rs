@@ -71,6 +71,34 @@ pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerEr
     Ok(out)
 }
 
+/// Counters looked at for taps cleared without a charge (the newest).
+const FREE_TAPS_SCANNED: u32 = 2_000;
+
+/// The counters of the card's taps clearing booked without a charge, newest first: a tap
+/// record of kind `record_only` (a journey's transfer, or a fare a cap brought to zero) leaves
+/// its clearing marker `tap:<UID>:<counter>` and no posting. The back office is not told which
+/// of the two it was, nor where: the ledger holds no more of it.
+pub fn free_taps(
+    r: &dyn LedgerRead,
+    uid: &[u8; 7],
+    last_tmc: u32,
+) -> Result<Vec<u32>, LedgerError> {
+    let prefix = format!("tap:{}:", hex::encode_upper(uid));
+    let charged: std::collections::HashSet<String> = r
+        .postings_with_prefix(&prefix)?
+        .into_iter()
+        .map(|p| p.reference)
+        .collect();
+    let mut out = Vec::new();
+    for tmc in (last_tmc.saturating_sub(FREE_TAPS_SCANNED) + 1..=last_tmc).rev() {
+        let marker = format!("{prefix}{tmc}");
+        if !charged.contains(&marker) && r.idempotent(&marker)?.is_some() {
+            out.push(tmc);
+        }
+    }
+    Ok(out)
+}
+
 /// A load as the pages show it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadView {
@@ -275,6 +303,27 @@ mod tests {
         assert_eq!(parse_money("-3", "KRW"), None);
         assert_eq!(parse_money("", "KRW"), None);
         assert_eq!(parse_money("1e9", "KRW"), None);
+    }
+
+    #[test]
+    fn a_tap_cleared_without_a_posting_is_a_free_tap() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = crate::ledger::Ledger::open(dir.path(), 16 << 20).unwrap();
+        let uid = [4, 0xA1, 0xA1, 0xA1, 0xA1, 0xA1, 0xA1];
+        l.transact(|w| {
+            // Counter 2: a fare (posted under its marker); 3: a record-only tap (the marker
+            // alone); 1: no tap of this card cleared.
+            w.post(0, "issuer:float", "operator:metro", 1_250, "tap:04A1A1A1A1A1A1:2")?;
+            for tmc in [2, 3] {
+                let marker = format!("tap:04A1A1A1A1A1A1:{tmc}");
+                w.put_idempotent(&marker, &serde_json::json!("TMV"))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let r = l.read().unwrap();
+        assert_eq!(free_taps(&*r, &uid, 3).unwrap(), vec![3]);
+        assert_eq!(free_taps(&*r, &uid, 2).unwrap(), Vec::<u32>::new());
     }
 
     #[test]

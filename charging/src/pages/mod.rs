@@ -371,6 +371,8 @@ async fn card_page(
                     }
                 })
                 .collect();
+            let mut free = card::free_taps(r, &uid, shadow.last_tmc)?;
+            free.truncate(PAGE_LINES);
             let mut months: Vec<String> = history
                 .iter()
                 .filter(|e| e.kind == "trip")
@@ -390,6 +392,7 @@ async fn card_page(
                 loads => load_rows,
                 topups => topups,
                 months => months,
+                free_taps => free,
             })
         })
         .await?;
@@ -746,8 +749,12 @@ mod render {
     #[test]
     fn a_card_page_renders() {
         let env = super::environment();
-        let card = minijinja::context! { uid => "04", balance => "5 KRW", proved_balance => None::<String>, last_tmc => 0, blocked => false, block_reason => None::<String>, history => vec![minijinja::context!{when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, month => "2026-01"}], page => 1usize, pages => 1usize, loads => Vec::<minijinja::Value>::new(), topups => Vec::<minijinja::Value>::new(), months => Vec::<String>::new() };
+        let card = minijinja::context! { uid => "04", balance => "5 KRW", proved_balance => None::<String>, last_tmc => 0, blocked => false, block_reason => None::<String>, history => vec![minijinja::context!{when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, month => "2026-01"}], page => 1usize, pages => 1usize, loads => Vec::<minijinja::Value>::new(), topups => Vec::<minijinja::Value>::new(), months => Vec::<String>::new(), free_taps => vec![7u32] };
         let r = env.get_template("card.html").unwrap().render(minijinja::context!{ holder => "ann", csrf => "c", card => card, blocklist_version => None::<u64> });
-        assert!(r.unwrap().contains("Page 1 of 1"));
+        let html = r.unwrap();
+        assert!(
+            html.contains("Page 1 of 1") && html.contains("<li>counter 7</li>"),
+            "{html}"
+        );
     }
 }

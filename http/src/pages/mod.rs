@@ -2,10 +2,11 @@
 //! gateway's console): the `[pages]` configuration and its Argon2id logins, sessions that carry
 //! a role, CSRF tokens, the sign-in form with its rate limits, the template environment
 //! (minijinja, escaped, strict about undefined names) with the shared templates and assets, the
-//! security headers, and SVG bar charts ([`chart`]).
+//! security headers, SVG bar charts ([`chart`]) and forms with a file ([`form`]).
 //!
 //! A daemon builds a [`Site`] from its [`PagesConfig`], its own templates (at least
-//! `base.html`, which the shared `login.html` and `message.html` extend) and where each role
+//! `base.html`, which extends the shared `page.html` with the daemon's links, and which the
+//! shared `login.html` and `message.html` extend) and where each role
 //! lands after signing in; its state implements [`HasSite`], and [`sign_in_routes`] gives the
 //! `/login`, `/logout` and `/assets/*` routes. Its pages call [`Site::signed_in_as`] (a page)
 //! and [`Site::posted_as`] (a form, with its CSRF token). docs/pages.md describes them.
@@ -147,9 +148,12 @@ impl PagesConfig {
     }
 }
 
-/// The templates every site has: the sign-in form, a message page, the bar chart macro. They
-/// extend the site's own `base.html`.
-pub const SHARED_TEMPLATES: [(&str, &str); 3] = [
+/// The templates every site has: the page itself (`page.html`: the document, the header with
+/// the account's links and *Sign out*, the footer — the site's own `base.html` extends it with
+/// its links), the sign-in form and a message page (which extend the site's `base.html`), the
+/// bar chart macro.
+pub const SHARED_TEMPLATES: [(&str, &str); 4] = [
+    ("page.html", include_str!("templates/page.html")),
     ("login.html", include_str!("templates/login.html")),
     ("message.html", include_str!("templates/message.html")),
     (
