@@ -4,14 +4,14 @@
 //! expiry when never picked up — value conserved throughout.
 
 use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
-use charging::funding::{FundingSource, SandboxProcessor};
+use charging::funding::SandboxProcessor;
 use charging::ledger::card_account;
 use charging::load::{
     LoadConfig, LoadService, OrderError, OrderLimits, OrderRequest, OrderState, ORDERS_PENDING,
 };
 use purse::actionlist::{self, ActionList};
 use purse::apdu::ins;
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
@@ -19,7 +19,8 @@ use purse::tap::{TapMeta, TapRecord};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
-use tapgate_testkit::fixtures::value_tx;
+use tapgate_testkit::charging::load_service;
+use tapgate_testkit::fixtures::{transit_card, value_tx};
 
 mod common;
 
@@ -39,14 +40,7 @@ struct Rig {
 fn rig() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(1919));
-    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor.clone() as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    );
+    let (pg, svc, processor) = load_service(dir.path(), &keys, LoadConfig::default());
     svc.register_instrument(HOLDER, "card", "tok_visa", T0)
         .unwrap();
     Rig {
@@ -67,10 +61,7 @@ fn rig() -> Rig {
 fn card(rig: &Rig, n: u8, balance: i32) -> Card {
     let uid = [0x04, 0x19, n, 1, 2, 3, 4];
     rig.svc.register_card(&uid, i64::from(balance), T0).unwrap();
-    Card::personalise(
-        &Personalisation::transit(uid, balance),
-        rig.hsm.card_keys(&uid, 1).unwrap(),
-    )
+    transit_card(&rig.hsm, uid, balance)
 }
 
 fn request(card: &Card, amount: i32, key: &str) -> OrderRequest {

@@ -2,19 +2,18 @@
 //! its funding, once, by the caller who made it or an operator, within the window; a reversal
 //! torn at any step is settled from the card's counter like a load, and value is conserved.
 
-use charging::funding::{FundingSource, SandboxProcessor};
+use charging::funding::SandboxProcessor;
 use charging::ledger::{card_account, IntentKind, IntentState};
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
 use purse::apdu::ins;
 use purse::card::Card;
 use purse::keys::{KeyKind, KeySet};
 use purse::sam::{SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
-use tapgate_testkit::charging::{relay_in_process, Tear};
-use tapgate_testkit::fixtures::transit_card;
+use tapgate_testkit::charging::{load_service, relay_in_process, Tear};
+use tapgate_testkit::fixtures::{clearing_tap, transit_card, value_tx_with_record};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -32,14 +31,7 @@ struct World {
 fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(21));
-    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor.clone() as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    );
+    let (pg, svc, processor) = load_service(dir.path(), &keys, LoadConfig::default());
     svc.register_instrument("alice", "card", "tok_visa", T0)
         .unwrap();
     World {
@@ -342,32 +334,9 @@ fn reversal_commands() -> usize {
 /// A fare at a validator (debit key, a trip record), as the tap clearing would receive.
 fn validator_debit(keys: &KeySet, card: &mut Card, amount: i32) -> charging::clearing::ClearingTap {
     let mut sam = SoftwareSam::validator(keys, 1001).unwrap();
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let out = txn::run(
-        &mut reader,
-        &mut sam,
-        KeyKind::Debit,
-        ins::DEBIT,
-        &mut StdRng::seed_from_u64(2),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: Some(vec![1; 32]),
-        },
-    )
-    .unwrap();
-    let Outcome::Committed { receipt: r, .. } = out else {
-        panic!("refused")
-    };
-    serde_json::from_value(serde_json::json!({
-        "device_id": 1001, "device_seq": r.tmc(), "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
-        "kind": "debit", "amount_minor": r.amount_minor(),
-        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
-        "key_version": r.key_version(), "operator": "metro",
-    }))
-    .unwrap()
+    let trip = Some(vec![1; 32]);
+    let r = value_tx_with_record(&mut sam, card, KeyKind::Debit, ins::DEBIT, amount, trip).unwrap();
+    clearing_tap(&r, u64::from(r.tmc()))
 }
 
 #[test]
