@@ -12,33 +12,15 @@ use purse::apdu::ins;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::sam::{CeilingGrant, SoftwareHsm, SoftwareSam};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use tapgate_testkit::fixtures::value_tx;
 
 const SHOP: &str = "tg_shop_token";
 const OPS: &str = "tg_ops_token";
 
 fn offline_load(sam: &mut SoftwareSam, card: &mut Card, amount: i32) -> serde_json::Value {
-    let mut reader = EmulatedReader {
-        card,
-        rng: StdRng::seed_from_u64(1),
-    };
-    let out = txn::run(
-        &mut reader,
-        sam,
-        KeyKind::Credit,
-        ins::CREDIT,
-        &mut StdRng::seed_from_u64(2),
-        |_| Decision::Apply {
-            amount_minor: amount,
-            record: None,
-        },
-    )
-    .unwrap();
-    let Outcome::Committed { receipt, .. } = out else {
-        panic!("refused")
-    };
+    let receipt = value_tx(sam, card, KeyKind::Credit, ins::CREDIT, amount).unwrap();
     serde_json::json!({
         "card_uid": hex::encode_upper(receipt.uid()),
         "tmc": receipt.tmc(),

@@ -934,13 +934,7 @@ fn fare_at_a_validator(w: &World, card: &mut Card, amount: i32, seq: u64) {
         amount,
     )
     .unwrap();
-    let tap: charging::clearing::ClearingTap = serde_json::from_value(json!({
-        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()), "tmc": r.tmc(),
-        "kind": "debit", "amount_minor": r.amount_minor(),
-        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
-        "key_version": r.key_version(), "operator": "metro",
-    }))
-    .unwrap();
+    let tap = tapgate_testkit::fixtures::clearing_tap(&r, seq);
     let loads = &w.srv.state.loads;
     let batch = charging::clearing::ClearingBatch {
         batch_id: format!("b{seq}"),
