@@ -22,24 +22,11 @@ pub(super) fn spawn(
     store: Store,
     verifying_key: [u8; 32],
 ) -> JoinHandle<()> {
+    let relay =
+        SignedListRelay::for_config(client, cfg, store, verifying_key, FareTable { held: 0 });
     tokio::spawn(async move {
-        let Some(charging) = cfg.charging.clone() else {
-            return;
-        };
-        if !cfg.relay_blocklists {
-            return;
-        }
-        let mut relay = SignedListRelay::new(
-            client,
-            cfg.operator,
-            store,
-            verifying_key,
-            charging,
-            FareTable { held: 0 },
-        );
-        loop {
-            relay.round().await;
-            tokio::time::sleep(POLL_INTERVAL).await;
+        if let Some(r) = relay {
+            r.run(POLL_INTERVAL).await;
         }
     })
 }

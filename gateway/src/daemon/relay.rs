@@ -31,24 +31,10 @@ pub(super) fn spawn(
     if let Ok(v) = store.blocklist_version() {
         stats.blocklist_version.store(v, Ordering::Relaxed);
     }
+    let relay = SignedListRelay::for_config(client, cfg, store, verifying_key, Blocklist(stats));
     tokio::spawn(async move {
-        let Some(charging) = cfg.charging.clone() else {
-            return;
-        };
-        if !cfg.relay_blocklists {
-            return;
-        }
-        let mut relay = SignedListRelay::new(
-            client,
-            cfg.operator,
-            store,
-            verifying_key,
-            charging,
-            Blocklist(stats),
-        );
-        loop {
-            relay.round().await;
-            tokio::time::sleep(POLL_INTERVAL).await;
+        if let Some(r) = relay {
+            r.run(POLL_INTERVAL).await;
         }
     })
 }

@@ -99,6 +99,29 @@ impl<L: SignedList> SignedListRelay<L> {
         }
     }
 
+    /// The relay of `list` for `cfg`'s gateway: `None` without a charging server or with
+    /// relaying off.
+    pub(super) fn for_config(
+        client: AsyncClient,
+        cfg: super::GatewayConfig,
+        store: Store,
+        verifying_key: [u8; 32],
+        list: L,
+    ) -> Option<Self> {
+        let charging = cfg.charging.clone()?;
+        cfg.relay_blocklists.then(|| {
+            SignedListRelay::new(client, cfg.operator, store, verifying_key, charging, list)
+        })
+    }
+
+    /// Relays round after round, `interval` apart, until the task is aborted.
+    pub(super) async fn run(mut self, interval: Duration) {
+        loop {
+            self.round().await;
+            tokio::time::sleep(interval).await;
+        }
+    }
+
     fn wanted(&self, version: Option<u64>) -> Wanted<'_> {
         Wanted {
             key: &self.verifying_key,
