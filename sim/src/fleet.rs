@@ -205,13 +205,19 @@ impl Fleet {
 
     /// Publishes a signed tap and keeps it in device `vi`'s outbox until it is confirmed.
     pub fn publish(&mut self, vi: usize, seq: u64, wire: Vec<u8>) -> Result<(), SimError> {
+        self.send(vi, wire.clone())?;
+        self.outbox[vi].insert(seq, wire);
+        Ok(())
+    }
+
+    /// Sends tap `wire` on device `vi`'s tap topic (QoS 1, not retained).
+    fn send(&self, vi: usize, wire: Vec<u8>) -> Result<(), SimError> {
         self.handle.block_on(self.clients[vi].publish(
             self.tap_topic(vi),
             QoS::AtLeastOnce,
             false,
-            wire.clone(),
+            wire,
         ))?;
-        self.outbox[vi].insert(seq, wire);
         Ok(())
     }
 
@@ -235,12 +241,7 @@ impl Fleet {
     pub fn resend_unconfirmed(&self) -> Result<(), SimError> {
         for (vi, ob) in self.outbox.iter().enumerate() {
             for wire in ob.values() {
-                self.handle.block_on(self.clients[vi].publish(
-                    self.tap_topic(vi),
-                    QoS::AtLeastOnce,
-                    false,
-                    wire.clone(),
-                ))?;
+                self.send(vi, wire.clone())?;
             }
         }
         Ok(())
