@@ -13,7 +13,9 @@ mod support;
 use fantoccini::Locator;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
+use support::{
+    free_port, keys_and_fare_table, metro_rules, wait_for_port, Kill, NIGHTBUS_CONTRADICTION,
+};
 use tapgate_http::auth::Role;
 use tapgate_testkit::browser::{agent, csrf_of, signed_in_agent, status, Browser};
 use tapgate_testkit::fixtures::token;
@@ -303,20 +305,6 @@ async fn an_operator_sees_the_validators_and_a_block_reach_them() {
     b.close().await;
 }
 
-/// The metro's rules (the table the validator runs, version 1) at `version`, with `extra`
-/// appended, written as `name` in `dir`.
-fn metro_rules(dir: &std::path::Path, name: &str, version: u32, extra: &str) -> String {
-    let rules = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fare-rules/samples/metro-city/rules.toml"),
-    )
-    .unwrap()
-    .replacen("version = 1\n", &format!("version = {version}\n"), 1);
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{rules}\n{extra}")).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 /// What the back office answers the gateway asking for the published fare table (200 with
 /// the table, 204 when there is none).
 fn published(base: &str) -> u16 {
@@ -330,7 +318,13 @@ fn published(base: &str) -> u16 {
 
 /// Uploads `rules` (and the tap log `taps`, if any) on the back office's fare-table page and
 /// presses `button` (`check` or `publish`).
-async fn upload(b: &Browser, base: &str, rules: &str, taps: Option<&str>, button: &str) {
+async fn upload(
+    b: &Browser,
+    base: &str,
+    rules: &std::path::Path,
+    taps: Option<&std::path::Path>,
+    button: &str,
+) {
     b.goto(&format!("{base}/console/fares")).await;
     let pick = |id: &'static str, path: String| async move {
         b.client
@@ -341,9 +335,9 @@ async fn upload(b: &Browser, base: &str, rules: &str, taps: Option<&str>, button
             .await
             .unwrap()
     };
-    pick("rules", rules.to_string()).await;
+    pick("rules", rules.display().to_string()).await;
     if let Some(t) = taps {
-        pick("taps", t.to_string()).await;
+        pick("taps", t.display().to_string()).await;
     }
     b.click(button).await;
     b.wait_text("#check-summary", "fare check:", 20, false)
@@ -359,12 +353,7 @@ async fn a_fare_table_with_an_error_is_not_published_and_a_good_one_reaches_the_
     b.sign_in_to(&base, "duty", OP_PASSWORD, "/console").await;
 
     // A second night-bus fare for the same legs at another price: `fare check`'s error.
-    let bad = metro_rules(
-        files.path(),
-        "bad.toml",
-        2,
-        "[[fares]]\nid = \"nightbus-dear\"\ngroup = \"nightbus\"\nnetwork = \"nightbus\"\nprice = 3000\n",
-    );
+    let bad = metro_rules(files.path(), "bad.toml", 2, NIGHTBUS_CONTRADICTION);
     upload(&b, &base, &bad, None, "publish").await;
     let findings = b.text("#findings").await;
     assert!(
@@ -384,7 +373,7 @@ async fn a_fare_table_with_an_error_is_not_published_and_a_good_one_reaches_the_
     let good = metro_rules(files.path(), "metro-v2.toml", 2, "");
     let taps = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fare-rules/samples/metro-city/taps.csv");
-    upload(&b, &base, &good, Some(taps.to_str().unwrap()), "publish").await;
+    upload(&b, &base, &good, Some(&taps), "publish").await;
     assert!(b.text("#check-summary").await.contains("0 error(s)"));
     let state = b.text("#publish-state").await;
     assert!(state.contains("Published version 2"), "{state}");
@@ -397,16 +386,10 @@ async fn a_fare_table_with_an_error_is_not_published_and_a_good_one_reaches_the_
     b.screenshot("console_fare_table_published").await;
 
     // A dearer metro (version 3), checked only: its revenue impact against version 2.
-    let dear = metro_rules(files.path(), "metro-v3.toml", 3, "")
-        .replace("metro-v3.toml", "metro-v3-dear.toml");
-    std::fs::write(
-        &dear,
-        std::fs::read_to_string(files.path().join("metro-v3.toml"))
-            .unwrap()
-            .replacen("price = 1400,", "price = 1550,", 1),
-    )
-    .unwrap();
-    upload(&b, &base, &dear, Some(taps.to_str().unwrap()), "check").await;
+    let dear = metro_rules(files.path(), "metro-v3.toml", 3, "");
+    let text = std::fs::read_to_string(&dear).unwrap();
+    std::fs::write(&dear, text.replacen("price = 1400,", "price = 1550,", 1)).unwrap();
+    upload(&b, &base, &dear, Some(&taps), "check").await;
     let sim = b.text("#simulation").await;
     assert!(sim.contains("taps") && sim.contains('+'), "{sim}");
     assert_eq!(

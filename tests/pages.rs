@@ -3,6 +3,8 @@
 //! screenshot under target/test-output/pages/. `./test.sh` installs chromium and
 //! chromium-driver when absent. Plain HTTP checks (CSRF, sign-in limits) need no browser.
 
+mod support;
+
 use fantoccini::Locator;
 use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
@@ -10,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use support::{metro_rules, NIGHTBUS_CONTRADICTION};
 use tapgate_testkit::browser::{csrf_of, page, sign_in_form, signed_in_agent, status, Browser};
 use tapgate_testkit::charging::{self as server, ChargingServer};
 use tapgate_testkit::fixtures::token;
@@ -744,19 +747,6 @@ fn charging_page_login_role_operator_prints_a_pages_operators_entry() {
 
 // ---- Fare tables: the console and `tapgate fare publish`, one operation ----
 
-/// The metro sample's rules at `version`, with `extra` appended, written as `name` in `dir`.
-fn metro_rules(dir: &std::path::Path, name: &str, version: u32, extra: &str) -> std::path::PathBuf {
-    let rules = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fare-rules/samples/metro-city/rules.toml"),
-    )
-    .unwrap()
-    .replacen("version = 1\n", &format!("version = {version}\n"), 1);
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{rules}\n{extra}")).unwrap();
-    path
-}
-
 /// `tapgate fare publish RULES --server BASE` with the operator's token: exit code and output.
 fn fare_publish(base: &str, rules: &std::path::Path) -> (i32, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_tapgate"))
@@ -809,12 +799,7 @@ fn fare_publish_and_the_consoles_upload_publish_alike_and_refuse_alike() {
         (version, bytes)
     };
     // A contradiction: the CLI prints the finding, exits 1, and nothing is published.
-    let bad = metro_rules(
-        dir.path(),
-        "bad.toml",
-        2,
-        "[[fares]]\nid = \"nightbus-dear\"\ngroup = \"nightbus\"\nnetwork = \"nightbus\"\nprice = 3000\n",
-    );
+    let bad = metro_rules(dir.path(), "bad.toml", 2, NIGHTBUS_CONTRADICTION);
     let (code, out) = fare_publish(&s.base, &bad);
     assert_eq!(code, 1, "{out}");
     assert!(

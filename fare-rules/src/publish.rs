@@ -103,83 +103,56 @@ mod tests {
     use super::*;
     use ed25519_dalek::{Signer, SigningKey};
 
-    const RULES: &str = r#"
-[table]
-name = "t"
-version = 3
-currency = "USD"
-effective_from = "2026-01-01"
-[networks.bus]
-[[routes]]
-id = "B1"
-network = "bus"
-stops = ["a", "b"]
-at = ["0km", "1km"]
-[[fares]]
-id = "flat"
-group = "g"
-network = "bus"
-price = 100
-"#;
-
-    /// A second fare of the same group and legs at another price: `fare check`'s error.
+    const METRO: &str = include_str!("../samples/metro-city/rules.toml");
+    /// A second night-bus fare for the same legs at another price: `fare check`'s error.
     const CONTRADICTION: &str =
-        "[[fares]]\nid = \"dear\"\ngroup = \"g\"\nnetwork = \"bus\"\nprice = 200\n";
+        "[[fares]]\nid = \"dear\"\ngroup = \"nightbus\"\nnetwork = \"nightbus\"\nprice = 3000\n";
+
+    fn engine(src: &str) -> Engine {
+        Engine::new(crate::source::compile("rules.toml", src).unwrap()).unwrap()
+    }
 
     #[test]
     fn a_table_is_signed_and_verified_and_one_with_an_error_is_not() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let public = key.verifying_key().to_bytes();
-        let e = Engine::new(crate::source::compile("r.toml", RULES).unwrap()).unwrap();
-        let r = review(&e, Authored::Source);
+        let with = |k: &SigningKey, e: &Engine, force| {
+            sign_checked(
+                e,
+                Authored::Source,
+                force,
+                |m| Ok::<_, String>(k.sign(m).to_bytes()),
+                &public,
+            )
+        };
+        let good = engine(METRO);
+        let r = review(&good, Authored::Source);
         assert_eq!(r.errors, 0, "{:?}", r.findings);
         assert!(
-            r.summary.starts_with("fare check: t version 3"),
+            r.summary.starts_with("fare check: Metro City"),
             "{}",
             r.summary
         );
-        let bytes = sign_checked(
-            &e,
-            Authored::Source,
-            false,
-            |m| Ok::<_, String>(key.sign(m).to_bytes()),
-            &public,
-        )
-        .unwrap();
-        assert_eq!(signed::peek(&bytes).unwrap().version, 3);
-        // Signed with another key than the public one given: refused.
-        let other = SigningKey::from_bytes(&[8; 32]);
+        let bytes = with(&key, &good, false).unwrap();
+        assert_eq!(signed::peek(&bytes).unwrap().version, 1);
+        // Signed with another key than the public one given, or not at all: refused.
         assert!(matches!(
-            sign_checked(
-                &e,
-                Authored::Source,
-                false,
-                |m| Ok::<_, String>(other.sign(m).to_bytes()),
-                &public
-            ),
+            with(&SigningKey::from_bytes(&[8; 32]), &good, false),
             Err(SignError::Table(SignedError::Signature))
         ));
         assert!(matches!(
-            sign_checked(&e, Authored::Source, false, |_| Err("no key"), &public),
+            sign_checked(&good, Authored::Source, false, |_| Err("no key"), &public),
             Err(SignError::Signer(_))
         ));
         // A contradiction: the finding, and nothing signed unless forced.
-        let bad = Engine::new(
-            crate::source::compile("r.toml", &format!("{RULES}{CONTRADICTION}")).unwrap(),
-        )
-        .unwrap();
+        let bad = engine(&format!("{METRO}\n{CONTRADICTION}"));
         let r = review(&bad, Authored::Source);
         assert_eq!(r.errors, 1, "{:?}", r.findings);
-        assert!(
-            r.summary.ends_with("1 error(s), 0 warning(s)"),
-            "{}",
-            r.summary
-        );
-        let sign = |m: &[u8]| Ok::<_, String>(key.sign(m).to_bytes());
-        match sign_checked(&bad, Authored::Source, false, sign, &public) {
+        assert!(r.summary.contains("; 1 error(s)"), "{}", r.summary);
+        match with(&key, &bad, false) {
             Err(SignError::Findings(f)) => assert!(f[0].message.contains("contradicts"), "{f:?}"),
             other => panic!("{other:?}"),
         }
-        assert!(sign_checked(&bad, Authored::Source, true, sign, &public).is_ok());
+        assert!(with(&key, &bad, true).is_ok());
     }
 }

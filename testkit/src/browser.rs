@@ -138,40 +138,33 @@ impl Browser {
         self.wait_url(landing).await;
     }
 
-    /// Waits (up to 5 s) until the page's path ends with `ends_with`.
-    pub async fn wait_url(&self, ends_with: &str) {
+    /// Waits (up to 5 s) until the page's path and query satisfy `ok`; `what` names it in the
+    /// failure.
+    async fn wait_for(&self, what: &str, ok: impl Fn(&str, Option<&str>) -> bool) {
         for _ in 0..100 {
-            if self
-                .client
-                .current_url()
-                .await
-                .unwrap()
-                .path()
-                .ends_with(ends_with)
-            {
+            let url = self.client.current_url().await.unwrap();
+            if ok(url.path(), url.query()) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!(
-            "the browser did not reach {ends_with}: at {}",
-            self.client.current_url().await.unwrap()
-        );
+        panic!("{what}: at {}", self.client.current_url().await.unwrap());
+    }
+
+    /// Waits (up to 5 s) until the page's path ends with `ends_with`.
+    pub async fn wait_url(&self, ends_with: &str) {
+        let what = format!("the browser did not reach {ends_with}");
+        self.wait_for(&what, |path, _| path.ends_with(ends_with))
+            .await
     }
 
     /// Waits (up to 5 s) until the page's query contains `contains`.
     pub async fn wait_query(&self, contains: &str) {
-        for _ in 0..100 {
-            let url = self.client.current_url().await.unwrap();
-            if url.query().is_some_and(|q| q.contains(contains)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "no {contains} in {}",
-            self.client.current_url().await.unwrap()
-        );
+        let what = format!("no {contains} in the query");
+        self.wait_for(&what, |_, query| {
+            query.is_some_and(|q| q.contains(contains))
+        })
+        .await
     }
 
     /// Clicks the element with id `id`.

@@ -33,6 +33,30 @@ pub fn keys_and_fare_table(dir: &std::path::Path, passphrase: &str, sample: &str
     ]);
 }
 
+/// The metro sample's rules (fare-rules/samples/metro-city/rules.toml) at `version`, with
+/// `extra` appended, written as `name` in `dir`: its path.
+pub fn metro_rules(
+    dir: &std::path::Path,
+    name: &str,
+    version: u32,
+    extra: &str,
+) -> std::path::PathBuf {
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fare-rules/samples/metro-city/rules.toml"),
+    )
+    .expect("the metro sample")
+    .replacen("version = 1\n", &format!("version = {version}\n"), 1);
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{rules}\n{extra}")).expect("writing the rules");
+    path
+}
+
+/// A second night-bus fare for the metro sample's night-bus legs at another price: the error
+/// `tapgate fare check` finds (a contradiction).
+pub const NIGHTBUS_CONTRADICTION: &str =
+    "[[fares]]\nid = \"nightbus-dear\"\ngroup = \"nightbus\"\nnetwork = \"nightbus\"\nprice = 3000\n";
+
 /// `tapgate keys init --out keys` in `dir` with `passphrase`, and the issuer key set it sealed
 /// there (`keys/issuer.keys`).
 pub fn keys_init(dir: &std::path::Path, passphrase: &str) -> purse::keys::KeySet {
