@@ -31,29 +31,20 @@ pub(super) fn spawn(
     verifying_key: [u8; 32],
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Some(charging) = cfg.charging.clone() else {
+        let list = ActionList { held: 0 };
+        let s = store.clone();
+        let Some(list) = SignedListRelay::for_config(client, cfg, store, verifying_key, list)
+        else {
             return;
-        };
-        if !cfg.relay_blocklists {
-            return;
-        }
-        let held = {
-            let s = store.clone();
-            tokio::task::spawn_blocking(move || s.actions_version().unwrap_or(0))
-                .await
-                .unwrap_or(0)
         };
         let mut relay = ActionRelay {
-            list: SignedListRelay::new(
-                client,
-                cfg.operator,
-                store,
-                verifying_key,
-                charging,
-                ActionList { held },
-            ),
+            list,
             granted: std::collections::HashMap::new(),
         };
+        relay.list.list.held =
+            tokio::task::spawn_blocking(move || s.actions_version().unwrap_or(0))
+                .await
+                .unwrap_or(0);
         let mut last_grants = Instant::now() - GRANT_INTERVAL;
         let mut last_new = Instant::now();
         loop {
