@@ -188,7 +188,11 @@ pub fn run(args: CardArgs) -> Result<()> {
             let s = &nvm.main;
             println!("uid             {}", hex::encode_upper(s.uid));
             println!("aid             {}", hex::encode_upper(s.aid));
-            println!("key_version     {}", s.key_version);
+            match s.key_versions {
+                None => println!("key_version     {}", s.key_version),
+                // Part way through a rotation: each key's version (key numbers 0..=3).
+                Some(v) => println!("key_versions    {v:?} (rotation part way)"),
+            }
             if s.rider_category.is_empty() {
                 println!("rider_category  none (the fare table's default)");
             } else {

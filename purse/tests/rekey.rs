@@ -254,3 +254,81 @@ fn an_hsm_without_the_target_version_changes_nothing() {
     assert_eq!(card.state().key_versions(), [2; 4]);
     debit_cleared(&mut r, &mut card, 10).unwrap();
 }
+
+/// A transport that keeps every command and answer.
+struct Recording<'a> {
+    inner: EmulatedReader<'a, StdRng>,
+    log: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Transport for Recording<'_> {
+    fn card_uid(&mut self) -> Result<[u8; 7], purse::txn::TransportError> {
+        self.inner.card_uid()
+    }
+    fn transmit(&mut self, command: &[u8]) -> Result<Vec<u8>, purse::txn::TransportError> {
+        let answer = self.inner.transmit(command)?;
+        self.log.push((command.to_vec(), answer.clone()));
+        Ok(answer)
+    }
+}
+
+/// Feeds recorded answers to a fresh rotation (the same HSM randomness, so the same commands):
+/// how it ended — `Some(Ok)` done, `Some(Err)` an error, `None` answers ran out.
+fn replay(r: &mut Rotated, answers: &[Vec<u8>]) -> Option<Result<(), TxError>> {
+    let (mut rk, _) = rekey::Rekey::start(UID, 2);
+    let mut rng = StdRng::seed_from_u64(77);
+    for a in answers {
+        match rk.on_response(&mut r.hsm, &mut rng, a) {
+            Ok(rekey::RekeyStep::Done(_)) => return Some(Ok(())),
+            Ok(_) => {}
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    None
+}
+
+#[test]
+fn an_altered_answer_never_panics_and_an_altered_change_key_answer_is_refused() {
+    let mut r = rotated();
+    let mut card = card_v1(&r, 1_000);
+    let mut t = Recording {
+        inner: reader(&mut card),
+        log: Vec::new(),
+    };
+    rekey::run(&mut t, &mut r.hsm, 2, &mut StdRng::seed_from_u64(77)).unwrap();
+    let log = t.log;
+    assert_eq!(log.len(), REKEY_APDUS);
+    let answers: Vec<Vec<u8>> = log.iter().map(|(_, a)| a.clone()).collect();
+    assert!(
+        matches!(replay(&mut r, &answers), Some(Ok(()))),
+        "a faithful replay"
+    );
+    for i in 0..answers.len() {
+        let a = &answers[i];
+        // Each variant with whether it changes the answer's data (a status byte may be
+        // changed into an equivalent one: 90 00 reads as 91 00).
+        let mut variants = vec![
+            (Vec::new(), true),
+            (a[a.len() - 2..].to_vec(), a.len() > 2),
+            (a[..a.len() - 1].to_vec(), true),
+        ];
+        for at in 0..a.len() {
+            let mut v = a.clone();
+            v[at] ^= 0x01;
+            variants.push((v, at + 2 < a.len()));
+        }
+        for (v, data_changed) in variants {
+            let mut altered = answers.clone();
+            altered[i] = v.clone();
+            let end = replay(&mut r, &altered);
+            // ChangeKey 1, 3, 2 are answered under the session MAC: any change is refused.
+            let is_mac_d_change_key = log[i].0[1] == INS_CHANGE_KEY && log[i].0[5] != 0;
+            if is_mac_d_change_key && data_changed {
+                assert!(
+                    matches!(end, Some(Err(_))),
+                    "answer {i} altered to {v:02X?}: {end:?}"
+                );
+            }
+        }
+    }
+}
