@@ -30,9 +30,22 @@ pub struct GatewayArgs {
     #[arg(long = "store-map-size-bytes", default_value_t = gateway::store::DEFAULT_MAP_SIZE_BYTES)]
     store_map_size_bytes: usize,
     /// An external broker, mqtt://host:port (Mosquitto is the reference). Without it the gateway
-    /// starts an embedded broker on --embedded-listen.
+    /// starts an embedded broker on --embedded-listen. A cluster's nodes: several URLs separated
+    /// by commas, tried in turn when a connection fails.
     #[arg(long)]
     broker: Option<String>,
+    /// Take the taps from a NATS cluster's JetStream (nats://host:port,… — its client URLs) as
+    /// one durable consumer shared by every gateway of the operator, instead of an MQTT
+    /// subscription; --broker names the cluster's MQTT listeners (heartbeats, confirmations,
+    /// blocklists). The NATS user is --mqtt-user. docs/nats.md.
+    #[arg(long, requires = "broker")]
+    nats: Option<String>,
+    /// Replicas of the tap stream when this gateway creates it (at most the cluster's size).
+    #[arg(long = "nats-replicas", default_value_t = 3)]
+    nats_replicas: usize,
+    /// PEM CA file: connect to NATS over TLS, verifying the servers against it.
+    #[arg(long = "nats-ca-file")]
+    nats_ca_file: Option<PathBuf>,
     /// Where the embedded broker listens.
     #[arg(long = "embedded-listen", default_value = "127.0.0.1:18830")]
     embedded_listen: std::net::SocketAddr,
@@ -114,6 +127,44 @@ fn parse_broker(url: &str) -> Result<(String, u16)> {
     Ok((host.to_string(), port))
 }
 
+/// `--nats URL,…`: the cluster's client URLs, checked.
+fn nats_ingest(
+    urls: &Option<String>,
+    replicas: usize,
+    ca_file: &Option<PathBuf>,
+) -> Result<Option<gateway::daemon::NatsIngest>> {
+    let Some(urls) = urls else {
+        return Ok(None);
+    };
+    let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+    for u in &urls {
+        let rest = u
+            .strip_prefix("nats://")
+            .or_else(|| u.strip_prefix("tls://"))
+            .ok_or_else(|| input_err(format!("--nats {u:?} must look like nats://host:port")))?;
+        if rest
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(input_err(format!(
+                "--nats {u:?} needs a port, e.g. nats://127.0.0.1:4222"
+            )));
+        }
+    }
+    if !(1..=5).contains(&replicas) {
+        return Err(input_err("--nats-replicas must be 1 to 5"));
+    }
+    if let Some(f) = ca_file {
+        std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
+    }
+    Ok(Some(gateway::daemon::NatsIngest {
+        urls,
+        replicas,
+        ca_file: ca_file.clone(),
+    }))
+}
+
 /// Runs `tapgate gateway`.
 pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     let keys = load_keyset(&a.keys, a.passphrase_file.as_deref())?.for_role(Role::Gateway, 0)?;
@@ -143,8 +194,16 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     };
     crate::data_dir::ensure_dir(&a.data, "--data")?;
     let mut link: Option<TapLink> = None;
+    let mut fallback_brokers = Vec::new();
     let broker = match &a.broker {
-        Some(url) => parse_broker(url)?,
+        Some(urls) => {
+            let mut all = urls
+                .split(',')
+                .map(|u| parse_broker(u.trim()))
+                .collect::<Result<Vec<_>>>()?;
+            fallback_brokers = all.split_off(1);
+            all.remove(0)
+        }
         None => {
             let path = a.mqtt_users.as_ref().ok_or_else(|| {
                 input_err("the embedded broker needs --mqtt-users FILE (`username password` lines)")
@@ -195,12 +254,23 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
         share_group: a.share_group,
         ingest_connections: a.ingest_connections.unwrap_or(1),
         relay_blocklists: !a.no_blocklist_relay,
+        fallback_brokers,
+        nats: nats_ingest(&a.nats, a.nats_replicas, &a.nats_ca_file)?,
         ..GatewayConfig::default()
     };
-    println!(
-        "gateway {} ingesting from mqtt://{}:{}",
-        cfg.gateway_id, cfg.broker.0, cfg.broker.1
-    );
+    match &cfg.nats {
+        Some(n) => println!(
+            "gateway {} ingesting from NATS JetStream {} (MQTT mqtt://{}:{})",
+            cfg.gateway_id,
+            n.urls.join(","),
+            cfg.broker.0,
+            cfg.broker.1
+        ),
+        None => println!(
+            "gateway {} ingesting from mqtt://{}:{}",
+            cfg.gateway_id, cfg.broker.0, cfg.broker.1
+        ),
+    }
     let store = match &api {
         Some((c, _, _)) => {
             store.with_limits(c.store_limits().map_err(|e| input_err(e.to_string()))?)

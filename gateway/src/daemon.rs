@@ -24,6 +24,7 @@ mod actions;
 mod fares;
 mod forwarder;
 mod mqtt;
+mod nats;
 mod relay;
 mod sender;
 mod signed_list;
@@ -62,6 +63,14 @@ pub struct GatewayConfig {
     /// Off for a gateway that only collects an operator's revenue while its validators take
     /// the card scheme's list from the scheme operator's topics (a hotel on a metro's cards).
     pub relay_blocklists: bool,
+    /// More brokers (host, port) for the MQTT connections, tried in turn after `broker` when a
+    /// connection fails: the other nodes of a broker cluster.
+    pub fallback_brokers: Vec<(String, u16)>,
+    /// Take the taps from a NATS cluster's JetStream as one durable consumer shared by every
+    /// gateway of the operator ([`NatsIngest`]) instead of an MQTT subscription; the MQTT
+    /// connection (to the cluster's MQTT listeners) keeps heartbeats, confirmations and the
+    /// downlink. The NATS user is the gateway's MQTT user.
+    pub nats: Option<NatsIngest>,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -75,6 +84,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("share_group", &self.share_group)
             .field("ingest_connections", &self.ingest_connections)
             .field("relay_blocklists", &self.relay_blocklists)
+            .field("fallback_brokers", &self.fallback_brokers)
+            .field("nats", &self.nats)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +104,8 @@ impl Default for GatewayConfig {
             share_group: None,
             ingest_connections: 1,
             relay_blocklists: true,
+            fallback_brokers: Vec::new(),
+            nats: None,
         }
     }
 }
@@ -146,16 +159,20 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+pub use nats::{subject_to_topic, tap_consumer, tap_stream, NatsIngest};
+
 pub use crate::broker::{
     start_embedded_broker, start_embedded_broker_linked, start_embedded_broker_tls, BrokerStats,
     BrokerUsers, TapLink,
 };
 
 /// Where a message waiting for ingestion came from: an MQTT connection (acknowledged to the
-/// broker once durable) or the in-process link (nothing to acknowledge).
+/// broker once durable), the in-process link (nothing to acknowledge) or a NATS cluster's
+/// JetStream consumer (acknowledged once durable).
 enum Source {
     Mqtt(usize, rumqttc::Publish),
     Link,
+    Nats(Box<nats::Delivery>),
 }
 
 /// Most sequence numbers in one confirmation message.
@@ -207,11 +224,27 @@ async fn run_inner(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
     let (tx, rx) = tokio::sync::mpsc::channel::<(Source, Message)>(cfg.queue_max_messages);
+    let taps_elsewhere = link.is_some() || cfg.nats.is_some();
     let mqtt::Connections {
         clients,
         tasks: mqtt_tasks,
-    } = mqtt::connect(&cfg, link.is_some(), &stats, &tx);
-    let link_task = link.map(|l| mqtt::spawn_link(l, tx.clone(), stats.clone()));
+    } = mqtt::connect(&cfg, taps_elsewhere, &stats, &tx);
+    let (nats_task, nats_acks) = match &cfg.nats {
+        Some(n) if link.is_none() => {
+            let (taps, acks, ack_tx) = nats::spawn(
+                n.clone(),
+                cfg.operator.clone(),
+                cfg.mqtt_credentials.clone(),
+                tx.clone(),
+                stats.clone(),
+            );
+            (Some(taps), Some((acks, ack_tx)))
+        }
+        _ => (None, None),
+    };
+    let link_task = link
+        .map(|l| mqtt::spawn_link(l, tx.clone(), stats.clone()))
+        .or(nats_task);
     drop(tx);
     let forwarder = forwarder::spawn(cfg.clone(), store.clone(), keys.clone(), stats.clone());
     let blocklists = relay::spawn(
@@ -234,13 +267,14 @@ async fn run_inner(
         keys.verifying_key,
     );
     let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages);
-    let ingest = ingest_loop(rx, &cfg, &store, &keys, &stats, &senders);
+    let nats_ack = nats_acks.as_ref().map(|(_, a)| a.clone());
+    let ingest = ingest_loop(rx, &cfg, &store, &keys, &stats, &senders, nats_ack);
     let link_abort = link_task.as_ref().map(|t| t.abort_handle());
     let link_closed = async {
         match link_task {
             Some(t) => t
                 .await
-                .unwrap_or_else(|e| format!("the link task failed: {e}")),
+                .unwrap_or_else(|e| format!("the tap task failed: {e}")),
             None => std::future::pending().await,
         }
     };
@@ -259,6 +293,9 @@ async fn run_inner(
     if let Some(a) = link_abort {
         a.abort();
     }
+    if let Some((acks, _)) = nats_acks {
+        acks.abort();
+    }
     forwarder.abort();
     blocklists.abort();
     action_lists.abort();
@@ -275,6 +312,7 @@ async fn ingest_loop(
     keys: &KeySet,
     stats: &GatewayStats,
     senders: &sender::Senders,
+    nats_acks: Option<tokio::sync::mpsc::UnboundedSender<Box<nats::Delivery>>>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -294,8 +332,14 @@ async fn ingest_loop(
             .quarantined
             .fetch_add(outcome.quarantined, Ordering::Relaxed);
         for source in sources {
-            if let Source::Mqtt(conn, p) = source {
-                senders.ack(conn, p);
+            match source {
+                Source::Mqtt(conn, p) => senders.ack(conn, p),
+                Source::Nats(m) => {
+                    if let Some(a) = &nats_acks {
+                        let _ = a.send(m);
+                    }
+                }
+                Source::Link => {}
             }
         }
         for device in &outcome.flagged {

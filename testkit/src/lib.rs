@@ -6,6 +6,8 @@
 //! - [`process`]: a guard that kills and reaps a child process, a daemon spawned until it
 //!   announces its address;
 //! - [`mosquitto`]: Mosquitto with a password file and the shipped ACL or configuration;
+//! - [`nats`]: a throwaway three-node NATS cluster (JetStream, MQTT) whose nodes can be killed
+//!   and restarted;
 //! - [`metrics`]: samples read from the Prometheus text of `/metrics`;
 //! - [`postgres`]: a throwaway PostgreSQL cluster and a database per test;
 //! - [`fixtures`]: bearer tokens, personalised cards, value transactions, signed taps;
@@ -25,6 +27,7 @@
 pub mod fixtures;
 pub mod metrics;
 pub mod mosquitto;
+pub mod nats;
 pub mod net;
 pub mod postgres;
 pub mod process;

@@ -16,6 +16,7 @@
 //! heartbeat_s = 30
 //! [mqtt]                           # optional: without it the validator works offline
 //! broker = "mqtt://127.0.0.1:18830"
+//! # fallback_brokers = ["mqtt://10.0.0.2:1883", "mqtt://10.0.0.3:1883"]  # a cluster's other nodes
 //! password_env = "TAPGATE_MQTT_PASSWORD"
 //! [metrics]
 //! listen = "127.0.0.1:9101"
@@ -158,6 +159,10 @@ pub struct SaleSection {
 pub struct MqttConfig {
     /// `mqtt://host:port` or `mqtts://host:port`.
     pub broker: String,
+    /// The other nodes of a broker cluster (same scheme as `broker`): when the connection
+    /// fails, the next one is tried, in turn (the session lives in the cluster).
+    #[serde(default)]
+    pub fallback_brokers: Vec<String>,
     /// Default: the device id.
     pub username: Option<String>,
     /// The environment variable holding the password (default TAPGATE_MQTT_PASSWORD).
@@ -260,6 +265,7 @@ impl Config {
             None => {
                 self.mqtt = Some(MqttConfig {
                     broker,
+                    fallback_brokers: Vec::new(),
                     username: None,
                     password_env: None,
                     password_file: None,
@@ -353,6 +359,17 @@ impl Config {
             return Ok(None);
         };
         let (host, port, tls) = parse_broker(&m.broker)?;
+        let mut fallback = Vec::with_capacity(m.fallback_brokers.len());
+        for url in &m.fallback_brokers {
+            let (h, p, t) = parse_broker(url)?;
+            if t != tls {
+                return Err(ConfigError::Invalid(format!(
+                    "fallback broker {url:?}: every broker must use the scheme of broker ({:?})",
+                    m.broker
+                )));
+            }
+            fallback.push((h, p));
+        }
         let password = match (&m.password_file, &m.password_env) {
             (Some(f), _) => Some(read_text(f)?.trim().to_string()),
             (None, env) => std::env::var(env.as_deref().unwrap_or(DEFAULT_PASSWORD_ENV)).ok(),
@@ -373,6 +390,7 @@ impl Config {
         Ok(Some(MqttSettings {
             host,
             port,
+            fallback,
             username: Some(
                 m.username
                     .clone()

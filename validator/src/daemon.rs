@@ -44,6 +44,9 @@ pub enum DaemonError {
 pub struct MqttSettings {
     pub host: String,
     pub port: u16,
+    /// The other nodes of a broker cluster, tried in turn after `host:port` when a connection
+    /// fails.
+    pub fallback: Vec<(String, u16)>,
     pub username: Option<String>,
     pub password: Option<String>,
     /// PEM CA certificates: connect over TLS.
@@ -55,6 +58,7 @@ impl std::fmt::Debug for MqttSettings {
         f.debug_struct("MqttSettings")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("fallback", &self.fallback)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<secret>"))
             .field("tls", &self.tls_ca_pem.is_some())

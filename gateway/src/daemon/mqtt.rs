@@ -21,8 +21,8 @@ pub(super) struct Connections {
 }
 
 /// Opens the gateway's MQTT connections: `cfg.ingest_connections` taking taps (one, taking no
-/// taps, when they come over the embedded broker's link), the first also taking heartbeats.
-/// Each event loop puts the taps it receives on `tx`.
+/// taps, when they come over the embedded broker's link or from NATS JetStream), the first
+/// also taking heartbeats. Each event loop puts the taps it receives on `tx`.
 pub(super) fn connect(
     cfg: &GatewayConfig,
     linked: bool,
@@ -52,7 +52,7 @@ pub(super) fn connect(
         tasks: Vec::with_capacity(connections),
     };
     for conn in 0..connections {
-        let (client, eventloop) = client(cfg, conn);
+        let (client, eventloop, brokers) = client(cfg, conn);
         out.clients.push(client.clone());
         // Taps at QoS 1 (acknowledged once durable); heartbeats at QoS 0: a broker does not
         // queue those while the gateway is away (a queued one would arrive late with an old
@@ -72,14 +72,16 @@ pub(super) fn connect(
             stats: stats.clone(),
             tx: tx.clone(),
             topics,
+            brokers,
         };
         out.tasks.push(tokio::spawn(c.run(eventloop)));
     }
     out
 }
 
-/// Connection `conn`'s client and event loop.
-fn client(cfg: &GatewayConfig, conn: usize) -> (AsyncClient, EventLoop) {
+/// Connection `conn`'s client and event loop, and its options for each broker it may use
+/// (`cfg.broker` first, then `cfg.fallback_brokers`).
+fn client(cfg: &GatewayConfig, conn: usize) -> (AsyncClient, EventLoop, Vec<MqttOptions>) {
     let id = if conn == 0 {
         format!("tapgate-gateway-{}", cfg.gateway_id)
     } else {
@@ -96,13 +98,28 @@ fn client(cfg: &GatewayConfig, conn: usize) -> (AsyncClient, EventLoop) {
     }
     // The request queue (acks, confirmations, subscriptions) drains only while the event
     // loop polls; ingestion never waits on it (see the sender tasks).
+    let brokers = std::iter::once(&cfg.broker)
+        .chain(&cfg.fallback_brokers)
+        .map(|(host, port)| {
+            let mut o = MqttOptions::new(opts.client_id(), host.clone(), *port);
+            o.set_clean_session(false)
+                .set_manual_acks(true)
+                .set_keep_alive(Duration::from_secs(30))
+                .set_inflight(500)
+                .set_max_packet_size(1 << 20, 16 << 20);
+            if let Some((u, p)) = &cfg.mqtt_credentials {
+                o.set_credentials(u.clone(), p.clone());
+            }
+            o
+        })
+        .collect();
     let (client, mut eventloop) = AsyncClient::new(opts, cfg.queue_max_messages.max(1_000));
     // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
     // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
     let mut net = eventloop.network_options();
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
-    (client, eventloop)
+    (client, eventloop, brokers)
 }
 
 /// One connection's event loop and what it needs.
@@ -114,6 +131,8 @@ struct Connection {
     stats: Arc<GatewayStats>,
     tx: Sender<(Source, Message)>,
     topics: Vec<(String, QoS)>,
+    /// The options for each broker, tried in turn when a connection fails.
+    brokers: Vec<MqttOptions>,
 }
 
 impl Connection {
@@ -122,6 +141,7 @@ impl Connection {
     /// ingestion stops.
     async fn run(self, mut eventloop: EventLoop) {
         let mut backoff_ms = 100u64;
+        let mut broker = 0usize;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -148,6 +168,13 @@ impl Connection {
                         self.stats.subscribed.store(false, Ordering::Release);
                     }
                     tracing::warn!(%e, backoff_ms, "MQTT connection lost; reconnecting");
+                    if self.brokers.len() > 1 {
+                        // The next node of the cluster; the session (its subscriptions and
+                        // unacknowledged messages) lives in the cluster, not in the node.
+                        broker = (broker + 1) % self.brokers.len();
+                        eventloop.mqtt_options = self.brokers[broker].clone();
+                        backoff_ms = backoff_ms.min(400);
+                    }
                     tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
                     backoff_ms = (backoff_ms * 2).min(5_000);
                 }

@@ -42,19 +42,20 @@ pub(super) async fn run(
     topics: &Topics,
     shared: &Shared,
 ) -> Result<(), DaemonError> {
-    let (client, eventloop) = connect(settings, m, topics);
+    let (client, eventloop, brokers) = connect(settings, m, topics);
     let link = Link {
         client,
         topics: topics.clone(),
         cursor: Arc::new(AtomicU64::new(0)),
         connected: Arc::new(AtomicBool::new(false)),
-        broker: format!("{}:{}", m.host, m.port).into(),
+        broker: brokers[0].1.clone(),
         user: m.username.clone().unwrap_or_default().into(),
         has_password: m.password.is_some(),
     };
     let confirmations = confirmations(settings, shared)?;
     tokio::spawn(event_loop(
         eventloop,
+        brokers,
         link.clone(),
         shared.clone(),
         confirmations,
@@ -66,13 +67,40 @@ pub(super) async fn run(
 }
 
 /// The client and its event loop: persistent session, last will (offline, retained),
-/// credentials and TLS when configured, TCP_NODELAY.
-fn connect(settings: &Settings, m: &MqttSettings, topics: &Topics) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(
-        format!("validator-{}", settings.device_id),
-        m.host.clone(),
-        m.port,
-    );
+/// credentials and TLS when configured, TCP_NODELAY; and the options for each broker it may
+/// use (`host:port`, then the fallbacks) with its name for the log.
+fn connect(
+    settings: &Settings,
+    m: &MqttSettings,
+    topics: &Topics,
+) -> (AsyncClient, EventLoop, Vec<(MqttOptions, Arc<str>)>) {
+    let brokers: Vec<(MqttOptions, Arc<str>)> = std::iter::once((&m.host, m.port))
+        .chain(m.fallback.iter().map(|(h, p)| (h, *p)))
+        .map(|(host, port)| {
+            (
+                options(settings, m, topics, host, port),
+                format!("{host}:{port}").into(),
+            )
+        })
+        .collect();
+    let (client, mut eventloop) = AsyncClient::new(brokers[0].0.clone(), 256);
+    // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
+    // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop, brokers)
+}
+
+/// The options for one broker.
+fn options(
+    settings: &Settings,
+    m: &MqttSettings,
+    topics: &Topics,
+    host: &str,
+    port: u16,
+) -> MqttOptions {
+    let mut opts = MqttOptions::new(format!("validator-{}", settings.device_id), host, port);
     opts.set_clean_session(false)
         .set_keep_alive(Duration::from_secs(15))
         .set_max_packet_size(32 << 20, 32 << 20)
@@ -89,13 +117,7 @@ fn connect(settings: &Settings, m: &MqttSettings, topics: &Topics) -> (AsyncClie
         tapgate_http::serve::install_crypto_provider();
         opts.set_transport(rumqttc::Transport::tls(ca.clone(), None, None));
     }
-    let (client, mut eventloop) = AsyncClient::new(opts, 256);
-    // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
-    // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
-    let mut net = eventloop.network_options();
-    net.set_tcp_nodelay(true);
-    eventloop.set_network_options(net);
-    (client, eventloop)
+    opts
 }
 
 /// The confirmation checker, with a copy of the SAM's device key.
@@ -115,9 +137,11 @@ fn confirmations(settings: &Settings, shared: &Shared) -> Result<Arc<Confirmatio
 }
 
 /// Incoming: connection state, confirmations, downlink. Runs for the life of the process.
+/// A failed connection moves on to the next of `brokers` (a cluster's other nodes), in turn.
 async fn event_loop(
     mut eventloop: EventLoop,
-    link: Link,
+    brokers: Vec<(MqttOptions, Arc<str>)>,
+    mut link: Link,
     shared: Shared,
     confirmations: Arc<Confirmations>,
     pubkey: [u8; 32],
@@ -125,6 +149,7 @@ async fn event_loop(
     // The last failure logged and when: a broker that stays away or keeps refusing is logged
     // once a minute, not at every retry.
     let mut logged: Option<(String, Instant)> = None;
+    let mut current = 0usize;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -147,6 +172,11 @@ async fn event_loop(
                     log_failure(&link, &e, &mut logged);
                 }
                 shared.metrics.mqtt_connected.set(0);
+                if brokers.len() > 1 {
+                    current = (current + 1) % brokers.len();
+                    eventloop.mqtt_options = brokers[current].0.clone();
+                    link.broker = brokers[current].1.clone();
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
