@@ -4,7 +4,8 @@
 #                        go to `cargo test`, e.g. ./test.sh --test system_e2e)
 #   ./test.sh setup      only the set-up (CI runs it before clippy, which builds the PC/SC feature)
 # What it installs when absent (Debian packages, apt-get as root): Mosquitto (tests run the
-# gateway against it with the shipped ACL), libfaketime (a validator with its clock a day ahead),
+# gateway against it with the shipped ACL), nats-server (a three-node cluster with JetStream and
+# MQTT: tests/nats_cluster.rs), libfaketime (a validator with its clock a day ahead),
 # SoftHSM2 (PKCS#11 tests), PostgreSQL (the ledger's second backend), pcsc-lite's headers, pcscd and vsmartcard's virtual reader (PC/SC
 # tests), Prometheus's promtool and python3-venv (the operator-tools test), and from PyPI Frictionless
 # into target/tools/py (the TIDES export's check), chromium and chromium-driver (the pages'
@@ -20,6 +21,8 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO=(sudo); fi
 need_apt=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then need_apt+=(mosquitto); fi
 if ! command -v mosquitto_passwd >/dev/null 2>&1; then need_apt+=(mosquitto); fi
+# tests/nats_cluster.rs starts a throwaway three-node NATS cluster (JetStream, MQTT listeners).
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then need_apt+=(nats-server); fi
 # tests/system_e2e.rs runs one validator with its clock a day ahead (libfaketime).
 if ! command -v faketime >/dev/null 2>&1; then need_apt+=(faketime); fi
 # The PKCS#11 HSM tests run against SoftHSM2 tokens they create in temporary directories.
