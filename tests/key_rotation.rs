@@ -7,6 +7,8 @@
 //! refused at the gate with `key_version_retired`, no value taken, and its next online load
 //! moves it — so no card holds value it cannot spend.
 
+mod support;
+
 use charging::funding::{FundingSource, SandboxProcessor};
 use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
 use fare_rules::engine::Engine;
@@ -408,4 +410,102 @@ fn the_operator_rotates_and_retires_with_the_cli() {
     let sam = run_provision();
     assert_eq!(sam.versions(purse::keys::KeyKind::Debit), vec![2]);
     assert!(sam.is_retired(1));
+}
+
+/// The whole path as an operator runs it: a card issued on version 1, `tapgate keys rotate`,
+/// the charging server started on the rotated key set, `tapgate charge` from the cardholder's
+/// PC — the card image comes back on version 2 — then `tapgate keys retire --version 1`.
+#[test]
+fn tapgate_charge_moves_a_card_after_keys_rotate() {
+    const PASS: &str = "rotation-e2e";
+    const CARDHOLDER: &str = "tg_cardholder_token_for_rotation";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    support::keys_init(d, PASS);
+    let keys = d.join("keys");
+    let card = d.join("card.json");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .args(args)
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .env("TAPGATE_TOKEN", CARDHOLDER)
+            .output()
+            .unwrap()
+    };
+    let ok = |o: &std::process::Output| {
+        assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let k = keys.to_str().unwrap();
+    let c = card.to_str().unwrap();
+    ok(&run(&[
+        "card",
+        "issue",
+        "--keys",
+        k,
+        "--uid",
+        "04B1B2B3B4B5B6",
+        "--balance",
+        "300",
+        "--out",
+        c,
+    ]));
+    assert!(ok(&run(&["card", "show", c])).contains("key_version     1"));
+    assert!(ok(&run(&["keys", "rotate", "--keys", k])).contains("version 2"));
+
+    std::fs::write(
+        d.join("charging.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nledger_map_size_bytes = 67108864\n{}",
+            d.join("data").to_str().unwrap(),
+            support::tokens_toml(&[("alice", "cardholder", CARDHOLDER)])
+        ),
+    )
+    .unwrap();
+    let server = support::start_charging(&d.join("charging.toml"), &keys, PASS);
+    let charge = |key: &str| {
+        run(&[
+            "charge",
+            "--server",
+            &server.base,
+            "--amount",
+            "1000",
+            "--funding",
+            "card:tok_visa",
+            "--card",
+            c,
+            "--keys",
+            k,
+            "--idempotency-key",
+            key,
+        ])
+    };
+    let first = ok(&charge("r1"));
+    assert!(
+        first.starts_with("load completed: amount_minor=1000 balance_minor=1300"),
+        "{first}"
+    );
+    assert!(ok(&run(&["card", "show", c])).contains("key_version     2"));
+    // The next load needs no rotation: fewer round trips than the first.
+    let second = ok(&charge("r2"));
+    let trips = |out: &str| -> u32 {
+        out.split("round_trips=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(trips(&second) < trips(&first), "{first} / {second}");
+    assert!(second.contains("balance_minor=2300"), "{second}");
+
+    assert!(ok(&run(&["keys", "retire", "--keys", k, "--version", "1"])).contains("retired"));
+    drop(server);
 }
