@@ -332,14 +332,7 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     out.push_str(&format!(
         "# TYPE tapgate_gateway_mqtt_subscribed gauge\ntapgate_gateway_mqtt_subscribed {up}\n"
     ));
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
+    tapgate_http::serve::prometheus_text(out)
 }
 
 #[derive(serde::Deserialize)]

@@ -32,6 +32,19 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// A `/metrics` answer: `text`, Prometheus' text exposition format (version 0.0.4).
+pub fn prometheus_text(text: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 /// Selects rustls's process-wide crypto provider (ring), once; needed before any TLS setup
 /// when more than one provider is compiled in (rumqttc/rumqttd bring their own features).
 pub fn install_crypto_provider() {
@@ -92,4 +105,24 @@ fn announce(name: &'static str, handle: axum_server::Handle, scheme: &'static st
             tracing::info!(%addr, scheme, name, "listening");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_are_prometheus_text_0_0_4() {
+        let r = super::prometheus_text("# TYPE x counter\nx 1\n".into());
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()[axum::http::header::CONTENT_TYPE],
+            "text/plain; version=0.0.4"
+        );
+        let body = r.into_body();
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(body, 1 << 10))
+            .unwrap();
+        assert_eq!(&bytes[..], b"# TYPE x counter\nx 1\n");
+    }
 }

@@ -319,14 +319,7 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
     if let Ok(s) = encoder.encode_to_string(&st.metrics.gather()) {
         out.push_str(&s);
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
+    tapgate_http::serve::prometheus_text(out)
 }
 
 /// The router.
