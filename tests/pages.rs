@@ -35,8 +35,9 @@ fn keys() -> KeySet {
 /// A charging server with two cardholders (ann, bob) who may sign in to the pages, a card
 /// each (5,000 and 7,000 KRW), ann's card token at the processor, and an operator (`op`) who
 /// may sign in to the console.
-fn world(keys: &KeySet) -> ChargingServer {
-    let s = server::start(keys, |cfg| {
+fn world() -> (KeySet, ChargingServer) {
+    let keys = keys();
+    let s = server::start(&keys, |cfg| {
         cfg.tokens = vec![
             token("ops", charging::api::Role::Operator, OPS),
             token("ann", charging::api::Role::Cardholder, ANN),
@@ -64,7 +65,14 @@ fn world(keys: &KeySet) -> ChargingServer {
         assert_eq!(code, 201, "{body}");
     }
     server::register_instrument(&s.base, ANN, "card", "tok_ann_visa");
-    s
+    (keys, s)
+}
+
+/// A browser signed in by keyboard at `s` as `name`, on the page the account lands on.
+async fn signed_in(s: &ChargingServer, name: &str, password: &str, landing: &str) -> Browser {
+    let b = Browser::start(1000).await;
+    b.sign_in_to(&s.base, name, password, landing).await;
+    b
 }
 
 /// What the ledger holds of the card `uid_hex`.
@@ -113,10 +121,8 @@ async fn load_in_process(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cardholder_signs_in_and_sees_their_cards_balance() {
-    let keys = keys();
-    let s = world(&keys);
-    let b = Browser::start(1000).await;
-    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
+    let (_, s) = world();
+    let b = signed_in(&s, "ann", ANN_PASSWORD, "/cards").await;
     assert_eq!(b.text("#holder").await, "ann");
     let list = b.text("ul.cards").await;
     assert!(
@@ -144,10 +150,8 @@ async fn a_cardholder_signs_in_and_sees_their_cards_balance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_holders_card_is_refused() {
-    let keys = keys();
-    let s = world(&keys);
-    let b = Browser::start(1000).await;
-    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
+    let (_, s) = world();
+    let b = signed_in(&s, "ann", ANN_PASSWORD, "/cards").await;
     for path in ["", "/topup", "/report", "/receipts/month/2026-01"] {
         b.goto(&format!("{}/cards/{BOB_CARD}{path}", s.base)).await;
         let page = b.client.source().await.unwrap();
@@ -171,10 +175,8 @@ async fn another_holders_card_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_up_is_pending_until_the_card_proves_the_load() {
-    let keys = keys();
-    let s = world(&keys);
-    let b = Browser::start(1000).await;
-    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
+    let (keys, s) = world();
+    let b = signed_in(&s, "ann", ANN_PASSWORD, "/cards").await;
     b.goto(&format!("{}/cards/{ANN_CARD}", s.base)).await;
     b.click("top-up").await;
     b.wait_url("/topup").await;
@@ -219,10 +221,8 @@ async fn a_top_up_is_pending_until_the_card_proves_the_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
-    let keys = keys();
-    let s = world(&keys);
-    let b = Browser::start(1000).await;
-    b.sign_in_to(&s.base, "ann", ANN_PASSWORD, "/cards").await;
+    let (_, s) = world();
+    let b = signed_in(&s, "ann", ANN_PASSWORD, "/cards").await;
     b.goto(&format!("{}/cards/{ANN_CARD}/report", s.base)).await;
     b.screenshot("report_confirmation").await;
     b.click("reason-lost").await;
@@ -247,8 +247,7 @@ async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
 
 #[test]
 fn a_form_posted_without_its_csrf_token_is_refused() {
-    let keys = keys();
-    let s = world(&keys);
+    let (_, s) = world();
     let (agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
     let csrf = csrf_of(&page(
         &agent,
@@ -297,8 +296,7 @@ fn a_form_posted_without_its_csrf_token_is_refused() {
 
 #[test]
 fn sign_in_is_rate_limited_per_account_with_a_clear_message() {
-    let keys = keys();
-    let s = world(&keys);
+    let (_, s) = world();
     let agent = ureq::AgentBuilder::new().redirects(0).build();
     let attempt = |password: &str| {
         let (pre, csrf) = sign_in_form(&agent, &s.base);
@@ -481,10 +479,8 @@ fn charging_page_login_prints_a_config_entry_with_the_passwords_argon2id_hash() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
-    let keys = keys();
-    let s = world(&keys);
-    let b = Browser::start(1000).await;
-    b.sign_in_to(&s.base, "op", OP_PASSWORD, "/console").await;
+    let (_, s) = world();
+    let b = signed_in(&s, "op", OP_PASSWORD, "/console").await;
     assert_eq!(b.text("#operator").await, "op");
     assert_eq!(b.text("#blocklist-version").await, "0");
     // Find the card by its number, by keyboard.
@@ -532,8 +528,7 @@ async fn an_operator_blocks_a_card_and_sees_it_blocked_then_unblocks_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anomalies_show_beside_the_cards_history_and_traffic_is_charted() {
-    let keys = keys();
-    let s = world(&keys);
+    let (keys, s) = world();
     // A clone reported against bob's card, and a load onto ann's (relayed in process).
     s.state
         .loads
@@ -550,8 +545,7 @@ async fn anomalies_show_beside_the_cards_history_and_traffic_is_charted() {
         })
         .unwrap();
     load_in_process(&keys, &s, 2_000, "console-load".into()).await;
-    let b = Browser::start(1000).await;
-    b.sign_in_to(&s.base, "op", OP_PASSWORD, "/console").await;
+    let b = signed_in(&s, "op", OP_PASSWORD, "/console").await;
     b.goto(&format!("{}/console/anomalies", s.base)).await;
     let list = b.text("#anomalies").await;
     assert!(list.contains("clone") && list.contains(BOB_CARD), "{list}");
@@ -580,8 +574,7 @@ async fn anomalies_show_beside_the_cards_history_and_traffic_is_charted() {
 
 #[test]
 fn a_cardholder_cannot_reach_the_console_nor_an_operator_the_cards() {
-    let keys = keys();
-    let s = world(&keys);
+    let (_, s) = world();
     let (agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
     let get = |path: &str, cookie: &str| {
         status(
@@ -627,8 +620,7 @@ fn a_cardholder_cannot_reach_the_console_nor_an_operator_the_cards() {
 
 #[test]
 fn a_console_form_without_its_csrf_token_is_refused() {
-    let keys = keys();
-    let s = world(&keys);
+    let (_, s) = world();
     let (agent, cookie) = signed_in_agent(&s.base, "op", OP_PASSWORD);
     let csrf = csrf_of(&page(
         &agent,
@@ -677,8 +669,7 @@ fn a_console_form_without_its_csrf_token_is_refused() {
 
 #[test]
 fn the_days_settlement_csv_downloads_from_the_console() {
-    let keys = keys();
-    let s = world(&keys);
+    let (_, s) = world();
     let (agent, cookie) = signed_in_agent(&s.base, "op", OP_PASSWORD);
     let page = page(&agent, &format!("{}/console/settlement", s.base), &cookie);
     // The server's day (UTC) by default.
@@ -785,8 +776,7 @@ fn multipart(fields: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
 
 #[test]
 fn fare_publish_and_the_consoles_upload_publish_alike_and_refuse_alike() {
-    let keys = keys();
-    let s = world(&keys);
+    let (keys, s) = world();
     let dir = tempfile::tempdir().unwrap();
     let snapshot = || {
         let r = ureq::get(&format!("{}/v1/fares/signed/snapshot", s.base))

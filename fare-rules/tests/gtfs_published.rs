@@ -261,3 +261,25 @@ fn a_fare_leg_rule_naming_a_location_group_is_an_error_that_says_so() {
     );
     assert!(msg.contains("areas.txt, stop_areas.txt"), "{msg}");
 }
+
+#[test]
+fn an_uploaded_zip_loads_as_the_same_feed_file_does_and_a_signed_table_is_no_upload() {
+    let path = temp_path("upload");
+    zip_feed("flat", Some("feed"), &path);
+    let bytes = std::fs::read(&path).unwrap();
+    let (table, authored) = fare_rules::load_bytes("flat.zip", &bytes).unwrap();
+    assert_eq!(authored, fare_rules::check::Authored::Gtfs);
+    assert_eq!(table, fare_rules::load_any(&path).unwrap());
+    // TOML text is source; a signed table is refused (its rules are what is published).
+    let src =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/metro-city/rules.toml"))
+            .unwrap();
+    let (toml_table, authored) = fare_rules::load_bytes("rules.toml", &src).unwrap();
+    assert_eq!(authored, fare_rules::check::Authored::Source);
+    let signed = fare_rules::signed::encode(&toml_table, |_| [0; 64]).unwrap();
+    let err = fare_rules::load_bytes("metro.tgft", &signed).unwrap_err();
+    assert!(err.to_string().contains("a signed table"), "{err}");
+    // A zip cut short is an error naming the upload, not a panic.
+    let err = fare_rules::load_bytes("cut.zip", &bytes[..bytes.len() / 2]).unwrap_err();
+    assert!(err.to_string().contains("cut.zip"), "{err}");
+}
