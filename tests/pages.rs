@@ -590,6 +590,7 @@ fn a_cardholder_cannot_reach_the_console_nor_an_operator_the_cards() {
         "/console/anomalies".into(),
         "/console/traffic".into(),
         "/console/settlement".into(),
+        "/console/fares".into(),
         format!("/console/cards/{ANN_CARD}"),
         format!("/console/card?uid={BOB_CARD}"),
     ] {

@@ -149,6 +149,8 @@ async fn fares_post(
     body: axum::body::Bytes,
 ) -> Response {
     p.answer(async {
+        // An operator's session before the body is read; its CSRF token is in the body.
+        p.signed_in_as(&headers, PageRole::Operator)?;
         let parts = tapgate_http::pages::multipart(&headers, &body)?;
         let csrf = parts
             .iter()
