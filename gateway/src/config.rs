@@ -82,26 +82,20 @@ impl ApiConfig {
     /// The store's bounds: the defaults, with what the config sets.
     pub fn store_limits(&self) -> Result<StoreLimits, ConfigError> {
         let d = StoreLimits::default();
-        let l = StoreLimits {
-            quarantine_max_per_device: self
-                .quarantine_max_per_device
-                .unwrap_or(d.quarantine_max_per_device),
-            quarantine_max_bytes_per_device: self
-                .quarantine_max_bytes_per_device
-                .unwrap_or(d.quarantine_max_bytes_per_device),
-            quarantine_max_bad_records_per_message: self
-                .quarantine_max_bad_records_per_message
-                .unwrap_or(d.quarantine_max_bad_records_per_message),
-            quarantine_flagged_interval_ms: self
-                .quarantine_flagged_interval_ms
-                .unwrap_or(d.quarantine_flagged_interval_ms),
-            quarantine_stop_at_fill_percent: self
-                .quarantine_stop_at_fill_percent
-                .unwrap_or(d.quarantine_stop_at_fill_percent),
-            ingest_refuse_at_fill_percent: self
-                .ingest_refuse_at_fill_percent
-                .unwrap_or(d.ingest_refuse_at_fill_percent),
-        };
+        // Each bound as set, else the default (a bound added to StoreLimits must be named here).
+        macro_rules! set_or_default {
+            ($($field:ident),*) => {
+                StoreLimits { $($field: self.$field.unwrap_or(d.$field)),* }
+            };
+        }
+        let l = set_or_default!(
+            quarantine_max_per_device,
+            quarantine_max_bytes_per_device,
+            quarantine_max_bad_records_per_message,
+            quarantine_flagged_interval_ms,
+            quarantine_stop_at_fill_percent,
+            ingest_refuse_at_fill_percent
+        );
         if l.quarantine_max_per_device == 0 || l.quarantine_max_bad_records_per_message == 0 {
             return Err(ConfigError::Invalid(
                 "quarantine_max_per_device and quarantine_max_bad_records_per_message must be at least 1".into(),
@@ -121,4 +115,59 @@ impl ApiConfig {
 
 fn default_http_listen() -> std::net::SocketAddr {
     "127.0.0.1:8444".parse().expect("literal")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(set: serde_json::Value) -> Result<StoreLimits, ConfigError> {
+        let c: ApiConfig = serde_json::from_value(set).expect("an API config");
+        c.store_limits()
+    }
+
+    #[test]
+    fn store_limits_take_what_is_set_and_the_defaults_for_the_rest() {
+        assert_eq!(
+            limits(serde_json::json!({})).unwrap(),
+            StoreLimits::default()
+        );
+        let l = limits(serde_json::json!({
+            "quarantine_max_bytes_per_device": 4096,
+            "quarantine_flagged_interval_ms": 5,
+            "ingest_refuse_at_fill_percent": 95,
+        }))
+        .unwrap();
+        assert_eq!(
+            l,
+            StoreLimits {
+                quarantine_max_bytes_per_device: 4096,
+                quarantine_flagged_interval_ms: 5,
+                ingest_refuse_at_fill_percent: 95,
+                ..StoreLimits::default()
+            }
+        );
+        let all = limits(serde_json::json!({
+            "quarantine_max_per_device": 1,
+            "quarantine_max_bytes_per_device": 2,
+            "quarantine_max_bad_records_per_message": 3,
+            "quarantine_flagged_interval_ms": 4,
+            "quarantine_stop_at_fill_percent": 5,
+            "ingest_refuse_at_fill_percent": 6,
+        }))
+        .unwrap();
+        assert_eq!(
+            all,
+            StoreLimits {
+                quarantine_max_per_device: 1,
+                quarantine_max_bytes_per_device: 2,
+                quarantine_max_bad_records_per_message: 3,
+                quarantine_flagged_interval_ms: 4,
+                quarantine_stop_at_fill_percent: 5,
+                ingest_refuse_at_fill_percent: 6,
+            }
+        );
+        assert!(limits(serde_json::json!({"quarantine_max_per_device": 0})).is_err());
+        assert!(limits(serde_json::json!({"quarantine_stop_at_fill_percent": 90})).is_err());
+    }
 }
