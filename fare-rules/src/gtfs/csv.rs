@@ -92,6 +92,17 @@ impl CsvFile {
         }
     }
 
+    /// Every row as `row` reads it, once the header has the `required` columns; the first
+    /// row `row` refuses is the error.
+    pub(super) fn read_rows<T>(
+        &self,
+        required: &[&'static str],
+        row: impl Fn(&Row<'_>) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        self.require(required)?;
+        self.rows().map(|r| row(&r)).collect()
+    }
+
     pub(super) fn rows(&self) -> impl Iterator<Item = Row<'_>> {
         self.rows.iter().map(move |(line, rec)| Row {
             file: self.file,

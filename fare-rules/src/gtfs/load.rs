@@ -59,9 +59,8 @@ fn load_v1(
 
 /// `fare_attributes.txt` (Fares v1).
 fn fare_attributes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["fare_id", "price", "currency_type"])?;
-    for r in f.rows() {
-        let (amount_minor, currency) = amount(&r, "price", "currency_type")?;
+    feed.fare_attributes = f.read_rows(&["fare_id", "price", "currency_type"], |r| {
+        let (amount_minor, currency) = amount(r, "price", "currency_type")?;
         r.enumeration(
             "payment_method",
             1,
@@ -72,31 +71,30 @@ fn fare_attributes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
             "" => None,
             _ => Some(r.enumeration("transfers", 2, None, "0, 1, 2 or empty (unlimited)")?),
         };
-        feed.fare_attributes.push(FareAttributeRow {
+        Ok(FareAttributeRow {
             line: r.line,
             fare_id: r.req("fare_id")?,
             amount_minor,
             currency,
             transfers,
             transfer_duration: r.int::<u32>("transfer_duration", "a number of seconds")?,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `fare_rules.txt` (Fares v1).
 fn fare_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["fare_id"])?;
-    for r in f.rows() {
-        feed.fare_rules.push(FareRuleRow {
+    feed.fare_rules = f.read_rows(&["fare_id"], |r| {
+        Ok(FareRuleRow {
             line: r.line,
             fare_id: r.req("fare_id")?,
             route_id: r.s("route_id"),
             origin_id: r.s("origin_id"),
             destination_id: r.s("destination_id"),
             contains_id: r.s("contains_id"),
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
@@ -151,14 +149,14 @@ const AFTER_LEG_RULES: [(&str, Reader); 2] = [
 
 /// `agency.txt`.
 fn agency(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    for r in f.rows() {
-        feed.agencies.push(AgencyRow {
+    feed.agencies = f.read_rows(&[], |r| {
+        Ok(AgencyRow {
             line: r.line,
             agency_id: r.s("agency_id"),
             agency_name: r.s("agency_name"),
             agency_timezone: r.s("agency_timezone"),
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
@@ -176,110 +174,100 @@ fn feed_info(f: &CsvFile, feed: &mut Feed) -> Result<()> {
 
 /// `stops.txt`.
 fn stops(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["stop_id"])?;
-    let mut rows = Vec::new();
-    for r in f.rows() {
-        rows.push(StopRow {
+    let rows = f.read_rows(&["stop_id"], |r| {
+        Ok(StopRow {
             line: r.line,
             stop_id: r.req("stop_id")?,
             parent_station: r.s("parent_station"),
             zone_id: r.s("zone_id"),
-        });
-    }
+        })
+    })?;
     feed.stops = Some(rows);
     Ok(())
 }
 
 /// `routes.txt`.
 fn routes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["route_id"])?;
-    let mut rows = Vec::new();
-    for r in f.rows() {
-        rows.push(RouteRow {
+    let rows = f.read_rows(&["route_id"], |r| {
+        Ok(RouteRow {
             line: r.line,
             route_id: r.req("route_id")?,
             network_id: r.s("network_id"),
-        });
-    }
+        })
+    })?;
     feed.routes = Some(rows);
     Ok(())
 }
 
 /// `networks.txt`.
 fn networks(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["network_id"])?;
-    for r in f.rows() {
-        feed.networks.push(NetworkRow {
+    feed.networks = f.read_rows(&["network_id"], |r| {
+        Ok(NetworkRow {
             line: r.line,
             network_id: r.req("network_id")?,
             network_name: r.s("network_name"),
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `route_networks.txt`.
 fn route_networks(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["network_id", "route_id"])?;
-    for r in f.rows() {
-        feed.route_networks.push(RouteNetworkRow {
+    feed.route_networks = f.read_rows(&["network_id", "route_id"], |r| {
+        Ok(RouteNetworkRow {
             line: r.line,
             route_id: r.req("route_id")?,
             network_id: r.req("network_id")?,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `areas.txt`.
 fn areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["area_id"])?;
-    for r in f.rows() {
-        feed.areas.push(AreaRow {
+    feed.areas = f.read_rows(&["area_id"], |r| {
+        Ok(AreaRow {
             line: r.line,
             area_id: r.req("area_id")?,
             area_name: r.s("area_name"),
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `stop_areas.txt`.
 fn stop_areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["area_id", "stop_id"])?;
-    for r in f.rows() {
-        feed.stop_areas.push(StopAreaRow {
+    feed.stop_areas = f.read_rows(&["area_id", "stop_id"], |r| {
+        Ok(StopAreaRow {
             line: r.line,
             area_id: r.req("area_id")?,
             stop_id: r.req("stop_id")?,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `location_groups.txt`.
 fn location_groups(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["location_group_id"])?;
-    for r in f.rows() {
-        feed.location_groups.push(LocationGroupRow {
+    feed.location_groups = f.read_rows(&["location_group_id"], |r| {
+        Ok(LocationGroupRow {
             line: r.line,
             location_group_id: r.req("location_group_id")?,
             location_group_name: r.s("location_group_name"),
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `location_group_stops.txt`.
 fn location_group_stops(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["location_group_id", "stop_id"])?;
-    for r in f.rows() {
-        feed.location_group_stops.push(LocationGroupStopRow {
+    feed.location_group_stops = f.read_rows(&["location_group_id", "stop_id"], |r| {
+        Ok(LocationGroupStopRow {
             line: r.line,
             location_group_id: r.req("location_group_id")?,
             stop_id: r.req("stop_id")?,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
@@ -397,9 +385,8 @@ fn timeframes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
 
 /// `rider_categories.txt`.
 fn rider_categories(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["rider_category_id"])?;
-    for r in f.rows() {
-        feed.rider_categories.push(RiderCategoryRow {
+    feed.rider_categories = f.read_rows(&["rider_category_id"], |r| {
+        Ok(RiderCategoryRow {
             line: r.line,
             rider_category_id: r.req("rider_category_id")?,
             rider_category_name: r.s("rider_category_name"),
@@ -409,16 +396,15 @@ fn rider_categories(f: &CsvFile, feed: &mut Feed) -> Result<()> {
                 Some(0),
                 "0 or 1",
             )? == 1,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
 /// `fare_media.txt`.
 fn fare_media(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    f.require(&["fare_media_id"])?;
-    for r in f.rows() {
-        feed.fare_media.push(FareMediaRow {
+    feed.fare_media = f.read_rows(&["fare_media_id"], |r| {
+        Ok(FareMediaRow {
             line: r.line,
             fare_media_id: r.req("fare_media_id")?,
             fare_media_name: r.s("fare_media_name"),
@@ -428,8 +414,8 @@ fn fare_media(f: &CsvFile, feed: &mut Feed) -> Result<()> {
                 Some(0),
                 "a fare media type 0 to 4",
             )?,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
@@ -525,10 +511,9 @@ fn fare_transfer_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
 
 /// `fare_products.txt`.
 fn fare_products(products: &CsvFile, feed: &mut Feed) -> Result<()> {
-    products.require(&["fare_product_id", "amount", "currency"])?;
-    for r in products.rows() {
-        let (amount_minor, currency) = amount(&r, "amount", "currency")?;
-        feed.fare_products.push(FareProductRow {
+    feed.fare_products = products.read_rows(&["fare_product_id", "amount", "currency"], |r| {
+        let (amount_minor, currency) = amount(r, "amount", "currency")?;
+        Ok(FareProductRow {
             line: r.line,
             fare_product_id: r.req("fare_product_id")?,
             fare_product_name: r.s("fare_product_name"),
@@ -536,8 +521,8 @@ fn fare_products(products: &CsvFile, feed: &mut Feed) -> Result<()> {
             fare_media_id: r.s("fare_media_id"),
             amount_minor,
             currency,
-        });
-    }
+        })
+    })?;
     Ok(())
 }
 
