@@ -9,8 +9,7 @@
 
 mod support;
 
-use charging::funding::{FundingSource, SandboxProcessor};
-use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
+use charging::load::{LoadConfig, LoadService, Reply};
 use fare_rules::engine::Engine;
 use fare_rules::record::TapKind;
 use purse::blocklist::Blocklist;
@@ -22,8 +21,7 @@ use purse::tap::{RefusalReason, TapRecord};
 use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::sync::Arc;
-use tapgate_testkit::charging::{relay_in_process, Tear};
+use tapgate_testkit::charging::{load_in_process, Tear};
 use validator::gate::{Answer, Gate, Placement};
 use validator::journal::Journal;
 
@@ -78,18 +76,15 @@ impl World {
         key: &str,
         tear: Option<Tear>,
     ) -> (Reply, usize) {
-        let req = LoadRequest {
-            uid: card.state().uid,
-            amount_minor: amount,
-            funding_source: "card".into(),
-            instrument: "tok_visa".into(),
-            idempotency_key: key.into(),
-        };
-        let first = self.svc.start("alice", req, self.now_ms).unwrap();
-        let out =
-            relay_in_process(&self.svc, "alice", card, first, &mut self.now_ms, 5, tear).unwrap();
-        card.remove_from_field();
-        out
+        load_in_process(
+            &self.svc,
+            "alice",
+            card,
+            amount,
+            key,
+            &mut self.now_ms,
+            tear,
+        )
     }
 
     /// A tap in at Central and out at University an hour later (each gate built from the key
@@ -150,14 +145,8 @@ fn world() -> World {
     // The operator's `tapgate keys rotate`: version 2 beside version 1, in the HSM and the
     // validators' SAMs alike.
     assert_eq!(keys.rotate_card_keys(&mut rng).unwrap(), 2);
-    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
-    let processor = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    );
+    let (pg, svc, _processor) =
+        tapgate_testkit::charging::load_service(dir.path(), &keys, LoadConfig::default());
     svc.register_instrument("alice", "card", "tok_visa", 0)
         .unwrap();
     let journal = Journal::open(&dir.path().join("journal"), 10_000, 1 << 26).unwrap();

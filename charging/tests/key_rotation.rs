@@ -8,7 +8,7 @@ mod common;
 
 use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::card_account;
-use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
+use charging::load::{LoadConfig, LoadService, Reply};
 use common::HsmKind;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
@@ -16,7 +16,7 @@ use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
-use tapgate_testkit::charging::{relay_in_process, Tear};
+use tapgate_testkit::charging::{load_in_process, Tear};
 
 /// APDUs of a rotation: select and four GetKeyVersion, two authentication frames, ChangeKey 0,
 /// two authentication frames, ChangeKey 1, 3, 2.
@@ -40,18 +40,7 @@ impl World {
     }
 
     fn load(&mut self, card: &mut Card, key: &str, tear: Option<Tear>) -> (Reply, usize) {
-        let req = LoadRequest {
-            uid: card.state().uid,
-            amount_minor: 1_000,
-            funding_source: "card".into(),
-            instrument: "tok_visa".into(),
-            idempotency_key: key.into(),
-        };
-        let first = self.svc.start("alice", req, self.now_ms).unwrap();
-        let out =
-            relay_in_process(&self.svc, "alice", card, first, &mut self.now_ms, 5, tear).unwrap();
-        card.remove_from_field();
-        out
+        load_in_process(&self.svc, "alice", card, 1_000, key, &mut self.now_ms, tear)
     }
 
     fn shadow(&self, card: &Card) -> i64 {

@@ -318,3 +318,29 @@ pub fn relay_in_process(
         reply = svc.respond(caller, session_id, *seq, &answers, *now_ms)?;
     }
 }
+
+/// `caller`'s load of `amount_minor` onto `card`, funded by the sandbox's card `tok_visa`, under
+/// idempotency key `key`: started at `now_ms` and relayed in process ([`relay_in_process`], a
+/// step every 5 ms) until its final reply or `tear`; the card is out of the field afterwards.
+/// Returns the last reply and how many commands the card answered.
+pub fn load_in_process(
+    svc: &charging::load::LoadService,
+    caller: &str,
+    card: &mut purse::card::Card,
+    amount_minor: i32,
+    key: &str,
+    now_ms: &mut u64,
+    tear: Option<Tear>,
+) -> (charging::load::Reply, usize) {
+    let req = charging::load::LoadRequest {
+        uid: card.state().uid,
+        amount_minor,
+        funding_source: "card".into(),
+        instrument: "tok_visa".into(),
+        idempotency_key: key.into(),
+    };
+    let first = svc.start(caller, req, *now_ms).expect("the load starts");
+    let out = relay_in_process(svc, caller, card, first, now_ms, 5, tear).expect("relayed");
+    card.remove_from_field();
+    out
+}
