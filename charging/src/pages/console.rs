@@ -35,7 +35,12 @@ fn operator(p: &Pages, headers: &HeaderMap) -> Result<session::Session, PageErro
 
 /// A console page: `page`'s context in the frame every console page has (the operator's
 /// name, the session's CSRF token, no cardholder).
-pub(super) fn console_page(p: &Pages, s: &session::Session, name: &str, page: minijinja::Value) -> Response {
+pub(super) fn console_page(
+    p: &Pages,
+    s: &session::Session,
+    name: &str,
+    page: minijinja::Value,
+) -> Response {
     p.render(
         name,
         minijinja::context! {
