@@ -313,7 +313,13 @@ mod tests {
         l.transact(|w| {
             // Counter 2: a fare (posted under its marker); 3: a record-only tap (the marker
             // alone); 1: no tap of this card cleared.
-            w.post(0, "issuer:float", "operator:metro", 1_250, "tap:04A1A1A1A1A1A1:2")?;
+            w.post(
+                0,
+                "issuer:float",
+                "operator:metro",
+                1_250,
+                "tap:04A1A1A1A1A1A1:2",
+            )?;
             for tmc in [2, 3] {
                 let marker = format!("tap:04A1A1A1A1A1A1:{tmc}");
                 w.put_idempotent(&marker, &serde_json::json!("TMV"))?;
