@@ -16,10 +16,10 @@ use crate::faults::pick_vanish;
 use crate::riders::{self, Rider};
 use crate::tally::MerchantTally;
 use crate::SimError;
-use charging::client::{Client, Ending, Relayed, Vanish};
+use charging::client::{Client, ClientError, Ending, Relayed, Vanish};
 use charging::load::Reply;
 use purse::sam::SoftwareHsm;
-use purse::txn::EmulatedReader;
+use purse::txn::{EmulatedReader, Transport};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -327,15 +327,9 @@ impl Shop {
         id: &str,
         vanish: Option<Vanish>,
     ) -> Result<Relayed, SimError> {
-        let key = self.next_key("pay");
-        let client = Client::with_agent(office.agent.clone(), &office.base, &rider.token);
-        let mut reader = EmulatedReader {
-            card: &mut rider.card,
-            rng: rand::rngs::OsRng,
-        };
-        let out = client.pay(&mut reader, id, &key, vanish)?;
-        riders::repower(&mut rider.card, hsm)?;
-        Ok(out)
+        self.relay(office, rider, hsm, "pay", |client, card, key| {
+            client.pay(card, id, key, vanish)
+        })
     }
 
     /// Relays collecting `refund` onto the rider's card.
@@ -347,13 +341,28 @@ impl Shop {
         refund: &str,
         vanish: Option<Vanish>,
     ) -> Result<Relayed, SimError> {
-        let key = self.next_key("collect");
+        self.relay(office, rider, hsm, "collect", |client, card, key| {
+            client.collect_refund(card, refund, key, vanish)
+        })
+    }
+
+    /// Relays one dialogue of the rider's card with the back office (`what`: a payment or a
+    /// refund's collection, under a fresh idempotency key), then powers the card up again.
+    fn relay(
+        &mut self,
+        office: &BackOffice,
+        rider: &mut Rider,
+        hsm: &SoftwareHsm,
+        what: &str,
+        run: impl FnOnce(&Client, &mut dyn Transport, &str) -> Result<Relayed, ClientError>,
+    ) -> Result<Relayed, SimError> {
+        let key = self.next_key(what);
         let client = Client::with_agent(office.agent.clone(), &office.base, &rider.token);
         let mut reader = EmulatedReader {
             card: &mut rider.card,
             rng: rand::rngs::OsRng,
         };
-        let out = client.collect_refund(&mut reader, refund, &key, vanish)?;
+        let out = run(&client, &mut reader, &key)?;
         riders::repower(&mut rider.card, hsm)?;
         Ok(out)
     }
