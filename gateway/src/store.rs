@@ -897,28 +897,34 @@ impl Store {
 
     /// The blocklist version last published to validators.
     pub fn blocklist_version(&self) -> Result<u64, StoreError> {
-        let r = self.env.read_txn()?;
-        Ok(self.meta.get(&r, "blocklist_version")?.unwrap_or(0))
+        self.meta_value("blocklist_version")
     }
 
     /// Records the blocklist version published.
     pub fn set_blocklist_version(&self, v: u64) -> Result<(), StoreError> {
-        let mut t = self.env.write_txn()?;
-        self.meta.put(&mut t, "blocklist_version", &v)?;
-        t.commit()?;
-        Ok(())
+        self.set_meta_value("blocklist_version", v)
     }
 
     /// The action-list version last relayed to validators.
     pub fn actions_version(&self) -> Result<u64, StoreError> {
-        let r = self.env.read_txn()?;
-        Ok(self.meta.get(&r, "actions_version")?.unwrap_or(0))
+        self.meta_value("actions_version")
     }
 
     /// Records the action-list version relayed.
     pub fn set_actions_version(&self, v: u64) -> Result<(), StoreError> {
+        self.set_meta_value("actions_version", v)
+    }
+
+    /// A number kept under `key` in the meta database (0 before it is first set).
+    fn meta_value(&self, key: &str) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, key)?.unwrap_or(0))
+    }
+
+    /// Keeps `v` under `key` in the meta database.
+    fn set_meta_value(&self, key: &str, v: u64) -> Result<(), StoreError> {
         let mut t = self.env.write_txn()?;
-        self.meta.put(&mut t, "actions_version", &v)?;
+        self.meta.put(&mut t, key, &v)?;
         t.commit()?;
         Ok(())
     }
@@ -927,5 +933,29 @@ impl Store {
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
         let r = self.env.read_txn()?;
         Ok(self.outbox.len(&r)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Store;
+
+    #[test]
+    fn relayed_list_versions_are_kept_apart_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(
+            (s.blocklist_version().unwrap(), s.actions_version().unwrap()),
+            (0, 0)
+        );
+        s.set_blocklist_version(7).unwrap();
+        s.set_actions_version(3).unwrap();
+        s.set_actions_version(4).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(
+            (s.blocklist_version().unwrap(), s.actions_version().unwrap()),
+            (7, 4)
+        );
     }
 }
