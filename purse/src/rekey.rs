@@ -299,12 +299,11 @@ impl Rekey {
     /// A GetKeyVersion answer; after the fourth, authentication with key 0 (or done).
     fn on_version(&self, mut got: Vec<u8>, resp: &[u8]) -> Result<(Stage, RekeyStep), TxError> {
         let (data, status) = status_of(resp, "get key version")?;
+        if status != Status::Ok {
+            return Err(card_error("get key version", status));
+        }
         let [v] = data else {
-            return Err(if status == Status::Ok {
-                protocol("a key version is not one byte")
-            } else {
-                card_error("get key version", status)
-            });
+            return Err(protocol("a key version is not one byte"));
         };
         got.push(*v);
         let Ok(versions) = <[u8; 4]>::try_from(got.as_slice()) else {
@@ -591,5 +590,28 @@ mod tests {
             open_change_key_data(&data[..16], None).err(),
             Some(Status::LengthError)
         );
+    }
+
+    #[test]
+    fn a_key_version_under_an_error_status_or_of_two_bytes_ends_the_rotation() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let keys = crate::keys::KeySet::generate(&mut rng);
+        let mut hsm = crate::sam::SoftwareHsm::new(&keys).unwrap();
+        for bad in [&[0x01, 0x91, 0x40][..], &[0x01, 0x01, 0x91, 0x00], &[0x91]] {
+            let (mut r, _) = Rekey::start([4; 7], 2);
+            assert!(matches!(
+                r.on_response(&mut hsm, &mut rng, &[0x91, 0x00]),
+                Ok(RekeyStep::Continue)
+            ));
+            assert!(
+                r.on_response(&mut hsm, &mut rng, bad).is_err(),
+                "{bad:02X?}"
+            );
+            // The dialogue has ended: nothing more is taken.
+            assert!(r
+                .on_response(&mut hsm, &mut rng, &[0x01, 0x91, 0x00])
+                .is_err());
+        }
     }
 }
