@@ -12,6 +12,19 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
 
+/// A gauge family with one sample per device (label `device`), in the order given.
+fn per_device(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (u32, String)>,
+) {
+    family(out, name, "gauge", help);
+    for (id, v) in samples {
+        let _ = writeln!(out, "{name}{{device=\"{id}\"}} {v}");
+    }
+}
+
 /// Seconds with millisecond precision from unix (or relative) milliseconds.
 fn seconds(ms: i64) -> String {
     let sign = if ms < 0 { "-" } else { "" };
@@ -32,47 +45,24 @@ pub fn validators(p: &Propagation) -> String {
         "validators whose last heartbeat said online",
     );
     let _ = writeln!(out, "tapgate_gateway_validators_online {}", p.online());
-    family(
+    per_device(
         &mut out,
         "tapgate_gateway_validator_online",
-        "gauge",
         "1 while the validator's last heartbeat said online (0 after its goodbye or last will)",
+        devices.iter().map(|d| (d.0, u8::from(d.1).to_string())),
     );
-    for (id, online, _, _) in &devices {
-        let _ = writeln!(
-            out,
-            "tapgate_gateway_validator_online{{device=\"{id}\"}} {}",
-            u8::from(*online)
-        );
-    }
-    family(
+    per_device(
         &mut out,
         "tapgate_gateway_validator_last_heartbeat_timestamp_seconds",
-        "gauge",
         "when the validator's last heartbeat arrived (unix seconds, gateway clock)",
+        devices.iter().map(|d| (d.0, seconds(d.2 as i64))),
     );
-    for (id, _, seen_ms, _) in &devices {
-        let _ = writeln!(
-            out,
-            "tapgate_gateway_validator_last_heartbeat_timestamp_seconds{{device=\"{id}\"}} {}",
-            seconds(*seen_ms as i64)
-        );
-    }
-    family(
+    per_device(
         &mut out,
         "tapgate_gateway_validator_clock_skew_seconds",
-        "gauge",
         "validator clock minus gateway clock at its last heartbeat (positive: ahead)",
+        devices.iter().filter_map(|d| Some((d.0, seconds(d.3?)))),
     );
-    for (id, _, _, skew) in &devices {
-        if let Some(s) = skew {
-            let _ = writeln!(
-                out,
-                "tapgate_gateway_validator_clock_skew_seconds{{device=\"{id}\"}} {}",
-                seconds(*s)
-            );
-        }
-    }
 
     let latest = p.latest().and_then(|v| p.report(v));
     family(
@@ -137,18 +127,12 @@ pub fn gaps(devices: &[(u32, DeviceState)]) -> String {
         "devices with at least one open sequence gap",
     );
     let _ = writeln!(out, "tapgate_gateway_devices_with_gaps {}", with_gaps.len());
-    family(
+    per_device(
         &mut out,
         "tapgate_gateway_device_sequence_gap_taps",
-        "gauge",
         "taps missing from this device's sequence (only devices with a gap)",
+        with_gaps.into_iter().map(|(id, n)| (id, n.to_string())),
     );
-    for (id, n) in with_gaps {
-        let _ = writeln!(
-            out,
-            "tapgate_gateway_device_sequence_gap_taps{{device=\"{id}\"}} {n}"
-        );
-    }
     out
 }
 
