@@ -16,10 +16,10 @@ use crate::faults::pick_vanish;
 use crate::riders::{self, Rider};
 use crate::tally::MerchantTally;
 use crate::SimError;
-use charging::client::{Client, ClientError, Ending, Relayed, Vanish};
+use charging::client::{Client, Ending, Relayed, Vanish};
 use charging::load::Reply;
 use purse::sam::SoftwareHsm;
-use purse::txn::{EmulatedReader, Transport};
+use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -128,7 +128,7 @@ impl Shop {
             .to_string();
         self.tally.payments_made += 1;
         let vanish = self.vanish();
-        let out = self.pay(office, rider, hsm, &id, vanish)?;
+        let out = self.relay(office, rider, hsm, Relay::Pay(&id), vanish)?;
         match out.ending {
             Ending::Answered(Reply::Completed { .. }) => {
                 self.paid(office, rider, hsm, &id, amount)?;
@@ -158,7 +158,10 @@ impl Shop {
     ) -> Result<(), SimError> {
         self.tally.payments_after_top_up += 1;
         let (id, amount) = (short.payment, short.amount);
-        match self.pay(office, rider, hsm, &id, None)?.ending {
+        match self
+            .relay(office, rider, hsm, Relay::Pay(&id), None)?
+            .ending
+        {
             Ending::Answered(Reply::Completed { .. }) => self.paid(office, rider, hsm, &id, amount),
             Ending::Answered(Reply::Refused { reason, .. }) => {
                 *self.tally.payments_refused.entry(reason).or_default() += 1;
@@ -182,7 +185,10 @@ impl Shop {
         let (payment, refund) = (rider.pending_payment.take(), rider.pending_refund.take());
         let mut short = None;
         if let Some((id, amount)) = payment {
-            match self.pay(office, rider, hsm, &id, None)?.ending {
+            match self
+                .relay(office, rider, hsm, Relay::Pay(&id), None)?
+                .ending
+            {
                 Ending::Answered(Reply::Completed { .. }) => {
                     self.tally.payments_torn_paid_on_retry += 1;
                     self.paid(office, rider, hsm, &id, amount)?;
@@ -210,7 +216,10 @@ impl Shop {
             }
         }
         if let Some((refund, amount)) = refund {
-            match self.collect(office, rider, hsm, &refund, None)?.ending {
+            match self
+                .relay(office, rider, hsm, Relay::Collect(&refund), None)?
+                .ending
+            {
                 Ending::Answered(Reply::Completed { .. }) => {
                     self.tally.collections_torn_credited_on_retry += 1;
                 }
@@ -272,7 +281,10 @@ impl Shop {
         self.tally.refunds_partial += u64::from(!whole);
         self.tally.refunded_minor += i64::from(refund_minor);
         let vanish = self.vanish();
-        match self.collect(office, rider, hsm, &refund, vanish)?.ending {
+        match self
+            .relay(office, rider, hsm, Relay::Collect(&refund), vanish)?
+            .ending
+        {
             Ending::Answered(Reply::Completed { .. }) => self.collected(refund_minor),
             Ending::Answered(Reply::Pending { .. }) | Ending::Vanished { .. } => {
                 self.tally.collections_torn += 1;
@@ -318,52 +330,39 @@ impl Shop {
         format!("demo-shop-{what}-{}", self.keys)
     }
 
-    /// Relays paying `id` from the rider's card (`vanish`: the client goes away mid-relay).
-    fn pay(
-        &mut self,
-        office: &BackOffice,
-        rider: &mut Rider,
-        hsm: &SoftwareHsm,
-        id: &str,
-        vanish: Option<Vanish>,
-    ) -> Result<Relayed, SimError> {
-        self.relay(office, rider, hsm, "pay", |client, card, key| {
-            client.pay(card, id, key, vanish)
-        })
-    }
-
-    /// Relays collecting `refund` onto the rider's card.
-    fn collect(
-        &mut self,
-        office: &BackOffice,
-        rider: &mut Rider,
-        hsm: &SoftwareHsm,
-        refund: &str,
-        vanish: Option<Vanish>,
-    ) -> Result<Relayed, SimError> {
-        self.relay(office, rider, hsm, "collect", |client, card, key| {
-            client.collect_refund(card, refund, key, vanish)
-        })
-    }
-
-    /// Relays one dialogue of the rider's card with the back office (`what`: a payment or a
-    /// refund's collection, under a fresh idempotency key), then powers the card up again.
+    /// Relays paying a payment from the rider's card, or collecting a refund onto it, under a
+    /// fresh idempotency key (`vanish`: the client goes away mid-relay); then powers the card up
+    /// again.
     fn relay(
         &mut self,
         office: &BackOffice,
         rider: &mut Rider,
         hsm: &SoftwareHsm,
-        what: &str,
-        run: impl FnOnce(&Client, &mut dyn Transport, &str) -> Result<Relayed, ClientError>,
+        what: Relay<'_>,
+        vanish: Option<Vanish>,
     ) -> Result<Relayed, SimError> {
-        let key = self.next_key(what);
+        let key = self.next_key(match what {
+            Relay::Pay(_) => "pay",
+            Relay::Collect(_) => "collect",
+        });
         let client = Client::with_agent(office.agent.clone(), &office.base, &rider.token);
         let mut reader = EmulatedReader {
             card: &mut rider.card,
             rng: rand::rngs::OsRng,
         };
-        let out = run(&client, &mut reader, &key)?;
+        let out = match what {
+            Relay::Pay(id) => client.pay(&mut reader, id, &key, vanish),
+            Relay::Collect(refund) => client.collect_refund(&mut reader, refund, &key, vanish),
+        }?;
         riders::repower(&mut rider.card, hsm)?;
         Ok(out)
     }
+}
+
+/// What a card relay of the ticket office does: pay a payment (its id) or collect a refund (its
+/// id).
+#[derive(Clone, Copy)]
+enum Relay<'a> {
+    Pay(&'a str),
+    Collect(&'a str),
 }
