@@ -305,41 +305,33 @@ fn feed_meta(feed: &Feed, currency: String, priority_mode: bool) -> Meta {
 
 /// Networks from networks.txt, routes.txt and route_networks.txt.
 fn networks(feed: &Feed) -> Result<Ids> {
-    let defined = feed
-        .networks
-        .iter()
-        .map(|n| (n.network_id.as_str(), NETWORKS, n.line));
-    let on_routes = feed
-        .routes
-        .iter()
-        .flatten()
-        .filter(|r| !r.network_id.is_empty())
-        .map(|r| (r.network_id.as_str(), ROUTES, r.line));
-    let on_route_networks = feed
-        .route_networks
-        .iter()
-        .map(|rn| (rn.network_id.as_str(), ROUTE_NETWORKS, rn.line));
-    let named = on_routes.chain(on_route_networks);
-    Ids::defined_then_named(
-        "network",
-        "networks.txt/routes.txt",
-        "network_id",
-        defined,
-        named,
-    )
+    let defined = at(&feed.networks, NETWORKS, |n| (&n.network_id, n.line));
+    let routes = feed.routes.as_deref().unwrap_or(&[]);
+    let on_routes = at(routes, ROUTES, |r| (&r.network_id, r.line)).filter(|n| !n.0.is_empty());
+    let listed = at(&feed.route_networks, ROUTE_NETWORKS, |rn| {
+        (&rn.network_id, rn.line)
+    });
+    let (what, source) = ("network", "networks.txt/routes.txt");
+    Ids::defined_then_named(what, source, "network_id", defined, on_routes.chain(listed))
 }
 
 /// Areas from areas.txt and stop_areas.txt.
 fn areas(feed: &Feed) -> Result<Ids> {
-    let defined = feed
-        .areas
-        .iter()
-        .map(|a| (a.area_id.as_str(), AREAS, a.line));
-    let named = feed
-        .stop_areas
-        .iter()
-        .map(|sa| (sa.area_id.as_str(), STOP_AREAS, sa.line));
+    let defined = at(&feed.areas, AREAS, |a| (&a.area_id, a.line));
+    let named = at(&feed.stop_areas, STOP_AREAS, |sa| (&sa.area_id, sa.line));
     Ids::defined_then_named("area", AREAS, "area_id", defined, named)
+}
+
+/// Each of `rows` (of `file`) as `(id, file, line)`, its id and line as `id_line` reads them.
+fn at<'a, R>(
+    rows: &'a [R],
+    file: &'static str,
+    id_line: fn(&R) -> (&String, u64),
+) -> impl Iterator<Item = (&'a str, &'static str, u64)> + 'a {
+    rows.iter().map(move |r| {
+        let (id, line) = id_line(r);
+        (id.as_str(), file, line)
+    })
 }
 
 /// Location groups (location_groups.txt): groups of stops where a rider may request pickup or
