@@ -22,6 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tapgate_http::auth::hex_array;
 
 /// Largest clock difference accepted on a signed request.
 pub const MAX_SKEW_MS: u64 = 300_000;
@@ -70,15 +71,12 @@ impl Partners {
     pub fn new(cfg: &[PartnerConfig]) -> Result<Partners, String> {
         let mut keys = HashMap::new();
         for p in cfg {
-            let bytes: [u8; 32] = hex::decode(&p.public_key)
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "partner {:?}: public_key must be 64 hex digits (an Ed25519 public key)",
-                        p.name
-                    )
-                })?;
+            let bytes: [u8; 32] = hex_array(&p.public_key).ok_or_else(|| {
+                format!(
+                    "partner {:?}: public_key must be 64 hex digits (an Ed25519 public key)",
+                    p.name
+                )
+            })?;
             let vk = VerifyingKey::from_bytes(&bytes)
                 .map_err(|e| format!("partner {:?}: public_key: {e}", p.name))?;
             keys.insert(p.name.clone(), (vk, p.max_voucher_minor));
@@ -119,12 +117,9 @@ impl Partners {
                 "timestamp {ts} is more than {MAX_SKEW_MS} ms from the server's clock {now_ms}"
             )));
         }
-        let sig: [u8; 64] = hex::decode(signature_hex)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| {
-                PartnerError::Unauthenticated("X-Tapgate-Signature must be 128 hex digits".into())
-            })?;
+        let sig: [u8; 64] = hex_array(signature_hex).ok_or_else(|| {
+            PartnerError::Unauthenticated("X-Tapgate-Signature must be 128 hex digits".into())
+        })?;
         vk.verify(
             &Self::signed_message(method, path, ts, body),
             &Signature::from_bytes(&sig),

@@ -80,6 +80,11 @@ pub enum AuthError {
     Forbidden(Role),
 }
 
+/// Exactly `N` bytes written as `2 N` hex digits (either case); `None` for anything else.
+pub fn hex_array<const N: usize>(hex_digits: &str) -> Option<[u8; N]> {
+    hex::decode(hex_digits).ok()?.try_into().ok()
+}
+
 /// Verifies bearer tokens.
 #[derive(Clone, Default)]
 pub struct Auth {
@@ -91,15 +96,12 @@ impl Auth {
     pub fn new(entries: &[TokenEntry]) -> Result<Auth, String> {
         let mut tokens = Vec::new();
         for e in entries {
-            let h: [u8; 32] = hex::decode(&e.sha256)
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "token for {:?}: sha256 must be 64 hex digits (the SHA-256 of the token)",
-                        e.name
-                    )
-                })?;
+            let h: [u8; 32] = hex_array(&e.sha256).ok_or_else(|| {
+                format!(
+                    "token for {:?}: sha256 must be 64 hex digits (the SHA-256 of the token)",
+                    e.name
+                )
+            })?;
             tokens.push((e.name.clone(), e.role, h));
         }
         Ok(Auth { tokens })
@@ -164,6 +166,15 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_arrays_are_exactly_their_length() {
+        assert_eq!(hex_array::<2>("0aFf"), Some([0x0a, 0xff]));
+        assert_eq!(hex_array::<2>("0a"), None);
+        assert_eq!(hex_array::<2>("0aff00"), None);
+        assert_eq!(hex_array::<2>("0afg"), None);
+        assert_eq!(hex_array::<1>("a"), None);
+    }
 
     #[test]
     fn a_roles_name_is_its_name_in_config_files() {
