@@ -18,6 +18,7 @@
 //! associated data, so every byte of the file is authenticated.
 
 use crate::crypto::{diversify_an10922, AesKey, CryptoError};
+use crate::rotation::{DeviceKeyRing, TrustedKeys};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::XChaCha20Poly1305;
 use rand_core::{CryptoRng, RngCore};
@@ -180,6 +181,26 @@ pub struct KeySet {
     /// hold them; the HSM keeps them to migrate cards still on them and to verify their
     /// transaction MACs.
     pub retired: Vec<u8>,
+    /// The version of the Ed25519 signing key (`signing_seed`, `verifying_key`): 1 until
+    /// [`KeySet::rotate_signing`].
+    pub signing_version: u8,
+    /// The public keys of earlier signing-key versions (their seeds are destroyed at rotation):
+    /// accepted until retired ([`KeySet::trusted_signing_keys`]).
+    pub old_signing: Vec<OldSigningKey>,
+    /// KM_DEVICE versions the operator retired ([`KeySet::retire_device_master`]): a tap
+    /// MAC'd under one is quarantined at the gateway.
+    pub retired_device: Vec<u8>,
+}
+
+/// An earlier version of the back office's Ed25519 signing key: its public key only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OldSigningKey {
+    /// The version.
+    pub version: u8,
+    /// The Ed25519 public key.
+    pub public: [u8; 32],
+    /// Retired by the operator: lists signed by it are refused.
+    pub retired: bool,
 }
 
 impl std::fmt::Debug for KeySet {
@@ -188,6 +209,8 @@ impl std::fmt::Debug for KeySet {
             .field("aid", &hex::encode_upper(self.aid))
             .field("entries", &self.entries)
             .field("retired", &self.retired)
+            .field("signing_version", &self.signing_version)
+            .field("retired_device", &self.retired_device)
             .field(
                 "signing_seed",
                 &self.signing_seed.as_ref().map(|_| "<secret>"),
@@ -248,6 +271,9 @@ impl KeySet {
             signing_seed: Some(seed),
             verifying_key,
             retired: Vec::new(),
+            signing_version: 1,
+            old_signing: Vec::new(),
+            retired_device: Vec::new(),
         }
     }
 
@@ -342,6 +368,130 @@ impl KeySet {
             self.retired.sort_unstable();
         }
         Ok(())
+    }
+
+    /// A new signing-key version: a fresh Ed25519 seed replaces the old one (destroyed); the
+    /// old public key stays accepted until [`KeySet::retire_signing`]. Back office only.
+    pub fn rotate_signing(&mut self, rng: &mut (impl RngCore + CryptoRng)) -> Result<u8, KeyError> {
+        if self.signing_seed.is_none() {
+            return Err(KeyError::Rotation(
+                "only the issuer key set holds the signing key",
+            ));
+        }
+        let v = self
+            .signing_version
+            .checked_add(1)
+            .ok_or(KeyError::Rotation(
+                "every signing-key version up to 255 is used",
+            ))?;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(seed.as_mut());
+        self.old_signing.push(OldSigningKey {
+            version: self.signing_version,
+            public: self.verifying_key,
+            retired: false,
+        });
+        self.verifying_key = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        self.signing_seed = Some(seed);
+        self.signing_version = v;
+        Ok(v)
+    }
+
+    /// Retires signing-key version `version` (an earlier one): lists signed by it are refused
+    /// by devices provisioned afterwards, with their own reason.
+    pub fn retire_signing(&mut self, version: u8) -> Result<(), KeyError> {
+        let old = self
+            .old_signing
+            .iter_mut()
+            .find(|k| k.version == version)
+            .ok_or(KeyError::Rotation(
+                "only an earlier signing-key version held can be retired",
+            ))?;
+        old.retired = true;
+        Ok(())
+    }
+
+    /// The public keys signed lists are accepted under: the current version and every earlier
+    /// one not retired; retired ones only to name the refusal.
+    pub fn trusted_signing_keys(&self) -> TrustedKeys {
+        let (retired, accepted): (Vec<&OldSigningKey>, Vec<&OldSigningKey>) =
+            self.old_signing.iter().partition(|k| k.retired);
+        let mut acc = vec![(self.signing_version, self.verifying_key)];
+        acc.extend(accepted.iter().map(|k| (k.version, k.public)));
+        let ret = retired.iter().map(|k| (k.version, k.public)).collect();
+        TrustedKeys::new(acc, ret).unwrap_or_else(|_| TrustedKeys::single(self.verifying_key))
+    }
+
+    /// A new KM_DEVICE version beside the old ones: validators provisioned afterwards MAC with
+    /// device keys under it; the gateway accepts it and the previous version until retired.
+    pub fn rotate_device_master(
+        &mut self,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<u8, KeyError> {
+        let v = self
+            .latest_version(KeyKind::DeviceMaster)
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or(KeyError::Rotation("every key version up to 255 is used"))?;
+        self.entries.push(KeyEntry {
+            kind: KeyKind::DeviceMaster,
+            version: v,
+            id: 0,
+            key: random_key(rng),
+        });
+        Ok(v)
+    }
+
+    /// Retires KM_DEVICE version `version` (held, older than the newest): the gateway
+    /// quarantines a tap MAC'd under it with its own reason.
+    pub fn retire_device_master(&mut self, version: u8) -> Result<(), KeyError> {
+        let newest = self
+            .latest_version(KeyKind::DeviceMaster)
+            .ok_or(KeyError::Rotation("no device master held"))?;
+        if version >= newest {
+            return Err(KeyError::Rotation(
+                "only a device-master version older than the current one can be retired",
+            ));
+        }
+        self.get(KeyKind::DeviceMaster, version)?;
+        if !self.retired_device.contains(&version) {
+            self.retired_device.push(version);
+            self.retired_device.sort_unstable();
+        }
+        Ok(())
+    }
+
+    /// The device-MAC keys the gateway verifies `device_id`'s taps under: the device keys of
+    /// the two newest KM_DEVICE versions not retired, newest first; the other versions held
+    /// only to name a refusal.
+    pub fn device_key_ring(&self, device_id: u32) -> Result<DeviceKeyRing, KeyError> {
+        let mut ring = DeviceKeyRing::default();
+        for v in self.versions(KeyKind::DeviceMaster) {
+            let key = derive_device_key(self.get(KeyKind::DeviceMaster, v)?, device_id)?;
+            if ring.accepted.len() < 2 && !self.retired_device.contains(&v) {
+                ring.accepted.push((v, key));
+            } else {
+                ring.retired.push((v, key));
+            }
+        }
+        if ring.accepted.is_empty() {
+            return Err(KeyError::Missing {
+                kind: KeyKind::DeviceMaster.name(),
+                version: 1,
+            });
+        }
+        Ok(ring)
+    }
+
+    /// `device_id`'s key under KM_DEVICE version `version` (the gateway MACs a confirmation
+    /// with the version the device's taps verified under).
+    pub fn device_key_at(&self, device_id: u32, version: u8) -> Result<AesKey, KeyError> {
+        Ok(derive_device_key(
+            self.get(KeyKind::DeviceMaster, version)?,
+            device_id,
+        )?)
     }
 
     /// The device key held for `device_id` (validator/franchise role), or derived from the
@@ -440,14 +590,28 @@ impl KeySet {
             },
             verifying_key: self.verifying_key,
             retired: self.retired.clone(),
+            signing_version: self.signing_version,
+            old_signing: self.old_signing.clone(),
+            retired_device: self.retired_device.clone(),
         })
     }
 
     fn encode_plain(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(64 + 22 * self.entries.len()));
         // Plaintext layout 1; 2 appends the retired versions (written only when there are some,
-        // so a key set without retirements stays readable by older builds).
-        out.push(if self.retired.is_empty() { 1 } else { 2 });
+        // so a key set without retirements stays readable by older builds); 3 also the signing
+        // key's version and earlier public keys, and the retired device-master versions.
+        let layout = if self.signing_version != 1
+            || !self.old_signing.is_empty()
+            || !self.retired_device.is_empty()
+        {
+            3
+        } else if self.retired.is_empty() {
+            1
+        } else {
+            2
+        };
+        out.push(layout);
         out.extend_from_slice(&self.aid);
         out.push(self.system_id.len() as u8);
         out.extend_from_slice(&self.system_id);
@@ -466,9 +630,20 @@ impl KeySet {
             None => out.push(0),
         }
         out.extend_from_slice(&self.verifying_key);
-        if !self.retired.is_empty() {
+        if layout >= 2 {
             out.push(self.retired.len() as u8);
             out.extend_from_slice(&self.retired);
+        }
+        if layout == 3 {
+            out.push(self.signing_version);
+            out.push(self.old_signing.len() as u8);
+            for k in &self.old_signing {
+                out.push(k.version);
+                out.extend_from_slice(&k.public);
+                out.push(u8::from(k.retired));
+            }
+            out.push(self.retired_device.len() as u8);
+            out.extend_from_slice(&self.retired_device);
         }
         out
     }
@@ -476,7 +651,7 @@ impl KeySet {
     fn decode_plain(b: &[u8]) -> Result<KeySet, KeyError> {
         let mut r = Cursor { b, pos: 0 };
         let layout = r.u8()?;
-        if layout != 1 && layout != 2 {
+        if !(1..=3).contains(&layout) {
             return Err(KeyError::Malformed("unknown plaintext layout"));
         }
         let aid: [u8; 3] = r.take(3)?.try_into().expect("3 bytes");
@@ -507,11 +682,16 @@ impl KeySet {
             _ => return Err(KeyError::Malformed("bad signing-key flag")),
         };
         let verifying_key: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
-        let retired = if layout == 2 {
+        let retired = if layout >= 2 {
             let n = r.u8()? as usize;
             r.take(n)?.to_vec()
         } else {
             Vec::new()
+        };
+        let (signing_version, old_signing, retired_device) = if layout == 3 {
+            decode_rotations(&mut r)?
+        } else {
+            (1, Vec::new(), Vec::new())
         };
         if r.pos != b.len() {
             return Err(KeyError::Malformed("trailing bytes"));
@@ -523,6 +703,9 @@ impl KeySet {
             signing_seed,
             verifying_key,
             retired,
+            signing_version,
+            old_signing,
+            retired_device,
         })
     }
 
@@ -615,6 +798,30 @@ impl KeySet {
         );
         Self::decode_plain(&plain)
     }
+}
+
+/// Layout 3's tail: the signing key's version, the earlier public keys, the retired
+/// device-master versions.
+fn decode_rotations(r: &mut Cursor<'_>) -> Result<(u8, Vec<OldSigningKey>, Vec<u8>), KeyError> {
+    let signing_version = r.u8()?;
+    let n = r.u8()? as usize;
+    let mut old = Vec::with_capacity(n);
+    for _ in 0..n {
+        let version = r.u8()?;
+        let public: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+        let retired = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return Err(KeyError::Malformed("bad retired flag")),
+        };
+        old.push(OldSigningKey {
+            version,
+            public,
+            retired,
+        });
+    }
+    let n = r.u8()? as usize;
+    Ok((signing_version, old, r.take(n)?.to_vec()))
 }
 
 struct Cursor<'a> {
@@ -758,5 +965,77 @@ mod tests {
         let back = KeySet::unseal(&sealed, b"pw").unwrap();
         assert_eq!(back.retired, vec![2]);
         assert_eq!(back.card_version(), Some(3));
+    }
+
+    #[test]
+    fn signing_key_rotates_beside_the_old_one_until_retired() {
+        let mut ks = KeySet::generate(&mut rng());
+        let v1 = ks.verifying_key;
+        assert_eq!(ks.trusted_signing_keys(), TrustedKeys::single(v1));
+        assert_eq!(ks.rotate_signing(&mut rng()).unwrap(), 2);
+        let v2 = ks.verifying_key;
+        assert_ne!(v1, v2);
+        // The seed signs as the new public key says.
+        let sk = ed25519_dalek::SigningKey::from_bytes(ks.signing_seed.as_ref().unwrap());
+        assert_eq!(sk.verifying_key().to_bytes(), v2);
+        let t = ks.trusted_signing_keys();
+        assert_eq!(t.accepted_versions(), vec![2, 1]);
+        // A validator's cut carries both public keys, never a seed.
+        let v = ks.for_role(Role::ValidatorSam, 4).unwrap();
+        assert!(v.signing_seed.is_none());
+        assert_eq!(v.trusted_signing_keys(), t);
+        assert!(v.clone().rotate_signing(&mut rng()).is_err());
+        // Retiring: never the current version, never one not held.
+        assert!(ks.retire_signing(2).is_err());
+        assert!(ks.retire_signing(7).is_err());
+        ks.retire_signing(1).unwrap();
+        let t = ks.trusted_signing_keys();
+        assert_eq!(t.accepted_versions(), vec![2]);
+        assert_eq!(
+            t.render().lines().nth(1),
+            Some(&format!("v1 {} retired", hex::encode(v1))[..])
+        );
+        let sealed = ks
+            .seal(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut rng())
+            .unwrap();
+        let back = KeySet::unseal(&sealed, b"pw").unwrap();
+        assert_eq!(back.trusted_signing_keys(), t);
+        assert_eq!(back.signing_version, 2);
+    }
+
+    #[test]
+    fn device_master_rotates_and_the_gateway_ring_follows() {
+        let mut ks = KeySet::generate(&mut rng());
+        let old = ks.device_key(5).unwrap();
+        assert_eq!(ks.rotate_device_master(&mut rng()).unwrap(), 2);
+        // A validator provisioned now MACs with the new version's key.
+        let v = ks.for_role(Role::ValidatorSam, 5).unwrap();
+        let new = v.device_key(5).unwrap();
+        assert_ne!(new.expose_secret(), old.expose_secret());
+        assert_eq!(
+            new.expose_secret(),
+            ks.device_key_at(5, 2).unwrap().expose_secret()
+        );
+        let g = ks.for_role(Role::Gateway, 0).unwrap();
+        let ring = g.device_key_ring(5).unwrap();
+        let versions: Vec<u8> = ring.accepted.iter().map(|k| k.0).collect();
+        assert_eq!(versions, vec![2, 1]);
+        assert_eq!(ring.accepted[1].1.expose_secret(), old.expose_secret());
+        assert!(ring.retired.is_empty());
+        assert!(ks.retire_device_master(2).is_err());
+        assert!(ks.retire_device_master(9).is_err());
+        ks.retire_device_master(1).unwrap();
+        let sealed = ks
+            .for_role(Role::Gateway, 0)
+            .unwrap()
+            .seal(b"pw", KdfParams::INSECURE_FOR_TESTS, &mut rng())
+            .unwrap();
+        let g = KeySet::unseal(&sealed, b"pw").unwrap();
+        assert_eq!(g.retired_device, vec![1]);
+        let ring = g.device_key_ring(5).unwrap();
+        assert_eq!(ring.accepted.len(), 1);
+        assert_eq!(ring.accepted[0].0, 2);
+        assert_eq!(ring.retired[0].0, 1);
+        assert_eq!(ring.retired[0].1.expose_secret(), old.expose_secret());
     }
 }

@@ -48,6 +48,7 @@ pub mod crypto;
 pub mod keys;
 pub mod receipt;
 pub mod rekey;
+pub mod rotation;
 pub mod sam;
 pub mod sm;
 pub mod tap;
