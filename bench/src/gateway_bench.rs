@@ -3,7 +3,7 @@
 //! LMDB → confirmed back to the validator. The same run measures the raw broker rate (the same
 //! messages published and received at QoS 1, no processing) as `broker_raw_per_s`.
 //! `--broker mosquitto` runs both against a Mosquitto started on a free port (default: the
-//! embedded rumqttd).
+//! embedded rumqttd); `--broker nats` against a three-node NATS cluster ([`nats`]).
 
 use crate::Figures;
 use gateway::daemon::{
@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod nats;
 
 const VALIDATORS: usize = 8;
 
@@ -49,9 +51,10 @@ fn cpu_s() -> f64 {
     crate::stats::cpu_s()
 }
 
-/// Publishes `records[vi]` from VALIDATORS clients at QoS 1 and waits until `done` reports all.
+/// Publishes `records[vi]` from VALIDATORS clients at QoS 1 (client `vi` on
+/// `ports[vi % ports.len()]`) and waits until `done` reports all.
 async fn publish_all(
-    port: u16,
+    ports: &[u16],
     credentials: &[(String, String)],
     records: &[Vec<Vec<u8>>],
     topic_for: impl Fn(usize) -> String,
@@ -64,7 +67,7 @@ async fn publish_all(
         let mut o = MqttOptions::new(
             format!("bench-validator-{id}-{}", confirm_topic_for.is_some()),
             "127.0.0.1",
-            port,
+            ports[vi % ports.len()],
         );
         o.set_credentials(id, pw.clone())
             .set_inflight(1000)
@@ -127,6 +130,9 @@ pub fn run_scenario(
     taps_per_message: usize,
 ) -> anyhow::Result<Figures> {
     let taps_per_message = taps_per_message.clamp(1, 1_000);
+    if broker == "nats" {
+        return nats::run(n, taps_per_message);
+    }
     let n = n.unwrap_or(20_000);
     let per = n.div_ceil(VALIDATORS as u64);
     let dir = tempfile::tempdir()?;
@@ -156,7 +162,7 @@ pub fn run_scenario(
 
     // 1. Raw broker rate: a subscriber counts the same messages at QoS 1, no processing.
     let raw_cpu0 = cpu_s();
-    let took = rt.block_on(raw_run(port, &records, messages))?;
+    let took = rt.block_on(raw_run(&[port], &records, messages))?;
     let raw_rate = total as f64 / took.as_secs_f64();
     let raw_cpu = cpu_s() - raw_cpu0;
 
@@ -174,7 +180,7 @@ pub fn run_scenario(
     let cpu0 = cpu_s();
     let (e2e, confirmed) = rt.block_on(async {
         spawn_gateway(cfg, link, store, gw_keys, stats.clone());
-        end_to_end(port, &records, &stats, total).await
+        end_to_end(&[port], &records, &stats, total).await
     })?;
     let cpu = cpu_s() - cpu0;
     let run = Run {
@@ -286,12 +292,26 @@ fn credentials(first: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The raw run: a subscriber counts the messages at QoS 1 while devices 2000… publish them;
-/// the time they took.
-async fn raw_run(port: u16, records: &[Vec<Vec<u8>>], messages: u64) -> anyhow::Result<Duration> {
+/// The raw run: a subscriber (on the first of `ports`) counts the messages at QoS 1 while
+/// devices 2000… publish them; the time they took.
+async fn raw_run(
+    ports: &[u16],
+    records: &[Vec<Vec<u8>>],
+    messages: u64,
+) -> anyhow::Result<Duration> {
+    raw_run_as(ports, ("raw", "rawpw"), records, messages).await
+}
+
+/// [`raw_run`] with the subscriber's credentials.
+async fn raw_run_as(
+    ports: &[u16],
+    subscriber: (&str, &str),
+    records: &[Vec<Vec<u8>>],
+    messages: u64,
+) -> anyhow::Result<Duration> {
     let received = Arc::new(AtomicU64::new(0));
-    let mut o = MqttOptions::new("bench-raw", "127.0.0.1", port);
-    o.set_credentials("raw", "rawpw")
+    let mut o = MqttOptions::new("bench-raw", "127.0.0.1", ports[0]);
+    o.set_credentials(subscriber.0, subscriber.1)
         .set_inflight(1000)
         .set_max_packet_size(1 << 16, 1 << 16);
     let (sub, mut ev) = AsyncClient::new(o, 20_000);
@@ -317,7 +337,7 @@ async fn raw_run(port: u16, records: &[Vec<Vec<u8>>], messages: u64) -> anyhow::
     });
     tokio::time::timeout(Duration::from_secs(10), ready.notified()).await?;
     publish_all(
-        port,
+        ports,
         &credentials(2000),
         records,
         |vi| format!("tapgate/v1/raw/taps/{}", 2000 + vi),
@@ -352,7 +372,7 @@ fn spawn_gateway(
 /// Once the gateway has subscribed, devices 1000… publish the taps and count the gateway's
 /// confirmations; the time until all `total` were confirmed, and how many were.
 async fn end_to_end(
-    port: u16,
+    ports: &[u16],
     records: &[Vec<Vec<u8>>],
     stats: &GatewayStats,
     total: u64,
@@ -368,7 +388,7 @@ async fn end_to_end(
     let received = Arc::new(AtomicU64::new(0));
     let ct = |vi: usize| format!("tapgate/v1/bench/devices/{}/confirm", 1000 + vi);
     let took = publish_all(
-        port,
+        ports,
         &credentials(1000),
         records,
         |vi| format!("tapgate/v1/bench/taps/{}", 1000 + vi),
