@@ -3,8 +3,7 @@
 //! has: exactly-once under concurrent transactions, retried conflicts, the schema check, the
 //! migrations, a refused connection.
 
-use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
-use charging::funding::{FundingSource, SandboxProcessor};
+use charging::clearing::{clear_batch, ClearingBatch};
 use charging::ledger::postgres::{self, MIGRATIONS};
 use charging::ledger::*;
 use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
@@ -14,8 +13,8 @@ use purse::sam::{SoftwareHsm, SoftwareSam};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
-use tapgate_testkit::charging::relay_in_process;
-use tapgate_testkit::fixtures::{transit_card, value_tx};
+use tapgate_testkit::charging::{authorised_load, load_service_on, relay_in_process};
+use tapgate_testkit::fixtures::{clearing_tap, transit_card, value_tx};
 use tapgate_testkit::postgres::TestDb;
 
 const T0: u64 = 1_700_000_000_000;
@@ -141,24 +140,10 @@ fn postings_balance_to_zero_and_cards_move_only_on_proofs(u: &Under) {
 
 fn intent(uid: [u8; 7], tmc_before: u32) -> LoadIntent {
     LoadIntent {
-        uid: hex::encode_upper(uid),
-        tmc_before,
-        attempt: 0,
-        balance_before_minor: 10,
-        amount_minor: 100,
-        key_version: 1,
         funding_source: "card".into(),
         funding_auth: "auth_1".into(),
         instrument: "tok_visa".into(),
-        idempotency_key: "k".into(),
-        requested_by: "alice".into(),
-        state: IntentState::Authorised,
-        created_ms: T0,
-        settled_ms: None,
-        kind: IntentKind::Load,
-        reverses_tmc: None,
-        reversed_at_tmc: None,
-        payment_id: None,
+        ..authorised_load(uid, tmc_before, 10, 100, T0)
     }
 }
 
@@ -376,24 +361,8 @@ fn debit(
     value_tx(sam, card, KeyKind::Debit, ins::DEBIT, amount).unwrap()
 }
 
-fn tap(r: &purse::receipt::CommitReceipt, seq: u64) -> ClearingTap {
-    serde_json::from_value(serde_json::json!({
-        "device_id": 1001, "device_seq": seq, "card_uid": hex::encode_upper(r.uid()),
-        "tmc": r.tmc(), "kind": "debit", "amount_minor": r.amount_minor(),
-        "balance_after_minor": r.balance_after_minor(), "tmv": hex::encode_upper(r.tmv()),
-        "key_version": r.key_version(), "operator": "metro",
-    }))
-    .unwrap()
-}
-
 fn service(ledger: Ledger, keys: &KeySet, dir: &std::path::Path) -> LoadService {
-    let processor = Arc::new(SandboxProcessor::open(&dir.join("processor")).unwrap());
-    LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        LoadConfig::default(),
-    )
+    load_service_on(ledger, keys, dir, LoadConfig::default()).0
 }
 
 fn a_gap_is_swept_once_and_a_block_lifts_when_it_fills(u: &Under) {
@@ -418,7 +387,7 @@ fn a_gap_is_swept_once_and_a_block_lifts_when_it_fills(u: &Under) {
     let out = clear_batch(
         svc.ledger(),
         svc.hsm(),
-        batch("b1", vec![tap(&a1, 1), tap(&a3, 3)]),
+        batch("b1", vec![clearing_tap(&a1, 1), clearing_tap(&a3, 3)]),
         T0,
     )
     .unwrap();
@@ -427,7 +396,7 @@ fn a_gap_is_swept_once_and_a_block_lifts_when_it_fills(u: &Under) {
     clear_batch(
         svc.ledger(),
         svc.hsm(),
-        batch("b1", vec![tap(&a1, 1), tap(&a3, 3)]),
+        batch("b1", vec![clearing_tap(&a1, 1), clearing_tap(&a3, 3)]),
         T0,
     )
     .unwrap();
@@ -451,7 +420,7 @@ fn a_gap_is_swept_once_and_a_block_lifts_when_it_fills(u: &Under) {
     clear_batch(
         svc.ledger(),
         svc.hsm(),
-        batch("b2", vec![tap(&a2, 2)]),
+        batch("b2", vec![clearing_tap(&a2, 2)]),
         T0 + 100 * HOUR,
     )
     .unwrap();
@@ -513,7 +482,7 @@ fn a_load_and_a_cleared_tap_end_to_end(u: &Under) {
         svc.hsm(),
         ClearingBatch {
             batch_id: "gw-1".into(),
-            taps: vec![tap(&fare, 1)],
+            taps: vec![clearing_tap(&fare, 1)],
         },
         now,
     )

@@ -1,7 +1,6 @@
 //! Relay sessions under sustained load: finished sessions never hold a place that a new load
 //! needs, a retried last step gets the same final answer, and what is kept is bounded.
 
-use charging::funding::{FundingSource, SandboxProcessor};
 use charging::ledger::Ledger;
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
 use purse::card::Card;
@@ -9,7 +8,7 @@ use purse::keys::KeySet;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::sync::Arc;
+use tapgate_testkit::charging::load_service_on;
 use tapgate_testkit::fixtures::transit_card;
 
 const NOW: u64 = 1_700_000_000_000;
@@ -17,13 +16,7 @@ const NOW: u64 = 1_700_000_000_000;
 fn service(dir: &std::path::Path, cfg: LoadConfig) -> (LoadService, SoftwareHsm) {
     let keys = KeySet::generate(&mut StdRng::seed_from_u64(3));
     let ledger = Ledger::open(&dir.join("ledger"), 64 << 20).unwrap();
-    let processor = Arc::new(SandboxProcessor::open(&dir.join("processor")).unwrap());
-    let svc = LoadService::new(
-        ledger,
-        Box::new(SoftwareHsm::new(&keys).unwrap()),
-        vec![processor as Arc<dyn FundingSource>],
-        cfg,
-    );
+    let (svc, _) = load_service_on(ledger, &keys, dir, cfg);
     svc.register_instrument("alice", "card", "tok_visa", NOW)
         .unwrap();
     (svc, SoftwareHsm::new(&keys).unwrap())
