@@ -87,13 +87,17 @@ pub enum LedgerChoice {
 const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Runs `n` loads from `clients` client threads (`--clients`, else TAPGATE_BENCH_CLIENTS, else
-/// 8) with the ledger on `ledger`. On PostgreSQL the figures are the PostgreSQL run's, then
-/// `ledger_retries` (transactions the database aborted and the ledger ran again), and the LMDB
-/// run's of the same invocation: `lmdb_loads_per_s`, `lmdb_p99_ms`, `ratio_to_lmdb`.
+/// 8) with the ledger on `ledger`, against `servers` charging servers (`--servers`; more than
+/// one needs PostgreSQL: the client threads are spread over them round robin). On PostgreSQL
+/// the figures are the PostgreSQL run's, then `ledger_retries` (transactions the database
+/// aborted and the ledger ran again), with several servers the one-server run's of the same
+/// invocation (`one_server_loads_per_s`, `one_server_p99_ms`, `ratio_to_one_server`), and the
+/// LMDB run's: `lmdb_loads_per_s`, `lmdb_p99_ms`, `ratio_to_lmdb`.
 pub fn run(
     n: Option<u64>,
     clients: Option<usize>,
     ledger: LedgerChoice,
+    servers: usize,
 ) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(2_000);
     let clients: usize = clients
@@ -104,19 +108,42 @@ pub fn run(
         })
         .unwrap_or(8)
         .max(1);
+    anyhow::ensure!(servers >= 1, "--servers must be at least 1");
     match ledger {
-        LedgerChoice::Lmdb => Ok(run_once(n, clients, None)?.0),
+        LedgerChoice::Lmdb if servers > 1 => anyhow::bail!(
+            "--servers {servers} needs --ledger postgres: an LMDB ledger is one process's file"
+        ),
+        LedgerChoice::Lmdb => Ok(run_once(n, clients, None, 1)?.0),
         LedgerChoice::Postgres => {
             let mut cluster = tapgate_testkit::postgres::Cluster::try_start()
                 .map_err(|e| anyhow::anyhow!("--ledger postgres: {e}"))?;
+            let one = if servers > 1 {
+                let url = cluster.create_database();
+                Some(run_once(n, clients, Some((&url, cluster.password())), 1)?.1)
+            } else {
+                None
+            };
             let url = cluster.create_database();
             let retries_before = charging::ledger::PgLedger::retries();
-            let (mut figures, pg) = run_once(n, clients, Some((&url, cluster.password())))?;
+            let (mut figures, pg) =
+                run_once(n, clients, Some((&url, cluster.password())), servers)?;
             let retries = charging::ledger::PgLedger::retries() - retries_before;
             drop(cluster);
-            let (_, lmdb) = run_once(n, clients, None)?;
+            let (_, lmdb) = run_once(n, clients, None, 1)?;
             figures.insert(0, ("ledger", "postgres".into()));
+            figures.insert(1, ("servers", (servers as u64).into()));
             figures.push(("ledger_retries", retries.into()));
+            if let Some(one) = one {
+                figures.push((
+                    "one_server_loads_per_s",
+                    (one.loads_per_s.round() as u64).into(),
+                ));
+                figures.push(("one_server_p99_ms", one.p99_ms.into()));
+                figures.push((
+                    "ratio_to_one_server",
+                    crate::limits::ratio(pg.loads_per_s, one.loads_per_s),
+                ));
+            }
             figures.push(("lmdb_loads_per_s", (lmdb.loads_per_s.round() as u64).into()));
             figures.push(("lmdb_p99_ms", lmdb.p99_ms.into()));
             figures.push((
@@ -134,32 +161,44 @@ struct Headline {
     p99_ms: f64,
 }
 
-/// One run on a fresh server: on LMDB, or on the PostgreSQL database at `pg` (URL, password).
+/// One run on fresh servers: one on LMDB, or `servers` on the PostgreSQL database at `pg`
+/// (URL, password), the client threads spread over them round robin.
 fn run_once(
     n: u64,
     clients: usize,
     pg: Option<(&str, &str)>,
+    servers: usize,
 ) -> anyhow::Result<(Figures, Headline)> {
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
-    let (hsm_kind, server_hsm) = server_hsm(&keys)?;
-    let server = Server::start(dir.path(), pg, server_hsm)?;
+    let mut hsm_kind = String::new();
+    let mut running = Vec::with_capacity(servers);
+    for i in 0..servers {
+        let (kind, server_hsm) = server_hsm(&keys)?;
+        hsm_kind = kind;
+        let data = dir.path().join(format!("server-{i}"));
+        std::fs::create_dir_all(&data)?;
+        running.push(Server::start(&data, pg, server_hsm)?);
+    }
+    let bases: Vec<String> = running.iter().map(|s| s.base.clone()).collect();
     let hsm = SoftwareHsm::new(&keys)?;
     let per_client = n.div_ceil(clients as u64);
     register_tokens(
         &ureq::AgentBuilder::new().build(),
-        &server.base,
+        &bases[0],
         (0..clients)
             .flat_map(|c| (0..per_client).map(move |i| format!("c{c}-{i}")))
             .chain(["calibration".to_string()]),
     )?;
-    let plan = calibrate(server.addr, &hsm)?;
+    let plan = calibrate(running[0].addr, &hsm)?;
     let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
-    let driven = drive(clients, per_client, n, &server.base, &hsm)?;
+    let driven = drive(clients, per_client, n, &bases, &hsm)?;
     let raw_after =
         crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
-    server.stop();
+    for server in running {
+        server.stop();
+    }
     let headline = Headline {
         loads_per_s: driven.lat.len() as f64 / driven.wall.as_secs_f64(),
         p99_ms: crate::stats::quantile(&driven.lat, 0.99) as f64 / 1000.0,
@@ -289,12 +328,13 @@ struct Driven {
     clients_cpu: f64,
 }
 
-/// `clients` threads each load `per_client` cards of their own, relaying APDUs.
+/// `clients` threads each load `per_client` cards of their own, relaying APDUs; client `c`
+/// to server `c % bases.len()`.
 fn drive(
     clients: usize,
     per_client: u64,
     n: u64,
-    base: &str,
+    bases: &[String],
     hsm: &SoftwareHsm,
 ) -> anyhow::Result<Driven> {
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(n as usize)));
@@ -304,7 +344,7 @@ fn drive(
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let mut handles = Vec::new();
         for c in 0..clients {
-            let base = base.to_string();
+            let base = bases[c % bases.len()].clone();
             let lat = latencies.clone();
             let ccpu = client_cpu.clone();
             let mut cards: Vec<Card> = (0..per_client)

@@ -49,6 +49,11 @@ struct Args {
     /// loopback; then the same run on LMDB, and the ratio).
     #[arg(long, value_enum, default_value = "lmdb")]
     ledger: loads::LedgerChoice,
+    /// For `loads --ledger postgres`: charging servers on the one database (the client
+    /// threads spread over them round robin; with more than one, the one-server figures of
+    /// the same invocation too).
+    #[arg(long, default_value_t = 1)]
+    servers: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -90,7 +95,7 @@ fn main() -> Result<()> {
         Scenario::Debit => purse_bench::debit(args.n)?,
         Scenario::Load => purse_bench::load(args.n)?,
         Scenario::Fare => fare::run(args.n)?,
-        Scenario::Loads => loads::run(args.n, args.clients, args.ledger)?,
+        Scenario::Loads => loads::run(args.n, args.clients, args.ledger, args.servers)?,
         Scenario::Payments => payments::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n)?,
