@@ -83,6 +83,11 @@ enum KeysCmd {
     /// newest, beside the old ones (docs/key-rotation.md). Then re-import the HSM and
     /// re-provision the SAMs: they hold both versions; cards move to the new one at their next
     /// online load.
+    ///
+    /// `--signing`: a new Ed25519 list-signing key instead (the back office signs with it;
+    /// devices accept both until `keys retire --signing`; signing.pub is rewritten).
+    /// `--device-master`: a new KM_DEVICE version (validators provisioned afterwards MAC taps
+    /// under it; gateways accept both until `keys retire --device-master`).
     Rotate {
         /// The issuer key directory (or key-set file).
         #[arg(long)]
@@ -90,10 +95,16 @@ enum KeysCmd {
         /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
         #[arg(long = "passphrase-file")]
         passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        which: WhichKey,
     },
     /// Retire an old card-key version: SAMs provisioned afterwards no longer hold it, and a
     /// validator refuses a card still on it (`key_version_retired`) until its next online load
     /// moves it. The HSM keeps it to move those cards and to clear their taps.
+    ///
+    /// `--signing`: retire a list-signing key version (lists signed by it are refused by
+    /// devices given the new signing.pub); `--device-master`: retire a KM_DEVICE version (the
+    /// gateway quarantines a tap MAC'd under it; re-provision the gateway's key set).
     Retire {
         /// The issuer key directory (or key-set file).
         #[arg(long)]
@@ -104,6 +115,8 @@ enum KeysCmd {
         /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
         #[arg(long = "passphrase-file")]
         passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        which: WhichKey,
     },
     /// Import the HSM role's keys (every version of KM_APP, KM_DEBIT, KM_CREDIT, KM_TMAC,
     /// KM_DEVICE, the Ed25519 signing key) into a PKCS#11 token as sensitive, non-extractable
@@ -138,6 +151,17 @@ enum KeysCmd {
         #[arg(long)]
         replace: bool,
     },
+}
+
+/// Which key `keys rotate` / `keys retire` acts on (default: the card keys).
+#[derive(Args, Clone, Copy)]
+struct WhichKey {
+    /// The back office's Ed25519 list-signing key (blocklists, action lists, fare tables).
+    #[arg(long, conflicts_with = "device_master")]
+    signing: bool,
+    /// KM_DEVICE, the master of the device keys validators MAC taps with.
+    #[arg(long = "device-master")]
+    device_master: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -186,10 +210,52 @@ pub fn pin_source(
     }
 }
 
+/// `keys rotate|retire --signing` / `--device-master`: what changed and what to do next.
+fn rotate_signing_keys(ks: &mut KeySet, which: WhichKey, retire: Option<u8>) -> Result<String> {
+    let rng = &mut rand::rngs::OsRng;
+    let refused = |e: purse::keys::KeyError| input_err(e.to_string());
+    Ok(match (which.signing, retire) {
+        (true, None) => format!(
+            "signing key rotated: version {} signs from now on; devices accept {:?} (signing.pub) until `keys retire --signing`",
+            ks.rotate_signing(rng)?,
+            ks.trusted_signing_keys().accepted_versions()
+        ),
+        (true, Some(v)) => {
+            ks.retire_signing(v).map_err(refused)?;
+            format!("signing-key version {v} retired: give devices the new signing.pub (`keys provision`)")
+        }
+        (false, None) => format!(
+            "device master rotated: KM_DEVICE version {} added; re-provision the gateways, then each validator",
+            ks.rotate_device_master(rng)?
+        ),
+        (false, Some(v)) => {
+            ks.retire_device_master(v).map_err(refused)?;
+            format!("device-master version {v} retired: re-provision the gateways; a tap MAC'd under it is quarantined")
+        }
+    })
+}
+
 /// `tapgate keys rotate` and `tapgate keys retire`: the issuer key set changed and sealed
 /// again in place (atomically), what the operator does next printed.
-fn rotation(keys: &Path, passphrase_file: Option<&Path>, retire: Option<u8>) -> Result<()> {
+fn rotation(
+    keys: &Path,
+    passphrase_file: Option<&Path>,
+    retire: Option<u8>,
+    which: WhichKey,
+) -> Result<()> {
     let mut ks = load_keyset(keys, passphrase_file)?;
+    if which.signing || which.device_master {
+        let done = rotate_signing_keys(&mut ks, which, retire)?;
+        let pass = passphrase(passphrase_file)?;
+        let sealed = ks.seal(&pass, KdfParams::DEFAULT, &mut rand::rngs::OsRng)?;
+        write_atomic(&keyset_path(keys), &sealed)?;
+        if which.signing && keys.is_dir() {
+            let text = ks.trusted_signing_keys().render();
+            write_atomic(&keys.join(SIGNING_PUB_FILE), text.as_bytes())?;
+        }
+        println!("{done}");
+        return Ok(());
+    }
     let done = match retire {
         None => format!(
             "card keys rotated: version {} of app, debit, credit and tmac added",
@@ -220,12 +286,14 @@ pub fn run(args: KeysArgs) -> Result<()> {
         KeysCmd::Rotate {
             keys,
             passphrase_file,
-        } => rotation(&keys, passphrase_file.as_deref(), None)?,
+            which,
+        } => rotation(&keys, passphrase_file.as_deref(), None, which)?,
         KeysCmd::Retire {
             keys,
             version,
             passphrase_file,
-        } => rotation(&keys, passphrase_file.as_deref(), Some(version))?,
+            which,
+        } => rotation(&keys, passphrase_file.as_deref(), Some(version), which)?,
         KeysCmd::ImportHsm {
             keys,
             passphrase_file,
@@ -330,9 +398,14 @@ pub fn run(args: KeysArgs) -> Result<()> {
             let pass = passphrase(passphrase_file.as_deref())?;
             let sealed = cut.seal(&pass, KdfParams::DEFAULT, &mut rand::rngs::OsRng)?;
             write_atomic(&out, &sealed)?;
+            // The public keys lists are accepted under, beside the key set (where a validator
+            // reads signing.pub): every non-retired version, the retired ones marked.
+            let signing_pub = out.with_file_name(SIGNING_PUB_FILE);
+            write_atomic(&signing_pub, cut.trusted_signing_keys().render().as_bytes())?;
             println!(
-                "provisioned {role:?} key set for device {device}: {}",
-                out.display()
+                "provisioned {role:?} key set for device {device}: {} (and {})",
+                out.display(),
+                signing_pub.display()
             );
         }
     }

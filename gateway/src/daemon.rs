@@ -251,20 +251,20 @@ async fn run_inner(
         clients[0].clone(),
         cfg.clone(),
         store.clone(),
-        keys.verifying_key,
+        keys.trusted_signing_keys(),
         stats.clone(),
     );
     let action_lists = actions::spawn(
         clients[0].clone(),
         cfg.clone(),
         store.clone(),
-        keys.verifying_key,
+        keys.trusted_signing_keys(),
     );
     let fare_tables = fares::spawn(
         clients[0].clone(),
         cfg.clone(),
         store.clone(),
-        keys.verifying_key,
+        keys.trusted_signing_keys(),
     );
     let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages);
     let nats_ack = nats_acks.as_ref().map(|(_, a)| a.clone());
@@ -348,7 +348,12 @@ async fn ingest_loop(
                 "device flagged: its quarantine reached its bound (oldest entries dropped; further garbage throttled)"
             );
         }
-        senders.confirm(keys, stats, outcome.confirmations);
+        senders.confirm(
+            keys,
+            stats,
+            outcome.confirmations,
+            &outcome.device_key_versions,
+        );
     }
 }
 
@@ -371,7 +376,9 @@ pub async fn ingest_durably(
 ) -> crate::store::IngestOutcome {
     let once = |m: Arc<Vec<Message>>| {
         let (s, k) = (store.clone(), keys.clone());
-        tokio::task::spawn_blocking(move || s.ingest(&m, |d| k.device_key(d).ok(), now_ms))
+        tokio::task::spawn_blocking(move || {
+            s.ingest_with_rings(&m, |d| k.device_key_ring(d).unwrap_or_default(), now_ms)
+        })
     };
     let durable = |m: Arc<Vec<Message>>| async move {
         let mut backoff_ms = 100u64;
@@ -420,6 +427,7 @@ pub async fn ingest_durably(
                 for (k, seqs) in o.confirmations {
                     total.confirmations.entry(k).or_default().extend(seqs);
                 }
+                total.device_key_versions.extend(o.device_key_versions);
             }
             None => tracing::error!(
                 topic = %m.topic,

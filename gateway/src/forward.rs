@@ -7,7 +7,9 @@
 use crate::store::{Store, StoreError};
 use purse::batch::{ClearingBatch, ClearingTap};
 use purse::crypto::AesKey;
-use purse::tap::TapRecord;
+use purse::rotation::DeviceKeyRing;
+use purse::tap::{TapError, TapRecord};
+use std::collections::BTreeMap;
 
 /// Forwarding errors.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,26 @@ pub fn forward_once(
     max_taps: usize,
     sink: &mut dyn FnMut(&serde_json::Value) -> Result<(), String>,
 ) -> Result<usize, ForwardError> {
+    let ring = |d| {
+        device_key(d)
+            .map(|k| DeviceKeyRing::single(0, k))
+            .unwrap_or_default()
+    };
+    forward_once_with_rings(store, gateway_id, operator, ring, max_taps, sink)
+}
+
+/// [`forward_once`] with each device's versioned keys: a stored tap verifies again under any
+/// version the ring holds, retired ones included (it was accepted at ingest; a retirement
+/// since must not keep a real debit from clearing).
+pub fn forward_once_with_rings(
+    store: &Store,
+    gateway_id: &str,
+    operator: &str,
+    device_key: impl Fn(u32) -> DeviceKeyRing,
+    max_taps: usize,
+    sink: &mut dyn FnMut(&serde_json::Value) -> Result<(), String>,
+) -> Result<usize, ForwardError> {
+    let mut rings: BTreeMap<u32, DeviceKeyRing> = BTreeMap::new();
     let pending = store.pending_forward(max_taps)?;
     let (Some(first), Some(last)) = (pending.first().map(|p| p.0), pending.last().map(|p| p.0))
     else {
@@ -38,7 +60,17 @@ pub fn forward_once(
     let mut taps = Vec::with_capacity(pending.len());
     for (_, raw) in &pending {
         // Verified at ingest; verified again, since nothing read back from disk is trusted.
-        match TapRecord::decode_verified(raw, operator, &device_key) {
+        let mut verified = TapRecord::decode_verified(raw, operator, |_| None);
+        if let Err(TapError::UnknownDevice(d)) = verified {
+            let ring = rings.entry(d).or_insert_with(|| device_key(d));
+            for (_, k) in ring.accepted.iter().chain(&ring.retired) {
+                verified = TapRecord::decode_verified(raw, operator, |_| Some(k.clone()));
+                if !matches!(verified, Err(TapError::BadMac)) {
+                    break;
+                }
+            }
+        }
+        match verified {
             Ok(t) => taps.extend(ClearingTap::from_tap(&t, operator)),
             Err(e) => tracing::error!(%e, "a stored tap no longer verifies; not forwarded"),
         }

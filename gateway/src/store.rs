@@ -23,6 +23,7 @@ use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
 use heed::{Database, Env, RwTxn, WithoutTls};
 use purse::crypto::AesKey;
+use purse::rotation::{DeviceKeyRing, Refusal};
 use purse::tap::{TapError, TapRecord, TAP_LEN};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -253,6 +254,9 @@ pub struct IngestOutcome {
     pub flagged: Vec<u64>,
     /// Sequence numbers to confirm, per (operator, device): stored now or already stored.
     pub confirmations: BTreeMap<(String, u32), Vec<u64>>,
+    /// The KM_DEVICE version each confirmed device's taps verified under (its confirmations
+    /// are MAC'd with that version's key; 0 when the caller gave a single unversioned key).
+    pub device_key_versions: BTreeMap<u32, u8>,
 }
 
 /// The store.
@@ -276,7 +280,7 @@ struct Batch {
     out: IngestOutcome,
     dev_states: BTreeMap<u32, DeviceState>,
     aggs: BTreeMap<String, Aggregate>,
-    device_keys: BTreeMap<u32, Option<Box<AesKey>>>,
+    device_keys: BTreeMap<u32, Box<DeviceKeyRing>>,
     next_outbox: u64,
     /// Quarantine may still write (the map is below `quarantine_stop_at_fill_percent`).
     room: bool,
@@ -316,6 +320,35 @@ impl Refused {
         }
         r
     }
+}
+
+/// Verifies one record under its device's key ring (one ring per device and batch: an outbox
+/// draining repeats the device; boxed, as a moved key would leave an unwiped copy behind), the
+/// newest accepted version first; the record and the KM_DEVICE version that verified it.
+fn verify_record(
+    rec: &[u8],
+    op: &str,
+    rings: &mut BTreeMap<u32, Box<DeviceKeyRing>>,
+    device_key: &impl Fn(u32) -> DeviceKeyRing,
+) -> Result<(TapRecord, u8), Refusal<TapError>> {
+    // Parsed without a key first: the record names its device (or is refused as it stands).
+    let mut named = None;
+    let unkeyed = match TapRecord::decode_verified(rec, op, |d| {
+        named = Some(d);
+        None
+    }) {
+        Err(e) => e,
+        Ok(_) => return Err(Refusal::Check(TapError::BadMac)),
+    };
+    let Some(d) = named else {
+        return Err(Refusal::Check(unkeyed));
+    };
+    let ring = rings.entry(d).or_insert_with(|| Box::new(device_key(d)));
+    ring.verify_with(
+        |k| TapRecord::decode_verified(rec, op, |_| Some(k.clone())),
+        |e| matches!(e, TapError::BadMac),
+        unkeyed,
+    )
 }
 
 /// Parses `tapgate/v1/<operator>/taps/<device>`.
@@ -569,6 +602,23 @@ impl Store {
         device_key: impl Fn(u32) -> Option<AesKey>,
         now_ms: u64,
     ) -> Result<IngestOutcome, StoreError> {
+        let ring = |d| {
+            device_key(d)
+                .map(|k| DeviceKeyRing::single(0, k))
+                .unwrap_or_default()
+        };
+        self.ingest_with_rings(messages, ring, now_ms)
+    }
+
+    /// [`Store::ingest`] with each device's versioned keys (a KM_DEVICE rotation): a tap
+    /// verifies under any accepted version; one MAC'd under a retired version is quarantined
+    /// with its own reason (and not confirmed, so the device keeps it).
+    pub fn ingest_with_rings(
+        &self,
+        messages: &[Message],
+        device_key: impl Fn(u32) -> DeviceKeyRing,
+        now_ms: u64,
+    ) -> Result<IngestOutcome, StoreError> {
         let mut t = self.env.write_txn()?;
         let mut b = self.begin_batch(&t, now_ms)?;
         for m in messages {
@@ -613,7 +663,7 @@ impl Store {
         t: &mut RwTxn<'_>,
         b: &mut Batch,
         m: &Message,
-        device_key: &impl Fn(u32) -> Option<AesKey>,
+        device_key: &impl Fn(u32) -> DeviceKeyRing,
     ) -> Result<(), StoreError> {
         let Some((op, topic_device)) = parse_tap_topic(&m.topic) else {
             let reason = "topic is not tapgate/v1/<operator>/taps/<device>".to_string();
@@ -679,31 +729,23 @@ impl Store {
         op: &str,
         topic_device: u32,
         rec: &[u8],
-        device_key: &impl Fn(u32) -> Option<AesKey>,
+        device_key: &impl Fn(u32) -> DeviceKeyRing,
         refused: &mut Refused,
     ) -> Result<(), StoreError> {
-        // One derivation per device and batch (an outbox draining repeats the device). (Boxed:
-        // the map moves its values between nodes, and a moved key would leave an unwiped copy
-        // behind; the box is zeroized in place when dropped.)
-        let device_keys = &mut b.device_keys;
-        let key_for = |d: u32| {
-            device_keys
-                .entry(d)
-                .or_insert_with(|| device_key(d).map(Box::new))
-                .as_deref()
-                .cloned()
-        };
         // The topic's operator: a record its device signed for another operator (a metro device
         // publishing on a hotel's topics) does not verify.
-        let tap = match TapRecord::decode_verified(rec, op, key_for) {
-            Ok(tap) => tap,
+        let (tap, key_version) = match verify_record(rec, op, &mut b.device_keys, device_key) {
+            Ok(v) => v,
             Err(e) => {
                 refused.add(
                     || match e {
-                        TapError::BadMac => format!(
+                        Refusal::Check(TapError::BadMac) => format!(
                             "device MAC does not verify for operator {op} (forged, altered, or another operator's device)"
                         ),
-                        other => other.to_string(),
+                        Refusal::RetiredKey(v) => format!(
+                            "device MAC under retired device-key version {v}: re-provision the device (the tap stays in its outbox, unconfirmed)"
+                        ),
+                        Refusal::Check(other) => other.to_string(),
                     },
                     rec,
                 );
@@ -719,6 +761,7 @@ impl Store {
             return Ok(());
         }
         let seq = tap.meta().device_seq;
+        b.out.device_key_versions.insert(device, key_version);
         let key = tap_key(device, seq);
         let confirm = b
             .out

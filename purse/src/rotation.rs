@@ -38,13 +38,16 @@ impl<E: fmt::Display> fmt::Display for Refusal<E> {
             Refusal::Check(e) => e.fmt(f),
             Refusal::RetiredKey(v) => write!(
                 f,
-                "signed by retired signing key version {v} (the back office signs with its current key)"
+                "{RETIRED_KEY_TEXT} version {v} (the back office signs with its current key)"
             ),
         }
     }
 }
 
 impl<E: fmt::Display + fmt::Debug> std::error::Error for Refusal<E> {}
+
+/// What a refusal for a retired signing key says (metrics count it apart).
+pub const RETIRED_KEY_TEXT: &str = "signed by retired signing key";
 
 /// A `signing.pub` text that cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,8 +81,8 @@ impl TrustedKeys {
         if accepted.is_empty() {
             return Err(err("no accepted (non-retired) key"));
         }
-        accepted.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-        retired.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        accepted.sort_unstable_by_key(|k| std::cmp::Reverse(k.0));
+        retired.sort_unstable_by_key(|k| std::cmp::Reverse(k.0));
         let mut versions: Vec<u8> = accepted.iter().chain(&retired).map(|k| k.0).collect();
         versions.sort_unstable();
         let n = versions.len();
@@ -130,8 +133,12 @@ impl TrustedKeys {
         TrustedKeys::new(accepted, retired)
     }
 
-    /// The text [`TrustedKeys::parse`] reads back (one line per version, newest first).
+    /// The text [`TrustedKeys::parse`] reads back: the bare key in hex while there is only
+    /// version 1 (as `keys init` writes it), else one line per version, newest first.
     pub fn render(&self) -> String {
+        if let ([(1, key)], []) = (self.accepted.as_slice(), self.retired.as_slice()) {
+            return format!("{}\n", hex::encode(key));
+        }
         let mut out = String::new();
         for (v, k) in &self.accepted {
             out.push_str(&format!("v{v} {}\n", hex::encode(k)));
@@ -266,8 +273,10 @@ mod tests {
 
     #[test]
     fn signing_pub_text_roundtrips_and_a_bare_key_is_version_1() {
-        let t = TrustedKeys::parse(&format!("{}\n", hex::encode(pk(7)))).unwrap();
+        let bare = format!("{}\n", hex::encode(pk(7)));
+        let t = TrustedKeys::parse(&bare).unwrap();
         assert_eq!(t.current(), (1, pk(7)));
+        assert_eq!(t.render(), bare);
         let t = TrustedKeys::new(vec![(1, pk(1)), (2, pk(2))], vec![(0, pk(9))]).unwrap();
         assert_eq!(t.current(), (2, pk(2)));
         let back = TrustedKeys::parse(&t.render()).unwrap();

@@ -329,8 +329,10 @@ impl Config {
         })
     }
 
-    /// The back office's public key: `signing_pub`, or the `signing.pub` file beside the keys.
-    pub fn signing_pub(&self) -> Result<[u8; 32], ConfigError> {
+    /// The back office's public keys: `signing_pub`, or the `signing.pub` file beside the keys;
+    /// one key in hex (version 1), or one `v<N> <hex>` line per version (` retired` after a
+    /// retired one) as `tapgate keys provision` writes it during a rotation.
+    pub fn signing_pub(&self) -> Result<purse::rotation::TrustedKeys, ConfigError> {
         let hex_text = match &self.signing_pub {
             Some(h) => h.clone(),
             None => {
@@ -346,10 +348,11 @@ impl Config {
                 })?
             }
         };
-        hex::decode(hex_text.trim())
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| ConfigError::Invalid("signing_pub must be 64 hex digits".into()))
+        purse::rotation::TrustedKeys::parse(&hex_text).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "signing_pub must be 64 hex digits, or `v<N> <64 hex digits>` lines: {e}"
+            ))
+        })
     }
 
     /// The MQTT settings (none: the validator works offline): broker, username (default: the
@@ -404,7 +407,7 @@ impl Config {
     /// The daemon's settings.
     pub fn settings(
         &self,
-        signing_pub: [u8; 32],
+        signing_pub: purse::rotation::TrustedKeys,
         crash_at: Option<(u64, Step)>,
     ) -> Result<Settings, ConfigError> {
         Ok(Settings {
@@ -470,7 +473,7 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
 pub fn choose_fare_table(
     gate: &mut Gate,
     journal: &Journal,
-    signing_pub: &[u8; 32],
+    signing_pub: &(impl purse::rotation::SignerKeys + ?Sized),
     configured: Option<(&Path, &[u8])>,
 ) -> Result<(), ConfigError> {
     daemon::restore(gate, journal, signing_pub)?;

@@ -15,6 +15,7 @@ use crate::gate::{Gate, Step};
 use crate::journal::{Journal, JournalError};
 use crate::reader::Reader;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use purse::rotation::{Refusal, SignerKeys, TrustedKeys};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -75,8 +76,9 @@ pub struct Settings {
     pub card_scheme: String,
     pub device_id: u32,
     pub heartbeat: Duration,
-    /// The back office's Ed25519 key: downlink messages must verify under it.
-    pub signing_pub: [u8; 32],
+    /// The back office's Ed25519 keys, versioned (`signing.pub`): downlink messages must
+    /// verify under a non-retired one.
+    pub signing_pub: TrustedKeys,
     pub mqtt: Option<MqttSettings>,
     /// At shutdown, how long to wait for the gateway to confirm what is journalled.
     pub drain_timeout: Duration,
@@ -104,6 +106,8 @@ pub struct Metrics {
     pub action_list_version: IntGauge,
     /// What is left of the SAM's action-list ceiling, minor units.
     pub action_ceiling_minor: IntGauge,
+    /// Signed downlink messages refused, by reason: `retired_signing_key`, `refused`.
+    pub downlink_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -149,7 +153,16 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric");
+        let downlink_refused = IntCounterVec::new(
+            Opts::new(
+                "downlink_refused_total",
+                "signed blocklists, action lists and fare tables refused: retired_signing_key (signed by a key version the operator retired), refused (forged, malformed, out of order, …)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
         let m = Self {
+            downlink_refused,
             confirmations_refused,
             pickups,
             action_list_version: gauge("action_list_version", "action-list version held"),
@@ -186,6 +199,7 @@ impl Metrics {
             Box::new(m.pickups.clone()),
             Box::new(m.action_list_version.clone()),
             Box::new(m.action_ceiling_minor.clone()),
+            Box::new(m.downlink_refused.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
@@ -196,7 +210,20 @@ impl Metrics {
         for outcome in ["applied", "already_on_card", "not_applied", "torn"] {
             m.pickups.with_label_values(&[outcome]);
         }
+        for reason in ["retired_signing_key", "refused"] {
+            m.downlink_refused.with_label_values(&[reason]);
+        }
         m
+    }
+
+    /// Counts a refused downlink message under its reason.
+    pub fn count_downlink_refused(&self, error: &str) {
+        let reason = if error.contains(purse::rotation::RETIRED_KEY_TEXT) {
+            "retired_signing_key"
+        } else {
+            "refused"
+        };
+        self.downlink_refused.with_label_values(&[reason]).inc();
     }
 
     /// The text exposition format.
@@ -293,7 +320,7 @@ pub enum DownlinkOutcome {
 pub fn apply_downlink(
     gate: &mut Gate,
     journal: &Journal,
-    pubkey: &[u8; 32],
+    pubkey: &(impl SignerKeys + ?Sized),
     topic_kind: Downlink,
     bytes: &[u8],
 ) -> Result<u64, String> {
@@ -315,15 +342,17 @@ pub fn apply_downlink(
 pub fn apply_downlink_outcome(
     gate: &mut Gate,
     journal: &Journal,
-    pubkey: &[u8; 32],
+    pubkey: &(impl SignerKeys + ?Sized),
     topic_kind: Downlink,
     bytes: &[u8],
 ) -> Result<DownlinkOutcome, String> {
+    let keys = pubkey.trusted();
     match topic_kind {
         Downlink::Blocklist => {
-            // One signature check, even for a 1,000,000-entry snapshot.
-            let u = purse::blocklist::ListUpdate::verify(bytes, pubkey)
-                .map_err(|e| format!("blocklist refused: {e}"))?;
+            // One signature check, even for a 1,000,000-entry snapshot (two while a list
+            // signed by the previous key version is still accepted).
+            let (u, _) =
+                verify_blocklist(&keys, bytes).map_err(|e| format!("blocklist refused: {e}"))?;
             let v = match gate.blocklist.apply_verified(&u) {
                 Ok(v) => v,
                 Err(purse::blocklist::ListError::Stale { held, got }) => {
@@ -349,8 +378,8 @@ pub fn apply_downlink_outcome(
                     got: u64::from(header.version),
                 });
             }
-            let engine = fare_rules::signed::verify(bytes, pubkey)
-                .map_err(|e| format!("fare table refused: {e}"))?;
+            let (engine, _) =
+                verify_fare_table(&keys, bytes).map_err(|e| format!("fare table refused: {e}"))?;
             // A table that does not know this gate would refuse every tap: keep the old one.
             if let Err(why) = gate.placement.check(&engine) {
                 return Err(format!(
@@ -377,15 +406,15 @@ const AL_DELTA: &str = "actions/1-delta/";
 pub fn apply_actions(
     list: &mut purse::actionlist::ActionList,
     journal: &Journal,
-    pubkey: &[u8; 32],
+    pubkey: &(impl SignerKeys + ?Sized),
     bytes: &[u8],
     now_ms: u64,
 ) -> Result<DownlinkOutcome, String> {
-    let u = purse::actionlist::ActionUpdate::verify(bytes, pubkey)
+    let (u, key) = verify_actions(&pubkey.trusted(), bytes)
         .map_err(|e| format!("action list refused: {e}"))?;
     let kind = u.kind;
     let mut next = list.clone();
-    let v = match next.apply(bytes, pubkey) {
+    let v = match next.apply(bytes, &key) {
         Ok(v) => v,
         Err(purse::actionlist::ActionListError::Stale { held, got }) => {
             return Ok(DownlinkOutcome::AlreadyHeld { held, got })
@@ -455,16 +484,55 @@ pub fn restore_action_ceiling(gate: &mut Gate, journal: &Journal) -> Result<(), 
 }
 
 /// The journalled action list (snapshot and deltas) of `card_scheme`, replayed.
+/// (Journalled lists verified when they arrived: a key version retired since still restores
+/// them, so a restart does not lose what the device held.)
 pub fn restore_actions(
     card_scheme: &str,
     journal: &Journal,
-    pubkey: &[u8; 32],
+    pubkey: &(impl SignerKeys + ?Sized),
 ) -> Result<purse::actionlist::ActionList, DaemonError> {
+    let keys = pubkey.trusted().with_retired_accepted();
     let mut l = purse::actionlist::ActionList::new(card_scheme);
     for (_, b) in journal.blobs(AL_PREFIX)? {
-        let _ = l.apply(&b, pubkey);
+        if let Ok((_, key)) = verify_actions(&keys, &b) {
+            let _ = l.apply(&b, &key);
+        }
     }
     Ok(l)
+}
+
+/// A blocklist message verified under one of `keys`.
+fn verify_blocklist(
+    keys: &TrustedKeys,
+    bytes: &[u8],
+) -> Result<(purse::blocklist::ListUpdate, [u8; 32]), Refusal<purse::blocklist::ListError>> {
+    keys.verify_with(
+        |k| purse::blocklist::ListUpdate::verify(bytes, k),
+        |e| matches!(e, purse::blocklist::ListError::BadSignature),
+    )
+}
+
+/// A fare table verified under one of `keys`.
+fn verify_fare_table(
+    keys: &TrustedKeys,
+    bytes: &[u8],
+) -> Result<(fare_rules::engine::Engine, [u8; 32]), Refusal<fare_rules::signed::SignedError>> {
+    keys.verify_with(
+        |k| fare_rules::signed::verify(bytes, k),
+        |e| matches!(e, fare_rules::signed::SignedError::Signature),
+    )
+}
+
+/// An action-list message verified under one of `keys`.
+fn verify_actions(
+    keys: &TrustedKeys,
+    bytes: &[u8],
+) -> Result<(purse::actionlist::ActionUpdate, [u8; 32]), Refusal<purse::actionlist::ActionListError>>
+{
+    keys.verify_with(
+        |k| purse::actionlist::ActionUpdate::verify(bytes, k),
+        |e| matches!(e, purse::actionlist::ActionListError::BadSignature),
+    )
 }
 
 /// A downlink message kind.
@@ -475,16 +543,24 @@ pub enum Downlink {
 }
 
 /// Replays the journalled downlink (blocklist snapshot and deltas, fare table) into `gate`.
-pub fn restore(gate: &mut Gate, journal: &Journal, pubkey: &[u8; 32]) -> Result<(), DaemonError> {
+/// Lists signed under a key version retired since they were journalled still restore.
+pub fn restore(
+    gate: &mut Gate,
+    journal: &Journal,
+    pubkey: &(impl SignerKeys + ?Sized),
+) -> Result<(), DaemonError> {
+    let keys = pubkey.trusted().with_retired_accepted();
     if let Some(t) = journal.blob(FARE_TABLE)? {
-        if let Ok(e) = fare_rules::signed::verify(&t, pubkey) {
+        if let Ok((e, _)) = verify_fare_table(&keys, &t) {
             if e.table().meta.version >= gate.fare_version() {
                 gate.engine = Some(e);
             }
         }
     }
     for (_, b) in journal.blobs("blocklist/")? {
-        let _ = gate.blocklist.apply(&b, pubkey);
+        if let Ok((u, _)) = verify_blocklist(&keys, &b) {
+            let _ = gate.blocklist.apply_verified(&u);
+        }
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ pub(super) fn spawn(
     client: AsyncClient,
     cfg: GatewayConfig,
     store: Store,
-    verifying_key: [u8; 32],
+    verifying_key: purse::rotation::TrustedKeys,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let list = ActionList { held: 0 };
@@ -80,7 +80,11 @@ impl SignedList for ActionList {
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String> {
         let (key, operator) = (want.key, want.operator);
         let v = want.version;
-        match ActionUpdate::verify(bytes, key) {
+        let verified = key.verify_with(
+            |k| ActionUpdate::verify(bytes, k),
+            |e| matches!(e, purse::actionlist::ActionListError::BadSignature),
+        );
+        match verified.map(|(u, _)| u) {
             Ok(u) if u.operator == operator && Some(u.to_version) == v => Ok(()),
             Ok(u) if u.operator != operator => Err(format!(
                 "it is operator {:?}'s list; this gateway serves {:?}",

@@ -20,7 +20,7 @@ pub(super) fn spawn(
     client: rumqttc::AsyncClient,
     cfg: GatewayConfig,
     store: Store,
-    verifying_key: [u8; 32],
+    verifying_key: purse::rotation::TrustedKeys,
 ) -> JoinHandle<()> {
     let relay =
         SignedListRelay::for_config(client, cfg, store, verifying_key, FareTable { held: 0 });
@@ -50,7 +50,12 @@ impl SignedList for FareTable {
 
     /// Signed by the back office, at the version the header says.
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String> {
-        fare_rules::signed::verify(bytes, want.key).map_err(|e| e.to_string())?;
+        want.key
+            .verify_with(
+                |k| fare_rules::signed::verify(bytes, k),
+                |e| matches!(e, fare_rules::signed::SignedError::Signature),
+            )
+            .map_err(|e| e.to_string())?;
         let v = fare_rules::signed::peek(bytes)
             .map_err(|e| e.to_string())?
             .version;

@@ -2,7 +2,7 @@
 //! (`forward_once`), so a lost answer resends the same batch.
 
 use super::{GatewayConfig, GatewayStats};
-use crate::forward::forward_once;
+use crate::forward::forward_once_with_rings;
 use crate::store::Store;
 use purse::keys::KeySet;
 use std::sync::atomic::Ordering;
@@ -30,11 +30,11 @@ pub(super) fn spawn(
             let sink = clearing_sink(agent.clone(), base.clone(), token.clone());
             let result = tokio::task::spawn_blocking(move || {
                 let mut sink = sink;
-                forward_once(
+                forward_once_with_rings(
                     &s,
                     &c.gateway_id,
                     &c.operator,
-                    |d| k.device_key(d).ok(),
+                    |d| k.device_key_ring(d).unwrap_or_default(),
                     c.forward_batch_max_taps,
                     &mut sink,
                 )

@@ -25,7 +25,7 @@ pub(super) fn spawn(
     client: AsyncClient,
     cfg: GatewayConfig,
     store: Store,
-    verifying_key: [u8; 32],
+    verifying_key: purse::rotation::TrustedKeys,
     stats: Arc<GatewayStats>,
 ) -> JoinHandle<()> {
     if let Ok(v) = store.blocklist_version() {
@@ -54,7 +54,11 @@ impl SignedList for Blocklist {
     /// This operator's list, signed by the back office (the version is not checked).
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String> {
         let (key, operator) = (want.key, want.operator);
-        match ListUpdate::verify(bytes, key) {
+        let verified = key.verify_with(
+            |k| ListUpdate::verify(bytes, k),
+            |e| matches!(e, purse::blocklist::ListError::BadSignature),
+        );
+        match verified.map(|(u, _)| u) {
             Ok(u) if u.operator == operator => Ok(()),
             Ok(u) => Err(format!(
                 "it is operator {:?}'s list; this gateway serves {:?} (set operator in the charging server's config)",

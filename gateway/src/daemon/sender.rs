@@ -71,17 +71,24 @@ impl Senders {
         let _ = self.acks[conn].send(p);
     }
 
-    /// Queues the confirmations of a durable batch, each MAC'd with its device's key (no key:
-    /// nothing to confirm with; the tap could not have verified either).
+    /// Queues the confirmations of a durable batch, each MAC'd with its device's key — under
+    /// the KM_DEVICE version its taps verified under (`versions`), so a device not yet
+    /// re-provisioned after a rotation can verify them (no key: nothing to confirm with; the
+    /// tap could not have verified either).
     pub(super) fn confirm(
         &self,
         keys: &KeySet,
         stats: &GatewayStats,
         confirmations: BTreeMap<(String, u32), Vec<u64>>,
+        versions: &BTreeMap<u32, u8>,
     ) {
         for ((op, device), seqs) in confirmations {
             let topic = format!("tapgate/v1/{op}/devices/{device}/confirm");
-            let Ok(device_key) = keys.device_key(device) else {
+            let key = match versions.get(&device) {
+                Some(&v) if v != 0 => keys.device_key_at(device, v),
+                _ => keys.device_key(device),
+            };
+            let Ok(device_key) = key else {
                 continue;
             };
             // A draining outbox can put hundreds of thousands of a device's taps in one

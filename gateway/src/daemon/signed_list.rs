@@ -52,7 +52,8 @@ pub(super) trait SignedList {
 /// What validators want of a list: signed with this key, for this operator, and (when the
 /// version is known) at this version.
 pub(super) struct Wanted<'a> {
-    pub(super) key: &'a [u8; 32],
+    /// The back office's signing keys, versioned (a list signed by a retired one is refused).
+    pub(super) key: &'a purse::rotation::TrustedKeys,
     pub(super) operator: &'a str,
     pub(super) version: Option<u64>,
 }
@@ -62,7 +63,7 @@ pub(super) struct SignedListRelay<L> {
     pub(super) client: AsyncClient,
     pub(super) operator: String,
     pub(super) store: Store,
-    pub(super) verifying_key: [u8; 32],
+    pub(super) verifying_key: purse::rotation::TrustedKeys,
     pub(super) agent: ureq::Agent,
     pub(super) base: String,
     pub(super) token: String,
@@ -78,7 +79,7 @@ impl<L: SignedList> SignedListRelay<L> {
         client: AsyncClient,
         operator: String,
         store: Store,
-        verifying_key: [u8; 32],
+        verifying_key: purse::rotation::TrustedKeys,
         (base, token): (String, String),
         list: L,
     ) -> Self {
@@ -105,7 +106,7 @@ impl<L: SignedList> SignedListRelay<L> {
         client: AsyncClient,
         cfg: super::GatewayConfig,
         store: Store,
-        verifying_key: [u8; 32],
+        verifying_key: purse::rotation::TrustedKeys,
         list: L,
     ) -> Option<Self> {
         let charging = cfg.charging.clone()?;

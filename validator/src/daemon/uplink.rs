@@ -8,6 +8,7 @@ use super::{
     Shared, Topics, MAX_MESSAGES_PER_ROUND, MAX_TAPS_PER_MESSAGE, RESEND_AFTER_MS,
 };
 use crate::journal::Journal;
+use purse::rotation::TrustedKeys;
 use purse::sam::Sam;
 use purse::tap::TAP_LEN;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS};
@@ -59,7 +60,7 @@ pub(super) async fn run(
         link.clone(),
         shared.clone(),
         confirmations,
-        settings.signing_pub,
+        Arc::new(settings.signing_pub.clone()),
     ));
     publish_until_drained(settings, &link, shared).await?;
     goodbye(&link, settings.device_id).await;
@@ -144,7 +145,7 @@ async fn event_loop(
     mut link: Link,
     shared: Shared,
     confirmations: Arc<Confirmations>,
-    pubkey: [u8; 32],
+    pubkey: Arc<TrustedKeys>,
 ) {
     // The last failure logged and when: a broker that stays away or keeps refusing is logged
     // once a minute, not at every retry.
@@ -161,7 +162,7 @@ async fn event_loop(
                 if p.topic == link.topics.confirm {
                     on_confirmation(&shared, confirmations.clone(), p).await;
                 } else {
-                    on_downlink(&link.topics, &shared, pubkey, p).await;
+                    on_downlink(&link.topics, &shared, pubkey.clone(), p).await;
                 }
             }
             Ok(_) => {}
@@ -256,7 +257,7 @@ async fn on_confirmation(shared: &Shared, confirmations: Arc<Confirmations>, p: 
 
 /// A blocklist or fare table: verified, applied and journalled off the event loop (it waits
 /// for the gate, which a tap may hold).
-async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publish) {
+async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
     if p.topic == topics.ceiling {
         let shared = shared.clone();
         let payload = p.payload.to_vec();
@@ -288,7 +289,7 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
             let Ok(mut l) = shared.actions.lock() else {
                 return;
             };
-            match super::apply_actions(&mut l, &shared.journal, &pubkey, &payload, now_ms()) {
+            match super::apply_actions(&mut l, &shared.journal, &*pubkey, &payload, now_ms()) {
                 Ok(DownlinkOutcome::Applied(v)) => {
                     let held = i64::try_from(v).unwrap_or(i64::MAX);
                     shared.metrics.action_list_version.set(held);
@@ -297,7 +298,10 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
                 Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
                     tracing::debug!(held, got, "action list already held")
                 }
-                Err(e) => tracing::warn!("{e}"),
+                Err(e) => {
+                    shared.metrics.count_downlink_refused(&e);
+                    tracing::warn!("{e}")
+                }
             }
         })
         .await;
@@ -314,7 +318,7 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
         let Ok(mut g) = shared.gate.lock() else {
             return;
         };
-        match apply_downlink_outcome(&mut g, &shared.journal, &pubkey, kind, &payload) {
+        match apply_downlink_outcome(&mut g, &shared.journal, &*pubkey, kind, &payload) {
             Ok(DownlinkOutcome::Applied(v)) => {
                 tracing::info!(?kind, version = v, "downlink applied");
                 let metrics = &shared.metrics;
@@ -324,7 +328,10 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: [u8; 32], p: Publ
             Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
                 tracing::debug!(?kind, held, got, "downlink already held");
             }
-            Err(e) => tracing::warn!(?kind, "{e}"),
+            Err(e) => {
+                shared.metrics.count_downlink_refused(&e);
+                tracing::warn!(?kind, "{e}")
+            }
         }
     })
     .await;
