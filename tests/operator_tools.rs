@@ -25,6 +25,9 @@ const OPS: &str = "tg_ops_tools";
 const GW: &str = "tg_gw_tools";
 const DEVICE: u32 = 1001;
 const CARDS: u32 = 30;
+/// A second validator, run in the test with a clock it sets (a day of trips in a moment).
+const SECOND: u32 = 1002;
+const SECOND_PASSWORD: &str = "v2-secret";
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -46,6 +49,7 @@ struct World {
     dir: tempfile::TempDir,
     charging: String,
     gateway: String,
+    mqtt_port: u16,
     validator_metrics: String,
     _guards: Vec<Kill>,
 }
@@ -85,7 +89,11 @@ fn world(validator_args: &[&str], validator_log: Option<&str>, taps: u64) -> Wor
     }
 
     let (mqtt_port, api_port, metrics_port) = (free_port(), free_port(), free_port());
-    std::fs::write(dir.join("users"), format!("{DEVICE} v-secret\n")).unwrap();
+    std::fs::write(
+        dir.join("users"),
+        format!("{DEVICE} v-secret\n{SECOND} {SECOND_PASSWORD}\n"),
+    )
+    .unwrap();
     std::fs::write(
         dir.join("gw-api.toml"),
         format!(
@@ -161,6 +169,7 @@ fn world(validator_args: &[&str], validator_log: Option<&str>, taps: u64) -> Wor
         dir: d,
         charging,
         gateway,
+        mqtt_port,
         validator_metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
         _guards: vec![validator_guard, gateway_guard, charging_guard],
     }
@@ -307,26 +316,182 @@ fn frictionless() -> PathBuf {
     }
 }
 
+/// A day of metro trips on one card at device [`SECOND`]'s gate (the validator's own gate code
+/// and fare engine, the clock set by the test): seven trips from 08:00, 90 minutes apart, so the
+/// daily cap (80.00) reduces the later fares. Returns the journalled tap records (format v3,
+/// signed by the device's SAM) with the capped flag each carries, and the first tap as format
+/// v2 would have carried it.
+fn a_capped_day_at_a_second_gate(dir: &Path) -> (Vec<(Vec<u8>, bool)>, Vec<u8>) {
+    use fare_rules::record::TapKind;
+    use validator::gate::{Answer, Gate, Placement};
+    let keys = purse::keys::KeySet::unseal(
+        &std::fs::read(dir.join("keys/issuer.keys")).unwrap(),
+        PASS.as_bytes(),
+    )
+    .unwrap();
+    let hsm = purse::sam::SoftwareHsm::new(&keys).unwrap();
+    let uid = [4, 0x10, 0x02, 0, 0, 0, 1];
+    let mut card = purse::card::Card::personalise(
+        &purse::card::Personalisation::transit(uid, 50_000),
+        hsm.card_keys(&uid, 1).unwrap(),
+    );
+    let src =
+        std::fs::read_to_string(repo().join("fare-rules/samples/metro-city/rules.toml")).unwrap();
+    let engine =
+        fare_rules::engine::Engine::new(fare_rules::source::compile("rules.toml", &src).unwrap())
+            .unwrap();
+    let gate = |stop: &str, kind| Gate {
+        sam: purse::sam::SoftwareSam::validator(&keys, SECOND).unwrap(),
+        engine: Some(engine.clone()),
+        blocklist: purse::blocklist::Blocklist::new("metro"),
+        placement: Placement {
+            device_id: SECOND,
+            operator: "metro".into(),
+            stop: stop.into(),
+            route: "M1".into(),
+            kind,
+            utc_offset_s: 9 * 3600,
+            sale: None,
+        },
+        rng: rand::SeedableRng::seed_from_u64(9),
+    };
+    let mut gates = [
+        gate("Central", TapKind::In),
+        gate("University", TapKind::Out),
+    ];
+    let journal = validator::journal::Journal::open(&dir.join("second"), 100, 1 << 24).unwrap();
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::seed_from_u64(8);
+    // 2026-12-01 08:00 in Metro City (UTC+9).
+    const T0_MS: u64 = 1_796_079_600_000;
+    for trip in 0..7u64 {
+        for (g, at) in [(0, 0), (1, 20 * 60_000)] {
+            let mut reader = purse::txn::EmulatedReader {
+                card: &mut card,
+                rng: &mut rng,
+            };
+            let out = gates[g]
+                .tap(
+                    &mut reader,
+                    &journal,
+                    T0_MS + trip * 90 * 60_000 + at,
+                    &mut |_| {},
+                )
+                .unwrap();
+            assert!(matches!(out.answer, Answer::Accepted { .. }), "{out:?}");
+            card.remove_from_field();
+        }
+    }
+    let sam = purse::sam::SoftwareSam::validator(&keys, SECOND).unwrap();
+    let key = purse::sam::Sam::device_key(&sam).clone();
+    let taps: Vec<(Vec<u8>, bool)> = journal
+        .outbox_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, w)| {
+            let t =
+                purse::tap::TapRecord::decode_verified(&w, "metro", |_| Some(key.clone())).unwrap();
+            let capped = t.flags().expect("the gate writes format v3").capped();
+            (w, capped)
+        })
+        .collect();
+    // Format v2: the first tap without its flags byte, MAC'd as a v2 validator did.
+    let mut v2 = taps[0].0[..71].to_vec();
+    v2[0] = 2;
+    let mac = purse::sam::Sam::device_mac(&sam, &purse::tap::mac_input(&v2, "metro"));
+    v2.extend_from_slice(&mac);
+    (taps, v2)
+}
+
+/// The TIDES export, once it has transaction `id`.
+fn export_with(w: &World, id: &str) -> String {
+    let url = format!("{}/v1/export/tides/fare_transactions.csv", w.gateway);
+    let mut csv = String::new();
+    wait_until(
+        "the export has the second gate's taps",
+        Duration::from_secs(30),
+        || {
+            let (code, body) = http::get_text(&url, OPS);
+            assert_eq!(code, 200, "{body}");
+            csv = body;
+            csv.lines().any(|l| l.starts_with(&format!("{id},")))
+        },
+    );
+    csv
+}
+
+/// Publishes `payload` on device [`SECOND`]'s taps topic, as that device, and waits for the ack.
+fn publish_as_second(mqtt_port: u16, payload: Vec<u8>) {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new("second-validator", "127.0.0.1", mqtt_port);
+    opts.set_credentials(SECOND.to_string(), SECOND_PASSWORD);
+    let (client, mut conn) = Client::new(opts, 10);
+    client
+        .publish(
+            format!("tapgate/v1/metro/taps/{SECOND}"),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .unwrap();
+    for ev in conn.iter() {
+        match ev {
+            Ok(Event::Incoming(Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publishing as device {SECOND}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn the_tides_export_validates_against_the_tides_schema() {
     let w = world(&[], None, 40);
-    let (code, csv) = http::get_text(
-        &format!("{}/v1/export/tides/fare_transactions.csv", w.gateway),
-        OPS,
-    );
-    assert_eq!(code, 200, "{csv}");
+    // A second gate's day of trips, some capped by the fare engine, published as that device
+    // would (v3 records, and one v2 record such as a validator journalled before its upgrade).
+    let (taps, v2) = a_capped_day_at_a_second_gate(w.dir.path());
+    let wire: Vec<Vec<u8>> = taps.iter().map(|(t, _)| t.clone()).collect();
+    publish_as_second(w.mqtt_port, [vec![v2], wire].concat().concat());
+    let csv = export_with(&w, &format!("{SECOND}-{}", taps.len()));
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert!(rows.len() >= 20, "{csv}");
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let capped = header.iter().position(|h| *h == "fare_capped").unwrap();
-    for r in &rows {
-        // Empty (a missing value to TIDES): the tap record does not carry the cap flag.
-        let v = r.split(',').nth(capped).unwrap();
+    let cell = |r: &str| r.split(',').nth(capped).unwrap().to_string();
+    // Each device's (sequence, fare_capped) in sequence order.
+    let device_rows = |d: u32| {
+        let mut v: Vec<(u64, String)> = rows
+            .iter()
+            .filter_map(|r| {
+                let seq = r.split(',').next()?.strip_prefix(&format!("{d}-"))?;
+                Some((seq.parse().unwrap(), cell(r)))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // The running validator's taps: v3, so each says true or false (never empty).
+    let first = device_rows(DEVICE);
+    assert!(!first.is_empty(), "{csv}");
+    for (seq, c) in &first {
         assert!(
-            ["", "true", "false"].contains(&v),
-            "fare_capped {v:?} in {r}"
+            c == "true" || c == "false",
+            "{DEVICE}-{seq}: fare_capped {c:?}"
         );
     }
+    // The second gate's: what its fare engine said of each tap, some capped and some not.
+    let expected: Vec<String> = taps.iter().map(|(_, c)| c.to_string()).collect();
+    assert!(
+        expected.contains(&"true".into()),
+        "no capped tap: {expected:?}"
+    );
+    assert!(expected.contains(&"false".into()), "{expected:?}");
+    let second = device_rows(SECOND);
+    assert_eq!(second.len(), taps.len(), "{csv}");
+    // The v2 record and the first v3 one are both device 1002's sequence 1: the gateway kept
+    // the first it was given, the v2 one, whose flag is not known: written empty.
+    assert_eq!(second[0], (1, String::new()), "{csv}");
+    let got: Vec<String> = second[1..].iter().map(|(_, c)| c.clone()).collect();
+    assert_eq!(got, expected[1..], "{csv}");
+
     let path = w.dir.path().join("fare_transactions.csv");
     std::fs::write(&path, &csv).unwrap();
     let schema = repo().join("deploy/tides/fare_transactions.schema.json");

@@ -660,7 +660,7 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
             .collect();
         own.reverse();
         if device == "1001" {
-            let mut forged = own[0][..79].to_vec();
+            let mut forged = own[0][..purse::tap::TAP_LEN].to_vec();
             forged[40] ^= 0x01; // an altered amount or balance: the device MAC no longer holds
             own.push(forged);
         }
@@ -668,7 +668,10 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     }
     // The gateway has taken them all: every replayed tap counted as a duplicate, the forgery
     // quarantined with its reason.
-    let replayed: u64 = messages.iter().map(|(_, m)| (m.len() / 79) as u64).sum();
+    let replayed: u64 = messages
+        .iter()
+        .map(|(_, m)| (m.len() / purse::tap::TAP_LEN) as u64)
+        .sum();
     let t0 = Instant::now();
     loop {
         let metrics = ureq::get(&format!("{gw_api}/metrics"))

@@ -5,15 +5,17 @@
 //! from the integer minor units), `currency_type`, `fare_action` (`Enter` for a tap that
 //! debited or was free; refusals are not transactions and are left out), `device_id`,
 //! `stop_id` (the GTFS `stops.stop_id` of the fare table the gate priced with — see [`Places`]),
-//! `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped` (empty, a missing
-//! value to TIDES: the tap record does not carry the fare engine's cap flag, which stays in the
-//! card's trip record), `token_id` (card UID), `balance` (major units), and one column beyond the
-//! TIDES schema, last: `route_id` (GTFS `routes.route_id`), so a transaction joins to the
-//! agency's GTFS by stop and route.
+//! `num_riders` (1), `fare_media_id` (`Smart card or ticket`), `fare_capped` (`true`/`false`:
+//! the fare engine's cap flag, carried by tap record format v3 under the device MAC; empty — a
+//! missing value, which the TIDES schema allows: the field has no `required` constraint — for a
+//! v2 record journalled before the upgrade, which carries no flag, so the export does not guess
+//! `false`; a pick-up is never capped: `false`), `token_id` (card UID), `balance` (major units),
+//! and one column beyond the TIDES schema, last: `route_id` (GTFS `routes.route_id`), so a
+//! transaction joins to the agency's GTFS by stop and route.
 
 use crate::store::{Store, StoreError};
 use purse::crypto::AesKey;
-use purse::tap::TapRecord;
+use purse::tap::{TapFlags, TapRecord};
 use std::collections::HashMap;
 
 /// Formats integer minor units as an exact decimal with `exponent` fraction digits.
@@ -52,6 +54,17 @@ impl Places {
         } else {
             id
         }
+    }
+}
+
+/// The `fare_capped` cell of a tap with fare `flags` (`None`: a v2 record, which carries none):
+/// empty when the record cannot say, except for a pick-up, which no cap ever reduces.
+fn fare_capped(flags: Option<TapFlags>, pickup: bool) -> &'static str {
+    match flags {
+        Some(f) if f.capped() => "true",
+        Some(_) => "false",
+        None if pickup => "false",
+        None => "",
     }
 }
 
@@ -100,6 +113,7 @@ pub fn tides_fare_transactions(
         let (date, ts) = utc(t.meta().device_time_ms);
         // An action-list pick-up added value (its stop and route fields hold the order id).
         let pickup = purse::actionlist::order_of_tap(&t).is_some();
+        let capped = fare_capped(t.flags(), pickup);
         let (action, stop, route) = if pickup {
             ("Add", String::new(), String::new())
         } else {
@@ -110,7 +124,7 @@ pub fn tides_fare_transactions(
             )
         };
         csv.push_str(&format!(
-            "{}-{},{date},{ts},{},{currency},{action},{},{stop},1,Smart card or ticket,,{},{},{route}\n",
+            "{}-{},{date},{ts},{},{currency},{action},{},{stop},1,Smart card or ticket,{capped},{},{},{route}\n",
             t.meta().device_id,
             t.meta().device_seq,
             decimal(i64::from(t.amount_minor()), exponent),
@@ -145,6 +159,17 @@ mod tests {
         assert_eq!(Places::name(&p.stops, 8), "\"Stop, \"\"A\"\"\"");
         assert_eq!(Places::name(&p.stops, 9), "9");
         assert_eq!(Places::name(&p.routes, 12), "12");
+    }
+
+    #[test]
+    fn fare_capped_is_the_flag_or_empty_when_a_v2_record_cannot_say() {
+        let capped = TapFlags::new(false, true, false);
+        let transfer = TapFlags::new(true, false, false);
+        assert_eq!(fare_capped(Some(capped), false), "true");
+        assert_eq!(fare_capped(Some(transfer), false), "false");
+        assert_eq!(fare_capped(Some(TapFlags::NONE), true), "false");
+        assert_eq!(fare_capped(None, false), "");
+        assert_eq!(fare_capped(None, true), "false");
     }
 
     #[test]

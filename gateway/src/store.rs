@@ -24,7 +24,7 @@ use heed::types::{Bytes, SerdeJson, U64};
 use heed::{Database, Env, RwTxn, WithoutTls};
 use purse::crypto::AesKey;
 use purse::rotation::{DeviceKeyRing, Refusal};
-use purse::tap::{TapError, TapRecord, TAP_LEN};
+use purse::tap::{split_records, TapError, TapRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -233,7 +233,8 @@ const QUARANTINE_SAMPLE_BYTES: usize = 1024;
 pub struct Message {
     /// The topic it arrived on.
     pub topic: String,
-    /// Its payload: one or more 79-byte tap records.
+    /// Its payload: one or more tap records (80-byte v3, or 79-byte v2 journalled before an
+    /// upgrade; each told by its version byte, [`purse::tap::split_records`]).
     pub payload: Vec<u8>,
 }
 
@@ -682,19 +683,28 @@ impl Store {
             return Ok(());
         };
         let qdev = u64::from(topic_device);
-        if m.payload.is_empty() || !m.payload.len().is_multiple_of(TAP_LEN) {
-            let reason = format!(
-                "payload of {} bytes is not a whole number of {TAP_LEN}-byte tap records",
-                m.payload.len()
-            );
-            self.quarantine_put(
-                t, &mut b.out, b.now_ms, qdev, m, reason, 0, &m.payload, b.room,
-            )?;
-            b.out.quarantined += 1;
-            return Ok(());
-        }
+        let records = match split_records(&m.payload) {
+            Ok(r) if !r.is_empty() => Ok(r),
+            Ok(_) => Err("an empty payload".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let records = match records {
+            Ok(r) => r,
+            Err(why) => {
+                let reason = format!(
+                    "payload of {} bytes is not a sequence of tap records ({why})",
+                    m.payload.len()
+                );
+                self.quarantine_put(
+                    t, &mut b.out, b.now_ms, qdev, m, reason, 0, &m.payload, b.room,
+                )?;
+                b.out.quarantined += 1;
+                return Ok(());
+            }
+        };
+        let total = records.len();
         let mut refused = Refused::default();
-        for rec in m.payload.chunks_exact(TAP_LEN) {
+        for rec in records {
             if refused.records >= self.limits.quarantine_max_bad_records_per_message {
                 refused.stopped = true;
                 break;
@@ -702,7 +712,7 @@ impl Store {
             self.ingest_record(t, b, op, topic_device, rec, device_key, &mut refused)?;
         }
         if refused.records > 0 {
-            let reason = refused.reason(m.payload.len() / TAP_LEN);
+            let reason = refused.reason(total);
             self.quarantine_put(
                 t,
                 &mut b.out,

@@ -1,9 +1,10 @@
 //! The tap record: what a validator journals, signs with its device key and publishes, and what
-//! the gateway verifies. Wire format v2 is fixed-length and big-endian (see docs/protocol.md):
+//! the gateway verifies. Wire format v3 is fixed-length (80 bytes) and big-endian (see
+//! docs/protocol.md):
 //!
 //! | offset | len | field |
 //! |---|---|---|
-//! | 0 | 1 | format version (2) |
+//! | 0 | 1 | format version (3) |
 //! | 1 | 1 | outcome: 0 accepted, else a [`RefusalReason`] code |
 //! | 2 | 1 | transaction kind ([`TxKind`]) |
 //! | 3 | 1 | card key version |
@@ -19,9 +20,16 @@
 //! | 55 | 4 | route id |
 //! | 59 | 4 | fare-table version |
 //! | 63 | 8 | blocklist version |
-//! | 71 | 8 | device MAC: AES-CMAC (EV2-truncated) under the device key over [`mac_input`]: bytes 0..71 ‖ operator length (u64) ‖ operator |
+//! | 71 | 1 | fare flags ([`TapFlags`]): bit 0 transfer, bit 1 capped, bit 2 penalty; bits 3–7 zero |
+//! | 72 | 8 | device MAC: AES-CMAC (EV2-truncated) under the device key over [`mac_input`]: bytes 0..72 ‖ operator length (u64) ‖ operator |
 //!
-//! The operator the device serves is not on the wire but under the MAC (format v2; v1 MAC'd the
+//! Format v2 (79 bytes) is v3 without the flags byte (its MAC at 71, over bytes 0..71): still
+//! decoded, for taps journalled before an upgrade, with [`TapRecord::flags`] `None` (not known).
+//! Validators write v3 only. The flags are under the device MAC like every other field; a flag
+//! bit this code does not know is refused ([`TapError::UnknownFlags`]), never ignored, and a
+//! refusal with a flag set is inconsistent.
+//!
+//! The operator the device serves is not on the wire but under the MAC (since format v2; v1 MAC'd the
 //! body alone): a record verifies only for the operator its device signed it for, so a metro
 //! device's tap published on a hotel's topics, or forwarded by the hotel's gateway, does not
 //! verify as the hotel's ([`decode_verified`](TapRecord::decode_verified) takes the operator).
@@ -34,11 +42,98 @@ use crate::crypto::{self, AesKey};
 use crate::receipt::{CommitReceipt, TxClaim, TxKind};
 use crate::txn::SettledClaim;
 
-/// The current wire format version (2: the device MAC covers the operator).
-pub const TAP_VERSION: u8 = 2;
-/// The length of a v2 tap record on the wire (v1 had the same layout).
-pub const TAP_LEN: usize = 79;
+/// The current wire format version (3: the fare flags byte; 2 had none).
+pub const TAP_VERSION: u8 = 3;
+/// The length of a v3 tap record on the wire (what validators write).
+pub const TAP_LEN: usize = 80;
+/// The length of a v2 tap record (still decoded: v3 without the flags byte).
+pub const TAP_V2_LEN: usize = 79;
 const BODY_LEN: usize = TAP_LEN - 8;
+
+/// The wire length of a tap record of format `version` (`None`: a version this code refuses).
+/// Records are self-delimiting by their first byte: a message may hold v2 and v3 records.
+pub fn record_len(version: u8) -> Option<usize> {
+    match version {
+        2 => Some(TAP_V2_LEN),
+        3 => Some(TAP_LEN),
+        _ => None,
+    }
+}
+
+/// Splits a payload of concatenated tap records (each v2 or v3, told apart by its version
+/// byte) into records. An unknown version or a last record cut short is an error: a caller
+/// cannot tell where the records after it begin.
+pub fn split_records(payload: &[u8]) -> Result<Vec<&[u8]>, TapError> {
+    let mut out = Vec::with_capacity(payload.len() / TAP_LEN + 1);
+    let mut rest = payload;
+    while let Some(&v) = rest.first() {
+        let n = record_len(v).ok_or(TapError::UnknownVersion(v))?;
+        if rest.len() < n {
+            return Err(TapError::Length {
+                expected: n,
+                got: rest.len(),
+            });
+        }
+        let (rec, tail) = rest.split_at(n);
+        out.push(rec);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// The fare engine's flags for an accepted tap (format v3's byte 71). The bits are the trip
+/// record's (`fare_rules::record::flags`) first three.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TapFlags(u8);
+
+impl TapFlags {
+    /// Bit 0: the tap continued a journey under a transfer rule.
+    pub const TRANSFER: u8 = 1;
+    /// Bit 1: a fare cap reduced the fare.
+    pub const CAPPED: u8 = 2;
+    /// Bit 2: a missing tap-out penalty was charged.
+    pub const PENALTY: u8 = 4;
+    const KNOWN: u8 = Self::TRANSFER | Self::CAPPED | Self::PENALTY;
+    /// No flag set (a plain fare, a free tap, a pick-up, a refusal).
+    pub const NONE: TapFlags = TapFlags(0);
+
+    /// The flags from the fare engine's answer.
+    pub fn new(transfer: bool, capped: bool, penalty: bool) -> TapFlags {
+        TapFlags(
+            (u8::from(transfer) * Self::TRANSFER)
+                | (u8::from(capped) * Self::CAPPED)
+                | (u8::from(penalty) * Self::PENALTY),
+        )
+    }
+
+    /// The flags of a wire byte; a bit this code does not define is refused.
+    pub fn from_bits(bits: u8) -> Result<TapFlags, TapError> {
+        if bits & !Self::KNOWN != 0 {
+            return Err(TapError::UnknownFlags(bits));
+        }
+        Ok(TapFlags(bits))
+    }
+
+    /// The wire byte.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The tap continued a journey under a transfer rule.
+    pub fn transfer(self) -> bool {
+        self.0 & Self::TRANSFER != 0
+    }
+
+    /// A fare cap reduced the fare.
+    pub fn capped(self) -> bool {
+        self.0 & Self::CAPPED != 0
+    }
+
+    /// A missing tap-out penalty was charged.
+    pub fn penalty(self) -> bool {
+        self.0 & Self::PENALTY != 0
+    }
+}
 
 wire_code! {
     /// Why a validator refused a card. Stable codes: they are on the wire and in reports.
@@ -127,7 +222,7 @@ pub struct TapMeta {
 /// Decoding and verification failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TapError {
-    /// Not the v1 length.
+    /// Not the length of its format version.
     #[error("tap record is {got} bytes, expected {expected}")]
     Length {
         /// expected length
@@ -144,6 +239,9 @@ pub enum TapError {
     /// Unknown transaction kind.
     #[error("unknown transaction kind {0}")]
     UnknownKind(u8),
+    /// A fare flags byte with a bit this code does not define (only bits 0–2 are).
+    #[error("tap record fare flags {0:#04x} set a bit this version does not define (known: 0x07 transfer, capped, penalty)")]
+    UnknownFlags(u8),
     /// Fields that cannot go together (negative amount, a refusal with a TMV, …).
     #[error("inconsistent tap record: {0}")]
     Inconsistent(&'static str),
@@ -171,6 +269,7 @@ struct Checked;
 /// let forged = TapRecord {
 ///     refusal: None, kind: TxKind::Debit, key_version: 1, uid: [4; 7], tmc: 1,
 ///     amount_minor: 100, balance_after_minor: 0, tmv: [0; 8], meta: TapMeta::default(),
+///     flags: None,
 /// };
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +283,7 @@ pub struct TapRecord {
     balance_after_minor: i32,
     tmv: [u8; 8],
     meta: TapMeta,
+    flags: Option<TapFlags>,
     _checked: Checked,
 }
 
@@ -233,6 +333,21 @@ impl TapRecord {
         &self.meta
     }
 
+    /// The fare engine's flags: `None` for a record decoded from format v2, which carries none
+    /// (not known: neither set nor clear).
+    pub fn flags(&self) -> Option<TapFlags> {
+        self.flags
+    }
+
+    /// This accepted tap with the fare engine's `flags` (what [`sign`](Self::sign) writes). A
+    /// refusal charged no fare and keeps no flags: it is returned unchanged.
+    pub fn with_flags(mut self, flags: TapFlags) -> TapRecord {
+        if self.refusal.is_none() {
+            self.flags = Some(flags);
+        }
+        self
+    }
+
     /// An accepted tap, from the card's verified commit.
     pub fn accepted(receipt: &CommitReceipt, meta: TapMeta) -> TapRecord {
         Self::from_claim(&receipt.to_claim(), meta)
@@ -256,6 +371,7 @@ impl TapRecord {
             balance_after_minor: c.balance_after_minor,
             tmv: c.tmv,
             meta,
+            flags: Some(TapFlags::NONE),
             _checked: Checked,
         }
     }
@@ -280,6 +396,7 @@ impl TapRecord {
             balance_after_minor: balance_minor,
             tmv: [0; 8],
             meta,
+            flags: Some(TapFlags::NONE),
             _checked: Checked,
         }
     }
@@ -302,11 +419,13 @@ impl TapRecord {
         b[55..59].copy_from_slice(&self.meta.route_id.to_be_bytes());
         b[59..63].copy_from_slice(&self.meta.fare_table_version.to_be_bytes());
         b[63..71].copy_from_slice(&self.meta.blocklist_version.to_be_bytes());
+        b[71] = self.flags.unwrap_or_default().bits();
         b
     }
 
-    /// Encodes and signs with the device key, for `operator` (the operator whose topics the
-    /// device publishes on and whose revenue the tap is).
+    /// Encodes (format v3) and signs with the device key, for `operator` (the operator whose
+    /// topics the device publishes on and whose revenue the tap is). tapgate signs only records
+    /// it built; a record decoded from v2 (flags not known) would be written with no flag set.
     pub fn sign(&self, operator: &str, device_key: &AesKey) -> [u8; TAP_LEN] {
         self.sign_with(operator, |input| crypto::mac8(device_key, input))
     }
@@ -325,21 +444,21 @@ impl TapRecord {
         out
     }
 
-    /// The device id of an encoded record, read before verification to pick the key.
+    /// The device id of an encoded record (v2 or v3), read before verification to pick the key.
     pub fn peek_device_id(bytes: &[u8]) -> Result<u32, TapError> {
         check_frame(bytes)?;
         Ok(u32::from_be_bytes(bytes[31..35].try_into().expect("4")))
     }
 
-    /// Decodes strictly and verifies the device MAC, for `operator`, with the key
-    /// `key_for(device_id)` returns. A record its device signed for another operator is
-    /// [`TapError::BadMac`].
+    /// Decodes strictly (format v3, or v2 with flags `None`) and verifies the device MAC, for
+    /// `operator`, with the key `key_for(device_id)` returns. A record its device signed for
+    /// another operator is [`TapError::BadMac`].
     pub fn decode_verified(
         bytes: &[u8],
         operator: &str,
         key_for: impl FnOnce(u32) -> Option<AesKey>,
     ) -> Result<TapRecord, TapError> {
-        check_frame(bytes)?;
+        let body_len = check_frame(bytes)?;
         let be32 = |o: usize| u32::from_be_bytes(bytes[o..o + 4].try_into().expect("4"));
         let be64 = |o: usize| u64::from_be_bytes(bytes[o..o + 8].try_into().expect("8"));
         let refusal = match bytes[1] {
@@ -358,6 +477,13 @@ impl TapRecord {
         if refusal.is_some() && (kind != TxKind::RecordOnly || tmv != [0; 8]) {
             return Err(TapError::Inconsistent("a refusal that moved value"));
         }
+        let flags = match body_len {
+            BODY_LEN => Some(TapFlags::from_bits(bytes[71])?),
+            _ => None,
+        };
+        if refusal.is_some() && flags.is_some_and(|f| f != TapFlags::NONE) {
+            return Err(TapError::Inconsistent("a refusal with fare flags"));
+        }
         let meta = TapMeta {
             device_id: be32(31),
             device_seq: be64(35),
@@ -368,10 +494,10 @@ impl TapRecord {
             blocklist_version: be64(63),
         };
         let key = key_for(meta.device_id).ok_or(TapError::UnknownDevice(meta.device_id))?;
-        let want = with_mac_input(&bytes[..BODY_LEN], operator, |input| {
+        let want = with_mac_input(&bytes[..body_len], operator, |input| {
             crypto::mac8(&key, input)
         });
-        if !crypto::mac_eq(&want, &bytes[BODY_LEN..]) {
+        if !crypto::mac_eq(&want, &bytes[body_len..]) {
             return Err(TapError::BadMac);
         }
         Ok(TapRecord {
@@ -384,14 +510,16 @@ impl TapRecord {
             balance_after_minor: be32(19) as i32,
             tmv,
             meta,
+            flags,
             _checked: Checked,
         })
     }
 }
 
-/// What the device MAC covers: the record's first 71 bytes ‖ the operator's length in bytes
-/// (u64, big-endian) ‖ the operator's name (UTF-8). The fixed-length body and the length prefix
-/// make it injective; the body's first byte (the format version, 2) keeps it apart from the
+/// What the device MAC covers: the record's body (v3: its first 72 bytes, flags included; v2:
+/// 71) ‖ the operator's length in bytes (u64, big-endian) ‖ the operator's name (UTF-8). The
+/// body's length fixed by its version byte and the length prefix make it injective; the body's
+/// first byte (the format version, 2 or 3) keeps it apart from the
 /// other messages MAC'd with a device key (confirmations start with `tapgate/confirm`,
 /// ceiling grants with `CEIL`).
 pub fn mac_input(body: &[u8], operator: &str) -> Vec<u8> {
@@ -405,31 +533,32 @@ pub fn mac_input(body: &[u8], operator: &str) -> Vec<u8> {
 /// Calls `mac` on [`mac_input`], on the stack for the usual short operator names.
 fn with_mac_input(body: &[u8], operator: &str, mac: impl FnOnce(&[u8]) -> [u8; 8]) -> [u8; 8] {
     const STACK: usize = BODY_LEN + 8 + 64;
-    let n = body.len() + 8 + operator.len();
-    if body.len() == BODY_LEN && n <= STACK {
+    let (b, n) = (body.len(), body.len() + 8 + operator.len());
+    if n <= STACK {
         let mut buf = [0u8; STACK];
-        buf[..BODY_LEN].copy_from_slice(body);
-        buf[BODY_LEN..BODY_LEN + 8].copy_from_slice(&(operator.len() as u64).to_be_bytes());
-        buf[BODY_LEN + 8..n].copy_from_slice(operator.as_bytes());
+        buf[..b].copy_from_slice(body);
+        buf[b..b + 8].copy_from_slice(&(operator.len() as u64).to_be_bytes());
+        buf[b + 8..n].copy_from_slice(operator.as_bytes());
         mac(&buf[..n])
     } else {
         mac(&mac_input(body, operator))
     }
 }
 
-fn check_frame(bytes: &[u8]) -> Result<(), TapError> {
-    if let Some(&v) = bytes.first() {
-        if v != TAP_VERSION {
-            return Err(TapError::UnknownVersion(v));
-        }
-    }
-    if bytes.len() != TAP_LEN {
+/// The body length (the bytes before the device MAC) of a record of a known version and its
+/// exact length.
+fn check_frame(bytes: &[u8]) -> Result<usize, TapError> {
+    let expected = match bytes.first() {
+        Some(&v) => record_len(v).ok_or(TapError::UnknownVersion(v))?,
+        None => TAP_LEN,
+    };
+    if bytes.len() != expected {
         return Err(TapError::Length {
-            expected: TAP_LEN,
+            expected,
             got: bytes.len(),
         });
     }
-    Ok(())
+    Ok(expected - 8)
 }
 
 #[cfg(test)]
@@ -500,10 +629,10 @@ mod tests {
             Err(TapError::UnknownDevice(1001))
         );
         assert_eq!(
-            TapRecord::decode_verified(&bytes[..78], OP, |_| Some(key())),
+            TapRecord::decode_verified(&bytes[..79], OP, |_| Some(key())),
             Err(TapError::Length {
-                expected: 79,
-                got: 78
+                expected: 80,
+                got: 79
             })
         );
         let mut longer = bytes.to_vec();
@@ -512,11 +641,21 @@ mod tests {
             TapRecord::decode_verified(&longer, OP, |_| Some(key())),
             Err(TapError::Length { .. })
         ));
-        let mut v3 = bytes;
-        v3[0] = 3;
+        let mut v4 = bytes;
+        v4[0] = 4;
         assert_eq!(
-            TapRecord::decode_verified(&v3, OP, |_| Some(key())),
-            Err(TapError::UnknownVersion(3))
+            TapRecord::decode_verified(&v4, OP, |_| Some(key())),
+            Err(TapError::UnknownVersion(4))
+        );
+        // A v3 record's first byte turned to 2: read as v2, it is one byte too long.
+        let mut as_v2 = bytes;
+        as_v2[0] = 2;
+        assert_eq!(
+            TapRecord::decode_verified(&as_v2, OP, |_| Some(key())),
+            Err(TapError::Length {
+                expected: 79,
+                got: 80
+            })
         );
         // Format v1 MAC'd the body without the operator: refused, never read as v2.
         let mut v1 = bytes;
@@ -549,6 +688,137 @@ mod tests {
         );
     }
 
+    /// `t` as format v2 bytes (what a validator wrote before v3: no flags byte), signed.
+    fn sign_v2(t: &TapRecord, op: &str) -> Vec<u8> {
+        let mut b = t.body()[..TAP_V2_LEN - 8].to_vec();
+        b[0] = 2;
+        let mac = crypto::mac8(&key(), &mac_input(&b, op));
+        b.extend_from_slice(&mac);
+        b
+    }
+
+    /// `t` as v3 bytes with flags byte `bits`, signed by the device (so only the decoder's
+    /// checks stand between it and acceptance).
+    fn sign_with_flag_byte(t: &TapRecord, bits: u8) -> [u8; TAP_LEN] {
+        let mut b = t.sign(OP, &key());
+        b[71] = bits;
+        let mac = crypto::mac8(&key(), &mac_input(&b[..BODY_LEN], OP));
+        b[BODY_LEN..].copy_from_slice(&mac);
+        b
+    }
+
+    #[test]
+    fn flags_roundtrip_under_the_device_mac() {
+        for (transfer, capped, penalty) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+            (true, true, true),
+        ] {
+            let f = TapFlags::new(transfer, capped, penalty);
+            assert_eq!(
+                (f.transfer(), f.capped(), f.penalty()),
+                (transfer, capped, penalty)
+            );
+            let t = sample().with_flags(f);
+            let bytes = t.sign(OP, &key());
+            assert_eq!((bytes.len(), bytes[0], bytes[71]), (TAP_LEN, 3, f.bits()));
+            let back = TapRecord::decode_verified(&bytes, OP, |_| Some(key())).unwrap();
+            assert_eq!(back.flags(), Some(f));
+            assert_eq!(back, t);
+        }
+        // Setting the capped bit on an uncapped tap, without the device key: the MAC refuses it.
+        let mut b = sample().sign(OP, &key());
+        b[71] |= TapFlags::CAPPED;
+        assert_eq!(
+            TapRecord::decode_verified(&b, OP, |_| Some(key())),
+            Err(TapError::BadMac)
+        );
+    }
+
+    #[test]
+    fn undefined_flag_bits_are_refused_even_under_a_good_mac() {
+        for bit in 3..8 {
+            let b = sign_with_flag_byte(&sample(), 1 << bit | TapFlags::CAPPED);
+            let e = TapRecord::decode_verified(&b, OP, |_| Some(key())).unwrap_err();
+            assert_eq!(e, TapError::UnknownFlags(1 << bit | 2));
+            assert!(e.to_string().contains("does not define"), "{e}");
+        }
+        assert_eq!(TapFlags::from_bits(0x08), Err(TapError::UnknownFlags(0x08)));
+        assert_eq!(TapFlags::from_bits(7).map(TapFlags::bits), Ok(7));
+        // A refusal charged no fare: flags on one are inconsistent, and with_flags keeps none.
+        let r = TapRecord::refused(RefusalReason::Blocklisted, [4; 7], 1, 3, 20, meta());
+        let b = sign_with_flag_byte(&r, TapFlags::TRANSFER);
+        assert_eq!(
+            TapRecord::decode_verified(&b, OP, |_| Some(key())),
+            Err(TapError::Inconsistent("a refusal with fare flags"))
+        );
+        let kept = r.clone().with_flags(TapFlags::new(true, true, true));
+        assert_eq!(kept.flags(), Some(TapFlags::NONE));
+    }
+
+    #[test]
+    fn format_v2_still_decodes_with_flags_unknown() {
+        let t = sample().with_flags(TapFlags::new(false, true, false));
+        let v2 = sign_v2(&t, OP);
+        assert_eq!(v2.len(), TAP_V2_LEN);
+        assert_eq!(TapRecord::peek_device_id(&v2), Ok(1001));
+        let back = TapRecord::decode_verified(&v2, OP, |_| Some(key())).unwrap();
+        assert_eq!(back.flags(), None);
+        assert_eq!(
+            (back.amount_minor(), back.tmc(), back.meta()),
+            (150, 8, &meta())
+        );
+        // Still under the device MAC and the operator.
+        assert_eq!(
+            TapRecord::decode_verified(&v2, "grand-hotel", |_| Some(key())),
+            Err(TapError::BadMac)
+        );
+        let mut flipped = v2.clone();
+        flipped[51] ^= 1;
+        assert_eq!(
+            TapRecord::decode_verified(&flipped, OP, |_| Some(key())),
+            Err(TapError::BadMac)
+        );
+        // A v2 record given a flags byte (and so v3's length) is not v2.
+        let mut longer = v2.clone();
+        longer.insert(71, TapFlags::CAPPED);
+        assert!(matches!(
+            TapRecord::decode_verified(&longer, OP, |_| Some(key())),
+            Err(TapError::Length {
+                expected: 79,
+                got: 80
+            })
+        ));
+    }
+
+    #[test]
+    fn payloads_split_by_each_records_version() {
+        let v3 = sample().sign(OP, &key());
+        let v2 = sign_v2(&sample(), OP);
+        let payload = [&v2[..], &v3[..], &v2[..]].concat();
+        let recs = split_records(&payload).unwrap();
+        assert_eq!(
+            recs.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [79, 80, 79]
+        );
+        for r in recs {
+            assert!(TapRecord::decode_verified(r, OP, |_| Some(key())).is_ok());
+        }
+        assert_eq!(split_records(&[]), Ok(vec![]));
+        assert_eq!(
+            split_records(&payload[..payload.len() - 1]),
+            Err(TapError::Length {
+                expected: 79,
+                got: 78
+            })
+        );
+        let mut bad = payload.clone();
+        bad[79] = 9;
+        assert_eq!(split_records(&bad), Err(TapError::UnknownVersion(9)));
+    }
+
     #[test]
     fn refusals_roundtrip_and_cannot_carry_value() {
         let t = TapRecord::refused(RefusalReason::Blocklisted, [4; 7], 1, 3, 20, meta());
@@ -577,6 +847,7 @@ mod tests {
         fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..120)) {
             let _ = TapRecord::peek_device_id(&bytes);
             let _ = TapRecord::decode_verified(&bytes, OP, |_| Some(key()));
+            let _ = split_records(&bytes);
         }
 
         #[test]
@@ -584,13 +855,15 @@ mod tests {
             uid in any::<[u8; 7]>(), tmc in any::<u32>(), amount in 1i32..i32::MAX,
             balance in any::<i32>(), tmv in any::<[u8; 8]>(), dev in any::<u32>(),
             seq in any::<u64>(), time in any::<u64>(), stop in any::<u32>(), route in any::<u32>(),
-            fv in any::<u32>(), bv in any::<u64>(),
+            fv in any::<u32>(), bv in any::<u64>(), flags in 0u8..8,
         ) {
             let r = CommitReceipt::for_tests(uid, tmc, tmv, TxKind::Debit, amount, balance);
             let m = TapMeta { device_id: dev, device_seq: seq, device_time_ms: time, stop_id: stop, route_id: route, fare_table_version: fv, blocklist_version: bv };
-            let t = TapRecord::accepted(&r, m);
+            let t = TapRecord::accepted(&r, m).with_flags(TapFlags::from_bits(flags).unwrap());
             let back = TapRecord::decode_verified(&t.sign(OP, &key()), OP, |d| (d == dev).then(key));
-            prop_assert_eq!(back, Ok(t));
+            prop_assert_eq!(back, Ok(t.clone()));
+            let back2 = TapRecord::decode_verified(&sign_v2(&t, OP), OP, |d| (d == dev).then(key));
+            prop_assert_eq!(back2.map(|b| b.flags()), Ok(None));
         }
     }
 }

@@ -19,7 +19,7 @@ use purse::blocklist::Blocklist;
 use purse::keys::KeyKind;
 use purse::receipt::TxKind;
 use purse::sam::{Authenticator, Sam, SoftwareSam};
-use purse::tap::{RefusalReason, TapMeta, TapRecord, TAP_LEN};
+use purse::tap::{RefusalReason, TapFlags, TapMeta, TapRecord, TAP_LEN};
 use purse::txn::{self, Decision, Outcome, PendingChange, Settlement, Transport, TxError};
 use rand::rngs::StdRng;
 
@@ -539,19 +539,22 @@ impl Gate {
         let answer = match out {
             Ok(Outcome::Committed { receipt, .. }) => {
                 hook(Step::Committed);
-                let fare_minor = match verdict {
-                    Verdict::Apply { fare_minor } => fare_minor,
-                    _ => receipt.amount_minor().max(0) as u32,
+                let (fare_minor, flags) = match verdict {
+                    Verdict::Apply { fare_minor, flags } => (fare_minor, flags),
+                    _ => (receipt.amount_minor().max(0) as u32, TapFlags::NONE),
                 };
                 let meta = self.meta(0, p.now_ms, p.codes.0, p.codes.1);
                 let seq = p.journal.append_tap(Some(&p.uid), |seq| {
-                    self.sign(&TapRecord::accepted(
-                        &receipt,
-                        TapMeta {
-                            device_seq: seq,
-                            ..meta
-                        },
-                    ))
+                    self.sign(
+                        &TapRecord::accepted(
+                            &receipt,
+                            TapMeta {
+                                device_seq: seq,
+                                ..meta
+                            },
+                        )
+                        .with_flags(flags),
+                    )
                 })?;
                 hook(Step::Journalled);
                 Answer::Accepted {
@@ -615,8 +618,20 @@ enum Verdict {
     Undecided,
     Repeat,
     Refuse(RefusalReason),
-    Apply { fare_minor: u32 },
+    Apply { fare_minor: u32, flags: TapFlags },
     Failed(GateError),
+}
+
+/// The tap record's fare flags from the trip record the fare engine wrote (its transfer,
+/// capped and penalty bits; the pass bit stays on the card).
+fn tap_flags(trip: &[u8; fare_rules::record::RECORD_LEN]) -> TapFlags {
+    use fare_rules::record::flags;
+    let f = TripRecord::decode(trip).map_or(0, |r| r.flags);
+    TapFlags::new(
+        f & flags::TRANSFER != 0,
+        f & flags::CAPPED != 0,
+        f & flags::PENALTY != 0,
+    )
 }
 
 impl Placement {
@@ -739,6 +754,7 @@ impl Decider<'_> {
         (self.hook)(Step::PendingJournalled);
         self.verdict = Verdict::Apply {
             fare_minor: q.fare_minor,
+            flags: tap_flags(&record),
         };
         Ok(Decision::Apply {
             amount_minor: q.fare_minor as i32,
@@ -775,6 +791,7 @@ impl Decider<'_> {
                 ..self.meta_base
             };
             let (operator, device_key) = (self.operator, self.device_key);
+            let flags = tap_flags(&p.record);
             let seq = self
                 .journal
                 .append_tap(Some(&uid), |seq| {
@@ -782,7 +799,9 @@ impl Decider<'_> {
                         device_seq: seq,
                         ..meta
                     };
-                    TapRecord::settled(&settled, meta).sign(operator, device_key)
+                    TapRecord::settled(&settled, meta)
+                        .with_flags(flags)
+                        .sign(operator, device_key)
                 })
                 .map_err(failed)?;
             self.settled = Settled::Committed { seq };

@@ -158,6 +158,44 @@ fn a_metro_trip_charges_base_then_surcharge_from_the_card_alone() {
 }
 
 #[test]
+fn tap_records_carry_the_fare_engines_cap_and_transfer_flags() {
+    let mut r = rig();
+    r.card = Card::personalise(
+        &Personalisation::transit(UID, 50_000),
+        r.hsm.card_keys(&UID, 1).unwrap(),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 100, 1 << 24).unwrap();
+    let mut gates = [
+        gate(&r, "Central", TapKind::In),
+        gate(&r, "University", TapKind::Out),
+        gate(&r, "University", TapKind::In),
+    ];
+    // Seven metro trips in a day (the daily cap is 80.00), the last continued at once (a
+    // transfer): each journalled tap's flags are its trip record's, as the fare engine wrote it.
+    let mut plan = Vec::new();
+    for trip in 0..7u64 {
+        let t = T0_MS + trip * 90 * 60_000;
+        plan.extend([(0, t), (1, t + 20 * 60_000)]);
+    }
+    plan.push((2, T0_MS + 6 * 90 * 60_000 + 25 * 60_000));
+    let mut seen = Vec::new();
+    for (g, at) in plan {
+        let out = tap(&mut gates[g], &mut r, &j, at, &mut |_| {});
+        assert!(matches!(out.answer, Answer::Accepted { .. }), "{out:?}");
+        let newest = r.card.state().records.last().copied().unwrap();
+        let trip = fare_rules::record::TripRecord::decode(&newest).unwrap();
+        let tap = journalled(&j, &r).pop().unwrap();
+        let flags = tap.flags().expect("the validator writes format v3");
+        assert_eq!(flags.bits(), trip.flags & 0b111, "{tap:?} {trip:?}");
+        seen.push(flags);
+    }
+    assert!(seen.iter().any(|f| f.capped()), "{seen:?}");
+    assert!(seen.iter().any(|f| !f.capped()), "{seen:?}");
+    assert!(seen.last().unwrap().transfer(), "{seen:?}");
+}
+
+#[test]
 fn refusals_carry_their_reason_and_are_journalled() {
     let mut r = rig();
     let d = tempfile::tempdir().unwrap();
