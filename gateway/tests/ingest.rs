@@ -40,6 +40,13 @@ fn signed(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
     .to_vec()
 }
 
+/// The issuer keys and a new store in a temporary directory (kept while the test runs).
+fn open_store() -> (KeySet, tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    (keys(), dir, store)
+}
+
 fn msg(topic: &str, payload: Vec<u8>) -> Message {
     Message {
         topic: topic.into(),
@@ -49,11 +56,9 @@ fn msg(topic: &str, payload: Vec<u8>) -> Message {
 
 #[test]
 fn ingest_verifies_dedupes_quarantines_and_tracks_gaps() {
-    let ks = keys();
+    let (ks, dir, store) = open_store();
     let gw = ks.for_role(Role::Gateway, 0).unwrap();
     let key = |d: u32| gw.device_key(d).ok();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 64 << 20).unwrap();
     let topic = "tapgate/v1/metro/taps/1001";
     let mut two = signed(&ks, 1001, 1);
     two.extend(signed(&ks, 1001, 2));
@@ -127,11 +132,9 @@ fn signed_v2(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
 
 #[test]
 fn a_message_mixing_v2_and_v3_records_is_split_by_each_version_byte() {
-    let ks = keys();
+    let (ks, _dir, store) = open_store();
     let gw = ks.for_role(Role::Gateway, 0).unwrap();
     let key = |d: u32| gw.device_key(d).ok();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 64 << 20).unwrap();
     let topic = "tapgate/v1/metro/taps/1001";
     let mixed = [
         signed_v2(&ks, 1001, 1),
@@ -164,11 +167,9 @@ fn a_message_mixing_v2_and_v3_records_is_split_by_each_version_byte() {
 
 #[test]
 fn an_action_list_pickup_is_value_added_not_a_fare() {
-    let ks = keys();
+    let (ks, _dir, store) = open_store();
     let gw = ks.for_role(Role::Gateway, 0).unwrap();
     let key = |d: u32| gw.device_key(d).ok();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), 64 << 20).unwrap();
     let (hi, lo) = purse::actionlist::order_tap_codes(77);
     let r = CommitReceipt::for_tests(
         [4, 7, 7, 7, 7, 7, 7],
