@@ -222,7 +222,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
         "{csv}"
     );
     assert_eq!(csv.lines().count(), 21, "a header and 20 transactions");
-    assert!(csv.contains("1001-1,1970-01-01,1970-01-01T00:00:00Z,1.50,USD,Enter,1001,0,1,Smart card or ticket,,04030303030303,98.50"), "{csv}");
+    assert!(csv.contains("1001-1,1970-01-01,1970-01-01T00:00:00Z,1.50,USD,Enter,1001,0,1,Smart card or ticket,false,04030303030303,98.50"), "{csv}");
     // /metrics is not public: no token is 401, a scraper's token may read it but nothing else.
     let (code, _) = tokio::task::spawn_blocking({
         let get = get.clone();
