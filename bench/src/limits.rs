@@ -44,7 +44,7 @@ impl CryptoWork {
 
 /// A debit as the `debit` scenario runs it: a validator SAM (no reader id), a Debit in FULL
 /// mode, one 32-byte trip record written, a card that already holds its 7 records (so the
-/// read-records answer is 7 × 32 bytes), and the 79-byte tap record's device MAC.
+/// read-records answer is 7 × 32 bytes), and the 80-byte tap record's device MAC.
 ///
 /// Card (emulated, its card keys and K_TM's CMAC state expanded at personalisation):
 /// - AuthenticateEV2First: E(RndB), 1 block. Part 2: D(RndA ‖ RndB') 2 blocks, E(TI ‖ RndA' ‖
@@ -147,7 +147,7 @@ pub fn ratio(a: f64, b: f64) -> serde_json::Value {
 /// The durable LMDB commits of validator taps alone, on the disk the journal uses (a
 /// temporary directory beside it), opened through `tapgate-lmdb` as the journal is: per tap the
 /// pending debit (7-byte UID → `validator::journal::PENDING_LEN` bytes, committed), then the tap
-/// (the outbox's length and the next sequence number read, 8-byte sequence → 79-byte record,
+/// (the outbox's length and the next sequence number read, 8-byte sequence → 80-byte record,
 /// the next sequence number written, the pending debit deleted, committed).
 pub struct RawJournal {
     env: tapgate_lmdb::LmdbEnv,
