@@ -5,31 +5,10 @@
 
 use gateway::forward::forward_once_with_rings;
 use gateway::store::{Message, Store};
-use purse::crypto::AesKey;
 use purse::keys::{KeySet, Role};
-use purse::receipt::{CommitReceipt, TxKind};
-use purse::tap::{TapMeta, TapRecord};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-
-fn tap(device_key: &AesKey, device: u32, seq: u64) -> Vec<u8> {
-    let r = CommitReceipt::for_tests(
-        [4, 1, 1, 1, 1, 1, seq as u8],
-        seq as u32,
-        [seq as u8; 8],
-        TxKind::Debit,
-        100,
-        900,
-    );
-    let meta = TapMeta {
-        device_id: device,
-        device_seq: seq,
-        ..Default::default()
-    };
-    TapRecord::accepted(&r, meta)
-        .sign("metro", device_key)
-        .to_vec()
-}
+use tapgate_testkit::fixtures::signed_tap;
 
 fn msg(device: u32, payload: Vec<u8>) -> Message {
     Message {
@@ -38,28 +17,24 @@ fn msg(device: u32, payload: Vec<u8>) -> Message {
     }
 }
 
-/// The device key a validator provisioned from `issuer` now holds.
-fn provisioned(issuer: &KeySet, device: u32) -> AesKey {
-    let sam = issuer.for_role(Role::ValidatorSam, device).unwrap();
-    sam.device_key(device).unwrap()
-}
-
 #[test]
 fn both_device_master_versions_verify_until_the_old_one_is_retired() {
     let mut issuer = KeySet::generate(&mut StdRng::seed_from_u64(1));
-    let old_key = provisioned(&issuer, 11);
+    // Validator 11 was provisioned before the rotation: it MACs under version 1.
+    let old_sam = issuer.for_role(Role::ValidatorSam, 11).unwrap();
     issuer
         .rotate_device_master(&mut StdRng::seed_from_u64(2))
         .unwrap();
     // Validator 12 is re-provisioned at once: it MACs under version 2.
-    let new_key = provisioned(&issuer, 12);
+    let new_sam = issuer.for_role(Role::ValidatorSam, 12).unwrap();
+    let tap = |sam: &KeySet, d, seq| signed_tap(sam, "metro", d, seq);
     let gw = issuer.for_role(Role::Gateway, 0).unwrap();
     let ring = |d| gw.device_key_ring(d).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 64 << 20).unwrap();
     let out = store
         .ingest_with_rings(
-            &[msg(11, tap(&old_key, 11, 1)), msg(12, tap(&new_key, 12, 1))],
+            &[msg(11, tap(&old_sam, 11, 1)), msg(12, tap(&new_sam, 12, 1))],
             ring,
             1,
         )
@@ -70,7 +45,7 @@ fn both_device_master_versions_verify_until_the_old_one_is_retired() {
     // The confirmation key for each is the one its validator holds.
     assert_eq!(
         gw.device_key_at(11, 1).unwrap().expose_secret(),
-        old_key.expose_secret()
+        old_sam.device_key(11).unwrap().expose_secret()
     );
 
     // Retired: validator 11 was not re-provisioned; its next tap is quarantined, unconfirmed.
@@ -79,7 +54,7 @@ fn both_device_master_versions_verify_until_the_old_one_is_retired() {
     let ring = |d| gw.device_key_ring(d).unwrap();
     let out = store
         .ingest_with_rings(
-            &[msg(11, tap(&old_key, 11, 2)), msg(12, tap(&new_key, 12, 2))],
+            &[msg(11, tap(&old_sam, 11, 2)), msg(12, tap(&new_sam, 12, 2))],
             ring,
             2,
         )
@@ -94,7 +69,8 @@ fn both_device_master_versions_verify_until_the_old_one_is_retired() {
         q[0].reason
     );
     // A forgery is still told apart from a retired key.
-    let forged = tap(&AesKey::from_bytes([7; 16]), 12, 3);
+    let forger = KeySet::generate(&mut StdRng::seed_from_u64(7));
+    let forged = tap(&forger, 12, 3);
     store
         .ingest_with_rings(&[msg(12, forged)], ring, 3)
         .unwrap();
