@@ -176,26 +176,44 @@ impl TrustedKeys {
     /// the refusal [`Refusal::RetiredKey`]. Returns the check's value and the key that passed.
     pub fn verify_with<T, E>(
         &self,
-        mut check: impl FnMut(&[u8; 32]) -> Result<T, E>,
+        check: impl FnMut(&[u8; 32]) -> Result<T, E>,
         bad_signature: impl Fn(&E) -> bool,
     ) -> Result<(T, [u8; 32]), Refusal<E>> {
-        let mut first = None;
-        for (_, key) in &self.accepted {
-            match check(key) {
-                Ok(t) => return Ok((t, *key)),
-                Err(e) if bad_signature(&e) => {
-                    first.get_or_insert(e);
-                }
-                Err(e) => return Err(Refusal::Check(e)),
-            }
-        }
-        for (v, key) in &self.retired {
-            if check(key).is_ok() {
-                return Err(Refusal::RetiredKey(*v));
-            }
-        }
-        Err(Refusal::Check(first.expect("at least one accepted key")))
+        first_verifying(&self.accepted, &self.retired, check, bad_signature)
+            .map(|(t, (_, key))| (t, *key))
+            .map_err(|e| e.expect("at least one accepted key"))
     }
+}
+
+/// What [`first_verifying`] found: the check's value and the `(version, key)` that passed, or
+/// the refusal (`None`: no accepted key at all).
+type Found<'a, K, T, E> = Result<(T, &'a (u8, K)), Option<Refusal<E>>>;
+
+/// `check` under each accepted `(version, key)` in turn until one passes (a refusal other than
+/// a wrong key, `bad_key`, is final); when none does, a retired key that passes names the
+/// refusal. `None`: no accepted key at all.
+fn first_verifying<'a, K, T, E>(
+    accepted: &'a [(u8, K)],
+    retired: &[(u8, K)],
+    mut check: impl FnMut(&K) -> Result<T, E>,
+    bad_key: impl Fn(&E) -> bool,
+) -> Found<'a, K, T, E> {
+    let mut first = None;
+    for entry in accepted {
+        match check(&entry.1) {
+            Ok(t) => return Ok((t, entry)),
+            Err(e) if bad_key(&e) => {
+                first.get_or_insert(e);
+            }
+            Err(e) => return Err(Some(Refusal::Check(e))),
+        }
+    }
+    for (v, key) in retired {
+        if check(key).is_ok() {
+            return Err(Some(Refusal::RetiredKey(*v)));
+        }
+    }
+    Err(first.map(Refusal::Check))
 }
 
 /// Anything that names the keys signed lists are accepted under: one public key (version 1),
@@ -240,26 +258,13 @@ impl DeviceKeyRing {
     /// verifies is [`Refusal::RetiredKey`]). No key at all is `Refusal::Check(no_key)`.
     pub fn verify_with<T, E>(
         &self,
-        mut check: impl FnMut(&AesKey) -> Result<T, E>,
+        check: impl FnMut(&AesKey) -> Result<T, E>,
         bad_mac: impl Fn(&E) -> bool,
         no_key: E,
     ) -> Result<(T, u8), Refusal<E>> {
-        let mut first = None;
-        for (v, key) in &self.accepted {
-            match check(key) {
-                Ok(t) => return Ok((t, *v)),
-                Err(e) if bad_mac(&e) => {
-                    first.get_or_insert(e);
-                }
-                Err(e) => return Err(Refusal::Check(e)),
-            }
-        }
-        for (v, key) in &self.retired {
-            if check(key).is_ok() {
-                return Err(Refusal::RetiredKey(*v));
-            }
-        }
-        Err(Refusal::Check(first.unwrap_or(no_key)))
+        first_verifying(&self.accepted, &self.retired, check, bad_mac)
+            .map(|(t, (v, _))| (t, *v))
+            .map_err(|e| e.unwrap_or(Refusal::Check(no_key)))
     }
 }
 
