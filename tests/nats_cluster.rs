@@ -15,11 +15,10 @@
 
 mod support;
 
-use charging::reconcile::{card_conserved, CardTruth, ShadowView};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-use support::{keys_and_fare_table, Kill};
+use std::time::Duration;
+use support::{card_balance, keys_and_fare_table, wait_cards_conserved, Kill};
 use tapgate_testkit::nats::NatsCluster;
 use tapgate_testkit::spawn_charging;
 use tapgate_testkit::wait::wait_until;
@@ -186,12 +185,6 @@ fn stored(apis: &[String], device: u32) -> (u64, u64) {
     (taps, highest)
 }
 
-fn card_balance(dir: &Path, uid: &[u8; 7]) -> Option<i64> {
-    let p = dir.join("cards").join(format!("{}.json", hex::encode(uid)));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-    v["main"]["balance_minor"].as_i64()
-}
-
 #[test]
 fn two_gateways_and_three_validators_lose_and_double_nothing_through_node_deaths() {
     let d = tempfile::tempdir().unwrap();
@@ -298,41 +291,7 @@ fn two_gateways_and_three_validators_lose_and_double_nothing_through_node_deaths
     }
 
     // Every card's shadow purse at the charging server equals the card's own balance.
-    let t0 = Instant::now();
-    loop {
-        let mut wrong = Vec::new();
-        for uid in &uids {
-            let Some(card) = card_balance(dir, uid) else {
-                continue;
-            };
-            let (code, v) = http(
-                "GET",
-                &format!("{base}/v1/cards/{}", hex::encode_upper(uid)),
-                None,
-            );
-            assert_eq!(code, 200, "{v}");
-            let truth = CardTruth {
-                uid: *uid,
-                balance_minor: i32::try_from(card).unwrap(),
-                tmc: 0,
-            };
-            let view = ShadowView {
-                balance_minor: v["shadow_balance_minor"].as_i64().unwrap(),
-                booked_through_tmc: 0,
-            };
-            if !card_conserved(&truth, &view).0 {
-                wrong.push((hex::encode_upper(uid), card, view.balance_minor));
-            }
-        }
-        if wrong.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "cards whose ledger disagrees (uid, card, ledger): {wrong:?}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_cards_conserved(dir, &base, OPS_TOKEN, &uids, Duration::from_secs(60));
     let spent: i64 = uids
         .iter()
         .filter_map(|u| card_balance(dir, u).map(|b| START_MINOR - b))

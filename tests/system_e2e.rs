@@ -15,14 +15,13 @@
 
 mod support;
 
-use charging::reconcile::{card_conserved, CardTruth, ShadowView};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use support::{free_port, keys_and_fare_table, Kill};
+use support::{card_balance, free_port, keys_and_fare_table, wait_cards_conserved, Kill};
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
 use tapgate_testkit::spawn_charging;
 use tapgate_testkit::wait::wait_until;
@@ -246,12 +245,6 @@ fn spawn_validator(
     .stderr(Stdio::piped())
     .spawn()
     .unwrap()
-}
-
-fn card_balance(dir: &Path, uid: &[u8; 7]) -> Option<i64> {
-    let p = dir.join("cards").join(format!("{}.json", hex::encode(uid)));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-    v["main"]["balance_minor"].as_i64()
 }
 
 /// Waits (20 s at most) until the retained blocklist snapshot verifies under the back office's
@@ -809,44 +802,7 @@ fn the_whole_chain_loses_nothing_through_restarts_replays_and_forgeries() {
     );
 
     // Every card's shadow purse at the charging server equals the card's own balance.
-    let t0 = Instant::now();
-    let mut last = Vec::new();
-    loop {
-        last.clear();
-        for uid in &uids {
-            let Some(card) = card_balance(dir, uid) else {
-                continue;
-            };
-            let (code, v) = http(
-                "GET",
-                &format!("{base}/v1/cards/{}", hex::encode_upper(uid)),
-                OPS_TOKEN,
-                None,
-            );
-            assert_eq!(code, 200, "{v}");
-            let shadow = v["shadow_balance_minor"].as_i64().unwrap();
-            let truth = CardTruth {
-                uid: *uid,
-                balance_minor: i32::try_from(card).unwrap(),
-                tmc: 0, // this check is the balance's; the counters are the demo's and bench's
-            };
-            let view = ShadowView {
-                balance_minor: shadow,
-                booked_through_tmc: 0,
-            };
-            if !card_conserved(&truth, &view).0 {
-                last.push((hex::encode_upper(uid), card, shadow));
-            }
-        }
-        if last.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(40),
-            "cards whose ledger disagrees (uid, card, ledger): {last:?}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_cards_conserved(dir, &base, OPS_TOKEN, &uids, Duration::from_secs(40));
     // Value moved: the cards lost exactly their debits, and the loads arrived.
     let spent: i64 = uids
         .iter()

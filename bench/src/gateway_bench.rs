@@ -133,19 +133,13 @@ pub fn run_scenario(
     if broker == "nats" {
         return nats::run(n, taps_per_message);
     }
-    let n = n.unwrap_or(20_000);
-    let per = n.div_ceil(VALIDATORS as u64);
     let dir = tempfile::tempdir()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let keys = KeySet::generate(&mut rng);
-    let records = signed_taps(&keys, &mut rng, per)?;
-    let total = per * VALIDATORS as u64;
-    // A validator back from an outage drains its outbox several taps per message.
-    let records: Vec<Vec<Vec<u8>>> = records
-        .into_iter()
-        .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
-        .collect();
-    let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
+    let Taps {
+        keys,
+        records,
+        total,
+        messages,
+    } = taps(n, taps_per_message)?;
     let port = tapgate_testkit::free_port();
     // With the embedded broker the gateway takes taps over its in-process link, as
     // `tapgate gateway` does (TAPGATE_BENCH_INGEST_CONNECTIONS > 0 measures that many MQTT
@@ -194,6 +188,34 @@ pub fn run_scenario(
         raw_cpu,
     };
     Ok(report(&run, &stats))
+}
+
+/// A run's taps: the key set, each validator's messages, how many taps and messages.
+struct Taps {
+    keys: KeySet,
+    records: Vec<Vec<Vec<u8>>>,
+    total: u64,
+    messages: u64,
+}
+
+/// `n` taps (default 20 000) over the validators, `taps_per_message` in each message.
+fn taps(n: Option<u64>, taps_per_message: usize) -> anyhow::Result<Taps> {
+    let per = n.unwrap_or(20_000).div_ceil(VALIDATORS as u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let keys = KeySet::generate(&mut rng);
+    let records = signed_taps(&keys, &mut rng, per)?;
+    // A validator back from an outage drains its outbox several taps per message.
+    let records: Vec<Vec<Vec<u8>>> = records
+        .into_iter()
+        .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
+        .collect();
+    let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
+    Ok(Taps {
+        keys,
+        records,
+        total: per * VALIDATORS as u64,
+        messages,
+    })
 }
 
 /// Real taps, `per` a validator: debits on emulated cards, signed by each validator's SAM.

@@ -128,3 +128,55 @@ pub fn reconcile(data: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("no JSON report ({e}) in {stdout}"))
 }
+
+/// The balance on the emulated card `uid`'s image under `dir/cards` (none: never presented).
+pub fn card_balance(dir: &std::path::Path, uid: &[u8; 7]) -> Option<i64> {
+    let p = dir.join("cards").join(format!("{}.json", hex::encode(uid)));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    v["main"]["balance_minor"].as_i64()
+}
+
+/// Waits (`limit` at most) until, for every card of `uids` with an image under `dir/cards`, the
+/// charging server at `base` (read with the operator's `token`) holds a shadow purse equal to
+/// the card's own balance; then panics naming the cards that disagree (uid, card, ledger).
+pub fn wait_cards_conserved(
+    dir: &std::path::Path,
+    base: &str,
+    token: &str,
+    uids: &[[u8; 7]],
+    limit: std::time::Duration,
+) {
+    use charging::reconcile::{card_conserved, CardTruth, ShadowView};
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut wrong = Vec::new();
+        for uid in uids {
+            let Some(card) = card_balance(dir, uid) else {
+                continue;
+            };
+            let url = format!("{base}/v1/cards/{}", hex::encode_upper(uid));
+            let (code, v) = tapgate_testkit::http::call("GET", &url, Some(token), None, None);
+            assert_eq!(code, 200, "{v}");
+            let truth = CardTruth {
+                uid: *uid,
+                balance_minor: i32::try_from(card).unwrap(),
+                tmc: 0, // this check is the balance's; the counters are the demo's and bench's
+            };
+            let view = ShadowView {
+                balance_minor: v["shadow_balance_minor"].as_i64().unwrap(),
+                booked_through_tmc: 0,
+            };
+            if !card_conserved(&truth, &view).0 {
+                wrong.push((hex::encode_upper(uid), card, view.balance_minor));
+            }
+        }
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "cards whose ledger disagrees (uid, card, ledger): {wrong:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}

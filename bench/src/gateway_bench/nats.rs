@@ -19,18 +19,13 @@ fn devices() -> String {
 }
 
 pub(super) fn run(n: Option<u64>, taps_per_message: usize) -> anyhow::Result<Figures> {
-    let n = n.unwrap_or(20_000);
-    let per = n.div_ceil(VALIDATORS as u64);
     let dir = tempfile::tempdir()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let keys = KeySet::generate(&mut rng);
-    let records = signed_taps(&keys, &mut rng, per)?;
-    let total = per * VALIDATORS as u64;
-    let records: Vec<Vec<Vec<u8>>> = records
-        .into_iter()
-        .map(|v| v.chunks(taps_per_message).map(|c| c.concat()).collect())
-        .collect();
-    let messages = records.iter().map(Vec::len).sum::<usize>() as u64;
+    let Taps {
+        keys,
+        records,
+        total,
+        messages,
+    } = taps(n, taps_per_message)?;
     let mut cluster =
         NatsCluster::start(3, &devices(), ("gateway", "gwpw")).map_err(|e| anyhow::anyhow!(e))?;
     let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.mqtt_port).collect();

@@ -87,21 +87,10 @@ fn client(cfg: &GatewayConfig, conn: usize) -> (AsyncClient, EventLoop, Vec<Mqtt
     } else {
         format!("tapgate-gateway-{}-{conn}", cfg.gateway_id)
     };
-    let mut opts = MqttOptions::new(id, cfg.broker.0.clone(), cfg.broker.1);
-    opts.set_clean_session(false)
-        .set_manual_acks(true)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_inflight(500)
-        .set_max_packet_size(1 << 20, 16 << 20);
-    if let Some((u, p)) = &cfg.mqtt_credentials {
-        opts.set_credentials(u.clone(), p.clone());
-    }
-    // The request queue (acks, confirmations, subscriptions) drains only while the event
-    // loop polls; ingestion never waits on it (see the sender tasks).
-    let brokers = std::iter::once(&cfg.broker)
+    let brokers: Vec<MqttOptions> = std::iter::once(&cfg.broker)
         .chain(&cfg.fallback_brokers)
         .map(|(host, port)| {
-            let mut o = MqttOptions::new(opts.client_id(), host.clone(), *port);
+            let mut o = MqttOptions::new(id.clone(), host.clone(), *port);
             o.set_clean_session(false)
                 .set_manual_acks(true)
                 .set_keep_alive(Duration::from_secs(30))
@@ -113,7 +102,10 @@ fn client(cfg: &GatewayConfig, conn: usize) -> (AsyncClient, EventLoop, Vec<Mqtt
             o
         })
         .collect();
-    let (client, mut eventloop) = AsyncClient::new(opts, cfg.queue_max_messages.max(1_000));
+    // The request queue (acks, confirmations, subscriptions) drains only while the event
+    // loop polls; ingestion never waits on it (see the sender tasks).
+    let (client, mut eventloop) =
+        AsyncClient::new(brokers[0].clone(), cfg.queue_max_messages.max(1_000));
     // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
     // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
     let mut net = eventloop.network_options();
