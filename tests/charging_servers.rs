@@ -268,6 +268,13 @@ fn load(
         .unwrap_or_else(|e| panic!("load {key}: {e}"))
 }
 
+/// A load with `key` cut right after the card got the command `at` (the client vanishes: the
+/// server never hears the card's answer).
+fn cut(client: &Client, card: &mut Card, key: &str, amount: i32, at: u8) {
+    let r = load(client, card, key, amount, Some(Vanish::AfterIns(at)));
+    assert!(matches!(r.ending, Ending::Vanished { .. }), "{r:?}");
+}
+
 /// `threads` client threads each load `per_thread` cards of their own (of group `group`) once,
 /// their clients spread over the servers round robin; `during(done)` runs on this thread
 /// meanwhile, `done` counting the loads answered. Returns the cards and how many loads
@@ -340,23 +347,15 @@ fn loads_spread_over_two_servers_survive_one_killed_mid_load() {
     let first = s.client(&[0, 1]);
     let mut committed = s.card(uid(1, 1), 1_000);
     let mut staged = s.card(uid(1, 2), 1_000);
-    let cut = load(
+    cut(
         &first,
         &mut committed,
         "cut-at-commit",
         500,
-        Some(Vanish::AfterIns(ins::COMMIT_TRANSACTION)),
+        ins::COMMIT_TRANSACTION,
     );
-    assert!(matches!(cut.ending, Ending::Vanished { .. }), "{cut:?}");
     assert_eq!(committed.state().balance_minor, 1_500);
-    let cut = load(
-        &first,
-        &mut staged,
-        "cut-at-credit",
-        500,
-        Some(Vanish::AfterIns(ins::CREDIT)),
-    );
-    assert!(matches!(cut.ending, Ending::Vanished { .. }), "{cut:?}");
+    cut(&first, &mut staged, "cut-at-credit", 500, ins::CREDIT);
     assert_eq!(staged.state().balance_minor, 1_000);
 
     // A crowd loads over both servers; server 0 dies (SIGKILL) mid-way, mid-request for some.
@@ -404,15 +403,14 @@ fn loads_spread_over_two_servers_survive_one_killed_mid_load() {
 fn postgres_restarted_mid_load() {
     let s = start(2);
     let client = s.client(&[0, 1]);
-    let mut cut = s.card(uid(3, 1), 1_000);
-    let r = load(
+    let mut card = s.card(uid(3, 1), 1_000);
+    cut(
         &client,
-        &mut cut,
+        &mut card,
         "cut-before-restart",
         400,
-        Some(Vanish::AfterIns(ins::COMMIT_TRANSACTION)),
+        ins::COMMIT_TRANSACTION,
     );
-    assert!(matches!(r.ending, Ending::Vanished { .. }), "{r:?}");
     let (cards, loads) = crowd(&s, 4, 3, 5, |done| {
         wait_for(done, 4);
         s.restart_database();
@@ -420,15 +418,15 @@ fn postgres_restarted_mid_load() {
     // After the restart, the cut load's key on the other server: completed once.
     let again = load(
         &s.client(&[1, 0]),
-        &mut cut,
+        &mut card,
         "cut-before-restart",
         400,
         None,
     );
     assert_eq!(again.completed().map(|c| c.1), Some(1_400), "{again:?}");
-    assert_eq!(cut.state().balance_minor, 1_400);
+    assert_eq!(card.state().balance_minor, 1_400);
     let mut all: Vec<&Card> = cards.iter().collect();
-    all.push(&cut);
+    all.push(&card);
     s.assert_books(&all, loads + 1);
     s.kill(0);
     s.kill(1);
