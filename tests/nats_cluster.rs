@@ -6,8 +6,8 @@
 //! to `tapgate charging`.
 //!
 //! Mid-stream the node validator 1002 is on is killed (SIGKILL) and, once the stream went on
-//! without it, started again; then the node gateway B is on (its NATS and MQTT connections)
-//! and validator 1003 are on is killed and stays down. Every validator must drain its outbox
+//! without it, started again; gateway A is killed and restarted; then the node gateway B is on
+//! (its NATS and MQTT connections) and validator 1003 are on is killed and stays down. Every validator must drain its outbox
 //! (each tap confirmed by a gateway once durable in its store), the gateways together must
 //! hold every tap, and for every card the charging server's shadow purse must equal the card's
 //! own balance: no tap lost, none booked twice — whatever the cluster redelivered to the
@@ -230,7 +230,7 @@ fn two_gateways_and_three_validators_lose_and_double_nothing_through_node_deaths
         .map(|_| format!("http://127.0.0.1:{}", tapgate_testkit::free_port()))
         .collect();
     let port_of = |api: &str| api.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-    let _gw_a = start_gateway(dir, &cluster, "a", 0, port_of(&apis[0]), &base);
+    let mut gw_a = start_gateway(dir, &cluster, "a", 0, port_of(&apis[0]), &base);
     let _gw_b = start_gateway(dir, &cluster, "b", 2, port_of(&apis[1]), &base);
     for api in &apis {
         tapgate_testkit::wait_for_port(port_of(api), "the gateway's API");
@@ -244,22 +244,29 @@ fn two_gateways_and_three_validators_lose_and_double_nothing_through_node_deaths
     // Validator 1002's node dies mid-stream; the stream goes on; the node comes back. (A crowd
     // of TAPS at 8 a second lasts ≈ 50 s: each node's death falls in the middle.)
     let limit = Duration::from_secs(60);
-    let more = |device: u32, than: u64| {
+    let more = |apis: &[String], device: u32, than: u64| {
         wait_until(
             &format!("validator {device}'s taps stored beyond sequence {than}"),
             limit,
-            || stored(&apis, device).1 >= than + 10,
+            || stored(apis, device).1 >= than + 10,
         )
     };
-    more(1002, 20);
+    more(&apis, 1002, 20);
     cluster.kill(1);
-    more(1002, stored(&apis, 1002).1);
+    more(&apis, 1002, stored(&apis, 1002).1);
     cluster.restart(1).unwrap_or_else(|e| panic!("{e}"));
 
+    // Gateway A dies (SIGKILL) mid-stream: what it took and had not acknowledged goes to
+    // gateway B (or to A again once it is back) — some of it already stored by A.
+    drop(gw_a);
+    more(&apis[1..], 1001, stored(&apis[1..], 1001).1);
+    gw_a = start_gateway(dir, &cluster, "a", 0, port_of(&apis[0]), &base);
+    tapgate_testkit::wait_for_port(port_of(&apis[0]), "gateway A's API");
+
     // Then the node gateway B and validator 1003 are on dies, and stays down.
-    more(1003, stored(&apis, 1003).1);
+    more(&apis, 1003, stored(&apis, 1003).1);
     cluster.kill(2);
-    more(1003, stored(&apis, 1003).1);
+    more(&apis, 1003, stored(&apis, 1003).1);
 
     // Every validator drains its outbox: each of its taps confirmed once durable at a gateway.
     let mut made = std::collections::BTreeMap::new();
@@ -288,7 +295,12 @@ fn two_gateways_and_three_validators_lose_and_double_nothing_through_node_deaths
         let (taps, highest) = stored(&apis, *d);
         assert_eq!(highest, *n, "validator {d}'s last tap is stored");
         assert!(taps >= *n, "validator {d}: {taps} of {n} taps stored");
+        eprintln!(
+            "validator {d}: {n} taps, {} stored by both gateways",
+            taps - n
+        );
     }
+    drop(gw_a);
 
     // Every card's shadow purse at the charging server equals the card's own balance.
     wait_cards_conserved(dir, &base, OPS_TOKEN, &uids, Duration::from_secs(60));
