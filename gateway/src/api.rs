@@ -122,6 +122,7 @@ pub fn devices_view(st: &ApiState) -> Result<Vec<serde_json::Value>, crate::stor
                 "blocklist_version": h.map(|h| h.blocklist_version),
                 "fare_table_version": h.and_then(|h| h.fare_table_version),
                 "outbox_depth": h.and_then(|h| h.outbox_depth),
+                "device_key_version": s.device_key_version,
             })
         })
         .collect())

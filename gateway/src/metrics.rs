@@ -187,6 +187,7 @@ mod tests {
             taps: 10,
             gaps,
             last_seen_ms: 0,
+            device_key_version: None,
         };
         let text = gaps(&[
             (9, d(vec![(3, 5), (10, 10)])),

@@ -141,6 +141,10 @@ pub struct DeviceState {
     pub gaps: Vec<(u64, u64)>,
     /// Last time a tap arrived (unix ms, gateway clock).
     pub last_seen_ms: u64,
+    /// The KM_DEVICE version its last stored tap verified under (none: not known yet); after a
+    /// device-master rotation, the devices still on the old version (docs/key-rotation.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_key_version: Option<u8>,
 }
 
 /// Most open gap ranges kept per device (older ones are reported and dropped).
@@ -803,6 +807,9 @@ impl Store {
         }
         st.taps = st.taps.saturating_add(1);
         st.last_seen_ms = b.now_ms;
+        if key_version != 0 {
+            st.device_key_version = Some(key_version);
+        }
         aggregate_into(&mut b.aggs, &tap);
         b.out.stored += 1;
         Ok(())

@@ -42,6 +42,9 @@ fn both_device_master_versions_verify_until_the_old_one_is_retired() {
     assert_eq!((out.stored, out.quarantined), (2, 0));
     assert_eq!(out.device_key_versions.get(&11), Some(&1));
     assert_eq!(out.device_key_versions.get(&12), Some(&2));
+    // The devices API shows which version each device MACs under (who is left on the old).
+    let version = |d| store.device(d).unwrap().unwrap().device_key_version;
+    assert_eq!((version(11), version(12)), (Some(1), Some(2)));
     // The confirmation key for each is the one its validator holds.
     assert_eq!(
         gw.device_key_at(11, 1).unwrap().expose_secret(),
