@@ -1,0 +1,36 @@
+//! `[mqtt] fallback_brokers`: a broker cluster's other nodes, checked at start-up.
+
+use validator::config::Config;
+
+fn config(mqtt: &str) -> Config {
+    Config::from_toml(&format!(
+        "device_id = 1001\noperator = \"metro\"\nstop = \"Central\"\njournal = \"j\"\nkeys = \"keys\"\n[mqtt]\n{mqtt}"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn the_other_nodes_of_a_cluster_follow_the_broker_in_order() {
+    let c = config(
+        "broker = \"mqtt://n1:1883\"\nfallback_brokers = [\"mqtt://n2:1884\", \"mqtt://n3:1885\"]\n",
+    );
+    let m = c.mqtt_settings().unwrap().unwrap();
+    assert_eq!((m.host.as_str(), m.port), ("n1", 1883));
+    assert_eq!(
+        m.fallback,
+        vec![("n2".to_string(), 1884), ("n3".to_string(), 1885)]
+    );
+    let alone = config("broker = \"mqtt://n1:1883\"\n");
+    assert!(alone.mqtt_settings().unwrap().unwrap().fallback.is_empty());
+}
+
+#[test]
+fn a_fallback_of_another_scheme_or_without_a_port_is_refused() {
+    for fallback in ["mqtts://n2:8883", "mqtt://n2", "tcp://n2:1883"] {
+        let c = config(&format!(
+            "broker = \"mqtt://n1:1883\"\nfallback_brokers = [\"{fallback}\"]\n"
+        ));
+        let e = c.mqtt_settings().err().map(|e| e.to_string());
+        assert!(e.is_some(), "{fallback} was accepted");
+    }
+}
