@@ -241,7 +241,7 @@ async fn tides(
         crate::report::tides_fare_transactions(
             &store,
             &operator,
-            |d| keys.device_key(d).ok(),
+            |d| keys.device_key_ring(d).unwrap_or_default(),
             from,
             to,
             &cur,

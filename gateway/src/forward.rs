@@ -60,17 +60,7 @@ pub fn forward_once_with_rings(
     let mut taps = Vec::with_capacity(pending.len());
     for (_, raw) in &pending {
         // Verified at ingest; verified again, since nothing read back from disk is trusted.
-        let mut verified = TapRecord::decode_verified(raw, operator, |_| None);
-        if let Err(TapError::UnknownDevice(d)) = verified {
-            let ring = rings.entry(d).or_insert_with(|| device_key(d));
-            for (_, k) in ring.accepted.iter().chain(&ring.retired) {
-                verified = TapRecord::decode_verified(raw, operator, |_| Some(k.clone()));
-                if !matches!(verified, Err(TapError::BadMac)) {
-                    break;
-                }
-            }
-        }
-        match verified {
+        match verify_stored(raw, operator, &mut rings, &device_key) {
             Ok(t) => taps.extend(ClearingTap::from_tap(&t, operator)),
             Err(e) => tracing::error!(%e, "a stored tap no longer verifies; not forwarded"),
         }
@@ -83,4 +73,26 @@ pub fn forward_once_with_rings(
     sink(&batch).map_err(ForwardError::Sink)?;
     store.forwarded(last)?;
     Ok(pending.len())
+}
+
+/// A stored tap verified again under its device's ring: every version the ring holds, retired
+/// ones included (the tap was accepted at ingest; a retirement since must not hide a real
+/// debit from clearing or from the exports). Rings are derived once per device into `rings`.
+pub(crate) fn verify_stored(
+    raw: &[u8],
+    operator: &str,
+    rings: &mut BTreeMap<u32, DeviceKeyRing>,
+    device_key: &impl Fn(u32) -> DeviceKeyRing,
+) -> Result<TapRecord, TapError> {
+    let mut verified = TapRecord::decode_verified(raw, operator, |_| None);
+    if let Err(TapError::UnknownDevice(d)) = verified {
+        let ring = rings.entry(d).or_insert_with(|| device_key(d));
+        for (_, k) in ring.accepted.iter().chain(&ring.retired) {
+            verified = TapRecord::decode_verified(raw, operator, |_| Some(k.clone()));
+            if !matches!(verified, Err(TapError::BadMac)) {
+                break;
+            }
+        }
+    }
+    verified
 }

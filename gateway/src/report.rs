@@ -14,9 +14,9 @@
 //! transaction joins to the agency's GTFS by stop and route.
 
 use crate::store::{Store, StoreError};
-use purse::crypto::AesKey;
-use purse::tap::{TapFlags, TapRecord};
-use std::collections::HashMap;
+use purse::rotation::DeviceKeyRing;
+use purse::tap::TapFlags;
+use std::collections::{BTreeMap, HashMap};
 
 /// Formats integer minor units as an exact decimal with `exponent` fraction digits.
 pub fn decimal(minor: i64, exponent: u32) -> String {
@@ -84,12 +84,13 @@ fn utc(ms: u64) -> (String, String) {
 }
 
 /// The TIDES `fare_transactions.csv` for taps with device time in `[from_ms, to_ms)` (taps
-/// whose device MAC verifies for `operator`, the gateway's).
+/// whose device MAC verifies for `operator`, the gateway's, under any version of the device's
+/// ring: a tap MAC'd under the previous or a since-retired device-key version is still a tap).
 #[allow(clippy::too_many_arguments)]
 pub fn tides_fare_transactions(
     store: &Store,
     operator: &str,
-    device_key: impl Fn(u32) -> Option<AesKey>,
+    device_key: impl Fn(u32) -> DeviceKeyRing,
     from_ms: u64,
     to_ms: u64,
     currency: &str,
@@ -100,8 +101,9 @@ pub fn tides_fare_transactions(
     let mut csv = String::from(
         "transaction_id,service_date,event_timestamp,amount,currency_type,fare_action,device_id,stop_id,num_riders,fare_media_id,fare_capped,token_id,balance,route_id\n",
     );
+    let mut rings = BTreeMap::new();
     for raw in store.taps(limit)? {
-        let Ok(t) = TapRecord::decode_verified(&raw, operator, &device_key) else {
+        let Ok(t) = crate::forward::verify_stored(&raw, operator, &mut rings, &device_key) else {
             continue;
         };
         if t.refusal().is_some()

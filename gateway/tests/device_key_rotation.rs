@@ -1,7 +1,8 @@
 //! KM_DEVICE rotated at the gateway (docs/key-rotation.md): taps MAC'd under the current and
 //! the previous device-master version are stored and confirmed under the version that
 //! verified them; after retirement a tap MAC'd under the old version is quarantined with its
-//! own reason and not confirmed (its validator keeps it); one stored before still forwards.
+//! own reason and not confirmed (its validator keeps it); one stored before still forwards and
+//! is still in the TIDES export.
 
 use gateway::forward::forward_once_with_rings;
 use gateway::store::{Message, Store};
@@ -89,4 +90,20 @@ fn both_device_master_versions_verify_until_the_old_one_is_retired() {
     .unwrap();
     assert_eq!(n, 3);
     assert_eq!(batches[0]["taps"].as_array().unwrap().len(), 3);
+    // And to the TIDES export: the old-key tap is a tap (one row per stored tap, 11's included).
+    let csv = gateway::report::tides_fare_transactions(
+        &store,
+        "metro",
+        ring,
+        0,
+        u64::MAX,
+        "KRW",
+        0,
+        &gateway::report::Places::default(),
+        100,
+    )
+    .unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows.iter().any(|r| r.starts_with("11-1,")), "{csv}");
 }

@@ -209,7 +209,7 @@ fn an_action_list_pickup_is_value_added_not_a_fare() {
     let csv = gateway::report::tides_fare_transactions(
         &store,
         "metro",
-        key,
+        |d| gw.device_key_ring(d).unwrap_or_default(),
         0,
         u64::MAX,
         "KRW",
