@@ -594,4 +594,31 @@ mod tests {
         )));
         assert!(!session_goes_on(&[]));
     }
+
+    #[test]
+    fn a_load_starts_again_only_when_the_server_failed_or_asked_for_it() {
+        let again = |e: ClientError| start_again(&e);
+        assert!(again(ClientError::StartAgain {
+            code: 409,
+            error: UNKNOWN_SESSION.into(),
+            detail: String::new(),
+        }));
+        assert!(again(ClientError::Server {
+            code: 500,
+            detail: String::new(),
+        }));
+        assert!(again(ClientError::Server {
+            code: 503,
+            detail: String::new(),
+        }));
+        // A refusal of the request, a card that left: final.
+        for code in [400, 403, 404, 409, 422, 429] {
+            assert!(!again(ClientError::Server {
+                code,
+                detail: String::new(),
+            }));
+        }
+        assert!(!again(ClientError::CardLeft(TransportError::CardGone)));
+        assert!(!again(ClientError::BadCommand));
+    }
 }
