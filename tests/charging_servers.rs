@@ -86,16 +86,7 @@ fn start(n: usize) -> Servers {
         );
         std::fs::write(s.config(i), cfg).unwrap();
     }
-    let out = tapgate()
-        .args(["charging", "migrate", "--config"])
-        .arg(s.config(0))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.charging(&["migrate"]);
     for i in 0..n {
         let log = std::fs::File::create(s.dir.path().join(format!("charging-{i}.log"))).unwrap();
         let (process, base) = tapgate_testkit::spawn_charging(
@@ -122,6 +113,20 @@ fn start(n: usize) -> Servers {
 impl Servers {
     fn config(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("charging-{i}.toml"))
+    }
+
+    /// `tapgate charging <args> --config <the first server's>`, which must succeed: its output.
+    fn charging(&self, args: &[&str]) -> String {
+        let out = tapgate()
+            .arg("charging")
+            .args(args)
+            .arg("--config")
+            .arg(self.config(0))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "tapgate charging {args:?}: {err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// SIGKILL: the server dies wherever it is, mid-request.
@@ -207,17 +212,7 @@ impl Servers {
             );
             assert_eq!(got["pending_loads"], 0, "card {uid}: {got}");
         }
-        let out = tapgate()
-            .args(["charging", "reconcile", "--json", "--config"])
-            .arg(self.config(0))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stdout = self.charging(&["reconcile", "--json"]);
         let report: serde_json::Value =
             serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
         assert_eq!(report["cards"], cards.len(), "{report}");
