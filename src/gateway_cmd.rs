@@ -29,11 +29,15 @@ pub struct GatewayArgs {
     /// raises the store_full alarm).
     #[arg(long = "store-map-size-bytes", default_value_t = gateway::store::DEFAULT_MAP_SIZE_BYTES)]
     store_map_size_bytes: usize,
-    /// An external broker, mqtt://host:port (Mosquitto is the reference). Without it the gateway
-    /// starts an embedded broker on --embedded-listen. A cluster's nodes: several URLs separated
-    /// by commas, tried in turn when a connection fails.
+    /// An external broker, mqtt://host:port or mqtts://host:port (TLS, with
+    /// --broker-ca-file; Mosquitto is the reference). Without it the gateway starts an embedded
+    /// broker on --embedded-listen. A cluster's nodes: several URLs separated by commas, all of
+    /// one scheme, tried in turn when a connection fails.
     #[arg(long)]
     broker: Option<String>,
+    /// PEM CA file the broker's certificate must chain to, for mqtts:// --broker URLs.
+    #[arg(long = "broker-ca-file", requires = "broker")]
+    broker_ca_file: Option<PathBuf>,
     /// Take the taps from a NATS cluster's JetStream (nats://host:port,… — its client URLs) as
     /// one durable consumer shared by every gateway of the operator, instead of an MQTT
     /// subscription; --broker names the cluster's MQTT listeners (heartbeats, confirmations,
@@ -112,19 +116,44 @@ pub struct GatewayArgs {
     config: Option<PathBuf>,
 }
 
-fn parse_broker(url: &str) -> Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| input_err(format!("--broker {url:?} must look like mqtt://host:port")))?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
-        input_err(format!(
-            "--broker {url:?} needs a port, e.g. mqtt://127.0.0.1:1883"
-        ))
-    })?;
-    let port = port
-        .parse()
-        .map_err(|_| input_err(format!("--broker {url:?}: {port:?} is not a port")))?;
-    Ok((host.to_string(), port))
+/// `--broker URL,…` (mqtt:// or mqtts://, one scheme for all) → the first broker, the others
+/// (tried in turn), and the CA for TLS from `--broker-ca-file` (required with mqtts://, refused
+/// without it).
+#[allow(clippy::type_complexity)]
+fn parse_brokers(
+    urls: &str,
+    ca_file: &Option<PathBuf>,
+) -> Result<((String, u16), Vec<(String, u16)>, Option<Vec<u8>>)> {
+    let mut all = Vec::new();
+    let mut tls = None;
+    for url in urls.split(',').map(str::trim) {
+        let (host, port, t) = validator::config::parse_broker(url)
+            .map_err(|e| input_err(format!("--broker: {e}")))?;
+        if *tls.get_or_insert(t) != t {
+            return Err(input_err(format!(
+                "--broker {urls:?}: every broker must use one scheme (mqtt:// or mqtts://)"
+            )));
+        }
+        all.push((host, port));
+    }
+    let ca = match (tls == Some(true), ca_file) {
+        (true, Some(f)) => {
+            Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
+        }
+        (true, None) => {
+            return Err(input_err(
+                "--broker mqtts://… needs --broker-ca-file (the CA its certificate chains to)",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(input_err(
+                "--broker-ca-file is for mqtts:// brokers; --broker names mqtt:// ones",
+            ))
+        }
+        (false, None) => None,
+    };
+    let first = all.remove(0);
+    Ok((first, all, ca))
 }
 
 /// `--nats URL,…`: the cluster's client URLs, checked.
@@ -195,14 +224,13 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     crate::data_dir::ensure_dir(&a.data, "--data")?;
     let mut link: Option<TapLink> = None;
     let mut fallback_brokers = Vec::new();
+    let mut broker_tls_ca_pem = None;
     let broker = match &a.broker {
         Some(urls) => {
-            let mut all = urls
-                .split(',')
-                .map(|u| parse_broker(u.trim()))
-                .collect::<Result<Vec<_>>>()?;
-            fallback_brokers = all.split_off(1);
-            all.remove(0)
+            let (first, others, ca) = parse_brokers(urls, &a.broker_ca_file)?;
+            fallback_brokers = others;
+            broker_tls_ca_pem = ca;
+            first
         }
         None => {
             let path = a.mqtt_users.as_ref().ok_or_else(|| {
@@ -248,6 +276,7 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     let cfg = GatewayConfig {
         gateway_id: a.gateway_id,
         broker,
+        broker_tls_ca_pem,
         mqtt_credentials: Some((a.mqtt_user, a.mqtt_password)),
         charging,
         operator: a.operator,
@@ -394,4 +423,44 @@ fn places(tables: &[fare_rules::table::Table]) -> gateway::report::Places {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_brokers;
+
+    #[test]
+    fn brokers_parse_with_one_scheme_and_tls_needs_its_ca() {
+        let ((h, p), rest, ca) =
+            parse_brokers("mqtt://127.0.0.1:1884, mqtt://10.0.0.2:1885", &None).unwrap();
+        assert_eq!(
+            (h.as_str(), p, rest.len(), ca),
+            ("127.0.0.1", 1884, 1, None)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        let (_, _, ca) =
+            parse_brokers("mqtts://broker.internal:8883", &Some(ca_file.clone())).unwrap();
+        assert_eq!(ca.as_deref(), Some(&b"-----BEGIN CERTIFICATE-----\n"[..]));
+        for (urls, ca, says) in [
+            ("mqtts://b:8883", None, "needs --broker-ca-file"),
+            ("mqtt://b:1883", Some(ca_file.clone()), "is for mqtts://"),
+            (
+                "mqtt://a:1883,mqtts://b:8883",
+                Some(ca_file.clone()),
+                "one scheme",
+            ),
+            ("tcp://b:1883", None, "must look like"),
+            ("mqtt://b", None, "needs a port"),
+            (
+                "mqtts://b:8883",
+                Some(dir.path().join("absent.pem")),
+                "absent.pem",
+            ),
+        ] {
+            let e = format!("{:#}", parse_brokers(urls, &ca).unwrap_err());
+            assert!(e.contains(says), "{urls}: {e}");
+        }
+    }
 }

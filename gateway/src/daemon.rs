@@ -36,6 +36,9 @@ pub struct GatewayConfig {
     pub gateway_id: String,
     /// The broker: host and port.
     pub broker: (String, u16),
+    /// TLS to the broker (`mqtts://`): the PEM CA certificates its certificate must chain to
+    /// (every broker of `broker` and `fallback_brokers` alike); `None` is plain MQTT.
+    pub broker_tls_ca_pem: Option<Vec<u8>>,
     /// MQTT username and password of the gateway.
     pub mqtt_credentials: Option<(String, String)>,
     /// Most messages in one ingest transaction (group commit).
@@ -95,6 +98,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             gateway_id: "gw1".into(),
             broker: ("127.0.0.1".into(), 18830),
+            broker_tls_ca_pem: None,
             mqtt_credentials: None,
             ingest_batch_max_messages: 4096,
             forward_batch_max_taps: 1_000,

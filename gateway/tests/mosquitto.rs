@@ -260,3 +260,61 @@ async fn a_backlog_larger_than_the_queues_is_taken_whole() {
         0
     );
 }
+
+/// The gateway reaches an external broker over TLS (`mqtts://`, `broker_tls_ca_pem`): a
+/// Mosquitto whose only listener speaks TLS takes a device's taps, and the gateway stores
+/// them. Without the CA the gateway never subscribes (nothing taken over plain MQTT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_takes_taps_from_a_tls_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let port = free_port();
+    let _broker = MosquittoConfig::on_port(port)
+        .user("gateway", "gw-secret")
+        .user("1001", "d1-secret")
+        .shipped_acl()
+        .line(&format!("certfile {}", cert_path.display()))
+        .line(&format!("keyfile {}", key_path.display()))
+        .start(dir.path());
+    let ca = cert.cert.pem().into_bytes();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(12))
+        .for_role(Role::Gateway, 0)
+        .unwrap();
+    let cfg = |id: &str, ca: Option<Vec<u8>>| GatewayConfig {
+        gateway_id: id.into(),
+        broker: ("localhost".into(), port),
+        broker_tls_ca_pem: ca,
+        mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+        operator: "metro".into(),
+        ..GatewayConfig::default()
+    };
+    // Plain MQTT to the TLS listener: no session, so no subscription.
+    let plain_store = Store::open(&dir.path().join("plain"), 32 << 20).unwrap();
+    let plain = spawn_gateway(cfg("gw-plain", None), &plain_store, &keys);
+    let store = Store::open(&dir.path().join("gw"), 32 << 20).unwrap();
+    let stats =
+        tapgate_testkit::broker::subscribed_gateway(cfg("gw-tls", Some(ca.clone())), &store, &keys)
+            .await;
+    assert!(!plain.subscribed.load(std::sync::atomic::Ordering::Acquire));
+    let mut opts = MqttOptions::new("device-1001-tls", "localhost", port);
+    opts.set_credentials("1001", "d1-secret");
+    opts.set_transport(rumqttc::Transport::tls(ca, None, None));
+    let (client, mut events) = AsyncClient::new(opts, 100);
+    tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    publish_taps(&client, &keys, 1..=10).await;
+    wait_until_async("10 taps stored over TLS", Duration::from_secs(20), || {
+        stats.stored.load(std::sync::atomic::Ordering::Relaxed) == 10
+    })
+    .await;
+    assert!(!plain.subscribed.load(std::sync::atomic::Ordering::Acquire));
+    assert_eq!(plain.stored.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

@@ -99,6 +99,10 @@ fn client(cfg: &GatewayConfig, conn: usize) -> (AsyncClient, EventLoop, Vec<Mqtt
             if let Some((u, p)) = &cfg.mqtt_credentials {
                 o.set_credentials(u.clone(), p.clone());
             }
+            if let Some(ca) = &cfg.broker_tls_ca_pem {
+                tapgate_http::serve::install_crypto_provider();
+                o.set_transport(rumqttc::Transport::tls(ca.clone(), None, None));
+            }
             o
         })
         .collect();
