@@ -3,7 +3,7 @@
 //! downlink (signed blocklists and fare tables, verified, applied atomically and journalled),
 //! heartbeats with a last will, and Prometheus metrics.
 //!
-//! Topics (docs/mqtt.md): taps up on `tapgate/v1/<op>/taps/<device>` (one or more 79-byte
+//! Topics (docs/mqtt.md): taps up on `tapgate/v1/<op>/taps/<device>` (one or more 80-byte v3
 //! records per message), confirmations down on `…/devices/<device>/confirm`, heartbeats on
 //! `…/devices/<device>/status` (retained; the last will marks the validator offline),
 //! blocklists on `…/blocklist/{snapshot,delta}`, fare tables on `…/fares/table` (retained).
