@@ -604,8 +604,36 @@ fn the_same_key_on_both_servers_at_once_loads_once_and_blocks_are_one_sequence()
             );
         }
     }
-    let card = card.lock().unwrap();
-    s.assert_books(&[&card], 3);
+    // A step that reaches the other server (a balancer without affinity): 409 unknown_session,
+    // and the load started again there with the key completes, once.
+    let mut card = card.lock().unwrap();
+    let ask = LoadAsk {
+        amount_minor: 100,
+        source: "card",
+        instrument: TOKEN,
+        idempotency_key: "moved",
+        vanish: None,
+    };
+    let Reply::Command {
+        session_id, seq, ..
+    } = s.client(&[0]).start_load(&card.state().uid, &ask).unwrap()
+    else {
+        panic!("no command");
+    };
+    let elsewhere = s.client(&[1]).step(&session_id, seq, &[vec![0x91, 0x00]]);
+    assert!(
+        matches!(&elsewhere, Err(charging::client::ClientError::StartAgain { code: 409, error, .. }) if error == "unknown_session"),
+        "{elsewhere:?}"
+    );
+    let before = card.state().balance_minor;
+    let moved = load(&s.client(&[1]), &mut card, "moved", 100, None);
+    assert_eq!(
+        moved.completed().map(|c| c.1),
+        Some(before + 100),
+        "{moved:?}"
+    );
+    assert_eq!(card.state().balance_minor, before + 100);
+    s.assert_books(&[&card], 4);
 
     // Blocks made on either server are one numbered sequence; both sign the same list.
     for (i, (u, action)) in [
