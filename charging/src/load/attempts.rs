@@ -84,35 +84,33 @@ fn marked_intent(
     })))
 }
 
-/// What the transaction recording a load's intent found under its key.
-pub(super) enum Claim {
-    /// Nothing (or a voided attempt): this session's intent is recorded with the marker.
-    Free,
-    /// An attempt that is completed or still open (another server's, racing this one).
-    Taken(Box<LoadIntent>),
+/// Inside the transaction that records a load's intent: the attempt with its idempotency key
+/// that is completed or still open (another server's, racing this one), if any. Read in that
+/// transaction, so the database decides between two servers; [`mark_attempt`] then claims the
+/// key in it.
+pub(super) fn taken_attempt(
+    t: &mut dyn LedgerWrite,
+    s: &Claimant,
+) -> Result<Option<Box<LoadIntent>>, LedgerError> {
+    match marked_intent(t, s)? {
+        Ok(Some(earlier)) if earlier.state != IntentState::Voided => Ok(Some(Box::new(earlier))),
+        Ok(_) => Ok(None),
+        // A key used for another request was refused at the start already; a marker of
+        // another request here means one was made meanwhile: do not take the key.
+        Err(_) => Err(LedgerError::Commit(LOAD_DIFFERS.into())),
+    }
 }
 
-/// Inside the transaction that records `intent`: claims its idempotency key (the marker), unless
-/// an attempt with the key is completed or open. The database decides between two servers.
-pub(super) fn claim_attempt(
+/// Claims the idempotency key for `intent` (in the transaction that records it).
+pub(super) fn mark_attempt(
     t: &mut dyn LedgerWrite,
     s: &Claimant,
     intent: &LoadIntent,
-) -> Result<Claim, LedgerError> {
-    match marked_intent(t, s)? {
-        Ok(Some(earlier)) if earlier.state != IntentState::Voided => {
-            return Ok(Claim::Taken(Box::new(earlier)))
-        }
-        // A key used for another request was refused at the start already; a marker of
-        // another request here means one was made meanwhile: do not take the key.
-        Err(_) => return Err(LedgerError::Commit(LOAD_DIFFERS.into())),
-        Ok(_) => {}
-    }
+) -> Result<(), LedgerError> {
     t.put_idempotent(
         &attempt_key(&s.idem),
         &attempt_value(intent, &s.fingerprint),
-    )?;
-    Ok(Claim::Free)
+    )
 }
 
 impl LoadService {

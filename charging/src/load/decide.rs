@@ -1,6 +1,6 @@
 //! The decision before any Credit leaves the server: the card's state, limits (per card, per source, per instrument), the funding authorisation and the intent, durable first.
 
-use super::attempts::{claim_attempt, Claim};
+use super::attempts::{mark_attempt, taken_attempt};
 use super::*;
 use crate::ledger::CardShadow;
 
@@ -189,15 +189,17 @@ impl LoadService {
         let snapshot = snap.clone();
         let claimant = s.claimant();
         let recorded = self.ledger.transact(move |t| {
+            // The idempotency key is claimed in the same transaction: of two servers starting
+            // one key at once, the database lets one record its intent (looked at before the
+            // limits, which the other's load may have raised).
+            if let Some(earlier) = taken_attempt(t, &claimant)? {
+                return Ok(Recorded::Taken(earlier));
+            }
             let so_far = t.funding_day_total(&source_name, &instrument, today)?;
             if so_far + i64::from(amount) > max_daily {
                 return Ok(Recorded::OverLimit(so_far));
             }
-            // The idempotency key is claimed in the same transaction: of two servers starting
-            // one key at once, the database lets one record its intent.
-            if let Claim::Taken(earlier) = claim_attempt(t, &claimant, &intent)? {
-                return Ok(Recorded::Taken(earlier));
-            }
+            mark_attempt(t, &claimant, &intent)?;
             t.add_funding_day(&source_name, &instrument, today, i64::from(amount))?;
             t.insert_intent(&uid, &mut intent)?;
             t.observe_card(&snapshot)?;
