@@ -17,7 +17,9 @@
 //! | Ed25519 signature | 64 |
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use std::collections::BTreeSet;
+
+pub mod compact;
+use compact::UidSet;
 
 const MAGIC: &[u8; 4] = b"TGBL";
 const FORMAT: u8 = 1;
@@ -188,12 +190,13 @@ impl ListUpdate {
     }
 }
 
-/// A validator's blocklist: applies verified updates in order.
+/// A validator's blocklist: applies verified updates in order. The cards are held in a
+/// [`UidSet`] (≈ 4.5 bytes a card: 10 M cards in ≈ 45 MB, issue 22).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Blocklist {
     operator: String,
     version: u64,
-    blocked: BTreeSet<[u8; 7]>,
+    blocked: UidSet,
 }
 
 impl Blocklist {
@@ -202,7 +205,7 @@ impl Blocklist {
         Blocklist {
             operator: operator.to_string(),
             version: 0,
-            blocked: BTreeSet::new(),
+            blocked: UidSet::default(),
         }
     }
 
@@ -213,7 +216,12 @@ impl Blocklist {
 
     /// Whether `uid` is blocked.
     pub fn is_blocked(&self, uid: &[u8; 7]) -> bool {
-        self.blocked.contains(uid)
+        self.blocked.contains(compact::key(uid))
+    }
+
+    /// Heap bytes the list of cards holds (see [`UidSet::heap_bytes`]).
+    pub fn heap_bytes(&self) -> usize {
+        self.blocked.heap_bytes()
     }
 
     /// Entries held.
@@ -249,7 +257,8 @@ impl Blocklist {
                         got: u.to_version,
                     });
                 }
-                self.blocked = u.entries.iter().map(|e| e.0).collect();
+                self.blocked =
+                    UidSet::from_keys(u.entries.iter().map(|e| compact::key(&e.0)).collect());
             }
             ListKind::Delta => {
                 if u.to_version <= self.version {
@@ -265,13 +274,12 @@ impl Blocklist {
                         to: u.to_version,
                     });
                 }
-                for (uid, blocked) in &u.entries {
-                    if *blocked {
-                        self.blocked.insert(*uid);
-                    } else {
-                        self.blocked.remove(uid);
-                    }
-                }
+                let changes: Vec<(u64, bool)> = u
+                    .entries
+                    .iter()
+                    .map(|(uid, blocked)| (compact::key(uid), *blocked))
+                    .collect();
+                self.blocked.apply(&changes);
             }
         }
         self.version = u.to_version;

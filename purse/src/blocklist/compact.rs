@@ -1,0 +1,328 @@
+//! A compact, exact set of 7-byte card UIDs (issue 22): 10 000 000 random UIDs in ≈ 45 MB
+//! where a `BTreeSet<[u8; 7]>` needs 400+ MB.
+//!
+//! Each UID is read as a 56-bit big-endian number. The sorted numbers are cut into blocks of
+//! [`BLOCK`] values (a block grows to at most `2 × BLOCK` before it is split again); a block
+//! keeps its first value whole and the gaps to the following values bit-packed at the width
+//! of the block's largest gap (≈ 35 bits for 10 M random UIDs over 2⁵⁶, fewer for real UIDs
+//! that share a manufacturer byte). A lookup binary-searches the block heads, then adds up at
+//! most one block's gaps. A change rewrites only the blocks it touches, so applying a delta
+//! never needs a second copy of the whole set.
+
+/// Values per block when a block is (re)built.
+pub const BLOCK: usize = 128;
+
+/// One block: its first value, how many values it holds, and the packed gaps after the first.
+#[derive(Clone)]
+struct Block {
+    head: u64,
+    len: u16,
+    width: u8,
+    gaps: Box<[u64]>,
+}
+
+impl Block {
+    /// Packs `vals` (sorted, distinct, non-empty, fewer than 2¹⁶).
+    fn pack(vals: &[u64]) -> Block {
+        let max_gap = vals.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let width = (64 - max_gap.leading_zeros()) as usize;
+        let bits = width * (vals.len() - 1);
+        // One spare word so that a read never needs a bounds branch for the second word.
+        let mut gaps = vec![0u64; bits.div_ceil(64) + 1];
+        for (k, w) in vals.windows(2).enumerate() {
+            let (gap, p) = (w[1] - w[0], k * width);
+            let (i, off) = (p / 64, p % 64);
+            gaps[i] |= gap << off;
+            if off + width > 64 {
+                gaps[i + 1] |= gap >> (64 - off);
+            }
+        }
+        Block {
+            head: vals[0],
+            len: vals.len() as u16,
+            width: width as u8,
+            gaps: gaps.into_boxed_slice(),
+        }
+    }
+
+    /// The `k`-th gap (k < len − 1).
+    #[inline]
+    fn gap(&self, k: usize) -> u64 {
+        let width = self.width as usize;
+        let p = k * width;
+        let (i, off) = (p / 64, p % 64);
+        let mut v = self.gaps[i] >> off;
+        if off + width > 64 {
+            v |= self.gaps[i + 1] << (64 - off);
+        }
+        v & ((1u64 << width) - 1)
+    }
+
+    /// The block's values in order.
+    fn values(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut v = self.head;
+        std::iter::once(self.head).chain((0..self.len as usize - 1).map(move |k| {
+            v += self.gap(k);
+            v
+        }))
+    }
+
+    fn contains(&self, x: u64) -> bool {
+        if x == self.head {
+            return true;
+        }
+        let mut v = self.head;
+        for k in 0..self.len as usize - 1 {
+            v += self.gap(k);
+            if v >= x {
+                return v == x;
+            }
+        }
+        false
+    }
+}
+
+/// A UID as its 56-bit number.
+pub fn key(uid: &[u8; 7]) -> u64 {
+    let mut b = [0u8; 8];
+    b[1..].copy_from_slice(uid);
+    u64::from_be_bytes(b)
+}
+
+/// A 56-bit number back as a UID.
+pub fn uid(key: u64) -> [u8; 7] {
+    key.to_be_bytes()[1..].try_into().expect("7")
+}
+
+/// The compact set. Equality is of contents, whatever the block boundaries.
+#[derive(Clone, Default)]
+pub struct UidSet {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+impl PartialEq for UidSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for UidSet {}
+
+impl std::fmt::Debug for UidSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UidSet")
+            .field("len", &self.len)
+            .field("blocks", &self.blocks.len())
+            .field("heap_bytes", &self.heap_bytes())
+            .finish()
+    }
+}
+
+impl UidSet {
+    /// The set of `keys` (any order, duplicates allowed; values must be below 2⁵⁶).
+    pub fn from_keys(mut keys: Vec<u64>) -> UidSet {
+        keys.sort_unstable();
+        keys.dedup();
+        let blocks: Vec<Block> = keys.chunks(BLOCK).map(Block::pack).collect();
+        UidSet {
+            len: keys.len(),
+            blocks,
+        }
+    }
+
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether `x` is in the set.
+    pub fn contains(&self, x: u64) -> bool {
+        match self.blocks.partition_point(|b| b.head <= x) {
+            0 => false,
+            i => self.blocks[i - 1].contains(x),
+        }
+    }
+
+    /// All values in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks.iter().flat_map(Block::values)
+    }
+
+    /// Bytes of heap this set holds, from its allocations' sizes (the allocator's own
+    /// bookkeeping per allocation is not included).
+    pub fn heap_bytes(&self) -> usize {
+        self.blocks.capacity() * std::mem::size_of::<Block>()
+            + self.blocks.iter().map(|b| b.gaps.len() * 8).sum::<usize>()
+    }
+
+    /// Applies `changes` (value, present?) in order — a later change of the same value wins.
+    /// Only the blocks whose range a change falls in are decoded and packed again.
+    pub fn apply(&mut self, changes: &[(u64, bool)]) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut ch: Vec<(u64, bool)> = changes.to_vec();
+        // Stable, then keep the last change of each value.
+        ch.sort_by_key(|c| c.0);
+        let mut last: Vec<(u64, bool)> = Vec::with_capacity(ch.len());
+        for c in ch {
+            match last.last_mut() {
+                Some(l) if l.0 == c.0 => *l = c,
+                _ => last.push(c),
+            }
+        }
+        let old = std::mem::take(&mut self.blocks);
+        let mut out: Vec<Block> = Vec::with_capacity(old.len() + last.len() / BLOCK + 1);
+        let mut rest = &last[..];
+        let n = old.len();
+        let mut vals: Vec<u64> = Vec::with_capacity(2 * BLOCK);
+        let mut it = old.into_iter().peekable();
+        if n == 0 {
+            merge_into(&mut vals, &[], rest);
+            push_blocks(&mut out, &vals);
+            rest = &[];
+        }
+        while let Some(b) = it.next() {
+            // Block i takes the changes below the next block's head (block 0 also those below
+            // its own head).
+            let upper = it.peek().map(|nb| nb.head);
+            let take = match upper {
+                Some(u) => rest.partition_point(|c| c.0 < u),
+                None => rest.len(),
+            };
+            let (mine, later) = rest.split_at(take);
+            rest = later;
+            if mine.is_empty() {
+                out.push(b);
+                continue;
+            }
+            let cur: Vec<u64> = b.values().collect();
+            merge_into(&mut vals, &cur, mine);
+            push_blocks(&mut out, &vals);
+        }
+        out.shrink_to_fit();
+        self.len = out.iter().map(|b| b.len as usize).sum();
+        self.blocks = out;
+    }
+}
+
+/// `vals` := `cur` (sorted) with `changes` (sorted by value, one per value) applied.
+fn merge_into(vals: &mut Vec<u64>, cur: &[u64], changes: &[(u64, bool)]) {
+    vals.clear();
+    let (mut i, mut j) = (0, 0);
+    while i < cur.len() || j < changes.len() {
+        if j == changes.len() || (i < cur.len() && cur[i] < changes[j].0) {
+            vals.push(cur[i]);
+            i += 1;
+        } else {
+            if i < cur.len() && cur[i] == changes[j].0 {
+                i += 1;
+            }
+            if changes[j].1 {
+                vals.push(changes[j].0);
+            }
+            j += 1;
+        }
+    }
+}
+
+/// Packs `vals` after the blocks in `out`: into one block if it holds at most `2 × BLOCK`,
+/// else into blocks of `BLOCK`. A small result joins the block before it when both fit.
+fn push_blocks(out: &mut Vec<Block>, vals: &[u64]) {
+    if vals.is_empty() {
+        return;
+    }
+    if vals.len() < BLOCK / 4 {
+        if let Some(prev) = out.last() {
+            if prev.len as usize + vals.len() <= 2 * BLOCK {
+                let mut joined: Vec<u64> = prev.values().collect();
+                joined.extend_from_slice(vals);
+                *out.last_mut().expect("checked") = Block::pack(&joined);
+                return;
+            }
+        }
+    }
+    if vals.len() <= 2 * BLOCK {
+        out.push(Block::pack(vals));
+    } else {
+        out.extend(vals.chunks(BLOCK).map(Block::pack));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn check(set: &UidSet, model: &BTreeSet<u64>) {
+        assert_eq!(set.len(), model.len());
+        assert!(set.iter().eq(model.iter().copied()));
+        for b in &set.blocks {
+            assert!(b.len as usize >= 1 && b.len as usize <= 2 * BLOCK);
+        }
+    }
+
+    /// Values drawn from a small range (many collisions) or the whole 56 bits.
+    fn value() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..2_000,
+            0u64..(1 << 56),
+            Just((1u64 << 56) - 1),
+            Just(0u64)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn matches_a_btreeset(
+            initial in proptest::collection::vec(value(), 0..1_500),
+            rounds in proptest::collection::vec(
+                proptest::collection::vec((value(), any::<bool>()), 0..600), 1..6),
+            probes in proptest::collection::vec(value(), 0..300),
+        ) {
+            let mut model: BTreeSet<u64> = initial.iter().copied().collect();
+            let mut set = UidSet::from_keys(initial.clone());
+            check(&set, &model);
+            for r in &rounds {
+                for (v, add) in r {
+                    if *add { model.insert(*v); } else { model.remove(v); }
+                }
+                set.apply(r);
+                check(&set, &model);
+                for v in probes.iter().chain(r.iter().map(|c| &c.0)).chain(initial.iter()) {
+                    prop_assert_eq!(set.contains(*v), model.contains(v));
+                    prop_assert_eq!(set.contains(v.wrapping_add(1) & ((1 << 56) - 1)),
+                        model.contains(&(v.wrapping_add(1) & ((1 << 56) - 1))));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn removing_everything_then_adding_again() {
+        let all: Vec<u64> = (0..1_000u64).map(|i| i * 7_919).collect();
+        let mut set = UidSet::from_keys(all.clone());
+        let removes: Vec<(u64, bool)> = all.iter().map(|v| (*v, false)).collect();
+        set.apply(&removes);
+        assert!(set.is_empty() && set.blocks.is_empty() && !set.contains(0));
+        set.apply(&[(5, true), (5, false), (9, true)]);
+        assert!(set.iter().eq([9u64]));
+    }
+
+    #[test]
+    fn uid_keys_roundtrip_and_keep_order() {
+        let a = [0u8, 0, 0, 0, 0, 0, 1];
+        let b = [0xFFu8; 7];
+        assert_eq!(uid(key(&a)), a);
+        assert_eq!(uid(key(&b)), b);
+        assert!(key(&a) < key(&b) && key(&b) == (1 << 56) - 1);
+    }
+}
