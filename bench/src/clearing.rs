@@ -1,12 +1,17 @@
 //! Bench scenario `clearing`: tap batches cleared per second by the charging core — every tap's
 //! transaction MAC verified in the software HSM, counters booked, postings group-committed to
-//! LMDB with fsync. The taps are real: debits on emulated cards through validator SAMs.
+//! LMDB with fsync (or, with `--ledger postgres`, committed to a throwaway PostgreSQL cluster
+//! on loopback). The taps are real: debits on emulated cards through validator SAMs.
 //!
 //! The limits, measured in the same run, batch by batch in alternation with the clearing:
 //! `raw_tmac_per_s`, the same taps' transaction-MAC checks alone in the software HSM;
 //! `raw_commit_per_s`, the same batches of LMDB puts alone with one fsynced commit per batch
-//! ([`RawLedger`]); and `ratio`, the clearing rate over the slower of the two.
+//! ([`RawLedger`]); and `ratio`, the clearing rate over the slower of the two. On PostgreSQL,
+//! `raw_commit_per_s` is the same rows written alone to the same database, one multi-row
+//! statement per table and one commit per batch ([`RawPg`]), and the LMDB run of the same
+//! invocation follows: `lmdb_taps_per_s`, `ratio_to_lmdb`.
 
+use crate::loads::LedgerChoice;
 use crate::Figures;
 use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
 use charging::ledger::Ledger;
@@ -19,41 +24,92 @@ use rand::SeedableRng;
 use std::sync::Mutex;
 use std::time::Instant;
 
-pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+/// The taps of a run and what they need: the keys, the cards issued, the taps and their
+/// receipts.
+struct Taps {
+    keys: KeySet,
+    cards_issued: Vec<[u8; 7]>,
+    taps: Vec<ClearingTap>,
+    receipts: Vec<CommitReceipt>,
+}
+
+/// `n` taps (default 100,000) cleared in batches of 1,000 on `ledger`; on PostgreSQL, then the
+/// same taps on LMDB, for the ratio.
+pub fn run(n: Option<u64>, ledger: LedgerChoice) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(100_000);
-    let batch_taps = 1_000usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let keys = KeySet::generate(&mut rng);
     let mut cards = cards(&SoftwareHsm::new(&keys)?, 1_000)?;
     let cards_issued: Vec<[u8; 7]> = cards.iter().map(|c| c.state().uid).collect();
     let (taps, receipts) = debits(&keys, &mut cards, &mut rng, n)?;
-    let dir = tempfile::tempdir()?;
-    let ledger = Ledger::open(dir.path(), 4 << 30)?;
-    {
-        // The cards were issued: their personalised value is in the ledger.
-        let issued = cards_issued.clone();
-        ledger.transact(move |t| {
-            for c in &issued {
-                t.issue_card(c, i32::MAX / 2, "issue", 0)?;
-            }
-            Ok(())
-        })?;
+    let taps = Taps {
+        keys,
+        cards_issued,
+        taps,
+        receipts,
+    };
+    match ledger {
+        LedgerChoice::Lmdb => run_lmdb(&taps).map(|(f, _)| f),
+        LedgerChoice::Postgres => run_postgres(&taps),
     }
-    let size_before = ledger_file_bytes(dir.path())?;
-    let t = clear_beside_limits(&keys, &ledger, &cards_issued, &taps, &receipts, batch_taps)?;
-    // What the cleared taps added to the ledger's file (LMDB grows it page by page).
-    let bytes_per_tap =
-        ledger_file_bytes(dir.path())?.saturating_sub(size_before) as f64 / t.cleared.max(1) as f64;
-    let raw_tmac_per_s = n as f64 / t.tmac_s;
-    let raw_commit_per_s = n as f64 / t.commit_s;
+}
+
+/// The cards were issued: their personalised value is in the ledger.
+fn issue(ledger: &Ledger, cards: &[[u8; 7]]) -> anyhow::Result<()> {
+    let issued = cards.to_vec();
+    ledger.transact(move |t| {
+        for c in &issued {
+            t.issue_card(c, i32::MAX / 2, "issue", 0)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// On a throwaway PostgreSQL cluster (migrated as `tapgate charging migrate` migrates), then on
+/// LMDB.
+fn run_postgres(taps: &Taps) -> anyhow::Result<Figures> {
+    let mut cluster = tapgate_testkit::postgres::Cluster::try_start()
+        .map_err(|e| anyhow::anyhow!("--ledger postgres: {e}"))?;
+    let url = cluster.create_database();
+    let cfg = charging::ledger::PgConfig::new(&url, Some(cluster.password()));
+    charging::ledger::postgres::migrate(&cfg)?;
+    let ledger = Ledger::open_postgres(cfg)?;
+    issue(&ledger, &taps.cards_issued)?;
+    let retries_before = charging::ledger::PgLedger::retries();
+    let raw = RawPg::open(&url, cluster.password(), &taps.cards_issued)?;
+    let t = clear_beside_limits(taps, &ledger, Raw::Pg(Box::new(raw)), BATCH_TAPS)?;
+    let retries = charging::ledger::PgLedger::retries() - retries_before;
+    drop(ledger);
+    drop(cluster);
+    let (_, lmdb_taps_per_s) = run_lmdb(taps)?;
+    let mut figures = headline(taps, &t);
+    figures.insert(0, ("ledger", "postgres".into()));
+    figures.push(("ledger_retries", retries.into()));
+    figures.push(("lmdb_taps_per_s", (lmdb_taps_per_s as u64).into()));
+    figures.push((
+        "ratio_to_lmdb",
+        crate::limits::ratio(t.cleared as f64 / t.clearing_s, lmdb_taps_per_s),
+    ));
+    Ok(figures)
+}
+
+/// Taps per batch.
+const BATCH_TAPS: usize = 1_000;
+
+/// The figures common to both ledgers.
+fn headline(taps: &Taps, t: &Timings) -> Figures {
+    let n = taps.taps.len() as f64;
+    let raw_tmac_per_s = n / t.tmac_s;
+    let raw_commit_per_s = n / t.commit_s;
     let taps_per_s = t.cleared as f64 / t.clearing_s;
-    Ok(vec![
+    vec![
         ("taps", t.cleared.into()),
-        ("batch_taps", (batch_taps as u64).into()),
+        ("batch_taps", (BATCH_TAPS as u64).into()),
         ("taps_per_s", (taps_per_s as u64).into()),
         (
             "batches_per_s",
-            (((t.cleared as f64 / batch_taps as f64) / t.clearing_s) as u64).into(),
+            (((t.cleared as f64 / BATCH_TAPS as f64) / t.clearing_s) as u64).into(),
         ),
         ("raw_tmac_per_s", (raw_tmac_per_s as u64).into()),
         ("raw_commit_per_s", (raw_commit_per_s as u64).into()),
@@ -61,15 +117,31 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             "ratio",
             crate::limits::ratio(taps_per_s, raw_tmac_per_s.min(raw_commit_per_s)),
         ),
-        (
-            "ledger_bytes_per_tap",
-            (bytes_per_tap.round() as u64).into(),
-        ),
-        (
-            "ledger_mib_per_million_taps",
-            ((bytes_per_tap * 1e6 / (1u64 << 20) as f64).round() as u64).into(),
-        ),
-    ])
+    ]
+}
+
+/// On LMDB in a temporary directory: the figures, and the taps per second.
+fn run_lmdb(taps: &Taps) -> anyhow::Result<(Figures, f64)> {
+    let dir = tempfile::tempdir()?;
+    let ledger = Ledger::open(dir.path(), 4 << 30)?;
+    issue(&ledger, &taps.cards_issued)?;
+    let size_before = ledger_file_bytes(dir.path())?;
+    let raw = RawLedger::open(&taps.cards_issued)?;
+    let t = clear_beside_limits(taps, &ledger, Raw::Lmdb(raw), BATCH_TAPS)?;
+    // What the cleared taps added to the ledger's file (LMDB grows it page by page).
+    let bytes_per_tap =
+        ledger_file_bytes(dir.path())?.saturating_sub(size_before) as f64 / t.cleared.max(1) as f64;
+    let mut figures = headline(taps, &t);
+    figures.push((
+        "ledger_bytes_per_tap",
+        (bytes_per_tap.round() as u64).into(),
+    ));
+    figures.push((
+        "ledger_mib_per_million_taps",
+        ((bytes_per_tap * 1e6 / (1u64 << 20) as f64).round() as u64).into(),
+    ));
+    ledger.close();
+    Ok((figures, t.cleared as f64 / t.clearing_s))
 }
 
 /// The size of the LMDB ledger's data file in `dir`.
@@ -152,21 +224,19 @@ struct Timings {
 /// same disk and the same load from other processes): the batch's transaction-MAC checks
 /// alone, then its LMDB puts alone, then the batch cleared.
 fn clear_beside_limits(
-    keys: &KeySet,
+    taps: &Taps,
     ledger: &Ledger,
-    cards_issued: &[[u8; 7]],
-    taps: &[ClearingTap],
-    receipts: &[CommitReceipt],
+    mut raw_ledger: Raw,
     batch_taps: usize,
 ) -> anyhow::Result<Timings> {
-    let raw_hsm = SoftwareHsm::new(keys)?;
-    let mut raw_ledger = RawLedger::open(cards_issued)?;
+    let raw_hsm = SoftwareHsm::new(&taps.keys)?;
     let (mut tmac_s, mut commit_s, mut clearing_s) = (0.0f64, 0.0f64, 0.0f64);
-    let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(keys)?));
+    let hsm: Mutex<Box<dyn Hsm + Send>> = Mutex::new(Box::new(SoftwareHsm::new(&taps.keys)?));
     let mut cleared = 0u64;
     for (b, (chunk, receipts)) in taps
+        .taps
         .chunks(batch_taps)
-        .zip(receipts.chunks(batch_taps))
+        .zip(taps.receipts.chunks(batch_taps))
         .enumerate()
     {
         let t = Instant::now();
@@ -220,14 +290,18 @@ struct RawLedger {
     _dir: tempfile::TempDir,
 }
 
-fn shadow(tmc: u32) -> serde_json::Result<Vec<u8>> {
-    serde_json::to_vec(&charging::ledger::CardShadow {
+fn shadow_record(tmc: u32) -> charging::ledger::CardShadow {
+    charging::ledger::CardShadow {
         last_tmc: tmc,
         last_reported_balance_minor: Some(i32::MAX / 2),
         booked_balance_minor: Some(i32::MAX / 2),
         booked_through_tmc: tmc,
         ..Default::default()
-    })
+    }
+}
+
+fn shadow(tmc: u32) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&shadow_record(tmc))
 }
 
 impl RawLedger {
@@ -301,6 +375,113 @@ impl RawLedger {
             &mut w,
             format!("clearing-batch:b{b}").as_bytes(),
             &self.answer,
+        )?;
+        w.commit()?;
+        Ok(())
+    }
+}
+
+/// The raw writes a run's clearing is set beside.
+enum Raw {
+    Lmdb(RawLedger),
+    Pg(Box<RawPg>),
+}
+
+impl Raw {
+    fn batch(&mut self, b: usize, taps: usize) -> anyhow::Result<()> {
+        match self {
+            Raw::Lmdb(r) => r.batch(b, taps),
+            Raw::Pg(r) => r.batch(b, taps),
+        }
+    }
+}
+
+/// The rows clearing writes for a batch of taps, written alone to the same PostgreSQL database
+/// (tables of the same shape, created beside the ledger's): per tap, the posting, the card's
+/// balance and shadow, the tap's idempotency marker; per batch, the operator's balance and the
+/// batch's stored answer — one multi-row statement per table and one commit per batch, at
+/// `SERIALIZABLE` as the ledger's transactions run. The taps go round the cards as the
+/// scenario's do.
+struct RawPg {
+    client: postgres::Client,
+    cards: Vec<[u8; 7]>,
+    answer: serde_json::Value,
+    done: u64,
+}
+
+impl RawPg {
+    fn open(url: &str, password: &str, cards: &[[u8; 7]]) -> anyhow::Result<Self> {
+        let mut cfg: postgres::Config = url.parse()?;
+        cfg.password(password);
+        let mut client = cfg.connect(postgres::NoTls)?;
+        client.batch_execute(
+            "CREATE TABLE raw_postings (LIKE postings INCLUDING ALL);
+             CREATE TABLE raw_balances (LIKE balances INCLUDING ALL);
+             CREATE TABLE raw_cards (LIKE cards INCLUDING ALL);
+             CREATE TABLE raw_idempotency (LIKE idempotency INCLUDING ALL);",
+        )?;
+        let uids: Vec<String> = cards.iter().map(hex::encode_upper).collect();
+        let accounts: Vec<String> = cards.iter().map(charging::ledger::card_account).collect();
+        client.execute(
+            "INSERT INTO raw_cards (uid, record) SELECT u, $2 FROM unnest($1::text[]) u",
+            &[&uids, &serde_json::to_value(shadow_record(0))?],
+        )?;
+        client.execute(
+            "INSERT INTO raw_balances (account, shard, balance_minor) \
+             SELECT a, 0, $2 FROM unnest($1::text[]) a",
+            &[&accounts, &(i64::MAX / 2)],
+        )?;
+        Ok(Self {
+            client,
+            cards: cards.to_vec(),
+            answer: serde_json::json!({"batch_id": "b0", "cleared": 1000, "anomalies": []}),
+            done: 0,
+        })
+    }
+
+    /// Batch `b` of `taps` taps, committed.
+    fn batch(&mut self, b: usize, taps: usize) -> anyhow::Result<()> {
+        let n_cards = self.cards.len() as u64;
+        let (mut refs, mut accounts, mut uids, mut shadows) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..taps {
+            let card = &self.cards[(self.done % n_cards) as usize];
+            let tmc = (self.done / n_cards + 1) as u32;
+            self.done += 1;
+            refs.push(format!("tap:{}:{tmc}", hex::encode_upper(card)));
+            accounts.push(charging::ledger::card_account(card));
+            uids.push(hex::encode_upper(card));
+            shadows.push(serde_json::to_value(shadow_record(tmc))?);
+        }
+        let mut w = self.client.transaction()?;
+        w.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")?;
+        w.execute(
+            "INSERT INTO raw_postings (time_ms, from_account, to_account, amount_minor, reference) \
+             SELECT 0, a, 'operator:metro', 125, r FROM unnest($1::text[], $2::text[]) AS t(a, r)",
+            &[&accounts, &refs],
+        )?;
+        w.execute(
+            "INSERT INTO raw_idempotency (key, answer) \
+             SELECT r, to_jsonb('0123456789ABCDEF'::text) FROM unnest($1::text[]) r",
+            &[&refs],
+        )?;
+        w.execute(
+            "UPDATE raw_balances SET balance_minor = balance_minor - 125 \
+             FROM unnest($1::text[]) a WHERE account = a AND shard = 0",
+            &[&accounts],
+        )?;
+        w.execute(
+            "UPDATE raw_cards SET record = s FROM unnest($1::text[], $2::jsonb[]) AS t(u, s) \
+             WHERE uid = u",
+            &[&uids, &shadows],
+        )?;
+        w.execute(
+            "INSERT INTO raw_balances (account, shard, balance_minor) VALUES ('operator:metro', 0, $1) \
+             ON CONFLICT (account, shard) DO UPDATE SET balance_minor = raw_balances.balance_minor + $1",
+            &[&(125 * taps as i64)],
+        )?;
+        w.execute(
+            "INSERT INTO raw_idempotency (key, answer) VALUES ($1, $2)",
+            &[&format!("clearing-batch:b{b}"), &self.answer],
         )?;
         w.commit()?;
         Ok(())

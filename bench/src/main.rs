@@ -45,8 +45,8 @@ struct Args {
     /// For `loads`: concurrent client threads (default 8, or TAPGATE_BENCH_CLIENTS).
     #[arg(long)]
     clients: Option<usize>,
-    /// For `loads`: the ledger, `lmdb` (default) or `postgres` (a throwaway cluster on
-    /// loopback; then the same run on LMDB, and the ratio).
+    /// For `loads` and `clearing`: the ledger, `lmdb` (default) or `postgres` (a throwaway
+    /// cluster on loopback; then the same run on LMDB, and the ratio).
     #[arg(long, value_enum, default_value = "lmdb")]
     ledger: loads::LedgerChoice,
     /// For `loads --ledger postgres`: charging servers on the one database (the client
@@ -98,7 +98,7 @@ fn main() -> Result<()> {
         Scenario::Loads => loads::run(args.n, args.clients, args.ledger, args.servers)?,
         Scenario::Payments => payments::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
-        Scenario::Clearing => clearing::run(args.n)?,
+        Scenario::Clearing => clearing::run(args.n, args.ledger)?,
         Scenario::Validator => validator_bench::run(args.n)?,
         Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
         Scenario::System => system::run(args.n)?,

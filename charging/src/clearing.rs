@@ -343,6 +343,7 @@ fn clear(
     let good = verify_taps(hsm, batch.taps, &mut outcome)?;
     let outcome_before = outcome;
     let stored_key = key.clone();
+    let (cards, keys, counters) = reads_ahead(&good);
     let booked = ledger.transact(move |t| {
         // A transaction the database runs again starts from the outcome before booking.
         let mut done = outcome_before.clone();
@@ -354,6 +355,7 @@ fn clear(
                 Err(e) => return Err(LedgerError::Commit(e.to_string())),
             }
         }
+        t.prefetch(&cards, &keys, &counters)?;
         for (tap, proof) in &good {
             book_tap(t, tap, proof, now_ms, &mut done)?;
         }
@@ -366,6 +368,33 @@ fn clear(
         Ok((done, true))
     })?;
     Ok(booked)
+}
+
+/// What booking the verified taps reads per tap ([`book_tap`], [`learn_card`]), for
+/// [`LedgerWrite::prefetch`]: the cards, the taps' markers and the learned-card answers, and
+/// the intents at the two counters below each tap.
+type ReadsAhead = (Vec<[u8; 7]>, Vec<String>, Vec<([u8; 7], u32)>);
+
+fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> ReadsAhead {
+    let (mut cards, mut keys, mut counters) = (vec![], vec![], vec![]);
+    for (_, proof) in good {
+        let r = proof.receipt();
+        let (uid, tmc) = (r.uid(), r.tmc());
+        cards.push(uid);
+        keys.push(tap_marker(&uid, tmc));
+        keys.push(crate::ledger::learned_card_key(&uid));
+        counters.extend(
+            [1, 2]
+                .iter()
+                .filter_map(|d| Some((uid, tmc.checked_sub(*d)?))),
+        );
+    }
+    (cards, keys, counters)
+}
+
+/// The idempotency key that marks a card counter cleared (its answer: the tap's TMV).
+fn tap_marker(uid: &[u8; 7], tmc: u32) -> String {
+    format!("tap:{}:{tmc}", hex::encode_upper(uid))
 }
 
 /// Verifies every tap's transaction MAC in the HSM (outside the write transaction): the taps
@@ -450,7 +479,7 @@ fn book_tap(
     done: &mut BatchOutcome,
 ) -> Result<(), LedgerError> {
     let c = &proof.receipt().to_claim();
-    let marker = format!("tap:{}:{}", hex::encode_upper(c.uid), c.tmc);
+    let marker = tap_marker(&c.uid, c.tmc);
     if let Some(prev) = t.idempotent(&marker)? {
         if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
             done.duplicates += 1;

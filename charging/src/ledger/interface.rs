@@ -367,6 +367,19 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         entry: NewPosting<'_>,
     ) -> Result<Posting, LedgerError>;
 
+    /// A hint, changing nothing: the transaction is about to read these cards (their shadows
+    /// and accounts), idempotency answers and card counters' intents — a backend that pays a
+    /// round trip per read reads them in one go. Clearing gives its batch's.
+    fn prefetch(
+        &mut self,
+        cards: &[[u8; 7]],
+        keys: &[String],
+        counters: &[([u8; 7], u32)],
+    ) -> Result<(), LedgerError> {
+        let _ = (cards, keys, counters);
+        Ok(())
+    }
+
     /// Records that the card's transaction at counter `tmc` (leaving `balance_after_minor`) is
     /// booked. Counters only advance `booked_through_tmc` when contiguous; a counter booked
     /// above a gap starts the gap's clock (`now_ms`) for [`LedgerWrite::sweep_gaps`]. The

@@ -31,6 +31,7 @@
 
 mod read;
 mod schema;
+mod staged;
 mod write;
 
 pub use read::PgRead;

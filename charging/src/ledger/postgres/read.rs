@@ -369,6 +369,28 @@ impl PgRead {
     }
 }
 
+impl PgRead {
+    fn card_opt(&self, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| q::card_opt(db, &uid))
+    }
+
+    fn balance_of(&self, account: &str) -> Result<i64, LedgerError> {
+        let account = account.to_string();
+        self.q(move |db| q::balance(db, &account))
+    }
+
+    fn intents_of(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Vec<LoadIntent>, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| q::intents_at(db, &uid, tmc_before))
+    }
+
+    fn idempotent_of(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+        let key = key.to_string();
+        self.q(move |db| q::idempotent(db, &key))
+    }
+}
+
 impl Drop for PgRead {
     fn drop(&mut self) {
         // Queued before the lease returns: the next user's jobs run after it.
@@ -383,13 +405,14 @@ impl Drop for PgRead {
 }
 
 /// The [`LedgerRead`] of a type whose `q` runs one query (a snapshot, a write transaction):
-/// written once for both, over the queries of [`q`].
+/// written once for both, over the queries of [`q`]; the reads a write transaction stages
+/// (`staged.rs`: a card, a balance, the intents at a counter, an idempotency answer) go through
+/// the type's own `card_opt`, `balance_of`, `intents_of` and `idempotent_of`.
 macro_rules! reads_through_q {
     ($t:ty) => {
         impl crate::ledger::interface::LedgerRead for $t {
             fn balance(&self, account: &str) -> Result<i64, LedgerError> {
-                let account = account.to_string();
-                self.q(move |db| super::read::q::balance(db, &account))
+                self.balance_of(account)
             }
 
             fn balances(&self) -> Result<Vec<(String, i64)>, LedgerError> {
@@ -402,8 +425,7 @@ macro_rules! reads_through_q {
             }
 
             fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError> {
-                let uid = *uid;
-                self.q(move |db| Ok(super::read::q::card_opt(db, &uid)?.unwrap_or_default()))
+                Ok(self.card_opt(uid)?.unwrap_or_default())
             }
 
             fn funding_day_total(
@@ -442,8 +464,7 @@ macro_rules! reads_through_q {
             }
 
             fn card_known(&self, uid: &[u8; 7]) -> Result<bool, LedgerError> {
-                let uid = *uid;
-                self.q(move |db| Ok(super::read::q::card_opt(db, &uid)?.is_some()))
+                Ok(self.card_opt(uid)?.is_some())
             }
 
             fn intents_at(
@@ -451,8 +472,7 @@ macro_rules! reads_through_q {
                 uid: &[u8; 7],
                 tmc_before: u32,
             ) -> Result<Vec<LoadIntent>, LedgerError> {
-                let uid = *uid;
-                self.q(move |db| super::read::q::intents_at(db, &uid, tmc_before))
+                self.intents_of(uid, tmc_before)
             }
 
             fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
@@ -465,8 +485,7 @@ macro_rules! reads_through_q {
             }
 
             fn idempotent(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
-                let key = key.to_string();
-                self.q(move |db| super::read::q::idempotent(db, &key))
+                self.idempotent_of(key)
             }
 
             fn instrument(

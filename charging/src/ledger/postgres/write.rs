@@ -3,7 +3,8 @@
 //! the LMDB backend's, run over these reads and writes; every refusal is decided before a
 //! statement could fail, so a refused step leaves the transaction usable, as under LMDB.
 
-use super::read::{big, uid_hex, unbig};
+use super::read::{big, q, uid_hex, unbig};
+use super::staged::Staged;
 use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, MAX_ATTEMPTS};
 use crate::ledger::interface::{LedgerOnly, LedgerWrite, NewPosting};
 use crate::ledger::records::*;
@@ -57,8 +58,10 @@ pub(super) fn run<T>(
             let mut w = PgWrite {
                 db: RefCell::new(Db::new(client, statements)),
                 shard,
+                staged: RefCell::default(),
             };
-            let out = f(&mut w);
+            // What the closure staged is sent before COMMIT (a failure there is noted by Db).
+            let out = f(&mut w).and_then(|v| w.flush().map(|()| v));
             (out, w.db.into_inner().failure)
         };
         match (out, failure) {
@@ -112,6 +115,9 @@ pub struct PgWrite<'s> {
     db: RefCell<Db<'s>>,
     /// This connection's shard of the accounts many transactions move.
     shard: i16,
+    /// What the transaction read and wrote of the records a batch touches per tap, and the
+    /// writes not sent yet (`staged.rs`).
+    staged: RefCell<Staged>,
 }
 
 impl crate::ledger::interface::sealed::Sealed for PgWrite<'_> {}
@@ -129,13 +135,83 @@ fn word<T: serde::Serialize>(v: &T) -> Result<String, LedgerError> {
 }
 
 impl PgWrite<'_> {
-    /// Runs one query of the transaction (the same queries a snapshot runs, `read::q`).
+    /// Runs one query of the transaction (the same queries a snapshot runs, `read::q`), after
+    /// the staged writes are sent.
     pub(super) fn q<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
+        self.flush()?;
         let mut db = self.db.borrow_mut();
         f(&mut db)
+    }
+
+    /// Sends the staged writes.
+    fn flush(&self) -> Result<(), LedgerError> {
+        let mut staged = self.staged.borrow_mut();
+        if staged.dirty() {
+            staged.flush(&mut self.db.borrow_mut())?;
+        }
+        Ok(())
+    }
+
+    /// The card's shadow: staged, or read (a card not staged was not written here).
+    fn card_opt(&self, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
+        if let Some(c) = self.staged.borrow().card(uid) {
+            return Ok(c);
+        }
+        let c = q::card_opt(&mut self.db.borrow_mut(), uid)?;
+        self.staged.borrow_mut().read_card(uid, c.clone());
+        Ok(c)
+    }
+
+    /// An idempotency answer: staged, or read.
+    fn idempotent_of(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+        if let Some(a) = self.staged.borrow().idempotent(key) {
+            return Ok(a);
+        }
+        let a = q::idempotent(&mut self.db.borrow_mut(), key)?;
+        self.staged.borrow_mut().read_idempotent(key, a.clone());
+        Ok(a)
+    }
+
+    /// The intents at a card counter: staged, or read (intents are written through).
+    fn intents_of(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Vec<LoadIntent>, LedgerError> {
+        if let Some(all) = self.staged.borrow().intents_at(uid, tmc_before) {
+            return Ok(all);
+        }
+        let all = q::intents_at(&mut self.db.borrow_mut(), uid, tmc_before)?;
+        self.staged
+            .borrow_mut()
+            .read_intents(uid, tmc_before, all.clone());
+        Ok(all)
+    }
+
+    /// An account's balance: a card's (one shard) staged or read, another's summed by the
+    /// database after the staged writes are sent.
+    fn balance_of(&self, account: &str) -> Result<i64, LedgerError> {
+        if !account.starts_with("card:") {
+            let account = account.to_string();
+            return self.q(move |db| q::balance(db, &account));
+        }
+        if let Some(b) = self.staged.borrow().card_balance(account) {
+            return Ok(b);
+        }
+        let b = self.shard_balance(&(account.to_string(), 0))?;
+        Ok(b)
+    }
+
+    /// A shard's balance as the database holds it, staged from then on.
+    fn shard_balance(&self, key: &(String, i16)) -> Result<i64, LedgerError> {
+        let b = self
+            .one(
+                "SELECT balance_minor FROM balances WHERE account = $1 AND shard = $2",
+                &[&key.0, &key.1],
+            )?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        self.staged.borrow_mut().read_shard(key.clone(), b);
+        Ok(b)
     }
 
     /// Runs a statement; its error as the ledger reports it (the failure is noted by [`Db`]).
@@ -181,16 +257,13 @@ impl PgWrite<'_> {
         } else {
             self.shard
         };
-        let row = self.one(
-            "INSERT INTO balances (account, shard, balance_minor) VALUES ($1, $2, $3) \
-             ON CONFLICT (account, shard) DO UPDATE \
-             SET balance_minor = balances.balance_minor + EXCLUDED.balance_minor \
-             WHERE balances.balance_minor::numeric + EXCLUDED.balance_minor::numeric \
-             BETWEEN -9223372036854775808 AND 9223372036854775807 \
-             RETURNING balance_minor",
-            &[&account, &shard, &delta],
-        )?;
-        Ok(row.is_some())
+        let key = (account.to_string(), shard);
+        if let Some(moved) = self.staged.borrow_mut().add_balance(&key, delta) {
+            return Ok(moved);
+        }
+        self.shard_balance(&key)?;
+        let moved = self.staged.borrow_mut().add_balance(&key, delta);
+        moved.ok_or_else(|| LedgerError::Database("a balance read is not staged".into()))
     }
 }
 
@@ -213,28 +286,33 @@ impl LedgerWrite for PgWrite<'_> {
             self.add_balance(from, amount_minor)?;
             return Err(overflow);
         }
-        let row = self
-            .one(
-                "INSERT INTO postings (time_ms, from_account, to_account, amount_minor, reference) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING seq",
-                &[
-                    &big(entry.time_ms),
-                    &from,
-                    &to,
-                    &amount_minor,
-                    &entry.reference,
-                ],
-            )?
-            .ok_or_else(|| LedgerError::Database("no posting number".into()))?;
-        Ok(entry.numbered(unbig(row.get(0))))
+        let mut db = self.db.borrow_mut();
+        self.staged.borrow_mut().posting(&mut db, entry)
+    }
+
+    fn prefetch(
+        &mut self,
+        cards: &[[u8; 7]],
+        keys: &[String],
+        counters: &[([u8; 7], u32)],
+    ) -> Result<(), LedgerError> {
+        let mut db = self.db.borrow_mut();
+        self.staged
+            .borrow_mut()
+            .prefetch(&mut db, cards, keys, counters)
     }
 
     fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError> {
+        if let Some(g) = self.staged.borrow().gap(uid) {
+            return Ok(g);
+        }
         let row = self.one(
             "SELECT from_tmc, since_ms, reported FROM counter_gaps WHERE uid = $1",
             &[&uid_hex(uid)],
         )?;
-        Ok(row.map(|r| gap_clock(&r, 0)))
+        let g = row.map(|r| gap_clock(&r, 0));
+        self.staged.borrow_mut().set_gap(uid, g.clone());
+        Ok(g)
     }
 
     fn unreported_gaps(&self) -> Result<Vec<([u8; 7], GapClock)>, LedgerError> {
@@ -261,8 +339,13 @@ impl LedgerWrite for PgWrite<'_> {
         uid: &[u8; 7],
         clock: Option<&GapClock>,
     ) -> Result<(), LedgerError> {
+        let known = self.staged.borrow().gap(uid);
+        self.staged.borrow_mut().set_gap(uid, clock.cloned());
         let Some(g) = clock else {
-            self.exec("DELETE FROM counter_gaps WHERE uid = $1", &[&uid_hex(uid)])?;
+            // A gap the transaction knows is absent has nothing to delete.
+            if known.is_none_or(|g| g.is_some()) {
+                self.exec("DELETE FROM counter_gaps WHERE uid = $1", &[&uid_hex(uid)])?;
+            }
             return Ok(());
         };
         self.exec(
@@ -378,12 +461,7 @@ impl LedgerWrite for PgWrite<'_> {
         uid: &[u8; 7],
         shadow: &CardShadow,
     ) -> Result<(), LedgerError> {
-        let rec = to_json(shadow)?;
-        self.exec(
-            "INSERT INTO cards (uid, record) VALUES ($1, $2) \
-             ON CONFLICT (uid) DO UPDATE SET record = EXCLUDED.record",
-            &[&uid_hex(uid), &rec],
-        )?;
+        self.staged.borrow_mut().put_card(uid, shadow);
         Ok(())
     }
 
@@ -407,15 +485,12 @@ impl LedgerWrite for PgWrite<'_> {
                 &rec,
             ],
         )?;
+        self.staged.borrow_mut().put_intent(uid, intent);
         Ok(())
     }
 
     fn put_idempotent(&mut self, key: &str, value: &serde_json::Value) -> Result<(), LedgerError> {
-        self.exec(
-            "INSERT INTO idempotency (key, answer) VALUES ($1, $2) \
-             ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
-            &[&key, value],
-        )?;
+        self.staged.borrow_mut().put_idempotent(key, value);
         Ok(())
     }
 
@@ -431,7 +506,7 @@ impl LedgerWrite for PgWrite<'_> {
 }
 
 /// A gap clock from its row's columns `from_tmc, since_ms, reported`, from column `at`.
-fn gap_clock(r: &postgres::Row, at: usize) -> GapClock {
+pub(super) fn gap_clock(r: &postgres::Row, at: usize) -> GapClock {
     GapClock {
         from_tmc: u32::try_from(r.get::<_, i64>(at)).unwrap_or(u32::MAX),
         since_ms: unbig(r.get(at + 1)),

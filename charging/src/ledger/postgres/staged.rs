@@ -1,0 +1,398 @@
+//! What one write transaction has read or written of the records a clearing batch touches per
+//! tap — card shadows, idempotency answers, card counters' intents, balance shards — and the
+//! writes not sent yet ([`Staged`]). A read the transaction made (or a write it did) is answered
+//! from here; the writes go in one multi-row statement per table when the transaction needs
+//! the database's own answer to a query (before any other read), and before `COMMIT`.
+//!
+//! This changes no outcome: the transaction is `SERIALIZABLE`, so a row it read stays what it
+//! read (or what it wrote) until it commits, or the database aborts it and the closure runs
+//! again from the start with nothing staged. Every refusal is still decided when the step runs
+//! (a balance that would leave i64 is checked against the shard's value read then); the
+//! database's own constraints check the rows when they arrive.
+
+use super::read::{big, uid_hex, unbig};
+use super::{db_error, Db, LedgerError};
+use crate::ledger::records::*;
+use std::collections::{BTreeMap, HashMap};
+
+/// Posting numbers reserved at once at most (the unused ones of a transaction leave a gap in
+/// the numbers, as a rolled-back insert does).
+const SEQ_BLOCK_MAX: i64 = 1_024;
+
+/// The staged reads and writes of one write transaction.
+#[derive(Default)]
+pub(super) struct Staged {
+    /// card → its shadow (`None`: no shadow), as read or written
+    cards: HashMap<[u8; 7], Option<CardShadow>>,
+    /// cards written since the last flush
+    cards_dirty: BTreeMap<[u8; 7], ()>,
+    /// key → its answer, as read or written
+    idem: HashMap<String, Option<serde_json::Value>>,
+    /// keys written since the last flush
+    idem_dirty: BTreeMap<String, ()>,
+    /// (account, shard) → the shard's balance, as read and moved
+    shards: HashMap<(String, i16), i64>,
+    /// (account, shard) → what moved since the last flush
+    deltas: BTreeMap<(String, i16), i64>,
+    /// postings not sent yet
+    postings: Vec<Posting>,
+    /// posting numbers reserved and not used yet, and the next block's size
+    seqs: std::collections::VecDeque<u64>,
+    seq_block: i64,
+    /// (card, counter before) → its intents by attempt (written through; kept in step)
+    intents: HashMap<([u8; 7], u32), Vec<LoadIntent>>,
+    /// card → its gap clock (written through; kept in step)
+    gaps: HashMap<[u8; 7], Option<GapClock>>,
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, LedgerError> {
+    serde_json::to_value(v).map_err(|e| LedgerError::Database(format!("a record: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, LedgerError> {
+    serde_json::from_value(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
+}
+
+impl Staged {
+    /// The card's shadow, if the transaction knows it.
+    pub fn card(&self, uid: &[u8; 7]) -> Option<Option<CardShadow>> {
+        self.cards.get(uid).cloned()
+    }
+
+    /// What the transaction read of the card.
+    pub fn read_card(&mut self, uid: &[u8; 7], shadow: Option<CardShadow>) {
+        self.cards.insert(*uid, shadow);
+    }
+
+    /// A shadow written.
+    pub fn put_card(&mut self, uid: &[u8; 7], shadow: &CardShadow) {
+        self.cards.insert(*uid, Some(shadow.clone()));
+        self.cards_dirty.insert(*uid, ());
+    }
+
+    /// The answer under `key`, if the transaction knows it.
+    pub fn idempotent(&self, key: &str) -> Option<Option<serde_json::Value>> {
+        self.idem.get(key).cloned()
+    }
+
+    /// What the transaction read under `key`.
+    pub fn read_idempotent(&mut self, key: &str, answer: Option<serde_json::Value>) {
+        self.idem.insert(key.to_string(), answer);
+    }
+
+    /// An answer written.
+    pub fn put_idempotent(&mut self, key: &str, answer: &serde_json::Value) {
+        self.idem.insert(key.to_string(), Some(answer.clone()));
+        self.idem_dirty.insert(key.to_string(), ());
+    }
+
+    /// The intents at (card, counter), if the transaction knows them.
+    pub fn intents_at(&self, uid: &[u8; 7], tmc_before: u32) -> Option<Vec<LoadIntent>> {
+        self.intents.get(&(*uid, tmc_before)).cloned()
+    }
+
+    /// What the transaction read at (card, counter).
+    pub fn read_intents(&mut self, uid: &[u8; 7], tmc_before: u32, all: Vec<LoadIntent>) {
+        self.intents.insert((*uid, tmc_before), all);
+    }
+
+    /// An intent written (through to the database): the known attempts stay in step.
+    pub fn put_intent(&mut self, uid: &[u8; 7], intent: &LoadIntent) {
+        if let Some(all) = self.intents.get_mut(&(*uid, intent.tmc_before)) {
+            match all.iter_mut().find(|i| i.attempt == intent.attempt) {
+                Some(i) => *i = intent.clone(),
+                None => {
+                    all.push(intent.clone());
+                    all.sort_by_key(|i| i.attempt);
+                }
+            }
+        }
+    }
+
+    /// The card's gap clock, if the transaction knows it.
+    pub fn gap(&self, uid: &[u8; 7]) -> Option<Option<GapClock>> {
+        self.gaps.get(uid).cloned()
+    }
+
+    /// The card's gap clock as read or written.
+    pub fn set_gap(&mut self, uid: &[u8; 7], clock: Option<GapClock>) {
+        self.gaps.insert(*uid, clock);
+    }
+
+    /// Reserves `n` posting numbers more at once (a batch about to post that many).
+    pub fn reserve(&mut self, db: &mut Db<'_>, n: usize) -> Result<(), LedgerError> {
+        let n = i64::try_from(n).unwrap_or(SEQ_BLOCK_MAX).min(SEQ_BLOCK_MAX);
+        let rows = db
+            .query(
+                "SELECT nextval(pg_get_serial_sequence('postings', 'seq')) \
+                 FROM generate_series(1, $1::bigint)",
+                &[&n],
+            )
+            .map_err(|e| db_error(&e))?;
+        self.seqs
+            .extend(rows.iter().map(|r| unbig(r.get::<_, i64>(0))));
+        Ok(())
+    }
+
+    /// The balance of a card's account (its one shard), if the transaction knows it.
+    pub fn card_balance(&self, account: &str) -> Option<i64> {
+        self.shards.get(&(account.to_string(), 0)).copied()
+    }
+
+    /// Moves `(account, shard)` by `delta` unless it would leave i64 (`Some(false)`); `None`
+    /// when the transaction has not read the shard yet.
+    pub fn add_balance(&mut self, key: &(String, i16), delta: i64) -> Option<bool> {
+        let current = self.shards.get_mut(key)?;
+        let Some(next) = current.checked_add(delta) else {
+            return Some(false);
+        };
+        *current = next;
+        *self.deltas.entry(key.clone()).or_insert(0) += delta;
+        Some(true)
+    }
+
+    /// What the transaction read of a shard (0 when it has no row).
+    pub fn read_shard(&mut self, key: (String, i16), balance: i64) {
+        self.shards.insert(key, balance);
+    }
+
+    /// A posting to send, numbered from the reserved block (a new block reserved first when
+    /// it is used up).
+    pub fn posting(
+        &mut self,
+        db: &mut Db<'_>,
+        entry: crate::ledger::NewPosting<'_>,
+    ) -> Result<Posting, LedgerError> {
+        if self.seqs.is_empty() {
+            self.seq_block = (self.seq_block * 2).clamp(1, SEQ_BLOCK_MAX);
+            self.reserve(db, self.seq_block as usize)?;
+        }
+        let seq = self
+            .seqs
+            .pop_front()
+            .ok_or_else(|| LedgerError::Database("no posting number".into()))?;
+        let p = entry.numbered(seq);
+        self.postings.push(p.clone());
+        Ok(p)
+    }
+
+    /// Whether writes wait to be sent.
+    pub fn dirty(&self) -> bool {
+        !(self.cards_dirty.is_empty()
+            && self.idem_dirty.is_empty()
+            && self.deltas.is_empty()
+            && self.postings.is_empty())
+    }
+
+    /// Sends the staged writes: one statement per table.
+    pub fn flush(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
+        self.flush_postings(db)?;
+        if !self.deltas.is_empty() {
+            let deltas = std::mem::take(&mut self.deltas);
+            let (mut accounts, mut shards, mut amounts) = (vec![], vec![], vec![]);
+            for ((account, shard), delta) in deltas {
+                accounts.push(account);
+                shards.push(shard);
+                amounts.push(delta);
+            }
+            db.execute(
+                "INSERT INTO balances (account, shard, balance_minor) \
+                 SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[]) \
+                 ON CONFLICT (account, shard) DO UPDATE \
+                 SET balance_minor = balances.balance_minor + EXCLUDED.balance_minor",
+                &[&accounts, &shards, &amounts],
+            )
+            .map_err(|e| db_error(&e))?;
+        }
+        if !self.cards_dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.cards_dirty);
+            let (mut uids, mut records) = (vec![], vec![]);
+            for uid in dirty.into_keys() {
+                if let Some(Some(c)) = self.cards.get(&uid) {
+                    uids.push(uid_hex(&uid));
+                    records.push(to_json(c)?);
+                }
+            }
+            db.execute(
+                "INSERT INTO cards (uid, record) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
+                 ON CONFLICT (uid) DO UPDATE SET record = EXCLUDED.record",
+                &[&uids, &records],
+            )
+            .map_err(|e| db_error(&e))?;
+        }
+        if !self.idem_dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.idem_dirty);
+            let (mut keys, mut answers) = (vec![], vec![]);
+            for key in dirty.into_keys() {
+                if let Some(Some(a)) = self.idem.get(&key) {
+                    answers.push(a.clone());
+                    keys.push(key);
+                }
+            }
+            db.execute(
+                "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
+                 ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
+                &[&keys, &answers],
+            )
+            .map_err(|e| db_error(&e))?;
+        }
+        Ok(())
+    }
+
+    fn flush_postings(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
+        if self.postings.is_empty() {
+            return Ok(());
+        }
+        let postings = std::mem::take(&mut self.postings);
+        let (mut seq, mut time, mut from, mut to, mut amount, mut reference) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for p in postings {
+            seq.push(big(p.seq));
+            time.push(big(p.time_ms));
+            from.push(p.from);
+            to.push(p.to);
+            amount.push(p.amount_minor);
+            reference.push(p.reference);
+        }
+        db.execute(
+            "INSERT INTO postings (seq, time_ms, from_account, to_account, amount_minor, reference) \
+             OVERRIDING SYSTEM VALUE SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], \
+             $4::text[], $5::bigint[], $6::text[])",
+            &[&seq, &time, &from, &to, &amount, &reference],
+        )
+        .map_err(|e| db_error(&e))?;
+        Ok(())
+    }
+
+    /// Reads what a batch will ask of the records staged here, in one statement per table:
+    /// the cards' shadows and their accounts' balances, the answers under `keys`, the intents
+    /// at `counters`. What the transaction knows already is not read again.
+    pub fn prefetch(
+        &mut self,
+        db: &mut Db<'_>,
+        cards: &[[u8; 7]],
+        keys: &[String],
+        counters: &[([u8; 7], u32)],
+    ) -> Result<(), LedgerError> {
+        let cards: Vec<[u8; 7]> = dedup(cards.iter().filter(|u| !self.cards.contains_key(*u)));
+        if !cards.is_empty() {
+            let hex: Vec<String> = cards.iter().map(uid_hex).collect();
+            let rows = db
+                .query("SELECT uid, record FROM cards WHERE uid = ANY($1)", &[&hex])
+                .map_err(|e| db_error(&e))?;
+            let mut found = HashMap::new();
+            for r in &rows {
+                found.insert(r.get::<_, String>(0), from_json::<CardShadow>(r.get(1))?);
+            }
+            for (uid, h) in cards.iter().zip(&hex) {
+                self.cards.insert(*uid, found.remove(h));
+            }
+            self.prefetch_card_balances(db, &cards)?;
+            self.prefetch_gaps(db, &cards, &hex)?;
+            // Each tap of a batch posts once.
+            self.reserve(db, cards.len().saturating_sub(self.seqs.len()))?;
+        }
+        let keys: Vec<String> = dedup(keys.iter().filter(|k| !self.idem.contains_key(*k)));
+        if !keys.is_empty() {
+            let rows = db
+                .query(
+                    "SELECT key, answer FROM idempotency WHERE key = ANY($1)",
+                    &[&keys],
+                )
+                .map_err(|e| db_error(&e))?;
+            let mut found: HashMap<String, serde_json::Value> =
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            for k in keys {
+                let answer = found.remove(&k);
+                self.idem.insert(k, answer);
+            }
+        }
+        self.prefetch_intents(db, counters)
+    }
+
+    fn prefetch_card_balances(
+        &mut self,
+        db: &mut Db<'_>,
+        cards: &[[u8; 7]],
+    ) -> Result<(), LedgerError> {
+        let accounts: Vec<String> = cards.iter().map(crate::ledger::card_account).collect();
+        let rows = db
+            .query(
+                "SELECT account, balance_minor FROM balances WHERE shard = 0 AND account = ANY($1)",
+                &[&accounts],
+            )
+            .map_err(|e| db_error(&e))?;
+        let mut found: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for a in accounts {
+            let balance = found.remove(&a).unwrap_or(0);
+            self.shards.entry((a, 0)).or_insert(balance);
+        }
+        Ok(())
+    }
+
+    fn prefetch_gaps(
+        &mut self,
+        db: &mut Db<'_>,
+        cards: &[[u8; 7]],
+        hex: &[String],
+    ) -> Result<(), LedgerError> {
+        let rows = db
+            .query(
+                "SELECT uid, from_tmc, since_ms, reported FROM counter_gaps WHERE uid = ANY($1)",
+                &[&hex],
+            )
+            .map_err(|e| db_error(&e))?;
+        let mut found: HashMap<String, GapClock> = rows
+            .iter()
+            .map(|r| (r.get(0), super::write::gap_clock(r, 1)))
+            .collect();
+        for (uid, h) in cards.iter().zip(hex) {
+            self.gaps.entry(*uid).or_insert(found.remove(h));
+        }
+        Ok(())
+    }
+
+    fn prefetch_intents(
+        &mut self,
+        db: &mut Db<'_>,
+        counters: &[([u8; 7], u32)],
+    ) -> Result<(), LedgerError> {
+        let counters: Vec<([u8; 7], u32)> =
+            dedup(counters.iter().filter(|c| !self.intents.contains_key(*c)));
+        if counters.is_empty() {
+            return Ok(());
+        }
+        let uids: Vec<String> = counters.iter().map(|(u, _)| uid_hex(u)).collect();
+        let tmcs: Vec<i64> = counters.iter().map(|(_, t)| i64::from(*t)).collect();
+        let rows = db
+            .query(
+                "SELECT i.uid, i.record FROM load_intents i \
+                 JOIN unnest($1::text[], $2::bigint[]) AS c(uid, tmc) \
+                 ON i.uid = c.uid AND i.tmc_before = c.tmc ORDER BY i.attempt",
+                &[&uids, &tmcs],
+            )
+            .map_err(|e| db_error(&e))?;
+        for c in counters {
+            self.intents.insert(c, Vec::new());
+        }
+        for r in &rows {
+            let intent: LoadIntent = from_json(r.get(1))?;
+            let uid = hex::decode(r.get::<_, String>(0))
+                .ok()
+                .and_then(|b| <[u8; 7]>::try_from(b).ok());
+            if let Some(all) = uid.and_then(|u| self.intents.get_mut(&(u, intent.tmc_before))) {
+                all.push(intent);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The distinct items, in their first order.
+fn dedup<'a, T: Clone + Eq + std::hash::Hash + 'a>(items: impl Iterator<Item = &'a T>) -> Vec<T> {
+    let mut seen = std::collections::HashSet::new();
+    items
+        .filter(|i| seen.insert((*i).clone()))
+        .cloned()
+        .collect()
+}
