@@ -779,50 +779,6 @@ fn a_snapshot_held_across_a_transaction_never_starves_the_pool() {
     l.close();
 }
 
-/// Figures (run by hand: `cargo test -p charging --test ledger_backends figures -- --ignored
-/// --nocapture`): transactions per second of a clearing-shaped transaction (an idempotency
-/// check, a posting to the operator's hot account, the answer stored) from 8 threads, on each
-/// backend in the same run.
-#[test]
-#[ignore]
-fn figures_transactions_per_second() {
-    fn measure(l: &Ledger, n: u64) -> f64 {
-        let started = std::time::Instant::now();
-        std::thread::scope(|scope| {
-            for i in 0..8u64 {
-                let l = l.clone();
-                scope.spawn(move || {
-                    for j in 0..n / 8 {
-                        l.transact(move |t| {
-                            let key = format!("batch:{i}:{j}");
-                            if t.idempotent(&key)?.is_some() {
-                                return Ok(());
-                            }
-                            t.post(T0, &format!("wallet:{i}"), "operator:metro", 1, &key)?;
-                            t.put_idempotent(&key, &serde_json::json!(1))
-                        })
-                        .unwrap();
-                    }
-                });
-            }
-        });
-        n as f64 / started.elapsed().as_secs_f64()
-    }
-    let n = 4_000;
-    let lmdb = measure(Under::lmdb().ledger(), n);
-    let retries = PgLedger::retries();
-    let pg = measure(Under::postgres().ledger(), n);
-    println!(
-        "{}",
-        serde_json::json!({
-            "transactions": n, "threads": 8,
-            "lmdb_tx_per_s": lmdb.round(), "postgres_tx_per_s": pg.round(),
-            "ratio_to_lmdb": (pg / lmdb * 100.0).round() / 100.0,
-            "postgres_retries": PgLedger::retries() - retries,
-        })
-    );
-}
-
 #[test]
 fn a_server_lost_mid_transaction_is_retried_and_books_once() {
     let TestDb { cluster, url } = TestDb::start();
@@ -1014,79 +970,6 @@ fn both_backends_answer_a_random_history_alike() {
     for (la, lb) in a.lines().zip(b.lines()) {
         assert_eq!(la, lb);
     }
-}
-
-/// Figures (run by hand: `cargo test -p charging --test ledger_backends figures_loads --
-/// --ignored --nocapture`): online loads per second through the load service (the HSM, the
-/// sandbox processor, the relay in process to emulated cards), 8 threads with a card each, on
-/// each backend in the same run.
-#[test]
-#[ignore]
-fn figures_loads_per_second() {
-    fn measure(u: &Under, loads_per_thread: u32) -> (f64, Vec<f64>) {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = KeySet::generate(&mut StdRng::seed_from_u64(9));
-        let svc = service(u.ledger().clone(), &keys, dir.path());
-        let hsm = SoftwareHsm::new(&keys).unwrap();
-        let mut cards = Vec::new();
-        for n in 0..8u8 {
-            let uid = [0x04, 0xE0 + n, 1, 2, 3, 4, 5];
-            svc.register_card(&uid, 0, T0).unwrap();
-            svc.register_instrument(&format!("rider{n}"), "card", &format!("tok_{n}"), T0)
-                .unwrap();
-            cards.push((n, transit_card(&hsm, uid, 0)));
-        }
-        let started = std::time::Instant::now();
-        let latencies = std::sync::Mutex::new(Vec::new());
-        std::thread::scope(|scope| {
-            for (n, mut card) in cards {
-                let (svc, latencies) = (&svc, &latencies);
-                scope.spawn(move || {
-                    let mut now = T0;
-                    for k in 0..loads_per_thread {
-                        let t = std::time::Instant::now();
-                        let req = LoadRequest {
-                            uid: card.state().uid,
-                            amount_minor: 100,
-                            funding_source: "card".into(),
-                            instrument: format!("tok_{n}"),
-                            idempotency_key: format!("k{n}:{k}"),
-                        };
-                        let caller = format!("rider{n}");
-                        let first = svc.start(&caller, req, now).unwrap();
-                        let (done, _) =
-                            relay_in_process(svc, &caller, &mut card, first, &mut now, 5, None)
-                                .unwrap();
-                        assert!(matches!(done, Reply::Completed { .. }), "{done:?}");
-                        latencies
-                            .lock()
-                            .unwrap()
-                            .push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                });
-            }
-        });
-        let per_s = f64::from(8 * loads_per_thread) / started.elapsed().as_secs_f64();
-        (per_s, latencies.into_inner().unwrap())
-    }
-    fn p99(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        (v[(v.len() * 99 / 100).min(v.len() - 1)] * 10.0).round() / 10.0
-    }
-    let n = 40;
-    let (lmdb, lmdb_lat) = measure(&Under::lmdb(), n);
-    let retries = PgLedger::retries();
-    let (pg, pg_lat) = measure(&Under::postgres(), n);
-    println!(
-        "{}",
-        serde_json::json!({
-            "loads": 8 * n, "threads": 8,
-            "lmdb_loads_per_s": lmdb.round(), "lmdb_p99_ms": p99(lmdb_lat),
-            "postgres_loads_per_s": pg.round(), "postgres_p99_ms": p99(pg_lat),
-            "ratio_to_lmdb": (pg / lmdb * 100.0).round() / 100.0,
-            "postgres_retries": PgLedger::retries() - retries,
-        })
-    );
 }
 
 #[test]
