@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Parser;
 
 mod blocklist_bench;
+mod blocklist_size;
 mod clearing;
 mod fare;
 mod gateway_bench;
@@ -68,6 +69,7 @@ enum Scenario {
     Gateway,
     Validator,
     Blocklist,
+    BlocklistSize,
     System,
 }
 
@@ -84,6 +86,7 @@ impl Scenario {
             Scenario::Gateway => "gateway",
             Scenario::Validator => "validator",
             Scenario::Blocklist => "blocklist",
+            Scenario::BlocklistSize => "blocklist-size",
             Scenario::System => "system",
         }
     }
@@ -101,6 +104,7 @@ fn main() -> Result<()> {
         Scenario::Clearing => clearing::run(args.n, args.ledger)?,
         Scenario::Validator => validator_bench::run(args.n)?,
         Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
+        Scenario::BlocklistSize => blocklist_size::run(args.n)?,
         Scenario::System => system::run(args.n)?,
         Scenario::Gateway => {
             gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
