@@ -45,8 +45,12 @@ pub(super) struct Staged {
     gaps: HashMap<[u8; 7], Option<GapClock>>,
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, LedgerError> {
-    serde_json::to_value(v).map_err(|e| LedgerError::Database(format!("a record: {e}")))
+fn to_text<T: serde::Serialize>(v: &T) -> Result<String, LedgerError> {
+    serde_json::to_string(v).map_err(|e| LedgerError::Database(format!("a record: {e}")))
+}
+
+fn from_text<T: serde::de::DeserializeOwned>(v: &str) -> Result<T, LedgerError> {
+    serde_json::from_str(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, LedgerError> {
@@ -210,11 +214,13 @@ impl Staged {
             for uid in dirty.into_keys() {
                 if let Some(Some(c)) = self.cards.get(&uid) {
                     uids.push(uid_hex(&uid));
-                    records.push(to_json(c)?);
+                    records.push(to_text(c)?);
                 }
             }
+            // The records as JSON text, parsed once by the database.
             db.execute(
-                "INSERT INTO cards (uid, record) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
+                "INSERT INTO cards (uid, record) \
+                 SELECT u, r::jsonb FROM unnest($1::text[], $2::text[]) AS t(u, r) \
                  ON CONFLICT (uid) DO UPDATE SET record = EXCLUDED.record",
                 &[&uids, &records],
             )
@@ -278,11 +284,14 @@ impl Staged {
         if !cards.is_empty() {
             let hex: Vec<String> = cards.iter().map(uid_hex).collect();
             let rows = db
-                .query("SELECT uid, record FROM cards WHERE uid = ANY($1)", &[&hex])
+                .query(
+                    "SELECT uid, record::text FROM cards WHERE uid = ANY($1)",
+                    &[&hex],
+                )
                 .map_err(|e| db_error(&e))?;
             let mut found = HashMap::new();
             for r in &rows {
-                found.insert(r.get::<_, String>(0), from_json::<CardShadow>(r.get(1))?);
+                found.insert(r.get::<_, String>(0), from_text::<CardShadow>(r.get(1))?);
             }
             for (uid, h) in cards.iter().zip(&hex) {
                 self.cards.insert(*uid, found.remove(h));
