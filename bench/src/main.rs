@@ -55,6 +55,9 @@ struct Args {
     /// the same invocation too).
     #[arg(long, default_value_t = 1)]
     servers: usize,
+    /// For `validator`: cards on the blocklist loaded (default 1,000,000).
+    #[arg(long = "blocklist-cards")]
+    blocklist_cards: Option<u64>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -102,7 +105,7 @@ fn main() -> Result<()> {
         Scenario::Payments => payments::run(args.n)?,
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n, args.ledger)?,
-        Scenario::Validator => validator_bench::run(args.n)?,
+        Scenario::Validator => validator_bench::run(args.n, args.blocklist_cards)?,
         Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
         Scenario::BlocklistSize => blocklist_size::run(args.n)?,
         Scenario::System => system::run(args.n)?,

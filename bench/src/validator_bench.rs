@@ -2,14 +2,16 @@
 //! LMDB journal committed with fsync on every tap (twice: the pending debit, then the tap).
 //!
 //! Each of `n` cards is presented once at a metro entry gate of the synthetic city
-//! (`fare_rules::synth::CitySize::CITY`) with a blocklist of 1,000,000 cards loaded. Figures:
+//! (`fare_rules::synth::CitySize::CITY`) with a blocklist of 1,000,000 cards loaded
+//! (`--blocklist-cards N`: N cards; the scale table of docs/benchmarks.md). Figures:
 //! `taps`, `p50_us`/`p99_us` (card in the field to answer, journal included), `taps_per_s`
 //! (one reader), `cpu_us_per_tap` (process CPU time per tap, user + system: the work without
 //! the disk waits, the emulated card's side and the two fsync system calls included),
 //! `user_cpu_us_per_tap` (the same in user space: our code, card and SAM),
 //! `card_side_us_per_tap` (time inside the emulated card: a real card spends it in its chip),
 //! and
-//! `rss_mib` (resident size with the blocklist and the table loaded).
+//! `rss_mib` (resident size with the blocklist and the table loaded), `blocklist_heap_bytes`
+//! (what the list's structure holds, from its allocations).
 //!
 //! The limit, measured in the same run right before the taps: `raw_commit_p99_us`, the p99 of
 //! the same two durable LMDB commits per tap alone on the same disk
@@ -59,15 +61,16 @@ impl<T: Transport> Transport for Timed<'_, T> {
     }
 }
 
-pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+pub fn run(n: Option<u64>, blocklist_cards: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(10_000);
+    let list_cards = blocklist_cards.unwrap_or(1_000_000);
     let mut rng = StdRng::seed_from_u64(3);
     let keys = KeySet::generate(&mut rng);
     let hsm = SoftwareHsm::new(&keys)?;
     let signer = SigningKey::from_bytes(&[11; 32]);
     let engine = city_engine(&signer)?;
     let rss_before_kib = status_kib("VmRSS:");
-    let blocklist = million_blocked(&signer)?;
+    let blocklist = blocked(&signer, list_cards)?;
     let dir = tempfile::tempdir()?;
     let journal = Journal::open(dir.path(), 2 * n + 10, 1 << 30)?;
     let mut gate = Gate {
@@ -86,6 +89,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         rng: StdRng::seed_from_u64(4),
     };
     let rss_kib = status_kib("VmRSS:");
+    let list = (list_cards, gate.blocklist.heap_bytes());
     let mut cards = Vec::with_capacity(n as usize);
     for i in 0..n {
         let b = (i as u32).to_be_bytes();
@@ -113,7 +117,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         d.pickup_lat.len(),
         actions.len()
     );
-    Ok(report(n, &d, rss_kib, rss_before_kib))
+    Ok(report(n, &d, rss_kib, rss_before_kib, list))
 }
 
 /// The synthetic city's fare table, compiled, signed by `signer` and verified as a
@@ -158,12 +162,20 @@ fn orders(hsm: &SoftwareHsm, signer: &SigningKey, cards: &[Card]) -> anyhow::Res
     Ok(list)
 }
 
-/// A blocklist of 1,000,000 blocked cards (none of them the bench's), signed by `signer`.
-fn million_blocked(signer: &SigningKey) -> anyhow::Result<Blocklist> {
-    let entries: Vec<([u8; 7], bool)> = (0..1_000_000u32)
-        .map(|i| {
-            let b = i.to_be_bytes();
-            ([0x04, 0xB1, 0x0C, b[0], b[1], b[2], b[3]], true)
+/// A blocklist of `cards` random NXP-style UIDs (`04` then six random bytes, never the
+/// tapped cards' `04 BE …`), signed by `signer`. Up to `MAX_ENTRIES` it comes as one signed
+/// snapshot, verified and applied; a larger one (which no single message may carry) is applied
+/// as if verified, to measure a validator holding it.
+fn blocked(signer: &SigningKey, cards: u64) -> anyhow::Result<Blocklist> {
+    let mut rng = StdRng::seed_from_u64(22);
+    let entries: Vec<([u8; 7], bool)> = (0..cards)
+        .map(|_| {
+            let mut u = [0x04u8; 7];
+            rand::RngCore::fill_bytes(&mut rng, &mut u[1..]);
+            if u[1] == 0xBE {
+                u[1] = 0xB1;
+            }
+            (u, true)
         })
         .collect();
     let snapshot = ListUpdate {
@@ -172,10 +184,14 @@ fn million_blocked(signer: &SigningKey) -> anyhow::Result<Blocklist> {
         from_version: 0,
         to_version: 1,
         entries,
-    }
-    .sign_with(|m| signer.sign(m).to_bytes());
+    };
     let mut blocklist = Blocklist::new("metro");
-    blocklist.apply(&snapshot, &signer.verifying_key().to_bytes())?;
+    if snapshot.entries.len() <= purse::blocklist::MAX_ENTRIES {
+        let signed = snapshot.sign_with(|m| signer.sign(m).to_bytes());
+        blocklist.apply(&signed, &signer.verifying_key().to_bytes())?;
+    } else {
+        blocklist.apply_verified(&snapshot)?;
+    }
     Ok(blocklist)
 }
 
@@ -266,7 +282,7 @@ fn drive(
 }
 
 /// The figures, in print order (names are a contract: docs/benchmarks.md).
-fn report(n: u64, d: &Driven, rss_kib: u64, rss_before_kib: u64) -> Figures {
+fn report(n: u64, d: &Driven, rss_kib: u64, rss_before_kib: u64, list: (u64, usize)) -> Figures {
     let (lat, raw) = (&d.lat, &d.raw);
     let ratio = |q: f64| crate::limits::ratio(quantile(lat, q) as f64, quantile(raw, q) as f64);
     vec![
@@ -298,6 +314,7 @@ fn report(n: u64, d: &Driven, rss_kib: u64, rss_before_kib: u64) -> Figures {
             "blocklist_mib",
             (rss_kib.saturating_sub(rss_before_kib) / 1024).into(),
         ),
-        ("blocklist_entries", 1_000_000u64.into()),
+        ("blocklist_entries", list.0.into()),
+        ("blocklist_heap_bytes", list.1.into()),
     ]
 }
