@@ -343,7 +343,7 @@ fn clear(
     let good = verify_taps(hsm, batch.taps, &mut outcome)?;
     let outcome_before = outcome;
     let stored_key = key.clone();
-    let (cards, keys, counters) = reads_ahead(&good);
+    let ahead = reads_ahead(&good);
     let booked = ledger.transact(move |t| {
         // A transaction the database runs again starts from the outcome before booking.
         let mut done = outcome_before.clone();
@@ -355,7 +355,7 @@ fn clear(
                 Err(e) => return Err(LedgerError::Commit(e.to_string())),
             }
         }
-        t.prefetch(&cards, &keys, &counters)?;
+        t.prefetch(&ahead)?;
         for (tap, proof) in &good {
             book_tap(t, tap, proof, now_ms, &mut done)?;
         }
@@ -373,9 +373,7 @@ fn clear(
 /// What booking the verified taps reads per tap ([`book_tap`], [`learn_card`]), for
 /// [`LedgerWrite::prefetch`]: the cards, the taps' markers and the learned-card answers, and
 /// the intents at the two counters below each tap.
-type ReadsAhead = (Vec<[u8; 7]>, Vec<String>, Vec<([u8; 7], u32)>);
-
-fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> ReadsAhead {
+fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> crate::ledger::ReadsAhead {
     let (mut cards, mut keys, mut counters) = (vec![], vec![], vec![]);
     for (_, proof) in good {
         let r = proof.receipt();
@@ -389,7 +387,11 @@ fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> ReadsAhead {
                 .filter_map(|d| Some((uid, tmc.checked_sub(*d)?))),
         );
     }
-    (cards, keys, counters)
+    crate::ledger::ReadsAhead {
+        cards,
+        keys,
+        counters,
+    }
 }
 
 /// The idempotency key that marks a card counter cleared (its answer: the tap's TMV).

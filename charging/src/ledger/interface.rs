@@ -127,6 +127,17 @@ impl<'a> NewPosting<'a> {
     }
 }
 
+/// What a transaction is about to read ([`LedgerWrite::prefetch`]).
+#[derive(Clone, Debug, Default)]
+pub struct ReadsAhead {
+    /// cards (their shadows, accounts and gap clocks)
+    pub cards: Vec<[u8; 7]>,
+    /// idempotency keys
+    pub keys: Vec<String>,
+    /// card counters (their intents)
+    pub counters: Vec<([u8; 7], u32)>,
+}
+
 /// What proves that a card made an intent's change — the only ways to complete one
 /// ([`LedgerWrite::complete_intent`]).
 #[derive(Clone, Copy, Debug)]
@@ -370,13 +381,8 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// A hint, changing nothing: the transaction is about to read these cards (their shadows
     /// and accounts), idempotency answers and card counters' intents — a backend that pays a
     /// round trip per read reads them in one go. Clearing gives its batch's.
-    fn prefetch(
-        &mut self,
-        cards: &[[u8; 7]],
-        keys: &[String],
-        counters: &[([u8; 7], u32)],
-    ) -> Result<(), LedgerError> {
-        let _ = (cards, keys, counters);
+    fn prefetch(&mut self, ahead: &ReadsAhead) -> Result<(), LedgerError> {
+        let _ = ahead;
         Ok(())
     }
 

@@ -276,11 +276,10 @@ impl Staged {
     pub fn prefetch(
         &mut self,
         db: &mut Db<'_>,
-        cards: &[[u8; 7]],
-        keys: &[String],
-        counters: &[([u8; 7], u32)],
+        ahead: &crate::ledger::ReadsAhead,
     ) -> Result<(), LedgerError> {
-        let cards: Vec<[u8; 7]> = dedup(cards.iter().filter(|u| !self.cards.contains_key(*u)));
+        let cards: Vec<[u8; 7]> =
+            dedup(ahead.cards.iter().filter(|u| !self.cards.contains_key(*u)));
         if !cards.is_empty() {
             let hex: Vec<String> = cards.iter().map(uid_hex).collect();
             let rows = db
@@ -301,7 +300,7 @@ impl Staged {
             // Each tap of a batch posts once.
             self.reserve(db, cards.len().saturating_sub(self.seqs.len()))?;
         }
-        let keys: Vec<String> = dedup(keys.iter().filter(|k| !self.idem.contains_key(*k)));
+        let keys: Vec<String> = dedup(ahead.keys.iter().filter(|k| !self.idem.contains_key(*k)));
         if !keys.is_empty() {
             let rows = db
                 .query(
@@ -316,7 +315,7 @@ impl Staged {
                 self.idem.insert(k, answer);
             }
         }
-        self.prefetch_intents(db, counters)
+        self.prefetch_intents(db, &ahead.counters)
     }
 
     fn prefetch_card_balances(

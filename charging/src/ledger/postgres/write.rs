@@ -290,16 +290,9 @@ impl LedgerWrite for PgWrite<'_> {
         self.staged.borrow_mut().posting(&mut db, entry)
     }
 
-    fn prefetch(
-        &mut self,
-        cards: &[[u8; 7]],
-        keys: &[String],
-        counters: &[([u8; 7], u32)],
-    ) -> Result<(), LedgerError> {
+    fn prefetch(&mut self, ahead: &crate::ledger::ReadsAhead) -> Result<(), LedgerError> {
         let mut db = self.db.borrow_mut();
-        self.staged
-            .borrow_mut()
-            .prefetch(&mut db, cards, keys, counters)
+        self.staged.borrow_mut().prefetch(&mut db, ahead)
     }
 
     fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError> {
