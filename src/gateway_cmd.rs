@@ -194,6 +194,50 @@ fn nats_ingest(
     }))
 }
 
+/// The embedded broker (no --broker): its devices from --mqtt-users plus the gateway's own
+/// user, its TLS listener when asked; the address the gateway's MQTT connections use and the
+/// in-process link the taps come over.
+fn start_embedded(a: &GatewayArgs) -> Result<((String, u16), TapLink)> {
+    let path = a.mqtt_users.as_ref().ok_or_else(|| {
+        input_err("the embedded broker needs --mqtt-users FILE (`username password` lines)")
+    })?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut users = BrokerUsers::parse_devices(&text)
+        .map_err(|e| input_err(format!("{} {e}", path.display())))?;
+    if users.contains(&a.mqtt_user) {
+        return Err(input_err(format!(
+            "{}: {:?} is the gateway's own MQTT user (--mqtt-user), not a device",
+            path.display(),
+            a.mqtt_user
+        )));
+    }
+    users.add_gateway(&a.mqtt_user, &a.mqtt_password);
+    let tls = match (
+        a.embedded_tls_listen,
+        &a.embedded_tls_cert,
+        &a.embedded_tls_key,
+    ) {
+        (Some(l), Some(c), Some(k)) => {
+            for f in [c, k] {
+                std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
+            }
+            Some((l, c.display().to_string(), k.display().to_string()))
+        }
+        _ => None,
+    };
+    if let Some((l, _, _)) = &tls {
+        println!("embedded MQTT broker TLS listener on {l}");
+    }
+    let (_, l) = start_embedded_broker_linked(a.embedded_listen, users, tls, &a.operator)
+        .map_err(|e| anyhow::anyhow!("starting the embedded MQTT broker: {e}"))?;
+    println!("embedded MQTT broker on {}", a.embedded_listen);
+    Ok((
+        (a.embedded_listen.ip().to_string(), a.embedded_listen.port()),
+        l,
+    ))
+}
+
 /// Runs `tapgate gateway`.
 pub fn run_cmd(a: GatewayArgs) -> Result<()> {
     let keys = load_keyset(&a.keys, a.passphrase_file.as_deref())?.for_role(Role::Gateway, 0)?;
@@ -233,42 +277,9 @@ pub fn run_cmd(a: GatewayArgs) -> Result<()> {
             first
         }
         None => {
-            let path = a.mqtt_users.as_ref().ok_or_else(|| {
-                input_err("the embedded broker needs --mqtt-users FILE (`username password` lines)")
-            })?;
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let mut users = BrokerUsers::parse_devices(&text)
-                .map_err(|e| input_err(format!("{} {e}", path.display())))?;
-            if users.contains(&a.mqtt_user) {
-                return Err(input_err(format!(
-                    "{}: {:?} is the gateway's own MQTT user (--mqtt-user), not a device",
-                    path.display(),
-                    a.mqtt_user
-                )));
-            }
-            users.add_gateway(&a.mqtt_user, &a.mqtt_password);
-            let tls = match (
-                a.embedded_tls_listen,
-                &a.embedded_tls_cert,
-                &a.embedded_tls_key,
-            ) {
-                (Some(l), Some(c), Some(k)) => {
-                    for f in [c, k] {
-                        std::fs::metadata(f).with_context(|| format!("reading {}", f.display()))?;
-                    }
-                    Some((l, c.display().to_string(), k.display().to_string()))
-                }
-                _ => None,
-            };
-            if let Some((l, _, _)) = &tls {
-                println!("embedded MQTT broker TLS listener on {l}");
-            }
-            let (_, l) = start_embedded_broker_linked(a.embedded_listen, users, tls, &a.operator)
-                .map_err(|e| anyhow::anyhow!("starting the embedded MQTT broker: {e}"))?;
+            let (b, l) = start_embedded(&a)?;
             link = Some(l);
-            println!("embedded MQTT broker on {}", a.embedded_listen);
-            (a.embedded_listen.ip().to_string(), a.embedded_listen.port())
+            b
         }
     };
     let store = Store::open(&a.data, a.store_map_size_bytes)
