@@ -2,7 +2,7 @@
 
 use crate::card_image::{lock_image, read_image, write_image};
 use crate::cli_util::{input_err, uid7};
-use crate::keys_cmd::load_keyset;
+use crate::keys_cmd::KeyOpts;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use purse::card::{Card, Personalisation};
@@ -17,16 +17,6 @@ use std::path::PathBuf;
 pub struct CardArgs {
     #[command(subcommand)]
     cmd: CardCmd,
-}
-
-#[derive(Args)]
-struct KeyOpts {
-    /// The issuer key directory (from `tapgate keys init`).
-    #[arg(long)]
-    keys: PathBuf,
-    /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
-    #[arg(long = "passphrase-file")]
-    passphrase_file: Option<PathBuf>,
 }
 
 /// What a value transaction on a card image needs: `card debit` and `card load`.
@@ -140,7 +130,7 @@ pub fn run(args: CardArgs) -> Result<()> {
                     "--balance {balance} must be within 0..={upper_limit} (--upper-limit)"
                 )));
             }
-            let ks = load_keyset(&keys.keys, keys.passphrase_file.as_deref())?;
+            let ks = keys.load()?;
             let hsm = SoftwareHsm::new(&ks)?;
             let mut p = Personalisation::transit(uid, balance);
             p.upper_limit_minor = upper_limit;
@@ -216,7 +206,7 @@ pub fn run(args: CardArgs) -> Result<()> {
         }
         CardCmd::Debit { tx, device } => {
             let amount = amount_arg(tx.amount)?;
-            let ks = load_keyset(&tx.keys.keys, tx.keys.passphrase_file.as_deref())?;
+            let ks = tx.keys.load()?;
             let mut sam = SoftwareSam::validator(&ks, device)?;
             let (result, torn) = on_card(&tx, &ks, |reader| {
                 txn::debit(reader, &mut sam, &mut OsRng, |_| Decision::Apply {
@@ -238,7 +228,7 @@ pub fn run(args: CardArgs) -> Result<()> {
         }
         CardCmd::Load { tx } => {
             let amount = amount_arg(tx.amount)?;
-            let ks = load_keyset(&tx.keys.keys, tx.keys.passphrase_file.as_deref())?;
+            let ks = tx.keys.load()?;
             let mut hsm = SoftwareHsm::new(&ks)?;
             let (result, torn) = on_card(&tx, &ks, |reader| {
                 txn::load_online(reader, &mut hsm, &mut OsRng, |_| Decision::Apply {

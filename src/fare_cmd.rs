@@ -4,7 +4,7 @@
 //! read without its signature being checked unless `--pubkey` is given).
 
 use crate::cli_util::write_atomic;
-use crate::keys_cmd::load_keyset;
+use crate::keys_cmd::KeyOpts;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use fare_rules::cases::run_cases;
@@ -32,15 +32,12 @@ enum FareCmd {
     /// Compile rules into a signed table for validators.
     Compile {
         rules: PathBuf,
-        /// The issuer key directory (signs with its Ed25519 key).
-        #[arg(long)]
-        keys: PathBuf,
+        // The issuer key set (signs with its Ed25519 key).
+        #[command(flatten)]
+        keys: KeyOpts,
         /// Output file (.tgft).
         #[arg(long)]
         out: PathBuf,
-        /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
-        #[arg(long = "passphrase-file")]
-        passphrase_file: Option<PathBuf>,
         /// Compile even if `fare check` finds errors.
         #[arg(long)]
         force: bool,
@@ -133,9 +130,8 @@ pub fn run(args: FareArgs) -> Result<u8> {
             rules,
             keys,
             out,
-            passphrase_file,
             force,
-        } => compile(&rules, &keys, &out, passphrase_file.as_deref(), force),
+        } => compile(&rules, &keys, &out, force),
         FareCmd::Publish {
             rules,
             server,
@@ -192,15 +188,9 @@ fn check(rules: &Path) -> Result<u8> {
 }
 
 /// `fare compile`: check (unless forced), sign with the key set's Ed25519 key, verify, write.
-fn compile(
-    rules: &Path,
-    keys: &Path,
-    out: &Path,
-    passphrase_file: Option<&Path>,
-    force: bool,
-) -> Result<u8> {
+fn compile(rules: &Path, keys: &KeyOpts, out: &Path, force: bool) -> Result<u8> {
     let e = engine(rules)?;
-    let ks = load_keyset(keys, passphrase_file)?;
+    let ks = keys.load()?;
     let hsm = SoftwareHsm::new(&ks)?;
     let sign = |m: &[u8]| hsm.sign(m);
     let bytes = match publish::sign_checked(

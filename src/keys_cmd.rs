@@ -12,6 +12,25 @@ pub const ISSUER_FILE: &str = "issuer.keys";
 /// File name of the Ed25519 public key (hex) inside a key directory.
 pub const SIGNING_PUB_FILE: &str = "signing.pub";
 
+/// The issuer key set a command reads: `--keys DIR` and `--passphrase-file` (`card …`,
+/// `fare compile`).
+#[derive(Args)]
+pub struct KeyOpts {
+    /// The issuer key directory (from `tapgate keys init`).
+    #[arg(long)]
+    pub keys: PathBuf,
+    /// Read the key-set passphrase from this file (default: $TAPGATE_KEY_PASSPHRASE).
+    #[arg(long = "passphrase-file")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl KeyOpts {
+    /// The key set, unsealed ([`load_keyset`]).
+    pub fn load(&self) -> Result<KeySet> {
+        load_keyset(&self.keys, self.passphrase_file.as_deref())
+    }
+}
+
 /// `tapgate keys`.
 #[derive(Args)]
 pub struct KeysArgs {
