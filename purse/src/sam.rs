@@ -315,6 +315,24 @@ pub trait Sam: Authenticator {
     fn device_key(&self) -> &AesKey;
 }
 
+/// An [`Hsm`] method making a device grant (`$grant`: [`CeilingGrant`], [`ActionGrant`]) of
+/// `device_id`, `seq` and the amount field `$amount`, MAC'd over `$grant::mac_input` with the
+/// device's key ([`Hsm::device_mac_for`]).
+macro_rules! device_grant {
+    ($(#[$doc:meta])* $name:ident -> $grant:ident { $amount:ident }) => {
+        $(#[$doc])*
+        fn $name(&self, device_id: u32, seq: u32, $amount: i64) -> Result<$grant, SamError> {
+            let input = $grant::mac_input(device_id, seq, $amount);
+            Ok($grant {
+                device_id,
+                seq,
+                $amount,
+                mac: self.device_mac_for(device_id, &input)?,
+            })
+        }
+    };
+}
+
 /// The back office's key holder.
 pub trait Hsm: Authenticator {
     /// The transaction MAC the card must have produced for `claim` (8 bytes over
@@ -387,36 +405,14 @@ pub trait Hsm: Authenticator {
     fn device_mac_for(&self, device_id: u32, body: &[u8]) -> Result<[u8; 8], SamError> {
         Ok(crypto::mac8(&self.device_key(device_id)?, body))
     }
-    /// A ceiling grant for a franchise SAM (authenticated with that device's key).
-    fn ceiling_grant(
-        &self,
-        device_id: u32,
-        seq: u32,
-        amount_minor: i64,
-    ) -> Result<CeilingGrant, SamError> {
-        let input = CeilingGrant::mac_input(device_id, seq, amount_minor);
-        Ok(CeilingGrant {
-            device_id,
-            seq,
-            amount_minor,
-            mac: self.device_mac_for(device_id, &input)?,
-        })
+    device_grant! {
+        /// A ceiling grant for a franchise SAM (authenticated with that device's key).
+        ceiling_grant -> CeilingGrant { amount_minor }
     }
-    /// A validator's action-list ceiling for `device_id`: the total the back office has granted
-    /// it so far, numbered (authenticated with that device's key).
-    fn action_grant(
-        &self,
-        device_id: u32,
-        seq: u32,
-        total_minor: i64,
-    ) -> Result<ActionGrant, SamError> {
-        let input = ActionGrant::mac_input(device_id, seq, total_minor);
-        Ok(ActionGrant {
-            device_id,
-            seq,
-            total_minor,
-            mac: self.device_mac_for(device_id, &input)?,
-        })
+    device_grant! {
+        /// A validator's action-list ceiling for `device_id`: the total the back office has
+        /// granted it so far, numbered (authenticated with that device's key).
+        action_grant -> ActionGrant { total_minor }
     }
     /// Verifies a device MAC (constant-time) for `device_id`.
     fn verify_device_mac(&self, device_id: u32, body: &[u8], mac: &[u8]) -> Result<bool, SamError> {
