@@ -206,6 +206,7 @@ fn debits(
             key_version: receipt.key_version(),
             operator: Some("metro".into()),
             device_time_ms: 0,
+            ..Default::default()
         });
         receipts.push(receipt);
     }

@@ -343,10 +343,13 @@ fn clear(
     let good = verify_taps(hsm, batch.taps, &mut outcome)?;
     let outcome_before = outcome;
     let stored_key = key.clone();
-    let ahead = reads_ahead(&good);
+    let mut ahead = reads_ahead(&good);
+    // The batch's own answer is read with the taps' markers (one statement on PostgreSQL).
+    ahead.keys.push(stored_key.clone());
     let booked = ledger.transact(move |t| {
         // A transaction the database runs again starts from the outcome before booking.
         let mut done = outcome_before.clone();
+        t.prefetch(&ahead)?;
         if let Some(v) = t.idempotent(&stored_key)? {
             match stored_answer(v, &done.batch_id, &digest) {
                 Ok(Some(o)) => return Ok((o, false)), // a concurrent retry won
@@ -355,7 +358,6 @@ fn clear(
                 Err(e) => return Err(LedgerError::Commit(e.to_string())),
             }
         }
-        t.prefetch(&ahead)?;
         for (tap, proof) in &good {
             book_tap(t, tap, proof, now_ms, &mut done)?;
         }
@@ -394,9 +396,74 @@ fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> crate::ledger::ReadsAhea
     }
 }
 
-/// The idempotency key that marks a card counter cleared (its answer: the tap's TMV).
+/// The idempotency key that marks a card counter cleared (its answer: [`marker_answer`]).
 fn tap_marker(uid: &[u8; 7], tmc: u32) -> String {
     format!("tap:{}:{tmc}", hex::encode_upper(uid))
+}
+
+/// What a tap's marker keeps: the tap's TMV as a string, or — when the gateway sent the stop,
+/// route or fare flags — `{"tmv", "stop_id", "route_id", "fare_flags"}` (absent ones left out),
+/// which the cardholder page reads back ([`TapDetail`]). The flags were checked on the way in.
+fn marker_answer(tap: &ClearingTap) -> serde_json::Value {
+    let tmv = tap.tmv.to_uppercase();
+    if tap.stop_id.is_none() && tap.route_id.is_none() && tap.fare_flags.is_none() {
+        return serde_json::Value::String(tmv);
+    }
+    let mut m = serde_json::Map::new();
+    m.insert("tmv".into(), tmv.into());
+    for (k, v) in [
+        ("stop_id", tap.stop_id),
+        ("route_id", tap.route_id),
+        ("fare_flags", tap.fare_flags.map(u32::from)),
+    ] {
+        if let Some(v) = v {
+            m.insert(k.into(), v.into());
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+/// The TMV a tap marker's answer holds (either form of [`marker_answer`]).
+fn marker_tmv(answer: &serde_json::Value) -> Option<&str> {
+    answer
+        .as_str()
+        .or_else(|| answer.get("tmv").and_then(|v| v.as_str()))
+}
+
+/// Where a cleared tap was and what the fare engine said of it, as its marker keeps them
+/// (all `None` for a tap a gateway sent without them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapDetail {
+    /// The validator's stop.
+    pub stop_id: Option<u32>,
+    /// The validator's route.
+    pub route_id: Option<u32>,
+    /// The fare engine's flags; `None` when not sent.
+    pub flags: Option<purse::tap::TapFlags>,
+}
+
+/// The detail of the tap cleared at `uid`'s counter `tmc`; `None` when none was cleared there.
+pub fn tap_detail(
+    r: &dyn crate::ledger::LedgerRead,
+    uid: &[u8; 7],
+    tmc: u32,
+) -> Result<Option<TapDetail>, LedgerError> {
+    let Some(answer) = r.idempotent(&tap_marker(uid, tmc))? else {
+        return Ok(None);
+    };
+    let num = |k: &str| {
+        answer
+            .get(k)
+            .and_then(|v| v.as_u64())
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    Ok(Some(TapDetail {
+        stop_id: num("stop_id"),
+        route_id: num("route_id"),
+        flags: num("fare_flags")
+            .and_then(|b| u8::try_from(b).ok())
+            .and_then(|b| purse::tap::TapFlags::from_bits(b).ok()),
+    }))
 }
 
 /// Verifies every tap's transaction MAC in the HSM (outside the write transaction): the taps
@@ -432,6 +499,10 @@ fn verify_taps(
             ));
             continue;
         };
+        if let Err(e) = tap.flags() {
+            outcome.refuse(anomaly("malformed", format!("fare_flags: {e}"), &tap));
+            continue;
+        }
         if tap.amount_minor < 0 || (kind == TxKind::RecordOnly && tap.amount_minor != 0) {
             outcome.refuse(anomaly(
                 "malformed",
@@ -483,7 +554,7 @@ fn book_tap(
     let c = &proof.receipt().to_claim();
     let marker = tap_marker(&c.uid, c.tmc);
     if let Some(prev) = t.idempotent(&marker)? {
-        if prev.as_str() == Some(tap.tmv.to_uppercase().as_str()) {
+        if marker_tmv(&prev) == Some(tap.tmv.to_uppercase().as_str()) {
             done.duplicates += 1;
         } else {
             clone_found(
@@ -547,7 +618,7 @@ fn book_tap(
             done.anomalies.push(a);
         }
     }
-    t.put_idempotent(&marker, &serde_json::Value::String(tap.tmv.to_uppercase()))?;
+    t.put_idempotent(&marker, &marker_answer(tap))?;
     if t.book_proved(proof, now_ms)? == Booking::Duplicate {
         // Booked by a load at the same counter: the load's own record already holds it.
         clone_found(

@@ -260,6 +260,7 @@ fn a_reversal_cannot_be_credited_back_by_a_debit_key_holder(kind: HsmKind) {
                 key_version: lc.key_version(),
                 operator: None,
                 device_time_ms: w.now,
+                ..Default::default()
             }],
         },
         w.now,
@@ -301,6 +302,7 @@ fn a_batch_of_forged_taps_is_stored_as_a_bounded_summary() {
             key_version: 1,
             operator: None,
             device_time_ms: T0,
+            ..Default::default()
         })
         .collect();
     let out = clearing::clear_batch(

@@ -7,7 +7,8 @@
 //!  "taps": [{"device_id": 1001, "device_seq": 17, "card_uid": "04A1B2C3D4E5F6", "tmc": 8,
 //!            "kind": "debit", "amount_minor": 150, "balance_after_minor": 850,
 //!            "tmv": "0011223344556677", "key_version": 1, "operator": "metro",
-//!            "device_time_ms": 1700000000000}]}
+//!            "device_time_ms": 1700000000000, "stop_id": 12, "route_id": 3,
+//!            "fare_flags": 1}]}
 //! ```
 //!
 //! A tap's kind travels as a word ([`kind_name`], [`kind_from_name`]) and is checked by
@@ -15,11 +16,13 @@
 //! trusted: clearing verifies every tap's transaction MAC in its HSM.
 
 use crate::receipt::TxKind;
-use crate::tap::TapRecord;
+use crate::tap::{TapError, TapFlags, TapRecord};
 use serde::{Deserialize, Serialize};
 
 /// One tap as the gateway forwards it (device-verified and de-duplicated by the gateway).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+/// `stop_id`, `route_id` and `fare_flags` are optional: absent from a gateway older than them
+/// and for a wire-format-v2 record (no flags), so old batches still parse.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClearingTap {
     /// Validator device id.
@@ -47,6 +50,17 @@ pub struct ClearingTap {
     /// When the validator saw it (unix ms, device clock).
     #[serde(default)]
     pub device_time_ms: u64,
+    /// The stop where the validator stands (its record's stop id; absent for a pick-up, whose
+    /// record carries the order id there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_id: Option<u32>,
+    /// The route (its record's route id; absent for a pick-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_id: Option<u32>,
+    /// The fare engine's flags byte ([`TapFlags`]: bit 0 transfer, bit 1 capped, bit 2
+    /// penalty); absent for a wire-format-v2 record, which carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fare_flags: Option<u8>,
 }
 
 impl ClearingTap {
@@ -58,9 +72,12 @@ impl ClearingTap {
             return None;
         }
         let meta = t.meta();
-        let kind = match crate::actionlist::order_of_tap(t) {
-            Some(order_id) => format!("{PICKUP}{order_id}"),
-            None => kind_name(t.kind())?.to_string(),
+        let (kind, place) = match crate::actionlist::order_of_tap(t) {
+            Some(order_id) => (format!("{PICKUP}{order_id}"), None),
+            None => (
+                kind_name(t.kind())?.to_string(),
+                Some((meta.stop_id, meta.route_id)),
+            ),
         };
         Some(ClearingTap {
             device_id: meta.device_id,
@@ -74,7 +91,16 @@ impl ClearingTap {
             key_version: t.key_version(),
             operator: Some(operator.to_string()),
             device_time_ms: meta.device_time_ms,
+            stop_id: place.map(|p| p.0),
+            route_id: place.map(|p| p.1),
+            fare_flags: t.flags().map(TapFlags::bits),
         })
+    }
+
+    /// The fare flags sent, checked: `Ok(None)` when absent, an error naming the bits when a
+    /// bit this code does not define is set (a gateway may send any byte).
+    pub fn flags(&self) -> Result<Option<TapFlags>, TapError> {
+        self.fare_flags.map(TapFlags::from_bits).transpose()
     }
 }
 
@@ -149,6 +175,47 @@ mod tests {
         assert_eq!(serde_json::from_str::<ClearingBatch>(&json).unwrap(), batch);
         let refused = TapRecord::refused(RefusalReason::Blocklisted, [4; 7], 1, 8, 850, meta);
         assert_eq!(ClearingTap::from_tap(&refused, "metro"), None);
+    }
+
+    #[test]
+    fn stop_route_and_flags_travel_and_an_old_batch_without_them_still_parses() {
+        let r = CommitReceipt::for_tests([4; 7], 8, [9; 8], TxKind::RecordOnly, 0, 850);
+        let meta = TapMeta {
+            stop_id: 12,
+            route_id: 3,
+            ..TapMeta::default()
+        };
+        let rec = TapRecord::accepted(&r, meta).with_flags(TapFlags::new(true, false, false));
+        let tap = ClearingTap::from_tap(&rec, "metro").unwrap();
+        assert_eq!((tap.stop_id, tap.route_id), (Some(12), Some(3)));
+        assert_eq!(tap.fare_flags, Some(TapFlags::TRANSFER));
+        assert!(tap.flags().unwrap().unwrap().transfer());
+        // Flags not known (a v2 record) are left out of the JSON, as an older gateway does.
+        let v2 = ClearingTap {
+            fare_flags: None,
+            ..tap.clone()
+        };
+        assert!(!serde_json::to_string(&v2).unwrap().contains("fare_flags"));
+        assert!(serde_json::to_string(&tap)
+            .unwrap()
+            .contains(r#""fare_flags":1"#));
+        let old = r#"{"batch_id":"gw-1-1","taps":[{"device_id":1,"device_seq":1,
+            "card_uid":"04040404040404","tmc":8,"kind":"debit","amount_minor":150,
+            "balance_after_minor":850,"tmv":"0011223344556677","key_version":1}]}"#;
+        let b: ClearingBatch = serde_json::from_str(old).unwrap();
+        assert_eq!(b.taps[0].stop_id, None);
+        assert_eq!(b.taps[0].flags().unwrap(), None);
+        // A bit this code does not define is refused; a stop beyond u32 does not parse.
+        let bad = ClearingTap {
+            fare_flags: Some(0x08),
+            ..tap.clone()
+        };
+        assert!(matches!(bad.flags(), Err(TapError::UnknownFlags(0x08))));
+        let huge = old.replace(
+            r#""key_version":1"#,
+            r#""key_version":1,"stop_id":4294967296"#,
+        );
+        assert!(serde_json::from_str::<ClearingBatch>(&huge).is_err());
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub fn clearing_tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
         key_version: r.key_version(),
         operator: Some("metro".into()),
         device_time_ms: 0,
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,7 @@
 //! What the cardholder pages show of a card, read from the ledger: the balance, the history of
 //! trips and loads from the postings, the load intents, and the top-ups asked for on the pages.
 
+use crate::clearing::{tap_detail, TapDetail};
 use crate::ledger::{IntentKind, IntentState, LedgerError, LedgerRead, Posting};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,47 @@ pub struct Entry {
     pub amount_minor: i64,
     /// The card's transaction counter the change consumed, when the reference names one.
     pub tmc: Option<u32>,
+    /// A trip's stop and route as the validator's record gave them ([`stop_words`]), when its
+    /// gateway sent them.
+    pub stop: Option<String>,
+    /// A trip's fare flags: `transfer`, `capped`, `penalty` ([`flag_words`]).
+    pub marks: Vec<&'static str>,
+}
+
+/// How a page names a tap's place: its stop and route codes (the back office keeps the
+/// published fare table compiled, without the source's stop names).
+pub fn stop_words(d: &TapDetail) -> Option<String> {
+    match (d.stop_id, d.route_id) {
+        (Some(s), Some(r)) => Some(format!("stop {s}, route {r}")),
+        (Some(s), None) => Some(format!("stop {s}")),
+        (None, Some(r)) => Some(format!("route {r}")),
+        (None, None) => None,
+    }
+}
+
+/// The words of a tap's fare flags (none when not sent or none set).
+pub fn flag_words(d: &TapDetail) -> Vec<&'static str> {
+    let Some(f) = d.flags else {
+        return Vec::new();
+    };
+    [
+        (f.transfer(), "transfer"),
+        (f.capped(), "capped"),
+        (f.penalty(), "penalty"),
+    ]
+    .into_iter()
+    .filter_map(|(on, w)| on.then_some(w))
+    .collect()
+}
+
+/// A cleared tap's stop and marks, from its clearing marker.
+fn tap_words(
+    r: &dyn LedgerRead,
+    uid: &[u8; 7],
+    tmc: u32,
+) -> Result<(Option<String>, Vec<&'static str>), LedgerError> {
+    let d = tap_detail(r, uid, tmc)?.unwrap_or_default();
+    Ok((stop_words(&d), flag_words(&d)))
 }
 
 /// The account on the other side of `p` from `card`, without its kind prefix.
@@ -57,16 +99,22 @@ pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerEr
                 }
                 _ => None,
             };
-            Entry {
+            let (stop, marks) = match (kind, tmc) {
+                ("trip", Some(tmc)) => tap_words(r, uid, tmc)?,
+                _ => (None, Vec::new()),
+            };
+            Ok(Entry {
                 seq: p.seq,
                 time_ms: p.time_ms,
                 kind,
                 place: other_side(&p, &card).to_string(),
                 amount_minor: sign * p.amount_minor,
                 tmc,
-            }
+                stop,
+                marks,
+            })
         })
-        .collect();
+        .collect::<Result<_, LedgerError>>()?;
     out.sort_by_key(|e| std::cmp::Reverse(e.seq));
     Ok(out)
 }
@@ -74,15 +122,26 @@ pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerEr
 /// Counters looked at for taps cleared without a charge (the newest).
 const FREE_TAPS_SCANNED: u32 = 2_000;
 
-/// The counters of the card's taps clearing booked without a charge, newest first: a tap
-/// record of kind `record_only` (a journey's transfer, or a fare a cap brought to zero) leaves
-/// its clearing marker `tap:<UID>:<counter>` and no posting. The back office is not told which
-/// of the two it was, nor where: the ledger holds no more of it.
+/// A tap cleared without a charge, as the pages show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FreeTap {
+    /// The card's counter.
+    pub tmc: u32,
+    /// Its stop and route, when its gateway sent them ([`stop_words`]).
+    pub stop: Option<String>,
+    /// Its fare flags ([`flag_words`]): `transfer` or `capped` tell which kind of free tap.
+    pub marks: Vec<&'static str>,
+}
+
+/// The card's taps clearing booked without a charge, newest first: a tap record of kind
+/// `record_only` (a journey's transfer, or a fare a cap brought to zero) leaves its clearing
+/// marker `tap:<UID>:<counter>` and no posting; the marker keeps the stop and fare flags a
+/// gateway sent ([`tap_detail`]).
 pub fn free_taps(
     r: &dyn LedgerRead,
     uid: &[u8; 7],
     last_tmc: u32,
-) -> Result<Vec<u32>, LedgerError> {
+) -> Result<Vec<FreeTap>, LedgerError> {
     let prefix = format!("tap:{}:", hex::encode_upper(uid));
     let charged: std::collections::HashSet<String> = r
         .postings_with_prefix(&prefix)?
@@ -92,8 +151,15 @@ pub fn free_taps(
     let mut out = Vec::new();
     for tmc in (last_tmc.saturating_sub(FREE_TAPS_SCANNED) + 1..=last_tmc).rev() {
         let marker = format!("{prefix}{tmc}");
-        if !charged.contains(&marker) && r.idempotent(&marker)?.is_some() {
-            out.push(tmc);
+        if charged.contains(&marker) {
+            continue;
+        }
+        if let Some(d) = tap_detail(r, uid, tmc)? {
+            out.push(FreeTap {
+                tmc,
+                stop: stop_words(&d),
+                marks: flag_words(&d),
+            });
         }
     }
     Ok(out)
@@ -324,12 +390,28 @@ mod tests {
                 let marker = format!("tap:04A1A1A1A1A1A1:{tmc}");
                 w.put_idempotent(&marker, &serde_json::json!("TMV"))?;
             }
+            // 4: a free tap whose gateway sent its stop and a transfer flag.
+            w.put_idempotent(
+                "tap:04A1A1A1A1A1A1:4",
+                &serde_json::json!({"tmv": "TMV", "stop_id": 12, "route_id": 3, "fare_flags": 1}),
+            )?;
             Ok(())
         })
         .unwrap();
         let r = l.read().unwrap();
-        assert_eq!(free_taps(&*r, &uid, 3).unwrap(), vec![3]);
-        assert_eq!(free_taps(&*r, &uid, 2).unwrap(), Vec::<u32>::new());
+        let plain = FreeTap {
+            tmc: 3,
+            stop: None,
+            marks: vec![],
+        };
+        assert_eq!(free_taps(&*r, &uid, 3).unwrap(), vec![plain.clone()]);
+        assert_eq!(free_taps(&*r, &uid, 2).unwrap(), Vec::<FreeTap>::new());
+        let transfer = FreeTap {
+            tmc: 4,
+            stop: Some("stop 12, route 3".into()),
+            marks: vec!["transfer"],
+        };
+        assert_eq!(free_taps(&*r, &uid, 4).unwrap(), vec![transfer, plain]);
     }
 
     #[test]

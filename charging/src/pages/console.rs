@@ -772,7 +772,7 @@ mod tests {
             blocked => true, block_reason => Some("fraud"),
             changes => vec![minijinja::context! { version => 1, uid => "04A1A1A1A1A1A1", action => "block", reason => "fraud", when => "w" }],
             anomalies => Vec::<minijinja::Value>::new(),
-            history => vec![minijinja::context! { when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, month => "m" }],
+            history => vec![minijinja::context! { when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, stop => None::<String>, marks => Vec::<&str>::new(), month => "m" }],
             history_lines => 1,
         }
     }

@@ -321,6 +321,8 @@ fn entry_ctx(p: &Pages, e: &Entry) -> minijinja::Value {
         amount => p.money(e.amount_minor),
         credit => e.amount_minor > 0,
         tmc => e.tmc,
+        stop => e.stop,
+        marks => e.marks,
         month => card::month_of(e.time_ms),
     }
 }
@@ -749,11 +751,15 @@ mod render {
     #[test]
     fn a_card_page_renders() {
         let env = super::environment();
-        let card = minijinja::context! { uid => "04", balance => "5 KRW", proved_balance => None::<String>, last_tmc => 0, blocked => false, block_reason => None::<String>, history => vec![minijinja::context!{when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, month => "2026-01"}], page => 1usize, pages => 1usize, loads => Vec::<minijinja::Value>::new(), topups => Vec::<minijinja::Value>::new(), months => Vec::<String>::new(), free_taps => vec![7u32] };
+        let card = minijinja::context! { uid => "04", balance => "5 KRW", proved_balance => None::<String>, last_tmc => 0, blocked => false, block_reason => None::<String>, history => vec![minijinja::context!{when => "w", kind => "issue", place => "float", amount => "5", credit => true, tmc => None::<u32>, stop => None::<String>, marks => Vec::<&str>::new(), month => "2026-01"}, minijinja::context!{when => "w", kind => "trip", place => "metro", amount => "-5", credit => false, tmc => Some(6u32), stop => Some("stop 12, route 3"), marks => vec!["capped"], month => "2026-01"}], page => 1usize, pages => 1usize, loads => Vec::<minijinja::Value>::new(), topups => Vec::<minijinja::Value>::new(), months => Vec::<String>::new(), free_taps => vec![minijinja::context!{tmc => 7u32, stop => Some("stop 9"), marks => vec!["transfer"]}] };
         let r = env.get_template("card.html").unwrap().render(minijinja::context!{ holder => "ann", csrf => "c", card => card, blocklist_version => None::<u64> });
         let html = r.unwrap();
         assert!(
-            html.contains("Page 1 of 1") && html.contains("<li>counter 7</li>"),
+            html.contains("Page 1 of 1")
+                && html
+                    .contains(r#"<li>counter 7 at stop 9 <span class="mark">transfer</span></li>"#)
+                && html.contains(r#"metro, stop 12, route 3 <span class="mark">capped</span>"#)
+                && !html.contains("not sent them"),
             "{html}"
         );
     }
