@@ -6,7 +6,7 @@ use gateway::forward::forward_once;
 use gateway::store::{Message, Store};
 use purse::keys::{KeySet, Role};
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
-use purse::tap::{TapMeta, TapRecord};
+use purse::tap::{TapFlags, TapMeta, TapRecord};
 use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -51,9 +51,12 @@ fn real_debits(keys: &KeySet, n: usize) -> Vec<TapRecord> {
                 TapMeta {
                     device_id: 1001,
                     device_seq: i as u64 + 1,
+                    stop_id: 40 + i as u32,
+                    route_id: 3,
                     ..Default::default()
                 },
             )
+            .with_flags(TapFlags::new(i % 2 == 1, i % 5 == 0, false))
         })
         .collect()
 }
@@ -66,7 +69,8 @@ fn forwarding_is_idempotent_and_clearing_books_each_tap_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("gw"), 64 << 20).unwrap();
     let device_key = gw.device_key(1001).unwrap();
-    let msgs: Vec<Message> = real_debits(&ks, 25)
+    let records = real_debits(&ks, 25);
+    let msgs: Vec<Message> = records
         .iter()
         .map(|t| {
             msg(
@@ -114,4 +118,17 @@ fn forwarding_is_idempotent_and_clearing_books_each_tap_once() {
         25 * 150,
         "each tap booked once"
     );
+    // Each tap's stop, route and fare flags reached the back office through the gateway.
+    for t in &records {
+        let d = charging::clearing::tap_detail(&*r, &uid, t.tmc()).unwrap();
+        let want = charging::clearing::TapDetail {
+            stop_id: Some(t.meta().stop_id),
+            route_id: Some(3),
+            flags: t.flags(),
+        };
+        assert_eq!(d, Some(want), "counter {}", t.tmc());
+    }
+    assert!(records
+        .iter()
+        .any(|t| t.flags().is_some_and(|f| f.transfer())));
 }
