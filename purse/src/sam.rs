@@ -155,24 +155,33 @@ pub fn pcd_auth_part1(
     Ok((PendingAuth { key, rnd_a, rnd_b }, frame))
 }
 
+/// One way of AES-128-CBC with an expanded key ([`crypto::cbc_encrypt_with`],
+/// [`crypto::cbc_decrypt_with`]).
+type ClearCbc = fn(&aes::Aes128, &[u8; 16], &mut [u8]) -> Result<(), crypto::CryptoError>;
+
 impl PendingKey {
     fn encrypt(&mut self, data: &mut [u8]) -> Result<(), SamError> {
-        match self {
-            PendingKey::Clear { cipher, .. } => {
-                crypto::cbc_encrypt_with(cipher, &[0; 16], data).expect("whole blocks");
-                Ok(())
-            }
-            PendingKey::External(k) => k.cbc_encrypt(data),
-        }
+        self.cbc(data, crypto::cbc_encrypt_with, |k, d| k.cbc_encrypt(d))
     }
 
     fn decrypt(&mut self, data: &mut [u8]) -> Result<(), SamError> {
+        self.cbc(data, crypto::cbc_decrypt_with, |k, d| k.cbc_decrypt(d))
+    }
+
+    /// AES-128-CBC with a zero IV in place (whole blocks), one way: `clear` with the key
+    /// schedule held here, `external` inside the token.
+    fn cbc(
+        &mut self,
+        data: &mut [u8],
+        clear: ClearCbc,
+        external: fn(&mut dyn ExternalCardKey, &mut [u8]) -> Result<(), SamError>,
+    ) -> Result<(), SamError> {
         match self {
             PendingKey::Clear { cipher, .. } => {
-                crypto::cbc_decrypt_with(cipher, &[0; 16], data).expect("whole blocks");
+                clear(cipher, &[0; 16], data).expect("whole blocks");
                 Ok(())
             }
-            PendingKey::External(k) => k.cbc_decrypt(data),
+            PendingKey::External(k) => external(k.as_mut(), data),
         }
     }
 
