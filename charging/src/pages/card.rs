@@ -27,13 +27,45 @@ pub struct Entry {
     pub marks: Vec<&'static str>,
 }
 
-/// How a page names a tap's place: its stop and route codes (the back office keeps the
-/// published fare table compiled, without the source's stop names).
-pub fn stop_words(d: &TapDetail) -> Option<String> {
+/// The stop and route names of the published fare table (its stops' and routes' ids, which the
+/// codes in tap records are hashes of), for naming a tap's place.
+pub struct Places(Option<fare_rules::engine::Engine>);
+
+impl Places {
+    /// The names in the table published now; none when none is (or it does not decode: the
+    /// back office signed it itself, so this is only read, not verified).
+    pub fn published(r: &dyn LedgerRead) -> Result<Places, LedgerError> {
+        Ok(Places(crate::fares::published(r)?.and_then(|p| {
+            fare_rules::signed::decode_unverified(&p.bytes()).ok()
+        })))
+    }
+
+    fn stop(&self, code: u32) -> String {
+        self.0
+            .as_ref()
+            .and_then(|e| Some(e.table().stops[e.stop_by_code(code)? as usize].id.clone()))
+            .unwrap_or_else(|| code.to_string())
+    }
+
+    fn route(&self, code: u32) -> String {
+        self.0
+            .as_ref()
+            .and_then(|e| Some(e.table().routes[e.route_by_code(code)? as usize].id.clone()))
+            .unwrap_or_else(|| code.to_string())
+    }
+}
+
+/// How a page names a tap's place: its stop and route as the published fare table names them,
+/// else their codes.
+pub fn stop_words(d: &TapDetail, places: &Places) -> Option<String> {
     match (d.stop_id, d.route_id) {
-        (Some(s), Some(r)) => Some(format!("stop {s}, route {r}")),
-        (Some(s), None) => Some(format!("stop {s}")),
-        (None, Some(r)) => Some(format!("route {r}")),
+        (Some(s), Some(r)) => Some(format!(
+            "stop {}, route {}",
+            places.stop(s),
+            places.route(r)
+        )),
+        (Some(s), None) => Some(format!("stop {}", places.stop(s))),
+        (None, Some(r)) => Some(format!("route {}", places.route(r))),
         (None, None) => None,
     }
 }
@@ -56,11 +88,12 @@ pub fn flag_words(d: &TapDetail) -> Vec<&'static str> {
 /// A cleared tap's stop and marks, from its clearing marker.
 fn tap_words(
     r: &dyn LedgerRead,
+    places: &Places,
     uid: &[u8; 7],
     tmc: u32,
 ) -> Result<(Option<String>, Vec<&'static str>), LedgerError> {
     let d = tap_detail(r, uid, tmc)?.unwrap_or_default();
-    Ok((stop_words(&d), flag_words(&d)))
+    Ok((stop_words(&d, places), flag_words(&d)))
 }
 
 /// The account on the other side of `p` from `card`, without its kind prefix.
@@ -75,6 +108,7 @@ fn other_side<'a>(p: &'a Posting, card: &str) -> &'a str {
 /// keeps no index by account).
 pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerError> {
     let card = crate::ledger::card_account(uid);
+    let places = Places::published(r)?;
     let mut out: Vec<Entry> = r
         .postings_with_prefix("")?
         .into_iter()
@@ -100,7 +134,7 @@ pub fn history(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Vec<Entry>, LedgerEr
                 _ => None,
             };
             let (stop, marks) = match (kind, tmc) {
-                ("trip", Some(tmc)) => tap_words(r, uid, tmc)?,
+                ("trip", Some(tmc)) => tap_words(r, &places, uid, tmc)?,
                 _ => (None, Vec::new()),
             };
             Ok(Entry {
@@ -148,6 +182,7 @@ pub fn free_taps(
         .into_iter()
         .map(|p| p.reference)
         .collect();
+    let places = Places::published(r)?;
     let mut out = Vec::new();
     for tmc in (last_tmc.saturating_sub(FREE_TAPS_SCANNED) + 1..=last_tmc).rev() {
         let marker = format!("{prefix}{tmc}");
@@ -157,7 +192,7 @@ pub fn free_taps(
         if let Some(d) = tap_detail(r, uid, tmc)? {
             out.push(FreeTap {
                 tmc,
-                stop: stop_words(&d),
+                stop: stop_words(&d, &places),
                 marks: flag_words(&d),
             });
         }
@@ -412,6 +447,36 @@ mod tests {
             marks: vec!["transfer"],
         };
         assert_eq!(free_taps(&*r, &uid, 4).unwrap(), vec![transfer, plain]);
+    }
+
+    #[test]
+    fn a_tap_is_named_by_the_published_tables_stop_and_route() {
+        let src = include_str!("../../../fare-rules/samples/metro-city/rules.toml");
+        let p = crate::fares::propose("rules.toml", src.as_bytes()).unwrap();
+        let bytes = fare_rules::signed::encode(p.engine.table(), |_| [0; 64]).unwrap();
+        let code = fare_rules::table::code24;
+        let places = Places(Some(fare_rules::signed::decode_unverified(&bytes).unwrap()));
+        let d = TapDetail {
+            stop_id: Some(code("Market")),
+            route_id: Some(code("M1")),
+            flags: None,
+        };
+        assert_eq!(
+            stop_words(&d, &places).as_deref(),
+            Some("stop Market, route M1")
+        );
+        let unknown = TapDetail {
+            stop_id: Some(7),
+            ..d
+        };
+        assert_eq!(
+            stop_words(&unknown, &places).as_deref(),
+            Some("stop 7, route M1")
+        );
+        assert_eq!(
+            stop_words(&d, &Places(None)).as_deref(),
+            Some(format!("stop {}, route {}", code("Market"), code("M1")).as_str())
+        );
     }
 
     #[test]
