@@ -128,8 +128,10 @@ impl Staged {
         let n = i64::try_from(n).unwrap_or(SEQ_BLOCK_MAX).min(SEQ_BLOCK_MAX);
         let rows = db
             .query(
-                "SELECT nextval(pg_get_serial_sequence('postings', 'seq')) \
-                 FROM generate_series(1, $1::bigint)",
+                // The sequence looked up once, not once a number.
+                "WITH s AS MATERIALIZED \
+                 (SELECT pg_get_serial_sequence('postings', 'seq')::regclass AS seq) \
+                 SELECT nextval(s.seq) FROM s, generate_series(1, $1::bigint)",
                 &[&n],
             )
             .map_err(|e| db_error(&e))?;
@@ -270,8 +272,8 @@ impl Staged {
         Ok(())
     }
 
-    /// Reads what a batch will ask of the records staged here, in one statement per table:
-    /// the cards' shadows and their accounts' balances, the answers under `keys`, the intents
+    /// Reads what a batch will ask of the records staged here: the cards' shadows, their
+    /// accounts' balances and gap clocks (one statement), the answers under `keys`, the intents
     /// at `counters`. What the transaction knows already is not read again.
     pub fn prefetch(
         &mut self,
@@ -281,22 +283,7 @@ impl Staged {
         let cards: Vec<[u8; 7]> =
             dedup(ahead.cards.iter().filter(|u| !self.cards.contains_key(*u)));
         if !cards.is_empty() {
-            let hex: Vec<String> = cards.iter().map(uid_hex).collect();
-            let rows = db
-                .query(
-                    "SELECT uid, record::text FROM cards WHERE uid = ANY($1)",
-                    &[&hex],
-                )
-                .map_err(|e| db_error(&e))?;
-            let mut found = HashMap::new();
-            for r in &rows {
-                found.insert(r.get::<_, String>(0), from_text::<CardShadow>(r.get(1))?);
-            }
-            for (uid, h) in cards.iter().zip(&hex) {
-                self.cards.insert(*uid, found.remove(h));
-            }
-            self.prefetch_card_balances(db, &cards)?;
-            self.prefetch_gaps(db, &cards, &hex)?;
+            self.prefetch_cards(db, &cards)?;
             // Each tap of a batch posts once.
             self.reserve(db, cards.len().saturating_sub(self.seqs.len()))?;
         }
@@ -318,44 +305,37 @@ impl Staged {
         self.prefetch_intents(db, &ahead.counters)
     }
 
-    fn prefetch_card_balances(
-        &mut self,
-        db: &mut Db<'_>,
-        cards: &[[u8; 7]],
-    ) -> Result<(), LedgerError> {
+    /// The cards' shadows, their accounts' balances and their gap clocks, in one statement.
+    fn prefetch_cards(&mut self, db: &mut Db<'_>, cards: &[[u8; 7]]) -> Result<(), LedgerError> {
+        let hex: Vec<String> = cards.iter().map(uid_hex).collect();
         let accounts: Vec<String> = cards.iter().map(crate::ledger::card_account).collect();
         let rows = db
             .query(
-                "SELECT account, balance_minor FROM balances WHERE shard = 0 AND account = ANY($1)",
-                &[&accounts],
+                "SELECT u.uid, c.record::text, b.balance_minor, g.from_tmc, g.since_ms, g.reported \
+                 FROM unnest($1::text[], $2::text[]) AS u(uid, account) \
+                 LEFT JOIN cards c ON c.uid = u.uid \
+                 LEFT JOIN balances b ON b.shard = 0 AND b.account = u.account \
+                 LEFT JOIN counter_gaps g ON g.uid = u.uid",
+                &[&hex, &accounts],
             )
             .map_err(|e| db_error(&e))?;
-        let mut found: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for a in accounts {
-            let balance = found.remove(&a).unwrap_or(0);
-            self.shards.entry((a, 0)).or_insert(balance);
+        let mut found = HashMap::new();
+        for r in &rows {
+            let shadow = match r.get::<_, Option<&str>>(1) {
+                Some(t) => Some(from_text::<CardShadow>(t)?),
+                None => None,
+            };
+            let balance = r.get::<_, Option<i64>>(2).unwrap_or(0);
+            let gap = r
+                .get::<_, Option<i64>>(3)
+                .map(|_| super::write::gap_clock(r, 3));
+            found.insert(r.get::<_, String>(0), (shadow, balance, gap));
         }
-        Ok(())
-    }
-
-    fn prefetch_gaps(
-        &mut self,
-        db: &mut Db<'_>,
-        cards: &[[u8; 7]],
-        hex: &[String],
-    ) -> Result<(), LedgerError> {
-        let rows = db
-            .query(
-                "SELECT uid, from_tmc, since_ms, reported FROM counter_gaps WHERE uid = ANY($1)",
-                &[&hex],
-            )
-            .map_err(|e| db_error(&e))?;
-        let mut found: HashMap<String, GapClock> = rows
-            .iter()
-            .map(|r| (r.get(0), super::write::gap_clock(r, 1)))
-            .collect();
-        for (uid, h) in cards.iter().zip(hex) {
-            self.gaps.entry(*uid).or_insert(found.remove(h));
+        for ((uid, h), account) in cards.iter().zip(&hex).zip(accounts) {
+            let (shadow, balance, gap) = found.remove(h).unwrap_or((None, 0, None));
+            self.cards.insert(*uid, shadow);
+            self.shards.entry((account, 0)).or_insert(balance);
+            self.gaps.entry(*uid).or_insert(gap);
         }
         Ok(())
     }
