@@ -196,21 +196,7 @@ impl Servers {
     /// The books agree with `cards` (value conserved, nothing twice); `loads` loads completed.
     fn assert_books(&self, cards: &[&Card], loads: usize) {
         for card in cards {
-            let uid = hex::encode_upper(card.state().uid);
-            let (code, got) = call(
-                "GET",
-                &format!("{}/v1/cards/{uid}", self.alive()),
-                Some(OPS),
-                None,
-                None,
-            );
-            assert_eq!(code, 200, "{got}");
-            assert_eq!(
-                got["shadow_balance_minor"],
-                card.state().balance_minor,
-                "card {uid}: {got}"
-            );
-            assert_eq!(got["pending_loads"], 0, "card {uid}: {got}");
+            support::assert_shadow_equals_card(self.alive(), OPS, card);
         }
         let stdout = self.charging(&["reconcile", "--json"]);
         let report: serde_json::Value =

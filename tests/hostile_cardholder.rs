@@ -151,21 +151,7 @@ impl Server {
     /// Value is conserved: the ledger's shadow purse equals the card, and the reconciliation
     /// (another process, reading the ledger) finds every card balanced.
     fn assert_conserved(&self, card: &Card) {
-        let uid = hex::encode_upper(card.state().uid);
-        let (code, got) = call(
-            "GET",
-            &format!("{}/v1/cards/{uid}", self.base),
-            Some(OPS),
-            None,
-            None,
-        );
-        assert_eq!(code, 200, "{got}");
-        assert_eq!(
-            got["shadow_balance_minor"],
-            card.state().balance_minor,
-            "{got}"
-        );
-        assert_eq!(got["pending_loads"], 0, "{got}");
+        support::assert_shadow_equals_card(&self.base, OPS, card);
         let report = support::reconcile(&self.dir.path().join("data"));
         assert_eq!(report["cards"], report["balanced"], "{report}");
     }

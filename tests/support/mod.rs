@@ -180,3 +180,23 @@ pub fn wait_cards_conserved(
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
 }
+
+/// The charging server at `base` (read with `token`) holds `card`'s shadow purse equal to the
+/// card's own balance, with no load left pending.
+pub fn assert_shadow_equals_card(base: &str, token: &str, card: &purse::card::Card) {
+    let uid = hex::encode_upper(card.state().uid);
+    let (code, got) = tapgate_testkit::http::call(
+        "GET",
+        &format!("{base}/v1/cards/{uid}"),
+        Some(token),
+        None,
+        None,
+    );
+    assert_eq!(code, 200, "card {uid}: {got}");
+    assert_eq!(
+        got["shadow_balance_minor"],
+        card.state().balance_minor,
+        "card {uid}: {got}"
+    );
+    assert_eq!(got["pending_loads"], 0, "card {uid}: {got}");
+}
