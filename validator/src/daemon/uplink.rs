@@ -151,6 +151,8 @@ async fn event_loop(
     // once a minute, not at every retry.
     let mut logged: Option<(String, Instant)> = None;
     let mut current = 0usize;
+    // Refused subscriptions in a row (each pause before subscribing again doubles, to 32 s).
+    let mut refused_subscriptions = 0u32;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -158,6 +160,25 @@ async fn event_loop(
                 logged = None;
                 on_connected(&link, &shared)
             }
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+            {
+                // A broker may refuse a subscription for a while (a NATS node whose JetStream
+                // is moving leaderships after a node died): without confirmations the outbox
+                // would never drain on this connection, so subscribe again after a pause.
+                refused_subscriptions += 1;
+                let pause = Duration::from_millis(500 << refused_subscriptions.min(6));
+                tracing::warn!(broker = %link.broker, pause_ms = pause.as_millis() as u64, "the MQTT broker refused a subscription; subscribing again");
+                let (client, topics) = (link.client.clone(), link.topics.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    subscribe_all(&client, &topics);
+                });
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => refused_subscriptions = 0,
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic == link.topics.confirm {
                     on_confirmation(&shared, confirmations.clone(), p).await;
@@ -222,7 +243,13 @@ fn on_connected(link: &Link, shared: &Shared) {
     link.connected.store(true, Ordering::Relaxed);
     shared.metrics.mqtt_connected.set(1);
     link.cursor.store(0, Ordering::Relaxed);
-    let t = &link.topics;
+    subscribe_all(&link.client, &link.topics);
+    shared.wake.notify_one();
+}
+
+/// Subscribes to confirmations and downlink (again: the broker replaces a subscription it
+/// holds).
+fn subscribe_all(client: &AsyncClient, t: &Topics) {
     for t in [
         &t.confirm,
         &t.blocklist_snapshot,
@@ -234,11 +261,10 @@ fn on_connected(link: &Link, shared: &Shared) {
     ] {
         // Never await the request queue from the event loop itself: it only drains while
         // this loop polls.
-        if let Err(e) = link.client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
+        if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
             tracing::warn!(error = %e, topic = %t, "subscribe failed");
         }
     }
-    shared.wake.notify_one();
 }
 
 /// A confirmation: verified and applied off the event loop; the outbox gauges follow.
