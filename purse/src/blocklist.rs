@@ -15,10 +15,16 @@
 //! | entry count | 4 |
 //! | entries: UID (7) ‖ action (1: block, 0: unblock; snapshots hold blocks only) | 8 each |
 //! | Ed25519 signature | 64 |
+//!
+//! A snapshot may also arrive in sorted, individually signed chunks (format 2, [`chunked`]):
+//! the only way for a list beyond [`MAX_ENTRIES`] cards, and the way a validator applies a
+//! 10,000,000-card list within its memory budget. Deltas are always format 1.
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 
+pub mod chunked;
 pub mod compact;
+use chunked::{Assembly, ChunkProgress, SnapshotChunk};
 use compact::UidSet;
 
 const MAGIC: &[u8; 4] = b"TGBL";
@@ -191,13 +197,25 @@ impl ListUpdate {
 }
 
 /// A validator's blocklist: applies verified updates in order. The cards are held in a
-/// [`UidSet`] (≈ 4.5 bytes a card: 10 M cards in ≈ 45 MB, issue 22).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// [`UidSet`] (≈ 4.5 bytes a card: 10 M cards in ≈ 45 MB, issue 22). A chunked snapshot being
+/// received is held beside the list in force (not part of its equality) until its last chunk.
+#[derive(Clone, Debug, Default)]
 pub struct Blocklist {
     operator: String,
     version: u64,
     blocked: UidSet,
+    incoming: Option<Assembly>,
 }
+
+impl PartialEq for Blocklist {
+    fn eq(&self, other: &Self) -> bool {
+        self.operator == other.operator
+            && self.version == other.version
+            && self.blocked == other.blocked
+    }
+}
+
+impl Eq for Blocklist {}
 
 impl Blocklist {
     /// An empty list (version 0) for `operator`.
@@ -206,7 +224,70 @@ impl Blocklist {
             operator: operator.to_string(),
             version: 0,
             blocked: UidSet::default(),
+            incoming: None,
         }
+    }
+
+    /// The chunked snapshot being received, if any.
+    pub fn incoming(&self) -> Option<&Assembly> {
+        self.incoming.as_ref()
+    }
+
+    /// Takes a verified chunk of a snapshot ([`SnapshotChunk::verify`]). Chunks of one snapshot
+    /// may come in any order and more than once; each is packed as it comes. The list in force
+    /// changes only with the last chunk, at once; until then (a chunk missing) it stays as it
+    /// is. A chunk of a newer snapshot drops the one being assembled; one of an older snapshot
+    /// is ignored. On any error the list in force is unchanged (a snapshot whose chunks do not
+    /// fit together is dropped).
+    pub fn apply_chunk(&mut self, c: &SnapshotChunk) -> Result<ChunkProgress, ListError> {
+        if c.operator != self.operator {
+            return Err(ListError::WrongOperator {
+                want: self.operator.clone(),
+                got: c.operator.clone(),
+            });
+        }
+        if self
+            .incoming
+            .as_ref()
+            .is_some_and(|a| a.version() <= self.version)
+        {
+            self.incoming = None;
+        }
+        if c.version <= self.version {
+            return Err(ListError::Stale {
+                held: self.version,
+                got: c.version,
+            });
+        }
+        let started = match &self.incoming {
+            Some(a) if a.version() > c.version => {
+                return Ok(ChunkProgress::Superseded {
+                    assembling: a.version(),
+                    got: c.version,
+                })
+            }
+            Some(a) => a.version() < c.version,
+            None => true,
+        };
+        if started {
+            self.incoming = Some(Assembly::for_chunk(c));
+        }
+        let a = self.incoming.as_mut().expect("set above");
+        if !a.add(c, &self.blocked)? {
+            return Ok(ChunkProgress::Duplicate { version: c.version });
+        }
+        if !a.is_complete() {
+            return Ok(ChunkProgress::Pending {
+                version: c.version,
+                received: a.received(),
+                count: c.count,
+                started,
+            });
+        }
+        let (version, set) = self.incoming.take().expect("set above").finish()?;
+        self.blocked = set;
+        self.version = version;
+        Ok(ChunkProgress::Complete { version })
     }
 
     /// The version held (reported in heartbeats).
@@ -259,6 +340,13 @@ impl Blocklist {
                 }
                 self.blocked =
                     UidSet::from_keys(u.entries.iter().map(|e| compact::key(&e.0)).collect());
+                if self
+                    .incoming
+                    .as_ref()
+                    .is_some_and(|a| a.version() <= u.to_version)
+                {
+                    self.incoming = None;
+                }
             }
             ListKind::Delta => {
                 if u.to_version <= self.version {

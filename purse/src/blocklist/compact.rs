@@ -9,16 +9,20 @@
 //! most one block's gaps. A change rewrites only the blocks it touches, so applying a delta
 //! never needs a second copy of the whole set.
 
+use std::sync::Arc;
+
 /// Values per block when a block is (re)built.
 pub const BLOCK: usize = 128;
 
 /// One block: its first value, how many values it holds, and the packed gaps after the first.
+/// The gaps are shared (`Arc`): a snapshot that holds a run of values the list in force already
+/// holds in one block reuses that block instead of packing it again ([`UidSet::pack_part`]).
 #[derive(Clone)]
 struct Block {
     head: u64,
     len: u16,
     width: u8,
-    gaps: Box<[u64]>,
+    gaps: Arc<[u64]>,
 }
 
 impl Block {
@@ -41,7 +45,7 @@ impl Block {
             head: vals[0],
             len: vals.len() as u16,
             width: width as u8,
-            gaps: gaps.into_boxed_slice(),
+            gaps: Arc::from(gaps),
         }
     }
 
@@ -155,10 +159,74 @@ impl UidSet {
     }
 
     /// Bytes of heap this set holds, from its allocations' sizes (the allocator's own
-    /// bookkeeping per allocation is not included).
+    /// bookkeeping per allocation is not included; a block shared with another set is counted
+    /// in both).
     pub fn heap_bytes(&self) -> usize {
+        // An `Arc<[u64]>` allocation holds its two counts before the words.
         self.blocks.capacity() * std::mem::size_of::<Block>()
-            + self.blocks.iter().map(|b| b.gaps.len() * 8).sum::<usize>()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.gaps.len() * 8 + 16)
+                .sum::<usize>()
+    }
+
+    /// The blocks of `keys` (sorted, distinct, below 2⁵⁶): one part of a set that arrives in
+    /// pieces (a chunked snapshot). Where `keys` holds, in a row, exactly the values of one of
+    /// `current`'s blocks, that block is shared rather than packed again, so a snapshot that
+    /// differs little from the list in force costs little more memory than that list.
+    pub fn pack_part(keys: &[u64], current: &UidSet) -> Part {
+        let cur = &current.blocks;
+        let mut blocks: Vec<Block> = Vec::with_capacity(keys.len() / BLOCK + 2);
+        let mut c = match keys.first() {
+            Some(k) => cur.partition_point(|b| b.head < *k),
+            None => cur.len(),
+        };
+        let (mut run, mut p) = (0usize, 0usize);
+        while p < keys.len() && c < cur.len() {
+            let k = keys[p];
+            while c < cur.len() && cur[c].head < k {
+                c += 1;
+            }
+            let Some(b) = cur.get(c) else { break };
+            let n = b.len as usize;
+            if b.head == k && p + n <= keys.len() && b.values().eq(keys[p..p + n].iter().copied()) {
+                blocks.extend(keys[run..p].chunks(BLOCK).map(Block::pack));
+                blocks.push(b.clone());
+                p += n;
+                run = p;
+                c += 1;
+            } else {
+                p += 1;
+            }
+        }
+        blocks.extend(keys[run..].chunks(BLOCK).map(Block::pack));
+        blocks.shrink_to_fit();
+        Part {
+            blocks,
+            len: keys.len(),
+            first: keys.first().copied(),
+            last: keys.last().copied(),
+        }
+    }
+
+    /// The set made of `parts` in order; `None` unless each part's values all lie above the
+    /// previous part's.
+    pub fn from_parts(parts: impl IntoIterator<Item = Part>) -> Option<UidSet> {
+        let mut set = UidSet::default();
+        let mut last: Option<u64> = None;
+        for p in parts {
+            if let (Some(l), Some(f)) = (last, p.first) {
+                if f <= l {
+                    return None;
+                }
+            }
+            last = p.last.or(last);
+            set.len += p.len;
+            set.blocks.extend(p.blocks);
+        }
+        set.blocks.shrink_to_fit();
+        Some(set)
     }
 
     /// Applies `changes` (value, present?) in order — a later change of the same value wins.
@@ -209,6 +277,46 @@ impl UidSet {
         out.shrink_to_fit();
         self.len = out.iter().map(|b| b.len as usize).sum();
         self.blocks = out;
+    }
+}
+
+/// Some consecutive values of a set, packed (see [`UidSet::pack_part`]).
+#[derive(Clone, Default)]
+pub struct Part {
+    blocks: Vec<Block>,
+    len: usize,
+    first: Option<u64>,
+    last: Option<u64>,
+}
+
+impl std::fmt::Debug for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Part")
+            .field("len", &self.len)
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
+impl Part {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the part holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of heap the part holds (shared blocks included, as in [`UidSet::heap_bytes`]).
+    pub fn heap_bytes(&self) -> usize {
+        self.blocks.capacity() * std::mem::size_of::<Block>()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.gaps.len() * 8 + 16)
+                .sum::<usize>()
     }
 }
 
@@ -304,6 +412,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// A set built from parts equals the model whatever the list in force, and shares
+        /// every block of the list in force that the new values hold whole.
+        #[test]
+        fn parts_make_the_set_and_share_unchanged_blocks(
+            current in proptest::collection::vec(value(), 0..3_000),
+            changes in proptest::collection::vec((value(), any::<bool>()), 0..40),
+            cuts in proptest::collection::vec(0usize..4_000, 0..6),
+        ) {
+            let cur = UidSet::from_keys(current.clone());
+            let mut model: BTreeSet<u64> = current.iter().copied().collect();
+            for (v, add) in &changes {
+                if *add { model.insert(*v); } else { model.remove(v); }
+            }
+            let keys: Vec<u64> = model.iter().copied().collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(keys.len())).collect();
+            cuts.push(0);
+            cuts.push(keys.len());
+            cuts.sort_unstable();
+            let parts: Vec<Part> = cuts
+                .windows(2)
+                .map(|w| UidSet::pack_part(&keys[w[0]..w[1]], &cur))
+                .collect();
+            let set = UidSet::from_parts(parts).expect("parts in order");
+            check(&set, &model);
+            for v in current.iter().chain(changes.iter().map(|c| &c.0)) {
+                prop_assert_eq!(set.contains(*v), model.contains(v));
+            }
+            // Every block of the list in force that no change touched and no cut split is
+            // shared, not copied.
+            for b in &cur.blocks {
+                let vals: Vec<u64> = b.values().collect();
+                let untouched = changes.iter().all(|(v, _)| {
+                    *v < vals[0] || *v > vals[vals.len() - 1]
+                });
+                let lo = keys.partition_point(|k| *k < vals[0]);
+                let uncut = cuts.iter().all(|c| *c <= lo || *c >= lo + vals.len());
+                if untouched && uncut {
+                    prop_assert!(set.blocks.iter().any(|n| Arc::ptr_eq(&n.gaps, &b.gaps)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parts_out_of_order_make_no_set() {
+        let cur = UidSet::default();
+        let a = UidSet::pack_part(&[1, 2, 3], &cur);
+        let b = UidSet::pack_part(&[3, 4], &cur);
+        assert!(UidSet::from_parts([a.clone(), b.clone()]).is_none());
+        assert!(UidSet::from_parts([b, a]).is_none());
+        let e = UidSet::pack_part(&[], &cur);
+        let s = UidSet::from_parts([e.clone(), UidSet::pack_part(&[7], &cur), e]).unwrap();
+        assert!(s.iter().eq([7u64]));
     }
 
     #[test]
