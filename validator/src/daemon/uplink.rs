@@ -178,7 +178,16 @@ async fn event_loop(
                     subscribe_all(&client, &topics);
                 });
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => refused_subscriptions = 0,
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                if refused_subscriptions > 0 {
+                    // Confirmations published while refused went nowhere: resend everything
+                    // unconfirmed now rather than when the oldest tap has waited too long.
+                    tracing::info!(broker = %link.broker, "the MQTT broker took the subscriptions");
+                    link.cursor.store(0, Ordering::Relaxed);
+                    shared.wake.notify_one();
+                }
+                refused_subscriptions = 0
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if p.topic == link.topics.confirm {
                     on_confirmation(&shared, confirmations.clone(), p).await;
@@ -248,9 +257,9 @@ fn on_connected(link: &Link, shared: &Shared) {
 }
 
 /// Subscribes to confirmations and downlink (again: the broker replaces a subscription it
-/// holds).
+/// holds), in one SUBSCRIBE: its one SUBACK says whether the broker took them all.
 fn subscribe_all(client: &AsyncClient, t: &Topics) {
-    for t in [
+    let filters = [
         &t.confirm,
         &t.blocklist_snapshot,
         &t.blocklist_delta,
@@ -258,12 +267,12 @@ fn subscribe_all(client: &AsyncClient, t: &Topics) {
         &t.actions_snapshot,
         &t.actions_delta,
         &t.ceiling,
-    ] {
-        // Never await the request queue from the event loop itself: it only drains while
-        // this loop polls.
-        if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
-            tracing::warn!(error = %e, topic = %t, "subscribe failed");
-        }
+    ]
+    .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+    // Never await the request queue from the event loop itself: it only drains while this
+    // loop polls.
+    if let Err(e) = client.try_subscribe_many(filters) {
+        tracing::warn!(error = %e, "subscribe failed");
     }
 }
 
