@@ -6,6 +6,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
 use validator::journal::Journal;
 
@@ -243,6 +244,64 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
     assert_eq!(
         v["outbox_left"], 0,
         "the gateway confirmed every journalled tap: {out}"
+    );
+}
+
+/// A broker that refuses the validator's subscriptions for a while (as a NATS node does while
+/// JetStream moves leaderships): the validator subscribes again, and once the broker takes the
+/// confirmation subscription every tap journalled meanwhile is confirmed and the outbox drains.
+#[test]
+fn a_refused_subscription_is_made_again_and_the_outbox_drains() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let port = free_port();
+    let front = tapgate_testkit::refusing_front::RefusingFront::start(port);
+    setup(
+        dir,
+        &format!(
+            "[mqtt]\nbroker = \"mqtt://127.0.0.1:{}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\"",
+            front.port()
+        ),
+        50,
+    );
+    let _gw = start_gateway(dir, port);
+    let out = dir.join("validator.out");
+    let mut validator = Kill(
+        Command::new(env!("CARGO_BIN_EXE_tapgate"))
+            .current_dir(dir)
+            .args(["validator", "--config", "validator.toml"])
+            .args(["--crowd-taps", "30", "--json"])
+            .env("TAPGATE_KEY_PASSPHRASE", PASS)
+            .env("VALIDATOR_MQTT_PASSWORD", "v-secret")
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let confirm = "tapgate/v1/metro/devices/1001/confirm";
+    tapgate_testkit::wait_until(
+        "the validator subscribes again after a refusal",
+        Duration::from_secs(30),
+        || front.subscriptions(confirm).0 >= 2,
+    );
+    front.allow();
+    let status = tapgate_testkit::wait::wait_for(
+        "the validator drains its outbox and ends",
+        Duration::from_secs(60),
+        || validator.0.try_wait().unwrap(),
+    );
+    let out = std::fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(v["taps_accepted"].as_u64().unwrap() > 10, "{out}");
+    assert_eq!(
+        front.subscriptions(confirm).1,
+        1,
+        "the confirmation subscription taken once refusals ended"
+    );
+    assert_eq!(
+        v["outbox_left"], 0,
+        "every tap journalled while refused confirmed: {out}"
     );
 }
 

@@ -10,6 +10,7 @@
 //!   and restarted;
 //! - [`metrics`]: samples read from the Prometheus text of `/metrics`;
 //! - [`postgres`]: a throwaway PostgreSQL cluster and a database per test;
+//! - [`refusing_front`]: a front to an MQTT broker that refuses subscriptions until told not to;
 //! - [`fixtures`]: bearer tokens, personalised cards, value transactions, signed taps;
 //! - `http` (feature `http`): the JSON calls with a bearer token the tests make;
 //! - `broker` (feature `gateway`): the gateway's embedded broker on a free port;
@@ -31,6 +32,7 @@ pub mod nats;
 pub mod net;
 pub mod postgres;
 pub mod process;
+pub mod refusing_front;
 pub mod wait;
 
 #[cfg(feature = "gateway")]
