@@ -157,4 +157,25 @@ fn the_owner_reports_a_card_lost_and_the_gateway_sees_numbered_changes() {
         .unwrap();
     assert_eq!(r.header("x-tapgate-blocklist-version"), Some("2"));
     assert_eq!(r.content_type(), "application/octet-stream");
+    // Chunked (issue 22): length-prefixed signed chunks, here one (the list is empty), which
+    // brings a validator's list to the same version.
+    let r = ureq::get(&format!("{b}/v1/blocklist/signed/snapshot?chunked=1"))
+        .set("Authorization", &format!("Bearer {GW}"))
+        .call()
+        .unwrap();
+    assert_eq!(r.header("x-tapgate-blocklist-version"), Some("2"));
+    assert_eq!(r.header("x-tapgate-blocklist-chunks"), Some("1"));
+    assert_eq!(r.content_type(), "application/x-tapgate-chunks");
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
+    let len = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+    assert_eq!(body.len(), 4 + len);
+    let chunk = purse::blocklist::chunked::SnapshotChunk::verify(&body[4..], &pk).unwrap();
+    assert_eq!((chunk.index, chunk.count, chunk.total), (0, 1, 0));
+    let mut from_chunks = purse::blocklist::Blocklist::new("default");
+    assert_eq!(
+        from_chunks.apply_chunk(&chunk),
+        Ok(purse::blocklist::chunked::ChunkProgress::Complete { version: 2 })
+    );
+    assert_eq!(from_chunks, from_snapshot);
 }

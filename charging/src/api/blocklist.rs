@@ -100,33 +100,101 @@ async fn signed_answer(
     .await
 }
 
+/// `?chunked=1` on the snapshot: the list in signed chunks.
+#[derive(Deserialize)]
+pub(super) struct SnapshotQuery {
+    #[serde(default)]
+    chunked: u8,
+}
+
+/// Every blocked card at the latest version (sorted), or `None` before the first change.
+fn blocked_cards(r: &dyn LedgerRead) -> Result<Option<(u64, Vec<[u8; 7]>)>, ApiError> {
+    let (_, latest) = r
+        .block_changes(u64::MAX - 1, 1)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if latest == 0 {
+        return Ok(None);
+    }
+    let mut uids: Vec<[u8; 7]> = r
+        .all_cards()
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .into_iter()
+        .filter(|(_, c)| c.blocked)
+        .map(|(uid, _)| uid)
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    Ok(Some((latest, uids)))
+}
+
 /// `GET /v1/blocklist/signed/snapshot` (gateway, operator): every blocked card at the latest
-/// version, signed by the back office (wire format: purse::blocklist).
+/// version, signed by the back office (wire format: purse::blocklist). With `?chunked=1`: the
+/// same list cut into sorted chunks of `purse::blocklist::chunked::CHUNK_ENTRIES` cards, each
+/// signed (format 2), answered as `application/x-tapgate-chunks` — each chunk preceded by its
+/// length (4 bytes, big-endian) — with the chunk count in `x-tapgate-blocklist-chunks`; the
+/// only way for a list beyond `MAX_ENTRIES` cards.
 pub(super) async fn signed_snapshot(
     State(st): State<AppState>,
     headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<SnapshotQuery>,
 ) -> Result<Response, ApiError> {
+    if q.chunked != 0 {
+        return chunked_snapshot(st, headers).await;
+    }
     signed_answer(st, headers, |r, operator| {
-        let (_, latest) = r
-            .block_changes(u64::MAX - 1, 1)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        if latest == 0 {
-            return Ok(None);
-        }
-        let entries: Vec<([u8; 7], bool)> = r
-            .all_cards()
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .into_iter()
-            .filter(|(_, c)| c.blocked)
-            .map(|(uid, _)| (uid, true))
-            .collect();
-        Ok(Some(ListUpdate {
+        Ok(blocked_cards(r)?.map(|(latest, uids)| ListUpdate {
             kind: ListKind::Snapshot,
             operator: operator.to_string(),
             from_version: 0,
             to_version: latest,
-            entries,
+            entries: uids.into_iter().map(|u| (u, true)).collect(),
         }))
+    })
+    .await
+}
+
+/// The chunked snapshot: one ledger read, every chunk signed by the HSM.
+async fn chunked_snapshot(st: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
+    require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
+    blocking(move || {
+        let l = st.loads.ledger();
+        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+        let cards = blocked_cards(&*r)?;
+        drop(r);
+        let Some((latest, uids)) = cards else {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        };
+        let chunks = purse::blocklist::chunked::cut(
+            &st.operator,
+            latest,
+            &uids,
+            purse::blocklist::chunked::CHUNK_ENTRIES,
+        );
+        drop(uids);
+        let mut out = Vec::new();
+        let hsm = st.loads.hsm();
+        for c in &chunks {
+            let body = c.body();
+            let sig = hsm
+                .lock()
+                .expect("hsm lock")
+                .sign(&body)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            out.extend_from_slice(&((body.len() + sig.len()) as u32).to_be_bytes());
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&sig);
+        }
+        let mut resp = signed_list_response("x-tapgate-blocklist-version", latest, out);
+        let h = resp.headers_mut();
+        h.insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/x-tapgate-chunks"),
+        );
+        h.insert(
+            axum::http::HeaderName::from_static("x-tapgate-blocklist-chunks"),
+            axum::http::HeaderValue::from(chunks.len()),
+        );
+        Ok(resp)
     })
     .await
 }
