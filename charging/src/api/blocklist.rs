@@ -107,8 +107,11 @@ pub(super) struct SnapshotQuery {
     chunked: u8,
 }
 
-/// Every blocked card at the latest version (sorted), or `None` before the first change.
-fn blocked_cards(r: &dyn LedgerRead) -> Result<Option<(u64, Vec<[u8; 7]>)>, ApiError> {
+/// The latest version and every card blocked at it (sorted).
+type BlockedCards = (u64, Vec<[u8; 7]>);
+
+/// Every blocked card at the latest version, or `None` before the first change.
+fn blocked_cards(r: &dyn LedgerRead) -> Result<Option<BlockedCards>, ApiError> {
     let (_, latest) = r
         .block_changes(u64::MAX - 1, 1)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
