@@ -391,6 +391,11 @@ z1 = ["a", "b"]
 z2 = ["c"]
 "#;
 
+    /// A `[[fares]]` entry `id` on the bus network with `fields` (`key = value` lines).
+    fn fare(id: &str, fields: &str) -> String {
+        format!("[[fares]]\nid = \"{id}\"\nnetwork = \"bus\"\n{fields}\n")
+    }
+
     #[test]
     fn the_metro_city_sample_is_clean() {
         let src = include_str!("../samples/metro-city/rules.toml");
@@ -400,10 +405,10 @@ z2 = ["c"]
 
     #[test]
     fn uncovered_stop_pairs_are_reported() {
-        let src = format!(
-            "{HEAD}\n[[fares]]\nid = \"z\"\nnetwork = \"bus\"\nod = [[\"z1\", \"z1\", 100]]\n"
-        );
-        let f = findings(&src);
+        let f = findings(&format!(
+            "{HEAD}{}",
+            fare("z", "od = [[\"z1\", \"z1\", 100]]")
+        ));
         let e = f
             .iter()
             .find(|x| x.origin == "network bus")
@@ -415,31 +420,14 @@ z2 = ["c"]
 
     #[test]
     fn contradictory_overlapping_and_unreachable_rules_are_reported() {
-        let src = format!(
-            "{HEAD}
-[[fares]]
-id = \"a\"
-group = \"g\"
-network = \"bus\"
-price = 100
-[[fares]]
-id = \"b\"
-group = \"g\"
-network = \"bus\"
-price = 200
-[[fares]]
-id = \"c\"
-network = \"bus\"
-price = 100
-[[fares]]
-id = \"d\"
-network = \"bus\"
-from_zone = \"z1\"
-price = 50
-priority = -1
-"
-        );
-        let f = findings(&src);
+        let src = [
+            fare("a", "group = \"g\"\nprice = 100"),
+            fare("b", "group = \"g\"\nprice = 200"),
+            fare("c", "price = 100"),
+            fare("d", "from_zone = \"z1\"\nprice = 50\npriority = -1"),
+        ]
+        .concat();
+        let f = findings(&format!("{HEAD}{src}"));
         let has = |lvl: Level, origin: &str, msg: &str| {
             f.iter()
                 .any(|x| x.level == lvl && x.origin.contains(origin) && x.message.contains(msg))
