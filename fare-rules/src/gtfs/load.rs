@@ -147,19 +147,6 @@ const AFTER_LEG_RULES: [(&str, Reader); 2] = [
     (FARE_TRANSFER_RULES, fare_transfer_rules),
 ];
 
-/// `agency.txt`.
-fn agency(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.agencies = f.read_rows(&[], |r| {
-        Ok(AgencyRow {
-            line: r.line,
-            agency_id: r.s("agency_id"),
-            agency_name: r.s("agency_name"),
-            agency_timezone: r.s("agency_timezone"),
-        })
-    })?;
-    Ok(())
-}
-
 /// `feed_info.txt`.
 fn feed_info(f: &CsvFile, feed: &mut Feed) -> Result<()> {
     if let Some(r) = f.rows().next() {
@@ -199,76 +186,42 @@ fn routes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
     Ok(())
 }
 
-/// `networks.txt`.
-fn networks(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.networks = f.read_rows(&["network_id"], |r| {
-        Ok(NetworkRow {
-            line: r.line,
-            network_id: r.req("network_id")?,
-            network_name: r.s("network_name"),
-        })
-    })?;
-    Ok(())
+/// Loaders of files whose rows are only text, one per file: `reader => field: Row [required
+/// columns] { row field: req (must not be empty) or s (may be), … }`, the fields read in the
+/// order given; each loader reads its file's rows into `feed.field`.
+macro_rules! text_files {
+    ($($(#[$doc:meta])* $fn:ident => $into:ident: $row:ident [$($col:literal),*]
+        { $($field:ident: $how:ident),* })*) => {$(
+        $(#[$doc])*
+        fn $fn(f: &CsvFile, feed: &mut Feed) -> Result<()> {
+            feed.$into = f.read_rows(&[$($col),*], |r| {
+                Ok($row { line: r.line, $($field: text_files!(@get r, $how, $field)),* })
+            })?;
+            Ok(())
+        }
+    )*};
+    (@get $r:ident, req, $field:ident) => { $r.req(stringify!($field))? };
+    (@get $r:ident, s, $field:ident) => { $r.s(stringify!($field)) };
 }
 
-/// `route_networks.txt`.
-fn route_networks(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.route_networks = f.read_rows(&["network_id", "route_id"], |r| {
-        Ok(RouteNetworkRow {
-            line: r.line,
-            route_id: r.req("route_id")?,
-            network_id: r.req("network_id")?,
-        })
-    })?;
-    Ok(())
-}
-
-/// `areas.txt`.
-fn areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.areas = f.read_rows(&["area_id"], |r| {
-        Ok(AreaRow {
-            line: r.line,
-            area_id: r.req("area_id")?,
-            area_name: r.s("area_name"),
-        })
-    })?;
-    Ok(())
-}
-
-/// `stop_areas.txt`.
-fn stop_areas(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.stop_areas = f.read_rows(&["area_id", "stop_id"], |r| {
-        Ok(StopAreaRow {
-            line: r.line,
-            area_id: r.req("area_id")?,
-            stop_id: r.req("stop_id")?,
-        })
-    })?;
-    Ok(())
-}
-
-/// `location_groups.txt`.
-fn location_groups(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.location_groups = f.read_rows(&["location_group_id"], |r| {
-        Ok(LocationGroupRow {
-            line: r.line,
-            location_group_id: r.req("location_group_id")?,
-            location_group_name: r.s("location_group_name"),
-        })
-    })?;
-    Ok(())
-}
-
-/// `location_group_stops.txt`.
-fn location_group_stops(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.location_group_stops = f.read_rows(&["location_group_id", "stop_id"], |r| {
-        Ok(LocationGroupStopRow {
-            line: r.line,
-            location_group_id: r.req("location_group_id")?,
-            stop_id: r.req("stop_id")?,
-        })
-    })?;
-    Ok(())
+text_files! {
+    /// `agency.txt`.
+    agency => agencies: AgencyRow [] { agency_id: s, agency_name: s, agency_timezone: s }
+    /// `networks.txt`.
+    networks => networks: NetworkRow ["network_id"] { network_id: req, network_name: s }
+    /// `route_networks.txt`.
+    route_networks => route_networks: RouteNetworkRow ["network_id", "route_id"]
+        { route_id: req, network_id: req }
+    /// `areas.txt`.
+    areas => areas: AreaRow ["area_id"] { area_id: req, area_name: s }
+    /// `stop_areas.txt`.
+    stop_areas => stop_areas: StopAreaRow ["area_id", "stop_id"] { area_id: req, stop_id: req }
+    /// `location_groups.txt`.
+    location_groups => location_groups: LocationGroupRow ["location_group_id"]
+        { location_group_id: req, location_group_name: s }
+    /// `location_group_stops.txt`.
+    location_group_stops => location_group_stops: LocationGroupStopRow
+        ["location_group_id", "stop_id"] { location_group_id: req, stop_id: req }
 }
 
 /// `calendar.txt`.
