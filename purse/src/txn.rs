@@ -101,14 +101,6 @@ pub struct CardSnapshot {
     _read: ReadUnderMac,
 }
 
-/// The profile of a card with no rider category.
-#[cfg(any(test, feature = "test-support"))]
-const NO_PROFILE: [u8; PROFILE_SIZE] = {
-    let mut p = [0u8; PROFILE_SIZE];
-    p[0] = crate::card::PROFILE_FORMAT;
-    p
-};
-
 /// Zero-sized witness that a dialogue read the snapshot under MAC; private to this module.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ReadUnderMac;
@@ -149,36 +141,6 @@ impl CardSnapshot {
     /// the terminal can change it, and no terminal can write it.
     pub fn rider_category(&self) -> Option<&str> {
         crate::card::decode_profile(&self.profile).ok().flatten()
-    }
-
-    /// [`CardSnapshot::for_tests`] of a card personalised with a rider category.
-    #[cfg(any(test, feature = "test-support"))]
-    pub fn with_rider_category_for_tests(mut self, rider_category: &str) -> Self {
-        self.profile = crate::card::encode_profile(rider_category).expect("a valid id");
-        self
-    }
-
-    /// For tests of code downstream of a card read (other crates' tests and benches): only
-    /// with the `test-support` feature, never in production builds.
-    #[cfg(any(test, feature = "test-support"))]
-    pub fn for_tests(
-        uid: [u8; 7],
-        key_version: u8,
-        balance_minor: i32,
-        tmc: u32,
-        last_tmv: [u8; 8],
-        records: Vec<crate::card::TripRecord>,
-    ) -> Self {
-        CardSnapshot {
-            uid,
-            key_version,
-            balance_minor,
-            tmc,
-            last_tmv,
-            records,
-            profile: NO_PROFILE,
-            _read: ReadUnderMac,
-        }
     }
 }
 
