@@ -35,7 +35,7 @@ pub const CARD_MASTERS: [KeyKind; 4] =
 
 wire_code! {
     /// The kind of a key in a key set.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    #[derive(PartialOrd, Ord)]
     pub enum KeyKind {
         /// KM_APP: the application master (card key 0), issuer only.
         App = 1,

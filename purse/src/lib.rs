@@ -8,7 +8,9 @@
 
 /// Declares a one-byte wire code: the enum with each variant's stable code, `from_code` (`None`
 /// for a byte this version does not know) and `code`. The codes are on the wire and in reports,
-/// so they are written once, here in each declaration, and never derived from the order.
+/// so they are written once, here in each declaration, and never derived from the order. A wire
+/// code is a plain value: `Clone, Copy, Debug, PartialEq, Eq, Hash` are derived here (a
+/// declaration adds any other).
 macro_rules! wire_code {
     (
         $(#[$meta:meta])*
@@ -17,6 +19,7 @@ macro_rules! wire_code {
         }
     ) => {
         $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         $vis enum $name {
             $($(#[$vmeta])* $variant = $code,)+
         }

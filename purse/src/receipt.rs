@@ -4,7 +4,6 @@
 
 wire_code! {
     /// What kind of value change a committed transaction made.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub enum TxKind {
         /// No value change (e.g. a capped or free transfer tap that only wrote a trip record).
         RecordOnly = 0,

@@ -137,7 +137,6 @@ impl TapFlags {
 
 wire_code! {
     /// Why a validator refused a card. Stable codes: they are on the wire and in reports.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub enum RefusalReason {
         /// 1: the card is on the blocklist.
         Blocklisted = 1,
