@@ -157,25 +157,73 @@ fn the_owner_reports_a_card_lost_and_the_gateway_sees_numbered_changes() {
         .unwrap();
     assert_eq!(r.header("x-tapgate-blocklist-version"), Some("2"));
     assert_eq!(r.content_type(), "application/octet-stream");
-    // Chunked (issue 22): length-prefixed signed chunks, here one (the list is empty), which
-    // brings a validator's list to the same version.
+    // Asked for chunks (the gateway's relay), a list that fits one chunk stays one message.
     let r = ureq::get(&format!("{b}/v1/blocklist/signed/snapshot?chunked=1"))
         .set("Authorization", &format!("Bearer {GW}"))
         .call()
         .unwrap();
     assert_eq!(r.header("x-tapgate-blocklist-version"), Some("2"));
-    assert_eq!(r.header("x-tapgate-blocklist-chunks"), Some("1"));
+    assert_eq!(r.content_type(), "application/octet-stream");
+    let mut one = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut one).unwrap();
+    assert_eq!(one, snap);
+}
+
+/// More blocked cards than one chunk holds: the chunked snapshot is length-prefixed signed
+/// chunks, sorted across chunks, that rebuild the list (issue 22).
+#[test]
+fn a_list_beyond_one_chunk_is_answered_in_signed_chunks() {
+    use purse::blocklist::chunked::{ChunkProgress, SnapshotChunk, CHUNK_ENTRIES};
+    let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(2));
+    let srv = common::start(&keys, |cfg| {
+        cfg.tokens = vec![TokenEntry {
+            name: "gw".into(),
+            role: Role::Gateway,
+            sha256: Auth::hash_token(GW),
+        }];
+    });
+    let n = CHUNK_ENTRIES + 10;
+    let uid = |i: usize| -> [u8; 7] {
+        let mut u = [4, 0, 0, 0, 0, 0, 0];
+        u[3..].copy_from_slice(&((i as u32).wrapping_mul(2_654_435_761)).to_be_bytes());
+        u
+    };
+    srv.state
+        .loads
+        .ledger()
+        .transact(move |t| {
+            for i in 0..n {
+                t.set_blocked(&uid(i), true, "lost", 0)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let r = ureq::get(&format!(
+        "{}/v1/blocklist/signed/snapshot?chunked=1",
+        srv.base
+    ))
+    .set("Authorization", &format!("Bearer {GW}"))
+    .call()
+    .unwrap();
     assert_eq!(r.content_type(), "application/x-tapgate-chunks");
+    assert_eq!(r.header("x-tapgate-blocklist-chunks"), Some("2"));
+    let version: u64 = r
+        .header("x-tapgate-blocklist-version")
+        .unwrap()
+        .parse()
+        .unwrap();
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
-    let len = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
-    assert_eq!(body.len(), 4 + len);
-    let chunk = purse::blocklist::chunked::SnapshotChunk::verify(&body[4..], &pk).unwrap();
-    assert_eq!((chunk.index, chunk.count, chunk.total), (0, 1, 0));
-    let mut from_chunks = purse::blocklist::Blocklist::new("default");
-    assert_eq!(
-        from_chunks.apply_chunk(&chunk),
-        Ok(purse::blocklist::chunked::ChunkProgress::Complete { version: 2 })
-    );
-    assert_eq!(from_chunks, from_snapshot);
+    let mut list = purse::blocklist::Blocklist::new("default");
+    let (mut pos, mut last) = (0, None);
+    while pos < body.len() {
+        let len = u32::from_be_bytes(body[pos..pos + 4].try_into().unwrap()) as usize;
+        let c = SnapshotChunk::verify(&body[pos + 4..pos + 4 + len], &keys.verifying_key).unwrap();
+        assert_eq!((c.count, c.total, c.version), (2, n as u64, version));
+        last = Some(list.apply_chunk(&c).unwrap());
+        pos += 4 + len;
+    }
+    assert_eq!(last, Some(ChunkProgress::Complete { version }));
+    assert_eq!(list.len(), n);
+    assert!((0..n).all(|i| list.is_blocked(&uid(i))));
 }

@@ -131,11 +131,11 @@ fn blocked_cards(r: &dyn LedgerRead) -> Result<Option<BlockedCards>, ApiError> {
 }
 
 /// `GET /v1/blocklist/signed/snapshot` (gateway, operator): every blocked card at the latest
-/// version, signed by the back office (wire format: purse::blocklist). With `?chunked=1`: the
-/// same list cut into sorted chunks of `purse::blocklist::chunked::CHUNK_ENTRIES` cards, each
-/// signed (format 2), answered as `application/x-tapgate-chunks` — each chunk preceded by its
-/// length (4 bytes, big-endian) — with the chunk count in `x-tapgate-blocklist-chunks`; the
-/// only way for a list beyond `MAX_ENTRIES` cards.
+/// version, signed by the back office (wire format: purse::blocklist). With `?chunked=1` (the
+/// gateway's relay), a list of more than `purse::blocklist::chunked::CHUNK_ENTRIES` cards is
+/// cut into sorted chunks of that many cards, each signed (format 2), answered as
+/// `application/x-tapgate-chunks` — each chunk preceded by its length (4 bytes, big-endian) —
+/// with the chunk count in `x-tapgate-blocklist-chunks`; a smaller list is the one message.
 pub(super) async fn signed_snapshot(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -167,6 +167,19 @@ async fn chunked_snapshot(st: AppState, headers: HeaderMap) -> Result<Response, 
         let Some((latest, uids)) = cards else {
             return Ok(StatusCode::NO_CONTENT.into_response());
         };
+        if uids.len() <= purse::blocklist::chunked::CHUNK_ENTRIES {
+            // A list that fits one chunk stays one message, which every validator takes.
+            return signed_list(
+                &st,
+                &ListUpdate {
+                    kind: ListKind::Snapshot,
+                    operator: st.operator.clone(),
+                    from_version: 0,
+                    to_version: latest,
+                    entries: uids.into_iter().map(|u| (u, true)).collect(),
+                },
+            );
+        }
         let chunks = purse::blocklist::chunked::cut(
             &st.operator,
             latest,
