@@ -4,11 +4,13 @@
 //! or new. A list every validator would refuse (another operator's, or not signed by the back
 //! office this gateway knows) is a configuration error: it is logged once per version, counted
 //! ([`GatewayStats::blocklists_refused`]) and not relayed. The relaying itself is
-//! [`SignedListRelay`]'s.
+//! [`SignedListRelay`]'s; a list beyond one chunk (65,536 cards) is relayed in signed chunks,
+//! each retained on `…/blocklist/snapshot/<index>` (issue 22, `signed_list::chunks`).
 
 use super::signed_list::{SignedList, SignedListRelay, Wanted};
 use super::{now_ms, GatewayConfig, GatewayStats};
 use crate::store::Store;
+use purse::blocklist::chunked::SnapshotChunk;
 use purse::blocklist::ListUpdate;
 use rumqttc::AsyncClient;
 use std::sync::atomic::Ordering;
@@ -70,6 +72,38 @@ impl SignedList for Blocklist {
 
     fn refused(&self) {
         self.0.blocklists_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A list beyond one chunk comes, and is relayed, in signed chunks (issue 22).
+    const CHUNKED: bool = true;
+
+    /// One chunk of this operator's snapshot at `want.version`, signed by the back office
+    /// under a key version not retired, in the place the answer gave it.
+    fn check_chunk(
+        &self,
+        bytes: &[u8],
+        want: &Wanted,
+        index: u32,
+        count: u32,
+    ) -> Result<(), String> {
+        let verified = want.key.verify_with(
+            |k| SnapshotChunk::verify(bytes, k),
+            |e| matches!(e, purse::blocklist::ListError::BadSignature),
+        );
+        let c = verified.map(|(c, _)| c).map_err(|e| e.to_string())?;
+        if c.operator != want.operator {
+            return Err(format!(
+                "it is operator {:?}'s list; this gateway serves {:?} (set operator in the charging server's config)",
+                c.operator, want.operator
+            ));
+        }
+        if Some(c.version) != want.version || (c.index, c.count) != (index, count) {
+            return Err(format!(
+                "chunk {}/{} of version {} where chunk {index}/{count} of {:?} was announced",
+                c.index, c.count, c.version, want.version
+            ));
+        }
+        Ok(())
     }
 
     /// The version in the stats and the propagation tracker.

@@ -7,9 +7,15 @@
 //! retained on `…/<topic>/snapshot`, at most every 10 s after a change. The gateway cannot forge
 //! or alter a list (it has no signing key); one validators would refuse is logged once per
 //! version and not relayed. What differs between lists is a [`SignedList`].
+//!
+//! A list that may be too large for one message (the blocklist, [`SignedList::CHUNKED`]) is
+//! fetched `…/signed/snapshot?chunked=1`; an answer in signed chunks is relayed chunk by chunk
+//! as it is read, each retained on `…/<topic>/snapshot/<index>` ([`chunks`]).
 
 use crate::store::Store;
 use rumqttc::{AsyncClient, QoS};
+
+mod chunks;
 use std::time::{Duration, Instant};
 
 /// Least time between two retained snapshots.
@@ -47,6 +53,20 @@ pub(super) trait SignedList {
     fn published(&mut self, v: u64);
     /// Records version `v` as relayed (run on the blocking pool).
     fn persist(store: &Store, v: u64);
+
+    /// Whether the whole list is asked for in chunks (`?chunked=1`).
+    const CHUNKED: bool = false;
+    /// `Err(why)` when validators would refuse `bytes` as chunk `index` of `count` of the
+    /// snapshot at `want.version`.
+    fn check_chunk(
+        &self,
+        _bytes: &[u8],
+        _want: &Wanted,
+        _index: u32,
+        _count: u32,
+    ) -> Result<(), String> {
+        Err(format!("{} snapshots do not come in chunks", Self::NAME))
+    }
 }
 
 /// What validators want of a list: signed with this key, for this operator, and (when the
@@ -72,6 +92,11 @@ pub(super) struct SignedListRelay<L> {
     snapshot_due: bool,
     /// The last version refused (logged once per version).
     refused_version: Option<u64>,
+    /// Chunks of the last chunked snapshot published (their retained topics are cleared when
+    /// a later snapshot has fewer), and whether the single-message snapshot topic has been
+    /// cleared since.
+    chunks_published: u32,
+    single_cleared: bool,
 }
 
 impl<L: SignedList> SignedListRelay<L> {
@@ -97,6 +122,8 @@ impl<L: SignedList> SignedListRelay<L> {
             last_snapshot: Instant::now() - Duration::from_secs(60),
             snapshot_due: true,
             refused_version: None,
+            chunks_published: 0,
+            single_cleared: false,
         }
     }
 
@@ -226,6 +253,9 @@ impl<L: SignedList> SignedListRelay<L> {
     /// The whole list as a retained snapshot (when validators would take it).
     async fn relay_snapshot(&mut self) {
         self.last_snapshot = Instant::now();
+        if L::CHUNKED {
+            return self.relay_chunked_snapshot().await;
+        }
         let path = format!("/v1/{}/signed/snapshot", L::PATH);
         let Ok(Ok(Some((h, bytes)))) = self.get(path).await else {
             return;
