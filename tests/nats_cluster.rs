@@ -18,7 +18,9 @@ mod support;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use support::{card_balance, keys_and_fare_table, wait_cards_conserved, Kill};
+use support::{
+    card_balance, keys_and_fare_table, metro_validator_toml, mqtt_toml, wait_cards_conserved, Kill,
+};
 use tapgate_testkit::nats::NatsCluster;
 use tapgate_testkit::spawn_charging;
 use tapgate_testkit::wait::wait_until;
@@ -124,21 +126,9 @@ fn spawn_validator(dir: &Path, cluster: &NatsCluster, device: u32, node: usize) 
     std::fs::write(
         dir.join(format!("v{device}.toml")),
         format!(
-            r#"device_id = {device}
-operator = "metro"
-stop = "Central"
-route = "M1"
-kind = "in"
-utc_offset_minutes = 540
-journal = "journal-{device}"
-keys = "keys"
-fare_table = "metro.tgft"
-heartbeat_s = 1
+            r#"{}heartbeat_s = 1
 drain_timeout_s = 60
-[mqtt]
-broker = "{}"
-fallback_brokers = [{}]
-password_env = "V{device}_PASSWORD"
+{}fallback_brokers = [{}]
 [crowd]
 cards = {CARDS}
 balance_minor = {START_MINOR}
@@ -148,7 +138,8 @@ seed = {device}
 dir = "cards"
 tear_per_mille = 0
 "#,
-            brokers[0],
+            metro_validator_toml(device, "Central", "in", &format!("journal-{device}")),
+            mqtt_toml(&brokers[0], &format!("V{device}_PASSWORD")),
             fallback.join(", ")
         ),
     )

@@ -15,7 +15,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
+use support::{
+    embedded_gateway_args, free_port, keys_and_fare_table, metro_validator_toml, mqtt_toml,
+    wait_for_port, Kill,
+};
 use tapgate_testkit::http;
 use tapgate_testkit::spawn_charging;
 use tapgate_testkit::wait::wait_until;
@@ -103,30 +106,13 @@ fn world(validator_args: &[&str], validator_log: Option<&str>, taps: u64) -> Wor
     )
     .unwrap();
     let gateway_guard = Kill(
-        tapgate(
-            dir,
-            &[
-                "gateway",
-                "--keys",
-                "keys",
-                "--data",
-                "gw",
-                "--mqtt-users",
-                "users",
-                "--operator",
-                "metro",
-                "--embedded-listen",
-                &format!("127.0.0.1:{mqtt_port}"),
-                "--charging",
-                &charging,
-                "--config",
-                "gw-api.toml",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tapgate gateway"),
+        tapgate(dir, &[])
+            .args(embedded_gateway_args("users", mqtt_port))
+            .args(["--charging", &charging, "--config", "gw-api.toml"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tapgate gateway"),
     );
     wait_for_port(mqtt_port, "the gateway's broker");
     wait_for_port(api_port, "the gateway's API");
@@ -135,7 +121,12 @@ fn world(validator_args: &[&str], validator_log: Option<&str>, taps: u64) -> Wor
     std::fs::write(
         dir.join("validator.toml"),
         format!(
-            "device_id = {DEVICE}\noperator = \"metro\"\nstop = \"Central\"\nroute = \"M1\"\nkind = \"entry\"\nutc_offset_minutes = 540\njournal = \"journal\"\nkeys = \"keys\"\nfare_table = \"metro.tgft\"\nheartbeat_s = 1\n\n[mqtt]\nbroker = \"mqtt://127.0.0.1:{mqtt_port}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[crowd]\ncards = {CARDS}\nbalance_minor = 50000\ndir = \"cards\"\ntaps = 1000000\n"
+            "{}heartbeat_s = 1\n\n{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[crowd]\ncards = {CARDS}\nbalance_minor = 50000\ndir = \"cards\"\ntaps = 1000000\n",
+            metro_validator_toml(DEVICE, "Central", "entry", "journal"),
+            mqtt_toml(
+                &format!("mqtt://127.0.0.1:{mqtt_port}"),
+                "VALIDATOR_MQTT_PASSWORD"
+            ),
         ),
     )
     .unwrap();

@@ -5,7 +5,7 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
+use support::{embedded_gateway_args, free_port, keys_and_fare_table, wait_for_port, Kill};
 
 const PASS: &str = "startup-checks";
 
@@ -151,19 +151,7 @@ fn a_refused_login_is_logged_once_by_each_side() {
     let port = free_port();
     let gateway = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .current_dir(dir)
-        .args([
-            "gateway",
-            "--keys",
-            "keys",
-            "--data",
-            "gw",
-            "--operator",
-            "metro",
-            "--mqtt-users",
-            "mqtt-users",
-            "--embedded-listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(embedded_gateway_args("mqtt-users", port))
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
         .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
         .env_remove("TAPGATE_LOG")

@@ -21,7 +21,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use support::{card_balance, free_port, keys_and_fare_table, wait_cards_conserved, Kill};
+use support::{
+    card_balance, free_port, keys_and_fare_table, metro_validator_toml, mqtt_toml,
+    wait_cards_conserved, Kill,
+};
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
 use tapgate_testkit::spawn_charging;
 use tapgate_testkit::wait::wait_until;
@@ -175,26 +178,19 @@ fn validator_toml(dir: &Path, device: u32, stop: &str, kind: &str, port: u16) {
     std::fs::write(
         dir.join(format!("v{device}.toml")),
         format!(
-            r#"device_id = {device}
-operator = "metro"
-stop = "{stop}"
-route = "M1"
-kind = "{kind}"
-utc_offset_minutes = 540
-journal = "journal-{device}"
-keys = "keys"
-fare_table = "metro.tgft"
-heartbeat_s = 1
+            r#"{}heartbeat_s = 1
 drain_timeout_s = 40
-[mqtt]
-broker = "mqtt://127.0.0.1:{port}"
-password_env = "V{device}_PASSWORD"
-[crowd]
+{}[crowd]
 cards = {CARDS}
 balance_minor = {START_MINOR}
 dir = "cards"
 tear_per_mille = 0
-"#
+"#,
+            metro_validator_toml(device, stop, kind, &format!("journal-{device}")),
+            mqtt_toml(
+                &format!("mqtt://127.0.0.1:{port}"),
+                &format!("V{device}_PASSWORD")
+            ),
         ),
     )
     .unwrap();

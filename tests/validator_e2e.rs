@@ -7,7 +7,10 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use support::{free_port, keys_and_fare_table, wait_for_port, Kill};
+use support::{
+    embedded_gateway_args, free_port, keys_and_fare_table, metro_validator_toml, mqtt_toml,
+    wait_for_port, Kill,
+};
 use validator::journal::Journal;
 
 const PASS: &str = "validator-e2e";
@@ -49,16 +52,7 @@ fn setup(dir: &Path, extra: &str, crowd_cards: u32) {
     std::fs::write(
         dir.join("validator.toml"),
         format!(
-            r#"device_id = 1001
-operator = "metro"
-stop = "Central"
-route = "M1"
-kind = "entry"
-utc_offset_minutes = 540
-journal = "journal"
-keys = "keys"
-fare_table = "metro.tgft"
-heartbeat_s = 1
+            r#"{}heartbeat_s = 1
 drain_timeout_s = 20
 {extra}
 [crowd]
@@ -66,7 +60,8 @@ cards = {crowd_cards}
 balance_minor = {START_MINOR}
 dir = "cards"
 tear_per_mille = 100
-"#
+"#,
+            metro_validator_toml(1001, "Central", "entry", "journal")
         ),
     )
     .unwrap();
@@ -198,21 +193,7 @@ fn start_gateway_with_api(dir: &Path, port: u16, api_port: Option<u16>) -> Kill 
     }
     let gw = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .current_dir(dir)
-        .args([
-            "gateway",
-            "--keys",
-            "keys",
-            "--data",
-            "gw",
-            "--mqtt-users",
-            "users",
-        ])
-        .args([
-            "--operator",
-            "metro",
-            "--embedded-listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(embedded_gateway_args("users", port))
         .args(&api)
         .env("TAPGATE_KEY_PASSPHRASE", PASS)
         .env("TAPGATE_MQTT_PASSWORD", "gw-secret")
@@ -235,7 +216,10 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
     let port = free_port();
     setup(
         dir,
-        &format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\""),
+        &mqtt_toml(
+            &format!("mqtt://127.0.0.1:{port}"),
+            "VALIDATOR_MQTT_PASSWORD",
+        ),
         300,
     );
     let _gw = start_gateway(dir, port);
@@ -258,9 +242,9 @@ fn a_refused_subscription_is_made_again_and_the_outbox_drains() {
     let front = tapgate_testkit::refusing_front::RefusingFront::start(port);
     setup(
         dir,
-        &format!(
-            "[mqtt]\nbroker = \"mqtt://127.0.0.1:{}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\"",
-            front.port()
+        &mqtt_toml(
+            &format!("mqtt://127.0.0.1:{}", front.port()),
+            "VALIDATOR_MQTT_PASSWORD",
         ),
         50,
     );
@@ -315,7 +299,10 @@ fn offline_then_back_the_outbox_drains() {
     let port = free_port();
     setup(
         dir,
-        &format!("[mqtt]\nbroker = \"mqtt://127.0.0.1:{port}\"\npassword_env = \"VALIDATOR_MQTT_PASSWORD\""),
+        &mqtt_toml(
+            &format!("mqtt://127.0.0.1:{port}"),
+            "VALIDATOR_MQTT_PASSWORD",
+        ),
         300,
     );
     // Nothing listens on the port: offline. The validator works and keeps everything.

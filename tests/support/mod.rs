@@ -200,3 +200,38 @@ pub fn assert_shadow_equals_card(base: &str, token: &str, card: &purse::card::Ca
     );
     assert_eq!(got["pending_loads"], 0, "card {uid}: {got}");
 }
+
+/// The first lines of a metro validator's configuration: device `device` at `stop` on the
+/// metro sample's route M1 as a `kind` validator (Korean time), its journal in `journal`, the
+/// key set in `keys` and the fare table `metro.tgft`. Callers add their settings and sections.
+pub fn metro_validator_toml(device: u32, stop: &str, kind: &str, journal: &str) -> String {
+    format!(
+        "device_id = {device}\noperator = \"metro\"\nstop = \"{stop}\"\nroute = \"M1\"\nkind = \"{kind}\"\nutc_offset_minutes = 540\njournal = \"{journal}\"\nkeys = \"keys\"\nfare_table = \"metro.tgft\"\n"
+    )
+}
+
+/// A validator's `[mqtt]` section: the broker `broker` (`mqtt://host:port`), its password in
+/// the environment variable `password_env`.
+pub fn mqtt_toml(broker: &str, password_env: &str) -> String {
+    format!("[mqtt]\nbroker = \"{broker}\"\npassword_env = \"{password_env}\"\n")
+}
+
+/// The arguments of `tapgate gateway` for operator metro with the key set in `keys` and its
+/// data in `gw`, its embedded broker on loopback `port` for the devices listed in the file
+/// `users`; a caller adds its own after them.
+pub fn embedded_gateway_args(users: &str, port: u16) -> Vec<String> {
+    let listen = format!("127.0.0.1:{port}");
+    [
+        "gateway",
+        "--keys",
+        "keys",
+        "--data",
+        "gw",
+        "--operator",
+        "metro",
+    ]
+    .into_iter()
+    .chain(["--mqtt-users", users, "--embedded-listen", &listen])
+    .map(str::to_string)
+    .collect()
+}
