@@ -980,37 +980,32 @@ impl Card {
         let expect = new.clone();
         let (tmc, tmv) = (new.tmc, new.tmv);
         let (bal, lc) = (new.balance_minor, new.limited_credit_minor);
-        if self.nvm_write(|n| n.journal = Some(new)) {
-            return Ok(Vec::new());
-        }
-        if self.nvm_write(|n| n.commit_flag = true) {
-            return Ok(Vec::new());
-        }
-        if self.nvm_write(|n| {
-            n.main.balance_minor = bal;
-            n.main.limited_credit_minor = lc;
-        }) {
-            return Ok(Vec::new());
-        }
-        if self.nvm_write(|n| {
-            let Nvm { main, journal, .. } = n;
-            if let Some(j) = journal {
-                main.records.clone_from(&j.records);
+        let steps: [NvmStep; 6] = [
+            Box::new(move |n| n.journal = Some(new)),
+            Box::new(|n| n.commit_flag = true),
+            Box::new(move |n| {
+                n.main.balance_minor = bal;
+                n.main.limited_credit_minor = lc;
+            }),
+            Box::new(|n| {
+                let Nvm { main, journal, .. } = n;
+                if let Some(j) = journal {
+                    main.records.clone_from(&j.records);
+                }
+            }),
+            Box::new(move |n| {
+                n.main.tmc = tmc;
+                n.main.tmv = tmv;
+            }),
+            Box::new(|n| {
+                n.journal = None;
+                n.commit_flag = false;
+            }),
+        ];
+        for step in steps {
+            if self.nvm_write(step) {
+                return Ok(Vec::new());
             }
-        }) {
-            return Ok(Vec::new());
-        }
-        if self.nvm_write(|n| {
-            n.main.tmc = tmc;
-            n.main.tmv = tmv;
-        }) {
-            return Ok(Vec::new());
-        }
-        if self.nvm_write(|n| {
-            n.journal = None;
-            n.commit_flag = false;
-        }) {
-            return Ok(Vec::new());
         }
         #[cfg(debug_assertions)]
         debug_assert_eq!(self.nvm.main, expect);
@@ -1039,6 +1034,9 @@ impl Card {
 
 /// The number of NVM writes one commit makes (tear points 1..=COMMIT_WRITES).
 pub const COMMIT_WRITES: u32 = 6;
+
+/// One write of a commit's sequence (a tear may come after any).
+type NvmStep = Box<dyn FnOnce(&mut Nvm)>;
 
 #[cfg(test)]
 mod tests {
