@@ -43,12 +43,26 @@ fn err(status: StatusCode, code: &str, detail: String) -> Response {
         .into_response()
 }
 
-/// `None` when the caller is an operator; else the refusal to send.
-fn operator(st: &ApiState, headers: &HeaderMap) -> Option<Response> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    refusal(st.auth.require(value, &[Role::Operator]).map(|_| ()))
+/// A caller with an operator token: a handler taking it runs only for one (401 or 403
+/// otherwise). It comes after a handler's other extractors, so they are judged first.
+struct Operator;
+
+impl axum::extract::FromRequestParts<ApiState> for Operator {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &ApiState,
+    ) -> Result<Self, Response> {
+        let value = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match refusal(st.auth.require(value, &[Role::Operator]).map(|_| ())) {
+            None => Ok(Operator),
+            Some(r) => Err(r),
+        }
+    }
 }
 
 /// The response for a refused caller, `None` when let in.
@@ -128,10 +142,7 @@ pub fn devices_view(st: &ApiState) -> Result<Vec<serde_json::Value>, crate::stor
         .collect())
 }
 
-async fn devices(State(st): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Some(r) = operator(&st, &headers) {
-        return r;
-    }
+async fn devices(State(st): State<ApiState>, _: Operator) -> Response {
     let st2 = st.clone();
     match tokio::task::spawn_blocking(move || devices_view(&st2)).await {
         Ok(Ok(out)) => Json(serde_json::json!({ "devices": out })).into_response(),
@@ -140,14 +151,7 @@ async fn devices(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn device(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = operator(&st, &headers) {
-        return r;
-    }
+async fn device(State(st): State<ApiState>, Path(id): Path<String>, _: Operator) -> Response {
     let Ok(id) = id.parse::<u32>() else {
         return err(
             StatusCode::BAD_REQUEST,
@@ -179,12 +183,9 @@ struct AggQuery {
 
 async fn aggregates(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Query(q): Query<AggQuery>,
+    _: Operator,
 ) -> Response {
-    if let Some(r) = operator(&st, &headers) {
-        return r;
-    }
     let prefix = q.prefix.unwrap_or_default();
     match st
         .store
@@ -200,10 +201,7 @@ async fn aggregates(
     }
 }
 
-async fn quarantine(State(st): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Some(r) = operator(&st, &headers) {
-        return r;
-    }
+async fn quarantine(State(st): State<ApiState>, _: Operator) -> Response {
     match st.store.quarantined(1_000) {
         Ok(q) => Json(serde_json::json!({"quarantined": q})).into_response(),
         Err(e) => internal(e),
@@ -216,14 +214,7 @@ struct ExportQuery {
     to_ms: Option<u64>,
 }
 
-async fn tides(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Query(q): Query<ExportQuery>,
-) -> Response {
-    if let Some(r) = operator(&st, &headers) {
-        return r;
-    }
+async fn tides(State(st): State<ApiState>, Query(q): Query<ExportQuery>, _: Operator) -> Response {
     let (from, to) = (q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(u64::MAX));
     if from >= to {
         return err(
@@ -345,12 +336,9 @@ struct PropagationQuery {
 /// 50%, 99% and 100% of the online validators held that version.
 async fn propagation(
     State(st): State<ApiState>,
-    headers: HeaderMap,
     Query(q): Query<PropagationQuery>,
+    _: Operator,
 ) -> Response {
-    if let Some(r) = operator(&st, &headers) {
-        return r;
-    }
     let Ok(p) = st.stats.propagation.lock() else {
         return internal("propagation lock poisoned");
     };
