@@ -204,6 +204,8 @@ pub struct Blocklist {
     operator: String,
     version: u64,
     blocked: UidSet,
+    /// The version of the snapshot the list was last replaced by (deltas since move `version`).
+    snapshot: u64,
     incoming: Option<Assembly>,
 }
 
@@ -224,8 +226,14 @@ impl Blocklist {
             operator: operator.to_string(),
             version: 0,
             blocked: UidSet::default(),
+            snapshot: 0,
             incoming: None,
         }
+    }
+
+    /// The version of the snapshot the list in force was built from (0: none yet).
+    pub fn snapshot_version(&self) -> u64 {
+        self.snapshot
     }
 
     /// The chunked snapshot being received, if any.
@@ -287,6 +295,7 @@ impl Blocklist {
         let (version, set) = self.incoming.take().expect("set above").finish()?;
         self.blocked = set;
         self.version = version;
+        self.snapshot = version;
         Ok(ChunkProgress::Complete { version })
     }
 

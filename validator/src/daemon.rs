@@ -262,6 +262,8 @@ pub struct Topics {
     pub confirm: String,
     pub status: String,
     pub blocklist_snapshot: String,
+    /// The chunks of a snapshot too large for one message (`…/blocklist/snapshot/+`, issue 22).
+    pub blocklist_chunks: String,
     pub blocklist_delta: String,
     pub fares: String,
     /// The action list (orders to pick up at the next tap), under the card scheme's topics.
@@ -286,6 +288,7 @@ impl Topics {
             confirm: format!("{p}/devices/{device}/confirm"),
             status: format!("{p}/devices/{device}/status"),
             blocklist_snapshot: format!("{s}/blocklist/snapshot"),
+            blocklist_chunks: format!("{s}/blocklist/snapshot/+"),
             blocklist_delta: format!("{s}/blocklist/delta"),
             fares: format!("{p}/fares/table"),
             actions_snapshot: format!("{s}/actions/snapshot"),
@@ -296,6 +299,8 @@ impl Topics {
 }
 
 const BL_SNAPSHOT: &str = "blocklist/0-snapshot";
+/// A snapshot's chunks: `blocklist/0-chunk/<version:020>/<index:06>`.
+const BL_CHUNKS: &str = "blocklist/0-chunk/";
 const BL_DELTA: &str = "blocklist/1-delta/";
 const FARE_TABLE: &str = "fares/table";
 
@@ -312,6 +317,16 @@ pub enum DownlinkOutcome {
         /// The message's version.
         got: u64,
     },
+    /// A chunk of a blocklist snapshot still being received (issue 22): kept (or, already
+    /// in or of an older snapshot, ignored); the list in force is unchanged until the last.
+    Pending {
+        /// The snapshot's version.
+        version: u64,
+        /// Its chunks received so far.
+        received: u32,
+        /// Its chunks in all.
+        count: u32,
+    },
 }
 
 /// Applies a downlink message (verified against `pubkey`; out-of-order or forged updates are
@@ -326,6 +341,13 @@ pub fn apply_downlink(
 ) -> Result<u64, String> {
     match apply_downlink_outcome(gate, journal, pubkey, topic_kind, bytes)? {
         DownlinkOutcome::Applied(v) => Ok(v),
+        DownlinkOutcome::Pending {
+            version,
+            received,
+            count,
+        } => Err(format!(
+            "blocklist snapshot {version}: {received} of {count} chunks received"
+        )),
         DownlinkOutcome::AlreadyHeld { held, got } => Err(match topic_kind {
             Downlink::Blocklist => format!(
                 "blocklist refused: {}",
@@ -348,6 +370,15 @@ pub fn apply_downlink_outcome(
 ) -> Result<DownlinkOutcome, String> {
     let keys = pubkey.trusted();
     match topic_kind {
+        // An empty message clears a retained topic (the gateway's, when a snapshot goes from
+        // one message to chunks or has fewer chunks): nothing to apply.
+        Downlink::Blocklist if bytes.is_empty() => {
+            let held = gate.blocklist.version();
+            Ok(DownlinkOutcome::AlreadyHeld { held, got: held })
+        }
+        Downlink::Blocklist if purse::blocklist::chunked::is_chunk(bytes) => {
+            apply_blocklist_chunk(gate, journal, &keys, bytes)
+        }
         Downlink::Blocklist => {
             // One signature check, even for a 1,000,000-entry snapshot (two while a list
             // signed by the previous key version is still accepted).
@@ -394,6 +425,62 @@ pub fn apply_downlink_outcome(
             Ok(DownlinkOutcome::Applied(u64::from(header.version)))
         }
     }
+}
+
+/// A chunk of a blocklist snapshot (issue 22): verified under the key ring (a retired version
+/// refused), packed into the snapshot being received and journalled; with the last chunk the
+/// snapshot is the list in force, and the journal keeps its chunks alone (the snapshot and
+/// deltas before it dropped in the same transaction). A chunk that starts a snapshot drops
+/// the chunks of any other half-received one (keeping those of the snapshot in force).
+pub fn apply_blocklist_chunk(
+    gate: &mut Gate,
+    journal: &Journal,
+    keys: &TrustedKeys,
+    bytes: &[u8],
+) -> Result<DownlinkOutcome, String> {
+    use purse::blocklist::chunked::{ChunkProgress, SnapshotChunk};
+    use purse::blocklist::ListError;
+    let (c, _) = keys
+        .verify_with(
+            |k| SnapshotChunk::verify(bytes, k),
+            |e| matches!(e, ListError::BadSignature),
+        )
+        .map_err(|e| format!("blocklist refused: {e}"))?;
+    let (held, base) = (gate.blocklist.version(), gate.blocklist.snapshot_version());
+    let progress = match gate.blocklist.apply_chunk(&c) {
+        Ok(p) => p,
+        Err(ListError::Stale { held, got }) => {
+            return Ok(DownlinkOutcome::AlreadyHeld { held, got })
+        }
+        Err(e) => return Err(format!("blocklist refused: {e}")),
+    };
+    let set = |v: u64| format!("{BL_CHUNKS}{v:020}/");
+    let key = format!("{}{:06}", set(c.version), c.index);
+    let r = match progress {
+        ChunkProgress::Complete { version } => {
+            let mine = set(version);
+            journal.put_blob_retaining(&key, bytes, "blocklist/", |k| k.starts_with(&mine))
+        }
+        ChunkProgress::Pending { started, .. } => {
+            let (old, new) = (set(base), set(c.version));
+            let keep = |k: &str| !started || k.starts_with(&old) || k.starts_with(&new);
+            journal.put_blob_retaining(&key, bytes, BL_CHUNKS, keep)
+        }
+        ChunkProgress::Duplicate { .. } | ChunkProgress::Superseded { .. } => Ok(()),
+    };
+    r.map_err(|e| format!("journalling the blocklist: {e}"))?;
+    Ok(match (progress, gate.blocklist.incoming()) {
+        (ChunkProgress::Complete { version }, _) => DownlinkOutcome::Applied(version),
+        (_, Some(a)) => DownlinkOutcome::Pending {
+            version: a.version(),
+            received: a.received(),
+            count: a.received() + a.missing().len() as u32,
+        },
+        (_, None) => DownlinkOutcome::AlreadyHeld {
+            held,
+            got: c.version,
+        },
+    })
 }
 
 const AL_PREFIX: &str = "actions/";
@@ -557,11 +644,21 @@ pub fn restore(
             }
         }
     }
-    for (_, b) in journal.blobs("blocklist/")? {
-        if let Ok((u, _)) = verify_blocklist(&keys, &b) {
+    // One blob at a time: a chunked snapshot is packed chunk by chunk as when it arrived (a
+    // half-received one waits for its missing chunks, which the retained topics send again).
+    journal.for_each_blob("blocklist/", |_, b| {
+        if purse::blocklist::chunked::is_chunk(b) {
+            let c = keys.verify_with(
+                |k| purse::blocklist::chunked::SnapshotChunk::verify(b, k),
+                |e| matches!(e, purse::blocklist::ListError::BadSignature),
+            );
+            if let Ok((c, _)) = c {
+                let _ = gate.blocklist.apply_chunk(&c);
+            }
+        } else if let Ok((u, _)) = verify_blocklist(&keys, b) {
             let _ = gate.blocklist.apply_verified(&u);
         }
-    }
+    })?;
     Ok(())
 }
 

@@ -286,6 +286,48 @@ impl Journal {
         Ok(())
     }
 
+    /// Stores blob `key` and, in the same transaction, drops every blob under `prefix` that
+    /// `keep` does not keep (a blocklist chunk: the chunks of other snapshots; the last chunk:
+    /// everything but its snapshot's chunks).
+    pub fn put_blob_retaining(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        prefix: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(), JournalError> {
+        let mut w = self.env.write_txn()?;
+        let drop: Vec<String> = self
+            .meta
+            .prefix_iter(&w, prefix)?
+            .filter_map(|e| match e {
+                Ok((k, _)) if keep(k) => None,
+                e => Some(e.map(|(k, _)| k.to_string())),
+            })
+            .collect::<Result<_, _>>()?;
+        for k in drop {
+            self.meta.delete(&mut w, &k)?;
+        }
+        self.meta.put(&mut w, key, bytes)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Calls `f` with each blob under `prefix`, in key order, one at a time (a 10,000,000-card
+    /// blocklist is 70 MB of chunks: never all copied out at once).
+    pub fn for_each_blob(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&str, &[u8]),
+    ) -> Result<(), JournalError> {
+        let r = self.env.read_txn()?;
+        for e in self.meta.prefix_iter(&r, prefix)? {
+            let (k, b) = e?;
+            f(k, b);
+        }
+        Ok(())
+    }
+
     /// Drops a card's pending change (the card showed it never happened).
     pub fn clear_pending(&self, uid: &[u8; 7]) -> Result<(), JournalError> {
         let mut w = self.env.write_txn()?;

@@ -262,6 +262,7 @@ fn subscribe_all(client: &AsyncClient, t: &Topics) {
     let filters = [
         &t.confirm,
         &t.blocklist_snapshot,
+        &t.blocklist_chunks,
         &t.blocklist_delta,
         &t.fares,
         &t.actions_snapshot,
@@ -310,7 +311,7 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
                         "action ceiling granted"
                     )
                 }
-                Ok(DownlinkOutcome::AlreadyHeld { .. }) => {}
+                Ok(DownlinkOutcome::AlreadyHeld { .. } | DownlinkOutcome::Pending { .. }) => {}
                 Err(e) => tracing::warn!("{e}"),
             }
         })
@@ -333,6 +334,7 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
                 Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
                     tracing::debug!(held, got, "action list already held")
                 }
+                Ok(DownlinkOutcome::Pending { .. }) => {}
                 Err(e) => {
                     shared.metrics.count_downlink_refused(&e);
                     tracing::warn!("{e}")
@@ -362,6 +364,13 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
             }
             Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
                 tracing::debug!(?kind, held, got, "downlink already held");
+            }
+            Ok(DownlinkOutcome::Pending {
+                version,
+                received,
+                count,
+            }) => {
+                tracing::debug!(version, received, count, "blocklist snapshot chunk kept");
             }
             Err(e) => {
                 shared.metrics.count_downlink_refused(&e);
