@@ -262,32 +262,22 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
         return r;
     }
     let mut out = String::new();
-    for (name, v) in [
-        (
-            "tapgate_gateway_taps_stored_total",
-            st.stats.stored.load(Ordering::Relaxed),
-        ),
-        (
-            "tapgate_gateway_taps_duplicate_total",
-            st.stats.duplicates.load(Ordering::Relaxed),
-        ),
-        (
-            "tapgate_gateway_taps_quarantined_total",
-            st.stats.quarantined.load(Ordering::Relaxed),
-        ),
-        (
-            "tapgate_gateway_taps_forwarded_total",
-            st.stats.forwarded.load(Ordering::Relaxed),
-        ),
+    let s = &st.stats;
+    for (name, counter) in [
+        ("tapgate_gateway_taps_stored_total", &s.stored),
+        ("tapgate_gateway_taps_duplicate_total", &s.duplicates),
+        ("tapgate_gateway_taps_quarantined_total", &s.quarantined),
+        ("tapgate_gateway_taps_forwarded_total", &s.forwarded),
         (
             "tapgate_gateway_blocklists_refused_total",
-            st.stats.blocklists_refused.load(Ordering::Relaxed),
+            &s.blocklists_refused,
         ),
         (
             "tapgate_gateway_forward_failures_total",
-            st.stats.forward_failures.load(Ordering::Relaxed),
+            &s.forward_failures,
         ),
     ] {
+        let v = counter.load(Ordering::Relaxed);
         out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
     }
     if let Ok(n) = st.store.outbox_len() {
