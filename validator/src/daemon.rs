@@ -118,14 +118,18 @@ impl Metrics {
             Some([("device".to_string(), device_id.to_string())].into()),
         )
         .expect("static registry prefix");
-        let taps = IntCounterVec::new(
-            Opts::new(
-                "taps_total",
-                "taps by outcome (accepted, refused, torn, repeat) and reason",
-            ),
-            &["outcome", "reason"],
-        )
-        .expect("static metric");
+        // Each metric registered as it is made.
+        fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("unique metric names");
+            c
+        }
+        let gauge =
+            |n: &str, h: &str| registered(&registry, IntGauge::new(n, h).expect("static metric"));
+        let counters = |n: &str, h: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(n, h), labels).expect("static metric");
+            registered(&registry, c)
+        };
         let latency = Histogram::with_opts(
             HistogramOpts::new(
                 "tap_seconds",
@@ -136,42 +140,33 @@ impl Metrics {
             ]),
         )
         .expect("static metric");
-        let gauge = |n: &str, h: &str| IntGauge::new(n, h).expect("static metric");
-        let confirmations_refused = IntCounterVec::new(
-            Opts::new(
-                "confirmations_refused_total",
-                "confirmations ignored because they did not verify under the device key (forged, altered, another device's) or were malformed; nothing was deleted on them",
+        let m = Self {
+            taps: counters(
+                "taps_total",
+                "taps by outcome (accepted, refused, torn, repeat) and reason",
+                &["outcome", "reason"],
             ),
-            &["reason"],
-        )
-        .expect("static metric");
-        let pickups = IntCounterVec::new(
-            Opts::new(
-                "pickups_total",
-                "action-list orders at a tap: applied, already_on_card (another validator did), not_applied (ceiling, blocklist, SAM, card), torn",
-            ),
-            &["outcome"],
-        )
-        .expect("static metric");
-        let downlink_refused = IntCounterVec::new(
-            Opts::new(
+            latency: registered(&registry, latency),
+            downlink_refused: counters(
                 "downlink_refused_total",
                 "signed blocklists, action lists and fare tables refused: retired_signing_key (signed by a key version the operator retired), refused (forged, malformed, out of order, …)",
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("static metric");
-        let m = Self {
-            downlink_refused,
-            confirmations_refused,
-            pickups,
+            confirmations_refused: counters(
+                "confirmations_refused_total",
+                "confirmations ignored because they did not verify under the device key (forged, altered, another device's) or were malformed; nothing was deleted on them",
+                &["reason"],
+            ),
+            pickups: counters(
+                "pickups_total",
+                "action-list orders at a tap: applied, already_on_card (another validator did), not_applied (ceiling, blocklist, SAM, card), torn",
+                &["outcome"],
+            ),
             action_list_version: gauge("action_list_version", "action-list version held"),
             action_ceiling_minor: gauge(
                 "action_ceiling_minor",
                 "what is left of the SAM's action-list ceiling (minor units)",
             ),
-            taps,
-            latency,
             outbox_depth: gauge(
                 "outbox_depth",
                 "journalled taps the gateway has not confirmed",
@@ -184,25 +179,8 @@ impl Metrics {
             blocklist_version: gauge("blocklist_version", "blocklist version held"),
             fare_table_version: gauge("fare_table_version", "fare table version in force"),
             mqtt_connected: gauge("mqtt_connected", "1 while connected to the broker"),
-            registry,
+            registry: registry.clone(),
         };
-        for c in [
-            Box::new(m.taps.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.latency.clone()),
-            Box::new(m.outbox_depth.clone()),
-            Box::new(m.outbox_full.clone()),
-            Box::new(m.outbox_capacity.clone()),
-            Box::new(m.blocklist_version.clone()),
-            Box::new(m.fare_table_version.clone()),
-            Box::new(m.mqtt_connected.clone()),
-            Box::new(m.confirmations_refused.clone()),
-            Box::new(m.pickups.clone()),
-            Box::new(m.action_list_version.clone()),
-            Box::new(m.action_ceiling_minor.clone()),
-            Box::new(m.downlink_refused.clone()),
-        ] {
-            m.registry.register(c).expect("unique metric names");
-        }
         // Exported at 0 from the start, so the first refusal is an increase an alert sees.
         for reason in ["bad_mac", "malformed"] {
             m.confirmations_refused.with_label_values(&[reason]);
