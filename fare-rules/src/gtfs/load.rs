@@ -83,21 +83,6 @@ fn fare_attributes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
     Ok(())
 }
 
-/// `fare_rules.txt` (Fares v1).
-fn fare_rules(f: &CsvFile, feed: &mut Feed) -> Result<()> {
-    feed.fare_rules = f.read_rows(&["fare_id"], |r| {
-        Ok(FareRuleRow {
-            line: r.line,
-            fare_id: r.req("fare_id")?,
-            route_id: r.s("route_id"),
-            origin_id: r.s("origin_id"),
-            destination_id: r.s("destination_id"),
-            contains_id: r.s("contains_id"),
-        })
-    })?;
-    Ok(())
-}
-
 /// An exact amount in the minor units of its ISO 4217 currency, with the currency.
 fn amount(
     r: &Row,
@@ -186,7 +171,7 @@ fn routes(f: &CsvFile, feed: &mut Feed) -> Result<()> {
     Ok(())
 }
 
-/// Loaders of files whose rows are only text, one per file: `reader => field: Row [required
+/// Loaders of files whose rows are only text, one a file: `reader => field: Row [required
 /// columns] { row field: req (must not be empty) or s (may be), … }`, the fields read in the
 /// order given; each loader reads its file's rows into `feed.field`.
 macro_rules! text_files {
@@ -205,6 +190,10 @@ macro_rules! text_files {
 }
 
 text_files! {
+    /// `fare_rules.txt` (Fares v1).
+    fare_rules => fare_rules: FareRuleRow ["fare_id"] {
+        fare_id: req, route_id: s, origin_id: s, destination_id: s, contains_id: s
+    }
     /// `agency.txt`.
     agency => agencies: AgencyRow [] { agency_id: s, agency_name: s, agency_timezone: s }
     /// `networks.txt`.
