@@ -3,11 +3,9 @@
 
 use fare_rules::engine::Engine;
 use fare_rules::record::TapKind;
-use purse::blocklist::Blocklist;
 use purse::card::{Card, Personalisation};
-use purse::keys::KeySet;
 use purse::receipt::TxKind;
-use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
+use purse::sam::{Sam, SoftwareSam};
 use purse::tap::{RefusalReason, TapRecord};
 use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
@@ -16,55 +14,21 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use validator::gate::{Answer, Gate, Placement, Settled, Step};
 use validator::journal::Journal;
 
-const UID: [u8; 7] = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
-const START_MINOR: i32 = 10_000;
-/// 2026-12-01 08:00 in Metro City (UTC+9) as unix ms.
-const T0_MS: u64 = 1_796_079_600_000;
-
-struct Rig {
-    keys: KeySet,
-    hsm: SoftwareHsm,
-    card: Card,
-    card_rng: StdRng,
-}
+mod support;
+use support::{metro_gate, Rig, START_MINOR, T0_MS, UID};
 
 fn rig() -> Rig {
-    let mut rng = StdRng::seed_from_u64(7);
-    let keys = KeySet::generate(&mut rng);
-    let hsm = SoftwareHsm::new(&keys).unwrap();
-    let card = Card::personalise(
-        &Personalisation::transit(UID, START_MINOR),
-        hsm.card_keys(&UID, 1).unwrap(),
-    );
-    Rig {
-        keys,
-        hsm,
-        card,
-        card_rng: StdRng::seed_from_u64(8),
-    }
-}
-
-fn engine() -> Engine {
-    let src = include_str!("../../fare-rules/samples/metro-city/rules.toml");
-    Engine::new(fare_rules::source::compile("rules.toml", src).unwrap()).unwrap()
+    Rig::new(7)
 }
 
 fn gate(r: &Rig, stop: &str, kind: TapKind) -> Gate {
-    Gate {
-        sam: SoftwareSam::validator(&r.keys, 1001).unwrap(),
-        engine: Some(engine()),
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: 1001,
-            operator: "metro".into(),
-            stop: stop.into(),
-            route: "M1".into(),
-            kind,
-            utc_offset_s: 9 * 3600,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(9),
-    }
+    metro_gate(
+        SoftwareSam::validator(&r.keys, 1001).unwrap(),
+        1001,
+        stop,
+        kind,
+        9,
+    )
 }
 
 /// Powers the card up again after a tear and takes it out of the field.

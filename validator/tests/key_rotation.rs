@@ -3,9 +3,7 @@
 //! (`key_version_retired`, journalled, no value taken), while a card on a version the SAM never
 //! held is `unknown_key_version`.
 
-use fare_rules::engine::Engine;
 use fare_rules::record::TapKind;
-use purse::blocklist::Blocklist;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
@@ -13,29 +11,15 @@ use purse::tap::{RefusalReason, TapRecord};
 use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use validator::gate::{Answer, Gate, Placement};
+use validator::gate::{Answer, Gate};
 use validator::journal::Journal;
 
-/// 2026-12-01 08:00 in Metro City (UTC+9) as unix ms.
-const T0_MS: u64 = 1_796_079_600_000;
+mod support;
+use support::{metro_gate, T0_MS};
 
 fn gate(sam_keys: &KeySet) -> Gate {
-    let src = include_str!("../../fare-rules/samples/metro-city/rules.toml");
-    Gate {
-        sam: SoftwareSam::validator(sam_keys, 1001).unwrap(),
-        engine: Some(Engine::new(fare_rules::source::compile("rules.toml", src).unwrap()).unwrap()),
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: 1001,
-            operator: "metro".into(),
-            stop: "Central".into(),
-            route: "M1".into(),
-            kind: TapKind::Entry,
-            utc_offset_s: 9 * 3600,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(9),
-    }
+    let sam = SoftwareSam::validator(sam_keys, 1001).unwrap();
+    metro_gate(sam, 1001, "Central", TapKind::Entry, 9)
 }
 
 fn card(hsm: &SoftwareHsm, n: u8, version: u8) -> Card {

@@ -3,11 +3,10 @@
 //! mid-credit, two validators holding the same order, an expired order, an exhausted ceiling,
 //! a stolen validator.
 
-use fare_rules::engine::Engine;
 use fare_rules::record::TapKind;
 use purse::actionlist::{self, ActionList, ActionUpdate, Entry, Order};
 use purse::blocklist::{Blocklist, ListKind};
-use purse::card::{Card, Personalisation};
+use purse::card::Card;
 use purse::keys::KeySet;
 use purse::receipt::TxKind;
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
@@ -15,45 +14,16 @@ use purse::tap::TapRecord;
 use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use validator::gate::{Answer, Gate, Pickup, PickupRefusal, Placement, TapOutcome};
+use validator::gate::{Answer, Gate, Pickup, PickupRefusal, TapOutcome};
 use validator::journal::Journal;
 
-const UID: [u8; 7] = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
-const START_MINOR: i32 = 10_000;
-/// 2026-12-01 08:00 in Metro City (UTC+9) as unix ms.
-const T0_MS: u64 = 1_796_079_600_000;
+mod support;
+use support::{metro_gate, personalise, Rig, START_MINOR, T0_MS, UID};
+
 const DAY_S: u64 = 86_400;
 
-struct Rig {
-    keys: KeySet,
-    hsm: SoftwareHsm,
-    card: Card,
-    card_rng: StdRng,
-}
-
 fn rig() -> Rig {
-    let mut rng = StdRng::seed_from_u64(17);
-    let keys = KeySet::generate(&mut rng);
-    let hsm = SoftwareHsm::new(&keys).unwrap();
-    let card = personalise(&hsm, UID);
-    Rig {
-        keys,
-        hsm,
-        card,
-        card_rng: StdRng::seed_from_u64(18),
-    }
-}
-
-fn personalise(hsm: &SoftwareHsm, uid: [u8; 7]) -> Card {
-    Card::personalise(
-        &Personalisation::transit(uid, START_MINOR),
-        hsm.card_keys(&uid, 1).unwrap(),
-    )
-}
-
-fn engine() -> Engine {
-    let src = include_str!("../../fare-rules/samples/metro-city/rules.toml");
-    Engine::new(fare_rules::source::compile("rules.toml", src).unwrap()).unwrap()
+    Rig::new(17)
 }
 
 /// A gate of device `device_id` whose SAM the back office granted `ceiling_minor`.
@@ -63,21 +33,7 @@ fn gate(r: &Rig, device_id: u32, stop: &str, ceiling_minor: i64) -> Gate {
         let grant = r.hsm.action_grant(device_id, 1, ceiling_minor).unwrap();
         sam.apply_action_grant(&grant).unwrap();
     }
-    Gate {
-        sam,
-        engine: Some(engine()),
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id,
-            operator: "metro".into(),
-            stop: stop.into(),
-            route: "M1".into(),
-            kind: TapKind::Entry,
-            utc_offset_s: 9 * 3600,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(u64::from(device_id)),
-    }
+    metro_gate(sam, device_id, stop, TapKind::Entry, u64::from(device_id))
 }
 
 fn order(r: &Rig, uid: [u8; 7], id: u64, amount: i32, expires_s: u64) -> Order {
