@@ -43,8 +43,7 @@ fn run_validator(dir: &Path, config: &str, taps: &str) -> (serde_json::Value, St
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let v = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    (v, out)
+    (summary(&out), out)
 }
 
 fn setup(dir: &Path, extra: &str, crowd_cards: u32) {
@@ -65,6 +64,22 @@ tear_per_mille = 100
         ),
     )
     .unwrap();
+}
+
+/// [`setup`] with the validator's broker on loopback `port`.
+fn setup_online(dir: &Path, port: u16, crowd_cards: u32) {
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    setup(
+        dir,
+        &mqtt_toml(&broker, "VALIDATOR_MQTT_PASSWORD"),
+        crowd_cards,
+    );
+}
+
+/// The validator's summary: the last line of its standard output.
+fn summary(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no summary ({e}) in {out}"))
 }
 
 /// Σ (start − balance) over the card images: what the cards lost.
@@ -214,14 +229,7 @@ fn online_every_tap_is_confirmed_by_the_gateway() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let port = free_port();
-    setup(
-        dir,
-        &mqtt_toml(
-            &format!("mqtt://127.0.0.1:{port}"),
-            "VALIDATOR_MQTT_PASSWORD",
-        ),
-        300,
-    );
+    setup_online(dir, port, 300);
     let _gw = start_gateway(dir, port);
     let (v, out) = run_validator(dir, "validator.toml", "150");
     assert!(v["taps_accepted"].as_u64().unwrap() > 100, "{out}");
@@ -240,14 +248,7 @@ fn a_refused_subscription_is_made_again_and_the_outbox_drains() {
     let dir = d.path();
     let port = free_port();
     let front = tapgate_testkit::refusing_front::RefusingFront::start(port);
-    setup(
-        dir,
-        &mqtt_toml(
-            &format!("mqtt://127.0.0.1:{}", front.port()),
-            "VALIDATOR_MQTT_PASSWORD",
-        ),
-        50,
-    );
+    setup_online(dir, front.port(), 50);
     let _gw = start_gateway(dir, port);
     let out = dir.join("validator.out");
     let mut validator = Kill(
@@ -276,7 +277,7 @@ fn a_refused_subscription_is_made_again_and_the_outbox_drains() {
     );
     let out = std::fs::read_to_string(&out).unwrap();
     assert!(status.success(), "{out}");
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let v = summary(&out);
     assert!(v["taps_accepted"].as_u64().unwrap() > 10, "{out}");
     assert_eq!(
         front.subscriptions(confirm).1,
@@ -297,14 +298,7 @@ fn offline_then_back_the_outbox_drains() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let port = free_port();
-    setup(
-        dir,
-        &mqtt_toml(
-            &format!("mqtt://127.0.0.1:{port}"),
-            "VALIDATOR_MQTT_PASSWORD",
-        ),
-        300,
-    );
+    setup_online(dir, port, 300);
     // Nothing listens on the port: offline. The validator works and keeps everything.
     let (v, out) = run_validator(dir, "validator.toml", "80");
     let kept = v["outbox_left"].as_u64().unwrap();
@@ -341,7 +335,7 @@ fn offline_then_back_the_outbox_drains() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let v = summary(&out);
     assert_eq!(v["outbox_left"], 0, "every kept tap confirmed: {out}");
     let (code, metrics) = tapgate_testkit::http::get_text(
         &format!("http://127.0.0.1:{api_port}/metrics"),
