@@ -15,7 +15,7 @@ use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use support::{free_port, wait_for_port, Kill};
+use support::{free_port, wait_for_port, Kill, METRO_GATEWAY};
 use tapgate_testkit::mosquitto::MosquittoConfig;
 
 const PASS: &str = "hostile-device";
@@ -189,15 +189,7 @@ fn spawn_gateway(dir: &Path, api_port: u16, args: &[&str]) -> Kill {
     let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tapgate"))
         .current_dir(dir)
-        .args([
-            "gateway",
-            "--keys",
-            "keys",
-            "--data",
-            "gw",
-            "--operator",
-            "metro",
-        ])
+        .args(METRO_GATEWAY)
         .args(["--config", "gw-api.toml"])
         .args(args)
         .env("TAPGATE_KEY_PASSPHRASE", PASS)

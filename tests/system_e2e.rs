@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use support::{
     card_balance, free_port, keys_and_fare_table, metro_validator_toml, mqtt_toml,
-    wait_cards_conserved, Kill,
+    wait_cards_conserved, Kill, METRO_GATEWAY,
 };
 use tapgate_testkit::mosquitto::{Mosquitto, MosquittoConfig};
 use tapgate_testkit::spawn_charging;
@@ -139,20 +139,17 @@ fn start_gateway(dir: &Path, broker_port: u16, charging: &str) -> Kill {
         command(
             dir,
             &[
-                "gateway",
-                "--keys",
-                "keys",
-                "--data",
-                "gw",
-                "--broker",
-                &format!("mqtt://127.0.0.1:{broker_port}"),
-                "--charging",
-                charging,
-                "--operator",
-                "metro",
-                "--config",
-                "gw-api.toml",
-            ],
+                &METRO_GATEWAY[..],
+                &[
+                    "--broker",
+                    &format!("mqtt://127.0.0.1:{broker_port}"),
+                    "--charging",
+                    charging,
+                    "--config",
+                    "gw-api.toml",
+                ],
+            ]
+            .concat(),
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -216,22 +216,25 @@ pub fn mqtt_toml(broker: &str, password_env: &str) -> String {
     format!("[mqtt]\nbroker = \"{broker}\"\npassword_env = \"{password_env}\"\n")
 }
 
-/// The arguments of `tapgate gateway` for operator metro with the key set in `keys` and its
-/// data in `gw`, its embedded broker on loopback `port` for the devices listed in the file
-/// `users`; a caller adds its own after them.
+/// The first arguments of `tapgate gateway` in the tests: operator metro, the key set in
+/// `keys`, its data in `gw`.
+pub const METRO_GATEWAY: [&str; 7] = [
+    "gateway",
+    "--keys",
+    "keys",
+    "--data",
+    "gw",
+    "--operator",
+    "metro",
+];
+
+/// [`METRO_GATEWAY`] with its embedded broker on loopback `port` for the devices listed in the
+/// file `users`; a caller adds its own after them.
 pub fn embedded_gateway_args(users: &str, port: u16) -> Vec<String> {
     let listen = format!("127.0.0.1:{port}");
-    [
-        "gateway",
-        "--keys",
-        "keys",
-        "--data",
-        "gw",
-        "--operator",
-        "metro",
-    ]
-    .into_iter()
-    .chain(["--mqtt-users", users, "--embedded-listen", &listen])
-    .map(str::to_string)
-    .collect()
+    METRO_GATEWAY
+        .into_iter()
+        .chain(["--mqtt-users", users, "--embedded-listen", &listen])
+        .map(str::to_string)
+        .collect()
 }
