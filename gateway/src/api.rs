@@ -43,9 +43,9 @@ fn err(status: StatusCode, code: &str, detail: String) -> Response {
         .into_response()
 }
 
-/// A caller with an operator token: a handler taking it runs only for one (401 or 403
-/// otherwise). It comes after a handler's other extractors, so they are judged first.
-struct Operator;
+/// The state, for a caller with an operator token: a handler taking it runs only for one (401
+/// or 403 otherwise). It comes after a handler's other extractors, so they are judged first.
+struct Operator(ApiState);
 
 impl axum::extract::FromRequestParts<ApiState> for Operator {
     type Rejection = Response;
@@ -59,7 +59,7 @@ impl axum::extract::FromRequestParts<ApiState> for Operator {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         match refusal(st.auth.require(value, &[Role::Operator]).map(|_| ())) {
-            None => Ok(Operator),
+            None => Ok(Operator(st.clone())),
             Some(r) => Err(r),
         }
     }
@@ -142,16 +142,15 @@ pub fn devices_view(st: &ApiState) -> Result<Vec<serde_json::Value>, crate::stor
         .collect())
 }
 
-async fn devices(State(st): State<ApiState>, _: Operator) -> Response {
-    let st2 = st.clone();
-    match tokio::task::spawn_blocking(move || devices_view(&st2)).await {
+async fn devices(Operator(st): Operator) -> Response {
+    match tokio::task::spawn_blocking(move || devices_view(&st)).await {
         Ok(Ok(out)) => Json(serde_json::json!({ "devices": out })).into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
 }
 
-async fn device(State(st): State<ApiState>, Path(id): Path<String>, _: Operator) -> Response {
+async fn device(Path(id): Path<String>, Operator(st): Operator) -> Response {
     let Ok(id) = id.parse::<u32>() else {
         return err(
             StatusCode::BAD_REQUEST,
@@ -181,11 +180,7 @@ struct AggQuery {
     limit: Option<usize>,
 }
 
-async fn aggregates(
-    State(st): State<ApiState>,
-    Query(q): Query<AggQuery>,
-    _: Operator,
-) -> Response {
+async fn aggregates(Query(q): Query<AggQuery>, Operator(st): Operator) -> Response {
     let prefix = q.prefix.unwrap_or_default();
     match st
         .store
@@ -201,7 +196,7 @@ async fn aggregates(
     }
 }
 
-async fn quarantine(State(st): State<ApiState>, _: Operator) -> Response {
+async fn quarantine(Operator(st): Operator) -> Response {
     match st.store.quarantined(1_000) {
         Ok(q) => Json(serde_json::json!({"quarantined": q})).into_response(),
         Err(e) => internal(e),
@@ -214,7 +209,7 @@ struct ExportQuery {
     to_ms: Option<u64>,
 }
 
-async fn tides(State(st): State<ApiState>, Query(q): Query<ExportQuery>, _: Operator) -> Response {
+async fn tides(Query(q): Query<ExportQuery>, Operator(st): Operator) -> Response {
     let (from, to) = (q.from_ms.unwrap_or(0), q.to_ms.unwrap_or(u64::MAX));
     if from >= to {
         return err(
@@ -324,11 +319,7 @@ struct PropagationQuery {
 
 /// `GET /v1/blocklist/propagation?version=V` (default: the latest published): how long until
 /// 50%, 99% and 100% of the online validators held that version.
-async fn propagation(
-    State(st): State<ApiState>,
-    Query(q): Query<PropagationQuery>,
-    _: Operator,
-) -> Response {
+async fn propagation(Query(q): Query<PropagationQuery>, Operator(st): Operator) -> Response {
     let Ok(p) = st.stats.propagation.lock() else {
         return internal("propagation lock poisoned");
     };
