@@ -7,11 +7,10 @@ use gateway::store::{Message, Store};
 use purse::keys::{KeySet, Role};
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use purse::tap::{TapFlags, TapMeta, TapRecord};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Mutex;
-use tapgate_testkit::fixtures::transit_card;
+use tapgate_testkit::fixtures::{debit, transit_card};
 
 fn keys() -> KeySet {
     KeySet::generate(&mut StdRng::seed_from_u64(1))
@@ -31,21 +30,7 @@ fn real_debits(keys: &KeySet, n: usize) -> Vec<TapRecord> {
     let mut card = transit_card(&hsm, uid, 100_000);
     (0..n)
         .map(|i| {
-            let mut reader = EmulatedReader {
-                card: &mut card,
-                rng: StdRng::seed_from_u64(i as u64),
-            };
-            let Outcome::Committed { receipt, .. } =
-                txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(7), |_| {
-                    Decision::Apply {
-                        amount_minor: 150,
-                        record: None,
-                    }
-                })
-                .unwrap()
-            else {
-                panic!()
-            };
+            let receipt = debit(&mut sam, &mut card, 150, i as u64, 7);
             TapRecord::accepted(
                 &receipt,
                 TapMeta {

@@ -10,7 +10,6 @@ use gateway::store::Store;
 use purse::keys::{KeySet, Role as KeyRole};
 use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
 use purse::tap::{TapMeta, TapRecord};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -19,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tapgate_http::auth::Role;
 use tapgate_testkit::broker::subscribed_gateway;
-use tapgate_testkit::fixtures::{token, transit_card};
+use tapgate_testkit::fixtures::{debit, token, transit_card};
 use tapgate_testkit::http;
 use tapgate_testkit::mqtt::{self, ConfirmedDevice};
 use tapgate_testkit::wait_until_async as wait_for;
@@ -68,21 +67,7 @@ async fn taps_over_mqtt_are_stored_confirmed_and_cleared_once() {
     let mut card = transit_card(&hsm, uid, 10_000);
     let mut records = Vec::new();
     for i in 0..20u64 {
-        let mut reader = EmulatedReader {
-            card: &mut card,
-            rng: StdRng::seed_from_u64(i),
-        };
-        let Outcome::Committed { receipt, .. } =
-            txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(9), |_| {
-                Decision::Apply {
-                    amount_minor: 150,
-                    record: None,
-                }
-            })
-            .unwrap()
-        else {
-            panic!()
-        };
+        let receipt = debit(&mut sam, &mut card, 150, i, 9);
         let t = TapRecord::accepted(
             &receipt,
             TapMeta {

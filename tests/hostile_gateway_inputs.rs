@@ -5,15 +5,14 @@
 
 use gateway::forward::forward_once;
 use gateway::store::{Message, Store};
-use purse::card::{Card, Personalisation};
 use purse::confirm::encode_with_key;
 use purse::keys::{KeySet, Role};
 use purse::sam::{Sam, SoftwareHsm, SoftwareSam};
 use purse::tap::{TapMeta, TapRecord, TAP_LEN};
-use purse::txn::{self, Decision, EmulatedReader, Outcome};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::{Arc, Mutex};
+use tapgate_testkit::fixtures::{debit, transit_card};
 use validator::daemon::{Confirmations, Metrics};
 use validator::journal::Journal;
 
@@ -132,25 +131,8 @@ fn metro_tap(keys: &KeySet) -> Vec<u8> {
     let hsm = SoftwareHsm::new(keys).unwrap();
     let mut sam = SoftwareSam::validator(keys, 1001).unwrap();
     let uid = [4, 1, 4, 1, 4, 1, 4];
-    let mut card = Card::personalise(
-        &Personalisation::transit(uid, 10_000),
-        hsm.card_keys(&uid, 1).unwrap(),
-    );
-    let mut reader = EmulatedReader {
-        card: &mut card,
-        rng: StdRng::seed_from_u64(3),
-    };
-    let Outcome::Committed { receipt, .. } =
-        txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(4), |_| {
-            Decision::Apply {
-                amount_minor: 250,
-                record: None,
-            }
-        })
-        .unwrap()
-    else {
-        panic!("debit did not commit")
-    };
+    let mut card = transit_card(&hsm, uid, 10_000);
+    let receipt = debit(&mut sam, &mut card, 250, 3, 4);
     TapRecord::accepted(
         &receipt,
         TapMeta {

@@ -4,7 +4,7 @@ use purse::batch::ClearingTap;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::{CommitReceipt, TxKind};
-use purse::sam::{Authenticator, SoftwareHsm};
+use purse::sam::{Authenticator, SoftwareHsm, SoftwareSam};
 use purse::tap::{TapMeta, TapRecord};
 use purse::txn::{self, Decision, EmulatedReader, Outcome, TxError};
 use rand::rngs::StdRng;
@@ -26,6 +26,35 @@ pub fn transit_card(hsm: &SoftwareHsm, uid: [u8; 7], balance_minor: i32) -> Card
         &Personalisation::transit(uid, balance_minor),
         hsm.card_keys(&uid, 1).expect("card keys"),
     )
+}
+
+/// A debit of `amount_minor` (no trip record) from the emulated `card` by the validator SAM
+/// `sam`, the reader's random numbers from `reader_seed` and the dialogue's from `txn_seed`:
+/// the committed debit's receipt (a refusal panics).
+pub fn debit(
+    sam: &mut SoftwareSam,
+    card: &mut Card,
+    amount_minor: i32,
+    reader_seed: u64,
+    txn_seed: u64,
+) -> CommitReceipt {
+    let mut reader = EmulatedReader {
+        card,
+        rng: StdRng::seed_from_u64(reader_seed),
+    };
+    let decide = |_: &_| Decision::Apply {
+        amount_minor,
+        record: None,
+    };
+    match txn::debit(
+        &mut reader,
+        sam,
+        &mut StdRng::seed_from_u64(txn_seed),
+        decide,
+    ) {
+        Ok(Outcome::Committed { receipt, .. }) => receipt,
+        other => panic!("the debit did not commit: {other:?}"),
+    }
 }
 
 /// One value transaction on an emulated `card`, as a terminal authenticated by `auth` with
