@@ -23,6 +23,9 @@ use tapgate_testkit::fixtures::token;
 const PASS: &str = "gateway-console";
 const OP_PASSWORD: &str = "the duty officer's long passphrase";
 const GW_TOKEN: &str = "tg_gw_console";
+const RIDER_PASSWORD: &str = "the rider's own long passphrase";
+/// The rider's card (registered to "rider" in the back office; not one of the crowd's).
+const RIDER_CARD: &str = "04180000000018";
 
 /// The world: a charging server (operator metro) in this process, the gateway and a validator
 /// as processes. Returns the console's base URL, the guards and the back office.
@@ -45,13 +48,29 @@ fn world() -> World {
     .unwrap();
     let back_office = tapgate_testkit::charging::start(&keys, |cfg| {
         cfg.operator = "metro".into();
-        cfg.tokens = vec![token("gw", Role::Gateway, GW_TOKEN)];
+        cfg.tokens = vec![
+            token("gw", Role::Gateway, GW_TOKEN),
+            token("ops", Role::Operator, "tg_op_console"),
+        ];
         // The same duty officer signs in to the back office's console (fare tables).
         cfg.pages.operators.push(tapgate_http::pages::PageLogin {
             name: "duty".into(),
             password_argon2: tapgate_http::pages::hash_password(OP_PASSWORD),
         });
+        // A cardholder who reports their card lost (the block reaching the validator).
+        cfg.pages.cardholders.push(tapgate_http::pages::PageLogin {
+            name: "rider".into(),
+            password_argon2: tapgate_http::pages::hash_password(RIDER_PASSWORD),
+        });
     });
+    let ledger = back_office.state.loads.ledger();
+    let uid: [u8; 7] = hex::decode(RIDER_CARD).unwrap().try_into().unwrap();
+    ledger
+        .transact(move |t| {
+            t.issue_card(&uid, 2_000, "issue:rider", 0)?;
+            t.set_owner(&uid, "rider")
+        })
+        .unwrap();
     let (mqtt, api) = (free_port(), free_port());
     std::fs::write(dir.join("users"), "1001 v-secret\n").unwrap();
     std::fs::write(
@@ -399,9 +418,160 @@ async fn a_fare_table_with_an_error_is_not_published_and_a_good_one_reaches_the_
     assert_eq!(b.text("#published-version").await, "2", "still version 2");
     b.screenshot("console_fare_table_impact").await;
 
+    // Without a tap log the revenue impact is replayed over the taps the back office cleared
+    // in the last 7 days: the validator's, at the stop and route clearing kept for each.
+    upload(&b, &base, &dear, None, "check").await;
+    let against = b.text("#simulation-against").await;
+    assert!(
+        against.contains("taps the back office cleared in the last 7 days"),
+        "{against}"
+    );
+    let replayed: u64 = against
+        .split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(replayed > 0, "{against}");
+    let sim = b.text("#simulation").await;
+    assert!(
+        sim.starts_with(&format!("{replayed} taps of ")) && sim.contains("published table"),
+        "{sim}"
+    );
+    b.screenshot("console_fare_table_recent_taps").await;
+
     // The validator took version 2 (its heartbeat says so on the gateway's console).
     sign_in(&b, &w).await;
     b.wait_text("#device-1001 td.fare", "2", 60, true).await;
     b.screenshot("gateway_fare_table_version").await;
+
+    b.close().await;
+}
+
+/// The cardholder's side of a block (issue 18): signed in to the back office at a phone's
+/// width, the rider reports their card lost; the card's page then follows the block to the
+/// validator — the gateway reports each version's reach to the back office
+/// (`POST /v1/blocklist/propagation`) — without being reloaded, until the one validator holds
+/// it. The operator's card page in the back office's console shows the same figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cardholder_reports_a_card_lost_and_watches_the_block_reach_the_validators() {
+    let w = world();
+    let bo = w.back_office.base.clone();
+    // The validator is online at the gateway before the card is reported.
+    let b = Browser::start(900).await;
+    sign_in(&b, &w).await;
+    b.wait_text("#device-1001 td.state", "online", 30, true)
+        .await;
+
+    b.sign_in_to(&bo, "rider", RIDER_PASSWORD, "/cards").await;
+    b.goto(&format!("{bo}/cards/{RIDER_CARD}/report")).await;
+    b.click("reason-lost").await;
+    b.click("confirm-block").await;
+    b.wait_url(RIDER_CARD).await;
+    let state = b.text("#block-state").await;
+    assert!(state.contains("Blocked: lost"), "{state}");
+    assert_eq!(b.text("#reach-version").await, "1");
+    // From here the page is not reloaded: its script follows the gateway's reports.
+    let reached = b
+        .wait_text(
+            "#reach-summary",
+            "1 of 1 validators online hold the block (100%)",
+            60,
+            false,
+        )
+        .await;
+    assert!(reached.contains("at 1 gateway(s)"), "{reached}");
+    let row = b.text("#reach-gateways tbody tr").await;
+    assert!(row.starts_with("gw"), "the gateway's token name: {row}");
+    assert!(row.contains("1 of 1 validators (100%)"), "{row}");
+    assert!(row.contains("100%: reached after"), "{row}");
+    assert!(b
+        .text("[data-live-note]")
+        .await
+        .contains("Updating every 2 seconds"));
+    b.screenshot("card_block_reached_validators").await;
+
+    // The operator's card page in the back office's console shows the same figure.
+    let (agent, cookie) = signed_in_agent(&bo, "duty", OP_PASSWORD);
+    let figure: serde_json::Value = serde_json::from_str(&tapgate_testkit::browser::page(
+        &agent,
+        &format!("{bo}/console/cards/{RIDER_CARD}/block.json"),
+        &cookie,
+    ))
+    .unwrap();
+    assert_eq!(
+        (figure["version"].as_u64(), figure["all"].as_bool()),
+        (Some(1), Some(true))
+    );
+    let console = tapgate_testkit::browser::page(
+        &agent,
+        &format!("{bo}/console/cards/{RIDER_CARD}"),
+        &cookie,
+    );
+    assert!(
+        console.contains("1 of 1 validators online hold the block (100%)"),
+        "{console}"
+    );
+    // The rider's figure is theirs only: the operator's session is refused on it, and an
+    // unknown card's answers 404.
+    assert_eq!(
+        status(
+            agent
+                .get(&format!("{bo}/cards/{RIDER_CARD}/block.json"))
+                .set("Cookie", &cookie)
+                .call()
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        status(
+            agent
+                .get(&format!("{bo}/console/cards/04999999999999/block.json"))
+                .set("Cookie", &cookie)
+                .call()
+        )
+        .0,
+        404
+    );
+    // Over the API: operators read the same figures; a gateway's report is its own token's.
+    let api: serde_json::Value = agent
+        .get(&format!("{bo}/v1/blocklist/propagation?version=1"))
+        .set("Authorization", "Bearer tg_op_console")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(api["gateways"][0]["gateway"], "gw");
+    assert_eq!(api["gateways"][0]["figure"]["holding"], 1);
+    let bad = serde_json::json!({"figures": [{"version": 1, "published_at_ms": 0,
+        "online_validators": 1, "holding": 2}]});
+    assert_eq!(
+        status(
+            agent
+                .post(&format!("{bo}/v1/blocklist/propagation"))
+                .set("Authorization", &format!("Bearer {GW_TOKEN}"))
+                .send_json(bad)
+        )
+        .0,
+        400,
+        "more holders than validators"
+    );
+    assert_eq!(
+        status(
+            agent
+                .post(&format!("{bo}/v1/blocklist/propagation"))
+                .set("Authorization", "Bearer tg_op_console")
+                .send_json(serde_json::json!({"figures": []}))
+        )
+        .0,
+        403,
+        "an operator's token cannot report for a gateway"
+    );
+    // Both daemons on one host, one browser: the gateway console's session (its own cookie,
+    // tg_gw_session) outlived signing in to the back office, and the rider is still signed in.
+    b.goto(&format!("{}/console", w.base)).await;
+    assert_eq!(b.text("#operator").await, "duty");
+    b.goto(&format!("{bo}/cards")).await;
+    assert_eq!(b.text("#holder").await, "rider");
     b.close().await;
 }

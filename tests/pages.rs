@@ -148,6 +148,56 @@ async fn a_cardholder_signs_in_and_sees_their_cards_balance() {
     b.close().await;
 }
 
+/// A fare tapped at a validator and cleared by the back office (as a gateway forwards it, with
+/// its stop and route): the holder's page shows the balance after it and the trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cardholder_sees_the_right_balance_after_a_tap() {
+    use charging::clearing::{clear_batch, ClearingBatch, ClearingTap};
+    let (keys, s) = world();
+    let hsm = SoftwareHsm::new(&keys).unwrap();
+    let uid: [u8; 7] = hex::decode(ANN_CARD).unwrap().try_into().unwrap();
+    let mut card = tapgate_testkit::fixtures::transit_card(&hsm, uid, 5_000);
+    let mut sam = purse::sam::SoftwareSam::validator(&keys, 1001).unwrap();
+    let fare = tapgate_testkit::fixtures::value_tx(
+        &mut sam,
+        &mut card,
+        purse::keys::KeyKind::Debit,
+        purse::apdu::ins::DEBIT,
+        1_400,
+    )
+    .unwrap();
+    let tap = ClearingTap {
+        stop_id: Some(12),
+        route_id: Some(3),
+        fare_flags: Some(0),
+        ..tapgate_testkit::fixtures::clearing_tap(&fare, 1)
+    };
+    let svc = s.state.loads.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let batch = ClearingBatch {
+            batch_id: "gw-1-1".into(),
+            taps: vec![tap],
+        };
+        clear_batch(svc.ledger(), svc.hsm(), batch, 1_700_000_000_000).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.cleared, 1, "{out:?}");
+
+    let b = signed_in(&s, "ann", ANN_PASSWORD, "/cards").await;
+    assert!(b.text("ul.cards").await.contains("3,600 KRW"));
+    b.goto(&format!("{}/cards/{ANN_CARD}", s.base)).await;
+    assert_eq!(b.text("#balance").await, "3,600 KRW");
+    let history = b.text("#history").await;
+    assert!(
+        history.contains("trip") && history.contains("metro, stop 12, route 3"),
+        "{history}"
+    );
+    assert!(history.contains("1,400 KRW"), "{history}");
+    b.screenshot("card_balance_after_a_tap").await;
+    b.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_holders_card_is_refused() {
     let (_, s) = world();
@@ -219,6 +269,64 @@ async fn a_top_up_is_pending_until_the_card_proves_the_load() {
     b.close().await;
 }
 
+/// A top-up paid now and added at the card's next tap: the page makes an action-list order
+/// (what `POST /v1/orders` does), which every validator is told of; the top-up is pending
+/// until the card taps, and says so.
+#[test]
+fn a_top_up_paid_now_waits_for_the_cards_next_tap() {
+    let (_, s) = world();
+    let (agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
+    let url = format!("{}/cards/{ANN_CARD}/topup", s.base);
+    let form = page(&agent, &url, &cookie);
+    assert!(form.contains("Pay now, add it at my next tap"), "{form}");
+    let csrf = csrf_of(&form);
+    let r = agent
+        .post(&url)
+        .set("Cookie", &cookie)
+        .send_form(&[
+            ("csrf", &csrf),
+            ("amount", "3000"),
+            ("funding", "card:tok_ann_visa"),
+            ("how", "pickup"),
+        ])
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let to = r.header("location").unwrap().to_string();
+    let state = page(&agent, &format!("{}{to}", s.base), &cookie);
+    assert!(
+        state.contains(r#"id="topup-state" class="state pending""#)
+            && state.contains("next tap")
+            && !state.contains("tapgate charge"),
+        "{state}"
+    );
+    // Paid now: the order waits on the action list for the card.
+    let o = s.state.loads.order(1).unwrap();
+    assert_eq!(
+        (o.card_uid.as_str(), o.amount_minor, o.caller.as_str()),
+        (ANN_CARD, 3_000, "ann")
+    );
+    assert!(matches!(o.state, charging::load::OrderState::Open));
+    let card = page(&agent, &format!("{}/cards/{ANN_CARD}", s.base), &cookie);
+    assert!(card.contains(r#"class="state pending">pending"#), "{card}");
+    // A blocked card takes no top-up either way.
+    let report = format!("{}/cards/{ANN_CARD}/report", s.base);
+    let csrf = csrf_of(&page(&agent, &report, &cookie));
+    agent
+        .post(&report)
+        .set("Cookie", &cookie)
+        .send_form(&[("csrf", &csrf), ("reason", "lost")])
+        .unwrap();
+    let (code, body) = status(agent.post(&url).set("Cookie", &cookie).send_form(&[
+        ("csrf", &csrf),
+        ("amount", "1000"),
+        ("funding", "card:tok_ann_visa"),
+        ("how", "pickup"),
+    ]));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("blocked"), "{body}");
+    assert!(s.state.loads.order(2).is_err(), "no second order");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
     let (_, s) = world();
@@ -233,11 +341,12 @@ async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
         state.contains("Blocked: lost") && state.contains("version"),
         "{state}"
     );
-    // How far the block reached is the gateways' figure: the page says where it is.
+    // How far the block reached is the gateways' figure: none reports to this server, and
+    // the page says so (tests/gateway_console.rs follows one to its validator).
     assert!(b
-        .text("#propagation-note")
+        .text("#reach-summary")
         .await
-        .contains("on the operator's gateway console"));
+        .contains("No gateway has reported version"));
     b.screenshot("card_blocked").await;
     b.close().await;
     let shadow = shadow(&s, ANN_CARD);

@@ -25,6 +25,7 @@ mod fares;
 mod forwarder;
 mod mqtt;
 mod nats;
+mod reach;
 mod relay;
 mod sender;
 mod signed_list;
@@ -270,6 +271,7 @@ async fn run_inner(
         store.clone(),
         keys.trusted_signing_keys(),
     );
+    let reach = reach::spawn(&cfg, stats.clone());
     let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages);
     let nats_ack = nats_acks.as_ref().map(|(_, a)| a.clone());
     let ingest = ingest_loop(rx, &cfg, &store, &keys, &stats, &senders, nats_ack);
@@ -304,6 +306,7 @@ async fn run_inner(
     blocklists.abort();
     action_lists.abort();
     fare_tables.abort();
+    reach.abort();
     result
 }
 

@@ -189,6 +189,11 @@ impl Propagation {
         self.devices.values().filter(|d| d.online).count()
     }
 
+    /// The versions remembered, oldest first.
+    pub fn versions(&self) -> Vec<u64> {
+        self.published_ms.keys().copied().collect()
+    }
+
     /// The latest published version.
     pub fn latest(&self) -> Option<u64> {
         self.published_ms.keys().next_back().copied()

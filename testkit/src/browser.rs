@@ -225,7 +225,7 @@ pub fn sign_in_form(agent: &ureq::Agent, base: &str) -> (String, String) {
     let full: Vec<String> = r.all("set-cookie").into_iter().map(String::from).collect();
     let pre = full
         .iter()
-        .find(|c| c.starts_with("tg_signin="))
+        .find(|c| c.starts_with("tg_signin=") || c.starts_with("tg_gw_signin="))
         .expect("the sign-in cookie");
     assert!(
         pre.contains("HttpOnly") && pre.contains("SameSite=Strict"),
@@ -236,7 +236,7 @@ pub fn sign_in_form(agent: &ureq::Agent, base: &str) -> (String, String) {
 }
 
 /// Signs in over HTTP: a client (no cookie jar, no redirects) and the session cookie
-/// (`tg_session=…`).
+/// (`tg_session=…`, a gateway console's `tg_gw_session=…`).
 pub fn signed_in_agent(base: &str, name: &str, password: &str) -> (ureq::Agent, String) {
     let agent = agent();
     let (pre, csrf) = sign_in_form(&agent, base);
@@ -248,7 +248,11 @@ pub fn signed_in_agent(base: &str, name: &str, password: &str) -> (ureq::Agent, 
     assert_eq!(r.status(), 303);
     let cookie = set_cookies(&r)
         .into_iter()
-        .find(|c| c.starts_with("tg_session=") && c != "tg_session=")
+        .find(|c| {
+            // The charging server's session, or a gateway console's.
+            let (name, value) = c.split_once('=').unwrap_or((c, ""));
+            matches!(name, "tg_session" | "tg_gw_session") && !value.is_empty()
+        })
         .expect("a session cookie");
     (agent, cookie)
 }

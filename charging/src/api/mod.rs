@@ -13,6 +13,7 @@ mod loads;
 mod orders;
 mod partner;
 mod payments;
+mod propagation;
 
 use blocklist::*;
 use cards::*;
@@ -21,12 +22,14 @@ use loads::*;
 use orders::*;
 use partner::*;
 use payments::*;
+use propagation::*;
 
 pub use cards::{BlockCard, RegisterCard};
 pub use loads::{Funding, RegisterInstrument, StartLoad, StartReversal, StepBody};
 pub use orders::{order_json, CreateOrder};
 pub use partner::CreditPoints;
 pub use payments::{payment_json, refund_json, rfc3339, CreatePayment, CreateRefund, PayPayment};
+pub use propagation::PropagationReport;
 
 use crate::load::{LoadError, LoadRequest, LoadService, Reply};
 use axum::extract::{Path, State};
@@ -337,6 +340,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/anomalies", get(anomalies))
         .route("/v1/blocklist/signed/snapshot", get(signed_snapshot))
         .route("/v1/blocklist/signed/delta", get(signed_delta))
+        .route(
+            "/v1/blocklist/propagation",
+            get(read_propagation).post(report_propagation),
+        )
         .route("/v1/orders", post(create_order))
         .route("/v1/orders/{id}", get(get_order))
         .route("/v1/actions/signed/snapshot", get(actions_snapshot))

@@ -78,7 +78,10 @@ use purse::receipt::TxKind;
 use purse::sam::TmacVerified;
 use purse::txn::CardSnapshot;
 
+pub mod propagation;
 mod steps;
+
+pub use propagation::BlockReach;
 
 /// A posting to make: `amount_minor` from `from` to `to` at `time_ms`, traced by `reference`
 /// ([`LedgerWrite::post_any`] numbers it).
@@ -243,6 +246,12 @@ pub trait LedgerRead {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<BlockChange>, u64), LedgerError>;
+
+    /// How far the blocklist versions reached the validators, as each gateway last reported
+    /// ([`propagation`]): per gateway (by name), its figures by version, oldest first.
+    fn block_propagation(&self) -> Result<Vec<(String, Vec<BlockReach>)>, LedgerError> {
+        propagation::all(self)
+    }
 
     /// A voucher by code.
     fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError>;
@@ -669,6 +678,18 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// waits for the card: both are reported, not blocked. Returns the anomalies raised.
     fn sweep_gaps(&mut self, now_ms: u64, older_than_ms: u64) -> Result<GapSweep, LedgerError> {
         steps::sweep_gaps(self, now_ms, older_than_ms)
+    }
+
+    /// Keeps `gateway`'s figures of how far blocklist versions reached its validators (each
+    /// replacing the one it reported before for that version; the newest
+    /// [`propagation::KEPT_VERSIONS`] versions kept). Returns how many versions are kept.
+    fn record_block_propagation(
+        &mut self,
+        gateway: &str,
+        figures: &[BlockReach],
+        now_ms: u64,
+    ) -> Result<usize, LedgerError> {
+        propagation::record(self, gateway, figures, now_ms)
     }
 
     /// Blocks or unblocks a card, appending a numbered change when its state changes.

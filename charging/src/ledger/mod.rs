@@ -44,6 +44,7 @@ pub mod postgres;
 mod records;
 mod rules;
 
+pub use interface::propagation::{self as block_propagation, BlockReach};
 pub use interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite, NewPosting, ReadsAhead};
 pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,

@@ -40,14 +40,14 @@ impl Places {
         })))
     }
 
-    fn stop(&self, code: u32) -> String {
+    pub(super) fn stop(&self, code: u32) -> String {
         self.0
             .as_ref()
             .and_then(|e| Some(e.table().stops[e.stop_by_code(code)? as usize].id.clone()))
             .unwrap_or_else(|| code.to_string())
     }
 
-    fn route(&self, code: u32) -> String {
+    pub(super) fn route(&self, code: u32) -> String {
         self.0
             .as_ref()
             .and_then(|e| Some(e.table().routes[e.route_by_code(code)? as usize].id.clone()))
@@ -265,6 +265,10 @@ pub struct TopUp {
     pub instrument: String,
     /// Asked for (unix ms).
     pub created_ms: u64,
+    /// Picked up at the card's next tap: the action-list order that paid for it (none: made
+    /// at a reader with `tapgate charge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<u64>,
 }
 
 impl TopUp {

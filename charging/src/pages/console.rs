@@ -49,7 +49,7 @@ pub(super) fn console_page(
     )
 }
 
-fn uid_of(hex_uid: &str) -> Result<[u8; 7], PageError> {
+pub(super) fn uid_of(hex_uid: &str) -> Result<[u8; 7], PageError> {
     hex::decode(hex_uid.trim())
         .ok()
         .and_then(|v| v.try_into().ok())
@@ -162,8 +162,12 @@ fn card_ctx(
         .take(history_lines)
         .map(|e| entry_ctx(p, e))
         .collect();
+    let reach = match mine.is_empty() {
+        true => None,
+        false => reach::card_figure(r, uid, p.now())?.map(minijinja::Value::from_serialize),
+    };
     Ok(minijinja::context! {
-        uid => hex_uid, known => known, owner => shadow.owner,
+        uid => hex_uid, known => known, owner => shadow.owner, reach => reach,
         balance => p.money(balance),
         proved_balance => shadow.last_reported_balance_minor.map(|b| p.money(i64::from(b))),
         last_tmc => shadow.last_tmc, booked_through_tmc => shadow.booked_through_tmc,
@@ -276,7 +280,7 @@ async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
     p.answer(async {
         let s = operator(&p, &headers)?;
         let ctx = p
-            .read(move |_, r| {
+            .read(move |p2, r| {
                 let (changes, version) = all_changes(r)?;
                 let blocked: Vec<minijinja::Value> = r
                     .all_cards()?
@@ -300,9 +304,19 @@ async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
                     .take(CHANGES_SHOWN)
                     .map(change_ctx)
                     .collect();
+                // The latest change's reach: its card's latest change is this one.
+                let reach = match changes.last() {
+                    Some(c) => Some((
+                        c.card_uid.to_uppercase(),
+                        reach::figure(&r.block_propagation()?, c, p2.now()),
+                    )),
+                    None => None,
+                };
                 Ok(minijinja::context! {
                     version => version, blocked => blocked, changes => recent,
                     total_changes => changes.len(),
+                    reach_uid => reach.as_ref().map(|(u, _)| u.clone()),
+                    reach => reach.map(|(_, f)| minijinja::Value::from_serialize(f)),
                 })
             })
             .await?;

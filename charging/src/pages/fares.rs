@@ -56,8 +56,15 @@ struct Upload {
     name: String,
     rules: Vec<u8>,
     taps: Option<(String, String)>,
+    /// Without a tap log: the back office's taps of the last `days` days, local times
+    /// `utc_offset_minutes` from UTC.
+    days: u64,
+    utc_offset_minutes: i32,
     publish: bool,
 }
+
+/// Days of cleared taps the revenue impact replays by default.
+const DEFAULT_DAYS: u64 = 7;
 
 /// The rules (the file, else the pasted text), the tap log and the button pressed.
 fn upload(parts: &[Part]) -> Result<Upload, PageError> {
@@ -80,10 +87,31 @@ fn upload(parts: &[Part]) -> Result<Upload, PageError> {
             String::from_utf8_lossy(&t.bytes).into_owned(),
         )
     });
+    let number = |n: &str| field(n).map(|f| f.text().trim().to_string());
+    let days = match number("days") {
+        None => DEFAULT_DAYS,
+        Some(d) => d
+            .parse::<u64>()
+            .ok()
+            .filter(|d| (1..=recent_taps::MAX_DAYS).contains(d))
+            .ok_or_else(|| {
+                PageError::Bad(format!("Days of taps: 1 to {}.", recent_taps::MAX_DAYS))
+            })?,
+    };
+    let utc_offset_minutes = match number("utc_offset_minutes") {
+        None => 0,
+        Some(m) => m
+            .parse::<i32>()
+            .ok()
+            .filter(|m| m.abs() <= 14 * 60)
+            .ok_or_else(|| PageError::Bad("Local time: -840 to 840 minutes from UTC.".into()))?,
+    };
     Ok(Upload {
         name,
         rules,
         taps,
+        days,
+        utc_offset_minutes,
         publish: field("action").is_some_and(|a| a.text() == "publish"),
     })
 }
@@ -141,6 +169,55 @@ fn result_ctx(
     }
 }
 
+/// The revenue impact against the published table: over the tap log given, else over the
+/// back office's taps cleared in the last `days` days ([`recent_taps`]); and what it replayed.
+fn simulation(
+    p: &Pages,
+    prop: &Proposal,
+    u: &Upload,
+) -> Result<(Option<Result<fare_rules::simulate::Report, String>>, String), PageError> {
+    let l = p.api.loads.ledger();
+    let r = l.read()?;
+    let Some(current) = fares::published(&*r)? else {
+        let none = "No table is published yet: there is nothing to compare with.";
+        return Ok((Some(Err(none.into())), String::new()));
+    };
+    if let Some((name, log)) = &u.taps {
+        let against = format!("the tap log {name}");
+        return Ok((Some(fares::simulate(prop, &current, name, log)), against));
+    }
+    let recent = recent_taps::recent_tap_log(&*r, p.now(), u.days, u.utc_offset_minutes)?;
+    let mut against = format!(
+        "the {} taps the back office cleared in the last {} days ({} without a charge, timed as the tap before them; booking times, local at UTC{:+} minutes)",
+        recent.taps, u.days, recent.free, u.utc_offset_minutes
+    );
+    if recent.without_stop > 0 {
+        against.push_str(&format!(
+            "; {} cleared without their stop left out",
+            recent.without_stop
+        ));
+    }
+    if recent.beyond_limit > 0 {
+        against.push_str(&format!(
+            "; the newest {} only ({} older left out)",
+            recent_taps::MAX_TAPS,
+            recent.beyond_limit
+        ));
+    }
+    if recent.taps == 0 {
+        let why = format!(
+            "no tap cleared in the last {} days carries its stop: upload a tap log instead.",
+            u.days
+        );
+        return Ok((Some(Err(why)), against));
+    }
+    let name = "the back office's recent taps";
+    Ok((
+        Some(fares::simulate(prop, &current, name, &recent.csv)),
+        against,
+    ))
+}
+
 /// `POST /console/fares` (multipart, the session's CSRF token): check, simulate, and publish
 /// when asked and nothing is wrong.
 async fn fares_post(
@@ -166,11 +243,7 @@ async fn fares_post(
                 Err(FaresError::Rules(why)) => return Ok(Err(why)),
                 Err(e) => return Err(PageError::Internal(e.to_string())),
             };
-            let current = fares::published(&*p2.api.loads.ledger().read()?)?;
-            let sim = u.taps.map(|(name, log)| match &current {
-                Some(c) => fares::simulate(&prop, c, &name, &log),
-                None => Err("No table is published yet: there is nothing to compare with.".into()),
-            });
+            let (sim, against) = simulation(&p2, &prop, &u)?;
             let outcome = if u.publish {
                 let now = p2.now();
                 Some(
@@ -180,7 +253,9 @@ async fn fares_post(
             } else {
                 None
             };
-            Ok(Ok(result_ctx(&prop, sim, outcome)))
+            Ok(Ok(
+                minijinja::context! { against => against, ..result_ctx(&prop, sim, outcome) },
+            ))
         })
         .await?;
         let refused = made.is_err();

@@ -12,8 +12,10 @@
 //!
 //! Pages: the cards, a card (balance, history of trips and loads from the ledger's postings,
 //! the loads with their state), top up (an amount and an instrument the holder owns; the load
-//! itself is made by `tapgate charge` at a reader with the top-up's idempotency key), report
-//! lost or stolen (a confirmation, then the block), receipts (a load, a month of trips).
+//! itself is made by `tapgate charge` at a reader with the top-up's idempotency key, or paid
+//! now as an action-list order the card's next tap picks up: [`pickup`]), report lost or
+//! stolen (a confirmation, then the block reaching the validators as the gateways report it:
+//! [`reach`]), receipts (a load, a month of trips).
 //!
 //! Operators (`[[pages.operators]]`) sign in on the same form, with the same sessions, CSRF
 //! tokens and limits; the session carries the role, and the console (`/console`, [`console`])
@@ -23,6 +25,9 @@
 mod card;
 mod console;
 mod fares;
+mod pickup;
+mod reach;
+mod recent_taps;
 
 pub use card::{money, parse_money, Entry, LoadView, TopUp};
 pub use tapgate_http::pages::{
@@ -35,7 +40,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::{Form, Json, Router};
 use serde::Deserialize;
 use std::sync::Arc;
 use tapgate_http::pages::{blocking, session, HasSite, PageError, Site};
@@ -57,7 +62,7 @@ impl HasSite for Pages {
 
 /// The templates, compiled into the binary (beside the shared ones: `login.html`,
 /// `message.html`, `console_chart.html`).
-const TEMPLATES: [(&str, &str); 18] = [
+const TEMPLATES: [(&str, &str); 19] = [
     ("base.html", include_str!("templates/base.html")),
     ("home.html", include_str!("templates/home.html")),
     ("cards.html", include_str!("templates/cards.html")),
@@ -72,6 +77,7 @@ const TEMPLATES: [(&str, &str); 18] = [
         include_str!("templates/topup_state.html"),
     ),
     ("report.html", include_str!("templates/report.html")),
+    ("reach.html", include_str!("templates/reach.html")),
     (
         "receipt_load.html",
         include_str!("templates/receipt_load.html"),
@@ -147,6 +153,7 @@ pub fn router(
         .route("/cards/{uid}/receipts/month/{month}", get(receipt_month))
         .merge(console::routes())
         .merge(fares::routes())
+        .merge(reach::routes())
         .merge(tapgate_http::pages::sign_in_routes())
         .layer(axum::middleware::map_response(
             tapgate_http::pages::security_headers,
@@ -356,13 +363,16 @@ async fn card_page(
                 .filter(|t| t.card_uid == hex_uid)
                 .take(10)
                 .map(|t| {
-                    let (state, _) = t.state(&holder, &loads);
-                    minijinja::context! {
+                    let state = match t.order_id {
+                        Some(id) => pickup::state(p2, id)?.0,
+                        None => t.state(&holder, &loads).0,
+                    };
+                    Ok(minijinja::context! {
                         id => t.id, amount => p2.money(t.amount_minor), source => t.source,
                         instrument => t.instrument, when => card::when(t.created_ms), state => state,
-                    }
+                    })
                 })
-                .collect();
+                .collect::<Result<_, PageError>>()?;
             let load_rows: Vec<minijinja::Value> = loads
                 .iter()
                 .take(20)
@@ -381,8 +391,13 @@ async fn card_page(
                 .map(|e| card::month_of(e.time_ms))
                 .collect();
             months.dedup();
+            let reach = match shadow.blocked {
+                true => reach::card_figure(r, &uid, p2.now())?,
+                false => None,
+            };
             Ok(minijinja::context! {
                 uid => hex_uid,
+                reach => reach.map(minijinja::Value::from_serialize),
                 balance => p2.money(balance),
                 proved_balance => shadow.last_reported_balance_minor.map(|b| p2.money(i64::from(b))),
                 last_tmc => shadow.last_tmc,
@@ -467,6 +482,9 @@ struct TopUpForm {
     amount: String,
     #[serde(default)]
     funding: String,
+    /// `pickup`: paid now, picked up at the card's next tap; otherwise at a reader.
+    #[serde(default)]
+    how: String,
 }
 
 async fn topup(
@@ -494,7 +512,7 @@ async fn topup(
             .await;
         };
         let (p2, holder, uid_in) = (p.clone(), s.holder.clone(), uid_hex.clone());
-        let funding = f.funding.clone();
+        let (funding, pickup) = (f.funding.clone(), f.how == "pickup");
         let made = blocking(move || {
             let l = p2.api.loads.ledger();
             let r = l.read()?;
@@ -511,14 +529,21 @@ async fn topup(
                 return Ok(Err("Choose one of your funding instruments.".to_string()));
             };
             drop(r);
-            let t = TopUp {
+            let mut t = TopUp {
                 id: session::random_token()[..16].to_string(),
                 card_uid: hex::encode_upper(uid),
                 amount_minor: amount,
                 source,
                 instrument,
                 created_ms: p2.now(),
+                order_id: None,
             };
+            if pickup {
+                match pickup::order_topup(&p2, &holder, uid, &t)? {
+                    Ok(id) => t.order_id = Some(id),
+                    Err(why) => return Ok(Err(why)),
+                }
+            }
             let (key, new) = (card::topups_key(&holder), t.clone());
             l.transact(move |w| {
                 let mut list: Vec<TopUp> = w
@@ -563,7 +588,7 @@ async fn topup_state(
     p.answer(async {
         let s = p.signed_in(&headers)?;
         let holder = s.holder.clone();
-        let (t, state, tmc) = p
+        let (t, state, tmc, order) = p
             .read(move |p2, r| {
                 let uid = p2.own_card(r, &holder, &uid_hex)?;
                 let hex_uid = hex::encode_upper(uid);
@@ -573,9 +598,14 @@ async fn topup_state(
                     .ok_or_else(|| PageError::NotFound("No such top-up.".into()))?;
                 let loads = card::loads(r, &uid)?;
                 let (state, tmc) = t.state(&holder, &loads);
-                Ok((t, state, tmc))
+                let order = t.order_id.map(|id| pickup::state(p2, id)).transpose()?;
+                Ok((t, state, tmc, order))
             })
             .await?;
+        let (state, tmc, expires) = match order {
+            Some((state, expires_ms)) => (state, None, Some(card::when(expires_ms))),
+            None => (state, tmc, None),
+        };
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -588,7 +618,7 @@ async fn topup_state(
                 amount => p.money(t.amount_minor), amount_minor => t.amount_minor,
                 source => t.source, instrument => t.instrument, when => card::when(t.created_ms),
                 state => state, load_tmc => tmc.map(|t| t + 1), key => t.idempotency_key(),
-                server => server,
+                server => server, pickup => t.order_id.is_some(), expires => expires,
             },
         ))
     })

@@ -64,7 +64,9 @@ pub fn router(api: ApiState, cfg: &PagesConfig, tls: bool) -> Result<Router, Str
     if !cfg.cardholders.is_empty() {
         return Err("[[pages.cardholders]]: the gateway serves only the operator console".into());
     }
-    let site = Site::new(cfg, &TEMPLATES, tls, Arc::new(now_ms), |_| "/console")?;
+    // Its own cookie names: the charging server's pages may be on the same host.
+    let site = Site::new(cfg, &TEMPLATES, tls, Arc::new(now_ms), |_| "/console")?
+        .with_cookie_names("tg_gw_session", "tg_gw_signin");
     let console = Console {
         api,
         site: Arc::new(site),

@@ -217,6 +217,8 @@ pub struct Site {
     clock: Clock,
     /// Where a role lands after signing in.
     landing: fn(PageRole) -> &'static str,
+    /// The session's and the sign-in form's cookie names ([`Site::with_cookie_names`]).
+    cookies: (&'static str, &'static str),
 }
 
 impl Site {
@@ -246,7 +248,17 @@ impl Site {
             tls,
             clock,
             landing,
+            cookies: (session::SESSION_COOKIE, session::PRE_COOKIE),
         })
+    }
+
+    /// The site's cookies named `session` and `signin` instead of `tg_session` and
+    /// `tg_signin`: cookies are per host, not per port, so two daemons' pages on one host (the
+    /// charging server's and a gateway's console, as in the demo) need their own names, or
+    /// signing in to one replaces the other's session.
+    pub fn with_cookie_names(mut self, session: &'static str, signin: &'static str) -> Self {
+        self.cookies = (session, signin);
+        self
     }
 
     /// The listener serves HTTPS.
@@ -318,7 +330,7 @@ impl Site {
 
     /// The signed-in session (and its id), if any.
     pub fn session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
-        let id = session::cookie(headers, session::SESSION_COOKIE)?;
+        let id = session::cookie(headers, self.cookies.0)?;
         let s = self.sessions.get(&id, self.now())?;
         Some((id, s))
     }
@@ -366,7 +378,7 @@ impl Site {
         );
         *r.status_mut() = status;
         if let Ok(v) = HeaderValue::from_str(&session::set_cookie(
-            session::PRE_COOKIE,
+            self.cookies.1,
             &token,
             self.tls,
             Some(3600),
@@ -469,7 +481,7 @@ async fn login<S: HasSite>(
     Form(f): Form<LoginForm>,
 ) -> Response {
     let p = st.site();
-    let pre = session::cookie(&headers, session::PRE_COOKIE).unwrap_or_default();
+    let pre = session::cookie(&headers, p.cookies.1).unwrap_or_default();
     if f.csrf.is_empty() || !same_token(&pre, &f.csrf) {
         return p.error(PageError::Csrf);
     }
@@ -522,8 +534,8 @@ async fn login<S: HasSite>(
     let id = p.sessions.create(role, &name, now);
     let mut r = Redirect::to((p.landing)(role)).into_response();
     for c in [
-        session::set_cookie(session::SESSION_COOKIE, &id, p.tls, None),
-        session::set_cookie(session::PRE_COOKIE, "", p.tls, Some(0)),
+        session::set_cookie(p.cookies.0, &id, p.tls, None),
+        session::set_cookie(p.cookies.1, "", p.tls, Some(0)),
     ] {
         if let Ok(v) = HeaderValue::from_str(&c) {
             r.headers_mut().append(header::SET_COOKIE, v);
@@ -552,12 +564,7 @@ async fn logout<S: HasSite>(
     }
     p.sessions.end(&id);
     let mut r = Redirect::to("/").into_response();
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(
-        session::SESSION_COOKIE,
-        "",
-        p.tls,
-        Some(0),
-    )) {
+    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(p.cookies.0, "", p.tls, Some(0))) {
         r.headers_mut().append(header::SET_COOKIE, v);
     }
     r

@@ -10,7 +10,8 @@ document.addEventListener("DOMContentLoaded", function () {
     var ms = parseInt(r.getAttribute("data-autorefresh"), 10) || 5000;
     setTimeout(function () { window.location.reload(); }, ms);
   }
-  // A live figure (the gateway console's block propagation): [data-poll] fetches its JSON
+  // A live figure (block propagation on the gateway's console, a card's block reaching the
+  // validators on the charging server's pages): [data-poll] fetches its JSON
   // every data-poll-ms and writes each of its "shown" texts into the page's [data-field=NAME].
   var live = document.querySelector("[data-poll]");
   if (live) {
@@ -29,7 +30,23 @@ document.addEventListener("DOMContentLoaded", function () {
             });
           });
           var bar = live.querySelector("progress");
-          if (bar) { bar.max = j.max; bar.value = j.holding; bar.textContent = j.shown.percent; }
+          if (bar) { bar.max = j.max; bar.value = j.holding; bar.textContent = j.shown.percent || j.shown.reach_percent; }
+          // A table whose lines come with the figure ("rows": a list of cells, the first the
+          // line's heading): its body is rebuilt as text (never markup).
+          var body = live.querySelector("tbody[data-rows]");
+          if (body && Array.isArray(j.rows)) {
+            while (body.firstChild) { body.removeChild(body.firstChild); }
+            j.rows.forEach(function (cells) {
+              var tr = document.createElement("tr");
+              cells.forEach(function (c, i) {
+                var cell = document.createElement(i === 0 ? "th" : "td");
+                if (i === 0) { cell.setAttribute("scope", "row"); }
+                cell.textContent = c;
+                tr.appendChild(cell);
+              });
+              body.appendChild(tr);
+            });
+          }
         })
         .catch(function () {});
     };
