@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::sync::Arc;
 use tapgate_testkit::charging::{relay_in_process, Tear};
-use tapgate_testkit::fixtures::transit_card;
+use tapgate_testkit::fixtures::{debit, transit_card};
 
 struct World {
     _dir: tempfile::TempDir,
@@ -473,17 +473,7 @@ fn reconcile_reports_each_difference_with_its_cause(kind: HsmKind) {
     // c: a debit at a validator (not cleared yet), then a load: the load's counter sits above
     // a gap.
     let mut sam = purse::sam::SoftwareSam::validator(&w.keys, 1).unwrap();
-    let mut reader = purse::txn::EmulatedReader {
-        card: &mut c,
-        rng: StdRng::seed_from_u64(1),
-    };
-    purse::txn::debit(&mut reader, &mut sam, &mut StdRng::seed_from_u64(2), |_| {
-        purse::txn::Decision::Apply {
-            amount_minor: 200,
-            record: None,
-        }
-    })
-    .unwrap();
+    debit(&mut sam, &mut c, 200, 1, 2);
     assert!(matches!(w.load(&mut c, 100, "c1"), Reply::Completed { .. }));
 
     let report = reconcile(w.svc.ledger()).unwrap();
