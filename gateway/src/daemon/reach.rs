@@ -31,6 +31,8 @@ pub(super) fn spawn(cfg: &GatewayConfig, stats: Arc<GatewayStats>) -> JoinHandle
             .timeout(Duration::from_secs(10))
             .build();
         let mut sent: BTreeMap<u64, Report> = BTreeMap::new();
+        // Logged once per spell of failures, not every second.
+        let mut failing = false;
         loop {
             tokio::time::sleep(INTERVAL).await;
             let changed = changed_figures(&stats, &mut sent);
@@ -53,11 +55,16 @@ pub(super) fn spawn(cfg: &GatewayConfig, stats: Arc<GatewayStats>) -> JoinHandle
             .await;
             match posted {
                 Ok(Ok(())) => {
+                    failing = false;
                     for f in changed {
                         sent.insert(f.version, f);
                     }
                 }
-                Ok(Err(e)) => tracing::warn!(%e, "reporting block propagation failed"),
+                Ok(Err(e)) if !failing => {
+                    failing = true;
+                    tracing::warn!(%e, "reporting block propagation to the charging server failed (retried every second)");
+                }
+                Ok(Err(_)) => {}
                 Err(e) => tracing::error!(%e, "block propagation task failed"),
             }
         }
