@@ -27,7 +27,7 @@ mod console;
 mod fares;
 mod pickup;
 mod reach;
-mod recent_taps;
+pub mod recent_taps;
 
 pub use card::{money, parse_money, Entry, LoadView, TopUp};
 pub use tapgate_http::pages::{
