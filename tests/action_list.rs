@@ -4,10 +4,11 @@
 //! the back office granted, the pick-up's tap goes back over MQTT through the gateway to
 //! clearing, which completes the order once — and the withdrawal reaches the validator.
 
+mod support;
+
 use gateway::daemon::GatewayConfig;
 use gateway::store::Store;
 use purse::actionlist::ActionList;
-use purse::blocklist::Blocklist;
 use purse::card::{Card, Personalisation};
 use purse::keys::{KeySet, Role as KeyRole};
 use purse::sam::{SoftwareHsm, SoftwareSam};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tapgate_http::auth::Role;
 use tapgate_testkit::broker::spawn_gateway;
 use tapgate_testkit::fixtures::token;
-use validator::gate::{Gate, Pickup, Placement};
+use validator::gate::Pickup;
 use validator::journal::Journal;
 
 const UID: [u8; 7] = [0x04, 0x1A, 0xC7, 0x10, 0x20, 0x30, 0x40];
@@ -116,25 +117,9 @@ async fn an_order_reaches_the_validator_is_picked_up_once_and_completed_by_clear
 
     // Its SAM's ceiling, granted by the back office (the gateway's grant relay asks the same
     // endpoint for every validator it has heard from).
-    let src = include_str!("../fare-rules/samples/metro-city/rules.toml");
-    let engine =
-        fare_rules::engine::Engine::new(fare_rules::source::compile("rules.toml", src).unwrap())
-            .unwrap();
-    let mut gate = Gate {
-        sam: SoftwareSam::validator(&keys, 1001).unwrap(),
-        engine: Some(engine),
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: 1001,
-            operator: "metro".into(),
-            stop: "Central".into(),
-            route: "M1".into(),
-            kind: fare_rules::record::TapKind::Entry,
-            utc_offset_s: 9 * 3600,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(3),
-    };
+    let sam = SoftwareSam::validator(&keys, 1001).unwrap();
+    let mut gate =
+        support::gate::metro_gate(sam, 1001, "Central", fare_rules::record::TapKind::Entry, 3);
     let base = back_office.base.clone();
     let grant: serde_json::Value = tokio::task::spawn_blocking(move || {
         ureq::post(&format!("{base}/v1/validators/1001/ceiling"))

@@ -10,9 +10,7 @@
 mod support;
 
 use charging::load::{LoadConfig, LoadService, Reply};
-use fare_rules::engine::Engine;
 use fare_rules::record::TapKind;
-use purse::blocklist::Blocklist;
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
 use purse::receipt::TxClaim;
@@ -22,7 +20,7 @@ use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tapgate_testkit::charging::{load_in_process, Tear};
-use validator::gate::{Answer, Gate, Placement};
+use validator::gate::{Answer, Gate};
 use validator::journal::Journal;
 
 /// 2026-12-01 08:00 in Metro City (UTC+9) as unix ms.
@@ -33,27 +31,9 @@ const DEVICE: u32 = 1001;
 /// ChangeKey 0, authentication, ChangeKey 1, 3, 2).
 const REKEY_APDUS: usize = 13;
 
-fn engine() -> Engine {
-    let src = include_str!("../fare-rules/samples/metro-city/rules.toml");
-    Engine::new(fare_rules::source::compile("rules.toml", src).unwrap()).unwrap()
-}
-
 fn gate(keys: &KeySet, stop: &str, kind: TapKind) -> Gate {
-    Gate {
-        sam: SoftwareSam::validator(keys, DEVICE).unwrap(),
-        engine: Some(engine()),
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: DEVICE,
-            operator: "metro".into(),
-            stop: stop.into(),
-            route: "M1".into(),
-            kind,
-            utc_offset_s: 9 * 3600,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(9),
-    }
+    let sam = SoftwareSam::validator(keys, DEVICE).unwrap();
+    support::gate::metro_gate(sam, DEVICE, stop, kind, 9)
 }
 
 struct World {

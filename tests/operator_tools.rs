@@ -314,7 +314,7 @@ fn frictionless() -> PathBuf {
 /// v2 would have carried it.
 fn a_capped_day_at_a_second_gate(dir: &Path) -> (Vec<(Vec<u8>, bool)>, Vec<u8>) {
     use fare_rules::record::TapKind;
-    use validator::gate::{Answer, Gate, Placement};
+    use validator::gate::Answer;
     let keys = purse::keys::KeySet::unseal(
         &std::fs::read(dir.join("keys/issuer.keys")).unwrap(),
         PASS.as_bytes(),
@@ -326,25 +326,9 @@ fn a_capped_day_at_a_second_gate(dir: &Path) -> (Vec<(Vec<u8>, bool)>, Vec<u8>) 
         &purse::card::Personalisation::transit(uid, 50_000),
         hsm.card_keys(&uid, 1).unwrap(),
     );
-    let src =
-        std::fs::read_to_string(repo().join("fare-rules/samples/metro-city/rules.toml")).unwrap();
-    let engine =
-        fare_rules::engine::Engine::new(fare_rules::source::compile("rules.toml", &src).unwrap())
-            .unwrap();
-    let gate = |stop: &str, kind| Gate {
-        sam: purse::sam::SoftwareSam::validator(&keys, SECOND).unwrap(),
-        engine: Some(engine.clone()),
-        blocklist: purse::blocklist::Blocklist::new("metro"),
-        placement: Placement {
-            device_id: SECOND,
-            operator: "metro".into(),
-            stop: stop.into(),
-            route: "M1".into(),
-            kind,
-            utc_offset_s: 9 * 3600,
-            sale: None,
-        },
-        rng: rand::SeedableRng::seed_from_u64(9),
+    let gate = |stop: &str, kind| {
+        let sam = purse::sam::SoftwareSam::validator(&keys, SECOND).unwrap();
+        support::gate::metro_gate(sam, SECOND, stop, kind, 9)
     };
     let mut gates = [
         gate("Central", TapKind::In),

@@ -7,11 +7,12 @@
 //! key is refused with its own reason, and validator 1001's next tap is quarantined at the
 //! gateway with its own reason, unconfirmed, so it stays in 1001's outbox — nothing lost.
 
+mod support;
+
 use ed25519_dalek::{Signer, SigningKey};
-use fare_rules::engine::Engine;
 use fare_rules::record::TapKind;
 use gateway::store::{IngestOutcome, Message, Store};
-use purse::blocklist::{Blocklist, ListKind, ListUpdate};
+use purse::blocklist::{ListKind, ListUpdate};
 use purse::card::{Card, Personalisation};
 use purse::confirm::Confirmation;
 use purse::keys::KeySet;
@@ -22,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use validator::daemon::{apply_downlink, Downlink};
-use validator::gate::{Answer, Gate, Placement};
+use validator::gate::{Answer, Gate};
 use validator::journal::Journal;
 
 const PASS: &str = "rotate the signers";
@@ -74,11 +75,6 @@ fn provision(dir: &Path, role: &str, device: u32, name: &str) -> (KeySet, Truste
     (sealed(&out), TrustedKeys::parse(&text).unwrap())
 }
 
-fn engine() -> Engine {
-    let src = include_str!("../fare-rules/samples/metro-city/rules.toml");
-    Engine::new(fare_rules::source::compile("rules.toml", src).unwrap()).unwrap()
-}
-
 /// A validator: its SAM (from its provisioned key set) and its own journal.
 struct Validator {
     device: u32,
@@ -100,21 +96,9 @@ impl Validator {
     }
 
     fn gate(&self) -> Gate {
-        Gate {
-            sam: SoftwareSam::validator(&self.keys, self.device).unwrap(),
-            engine: Some(engine()),
-            blocklist: Blocklist::new("metro"),
-            placement: Placement {
-                device_id: self.device,
-                operator: "metro".into(),
-                stop: "Central".into(),
-                route: "M1".into(),
-                kind: TapKind::In,
-                utc_offset_s: 9 * 3600,
-                sale: None,
-            },
-            rng: StdRng::seed_from_u64(u64::from(self.device)),
-        }
+        let sam = SoftwareSam::validator(&self.keys, self.device).unwrap();
+        let seed = u64::from(self.device);
+        support::gate::metro_gate(sam, self.device, "Central", TapKind::In, seed)
     }
 
     /// A card taps in; the tap is journalled in the outbox.

@@ -238,3 +238,8 @@ pub fn embedded_gateway_args(users: &str, port: u16) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The gate tests' rig and a gate placed on the metro's route M1: the validator's own test
+/// support (`validator/tests/support`), one file for both.
+#[path = "../../validator/tests/support/mod.rs"]
+pub mod gate;
