@@ -256,9 +256,8 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
     if let Some(r) = refusal(st.auth.metrics_caller(value, st.metrics_public)) {
         return r;
     }
-    let mut out = String::new();
     let s = &st.stats;
-    for (name, counter) in [
+    let mut out = crate::metrics::counters(&[
         ("tapgate_gateway_taps_stored_total", &s.stored),
         ("tapgate_gateway_taps_duplicate_total", &s.duplicates),
         ("tapgate_gateway_taps_quarantined_total", &s.quarantined),
@@ -271,10 +270,7 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
             "tapgate_gateway_forward_failures_total",
             &s.forward_failures,
         ),
-    ] {
-        let v = counter.load(Ordering::Relaxed);
-        out.push_str(&format!("# TYPE {name} counter\n{name} {v}\n"));
-    }
+    ]);
     if let Ok(n) = st.store.outbox_len() {
         out.push_str(&format!(
             "# TYPE tapgate_gateway_outbox_taps gauge\ntapgate_gateway_outbox_taps {n}\n"

@@ -32,6 +32,16 @@ fn seconds(ms: i64) -> String {
     format!("{sign}{}.{:03}", abs / 1000, abs % 1000)
 }
 
+/// Counters in Prometheus text: each `(name, counter)` as its `# TYPE` line and its value.
+pub fn counters(counters: &[(&str, &std::sync::atomic::AtomicU64)]) -> String {
+    let mut out = String::new();
+    for (name, c) in counters {
+        let v = c.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = write!(out, "# TYPE {name} counter\n{name} {v}\n");
+    }
+    out
+}
+
 /// The validators as their heartbeats describe them, and the latest blocklist's propagation.
 pub fn validators(p: &Propagation) -> String {
     let mut out = String::new();
