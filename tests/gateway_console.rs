@@ -270,17 +270,29 @@ async fn an_operator_sees_the_validators_and_a_block_reach_them() {
     assert!(b.text("#online-count").await.starts_with("1 of 1"));
     b.screenshot("gateway_devices").await;
 
-    // Block propagation: nothing published yet, then a card blocked at the back office
-    // reaches the validator; the page says so without being reloaded.
-    let ledger = w.back_office.state.loads.ledger().clone();
-    let uid = [4, 7, 7, 7, 7, 7, 7];
-    tokio::task::spawn_blocking(move || {
-        ledger
-            .transact(move |t| t.set_blocked(&uid, true, "lost", 0).map(|_| ()))
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    // Block propagation: the duty officer blocks a card on the back office's console (signed
+    // in there too: each daemon keeps its own session cookie on the one host); the card's page
+    // there follows the block to the validator without a reload, as the gateway reports it.
+    let bo = w.back_office.base.clone();
+    b.sign_in_to(&bo, "duty", OP_PASSWORD, "/console").await;
+    b.goto(&format!("{bo}/console/cards/04070707070707")).await;
+    b.retype("block-reason", "lost").await;
+    b.click("block").await;
+    b.wait_query("blocklist_version=1").await;
+    let reached = b
+        .wait_text(
+            "#reach-summary",
+            "1 of 1 validators online hold the block (100%)",
+            60,
+            false,
+        )
+        .await;
+    assert!(reached.contains("at 1 gateway(s)"), "{reached}");
+    assert!(b
+        .text("#reach-gateways tbody tr")
+        .await
+        .contains("100%: reached after"));
+    b.screenshot("console_block_reached_validators").await;
     b.goto(&format!("{}/console/propagation", w.base)).await;
     // The gateway fetches the list at its next poll: reload until it has published it.
     b.wait_text("#propagation [data-field=version]", "1", 60, true)
