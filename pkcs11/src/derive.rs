@@ -13,6 +13,7 @@ use cryptoki::session::Session;
 use purse::crypto::AesKey;
 use purse::keys::{KeyKind, Role};
 use purse::receipt::TxClaim;
+use purse::rekey::KeyChange;
 use purse::sam::SamError;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -272,22 +273,16 @@ impl State {
         Ok(AesKey::from_bytes(*key))
     }
 
-    /// ChangeKey's plaintext for the card key `kind` of `uid` from `old_version` to
-    /// `new_version` (`purse::rekey`): both card keys derived in the token and read back for
-    /// the time of one ChangeKey (see docs/hsm.md), the cryptogram's plaintext built here and
-    /// encrypted under the session by the caller.
+    /// ChangeKey's plaintext for `change` (`purse::rekey::KeyChange`): both card keys derived
+    /// in the token and read back for the time of one ChangeKey (see docs/hsm.md), the
+    /// cryptogram's plaintext built here and encrypted under the session by the caller.
     pub(crate) fn change_key_data_clear(
         &self,
-        kind: KeyKind,
-        old_version: u8,
-        new_version: u8,
-        uid: &[u8; 7],
+        change: &KeyChange,
     ) -> Result<Zeroizing<Vec<u8>>, SamError> {
-        let parts: [&[u8]; 3] = [uid, &self.aid, &self.system_id];
+        let parts: [&[u8]; 3] = [&change.uid, &self.aid, &self.system_id];
         let what = "a card key for ChangeKey";
-        let new = self.an10922_clear(self.master(kind, new_version)?, parts, what)?;
-        let old = self.an10922_clear(self.master(kind, old_version)?, parts, what)?;
-        purse::rekey::change_key_data_for(kind, &new, &old, new_version)
+        change.plaintext(|v| self.an10922_clear(self.master(change.kind, v)?, parts, what))
     }
 
     /// The versions held of `kind`, newest first.

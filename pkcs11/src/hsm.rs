@@ -12,9 +12,10 @@ use cryptoki::session::Session;
 use purse::crypto::AesKey;
 use purse::keys::KeyKind;
 use purse::receipt::TxClaim;
+use purse::rekey::KeyChange;
 use purse::sam::{Authenticator, CardKey, ExternalCardKey, Hsm, SamError};
 use std::sync::{Arc, Mutex};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The issuer's HSM over PKCS#11 (see the crate documentation).
 pub struct Pkcs11Hsm {
@@ -201,17 +202,9 @@ impl Hsm for Pkcs11Hsm {
             .unwrap_or_default()
     }
 
-    fn change_key_data(
-        &self,
-        kind: KeyKind,
-        old_version: u8,
-        new_version: u8,
-        uid: &[u8; 7],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SamError> {
+    fn change_key_data(&self, change: &KeyChange) -> Result<Zeroizing<Vec<u8>>, SamError> {
         let mut st = self.shared.state()?;
-        run(&mut st, |st| {
-            st.change_key_data_clear(kind, old_version, new_version, uid)
-        })
+        run(&mut st, |st| st.change_key_data_clear(change))
     }
 
     /// Provisioning a validator SAM needs its device key in clear (see docs/hsm.md).

@@ -16,6 +16,16 @@ use tapgate_testkit::softhsm;
 
 const UID: [u8; 7] = [0x04, 0x66, 0x2E, 0x21, 0x80, 0x1D, 0x80];
 
+/// The ChangeKey of card key `kind` of [`UID`] from version `from` to `to`.
+fn change(kind: KeyKind, from: u8, to: u8) -> rekey::KeyChange {
+    rekey::KeyChange {
+        kind,
+        from,
+        to,
+        uid: UID,
+    }
+}
+
 #[test]
 fn the_token_rotates_a_card_as_the_software_hsm_does() {
     let mut rng = StdRng::seed_from_u64(41);
@@ -27,12 +37,12 @@ fn the_token_rotates_a_card_as_the_software_hsm_does() {
     assert_eq!(hw.tmac_versions(), vec![2, 1]);
     for kind in CARD_MASTERS {
         assert_eq!(
-            *hw.change_key_data(kind, 1, 2, &UID).unwrap(),
-            *soft.change_key_data(kind, 1, 2, &UID).unwrap(),
+            *hw.change_key_data(&change(kind, 1, 2)).unwrap(),
+            *soft.change_key_data(&change(kind, 1, 2)).unwrap(),
             "{kind:?}"
         );
     }
-    assert!(hw.change_key_data(KeyKind::Debit, 1, 3, &UID).is_err());
+    assert!(hw.change_key_data(&change(KeyKind::Debit, 1, 3)).is_err());
 
     let p = Personalisation::transit(UID, 1_000);
     let mut card = Card::personalise(&p, soft.card_keys(&UID, 1).unwrap());

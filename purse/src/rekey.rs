@@ -387,7 +387,13 @@ impl Rekey {
         for (ahead, &k) in order.iter().enumerate() {
             let old = progress.now[usize::from(k)];
             let kind = CARD_MASTERS[usize::from(k)];
-            let data = hsm.change_key_data(kind, old, self.target, &self.uid)?;
+            let change = KeyChange {
+                kind,
+                from: old,
+                to: self.target,
+                uid: self.uid,
+            };
+            let data = hsm.change_key_data(&change)?;
             let cmd =
                 change_key_apdu(&mut ch, ahead as u16, k, &data).map_err(|source| TxError::Sm {
                     step: "change key",
@@ -479,21 +485,37 @@ pub fn run(
     }
 }
 
-/// What an HSM computes for ChangeKey ([`crate::sam::Hsm::change_key_data`]) from card keys it
-/// derived: the plaintext for key `kind` of a card moving from `old` to the new key at
-/// `version`.
-pub fn change_key_data_for(
-    kind: KeyKind,
-    new: &AesKey,
-    old: &AesKey,
-    version: u8,
-) -> Result<Zeroizing<Vec<u8>>, SamError> {
-    match kind.card_key_no() {
-        Some(CHANGE_KEY_AUTH_KEY_NO) => Ok(change_key_data(new, None, version)),
-        Some(_) => Ok(change_key_data(new, Some(old), version)),
-        None => Err(SamError::NotAllowed(
-            "ChangeKey of a key that is not on cards",
-        )),
+/// One ChangeKey of a card key: key `kind` of card `uid` moved from version `from` to version
+/// `to` — what [`crate::sam::Hsm::change_key_data`] is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyChange {
+    /// the card key changed
+    pub kind: KeyKind,
+    /// the version the card holds now
+    pub from: u8,
+    /// the version the card is moved to
+    pub to: u8,
+    /// the card
+    pub uid: [u8; 7],
+}
+
+impl KeyChange {
+    /// What an HSM computes for ChangeKey from the card keys it derives where its masters are
+    /// (`card_key(version)`: the card's key `kind` at that version, the new one asked first):
+    /// the plaintext for the card moving from the key at `from` to the one at `to`.
+    pub fn plaintext(
+        &self,
+        mut card_key: impl FnMut(u8) -> Result<AesKey, SamError>,
+    ) -> Result<Zeroizing<Vec<u8>>, SamError> {
+        let new = card_key(self.to)?;
+        let old = card_key(self.from)?;
+        match self.kind.card_key_no() {
+            Some(CHANGE_KEY_AUTH_KEY_NO) => Ok(change_key_data(&new, None, self.to)),
+            Some(_) => Ok(change_key_data(&new, Some(&old), self.to)),
+            None => Err(SamError::NotAllowed(
+                "ChangeKey of a key that is not on cards",
+            )),
+        }
     }
 }
 

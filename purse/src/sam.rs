@@ -14,9 +14,10 @@ use crate::apdu::ins;
 use crate::crypto::{self, AesKey};
 use crate::keys::{KeyError, KeyKind, KeySet, Role};
 use crate::receipt::{CommitReceipt, TxClaim};
+use crate::rekey::KeyChange;
 use crate::sm::{Channel, CommMode, SmError};
 use rand_core::RngCore;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Errors from SAMs and HSMs.
 #[derive(Debug, thiserror::Error)]
@@ -394,18 +395,12 @@ pub trait Hsm: Authenticator {
     fn tmac_versions(&self) -> Vec<u8> {
         Vec::new()
     }
-    /// ChangeKey's plaintext ([`crate::rekey::change_key_data`]) for the card key `kind` of
-    /// card `uid`, from version `old_version` to `new_version`: computed where the masters
-    /// are, for [`crate::rekey::Rekey`] to encrypt under the session. An HSM that cannot do it
-    /// says so.
-    fn change_key_data(
-        &self,
-        kind: KeyKind,
-        old_version: u8,
-        new_version: u8,
-        uid: &[u8; 7],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SamError> {
-        let _ = (kind, old_version, new_version, uid);
+    /// ChangeKey's plaintext ([`crate::rekey::change_key_data`]) for `change` (a card key of
+    /// one card, from one version to another): computed where the masters are
+    /// ([`KeyChange::plaintext`]), for [`crate::rekey::Rekey`] to encrypt under the session. An
+    /// HSM that cannot do it says so.
+    fn change_key_data(&self, change: &KeyChange) -> Result<Zeroizing<Vec<u8>>, SamError> {
+        let _ = change;
         Err(SamError::NotAllowed("ChangeKey on this HSM"))
     }
     /// The device MAC over `body` with `device_id`'s key (AES-CMAC, EV2-truncated): what
@@ -933,16 +928,8 @@ impl Hsm for SoftwareHsm {
         self.keys.card_version()
     }
 
-    fn change_key_data(
-        &self,
-        kind: KeyKind,
-        old_version: u8,
-        new_version: u8,
-        uid: &[u8; 7],
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, SamError> {
-        let new = self.keys.card_key(kind, new_version, uid)?;
-        let old = self.keys.card_key(kind, old_version, uid)?;
-        crate::rekey::change_key_data_for(kind, &new, &old, new_version)
+    fn change_key_data(&self, change: &KeyChange) -> Result<Zeroizing<Vec<u8>>, SamError> {
+        change.plaintext(|v| Ok(self.keys.card_key(change.kind, v, &change.uid)?))
     }
 
     fn wrap_order_key(&self, uid: &[u8; 7], version: u8) -> Result<[u8; 16], SamError> {

@@ -16,6 +16,16 @@ use rand::SeedableRng;
 
 const UID: [u8; 7] = [0x04, 0x52, 0x2E, 0x21, 0x80, 0x1D, 0x80];
 
+/// The ChangeKey of card key `kind` of [`UID`] from version `from` to `to`.
+fn change(kind: KeyKind, from: u8, to: u8) -> rekey::KeyChange {
+    rekey::KeyChange {
+        kind,
+        from,
+        to,
+        uid: UID,
+    }
+}
+
 /// An issuer with card keys at versions 1 and 2, its HSM and a validator SAM holding both.
 struct Rotated {
     keys: KeySet,
@@ -196,7 +206,10 @@ fn change_key_outside_a_key_zero_session_or_with_a_bad_cryptogram_is_refused() {
     // In a debit-key session: permission denied, nothing changes.
     let mut t = reader(&mut card);
     let (mut ch, _) = txn::open_session(&mut t, &mut r.sam, KeyKind::Debit, &mut rng).unwrap();
-    let data = r.hsm.change_key_data(KeyKind::Debit, 1, 2, &UID).unwrap();
+    let data = r
+        .hsm
+        .change_key_data(&change(KeyKind::Debit, 1, 2))
+        .unwrap();
     let cmd = rekey::change_key_apdu(&mut ch, 0, 1, &data).unwrap();
     assert_eq!(status(&t.transmit(&cmd).unwrap()), [0x91, 0x9D]);
     // Unauthenticated: authentication error.
@@ -207,7 +220,10 @@ fn change_key_outside_a_key_zero_session_or_with_a_bad_cryptogram_is_refused() {
     // In a key-0 session, a cryptogram whose CRC does not match the key: integrity error.
     let mut app = SoftwareHsm::new(&r.keys).unwrap();
     let (mut ch, _) = txn::open_session(&mut t, &mut app, KeyKind::App, &mut rng).unwrap();
-    let mut bad = r.hsm.change_key_data(KeyKind::Debit, 1, 2, &UID).unwrap();
+    let mut bad = r
+        .hsm
+        .change_key_data(&change(KeyKind::Debit, 1, 2))
+        .unwrap();
     bad[0] ^= 1;
     let cmd = rekey::change_key_apdu(&mut ch, 0, 1, &bad).unwrap();
     assert_eq!(status(&t.transmit(&cmd).unwrap()), [0x91, 0x1E]);
