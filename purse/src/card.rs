@@ -979,31 +979,9 @@ impl Card {
         #[cfg(debug_assertions)]
         let expect = new.clone();
         let (tmc, tmv) = (new.tmc, new.tmv);
-        let (bal, lc) = (new.balance_minor, new.limited_credit_minor);
-        let steps: [NvmStep; 6] = [
-            Box::new(move |n| n.journal = Some(new)),
-            Box::new(|n| n.commit_flag = true),
-            Box::new(move |n| {
-                n.main.balance_minor = bal;
-                n.main.limited_credit_minor = lc;
-            }),
-            Box::new(|n| {
-                let Nvm { main, journal, .. } = n;
-                if let Some(j) = journal {
-                    main.records.clone_from(&j.records);
-                }
-            }),
-            Box::new(move |n| {
-                n.main.tmc = tmc;
-                n.main.tmv = tmv;
-            }),
-            Box::new(|n| {
-                n.journal = None;
-                n.commit_flag = false;
-            }),
-        ];
-        for step in steps {
-            if self.nvm_write(step) {
+        let mut journal = Some(new);
+        for step in 0..COMMIT_WRITES {
+            if self.nvm_write(|n| commit_write(n, step, &mut journal)) {
                 return Ok(Vec::new());
             }
         }
@@ -1035,8 +1013,36 @@ impl Card {
 /// The number of NVM writes one commit makes (tear points 1..=COMMIT_WRITES).
 pub const COMMIT_WRITES: u32 = 6;
 
-/// One write of a commit's sequence (a tear may come after any).
-type NvmStep = Box<dyn FnOnce(&mut Nvm)>;
+/// Write `step` (0..COMMIT_WRITES) of a commit's sequence; a tear may come after any. `journal`
+/// holds the new state until step 0 moves it into the NVM journal, from which the later steps
+/// copy it to the main state. (One function over the step number, not a closure per step: the
+/// commit allocates nothing.)
+fn commit_write(n: &mut Nvm, step: u32, journal: &mut Option<CardState>) {
+    let Nvm {
+        main,
+        journal: nvm_journal,
+        commit_flag,
+    } = n;
+    match (step, nvm_journal.as_ref()) {
+        (0, _) => *nvm_journal = journal.take(),
+        (1, _) => *commit_flag = true,
+        (2, Some(j)) => {
+            main.balance_minor = j.balance_minor;
+            main.limited_credit_minor = j.limited_credit_minor;
+        }
+        (3, Some(j)) => main.records.clone_from(&j.records),
+        (4, Some(j)) => {
+            main.tmc = j.tmc;
+            main.tmv = j.tmv;
+        }
+        (5, _) => {
+            *nvm_journal = None;
+            *commit_flag = false;
+        }
+        // Steps 2 to 4 always find the journal step 0 wrote (a tear ends the sequence).
+        _ => {}
+    }
+}
 
 #[cfg(test)]
 mod tests {
