@@ -214,20 +214,10 @@ impl Channel {
     }
 
     /// Terminal side: the whole ISO-wrapped command APDU `90 cmd 00 00 Lc body 00` in one
-    /// buffer (the hot path of a debit).
-    pub fn command_apdu(
-        &mut self,
-        cmd: u8,
-        header: &[u8],
-        data: &[u8],
-        mode: CommMode,
-    ) -> Result<Vec<u8>, SmError> {
-        self.command_apdu_ahead(0, cmd, header, data, mode)
-    }
-
-    /// Like [`Channel::command_apdu`], for the command that will be the `ahead`-th after the
-    /// current one (pipelining: a terminal sends several commands before reading any answer;
-    /// the answers are then verified in order with [`Channel::open_response`]).
+    /// buffer (the hot path of a debit), for the command that will be the `ahead`-th after the
+    /// current one (0: the next; more for pipelining: a terminal sends several commands before
+    /// reading any answer; the answers are then verified in order with
+    /// [`Channel::open_response`]).
     pub fn command_apdu_ahead(
         &mut self,
         ahead: u16,

@@ -102,7 +102,7 @@ proptest! {
                 Input::Macd { code, header_len, body, full } => {
                     let h = header_len.min(body.len());
                     let mode = if full { CommMode::Full } else { CommMode::Mac };
-                    match ch.command_apdu(code, &body[..h], &body[h..], mode) {
+                    match ch.command_apdu_ahead(0, code, &body[..h], &body[h..], mode) {
                         Ok(a) => a,
                         Err(_) => continue,
                     }
@@ -140,7 +140,7 @@ fn get_card_uid_is_encrypted_and_macd() {
     let (mut ch, _) =
         txn::open_session(&mut reader, &mut rig.sam, KeyKind::Debit, &mut rng).unwrap();
     let cmd = ch
-        .command_apdu(ins::GET_CARD_UID, &[], &[], CommMode::Mac)
+        .command_apdu_ahead(0, ins::GET_CARD_UID, &[], &[], CommMode::Mac)
         .unwrap();
     let resp = reader.transmit(&cmd).unwrap();
     let (data, status) = apdu::parse_response(&resp).unwrap();
