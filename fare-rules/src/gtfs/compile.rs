@@ -10,6 +10,27 @@ use crate::table::{
     TransferKind, TransferRule, NONE,
 };
 
+/// Where an id stands in the feed: file, line and column.
+#[derive(Clone, Copy)]
+pub(super) struct At(
+    pub(super) &'static str,
+    pub(super) u64,
+    pub(super) &'static str,
+);
+
+impl At {
+    /// The feed's error for a value refused here.
+    fn invalid(self, message: String) -> GtfsError {
+        let At(file, line, field) = self;
+        GtfsError::Invalid {
+            file,
+            line,
+            field,
+            message,
+        }
+    }
+}
+
 /// Ids of one kind, in order of definition, with their table index.
 pub(super) struct Ids {
     pub(super) what: &'static str,
@@ -33,25 +54,14 @@ impl Ids {
     }
 
     /// Adds `id` if new; its index either way.
-    pub(super) fn add(
-        &mut self,
-        id: &str,
-        file: &'static str,
-        line: u64,
-        field: &'static str,
-    ) -> Result<Idx> {
+    pub(super) fn add(&mut self, id: &str, at: At) -> Result<Idx> {
         if let Some(i) = self.get(id) {
             return Ok(i);
         }
         let i = Idx::try_from(self.order.len())
             .ok()
             .filter(|&i| i != NONE)
-            .ok_or_else(|| GtfsError::Invalid {
-                file,
-                line,
-                field,
-                message: format!("too many {}s (at most {})", self.what, NONE),
-            })?;
+            .ok_or_else(|| at.invalid(format!("too many {}s (at most {})", self.what, NONE)))?;
         self.order.push(id.to_string());
         self.index.insert(id.to_string(), i);
         Ok(i)
@@ -69,31 +79,20 @@ impl Ids {
     ) -> Result<Ids> {
         let mut ids = Ids::new(what, source);
         for (id, file, line) in defined {
-            ids.add_new(id, file, line, field)?;
+            ids.add_new(id, At(file, line, field))?;
         }
         for (id, file, line) in named {
-            ids.add(id, file, line, field)?;
+            ids.add(id, At(file, line, field))?;
         }
         Ok(ids)
     }
 
     /// Adds `id`, refusing a duplicate.
-    pub(super) fn add_new(
-        &mut self,
-        id: &str,
-        file: &'static str,
-        line: u64,
-        field: &'static str,
-    ) -> Result<Idx> {
+    pub(super) fn add_new(&mut self, id: &str, at: At) -> Result<Idx> {
         if self.get(id).is_some() {
-            return Err(GtfsError::Invalid {
-                file,
-                line,
-                field,
-                message: format!("duplicate {} id \"{id}\"", self.what),
-            });
+            return Err(at.invalid(format!("duplicate {} id \"{id}\"", self.what)));
         }
-        self.add(id, file, line, field)
+        self.add(id, at)
     }
 
     /// The index of `id`, [`NONE`] when empty; an unknown id is an error naming the known ones.
@@ -344,9 +343,7 @@ fn location_groups(feed: &Feed) -> Result<Ids> {
     for g in &feed.location_groups {
         groups.add_new(
             &g.location_group_id,
-            LOCATION_GROUPS,
-            g.line,
-            "location_group_id",
+            At(LOCATION_GROUPS, g.line, "location_group_id"),
         )?;
     }
     if let Some(stops) = &feed.stops {
@@ -438,7 +435,7 @@ fn stops(feed: &Feed, areas: &Ids, table: &mut Table) -> Result<Ids> {
     match &feed.stops {
         Some(rows) => {
             for s in rows {
-                stops.add_new(&s.stop_id, STOPS, s.line, "stop_id")?;
+                stops.add_new(&s.stop_id, At(STOPS, s.line, "stop_id"))?;
                 stop_lines.push((s.stop_id.clone(), s.line));
             }
             for s in rows {
@@ -458,7 +455,7 @@ fn stops(feed: &Feed, areas: &Ids, table: &mut Table) -> Result<Ids> {
                 }));
             for (id, file, line, field) in named {
                 if !id.is_empty() && stops.get(id).is_none() {
-                    stops.add(id, file, line, field)?;
+                    stops.add(id, At(file, line, field))?;
                     stop_lines.push((id.clone(), line));
                     parents.push(NONE);
                 }
@@ -503,7 +500,7 @@ fn routes(feed: &Feed, networks: &Ids, table: &mut Table) -> Result<()> {
     match &feed.routes {
         Some(rows) => {
             for r in rows {
-                routes.add_new(&r.route_id, ROUTES, r.line, "route_id")?;
+                routes.add_new(&r.route_id, At(ROUTES, r.line, "route_id"))?;
                 route_lines.push((r.route_id.clone(), r.line));
                 let n = networks.resolve(&r.network_id, ROUTES, r.line, "network_id")?;
                 route_network.push((n, r.line, ROUTES));
@@ -512,7 +509,7 @@ fn routes(feed: &Feed, networks: &Ids, table: &mut Table) -> Result<()> {
         None => {
             for rn in &feed.route_networks {
                 if routes.get(&rn.route_id).is_none() {
-                    routes.add(&rn.route_id, ROUTE_NETWORKS, rn.line, "route_id")?;
+                    routes.add(&rn.route_id, At(ROUTE_NETWORKS, rn.line, "route_id"))?;
                     route_lines.push((rn.route_id.clone(), rn.line));
                     route_network.push((NONE, rn.line, ROUTE_NETWORKS));
                 }
@@ -558,7 +555,7 @@ fn routes(feed: &Feed, networks: &Ids, table: &mut Table) -> Result<()> {
 fn services(feed: &Feed, table: &mut Table) -> Result<Ids> {
     let mut services = Ids::new("service", "calendar.txt/calendar_dates.txt");
     for c in &feed.calendar {
-        services.add_new(&c.service_id, CALENDAR, c.line, "service_id")?;
+        services.add_new(&c.service_id, At(CALENDAR, c.line, "service_id"))?;
         table.services.push(Service {
             id: c.service_id.clone(),
             weekdays: c.weekdays,
@@ -569,7 +566,7 @@ fn services(feed: &Feed, table: &mut Table) -> Result<Ids> {
         });
     }
     for d in &feed.calendar_dates {
-        let i = services.add(&d.service_id, CALENDAR_DATES, d.line, "service_id")?;
+        let i = services.add(&d.service_id, At(CALENDAR_DATES, d.line, "service_id"))?;
         if usize::from(i) == table.services.len() {
             table.services.push(Service {
                 id: d.service_id.clone(),
@@ -611,9 +608,7 @@ fn timeframes(feed: &Feed, services: &Ids, table: &mut Table) -> Result<Ids> {
     for t in &feed.timeframes {
         let g = timeframes.add(
             &t.timeframe_group_id,
-            TIMEFRAMES,
-            t.line,
-            "timeframe_group_id",
+            At(TIMEFRAMES, t.line, "timeframe_group_id"),
         )?;
         if usize::from(g) == table.timeframes.len() {
             table.timeframes.push(TimeframeGroup {
@@ -653,9 +648,7 @@ fn categories(feed: &Feed, table: &mut Table) -> Result<Ids> {
         }
         categories.add_new(
             &c.rider_category_id,
-            RIDER_CATEGORIES,
-            c.line,
-            "rider_category_id",
+            At(RIDER_CATEGORIES, c.line, "rider_category_id"),
         )?;
         table.categories.push(Category {
             id: c.rider_category_id.clone(),
@@ -670,7 +663,7 @@ fn categories(feed: &Feed, table: &mut Table) -> Result<Ids> {
 fn media(feed: &Feed, table: &mut Table) -> Result<Ids> {
     let mut media = Ids::new("fare medium", FARE_MEDIA);
     for m in &feed.fare_media {
-        media.add_new(&m.fare_media_id, FARE_MEDIA, m.line, "fare_media_id")?;
+        media.add_new(&m.fare_media_id, At(FARE_MEDIA, m.line, "fare_media_id"))?;
         table.media.push(Named {
             id: m.fare_media_id.clone(),
             explicit: feed
@@ -688,7 +681,10 @@ fn products(feed: &Feed, categories: &Ids, media: &Ids, table: &mut Table) -> Re
     let mut products = Ids::new("fare product", FARE_PRODUCTS);
     let mut price_lines: HashMap<(Idx, Idx, Idx), u64> = HashMap::new();
     for p in &feed.fare_products {
-        let i = products.add(&p.fare_product_id, FARE_PRODUCTS, p.line, "fare_product_id")?;
+        let i = products.add(
+            &p.fare_product_id,
+            At(FARE_PRODUCTS, p.line, "fare_product_id"),
+        )?;
         if usize::from(i) == table.products.len() {
             table.products.push(Product {
                 id: p.fare_product_id.clone(),
@@ -740,7 +736,7 @@ fn leg_rules(
     let mut leg_groups = Ids::new("leg group", FARE_LEG_RULES);
     for r in &feed.fare_leg_rules {
         if !r.leg_group_id.is_empty() {
-            leg_groups.add(&r.leg_group_id, FARE_LEG_RULES, r.line, "leg_group_id")?;
+            leg_groups.add(&r.leg_group_id, At(FARE_LEG_RULES, r.line, "leg_group_id"))?;
         }
     }
     for id in &leg_groups.order {

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use super::compile::{codes, Ids};
+use super::compile::{codes, At, Ids};
 use super::*;
 use crate::table::{
     DurationFrom, Idx, LegRule, Named, Network, Price, Pricing, Product, Route, Stop, Table,
@@ -64,11 +64,11 @@ fn stops_and_zones(feed: &Feed, table: &mut Table) -> Result<Ids> {
     let mut zones = Ids::new("zone", "stops.txt zone_id");
     let mut lines = Vec::new();
     for s in feed.stops.iter().flatten() {
-        stops.add_new(&s.stop_id, STOPS, s.line, "stop_id")?;
+        stops.add_new(&s.stop_id, At(STOPS, s.line, "stop_id"))?;
         let areas = if s.zone_id.is_empty() {
             vec![]
         } else {
-            vec![zones.add(&s.zone_id, STOPS, s.line, "zone_id")?]
+            vec![zones.add(&s.zone_id, At(STOPS, s.line, "zone_id"))?]
         };
         table.stops.push(Stop {
             id: s.stop_id.clone(),
@@ -105,11 +105,11 @@ fn routes(feed: &Feed, table: &mut Table) -> Result<Ids> {
     };
     for (id, file, line) in named {
         if file == ROUTES {
-            routes.add_new(id, file, line, "route_id")?;
+            routes.add_new(id, At(file, line, "route_id"))?;
         } else if routes.get(id).is_some() {
             continue;
         } else {
-            routes.add(id, file, line, "route_id")?;
+            routes.add(id, At(file, line, "route_id"))?;
         }
         let network = table.networks.len() as Idx;
         table.networks.push(Network {
@@ -133,7 +133,7 @@ fn routes(feed: &Feed, table: &mut Table) -> Result<Ids> {
 fn fares(feed: &Feed, table: &mut Table) -> Result<Ids> {
     let mut fares = Ids::new("fare", FARE_ATTRIBUTES);
     for a in &feed.fare_attributes {
-        fares.add_new(&a.fare_id, FARE_ATTRIBUTES, a.line, "fare_id")?;
+        fares.add_new(&a.fare_id, At(FARE_ATTRIBUTES, a.line, "fare_id"))?;
         table.products.push(Product {
             id: a.fare_id.clone(),
             name: a.fare_id.clone(),
