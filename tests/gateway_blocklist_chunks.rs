@@ -1,0 +1,231 @@
+//! A blocklist beyond one chunk (issue 22) through the real pieces: the charging server signs
+//! it in chunks, the gateway relays each chunk retained on `…/blocklist/snapshot/<i>`, and
+//! validators — one connected before the gateway relays anything, one that connects after —
+//! assemble the chunks and hold exactly the blocked cards, journalled; later changes reach
+//! both as deltas.
+
+use gateway::daemon::GatewayConfig;
+use gateway::store::Store;
+use purse::blocklist::chunked::CHUNK_ENTRIES;
+use purse::blocklist::Blocklist;
+use purse::keys::{KeySet, Role as KeyRole};
+use purse::sam::SoftwareSam;
+use purse::txn::Transport;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tapgate_http::auth::Role;
+use tapgate_testkit::broker::spawn_gateway;
+use tapgate_testkit::fixtures::token;
+use tapgate_testkit::wait_until_async;
+use validator::daemon::{Metrics, MqttSettings, Settings};
+use validator::gate::{Gate, Placement};
+use validator::journal::Journal;
+use validator::reader::Reader;
+
+/// Cards blocked: three chunks.
+const CARDS: u32 = 2 * CHUNK_ENTRIES as u32 + 500;
+
+fn uid(i: u32) -> [u8; 7] {
+    let mut u = [4, 0x11, 0, 0, 0, 0, 0];
+    u[3..].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+    u
+}
+
+/// A reader with no card, until shutdown.
+struct NoCards(Arc<AtomicBool>);
+
+impl Reader for NoCards {
+    fn wait_card(&mut self) -> Option<&mut dyn Transport> {
+        while !self.0.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+    fn card_removed(&mut self) {}
+}
+
+/// A validator daemon in this process: its metrics, its journal, its shutdown flag and task.
+struct Running {
+    metrics: Arc<Metrics>,
+    journal: Arc<Journal>,
+    shutdown: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn start_validator(keys: &KeySet, device: u32, port: u16) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(Journal::open(dir.path(), 100, 1 << 28).unwrap());
+    let sam_keys = keys.for_role(KeyRole::ValidatorSam, device).unwrap();
+    let gate = Gate {
+        sam: SoftwareSam::validator(keys, device).unwrap(),
+        engine: None,
+        blocklist: Blocklist::new("metro"),
+        placement: Placement {
+            device_id: device,
+            operator: "metro".into(),
+            stop: "Central".into(),
+            route: "M1".into(),
+            kind: fare_rules::record::TapKind::In,
+            utc_offset_s: 0,
+            sale: None,
+        },
+        rng: StdRng::seed_from_u64(u64::from(device)),
+    };
+    let settings = Settings {
+        operator: "metro".into(),
+        card_scheme: "metro".into(),
+        device_id: device,
+        heartbeat: Duration::from_secs(1),
+        signing_pub: sam_keys.trusted_signing_keys(),
+        mqtt: Some(MqttSettings {
+            host: "127.0.0.1".into(),
+            port,
+            fallback: vec![],
+            username: Some(device.to_string()),
+            password: Some(format!("dev{device}-secret")),
+            tls_ca_pem: None,
+        }),
+        drain_timeout: Duration::from_secs(1),
+        crash_at: None,
+    };
+    let metrics = Arc::new(Metrics::new(device));
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn({
+        let (j, m, s) = (journal.clone(), metrics.clone(), shutdown.clone());
+        async move {
+            validator::daemon::run(settings, gate, j, Box::new(NoCards(s.clone())), m, s)
+                .await
+                .unwrap();
+        }
+    });
+    Running {
+        metrics,
+        journal,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    async fn wait_version(&self, who: &str, v: u64) {
+        let m = self.metrics.clone();
+        wait_until_async(
+            &format!("{who} to hold blocklist version {v}"),
+            Duration::from_secs(60),
+            move || m.blocklist_version.get() as u64 >= v,
+        )
+        .await;
+        assert_eq!(self.metrics.blocklist_version.get() as u64, v);
+    }
+
+    /// Stops the daemon; the list its journal gives back.
+    async fn stop(self, keys: &KeySet, device: u32) -> Blocklist {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        let sam_keys = keys.for_role(KeyRole::ValidatorSam, device).unwrap();
+        let mut g = Gate {
+            sam: SoftwareSam::validator(keys, device).unwrap(),
+            engine: None,
+            blocklist: Blocklist::new("metro"),
+            placement: Placement {
+                device_id: device,
+                operator: "metro".into(),
+                stop: "Central".into(),
+                route: "M1".into(),
+                kind: fare_rules::record::TapKind::In,
+                utc_offset_s: 0,
+                sale: None,
+            },
+            rng: StdRng::seed_from_u64(0),
+        };
+        validator::daemon::restore(&mut g, &self.journal, &sam_keys.trusted_signing_keys())
+            .unwrap();
+        g.blocklist
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocklist_in_chunks_reaches_early_and_late_validators() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(22));
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt_port = tapgate_testkit::broker::embedded(&[
+        ("gateway", "gw-secret"),
+        ("7", "dev7-secret"),
+        ("8", "dev8-secret"),
+    ]);
+    let back_office = tapgate_testkit::charging::start(&keys, |cfg| {
+        cfg.tokens = vec![token("gw", Role::Gateway, "tg_gw")];
+        cfg.operator = "metro".into();
+        cfg.ledger_map_size_bytes = 512 << 20;
+    });
+    let ledger = back_office.state.loads.ledger().clone();
+    let l = ledger.clone();
+    let v1 = tokio::task::spawn_blocking(move || {
+        l.transact(|t| {
+            let mut v = 0;
+            for i in 0..CARDS {
+                v = t.set_blocked(&uid(i), true, "lost", 0)?.unwrap_or(v);
+            }
+            Ok(v)
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(v1 >= u64::from(CARDS));
+
+    // A validator connected before the gateway relays anything.
+    let early = start_validator(&keys, 7, mqtt_port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = spawn_gateway(
+        GatewayConfig {
+            broker: ("127.0.0.1".into(), mqtt_port),
+            mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+            charging: Some((back_office.base.clone(), "tg_gw".into())),
+            operator: "metro".into(),
+            ..GatewayConfig::default()
+        },
+        &Store::open(&dir.path().join("gateway"), 64 << 20).unwrap(),
+        &keys.for_role(KeyRole::Gateway, 0).unwrap(),
+    );
+    early.wait_version("the early validator", v1).await;
+    assert_eq!(stats.blocklists_refused.load(Ordering::Relaxed), 0);
+
+    // A validator that connects afterwards: the retained chunks (and no delta) bring it there.
+    let late = start_validator(&keys, 8, mqtt_port);
+    late.wait_version("the late validator", v1).await;
+
+    // A change afterwards reaches both as a delta.
+    let l = ledger.clone();
+    let v2 = tokio::task::spawn_blocking(move || {
+        l.transact(|t| {
+            t.set_blocked(&uid(3), false, "found", 0)?;
+            Ok(t.set_blocked(&uid(CARDS + 1), true, "stolen", 0)?.unwrap())
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    early.wait_version("the early validator", v2).await;
+    late.wait_version("the late validator", v2).await;
+
+    for (v, device) in [(early, 7), (late, 8)] {
+        let chunks = v.journal.blobs("blocklist/0-chunk/").unwrap().len();
+        assert_eq!(
+            chunks, 3,
+            "validator {device} journals the snapshot's three chunks"
+        );
+        let list = v.stop(&keys, device).await;
+        assert_eq!(list.version(), v2, "validator {device} restores");
+        assert_eq!(list.len(), CARDS as usize, "validator {device}");
+        assert!((0..CARDS)
+            .filter(|i| *i != 3)
+            .all(|i| list.is_blocked(&uid(i))));
+        assert!(!list.is_blocked(&uid(3)) && list.is_blocked(&uid(CARDS + 1)));
+    }
+}
