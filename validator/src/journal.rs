@@ -272,18 +272,7 @@ impl Journal {
     /// Replaces every blob under `prefix` with one blob, in one transaction (a blocklist
     /// snapshot replaces the deltas).
     pub fn replace_blobs(&self, prefix: &str, key: &str, bytes: &[u8]) -> Result<(), JournalError> {
-        let mut w = self.env.write_txn()?;
-        let keys: Vec<String> = self
-            .meta
-            .prefix_iter(&w, prefix)?
-            .map(|e| e.map(|(k, _)| k.to_string()))
-            .collect::<Result<_, _>>()?;
-        for k in keys {
-            self.meta.delete(&mut w, &k)?;
-        }
-        self.meta.put(&mut w, key, bytes)?;
-        w.commit()?;
-        Ok(())
+        self.put_blob_retaining(key, bytes, prefix, |_| false)
     }
 
     /// Stores blob `key` and, in the same transaction, drops every blob under `prefix` that
