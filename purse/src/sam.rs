@@ -593,27 +593,26 @@ impl SoftwareSam {
     /// A validator SAM from its key set (cut with [`Role::ValidatorSam`]). Any credit, TMAC,
     /// app or device-master key present in `keys` is dropped, not held.
     pub fn validator(keys: &KeySet, device_id: u32) -> Result<Self, SamError> {
-        let keys = keys.for_role(Role::ValidatorSam, device_id)?;
-        let device_key = keys.device_key(device_id)?;
-        Ok(SoftwareSam {
-            role: Role::ValidatorSam,
-            keys,
-            device_id,
-            device_mac: crypto::cmac_state(&device_key),
-            device_key,
-            ceiling_minor: 0,
-            last_grant_seq: 0,
-            picked_up: std::collections::BTreeMap::new(),
-            action_grant: (0, 0),
-        })
+        Self::with_role(keys, Role::ValidatorSam, device_id, 0)
     }
 
     /// A franchise SAM with a credit ceiling.
     pub fn franchise(keys: &KeySet, device_id: u32, ceiling_minor: i64) -> Result<Self, SamError> {
-        let keys = keys.for_role(Role::FranchiseSam, device_id)?;
+        Self::with_role(keys, Role::FranchiseSam, device_id, ceiling_minor)
+    }
+
+    /// A SAM of `role` holding what `keys` cuts for that role and `device_id`, with a credit
+    /// ceiling of `ceiling_minor`, no grant applied and no order picked up yet.
+    fn with_role(
+        keys: &KeySet,
+        role: Role,
+        device_id: u32,
+        ceiling_minor: i64,
+    ) -> Result<Self, SamError> {
+        let keys = keys.for_role(role, device_id)?;
         let device_key = keys.device_key(device_id)?;
         Ok(SoftwareSam {
-            role: Role::FranchiseSam,
+            role,
             keys,
             device_id,
             device_mac: crypto::cmac_state(&device_key),
