@@ -219,6 +219,12 @@ impl Row<'_> {
         }
     }
 
+    /// A GTFS boolean, `0` or `1` (`default` when empty; without one an empty field is an
+    /// error).
+    pub(super) fn flag(&self, field: &'static str, default: Option<bool>) -> Result<bool> {
+        Ok(self.enumeration(field, 1, default.map(u8::from), "0 or 1")? == 1)
+    }
+
     /// A `YYYYMMDD` date as days since 1970-01-01 (`None` when empty).
     pub(super) fn date(&self, field: &'static str) -> Result<Option<i32>> {
         self.optional(field, parse_date, "a date as YYYYMMDD, e.g. \"20250131\"")

@@ -229,7 +229,7 @@ fn calendar(f: &CsvFile, feed: &mut Feed) -> Result<()> {
     for r in f.rows() {
         let mut weekdays = 0u8;
         for (bit, day) in DAYS.iter().enumerate() {
-            if r.enumeration(day, 1, None, "0 or 1")? == 1 {
+            if r.flag(day, None)? {
                 weekdays |= 1 << bit;
             }
         }
@@ -332,12 +332,7 @@ fn rider_categories(f: &CsvFile, feed: &mut Feed) -> Result<()> {
             line: r.line,
             rider_category_id: r.req("rider_category_id")?,
             rider_category_name: r.s("rider_category_name"),
-            is_default_fare_category: r.enumeration(
-                "is_default_fare_category",
-                1,
-                Some(0),
-                "0 or 1",
-            )? == 1,
+            is_default_fare_category: r.flag("is_default_fare_category", Some(false))?,
         })
     })?;
     Ok(())
