@@ -224,11 +224,18 @@ impl Journal {
 
     /// The pending change journalled for a card, if any.
     pub fn pending(&self, uid: &[u8; 7]) -> Result<Option<PendingTap>, JournalError> {
+        self.card_entry(self.pending, uid, PendingTap::decode)
+    }
+
+    /// `uid`'s entry in the per-card table `db`, decoded by `decode`, if any.
+    fn card_entry<T>(
+        &self,
+        db: Database<Bytes, Bytes>,
+        uid: &[u8; 7],
+        decode: fn(&[u8]) -> Result<T, JournalError>,
+    ) -> Result<Option<T>, JournalError> {
         let r = self.env.read_txn()?;
-        self.pending
-            .get(&r, uid)?
-            .map(PendingTap::decode)
-            .transpose()
+        db.get(&r, uid)?.map(decode).transpose()
     }
 
     /// Every pending change (reported at start: cards torn before a crash).
@@ -368,11 +375,7 @@ impl Journal {
 
     /// The pick-up journalled for a card and not yet settled, if any.
     pub fn pending_pickup(&self, uid: &[u8; 7]) -> Result<Option<PendingPickup>, JournalError> {
-        let r = self.env.read_txn()?;
-        self.pickups
-            .get(&r, uid)?
-            .map(PendingPickup::decode)
-            .transpose()
+        self.card_entry(self.pickups, uid, PendingPickup::decode)
     }
 
     /// Journals a pick-up about to be applied, durably, before the card is touched — and,
