@@ -87,6 +87,22 @@ impl Ids {
         Ok(ids)
     }
 
+    /// Adds `id` if new, pushing `new_row()` to `rows` (the table's rows of this kind, one per
+    /// id in order) the first time; its index either way.
+    pub(super) fn add_row<T>(
+        &mut self,
+        id: &str,
+        at: At,
+        rows: &mut Vec<T>,
+        new_row: impl FnOnce() -> T,
+    ) -> Result<Idx> {
+        let i = self.add(id, at)?;
+        if usize::from(i) == rows.len() {
+            rows.push(new_row());
+        }
+        Ok(i)
+    }
+
     /// Adds `id`, refusing a duplicate.
     pub(super) fn add_new(&mut self, id: &str, at: At) -> Result<Idx> {
         if self.get(id).is_some() {
@@ -566,13 +582,11 @@ fn services(feed: &Feed, table: &mut Table) -> Result<Ids> {
         });
     }
     for d in &feed.calendar_dates {
-        let i = services.add(&d.service_id, At(CALENDAR_DATES, d.line, "service_id"))?;
-        if usize::from(i) == table.services.len() {
-            table.services.push(Service {
-                id: d.service_id.clone(),
-                ..Service::default()
-            });
-        }
+        let at = At(CALENDAR_DATES, d.line, "service_id");
+        let i = services.add_row(&d.service_id, at, &mut table.services, || Service {
+            id: d.service_id.clone(),
+            ..Service::default()
+        })?;
         if let Some(s) = table.services.get_mut(usize::from(i)) {
             let (list, other) = if d.exception_type == 1 {
                 (&mut s.added, &s.removed)
@@ -606,16 +620,13 @@ fn services(feed: &Feed, table: &mut Table) -> Result<Ids> {
 fn timeframes(feed: &Feed, services: &Ids, table: &mut Table) -> Result<Ids> {
     let mut timeframes = Ids::new("timeframe group", TIMEFRAMES);
     for t in &feed.timeframes {
-        let g = timeframes.add(
-            &t.timeframe_group_id,
-            At(TIMEFRAMES, t.line, "timeframe_group_id"),
-        )?;
-        if usize::from(g) == table.timeframes.len() {
-            table.timeframes.push(TimeframeGroup {
+        let at = At(TIMEFRAMES, t.line, "timeframe_group_id");
+        let g = timeframes.add_row(&t.timeframe_group_id, at, &mut table.timeframes, || {
+            TimeframeGroup {
                 id: t.timeframe_group_id.clone(),
                 spans: Vec::new(),
-            });
-        }
+            }
+        })?;
         let service = services.resolve(&t.service_id, TIMEFRAMES, t.line, "service_id")?;
         if let Some(group) = table.timeframes.get_mut(usize::from(g)) {
             group.spans.push(Timeframe {
@@ -681,17 +692,12 @@ fn products(feed: &Feed, categories: &Ids, media: &Ids, table: &mut Table) -> Re
     let mut products = Ids::new("fare product", FARE_PRODUCTS);
     let mut price_lines: HashMap<(Idx, Idx, Idx), u64> = HashMap::new();
     for p in &feed.fare_products {
-        let i = products.add(
-            &p.fare_product_id,
-            At(FARE_PRODUCTS, p.line, "fare_product_id"),
-        )?;
-        if usize::from(i) == table.products.len() {
-            table.products.push(Product {
-                id: p.fare_product_id.clone(),
-                name: String::new(),
-                prices: Vec::new(),
-            });
-        }
+        let at = At(FARE_PRODUCTS, p.line, "fare_product_id");
+        let i = products.add_row(&p.fare_product_id, at, &mut table.products, || Product {
+            id: p.fare_product_id.clone(),
+            name: String::new(),
+            prices: Vec::new(),
+        })?;
         let category = categories.resolve(
             &p.rider_category_id,
             FARE_PRODUCTS,
