@@ -34,8 +34,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest MQTT packet the front passes (rumqttd's payload limit, 16 MiB, plus headers).
 const MAX_PACKET_BYTES: usize = (16 << 20) + 4096;
-/// Most client connections at once (rumqttd's own limit is a little higher, for the link).
-const MAX_CONNECTIONS: usize = 10_000;
+/// Most client connections at once with up to about 9,000 users (rumqttd's own limit is a
+/// little higher, for the link); see [`connection_limit`].
+const MIN_CONNECTIONS: usize = 10_000;
+
+/// Most client connections at once for `users` users: one for each user and a tenth more (a
+/// device reconnecting before its old connection closed, a gateway's several connections, a
+/// connection still in its CONNECT), at least [`MIN_CONNECTIONS`]. Each takes three file
+/// descriptors of this process (the client's socket, the front's to rumqttd and rumqttd's end).
+fn connection_limit(users: usize) -> usize {
+    MIN_CONNECTIONS.max(users + users / 10 + 100)
+}
 /// Time a new connection has to finish TLS and send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The username under which the front logs in to rumqttd (with a random per-process password).
@@ -321,7 +330,7 @@ fn open_link(
     Ok((tx, rx))
 }
 
-fn rumqttd_config(internal: SocketAddr, secret: &str) -> rumqttd::Config {
+fn rumqttd_config(internal: SocketAddr, secret: &str, max_connections: usize) -> rumqttd::Config {
     let server = rumqttd::ServerSettings {
         name: "tapgate-internal".into(),
         listen: internal,
@@ -343,7 +352,7 @@ fn rumqttd_config(internal: SocketAddr, secret: &str) -> rumqttd::Config {
     rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: MAX_CONNECTIONS + 10,
+            max_connections: max_connections + 10,
             max_outgoing_packet_count: 10_000,
             // rumqttd keeps, per subscription filter, a log of what matched it (read or not),
             // dropping its oldest segment only when full: these sizes bound its memory. The
@@ -414,7 +423,8 @@ fn spawn_broker(
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("choosing the broker's internal port: {e}"))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    let config = rumqttd_config(internal, &secret);
+    let max_connections = connection_limit(users.len());
+    let config = rumqttd_config(internal, &secret, max_connections);
     let stats = Arc::new(BrokerStats::default());
     let (hand_over, handed) = std::sync::mpsc::channel();
     let link_operator = link_operator.map(str::to_string);
@@ -457,7 +467,8 @@ fn spawn_broker(
         stats,
         logged: Mutex::new(HashSet::new()),
         logins_logged: Mutex::new(HashMap::new()),
-        slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+        max_connections,
     });
     let thread = std::thread::Builder::new()
         .name("mqtt-front".into())
@@ -490,6 +501,8 @@ struct Front {
     /// wrong password retries every half second).
     logins_logged: Mutex<HashMap<String, std::time::Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// The slots' number ([`connection_limit`]).
+    max_connections: usize,
 }
 
 /// How often one user's refused login is logged again.
@@ -555,7 +568,7 @@ impl Front {
                 }
             };
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "MQTT connection refused: {MAX_CONNECTIONS} connections open");
+                tracing::warn!(%peer, max = self.max_connections, "MQTT connection refused: the most connections the broker takes are open");
                 continue;
             };
             let _ = stream.set_nodelay(true);
@@ -656,7 +669,7 @@ impl Front {
             .authenticate(&login.username, &login.password)
             .ok_or(ConnectReturnCode::BadUserNamePassword)?
             .clone();
-        if let Some(w) = &connect.last_will {
+        if let Some(w) = &mut connect.last_will {
             if !role.may_publish(&w.topic) {
                 self.refused(
                     &login.username,
@@ -664,6 +677,8 @@ impl Front {
                 );
                 return Err(ConnectReturnCode::NotAuthorized);
             }
+            // Not retained, as a device's status is not ([`unretain`]).
+            w.retain &= role == Role::Gateway;
         }
         // rumqttd refuses ids with `+ $ # /`; a device's id (topic-safe) never has one.
         connect.client_id = match &role {
@@ -783,7 +798,10 @@ where
         let mut refusal = None;
         while allowed < buf.len() {
             match judge(&buf[allowed..], role) {
-                Ok(Some(len)) => allowed += len,
+                Ok(Some(len)) => {
+                    unretain(&mut buf[allowed..allowed + len], role);
+                    allowed += len
+                }
                 Ok(None) => break,
                 Err(r) => {
                     refusal = Some(r);
@@ -802,6 +820,20 @@ where
         if rd.read_buf(&mut buf).await.map_err(|_| None)? == 0 {
             return Ok(());
         }
+    }
+}
+
+/// Clears the RETAIN flag of a device's PUBLISH frame (its taps and its status; the will is
+/// cleared at CONNECT). rumqttd 0.20 scans every retained message at every subscription
+/// (`DataLog::read_retained_messages`, a topic match each): with each validator's status
+/// retained, a fleet of N validators (eight subscriptions each) cost N² matches in the single
+/// router thread while it connected or reconnected, and each later subscription O(N), which
+/// held the blocklist's fan-out behind it (docs/benchmarks.md, "Gateway: connected
+/// validators"). A retained status buys nothing here: the embedded broker lives and dies with
+/// the gateway, whose heartbeat subscription is in place before any validator connects.
+fn unretain(frame: &mut [u8], role: &Role) {
+    if matches!(role, Role::Device { .. }) && frame.first().is_some_and(|b| b >> 4 == 3) {
+        frame[0] &= !1;
     }
 }
 
@@ -910,6 +942,47 @@ mod tests {
             judge(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f], &device()),
             Err(Refusal::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn a_device_s_publishes_reach_the_broker_unretained() {
+        let status = |retain: bool| {
+            let mut p = Publish::new(
+                "tapgate/v1/metro/devices/1001/status",
+                QoS::AtLeastOnce,
+                br#"{"online":true}"#.to_vec(),
+            );
+            p.pkid = 1;
+            p.retain = retain;
+            frame(Packet::Publish(p))
+        };
+        let mut b = status(true);
+        assert_eq!(judge(&b, &device()).unwrap(), Some(b.len()));
+        unretain(&mut b, &device());
+        assert_eq!(b, status(false), "only the RETAIN flag changes");
+        let mut g = status(true);
+        unretain(&mut g, &Role::Gateway);
+        assert_eq!(
+            g,
+            status(true),
+            "the gateway's retained downlink stays retained"
+        );
+        let mut s = frame(Packet::Subscribe(Subscribe::new(
+            "tapgate/v1/metro/devices/1001/confirm",
+            QoS::AtLeastOnce,
+        )));
+        let before = s.clone();
+        unretain(&mut s, &device());
+        assert_eq!(s, before, "other packets pass unchanged");
+    }
+
+    #[test]
+    fn the_connection_limit_grows_with_the_users() {
+        assert_eq!(connection_limit(0), MIN_CONNECTIONS);
+        assert_eq!(connection_limit(8_000), MIN_CONNECTIONS);
+        // A fleet of 10,000 validators and its gateways: every one of them, and room to spare.
+        assert_eq!(connection_limit(10_010), 11_111);
+        assert_eq!(connection_limit(50_000), 55_100);
     }
 
     #[test]
