@@ -129,6 +129,13 @@ pub trait FundingSource: Send + Sync {
     fn ledger_account(&self) -> String {
         format!("funding:{}", self.name())
     }
+    /// Whether a call to this source waits for another system (a processor's answer over the
+    /// network): a request handler then hands its worker's other tasks over while it waits
+    /// ([`crate::ledger::may_block`]). A source whose calls are the ledger's own transactions
+    /// (they hand over by themselves) or local memory-mapped writes answers `false`.
+    fn waits(&self) -> bool {
+        true
+    }
 }
 
 /// The state of one authorisation at the sandbox processor.
@@ -236,6 +243,12 @@ impl SandboxProcessor {
 impl FundingSource for SandboxProcessor {
     fn name(&self) -> &str {
         "card"
+    }
+
+    /// Its store is a local LMDB file without fsync (it stands in for a remote processor
+    /// whose durability is its own): a call writes pages and never waits for the disk.
+    fn waits(&self) -> bool {
+        false
     }
 
     fn check_instrument(&self, id: &str) -> Result<(), FundingError> {
@@ -587,6 +600,12 @@ impl PointsProgram {
 impl FundingSource for PointsProgram {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Points live in the ledger: a call is a ledger transaction, which waits for its group
+    /// commit by itself ([`Ledger::transact`]).
+    fn waits(&self) -> bool {
+        false
     }
 
     fn holding(&self) -> Holding {

@@ -224,22 +224,31 @@ pub(super) async fn load_step(
     }
     let now = (st.clock)();
     let loads = st.loads.clone();
-    let reply = relay_work(&st, move || {
-        Ok(loads.respond(&caller.name, &id, step.seq, &responses, now)?)
-    })
-    .await?;
+    let reply = if st.relay_inline {
+        // In a task of its own: the step takes its session out while it awaits the ledger's
+        // group commit, and a client hanging up (which drops this handler) must not leave it
+        // there.
+        tokio::spawn(async move {
+            loads
+                .respond_async(&caller.name, &id, step.seq, &responses, now)
+                .await
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("step failed: {e}")))??
+    } else {
+        blocking(move || Ok(loads.respond(&caller.name, &id, step.seq, &responses, now)?)).await?
+    };
     Ok(Json(reply))
 }
 
-/// Runs a relay request's work (a start or a step of a load, reversal or payment). With the
-/// LMDB ledger on the worker itself: its reads are memory reads, most steps are only the HSM's
-/// secure messaging (microseconds), and the steps that decide or book hand the worker's other
-/// tasks over while they wait ([`crate::ledger::may_block`]: the funding source, the group
-/// commit). Handing every step to [`blocking`] instead cost each request a thread hand-off
-/// (block_in_place wakes a thread to take the worker over): three of a load's five requests
-/// wait for nothing. With PostgreSQL every read is a round trip to the database, and a
-/// PKCS#11 token may be a network HSM: then the whole request goes to [`blocking`]
-/// ([`AppState::relay_inline`]).
+/// Runs a relay request's start (a load, a reversal, a payment). With the LMDB ledger on the
+/// worker itself: its reads are memory reads and a load's start waits for no commit. (A step is run by
+/// [`load_step`]: with LMDB as a task that awaits the group commits of the steps that decide
+/// or book, with no thread waiting for them — [`crate::ledger::Ledger::transact_async`].)
+/// Handing every request to [`blocking`] instead cost each a thread hand-off (block_in_place
+/// wakes a thread to take the worker over). With PostgreSQL every read is a round trip to the
+/// database, and a PKCS#11 token may be a network HSM: then the whole request goes to
+/// [`blocking`] ([`AppState::relay_inline`]).
 async fn relay_work<T: Send + 'static>(
     st: &AppState,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,

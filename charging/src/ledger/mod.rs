@@ -255,6 +255,24 @@ impl Ledger {
         })
     }
 
+    /// [`Ledger::transact`] for an async caller (a request handler on a tokio worker): the
+    /// task waits for the commit without holding a thread. On LMDB the group committer
+    /// completes a oneshot once the batch holding `f` is durable, so the worker runs the
+    /// runtime's other tasks meanwhile with no hand-off to another thread (`block_in_place`
+    /// wakes one per wait); on PostgreSQL it runs as [`Ledger::transact`] does (its round
+    /// trips through [`may_block`]). `f` is handed over when the future is first polled and
+    /// commits even if the future is dropped afterwards: a caller that must act on the outcome
+    /// runs it in a task of its own.
+    pub async fn transact_async<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        match &self.backend {
+            Backend::Lmdb(l) => l.transact_async(f).await,
+            Backend::Postgres(p) => may_block(|| p.transact(f)),
+        }
+    }
+
     /// Closes this handle; the last one to close waits for the backend to finish, so the
     /// ledger can be opened again in the same process.
     pub fn close(self) {
@@ -277,6 +295,35 @@ pub fn may_block<T>(f: impl FnOnce() -> T) -> T {
         }
         _ => f(),
     }
+}
+
+/// Runs `fut` to completion on this thread: the synchronous form of an async ledger caller
+/// ([`Ledger::transact_async`]'s, the load service's). Polled here first; only if it has to
+/// wait does the thread park until it is woken, through [`may_block`] (so on a tokio worker the
+/// runtime's other tasks move meanwhile).
+pub fn wait_for<F: std::future::Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+        return v;
+    }
+    may_block(|| loop {
+        std::thread::park();
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+    })
 }
 
 #[cfg(test)]

@@ -4,23 +4,33 @@ use super::*;
 
 impl LoadService {
     /// Completes the intent the HSM-verified change `proof` proves, storing the client's
-    /// answer with it.
+    /// answer with it; the calling thread waits for the commit.
     pub(super) fn complete(
         &self,
         proof: &TmacVerified,
         now_ms: u64,
         idem: Option<(String, serde_json::Value)>,
     ) -> Result<(), LoadError> {
-        let proof = proof.clone();
-        // One group-committed transaction: the posting, the intent's state, the card's
-        // shadow and the client's stored answer become durable together.
-        let done = self.ledger.transact(move |t| {
-            let action = t.complete_intent(Completion::Proved(&proof), now_ms)?;
-            if let Some((key, value)) = &idem {
-                t.put_idempotent(key, value)?;
-            }
-            Ok(action)
-        })?;
+        let done = self
+            .ledger
+            .transact(completion(proof.clone(), now_ms, idem))?;
+        if let Some(action) = done {
+            self.apply_funding(&action);
+        }
+        Ok(())
+    }
+
+    /// [`Self::complete`] for a task: it awaits the group commit.
+    pub(super) async fn complete_async(
+        &self,
+        proof: &TmacVerified,
+        now_ms: u64,
+        idem: Option<(String, serde_json::Value)>,
+    ) -> Result<(), LoadError> {
+        let done = self
+            .ledger
+            .transact_async(completion(proof.clone(), now_ms, idem))
+            .await?;
         if let Some(action) = done {
             self.apply_funding(&action);
         }
@@ -173,5 +183,23 @@ impl LoadService {
             Ok(Ok(()))
         })?;
         registered.map_err(LoadError::RegistrationConflict)
+    }
+}
+
+/// The transaction completing the intent `proof` proves: the posting, the intent's state, the
+/// card's shadow and the client's stored answer become durable together (one group commit).
+fn completion(
+    proof: TmacVerified,
+    now_ms: u64,
+    idem: Option<(String, serde_json::Value)>,
+) -> impl FnMut(&mut dyn crate::ledger::LedgerWrite) -> Result<Option<FundingAction>, LedgerError>
+       + Send
+       + 'static {
+    move |t| {
+        let action = t.complete_intent(Completion::Proved(&proof), now_ms)?;
+        if let Some((key, value)) = &idem {
+            t.put_idempotent(key, value)?;
+        }
+        Ok(action)
     }
 }

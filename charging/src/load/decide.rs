@@ -19,7 +19,7 @@ impl LoadService {
     /// Returns the decision, or a final refusal.
     /// At `Step::Decide`: older intents settled from the card's snapshot, the card's state and
     /// the limits checked, the funding authorised and the intent durable — or a refusal.
-    pub(super) fn decide(
+    pub(super) async fn decide(
         &self,
         s: &mut Session,
         snap: &CardSnapshot,
@@ -65,15 +65,15 @@ impl LoadService {
             reference: &reference,
             instrument: &s.request.instrument,
         };
-        let auth = match source.authorise(&req) {
+        let auth = funding_call(&*source, || match source.authorise(&req) {
             Err(FundingError::Timeout) => source.authorise(&req), // same reference: safe
             other => other,
-        };
+        });
         let auth = match auth {
             Ok(a) => a,
             Err(e) => return Ok(Err(self.refused(s, "funding_declined", &e.to_string()))),
         };
-        self.record_intent(s, snap, &*source, auth, now_ms)
+        self.record_intent(s, snap, &*source, auth, now_ms).await
     }
 
     /// A card the back office will not load: blocked, or a counter behind what was seen (a
@@ -153,7 +153,7 @@ impl LoadService {
     /// Makes the authorised load's intent durable before any Credit leaves the server (group
     /// commit: shared fsync), raising the instrument's day total where it is checked again (two
     /// cards loading from one instrument at once); voids the authorisation if it cannot.
-    fn record_intent(
+    async fn record_intent(
         &self,
         s: &mut Session,
         snap: &CardSnapshot,
@@ -188,7 +188,7 @@ impl LoadService {
         let record = intent_record(&intent).to_vec();
         let snapshot = snap.clone();
         let claimant = s.claimant();
-        let recorded = self.ledger.transact(move |t| {
+        let recorded = self.ledger.transact_async(move |t| {
             // The idempotency key is claimed in the same transaction: of two servers starting
             // one key at once, the database lets one record its intent (looked at before the
             // limits, which the other's load may have raised).
@@ -206,18 +206,20 @@ impl LoadService {
             t.add_load_day(&uid, today, i64::from(amount))?;
             Ok(Recorded::Done)
         });
+        let recorded = recorded.await;
+        let void = |auth: &str| funding_call(source, || source.void(auth));
         match recorded {
             Ok(Recorded::Done) => {}
             Ok(Recorded::OverLimit(so_far)) => {
-                let _ = source.void(&auth);
+                let _ = void(&auth);
                 return Ok(Err(self.instrument_limit(s, so_far, max_daily)));
             }
             Ok(Recorded::Taken(earlier)) => {
-                let _ = source.void(&auth);
+                let _ = void(&auth);
                 return self.taken_answer(s, &earlier).map(Err);
             }
             Err(LedgerError::IntentExists { .. }) => {
-                let _ = source.void(&auth);
+                let _ = void(&auth);
                 return Ok(Err(self.refused(
                     s,
                     "load_in_progress",
@@ -227,7 +229,7 @@ impl LoadService {
             Err(e) => {
                 // No intent, so no Credit will be sent: release the funds now (nothing else
                 // would — settlement only knows intents in the ledger).
-                if let Err(ve) = source.void(&auth) {
+                if let Err(ve) = void(&auth) {
                     tracing::error!(%ve, auth, source = %s.request.funding_source, "the intent could not be written and its authorisation could not be voided; void it at the source");
                 }
                 return Err(e.into());
@@ -349,5 +351,16 @@ impl LoadService {
     /// The points programme called `name`, if it is one of the funding sources.
     pub fn points_program(&self, name: &str) -> Option<&crate::funding::PointsProgram> {
         self.sources.get(name).and_then(|s| s.as_points())
+    }
+}
+
+/// Runs `f`, a call to funding source `source`: through [`crate::ledger::may_block`] when the
+/// source waits for a remote system ([`FundingSource::waits`]), on the caller's thread when
+/// it does not.
+pub(super) fn funding_call<R>(source: &dyn FundingSource, f: impl FnOnce() -> R) -> R {
+    if source.waits() {
+        crate::ledger::may_block(f)
+    } else {
+        f()
     }
 }

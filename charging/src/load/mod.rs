@@ -608,11 +608,17 @@ impl LoadService {
             FundingAction::Capture { source, auth } => (
                 source,
                 auth,
-                self.sources.get(source).map(|s| s.capture(auth)),
+                self.sources
+                    .get(source)
+                    .map(|s| decide::funding_call(&**s, || s.capture(auth))),
             ),
-            FundingAction::Release { source, auth } => {
-                (source, auth, self.sources.get(source).map(|s| s.void(auth)))
-            }
+            FundingAction::Release { source, auth } => (
+                source,
+                auth,
+                self.sources
+                    .get(source)
+                    .map(|s| decide::funding_call(&**s, || s.void(auth))),
+            ),
             FundingAction::Refund {
                 source,
                 auth,
@@ -622,7 +628,7 @@ impl LoadService {
                 auth,
                 self.sources
                     .get(source)
-                    .map(|s| s.refund(auth, *amount_minor)),
+                    .map(|s| decide::funding_call(&**s, || s.refund(auth, *amount_minor))),
             ),
         };
         match result {

@@ -1,7 +1,7 @@
 //! Relay sessions: opening one (or answering a retried start), each step of the card dialogue, refusals, and expiry.
 
 use super::*;
-use crate::ledger::may_block;
+use crate::ledger::wait_for;
 
 impl LoadService {
     pub(super) fn open_session(
@@ -123,8 +123,25 @@ impl LoadService {
         }
     }
 
-    /// Feeds the card's answers to the commands of step `seq` of session `id`.
+    /// Feeds the card's answers to the commands of step `seq` of session `id`: the calling
+    /// thread waits for the ledger's commits ([`LoadService::respond_async`] from a task).
     pub fn respond(
+        &self,
+        caller: &str,
+        id: &str,
+        seq: u32,
+        responses: &[Vec<u8>],
+        now_ms: u64,
+    ) -> Result<Reply, LoadError> {
+        wait_for(self.respond_async(caller, id, seq, responses, now_ms))
+    }
+
+    /// [`LoadService::respond`] for a task: a step that decides or completes the load awaits
+    /// its group commit ([`crate::ledger::Ledger::transact_async`]) instead of holding a
+    /// thread. The session is taken out while the step is worked on and put back at the end:
+    /// run this to completion (the API runs it in a task of its own, which a client hanging
+    /// up does not cancel), or the session stays in flight until the server restarts.
+    pub async fn respond_async(
         &self,
         caller: &str,
         id: &str,
@@ -177,16 +194,23 @@ impl LoadService {
             sessions.take(id).expect("present")
         };
         s.touched_ms = now_ms;
-        let reply = self.advance(&mut s, responses, now_ms).and_then(|reply| {
-            if !reply.is_final() || s.idempotent_stored {
-                return Ok(reply);
+        let reply = match self.advance(&mut s, responses, now_ms).await {
+            Ok(reply) if reply.is_final() && !s.idempotent_stored => {
+                let (key, value) = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
+                match self
+                    .ledger
+                    .transact_async(move |t| t.put_idempotent(&key, &value))
+                    .await
+                {
+                    Ok(()) => {
+                        s.idempotent_stored = true;
+                        Ok(reply)
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
-            let (key, value) = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
-            self.ledger
-                .transact(move |t| t.put_idempotent(&key, &value))?;
-            s.idempotent_stored = true;
-            Ok(reply)
-        });
+            other => other,
+        };
         let reply = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -226,7 +250,7 @@ impl LoadService {
         Ok(reply)
     }
 
-    pub(super) fn advance(
+    pub(super) async fn advance(
         &self,
         s: &mut Session,
         responses: &[Vec<u8>],
@@ -254,9 +278,10 @@ impl LoadService {
             );
         }
         let step = match step {
-            // The decision reads and writes the ledger and asks the funding source: it may
-            // wait (fsync, a remote processor), so the worker's other tasks move meanwhile.
-            Step::Decide(snapshot) => match may_block(|| self.decide(s, &snapshot, now_ms))? {
+            // The decision reads and writes the ledger and asks the funding source: its
+            // intent's group commit is awaited, a funding source that waits hands the
+            // worker's other tasks over (`FundingSource::waits`).
+            Step::Decide(snapshot) => match self.decide(s, &snapshot, now_ms).await? {
                 Ok(decision) => {
                     let mut hsm = self.hsm.lock().expect("hsm lock");
                     match s.dialogue.decide(hsm.as_mut(), decision) {
@@ -282,7 +307,7 @@ impl LoadService {
                     commands: batch.iter().map(hex::encode_upper).collect(),
                 })
             }
-            Step::Done(Outcome::Committed { receipt, .. }) => may_block(|| {
+            Step::Done(Outcome::Committed { receipt, .. }) => {
                 let verified = {
                     let hsm = self.hsm.lock().expect("hsm lock");
                     hsm.verify_tmac(&receipt)
@@ -296,7 +321,7 @@ impl LoadService {
                             tmc: receipt.tmc(),
                         };
                         let stored = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
-                        self.complete(&proof, now_ms, Some(stored))?;
+                        self.complete_async(&proof, now_ms, Some(stored)).await?;
                         s.idempotent_stored = true;
                         self.stats.lock().expect("stats").completed += 1;
                         Ok(self.migrate_after_load(s, receipt.key_version(), reply))
@@ -311,7 +336,7 @@ impl LoadService {
                         })
                     }
                 }
-            }),
+            }
             Step::Done(Outcome::Refused { .. }) => {
                 Ok(self.refused(s, "refused", "nothing to load"))
             }

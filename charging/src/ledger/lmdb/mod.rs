@@ -145,32 +145,65 @@ impl LmdbLedger {
 
     /// Runs `f` in a write transaction that is committed together with other concurrent
     /// callers' (group commit), and returns once it is durable. If `f` fails, only its own
-    /// writes are rolled back (it runs in a nested transaction).
+    /// writes are rolled back (it runs in a nested transaction). The calling thread waits.
     pub fn transact<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<T, LedgerError>>(1);
+        self.submit(f, move |out| {
+            let _ = tx.send(out);
+        })?;
+        rx.recv().map_err(|_| committer_stopped())?
+    }
+
+    /// [`LmdbLedger::transact`] for an async caller: the committer completes a oneshot once
+    /// the batch holding `f` is durable, and the caller's task is woken then; no thread waits
+    /// for the fsync but the committer. The transaction is handed to the committer when the
+    /// future is first polled and commits whether or not the future is then dropped.
+    pub async fn transact_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<T, LedgerError>>();
+        self.submit(f, move |out| {
+            let _ = tx.send(out);
+        })?;
+        rx.await.map_err(|_| committer_stopped())?
+    }
+
+    /// Hands `f` to the committer; `deliver` gets its outcome once its batch committed (or
+    /// failed). A full queue waits for room ([`GROUP_COMMIT_QUEUE_JOBS`]: back-pressure).
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+        deliver: impl FnOnce(Result<T, LedgerError>) + Send + 'static,
+    ) -> Result<(), LedgerError> {
         let job: Job = Box::new(move |w| {
             let result = f(w);
             JobDone {
                 ok: result.is_ok(),
                 deliver: Box::new(move |committed| {
-                    let out = match (result, committed) {
+                    deliver(match (result, committed) {
                         (Ok(v), Ok(())) => Ok(v),
                         (Ok(_), Err(e)) => Err(LedgerError::Commit(e)),
                         (Err(e), _) => Err(e),
-                    };
-                    let _ = tx.send(out);
+                    })
                 }),
             }
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| LedgerError::Commit("the committer thread has stopped".into()))?;
-        rx.recv()
-            .map_err(|_| LedgerError::Commit("the committer thread has stopped".into()))?
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                super::may_block(|| self.jobs.send(job)).map_err(|_| committer_stopped())
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(committer_stopped()),
+        }
     }
+}
+
+fn committer_stopped() -> LedgerError {
+    LedgerError::Commit("the committer thread has stopped".into())
 }
 
 fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {

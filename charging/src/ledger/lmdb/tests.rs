@@ -1,6 +1,7 @@
 //! The LMDB ledger through its interface: durability, one intent per counter, group commit.
 
 use crate::ledger::*;
+use std::future::Future as _;
 
 #[test]
 fn postings_balance_to_zero_and_survive_reopen() {
@@ -124,4 +125,89 @@ fn group_commit_keeps_each_callers_writes_and_rolls_back_only_failures() {
     }
     assert_eq!(r.balance("funding:card").unwrap(), -16 * 450);
     assert_eq!(r.postings_with_prefix("load:").unwrap().len(), 16 * 45);
+}
+
+fn one_worker() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A task awaiting its group commit holds no thread: on a runtime of one worker, a transaction
+/// that can only finish once another task has run on that worker still finishes.
+#[test]
+fn an_awaited_commit_leaves_the_worker_to_other_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let (ran_tx, ran_rx) = std::sync::mpsc::channel::<()>();
+    let waiting = l.clone();
+    let waited = one_worker().block_on(async move {
+        let handler = tokio::spawn(async move {
+            let wait = std::time::Duration::from_secs(5);
+            waiting
+                .transact_async(move |_| Ok(ran_rx.recv_timeout(wait).is_ok()))
+                .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::spawn(async move {
+            let _ = ran_tx.send(());
+        })
+        .await
+        .unwrap();
+        handler.await.unwrap()
+    });
+    assert!(
+        waited.unwrap(),
+        "the other task ran while the handler awaited"
+    );
+    l.close();
+}
+
+/// Concurrent awaited transactions all become durable, each with its own answer; one handed
+/// over and then dropped (a cancelled caller) commits all the same; the blocking form
+/// ([`wait_for`]) waits for its own.
+#[test]
+fn awaited_commits_are_durable_even_when_the_caller_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let results = one_worker().block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..16u32 {
+            let l = l.clone();
+            tasks.push(tokio::spawn(async move {
+                l.transact_async(move |t| {
+                    t.put_idempotent(&format!("k{i}"), &serde_json::json!(i))?;
+                    Ok(i)
+                })
+                .await
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    });
+    assert_eq!(results, (0..16).collect::<Vec<u32>>());
+    // Polled once (handed to the committer), then dropped.
+    let dropped = l.transact_async(|t| t.put_idempotent("dropped", &serde_json::json!(1)));
+    let mut dropped = Box::pin(dropped);
+    let waker = std::task::Waker::noop();
+    let _ = dropped
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(waker));
+    drop(dropped);
+    let after = wait_for(l.transact_async(|t| t.idempotent("dropped")));
+    assert_eq!(after.unwrap(), Some(serde_json::json!(1)));
+    let r = l.read().unwrap();
+    for i in 0..16u32 {
+        assert_eq!(
+            r.idempotent(&format!("k{i}")).unwrap(),
+            Some(serde_json::json!(i))
+        );
+    }
+    drop(r);
+    l.close();
 }
