@@ -62,6 +62,9 @@ pub struct ApiConfig {
     pub quarantine_stop_at_fill_percent: Option<u64>,
     /// Batches refused (unacknowledged, unconfirmed) once the map is this full (percent).
     pub ingest_refuse_at_fill_percent: Option<u64>,
+    /// A forwarded tap is kept this many milliseconds after clearing answered (a late resend
+    /// is then still a duplicate), then trimmed (default 7 days).
+    pub forwarded_retention_ms: Option<u64>,
     /// The operator console's sign-in (`[[pages.operators]]`) and limits, as the charging
     /// server's `[pages]`; the gateway has no cardholder pages.
     #[serde(default)]
@@ -94,7 +97,8 @@ impl ApiConfig {
             quarantine_max_bad_records_per_message,
             quarantine_flagged_interval_ms,
             quarantine_stop_at_fill_percent,
-            ingest_refuse_at_fill_percent
+            ingest_refuse_at_fill_percent,
+            forwarded_retention_ms
         );
         if l.quarantine_max_per_device == 0 || l.quarantine_max_bad_records_per_message == 0 {
             return Err(ConfigError::Invalid(
@@ -154,6 +158,7 @@ mod tests {
             "quarantine_flagged_interval_ms": 4,
             "quarantine_stop_at_fill_percent": 5,
             "ingest_refuse_at_fill_percent": 6,
+            "forwarded_retention_ms": 7,
         }))
         .unwrap();
         assert_eq!(
@@ -165,6 +170,7 @@ mod tests {
                 quarantine_flagged_interval_ms: 4,
                 quarantine_stop_at_fill_percent: 5,
                 ingest_refuse_at_fill_percent: 6,
+                forwarded_retention_ms: 7,
             }
         );
         assert!(limits(serde_json::json!({"quarantine_max_per_device": 0})).is_err());

@@ -18,6 +18,17 @@
 //! ([`StoreLimits::ingest_refuse_at_fill_percent`], or LMDB's `MDB_MAP_FULL`) refuses the whole
 //! batch with [`StoreError::Full`]: nothing of it is stored, acknowledged or confirmed (the
 //! validators keep those taps and send them again), and trimming forwarded taps still has room.
+//!
+//! Once clearing has answered for a range of the outbox ([`Store::forwarded_at`]), its entries
+//! move to the forwarded log (outbox id → tap key and when clearing answered). A forwarded tap
+//! is kept [`StoreLimits::forwarded_retention_ms`] (7 days) after that answer, so a validator's
+//! late resend is still dropped here as a duplicate; then the tap and its log entry are trimmed
+//! (at most [`TRIM_MAX_PER_CALL`] per call, oldest answer first). While the map is
+//! [`StoreLimits::quarantine_stop_at_fill_percent`] full, forwarded taps are trimmed at once,
+//! window or not: room for new taps comes first. A duplicate of a trimmed tap is stored and
+//! forwarded again, and clearing counts it as a duplicate (its card counter is already booked
+//! with the same transaction MAC), so the window saves work, never money. Taps not yet
+//! forwarded are never trimmed.
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
@@ -91,6 +102,10 @@ pub struct StoreLimits {
     /// A batch is refused ([`StoreError::Full`]) while the map is this full
     /// (`ingest_refuse_at_fill_percent`): the rest is room to trim forwarded taps.
     pub ingest_refuse_at_fill_percent: u64,
+    /// A forwarded tap is kept this many milliseconds after clearing answered for it
+    /// (`forwarded_retention_ms`; gateway clock), to drop a late resend as a duplicate; then
+    /// trimmed (see the module docs).
+    pub forwarded_retention_ms: u64,
 }
 
 impl Default for StoreLimits {
@@ -102,6 +117,7 @@ impl Default for StoreLimits {
             quarantine_flagged_interval_ms: 60_000,
             quarantine_stop_at_fill_percent: 50,
             ingest_refuse_at_fill_percent: 90,
+            forwarded_retention_ms: 7 * 86_400_000,
         }
     }
 }
@@ -275,6 +291,8 @@ pub struct Store {
     quarantine_index: Database<Bytes, heed::types::Unit>,
     quarantine_devices: Database<U64<BE>, SerdeJson<QuarantineDevice>>,
     outbox: Database<U64<BE>, Bytes>,
+    /// Forwarded taps: outbox id → tap key ‖ when clearing answered (unix ms, big-endian).
+    forwarded_log: Database<U64<BE>, Bytes>,
     meta: Database<heed::types::Str, U64<BE>>,
     aggregates: Database<heed::types::Str, SerdeJson<Aggregate>>,
     limits: StoreLimits,
@@ -431,6 +449,16 @@ fn tap_key(device: u32, seq: u64) -> [u8; 12] {
     tapgate_lmdb::key::u32_u64(device, seq)
 }
 
+/// Most forwarded taps trimmed by one [`Store::forwarded_at`] (a backlog goes over several).
+pub const TRIM_MAX_PER_CALL: usize = 50_000;
+
+/// Most outbox entries moved, or forwarded taps trimmed, in one transaction.
+pub const TRIM_CHUNK: usize = 10_000;
+
+/// [`TRIM_CHUNK`] while the map is past the quarantine mark: small enough that a transaction's
+/// copied pages fit the room a store refusing batches still has.
+pub const TRIM_CHUNK_PRESSED: usize = 256;
+
 /// The gateway store's map size when the command line names none: 4 GiB.
 pub const DEFAULT_MAP_SIZE_BYTES: usize = 4 << 30;
 
@@ -448,10 +476,11 @@ impl Store {
                 "outbox",
                 "meta",
                 "aggregates",
+                "forwarded",
             ],
             &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
         )?;
-        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates] =
+        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log] =
             dbs;
         Ok(Store {
             env,
@@ -463,6 +492,7 @@ impl Store {
             outbox: outbox.remap_types(),
             meta: meta.remap_types(),
             aggregates: aggregates.remap_types(),
+            forwarded_log: forwarded_log.remap_types(),
             limits: StoreLimits::default(),
         })
     }
@@ -494,6 +524,7 @@ impl Store {
         add(self.outbox.stat(t)?);
         add(self.meta.stat(t)?);
         add(self.aggregates.stat(t)?);
+        add(self.forwarded_log.stat(t)?);
         Ok((pages * page_size, self.env.info().map_size as u64))
     }
 
@@ -931,28 +962,121 @@ impl Store {
         Ok(out)
     }
 
-    /// Marks everything up to `through` forwarded (clearing acknowledged it durably).
-    pub fn forwarded(&self, through: u64) -> Result<(), StoreError> {
-        let mut t = self.env.write_txn()?;
-        let ids: Vec<u64> = {
-            let mut v = Vec::new();
+    /// Marks everything up to `through` forwarded (clearing acknowledged it durably), at the
+    /// system clock's time; see [`Store::forwarded_at`].
+    pub fn forwarded(&self, through: u64) -> Result<u64, StoreError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.forwarded_at(through, now_ms)
+    }
+
+    /// Marks everything up to `through` forwarded at `now_ms` (clearing acknowledged it
+    /// durably): out of the outbox, into the forwarded log; then trims forwarded taps past
+    /// their retention (see the module docs). Works in transactions of at most
+    /// [`TRIM_CHUNK`] entries ([`TRIM_CHUNK_PRESSED`] while the map is past the quarantine mark,
+    /// where a forwarded tap is trimmed at once and each transaction must fit the room left),
+    /// each moving `forwarded_through` on with it. Returns how many taps were trimmed.
+    pub fn forwarded_at(&self, through: u64, now_ms: u64) -> Result<u64, StoreError> {
+        let mut trimmed = 0u64;
+        loop {
+            let mut t = self.env.write_txn()?;
+            let pressed = self.pressed(&t)?;
+            let chunk = if pressed {
+                TRIM_CHUNK_PRESSED
+            } else {
+                TRIM_CHUNK
+            };
+            let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
             for item in self.outbox.iter(&t)? {
-                let (id, _) = item?;
-                if id > through {
+                let (id, key) = item?;
+                if id > through || done.len() >= chunk {
                     break;
                 }
-                v.push(id);
+                done.push((id, key.to_vec()));
             }
-            v
-        };
-        for id in ids {
-            self.outbox.delete(&mut t, &id)?;
+            let last = done.len() < chunk;
+            let upto = if last {
+                through
+            } else {
+                done.last().map_or(through, |d| d.0)
+            };
+            for (id, mut key) in done {
+                self.outbox.delete(&mut t, &id)?;
+                if pressed {
+                    self.taps.delete(&mut t, &key)?;
+                    trimmed += 1;
+                } else {
+                    key.extend_from_slice(&now_ms.to_be_bytes());
+                    self.forwarded_log.put(&mut t, &id, &key)?;
+                }
+            }
+            let prev = self.meta.get(&t, "forwarded_through")?.unwrap_or(0);
+            self.meta
+                .put(&mut t, "forwarded_through", &prev.max(upto))?;
+            if !last {
+                t.commit()?;
+                continue;
+            }
+            let mut n = self.trim_forwarded(&mut t, now_ms, pressed, chunk)?;
+            t.commit()?;
+            trimmed += n;
+            while n == chunk as u64 && trimmed < TRIM_MAX_PER_CALL as u64 {
+                let mut t = self.env.write_txn()?;
+                let pressed = self.pressed(&t)?;
+                n = self.trim_forwarded(&mut t, now_ms, pressed, chunk)?;
+                t.commit()?;
+                trimmed += n;
+            }
+            return Ok(trimmed);
         }
-        let prev = self.meta.get(&t, "forwarded_through")?.unwrap_or(0);
-        self.meta
-            .put(&mut t, "forwarded_through", &prev.max(through))?;
-        t.commit()?;
-        Ok(())
+    }
+
+    /// Whether the map is past `quarantine_stop_at_fill_percent`: room for new taps first.
+    fn pressed(&self, t: &heed::RoTxn<'_, WithoutTls>) -> Result<bool, StoreError> {
+        let (used_bytes, map_bytes) = self.fill(t)?;
+        Ok(used_bytes
+            >= (map_bytes / 100).saturating_mul(self.limits.quarantine_stop_at_fill_percent))
+    }
+
+    /// Trims up to `max` forwarded taps whose clearing answer is older than the retention
+    /// window (all of them when `pressed`), oldest answer first.
+    fn trim_forwarded(
+        &self,
+        t: &mut RwTxn<'_>,
+        now_ms: u64,
+        pressed: bool,
+        max: usize,
+    ) -> Result<u64, StoreError> {
+        let cutoff = now_ms.saturating_sub(self.limits.forwarded_retention_ms);
+        let mut due = Vec::new();
+        for item in self.forwarded_log.iter(t)? {
+            let (id, v) = item?;
+            if due.len() >= max {
+                break;
+            }
+            let Some((key, at)) = v.split_last_chunk::<8>() else {
+                due.push((id, Vec::new()));
+                continue;
+            };
+            if !pressed && u64::from_be_bytes(*at) > cutoff {
+                break;
+            }
+            due.push((id, key.to_vec()));
+        }
+        for (id, key) in &due {
+            if !key.is_empty() {
+                self.taps.delete(t, key)?;
+            }
+            self.forwarded_log.delete(t, id)?;
+        }
+        Ok(due.len() as u64)
+    }
+
+    /// Forwarded taps still kept (within their retention window).
+    pub fn forwarded_kept(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        Ok(self.forwarded_log.len(&r)?)
     }
 
     /// The blocklist version last published to validators.

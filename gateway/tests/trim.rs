@@ -1,0 +1,125 @@
+//! What is trimmed once clearing has answered: forwarded taps, after their retention window
+//! (or at once while the map is past the quarantine mark); never a tap not yet forwarded.
+
+use gateway::store::{Message, Store, StoreLimits};
+use purse::keys::{KeySet, Role};
+use purse::receipt::{CommitReceipt, TxKind};
+use purse::tap::{TapMeta, TapRecord};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const DAY_MS: u64 = 86_400_000;
+
+fn gateway_keys() -> KeySet {
+    KeySet::generate(&mut StdRng::seed_from_u64(1))
+        .for_role(Role::Gateway, 0)
+        .unwrap()
+}
+
+fn tap(keys: &KeySet, device: u32, seq: u64) -> Message {
+    let r = CommitReceipt::for_tests(
+        [4, 1, 1, 1, 1, 1, seq as u8],
+        seq as u32,
+        [seq as u8; 8],
+        TxKind::Debit,
+        100,
+        900,
+    );
+    let t = TapRecord::accepted(
+        &r,
+        TapMeta {
+            device_id: device,
+            device_seq: seq,
+            ..Default::default()
+        },
+    );
+    Message {
+        topic: format!("tapgate/v1/metro/taps/{device}"),
+        payload: t.sign("metro", &keys.device_key(device).unwrap()).to_vec(),
+    }
+}
+
+fn ingest(store: &Store, keys: &KeySet, seqs: std::ops::RangeInclusive<u64>, now: u64) -> u64 {
+    let msgs: Vec<Message> = seqs.map(|s| tap(keys, 1001, s)).collect();
+    let out = store
+        .ingest(&msgs, |d| keys.device_key(d).ok(), now)
+        .unwrap();
+    assert!(out.confirmations[&("metro".to_string(), 1001)].len() == msgs.len());
+    out.stored
+}
+
+fn last_pending(store: &Store) -> u64 {
+    store.pending_forward(usize::MAX).unwrap().last().unwrap().0
+}
+
+#[test]
+fn forwarded_taps_are_kept_for_the_window_then_trimmed_and_unforwarded_ones_never() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    assert_eq!(store.limits().forwarded_retention_ms, 7 * DAY_MS);
+    let t0 = 1_790_000_000_000;
+    assert_eq!(ingest(&store, &keys, 1..=10, t0), 10);
+    // Clearing answered for 1..=6 on day 0; 7..=10 are still in the outbox.
+    let through = store.pending_forward(6).unwrap().last().unwrap().0;
+    assert_eq!(store.forwarded_at(through, t0).unwrap(), 0);
+    assert_eq!(
+        (store.outbox_len().unwrap(), store.forwarded_kept().unwrap()),
+        (4, 6)
+    );
+    // Within the window: a late resend is still a duplicate, nothing trimmed.
+    assert_eq!(ingest(&store, &keys, 1..=3, t0 + DAY_MS), 0);
+    assert_eq!(store.forwarded_at(through, t0 + 7 * DAY_MS - 1).unwrap(), 0);
+    assert_eq!(store.taps(100).unwrap().len(), 10);
+    // Past it: the six forwarded taps go; the four not forwarded stay, however old.
+    assert_eq!(store.forwarded_at(through, t0 + 7 * DAY_MS).unwrap(), 6);
+    assert_eq!(store.forwarded_kept().unwrap(), 0);
+    let kept: Vec<u64> = store
+        .taps(100)
+        .unwrap()
+        .iter()
+        .map(|r| u64::from_be_bytes(r[35..43].try_into().unwrap()))
+        .collect();
+    assert_eq!(kept, vec![7, 8, 9, 10]);
+    assert_eq!(store.outbox_len().unwrap(), 4);
+    assert_eq!(store.pending_forward(100).unwrap().len(), 4);
+    // A resend of a trimmed tap is stored and forwarded again (clearing drops it as a
+    // duplicate); the device's count and gaps are unchanged by the trim.
+    assert_eq!(ingest(&store, &keys, 2..=2, t0 + 8 * DAY_MS), 1);
+    let st = store.device(1001).unwrap().unwrap();
+    assert_eq!((st.highest_seq, st.taps, st.gaps.len()), (10, 11, 0));
+    // The outbox ids go on after the trimmed ones, and survive a reopen.
+    let last = last_pending(&store);
+    assert!(last > through);
+    drop(store);
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    assert_eq!(store.forwarded_at(last, t0 + 8 * DAY_MS).unwrap(), 0);
+    assert_eq!(store.forwarded_kept().unwrap(), 5);
+    assert_eq!(store.forwarded_at(last, t0 + 15 * DAY_MS).unwrap(), 5);
+    assert!(store.taps(100).unwrap().is_empty());
+}
+
+#[test]
+fn a_store_past_the_quarantine_mark_trims_forwarded_taps_at_once() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1 << 20)
+        .unwrap()
+        .with_limits(StoreLimits {
+            quarantine_stop_at_fill_percent: 40,
+            ..StoreLimits::default()
+        });
+    let mut seq = 0;
+    while store.usage().map(|(u, m)| u < m / 100 * 40).unwrap() {
+        assert_eq!(ingest(&store, &keys, seq + 1..=seq + 200, 0), 200);
+        seq += 200;
+    }
+    let trimmed = store.forwarded_at(last_pending(&store), 0).unwrap();
+    assert_eq!(
+        trimmed, seq,
+        "all forwarded taps trimmed, the window notwithstanding"
+    );
+    assert!(store.taps(usize::MAX).unwrap().is_empty());
+    let (used, map) = store.usage().unwrap();
+    assert!(used < map / 100 * 40, "{used} of {map}");
+}
