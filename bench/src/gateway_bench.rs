@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 mod nats;
 
-const VALIDATORS: usize = 8;
+pub(crate) const VALIDATORS: usize = 8;
 
 /// Mosquitto on `port` with passwords for `users`, no ACL, queues deep enough for the backlog.
 fn start_mosquitto(
@@ -53,7 +53,7 @@ fn cpu_s() -> f64 {
 
 /// Publishes `records[vi]` from VALIDATORS clients at QoS 1 (client `vi` on
 /// `ports[vi % ports.len()]`) and waits until `done` reports all.
-async fn publish_all(
+pub(crate) async fn publish_all(
     ports: &[u16],
     credentials: &[(String, String)],
     records: &[Vec<Vec<u8>>],
@@ -91,6 +91,8 @@ async fn publish_all(
                         }
                     }
                     Ok(_) => {}
+                    // Every client handle dropped: the run is over.
+                    Err(rumqttc::ConnectionError::RequestsDone) => break,
                     Err(e) => {
                         eprintln!("bench MQTT client: {e}; reconnecting");
                         tokio::time::sleep(Duration::from_millis(20)).await
@@ -224,11 +226,31 @@ fn signed_taps(
     rng: &mut rand::rngs::StdRng,
     per: u64,
 ) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
+    signed_taps_of(keys, rng, per, 1000, "bench")
+}
+
+/// [`signed_taps`] of devices `first`… (each on a card of its own) for `operator`.
+pub(crate) fn signed_taps_of(
+    keys: &KeySet,
+    rng: &mut rand::rngs::StdRng,
+    per: u64,
+    first: u32,
+    operator: &str,
+) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
     let hsm = SoftwareHsm::new(keys)?;
     let mut records = Vec::new();
     for vi in 0..VALIDATORS {
-        let mut sam = SoftwareSam::validator(keys, 1000 + vi as u32)?;
-        let uid = [4, vi as u8, 9, 9, 9, 9, 9];
+        let device = first + vi as u32;
+        let mut sam = SoftwareSam::validator(keys, device)?;
+        let uid = [
+            4,
+            vi as u8,
+            9,
+            9,
+            9,
+            9,
+            9 ^ (first.saturating_sub(1000) / 100) as u8,
+        ];
         let mut p = Personalisation::transit(uid, i32::MAX / 2);
         p.upper_limit_minor = i32::MAX;
         let mut card = Card::personalise(&p, hsm.card_keys(&uid, 1)?);
@@ -250,12 +272,12 @@ fn signed_taps(
             let t = TapRecord::accepted(
                 &receipt,
                 TapMeta {
-                    device_id: 1000 + vi as u32,
+                    device_id: device,
                     device_seq: seq,
                     ..Default::default()
                 },
             );
-            v.push(t.sign_with("bench", |b| sam.device_mac(b)).to_vec());
+            v.push(t.sign_with(operator, |b| sam.device_mac(b)).to_vec());
         }
         records.push(v);
     }
@@ -308,7 +330,7 @@ fn start_broker(
 }
 
 /// The MQTT credentials of validators `first`, `first + 1`, ….
-fn credentials(first: usize) -> Vec<(String, String)> {
+pub(crate) fn credentials(first: usize) -> Vec<(String, String)> {
     (0..VALIDATORS)
         .map(|vi| ((first + vi).to_string(), format!("pw{vi}")))
         .collect()

@@ -58,6 +58,15 @@ struct Args {
     /// For `validator`: cards on the blocklist loaded (default 1,000,000).
     #[arg(long = "blocklist-cards")]
     blocklist_cards: Option<u64>,
+    /// For the hidden `blocklist-validators` (a child of `blocklist`): the broker's port.
+    #[arg(long, hide = true)]
+    port: Option<u16>,
+    /// For the hidden `blocklist-validators`: the first device id of this process.
+    #[arg(long = "first-device", hide = true)]
+    first_device: Option<u32>,
+    /// For the hidden `blocklist-validators`: the blocklist's verifying key, hex.
+    #[arg(long, hide = true)]
+    pk: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -74,6 +83,9 @@ enum Scenario {
     Blocklist,
     BlocklistSize,
     System,
+    /// A share of `blocklist`'s simulated validators, in a process of their own.
+    #[value(hide = true)]
+    BlocklistValidators,
 }
 
 impl Scenario {
@@ -91,6 +103,7 @@ impl Scenario {
             Scenario::Blocklist => "blocklist",
             Scenario::BlocklistSize => "blocklist-size",
             Scenario::System => "system",
+            Scenario::BlocklistValidators => "blocklist-validators",
         }
     }
 }
@@ -109,6 +122,15 @@ fn main() -> Result<()> {
         Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
         Scenario::BlocklistSize => blocklist_size::run(args.n)?,
         Scenario::System => system::run(args.n)?,
+        Scenario::BlocklistValidators => {
+            let missing = |f: &str| anyhow::anyhow!("blocklist-validators needs --{f}");
+            return blocklist_bench::run_validators(
+                args.port.ok_or_else(|| missing("port"))?,
+                args.first_device.ok_or_else(|| missing("first-device"))?,
+                args.n.ok_or_else(|| missing("n"))? as u32,
+                args.pk.as_deref().ok_or_else(|| missing("pk"))?,
+            );
+        }
         Scenario::Gateway => {
             gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
         }
