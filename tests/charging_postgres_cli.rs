@@ -74,6 +74,10 @@ fn migrate_applies_the_schema_once_and_the_server_checks_it() {
         out.contains("applied migration 0002_finance_views"),
         "{out}"
     );
+    assert!(
+        out.contains("applied migration 0003_card_counters"),
+        "{out}"
+    );
     let (code, out, err) = run(tapgate()
         .args(["charging", "migrate", "--config"])
         .arg(&cfg));
@@ -85,7 +89,7 @@ fn migrate_applies_the_schema_once_and_the_server_checks_it() {
         .cluster
         .psql(db.name(), "SELECT count(*) FROM schema_version")
         .unwrap();
-    assert_eq!(tables.trim(), "2");
+    assert_eq!(tables.trim(), "3");
     // Reconciliation and settlement read the configured ledger.
     let (code, out, err) = run(tapgate()
         .args(["charging", "reconcile", "--json", "--config"])

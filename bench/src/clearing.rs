@@ -397,9 +397,17 @@ impl Raw {
     }
 }
 
+/// The shadow's counters, in their own columns of `cards` on PostgreSQL.
+const COUNTERS: [&str; 4] = [
+    "last_tmc",
+    "last_reported_balance_minor",
+    "booked_through_tmc",
+    "booked_balance_minor",
+];
+
 /// The rows clearing writes for a batch of taps, written alone to the same PostgreSQL database
 /// (tables of the same shape, created beside the ledger's): per tap, the posting, the card's
-/// balance and shadow, the tap's idempotency marker; per batch, the operator's balance and the
+/// balance and shadow's counters, the tap's idempotency marker; per batch, the operator's balance and the
 /// batch's stored answer — one multi-row statement per table and one commit per batch, at
 /// `SERIALIZABLE` as the ledger's transactions run. The taps go round the cards as the
 /// scenario's do.
@@ -418,14 +426,23 @@ impl RawPg {
         client.batch_execute(
             "CREATE TABLE raw_postings (LIKE postings INCLUDING ALL);
              CREATE TABLE raw_balances (LIKE balances INCLUDING ALL);
-             CREATE TABLE raw_cards (LIKE cards INCLUDING ALL);
+             CREATE TABLE raw_cards (LIKE cards INCLUDING ALL) WITH (fillfactor = 70);
              CREATE TABLE raw_idempotency (LIKE idempotency INCLUDING ALL);",
         )?;
         let uids: Vec<String> = cards.iter().map(hex::encode_upper).collect();
         let accounts: Vec<String> = cards.iter().map(charging::ledger::card_account).collect();
+        // A card's row as the ledger's is (`0003_card_counters.sql`): the counters in their
+        // columns, the rest of the shadow in the record.
+        let mut rest = serde_json::to_value(shadow_record(0))?;
+        if let Some(o) = rest.as_object_mut() {
+            for counter in COUNTERS {
+                o.remove(counter);
+            }
+        }
         client.execute(
-            "INSERT INTO raw_cards (uid, record) SELECT u, $2 FROM unnest($1::text[]) u",
-            &[&uids, &serde_json::to_value(shadow_record(0))?],
+            "INSERT INTO raw_cards (uid, record, last_tmc, booked_through_tmc) \
+             SELECT u, $2, 0, 0 FROM unnest($1::text[]) u",
+            &[&uids, &rest],
         )?;
         client.execute(
             "INSERT INTO raw_balances (account, shard, balance_minor) \
@@ -443,7 +460,7 @@ impl RawPg {
     /// Batch `b` of `taps` taps, committed.
     fn batch(&mut self, b: usize, taps: usize) -> anyhow::Result<()> {
         let n_cards = self.cards.len() as u64;
-        let (mut refs, mut accounts, mut uids, mut shadows) = (vec![], vec![], vec![], vec![]);
+        let (mut refs, mut accounts, mut uids, mut tmcs) = (vec![], vec![], vec![], vec![]);
         for _ in 0..taps {
             let card = &self.cards[(self.done % n_cards) as usize];
             let tmc = (self.done / n_cards + 1) as u32;
@@ -451,7 +468,7 @@ impl RawPg {
             refs.push(format!("tap:{}:{tmc}", hex::encode_upper(card)));
             accounts.push(charging::ledger::card_account(card));
             uids.push(hex::encode_upper(card));
-            shadows.push(serde_json::to_value(shadow_record(tmc))?);
+            tmcs.push(i64::from(tmc));
         }
         let mut w = self.client.transaction()?;
         w.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")?;
@@ -471,9 +488,10 @@ impl RawPg {
             &[&accounts],
         )?;
         w.execute(
-            "UPDATE raw_cards SET record = s FROM unnest($1::text[], $2::jsonb[]) AS t(u, s) \
-             WHERE uid = u",
-            &[&uids, &shadows],
+            "UPDATE raw_cards SET last_tmc = t, last_reported_balance_minor = $3, \
+             booked_through_tmc = t, booked_balance_minor = $3 \
+             FROM unnest($1::text[], $2::bigint[]) AS c(u, t) WHERE uid = u",
+            &[&uids, &tmcs, &(i32::MAX / 2)],
         )?;
         w.execute(
             "INSERT INTO raw_balances (account, shard, balance_minor) VALUES ('operator:metro', 0, $1) \

@@ -90,7 +90,8 @@ const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// 8) with the ledger on `ledger`, against `servers` charging servers (`--servers`; more than
 /// one needs PostgreSQL: the client threads are spread over them round robin). On PostgreSQL
 /// the figures are the PostgreSQL run's, then `ledger_retries` (transactions the database
-/// aborted and the ledger ran again), with several servers the one-server run's of the same
+/// aborted and the ledger ran again), `ledger_round_trips_per_load` (statements sent to the
+/// database per load, `BEGIN` and `COMMIT` included), with several servers the one-server run's of the same
 /// invocation (`one_server_loads_per_s`, `one_server_p99_ms`, `ratio_to_one_server`), and the
 /// LMDB run's: `lmdb_loads_per_s`, `lmdb_p99_ms`, `ratio_to_lmdb`.
 pub fn run(
@@ -133,6 +134,10 @@ pub fn run(
             figures.insert(0, ("ledger", "postgres".into()));
             figures.insert(1, ("servers", (servers as u64).into()));
             figures.push(("ledger_retries", retries.into()));
+            figures.push((
+                "ledger_round_trips_per_load",
+                ((pg.round_trips_per_load * 10.0).round() / 10.0).into(),
+            ));
             if let Some(one) = one {
                 figures.push((
                     "one_server_loads_per_s",
@@ -159,6 +164,8 @@ pub fn run(
 struct Headline {
     loads_per_s: f64,
     p99_ms: f64,
+    /// Statements sent to PostgreSQL per load, `BEGIN` and `COMMIT` included (0 on LMDB).
+    round_trips_per_load: f64,
 }
 
 /// One run on fresh servers: one on LMDB, or `servers` on the PostgreSQL database at `pg`
@@ -193,7 +200,9 @@ fn run_once(
     )?;
     let plan = calibrate(running[0].addr, &hsm)?;
     let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
+    let round_trips_before = charging::ledger::PgLedger::round_trips();
     let driven = drive(clients, per_client, n, &bases, &hsm)?;
+    let round_trips = charging::ledger::PgLedger::round_trips() - round_trips_before;
     let raw_after =
         crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
     for server in running {
@@ -202,6 +211,7 @@ fn run_once(
     let headline = Headline {
         loads_per_s: driven.lat.len() as f64 / driven.wall.as_secs_f64(),
         p99_ms: crate::stats::quantile(&driven.lat, 0.99) as f64 / 1000.0,
+        round_trips_per_load: round_trips as f64 / driven.lat.len().max(1) as f64,
     };
     Ok((
         report(&hsm_kind, clients, &driven, &plan, raw_before, raw_after),

@@ -29,6 +29,7 @@
 //! Any database error inside a closure poisons its transaction: even if the closure ignores the
 //! error and returns `Ok`, nothing commits and `transact` returns the error (or retries).
 
+mod cards;
 mod read;
 mod schema;
 mod staged;
@@ -46,6 +47,15 @@ use std::time::{Duration, Instant};
 /// Shards of an account other than a card's: concurrent transactions on different connections
 /// move different rows of `funding:card` or `operator:<id>` (see `0001_ledger.sql`).
 pub const SHARDS: usize = 16;
+
+/// Statements sent (each a round trip; `BEGIN`, `COMMIT` and `ROLLBACK` too) by this process's
+/// ledgers: the bench reads it.
+pub(crate) static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one round trip that is not a [`Db`] statement (`BEGIN`, `COMMIT`, `ROLLBACK`).
+fn round_trip() {
+    ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Most runs of one transaction's closure (serialization failures, deadlocks, lost connections).
 pub const MAX_ATTEMPTS: u32 = 40;
@@ -241,6 +251,7 @@ impl<'s> Db<'s> {
     }
 
     fn note<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
+        ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = &r {
             if self.failure.is_none() {
                 self.failure = Some(Failure {
@@ -488,6 +499,12 @@ impl PgLedger {
     /// deadlocks, lost connections): tests and the bench read it.
     pub fn retries() -> u64 {
         write::RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The round trips to the database taken so far by this process's ledgers (every
+    /// statement, `BEGIN` and `COMMIT` included): the bench reads it.
+    pub fn round_trips() -> u64 {
+        ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Ends this handle; connection threads end when the last handle is gone.

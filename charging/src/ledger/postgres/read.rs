@@ -1,7 +1,7 @@
 //! Reads: the queries behind [`LedgerRead`] (shared by a snapshot and a write transaction),
 //! and [`PgRead`], a `REPEATABLE READ READ ONLY` snapshot on a leased connection thread.
 
-use super::{db_error, Db, Lease, LedgerError};
+use super::{cards, db_error, Db, Lease, LedgerError};
 use crate::ledger::records::*;
 use serde::de::DeserializeOwned;
 
@@ -76,9 +76,16 @@ pub(super) mod q {
 
     pub fn card_opt(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
         let row = db
-            .query_opt("SELECT record FROM cards WHERE uid = $1", &[&uid_hex(uid)])
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    cards::columns!(),
+                    " FROM cards c WHERE c.uid = $1"
+                ),
+                &[&uid_hex(uid)],
+            )
             .map_err(|e| db_error(&e))?;
-        row.map(|r| record(&r, "record")).transpose()
+        row.map(|r| cards::from_row(&r, 0)).transpose()
     }
 
     pub fn funding_day_total(
@@ -124,7 +131,14 @@ pub(super) mod q {
 
     pub fn all_cards(db: &mut Db<'_>) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
         let rows = db
-            .query("SELECT uid, record FROM cards ORDER BY uid", &[])
+            .query(
+                concat!(
+                    "SELECT c.uid, ",
+                    cards::columns!(),
+                    " FROM cards c ORDER BY c.uid"
+                ),
+                &[],
+            )
             .map_err(|e| db_error(&e))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -133,7 +147,7 @@ pub(super) mod q {
                 .ok()
                 .and_then(|b| <[u8; 7]>::try_from(b).ok())
             {
-                out.push((uid, record(r, "record")?));
+                out.push((uid, cards::from_row(r, 1)?));
             }
         }
         Ok(out)
@@ -336,6 +350,7 @@ impl PgRead {
     pub(super) fn begin(lease: Lease) -> Result<PgRead, LedgerError> {
         lease.conn().run(|s| {
             let c = s.client()?;
+            super::round_trip();
             c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .map_err(|e| {
                     let err = db_error(&e);
@@ -396,6 +411,7 @@ impl Drop for PgRead {
         // Queued before the lease returns: the next user's jobs run after it.
         self.lease.conn().post(|s| {
             if let Some(c) = s.client.as_mut() {
+                super::round_trip();
                 if c.batch_execute("COMMIT").is_err() {
                     s.drop_client();
                 }

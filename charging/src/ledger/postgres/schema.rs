@@ -16,6 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "finance_views",
         include_str!("../../../migrations/0002_finance_views.sql"),
     ),
+    (
+        3,
+        "card_counters",
+        include_str!("../../../migrations/0003_card_counters.sql"),
+    ),
 ];
 
 /// The schema version this build runs on.

@@ -11,7 +11,7 @@
 //! database's own constraints check the rows when they arrive.
 
 use super::read::{big, uid_hex, unbig};
-use super::{db_error, Db, LedgerError};
+use super::{cards, db_error, Db, LedgerError};
 use crate::ledger::records::*;
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,6 +26,9 @@ pub(super) struct Staged {
     cards: HashMap<[u8; 7], Option<CardShadow>>,
     /// cards written since the last flush
     cards_dirty: BTreeMap<[u8; 7], ()>,
+    /// card → its row as the database holds it now (as read or last sent): a shadow that
+    /// differs from it in its counters only is sent as the counters alone (`cards.rs`)
+    cards_stored: HashMap<[u8; 7], CardShadow>,
     /// key → its answer, as read or written
     idem: HashMap<String, Option<serde_json::Value>>,
     /// keys written since the last flush
@@ -45,14 +48,6 @@ pub(super) struct Staged {
     gaps: HashMap<[u8; 7], Option<GapClock>>,
 }
 
-fn to_text<T: serde::Serialize>(v: &T) -> Result<String, LedgerError> {
-    serde_json::to_string(v).map_err(|e| LedgerError::Database(format!("a record: {e}")))
-}
-
-fn from_text<T: serde::de::DeserializeOwned>(v: &str) -> Result<T, LedgerError> {
-    serde_json::from_str(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
-}
-
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, LedgerError> {
     serde_json::from_value(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
 }
@@ -65,6 +60,9 @@ impl Staged {
 
     /// What the transaction read of the card.
     pub fn read_card(&mut self, uid: &[u8; 7], shadow: Option<CardShadow>) {
+        if let Some(c) = &shadow {
+            self.cards_stored.insert(*uid, c.clone());
+        }
         self.cards.insert(*uid, shadow);
     }
 
@@ -211,22 +209,7 @@ impl Staged {
             .map_err(|e| db_error(&e))?;
         }
         if !self.cards_dirty.is_empty() {
-            let dirty = std::mem::take(&mut self.cards_dirty);
-            let (mut uids, mut records) = (vec![], vec![]);
-            for uid in dirty.into_keys() {
-                if let Some(Some(c)) = self.cards.get(&uid) {
-                    uids.push(uid_hex(&uid));
-                    records.push(to_text(c)?);
-                }
-            }
-            // The records as JSON text, parsed once by the database.
-            db.execute(
-                "INSERT INTO cards (uid, record) \
-                 SELECT u, r::jsonb FROM unnest($1::text[], $2::text[]) AS t(u, r) \
-                 ON CONFLICT (uid) DO UPDATE SET record = EXCLUDED.record",
-                &[&uids, &records],
-            )
-            .map_err(|e| db_error(&e))?;
+            self.flush_cards(db)?;
         }
         if !self.idem_dirty.is_empty() {
             let dirty = std::mem::take(&mut self.idem_dirty);
@@ -241,6 +224,86 @@ impl Staged {
                 "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
                  ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
                 &[&keys, &answers],
+            )
+            .map_err(|e| db_error(&e))?;
+        }
+        Ok(())
+    }
+
+    /// The cards written: those whose row differs in its counters only, one `UPDATE` of the
+    /// counters; the others (new, or their record changed) written whole, one upsert.
+    fn flush_cards(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
+        let dirty = std::mem::take(&mut self.cards_dirty);
+        let (mut counted, mut counters) = (vec![], cards::CounterArrays::default());
+        let (mut whole, mut records, mut whole_counters) =
+            (vec![], vec![], cards::CounterArrays::default());
+        for uid in dirty.into_keys() {
+            let Some(Some(c)) = self.cards.get(&uid) else {
+                continue;
+            };
+            match self.cards_stored.get(&uid) {
+                Some(stored) if cards::same_rest(stored, c) => {
+                    if stored != c {
+                        counted.push(uid_hex(&uid));
+                        counters.push(cards::split(c).1);
+                    }
+                }
+                _ => {
+                    whole.push(uid_hex(&uid));
+                    records.push(cards::rest_text(c)?);
+                    whole_counters.push(cards::split(c).1);
+                }
+            }
+            self.cards_stored.insert(uid, c.clone());
+        }
+        if !counted.is_empty() {
+            let a = &counters;
+            let n = db
+                .execute(
+                    "UPDATE cards AS c SET last_tmc = u.lt, last_reported_balance_minor = u.lr, \
+                     booked_through_tmc = u.bt, booked_balance_minor = u.bb \
+                     FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::bigint[], \
+                     $5::integer[]) AS u(uid, lt, lr, bt, bb) WHERE c.uid = u.uid",
+                    &[
+                        &counted,
+                        &a.last_tmc,
+                        &a.last_reported,
+                        &a.booked_through,
+                        &a.booked_balance,
+                    ],
+                )
+                .map_err(|e| db_error(&e))?;
+            if n != counted.len() as u64 {
+                // The transaction read every one of them: under SERIALIZABLE none can be gone.
+                return Err(LedgerError::Database(format!(
+                    "{} of {} card shadows to update were not found",
+                    counted.len() as u64 - n.min(counted.len() as u64),
+                    counted.len()
+                )));
+            }
+        }
+        if !whole.is_empty() {
+            let a = &whole_counters;
+            // The records as JSON text, parsed once by the database.
+            db.execute(
+                "INSERT INTO cards (uid, record, last_tmc, last_reported_balance_minor, \
+                 booked_through_tmc, booked_balance_minor) \
+                 SELECT u, r::jsonb, lt, lr, bt, bb FROM unnest($1::text[], $2::text[], \
+                 $3::bigint[], $4::integer[], $5::bigint[], $6::integer[]) \
+                 AS t(u, r, lt, lr, bt, bb) \
+                 ON CONFLICT (uid) DO UPDATE SET record = EXCLUDED.record, \
+                 last_tmc = EXCLUDED.last_tmc, \
+                 last_reported_balance_minor = EXCLUDED.last_reported_balance_minor, \
+                 booked_through_tmc = EXCLUDED.booked_through_tmc, \
+                 booked_balance_minor = EXCLUDED.booked_balance_minor",
+                &[
+                    &whole,
+                    &records,
+                    &a.last_tmc,
+                    &a.last_reported,
+                    &a.booked_through,
+                    &a.booked_balance,
+                ],
             )
             .map_err(|e| db_error(&e))?;
         }
@@ -311,29 +374,32 @@ impl Staged {
         let accounts: Vec<String> = cards.iter().map(crate::ledger::card_account).collect();
         let rows = db
             .query(
-                "SELECT u.uid, c.record::text, b.balance_minor, g.from_tmc, g.since_ms, g.reported \
-                 FROM unnest($1::text[], $2::text[]) AS u(uid, account) \
-                 LEFT JOIN cards c ON c.uid = u.uid \
-                 LEFT JOIN balances b ON b.shard = 0 AND b.account = u.account \
-                 LEFT JOIN counter_gaps g ON g.uid = u.uid",
+                concat!(
+                    "SELECT u.uid, b.balance_minor, g.from_tmc, g.since_ms, g.reported, ",
+                    cards::columns!(),
+                    " FROM unnest($1::text[], $2::text[]) AS u(uid, account) \
+                     LEFT JOIN cards c ON c.uid = u.uid \
+                     LEFT JOIN balances b ON b.shard = 0 AND b.account = u.account \
+                     LEFT JOIN counter_gaps g ON g.uid = u.uid"
+                ),
                 &[&hex, &accounts],
             )
             .map_err(|e| db_error(&e))?;
         let mut found = HashMap::new();
         for r in &rows {
-            let shadow = match r.get::<_, Option<&str>>(1) {
-                Some(t) => Some(from_text::<CardShadow>(t)?),
+            let shadow = match r.get::<_, Option<&str>>(5) {
+                Some(_) => Some(cards::from_row(r, 5)?),
                 None => None,
             };
-            let balance = r.get::<_, Option<i64>>(2).unwrap_or(0);
+            let balance = r.get::<_, Option<i64>>(1).unwrap_or(0);
             let gap = r
-                .get::<_, Option<i64>>(3)
-                .map(|_| super::write::gap_clock(r, 3));
+                .get::<_, Option<i64>>(2)
+                .map(|_| super::write::gap_clock(r, 2));
             found.insert(r.get::<_, String>(0), (shadow, balance, gap));
         }
         for ((uid, h), account) in cards.iter().zip(&hex).zip(accounts) {
             let (shadow, balance, gap) = found.remove(h).unwrap_or((None, 0, None));
-            self.cards.insert(*uid, shadow);
+            self.read_card(uid, shadow);
             self.shards.entry((account, 0)).or_insert(balance);
             self.gaps.entry(*uid).or_insert(gap);
         }

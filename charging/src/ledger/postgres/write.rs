@@ -42,6 +42,7 @@ pub(super) fn run<T>(
         } = s;
         let shard = *shard;
         let client = client.as_mut().expect("connected above");
+        super::round_trip();
         if let Err(e) = client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE") {
             let gone = lost(&e);
             if gone {
@@ -66,6 +67,7 @@ pub(super) fn run<T>(
         };
         match (out, failure) {
             (_, Some(fl)) => {
+                super::round_trip();
                 if fl.lost || client.batch_execute("ROLLBACK").is_err() {
                     s.drop_client();
                 }
@@ -86,12 +88,13 @@ pub(super) fn run<T>(
                 });
             }
             (Err(e), None) => {
+                super::round_trip();
                 if client.batch_execute("ROLLBACK").is_err() {
                     s.drop_client();
                 }
                 return Err(e);
             }
-            (Ok(v), None) => match client.batch_execute("COMMIT") {
+            (Ok(v), None) => match (super::round_trip(), client.batch_execute("COMMIT")).1 {
                 Ok(()) => return Ok(v),
                 Err(e) if lost(&e) => {
                     s.drop_client();
