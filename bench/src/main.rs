@@ -12,6 +12,7 @@ mod blocklist_size;
 mod clearing;
 mod fare;
 mod gateway_bench;
+mod gateway_store;
 mod limits;
 mod loads;
 mod mqtt;
@@ -58,6 +59,13 @@ struct Args {
     /// For `validator`: cards on the blocklist loaded (default 1,000,000).
     #[arg(long = "blocklist-cards")]
     blocklist_cards: Option<u64>,
+    /// For `gateway-store`: taps already stored at which to measure, in increasing order
+    /// (comma-separated; default 0,1000000,10000000).
+    #[arg(long, value_delimiter = ',')]
+    stored: Vec<u64>,
+    /// For `gateway-store`: messages (one tap each) in a live ingest batch (default 256).
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
     /// For the hidden `blocklist-validators` (a child of `blocklist`): the broker's port.
     #[arg(long, hide = true)]
     port: Option<u16>,
@@ -79,6 +87,7 @@ enum Scenario {
     Reconcile,
     Clearing,
     Gateway,
+    GatewayStore,
     Validator,
     Blocklist,
     BlocklistSize,
@@ -99,6 +108,7 @@ impl Scenario {
             Scenario::Reconcile => "reconcile",
             Scenario::Clearing => "clearing",
             Scenario::Gateway => "gateway",
+            Scenario::GatewayStore => "gateway-store",
             Scenario::Validator => "validator",
             Scenario::Blocklist => "blocklist",
             Scenario::BlocklistSize => "blocklist-size",
@@ -130,6 +140,14 @@ fn main() -> Result<()> {
                 args.n.ok_or_else(|| missing("n"))? as u32,
                 args.pk.as_deref().ok_or_else(|| missing("pk"))?,
             );
+        }
+        Scenario::GatewayStore => {
+            let stored = if args.stored.is_empty() {
+                vec![0, 1_000_000, 10_000_000]
+            } else {
+                args.stored.clone()
+            };
+            gateway_store::run(&stored, args.batch)?
         }
         Scenario::Gateway => {
             gateway_bench::run_scenario(args.n, &args.broker, args.taps_per_message)?
