@@ -11,6 +11,10 @@
 //! `delta_1000_us` (a delta of 500 blocks and 500 unblocks applied), and the same figures of
 //! the sorted array under `vec_…`, with `bytes_ratio` and `p99_ratio` to it.
 //! `budget_bytes` is the validator's 64 MiB; `fits_budget` says whether the largest size fits.
+//!
+//! `snapshot_apply` (one row per size): peak resident size and time of a validator applying a
+//! snapshot of that size delivered in signed chunks, beside the same run's sorted array and
+//! the single-message path (see [`chunks`]).
 
 use crate::stats::{quantile, status_kib, time_alternating};
 use crate::Figures;
@@ -20,6 +24,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
 use std::hint::black_box;
 use std::time::Instant;
+
+mod chunks;
 
 const BUDGET_BYTES: usize = 64 << 20;
 const PROBES: u64 = 200_000;
@@ -141,6 +147,37 @@ fn one_size(rng: &mut StdRng, n: usize) -> anyhow::Result<(Blocklist, serde_json
 }
 
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
+    let child = std::env::var(chunks::CHILD_ENV).ok();
+    match child.as_deref() {
+        Some("size") => {}
+        Some(kind) => return chunks::run_child(kind),
+        None => {
+            let mut figures = sizes(n)?;
+            let apply = match n {
+                Some(n) => vec![apply_row(n)?],
+                None => SIZES
+                    .iter()
+                    .map(|n| apply_row(*n))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            };
+            figures.push(("snapshot_apply", apply.into()));
+            return Ok(figures);
+        }
+    }
+    sizes(n)
+}
+
+/// One `snapshot_apply` row: `n` random cards.
+fn apply_row(n: u64) -> anyhow::Result<serde_json::Value> {
+    let mut rng = StdRng::seed_from_u64(23 ^ n);
+    let uids = random_uids(&mut rng, n.max(1_000) as usize);
+    let row = chunks::row(&mut rng, uids)?;
+    println!("{row}");
+    Ok(row)
+}
+
+/// The size rows (each in a child, or `n` alone here) and the budget.
+fn sizes(n: Option<u64>) -> anyhow::Result<Figures> {
     let rows = match n {
         Some(n) => {
             let mut rng = StdRng::seed_from_u64(22 ^ n);
@@ -164,6 +201,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
 fn in_child(n: u64) -> anyhow::Result<serde_json::Value> {
     let out = std::process::Command::new(std::env::current_exe()?)
         .args(["blocklist-size", "--json", "--n", &n.to_string()])
+        .env(chunks::CHILD_ENV, "size")
         .output()?;
     anyhow::ensure!(
         out.status.success(),

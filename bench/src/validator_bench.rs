@@ -164,8 +164,8 @@ fn orders(hsm: &SoftwareHsm, signer: &SigningKey, cards: &[Card]) -> anyhow::Res
 
 /// A blocklist of `cards` random NXP-style UIDs (`04` then six random bytes, never the
 /// tapped cards' `04 BE …`), signed by `signer`. Up to `MAX_ENTRIES` it comes as one signed
-/// snapshot, verified and applied; a larger one (which no single message may carry) is applied
-/// as if verified, to measure a validator holding it.
+/// snapshot, verified and applied; a larger one (which no single message may carry) in signed
+/// chunks of `CHUNK_ENTRIES`, each verified and applied (issue 22).
 fn blocked(signer: &SigningKey, cards: u64) -> anyhow::Result<Blocklist> {
     let mut rng = StdRng::seed_from_u64(22);
     let entries: Vec<([u8; 7], bool)> = (0..cards)
@@ -186,11 +186,21 @@ fn blocked(signer: &SigningKey, cards: u64) -> anyhow::Result<Blocklist> {
         entries,
     };
     let mut blocklist = Blocklist::new("metro");
+    let pk = signer.verifying_key().to_bytes();
     if snapshot.entries.len() <= purse::blocklist::MAX_ENTRIES {
         let signed = snapshot.sign_with(|m| signer.sign(m).to_bytes());
-        blocklist.apply(&signed, &signer.verifying_key().to_bytes())?;
+        blocklist.apply(&signed, &pk)?;
     } else {
-        blocklist.apply_verified(&snapshot)?;
+        let mut uids: Vec<[u8; 7]> = snapshot.entries.iter().map(|e| e.0).collect();
+        drop(snapshot);
+        uids.sort_unstable();
+        uids.dedup();
+        let per = purse::blocklist::chunked::CHUNK_ENTRIES;
+        for c in purse::blocklist::chunked::cut("metro", 1, &uids, per) {
+            let signed = c.sign_with(|m| signer.sign(m).to_bytes());
+            let verified = purse::blocklist::chunked::SnapshotChunk::verify(&signed, &pk)?;
+            blocklist.apply_chunk(&verified)?;
+        }
     }
     Ok(blocklist)
 }
