@@ -213,7 +213,13 @@ impl UidSet {
     /// The set made of `parts` in order; `None` unless each part's values all lie above the
     /// previous part's.
     pub fn from_parts(parts: impl IntoIterator<Item = Part>) -> Option<UidSet> {
-        let mut set = UidSet::default();
+        // One allocation of the exact size: no growth by doubling (and copying) at the moment
+        // the list in force and the new one are both held.
+        let parts: Vec<Part> = parts.into_iter().collect();
+        let mut set = UidSet {
+            blocks: Vec::with_capacity(parts.iter().map(|p| p.blocks.len()).sum()),
+            len: 0,
+        };
         let mut last: Option<u64> = None;
         for p in parts {
             if let (Some(l), Some(f)) = (last, p.first) {
@@ -225,7 +231,6 @@ impl UidSet {
             set.len += p.len;
             set.blocks.extend(p.blocks);
         }
-        set.blocks.shrink_to_fit();
         Some(set)
     }
 
