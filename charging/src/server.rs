@@ -11,60 +11,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The `[limits]` table.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Highest balance a card may reach.
-    pub balance_ceiling_minor: i32,
-    /// Largest single load.
-    pub max_load_minor: i32,
-    /// Most a card may be loaded per day.
-    pub max_daily_per_card_minor: i64,
-    /// Idle relay sessions are dropped after this.
-    pub session_idle_timeout_ms: u64,
-    /// Most concurrent relay sessions.
-    pub max_sessions: usize,
-    /// Most finished sessions kept for a retried last step.
-    pub max_finished_sessions: usize,
-    /// A card counter gap older than this is a `counter_gap` anomaly (and a block when value
-    /// appeared across it).
-    pub counter_gap_timeout_ms: u64,
-    /// A completed load may be reversed within this long.
-    pub reversal_window_ms: u64,
-    /// Most loaded per day from one instrument of a funding source.
-    pub max_daily_per_instrument_minor: i64,
-    /// `[limits.sources.<name>]`: tighter limits for one funding source.
-    pub sources: std::collections::HashMap<String, crate::load::SourceLimits>,
-    /// Loads a caller may start per minute (0 = unlimited).
-    pub loads_per_minute_per_client: u32,
-    /// `[limits.payments]`: online payments' limits.
-    pub payments: crate::load::PaymentLimits,
-    /// `[limits.orders]`: action-list orders (value picked up at the next tap).
-    pub orders: crate::load::OrderLimits,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        let d = LoadConfig::default();
-        Limits {
-            balance_ceiling_minor: d.balance_ceiling_minor,
-            max_load_minor: d.max_load_minor,
-            max_daily_per_card_minor: d.max_daily_per_card_minor,
-            session_idle_timeout_ms: d.session_idle_timeout_ms,
-            max_sessions: d.max_sessions,
-            max_finished_sessions: d.max_finished_sessions,
-            counter_gap_timeout_ms: 72 * 3_600_000,
-            reversal_window_ms: d.reversal_window_ms,
-            max_daily_per_instrument_minor: d.max_daily_per_instrument_minor,
-            sources: d.sources,
-            payments: d.payments,
-            loads_per_minute_per_client: 60,
-            orders: crate::load::OrderLimits::default(),
-        }
-    }
-}
-
 /// A `[[points]]` program.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,9 +44,10 @@ pub struct ServerConfig {
     pub ledger_map_size_bytes: usize,
     /// TLS; plain HTTP when absent (loopback and tests only).
     pub tls: Option<TlsConfig>,
-    /// Limits.
+    /// `[limits]`: the load service's limits and the server's rate limit
+    /// ([`LoadConfig`]; its `currency` is the top-level one).
     #[serde(default)]
-    pub limits: Limits,
+    pub limits: LoadConfig,
     /// API tokens.
     #[serde(default)]
     pub tokens: Vec<TokenEntry>,
@@ -400,20 +347,10 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         hsm,
         sources,
         LoadConfig {
-            balance_ceiling_minor: l.balance_ceiling_minor,
-            max_load_minor: l.max_load_minor,
-            max_daily_per_card_minor: l.max_daily_per_card_minor,
-            session_idle_timeout_ms: l.session_idle_timeout_ms,
-            max_sessions: l.max_sessions,
-            max_finished_sessions: l.max_finished_sessions,
-            reversal_window_ms: l.reversal_window_ms,
-            max_daily_per_instrument_minor: l.max_daily_per_instrument_minor,
-            sources: l.sources.clone(),
-            payments: l.payments.clone(),
             currency: cfg.currency.clone(),
+            ..l.clone()
         },
-    )
-    .with_order_limits(l.orders.clone());
+    );
     Ok(AppState {
         loads: Arc::new(loads),
         auth: Auth::new(&cfg.tokens).map_err(ServerError::Config)?,

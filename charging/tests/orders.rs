@@ -497,7 +497,7 @@ fn a_validators_ceiling_grant_follows_its_cleared_pickups_within_the_exposure_li
 
 #[test]
 fn order_limits_come_from_the_limits_orders_table() {
-    let l: charging::server::Limits =
+    let l: charging::load::LoadConfig =
         toml::from_str("[orders]\nexpiry_ms = 86400000\nvalidator_exposure_minor = 50000\n")
             .unwrap();
     assert_eq!(l.orders.expiry_ms, 86_400_000);
@@ -506,9 +506,11 @@ fn order_limits_come_from_the_limits_orders_table() {
         l.orders.max_order_minor,
         OrderLimits::default().max_order_minor
     );
-    assert!(toml::from_str::<charging::server::Limits>("[orders]\nexpiry = 1\n").is_err());
+    assert!(toml::from_str::<charging::load::LoadConfig>("[orders]\nexpiry = 1\n").is_err());
+    // The currency is the configuration's top-level key, not a `[limits]` one.
+    assert!(toml::from_str::<charging::load::LoadConfig>("currency = \"EUR\"\n").is_err());
     assert_eq!(
-        charging::server::Limits::default().orders,
+        charging::load::LoadConfig::default().orders,
         OrderLimits::default()
     );
 }

@@ -42,8 +42,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-/// Load limits and timeouts.
-#[derive(Clone, Debug)]
+/// Load limits and timeouts: the server configuration's `[limits]` table, read as it is (one
+/// list of fields; unknown keys refused, absent ones [`Default`]), plus the scheme's `currency`,
+/// which the configuration gives at its top level.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoadConfig {
     /// Highest balance a card may reach, minor units.
     pub balance_ceiling_minor: i32,
@@ -64,12 +67,21 @@ pub struct LoadConfig {
     /// Most loaded per day (UTC) from one instrument of a funding source (a card token, a
     /// points holder), minor units.
     pub max_daily_per_instrument_minor: i64,
-    /// Tighter limits for particular funding sources, by source name.
+    /// `[limits.sources.<name>]`: tighter limits for particular funding sources, by source name.
     pub sources: HashMap<String, SourceLimits>,
-    /// Online payments' limits.
+    /// `[limits.payments]`: online payments' limits.
     pub payments: PaymentLimits,
+    /// `[limits.orders]`: action-list orders (value picked up at the next tap).
+    pub orders: OrderLimits,
+    /// A card counter gap older than this is a `counter_gap` anomaly (and a block when value
+    /// appeared across it); clearing's gap sweep reads it.
+    pub counter_gap_timeout_ms: u64,
+    /// Loads a caller may start per minute (0 = unlimited); the server's rate limit reads it.
+    pub loads_per_minute_per_client: u32,
     /// The card scheme's currency (ISO 4217): what the cards' minor units count. A merchant's
-    /// payment or refund in any other currency is refused when it is made.
+    /// payment or refund in any other currency is refused when it is made. Not a `[limits]`
+    /// key: the server sets it from the configuration's top-level `currency`.
+    #[serde(skip)]
     pub currency: String,
 }
 
@@ -122,6 +134,9 @@ impl Default for LoadConfig {
             max_daily_per_instrument_minor: 1_000_000,
             sources: HashMap::new(),
             payments: PaymentLimits::default(),
+            orders: OrderLimits::default(),
+            counter_gap_timeout_ms: 72 * 3_600_000,
+            loads_per_minute_per_client: 60,
             currency: DEFAULT_CURRENCY.to_string(),
         }
     }
@@ -464,8 +479,6 @@ pub struct LoadService {
     sessions: Mutex<Sessions>,
     cfg: LoadConfig,
     stats: Mutex<LoadStats>,
-    /// Action-list orders' limits ([`LoadService::with_order_limits`]).
-    order_limits: OrderLimits,
 }
 
 fn session_id() -> String {
@@ -569,19 +582,13 @@ impl LoadService {
             sessions: Mutex::new(Sessions::default()),
             cfg,
             stats: Mutex::new(LoadStats::default()),
-            order_limits: OrderLimits::default(),
         }
     }
 
-    /// The service with these action-list order limits (the default: [`OrderLimits::default`]).
-    pub fn with_order_limits(mut self, limits: OrderLimits) -> Self {
-        self.order_limits = limits;
-        self
-    }
-
-    /// The action-list order limits in force (the API's and the server tick's).
+    /// The action-list order limits in force (the API's and the server tick's): the
+    /// configuration's `[limits.orders]`.
     pub fn order_limits(&self) -> &OrderLimits {
-        &self.order_limits
+        &self.cfg.orders
     }
 
     /// The ledger.
