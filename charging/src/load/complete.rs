@@ -1,23 +1,19 @@
 //! Completion: the card's proof posted, intents voided, torn loads and reversals settled from the card's next snapshot, cards registered.
 
 use super::*;
+use crate::ledger::wait_for;
 
 impl LoadService {
     /// Completes the intent the HSM-verified change `proof` proves, storing the client's
-    /// answer with it; the calling thread waits for the commit.
+    /// answer with it; the calling thread waits for the commit ([`Self::complete_async`]
+    /// driven by [`wait_for`], as [`LoadService::respond`] is).
     pub(super) fn complete(
         &self,
         proof: &TmacVerified,
         now_ms: u64,
         idem: Option<(String, serde_json::Value)>,
     ) -> Result<(), LoadError> {
-        let done = self
-            .ledger
-            .transact(completion(proof.clone(), now_ms, idem))?;
-        if let Some(action) = done {
-            self.apply_funding(&action);
-        }
-        Ok(())
+        wait_for(self.complete_async(proof, now_ms, idem))
     }
 
     /// [`Self::complete`] for a task: it awaits the group commit.
