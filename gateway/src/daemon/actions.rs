@@ -31,7 +31,7 @@ pub(super) fn spawn(
     verifying_key: purse::rotation::TrustedKeys,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let list = ActionList { held: 0 };
+        let list = ActionList;
         let s = store.clone();
         let Some(list) = SignedListRelay::for_config(client, cfg, store, verifying_key, list)
         else {
@@ -41,10 +41,9 @@ pub(super) fn spawn(
             list,
             granted: std::collections::HashMap::new(),
         };
-        relay.list.list.held =
-            tokio::task::spawn_blocking(move || s.actions_version().unwrap_or(0))
-                .await
-                .unwrap_or(0);
+        relay.list.held = tokio::task::spawn_blocking(move || s.actions_version().unwrap_or(0))
+            .await
+            .unwrap_or(0);
         let mut last_grants = Instant::now() - GRANT_INTERVAL;
         let mut last_new = Instant::now();
         loop {
@@ -61,20 +60,14 @@ pub(super) fn spawn(
     })
 }
 
-/// The action list; the version last relayed is kept here (and in the store).
-struct ActionList {
-    held: u64,
-}
+/// The action list; the version last relayed is kept by the relay (and in the store).
+struct ActionList;
 
 impl SignedList for ActionList {
     const PATH: &'static str = "actions";
     const NAME: &'static str = "action list";
     const ADJECTIVE: &'static str = "action-list";
     const REPORT_SNAPSHOT_REFUSAL: bool = true;
-
-    fn held(&self) -> u64 {
-        self.held
-    }
 
     /// This operator's list, signed by the back office, at the version the header says.
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String> {
@@ -96,10 +89,6 @@ impl SignedList for ActionList {
             }),
             Err(e) => Err(e.to_string()),
         }
-    }
-
-    fn published(&mut self, v: u64) {
-        self.held = v;
     }
 
     fn persist(store: &Store, v: u64) {

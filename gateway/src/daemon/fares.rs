@@ -22,8 +22,7 @@ pub(super) fn spawn(
     store: Store,
     verifying_key: purse::rotation::TrustedKeys,
 ) -> JoinHandle<()> {
-    let relay =
-        SignedListRelay::for_config(client, cfg, store, verifying_key, FareTable { held: 0 });
+    let relay = SignedListRelay::for_config(client, cfg, store, verifying_key, FareTable);
     tokio::spawn(async move {
         if let Some(r) = relay {
             r.run(POLL_INTERVAL).await;
@@ -32,9 +31,7 @@ pub(super) fn spawn(
 }
 
 /// The published fare table (a new version replaces the one before).
-struct FareTable {
-    held: u64,
-}
+struct FareTable;
 
 impl SignedList for FareTable {
     const PATH: &'static str = "fares";
@@ -43,10 +40,6 @@ impl SignedList for FareTable {
     const DELTA_RETAINED: bool = true;
     const SNAPSHOT_TOPIC: &'static str = "table";
     const REPORT_SNAPSHOT_REFUSAL: bool = true;
-
-    fn held(&self) -> u64 {
-        self.held
-    }
 
     /// Signed by the back office, at the version the header says.
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String> {
@@ -64,10 +57,6 @@ impl SignedList for FareTable {
             Some(w) => Err(format!("the header says version {w}, the table {v}")),
             None => Err("no version header".into()),
         }
-    }
-
-    fn published(&mut self, v: u64) {
-        self.held = v;
     }
 
     fn persist(_: &Store, _: u64) {}

@@ -49,8 +49,8 @@ impl SignedList for Blocklist {
     const NAME: &'static str = "blocklist";
     const REPORT_SNAPSHOT_REFUSAL: bool = false;
 
-    fn held(&self) -> u64 {
-        self.0.blocklist_version.load(Ordering::Relaxed)
+    fn held(&self) -> Option<u64> {
+        Some(self.0.blocklist_version.load(Ordering::Relaxed))
     }
 
     /// This operator's list, signed by the back office (the version is not checked).

@@ -43,14 +43,17 @@ pub(super) trait SignedList {
     /// counted; the snapshot then needs its version header), or only left unrelayed.
     const REPORT_SNAPSHOT_REFUSAL: bool;
 
-    /// The version last relayed.
-    fn held(&self) -> u64;
+    /// The version last relayed, when the list keeps its own account of it (the blocklist's is
+    /// in the gateway's stats); `None` leaves it to the relay ([`SignedListRelay::held`]).
+    fn held(&self) -> Option<u64> {
+        None
+    }
     /// `Err(why)` when validators would refuse `bytes` as `want` says.
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String>;
     /// A list was refused (called once per version).
     fn refused(&self) {}
-    /// Version `v` was taken by the broker.
-    fn published(&mut self, v: u64);
+    /// Version `v` was taken by the broker (the relay records it as held itself).
+    fn published(&mut self, _v: u64) {}
     /// Records version `v` as relayed (run on the blocking pool).
     fn persist(store: &Store, v: u64);
 
@@ -88,6 +91,9 @@ pub(super) struct SignedListRelay<L> {
     pub(super) base: String,
     pub(super) token: String,
     pub(super) list: L,
+    /// The version last relayed, for a list that does not keep its own account
+    /// ([`SignedList::held`]); set at start from the store where the version survives a restart.
+    pub(super) held: u64,
     last_snapshot: Instant,
     snapshot_due: bool,
     /// The last version refused (logged once per version).
@@ -119,6 +125,7 @@ impl<L: SignedList> SignedListRelay<L> {
             base,
             token,
             list,
+            held: 0,
             last_snapshot: Instant::now() - Duration::from_secs(60),
             snapshot_due: true,
             refused_version: None,
@@ -200,7 +207,8 @@ impl<L: SignedList> SignedListRelay<L> {
 
     /// The changes after the version held, with their version.
     async fn fetch_delta(&self) -> Fetched<(u64, Vec<u8>)> {
-        let path = format!("/v1/{}/signed/delta?after={}", L::PATH, self.list.held());
+        let held = self.list.held().unwrap_or(self.held);
+        let path = format!("/v1/{}/signed/delta?after={held}", L::PATH);
         self.get(path).await.map(|r| {
             r.and_then(|o| {
                 o.map(|(h, bytes)| {
@@ -243,6 +251,7 @@ impl<L: SignedList> SignedListRelay<L> {
             return;
         }
         if self.publish(L::DELTA_TOPIC, L::DELTA_RETAINED, delta).await {
+            self.held = v;
             self.list.published(v);
             let s = self.store.clone();
             let _ = tokio::task::spawn_blocking(move || L::persist(&s, v)).await;
