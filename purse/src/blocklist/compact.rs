@@ -162,13 +162,7 @@ impl UidSet {
     /// bookkeeping per allocation is not included; a block shared with another set is counted
     /// in both).
     pub fn heap_bytes(&self) -> usize {
-        // An `Arc<[u64]>` allocation holds its two counts before the words.
-        self.blocks.capacity() * std::mem::size_of::<Block>()
-            + self
-                .blocks
-                .iter()
-                .map(|b| b.gaps.len() * 8 + 16)
-                .sum::<usize>()
+        blocks_heap_bytes(&self.blocks)
     }
 
     /// The blocks of `keys` (sorted, distinct, below 2⁵⁶): one part of a set that arrives in
@@ -316,13 +310,16 @@ impl Part {
 
     /// Bytes of heap the part holds (shared blocks included, as in [`UidSet::heap_bytes`]).
     pub fn heap_bytes(&self) -> usize {
-        self.blocks.capacity() * std::mem::size_of::<Block>()
-            + self
-                .blocks
-                .iter()
-                .map(|b| b.gaps.len() * 8 + 16)
-                .sum::<usize>()
+        blocks_heap_bytes(&self.blocks)
     }
+}
+
+/// Bytes of heap `blocks` holds: the vector's allocation and each block's words (a block shared
+/// with another set is counted here too).
+fn blocks_heap_bytes(blocks: &Vec<Block>) -> usize {
+    // An `Arc<[u64]>` allocation holds its two counts before the words.
+    blocks.capacity() * std::mem::size_of::<Block>()
+        + blocks.iter().map(|b| b.gaps.len() * 8 + 16).sum::<usize>()
 }
 
 /// `vals` := `cur` (sorted) with `changes` (sorted by value, one per value) applied.
