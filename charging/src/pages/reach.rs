@@ -131,7 +131,18 @@ pub(super) fn card_figure(
     Ok(Some(figure(&r.block_propagation()?, &change, now_ms)))
 }
 
-fn answer(v: Option<serde_json::Value>) -> Result<Response, PageError> {
+/// The figure of the card `which` names (resolved in the same ledger read), answered as JSON;
+/// a card that never had a block change is not found.
+async fn figure_json(
+    p: &Pages,
+    which: impl FnOnce(&Pages, &dyn LedgerRead) -> Result<[u8; 7], PageError> + Send + 'static,
+) -> Result<Response, PageError> {
+    let v = p
+        .read(move |p2, r| {
+            let uid = which(p2, r)?;
+            card_figure(r, &uid, p2.now())
+        })
+        .await?;
     match v {
         Some(v) => Ok(Json(v).into_response()),
         None => Err(PageError::NotFound(
@@ -148,13 +159,7 @@ async fn holder_json(
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
-        let v = p
-            .read(move |p2, r| {
-                let uid = p2.own_card(r, &s.holder, &uid_hex)?;
-                card_figure(r, &uid, p2.now())
-            })
-            .await?;
-        answer(v)
+        figure_json(&p, move |p2, r| p2.own_card(r, &s.holder, &uid_hex)).await
     })
     .await
 }
@@ -167,13 +172,7 @@ async fn console_json(
 ) -> Response {
     p.answer(async {
         p.signed_in_as(&headers, PageRole::Operator)?;
-        let v = p
-            .read(move |p2, r| {
-                let uid = super::console::uid_of(&uid_hex)?;
-                card_figure(r, &uid, p2.now())
-            })
-            .await?;
-        answer(v)
+        figure_json(&p, move |_, _| super::console::uid_of(&uid_hex)).await
     })
     .await
 }
