@@ -83,11 +83,11 @@ pub(super) fn figure(
     let mut rows = Vec::new();
     for (g, figures) in gateways {
         let f = block_propagation::reach_of(figures, change.version);
-        holding += f.map_or(0, |f| f.holding);
-        online += f.or(figures.last()).map_or(0, |f| f.online_validators);
+        holding = holding.saturating_add(f.map_or(0, |f| f.holding));
+        online = online.saturating_add(f.or(figures.last()).map_or(0, |f| f.online_validators));
         rows.push(row(g, f));
     }
-    let percent = (holding * 100).checked_div(online);
+    let percent = block_propagation::share(holding, online);
     let what = if change.action == "unblock" {
         "the unblocking"
     } else {
@@ -239,6 +239,18 @@ mod tests {
             .unwrap()
             .starts_with("No gateway has reported version 5"));
         assert_eq!(duration(61_500), "1 min 1 s");
+        // The largest counts a report may carry (holding ≤ online) neither overflow nor panic.
+        let huge = vec![
+            ("a".to_string(), vec![f(5, u64::MAX, u64::MAX, [None; 3])]),
+            ("b".to_string(), vec![f(5, u64::MAX, 1, [None; 3])]),
+        ];
+        let v = figure(&huge, &change, 0);
+        assert_eq!(
+            v["rows"][0][1],
+            format!("{0} of {0} validators (100%)", u64::MAX)
+        );
+        assert_eq!(v["max"].as_u64(), Some(u64::MAX));
+        assert_eq!(v["shown"]["reach_percent"], "100%");
     }
 
     #[test]

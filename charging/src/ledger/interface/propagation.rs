@@ -88,10 +88,16 @@ impl BlockReach {
     /// The share of the online validators holding it, in whole percent (rounded down; 0 with
     /// none online).
     pub fn percent(&self) -> u64 {
-        (self.holding * 100)
-            .checked_div(self.online_validators)
-            .unwrap_or(0)
+        share(self.holding, self.online_validators).unwrap_or(0)
     }
+}
+
+/// `holding` of `online` in whole percent, rounded down (`None` with none online); no
+/// overflow at any count a report may carry (`holding ≤ online` up to `u64::MAX`).
+pub fn share(holding: u64, online: u64) -> Option<u64> {
+    (u128::from(holding) * 100)
+        .checked_div(u128::from(online))
+        .map(|p| u64::try_from(p).unwrap_or(u64::MAX))
 }
 
 /// A gateway's figure for the card blocked (or unblocked) at `version`: the figure of the
