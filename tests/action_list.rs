@@ -6,11 +6,9 @@
 
 mod support;
 
-use gateway::daemon::GatewayConfig;
-use gateway::store::Store;
 use purse::actionlist::ActionList;
 use purse::card::{Card, Personalisation};
-use purse::keys::{KeySet, Role as KeyRole};
+use purse::keys::KeySet;
 use purse::sam::{SoftwareHsm, SoftwareSam};
 use purse::txn::EmulatedReader;
 use rand::rngs::StdRng;
@@ -18,7 +16,6 @@ use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
 use tapgate_http::auth::Role;
-use tapgate_testkit::broker::spawn_gateway;
 use tapgate_testkit::fixtures::token;
 use validator::gate::Pickup;
 use validator::journal::Journal;
@@ -90,17 +87,7 @@ async fn an_order_reaches_the_validator_is_picked_up_once_and_completed_by_clear
             }
         }
     });
-    let _stats = spawn_gateway(
-        GatewayConfig {
-            broker: ("127.0.0.1".into(), mqtt_port),
-            mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
-            charging: Some((back_office.base.clone(), "tg_gw".into())),
-            operator: "metro".into(),
-            ..GatewayConfig::default()
-        },
-        &Store::open(&dir.path().join("gateway"), 64 << 20).unwrap(),
-        &keys.for_role(KeyRole::Gateway, 0).unwrap(),
-    );
+    let _stats = support::spawn_metro_gateway(mqtt_port, &back_office.base, dir.path(), &keys);
 
     // The validator applies what the gateway relays, with its own downlink code.
     let journal = Journal::open(&dir.path().join("validator"), 100, 1 << 24).unwrap();

@@ -4,8 +4,8 @@
 //! assemble the chunks and hold exactly the blocked cards, journalled; later changes reach
 //! both as deltas.
 
-use gateway::daemon::GatewayConfig;
-use gateway::store::Store;
+mod support;
+
 use purse::blocklist::chunked::CHUNK_ENTRIES;
 use purse::blocklist::Blocklist;
 use purse::keys::{KeySet, Role as KeyRole};
@@ -17,11 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_http::auth::Role;
-use tapgate_testkit::broker::spawn_gateway;
 use tapgate_testkit::fixtures::token;
 use tapgate_testkit::wait_until_async;
 use validator::daemon::{Metrics, MqttSettings, Settings};
-use validator::gate::{Gate, Placement};
 use validator::journal::Journal;
 use validator::reader::Reader;
 
@@ -60,21 +58,8 @@ fn start_validator(keys: &KeySet, device: u32, port: u16) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let journal = Arc::new(Journal::open(dir.path(), 100, 1 << 28).unwrap());
     let sam_keys = keys.for_role(KeyRole::ValidatorSam, device).unwrap();
-    let gate = Gate {
-        sam: SoftwareSam::validator(keys, device).unwrap(),
-        engine: None,
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: device,
-            operator: "metro".into(),
-            stop: "Central".into(),
-            route: "M1".into(),
-            kind: fare_rules::record::TapKind::In,
-            utc_offset_s: 0,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(u64::from(device)),
-    };
+    let sam = SoftwareSam::validator(keys, device).unwrap();
+    let gate = support::gate::downlink_gate(sam, device, u64::from(device));
     let settings = Settings {
         operator: "metro".into(),
         card_scheme: "metro".into(),
@@ -128,21 +113,8 @@ impl Running {
         self.shutdown.store(true, Ordering::Relaxed);
         self.task.await.unwrap();
         let sam_keys = keys.for_role(KeyRole::ValidatorSam, device).unwrap();
-        let mut g = Gate {
-            sam: SoftwareSam::validator(keys, device).unwrap(),
-            engine: None,
-            blocklist: Blocklist::new("metro"),
-            placement: Placement {
-                device_id: device,
-                operator: "metro".into(),
-                stop: "Central".into(),
-                route: "M1".into(),
-                kind: fare_rules::record::TapKind::In,
-                utc_offset_s: 0,
-                sale: None,
-            },
-            rng: StdRng::seed_from_u64(0),
-        };
+        let sam = SoftwareSam::validator(keys, device).unwrap();
+        let mut g = support::gate::downlink_gate(sam, device, 0);
         validator::daemon::restore(&mut g, &self.journal, &sam_keys.trusted_signing_keys())
             .unwrap();
         g.blocklist
@@ -182,17 +154,7 @@ async fn a_blocklist_in_chunks_reaches_early_and_late_validators() {
     // A validator connected before the gateway relays anything.
     let early = start_validator(&keys, 7, mqtt_port);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let stats = spawn_gateway(
-        GatewayConfig {
-            broker: ("127.0.0.1".into(), mqtt_port),
-            mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
-            charging: Some((back_office.base.clone(), "tg_gw".into())),
-            operator: "metro".into(),
-            ..GatewayConfig::default()
-        },
-        &Store::open(&dir.path().join("gateway"), 64 << 20).unwrap(),
-        &keys.for_role(KeyRole::Gateway, 0).unwrap(),
-    );
+    let stats = support::spawn_metro_gateway(mqtt_port, &back_office.base, dir.path(), &keys);
     early.wait_version("the early validator", v1).await;
     assert_eq!(stats.blocklists_refused.load(Ordering::Relaxed), 0);
 

@@ -243,3 +243,25 @@ pub fn embedded_gateway_args(users: &str, port: u16) -> Vec<String> {
 /// support (`validator/tests/support`), one file for both.
 #[path = "../../validator/tests/support/mod.rs"]
 pub mod gate;
+
+/// The metro gateway in this process: the broker on loopback `mqtt_port` as user `gateway`,
+/// the charging server at `charging_base` on the token `tg_gw`, its store under `dir/gateway`,
+/// the gateway key of `keys`. Its counters.
+pub fn spawn_metro_gateway(
+    mqtt_port: u16,
+    charging_base: &str,
+    dir: &std::path::Path,
+    keys: &purse::keys::KeySet,
+) -> std::sync::Arc<gateway::daemon::GatewayStats> {
+    tapgate_testkit::broker::spawn_gateway(
+        gateway::daemon::GatewayConfig {
+            broker: ("127.0.0.1".into(), mqtt_port),
+            mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
+            charging: Some((charging_base.into(), "tg_gw".into())),
+            operator: "metro".into(),
+            ..gateway::daemon::GatewayConfig::default()
+        },
+        &gateway::store::Store::open(&dir.join("gateway"), 64 << 20).unwrap(),
+        &keys.for_role(purse::keys::Role::Gateway, 0).unwrap(),
+    )
+}

@@ -1,33 +1,20 @@
 //! Signed downlink at the validator: blocklists and fare tables verify, apply in order,
 //! survive a restart, and anything forged, out of order or older changes nothing.
 
+mod support;
+
 use ed25519_dalek::{Signer, SigningKey};
-use fare_rules::record::TapKind;
-use purse::blocklist::{Blocklist, ListKind, ListUpdate};
+use purse::blocklist::{ListKind, ListUpdate};
 use purse::keys::{KeySet, Role};
 use purse::sam::SoftwareSam;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use validator::daemon::{apply_actions, apply_downlink, restore, Downlink, Metrics};
-use validator::gate::{Gate, Placement};
+use validator::gate::Gate;
 use validator::journal::Journal;
 
 fn gate(keys: &KeySet) -> Gate {
-    Gate {
-        sam: SoftwareSam::validator(keys, 7).unwrap(),
-        engine: None,
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: 7,
-            operator: "metro".into(),
-            stop: "Central".into(),
-            route: "M1".into(),
-            kind: TapKind::In,
-            utc_offset_s: 0,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(1),
-    }
+    support::downlink_gate(SoftwareSam::validator(keys, 7).unwrap(), 7, 1)
 }
 
 fn list(key: &SigningKey, kind: ListKind, from: u64, to: u64, uid: u8) -> Vec<u8> {

@@ -3,34 +3,21 @@
 //! half-received snapshot survives a restart without replacing anything; forged chunks and
 //! chunks signed by a retired key version are refused and change nothing.
 
+mod support;
+
 use ed25519_dalek::{Signer, SigningKey};
-use fare_rules::record::TapKind;
 use purse::blocklist::chunked::{cut, SnapshotChunk};
-use purse::blocklist::{Blocklist, ListKind, ListUpdate};
+use purse::blocklist::{ListKind, ListUpdate};
 use purse::keys::{KeySet, Role};
 use purse::sam::SoftwareSam;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use validator::daemon::{apply_downlink_outcome, restore, Downlink, DownlinkOutcome};
-use validator::gate::{Gate, Placement};
+use validator::gate::Gate;
 use validator::journal::Journal;
 
 fn gate(keys: &KeySet) -> Gate {
-    Gate {
-        sam: SoftwareSam::validator(keys, 7).unwrap(),
-        engine: None,
-        blocklist: Blocklist::new("metro"),
-        placement: Placement {
-            device_id: 7,
-            operator: "metro".into(),
-            stop: "Central".into(),
-            route: "M1".into(),
-            kind: TapKind::In,
-            utc_offset_s: 0,
-            sale: None,
-        },
-        rng: StdRng::seed_from_u64(1),
-    }
+    support::downlink_gate(SoftwareSam::validator(keys, 7).unwrap(), 7, 1)
 }
 
 fn uid(i: u32) -> [u8; 7] {

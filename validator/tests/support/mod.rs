@@ -69,17 +69,34 @@ pub fn metro_gate(
     kind: TapKind,
     rng_seed: u64,
 ) -> Gate {
+    let gate = downlink_gate(sam, device_id, rng_seed);
+    Gate {
+        engine: Some(metro_engine()),
+        placement: Placement {
+            stop: stop.into(),
+            kind,
+            utc_offset_s: 9 * 3600,
+            ..gate.placement
+        },
+        ..gate
+    }
+}
+
+/// Device `device_id`'s gate with `sam` at Central on the metro's route M1 as an entry
+/// validator (UTC), with no fare table and an empty blocklist, random numbers from
+/// `rng_seed`: what the downlink tests apply lists to.
+pub fn downlink_gate(sam: SoftwareSam, device_id: u32, rng_seed: u64) -> Gate {
     Gate {
         sam,
-        engine: Some(metro_engine()),
+        engine: None,
         blocklist: Blocklist::new("metro"),
         placement: Placement {
             device_id,
             operator: "metro".into(),
-            stop: stop.into(),
+            stop: "Central".into(),
             route: "M1".into(),
-            kind,
-            utc_offset_s: 9 * 3600,
+            kind: TapKind::In,
+            utc_offset_s: 0,
             sale: None,
         },
         rng: StdRng::seed_from_u64(rng_seed),
