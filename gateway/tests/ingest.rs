@@ -7,37 +7,19 @@ use purse::receipt::{CommitReceipt, TxKind};
 use purse::tap::{TapMeta, TapRecord};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use tapgate_testkit::fixtures::signed_tap;
 
 fn keys() -> KeySet {
     KeySet::generate(&mut StdRng::seed_from_u64(1))
 }
 
 fn signed(keys: &KeySet, device: u32, seq: u64) -> Vec<u8> {
-    let r = CommitReceipt::for_tests(
-        [4, 1, 1, 1, 1, 1, seq as u8],
-        seq as u32,
-        [seq as u8; 8],
-        TxKind::Debit,
-        100,
-        900,
-    );
-    let t = TapRecord::accepted(
-        &r,
-        TapMeta {
-            device_id: device,
-            device_seq: seq,
-            ..Default::default()
-        },
-    );
-    t.sign(
+    signed_tap(
+        &keys.for_role(Role::Gateway, 0).unwrap(),
         "metro",
-        &keys
-            .for_role(Role::Gateway, 0)
-            .unwrap()
-            .device_key(device)
-            .unwrap(),
+        device,
+        seq,
     )
-    .to_vec()
 }
 
 /// The issuer keys and a new store in a temporary directory (kept while the test runs).

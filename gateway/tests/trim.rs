@@ -3,10 +3,9 @@
 
 use gateway::store::{Message, Store, StoreLimits};
 use purse::keys::{KeySet, Role};
-use purse::receipt::{CommitReceipt, TxKind};
-use purse::tap::{TapMeta, TapRecord};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use tapgate_testkit::fixtures::signed_tap;
 
 const DAY_MS: u64 = 86_400_000;
 
@@ -17,25 +16,9 @@ fn gateway_keys() -> KeySet {
 }
 
 fn tap(keys: &KeySet, device: u32, seq: u64) -> Message {
-    let r = CommitReceipt::for_tests(
-        [4, 1, 1, 1, 1, 1, seq as u8],
-        seq as u32,
-        [seq as u8; 8],
-        TxKind::Debit,
-        100,
-        900,
-    );
-    let t = TapRecord::accepted(
-        &r,
-        TapMeta {
-            device_id: device,
-            device_seq: seq,
-            ..Default::default()
-        },
-    );
     Message {
         topic: format!("tapgate/v1/metro/taps/{device}"),
-        payload: t.sign("metro", &keys.device_key(device).unwrap()).to_vec(),
+        payload: signed_tap(keys, "metro", device, seq),
     }
 }
 
