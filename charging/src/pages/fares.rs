@@ -103,7 +103,7 @@ fn upload(parts: &[Part]) -> Result<Upload, PageError> {
         Some(m) => m
             .parse::<i32>()
             .ok()
-            .filter(|m| m.abs() <= 14 * 60)
+            .filter(|m| m.unsigned_abs() <= 14 * 60)
             .ok_or_else(|| PageError::Bad("Local time: -840 to 840 minutes from UTC.".into()))?,
     };
     Ok(Upload {
@@ -267,4 +267,27 @@ async fn fares_post(
         Ok(r)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(name: &str, text: &str) -> Part {
+        Part {
+            name: name.into(),
+            file_name: None,
+            bytes: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_local_time_offset_is_refused_outside_14_hours_even_at_i32_min() {
+        let with = |m: &str| upload(&[part("source", "x"), part("utc_offset_minutes", m)]);
+        assert_eq!(with("-840").unwrap().utc_offset_minutes, -840);
+        assert_eq!(with("840").unwrap().utc_offset_minutes, 840);
+        for bad in ["841", "-841", "-2147483648", "2147483647"] {
+            assert!(matches!(with(bad), Err(PageError::Bad(_))), "{bad}");
+        }
+    }
 }
