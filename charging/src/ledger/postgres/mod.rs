@@ -52,9 +52,11 @@ pub const SHARDS: usize = 16;
 /// ledgers: the bench reads it.
 pub(crate) static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Counts one round trip that is not a [`Db`] statement (`BEGIN`, `COMMIT`, `ROLLBACK`).
-fn round_trip() {
+/// Sends a transaction's control statement (`BEGIN …`, `COMMIT`, `ROLLBACK`), counted as one
+/// round trip as a [`Db`] statement is.
+fn control(client: &mut postgres::Client, sql: &str) -> Result<(), postgres::Error> {
     ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    client.batch_execute(sql)
 }
 
 /// Most runs of one transaction's closure (serialization failures, deadlocks, lost connections).

@@ -350,15 +350,13 @@ impl PgRead {
     pub(super) fn begin(lease: Lease) -> Result<PgRead, LedgerError> {
         lease.conn().run(|s| {
             let c = s.client()?;
-            super::round_trip();
-            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .map_err(|e| {
-                    let err = db_error(&e);
-                    if super::lost(&e) {
-                        s.drop_client();
-                    }
-                    err
-                })
+            super::control(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").map_err(|e| {
+                let err = db_error(&e);
+                if super::lost(&e) {
+                    s.drop_client();
+                }
+                err
+            })
         })??;
         Ok(PgRead { lease })
     }
@@ -411,8 +409,7 @@ impl Drop for PgRead {
         // Queued before the lease returns: the next user's jobs run after it.
         self.lease.conn().post(|s| {
             if let Some(c) = s.client.as_mut() {
-                super::round_trip();
-                if c.batch_execute("COMMIT").is_err() {
+                if super::control(c, "COMMIT").is_err() {
                     s.drop_client();
                 }
             }

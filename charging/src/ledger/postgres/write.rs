@@ -42,8 +42,7 @@ pub(super) fn run<T>(
         } = s;
         let shard = *shard;
         let client = client.as_mut().expect("connected above");
-        super::round_trip();
-        if let Err(e) = client.batch_execute("BEGIN ISOLATION LEVEL SERIALIZABLE") {
+        if let Err(e) = super::control(client, "BEGIN ISOLATION LEVEL SERIALIZABLE") {
             let gone = lost(&e);
             if gone {
                 s.drop_client();
@@ -67,8 +66,7 @@ pub(super) fn run<T>(
         };
         match (out, failure) {
             (_, Some(fl)) => {
-                super::round_trip();
-                if fl.lost || client.batch_execute("ROLLBACK").is_err() {
+                if fl.lost || super::control(client, "ROLLBACK").is_err() {
                     s.drop_client();
                 }
                 if fl.retryable && may_retry(fl.lost) {
@@ -88,13 +86,12 @@ pub(super) fn run<T>(
                 });
             }
             (Err(e), None) => {
-                super::round_trip();
-                if client.batch_execute("ROLLBACK").is_err() {
+                if super::control(client, "ROLLBACK").is_err() {
                     s.drop_client();
                 }
                 return Err(e);
             }
-            (Ok(v), None) => match (super::round_trip(), client.batch_execute("COMMIT")).1 {
+            (Ok(v), None) => match super::control(client, "COMMIT") {
                 Ok(()) => return Ok(v),
                 Err(e) if lost(&e) => {
                     s.drop_client();
@@ -200,8 +197,7 @@ impl PgWrite<'_> {
         if let Some(b) = self.staged.borrow().card_balance(account) {
             return Ok(b);
         }
-        let b = self.shard_balance(&(account.to_string(), 0))?;
-        Ok(b)
+        self.shard_balance(&(account.to_string(), 0))
     }
 
     /// A shard's balance as the database holds it, staged from then on.
