@@ -197,17 +197,15 @@ impl LoadService {
         let reply = match self.advance(&mut s, responses, now_ms).await {
             Ok(reply) if reply.is_final() && !s.idempotent_stored => {
                 let (key, value) = (s.idem.clone(), stored_value(&reply, &s.fingerprint));
-                match self
+                // No `?`: a failure goes on to the session's handling below.
+                let stored = self
                     .ledger
                     .transact_async(move |t| t.put_idempotent(&key, &value))
-                    .await
-                {
-                    Ok(()) => {
-                        s.idempotent_stored = true;
-                        Ok(reply)
-                    }
-                    Err(e) => Err(e.into()),
-                }
+                    .await;
+                stored.map_err(LoadError::from).map(|()| {
+                    s.idempotent_stored = true;
+                    reply
+                })
             }
             other => other,
         };
