@@ -212,6 +212,18 @@ impl ActionUpdate {
         Self::decode_body(body)
     }
 
+    /// [`ActionUpdate::verify`] under each of `keys` (a retired version refused): the update
+    /// and the key that verified it.
+    pub fn verify_trusted(
+        bytes: &[u8],
+        keys: &crate::rotation::TrustedKeys,
+    ) -> Result<(ActionUpdate, [u8; 32]), crate::rotation::Refusal<ActionListError>> {
+        keys.verify_with(
+            |k| ActionUpdate::verify(bytes, k),
+            |e| matches!(e, ActionListError::BadSignature),
+        )
+    }
+
     fn decode_body(body: &[u8]) -> Result<ActionUpdate, ActionListError> {
         let bad = ActionListError::Malformed;
         if body[4] != FORMAT {

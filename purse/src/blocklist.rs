@@ -194,6 +194,18 @@ impl ListUpdate {
             entries,
         })
     }
+
+    /// [`ListUpdate::verify`] under each of `keys` (a retired version refused): the update and
+    /// the key that verified it.
+    pub fn verify_trusted(
+        bytes: &[u8],
+        keys: &crate::rotation::TrustedKeys,
+    ) -> Result<(ListUpdate, [u8; 32]), crate::rotation::Refusal<ListError>> {
+        keys.verify_with(
+            |k| ListUpdate::verify(bytes, k),
+            |e| matches!(e, ListError::BadSignature),
+        )
+    }
 }
 
 /// A validator's blocklist: applies verified updates in order. The cards are held in a

@@ -360,8 +360,8 @@ pub fn apply_downlink_outcome(
         Downlink::Blocklist => {
             // One signature check, even for a 1,000,000-entry snapshot (two while a list
             // signed by the previous key version is still accepted).
-            let (u, _) =
-                verify_blocklist(&keys, bytes).map_err(|e| format!("blocklist refused: {e}"))?;
+            let (u, _) = purse::blocklist::ListUpdate::verify_trusted(bytes, &keys)
+                .map_err(|e| format!("blocklist refused: {e}"))?;
             let v = match gate.blocklist.apply_verified(&u) {
                 Ok(v) => v,
                 Err(purse::blocklist::ListError::Stale { held, got }) => {
@@ -418,11 +418,7 @@ pub fn apply_blocklist_chunk(
 ) -> Result<DownlinkOutcome, String> {
     use purse::blocklist::chunked::{ChunkProgress, SnapshotChunk};
     use purse::blocklist::ListError;
-    let (c, _) = keys
-        .verify_with(
-            |k| SnapshotChunk::verify(bytes, k),
-            |e| matches!(e, ListError::BadSignature),
-        )
+    let (c, _) = SnapshotChunk::verify_trusted(bytes, keys)
         .map_err(|e| format!("blocklist refused: {e}"))?;
     let (held, base) = (gate.blocklist.version(), gate.blocklist.snapshot_version());
     let progress = match gate.blocklist.apply_chunk(&c) {
@@ -475,7 +471,7 @@ pub fn apply_actions(
     bytes: &[u8],
     now_ms: u64,
 ) -> Result<DownlinkOutcome, String> {
-    let (u, key) = verify_actions(&pubkey.trusted(), bytes)
+    let (u, key) = purse::actionlist::ActionUpdate::verify_trusted(bytes, &pubkey.trusted())
         .map_err(|e| format!("action list refused: {e}"))?;
     let kind = u.kind;
     let mut next = list.clone();
@@ -559,22 +555,11 @@ pub fn restore_actions(
     let keys = pubkey.trusted().with_retired_accepted();
     let mut l = purse::actionlist::ActionList::new(card_scheme);
     for (_, b) in journal.blobs(AL_PREFIX)? {
-        if let Ok((_, key)) = verify_actions(&keys, &b) {
+        if let Ok((_, key)) = purse::actionlist::ActionUpdate::verify_trusted(&b, &keys) {
             let _ = l.apply(&b, &key);
         }
     }
     Ok(l)
-}
-
-/// A blocklist message verified under one of `keys`.
-fn verify_blocklist(
-    keys: &TrustedKeys,
-    bytes: &[u8],
-) -> Result<(purse::blocklist::ListUpdate, [u8; 32]), Refusal<purse::blocklist::ListError>> {
-    keys.verify_with(
-        |k| purse::blocklist::ListUpdate::verify(bytes, k),
-        |e| matches!(e, purse::blocklist::ListError::BadSignature),
-    )
 }
 
 /// A fare table verified under one of `keys`.
@@ -585,18 +570,6 @@ fn verify_fare_table(
     keys.verify_with(
         |k| fare_rules::signed::verify(bytes, k),
         |e| matches!(e, fare_rules::signed::SignedError::Signature),
-    )
-}
-
-/// An action-list message verified under one of `keys`.
-fn verify_actions(
-    keys: &TrustedKeys,
-    bytes: &[u8],
-) -> Result<(purse::actionlist::ActionUpdate, [u8; 32]), Refusal<purse::actionlist::ActionListError>>
-{
-    keys.verify_with(
-        |k| purse::actionlist::ActionUpdate::verify(bytes, k),
-        |e| matches!(e, purse::actionlist::ActionListError::BadSignature),
     )
 }
 
@@ -626,14 +599,11 @@ pub fn restore(
     // half-received one waits for its missing chunks, which the retained topics send again).
     journal.for_each_blob("blocklist/", |_, b| {
         if purse::blocklist::chunked::is_chunk(b) {
-            let c = keys.verify_with(
-                |k| purse::blocklist::chunked::SnapshotChunk::verify(b, k),
-                |e| matches!(e, purse::blocklist::ListError::BadSignature),
-            );
+            let c = purse::blocklist::chunked::SnapshotChunk::verify_trusted(b, &keys);
             if let Ok((c, _)) = c {
                 let _ = gate.blocklist.apply_chunk(&c);
             }
-        } else if let Ok((u, _)) = verify_blocklist(&keys, b) {
+        } else if let Ok((u, _)) = purse::blocklist::ListUpdate::verify_trusted(b, &keys) {
             let _ = gate.blocklist.apply_verified(&u);
         }
     })?;

@@ -73,11 +73,7 @@ impl SignedList for ActionList {
     fn check(&self, bytes: &[u8], want: &Wanted) -> Result<(), String> {
         let (key, operator) = (want.key, want.operator);
         let v = want.version;
-        let verified = key.verify_with(
-            |k| ActionUpdate::verify(bytes, k),
-            |e| matches!(e, purse::actionlist::ActionListError::BadSignature),
-        );
-        match verified.map(|(u, _)| u) {
+        match ActionUpdate::verify_trusted(bytes, key).map(|(u, _)| u) {
             Ok(u) if u.operator == operator && Some(u.to_version) == v => Ok(()),
             Ok(u) if u.operator != operator => Err(format!(
                 "it is operator {:?}'s list; this gateway serves {:?}",

@@ -167,6 +167,18 @@ impl SnapshotChunk {
             keys,
         })
     }
+
+    /// [`SnapshotChunk::verify`] under each of `keys` (a retired version refused): the chunk
+    /// and the key that verified it.
+    pub fn verify_trusted(
+        bytes: &[u8],
+        keys: &crate::rotation::TrustedKeys,
+    ) -> Result<(SnapshotChunk, [u8; 32]), crate::rotation::Refusal<ListError>> {
+        keys.verify_with(
+            |k| SnapshotChunk::verify(bytes, k),
+            |e| matches!(e, ListError::BadSignature),
+        )
+    }
 }
 
 /// A chunked snapshot being received: the chunks in so far, each already packed.
