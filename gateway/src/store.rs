@@ -449,6 +449,11 @@ fn tap_key(device: u32, seq: u64) -> [u8; 12] {
     tapgate_lmdb::key::u32_u64(device, seq)
 }
 
+/// Whether `used_bytes` of a `map_bytes` map reach `percent` of it (the store's fill marks).
+fn past_percent(used_bytes: u64, map_bytes: u64, percent: u64) -> bool {
+    used_bytes >= (map_bytes / 100).saturating_mul(percent)
+}
+
 /// Most forwarded taps trimmed by one [`Store::forwarded_at`] (a backlog goes over several).
 pub const TRIM_MAX_PER_CALL: usize = 50_000;
 
@@ -669,8 +674,8 @@ impl Store {
     /// batch's state: whether quarantine still has room, the next outbox id.
     fn begin_batch(&self, t: &RwTxn<'_>, now_ms: u64) -> Result<Batch, StoreError> {
         let (used_bytes, map_bytes) = self.fill(t)?;
-        let percent = |p: u64| (map_bytes / 100).saturating_mul(p);
-        if used_bytes >= percent(self.limits.ingest_refuse_at_fill_percent) {
+        let past = |p: u64| past_percent(used_bytes, map_bytes, p);
+        if past(self.limits.ingest_refuse_at_fill_percent) {
             return Err(StoreError::Full {
                 used_bytes,
                 map_bytes,
@@ -687,7 +692,7 @@ impl Store {
             aggs: BTreeMap::new(),
             device_keys: BTreeMap::new(),
             next_outbox,
-            room: used_bytes < percent(self.limits.quarantine_stop_at_fill_percent),
+            room: !past(self.limits.quarantine_stop_at_fill_percent),
             now_ms,
         })
     }
@@ -1035,8 +1040,11 @@ impl Store {
     /// Whether the map is past `quarantine_stop_at_fill_percent`: room for new taps first.
     fn pressed(&self, t: &heed::RoTxn<'_, WithoutTls>) -> Result<bool, StoreError> {
         let (used_bytes, map_bytes) = self.fill(t)?;
-        Ok(used_bytes
-            >= (map_bytes / 100).saturating_mul(self.limits.quarantine_stop_at_fill_percent))
+        Ok(past_percent(
+            used_bytes,
+            map_bytes,
+            self.limits.quarantine_stop_at_fill_percent,
+        ))
     }
 
     /// Trims up to `max` forwarded taps whose clearing answer is older than the retention
