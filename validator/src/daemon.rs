@@ -448,7 +448,7 @@ pub fn apply_blocklist_chunk(
         (_, Some(a)) => DownlinkOutcome::Pending {
             version: a.version(),
             received: a.received(),
-            count: a.received() + a.missing().len() as u32,
+            count: a.count(),
         },
         (_, None) => DownlinkOutcome::AlreadyHeld {
             held,

@@ -268,6 +268,11 @@ impl Assembly {
         Ok(true)
     }
 
+    /// Chunks in the snapshot.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
     /// Chunks received.
     pub fn received(&self) -> u32 {
         self.parts.len() as u32
