@@ -296,7 +296,7 @@ async fn on_confirmation(shared: &Shared, confirmations: Arc<Confirmations>, p: 
 async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
     if p.topic == topics.ceiling {
         let shared = shared.clone();
-        let payload = p.payload.to_vec();
+        let payload = p.payload;
         let _ = tokio::task::spawn_blocking(move || {
             let Ok(mut g) = shared.gate.lock() else {
                 return;
@@ -320,7 +320,7 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
     }
     if p.topic == topics.actions_snapshot || p.topic == topics.actions_delta {
         let shared = shared.clone();
-        let payload = p.payload.to_vec();
+        let payload = p.payload;
         let _ = tokio::task::spawn_blocking(move || {
             let Ok(mut l) = shared.actions.lock() else {
                 return;
@@ -350,7 +350,7 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
         Downlink::Blocklist
     };
     let shared = shared.clone();
-    let payload = p.payload.to_vec();
+    let payload = p.payload;
     let _ = tokio::task::spawn_blocking(move || {
         let Ok(mut g) = shared.gate.lock() else {
             return;
