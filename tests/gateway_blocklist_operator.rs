@@ -3,9 +3,9 @@
 //! of them, says so (a log line and `tapgate_gateway_blocklists_refused_total`) and keeps its
 //! version where it was. (In the root tests: it runs the real charging server.)
 
-use gateway::daemon::GatewayConfig;
-use gateway::store::Store;
-use purse::keys::{KeySet, Role as KeyRole};
+mod support;
+
+use purse::keys::KeySet;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tapgate_http::auth::Role;
-use tapgate_testkit::broker::spawn_gateway;
 use tapgate_testkit::fixtures::token;
 use tapgate_testkit::wait_until_async;
 
@@ -64,17 +63,7 @@ async fn another_operators_blocklist_is_not_relayed() {
     tokio::time::timeout(Duration::from_secs(10), listening.notified())
         .await
         .expect("the listener subscribed");
-    let stats = spawn_gateway(
-        GatewayConfig {
-            broker: ("127.0.0.1".into(), mqtt_port),
-            mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
-            charging: Some((back_office.base.clone(), "tg_gw".into())),
-            operator: "metro".into(),
-            ..GatewayConfig::default()
-        },
-        &Store::open(&dir.path().join("gateway"), 64 << 20).unwrap(),
-        &keys.for_role(KeyRole::Gateway, 0).unwrap(),
-    );
+    let stats = support::spawn_metro_gateway(mqtt_port, &back_office.base, dir.path(), &keys);
     // The positive signal: the gateway fetched version 1, checked it and refused it.
     wait_until_async(
         "the gateway to refuse the other operator's list",
