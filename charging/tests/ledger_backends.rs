@@ -258,6 +258,17 @@ fn blocks_and_anomalies_are_numbered_without_gaps(u: &Under) {
     assert_eq!(changes[2].action, "unblock");
     assert_eq!(r.block_changes(2, 10).unwrap().0.len(), 1);
     assert_eq!(r.block_changes(u64::MAX, 10).unwrap(), (vec![], 3));
+    // A card's latest change, through the per-card index: a's unblocking (not its block, nor
+    // b's later-numbered block), b's block, none for a card never blocked.
+    assert_eq!(
+        r.latest_block_change(&a).unwrap().as_ref(),
+        Some(&changes[2])
+    );
+    assert_eq!(
+        r.latest_block_change(&b).unwrap().as_ref(),
+        Some(&changes[1])
+    );
+    assert_eq!(r.latest_block_change(&[6u8; 7]).unwrap(), None);
     let (list, last) = r.anomalies(1, 10).unwrap();
     assert_eq!(last, 2);
     assert_eq!(list, vec![(2, anomaly(2))]);

@@ -247,6 +247,11 @@ pub trait LedgerRead {
         limit: usize,
     ) -> Result<(Vec<BlockChange>, u64), LedgerError>;
 
+    /// The card's latest block change (`None`: it never had one): read through a per-card
+    /// index (LMDB: `block_changes_by_card`; PostgreSQL: `block_changes_card`), so its cost is
+    /// the index lookup, not the number of changes ever made.
+    fn latest_block_change(&self, uid: &[u8; 7]) -> Result<Option<BlockChange>, LedgerError>;
+
     /// How far the blocklist versions reached the validators, as each gateway last reported
     /// ([`propagation`]): per gateway (by name), its figures by version, oldest first.
     fn block_propagation(&self) -> Result<Vec<(String, Vec<BlockReach>)>, LedgerError> {

@@ -32,16 +32,6 @@ fn reached(at: Option<u64>) -> String {
     }
 }
 
-/// The card's latest block change (the one its state is from).
-fn latest_change(r: &dyn LedgerRead, uid: &[u8; 7]) -> Result<Option<BlockChange>, PageError> {
-    let hex_uid = hex::encode_upper(uid);
-    let (changes, _) = r.block_changes(0, 1_000_000)?;
-    Ok(changes
-        .into_iter()
-        .rev()
-        .find(|c| c.card_uid.eq_ignore_ascii_case(&hex_uid)))
-}
-
 /// One gateway's line: its name, then how many of its validators hold the version, then when
 /// 50, 99 and 100 % of them did, and when it reported.
 fn row(gateway: &str, f: Option<&BlockReach>) -> Vec<String> {
@@ -125,7 +115,9 @@ pub(super) fn card_figure(
     uid: &[u8; 7],
     now_ms: u64,
 ) -> Result<Option<serde_json::Value>, PageError> {
-    let Some(change) = latest_change(r, uid)? else {
+    // The change its state is from, read through the ledger's per-card index (the page polls
+    // this every 2 seconds: never a scan of every change).
+    let Some(change) = r.latest_block_change(uid)? else {
         return Ok(None);
     };
     Ok(Some(figure(&r.block_propagation()?, &change, now_ms)))

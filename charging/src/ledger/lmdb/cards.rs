@@ -56,7 +56,57 @@ impl LedgerCore {
         let version = self.blocks.last(txn)?.map(|(k, _)| k + 1).unwrap_or(1);
         change.version = version;
         self.blocks.put(txn, &version, &change)?;
+        self.index_block_change(txn, &change)?;
         Ok(version)
+    }
+
+    /// Adds `change` to the per-card index (a change whose UID is not 7 bytes of hex, which
+    /// `set_blocked` never writes, is left out).
+    fn index_block_change(
+        &self,
+        txn: &mut RwTxn<'_>,
+        change: &BlockChange,
+    ) -> Result<(), LedgerError> {
+        if let Some(key) = by_card_key(&change.card_uid, change.version) {
+            self.blocks_by_card.put(txn, &key, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Indexes the block changes of a ledger written before the per-card index (or by a build
+    /// without it since): rebuilt whole, in the opening transaction, when it does not hold as
+    /// many entries as there are changes; otherwise nothing but two counts is read.
+    pub(super) fn index_block_changes(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
+        if self.blocks_by_card.len(txn)? == self.blocks.len(txn)? {
+            return Ok(());
+        }
+        self.blocks_by_card.clear(txn)?;
+        let changes: Vec<BlockChange> = self
+            .blocks
+            .iter(txn)?
+            .map(|item| item.map(|(_, c)| c))
+            .collect::<Result<_, _>>()?;
+        for c in &changes {
+            self.index_block_change(txn, c)?;
+        }
+        Ok(())
+    }
+
+    /// The card's latest block change: the last key under its UID in the per-card index, one
+    /// cursor seek.
+    pub(super) fn latest_block_change(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+    ) -> Result<Option<BlockChange>, LedgerError> {
+        let Some(item) = self.blocks_by_card.rev_prefix_iter(txn, uid)?.next() else {
+            return Ok(None);
+        };
+        let (key, _) = item?;
+        let Some(version) = key.get(7..).and_then(|v| <[u8; 8]>::try_from(v).ok()) else {
+            return Ok(None);
+        };
+        Ok(self.blocks.get(txn, &u64::from_be_bytes(version))?)
     }
 
     /// Block changes after `after`, at most `limit`, and the latest version.
@@ -82,4 +132,14 @@ impl LedgerCore {
         }
         Ok((out, latest))
     }
+}
+
+/// The per-card index's key of a change: UID (7) ‖ version (u64 BE); `None` when the change's
+/// UID is not 7 bytes of hex.
+fn by_card_key(card_uid: &str, version: u64) -> Option<[u8; 15]> {
+    let uid: [u8; 7] = hex::decode(card_uid).ok()?.try_into().ok()?;
+    let mut key = [0u8; 15];
+    key[..7].copy_from_slice(&uid);
+    key[7..].copy_from_slice(&version.to_be_bytes());
+    Some(key)
 }

@@ -32,6 +32,9 @@ pub struct LedgerCore {
     idem: Database<Str, SerdeJson<serde_json::Value>>,
     vouchers: Database<Str, SerdeJson<Voucher>>,
     blocks: Database<U64<BE>, SerdeJson<BlockChange>>,
+    /// Every block change by card: UID (7) ‖ version (u64 BE) → nothing, so a card's latest
+    /// change is the last key under its UID.
+    blocks_by_card: Database<Bytes, Bytes>,
     /// Every anomaly raised (clearing, the gap sweep), numbered.
     anomalies: Database<U64<BE>, SerdeJson<Anomaly>>,
     /// Cards with counters booked above a gap → the gap's clock.
@@ -250,7 +253,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<17> = [
+const DATABASES: tapgate_lmdb::Databases<18> = [
     "balances",
     "postings",
     "load_intents",
@@ -268,6 +271,7 @@ const DATABASES: tapgate_lmdb::Databases<17> = [
     "refunds",
     "notifications_due",
     "refunds_uncollected",
+    "block_changes_by_card",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -277,7 +281,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected, blocks_by_card] =
             dbs;
         let core = LedgerCore {
             env,
@@ -288,6 +292,7 @@ impl LedgerCore {
             idem: idem.remap_types(),
             vouchers: vouchers.remap_types(),
             blocks: blocks.remap_types(),
+            blocks_by_card: blocks_by_card.remap_types(),
             anomalies: anomalies.remap_types(),
             gaps: gaps.remap_types(),
             funding_days: funding_days.remap_types(),
@@ -303,6 +308,7 @@ impl LedgerCore {
         let mut wtxn = core.env.write_txn()?;
         core.index_notifications(&mut wtxn)?;
         core.index_refunds(&mut wtxn)?;
+        core.index_block_changes(&mut wtxn)?;
         wtxn.commit()?;
         Ok(core)
     }
@@ -400,6 +406,11 @@ impl<T: view::View> LedgerRead for T {
     ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
         let (core, txn) = self.view();
         core.block_changes(txn, after, limit)
+    }
+
+    fn latest_block_change(&self, uid: &[u8; 7]) -> Result<Option<BlockChange>, LedgerError> {
+        let (core, txn) = self.view();
+        core.latest_block_change(txn, uid)
     }
 
     fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {

@@ -211,3 +211,51 @@ fn awaited_commits_are_durable_even_when_the_caller_is_dropped() {
     drop(r);
     l.close();
 }
+
+#[test]
+fn a_card_s_latest_block_change_is_indexed_and_a_ledger_without_the_index_gets_it_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = ([4u8; 7], [5u8; 7]);
+    {
+        let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+        l.transact(move |t| {
+            t.set_blocked(&a, true, "lost", 1)?;
+            t.set_blocked(&b, true, "stolen", 2)?;
+            t.set_blocked(&a, false, "found", 3)?;
+            Ok(())
+        })
+        .unwrap();
+        let latest = |uid| {
+            l.read()
+                .unwrap()
+                .latest_block_change(uid)
+                .unwrap()
+                .map(|c| (c.version, c.action))
+        };
+        assert_eq!(latest(&a), Some((3, "unblock".to_string())));
+        assert_eq!(latest(&b), Some((2, "block".to_string())));
+        assert_eq!(latest(&[6u8; 7]), None);
+        // As a build before the index left it: the changes, no index.
+        let mut w = l.env.write_txn().unwrap();
+        l.blocks_by_card.clear(&mut w).unwrap();
+        w.commit().unwrap();
+        assert_eq!(latest(&a), None);
+        l.close();
+    }
+    let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let r = l.read().unwrap();
+    let (all, _) = r.block_changes(0, 10).unwrap();
+    assert_eq!(r.latest_block_change(&a).unwrap().as_ref(), Some(&all[2]));
+    assert_eq!(r.latest_block_change(&b).unwrap().as_ref(), Some(&all[1]));
+    drop(r);
+    // Written after the rebuild, a change is indexed as it is appended.
+    l.transact(move |t| t.set_blocked(&b, false, "found", 4))
+        .unwrap();
+    let r = l.read().unwrap();
+    assert_eq!(
+        r.latest_block_change(&b).unwrap().map(|c| c.version),
+        Some(4)
+    );
+    drop(r);
+    l.close();
+}

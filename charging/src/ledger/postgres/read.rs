@@ -191,6 +191,27 @@ pub(super) mod q {
         ))
     }
 
+    /// The card's latest block change: one probe of `block_changes_card` (card, version).
+    pub fn latest_block_change(
+        db: &mut Db<'_>,
+        uid: &[u8; 7],
+    ) -> Result<Option<BlockChange>, LedgerError> {
+        let row = db
+            .query_opt(
+                "SELECT version, card_uid, action, reason, time_ms FROM block_changes \
+                 WHERE card_uid = $1 ORDER BY version DESC LIMIT 1",
+                &[&hex::encode_upper(uid)],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map(|r| BlockChange {
+            version: unbig(r.get(0)),
+            card_uid: r.get(1),
+            action: r.get(2),
+            reason: r.get(3),
+            time_ms: unbig(r.get(4)),
+        }))
+    }
+
     pub fn voucher(db: &mut Db<'_>, code: &str) -> Result<Option<Voucher>, LedgerError> {
         let row = db
             .query_opt("SELECT record FROM vouchers WHERE code = $1", &[&code])
@@ -469,6 +490,14 @@ macro_rules! reads_through_q {
                 limit: usize,
             ) -> Result<(Vec<BlockChange>, u64), LedgerError> {
                 self.q(move |db| super::read::q::block_changes(db, after, limit))
+            }
+
+            fn latest_block_change(
+                &self,
+                uid: &[u8; 7],
+            ) -> Result<Option<BlockChange>, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| super::read::q::latest_block_change(db, &uid))
             }
 
             fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {

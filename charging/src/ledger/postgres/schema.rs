@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "card_counters",
         include_str!("../../../migrations/0003_card_counters.sql"),
     ),
+    (
+        4,
+        "block_changes_card",
+        include_str!("../../../migrations/0004_block_changes_card.sql"),
+    ),
 ];
 
 /// The schema version this build runs on.
