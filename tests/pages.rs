@@ -223,6 +223,80 @@ async fn another_holders_card_is_refused() {
     }
 }
 
+/// The figure a blocked card's page polls every 2 seconds (`block.json`: the block's version
+/// and how far it reached) is the holder's alone: another cardholder gets the 404 a card that
+/// does not exist gets, the console's figure answers a cardholder 403, and a caller not signed
+/// in is sent to sign in; none of them learns anything of the block.
+#[test]
+fn another_holders_block_figure_is_refused_and_tells_nothing() {
+    let (_, s) = world();
+    // Bob reports his card stolen: his card page now polls its block's figure.
+    let (bob, bob_cookie) = signed_in_agent(&s.base, "bob", BOB_PASSWORD);
+    let report = format!("{}/cards/{BOB_CARD}/report", s.base);
+    let csrf = csrf_of(&page(&bob, &report, &bob_cookie));
+    let r = bob
+        .post(&report)
+        .set("Cookie", &bob_cookie)
+        .send_form(&[("csrf", &csrf), ("reason", "stolen")])
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let figure = format!("/cards/{BOB_CARD}/block.json");
+    let own: serde_json::Value =
+        serde_json::from_str(&page(&bob, &format!("{}{figure}", s.base), &bob_cookie)).unwrap();
+    assert_eq!(
+        (own["version"].as_u64(), own["action"].as_str()),
+        (Some(1), Some("block"))
+    );
+
+    let (ann, ann_cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
+    let get = |path: &str, cookie: Option<&str>| {
+        let mut req = ann.get(&format!("{}{path}", s.base));
+        if let Some(c) = cookie {
+            req = req.set("Cookie", c);
+        }
+        match req.call() {
+            Ok(r) => (
+                r.status(),
+                r.header("location").unwrap_or_default().to_string(),
+                r.into_string().unwrap_or_default(),
+            ),
+            Err(ureq::Error::Status(c, r)) => (c, String::new(), r.into_string().unwrap()),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    };
+    let tells_nothing = |what: &str, body: &str| {
+        for leak in [
+            "stolen",
+            "\"version\"",
+            "\"action\"",
+            "validators",
+            "blocked",
+        ] {
+            assert!(!body.contains(leak), "{what} tells {leak}: {body}");
+        }
+    };
+    let bobs = get(&figure, Some(&ann_cookie));
+    assert_eq!(bobs.0, 404, "{}", bobs.2);
+    tells_nothing("bob's figure to ann", &bobs.2);
+    let unknown = get("/cards/04FFFFFFFFFFFF/block.json", Some(&ann_cookie));
+    assert_eq!(bobs, unknown, "answered as a card that does not exist");
+    let console = get(
+        &format!("/console/cards/{BOB_CARD}/block.json"),
+        Some(&ann_cookie),
+    );
+    assert_eq!(console.0, 403, "{}", console.2);
+    tells_nothing("the console's figure to ann", &console.2);
+    // Not signed in: to the sign-in page, nothing else.
+    for path in [
+        figure.clone(),
+        format!("/console/cards/{BOB_CARD}/block.json"),
+    ] {
+        let (code, to, body) = get(&path, None);
+        assert_eq!((code, to.as_str()), (303, "/login"), "{path}: {body}");
+        tells_nothing(&path, &body);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_up_is_pending_until_the_card_proves_the_load() {
     let (keys, s) = world();
