@@ -401,6 +401,102 @@ fn a_top_up_paid_now_waits_for_the_cards_next_tap() {
     assert!(s.state.loads.order(2).is_err(), "no second order");
 }
 
+/// The value of a form's hidden field `name`.
+fn hidden_field(html: &str, name: &str) -> String {
+    let at = format!("name=\"{name}\" value=\"");
+    let from = html
+        .find(&at)
+        .unwrap_or_else(|| panic!("no {name} field: {html}"));
+    html[from + at.len()..]
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The top-up form's token names the top-up: the same form posted twice is one top-up, one
+/// order and one record; an order made by a post whose record was never written (the server
+/// stopped between the two writes) is found by posting the form again, with no second order;
+/// and the token sent with another amount is refused.
+#[test]
+fn a_top_up_form_posted_twice_is_one_order_and_one_record() {
+    let (_, s) = world();
+    let (agent, cookie) = signed_in_agent(&s.base, "ann", ANN_PASSWORD);
+    let url = format!("{}/cards/{ANN_CARD}/topup", s.base);
+    let form = page(&agent, &url, &cookie);
+    let (csrf, token) = (csrf_of(&form), hidden_field(&form, "token"));
+    let send = |token: &str, amount: &str| {
+        agent.post(&url).set("Cookie", &cookie).send_form(&[
+            ("csrf", &csrf),
+            ("amount", amount),
+            ("funding", "card:tok_ann_visa"),
+            ("how", "pickup"),
+            ("token", token),
+        ])
+    };
+    let post_ok = |token: &str, amount: &str| {
+        let r = send(token, amount).unwrap();
+        assert_eq!(r.status(), 303);
+        r.header("location").unwrap().to_string()
+    };
+    let records = |id: &str| -> Vec<serde_json::Value> {
+        let list = s
+            .state
+            .loads
+            .ledger()
+            .read()
+            .unwrap()
+            .idempotent("pages-topups:ann")
+            .unwrap()
+            .unwrap_or_default();
+        let list = list.as_array().cloned().unwrap_or_default();
+        list.into_iter().filter(|t| t["id"] == id).collect()
+    };
+    let first = post_ok(&token, "3000");
+    assert_eq!(post_ok(&token, "3000"), first, "the same top-up");
+    assert_eq!(first, format!("/cards/{ANN_CARD}/topups/{token}"));
+    assert_eq!(s.state.loads.order(1).unwrap().amount_minor, 3_000);
+    assert!(s.state.loads.order(2).is_err(), "one order");
+    let made = records(&token);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(made[0]["order_id"], 1);
+    let (code, body) = status(send(&token, "4000"));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("sent already"), "{body}");
+    assert!(s.state.loads.order(2).is_err(), "still one order");
+
+    // The server stopped after a form's order and before its record: the order alone.
+    let token2 = hidden_field(&page(&agent, &url, &cookie), "token");
+    assert_ne!(token2, token);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let loads = &s.state.loads;
+    let orphan = loads
+        .create_order(
+            "ann",
+            loads.order_limits(),
+            charging::load::OrderRequest {
+                uid: hex::decode(ANN_CARD).unwrap().try_into().unwrap(),
+                amount_minor: 2_000,
+                funding_source: "card".into(),
+                instrument: "tok_ann_visa".into(),
+                idempotency_key: format!("page-topup-{token2}"),
+            },
+            now,
+        )
+        .unwrap();
+    assert_eq!(orphan.id, 2);
+    assert!(records(&token2).is_empty());
+    // The form posted again: that order, now recorded; no other.
+    post_ok(&token2, "2000");
+    let made = records(&token2);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(made[0]["order_id"], 2);
+    assert!(s.state.loads.order(3).is_err(), "no second order");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reporting_a_card_lost_blocks_it_after_a_confirmation() {
     let (_, s) = world();

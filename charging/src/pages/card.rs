@@ -307,6 +307,42 @@ pub fn topups(r: &dyn LedgerRead, holder: &str) -> Result<Vec<TopUp>, LedgerErro
         .unwrap_or_default())
 }
 
+/// Attempts at writing a top-up's record when the ledger cannot say whether a write committed
+/// or is unavailable (the write is idempotent, so writing it again is safe).
+const RECORD_ATTEMPTS: usize = 3;
+
+/// Adds `t` to its holder's top-ups, newest first, unless one with its id is there already:
+/// idempotent, so a form posted again with the same token, or a write retried after its
+/// outcome was lost, records it once. Retried here when the outcome is unknown or the ledger
+/// unavailable (a conflict or a lost connection the ledger retries itself).
+pub fn record_topup(l: &crate::ledger::Ledger, holder: &str, t: &TopUp) -> Result<(), LedgerError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (key, new) = (topups_key(holder), t.clone());
+        let written = l.transact(move |w| {
+            let mut list: Vec<TopUp> = w
+                .idempotent(&key)?
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
+            if list.iter().any(|x| x.id == new.id) {
+                return Ok(());
+            }
+            list.insert(0, new.clone());
+            list.truncate(MAX_TOPUPS_PER_HOLDER);
+            w.put_idempotent(
+                &key,
+                &serde_json::to_value(&list).expect("top-ups serialise"),
+            )
+        });
+        match written {
+            Err(LedgerError::CommitUnknown(_) | LedgerError::Unavailable(_))
+                if attempt < RECORD_ATTEMPTS => {}
+            other => return other,
+        }
+    }
+}
+
 /// The month (`YYYY-MM`, UTC) of a time.
 pub fn month_of(ms: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)

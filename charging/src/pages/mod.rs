@@ -467,7 +467,7 @@ async fn topup_page(
         minijinja::context! {
             holder => s.holder, csrf => s.csrf, uid => hex::encode_upper(uid),
             instruments => choices, error => error, amount => amount, blocked => blocked,
-            currency => p.currency,
+            currency => p.currency, token => new_topup_token(),
         },
     );
     *r.status_mut() = status;
@@ -485,6 +485,91 @@ struct TopUpForm {
     /// `pickup`: paid now, picked up at the card's next tap; otherwise at a reader.
     #[serde(default)]
     how: String,
+    /// The form's top-up token ([`new_topup_token`]): the top-up's id.
+    #[serde(default)]
+    token: String,
+}
+
+/// A new top-up form's token. It becomes the top-up's id, and so its order's and its load's
+/// idempotency key: the same form posted twice (a double click, a resubmission after an
+/// error) is one top-up, one order, one record.
+fn new_topup_token() -> String {
+    session::random_token()[..32].to_string()
+}
+
+/// The top-up id a form's token gives: the token (16 to 64 letters and digits); a form from
+/// before tokens (none) gets a random one.
+fn topup_id(token: &str) -> Result<String, PageError> {
+    if token.is_empty() {
+        return Ok(session::random_token()[..16].to_string());
+    }
+    if (16..=64).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Ok(token.to_string());
+    }
+    Err(PageError::Bad(
+        "This form is out of date: open the top-up page again.".into(),
+    ))
+}
+
+/// Makes the top-up `t` (its id from the form's token) for `holder`'s card `uid_hex`, or says
+/// why not (shown on the form). Runs on a blocking thread.
+///
+/// A top-up paid now is two writes: the order (`LoadService::create_order`, its posting and
+/// list change in the order's own ledger transaction, after the funding source authorised it
+/// — a call outside any transaction) and then the holder's record of the top-up. They are not
+/// one transaction, because the order's is the load service's, committed between the
+/// authorisation and its capture; instead both are idempotent under the form's token, and
+/// written in that order. A crash between them leaves the order (paid, on the action list,
+/// picked up at the next tap or refunded at expiry: no value is lost) without its record
+/// here; the same form posted again finds the order by its idempotency key, makes no second
+/// one, and writes the record once ([`card::record_topup`] also retries a write whose outcome
+/// the ledger could not tell).
+fn make_topup(
+    p: &Pages,
+    holder: &str,
+    uid_hex: &str,
+    mut t: TopUp,
+    funding: &str,
+    pickup: bool,
+) -> Result<Result<TopUp, String>, PageError> {
+    let l = p.api.loads.ledger();
+    let r = l.read()?;
+    let uid = p.own_card(&*r, holder, uid_hex)?;
+    t.card_uid = hex::encode_upper(uid);
+    if let Some(done) = card::topups(&*r, holder)?
+        .into_iter()
+        .find(|x| x.id == t.id)
+    {
+        // Posted before: that top-up, if this is the same form.
+        let same = (&done.card_uid, done.amount_minor, done.order_id.is_some())
+            == (&t.card_uid, t.amount_minor, pickup)
+            && format!("{}:{}", done.source, done.instrument) == funding;
+        return Ok(match same {
+            true => Ok(done),
+            false => Err("This form was sent already: open the top-up page again.".into()),
+        });
+    }
+    if r.card(&uid)?.blocked {
+        return Ok(Err(
+            "This card is blocked: it cannot be topped up.".to_string()
+        ));
+    }
+    let Some((source, instrument)) = instruments(&*r, holder)?
+        .into_iter()
+        .find(|(s, i)| format!("{s}:{i}") == funding)
+    else {
+        return Ok(Err("Choose one of your funding instruments.".to_string()));
+    };
+    drop(r);
+    (t.source, t.instrument) = (source, instrument);
+    if pickup {
+        match pickup::order_topup(p, holder, uid, &t)? {
+            Ok(id) => t.order_id = Some(id),
+            Err(why) => return Ok(Err(why)),
+        }
+    }
+    card::record_topup(l, holder, &t)?;
+    Ok(Ok(t))
 }
 
 async fn topup(
@@ -511,53 +596,20 @@ async fn topup(
             )
             .await;
         };
+        let id = topup_id(&f.token)?;
         let (p2, holder, uid_in) = (p.clone(), s.holder.clone(), uid_hex.clone());
         let (funding, pickup) = (f.funding.clone(), f.how == "pickup");
         let made = blocking(move || {
-            let l = p2.api.loads.ledger();
-            let r = l.read()?;
-            let uid = p2.own_card(&*r, &holder, &uid_in)?;
-            if r.card(&uid)?.blocked {
-                return Ok(Err(
-                    "This card is blocked: it cannot be topped up.".to_string()
-                ));
-            }
-            let Some((source, instrument)) = instruments(&*r, &holder)?
-                .into_iter()
-                .find(|(s, i)| format!("{s}:{i}") == funding)
-            else {
-                return Ok(Err("Choose one of your funding instruments.".to_string()));
-            };
-            drop(r);
-            let mut t = TopUp {
-                id: session::random_token()[..16].to_string(),
-                card_uid: hex::encode_upper(uid),
+            let t = TopUp {
+                id,
+                card_uid: String::new(),
                 amount_minor: amount,
-                source,
-                instrument,
+                source: String::new(),
+                instrument: String::new(),
                 created_ms: p2.now(),
                 order_id: None,
             };
-            if pickup {
-                match pickup::order_topup(&p2, &holder, uid, &t)? {
-                    Ok(id) => t.order_id = Some(id),
-                    Err(why) => return Ok(Err(why)),
-                }
-            }
-            let (key, new) = (card::topups_key(&holder), t.clone());
-            l.transact(move |w| {
-                let mut list: Vec<TopUp> = w
-                    .idempotent(&key)?
-                    .and_then(|v| serde_json::from_value(v).ok())
-                    .unwrap_or_default();
-                list.insert(0, new.clone());
-                list.truncate(card::MAX_TOPUPS_PER_HOLDER);
-                w.put_idempotent(
-                    &key,
-                    &serde_json::to_value(&list).expect("top-ups serialise"),
-                )
-            })?;
-            Ok(Ok(t))
+            make_topup(&p2, &holder, &uid_in, t, &funding, pickup)
         })
         .await?;
         match made {
