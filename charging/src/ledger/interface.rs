@@ -660,6 +660,23 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         steps::add_funding_day(self, (source, instrument, day), delta_minor)
     }
 
+    /// Adds `delta_minor` to that day's total unless the total would pass `max_minor`: then
+    /// nothing changes and the answer is the total so far. A backend may raise it in one
+    /// statement that reads nothing first (PostgreSQL: no read of the totals' index for a
+    /// concurrent transaction's insert to conflict with).
+    fn add_funding_day_within(
+        &mut self,
+        (source, instrument, day): (&str, &str, u64),
+        delta_minor: i64,
+        max_minor: i64,
+    ) -> Result<Result<(), i64>, LedgerError> {
+        let so_far = self.funding_day_total(source, instrument, day)?;
+        if so_far.saturating_add(delta_minor) > max_minor {
+            return Ok(Err(so_far));
+        }
+        steps::add_funding_day(self, (source, instrument, day), delta_minor).map(Ok)
+    }
+
     /// Stores a day total: (funding source, instrument, UTC day) → minor units (the ledger's
     /// own steps only: [`LedgerWrite::add_funding_day`]).
     fn put_funding_day(
@@ -809,6 +826,20 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// exists for the same card counter. Sets `intent.attempt`.
     fn insert_intent(&mut self, uid: &[u8; 7], intent: &mut LoadIntent) -> Result<(), LedgerError> {
         steps::insert_intent(self, uid, intent)
+    }
+
+    /// Stores `intent` as the first attempt (0) at its card counter if the counter has no
+    /// intent yet, without reading the counter's intents first: whether it did (`false`: the
+    /// counter has intents, or the backend does not do this; [`LedgerWrite::insert_intent`]
+    /// then reads them). The ledger's own steps only.
+    fn put_first_intent(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<bool, LedgerError> {
+        let _ = (token, uid, intent);
+        Ok(false)
     }
 
     /// Replaces an intent (same card, counter and attempt). The ledger's own steps only: an
@@ -989,6 +1020,21 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
 
     /// Stores the answer for an idempotency key.
     fn put_idempotent(&mut self, key: &str, value: &serde_json::Value) -> Result<(), LedgerError>;
+
+    /// Stores `value` under `key` unless an answer is stored there already: whether it did
+    /// (nothing changes when it did not). A backend may claim the key by an insert that
+    /// reads nothing first (PostgreSQL: `INSERT … ON CONFLICT DO NOTHING`).
+    fn claim_idempotent(
+        &mut self,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<bool, LedgerError> {
+        if self.idempotent(key)?.is_some() {
+            return Ok(false);
+        }
+        self.put_idempotent(key, value)?;
+        Ok(true)
+    }
 
     /// Registers an instrument (replacing what was stored under its source and id: callers
     /// check the owner first).

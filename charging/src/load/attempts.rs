@@ -101,6 +101,22 @@ pub(super) fn taken_attempt(
     }
 }
 
+/// Claims the idempotency key for `intent` if no marker is stored under it yet (in the
+/// transaction that records it): whether it did. A key claimed by an insert, not read first,
+/// leaves no read of the marker's index page in the transaction (on PostgreSQL, fewer false
+/// serialization conflicts with concurrent loads); when a marker is there,
+/// [`taken_attempt`] reads it and [`mark_attempt`] takes the key over if it may.
+pub(super) fn claim_attempt(
+    t: &mut dyn LedgerWrite,
+    s: &Claimant,
+    intent: &LoadIntent,
+) -> Result<bool, LedgerError> {
+    t.claim_idempotent(
+        &attempt_key(&s.idem),
+        &attempt_value(intent, &s.fingerprint),
+    )
+}
+
 /// Claims the idempotency key for `intent` (in the transaction that records it).
 pub(super) fn mark_attempt(
     t: &mut dyn LedgerWrite,
@@ -117,14 +133,16 @@ impl LoadService {
     /// The load's earlier attempt with this key, if its intent is in the ledger. An open one
     /// that may still be relayed by another session ([`LIVE_MARGIN_MS`]) is
     /// [`LoadError::InProgress`].
-    pub(super) fn earlier_attempt(&self, s: &Session) -> Result<Option<LoadIntent>, LoadError> {
+    /// Read in the step's snapshot `r` ([`LoadService::decide`] reads what it needs in one).
+    pub(super) fn earlier_attempt(
+        &self,
+        r: &dyn LedgerRead,
+        s: &Session,
+    ) -> Result<Option<LoadIntent>, LoadError> {
         if s.purpose != Purpose::Load {
             return Ok(None);
         }
-        let earlier = {
-            let r = self.ledger.read()?;
-            marked_intent(&*r, &s.claimant())??
-        };
+        let earlier = marked_intent(r, &s.claimant())??;
         match earlier {
             Some(i)
                 if i.state == IntentState::Authorised

@@ -60,6 +60,17 @@ impl LoadService {
             let r = self.ledger.read()?;
             r.open_intents(&snap.uid())?
         };
+        self.settle_open(snap, open, now_ms)
+    }
+
+    /// [`Self::settle_from_snapshot`] of the card's open intents `open`, read already (each is
+    /// settled in a transaction that finds it still open, or leaves it).
+    pub(super) fn settle_open(
+        &self,
+        snap: &CardSnapshot,
+        open: Vec<LoadIntent>,
+        now_ms: u64,
+    ) -> Result<usize, LoadError> {
         let mut settled = 0;
         for intent in open {
             // Whether the card made *this* change is decided by the record the server wrote
@@ -192,6 +203,16 @@ fn completion(
        + Send
        + 'static {
     move |t| {
+        // What completing reads, in one go where a backend pays a round trip a read: the
+        // card (its shadow, account and gap clock), the state clearing learned it from, the
+        // intents at its counter.
+        let uid = proof.receipt().uid();
+        let tmc_before = Completion::Proved(&proof).tmc_before();
+        t.prefetch(&crate::ledger::ReadsAhead {
+            cards: vec![uid],
+            keys: vec![crate::ledger::learned_card_key(&uid)],
+            counters: vec![(uid, tmc_before)],
+        })?;
         let action = t.complete_intent(Completion::Proved(&proof), now_ms)?;
         if let Some((key, value)) = &idem {
             t.put_idempotent(key, value)?;

@@ -1,6 +1,6 @@
 //! The decision before any Credit leaves the server: the card's state, limits (per card, per source, per instrument), the funding authorisation and the intent, durable first.
 
-use super::attempts::{mark_attempt, taken_attempt};
+use super::attempts::{claim_attempt, mark_attempt, taken_attempt};
 use super::*;
 use crate::ledger::CardShadow;
 
@@ -12,6 +12,20 @@ enum Recorded {
     OverLimit(i64),
     /// Another attempt with the idempotency key is completed or open.
     Taken(Box<LoadIntent>),
+}
+
+/// What a step's decision reads ([`LoadService::read_ahead`]).
+struct Ahead {
+    /// The earlier attempt with the session's key, if asked for and in the ledger.
+    earlier: Option<LoadIntent>,
+    /// The card's open intents (settled before the decision).
+    open: Vec<LoadIntent>,
+    /// Whether there were any (then the rest is read again after they are settled).
+    settled_some: bool,
+    /// The card's shadow.
+    shadow: CardShadow,
+    /// A load's instrument's total today (0 for another purpose).
+    instrument_today: i64,
 }
 
 impl LoadService {
@@ -26,18 +40,28 @@ impl LoadService {
         now_ms: u64,
     ) -> Result<Result<Decision, Reply>, LoadError> {
         // An attempt with this key on another server (or before a restart) is resolved by the
-        // card first: never a second load for one key.
-        let earlier = self.earlier_attempt(s)?;
-        self.settle_from_snapshot(snap, now_ms)?;
-        if let Some(earlier) = earlier {
-            if let Some(answer) = self.after_earlier(s, &earlier)? {
+        // card first: never a second load for one key. What the decision reads is read in one
+        // snapshot; the card's open intents, if any, are settled from its snapshot and the
+        // shadow and day total read again after.
+        let today = day_of(now_ms);
+        let mut ahead = self.read_ahead(s, &snap.uid(), today, true)?;
+        let earlier = ahead.earlier.take();
+        if !ahead.open.is_empty() {
+            self.settle_open(snap, std::mem::take(&mut ahead.open), now_ms)?;
+        }
+        if let Some(earlier) = &earlier {
+            if let Some(answer) = self.after_earlier(s, earlier)? {
                 return Ok(Err(answer));
             }
         }
-        let shadow = {
-            let r = self.ledger.read()?;
-            r.card(&snap.uid())?
-        };
+        if ahead.settled_some {
+            ahead = self.read_ahead(s, &snap.uid(), today, false)?;
+        }
+        let Ahead {
+            shadow,
+            instrument_today,
+            ..
+        } = ahead;
         if let Some(refusal) = self.card_refusal(s, snap, &shadow) {
             return Ok(Err(refusal));
         }
@@ -47,8 +71,7 @@ impl LoadService {
             Purpose::Payment(id) => return self.decide_payment(s, snap, &id, now_ms),
             Purpose::Refund(id) => return self.decide_refund(s, snap, &id, now_ms),
         }
-        let today = day_of(now_ms);
-        if let Some(refusal) = self.limit_refusal(s, snap, &shadow, today)? {
+        if let Some(refusal) = self.limit_refusal(s, snap, &shadow, today, instrument_today) {
             return Ok(Err(refusal));
         }
         let source = self.sources[&s.request.funding_source].clone();
@@ -76,6 +99,36 @@ impl LoadService {
         self.record_intent(s, snap, &*source, auth, now_ms).await
     }
 
+    /// What a step's decision reads, in one snapshot: with `earlier`, the earlier attempt
+    /// with the session's key too ([`LoadService::earlier_attempt`]).
+    fn read_ahead(
+        &self,
+        s: &Session,
+        uid: &[u8; 7],
+        today: u64,
+        earlier: bool,
+    ) -> Result<Ahead, LoadError> {
+        let r = self.ledger.read()?;
+        let earlier = match earlier {
+            true => self.earlier_attempt(&*r, s)?,
+            false => None,
+        };
+        let open = r.open_intents(uid)?;
+        let shadow = r.card(uid)?;
+        let instrument_today = if s.purpose == Purpose::Load {
+            r.funding_day_total(&s.request.funding_source, &s.request.instrument, today)?
+        } else {
+            0
+        };
+        Ok(Ahead {
+            earlier,
+            settled_some: !open.is_empty(),
+            open,
+            shadow,
+            instrument_today,
+        })
+    }
+
     /// A card the back office will not load: blocked, or a counter behind what was seen (a
     /// restored or cloned card).
     fn card_refusal(&self, s: &Session, snap: &CardSnapshot, shadow: &CardShadow) -> Option<Reply> {
@@ -101,19 +154,21 @@ impl LoadService {
     }
 
     /// The load's limits: the balance ceiling, the card's daily limit and the instrument's
-    /// daily limit (checked again where it is raised, in [`Self::record_intent`]).
+    /// daily limit (`instrument_today`, read in the step's snapshot; checked again where it is
+    /// raised, in [`Self::record_intent`]).
     fn limit_refusal(
         &self,
         s: &Session,
         snap: &CardSnapshot,
         shadow: &CardShadow,
         today: u64,
-    ) -> Result<Option<Reply>, LoadError> {
+        instrument_today: i64,
+    ) -> Option<Reply> {
         let amount = s.request.amount_minor;
         if i64::from(snap.balance_minor()) + i64::from(amount)
             > i64::from(self.cfg.balance_ceiling_minor)
         {
-            return Ok(Some(self.refused(
+            return Some(self.refused(
                 s,
                 "balance_ceiling",
                 &format!(
@@ -122,7 +177,7 @@ impl LoadService {
                     amount,
                     self.cfg.balance_ceiling_minor
                 ),
-            )));
+            ));
         }
         let loaded_today = if shadow.load_day == today {
             shadow.load_day_minor
@@ -130,24 +185,20 @@ impl LoadService {
             0
         };
         if loaded_today + i64::from(amount) > self.cfg.max_daily_per_card_minor {
-            return Ok(Some(self.refused(
+            return Some(self.refused(
                 s,
                 "daily_limit",
                 &format!(
                     "{loaded_today} already loaded today; the daily limit is {}",
                     self.cfg.max_daily_per_card_minor
                 ),
-            )));
+            ));
         }
         let max_daily = self.cfg.max_daily_for(&s.request.funding_source);
-        let instrument_today = {
-            let r = self.ledger.read()?;
-            r.funding_day_total(&s.request.funding_source, &s.request.instrument, today)?
-        };
         if instrument_today + i64::from(amount) > max_daily {
-            return Ok(Some(self.instrument_limit(s, instrument_today, max_daily)));
+            return Some(self.instrument_limit(s, instrument_today, max_daily));
         }
-        Ok(None)
+        None
     }
 
     /// Makes the authorised load's intent durable before any Credit leaves the server (group
@@ -192,15 +243,20 @@ impl LoadService {
             // The idempotency key is claimed in the same transaction: of two servers starting
             // one key at once, the database lets one record its intent (looked at before the
             // limits, which the other's load may have raised).
-            if let Some(earlier) = taken_attempt(t, &claimant)? {
-                return Ok(Recorded::Taken(earlier));
+            // A key never used is claimed by inserting its marker (nothing read first); a
+            // marker found is read, and taken over only when its attempt was voided.
+            if !claim_attempt(t, &claimant, &intent)? {
+                if let Some(earlier) = taken_attempt(t, &claimant)? {
+                    return Ok(Recorded::Taken(earlier));
+                }
+                mark_attempt(t, &claimant, &intent)?;
             }
-            let so_far = t.funding_day_total(&source_name, &instrument, today)?;
-            if so_far + i64::from(amount) > max_daily {
+            // Raised only within the limit, in one step (a marker claimed by a load refused
+            // here points at no intent of its key: the key's next start loads afresh).
+            let day = (source_name.as_str(), instrument.as_str(), today);
+            if let Err(so_far) = t.add_funding_day_within(day, i64::from(amount), max_daily)? {
                 return Ok(Recorded::OverLimit(so_far));
             }
-            mark_attempt(t, &claimant, &intent)?;
-            t.add_funding_day(&source_name, &instrument, today, i64::from(amount))?;
             t.insert_intent(&uid, &mut intent)?;
             t.observe_card(&snapshot)?;
             t.add_load_day(&uid, today, i64::from(amount))?;
@@ -262,6 +318,21 @@ impl LoadService {
         source: &dyn FundingSource,
         instrument: &str,
     ) -> Result<(), LoadError> {
+        let owner = {
+            let r = self.ledger.read()?;
+            instrument_of(&*r, source, instrument)?
+        };
+        self.check_owned(caller, source, instrument, owner)
+    }
+
+    /// [`Self::check_instrument`] with what [`instrument_of`] read.
+    pub(super) fn check_owned(
+        &self,
+        caller: &str,
+        source: &dyn FundingSource,
+        instrument: &str,
+        owner: Option<crate::ledger::Instrument>,
+    ) -> Result<(), LoadError> {
         if !crate::funding::valid_instrument_id(instrument) {
             return Err(LoadError::BadRequest(format!(
                 "funding.instrument must be 1 to {} letters, digits, '-', '_' or '.' (not starting with '.')",
@@ -271,10 +342,6 @@ impl LoadService {
         if source.holding() == Holding::Bearer {
             return Ok(());
         }
-        let owner = {
-            let r = self.ledger.read()?;
-            r.instrument(source.name(), instrument)?
-        };
         match owner {
             Some(i) if i.owner == caller => Ok(()),
             _ => Err(LoadError::NotYourInstrument {
@@ -352,6 +419,19 @@ impl LoadService {
     pub fn points_program(&self, name: &str) -> Option<&crate::funding::PointsProgram> {
         self.sources.get(name).and_then(|s| s.as_points())
     }
+}
+
+/// The registration of `instrument` at `source` that [`LoadService::check_owned`] checks, read
+/// in `r` (none read for a bearer source or an id that is not well-formed).
+pub(super) fn instrument_of(
+    r: &dyn crate::ledger::LedgerRead,
+    source: &dyn FundingSource,
+    instrument: &str,
+) -> Result<Option<crate::ledger::Instrument>, LedgerError> {
+    if source.holding() == Holding::Bearer || !crate::funding::valid_instrument_id(instrument) {
+        return Ok(None);
+    }
+    r.instrument(source.name(), instrument)
 }
 
 /// Runs `f`, a call to funding source `source`: through [`crate::ledger::may_block`] when the

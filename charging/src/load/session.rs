@@ -23,9 +23,20 @@ impl LoadService {
             Purpose::Reversal(_) => REVERSAL_DIFFERS,
             Purpose::Payment(_) | Purpose::Refund(_) => PAYMENT_DIFFERS,
         };
-        if let Some(reply) = self.stored_reply(&ikey, &fingerprint, differs)? {
-            return Ok(reply);
-        }
+        // The stored answer and a load's instrument read in one snapshot, before the
+        // sessions' lock is taken (no other start waits for these reads).
+        let owner = {
+            let r = self.ledger.read()?;
+            if let Some(reply) = stored_reply_in(&*r, &ikey, &fingerprint, differs)? {
+                return Ok(reply);
+            }
+            match (&purpose, self.sources.get(&req.funding_source)) {
+                (Purpose::Load, Some(source)) => {
+                    super::decide::instrument_of(&*r, source.as_ref(), &req.instrument)?
+                }
+                _ => None,
+            }
+        };
         let mut sessions = self.sessions.lock().expect("sessions lock");
         if let Some(reply) = sessions.answer_again(&ikey, &fingerprint, differs)? {
             return Ok(reply);
@@ -54,7 +65,7 @@ impl LoadService {
                 )));
             };
             // The instrument is looked up, never formatted into an account from the request.
-            self.check_instrument(caller, source.as_ref(), &req.instrument)?;
+            self.check_owned(caller, source.as_ref(), &req.instrument, owner)?;
         }
         if let Purpose::Reversal(_) = purpose {
             if !self.sources.contains_key(&req.funding_source) {
@@ -114,13 +125,7 @@ impl LoadService {
         differs: &'static str,
     ) -> Result<Option<Reply>, LoadError> {
         let r = self.ledger.read()?;
-        match r.idempotent(ikey)? {
-            Some(v) => {
-                same_request(&v, fingerprint, differs)?;
-                Ok(Some(reply_from_json(&v)))
-            }
-            None => Ok(None),
-        }
+        stored_reply_in(&*r, ikey, fingerprint, differs)
     }
 
     /// Feeds the card's answers to the commands of step `seq` of session `id`: the calling
@@ -413,5 +418,21 @@ impl LoadService {
             .retain(|id| finished.contains_key(id));
         self.stats.lock().expect("stats").pending += pending;
         before - sessions.active.len() - sessions.finished.len()
+    }
+}
+
+/// [`LoadService::stored_reply`] read in snapshot `r`.
+fn stored_reply_in(
+    r: &dyn crate::ledger::LedgerRead,
+    ikey: &str,
+    fingerprint: &str,
+    differs: &'static str,
+) -> Result<Option<Reply>, LoadError> {
+    match r.idempotent(ikey)? {
+        Some(v) => {
+            same_request(&v, fingerprint, differs)?;
+            Ok(Some(reply_from_json(&v)))
+        }
+        None => Ok(None),
     }
 }

@@ -117,6 +117,16 @@ pub(super) fn insert_intent<W: LedgerWrite + ?Sized>(
     uid: &[u8; 7],
     intent: &mut LoadIntent,
 ) -> Result<(), LedgerError> {
+    // The counter's first intent, stored without a read when the backend can (the database's
+    // unique keys refuse it if the counter has one).
+    let first = LoadIntent {
+        attempt: 0,
+        ..intent.clone()
+    };
+    if w.put_first_intent(LedgerOnly(()), uid, &first)? {
+        *intent = first;
+        return Ok(());
+    }
     let existing = w.intents_at(uid, intent.tmc_before)?;
     if existing.iter().any(|i| i.state != IntentState::Voided) {
         return Err(LedgerError::IntentExists {

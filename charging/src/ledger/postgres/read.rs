@@ -362,32 +362,48 @@ pub(super) mod q {
 }
 
 /// A read snapshot of the PostgreSQL ledger: one leased connection thread in a
-/// `REPEATABLE READ READ ONLY` transaction, ended when the snapshot drops.
+/// `REPEATABLE READ READ ONLY` transaction, ended when the snapshot drops. The transaction
+/// begins with the snapshot's first query, on the connection thread in the same hand-off (one
+/// trip to that thread, not two); a snapshot that reads nothing sends nothing.
 pub struct PgRead {
     lease: Lease,
+    /// Whether `BEGIN` was sent (then `COMMIT` is, when the snapshot drops).
+    begun: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Sends the snapshot's `BEGIN` on its connection.
+fn begin(s: &mut super::Session) -> Result<(), LedgerError> {
+    let c = s.client()?;
+    super::control(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").map_err(|e| {
+        let err = db_error(&e);
+        if super::lost(&e) {
+            s.drop_client();
+        }
+        err
+    })
 }
 
 impl PgRead {
     pub(super) fn begin(lease: Lease) -> Result<PgRead, LedgerError> {
-        lease.conn().run(|s| {
-            let c = s.client()?;
-            super::control(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").map_err(|e| {
-                let err = db_error(&e);
-                if super::lost(&e) {
-                    s.drop_client();
-                }
-                err
-            })
-        })??;
-        Ok(PgRead { lease })
+        Ok(PgRead {
+            lease,
+            begun: Default::default(),
+        })
     }
 
-    /// Runs one query of the snapshot on its connection thread.
+    /// Runs one query of the snapshot on its connection thread (the first begins it).
     fn q<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
+        use std::sync::atomic::Ordering;
+        let first = !self.begun.load(Ordering::Relaxed);
+        let begun = self.begun.clone();
         self.lease.conn().run(move |s| {
+            if first {
+                begin(s)?;
+                begun.store(true, Ordering::Relaxed);
+            }
             let Some(client) = s.client.as_mut() else {
                 return Err(LedgerError::Unavailable(
                     "the snapshot's connection is gone".into(),
@@ -427,6 +443,9 @@ impl PgRead {
 
 impl Drop for PgRead {
     fn drop(&mut self) {
+        if !self.begun.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         // Queued before the lease returns: the next user's jobs run after it.
         self.lease.conn().post(|s| {
             if let Some(c) = s.client.as_mut() {

@@ -486,6 +486,84 @@ impl LedgerWrite for PgWrite<'_> {
         Ok(())
     }
 
+    /// An insert that reads nothing first: no predicate lock on the key's index page, which
+    /// concurrent loads insert their own keys into (each such read was a false
+    /// serialization conflict with them). A key committed by a transaction this one cannot
+    /// see is a serialization failure: run again, it finds the key.
+    fn claim_idempotent(
+        &mut self,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<bool, LedgerError> {
+        if let Some(known) = self.staged.borrow().idempotent(key) {
+            if known.is_some() {
+                return Ok(false);
+            }
+        }
+        let claimed = self.exec(
+            "INSERT INTO idempotency (key, answer) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&key, value],
+        )? == 1;
+        if claimed {
+            self.staged
+                .borrow_mut()
+                .read_idempotent(key, Some(value.clone()));
+        }
+        Ok(claimed)
+    }
+
+    /// One statement that raises the total only within the limit (the row locked by the
+    /// update, nothing read first); the total is read only when it refuses.
+    fn add_funding_day_within(
+        &mut self,
+        (source, instrument, day): (&str, &str, u64),
+        delta_minor: i64,
+        max_minor: i64,
+    ) -> Result<Result<(), i64>, LedgerError> {
+        if delta_minor <= max_minor {
+            let raised = self.one(
+                "INSERT INTO funding_days (source, instrument, day, total_minor) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (source, instrument, day) DO UPDATE \
+                 SET total_minor = funding_days.total_minor + EXCLUDED.total_minor \
+                 WHERE funding_days.total_minor + EXCLUDED.total_minor <= $5 \
+                 RETURNING total_minor",
+                &[&source, &instrument, &big(day), &delta_minor, &max_minor],
+            )?;
+            if raised.is_some() {
+                return Ok(Ok(()));
+            }
+        }
+        let so_far = crate::ledger::LedgerRead::funding_day_total(self, source, instrument, day)?;
+        Ok(Err(so_far))
+    }
+
+    /// Inserted unless the counter has an intent (any unique key taken: nothing changes), with
+    /// nothing read first.
+    fn put_first_intent(
+        &mut self,
+        _: LedgerOnly,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<bool, LedgerError> {
+        let (rec, state, kind) = (to_json(intent)?, word(&intent.state)?, word(&intent.kind)?);
+        let inserted = self.exec(
+            "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &[
+                &uid_hex(uid),
+                &i64::from(intent.tmc_before),
+                &i32::from(intent.attempt),
+                &state,
+                &kind,
+                &rec,
+            ],
+        )? == 1;
+        if inserted {
+            self.staged.borrow_mut().put_intent(uid, intent);
+        }
+        Ok(inserted)
+    }
+
     fn put_instrument(&mut self, i: &Instrument) -> Result<(), LedgerError> {
         let rec = to_json(i)?;
         self.exec(
