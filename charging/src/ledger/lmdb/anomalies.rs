@@ -36,13 +36,9 @@ impl LedgerCore {
         &self,
         txn: &RoTxn<'_, WithoutTls>,
     ) -> Result<Vec<([u8; 7], GapClock)>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.gaps.iter(txn)? {
-            let (uid, clock) = item?;
-            if let (false, Ok(uid)) = (clock.reported, <[u8; 7]>::try_from(uid)) {
-                out.push((uid, clock));
-            }
-        }
-        Ok(out)
+        kept(self.gaps.iter(txn)?, |uid, clock| {
+            let uid = <[u8; 7]>::try_from(uid).ok()?;
+            (!clock.reported).then_some((uid, clock))
+        })
     }
 }

@@ -37,14 +37,9 @@ impl LedgerCore {
         &self,
         txn: &RoTxn<'_, WithoutTls>,
     ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.cards.iter(txn)? {
-            let (k, v) = item?;
-            if let Ok(uid) = <[u8; 7]>::try_from(k) {
-                out.push((uid, v));
-            }
-        }
-        Ok(out)
+        kept(self.cards.iter(txn)?, |k, v| {
+            <[u8; 7]>::try_from(k).ok().map(|uid| (uid, v))
+        })
     }
 
     /// Appends a block change numbered after the last one; returns its version.

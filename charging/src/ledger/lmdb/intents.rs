@@ -12,14 +12,11 @@ impl LedgerCore {
         uid: &[u8; 7],
         tmc_before: u32,
     ) -> Result<Vec<LoadIntent>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self
-            .intents
-            .prefix_iter(txn, &counter_prefix(uid, tmc_before)[..])?
-        {
-            out.push(item?.1);
-        }
-        Ok(out)
+        kept(
+            self.intents
+                .prefix_iter(txn, &counter_prefix(uid, tmc_before)[..])?,
+            |_, i| Some(i),
+        )
     }
 
     /// Replaces an intent (same card, counter and attempt).
@@ -42,14 +39,9 @@ impl LedgerCore {
         txn: &RoTxn<'_, WithoutTls>,
         uid: &[u8; 7],
     ) -> Result<Vec<LoadIntent>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.intents.prefix_iter(txn, &uid[..])? {
-            let (_, i) = item?;
-            if i.state == IntentState::Authorised {
-                out.push(i);
-            }
-        }
-        Ok(out)
+        kept(self.intents.prefix_iter(txn, &uid[..])?, |_, i| {
+            (i.state == IntentState::Authorised).then_some(i)
+        })
     }
 
     /// All intents (reports, reconciliation).
@@ -57,10 +49,6 @@ impl LedgerCore {
         &self,
         txn: &RoTxn<'_, WithoutTls>,
     ) -> Result<Vec<LoadIntent>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.intents.iter(txn)? {
-            out.push(item?.1);
-        }
-        Ok(out)
+        kept(self.intents.iter(txn)?, |_, i| Some(i))
     }
 }

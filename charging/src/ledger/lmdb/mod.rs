@@ -478,7 +478,7 @@ impl<T: view::View> LedgerRead for T {
         limit: usize,
     ) -> Result<Vec<Refund>, LedgerError> {
         let (core, txn) = self.view();
-        core.refunds_uncollected(txn, made_by_ms, limit)
+        core.refunds_by_creation().until(txn, made_by_ms, limit)
     }
 
     fn notification(&self, payment_id: &str) -> Result<Option<Notification>, LedgerError> {
@@ -492,7 +492,7 @@ impl<T: view::View> LedgerRead for T {
         limit: usize,
     ) -> Result<Vec<Notification>, LedgerError> {
         let (core, txn) = self.view();
-        core.notifications_due(txn, now_ms, limit)
+        core.notifications_by_due().until(txn, now_ms, limit)
     }
 }
 
@@ -568,11 +568,11 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
     }
 
     fn put_refund(&mut self, _: LedgerOnly, refund: &Refund) -> Result<(), LedgerError> {
-        self.core.put_refund(self.txn, refund)
+        self.core.refunds_by_creation().put(self.txn, refund)
     }
 
     fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {
-        self.core.put_notification(self.txn, n)
+        self.core.notifications_by_due().put(self.txn, n)
     }
 
     fn put_card(
@@ -600,4 +600,18 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
     fn put_instrument(&mut self, i: &Instrument) -> Result<(), LedgerError> {
         self.core.put_instrument(self.txn, i)
     }
+}
+
+/// The entries of a scan (`iter`, `prefix_iter`) that `keep` turns into `Some`, in order; a
+/// read error ends it.
+fn kept<K, V, T>(
+    entries: impl Iterator<Item = heed::Result<(K, V)>>,
+    mut keep: impl FnMut(K, V) -> Option<T>,
+) -> Result<Vec<T>, LedgerError> {
+    let mut out = Vec::new();
+    for entry in entries {
+        let (k, v) = entry?;
+        out.extend(keep(k, v));
+    }
+    Ok(out)
 }

@@ -46,54 +46,101 @@ impl LedgerCore {
         Ok(())
     }
 
-    /// Stores a notification and keeps the due index in step: its old entry goes, a new one
-    /// at its next attempt while it is undelivered.
-    pub(super) fn put_notification(
-        &self,
-        txn: &mut RwTxn<'_>,
-        n: &Notification,
-    ) -> Result<(), LedgerError> {
-        if let Some(old) = self.notifications.get(txn, &n.payment_id)? {
-            self.notifications_due
-                .delete(txn, &due_key(old.next_attempt_ms, &old.payment_id))?;
-        }
-        self.notifications.put(txn, &n.payment_id, n)?;
-        if n.delivered_ms.is_none() {
-            self.notifications_due
-                .put(txn, &due_key(n.next_attempt_ms, &n.payment_id), &[])?;
-        }
-        Ok(())
-    }
-
     /// Indexes the undelivered notifications of a ledger written before the due index (one
     /// scan, only while the index is empty).
     pub(super) fn index_notifications(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        if !self.notifications_due.is_empty(txn)? {
-            return Ok(());
+        self.notifications_by_due().fill(txn)
+    }
+
+    /// The notifications and their due index: in it at their next attempt while undelivered.
+    pub(super) fn notifications_by_due(&self) -> TimeIndex<'_, Notification> {
+        TimeIndex {
+            index: &self.notifications_due,
+            records: &self.notifications,
+            entry: |n| (n.next_attempt_ms, n.payment_id.as_str()),
+            indexed: |n| n.delivered_ms.is_none(),
         }
-        let undelivered: Vec<Notification> = self
-            .notifications
-            .iter(txn)?
-            .filter_map(|item| item.ok().map(|(_, n)| n))
-            .filter(|n| n.delivered_ms.is_none())
-            .collect();
-        for n in undelivered {
-            self.notifications_due
-                .put(txn, &due_key(n.next_attempt_ms, &n.payment_id), &[])?;
+    }
+}
+
+impl LedgerCore {
+    /// Indexes the pending refunds of a ledger written before the index (one scan, only while
+    /// the index is empty).
+    pub(super) fn index_refunds(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
+        self.refunds_by_creation().fill(txn)
+    }
+
+    /// The refunds and the index of uncollected ones: in it at their creation while pending.
+    pub(super) fn refunds_by_creation(&self) -> TimeIndex<'_, Refund> {
+        TimeIndex {
+            index: &self.refunds_uncollected,
+            records: &self.refunds,
+            entry: |r| (r.created_ms, r.id.as_str()),
+            indexed: |r| r.state == RefundState::Pending,
+        }
+    }
+}
+
+/// A table of records by id with a time index ([`due_key`]) of those for which `indexed`
+/// holds, each at the time and under the id `entry` gives: the notifications by their next attempt, the
+/// uncollected refunds by their creation.
+pub(super) struct TimeIndex<'a, T: 'static> {
+    index: &'a Database<Bytes, Bytes>,
+    records: &'a Database<Str, SerdeJson<T>>,
+    /// A record's time and id in the index.
+    entry: fn(&T) -> (u64, &str),
+    /// Whether a record belongs in the index.
+    indexed: fn(&T) -> bool,
+}
+
+impl<T: serde::Serialize + serde::de::DeserializeOwned + 'static> TimeIndex<'_, T> {
+    /// Stores a record under its id and keeps the index in step: its old entry goes, a new
+    /// one while it belongs there.
+    pub(super) fn put(&self, txn: &mut RwTxn<'_>, record: &T) -> Result<(), LedgerError> {
+        let (at, id) = (self.entry)(record);
+        if let Some(old) = self.records.get(txn, id)? {
+            let (old_at, _) = (self.entry)(&old);
+            self.index.delete(txn, &due_key(old_at, id))?;
+        }
+        self.records.put(txn, id, record)?;
+        if (self.indexed)(record) {
+            self.index.put(txn, &due_key(at, id), &[])?;
         }
         Ok(())
     }
 
-    /// Undelivered notifications due at `now_ms`, at most `limit`, earliest due first: read
-    /// from the due index, so a round costs what is due, not every notification ever stored.
-    pub(super) fn notifications_due(
+    /// Indexes the records of a ledger written before the index (one scan, only while the
+    /// index is empty).
+    fn fill(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
+        if !self.index.is_empty(txn)? {
+            return Ok(());
+        }
+        let keys: Vec<Vec<u8>> = self
+            .records
+            .iter(txn)?
+            .filter_map(|item| item.ok().map(|(_, r)| r))
+            .filter(|r| (self.indexed)(r))
+            .map(|r| {
+                let (at, id) = (self.entry)(&r);
+                due_key(at, id)
+            })
+            .collect();
+        for k in keys {
+            self.index.put(txn, &k, &[])?;
+        }
+        Ok(())
+    }
+
+    /// The indexed records whose time is at or before `until_ms`, earliest first, at most
+    /// `limit`: read from the index, so it costs what is due, not every record ever stored.
+    pub(super) fn until(
         &self,
         txn: &RoTxn<'_, WithoutTls>,
-        now_ms: u64,
+        until_ms: u64,
         limit: usize,
-    ) -> Result<Vec<Notification>, LedgerError> {
+    ) -> Result<Vec<T>, LedgerError> {
         let mut out = Vec::new();
-        for item in self.notifications_due.iter(txn)? {
+        for item in self.index.iter(txn)? {
             if out.len() >= limit {
                 break;
             }
@@ -101,80 +148,14 @@ impl LedgerCore {
             let Some((when, id)) = key.split_first_chunk::<8>() else {
                 continue;
             };
-            if u64::from_be_bytes(*when) > now_ms {
+            if u64::from_be_bytes(*when) > until_ms {
                 break;
             }
             let Ok(id) = std::str::from_utf8(id) else {
                 continue;
             };
-            if let Some(n) = self.notifications.get(txn, id)? {
-                if n.delivered_ms.is_none() && n.next_attempt_ms <= now_ms {
-                    out.push(n);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl LedgerCore {
-    /// Stores a refund and keeps the index of uncollected ones in step: in it while `pending`.
-    pub(super) fn put_refund(&self, txn: &mut RwTxn<'_>, r: &Refund) -> Result<(), LedgerError> {
-        if let Some(old) = self.refunds.get(txn, &r.id)? {
-            self.refunds_uncollected
-                .delete(txn, &due_key(old.created_ms, &old.id))?;
-        }
-        self.refunds.put(txn, &r.id, r)?;
-        if r.state == RefundState::Pending {
-            self.refunds_uncollected
-                .put(txn, &due_key(r.created_ms, &r.id), &[])?;
-        }
-        Ok(())
-    }
-
-    /// Indexes the pending refunds of a ledger written before the index (one scan, only while
-    /// the index is empty).
-    pub(super) fn index_refunds(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        if !self.refunds_uncollected.is_empty(txn)? {
-            return Ok(());
-        }
-        let pending: Vec<Refund> = self
-            .refunds
-            .iter(txn)?
-            .filter_map(|item| item.ok().map(|(_, r)| r))
-            .filter(|r| r.state == RefundState::Pending)
-            .collect();
-        for r in pending {
-            self.refunds_uncollected
-                .put(txn, &due_key(r.created_ms, &r.id), &[])?;
-        }
-        Ok(())
-    }
-
-    /// Pending refunds made at or before `made_by_ms`, oldest first, at most `limit`.
-    pub(super) fn refunds_uncollected(
-        &self,
-        txn: &RoTxn<'_, WithoutTls>,
-        made_by_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<Refund>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.refunds_uncollected.iter(txn)? {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, _) = item?;
-            let Some((made, id)) = key.split_first_chunk::<8>() else {
-                continue;
-            };
-            if u64::from_be_bytes(*made) > made_by_ms {
-                break;
-            }
-            let Ok(id) = std::str::from_utf8(id) else {
-                continue;
-            };
-            if let Some(r) = self.refunds.get(txn, id)? {
-                if r.state == RefundState::Pending {
+            if let Some(r) = self.records.get(txn, id)? {
+                if (self.indexed)(&r) && (self.entry)(&r).0 <= until_ms {
                     out.push(r);
                 }
             }

@@ -45,12 +45,7 @@ impl LedgerCore {
         &self,
         txn: &RoTxn<'_, WithoutTls>,
     ) -> Result<Vec<(String, i64)>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.balances.iter(txn)? {
-            let (k, v) = item?;
-            out.push((k.to_string(), v));
-        }
-        Ok(out)
+        kept(self.balances.iter(txn)?, |k, v| Some((k.to_string(), v)))
     }
 
     /// Every posting whose reference starts with `prefix` (reports, tests).
@@ -59,14 +54,9 @@ impl LedgerCore {
         txn: &RoTxn<'_, WithoutTls>,
         prefix: &str,
     ) -> Result<Vec<Posting>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.postings.iter(txn)? {
-            let (_, p) = item?;
-            if p.reference.starts_with(prefix) {
-                out.push(p);
-            }
-        }
-        Ok(out)
+        kept(self.postings.iter(txn)?, |_, p| {
+            p.reference.starts_with(prefix).then_some(p)
+        })
     }
 
     /// What was loaded from `instrument` at `source` on UTC day `day` (minor units).

@@ -64,13 +64,8 @@ impl LedgerCore {
         txn: &RoTxn<'_, WithoutTls>,
         owner: &str,
     ) -> Result<Vec<Instrument>, LedgerError> {
-        let mut out = Vec::new();
-        for item in self.instruments.iter(txn)? {
-            let (_, i) = item?;
-            if i.owner == owner {
-                out.push(i);
-            }
-        }
-        Ok(out)
+        kept(self.instruments.iter(txn)?, |_, i| {
+            (i.owner == owner).then_some(i)
+        })
     }
 }
