@@ -735,12 +735,19 @@ mod tests {
         assert_ne!(a, b);
     }
 
-    #[test]
-    fn points_are_held_captured_and_released_exactly() {
+    /// A `mileage` programme credited by the partner `airline`, `minor_per_point` minor units
+    /// a mile, over a new ledger (kept while its directory is).
+    fn airline_miles(minor_per_point: i64) -> (tempfile::TempDir, Ledger, PointsProgram) {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
-        let miles = PointsProgram::new("mileage", ledger.clone(), 2, 1) // 1 mile = 2 minor
+        let miles = PointsProgram::new("mileage", ledger.clone(), minor_per_point, 1)
             .with_partners(vec!["airline".into()]);
+        (dir, ledger, miles)
+    }
+
+    #[test]
+    fn points_are_held_captured_and_released_exactly() {
+        let (_dir, ledger, miles) = airline_miles(2); // 1 mile = 2 minor
         miles
             .earn("airline", "bob", "bob-phone", 1_000, "flight:1", 0)
             .unwrap();
@@ -766,10 +773,7 @@ mod tests {
 
     #[test]
     fn points_are_credited_only_by_the_programmes_partners_once_per_reference() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
-        let miles = PointsProgram::new("mileage", ledger.clone(), 1, 1)
-            .with_partners(vec!["airline".into()]);
+        let (_dir, ledger, miles) = airline_miles(1);
         assert!(matches!(
             miles.earn("mall", "M1", "alice", 100, "f1", 0),
             Err(EarnError::NotThisProgrammesPartner { .. })
@@ -815,10 +819,7 @@ mod tests {
 
     #[test]
     fn a_points_authorisation_never_reaches_an_internal_account() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), 16 << 20).unwrap();
-        let miles = PointsProgram::new("mileage", ledger.clone(), 1, 1)
-            .with_partners(vec!["airline".into()]);
+        let (_dir, ledger, miles) = airline_miles(1);
         miles
             .earn("airline", "M1", "alice", 10_000, "f1", 0)
             .unwrap();

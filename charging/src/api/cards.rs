@@ -47,8 +47,7 @@ pub(super) async fn register_card(
             .map_err(ApiError::from)?;
         if let Some(owner) = req.owner {
             let l = loads.ledger();
-            l.transact(move |t| t.set_owner(&uid, &owner))
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            l.transact(move |t| t.set_owner(&uid, &owner))?;
         }
         Ok(())
     })
@@ -63,25 +62,15 @@ pub(super) async fn get_card(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require(&st.auth, &headers, &[Role::Operator])?;
     let uid = uid_of(&uid_hex)?;
-    let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    if !r
-        .card_known(&uid)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-    {
+    let r = st.loads.ledger().read()?;
+    if !r.card_known(&uid)? {
         return Err(ApiError::NotFound(format!(
             "card {uid_hex} is not registered"
         )));
     }
-    let shadow = r
-        .card(&uid)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let balance = r
-        .balance(&crate::ledger::card_account(&uid))
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let open = r
-        .open_intents(&uid)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let shadow = r.card(&uid)?;
+    let balance = r.balance(&crate::ledger::card_account(&uid))?;
+    let open = r.open_intents(&uid)?;
     Ok(Json(serde_json::json!({
         "card_uid": hex::encode_upper(uid),
         "shadow_balance_minor": balance,
@@ -105,7 +94,7 @@ pub(super) async fn set_block(
     blocking(move || {
         ledger
             .transact(move |t| t.set_blocked(&uid, blocked, &reason, now))
-            .map_err(|e| ApiError::Internal(e.to_string()))
+            .map_err(ApiError::from)
     })
     .await
 }
@@ -192,11 +181,8 @@ pub(super) async fn anomalies(
     axum::extract::Query(q): axum::extract::Query<ChangesQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require(&st.auth, &headers, &[Role::Operator])?;
-    let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (found, last) = r
-        .anomalies(q.after, q.limit.clamp(1, 100_000))
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let r = st.loads.ledger().read()?;
+    let (found, last) = r.anomalies(q.after, q.limit.clamp(1, 100_000))?;
     let list: Vec<serde_json::Value> = found
         .into_iter()
         .map(|(seq, a)| {

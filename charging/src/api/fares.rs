@@ -83,9 +83,8 @@ struct AfterQuery {
 async fn signed_after(st: AppState, headers: HeaderMap, after: u64) -> Result<Response, ApiError> {
     require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
     blocking(move || {
-        let l = st.loads.ledger();
-        let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let t = fares::published(&*r).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let r = st.loads.ledger().read()?;
+        let t = fares::published(&*r)?;
         Ok(match t.filter(|t| u64::from(t.version) > after) {
             Some(t) => (
                 [

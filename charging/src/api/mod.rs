@@ -14,6 +14,7 @@ mod orders;
 mod partner;
 mod payments;
 mod propagation;
+pub mod snapshot_cache;
 
 use blocklist::*;
 use cards::*;
@@ -179,6 +180,13 @@ impl From<LoadError> for ApiError {
     }
 }
 
+/// A ledger read or write that failed: the server's fault (500).
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
 /// Shared state of the server.
 #[derive(Clone)]
 pub struct AppState {
@@ -209,6 +217,8 @@ pub struct AppState {
     /// reads are round trips, or a PKCS#11 token, which may be a network HSM taking
     /// milliseconds per call) each request goes to a blocking thread.
     pub relay_inline: bool,
+    /// The signed blocklist snapshot of the latest version, built once per version (issue 22).
+    pub blocklist_snapshot: Arc<snapshot_cache::SnapshotCache>,
 }
 
 /// A token bucket per caller: `per_minute` starts, refilled continuously, at most

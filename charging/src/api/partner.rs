@@ -128,11 +128,9 @@ pub(super) async fn lookup_voucher(
             "code must be 1 to 64 characters".into(),
         ));
     }
-    let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let r = st.loads.ledger().read()?;
     let v = r
-        .voucher(&code)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .voucher(&code)?
         .ok_or_else(|| ApiError::NotFound("no such voucher".into()))?;
     Ok(Json(serde_json::json!({
         "code": v.code,

@@ -312,11 +312,9 @@ pub(super) async fn payment_for_cardholder(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require(&st.auth, &headers, &[Role::Cardholder, Role::Operator])?;
-    let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let r = st.loads.ledger().read()?;
     let p = r
-        .payment(&id)
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .payment(&id)?
         .ok_or_else(|| ApiError::NotFound(format!("no payment {id}")))?;
     let full = payment_json(&p, (st.clock)());
     Ok(Json(serde_json::json!({

@@ -39,7 +39,7 @@ pub(super) async fn report_propagation(
     let kept = blocking(move || {
         ledger
             .transact(move |t| t.record_block_propagation(&caller.name, &report.figures, now))
-            .map_err(|e| ApiError::Internal(e.to_string()))
+            .map_err(ApiError::from)
     })
     .await?;
     Ok(Json(serde_json::json!({ "kept_versions": kept })))
@@ -59,16 +59,13 @@ pub(super) async fn read_propagation(
     axum::extract::Query(q): axum::extract::Query<VersionQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require(&st.auth, &headers, &[Role::Operator])?;
-    let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-    let internal = |e: crate::ledger::LedgerError| ApiError::Internal(e.to_string());
+    let r = st.loads.ledger().read()?;
     let version = match q.version {
         Some(v) => v,
-        None => r.block_changes(u64::MAX - 1, 1).map_err(internal)?.1,
+        None => r.block_changes(u64::MAX - 1, 1)?.1,
     };
     let gateways: Vec<serde_json::Value> = r
-        .block_propagation()
-        .map_err(internal)?
+        .block_propagation()?
         .iter()
         .map(|(g, figures)| {
             serde_json::json!({
