@@ -447,70 +447,49 @@ mod tests {
             ),
         ]);
         assert!(ok.is_ok(), "{ok:?}");
-        // A location group id must not be a stop_id.
-        let e = err(&[(STOPS, stops), (LOCATION_GROUPS, "location_group_id\nb\n")]);
-        assert!(
-            e.starts_with("location_groups.txt line 2, field location_group_id: \"b\" is also a stop_id (stops.txt line 3)"),
-            "{e}"
-        );
-        // Nor one of the stops the fare files name when there is no stops.txt.
-        let e = err(&[
-            (STOP_AREAS, "area_id,stop_id\nz,g\n"),
-            (LOCATION_GROUPS, "location_group_id\ng\n"),
-        ]);
-        assert!(
-            e.contains("\"g\" is a location group, but stop_areas.txt"),
-            "{e}"
-        );
-        // stop_areas.txt assigns stops, not location groups, to areas.
-        let e = err(&[
-            (STOPS, stops),
-            (STOP_AREAS, "area_id,stop_id\nz,g\n"),
-            (LOCATION_GROUPS, "location_group_id\ng\n"),
-        ]);
-        assert!(
-            e.starts_with("stop_areas.txt line 2, field stop_id: \"g\" is a location group"),
-            "{e}"
-        );
-        // Ids unique; references resolve; a row once.
-        let e = err(&[(LOCATION_GROUPS, "location_group_id\ng\ng\n")]);
-        assert!(e.contains("duplicate location group id \"g\""), "{e}");
-        let e = err(&[
-            (LOCATION_GROUPS, "location_group_id\ng\n"),
-            (LOCATION_GROUP_STOPS, "location_group_id,stop_id\nh,a\n"),
-        ]);
-        assert!(
-            e.starts_with("location_group_stops.txt line 2, field location_group_id: unknown location group \"h\""),
-            "{e}"
-        );
-        let e = err(&[
-            (STOPS, stops),
-            (LOCATION_GROUPS, "location_group_id\ng\n"),
-            (LOCATION_GROUP_STOPS, "location_group_id,stop_id\ng,c\n"),
-        ]);
-        assert!(
-            e.starts_with("location_group_stops.txt line 2, field stop_id: unknown stop \"c\""),
-            "{e}"
-        );
-        let e = err(&[
-            (STOPS, stops),
-            (LOCATION_GROUPS, "location_group_id\ng\n"),
+        let group_g = (LOCATION_GROUPS, "location_group_id\ng\n");
+        let refused: [(&[(&'static str, &str)], &str); 8] = [
+            // A location group id must not be a stop_id.
             (
-                LOCATION_GROUP_STOPS,
-                "location_group_id,stop_id\ng,a\ng,a\n",
+                &[(STOPS, stops), (LOCATION_GROUPS, "location_group_id\nb\n")],
+                "location_groups.txt line 2, field location_group_id: \"b\" is also a stop_id (stops.txt line 3)",
             ),
-        ]);
-        assert!(
-            e.contains(
-                "line 3, field stop_id: stop \"a\" is already in location group \"g\" (line 2)"
+            // Nor one of the stops the fare files name when there is no stops.txt.
+            (
+                &[(STOP_AREAS, "area_id,stop_id\nz,g\n"), group_g],
+                "\"g\" is a location group, but stop_areas.txt",
             ),
-            "{e}"
-        );
-        let e = err(&[(LOCATION_GROUP_STOPS, "location_group_id\ng\n")]);
-        assert!(
-            e.starts_with("location_group_stops.txt line 1, field stop_id: required column"),
-            "{e}"
-        );
+            // stop_areas.txt assigns stops, not location groups, to areas.
+            (
+                &[(STOPS, stops), (STOP_AREAS, "area_id,stop_id\nz,g\n"), group_g],
+                "stop_areas.txt line 2, field stop_id: \"g\" is a location group",
+            ),
+            // Ids unique; references resolve; a row once.
+            (
+                &[(LOCATION_GROUPS, "location_group_id\ng\ng\n")],
+                "duplicate location group id \"g\"",
+            ),
+            (
+                &[group_g, (LOCATION_GROUP_STOPS, "location_group_id,stop_id\nh,a\n")],
+                "location_group_stops.txt line 2, field location_group_id: unknown location group \"h\"",
+            ),
+            (
+                &[(STOPS, stops), group_g, (LOCATION_GROUP_STOPS, "location_group_id,stop_id\ng,c\n")],
+                "location_group_stops.txt line 2, field stop_id: unknown stop \"c\"",
+            ),
+            (
+                &[(STOPS, stops), group_g, (LOCATION_GROUP_STOPS, "location_group_id,stop_id\ng,a\ng,a\n")],
+                "line 3, field stop_id: stop \"a\" is already in location group \"g\" (line 2)",
+            ),
+            (
+                &[(LOCATION_GROUP_STOPS, "location_group_id\ng\n")],
+                "location_group_stops.txt line 1, field stop_id: required column",
+            ),
+        ];
+        for (files, want) in refused {
+            let e = err(files);
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 
     #[test]
