@@ -65,22 +65,30 @@ pub struct SnapshotChunk {
 /// Cuts a snapshot (UIDs sorted and distinct) into chunks of `per_chunk` UIDs (at least one
 /// chunk, empty for an empty list).
 pub fn cut(operator: &str, version: u64, uids: &[[u8; 7]], per_chunk: usize) -> Vec<SnapshotChunk> {
+    cut_iter(operator, version, uids, per_chunk).collect()
+}
+
+/// [`cut`], one chunk at a time (a signer holds one chunk's keys, not the whole list's).
+pub fn cut_iter<'a>(
+    operator: &'a str,
+    version: u64,
+    uids: &'a [[u8; 7]],
+    per_chunk: usize,
+) -> impl ExactSizeIterator<Item = SnapshotChunk> + 'a {
     let per = per_chunk.clamp(1, MAX_CHUNK_ENTRIES);
     let count = uids.len().div_ceil(per).max(1) as u32;
-    (0..count)
-        .map(|i| {
-            let lo = (i as usize * per).min(uids.len());
-            let hi = (lo + per).min(uids.len());
-            SnapshotChunk {
-                operator: operator.to_string(),
-                version,
-                index: i,
-                count,
-                total: uids.len() as u64,
-                keys: uids[lo..hi].iter().map(compact::key).collect(),
-            }
-        })
-        .collect()
+    (0..count).map(move |i| {
+        let lo = (i as usize * per).min(uids.len());
+        let hi = (lo + per).min(uids.len());
+        SnapshotChunk {
+            operator: operator.to_string(),
+            version,
+            index: i,
+            count,
+            total: uids.len() as u64,
+            keys: uids[lo..hi].iter().map(compact::key).collect(),
+        }
+    })
 }
 
 impl SnapshotChunk {
@@ -181,13 +189,23 @@ impl SnapshotChunk {
     }
 }
 
-/// A chunked snapshot being received: the chunks in so far, each already packed.
+/// A chunked snapshot being received: the chunks in so far, each already packed. Chunks that
+/// come in index order (as the gateway publishes them) are joined at once into the new set's
+/// one block array, reserved for the whole snapshot: at the last chunk there is no second
+/// array to copy the parts into while the list in force is still held.
 #[derive(Clone, Debug)]
 pub struct Assembly {
     version: u64,
     count: u32,
     total: u64,
-    parts: BTreeMap<u32, Part>,
+    /// Chunks `0..next`, joined.
+    joined: UidSet,
+    next: u32,
+    /// Chunks that came before one below them: held until the gap is filled.
+    waiting: BTreeMap<u32, Part>,
+    /// A chunk's cards did not all lie above the chunks before it: the snapshot never
+    /// completes.
+    disordered: bool,
 }
 
 /// What a chunk did.
@@ -225,13 +243,19 @@ pub enum ChunkProgress {
 }
 
 impl Assembly {
-    /// An empty assembly of `c`'s snapshot.
+    /// An empty assembly of `c`'s snapshot, with room for its blocks as packed anew (a
+    /// chunk's blocks hold [`compact::BLOCK`] cards but its last; blocks shared with the list
+    /// in force may hold fewer, and the array then grows).
     pub(super) fn for_chunk(c: &SnapshotChunk) -> Assembly {
+        let blocks = c.total.div_ceil(compact::BLOCK as u64) + u64::from(c.count);
         Assembly {
             version: c.version,
             count: c.count,
             total: c.total,
-            parts: BTreeMap::new(),
+            joined: UidSet::with_block_capacity(blocks as usize),
+            next: 0,
+            waiting: BTreeMap::new(),
+            disordered: false,
         }
     }
 
@@ -242,14 +266,14 @@ impl Assembly {
 
     /// The chunks not received yet.
     pub fn missing(&self) -> Vec<u32> {
-        (0..self.count)
-            .filter(|i| !self.parts.contains_key(i))
+        (self.next..self.count)
+            .filter(|i| !self.waiting.contains_key(i))
             .collect()
     }
 
-    /// Heap bytes the packed chunks hold.
+    /// Heap bytes the packed chunks hold (the joined array's room included).
     pub fn heap_bytes(&self) -> usize {
-        self.parts.values().map(Part::heap_bytes).sum()
+        self.joined.heap_bytes() + self.waiting.values().map(Part::heap_bytes).sum::<usize>()
     }
 
     /// Takes `c` (of this assembly's version), packed against `current`: `Ok(true)` when it
@@ -260,12 +284,27 @@ impl Assembly {
                 "chunk does not match its snapshot's other chunks (count or total)",
             ));
         }
-        if self.parts.contains_key(&c.index) {
+        if c.index < self.next || self.waiting.contains_key(&c.index) {
             return Ok(false);
         }
-        self.parts
-            .insert(c.index, UidSet::pack_part(&c.keys, current));
+        let part = UidSet::pack_part(&c.keys, current);
+        if c.index != self.next {
+            self.waiting.insert(c.index, part);
+            return Ok(true);
+        }
+        self.join(part);
+        while let Some(p) = self.waiting.remove(&self.next) {
+            self.join(p);
+        }
         Ok(true)
+    }
+
+    /// Joins the next chunk's part.
+    fn join(&mut self, part: Part) {
+        if !self.joined.append_part(part) {
+            self.disordered = true;
+        }
+        self.next += 1;
     }
 
     /// Chunks in the snapshot.
@@ -275,7 +314,7 @@ impl Assembly {
 
     /// Chunks received.
     pub fn received(&self) -> u32 {
-        self.parts.len() as u32
+        self.next + self.waiting.len() as u32
     }
 
     /// Whether every chunk is in.
@@ -286,15 +325,17 @@ impl Assembly {
     /// The whole set, once every chunk is in: the parts in index order, each above the one
     /// before, as many cards as the chunks say.
     pub(super) fn finish(self) -> Result<(u64, UidSet), ListError> {
-        let set = UidSet::from_parts(self.parts.into_values()).ok_or(ListError::Malformed(
-            "snapshot chunks overlap or are not in ascending order",
-        ))?;
-        if set.len() as u64 != self.total {
+        if self.disordered || self.next != self.count {
+            return Err(ListError::Malformed(
+                "snapshot chunks overlap or are not in ascending order",
+            ));
+        }
+        if self.joined.len() as u64 != self.total {
             return Err(ListError::Malformed(
                 "snapshot chunks do not hold the cards they announce",
             ));
         }
-        Ok((self.version, set))
+        Ok((self.version, self.joined))
     }
 }
 

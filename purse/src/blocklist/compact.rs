@@ -200,7 +200,6 @@ impl UidSet {
             blocks,
             len: keys.len(),
             first: keys.first().copied(),
-            last: keys.last().copied(),
         }
     }
 
@@ -210,22 +209,47 @@ impl UidSet {
         // One allocation of the exact size: no growth by doubling (and copying) at the moment
         // the list in force and the new one are both held.
         let parts: Vec<Part> = parts.into_iter().collect();
-        let mut set = UidSet {
-            blocks: Vec::with_capacity(parts.iter().map(|p| p.blocks.len()).sum()),
-            len: 0,
-        };
-        let mut last: Option<u64> = None;
+        let mut set = UidSet::with_block_capacity(parts.iter().map(|p| p.blocks.len()).sum());
         for p in parts {
-            if let (Some(l), Some(f)) = (last, p.first) {
-                if f <= l {
-                    return None;
-                }
+            if !set.append_part(p) {
+                return None;
             }
-            last = p.last.or(last);
-            set.len += p.len;
-            set.blocks.extend(p.blocks);
         }
         Some(set)
+    }
+
+    /// An empty set with room for `blocks` blocks, to be built part by part
+    /// ([`UidSet::append_part`]). Room not filled is address space only: no page of it is
+    /// resident until a block is written there.
+    pub fn with_block_capacity(blocks: usize) -> UidSet {
+        UidSet {
+            blocks: Vec::with_capacity(blocks),
+            len: 0,
+        }
+    }
+
+    /// Appends `part` after the set's values (its blocks moved, not packed again): `false`,
+    /// the set unchanged, unless every value of `part` lies above the set's last. Beyond the
+    /// room reserved, the block array grows by an eighth at a time, not by doubling.
+    pub fn append_part(&mut self, part: Part) -> bool {
+        if let (Some(l), Some(f)) = (self.last(), part.first) {
+            if f <= l {
+                return false;
+            }
+        }
+        let (cap, len) = (self.blocks.capacity(), self.blocks.len());
+        if cap - len < part.blocks.len() {
+            self.blocks
+                .reserve_exact(part.blocks.len().max(cap / 8).max(BLOCK));
+        }
+        self.len += part.len;
+        self.blocks.extend(part.blocks);
+        true
+    }
+
+    /// The largest value held.
+    fn last(&self) -> Option<u64> {
+        self.blocks.last().and_then(|b| b.values().last())
     }
 
     /// Applies `changes` (value, present?) in order — a later change of the same value wins.
@@ -285,7 +309,6 @@ pub struct Part {
     blocks: Vec<Block>,
     len: usize,
     first: Option<u64>,
-    last: Option<u64>,
 }
 
 impl std::fmt::Debug for Part {
