@@ -42,7 +42,7 @@ pub(super) fn spawn(
 }
 
 /// The blocklist; the version held and the refusals are in the gateway's stats.
-struct Blocklist(Arc<GatewayStats>);
+pub(super) struct Blocklist(pub(super) Arc<GatewayStats>);
 
 impl SignedList for Blocklist {
     const PATH: &'static str = "blocklist";
