@@ -270,6 +270,10 @@ async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> Response {
             "tapgate_gateway_forward_failures_total",
             &s.forward_failures,
         ),
+        (
+            "tapgate_gateway_propagation_reports_dropped_total",
+            &s.propagation_reports_dropped,
+        ),
     ]);
     if let Ok(n) = st.store.outbox_len() {
         out.push_str(&format!(

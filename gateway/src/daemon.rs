@@ -142,6 +142,9 @@ pub struct GatewayStats {
     /// Blocklist versions from the charging server not relayed because every validator would
     /// refuse them (another operator's list, or a signature this gateway cannot verify).
     pub blocklists_refused: AtomicU64,
+    /// Block propagation reports the charging server refused for good (a 4xx other than 401,
+    /// 408 and 429), dropped rather than sent again.
+    pub propagation_reports_dropped: AtomicU64,
     /// Which version each validator reports holding, and how fast each version spread.
     pub propagation: std::sync::Mutex<crate::propagation::Propagation>,
     /// What the embedded broker's ACL front refused (set when this process runs it).
