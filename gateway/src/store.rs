@@ -23,7 +23,9 @@
 //! move to the forwarded log (outbox id → tap key and when clearing answered). A forwarded tap
 //! is kept [`StoreLimits::forwarded_retention_ms`] (7 days) after that answer, so a validator's
 //! late resend is still dropped here as a duplicate; then the tap and its log entry are trimmed
-//! (at most [`TRIM_MAX_PER_CALL`] per call, oldest answer first). While the map is
+//! (at most [`TRIM_MAX_PER_CALL`] per call, oldest answer first, in transactions of at most
+//! [`TRIM_CHUNK`] with the write lock released between two), after each forwarded batch and,
+//! on a timer, by an idle gateway too ([`Store::trim_expired_at`]). While the map is
 //! [`StoreLimits::quarantine_stop_at_fill_percent`] full, forwarded taps are trimmed at once,
 //! window or not: room for new taps comes first. A duplicate of a trimmed tap is stored and
 //! forwarded again, and clearing counts it as a duplicate (its card counter is already booked
@@ -449,19 +451,34 @@ fn tap_key(device: u32, seq: u64) -> [u8; 12] {
     tapgate_lmdb::key::u32_u64(device, seq)
 }
 
+/// The system clock in milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Whether `used_bytes` of a `map_bytes` map reach `percent` of it (the store's fill marks).
 fn past_percent(used_bytes: u64, map_bytes: u64, percent: u64) -> bool {
     used_bytes >= (map_bytes / 100).saturating_mul(percent)
 }
 
-/// Most forwarded taps trimmed by one [`Store::forwarded_at`] (a backlog goes over several).
+/// Most forwarded taps trimmed by one [`Store::forwarded_at`] or [`Store::trim_expired_at`]
+/// (a backlog goes over several).
 pub const TRIM_MAX_PER_CALL: usize = 50_000;
 
-/// Most outbox entries moved, or forwarded taps trimmed, in one transaction.
-pub const TRIM_CHUNK: usize = 10_000;
+/// Most outbox entries moved to the forwarded log in one transaction (their keys are
+/// adjacent: a few pages).
+pub const MOVE_CHUNK: usize = 10_000;
 
-/// [`TRIM_CHUNK`] while the map is past the quarantine mark: small enough that a transaction's
-/// copied pages fit the room a store refusing batches still has.
+/// Most forwarded taps trimmed in one transaction. The trimmed taps' leaves are cold and one per
+/// device (taps are keyed by device, then sequence), so each delete reads and copies a page
+/// while the transaction holds LMDB's single write lock; ingestion waits for it. 1,000 bounds
+/// that wait (10,000 held it ≈ 7 s at 20 M taps stored), and the lock is free between two.
+pub const TRIM_CHUNK: usize = 1_000;
+
+/// [`TRIM_CHUNK`] (and [`MOVE_CHUNK`]) while the map is past the quarantine mark: small enough
+/// that a transaction's copied pages fit the room a store refusing batches still has.
 pub const TRIM_CHUNK_PRESSED: usize = 256;
 
 /// The gateway store's map size when the command line names none: 4 GiB.
@@ -970,18 +987,15 @@ impl Store {
     /// Marks everything up to `through` forwarded (clearing acknowledged it durably), at the
     /// system clock's time; see [`Store::forwarded_at`].
     pub fn forwarded(&self, through: u64) -> Result<u64, StoreError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.forwarded_at(through, now_ms)
+        self.forwarded_at(through, unix_ms())
     }
 
     /// Marks everything up to `through` forwarded at `now_ms` (clearing acknowledged it
-    /// durably): out of the outbox, into the forwarded log; then trims forwarded taps past
-    /// their retention (see the module docs). Works in transactions of at most
-    /// [`TRIM_CHUNK`] entries ([`TRIM_CHUNK_PRESSED`] while the map is past the quarantine mark,
+    /// durably): out of the outbox, into the forwarded log, in transactions of at most
+    /// [`MOVE_CHUNK`] entries ([`TRIM_CHUNK_PRESSED`] while the map is past the quarantine mark,
     /// where a forwarded tap is trimmed at once and each transaction must fit the room left),
-    /// each moving `forwarded_through` on with it. Returns how many taps were trimmed.
+    /// each moving `forwarded_through` on with it; then [`Store::trim_expired_at`]. Returns how
+    /// many taps were trimmed.
     pub fn forwarded_at(&self, through: u64, now_ms: u64) -> Result<u64, StoreError> {
         let mut trimmed = 0u64;
         loop {
@@ -990,7 +1004,7 @@ impl Store {
             let chunk = if pressed {
                 TRIM_CHUNK_PRESSED
             } else {
-                TRIM_CHUNK
+                MOVE_CHUNK
             };
             let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
             for item in self.outbox.iter(&t)? {
@@ -1019,22 +1033,44 @@ impl Store {
             let prev = self.meta.get(&t, "forwarded_through")?.unwrap_or(0);
             self.meta
                 .put(&mut t, "forwarded_through", &prev.max(upto))?;
-            if !last {
-                t.commit()?;
-                continue;
+            t.commit()?;
+            if last {
+                return Ok(trimmed + self.trim_expired_at(now_ms)?);
             }
-            let mut n = self.trim_forwarded(&mut t, now_ms, pressed, chunk)?;
+        }
+    }
+
+    /// Trims the forwarded taps whose retention ended by `now_ms` (all forwarded taps while the
+    /// map is past the quarantine mark), oldest answer first: at most [`TRIM_MAX_PER_CALL`], in
+    /// transactions of at most [`TRIM_CHUNK`] ([`TRIM_CHUNK_PRESSED`] when pressed), the write
+    /// lock released between two. Called after each forwarded batch and, so that an idle
+    /// gateway trims too, on a timer. Returns how many were trimmed.
+    pub fn trim_expired_at(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let mut trimmed = 0u64;
+        while trimmed < TRIM_MAX_PER_CALL as u64 {
+            let mut t = self.env.write_txn()?;
+            let pressed = self.pressed(&t)?;
+            let chunk = if pressed {
+                TRIM_CHUNK_PRESSED
+            } else {
+                TRIM_CHUNK
+            };
+            let n = self.trim_forwarded(&mut t, now_ms, pressed, chunk)?;
+            if n == 0 {
+                return Ok(trimmed);
+            }
             t.commit()?;
             trimmed += n;
-            while n == chunk as u64 && trimmed < TRIM_MAX_PER_CALL as u64 {
-                let mut t = self.env.write_txn()?;
-                let pressed = self.pressed(&t)?;
-                n = self.trim_forwarded(&mut t, now_ms, pressed, chunk)?;
-                t.commit()?;
-                trimmed += n;
+            if n < chunk as u64 {
+                break;
             }
-            return Ok(trimmed);
         }
+        Ok(trimmed)
+    }
+
+    /// [`Store::trim_expired_at`] at the system clock's time.
+    pub fn trim_expired(&self) -> Result<u64, StoreError> {
+        self.trim_expired_at(unix_ms())
     }
 
     /// Whether the map is past `quarantine_stop_at_fill_percent`: room for new taps first.

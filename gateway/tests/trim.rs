@@ -106,3 +106,26 @@ fn a_store_past_the_quarantine_mark_trims_forwarded_taps_at_once() {
     let (used, map) = store.usage().unwrap();
     assert!(used < map / 100 * 40, "{used} of {map}");
 }
+
+#[test]
+fn an_idle_store_trims_expired_taps_without_a_new_batch_in_chunks_of_trim_chunk() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    let t0 = 1_790_000_000_000;
+    let n = 2 * gateway::store::TRIM_CHUNK as u64 + 7;
+    let mut seq = 0;
+    while seq < n {
+        let hi = (seq + 500).min(n);
+        assert_eq!(ingest(&store, &keys, seq + 1..=hi, t0), hi - seq);
+        seq = hi;
+    }
+    assert_eq!(store.forwarded_at(last_pending(&store), t0).unwrap(), 0);
+    // No new tap, no new batch: the timer's trim alone, within the window then past it.
+    assert_eq!(store.trim_expired_at(t0 + 7 * DAY_MS - 1).unwrap(), 0);
+    assert_eq!(store.forwarded_kept().unwrap(), n);
+    assert_eq!(store.trim_expired_at(t0 + 7 * DAY_MS).unwrap(), n);
+    assert_eq!(store.forwarded_kept().unwrap(), 0);
+    assert!(store.taps(10).unwrap().is_empty());
+    assert_eq!(store.trim_expired_at(t0 + 8 * DAY_MS).unwrap(), 0);
+}

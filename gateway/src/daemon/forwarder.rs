@@ -1,5 +1,7 @@
 //! The forwarder: the outbox to clearing over HTTP, with backoff; batch ids are idempotent
-//! (`forward_once`), so a lost answer resends the same batch.
+//! (`forward_once`), so a lost answer resends the same batch. Each batch clearing took trims the
+//! forwarded taps whose retention ended; every [`TRIM_INTERVAL`] the forwarder trims them too,
+//! so that a gateway with no new taps (or clearing unreachable) still lets them go.
 
 use super::{GatewayConfig, GatewayStats};
 use crate::forward::forward_once_with_rings;
@@ -7,8 +9,11 @@ use crate::store::Store;
 use purse::keys::KeySet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
+
+/// Time between two trims of expired forwarded taps when no batch trimmed them.
+const TRIM_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Starts the forwarder (it ends at once when no charging server is configured).
 pub(super) fn spawn(
@@ -25,7 +30,12 @@ pub(super) fn spawn(
             .timeout(Duration::from_secs(30))
             .build();
         let mut backoff_ms = 50u64;
+        let mut last_trim = Instant::now();
         loop {
+            if last_trim.elapsed() >= TRIM_INTERVAL {
+                last_trim = Instant::now();
+                trim_expired(&store).await;
+            }
             let (s, k, c) = (store.clone(), keys.clone(), cfg.clone());
             let sink = clearing_sink(agent.clone(), base.clone(), token.clone());
             let result = tokio::task::spawn_blocking(move || {
@@ -47,6 +57,7 @@ pub(super) fn spawn(
                 }
                 Ok(Ok(n)) => {
                     backoff_ms = 50;
+                    last_trim = Instant::now();
                     stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
@@ -59,6 +70,17 @@ pub(super) fn spawn(
             }
         }
     })
+}
+
+/// Trims the forwarded taps whose retention ended (on the blocking pool).
+async fn trim_expired(store: &Store) {
+    let s = store.clone();
+    match tokio::task::spawn_blocking(move || s.trim_expired()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(trimmed = n, "forwarded taps past their retention trimmed"),
+        Ok(Err(e)) => tracing::warn!(%e, "trimming forwarded taps failed"),
+        Err(e) => tracing::error!(%e, "trim task failed"),
+    }
 }
 
 /// Posts a clearing batch to `base` with the gateway's `token` (blocking).
