@@ -152,6 +152,8 @@ mod tests {
             "tapgate/v1/metro/devices/1001/confirm",
             "tapgate/v1/metro/devices/1002/status",
             "tapgate/v1/metro/blocklist/snapshot",
+            "tapgate/v1/metro/blocklist/snapshot/0",
+            "tapgate/v1/metro/blocklist/snapshot/4095",
             "tapgate/v1/metro/blocklist/delta",
             "tapgate/v1/metro/fares/table",
             "tapgate/v1/metro/actions/delta",
