@@ -269,6 +269,21 @@ fn blocks_and_anomalies_are_numbered_without_gaps(u: &Under) {
         Some(&changes[1])
     );
     assert_eq!(r.latest_block_change(&[6u8; 7]).unwrap(), None);
+    if let Some(db) = &u.db {
+        // PostgreSQL answers it from the card's index (migration 4), one probe.
+        let plan = db
+            .cluster
+            .psql(
+                db.name(),
+                "SET enable_seqscan = off; EXPLAIN SELECT version FROM block_changes \
+                 WHERE card_uid = '04040404040404' ORDER BY version DESC LIMIT 1",
+            )
+            .unwrap();
+        assert!(
+            plan.contains("Index") && plan.contains("block_changes_card"),
+            "{plan}"
+        );
+    }
     let (list, last) = r.anomalies(1, 10).unwrap();
     assert_eq!(last, 2);
     assert_eq!(list, vec![(2, anomaly(2))]);
