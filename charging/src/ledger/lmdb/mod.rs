@@ -306,8 +306,8 @@ impl LedgerCore {
         };
         // A ledger from before the due index: its undelivered notifications are indexed once.
         let mut wtxn = core.env.write_txn()?;
-        core.index_notifications(&mut wtxn)?;
-        core.index_refunds(&mut wtxn)?;
+        core.notifications_by_due().fill(&mut wtxn)?;
+        core.refunds_by_creation().fill(&mut wtxn)?;
         core.index_block_changes(&mut wtxn)?;
         wtxn.commit()?;
         Ok(core)

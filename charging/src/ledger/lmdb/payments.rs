@@ -46,12 +46,6 @@ impl LedgerCore {
         Ok(())
     }
 
-    /// Indexes the undelivered notifications of a ledger written before the due index (one
-    /// scan, only while the index is empty).
-    pub(super) fn index_notifications(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        self.notifications_by_due().fill(txn)
-    }
-
     /// The notifications and their due index: in it at their next attempt while undelivered.
     pub(super) fn notifications_by_due(&self) -> TimeIndex<'_, Notification> {
         TimeIndex {
@@ -60,14 +54,6 @@ impl LedgerCore {
             entry: |n| (n.next_attempt_ms, n.payment_id.as_str()),
             indexed: |n| n.delivered_ms.is_none(),
         }
-    }
-}
-
-impl LedgerCore {
-    /// Indexes the pending refunds of a ledger written before the index (one scan, only while
-    /// the index is empty).
-    pub(super) fn index_refunds(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        self.refunds_by_creation().fill(txn)
     }
 
     /// The refunds and the index of uncollected ones: in it at their creation while pending.
@@ -82,8 +68,8 @@ impl LedgerCore {
 }
 
 /// A table of records by id with a time index ([`due_key`]) of those for which `indexed`
-/// holds, each at the time and under the id `entry` gives: the notifications by their next attempt, the
-/// uncollected refunds by their creation.
+/// holds, each at the time and under the id `entry` gives: the notifications by their next
+/// attempt, the uncollected refunds by their creation.
 pub(super) struct TimeIndex<'a, T: 'static> {
     index: &'a Database<Bytes, Bytes>,
     records: &'a Database<Str, SerdeJson<T>>,
@@ -109,9 +95,9 @@ impl<T: serde::Serialize + serde::de::DeserializeOwned + 'static> TimeIndex<'_, 
         Ok(())
     }
 
-    /// Indexes the records of a ledger written before the index (one scan, only while the
-    /// index is empty).
-    fn fill(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
+    /// Indexes the records of a ledger written before the index (one scan at open, only while
+    /// the index is empty).
+    pub(super) fn fill(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
         if !self.index.is_empty(txn)? {
             return Ok(());
         }
