@@ -82,7 +82,10 @@ pub(super) const PAYERS: &[Role] = &[Role::Cardholder, Role::Partner, Role::Oper
 /// The card's registered owner (none: sold anonymously, or not registered).
 pub(super) fn card_owner(st: &AppState, uid: &[u8; 7]) -> Result<Option<String>, ApiError> {
     let l = st.loads.ledger();
-    let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+    // One read: the latest committed shadow (no snapshot to begin and end).
+    let r = l
+        .read_latest()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let shadow = r.card(uid).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(shadow.owner)
 }

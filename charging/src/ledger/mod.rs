@@ -236,6 +236,18 @@ impl Ledger {
         }
     }
 
+    /// Reads that each see the latest committed state, not one snapshot: on PostgreSQL each
+    /// is one statement with no transaction around it (no `BEGIN` and `COMMIT` round trips);
+    /// on LMDB a snapshot ([`Ledger::read`]) is as cheap. For a step whose reads need not agree
+    /// with one another: what it decides from them is checked again in the write transaction
+    /// that follows (a load's key, limits and intent, `load/decide.rs`).
+    pub fn read_latest(&self) -> Result<Box<dyn LedgerRead + '_>, LedgerError> {
+        match &self.backend {
+            Backend::Lmdb(l) => Ok(Box::new(l.read()?)),
+            Backend::Postgres(p) => Ok(Box::new(p.read_latest()?)),
+        }
+    }
+
     /// Runs `f` in one write transaction and returns once it is durable (committed together
     /// with concurrent callers' transactions). If `f` fails, only its own writes are rolled
     /// back. On PostgreSQL `f` may run more than once (a conflict rolls back its transaction

@@ -40,8 +40,8 @@ impl LoadService {
         now_ms: u64,
     ) -> Result<Result<Decision, Reply>, LoadError> {
         // An attempt with this key on another server (or before a restart) is resolved by the
-        // card first: never a second load for one key. What the decision reads is read in one
-        // snapshot; the card's open intents, if any, are settled from its snapshot and the
+        // card first: never a second load for one key. What the decision reads is read in one go
+        // (`read_ahead`); the card's open intents, if any, are settled from its snapshot and the
         // shadow and day total read again after.
         let today = day_of(now_ms);
         let mut ahead = self.read_ahead(s, &snap.uid(), today, true)?;
@@ -99,8 +99,10 @@ impl LoadService {
         self.record_intent(s, snap, &*source, auth, now_ms).await
     }
 
-    /// What a step's decision reads, in one snapshot: with `earlier`, the earlier attempt
-    /// with the session's key too ([`LoadService::earlier_attempt`]).
+    /// What a step's decision reads, each the latest committed (what it decides is checked
+    /// again in [`Self::record_intent`]'s transaction: the key, the instrument's day total,
+    /// one intent per counter): with `earlier`, the earlier attempt with the session's key
+    /// too ([`LoadService::earlier_attempt`]).
     fn read_ahead(
         &self,
         s: &Session,
@@ -108,7 +110,7 @@ impl LoadService {
         today: u64,
         earlier: bool,
     ) -> Result<Ahead, LoadError> {
-        let r = self.ledger.read()?;
+        let r = self.ledger.read_latest()?;
         let earlier = match earlier {
             true => self.earlier_attempt(&*r, s)?,
             false => None,

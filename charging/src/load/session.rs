@@ -23,10 +23,11 @@ impl LoadService {
             Purpose::Reversal(_) => REVERSAL_DIFFERS,
             Purpose::Payment(_) | Purpose::Refund(_) => PAYMENT_DIFFERS,
         };
-        // The stored answer and a load's instrument read in one snapshot, before the
-        // sessions' lock is taken (no other start waits for these reads).
+        // The stored answer and a load's instrument read before the sessions' lock is taken
+        // (no other start waits for these reads), each the latest committed (a key's
+        // marker, the limits and the intent are checked again when the intent is recorded).
         let owner = {
-            let r = self.ledger.read()?;
+            let r = self.ledger.read_latest()?;
             if let Some(reply) = stored_reply_in(&*r, &ikey, &fingerprint, differs)? {
                 return Ok(reply);
             }

@@ -367,8 +367,25 @@ pub(super) mod q {
 /// trip to that thread, not two); a snapshot that reads nothing sends nothing.
 pub struct PgRead {
     lease: Lease,
+    /// Whether its reads share one snapshot (`false`: each reads the latest committed state,
+    /// [`super::PgLedger::read_latest`]).
+    snapshot: bool,
     /// Whether `BEGIN` was sent (then `COMMIT` is, when the snapshot drops).
     begun: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl super::PgLedger {
+    /// Reads that each see the latest committed state, with no transaction around them: no
+    /// `BEGIN` and `COMMIT` round trips. For a step whose reads need not agree with one
+    /// another (each is checked again where it matters, in the write transaction that
+    /// follows), holding one connection until it is dropped.
+    pub fn read_latest(&self) -> Result<PgRead, LedgerError> {
+        Ok(PgRead {
+            lease: self.pool.lease()?,
+            snapshot: false,
+            begun: Default::default(),
+        })
+    }
 }
 
 /// Sends the snapshot's `BEGIN` on its connection.
@@ -387,6 +404,7 @@ impl PgRead {
     pub(super) fn begin(lease: Lease) -> Result<PgRead, LedgerError> {
         Ok(PgRead {
             lease,
+            snapshot: true,
             begun: Default::default(),
         })
     }
@@ -397,7 +415,7 @@ impl PgRead {
         f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
         use std::sync::atomic::Ordering;
-        let first = !self.begun.load(Ordering::Relaxed);
+        let first = self.snapshot && !self.begun.load(Ordering::Relaxed);
         let begun = self.begun.clone();
         self.lease.conn().run(move |s| {
             if first {
