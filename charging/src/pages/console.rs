@@ -281,29 +281,25 @@ async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
         let s = operator(&p, &headers)?;
         let ctx = p
             .read(move |p2, r| {
-                let (changes, version) = all_changes(r)?;
+                // Versions are numbered 1, 2, … without gaps: the newest are the last
+                // CHANGES_SHOWN below the latest, and the latest is how many there are.
+                let (_, version) = r.block_changes(u64::MAX - 1, 1)?;
+                let from = version.saturating_sub(CHANGES_SHOWN as u64);
+                let (changes, _) = r.block_changes(from, CHANGES_SHOWN)?;
                 let blocked: Vec<minijinja::Value> = r
                     .all_cards()?
                     .into_iter()
                     .filter(|(_, c)| c.blocked)
                     .map(|(uid, c)| {
-                        let hex_uid = hex::encode_upper(uid);
-                        let since = changes
-                            .iter()
-                            .rev()
-                            .find(|ch| ch.card_uid.eq_ignore_ascii_case(&hex_uid))
-                            .map(|ch| ch.version);
-                        minijinja::context! {
-                            uid => hex_uid, reason => c.block_reason, version => since,
-                        }
+                        // Since its latest change, read through the per-card index.
+                        let since = r.latest_block_change(&uid)?.map(|ch| ch.version);
+                        Ok(minijinja::context! {
+                            uid => hex::encode_upper(uid), reason => c.block_reason,
+                            version => since,
+                        })
                     })
-                    .collect();
-                let recent: Vec<minijinja::Value> = changes
-                    .iter()
-                    .rev()
-                    .take(CHANGES_SHOWN)
-                    .map(change_ctx)
-                    .collect();
+                    .collect::<Result<_, PageError>>()?;
+                let recent: Vec<minijinja::Value> = changes.iter().rev().map(change_ctx).collect();
                 // The latest change's reach: its card's latest change is this one.
                 let reach = match changes.last() {
                     Some(c) => Some((
@@ -314,7 +310,7 @@ async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
                 };
                 Ok(minijinja::context! {
                     version => version, blocked => blocked, changes => recent,
-                    total_changes => changes.len(),
+                    total_changes => version,
                     reach_uid => reach.as_ref().map(|(u, _)| u.clone()),
                     reach => reach.map(|(_, f)| minijinja::Value::from_serialize(f)),
                 })
