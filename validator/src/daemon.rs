@@ -362,20 +362,11 @@ pub fn apply_downlink_outcome(
             // signed by the previous key version is still accepted).
             let (u, _) = purse::blocklist::ListUpdate::verify_trusted(bytes, &keys)
                 .map_err(|e| format!("blocklist refused: {e}"))?;
-            let v = match gate.blocklist.apply_verified(&u) {
-                Ok(v) => v,
-                Err(purse::blocklist::ListError::Stale { held, got }) => {
-                    return Ok(DownlinkOutcome::AlreadyHeld { held, got })
-                }
-                Err(e) => return Err(format!("blocklist refused: {e}")),
-            };
-            let r = if u.kind == purse::blocklist::ListKind::Snapshot {
-                journal.replace_blobs("blocklist/", BL_SNAPSHOT, bytes)
-            } else {
-                journal.put_blob(&format!("{BL_DELTA}{v:020}"), bytes)
-            };
-            r.map_err(|e| format!("journalling the blocklist: {e}"))?;
-            Ok(DownlinkOutcome::Applied(v))
+            let (outcome, write) = take_update(gate, &u)?;
+            if let Some(w) = write {
+                w.write(journal, bytes)?;
+            }
+            Ok(outcome)
         }
         Downlink::FareTable => {
             let header =
@@ -416,34 +407,71 @@ pub fn apply_blocklist_chunk(
     keys: &TrustedKeys,
     bytes: &[u8],
 ) -> Result<DownlinkOutcome, String> {
-    use purse::blocklist::chunked::{ChunkProgress, SnapshotChunk};
-    use purse::blocklist::ListError;
-    let (c, _) = SnapshotChunk::verify_trusted(bytes, keys)
+    let (c, _) = purse::blocklist::chunked::SnapshotChunk::verify_trusted(bytes, keys)
         .map_err(|e| format!("blocklist refused: {e}"))?;
+    let (outcome, write) = take_chunk(gate, &c)?;
+    if let Some(w) = write {
+        w.write(journal, bytes)?;
+    }
+    Ok(outcome)
+}
+
+/// How a blocklist message is journalled once applied: decided with the gate, written after
+/// it (by the daemon, once the gate is free again: a tap never waits on a chunk's commit).
+#[derive(Debug)]
+pub struct BlocklistWrite {
+    key: String,
+    /// Blobs under `drop_under` that start with none of `keep` are dropped in the same
+    /// transaction (`None`: nothing dropped).
+    drop_under: &'static str,
+    keep: Option<Vec<String>>,
+}
+
+impl BlocklistWrite {
+    /// Journals `bytes` (the message as received).
+    pub fn write(&self, journal: &Journal, bytes: &[u8]) -> Result<(), String> {
+        let r = match &self.keep {
+            None => journal.put_blob(&self.key, bytes),
+            Some(keep) => journal.put_blob_retaining(&self.key, bytes, self.drop_under, |k| {
+                keep.iter().any(|p| k.starts_with(p.as_str()))
+            }),
+        };
+        r.map_err(|e| format!("journalling the blocklist: {e}"))
+    }
+}
+
+/// A verified chunk into the gate's blocklist: what it did and how to journal it (`None`: a
+/// duplicate or a chunk of an older snapshot, nothing to keep).
+pub fn take_chunk(
+    gate: &mut Gate,
+    c: &purse::blocklist::chunked::SnapshotChunk,
+) -> Result<(DownlinkOutcome, Option<BlocklistWrite>), String> {
+    use purse::blocklist::chunked::ChunkProgress;
+    use purse::blocklist::ListError;
     let (held, base) = (gate.blocklist.version(), gate.blocklist.snapshot_version());
-    let progress = match gate.blocklist.apply_chunk(&c) {
+    let progress = match gate.blocklist.apply_chunk(c) {
         Ok(p) => p,
         Err(ListError::Stale { held, got }) => {
-            return Ok(DownlinkOutcome::AlreadyHeld { held, got })
+            return Ok((DownlinkOutcome::AlreadyHeld { held, got }, None))
         }
         Err(e) => return Err(format!("blocklist refused: {e}")),
     };
     let set = |v: u64| format!("{BL_CHUNKS}{v:020}/");
     let key = format!("{}{:06}", set(c.version), c.index);
-    let r = match progress {
-        ChunkProgress::Complete { version } => {
-            let mine = set(version);
-            journal.put_blob_retaining(&key, bytes, "blocklist/", |k| k.starts_with(&mine))
-        }
-        ChunkProgress::Pending { started, .. } => {
-            let (old, new) = (set(base), set(c.version));
-            let keep = |k: &str| !started || k.starts_with(&old) || k.starts_with(&new);
-            journal.put_blob_retaining(&key, bytes, BL_CHUNKS, keep)
-        }
-        ChunkProgress::Duplicate { .. } | ChunkProgress::Superseded { .. } => Ok(()),
+    let write = match progress {
+        ChunkProgress::Complete { version } => Some(BlocklistWrite {
+            key,
+            drop_under: "blocklist/",
+            keep: Some(vec![set(version)]),
+        }),
+        ChunkProgress::Pending { started, .. } => Some(BlocklistWrite {
+            key,
+            drop_under: BL_CHUNKS,
+            keep: started.then(|| vec![set(base), set(c.version)]),
+        }),
+        ChunkProgress::Duplicate { .. } | ChunkProgress::Superseded { .. } => None,
     };
-    r.map_err(|e| format!("journalling the blocklist: {e}"))?;
-    Ok(match (progress, gate.blocklist.incoming()) {
+    let outcome = match (progress, gate.blocklist.incoming()) {
         (ChunkProgress::Complete { version }, _) => DownlinkOutcome::Applied(version),
         (_, Some(a)) => DownlinkOutcome::Pending {
             version: a.version(),
@@ -454,7 +482,73 @@ pub fn apply_blocklist_chunk(
             held,
             got: c.version,
         },
-    })
+    };
+    Ok((outcome, write))
+}
+
+/// A blocklist message for the daemon's shared gate (issue 22): the signature is verified and
+/// the message decoded before the gate is taken, and the journal written after it is
+/// released, so a tap waits only for the list's own change (a chunk's packing, or the switch
+/// at the last chunk), never for a signature check over 458 KB or an LMDB commit. Downlink
+/// messages are handled one at a time (the MQTT event loop awaits each), so the journal
+/// writes keep their order. Also returns the blocklist version held after.
+pub fn apply_blocklist_shared(
+    gate: &Mutex<Gate>,
+    journal: &Journal,
+    keys: &TrustedKeys,
+    bytes: &[u8],
+) -> Result<(DownlinkOutcome, u64), String> {
+    let lock = || gate.lock().map_err(|_| "gate lock poisoned".to_string());
+    if bytes.is_empty() {
+        let held = lock()?.blocklist.version();
+        return Ok((DownlinkOutcome::AlreadyHeld { held, got: held }, held));
+    }
+    let (outcome, write, held) = if purse::blocklist::chunked::is_chunk(bytes) {
+        let (c, _) = purse::blocklist::chunked::SnapshotChunk::verify_trusted(bytes, keys)
+            .map_err(|e| format!("blocklist refused: {e}"))?;
+        let mut g = lock()?;
+        let (outcome, write) = take_chunk(&mut g, &c)?;
+        (outcome, write, g.blocklist.version())
+    } else {
+        let (u, _) = purse::blocklist::ListUpdate::verify_trusted(bytes, keys)
+            .map_err(|e| format!("blocklist refused: {e}"))?;
+        let mut g = lock()?;
+        let (outcome, write) = take_update(&mut g, &u)?;
+        (outcome, write, g.blocklist.version())
+    };
+    if let Some(w) = write {
+        w.write(journal, bytes)?;
+    }
+    Ok((outcome, held))
+}
+
+/// A verified single-message snapshot or delta into the gate's blocklist: what it did and how
+/// to journal it (a snapshot replaces everything journalled; a delta is added).
+fn take_update(
+    gate: &mut Gate,
+    u: &purse::blocklist::ListUpdate,
+) -> Result<(DownlinkOutcome, Option<BlocklistWrite>), String> {
+    let v = match gate.blocklist.apply_verified(u) {
+        Ok(v) => v,
+        Err(purse::blocklist::ListError::Stale { held, got }) => {
+            return Ok((DownlinkOutcome::AlreadyHeld { held, got }, None))
+        }
+        Err(e) => return Err(format!("blocklist refused: {e}")),
+    };
+    let write = if u.kind == purse::blocklist::ListKind::Snapshot {
+        BlocklistWrite {
+            key: BL_SNAPSHOT.to_string(),
+            drop_under: "blocklist/",
+            keep: Some(Vec::new()),
+        }
+    } else {
+        BlocklistWrite {
+            key: format!("{BL_DELTA}{v:020}"),
+            drop_under: "blocklist/",
+            keep: None,
+        }
+    };
+    Ok((DownlinkOutcome::Applied(v), Some(write)))
 }
 
 const AL_PREFIX: &str = "actions/";

@@ -344,41 +344,69 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
         .await;
         return;
     }
-    let kind = if p.topic == topics.fares {
-        Downlink::FareTable
+    if p.topic == topics.fares {
+        on_fare_table(shared, pubkey, p).await;
     } else {
-        Downlink::Blocklist
-    };
+        on_blocklist(shared, pubkey, p).await;
+    }
+}
+
+/// A blocklist message: verified before the gate is taken and journalled after it is released
+/// ([`super::apply_blocklist_shared`]), so taps never wait behind a chunk's signature check.
+async fn on_blocklist(shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
+    let shared = shared.clone();
+    let payload = p.payload;
+    let _ = tokio::task::spawn_blocking(move || {
+        let out = super::apply_blocklist_shared(&shared.gate, &shared.journal, &pubkey, &payload);
+        if let Ok((DownlinkOutcome::Applied(_), held)) = &out {
+            shared.metrics.blocklist_version.set(*held as i64);
+        }
+        log_downlink(&shared, Downlink::Blocklist, out.map(|(o, _)| o));
+    })
+    .await;
+}
+
+/// A fare table: verified, applied and journalled with the gate held (a table is small).
+async fn on_fare_table(shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
     let shared = shared.clone();
     let payload = p.payload;
     let _ = tokio::task::spawn_blocking(move || {
         let Ok(mut g) = shared.gate.lock() else {
             return;
         };
-        match apply_downlink_outcome(&mut g, &shared.journal, &*pubkey, kind, &payload) {
-            Ok(DownlinkOutcome::Applied(v)) => {
-                tracing::info!(?kind, version = v, "downlink applied");
-                let metrics = &shared.metrics;
-                metrics.blocklist_version.set(g.blocklist.version() as i64);
-                metrics.fare_table_version.set(i64::from(g.fare_version()));
-            }
-            Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
-                tracing::debug!(?kind, held, got, "downlink already held");
-            }
-            Ok(DownlinkOutcome::Pending {
-                version,
-                received,
-                count,
-            }) => {
-                tracing::debug!(version, received, count, "blocklist snapshot chunk kept");
-            }
-            Err(e) => {
-                shared.metrics.count_downlink_refused(&e);
-                tracing::warn!(?kind, "{e}")
-            }
+        let kind = Downlink::FareTable;
+        let out = apply_downlink_outcome(&mut g, &shared.journal, &*pubkey, kind, &payload);
+        if let Ok(DownlinkOutcome::Applied(_)) = out {
+            shared
+                .metrics
+                .fare_table_version
+                .set(i64::from(g.fare_version()));
         }
+        drop(g);
+        log_downlink(&shared, kind, out);
     })
     .await;
+}
+
+/// Logs what a blocklist or fare-table message did (a refusal is also counted).
+fn log_downlink(shared: &Shared, kind: Downlink, out: Result<DownlinkOutcome, String>) {
+    match out {
+        Ok(DownlinkOutcome::Applied(v)) => tracing::info!(?kind, version = v, "downlink applied"),
+        Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
+            tracing::debug!(?kind, held, got, "downlink already held");
+        }
+        Ok(DownlinkOutcome::Pending {
+            version,
+            received,
+            count,
+        }) => {
+            tracing::debug!(version, received, count, "blocklist snapshot chunk kept");
+        }
+        Err(e) => {
+            shared.metrics.count_downlink_refused(&e);
+            tracing::warn!(?kind, "{e}")
+        }
+    }
 }
 
 /// Publishing and heartbeats, until the reader is done (or shutdown is set) and the outbox
