@@ -297,12 +297,7 @@ fn print_summary(report: &DayReport) {
     let propagation_ms = &t.block_propagation_ms;
     let ms = |us: f64| format!("{:.1} ms", us / 1000.0);
     let refused = t.taps_refused + t.taps_refused_blocked;
-    let reasons = t
-        .refusals
-        .iter()
-        .map(|(r, n)| format!("{n} {}", r.replace('_', " ")))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let reasons = counted_reasons(&t.refusals);
     let metro_fares = t.revenue_by_operator.get("metro").copied().unwrap_or(0);
     println!("summary");
     println!(
@@ -324,11 +319,9 @@ fn print_summary(report: &DayReport) {
         t.debits_settled_committed,
         t.debits_settled_not_committed,
         before_paying,
-        if t.debits_unresolved > 0 {
-            format!(", {} not yet known (settled by clearing)", t.debits_unresolved)
-        } else {
-            String::new()
-        }
+        if_any(t.debits_unresolved, |n| format!(
+            ", {n} not yet known (settled by clearing)"
+        ))
     );
     println!(
         "  fares                  {} (version {}): {} collected; {} taps continued a journey (transfer), {} were capped, {} carried a missing-tap-out penalty",
@@ -360,14 +353,9 @@ fn print_summary(report: &DayReport) {
             .map(|(s, n)| format!("{s} {n}"))
             .collect::<Vec<_>>()
             .join(", "),
-        if t.loads_completed_by_clearing > 0 {
-            format!(
-                " ({} confirmed later from the card's next taps)",
-                t.loads_completed_by_clearing
-            )
-        } else {
-            String::new()
-        }
+        if_any(t.loads_completed_by_clearing, |n| format!(
+            " ({n} confirmed later from the card's next taps)"
+        ))
     );
     println!(
         "  interrupted top-ups    {} (the rider's phone or PC went away mid-top-up): {} cancelled and the payment released; {} charged twice",
@@ -422,17 +410,30 @@ fn print_summary(report: &DayReport) {
     );
 }
 
+/// Refusals counted by reason, as a report line lists them: `3 insufficient value, 1 expired`.
+fn counted_reasons<R: AsRef<str>>(counts: &std::collections::BTreeMap<R, u64>) -> String {
+    counts
+        .iter()
+        .map(|(r, n)| format!("{n} {}", r.as_ref().replace('_', " ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A clause of a report line that is there only when its count is not zero.
+fn if_any(count: u64, clause: impl FnOnce(u64) -> String) -> String {
+    if count > 0 {
+        clause(count)
+    } else {
+        String::new()
+    }
+}
+
 /// The `online payments` and `refunds` lines: per merchant, in its currency.
 fn print_payments(report: &DayReport) {
     let books = &report.shop_books;
     for (m, t) in &report.tally.payments_by_merchant {
         let money = |minor: i64| crate::money::amount(minor, t.exponent, &t.currency);
-        let refused = t
-            .payments_refused
-            .iter()
-            .map(|(r, n)| format!("{n} {}", r.replace('_', " ")))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let refused = counted_reasons(&t.payments_refused);
         println!(
             "  online payments        {m} (rail ticket office): {} tickets paid from cards through the relay, {}{}; {} interrupted mid-payment, settled at the card's next contact: {} had paid, {} paid then, {} refused then{}; {} paid twice",
             t.payments_completed,
@@ -446,14 +447,9 @@ fn print_payments(report: &DayReport) {
             t.payments_torn_paid_before,
             t.payments_torn_paid_on_retry,
             t.payments_torn_refused_on_retry,
-            if t.payments_after_top_up > 0 {
-                format!(
-                    "; {} paid after the rider topped up (the card held too little)",
-                    t.payments_after_top_up
-                )
-            } else {
-                String::new()
-            },
+            if_any(t.payments_after_top_up, |n| format!(
+                "; {n} paid after the rider topped up (the card held too little)"
+            )),
             report.conservation.payments_paid_twice,
         );
         println!(
