@@ -21,6 +21,15 @@
 //! Tap ingestion: `taps_per_s` with the `n` validators connected beside `taps_per_s_alone`,
 //! the same number of taps before any validator connected.
 //!
+//! `--broker mosquitto`: the same run against a throwaway Mosquitto (the shipped
+//! `tapgate.conf` and ACL, the validators' listener and the gateway's loopback one on free
+//! ports) started by this process, which raises its own open-file limit for it to inherit: the
+//! gateway is one client of it, and each validator is one descriptor in Mosquitto's process
+//! instead of three in the gateway's (the embedded broker's ACL front, its loopback connection
+//! to rumqttd, rumqttd's end). `broker_rss_kib`, `broker_rss_per_validator_bytes` and
+//! `broker_fds` are Mosquitto's; `gateway_fds` the descriptors this process holds with the
+//! fleet connected. `load_1m_start` / `load_1m_end`: the machine's load average around the run.
+//!
 //! A child verifies each distinct signed list once and applies the result to each of its
 //! validators: real validators verify on their own CPUs side by side, these share the two
 //! cores with the gateway (the verification is in the validator's own figures).
@@ -28,7 +37,8 @@
 use crate::Figures;
 use charging::server::{build, serve_on, ServerConfig};
 use gateway::daemon::{
-    run_linked, start_embedded_broker_linked, BrokerUsers, GatewayConfig, GatewayStats, TapLink,
+    run, run_linked, start_embedded_broker_linked, BrokerUsers, GatewayConfig, GatewayStats,
+    TapLink,
 };
 use gateway::propagation::Report;
 use gateway::store::Store;
@@ -90,15 +100,42 @@ pub fn raise_nofile(want: u64) -> anyhow::Result<u64> {
     Ok(rlimit::Resource::NOFILE.get()?.0)
 }
 
-pub fn run_scenario(n: Option<u64>) -> anyhow::Result<Figures> {
+/// Which broker the fleet connects to (`--broker`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+pub fn run_scenario(n: Option<u64>, broker: &str) -> anyhow::Result<Figures> {
     let validators = n.unwrap_or(1_000) as u32;
-    // Each validator's connection is three descriptors here: the front's accepted socket,
-    // its socket to rumqttd and rumqttd's end of that.
-    raise_nofile(u64::from(validators) * 3 + 1_024)?;
+    let kind = match broker {
+        "embedded" => BrokerKind::Embedded,
+        "mosquitto" => BrokerKind::Mosquitto,
+        other => anyhow::bail!("--broker {other}: embedded or mosquitto"),
+    };
+    // Embedded: each validator's connection is three descriptors here (the front's accepted
+    // socket, its socket to rumqttd and rumqttd's end of that). Mosquitto: one in Mosquitto's
+    // process, which inherits this limit.
+    let per_validator = if kind == BrokerKind::Embedded { 3 } else { 1 };
+    raise_nofile(u64::from(validators) * per_validator + 1_024)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(scenario(validators))
+        .block_on(scenario(validators, kind))
+}
+
+/// The 1-minute load average (`/proc/loadavg`; 0 elsewhere).
+fn load_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Open descriptors of process `pid` (`self` for this one; 0 where /proc is missing).
+fn fds_of(pid: &str) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
 /// The taps of the two tap runs: devices 1000… alone, devices 1100… with the fleet connected.
@@ -115,35 +152,55 @@ fn tap_runs(keys: &KeySet, rng: &mut StdRng) -> anyhow::Result<TapRuns> {
     })
 }
 
-async fn scenario(validators: u32) -> anyhow::Result<Figures> {
+/// The broker of a run, where its clients connect, and what its own process holds.
+struct Broker {
+    /// The validators' (and tap publishers') port.
+    devices: u16,
+    /// The gateway's (and the raw fan-out publisher's) port; `devices` for the embedded one.
+    gateway: u16,
+    /// The embedded broker's in-process link, taken by the gateway.
+    link: Option<TapLink>,
+    /// Mosquitto, killed when dropped.
+    mosquitto: Option<tapgate_testkit::mosquitto::Mosquitto>,
+}
+
+impl Broker {
+    /// Mosquitto's process id (`None`: the broker is in this process).
+    fn pid(&self) -> Option<u32> {
+        self.mosquitto.as_ref().map(|m| m.pid())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.pid()
+            .map_or(0, |p| crate::stats::status_kib_of_pid(p, "VmRSS:"))
+    }
+}
+
+/// What the fleet's connection measured.
+struct Connected {
+    connect_s: f64,
+    rss_before: u64,
+    rss_connected: u64,
+    broker_rss_before: u64,
+    broker_rss_connected: u64,
+    gateway_fds: u64,
+    broker_fds: u64,
+}
+
+async fn scenario(validators: u32, kind: BrokerKind) -> anyhow::Result<Figures> {
+    let load_start = load_1m();
     let mut rng = StdRng::seed_from_u64(21);
     let keys = KeySet::generate(&mut rng);
     let taps = tap_runs(&keys, &mut rng)?;
     let dir = tempfile::tempdir()?;
-    let port = tapgate_testkit::free_port();
-    let link = start_broker(port, validators).await?;
+    let mut broker = match kind {
+        BrokerKind::Embedded => start_broker(validators).await?,
+        BrokerKind::Mosquitto => start_mosquitto(dir.path(), validators).await?,
+    };
     let base = start_charging(dir.path(), &keys)?;
-    let stats = start_gateway(dir.path(), port, link, &base, &keys).await?;
-    let taps_alone = tap_rate(port, 1000, &taps.alone, &stats).await?;
-    let rss_before = crate::stats::status_kib("VmRSS:");
-
-    let connecting = Instant::now();
-    let fleet = Fleet::spawn(validators, port, keys.verifying_key)?;
-    wait(
-        "the validators to subscribe",
-        Duration::from_secs(300),
-        || fleet.subscribed.load(Ordering::Relaxed) >= u64::from(validators),
-    )
-    .await?;
-    wait(
-        "the gateway to see every validator online",
-        Duration::from_secs(120),
-        || stats.propagation.lock().map(|p| p.online()).unwrap_or(0) >= validators as usize,
-    )
-    .await?;
-    let connect_s = connecting.elapsed().as_secs_f64();
-    let rss_connected = crate::stats::status_kib("VmRSS:");
-    eprintln!("blocklist: {validators} validators connected and subscribed in {connect_s:.1} s");
+    let stats = start_gateway(dir.path(), &mut broker, &base, &keys).await?;
+    let taps_alone = tap_rate(broker.devices, 1000, &taps.alone, &stats).await?;
+    let (fleet, connected) = connect_fleet(validators, &broker, &stats, &keys).await?;
     // A pause before the measured part, to attach a profiler (`perf record -p`).
     if let Some(s) = std::env::var("TAPGATE_BENCH_PAUSE_S")
         .ok()
@@ -153,11 +210,11 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
     }
 
     // The limit: one retained message of a delta's size to the same connections, no gateway.
-    settle().await;
-    let raw = raw_fanout(port, validators, &fleet).await?;
+    settle(broker.pid()).await;
+    let raw = raw_fanout(broker.gateway, validators, &fleet).await?;
 
     // Block a card; measure until every validator holds the block.
-    settle().await;
+    settle(broker.pid()).await;
     let t0 = Instant::now();
     block_card(&base).await?;
     wait(
@@ -168,25 +225,21 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
     .await?;
     let block_to_all_ms = t0.elapsed().as_millis() as u64;
     let report = propagation_report(&stats).await?;
-    let published_us = report.published_at_ms * 1_000;
-    let delivered = fleet.delays_since(&fleet.held, published_us);
-    let taps_connected = tap_rate(port, 1100, &taps.connected, &stats).await?;
-    let rss = crate::stats::status_kib("VmRSS:");
+    let delivered = fleet.delays_since(&fleet.held, report.published_at_ms * 1_000);
+    let taps_connected = tap_rate(broker.devices, 1100, &taps.connected, &stats).await?;
     let children_cpu_s: f64 = fleet
         .children
         .iter()
         .map(|c| crate::stats::cpu_s_of_pid(c.id()))
         .sum();
-    let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
-    let ratio = |a: f64, b: f64| {
-        if b > 0.0 {
-            (a / b * 100.0).round() / 100.0
-        } else {
-            0.0
-        }
-    };
-    let (d99, r99) = (pct(&delivered, 99), pct(&raw, 99));
-    Ok(vec![
+    let mut figures = vec![
+        (
+            "broker",
+            serde_json::Value::from(match kind {
+                BrokerKind::Embedded => "embedded",
+                BrokerKind::Mosquitto => "mosquitto",
+            }),
+        ),
         ("validators", validators.into()),
         ("validator_processes", (fleet.children.len() as u64).into()),
         ("propagation_ms_p50", report.ms_to_50.unwrap_or(0).into()),
@@ -194,39 +247,139 @@ async fn scenario(validators: u32) -> anyhow::Result<Figures> {
         ("propagation_ms_100", report.ms_to_100.unwrap_or(0).into()),
         ("block_to_all_ms", block_to_all_ms.into()),
         ("online_validators", report.online_validators.into()),
-        ("delivered_ms_p50", ms(pct(&delivered, 50)).into()),
-        ("delivered_ms_p99", ms(d99).into()),
-        ("delivered_ms_100", ms(pct(&delivered, 100)).into()),
-        ("raw_fanout_ms_p50", ms(pct(&raw, 50)).into()),
-        ("raw_fanout_ms_p99", ms(r99).into()),
-        ("raw_fanout_ms_100", ms(pct(&raw, 100)).into()),
-        ("ratio_p99", ratio(d99 as f64, r99 as f64).into()),
+    ];
+    figures.extend(fanout_figures(&delivered, &raw));
+    figures.extend([
         ("taps_per_s", (taps_connected as u64).into()),
         ("taps_per_s_alone", (taps_alone as u64).into()),
         ("taps_ratio", ratio(taps_connected, taps_alone).into()),
-        ("rss_kib", rss.into()),
-        ("rss_before_validators_kib", rss_before.into()),
-        (
-            "rss_per_validator_bytes",
-            (rss_connected.saturating_sub(rss_before) * 1024 / u64::from(validators.max(1))).into(),
-        ),
-        ("connect_s", ((connect_s * 10.0).round() / 10.0).into()),
+        ("rss_kib", crate::stats::status_kib("VmRSS:").into()),
+    ]);
+    figures.extend(connected.figures(validators, broker.rss_kib()));
+    figures.extend([
         (
             "validators_cpu_s",
             ((children_cpu_s * 10.0).round() / 10.0).into(),
         ),
-    ])
+        ("load_1m_start", load_start.into()),
+        ("load_1m_end", load_1m().into()),
+    ]);
+    Ok(figures)
 }
 
-/// Waits (30 s at most) until this process (gateway, broker, back office) is quiet — under
-/// 10% of a core over a quarter of a second — so that both fan-outs start from the same
-/// state, not while the broker still digests the fleet's connections.
-async fn settle() {
+/// `a / b` to two decimals (0 when `b` is 0).
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        (a / b * 100.0).round() / 100.0
+    } else {
+        0.0
+    }
+}
+
+/// The delivered and raw fan-out percentiles (ms) and their p99 ratio.
+fn fanout_figures(delivered: &[u64], raw: &[u64]) -> Figures {
+    let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
+    let (d99, r99) = (pct(delivered, 99), pct(raw, 99));
+    vec![
+        ("delivered_ms_p50", ms(pct(delivered, 50)).into()),
+        ("delivered_ms_p99", ms(d99).into()),
+        ("delivered_ms_100", ms(pct(delivered, 100)).into()),
+        ("raw_fanout_ms_p50", ms(pct(raw, 50)).into()),
+        ("raw_fanout_ms_p99", ms(r99).into()),
+        ("raw_fanout_ms_100", ms(pct(raw, 100)).into()),
+        ("ratio_p99", ratio(d99 as f64, r99 as f64).into()),
+    ]
+}
+
+impl Connected {
+    /// Memory and descriptors with the fleet connected; `broker_rss_end` is Mosquitto's at
+    /// the end of the run (0 for the embedded broker, which is in `rss_kib`).
+    fn figures(&self, validators: u32, broker_rss_end: u64) -> Figures {
+        let per = |after: u64, before: u64| {
+            after.saturating_sub(before) * 1024 / u64::from(validators.max(1))
+        };
+        vec![
+            ("rss_before_validators_kib", self.rss_before.into()),
+            (
+                "rss_per_validator_bytes",
+                per(self.rss_connected, self.rss_before).into(),
+            ),
+            ("broker_rss_kib", broker_rss_end.into()),
+            (
+                "broker_rss_before_validators_kib",
+                self.broker_rss_before.into(),
+            ),
+            (
+                "broker_rss_per_validator_bytes",
+                per(self.broker_rss_connected, self.broker_rss_before).into(),
+            ),
+            ("gateway_fds", self.gateway_fds.into()),
+            ("broker_fds", self.broker_fds.into()),
+            ("connect_s", ((self.connect_s * 10.0).round() / 10.0).into()),
+        ]
+    }
+}
+
+/// Spawns the fleet and waits until every validator has subscribed and the gateway counts
+/// it online; the error names the limit that stopped it.
+async fn connect_fleet(
+    validators: u32,
+    broker: &Broker,
+    stats: &GatewayStats,
+    keys: &KeySet,
+) -> anyhow::Result<(Fleet, Connected)> {
+    let rss_before = crate::stats::status_kib("VmRSS:");
+    let broker_rss_before = broker.rss_kib();
+    let connecting = Instant::now();
+    let fleet = Fleet::spawn(validators, broker.devices, keys.verifying_key)?;
+    let limit = Duration::from_secs(300);
+    let subscribed = wait("the validators to subscribe", limit, || {
+        fleet.subscribed.load(Ordering::Relaxed) >= u64::from(validators)
+    })
+    .await;
+    if let Err(e) = subscribed {
+        let soft = rlimit::Resource::NOFILE.get().map_or(0, |l| l.0);
+        anyhow::bail!(
+            "{e}: {} of {validators} subscribed in {} s ({} descriptors held here, {} in the broker's process; open-file limit {soft})",
+            fleet.subscribed.load(Ordering::Relaxed),
+            limit.as_secs(),
+            fds_of("self"),
+            broker.pid().map_or(0, |p| fds_of(&p.to_string())),
+        );
+    }
+    wait(
+        "the gateway to see every validator online",
+        Duration::from_secs(120),
+        || stats.propagation.lock().map(|p| p.online()).unwrap_or(0) >= validators as usize,
+    )
+    .await?;
+    let connected = Connected {
+        connect_s: connecting.elapsed().as_secs_f64(),
+        rss_before,
+        rss_connected: crate::stats::status_kib("VmRSS:"),
+        broker_rss_before,
+        broker_rss_connected: broker.rss_kib(),
+        gateway_fds: fds_of("self"),
+        broker_fds: broker.pid().map_or(0, |p| fds_of(&p.to_string())),
+    };
+    eprintln!(
+        "blocklist: {validators} validators connected and subscribed in {:.1} s",
+        connected.connect_s
+    );
+    Ok((fleet, connected))
+}
+
+/// Waits (30 s at most) until this process (gateway, back office, the embedded broker) and
+/// Mosquitto's (`broker`) are quiet — under 10% of a core over a quarter of a second — so that
+/// both fan-outs start from the same state, not while the broker still digests the fleet's
+/// connections.
+async fn settle(broker: Option<u32>) {
+    let cpu = || crate::stats::cpu_s() + broker.map_or(0.0, crate::stats::cpu_s_of_pid);
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(30) {
-        let cpu0 = crate::stats::cpu_s();
+        let cpu0 = cpu();
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if crate::stats::cpu_s() - cpu0 < 0.025 {
+        if cpu() - cpu0 < 0.025 {
             return;
         }
     }
@@ -268,9 +421,11 @@ async fn tap_rate(
     Ok(total as f64 / took.as_secs_f64())
 }
 
-/// The embedded broker on `port` as `tapgate gateway` runs it (the gateway's taps over the
-/// in-process link), with the passwords of the gateway, the tap publishers and the validators.
-async fn start_broker(port: u16, validators: u32) -> anyhow::Result<TapLink> {
+/// The embedded broker on a free port as `tapgate gateway` runs it (the gateway's taps over
+/// the in-process link), with the passwords of the gateway, the tap publishers and the
+/// validators.
+async fn start_broker(validators: u32) -> anyhow::Result<Broker> {
+    let port = tapgate_testkit::free_port();
     let mut users = HashMap::from([("gateway".to_string(), "gw-secret".to_string())]);
     for first in [1000, 1100] {
         users.extend(crate::gateway_bench::credentials(first));
@@ -289,7 +444,89 @@ async fn start_broker(port: u16, validators: u32) -> anyhow::Result<TapLink> {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
     .await?;
-    Ok(link)
+    Ok(Broker {
+        devices: port,
+        gateway: port,
+        link: Some(link),
+        mosquitto: None,
+    })
+}
+
+/// A throwaway Mosquitto in `dir` with the shipped `tapgate.conf` and ACL (the validators'
+/// listener and the gateway's loopback one on free ports), the gateway's and tap publishers'
+/// passwords, then the validators' (one `mosquitto_passwd` hash of their shared password,
+/// appended per device and loaded with SIGHUP: `mosquitto_passwd` rewrites the whole file for
+/// each user). It inherits this process's open-file limit.
+async fn start_mosquitto(dir: &std::path::Path, validators: u32) -> anyhow::Result<Broker> {
+    let (devices, gateway) = (tapgate_testkit::free_port(), tapgate_testkit::free_port());
+    let mut conf = tapgate_testkit::mosquitto::MosquittoConfig::shipped(devices, gateway).no_log();
+    conf = conf.user("gateway", "gw-secret");
+    for first in [1000, 1100] {
+        for (u, p) in crate::gateway_bench::credentials(first) {
+            conf = conf.user(&u, &p);
+        }
+    }
+    let mdir = dir.join("mosquitto");
+    std::fs::create_dir_all(&mdir)?;
+    let mosquitto = conf.try_start(&mdir).map_err(|e| anyhow::anyhow!(e))?;
+    let one = mdir.join("one.passwd");
+    tapgate_testkit::mosquitto::write_passwd(&one, &[("v", "v-secret")])
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let hash = std::fs::read_to_string(&one)?
+        .trim()
+        .strip_prefix("v:")
+        .ok_or_else(|| anyhow::anyhow!("unexpected mosquitto_passwd output"))?
+        .to_string();
+    let mut passwd = std::fs::OpenOptions::new()
+        .append(true)
+        .open(mdir.join("passwd"))?;
+    for v in 0..validators {
+        writeln!(passwd, "{}:{hash}", FIRST_VALIDATOR + v)?;
+    }
+    passwd.sync_all()?;
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &mosquitto.pid().to_string()])
+        .status()?;
+    anyhow::ensure!(hup.success(), "kill -HUP mosquitto failed");
+    let last = FIRST_VALIDATOR + validators.max(1) - 1;
+    let mut accepted = false;
+    let t = Instant::now();
+    while !accepted {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "mosquitto did not take the validators' passwords in 10 s"
+        );
+        accepted = accepts(devices, &last.to_string(), "v-secret").await;
+    }
+    Ok(Broker {
+        devices,
+        gateway,
+        link: None,
+        mosquitto: Some(mosquitto),
+    })
+}
+
+/// Whether the broker on `port` accepts `user`'s connection (5 s at most).
+async fn accepts(port: u16, user: &str, password: &str) -> bool {
+    let mut o = MqttOptions::new(format!("probe-{user}"), "127.0.0.1", port);
+    o.set_credentials(user, password);
+    let (client, mut ev) = AsyncClient::new(o, 4);
+    let acked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let _ = client.try_disconnect();
+    if !acked {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    acked
 }
 
 /// The back office, serving on this runtime: its base URL.
@@ -318,30 +555,38 @@ fn start_charging(dir: &std::path::Path, keys: &KeySet) -> anyhow::Result<String
     Ok(base)
 }
 
-/// The gateway, taking taps over the broker's link and relaying the back office's blocklist:
-/// its statistics once it has subscribed.
+/// The gateway, relaying the back office's blocklist: taking taps over the embedded broker's
+/// link, or as Mosquitto's client on its loopback listener. Its statistics once it has
+/// subscribed.
 async fn start_gateway(
     dir: &std::path::Path,
-    port: u16,
-    link: TapLink,
+    broker: &mut Broker,
     base: &str,
     keys: &KeySet,
 ) -> anyhow::Result<Arc<GatewayStats>> {
     let store = Store::open(&dir.join("gateway"), 1 << 30)?;
     let stats = Arc::new(GatewayStats::default());
     let cfg = GatewayConfig {
-        broker: ("127.0.0.1".into(), port),
+        broker: ("127.0.0.1".into(), broker.gateway),
         mqtt_credentials: Some(("gateway".into(), "gw-secret".into())),
         charging: Some((base.to_string(), "tg_gw".into())),
         operator: OPERATOR.into(),
         ..GatewayConfig::default()
     };
     let (keys, st) = (keys.for_role(KeyRole::Gateway, 0)?, stats.clone());
-    tokio::spawn(async move {
-        if let Err(e) = run_linked(cfg, link, store, keys, st, std::future::pending()).await {
-            eprintln!("gateway: {e}");
+    match broker.link.take() {
+        Some(link) => {
+            tokio::spawn(async move {
+                if let Err(e) = run_linked(cfg, link, store, keys, st, std::future::pending()).await
+                {
+                    eprintln!("gateway: {e}");
+                }
+            });
         }
-    });
+        None => {
+            tokio::spawn(run(cfg, store, keys, st, std::future::pending()));
+        }
+    }
     wait("the gateway", Duration::from_secs(10), || {
         stats.subscribed.load(Ordering::Acquire)
     })

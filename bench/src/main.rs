@@ -38,7 +38,7 @@ struct Args {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
-    /// For `gateway`: `embedded` (rumqttd) or `mosquitto`.
+    /// For `gateway` and `blocklist`: `embedded` (rumqttd) or `mosquitto`.
     #[arg(long, default_value = "embedded")]
     broker: String,
     /// For `gateway`: taps per MQTT message (1 = live taps; more = an outbox draining).
@@ -129,7 +129,7 @@ fn main() -> Result<()> {
         Scenario::Reconcile => reconcile::run(args.n)?,
         Scenario::Clearing => clearing::run(args.n, args.ledger)?,
         Scenario::Validator => validator_bench::run(args.n, args.blocklist_cards)?,
-        Scenario::Blocklist => blocklist_bench::run_scenario(args.n)?,
+        Scenario::Blocklist => blocklist_bench::run_scenario(args.n, &args.broker)?,
         Scenario::BlocklistSize => blocklist_size::run(args.n)?,
         Scenario::System => system::run(args.n)?,
         Scenario::BlocklistValidators => {
