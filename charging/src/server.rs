@@ -368,6 +368,7 @@ pub fn build(cfg: &ServerConfig, hsm: Box<dyn Hsm + Send>) -> Result<AppState, S
         gateway_operators: Arc::new(cfg.gateway_operators.clone()),
         metrics_public: cfg.metrics_public,
         relay_inline: relay_inline(cfg),
+        blocklist_snapshot: Default::default(),
         rate: Arc::new(crate::api::RateLimiter::new(
             cfg.limits.loads_per_minute_per_client,
         )),

@@ -198,32 +198,60 @@ fn a_list_beyond_one_chunk_is_answered_in_signed_chunks() {
             Ok(())
         })
         .unwrap();
-    let r = ureq::get(&format!(
-        "{}/v1/blocklist/signed/snapshot?chunked=1",
-        srv.base
-    ))
-    .set("Authorization", &format!("Bearer {GW}"))
-    .call()
-    .unwrap();
-    assert_eq!(r.content_type(), "application/x-tapgate-chunks");
-    assert_eq!(r.header("x-tapgate-blocklist-chunks"), Some("2"));
-    let version: u64 = r
-        .header("x-tapgate-blocklist-version")
-        .unwrap()
-        .parse()
+    let fetch = || {
+        let r = ureq::get(&format!(
+            "{}/v1/blocklist/signed/snapshot?chunked=1",
+            srv.base
+        ))
+        .set("Authorization", &format!("Bearer {GW}"))
+        .call()
         .unwrap();
-    let mut body = Vec::new();
-    std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
-    let mut list = purse::blocklist::Blocklist::new("default");
-    let (mut pos, mut last) = (0, None);
-    while pos < body.len() {
-        let len = u32::from_be_bytes(body[pos..pos + 4].try_into().unwrap()) as usize;
-        let c = SnapshotChunk::verify(&body[pos + 4..pos + 4 + len], &keys.verifying_key).unwrap();
-        assert_eq!((c.count, c.total, c.version), (2, n as u64, version));
-        last = Some(list.apply_chunk(&c).unwrap());
-        pos += 4 + len;
-    }
-    assert_eq!(last, Some(ChunkProgress::Complete { version }));
+        assert_eq!(r.content_type(), "application/x-tapgate-chunks");
+        let count: u32 = r
+            .header("x-tapgate-blocklist-chunks")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let version: u64 = r
+            .header("x-tapgate-blocklist-version")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
+        (count, version, body)
+    };
+    let rebuild = |version: u64, body: &[u8]| {
+        let mut list = purse::blocklist::Blocklist::new("default");
+        let (mut pos, mut last) = (0, None);
+        while pos < body.len() {
+            let len = u32::from_be_bytes(body[pos..pos + 4].try_into().unwrap()) as usize;
+            let c =
+                SnapshotChunk::verify(&body[pos + 4..pos + 4 + len], &keys.verifying_key).unwrap();
+            assert_eq!((c.count, c.version), (2, version));
+            last = Some(list.apply_chunk(&c).unwrap());
+            pos += 4 + len;
+        }
+        assert_eq!(last, Some(ChunkProgress::Complete { version }));
+        list
+    };
+    let (count, version, body) = fetch();
+    assert_eq!(count, 2);
+    let list = rebuild(version, &body);
     assert_eq!(list.len(), n);
     assert!((0..n).all(|i| list.is_blocked(&uid(i))));
+    // Asked again at the same version: the chunks kept, the same bytes.
+    assert_eq!(fetch(), (count, version, body.clone()));
+    // A new block: a new version's chunks, holding the new card.
+    srv.state
+        .loads
+        .ledger()
+        .transact(move |t| t.set_blocked(&uid(n), true, "stolen", 0).map(|_| ()))
+        .unwrap();
+    let (count2, version2, body2) = fetch();
+    assert_eq!(count2, 2);
+    assert!(version2 > version, "{version2} after {version}");
+    let list = rebuild(version2, &body2);
+    assert_eq!(list.len(), n + 1);
+    assert!(list.is_blocked(&uid(n)));
 }

@@ -1,5 +1,6 @@
 //! The blocklist: numbered changes and the HSM-signed snapshot and delta the gateways relay.
 
+use super::snapshot_cache::SignedSnapshot;
 use super::*;
 use crate::ledger::LedgerRead;
 use purse::blocklist::{ListKind, ListUpdate};
@@ -38,16 +39,7 @@ pub(super) fn signed_list(
     st: &AppState,
     update: &purse::blocklist::ListUpdate,
 ) -> Result<Response, ApiError> {
-    let body = update.body();
-    let sig = st
-        .loads
-        .hsm()
-        .lock()
-        .expect("hsm lock")
-        .sign(&body)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let mut bytes = body;
-    bytes.extend_from_slice(&sig);
+    let bytes = sign_body(st, update.body())?;
     Ok(signed_list_response(
         "x-tapgate-blocklist-version",
         update.to_version,
@@ -60,7 +52,7 @@ pub(super) fn signed_list(
 pub(super) fn signed_list_response(
     version_header: &'static str,
     version: u64,
-    bytes: Vec<u8>,
+    bytes: impl IntoResponse,
 ) -> Response {
     (
         [
@@ -112,9 +104,7 @@ type BlockedCards = (u64, Vec<[u8; 7]>);
 
 /// Every blocked card at the latest version, or `None` before the first change.
 fn blocked_cards(r: &dyn LedgerRead) -> Result<Option<BlockedCards>, ApiError> {
-    let (_, latest) = r
-        .block_changes(u64::MAX - 1, 1)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let latest = latest_version(r)?;
     if latest == 0 {
         return Ok(None);
     }
@@ -156,51 +146,95 @@ pub(super) async fn signed_snapshot(
     .await
 }
 
-/// The chunked snapshot: one ledger read, every chunk signed by the HSM.
+/// The chunked snapshot: the answer kept for the latest version
+/// ([`SnapshotCache`](super::snapshot_cache::SnapshotCache)), built
+/// (one ledger read, every chunk signed by the HSM) only when the version has changed.
 async fn chunked_snapshot(st: AppState, headers: HeaderMap) -> Result<Response, ApiError> {
     require(&st.auth, &headers, &[Role::Gateway, Role::Operator])?;
     blocking(move || {
+        let latest = {
+            let l = st.loads.ledger();
+            let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
+            latest_version(&*r)?
+        };
+        if latest == 0 {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let answer = st
+            .blocklist_snapshot
+            .get_or_build(latest, || signed_chunks(&st))?;
+        Ok(snapshot_response(&answer))
+    })
+    .await
+}
+
+/// The latest blocklist version (0 before the first change).
+fn latest_version(r: &dyn LedgerRead) -> Result<u64, ApiError> {
+    let (_, latest) = r
+        .block_changes(u64::MAX - 1, 1)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(latest)
+}
+
+/// Reads the blocked cards and signs them: one message when they fit one chunk (which every
+/// validator takes), otherwise chunks of `CHUNK_ENTRIES`, each preceded by its length and
+/// signed one at a time (one chunk's keys held, not the whole list's).
+fn signed_chunks(st: &AppState) -> Result<SignedSnapshot, ApiError> {
+    use purse::blocklist::chunked::{cut_iter, CHUNK_ENTRIES};
+    let cards = {
         let l = st.loads.ledger();
         let r = l.read().map_err(|e| ApiError::Internal(e.to_string()))?;
-        let cards = blocked_cards(&*r)?;
-        drop(r);
-        let Some((latest, uids)) = cards else {
-            return Ok(StatusCode::NO_CONTENT.into_response());
+        blocked_cards(&*r)?
+    };
+    let (latest, uids) =
+        cards.ok_or_else(|| ApiError::Internal("the blocklist has no version".into()))?;
+    if uids.len() <= CHUNK_ENTRIES {
+        let update = ListUpdate {
+            kind: ListKind::Snapshot,
+            operator: st.operator.clone(),
+            from_version: 0,
+            to_version: latest,
+            entries: uids.into_iter().map(|u| (u, true)).collect(),
         };
-        if uids.len() <= purse::blocklist::chunked::CHUNK_ENTRIES {
-            // A list that fits one chunk stays one message, which every validator takes.
-            return signed_list(
-                &st,
-                &ListUpdate {
-                    kind: ListKind::Snapshot,
-                    operator: st.operator.clone(),
-                    from_version: 0,
-                    to_version: latest,
-                    entries: uids.into_iter().map(|u| (u, true)).collect(),
-                },
-            );
-        }
-        let chunks = purse::blocklist::chunked::cut(
-            &st.operator,
-            latest,
-            &uids,
-            purse::blocklist::chunked::CHUNK_ENTRIES,
-        );
-        drop(uids);
-        let mut out = Vec::new();
-        let hsm = st.loads.hsm();
-        for c in &chunks {
-            let body = c.body();
-            let sig = hsm
-                .lock()
-                .expect("hsm lock")
-                .sign(&body)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            out.extend_from_slice(&((body.len() + sig.len()) as u32).to_be_bytes());
-            out.extend_from_slice(&body);
-            out.extend_from_slice(&sig);
-        }
-        let mut resp = signed_list_response("x-tapgate-blocklist-version", latest, out);
+        return Ok(SignedSnapshot {
+            version: latest,
+            chunks: None,
+            bytes: sign_body(st, update.body())?.into(),
+        });
+    }
+    let chunks = cut_iter(&st.operator, latest, &uids, CHUNK_ENTRIES);
+    let count = chunks.len();
+    let mut out = Vec::with_capacity(uids.len() * 7 + count * (4 + 128 + st.operator.len()));
+    for c in chunks {
+        let signed = sign_body(st, c.body())?;
+        out.extend_from_slice(&(signed.len() as u32).to_be_bytes());
+        out.extend_from_slice(&signed);
+    }
+    Ok(SignedSnapshot {
+        version: latest,
+        chunks: Some(count),
+        bytes: out.into(),
+    })
+}
+
+/// `body` followed by the HSM's signature of it.
+fn sign_body(st: &AppState, mut body: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+    let sig = st
+        .loads
+        .hsm()
+        .lock()
+        .expect("hsm lock")
+        .sign(&body)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    body.extend_from_slice(&sig);
+    Ok(body)
+}
+
+/// The answer of a kept snapshot: one message as `application/octet-stream`, chunks as
+/// `application/x-tapgate-chunks` with their count in `x-tapgate-blocklist-chunks`.
+fn snapshot_response(s: &SignedSnapshot) -> Response {
+    let mut resp = signed_list_response("x-tapgate-blocklist-version", s.version, s.bytes.clone());
+    if let Some(count) = s.chunks {
         let h = resp.headers_mut();
         h.insert(
             axum::http::header::CONTENT_TYPE,
@@ -208,11 +242,10 @@ async fn chunked_snapshot(st: AppState, headers: HeaderMap) -> Result<Response, 
         );
         h.insert(
             axum::http::HeaderName::from_static("x-tapgate-blocklist-chunks"),
-            axum::http::HeaderValue::from(chunks.len()),
+            axum::http::HeaderValue::from(count),
         );
-        Ok(resp)
-    })
-    .await
+    }
+    resp
 }
 
 /// `GET /v1/blocklist/signed/delta?after=N` (gateway, operator): the changes after version N,
