@@ -23,6 +23,8 @@ use purse::tap::TAP_LEN;
 use purse::txn::PendingChange;
 use std::path::Path;
 
+mod blob_files;
+
 /// Journal errors.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -137,6 +139,8 @@ pub struct Journal {
     pickups: Database<Bytes, Bytes>,
     applied: Database<U64<BE>, U64<BE>>,
     capacity_taps: u64,
+    /// Blobs larger than 64 KiB, kept as files ([`blob_files`]).
+    files: blob_files::BlobFiles,
 }
 
 /// An action-list credit about to be applied to a card, journalled before the card is touched.
@@ -203,7 +207,23 @@ impl Journal {
             pickups: pickups.remap_types(),
             applied: applied.remap_types(),
             capacity_taps: outbox_capacity_taps,
+            files: blob_files::BlobFiles::open(dir)?,
         })
+        .and_then(Journal::without_unnamed_files)
+    }
+
+    /// The journal, its blob files that no entry names removed.
+    fn without_unnamed_files(self) -> Result<Self, JournalError> {
+        let r = self.env.read_txn()?;
+        let mut named = std::collections::HashSet::new();
+        for e in self.meta.iter(&r)? {
+            if let Some(f) = blob_files::file_of(e?.1) {
+                named.insert(f.to_string());
+            }
+        }
+        drop(r);
+        self.files.remove_unnamed(&named)?;
+        Ok(self)
     }
 
     /// Taps waiting for the gateway's confirmation.
@@ -292,21 +312,60 @@ impl Journal {
         prefix: &str,
         keep: impl Fn(&str) -> bool,
     ) -> Result<(), JournalError> {
-        let mut w = self.env.write_txn()?;
-        let drop: Vec<String> = self
-            .meta
-            .prefix_iter(&w, prefix)?
-            .filter_map(|e| match e {
-                Ok((k, _)) if keep(k) => None,
-                e => Some(e.map(|(k, _)| k.to_string())),
-            })
-            .collect::<Result<_, _>>()?;
-        for k in drop {
-            self.meta.delete(&mut w, &k)?;
+        self.put_blob_dropping(key, bytes, Some((prefix, &keep)))
+    }
+
+    /// Stores blob `key` (a large one as a file, written before the transaction) and drops
+    /// the blobs under the prefix that the filter does not keep; the files of blobs dropped or
+    /// replaced are removed once the transaction has committed.
+    fn put_blob_dropping(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        drop_under: Option<(&str, &dyn Fn(&str) -> bool)>,
+    ) -> Result<(), JournalError> {
+        let value = self.files.store(key, bytes)?;
+        let mut gone: Vec<String> = Vec::new();
+        let r = (|| {
+            let mut w = self.env.write_txn()?;
+            if let Some(v) = self.meta.get(&w, key)? {
+                gone.extend(blob_files::file_of(v).map(str::to_string));
+            }
+            let mut drop: Vec<String> = Vec::new();
+            if let Some((prefix, keep)) = drop_under {
+                for e in self.meta.prefix_iter(&w, prefix)? {
+                    let (k, v) = e?;
+                    if k != key && !keep(k) {
+                        drop.push(k.to_string());
+                        gone.extend(blob_files::file_of(v).map(str::to_string));
+                    }
+                }
+            }
+            for k in drop {
+                self.meta.delete(&mut w, &k)?;
+            }
+            self.meta.put(&mut w, key, &value)?;
+            w.commit()
+        })();
+        if let Err(e) = r {
+            // The new file is named by nothing committed.
+            if let Some(f) = blob_files::file_of(&value) {
+                self.files.remove(f);
+            }
+            return Err(e.into());
         }
-        self.meta.put(&mut w, key, bytes)?;
-        w.commit()?;
+        for f in gone {
+            self.files.remove(&f);
+        }
         Ok(())
+    }
+
+    /// The bytes of a stored value: read from its file when it names one.
+    fn blob_bytes<'a>(&self, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, JournalError> {
+        match blob_files::file_of(value) {
+            Some(f) => Ok(self.files.read(f)?.into()),
+            None => Ok(value.into()),
+        }
     }
 
     /// Calls `f` with each blob under `prefix`, in key order, one at a time (a 10,000,000-card
@@ -319,7 +378,7 @@ impl Journal {
         let r = self.env.read_txn()?;
         for e in self.meta.prefix_iter(&r, prefix)? {
             let (k, b) = e?;
-            f(k, b);
+            f(k, &self.blob_bytes(b)?);
         }
         Ok(())
     }
@@ -510,16 +569,16 @@ impl Journal {
 
     /// Stores a named blob (signed blocklist messages, fare tables) durably.
     pub fn put_blob(&self, key: &str, bytes: &[u8]) -> Result<(), JournalError> {
-        let mut w = self.env.write_txn()?;
-        self.meta.put(&mut w, key, bytes)?;
-        w.commit()?;
-        Ok(())
+        self.put_blob_dropping(key, bytes, None)
     }
 
     /// Reads a named blob.
     pub fn blob(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
         let r = self.env.read_txn()?;
-        Ok(self.meta.get(&r, key)?.map(<[u8]>::to_vec))
+        match self.meta.get(&r, key)? {
+            Some(v) => Ok(Some(self.blob_bytes(v)?.into_owned())),
+            None => Ok(None),
+        }
     }
 
     /// Blobs whose key starts with `prefix`, in key order.
@@ -528,7 +587,7 @@ impl Journal {
         let mut v = Vec::new();
         for e in self.meta.prefix_iter(&r, prefix)? {
             let (k, b) = e?;
-            v.push((k.to_string(), b.to_vec()));
+            v.push((k.to_string(), self.blob_bytes(b)?.into_owned()));
         }
         Ok(v)
     }
@@ -604,5 +663,53 @@ mod tests {
         assert_eq!(j.confirm(&c).unwrap(), 2);
         // Sequence numbers keep counting after a reopen and confirmations.
         assert_eq!(j.append_tap(None, |s| [s as u8; TAP_LEN]).unwrap(), 4);
+    }
+    /// Blobs over 64 KiB live as files named from LMDB: read back whole, replaced and dropped
+    /// with their files, and a file no entry names is removed at the next open (issue 22).
+    #[test]
+    fn large_blobs_are_files_that_go_with_their_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let files = |d: &Path| std::fs::read_dir(d.join("blobs")).unwrap().count();
+        let big = |b: u8| vec![b; blob_files::FILE_ABOVE + 1];
+        {
+            let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+            j.put_blob_retaining("bl/a/1", &big(1), "bl/", |_| true)
+                .unwrap();
+            j.put_blob_retaining("bl/a/2", &big(2), "bl/", |_| true)
+                .unwrap();
+            j.put_blob("bl/small", b"tiny").unwrap();
+            assert_eq!(files(d.path()), 2);
+            assert_eq!(j.blob("bl/a/2").unwrap(), Some(big(2)));
+            let mut seen = Vec::new();
+            j.for_each_blob("bl/", |k, b| seen.push((k.to_string(), b.to_vec())))
+                .unwrap();
+            assert_eq!(
+                seen,
+                vec![
+                    ("bl/a/1".to_string(), big(1)),
+                    ("bl/a/2".to_string(), big(2)),
+                    ("bl/small".to_string(), b"tiny".to_vec()),
+                ]
+            );
+            // Replaced under the same key: one file still.
+            j.put_blob("bl/a/2", &big(3)).unwrap();
+            assert_eq!(
+                (files(d.path()), j.blob("bl/a/2").unwrap()),
+                (2, Some(big(3)))
+            );
+            // Everything under a/ but the new one dropped, files with it.
+            j.put_blob_retaining("bl/b/1", &big(4), "bl/", |k| k.starts_with("bl/b/"))
+                .unwrap();
+            assert_eq!(files(d.path()), 1);
+            assert_eq!(
+                j.blobs("bl/").unwrap(),
+                vec![("bl/b/1".to_string(), big(4))]
+            );
+        }
+        // A file left by a crash before its commit: gone at the next open; the others stay.
+        std::fs::write(d.path().join("blobs").join("626c2f.7"), b"orphan").unwrap();
+        let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+        assert_eq!(files(d.path()), 1);
+        assert_eq!(j.blob("bl/b/1").unwrap(), Some(big(4)));
     }
 }
