@@ -25,8 +25,8 @@ mod reversal;
 mod session;
 
 pub use order::{
-    complete_order_from_tap, list_version, OrderError, OrderLimits, OrderRecord, OrderRequest,
-    OrderState, PickedUp, PickupBooked, ORDERS_PENDING, ORDERS_UNMATCHED,
+    complete_order_from_tap, list_version, order, OrderError, OrderLimits, OrderRecord,
+    OrderRequest, OrderState, PickedUp, PickupBooked, ORDERS_PENDING, ORDERS_UNMATCHED,
 };
 pub use payment::{valid_merchant, PaymentAsk, PaymentLimits};
 
