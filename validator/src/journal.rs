@@ -25,6 +25,9 @@ use std::path::Path;
 
 mod blob_files;
 
+/// Which blobs under a prefix a write keeps (the others are dropped in its transaction).
+type KeepBlob<'a> = &'a dyn Fn(&str) -> bool;
+
 /// Journal errors.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -322,7 +325,7 @@ impl Journal {
         &self,
         key: &str,
         bytes: &[u8],
-        drop_under: Option<(&str, &dyn Fn(&str) -> bool)>,
+        drop_under: Option<(&str, KeepBlob<'_>)>,
     ) -> Result<(), JournalError> {
         let value = self.files.store(key, bytes)?;
         let mut gone: Vec<String> = Vec::new();
