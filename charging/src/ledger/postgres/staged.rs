@@ -33,10 +33,17 @@ pub(super) struct Staged {
     idem: HashMap<String, Option<serde_json::Value>>,
     /// keys written since the last flush
     idem_dirty: BTreeMap<String, ()>,
+    /// key → whether the database holds a row for it (as read, or since the last flush): a
+    /// key known absent is sent as a plain `INSERT` — a key a concurrent transaction inserted
+    /// meanwhile fails it (a unique violation: the transaction runs again and finds it)
+    idem_rows: HashMap<String, bool>,
     /// (account, shard) → the shard's balance, as read and moved
     shards: HashMap<(String, i16), i64>,
     /// (account, shard) → what moved since the last flush
     deltas: BTreeMap<(String, i16), i64>,
+    /// the shards the database holds a row for (as read, or since the last flush): moved by
+    /// an `UPDATE`; the others (read as absent) inserted
+    shard_rows: std::collections::HashSet<(String, i16)>,
     /// postings not sent yet
     postings: Vec<Posting>,
     /// posting numbers reserved and not used yet, and the next block's size
@@ -79,6 +86,7 @@ impl Staged {
 
     /// What the transaction read under `key`.
     pub fn read_idempotent(&mut self, key: &str, answer: Option<serde_json::Value>) {
+        self.idem_rows.insert(key.to_string(), answer.is_some());
         self.idem.insert(key.to_string(), answer);
     }
 
@@ -155,9 +163,12 @@ impl Staged {
         Some(true)
     }
 
-    /// What the transaction read of a shard (0 when it has no row).
-    pub fn read_shard(&mut self, key: (String, i16), balance: i64) {
-        self.shards.insert(key, balance);
+    /// What the transaction read of a shard: its balance, or `None` when it has no row.
+    pub fn read_shard(&mut self, key: (String, i16), balance: Option<i64>) {
+        if balance.is_some() {
+            self.shard_rows.insert(key.clone());
+        }
+        self.shards.insert(key, balance.unwrap_or(0));
     }
 
     /// A posting to send, numbered from the reserved block (a new block reserved first when
@@ -192,38 +203,94 @@ impl Staged {
     pub fn flush(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
         self.flush_postings(db)?;
         if !self.deltas.is_empty() {
-            let deltas = std::mem::take(&mut self.deltas);
-            let (mut accounts, mut shards, mut amounts) = (vec![], vec![], vec![]);
-            for ((account, shard), delta) in deltas {
-                accounts.push(account);
-                shards.push(shard);
-                amounts.push(delta);
-            }
-            db.execute(
-                "INSERT INTO balances (account, shard, balance_minor) \
-                 SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[]) \
-                 ON CONFLICT (account, shard) DO UPDATE \
-                 SET balance_minor = balances.balance_minor + EXCLUDED.balance_minor",
-                &[&accounts, &shards, &amounts],
-            )
-            .map_err(|e| db_error(&e))?;
+            self.flush_balances(db)?;
         }
         if !self.cards_dirty.is_empty() {
             self.flush_cards(db)?;
         }
         if !self.idem_dirty.is_empty() {
-            let dirty = std::mem::take(&mut self.idem_dirty);
-            let (mut keys, mut answers) = (vec![], vec![]);
-            for key in dirty.into_keys() {
-                if let Some(Some(a)) = self.idem.get(&key) {
-                    answers.push(a.clone());
-                    keys.push(key);
-                }
+            self.flush_idempotent(db)?;
+        }
+        Ok(())
+    }
+
+    /// The balance moves, summed per shard: the shards the database holds moved by one
+    /// `UPDATE … FROM unnest` (its row count checked), the others inserted by one plain
+    /// `INSERT` (every shard moved was read first: `add_balance`).
+    fn flush_balances(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
+        let deltas = std::mem::take(&mut self.deltas);
+        let (mut held, mut new) = (Moves::default(), Moves::default());
+        for (key, delta) in deltas {
+            if self.shard_rows.contains(&key) {
+                held.push(key, delta);
+            } else {
+                self.shard_rows.insert(key.clone());
+                new.push(key, delta);
             }
+        }
+        if !held.accounts.is_empty() {
+            let n = db
+                .execute(
+                    "UPDATE balances AS b SET balance_minor = b.balance_minor + u.d \
+                     FROM unnest($1::text[], $2::smallint[], $3::bigint[]) AS u(a, s, d) \
+                     WHERE b.account = u.a AND b.shard = u.s",
+                    &[&held.accounts, &held.shards, &held.amounts],
+                )
+                .map_err(|e| db_error(&e))?;
+            expect_rows("balance shards to move", n, held.accounts.len())?;
+        }
+        if !new.accounts.is_empty() {
+            db.execute(
+                "INSERT INTO balances (account, shard, balance_minor) \
+                 SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[])",
+                &[&new.accounts, &new.shards, &new.amounts],
+            )
+            .map_err(|e| db_error(&e))?;
+        }
+        Ok(())
+    }
+
+    /// The answers written: a key the transaction read as absent inserted by one plain
+    /// `INSERT` (a key a concurrent transaction took fails it: the transaction runs again and
+    /// finds the key, so a tap's marker is booked once by the database's unique key); one it
+    /// read as present updated; one it never read upserted.
+    fn flush_idempotent(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
+        let dirty = std::mem::take(&mut self.idem_dirty);
+        let (mut new, mut held, mut unread) =
+            (Answers::default(), Answers::default(), Answers::default());
+        for key in dirty.into_keys() {
+            let Some(Some(a)) = self.idem.get(&key) else {
+                continue;
+            };
+            let a = a.clone();
+            match self.idem_rows.insert(key.clone(), true) {
+                Some(false) => new.push(key, a),
+                Some(true) => held.push(key, a),
+                None => unread.push(key, a),
+            }
+        }
+        if !new.keys.is_empty() {
+            db.execute(
+                "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[])",
+                &[&new.keys, &new.answers],
+            )
+            .map_err(|e| db_error(&e))?;
+        }
+        if !held.keys.is_empty() {
+            let n = db
+                .execute(
+                    "UPDATE idempotency AS i SET answer = u.a \
+                     FROM unnest($1::text[], $2::jsonb[]) AS u(k, a) WHERE i.key = u.k",
+                    &[&held.keys, &held.answers],
+                )
+                .map_err(|e| db_error(&e))?;
+            expect_rows("stored answers to update", n, held.keys.len())?;
+        }
+        if !unread.keys.is_empty() {
             db.execute(
                 "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
                  ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
-                &[&keys, &answers],
+                &[&unread.keys, &unread.answers],
             )
             .map_err(|e| db_error(&e))?;
         }
@@ -273,14 +340,7 @@ impl Staged {
                     ],
                 )
                 .map_err(|e| db_error(&e))?;
-            if n != counted.len() as u64 {
-                // The transaction read every one of them: under SERIALIZABLE none can be gone.
-                return Err(LedgerError::Database(format!(
-                    "{} of {} card shadows to update were not found",
-                    counted.len() as u64 - n.min(counted.len() as u64),
-                    counted.len()
-                )));
-            }
+            expect_rows("card shadows to update", n, counted.len())?;
         }
         if !whole.is_empty() {
             let a = &whole_counters;
@@ -362,7 +422,7 @@ impl Staged {
                 rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             for k in keys {
                 let answer = found.remove(&k);
-                self.idem.insert(k, answer);
+                self.read_idempotent(&k, answer);
             }
         }
         self.prefetch_intents(db, &ahead.counters)
@@ -391,16 +451,18 @@ impl Staged {
                 Some(_) => Some(cards::from_row(r, 5)?),
                 None => None,
             };
-            let balance = r.get::<_, Option<i64>>(1).unwrap_or(0);
+            let balance = r.get::<_, Option<i64>>(1);
             let gap = r
                 .get::<_, Option<i64>>(2)
                 .map(|_| super::write::gap_clock(r, 2));
             found.insert(r.get::<_, String>(0), (shadow, balance, gap));
         }
         for ((uid, h), account) in cards.iter().zip(&hex).zip(accounts) {
-            let (shadow, balance, gap) = found.remove(h).unwrap_or((None, 0, None));
+            let (shadow, balance, gap) = found.remove(h).unwrap_or((None, None, None));
             self.read_card(uid, shadow);
-            self.shards.entry((account, 0)).or_insert(balance);
+            if !self.shards.contains_key(&(account.clone(), 0)) {
+                self.read_shard((account, 0), balance);
+            }
             self.gaps.entry(*uid).or_insert(gap);
         }
         Ok(())
@@ -439,6 +501,48 @@ impl Staged {
             }
         }
         Ok(())
+    }
+}
+
+/// A multi-row statement changed `n` rows of `expected`: the transaction read every one of
+/// them, and under SERIALIZABLE none can be gone.
+fn expect_rows(what: &str, n: u64, expected: usize) -> Result<(), LedgerError> {
+    if n == expected as u64 {
+        return Ok(());
+    }
+    Err(LedgerError::Database(format!(
+        "{} of {expected} {what} were not found",
+        (expected as u64).saturating_sub(n)
+    )))
+}
+
+/// Balance moves as the arrays of one multi-row statement.
+#[derive(Default)]
+struct Moves {
+    accounts: Vec<String>,
+    shards: Vec<i16>,
+    amounts: Vec<i64>,
+}
+
+impl Moves {
+    fn push(&mut self, (account, shard): (String, i16), delta: i64) {
+        self.accounts.push(account);
+        self.shards.push(shard);
+        self.amounts.push(delta);
+    }
+}
+
+/// Idempotency answers as the arrays of one multi-row statement.
+#[derive(Default)]
+struct Answers {
+    keys: Vec<String>,
+    answers: Vec<serde_json::Value>,
+}
+
+impl Answers {
+    fn push(&mut self, key: String, answer: serde_json::Value) {
+        self.keys.push(key);
+        self.answers.push(answer);
     }
 }
 

@@ -200,17 +200,16 @@ impl PgWrite<'_> {
         self.shard_balance(&(account.to_string(), 0))
     }
 
-    /// A shard's balance as the database holds it, staged from then on.
+    /// A shard's balance as the database holds it (0 without a row), staged from then on.
     fn shard_balance(&self, key: &(String, i16)) -> Result<i64, LedgerError> {
         let b = self
             .one(
                 "SELECT balance_minor FROM balances WHERE account = $1 AND shard = $2",
                 &[&key.0, &key.1],
             )?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+            .map(|r| r.get(0));
         self.staged.borrow_mut().read_shard(key.clone(), b);
-        Ok(b)
+        Ok(b.unwrap_or(0))
     }
 
     /// Runs a statement; its error as the ledger reports it (the failure is noted by [`Db`]).
