@@ -182,3 +182,45 @@ fn forged_and_retired_key_chunks_are_refused_and_change_nothing() {
     }
     assert_eq!((g.blocklist.version(), g.blocklist.len()), (2, 300));
 }
+
+/// The daemon's path (`apply_blocklist_shared`: verified before the gate is taken, journalled
+/// after): chunks over 64 KiB are journalled as files; a new snapshot's last chunk switches the
+/// list and removes the old snapshot's files; a restart restores the list from them; a forged
+/// chunk is refused and changes nothing.
+#[test]
+fn the_daemons_path_switches_at_the_last_chunk_and_journals_large_chunks_as_files() {
+    use validator::daemon::apply_blocklist_shared;
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(5));
+    let bo = SigningKey::from_bytes(&[1; 32]);
+    let pk = bo.verifying_key().to_bytes();
+    let trusted = purse::rotation::TrustedKeys::single(pk);
+    let d = tempfile::tempdir().unwrap();
+    let j = Journal::open(d.path(), 10, 1 << 26).unwrap();
+    let g = std::sync::Mutex::new(gate(&keys));
+    let files = || std::fs::read_dir(d.path().join("blobs")).unwrap().count();
+    // 10,000 cards a chunk: 70 KB, above the 64 KiB kept inline.
+    let v3 = chunks(&bo, 3, 0..30_000, 10_000);
+    let v5 = chunks(&bo, 5, 10_000..40_000, 10_000);
+    for c in &v3[..2] {
+        let (out, held) = apply_blocklist_shared(&g, &j, &trusted, c).unwrap();
+        assert!(matches!(out, DownlinkOutcome::Pending { version: 3, .. }));
+        assert_eq!(held, 0);
+    }
+    let out = apply_blocklist_shared(&g, &j, &trusted, &v3[2]).unwrap();
+    assert_eq!(out, (DownlinkOutcome::Applied(3), 3));
+    assert_eq!(files(), 3);
+    let forger = SigningKey::from_bytes(&[9; 32]);
+    let forged = chunks(&forger, 7, 0..10, 10);
+    assert!(apply_blocklist_shared(&g, &j, &trusted, &forged[0]).is_err());
+    assert!(g.lock().unwrap().blocklist.incoming().is_none());
+    for c in &v5 {
+        apply_blocklist_shared(&g, &j, &trusted, c).unwrap();
+    }
+    let g = g.into_inner().unwrap();
+    assert_eq!((g.blocklist.version(), g.blocklist.len()), (5, 30_000));
+    assert!(!g.blocklist.is_blocked(&uid(0)) && g.blocklist.is_blocked(&uid(39_999)));
+    assert_eq!(files(), 3, "the old snapshot's files removed");
+    let mut g2 = gate(&keys);
+    restore(&mut g2, &j, &pk).unwrap();
+    assert_eq!(g2.blocklist, g.blocklist);
+}
