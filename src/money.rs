@@ -2,26 +2,7 @@
 //! the currency code (`1,780,900 KRW`, `1,394.18 USD`). Amounts stay integer minor units
 //! everywhere else; this is only how they are printed.
 
-/// `minor` in currency units with thousands separators: `1,780,900` (exponent 0),
-/// `1,394.18` (exponent 2), `-0.05`.
-pub fn units(minor: i64, exponent: u8) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    let m = minor.unsigned_abs();
-    let p = 10u64.pow(u32::from(exponent));
-    let whole = (m / p).to_string();
-    let mut grouped = String::with_capacity(whole.len() + whole.len() / 3);
-    for (i, c) in whole.chars().enumerate() {
-        if i > 0 && (whole.len() - i) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    if exponent == 0 {
-        format!("{sign}{grouped}")
-    } else {
-        format!("{sign}{grouped}.{:0w$}", m % p, w = usize::from(exponent))
-    }
-}
+pub use tapgate_http::show::units;
 
 /// [`units`] followed by the currency code: `1,780,900 KRW`.
 pub fn amount(minor: i64, exponent: u8, currency: &str) -> String {

@@ -4,6 +4,8 @@
 use crate::clearing::{tap_detail, TapDetail};
 use crate::ledger::{IntentKind, IntentState, LedgerError, LedgerRead, Posting};
 use serde::{Deserialize, Serialize};
+use tapgate_http::show::{units, utc};
+use time::macros::format_description;
 
 /// One line of a card's history: a posting to or from the card's account.
 #[derive(Clone, Debug, Serialize)]
@@ -345,27 +347,19 @@ pub fn record_topup(l: &crate::ledger::Ledger, holder: &str, t: &TopUp) -> Resul
 
 /// The month (`YYYY-MM`, UTC) of a time.
 pub fn month_of(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}", t.year(), u8::from(t.month()))
+    utc(ms, format_description!("[year]-[month]"))
 }
 
 /// A time as `YYYY-MM-DD HH:MM UTC`.
 pub fn when(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute()
+    utc(
+        ms,
+        format_description!("[year]-[month]-[day] [hour]:[minute] UTC"),
     )
 }
 
 /// Digits after the decimal point of a currency (ISO 4217).
-fn exponent(currency: &str) -> u32 {
+fn exponent(currency: &str) -> u8 {
     const ZERO: [&str; 17] = [
         "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
         "VUV", "XAF", "XOF", "XPF",
@@ -382,23 +376,7 @@ fn exponent(currency: &str) -> u32 {
 
 /// An amount of minor units in its currency: `5,000 KRW`, `-12.50 USD`.
 pub fn money(minor: i64, currency: &str) -> String {
-    let exp = exponent(currency);
-    let unit = 10i64.pow(exp);
-    let (sign, abs) = (if minor < 0 { "-" } else { "" }, minor.unsigned_abs());
-    let (whole, frac) = (abs / unit as u64, abs % unit as u64);
-    let digits = whole.to_string();
-    let mut grouped = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(c);
-    }
-    if exp == 0 {
-        format!("{sign}{grouped} {currency}")
-    } else {
-        format!("{sign}{grouped}.{frac:0w$} {currency}", w = exp as usize)
-    }
+    format!("{} {currency}", units(minor, exponent(currency)))
 }
 
 /// An amount typed by a holder (`5000`, `12.50`, `1,000`) in minor units of `currency`.

@@ -51,18 +51,11 @@ fn field(s: &str) -> String {
 }
 
 /// `ms` (unix) as local `YYYY-MM-DDTHH:MM:SS`, `offset_min` minutes from UTC.
+/// (A local time before 1970 is shown as 1970-01-01T00:00:00.)
 fn local(ms: u64, offset_min: i32) -> String {
-    let s = (ms / 1000) as i64 + i64::from(offset_min) * 60;
-    let t =
-        time::OffsetDateTime::from_unix_timestamp(s).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
+    tapgate_http::show::utc(
+        ms.saturating_add_signed(i64::from(offset_min) * 60_000),
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]"),
     )
 }
 

@@ -86,16 +86,9 @@ pub fn router(api: ApiState, cfg: &PagesConfig, tls: bool) -> Result<Router, Str
 
 /// A time as the pages show it: `YYYY-MM-DD HH:MM:SS` UTC.
 pub fn when(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000).min(253_402_300_799) as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
+    tapgate_http::show::utc(
+        ms,
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]"),
     )
 }
 
