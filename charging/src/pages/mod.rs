@@ -364,7 +364,7 @@ async fn card_page(
                 .take(10)
                 .map(|t| {
                     let state = match t.order_id {
-                        Some(id) => pickup::state(p2, id)?.0,
+                        Some(id) => pickup::state(r, id)?.0,
                         None => t.state(&holder, &loads).0,
                     };
                     Ok(minijinja::context! {
@@ -650,7 +650,7 @@ async fn topup_state(
                     .ok_or_else(|| PageError::NotFound("No such top-up.".into()))?;
                 let loads = card::loads(r, &uid)?;
                 let (state, tmc) = t.state(&holder, &loads);
-                let order = t.order_id.map(|id| pickup::state(p2, id)).transpose()?;
+                let order = t.order_id.map(|id| pickup::state(r, id)).transpose()?;
                 Ok((t, state, tmc, order))
             })
             .await?;

@@ -43,13 +43,11 @@ pub(super) fn order_topup(
 
 /// Where a picked-up top-up stands: `pending` while its order waits for the card's next tap,
 /// `completed` once a validator credited it and clearing verified it, `refunded` when it
-/// expired and its value went back; and when it expires or expired (unix ms).
-pub(super) fn state(p: &Pages, order_id: u64) -> Result<(&'static str, u64), PageError> {
-    let o = p
-        .api
-        .loads
-        .order(order_id)
-        .map_err(|e| PageError::Internal(e.to_string()))?;
+/// expired and its value went back; and when it expires or expired (unix ms). Read in `r`, the
+/// snapshot the page is already reading (not a second one).
+pub(super) fn state(r: &dyn LedgerRead, order_id: u64) -> Result<(&'static str, u64), PageError> {
+    let o = crate::load::order(r, order_id)?
+        .ok_or_else(|| PageError::Internal(format!("order {order_id} is not stored")))?;
     let state = match o.state {
         OrderState::Open => "pending",
         OrderState::Completed => "completed",
