@@ -85,6 +85,7 @@ backends!(
     one_intent_per_card_counter,
     concurrent_transactions_keep_each_callers_writes_and_roll_back_only_failures,
     blocks_and_anomalies_are_numbered_without_gaps,
+    a_card_s_block_changes_and_anomalies_are_read_per_card,
     records_round_trip,
     a_gap_is_swept_once_and_a_block_lifts_when_it_fills,
     a_load_and_a_cleared_tap_end_to_end,
@@ -289,6 +290,58 @@ fn blocks_and_anomalies_are_numbered_without_gaps(u: &Under) {
     assert_eq!(list, vec![(2, anomaly(2))]);
     assert!(r.card(&a).unwrap().block_reason.is_none());
     assert!(r.card(&b).unwrap().blocked);
+}
+
+/// The console's card page reads one card's changes through the per-card index (newest first,
+/// at most a limit) and its anomalies among the newest N (a bounded reverse scan).
+fn a_card_s_block_changes_and_anomalies_are_read_per_card(u: &Under) {
+    let l = u.ledger();
+    let (a, b, never) = ([4u8; 7], [5u8; 7], [6u8; 7]);
+    let anomaly = move |uid: String, n: u32| Anomaly {
+        kind: "clone".into(),
+        card_uid: uid,
+        tmc: n,
+        device_id: 7,
+        device_seq: u64::from(n),
+        detail: format!("#{n}"),
+    };
+    let (ah, bh) = (hex::encode_upper(a), hex::encode_upper(b));
+    let ah2 = ah.clone();
+    l.transact(move |t| {
+        t.set_blocked(&a, true, "lost", T0)?;
+        t.set_blocked(&b, true, "stolen", T0)?;
+        t.set_blocked(&a, false, "found", T0 + 1)?;
+        t.set_blocked(&a, true, "lost again", T0 + 2)?;
+        t.record_anomaly(&anomaly(ah2.clone(), 1))?;
+        t.record_anomaly(&anomaly(bh.clone(), 2))?;
+        // A UID stored in lower case is still the card's.
+        t.record_anomaly(&anomaly(ah2.to_lowercase(), 3))?;
+        t.record_anomaly(&anomaly(ah2.clone(), 4))?;
+        Ok(())
+    })
+    .unwrap();
+    let r = l.read().unwrap();
+    let versions = |uid: &[u8; 7], limit| {
+        let changes = r.card_block_changes(uid, limit).unwrap();
+        changes.iter().map(|c| c.version).collect::<Vec<_>>()
+    };
+    assert_eq!(versions(&a, 10), [4, 3, 1]);
+    assert_eq!(versions(&a, 2), [4, 3]);
+    assert_eq!(versions(&b, 10), [2]);
+    assert!(versions(&never, 10).is_empty());
+    assert_eq!(r.card_block_changes(&a, 1).unwrap()[0].reason, "lost again");
+    let seqs = |uid: &[u8; 7], within| {
+        let found = r.card_anomalies(uid, within).unwrap();
+        found.iter().map(|(seq, _)| *seq).collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(&a, 10), [4, 3, 1]);
+    assert_eq!(r.card_anomalies(&a, 10).unwrap()[2], (1, anomaly(ah, 1)));
+    // Only the newest `within` are looked through: b's (number 2) is not among the newest 2.
+    assert_eq!(seqs(&a, 2), [4, 3]);
+    assert!(seqs(&b, 2).is_empty());
+    assert_eq!(seqs(&b, u64::MAX), [2]);
+    assert!(seqs(&never, 10).is_empty());
+    assert!(seqs(&a, 0).is_empty());
 }
 
 fn records_round_trip(u: &Under) {

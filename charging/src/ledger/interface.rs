@@ -252,6 +252,24 @@ pub trait LedgerRead {
     /// the index lookup, not the number of changes ever made.
     fn latest_block_change(&self, uid: &[u8; 7]) -> Result<Option<BlockChange>, LedgerError>;
 
+    /// The card's block changes, newest first, at most `limit`: read through the same per-card
+    /// index, so the cost is the card's changes read, not every change ever made.
+    fn card_block_changes(
+        &self,
+        uid: &[u8; 7],
+        limit: usize,
+    ) -> Result<Vec<BlockChange>, LedgerError>;
+
+    /// The card's anomalies among the newest `within` (by number), newest first. Neither
+    /// backend indexes anomalies by card: this is a bounded reverse scan of at most `within`
+    /// anomalies (LMDB: a cursor back from the last number; PostgreSQL: the primary key's range
+    /// above `last - within`), so an older anomaly of the card is not listed.
+    fn card_anomalies(
+        &self,
+        uid: &[u8; 7],
+        within: u64,
+    ) -> Result<Vec<(u64, Anomaly)>, LedgerError>;
+
     /// How far the blocklist versions reached the validators, as each gateway last reported
     /// ([`propagation`]): per gateway (by name), its figures by version, oldest first.
     fn block_propagation(&self) -> Result<Vec<(String, Vec<BlockReach>)>, LedgerError> {

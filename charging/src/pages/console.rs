@@ -58,10 +58,6 @@ pub(super) fn uid_of(hex_uid: &str) -> Result<[u8; 7], PageError> {
 
 /// Every block change and the latest version (the console reads them all: the list is small
 /// next to the postings).
-fn all_changes(r: &dyn LedgerRead) -> Result<(Vec<BlockChange>, u64), PageError> {
-    Ok(r.block_changes(0, 1_000_000)?)
-}
-
 fn change_ctx(c: &BlockChange) -> minijinja::Value {
     minijinja::context! {
         version => c.version, uid => c.card_uid, action => c.action, reason => c.reason,
@@ -131,6 +127,14 @@ struct CardQuery {
 const HISTORY_LINES: usize = 50;
 
 /// What the console shows of a card: its state, its block changes, its anomalies, its history.
+/// Most block changes the console's card page lists (the card's newest, through the per-card
+/// index).
+const CARD_CHANGES: usize = 100;
+
+/// How many of the newest anomalies the console's card page looks through for the card's
+/// (anomalies have no per-card index: a bounded reverse scan; an older one is not listed).
+const ANOMALIES_SCANNED: u64 = 10_000;
+
 fn card_ctx(
     p: &Pages,
     r: &dyn LedgerRead,
@@ -141,20 +145,16 @@ fn card_ctx(
     let known = r.card_known(uid)?;
     let shadow = r.card(uid)?;
     let balance = r.balance(&crate::ledger::card_account(uid))?;
-    let (changes, _) = all_changes(r)?;
-    let mut mine: Vec<minijinja::Value> = changes
+    let mine: Vec<minijinja::Value> = r
+        .card_block_changes(uid, CARD_CHANGES)?
         .iter()
-        .filter(|c| c.card_uid.eq_ignore_ascii_case(&hex_uid))
         .map(change_ctx)
         .collect();
-    mine.reverse();
-    let (found, _) = r.anomalies(0, 1_000_000)?;
-    let mut anomalies: Vec<minijinja::Value> = found
+    let anomalies: Vec<minijinja::Value> = r
+        .card_anomalies(uid, ANOMALIES_SCANNED)?
         .iter()
-        .filter(|(_, a)| a.card_uid.eq_ignore_ascii_case(&hex_uid))
         .map(|(seq, a)| anomaly_ctx(*seq, a))
         .collect();
-    anomalies.reverse();
     let history = card::history(r, uid)?;
     let lines = history.len();
     let shown: Vec<minijinja::Value> = history

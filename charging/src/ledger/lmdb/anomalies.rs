@@ -31,6 +31,27 @@ impl LedgerCore {
         Ok((out, last))
     }
 
+    /// The card's anomalies among the newest `within`, newest first (no per-card index: a
+    /// reverse scan of at most `within` entries).
+    pub(super) fn card_anomalies(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+        within: u64,
+    ) -> Result<Vec<(u64, Anomaly)>, LedgerError> {
+        let last = self.anomalies.last(txn)?.map(|(k, _)| k).unwrap_or(0);
+        let from = last.saturating_sub(within).saturating_add(1);
+        let hex_uid = hex::encode_upper(uid);
+        let mut out = Vec::new();
+        for item in self.anomalies.rev_range(txn, &(from..))? {
+            let (seq, a) = item?;
+            if a.card_uid.eq_ignore_ascii_case(&hex_uid) {
+                out.push((seq, a));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every gap clock not reported yet, by card.
     pub(super) fn unreported_gaps(
         &self,

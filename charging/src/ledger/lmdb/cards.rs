@@ -94,14 +94,28 @@ impl LedgerCore {
         txn: &RoTxn<'_, WithoutTls>,
         uid: &[u8; 7],
     ) -> Result<Option<BlockChange>, LedgerError> {
-        let Some(item) = self.blocks_by_card.rev_prefix_iter(txn, uid)?.next() else {
-            return Ok(None);
-        };
-        let (key, _) = item?;
-        let Some(version) = key.get(7..).and_then(|v| <[u8; 8]>::try_from(v).ok()) else {
-            return Ok(None);
-        };
-        Ok(self.blocks.get(txn, &u64::from_be_bytes(version))?)
+        Ok(self.card_block_changes(txn, uid, 1)?.pop())
+    }
+
+    /// The card's block changes, newest first, at most `limit`: its keys in the per-card index
+    /// read backwards from its highest version, each change then got by version.
+    pub(super) fn card_block_changes(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        uid: &[u8; 7],
+        limit: usize,
+    ) -> Result<Vec<BlockChange>, LedgerError> {
+        let mut out = Vec::new();
+        for item in self.blocks_by_card.rev_prefix_iter(txn, uid)?.take(limit) {
+            let (key, _) = item?;
+            let Some(version) = key.get(7..).and_then(|v| <[u8; 8]>::try_from(v).ok()) else {
+                continue;
+            };
+            if let Some(c) = self.blocks.get(txn, &u64::from_be_bytes(version))? {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 
     /// Block changes after `after`, at most `limit`, and the latest version.

@@ -413,6 +413,24 @@ impl<T: view::View> LedgerRead for T {
         core.latest_block_change(txn, uid)
     }
 
+    fn card_block_changes(
+        &self,
+        uid: &[u8; 7],
+        limit: usize,
+    ) -> Result<Vec<BlockChange>, LedgerError> {
+        let (core, txn) = self.view();
+        core.card_block_changes(txn, uid, limit)
+    }
+
+    fn card_anomalies(
+        &self,
+        uid: &[u8; 7],
+        within: u64,
+    ) -> Result<Vec<(u64, Anomaly)>, LedgerError> {
+        let (core, txn) = self.view();
+        core.card_anomalies(txn, uid, within)
+    }
+
     fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
         let (core, txn) = self.view();
         core.voucher(txn, code)

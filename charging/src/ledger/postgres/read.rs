@@ -177,18 +177,18 @@ pub(super) mod q {
                 &[&big(after), &big(limit as u64)],
             )
             .map_err(|e| db_error(&e))?;
-        Ok((
-            rows.iter()
-                .map(|r| BlockChange {
-                    version: unbig(r.get(0)),
-                    card_uid: r.get(1),
-                    action: r.get(2),
-                    reason: r.get(3),
-                    time_ms: unbig(r.get(4)),
-                })
-                .collect(),
-            unbig(latest),
-        ))
+        Ok((rows.iter().map(change_of).collect(), unbig(latest)))
+    }
+
+    /// A `block_changes` row selected as (version, card_uid, action, reason, time_ms).
+    fn change_of(r: &postgres::Row) -> BlockChange {
+        BlockChange {
+            version: unbig(r.get(0)),
+            card_uid: r.get(1),
+            action: r.get(2),
+            reason: r.get(3),
+            time_ms: unbig(r.get(4)),
+        }
     }
 
     /// The card's latest block change: one probe of `block_changes_card` (card, version).
@@ -196,20 +196,46 @@ pub(super) mod q {
         db: &mut Db<'_>,
         uid: &[u8; 7],
     ) -> Result<Option<BlockChange>, LedgerError> {
-        let row = db
-            .query_opt(
+        Ok(card_block_changes(db, uid, 1)?.pop())
+    }
+
+    /// The card's block changes, newest first, at most `limit`: `block_changes_card` (card,
+    /// version) read backwards.
+    pub fn card_block_changes(
+        db: &mut Db<'_>,
+        uid: &[u8; 7],
+        limit: usize,
+    ) -> Result<Vec<BlockChange>, LedgerError> {
+        let rows = db
+            .query(
                 "SELECT version, card_uid, action, reason, time_ms FROM block_changes \
-                 WHERE card_uid = $1 ORDER BY version DESC LIMIT 1",
-                &[&hex::encode_upper(uid)],
+                 WHERE card_uid = $1 ORDER BY version DESC LIMIT $2",
+                &[&hex::encode_upper(uid), &big(limit as u64)],
             )
             .map_err(|e| db_error(&e))?;
-        Ok(row.map(|r| BlockChange {
-            version: unbig(r.get(0)),
-            card_uid: r.get(1),
-            action: r.get(2),
-            reason: r.get(3),
-            time_ms: unbig(r.get(4)),
-        }))
+        Ok(rows.iter().map(change_of).collect())
+    }
+
+    /// The card's anomalies among the newest `within`, newest first: the primary key's range
+    /// above `last - within` (no per-card index on `anomalies`).
+    pub fn card_anomalies(
+        db: &mut Db<'_>,
+        uid: &[u8; 7],
+        within: u64,
+    ) -> Result<Vec<(u64, Anomaly)>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT seq, record FROM anomalies \
+                 WHERE seq > (SELECT last FROM ledger_sequences WHERE name = 'anomalies') - $2 \
+                 AND upper(card_uid) = $1 ORDER BY seq DESC",
+                &[&hex::encode_upper(uid), &big(within)],
+            )
+            .map_err(|e| db_error(&e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push((unbig(r.get(0)), record(r, "record")?));
+        }
+        Ok(out)
     }
 
     pub fn voucher(db: &mut Db<'_>, code: &str) -> Result<Option<Voucher>, LedgerError> {
@@ -535,6 +561,24 @@ macro_rules! reads_through_q {
             ) -> Result<Option<BlockChange>, LedgerError> {
                 let uid = *uid;
                 self.q(move |db| super::read::q::latest_block_change(db, &uid))
+            }
+
+            fn card_block_changes(
+                &self,
+                uid: &[u8; 7],
+                limit: usize,
+            ) -> Result<Vec<BlockChange>, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| super::read::q::card_block_changes(db, &uid, limit))
+            }
+
+            fn card_anomalies(
+                &self,
+                uid: &[u8; 7],
+                within: u64,
+            ) -> Result<Vec<(u64, Anomaly)>, LedgerError> {
+                let uid = *uid;
+                self.q(move |db| super::read::q::card_anomalies(db, &uid, within))
             }
 
             fn voucher(&self, code: &str) -> Result<Option<Voucher>, LedgerError> {
