@@ -441,12 +441,16 @@ impl PgRead {
         f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
         use std::sync::atomic::Ordering;
-        let first = self.snapshot && !self.begun.load(Ordering::Relaxed);
+        let snapshot = self.snapshot;
+        let first = snapshot && !self.begun.load(Ordering::Relaxed);
         let begun = self.begun.clone();
         self.lease.conn().run(move |s| {
             if first {
                 begin(s)?;
                 begun.store(true, Ordering::Relaxed);
+            } else if !snapshot {
+                // Each read stands alone: a connection missing or lost is made afresh.
+                s.client()?;
             }
             let Some(client) = s.client.as_mut() else {
                 return Err(LedgerError::Unavailable(
