@@ -28,7 +28,9 @@
 //! instead of three in the gateway's (the embedded broker's ACL front, its loopback connection
 //! to rumqttd, rumqttd's end). `broker_rss_kib`, `broker_rss_per_validator_bytes` and
 //! `broker_fds` are Mosquitto's; `gateway_fds` the descriptors this process holds with the
-//! fleet connected. `load_1m_start` / `load_1m_end`: the machine's load average around the run.
+//! fleet connected. `validator_reconnects_connecting` / `_measured`: the validators'
+//! reconnections while the fleet connected / after (a validator whose CONNACK or keep-alive
+//! timed out). `load_1m_start` / `load_1m_end`: the machine's load average around the run.
 //!
 //! A child verifies each distinct signed list once and applies the result to each of its
 //! validators: real validators verify on their own CPUs side by side, these share the two
@@ -185,6 +187,8 @@ struct Connected {
     broker_rss_connected: u64,
     gateway_fds: u64,
     broker_fds: u64,
+    /// Validators' reconnections while the fleet connected.
+    reconnects: u64,
 }
 
 async fn scenario(validators: u32, kind: BrokerKind) -> anyhow::Result<Figures> {
@@ -260,6 +264,14 @@ async fn scenario(validators: u32, kind: BrokerKind) -> anyhow::Result<Figures> 
         (
             "validators_cpu_s",
             ((children_cpu_s * 10.0).round() / 10.0).into(),
+        ),
+        (
+            "validator_reconnects_connecting",
+            connected.reconnects.into(),
+        ),
+        (
+            "validator_reconnects_measured",
+            (fleet.reconnects.load(Ordering::Relaxed) - connected.reconnects).into(),
         ),
         ("load_1m_start", load_start.into()),
         ("load_1m_end", load_1m().into()),
@@ -361,6 +373,7 @@ async fn connect_fleet(
         broker_rss_connected: broker.rss_kib(),
         gateway_fds: fds_of("self"),
         broker_fds: broker.pid().map_or(0, |p| fds_of(&p.to_string())),
+        reconnects: fleet.reconnects.load(Ordering::Relaxed),
     };
     eprintln!(
         "blocklist: {validators} validators connected and subscribed in {:.1} s",
@@ -595,11 +608,13 @@ async fn start_gateway(
 }
 
 /// The simulated validators: child processes of [`PER_CHILD`] each, reporting on their
-/// standard output (`S` subscribed, `R <µs>` the raw fan-out's message arrived, `H <µs>` the
+/// standard output (`C` connected again, `S` subscribed, `R <µs>` the raw fan-out's message arrived, `H <µs>` the
 /// block held).
 struct Fleet {
     children: Vec<std::process::Child>,
     subscribed: Arc<AtomicU64>,
+    /// Connections after a validator's first (`C` lines): reconnections.
+    reconnects: Arc<AtomicU64>,
     raw: Arc<Mutex<Vec<u64>>>,
     held: Arc<Mutex<Vec<u64>>>,
 }
@@ -610,6 +625,7 @@ impl Fleet {
         let mut fleet = Fleet {
             children: Vec::new(),
             subscribed: Arc::new(AtomicU64::new(0)),
+            reconnects: Arc::new(AtomicU64::new(0)),
             raw: Arc::default(),
             held: Arc::default(),
         };
@@ -624,8 +640,9 @@ impl Fleet {
                 .stdout(std::process::Stdio::piped())
                 .spawn()?;
             let out = child.stdout.take().expect("piped");
-            let (subscribed, raw, held) = (
+            let (subscribed, reconnects, raw, held) = (
                 fleet.subscribed.clone(),
+                fleet.reconnects.clone(),
                 fleet.raw.clone(),
                 fleet.held.clone(),
             );
@@ -634,6 +651,9 @@ impl Fleet {
                     let Ok(line) = line else { break };
                     let stamp = || line[2..].trim().parse::<u64>().unwrap_or(0);
                     match line.as_bytes().first() {
+                        Some(b'C') => {
+                            reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
                         Some(b'S') => {
                             subscribed.fetch_add(1, Ordering::Relaxed);
                         }
@@ -843,10 +863,13 @@ impl SimValidator {
             serde_json::json!({"device": device, "online": true, "blocklist_version": version})
                 .to_string()
         };
-        let mut subscribed = false;
+        let (mut subscribed, mut connected) = (false, false);
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if std::mem::replace(&mut connected, true) {
+                        let _ = self.out.send("C".into());
+                    }
                     let _ = client.try_subscribe_many(self.filters());
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
