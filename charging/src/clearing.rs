@@ -344,10 +344,18 @@ fn clear(
     let outcome_before = outcome;
     let stored_key = key.clone();
     let mut ahead = reads_ahead(&good);
-    // The batch's own answer is read with the taps' markers (one statement on PostgreSQL).
+    // The batch's own answer is read with the taps' keys (one statement on PostgreSQL).
     ahead.keys.push(stored_key.clone());
+    let mut attempt = 0u32;
     let booked = ledger.transact(move |t| {
-        // A transaction the database runs again starts from the outcome before booking.
+        // A transaction the database runs again starts from the outcome before booking, and
+        // reads every marker (a marker taken as absent that was there fails the first attempt
+        // on its unique key: never booked twice, and found the second time).
+        attempt += 1;
+        if attempt == 2 {
+            let counted = std::mem::take(&mut ahead.counted_keys);
+            ahead.keys.extend(counted.into_iter().map(|(_, _, k)| k));
+        }
         let mut done = outcome_before.clone();
         t.prefetch(&ahead)?;
         if let Some(v) = t.idempotent(&stored_key)? {
@@ -373,15 +381,17 @@ fn clear(
 }
 
 /// What booking the verified taps reads per tap ([`book_tap`], [`learn_card`]), for
-/// [`LedgerWrite::prefetch`]: the cards, the taps' markers and the learned-card answers, and
-/// the intents at the two counters below each tap.
+/// [`LedgerWrite::prefetch`]: the cards, the taps' markers (a marker exists only once the card's
+/// shadow has observed its counter: `book_tap` writes it with `book_proved`, in the same
+/// transaction) and the learned-card answers, and the intents at the two counters below each
+/// tap.
 fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> crate::ledger::ReadsAhead {
-    let (mut cards, mut keys, mut counters) = (vec![], vec![], vec![]);
+    let (mut cards, mut keys, mut counters, mut counted_keys) = (vec![], vec![], vec![], vec![]);
     for (_, proof) in good {
         let r = proof.receipt();
         let (uid, tmc) = (r.uid(), r.tmc());
         cards.push(uid);
-        keys.push(tap_marker(&uid, tmc));
+        counted_keys.push((uid, tmc, tap_marker(&uid, tmc)));
         keys.push(crate::ledger::learned_card_key(&uid));
         counters.extend(
             [1, 2]
@@ -393,6 +403,7 @@ fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> crate::ledger::ReadsAhea
         cards,
         keys,
         counters,
+        counted_keys,
     }
 }
 

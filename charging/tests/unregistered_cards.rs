@@ -400,3 +400,34 @@ fn only_clearings_own_clone_block_makes_a_clone_in_reconciliation() {
         "{rep:?}"
     );
 }
+
+/// A tap's marker above its card's last counter cannot happen (clearing writes it together
+/// with the shadow observing the counter), but were one there, the tap is still booked once: on
+/// PostgreSQL the marker, taken as absent without being read, fails the batch's first attempt
+/// on its unique key and the attempt after reads it (a duplicate); LMDB reads it at once.
+#[test]
+fn a_marker_above_the_cards_counter_still_keeps_the_tap_from_being_booked_twice() {
+    let mut rig = rig();
+    let uid = [0x04, 0xC0, 0x0E, 0, 0, 0, 9];
+    rig.svc.register_card(&uid, 5_000, T0).unwrap();
+    let keys = rig.hsm.card_keys(&uid, 1).unwrap();
+    let mut card = Card::personalise(&Personalisation::transit(uid, 5_000), keys);
+    let r = debit(&mut rig.sam, &mut card, 100);
+    let tap = clearing_tap(&r, 1);
+    // The marker alone, as if the tap were booked, the card's shadow left below its counter.
+    let key = format!("tap:{}:{}", hex::encode_upper(uid), r.tmc());
+    let tmv = serde_json::Value::String(tap.tmv.to_uppercase());
+    rig.svc
+        .ledger()
+        .transact(move |t| t.put_idempotent(&key, &tmv))
+        .unwrap();
+    let retries_before = charging::ledger::PgLedger::retries();
+    let out = clear(&rig, "m1", vec![tap], T0);
+    assert_eq!((out.cleared, out.duplicates), (0, 1), "{out:?}");
+    assert_eq!(card_balance_in_ledger(&rig, &uid), 5_000);
+    assert_eq!(revenue(&rig), 0);
+    if rig._pg.is_some() {
+        // The first attempt took the marker as absent and its insert was refused.
+        assert!(charging::ledger::PgLedger::retries() > retries_before);
+    }
+}

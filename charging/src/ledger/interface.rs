@@ -139,6 +139,12 @@ pub struct ReadsAhead {
     pub keys: Vec<String>,
     /// card counters (their intents)
     pub counters: Vec<([u8; 7], u32)>,
+    /// idempotency keys that exist only once their card has reported their counter (a tap's
+    /// clearing marker): (card, counter, key). A backend may take one as absent without
+    /// reading it when the card, read ahead too, has no shadow or one whose last counter is
+    /// below — provided such a key is then written only by an insert the database refuses if
+    /// the key exists (PostgreSQL: a plain `INSERT`, `staged.rs`).
+    pub counted_keys: Vec<([u8; 7], u32, String)>,
 }
 
 /// What proves that a card made an intent's change — the only ways to complete one

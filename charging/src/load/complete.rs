@@ -212,6 +212,7 @@ fn completion(
             cards: vec![uid],
             keys: vec![crate::ledger::learned_card_key(&uid)],
             counters: vec![(uid, tmc_before)],
+            ..Default::default()
         })?;
         let action = t.complete_intent(Completion::Proved(&proof), now_ms)?;
         if let Some((key, value)) = &idem {

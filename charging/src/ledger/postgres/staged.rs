@@ -410,7 +410,22 @@ impl Staged {
             // Each tap of a batch posts once.
             self.reserve(db, cards.len().saturating_sub(self.seqs.len()))?;
         }
-        let keys: Vec<String> = dedup(ahead.keys.iter().filter(|k| !self.idem.contains_key(*k)));
+        let mut keys: Vec<String> = ahead.keys.clone();
+        for (uid, tmc, key) in &ahead.counted_keys {
+            // The card has not reported the counter: no such key can exist, and the plain
+            // INSERT that writes it would fail if one did (`flush_idempotent`).
+            let unreached = match self.cards.get(uid) {
+                Some(None) => true,
+                Some(Some(c)) => c.last_tmc < *tmc,
+                None => false,
+            };
+            if unreached {
+                self.absent(key);
+            } else {
+                keys.push(key.clone());
+            }
+        }
+        let keys: Vec<String> = dedup(keys.iter().filter(|k| !self.idem.contains_key(*k)));
         if !keys.is_empty() {
             let rows = db
                 .query(
@@ -426,6 +441,13 @@ impl Staged {
             }
         }
         self.prefetch_intents(db, &ahead.counters)
+    }
+
+    /// A key taken as absent without reading it ([`crate::ledger::ReadsAhead::counted_keys`]).
+    fn absent(&mut self, key: &str) {
+        if !self.idem.contains_key(key) {
+            self.read_idempotent(key, None);
+        }
     }
 
     /// The cards' shadows, their accounts' balances and their gap clocks, in one statement.
