@@ -25,6 +25,9 @@
 //!   `tapgate-lmdb` with fsync, one commit: per tap its record under (device ‖ sequence) and the
 //!   outbox entry, per distinct device a 120-byte state, per distinct aggregate key a 48-byte
 //!   value.
+//! - Then, at the largest size, a backlog trim ([`backlog_trims`]): the oldest 50,000 forwarded
+//!   taps expired at once and trimmed in transactions of 10,000 (the store before) and of
+//!   `TRIM_CHUNK` (1,000) while live batches go on: how long a live batch waits for the lock.
 
 use crate::Figures;
 use gateway::store::{Message, Store};
@@ -68,6 +71,8 @@ pub fn run(stored: &[u64], batch: usize) -> anyhow::Result<Figures> {
         eprintln!("{size}: {row}");
         rows.push(row);
     }
+    let backlog = backlog_trims(&store, &keys, &mut gen, batch)?;
+    eprintln!("backlog trims: {backlog}");
     Ok(vec![
         ("devices", DEVICES.into()),
         ("cards", CARDS.into()),
@@ -80,6 +85,7 @@ pub fn run(stored: &[u64], batch: usize) -> anyhow::Result<Figures> {
             store.limits().forwarded_retention_ms.into(),
         ),
         ("sizes", rows.into()),
+        ("backlog_trim", backlog),
     ])
 }
 
@@ -311,6 +317,69 @@ fn file_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Taps trimmed by one backlog trim ([`gateway::store::TRIM_MAX_PER_CALL`]).
+const BACKLOG: usize = gateway::store::TRIM_MAX_PER_CALL;
+
+/// A backlog of expired forwarded taps trimmed while live batches keep coming (an idle gateway's
+/// timer, or clearing back after a day): at the largest size, for transactions of 10,000 taps
+/// (the store before) and of [`gateway::store::TRIM_CHUNK`] (now), one
+/// `Store::trim_expired_at` of the oldest [`BACKLOG`] forwarded taps on another thread (its
+/// clock 8 days past the taps') while this thread ingests live batches of `batch` messages
+/// until it ends: the trim's rate, and the live batches' median and longest time (the longest
+/// is the wait for LMDB's write lock a trim transaction holds).
+fn backlog_trims(
+    store: &Store,
+    keys: &KeySet,
+    gen: &mut Gen,
+    batch: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut out = Vec::new();
+    for chunk in [10_000, gateway::store::TRIM_CHUNK] {
+        if store.forwarded_kept()? < BACKLOG as u64 {
+            break;
+        }
+        let trimmer = store.clone().with_trim_chunk(chunk);
+        let future = gen.now_ms() + 8 * 86_400_000;
+        let t = Instant::now();
+        let trim = std::thread::spawn(move || trimmer.trim_expired_at(future));
+        let mut live_s = Vec::new();
+        while !trim.is_finished() {
+            let msgs: Vec<Message> = (0..batch)
+                .map(|_| {
+                    let (d, rec) = gen.tap();
+                    Message {
+                        topic: topic(d),
+                        payload: rec.to_vec(),
+                    }
+                })
+                .collect();
+            let b = Instant::now();
+            store.ingest_with_rings(
+                &msgs,
+                |d| keys.device_key_ring(d).unwrap_or_default(),
+                gen.now_ms(),
+            )?;
+            live_s.push(b.elapsed().as_secs_f64());
+        }
+        let trimmed = trim
+            .join()
+            .map_err(|_| anyhow::anyhow!("trim thread panicked"))??;
+        let trim_s = t.elapsed().as_secs_f64();
+        live_s.sort_by(f64::total_cmp);
+        let ms = |x: f64| (x * 1e4).round() / 10.0;
+        out.push(serde_json::json!({
+            "trim_chunk": chunk,
+            "trimmed": trimmed,
+            "trim_s": (trim_s * 100.0).round() / 100.0,
+            "trimmed_per_s": (trimmed as f64 / trim_s) as u64,
+            "live_batches": live_s.len(),
+            "live_batch_ms_median": live_s.get(live_s.len() / 2).copied().map_or(0.0, ms),
+            "live_batch_ms_max": live_s.last().copied().map_or(0.0, ms),
+        }));
+    }
+    Ok(out.into())
+}
+
 /// `ROUNDS` rounds of one raw batch and one live batch at the store's present size.
 fn measure(
     store: &Store,
@@ -323,6 +392,8 @@ fn measure(
     let stored = store.forwarded_kept()? + store.outbox_len()?;
     let (used, _) = store.usage()?;
     let file = file_bytes(dir);
+    let (tables, file_pages) = store.table_stats()?;
+    let table_pages: u64 = tables.iter().map(|t| t.branch_pages + t.leaf_pages).sum();
     let raw = Raw::open(dir)?;
     let (mut live_s, mut raw_s, mut fwd_s) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
@@ -366,5 +437,10 @@ fn measure(
         "batch_ms": (live * 1e4).round() / 10.0,
         "raw_batch_ms": (rawm * 1e4).round() / 10.0,
         "forwarded_ms": (fwd * 1e4).round() / 10.0,
+        // Per table: entries, depth, pages (entries per leaf shows how full pages are); the
+        // file's pages not in a table are LMDB's free list (pages freed by trims, reused).
+        "tables": tables,
+        "file_pages": file_pages,
+        "free_pages_approx": file_pages.saturating_sub(table_pages),
     }))
 }

@@ -282,6 +282,21 @@ pub struct IngestOutcome {
     pub device_key_versions: BTreeMap<u32, u8>,
 }
 
+/// One table's B-tree ([`Store::table_stats`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct TableStats {
+    /// The table.
+    pub name: &'static str,
+    /// Entries.
+    pub entries: u64,
+    /// Levels of the B-tree.
+    pub depth: u32,
+    /// Branch pages.
+    pub branch_pages: u64,
+    /// Leaf pages.
+    pub leaf_pages: u64,
+}
+
 /// The store.
 #[derive(Clone)]
 pub struct Store {
@@ -298,6 +313,8 @@ pub struct Store {
     meta: Database<heed::types::Str, U64<BE>>,
     aggregates: Database<heed::types::Str, SerdeJson<Aggregate>>,
     limits: StoreLimits,
+    /// Most forwarded taps trimmed in one transaction ([`TRIM_CHUNK`] unless set).
+    trim_chunk: usize,
 }
 
 /// What one `ingest` call accumulates across its messages.
@@ -516,12 +533,20 @@ impl Store {
             aggregates: aggregates.remap_types(),
             forwarded_log: forwarded_log.remap_types(),
             limits: StoreLimits::default(),
+            trim_chunk: TRIM_CHUNK,
         })
     }
 
     /// The same store with other limits (the gateway config's).
     pub fn with_limits(mut self, limits: StoreLimits) -> Store {
         self.limits = limits;
+        self
+    }
+
+    /// The same store trimming at most `n` (at least 1) forwarded taps per transaction instead
+    /// of [`TRIM_CHUNK`] (the bench `gateway-store` compares sizes in one run).
+    pub fn with_trim_chunk(mut self, n: usize) -> Store {
+        self.trim_chunk = n.max(1);
         self
     }
 
@@ -548,6 +573,28 @@ impl Store {
         add(self.aggregates.stat(t)?);
         add(self.forwarded_log.stat(t)?);
         Ok((pages * page_size, self.env.info().map_size as u64))
+    }
+
+    /// Per table its entries, B-tree depth, branch and leaf pages; and the pages of the file in
+    /// use (the high-water mark: the tables' pages, LMDB's free list and its two meta pages).
+    /// For the bench `gateway-store`: which table grows how, and how much is free.
+    pub fn table_stats(&self) -> Result<(Vec<TableStats>, u64), StoreError> {
+        let r = self.env.read_txn()?;
+        let st = |name, s: heed::DatabaseStat| TableStats {
+            name,
+            entries: s.entries as u64,
+            depth: s.depth,
+            branch_pages: s.branch_pages as u64,
+            leaf_pages: s.leaf_pages as u64,
+        };
+        let tables = vec![
+            st("taps", self.taps.stat(&r)?),
+            st("outbox", self.outbox.stat(&r)?),
+            st("forwarded", self.forwarded_log.stat(&r)?),
+            st("aggregates", self.aggregates.stat(&r)?),
+            st("devices", self.devices.stat(&r)?),
+        ];
+        Ok((tables, self.env.info().last_page_number as u64 + 1))
     }
 
     /// Bytes in use and the map size (for the operator: how close the store is to full).
@@ -1053,7 +1100,7 @@ impl Store {
             let chunk = if pressed {
                 TRIM_CHUNK_PRESSED
             } else {
-                TRIM_CHUNK
+                self.trim_chunk
             };
             let n = self.trim_forwarded(&mut t, now_ms, pressed, chunk)?;
             if n == 0 {
