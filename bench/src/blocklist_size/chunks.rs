@@ -5,11 +5,14 @@
 //! validator's work alone — never the producer's copy of the list.
 //!
 //! Children (`TAPGATE_BENCH_BLOCKLIST_CHILD`):
-//! - `chunks`: the validator's own apply path (`validator::daemon::apply_downlink_outcome`:
-//!   each chunk verified, packed into the snapshot being received and journalled in a durable
-//!   LMDB journal) for two snapshots: `first` into an empty validator, then `update` — the
+//! - `chunks`: the validator's own apply path (the steps of
+//!   `validator::daemon::apply_blocklist_chunk`: each chunk verified, packed into the snapshot
+//!   being received by `take_chunk`, and journalled in a durable journal by its
+//!   `BlocklistWrite`) for two snapshots: `first` into an empty validator, then `update` — the
 //!   same list with 500 cards removed and 500 added — onto the list in force, whose unchanged
-//!   blocks the new snapshot shares.
+//!   blocks the new snapshot shares. Per phase also `switch_peak_rss_kib` (the peak read
+//!   between the last chunk's switch and its journal write) and the resident size after, split
+//!   into anonymous (`rss_anon_kib`) and file-backed (`rss_file_kib`) pages.
 //! - `array`: the limit of the same run: the same chunks verified and their UIDs kept in a
 //!   sorted `Vec<[u8; 7]>` of exactly the cards (7 bytes a card, nothing else).
 //! - `single`: the single-message path (format 1, at most `MAX_ENTRIES` cards): the message
@@ -33,7 +36,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::time::Instant;
-use validator::daemon::{apply_downlink_outcome, Downlink, DownlinkOutcome};
+use validator::daemon::{apply_downlink_outcome, take_chunk, Downlink, DownlinkOutcome};
 use validator::gate::{Gate, Placement};
 use validator::journal::Journal;
 
@@ -212,15 +215,25 @@ pub fn run_child(kind: &str) -> anyhow::Result<Figures> {
     let mut phases = Vec::new();
     reset_peak();
     let mut t = Instant::now();
+    let keys = purse::rotation::TrustedKeys::single(pk);
     while next_frame(&mut input, &mut buf)? {
-        let out = apply_downlink_outcome(&mut gate, &journal, &pk, Downlink::Blocklist, &buf)
-            .map_err(anyhow::Error::msg)?;
+        let (out, switch_peak) = if purse::blocklist::chunked::is_chunk(&buf) {
+            apply_chunk_steps(&mut gate, &journal, &keys, &buf)?
+        } else {
+            // The single message (the `single` child), as the validator applies it.
+            let out = apply_downlink_outcome(&mut gate, &journal, &pk, Downlink::Blocklist, &buf)
+                .map_err(anyhow::Error::msg)?;
+            (out, status_kib("VmHWM:"))
+        };
         if let DownlinkOutcome::Applied(v) = out {
             phases.push(json!({
                 "version": v,
                 "apply_ms": (t.elapsed().as_secs_f64() * 1e3).round(),
                 "peak_rss_kib": status_kib("VmHWM:"),
+                "switch_peak_rss_kib": switch_peak,
                 "rss_kib": status_kib("VmRSS:"),
+                "rss_anon_kib": status_kib("RssAnon:"),
+                "rss_file_kib": status_kib("RssFile:"),
                 "list_bytes": gate.blocklist.heap_bytes(),
                 "cards": gate.blocklist.len(),
             }));
@@ -235,4 +248,22 @@ pub fn run_child(kind: &str) -> anyhow::Result<Figures> {
         ("first", first.unwrap_or_default()),
         ("update", update.unwrap_or_default()),
     ])
+}
+
+/// A chunk through the daemon's steps (`validator::daemon::apply_blocklist_chunk`): verified,
+/// taken by the gate, journalled; with the peak read between the switch and the journal write.
+fn apply_chunk_steps(
+    gate: &mut Gate,
+    journal: &Journal,
+    keys: &purse::rotation::TrustedKeys,
+    buf: &[u8],
+) -> anyhow::Result<(DownlinkOutcome, u64)> {
+    let (c, _) = SnapshotChunk::verify_trusted(buf, keys).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (out, write) = take_chunk(gate, &c).map_err(anyhow::Error::msg)?;
+    drop(c);
+    let switch_peak = status_kib("VmHWM:");
+    if let Some(w) = write {
+        w.write(journal, buf).map_err(anyhow::Error::msg)?;
+    }
+    Ok((out, switch_peak))
 }
