@@ -413,14 +413,9 @@ pub(crate) fn topic_levels<const N: usize>(topic: &str) -> Option<[&str; N]> {
 
 /// The UTC hour of a time, `YYYY-MM-DDTHH` (the `hour:` aggregates' keys sort by time).
 pub fn hour_of(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000).min(253_402_300_799) as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour()
+    tapgate_http::show::utc(
+        ms,
+        time::macros::format_description!("[year]-[month]-[day]T[hour]"),
     )
 }
 
