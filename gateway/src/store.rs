@@ -486,7 +486,9 @@ pub const MOVE_CHUNK: usize = 10_000;
 /// Most forwarded taps trimmed in one transaction. The trimmed taps' leaves are cold and one per
 /// device (taps are keyed by device, then sequence), so each delete reads and copies a page
 /// while the transaction holds LMDB's single write lock; ingestion waits for it. 1,000 bounds
-/// that wait (10,000 held it ≈ 7 s at 20 M taps stored), and the lock is free between two.
+/// that wait, and the lock is free between two (bench `gateway-store`, backlog trim at 10 M
+/// ingested: live batches of 256 taps during a 50,000-tap trim, median 139 → 79 ms, longest
+/// 163 → 114 ms, for 10,000 → 1,000; the trim itself 79 k → 36 k taps/s).
 pub const TRIM_CHUNK: usize = 1_000;
 
 /// [`TRIM_CHUNK`] (and [`MOVE_CHUNK`]) while the map is past the quarantine mark: small enough
