@@ -203,12 +203,18 @@ impl SandboxProcessor {
         Ok((reference, a))
     }
 
-    fn put(&self, reference: &str, a: &ProcessorAuth) -> Result<(), FundingError> {
+    /// Stores `a` under `reference` unless the reference is taken: then the authorisation
+    /// already there (looked at and written in one transaction, so two racing requests with
+    /// one reference get one authorisation, as a processor's idempotency key gives).
+    fn put_first(&self, reference: &str, a: &ProcessorAuth) -> Result<ProcessorAuth, FundingError> {
         let mut t = self.env.write_txn()?;
+        if let Some(existing) = self.by_ref.get(&t, reference)? {
+            return Ok(existing);
+        }
         self.by_ref.put(&mut t, reference, a)?;
         self.by_id.put(&mut t, &a.id, reference)?;
         t.commit()?;
-        Ok(())
+        Ok(a.clone())
     }
 
     /// Captures or voids an authorisation: `authorised` becomes `to`; already `to` is done
@@ -219,19 +225,41 @@ impl SandboxProcessor {
         to: &str,
         op: &'static str,
     ) -> Result<(), FundingError> {
-        let (reference, mut a) = self.get(auth_id)?;
-        match a.state.as_str() {
-            s if s == to => Ok(()),
+        self.change(auth_id, |a| match a.state.as_str() {
+            s if s == to => Ok(false),
             "authorised" => {
                 a.state = to.into();
-                self.put(&reference, &a)
+                Ok(true)
             }
             s => Err(FundingError::WrongState {
                 id: auth_id.into(),
                 state: s.into(),
                 op,
             }),
+        })
+    }
+
+    /// Reads authorisation `auth_id` and, when `f` says so, writes it back changed, in one
+    /// transaction: a capture, a void or a refund racing on one authorisation see each
+    /// other's outcome (two refunds cannot together pass what was captured).
+    fn change(
+        &self,
+        auth_id: &str,
+        f: impl FnOnce(&mut ProcessorAuth) -> Result<bool, FundingError>,
+    ) -> Result<(), FundingError> {
+        let mut t = self.env.write_txn()?;
+        let unknown = || FundingError::UnknownAuthorisation(auth_id.to_string());
+        let reference = self
+            .by_id
+            .get(&t, auth_id)?
+            .ok_or_else(unknown)?
+            .to_string();
+        let mut a = self.by_ref.get(&t, &reference)?.ok_or_else(unknown)?;
+        if f(&mut a)? {
+            self.by_ref.put(&mut t, &reference, &a)?;
+            t.commit()?;
         }
+        Ok(())
     }
 
     /// An authorisation's state (tests, support).
@@ -271,15 +299,18 @@ impl FundingSource for SandboxProcessor {
                 "instrument {token:?} is not a card token"
             )));
         }
+        let same_request = |existing: ProcessorAuth| {
+            if existing.amount_minor != req.amount_minor || existing.token != token {
+                return Err(FundingError::Declined(
+                    "duplicate reference with different details".into(),
+                ));
+            }
+            Ok(existing.id)
+        };
         {
             let r = self.env.read_txn()?;
             if let Some(existing) = self.by_ref.get(&r, req.reference)? {
-                if existing.amount_minor != req.amount_minor || existing.token != token {
-                    return Err(FundingError::Declined(
-                        "duplicate reference with different details".into(),
-                    ));
-                }
-                return Ok(existing.id);
+                return same_request(existing);
             }
         }
         if token.starts_with("tok_decline") {
@@ -312,7 +343,11 @@ impl FundingSource for SandboxProcessor {
             state: "authorised".into(),
             token: token.to_string(),
         };
-        self.put(req.reference, &a)?;
+        let stored = self.put_first(req.reference, &a)?;
+        if stored.id != id {
+            // Another request with this reference authorised in between.
+            return same_request(stored);
+        }
         if token.starts_with("tok_timeout") {
             // Authorised on the processor's side, but the answer is lost.
             return Err(FundingError::Timeout);
@@ -329,21 +364,22 @@ impl FundingSource for SandboxProcessor {
     }
 
     fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
-        let (reference, mut a) = self.get(auth_id)?;
-        if a.state != "captured" {
-            return Err(FundingError::WrongState {
-                id: auth_id.into(),
-                state: a.state,
-                op: "refund",
-            });
-        }
-        if amount_minor <= 0 || a.refunded_minor + amount_minor > a.amount_minor {
-            return Err(FundingError::Declined(
-                "refund exceeds what was captured".into(),
-            ));
-        }
-        a.refunded_minor += amount_minor;
-        self.put(&reference, &a)
+        self.change(auth_id, |a| {
+            if a.state != "captured" {
+                return Err(FundingError::WrongState {
+                    id: auth_id.into(),
+                    state: a.state.clone(),
+                    op: "refund",
+                });
+            }
+            if amount_minor <= 0 || a.refunded_minor + amount_minor > a.amount_minor {
+                return Err(FundingError::Declined(
+                    "refund exceeds what was captured".into(),
+                ));
+            }
+            a.refunded_minor += amount_minor;
+            Ok(true)
+        })
     }
 }
 

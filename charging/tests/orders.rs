@@ -514,3 +514,38 @@ fn order_limits_come_from_the_limits_orders_table() {
         OrderLimits::default()
     );
 }
+
+/// The same order requested twice at once (a double click on the top-up form): both requests
+/// pass the first look for the key, and both authorise with the one reference the key gives,
+/// so both hold the same authorisation. The one that finds the order already written must not
+/// void it — else the order stays open, is credited at the next tap, and nothing is taken.
+#[test]
+fn the_same_order_requested_twice_at_once_is_one_order_and_stays_paid() {
+    let rig = rig();
+    let c = card(&rig, 9, 1_000);
+    const ROUNDS: i64 = 20;
+    for i in 0..ROUNDS {
+        let req = request(&c, 100, &format!("race-{i}"));
+        let barrier = std::sync::Barrier::new(2);
+        let got: Vec<_> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (req, barrier, rig) = (req.clone(), &barrier, &rig);
+                    s.spawn(move || {
+                        barrier.wait();
+                        rig.svc.create_order(HOLDER, &rig.limits, req, T0)
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let (a, b) = (got[0].as_ref().unwrap(), got[1].as_ref().unwrap());
+        assert_eq!(a, b, "round {i}: one order");
+        assert_eq!(
+            rig.processor.authorisation(&a.auth).unwrap().state,
+            "captured",
+            "round {i}: the order's payment was taken, not voided"
+        );
+    }
+    assert_eq!(balance(&rig, ORDERS_PENDING), ROUNDS * 100);
+}

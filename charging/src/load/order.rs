@@ -423,7 +423,13 @@ impl LoadService {
                 Ok(o)
             }
             Ok((found, _)) => {
-                let _ = source.void(&auth);
+                // A racing request with the same key wrote the order first. A source answers
+                // one reference with one authorisation, so ours may be the very one that
+                // order holds (and is capturing): voiding it would leave the order open, to
+                // be credited at the next tap, with nothing taken. Void only one of our own.
+                if found.as_ref().is_none_or(|o| o.auth != auth) {
+                    let _ = source.void(&auth);
+                }
                 match found {
                     Some(o) if same(&o) => Ok(o),
                     _ => Err(OrderError::IdempotencyKeyReused),
