@@ -64,7 +64,7 @@ impl From<tapgate_http::auth::AuthError> for ApiError {
 }
 
 /// API errors, each with its HTTP status and a JSON body `{"error": code, "detail": text}`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum ApiError {
     /// 401
     Unauthenticated(&'static str),
