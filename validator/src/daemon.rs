@@ -622,7 +622,7 @@ pub fn apply_action_grant(
 /// Brings a restarted gate's SAM back to its action ceiling: the last grant journalled less
 /// what the journal counts as spent.
 pub fn restore_action_ceiling(gate: &mut Gate, journal: &Journal) -> Result<(), DaemonError> {
-    let Some(b) = journal.blob(CEILING_GRANT)? else {
+    let Some(b) = restorable(journal.blob(CEILING_GRANT))? else {
         return Ok(());
     };
     let Some(g) = purse::sam::ActionGrant::decode(&b) else {
@@ -648,12 +648,40 @@ pub fn restore_actions(
 ) -> Result<purse::actionlist::ActionList, DaemonError> {
     let keys = pubkey.trusted().with_retired_accepted();
     let mut l = purse::actionlist::ActionList::new(card_scheme);
-    for (_, b) in journal.blobs(AL_PREFIX)? {
-        if let Ok((_, key)) = purse::actionlist::ActionUpdate::verify_trusted(&b, &keys) {
-            let _ = l.apply(&b, &key);
+    journal.for_each_blob(AL_PREFIX, |_, b| {
+        let Some(b) = readable(b) else { return };
+        if let Ok((_, key)) = purse::actionlist::ActionUpdate::verify_trusted(b, &keys) {
+            let _ = l.apply(b, &key);
         }
-    }
+    })?;
     Ok(l)
+}
+
+/// A journalled blob to restore, or `None` when its file cannot be read: logged with its key
+/// and skipped, so the validator still starts (issue 22). Skipping is safe for every kind
+/// restored: the gate holds what a new validator holds until the broker sends the message
+/// again (retained: the fare table, the blocklist and action-list snapshots, the device's
+/// ceiling grant) — no fare table refuses taps; an older blocklist or action list is reported
+/// in the heartbeat's versions, and an order is never applied twice (`applied` is kept
+/// apart); a missing grant is less ceiling, never more.
+fn readable(b: Result<&[u8], JournalError>) -> Option<&[u8]> {
+    b.map_err(|e| skipped(&e)).ok()
+}
+
+/// Logs a journalled blob skipped at start (the error names its key and file).
+fn skipped(e: &JournalError) {
+    tracing::error!(error = %e, "a journalled blob cannot be read; skipped until the broker sends it again");
+}
+
+/// [`readable`] for one blob by key; a storage error still stops the start.
+fn restorable(b: Result<Option<Vec<u8>>, JournalError>) -> Result<Option<Vec<u8>>, DaemonError> {
+    match b {
+        Err(e @ JournalError::BlobFile { .. }) => {
+            skipped(&e);
+            Ok(None)
+        }
+        b => Ok(b?),
+    }
 }
 
 /// A fare table verified under one of `keys`.
@@ -682,7 +710,7 @@ pub fn restore(
     pubkey: &(impl SignerKeys + ?Sized),
 ) -> Result<(), DaemonError> {
     let keys = pubkey.trusted().with_retired_accepted();
-    if let Some(t) = journal.blob(FARE_TABLE)? {
+    if let Some(t) = restorable(journal.blob(FARE_TABLE))? {
         if let Ok((e, _)) = verify_fare_table(&keys, &t) {
             if e.table().meta.version >= gate.fare_version() {
                 gate.engine = Some(e);
@@ -691,7 +719,9 @@ pub fn restore(
     }
     // One blob at a time: a chunked snapshot is packed chunk by chunk as when it arrived (a
     // half-received one waits for its missing chunks, which the retained topics send again).
+    // A blob whose file cannot be read is skipped (see [`readable`]).
     journal.for_each_blob("blocklist/", |_, b| {
+        let Some(b) = readable(b) else { return };
         if purse::blocklist::chunked::is_chunk(b) {
             let c = purse::blocklist::chunked::SnapshotChunk::verify_trusted(b, &keys);
             if let Ok((c, _)) = c {
@@ -917,5 +947,78 @@ mod topic_tests {
             "tapgate/v1/metro/blocklist/snapshot"
         );
         assert_eq!(own.taps, "tapgate/v1/metro/taps/1001");
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::{apply_downlink_outcome, restore, restore_actions, Downlink, DownlinkOutcome};
+    use crate::gate::{Gate, Placement};
+    use crate::journal::Journal;
+    use ed25519_dalek::{Signer, SigningKey};
+    use rand::SeedableRng;
+
+    fn gate() -> Gate {
+        let keys = purse::keys::KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(2));
+        Gate {
+            sam: purse::sam::SoftwareSam::validator(&keys, 7).unwrap(),
+            engine: None,
+            blocklist: purse::blocklist::Blocklist::new("metro"),
+            placement: Placement {
+                device_id: 7,
+                operator: "metro".into(),
+                stop: "Central".into(),
+                route: "M1".into(),
+                kind: fare_rules::record::TapKind::In,
+                utc_offset_s: 0,
+                sale: None,
+            },
+            rng: rand::rngs::StdRng::seed_from_u64(1),
+        }
+    }
+
+    fn uid(i: u32) -> [u8; 7] {
+        let mut u = [4, 0, 0, 0, 0, 0, 0];
+        u[3..].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+        u
+    }
+
+    /// A journalled blob whose file is gone (issue 22) is skipped at start, not fatal: the
+    /// rest restores, and the chunk sent again by the broker completes the snapshot.
+    #[test]
+    fn restore_skips_a_blob_whose_file_is_missing() {
+        let bo = SigningKey::from_bytes(&[1; 32]);
+        let pk = bo.verifying_key().to_bytes();
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), 10, 1 << 26).unwrap();
+        let mut g = gate();
+        // 30,000 cards in 3 chunks of 10,000: each chunk over 64 KiB, so a file.
+        let mut uids: Vec<[u8; 7]> = (0..30_000).map(uid).collect();
+        uids.sort_unstable();
+        let chunks: Vec<Vec<u8>> = purse::blocklist::chunked::cut("metro", 9, &uids, 10_000)
+            .iter()
+            .map(|c| c.sign_with(|m| bo.sign(m).to_bytes()))
+            .collect();
+        for c in &chunks {
+            apply_downlink_outcome(&mut g, &j, &pk, Downlink::Blocklist, c).unwrap();
+        }
+        assert_eq!(g.blocklist.version(), 9);
+        let blobs = d.path().join("blobs");
+        let mut files: Vec<_> = std::fs::read_dir(&blobs)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 3);
+        files.sort();
+        std::fs::remove_file(&files[1]).unwrap();
+
+        let mut g2 = gate();
+        restore(&mut g2, &j, &pk).unwrap();
+        restore_actions("metro", &j, &pk).unwrap();
+        assert_eq!(g2.blocklist.version(), 0, "not in force without chunk 1");
+        assert_eq!(g2.blocklist.incoming().map(|a| a.missing()), Some(vec![1]));
+        let again = apply_downlink_outcome(&mut g2, &j, &pk, Downlink::Blocklist, &chunks[1]);
+        assert_eq!(again, Ok(DownlinkOutcome::Applied(9)));
+        assert_eq!(g2.blocklist, g.blocklist);
     }
 }

@@ -36,6 +36,13 @@ pub enum JournalError {
         path: String,
         source: std::io::Error,
     },
+    /// A blob's entry names a file that cannot be read (missing or unreadable).
+    #[error("journal blob {key}: its file {path}: {source}")]
+    BlobFile {
+        key: String,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("journal storage: {0}")]
     Lmdb(#[from] heed::Error),
     #[error("opening the journal: {0}")]
@@ -357,31 +364,42 @@ impl Journal {
             }
             return Err(e.into());
         }
-        for f in gone {
-            self.files.remove(&f);
+        // Never the file just named, whatever the old entries named.
+        let new = blob_files::file_of(&value);
+        for f in gone.iter().filter(|f| Some(f.as_str()) != new) {
+            self.files.remove(f);
         }
         Ok(())
     }
 
     /// The bytes of a stored value: read from its file when it names one.
-    fn blob_bytes<'a>(&self, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, JournalError> {
+    fn blob_bytes<'a>(
+        &self,
+        key: &str,
+        value: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>, JournalError> {
         match blob_files::file_of(value) {
-            Some(f) => Ok(self.files.read(f)?.into()),
+            Some(f) => Ok(self.files.read(key, f)?.into()),
             None => Ok(value.into()),
         }
     }
 
     /// Calls `f` with each blob under `prefix`, in key order, one at a time (a 10,000,000-card
-    /// blocklist is 70 MB of chunks: never all copied out at once).
+    /// blocklist is 70 MB of chunks: never all copied out at once): its bytes, or the
+    /// [`JournalError::BlobFile`] of a blob whose file cannot be read (the caller decides
+    /// whether to skip it). Only a storage error stops the walk.
     pub fn for_each_blob(
         &self,
         prefix: &str,
-        mut f: impl FnMut(&str, &[u8]),
+        mut f: impl FnMut(&str, Result<&[u8], JournalError>),
     ) -> Result<(), JournalError> {
         let r = self.env.read_txn()?;
         for e in self.meta.prefix_iter(&r, prefix)? {
             let (k, b) = e?;
-            f(k, &self.blob_bytes(b)?);
+            match self.blob_bytes(k, b) {
+                Ok(bytes) => f(k, Ok(&bytes)),
+                Err(e) => f(k, Err(e)),
+            }
         }
         Ok(())
     }
@@ -579,7 +597,7 @@ impl Journal {
     pub fn blob(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
         let r = self.env.read_txn()?;
         match self.meta.get(&r, key)? {
-            Some(v) => Ok(Some(self.blob_bytes(v)?.into_owned())),
+            Some(v) => Ok(Some(self.blob_bytes(key, v)?.into_owned())),
             None => Ok(None),
         }
     }
@@ -590,7 +608,7 @@ impl Journal {
         let mut v = Vec::new();
         for e in self.meta.prefix_iter(&r, prefix)? {
             let (k, b) = e?;
-            v.push((k.to_string(), self.blob_bytes(b)?.into_owned()));
+            v.push((k.to_string(), self.blob_bytes(k, b)?.into_owned()));
         }
         Ok(v)
     }
@@ -684,8 +702,10 @@ mod tests {
             assert_eq!(files(d.path()), 2);
             assert_eq!(j.blob("bl/a/2").unwrap(), Some(big(2)));
             let mut seen = Vec::new();
-            j.for_each_blob("bl/", |k, b| seen.push((k.to_string(), b.to_vec())))
-                .unwrap();
+            j.for_each_blob("bl/", |k, b| {
+                seen.push((k.to_string(), b.unwrap().to_vec()))
+            })
+            .unwrap();
             assert_eq!(
                 seen,
                 vec![
@@ -714,5 +734,62 @@ mod tests {
         let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
         assert_eq!(files(d.path()), 1);
         assert_eq!(j.blob("bl/b/1").unwrap(), Some(big(4)));
+    }
+
+    /// A counter that repeats a name the journal names (the clock stepped back since the
+    /// last run) neither overwrites that file nor unlinks the new one (issue 22).
+    #[test]
+    fn a_repeated_counter_keeps_every_named_file() {
+        let d = tempfile::tempdir().unwrap();
+        let big = |b: u8| vec![b; blob_files::FILE_ABOVE + 1];
+        let at = |n: u64| blob_files::BlobFiles::counting_from(d.path().join("blobs"), n);
+        let mut j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+        j.files = at(5);
+        j.put_blob("k", &big(1)).unwrap();
+        j.put_blob("other", &big(2)).unwrap();
+        // Restarted with the counter behind: the next names are taken already.
+        j.files = at(5);
+        j.put_blob("k", &big(3)).unwrap();
+        j.put_blob("other", &big(4)).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(d.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        // "k" (6b) took 6 (5 is its live file), "other" (6f74686572) 7: one file each.
+        assert_eq!(names, ["6b.6", "6f74686572.7"]);
+        assert_eq!(j.blob("k").unwrap(), Some(big(3)));
+        assert_eq!(j.blob("other").unwrap(), Some(big(4)));
+        drop(j);
+        let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+        assert_eq!(j.blob("k").unwrap(), Some(big(3)));
+        assert_eq!(j.blob("other").unwrap(), Some(big(4)));
+    }
+
+    /// A blob whose file is missing is an error naming its key, from `blob` and, blob by blob,
+    /// from `for_each_blob`, which still gives the others.
+    #[test]
+    fn a_missing_blob_file_is_reported_with_its_key() {
+        let d = tempfile::tempdir().unwrap();
+        let big = vec![1; blob_files::FILE_ABOVE + 1];
+        let j = Journal::open(d.path(), 10, 1 << 24).unwrap();
+        j.put_blob("bl/1", &big).unwrap();
+        j.put_blob("bl/2", b"small").unwrap();
+        for e in std::fs::read_dir(d.path().join("blobs")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        assert!(matches!(j.blob("bl/1"), Err(JournalError::BlobFile { key, .. }) if key == "bl/1"));
+        let mut seen = Vec::new();
+        j.for_each_blob("bl/", |k, b| {
+            seen.push((k.to_string(), b.ok().map(<[u8]>::to_vec)))
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                ("bl/1".into(), None),
+                ("bl/2".into(), Some(b"small".to_vec()))
+            ]
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Large journal blobs kept as files beside the LMDB environment (issue 22).
 //!
 //! A blob of more than [`FILE_ABOVE`] bytes (a 458 KB blocklist chunk, a single-message
-//! snapshot) is written to `<journal>/blobs/<key as hex>.<n>`, made durable (written, fsynced,
-//! renamed into place, the directory fsynced) before the LMDB transaction that names it
+//! snapshot) is written to `<journal>/blobs/<key as hex>.<n>`, made durable (created new,
+//! written, fsynced, the directory fsynced) before the LMDB transaction that names it
 //! commits; LMDB holds only [`MARK`] and the file's name. Kept inside LMDB, such a blob was an
 //! overflow run that LMDB reads the first page of to free it, which maps the file around that
 //! page into the process (the kernel maps a cached run of the file, up to 64 KiB and more, not
@@ -10,10 +10,12 @@
 //! the validator 9 MiB larger at the switch, never given back. A file is unlinked instead,
 //! after the commit that drops its name, and read back with `read`, never mapped.
 //!
-//! A file name is never reused (`n` counts up from the time of opening), so a blob replaced
-//! under the same key keeps its old file until the replacing transaction has committed. Files
-//! no committed entry names (a crash between the write and the commit, or between the commit
-//! and the unlink) are removed when the journal opens.
+//! A file name is never reused: `n` counts up from the time of opening, and the file is
+//! created with `create_new`, a name already on disk taking the next `n` (a clock stepped back
+//! since an earlier run, issue 22, cannot make a new blob overwrite a file the journal names).
+//! So a blob replaced under the same key keeps its old file until the replacing transaction
+//! has committed. Files no committed entry names (a crash between the write and the commit,
+//! or between the commit and the unlink) are removed when the journal opens.
 
 use super::JournalError;
 use std::collections::HashSet;
@@ -55,10 +57,15 @@ impl BlobFiles {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        Ok(BlobFiles {
+        Ok(BlobFiles::counting_from(dir, now))
+    }
+
+    /// Blob files in `dir` whose next name is numbered `n` (tests force a name already taken).
+    pub(super) fn counting_from(dir: PathBuf, n: u64) -> BlobFiles {
+        BlobFiles {
             dir,
-            next: AtomicU64::new(now),
-        })
+            next: AtomicU64::new(n),
+        }
     }
 
     /// What to store in LMDB for `bytes` under `key`: `bytes` themselves when small; otherwise
@@ -71,26 +78,47 @@ impl BlobFiles {
         if bytes.len() <= FILE_ABOVE {
             return Ok(bytes.into());
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}.{n}", hex::encode(key.as_bytes()));
-        let (tmp, path) = (self.dir.join(format!("{name}.tmp")), self.dir.join(&name));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| io(&path, e))?;
+        let (name, path, mut f) = self.create_new(key)?;
+        let written = std::io::Write::write_all(&mut f, bytes)
+            .and_then(|()| f.sync_all())
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        if let Err(e) = written {
+            // Named by nothing: removed now (or at the next open).
+            self.remove(&name);
+            return Err(io(&path, e));
+        }
         let mut value = MARK.to_vec();
         value.extend_from_slice(name.as_bytes());
         Ok(value.into())
     }
 
-    /// The bytes of the blob file `name`.
-    pub(super) fn read(&self, name: &str) -> Result<Vec<u8>, JournalError> {
+    /// A new file for a blob under `key`, under a name no file has: one already on disk (left
+    /// by a run whose clock was ahead of this one's) takes the next number.
+    fn create_new(&self, key: &str) -> Result<(String, PathBuf, std::fs::File), JournalError> {
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let name = format!("{}.{n}", hex::encode(key.as_bytes()));
+            let path = self.dir.join(&name);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path);
+            match f {
+                Ok(f) => return Ok((name, path, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(&path, e)),
+            }
+        }
+    }
+
+    /// The bytes of the blob file `name`, stored under `key`.
+    pub(super) fn read(&self, key: &str, name: &str) -> Result<Vec<u8>, JournalError> {
         let path = self.dir.join(name);
-        std::fs::read(&path).map_err(|e| io(&path, e))
+        std::fs::read(&path).map_err(|source| JournalError::BlobFile {
+            key: key.to_string(),
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     /// Removes the file `name` (one already gone is no error: it is what was wanted).
