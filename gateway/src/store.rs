@@ -547,6 +547,12 @@ impl Store {
         self
     }
 
+    /// The gateway's data directory (the store's, canonical): where the blocklist relay spools
+    /// a chunked snapshot (on disk, not in a tmpfs `/tmp`).
+    pub fn dir(&self) -> &Path {
+        self.env.path()
+    }
+
     /// The limits in force.
     pub fn limits(&self) -> StoreLimits {
         self.limits

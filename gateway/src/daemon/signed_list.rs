@@ -103,6 +103,8 @@ pub(super) struct SignedListRelay<L> {
     /// cleared since.
     chunks_published: u32,
     single_cleared: bool,
+    /// Most bytes a chunked snapshot may spool ([`chunks::MAX_SPOOL_BYTES`]; a test lowers it).
+    spool_max_bytes: u64,
 }
 
 impl<L: SignedList> SignedListRelay<L> {
@@ -131,6 +133,7 @@ impl<L: SignedList> SignedListRelay<L> {
             refused_version: None,
             chunks_published: 0,
             single_cleared: false,
+            spool_max_bytes: chunks::MAX_SPOOL_BYTES,
         }
     }
 

@@ -4,15 +4,19 @@
 //! big-endian), with the version and the chunk count in headers.
 //!
 //! All or nothing: the chunks are read one at a time on the blocking pool, spooled to an
-//! unnamed temporary file (the gateway never holds the whole list in memory) and each checked
-//! as validators would check it (signed by the back office under a key version not retired,
-//! this operator's, this version, this index of this count). Only once every chunk of the
-//! answer is in and checked are they published, retained on `…/<topic>/snapshot/<index>`,
-//! read back from the spool one at a time. An answer with a chunk validators would refuse, a
-//! chunk beyond [`MAX_CHUNK_BYTES`], a chunk count of 0 or beyond
+//! unnamed temporary file in the gateway's data directory (the gateway never holds the whole
+//! list in memory, nor in a tmpfs `/tmp`, which is memory again) and each checked as validators
+//! would check it (signed by the back office under a key version not retired, this operator's,
+//! this version, this index of this count). Only once every chunk of the answer is in and
+//! checked are they published, retained on `…/<topic>/snapshot/<index>`, read back from the
+//! spool one at a time. An answer with a chunk validators would refuse, a chunk beyond
+//! [`MAX_CHUNK_BYTES`], chunks beyond [`MAX_SPOOL_BYTES`] in all, a chunk count of 0 or beyond
 //! [`purse::blocklist::chunked::MAX_CHUNKS`], or one cut short, publishes nothing: the retained
 //! set already in force stays whole. A refusal is logged once per version with its reason and
 //! counted ([`SignedList::refused`]: the blocklist's `tapgate_gateway_blocklists_refused_total`).
+//! The set in force stays whole unless the broker fails mid-publish (the new chunks published
+//! so far then sit over the old set's); the snapshot is then still due, and the next round
+//! fetches and publishes the whole set again.
 //!
 //! After the chunks, the retained chunks a previous, longer snapshot left beyond this one's
 //! count are cleared (an empty retained message), and so, once, is the single-message topic,
@@ -29,6 +33,14 @@ use tokio::sync::mpsc;
 const CHUNKS_TYPE: &str = "application/x-tapgate-chunks";
 /// Most bytes one chunk may have (a header and the most UIDs a chunk may carry).
 const MAX_CHUNK_BYTES: usize = 1_024 + 7 * purse::blocklist::chunked::MAX_CHUNK_ENTRIES;
+/// Most bytes of chunks one answer may spool: 20,000,000 cards of 7 bytes and 1 KiB of header
+/// and signature for each of the most chunks a snapshot may have (144.2 MB). Twice the
+/// 10,000,000-card list the design sizes for, and more than a validator can hold (its 64 MiB
+/// budget takes about 13 M cards at 4.8 bytes each, docs/benchmarks.md): an answer beyond it
+/// is a hostile or broken one, refused before it fills the data directory's disk
+/// (`MAX_CHUNKS` × [`MAX_CHUNK_BYTES`] would be 7.5 GB).
+pub(super) const MAX_SPOOL_BYTES: u64 =
+    7 * 20_000_000 + 1_024 * purse::blocklist::chunked::MAX_CHUNKS as u64;
 
 /// What the reader hands to the relay.
 enum Frame {
@@ -53,19 +65,24 @@ enum Failed {
 struct Spool {
     file: std::fs::File,
     lens: Vec<u32>,
+    /// Bytes spooled so far.
+    bytes: u64,
 }
 
 impl Spool {
-    fn new() -> std::io::Result<Spool> {
+    /// An empty spool in `dir` (the gateway's data directory).
+    fn new(dir: &std::path::Path) -> std::io::Result<Spool> {
         Ok(Spool {
-            file: tempfile::tempfile()?,
+            file: tempfile::tempfile_in(dir)?,
             lens: Vec::new(),
+            bytes: 0,
         })
     }
 
     fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.file.write_all(bytes)?;
         self.lens.push(bytes.len() as u32);
+        self.bytes += bytes.len() as u64;
         Ok(())
     }
 
@@ -88,8 +105,10 @@ impl<L: SignedList> SignedListRelay<L> {
         let (tx, mut rx) = mpsc::channel(2);
         let url = format!("{}/v1/{}/signed/snapshot?chunked=1", self.base, L::PATH);
         let (agent, token) = (self.agent.clone(), self.token.clone());
-        let reader =
-            tokio::task::spawn_blocking(move || read_frames::<L>(&agent, &url, &token, &tx));
+        let spool = (self.store.dir().to_path_buf(), self.spool_max_bytes);
+        let reader = tokio::task::spawn_blocking(move || {
+            read_frames::<L>(&agent, &url, &token, &tx, (&spool.0, spool.1))
+        });
         let mut checked = None;
         match rx.recv().await {
             Some(Frame::Single(v, bytes)) => self.relay_single(v, bytes).await,
@@ -170,7 +189,10 @@ impl<L: SignedList> SignedListRelay<L> {
     }
 
     /// Publishes the `count` checked chunks of the snapshot at `version` from `spool`, then
-    /// clears what an older snapshot left.
+    /// clears what an older snapshot left. Should the broker fail mid-publish, the chunks
+    /// published so far stay over the old set's and the snapshot stays due: the next round
+    /// publishes the whole set again (and the chunks published here are cleared should a later
+    /// set be shorter).
     async fn publish_chunks(&mut self, version: u64, count: u32, mut spool: Spool) {
         if spool.lens.len() != count as usize || spool.rewind().is_err() {
             return;
@@ -194,7 +216,13 @@ impl<L: SignedList> SignedListRelay<L> {
             };
             let topic = format!("{}/{i}", L::SNAPSHOT_TOPIC);
             if !self.publish(&topic, true, bytes).await {
-                return;
+                self.chunks_published = self.chunks_published.max(i + 1);
+                return tracing::warn!(
+                    version,
+                    chunk = i,
+                    "publishing the {} snapshot's chunks failed; all of them again next round",
+                    L::NAME
+                );
             }
         }
         self.clear_chunks_from(count).await;
@@ -222,13 +250,14 @@ impl<L: SignedList> SignedListRelay<L> {
 }
 
 /// GETs `url` and hands the answer over frame by frame (a chunk at a time), spooling the chunks
-/// of a chunked answer: the spool once every chunk is read (`None` for a single message, a 204,
-/// or when the relay stopped listening).
+/// of a chunked answer in `spool.0`, at most `spool.1` bytes of them: the spool once every
+/// chunk is read (`None` for a single message, a 204, or when the relay stopped listening).
 fn read_frames<L: SignedList>(
     agent: &ureq::Agent,
     url: &str,
     token: &str,
     tx: &mpsc::Sender<Frame>,
+    (spool_dir, spool_max): (&std::path::Path, u64),
 ) -> Result<Option<Spool>, Failed> {
     let fetch = |e: &dyn std::fmt::Display| Failed::Fetch(e.to_string());
     let r = agent
@@ -257,7 +286,7 @@ fn read_frames<L: SignedList>(
     if count == 0 || count > purse::blocklist::chunked::MAX_CHUNKS {
         return Err(refused(format!("a chunk count of {count}")));
     }
-    let mut spool = Spool::new().map_err(|e| fetch(&format!("a spool file: {e}")))?;
+    let mut spool = Spool::new(spool_dir).map_err(|e| fetch(&format!("a spool file: {e}")))?;
     if tx.blocking_send(Frame::Head { version, count }).is_err() {
         return Ok(None);
     }
@@ -270,6 +299,11 @@ fn read_frames<L: SignedList>(
         if len > MAX_CHUNK_BYTES {
             return Err(refused(format!(
                 "chunk {i} of {count} announces {len} bytes, more than a chunk may have ({MAX_CHUNK_BYTES})"
+            )));
+        }
+        if spool.bytes + len as u64 > spool_max {
+            return Err(refused(format!(
+                "chunk {i} of {count} ({len} bytes) would bring the snapshot beyond {spool_max} bytes"
             )));
         }
         let mut bytes = vec![0u8; len];
@@ -550,5 +584,48 @@ mod tests {
             .map(|(_, v)| v)
             .collect();
         assert_eq!(versions, [8, 8, 8]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_beyond_the_spool_cap_are_refused_once_and_publish_nothing() {
+        let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(22));
+        let hsm = SoftwareHsm::new(&keys).unwrap();
+        let port = tapgate_testkit::broker::embedded(&[("gateway", "gw-secret")]);
+        let good = chunks(&hsm, 1);
+        let answer: Answer = Arc::new(Mutex::new((1, "3".into(), body(&good))));
+        let base = charging(answer).await;
+        let (c, _) = client(port, "relay").await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), 16 << 20).unwrap();
+        let stats = Arc::new(GatewayStats::default());
+        let mut relay = SignedListRelay::new(
+            c,
+            "metro".into(),
+            store,
+            TrustedKeys::single(hsm.verifying_key()),
+            (base, "tg_gw".into()),
+            Blocklist(stats.clone()),
+        );
+        assert_eq!(relay.spool_max_bytes, super::MAX_SPOOL_BYTES);
+        // Room for the first two chunks only: the third would go beyond.
+        let whole: u64 = good.iter().map(|c| c.len() as u64).sum();
+        relay.spool_max_bytes = whole - 1;
+        for _ in 0..2 {
+            relay.snapshot_due = true;
+            relay.relay_chunked_snapshot().await;
+            assert_eq!(relay.chunks_published, 0, "nothing published");
+            assert!(relay.snapshot_due, "the snapshot is asked for again");
+            assert_eq!(
+                stats.blocklists_refused.load(Ordering::Relaxed),
+                1,
+                "counted once for the version"
+            );
+        }
+        // Exactly the cap is enough.
+        relay.spool_max_bytes = whole;
+        relay.relay_chunked_snapshot().await;
+        assert_eq!(relay.chunks_published, 3);
+        assert!(!relay.snapshot_due);
+        assert_eq!(stats.blocklists_refused.load(Ordering::Relaxed), 1);
     }
 }
