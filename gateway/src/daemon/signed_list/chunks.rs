@@ -468,6 +468,18 @@ mod tests {
             .subscribe(format!("{TOPIC}/#"), QoS::AtLeastOnce)
             .await
             .unwrap();
+        // The subscription is in force once the watcher gets its own message back (the broker
+        // takes a connection's packets in order); else the relay's first marker may go unseen.
+        watch
+            .publish(
+                format!("{TOPIC}/ready"),
+                QoS::AtLeastOnce,
+                false,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert!(until(&mut seen, "ready").await.is_empty());
         let (c, _) = client(port, "relay").await;
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path(), 16 << 20).unwrap();
