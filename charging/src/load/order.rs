@@ -336,28 +336,7 @@ impl LoadService {
             });
         }
         self.check_instrument(caller, &*source, &req.instrument)?;
-        {
-            let r = self.ledger.read()?;
-            if r.card(&req.uid)?.blocked {
-                return Err(OrderError::Refused {
-                    reason: "card_blocked",
-                    detail: format!("card {uid_hex} is blocked"),
-                });
-            }
-            // The card would refuse a credit over its upper limit: not taken as an order. (The
-            // shadow purse lags only by fares not cleared yet, which lower it.)
-            let balance = r.balance(&crate::ledger::card_account(&req.uid))?;
-            let ceiling = i64::from(self.cfg.balance_ceiling_minor);
-            if balance.saturating_add(i64::from(req.amount_minor)) > ceiling {
-                return Err(OrderError::Refused {
-                    reason: "balance_ceiling",
-                    detail: format!(
-                        "balance {balance} + {} would exceed the ceiling of {ceiling}",
-                        req.amount_minor
-                    ),
-                });
-            }
-        }
+        self.card_takes_order(&req, &uid_hex)?;
         let reference = format!("order:{caller}:{}", req.idempotency_key);
         let freq = FundingRequest {
             amount_minor: i64::from(req.amount_minor),
@@ -442,6 +421,32 @@ impl LoadService {
                 Err(e.into())
             }
         }
+    }
+
+    /// An order's card checks, before anything is authorised: the card is not blocked, and
+    /// the order would not take it over its balance ceiling.
+    fn card_takes_order(&self, req: &OrderRequest, uid_hex: &str) -> Result<(), OrderError> {
+        let r = self.ledger.read()?;
+        if r.card(&req.uid)?.blocked {
+            return Err(OrderError::Refused {
+                reason: "card_blocked",
+                detail: format!("card {uid_hex} is blocked"),
+            });
+        }
+        // The card would refuse a credit over its upper limit: not taken as an order. (The
+        // shadow purse lags only by fares not cleared yet, which lower it.)
+        let balance = r.balance(&crate::ledger::card_account(&req.uid))?;
+        let ceiling = i64::from(self.cfg.balance_ceiling_minor);
+        if balance.saturating_add(i64::from(req.amount_minor)) > ceiling {
+            return Err(OrderError::Refused {
+                reason: "balance_ceiling",
+                detail: format!(
+                    "balance {balance} + {} would exceed the ceiling of {ceiling}",
+                    req.amount_minor
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn order_for_request(
