@@ -224,6 +224,28 @@ impl PgWrite<'_> {
             .map_err(|e| db_error(&e))
     }
 
+    /// Writes `intent`'s row of card `uid` by `sql` (an INSERT of the six columns, its
+    /// ON CONFLICT the caller's): the rows it changed.
+    fn intent_row(
+        &self,
+        sql: &'static str,
+        uid: &[u8; 7],
+        intent: &LoadIntent,
+    ) -> Result<u64, LedgerError> {
+        let (rec, state, kind) = (to_json(intent)?, word(&intent.state)?, word(&intent.kind)?);
+        self.exec(
+            sql,
+            &[
+                &uid_hex(uid),
+                &i64::from(intent.tmc_before),
+                &i32::from(intent.attempt),
+                &state,
+                &kind,
+                &rec,
+            ],
+        )
+    }
+
     /// Runs a statement that returns one row.
     fn one(
         &self,
@@ -462,19 +484,12 @@ impl LedgerWrite for PgWrite<'_> {
         uid: &[u8; 7],
         intent: &LoadIntent,
     ) -> Result<(), LedgerError> {
-        let (rec, state, kind) = (to_json(intent)?, word(&intent.state)?, word(&intent.kind)?);
-        self.exec(
+        self.intent_row(
             "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (uid, tmc_before, attempt) DO UPDATE \
              SET state = EXCLUDED.state, kind = EXCLUDED.kind, record = EXCLUDED.record",
-            &[
-                &uid_hex(uid),
-                &i64::from(intent.tmc_before),
-                &i32::from(intent.attempt),
-                &state,
-                &kind,
-                &rec,
-            ],
+            uid,
+            intent,
         )?;
         self.staged.borrow_mut().put_intent(uid, intent);
         Ok(())
@@ -544,18 +559,11 @@ impl LedgerWrite for PgWrite<'_> {
         uid: &[u8; 7],
         intent: &LoadIntent,
     ) -> Result<bool, LedgerError> {
-        let (rec, state, kind) = (to_json(intent)?, word(&intent.state)?, word(&intent.kind)?);
-        let inserted = self.exec(
+        let inserted = self.intent_row(
             "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            &[
-                &uid_hex(uid),
-                &i64::from(intent.tmc_before),
-                &i32::from(intent.attempt),
-                &state,
-                &kind,
-                &rec,
-            ],
+            uid,
+            intent,
         )? == 1;
         if inserted {
             self.staged.borrow_mut().put_intent(uid, intent);
