@@ -414,6 +414,28 @@ mod tests {
         (c, rx)
     }
 
+    /// The blocklist's relay as the daemon runs it: a client of the broker on `port`, its
+    /// store in `dir`, the charging server at `base`, trusting `hsm`'s key; and its stats.
+    async fn relay(
+        port: u16,
+        base: String,
+        hsm: &SoftwareHsm,
+        dir: &std::path::Path,
+    ) -> (SignedListRelay<Blocklist>, Arc<GatewayStats>) {
+        let (c, _) = client(port, "relay").await;
+        let store = crate::store::Store::open(dir, 16 << 20).unwrap();
+        let stats = Arc::new(GatewayStats::default());
+        let relay = SignedListRelay::new(
+            c,
+            "metro".into(),
+            store,
+            TrustedKeys::single(hsm.verifying_key()),
+            (base, "tg_gw".into()),
+            Blocklist(stats.clone()),
+        );
+        (relay, stats)
+    }
+
     /// The messages on the list's topics until `marker` is seen (at most 30 s).
     async fn until(
         rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>,
@@ -480,18 +502,8 @@ mod tests {
             .await
             .unwrap();
         assert!(until(&mut seen, "ready").await.is_empty());
-        let (c, _) = client(port, "relay").await;
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path(), 16 << 20).unwrap();
-        let stats = Arc::new(GatewayStats::default());
-        let mut relay = SignedListRelay::new(
-            c,
-            "metro".into(),
-            store,
-            TrustedKeys::single(hsm.verifying_key()),
-            (base, "tg_gw".into()),
-            Blocklist(stats.clone()),
-        );
+        let (mut relay, stats) = relay(port, base, &hsm, dir.path()).await;
         // The set in force: version 1's three chunks.
         relay.relay_chunked_snapshot().await;
         assert!(relay.publish("marker", false, b"1".to_vec()).await);
@@ -606,18 +618,8 @@ mod tests {
         let good = chunks(&hsm, 1);
         let answer: Answer = Arc::new(Mutex::new((1, "3".into(), body(&good))));
         let base = charging(answer).await;
-        let (c, _) = client(port, "relay").await;
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path(), 16 << 20).unwrap();
-        let stats = Arc::new(GatewayStats::default());
-        let mut relay = SignedListRelay::new(
-            c,
-            "metro".into(),
-            store,
-            TrustedKeys::single(hsm.verifying_key()),
-            (base, "tg_gw".into()),
-            Blocklist(stats.clone()),
-        );
+        let (mut relay, stats) = relay(port, base, &hsm, dir.path()).await;
         assert_eq!(relay.spool_max_bytes, super::MAX_SPOOL_BYTES);
         // Room for the first two chunks only: the third would go beyond.
         let whole: u64 = good.iter().map(|c| c.len() as u64).sum();
