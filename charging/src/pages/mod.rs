@@ -816,6 +816,33 @@ async fn receipt_month(
 mod tests {
     use super::*;
 
+    /// A top-up form's token is posted by the signed-in cardholder and becomes an id in the
+    /// ledger and in a URL: only 16 to 64 letters and digits are taken; an empty one (a form
+    /// from before tokens) gets a fresh id.
+    #[test]
+    fn a_top_up_token_is_taken_only_as_16_to_64_letters_and_digits() {
+        let ok = "a1B2c3D4e5F6g7H8";
+        assert_eq!(topup_id(ok).unwrap(), ok);
+        assert_eq!(topup_id(&"x".repeat(64)).unwrap(), "x".repeat(64));
+        let fresh = topup_id("").unwrap();
+        assert_eq!(fresh.len(), 16);
+        assert_ne!(fresh, topup_id("").unwrap(), "a fresh id each time");
+        for bad in [
+            "short",
+            &"x".repeat(15),
+            &"x".repeat(65),
+            "../../cards/0000000000000000",
+            "abcdefghijklmnop/",
+            "abcdefghijklmnop\n",
+            "abcdefghijklmnöp",
+        ] {
+            assert!(
+                matches!(topup_id(bad), Err(PageError::Bad(_))),
+                "{bad:?} taken"
+            );
+        }
+    }
+
     #[test]
     fn every_template_compiles() {
         let env = environment();
