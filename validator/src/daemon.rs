@@ -8,13 +8,16 @@
 //! `…/devices/<device>/status` (retained; the last will marks the validator offline),
 //! blocklists on `…/blocklist/{snapshot,delta}`, fare tables on `…/fares/table` (retained).
 
+mod durable;
 mod reader_thread;
 mod uplink;
 
 use crate::gate::{Gate, Step};
 use crate::journal::{Journal, JournalError};
 use crate::reader::Reader;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 use purse::rotation::{Refusal, SignerKeys, TrustedKeys};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -95,7 +98,11 @@ pub struct Metrics {
     pub outbox_full: IntGauge,
     /// The outbox's bound (`outbox_capacity_taps`), set by the daemon's caller.
     pub outbox_capacity: IntGauge,
+    /// The blocklist version journalled (the heartbeat's: a version applied but not yet
+    /// journalled is not reported, so the gateway never counts it as propagated here).
     pub blocklist_version: IntGauge,
+    /// Blocklist journal writes that failed (disk full, I/O error) and were tried again.
+    pub blocklist_journal_retries: IntCounter,
     pub fare_table_version: IntGauge,
     pub mqtt_connected: IntGauge,
     /// Confirmations refused (never acted on), by reason: `bad_mac`, `malformed`.
@@ -176,7 +183,15 @@ impl Metrics {
                 "outbox_capacity",
                 "the outbox's bound in taps (outbox_capacity_taps)",
             ),
-            blocklist_version: gauge("blocklist_version", "blocklist version held"),
+            blocklist_version: gauge("blocklist_version", "blocklist version held and journalled"),
+            blocklist_journal_retries: registered(
+                &registry,
+                IntCounter::new(
+                    "blocklist_journal_retries_total",
+                    "blocklist journal writes that failed (disk full, I/O error) and were tried again",
+                )
+                .expect("static metric"),
+            ),
             fare_table_version: gauge("fare_table_version", "fare table version in force"),
             mqtt_connected: gauge("mqtt_connected", "1 while connected to the broker"),
             registry: registry.clone(),
@@ -498,28 +513,39 @@ pub fn apply_blocklist_shared(
     keys: &TrustedKeys,
     bytes: &[u8],
 ) -> Result<(DownlinkOutcome, u64), String> {
+    let (outcome, write, held) = take_blocklist_shared(gate, keys, bytes)?;
+    if let Some(w) = write {
+        w.write(journal, bytes)?;
+    }
+    Ok((outcome, held))
+}
+
+/// [`apply_blocklist_shared`] but the journal write: what the message did, how to journal it
+/// and the blocklist version held after (the daemon journals it on its writer thread,
+/// `durable`, retried until it commits).
+pub fn take_blocklist_shared(
+    gate: &Mutex<Gate>,
+    keys: &TrustedKeys,
+    bytes: &[u8],
+) -> Result<(DownlinkOutcome, Option<BlocklistWrite>, u64), String> {
     let lock = || gate.lock().map_err(|_| "gate lock poisoned".to_string());
     if bytes.is_empty() {
         let held = lock()?.blocklist.version();
-        return Ok((DownlinkOutcome::AlreadyHeld { held, got: held }, held));
+        return Ok((DownlinkOutcome::AlreadyHeld { held, got: held }, None, held));
     }
-    let (outcome, write, held) = if purse::blocklist::chunked::is_chunk(bytes) {
+    if purse::blocklist::chunked::is_chunk(bytes) {
         let (c, _) = purse::blocklist::chunked::SnapshotChunk::verify_trusted(bytes, keys)
             .map_err(|e| format!("blocklist refused: {e}"))?;
         let mut g = lock()?;
         let (outcome, write) = take_chunk(&mut g, &c)?;
-        (outcome, write, g.blocklist.version())
+        Ok((outcome, write, g.blocklist.version()))
     } else {
         let (u, _) = purse::blocklist::ListUpdate::verify_trusted(bytes, keys)
             .map_err(|e| format!("blocklist refused: {e}"))?;
         let mut g = lock()?;
         let (outcome, write) = take_update(&mut g, &u)?;
-        (outcome, write, g.blocklist.version())
-    };
-    if let Some(w) = write {
-        w.write(journal, bytes)?;
+        Ok((outcome, write, g.blocklist.version()))
     }
-    Ok((outcome, held))
 }
 
 /// A verified single-message snapshot or delta into the gate's blocklist: what it did and how
@@ -752,7 +778,14 @@ pub async fn run(
     let actions = restore_actions(&settings.card_scheme, &journal, &settings.signing_pub)?;
     let mut gate = gate;
     restore_action_ceiling(&mut gate, &journal)?;
+    let blocklist_journal = durable::BlocklistJournal::start(
+        journal.clone(),
+        metrics.clone(),
+        durable::Backoff::DAEMON,
+    )
+    .map_err(|e| DaemonError::Reader(e.to_string()))?;
     let shared = Shared {
+        blocklist_journal: Arc::new(blocklist_journal),
         gate: Arc::new(Mutex::new(gate)),
         actions: Arc::new(Mutex::new(actions)),
         journal,
@@ -767,6 +800,9 @@ pub async fn run(
     if let Some(m) = &settings.mqtt {
         uplink::run(&settings, m, &topics, &shared).await?;
     }
+    // What was applied is journalled before the run ends (a write still failing is given up).
+    let writes = shared.blocklist_journal.clone();
+    let _ = tokio::task::spawn_blocking(move || writes.finish()).await;
     let summary = tokio::task::spawn_blocking(move || loop_handle.join())
         .await
         .map_err(|e| DaemonError::Reader(e.to_string()))?
@@ -785,6 +821,8 @@ struct Shared {
     /// The action list (locked after the gate, never before it).
     actions: Arc<Mutex<purse::actionlist::ActionList>>,
     journal: Arc<Journal>,
+    /// Blocklist messages applied, journalled in order on their own thread.
+    blocklist_journal: Arc<durable::BlocklistJournal>,
     metrics: Arc<Metrics>,
     /// Wakes the publisher: a tap was journalled, the connection came up, the reader ended.
     wake: Arc<tokio::sync::Notify>,
@@ -958,7 +996,7 @@ mod restore_tests {
     use ed25519_dalek::{Signer, SigningKey};
     use rand::SeedableRng;
 
-    fn gate() -> Gate {
+    pub(super) fn gate() -> Gate {
         let keys = purse::keys::KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(2));
         Gate {
             sam: purse::sam::SoftwareSam::validator(&keys, 7).unwrap(),
@@ -977,7 +1015,7 @@ mod restore_tests {
         }
     }
 
-    fn uid(i: u32) -> [u8; 7] {
+    pub(super) fn uid(i: u32) -> [u8; 7] {
         let mut u = [4, 0, 0, 0, 0, 0, 0];
         u[3..].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
         u

@@ -151,7 +151,15 @@ pub struct Journal {
     capacity_taps: u64,
     /// Blobs larger than 64 KiB, kept as files ([`blob_files`]).
     files: blob_files::BlobFiles,
+    /// Tests only: a fault injected into blob writes ([`Journal::inject_blob_fault`]).
+    #[cfg(test)]
+    blob_fault: std::sync::Mutex<Option<BlobFault>>,
 }
+
+/// Tests only: called with a blob's key before it is written; an error returned is that
+/// write's failure (as a full disk or an I/O error would fail it), nothing written.
+#[cfg(test)]
+pub(crate) type BlobFault = Box<dyn FnMut(&str) -> Option<std::io::Error> + Send>;
 
 /// An action-list credit about to be applied to a card, journalled before the card is touched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,6 +226,8 @@ impl Journal {
             applied: applied.remap_types(),
             capacity_taps: outbox_capacity_taps,
             files: blob_files::BlobFiles::open(dir)?,
+            #[cfg(test)]
+            blob_fault: std::sync::Mutex::new(None),
         })
         .and_then(Journal::without_unnamed_files)
     }
@@ -334,6 +344,8 @@ impl Journal {
         bytes: &[u8],
         drop_under: Option<(&str, KeepBlob<'_>)>,
     ) -> Result<(), JournalError> {
+        #[cfg(test)]
+        self.injected_fault(key)?;
         let value = self.files.store(key, bytes)?;
         let mut gone: Vec<String> = Vec::new();
         let r = (|| {
@@ -370,6 +382,25 @@ impl Journal {
             self.files.remove(f);
         }
         Ok(())
+    }
+
+    /// Tests only: every blob write from now on first asks `fault` (see [`BlobFault`]).
+    #[cfg(test)]
+    pub(crate) fn inject_blob_fault(&self, fault: BlobFault) {
+        *self.blob_fault.lock().expect("fault lock") = Some(fault);
+    }
+
+    /// Tests only: the injected fault's answer for a write of `key`.
+    #[cfg(test)]
+    fn injected_fault(&self, key: &str) -> Result<(), JournalError> {
+        let mut f = self.blob_fault.lock().expect("fault lock");
+        match f.as_mut().and_then(|f| f(key)) {
+            Some(source) => Err(JournalError::Dir {
+                path: format!("(injected fault writing {key})"),
+                source,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The bytes of a stored value: read from its file when it names one.

@@ -4,8 +4,8 @@
 
 use super::DownlinkOutcome;
 use super::{
-    apply_downlink_outcome, now_ms, Confirmations, DaemonError, Downlink, MqttSettings, Settings,
-    Shared, Topics, MAX_MESSAGES_PER_ROUND, MAX_TAPS_PER_MESSAGE, RESEND_AFTER_MS,
+    apply_downlink_outcome, now_ms, Confirmations, DaemonError, Downlink, Metrics, MqttSettings,
+    Settings, Shared, Topics, MAX_MESSAGES_PER_ROUND, MAX_TAPS_PER_MESSAGE, RESEND_AFTER_MS,
 };
 use crate::journal::Journal;
 use purse::rotation::TrustedKeys;
@@ -352,16 +352,15 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
 }
 
 /// A blocklist message: verified before the gate is taken and journalled after it is released
-/// ([`super::apply_blocklist_shared`]), so taps never wait behind a chunk's signature check.
+/// ([`super::take_blocklist_shared`]), so taps never wait behind a chunk's signature check; the
+/// journal write is the writer thread's (`durable`: retried until it commits, and only then
+/// the version reported).
 async fn on_blocklist(shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
     let shared = shared.clone();
     let payload = p.payload;
     let _ = tokio::task::spawn_blocking(move || {
-        let out = super::apply_blocklist_shared(&shared.gate, &shared.journal, &pubkey, &payload);
-        if let Ok((DownlinkOutcome::Applied(_), held)) = &out {
-            shared.metrics.blocklist_version.set(*held as i64);
-        }
-        log_downlink(&shared, Downlink::Blocklist, out.map(|(o, _)| o));
+        let out = super::durable::apply_blocklist(&shared, &pubkey, &payload);
+        log_downlink(&shared, Downlink::Blocklist, out);
     })
     .await;
 }
@@ -457,23 +456,27 @@ async fn publish_until_drained(
     }
 }
 
-/// Publishes the heartbeat (retained). The versions come from the metrics, never from the
-/// gate (no waiting on a tap).
+/// Publishes the heartbeat (retained).
 fn announce(settings: &Settings, link: &Link, shared: &Shared) {
-    let metrics = &shared.metrics;
-    let status = serde_json::json!({
-        "device": settings.device_id,
+    let taps = shared.taps_done.load(Ordering::Relaxed);
+    let status = status(settings.device_id, &shared.metrics, taps).to_string();
+    let _ = link
+        .client
+        .try_publish(link.topics.status.clone(), QoS::AtLeastOnce, true, status);
+}
+
+/// The heartbeat's body. The versions come from the metrics, never from the gate (no waiting
+/// on a tap); the blocklist's is the one journalled (`durable`).
+pub(super) fn status(device_id: u32, metrics: &Metrics, taps: u64) -> serde_json::Value {
+    serde_json::json!({
+        "device": device_id,
         "online": true,
         "blocklist_version": metrics.blocklist_version.get(),
         "fare_table_version": metrics.fare_table_version.get(),
         "outbox_depth": metrics.outbox_depth.get(),
         "clock_ms": now_ms(),
-        "taps": shared.taps_done.load(Ordering::Relaxed),
+        "taps": taps,
     })
-    .to_string();
-    let _ = link
-        .client
-        .try_publish(link.topics.status.clone(), QoS::AtLeastOnce, true, status);
 }
 
 /// The oldest tap in the outbox, since when it waits, and how long it may wait before
