@@ -4,6 +4,18 @@ use super::tap::newest_record;
 use super::*;
 use crate::record::{flags, TapKind, TripRecord, U24_MAX};
 
+/// The row of `rows` (charges, coupons) whose code is `code`, with its index.
+fn by_code<T>(
+    rows: &[T],
+    code: u16,
+    code_of: impl Fn(&T) -> u16,
+) -> Result<(usize, &T), QuoteError> {
+    rows.iter()
+        .enumerate()
+        .find(|(_, r)| code_of(r) == code)
+        .ok_or(QuoteError::UnknownCode(code))
+}
+
 impl Engine {
     /// Quotes a non-transit charge (pay-TV): `items` items and `minutes` of viewing at local time
     /// `time_s`, with the service day's cap from the card's accumulators.
@@ -15,13 +27,7 @@ impl Engine {
         minutes: u32,
         time_s: u32,
     ) -> Result<TapQuote, QuoteError> {
-        let ci = self
-            .table
-            .charges
-            .iter()
-            .position(|c| c.code == code)
-            .ok_or(QuoteError::UnknownCode(code))?;
-        let c = &self.table.charges[ci];
+        let (ci, c) = by_code(&self.table.charges, code, |c| c.code)?;
         let newest = newest_record(card.history);
         let today = self.service_day(time_s);
         // What this charge has cost today: the running total in the newest record of the same
@@ -83,12 +89,7 @@ impl Engine {
         day: i32,
         already_used: bool,
     ) -> Result<u32, QuoteError> {
-        let c = self
-            .table
-            .coupons
-            .iter()
-            .find(|c| c.code == code)
-            .ok_or(QuoteError::UnknownCode(code))?;
+        let (_, c) = by_code(&self.table.coupons, code, |c| c.code)?;
         if c.expires_day.is_some_and(|e| day > e) {
             return Err(QuoteError::CouponExpired);
         }
