@@ -255,6 +255,26 @@ impl Pages {
         .await
     }
 
+    /// [`Pages::read`] of the holder's own card `uid_hex` (not theirs: not found, as
+    /// [`Pages::own_card`]): `f` gets its UID and the holder.
+    async fn read_own_card<T, F>(
+        &self,
+        s: &session::Session,
+        uid_hex: String,
+        f: F,
+    ) -> Result<T, PageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pages, &dyn LedgerRead, [u8; 7], &str) -> Result<T, PageError> + Send + 'static,
+    {
+        let holder = s.holder.clone();
+        self.read(move |p, r| {
+            let uid = p.own_card(r, &holder, &uid_hex)?;
+            f(p, r, uid, &holder)
+        })
+        .await
+    }
+
     /// The page a handler made, or its error's page.
     async fn answer(
         &self,
@@ -342,10 +362,8 @@ async fn card_page(
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
-        let holder = s.holder.clone();
         let page = q.page.unwrap_or(1).clamp(1, 1_000_000);
-        let ctx = p.read(move |p2, r| {
-            let uid = p2.own_card(r, &holder, &uid_hex)?;
+        let ctx = p.read_own_card(&s, uid_hex, move |p2, r, uid, holder| {
             let shadow = r.card(&uid)?;
             let balance = r.balance(&crate::ledger::card_account(&uid))?;
             let history = card::history(r, &uid)?;
@@ -358,14 +376,14 @@ async fn card_page(
                 .collect();
             let loads = card::loads(r, &uid)?;
             let hex_uid = hex::encode_upper(uid);
-            let topups: Vec<minijinja::Value> = card::topups(r, &holder)?
+            let topups: Vec<minijinja::Value> = card::topups(r, holder)?
                 .into_iter()
                 .filter(|t| t.card_uid == hex_uid)
                 .take(10)
                 .map(|t| {
                     let state = match t.order_id {
                         Some(id) => pickup::state(r, id)?.0,
-                        None => t.state(&holder, &loads).0,
+                        None => t.state(holder, &loads).0,
                     };
                     Ok(minijinja::context! {
                         id => t.id, amount => p2.money(t.amount_minor), source => t.source,
@@ -451,11 +469,9 @@ async fn topup_page(
     amount: &str,
 ) -> Result<Response, PageError> {
     let s = p.signed_in(headers)?;
-    let holder = s.holder.clone();
     let (uid, choices, blocked) = p
-        .read(move |p2, r| {
-            let uid = p2.own_card(r, &holder, &uid_hex)?;
-            Ok((uid, instruments(r, &holder)?, r.card(&uid)?.blocked))
+        .read_own_card(&s, uid_hex, move |_, r, uid, holder| {
+            Ok((uid, instruments(r, holder)?, r.card(&uid)?.blocked))
         })
         .await?;
     let choices: Vec<minijinja::Value> = choices
@@ -639,17 +655,15 @@ async fn topup_state(
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
-        let holder = s.holder.clone();
         let (t, state, tmc, order) = p
-            .read(move |p2, r| {
-                let uid = p2.own_card(r, &holder, &uid_hex)?;
+            .read_own_card(&s, uid_hex, move |_, r, uid, holder| {
                 let hex_uid = hex::encode_upper(uid);
-                let t = card::topups(r, &holder)?
+                let t = card::topups(r, holder)?
                     .into_iter()
                     .find(|t| t.id == id && t.card_uid == hex_uid)
                     .ok_or_else(|| PageError::NotFound("No such top-up.".into()))?;
                 let loads = card::loads(r, &uid)?;
-                let (state, tmc) = t.state(&holder, &loads);
+                let (state, tmc) = t.state(holder, &loads);
                 let order = t.order_id.map(|id| pickup::state(r, id)).transpose()?;
                 Ok((t, state, tmc, order))
             })
@@ -684,9 +698,7 @@ async fn report_form(
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
-        let holder = s.holder.clone();
-        let (uid, blocked) = p.read(move |p2, r| {
-            let uid = p2.own_card(r, &holder, &uid_hex)?;
+        let (uid, blocked) = p.read_own_card(&s, uid_hex, move |_, r, uid, _| {
             Ok((uid, r.card(&uid)?.blocked))
         })
         .await?;
@@ -747,10 +759,8 @@ async fn receipt_load(
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
-        let holder = s.holder.clone();
         let (uid, entry) = p
-            .read(move |p2, r| {
-                let uid = p2.own_card(r, &holder, &uid_hex)?;
+            .read_own_card(&s, uid_hex, move |_, r, uid, _| {
                 let e = card::history(r, &uid)?
                     .into_iter()
                     .find(|e| e.kind == "load" && e.tmc == Some(tmc))
@@ -787,10 +797,9 @@ async fn receipt_month(
         if !valid {
             return Err(PageError::NotFound("A month is written YYYY-MM.".into()));
         }
-        let (holder, m) = (s.holder.clone(), month.clone());
+        let m = month.clone();
         let (uid, trips) = p
-            .read(move |p2, r| {
-                let uid = p2.own_card(r, &holder, &uid_hex)?;
+            .read_own_card(&s, uid_hex, move |_, r, uid, _| {
                 let mut trips: Vec<Entry> = card::history(r, &uid)?
                     .into_iter()
                     .filter(|e| e.kind == "trip" && card::month_of(e.time_ms) == m)
