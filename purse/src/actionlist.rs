@@ -31,7 +31,6 @@ use crate::blocklist::ListKind;
 use crate::crypto::{self, AesKey};
 use crate::receipt::TxKind;
 use crate::tap::TapRecord;
-use ed25519_dalek::{Signature, VerifyingKey};
 use std::collections::{BTreeMap, BTreeSet};
 use zeroize::Zeroize;
 
@@ -192,10 +191,7 @@ impl ActionUpdate {
 
     /// Encodes and signs with `sign` (the HSM's Ed25519 signature over the body).
     pub fn sign_with(&self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
-        let mut b = self.body();
-        let sig = sign(&b);
-        b.extend_from_slice(&sig);
-        b
+        crate::crypto::ed25519_signed(self.body(), sign)
     }
 
     /// Verifies the signature under `public_key`, then decodes strictly. Nothing is read from
@@ -204,11 +200,8 @@ impl ActionUpdate {
         if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
             return Err(ActionListError::Malformed("not a tapgate action list"));
         }
-        let (body, sig) = bytes.split_at(bytes.len() - 64);
-        let vk = VerifyingKey::from_bytes(public_key).map_err(|_| ActionListError::BadSignature)?;
-        let sig = Signature::from_bytes(sig.try_into().expect("64"));
-        vk.verify_strict(body, &sig)
-            .map_err(|_| ActionListError::BadSignature)?;
+        let body = crate::crypto::ed25519_body(bytes, public_key, true)
+            .ok_or(ActionListError::BadSignature)?;
         Self::decode_body(body)
     }
 

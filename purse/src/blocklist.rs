@@ -20,8 +20,6 @@
 //! the only way for a list beyond [`MAX_ENTRIES`] cards, and the way a validator applies a
 //! 10,000,000-card list within its memory budget. Deltas are always format 1.
 
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-
 pub mod chunked;
 pub mod compact;
 use chunked::{Assembly, ChunkProgress, SnapshotChunk};
@@ -118,10 +116,7 @@ impl ListUpdate {
 
     /// Encodes and signs with `sign` (the HSM's Ed25519 signature over the body).
     pub fn sign_with(&self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
-        let mut b = self.body();
-        let sig = sign(&b);
-        b.extend_from_slice(&sig);
-        b
+        crate::crypto::ed25519_signed(self.body(), sign)
     }
 
     /// Decodes strictly and verifies the signature under `public_key`.
@@ -132,10 +127,8 @@ impl ListUpdate {
         if bytes[4] != FORMAT {
             return Err(ListError::Malformed("unknown format version"));
         }
-        let (body, sig) = bytes.split_at(bytes.len() - 64);
-        let vk = VerifyingKey::from_bytes(public_key).map_err(|_| ListError::BadSignature)?;
-        let sig = Signature::from_bytes(sig.try_into().expect("64"));
-        vk.verify(body, &sig).map_err(|_| ListError::BadSignature)?;
+        let body =
+            crate::crypto::ed25519_body(bytes, public_key, false).ok_or(ListError::BadSignature)?;
         let kind = match body[5] {
             1 => ListKind::Snapshot,
             2 => ListKind::Delta,

@@ -311,6 +311,35 @@ pub fn cbc_decrypt(key: &AesKey, iv: &[u8; 16], data: &mut [u8]) -> Result<(), C
     cbc(&key.cipher(), iv, data, Direction::Decrypt)
 }
 
+/// A signed downlink message (blocklist, snapshot chunk, action list): `body`, then the back
+/// office's Ed25519 signature over it, made by `sign` (the HSM).
+pub(crate) fn ed25519_signed(mut body: Vec<u8>, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
+    let sig = sign(&body);
+    body.extend_from_slice(&sig);
+    body
+}
+
+/// The body of a signed downlink message ([`ed25519_signed`]) when its last 64 bytes are an
+/// Ed25519 signature over it under `public_key`; `None` when they are not (or `bytes` is
+/// shorter, or the key is not a curve point). `strict`: `verify_strict` (also refuses weak keys
+/// and non-canonical signatures), as the action list is checked; otherwise `verify`.
+pub(crate) fn ed25519_body<'a>(
+    bytes: &'a [u8],
+    public_key: &[u8; 32],
+    strict: bool,
+) -> Option<&'a [u8]> {
+    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+    let (body, sig) = bytes.split_at(bytes.len().checked_sub(64)?);
+    let vk = VerifyingKey::from_bytes(public_key).ok()?;
+    let sig = Signature::from_bytes(sig.try_into().ok()?);
+    let verified = if strict {
+        vk.verify_strict(body, &sig)
+    } else {
+        vk.verify(body, &sig)
+    };
+    verified.ok().map(|()| body)
+}
+
 /// AES-128-CBC encryption in place with an already expanded cipher (whole blocks).
 pub fn cbc_encrypt_with(
     cipher: &Aes128,

@@ -27,7 +27,6 @@
 
 use super::compact::{self, Part, UidSet};
 use super::{ListError, MAGIC};
-use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use std::collections::BTreeMap;
 
 /// The format version of a chunk.
@@ -114,10 +113,7 @@ impl SnapshotChunk {
 
     /// Encodes and signs with `sign` (the HSM's Ed25519 signature over the body).
     pub fn sign_with(&self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
-        let mut b = self.body();
-        let sig = sign(&b);
-        b.extend_from_slice(&sig);
-        b
+        crate::crypto::ed25519_signed(self.body(), sign)
     }
 
     /// Decodes strictly and verifies the signature under `public_key`.
@@ -128,10 +124,8 @@ impl SnapshotChunk {
         if bytes[4] != CHUNK_FORMAT || bytes[5] != KIND_CHUNK {
             return Err(ListError::Malformed("not a blocklist snapshot chunk"));
         }
-        let (body, sig) = bytes.split_at(bytes.len() - 64);
-        let vk = VerifyingKey::from_bytes(public_key).map_err(|_| ListError::BadSignature)?;
-        let sig = Signature::from_bytes(sig.try_into().expect("64"));
-        vk.verify(body, &sig).map_err(|_| ListError::BadSignature)?;
+        let body =
+            crate::crypto::ed25519_body(bytes, public_key, false).ok_or(ListError::BadSignature)?;
         let op_len = body[6] as usize;
         let rest = body
             .get(7 + op_len..)
