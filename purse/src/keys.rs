@@ -332,7 +332,17 @@ impl KeySet {
         &mut self,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<u8, KeyError> {
-        let newest = CARD_MASTERS
+        self.add_masters(&CARD_MASTERS, rng)
+    }
+
+    /// Fresh masters of `kinds`, all under the version one above the newest held of any of
+    /// them, beside the old ones: that version.
+    fn add_masters(
+        &mut self,
+        kinds: &[KeyKind],
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<u8, KeyError> {
+        let newest = kinds
             .iter()
             .filter_map(|&k| self.latest_version(k))
             .max()
@@ -340,7 +350,7 @@ impl KeySet {
         let v = newest
             .checked_add(1)
             .ok_or(KeyError::Rotation("every key version up to 255 is used"))?;
-        for kind in CARD_MASTERS {
+        for &kind in kinds {
             self.entries.push(KeyEntry {
                 kind,
                 version: v,
@@ -430,18 +440,7 @@ impl KeySet {
         &mut self,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<u8, KeyError> {
-        let v = self
-            .latest_version(KeyKind::DeviceMaster)
-            .unwrap_or(0)
-            .checked_add(1)
-            .ok_or(KeyError::Rotation("every key version up to 255 is used"))?;
-        self.entries.push(KeyEntry {
-            kind: KeyKind::DeviceMaster,
-            version: v,
-            id: 0,
-            key: random_key(rng),
-        });
-        Ok(v)
+        self.add_masters(&[KeyKind::DeviceMaster], rng)
     }
 
     /// Retires KM_DEVICE version `version` (held, older than the newest): the gateway
