@@ -291,63 +291,61 @@ async fn on_confirmation(shared: &Shared, confirmations: Arc<Confirmations>, p: 
     }
 }
 
-/// A blocklist or fare table: verified, applied and journalled off the event loop (it waits
-/// for the gate, which a tap may hold).
+/// A downlink message (ceiling grant, action list, fare table, blocklist): verified, applied
+/// and journalled off the event loop (it waits for the gate, which a tap may hold).
 async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
-    if p.topic == topics.ceiling {
-        let shared = shared.clone();
-        let payload = p.payload;
-        let _ = tokio::task::spawn_blocking(move || {
-            let Ok(mut g) = shared.gate.lock() else {
-                return;
-            };
-            match super::apply_action_grant(&mut g, &shared.journal, &payload) {
-                Ok(DownlinkOutcome::Applied(seq)) => {
-                    let ceiling = g.sam.ceiling_minor();
-                    shared.metrics.action_ceiling_minor.set(ceiling);
-                    tracing::info!(
-                        seq,
-                        ceiling_minor = g.sam.ceiling_minor(),
-                        "action ceiling granted"
-                    )
-                }
-                Ok(DownlinkOutcome::AlreadyHeld { .. } | DownlinkOutcome::Pending { .. }) => {}
-                Err(e) => tracing::warn!("{e}"),
-            }
-        })
-        .await;
-        return;
-    }
-    if p.topic == topics.actions_snapshot || p.topic == topics.actions_delta {
-        let shared = shared.clone();
-        let payload = p.payload;
-        let _ = tokio::task::spawn_blocking(move || {
-            let Ok(mut l) = shared.actions.lock() else {
-                return;
-            };
-            match super::apply_actions(&mut l, &shared.journal, &*pubkey, &payload, now_ms()) {
-                Ok(DownlinkOutcome::Applied(v)) => {
-                    let held = i64::try_from(v).unwrap_or(i64::MAX);
-                    shared.metrics.action_list_version.set(held);
-                    tracing::info!(version = v, orders = l.len(), "action list applied")
-                }
-                Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
-                    tracing::debug!(held, got, "action list already held")
-                }
-                Ok(DownlinkOutcome::Pending { .. }) => {}
-                Err(e) => {
-                    shared.metrics.count_downlink_refused(&e);
-                    tracing::warn!("{e}")
-                }
-            }
-        })
-        .await;
-        return;
-    }
-    if p.topic == topics.fares {
-        on_fare_table(shared, pubkey, p).await;
+    let handle: fn(&Shared, &TrustedKeys, &[u8]) = if p.topic == topics.ceiling {
+        on_ceiling
+    } else if p.topic == topics.actions_snapshot || p.topic == topics.actions_delta {
+        on_actions
+    } else if p.topic == topics.fares {
+        on_fare_table
     } else {
-        on_blocklist(shared, pubkey, p).await;
+        on_blocklist
+    };
+    let shared = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || handle(&shared, &pubkey, &p.payload)).await;
+}
+
+/// This device's action-list ceiling grant (MAC'd with its device key: no signing keys).
+fn on_ceiling(shared: &Shared, _: &TrustedKeys, payload: &[u8]) {
+    let Ok(mut g) = shared.gate.lock() else {
+        return;
+    };
+    match super::apply_action_grant(&mut g, &shared.journal, payload) {
+        Ok(DownlinkOutcome::Applied(seq)) => {
+            let ceiling = g.sam.ceiling_minor();
+            shared.metrics.action_ceiling_minor.set(ceiling);
+            tracing::info!(
+                seq,
+                ceiling_minor = g.sam.ceiling_minor(),
+                "action ceiling granted"
+            )
+        }
+        Ok(DownlinkOutcome::AlreadyHeld { .. } | DownlinkOutcome::Pending { .. }) => {}
+        Err(e) => tracing::warn!("{e}"),
+    }
+}
+
+/// An action-list snapshot or delta.
+fn on_actions(shared: &Shared, pubkey: &TrustedKeys, payload: &[u8]) {
+    let Ok(mut l) = shared.actions.lock() else {
+        return;
+    };
+    match super::apply_actions(&mut l, &shared.journal, pubkey, payload, now_ms()) {
+        Ok(DownlinkOutcome::Applied(v)) => {
+            let held = i64::try_from(v).unwrap_or(i64::MAX);
+            shared.metrics.action_list_version.set(held);
+            tracing::info!(version = v, orders = l.len(), "action list applied")
+        }
+        Ok(DownlinkOutcome::AlreadyHeld { held, got }) => {
+            tracing::debug!(held, got, "action list already held")
+        }
+        Ok(DownlinkOutcome::Pending { .. }) => {}
+        Err(e) => {
+            shared.metrics.count_downlink_refused(&e);
+            tracing::warn!("{e}")
+        }
     }
 }
 
@@ -355,36 +353,26 @@ async fn on_downlink(topics: &Topics, shared: &Shared, pubkey: Arc<TrustedKeys>,
 /// ([`super::take_blocklist_shared`]), so taps never wait behind a chunk's signature check; the
 /// journal write is the writer thread's (`durable`: retried until it commits, and only then
 /// the version reported).
-async fn on_blocklist(shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
-    let shared = shared.clone();
-    let payload = p.payload;
-    let _ = tokio::task::spawn_blocking(move || {
-        let out = super::durable::apply_blocklist(&shared, &pubkey, &payload);
-        log_downlink(&shared, Downlink::Blocklist, out);
-    })
-    .await;
+fn on_blocklist(shared: &Shared, pubkey: &TrustedKeys, payload: &[u8]) {
+    let out = super::durable::apply_blocklist(shared, pubkey, payload);
+    log_downlink(shared, Downlink::Blocklist, out);
 }
 
 /// A fare table: verified, applied and journalled with the gate held (a table is small).
-async fn on_fare_table(shared: &Shared, pubkey: Arc<TrustedKeys>, p: Publish) {
-    let shared = shared.clone();
-    let payload = p.payload;
-    let _ = tokio::task::spawn_blocking(move || {
-        let Ok(mut g) = shared.gate.lock() else {
-            return;
-        };
-        let kind = Downlink::FareTable;
-        let out = apply_downlink_outcome(&mut g, &shared.journal, &*pubkey, kind, &payload);
-        if let Ok(DownlinkOutcome::Applied(_)) = out {
-            shared
-                .metrics
-                .fare_table_version
-                .set(i64::from(g.fare_version()));
-        }
-        drop(g);
-        log_downlink(&shared, kind, out);
-    })
-    .await;
+fn on_fare_table(shared: &Shared, pubkey: &TrustedKeys, payload: &[u8]) {
+    let Ok(mut g) = shared.gate.lock() else {
+        return;
+    };
+    let kind = Downlink::FareTable;
+    let out = apply_downlink_outcome(&mut g, &shared.journal, pubkey, kind, payload);
+    if let Ok(DownlinkOutcome::Applied(_)) = out {
+        shared
+            .metrics
+            .fare_table_version
+            .set(i64::from(g.fare_version()));
+    }
+    drop(g);
+    log_downlink(shared, kind, out);
 }
 
 /// Logs what a blocklist or fare-table message did (a refusal is also counted).
