@@ -1,6 +1,7 @@
 //! Completion: the card's proof posted, intents voided, torn loads and reversals settled from the card's next snapshot, cards registered.
 
 use super::*;
+use crate::ledger::postgres::read_committed;
 use crate::ledger::wait_for;
 
 impl LoadService {
@@ -109,14 +110,16 @@ impl LoadService {
                     continue;
                 };
                 let (snapshot, tmc_before) = (snap.clone(), intent.tmc_before);
-                let done = self.ledger.transact(move |t| {
+                let done = self.ledger.transact(read_committed(move |t| {
+                    // The card's row first (locked on PostgreSQL), then its counter's intents.
+                    t.card(&snapshot.uid())?;
                     let proof = Completion::OnCard {
                         snapshot: &snapshot,
                         tmc_before,
                         balance_after_minor: after,
                     };
                     t.complete_intent(proof, now_ms)
-                })?;
+                }))?;
                 if let Some(action) = done {
                     self.apply_funding(&action);
                 }
@@ -195,6 +198,10 @@ impl LoadService {
 
 /// The transaction completing the intent `proof` proves: the posting, the intent's state, the
 /// card's shadow and the client's stored answer become durable together (one group commit).
+/// On PostgreSQL at `READ COMMITTED` under the locking rule
+/// ([`crate::ledger::postgres::read_committed`]): the prefetch locks the card's row first, then
+/// the counter's intents; a payment's or a refund's completion reads outside the rule and runs
+/// at `SERIALIZABLE`.
 fn completion(
     proof: TmacVerified,
     now_ms: u64,
@@ -202,7 +209,7 @@ fn completion(
 ) -> impl FnMut(&mut dyn crate::ledger::LedgerWrite) -> Result<Option<FundingAction>, LedgerError>
        + Send
        + 'static {
-    move |t| {
+    crate::ledger::postgres::read_committed(move |t| {
         // What completing reads, in one go where a backend pays a round trip a read: the
         // card (its shadow, account and gap clock), the state clearing learned it from, the
         // intents at its counter.
@@ -219,5 +226,5 @@ fn completion(
             t.put_idempotent(key, value)?;
         }
         Ok(action)
-    }
+    })
 }

@@ -2,6 +2,7 @@
 
 use super::attempts::{claim_attempt, mark_attempt, taken_attempt};
 use super::*;
+use crate::ledger::postgres::read_committed;
 use crate::ledger::CardShadow;
 
 /// What the transaction recording a load's intent did.
@@ -12,6 +13,9 @@ enum Recorded {
     OverLimit(i64),
     /// Another attempt with the idempotency key is completed or open.
     Taken(Box<LoadIntent>),
+    /// The card, read again in the transaction, is not to be loaded now: blocked, or its
+    /// counter seen beyond the card's (its shadow, for [`LoadService::card_refusal`]).
+    CardRefused(Box<CardShadow>),
 }
 
 /// What a step's decision reads ([`LoadService::read_ahead`]).
@@ -205,7 +209,10 @@ impl LoadService {
 
     /// Makes the authorised load's intent durable before any Credit leaves the server (group
     /// commit: shared fsync), raising the instrument's day total where it is checked again (two
-    /// cards loading from one instrument at once); voids the authorisation if it cannot.
+    /// cards loading from one instrument at once); voids the authorisation if it cannot. On
+    /// PostgreSQL the transaction runs at `READ COMMITTED` under the locking rule
+    /// ([`crate::ledger::postgres::read_committed`]): the card's row is locked first, and a
+    /// block committed since the step's read-ahead refuses the load here.
     async fn record_intent(
         &self,
         s: &mut Session,
@@ -241,7 +248,14 @@ impl LoadService {
         let record = intent_record(&intent).to_vec();
         let snapshot = snap.clone();
         let claimant = s.claimant();
-        let recorded = self.ledger.transact_async(move |t| {
+        let recorded = self.ledger.transact_async(read_committed(move |t| {
+            // The card first (on PostgreSQL its row locked until the commit: a block, a
+            // reversal, a completion or a clearing booking of this card waits or retries),
+            // checked again: a block committed since the read-ahead refuses the load.
+            let shadow = t.card(&uid)?;
+            if shadow.blocked || snapshot.tmc() < shadow.last_tmc {
+                return Ok(Recorded::CardRefused(Box::new(shadow)));
+            }
             // The idempotency key is claimed in the same transaction: of two servers starting
             // one key at once, the database lets one record its intent (looked at before the
             // limits, which the other's load may have raised).
@@ -263,7 +277,7 @@ impl LoadService {
             t.observe_card(&snapshot)?;
             t.add_load_day(&uid, today, i64::from(amount))?;
             Ok(Recorded::Done)
-        });
+        }));
         let recorded = recorded.await;
         let void = |auth: &str| funding_call(source, || source.void(auth));
         match recorded {
@@ -275,6 +289,13 @@ impl LoadService {
             Ok(Recorded::Taken(earlier)) => {
                 let _ = void(&auth);
                 return self.taken_answer(s, &earlier).map(Err);
+            }
+            Ok(Recorded::CardRefused(shadow)) => {
+                let _ = void(&auth);
+                let refusal = self.card_refusal(s, snap, &shadow);
+                return Ok(Err(refusal.unwrap_or_else(|| {
+                    self.refused(s, "card_blocked", "the card changed meanwhile")
+                })));
             }
             Err(LedgerError::IntentExists { .. }) => {
                 let _ = void(&auth);

@@ -206,7 +206,11 @@ impl LoadService {
                 // No `?`: a failure goes on to the session's handling below.
                 let stored = self
                     .ledger
-                    .transact_async(move |t| t.put_idempotent(&key, &value))
+                    // A write of the session's own key, nothing read: `READ COMMITTED` on
+                    // PostgreSQL.
+                    .transact_async(crate::ledger::postgres::read_committed(move |t| {
+                        t.put_idempotent(&key, &value)
+                    }))
                     .await;
                 stored.map_err(LoadError::from).map(|()| {
                     s.idempotent_stored = true;

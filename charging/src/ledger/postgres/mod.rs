@@ -14,9 +14,14 @@
 //!
 //! ## Transactions
 //!
-//! A write transaction runs at `SERIALIZABLE`: every closure behaves as if it ran alone, as it
-//! does under LMDB's single writer, so the ledger's steps (read a shadow, decide, write it back)
-//! need no explicit locks. Unique keys back the rules up (one live intent per card counter, one
+//! A write transaction runs at `SERIALIZABLE` unless its closure asks for `READ COMMITTED`
+//! ([`read_committed`]): every `SERIALIZABLE` closure behaves as if it ran alone, as it does
+//! under LMDB's single writer, so the ledger's steps (read a shadow, decide, write it back) need
+//! no explicit locks. A `READ COMMITTED` one (a load's intent and completion) follows the
+//! locking rule instead (`docs/postgres.md`, "Locking rule"; `write.rs`): the rows it decides
+//! on are read `FOR UPDATE`, the card's first, and any read outside the rule runs the closure
+//! again at `SERIALIZABLE`. The isolation goes out with the transaction's `BEGIN`, sent with
+//! its first statement. Unique keys back the rules up (one live intent per card counter, one
 //! payment per merchant order, one posting sequence). A transaction the database aborts — a
 //! serialization failure (SQLSTATE 40001), a deadlock (40P01), a unique key taken by a
 //! concurrent transaction (23505) — is rolled back and the closure run again from the start
@@ -38,6 +43,41 @@ mod write;
 pub use read::PgRead;
 pub use schema::{known_version, migrate, schema_version, MIGRATIONS};
 pub use write::PgWrite;
+
+/// `f` as a transaction that runs at `READ COMMITTED` on PostgreSQL, under the locking rule
+/// (`docs/postgres.md`, "Locking rule"): each row it reads to decide on is locked
+/// (`SELECT … FOR UPDATE`), the card's row before anything else of the card; a claim is an
+/// insert under a unique key; a day total is raised by one conditional update; a balance moves
+/// by `balance + delta`. A read the rule does not cover (a payment, a refund, a balance summed
+/// over shards, a card with no row yet, …) aborts the attempt and runs `f` again at
+/// `SERIALIZABLE`, so a closure that strays is slower, never wrong. On LMDB (one writer) the
+/// choice changes nothing.
+pub fn read_committed<T>(
+    mut f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
+) -> impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static {
+    move |t| {
+        write::choose(Isolation::ReadCommitted);
+        f(t)
+    }
+}
+
+/// The isolation level of a write transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    /// As if alone (the default).
+    Serializable,
+    /// Each statement sees what committed before it; the locking rule keeps the steps right.
+    ReadCommitted,
+}
+
+impl Isolation {
+    fn begin(self) -> &'static str {
+        match self {
+            Isolation::Serializable => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            Isolation::ReadCommitted => "BEGIN ISOLATION LEVEL READ COMMITTED",
+        }
+    }
+}
 
 use super::interface::LedgerWrite;
 use super::LedgerError;
@@ -229,14 +269,29 @@ pub(crate) struct Db<'s> {
     /// The first error of the transaction (it aborts the transaction, whatever the caller
     /// does with it).
     failure: Option<Failure>,
+    /// A write transaction's `BEGIN`: not sent yet, or sent at that isolation.
+    begin: Begin,
+}
+
+/// Where a write transaction's `BEGIN` is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Begin {
+    /// Not a write transaction (a snapshot, a read of the latest).
+    None,
+    /// Sent with the first statement, at the isolation the closure chose by then.
+    Pending,
+    /// Sent.
+    Sent(Isolation),
 }
 
 /// How a statement failed: whether the transaction may run again, whether the connection is
-/// gone, and the error as the ledger reports it.
+/// gone, whether the next run must be `SERIALIZABLE` (a read outside the locking rule), and the
+/// error as the ledger reports it.
 #[derive(Debug)]
 pub(crate) struct Failure {
     retryable: bool,
     lost: bool,
+    serializable: bool,
     error: String,
 }
 
@@ -249,7 +304,46 @@ impl<'s> Db<'s> {
             client,
             statements,
             failure: None,
+            begin: Begin::None,
         }
+    }
+
+    /// A write transaction's runner: its `BEGIN` goes with its first statement.
+    fn transaction(
+        client: &'s mut postgres::Client,
+        statements: &'s mut std::collections::HashMap<&'static str, postgres::Statement>,
+    ) -> Db<'s> {
+        Db {
+            begin: Begin::Pending,
+            ..Db::new(client, statements)
+        }
+    }
+
+    /// The isolation of this write transaction (`BEGIN` sent or not: the closure's choice
+    /// so far).
+    fn isolation(&self) -> Isolation {
+        match self.begin {
+            Begin::Sent(i) => i,
+            Begin::Pending => write::chosen(),
+            Begin::None => Isolation::Serializable,
+        }
+    }
+
+    /// Whether `BEGIN` was sent (then `COMMIT` or `ROLLBACK` ends the transaction).
+    fn begun(&self) -> bool {
+        matches!(self.begin, Begin::Sent(_))
+    }
+
+    /// Sends a write transaction's `BEGIN` if it is not sent yet.
+    fn begin_if_pending(&mut self) -> Result<(), postgres::Error> {
+        if self.begin != Begin::Pending {
+            return Ok(());
+        }
+        let isolation = write::chosen();
+        let r = self.client.batch_execute(isolation.begin());
+        self.note(r)?;
+        self.begin = Begin::Sent(isolation);
+        Ok(())
     }
 
     fn note<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
@@ -259,6 +353,7 @@ impl<'s> Db<'s> {
                 self.failure = Some(Failure {
                     retryable: retryable(e),
                     lost: lost(e),
+                    serializable: false,
                     error: e.to_string(),
                 });
             }
@@ -266,7 +361,23 @@ impl<'s> Db<'s> {
         r
     }
 
+    /// Aborts a `READ COMMITTED` attempt that read outside the locking rule: the closure runs
+    /// again at `SERIALIZABLE`.
+    fn outside_rule(&mut self, what: &str) -> LedgerError {
+        let error = format!("{what}: outside the READ COMMITTED locking rule");
+        if self.failure.is_none() {
+            self.failure = Some(Failure {
+                retryable: true,
+                lost: false,
+                serializable: true,
+                error: error.clone(),
+            });
+        }
+        LedgerError::Database(error)
+    }
+
     fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        self.begin_if_pending()?;
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
@@ -485,10 +596,11 @@ impl PgLedger {
         PgRead::begin(self.pool.lease()?)
     }
 
-    /// Runs `f` in one `SERIALIZABLE` transaction, on a connection thread, and returns once it
-    /// committed; a transaction the database aborts (serialization failure, deadlock, a unique
-    /// key taken concurrently, a connection lost before `COMMIT`) is rolled back and `f` run
-    /// again. If `f` fails, nothing of it commits.
+    /// Runs `f` in one `SERIALIZABLE` transaction (`READ COMMITTED` if `f` asks:
+    /// [`read_committed`]), on a connection thread, and returns once it committed; a
+    /// transaction the database aborts (serialization failure, deadlock, a unique key taken
+    /// concurrently, a connection lost before `COMMIT`) is rolled back and `f` run again. If `f`
+    /// fails, nothing of it commits.
     pub fn transact<T: Send + 'static>(
         &self,
         f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
@@ -498,7 +610,8 @@ impl PgLedger {
     }
 
     /// The retries taken so far by this process's transactions (serialization failures,
-    /// deadlocks, lost connections): tests and the bench read it.
+    /// deadlocks, lost connections, `READ COMMITTED` attempts run again at `SERIALIZABLE`):
+    /// tests and the bench read it.
     pub fn retries() -> u64 {
         write::RETRIES.load(std::sync::atomic::Ordering::Relaxed)
     }

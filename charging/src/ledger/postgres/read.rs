@@ -88,6 +88,22 @@ pub(super) mod q {
         row.map(|r| cards::from_row(&r, 0)).transpose()
     }
 
+    /// [`card_opt`], the card's row locked until the transaction ends (`READ COMMITTED`'s
+    /// locking rule: `write.rs`).
+    pub fn card_locked(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
+        let row = db
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    cards::columns!(),
+                    " FROM cards c WHERE c.uid = $1 FOR UPDATE"
+                ),
+                &[&uid_hex(uid)],
+            )
+            .map_err(|e| db_error(&e))?;
+        row.map(|r| cards::from_row(&r, 0)).transpose()
+    }
+
     pub fn funding_day_total(
         db: &mut Db<'_>,
         source: &str,
@@ -245,18 +261,28 @@ pub(super) mod q {
         row.map(|r| record(&r, "record")).transpose()
     }
 
-    /// A card counter's intents, by attempt.
+    /// A card counter's intents, by attempt (`locked`: their rows locked until the
+    /// transaction ends).
     pub fn intents_at(
         db: &mut Db<'_>,
         uid: &[u8; 7],
         tmc_before: u32,
+        locked: bool,
     ) -> Result<Vec<LoadIntent>, LedgerError> {
-        let rows = db
-            .query(
+        let params: [&(dyn postgres::types::ToSql + Sync); 2] =
+            [&uid_hex(uid), &i64::from(tmc_before)];
+        let rows = match locked {
+            true => db.query(
+                "SELECT record FROM load_intents WHERE uid = $1 AND tmc_before = $2 \
+                 ORDER BY attempt FOR UPDATE",
+                &params,
+            ),
+            false => db.query(
                 "SELECT record FROM load_intents WHERE uid = $1 AND tmc_before = $2 ORDER BY attempt",
-                &[&uid_hex(uid), &i64::from(tmc_before)],
-            )
-            .map_err(|e| db_error(&e))?;
+                &params,
+            ),
+        }
+        .map_err(|e| db_error(&e))?;
         rows.iter().map(|r| record(r, "record")).collect()
     }
 
@@ -281,13 +307,20 @@ pub(super) mod q {
         rows.iter().map(|r| record(r, "record")).collect()
     }
 
+    /// The answer under `key` (`locked`: its row locked until the transaction ends).
     pub fn idempotent(
         db: &mut Db<'_>,
         key: &str,
+        locked: bool,
     ) -> Result<Option<serde_json::Value>, LedgerError> {
-        let row = db
-            .query_opt("SELECT answer FROM idempotency WHERE key = $1", &[&key])
-            .map_err(|e| db_error(&e))?;
+        let row = match locked {
+            true => db.query_opt(
+                "SELECT answer FROM idempotency WHERE key = $1 FOR UPDATE",
+                &[&key],
+            ),
+            false => db.query_opt("SELECT answer FROM idempotency WHERE key = $1", &[&key]),
+        }
+        .map_err(|e| db_error(&e))?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -480,12 +513,12 @@ impl PgRead {
 
     fn intents_of(&self, uid: &[u8; 7], tmc_before: u32) -> Result<Vec<LoadIntent>, LedgerError> {
         let uid = *uid;
-        self.q(move |db| q::intents_at(db, &uid, tmc_before))
+        self.q(move |db| q::intents_at(db, &uid, tmc_before, false))
     }
 
     fn idempotent_of(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
         let key = key.to_string();
-        self.q(move |db| q::idempotent(db, &key))
+        self.q(move |db| q::idempotent(db, &key, false))
     }
 }
 

@@ -2,27 +2,75 @@
 //! conflict ([`run`]). Only the storage is here: the ledger's steps (`interface/steps.rs`) are
 //! the LMDB backend's, run over these reads and writes; every refusal is decided before a
 //! statement could fail, so a refused step leaves the transaction usable, as under LMDB.
+//!
+//! At `READ COMMITTED` (a closure wrapped by [`super::read_committed`]) the reads follow the
+//! locking rule (`docs/postgres.md`, "Locking rule"): a card's row, the intents at a counter, an
+//! answer under a key and a gap clock are read `FOR UPDATE` (a prefetch locks its cards' rows,
+//! in uid order, before it reads anything of them); a balance shard is read only to check its
+//! range and moved by `balance + delta`; a day total is raised by one conditional upsert; an
+//! intent is updated where it was read locked or inserted plainly. Any other read (through
+//! [`PgWrite::q`]), a card with no row and an intent written at a counter not read abort the
+//! attempt, which runs again at `SERIALIZABLE`.
 
 use super::read::{big, q, uid_hex, unbig};
 use super::staged::Staged;
-use super::{backoff, db_error, lost, past, retryable, Db, LedgerError, Session, MAX_ATTEMPTS};
+use super::{
+    backoff, db_error, lost, past, retryable, Db, Isolation, LedgerError, Session, MAX_ATTEMPTS,
+};
 use crate::ledger::interface::{LedgerOnly, LedgerWrite, NewPosting};
 use crate::ledger::records::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Transactions run again in this process (conflicts and lost connections).
+/// Transactions run again in this process (conflicts, lost connections, and `READ COMMITTED`
+/// attempts run again at `SERIALIZABLE`).
 pub(super) static RETRIES: AtomicU64 = AtomicU64::new(0);
 
-/// Runs `f` in a `SERIALIZABLE` transaction on the session's connection, again from the start
-/// when the database aborts it (see the module docs of `postgres`).
+/// What a closure running on this connection thread may choose of its transaction's isolation.
+#[derive(Clone, Copy)]
+enum Choice {
+    /// No transaction of this backend runs here (an LMDB committer's thread, say).
+    Closed,
+    /// A transaction runs; its `BEGIN` (at this isolation) is not sent yet, or was.
+    Open(Isolation),
+    /// A transaction runs again at `SERIALIZABLE` (its attempt at `READ COMMITTED` read
+    /// outside the locking rule): the closure's choice is not taken.
+    Forced,
+}
+
+thread_local! {
+    static CHOICE: Cell<Choice> = const { Cell::new(Choice::Closed) };
+}
+
+/// The closure running on this thread asks for `isolation` (before its first statement; later
+/// the `BEGIN` is sent already and it changes nothing).
+pub(super) fn choose(isolation: Isolation) {
+    CHOICE.with(|c| {
+        if let Choice::Open(_) = c.get() {
+            c.set(Choice::Open(isolation));
+        }
+    });
+}
+
+/// The isolation the closure running on this thread asked for.
+pub(super) fn chosen() -> Isolation {
+    match CHOICE.with(Cell::get) {
+        Choice::Open(i) => i,
+        Choice::Closed | Choice::Forced => Isolation::Serializable,
+    }
+}
+
+/// Runs `f` in a transaction on the session's connection — `SERIALIZABLE`, or
+/// `READ COMMITTED` if `f` asks ([`super::read_committed`]) — again from the start when the
+/// database aborts it (see the module docs of `postgres`).
 pub(super) fn run<T>(
     s: &mut Session,
     mut f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError>,
 ) -> Result<T, LedgerError> {
     let deadline = Instant::now() + s.cfg.connect_timeout;
     let mut attempt = 0u32;
+    let mut forced = false;
     loop {
         attempt += 1;
         let may_retry = |lost: bool| attempt < MAX_ATTEMPTS && !(lost && past(deadline));
@@ -42,36 +90,36 @@ pub(super) fn run<T>(
         } = s;
         let shard = *shard;
         let client = client.as_mut().expect("connected above");
-        if let Err(e) = super::control(client, "BEGIN ISOLATION LEVEL SERIALIZABLE") {
-            let gone = lost(&e);
-            if gone {
-                s.drop_client();
-            }
-            if retryable(&e) && may_retry(gone) {
-                RETRIES.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(backoff(attempt));
-                continue;
-            }
-            return Err(db_error(&e));
-        }
-        let (out, failure) = {
+        CHOICE.with(|c| {
+            c.set(match forced {
+                true => Choice::Forced,
+                false => Choice::Open(Isolation::Serializable),
+            })
+        });
+        let (out, failure, begun) = {
             let mut w = PgWrite {
-                db: RefCell::new(Db::new(client, statements)),
+                db: RefCell::new(Db::transaction(client, statements)),
                 shard,
                 staged: RefCell::default(),
             };
             // What the closure staged is sent before COMMIT (a failure there is noted by Db).
             let out = f(&mut w).and_then(|v| w.flush().map(|()| v));
-            (out, w.db.into_inner().failure)
+            let db = w.db.into_inner();
+            let begun = db.begun();
+            (out, db.failure, begun)
         };
+        CHOICE.with(|c| c.set(Choice::Closed));
         match (out, failure) {
             (_, Some(fl)) => {
-                if fl.lost || super::control(client, "ROLLBACK").is_err() {
+                if fl.lost || (begun && super::control(client, "ROLLBACK").is_err()) {
                     s.drop_client();
                 }
+                forced |= fl.serializable;
                 if fl.retryable && may_retry(fl.lost) {
                     RETRIES.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(backoff(attempt));
+                    if !fl.serializable {
+                        std::thread::sleep(backoff(attempt));
+                    }
                     continue;
                 }
                 let error = if fl.retryable {
@@ -86,11 +134,13 @@ pub(super) fn run<T>(
                 });
             }
             (Err(e), None) => {
-                if super::control(client, "ROLLBACK").is_err() {
+                if begun && super::control(client, "ROLLBACK").is_err() {
                     s.drop_client();
                 }
                 return Err(e);
             }
+            // Nothing was sent: nothing to commit.
+            (Ok(v), None) if !begun => return Ok(v),
             (Ok(v), None) => match super::control(client, "COMMIT") {
                 Ok(()) => return Ok(v),
                 Err(e) if lost(&e) => {
@@ -136,14 +186,32 @@ fn word<T: serde::Serialize>(v: &T) -> Result<String, LedgerError> {
 
 impl PgWrite<'_> {
     /// Runs one query of the transaction (the same queries a snapshot runs, `read::q`), after
-    /// the staged writes are sent.
+    /// the staged writes are sent. At `READ COMMITTED` such a read (a payment, a refund, a
+    /// balance summed over shards, …) is outside the locking rule: the closure runs again at
+    /// `SERIALIZABLE`.
     pub(super) fn q<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
+        if self.read_committed() {
+            return Err(self.db.borrow_mut().outside_rule("an unlocked read"));
+        }
+        self.q_any(f)
+    }
+
+    /// [`Self::q`] at any isolation (a read the locking rule allows unlocked).
+    fn q_any<T>(
+        &self,
+        f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
         self.flush()?;
         let mut db = self.db.borrow_mut();
         f(&mut db)
+    }
+
+    /// Whether the transaction runs at `READ COMMITTED` under the locking rule.
+    fn read_committed(&self) -> bool {
+        self.db.borrow().isolation() == Isolation::ReadCommitted
     }
 
     /// Sends the staged writes.
@@ -160,7 +228,17 @@ impl PgWrite<'_> {
         if let Some(c) = self.staged.borrow().card(uid) {
             return Ok(c);
         }
-        let c = q::card_opt(&mut self.db.borrow_mut(), uid)?;
+        let c = if self.read_committed() {
+            // The card's row locked: loads, reversals and clearing on one card take turns.
+            let mut db = self.db.borrow_mut();
+            match q::card_locked(&mut db, uid)? {
+                Some(c) => Some(c),
+                // No row to lock: two transactions could both take the card as new.
+                None => return Err(db.outside_rule("a card with no row")),
+            }
+        } else {
+            q::card_opt(&mut self.db.borrow_mut(), uid)?
+        };
         self.staged.borrow_mut().read_card(uid, c.clone());
         Ok(c)
     }
@@ -170,7 +248,8 @@ impl PgWrite<'_> {
         if let Some(a) = self.staged.borrow().idempotent(key) {
             return Ok(a);
         }
-        let a = q::idempotent(&mut self.db.borrow_mut(), key)?;
+        let locked = self.read_committed();
+        let a = q::idempotent(&mut self.db.borrow_mut(), key, locked)?;
         self.staged.borrow_mut().read_idempotent(key, a.clone());
         Ok(a)
     }
@@ -180,7 +259,8 @@ impl PgWrite<'_> {
         if let Some(all) = self.staged.borrow().intents_at(uid, tmc_before) {
             return Ok(all);
         }
-        let all = q::intents_at(&mut self.db.borrow_mut(), uid, tmc_before)?;
+        let locked = self.read_committed();
+        let all = q::intents_at(&mut self.db.borrow_mut(), uid, tmc_before, locked)?;
         self.staged
             .borrow_mut()
             .read_intents(uid, tmc_before, all.clone());
@@ -285,6 +365,85 @@ impl PgWrite<'_> {
         let moved = self.staged.borrow_mut().add_balance(&key, delta);
         moved.ok_or_else(|| LedgerError::Database("a balance read is not staged".into()))
     }
+
+    /// At `READ COMMITTED`, before a prefetch reads them: the cards' rows locked (in uid order,
+    /// with their gap clocks), then the answers under the keys and the counters' intents read
+    /// locked. Only then does the prefetch read, unlocked, what these locks guard: the cards'
+    /// shadows, balances and gap clocks. A card with no row, or a batch's counted keys, are
+    /// outside the rule.
+    fn lock_ahead(&self, ahead: &crate::ledger::ReadsAhead) -> Result<(), LedgerError> {
+        if !ahead.counted_keys.is_empty() {
+            return Err(self.db.borrow_mut().outside_rule("a batch's counted keys"));
+        }
+        let mut uids: Vec<String> = {
+            let staged = self.staged.borrow();
+            let unread = ahead.cards.iter().filter(|u| staged.card(u).is_none());
+            unread.map(uid_hex).collect()
+        };
+        uids.sort();
+        uids.dedup();
+        if !uids.is_empty() {
+            let locked = self.one(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM cards WHERE uid = ANY($1) \
+                 ORDER BY uid FOR UPDATE) c), (SELECT count(*) FROM (SELECT 1 FROM counter_gaps \
+                 WHERE uid = ANY($1) ORDER BY uid FOR UPDATE) g)",
+                &[&uids],
+            )?;
+            let cards: i64 = locked.map_or(0, |r| r.get(0));
+            if cards != uids.len() as i64 {
+                return Err(self.db.borrow_mut().outside_rule("a card with no row"));
+            }
+        }
+        for key in &ahead.keys {
+            self.idempotent_of(key)?;
+        }
+        for (uid, tmc_before) in &ahead.counters {
+            self.intents_of(uid, *tmc_before)?;
+        }
+        Ok(())
+    }
+
+    /// [`LedgerWrite::put_intent`] at `READ COMMITTED`: the counter's intents were read locked
+    /// in this transaction, so an attempt among them is updated in place and a new one
+    /// inserted plainly (an attempt a concurrent transaction inserted meanwhile fails the
+    /// insert: the closure runs again). An intent written at a counter not read is outside the
+    /// rule.
+    fn put_intent_locked(&self, uid: &[u8; 7], intent: &LoadIntent) -> Result<(), LedgerError> {
+        let known = self
+            .staged
+            .borrow()
+            .intents_at(uid, intent.tmc_before)
+            .map(|all| all.iter().any(|i| i.attempt == intent.attempt));
+        match known {
+            Some(true) => {
+                let n = self.intent_row(
+                    "UPDATE load_intents SET state = $4, kind = $5, record = $6 \
+                     WHERE uid = $1 AND tmc_before = $2 AND attempt = $3",
+                    uid,
+                    intent,
+                )?;
+                if n != 1 {
+                    return Err(LedgerError::Database("a locked intent is gone".into()));
+                }
+            }
+            Some(false) => {
+                self.intent_row(
+                    "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    uid,
+                    intent,
+                )?;
+            }
+            None => {
+                return Err(self
+                    .db
+                    .borrow_mut()
+                    .outside_rule("an intent written at a counter not read"))
+            }
+        }
+        self.staged.borrow_mut().put_intent(uid, intent);
+        Ok(())
+    }
 }
 
 super::read::reads_through_q!(PgWrite<'_>);
@@ -311,6 +470,9 @@ impl LedgerWrite for PgWrite<'_> {
     }
 
     fn prefetch(&mut self, ahead: &crate::ledger::ReadsAhead) -> Result<(), LedgerError> {
+        if self.read_committed() {
+            self.lock_ahead(ahead)?;
+        }
         let mut db = self.db.borrow_mut();
         self.staged.borrow_mut().prefetch(&mut db, ahead)
     }
@@ -319,16 +481,28 @@ impl LedgerWrite for PgWrite<'_> {
         if let Some(g) = self.staged.borrow().gap(uid) {
             return Ok(g);
         }
-        let row = self.one(
-            "SELECT from_tmc, since_ms, reported FROM counter_gaps WHERE uid = $1",
-            &[&uid_hex(uid)],
-        )?;
+        let row = match self.read_committed() {
+            true => self.one(
+                "SELECT from_tmc, since_ms, reported FROM counter_gaps WHERE uid = $1 FOR UPDATE",
+                &[&uid_hex(uid)],
+            )?,
+            false => self.one(
+                "SELECT from_tmc, since_ms, reported FROM counter_gaps WHERE uid = $1",
+                &[&uid_hex(uid)],
+            )?,
+        };
         let g = row.map(|r| gap_clock(&r, 0));
         self.staged.borrow_mut().set_gap(uid, g.clone());
         Ok(g)
     }
 
     fn unreported_gaps(&self) -> Result<Vec<([u8; 7], GapClock)>, LedgerError> {
+        if self.read_committed() {
+            return Err(self
+                .db
+                .borrow_mut()
+                .outside_rule("a scan of the gap clocks"));
+        }
         let rows = self
             .db
             .borrow_mut()
@@ -484,6 +658,9 @@ impl LedgerWrite for PgWrite<'_> {
         uid: &[u8; 7],
         intent: &LoadIntent,
     ) -> Result<(), LedgerError> {
+        if self.read_committed() {
+            return self.put_intent_locked(uid, intent);
+        }
         self.intent_row(
             "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (uid, tmc_before, attempt) DO UPDATE \
@@ -547,7 +724,9 @@ impl LedgerWrite for PgWrite<'_> {
                 return Ok(Ok(()));
             }
         }
-        let so_far = crate::ledger::LedgerRead::funding_day_total(self, source, instrument, day)?;
+        // The total as it stands (for the refusal's message: nothing is decided on it).
+        let (source, instrument) = (source.to_string(), instrument.to_string());
+        let so_far = self.q_any(|db| q::funding_day_total(db, &source, &instrument, day))?;
         Ok(Err(so_far))
     }
 

@@ -1,0 +1,383 @@
+//! The load path's transactions at `READ COMMITTED` on PostgreSQL (`docs/postgres.md`,
+//! "Locking rule"): what the rule must still rule out, through the load service on either
+//! backend (`TAPGATE_TEST_LEDGER=postgres` for PostgreSQL) — two loads from one instrument
+//! whose daily limit fits one, a block committed between a step's read-ahead and its intent —
+//! and, on PostgreSQL only, the isolation itself: a `READ COMMITTED` transaction sees what
+//! committed after it began, a read outside the rule runs it again at `SERIALIZABLE`, and a
+//! `SERIALIZABLE` transaction (clearing's) that read a card a `READ COMMITTED` load then
+//! changed is run again, keeping both changes.
+
+use charging::funding::{FundingError, FundingRequest, FundingSource, SandboxProcessor};
+use charging::ledger::postgres::{self, read_committed};
+use charging::ledger::{IntentState, Ledger, LedgerWrite, PgConfig};
+use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
+use purse::card::Card;
+use purse::keys::KeySet;
+use purse::sam::SoftwareHsm;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tapgate_testkit::charging::relay_in_process;
+use tapgate_testkit::fixtures::transit_card;
+use tapgate_testkit::postgres::TestDb;
+
+const T0: u64 = 1_700_000_000_000;
+
+/// What the funding source does when a load asks it for an authorisation (after the step's
+/// read-ahead, before the intent's transaction).
+enum OnAuthorise {
+    /// Waits (at most 30 s) until `parties` loads have asked: each has read ahead by then.
+    Meet {
+        arrived: Mutex<usize>,
+        all: Condvar,
+        parties: usize,
+    },
+    /// Blocks the card in the ledger (a cardholder reporting it lost, committed meanwhile).
+    Block(Mutex<Option<(Ledger, [u8; 7])>>),
+}
+
+/// The sandbox card processor (source `card`), with a hook in `authorise`.
+struct Hooked {
+    inner: Arc<SandboxProcessor>,
+    on: OnAuthorise,
+    /// The authorisations given.
+    given: Mutex<Vec<String>>,
+}
+
+impl FundingSource for Hooked {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn check_instrument(&self, id: &str) -> Result<(), FundingError> {
+        self.inner.check_instrument(id)
+    }
+
+    fn authorise(&self, req: &FundingRequest<'_>) -> Result<String, FundingError> {
+        match &self.on {
+            OnAuthorise::Meet {
+                arrived,
+                all,
+                parties,
+            } => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut n = arrived.lock().unwrap();
+                *n += 1;
+                all.notify_all();
+                while *n < *parties && Instant::now() < deadline {
+                    n = all
+                        .wait_timeout(n, deadline.saturating_duration_since(Instant::now()))
+                        .unwrap()
+                        .0;
+                }
+            }
+            OnAuthorise::Block(target) => {
+                if let Some((ledger, uid)) = target.lock().unwrap().take() {
+                    ledger
+                        .transact(move |t| t.set_blocked(&uid, true, "reported lost", T0))
+                        .unwrap();
+                }
+            }
+        }
+        let id = self.inner.authorise(req)?;
+        self.given.lock().unwrap().push(id.clone());
+        Ok(id)
+    }
+
+    fn capture(&self, auth_id: &str) -> Result<(), FundingError> {
+        self.inner.capture(auth_id)
+    }
+
+    fn void(&self, auth_id: &str) -> Result<(), FundingError> {
+        self.inner.void(auth_id)
+    }
+
+    fn refund(&self, auth_id: &str, amount_minor: i64) -> Result<(), FundingError> {
+        self.inner.refund(auth_id, amount_minor)
+    }
+}
+
+struct World {
+    svc: LoadService,
+    source: Arc<Hooked>,
+    hsm: SoftwareHsm,
+    _dir: tempfile::TempDir,
+    /// The ledger's PostgreSQL cluster with TAPGATE_TEST_LEDGER=postgres (stopped last).
+    _pg: Option<TestDb>,
+}
+
+fn world(cfg: LoadConfig, on: OnAuthorise) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(1));
+    let (ledger, pg) = tapgate_testkit::charging::test_ledger(&dir.path().join("ledger"));
+    let inner = Arc::new(SandboxProcessor::open(&dir.path().join("processor")).unwrap());
+    let source = Arc::new(Hooked {
+        inner,
+        on,
+        given: Mutex::default(),
+    });
+    let svc = LoadService::new(
+        ledger,
+        Box::new(SoftwareHsm::new(&keys).unwrap()),
+        vec![source.clone() as Arc<dyn FundingSource>],
+        cfg,
+    );
+    svc.register_instrument("alice", "card", "tok_visa", 0)
+        .unwrap();
+    World {
+        svc,
+        source,
+        hsm: SoftwareHsm::new(&keys).unwrap(),
+        _dir: dir,
+        _pg: pg,
+    }
+}
+
+impl World {
+    fn card(&self, n: u8) -> Card {
+        let uid = [0x04, n, 7, 7, 7, 7, 7];
+        self.svc.register_card(&uid, 1_000, T0).unwrap();
+        transit_card(&self.hsm, uid, 1_000)
+    }
+
+    /// Alice's load of `amount` from her card token, relayed to its final reply.
+    fn load(&self, card: &mut Card, amount: i32, key: &str) -> Reply {
+        let mut now = T0;
+        let req = LoadRequest {
+            uid: card.state().uid,
+            amount_minor: amount,
+            funding_source: "card".into(),
+            instrument: "tok_visa".into(),
+            idempotency_key: key.into(),
+        };
+        let r = self.svc.start("alice", req, now).unwrap();
+        relay_in_process(&self.svc, "alice", card, r, &mut now, 5, None)
+            .unwrap()
+            .0
+    }
+}
+
+/// Two cards loading from one instrument at once, each having read its day total (nothing)
+/// before either records its intent, with a limit that fits one load: exactly one loads.
+#[test]
+fn two_cards_one_instrument_at_once_only_one_fits_the_limit() {
+    let cfg = LoadConfig {
+        max_daily_per_instrument_minor: 1_000,
+        ..LoadConfig::default()
+    };
+    let meet = OnAuthorise::Meet {
+        arrived: Mutex::new(0),
+        all: Condvar::new(),
+        parties: 2,
+    };
+    let w = world(cfg, meet);
+    let (mut a, mut b) = (w.card(1), w.card(2));
+    let (ra, rb) = std::thread::scope(|s| {
+        let ra = s.spawn(|| w.load(&mut a, 600, "key-a"));
+        let rb = s.spawn(|| w.load(&mut b, 600, "key-b"));
+        (ra.join().unwrap(), rb.join().unwrap())
+    });
+    let loaded = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Reply::Completed { .. }))
+        .count();
+    let refused = [&ra, &rb]
+        .iter()
+        .filter(
+            |r| matches!(r, Reply::Refused { reason, .. } if reason == "instrument_daily_limit"),
+        )
+        .count();
+    assert_eq!((loaded, refused), (1, 1), "{ra:?} / {rb:?}");
+    let r = w.svc.ledger().read().unwrap();
+    let day = T0 / 86_400_000;
+    assert_eq!(r.funding_day_total("card", "tok_visa", day).unwrap(), 600);
+    let balances = [a.state().balance_minor, b.state().balance_minor];
+    assert!(
+        balances.contains(&1_600) && balances.contains(&1_000),
+        "{balances:?}"
+    );
+    let given = w.source.given.lock().unwrap().clone();
+    let mut states: Vec<String> = given
+        .iter()
+        .map(|id| w.source.inner.authorisation(id).unwrap().state)
+        .collect();
+    states.sort();
+    assert_eq!(states, ["captured", "voided"]);
+}
+
+/// A card blocked after the decision step read it ahead and before its intent's transaction:
+/// the transaction reads the card again (on PostgreSQL, locked) and refuses the load — no
+/// intent, no Credit, the authorisation voided, the day totals untouched.
+#[test]
+fn a_block_committed_after_the_read_ahead_refuses_the_load() {
+    let w = world(LoadConfig::default(), OnAuthorise::Block(Mutex::new(None)));
+    let mut card = w.card(3);
+    let uid = card.state().uid;
+    if let OnAuthorise::Block(target) = &w.source.on {
+        *target.lock().unwrap() = Some((w.svc.ledger().clone(), uid));
+    }
+    let reply = w.load(&mut card, 500, "key-blocked");
+    assert!(
+        matches!(&reply, Reply::Refused { reason, .. } if reason == "card_blocked"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        card.state().balance_minor,
+        1_000,
+        "no Credit reached the card"
+    );
+    let r = w.svc.ledger().read().unwrap();
+    assert!(r.card(&uid).unwrap().blocked);
+    assert!(r.open_intents(&uid).unwrap().is_empty());
+    assert!(r
+        .all_intents()
+        .unwrap()
+        .iter()
+        .all(|i| i.state == IntentState::Voided));
+    assert_eq!(r.card(&uid).unwrap().load_day_minor, 0);
+    assert_eq!(
+        r.funding_day_total("card", "tok_visa", T0 / 86_400_000)
+            .unwrap(),
+        0
+    );
+    let given = w.source.given.lock().unwrap().clone();
+    assert_eq!(given.len(), 1, "authorised before the block was seen");
+    let auth = w.source.inner.authorisation(&given[0]).unwrap();
+    assert_eq!(auth.state, "voided");
+}
+
+/// A PostgreSQL ledger in a throwaway cluster (kept as long as the ledger).
+fn pg_ledger() -> (Ledger, TestDb) {
+    let db = TestDb::start();
+    let cfg = PgConfig::new(&db.url, Some(db.password()));
+    postgres::migrate(&cfg).unwrap();
+    (Ledger::open_postgres(cfg).unwrap(), db)
+}
+
+fn issue(ledger: &Ledger, uid: [u8; 7]) {
+    ledger
+        .transact(move |t| t.issue_card(&uid, 1_000, &format!("issue:{uid:?}"), T0))
+        .unwrap();
+}
+
+/// A closure run with [`read_committed`] runs at `READ COMMITTED`: a card changed and
+/// committed after its first statement is read as changed (a `SERIALIZABLE` transaction keeps
+/// reading its snapshot).
+#[test]
+fn a_read_committed_transaction_sees_what_committed_after_it_began() {
+    let (ledger, _db) = pg_ledger();
+    let (x, y) = ([0x04, 1, 1, 1, 1, 1, 1], [0x04, 2, 2, 2, 2, 2, 2]);
+    issue(&ledger, x);
+    issue(&ledger, y);
+    let owner_seen = |rc: bool, owner: &'static str| {
+        let (began_tx, began_rx) = std::sync::mpsc::channel::<()>();
+        let (changed_tx, changed_rx) = std::sync::mpsc::channel::<()>();
+        let (began_tx, changed_rx) = (Mutex::new(Some(began_tx)), Mutex::new(changed_rx));
+        let l = ledger.clone();
+        let seen = std::thread::spawn(move || {
+            let f = move |t: &mut dyn LedgerWrite| {
+                t.card(&x)?;
+                if let Some(tx) = began_tx.lock().unwrap().take() {
+                    tx.send(()).unwrap();
+                    changed_rx.lock().unwrap().recv().unwrap();
+                }
+                Ok::<_, charging::ledger::LedgerError>(t.card(&y)?.owner)
+            };
+            let seen = match rc {
+                true => l.transact(read_committed(f)),
+                false => l.transact(f),
+            };
+            seen.unwrap()
+        });
+        began_rx.recv().unwrap();
+        ledger.transact(move |t| t.set_owner(&y, owner)).unwrap();
+        changed_tx.send(()).unwrap();
+        seen.join().unwrap()
+    };
+    assert_eq!(owner_seen(true, "bob").as_deref(), Some("bob"));
+    // SERIALIZABLE (read-only here, so never aborted): the snapshot of its first statement.
+    assert_eq!(owner_seen(false, "carol").as_deref(), Some("bob"));
+    ledger.close();
+}
+
+/// At `READ COMMITTED`, a read the locking rule does not cover (a balance summed over shards,
+/// a card with no row) aborts the attempt and runs the closure again at `SERIALIZABLE`: same
+/// answer, one more run.
+#[test]
+fn a_read_outside_the_locking_rule_runs_again_at_serializable() {
+    let (ledger, _db) = pg_ledger();
+    let known = [0x04, 3, 3, 3, 3, 3, 3];
+    issue(&ledger, known);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let (float, known_card) = ledger
+        .transact(read_committed(move |t| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let known_card = t.card_known(&known)?;
+            Ok((t.balance("issuer:float")?, known_card))
+        }))
+        .unwrap();
+    assert_eq!((float, known_card), (-1_000, true));
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "run again at SERIALIZABLE");
+
+    let (unknown, counted) = ([0x04, 4, 4, 4, 4, 4, 4], runs.clone());
+    runs.store(0, Ordering::SeqCst);
+    let known = ledger
+        .transact(read_committed(move |t| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            t.card_known(&unknown)
+        }))
+        .unwrap();
+    assert!(!known);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "a card with no row: SERIALIZABLE"
+    );
+    ledger.close();
+}
+
+/// Clearing stays `SERIALIZABLE`. One of its transactions that read a card before a
+/// `READ COMMITTED` load changed the card's row and committed cannot write the row over it
+/// (first updater wins: a serialization failure), so it runs again, reads the load's change
+/// and keeps it: both changes stand.
+#[test]
+fn a_serializable_writer_behind_a_read_committed_load_runs_again_and_keeps_both() {
+    let (ledger, _db) = pg_ledger();
+    let uid = [0x04, 5, 5, 5, 5, 5, 5];
+    issue(&ledger, uid);
+    let (read_tx, read_rx) = std::sync::mpsc::channel::<()>();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<()>();
+    let (read_tx, loaded_rx) = (Mutex::new(Some(read_tx)), Mutex::new(loaded_rx));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let l = ledger.clone();
+    let clearing = std::thread::spawn(move || {
+        l.transact(move |t| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            t.card(&uid)?;
+            if let Some(tx) = read_tx.lock().unwrap().take() {
+                tx.send(()).unwrap();
+                loaded_rx.lock().unwrap().recv().unwrap();
+            }
+            t.set_blocked(&uid, true, "clearing", T0)
+        })
+        .unwrap()
+    });
+    read_rx.recv().unwrap();
+    ledger
+        .transact(read_committed(move |t| {
+            t.card(&uid)?;
+            t.add_load_day(&uid, 7, 250)
+        }))
+        .unwrap();
+    loaded_tx.send(()).unwrap();
+    assert!(clearing.join().unwrap().is_some(), "the block is new");
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "run again after the load");
+    let card = ledger.read().unwrap().card(&uid).unwrap();
+    assert!(card.blocked);
+    assert_eq!((card.load_day, card.load_day_minor), (7, 250));
+    ledger.close();
+}
