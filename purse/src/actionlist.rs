@@ -200,8 +200,8 @@ impl ActionUpdate {
         if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
             return Err(ActionListError::Malformed("not a tapgate action list"));
         }
-        let body = crate::crypto::ed25519_body(bytes, public_key, true)
-            .ok_or(ActionListError::BadSignature)?;
+        let body =
+            crate::crypto::ed25519_body(bytes, public_key).ok_or(ActionListError::BadSignature)?;
         Self::decode_body(body)
     }
 

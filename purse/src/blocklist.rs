@@ -127,8 +127,7 @@ impl ListUpdate {
         if bytes[4] != FORMAT {
             return Err(ListError::Malformed("unknown format version"));
         }
-        let body =
-            crate::crypto::ed25519_body(bytes, public_key, false).ok_or(ListError::BadSignature)?;
+        let body = crate::crypto::ed25519_body(bytes, public_key).ok_or(ListError::BadSignature)?;
         let kind = match body[5] {
             1 => ListKind::Snapshot,
             2 => ListKind::Delta,
@@ -411,6 +410,30 @@ mod tests {
             to_version: to,
             entries,
         }
+    }
+
+    /// A forger's trick the lax check lets through: the identity point as the "public key" and
+    /// the signature (R = identity, s = 0) satisfy `[s]B = R + [k]A` for any body, so
+    /// `VerifyingKey::verify` accepts it. A validator configured (or tricked into) such a key
+    /// must not accept a list anyone can "sign": `verify_strict` refuses the weak key.
+    #[test]
+    fn a_weak_key_and_its_trivial_signature_are_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let forged = delta(0, 1, vec![([9; 7], true)]).sign_with(|_| {
+            let mut sig = [0u8; 64];
+            sig[..32].copy_from_slice(&identity);
+            sig
+        });
+        let lax = ed25519_dalek::VerifyingKey::from_bytes(&identity).unwrap();
+        let (body, sig) = forged.split_at(forged.len() - 64);
+        let sig = ed25519_dalek::Signature::from_bytes(sig.try_into().unwrap());
+        use ed25519_dalek::Verifier;
+        assert!(lax.verify(body, &sig).is_ok(), "the lax check accepts it");
+        assert_eq!(
+            ListUpdate::verify(&forged, &identity),
+            Err(ListError::BadSignature)
+        );
     }
 
     #[test]

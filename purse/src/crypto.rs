@@ -321,23 +321,15 @@ pub(crate) fn ed25519_signed(mut body: Vec<u8>, sign: impl FnOnce(&[u8]) -> [u8;
 
 /// The body of a signed downlink message ([`ed25519_signed`]) when its last 64 bytes are an
 /// Ed25519 signature over it under `public_key`; `None` when they are not (or `bytes` is
-/// shorter, or the key is not a curve point). `strict`: `verify_strict` (also refuses weak keys
-/// and non-canonical signatures), as the action list is checked; otherwise `verify`.
-pub(crate) fn ed25519_body<'a>(
-    bytes: &'a [u8],
-    public_key: &[u8; 32],
-    strict: bool,
-) -> Option<&'a [u8]> {
-    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+/// shorter, or the key is not a curve point). Checked with `verify_strict`: a weak (small-order)
+/// key and a non-canonical or small-order `R` are refused too, for every signed downlink message
+/// alike (the blocklist's were checked with the laxer `verify` until 2026-12-07).
+pub(crate) fn ed25519_body<'a>(bytes: &'a [u8], public_key: &[u8; 32]) -> Option<&'a [u8]> {
+    use ed25519_dalek::{Signature, VerifyingKey};
     let (body, sig) = bytes.split_at(bytes.len().checked_sub(64)?);
     let vk = VerifyingKey::from_bytes(public_key).ok()?;
     let sig = Signature::from_bytes(sig.try_into().ok()?);
-    let verified = if strict {
-        vk.verify_strict(body, &sig)
-    } else {
-        vk.verify(body, &sig)
-    };
-    verified.ok().map(|()| body)
+    vk.verify_strict(body, &sig).ok().map(|()| body)
 }
 
 /// AES-128-CBC encryption in place with an already expanded cipher (whole blocks).

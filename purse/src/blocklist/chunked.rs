@@ -124,8 +124,7 @@ impl SnapshotChunk {
         if bytes[4] != CHUNK_FORMAT || bytes[5] != KIND_CHUNK {
             return Err(ListError::Malformed("not a blocklist snapshot chunk"));
         }
-        let body =
-            crate::crypto::ed25519_body(bytes, public_key, false).ok_or(ListError::BadSignature)?;
+        let body = crate::crypto::ed25519_body(bytes, public_key).ok_or(ListError::BadSignature)?;
         let op_len = body[6] as usize;
         let rest = body
             .get(7 + op_len..)
