@@ -6,8 +6,9 @@
 //!
 //! - The workload: `DEVICES` validators, `CARDS` cards (random NXP-style UIDs), `TAPS_PER_DAY`
 //!   taps a day in time order, each tap on a random device (its next sequence number) by a random
-//!   card, so the keys that only grow grow as in a city: taps by (device, sequence), running
-//!   aggregates (`card-day:` one per card and day, `hour:` one per hour), the outbox.
+//!   card, so the keys that grow grow as in a city: per-device sequences, running aggregates
+//!   (`card-day:` one per card and day, `hour:` one per hour), the outbox. (The store keys taps
+//!   by arrival since issue 22's fix; before, by device ‖ sequence.)
 //!   Records are real v3 accepted-debit records MAC'd under the device's key (KM_DEVICE derived
 //!   as the gateway derives it); their transaction MAC is not a card's (the gateway does not
 //!   check it, clearing would).
@@ -24,7 +25,8 @@
 //!   the limit of the same run, is the same puts into an empty LMDB environment opened through
 //!   `tapgate-lmdb` with fsync, one commit: per tap its record under (device ‖ sequence) and the
 //!   outbox entry, per distinct device a 120-byte state, per distinct aggregate key a 48-byte
-//!   value.
+//!   value (the store's puts before issue 22's fix, kept so that runs before and after it have
+//!   the same limit; into an empty environment either layout is a few pages).
 //! - Then, at the largest size, a backlog trim ([`backlog_trims`]): the oldest 50,000 forwarded
 //!   taps expired at once and trimmed in transactions of 10,000 (the store before) and of
 //!   `TRIM_CHUNK` (1,000) while live batches go on: how long a live batch waits for the lock.

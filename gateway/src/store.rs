@@ -4,9 +4,19 @@
 //! (group commit: one fsync for the whole batch):
 //! - decodes every tap record strictly and verifies its device MAC (keys derived from KM_DEVICE);
 //! - checks the topic's device against the record's;
-//! - drops duplicates by (device, sequence) — QoS 1 redelivers;
-//! - stores new taps under keys that only grow (device ‖ sequence), appends them to the
-//!   forwarding outbox, and tracks sequence gaps per device;
+//! - drops duplicates by (device, sequence) — QoS 1 redelivers — told by the device's state
+//!   (its highest sequence and its open gaps, read once per device and batch), not by a lookup
+//!   among the stored taps: a sequence at or below the highest and in no gap was stored. Past
+//!   [`MAX_GAPS`] the oldest gap is dropped and the sequences up to it marked untracked: one
+//!   arriving there is stored (again), never lost (clearing drops a duplicate);
+//! - stores new taps by arrival, under their outbox id (one global key that only grows: appended
+//!   with `MDB_APPEND`, full pages, one leaf per batch however many taps are stored), appends
+//!   them to the forwarding outbox, and tracks sequence gaps per device;
+//! - adds the taps to the running aggregates, except the `card-day:` ones (one per card and
+//!   day: random keys, a million new a day), which go as one appended record per batch and are
+//!   folded into the aggregates later in one sorted pass ([`Store::fold_card_days`], with every
+//!   trim); [`Store::aggregates`] adds the records not folded yet, so the figures are exact at
+//!   any time, and a crash loses none (the record commits with its taps);
 //! - keeps anything bad in a quarantine table with the reason: one entry per message (with the
 //!   count of its refused records), bounded per device in entries and bytes (oldest dropped and
 //!   counted, the device flagged), throttled for a flagged device, and not written at all once
@@ -20,27 +30,34 @@
 //! validators keep those taps and send them again), and trimming forwarded taps still has room.
 //!
 //! Once clearing has answered for a range of the outbox ([`Store::forwarded_at`]), its entries
-//! move to the forwarded log (outbox id → tap key and when clearing answered). A forwarded tap
-//! is kept [`StoreLimits::forwarded_retention_ms`] (7 days) after that answer, so a validator's
-//! late resend is still dropped here as a duplicate; then the tap and its log entry are trimmed
+//! move to the forwarded log (outbox id → when clearing answered). A forwarded tap
+//! is kept [`StoreLimits::forwarded_retention_ms`] (7 days) after that answer (for the console
+//! and the exports); then the tap and its log entry are trimmed
 //! (at most [`TRIM_MAX_PER_CALL`] per call, oldest answer first, in transactions of at most
 //! [`TRIM_CHUNK`] with the write lock released between two), after each forwarded batch and,
 //! on a timer, by an idle gateway too ([`Store::trim_expired_at`]). While the map is
 //! [`StoreLimits::quarantine_stop_at_fill_percent`] full, forwarded taps are trimmed at once,
-//! window or not: room for new taps comes first. A duplicate of a trimmed tap is stored and
-//! forwarded again, and clearing counts it as a duplicate (its card counter is already booked
-//! with the same transaction MAC), so the window saves work, never money. Taps not yet
-//! forwarded are never trimmed.
+//! window or not: room for new taps comes first. A late resend of a trimmed tap is still a
+//! duplicate (the device's state tells it); one the state cannot tell (an untracked gap) is
+//! stored and forwarded again, and clearing counts it as a duplicate (its card counter is
+//! already booked with the same transaction MAC): work, never money. Taps not yet forwarded are
+//! never trimmed. Taps and log entries are keyed alike, by arrival: a trim deletes
+//! the leading pages of both.
+//!
+//! A store written before taps were keyed by arrival (device ‖ sequence) is migrated when
+//! opened ([`migrate`]).
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
-use heed::{Database, Env, RwTxn, WithoutTls};
+use heed::{Database, Env, PutFlags, RwTxn, WithoutTls};
 use purse::crypto::AesKey;
 use purse::rotation::{DeviceKeyRing, Refusal};
 use purse::tap::{split_records, TapError, TapRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+mod migrate;
 
 /// Store errors (storage only: bad input is quarantined, never an error).
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +122,8 @@ pub struct StoreLimits {
     /// (`ingest_refuse_at_fill_percent`): the rest is room to trim forwarded taps.
     pub ingest_refuse_at_fill_percent: u64,
     /// A forwarded tap is kept this many milliseconds after clearing answered for it
-    /// (`forwarded_retention_ms`; gateway clock), to drop a late resend as a duplicate; then
-    /// trimmed (see the module docs).
+    /// (`forwarded_retention_ms`; gateway clock), for the console and the exports; then
+    /// trimmed (see the module docs). (Duplicates are told by the device states, not by it.)
     pub forwarded_retention_ms: u64,
 }
 
@@ -301,14 +318,23 @@ pub struct TableStats {
 #[derive(Clone)]
 pub struct Store {
     env: Env<WithoutTls>,
-    taps: Database<Bytes, Bytes>,
+    /// The layout before taps were keyed by arrival (device ‖ sequence → record): emptied by
+    /// [`Store::open`]'s migration ([`migrate`]), kept only to read an old store.
+    legacy_taps: Database<Bytes, Bytes>,
+    /// Stored taps by arrival: outbox id → record (ids only grow: appended, full pages).
+    arrivals: Database<U64<BE>, Bytes>,
+    /// Per ingested batch (by its last outbox id), its `card-day:` aggregate deltas, folded into
+    /// `aggregates` in one sorted pass later ([`Store::fold_card_days`]).
+    card_day_pending: Database<U64<BE>, SerdeJson<Vec<(String, Aggregate)>>>,
     devices: Database<U64<BE>, SerdeJson<DeviceState>>,
     quarantine: Database<U64<BE>, SerdeJson<Quarantined>>,
     /// (device ‖ quarantine key) → (): each device's entries, oldest first.
     quarantine_index: Database<Bytes, heed::types::Unit>,
     quarantine_devices: Database<U64<BE>, SerdeJson<QuarantineDevice>>,
+    /// Taps to forward: outbox id → nothing (the record is under the same id in `arrivals`).
     outbox: Database<U64<BE>, Bytes>,
-    /// Forwarded taps: outbox id → tap key ‖ when clearing answered (unix ms, big-endian).
+    /// Forwarded taps: outbox id → when clearing answered (unix ms, big-endian; the last 8
+    /// bytes of the value, also in the old layout's `tap key ‖ answer`).
     forwarded_log: Database<U64<BE>, Bytes>,
     meta: Database<heed::types::Str, U64<BE>>,
     aggregates: Database<heed::types::Str, SerdeJson<Aggregate>>,
@@ -320,14 +346,54 @@ pub struct Store {
 /// What one `ingest` call accumulates across its messages.
 struct Batch {
     out: IngestOutcome,
-    dev_states: BTreeMap<u32, DeviceState>,
+    dev_states: BTreeMap<u32, DevEntry>,
     aggs: BTreeMap<String, Aggregate>,
+    /// The batch's `card-day:` deltas: one pending record, folded later.
+    card_days: BTreeMap<String, Aggregate>,
     device_keys: BTreeMap<u32, Box<DeviceKeyRing>>,
     next_outbox: u64,
     /// Quarantine may still write (the map is below `quarantine_stop_at_fill_percent`).
     room: bool,
     now_ms: u64,
 }
+
+/// A device's state as a batch reads and updates it.
+struct DevEntry {
+    st: DeviceState,
+    /// Sequences at or below it (and not in a gap) may or may not have been stored: the gaps
+    /// that told were dropped ([`MAX_GAPS`]). One arriving is stored (again): clearing drops a
+    /// duplicate, a tap is never lost. Kept in `meta` under `untracked_through:<device>`.
+    untracked: u64,
+    untracked_was: u64,
+}
+
+impl DevEntry {
+    /// Whether `seq` was stored before, as far as the state can tell.
+    fn seen(&self, seq: u64) -> bool {
+        seq <= self.st.highest_seq
+            && seq > self.untracked
+            && !self.st.gaps.iter().any(|&(a, b)| a <= seq && seq <= b)
+    }
+}
+
+/// `meta` key of a device's [`DevEntry::untracked`].
+fn untracked_key(device: u32) -> String {
+    format!("untracked_through:{device}")
+}
+
+/// Adds `d` to `a` (saturating).
+fn add_aggregate(a: &mut Aggregate, d: &Aggregate) {
+    a.taps = a.taps.saturating_add(d.taps);
+    a.refused = a.refused.saturating_add(d.refused);
+    a.amount_minor = a.amount_minor.saturating_add(d.amount_minor);
+}
+
+/// Whether aggregates under `prefix` may include `card-day:` ones.
+fn may_hold_card_days(prefix: &str) -> bool {
+    CARD_DAY.starts_with(prefix) || prefix.starts_with(CARD_DAY)
+}
+
+const CARD_DAY: &str = "card-day:";
 
 /// One message's refused records, gathered into one quarantine entry.
 #[derive(Default)]
@@ -419,8 +485,12 @@ pub fn hour_of(ms: u64) -> String {
     )
 }
 
-/// Adds one tap to the batch's aggregate deltas.
-fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
+/// Adds one tap to the batch's aggregate deltas (`card-day:` ones to `card_days`).
+fn aggregate_into(
+    aggs: &mut BTreeMap<String, Aggregate>,
+    card_days: &mut BTreeMap<String, Aggregate>,
+    tap: &TapRecord,
+) {
     // An action-list pick-up is value added, not a fare: counted under its own product only
     // (its stop and route fields hold the order id; a device's and a card's amounts stay fares).
     if purse::actionlist::order_of_tap(tap).is_some() {
@@ -439,11 +509,15 @@ fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
         format!("device:{}", tap.meta().device_id),
         format!("stop:{}", tap.meta().stop_id),
         format!("route:{}", tap.meta().route_id),
-        format!("card-day:{}:{day}", hex::encode_upper(tap.uid())),
+        format!("{CARD_DAY}{}:{day}", hex::encode_upper(tap.uid())),
         format!("product:{product}"),
         format!("hour:{}", hour_of(tap.meta().device_time_ms)),
     ] {
-        let a = aggs.entry(k).or_default();
+        let a = if k.starts_with(CARD_DAY) {
+            card_days.entry(k).or_default()
+        } else {
+            aggs.entry(k).or_default()
+        };
         if tap.refusal().is_some() {
             a.refused = a.refused.saturating_add(1);
         } else {
@@ -457,10 +531,6 @@ fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
 
 fn quarantine_key(device: u64, seq: u64) -> [u8; 16] {
     tapgate_lmdb::key::u64_u64(device, seq)
-}
-
-fn tap_key(device: u32, seq: u64) -> [u8; 12] {
-    tapgate_lmdb::key::u32_u64(device, seq)
 }
 
 /// The system clock in milliseconds since the Unix epoch.
@@ -483,17 +553,21 @@ pub const TRIM_MAX_PER_CALL: usize = 50_000;
 /// adjacent: a few pages).
 pub const MOVE_CHUNK: usize = 10_000;
 
-/// Most forwarded taps trimmed in one transaction. The trimmed taps' leaves are cold and one per
-/// device (taps are keyed by device, then sequence), so each delete reads and copies a page
-/// while the transaction holds LMDB's single write lock; ingestion waits for it. 1,000 bounds
-/// that wait, and the lock is free between two (bench `gateway-store`, backlog trim at 10 M
-/// ingested: live batches of 256 taps during a 50,000-tap trim, median 139 → 79 ms, longest
-/// 163 → 114 ms, for 10,000 → 1,000; the trim itself 79 k → 36 k taps/s).
+/// Most forwarded taps trimmed in one transaction: the lock is free between two, so ingestion
+/// waits for at most one. Chosen when taps were keyed by device, then sequence, and a trim's
+/// deletes hit a cold page each (bench `gateway-store`, backlog trim at 10 M ingested: live
+/// batches of 256 taps during a 50,000-tap trim, median 139 → 79 ms, longest 163 → 114 ms, for
+/// 10,000 → 1,000; the trim itself 79 k → 36 k taps/s); keyed by arrival, a trim deletes
+/// leading pages.
 pub const TRIM_CHUNK: usize = 1_000;
 
 /// [`TRIM_CHUNK`] (and [`MOVE_CHUNK`]) while the map is past the quarantine mark: small enough
 /// that a transaction's copied pages fit the room a store refusing batches still has.
 pub const TRIM_CHUNK_PRESSED: usize = 256;
+
+/// Most batches' pending `card-day:` records folded in one transaction
+/// ([`Store::fold_card_days`]).
+pub const FOLD_CHUNK: usize = 64;
 
 /// The gateway store's map size when the command line names none: 4 GiB.
 pub const DEFAULT_MAP_SIZE_BYTES: usize = 4 << 30;
@@ -513,14 +587,18 @@ impl Store {
                 "meta",
                 "aggregates",
                 "forwarded",
+                "arrivals",
+                "card_day_pending",
             ],
             &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
         )?;
-        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log] =
+        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log, arrivals, card_day_pending] =
             dbs;
-        Ok(Store {
+        let store = Store {
             env,
-            taps: taps.remap_types(),
+            legacy_taps: taps.remap_types(),
+            arrivals: arrivals.remap_types(),
+            card_day_pending: card_day_pending.remap_types(),
             devices: devices.remap_types(),
             quarantine: quarantine.remap_types(),
             quarantine_index: quarantine_index.remap_types(),
@@ -531,7 +609,9 @@ impl Store {
             forwarded_log: forwarded_log.remap_types(),
             limits: StoreLimits::default(),
             trim_chunk: TRIM_CHUNK,
-        })
+        };
+        store.migrate_legacy_taps()?;
+        Ok(store)
     }
 
     /// The same store with other limits (the gateway config's).
@@ -566,7 +646,9 @@ impl Store {
             page_size = u64::from(st.page_size);
             pages += (st.branch_pages + st.leaf_pages + st.overflow_pages) as u64;
         };
-        add(self.taps.stat(t)?);
+        add(self.legacy_taps.stat(t)?);
+        add(self.arrivals.stat(t)?);
+        add(self.card_day_pending.stat(t)?);
         add(self.devices.stat(t)?);
         add(self.quarantine.stat(t)?);
         add(self.quarantine_index.stat(t)?);
@@ -591,11 +673,12 @@ impl Store {
             leaf_pages: s.leaf_pages as u64,
         };
         let tables = vec![
-            st("taps", self.taps.stat(&r)?),
+            st("taps", self.arrivals.stat(&r)?),
             st("outbox", self.outbox.stat(&r)?),
             st("forwarded", self.forwarded_log.stat(&r)?),
             st("aggregates", self.aggregates.stat(&r)?),
             st("devices", self.devices.stat(&r)?),
+            st("card_day_pending", self.card_day_pending.stat(&r)?),
         ];
         Ok((tables, self.env.info().last_page_number as u64 + 1))
     }
@@ -748,15 +831,24 @@ impl Store {
                 map_bytes,
             });
         }
-        // Continue after the outbox, or after what was forwarded: outbox ids never repeat.
-        let next_outbox = match self.outbox.last(t)? {
-            Some((k, _)) => k + 1,
-            None => self.meta.get(t, "forwarded_through")?.unwrap_or(0) + 1,
-        };
+        // Continue after the outbox, or after what was forwarded: outbox ids never repeat (and
+        // every id keying a stored tap or a pending record is below: they are appended).
+        let next_outbox = [
+            self.outbox.last(t)?.map(|e| e.0),
+            self.meta.get(t, "forwarded_through")?,
+            self.arrivals.last(t)?.map(|e| e.0),
+            self.card_day_pending.last(t)?.map(|e| e.0),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0)
+            + 1;
         Ok(Batch {
             out: IngestOutcome::default(),
             dev_states: BTreeMap::new(),
             aggs: BTreeMap::new(),
+            card_days: BTreeMap::new(),
             device_keys: BTreeMap::new(),
             next_outbox,
             room: !past(self.limits.quarantine_stop_at_fill_percent),
@@ -879,33 +971,44 @@ impl Store {
         }
         let seq = tap.meta().device_seq;
         b.out.device_key_versions.insert(device, key_version);
-        let key = tap_key(device, seq);
         let confirm = b
             .out
             .confirmations
             .entry((op.to_string(), device))
             .or_default();
         confirm.push(seq);
-        if self.taps.get(t, &key)?.is_some() {
+        // Device states and aggregates are accumulated for the whole batch and written once per
+        // key at the end (an outbox draining repeats the same keys). A duplicate is told by the
+        // device's state (highest sequence, gaps), read once per device and batch: no lookup
+        // among the stored taps.
+        let e = match b.dev_states.entry(device) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let untracked = self.meta.get(t, &untracked_key(device))?.unwrap_or(0);
+                e.insert(DevEntry {
+                    st: self.devices.get(t, &u64::from(device))?.unwrap_or_default(),
+                    untracked,
+                    untracked_was: untracked,
+                })
+            }
+        };
+        if e.seen(seq) {
             b.out.duplicates += 1;
             return Ok(());
         }
-        self.taps.put(t, &key, rec)?;
-        self.outbox.put(t, &b.next_outbox, &key)?;
+        // Keys that only grow: appended at the end of both B-trees, full pages.
+        let id = b.next_outbox;
+        self.arrivals
+            .put_with_flags(t, PutFlags::APPEND, &id, rec)?;
+        self.outbox.put_with_flags(t, PutFlags::APPEND, &id, &[])?;
         b.next_outbox += 1;
-        // Device states and aggregates are accumulated for the whole batch and written once per
-        // key at the end (an outbox draining repeats the same keys).
-        let st = match b.dev_states.entry(device) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(self.devices.get(t, &u64::from(device))?.unwrap_or_default())
-            }
-        };
+        let st = &mut e.st;
         if let Some(dropped) = st.record_seq(seq) {
+            e.untracked = e.untracked.max(dropped.1);
             tracing::warn!(
                 device,
                 ?dropped,
-                "gap list full; oldest gap no longer tracked"
+                "gap list full; oldest gap no longer tracked (a tap in it is stored again)"
             );
         }
         st.taps = st.taps.saturating_add(1);
@@ -913,50 +1016,131 @@ impl Store {
         if key_version != 0 {
             st.device_key_version = Some(key_version);
         }
-        aggregate_into(&mut b.aggs, &tap);
+        aggregate_into(&mut b.aggs, &mut b.card_days, &tap);
         b.out.stored += 1;
         Ok(())
     }
 
-    /// Writes the batch's device states and aggregates, once per key.
+    /// Writes the batch's device states and aggregates, once per key; its `card-day:` deltas
+    /// as one pending record under its last outbox id (appended; folded later, in one sorted
+    /// pass for many batches: [`Store::fold_card_days`]).
     fn finish_batch(&self, t: &mut RwTxn<'_>, b: &mut Batch) -> Result<(), StoreError> {
-        for (device, st) in &b.dev_states {
-            self.devices.put(t, &u64::from(*device), st)?;
+        for (device, e) in &b.dev_states {
+            self.devices.put(t, &u64::from(*device), &e.st)?;
+            if e.untracked != e.untracked_was {
+                self.meta.put(t, &untracked_key(*device), &e.untracked)?;
+            }
         }
-        for (k, delta) in std::mem::take(&mut b.aggs) {
+        self.add_to_aggregates(t, std::mem::take(&mut b.aggs))?;
+        let card_days: Vec<(String, Aggregate)> =
+            std::mem::take(&mut b.card_days).into_iter().collect();
+        if !card_days.is_empty() {
+            // Only stored taps add card-days: the batch took ids, the last is its own.
+            let id = b.next_outbox - 1;
+            self.card_day_pending
+                .put_with_flags(t, PutFlags::APPEND, &id, &card_days)?;
+        }
+        Ok(())
+    }
+
+    /// Adds deltas to the aggregates, in key order.
+    fn add_to_aggregates(
+        &self,
+        t: &mut RwTxn<'_>,
+        deltas: BTreeMap<String, Aggregate>,
+    ) -> Result<(), StoreError> {
+        for (k, delta) in deltas {
             let mut a = self.aggregates.get(t, &k)?.unwrap_or_default();
-            a.taps = a.taps.saturating_add(delta.taps);
-            a.refused = a.refused.saturating_add(delta.refused);
-            a.amount_minor = a.amount_minor.saturating_add(delta.amount_minor);
+            add_aggregate(&mut a, &delta);
             self.aggregates.put(t, &k, &a)?;
         }
         Ok(())
     }
 
+    /// Folds the pending `card-day:` deltas into the aggregates: summed per key, written in one
+    /// sorted pass, in transactions of at most [`FOLD_CHUNK`] batches' records (one while the
+    /// map is past the quarantine mark). Called with every trim ([`Store::trim_expired_at`]:
+    /// after each forwarded batch, and on a timer). Returns how many batches' records were
+    /// folded.
+    pub fn fold_card_days(&self) -> Result<u64, StoreError> {
+        let mut folded = 0u64;
+        loop {
+            let mut t = self.env.write_txn()?;
+            let chunk = if self.pressed(&t)? { 1 } else { FOLD_CHUNK };
+            let mut ids = Vec::new();
+            let mut sum: BTreeMap<String, Aggregate> = BTreeMap::new();
+            for item in self.card_day_pending.iter(&t)? {
+                let (id, deltas) = item?;
+                for (k, d) in deltas {
+                    add_aggregate(sum.entry(k).or_default(), &d);
+                }
+                ids.push(id);
+                if ids.len() >= chunk {
+                    break;
+                }
+            }
+            if ids.is_empty() {
+                return Ok(folded);
+            }
+            for id in &ids {
+                self.card_day_pending.delete(&mut t, id)?;
+            }
+            self.add_to_aggregates(&mut t, sum)?;
+            t.commit()?;
+            folded += ids.len() as u64;
+            if ids.len() < chunk {
+                return Ok(folded);
+            }
+        }
+    }
+
     /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
-    /// `product:`), at most `limit`.
+    /// `product:`), at most `limit`, in key order; `card-day:` ones with the deltas not folded
+    /// yet added (they are exact at any time).
     pub fn aggregates(
         &self,
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Aggregate)>, StoreError> {
         let r = self.env.read_txn()?;
-        let mut out = Vec::new();
-        for item in self.aggregates.prefix_iter(&r, prefix)? {
-            let (k, v) = item?;
-            out.push((k.to_string(), v));
+        let mut out = BTreeMap::new();
+        let mut complete = true;
+        // LMDB refuses an empty key to seek to: no prefix is every aggregate.
+        let items: Box<dyn Iterator<Item = heed::Result<(&str, Aggregate)>>> = if prefix.is_empty()
+        {
+            Box::new(self.aggregates.iter(&r)?)
+        } else {
+            Box::new(self.aggregates.prefix_iter(&r, prefix)?)
+        };
+        for item in items {
             if out.len() >= limit {
+                complete = false;
                 break;
             }
+            let (k, v) = item?;
+            out.insert(k.to_string(), v);
         }
-        Ok(out)
+        if may_hold_card_days(prefix) {
+            // Past the last key read (when the table had more), a pending key may sort after
+            // keys not read: left out, as the limit would.
+            let last = out.keys().next_back().cloned();
+            for item in self.card_day_pending.iter(&r)? {
+                for (k, d) in item?.1 {
+                    let beyond = !complete && last.as_ref().is_some_and(|l| &k > l);
+                    if k.starts_with(prefix) && !beyond {
+                        add_aggregate(out.entry(k).or_default(), &d);
+                    }
+                }
+            }
+        }
+        Ok(out.into_iter().take(limit).collect())
     }
 
-    /// Every stored tap record (raw), in (device, sequence) order, at most `limit`.
+    /// Every stored tap record (raw), in arrival order, at most `limit`.
     pub fn taps(&self, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
         let r = self.env.read_txn()?;
         let mut out = Vec::new();
-        for item in self.taps.iter(&r)? {
+        for item in self.arrivals.iter(&r)? {
             out.push(item?.1.to_vec());
             if out.len() >= limit {
                 break;
@@ -1023,8 +1207,8 @@ impl Store {
         let r = self.env.read_txn()?;
         let mut out = Vec::with_capacity(limit.min(10_000));
         for item in self.outbox.iter(&r)? {
-            let (id, key) = item?;
-            if let Some(raw) = self.taps.get(&r, key)? {
+            let (id, _) = item?;
+            if let Some(raw) = self.arrivals.get(&r, &id)? {
                 out.push((id, raw.to_vec()));
             }
             if out.len() >= limit {
@@ -1056,28 +1240,27 @@ impl Store {
             } else {
                 MOVE_CHUNK
             };
-            let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut done: Vec<u64> = Vec::new();
             for item in self.outbox.iter(&t)? {
-                let (id, key) = item?;
+                let (id, _) = item?;
                 if id > through || done.len() >= chunk {
                     break;
                 }
-                done.push((id, key.to_vec()));
+                done.push(id);
             }
             let last = done.len() < chunk;
             let upto = if last {
                 through
             } else {
-                done.last().map_or(through, |d| d.0)
+                done.last().copied().unwrap_or(through)
             };
-            for (id, mut key) in done {
+            for id in done {
                 self.outbox.delete(&mut t, &id)?;
                 if pressed {
-                    self.taps.delete(&mut t, &key)?;
+                    self.arrivals.delete(&mut t, &id)?;
                     trimmed += 1;
                 } else {
-                    key.extend_from_slice(&now_ms.to_be_bytes());
-                    self.forwarded_log.put(&mut t, &id, &key)?;
+                    self.forwarded_log.put(&mut t, &id, &now_ms.to_be_bytes())?;
                 }
             }
             let prev = self.meta.get(&t, "forwarded_through")?.unwrap_or(0);
@@ -1096,6 +1279,21 @@ impl Store {
     /// lock released between two. Called after each forwarded batch and, so that an idle
     /// gateway trims too, on a timer. Returns how many were trimmed.
     pub fn trim_expired_at(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let trimmed = self.trim_expired_chunks(now_ms)?;
+        // Then the card-days (after the trim: on a full map, with the room it made). Folding is
+        // housekeeping: a map too full for it leaves the records, exact as they are, to a
+        // later call.
+        if let Err(e) = self.fold_card_days() {
+            if !e.is_full() {
+                return Err(e);
+            }
+            tracing::warn!(%e, "card-day aggregates not folded: the store is full");
+        }
+        Ok(trimmed)
+    }
+
+    /// [`Store::trim_expired_at`]'s trim.
+    fn trim_expired_chunks(&self, now_ms: u64) -> Result<u64, StoreError> {
         let mut trimmed = 0u64;
         while trimmed < TRIM_MAX_PER_CALL as u64 {
             let mut t = self.env.write_txn()?;
@@ -1149,19 +1347,18 @@ impl Store {
             if due.len() >= max {
                 break;
             }
-            let Some((key, at)) = v.split_last_chunk::<8>() else {
-                due.push((id, Vec::new()));
-                continue;
+            let expired = match v.split_last_chunk::<8>() {
+                Some((_, at)) => u64::from_be_bytes(*at) <= cutoff,
+                None => true,
             };
-            if !pressed && u64::from_be_bytes(*at) > cutoff {
+            if !pressed && !expired {
                 break;
             }
-            due.push((id, key.to_vec()));
+            due.push(id);
         }
-        for (id, key) in &due {
-            if !key.is_empty() {
-                self.taps.delete(t, key)?;
-            }
+        // Ids in order, oldest first: the leading pages of both tables.
+        for id in &due {
+            self.arrivals.delete(t, id)?;
             self.forwarded_log.delete(t, id)?;
         }
         Ok(due.len() as u64)
