@@ -89,6 +89,12 @@ struct JobDone {
 
 /// Most jobs in one group commit.
 pub const GROUP_COMMIT_MAX_JOBS: usize = 256;
+
+/// Group commits made so far by this process's LMDB ledgers, and the jobs (transactions) they
+/// held: the bench reads them ([`LmdbLedger::group_commits`]).
+static GROUP_COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static GROUP_COMMIT_JOBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Most jobs waiting for the committer (back-pressure beyond it).
 pub const GROUP_COMMIT_QUEUE_JOBS: usize = 4_096;
 
@@ -175,6 +181,14 @@ impl LmdbLedger {
         rx.await.map_err(|_| committer_stopped())?
     }
 
+    /// The group commits made so far by this process's LMDB ledgers and the transactions
+    /// they held, (commits, transactions), counting durable commits only: the bench reads them
+    /// (transactions per fsync).
+    pub fn group_commits() -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (GROUP_COMMITS.load(Relaxed), GROUP_COMMIT_JOBS.load(Relaxed))
+    }
+
     /// Hands `f` to the committer; `deliver` gets its outcome once its batch committed (or
     /// failed). A full queue waits for room ([`GROUP_COMMIT_QUEUE_JOBS`]: back-pressure).
     fn submit<T: Send + 'static>(
@@ -237,6 +251,10 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
             wtxn.commit()
         })();
         let result = result.map_err(|e| e.to_string());
+        if result.is_ok() {
+            GROUP_COMMITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            GROUP_COMMIT_JOBS.fetch_add(dones.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         // Jobs that never ran (the batch failed to start) are told too.
         for job in batch {
             let done = JobDone {

@@ -259,3 +259,26 @@ fn a_card_s_latest_block_change_is_indexed_and_a_ledger_without_the_index_gets_i
     drop(r);
     l.close();
 }
+
+/// The group-commit counters the bench reads: each durable commit counts once with the
+/// transactions it held; a failed transaction in a committed batch is counted with it, and
+/// nothing is counted before the commit.
+#[test]
+fn group_commits_are_counted_with_their_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(dir.path(), 16 << 20).unwrap();
+    let (commits, transactions) = LmdbLedger::group_commits();
+    l.transact(|t| t.post(1, "issuer:float", "wallet:01", 1, "issue:01"))
+        .unwrap();
+    assert!(l
+        .transact(|t| t.post(2, "a", "a", 1, "x").map(|_| ()))
+        .is_err());
+    let (c, j) = LmdbLedger::group_commits();
+    // Other tests in this process may commit meanwhile: at least ours are counted.
+    assert!(c >= commits + 2, "two commits counted: {commits} -> {c}");
+    assert!(
+        j >= transactions + 2,
+        "two transactions counted: {transactions} -> {j}"
+    );
+    l.close();
+}
