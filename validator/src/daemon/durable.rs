@@ -6,18 +6,24 @@
 //!
 //! The MQTT event loop is never held by a failing write (confirmations keep deleting taps,
 //! which frees journal pages); while a write fails the list applied stays in force (taps are
-//! checked against it) and the heartbeat keeps the last version journalled.
+//! checked against it) and the heartbeat keeps the last version journalled. With [`QUEUE`]
+//! writes outstanding a further blocklist message is refused before it is applied (neither in
+//! force nor journalled: the gate and a restart agree; the retained topics send it again),
+//! never waited for: the event loop that would wait also carries the confirmations.
 
 use super::{BlocklistWrite, DownlinkOutcome, Metrics, Shared};
 use crate::journal::Journal;
 use purse::rotation::TrustedKeys;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+#[cfg(test)]
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Messages waiting for their journal write at most (a sender waits beyond: the downlink
-/// slows down rather than memory growing while the disk fails).
+/// Journal writes outstanding (queued or being tried) at most: a blocklist message beyond is
+/// refused unapplied rather than waited for (the wait would hold the MQTT event loop, and
+/// with it the confirmations that free journal pages) or memory growing while the disk fails.
 const QUEUE: usize = 32;
 
 /// The pause after a failed write: `first`, doubled after each failure, at most `max`.
@@ -42,15 +48,28 @@ enum Job {
         write: BlocklistWrite,
         bytes: Vec<u8>,
         applied: Option<u64>,
+        /// Its place among the [`QUEUE`] outstanding, given back once the job is done.
+        _slot: Slot,
     },
     /// Answered once every write sent before it is done.
     #[cfg(test)]
     Flush(SyncSender<()>),
 }
 
+/// One of the [`QUEUE`] places for an outstanding write, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The writer thread's handle.
 pub(super) struct BlocklistJournal {
-    tx: Mutex<Option<SyncSender<Job>>>,
+    tx: Mutex<Option<Sender<Job>>>,
+    /// Writes outstanding (at most [`QUEUE`]: the channel itself never blocks a sender).
+    outstanding: Arc<AtomicUsize>,
     /// Set at the end of a run: a write that fails is given up instead of tried again.
     closing: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -63,7 +82,7 @@ impl BlocklistJournal {
         metrics: Arc<Metrics>,
         backoff: Backoff,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = channel();
         let closing = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             journal,
@@ -77,12 +96,24 @@ impl BlocklistJournal {
             .spawn(move || writer.run(rx))?;
         Ok(Self {
             tx: Mutex::new(Some(tx)),
+            outstanding: Arc::new(AtomicUsize::new(0)),
             closing,
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Queues a message's journal write (waits while the queue is full).
+    /// A place for a write, taken before its message is applied; `None` with [`QUEUE`] writes
+    /// outstanding.
+    fn reserve(&self) -> Option<Slot> {
+        self.outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < QUEUE).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.outstanding.clone()))
+    }
+
+    /// Queues a message's journal write (never waits).
     fn send(&self, job: Job) -> Result<(), String> {
         let tx = self.tx.lock().map_err(|_| "journal queue lock poisoned")?;
         let tx = tx.as_ref().ok_or("the run is over: not journalled")?;
@@ -120,6 +151,10 @@ pub(super) fn apply_blocklist(
     keys: &TrustedKeys,
     bytes: &[u8],
 ) -> Result<DownlinkOutcome, String> {
+    // The place is taken before the message is applied: one applied is always journalled.
+    let slot = shared.blocklist_journal.reserve().ok_or_else(|| {
+        format!("blocklist not applied: {QUEUE} journal writes outstanding (the journal is failing; the retained topics send it again)")
+    })?;
     let (outcome, write, held) = super::take_blocklist_shared(&shared.gate, keys, bytes)?;
     if let Some(write) = write {
         let applied = matches!(outcome, DownlinkOutcome::Applied(_)).then_some(held);
@@ -127,6 +162,7 @@ pub(super) fn apply_blocklist(
             write,
             bytes: bytes.to_vec(),
             applied,
+            _slot: slot,
         })?;
     }
     Ok(outcome)
@@ -156,6 +192,7 @@ impl Writer {
                     write,
                     bytes,
                     applied,
+                    ..
                 } => {
                     if !self.write_until_committed(&write, &bytes) {
                         self.given_up = true;
@@ -211,6 +248,88 @@ mod tests {
     fn heartbeat_version(metrics: &Metrics) -> u64 {
         let status = uplink::status(1001, metrics, 0);
         status["blocklist_version"].as_u64().expect("a version")
+    }
+
+    /// While every journal write fails, [`QUEUE`] chunks are applied and wait for their writes;
+    /// the next is refused before it is applied (it used to wait for a place, holding the MQTT
+    /// event loop and its confirmations); once the journal works again the writes commit, the
+    /// refused chunk sent again completes the snapshot, and a restart has every card.
+    #[test]
+    fn a_full_write_queue_refuses_a_message_unapplied_and_never_waits() {
+        let bo = SigningKey::from_bytes(&[1; 32]);
+        let pk = bo.verifying_key().to_bytes();
+        let keys = TrustedKeys::single(pk);
+        let d = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(d.path(), 10, 1 << 26).unwrap());
+        let metrics = Arc::new(Metrics::new(1001));
+        let cards = QUEUE as u32 + 4;
+        let mut uids: Vec<[u8; 7]> = (0..cards).map(uid).collect();
+        uids.sort_unstable();
+        let chunks: Vec<Vec<u8>> = purse::blocklist::chunked::cut("metro", 1, &uids, 1)
+            .iter()
+            .map(|c| c.sign_with(|m| bo.sign(m).to_bytes()))
+            .collect();
+        let failing = Arc::new(AtomicBool::new(true));
+        let f = failing.clone();
+        journal.inject_blob_fault(Box::new(move |_| {
+            f.load(Ordering::SeqCst)
+                .then(|| std::io::Error::other("no space left on device"))
+        }));
+        let writes = BlocklistJournal::start(
+            journal.clone(),
+            metrics.clone(),
+            Backoff {
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+            },
+        )
+        .unwrap();
+        let shared = Shared {
+            gate: Arc::new(std::sync::Mutex::new(gate())),
+            actions: Arc::new(std::sync::Mutex::new(purse::actionlist::ActionList::new(
+                "metro",
+            ))),
+            journal: journal.clone(),
+            blocklist_journal: Arc::new(writes),
+            metrics: metrics.clone(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            reader_done: Arc::new(AtomicBool::new(false)),
+            taps_done: Arc::new(AtomicU64::new(0)),
+        };
+        let received = |s: &Shared| {
+            let g = s.gate.lock().unwrap();
+            g.blocklist.incoming().map(|a| a.received())
+        };
+        for c in &chunks[..QUEUE] {
+            let out = apply_blocklist(&shared, &keys, c).unwrap();
+            assert!(matches!(out, DownlinkOutcome::Pending { .. }), "{out:?}");
+        }
+        let refused = apply_blocklist(&shared, &keys, &chunks[QUEUE]);
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(received(&shared), Some(QUEUE as u32), "refused unapplied");
+
+        // The journal works again: the writes commit, the refused chunk comes again.
+        failing.store(false, Ordering::SeqCst);
+        shared.blocklist_journal.flush();
+        for c in &chunks[QUEUE..cards as usize - 1] {
+            let out = apply_blocklist(&shared, &keys, c).unwrap();
+            assert!(matches!(out, DownlinkOutcome::Pending { .. }), "{out:?}");
+        }
+        assert_eq!(
+            apply_blocklist(&shared, &keys, &chunks[cards as usize - 1]),
+            Ok(DownlinkOutcome::Applied(1))
+        );
+        shared.blocklist_journal.flush();
+        assert_eq!(heartbeat_version(&metrics), 1);
+
+        shared.blocklist_journal.finish();
+        drop((shared, journal));
+        let journal = Journal::open(d.path(), 10, 1 << 26).unwrap();
+        let mut g = gate();
+        restore(&mut g, &journal, &pk).unwrap();
+        assert_eq!(g.blocklist.version(), 1);
+        assert!((0..cards).all(|i| g.blocklist.is_blocked(&uid(i))));
     }
 
     /// Version 2's last chunk fails to journal three times (as a full disk would fail it):
