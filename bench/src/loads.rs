@@ -93,7 +93,9 @@ const RUN_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// aborted and the ledger ran again), `ledger_round_trips_per_load` (statements sent to the
 /// database per load, `BEGIN` and `COMMIT` included), with several servers the one-server run's of the same
 /// invocation (`one_server_loads_per_s`, `one_server_p99_ms`, `ratio_to_one_server`), and the
-/// LMDB run's: `lmdb_loads_per_s`, `lmdb_p99_ms`, `ratio_to_lmdb`.
+/// LMDB run's: `lmdb_loads_per_s`, `lmdb_p99_ms`, `ratio_to_lmdb`. On LMDB the figures end
+/// with the ledger's group commits over the loads: `ledger_group_commits_per_load` (each one
+/// fsync) and `ledger_transactions_per_group_commit`.
 pub fn run(
     n: Option<u64>,
     clients: Option<usize>,
@@ -201,8 +203,17 @@ fn run_once(
     let plan = calibrate(running[0].addr, &hsm)?;
     let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
     let round_trips_before = charging::ledger::PgLedger::round_trips();
+    let commits_before = charging::ledger::LmdbLedger::group_commits();
     let driven = drive(clients, per_client, n, &bases, &hsm)?;
     let round_trips = charging::ledger::PgLedger::round_trips() - round_trips_before;
+    let commits_after = charging::ledger::LmdbLedger::group_commits();
+    // On LMDB: the group commits (one fsync each) over the loads, and the transactions in them.
+    let group_commits = pg.is_none().then(|| {
+        (
+            commits_after.0 - commits_before.0,
+            commits_after.1 - commits_before.1,
+        )
+    });
     let raw_after =
         crate::limits::raw_round_trips(clients, per_client - per_client / 2, &plan, TOKEN)?;
     for server in running {
@@ -213,10 +224,19 @@ fn run_once(
         p99_ms: crate::stats::quantile(&driven.lat, 0.99) as f64 / 1000.0,
         round_trips_per_load: round_trips as f64 / driven.lat.len().max(1) as f64,
     };
-    Ok((
-        report(&hsm_kind, clients, &driven, &plan, raw_before, raw_after),
-        headline,
-    ))
+    let mut figures = report(&hsm_kind, clients, &driven, &plan, raw_before, raw_after);
+    if let Some((commits, transactions)) = group_commits {
+        let loads = driven.lat.len().max(1) as f64;
+        figures.push((
+            "ledger_group_commits_per_load",
+            ((commits as f64 / loads * 100.0).round() / 100.0).into(),
+        ));
+        figures.push((
+            "ledger_transactions_per_group_commit",
+            ((transactions as f64 / commits.max(1) as f64 * 100.0).round() / 100.0).into(),
+        ));
+    }
+    Ok((figures, headline))
 }
 
 /// The server's HSM: TAPGATE_BENCH_HSM=pkcs11 puts its keys in a SoftHSM2 token
