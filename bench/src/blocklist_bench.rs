@@ -25,8 +25,8 @@
 //! `tapgate.conf` and ACL, the validators' listener and the gateway's loopback one on free
 //! ports) started by this process, which raises its own open-file limit for it to inherit: the
 //! gateway is one client of it, and each validator is one descriptor in Mosquitto's process
-//! instead of three in the gateway's (the embedded broker's ACL front, its loopback connection
-//! to rumqttd, rumqttd's end). `broker_rss_kib`, `broker_rss_per_validator_bytes` and
+//! instead of one in the gateway's (the embedded broker's ACL front hands each connection to
+//! rumqttd's router in process). `broker_rss_kib`, `broker_rss_per_validator_bytes` and
 //! `broker_fds` are Mosquitto's; `gateway_fds` the descriptors this process holds with the
 //! fleet connected. `validator_reconnects_connecting` / `_measured`: the validators'
 //! reconnections while the fleet connected / after (a validator whose CONNACK or keep-alive
@@ -65,6 +65,14 @@ const OPERATOR: &str = "bench";
 const TAPS: u64 = 16_000;
 /// The first device id of the simulated validators.
 const FIRST_VALIDATOR: u32 = 2_000;
+/// How long a simulated validator waits for its CONNACK before it gives up and connects again
+/// (rumqttc's default is 5 s). While a fleet of 10,000 connects at once a broker answers the
+/// last CONNECTs after more than 5 s (each subscription to a filter the whole fleet shares is
+/// a walk of that filter's subscribers in Mosquitto, O(N)); a validator that gave up and came
+/// back had its abandoned CONNECT still queued, which took its new session over when the
+/// broker reached it, and so on: a chain of reconnections that ran into the measured part, each
+/// one O(N) again (docs/benchmarks.md, "Gateway: connected validators").
+const CONNACK_WAIT_S: u64 = 30;
 /// Where the raw fan-out goes (every validator subscribes to it as one more filter).
 const RAW_TOPIC: &str = "tapgate/v1/raw/blocklist/fanout";
 
@@ -116,11 +124,9 @@ pub fn run_scenario(n: Option<u64>, broker: &str) -> anyhow::Result<Figures> {
         "mosquitto" => BrokerKind::Mosquitto,
         other => anyhow::bail!("--broker {other}: embedded or mosquitto"),
     };
-    // Embedded: each validator's connection is three descriptors here (the front's accepted
-    // socket, its socket to rumqttd and rumqttd's end of that). Mosquitto: one in Mosquitto's
-    // process, which inherits this limit.
-    let per_validator = if kind == BrokerKind::Embedded { 3 } else { 1 };
-    raise_nofile(u64::from(validators) * per_validator + 1_024)?;
+    // One descriptor per validator: the front's accepted socket (embedded; the front reaches
+    // rumqttd in process), or Mosquitto's, which inherits this limit.
+    raise_nofile(u64::from(validators) + 1_024)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -857,6 +863,9 @@ impl SimValidator {
             .set_keep_alive(Duration::from_secs(60))
             .set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut ev) = AsyncClient::new(o, 16);
+        let mut net = ev.network_options();
+        net.set_connection_timeout(CONNACK_WAIT_S);
+        ev.set_network_options(net);
         let status = format!("tapgate/v1/{OPERATOR}/devices/{device}/status");
         let mut list = Blocklist::new(OPERATOR);
         let heartbeat = |version: u64| {

@@ -10,6 +10,12 @@
 # …/devices/<device>/status, and reads only …/devices/<device>/confirm and the downlink; a device
 # without one may use any operator (as the patterns). Regenerate it and reload Mosquitto
 # (SIGHUP) when devices change. Device ids and operators must be topic-safe names.
+#
+# Cost at scale: Mosquitto 2.0 finds a client's `user` block by walking the file's users and
+# comparing names at every CONNECT (acl__find_acls), so this file (one block per device) costs
+# up to N name comparisons per connection, and a fleet reconnecting at once N^2/2; the shipped
+# %u-pattern `acl` has one user block (the gateway's). See docs/benchmarks.md, "Gateway:
+# connected validators".
 set -eu
 devices=${1:?usage: tapgate-acl.sh DEVICES_FILE [GATEWAY_USER]}
 gateway=${2:-gateway}

@@ -1,5 +1,5 @@
 //! The embedded MQTT broker: an ACL-enforcing front that owns the public listeners (TCP and
-//! TLS), in front of rumqttd on an internal loopback port.
+//! TLS), in front of rumqttd's router, which it reaches in process.
 //!
 //! rumqttd authenticates only at CONNECT and has no per-topic rules, so with one device's
 //! password a client could read every device's taps, publish another device's confirmations or
@@ -8,22 +8,31 @@
 //! - it reads each client's CONNECT itself and checks the username and password (constant
 //!   time); a device's client id is replaced by one derived from its username (as Mosquitto's
 //!   `use_username_as_clientid`), so no device can take another's or the gateway's session;
-//! - it parses every client → broker packet (MQTT 3.1.1 framing, `rumqttc::mqttbytes::v4`)
+//! - it parses every client → broker packet (MQTT 3.1.1 framing, rumqttd's own v4 codec)
 //!   and checks each PUBLISH topic, the will, and each SUBSCRIBE filter against
 //!   [`crate::mqtt_acl::Role`] (the shipped Mosquitto ACL's promises, plus each device bound to
 //!   its operator); on a violation it closes the connection (MQTT 3.1.1 §3.3.5 allows that for an
 //!   unauthorised publish) before the packet reaches the broker, counts it ([`BrokerStats`]) and
 //!   logs the device once;
-//! - allowed packets go to rumqttd unchanged, and rumqttd accepts only the front's per-process
-//!   random credential, so nothing reaches it around the front. The broker → client direction
-//!   is a plain byte copy.
+//! - each admitted client gets an in-process link to the router (rumqttd's
+//!   `local::LinkBuilder`, what rumqttd's own TCP server builds per connection), and only the
+//!   packets the front allowed go into it; the router's answers come back over the same link
+//!   and the front encodes them for the client. rumqttd has no listener at all, so nothing
+//!   reaches it around the front, and a connected client costs one file descriptor (its
+//!   socket) and no loopback port.
 //!
-//! The gateway's in-process link ([`start_embedded_broker_linked`]) talks to rumqttd directly.
+//! The gateway's in-process link ([`start_embedded_broker_linked`]) talks to the router
+//! directly.
 
 use crate::mqtt_acl::{is_topic_safe, Role};
-use bytes::{Buf, Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Subscribe};
-use rumqttc::mqttbytes::Protocol;
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, LastWill};
+use rumqttc::mqttbytes::{Protocol, QoS};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Protocol as _, Publish};
+use rumqttd::Notification;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,15 +49,13 @@ const MIN_CONNECTIONS: usize = 10_000;
 
 /// Most client connections at once for `users` users: one for each user and a tenth more (a
 /// device reconnecting before its old connection closed, a gateway's several connections, a
-/// connection still in its CONNECT), at least [`MIN_CONNECTIONS`]. Each takes three file
-/// descriptors of this process (the client's socket, the front's to rumqttd and rumqttd's end).
+/// connection still in its CONNECT), at least [`MIN_CONNECTIONS`]. Each takes one file
+/// descriptor of this process (the client's socket).
 fn connection_limit(users: usize) -> usize {
     MIN_CONNECTIONS.max(users + users / 10 + 100)
 }
 /// Time a new connection has to finish TLS and send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The username under which the front logs in to rumqttd (with a random per-process password).
-const INTERNAL_USER: &str = "tapgate-front";
 
 /// Counters of what the front refused (Prometheus: `tapgate_gateway_mqtt_*`).
 #[derive(Default, Debug)]
@@ -240,8 +247,8 @@ impl From<HashMap<String, String>> for BrokerUsers {
 /// MQTT framing (see [`start_embedded_broker_linked`]).
 pub struct TapLink {
     /// Kept so the link stays registered with the router.
-    pub(crate) _tx: rumqttd::local::LinkTx,
-    pub(crate) rx: rumqttd::local::LinkRx,
+    pub(crate) _tx: LinkTx,
+    pub(crate) rx: LinkRx,
     /// The operator whose taps it is subscribed to.
     pub(crate) operator: String,
     stats: Arc<BrokerStats>,
@@ -280,8 +287,8 @@ pub fn start_embedded_broker_linked(
     Ok((thread, link))
 }
 
-/// Starts the embedded MQTT broker on `listen`, in its own threads: the ACL front there, rumqttd
-/// behind it on a loopback port. Every client must authenticate as one of `users`.
+/// Starts the embedded MQTT broker on `listen`, in its own threads: the ACL front there,
+/// rumqttd's router behind it. Every client must authenticate as one of `users`.
 pub fn start_embedded_broker(
     listen: SocketAddr,
     users: impl Into<BrokerUsers>,
@@ -306,23 +313,57 @@ pub fn start_embedded_broker_tls(
     }
 }
 
-/// Registers the gateway's link with the router (already running; the listeners are not open
-/// yet) and waits until its subscription to `operator`'s taps is in place.
-fn open_link(
-    broker: &rumqttd::Broker,
-    operator: &str,
-) -> Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx), String> {
+/// A new connection's link and its CONNACK, or why the router gave none.
+type Linked = Result<(LinkTx, LinkRx, Notification), String>;
+/// Registers a connection with the router: (client id, clean session) → [`Linked`].
+type Connector = Arc<dyn Fn(&str, bool) -> Linked + Send + Sync>;
+
+/// The way into rumqttd's router (its own thread), without a socket: each client the front
+/// admits gets an in-process link of its own (rumqttd's `local::LinkBuilder`, what rumqttd's
+/// TCP server builds for each connection it accepts), so a validator is one descriptor here —
+/// its socket — and no loopback port.
+///
+/// rumqttd does not export the type of its router's queue; closures over the sender hold it.
+#[derive(Clone)]
+struct RouterHandle {
+    /// Registers a connection (client id, clean session) and waits for its CONNACK: blocking.
+    connect: Connector,
+    /// Whether the router's queue is full (handing it a packet would block this thread).
+    full: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl RouterHandle {
+    fn start(max_connections: usize) -> Self {
+        let tx = rumqttd::Router::new(0, router_config(max_connections)).spawn();
+        let queue = tx.clone();
+        RouterHandle {
+            connect: Arc::new(move |client_id: &str, clean: bool| {
+                rumqttd::local::LinkBuilder::new(client_id, tx.clone())
+                    .clean_session(clean)
+                    // A publish to a topic nobody subscribed to yet is kept, not refused.
+                    .dynamic_filters(true)
+                    .build()
+                    .map_err(|e| e.to_string())
+            }),
+            full: Arc::new(move || queue.is_full()),
+        }
+    }
+}
+
+/// Registers the gateway's link with the router (the listeners are not open yet) and waits
+/// until its subscription to `operator`'s taps is in place.
+fn open_link(router: &RouterHandle, operator: &str) -> Result<(LinkTx, LinkRx), String> {
     let id = format!(
         "tapgate-gateway-link-{}",
         hex::encode(rand::random::<[u8; 16]>())
     );
-    let (mut tx, mut rx) = broker.link(&id).map_err(|e| e.to_string())?;
+    let (mut tx, mut rx, _connack) = (router.connect)(&id, true)?;
     tx.subscribe(format!("tapgate/v1/{operator}/taps/+"))
         .map_err(|e| e.to_string())?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match rx.recv_deadline(deadline) {
-            Ok(Some(rumqttd::Notification::DeviceAck(_))) => break,
+            Ok(Some(Notification::DeviceAck(_))) => break,
             Ok(_) => {}
             Err(e) => return Err(format!("subscribing the gateway's link: {e}")),
         }
@@ -330,58 +371,35 @@ fn open_link(
     Ok((tx, rx))
 }
 
-fn rumqttd_config(internal: SocketAddr, secret: &str, max_connections: usize) -> rumqttd::Config {
-    let server = rumqttd::ServerSettings {
-        name: "tapgate-internal".into(),
-        listen: internal,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 16 << 20,
-            max_inflight_count: 5_000,
-            // Only the front knows this credential.
-            auth: Some(HashMap::from([(
-                INTERNAL_USER.to_string(),
-                secret.to_string(),
-            )])),
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: max_connections + 10,
-            max_outgoing_packet_count: 10_000,
-            // rumqttd keeps, per subscription filter, a log of what matched it (read or not),
-            // dropping its oldest segment only when full: these sizes bound its memory. The
-            // taps get room for a large backlog (≈ 1.5 million live taps); each validator's
-            // confirmations, of which there are thousands of filters, get 2 × 64 kB (a wrapped
-            // confirmation is resent by the validator's outbox and confirmed as a duplicate).
-            max_segment_size: 16 << 20,
-            max_segment_count: 4,
-            custom_segment: Some(HashMap::from([
-                (
-                    "tapgate/v1/+/taps/+".to_string(),
-                    rumqttd::SegmentConfig {
-                        max_segment_size: 64 << 20,
-                        max_segment_count: 4,
-                    },
-                ),
-                (
-                    "tapgate/v1/+/devices/+/confirm".to_string(),
-                    rumqttd::SegmentConfig {
-                        max_segment_size: 64 << 10,
-                        max_segment_count: 2,
-                    },
-                ),
-            ])),
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(HashMap::from([("tapgate-internal".to_string(), server)])),
-        ..Default::default()
+fn router_config(max_connections: usize) -> rumqttd::RouterConfig {
+    rumqttd::RouterConfig {
+        max_connections: max_connections + 10,
+        max_outgoing_packet_count: 10_000,
+        // rumqttd keeps, per subscription filter, a log of what matched it (read or not),
+        // dropping its oldest segment only when full: these sizes bound its memory. The
+        // taps get room for a large backlog (≈ 1.5 million live taps); each validator's
+        // confirmations, of which there are thousands of filters, get 2 × 64 kB (a wrapped
+        // confirmation is resent by the validator's outbox and confirmed as a duplicate).
+        max_segment_size: 16 << 20,
+        max_segment_count: 4,
+        custom_segment: Some(HashMap::from([
+            (
+                "tapgate/v1/+/taps/+".to_string(),
+                rumqttd::SegmentConfig {
+                    max_segment_size: 64 << 20,
+                    max_segment_count: 4,
+                },
+            ),
+            (
+                "tapgate/v1/+/devices/+/confirm".to_string(),
+                rumqttd::SegmentConfig {
+                    max_segment_size: 64 << 10,
+                    max_segment_count: 2,
+                },
+            ),
+        ])),
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
     }
 }
 
@@ -406,8 +424,8 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
     Ok(l)
 }
 
-/// Binds the public listeners (so a client may connect as soon as this returns), starts rumqttd
-/// on a free loopback port with a random credential, and the front's thread.
+/// Binds the public listeners (so a client may connect as soon as this returns), starts
+/// rumqttd's router, the gateway's link if asked, and the front's thread.
 fn spawn_broker(
     listen: SocketAddr,
     users: BrokerUsers,
@@ -419,51 +437,26 @@ fn spawn_broker(
         tapgate_http::serve::install_crypto_provider();
         listeners.push((bind(*addr)?, Some(tls_acceptor(cert, key)?)));
     }
-    let internal = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("choosing the broker's internal port: {e}"))?;
-    let secret = hex::encode(rand::random::<[u8; 32]>());
     let max_connections = connection_limit(users.len());
-    let config = rumqttd_config(internal, &secret, max_connections);
+    let router = RouterHandle::start(max_connections);
     let stats = Arc::new(BrokerStats::default());
-    let (hand_over, handed) = std::sync::mpsc::channel();
-    let link_operator = link_operator.map(str::to_string);
-    std::thread::Builder::new()
-        .name("mqtt-broker".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            let link = link_operator.map(|op| open_link(&broker, &op).map(|l| (l, op)));
-            let failed = matches!(link, Some(Err(_)));
-            let _ = hand_over.send(link);
-            if failed {
-                return;
-            }
-            if let Err(e) = broker.start() {
-                tracing::error!(%e, "embedded MQTT broker stopped");
-            }
-        })
-        .map_err(|e| format!("spawning the broker thread: {e}"))?;
-    let link = match handed
-        .recv()
-        .map_err(|_| "the embedded broker stopped before it started".to_string())?
-    {
+    let link = match link_operator {
         None => None,
-        Some(Err(e)) => {
-            return Err(format!(
-                "the embedded broker refused the gateway's link: {e}"
-            ))
+        Some(op) => {
+            let (tx, rx) = open_link(&router, op)
+                .map_err(|e| format!("the embedded broker refused the gateway's link: {e}"))?;
+            Some(TapLink {
+                _tx: tx,
+                rx,
+                operator: op.to_string(),
+                stats: stats.clone(),
+            })
         }
-        Some(Ok(((tx, rx), operator))) => Some(TapLink {
-            _tx: tx,
-            rx,
-            operator,
-            stats: stats.clone(),
-        }),
     };
     let front = Arc::new(Front {
         users,
-        internal,
-        secret,
+        router,
+        opening: tokio::sync::Semaphore::new(LINKS_OPENING),
         stats,
         logged: Mutex::new(HashSet::new()),
         logins_logged: Mutex::new(HashMap::new()),
@@ -488,12 +481,15 @@ fn spawn_broker(
     Ok((thread, link))
 }
 
+/// Connections registering with the router at once (each waits for the router's answer on a
+/// blocking thread; the router takes them one at a time anyway).
+const LINKS_OPENING: usize = 64;
+
 struct Front {
     users: BrokerUsers,
-    /// rumqttd's loopback listener.
-    internal: SocketAddr,
-    /// The credential rumqttd accepts (the only one).
-    secret: String,
+    router: RouterHandle,
+    /// Bounds the blocking threads waiting for the router's CONNACK ([`LINKS_OPENING`]).
+    opening: tokio::sync::Semaphore,
     stats: Arc<BrokerStats>,
     /// Users already logged for a violation (each is logged once; every one is counted).
     logged: Mutex<HashSet<String>>,
@@ -526,19 +522,37 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// A client the front let in: who it is and what its session with the router needs.
+struct Admitted {
+    role: Role,
+    username: String,
+    /// Its client id at the router (of its role's namespace).
+    client_id: String,
+    clean_session: bool,
+    /// How long the connection may stay silent (1.5 × its keep-alive, as rumqttd's).
+    idle: Duration,
+    /// Its will, published by the front if the connection ends without a DISCONNECT.
+    will: Option<Packet>,
+}
+
+/// How a connection ended, which says what the router still has to be told.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT (forwarded): no will.
+    Disconnected,
+    /// The router dropped the link (another connection took the client id): nothing to tell.
+    Dropped,
+    /// The client's socket closed or failed, or it was silent past its keep-alive: the will.
+    Closed,
+    /// The front refused a packet (not forwarded): the connection is closed, the will published.
+    Refused(Refusal),
+}
+
 impl Front {
     async fn run(
         self: Arc<Self>,
         listeners: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
     ) {
-        // rumqttd binds its port on its own thread: accept nobody before it listens.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(self.internal).await.is_err() {
-            if tokio::time::Instant::now() > deadline {
-                return tracing::error!(internal = %self.internal, "the embedded broker's rumqttd did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         let mut tasks = Vec::new();
         for (l, tls) in listeners {
             let l = match tokio::net::TcpListener::from_std(l) {
@@ -589,13 +603,14 @@ impl Front {
         }
     }
 
-    /// One client connection: CONNECT checked here, then packets relayed while allowed.
+    /// One client connection: CONNECT checked here, a link to the router opened for it, then
+    /// packets relayed both ways while allowed.
     async fn serve<S>(&self, client: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let (mut crd, mut cwr) = tokio::io::split(client);
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut buf = BytesMut::with_capacity(4 * 1024);
         let connect =
             match tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut crd, &mut buf)).await {
                 Ok(Some(c)) => c,
@@ -607,56 +622,82 @@ impl Front {
                 }
             };
         let user = connect.login.as_ref().map(|l| l.username.clone());
-        let (role, username, internal_connect) = match self.admit(connect) {
+        let admitted = match self.admit(connect) {
             Ok(a) => a,
             Err(code) => {
                 self.stats
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
                 self.login_refused(user.as_deref(), code);
-                let mut out = BytesMut::new();
-                if ConnAck::new(code, false).write(&mut out).is_ok() {
-                    let _ = cwr.write_all(&out).await;
-                    let _ = cwr.flush().await;
-                }
-                return;
+                return refuse(&mut cwr, code).await;
             }
         };
-        let Ok(broker) = tokio::net::TcpStream::connect(self.internal).await else {
-            tracing::error!(internal = %self.internal, "the embedded broker's rumqttd is unreachable");
-            return;
+        let Some((mut tx, mut rx, connack)) = self.open(&admitted).await else {
+            self.stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return refuse(&mut cwr, ConnectReturnCode::ServiceUnavailable).await;
         };
-        let _ = broker.set_nodelay(true);
-        let (mut brd, mut bwr) = broker.into_split();
-        if bwr.write_all(&internal_connect).await.is_err() {
-            return;
-        }
-        // Wait for rumqttd's CONNACK even if the client has gone: rumqttd 0.20 leaves a stale
-        // will handler behind when it cannot write the CONNACK, and the next connection with
-        // that client id then panics its connection task with the handlers' mutex held, after
-        // which every connection panics (the same happened for a client id it refuses).
-        let mut connack = [0u8; 4];
-        match tokio::time::timeout(CONNECT_TIMEOUT, brd.read_exact(&mut connack)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-        if cwr.write_all(&connack).await.is_err() || connack[3] != 0 {
-            return;
-        }
-        let down = tokio::io::copy(&mut brd, &mut cwr);
-        let up = relay_up(&mut crd, &mut bwr, buf, &role);
-        let refusal = tokio::select! {
-            _ = down => None,
-            r = up => r.err().flatten(),
+        let mut out = BytesMut::new();
+        let end = match encode(connack, &mut out) {
+            Ok(_) if cwr.write_all(&out).await.is_ok() => {
+                out.clear();
+                tokio::select! {
+                    end = relay_down(&mut rx, &mut cwr, out) => end,
+                    end = relay_up(&mut crd, &mut tx, buf, &admitted, &self.router) => end,
+                }
+            }
+            _ => End::Closed,
         };
-        if let Some(r) = refusal {
-            self.refused(&username, r);
+        match end {
+            End::Disconnected | End::Dropped => {}
+            End::Closed => self.close(&mut tx, admitted.will).await,
+            End::Refused(r) => {
+                self.refused(&admitted.username, r);
+                self.close(&mut tx, admitted.will).await;
+            }
         }
     }
 
-    /// Checks a CONNECT and rewrites it for rumqttd: the internal credential and a client id of
-    /// the client's role's namespace (a device's is derived from its username alone).
-    fn admit(&self, mut connect: Connect) -> Result<(Role, String, BytesMut), ConnectReturnCode> {
+    /// Registers an admitted client with the router: its link and CONNACK (`None`: the router
+    /// refused it, e.g. at its connection limit).
+    async fn open(&self, a: &Admitted) -> Option<(LinkTx, LinkRx, Notification)> {
+        let _turn = self.opening.acquire().await.ok()?;
+        let (connect, id, clean) = (
+            self.router.connect.clone(),
+            a.client_id.clone(),
+            a.clean_session,
+        );
+        match tokio::task::spawn_blocking(move || connect(&id, clean)).await {
+            Ok(Ok(link)) => Some(link),
+            Ok(Err(e)) => {
+                tracing::warn!(user = %a.username, %e, "MQTT connection refused by the broker's router");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Ends a connection the client did not end with DISCONNECT: its will (MQTT 3.1.1
+    /// §3.1.2.5), then the session's end, as rumqttd does when a socket closes.
+    async fn close(&self, tx: &mut LinkTx, will: Option<Packet>) {
+        let disconnect = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        let _ = forward(
+            tx,
+            &self.router,
+            will.into_iter().chain([disconnect]).collect(),
+        )
+        .await;
+    }
+
+    /// Checks a CONNECT: the login, the will's topic, a keep-alive; gives the client an id of
+    /// its role's namespace (a device's is derived from its username alone).
+    fn admit(&self, mut connect: Connect) -> Result<Admitted, ConnectReturnCode> {
         if connect.protocol != Protocol::V4 {
             return Err(ConnectReturnCode::RefusedProtocolVersion);
         }
@@ -669,8 +710,8 @@ impl Front {
             .authenticate(&login.username, &login.password)
             .ok_or(ConnectReturnCode::BadUserNamePassword)?
             .clone();
-        if let Some(w) = &mut connect.last_will {
-            if !role.may_publish(&w.topic) {
+        let will = match &connect.last_will {
+            Some(w) if !role.may_publish(&w.topic) => {
                 self.refused(
                     &login.username,
                     Refusal::Publish(format!("will {}", w.topic)),
@@ -678,10 +719,15 @@ impl Front {
                 return Err(ConnectReturnCode::NotAuthorized);
             }
             // Not retained, as a device's status is not ([`unretain`]).
-            w.retain &= role == Role::Gateway;
+            Some(w) => Some(will_publish(w, role == Role::Gateway)?),
+            None => None,
+        };
+        // As rumqttd: a connection without a keep-alive would hold its slot forever.
+        if connect.keep_alive == 0 {
+            return Err(ConnectReturnCode::ServiceUnavailable);
         }
         // rumqttd refuses ids with `+ $ # /`; a device's id (topic-safe) never has one.
-        connect.client_id = match &role {
+        let client_id = match &role {
             Role::Device { id, .. } => format!("d.{id}"),
             Role::Gateway if connect.client_id.is_empty() => {
                 format!("g~{}", hex::encode(rand::random::<[u8; 12]>()))
@@ -691,14 +737,16 @@ impl Front {
             }
             Role::Gateway => format!("g.{}", connect.client_id),
         };
-        connect.login = Some(Login::new(INTERNAL_USER, self.secret.clone()));
-        let mut out = BytesMut::new();
-        Packet::Connect(connect)
-            .write(&mut out, MAX_PACKET_BYTES)
-            .map_err(|_| ConnectReturnCode::BadClientId)?;
-        Ok((role, login.username, out))
+        let keep_alive = Duration::from_secs(u64::from(connect.keep_alive));
+        Ok(Admitted {
+            role,
+            username: login.username,
+            client_id,
+            clean_session: connect.clean_session,
+            idle: keep_alive + keep_alive / 2,
+            will,
+        })
     }
-
     /// Logs a refused CONNECT, once per user per minute (every one is counted).
     fn login_refused(&self, user: Option<&str>, code: ConnectReturnCode) {
         let key = user.unwrap_or("").to_string();
@@ -731,6 +779,8 @@ impl Front {
             ConnectReturnCode::NotAuthorized if user.is_none() => "no username and password",
             ConnectReturnCode::NotAuthorized => "its will topic is outside its topics",
             ConnectReturnCode::RefusedProtocolVersion => "not MQTT 3.1.1",
+            ConnectReturnCode::ServiceUnavailable => "no keep-alive (the broker needs one)",
+            ConnectReturnCode::BadClientId => "its client id has `+ $ # /`",
             _ => "refused",
         };
         tracing::warn!(
@@ -766,8 +816,8 @@ async fn read_connect<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> O
     loop {
         match rumqttc::mqttbytes::check(buf.iter(), MAX_PACKET_BYTES) {
             Ok(_) => {
-                return match Packet::read(buf, MAX_PACKET_BYTES) {
-                    Ok(Packet::Connect(c)) => Some(c),
+                return match rumqttc::mqttbytes::v4::Packet::read(buf, MAX_PACKET_BYTES) {
+                    Ok(rumqttc::mqttbytes::v4::Packet::Connect(c)) => Some(c),
                     _ => None,
                 }
             }
@@ -780,110 +830,207 @@ async fn read_connect<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> O
     }
 }
 
-/// Client → broker: forwards each complete packet the role allows, in order, and stops at the
-/// first one it does not (`Err(Some(_))`, that packet not forwarded) or at the end of either
-/// stream (`Ok` or `Err(None)`).
-async fn relay_up<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    mut buf: BytesMut,
-    role: &Role,
-) -> Result<(), Option<Refusal>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+/// Answers a refused CONNECT with its CONNACK code.
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, code: ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    if ConnAck::new(code, false).write(&mut out).is_ok() {
+        let _ = wr.write_all(&out).await;
+        let _ = wr.flush().await;
+    }
+}
+
+/// A will as the PUBLISH the front hands the router if the connection ends without a
+/// DISCONNECT; retained only for the gateway. QoS 2 is sent as QoS 1 (the router would hold a
+/// QoS 2 publish for a PUBREL that never comes).
+fn will_publish(w: &LastWill, may_retain: bool) -> Result<Packet, ConnectReturnCode> {
+    let qos = match w.qos {
+        QoS::AtMostOnce => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    };
+    let mut p = rumqttc::mqttbytes::v4::Publish::new(w.topic.clone(), qos, w.message.clone());
+    p.retain = w.retain && may_retain;
+    p.pkid = u16::from(qos != QoS::AtMostOnce);
+    // rumqttd's `Publish` sets its QoS only when it reads one: encode, then read it back.
+    let mut frame = BytesMut::new();
+    rumqttc::mqttbytes::v4::Packet::Publish(p)
+        .write(&mut frame, MAX_PACKET_BYTES)
+        .map_err(|_| ConnectReturnCode::BadClientId)?;
+    match next_packet(&mut frame) {
+        Ok(Some(p @ Packet::Publish(..))) => Ok(p),
+        _ => Err(ConnectReturnCode::BadClientId),
+    }
+}
+
+/// Reads the next complete packet off `buf` (`None`: not complete yet).
+fn next_packet(buf: &mut BytesMut) -> Result<Option<Packet>, Refusal> {
+    match V4.read_mut(buf, MAX_PACKET_BYTES) {
+        Ok(p) => Ok(Some(p)),
+        Err(rumqttd::protocol::Error::InsufficientBytes(_)) => Ok(None),
+        Err(_) => Err(Refusal::Protocol("malformed packet")),
+    }
+}
+
+/// Encodes what the router sends a connection; `Ok(false)` for a notification that is no
+/// packet (the router unscheduled the connection until it is woken).
+fn encode(n: Notification, out: &mut BytesMut) -> Result<bool, rumqttd::protocol::Error> {
+    let Some(p) = Option::<Packet>::from(n) else {
+        return Ok(false);
+    };
+    // MQTT 3.1.1 has no properties; rumqttd's v4 encoder takes none.
+    let p = match p {
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::SubAck(p, _) => Packet::SubAck(p, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::UnsubAck(p, _) => Packet::UnsubAck(p, None),
+        Packet::Disconnect(p, _) => Packet::Disconnect(p, None),
+        p @ (Packet::ConnAck(..) | Packet::PingResp(_)) => p,
+        // Client → broker packets: the router never sends them.
+        _ => return Ok(true),
+    };
+    V4.write(p, out)?;
+    Ok(true)
+}
+
+/// Hands `packets` to the router in order, with one wake-up; `false` if the router has
+/// dropped the link. rumqttd's link sends that wake-up
+/// with a blocking send on the router's bounded queue: when the queue is full this worker
+/// thread is handed over to the runtime's blocking pool meanwhile, so the other connections
+/// on it keep moving.
+async fn forward(tx: &mut LinkTx, router: &RouterHandle, mut packets: Vec<Packet>) -> bool {
+    let Some(last) = packets.pop() else {
+        return true;
+    };
+    tx.buffer().extend(packets);
+    // `LinkTx::send` has no await point: it completes in its first poll.
+    let sent = if (router.full)() {
+        tokio::task::block_in_place(|| tx.send(last).now_or_never())
+    } else {
+        tx.send(last).now_or_never()
+    };
+    sent.is_none_or(|r| r.is_ok())
+}
+
+/// Broker → client: writes what the router sends the connection, in batches, until the
+/// router drops the link or the client's socket fails.
+async fn relay_down<W: AsyncWrite + Unpin>(rx: &mut LinkRx, wr: &mut W, mut out: BytesMut) -> End {
     loop {
-        let mut allowed = 0;
-        let mut refusal = None;
-        while allowed < buf.len() {
-            match judge(&buf[allowed..], role) {
-                Ok(Some(len)) => {
-                    unretain(&mut buf[allowed..allowed + len], role);
-                    allowed += len
-                }
-                Ok(None) => break,
-                Err(r) => {
-                    refusal = Some(r);
-                    break;
-                }
+        let mut next = match rx.next().await {
+            Ok(n) => n,
+            Err(_) => return End::Dropped,
+        };
+        let mut unscheduled = false;
+        // What the router has ready now, up to 64 kB a write.
+        while let Some(n) = next.take() {
+            match encode(n, &mut out) {
+                Ok(packet) => unscheduled |= !packet,
+                Err(_) => return End::Closed,
+            }
+            if out.len() < 64 * 1024 {
+                next = match rx.next().now_or_never() {
+                    Some(Ok(n)) => n,
+                    Some(Err(_)) => return End::Dropped,
+                    None => None,
+                };
             }
         }
-        if allowed > 0 {
-            wr.write_all(&buf[..allowed]).await.map_err(|_| None)?;
-            buf.advance(allowed);
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return End::Closed;
+            }
+            out.clear();
         }
-        if refusal.is_some() {
-            return Err(refusal);
-        }
-        buf.reserve(16 * 1024);
-        if rd.read_buf(&mut buf).await.map_err(|_| None)? == 0 {
-            return Ok(());
+        if unscheduled && rx.wake().await.is_err() {
+            return End::Dropped;
         }
     }
 }
 
-/// Clears the RETAIN flag of a device's PUBLISH frame (its taps and its status; the will is
-/// cleared at CONNECT). rumqttd 0.20 scans every retained message at every subscription
+/// Client → broker: forwards each complete packet the client's role allows, in order, and
+/// stops at the first one it does not (that packet not forwarded), at a DISCONNECT (forwarded),
+/// at the end of the client's stream or of the router's link, or after the client was silent
+/// past its keep-alive.
+async fn relay_up<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    tx: &mut LinkTx,
+    mut buf: BytesMut,
+    client: &Admitted,
+    router: &RouterHandle,
+) -> End {
+    loop {
+        let mut allowed = Vec::new();
+        let mut end = None;
+        while end.is_none() {
+            match next_packet(&mut buf).and_then(|p| p.map(|p| judge(p, &client.role)).transpose())
+            {
+                Ok(Some(p)) => {
+                    if matches!(p, Packet::Disconnect(..)) {
+                        end = Some(End::Disconnected);
+                    }
+                    allowed.push(p);
+                }
+                Ok(None) => break,
+                Err(r) => end = Some(End::Refused(r)),
+            }
+        }
+        if !forward(tx, router, allowed).await {
+            return End::Dropped;
+        }
+        if let Some(end) = end {
+            return end;
+        }
+        buf.reserve(16 * 1024);
+        match tokio::time::timeout(client.idle, rd.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return End::Closed,
+        }
+    }
+}
+
+/// `packet` as the router may get it if `role` may send it: a device's PUBLISH unretained
+/// ([`unretain`]).
+fn judge(packet: Packet, role: &Role) -> Result<Packet, Refusal> {
+    match packet {
+        Packet::Connect(..) => Err(Refusal::Protocol("a second CONNECT")),
+        Packet::Publish(mut p, props) => {
+            let topic = std::str::from_utf8(&p.topic)
+                .map_err(|_| Refusal::Protocol("malformed PUBLISH"))?;
+            if !role.may_publish(topic) {
+                return Err(Refusal::Publish(topic.to_string()));
+            }
+            unretain(&mut p, role);
+            Ok(Packet::Publish(p, props))
+        }
+        Packet::Subscribe(s, props) => {
+            match s.filters.iter().find(|f| !role.may_subscribe(&f.path)) {
+                None => Ok(Packet::Subscribe(s, props)),
+                Some(f) => Err(Refusal::Subscribe(f.path.clone())),
+            }
+        }
+        p => Ok(p),
+    }
+}
+
+/// Clears the RETAIN flag of a device's PUBLISH (its taps and its status; the will is cleared
+/// at CONNECT). rumqttd 0.20 scans every retained message at every subscription
 /// (`DataLog::read_retained_messages`, a topic match each): with each validator's status
 /// retained, a fleet of N validators (eight subscriptions each) cost N² matches in the single
 /// router thread while it connected or reconnected, and each later subscription O(N), which
 /// held the blocklist's fan-out behind it (docs/benchmarks.md, "Gateway: connected
 /// validators"). A retained status buys nothing here: the embedded broker lives and dies with
 /// the gateway, whose heartbeat subscription is in place before any validator connects.
-fn unretain(frame: &mut [u8], role: &Role) {
-    if matches!(role, Role::Device { .. }) && frame.first().is_some_and(|b| b >> 4 == 3) {
-        frame[0] &= !1;
+fn unretain(p: &mut Publish, role: &Role) {
+    if matches!(role, Role::Device { .. }) {
+        p.retain = false;
     }
-}
-
-/// The length of the complete packet at the start of `bytes` if `role` may send it, `None` if
-/// it is not complete yet.
-fn judge(bytes: &[u8], role: &Role) -> Result<Option<usize>, Refusal> {
-    let header = match rumqttc::mqttbytes::check(bytes.iter(), MAX_PACKET_BYTES) {
-        Ok(h) => h,
-        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
-        Err(_) => return Err(Refusal::Protocol("malformed packet")),
-    };
-    let len = header.frame_length();
-    let frame = &bytes[..len];
-    match frame[0] >> 4 {
-        1 => Err(Refusal::Protocol("a second CONNECT")),
-        3 => {
-            let topic = publish_topic(frame).ok_or(Refusal::Protocol("malformed PUBLISH"))?;
-            if role.may_publish(topic) {
-                Ok(Some(len))
-            } else {
-                Err(Refusal::Publish(topic.to_string()))
-            }
-        }
-        8 => {
-            let s = Subscribe::read(header, Bytes::copy_from_slice(frame))
-                .map_err(|_| Refusal::Protocol("malformed SUBSCRIBE"))?;
-            match s.filters.iter().find(|f| !role.may_subscribe(&f.path)) {
-                None => Ok(Some(len)),
-                Some(f) => Err(Refusal::Subscribe(f.path.clone())),
-            }
-        }
-        0 | 15 => Err(Refusal::Protocol("reserved packet type")),
-        _ => Ok(Some(len)),
-    }
-}
-
-/// The topic name of a complete PUBLISH frame.
-fn publish_topic(frame: &[u8]) -> Option<&str> {
-    // Fixed header: one byte, then the remaining length in 1 to 4 bytes (7 bits each).
-    let varint = frame.get(1..5)?.iter().position(|b| b & 0x80 == 0)? + 1;
-    let at = 1 + varint;
-    let n = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]) as usize;
-    std::str::from_utf8(frame.get(at + 2..at + 2 + n)?).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::mqttbytes::v4::Publish;
-    use rumqttc::mqttbytes::QoS;
+    use rumqttc::mqttbytes::v4::{Packet as Frame, Publish as PublishFrame, Subscribe};
 
     fn device() -> Role {
         Role::Device {
@@ -892,88 +1039,127 @@ mod tests {
         }
     }
 
-    fn frame(p: Packet) -> BytesMut {
+    /// A packet as a client encodes it (rumqttc).
+    fn frame(p: Frame) -> BytesMut {
         let mut b = BytesMut::new();
         p.write(&mut b, MAX_PACKET_BYTES).unwrap();
         b
     }
 
+    /// `frame` read by the front and judged for `role`.
+    fn judged(mut frame: BytesMut, role: &Role) -> Result<Option<Packet>, Refusal> {
+        let p = next_packet(&mut frame)?;
+        assert!(p.is_none() || frame.is_empty(), "one packet, read whole");
+        p.map(|p| judge(p, role)).transpose()
+    }
+
+    fn publish(topic: &str, len: usize, retain: bool) -> BytesMut {
+        let mut p = PublishFrame::new(topic, QoS::AtLeastOnce, vec![7u8; len]);
+        p.pkid = 1;
+        p.retain = retain;
+        frame(Frame::Publish(p))
+    }
+
     #[test]
     fn the_front_reads_publish_topics_of_every_length_encoding() {
         for payload_len in [0usize, 100, 200, 20_000, 3_000_000] {
-            let p = Publish::new(
-                "tapgate/v1/metro/taps/1001",
-                QoS::AtLeastOnce,
-                vec![7u8; payload_len],
+            let b = publish("tapgate/v1/metro/taps/1001", payload_len, false);
+            match judged(b.clone(), &device()) {
+                Ok(Some(Packet::Publish(p, None))) => {
+                    assert_eq!(&p.topic[..], b"tapgate/v1/metro/taps/1001");
+                    assert_eq!(p.payload.len(), payload_len);
+                }
+                other => panic!("{payload_len}: {other:?}"),
+            }
+            let mut part = BytesMut::from(&b[..b.len() - 1]);
+            assert!(matches!(next_packet(&mut part), Ok(None)));
+            assert_eq!(
+                part.len(),
+                b.len() - 1,
+                "an incomplete packet is left whole"
             );
-            let mut p = p;
-            p.pkid = 1;
-            let b = frame(Packet::Publish(p));
-            assert_eq!(publish_topic(&b), Some("tapgate/v1/metro/taps/1001"));
-            assert_eq!(judge(&b, &device()).unwrap(), Some(b.len()));
-            assert_eq!(judge(&b[..b.len() - 1], &device()).unwrap(), None);
         }
     }
 
     #[test]
     fn the_front_refuses_what_the_role_may_not_send() {
-        let mut forged = Publish::new(
-            "tapgate/v1/metro/devices/1002/confirm",
-            QoS::AtLeastOnce,
-            b"{}".to_vec(),
-        );
-        forged.pkid = 1;
-        let other = frame(Packet::Publish(forged));
-        assert!(matches!(judge(&other, &device()), Err(Refusal::Publish(_))));
-        assert_eq!(judge(&other, &Role::Gateway).unwrap(), Some(other.len()));
+        let other = publish("tapgate/v1/metro/devices/1002/confirm", 2, false);
+        assert!(matches!(
+            judged(other.clone(), &device()),
+            Err(Refusal::Publish(_))
+        ));
+        assert!(matches!(
+            judged(other, &Role::Gateway),
+            Ok(Some(Packet::Publish(..)))
+        ));
         let mut s = Subscribe::new("tapgate/v1/metro/devices/1001/confirm", QoS::AtLeastOnce);
         s.pkid = 1;
-        let ok = frame(Packet::Subscribe(s.clone()));
-        assert_eq!(judge(&ok, &device()).unwrap(), Some(ok.len()));
+        let ok = frame(Frame::Subscribe(s.clone()));
+        assert!(matches!(
+            judged(ok, &device()),
+            Ok(Some(Packet::Subscribe(..)))
+        ));
         s.add("tapgate/v1/+/taps/+".into(), QoS::AtLeastOnce);
-        let bad = frame(Packet::Subscribe(s));
-        assert!(matches!(judge(&bad, &device()), Err(Refusal::Subscribe(_))));
-        let again = frame(Packet::Connect(Connect::new("x")));
+        let bad = frame(Frame::Subscribe(s));
+        assert!(matches!(judged(bad, &device()), Err(Refusal::Subscribe(_))));
+        let again = frame(Frame::Connect(Connect::new("x")));
         assert!(matches!(
-            judge(&again, &Role::Gateway),
+            judged(again, &Role::Gateway),
             Err(Refusal::Protocol(_))
         ));
-        assert!(matches!(
-            judge(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f], &device()),
-            Err(Refusal::Protocol(_))
-        ));
+        for malformed in [
+            &[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f][..],
+            &[0x00, 0x00],
+            &[0xf0, 0x00],
+            &[0xf0, 0x02, 0x00, 0x00],
+        ] {
+            assert!(
+                matches!(
+                    judged(BytesMut::from(malformed), &Role::Gateway),
+                    Err(Refusal::Protocol(_))
+                ),
+                "{malformed:?}"
+            );
+        }
     }
 
     #[test]
     fn a_device_s_publishes_reach_the_broker_unretained() {
-        let status = |retain: bool| {
-            let mut p = Publish::new(
-                "tapgate/v1/metro/devices/1001/status",
-                QoS::AtLeastOnce,
-                br#"{"online":true}"#.to_vec(),
-            );
-            p.pkid = 1;
-            p.retain = retain;
-            frame(Packet::Publish(p))
+        let status = "tapgate/v1/metro/devices/1001/status";
+        let retained = |role: &Role| match judged(publish(status, 15, true), role) {
+            Ok(Some(Packet::Publish(p, _))) => p.retain,
+            other => panic!("{other:?}"),
         };
-        let mut b = status(true);
-        assert_eq!(judge(&b, &device()).unwrap(), Some(b.len()));
-        unretain(&mut b, &device());
-        assert_eq!(b, status(false), "only the RETAIN flag changes");
-        let mut g = status(true);
-        unretain(&mut g, &Role::Gateway);
-        assert_eq!(
-            g,
-            status(true),
+        assert!(!retained(&device()), "a device's status is not retained");
+        assert!(
+            retained(&Role::Gateway),
             "the gateway's retained downlink stays retained"
         );
-        let mut s = frame(Packet::Subscribe(Subscribe::new(
-            "tapgate/v1/metro/devices/1001/confirm",
-            QoS::AtLeastOnce,
-        )));
-        let before = s.clone();
-        unretain(&mut s, &device());
-        assert_eq!(s, before, "other packets pass unchanged");
+    }
+
+    #[test]
+    fn a_will_is_a_publish_of_its_topic_retained_only_for_the_gateway() {
+        for (qos, retain, gateway) in [
+            (QoS::AtMostOnce, false, false),
+            (QoS::AtLeastOnce, true, false),
+            (QoS::ExactlyOnce, true, true),
+        ] {
+            let w = LastWill::new("tapgate/v1/metro/devices/1001/status", "off", qos, retain);
+            let Ok(Packet::Publish(p, None)) = will_publish(&w, gateway) else {
+                panic!("{qos:?}");
+            };
+            assert_eq!(&p.topic[..], b"tapgate/v1/metro/devices/1001/status");
+            assert_eq!(&p.payload[..], b"off");
+            assert_eq!(p.retain, retain && gateway);
+            // Re-encoded, it says its QoS: 2 is sent as 1.
+            let mut out = BytesMut::new();
+            V4.write(Packet::Publish(p, None), &mut out).unwrap();
+            let expected = match qos {
+                QoS::AtMostOnce => 0,
+                _ => 1,
+            };
+            assert_eq!((out[0] >> 1) & 3, expected, "{qos:?}");
+        }
     }
 
     #[test]
