@@ -36,6 +36,9 @@ enum OnAuthorise {
     },
     /// Blocks the card in the ledger (a cardholder reporting it lost, committed meanwhile).
     Block(Mutex<Option<(Ledger, [u8; 7])>>),
+    /// Counts this much into the card's loads of the day (another load of the card — a clone
+    /// at another counter — recorded meanwhile).
+    LoadDay(Mutex<Option<(Ledger, [u8; 7], i64)>>),
 }
 
 /// The sandbox card processor (source `card`), with a hook in `authorise`.
@@ -77,6 +80,14 @@ impl FundingSource for Hooked {
                 if let Some((ledger, uid)) = target.lock().unwrap().take() {
                     ledger
                         .transact(move |t| t.set_blocked(&uid, true, "reported lost", T0))
+                        .unwrap();
+                }
+            }
+            OnAuthorise::LoadDay(target) => {
+                if let Some((ledger, uid, amount)) = target.lock().unwrap().take() {
+                    let day = T0 / 86_400_000;
+                    ledger
+                        .transact(move |t| t.add_load_day(&uid, day, amount))
                         .unwrap();
                 }
             }
@@ -246,6 +257,53 @@ fn a_block_committed_after_the_read_ahead_refuses_the_load() {
     assert_eq!(given.len(), 1, "authorised before the block was seen");
     let auth = w.source.inner.authorisation(&given[0]).unwrap();
     assert_eq!(auth.state, "voided");
+}
+
+/// The card's loads of the day raised after the decision step read them ahead and before its
+/// intent's transaction (another load of the card, at another counter: a clone): the
+/// transaction reads the card again (on PostgreSQL, locked) and refuses a load past the card's
+/// daily limit — no intent, no Credit, the authorisation voided, the instrument's total
+/// untouched.
+#[test]
+fn a_card_day_total_raised_after_the_read_ahead_refuses_the_load() {
+    let cfg = LoadConfig {
+        max_daily_per_card_minor: 1_000,
+        ..LoadConfig::default()
+    };
+    let w = world(cfg, OnAuthorise::LoadDay(Mutex::new(None)));
+    let mut card = w.card(4);
+    let uid = card.state().uid;
+    if let OnAuthorise::LoadDay(target) = &w.source.on {
+        *target.lock().unwrap() = Some((w.svc.ledger().clone(), uid, 600));
+    }
+    let reply = w.load(&mut card, 600, "key-card-day");
+    assert!(
+        matches!(&reply, Reply::Refused { reason, .. } if reason == "daily_limit"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        card.state().balance_minor,
+        1_000,
+        "no Credit reached the card"
+    );
+    let r = w.svc.ledger().read().unwrap();
+    assert_eq!(
+        r.card(&uid).unwrap().load_day_minor,
+        600,
+        "only the other load's"
+    );
+    assert!(r.open_intents(&uid).unwrap().is_empty());
+    assert_eq!(
+        r.funding_day_total("card", "tok_visa", T0 / 86_400_000)
+            .unwrap(),
+        0
+    );
+    let given = w.source.given.lock().unwrap().clone();
+    assert_eq!(given.len(), 1);
+    assert_eq!(
+        w.source.inner.authorisation(&given[0]).unwrap().state,
+        "voided"
+    );
 }
 
 /// A PostgreSQL ledger in a throwaway cluster (kept as long as the ledger).

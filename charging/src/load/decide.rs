@@ -16,6 +16,9 @@ enum Recorded {
     /// The card, read again in the transaction, is not to be loaded now: blocked, or its
     /// counter seen beyond the card's (its shadow, for [`LoadService::card_refusal`]).
     CardRefused(Box<CardShadow>),
+    /// The card's loads of the day, read again in the transaction, leave no room for this one
+    /// (what was loaded so far): another load of the card recorded since the read-ahead.
+    CardDayLimit(i64),
 }
 
 /// What a step's decision reads ([`LoadService::read_ahead`]).
@@ -185,20 +188,9 @@ impl LoadService {
                 ),
             ));
         }
-        let loaded_today = if shadow.load_day == today {
-            shadow.load_day_minor
-        } else {
-            0
-        };
+        let loaded_today = loaded_on(shadow, today);
         if loaded_today + i64::from(amount) > self.cfg.max_daily_per_card_minor {
-            return Some(self.refused(
-                s,
-                "daily_limit",
-                &format!(
-                    "{loaded_today} already loaded today; the daily limit is {}",
-                    self.cfg.max_daily_per_card_minor
-                ),
-            ));
+            return Some(self.card_day_limit(s, loaded_today));
         }
         let max_daily = self.cfg.max_daily_for(&s.request.funding_source);
         if instrument_today + i64::from(amount) > max_daily {
@@ -225,6 +217,7 @@ impl LoadService {
         let source_name = s.request.funding_source.clone();
         let instrument = s.request.instrument.clone();
         let max_daily = self.cfg.max_daily_for(&source_name);
+        let max_card_daily = self.cfg.max_daily_per_card_minor;
         let mut intent = LoadIntent {
             uid: hex::encode_upper(uid),
             tmc_before: snap.tmc(),
@@ -267,6 +260,12 @@ impl LoadService {
                 }
                 mark_attempt(t, &claimant, &intent)?;
             }
+            // The card's daily limit checked again on the shadow locked above (the read-ahead's
+            // may miss a load of the card recorded since: a clone at another counter).
+            let loaded_today = loaded_on(&shadow, today);
+            if loaded_today + i64::from(amount) > max_card_daily {
+                return Ok(Recorded::CardDayLimit(loaded_today));
+            }
             // Raised only within the limit, in one step (a marker claimed by a load refused
             // here points at no intent of its key: the key's next start loads afresh).
             let day = (source_name.as_str(), instrument.as_str(), today);
@@ -289,6 +288,10 @@ impl LoadService {
             Ok(Recorded::Taken(earlier)) => {
                 let _ = void(&auth);
                 return self.taken_answer(s, &earlier).map(Err);
+            }
+            Ok(Recorded::CardDayLimit(so_far)) => {
+                let _ = void(&auth);
+                return Ok(Err(self.card_day_limit(s, so_far)));
             }
             Ok(Recorded::CardRefused(shadow)) => {
                 let _ = void(&auth);
@@ -319,6 +322,18 @@ impl LoadService {
             amount_minor: amount,
             record: Some(record),
         }))
+    }
+
+    /// The card's daily limit refusal (`loaded_today`: what the card loaded today so far).
+    fn card_day_limit(&self, s: &Session, loaded_today: i64) -> Reply {
+        self.refused(
+            s,
+            "daily_limit",
+            &format!(
+                "{loaded_today} already loaded today; the daily limit is {}",
+                self.cfg.max_daily_per_card_minor
+            ),
+        )
     }
 
     pub(super) fn instrument_limit(&self, s: &Session, so_far: i64, max: i64) -> Reply {
@@ -465,5 +480,14 @@ pub(super) fn funding_call<R>(source: &dyn FundingSource, f: impl FnOnce() -> R)
         crate::ledger::may_block(f)
     } else {
         f()
+    }
+}
+
+/// What the card loaded on UTC day `today` by its shadow (0 when its count is of another day).
+fn loaded_on(shadow: &CardShadow, today: u64) -> i64 {
+    if shadow.load_day == today {
+        shadow.load_day_minor
+    } else {
+        0
     }
 }
