@@ -328,7 +328,9 @@ fn clear(
         ))
     };
     {
-        let r = ledger.read()?;
+        // A look for a retry's answer, not a decision (the write transaction looks again): one
+        // statement on PostgreSQL, with no snapshot around it.
+        let r = ledger.read_latest()?;
         if let Some(v) = r.idempotent(&key)? {
             if let Some(o) = stored_answer(v, &batch.batch_id, &digest)? {
                 return Ok((o, false));
@@ -346,6 +348,8 @@ fn clear(
     let mut ahead = reads_ahead(&good);
     // The batch's own answer is read with the taps' keys (one statement on PostgreSQL).
     ahead.keys.push(stored_key.clone());
+    // LMDB reads nothing ahead: no need to work out what to read.
+    let ahead_learned = ledger.kind() == "postgres";
     let mut attempt = 0u32;
     let booked = ledger.transact(move |t| {
         // A transaction the database runs again starts from the outcome before booking, and
@@ -358,6 +362,9 @@ fn clear(
         }
         let mut done = outcome_before.clone();
         t.prefetch(&ahead)?;
+        if ahead_learned {
+            t.prefetch(&learned_ahead(t, &good)?)?;
+        }
         if let Some(v) = t.idempotent(&stored_key)? {
             match stored_answer(v, &done.batch_id, &digest) {
                 Ok(Some(o)) => return Ok((o, false)), // a concurrent retry won
@@ -380,31 +387,54 @@ fn clear(
     Ok(booked)
 }
 
-/// What booking the verified taps reads per tap ([`book_tap`], [`learn_card`]), for
-/// [`LedgerWrite::prefetch`]: the cards, the taps' markers (a marker exists only once the card's
-/// shadow has observed its counter: `book_tap` writes it with `book_proved`, in the same
-/// transaction) and the learned-card answers, and the intents at the two counters below each
-/// tap.
+/// What booking the verified taps reads per tap ([`book_tap`]), for [`LedgerWrite::prefetch`]:
+/// the cards, the taps' markers (a marker exists only once the card's shadow has observed its
+/// counter: `book_tap` writes it with `book_proved`, in the same transaction), and the intents
+/// at the counter below each tap (two below a limited credit's). The learned-card answers
+/// [`learn_card`] reads are [`learned_ahead`], once the cards are known.
 fn reads_ahead(good: &[(ClearingTap, TmacVerified)]) -> crate::ledger::ReadsAhead {
-    let (mut cards, mut keys, mut counters, mut counted_keys) = (vec![], vec![], vec![], vec![]);
+    let (mut cards, mut counters, mut counted_keys) = (vec![], vec![], vec![]);
     for (_, proof) in good {
         let r = proof.receipt();
         let (uid, tmc) = (r.uid(), r.tmc());
         cards.push(uid);
         counted_keys.push((uid, tmc, tap_marker(&uid, tmc)));
-        keys.push(crate::ledger::learned_card_key(&uid));
-        counters.extend(
-            [1, 2]
-                .iter()
-                .filter_map(|d| Some((uid, tmc.checked_sub(*d)?))),
-        );
+        // The counter below (a pending load the tap voids) and, for a limited credit, the one
+        // below that (`follows_reversal`).
+        let below = 1 + u32::from(r.kind() == TxKind::LimitedCredit);
+        counters.extend((1..=below).filter_map(|d| Some((uid, tmc.checked_sub(d)?))));
     }
     crate::ledger::ReadsAhead {
         cards,
-        keys,
+        keys: vec![],
         counters,
         counted_keys,
     }
+}
+
+/// The learned-card answers [`learn_card`] will read, for [`LedgerWrite::prefetch`] after the
+/// cards are read ahead: those of the taps whose card has no shadow or has reported the tap's
+/// counter already (above it, a card's learned-card answer decides nothing: [`learn_card`]).
+fn learned_ahead(
+    t: &dyn LedgerWrite,
+    good: &[(ClearingTap, TmacVerified)],
+) -> Result<crate::ledger::ReadsAhead, LedgerError> {
+    let mut keys = vec![];
+    for (_, proof) in good {
+        let (uid, tmc) = (proof.receipt().uid(), proof.receipt().tmc());
+        if !above_last_counter(t, &uid, tmc)? {
+            keys.push(crate::ledger::learned_card_key(&uid));
+        }
+    }
+    Ok(crate::ledger::ReadsAhead {
+        keys,
+        ..Default::default()
+    })
+}
+
+/// Whether the card has a shadow whose last reported counter is below `tmc`.
+fn above_last_counter(t: &dyn LedgerWrite, uid: &[u8; 7], tmc: u32) -> Result<bool, LedgerError> {
+    Ok(t.card_known(uid)? && t.card(uid)?.last_tmc < tmc)
 }
 
 /// The idempotency key that marks a card counter cleared (its answer: [`marker_answer`]).
@@ -672,7 +702,8 @@ fn book_tap(
 /// Where a tap stands against a card clearing learned from its taps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Learned {
-    /// A card the ledger knew otherwise (registered, loaded), or one that cannot be learned.
+    /// A card the ledger knew otherwise (registered, loaded), one that cannot be learned, or a
+    /// tap above the card's last reported counter (after any state it was learned from).
     No,
     /// The tap is at or after the counter the card was learned at.
     AtOrAfter,
@@ -695,6 +726,12 @@ fn learn_card(
     now_ms: u64,
     done: &mut BatchOutcome,
 ) -> Result<Learned, LedgerError> {
+    // A learned card's shadow has observed the counter it was learned at (the tap that taught
+    // it is booked in the same transaction, and a shadow's last counter never falls): a tap
+    // above the last counter is not before it, so its answer is not read.
+    if above_last_counter(t, &c.uid, c.tmc)? {
+        return Ok(Learned::No);
+    }
     if let Some(learned) = t.learned_card(&c.uid)? {
         return Ok(if c.tmc < learned.tmc {
             Learned::Before
@@ -820,4 +857,74 @@ fn clone_found(
 
 fn cleared_one(o: &mut BatchOutcome) {
     o.cleared += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use purse::apdu::ins;
+    use purse::keys::{KeyKind, KeySet};
+    use purse::sam::{SoftwareHsm, SoftwareSam};
+    use rand::SeedableRng;
+    use tapgate_testkit::fixtures::{clearing_tap, transit_card, value_tx};
+
+    /// The test ledger: LMDB, or with `TAPGATE_TEST_LEDGER=postgres` a throwaway database
+    /// (its guard kept as long as the ledger).
+    fn ledger(dir: &std::path::Path) -> (Ledger, Option<tapgate_testkit::postgres::TestDb>) {
+        if std::env::var("TAPGATE_TEST_LEDGER").is_ok_and(|v| v == "postgres") {
+            let db = tapgate_testkit::postgres::TestDb::start();
+            let cfg = crate::ledger::PgConfig::new(&db.url, Some(db.password()));
+            crate::ledger::postgres::migrate(&cfg).expect("migrating");
+            return (Ledger::open_postgres(cfg).expect("opening"), Some(db));
+        }
+        (Ledger::open(dir, 64 << 20).expect("opening"), None)
+    }
+
+    /// A card learned at counter 3, then one batch with taps below its learned counter (their
+    /// learned-card answer read) and above its last counter (not read): each side booked from
+    /// the right account, once.
+    #[test]
+    fn taps_below_and_above_a_learned_cards_counter_in_one_batch_book_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, _pg) = ledger(dir.path());
+        let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(5));
+        let hsm_keys = SoftwareHsm::new(&keys).unwrap();
+        let hsm: Mutex<Box<dyn Hsm + Send>> =
+            Mutex::new(Box::new(SoftwareHsm::new(&keys).unwrap()));
+        let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+        let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 9];
+        let mut card = transit_card(&hsm_keys, uid, 5_000);
+        let d: Vec<_> = [100, 200, 50, 400]
+            .into_iter()
+            .map(|a| value_tx(&mut sam, &mut card, KeyKind::Debit, ins::DEBIT, a).unwrap())
+            .collect();
+        let batch = |id: &str, taps: Vec<ClearingTap>| ClearingBatch {
+            batch_id: id.into(),
+            taps,
+        };
+        let out = clear_batch(&l, &hsm, batch("b1", vec![clearing_tap(&d[2], 3)]), 1).unwrap();
+        assert_eq!((out.cleared, out.cards_learned), (1, 1), "{out:?}");
+        let mixed = vec![
+            clearing_tap(&d[0], 1),
+            clearing_tap(&d[3], 4),
+            clearing_tap(&d[1], 2),
+        ];
+        let out = clear_batch(&l, &hsm, batch("b2", mixed.clone()), 2).unwrap();
+        assert_eq!((out.cleared, out.duplicates), (3, 0), "{out:?}");
+        assert!(out.anomalies.is_empty(), "{out:?}");
+        // The same batch again, and its taps under another id: nothing booked twice.
+        assert_eq!(
+            clear_batch(&l, &hsm, batch("b2", mixed.clone()), 3).unwrap(),
+            out
+        );
+        let again = clear_batch(&l, &hsm, batch("b3", mixed), 4).unwrap();
+        assert_eq!((again.cleared, again.duplicates), (0, 3), "{again:?}");
+        let r = l.read().unwrap();
+        assert_eq!(
+            r.balance(&card_account(&uid)).unwrap(),
+            i64::from(card.state().balance_minor)
+        );
+        assert_eq!(r.balance("operator:metro").unwrap(), 750);
+        assert_eq!(r.balance("issuer:float").unwrap(), -5_000);
+    }
 }
