@@ -199,14 +199,17 @@ impl Staged {
             && self.postings.is_empty())
     }
 
-    /// Sends the staged writes: one statement per table.
+    /// Sends the staged writes: one statement per table. The cards' rows go first: a load at
+    /// `READ COMMITTED` locks its card's row before anything else (docs/postgres.md, "Locking
+    /// rule"), so a batch that moved the card's balance shard first and wrote its row last
+    /// could deadlock with it (40P01: retried, but after the database's deadlock timeout).
     pub fn flush(&mut self, db: &mut Db<'_>) -> Result<(), LedgerError> {
+        if !self.cards_dirty.is_empty() {
+            self.flush_cards(db)?;
+        }
         self.flush_postings(db)?;
         if !self.deltas.is_empty() {
             self.flush_balances(db)?;
-        }
-        if !self.cards_dirty.is_empty() {
-            self.flush_cards(db)?;
         }
         if !self.idem_dirty.is_empty() {
             self.flush_idempotent(db)?;
