@@ -147,6 +147,35 @@ fn world(cfg: LoadConfig, on: OnAuthorise) -> World {
 }
 
 impl World {
+    /// A load refused for `reason` inside its intent's transaction: no Credit reached the card
+    /// (still 1,000), no open intent, the instrument's day total untouched, and the one
+    /// authorisation given before the refusal voided.
+    fn assert_refused_and_voided(&self, reply: &Reply, reason: &str, card: &Card) {
+        assert!(
+            matches!(reply, Reply::Refused { reason: r, .. } if r == reason),
+            "{reply:?}"
+        );
+        assert_eq!(
+            card.state().balance_minor,
+            1_000,
+            "no Credit reached the card"
+        );
+        let uid = card.state().uid;
+        let r = self.svc.ledger().read().unwrap();
+        assert!(r.open_intents(&uid).unwrap().is_empty());
+        assert_eq!(
+            r.funding_day_total("card", "tok_visa", T0 / 86_400_000)
+                .unwrap(),
+            0
+        );
+        let given = self.source.given.lock().unwrap().clone();
+        assert_eq!(given.len(), 1, "authorised before the refusal");
+        assert_eq!(
+            self.source.inner.authorisation(&given[0]).unwrap().state,
+            "voided"
+        );
+    }
+
     fn card(&self, n: u8) -> Card {
         let uid = [0x04, n, 7, 7, 7, 7, 7];
         self.svc.register_card(&uid, 1_000, T0).unwrap();
@@ -230,33 +259,15 @@ fn a_block_committed_after_the_read_ahead_refuses_the_load() {
         *target.lock().unwrap() = Some((w.svc.ledger().clone(), uid));
     }
     let reply = w.load(&mut card, 500, "key-blocked");
-    assert!(
-        matches!(&reply, Reply::Refused { reason, .. } if reason == "card_blocked"),
-        "{reply:?}"
-    );
-    assert_eq!(
-        card.state().balance_minor,
-        1_000,
-        "no Credit reached the card"
-    );
+    w.assert_refused_and_voided(&reply, "card_blocked", &card);
     let r = w.svc.ledger().read().unwrap();
     assert!(r.card(&uid).unwrap().blocked);
-    assert!(r.open_intents(&uid).unwrap().is_empty());
     assert!(r
         .all_intents()
         .unwrap()
         .iter()
         .all(|i| i.state == IntentState::Voided));
     assert_eq!(r.card(&uid).unwrap().load_day_minor, 0);
-    assert_eq!(
-        r.funding_day_total("card", "tok_visa", T0 / 86_400_000)
-            .unwrap(),
-        0
-    );
-    let given = w.source.given.lock().unwrap().clone();
-    assert_eq!(given.len(), 1, "authorised before the block was seen");
-    let auth = w.source.inner.authorisation(&given[0]).unwrap();
-    assert_eq!(auth.state, "voided");
 }
 
 /// The card's loads of the day raised after the decision step read them ahead and before its
@@ -277,32 +288,12 @@ fn a_card_day_total_raised_after_the_read_ahead_refuses_the_load() {
         *target.lock().unwrap() = Some((w.svc.ledger().clone(), uid, 600));
     }
     let reply = w.load(&mut card, 600, "key-card-day");
-    assert!(
-        matches!(&reply, Reply::Refused { reason, .. } if reason == "daily_limit"),
-        "{reply:?}"
-    );
-    assert_eq!(
-        card.state().balance_minor,
-        1_000,
-        "no Credit reached the card"
-    );
+    w.assert_refused_and_voided(&reply, "daily_limit", &card);
     let r = w.svc.ledger().read().unwrap();
     assert_eq!(
         r.card(&uid).unwrap().load_day_minor,
         600,
         "only the other load's"
-    );
-    assert!(r.open_intents(&uid).unwrap().is_empty());
-    assert_eq!(
-        r.funding_day_total("card", "tok_visa", T0 / 86_400_000)
-            .unwrap(),
-        0
-    );
-    let given = w.source.given.lock().unwrap().clone();
-    assert_eq!(given.len(), 1);
-    assert_eq!(
-        w.source.inner.authorisation(&given[0]).unwrap().state,
-        "voided"
     );
 }
 

@@ -3,28 +3,14 @@
 //! layout (taps by device ‖ sequence) migrated at open.
 
 use gateway::store::{DeviceState, Message, Store, MAX_GAPS};
-use purse::keys::{KeySet, Role};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+use purse::keys::KeySet;
 use tapgate_lmdb::heed::byteorder::BE;
 use tapgate_lmdb::heed::types::{SerdeJson, Str, U64};
-use tapgate_testkit::fixtures::signed_tap;
+use tapgate_testkit::broker::tap_message as tap;
+use tapgate_testkit::fixtures::{gateway_keys, signed_tap};
 
 const DAY_MS: u64 = 86_400_000;
 const T0: u64 = 1_790_000_000_000;
-
-fn gateway_keys() -> KeySet {
-    KeySet::generate(&mut StdRng::seed_from_u64(1))
-        .for_role(Role::Gateway, 0)
-        .unwrap()
-}
-
-fn tap(keys: &KeySet, device: u32, seq: u64) -> Message {
-    Message {
-        topic: format!("tapgate/v1/metro/taps/{device}"),
-        payload: signed_tap(keys, "metro", device, seq),
-    }
-}
 
 /// (stored, duplicates) of one batch of device 1001's `seqs`.
 fn ingest(store: &Store, keys: &KeySet, seqs: &[u64], now: u64) -> (u64, u64) {

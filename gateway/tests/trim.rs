@@ -2,25 +2,11 @@
 //! (or at once while the map is past the quarantine mark); never a tap not yet forwarded.
 
 use gateway::store::{Message, Store, StoreLimits};
-use purse::keys::{KeySet, Role};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use tapgate_testkit::fixtures::signed_tap;
+use purse::keys::KeySet;
+use tapgate_testkit::broker::tap_message as tap;
+use tapgate_testkit::fixtures::gateway_keys;
 
 const DAY_MS: u64 = 86_400_000;
-
-fn gateway_keys() -> KeySet {
-    KeySet::generate(&mut StdRng::seed_from_u64(1))
-        .for_role(Role::Gateway, 0)
-        .unwrap()
-}
-
-fn tap(keys: &KeySet, device: u32, seq: u64) -> Message {
-    Message {
-        topic: format!("tapgate/v1/metro/taps/{device}"),
-        payload: signed_tap(keys, "metro", device, seq),
-    }
-}
 
 fn ingest(store: &Store, keys: &KeySet, seqs: std::ops::RangeInclusive<u64>, now: u64) -> u64 {
     let msgs: Vec<Message> = seqs.map(|s| tap(keys, 1001, s)).collect();

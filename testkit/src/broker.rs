@@ -58,3 +58,12 @@ pub async fn subscribed_gateway(
     .await;
     stats
 }
+
+/// `metro`'s tap of `device` with sequence number `seq` as it arrives at the gateway: on the
+/// device's tap topic, signed with its key from `keys` ([`crate::fixtures::signed_tap`]).
+pub fn tap_message(keys: &purse::keys::KeySet, device: u32, seq: u64) -> gateway::store::Message {
+    gateway::store::Message {
+        topic: format!("tapgate/v1/metro/taps/{device}"),
+        payload: crate::fixtures::signed_tap(keys, "metro", device, seq),
+    }
+}

@@ -135,6 +135,14 @@ pub fn clearing_tap(r: &CommitReceipt, seq: u64) -> ClearingTap {
     }
 }
 
+/// A gateway's key set (device keys, no masters) drawn from a fixed seed: the keys the store's
+/// tests check taps with.
+pub fn gateway_keys() -> KeySet {
+    KeySet::generate(&mut StdRng::seed_from_u64(1))
+        .for_role(purse::keys::Role::Gateway, 0)
+        .expect("a generated key set serves the gateway role")
+}
+
 /// A tap record of `operator`'s `device` with sequence number `seq`, signed with the device's
 /// key from `keys` (the card: `04 05 05 05 05 05 <seq>`, 1.00 debited, 10.00 left).
 pub fn signed_tap(keys: &KeySet, operator: &str, device: u32, seq: u64) -> Vec<u8> {

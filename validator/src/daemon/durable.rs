@@ -245,6 +245,32 @@ mod tests {
     use std::sync::atomic::AtomicU64;
 
     /// The blocklist version the heartbeat reports now.
+    /// A daemon's shared state over `journal`, its blocklist writer retrying every 1 to 4 ms.
+    fn shared(journal: &Arc<Journal>, metrics: &Arc<Metrics>) -> Shared {
+        let writes = BlocklistJournal::start(
+            journal.clone(),
+            metrics.clone(),
+            Backoff {
+                first: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+            },
+        )
+        .unwrap();
+        Shared {
+            gate: Arc::new(std::sync::Mutex::new(gate())),
+            actions: Arc::new(std::sync::Mutex::new(purse::actionlist::ActionList::new(
+                "metro",
+            ))),
+            journal: journal.clone(),
+            blocklist_journal: Arc::new(writes),
+            metrics: metrics.clone(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            reader_done: Arc::new(AtomicBool::new(false)),
+            taps_done: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     fn heartbeat_version(metrics: &Metrics) -> u64 {
         let status = uplink::status(1001, metrics, 0);
         status["blocklist_version"].as_u64().expect("a version")
@@ -275,28 +301,7 @@ mod tests {
             f.load(Ordering::SeqCst)
                 .then(|| std::io::Error::other("no space left on device"))
         }));
-        let writes = BlocklistJournal::start(
-            journal.clone(),
-            metrics.clone(),
-            Backoff {
-                first: Duration::from_millis(1),
-                max: Duration::from_millis(4),
-            },
-        )
-        .unwrap();
-        let shared = Shared {
-            gate: Arc::new(std::sync::Mutex::new(gate())),
-            actions: Arc::new(std::sync::Mutex::new(purse::actionlist::ActionList::new(
-                "metro",
-            ))),
-            journal: journal.clone(),
-            blocklist_journal: Arc::new(writes),
-            metrics: metrics.clone(),
-            wake: Arc::new(tokio::sync::Notify::new()),
-            shutdown: Arc::new(AtomicBool::new(false)),
-            reader_done: Arc::new(AtomicBool::new(false)),
-            taps_done: Arc::new(AtomicU64::new(0)),
-        };
+        let shared = shared(&journal, &metrics);
         let received = |s: &Shared| {
             let g = s.gate.lock().unwrap();
             g.blocklist.incoming().map(|a| a.received())
@@ -353,28 +358,7 @@ mod tests {
         };
         let (v1, v2) = (signed(1, 10, 10), signed(2, 20, 10));
         assert_eq!(v2.len(), 2);
-        let writes = BlocklistJournal::start(
-            journal.clone(),
-            metrics.clone(),
-            Backoff {
-                first: Duration::from_millis(1),
-                max: Duration::from_millis(4),
-            },
-        )
-        .unwrap();
-        let shared = Shared {
-            gate: Arc::new(std::sync::Mutex::new(gate())),
-            actions: Arc::new(std::sync::Mutex::new(purse::actionlist::ActionList::new(
-                "metro",
-            ))),
-            journal: journal.clone(),
-            blocklist_journal: Arc::new(writes),
-            metrics: metrics.clone(),
-            wake: Arc::new(tokio::sync::Notify::new()),
-            shutdown: Arc::new(AtomicBool::new(false)),
-            reader_done: Arc::new(AtomicBool::new(false)),
-            taps_done: Arc::new(AtomicU64::new(0)),
-        };
+        let shared = shared(&journal, &metrics);
         assert_eq!(
             apply_blocklist(&shared, &keys, &v1[0]),
             Ok(DownlinkOutcome::Applied(1))
