@@ -75,31 +75,39 @@ pub(super) mod q {
     }
 
     pub fn card_opt(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
-        let row = db
-            .query_opt(
-                concat!(
-                    "SELECT ",
-                    cards::columns!(),
-                    " FROM cards c WHERE c.uid = $1"
-                ),
-                &[&uid_hex(uid)],
-            )
-            .map_err(|e| db_error(&e))?;
-        row.map(|r| cards::from_row(&r, 0)).transpose()
+        card_row(
+            db,
+            concat!(
+                "SELECT ",
+                cards::columns!(),
+                " FROM cards c WHERE c.uid = $1"
+            ),
+            uid,
+        )
     }
 
     /// [`card_opt`], the card's row locked until the transaction ends (`READ COMMITTED`'s
     /// locking rule: `write.rs`).
     pub fn card_locked(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
+        card_row(
+            db,
+            concat!(
+                "SELECT ",
+                cards::columns!(),
+                " FROM cards c WHERE c.uid = $1 FOR UPDATE"
+            ),
+            uid,
+        )
+    }
+
+    /// The card row `sql` selects (`cards::columns!()`, the UID as `$1`), if there is one.
+    fn card_row(
+        db: &mut Db<'_>,
+        sql: &'static str,
+        uid: &[u8; 7],
+    ) -> Result<Option<CardShadow>, LedgerError> {
         let row = db
-            .query_opt(
-                concat!(
-                    "SELECT ",
-                    cards::columns!(),
-                    " FROM cards c WHERE c.uid = $1 FOR UPDATE"
-                ),
-                &[&uid_hex(uid)],
-            )
+            .query_opt(sql, &[&uid_hex(uid)])
             .map_err(|e| db_error(&e))?;
         row.map(|r| cards::from_row(&r, 0)).transpose()
     }
