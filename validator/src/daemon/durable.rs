@@ -244,7 +244,6 @@ mod tests {
     use ed25519_dalek::{Signer, SigningKey};
     use std::sync::atomic::AtomicU64;
 
-    /// The blocklist version the heartbeat reports now.
     /// A daemon's shared state over `journal`, its blocklist writer retrying every 1 to 4 ms.
     fn shared(journal: &Arc<Journal>, metrics: &Arc<Metrics>) -> Shared {
         let writes = BlocklistJournal::start(
@@ -271,6 +270,61 @@ mod tests {
         }
     }
 
+    /// What both journal-fault tests start from: the back office's signing key and the
+    /// validator's trust in it, a journal in a directory of its own, the daemon's metrics.
+    struct Fixture {
+        bo: SigningKey,
+        pk: [u8; 32],
+        keys: TrustedKeys,
+        dir: tempfile::TempDir,
+        journal: Arc<Journal>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn fixture() -> Fixture {
+        let bo = SigningKey::from_bytes(&[1; 32]);
+        let pk = bo.verifying_key().to_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(dir.path(), 10, 1 << 26).unwrap());
+        Fixture {
+            bo,
+            pk,
+            keys: TrustedKeys::single(pk),
+            dir,
+            journal,
+            metrics: Arc::new(Metrics::new(1001)),
+        }
+    }
+
+    impl Fixture {
+        /// Blocklist snapshot `version` of cards `uid(0..cards)`, cut into signed chunks of
+        /// `per_chunk` cards.
+        fn signed(&self, version: u64, cards: u32, per_chunk: usize) -> Vec<Vec<u8>> {
+            let mut uids: Vec<[u8; 7]> = (0..cards).map(uid).collect();
+            uids.sort_unstable();
+            purse::blocklist::chunked::cut("metro", version, &uids, per_chunk)
+                .iter()
+                .map(|c| c.sign_with(|m| self.bo.sign(m).to_bytes()))
+                .collect()
+        }
+
+        /// A restart: the writer finishes, the journal is closed and opened again, and a new
+        /// gate restores its blocklist from it.
+        fn restart(self, shared: Shared) -> crate::gate::Gate {
+            shared.blocklist_journal.finish();
+            drop(shared);
+            let Fixture {
+                pk, dir, journal, ..
+            } = self;
+            drop(journal);
+            let journal = Journal::open(dir.path(), 10, 1 << 26).unwrap();
+            let mut g = gate();
+            restore(&mut g, &journal, &pk).unwrap();
+            g
+        }
+    }
+
+    /// The blocklist version the heartbeat reports now.
     fn heartbeat_version(metrics: &Metrics) -> u64 {
         let status = uplink::status(1001, metrics, 0);
         status["blocklist_version"].as_u64().expect("a version")
@@ -282,35 +336,26 @@ mod tests {
     /// refused chunk sent again completes the snapshot, and a restart has every card.
     #[test]
     fn a_full_write_queue_refuses_a_message_unapplied_and_never_waits() {
-        let bo = SigningKey::from_bytes(&[1; 32]);
-        let pk = bo.verifying_key().to_bytes();
-        let keys = TrustedKeys::single(pk);
-        let d = tempfile::tempdir().unwrap();
-        let journal = Arc::new(Journal::open(d.path(), 10, 1 << 26).unwrap());
-        let metrics = Arc::new(Metrics::new(1001));
+        let fx = fixture();
+        let (keys, metrics) = (&fx.keys, fx.metrics.clone());
         let cards = QUEUE as u32 + 4;
-        let mut uids: Vec<[u8; 7]> = (0..cards).map(uid).collect();
-        uids.sort_unstable();
-        let chunks: Vec<Vec<u8>> = purse::blocklist::chunked::cut("metro", 1, &uids, 1)
-            .iter()
-            .map(|c| c.sign_with(|m| bo.sign(m).to_bytes()))
-            .collect();
+        let chunks = fx.signed(1, cards, 1);
         let failing = Arc::new(AtomicBool::new(true));
         let f = failing.clone();
-        journal.inject_blob_fault(Box::new(move |_| {
+        fx.journal.inject_blob_fault(Box::new(move |_| {
             f.load(Ordering::SeqCst)
                 .then(|| std::io::Error::other("no space left on device"))
         }));
-        let shared = shared(&journal, &metrics);
+        let shared = shared(&fx.journal, &metrics);
         let received = |s: &Shared| {
             let g = s.gate.lock().unwrap();
             g.blocklist.incoming().map(|a| a.received())
         };
         for c in &chunks[..QUEUE] {
-            let out = apply_blocklist(&shared, &keys, c).unwrap();
+            let out = apply_blocklist(&shared, keys, c).unwrap();
             assert!(matches!(out, DownlinkOutcome::Pending { .. }), "{out:?}");
         }
-        let refused = apply_blocklist(&shared, &keys, &chunks[QUEUE]);
+        let refused = apply_blocklist(&shared, keys, &chunks[QUEUE]);
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(received(&shared), Some(QUEUE as u32), "refused unapplied");
 
@@ -318,21 +363,17 @@ mod tests {
         failing.store(false, Ordering::SeqCst);
         shared.blocklist_journal.flush();
         for c in &chunks[QUEUE..cards as usize - 1] {
-            let out = apply_blocklist(&shared, &keys, c).unwrap();
+            let out = apply_blocklist(&shared, keys, c).unwrap();
             assert!(matches!(out, DownlinkOutcome::Pending { .. }), "{out:?}");
         }
         assert_eq!(
-            apply_blocklist(&shared, &keys, &chunks[cards as usize - 1]),
+            apply_blocklist(&shared, keys, &chunks[cards as usize - 1]),
             Ok(DownlinkOutcome::Applied(1))
         );
         shared.blocklist_journal.flush();
         assert_eq!(heartbeat_version(&metrics), 1);
 
-        shared.blocklist_journal.finish();
-        drop((shared, journal));
-        let journal = Journal::open(d.path(), 10, 1 << 26).unwrap();
-        let mut g = gate();
-        restore(&mut g, &journal, &pk).unwrap();
+        let g = fx.restart(shared);
         assert_eq!(g.blocklist.version(), 1);
         assert!((0..cards).all(|i| g.blocklist.is_blocked(&uid(i))));
     }
@@ -342,25 +383,13 @@ mod tests {
     /// 2; the failures are counted; a restart has version 2.
     #[test]
     fn a_failed_journal_write_is_retried_and_reported_only_once_durable() {
-        let bo = SigningKey::from_bytes(&[1; 32]);
-        let pk = bo.verifying_key().to_bytes();
-        let keys = TrustedKeys::single(pk);
-        let d = tempfile::tempdir().unwrap();
-        let journal = Arc::new(Journal::open(d.path(), 10, 1 << 26).unwrap());
-        let metrics = Arc::new(Metrics::new(1001));
-        let signed = |version: u64, cards: u32, per_chunk: usize| -> Vec<Vec<u8>> {
-            let mut uids: Vec<[u8; 7]> = (0..cards).map(uid).collect();
-            uids.sort_unstable();
-            purse::blocklist::chunked::cut("metro", version, &uids, per_chunk)
-                .iter()
-                .map(|c| c.sign_with(|m| bo.sign(m).to_bytes()))
-                .collect()
-        };
-        let (v1, v2) = (signed(1, 10, 10), signed(2, 20, 10));
+        let fx = fixture();
+        let (keys, metrics) = (&fx.keys, fx.metrics.clone());
+        let (v1, v2) = (fx.signed(1, 10, 10), fx.signed(2, 20, 10));
         assert_eq!(v2.len(), 2);
-        let shared = shared(&journal, &metrics);
+        let shared = shared(&fx.journal, &metrics);
         assert_eq!(
-            apply_blocklist(&shared, &keys, &v1[0]),
+            apply_blocklist(&shared, keys, &v1[0]),
             Ok(DownlinkOutcome::Applied(1))
         );
         shared.blocklist_journal.flush();
@@ -371,7 +400,7 @@ mod tests {
         let last = v2[1].clone();
         let during: Arc<Mutex<Vec<u64>>> = Arc::default();
         let (seen, m) = (during.clone(), metrics.clone());
-        journal.inject_blob_fault(Box::new(move |key| {
+        fx.journal.inject_blob_fault(Box::new(move |key| {
             let mut seen = seen.lock().unwrap();
             if !key.ends_with("000001") || seen.len() == 3 {
                 return None;
@@ -379,13 +408,13 @@ mod tests {
             seen.push(heartbeat_version(&m));
             Some(std::io::Error::other("no space left on device"))
         }));
-        let first = apply_blocklist(&shared, &keys, &v2[0]).unwrap();
+        let first = apply_blocklist(&shared, keys, &v2[0]).unwrap();
         assert!(
             matches!(first, DownlinkOutcome::Pending { .. }),
             "{first:?}"
         );
         assert_eq!(
-            apply_blocklist(&shared, &keys, &last),
+            apply_blocklist(&shared, keys, &last),
             Ok(DownlinkOutcome::Applied(2))
         );
         assert_eq!(
@@ -407,11 +436,7 @@ mod tests {
         );
 
         // A restart: the journal holds version 2.
-        shared.blocklist_journal.finish();
-        drop((shared, journal));
-        let journal = Journal::open(d.path(), 10, 1 << 26).unwrap();
-        let mut g = gate();
-        restore(&mut g, &journal, &pk).unwrap();
+        let g = fx.restart(shared);
         assert_eq!(g.blocklist.version(), 2);
         assert!(g.blocklist.is_blocked(&uid(15)));
     }
