@@ -55,6 +55,18 @@ struct Running {
 }
 
 fn start_validator(keys: &KeySet, device: u32, port: u16) -> Running {
+    start_validator_on(keys, device, port, vec![], Duration::from_secs(30))
+}
+
+/// A validator whose first broker is `port`, then the `fallback` ones, each given `timeout`
+/// to accept a connection.
+fn start_validator_on(
+    keys: &KeySet,
+    device: u32,
+    port: u16,
+    fallback: Vec<(String, u16)>,
+    connect_timeout: Duration,
+) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let journal = Arc::new(Journal::open(dir.path(), 100, 1 << 28).unwrap());
     let sam_keys = keys.for_role(KeyRole::ValidatorSam, device).unwrap();
@@ -69,7 +81,8 @@ fn start_validator(keys: &KeySet, device: u32, port: u16) -> Running {
         mqtt: Some(MqttSettings {
             host: "127.0.0.1".into(),
             port,
-            fallback: vec![],
+            fallback,
+            connect_timeout,
             username: Some(device.to_string()),
             password: Some(format!("dev{device}-secret")),
             tls_ca_pem: None,
@@ -190,4 +203,43 @@ async fn a_blocklist_in_chunks_reaches_early_and_late_validators() {
             .all(|i| list.is_blocked(&uid(i))));
         assert!(!list.is_blocked(&uid(3)) && list.is_blocked(&uid(CARDS + 1)));
     }
+}
+
+/// A broker node that takes the TCP connection and never answers the CONNECT (a node hung, or a
+/// black hole in front of it): the validator gives up after `[mqtt] connect_timeout_s` and
+/// connects to the cluster's next node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validator_passes_a_silent_broker_for_the_next_node() {
+    let keys = KeySet::generate(&mut StdRng::seed_from_u64(23));
+    let live = tapgate_testkit::broker::embedded(&[("9", "dev9-secret")]);
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let held = accepted.clone();
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.fetch_add(1, Ordering::Relaxed);
+            open.push(conn);
+        }
+    });
+    let v = start_validator_on(
+        &keys,
+        9,
+        silent_port,
+        vec![("127.0.0.1".into(), live)],
+        Duration::from_secs(1),
+    );
+    let m = v.metrics.clone();
+    wait_until_async(
+        "the validator to connect to the next node",
+        Duration::from_secs(30),
+        move || m.mqtt_connected.get() == 1,
+    )
+    .await;
+    assert!(
+        accepted.load(Ordering::Relaxed) >= 1,
+        "the validator tried the silent node first"
+    );
+    v.stop(&keys, 9).await;
 }

@@ -171,7 +171,15 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// PEM CA file: connect over TLS.
     pub ca_file: Option<PathBuf>,
+    /// Seconds to wait for a broker to accept a connection (TCP, TLS and its CONNACK) before
+    /// trying the next broker (default 30, 1 to 300). A broker taking a whole fleet back after
+    /// a restart answers its last CONNECTs late; a validator that gave up too early connects
+    /// again, and its abandoned CONNECT then takes over the new session (docs/validator.md).
+    pub connect_timeout_s: Option<u64>,
 }
+
+/// The default of `[mqtt] connect_timeout_s`.
+pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 30;
 
 /// `[metrics]`.
 #[derive(Deserialize)]
@@ -270,6 +278,7 @@ impl Config {
                     password_env: None,
                     password_file: None,
                     ca_file: None,
+                    connect_timeout_s: None,
                 })
             }
         }
@@ -390,10 +399,17 @@ impl Config {
             }
             (None, false) => None,
         };
+        let connect_timeout_s = m.connect_timeout_s.unwrap_or(DEFAULT_CONNECT_TIMEOUT_S);
+        if !(1..=300).contains(&connect_timeout_s) {
+            return Err(ConfigError::Invalid(format!(
+                "[mqtt] connect_timeout_s = {connect_timeout_s}: must be 1 to 300 seconds"
+            )));
+        }
         Ok(Some(MqttSettings {
             host,
             port,
             fallback,
+            connect_timeout: std::time::Duration::from_secs(connect_timeout_s),
             username: Some(
                 m.username
                     .clone()

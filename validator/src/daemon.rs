@@ -51,6 +51,9 @@ pub struct MqttSettings {
     /// The other nodes of a broker cluster, tried in turn after `host:port` when a connection
     /// fails.
     pub fallback: Vec<(String, u16)>,
+    /// How long a connection attempt (TCP, TLS, CONNACK) may take before the next broker is
+    /// tried (`[mqtt] connect_timeout_s`).
+    pub connect_timeout: Duration,
     pub username: Option<String>,
     pub password: Option<String>,
     /// PEM CA certificates: connect over TLS.
@@ -63,6 +66,7 @@ impl std::fmt::Debug for MqttSettings {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("fallback", &self.fallback)
+            .field("connect_timeout", &self.connect_timeout)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<secret>"))
             .field("tls", &self.tls_ca_pem.is_some())

@@ -34,3 +34,28 @@ fn a_fallback_of_another_scheme_or_without_a_port_is_refused() {
         assert!(e.is_some(), "{fallback} was accepted");
     }
 }
+
+#[test]
+fn the_connect_timeout_defaults_to_30_s_and_is_bounded() {
+    let default = config("broker = \"mqtt://n1:1883\"\n");
+    assert_eq!(
+        default.mqtt_settings().unwrap().unwrap().connect_timeout,
+        std::time::Duration::from_secs(validator::config::DEFAULT_CONNECT_TIMEOUT_S)
+    );
+    let set = config("broker = \"mqtt://n1:1883\"\nconnect_timeout_s = 5\n");
+    assert_eq!(
+        set.mqtt_settings().unwrap().unwrap().connect_timeout,
+        std::time::Duration::from_secs(5)
+    );
+    for bad in [0, 301, 100_000] {
+        let c = config(&format!(
+            "broker = \"mqtt://n1:1883\"\nconnect_timeout_s = {bad}\n"
+        ));
+        let e = c
+            .mqtt_settings()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("connect_timeout_s"), "{bad}: {e:?}");
+    }
+}

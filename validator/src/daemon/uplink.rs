@@ -89,6 +89,7 @@ fn connect(
     // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
     let mut net = eventloop.network_options();
     net.set_tcp_nodelay(true);
+    net.set_connection_timeout(m.connect_timeout.as_secs().max(1));
     eventloop.set_network_options(net);
     (client, eventloop, brokers)
 }
@@ -208,10 +209,18 @@ async fn event_loop(
                     eventloop.mqtt_options = brokers[current].0.clone();
                     link.broker = brokers[current].1.clone();
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(reconnect_pause()).await;
             }
         }
     }
+}
+
+/// The pause before the next connection attempt: 250 to 750 ms, drawn anew each time, so a
+/// fleet that lost its broker at once does not come back in one burst of CONNECTs (the mean
+/// is the 500 ms a validator has always waited).
+fn reconnect_pause() -> Duration {
+    use rand::Rng;
+    Duration::from_millis(rand::thread_rng().gen_range(250..=750))
 }
 
 /// A connection attempt that failed: a refused login says which setting to check; logged when
