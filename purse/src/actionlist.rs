@@ -496,16 +496,14 @@ pub fn order_of_tap(tap: &TapRecord) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ed25519_dalek::{Signer, SigningKey};
+    use crate::test_signing::{public, signer};
     use proptest::prelude::*;
 
-    fn key() -> SigningKey {
-        SigningKey::from_bytes(&[5; 32])
-    }
+    /// The back office's key (seed byte); 6 is a forger's.
+    const BACK_OFFICE: u8 = 5;
 
     fn signed(u: &ActionUpdate) -> Vec<u8> {
-        let k = key();
-        u.sign_with(|b| k.sign(b).to_bytes())
+        u.sign_with(signer(BACK_OFFICE))
     }
 
     fn order(id: u64, uid: [u8; 7], amount: i32, expires_s: u64) -> Order {
@@ -531,7 +529,7 @@ mod tests {
 
     #[test]
     fn snapshot_then_deltas_in_order_and_live_orders_per_card() {
-        let pk = key().verifying_key().to_bytes();
+        let pk = public(BACK_OFFICE);
         let mut l = ActionList::new("metro");
         let snap = update(
             ListKind::Snapshot,
@@ -583,21 +581,20 @@ mod tests {
             l.apply(&signed(&foreign), &pk),
             Err(ActionListError::WrongOperator { .. })
         ));
-        let forger = SigningKey::from_bytes(&[6; 32]);
         let forged = update(
             ListKind::Delta,
             4,
             5,
             vec![Entry::Add(order(11, [4; 7], 99_999, u64::MAX))],
         )
-        .sign_with(|b| forger.sign(b).to_bytes());
+        .sign_with(signer(6));
         assert_eq!(l.apply(&forged, &pk), Err(ActionListError::BadSignature));
         assert_eq!(l, before);
     }
 
     #[test]
     fn inconsistent_messages_are_refused_even_when_signed() {
-        let pk = key().verifying_key().to_bytes();
+        let pk = public(BACK_OFFICE);
         let bad = [
             // a snapshot with a removal
             update(
@@ -725,13 +722,13 @@ mod tests {
     proptest! {
         #[test]
         fn signed_updates_roundtrip(u in arb_update()) {
-            let pk = key().verifying_key().to_bytes();
+            let pk = public(BACK_OFFICE);
             prop_assert_eq!(ActionUpdate::verify(&signed(&u), &pk), Ok(u));
         }
 
         #[test]
         fn any_bit_flip_is_refused(u in arb_update(), at in any::<proptest::sample::Index>(), bit in 0..8u8) {
-            let pk = key().verifying_key().to_bytes();
+            let pk = public(BACK_OFFICE);
             let mut bytes = signed(&u);
             let i = at.index(bytes.len());
             bytes[i] ^= 1 << bit;
@@ -743,7 +740,7 @@ mod tests {
 
         #[test]
         fn any_truncation_or_extension_is_refused(u in arb_update(), cut in 1..200usize, extra in any::<u8>()) {
-            let pk = key().verifying_key().to_bytes();
+            let pk = public(BACK_OFFICE);
             let bytes = signed(&u);
             let cut = cut.min(bytes.len());
             prop_assert!(ActionUpdate::verify(&bytes[..bytes.len() - cut], &pk).is_err());

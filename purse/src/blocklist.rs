@@ -391,15 +391,13 @@ impl Blocklist {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ed25519_dalek::{Signer, SigningKey};
+    use crate::test_signing::{public, signer};
 
-    fn key() -> SigningKey {
-        SigningKey::from_bytes(&[3; 32])
-    }
+    /// The back office's key (seed byte); 4 is a forger's.
+    pub(super) const BACK_OFFICE: u8 = 3;
 
     fn signed(u: &ListUpdate) -> Vec<u8> {
-        let k = key();
-        u.sign_with(|b| k.sign(b).to_bytes())
+        u.sign_with(signer(BACK_OFFICE))
     }
 
     fn delta(from: u64, to: u64, entries: Vec<([u8; 7], bool)>) -> ListUpdate {
@@ -438,7 +436,7 @@ mod tests {
 
     #[test]
     fn snapshot_then_deltas_in_order() {
-        let pk = key().verifying_key().to_bytes();
+        let pk = public(BACK_OFFICE);
         let mut bl = Blocklist::new("metro");
         let snap = ListUpdate {
             kind: ListKind::Snapshot,
@@ -476,12 +474,11 @@ mod tests {
 
     #[test]
     fn forged_altered_or_foreign_lists_are_refused() {
-        let pk = key().verifying_key().to_bytes();
+        let pk = public(BACK_OFFICE);
         let mut bl = Blocklist::new("metro");
-        let forger = SigningKey::from_bytes(&[4; 32]);
         let d = delta(0, 1, vec![([9; 7], false)]);
         assert_eq!(
-            bl.apply(&d.sign_with(|b| forger.sign(b).to_bytes()), &pk),
+            bl.apply(&d.sign_with(signer(4)), &pk),
             Err(ListError::BadSignature)
         );
         let mut altered = signed(&delta(0, 1, vec![([9; 7], true)]));
@@ -500,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_million_entry_snapshot_roundtrips() {
-        let pk = key().verifying_key().to_bytes();
+        let pk = public(BACK_OFFICE);
         let entries: Vec<([u8; 7], bool)> = (0..1_000_000u32)
             .map(|i| {
                 let mut u = [4u8; 7];

@@ -56,3 +56,6 @@ pub mod sam;
 pub mod sm;
 pub mod tap;
 pub mod txn;
+
+#[cfg(test)]
+mod test_signing;

@@ -336,21 +336,19 @@ impl Assembly {
 mod tests {
     use super::super::{Blocklist, ListKind, ListUpdate};
     use super::*;
-    use ed25519_dalek::{Signer, SigningKey};
+    use crate::test_signing::{public, signer};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
-    fn key() -> SigningKey {
-        SigningKey::from_bytes(&[3; 32])
-    }
+    /// The back office's key (seed byte), the blocklist tests' own; 4 is a forger's.
+    const BACK_OFFICE: u8 = super::super::tests::BACK_OFFICE;
 
     fn pk() -> [u8; 32] {
-        key().verifying_key().to_bytes()
+        public(BACK_OFFICE)
     }
 
     fn signed(c: &SnapshotChunk) -> Vec<u8> {
-        let k = key();
-        c.sign_with(|b| k.sign(b).to_bytes())
+        c.sign_with(signer(BACK_OFFICE))
     }
 
     fn uids(set: &BTreeSet<u64>) -> Vec<[u8; 7]> {
@@ -391,10 +389,10 @@ mod tests {
             to_version: 1,
             entries: vec![],
         };
-        assert!(!is_chunk(&single.sign_with(|x| key().sign(x).to_bytes())));
+        assert!(!is_chunk(&single.sign_with(signer(BACK_OFFICE))));
         // A single message is not a chunk, nor the other way round.
         assert!(matches!(
-            SnapshotChunk::verify(&single.sign_with(|x| key().sign(x).to_bytes()), &pk()),
+            SnapshotChunk::verify(&single.sign_with(signer(BACK_OFFICE)), &pk()),
             Err(ListError::Malformed(_))
         ));
         assert!(matches!(
@@ -406,8 +404,7 @@ mod tests {
     #[test]
     fn forged_altered_or_disordered_chunks_are_refused() {
         let c = cut("metro", 4, &[[1; 7], [2; 7]], 10).remove(0);
-        let forger = SigningKey::from_bytes(&[4; 32]);
-        let forged = c.sign_with(|b| forger.sign(b).to_bytes());
+        let forged = c.sign_with(signer(4));
         assert_eq!(
             SnapshotChunk::verify(&forged, &pk()),
             Err(ListError::BadSignature)
