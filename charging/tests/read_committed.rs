@@ -297,6 +297,64 @@ fn a_card_day_total_raised_after_the_read_ahead_refuses_the_load() {
     );
 }
 
+/// Two loads at once on one card the ledger has no row for (two clones at one counter, both
+/// having read ahead before either records its intent): on PostgreSQL the card is locked by
+/// the neutral row the first intent's transaction inserts, so the second waits for it and then
+/// finds its intent (or its completion's counter). Exactly one intent at the counter is not
+/// voided, one load reaches a card, the other's authorisation is voided, and the card's
+/// account holds exactly the one load.
+#[test]
+fn two_loads_at_once_on_one_unregistered_card_record_one_intent() {
+    let meet = OnAuthorise::Meet {
+        arrived: Mutex::new(0),
+        all: Condvar::new(),
+        parties: 2,
+    };
+    let w = world(LoadConfig::default(), meet);
+    let uid = [0x04, 6, 6, 6, 6, 6, 6];
+    let (mut a, mut b) = (
+        transit_card(&w.hsm, uid, 1_000),
+        transit_card(&w.hsm, uid, 1_000),
+    );
+    let (ra, rb) = std::thread::scope(|s| {
+        let ra = s.spawn(|| w.load(&mut a, 600, "key-a"));
+        let rb = s.spawn(|| w.load(&mut b, 600, "key-b"));
+        (ra.join().unwrap(), rb.join().unwrap())
+    });
+    let loaded = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Reply::Completed { .. }))
+        .count();
+    assert_eq!(loaded, 1, "{ra:?} / {rb:?}");
+    let mut balances = [a.state().balance_minor, b.state().balance_minor];
+    balances.sort();
+    assert_eq!(balances, [1_000, 1_600]);
+    let r = w.svc.ledger().read().unwrap();
+    let live: Vec<_> = r
+        .all_intents()
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.state != IntentState::Voided)
+        .collect();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(
+        (live[0].tmc_before, live[0].state),
+        (0, IntentState::Completed)
+    );
+    assert_eq!(
+        r.balance(&charging::ledger::card_account(&uid)).unwrap(),
+        600
+    );
+    assert_eq!(r.card(&uid).unwrap().load_day_minor, 600);
+    let given = w.source.given.lock().unwrap().clone();
+    let mut states: Vec<String> = given
+        .iter()
+        .map(|id| w.source.inner.authorisation(id).unwrap().state)
+        .collect();
+    states.sort();
+    assert_eq!(states, ["captured", "voided"]);
+}
+
 /// A PostgreSQL ledger in a throwaway cluster (kept as long as the ledger).
 fn pg_ledger() -> (Ledger, TestDb) {
     let db = TestDb::start();
@@ -351,9 +409,10 @@ fn a_read_committed_transaction_sees_what_committed_after_it_began() {
     ledger.close();
 }
 
-/// At `READ COMMITTED`, a read the locking rule does not cover (a balance summed over shards,
-/// a card with no row) aborts the attempt and runs the closure again at `SERIALIZABLE`: same
-/// answer, one more run.
+/// At `READ COMMITTED`, a read the locking rule does not cover (a balance summed over shards)
+/// aborts the attempt and runs the closure again at `SERIALIZABLE`: same answer, one more run.
+/// A card with no row is not such a read: it is locked by a neutral row, still read as
+/// unknown, and left without a row when the transaction does not write it.
 #[test]
 fn a_read_outside_the_locking_rule_runs_again_at_serializable() {
     let (ledger, _db) = pg_ledger();
@@ -376,15 +435,18 @@ fn a_read_outside_the_locking_rule_runs_again_at_serializable() {
     let known = ledger
         .transact(read_committed(move |t| {
             counted.fetch_add(1, Ordering::SeqCst);
-            t.card_known(&unknown)
+            Ok((t.card_known(&unknown)?, t.card(&unknown)?))
         }))
         .unwrap();
-    assert!(!known);
+    assert_eq!(known, (false, Default::default()));
     assert_eq!(
         runs.load(Ordering::SeqCst),
-        2,
-        "a card with no row: SERIALIZABLE"
+        1,
+        "a card with no row: locked, still READ COMMITTED"
     );
+    let r = ledger.read().unwrap();
+    assert!(!r.card_known(&unknown).unwrap(), "no row left behind");
+    drop(r);
     ledger.close();
 }
 
@@ -428,5 +490,66 @@ fn a_serializable_writer_behind_a_read_committed_load_runs_again_and_keeps_both(
     let card = ledger.read().unwrap().card(&uid).unwrap();
     assert!(card.blocked);
     assert_eq!((card.load_day, card.load_day_minor), (7, 250));
+    ledger.close();
+}
+
+/// Two `READ COMMITTED` transactions on one card with no row: the first locks it by inserting
+/// its neutral row and holds it; the second (started meanwhile, waiting on that row) runs
+/// only after the first commits and reads its change, so both changes to the card's day
+/// stand (without the lock the second would read the card as new and write 200 over 100).
+#[test]
+fn a_card_with_no_row_is_locked_by_its_neutral_row() {
+    let (ledger, db) = pg_ledger();
+    let uid = [0x04, 8, 8, 8, 8, 8, 8];
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, go_rx) = (Mutex::new(Some(held_tx)), Mutex::new(go_rx));
+    let l = ledger.clone();
+    let first = std::thread::spawn(move || {
+        l.transact(read_committed(move |t| {
+            assert!(!t.card_known(&uid)?, "no row yet");
+            if let Some(tx) = held_tx.lock().unwrap().take() {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+            t.add_load_day(&uid, 7, 100)
+        }))
+        .unwrap()
+    });
+    held_rx.recv().unwrap();
+    let l = ledger.clone();
+    let second = std::thread::spawn(move || {
+        l.transact(read_committed(move |t| {
+            t.card(&uid)?;
+            t.add_load_day(&uid, 7, 200)
+        }))
+        .unwrap()
+    });
+    // Released once the second waits on the first's row (seen by the database).
+    let mut config: ::postgres::Config = db.url.parse().unwrap();
+    let mut client = config
+        .password(db.password())
+        .connect(::postgres::NoTls)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND application_name = 'tapgate-charging'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    go_tx.send(()).unwrap();
+    first.join().unwrap();
+    second.join().unwrap();
+    let card = ledger.read().unwrap().card(&uid).unwrap();
+    assert_eq!((card.load_day, card.load_day_minor), (7, 300));
     ledger.close();
 }

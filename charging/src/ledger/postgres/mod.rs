@@ -48,8 +48,9 @@ pub use write::PgWrite;
 /// (`docs/postgres.md`, "Locking rule"): each row it reads to decide on is locked
 /// (`SELECT … FOR UPDATE`), the card's row before anything else of the card; a claim is an
 /// insert under a unique key; a day total is raised by one conditional update; a balance moves
-/// by `balance + delta`. A read the rule does not cover (a payment, a refund, a balance summed
-/// over shards, a card with no row yet, …) aborts the attempt and runs `f` again at
+/// by `balance + delta`; a card with no row is locked by a neutral row in its place (deleted
+/// before `COMMIT` unless `f` wrote the card). A read the rule does not cover (a payment, a
+/// refund, a balance summed over shards, …) aborts the attempt and runs `f` again at
 /// `SERIALIZABLE`, so a closure that strays is slower, never wrong. On LMDB (one writer) the
 /// choice changes nothing.
 pub fn read_committed<T>(

@@ -100,6 +100,53 @@ pub(super) mod q {
         )
     }
 
+    /// At `READ COMMITTED` (the locking rule, `write.rs`): the card's row locked, or — for a
+    /// card with no row — a neutral row inserted in its place (the shadow's default; the
+    /// transaction deletes it before it commits unless it wrote the card), which locks the
+    /// card as well: a concurrent insert of the same uid waits for this transaction. One
+    /// statement either way; `Unseen` when a row committed while the insert waited for its
+    /// inserter (the statement's snapshot is older than that row: read it again, locked).
+    pub fn card_claimed(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Claimed, LedgerError> {
+        let neutral = CardShadow::default();
+        let record = cards::rest_text(&neutral)?;
+        let (lt, lr, bt, bb) = cards::split(&neutral).1;
+        let row = db
+            .query_opt(
+                concat!(
+                    "WITH ins AS (INSERT INTO cards (uid, record, last_tmc, \
+                     last_reported_balance_minor, booked_through_tmc, booked_balance_minor) \
+                     VALUES ($1, $2::text::jsonb, $3, $4, $5, $6) ON CONFLICT (uid) DO NOTHING \
+                     RETURNING uid), \
+                     locked AS (SELECT ",
+                    cards::columns!(),
+                    " FROM cards c WHERE c.uid = $1 AND NOT EXISTS (SELECT 1 FROM ins) \
+                     FOR UPDATE) \
+                     SELECT EXISTS (SELECT 1 FROM ins), l.* FROM (VALUES (1)) AS v(one) \
+                     LEFT JOIN locked AS l ON true"
+                ),
+                &[&uid_hex(uid), &record, &lt, &lr, &bt, &bb],
+            )
+            .map_err(|e| db_error(&e))?
+            .ok_or_else(|| LedgerError::Database("a card's lock returned no row".into()))?;
+        if row.get::<_, bool>(0) {
+            return Ok(Claimed::Inserted);
+        }
+        match row.get::<_, Option<&str>>(1) {
+            Some(_) => Ok(Claimed::Row(cards::from_row(&row, 1)?)),
+            None => Ok(Claimed::Unseen),
+        }
+    }
+
+    /// What [`card_claimed`] found.
+    pub enum Claimed {
+        /// The card's row, locked.
+        Row(CardShadow),
+        /// No row: a neutral one inserted (locked as this transaction's own).
+        Inserted,
+        /// A row committed while the statement waited: not in its snapshot.
+        Unseen,
+    }
+
     /// The card row `sql` selects (`cards::columns!()`, the UID as `$1`), if there is one.
     fn card_row(
         db: &mut Db<'_>,

@@ -8,9 +8,10 @@
 //! answer under a key and a gap clock are read `FOR UPDATE` (a prefetch locks its cards' rows,
 //! in uid order, before it reads anything of them); a balance shard is read only to check its
 //! range and moved by `balance + delta`; a day total is raised by one conditional upsert; an
-//! intent is updated where it was read locked or inserted plainly. Any other read (through
-//! [`PgWrite::q`]), a card with no row and an intent written at a counter not read abort the
-//! attempt, which runs again at `SERIALIZABLE`.
+//! intent is updated where it was read locked or inserted plainly; a card with no row is locked
+//! by a neutral row inserted in its place, deleted before `COMMIT` unless the card was written.
+//! Any other read (through [`PgWrite::q`]), a prefetch of a card with no row and an intent
+//! written at a counter not read abort the attempt, which runs again at `SERIALIZABLE`.
 
 use super::read::{big, q, uid_hex, unbig};
 use super::staged::Staged;
@@ -101,9 +102,10 @@ pub(super) fn run<T>(
                 db: RefCell::new(Db::transaction(client, statements)),
                 shard,
                 staged: RefCell::default(),
+                neutral: RefCell::default(),
             };
             // What the closure staged is sent before COMMIT (a failure there is noted by Db).
-            let out = f(&mut w).and_then(|v| w.flush().map(|()| v));
+            let out = f(&mut w).and_then(|v| w.finish().map(|()| v));
             let db = w.db.into_inner();
             let begun = db.begun();
             (out, db.failure, begun)
@@ -168,6 +170,9 @@ pub struct PgWrite<'s> {
     /// What the transaction read and wrote of the records a batch touches per tap, and the
     /// writes not sent yet (`staged.rs`).
     staged: RefCell<Staged>,
+    /// Cards with no row that this transaction locked by inserting a neutral row (`READ
+    /// COMMITTED`): the row is deleted before `COMMIT` unless the transaction wrote the card.
+    neutral: RefCell<Vec<[u8; 7]>>,
 }
 
 impl crate::ledger::interface::sealed::Sealed for PgWrite<'_> {}
@@ -214,6 +219,24 @@ impl PgWrite<'_> {
         self.db.borrow().isolation() == Isolation::ReadCommitted
     }
 
+    /// Before `COMMIT`: the staged writes sent, and the neutral rows of cards this transaction
+    /// locked but never wrote deleted — a card with no row keeps none (`card_known`, clearing's
+    /// learning of a card, the reconciliation answer as before), and a concurrent insert of the
+    /// card that waited for this one goes ahead.
+    fn finish(&self) -> Result<(), LedgerError> {
+        self.flush()?;
+        let unwritten: Vec<String> = {
+            let staged = self.staged.borrow();
+            let neutral = self.neutral.borrow();
+            let unwritten = neutral.iter().filter(|u| staged.card(u) == Some(None));
+            unwritten.map(uid_hex).collect()
+        };
+        if !unwritten.is_empty() {
+            self.exec("DELETE FROM cards WHERE uid = ANY($1)", &[&unwritten])?;
+        }
+        Ok(())
+    }
+
     /// Sends the staged writes.
     fn flush(&self) -> Result<(), LedgerError> {
         let mut staged = self.staged.borrow_mut();
@@ -229,12 +252,20 @@ impl PgWrite<'_> {
             return Ok(c);
         }
         let c = if self.read_committed() {
-            // The card's row locked: loads, reversals and clearing on one card take turns.
+            // The card's row locked (or, with no row, a neutral one inserted: the card is
+            // still read as unknown): loads, reversals and clearing on one card take turns.
             let mut db = self.db.borrow_mut();
-            match q::card_locked(&mut db, uid)? {
-                Some(c) => Some(c),
-                // No row to lock: two transactions could both take the card as new.
-                None => return Err(db.outside_rule("a card with no row")),
+            match q::card_claimed(&mut db, uid)? {
+                q::Claimed::Row(c) => Some(c),
+                q::Claimed::Inserted => {
+                    self.neutral.borrow_mut().push(*uid);
+                    None
+                }
+                q::Claimed::Unseen => match q::card_locked(&mut db, uid)? {
+                    Some(c) => Some(c),
+                    // Committed and gone again: nothing deletes a card; run at SERIALIZABLE.
+                    None => return Err(db.outside_rule("a card with no row")),
+                },
             }
         } else {
             q::card_opt(&mut self.db.borrow_mut(), uid)?
