@@ -24,19 +24,25 @@ pub(super) fn load_with(open: impl Fn(&'static str) -> Result<Option<CsvFile>>) 
         });
     };
     let leg_rules = required(FARE_LEG_RULES)?;
-    for (file, read) in BEFORE_PRODUCTS {
-        if let Some(f) = open(file)? {
-            read(&f, &mut feed)?;
-        }
-    }
+    read_present(&open, &BEFORE_PRODUCTS, &mut feed)?;
     fare_products(&products, &mut feed)?;
     fare_leg_rules(&leg_rules, &mut feed)?;
-    for (file, read) in AFTER_LEG_RULES {
+    read_present(&open, &AFTER_LEG_RULES, &mut feed)?;
+    Ok(feed)
+}
+
+/// Reads each of `files` the feed has, in order, into `feed` (an absent one is skipped).
+fn read_present(
+    open: &impl Fn(&'static str) -> Result<Option<CsvFile>>,
+    files: &[(&'static str, Reader)],
+    feed: &mut Feed,
+) -> Result<()> {
+    for (file, read) in files {
         if let Some(f) = open(file)? {
-            read(&f, &mut feed)?;
+            read(&f, feed)?;
         }
     }
-    Ok(feed)
+    Ok(())
 }
 
 /// A Fares v1 feed: agency, feed info, stops (with their zones), routes and the two v1 files.
@@ -45,15 +51,9 @@ fn load_v1(
     attributes: &CsvFile,
 ) -> Result<Feed> {
     let mut feed = Feed::default();
-    for (file, read) in &BEFORE_PRODUCTS[..4] {
-        if let Some(f) = open(file)? {
-            read(&f, &mut feed)?;
-        }
-    }
+    read_present(open, &BEFORE_PRODUCTS[..4], &mut feed)?;
     fare_attributes(attributes, &mut feed)?;
-    if let Some(f) = open(FARE_RULES)? {
-        fare_rules(&f, &mut feed)?;
-    }
+    read_present(open, &[(FARE_RULES, fare_rules)], &mut feed)?;
     Ok(feed)
 }
 
