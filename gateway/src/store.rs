@@ -12,11 +12,14 @@
 //! - stores new taps by arrival, under their outbox id (one global key that only grows: appended
 //!   with `MDB_APPEND`, full pages, one leaf per batch however many taps are stored), appends
 //!   them to the forwarding outbox, and tracks sequence gaps per device;
-//! - adds the taps to the running aggregates, except the `card-day:` ones (one per card and
-//!   day: random keys, a million new a day), which go as one appended record per batch and are
-//!   folded into the aggregates later in one sorted pass ([`Store::fold_card_days`], with every
-//!   trim); [`Store::aggregates`] adds the records not folded yet, so the figures are exact at
-//!   any time, and a crash loses none (the record commits with its taps);
+//! - adds the taps to the running aggregates not in place but as deltas, one small entry per
+//!   aggregate and batch under (the batch's id ‖ the aggregate's name), appended: the
+//!   aggregates' keys are random (`card-day:` ones: one per card and day, a million new a day;
+//!   a batch's devices, stops and routes spread over their tables), appends are not. The deltas
+//!   are folded into the aggregates later, many batches in one sorted pass ([`deltas`],
+//!   [`Store::fold_aggregates`], with every trim); [`Store::aggregates`] adds the deltas not
+//!   folded yet, so the figures are exact at any time, and a crash loses none (they commit with
+//!   their taps);
 //! - keeps anything bad in a quarantine table with the reason: one entry per message (with the
 //!   count of its refused records), bounded per device in entries and bytes (oldest dropped and
 //!   counted, the device flagged), throttled for a flagged device, and not written at all once
@@ -45,7 +48,8 @@
 //! the leading pages of both.
 //!
 //! A store written before taps were keyed by arrival (device ‖ sequence) is migrated when
-//! opened ([`migrate`]).
+//! opened ([`migrate`]), and so is one holding its card-day deltas as one record per batch
+//! ([`deltas`]).
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
@@ -57,6 +61,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod deltas;
 mod migrate;
 
 /// Store errors (storage only: bad input is quarantined, never an error).
@@ -323,9 +328,13 @@ pub struct Store {
     legacy_taps: Database<Bytes, Bytes>,
     /// Stored taps by arrival: outbox id → record (ids only grow: appended, full pages).
     arrivals: Database<U64<BE>, Bytes>,
-    /// Per ingested batch (by its last outbox id), its `card-day:` aggregate deltas, folded into
-    /// `aggregates` in one sorted pass later ([`Store::fold_card_days`]).
-    card_day_pending: Database<U64<BE>, SerdeJson<Vec<(String, Aggregate)>>>,
+    /// The aggregate deltas not folded yet: (batch's last outbox id ‖ aggregate name) → taps,
+    /// refused, amount; appended, folded into `aggregates` in one sorted pass later
+    /// ([`deltas`], [`Store::fold_aggregates`]).
+    aggregate_deltas: Database<Bytes, Bytes>,
+    /// The layout before: batch id → its JSON list of deltas (overflow pages past ≈ 50);
+    /// emptied by [`Store::open`]'s migration, kept only to read an old store.
+    legacy_card_day_records: Database<U64<BE>, SerdeJson<Vec<(String, Aggregate)>>>,
     devices: Database<U64<BE>, SerdeJson<DeviceState>>,
     quarantine: Database<U64<BE>, SerdeJson<Quarantined>>,
     /// (device ‖ quarantine key) → (): each device's entries, oldest first.
@@ -347,9 +356,8 @@ pub struct Store {
 struct Batch {
     out: IngestOutcome,
     dev_states: BTreeMap<u32, DevEntry>,
-    aggs: BTreeMap<String, Aggregate>,
-    /// The batch's `card-day:` deltas: one pending record, folded later.
-    card_days: BTreeMap<String, Aggregate>,
+    /// The batch's aggregate deltas: appended, folded later.
+    deltas: BTreeMap<String, Aggregate>,
     device_keys: BTreeMap<u32, Box<DeviceKeyRing>>,
     next_outbox: u64,
     /// Quarantine may still write (the map is below `quarantine_stop_at_fill_percent`).
@@ -386,11 +394,6 @@ fn add_aggregate(a: &mut Aggregate, d: &Aggregate) {
     a.taps = a.taps.saturating_add(d.taps);
     a.refused = a.refused.saturating_add(d.refused);
     a.amount_minor = a.amount_minor.saturating_add(d.amount_minor);
-}
-
-/// Whether aggregates under `prefix` may include `card-day:` ones.
-fn may_hold_card_days(prefix: &str) -> bool {
-    CARD_DAY.starts_with(prefix) || prefix.starts_with(CARD_DAY)
 }
 
 const CARD_DAY: &str = "card-day:";
@@ -485,12 +488,8 @@ pub fn hour_of(ms: u64) -> String {
     )
 }
 
-/// Adds one tap to the batch's aggregate deltas (`card-day:` ones to `card_days`).
-fn aggregate_into(
-    aggs: &mut BTreeMap<String, Aggregate>,
-    card_days: &mut BTreeMap<String, Aggregate>,
-    tap: &TapRecord,
-) {
+/// Adds one tap to the batch's aggregate deltas.
+fn aggregate_into(aggs: &mut BTreeMap<String, Aggregate>, tap: &TapRecord) {
     // An action-list pick-up is value added, not a fare: counted under its own product only
     // (its stop and route fields hold the order id; a device's and a card's amounts stay fares).
     if purse::actionlist::order_of_tap(tap).is_some() {
@@ -513,11 +512,7 @@ fn aggregate_into(
         format!("product:{product}"),
         format!("hour:{}", hour_of(tap.meta().device_time_ms)),
     ] {
-        let a = if k.starts_with(CARD_DAY) {
-            card_days.entry(k).or_default()
-        } else {
-            aggs.entry(k).or_default()
-        };
+        let a = aggs.entry(k).or_default();
         if tap.refusal().is_some() {
             a.refused = a.refused.saturating_add(1);
         } else {
@@ -565,8 +560,7 @@ pub const TRIM_CHUNK: usize = 1_000;
 /// that a transaction's copied pages fit the room a store refusing batches still has.
 pub const TRIM_CHUNK_PRESSED: usize = 256;
 
-/// Most batches' pending `card-day:` records folded in one transaction
-/// ([`Store::fold_card_days`]).
+/// Most batches' aggregate deltas folded in one transaction ([`Store::fold_aggregates`]).
 pub const FOLD_CHUNK: usize = 64;
 
 /// The gateway store's map size when the command line names none: 4 GiB.
@@ -589,16 +583,18 @@ impl Store {
                 "forwarded",
                 "arrivals",
                 "card_day_pending",
+                "aggregate_deltas",
             ],
             &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
         )?;
-        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log, arrivals, card_day_pending] =
+        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log, arrivals, card_day_pending, aggregate_deltas] =
             dbs;
         let store = Store {
             env,
             legacy_taps: taps.remap_types(),
             arrivals: arrivals.remap_types(),
-            card_day_pending: card_day_pending.remap_types(),
+            aggregate_deltas: aggregate_deltas.remap_types(),
+            legacy_card_day_records: card_day_pending.remap_types(),
             devices: devices.remap_types(),
             quarantine: quarantine.remap_types(),
             quarantine_index: quarantine_index.remap_types(),
@@ -611,6 +607,7 @@ impl Store {
             trim_chunk: TRIM_CHUNK,
         };
         store.migrate_legacy_taps()?;
+        store.migrate_card_day_records()?;
         Ok(store)
     }
 
@@ -648,7 +645,8 @@ impl Store {
         };
         add(self.legacy_taps.stat(t)?);
         add(self.arrivals.stat(t)?);
-        add(self.card_day_pending.stat(t)?);
+        add(self.aggregate_deltas.stat(t)?);
+        add(self.legacy_card_day_records.stat(t)?);
         add(self.devices.stat(t)?);
         add(self.quarantine.stat(t)?);
         add(self.quarantine_index.stat(t)?);
@@ -678,7 +676,7 @@ impl Store {
             st("forwarded", self.forwarded_log.stat(&r)?),
             st("aggregates", self.aggregates.stat(&r)?),
             st("devices", self.devices.stat(&r)?),
-            st("card_day_pending", self.card_day_pending.stat(&r)?),
+            st("aggregate_deltas", self.aggregate_deltas.stat(&r)?),
         ];
         Ok((tables, self.env.info().last_page_number as u64 + 1))
     }
@@ -837,7 +835,7 @@ impl Store {
             self.outbox.last(t)?.map(|e| e.0),
             self.meta.get(t, "forwarded_through")?,
             self.arrivals.last(t)?.map(|e| e.0),
-            self.card_day_pending.last(t)?.map(|e| e.0),
+            self.last_delta_batch(t)?,
         ]
         .into_iter()
         .flatten()
@@ -847,8 +845,7 @@ impl Store {
         Ok(Batch {
             out: IngestOutcome::default(),
             dev_states: BTreeMap::new(),
-            aggs: BTreeMap::new(),
-            card_days: BTreeMap::new(),
+            deltas: BTreeMap::new(),
             device_keys: BTreeMap::new(),
             next_outbox,
             room: !past(self.limits.quarantine_stop_at_fill_percent),
@@ -1016,14 +1013,14 @@ impl Store {
         if key_version != 0 {
             st.device_key_version = Some(key_version);
         }
-        aggregate_into(&mut b.aggs, &mut b.card_days, &tap);
+        aggregate_into(&mut b.deltas, &tap);
         b.out.stored += 1;
         Ok(())
     }
 
-    /// Writes the batch's device states and aggregates, once per key; its `card-day:` deltas
-    /// as one pending record under its last outbox id (appended; folded later, in one sorted
-    /// pass for many batches: [`Store::fold_card_days`]).
+    /// Writes the batch's device states, once per device, and appends its aggregate deltas
+    /// under its last outbox id (folded later, in one sorted pass for many batches:
+    /// [`Store::fold_aggregates`]).
     fn finish_batch(&self, t: &mut RwTxn<'_>, b: &mut Batch) -> Result<(), StoreError> {
         for (device, e) in &b.dev_states {
             self.devices.put(t, &u64::from(*device), &e.st)?;
@@ -1031,14 +1028,9 @@ impl Store {
                 self.meta.put(t, &untracked_key(*device), &e.untracked)?;
             }
         }
-        self.add_to_aggregates(t, std::mem::take(&mut b.aggs))?;
-        let card_days: Vec<(String, Aggregate)> =
-            std::mem::take(&mut b.card_days).into_iter().collect();
-        if !card_days.is_empty() {
-            // Only stored taps add card-days: the batch took ids, the last is its own.
-            let id = b.next_outbox - 1;
-            self.card_day_pending
-                .put_with_flags(t, PutFlags::APPEND, &id, &card_days)?;
+        if !b.deltas.is_empty() {
+            // Only stored taps add deltas: the batch took ids, the last is its own.
+            self.append_deltas(t, b.next_outbox - 1, &b.deltas)?;
         }
         Ok(())
     }
@@ -1055,43 +1047,6 @@ impl Store {
             self.aggregates.put(t, &k, &a)?;
         }
         Ok(())
-    }
-
-    /// Folds the pending `card-day:` deltas into the aggregates: summed per key, written in one
-    /// sorted pass, in transactions of at most [`FOLD_CHUNK`] batches' records (one while the
-    /// map is past the quarantine mark). Called with every trim ([`Store::trim_expired_at`]:
-    /// after each forwarded batch, and on a timer). Returns how many batches' records were
-    /// folded.
-    pub fn fold_card_days(&self) -> Result<u64, StoreError> {
-        let mut folded = 0u64;
-        loop {
-            let mut t = self.env.write_txn()?;
-            let chunk = if self.pressed(&t)? { 1 } else { FOLD_CHUNK };
-            let mut ids = Vec::new();
-            let mut sum: BTreeMap<String, Aggregate> = BTreeMap::new();
-            for item in self.card_day_pending.iter(&t)? {
-                let (id, deltas) = item?;
-                for (k, d) in deltas {
-                    add_aggregate(sum.entry(k).or_default(), &d);
-                }
-                ids.push(id);
-                if ids.len() >= chunk {
-                    break;
-                }
-            }
-            if ids.is_empty() {
-                return Ok(folded);
-            }
-            for id in &ids {
-                self.card_day_pending.delete(&mut t, id)?;
-            }
-            self.add_to_aggregates(&mut t, sum)?;
-            t.commit()?;
-            folded += ids.len() as u64;
-            if ids.len() < chunk {
-                return Ok(folded);
-            }
-        }
     }
 
     /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
@@ -1120,19 +1075,15 @@ impl Store {
             let (k, v) = item?;
             out.insert(k.to_string(), v);
         }
-        if may_hold_card_days(prefix) {
-            // Past the last key read (when the table had more), a pending key may sort after
-            // keys not read: left out, as the limit would.
-            let last = out.keys().next_back().cloned();
-            for item in self.card_day_pending.iter(&r)? {
-                for (k, d) in item?.1 {
-                    let beyond = !complete && last.as_ref().is_some_and(|l| &k > l);
-                    if k.starts_with(prefix) && !beyond {
-                        add_aggregate(out.entry(k).or_default(), &d);
-                    }
-                }
+        // Past the last key read (when the table had more), a pending key may sort after keys
+        // not read: left out, as the limit would.
+        let last = out.keys().next_back().cloned();
+        self.pending_deltas(&r, |k, d| {
+            let beyond = !complete && last.as_deref().is_some_and(|l| k > l);
+            if k.starts_with(prefix) && !beyond {
+                add_aggregate(out.entry(k.to_string()).or_default(), d);
             }
-        }
+        })?;
         Ok(out.into_iter().take(limit).collect())
     }
 
@@ -1283,7 +1234,7 @@ impl Store {
         // Then the card-days (after the trim: on a full map, with the room it made). Folding is
         // housekeeping: a map too full for it leaves the records, exact as they are, to a
         // later call.
-        if let Err(e) = self.fold_card_days() {
+        if let Err(e) = self.fold_aggregates() {
             if !e.is_full() {
                 return Err(e);
             }

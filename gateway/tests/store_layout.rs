@@ -2,7 +2,7 @@
 //! `card-day:` aggregates folded later yet exact at any time, and a store written in the old
 //! layout (taps by device ‖ sequence) migrated at open.
 
-use gateway::store::{DeviceState, Message, Store, MAX_GAPS};
+use gateway::store::{Aggregate, DeviceState, Message, Store, MAX_GAPS};
 use purse::keys::KeySet;
 use tapgate_lmdb::heed::byteorder::BE;
 use tapgate_lmdb::heed::types::{SerdeJson, Str, U64};
@@ -78,6 +78,27 @@ fn a_tap_in_a_gap_no_longer_tracked_is_stored_not_lost() {
     assert_eq!(ingest(&store, &keys, &[1, 4], T0), (1, 1));
 }
 
+/// The aggregate deltas not folded yet (entries of their table).
+fn pending(store: &Store) -> u64 {
+    let (tables, _) = store.table_stats().unwrap();
+    tables
+        .iter()
+        .find(|t| t.name == "aggregate_deltas")
+        .unwrap()
+        .entries
+}
+
+/// The `card-day:` aggregates under `prefix`: (name, taps, amount).
+fn card_days(store: &Store, prefix: &str, limit: usize) -> Vec<(String, u64, i64)> {
+    store
+        .aggregates(prefix, limit)
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("card-day:"))
+        .map(|(k, a)| (k, a.taps, a.amount_minor))
+        .collect()
+}
+
 #[test]
 fn card_day_aggregates_are_exact_before_and_after_they_are_folded() {
     let keys = gateway_keys();
@@ -86,26 +107,17 @@ fn card_day_aggregates_are_exact_before_and_after_they_are_folded() {
     // signed_tap: card 0405050505050<seq>, day 0, 100 minor units.
     assert_eq!(ingest(&store, &keys, &[1, 2, 3], T0), (3, 0));
     assert_eq!(ingest(&store, &keys, &[1, 4], T0), (1, 1));
-    let pending = |s: &Store| {
-        let (tables, _) = s.table_stats().unwrap();
-        tables
-            .iter()
-            .find(|t| t.name == "card_day_pending")
-            .unwrap()
-            .entries
-    };
-    assert_eq!(pending(&store), 2, "one record per batch");
+    // Per batch one entry per aggregate it touched: its card-days (3, then 1) and its device,
+    // stop, route, product and hour (5 each).
+    assert_eq!(
+        pending(&store),
+        3 + 5 + 1 + 5,
+        "one entry per batch and aggregate"
+    );
     let expect: Vec<(String, u64, i64)> = (1..=4)
         .map(|s| (format!("card-day:0405050505050{s}:0"), 1, 100))
         .collect();
-    let got = |s: &Store, prefix: &str, limit: usize| -> Vec<(String, u64, i64)> {
-        s.aggregates(prefix, limit)
-            .unwrap()
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("card-day:"))
-            .map(|(k, a)| (k, a.taps, a.amount_minor))
-            .collect()
-    };
+    let got = card_days;
     assert_eq!(got(&store, "card-day:", 10), expect);
     assert_eq!(got(&store, "card-day:", 2), expect[..2].to_vec());
     assert_eq!(
@@ -126,7 +138,7 @@ fn card_day_aggregates_are_exact_before_and_after_they_are_folded() {
     store.ingest(&[m], |d| keys.device_key(d).ok(), T0).unwrap();
     let first = got(&store, "card-day:04050505050501", 10);
     assert_eq!(first, vec![(expect[0].0.clone(), 2, 200)]);
-    assert_eq!(store.fold_card_days().unwrap(), 1);
+    assert_eq!(store.fold_aggregates().unwrap(), 1);
     assert_eq!(got(&store, "card-day:04050505050501", 10), first);
 }
 
@@ -215,4 +227,115 @@ fn a_store_in_the_old_layout_is_migrated_at_open() {
     assert_eq!(store.forwarded_at(11, T0).unwrap(), 0);
     assert_eq!(store.trim_expired_at(T0 + 7 * DAY_MS).unwrap(), 5);
     assert!(store.taps(100).unwrap().is_empty());
+}
+
+#[test]
+fn a_batch_with_more_card_days_than_a_page_holds_folds_exactly() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    // signed_tap's card is 0405050505 05 <seq as u8>: 300 taps, 256 cards, 44 of them twice.
+    let seqs: Vec<u64> = (1..=300).collect();
+    assert_eq!(ingest(&store, &keys, &seqs, T0), (300, 0));
+    assert_eq!(
+        pending(&store),
+        256 + 5,
+        "its card-days, device, stop, route, product, hour"
+    );
+    let before = card_days(&store, "card-day:", 1_000);
+    assert_eq!(before.len(), 256);
+    assert_eq!(before.iter().map(|c| c.1).sum::<u64>(), 300);
+    assert_eq!(before.iter().map(|c| c.2).sum::<i64>(), 300 * 100);
+    let twice = before.iter().filter(|c| c.1 == 2).count();
+    assert_eq!(twice, 44);
+    // A second batch on the same cards, folded with the first in one pass.
+    assert_eq!(ingest(&store, &keys, &[301], T0), (1, 0));
+    assert_eq!(store.fold_aggregates().unwrap(), 2);
+    assert_eq!(pending(&store), 0);
+    let after = card_days(&store, "card-day:", 1_000);
+    let mut expect = before.clone();
+    let c = expect
+        .iter_mut()
+        .find(|c| c.0 == "card-day:0405050505052D:0")
+        .unwrap();
+    (c.1, c.2) = (c.1 + 1, c.2 + 100);
+    assert_eq!(after, expect);
+    // Nothing left to fold; ingestion goes on after the folded ids.
+    assert_eq!(store.fold_aggregates().unwrap(), 0);
+    assert_eq!(ingest(&store, &keys, &[302], T0), (1, 0));
+    assert_eq!(store.pending_forward(1_000).unwrap().last().unwrap().0, 302);
+}
+
+#[test]
+fn card_day_records_of_the_per_batch_layout_are_migrated_at_open() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A store as the per-batch layout left it: two batches' records not folded yet (ids
+        // 3 and 5; batch 5 has a card twice over, as a record could), under the old table.
+        let store = Store::open(dir.path(), 64 << 20).unwrap();
+        assert_eq!(ingest(&store, &keys, &[1, 2, 3, 4, 5], T0), (5, 0));
+        drop(store);
+        let (env, dbs) = tapgate_lmdb::open(
+            dir.path(),
+            ["card_day_pending", "aggregate_deltas"],
+            &tapgate_lmdb::EnvConfig::durable(64 << 20),
+        )
+        .unwrap();
+        let [old, new] = dbs;
+        let old = old.remap_types::<U64<BE>, SerdeJson<Vec<(String, Aggregate)>>>();
+        let a = |taps, amount_minor| Aggregate {
+            taps,
+            refused: 0,
+            amount_minor,
+        };
+        let mut t = env.write_txn().unwrap();
+        new.clear(&mut t).unwrap();
+        let day = |s: u8| format!("card-day:0405050505050{s}:0");
+        old.put(
+            &mut t,
+            &3,
+            &vec![
+                (day(1), a(1, 100)),
+                (day(2), a(1, 100)),
+                (day(3), a(1, 100)),
+            ],
+        )
+        .unwrap();
+        old.put(
+            &mut t,
+            &5,
+            &vec![(day(4), a(1, 100)), (day(5), a(1, 60)), (day(5), a(1, 40))],
+        )
+        .unwrap();
+        t.commit().unwrap();
+    }
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    let expect: Vec<(String, u64, i64)> = (1..=5)
+        .map(|s| {
+            (
+                format!("card-day:0405050505050{s}:0"),
+                1 + u64::from(s == 5),
+                100,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pending(&store),
+        5,
+        "one entry per batch and card-day migrated"
+    );
+    assert_eq!(card_days(&store, "card-day:", 10), expect);
+    // New batches go after the migrated ids; all folded, the same figures plus the new tap.
+    assert_eq!(ingest(&store, &keys, &[6], T0), (1, 0));
+    assert_eq!(store.pending_forward(10).unwrap().last().unwrap().0, 6);
+    assert_eq!(store.fold_aggregates().unwrap(), 3);
+    let mut with_six = expect.clone();
+    with_six.push(("card-day:04050505050506:0".to_string(), 1, 100));
+    assert_eq!(card_days(&store, "card-day:", 10), with_six);
+    // Opened again: nothing left to migrate.
+    drop(store);
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    assert_eq!(pending(&store), 0);
+    assert_eq!(card_days(&store, "card-day:", 10), with_six);
 }
