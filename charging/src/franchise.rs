@@ -13,7 +13,7 @@
 //! - The operator records their payments ([`record_payment`]); settlement files list a business
 //!   day's loads and payments per franchise (`tapgate charging settlement`).
 
-use crate::ledger::{Booking, Ledger, LedgerError};
+use crate::ledger::{Booking, Ledger, LedgerError, LedgerRead, LedgerWrite};
 use purse::receipt::{TxClaim, TxKind};
 use purse::sam::{reader_id_of_device, CeilingGrant, Hsm};
 use serde::{Deserialize, Serialize};
@@ -92,12 +92,24 @@ fn state_key(name: &str) -> String {
     format!("franchise-state:{name}")
 }
 
+impl FranchiseState {
+    /// Franchise `name`'s state as `r` holds it (all zero before its first grant or report).
+    fn read(r: &(impl LedgerRead + ?Sized), name: &str) -> Result<FranchiseState, LedgerError> {
+        Ok(r.idempotent(&state_key(name))?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default())
+    }
+
+    /// Stores this as franchise `name`'s state.
+    fn store(&self, t: &mut (impl LedgerWrite + ?Sized), name: &str) -> Result<(), LedgerError> {
+        let value = serde_json::to_value(self).expect("state serialises");
+        t.put_idempotent(&state_key(name), &value)
+    }
+}
+
 /// The franchise's state.
 pub fn state(ledger: &Ledger, name: &str) -> Result<FranchiseState, FranchiseError> {
-    let r = ledger.read()?;
-    Ok(r.idempotent(&state_key(name))?
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default())
+    Ok(FranchiseState::read(&*ledger.read()?, name)?)
 }
 
 /// Value the franchise owes and has not paid (its account is negative by that much).
@@ -160,11 +172,7 @@ pub fn report_loads(
     }
     let name = franchise.name.clone();
     let (accepted, duplicates, refused) = ledger.transact(move |t| {
-        let key = state_key(&name);
-        let mut st: FranchiseState = t
-            .idempotent(&key)?
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
+        let mut st = FranchiseState::read(t, &name)?;
         let (mut accepted, mut duplicates) = (0u32, 0u32);
         let mut refused = Vec::new();
         for (i, proof) in &verified {
@@ -205,7 +213,7 @@ pub fn report_loads(
             st.reported_total_minor = reported;
             accepted += 1;
         }
-        t.put_idempotent(&key, &serde_json::to_value(&st).expect("state serialises"))?;
+        st.store(t, &name)?;
         Ok((accepted, duplicates, refused))
     })?;
     out.accepted = accepted;
@@ -234,11 +242,7 @@ pub fn grant_ceiling(
     // Decide and record the grant in one transaction, so two concurrent requests cannot both
     // use the same headroom or the same sequence number.
     let decided = ledger.transact(move |t| {
-        let key = state_key(&name);
-        let mut st: FranchiseState = t
-            .idempotent(&key)?
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default();
+        let mut st = FranchiseState::read(t, &name)?;
         let unreported = st
             .granted_total_minor
             .saturating_sub(st.reported_total_minor);
@@ -257,7 +261,7 @@ pub fn grant_ceiling(
         };
         st.last_grant_seq = seq;
         st.granted_total_minor = granted;
-        t.put_idempotent(&key, &serde_json::to_value(&st).expect("state serialises"))?;
+        st.store(t, &name)?;
         Ok(Some((st.last_grant_seq, amount)))
     })?;
     let Some((seq, amount)) = decided else {
