@@ -37,31 +37,35 @@ struct ServeArgs {
     passphrase_file: Option<PathBuf>,
 }
 
+// The ledger an offline command reads (`reconcile`, `settlement`): the LMDB ledger of a data
+// directory, or the one a server configuration's `[ledger]` names. (No doc comment: clap
+// would take it for the subcommands' about text.)
+#[derive(Args)]
+struct LedgerArgs {
+    /// The charging data directory.
+    #[arg(long, default_value = "data/charging")]
+    data: PathBuf,
+    /// The server's configuration: its `[ledger]` (PostgreSQL or LMDB in its data_dir)
+    /// instead of `--data`.
+    #[arg(long, conflicts_with = "data")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum ChargingCmd {
     /// Reconcile every card: the ledger's shadow purse against what the card proved; lists
     /// every difference with its cause.
     Reconcile {
-        /// The charging data directory.
-        #[arg(long, default_value = "data/charging")]
-        data: PathBuf,
-        /// The server's configuration: its `[ledger]` (PostgreSQL or LMDB in its data_dir)
-        /// instead of `--data`.
-        #[arg(long, conflicts_with = "data")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        ledger: LedgerArgs,
         /// Print the report as one JSON object on the last line.
         #[arg(long)]
         json: bool,
     },
     /// Write a business day's settlement files (per franchise, per operator, summary) as CSV.
     Settlement {
-        /// The charging data directory.
-        #[arg(long, default_value = "data/charging")]
-        data: PathBuf,
-        /// The server's configuration: its `[ledger]` (PostgreSQL or LMDB in its data_dir)
-        /// instead of `--data`.
-        #[arg(long, conflicts_with = "data")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        ledger: LedgerArgs,
         /// The business day, YYYY-MM-DD (UTC).
         #[arg(long)]
         day: String,
@@ -126,8 +130,8 @@ fn role_parser() -> impl clap::builder::TypedValueParser<Value = Role> {
 /// Runs `tapgate charging …`.
 pub fn run(args: ChargingArgs) -> Result<()> {
     match args.cmd {
-        Some(ChargingCmd::Reconcile { data, config, json }) => {
-            let ledger = open_configured_ledger(&data, config.as_deref())?;
+        Some(ChargingCmd::Reconcile { ledger, json }) => {
+            let ledger = ledger.open()?;
             let started = std::time::Instant::now();
             let report = charging::reconcile::reconcile(&ledger)?;
             let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -150,14 +154,13 @@ pub fn run(args: ChargingArgs) -> Result<()> {
             Ok(())
         }
         Some(ChargingCmd::Settlement {
-            data,
-            config,
+            ledger,
             day,
             out,
             merchant_fee_bps,
         }) => {
             charging::settlement::day_bounds(&day).map_err(input_err)?;
-            let ledger = open_configured_ledger(&data, config.as_deref())?;
+            let ledger = ledger.open()?;
             let files =
                 charging::settlement::settlement_with_fees(&ledger, &day, merchant_fee_bps)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -360,19 +363,19 @@ fn open_hsm(
 }
 
 /// The ledger of `--config` (its `[ledger]` table), else the LMDB ledger of `--data`.
-fn open_configured_ledger(
-    data: &std::path::Path,
-    config: Option<&std::path::Path>,
-) -> Result<charging::ledger::Ledger> {
-    let Some(path) = config else {
-        return open_ledger(data);
-    };
-    let cfg = read_config(Some(path))?;
-    cfg.ledger.check().map_err(|e| input_err(format!("{e}")))?;
-    if cfg.ledger.kind == server::LedgerKind::Lmdb {
-        return open_ledger(&cfg.data_dir);
+impl LedgerArgs {
+    /// Opens the ledger these arguments name.
+    fn open(&self) -> Result<charging::ledger::Ledger> {
+        let Some(path) = self.config.as_deref() else {
+            return open_ledger(&self.data);
+        };
+        let cfg = read_config(Some(path))?;
+        cfg.ledger.check().map_err(|e| input_err(format!("{e}")))?;
+        if cfg.ledger.kind == server::LedgerKind::Lmdb {
+            return open_ledger(&cfg.data_dir);
+        }
+        server::open_ledger(&cfg).context("opening the ledger")
     }
-    server::open_ledger(&cfg).context("opening the ledger")
 }
 
 fn open_ledger(data: &std::path::Path) -> Result<charging::ledger::Ledger> {
