@@ -228,6 +228,14 @@ pub const MAX_KDF_PASSES: u32 = 16;
 const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 4 + 1 + 4 + 4 + 1 + 16 + 24;
 
+/// Adds `version` to a list of retired versions unless it is there already (then sorted).
+fn add_retired(retired: &mut Vec<u8>, version: u8) {
+    if !retired.contains(&version) {
+        retired.push(version);
+        retired.sort_unstable();
+    }
+}
+
 fn random_key(rng: &mut (impl RngCore + CryptoRng)) -> AesKey {
     let mut b = [0u8; 16];
     rng.fill_bytes(&mut b);
@@ -367,17 +375,29 @@ impl KeySet {
         let current = self.card_version().ok_or(KeyError::Rotation(
             "the card masters' newest versions disagree",
         ))?;
-        if version >= current {
-            return Err(KeyError::Rotation(
-                "only a version older than the current one can be retired",
-            ));
-        }
-        self.get(KeyKind::Debit, version)?;
-        if !self.is_retired(version) {
-            self.retired.push(version);
-            self.retired.sort_unstable();
-        }
+        self.retirable(
+            KeyKind::Debit,
+            version,
+            current,
+            "only a version older than the current one can be retired",
+        )?;
+        add_retired(&mut self.retired, version);
         Ok(())
+    }
+
+    /// Whether master version `version` of `kind` may be retired: refused with `too_new` unless
+    /// it is older than `newest` (the version in use is never retired), and unless it is held.
+    fn retirable(
+        &self,
+        kind: KeyKind,
+        version: u8,
+        newest: u8,
+        too_new: &'static str,
+    ) -> Result<(), KeyError> {
+        if version >= newest {
+            return Err(KeyError::Rotation(too_new));
+        }
+        self.get(kind, version).map(|_| ())
     }
 
     /// A new signing-key version: a fresh Ed25519 seed replaces the old one (destroyed); the
@@ -449,16 +469,13 @@ impl KeySet {
         let newest = self
             .latest_version(KeyKind::DeviceMaster)
             .ok_or(KeyError::Rotation("no device master held"))?;
-        if version >= newest {
-            return Err(KeyError::Rotation(
-                "only a device-master version older than the current one can be retired",
-            ));
-        }
-        self.get(KeyKind::DeviceMaster, version)?;
-        if !self.retired_device.contains(&version) {
-            self.retired_device.push(version);
-            self.retired_device.sort_unstable();
-        }
+        self.retirable(
+            KeyKind::DeviceMaster,
+            version,
+            newest,
+            "only a device-master version older than the current one can be retired",
+        )?;
+        add_retired(&mut self.retired_device, version);
         Ok(())
     }
 
