@@ -252,25 +252,9 @@ impl Blocklist {
     /// is ignored. On any error the list in force is unchanged (a snapshot whose chunks do not
     /// fit together is dropped).
     pub fn apply_chunk(&mut self, c: &SnapshotChunk) -> Result<ChunkProgress, ListError> {
-        if c.operator != self.operator {
-            return Err(ListError::WrongOperator {
-                want: self.operator.clone(),
-                got: c.operator.clone(),
-            });
-        }
-        if self
-            .incoming
-            .as_ref()
-            .is_some_and(|a| a.version() <= self.version)
-        {
-            self.incoming = None;
-        }
-        if c.version <= self.version {
-            return Err(ListError::Stale {
-                held: self.version,
-                got: c.version,
-            });
-        }
+        self.own_operator(&c.operator)?;
+        self.drop_incoming_up_to(self.version);
+        self.newer(c.version)?;
         let started = match &self.incoming {
             Some(a) if a.version() > c.version => {
                 return Ok(ChunkProgress::Superseded {
@@ -337,37 +321,15 @@ impl Blocklist {
     /// Applies an update that [`ListUpdate::verify`] returned (for a caller that also needs to
     /// know what it was, without verifying the signature twice).
     pub fn apply_verified(&mut self, u: &ListUpdate) -> Result<u64, ListError> {
-        if u.operator != self.operator {
-            return Err(ListError::WrongOperator {
-                want: self.operator.clone(),
-                got: u.operator.clone(),
-            });
-        }
+        self.own_operator(&u.operator)?;
+        self.newer(u.to_version)?;
         match u.kind {
             ListKind::Snapshot => {
-                if u.to_version <= self.version {
-                    return Err(ListError::Stale {
-                        held: self.version,
-                        got: u.to_version,
-                    });
-                }
                 self.blocked =
                     UidSet::from_keys(u.entries.iter().map(|e| compact::key(&e.0)).collect());
-                if self
-                    .incoming
-                    .as_ref()
-                    .is_some_and(|a| a.version() <= u.to_version)
-                {
-                    self.incoming = None;
-                }
+                self.drop_incoming_up_to(u.to_version);
             }
             ListKind::Delta => {
-                if u.to_version <= self.version {
-                    return Err(ListError::Stale {
-                        held: self.version,
-                        got: u.to_version,
-                    });
-                }
                 if u.from_version != self.version {
                     return Err(ListError::OutOfOrder {
                         held: self.version,
@@ -385,6 +347,39 @@ impl Blocklist {
         }
         self.version = u.to_version;
         Ok(self.version)
+    }
+
+    /// Refused unless a message is for this list's operator.
+    fn own_operator(&self, got: &str) -> Result<(), ListError> {
+        if got == self.operator {
+            return Ok(());
+        }
+        Err(ListError::WrongOperator {
+            want: self.operator.clone(),
+            got: got.to_string(),
+        })
+    }
+
+    /// Refused as stale unless version `got` is newer than the one held.
+    fn newer(&self, got: u64) -> Result<(), ListError> {
+        if got > self.version {
+            return Ok(());
+        }
+        Err(ListError::Stale {
+            held: self.version,
+            got,
+        })
+    }
+
+    /// Drops the chunked snapshot being received unless it is newer than `version`.
+    fn drop_incoming_up_to(&mut self, version: u64) {
+        if self
+            .incoming
+            .as_ref()
+            .is_some_and(|a| a.version() <= version)
+        {
+            self.incoming = None;
+        }
     }
 }
 
