@@ -27,6 +27,9 @@
 //!   outbox entry, per distinct device a 120-byte state, per distinct aggregate key a 48-byte
 //!   value (the store's puts before issue 22's fix, kept so that runs before and after it have
 //!   the same limit; into an empty environment either layout is a few pages).
+//! - The store adds taps to its aggregates as appended deltas folded in `forwarded_at` (all of
+//!   them since 722c224; before, only the `card-day:` ones, the others updated in place in the
+//!   live batch): `forwarded_ms` includes the fold of each round's batch.
 //! - Then, at the largest size, a backlog trim ([`backlog_trims`]): the oldest 50,000 forwarded
 //!   taps expired at once and trimmed in transactions of 10,000 (the store before) and of
 //!   `TRIM_CHUNK` (1,000) while live batches go on: how long a live batch waits for the lock.
@@ -57,8 +60,11 @@ pub fn run(stored: &[u64], batch: usize) -> anyhow::Result<Figures> {
     let batch = batch.clamp(1, 4_096);
     let dir = tempfile::tempdir_in(std::env::var("TAPGATE_BENCH_DIR").unwrap_or("/tmp".into()))?;
     let max = sizes.last().copied().unwrap_or(0);
-    // Map: room for the largest size at ≈ 400 bytes a tap, at least 4 GiB.
-    let map = (max.saturating_mul(400) as usize).max(4 << 30);
+    // Map: room for the largest size at ≈ 400 bytes a tap, at least 4 GiB, in whole MiB (LMDB
+    // takes a multiple of the page size only: 30,000,000 taps × 400 is not one).
+    let map = (max.saturating_mul(400) as usize)
+        .max(4 << 30)
+        .next_multiple_of(1 << 20);
     let store = Store::open(&dir.path().join("gw"), map)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(22);
     let keys = KeySet::generate(&mut rng).for_role(Role::Gateway, 0)?;
