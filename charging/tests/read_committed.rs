@@ -526,6 +526,18 @@ fn a_card_with_no_row_is_locked_by_its_neutral_row() {
         .unwrap()
     });
     // Released once the second waits on the first's row (seen by the database).
+    until_one_waits(&db);
+    go_tx.send(()).unwrap();
+    first.join().unwrap();
+    second.join().unwrap();
+    let card = ledger.read().unwrap().card(&uid).unwrap();
+    assert_eq!((card.load_day, card.load_day_minor), (7, 300));
+    ledger.close();
+}
+
+/// Returns once a transaction of the ledger waits on a lock (as the database sees it), or
+/// after 30 s.
+fn until_one_waits(db: &TestDb) {
     let mut config: ::postgres::Config = db.url.parse().unwrap();
     let mut client = config
         .password(db.password())
@@ -542,14 +554,101 @@ fn a_card_with_no_row_is_locked_by_its_neutral_row() {
             .unwrap()
             .get(0);
         if waiting > 0 || Instant::now() > deadline {
-            break;
+            return;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    go_tx.send(()).unwrap();
-    first.join().unwrap();
-    second.join().unwrap();
-    let card = ledger.read().unwrap().card(&uid).unwrap();
-    assert_eq!((card.load_day, card.load_day_minor), (7, 300));
-    ledger.close();
+}
+
+/// How the `READ COMMITTED` load holding a card's neutral row ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LoadEnds {
+    /// Refused: the card not written (its neutral row deleted before `COMMIT`).
+    Refused,
+    /// The card written (its day counted) and committed.
+    Written,
+    /// The card written, then the transaction failed (rolled back).
+    WrittenThenFailed,
+}
+
+/// Clearing learning a card (`SERIALIZABLE`: it reads the card as unknown and issues it) while
+/// a `READ COMMITTED` load holds the card's neutral row: the learner's write of the card waits
+/// for the load. A load that did not write the card (refused, or rolled back) leaves no row,
+/// and the card is issued as learned; a load that wrote it commits its row, so the learner runs
+/// again, finds the card known and issues nothing over the load's day. Never a neutral row
+/// taken for a card, never the learned value posted twice or lost.
+#[test]
+fn a_serializable_learner_behind_a_neutral_row_sees_what_the_load_left() {
+    for ends in [
+        LoadEnds::Refused,
+        LoadEnds::Written,
+        LoadEnds::WrittenThenFailed,
+    ] {
+        let (ledger, db) = pg_ledger();
+        let uid = [0x04, 9, 9, 9, 9, 9, 9];
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, go_rx) = (Mutex::new(Some(held_tx)), Mutex::new(go_rx));
+        let l = ledger.clone();
+        let load = std::thread::spawn(move || {
+            l.transact(read_committed(move |t| {
+                assert!(!t.card_known(&uid)?, "no row yet");
+                if let Some(tx) = held_tx.lock().unwrap().take() {
+                    tx.send(()).unwrap();
+                    go_rx.lock().unwrap().recv().unwrap();
+                }
+                if ends != LoadEnds::Refused {
+                    t.add_load_day(&uid, 7, 100)?;
+                }
+                match ends {
+                    LoadEnds::WrittenThenFailed => Err(charging::ledger::LedgerError::Database(
+                        "failed after writing".into(),
+                    )),
+                    _ => Ok(()),
+                }
+            }))
+        });
+        held_rx.recv().unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let l = ledger.clone();
+        let learner = std::thread::spawn(move || {
+            l.transact(move |t| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                t.issue_card(&uid, 500, "learned:test", T0)
+            })
+            .unwrap()
+        });
+        until_one_waits(&db);
+        go_tx.send(()).unwrap();
+        let loaded = load.join().unwrap();
+        let issued = learner.join().unwrap();
+        let r = ledger.read().unwrap();
+        let card = r.card(&uid).unwrap();
+        let balance = r.balance(&charging::ledger::card_account(&uid)).unwrap();
+        assert!(r.card_known(&uid).unwrap(), "{ends:?}");
+        match ends {
+            LoadEnds::Written => {
+                assert!(loaded.is_ok(), "{loaded:?}");
+                assert!(!issued, "known by the time the learner ran again");
+                assert_eq!(runs.load(Ordering::SeqCst), 2, "run again after the load");
+                assert_eq!(
+                    (card.load_day_minor, card.booked_balance_minor),
+                    (100, None)
+                );
+                assert_eq!(balance, 0);
+            }
+            LoadEnds::Refused | LoadEnds::WrittenThenFailed => {
+                assert_eq!(loaded.is_ok(), ends == LoadEnds::Refused, "{loaded:?}");
+                assert!(issued, "{ends:?}: the card issued as learned");
+                assert_eq!(
+                    (card.load_day_minor, card.booked_balance_minor),
+                    (0, Some(500))
+                );
+                assert_eq!(balance, 500);
+            }
+        }
+        drop(r);
+        ledger.close();
+    }
 }
