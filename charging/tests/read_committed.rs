@@ -642,6 +642,11 @@ fn a_serializable_learner_behind_a_neutral_row_sees_what_the_load_left() {
                 assert_eq!(loaded.is_ok(), ends == LoadEnds::Refused, "{loaded:?}");
                 assert!(issued, "{ends:?}: the card issued as learned");
                 assert_eq!(
+                    runs.load(Ordering::SeqCst),
+                    1,
+                    "{ends:?}: nothing to run again"
+                );
+                assert_eq!(
                     (card.load_day_minor, card.booked_balance_minor),
                     (0, Some(500))
                 );
