@@ -927,4 +927,52 @@ mod tests {
         assert_eq!(r.balance("operator:metro").unwrap(), 750);
         assert_eq!(r.balance("issuer:float").unwrap(), -5_000);
     }
+
+    /// A batch of 40 cards (on PostgreSQL, enough to have its statements planned for their
+    /// arrays: `staged.rs`, `CUSTOM_PLANS_FROM`), two taps each: booked once, its retry answered
+    /// from the store, its taps under another id all duplicates; every card's account equals
+    /// the card and the operator has every fare.
+    #[test]
+    fn a_batch_of_many_cards_books_each_tap_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, _pg) = ledger(dir.path());
+        let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(6));
+        let hsm_keys = SoftwareHsm::new(&keys).unwrap();
+        let hsm: Mutex<Box<dyn Hsm + Send>> =
+            Mutex::new(Box::new(SoftwareHsm::new(&keys).unwrap()));
+        let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+        let mut cards: Vec<_> = (0..40u8)
+            .map(|i| transit_card(&hsm_keys, [0x04, 0xBA, 0x7C, i, 0, 0, 9], 5_000))
+            .collect();
+        let (mut taps, mut last_tmc) = (vec![], vec![0; cards.len()]);
+        for round in 0..2 {
+            for (i, card) in cards.iter_mut().enumerate() {
+                let amount = 100 + i32::from(u8::try_from(i).unwrap()) + round;
+                let r = value_tx(&mut sam, card, KeyKind::Debit, ins::DEBIT, amount).unwrap();
+                last_tmc[i] = r.tmc();
+                taps.push(clearing_tap(&r, taps.len() as u64 + 1));
+            }
+        }
+        let batch = |id: &str| ClearingBatch {
+            batch_id: id.into(),
+            taps: taps.clone(),
+        };
+        let out = clear_batch(&l, &hsm, batch("many"), 1).unwrap();
+        assert_eq!((out.cleared, out.duplicates), (80, 0), "{out:?}");
+        assert!(out.anomalies.is_empty(), "{out:?}");
+        assert_eq!(clear_batch(&l, &hsm, batch("many"), 2).unwrap(), out);
+        let again = clear_batch(&l, &hsm, batch("many-again"), 3).unwrap();
+        assert_eq!((again.cleared, again.duplicates), (0, 80), "{again:?}");
+        let r = l.read().unwrap();
+        let mut fares = 0;
+        for (card, tmc) in cards.iter().zip(last_tmc) {
+            let uid = card.state().uid;
+            let balance = i64::from(card.state().balance_minor);
+            assert_eq!(r.balance(&card_account(&uid)).unwrap(), balance);
+            assert_eq!(r.card(&uid).unwrap().booked_through_tmc, tmc);
+            fares += 5_000 - balance;
+        }
+        assert_eq!(r.balance("operator:metro").unwrap(), fares);
+        assert_eq!(r.balance("issuer:float").unwrap(), -5_000 * 40);
+    }
 }
