@@ -579,13 +579,14 @@ enum LoadEnds {
 /// taken for a card, never the learned value posted twice or lost.
 #[test]
 fn a_serializable_learner_behind_a_neutral_row_sees_what_the_load_left() {
-    for ends in [
+    let (ledger, db) = pg_ledger();
+    let ends = [
         LoadEnds::Refused,
         LoadEnds::Written,
         LoadEnds::WrittenThenFailed,
-    ] {
-        let (ledger, db) = pg_ledger();
-        let uid = [0x04, 9, 9, 9, 9, 9, 9];
+    ];
+    for (n, ends) in (9u8..).zip(ends) {
+        let uid = [0x04, n, n, n, n, n, n];
         let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let (held_tx, go_rx) = (Mutex::new(Some(held_tx)), Mutex::new(go_rx));
@@ -653,7 +654,6 @@ fn a_serializable_learner_behind_a_neutral_row_sees_what_the_load_left() {
                 assert_eq!(balance, 500);
             }
         }
-        drop(r);
-        ledger.close();
     }
+    ledger.close();
 }
