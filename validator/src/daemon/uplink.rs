@@ -85,13 +85,19 @@ fn connect(
         })
         .collect();
     let (client, mut eventloop) = AsyncClient::new(brokers[0].0.clone(), 256);
-    // Small messages both ways: without TCP_NODELAY, Nagle's algorithm held a tap or a
-    // confirmation until the peer's delayed ACK (≈ 40 ms at p99).
-    let mut net = eventloop.network_options();
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(m.connect_timeout.as_secs().max(1));
+    let net = network_options(eventloop.network_options(), m);
     eventloop.set_network_options(net);
     (client, eventloop, brokers)
+}
+
+/// The socket options of every connection: TCP_NODELAY (small messages both ways: without
+/// it, Nagle's algorithm held a tap or a confirmation until the peer's delayed ACK, ≈ 40 ms
+/// at p99) and `[mqtt] connect_timeout_s` for one attempt (TCP, TLS, CONNACK; rumqttc also
+/// bounds each flush of a live connection by it).
+fn network_options(mut net: rumqttc::NetworkOptions, m: &MqttSettings) -> rumqttc::NetworkOptions {
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(m.connect_timeout.as_secs().max(1));
+    net
 }
 
 /// The options for one broker.
@@ -549,4 +555,28 @@ async fn goodbye(link: &Link, device_id: u32) {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), link.client.disconnect()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{network_options, MqttSettings};
+    use std::time::Duration;
+
+    /// `[mqtt] connect_timeout_s` reaches the event loop (rumqttc's own default is 5 s).
+    #[test]
+    fn the_connect_timeout_is_the_connections() {
+        for (timeout, secs) in [(Duration::from_secs(30), 30), (Duration::from_secs(7), 7)] {
+            let m = MqttSettings {
+                host: "n1".into(),
+                port: 1883,
+                fallback: vec![],
+                connect_timeout: timeout,
+                username: None,
+                password: None,
+                tls_ca_pem: None,
+            };
+            let net = network_options(rumqttc::NetworkOptions::new(), &m);
+            assert_eq!(net.connection_timeout(), secs);
+        }
+    }
 }
