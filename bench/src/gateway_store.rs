@@ -230,6 +230,9 @@ fn prefill(store: &Store, keys: &KeySet, gen: Gen, upto: u64) -> anyhow::Result<
             store.ingest_with_rings(&msgs, |d| keys.device_key_ring(d).unwrap_or_default(), now)?;
         anyhow::ensure!(out.quarantined == 0, "pre-fill taps refused: {out:?}");
         forward_all(store, now)?;
+        // A pre-fill batch expires more taps than one call trims (TRIM_MAX_PER_CALL; the
+        // gateway's 60 s timer takes the rest): trim them all, so the store holds the window.
+        while store.trim_expired_at(now)? >= gateway::store::TRIM_MAX_PER_CALL as u64 {}
     }
     producer
         .join()
