@@ -339,3 +339,36 @@ fn card_day_records_of_the_per_batch_layout_are_migrated_at_open() {
     assert_eq!(pending(&store), 0);
     assert_eq!(card_days(&store, "card-day:", 10), with_six);
 }
+
+#[test]
+fn an_entry_the_deltas_layout_did_not_write_is_skipped_and_folded_away() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    assert_eq!(ingest(&store, &keys, &[1], T0), (1, 0));
+    drop(store);
+    {
+        // A short key after every batch's, a value of the wrong size before them.
+        let (env, dbs) = tapgate_lmdb::open(
+            dir.path(),
+            ["aggregate_deltas"],
+            &tapgate_lmdb::EnvConfig::durable(64 << 20),
+        )
+        .unwrap();
+        let [deltas] = dbs;
+        let mut t = env.write_txn().unwrap();
+        deltas.put(&mut t, &[0xFF], &[0; 24]).unwrap();
+        let early = [&0u64.to_be_bytes()[..], b"card-day:X:0"].concat();
+        deltas.put(&mut t, &early, &[1; 3]).unwrap();
+        t.commit().unwrap();
+    }
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    let expect = vec![("card-day:04050505050501:0".to_string(), 1, 100)];
+    assert_eq!(card_days(&store, "card-day:", 10), expect);
+    assert_eq!(pending(&store), 5 + 1 + 2);
+    // Folded: the batch counted once, the two foreign entries deleted, nothing left.
+    assert_eq!(store.fold_aggregates().unwrap(), 3);
+    assert_eq!(pending(&store), 0);
+    assert_eq!(store.fold_aggregates().unwrap(), 0);
+    assert_eq!(card_days(&store, "card-day:", 10), expect);
+}

@@ -103,8 +103,9 @@ impl Store {
         Ok(())
     }
 
-    /// Folds the pending deltas into the aggregates: summed per key, written in one sorted pass, in transactions of at most [`FOLD_CHUNK`] batches' deltas (one batch's while
-    /// the map is past the quarantine mark). Called with every trim
+    /// Folds the pending deltas into the aggregates: summed per key, written in one sorted
+    /// pass, in transactions of at most [`FOLD_CHUNK`] batches' deltas (one batch's while the
+    /// map is past the quarantine mark). Called with every trim
     /// ([`Store::trim_expired_at`]: after each forwarded batch, and on a timer). Returns how
     /// many batches' deltas were folded.
     pub fn fold_aggregates(&self) -> Result<u64, StoreError> {
@@ -113,33 +114,32 @@ impl Store {
             let mut t = self.env.write_txn()?;
             let chunk = if self.pressed(&t)? { 1 } else { FOLD_CHUNK };
             let mut batches = 0usize;
-            let mut last: Option<u64> = None;
+            let mut batch: Option<u64> = None;
+            // The last entry read: every entry up to it is folded and deleted (an entry this
+            // layout did not write too, so that none is read again and again).
+            let mut last_key: Option<Vec<u8>> = None;
             let mut sum: BTreeMap<String, Aggregate> = BTreeMap::new();
             for item in self.aggregate_deltas.iter(&t)? {
                 let (k, v) = item?;
-                let id = k.first_chunk::<8>().map_or(0, |id| u64::from_be_bytes(*id));
-                if last != Some(id) {
+                let id = k.first_chunk::<8>().map(|id| u64::from_be_bytes(*id));
+                if batch.is_none() || batch != id {
                     if batches == chunk {
                         break;
                     }
                     batches += 1;
-                    last = Some(id);
+                    batch = id;
                 }
                 if let Some((_, name, d)) = decode(k, v) {
                     add_aggregate(sum.entry(name.to_string()).or_default(), &d);
                 }
+                last_key = Some(k.to_vec());
             }
-            let Some(last) = last else {
+            let Some(last_key) = last_key else {
                 return Ok(folded);
             };
-            // Every entry of the batches read: the table's leading keys, below (last + 1) ‖ "".
-            let end = last.saturating_add(1).to_be_bytes();
-            let range = (Bound::Unbounded, Bound::Excluded(&end[..]));
-            if last == u64::MAX {
-                self.aggregate_deltas.clear(&mut t)?;
-            } else {
-                self.aggregate_deltas.delete_range(&mut t, &range)?;
-            }
+            // The entries read: the table's leading keys, up to the last one.
+            let range = (Bound::Unbounded, Bound::Included(&last_key[..]));
+            self.aggregate_deltas.delete_range(&mut t, &range)?;
             self.add_to_aggregates(&mut t, sum)?;
             t.commit()?;
             folded += batches as u64;
