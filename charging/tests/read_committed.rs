@@ -379,17 +379,12 @@ fn a_read_committed_transaction_sees_what_committed_after_it_began() {
     issue(&ledger, x);
     issue(&ledger, y);
     let owner_seen = |rc: bool, owner: &'static str| {
-        let (began_tx, began_rx) = std::sync::mpsc::channel::<()>();
-        let (changed_tx, changed_rx) = std::sync::mpsc::channel::<()>();
-        let (began_tx, changed_rx) = (Mutex::new(Some(began_tx)), Mutex::new(changed_rx));
+        let (began, began_rx, changed_tx) = pause();
         let l = ledger.clone();
         let seen = std::thread::spawn(move || {
             let f = move |t: &mut dyn LedgerWrite| {
                 t.card(&x)?;
-                if let Some(tx) = began_tx.lock().unwrap().take() {
-                    tx.send(()).unwrap();
-                    changed_rx.lock().unwrap().recv().unwrap();
-                }
+                began.hold();
                 Ok::<_, charging::ledger::LedgerError>(t.card(&y)?.owner)
             };
             let seen = match rc {
@@ -459,9 +454,7 @@ fn a_serializable_writer_behind_a_read_committed_load_runs_again_and_keeps_both(
     let (ledger, _db) = pg_ledger();
     let uid = [0x04, 5, 5, 5, 5, 5, 5];
     issue(&ledger, uid);
-    let (read_tx, read_rx) = std::sync::mpsc::channel::<()>();
-    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<()>();
-    let (read_tx, loaded_rx) = (Mutex::new(Some(read_tx)), Mutex::new(loaded_rx));
+    let (read, read_rx, loaded_tx) = pause();
     let runs = Arc::new(AtomicUsize::new(0));
     let counted = runs.clone();
     let l = ledger.clone();
@@ -469,10 +462,7 @@ fn a_serializable_writer_behind_a_read_committed_load_runs_again_and_keeps_both(
         l.transact(move |t| {
             counted.fetch_add(1, Ordering::SeqCst);
             t.card(&uid)?;
-            if let Some(tx) = read_tx.lock().unwrap().take() {
-                tx.send(()).unwrap();
-                loaded_rx.lock().unwrap().recv().unwrap();
-            }
+            read.hold();
             t.set_blocked(&uid, true, "clearing", T0)
         })
         .unwrap()
@@ -501,17 +491,12 @@ fn a_serializable_writer_behind_a_read_committed_load_runs_again_and_keeps_both(
 fn a_card_with_no_row_is_locked_by_its_neutral_row() {
     let (ledger, db) = pg_ledger();
     let uid = [0x04, 8, 8, 8, 8, 8, 8];
-    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let (held_tx, go_rx) = (Mutex::new(Some(held_tx)), Mutex::new(go_rx));
+    let (held, held_rx, go_tx) = pause();
     let l = ledger.clone();
     let first = std::thread::spawn(move || {
         l.transact(read_committed(move |t| {
             assert!(!t.card_known(&uid)?, "no row yet");
-            if let Some(tx) = held_tx.lock().unwrap().take() {
-                tx.send(()).unwrap();
-                go_rx.lock().unwrap().recv().unwrap();
-            }
+            held.hold();
             t.add_load_day(&uid, 7, 100)
         }))
         .unwrap()
@@ -533,6 +518,37 @@ fn a_card_with_no_row_is_locked_by_its_neutral_row() {
     let card = ledger.read().unwrap().card(&uid).unwrap();
     assert_eq!((card.load_day, card.load_day_minor), (7, 300));
     ledger.close();
+}
+
+/// A pause in a transaction's first run: [`Pause::hold`] there tells the test (the receiver
+/// [`pause`] returns) and waits for the sender it returns; a run again passes straight on.
+struct Pause {
+    reached: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// A pause, the receiver told when it is reached, and the sender that releases it.
+fn pause() -> (
+    Pause,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (reached, reached_rx) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel();
+    let pause = Pause {
+        reached: Mutex::new(Some(reached)),
+        release: Mutex::new(release),
+    };
+    (pause, reached_rx, release_tx)
+}
+
+impl Pause {
+    fn hold(&self) {
+        if let Some(tx) = self.reached.lock().unwrap().take() {
+            tx.send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+    }
 }
 
 /// Returns once a transaction of the ledger waits on a lock (as the database sees it), or
@@ -587,17 +603,12 @@ fn a_serializable_learner_behind_a_neutral_row_sees_what_the_load_left() {
     ];
     for (n, ends) in (9u8..).zip(ends) {
         let uid = [0x04, n, n, n, n, n, n];
-        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let (held_tx, go_rx) = (Mutex::new(Some(held_tx)), Mutex::new(go_rx));
+        let (held, held_rx, go_tx) = pause();
         let l = ledger.clone();
         let load = std::thread::spawn(move || {
             l.transact(read_committed(move |t| {
                 assert!(!t.card_known(&uid)?, "no row yet");
-                if let Some(tx) = held_tx.lock().unwrap().take() {
-                    tx.send(()).unwrap();
-                    go_rx.lock().unwrap().recv().unwrap();
-                }
+                held.hold();
                 if ends != LoadEnds::Refused {
                     t.add_load_day(&uid, 7, 100)?;
                 }
