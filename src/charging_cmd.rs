@@ -332,14 +332,11 @@ fn open_hsm(
                     "[hsm] kind = \"pkcs11\" needs token_label (or slot)",
                 ));
             }
-            let pin = match (&h.pin_file, &h.pin_env) {
-                (Some(f), None) => tapgate_pkcs11::PinSource::File(f.clone()),
-                (None, Some(e)) => tapgate_pkcs11::PinSource::Env(e.clone()),
-                _ => {
-                    return Err(input_err(
-                        "[hsm] kind = \"pkcs11\" needs exactly one of pin_file, pin_env (the PIN itself never goes in the config)",
-                    ))
-                }
+            let pin = tapgate_pkcs11::PinSource::one_of(h.pin_file.clone(), h.pin_env.clone());
+            let Ok(Some(pin)) = pin else {
+                return Err(input_err(
+                    "[hsm] kind = \"pkcs11\" needs exactly one of pin_file, pin_env (the PIN itself never goes in the config)",
+                ));
             };
             if keys.is_some() {
                 eprintln!("note: --keys is not used: the keys are in the PKCS#11 token");

@@ -1,6 +1,6 @@
 //! Helpers shared by subcommands: input errors (exit 2), hex parsing, passphrases, files.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::Path;
 
 /// An error in what the user gave us (bad hex, wrong length, missing passphrase): exit code 2.
@@ -56,28 +56,22 @@ pub fn uid7(flag: &str, value: &str) -> Result<[u8; 7]> {
 /// The environment variable that holds the key-set passphrase by default.
 pub const PASSPHRASE_ENV: &str = "TAPGATE_KEY_PASSPHRASE";
 
-/// Reads the key-set passphrase from `--passphrase-file` or the environment.
+/// Reads the key-set passphrase from `--passphrase-file` or the environment, by tapgate's one
+/// rule for secrets (docs/operations.md, "Secrets"; the file's first line may be any bytes).
 pub fn passphrase(file: Option<&Path>) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let refused = |e: tapgate_secrets::SecretError| input_err(format!("key-set passphrase: {e}"));
     if let Some(f) = file {
-        let mut s =
-            std::fs::read(f).with_context(|| format!("reading passphrase file {}", f.display()))?;
-        while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            s.pop();
-        }
-        if s.is_empty() {
-            return Err(input_err(format!(
-                "passphrase file {} is empty",
-                f.display()
-            )));
-        }
-        return Ok(zeroize::Zeroizing::new(s));
+        return tapgate_secrets::read_file_bytes(f).map_err(refused);
     }
-    match std::env::var(PASSPHRASE_ENV) {
-        Ok(v) if !v.is_empty() => Ok(zeroize::Zeroizing::new(v.into_bytes())),
-        _ => Err(input_err(format!(
+    if std::env::var_os(PASSPHRASE_ENV).is_none() {
+        return Err(input_err(format!(
             "no key-set passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file FILE"
-        ))),
+        )));
     }
+    let mut text = tapgate_secrets::read_env(PASSPHRASE_ENV).map_err(refused)?;
+    Ok(zeroize::Zeroizing::new(
+        std::mem::take(&mut *text).into_bytes(),
+    ))
 }
 
 /// Writes a file atomically and durably (temp file, fsync, rename, fsync of the directory): the

@@ -157,7 +157,8 @@ enum KeysCmd {
         /// The token's slot id (instead of its label).
         #[arg(long)]
         slot: Option<u64>,
-        /// Read the token user PIN from this file.
+        /// Read the token user PIN from this file (its first line; the file must be the
+        /// owner's alone: chmod 600).
         #[arg(long = "pin-file", required_unless_present = "pin_env")]
         pin_file: Option<PathBuf>,
         /// Read the token user PIN from this environment variable.
@@ -215,14 +216,14 @@ pub fn load_keyset(dir_or_file: &Path, passphrase_file: Option<&Path>) -> Result
     KeySet::unseal(&bytes, &pass).with_context(|| format!("opening key set {}", path.display()))
 }
 
-/// The PIN source of `--pin-file` / `--pin-env` (the PIN itself is never an argument).
+/// The PIN source of `--pin-file` / `--pin-env` (the PIN itself is never an argument); read by
+/// tapgate's one rule for secrets (docs/operations.md, "Secrets").
 pub fn pin_source(
     pin_file: Option<PathBuf>,
     pin_env: Option<String>,
 ) -> Result<tapgate_pkcs11::PinSource> {
-    match (pin_file, pin_env) {
-        (Some(f), None) => Ok(tapgate_pkcs11::PinSource::File(f)),
-        (None, Some(e)) => Ok(tapgate_pkcs11::PinSource::Env(e)),
+    match tapgate_pkcs11::PinSource::one_of(pin_file, pin_env) {
+        Ok(Some(source)) => Ok(source),
         _ => Err(input_err(
             "give the token PIN's source: --pin-file FILE or --pin-env VAR",
         )),

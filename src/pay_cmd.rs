@@ -53,8 +53,9 @@ pub struct PayArgs {
     #[arg(long = "idempotency-key")]
     idempotency_key: Option<String>,
     /// Read the card's payment PIN (when its holder set one and the payment is above its
-    /// amount) from this file. The PIN is never an argument: it would show in the process
-    /// list. Default: $TAPGATE_PAYMENT_PIN when it is set.
+    /// amount) from this file: its first line, the file the owner's alone (chmod 600). The PIN
+    /// is never an argument: it would show in the process list. Default: $TAPGATE_PAYMENT_PIN
+    /// when it is set.
     #[arg(long = "pin-file", conflicts_with = "pin_env")]
     pin_file: Option<PathBuf>,
     /// Read the card's payment PIN from this environment variable (instead of

@@ -37,7 +37,7 @@ fn migrate_applies_the_schema_once_and_the_server_checks_it() {
     let db = TestDb::start();
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pg-password");
-    std::fs::write(&pw, format!("{}\n", db.password())).unwrap();
+    tapgate_secrets::write_file(&pw, db.password()).unwrap();
     let cfg = config(
         dir.path(),
         &format!(

@@ -62,7 +62,7 @@ fn start(n: usize) -> Servers {
     let dir = tempfile::tempdir().unwrap();
     let keys = support::keys_init(dir.path(), PASS);
     let pw = dir.path().join("ledger-password");
-    std::fs::write(&pw, db.password()).unwrap();
+    tapgate_secrets::write_file(&pw, db.password()).unwrap();
     let mut s = Servers {
         url: db.url.clone(),
         name: db.name().to_string(),

@@ -39,8 +39,8 @@ fn rig(token: &str) -> Rig {
     assert!(o.status.success(), "{}", stderr(&o));
     let hsm = SoftHsmDir::new().unwrap();
     hsm.init_token_with_util(token, "cli-so-pin", PIN).unwrap();
-    std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).unwrap();
-    std::fs::write(dir.path().join("bad-pin"), "not-the-pin\n").unwrap();
+    tapgate_secrets::write_file(&dir.path().join("pin"), PIN).unwrap();
+    tapgate_secrets::write_file(&dir.path().join("bad-pin"), "not-the-pin").unwrap();
     let keys = KeySet::unseal(
         &std::fs::read(dir.path().join("keys/issuer.keys")).unwrap(),
         PASS.as_bytes(),
@@ -128,6 +128,18 @@ fn import_hsm_prints_labels_and_check_values_and_refuses_to_overwrite() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("refused the PIN"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("not-the-pin"));
+    // A PIN file other users may read: refused before the token is asked, the fix named.
+    let open = r.dir.path().join("open-pin");
+    std::fs::write(&open, format!("{PIN}\n")).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    std::fs::set_permissions(&open, mode).unwrap();
+    let o = import(&r, "import-cli", "open-pin", &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains(&format!("chmod 600 {}", open.display())),
+        "{}",
+        stderr(&o)
+    );
     let o = import(&r, "no-such-token", "pin", &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(

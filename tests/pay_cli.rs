@@ -232,7 +232,7 @@ fn tapgate_pay_pays_a_merchants_payment_from_a_card() {
         String::from_utf8_lossy(&out.stderr)
     );
     let pin_file = d.join("pin.txt");
-    std::fs::write(&pin_file, "2468\n").unwrap();
+    tapgate_secrets::write_file(&pin_file, "2468").unwrap();
     let stdout = succeeded(&pay_pin(
         &guarded,
         &["--pin-file", pin_file.to_str().unwrap()],

@@ -277,7 +277,7 @@ impl Server {
         let mut toml = format!("data_dir = {:?}\n", dir.to_str().unwrap_or_default());
         if let Some((url, password)) = pg {
             let pw = dir.join("ledger-password");
-            std::fs::write(&pw, password)?;
+            tapgate_secrets::write_file(&pw, password)?;
             toml.push_str(&format!(
                 "[ledger]\nkind = \"postgres\"\nurl = {url:?}\npassword_file = {:?}\n",
                 pw.to_str().unwrap_or_default()

@@ -107,7 +107,8 @@ pub struct LedgerConfig {
     pub kind: LedgerKind,
     /// `postgres://user@host:port/db` (kind `postgres`).
     pub url: Option<String>,
-    /// A file holding the database password (its first line).
+    /// A file holding the database password (its first line; the file the owner's alone:
+    /// docs/operations.md, "Secrets").
     pub password_file: Option<PathBuf>,
     /// An environment variable holding the database password.
     pub password_env: Option<String>,
@@ -156,28 +157,25 @@ impl LedgerConfig {
                 crate::ledger::postgres::redact_url(url)
             )));
         }
-        let password = match (&self.password_file, &self.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(ServerError::Config(
-                    "[ledger] names both password_file and password_env: give one".into(),
-                ))
-            }
-            (Some(f), None) => {
-                let text = std::fs::read_to_string(f).map_err(|e| {
-                    ServerError::Config(format!("[ledger] password_file {}: {e}", f.display()))
+        let source =
+            tapgate_secrets::Source::one_of(self.password_file.clone(), self.password_env.clone())
+                .map_err(|_| {
+                    ServerError::Config(
+                        "[ledger] names both password_file and password_env: give one".into(),
+                    )
                 })?;
-                let text = zeroize::Zeroizing::new(text);
-                Some(text.lines().next().unwrap_or_default().to_string())
-            }
-            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
-                ServerError::Config(format!(
-                    "[ledger] password_env: the environment variable {var} is not set"
-                ))
+        let password = match source {
+            Some(source) => Some(source.read().map_err(|e| {
+                let key = match source {
+                    tapgate_secrets::Source::File(_) => "password_file",
+                    tapgate_secrets::Source::Env(_) => "password_env",
+                };
+                ServerError::Config(format!("[ledger] {key}: {e}"))
             })?),
-            (None, None) => None,
+            None => None,
         };
         let mut c = crate::ledger::PgConfig::new(url, None);
-        c.password = password.map(zeroize::Zeroizing::new);
+        c.password = password;
         if let Some(ca) = &self.ca_file {
             if !ca.is_file() {
                 return Err(ServerError::Config(format!(
@@ -241,7 +239,8 @@ pub struct HsmConfig {
     pub token_label: Option<String>,
     /// The token's slot id (instead of the label).
     pub slot: Option<u64>,
-    /// A file holding the user PIN.
+    /// A file holding the user PIN (its first line; the file the owner's alone:
+    /// docs/operations.md, "Secrets").
     pub pin_file: Option<PathBuf>,
     /// An environment variable holding the user PIN.
     pub pin_env: Option<String>,
@@ -490,5 +489,41 @@ mod tests {
         assert!(!relay_inline(&cfg(
             "[ledger]\nkind = \"postgres\"\nurl = \"postgres://u@127.0.0.1:1/db\"\n"
         )));
+    }
+
+    /// The ledger password is read by the one rule for secrets (docs/operations.md,
+    /// "Secrets"): the file's first line, the file the owner's alone; the key is named.
+    #[test]
+    fn the_ledger_password_file_is_read_by_the_rule_for_secrets() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ledger.pw");
+        std::fs::write(&f, "db-secret\nsecond line\n").unwrap();
+        let ledger = LedgerConfig {
+            kind: LedgerKind::Postgres,
+            url: Some("postgres://u@127.0.0.1:1/db".into()),
+            password_file: Some(f.clone()),
+            ..LedgerConfig::default()
+        };
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ledger.postgres().unwrap_err().to_string();
+        assert!(e.contains("[ledger] password_file"), "{e}");
+        assert!(e.contains(&format!("chmod 600 {}", f.display())), "{e}");
+        assert!(!e.contains("db-secret"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pg = ledger.postgres().unwrap();
+        assert_eq!(
+            pg.password.as_deref().map(|p| p.as_str()),
+            Some("db-secret")
+        );
+        let both = LedgerConfig {
+            password_env: Some("TAPGATE_TEST_LEDGER_PW".into()),
+            ..ledger
+        };
+        assert!(both
+            .postgres()
+            .unwrap_err()
+            .to_string()
+            .contains("give one"));
     }
 }

@@ -35,7 +35,6 @@ use cryptoki::error::Error as CkError;
 use purse::keys::KeyKind;
 use purse::sam::SamError;
 use std::path::PathBuf;
-use zeroize::Zeroizing;
 
 /// The default label prefix of tapgate's objects in a token.
 pub const DEFAULT_PREFIX: &str = "tapgate";
@@ -83,43 +82,14 @@ pub(crate) fn parse_master_label(prefix: &str, label: &str) -> Option<(KeyKind, 
     Some((kind, v.parse().ok()?))
 }
 
-/// Where the user PIN comes from. The PIN itself never appears in a configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PinSource {
-    /// A file holding the PIN (one line; a trailing newline is ignored).
-    File(PathBuf),
-    /// An environment variable holding the PIN.
-    Env(String),
-}
+/// Where the user PIN comes from: a file (its first line) or an environment variable, read
+/// by tapgate's one rule for secrets ([`tapgate_secrets`]: a file open to other users, an unset
+/// variable and an empty PIN are refused). The PIN itself never appears in a configuration.
+pub use tapgate_secrets::Source as PinSource;
 
-impl PinSource {
-    /// Reads the PIN.
-    pub fn read(&self) -> Result<Zeroizing<String>, Pkcs11Error> {
-        let mut pin =
-            match self {
-                PinSource::File(p) => Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
-                    Pkcs11Error::Pin(format!("reading the PIN file {}: {e}", p.display()))
-                })?),
-                PinSource::Env(name) => Zeroizing::new(std::env::var(name).map_err(|_| {
-                    Pkcs11Error::Pin(format!("the PIN variable ${name} is not set"))
-                })?),
-            };
-        while pin.ends_with('\n') || pin.ends_with('\r') {
-            pin.pop();
-        }
-        if pin.is_empty() {
-            return Err(Pkcs11Error::Pin(format!("the PIN from {self} is empty")));
-        }
-        Ok(pin)
-    }
-}
-
-impl std::fmt::Display for PinSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PinSource::File(p) => write!(f, "file {}", p.display()),
-            PinSource::Env(n) => write!(f, "${n}"),
-        }
+impl From<tapgate_secrets::SecretError> for Pkcs11Error {
+    fn from(e: tapgate_secrets::SecretError) -> Self {
+        Pkcs11Error::Pin(e.to_string())
     }
 }
 

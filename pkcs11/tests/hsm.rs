@@ -396,12 +396,23 @@ fn operator_errors_are_clear() {
     // login state per application and token: a second C_Login answers "already logged in").
     let lone = softhsm::new_token("lone").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pin"), "wrong-pin\n").unwrap();
+    tapgate_secrets::write_file(&dir.path().join("pin"), "wrong-pin").unwrap();
     let mut cfg = lone.config.clone();
     cfg.pin = PinSource::File(dir.path().join("pin"));
     let e = Pkcs11Hsm::open(&cfg).unwrap_err();
     assert!(matches!(e, Pkcs11Error::WrongPin { .. }), "{e}");
     assert!(!e.to_string().contains("wrong-pin"));
+    // A PIN file other users may read is refused before any login is tried.
+    use std::os::unix::fs::PermissionsExt;
+    let pin_path = dir.path().join("pin");
+    std::fs::set_permissions(&pin_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Pkcs11Hsm::open(&cfg).unwrap_err();
+    assert!(matches!(e, Pkcs11Error::Pin(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("chmod 600 {}", pin_path.display())),
+        "{e}"
+    );
 
     let mut cfg = t.config.clone();
     cfg.pin = PinSource::Env("TAPGATE_TEST_PIN_NOT_SET".into());

@@ -236,7 +236,7 @@ fn ledger_in_postgres(
     }
     let db = crate::postgres::TestDb::start();
     let pw = dir.join("ledger-password");
-    std::fs::write(&pw, db.password()).expect("writing the password file");
+    tapgate_secrets::write_file(&pw, db.password()).expect("writing the password file");
     charging::ledger::postgres::migrate(&charging::ledger::PgConfig::new(
         &db.url,
         Some(db.password()),

@@ -174,7 +174,7 @@ pub fn new_token(hint: &str) -> Result<TestToken, String> {
     }
     let pin_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let pin_file = pin_dir.path().join("pin");
-    std::fs::write(&pin_file, format!("{pin}\n")).map_err(|e| e.to_string())?;
+    tapgate_secrets::write_file(&pin_file, &pin).map_err(|e| e.to_string())?;
     Ok(TestToken {
         config: Pkcs11Config {
             module,

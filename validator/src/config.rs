@@ -167,7 +167,8 @@ pub struct MqttConfig {
     pub username: Option<String>,
     /// The environment variable holding the password (default TAPGATE_MQTT_PASSWORD).
     pub password_env: Option<String>,
-    /// A file holding the password (wins over `password_env`).
+    /// A file holding the password on its first line, the owner's alone (docs/operations.md,
+    /// "Secrets"); wins over `password_env`.
     pub password_file: Option<PathBuf>,
     /// PEM CA file: connect over TLS.
     pub ca_file: Option<PathBuf>,
@@ -176,6 +177,28 @@ pub struct MqttConfig {
     /// a restart answers its last CONNECTs late; a validator that gave up too early connects
     /// again, and its abandoned CONNECT then takes over the new session (docs/validator.md).
     pub connect_timeout_s: Option<u64>,
+}
+
+impl MqttConfig {
+    /// The password, by tapgate's one rule for secrets (docs/operations.md, "Secrets"): from
+    /// `password_file` when it is set (it wins over `password_env`), else from the variable
+    /// `password_env` names; none when neither is set and [`DEFAULT_PASSWORD_ENV`] is unset.
+    /// rumqttc keeps its own copy of the password for the connection, in clear.
+    fn password(&self) -> Result<Option<String>, ConfigError> {
+        let (source, key) = match (&self.password_file, &self.password_env) {
+            (Some(f), _) => (tapgate_secrets::Source::File(f.clone()), "password_file"),
+            (None, Some(v)) => (tapgate_secrets::Source::Env(v.clone()), "password_env"),
+            (None, None) if std::env::var_os(DEFAULT_PASSWORD_ENV).is_none() => return Ok(None),
+            (None, None) => (
+                tapgate_secrets::Source::Env(DEFAULT_PASSWORD_ENV.into()),
+                "password_env",
+            ),
+        };
+        let password = source
+            .read()
+            .map_err(|e| ConfigError::Invalid(format!("[mqtt] {key}: {e}")))?;
+        Ok(Some(password.as_str().to_owned()))
+    }
 }
 
 /// The default of `[mqtt] connect_timeout_s`.
@@ -382,10 +405,7 @@ impl Config {
             }
             fallback.push((h, p));
         }
-        let password = match (&m.password_file, &m.password_env) {
-            (Some(f), _) => Some(read_text(f)?.trim().to_string()),
-            (None, env) => std::env::var(env.as_deref().unwrap_or(DEFAULT_PASSWORD_ENV)).ok(),
-        };
+        let password = m.password()?;
         let tls_ca_pem = match (&m.ca_file, tls) {
             (Some(f), _) => Some(std::fs::read(f).map_err(|source| ConfigError::Read {
                 path: f.clone(),
@@ -472,14 +492,6 @@ pub fn parse_broker(url: &str) -> Result<(String, u16, bool), ConfigError> {
         .parse()
         .map_err(|_| ConfigError::Invalid(format!("broker {url:?}: {port:?} is not a port")))?;
     Ok((host.to_string(), port, tls))
-}
-
-fn read_text(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        hint: "",
-        source,
-    })
 }
 
 /// The fare table the gate starts with: what the journal holds first (a newer table may have
