@@ -130,6 +130,23 @@ impl<'a> NewPosting<'a> {
     }
 }
 
+/// What a step is about to read ([`LedgerRead::look_up`]): each read then as the backend's
+/// other reads would answer it (the snapshot's, or the latest committed when the look-up was
+/// made).
+#[derive(Clone, Debug, Default)]
+pub struct Lookups {
+    /// idempotency keys (their answers)
+    pub keys: Vec<String>,
+    /// cards (their shadows)
+    pub cards: Vec<[u8; 7]>,
+    /// cards (their open intents)
+    pub open_intents: Vec<[u8; 7]>,
+    /// (source, instrument id): registrations
+    pub instruments: Vec<(String, String)>,
+    /// (source, instrument id, day): day totals
+    pub funding_days: Vec<(String, String, u64)>,
+}
+
 /// What a transaction is about to read ([`LedgerWrite::prefetch`]).
 #[derive(Clone, Debug, Default)]
 pub struct ReadsAhead {
@@ -216,6 +233,14 @@ impl Completion<'_> {
 
 /// Reads in one consistent snapshot of the ledger.
 pub trait LedgerRead {
+    /// Reads `ahead` at once where a backend pays a round trip a read (PostgreSQL: one round
+    /// trip for them all); the reads of them that follow are answered from what it read. A
+    /// backend that reads from memory (LMDB) does nothing.
+    fn look_up(&self, ahead: &Lookups) -> Result<(), LedgerError> {
+        let _ = ahead;
+        Ok(())
+    }
+
     /// An account's balance.
     fn balance(&self, account: &str) -> Result<i64, LedgerError>;
 

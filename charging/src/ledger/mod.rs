@@ -45,7 +45,9 @@ mod records;
 mod rules;
 
 pub use interface::propagation::{self as block_propagation, BlockReach};
-pub use interface::{Completion, LedgerOnly, LedgerRead, LedgerWrite, NewPosting, ReadsAhead};
+pub use interface::{
+    Completion, LedgerOnly, LedgerRead, LedgerWrite, Lookups, NewPosting, ReadsAhead,
+};
 pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,
     GROUP_COMMIT_QUEUE_JOBS,

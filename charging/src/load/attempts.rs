@@ -23,7 +23,7 @@ use crate::ledger::{LedgerRead, LedgerWrite};
 pub(super) const LIVE_MARGIN_MS: u64 = 1_000;
 
 /// The marker of a load's intent under its idempotency key (as stored).
-fn attempt_key(idem: &str) -> String {
+pub(super) fn attempt_key(idem: &str) -> String {
     format!("attempt:{idem}")
 }
 

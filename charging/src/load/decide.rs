@@ -118,6 +118,25 @@ impl LoadService {
         earlier: bool,
     ) -> Result<Ahead, LoadError> {
         let r = self.ledger.read_latest()?;
+        // All of it in one round trip where a read costs one (PostgreSQL).
+        let load = s.purpose == Purpose::Load;
+        r.look_up(&crate::ledger::Lookups {
+            keys: match earlier && load {
+                true => vec![super::attempts::attempt_key(&s.idem)],
+                false => vec![],
+            },
+            cards: vec![*uid],
+            open_intents: vec![*uid],
+            funding_days: match load {
+                true => vec![(
+                    s.request.funding_source.clone(),
+                    s.request.instrument.clone(),
+                    today,
+                )],
+                false => vec![],
+            },
+            ..Default::default()
+        })?;
         let earlier = match earlier {
             true => self.earlier_attempt(&*r, s)?,
             false => None,

@@ -28,6 +28,18 @@ impl LoadService {
         // marker, the limits and the intent are checked again when the intent is recorded).
         let owner = {
             let r = self.ledger.read_latest()?;
+            // Both in one round trip where a read costs one (PostgreSQL).
+            let source = self.sources.get(&req.funding_source);
+            r.look_up(&crate::ledger::Lookups {
+                keys: vec![ikey.clone()],
+                instruments: match (&purpose, source) {
+                    (Purpose::Load, Some(source)) => {
+                        vec![(source.name().to_string(), req.instrument.clone())]
+                    }
+                    _ => vec![],
+                },
+                ..Default::default()
+            })?;
             if let Some(reply) = stored_reply_in(&*r, &ikey, &fingerprint, differs)? {
                 return Ok(reply);
             }

@@ -35,6 +35,9 @@
 //! error and returns `Ok`, nothing commits and `transact` returns the error (or retries).
 
 mod cards;
+mod client;
+mod db;
+mod lookup;
 mod read;
 mod schema;
 mod staged;
@@ -82,6 +85,8 @@ impl Isolation {
 
 use super::interface::LedgerWrite;
 use super::LedgerError;
+use client::PgClient;
+pub(crate) use db::Db;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -95,7 +100,7 @@ pub(crate) static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic:
 
 /// Sends a transaction's control statement (`BEGIN …`, `COMMIT`, `ROLLBACK`), counted as one
 /// round trip as a [`Db`] statement is.
-fn control(client: &mut postgres::Client, sql: &str) -> Result<(), postgres::Error> {
+fn control(client: &mut PgClient, sql: &str) -> Result<(), postgres::Error> {
     ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     client.batch_execute(sql)
 }
@@ -159,8 +164,8 @@ impl PgConfig {
         }
     }
 
-    fn client_config(&self) -> Result<postgres::Config, LedgerError> {
-        let mut c: postgres::Config = self.url.parse().map_err(|e| {
+    fn client_config(&self) -> Result<tokio_postgres::Config, LedgerError> {
+        let mut c: tokio_postgres::Config = self.url.parse().map_err(|e| {
             LedgerError::Unavailable(format!("ledger url {}: {e}", redact_url(&self.url)))
         })?;
         if let Some(p) = &self.password {
@@ -169,16 +174,16 @@ impl PgConfig {
         c.application_name("tapgate-charging");
         c.connect_timeout(Duration::from_secs(5));
         match (&self.ca_file, c.get_ssl_mode()) {
-            (Some(_), postgres::config::SslMode::Disable) => {
+            (Some(_), tokio_postgres::config::SslMode::Disable) => {
                 return Err(LedgerError::Unavailable(
                     "the ledger url says sslmode=disable but a CA file is configured for TLS"
                         .into(),
                 ))
             }
             (Some(_), _) => {
-                c.ssl_mode(postgres::config::SslMode::Require);
+                c.ssl_mode(tokio_postgres::config::SslMode::Require);
             }
-            (None, postgres::config::SslMode::Require) => {
+            (None, tokio_postgres::config::SslMode::Require) => {
                 return Err(LedgerError::Unavailable(
                     "the ledger url asks for TLS (sslmode=require): name the CA that signs the database's certificate ([ledger] ca_file)"
                         .into(),
@@ -186,7 +191,7 @@ impl PgConfig {
             }
             (None, _) => {
                 // No TLS configured: never try it half-way (`prefer` would fall back silently).
-                c.ssl_mode(postgres::config::SslMode::Disable);
+                c.ssl_mode(tokio_postgres::config::SslMode::Disable);
             }
         }
         Ok(c)
@@ -222,10 +227,11 @@ impl PgConfig {
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 
-    /// Connects once (on the calling thread: only from threads without a tokio runtime, such
-    /// as the connection threads and the `migrate` command).
+    /// Connects once with the synchronous client (on the calling thread: only from threads
+    /// without a tokio runtime, such as the `migrate` command's): the schema's checks and
+    /// migrations.
     fn connect(&self) -> Result<postgres::Client, LedgerError> {
-        let config = self.client_config()?;
+        let config = postgres::Config::from(self.client_config()?);
         let unavailable = |e: postgres::Error| {
             LedgerError::Unavailable(format!("{}: {e}", redact_url(&self.url)))
         };
@@ -234,6 +240,17 @@ impl PgConfig {
             None => config.connect(postgres::NoTls).map_err(unavailable),
         }
     }
+
+    /// Connects a connection thread's client (on that thread: it drives the client's own
+    /// runtime).
+    fn connect_pipelined(&self) -> Result<PgClient, LedgerError> {
+        let config = self.client_config()?;
+        let connected = match &self.ca_file {
+            Some(ca) => PgClient::connect(&config, self.tls(ca)?),
+            None => PgClient::connect(&config, tokio_postgres::NoTls),
+        };
+        connected.map_err(|e| LedgerError::Unavailable(format!("{}: {e}", redact_url(&self.url))))
+    }
 }
 
 /// A connection and its prepared statements, owned by one connection thread.
@@ -241,17 +258,17 @@ pub(crate) struct Session {
     cfg: Arc<PgConfig>,
     /// The shard of the busy accounts this connection's transactions move ([`SHARDS`]).
     shard: i16,
-    client: Option<postgres::Client>,
+    client: Option<PgClient>,
     statements: std::collections::HashMap<&'static str, postgres::Statement>,
 }
 
 impl Session {
     /// The connection, (re)connected if it is missing or closed.
-    fn client(&mut self) -> Result<&mut postgres::Client, LedgerError> {
+    fn client(&mut self) -> Result<&mut PgClient, LedgerError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.statements.clear();
             self.client = None;
-            self.client = Some(self.cfg.connect()?);
+            self.client = Some(self.cfg.connect_pipelined()?);
         }
         Ok(self.client.as_mut().expect("just connected"))
     }
@@ -260,165 +277,6 @@ impl Session {
     fn drop_client(&mut self) {
         self.client = None;
         self.statements.clear();
-    }
-}
-
-/// A statement run through the session's cache of prepared statements.
-pub(crate) struct Db<'s> {
-    client: &'s mut postgres::Client,
-    statements: &'s mut std::collections::HashMap<&'static str, postgres::Statement>,
-    /// The first error of the transaction (it aborts the transaction, whatever the caller
-    /// does with it).
-    failure: Option<Failure>,
-    /// A write transaction's `BEGIN`: not sent yet, or sent at that isolation.
-    begin: Begin,
-}
-
-/// Where a write transaction's `BEGIN` is.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Begin {
-    /// Not a write transaction (a snapshot, a read of the latest).
-    None,
-    /// Sent with the first statement, at the isolation the closure chose by then.
-    Pending,
-    /// Sent.
-    Sent(Isolation),
-}
-
-/// How a statement failed: whether the transaction may run again, whether the connection is
-/// gone, whether the next run must be `SERIALIZABLE` (a read outside the locking rule), and the
-/// error as the ledger reports it.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    retryable: bool,
-    lost: bool,
-    serializable: bool,
-    error: String,
-}
-
-impl<'s> Db<'s> {
-    fn new(
-        client: &'s mut postgres::Client,
-        statements: &'s mut std::collections::HashMap<&'static str, postgres::Statement>,
-    ) -> Db<'s> {
-        Db {
-            client,
-            statements,
-            failure: None,
-            begin: Begin::None,
-        }
-    }
-
-    /// A write transaction's runner: its `BEGIN` goes with its first statement.
-    fn transaction(
-        client: &'s mut postgres::Client,
-        statements: &'s mut std::collections::HashMap<&'static str, postgres::Statement>,
-    ) -> Db<'s> {
-        Db {
-            begin: Begin::Pending,
-            ..Db::new(client, statements)
-        }
-    }
-
-    /// The isolation of this write transaction (`BEGIN` sent or not: the closure's choice
-    /// so far).
-    fn isolation(&self) -> Isolation {
-        match self.begin {
-            Begin::Sent(i) => i,
-            Begin::Pending => write::chosen(),
-            Begin::None => Isolation::Serializable,
-        }
-    }
-
-    /// Whether `BEGIN` was sent (then `COMMIT` or `ROLLBACK` ends the transaction).
-    fn begun(&self) -> bool {
-        matches!(self.begin, Begin::Sent(_))
-    }
-
-    /// Sends a write transaction's `BEGIN` if it is not sent yet.
-    fn begin_if_pending(&mut self) -> Result<(), postgres::Error> {
-        if self.begin != Begin::Pending {
-            return Ok(());
-        }
-        let isolation = write::chosen();
-        let r = self.client.batch_execute(isolation.begin());
-        self.note(r)?;
-        self.begin = Begin::Sent(isolation);
-        Ok(())
-    }
-
-    fn note<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
-        ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = &r {
-            if self.failure.is_none() {
-                self.failure = Some(Failure {
-                    retryable: retryable(e),
-                    lost: lost(e),
-                    serializable: false,
-                    error: e.to_string(),
-                });
-            }
-        }
-        r
-    }
-
-    /// Aborts a `READ COMMITTED` attempt that read outside the locking rule: the closure runs
-    /// again at `SERIALIZABLE`.
-    fn outside_rule(&mut self, what: &str) -> LedgerError {
-        let error = format!("{what}: outside the READ COMMITTED locking rule");
-        if self.failure.is_none() {
-            self.failure = Some(Failure {
-                retryable: true,
-                lost: false,
-                serializable: true,
-                error: error.clone(),
-            });
-        }
-        LedgerError::Database(error)
-    }
-
-    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
-        self.begin_if_pending()?;
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = self.client.prepare(sql);
-        let s = self.note(s)?;
-        self.statements.insert(sql, s.clone());
-        Ok(s)
-    }
-
-    /// Rows of `sql`.
-    pub(crate) fn query(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<postgres::Row>, postgres::Error> {
-        let s = self.statement(sql)?;
-        let r = self.client.query(&s, params);
-        self.note(r)
-    }
-
-    /// At most one row of `sql`.
-    pub(crate) fn query_opt(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Result<Option<postgres::Row>, postgres::Error> {
-        let s = self.statement(sql)?;
-        let r = self.client.query_opt(&s, params);
-        self.note(r)
-    }
-
-    /// Runs `sql`; the rows it changed.
-    pub(crate) fn execute(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
-    ) -> Result<u64, postgres::Error> {
-        let s = self.statement(sql)?;
-        let r = self.client.execute(&s, params);
-        self.note(r)
     }
 }
 
@@ -584,10 +442,11 @@ impl PgLedger {
             }),
         };
         let lease = l.pool.lease()?;
-        lease.conn().run(|s| {
-            let client = s.client()?;
-            schema::check(client)
-        })??;
+        // The schema read by the synchronous client, on the connection thread (no runtime
+        // there); the thread's own connection is made by its first job.
+        lease
+            .conn()
+            .run(|s| schema::check(&mut s.cfg.connect()?))??;
         Ok(l)
     }
 

@@ -1,7 +1,9 @@
 //! Reads: the queries behind [`LedgerRead`] (shared by a snapshot and a write transaction),
 //! and [`PgRead`], a `REPEATABLE READ READ ONLY` snapshot on a leased connection thread.
 
+use super::lookup::Found;
 use super::{cards, db_error, Db, Lease, LedgerError};
+use crate::ledger::interface::Lookups;
 use crate::ledger::records::*;
 use serde::de::DeserializeOwned;
 
@@ -28,6 +30,7 @@ fn record<T: DeserializeOwned>(row: &postgres::Row, col: &str) -> Result<T, Ledg
 /// The queries: each takes the statement runner and owned-or-borrowed arguments and returns
 /// the record, so a snapshot and a write transaction run the very same SQL.
 pub(super) mod q {
+    use super::super::lookup;
     use super::*;
 
     pub fn balance(db: &mut Db<'_>, account: &str) -> Result<i64, LedgerError> {
@@ -75,15 +78,7 @@ pub(super) mod q {
     }
 
     pub fn card_opt(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
-        card_row(
-            db,
-            concat!(
-                "SELECT ",
-                cards::columns!(),
-                " FROM cards c WHERE c.uid = $1"
-            ),
-            uid,
-        )
+        card_row(db, lookup::CARD, uid)
     }
 
     /// [`card_opt`], the card's row locked until the transaction ends (`READ COMMITTED`'s
@@ -166,10 +161,7 @@ pub(super) mod q {
         day: u64,
     ) -> Result<i64, LedgerError> {
         let row = db
-            .query_opt(
-                "SELECT total_minor FROM funding_days WHERE source = $1 AND instrument = $2 AND day = $3",
-                &[&source, &instrument, &big(day)],
-            )
+            .query_opt(lookup::FUNDING_DAY, &[&source, &instrument, &big(day)])
             .map_err(|e| db_error(&e))?;
         Ok(row.map(|r| r.get(0)).unwrap_or(0))
     }
@@ -343,11 +335,7 @@ pub(super) mod q {
 
     pub fn open_intents(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
         let rows = db
-            .query(
-                "SELECT record FROM load_intents WHERE uid = $1 AND state = 'authorised' \
-                 ORDER BY tmc_before, attempt",
-                &[&uid_hex(uid)],
-            )
+            .query(lookup::OPEN_INTENTS, &[&uid_hex(uid)])
             .map_err(|e| db_error(&e))?;
         rows.iter().map(|r| record(r, "record")).collect()
     }
@@ -373,7 +361,7 @@ pub(super) mod q {
                 "SELECT answer FROM idempotency WHERE key = $1 FOR UPDATE",
                 &[&key],
             ),
-            false => db.query_opt("SELECT answer FROM idempotency WHERE key = $1", &[&key]),
+            false => db.query_opt(lookup::KEY, &[&key]),
         }
         .map_err(|e| db_error(&e))?;
         Ok(row.map(|r| r.get(0)))
@@ -385,10 +373,7 @@ pub(super) mod q {
         id: &str,
     ) -> Result<Option<Instrument>, LedgerError> {
         let row = db
-            .query_opt(
-                "SELECT record FROM instruments WHERE source = $1 AND id = $2",
-                &[&source, &id],
-            )
+            .query_opt(lookup::INSTRUMENT, &[&source, &id])
             .map_err(|e| db_error(&e))?;
         row.map(|r| record(&r, "record")).transpose()
     }
@@ -486,6 +471,8 @@ pub struct PgRead {
     snapshot: bool,
     /// Whether `BEGIN` was sent (then `COMMIT` is, when the snapshot drops).
     begun: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What [`crate::ledger::LedgerRead::look_up`] read, for the reads that follow.
+    found: std::cell::RefCell<Found>,
 }
 
 impl super::PgLedger {
@@ -498,20 +485,9 @@ impl super::PgLedger {
             lease: self.pool.lease()?,
             snapshot: false,
             begun: Default::default(),
+            found: Default::default(),
         })
     }
-}
-
-/// Sends the snapshot's `BEGIN` on its connection.
-fn begin(s: &mut super::Session) -> Result<(), LedgerError> {
-    let c = s.client()?;
-    super::control(c, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").map_err(|e| {
-        let err = db_error(&e);
-        if super::lost(&e) {
-            s.drop_client();
-        }
-        err
-    })
 }
 
 impl PgRead {
@@ -520,6 +496,7 @@ impl PgRead {
             lease,
             snapshot: true,
             begun: Default::default(),
+            found: Default::default(),
         })
     }
 
@@ -533,11 +510,9 @@ impl PgRead {
         let first = snapshot && !self.begun.load(Ordering::Relaxed);
         let begun = self.begun.clone();
         self.lease.conn().run(move |s| {
-            if first {
-                begin(s)?;
-                begun.store(true, Ordering::Relaxed);
-            } else if !snapshot {
-                // Each read stands alone: a connection missing or lost is made afresh.
+            if first || !snapshot {
+                // A snapshot's first read, or a read that stands alone: a connection missing
+                // or lost is made afresh.
                 s.client()?;
             }
             let Some(client) = s.client.as_mut() else {
@@ -545,8 +520,15 @@ impl PgRead {
                     "the snapshot's connection is gone".into(),
                 ));
             };
-            let mut db = Db::new(client, &mut s.statements);
+            // A snapshot's BEGIN goes with its first read.
+            let mut db = match first {
+                true => Db::snapshot(client, &mut s.statements),
+                false => Db::new(client, &mut s.statements),
+            };
             let out = f(&mut db);
+            if first && db.begun() {
+                begun.store(true, Ordering::Relaxed);
+            }
             if db.failure.as_ref().is_some_and(|f| f.lost) {
                 s.drop_client();
             }
@@ -556,9 +538,49 @@ impl PgRead {
 }
 
 impl PgRead {
+    /// Reads `ahead` in one round trip; the reads of it that follow are answered from it.
+    fn look_up_all(&self, ahead: &Lookups) -> Result<(), LedgerError> {
+        let ahead = ahead.clone();
+        let found = self.q(move |db| super::lookup::look_up(db, &ahead))?;
+        let mut known = self.found.borrow_mut();
+        known.keys.extend(found.keys);
+        known.cards.extend(found.cards);
+        known.open_intents.extend(found.open_intents);
+        known.instruments.extend(found.instruments);
+        known.funding_days.extend(found.funding_days);
+        Ok(())
+    }
+
     fn card_opt(&self, uid: &[u8; 7]) -> Result<Option<CardShadow>, LedgerError> {
+        if let Some(c) = self.found.borrow().cards.get(uid) {
+            return Ok(c.clone());
+        }
         let uid = *uid;
         self.q(move |db| q::card_opt(db, &uid))
+    }
+
+    fn open_intents_of(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+        if let Some(open) = self.found.borrow().open_intents.get(uid) {
+            return Ok(open.clone());
+        }
+        let uid = *uid;
+        self.q(move |db| q::open_intents(db, &uid))
+    }
+
+    fn instrument_of(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
+        let key = (source.to_string(), id.to_string());
+        if let Some(i) = self.found.borrow().instruments.get(&key) {
+            return Ok(i.clone());
+        }
+        self.q(move |db| q::instrument(db, &key.0, &key.1))
+    }
+
+    fn funding_day_of(&self, source: &str, id: &str, day: u64) -> Result<i64, LedgerError> {
+        let key = (source.to_string(), id.to_string(), day);
+        if let Some(total) = self.found.borrow().funding_days.get(&key) {
+            return Ok(*total);
+        }
+        self.q(move |db| q::funding_day_total(db, &key.0, &key.1, key.2))
     }
 
     fn balance_of(&self, account: &str) -> Result<i64, LedgerError> {
@@ -572,6 +594,9 @@ impl PgRead {
     }
 
     fn idempotent_of(&self, key: &str) -> Result<Option<serde_json::Value>, LedgerError> {
+        if let Some(a) = self.found.borrow().keys.get(key) {
+            return Ok(a.clone());
+        }
         let key = key.to_string();
         self.q(move |db| q::idempotent(db, &key, false))
     }
@@ -596,10 +621,19 @@ impl Drop for PgRead {
 /// The [`LedgerRead`] of a type whose `q` runs one query (a snapshot, a write transaction):
 /// written once for both, over the queries of [`q`]; the reads a write transaction stages
 /// (`staged.rs`: a card, a balance, the intents at a counter, an idempotency answer) go through
-/// the type's own `card_opt`, `balance_of`, `intents_of` and `idempotent_of`.
+/// the type's own `card_opt`, `balance_of`, `intents_of` and `idempotent_of`, and those a
+/// snapshot may have looked up (`look_up_all`) through `open_intents_of`, `instrument_of` and
+/// `funding_day_of`.
 macro_rules! reads_through_q {
     ($t:ty) => {
         impl crate::ledger::interface::LedgerRead for $t {
+            fn look_up(
+                &self,
+                ahead: &crate::ledger::interface::Lookups,
+            ) -> Result<(), LedgerError> {
+                self.look_up_all(ahead)
+            }
+
             fn balance(&self, account: &str) -> Result<i64, LedgerError> {
                 self.balance_of(account)
             }
@@ -623,8 +657,7 @@ macro_rules! reads_through_q {
                 instrument: &str,
                 day: u64,
             ) -> Result<i64, LedgerError> {
-                let (source, instrument) = (source.to_string(), instrument.to_string());
-                self.q(move |db| super::read::q::funding_day_total(db, &source, &instrument, day))
+                self.funding_day_of(source, instrument, day)
             }
 
             fn anomalies(
@@ -691,8 +724,7 @@ macro_rules! reads_through_q {
             }
 
             fn open_intents(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
-                let uid = *uid;
-                self.q(move |db| super::read::q::open_intents(db, &uid))
+                self.open_intents_of(uid)
             }
 
             fn all_intents(&self) -> Result<Vec<LoadIntent>, LedgerError> {
@@ -708,8 +740,7 @@ macro_rules! reads_through_q {
                 source: &str,
                 id: &str,
             ) -> Result<Option<Instrument>, LedgerError> {
-                let (source, id) = (source.to_string(), id.to_string());
-                self.q(move |db| super::read::q::instrument(db, &source, &id))
+                self.instrument_of(source, id)
             }
 
             fn instruments_of(&self, owner: &str) -> Result<Vec<Instrument>, LedgerError> {

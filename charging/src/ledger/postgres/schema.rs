@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "block_changes_card",
         include_str!("../../../migrations/0004_block_changes_card.sql"),
     ),
+    (
+        5,
+        "expect_rows",
+        include_str!("../../../migrations/0005_expect_rows.sql"),
+    ),
 ];
 
 /// The schema version this build runs on.

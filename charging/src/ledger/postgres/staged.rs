@@ -13,6 +13,7 @@
 use super::read::{big, uid_hex, unbig};
 use super::{cards, db_error, Db, LedgerError};
 use crate::ledger::records::*;
+use postgres::types::ToSql;
 use std::collections::{BTreeMap, HashMap};
 
 /// Posting numbers reserved at once at most (the unused ones of a transaction leave a gap in
@@ -20,7 +21,11 @@ use std::collections::{BTreeMap, HashMap};
 const SEQ_BLOCK_MAX: i64 = 1_024;
 
 /// Cards read ahead from which a transaction plans its statements for their arguments
-/// ([`custom_plans`]): a clearing batch, not a load's one card.
+/// (`SET LOCAL plan_cache_mode = force_custom_plan`, until it ends): a clearing batch, not a
+/// load's one card. A prepared statement otherwise runs a generic plan after five runs, which
+/// takes an array parameter for 10 elements: a batch's 1 000 cards looked up, and their rows
+/// updated, one index descent (and version chain) each, instead of one pass over the table's
+/// pages — about twice the time on a ledger whose card rows every batch updates.
 const CUSTOM_PLANS_FROM: usize = 32;
 
 /// The staged reads and writes of one write transaction.
@@ -136,15 +141,7 @@ impl Staged {
     /// Reserves `n` posting numbers more at once (a batch about to post that many).
     pub fn reserve(&mut self, db: &mut Db<'_>, n: usize) -> Result<(), LedgerError> {
         let n = i64::try_from(n).unwrap_or(SEQ_BLOCK_MAX).min(SEQ_BLOCK_MAX);
-        let rows = db
-            .query(
-                // The sequence looked up once, not once a number.
-                "WITH s AS MATERIALIZED \
-                 (SELECT pg_get_serial_sequence('postings', 'seq')::regclass AS seq) \
-                 SELECT nextval(s.seq) FROM s, generate_series(1, $1::bigint)",
-                &[&n],
-            )
-            .map_err(|e| db_error(&e))?;
+        let rows = db.query(RESERVE, &[&n]).map_err(|e| db_error(&e))?;
         self.seqs
             .extend(rows.iter().map(|r| unbig(r.get::<_, i64>(0))));
         Ok(())
@@ -236,21 +233,30 @@ impl Staged {
             }
         }
         if !held.accounts.is_empty() {
-            let n = db
-                .execute(
-                    "UPDATE balances AS b SET balance_minor = b.balance_minor + u.d \
-                     FROM unnest($1::text[], $2::smallint[], $3::bigint[]) AS u(a, s, d) \
-                     WHERE b.account = u.a AND b.shard = u.s",
-                    &[&held.accounts, &held.shards, &held.amounts],
-                )
-                .map_err(|e| db_error(&e))?;
-            expect_rows("balance shards to move", n, held.accounts.len())?;
+            let n = count(held.accounts.len());
+            db.defer(
+                "WITH w AS (UPDATE balances AS b SET balance_minor = b.balance_minor + u.d \
+                 FROM unnest($1::text[], $2::smallint[], $3::bigint[]) AS u(a, s, d) \
+                 WHERE b.account = u.a AND b.shard = u.s RETURNING 1) \
+                 SELECT ledger_expect_rows('balance shards to move', count(*), $4) FROM w",
+                vec![
+                    Box::new(held.accounts),
+                    Box::new(held.shards),
+                    Box::new(held.amounts),
+                    Box::new(n),
+                ],
+            )
+            .map_err(|e| db_error(&e))?;
         }
         if !new.accounts.is_empty() {
-            db.execute(
+            db.defer(
                 "INSERT INTO balances (account, shard, balance_minor) \
                  SELECT * FROM unnest($1::text[], $2::smallint[], $3::bigint[])",
-                &[&new.accounts, &new.shards, &new.amounts],
+                vec![
+                    Box::new(new.accounts),
+                    Box::new(new.shards),
+                    Box::new(new.amounts),
+                ],
             )
             .map_err(|e| db_error(&e))?;
         }
@@ -277,27 +283,27 @@ impl Staged {
             }
         }
         if !new.keys.is_empty() {
-            db.execute(
+            db.defer(
                 "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[])",
-                &[&new.keys, &new.answers],
+                vec![Box::new(new.keys), Box::new(new.answers)],
             )
             .map_err(|e| db_error(&e))?;
         }
         if !held.keys.is_empty() {
-            let n = db
-                .execute(
-                    "UPDATE idempotency AS i SET answer = u.a \
-                     FROM unnest($1::text[], $2::jsonb[]) AS u(k, a) WHERE i.key = u.k",
-                    &[&held.keys, &held.answers],
-                )
-                .map_err(|e| db_error(&e))?;
-            expect_rows("stored answers to update", n, held.keys.len())?;
+            let n = count(held.keys.len());
+            db.defer(
+                "WITH w AS (UPDATE idempotency AS i SET answer = u.a \
+                 FROM unnest($1::text[], $2::jsonb[]) AS u(k, a) WHERE i.key = u.k RETURNING 1) \
+                 SELECT ledger_expect_rows('stored answers to update', count(*), $3) FROM w",
+                vec![Box::new(held.keys), Box::new(held.answers), Box::new(n)],
+            )
+            .map_err(|e| db_error(&e))?;
         }
         if !unread.keys.is_empty() {
-            db.execute(
+            db.defer(
                 "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
                  ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
-                &[&unread.keys, &unread.answers],
+                vec![Box::new(unread.keys), Box::new(unread.answers)],
             )
             .map_err(|e| db_error(&e))?;
         }
@@ -331,28 +337,29 @@ impl Staged {
             self.cards_stored.insert(uid, c.clone());
         }
         if !counted.is_empty() {
-            let a = &counters;
-            let n = db
-                .execute(
-                    "UPDATE cards AS c SET last_tmc = u.lt, last_reported_balance_minor = u.lr, \
-                     booked_through_tmc = u.bt, booked_balance_minor = u.bb \
-                     FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::bigint[], \
-                     $5::integer[]) AS u(uid, lt, lr, bt, bb) WHERE c.uid = u.uid",
-                    &[
-                        &counted,
-                        &a.last_tmc,
-                        &a.last_reported,
-                        &a.booked_through,
-                        &a.booked_balance,
-                    ],
-                )
-                .map_err(|e| db_error(&e))?;
-            expect_rows("card shadows to update", n, counted.len())?;
+            let (n, a) = (count(counted.len()), counters);
+            db.defer(
+                "WITH w AS (UPDATE cards AS c SET last_tmc = u.lt, \
+                 last_reported_balance_minor = u.lr, booked_through_tmc = u.bt, \
+                 booked_balance_minor = u.bb \
+                 FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::bigint[], \
+                 $5::integer[]) AS u(uid, lt, lr, bt, bb) WHERE c.uid = u.uid RETURNING 1) \
+                 SELECT ledger_expect_rows('card shadows to update', count(*), $6) FROM w",
+                vec![
+                    Box::new(counted),
+                    Box::new(a.last_tmc),
+                    Box::new(a.last_reported),
+                    Box::new(a.booked_through),
+                    Box::new(a.booked_balance),
+                    Box::new(n),
+                ],
+            )
+            .map_err(|e| db_error(&e))?;
         }
         if !whole.is_empty() {
-            let a = &whole_counters;
+            let a = whole_counters;
             // The records as JSON text, parsed once by the database.
-            db.execute(
+            db.defer(
                 "INSERT INTO cards (uid, record, last_tmc, last_reported_balance_minor, \
                  booked_through_tmc, booked_balance_minor) \
                  SELECT u, r::jsonb, lt, lr, bt, bb FROM unnest($1::text[], $2::text[], \
@@ -363,13 +370,13 @@ impl Staged {
                  last_reported_balance_minor = EXCLUDED.last_reported_balance_minor, \
                  booked_through_tmc = EXCLUDED.booked_through_tmc, \
                  booked_balance_minor = EXCLUDED.booked_balance_minor",
-                &[
-                    &whole,
-                    &records,
-                    &a.last_tmc,
-                    &a.last_reported,
-                    &a.booked_through,
-                    &a.booked_balance,
+                vec![
+                    Box::new(whole),
+                    Box::new(records),
+                    Box::new(a.last_tmc),
+                    Box::new(a.last_reported),
+                    Box::new(a.booked_through),
+                    Box::new(a.booked_balance),
                 ],
             )
             .map_err(|e| db_error(&e))?;
@@ -392,37 +399,125 @@ impl Staged {
             amount.push(p.amount_minor);
             reference.push(p.reference);
         }
-        db.execute(
+        db.defer(
             "INSERT INTO postings (seq, time_ms, from_account, to_account, amount_minor, reference) \
              OVERRIDING SYSTEM VALUE SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], \
              $4::text[], $5::bigint[], $6::text[])",
-            &[&seq, &time, &from, &to, &amount, &reference],
+            vec![
+                Box::new(seq),
+                Box::new(time),
+                Box::new(from),
+                Box::new(to),
+                Box::new(amount),
+                Box::new(reference),
+            ],
         )
         .map_err(|e| db_error(&e))?;
         Ok(())
     }
 
-    /// Reads what a batch will ask of the records staged here: the cards' shadows, their
-    /// accounts' balances and gap clocks (a lookup by key each), the answers under `keys`, the
-    /// intents at `counters`. What the transaction knows already is not read again. A batch
-    /// (from [`CUSTOM_PLANS_FROM`] cards) has its statements planned for their arguments.
+    /// Reads what a step or a batch will ask of the records staged here: the cards' shadows,
+    /// their accounts' balances and gap clocks (a lookup by key each), the answers under
+    /// `keys`, the intents at `counters`, and a posting number per card — all in one round
+    /// trip. What the transaction knows already is not read again. `locked` (`READ
+    /// COMMITTED`, the locking rule): the cards' rows and gap clocks locked first (in uid
+    /// order; a card with no row is outside the rule), then the answers and intents read
+    /// locked, and only then the shadows, balances and clocks those locks guard — the database
+    /// runs the statements in that order. A batch (from [`CUSTOM_PLANS_FROM`] cards) has its
+    /// statements planned for their arguments; its counted keys are read after its cards.
     pub fn prefetch(
         &mut self,
         db: &mut Db<'_>,
         ahead: &crate::ledger::ReadsAhead,
+        locked: bool,
     ) -> Result<(), LedgerError> {
+        if locked && !ahead.counted_keys.is_empty() {
+            return Err(db.outside_rule("a batch's counted keys"));
+        }
         let cards: Vec<[u8; 7]> =
             dedup(ahead.cards.iter().filter(|u| !self.cards.contains_key(*u)));
-        if !cards.is_empty() {
-            if cards.len() >= CUSTOM_PLANS_FROM {
-                custom_plans(db)?;
-            }
-            self.prefetch_cards(db, &cards)?;
-            // Each tap of a batch posts once.
-            self.reserve(db, cards.len().saturating_sub(self.seqs.len()))?;
+        let keys: Vec<String> = dedup(ahead.keys.iter().filter(|k| !self.idem.contains_key(*k)));
+        let counters: Vec<([u8; 7], u32)> = dedup(
+            ahead
+                .counters
+                .iter()
+                .filter(|c| !self.intents.contains_key(*c)),
+        );
+        let hex: Vec<String> = cards.iter().map(uid_hex).collect();
+        let accounts: Vec<String> = cards.iter().map(crate::ledger::card_account).collect();
+        let counter_uids: Vec<String> = counters.iter().map(|(u, _)| uid_hex(u)).collect();
+        let counter_tmcs: Vec<i64> = counters.iter().map(|(_, t)| i64::from(*t)).collect();
+        // Each tap of a batch, each load's completion, posts once.
+        let reserve = count(cards.len().saturating_sub(self.seqs.len())).min(SEQ_BLOCK_MAX);
+        let by_uid: [&(dyn ToSql + Sync); 1] = [&hex];
+        let by_account: [&(dyn ToSql + Sync); 1] = [&accounts];
+        let by_key: [&(dyn ToSql + Sync); 1] = [&keys];
+        let by_counter: [&(dyn ToSql + Sync); 2] = [&counter_uids, &counter_tmcs];
+        let by_count: [&(dyn ToSql + Sync); 1] = [&reserve];
+        let custom = cards.len() >= CUSTOM_PLANS_FROM;
+        let lock = locked && !cards.is_empty();
+        let mut plan: Vec<(&'static str, &[&(dyn ToSql + Sync)])> = Vec::new();
+        if custom {
+            plan.push(("SET LOCAL plan_cache_mode = force_custom_plan", &[]));
         }
-        let mut keys: Vec<String> = ahead.keys.clone();
-        for (uid, tmc, key) in &ahead.counted_keys {
+        if lock {
+            plan.push((LOCK_CARDS, &by_uid));
+        }
+        if !keys.is_empty() {
+            plan.push((if locked { KEYS_LOCKED } else { KEYS }, &by_key));
+        }
+        if !counters.is_empty() {
+            plan.push((if locked { INTENTS_LOCKED } else { INTENTS }, &by_counter));
+        }
+        if !cards.is_empty() {
+            plan.push((CARDS, &by_uid));
+            plan.push((BALANCES, &by_account));
+            plan.push((GAPS, &by_uid));
+        }
+        if reserve > 0 {
+            plan.push((RESERVE, &by_count));
+        }
+        if plan.is_empty() && ahead.counted_keys.is_empty() {
+            return Ok(());
+        }
+        let mut answers = db.query_all(&plan).map_err(|e| db_error(&e))?.into_iter();
+        let mut next = || answers.next().unwrap_or_default();
+        if custom {
+            next();
+        }
+        if lock {
+            let locked_cards: i64 = next().first().map_or(0, |r| r.get(0));
+            if locked_cards != count(cards.len()) {
+                return Err(db.outside_rule("a card with no row"));
+            }
+        }
+        if !keys.is_empty() {
+            self.staged_answers(&keys, &next())?;
+        }
+        if !counters.is_empty() {
+            self.staged_intents(&counters, &next())?;
+        }
+        if !cards.is_empty() {
+            let (shadows, balances, gaps) = (next(), next(), next());
+            self.staged_cards(&cards, &hex, accounts, (&shadows, &balances, &gaps))?;
+        }
+        if reserve > 0 {
+            let numbers = next();
+            self.seqs
+                .extend(numbers.iter().map(|r| unbig(r.get::<_, i64>(0))));
+        }
+        self.prefetch_counted_keys(db, &ahead.counted_keys)
+    }
+
+    /// A batch's counted keys ([`crate::ledger::ReadsAhead::counted_keys`]), after its cards:
+    /// a key whose card has not reported its counter is taken as absent without reading it.
+    fn prefetch_counted_keys(
+        &mut self,
+        db: &mut Db<'_>,
+        counted: &[([u8; 7], u32, String)],
+    ) -> Result<(), LedgerError> {
+        let mut keys = Vec::new();
+        for (uid, tmc, key) in counted {
             // The card has not reported the counter: no such key can exist, and the plain
             // INSERT that writes it would fail if one did (`flush_idempotent`).
             let unreached = match self.cards.get(uid) {
@@ -437,21 +532,26 @@ impl Staged {
             }
         }
         let keys: Vec<String> = dedup(keys.iter().filter(|k| !self.idem.contains_key(*k)));
-        if !keys.is_empty() {
-            let rows = db
-                .query(
-                    "SELECT key, answer FROM idempotency WHERE key = ANY($1)",
-                    &[&keys],
-                )
-                .map_err(|e| db_error(&e))?;
-            let mut found: HashMap<String, serde_json::Value> =
-                rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            for k in keys {
-                let answer = found.remove(&k);
-                self.read_idempotent(&k, answer);
-            }
+        if keys.is_empty() {
+            return Ok(());
         }
-        self.prefetch_intents(db, &ahead.counters)
+        let rows = db.query(KEYS, &[&keys]).map_err(|e| db_error(&e))?;
+        self.staged_answers(&keys, &rows)
+    }
+
+    /// The answers read under `keys` (rows of `key, answer`; a key without a row has none).
+    fn staged_answers(
+        &mut self,
+        keys: &[String],
+        rows: &[postgres::Row],
+    ) -> Result<(), LedgerError> {
+        let mut found: HashMap<String, serde_json::Value> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for k in keys {
+            let answer = found.remove(k);
+            self.read_idempotent(k, answer);
+        }
+        Ok(())
     }
 
     /// A key taken as absent without reading it ([`crate::ledger::ReadsAhead::counted_keys`]).
@@ -461,49 +561,31 @@ impl Staged {
         }
     }
 
-    /// The cards' shadows, their accounts' balances and their gap clocks: one lookup of each
-    /// table by key (`= ANY($1)`), no join. A prepared statement soon runs a generic plan,
-    /// which takes an `unnest` of a parameter for 10 rows: joined on one, a table read before
-    /// its statistics were gathered (a ledger younger than autovacuum's first look) was
+    /// The cards' shadows, their accounts' balances and their gap clocks as read: one lookup
+    /// of each table by key (`= ANY($1)`), no join. A prepared statement soon runs a generic
+    /// plan, which takes an `unnest` of a parameter for 10 rows: joined on one, a table read
+    /// before its statistics were gathered (a ledger younger than autovacuum's first look) was
     /// scanned once per card (1 000 × 1 000 rows a batch). A lookup by key is linear whatever
     /// the plan.
-    fn prefetch_cards(&mut self, db: &mut Db<'_>, cards: &[[u8; 7]]) -> Result<(), LedgerError> {
-        let hex: Vec<String> = cards.iter().map(uid_hex).collect();
-        let accounts: Vec<String> = cards.iter().map(crate::ledger::card_account).collect();
-        let rows = db
-            .query(
-                concat!(
-                    "SELECT c.uid, ",
-                    cards::columns!(),
-                    " FROM cards c WHERE c.uid = ANY($1)"
-                ),
-                &[&hex],
-            )
-            .map_err(|e| db_error(&e))?;
-        let mut shadows = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            shadows.insert(r.get::<_, String>(0), cards::from_row(r, 1)?);
+    fn staged_cards(
+        &mut self,
+        cards: &[[u8; 7]],
+        hex: &[String],
+        accounts: Vec<String>,
+        (shadows, balances, gaps): (&[postgres::Row], &[postgres::Row], &[postgres::Row]),
+    ) -> Result<(), LedgerError> {
+        let mut by_uid = HashMap::with_capacity(shadows.len());
+        for r in shadows {
+            by_uid.insert(r.get::<_, String>(0), cards::from_row(r, 1)?);
         }
-        let rows = db
-            .query(
-                "SELECT account, balance_minor FROM balances WHERE shard = 0 AND account = ANY($1)",
-                &[&accounts],
-            )
-            .map_err(|e| db_error(&e))?;
         let mut balances: HashMap<String, i64> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let rows = db
-            .query(
-                "SELECT uid, from_tmc, since_ms, reported FROM counter_gaps WHERE uid = ANY($1)",
-                &[&hex],
-            )
-            .map_err(|e| db_error(&e))?;
-        let mut gaps: HashMap<String, GapClock> = rows
+            balances.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut gaps: HashMap<String, GapClock> = gaps
             .iter()
             .map(|r| (r.get(0), super::write::gap_clock(r, 1)))
             .collect();
-        for ((uid, h), account) in cards.iter().zip(&hex).zip(accounts) {
-            self.read_card(uid, shadows.remove(h));
+        for ((uid, h), account) in cards.iter().zip(hex).zip(accounts) {
+            self.read_card(uid, by_uid.remove(h));
             let balance = balances.remove(&account);
             if !self.shards.contains_key(&(account.clone(), 0)) {
                 self.read_shard((account, 0), balance);
@@ -513,30 +595,16 @@ impl Staged {
         Ok(())
     }
 
-    fn prefetch_intents(
+    /// The intents read at `counters` (rows of `uid, record`, by attempt).
+    fn staged_intents(
         &mut self,
-        db: &mut Db<'_>,
         counters: &[([u8; 7], u32)],
+        rows: &[postgres::Row],
     ) -> Result<(), LedgerError> {
-        let counters: Vec<([u8; 7], u32)> =
-            dedup(counters.iter().filter(|c| !self.intents.contains_key(*c)));
-        if counters.is_empty() {
-            return Ok(());
-        }
-        let uids: Vec<String> = counters.iter().map(|(u, _)| uid_hex(u)).collect();
-        let tmcs: Vec<i64> = counters.iter().map(|(_, t)| i64::from(*t)).collect();
-        let rows = db
-            .query(
-                "SELECT i.uid, i.record FROM load_intents i \
-                 JOIN unnest($1::text[], $2::bigint[]) AS c(uid, tmc) \
-                 ON i.uid = c.uid AND i.tmc_before = c.tmc ORDER BY i.attempt",
-                &[&uids, &tmcs],
-            )
-            .map_err(|e| db_error(&e))?;
         for c in counters {
-            self.intents.insert(c, Vec::new());
+            self.intents.insert(*c, Vec::new());
         }
-        for r in &rows {
+        for r in rows {
             let intent: LoadIntent = from_json(r.get(1))?;
             let uid = hex::decode(r.get::<_, String>(0))
                 .ok()
@@ -549,27 +617,44 @@ impl Staged {
     }
 }
 
-/// Plans this transaction's statements for their arguments (`SET LOCAL`: until it ends). A
-/// prepared statement otherwise runs a generic plan after five runs, which takes an array
-/// parameter for 10 elements: a batch's 1 000 cards looked up, and their rows updated, one index
-/// descent (and version chain) each, instead of one pass over the table's pages — about twice
-/// the time on a ledger whose card rows every batch updates.
-fn custom_plans(db: &mut Db<'_>) -> Result<(), LedgerError> {
-    db.execute("SET LOCAL plan_cache_mode = force_custom_plan", &[])
-        .map_err(|e| db_error(&e))?;
-    Ok(())
-}
+/// Locks the cards' rows and gap clocks (`READ COMMITTED`), in uid order: how many cards have
+/// a row.
+const LOCK_CARDS: &str = "SELECT (SELECT count(*) FROM (SELECT 1 FROM cards WHERE uid = ANY($1) \
+     ORDER BY uid FOR UPDATE) c), (SELECT count(*) FROM (SELECT 1 FROM counter_gaps \
+     WHERE uid = ANY($1) ORDER BY uid FOR UPDATE) g)";
+/// The answers under keys.
+const KEYS: &str = "SELECT key, answer FROM idempotency WHERE key = ANY($1)";
+/// The answers under keys, locked.
+const KEYS_LOCKED: &str =
+    "SELECT key, answer FROM idempotency WHERE key = ANY($1) ORDER BY key FOR UPDATE";
+/// The intents at card counters, by attempt.
+const INTENTS: &str = "SELECT i.uid, i.record FROM load_intents i \
+     JOIN unnest($1::text[], $2::bigint[]) AS c(uid, tmc) \
+     ON i.uid = c.uid AND i.tmc_before = c.tmc ORDER BY i.attempt";
+/// The intents at card counters, by attempt, locked.
+const INTENTS_LOCKED: &str = "SELECT i.uid, i.record FROM load_intents i \
+     JOIN unnest($1::text[], $2::bigint[]) AS c(uid, tmc) \
+     ON i.uid = c.uid AND i.tmc_before = c.tmc ORDER BY i.uid, i.tmc_before, i.attempt \
+     FOR UPDATE OF i";
+/// The cards' shadows.
+const CARDS: &str = concat!(
+    "SELECT c.uid, ",
+    cards::columns!(),
+    " FROM cards c WHERE c.uid = ANY($1)"
+);
+/// The cards' accounts' balances (their one shard).
+const BALANCES: &str =
+    "SELECT account, balance_minor FROM balances WHERE shard = 0 AND account = ANY($1)";
+/// The cards' gap clocks.
+const GAPS: &str = "SELECT uid, from_tmc, since_ms, reported FROM counter_gaps WHERE uid = ANY($1)";
+/// `$1` posting numbers (the sequence looked up once, not once a number).
+const RESERVE: &str = "WITH s AS MATERIALIZED \
+     (SELECT pg_get_serial_sequence('postings', 'seq')::regclass AS seq) \
+     SELECT nextval(s.seq) FROM s, generate_series(1, $1::bigint)";
 
-/// A multi-row statement changed `n` rows of `expected`: the transaction read every one of
-/// them, and under SERIALIZABLE none can be gone.
-fn expect_rows(what: &str, n: u64, expected: usize) -> Result<(), LedgerError> {
-    if n == expected as u64 {
-        return Ok(());
-    }
-    Err(LedgerError::Database(format!(
-        "{} of {expected} {what} were not found",
-        (expected as u64).saturating_sub(n)
-    )))
+/// A number of rows a write must change (`ledger_expect_rows`, migration 0005).
+fn count(rows: usize) -> i64 {
+    i64::try_from(rows).unwrap_or(i64::MAX)
 }
 
 /// Balance moves as the arrays of one multi-row statement.

@@ -13,10 +13,11 @@
 //! Any other read (through [`PgWrite::q`]), a prefetch of a card with no row and an intent
 //! written at a counter not read abort the attempt, which runs again at `SERIALIZABLE`.
 
+use super::db::{Commit, Param};
 use super::read::{big, q, uid_hex, unbig};
 use super::staged::Staged;
 use super::{
-    backoff, db_error, lost, past, retryable, Db, Isolation, LedgerError, Session, MAX_ATTEMPTS,
+    backoff, db_error, past, retryable, Db, Isolation, LedgerError, Session, MAX_ATTEMPTS,
 };
 use crate::ledger::interface::{LedgerOnly, LedgerWrite, NewPosting};
 use crate::ledger::records::*;
@@ -97,23 +98,33 @@ pub(super) fn run<T>(
                 false => Choice::Open(Isolation::Serializable),
             })
         });
-        let (out, failure, begun) = {
+        let (out, failure, open, commit) = {
             let mut w = PgWrite {
                 db: RefCell::new(Db::transaction(client, statements)),
                 shard,
                 staged: RefCell::default(),
                 neutral: RefCell::default(),
             };
-            // What the closure staged is sent before COMMIT (a failure there is noted by Db).
+            // What the closure staged goes out with the COMMIT (a failure there is noted by Db).
             let out = f(&mut w).and_then(|v| w.finish().map(|()| v));
-            let db = w.db.into_inner();
-            let begun = db.begun();
-            (out, db.failure, begun)
+            let mut db = w.db.into_inner();
+            let commit = match (&out, &db.failure) {
+                (Ok(_), None) => Some(db.commit()),
+                _ => None,
+            };
+            let open = db.open();
+            (out, db.failure, open, commit)
         };
         CHOICE.with(|c| c.set(Choice::Closed));
-        match (out, failure) {
-            (_, Some(fl)) => {
-                if fl.lost || (begun && super::control(client, "ROLLBACK").is_err()) {
+        match (out, failure, commit) {
+            // The connection went while the last writes or the COMMIT were out (whatever else
+            // failed): never run again blindly.
+            (_, _, Some(Commit::Unknown(e))) => {
+                s.drop_client();
+                return Err(LedgerError::CommitUnknown(e));
+            }
+            (_, Some(fl), _) => {
+                if fl.lost || (open && super::control(client, "ROLLBACK").is_err()) {
                     s.drop_client();
                 }
                 forced |= fl.serializable;
@@ -135,29 +146,27 @@ pub(super) fn run<T>(
                     LedgerError::Database(error)
                 });
             }
-            (Err(e), None) => {
-                if begun && super::control(client, "ROLLBACK").is_err() {
+            (Err(e), None, _) => {
+                if open && super::control(client, "ROLLBACK").is_err() {
                     s.drop_client();
                 }
                 return Err(e);
             }
-            // Nothing was sent: nothing to commit.
-            (Ok(v), None) if !begun => return Ok(v),
-            (Ok(v), None) => match super::control(client, "COMMIT") {
-                Ok(()) => return Ok(v),
-                Err(e) if lost(&e) => {
-                    s.drop_client();
-                    return Err(LedgerError::CommitUnknown(e.to_string()));
-                }
-                Err(e) if retryable(&e) && may_retry(false) => {
-                    // The server refused the commit (a serialization failure found at commit):
-                    // nothing of it is durable.
-                    RETRIES.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(backoff(attempt));
-                    continue;
-                }
-                Err(e) => return Err(db_error(&e)),
-            },
+            (Ok(v), None, Some(Commit::Nothing | Commit::Done)) => return Ok(v),
+            // The server refused the commit (a serialization failure found at commit):
+            // nothing of it is durable.
+            (Ok(_), None, Some(Commit::Refused(e))) if retryable(&e) && may_retry(false) => {
+                RETRIES.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(backoff(attempt));
+                continue;
+            }
+            (Ok(_), None, Some(Commit::Refused(e))) => return Err(db_error(&e)),
+            // A failed COMMIT is noted as the transaction's failure (the arm above).
+            (Ok(_), None, Some(Commit::Failed) | None) => {
+                return Err(LedgerError::Database(
+                    "the transaction did not commit".into(),
+                ))
+            }
         }
     }
 }
@@ -214,6 +223,27 @@ impl PgWrite<'_> {
         f(&mut db)
     }
 
+    /// A write transaction reads as it goes (a step's reads ahead are
+    /// [`LedgerWrite::prefetch`]).
+    fn look_up_all(&self, _: &crate::ledger::interface::Lookups) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
+    fn open_intents_of(&self, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
+        let uid = *uid;
+        self.q(move |db| q::open_intents(db, &uid))
+    }
+
+    fn instrument_of(&self, source: &str, id: &str) -> Result<Option<Instrument>, LedgerError> {
+        let (source, id) = (source.to_string(), id.to_string());
+        self.q(move |db| q::instrument(db, &source, &id))
+    }
+
+    fn funding_day_of(&self, source: &str, id: &str, day: u64) -> Result<i64, LedgerError> {
+        let (source, id) = (source.to_string(), id.to_string());
+        self.q(move |db| q::funding_day_total(db, &source, &id, day))
+    }
+
     /// Whether the transaction runs at `READ COMMITTED` under the locking rule.
     fn read_committed(&self) -> bool {
         self.db.borrow().isolation() == Isolation::ReadCommitted
@@ -232,7 +262,10 @@ impl PgWrite<'_> {
             unwritten.map(uid_hex).collect()
         };
         if !unwritten.is_empty() {
-            self.exec("DELETE FROM cards WHERE uid = ANY($1)", &[&unwritten])?;
+            self.defer(
+                "DELETE FROM cards WHERE uid = ANY($1)",
+                vec![Box::new(unwritten)],
+            )?;
         }
         Ok(())
     }
@@ -335,6 +368,28 @@ impl PgWrite<'_> {
             .map_err(|e| db_error(&e))
     }
 
+    /// Sends a write with the transaction's next statement or its `COMMIT` (nothing waits
+    /// for its answer; a failure fails the transaction there).
+    fn defer(&self, sql: &'static str, params: Vec<Param>) -> Result<(), LedgerError> {
+        self.db
+            .borrow_mut()
+            .defer(sql, params)
+            .map_err(|e| db_error(&e))
+    }
+
+    /// `intent`'s row of card `uid` as the parameters `$1`–`$6` of a statement writing it.
+    fn intent_params(uid: &[u8; 7], intent: &LoadIntent) -> Result<Vec<Param>, LedgerError> {
+        let (rec, state, kind) = (to_json(intent)?, word(&intent.state)?, word(&intent.kind)?);
+        Ok(vec![
+            Box::new(uid_hex(uid)),
+            Box::new(i64::from(intent.tmc_before)),
+            Box::new(i32::from(intent.attempt)),
+            Box::new(state),
+            Box::new(kind),
+            Box::new(rec),
+        ])
+    }
+
     /// Writes `intent`'s row of card `uid` by `sql` (an INSERT of the six columns, its
     /// ON CONFLICT the caller's): the rows it changed.
     fn intent_row(
@@ -343,18 +398,10 @@ impl PgWrite<'_> {
         uid: &[u8; 7],
         intent: &LoadIntent,
     ) -> Result<u64, LedgerError> {
-        let (rec, state, kind) = (to_json(intent)?, word(&intent.state)?, word(&intent.kind)?);
-        self.exec(
-            sql,
-            &[
-                &uid_hex(uid),
-                &i64::from(intent.tmc_before),
-                &i32::from(intent.attempt),
-                &state,
-                &kind,
-                &rec,
-            ],
-        )
+        let params = Self::intent_params(uid, intent)?;
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| &**p as _).collect();
+        self.exec(sql, &refs)
     }
 
     /// Runs a statement that returns one row.
@@ -397,43 +444,6 @@ impl PgWrite<'_> {
         moved.ok_or_else(|| LedgerError::Database("a balance read is not staged".into()))
     }
 
-    /// At `READ COMMITTED`, before a prefetch reads them: the cards' rows locked (in uid order,
-    /// with their gap clocks), then the answers under the keys and the counters' intents read
-    /// locked. Only then does the prefetch read, unlocked, what these locks guard: the cards'
-    /// shadows, balances and gap clocks. A card with no row, or a batch's counted keys, are
-    /// outside the rule.
-    fn lock_ahead(&self, ahead: &crate::ledger::ReadsAhead) -> Result<(), LedgerError> {
-        if !ahead.counted_keys.is_empty() {
-            return Err(self.db.borrow_mut().outside_rule("a batch's counted keys"));
-        }
-        let mut uids: Vec<String> = {
-            let staged = self.staged.borrow();
-            let unread = ahead.cards.iter().filter(|u| staged.card(u).is_none());
-            unread.map(uid_hex).collect()
-        };
-        uids.sort();
-        uids.dedup();
-        if !uids.is_empty() {
-            let locked = self.one(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM cards WHERE uid = ANY($1) \
-                 ORDER BY uid FOR UPDATE) c), (SELECT count(*) FROM (SELECT 1 FROM counter_gaps \
-                 WHERE uid = ANY($1) ORDER BY uid FOR UPDATE) g)",
-                &[&uids],
-            )?;
-            let cards: i64 = locked.map_or(0, |r| r.get(0));
-            if cards != uids.len() as i64 {
-                return Err(self.db.borrow_mut().outside_rule("a card with no row"));
-            }
-        }
-        for key in &ahead.keys {
-            self.idempotent_of(key)?;
-        }
-        for (uid, tmc_before) in &ahead.counters {
-            self.intents_of(uid, *tmc_before)?;
-        }
-        Ok(())
-    }
-
     /// [`LedgerWrite::put_intent`] at `READ COMMITTED`: the counter's intents were read locked
     /// in this transaction, so an attempt among them is updated in place and a new one
     /// inserted plainly (an attempt a concurrent transaction inserted meanwhile fails the
@@ -446,25 +456,17 @@ impl PgWrite<'_> {
             .intents_at(uid, intent.tmc_before)
             .map(|all| all.iter().any(|i| i.attempt == intent.attempt));
         match known {
-            Some(true) => {
-                let n = self.intent_row(
-                    "UPDATE load_intents SET state = $4, kind = $5, record = $6 \
-                     WHERE uid = $1 AND tmc_before = $2 AND attempt = $3",
-                    uid,
-                    intent,
-                )?;
-                if n != 1 {
-                    return Err(LedgerError::Database("a locked intent is gone".into()));
-                }
-            }
-            Some(false) => {
-                self.intent_row(
-                    "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    uid,
-                    intent,
-                )?;
-            }
+            Some(true) => self.defer(
+                "WITH w AS (UPDATE load_intents SET state = $4, kind = $5, record = $6 \
+                 WHERE uid = $1 AND tmc_before = $2 AND attempt = $3 RETURNING 1) \
+                 SELECT ledger_expect_rows('locked intents to update', count(*), 1) FROM w",
+                Self::intent_params(uid, intent)?,
+            )?,
+            Some(false) => self.defer(
+                "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                Self::intent_params(uid, intent)?,
+            )?,
             None => {
                 return Err(self
                     .db
@@ -500,12 +502,12 @@ impl LedgerWrite for PgWrite<'_> {
         self.staged.borrow_mut().posting(&mut db, entry)
     }
 
+    /// One round trip (`Staged::prefetch`); at `READ COMMITTED` the cards' rows locked first,
+    /// then the answers and intents read locked, then what those locks guard.
     fn prefetch(&mut self, ahead: &crate::ledger::ReadsAhead) -> Result<(), LedgerError> {
-        if self.read_committed() {
-            self.lock_ahead(ahead)?;
-        }
+        let locked = self.read_committed();
         let mut db = self.db.borrow_mut();
-        self.staged.borrow_mut().prefetch(&mut db, ahead)
+        self.staged.borrow_mut().prefetch(&mut db, ahead, locked)
     }
 
     fn counter_gap(&self, uid: &[u8; 7]) -> Result<Option<GapClock>, LedgerError> {
@@ -562,22 +564,24 @@ impl LedgerWrite for PgWrite<'_> {
         let Some(g) = clock else {
             // A gap the transaction knows is absent has nothing to delete.
             if known.is_none_or(|g| g.is_some()) {
-                self.exec("DELETE FROM counter_gaps WHERE uid = $1", &[&uid_hex(uid)])?;
+                self.defer(
+                    "DELETE FROM counter_gaps WHERE uid = $1",
+                    vec![Box::new(uid_hex(uid))],
+                )?;
             }
             return Ok(());
         };
-        self.exec(
+        self.defer(
             "INSERT INTO counter_gaps (uid, from_tmc, since_ms, reported) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (uid) DO UPDATE SET from_tmc = EXCLUDED.from_tmc, \
              since_ms = EXCLUDED.since_ms, reported = EXCLUDED.reported",
-            &[
-                &uid_hex(uid),
-                &i64::from(g.from_tmc),
-                &big(g.since_ms),
-                &g.reported,
+            vec![
+                Box::new(uid_hex(uid)),
+                Box::new(i64::from(g.from_tmc)),
+                Box::new(big(g.since_ms)),
+                Box::new(g.reported),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     fn append_block_change(
@@ -586,15 +590,15 @@ impl LedgerWrite for PgWrite<'_> {
         change: BlockChange,
     ) -> Result<u64, LedgerError> {
         let version = self.next_number("block_changes")?;
-        self.exec(
+        self.defer(
             "INSERT INTO block_changes (version, card_uid, action, reason, time_ms) \
              VALUES ($1, $2, $3, $4, $5)",
-            &[
-                &big(version),
-                &change.card_uid,
-                &change.action,
-                &change.reason,
-                &big(change.time_ms),
+            vec![
+                Box::new(big(version)),
+                Box::new(change.card_uid),
+                Box::new(change.action),
+                Box::new(change.reason),
+                Box::new(big(change.time_ms)),
             ],
         )?;
         Ok(version)
@@ -606,71 +610,86 @@ impl LedgerWrite for PgWrite<'_> {
         (source, instrument, day): (&str, &str, u64),
         total_minor: i64,
     ) -> Result<(), LedgerError> {
-        self.exec(
+        self.defer(
             "INSERT INTO funding_days (source, instrument, day, total_minor) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (source, instrument, day) DO UPDATE SET total_minor = EXCLUDED.total_minor",
-            &[&source, &instrument, &big(day), &total_minor],
-        )?;
-        Ok(())
+            vec![
+                Box::new(source.to_string()),
+                Box::new(instrument.to_string()),
+                Box::new(big(day)),
+                Box::new(total_minor),
+            ],
+        )
     }
 
     fn record_anomaly(&mut self, a: &crate::clearing::Anomaly) -> Result<u64, LedgerError> {
         let rec = to_json(a)?;
         let seq = self.next_number("anomalies")?;
-        self.exec(
+        self.defer(
             "INSERT INTO anomalies (seq, kind, card_uid, record) VALUES ($1, $2, $3, $4)",
-            &[&big(seq), &a.kind, &a.card_uid, &rec],
+            vec![
+                Box::new(big(seq)),
+                Box::new(a.kind.clone()),
+                Box::new(a.card_uid.clone()),
+                Box::new(rec),
+            ],
         )?;
         Ok(seq)
     }
 
     fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError> {
         let rec = to_json(v)?;
-        self.exec(
+        self.defer(
             "INSERT INTO vouchers (code, record) VALUES ($1, $2) \
              ON CONFLICT (code) DO UPDATE SET record = EXCLUDED.record",
-            &[&v.code, &rec],
-        )?;
-        Ok(())
+            vec![Box::new(v.code.clone()), Box::new(rec)],
+        )
     }
 
     fn put_payment(&mut self, _: LedgerOnly, p: &Payment) -> Result<(), LedgerError> {
         let rec = to_json(p)?;
-        self.exec(
+        self.defer(
             "INSERT INTO payments (id, merchant, order_id, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET merchant = EXCLUDED.merchant, \
              order_id = EXCLUDED.order_id, record = EXCLUDED.record",
-            &[&p.id, &p.merchant, &p.order_id, &rec],
-        )?;
-        Ok(())
+            vec![
+                Box::new(p.id.clone()),
+                Box::new(p.merchant.clone()),
+                Box::new(p.order_id.clone()),
+                Box::new(rec),
+            ],
+        )
     }
 
     fn put_refund(&mut self, _: LedgerOnly, r: &Refund) -> Result<(), LedgerError> {
         let (rec, state) = (to_json(r)?, word(&r.state)?);
-        self.exec(
+        self.defer(
             "INSERT INTO refunds (id, state, created_ms, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
              created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
-            &[&r.id, &state, &big(r.created_ms), &rec],
-        )?;
-        Ok(())
+            vec![
+                Box::new(r.id.clone()),
+                Box::new(state),
+                Box::new(big(r.created_ms)),
+                Box::new(rec),
+            ],
+        )
     }
 
     fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {
         let rec = to_json(n)?;
-        self.exec(
+        self.defer(
             "INSERT INTO notifications (payment_id, next_attempt_ms, delivered, record) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (payment_id) DO UPDATE SET \
              next_attempt_ms = EXCLUDED.next_attempt_ms, delivered = EXCLUDED.delivered, \
              record = EXCLUDED.record",
-            &[
-                &n.payment_id,
-                &big(n.next_attempt_ms),
-                &n.delivered_ms.is_some(),
-                &rec,
+            vec![
+                Box::new(n.payment_id.clone()),
+                Box::new(big(n.next_attempt_ms)),
+                Box::new(n.delivered_ms.is_some()),
+                Box::new(rec),
             ],
-        )?;
-        Ok(())
+        )
     }
 
     fn put_card(
@@ -692,12 +711,11 @@ impl LedgerWrite for PgWrite<'_> {
         if self.read_committed() {
             return self.put_intent_locked(uid, intent);
         }
-        self.intent_row(
+        self.defer(
             "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (uid, tmc_before, attempt) DO UPDATE \
              SET state = EXCLUDED.state, kind = EXCLUDED.kind, record = EXCLUDED.record",
-            uid,
-            intent,
+            Self::intent_params(uid, intent)?,
         )?;
         self.staged.borrow_mut().put_intent(uid, intent);
         Ok(())
@@ -783,12 +801,16 @@ impl LedgerWrite for PgWrite<'_> {
 
     fn put_instrument(&mut self, i: &Instrument) -> Result<(), LedgerError> {
         let rec = to_json(i)?;
-        self.exec(
+        self.defer(
             "INSERT INTO instruments (source, id, owner, record) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (source, id) DO UPDATE SET owner = EXCLUDED.owner, record = EXCLUDED.record",
-            &[&i.source, &i.id, &i.owner, &rec],
-        )?;
-        Ok(())
+            vec![
+                Box::new(i.source.clone()),
+                Box::new(i.id.clone()),
+                Box::new(i.owner.clone()),
+                Box::new(rec),
+            ],
+        )
     }
 }
 
