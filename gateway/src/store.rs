@@ -47,9 +47,15 @@
 //! never trimmed. Taps and log entries are keyed alike, by arrival: a trim deletes
 //! the leading pages of both.
 //!
+//! The `card-day:` aggregates (one per card and day, never trimmed) are kept day first in a
+//! table of their own ([`card_days`]): a fold's leaves lie in the current day's part of it, and
+//! a finished day's are not rewritten. Device states are kept in a compact binary layout
+//! ([`devices`]): a live batch rewrites most of that table's leaves.
+//!
 //! A store written before taps were keyed by arrival (device ‖ sequence) is migrated when
 //! opened ([`migrate`]), and so is one holding its card-day deltas as one record per batch
-//! ([`deltas`]).
+//! ([`deltas`]), its device states as JSON ([`devices`]) or its card-days in `aggregates`
+//! ([`card_days`]).
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, SerdeJson, U64};
@@ -61,7 +67,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod card_days;
 mod deltas;
+mod devices;
 mod migrate;
 
 /// Store errors (storage only: bad input is quarantined, never an error).
@@ -335,7 +343,8 @@ pub struct Store {
     /// The layout before: batch id → its JSON list of deltas (overflow pages past ≈ 50);
     /// emptied by [`Store::open`]'s migration, kept only to read an old store.
     legacy_card_day_records: Database<U64<BE>, SerdeJson<Vec<(String, Aggregate)>>>,
-    devices: Database<U64<BE>, SerdeJson<DeviceState>>,
+    /// Device states in a compact binary layout ([`devices`]; JSON before, migrated at open).
+    devices: Database<U64<BE>, devices::DeviceCodec>,
     quarantine: Database<U64<BE>, SerdeJson<Quarantined>>,
     /// (device ‖ quarantine key) → (): each device's entries, oldest first.
     quarantine_index: Database<Bytes, heed::types::Unit>,
@@ -346,7 +355,11 @@ pub struct Store {
     /// bytes of the value, also in the old layout's `tap key ‖ answer`).
     forwarded_log: Database<U64<BE>, Bytes>,
     meta: Database<heed::types::Str, U64<BE>>,
+    /// The aggregates but the `card-day:` ones, by name.
     aggregates: Database<heed::types::Str, SerdeJson<Aggregate>>,
+    /// The `card-day:` aggregates, day first: (day ‖ UID ‖ `:`) → taps, refused, amount
+    /// ([`card_days`]; read back under their public names).
+    card_days: Database<Bytes, Bytes>,
     limits: StoreLimits,
     /// Most forwarded taps trimmed in one transaction ([`TRIM_CHUNK`] unless set).
     trim_chunk: usize,
@@ -584,10 +597,11 @@ impl Store {
                 "arrivals",
                 "card_day_pending",
                 "aggregate_deltas",
+                "card_days",
             ],
             &tapgate_lmdb::EnvConfig::durable(map_size_bytes),
         )?;
-        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log, arrivals, card_day_pending, aggregate_deltas] =
+        let [taps, devices, quarantine, quarantine_index, quarantine_devices, outbox, meta, aggregates, forwarded_log, arrivals, card_day_pending, aggregate_deltas, card_days] =
             dbs;
         let store = Store {
             env,
@@ -602,12 +616,15 @@ impl Store {
             outbox: outbox.remap_types(),
             meta: meta.remap_types(),
             aggregates: aggregates.remap_types(),
+            card_days: card_days.remap_types(),
             forwarded_log: forwarded_log.remap_types(),
             limits: StoreLimits::default(),
             trim_chunk: TRIM_CHUNK,
         };
         store.migrate_legacy_taps()?;
         store.migrate_card_day_records()?;
+        store.migrate_device_states()?;
+        store.migrate_card_days()?;
         Ok(store)
     }
 
@@ -654,6 +671,7 @@ impl Store {
         add(self.outbox.stat(t)?);
         add(self.meta.stat(t)?);
         add(self.aggregates.stat(t)?);
+        add(self.card_days.stat(t)?);
         add(self.forwarded_log.stat(t)?);
         Ok((pages * page_size, self.env.info().map_size as u64))
     }
@@ -675,6 +693,7 @@ impl Store {
             st("outbox", self.outbox.stat(&r)?),
             st("forwarded", self.forwarded_log.stat(&r)?),
             st("aggregates", self.aggregates.stat(&r)?),
+            st("card_days", self.card_days.stat(&r)?),
             st("devices", self.devices.stat(&r)?),
             st("aggregate_deltas", self.aggregate_deltas.stat(&r)?),
         ];
@@ -1035,18 +1054,24 @@ impl Store {
         Ok(())
     }
 
-    /// Adds deltas to the aggregates, in key order.
+    /// Adds deltas to the aggregates, in key order (`card-day:` ones to their day-first
+    /// table, [`card_days`]).
     fn add_to_aggregates(
         &self,
         t: &mut RwTxn<'_>,
         deltas: BTreeMap<String, Aggregate>,
     ) -> Result<(), StoreError> {
+        let mut by_day: BTreeMap<Vec<u8>, Aggregate> = BTreeMap::new();
         for (k, delta) in deltas {
+            if let Some(key) = card_days::key_of(&k) {
+                add_aggregate(by_day.entry(key).or_default(), &delta);
+                continue;
+            }
             let mut a = self.aggregates.get(t, &k)?.unwrap_or_default();
             add_aggregate(&mut a, &delta);
             self.aggregates.put(t, &k, &a)?;
         }
-        Ok(())
+        self.add_to_card_days(t, by_day)
     }
 
     /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
@@ -1058,8 +1083,10 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(String, Aggregate)>, StoreError> {
         let r = self.env.read_txn()?;
-        let mut out = BTreeMap::new();
-        let mut complete = true;
+        // The first `limit` names stored, and whether that is all: at most one more read from
+        // each table (`card-day:` ones from theirs, under their public names).
+        let cap = limit.saturating_add(1);
+        let mut out = self.stored_card_days(&r, prefix, cap)?;
         // LMDB refuses an empty key to seek to: no prefix is every aggregate.
         let items: Box<dyn Iterator<Item = heed::Result<(&str, Aggregate)>>> = if prefix.is_empty()
         {
@@ -1067,13 +1094,13 @@ impl Store {
         } else {
             Box::new(self.aggregates.prefix_iter(&r, prefix)?)
         };
-        for item in items {
-            if out.len() >= limit {
-                complete = false;
-                break;
-            }
+        for item in items.take(cap) {
             let (k, v) = item?;
-            out.insert(k.to_string(), v);
+            add_aggregate(out.entry(k.to_string()).or_default(), &v);
+        }
+        let complete = out.len() <= limit;
+        while out.len() > limit {
+            out.pop_last();
         }
         // Past the last key read (when the table had more), a pending key may sort after keys
         // not read: left out, as the limit would.

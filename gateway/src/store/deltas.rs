@@ -33,7 +33,8 @@ fn delta_key(id: u64, name: &str) -> Vec<u8> {
     k
 }
 
-fn encode(a: &Aggregate) -> [u8; VALUE_LEN] {
+/// An aggregate's figures as a delta's value (also a `card_days` value).
+pub(super) fn encode_value(a: &Aggregate) -> [u8; VALUE_LEN] {
     let mut v = [0u8; VALUE_LEN];
     v[..8].copy_from_slice(&a.taps.to_be_bytes());
     v[8..16].copy_from_slice(&a.refused.to_be_bytes());
@@ -46,14 +47,18 @@ fn encode(a: &Aggregate) -> [u8; VALUE_LEN] {
 fn decode<'a>(key: &'a [u8], v: &[u8]) -> Option<(u64, &'a str, Aggregate)> {
     let (id, name) = key.split_first_chunk::<8>()?;
     let name = std::str::from_utf8(name).ok()?;
+    Some((u64::from_be_bytes(*id), name, decode_value(v)?))
+}
+
+/// The figures of an [`encode_value`] value; `None` for one of another size.
+pub(super) fn decode_value(v: &[u8]) -> Option<Aggregate> {
     let v: &[u8; VALUE_LEN] = v.try_into().ok()?;
     let word = |i: usize| v[i..i + 8].try_into().expect("8 bytes");
-    let a = Aggregate {
+    Some(Aggregate {
         taps: u64::from_be_bytes(word(0)),
         refused: u64::from_be_bytes(word(8)),
         amount_minor: i64::from_be_bytes(word(16)),
-    };
-    Some((u64::from_be_bytes(*id), name, a))
+    })
 }
 
 impl Store {
@@ -70,7 +75,7 @@ impl Store {
                 t,
                 PutFlags::APPEND,
                 &delta_key(id, name),
-                &encode(d),
+                &encode_value(d),
             )?;
         }
         Ok(())
@@ -181,7 +186,7 @@ impl Store {
                 for (name, d) in &sum {
                     // Not appended: a migration cut short left greater ids' deltas behind.
                     self.aggregate_deltas
-                        .put(&mut t, &delta_key(*id, name), &encode(d))?;
+                        .put(&mut t, &delta_key(*id, name), &encode_value(d))?;
                 }
                 self.legacy_card_day_records.delete(&mut t, id)?;
                 moved += sum.len() as u64;
@@ -193,7 +198,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, delta_key, encode, Aggregate};
+    use super::{decode, delta_key, encode_value, Aggregate};
 
     #[test]
     fn a_delta_reads_back_as_written_and_a_foreign_entry_is_refused() {
@@ -203,7 +208,7 @@ mod tests {
             amount_minor: -250,
         };
         let k = delta_key(0x0102_0304_0506_0708, "card-day:04A1B2C3D4E5F6:20717");
-        let v = encode(&a);
+        let v = encode_value(&a);
         let (id, name, back) = decode(&k, &v).unwrap();
         assert_eq!(
             (id, name, back),
