@@ -233,10 +233,12 @@ async fn run_inner(
 ) -> Result<(), String> {
     let (tx, rx) = tokio::sync::mpsc::channel::<(Source, Message)>(cfg.queue_max_messages);
     let taps_elsewhere = link.is_some() || cfg.nats.is_some();
+    // The confirmations' publishes the broker has not acknowledged yet (connection 0's).
+    let window = Arc::new(sender::Window::default());
     let mqtt::Connections {
         clients,
         tasks: mqtt_tasks,
-    } = mqtt::connect(&cfg, taps_elsewhere, &stats, &tx);
+    } = mqtt::connect(&cfg, taps_elsewhere, &stats, &tx, &window);
     let (nats_task, nats_acks) = match &cfg.nats {
         Some(n) if link.is_none() => {
             let (taps, acks, ack_tx) = nats::spawn(
@@ -275,7 +277,7 @@ async fn run_inner(
         keys.trusted_signing_keys(),
     );
     let reach = reach::spawn(&cfg, stats.clone());
-    let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages);
+    let senders = sender::Senders::spawn(&clients, cfg.queue_max_messages, keys.clone(), window);
     let nats_ack = nats_acks.as_ref().map(|(_, a)| a.clone());
     let ingest = ingest_loop(rx, &cfg, &store, &keys, &stats, &senders, nats_ack);
     let link_abort = link_task.as_ref().map(|t| t.abort_handle());
@@ -358,12 +360,7 @@ async fn ingest_loop(
                 "device flagged: its quarantine reached its bound (oldest entries dropped; further garbage throttled)"
             );
         }
-        senders.confirm(
-            keys,
-            stats,
-            outcome.confirmations,
-            &outcome.device_key_versions,
-        );
+        senders.confirm(stats, outcome.confirmations, &outcome.device_key_versions);
     }
 }
 

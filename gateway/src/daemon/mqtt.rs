@@ -28,6 +28,7 @@ pub(super) fn connect(
     linked: bool,
     stats: &Arc<GatewayStats>,
     tx: &Sender<(Source, Message)>,
+    window: &Arc<super::sender::Window>,
 ) -> Connections {
     let connections = if linked {
         1
@@ -73,6 +74,7 @@ pub(super) fn connect(
             tx: tx.clone(),
             topics,
             brokers,
+            window: (conn == 0).then(|| window.clone()),
         };
         out.tasks.push(tokio::spawn(c.run(eventloop)));
     }
@@ -129,6 +131,8 @@ struct Connection {
     topics: Vec<(String, QoS)>,
     /// The options for each broker, tried in turn when a connection fails.
     brokers: Vec<MqttOptions>,
+    /// The first connection's: its PUBACKs (the confirmations publish on it).
+    window: Option<Arc<super::sender::Window>>,
 }
 
 impl Connection {
@@ -142,7 +146,15 @@ impl Connection {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff_ms = 100;
+                    if let Some(w) = &self.window {
+                        w.reset();
+                    }
                     self.subscribe();
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    if let Some(w) = &self.window {
+                        w.acked();
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     if self.main {
