@@ -101,7 +101,8 @@ pub(super) fn run(n: Option<u64>, taps_per_message: usize) -> anyhow::Result<Fig
 /// Device 1001 as a validator connects (persistent session, its confirmations at QoS 1) to
 /// node 1 with the other nodes as fallbacks, tried in turn as the validator daemon does; node 1
 /// is killed; the time until it is connected again (through another node) and until `tap`
-/// (already stored: confirmed again as a duplicate) sent then is confirmed.
+/// (already stored: confirmed again as a duplicate) sent then is confirmed (sent again as the
+/// validator daemon would: on a reconnection, or after [`RESEND_AFTER`] unconfirmed).
 async fn failover(
     cluster: &mut NatsCluster,
     ports: &[u16],
@@ -146,17 +147,37 @@ async fn failover(
     cluster.kill(1);
     next(&mut rx, "connected").await?;
     let reconnect = t0.elapsed();
-    client
-        .publish(
+    // Sent as the validator daemon sends an unconfirmed tap: now, again on every reconnection,
+    // and again when it has waited RESEND_AFTER unconfirmed. A PUBACK from NATS covers the
+    // message's store in `$MQTT_msgs` only: a tap published while its stream has no leader
+    // (the dead node held it, a new one is not elected yet) is acknowledged and never reaches
+    // the stream — the validator's resend is what delivers it.
+    let send = || {
+        client.publish(
             "tapgate/v1/bench/taps/1001",
             QoS::AtLeastOnce,
             false,
             tap.to_vec(),
         )
-        .await?;
-    next(&mut rx, "confirmed").await?;
+    };
+    send().await?;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            match tokio::time::timeout(RESEND_AFTER, rx.recv()).await {
+                Ok(Some("confirmed")) => return Ok(()),
+                Ok(Some("connected")) | Err(_) => send().await?,
+                Ok(Some(_)) => {}
+                Ok(None) => anyhow::bail!("the client stopped"),
+            }
+        }
+    })
+    .await??;
     Ok((reconnect, t0.elapsed()))
 }
+
+/// When the validator daemon sends an unconfirmed tap again (validator/src/daemon.rs,
+/// `RESEND_AFTER_MS`).
+const RESEND_AFTER: Duration = Duration::from_secs(30);
 
 /// Waits (120 s at most) for the client's event `want`.
 async fn next(
