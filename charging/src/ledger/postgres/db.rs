@@ -59,6 +59,12 @@ pub(crate) struct Failure {
     pub(super) retryable: bool,
     pub(super) lost: bool,
     pub(super) serializable: bool,
+    /// Whether the server refused the statement (an error response: the transaction is
+    /// aborted there), not the client (a statement never sent, or an answer not understood).
+    pub(super) server: bool,
+    /// Whether the server answered it by ending the session (`FATAL`, `PANIC`: its backend ran
+    /// nothing after it, such as a `COMMIT` sent behind it).
+    pub(super) fatal: bool,
     pub(super) error: String,
 }
 
@@ -74,7 +80,8 @@ pub(super) enum Commit {
     /// The database refused the `COMMIT` itself (a serialization failure found at commit):
     /// nothing of it is durable.
     Refused(postgres::Error),
-    /// The connection was lost before the answer: committed or not, nobody knows.
+    /// The connection was lost before the answer, or a write sent with the `COMMIT` failed
+    /// in the client, not on the server: committed or not, nobody knows.
     Unknown(String),
 }
 
@@ -163,6 +170,8 @@ impl<'s> Db<'s> {
                     retryable: retryable(e),
                     lost: lost(e),
                     serializable: false,
+                    server: e.as_db_error().is_some(),
+                    fatal: fatal(e),
                     error: e.to_string(),
                 });
             }
@@ -179,6 +188,23 @@ impl<'s> Db<'s> {
                 retryable: true,
                 lost: false,
                 serializable: true,
+                server: false,
+                fatal: false,
+                error: error.clone(),
+            });
+        }
+        super::LedgerError::Database(error)
+    }
+
+    /// Fails the transaction for a write the client refused to send (it never commits).
+    fn refuse(&mut self, error: String) -> super::LedgerError {
+        if self.failure.is_none() {
+            self.failure = Some(Failure {
+                retryable: false,
+                lost: false,
+                serializable: false,
+                server: false,
+                fatal: false,
                 error: error.clone(),
             });
         }
@@ -315,12 +341,20 @@ impl<'s> Db<'s> {
 
     /// Runs `sql` with the next statement or the `COMMIT`: nothing waits for its answer (a
     /// failure fails the transaction there). Only for a write transaction's statements.
+    ///
+    /// Its parameters are encoded here once: a write the client cannot encode (a parameter of
+    /// the wrong type or number) would fail without ever reaching the server, which would then
+    /// not abort the transaction, and the `COMMIT` sent behind it would commit the rest. Such a
+    /// write fails the transaction now.
     pub(crate) fn defer(
         &mut self,
         sql: &'static str,
         params: Vec<Param>,
-    ) -> Result<(), postgres::Error> {
-        let statement = self.prepared(sql)?;
+    ) -> Result<(), super::LedgerError> {
+        let statement = self.prepared(sql).map_err(|e| super::db_error(&e))?;
+        if let Err(e) = encodable(&statement, &params) {
+            return Err(self.refuse(format!("a write not sent ({e}): {sql}")));
+        }
         self.deferred.push(Deferred { statement, params });
         Ok(())
     }
@@ -334,13 +368,58 @@ impl<'s> Db<'s> {
         let answer = self.send_unnoted(Op::Control("COMMIT"));
         self.begin = Begin::Ended;
         match (&self.failure, answer) {
+            // The server ended the session at a statement before the COMMIT (a stale pooled
+            // connection's BEGIN, say): its backend never ran the COMMIT.
+            (Some(f), _) if f.fatal => Commit::Failed,
             // The connection went while the writes were out: the COMMIT may have run.
             (Some(f), _) if f.lost => Commit::Unknown(f.error.clone()),
-            // A write before the COMMIT failed: the COMMIT rolled the transaction back.
-            (Some(_), _) => Commit::Failed,
+            // A write before the COMMIT failed on the server: the transaction is aborted there,
+            // and the COMMIT rolled it back.
+            (Some(f), _) if f.server => Commit::Failed,
+            // A write failed in the client (not sent, or its answer not understood): the server
+            // did not abort for it, so the COMMIT may have committed without it, or with it.
+            (Some(f), _) => Commit::Unknown(f.error.clone()),
             (None, Ok(_)) => Commit::Done,
             (None, Err(e)) if lost(&e) => Commit::Unknown(e.to_string()),
             (None, Err(e)) => Commit::Refused(e),
         }
     }
 }
+
+/// Whether the server answered a statement by ending the session (its backend exits after
+/// sending a `FATAL` or `PANIC` error: it runs nothing after that statement).
+fn fatal(e: &postgres::Error) -> bool {
+    use postgres::error::Severity;
+    e.as_db_error().is_some_and(|d| match d.parsed_severity() {
+        Some(s) => matches!(s, Severity::Fatal | Severity::Panic),
+        None => matches!(d.severity(), "FATAL" | "PANIC"),
+    })
+}
+
+/// Whether the client can encode `params` for `statement` as it will when it sends it: their
+/// number, each one's type, and each one's size (a message field holds at most `i32::MAX`
+/// bytes).
+fn encodable(statement: &postgres::Statement, params: &[Param]) -> Result<(), String> {
+    let types = statement.params();
+    if types.len() != params.len() {
+        return Err(format!(
+            "{} parameters for a statement of {}",
+            params.len(),
+            types.len()
+        ));
+    }
+    let mut buf = bytes::BytesMut::new();
+    for (i, (p, ty)) in params.iter().zip(types).enumerate() {
+        buf.clear();
+        p.to_sql_checked(ty, &mut buf)
+            .map_err(|e| format!("parameter ${}: {e}", i + 1))?;
+        if i32::try_from(buf.len()).is_err() {
+            return Err(format!("parameter ${}: too large to send", i + 1));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "db_tests.rs"]
+mod tests;

@@ -245,8 +245,7 @@ impl Staged {
                     Box::new(held.amounts),
                     Box::new(n),
                 ],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         if !new.accounts.is_empty() {
             db.defer(
@@ -257,8 +256,7 @@ impl Staged {
                     Box::new(new.shards),
                     Box::new(new.amounts),
                 ],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         Ok(())
     }
@@ -286,8 +284,7 @@ impl Staged {
             db.defer(
                 "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[])",
                 vec![Box::new(new.keys), Box::new(new.answers)],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         if !held.keys.is_empty() {
             let n = count(held.keys.len());
@@ -296,16 +293,14 @@ impl Staged {
                  FROM unnest($1::text[], $2::jsonb[]) AS u(k, a) WHERE i.key = u.k RETURNING 1) \
                  SELECT ledger_expect_rows('stored answers to update', count(*), $3) FROM w",
                 vec![Box::new(held.keys), Box::new(held.answers), Box::new(n)],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         if !unread.keys.is_empty() {
             db.defer(
                 "INSERT INTO idempotency (key, answer) SELECT * FROM unnest($1::text[], $2::jsonb[]) \
                  ON CONFLICT (key) DO UPDATE SET answer = EXCLUDED.answer",
                 vec![Box::new(unread.keys), Box::new(unread.answers)],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         Ok(())
     }
@@ -353,8 +348,7 @@ impl Staged {
                     Box::new(a.booked_balance),
                     Box::new(n),
                 ],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         if !whole.is_empty() {
             let a = whole_counters;
@@ -378,8 +372,7 @@ impl Staged {
                     Box::new(a.booked_through),
                     Box::new(a.booked_balance),
                 ],
-            )
-            .map_err(|e| db_error(&e))?;
+            )?;
         }
         Ok(())
     }
@@ -411,8 +404,7 @@ impl Staged {
                 Box::new(amount),
                 Box::new(reference),
             ],
-        )
-        .map_err(|e| db_error(&e))?;
+        )?;
         Ok(())
     }
 

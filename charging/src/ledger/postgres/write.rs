@@ -118,7 +118,8 @@ pub(super) fn run<T>(
         CHOICE.with(|c| c.set(Choice::Closed));
         match (out, failure, commit) {
             // The connection went while the last writes or the COMMIT were out (whatever else
-            // failed): never run again blindly.
+            // failed), or a write sent with the COMMIT failed in the client (the server did not
+            // abort for it): never run again blindly.
             (_, _, Some(Commit::Unknown(e))) => {
                 s.drop_client();
                 return Err(LedgerError::CommitUnknown(e));
@@ -371,10 +372,7 @@ impl PgWrite<'_> {
     /// Sends a write with the transaction's next statement or its `COMMIT` (nothing waits
     /// for its answer; a failure fails the transaction there).
     fn defer(&self, sql: &'static str, params: Vec<Param>) -> Result<(), LedgerError> {
-        self.db
-            .borrow_mut()
-            .defer(sql, params)
-            .map_err(|e| db_error(&e))
+        self.db.borrow_mut().defer(sql, params)
     }
 
     /// `intent`'s row of card `uid` as the parameters `$1`–`$6` of a statement writing it.
