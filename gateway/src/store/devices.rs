@@ -147,7 +147,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{decode, encode, DeviceState, HEADER_LEN};
+    use super::{decode, encode, is_json, DeviceState, HEADER_LEN};
     use crate::store::Store;
     use heed::types::{Bytes, SerdeJson};
 
@@ -210,13 +210,19 @@ mod tests {
     }
 
     /// The devices whose stored value is JSON.
+    /// Every device's state as the store reads it, by device.
+    fn read_states(store: &Store) -> Vec<(u64, DeviceState)> {
+        let all = store.devices().unwrap().into_iter();
+        all.map(|(d, st)| (u64::from(d), st)).collect()
+    }
+
     fn json_devices(store: &Store) -> Vec<u64> {
         let raw = store.devices.remap_data_type::<Bytes>();
         let r = store.env.read_txn().unwrap();
         raw.iter(&r)
             .unwrap()
             .map(|i| i.unwrap())
-            .filter(|(_, v)| v.first() == Some(&b'{'))
+            .filter(|(_, v)| is_json(v))
             .map(|(d, _)| d)
             .collect()
     }
@@ -242,24 +248,12 @@ mod tests {
         assert_eq!((next, rewritten), (Some(1010), 10));
         assert_eq!(json_devices(&store), (1010..1025).collect::<Vec<_>>());
         // Meanwhile every state reads, in either layout.
-        let read: Vec<(u64, DeviceState)> = store
-            .devices()
-            .unwrap()
-            .into_iter()
-            .map(|(d, st)| (u64::from(d), st))
-            .collect();
-        assert_eq!(read, expect);
+        assert_eq!(read_states(&store), expect);
         drop(store);
         // The next open goes on: nothing left in JSON, the same states.
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         assert!(json_devices(&store).is_empty());
-        let read: Vec<(u64, DeviceState)> = store
-            .devices()
-            .unwrap()
-            .into_iter()
-            .map(|(d, st)| (u64::from(d), st))
-            .collect();
-        assert_eq!(read, expect);
+        assert_eq!(read_states(&store), expect);
         assert_eq!(store.migrate_device_states().unwrap(), 0, "nothing to do");
     }
 }
