@@ -1387,6 +1387,12 @@ impl Store {
         let r = self.env.read_txn()?;
         Ok(self.outbox.len(&r)?)
     }
+
+    /// Taps in the forwarded log: clearing took them and their retention has not ended.
+    pub fn forwarded_len(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        Ok(self.forwarded_log.len(&r)?)
+    }
 }
 
 #[cfg(test)]

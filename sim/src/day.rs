@@ -662,7 +662,7 @@ impl World {
         }
         self.fleet.disconnect();
         self.ops.stop(&self.rt);
-        self.tally.taps_cleared = self.ops.both(|s| &s.forwarded);
+        self.tally.taps_cleared = self.ops.forwarded()?;
         self.tally.clearing_duplicates = self.ops.both(|s| &s.duplicates);
         self.tally.clearing_anomalies = self.ops.both(|s| &s.quarantined);
         Ok(())

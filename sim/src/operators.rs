@@ -175,6 +175,12 @@ impl Operators {
         Ok(self.metro.store.outbox_len()? + self.hotel.store.outbox_len()?)
     }
 
+    /// Taps both gateways' stores hold as forwarded: what clearing took, counted from the
+    /// durable record (the live counter can lag it by a batch a stop cut short).
+    pub fn forwarded(&self) -> Result<u64, SimError> {
+        Ok(self.metro.store.forwarded_len()? + self.hotel.store.forwarded_len()?)
+    }
+
     /// A counter summed over both gateways.
     pub fn both(&self, counter: fn(&GatewayStats) -> &AtomicU64) -> u64 {
         [&self.metro.stats, &self.hotel.stats]

@@ -36,18 +36,22 @@ pub(super) fn spawn(
                 last_trim = Instant::now();
                 trim_expired(&store).await;
             }
-            let (s, k, c) = (store.clone(), keys.clone(), cfg.clone());
+            let (s, k, c, st) = (store.clone(), keys.clone(), cfg.clone(), stats.clone());
             let sink = clearing_sink(agent.clone(), base.clone(), token.clone());
+            // Counted on the blocking thread, as soon as the batch is done: the task may be
+            // aborted (shutdown) while it awaits, and the count must not lag the store.
             let result = tokio::task::spawn_blocking(move || {
                 let mut sink = sink;
-                forward_once_with_rings(
+                let n = forward_once_with_rings(
                     &s,
                     &c.gateway_id,
                     &c.operator,
                     |d| k.device_key_ring(d).unwrap_or_default(),
                     c.forward_batch_max_taps,
                     &mut sink,
-                )
+                )?;
+                st.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                Ok::<_, crate::forward::ForwardError>(n)
             })
             .await;
             match result {
@@ -55,10 +59,9 @@ pub(super) fn spawn(
                     backoff_ms = 50;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Ok(Ok(n)) => {
+                Ok(Ok(_)) => {
                     backoff_ms = 50;
                     last_trim = Instant::now();
-                    stats.forwarded.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
                     stats.forward_failures.fetch_add(1, Ordering::Relaxed);
