@@ -184,12 +184,15 @@ async fn aggregates(Query(q): Query<AggQuery>, Operator(st): Operator) -> Respon
     let prefix = q.prefix.unwrap_or_default();
     match st
         .store
-        .aggregates(&prefix, q.limit.unwrap_or(10_000).min(100_000))
+        .aggregates_kept_from(&prefix, q.limit.unwrap_or(10_000).min(100_000))
     {
-        Ok(a) => Json(serde_json::json!({
+        Ok((a, from)) => Json(serde_json::json!({
             "aggregates": a.iter().map(|(k, v)| serde_json::json!({
                 "key": k, "taps": v.taps, "refused": v.refused, "amount_minor": v.amount_minor,
-            })).collect::<Vec<_>>()
+            })).collect::<Vec<_>>(),
+            // `card-day:` aggregates of the days before it were trimmed (their retention
+            // ended): not shown, rather than shown as zero or as part of a day.
+            "card_days_kept_from": from,
         }))
         .into_response(),
         Err(e) => internal(e),

@@ -65,6 +65,9 @@ pub struct ApiConfig {
     /// A forwarded tap is kept this many milliseconds after clearing answered (a late resend
     /// is then still a duplicate), then trimmed (default 7 days).
     pub forwarded_retention_ms: Option<u64>,
+    /// A `card-day:` aggregate is kept this many whole days after its day ends, then trimmed
+    /// (default 7; 1 to 3,660: the open day is never trimmed).
+    pub card_day_retention_days: Option<u64>,
     /// The operator console's sign-in (`[[pages.operators]]`) and limits, as the charging
     /// server's `[pages]`; the gateway has no cardholder pages.
     #[serde(default)]
@@ -98,7 +101,8 @@ impl ApiConfig {
             quarantine_flagged_interval_ms,
             quarantine_stop_at_fill_percent,
             ingest_refuse_at_fill_percent,
-            forwarded_retention_ms
+            forwarded_retention_ms,
+            card_day_retention_days
         );
         if l.quarantine_max_per_device == 0 || l.quarantine_max_bad_records_per_message == 0 {
             return Err(ConfigError::Invalid(
@@ -113,9 +117,19 @@ impl ApiConfig {
                 l.quarantine_stop_at_fill_percent, l.ingest_refuse_at_fill_percent
             )));
         }
+        if !(1..=MAX_CARD_DAY_RETENTION_DAYS).contains(&l.card_day_retention_days) {
+            return Err(ConfigError::Invalid(format!(
+                "card_day_retention_days ({}) must be a number of days from 1 to {MAX_CARD_DAY_RETENTION_DAYS} (the open day is always kept; the default is {})",
+                l.card_day_retention_days, d.card_day_retention_days
+            )));
+        }
         Ok(l)
     }
 }
+
+/// The longest `card_day_retention_days` taken (ten years): more is a mistake, such as a
+/// number of milliseconds copied from `forwarded_retention_ms`.
+pub const MAX_CARD_DAY_RETENTION_DAYS: u64 = 3_660;
 
 fn default_http_listen() -> std::net::SocketAddr {
     "127.0.0.1:8444".parse().expect("literal")
@@ -159,6 +173,7 @@ mod tests {
             "quarantine_stop_at_fill_percent": 5,
             "ingest_refuse_at_fill_percent": 6,
             "forwarded_retention_ms": 7,
+            "card_day_retention_days": 8,
         }))
         .unwrap();
         assert_eq!(
@@ -171,9 +186,29 @@ mod tests {
                 quarantine_stop_at_fill_percent: 5,
                 ingest_refuse_at_fill_percent: 6,
                 forwarded_retention_ms: 7,
+                card_day_retention_days: 8,
             }
         );
         assert!(limits(serde_json::json!({"quarantine_max_per_device": 0})).is_err());
         assert!(limits(serde_json::json!({"quarantine_stop_at_fill_percent": 90})).is_err());
+    }
+
+    #[test]
+    fn card_day_retention_is_one_day_to_ten_years() {
+        assert_eq!(StoreLimits::default().card_day_retention_days, 7);
+        for ok in [1, 7, 35, MAX_CARD_DAY_RETENTION_DAYS] {
+            let l = limits(serde_json::json!({ "card_day_retention_days": ok })).unwrap();
+            assert_eq!(l.card_day_retention_days, ok);
+        }
+        for bad in [0, MAX_CARD_DAY_RETENTION_DAYS + 1, 604_800_000] {
+            let e = limits(serde_json::json!({ "card_day_retention_days": bad }))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("card_day_retention_days") && e.contains(&bad.to_string()),
+                "{e}"
+            );
+        }
     }
 }

@@ -47,10 +47,13 @@
 //! never trimmed. Taps and log entries are keyed alike, by arrival: a trim deletes
 //! the leading pages of both.
 //!
-//! The `card-day:` aggregates (one per card and day, never trimmed) are kept day first in a
-//! table of their own ([`card_days`]): a fold's leaves lie in the current day's part of it, and
-//! a finished day's are not rewritten. Device states are kept in a compact binary layout
-//! ([`devices`]): a live batch rewrites most of that table's leaves.
+//! The `card-day:` aggregates (one per card and day) are kept day first in a table of their own
+//! ([`card_days`]): a fold's leaves lie in the current day's part of it, and a finished day's
+//! are not rewritten. They are kept [`StoreLimits::card_day_retention_days`] (7) days after
+//! their day ends, then trimmed from the same call as the forwarded taps (the old days are the
+//! table's leading keys: [`Store::trim_expired_card_days_at`]); the open day never is. Device
+//! states are kept in a compact binary layout ([`devices`]): a live batch rewrites most of that
+//! table's leaves.
 //!
 //! A store written before taps were keyed by arrival (device ‖ sequence) is migrated when
 //! opened ([`migrate`]), and so is one holding its card-day deltas as one record per batch
@@ -138,6 +141,11 @@ pub struct StoreLimits {
     /// (`forwarded_retention_ms`; gateway clock), for the console and the exports; then
     /// trimmed (see the module docs). (Duplicates are told by the device states, not by it.)
     pub forwarded_retention_ms: u64,
+    /// A `card-day:` aggregate is kept this many whole days after its day (UTC, by the
+    /// validator's clock, as its name says) ends (`card_day_retention_days`; at least 1, the
+    /// gateway clock tells the day), then trimmed ([`Store::trim_expired_card_days_at`]): the
+    /// open day is never trimmed, and a trimmed day reads as trimmed, not as a partial figure.
+    pub card_day_retention_days: u64,
 }
 
 impl Default for StoreLimits {
@@ -150,6 +158,7 @@ impl Default for StoreLimits {
             quarantine_stop_at_fill_percent: 50,
             ingest_refuse_at_fill_percent: 90,
             forwarded_retention_ms: 7 * 86_400_000,
+            card_day_retention_days: 7,
         }
     }
 }
@@ -1076,17 +1085,30 @@ impl Store {
 
     /// Aggregates whose key starts with `prefix` (`device:`, `stop:`, `route:`, `card-day:`,
     /// `product:`), at most `limit`, in key order; `card-day:` ones with the deltas not folded
-    /// yet added (they are exact at any time).
+    /// yet added (they are exact at any time), none of a day trimmed
+    /// ([`Store::card_days_kept_from`]).
     pub fn aggregates(
         &self,
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Aggregate)>, StoreError> {
+        Ok(self.aggregates_kept_from(prefix, limit)?.0)
+    }
+
+    /// [`Store::aggregates`], and the first day whose `card-day:` aggregates are kept as the
+    /// same read saw it ([`Store::card_days_kept_from`]): a day before it was trimmed, not
+    /// without taps.
+    pub fn aggregates_kept_from(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<(Vec<(String, Aggregate)>, u64), StoreError> {
         let r = self.env.read_txn()?;
         // The first `limit` names stored, and whether that is all: at most one more read from
         // each table (`card-day:` ones from theirs, under their public names).
         let cap = limit.saturating_add(1);
-        let mut out = self.stored_card_days(&r, prefix, cap)?;
+        let kept_from = self.card_days_kept_from_in(&r)?;
+        let mut out = self.stored_card_days(&r, prefix, cap, kept_from)?;
         // LMDB refuses an empty key to seek to: no prefix is every aggregate.
         let items: Box<dyn Iterator<Item = heed::Result<(&str, Aggregate)>>> = if prefix.is_empty()
         {
@@ -1107,11 +1129,11 @@ impl Store {
         let last = out.keys().next_back().cloned();
         self.pending_deltas(&r, |k, d| {
             let beyond = !complete && last.as_deref().is_some_and(|l| k > l);
-            if k.starts_with(prefix) && !beyond {
+            if k.starts_with(prefix) && !beyond && !card_days::trimmed(k, kept_from) {
                 add_aggregate(out.entry(k.to_string()).or_default(), d);
             }
         })?;
-        Ok(out.into_iter().take(limit).collect())
+        Ok((out.into_iter().take(limit).collect(), kept_from))
     }
 
     /// Every stored tap record (raw), in arrival order, at most `limit`.
@@ -1255,12 +1277,23 @@ impl Store {
     /// map is past the quarantine mark), oldest answer first: at most [`TRIM_MAX_PER_CALL`], in
     /// transactions of at most [`TRIM_CHUNK`] ([`TRIM_CHUNK_PRESSED`] when pressed), the write
     /// lock released between two. Called after each forwarded batch and, so that an idle
-    /// gateway trims too, on a timer. Returns how many were trimmed.
+    /// gateway trims too, on a timer. Then the card-days past their retention
+    /// ([`Store::trim_expired_card_days_at`]) and the fold of the aggregate deltas. Returns how
+    /// many forwarded taps were trimmed.
     pub fn trim_expired_at(&self, now_ms: u64) -> Result<u64, StoreError> {
         let trimmed = self.trim_expired_chunks(now_ms)?;
-        // Then the card-days (after the trim: on a full map, with the room it made). Folding is
-        // housekeeping: a map too full for it leaves the records, exact as they are, to a
-        // later call.
+        // Then the card-days: the expired days first (the fold then drops their late deltas
+        // rather than write them), then the fold (after the trims: on a full map, with the room
+        // they made). Both are housekeeping: a map too full for them leaves the entries, exact
+        // as they are, to a later call.
+        match self.trim_expired_card_days_at(now_ms) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(n, "card-day aggregates past their retention trimmed"),
+            Err(e) if e.is_full() => {
+                tracing::warn!(%e, "card-day aggregates not trimmed: the store is full");
+            }
+            Err(e) => return Err(e),
+        }
         if let Err(e) = self.fold_aggregates() {
             if !e.is_full() {
                 return Err(e);

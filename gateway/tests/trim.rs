@@ -117,3 +117,53 @@ fn an_idle_store_trims_expired_taps_without_a_new_batch_in_chunks_of_trim_chunk(
     assert!(store.taps(10).unwrap().is_empty());
     assert_eq!(store.trim_expired_at(t0 + 8 * DAY_MS).unwrap(), 0);
 }
+
+/// The `card-day:` aggregates (name, taps) and device 1001's taps.
+fn counts(store: &Store) -> (Vec<(String, u64)>, u64) {
+    let days = store
+        .aggregates("card-day:", 100)
+        .unwrap()
+        .into_iter()
+        .map(|(k, a)| (k, a.taps))
+        .collect();
+    let device = store.aggregates("device:1001", 1).unwrap()[0].1.taps;
+    (days, device)
+}
+
+#[test]
+fn card_day_aggregates_are_trimmed_after_their_retention_and_a_late_tap_does_not_restart_one() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    assert_eq!(store.limits().card_day_retention_days, 7);
+    // The fixture's taps are on day 0 (validator clock), cards 04050505050501..03.
+    assert_eq!(ingest(&store, &keys, 1..=3, DAY_MS / 2), 3);
+    store.forwarded_at(last_pending(&store), DAY_MS / 2).unwrap();
+    let day0: Vec<(String, u64)> = (1..=3)
+        .map(|s| (format!("card-day:0405050505050{s}:0"), 1))
+        .collect();
+    // Seven days after day 0 ended (the gateway clock at the end of day 7): still kept.
+    assert_eq!(
+        store.trim_expired_at(8 * DAY_MS - 1).unwrap(),
+        3,
+        "the taps"
+    );
+    assert_eq!(counts(&store), (day0.clone(), 3));
+    assert_eq!(store.card_days_kept_from().unwrap(), 0);
+    // Day 8: day 0's card-days go; the other aggregates stay.
+    assert_eq!(store.trim_expired_at(8 * DAY_MS).unwrap(), 0);
+    assert_eq!(counts(&store), (vec![], 3));
+    assert_eq!(store.card_days_kept_from().unwrap(), 1);
+    // A late tap of day 0 (a validator back after a week): stored, forwarded, counted for its
+    // device; not a card-day of one tap for a day that had three.
+    assert_eq!(ingest(&store, &keys, 4..=4, 8 * DAY_MS), 1);
+    assert_eq!(counts(&store), (vec![], 4));
+    store
+        .forwarded_at(last_pending(&store), 8 * DAY_MS)
+        .unwrap();
+    assert_eq!(counts(&store), (vec![], 4));
+    drop(store);
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    assert_eq!(counts(&store), (vec![], 4));
+    assert_eq!(store.card_days_kept_from().unwrap(), 1);
+}

@@ -1,6 +1,6 @@
 //! The `card-day:` aggregates, kept day first (issue 22).
 //!
-//! One aggregate per card and day (≈ 0.64 a tap, random UIDs, never trimmed): keyed by their
+//! One aggregate per card and day (≈ 0.64 a tap, random UIDs): keyed by their
 //! public name `card-day:<UID>:<day>` in the `aggregates` table, every fold rewrote random
 //! leaves over the whole of it (≈ 19.6 M entries at 30 M taps) and freed the old copies all
 //! over the file, the free-list scatter that made a live commit's writes grow with the store.
@@ -16,15 +16,50 @@
 //! A store holding its card-days in `aggregates` is migrated when opened
 //! ([`Store::migrate_card_days`]), in transactions of [`MIGRATE_CHUNK`] entries each deleting
 //! what it moved: a migration cut short goes on at the next open, nothing counted twice.
+//!
+//! Retention: a day's card-days are kept [`StoreLimits::card_day_retention_days`] whole days
+//! after the day ends, then trimmed ([`Store::trim_expired_card_days_at`], from
+//! [`Store::trim_expired_at`]). Day first, the expired days are the table's leading keys: each
+//! transaction deletes a run of them (at most the trim chunk, the write lock released between
+//! two, at most [`TRIM_MAX_PER_CALL`] a call). The first day kept is written to `meta`
+//! ([`KEPT_FROM`]) in the trim's first transaction; from then on a day before it reads as
+//! trimmed — [`Store::aggregates`] shows none of its entries, not yet deleted or deltas not yet
+//! folded, and a late tap's delta for it is dropped at the fold instead of starting a partial
+//! figure — and [`Store::card_days_kept_from`] tells a reader which days are answered.
+//!
+//! [`StoreLimits::card_day_retention_days`]: super::StoreLimits::card_day_retention_days
 
 use super::deltas::{decode_value, encode_value};
-use super::{add_aggregate, Aggregate, Store, StoreError, CARD_DAY};
+use super::{
+    add_aggregate, Aggregate, Store, StoreError, CARD_DAY, TRIM_CHUNK_PRESSED, TRIM_MAX_PER_CALL,
+};
 use heed::{RoTxn, RwTxn, WithoutTls};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
 /// Card-days moved per transaction when migrating.
 const MIGRATE_CHUNK: usize = 10_000;
+
+/// `meta` key of the first day whose card-days are kept (0, or absent: none trimmed yet).
+pub(super) const KEPT_FROM: &str = "card_days_kept_from";
+
+const DAY_MS: u64 = 86_400_000;
+
+/// The first day kept at `now_ms` (gateway clock) when a day is kept `retention_days` whole
+/// days after it ends: the open day (`now_ms`'s) and the `retention_days` before it.
+pub(super) fn first_day_kept(now_ms: u64, retention_days: u64) -> u64 {
+    (now_ms / DAY_MS).saturating_sub(retention_days)
+}
+
+/// Whether `name` is a card-day of a day before `kept_from` (trimmed).
+pub(super) fn trimmed(name: &str, kept_from: u64) -> bool {
+    key_of(name).is_some_and(|k| day_of(&k) < kept_from)
+}
+
+/// The day of a `card_days` key (the first 8 bytes; 0 for a shorter key).
+fn day_of(key: &[u8]) -> u64 {
+    key.first_chunk::<8>().map_or(0, |d| u64::from_be_bytes(*d))
+}
 
 /// The `card_days` key of a public name; `None` for a name not of the form
 /// `card-day:<UID>:<day>` (UID without `:`, day in canonical decimal), which stays in
@@ -66,13 +101,31 @@ fn selection(prefix: &str) -> Option<(&str, bool)> {
 }
 
 impl Store {
-    /// The stored card-days whose public name starts with `prefix`, the first `cap` in the order
-    /// of those names (the deltas not folded yet not included).
+    /// The first day whose card-days are kept, as `r` sees it ([`KEPT_FROM`]).
+    pub(super) fn card_days_kept_from_in(
+        &self,
+        r: &RoTxn<'_, WithoutTls>,
+    ) -> Result<u64, StoreError> {
+        Ok(self.meta.get(r, KEPT_FROM)?.unwrap_or(0))
+    }
+
+    /// The first day (unix day) whose `card-day:` aggregates are kept: those of the days before
+    /// were trimmed (their retention ended) and are not answered, neither the entries nor a late
+    /// tap's. 0 before the first trim.
+    pub fn card_days_kept_from(&self) -> Result<u64, StoreError> {
+        let r = self.env.read_txn()?;
+        self.card_days_kept_from_in(&r)
+    }
+
+    /// The stored card-days whose public name starts with `prefix`, of the days from
+    /// `kept_from` on, the first `cap` in the order of those names (the deltas not folded yet
+    /// not included).
     pub(super) fn stored_card_days(
         &self,
         r: &RoTxn<'_, WithoutTls>,
         prefix: &str,
         cap: usize,
+        kept_from: u64,
     ) -> Result<BTreeMap<String, Aggregate>, StoreError> {
         let mut out: BTreeMap<String, Aggregate> = BTreeMap::new();
         let Some((uid, whole)) = selection(prefix) else {
@@ -81,7 +134,8 @@ impl Store {
         if cap == 0 {
             return Ok(out);
         }
-        let mut day = 0u64;
+        // The days before `kept_from` are trimmed, whether or not their entries are deleted yet.
+        let mut day = kept_from;
         loop {
             // The first stored day from `day` on.
             let from = day.to_be_bytes();
@@ -128,13 +182,18 @@ impl Store {
         }
     }
 
-    /// Adds folded deltas to card-days (by `card_days` key), in key order.
+    /// Adds folded deltas to card-days (by `card_days` key), in key order; those of a trimmed
+    /// day (a late tap's) are dropped: a trimmed day is not started again with part of its taps.
     pub(super) fn add_to_card_days(
         &self,
         t: &mut RwTxn<'_>,
         deltas: BTreeMap<Vec<u8>, Aggregate>,
     ) -> Result<(), StoreError> {
+        let kept_from = self.card_days_kept_from_in(t)?;
         for (k, delta) in deltas {
+            if day_of(&k) < kept_from {
+                continue;
+            }
             let mut a = self
                 .card_days
                 .get(t, &k)?
@@ -144,6 +203,72 @@ impl Store {
             self.card_days.put(t, &k, &encode_value(&a))?;
         }
         Ok(())
+    }
+
+    /// Trims the card-days of the days whose retention ended by `now_ms` (gateway clock; see
+    /// the module docs), oldest day first: at most [`TRIM_MAX_PER_CALL`] (a backlog, such as a
+    /// day's ≈ 1.26 M at midnight in a large city, goes over several calls), in transactions of
+    /// at most the trim chunk ([`super::TRIM_CHUNK`]; [`TRIM_CHUNK_PRESSED`] while the map is
+    /// past the quarantine mark), the write lock released between two. Never the open day.
+    /// Called by [`Store::trim_expired_at`]. Returns how many were trimmed.
+    pub fn trim_expired_card_days_at(&self, now_ms: u64) -> Result<u64, StoreError> {
+        self.trim_card_days(now_ms, TRIM_MAX_PER_CALL)
+    }
+
+    /// [`Store::trim_expired_card_days_at`] with at most `max` trimmed.
+    pub(super) fn trim_card_days(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
+        let kept_from = first_day_kept(now_ms, self.limits.card_day_retention_days.max(1));
+        let mut trimmed = 0usize;
+        loop {
+            let mut t = self.env.write_txn()?;
+            let chunk = if self.pressed(&t)? {
+                TRIM_CHUNK_PRESSED
+            } else {
+                self.trim_chunk
+            };
+            let chunk = chunk.min(max - trimmed);
+            // The latest trim's first day (lower again if the clock or the retention went
+            // back: the days trimmed stay trimmed, the others are answered again).
+            let moved = self.card_days_kept_from_in(&t)? != kept_from;
+            if moved {
+                self.meta.put(&mut t, KEPT_FROM, &kept_from)?;
+            }
+            let n = self.trim_card_days_chunk(&mut t, kept_from, chunk)?;
+            if n == 0 && !moved {
+                return Ok(trimmed as u64);
+            }
+            t.commit()?;
+            trimmed += n;
+            if n < chunk || trimmed >= max {
+                return Ok(trimmed as u64);
+            }
+        }
+    }
+
+    /// One transaction of [`Store::trim_card_days`]: deletes up to `max` card-days of the days
+    /// before `kept_from`, the table's leading keys (one range); how many.
+    pub(super) fn trim_card_days_chunk(
+        &self,
+        t: &mut RwTxn<'_>,
+        kept_from: u64,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let end = kept_from.to_be_bytes();
+        let mut n = 0usize;
+        let mut last: Option<Vec<u8>> = None;
+        for item in self.card_days.iter(t)? {
+            let (k, _) = item?;
+            if n == max || k >= &end[..] {
+                break;
+            }
+            n += 1;
+            last = Some(k.to_vec());
+        }
+        if let Some(last) = last {
+            let range = (Bound::Unbounded, Bound::Included(&last[..]));
+            self.card_days.delete_range(t, &range)?;
+        }
+        Ok(n)
     }
 
     /// Moves the `card-day:` aggregates of a store written before this layout from
@@ -202,8 +327,9 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{key_of, name_of, selection};
+    use super::{first_day_kept, key_of, name_of, selection, DAY_MS};
     use crate::store::{Aggregate, Store};
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_name_and_its_key_translate_both_ways() {
@@ -346,5 +472,146 @@ mod tests {
             );
         }
         assert_eq!(store.migrate_card_days().unwrap(), 0, "nothing to do");
+    }
+
+    /// Folded card-days (public name → figures), written as a fold writes them.
+    fn put_card_days(store: &Store, entries: &[(String, Aggregate)]) {
+        let mut t = store.env.write_txn().unwrap();
+        let mut by_key = BTreeMap::new();
+        for (name, v) in entries {
+            by_key.insert(key_of(name).unwrap(), v.clone());
+        }
+        store.add_to_card_days(&mut t, by_key).unwrap();
+        t.commit().unwrap();
+    }
+
+    /// Deltas not folded yet, as a batch `id` (above every batch so far) appends them.
+    fn put_deltas(store: &Store, id: u64, entries: &[(String, Aggregate)]) {
+        let mut t = store.env.write_txn().unwrap();
+        let deltas: BTreeMap<String, Aggregate> = entries.iter().cloned().collect();
+        store.append_deltas(&mut t, id, &deltas).unwrap();
+        t.commit().unwrap();
+    }
+
+    fn entries(store: &Store) -> u64 {
+        let r = store.env.read_txn().unwrap();
+        store.card_days.len(&r).unwrap()
+    }
+
+    const TODAY: u64 = 20_717;
+    /// Noon of [`TODAY`], gateway clock.
+    const NOW: u64 = TODAY * DAY_MS + DAY_MS / 2;
+
+    #[test]
+    fn the_first_day_kept_is_the_open_day_less_the_retention() {
+        assert_eq!(first_day_kept(NOW, 7), TODAY - 7);
+        assert_eq!(first_day_kept(TODAY * DAY_MS, 1), TODAY - 1);
+        assert_eq!(first_day_kept(TODAY * DAY_MS - 1, 1), TODAY - 2);
+        assert_eq!(first_day_kept(3 * DAY_MS, 7), 0, "nothing before day 0");
+    }
+
+    #[test]
+    fn days_past_the_retention_go_and_the_open_and_recent_days_read_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.limits().card_day_retention_days, 7);
+        // Days before the retention (TODAY - 8 and older), its first day (TODAY - 7), a recent
+        // one, the open day, and one a validator's clock puts ahead of the gateway's.
+        let old = [TODAY - 400, TODAY - 9, TODAY - 8];
+        let kept = [TODAY - 7, TODAY - 1, TODAY, TODAY + 1];
+        let mut all = Vec::new();
+        for day in old.iter().chain(&kept) {
+            for card in 0..3u64 {
+                all.push((
+                    format!("card-day:04{card:012X}:{day}"),
+                    a(card + 1, *day as i64),
+                ));
+            }
+        }
+        all.sort_by(|x, y| x.0.cmp(&y.0));
+        put_card_days(&store, &all);
+        // Not folded yet: a late tap of a day about to be trimmed, one of the open day.
+        let late = format!("card-day:04{:012X}:{}", 9, TODAY - 8);
+        let open = format!("card-day:04{:012X}:{}", 0, TODAY);
+        put_deltas(
+            &store,
+            1,
+            &[(late.clone(), a(1, 5)), (open.clone(), a(1, 5))],
+        );
+        assert_eq!(store.card_days_kept_from().unwrap(), 0);
+        assert_eq!(store.aggregates("card-day:", 1_000).unwrap().len(), 22);
+
+        let is_kept = |name: &str| kept.iter().any(|d| name.ends_with(&format!(":{d}")));
+        let mut expect: Vec<(String, Aggregate)> =
+            all.iter().filter(|(k, _)| is_kept(k)).cloned().collect();
+        let o = expect.iter_mut().find(|(k, _)| *k == open).unwrap();
+        (o.1.taps, o.1.amount_minor) = (o.1.taps + 1, o.1.amount_minor + 5);
+        // The trim of the gateway's timer (no forwarded taps): 9 card-days of 3 old days.
+        assert_eq!(store.trim_expired_at(NOW).unwrap(), 0);
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY - 7);
+        assert_eq!(entries(&store), 12, "the late delta dropped at the fold");
+        assert_eq!(store.aggregates("card-day:", 1_000).unwrap(), expect);
+        assert_eq!(store.aggregates("", 1_000).unwrap(), expect);
+        // A trimmed day reads as trimmed: no entry, and the day the read says it starts from.
+        let (got, from) = store.aggregates_kept_from(&late, 10).unwrap();
+        assert!(got.is_empty() && from > TODAY - 8);
+        // Again the same day: nothing more to trim.
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 0);
+        // A late tap of a trimmed day after the trim: not shown, not folded into a new entry.
+        put_deltas(&store, 2, &[(late.clone(), a(1, 5))]);
+        assert!(store.aggregates(&late, 10).unwrap().is_empty());
+        assert_eq!(store.fold_aggregates().unwrap(), 1);
+        assert_eq!(entries(&store), 12);
+
+        // Reopened: the same answers; the open day still takes taps; the next day trims one more.
+        drop(store);
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY - 7);
+        assert_eq!(store.aggregates("card-day:", 1_000).unwrap(), expect);
+        put_deltas(&store, 3, &[(open.clone(), a(1, 5))]);
+        assert_eq!(store.trim_expired_at(NOW).unwrap(), 0);
+        let o = expect.iter_mut().find(|(k, _)| *k == open).unwrap();
+        (o.1.taps, o.1.amount_minor) = (o.1.taps + 1, o.1.amount_minor + 5);
+        assert_eq!(store.aggregates("card-day:", 1_000).unwrap(), expect);
+        assert_eq!(store.trim_card_days(NOW + DAY_MS, usize::MAX).unwrap(), 3);
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY - 6);
+        expect.retain(|(k, _)| !k.ends_with(&format!(":{}", TODAY - 7)));
+        assert_eq!(store.aggregates("card-day:", 1_000).unwrap(), expect);
+    }
+
+    #[test]
+    fn a_trim_of_many_card_days_runs_in_chunks_within_a_cap_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 64 << 20)
+            .unwrap()
+            .with_trim_chunk(100);
+        let mut all: Vec<(String, Aggregate)> = (0..1_050u64)
+            .map(|c| (format!("card-day:04{c:012X}:{}", TODAY - 30), a(1, 1)))
+            .collect();
+        all.extend((0..5u64).map(|c| (format!("card-day:04{c:012X}:{TODAY}"), a(2, 2))));
+        put_card_days(&store, &all);
+        let txn = || store.env.info().last_txn_id;
+        // One transaction deletes at most its chunk, the table's leading keys.
+        let before = txn();
+        let mut t = store.env.write_txn().unwrap();
+        assert_eq!(store.trim_card_days_chunk(&mut t, TODAY, 100).unwrap(), 100);
+        drop(t);
+        assert_eq!(
+            (txn(), entries(&store)),
+            (before, 1_055),
+            "aborted: nothing gone"
+        );
+        // A cap of 250: two whole chunks and half a third, three transactions.
+        assert_eq!(store.trim_card_days(NOW, 250).unwrap(), 250);
+        assert_eq!((txn() - before, entries(&store)), (3, 805));
+        // The rest in one call of the public cap: 800 in eight transactions of 100, the last
+        // finding no more (a chunk not full ends the call).
+        let before = txn();
+        assert_eq!(store.trim_expired_card_days_at(NOW).unwrap(), 800);
+        assert_eq!((txn() - before, entries(&store)), (8, 5));
+        assert_eq!(store.trim_expired_card_days_at(NOW).unwrap(), 0);
+        assert_eq!(txn() - before, 8, "nothing to do: nothing written");
+        let left = store.aggregates("card-day:", 10).unwrap();
+        assert_eq!(left, all[1_050..].to_vec(), "the open day's, unchanged");
     }
 }
