@@ -880,6 +880,18 @@ mod tests {
         (Ledger::open(dir, 64 << 20).expect("opening"), None)
     }
 
+    /// The keys of `seed` as a test needs them: a software HSM to issue cards with, the
+    /// clearing's HSM and a validator's SAM (device 1001).
+    fn keys(seed: u64) -> (SoftwareHsm, Mutex<Box<dyn Hsm + Send>>, SoftwareSam) {
+        let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let hsm: Box<dyn Hsm + Send> = Box::new(SoftwareHsm::new(&keys).unwrap());
+        (
+            SoftwareHsm::new(&keys).unwrap(),
+            Mutex::new(hsm),
+            SoftwareSam::validator(&keys, 1001).unwrap(),
+        )
+    }
+
     /// A card learned at counter 3, then one batch with taps below its learned counter (their
     /// learned-card answer read) and above its last counter (not read): each side booked from
     /// the right account, once.
@@ -887,11 +899,7 @@ mod tests {
     fn taps_below_and_above_a_learned_cards_counter_in_one_batch_book_once() {
         let dir = tempfile::tempdir().unwrap();
         let (l, _pg) = ledger(dir.path());
-        let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(5));
-        let hsm_keys = SoftwareHsm::new(&keys).unwrap();
-        let hsm: Mutex<Box<dyn Hsm + Send>> =
-            Mutex::new(Box::new(SoftwareHsm::new(&keys).unwrap()));
-        let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+        let (hsm_keys, hsm, mut sam) = keys(5);
         let uid = [0x04, 0xC0, 0x0D, 0, 0, 0, 9];
         let mut card = transit_card(&hsm_keys, uid, 5_000);
         let d: Vec<_> = [100, 200, 50, 400]
@@ -936,11 +944,7 @@ mod tests {
     fn a_batch_of_many_cards_books_each_tap_once() {
         let dir = tempfile::tempdir().unwrap();
         let (l, _pg) = ledger(dir.path());
-        let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(6));
-        let hsm_keys = SoftwareHsm::new(&keys).unwrap();
-        let hsm: Mutex<Box<dyn Hsm + Send>> =
-            Mutex::new(Box::new(SoftwareHsm::new(&keys).unwrap()));
-        let mut sam = SoftwareSam::validator(&keys, 1001).unwrap();
+        let (hsm_keys, hsm, mut sam) = keys(6);
         let mut cards: Vec<_> = (0..40u8)
             .map(|i| transit_card(&hsm_keys, [0x04, 0xBA, 0x7C, i, 0, 0, 9], 5_000))
             .collect();

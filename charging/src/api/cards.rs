@@ -108,36 +108,19 @@ pub(super) fn reason_of(req: &BlockCard) -> Result<String, ApiError> {
     Ok(req.reason.trim().to_string())
 }
 
-pub(super) async fn block_card(
-    State(st): State<AppState>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    operator_set_block(&st, &uid_hex, &headers, &body, true).await
-}
-
-pub(super) async fn unblock_card(
-    State(st): State<AppState>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    operator_set_block(&st, &uid_hex, &headers, &body, false).await
-}
-
-/// The body of `block` and `unblock`: an operator sets the card's block state with a reason.
+/// `POST /v1/cards/{uid}/block` (`blocked`) and `…/unblock`: an operator sets the card's
+/// block state with a reason.
 pub(super) async fn operator_set_block(
-    st: &AppState,
-    uid_hex: &str,
-    headers: &HeaderMap,
-    body: &[u8],
+    State(st): State<AppState>,
+    Path(uid_hex): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
     blocked: bool,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require(&st.auth, headers, &[Role::Operator])?;
-    let uid = uid_of(uid_hex)?;
-    let reason = reason_of(&json_body(body)?)?;
-    let version = set_block(st, uid, blocked, reason).await?;
+    require(&st.auth, &headers, &[Role::Operator])?;
+    let uid = uid_of(&uid_hex)?;
+    let reason = reason_of(&json_body(&body)?)?;
+    let version = set_block(&st, uid, blocked, reason).await?;
     Ok(Json(serde_json::json!({"blocklist_version": version})))
 }
 

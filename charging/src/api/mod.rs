@@ -343,8 +343,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reversals", post(start_reversal))
         .route("/v1/cards", post(register_card))
         .route("/v1/cards/{uid}", get(get_card))
-        .route("/v1/cards/{uid}/block", post(block_card))
-        .route("/v1/cards/{uid}/unblock", post(unblock_card))
+        .route(
+            "/v1/cards/{uid}/block",
+            post(|st, uid, headers, body| operator_set_block(st, uid, headers, body, true)),
+        )
+        .route(
+            "/v1/cards/{uid}/unblock",
+            post(|st, uid, headers, body| operator_set_block(st, uid, headers, body, false)),
+        )
         .route("/v1/cards/{uid}/report", post(report_card))
         .route("/v1/blocklist/changes", get(block_changes))
         .route("/v1/anomalies", get(anomalies))
@@ -383,9 +389,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/merchant/payments/{id}/refunds", post(create_refund))
         .route("/v1/merchant/refunds/{id}", get(merchant_refund))
         .route("/v1/refunds/{id}", get(refund_for_cardholder))
-        .route("/v1/refunds/{id}/collect", post(collect_refund))
+        .route("/v1/refunds/{id}/collect", collect_refund())
         .route("/v1/payments/{id}", get(payment_for_cardholder))
-        .route("/v1/payments/{id}/pay", post(pay_payment))
+        .route("/v1/payments/{id}/pay", pay_payment())
         .route("/v1/cards/{uid}/payment-pin", post(set_payment_pin))
         .merge(fares::routes())
         .route("/metrics", get(metrics))

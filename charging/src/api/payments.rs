@@ -4,6 +4,7 @@
 use super::*;
 use crate::ledger::{Payment, PaymentState, Refund, RefundState};
 use crate::load::PaymentAsk;
+use axum::routing::MethodRouter;
 use time::format_description::well_known::Rfc3339;
 
 /// `POST /v1/merchant/payments` body.
@@ -214,38 +215,41 @@ pub(super) async fn refund_for_cardholder(
 
 /// `POST /v1/refunds/{id}/collect` (cardholder, Idempotency-Key): the card that paid collects
 /// the refund (a Credit by the back office), relayed like a load.
-pub(super) async fn collect_refund(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<Reply>, ApiError> {
-    start_relay(
-        st,
-        headers,
-        body,
-        move |loads, caller, uid, key, _pin, now| loads.start_refund(caller, &id, uid, key, now),
-    )
-    .await
+pub(super) fn collect_refund() -> MethodRouter<AppState> {
+    relay(|loads, caller, id, uid, key, _pin, now| loads.start_refund(caller, id, uid, key, now))
 }
 
-/// A cardholder's relay on its own (or an anonymous) card: the checks of a load's start, then
-/// `start` on the blocking pool.
-async fn start_relay(
-    st: AppState,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-    start: impl FnOnce(&LoadService, &str, [u8; 7], String, Option<String>, u64) -> Result<Reply, LoadError>
-        + Send
-        + 'static,
-) -> Result<Json<Reply>, ApiError> {
-    let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
-    let req: PayPayment = json_body(&body)?;
-    let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
-    own_card_or_anonymous(&st, &caller, &uid)?;
-    let loads = st.loads.clone();
-    let reply = blocking(move || Ok(start(&loads, &caller.name, uid, key, req.pin, now)?)).await?;
-    Ok(Json(reply))
+/// `POST /v1/payments/{id}/pay` (cardholder): starts paying the payment from the card; the
+/// relay goes on at `POST /v1/loads/{session}/steps`, exactly as a load's.
+pub(super) fn pay_payment() -> MethodRouter<AppState> {
+    relay(LoadService::start_payment)
+}
+
+/// How a relay starts: the loads, the caller, the route's id (the payment's or the refund's),
+/// the card, the Idempotency-Key, the PIN if given, now.
+type RelayStart =
+    fn(&LoadService, &str, &str, [u8; 7], String, Option<String>, u64) -> Result<Reply, LoadError>;
+
+/// The `POST` of a cardholder's relay on its own (or an anonymous) card, on a route whose one
+/// path parameter is the id `start` is given: the checks of a load's start, then `start` on
+/// the blocking pool.
+fn relay(start: RelayStart) -> MethodRouter<AppState> {
+    post(
+        move |State(st): State<AppState>,
+              Path(id): Path<String>,
+              headers: HeaderMap,
+              body: axum::body::Bytes| async move {
+            let caller = require(&st.auth, &headers, &[Role::Cardholder])?;
+            let req: PayPayment = json_body(&body)?;
+            let (key, uid, now) = start_checks(&st, &headers, &caller, &req.card_uid)?;
+            own_card_or_anonymous(&st, &caller, &uid)?;
+            let loads = st.loads.clone();
+            let reply =
+                blocking(move || Ok(start(&loads, &caller.name, &id, uid, key, req.pin, now)?))
+                    .await?;
+            Ok::<_, ApiError>(Json(reply))
+        },
+    )
 }
 
 /// `POST /v1/merchant/payments` (merchant): makes a payment; 201 when new, 200 with the same
@@ -326,23 +330,4 @@ pub(super) async fn payment_for_cardholder(
         "expires": full["expires"],
         "state": full["state"],
     })))
-}
-
-/// `POST /v1/payments/{id}/pay` (cardholder): starts paying the payment from the card; the
-/// relay goes on at `POST /v1/loads/{session}/steps`, exactly as a load's.
-pub(super) async fn pay_payment(
-    State(st): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Json<Reply>, ApiError> {
-    start_relay(
-        st,
-        headers,
-        body,
-        move |loads, caller, uid, key, pin, now| {
-            loads.start_payment(caller, &id, uid, key, pin, now)
-        },
-    )
-    .await
 }

@@ -16,11 +16,11 @@ pub(super) fn routes() -> Router<Pages> {
         .route("/console/cards/{uid}", get(card_page))
         .route(
             "/console/cards/{uid}/block",
-            post(|p, uid, headers, f| block_card(p, uid, headers, f, true)),
+            post(|c, f| block_card(c, f, true)),
         )
         .route(
             "/console/cards/{uid}/unblock",
-            post(|p, uid, headers, f| block_card(p, uid, headers, f, false)),
+            post(|c, f| block_card(c, f, false)),
         )
         .route("/console/blocks", get(blocks).post(block_by_form))
         .route("/console/anomalies", get(anomalies))
@@ -177,10 +177,8 @@ fn card_ctx(
 }
 
 async fn card_page(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
+    CardRequest(p, uid_hex, headers): CardRequest,
     Query(q): Query<CardQuery>,
-    headers: HeaderMap,
 ) -> Response {
     p.answer(async {
         let s = operator(&p, &headers)?;
@@ -254,9 +252,7 @@ fn operator_posted(
 
 /// `POST /console/cards/{uid}/block` (`blocked`) and `…/unblock`.
 async fn block_card(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
+    CardRequest(p, uid_hex, headers): CardRequest,
     Form(f): Form<BlockForm>,
     blocked: bool,
 ) -> Response {

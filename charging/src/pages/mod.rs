@@ -54,6 +54,24 @@ struct Pages {
     currency: String,
 }
 
+/// A request to one of a card's routes (`/…/{uid}…`, the only path parameter): the pages, the
+/// card number as the path has it and the request's headers.
+struct CardRequest(Pages, String, HeaderMap);
+
+impl axum::extract::FromRequestParts<Pages> for CardRequest {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        p: &Pages,
+    ) -> Result<Self, Response> {
+        let Path(uid_hex) = Path::<String>::from_request_parts(parts, p)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(CardRequest(p.clone(), uid_hex, parts.headers.clone()))
+    }
+}
+
 impl HasSite for Pages {
     fn site(&self) -> &Site {
         &self.site
@@ -355,10 +373,8 @@ fn entry_ctx(p: &Pages, e: &Entry) -> minijinja::Value {
 }
 
 async fn card_page(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
+    CardRequest(p, uid_hex, headers): CardRequest,
     Query(q): Query<CardQuery>,
-    headers: HeaderMap,
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
@@ -450,11 +466,7 @@ fn instruments(r: &dyn LedgerRead, holder: &str) -> Result<Vec<(String, String)>
         .collect())
 }
 
-async fn topup_form(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+async fn topup_form(CardRequest(p, uid_hex, headers): CardRequest) -> Response {
     topup_page(&p, &headers, uid_hex, StatusCode::OK, None, "")
         .await
         .unwrap_or_else(|e| p.error(e))
@@ -589,9 +601,7 @@ fn make_topup(
 }
 
 async fn topup(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
+    CardRequest(p, uid_hex, headers): CardRequest,
     Form(f): Form<TopUpForm>,
 ) -> Response {
     p.answer(async {
@@ -691,11 +701,7 @@ async fn topup_state(
     .await
 }
 
-async fn report_form(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+async fn report_form(CardRequest(p, uid_hex, headers): CardRequest) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
         let (uid, blocked) = p.read_own_card(&s, uid_hex, move |_, r, uid, _| {
@@ -719,9 +725,7 @@ struct ReportForm {
 }
 
 async fn report(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
+    CardRequest(p, uid_hex, headers): CardRequest,
     Form(f): Form<ReportForm>,
 ) -> Response {
     p.answer(async {

@@ -12,8 +12,14 @@ use serde_json::json;
 /// The JSON routes (merged into the pages' router).
 pub(super) fn routes() -> Router<Pages> {
     Router::new()
-        .route("/cards/{uid}/block.json", get(holder_json))
-        .route("/console/cards/{uid}/block.json", get(console_json))
+        .route(
+            "/cards/{uid}/block.json",
+            get(|c| figure_json(c, PageRole::Cardholder)),
+        )
+        .route(
+            "/console/cards/{uid}/block.json",
+            get(|c| figure_json(c, PageRole::Operator)),
+        )
 }
 
 /// How long something took, as the gateway's console says it.
@@ -123,48 +129,27 @@ pub(super) fn card_figure(
     Ok(Some(figure(&r.block_propagation()?, &change, now_ms)))
 }
 
-/// The figure of the card `which` names (resolved in the same ledger read), answered as JSON;
-/// a card that never had a block change is not found.
-async fn figure_json(
-    p: &Pages,
-    which: impl FnOnce(&Pages, &dyn LedgerRead) -> Result<[u8; 7], PageError> + Send + 'static,
-) -> Result<Response, PageError> {
-    let v = p
-        .read(move |p2, r| {
-            let uid = which(p2, r)?;
-            card_figure(r, &uid, p2.now())
-        })
-        .await?;
-    match v {
-        Some(v) => Ok(Json(v).into_response()),
-        None => Err(PageError::NotFound(
-            "This card has never been blocked.".into(),
-        )),
-    }
-}
-
-/// `GET /cards/{uid}/block.json`: the holder's card's figure.
-async fn holder_json(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+/// `GET /cards/{uid}/block.json` (`role` cardholder: the holder's own card) and
+/// `GET /console/cards/{uid}/block.json` (operator: any card): the card's figure as JSON, the
+/// card resolved in the same ledger read; a card that never had a block change is not found.
+async fn figure_json(CardRequest(p, uid_hex, headers): CardRequest, role: PageRole) -> Response {
     p.answer(async {
-        let s = p.signed_in(&headers)?;
-        figure_json(&p, move |p2, r| p2.own_card(r, &s.holder, &uid_hex)).await
-    })
-    .await
-}
-
-/// `GET /console/cards/{uid}/block.json`: any card's figure, for an operator.
-async fn console_json(
-    State(p): State<Pages>,
-    Path(uid_hex): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    p.answer(async {
-        p.signed_in_as(&headers, PageRole::Operator)?;
-        figure_json(&p, move |_, _| super::console::uid_of(&uid_hex)).await
+        let s = p.signed_in_as(&headers, role)?;
+        let v = p
+            .read(move |p2, r| {
+                let uid = match role {
+                    PageRole::Cardholder => p2.own_card(r, &s.holder, &uid_hex)?,
+                    PageRole::Operator => super::console::uid_of(&uid_hex)?,
+                };
+                card_figure(r, &uid, p2.now())
+            })
+            .await?;
+        match v {
+            Some(v) => Ok(Json(v).into_response()),
+            None => Err(PageError::NotFound(
+                "This card has never been blocked.".into(),
+            )),
+        }
     })
     .await
 }
