@@ -54,21 +54,23 @@ struct Pages {
     currency: String,
 }
 
-/// A request to one of a card's routes (`/…/{uid}…`, the only path parameter): the pages, the
-/// card number as the path has it and the request's headers.
-struct CardRequest(Pages, String, HeaderMap);
+/// A request to one of a card's routes (`/…/{uid}…`): the pages, the path's parameters (`T`:
+/// the card number alone, or with the route's other parameter after it) and the request's
+/// headers.
+struct CardRequest<T = String>(Pages, T, HeaderMap);
 
-impl axum::extract::FromRequestParts<Pages> for CardRequest {
-    type Rejection = Response;
+impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<Pages>
+    for CardRequest<T>
+{
+    /// The path's own: the answer a handler taking `Path` gives.
+    type Rejection = axum::extract::rejection::PathRejection;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
         p: &Pages,
-    ) -> Result<Self, Response> {
-        let Path(uid_hex) = Path::<String>::from_request_parts(parts, p)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        Ok(CardRequest(p.clone(), uid_hex, parts.headers.clone()))
+    ) -> Result<Self, Self::Rejection> {
+        let Path(path) = Path::<T>::from_request_parts(parts, p).await?;
+        Ok(CardRequest(p.clone(), path, parts.headers.clone()))
     }
 }
 
@@ -659,9 +661,7 @@ async fn topup(
 }
 
 async fn topup_state(
-    State(p): State<Pages>,
-    Path((uid_hex, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    CardRequest(p, (uid_hex, id), headers): CardRequest<(String, String)>,
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
@@ -757,9 +757,7 @@ async fn report(
 }
 
 async fn receipt_load(
-    State(p): State<Pages>,
-    Path((uid_hex, tmc)): Path<(String, u32)>,
-    headers: HeaderMap,
+    CardRequest(p, (uid_hex, tmc), headers): CardRequest<(String, u32)>,
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
@@ -786,9 +784,7 @@ async fn receipt_load(
 }
 
 async fn receipt_month(
-    State(p): State<Pages>,
-    Path((uid_hex, month)): Path<(String, String)>,
-    headers: HeaderMap,
+    CardRequest(p, (uid_hex, month), headers): CardRequest<(String, String)>,
 ) -> Response {
     p.answer(async {
         let s = p.signed_in(&headers)?;
