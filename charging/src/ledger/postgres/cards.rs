@@ -5,8 +5,9 @@
 //! counters updates them in place, one multi-row `UPDATE`, without rewriting a JSON document per
 //! card; a card whose rest changed is written whole.
 //!
-//! [`split`] and [`join`] name every field of [`CardShadow`] (no `..`): a field added to the
-//! shadow does not compile here until it is given a place (in [`Rest`] it needs no migration).
+//! [`split`] and [`from_row`] name every field of [`CardShadow`] (no `..`): a field added to
+//! the shadow does not compile here until it is given a place (in [`Rest`] it needs no
+//! migration).
 
 use super::read::unbig;
 use super::LedgerError;
@@ -115,27 +116,18 @@ fn tmc(v: i64) -> u32 {
 pub(super) fn from_row(r: &postgres::Row, at: usize) -> Result<CardShadow, LedgerError> {
     let rest: RestOwned = serde_json::from_str(r.get::<_, &str>(at))
         .map_err(|e| LedgerError::Database(format!("a stored card record: {e}")))?;
-    let RestOwned {
-        blocked,
-        block_reason,
-        load_day,
-        load_day_minor,
-        owner,
-        booked_above,
-        payment_pin,
-    } = rest;
     Ok(CardShadow {
         last_tmc: tmc(r.get(at + 1)),
         last_reported_balance_minor: r.get(at + 2),
-        blocked,
-        block_reason,
-        load_day,
-        load_day_minor,
-        owner,
+        blocked: rest.blocked,
+        block_reason: rest.block_reason,
+        load_day: rest.load_day,
+        load_day_minor: rest.load_day_minor,
+        owner: rest.owner,
         booked_through_tmc: tmc(r.get(at + 3)),
         booked_balance_minor: r.get(at + 4),
-        booked_above,
-        payment_pin,
+        booked_above: rest.booked_above,
+        payment_pin: rest.payment_pin,
     })
 }
 
