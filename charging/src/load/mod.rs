@@ -612,20 +612,12 @@ impl LoadService {
                 tracing::info!(refund_id, "refund credited to the card");
                 return;
             }
-            FundingAction::Capture { source, auth } => (
-                source,
-                auth,
-                self.sources
-                    .get(source)
-                    .map(|s| decide::funding_call(&**s, || s.capture(auth))),
-            ),
-            FundingAction::Release { source, auth } => (
-                source,
-                auth,
-                self.sources
-                    .get(source)
-                    .map(|s| decide::funding_call(&**s, || s.void(auth))),
-            ),
+            FundingAction::Capture { source, auth } => {
+                (source, auth, self.at_source(source, |s| s.capture(auth)))
+            }
+            FundingAction::Release { source, auth } => {
+                (source, auth, self.at_source(source, |s| s.void(auth)))
+            }
             FundingAction::Refund {
                 source,
                 auth,
@@ -633,9 +625,7 @@ impl LoadService {
             } => (
                 source,
                 auth,
-                self.sources
-                    .get(source)
-                    .map(|s| decide::funding_call(&**s, || s.refund(auth, *amount_minor))),
+                self.at_source(source, |s| s.refund(auth, *amount_minor)),
             ),
         };
         match result {
@@ -645,6 +635,17 @@ impl LoadService {
             }
             None => tracing::error!(source, "funding source no longer configured"),
         }
+    }
+
+    /// `call` on the configured funding source `source`, as [`decide::funding_call`] runs a
+    /// source's call; `None` when no such source is configured.
+    fn at_source(
+        &self,
+        source: &str,
+        call: impl FnOnce(&dyn FundingSource) -> Result<(), FundingError>,
+    ) -> Option<Result<(), FundingError>> {
+        let s = self.sources.get(source)?;
+        Some(decide::funding_call(&**s, || call(&**s)))
     }
 
     /// The HSM (shared with franchise reports and clearing).
