@@ -87,10 +87,7 @@ impl LoadService {
                     tracing::error!(card = %purse::tap::masked_uid(&snap.uid()), tmc = intent.tmc_before, "pending change: the card holds its record but not its balance; left for clearing");
                     continue;
                 };
-                let verified = {
-                    let hsm = self.hsm.lock().expect("hsm lock");
-                    hsm.verify_claim(settled.claim())
-                };
+                let verified = self.with_hsm(|hsm| hsm.verify_claim(settled.claim()));
                 let proof = match verified {
                     Ok(proof) => proof,
                     // The HSM failing says nothing about the card: fail the request, the

@@ -648,6 +648,11 @@ impl LoadService {
         Some(decide::funding_call(&**s, || call(&**s)))
     }
 
+    /// `f` with the HSM, locked for that call only.
+    fn with_hsm<T>(&self, f: impl FnOnce(&mut dyn Hsm) -> T) -> T {
+        f(self.hsm.lock().expect("hsm lock").as_mut())
+    }
+
     /// The HSM (shared with franchise reports and clearing).
     pub fn hsm(&self) -> &Mutex<Box<dyn Hsm + Send>> {
         &self.hsm

@@ -608,10 +608,9 @@ impl LoadService {
 
     /// Signs an action-list update with the back office's Ed25519 key (as the blocklist).
     pub fn sign_actions(&self, u: &ActionUpdate) -> Result<Vec<u8>, OrderError> {
-        let hsm = self.hsm.lock().expect("hsm lock");
         let body = u.body();
-        let sig = hsm
-            .sign(&body)
+        let sig = self
+            .with_hsm(|hsm| hsm.sign(&body))
             .map_err(|e| OrderError::Hsm(e.to_string()))?;
         let mut bytes = body;
         bytes.extend_from_slice(&sig);

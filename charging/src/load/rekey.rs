@@ -29,10 +29,7 @@ impl LoadService {
         credit_version: u8,
         reply: Reply,
     ) -> Reply {
-        let target = {
-            let hsm = self.hsm.lock().expect("hsm lock");
-            hsm.card_key_version()
-        };
+        let target = self.with_hsm(|hsm| hsm.card_key_version());
         let Some(target) = target.filter(|&t| t > credit_version) else {
             return reply;
         };
@@ -57,11 +54,8 @@ impl LoadService {
         };
         let mut step = RekeyStep::Continue;
         for response in responses {
-            let fed = {
-                let mut hsm = self.hsm.lock().expect("hsm lock");
-                m.rekey
-                    .on_response(hsm.as_mut(), &mut rand::rngs::OsRng, response)
-            };
+            let fed =
+                self.with_hsm(|hsm| m.rekey.on_response(hsm, &mut rand::rngs::OsRng, response));
             match fed {
                 Ok(st) => step = st,
                 Err(e) => {

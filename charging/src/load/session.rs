@@ -281,11 +281,10 @@ impl LoadService {
         }
         let mut step = Step::Continue;
         for response in responses {
-            let fed = {
-                let mut hsm = self.hsm.lock().expect("hsm lock");
+            let fed = self.with_hsm(|hsm| {
                 s.dialogue
-                    .on_response(hsm.as_mut(), &mut rand::rngs::OsRng, response)
-            };
+                    .on_response(hsm, &mut rand::rngs::OsRng, response)
+            });
             step = match fed {
                 Ok(st) => st,
                 Err(e) => return Ok(self.dialogue_failed(s, e)),
@@ -302,16 +301,10 @@ impl LoadService {
             // intent's group commit is awaited, a funding source that waits hands the
             // worker's other tasks over (`FundingSource::waits`).
             Step::Decide(snapshot) => match self.decide(s, &snapshot, now_ms).await? {
-                Ok(decision) => {
-                    let mut hsm = self.hsm.lock().expect("hsm lock");
-                    match s.dialogue.decide(hsm.as_mut(), decision) {
-                        Ok(st) => st,
-                        Err(e) => {
-                            drop(hsm);
-                            return Ok(self.dialogue_failed(s, e));
-                        }
-                    }
-                }
+                Ok(decision) => match self.with_hsm(|hsm| s.dialogue.decide(hsm, decision)) {
+                    Ok(st) => st,
+                    Err(e) => return Ok(self.dialogue_failed(s, e)),
+                },
                 Err(refusal) => return Ok(refusal),
             },
             other => other,
@@ -328,10 +321,7 @@ impl LoadService {
                 })
             }
             Step::Done(Outcome::Committed { receipt, .. }) => {
-                let verified = {
-                    let hsm = self.hsm.lock().expect("hsm lock");
-                    hsm.verify_tmac(&receipt)
-                };
+                let verified = self.with_hsm(|hsm| hsm.verify_tmac(&receipt));
                 match verified {
                     Ok(proof) => {
                         let reply = Reply::Completed {
