@@ -6,6 +6,7 @@
 //! like a torn load ([`LoadService::settle_from_snapshot`]): paid once or opened again, never
 //! paid twice, never lost.
 
+use super::session::check_idempotency_key;
 use super::*;
 use crate::ledger::{Payment, PaymentState, Refund, RefundState};
 
@@ -482,11 +483,7 @@ impl LoadService {
         idempotency_key: &str,
         now_ms: u64,
     ) -> Result<Refund, LoadError> {
-        if idempotency_key.is_empty() || idempotency_key.len() > 128 {
-            return Err(LoadError::BadRequest(
-                "an Idempotency-Key of 1 to 128 characters is required".into(),
-            ));
-        }
+        check_idempotency_key(idempotency_key)?;
         if let Some(c) = currency {
             same_currency("refund", c, &self.cfg.currency)?;
         }

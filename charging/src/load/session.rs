@@ -3,6 +3,17 @@
 use super::*;
 use crate::ledger::wait_for;
 
+/// An Idempotency-Key is 1 to 128 characters (a load's, a payment's or refund's relay, a
+/// refund made by a merchant).
+pub(super) fn check_idempotency_key(key: &str) -> Result<(), LoadError> {
+    if key.is_empty() || key.len() > 128 {
+        return Err(LoadError::BadRequest(
+            "an Idempotency-Key of 1 to 128 characters is required".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl LoadService {
     pub(super) fn open_session(
         &self,
@@ -11,11 +22,7 @@ impl LoadService {
         purpose: Purpose,
         now_ms: u64,
     ) -> Result<Reply, LoadError> {
-        if req.idempotency_key.is_empty() || req.idempotency_key.len() > 128 {
-            return Err(LoadError::BadRequest(
-                "an Idempotency-Key of 1 to 128 characters is required".into(),
-            ));
-        }
+        check_idempotency_key(&req.idempotency_key)?;
         let ikey = Self::idem_key(&purpose, caller, &req.idempotency_key);
         let fingerprint = request_fingerprint(&req, &purpose);
         let differs = match purpose {
