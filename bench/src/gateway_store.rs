@@ -16,7 +16,8 @@
 //!   (messages of up to 100 records of one device), each followed by `Store::forwarded_at` of
 //!   the whole outbox at the taps' clock, as if clearing had answered at once: the stored layout
 //!   is what the gateway writes, and what it trims (forwarded taps past their retention window)
-//!   is trimmed. `ingested` is the taps ingested so far, `stored` those the store still holds.
+//!   is trimmed (and the `card-day:` aggregates past their retention, 7 days after their day).
+//!   `ingested` is the taps ingested so far, `stored` those the store still holds.
 //! - At each size: `ROUNDS` rounds, each one raw batch then one live batch of `--batch` messages
 //!   of one tap (the daemon's `ingest_batch_max_messages` is 4,096; at live rates a batch is
 //!   what arrived during the previous fsync, a few hundred): the live batch is
@@ -91,6 +92,10 @@ pub fn run(stored: &[u64], batch: usize) -> anyhow::Result<Figures> {
         (
             "forwarded_retention_ms",
             store.limits().forwarded_retention_ms.into(),
+        ),
+        (
+            "card_day_retention_days",
+            store.limits().card_day_retention_days.into(),
         ),
         ("sizes", rows.into()),
         ("backlog_trim", backlog),
@@ -233,6 +238,9 @@ fn prefill(store: &Store, keys: &KeySet, gen: Gen, upto: u64) -> anyhow::Result<
         // A pre-fill batch expires more taps than one call trims (TRIM_MAX_PER_CALL; the
         // gateway's 60 s timer takes the rest): trim them all, so the store holds the window.
         while store.trim_expired_at(now)? >= gateway::store::TRIM_MAX_PER_CALL as u64 {}
+        // Likewise the card-days past their retention (a day's ≈ 1.26 M expire at midnight; a
+        // gateway trims them after every forwarded batch, far more often than the pre-fill).
+        while store.trim_expired_card_days_at(now)? >= gateway::store::TRIM_MAX_PER_CALL as u64 {}
     }
     producer
         .join()
