@@ -138,7 +138,9 @@ fn card_day_aggregates_are_trimmed_after_their_retention_and_a_late_tap_does_not
     assert_eq!(store.limits().card_day_retention_days, 7);
     // The fixture's taps are on day 0 (validator clock), cards 04050505050501..03.
     assert_eq!(ingest(&store, &keys, 1..=3, DAY_MS / 2), 3);
-    store.forwarded_at(last_pending(&store), DAY_MS / 2).unwrap();
+    store
+        .forwarded_at(last_pending(&store), DAY_MS / 2)
+        .unwrap();
     let day0: Vec<(String, u64)> = (1..=3)
         .map(|s| (format!("card-day:0405050505050{s}:0"), 1))
         .collect();
