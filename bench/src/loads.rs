@@ -116,23 +116,29 @@ pub fn run(
         LedgerChoice::Lmdb if servers > 1 => anyhow::bail!(
             "--servers {servers} needs --ledger postgres: an LMDB ledger is one process's file"
         ),
-        LedgerChoice::Lmdb => Ok(run_once(n, clients, None, 1)?.0),
+        LedgerChoice::Lmdb => Ok(run_once(n, clients, None, 1, &|| 0.0)?.0),
         LedgerChoice::Postgres => {
             let mut cluster = tapgate_testkit::postgres::Cluster::try_start()
                 .map_err(|e| anyhow::anyhow!("--ledger postgres: {e}"))?;
+            let db_cpu = cluster.cpu_reader();
             let one = if servers > 1 {
                 let url = cluster.create_database();
-                Some(run_once(n, clients, Some((&url, cluster.password())), 1)?.1)
+                Some(run_once(n, clients, Some((&url, cluster.password())), 1, &db_cpu)?.1)
             } else {
                 None
             };
             let url = cluster.create_database();
             let retries_before = charging::ledger::PgLedger::retries();
-            let (mut figures, pg) =
-                run_once(n, clients, Some((&url, cluster.password())), servers)?;
+            let (mut figures, pg) = run_once(
+                n,
+                clients,
+                Some((&url, cluster.password())),
+                servers,
+                &db_cpu,
+            )?;
             let retries = charging::ledger::PgLedger::retries() - retries_before;
             drop(cluster);
-            let (_, lmdb) = run_once(n, clients, None, 1)?;
+            let (_, lmdb) = run_once(n, clients, None, 1, &|| 0.0)?;
             figures.insert(0, ("ledger", "postgres".into()));
             figures.insert(1, ("servers", (servers as u64).into()));
             figures.push(("ledger_retries", retries.into()));
@@ -151,6 +157,17 @@ pub fn run(
                     crate::limits::ratio(pg.loads_per_s, one.loads_per_s),
                 ));
             }
+            // The machine's CPU per load, whoever spends it: this process (servers and
+            // clients) and, on PostgreSQL, the database's processes; the ratio the two runs
+            // would have if CPU alone bounded them.
+            let pg_cpu = pg.cpu_us_per_load + pg.db_cpu_us_per_load;
+            figures.push(("db_cpu_us_per_load", (pg.db_cpu_us_per_load as u64).into()));
+            figures.push(("cpu_us_per_load", (pg_cpu as u64).into()));
+            figures.push(("lmdb_cpu_us_per_load", (lmdb.cpu_us_per_load as u64).into()));
+            figures.push((
+                "cpu_bound_ratio_to_lmdb",
+                crate::limits::ratio(lmdb.cpu_us_per_load, pg_cpu),
+            ));
             figures.push(("lmdb_loads_per_s", (lmdb.loads_per_s.round() as u64).into()));
             figures.push(("lmdb_p99_ms", lmdb.p99_ms.into()));
             figures.push((
@@ -168,15 +185,21 @@ struct Headline {
     p99_ms: f64,
     /// Statements sent to PostgreSQL per load, `BEGIN` and `COMMIT` included (0 on LMDB).
     round_trips_per_load: f64,
+    /// This process's CPU per load (servers and clients), µs.
+    cpu_us_per_load: f64,
+    /// The database's processes' CPU per load (0 on LMDB), µs.
+    db_cpu_us_per_load: f64,
 }
 
 /// One run on fresh servers: one on LMDB, or `servers` on the PostgreSQL database at `pg`
-/// (URL, password), the client threads spread over them round robin.
+/// (URL, password), the client threads spread over them round robin; `db_cpu` reads the
+/// database's CPU seconds so far (0 without one).
 fn run_once(
     n: u64,
     clients: usize,
     pg: Option<(&str, &str)>,
     servers: usize,
+    db_cpu: &dyn Fn() -> f64,
 ) -> anyhow::Result<(Figures, Headline)> {
     let dir = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -204,7 +227,9 @@ fn run_once(
     let raw_before = crate::limits::raw_round_trips(clients, per_client / 2, &plan, TOKEN)?;
     let round_trips_before = charging::ledger::PgLedger::round_trips();
     let commits_before = charging::ledger::LmdbLedger::group_commits();
+    let db_cpu_before = db_cpu();
     let driven = drive(clients, per_client, n, &bases, &hsm)?;
+    let db_cpu_s = (db_cpu() - db_cpu_before).max(0.0);
     let round_trips = charging::ledger::PgLedger::round_trips() - round_trips_before;
     let commits_after = charging::ledger::LmdbLedger::group_commits();
     // On LMDB: the group commits (one fsync each) over the loads, and the transactions in them.
@@ -219,10 +244,13 @@ fn run_once(
     for server in running {
         server.stop();
     }
+    let loads = driven.lat.len().max(1) as f64;
     let headline = Headline {
         loads_per_s: driven.lat.len() as f64 / driven.wall.as_secs_f64(),
         p99_ms: crate::stats::quantile(&driven.lat, 0.99) as f64 / 1000.0,
-        round_trips_per_load: round_trips as f64 / driven.lat.len().max(1) as f64,
+        round_trips_per_load: round_trips as f64 / loads,
+        cpu_us_per_load: driven.total_cpu * 1e6 / loads,
+        db_cpu_us_per_load: db_cpu_s * 1e6 / loads,
     };
     let mut figures = report(&hsm_kind, clients, &driven, &plan, raw_before, raw_after);
     if let Some((commits, transactions)) = group_commits {

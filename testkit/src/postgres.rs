@@ -240,6 +240,22 @@ impl Cluster {
         self.start_server()
     }
 
+    /// The CPU time (user + system, seconds) the cluster's processes used so far: the
+    /// postmaster's own and that of the children it has reaped (exited backends), and each
+    /// live child's (backends, WAL writer, checkpointer, …). 0 off Linux or when not running.
+    /// A bench reads it either side of a run: what the database cost, beside what the
+    /// charging server cost.
+    pub fn cpu_s(&self) -> f64 {
+        cluster_cpu_s(&self.data())
+    }
+
+    /// [`Cluster::cpu_s`] as a reader that does not borrow the cluster (which a caller may
+    /// change meanwhile: a new database, a restart).
+    pub fn cpu_reader(&self) -> impl Fn() -> f64 + Send + 'static {
+        let data = self.data();
+        move || cluster_cpu_s(&data)
+    }
+
     /// The loopback TCP port.
     pub fn port(&self) -> u16 {
         self.port
@@ -329,4 +345,53 @@ impl TestDb {
     pub fn password(&self) -> &str {
         self.cluster.password()
     }
+}
+
+/// The CPU seconds of the cluster whose data directory is `data` ([`Cluster::cpu_s`]).
+fn cluster_cpu_s(data: &Path) -> f64 {
+    let Some(pid) = std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+    else {
+        return 0.0;
+    };
+    let own = proc_stat(&format!("/proc/{pid}/stat"));
+    let mut ticks = own.map_or(0.0, |s| s.utime + s.stime + s.cutime + s.cstime);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(s) = proc_stat(&format!("/proc/{child}/stat")) {
+            if s.ppid == pid {
+                ticks += s.utime + s.stime;
+            }
+        }
+    }
+    // CLK_TCK is 100 on Linux.
+    ticks / 100.0
+}
+
+/// The fields of a `/proc/<pid>/stat` line a CPU count needs (clock ticks).
+struct ProcStat {
+    ppid: u32,
+    utime: f64,
+    stime: f64,
+    cutime: f64,
+    cstime: f64,
+}
+
+fn proc_stat(path: &str) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(path).ok()?;
+    // After the command (which may hold spaces, in parentheses): state is [0], ppid [1],
+    // utime [11], stime [12], cutime [13], cstime [14].
+    let f: Vec<&str> = text.rsplit(')').next()?.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    Some(ProcStat {
+        ppid: f.get(1)?.parse().ok()?,
+        utime: n(11)?,
+        stime: n(12)?,
+        cutime: n(13)?,
+        cstime: n(14)?,
+    })
 }
