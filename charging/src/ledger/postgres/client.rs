@@ -1,5 +1,5 @@
-//! One connection to the database, driven on its connection thread ([`PgClient`]): the
-//! asynchronous `tokio-postgres` client on a runtime of the thread's own, so that statements
+//! One connection to the database ([`PgClient`]), driven by whichever thread leased it: the
+//! asynchronous `tokio-postgres` client on a single-threaded runtime of its own, so that statements
 //! that do not wait for one another's answers go out together — one round trip for a
 //! transaction's `BEGIN` and its first statement, or for its last writes and its `COMMIT`
 //! ([`PgClient::pipeline`]). The synchronous `postgres` client cannot send a statement before
@@ -37,17 +37,28 @@ pub(crate) enum Answer {
     Row(Option<Row>),
 }
 
-/// A connection and the single-threaded runtime that drives it (only ever on its connection
-/// thread, which runs no other runtime).
+/// A connection and the single-threaded runtime that drives it (on the thread of the caller
+/// that leased it, never one that is running a tokio task: `super::Lease::run`).
 pub(crate) struct PgClient {
     client: tokio_postgres::Client,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until the client drops.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for PgClient {
+    /// The runtime (and with it the connection's task) is shut down without waiting: a pool
+    /// may drop its connections on a tokio worker, where dropping a runtime would panic.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<Answer, Error>> + 'a>>;
 
 impl PgClient {
-    /// Connects with `config` over `tls` (on a thread that drives no runtime); the error is
+    /// Connects with `config` over `tls` (on a thread that is running no tokio task); the error is
     /// the reason, for the caller's message.
     pub(crate) fn connect<T>(config: &tokio_postgres::Config, tls: T) -> Result<PgClient, String>
     where
@@ -70,7 +81,16 @@ impl PgClient {
                 tracing::debug!(%e, "a ledger connection ended");
             }
         });
-        Ok(PgClient { client, rt })
+        Ok(PgClient {
+            client,
+            rt: Some(rt),
+        })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt
+            .as_ref()
+            .expect("the runtime lives as long as the client")
     }
 
     /// Whether the connection is gone.
@@ -80,12 +100,12 @@ impl PgClient {
 
     /// Runs `sql` (statements without parameters) by the simple protocol.
     pub(crate) fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
-        self.rt.block_on(self.client.batch_execute(sql))
+        self.rt().block_on(self.client.batch_execute(sql))
     }
 
     /// Prepares `sql`.
     pub(crate) fn prepare(&mut self, sql: &str) -> Result<Statement, Error> {
-        self.rt.block_on(self.client.prepare(sql))
+        self.rt().block_on(self.client.prepare(sql))
     }
 
     /// Sends `ops` without waiting for one answer before the next statement, in their order
@@ -116,7 +136,7 @@ impl PgClient {
         let mut answers: Vec<Option<Result<Answer, Error>>> = ops.iter().map(|_| None).collect();
         // Each statement is queued for the connection when its future is first polled: polling
         // them in order queues them in order, before the connection task writes any of them.
-        self.rt.block_on(std::future::poll_fn(|cx| {
+        self.rt().block_on(std::future::poll_fn(|cx| {
             let mut all = true;
             for (future, answer) in pending.iter_mut().zip(answers.iter_mut()) {
                 if answer.is_some() {

@@ -1,6 +1,6 @@
 //! A step's reads at once ([`crate::ledger::LedgerRead::look_up`] of a [`super::PgRead`]): the
-//! same statements the single reads run, sent in one round trip and one hand-off to the
-//! connection thread, their answers kept ([`Found`]) for the reads that follow.
+//! same statements the single reads run, sent in one round trip, their answers kept
+//! ([`Found`]) for the reads that follow.
 
 use super::read::{big, uid_hex};
 use super::{cards, db_error, Db, LedgerError};

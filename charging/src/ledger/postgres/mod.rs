@@ -3,14 +3,19 @@
 //!
 //! ## Threads
 //!
-//! The synchronous `postgres` client runs its own small runtime and panics when it is used on a
-//! thread that drives a tokio runtime — and the ledger is called from tokio workers (the load
-//! service's background tick, the API's handlers). So no connection is ever used on the
-//! caller's thread: each connection is owned by a dedicated OS thread ([`Conn`]) that runs the
-//! jobs sent to it, one at a time. [`PgLedger::transact`] sends the whole closure to such a
-//! thread (the closure is `Send + 'static` for the LMDB committer already) and waits for its
-//! answer; a [`PgRead`] leases one connection thread for its snapshot and sends each read to
-//! it. Waiting on a channel is all a caller does, from whatever thread.
+//! Each pooled connection is the asynchronous `tokio-postgres` client on a single-threaded
+//! runtime of its own (`client.rs`), so that statements that do not wait for one another go out
+//! together. A caller leases a connection and drives it on its own thread
+//! ([`Lease::run`]): a transaction's closure, a snapshot's reads and their round trips all run
+//! where the caller is, with no hand-off to another thread and back. Driving a runtime
+//! (`block_on`) is not allowed on a thread that is running a tokio task, so the wait goes
+//! through [`crate::ledger::may_block`] (`block_in_place` on a worker of the server's
+//! multi-threaded runtime: its other tasks move to another thread meanwhile; free inside another
+//! `may_block`), or — on a current-thread runtime's thread (a test's) — to a scoped thread.
+//! (Until 2026-12-07 each connection was owned by a thread of its own that ran the jobs sent to
+//! it: two thread switches per transaction or read, and a profile of the loads bench found
+//! 56 % of the charging process's samples in the kernel, half of them the scheduler:
+//! docs/postgres.md.)
 //!
 //! ## Transactions
 //!
@@ -87,7 +92,7 @@ use super::interface::LedgerWrite;
 use super::LedgerError;
 use client::PgClient;
 pub(crate) use db::Db;
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Shards of an account other than a card's: concurrent transactions on different connections
@@ -116,7 +121,7 @@ pub struct PgConfig {
     pub url: String,
     /// The password, read from the file or environment variable the config names.
     pub password: Option<zeroize::Zeroizing<String>>,
-    /// Most connections (one thread each).
+    /// Most connections.
     pub max_connections: usize,
     /// How long a transaction keeps trying to reach a database that refuses connections.
     pub connect_timeout: Duration,
@@ -241,8 +246,8 @@ impl PgConfig {
         }
     }
 
-    /// Connects a connection thread's client (on that thread: it drives the client's own
-    /// runtime).
+    /// Connects a pooled connection's client (on a thread where a runtime may be driven:
+    /// [`Lease::run`]).
     fn connect_pipelined(&self) -> Result<PgClient, LedgerError> {
         let config = self.client_config()?;
         let connected = match &self.ca_file {
@@ -253,7 +258,7 @@ impl PgConfig {
     }
 }
 
-/// A connection and its prepared statements, owned by one connection thread.
+/// A connection and its prepared statements, lent to one caller at a time.
 pub(crate) struct Session {
     cfg: Arc<PgConfig>,
     /// The shard of the busy accounts this connection's transactions move ([`SHARDS`]).
@@ -280,82 +285,59 @@ impl Session {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Session) + Send>;
-
-/// One connection thread: it owns a [`Session`] and runs the jobs sent to it in order.
-struct Conn {
-    jobs: mpsc::Sender<Job>,
+/// A connection lent to one caller; back to the pool on drop. The caller's own thread drives
+/// it ([`Lease::run`]): no hand-off to another thread and back for each transaction or read.
+pub(crate) struct Lease {
+    pool: Arc<Pool>,
+    session: std::cell::RefCell<Option<Session>>,
 }
 
-impl Conn {
-    fn spawn(cfg: Arc<PgConfig>, n: usize) -> Result<Conn, LedgerError> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name(format!("ledger-pg-{n}"))
-            .spawn(move || {
-                let mut s = Session {
-                    cfg,
-                    shard: i16::try_from(n % SHARDS).unwrap_or(0),
-                    client: None,
-                    statements: Default::default(),
-                };
-                while let Ok(job) = rx.recv() {
-                    job(&mut s);
-                }
-            })
-            .map_err(|e| LedgerError::Unavailable(format!("starting a connection thread: {e}")))?;
-        Ok(Conn { jobs: tx })
-    }
-
-    /// Runs `f` on the connection thread and waits for its answer. A panic in `f` (a caller's
-    /// closure) is the caller's: it resumes on the caller's thread, the connection (perhaps in
-    /// the middle of a transaction) is closed, and the thread serves the next job.
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Session) -> T + Send + 'static,
-    ) -> Result<T, LedgerError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.jobs
-            .send(Box::new(move |s| {
-                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s)));
-                if out.is_err() {
-                    s.drop_client();
-                }
-                let _ = tx.send(out);
-            }))
-            .map_err(|_| stopped())?;
-        match rx.recv().map_err(|_| stopped())? {
+impl Lease {
+    /// Runs `f` with the leased connection, on this thread where it may wait (see
+    /// [`on_this_thread`]). A panic in `f` (a caller's closure) closes the connection (perhaps
+    /// in the middle of a transaction) and resumes on the caller's thread.
+    fn run<T: Send>(&self, f: impl FnOnce(&mut Session) -> T + Send) -> Result<T, LedgerError> {
+        let mut held = self.session.borrow_mut();
+        let s = held.as_mut().ok_or_else(stopped)?;
+        let out =
+            on_this_thread(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s))));
+        match out {
             Ok(v) => Ok(v),
-            Err(panic) => std::panic::resume_unwind(panic),
+            Err(panic) => {
+                s.drop_client();
+                std::panic::resume_unwind(panic)
+            }
         }
     }
+}
 
-    /// Sends `f` without waiting.
-    fn post(&self, f: impl FnOnce(&mut Session) + Send + 'static) {
-        let _ = self.jobs.send(Box::new(f));
+/// Runs `f`, which drives a connection's own single-threaded runtime (`block_on`), on the
+/// calling thread wherever that is allowed: on a worker of a multi-threaded tokio runtime
+/// through [`crate::ledger::may_block`] (`block_in_place`: the worker's other tasks move to
+/// another thread, and the runtime counts this thread out while it waits), on a plain thread
+/// or a blocking-pool thread as it is. A thread of a current-thread runtime (a test's) cannot
+/// start another runtime: there `f` runs on a scoped thread of its own.
+fn on_this_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+            std::thread::scope(|scope| match scope.spawn(f).join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+        }
+        _ => crate::ledger::may_block(f),
     }
 }
 
 fn stopped() -> LedgerError {
-    LedgerError::Commit("a ledger connection thread stopped".into())
+    LedgerError::Commit("a ledger connection was lost to a panic".into())
 }
 
 struct Pool {
     cfg: Arc<PgConfig>,
-    idle: Mutex<(Vec<Conn>, usize)>,
+    /// Idle connections, and how many exist (idle or lent).
+    idle: Mutex<(Vec<Session>, usize)>,
     freed: Condvar,
-}
-
-/// A connection thread lent to one caller; back to the pool on drop.
-pub(crate) struct Lease {
-    pool: Arc<Pool>,
-    conn: Option<Conn>,
-}
-
-impl Lease {
-    fn conn(&self) -> &Conn {
-        self.conn.as_ref().expect("leased")
-    }
 }
 
 thread_local! {
@@ -366,56 +348,50 @@ thread_local! {
 impl Drop for Lease {
     fn drop(&mut self) {
         HELD.with(|h| h.set(h.get().saturating_sub(1)));
-        if let Some(c) = self.conn.take() {
-            let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.0.push(c);
-            self.pool.freed.notify_one();
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        match self.session.get_mut().take() {
+            Some(s) => idle.0.push(s),
+            // Lost to a panic: room for a new one.
+            None => idle.1 = idle.1.saturating_sub(1),
         }
+        self.pool.freed.notify_one();
     }
 }
 
 impl Pool {
-    /// A connection thread: an idle one, a new one below the limit, or — for a thread that
-    /// holds one already — a new one beyond it. A thread waits only while it holds none, and
-    /// holders never wait, so a snapshot held across a transaction (which LMDB allows) cannot
-    /// deadlock the pool however many threads do it at once.
+    /// A connection: an idle one, a new one below the limit, or — for a thread that holds one
+    /// already — a new one beyond it. A thread waits only while it holds none, and holders
+    /// never wait, so a snapshot held across a transaction (which LMDB allows) cannot deadlock
+    /// the pool however many threads do it at once. A new connection connects on its first use.
     fn lease(self: &Arc<Self>) -> Result<Lease, LedgerError> {
-        let lease = self.lease_inner();
-        if lease.is_ok() {
-            HELD.with(|h| h.set(h.get() + 1));
-        }
-        lease
-    }
-
-    fn lease_inner(self: &Arc<Self>) -> Result<Lease, LedgerError> {
         let holder = HELD.with(|h| h.get()) > 0;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(conn) = idle.0.pop() {
-                return Ok(Lease {
-                    pool: self.clone(),
-                    conn: Some(conn),
-                });
+        let session = loop {
+            if let Some(s) = idle.0.pop() {
+                break s;
             }
             if holder || idle.1 < self.cfg.max_connections.max(1) {
                 idle.1 += 1;
                 let n = idle.1;
-                drop(idle);
-                let conn = Conn::spawn(self.cfg.clone(), n);
-                if conn.is_err() {
-                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
-                }
-                return Ok(Lease {
-                    pool: self.clone(),
-                    conn: Some(conn?),
-                });
+                break Session {
+                    cfg: self.cfg.clone(),
+                    shard: i16::try_from(n % SHARDS).unwrap_or(0),
+                    client: None,
+                    statements: Default::default(),
+                };
             }
             idle = self.freed.wait(idle).unwrap_or_else(|p| p.into_inner());
-        }
+        };
+        drop(idle);
+        HELD.with(|h| h.set(h.get() + 1));
+        Ok(Lease {
+            pool: self.clone(),
+            session: std::cell::RefCell::new(Some(session)),
+        })
     }
 }
 
-/// The PostgreSQL ledger: a pool of connection threads (cheap to clone).
+/// The PostgreSQL ledger: a pool of connections (cheap to clone).
 #[derive(Clone)]
 pub struct PgLedger {
     pool: Arc<Pool>,
@@ -442,11 +418,9 @@ impl PgLedger {
             }),
         };
         let lease = l.pool.lease()?;
-        // The schema read by the synchronous client, on the connection thread (no runtime
-        // there); the thread's own connection is made by its first job.
-        lease
-            .conn()
-            .run(|s| schema::check(&mut s.cfg.connect()?))??;
+        // The schema read by the synchronous client (where a runtime may be started: see
+        // `on_this_thread`); the pooled connection is made by its first use.
+        lease.run(|s| schema::check(&mut s.cfg.connect()?))??;
         Ok(l)
     }
 
@@ -457,7 +431,7 @@ impl PgLedger {
     }
 
     /// Runs `f` in one `SERIALIZABLE` transaction (`READ COMMITTED` if `f` asks:
-    /// [`read_committed`]), on a connection thread, and returns once it committed; a
+    /// [`read_committed`]), on the calling thread, and returns once it committed; a
     /// transaction the database aborts (serialization failure, deadlock, a unique key taken
     /// concurrently, a connection lost before `COMMIT`) is rolled back and `f` run again. If `f`
     /// fails, nothing of it commits.
@@ -466,7 +440,7 @@ impl PgLedger {
         f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError> + Send + 'static,
     ) -> Result<T, LedgerError> {
         let lease = self.pool.lease()?;
-        lease.conn().run(move |s| write::run(s, f))?
+        lease.run(move |s| write::run(s, f))?
     }
 
     /// The retries taken so far by this process's transactions (serialization failures,
@@ -482,7 +456,7 @@ impl PgLedger {
         ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Ends this handle; connection threads end when the last handle is gone.
+    /// Ends this handle; the connections close when the last handle is gone.
     pub fn close(self) {}
 }
 

@@ -1,5 +1,5 @@
 //! Reads: the queries behind [`LedgerRead`] (shared by a snapshot and a write transaction),
-//! and [`PgRead`], a `REPEATABLE READ READ ONLY` snapshot on a leased connection thread.
+//! and [`PgRead`], a `REPEATABLE READ READ ONLY` snapshot on a leased connection.
 
 use super::lookup::Found;
 use super::{cards, db_error, Db, Lease, LedgerError};
@@ -460,10 +460,10 @@ pub(super) mod q {
     }
 }
 
-/// A read snapshot of the PostgreSQL ledger: one leased connection thread in a
+/// A read snapshot of the PostgreSQL ledger: one leased connection in a
 /// `REPEATABLE READ READ ONLY` transaction, ended when the snapshot drops. The transaction
-/// begins with the snapshot's first query, on the connection thread in the same hand-off (one
-/// trip to that thread, not two); a snapshot that reads nothing sends nothing.
+/// begins with the snapshot's first query, in the same round trip; a snapshot that reads
+/// nothing sends nothing.
 pub struct PgRead {
     lease: Lease,
     /// Whether its reads share one snapshot (`false`: each reads the latest committed state,
@@ -500,16 +500,16 @@ impl PgRead {
         })
     }
 
-    /// Runs one query of the snapshot on its connection thread (the first begins it).
-    fn q<T: Send + 'static>(
+    /// Runs one query of the snapshot on its connection (the first begins it).
+    fn q<T: Send>(
         &self,
-        f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send + 'static,
+        f: impl FnOnce(&mut Db<'_>) -> Result<T, LedgerError> + Send,
     ) -> Result<T, LedgerError> {
         use std::sync::atomic::Ordering;
         let snapshot = self.snapshot;
         let first = snapshot && !self.begun.load(Ordering::Relaxed);
         let begun = self.begun.clone();
-        self.lease.conn().run(move |s| {
+        self.lease.run(move |s| {
             if first || !snapshot {
                 // A snapshot's first read, or a read that stands alone: a connection missing
                 // or lost is made afresh.
@@ -607,8 +607,8 @@ impl Drop for PgRead {
         if !self.begun.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        // Queued before the lease returns: the next user's jobs run after it.
-        self.lease.conn().post(|s| {
+        // Before the lease returns the connection to the pool.
+        let _ = self.lease.run(|s| {
             if let Some(c) = s.client.as_mut() {
                 if super::control(c, "COMMIT").is_err() {
                     s.drop_client();

@@ -29,7 +29,7 @@ use std::time::Instant;
 /// attempts run again at `SERIALIZABLE`).
 pub(super) static RETRIES: AtomicU64 = AtomicU64::new(0);
 
-/// What a closure running on this connection thread may choose of its transaction's isolation.
+/// What a closure running on this thread may choose of its transaction's isolation.
 #[derive(Clone, Copy)]
 enum Choice {
     /// No transaction of this backend runs here (an LMDB committer's thread, say).
@@ -71,6 +71,9 @@ pub(super) fn run<T>(
     mut f: impl FnMut(&mut dyn LedgerWrite) -> Result<T, LedgerError>,
 ) -> Result<T, LedgerError> {
     let deadline = Instant::now() + s.cfg.connect_timeout;
+    // The choice of a transaction this one runs inside of on this thread, if any (a closure
+    // that transacts): it is that one's again once this one's attempt ends.
+    let outer = CHOICE.with(Cell::get);
     let mut attempt = 0u32;
     let mut forced = false;
     loop {
@@ -115,7 +118,7 @@ pub(super) fn run<T>(
             let open = db.open();
             (out, db.failure, open, commit)
         };
-        CHOICE.with(|c| c.set(Choice::Closed));
+        CHOICE.with(|c| c.set(outer));
         match (out, failure, commit) {
             // The connection went while the last writes or the COMMIT were out (whatever else
             // failed), or a write sent with the COMMIT failed in the client (the server did not
