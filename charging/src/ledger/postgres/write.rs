@@ -202,6 +202,32 @@ fn word<T: serde::Serialize>(v: &T) -> Result<String, LedgerError> {
     }
 }
 
+/// `$1, $2, …`: one placeholder a column named (up to six).
+#[rustfmt::skip]
+macro_rules! placeholders {
+    ($a:tt) => { "$1" };
+    ($a:tt $b:tt) => { "$1, $2" };
+    ($a:tt $b:tt $c:tt) => { "$1, $2, $3" };
+    ($a:tt $b:tt $c:tt $d:tt) => { "$1, $2, $3, $4" };
+    ($a:tt $b:tt $c:tt $d:tt $e:tt) => { "$1, $2, $3, $4, $5" };
+    ($a:tt $b:tt $c:tt $d:tt $e:tt $f:tt) => { "$1, $2, $3, $4, $5, $6" };
+}
+
+/// A row written whole whether or not its key has one, as one `&'static str`:
+/// `upsert!("t", ["k"], ["a", "b"])` is `INSERT INTO t (k, a, b) VALUES ($1, $2, $3)
+/// ON CONFLICT (k) DO UPDATE SET a = EXCLUDED.a, b = EXCLUDED.b` (the parameters: the key's
+/// columns, then the others, in order).
+macro_rules! upsert {
+    ($table:literal, [$k0:literal $(, $k:literal)*], [$c0:literal $(, $c:literal)*]) => {
+        concat!(
+            "INSERT INTO ", $table, " (", $k0, $(", ", $k,)* ", ", $c0, $(", ", $c,)*
+            ") VALUES (", placeholders!($k0 $($k)* $c0 $($c)*),
+            ") ON CONFLICT (", $k0, $(", ", $k,)* ") DO UPDATE SET ",
+            $c0, " = EXCLUDED.", $c0, $(", ", $c, " = EXCLUDED.", $c,)*
+        )
+    };
+}
+
 impl PgWrite<'_> {
     /// Runs one query of the transaction (the same queries a snapshot runs, `read::q`), after
     /// the staged writes are sent. At `READ COMMITTED` such a read (a payment, a refund, a
@@ -573,9 +599,11 @@ impl LedgerWrite for PgWrite<'_> {
             return Ok(());
         };
         self.defer(
-            "INSERT INTO counter_gaps (uid, from_tmc, since_ms, reported) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (uid) DO UPDATE SET from_tmc = EXCLUDED.from_tmc, \
-             since_ms = EXCLUDED.since_ms, reported = EXCLUDED.reported",
+            upsert!(
+                "counter_gaps",
+                ["uid"],
+                ["from_tmc", "since_ms", "reported"]
+            ),
             vec![
                 Box::new(uid_hex(uid)),
                 Box::new(i64::from(g.from_tmc)),
@@ -612,8 +640,11 @@ impl LedgerWrite for PgWrite<'_> {
         total_minor: i64,
     ) -> Result<(), LedgerError> {
         self.defer(
-            "INSERT INTO funding_days (source, instrument, day, total_minor) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (source, instrument, day) DO UPDATE SET total_minor = EXCLUDED.total_minor",
+            upsert!(
+                "funding_days",
+                ["source", "instrument", "day"],
+                ["total_minor"]
+            ),
             vec![
                 Box::new(source.to_string()),
                 Box::new(instrument.to_string()),
@@ -641,8 +672,7 @@ impl LedgerWrite for PgWrite<'_> {
     fn put_voucher(&mut self, v: &Voucher) -> Result<(), LedgerError> {
         let rec = to_json(v)?;
         self.defer(
-            "INSERT INTO vouchers (code, record) VALUES ($1, $2) \
-             ON CONFLICT (code) DO UPDATE SET record = EXCLUDED.record",
+            upsert!("vouchers", ["code"], ["record"]),
             vec![Box::new(v.code.clone()), Box::new(rec)],
         )
     }
@@ -650,9 +680,7 @@ impl LedgerWrite for PgWrite<'_> {
     fn put_payment(&mut self, _: LedgerOnly, p: &Payment) -> Result<(), LedgerError> {
         let rec = to_json(p)?;
         self.defer(
-            "INSERT INTO payments (id, merchant, order_id, record) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET merchant = EXCLUDED.merchant, \
-             order_id = EXCLUDED.order_id, record = EXCLUDED.record",
+            upsert!("payments", ["id"], ["merchant", "order_id", "record"]),
             vec![
                 Box::new(p.id.clone()),
                 Box::new(p.merchant.clone()),
@@ -665,9 +693,7 @@ impl LedgerWrite for PgWrite<'_> {
     fn put_refund(&mut self, _: LedgerOnly, r: &Refund) -> Result<(), LedgerError> {
         let (rec, state) = (to_json(r)?, word(&r.state)?);
         self.defer(
-            "INSERT INTO refunds (id, state, created_ms, record) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, \
-             created_ms = EXCLUDED.created_ms, record = EXCLUDED.record",
+            upsert!("refunds", ["id"], ["state", "created_ms", "record"]),
             vec![
                 Box::new(r.id.clone()),
                 Box::new(state),
@@ -680,10 +706,11 @@ impl LedgerWrite for PgWrite<'_> {
     fn put_notification(&mut self, n: &Notification) -> Result<(), LedgerError> {
         let rec = to_json(n)?;
         self.defer(
-            "INSERT INTO notifications (payment_id, next_attempt_ms, delivered, record) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (payment_id) DO UPDATE SET \
-             next_attempt_ms = EXCLUDED.next_attempt_ms, delivered = EXCLUDED.delivered, \
-             record = EXCLUDED.record",
+            upsert!(
+                "notifications",
+                ["payment_id"],
+                ["next_attempt_ms", "delivered", "record"]
+            ),
             vec![
                 Box::new(n.payment_id.clone()),
                 Box::new(big(n.next_attempt_ms)),
@@ -713,9 +740,11 @@ impl LedgerWrite for PgWrite<'_> {
             return self.put_intent_locked(uid, intent);
         }
         self.defer(
-            "INSERT INTO load_intents (uid, tmc_before, attempt, state, kind, record) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (uid, tmc_before, attempt) DO UPDATE \
-             SET state = EXCLUDED.state, kind = EXCLUDED.kind, record = EXCLUDED.record",
+            upsert!(
+                "load_intents",
+                ["uid", "tmc_before", "attempt"],
+                ["state", "kind", "record"]
+            ),
             Self::intent_params(uid, intent)?,
         )?;
         self.staged.borrow_mut().put_intent(uid, intent);
@@ -803,8 +832,7 @@ impl LedgerWrite for PgWrite<'_> {
     fn put_instrument(&mut self, i: &Instrument) -> Result<(), LedgerError> {
         let rec = to_json(i)?;
         self.defer(
-            "INSERT INTO instruments (source, id, owner, record) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (source, id) DO UPDATE SET owner = EXCLUDED.owner, record = EXCLUDED.record",
+            upsert!("instruments", ["source", "id"], ["owner", "record"]),
             vec![
                 Box::new(i.source.clone()),
                 Box::new(i.id.clone()),
