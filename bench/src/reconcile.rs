@@ -2,13 +2,19 @@
 //! issuance and a load booked, in an LMDB ledger on disk.
 //!
 //! The limit, in the same run: `raw_scan_ms`, the reads a reconciliation cannot do without —
-//! every card's shadow and every account's balance, read whole in one snapshot — timed right
-//! before it; `ratio` = reconcile / raw scan. `rss_peak_kib` is the process's peak resident
-//! memory (the ledger's pages it touched included). The ledger lives in a temporary directory
-//! under `TAPGATE_BENCH_DIR` (default `/tmp`).
+//! every card's shadow (in pages of `RECONCILE_PAGE`, as reconciliation reads them) and every
+//! account's balance, in one snapshot — timed right before it; `ratio` = reconcile / raw scan.
+//! `rss_peak_kib` is the process's peak resident memory over the whole run (the ledger's pages
+//! it touched included); `reconcile_rss_peak_kib` the peak during the reconciliation alone (the
+//! peak reset right before it; 0 where it cannot be reset), and `rss_{anon,file}_{before,
+//! after}_reconcile_kib` split the resident memory into the heap (anonymous) and the ledger's
+//! mapped file pages. The ledger lives in a temporary directory under `TAPGATE_BENCH_DIR`
+//! (default `/tmp`).
 
+use crate::stats::status_kib;
 use crate::Figures;
 use charging::ledger::Ledger;
+use charging::reconcile::RECONCILE_PAGE;
 use purse::receipt::{CommitReceipt, TxKind};
 use purse::sam::TmacVerified;
 use std::time::Instant;
@@ -47,18 +53,21 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     }
     let populate = t0.elapsed();
     let t_raw = Instant::now();
-    let scanned = {
-        let r = ledger.read()?;
-        r.all_cards()?.len() + r.balances()?.len()
-    };
+    let scanned = raw_scan(&ledger)?;
     let raw = t_raw.elapsed();
     anyhow::ensure!(
         scanned as u64 >= 2 * n,
         "the raw scan read {scanned} records"
     );
+    // The peak so far (population, raw scan), then the peak of the reconciliation alone.
+    let peak_before = status_kib("VmHWM:");
+    let (anon_before, file_before) = (status_kib("RssAnon:"), status_kib("RssFile:"));
+    let hwm_reset = reset_peak_rss();
     let t1 = Instant::now();
     let report = charging::reconcile::reconcile(&ledger)?;
     let elapsed = t1.elapsed();
+    let reconcile_peak = status_kib("VmHWM:");
+    let (anon_after, file_after) = (status_kib("RssAnon:"), status_kib("RssFile:"));
     anyhow::ensure!(
         report.cards == n && report.balanced == n,
         "{} of {} balanced",
@@ -78,6 +87,38 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
             "ratio",
             ((elapsed.as_secs_f64() / raw.as_secs_f64().max(1e-9) * 100.0).round() / 100.0).into(),
         ),
-        ("rss_peak_kib", crate::stats::status_kib("VmHWM:").into()),
+        ("rss_peak_kib", peak_before.max(reconcile_peak).into()),
+        (
+            "reconcile_rss_peak_kib",
+            if hwm_reset { reconcile_peak } else { 0 }.into(),
+        ),
+        ("rss_anon_before_reconcile_kib", anon_before.into()),
+        ("rss_file_before_reconcile_kib", file_before.into()),
+        ("rss_anon_after_reconcile_kib", anon_after.into()),
+        ("rss_file_after_reconcile_kib", file_after.into()),
     ])
+}
+
+/// The reads a reconciliation cannot do without, in one snapshot: every card's shadow, a page
+/// of [`RECONCILE_PAGE`] at a time as `reconcile` reads them, and every account's balance (one
+/// `Vec`, as before). Returns the records read.
+fn raw_scan(ledger: &Ledger) -> anyhow::Result<usize> {
+    let r = ledger.read()?;
+    let mut scanned = 0;
+    let mut after = None;
+    loop {
+        let page = r.cards_after(after, RECONCILE_PAGE)?;
+        let Some(&(last, _)) = page.last() else {
+            break;
+        };
+        scanned += page.len();
+        after = Some(last);
+    }
+    Ok(scanned + r.balances()?.len())
+}
+
+/// Resets this process's peak resident memory (`VmHWM`) to its current resident memory
+/// (Linux: `5` into /proc/self/clear_refs). Whether it did.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }

@@ -5,7 +5,7 @@
 //! is booked exactly once, no load is paid twice, and each operator's revenue is what its
 //! validators collected. The demo, the system bench and the end-to-end tests all use it.
 
-use crate::ledger::{card_account, IntentState, Ledger, LedgerError, LedgerRead};
+use crate::ledger::{card_account, CardShadow, IntentState, Ledger, LedgerError, LedgerRead};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 
@@ -70,58 +70,92 @@ pub struct Report {
     pub differences: Vec<Difference>,
 }
 
-/// Reconciles every card in the ledger.
+/// How many cards [`reconcile`] reads at a time.
+pub const RECONCILE_PAGE: usize = 10_000;
+
+/// Reconciles every card in the ledger: the cards in UID order, [`RECONCILE_PAGE`] at a time,
+/// all in one snapshot (memory: a page of shadows, the clone anomalies' counters and the
+/// report's differences, not every card at once).
 pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
+    reconcile_in_pages(ledger, RECONCILE_PAGE)
+}
+
+/// [`reconcile`] reading `page` cards at a time (at least one): the same report whatever the
+/// page (tests use small pages to cross page boundaries).
+pub fn reconcile_in_pages(ledger: &Ledger, page: usize) -> Result<Report, LedgerError> {
+    let page = page.max(1);
     let r = ledger.read()?;
     let clones = clone_counters(&*r)?;
     let mut report = Report::default();
-    for (uid, shadow) in r.all_cards()? {
-        report.cards += 1;
-        let ledger_balance = r.balance(&card_account(&uid))?;
-        let diff = |cause| Difference {
-            card_uid: hex::encode_upper(uid),
-            ledger_balance_minor: ledger_balance,
-            card_balance_minor: shadow.booked_balance_minor,
-            booked_through_tmc: shadow.booked_through_tmc,
-            cause,
+    let mut after = None;
+    loop {
+        let cards = r.cards_after(after, page)?;
+        let (Some(&(last, _)), full) = (cards.last(), cards.len() == page) else {
+            return Ok(report);
         };
-        let clone = clones.get(&hex::encode_upper(uid)).copied();
-        let blocked_as_clone = shadow
-            .block_reason
-            .as_deref()
-            .is_some_and(|why| why == crate::ledger::CLONE_BLOCK_REASON);
-        if shadow.blocked && (clone.is_some() || blocked_as_clone) {
-            report.differences.push(diff(Cause::Clone { tmc: clone }));
-            continue;
+        for (uid, shadow) in &cards {
+            reconcile_card(&*r, &clones, uid, shadow, &mut report)?;
         }
-        let open = r.open_intents(&uid)?;
-        if !open.is_empty() {
-            report.differences.push(diff(Cause::PendingLoad {
-                at_tmc: open.iter().map(|i| i.tmc_before).collect(),
-            }));
-            continue;
+        if !full {
+            return Ok(report);
         }
-        if let Some(&(first_above, _, _)) = shadow.booked_above.first() {
-            report.differences.push(diff(Cause::CounterGap {
-                from_tmc: shadow.booked_through_tmc.saturating_add(1),
-                to_tmc: first_above - 1,
-            }));
-            continue;
-        }
-        if shadow.last_tmc > shadow.booked_through_tmc {
-            report.differences.push(diff(Cause::Uncleared {
-                from_tmc: shadow.booked_through_tmc.saturating_add(1),
-                to_tmc: shadow.last_tmc,
-            }));
-            continue;
-        }
-        match shadow.booked_balance_minor {
-            Some(b) if i64::from(b) == ledger_balance => report.balanced += 1,
-            None if ledger_balance == 0 => report.balanced += 1,
-            _ => report.differences.push(diff(Cause::Mismatch)),
-        }
+        after = Some(last);
     }
-    Ok(report)
+}
+
+/// One card against its account, counted into `report`.
+fn reconcile_card(
+    r: &dyn LedgerRead,
+    clones: &BTreeMap<String, u32>,
+    uid: &[u8; 7],
+    shadow: &CardShadow,
+    report: &mut Report,
+) -> Result<(), LedgerError> {
+    report.cards += 1;
+    let ledger_balance = r.balance(&card_account(uid))?;
+    let diff = |cause| Difference {
+        card_uid: hex::encode_upper(uid),
+        ledger_balance_minor: ledger_balance,
+        card_balance_minor: shadow.booked_balance_minor,
+        booked_through_tmc: shadow.booked_through_tmc,
+        cause,
+    };
+    let clone = clones.get(&hex::encode_upper(uid)).copied();
+    let blocked_as_clone = shadow
+        .block_reason
+        .as_deref()
+        .is_some_and(|why| why == crate::ledger::CLONE_BLOCK_REASON);
+    if shadow.blocked && (clone.is_some() || blocked_as_clone) {
+        report.differences.push(diff(Cause::Clone { tmc: clone }));
+        return Ok(());
+    }
+    let open = r.open_intents(uid)?;
+    if !open.is_empty() {
+        report.differences.push(diff(Cause::PendingLoad {
+            at_tmc: open.iter().map(|i| i.tmc_before).collect(),
+        }));
+        return Ok(());
+    }
+    if let Some(&(first_above, _, _)) = shadow.booked_above.first() {
+        report.differences.push(diff(Cause::CounterGap {
+            from_tmc: shadow.booked_through_tmc.saturating_add(1),
+            to_tmc: first_above - 1,
+        }));
+        return Ok(());
+    }
+    if shadow.last_tmc > shadow.booked_through_tmc {
+        report.differences.push(diff(Cause::Uncleared {
+            from_tmc: shadow.booked_through_tmc.saturating_add(1),
+            to_tmc: shadow.last_tmc,
+        }));
+        return Ok(());
+    }
+    match shadow.booked_balance_minor {
+        Some(b) if i64::from(b) == ledger_balance => report.balanced += 1,
+        None if ledger_balance == 0 => report.balanced += 1,
+        _ => report.differences.push(diff(Cause::Mismatch)),
+    }
+    Ok(())
 }
 
 /// The first counter of each card that clearing saw twice with different contents (the

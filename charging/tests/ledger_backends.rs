@@ -89,6 +89,8 @@ backends!(
     records_round_trip,
     a_gap_is_swept_once_and_a_block_lifts_when_it_fills,
     a_load_and_a_cleared_tap_end_to_end,
+    cards_are_read_in_pages_in_uid_byte_order,
+    reconciliation_in_pages_reports_as_in_one,
 );
 
 fn postings_balance_to_zero_and_cards_move_only_on_proofs(u: &Under) {
@@ -519,6 +521,139 @@ fn a_gap_is_swept_once_and_a_block_lifts_when_it_fills(u: &Under) {
     drop(r);
     let report = charging::reconcile::reconcile(svc.ledger()).unwrap();
     assert_eq!((report.cards, report.balanced), (1, 1), "{report:?}");
+}
+
+/// UIDs whose bytes' order is not the order they are issued in, with last bytes across the
+/// hex digits' `9`/`A` and `F`/`1` edges (a text order that put letters first would differ).
+const PAGED_UIDS: [[u8; 7]; 12] = [
+    [0x04, 0, 0, 0, 0, 0, 0xA0],
+    [0x04, 0, 0, 0, 0, 0, 0x09],
+    [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+    [0x04, 0, 0, 0, 0, 0, 0x0A],
+    [0x04, 0, 0, 0, 0, 0, 0x9F],
+    [0x00, 0, 0, 0, 0, 0, 0x01],
+    [0x04, 0, 0, 0, 0, 0, 0x10],
+    [0x04, 0, 0, 0, 0, 0, 0x0F],
+    [0x04, 0, 0, 0, 0, 0x01, 0x00],
+    [0x04, 0, 0, 0, 0, 0, 0xFF],
+    [0x3A, 0x99, 0, 0, 0, 0, 0],
+    [0x04, 0, 0, 0, 0, 0, 0x00],
+];
+
+fn issue_paged_cards(l: &Ledger) {
+    l.transact(|t| {
+        for (i, uid) in PAGED_UIDS.iter().enumerate() {
+            t.issue_card(uid, 1_000 + i as i32, &format!("issue:{i}"), T0)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn cards_are_read_in_pages_in_uid_byte_order(u: &Under) {
+    let l = u.ledger();
+    issue_paged_cards(l);
+    let r = l.read().unwrap();
+    let all = r.all_cards().unwrap();
+    let mut sorted = PAGED_UIDS.to_vec();
+    sorted.sort();
+    assert_eq!(all.iter().map(|c| c.0).collect::<Vec<_>>(), sorted);
+    assert_eq!(r.cards_after(None, usize::MAX).unwrap(), all);
+    // Every page size, a boundary falling between any two cards: the pages put together are
+    // every card, each once, in order.
+    for limit in 1..=all.len() + 1 {
+        let (mut walked, mut pages, mut after) = (Vec::new(), 0, None);
+        loop {
+            let page = r.cards_after(after, limit).unwrap();
+            assert!(page.len() <= limit);
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            pages += 1;
+            after = Some(last);
+            walked.extend(page);
+        }
+        assert_eq!(walked, all, "pages of {limit}");
+        assert_eq!(pages, all.len().div_ceil(limit), "pages of {limit}");
+    }
+    // `after` need not be a card: the page starts at the next card up.
+    let between = [0x04, 0, 0, 0, 0, 0, 0x0B];
+    let next = all.iter().position(|c| c.0 > between).unwrap();
+    assert_eq!(all[next].0, [0x04, 0, 0, 0, 0, 0, 0x0F]);
+    assert_eq!(
+        r.cards_after(Some(between), 2).unwrap(),
+        all[next..next + 2].to_vec()
+    );
+    assert_eq!(r.cards_after(Some([0; 7]), 1).unwrap(), all[..1].to_vec());
+    assert!(r.cards_after(Some([0xFF; 7]), 5).unwrap().is_empty());
+    assert!(r.cards_after(None, 0).unwrap().is_empty());
+    drop(r);
+    // Inside a transaction, a card it wrote is in its pages.
+    let late = [0x04, 0, 0, 0, 0, 0, 0x0C];
+    let seen = l
+        .transact(move |t| {
+            t.issue_card(&late, 5, "issue:late", T0)?;
+            t.cards_after(Some(between), 1)
+        })
+        .unwrap();
+    assert_eq!(seen.iter().map(|c| c.0).collect::<Vec<_>>(), vec![late]);
+}
+
+fn reconciliation_in_pages_reports_as_in_one(u: &Under) {
+    use charging::reconcile::{reconcile, reconcile_in_pages, Cause};
+    use purse::receipt::{CommitReceipt, TxKind};
+    use purse::sam::TmacVerified;
+    let l = u.ledger();
+    issue_paged_cards(l);
+    let proved = |uid, tmc, kind, amount, after| {
+        TmacVerified::for_tests(CommitReceipt::for_tests(
+            uid, tmc, [0; 8], kind, amount, after,
+        ))
+    };
+    let [a, b, c, d, ..] = PAGED_UIDS;
+    l.transact(move |t| {
+        // a: blocked as a clone; b: a load pending; c: a franchise load posted, its counter
+        // not booked yet (the card's shadow still proves 1 002); d: counter 3 booked, 1-2 not.
+        t.set_blocked(&a, true, CLONE_BLOCK_REASON, T0)?;
+        t.insert_intent(&b, &mut intent(b, 0))?;
+        t.post_franchise_load(&proved(c, 1, TxKind::Credit, 500, 1_502), "f", "load:c", T0)?;
+        t.book_proved(&proved(d, 3, TxKind::Debit, 100, 900), T0)?;
+        Ok(())
+    })
+    .unwrap();
+    let whole = reconcile_in_pages(l, usize::MAX).unwrap();
+    let causes: Vec<(String, Cause)> = whole
+        .differences
+        .iter()
+        .map(|d| (d.card_uid.clone(), d.cause.clone()))
+        .collect();
+    assert_eq!(
+        causes,
+        vec![
+            (hex::encode_upper(b), Cause::PendingLoad { at_tmc: vec![0] }),
+            (
+                hex::encode_upper(d),
+                Cause::CounterGap {
+                    from_tmc: 1,
+                    to_tmc: 2
+                }
+            ),
+            (hex::encode_upper(a), Cause::Clone { tmc: None }),
+            (hex::encode_upper(c), Cause::Mismatch),
+        ],
+        "in UID order: {whole:?}"
+    );
+    assert_eq!((whole.cards, whole.balanced), (12, 8));
+    for page in (0..=13).chain([10_000]) {
+        let paged = reconcile_in_pages(l, page).unwrap();
+        assert_eq!(
+            (paged.cards, paged.balanced, &paged.differences),
+            (whole.cards, whole.balanced, &whole.differences),
+            "pages of {page}"
+        );
+    }
+    let default = reconcile(l).unwrap();
+    assert_eq!(default.differences, whole.differences);
 }
 
 fn a_load_and_a_cleared_tap_end_to_end(u: &Under) {

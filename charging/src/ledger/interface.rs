@@ -268,8 +268,21 @@ pub trait LedgerRead {
         limit: usize,
     ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError>;
 
-    /// Every card's shadow record (reconciliation).
+    /// Every card's shadow record, in UID order, in one `Vec` (the console's and the
+    /// blocklist's lists; a walk over every card reads [`LedgerRead::cards_after`] instead).
     fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
+
+    /// A page of card shadows: the first `limit` cards whose UID is above `after` (`None`: from
+    /// the first card), in UID order — the bytes' order, the same on both backends (LMDB's keys
+    /// are the UID's bytes; PostgreSQL's are its 14 uppercase hex digits, which sort as the
+    /// bytes do). `after` need not be a card's UID. Walking every card page by page (each page
+    /// from the last UID of the one before) in one snapshot reads what [`LedgerRead::all_cards`]
+    /// reads, holding a page at a time (reconciliation).
+    fn cards_after(
+        &self,
+        after: Option<[u8; 7]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
 
     /// Block changes after `after`, at most `limit`, and the latest version.
     fn block_changes(

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// The most a page of cards reserves up front (a caller may ask for more and get it).
+const PAGE_CAPACITY: usize = 10_000;
+
 impl LedgerCore {
     /// The card's shadow record.
     pub(super) fn card(
@@ -40,6 +43,35 @@ impl LedgerCore {
         kept(self.cards.iter(txn)?, |k, v| {
             <[u8; 7]>::try_from(k).ok().map(|uid| (uid, v))
         })
+    }
+
+    /// The first `limit` card shadows whose UID is above `after` (`None`: from the first), in
+    /// key (UID byte) order: a cursor from the key after `after`.
+    pub(super) fn cards_after(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+        after: Option<[u8; 7]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        use std::ops::Bound;
+        let mut out = Vec::with_capacity(limit.min(PAGE_CAPACITY));
+        if limit == 0 {
+            return Ok(out);
+        }
+        let from = match &after {
+            Some(uid) => Bound::Excluded(&uid[..]),
+            None => Bound::Unbounded,
+        };
+        for entry in self.cards.range(txn, &(from, Bound::Unbounded))? {
+            let (k, v) = entry?;
+            if let Ok(uid) = <[u8; 7]>::try_from(k) {
+                out.push((uid, v));
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Appends a block change numbered after the last one; returns its version.

@@ -417,6 +417,15 @@ impl<T: view::View> LedgerRead for T {
         core.all_cards(txn)
     }
 
+    fn cards_after(
+        &self,
+        after: Option<[u8; 7]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        let (core, txn) = self.view();
+        core.cards_after(txn, after, limit)
+    }
+
     fn block_changes(
         &self,
         after: u64,

@@ -203,8 +203,40 @@ pub(super) mod q {
                 &[],
             )
             .map_err(|e| db_error(&e))?;
+        card_rows(&rows)
+    }
+
+    /// The first `limit` cards above `after`, by UID: the primary key's range (its index, in
+    /// the database's collation). A UID is 14 uppercase hex digits (the table's CHECK), all of
+    /// one length; the C collation and the usual locales put the digits before `A`–`F`, so
+    /// the text order is the bytes' order, LMDB's (tests/ledger_backends.rs checks it); the
+    /// empty text (no `after`) sorts before every UID.
+    pub fn cards_after(
+        db: &mut Db<'_>,
+        after: Option<[u8; 7]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let after = after.map(|uid| uid_hex(&uid)).unwrap_or_default();
+        let rows = db
+            .query(
+                concat!(
+                    "SELECT c.uid, ",
+                    cards::columns!(),
+                    " FROM cards c WHERE c.uid > $1 ORDER BY c.uid LIMIT $2"
+                ),
+                &[&after, &big(limit as u64)],
+            )
+            .map_err(|e| db_error(&e))?;
+        card_rows(&rows)
+    }
+
+    /// Cards selected as (uid, the card columns): a UID that is not 7 bytes of hex is left out.
+    fn card_rows(rows: &[postgres::Row]) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
         let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
+        for r in rows {
             let uid: String = r.get(0);
             if let Some(uid) = hex::decode(&uid)
                 .ok()
@@ -670,6 +702,14 @@ macro_rules! reads_through_q {
 
             fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
                 self.q(super::read::q::all_cards)
+            }
+
+            fn cards_after(
+                &self,
+                after: Option<[u8; 7]>,
+                limit: usize,
+            ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+                self.q(move |db| super::read::q::cards_after(db, after, limit))
             }
 
             fn block_changes(
