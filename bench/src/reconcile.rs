@@ -8,7 +8,9 @@
 //! it touched included); `reconcile_rss_peak_kib` the peak during the reconciliation alone (the
 //! peak reset right before it; 0 where it cannot be reset), and `rss_{anon,file}_{before,
 //! after}_reconcile_kib` split the resident memory into the heap (anonymous) and the ledger's
-//! mapped file pages. The ledger lives in a temporary directory under `TAPGATE_BENCH_DIR`
+//! mapped file pages. After it, for comparison, `all_cards_ms` and `all_cards_added_rss_kib`:
+//! every shadow read into one `Vec` (what reconciliation held before it walked pages), its time
+//! and the memory it added. The ledger lives in a temporary directory under `TAPGATE_BENCH_DIR`
 //! (default `/tmp`).
 
 use crate::stats::status_kib;
@@ -17,7 +19,7 @@ use charging::ledger::Ledger;
 use charging::reconcile::RECONCILE_PAGE;
 use purse::receipt::{CommitReceipt, TxKind};
 use purse::sam::TmacVerified;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
     let n = n.unwrap_or(1_000_000);
@@ -74,6 +76,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         report.balanced,
         report.cards
     );
+    let (all_cards, all_cards_kib) = all_cards_in_one_vec(&ledger, n)?;
     Ok(vec![
         ("cards", n.into()),
         ("reconcile_ms", (elapsed.as_millis() as u64).into()),
@@ -96,7 +99,28 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ("rss_file_before_reconcile_kib", file_before.into()),
         ("rss_anon_after_reconcile_kib", anon_after.into()),
         ("rss_file_after_reconcile_kib", file_after.into()),
+        ("all_cards_ms", (all_cards.as_millis() as u64).into()),
+        ("all_cards_added_rss_kib", all_cards_kib.into()),
     ])
+}
+
+/// For comparison, after the reconciliation: every shadow read into one `Vec`, as
+/// `all_cards` returns it (what the reconciliation held before it walked pages). Its time,
+/// and what it added to the resident memory at its peak (the ledger's pages are resident
+/// already: the heap the `Vec` took; 0 where the peak cannot be reset).
+fn all_cards_in_one_vec(ledger: &Ledger, n: u64) -> anyhow::Result<(Duration, u64)> {
+    let rss = status_kib("VmRSS:");
+    let reset = reset_peak_rss();
+    let t = Instant::now();
+    let read = ledger.read()?.all_cards()?.len();
+    let elapsed = t.elapsed();
+    anyhow::ensure!(read as u64 == n, "all_cards read {read} cards");
+    let added = if reset {
+        status_kib("VmHWM:").saturating_sub(rss)
+    } else {
+        0
+    };
+    Ok((elapsed, added))
 }
 
 /// The reads a reconciliation cannot do without, in one snapshot: every card's shadow, a page
