@@ -268,8 +268,9 @@ pub trait LedgerRead {
         limit: usize,
     ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError>;
 
-    /// Every card's shadow record, in UID order, in one `Vec` (the console's and the
-    /// blocklist's lists; a walk over every card reads [`LedgerRead::cards_after`] instead).
+    /// Every card's shadow record, in UID order, in one `Vec` (the console, the signed
+    /// blocklist's blocked cards, a cardholder's cards page; reconciliation walks the cards
+    /// with [`LedgerRead::cards_after`] instead).
     fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
 
     /// A page of card shadows: the first `limit` cards whose UID is above `after` (`None`: from
