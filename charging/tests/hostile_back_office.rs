@@ -410,6 +410,18 @@ fn hostile_amounts_over_http_are_refused_without_wrapping() {
         serde_json::json!({"card_uid": "04141414141401", "personalised_minor": 4_294_967_396i64}),
     );
     assert_eq!(code, 400, "{body}");
+    // An owner the ledger cannot index by (a NUL character, over 256 bytes) is refused before
+    // the card is registered.
+    for owner in ["rider\u{0}1".to_string(), "r".repeat(257)] {
+        let (code, body) = common::post(
+            &format!("{base}/v1/cards"),
+            OPS,
+            serde_json::json!({"card_uid": "04141414141403", "personalised_minor": 0, "owner": owner}),
+        );
+        assert_eq!(code, 400, "{body}");
+    }
+    let (code, body) = http::get(&format!("{base}/v1/cards/04141414141403"), OPS);
+    assert_eq!(code, 404, "{body}");
 
     // The shop owes 501 for a load it reports.
     let issuer = SoftwareHsm::new(&keys).unwrap();

@@ -91,6 +91,7 @@ backends!(
     a_load_and_a_cleared_tap_end_to_end,
     cards_are_read_in_pages_in_uid_byte_order,
     reconciliation_in_pages_reports_as_in_one,
+    cards_are_listed_by_owner,
 );
 
 fn postings_balance_to_zero_and_cards_move_only_on_proofs(u: &Under) {
@@ -597,6 +598,76 @@ fn cards_are_read_in_pages_in_uid_byte_order(u: &Under) {
         })
         .unwrap();
     assert_eq!(seen.iter().map(|c| c.0).collect::<Vec<_>>(), vec![late]);
+}
+
+/// The cards of an owner, from the index by owner: exactly those `set_owner` gave it, in UID
+/// byte order; a card given to another owner leaves the first's list; an owner of none has an
+/// empty list; an owner the index cannot key is refused and changes nothing.
+fn cards_are_listed_by_owner(u: &Under) {
+    let l = u.ledger();
+    issue_paged_cards(l);
+    // Every other card (in issue order) to alice, the rest but one to bob.
+    let (mut alice, mut bob) = (Vec::new(), Vec::new());
+    for (i, uid) in PAGED_UIDS.iter().enumerate() {
+        match i % 2 {
+            0 => alice.push(*uid),
+            _ if i + 1 < PAGED_UIDS.len() => bob.push(*uid),
+            _ => {}
+        }
+    }
+    let (a, b) = (alice.clone(), bob.clone());
+    l.transact(move |t| {
+        for uid in &a {
+            t.set_owner(uid, "alice")?;
+        }
+        for uid in &b {
+            t.set_owner(uid, "bob")?;
+        }
+        // Inside the transaction, its own writes are listed.
+        t.cards_of_owner("alice")
+    })
+    .map(|seen| assert_eq!(seen.len(), alice.len()))
+    .unwrap();
+    alice.sort();
+    bob.sort();
+    let of = |owner: &str| l.read().unwrap().cards_of_owner(owner).unwrap();
+    assert_eq!(of("alice"), alice);
+    assert_eq!(of("bob"), bob);
+    assert!(of("carol").is_empty());
+    assert!(of("ali").is_empty());
+    assert!(of("").is_empty());
+    // Setting the same owner again lists the card once.
+    let again = alice[0];
+    l.transact(move |t| t.set_owner(&again, "alice")).unwrap();
+    assert_eq!(of("alice"), alice);
+    // Reassigned to bob: gone from alice's list, in bob's.
+    let moved = alice.remove(1);
+    l.transact(move |t| t.set_owner(&moved, "bob")).unwrap();
+    bob.push(moved);
+    bob.sort();
+    assert_eq!(of("alice"), alice);
+    assert_eq!(of("bob"), bob);
+    assert_eq!(
+        l.read().unwrap().card(&moved).unwrap().owner.as_deref(),
+        Some("bob")
+    );
+    // A card's other writes (a block) leave it in its owner's list.
+    l.transact(move |t| t.set_blocked(&moved, true, "lost", T0).map(|_| ()))
+        .unwrap();
+    assert_eq!(of("bob"), bob);
+    // An owner with a NUL byte, or too long, is refused; the card keeps its owner.
+    for bad in ["bob\0x".to_string(), "x".repeat(MAX_OWNER_BYTES + 1)] {
+        let owner = bad.clone();
+        let err = l
+            .transact(move |t| t.set_owner(&moved, &owner))
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::InvalidOwner(_)), "{err}");
+    }
+    assert_eq!(of("bob"), bob);
+    let longest = "y".repeat(MAX_OWNER_BYTES);
+    let owner = longest.clone();
+    l.transact(move |t| t.set_owner(&moved, &owner)).unwrap();
+    assert_eq!(of(&longest), vec![moved]);
 }
 
 fn reconciliation_in_pages_reports_as_in_one(u: &Under) {

@@ -108,7 +108,8 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
     );
 
     let applied = postgres::migrate(&cfg).unwrap();
-    // Every migration after 2 (3 moved the counters; 4 only adds an index).
+    // Every migration after 2 (3 moved the counters; 4 only adds an index; 6 adds the
+    // owner's column, computed from the records, and its index).
     assert_eq!(
         applied,
         MIGRATIONS
@@ -141,7 +142,22 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
     for (uid, shadow) in &want {
         assert_eq!(&r.card(uid).unwrap(), shadow);
     }
+    // The owner a record held before version 6 is in the index by owner (the column is
+    // computed from the records when it is added).
+    assert_eq!(r.cards_of_owner("rider-1").unwrap(), vec![want[1].0]);
+    assert!(r.cards_of_owner("rider-2").unwrap().is_empty());
     drop(r);
+    // The cards page's query reads the index (scans not allowed, so that the plan does not
+    // depend on how few rows the table holds).
+    let plan = db
+        .cluster
+        .psql(
+            db.name(),
+            "SET enable_seqscan = off; \
+             EXPLAIN SELECT uid FROM cards WHERE owner = 'rider-1' ORDER BY uid",
+        )
+        .unwrap();
+    assert!(plan.contains("cards_owner"), "{plan}");
 
     // Written again (whole: a block and an unblock; the counters alone are what every
     // clearing test writes).

@@ -39,6 +39,16 @@ pub(super) async fn register_card(
             i32::MAX
         )));
     }
+    // The ledger indexes cards by owner (the cardholder's cards page): an owner it cannot key
+    // is refused before the card is registered.
+    if let Some(owner) = &req.owner {
+        if owner.contains('\0') || owner.len() > crate::ledger::MAX_OWNER_BYTES {
+            return Err(ApiError::BadRequest(format!(
+                "owner must hold no NUL character and be at most {} bytes",
+                crate::ledger::MAX_OWNER_BYTES
+            )));
+        }
+    }
     let now = (st.clock)();
     let loads = st.loads.clone();
     blocking(move || {

@@ -269,9 +269,17 @@ pub trait LedgerRead {
     ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError>;
 
     /// Every card's shadow record, in UID order, in one `Vec` (the console, the signed
-    /// blocklist's blocked cards, a cardholder's cards page; reconciliation walks the cards
-    /// with [`LedgerRead::cards_after`] instead).
+    /// blocklist's blocked cards; reconciliation walks the cards with
+    /// [`LedgerRead::cards_after`] instead, a cardholder's cards page reads
+    /// [`LedgerRead::cards_of_owner`]).
     fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
+
+    /// The UIDs of the cards whose owner is `owner` ([`LedgerWrite::set_owner`]), in UID byte
+    /// order, read from an index by owner (LMDB: its `card_owners` database; PostgreSQL: the
+    /// index `cards_owner` on the `owner` column the database computes from the card's record,
+    /// migration 6): the reads grow with the owner's cards, not with the ledger's (a
+    /// cardholder's cards page).
+    fn cards_of_owner(&self, owner: &str) -> Result<Vec<[u8; 7]>, LedgerError>;
 
     /// A page of card shadows: the first `limit` cards whose UID is above `after` (`None`: from
     /// the first card), in UID order — the bytes' order, the same on both backends (LMDB's keys
@@ -410,6 +418,26 @@ pub struct LedgerOnly(());
 pub(super) mod sealed {
     /// Implemented by the ledger's own write transactions only.
     pub trait Sealed {}
+}
+
+/// The longest owner a card may have, in bytes ([`LedgerWrite::set_owner`]): LMDB's keys hold at
+/// most 511 bytes, and the index by owner keys the owner, a separator and the UID.
+pub const MAX_OWNER_BYTES: usize = 256;
+
+/// Refuses an owner the index by owner cannot key: a NUL byte (LMDB's key separates the owner
+/// from the UID with one) or more than [`MAX_OWNER_BYTES`].
+fn check_owner(owner: &str) -> Result<(), LedgerError> {
+    if owner.as_bytes().contains(&0) {
+        return Err(LedgerError::InvalidOwner(
+            "a card's owner holds no NUL byte",
+        ));
+    }
+    if owner.len() > MAX_OWNER_BYTES {
+        return Err(LedgerError::InvalidOwner(
+            "a card's owner is at most 256 bytes",
+        ));
+    }
+    Ok(())
 }
 
 /// Whether an account is a card's shadow purse.
@@ -834,12 +862,29 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         Ok(true)
     }
 
-    /// Sets the cardholder who may report the card lost or stolen.
+    /// Sets the cardholder who may report the card lost or stolen (and who sees it on the
+    /// cardholder's cards page, [`LedgerRead::cards_of_owner`]). An owner holding a NUL byte
+    /// or longer than [`MAX_OWNER_BYTES`] is refused ([`LedgerError::InvalidOwner`]): the
+    /// index by owner could not key it.
     fn set_owner(&mut self, uid: &[u8; 7], owner: &str) -> Result<(), LedgerError> {
+        check_owner(owner)?;
         let mut shadow = self.card(uid)?;
-        shadow.owner = Some(owner.to_string());
+        let before = shadow.owner.replace(owner.to_string());
+        self.index_owner(LedgerOnly(()), uid, before.as_deref(), owner)?;
         self.put_card(LedgerOnly(()), uid, &shadow)
     }
+
+    /// Moves the card in the index by owner from `before` (its owner until now, if any) to
+    /// `owner` (the ledger's own steps only: [`LedgerWrite::set_owner`]). A backend whose
+    /// index follows the stored shadow (PostgreSQL's is on a column computed from the card's
+    /// record) does nothing.
+    fn index_owner(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        before: Option<&str>,
+        owner: &str,
+    ) -> Result<(), LedgerError>;
 
     /// Sets (or replaces, unlocking it) the card's PIN for online payments.
     fn set_payment_pin(&mut self, uid: &[u8; 7], pin: &PaymentPin) -> Result<(), LedgerError> {

@@ -47,6 +47,7 @@ mod rules;
 pub use interface::propagation::{self as block_propagation, BlockReach};
 pub use interface::{
     Completion, LedgerOnly, LedgerRead, LedgerWrite, Lookups, NewPosting, ReadsAhead,
+    MAX_OWNER_BYTES,
 };
 pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,
@@ -121,6 +122,9 @@ pub enum LedgerError {
     /// A posting would be invalid (non-positive amount, same account on both sides).
     #[error("invalid posting: {0}")]
     InvalidPosting(&'static str),
+    /// A card's owner the ledger cannot index (a NUL byte, too long): nothing is changed.
+    #[error("invalid card owner: {0}")]
+    InvalidOwner(&'static str),
     /// The group commit failed (disk full, I/O): nothing of the batch is durable.
     #[error("ledger commit failed: {0}")]
     Commit(String),

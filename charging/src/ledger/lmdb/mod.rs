@@ -5,6 +5,7 @@
 mod anomalies;
 mod cards;
 mod intents;
+mod owners;
 mod payments;
 mod postings;
 mod registry;
@@ -58,6 +59,8 @@ pub struct LedgerCore {
     refunds_uncollected: Database<Bytes, Bytes>,
     /// Merchants' refunds by id.
     refunds: Database<Str, SerdeJson<Refund>>,
+    /// Cards by owner: owner ‖ 0x00 ‖ UID (7) → nothing (`owners.rs`).
+    card_owners: Database<Bytes, Bytes>,
 }
 
 fn instrument_key(source: &str, id: &str) -> String {
@@ -271,7 +274,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<18> = [
+const DATABASES: tapgate_lmdb::Databases<19> = [
     "balances",
     "postings",
     "load_intents",
@@ -290,6 +293,7 @@ const DATABASES: tapgate_lmdb::Databases<18> = [
     "notifications_due",
     "refunds_uncollected",
     "block_changes_by_card",
+    "card_owners",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -299,7 +303,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected, blocks_by_card] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected, blocks_by_card, card_owners] =
             dbs;
         let core = LedgerCore {
             env,
@@ -321,12 +325,14 @@ impl LedgerCore {
             notifications_due: notifications_due.remap_types(),
             refunds_uncollected: refunds_uncollected.remap_types(),
             refunds: refunds.remap_types(),
+            card_owners: card_owners.remap_types(),
         };
         // A ledger from before the due index: its undelivered notifications are indexed once.
         let mut wtxn = core.env.write_txn()?;
         core.notifications_by_due().fill(&mut wtxn)?;
         core.refunds_by_creation().fill(&mut wtxn)?;
         core.index_block_changes(&mut wtxn)?;
+        core.index_owners(&mut wtxn)?;
         wtxn.commit()?;
         Ok(core)
     }
@@ -424,6 +430,11 @@ impl<T: view::View> LedgerRead for T {
     ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
         let (core, txn) = self.view();
         core.cards_after(txn, after, limit)
+    }
+
+    fn cards_of_owner(&self, owner: &str) -> Result<Vec<[u8; 7]>, LedgerError> {
+        let (core, txn) = self.view();
+        core.cards_of_owner(txn, owner)
     }
 
     fn block_changes(
@@ -627,6 +638,16 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         shadow: &CardShadow,
     ) -> Result<(), LedgerError> {
         self.core.put_card(self.txn, uid, shadow)
+    }
+
+    fn index_owner(
+        &mut self,
+        _: LedgerOnly,
+        uid: &[u8; 7],
+        before: Option<&str>,
+        owner: &str,
+    ) -> Result<(), LedgerError> {
+        self.core.index_owner(self.txn, uid, before, owner)
     }
 
     fn put_intent(

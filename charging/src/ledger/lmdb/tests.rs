@@ -260,6 +260,75 @@ fn a_card_s_latest_block_change_is_indexed_and_a_ledger_without_the_index_gets_i
     l.close();
 }
 
+#[test]
+fn cards_are_indexed_by_owner_and_a_ledger_without_the_index_gets_it_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let uids: Vec<[u8; 7]> = (1..=7u8).map(|i| [4, 0, 0, 0, 0, 0, i]).collect();
+    let owner_of = |i: usize| match i % 3 {
+        0 => Some("alice"),
+        1 => Some("bob"),
+        _ => None,
+    };
+    let of = |l: &super::LmdbLedger, owner: &str| l.read().unwrap().cards_of_owner(owner).unwrap();
+    let alice: Vec<[u8; 7]> = (0..uids.len())
+        .filter(|&i| owner_of(i) == Some("alice"))
+        .map(|i| uids[i])
+        .collect();
+    let bob: Vec<[u8; 7]> = (0..uids.len())
+        .filter(|&i| owner_of(i) == Some("bob"))
+        .map(|i| uids[i])
+        .collect();
+    {
+        let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+        let cards = uids.clone();
+        l.transact(move |t| {
+            for (i, uid) in cards.iter().enumerate() {
+                t.issue_card(uid, 100, &format!("issue:{i}"), 1)?;
+                if let Some(o) = owner_of(i) {
+                    t.set_owner(uid, o)?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(of(&l, "alice"), alice);
+        assert_eq!(of(&l, "bob"), bob);
+        // An owner whose name another's begins with sees only its own cards.
+        assert!(of(&l, "ali").is_empty());
+        assert!(of(&l, "").is_empty());
+        // As a build before the index left it: the cards and their owners, no index.
+        let mut w = l.env.write_txn().unwrap();
+        l.card_owners.clear(&mut w).unwrap();
+        w.commit().unwrap();
+        assert!(of(&l, "alice").is_empty());
+        l.close();
+    }
+    // Opened again, the index is built from the cards (walked a page of 2 at a time here).
+    let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+    assert_eq!(of(&l, "alice"), alice);
+    assert_eq!(of(&l, "bob"), bob);
+    assert!(of(&l, "").is_empty());
+    // The marker holds: a card whose entry is removed stays out across a reopen (the build
+    // runs once, not at every open).
+    let first = alice[0];
+    let mut w = l.env.write_txn().unwrap();
+    l.card_owners
+        .delete(&mut w, &[&b"alice\0"[..], &first[..]].concat())
+        .unwrap();
+    w.commit().unwrap();
+    l.close();
+    let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+    assert_eq!(of(&l, "alice"), alice[1..].to_vec());
+    // After the build, set_owner moves a card's entry.
+    l.transact(move |t| t.set_owner(&first, "bob")).unwrap();
+    let mut bob_now = bob.clone();
+    bob_now.push(first);
+    bob_now.sort();
+    assert_eq!(of(&l, "bob"), bob_now);
+    assert_eq!(of(&l, "alice"), alice[1..].to_vec());
+    l.close();
+}
+
 /// The group-commit counters the bench reads: each durable commit counts once with the
 /// transactions it held; a failed transaction in a committed batch is counted with it, and
 /// nothing is counted before the commit.

@@ -233,6 +233,25 @@ pub(super) mod q {
         card_rows(&rows)
     }
 
+    /// The UIDs of `owner`'s cards, in UID order: a range of the index on the owner
+    /// (`0006_card_owner.sql`; the order as [`cards_after`]'s).
+    pub fn cards_of_owner(db: &mut Db<'_>, owner: &str) -> Result<Vec<[u8; 7]>, LedgerError> {
+        let rows = db
+            .query(
+                "SELECT uid FROM cards WHERE owner = $1 ORDER BY uid",
+                &[&owner],
+            )
+            .map_err(|e| db_error(&e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                hex::decode(r.get::<_, &str>(0))
+                    .ok()
+                    .and_then(|b| <[u8; 7]>::try_from(b).ok())
+            })
+            .collect())
+    }
+
     /// Cards selected as (uid, the card columns): a UID that is not 7 bytes of hex is left out.
     fn card_rows(rows: &[postgres::Row]) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
         let mut out = Vec::with_capacity(rows.len());
@@ -710,6 +729,11 @@ macro_rules! reads_through_q {
                 limit: usize,
             ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
                 self.q(move |db| super::read::q::cards_after(db, after, limit))
+            }
+
+            fn cards_of_owner(&self, owner: &str) -> Result<Vec<[u8; 7]>, LedgerError> {
+                let owner = owner.to_string();
+                self.q(move |db| super::read::q::cards_of_owner(db, &owner))
             }
 
             fn block_changes(

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "expect_rows",
         include_str!("../../../migrations/0005_expect_rows.sql"),
     ),
+    (
+        6,
+        "card_owner",
+        include_str!("../../../migrations/0006_card_owner.sql"),
+    ),
 ];
 
 /// The schema version this build runs on.

@@ -730,6 +730,18 @@ impl LedgerWrite for PgWrite<'_> {
         Ok(())
     }
 
+    /// The index by owner is on the `owner` column the database computes from the card's
+    /// record (`0006_card_owner.sql`): the card's write moves it.
+    fn index_owner(
+        &mut self,
+        _: LedgerOnly,
+        _: &[u8; 7],
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
     fn put_intent(
         &mut self,
         _: LedgerOnly,
