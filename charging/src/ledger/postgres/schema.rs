@@ -78,18 +78,25 @@ pub(super) fn check(client: &mut postgres::Client) -> Result<(), LedgerError> {
     }
 }
 
-/// The schema version of the database `cfg` names (connects on the calling thread: never call
-/// it from a thread that drives a tokio runtime).
+/// The schema version of the database `cfg` names. The synchronous client runs where a
+/// runtime may be driven (`super::on_this_thread`), so any thread may call it, an async test's
+/// included.
 pub fn schema_version(cfg: &PgConfig) -> Result<i32, LedgerError> {
-    let mut client = cfg.connect()?;
-    applied(&mut client).map_err(|e| db_error(&e))
+    super::on_this_thread(|| {
+        let mut client = cfg.connect()?;
+        applied(&mut client).map_err(|e| db_error(&e))
+    })
 }
 
 /// Applies the migrations the database lacks, each in its own transaction with its
 /// `schema_version` row, under an advisory lock (two `migrate`s at once apply each migration
 /// once). Returns the versions applied (none when it was up to date). A database newer than
-/// this build is refused. Connects on the calling thread (see [`schema_version`]).
+/// this build is refused. Callable from any thread (see [`schema_version`]).
 pub fn migrate(cfg: &PgConfig) -> Result<Vec<i32>, LedgerError> {
+    super::on_this_thread(|| migrate_here(cfg))
+}
+
+fn migrate_here(cfg: &PgConfig) -> Result<Vec<i32>, LedgerError> {
     let mut client = cfg.connect()?;
     let e = |e: postgres::Error| db_error(&e);
     // One migrator at a time (a lock held for the session, released at the end), taken before
