@@ -217,7 +217,7 @@ impl Store {
 
     /// [`Store::trim_expired_card_days_at`] with at most `max` trimmed.
     pub(super) fn trim_card_days(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
-        let kept_from = first_day_kept(now_ms, self.limits.card_day_retention_days.max(1));
+        let due = first_day_kept(now_ms, self.limits.card_day_retention_days.max(1));
         let mut trimmed = 0usize;
         loop {
             let mut t = self.env.write_txn()?;
@@ -227,9 +227,11 @@ impl Store {
                 self.trim_chunk
             };
             let chunk = chunk.min(max - trimmed);
-            // The latest trim's first day (lower again if the clock or the retention went
-            // back: the days trimmed stay trimmed, the others are answered again).
-            let moved = self.card_days_kept_from_in(&t)? != kept_from;
+            // The first day kept only ever rises: a retention raised or a clock set back must
+            // not answer days already deleted as days without taps.
+            let stored = self.card_days_kept_from_in(&t)?;
+            let kept_from = stored.max(due);
+            let moved = kept_from != stored;
             if moved {
                 self.meta.put(&mut t, KEPT_FROM, &kept_from)?;
             }
