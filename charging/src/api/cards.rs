@@ -42,12 +42,7 @@ pub(super) async fn register_card(
     // The ledger indexes cards by owner (the cardholder's cards page): an owner it cannot key
     // is refused before the card is registered.
     if let Some(owner) = &req.owner {
-        if owner.contains('\0') || owner.len() > crate::ledger::MAX_OWNER_BYTES {
-            return Err(ApiError::BadRequest(format!(
-                "owner must hold no NUL character and be at most {} bytes",
-                crate::ledger::MAX_OWNER_BYTES
-            )));
-        }
+        crate::ledger::check_owner(owner).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
     let now = (st.clock)();
     let loads = st.loads.clone();

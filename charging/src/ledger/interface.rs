@@ -425,8 +425,9 @@ pub(super) mod sealed {
 pub const MAX_OWNER_BYTES: usize = 256;
 
 /// Refuses an owner the index by owner cannot key: a NUL byte (LMDB's key separates the owner
-/// from the UID with one) or more than [`MAX_OWNER_BYTES`].
-fn check_owner(owner: &str) -> Result<(), LedgerError> {
+/// from the UID with one) or more than [`MAX_OWNER_BYTES`]. [`LedgerWrite::set_owner`] checks
+/// it; the API checks it too, before it registers a card with that owner.
+pub fn check_owner(owner: &str) -> Result<(), LedgerError> {
     if owner.as_bytes().contains(&0) {
         return Err(LedgerError::InvalidOwner(
             "a card's owner holds no NUL byte",

@@ -46,7 +46,7 @@ mod rules;
 
 pub use interface::propagation::{self as block_propagation, BlockReach};
 pub use interface::{
-    Completion, LedgerOnly, LedgerRead, LedgerWrite, Lookups, NewPosting, ReadsAhead,
+    check_owner, Completion, LedgerOnly, LedgerRead, LedgerWrite, Lookups, NewPosting, ReadsAhead,
     MAX_OWNER_BYTES,
 };
 pub use lmdb::{
