@@ -165,49 +165,48 @@ impl<'s> Db<'s> {
     /// Records the first failure of the transaction.
     fn note<T>(&mut self, r: Result<T, postgres::Error>) -> Result<T, postgres::Error> {
         if let Err(e) = &r {
-            if self.failure.is_none() {
-                self.failure = Some(Failure {
-                    retryable: retryable(e),
-                    lost: lost(e),
-                    serializable: false,
-                    server: e.as_db_error().is_some(),
-                    fatal: fatal(e),
-                    error: e.to_string(),
-                });
-            }
+            self.fail(Failure {
+                retryable: retryable(e),
+                lost: lost(e),
+                serializable: false,
+                server: e.as_db_error().is_some(),
+                fatal: fatal(e),
+                error: e.to_string(),
+            });
         }
         r
+    }
+
+    /// Keeps `f` as the transaction's failure unless an earlier one is kept already.
+    fn fail(&mut self, f: Failure) {
+        self.failure.get_or_insert(f);
     }
 
     /// Aborts a `READ COMMITTED` attempt that read outside the locking rule: the closure runs
     /// again at `SERIALIZABLE`.
     pub(super) fn outside_rule(&mut self, what: &str) -> super::LedgerError {
         let error = format!("{what}: outside the READ COMMITTED locking rule");
-        if self.failure.is_none() {
-            self.failure = Some(Failure {
-                retryable: true,
-                lost: false,
-                serializable: true,
-                server: false,
-                fatal: false,
-                error: error.clone(),
-            });
-        }
+        self.fail(Failure {
+            retryable: true,
+            lost: false,
+            serializable: true,
+            server: false,
+            fatal: false,
+            error: error.clone(),
+        });
         super::LedgerError::Database(error)
     }
 
     /// Fails the transaction for a write the client refused to send (it never commits).
     fn refuse(&mut self, error: String) -> super::LedgerError {
-        if self.failure.is_none() {
-            self.failure = Some(Failure {
-                retryable: false,
-                lost: false,
-                serializable: false,
-                server: false,
-                fatal: false,
-                error: error.clone(),
-            });
-        }
+        self.fail(Failure {
+            retryable: false,
+            lost: false,
+            serializable: false,
+            server: false,
+            fatal: false,
+            error: error.clone(),
+        });
         super::LedgerError::Database(error)
     }
 
@@ -238,6 +237,11 @@ impl<'s> Db<'s> {
         &mut self,
         queries: &[(&'static str, &[&(dyn ToSql + Sync)])],
     ) -> Result<Vec<Vec<postgres::Row>>, postgres::Error> {
+        if queries.is_empty() {
+            // Nothing to read: no round trip (a pending `BEGIN` and deferred writes go with
+            // the next statement or the `COMMIT`).
+            return Ok(Vec::new());
+        }
         let mut statements = Vec::with_capacity(queries.len());
         for (sql, _) in queries {
             statements.push(self.prepared(sql)?);
