@@ -15,10 +15,39 @@ use std::collections::HashMap;
 /// A parameter owned by a deferred write.
 pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
 
-/// A write sent with whatever goes next.
+/// A write sent with whatever goes next: its parameters already encoded for the statement's
+/// types (encoded once, when the write is deferred: [`Db::defer`]).
 struct Deferred {
     statement: postgres::Statement,
-    params: Vec<Param>,
+    params: Vec<Encoded>,
+}
+
+/// A parameter in its wire form for the type it was encoded for (`None`: SQL `NULL`); sending
+/// it copies the bytes.
+#[derive(Debug)]
+struct Encoded(Option<bytes::Bytes>);
+
+impl ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            Some(b) => {
+                out.extend_from_slice(b);
+                Ok(postgres::types::IsNull::No)
+            }
+            None => Ok(postgres::types::IsNull::Yes),
+        }
+    }
+
+    /// Its type was checked when it was encoded ([`encode`]), against the same statement.
+    fn accepts(_: &postgres::types::Type) -> bool {
+        true
+    }
+
+    postgres::types::to_sql_checked!();
 }
 
 /// A statement run through the session's cache of prepared statements.
@@ -282,12 +311,7 @@ impl<'s> Db<'s> {
         let deferred = std::mem::take(&mut self.deferred);
         let refs: Vec<Vec<&(dyn ToSql + Sync)>> = deferred
             .iter()
-            .map(|d| {
-                d.params
-                    .iter()
-                    .map(|p| &**p as &(dyn ToSql + Sync))
-                    .collect()
-            })
+            .map(|d| d.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect())
             .collect();
         let mut ops = Vec::with_capacity(deferred.len() + tail.len() + 1);
         ops.extend(begin.map(Op::Control));
@@ -356,9 +380,10 @@ impl<'s> Db<'s> {
         params: Vec<Param>,
     ) -> Result<(), super::LedgerError> {
         let statement = self.prepared(sql).map_err(|e| super::db_error(&e))?;
-        if let Err(e) = encodable(&statement, &params) {
-            return Err(self.refuse(format!("a write not sent ({e}): {sql}")));
-        }
+        let params = match encode(&statement, &params) {
+            Ok(encoded) => encoded,
+            Err(e) => return Err(self.refuse(format!("a write not sent ({e}): {sql}"))),
+        };
         self.deferred.push(Deferred { statement, params });
         Ok(())
     }
@@ -400,10 +425,10 @@ fn fatal(e: &postgres::Error) -> bool {
     })
 }
 
-/// Whether the client can encode `params` for `statement` as it will when it sends it: their
+/// `params` encoded for `statement` as the client sends them, or why they cannot be: their
 /// number, each one's type, and each one's size (a message field holds at most `i32::MAX`
 /// bytes).
-fn encodable(statement: &postgres::Statement, params: &[Param]) -> Result<(), String> {
+fn encode(statement: &postgres::Statement, params: &[Param]) -> Result<Vec<Encoded>, String> {
     let types = statement.params();
     if types.len() != params.len() {
         return Err(format!(
@@ -413,15 +438,21 @@ fn encodable(statement: &postgres::Statement, params: &[Param]) -> Result<(), St
         ));
     }
     let mut buf = bytes::BytesMut::new();
+    let mut encoded = Vec::with_capacity(params.len());
     for (i, (p, ty)) in params.iter().zip(types).enumerate() {
-        buf.clear();
-        p.to_sql_checked(ty, &mut buf)
+        let null = p
+            .to_sql_checked(ty, &mut buf)
             .map_err(|e| format!("parameter ${}: {e}", i + 1))?;
         if i32::try_from(buf.len()).is_err() {
             return Err(format!("parameter ${}: too large to send", i + 1));
         }
+        let bytes = buf.split().freeze();
+        encoded.push(Encoded(match null {
+            postgres::types::IsNull::No => Some(bytes),
+            postgres::types::IsNull::Yes => None,
+        }));
     }
-    Ok(())
+    Ok(encoded)
 }
 
 #[cfg(test)]
