@@ -92,6 +92,7 @@ backends!(
     cards_are_read_in_pages_in_uid_byte_order,
     reconciliation_in_pages_reports_as_in_one,
     cards_are_listed_by_owner,
+    blocked_cards_are_read_from_their_index,
 );
 
 fn postings_balance_to_zero_and_cards_move_only_on_proofs(u: &Under) {
@@ -598,6 +599,75 @@ fn cards_are_read_in_pages_in_uid_byte_order(u: &Under) {
         })
         .unwrap();
     assert_eq!(seen.iter().map(|c| c.0).collect::<Vec<_>>(), vec![late]);
+}
+
+/// The blocked cards, from the index of blocked cards: exactly those blocked and not unblocked
+/// since, in UID byte order, with their shadows; a block repeated or an unblock of a card not
+/// blocked changes nothing; a transaction rolled back leaves the index as it was; the card
+/// count counts every card, blocked or not.
+fn blocked_cards_are_read_from_their_index(u: &Under) {
+    let l = u.ledger();
+    let blocked = |l: &Ledger| -> Vec<[u8; 7]> {
+        let cards = l.read().unwrap().blocked_cards().unwrap();
+        assert!(cards.iter().all(|(_, c)| c.blocked), "{cards:?}");
+        cards.into_iter().map(|(uid, _)| uid).collect()
+    };
+    assert!(blocked(l).is_empty());
+    assert_eq!(l.read().unwrap().card_count().unwrap(), 0);
+    issue_paged_cards(l);
+    assert_eq!(
+        l.read().unwrap().card_count().unwrap(),
+        PAGED_UIDS.len() as u64
+    );
+    assert!(blocked(l).is_empty());
+    // Every third card (in issue order) blocked, one of them twice.
+    let mut want: Vec<[u8; 7]> = PAGED_UIDS.iter().step_by(3).copied().collect();
+    let w = want.clone();
+    let seen = l
+        .transact(move |t| {
+            for uid in &w {
+                t.set_blocked(uid, true, "lost", T0)?;
+            }
+            assert_eq!(t.set_blocked(&w[0], true, "again", T0)?, None);
+            // Inside the transaction, its own blocks are listed.
+            t.blocked_cards()
+        })
+        .unwrap();
+    assert_eq!(seen.len(), want.len());
+    want.sort();
+    assert_eq!(blocked(l), want);
+    let r = l.read().unwrap();
+    for (uid, c) in r.blocked_cards().unwrap() {
+        assert_eq!(c, r.card(&uid).unwrap());
+        assert_eq!(c.block_reason.as_deref(), Some("lost"));
+    }
+    drop(r);
+    // An unblock takes the card out; unblocking a card that is not blocked changes nothing.
+    let lifted = want.remove(1);
+    let free = *PAGED_UIDS
+        .iter()
+        .find(|u| !want.contains(u) && **u != lifted)
+        .unwrap();
+    l.transact(move |t| {
+        assert!(t.set_blocked(&lifted, false, "found", T0)?.is_some());
+        assert_eq!(t.set_blocked(&free, false, "found", T0)?, None);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(blocked(l), want);
+    // A block in a transaction that fails is not in the index.
+    let err = l
+        .transact(move |t| -> Result<(), LedgerError> {
+            t.set_blocked(&free, true, "lost", T0)?;
+            Err(LedgerError::Database("rolled back on purpose".into()))
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("on purpose"), "{err}");
+    assert_eq!(blocked(l), want);
+    assert_eq!(
+        l.read().unwrap().card_count().unwrap(),
+        PAGED_UIDS.len() as u64
+    );
 }
 
 /// The cards of an owner, from the index by owner: exactly those `set_owner` gave it, in UID

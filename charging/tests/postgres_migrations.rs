@@ -109,7 +109,8 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
 
     let applied = postgres::migrate(&cfg).unwrap();
     // Every migration after 2 (3 moved the counters; 4 only adds an index; 6 adds the
-    // owner's column, computed from the records, and its index).
+    // owner's column, computed from the records, and its index; 7 the block state's column
+    // and the partial index of blocked cards).
     assert_eq!(
         applied,
         MIGRATIONS
@@ -158,6 +159,27 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
         )
         .unwrap();
     assert!(plan.contains("cards_owner"), "{plan}");
+    // A card blocked before version 7 is in the index of blocked cards, which the blocklist's
+    // and the console's query reads.
+    let r = ledger.read().unwrap();
+    let listed: Vec<[u8; 7]> = r
+        .blocked_cards()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(listed, vec![want[1].0]);
+    assert_eq!(r.card_count().unwrap(), want.len() as u64);
+    drop(r);
+    let plan = db
+        .cluster
+        .psql(
+            db.name(),
+            "SET enable_seqscan = off; \
+             EXPLAIN SELECT uid FROM cards c WHERE c.blocked ORDER BY c.uid",
+        )
+        .unwrap();
+    assert!(plan.contains("cards_blocked"), "{plan}");
 
     // Written again (whole: a block and an unblock; the counters alone are what every
     // clearing test writes).
@@ -188,6 +210,13 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
             ..want[1].1.clone()
         }
     );
+    let listed: Vec<[u8; 7]> = r
+        .blocked_cards()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(listed, vec![plain]);
     drop(r);
     ledger.close();
 }

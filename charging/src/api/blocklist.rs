@@ -109,7 +109,7 @@ fn blocked_cards(r: &dyn LedgerRead) -> Result<Option<BlockedCards>, ApiError> {
         return Ok(None);
     }
     let mut uids: Vec<[u8; 7]> = r
-        .all_cards()
+        .blocked_cards()
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .into_iter()
         .filter(|(_, c)| c.blocked)

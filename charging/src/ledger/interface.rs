@@ -268,11 +268,22 @@ pub trait LedgerRead {
         limit: usize,
     ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError>;
 
-    /// Every card's shadow record, in UID order, in one `Vec` (the console, the signed
-    /// blocklist's blocked cards; reconciliation walks the cards with
-    /// [`LedgerRead::cards_after`] instead, a cardholder's cards page reads
-    /// [`LedgerRead::cards_of_owner`]).
+    /// Every card's shadow record, in UID order, in one `Vec` (reconciliation walks the cards
+    /// with [`LedgerRead::cards_after`] instead, a cardholder's cards page reads
+    /// [`LedgerRead::cards_of_owner`], the console and the signed blocklist
+    /// [`LedgerRead::blocked_cards`] and [`LedgerRead::card_count`]).
     fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
+
+    /// The blocked cards' shadows ([`LedgerWrite::set_blocked`]), in UID byte order, read from
+    /// an index of the blocked cards (LMDB: its `blocked_cards` database; PostgreSQL: the
+    /// partial index `cards_blocked` on the `blocked` column the database computes from the
+    /// card's record, migration 7): the reads grow with the blocked cards, not with the
+    /// ledger's (the signed blocklist, the console).
+    fn blocked_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
+
+    /// How many cards the ledger holds (LMDB: the cards database's entry count, one read;
+    /// PostgreSQL: a count of the primary key's index).
+    fn card_count(&self) -> Result<u64, LedgerError>;
 
     /// The UIDs of the cards whose owner is `owner` ([`LedgerWrite::set_owner`]), in UID byte
     /// order, read from an index by owner (LMDB: its `card_owners` database; PostgreSQL: the
@@ -885,6 +896,17 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
         uid: &[u8; 7],
         before: Option<&str>,
         owner: &str,
+    ) -> Result<(), LedgerError>;
+
+    /// Adds the card to the index of blocked cards or takes it out (the ledger's own steps
+    /// only: [`LedgerWrite::set_blocked`], when the card's block state changes). A backend
+    /// whose index follows the stored shadow (PostgreSQL's is on a column computed from the
+    /// card's record) does nothing.
+    fn index_blocked(
+        &mut self,
+        token: LedgerOnly,
+        uid: &[u8; 7],
+        blocked: bool,
     ) -> Result<(), LedgerError>;
 
     /// Sets (or replaces, unlocking it) the card's PIN for online payments.

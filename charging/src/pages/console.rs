@@ -71,11 +71,11 @@ async fn overview(State(p): State<Pages>, headers: HeaderMap) -> Response {
         let ctx = p
             .read(move |_, r| {
                 let (_, version) = r.block_changes(u64::MAX - 1, 1)?;
-                let cards = r.all_cards()?;
-                let blocked = cards.iter().filter(|(_, c)| c.blocked).count();
+                let cards = r.card_count()?;
+                let blocked = r.blocked_cards()?.len();
                 let (_, anomalies) = r.anomalies(u64::MAX - 1, 1)?;
                 Ok(minijinja::context! {
-                    version => version, cards => cards.len(), blocked => blocked,
+                    version => version, cards => cards, blocked => blocked,
                     anomalies => anomalies,
                 })
             })
@@ -283,9 +283,8 @@ async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
                 let from = version.saturating_sub(CHANGES_SHOWN as u64);
                 let (changes, _) = r.block_changes(from, CHANGES_SHOWN)?;
                 let blocked: Vec<minijinja::Value> = r
-                    .all_cards()?
+                    .blocked_cards()?
                     .into_iter()
-                    .filter(|(_, c)| c.blocked)
                     .map(|(uid, c)| {
                         // Since its latest change, read through the per-card index.
                         let since = r.latest_block_change(&uid)?.map(|ch| ch.version);

@@ -63,6 +63,7 @@ pub(super) fn set_blocked<W: LedgerWrite + ?Sized>(
     }
     c.blocked = blocked;
     c.block_reason = blocked.then(|| reason.to_string());
+    w.index_blocked(LedgerOnly(()), uid, blocked)?;
     w.put_card(LedgerOnly(()), uid, &c)?;
     let change = BlockChange {
         version: 0,

@@ -3,6 +3,7 @@
 //! [`LedgerWrite`] over LMDB transactions.
 
 mod anomalies;
+mod blocked;
 mod cards;
 mod intents;
 mod owners;
@@ -61,6 +62,8 @@ pub struct LedgerCore {
     refunds: Database<Str, SerdeJson<Refund>>,
     /// Cards by owner: owner ‖ 0x00 ‖ UID (7) → nothing (`owners.rs`).
     card_owners: Database<Bytes, Bytes>,
+    /// The blocked cards: UID (7) → nothing (`blocked.rs`).
+    blocked_cards: Database<Bytes, Bytes>,
 }
 
 fn instrument_key(source: &str, id: &str) -> String {
@@ -274,7 +277,7 @@ fn group_commit_loop(core: LedgerCore, rx: std::sync::mpsc::Receiver<Job>) {
 }
 
 /// The ledger's databases, in the order [`LedgerCore::open`] destructures them.
-const DATABASES: tapgate_lmdb::Databases<19> = [
+const DATABASES: tapgate_lmdb::Databases<20> = [
     "balances",
     "postings",
     "load_intents",
@@ -294,6 +297,7 @@ const DATABASES: tapgate_lmdb::Databases<19> = [
     "refunds_uncollected",
     "block_changes_by_card",
     "card_owners",
+    "blocked_cards",
 ];
 
 /// The ledger's map size when its config names none: 1 GiB (`ledger_map_size_bytes`).
@@ -303,7 +307,7 @@ impl LedgerCore {
     /// Opens (or creates) the ledger databases in `dir`.
     fn open(dir: &Path, map_size_bytes: usize) -> Result<LedgerCore, LedgerError> {
         let (env, dbs) = tapgate_lmdb::open(dir, DATABASES, &EnvConfig::durable(map_size_bytes))?;
-        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected, blocks_by_card, card_owners] =
+        let [balances, postings, intents, cards, idem, vouchers, blocks, anomalies, gaps, funding_days, instruments, payments, payment_orders, notifications, refunds, notifications_due, refunds_uncollected, blocks_by_card, card_owners, blocked_cards] =
             dbs;
         let core = LedgerCore {
             env,
@@ -326,6 +330,7 @@ impl LedgerCore {
             refunds_uncollected: refunds_uncollected.remap_types(),
             refunds: refunds.remap_types(),
             card_owners: card_owners.remap_types(),
+            blocked_cards: blocked_cards.remap_types(),
         };
         // A ledger from before the due index: its undelivered notifications are indexed once.
         let mut wtxn = core.env.write_txn()?;
@@ -333,6 +338,7 @@ impl LedgerCore {
         core.refunds_by_creation().fill(&mut wtxn)?;
         core.index_block_changes(&mut wtxn)?;
         core.index_owners(&mut wtxn)?;
+        core.index_blocked_cards(&mut wtxn)?;
         wtxn.commit()?;
         Ok(core)
     }
@@ -435,6 +441,16 @@ impl<T: view::View> LedgerRead for T {
     fn cards_of_owner(&self, owner: &str) -> Result<Vec<[u8; 7]>, LedgerError> {
         let (core, txn) = self.view();
         core.cards_of_owner(txn, owner)
+    }
+
+    fn blocked_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        let (core, txn) = self.view();
+        core.blocked_cards(txn)
+    }
+
+    fn card_count(&self) -> Result<u64, LedgerError> {
+        let (core, txn) = self.view();
+        Ok(core.cards.len(txn)?)
     }
 
     fn block_changes(
@@ -648,6 +664,15 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         owner: &str,
     ) -> Result<(), LedgerError> {
         self.core.index_owner(self.txn, uid, before, owner)
+    }
+
+    fn index_blocked(
+        &mut self,
+        _: LedgerOnly,
+        uid: &[u8; 7],
+        blocked: bool,
+    ) -> Result<(), LedgerError> {
+        self.core.index_blocked(self.txn, uid, blocked)
     }
 
     fn put_intent(

@@ -329,6 +329,54 @@ fn cards_are_indexed_by_owner_and_a_ledger_without_the_index_gets_it_at_open() {
     l.close();
 }
 
+/// A ledger written before the index of blocked cards (the database absent: cleared here) gets
+/// it built from the cards at open, a page of 2 at a time, once.
+#[test]
+fn a_ledger_without_the_blocked_index_gets_it_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let uids: Vec<[u8; 7]> = (1..=7u8).map(|i| [4, 0, 0, 0, 0, 0, i]).collect();
+    let want: Vec<[u8; 7]> = uids.iter().step_by(2).copied().collect();
+    let blocked = |l: &super::LmdbLedger| -> Vec<[u8; 7]> {
+        let r = l.read().unwrap();
+        r.blocked_cards()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.0)
+            .collect()
+    };
+    {
+        let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+        let (cards, w) = (uids.clone(), want.clone());
+        l.transact(move |t| {
+            for (i, uid) in cards.iter().enumerate() {
+                t.issue_card(uid, 100, &format!("issue:{i}"), 1)?;
+            }
+            for uid in &w {
+                t.set_blocked(uid, true, "lost", 1)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(blocked(&l), want);
+        let mut w = l.env.write_txn().unwrap();
+        l.blocked_cards.clear(&mut w).unwrap();
+        w.commit().unwrap();
+        assert!(blocked(&l).is_empty());
+        l.close();
+    }
+    let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+    assert_eq!(blocked(&l), want);
+    // The marker holds: an entry removed stays out across a reopen (built once).
+    let mut w = l.env.write_txn().unwrap();
+    l.blocked_cards.delete(&mut w, &want[0][..]).unwrap();
+    w.commit().unwrap();
+    l.close();
+    let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+    assert_eq!(blocked(&l), want[1..].to_vec());
+    assert_eq!(l.read().unwrap().card_count().unwrap(), uids.len() as u64);
+    l.close();
+}
+
 /// The group-commit counters the bench reads: each durable commit counts once with the
 /// transactions it held; a failed transaction in a committed batch is counted with it, and
 /// nothing is counted before the commit.

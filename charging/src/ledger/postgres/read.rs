@@ -252,6 +252,30 @@ pub(super) mod q {
             .collect())
     }
 
+    /// The blocked cards, in UID order: the partial index `cards_blocked`
+    /// (`0007_card_blocked.sql`; the order as [`cards_after`]'s).
+    pub fn blocked_cards(db: &mut Db<'_>) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        let rows = db
+            .query(
+                concat!(
+                    "SELECT c.uid, ",
+                    cards::columns!(),
+                    " FROM cards c WHERE c.blocked ORDER BY c.uid"
+                ),
+                &[],
+            )
+            .map_err(|e| db_error(&e))?;
+        card_rows(&rows)
+    }
+
+    /// How many cards there are.
+    pub fn card_count(db: &mut Db<'_>) -> Result<u64, LedgerError> {
+        let row = db
+            .query_opt("SELECT count(*) FROM cards", &[])
+            .map_err(|e| db_error(&e))?;
+        Ok(row.map_or(0, |r| unbig(r.get(0))))
+    }
+
     /// Cards selected as (uid, the card columns): a UID that is not 7 bytes of hex is left out.
     fn card_rows(rows: &[postgres::Row]) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
         let mut out = Vec::with_capacity(rows.len());
@@ -734,6 +758,14 @@ macro_rules! reads_through_q {
             fn cards_of_owner(&self, owner: &str) -> Result<Vec<[u8; 7]>, LedgerError> {
                 let owner = owner.to_string();
                 self.q(move |db| super::read::q::cards_of_owner(db, &owner))
+            }
+
+            fn blocked_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+                self.q(super::read::q::blocked_cards)
+            }
+
+            fn card_count(&self) -> Result<u64, LedgerError> {
+                self.q(super::read::q::card_count)
             }
 
             fn block_changes(

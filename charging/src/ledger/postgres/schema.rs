@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "card_owner",
         include_str!("../../../migrations/0006_card_owner.sql"),
     ),
+    (
+        7,
+        "card_blocked",
+        include_str!("../../../migrations/0007_card_blocked.sql"),
+    ),
 ];
 
 /// The schema version this build runs on.

@@ -742,6 +742,12 @@ impl LedgerWrite for PgWrite<'_> {
         Ok(())
     }
 
+    /// The index of blocked cards is partial, on the `blocked` column the database computes
+    /// from the card's record (`0007_card_blocked.sql`): the card's write moves it.
+    fn index_blocked(&mut self, _: LedgerOnly, _: &[u8; 7], _: bool) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
     fn put_intent(
         &mut self,
         _: LedgerOnly,
