@@ -8,6 +8,7 @@
 //! `--broker mosquitto` runs both against a Mosquitto started on a free port (default: the
 //! embedded rumqttd); `--broker nats` against a three-node NATS cluster ([`nats`]).
 
+use crate::stats;
 use crate::Figures;
 use gateway::daemon::{
     run, run_linked, start_embedded_broker_linked, BrokerUsers, GatewayConfig, GatewayStats,
@@ -160,19 +161,25 @@ pub fn run_scenario(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let (_mosq, link) = start_broker(dir.path(), port, broker, ingest_connections)?;
+    let (mosq, link) = start_broker(dir.path(), port, broker, ingest_connections)?;
+    // A broker of its own process (Mosquitto): its CPU per phase, beside this process's.
+    let broker_cpu = || mosq.as_ref().map_or(0.0, |m| stats::process_cpu_s(m.pid()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
 
     // 1. Raw broker rate: a subscriber counts the same messages at QoS 1, no processing.
-    let raw_round = |round: usize| -> anyhow::Result<(f64, f64)> {
-        let cpu0 = cpu_s();
+    let raw_round = |round: usize| -> anyhow::Result<(f64, f64, f64)> {
+        let (cpu0, broker0) = (cpu_s(), broker_cpu());
         let took = rt.block_on(raw_run(&[port], &records, messages, round))?;
-        Ok((total as f64 / took.as_secs_f64(), cpu_s() - cpu0))
+        Ok((
+            total as f64 / took.as_secs_f64(),
+            cpu_s() - cpu0,
+            broker_cpu() - broker0,
+        ))
     };
-    let (raw_before, raw_cpu_before) = raw_round(0)?;
+    let (raw_before, raw_cpu_before, raw_broker_before) = raw_round(0)?;
 
     // 2. End to end through the gateway.
     let store = Store::open(&dir.path().join("gw"), 4 << 30)?;
@@ -185,14 +192,14 @@ pub fn run_scenario(
         ..GatewayConfig::default()
     };
     let gw_keys = keys.for_role(Role::Gateway, 0)?;
-    let cpu0 = cpu_s();
+    let (cpu0, broker0) = (cpu_s(), broker_cpu());
     let (e2e, confirmed) = rt.block_on(async {
         spawn_gateway(cfg, link, store, gw_keys, stats.clone());
         end_to_end(&[port], &records, &stats, total).await
     })?;
-    let cpu = cpu_s() - cpu0;
+    let (cpu, broker_cpu_live) = (cpu_s() - cpu0, broker_cpu() - broker0);
     // 3. The raw rate again, right after (the gateway idle: it takes no `raw` taps).
-    let (raw_after, raw_cpu_after) = raw_round(1)?;
+    let (raw_after, raw_cpu_after, raw_broker_after) = raw_round(1)?;
     let run = Run {
         broker,
         total,
@@ -202,6 +209,10 @@ pub fn run_scenario(
         confirmed,
         cpu,
         raw_cpu: (raw_cpu_before + raw_cpu_after) / 2.0,
+        broker_cpu: mosq.is_some().then_some((
+            broker_cpu_live,
+            (raw_broker_before + raw_broker_after) / 2.0,
+        )),
     };
     Ok(report(&run, &stats))
 }
@@ -475,6 +486,8 @@ struct Run<'a> {
     /// This process's CPU (s) over the end-to-end run and over a raw run (the two's mean).
     cpu: f64,
     raw_cpu: f64,
+    /// A broker process's own CPU (s; Mosquitto) over the end-to-end run and over a raw run.
+    broker_cpu: Option<(f64, f64)>,
 }
 
 /// The figures, in print order (names are a contract: docs/benchmarks.md).
@@ -482,7 +495,7 @@ fn report(r: &Run, stats: &GatewayStats) -> Figures {
     let total = r.total;
     let stored = stats.stored.load(Ordering::Relaxed);
     let raw_rate = (r.raw_rates.0 + r.raw_rates.1) / 2.0;
-    vec![
+    let mut figures: Figures = vec![
         ("broker", r.broker.into()),
         ("taps", total.into()),
         ("validators", (VALIDATORS as u64).into()),
@@ -512,5 +525,13 @@ fn report(r: &Run, stats: &GatewayStats) -> Figures {
             ((r.raw_cpu * 1e6 / total as f64) as u64).into(),
         ),
         ("rss_peak_kib", rss_peak_kib().into()),
-    ]
+    ];
+    // A broker of its own (Mosquitto, single-threaded): its CPU per tap live and raw; at one
+    // core's worth per tap rate it is the limit of both.
+    if let Some((live, raw)) = r.broker_cpu {
+        let per_tap = |s: f64| ((s * 1e6 / total as f64 * 10.0).round() / 10.0).into();
+        figures.push(("broker_cpu_us_per_tap", per_tap(live)));
+        figures.push(("raw_broker_cpu_us_per_tap", per_tap(raw)));
+    }
+    figures
 }

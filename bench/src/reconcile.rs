@@ -10,7 +10,9 @@
 //! after}_reconcile_kib` split the resident memory into the heap (anonymous) and the ledger's
 //! mapped file pages. After it, for comparison, `all_cards_ms` and `all_cards_added_rss_kib`:
 //! every shadow read into one `Vec` (what reconciliation held before it walked pages), its time
-//! and the memory it added. The ledger lives in a temporary directory under `TAPGATE_BENCH_DIR`
+//! and the memory it added; `blocked_cards_us`, the read of the `blocked_cards` (one card in a
+//! thousand, blocked after the population) from their index, as the signed blocklist and the
+//! console read them instead of every card. The ledger lives in a temporary directory under `TAPGATE_BENCH_DIR`
 //! (default `/tmp`).
 
 use crate::stats::status_kib;
@@ -54,6 +56,7 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         i += chunk;
     }
     let populate = t0.elapsed();
+    let blocked = block_one_in_a_thousand(&ledger, n)?;
     let t_raw = Instant::now();
     let scanned = raw_scan(&ledger)?;
     let raw = t_raw.elapsed();
@@ -77,6 +80,13 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         report.cards
     );
     let (all_cards, all_cards_kib) = all_cards_in_one_vec(&ledger, n)?;
+    let t_blocked = Instant::now();
+    let listed = ledger.read()?.blocked_cards()?.len() as u64;
+    let blocked_read = t_blocked.elapsed();
+    anyhow::ensure!(
+        listed == blocked,
+        "{listed} of {blocked} blocked cards listed"
+    );
     Ok(vec![
         ("cards", n.into()),
         ("reconcile_ms", (elapsed.as_millis() as u64).into()),
@@ -101,7 +111,31 @@ pub fn run(n: Option<u64>) -> anyhow::Result<Figures> {
         ("rss_file_after_reconcile_kib", file_after.into()),
         ("all_cards_ms", (all_cards.as_millis() as u64).into()),
         ("all_cards_added_rss_kib", all_cards_kib.into()),
+        ("blocked_cards", blocked.into()),
+        ("blocked_cards_us", (blocked_read.as_micros() as u64).into()),
     ])
+}
+
+/// Blocks every thousandth card (as an operator would: `set_blocked`, one version each), for
+/// the blocked cards' read beside `all_cards` (the signed blocklist's and the console's read,
+/// from their index, against the read of every card it replaced). Returns how many.
+fn block_one_in_a_thousand(ledger: &Ledger, n: u64) -> anyhow::Result<u64> {
+    let uids: Vec<[u8; 7]> = (0..n)
+        .step_by(1_000)
+        .map(|j| {
+            let mut uid = [0x04, 0, 0, 0, 0, 0, 0];
+            uid[2..7].copy_from_slice(&j.to_be_bytes()[3..8]);
+            uid
+        })
+        .collect();
+    let count = uids.len() as u64;
+    ledger.transact(move |t| {
+        for uid in &uids {
+            t.set_blocked(uid, true, "bench", 0)?;
+        }
+        Ok(())
+    })?;
+    Ok(count)
 }
 
 /// For comparison, after the reconciliation: every shadow read into one `Vec`, as
@@ -129,15 +163,15 @@ fn all_cards_in_one_vec(ledger: &Ledger, n: u64) -> anyhow::Result<(Duration, u6
 fn raw_scan(ledger: &Ledger) -> anyhow::Result<usize> {
     let r = ledger.read()?;
     let mut scanned = 0;
-    let mut after = None;
-    loop {
-        let page = r.cards_after(after, RECONCILE_PAGE)?;
-        let Some(&(last, _)) = page.last() else {
-            break;
-        };
-        scanned += page.len();
-        after = Some(last);
-    }
+    charging::ledger::walk_card_pages(
+        &mut scanned,
+        RECONCILE_PAGE,
+        |_, after, n| r.cards_after(after, n),
+        |scanned, page| {
+            *scanned += page.len();
+            Ok::<_, charging::ledger::LedgerError>(())
+        },
+    )?;
     Ok(scanned + r.balances()?.len())
 }
 

@@ -78,6 +78,12 @@ pub fn thread_cpu_s() -> f64 {
     u + s
 }
 
+/// Process `pid`'s CPU time (user + system), seconds (0 when it cannot be read).
+pub fn process_cpu_s(pid: u32) -> f64 {
+    let (u, s) = cpu_user_sys_s_of(&format!("/proc/{pid}/stat"));
+    u + s
+}
+
 /// User and system CPU time, seconds, from a Linux `stat` file (CLK_TCK = 100; 0 elsewhere).
 fn cpu_user_sys_s_of(path: &str) -> (f64, f64) {
     let Ok(text) = std::fs::read_to_string(path) else {

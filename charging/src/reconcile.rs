@@ -83,24 +83,21 @@ pub fn reconcile(ledger: &Ledger) -> Result<Report, LedgerError> {
 /// [`reconcile`] reading `page` cards at a time (at least one): the same report whatever the
 /// page (tests use small pages to cross page boundaries).
 pub fn reconcile_in_pages(ledger: &Ledger, page: usize) -> Result<Report, LedgerError> {
-    let page = page.max(1);
     let r = ledger.read()?;
     let clones = clone_counters(&*r)?;
     let mut report = Report::default();
-    let mut after = None;
-    loop {
-        let cards = r.cards_after(after, page)?;
-        let (Some(&(last, _)), full) = (cards.last(), cards.len() == page) else {
-            return Ok(report);
-        };
-        for (uid, shadow) in &cards {
-            reconcile_card(&*r, &clones, uid, shadow, &mut report)?;
-        }
-        if !full {
-            return Ok(report);
-        }
-        after = Some(last);
-    }
+    crate::ledger::walk_card_pages(
+        &mut report,
+        page,
+        |_, after, n| r.cards_after(after, n),
+        |report, cards| {
+            for (uid, shadow) in cards {
+                reconcile_card(&*r, &clones, uid, shadow, report)?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(report)
 }
 
 /// One card against its account, counted into `report`.

@@ -79,6 +79,15 @@ fn at_version_2(db: &TestDb) {
     ));
 }
 
+/// The UIDs the ledger lists as blocked.
+fn blocked_uids(r: &dyn LedgerRead) -> Vec<[u8; 7]> {
+    r.blocked_cards()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.0)
+        .collect()
+}
+
 fn reconciliation(db: &TestDb) -> String {
     db.cluster
         .psql(
@@ -162,12 +171,7 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
     // A card blocked before version 7 is in the index of blocked cards, which the blocklist's
     // and the console's query reads.
     let r = ledger.read().unwrap();
-    let listed: Vec<[u8; 7]> = r
-        .blocked_cards()
-        .unwrap()
-        .into_iter()
-        .map(|c| c.0)
-        .collect();
+    let listed = blocked_uids(&*r);
     assert_eq!(listed, vec![want[1].0]);
     assert_eq!(r.card_count().unwrap(), want.len() as u64);
     drop(r);
@@ -210,12 +214,7 @@ fn a_database_at_version_2_is_migrated_with_its_card_shadows_unchanged() {
             ..want[1].1.clone()
         }
     );
-    let listed: Vec<[u8; 7]> = r
-        .blocked_cards()
-        .unwrap()
-        .into_iter()
-        .map(|c| c.0)
-        .collect();
+    let listed = blocked_uids(&*r);
     assert_eq!(listed, vec![plain]);
     drop(r);
     ledger.close();

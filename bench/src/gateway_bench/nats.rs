@@ -82,6 +82,8 @@ pub(super) fn run(n: Option<u64>, taps_per_message: usize) -> anyhow::Result<Fig
         confirmed,
         cpu,
         raw_cpu,
+        // Three nats-server processes: not counted here.
+        broker_cpu: None,
     };
     let mut figures = report(&run, &stats);
 

@@ -452,6 +452,31 @@ pub fn check_owner(owner: &str) -> Result<(), LedgerError> {
     Ok(())
 }
 
+/// A page of cards: (UID, shadow), in UID byte order.
+pub type CardPage = Vec<([u8; 7], CardShadow)>;
+
+/// Walks every card a page of `page` (at least 1) at a time, in UID byte order from the first:
+/// `next(ctx, after, page)` reads the cards above `after` (a backend's `cards_after`), and
+/// `each(ctx, cards)` takes each page; the walk ends after a page shorter than `page`. `ctx`
+/// is what both need, `each` mutably (an index build's write transaction, a report).
+pub fn walk_card_pages<C: ?Sized, E>(
+    ctx: &mut C,
+    page: usize,
+    mut next: impl FnMut(&C, Option<[u8; 7]>, usize) -> Result<CardPage, E>,
+    mut each: impl FnMut(&mut C, &[([u8; 7], CardShadow)]) -> Result<(), E>,
+) -> Result<(), E> {
+    let page = page.max(1);
+    let mut after = None;
+    loop {
+        let cards = next(ctx, after, page)?;
+        each(ctx, &cards)?;
+        match cards.last() {
+            Some(&(last, _)) if cards.len() == page => after = Some(last),
+            _ => return Ok(()),
+        }
+    }
+}
+
 /// Whether an account is a card's shadow purse.
 fn is_card_account(account: &str) -> bool {
     account.starts_with("card:")

@@ -46,8 +46,8 @@ mod rules;
 
 pub use interface::propagation::{self as block_propagation, BlockReach};
 pub use interface::{
-    check_owner, Completion, LedgerOnly, LedgerRead, LedgerWrite, Lookups, NewPosting, ReadsAhead,
-    MAX_OWNER_BYTES,
+    check_owner, walk_card_pages, CardPage, Completion, LedgerOnly, LedgerRead, LedgerWrite,
+    Lookups, NewPosting, ReadsAhead, MAX_OWNER_BYTES,
 };
 pub use lmdb::{
     LedgerCore, LmdbLedger, LmdbRead, LmdbWrite, DEFAULT_MAP_SIZE_BYTES, GROUP_COMMIT_MAX_JOBS,

@@ -55,19 +55,17 @@ impl LedgerCore {
             return Ok(());
         }
         self.blocked_cards.clear(txn)?;
-        let mut after = None;
-        loop {
-            let page = self.cards_after(txn, after, BUILD_PAGE)?;
-            let Some(&(last, _)) = page.last() else {
-                break;
-            };
-            for (uid, shadow) in &page {
-                if shadow.blocked {
-                    self.blocked_cards.put(txn, uid, &[])?;
+        crate::ledger::walk_card_pages(
+            txn,
+            BUILD_PAGE,
+            |t, after, n| self.cards_after(t, after, n),
+            |t, page| {
+                for (uid, _) in page.iter().filter(|(_, c)| c.blocked) {
+                    self.blocked_cards.put(t, uid, &[])?;
                 }
-            }
-            after = Some(last);
-        }
+                Ok(())
+            },
+        )?;
         self.blocked_cards.put(txn, INDEXED, &[])?;
         Ok(())
     }

@@ -64,19 +64,19 @@ impl LedgerCore {
             return Ok(());
         }
         self.card_owners.clear(txn)?;
-        let mut after = None;
-        loop {
-            let page = self.cards_after(txn, after, BUILD_PAGE)?;
-            let Some(&(last, _)) = page.last() else {
-                break;
-            };
-            for (uid, shadow) in &page {
-                if let Some(owner) = &shadow.owner {
-                    self.card_owners.put(txn, &owner_key(owner, uid), &[])?;
+        crate::ledger::walk_card_pages(
+            txn,
+            BUILD_PAGE,
+            |t, after, n| self.cards_after(t, after, n),
+            |t, page| {
+                for (uid, shadow) in page {
+                    if let Some(owner) = &shadow.owner {
+                        self.card_owners.put(t, &owner_key(owner, uid), &[])?;
+                    }
                 }
-            }
-            after = Some(last);
-        }
+                Ok(())
+            },
+        )?;
         self.card_owners.put(txn, INDEXED, &[])?;
         Ok(())
     }

@@ -192,17 +192,24 @@ pub(super) mod q {
         Ok((out, unbig(last)))
     }
 
+    /// The start of a query of whole cards, (uid, [`cards::columns!`]), from `cards c`.
+    macro_rules! select_cards {
+        () => {
+            concat!("SELECT c.uid, ", cards::columns!(), " FROM cards c")
+        };
+    }
+
     pub fn all_cards(db: &mut Db<'_>) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        let rows = db
-            .query(
-                concat!(
-                    "SELECT c.uid, ",
-                    cards::columns!(),
-                    " FROM cards c ORDER BY c.uid"
-                ),
-                &[],
-            )
-            .map_err(|e| db_error(&e))?;
+        cards_by(db, concat!(select_cards!(), " ORDER BY c.uid"), &[])
+    }
+
+    /// The cards a [`select_cards!`] query answers.
+    fn cards_by(
+        db: &mut Db<'_>,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        let rows = db.query(sql, params).map_err(|e| db_error(&e))?;
         card_rows(&rows)
     }
 
@@ -220,17 +227,11 @@ pub(super) mod q {
             return Ok(Vec::new());
         }
         let after = after.map(|uid| uid_hex(&uid)).unwrap_or_default();
-        let rows = db
-            .query(
-                concat!(
-                    "SELECT c.uid, ",
-                    cards::columns!(),
-                    " FROM cards c WHERE c.uid > $1 ORDER BY c.uid LIMIT $2"
-                ),
-                &[&after, &big(limit as u64)],
-            )
-            .map_err(|e| db_error(&e))?;
-        card_rows(&rows)
+        cards_by(
+            db,
+            concat!(select_cards!(), " WHERE c.uid > $1 ORDER BY c.uid LIMIT $2"),
+            &[&after, &big(limit as u64)],
+        )
     }
 
     /// The UIDs of `owner`'s cards, in UID order: a range of the index on the owner
@@ -255,17 +256,11 @@ pub(super) mod q {
     /// The blocked cards, in UID order: the partial index `cards_blocked`
     /// (`0007_card_blocked.sql`; the order as [`cards_after`]'s).
     pub fn blocked_cards(db: &mut Db<'_>) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        let rows = db
-            .query(
-                concat!(
-                    "SELECT c.uid, ",
-                    cards::columns!(),
-                    " FROM cards c WHERE c.blocked ORDER BY c.uid"
-                ),
-                &[],
-            )
-            .map_err(|e| db_error(&e))?;
-        card_rows(&rows)
+        cards_by(
+            db,
+            concat!(select_cards!(), " WHERE c.blocked ORDER BY c.uid"),
+            &[],
+        )
     }
 
     /// How many cards there are.
