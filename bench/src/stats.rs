@@ -84,6 +84,17 @@ pub fn process_cpu_s(pid: u32) -> f64 {
     u + s
 }
 
+/// Process `pid`'s read calls so far (`syscr` in /proc/<pid>/io; 0 when it cannot be read).
+pub fn process_read_calls(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("syscr:").and_then(|v| v.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 /// User and system CPU time, seconds, from a Linux `stat` file (CLK_TCK = 100; 0 elsewhere).
 fn cpu_user_sys_s_of(path: &str) -> (f64, f64) {
     let Ok(text) = std::fs::read_to_string(path) else {
