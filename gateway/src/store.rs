@@ -51,7 +51,8 @@
 //! ([`card_days`]): a fold's leaves lie in the current day's part of it, and a finished day's
 //! are not rewritten. They are kept [`StoreLimits::card_day_retention_days`] (7) days after
 //! their day ends, then trimmed from the same call as the forwarded taps (the old days are the
-//! table's leading keys: [`Store::trim_expired_card_days_at`]); the open day never is. Device
+//! table's leading keys: [`Store::trim_expired_card_days_at`]); the open day never is, and a
+//! day more than the retention ahead of it (a validator's clock far ahead) is not kept. Device
 //! states are kept in a compact binary layout ([`devices`]): a live batch rewrites most of that
 //! table's leaves.
 //!
@@ -69,6 +70,8 @@ use purse::tap::{split_records, TapError, TapRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 mod card_days;
 mod deltas;
@@ -145,6 +148,8 @@ pub struct StoreLimits {
     /// validator's clock, as its name says) ends (`card_day_retention_days`; at least 1, the
     /// gateway clock tells the day), then trimmed ([`Store::trim_expired_card_days_at`]): the
     /// open day is never trimmed, and a trimmed day reads as trimmed, not as a partial figure.
+    /// A day more than this many days after the open day is not kept at all (a validator's
+    /// clock far ahead).
     pub card_day_retention_days: u64,
 }
 
@@ -372,6 +377,8 @@ pub struct Store {
     limits: StoreLimits,
     /// Most forwarded taps trimmed in one transaction ([`TRIM_CHUNK`] unless set).
     trim_chunk: usize,
+    /// Write transactions opened ([`Store::write_txn`]), by every clone of this store.
+    write_txns: Arc<AtomicU64>,
 }
 
 /// What one `ingest` call accumulates across its messages.
@@ -629,12 +636,19 @@ impl Store {
             forwarded_log: forwarded_log.remap_types(),
             limits: StoreLimits::default(),
             trim_chunk: TRIM_CHUNK,
+            write_txns: Arc::default(),
         };
         store.migrate_legacy_taps()?;
         store.migrate_card_day_records()?;
         store.migrate_device_states()?;
         store.migrate_card_days()?;
         Ok(store)
+    }
+
+    /// Opens a write transaction: LMDB's one writer lock, which ingest needs too (counted).
+    fn write_txn(&self) -> Result<RwTxn<'_>, StoreError> {
+        self.write_txns.fetch_add(1, Ordering::Relaxed);
+        Ok(self.env.write_txn()?)
     }
 
     /// The same store with other limits (the gateway config's).
@@ -836,7 +850,7 @@ impl Store {
         device_key: impl Fn(u32) -> DeviceKeyRing,
         now_ms: u64,
     ) -> Result<IngestOutcome, StoreError> {
-        let mut t = self.env.write_txn()?;
+        let mut t = self.write_txn()?;
         let mut b = self.begin_batch(&t, now_ms)?;
         for m in messages {
             self.ingest_message(&mut t, &mut b, m, &device_key)?;
@@ -1107,8 +1121,8 @@ impl Store {
         // The first `limit` names stored, and whether that is all: at most one more read from
         // each table (`card-day:` ones from theirs, under their public names).
         let cap = limit.saturating_add(1);
-        let kept_from = self.card_days_kept_from_in(&r)?;
-        let mut out = self.stored_card_days(&r, prefix, cap, kept_from)?;
+        let kept = self.card_days_kept_in(&r)?;
+        let mut out = self.stored_card_days(&r, prefix, cap, kept)?;
         // LMDB refuses an empty key to seek to: no prefix is every aggregate.
         let items: Box<dyn Iterator<Item = heed::Result<(&str, Aggregate)>>> = if prefix.is_empty()
         {
@@ -1129,11 +1143,11 @@ impl Store {
         let last = out.keys().next_back().cloned();
         self.pending_deltas(&r, |k, d| {
             let beyond = !complete && last.as_deref().is_some_and(|l| k > l);
-            if k.starts_with(prefix) && !beyond && !card_days::trimmed(k, kept_from) {
+            if k.starts_with(prefix) && !beyond && !card_days::trimmed(k, kept) {
                 add_aggregate(out.entry(k.to_string()).or_default(), d);
             }
         })?;
-        Ok((out.into_iter().take(limit).collect(), kept_from))
+        Ok((out.into_iter().take(limit).collect(), kept.from))
     }
 
     /// Every stored tap record (raw), in arrival order, at most `limit`.
@@ -1233,7 +1247,7 @@ impl Store {
     pub fn forwarded_at(&self, through: u64, now_ms: u64) -> Result<u64, StoreError> {
         let mut trimmed = 0u64;
         loop {
-            let mut t = self.env.write_txn()?;
+            let mut t = self.write_txn()?;
             let pressed = self.pressed(&t)?;
             let chunk = if pressed {
                 TRIM_CHUNK_PRESSED
@@ -1307,7 +1321,7 @@ impl Store {
     fn trim_expired_chunks(&self, now_ms: u64) -> Result<u64, StoreError> {
         let mut trimmed = 0u64;
         while trimmed < TRIM_MAX_PER_CALL as u64 {
-            let mut t = self.env.write_txn()?;
+            let mut t = self.write_txn()?;
             let pressed = self.pressed(&t)?;
             let chunk = if pressed {
                 TRIM_CHUNK_PRESSED
@@ -1409,7 +1423,7 @@ impl Store {
 
     /// Keeps `v` under `key` in the meta database.
     fn set_meta_value(&self, key: &str, v: u64) -> Result<(), StoreError> {
-        let mut t = self.env.write_txn()?;
+        let mut t = self.write_txn()?;
         self.meta.put(&mut t, key, &v)?;
         t.commit()?;
         Ok(())

@@ -25,7 +25,15 @@
 //! ([`KEPT_FROM`]) in the trim's first transaction; from then on a day before it reads as
 //! trimmed — [`Store::aggregates`] shows none of its entries, not yet deleted or deltas not yet
 //! folded, and a late tap's delta for it is dropped at the fold instead of starting a partial
-//! figure — and [`Store::card_days_kept_from`] tells a reader which days are answered.
+//! figure — and [`Store::card_days_kept_from`] tells a reader which days are answered. Most
+//! calls find nothing to do, told in a read transaction: then the write lock (ingest's too) is
+//! not taken.
+//!
+//! Days far ahead: a day more than the retention after the open day of the latest trim (the
+//! first day kept + twice the retention, [`Kept`]) cannot hold a real day's taps yet (a
+//! validator's clock far ahead). Its card-days are not kept either: not shown, their deltas
+//! dropped at the fold, any stored (an older gateway's) trimmed with the expired days, the
+//! table's trailing keys.
 //!
 //! [`StoreLimits::card_day_retention_days`]: super::StoreLimits::card_day_retention_days
 
@@ -51,9 +59,43 @@ pub(super) fn first_day_kept(now_ms: u64, retention_days: u64) -> u64 {
     (now_ms / DAY_MS).saturating_sub(retention_days)
 }
 
-/// Whether `name` is a card-day of a day before `kept_from` (trimmed).
-pub(super) fn trimmed(name: &str, kept_from: u64) -> bool {
-    key_of(name).is_some_and(|k| day_of(&k) < kept_from)
+/// The days whose card-days are kept, as the latest trim left them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Kept {
+    /// The first ([`KEPT_FROM`]; 0 before the first trim).
+    pub(super) from: u64,
+    /// The last: `retention_days` after the open day of the trim that set `from` (`from` + twice
+    /// the retention). A later day's cannot be a real day's taps yet (a validator's clock far
+    /// ahead). None before the first trim.
+    until: Option<u64>,
+}
+
+impl Kept {
+    /// The days kept when the first is `from` and a day is kept `retention_days` after it ends.
+    pub(super) fn new(from: u64, retention_days: u64) -> Kept {
+        let until = (from > 0).then(|| from.saturating_add(retention_days.saturating_mul(2)));
+        Kept { from, until }
+    }
+
+    /// Whether `day`'s card-days are kept.
+    fn holds(&self, day: u64) -> bool {
+        day >= self.from && self.until.is_none_or(|u| day <= u)
+    }
+
+    /// The first key of the days kept.
+    fn first_key(&self) -> [u8; 8] {
+        self.from.to_be_bytes()
+    }
+
+    /// The first key of the days after them, if any.
+    fn after_key(&self) -> Option<[u8; 8]> {
+        Some(self.until?.checked_add(1)?.to_be_bytes())
+    }
+}
+
+/// Whether `name` is a card-day of a day not kept (trimmed).
+pub(super) fn trimmed(name: &str, kept: Kept) -> bool {
+    key_of(name).is_some_and(|k| !kept.holds(day_of(&k)))
 }
 
 /// The day of a `card_days` key (the first 8 bytes; 0 for a shorter key).
@@ -101,6 +143,19 @@ fn selection(prefix: &str) -> Option<(&str, bool)> {
 }
 
 impl Store {
+    /// The days whose card-days are kept, as `r` sees them.
+    pub(super) fn card_days_kept_in(&self, r: &RoTxn<'_, WithoutTls>) -> Result<Kept, StoreError> {
+        let from = self.card_days_kept_from_in(r)?;
+        Ok(Kept::new(from, self.retention_days()))
+    }
+
+    /// [`StoreLimits::card_day_retention_days`] (at least 1).
+    ///
+    /// [`StoreLimits::card_day_retention_days`]: super::StoreLimits::card_day_retention_days
+    fn retention_days(&self) -> u64 {
+        self.limits.card_day_retention_days.max(1)
+    }
+
     /// The first day whose card-days are kept, as `r` sees it ([`KEPT_FROM`]).
     pub(super) fn card_days_kept_from_in(
         &self,
@@ -117,15 +172,14 @@ impl Store {
         self.card_days_kept_from_in(&r)
     }
 
-    /// The stored card-days whose public name starts with `prefix`, of the days from
-    /// `kept_from` on, the first `cap` in the order of those names (the deltas not folded yet
-    /// not included).
+    /// The stored card-days whose public name starts with `prefix`, of the days `kept`, the
+    /// first `cap` in the order of those names (the deltas not folded yet not included).
     pub(super) fn stored_card_days(
         &self,
         r: &RoTxn<'_, WithoutTls>,
         prefix: &str,
         cap: usize,
-        kept_from: u64,
+        kept: Kept,
     ) -> Result<BTreeMap<String, Aggregate>, StoreError> {
         let mut out: BTreeMap<String, Aggregate> = BTreeMap::new();
         let Some((uid, whole)) = selection(prefix) else {
@@ -134,8 +188,8 @@ impl Store {
         if cap == 0 {
             return Ok(out);
         }
-        // The days before `kept_from` are trimmed, whether or not their entries are deleted yet.
-        let mut day = kept_from;
+        // The days not kept are trimmed, whether or not their entries are deleted yet.
+        let mut day = kept.from;
         loop {
             // The first stored day from `day` on.
             let from = day.to_be_bytes();
@@ -148,6 +202,9 @@ impl Store {
                 return Ok(out);
             };
             day = u64::from_be_bytes(d);
+            if !kept.holds(day) {
+                return Ok(out);
+            }
             let mut seek = d.to_vec();
             seek.extend_from_slice(uid.as_bytes());
             if whole {
@@ -182,16 +239,17 @@ impl Store {
         }
     }
 
-    /// Adds folded deltas to card-days (by `card_days` key), in key order; those of a trimmed
-    /// day (a late tap's) are dropped: a trimmed day is not started again with part of its taps.
+    /// Adds folded deltas to card-days (by `card_days` key), in key order; those of a day not
+    /// kept are dropped: a trimmed day (a late tap's) is not started again with part of its
+    /// taps, and a day far ahead (a validator's clock) is not started at all.
     pub(super) fn add_to_card_days(
         &self,
         t: &mut RwTxn<'_>,
         deltas: BTreeMap<Vec<u8>, Aggregate>,
     ) -> Result<(), StoreError> {
-        let kept_from = self.card_days_kept_from_in(t)?;
+        let kept = self.card_days_kept_in(t)?;
         for (k, delta) in deltas {
-            if day_of(&k) < kept_from {
+            if !kept.holds(day_of(&k)) {
                 continue;
             }
             let mut a = self
@@ -206,21 +264,27 @@ impl Store {
     }
 
     /// Trims the card-days of the days whose retention ended by `now_ms` (gateway clock; see
-    /// the module docs), oldest day first: at most [`TRIM_MAX_PER_CALL`] (a backlog, such as a
-    /// day's ≈ 1.26 M at midnight in a large city, goes over several calls), in transactions of
-    /// at most the trim chunk ([`super::TRIM_CHUNK`]; [`TRIM_CHUNK_PRESSED`] while the map is
-    /// past the quarantine mark), the write lock released between two. Never the open day.
-    /// Called by [`Store::trim_expired_at`]. Returns how many were trimmed.
+    /// the module docs), oldest day first, and those of the days more than the retention after
+    /// the open day (a validator's clock far ahead): at most [`TRIM_MAX_PER_CALL`] (a backlog,
+    /// such as a day's ≈ 1.26 M at midnight in a large city, goes over several calls), in
+    /// transactions of at most the trim chunk ([`super::TRIM_CHUNK`]; [`TRIM_CHUNK_PRESSED`]
+    /// while the map is past the quarantine mark), the write lock released between two. Never
+    /// the open day. Most calls find nothing to do, told in a read transaction: then the write
+    /// lock (ingest's too) is not taken. Called by [`Store::trim_expired_at`]. Returns how many
+    /// were trimmed.
     pub fn trim_expired_card_days_at(&self, now_ms: u64) -> Result<u64, StoreError> {
         self.trim_card_days(now_ms, TRIM_MAX_PER_CALL)
     }
 
     /// [`Store::trim_expired_card_days_at`] with at most `max` trimmed.
     pub(super) fn trim_card_days(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
-        let due = first_day_kept(now_ms, self.limits.card_day_retention_days.max(1));
+        let due = first_day_kept(now_ms, self.retention_days());
+        if !self.card_days_due(due)? {
+            return Ok(0);
+        }
         let mut trimmed = 0usize;
         loop {
-            let mut t = self.env.write_txn()?;
+            let mut t = self.write_txn()?;
             let chunk = if self.pressed(&t)? {
                 TRIM_CHUNK_PRESSED
             } else {
@@ -247,27 +311,65 @@ impl Store {
         }
     }
 
+    /// Whether a trim with the first day kept `due` has anything to do: the mark
+    /// ([`KEPT_FROM`]) to raise, or a card-day of a day not kept (the table's first or last).
+    fn card_days_due(&self, due: u64) -> Result<bool, StoreError> {
+        let r = self.env.read_txn()?;
+        let stored = self.card_days_kept_from_in(&r)?;
+        if stored < due {
+            return Ok(true);
+        }
+        let kept = Kept::new(stored, self.retention_days());
+        let before = self
+            .card_days
+            .first(&r)?
+            .is_some_and(|(k, _)| k < &kept.first_key()[..]);
+        let after = match (kept.after_key(), self.card_days.last(&r)?) {
+            (Some(after), Some((k, _))) => k >= &after[..],
+            _ => false,
+        };
+        Ok(before || after)
+    }
+
     /// One transaction of [`Store::trim_card_days`]: deletes up to `max` card-days of the days
-    /// before `kept_from`, the table's leading keys (one range); how many.
+    /// not kept when the first is `kept_from` — those before it, the table's leading keys (one
+    /// range), then those after the last, its trailing keys (another); how many.
     pub(super) fn trim_card_days_chunk(
         &self,
         t: &mut RwTxn<'_>,
         kept_from: u64,
         max: usize,
     ) -> Result<usize, StoreError> {
-        let end = kept_from.to_be_bytes();
+        let kept = Kept::new(kept_from, self.retention_days());
+        let n = self.delete_card_days(t, None, Some(&kept.first_key()), max)?;
+        let Some(after) = kept.after_key() else {
+            return Ok(n);
+        };
+        Ok(n + self.delete_card_days(t, Some(&after), None, max - n)?)
+    }
+
+    /// Deletes up to `max` card-days from the key `from` (the first if none) on, before the key
+    /// `until` (to the last if none), one range; how many.
+    fn delete_card_days(
+        &self,
+        t: &mut RwTxn<'_>,
+        from: Option<&[u8]>,
+        until: Option<&[u8]>,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let start = from.map_or(Bound::Unbounded, Bound::Included);
         let mut n = 0usize;
         let mut last: Option<Vec<u8>> = None;
-        for item in self.card_days.iter(t)? {
+        for item in self.card_days.range(t, &(start, Bound::Unbounded))? {
             let (k, _) = item?;
-            if n == max || k >= &end[..] {
+            if n == max || until.is_some_and(|u| k >= u) {
                 break;
             }
             n += 1;
             last = Some(k.to_vec());
         }
         if let Some(last) = last {
-            let range = (Bound::Unbounded, Bound::Included(&last[..]));
+            let range = (start, Bound::Included(&last[..]));
             self.card_days.delete_range(t, &range)?;
         }
         Ok(n)
@@ -295,7 +397,7 @@ impl Store {
         chunk: usize,
         moved: &mut u64,
     ) -> Result<Option<String>, StoreError> {
-        let mut t = self.env.write_txn()?;
+        let mut t = self.write_txn()?;
         let mut batch: Vec<(String, Aggregate)> = Vec::new();
         let mut next = None;
         for item in self
@@ -321,6 +423,11 @@ impl Store {
                 *moved += 1;
             }
         }
+        if sum.is_empty() {
+            // Nothing moved (a migrated store, or only names not of the form): nothing to commit.
+            t.abort();
+            return Ok(next);
+        }
         self.add_to_card_days(&mut t, sum)?;
         t.commit()?;
         Ok(next)
@@ -329,9 +436,10 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{first_day_kept, key_of, name_of, selection, DAY_MS};
+    use super::{first_day_kept, key_of, name_of, selection, Kept, DAY_MS};
     use crate::store::{Aggregate, Store};
     use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn a_name_and_its_key_translate_both_ways() {
@@ -615,5 +723,146 @@ mod tests {
         assert_eq!(txn() - before, 8, "nothing to do: nothing written");
         let left = store.aggregates("card-day:", 10).unwrap();
         assert_eq!(left, all[1_050..].to_vec(), "the open day's, unchanged");
+    }
+
+    fn day_names(days: &[u64]) -> Vec<(String, Aggregate)> {
+        let mut all: Vec<(String, Aggregate)> = days
+            .iter()
+            .map(|d| (format!("card-day:04A1:{d}"), a(1, *d as i64)))
+            .collect();
+        all.sort_by(|x, y| x.0.cmp(&y.0));
+        all
+    }
+
+    /// A card-day written straight into the table (as a store of an older gateway may hold it).
+    fn put_raw(store: &Store, name: &str) {
+        let mut t = store.env.write_txn().unwrap();
+        let k = key_of(name).unwrap();
+        store.card_days.put(&mut t, &k, &[0u8; 24]).unwrap();
+        t.commit().unwrap();
+    }
+
+    #[test]
+    fn a_trim_with_nothing_due_takes_no_write_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        put_card_days(&store, &day_names(&[TODAY - 8, TODAY - 5, TODAY]));
+        let writes = || store.write_txns.load(Ordering::Relaxed);
+        let txn = || store.env.info().last_txn_id;
+        // Due: the mark to set, a day to delete.
+        let w = writes();
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 1);
+        assert_eq!(writes() - w, 1);
+        // Nothing due (the same day again, at its start, later; a clock set back, the mark
+        // not lowered): not even the write lock, and nothing written.
+        let (w, id) = (writes(), txn());
+        for now in [NOW, TODAY * DAY_MS, NOW + DAY_MS / 3, NOW - 3 * DAY_MS] {
+            assert_eq!(store.trim_card_days(now, usize::MAX).unwrap(), 0, "{now}");
+            assert_eq!(store.trim_expired_card_days_at(now).unwrap(), 0, "{now}");
+        }
+        assert_eq!((writes(), txn()), (w, id));
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY - 7);
+        // A card-day below the mark all the same: due, deleted.
+        put_raw(&store, &format!("card-day:04B2:{}", TODAY - 30));
+        let (w, id) = (writes(), txn());
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 1);
+        assert_eq!((writes() - w, txn() - id), (1, 1));
+        // The next day: nothing to delete, but the mark to raise (one transaction, committed).
+        let (w, id) = (writes(), txn());
+        assert_eq!(store.trim_card_days(NOW + DAY_MS, usize::MAX).unwrap(), 0);
+        assert_eq!((writes() - w, txn() - id), (1, 1));
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY - 6);
+        assert_eq!(
+            store.aggregates("card-day:", 10).unwrap(),
+            day_names(&[TODAY - 5, TODAY])
+        );
+        // An empty table with the mark in place: nothing due.
+        let w = writes();
+        assert_eq!(store.trim_card_days(NOW + DAY_MS, usize::MAX).unwrap(), 0);
+        assert_eq!(writes(), w);
+    }
+
+    #[test]
+    fn the_days_kept_run_to_the_retention_after_the_open_day_of_the_last_trim() {
+        assert_eq!(
+            Kept::new(0, 7),
+            Kept {
+                from: 0,
+                until: None
+            }
+        );
+        let kept = Kept::new(TODAY - 7, 7);
+        assert_eq!(kept.until, Some(TODAY + 7));
+        assert!(!kept.holds(TODAY - 8) && kept.holds(TODAY - 7));
+        assert!(kept.holds(TODAY + 7) && !kept.holds(TODAY + 8) && !kept.holds(u64::MAX));
+        assert_eq!(Kept::new(u64::MAX - 3, 7).until, Some(u64::MAX));
+        assert_eq!(Kept::new(u64::MAX - 3, 7).after_key(), None);
+        assert!(Kept::new(u64::MAX - 3, 7).holds(u64::MAX));
+    }
+
+    #[test]
+    fn card_days_dated_far_ahead_of_the_gateway_day_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20)
+            .unwrap()
+            .with_trim_chunk(2);
+        // 2099-01-01: a validator's clock far ahead.
+        const Y2099: u64 = 47_117;
+        let kept = [TODAY - 7, TODAY, TODAY + 1, TODAY + 7];
+        let ahead = [TODAY + 8, Y2099, u64::MAX];
+        let all: Vec<u64> = [TODAY - 8]
+            .iter()
+            .chain(&kept)
+            .chain(&ahead)
+            .copied()
+            .collect();
+        put_card_days(&store, &day_names(&all));
+        // Before the first trim every day is answered.
+        assert_eq!(store.aggregates("card-day:", 100).unwrap(), day_names(&all));
+        // The first trim: the day past its retention and the three ahead, in chunks of two
+        // within the cap (the leading keys first).
+        assert_eq!(store.trim_card_days(NOW, 3).unwrap(), 3);
+        assert_eq!(entries(&store), 5);
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 1);
+        assert_eq!(
+            store.aggregates("card-day:", 100).unwrap(),
+            day_names(&kept)
+        );
+        // A late delta of a day ahead (not folded yet) is not shown, nor folded.
+        let days_2099 = format!("card-day:04A1:{Y2099}");
+        let next_week = format!("card-day:04A1:{}", TODAY + 8);
+        let deltas = [
+            (days_2099.clone(), a(1, 5)),
+            (next_week.clone(), a(1, 5)),
+            (format!("card-day:04A1:{}", TODAY + 7), a(1, 5)),
+        ];
+        put_deltas(&store, 1, &deltas);
+        let mut expect = day_names(&kept);
+        let week = expect
+            .iter_mut()
+            .find(|(k, _)| k.ends_with(&format!(":{}", TODAY + 7)));
+        week.unwrap().1 = a(2, (TODAY + 7) as i64 + 5);
+        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
+        assert!(store.aggregates(&days_2099, 10).unwrap().is_empty());
+        assert_eq!(store.fold_aggregates().unwrap(), 1);
+        assert_eq!(entries(&store), 4);
+        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
+        // One stored all the same (an older gateway's): not shown, then trimmed.
+        put_raw(&store, &days_2099);
+        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 1);
+        // Nothing due now; reopened, the same answers.
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 0);
+        drop(store);
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
+        // The next day, a week and a day ahead is within reach: a tap of it counts again.
+        assert_eq!(store.trim_card_days(NOW + DAY_MS, usize::MAX).unwrap(), 1);
+        put_deltas(&store, 2, &[(next_week.clone(), a(1, 5))]);
+        assert_eq!(store.fold_aggregates().unwrap(), 1);
+        assert_eq!(
+            store.aggregates(&next_week, 10).unwrap(),
+            vec![(next_week, a(1, 5))]
+        );
     }
 }

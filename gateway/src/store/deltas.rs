@@ -116,7 +116,7 @@ impl Store {
     pub fn fold_aggregates(&self) -> Result<u64, StoreError> {
         let mut folded = 0u64;
         loop {
-            let mut t = self.env.write_txn()?;
+            let mut t = self.write_txn()?;
             let chunk = if self.pressed(&t)? { 1 } else { FOLD_CHUNK };
             let mut batches = 0usize;
             let mut batch: Option<u64> = None;
@@ -161,7 +161,7 @@ impl Store {
     pub(super) fn migrate_card_day_records(&self) -> Result<(), StoreError> {
         let mut moved = 0u64;
         loop {
-            let mut t = self.env.write_txn()?;
+            let mut t = self.write_txn()?;
             let mut records: Vec<(u64, Vec<(String, Aggregate)>)> = Vec::new();
             let mut deltas = 0usize;
             for item in self.legacy_card_day_records.iter(&t)? {

@@ -120,7 +120,7 @@ impl Store {
         rewritten: &mut u64,
     ) -> Result<Option<u64>, StoreError> {
         let raw = self.devices.remap_data_type::<heed::types::Bytes>();
-        let mut t = self.env.write_txn()?;
+        let mut t = self.write_txn()?;
         let mut todo: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut next = None;
         for (seen, item) in raw.range(&t, &(from..))?.enumerate() {
@@ -133,6 +133,7 @@ impl Store {
                 todo.push((device, v.to_vec()));
             }
         }
+        let before = *rewritten;
         for (device, v) in &todo {
             // A JSON state that does not parse is left as it is (it failed to read before too).
             if let Some(st) = decode(v) {
@@ -140,7 +141,12 @@ impl Store {
                 *rewritten += 1;
             }
         }
-        t.commit()?;
+        if *rewritten == before {
+            // Nothing rewritten (the states of a migrated store): nothing to commit.
+            t.abort();
+        } else {
+            t.commit()?;
+        }
         Ok(next)
     }
 }

@@ -33,7 +33,7 @@ impl Store {
         }
         let pending = self.migrate_refs(self.outbox, OLD_KEY_LEN)?;
         let forwarded = self.migrate_refs(self.forwarded_log, OLD_KEY_LEN + 8)?;
-        let mut t = self.env.write_txn()?;
+        let mut t = self.write_txn()?;
         let dropped = self.legacy_taps.len(&t)?;
         self.legacy_taps.clear(&mut t)?;
         let mut full: Vec<(u32, u64)> = Vec::new();
@@ -69,7 +69,7 @@ impl Store {
         let mut from = 0u64;
         let mut moved = 0u64;
         loop {
-            let mut t = self.env.write_txn()?;
+            let mut t = self.write_txn()?;
             let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
             for item in db.range(&t, &(from..))? {
                 let (id, v) = item?;
@@ -79,6 +79,11 @@ impl Store {
                         break;
                     }
                 }
+            }
+            if batch.is_empty() {
+                // No old-layout entry left: nothing to commit.
+                t.abort();
+                return Ok(moved);
             }
             for (id, v) in &batch {
                 let (key, rest) = v.split_at(OLD_KEY_LEN);
@@ -95,6 +100,59 @@ impl Store {
                 Some((id, _)) if batch.len() >= CHUNK => from = id + 1,
                 _ => return Ok(moved),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::{Aggregate, DeviceState, Store};
+    use heed::types::{Bytes, SerdeJson};
+
+    /// Leftovers every open's migrations read and move nothing of: a name `card-day:` not of
+    /// the form (stays in `aggregates`), a JSON device state that does not parse (stays as it
+    /// is); and what the first open moves: an old-layout card-day and a JSON state.
+    fn put_leftovers(store: &Store) {
+        let mut t = store.env.write_txn().unwrap();
+        let one = Aggregate {
+            taps: 1,
+            refused: 0,
+            amount_minor: 5,
+        };
+        for name in ["card-day:odd", "card-day:04A1:20717", "device:7"] {
+            store.aggregates.put(&mut t, name, &one).unwrap();
+        }
+        let raw = store.devices.remap_data_type::<Bytes>();
+        raw.put(&mut t, &7, b"{broken").unwrap();
+        let json = store.devices.remap_data_type::<SerdeJson<DeviceState>>();
+        json.put(&mut t, &8, &DeviceState::default()).unwrap();
+        t.commit().unwrap();
+    }
+
+    #[test]
+    fn opening_a_migrated_store_again_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        put_leftovers(&store);
+        let before = store.env.info().last_txn_id;
+        drop(store);
+        // The first open migrates (the card-day moved, the state rewritten): written.
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        let migrated = store.env.info().last_txn_id;
+        assert!(migrated > before);
+        let r = store.env.read_txn().unwrap();
+        assert_eq!(store.card_days.len(&r).unwrap(), 1);
+        assert_eq!(
+            store.aggregates.len(&r).unwrap(),
+            2,
+            "card-day:odd, device:7"
+        );
+        drop(r);
+        drop(store);
+        // Opened twice more: the migrations read the leftovers again and write nothing.
+        for _ in 0..2 {
+            let store = Store::open(dir.path(), 16 << 20).unwrap();
+            assert_eq!(store.env.info().last_txn_id, migrated);
         }
     }
 }
