@@ -181,6 +181,9 @@ fn a_list_beyond_one_chunk_is_answered_in_signed_chunks() {
             role: Role::Gateway,
             sha256: Auth::hash_token(GW),
         }];
+        // 65,546 cards blocked in one transaction (each a shadow, a numbered change and two
+        // index entries): more than the test kit's 32 MiB ledger.
+        cfg.ledger_map_size_bytes = 256 << 20;
     });
     let n = CHUNK_ENTRIES + 10;
     let uid = |i: usize| -> [u8; 7] {
