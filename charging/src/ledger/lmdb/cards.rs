@@ -6,7 +6,45 @@ use super::*;
 /// The most a page of cards reserves up front (a caller may ask for more and get it).
 const PAGE_CAPACITY: usize = 10_000;
 
+/// The key marking an index of the cards as built: one byte, shorter than any entry (an entry
+/// holds a UID, 7 bytes), so no read of the entries includes it.
+pub(super) const INDEXED: &[u8] = &[0];
+
+/// Cards read at a time while an index is built (a few in tests, so that they walk pages).
+const BUILD_PAGE: usize = if cfg!(test) { 2 } else { 10_000 };
+
 impl LedgerCore {
+    /// Builds `index`, an index of the cards, for a ledger written before it, in the opening
+    /// transaction, unless it holds [`INDEXED`]: cleared, the cards walked a page at a time,
+    /// the key `entry` gives a card written for each card it gives one, then [`INDEXED`]. A
+    /// built index reads one key. (A build without the index writing to the ledger after it
+    /// was built would leave the index behind: delete [`INDEXED`] then, and the next open
+    /// rebuilds it.)
+    pub(super) fn build_card_index(
+        &self,
+        txn: &mut RwTxn<'_>,
+        index: Database<Bytes, Bytes>,
+        entry: impl Fn(&[u8; 7], &CardShadow) -> Option<Vec<u8>>,
+    ) -> Result<(), LedgerError> {
+        if index.get(txn, INDEXED)?.is_some() {
+            return Ok(());
+        }
+        index.clear(txn)?;
+        crate::ledger::walk_card_pages(
+            txn,
+            BUILD_PAGE,
+            |t, after, n| self.cards_after(t, after, n),
+            |t, page| {
+                for key in page.iter().filter_map(|(uid, c)| entry(uid, c)) {
+                    index.put(t, &key, &[])?;
+                }
+                Ok(())
+            },
+        )?;
+        index.put(txn, INDEXED, &[])?;
+        Ok(())
+    }
+
     /// The card's shadow record.
     pub(super) fn card(
         &self,

@@ -4,16 +4,9 @@
 //! card's owner, and moves its entry ([`LedgerCore::index_owner`]); an owner never holds a NUL
 //! byte (`set_owner` refuses one), so the separator ends the owner. A ledger written before the
 //! index has it built once when opened ([`LedgerCore::index_owners`]), and then holds
-//! [`INDEXED`].
+//! [`super::cards::INDEXED`].
 
 use super::*;
-
-/// The key marking the index as built: shorter than any entry (an entry is at least the
-/// separator and a UID, 8 bytes), so no owner's cards include it.
-const INDEXED: &[u8] = &[0];
-
-/// Cards read at a time while the index is built (a few in tests, so that they walk pages).
-const BUILD_PAGE: usize = if cfg!(test) { 2 } else { 10_000 };
 
 /// An entry's key: owner ‖ 0x00 ‖ UID.
 fn owner_key(owner: &str, uid: &[u8; 7]) -> Vec<u8> {
@@ -54,30 +47,10 @@ impl LedgerCore {
         })
     }
 
-    /// Builds the index of a ledger written before it, in the opening transaction: the cards
-    /// walked a page at a time ([`LedgerCore::cards_after`]), each owned card's entry written,
-    /// then [`INDEXED`]. An indexed ledger reads one key. (A build without the index writing
-    /// to the ledger after it was built would leave the index behind: delete [`INDEXED`]
-    /// then, and the next open rebuilds it.)
+    /// Builds the index of a ledger written before it, at open ([`LedgerCore::build_card_index`]).
     pub(super) fn index_owners(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        if self.card_owners.get(txn, INDEXED)?.is_some() {
-            return Ok(());
-        }
-        self.card_owners.clear(txn)?;
-        crate::ledger::walk_card_pages(
-            txn,
-            BUILD_PAGE,
-            |t, after, n| self.cards_after(t, after, n),
-            |t, page| {
-                for (uid, shadow) in page {
-                    if let Some(owner) = &shadow.owner {
-                        self.card_owners.put(t, &owner_key(owner, uid), &[])?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        self.card_owners.put(txn, INDEXED, &[])?;
-        Ok(())
+        self.build_card_index(txn, self.card_owners, |uid, c| {
+            c.owner.as_deref().map(|owner| owner_key(owner, uid))
+        })
     }
 }
