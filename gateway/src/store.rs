@@ -564,6 +564,15 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Whether a forwarded-log entry (… ‖ forwarded at, ms, u64 big-endian) was forwarded at or
+/// before `cutoff` (an entry without the time counts as expired).
+fn forwarded_expired(v: &[u8], cutoff: u64) -> bool {
+    match v.split_last_chunk::<8>() {
+        Some((_, at)) => u64::from_be_bytes(*at) <= cutoff,
+        None => true,
+    }
+}
+
 /// Whether `used_bytes` of a `map_bytes` map reach `percent` of it (the store's fill marks).
 fn past_percent(used_bytes: u64, map_bytes: u64, percent: u64) -> bool {
     used_bytes >= (map_bytes / 100).saturating_mul(percent)
@@ -649,6 +658,12 @@ impl Store {
     fn write_txn(&self) -> Result<RwTxn<'_>, StoreError> {
         self.write_txns.fetch_add(1, Ordering::Relaxed);
         Ok(self.env.write_txn()?)
+    }
+
+    /// The write transactions this store has opened so far (each took the store's one writer
+    /// lock, which ingest needs too): housekeeping with nothing to do opens none.
+    pub fn write_transactions(&self) -> u64 {
+        self.write_txns.load(Ordering::Relaxed)
     }
 
     /// The same store with other limits (the gateway config's).
@@ -1319,6 +1334,11 @@ impl Store {
 
     /// [`Store::trim_expired_at`]'s trim.
     fn trim_expired_chunks(&self, now_ms: u64) -> Result<u64, StoreError> {
+        // Most calls (after every forwarded batch) find nothing expired: told in a read
+        // transaction, without the write lock ingest needs.
+        if !self.forwarded_due(now_ms)? {
+            return Ok(0);
+        }
         let mut trimmed = 0u64;
         while trimmed < TRIM_MAX_PER_CALL as u64 {
             let mut t = self.write_txn()?;
@@ -1358,6 +1378,17 @@ impl Store {
 
     /// Trims up to `max` forwarded taps whose clearing answer is older than the retention
     /// window (all of them when `pressed`), oldest answer first.
+    /// Whether [`Store::trim_forwarded`] has anything to trim at `now_ms`: the oldest forwarded
+    /// tap expired, or any kept while the map is past the quarantine mark.
+    fn forwarded_due(&self, now_ms: u64) -> Result<bool, StoreError> {
+        let r = self.env.read_txn()?;
+        let Some((_, v)) = self.forwarded_log.first(&r)? else {
+            return Ok(false);
+        };
+        let cutoff = now_ms.saturating_sub(self.limits.forwarded_retention_ms);
+        Ok(forwarded_expired(v, cutoff) || self.pressed(&r)?)
+    }
+
     fn trim_forwarded(
         &self,
         t: &mut RwTxn<'_>,
@@ -1372,11 +1403,7 @@ impl Store {
             if due.len() >= max {
                 break;
             }
-            let expired = match v.split_last_chunk::<8>() {
-                Some((_, at)) => u64::from_be_bytes(*at) <= cutoff,
-                None => true,
-            };
-            if !pressed && !expired {
+            if !pressed && !forwarded_expired(v, cutoff) {
                 break;
             }
             due.push(id);

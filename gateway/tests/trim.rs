@@ -169,3 +169,45 @@ fn card_day_aggregates_are_trimmed_after_their_retention_and_a_late_tap_does_not
     assert_eq!(counts(&store), (vec![], 4));
     assert_eq!(store.card_days_kept_from().unwrap(), 1);
 }
+
+/// Housekeeping after each forwarded batch and on the timer (`trim_expired_at`: the forwarded
+/// taps' trim, the card-days' trim, the fold) takes the store's writer lock — which ingest
+/// needs — only when it has something to do: nothing expired, nothing pending to fold, no mark
+/// to move opens no write transaction.
+#[test]
+fn housekeeping_with_nothing_to_do_takes_no_write_lock() {
+    let keys = gateway_keys();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 << 20).unwrap();
+    let t0 = 1_790_000_000_000;
+    assert_eq!(ingest(&store, &keys, 1..=5, t0), 5);
+    // The ingested taps' aggregate deltas to fold, the card-days' first mark to set: writes.
+    let w = store.write_transactions();
+    assert_eq!(store.trim_expired_at(t0).unwrap(), 0);
+    assert!(store.write_transactions() > w);
+    // Again, the same day, nothing forwarded: nothing to do, no write transaction.
+    let w = store.write_transactions();
+    assert_eq!(store.trim_expired_at(t0 + 1_000).unwrap(), 0);
+    assert_eq!(store.write_transactions(), w);
+    // Forwarded, still within the retention window: nothing expired, no write transaction.
+    let through = last_pending(&store);
+    assert_eq!(store.forwarded_at(through, t0 + 2_000).unwrap(), 0);
+    let w = store.write_transactions();
+    assert_eq!(store.trim_expired_at(t0 + 3_000).unwrap(), 0);
+    assert_eq!(store.write_transactions(), w);
+    // Past the window: the five go, in a write transaction.
+    let w = store.write_transactions();
+    assert_eq!(store.trim_expired_at(t0 + 7 * DAY_MS + 2_000).unwrap(), 5);
+    assert!(store.write_transactions() > w);
+    assert_eq!(store.forwarded_kept().unwrap(), 0);
+    // A new tap's deltas are folded by the next call (the fold's check sees them).
+    assert_eq!(ingest(&store, &keys, 6..=6, t0 + 7 * DAY_MS), 1);
+    let w = store.write_transactions();
+    store.trim_expired_at(t0 + 7 * DAY_MS + 1).unwrap();
+    assert_eq!(store.write_transactions(), w + 1);
+    assert_eq!(
+        store.aggregates("device:", 10).unwrap()[0].1.taps,
+        6,
+        "every tap folded"
+    );
+}
