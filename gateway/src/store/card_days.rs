@@ -29,11 +29,11 @@
 //! calls find nothing to do, told in a read transaction: then the write lock (ingest's too) is
 //! not taken.
 //!
-//! Days far ahead: a day more than the retention after the open day of the latest trim (the
-//! first day kept + twice the retention, [`Kept`]) cannot hold a real day's taps yet (a
-//! validator's clock far ahead). Its card-days are not kept either: not shown, their deltas
-//! dropped at the fold, any stored (an older gateway's) trimmed with the expired days, the
-//! table's trailing keys.
+//! Days ahead of the gateway's clock (a validator's clock far ahead, or the gateway's own
+//! behind) are kept like any other: the store cannot tell a wrong clock from a right one
+//! without deleting real days when the gateway's own clock is the wrong one (one restored from
+//! its last shutdown after a long outage), so such a day's card-days go only when the first
+//! day kept passes them.
 //!
 //! [`StoreLimits::card_day_retention_days`]: super::StoreLimits::card_day_retention_days
 
@@ -59,37 +59,22 @@ pub(super) fn first_day_kept(now_ms: u64, retention_days: u64) -> u64 {
     (now_ms / DAY_MS).saturating_sub(retention_days)
 }
 
-/// The days whose card-days are kept, as the latest trim left them.
+/// The days whose card-days are kept, as the latest trim left them: from the first on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Kept {
     /// The first ([`KEPT_FROM`]; 0 before the first trim).
     pub(super) from: u64,
-    /// The last: `retention_days` after the open day of the trim that set `from` (`from` + twice
-    /// the retention). A later day's cannot be a real day's taps yet (a validator's clock far
-    /// ahead). None before the first trim.
-    until: Option<u64>,
 }
 
 impl Kept {
-    /// The days kept when the first is `from` and a day is kept `retention_days` after it ends.
-    pub(super) fn new(from: u64, retention_days: u64) -> Kept {
-        let until = (from > 0).then(|| from.saturating_add(retention_days.saturating_mul(2)));
-        Kept { from, until }
-    }
-
     /// Whether `day`'s card-days are kept.
     fn holds(&self, day: u64) -> bool {
-        day >= self.from && self.until.is_none_or(|u| day <= u)
+        day >= self.from
     }
 
     /// The first key of the days kept.
     fn first_key(&self) -> [u8; 8] {
         self.from.to_be_bytes()
-    }
-
-    /// The first key of the days after them, if any.
-    fn after_key(&self) -> Option<[u8; 8]> {
-        Some(self.until?.checked_add(1)?.to_be_bytes())
     }
 }
 
@@ -145,8 +130,9 @@ fn selection(prefix: &str) -> Option<(&str, bool)> {
 impl Store {
     /// The days whose card-days are kept, as `r` sees them.
     pub(super) fn card_days_kept_in(&self, r: &RoTxn<'_, WithoutTls>) -> Result<Kept, StoreError> {
-        let from = self.card_days_kept_from_in(r)?;
-        Ok(Kept::new(from, self.retention_days()))
+        Ok(Kept {
+            from: self.card_days_kept_from_in(r)?,
+        })
     }
 
     /// [`StoreLimits::card_day_retention_days`] (at least 1).
@@ -312,64 +298,40 @@ impl Store {
     }
 
     /// Whether a trim with the first day kept `due` has anything to do: the mark
-    /// ([`KEPT_FROM`]) to raise, or a card-day of a day not kept (the table's first or last).
+    /// ([`KEPT_FROM`]) to raise, or a card-day of a day before it (the table's first).
     fn card_days_due(&self, due: u64) -> Result<bool, StoreError> {
         let r = self.env.read_txn()?;
-        let stored = self.card_days_kept_from_in(&r)?;
-        if stored < due {
+        let kept = self.card_days_kept_in(&r)?;
+        if kept.from < due {
             return Ok(true);
         }
-        let kept = Kept::new(stored, self.retention_days());
-        let before = self
+        Ok(self
             .card_days
             .first(&r)?
-            .is_some_and(|(k, _)| k < &kept.first_key()[..]);
-        let after = match (kept.after_key(), self.card_days.last(&r)?) {
-            (Some(after), Some((k, _))) => k >= &after[..],
-            _ => false,
-        };
-        Ok(before || after)
+            .is_some_and(|(k, _)| k < &kept.first_key()[..]))
     }
 
     /// One transaction of [`Store::trim_card_days`]: deletes up to `max` card-days of the days
-    /// not kept when the first is `kept_from` — those before it, the table's leading keys (one
-    /// range), then those after the last, its trailing keys (another); how many.
+    /// before `kept_from`, the table's leading keys (one range); how many.
     pub(super) fn trim_card_days_chunk(
         &self,
         t: &mut RwTxn<'_>,
         kept_from: u64,
         max: usize,
     ) -> Result<usize, StoreError> {
-        let kept = Kept::new(kept_from, self.retention_days());
-        let n = self.delete_card_days(t, None, Some(&kept.first_key()), max)?;
-        let Some(after) = kept.after_key() else {
-            return Ok(n);
-        };
-        Ok(n + self.delete_card_days(t, Some(&after), None, max - n)?)
-    }
-
-    /// Deletes up to `max` card-days from the key `from` (the first if none) on, before the key
-    /// `until` (to the last if none), one range; how many.
-    fn delete_card_days(
-        &self,
-        t: &mut RwTxn<'_>,
-        from: Option<&[u8]>,
-        until: Option<&[u8]>,
-        max: usize,
-    ) -> Result<usize, StoreError> {
-        let start = from.map_or(Bound::Unbounded, Bound::Included);
+        let end = kept_from.to_be_bytes();
         let mut n = 0usize;
         let mut last: Option<Vec<u8>> = None;
-        for item in self.card_days.range(t, &(start, Bound::Unbounded))? {
+        for item in self.card_days.iter(t)? {
             let (k, _) = item?;
-            if n == max || until.is_some_and(|u| k >= u) {
+            if n == max || k >= &end[..] {
                 break;
             }
             n += 1;
             last = Some(k.to_vec());
         }
         if let Some(last) = last {
-            let range = (start, Bound::Included(&last[..]));
+            let range = (Bound::Unbounded, Bound::Included(&last[..]));
             self.card_days.delete_range(t, &range)?;
         }
         Ok(n)
@@ -436,7 +398,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::{first_day_kept, key_of, name_of, selection, Kept, DAY_MS};
+    use super::{first_day_kept, key_of, name_of, selection, DAY_MS};
     use crate::store::{Aggregate, Store};
     use std::collections::BTreeMap;
     use std::sync::atomic::Ordering;
@@ -782,87 +744,41 @@ mod tests {
         assert_eq!(writes(), w);
     }
 
+    /// A day ahead of the gateway's clock is kept like any other, its deltas folded: the
+    /// gateway's own clock may be the wrong one (restored from its last shutdown after an
+    /// outage longer than the retention), and then the "days ahead" are today's real taps.
+    /// They go only when the first day kept passes them.
     #[test]
-    fn the_days_kept_run_to_the_retention_after_the_open_day_of_the_last_trim() {
-        assert_eq!(
-            Kept::new(0, 7),
-            Kept {
-                from: 0,
-                until: None
-            }
-        );
-        let kept = Kept::new(TODAY - 7, 7);
-        assert_eq!(kept.until, Some(TODAY + 7));
-        assert!(!kept.holds(TODAY - 8) && kept.holds(TODAY - 7));
-        assert!(kept.holds(TODAY + 7) && !kept.holds(TODAY + 8) && !kept.holds(u64::MAX));
-        assert_eq!(Kept::new(u64::MAX - 3, 7).until, Some(u64::MAX));
-        assert_eq!(Kept::new(u64::MAX - 3, 7).after_key(), None);
-        assert!(Kept::new(u64::MAX - 3, 7).holds(u64::MAX));
-    }
-
-    #[test]
-    fn card_days_dated_far_ahead_of_the_gateway_day_are_not_kept() {
+    fn card_days_ahead_of_the_gateway_clock_are_kept_and_folded() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 16 << 20)
-            .unwrap()
-            .with_trim_chunk(2);
-        // 2099-01-01: a validator's clock far ahead.
-        const Y2099: u64 = 47_117;
-        let kept = [TODAY - 7, TODAY, TODAY + 1, TODAY + 7];
-        let ahead = [TODAY + 8, Y2099, u64::MAX];
-        let all: Vec<u64> = [TODAY - 8]
-            .iter()
-            .chain(&kept)
-            .chain(&ahead)
-            .copied()
-            .collect();
-        put_card_days(&store, &day_names(&all));
-        // Before the first trim every day is answered.
-        assert_eq!(store.aggregates("card-day:", 100).unwrap(), day_names(&all));
-        // The first trim: the day past its retention and the three ahead, in chunks of two
-        // within the cap (the leading keys first).
-        assert_eq!(store.trim_card_days(NOW, 3).unwrap(), 3);
-        assert_eq!(entries(&store), 5);
-        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 1);
-        assert_eq!(
-            store.aggregates("card-day:", 100).unwrap(),
-            day_names(&kept)
-        );
-        // A late delta of a day ahead (not folded yet) is not shown, nor folded.
-        let days_2099 = format!("card-day:04A1:{Y2099}");
-        let next_week = format!("card-day:04A1:{}", TODAY + 8);
-        let deltas = [
-            (days_2099.clone(), a(1, 5)),
-            (next_week.clone(), a(1, 5)),
-            (format!("card-day:04A1:{}", TODAY + 7), a(1, 5)),
-        ];
-        put_deltas(&store, 1, &deltas);
-        let mut expect = day_names(&kept);
-        let week = expect
-            .iter_mut()
-            .find(|(k, _)| k.ends_with(&format!(":{}", TODAY + 7)));
-        week.unwrap().1 = a(2, (TODAY + 7) as i64 + 5);
-        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
-        assert!(store.aggregates(&days_2099, 10).unwrap().is_empty());
-        assert_eq!(store.fold_aggregates().unwrap(), 1);
-        assert_eq!(entries(&store), 4);
-        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
-        // One stored all the same (an older gateway's): not shown, then trimmed.
-        put_raw(&store, &days_2099);
-        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
-        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 1);
-        // Nothing due now; reopened, the same answers.
-        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 0);
-        drop(store);
         let store = Store::open(dir.path(), 16 << 20).unwrap();
-        assert_eq!(store.aggregates("card-day:", 100).unwrap(), expect);
-        // The next day, a week and a day ahead is within reach: a tap of it counts again.
-        assert_eq!(store.trim_card_days(NOW + DAY_MS, usize::MAX).unwrap(), 1);
-        put_deltas(&store, 2, &[(next_week.clone(), a(1, 5))]);
-        assert_eq!(store.fold_aggregates().unwrap(), 1);
-        assert_eq!(
-            store.aggregates(&next_week, 10).unwrap(),
-            vec![(next_week, a(1, 5))]
+        put_card_days(&store, &day_names(&[TODAY]));
+        assert_eq!(store.trim_card_days(NOW, usize::MAX).unwrap(), 0);
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY - 7);
+        // The validators' real day, nine days past the gateway's stale clock, and one far ahead.
+        let real = format!("card-day:04A1:{}", TODAY + 9);
+        let far = format!("card-day:04A1:{}", 47_117u64);
+        put_deltas(
+            &store,
+            1,
+            &[(real.clone(), a(1, 5)), (far.clone(), a(1, 5))],
         );
+        assert_eq!(store.trim_expired_at(NOW).unwrap(), 0);
+        assert_eq!(
+            store.aggregates(&real, 10).unwrap(),
+            vec![(real.clone(), a(1, 5))]
+        );
+        assert_eq!(
+            store.aggregates(&far, 10).unwrap(),
+            vec![(far.clone(), a(1, 5))]
+        );
+        // The clock put right: the days kept move up to the real day, which stays.
+        store.trim_expired_at(NOW + 9 * DAY_MS).unwrap();
+        assert_eq!(store.card_days_kept_from().unwrap(), TODAY + 2);
+        assert_eq!(store.aggregates(&real, 10).unwrap(), vec![(real, a(1, 5))]);
+        assert!(store
+            .aggregates(&format!("card-day:04A1:{TODAY}"), 10)
+            .unwrap()
+            .is_empty());
     }
 }
