@@ -285,6 +285,7 @@ async fn blocks(State(p): State<Pages>, headers: HeaderMap) -> Response {
                 let blocked: Vec<minijinja::Value> = r
                     .blocked_cards()?
                     .into_iter()
+                    .filter(|(_, c)| c.blocked)
                     .map(|(uid, c)| {
                         // Since its latest change, read through the per-card index.
                         let since = r.latest_block_change(&uid)?.map(|ch| ch.version);

@@ -3,7 +3,9 @@
 //! [`LedgerWrite::set_blocked`] is the one step that changes a card's block state, and moves
 //! its entry ([`LedgerCore::index_blocked`]). A ledger written before the index has it built
 //! once when opened ([`LedgerCore::index_blocked_cards`]), and then holds the marker
-//! [`super::cards::INDEXED`].
+//! [`super::cards::INDEXED`] stamped with the latest block version, which every block and
+//! unblock moves with the index: a build without the index that blocks or unblocks a card (a
+//! rollback) moves the version and not the stamp, and the next open rebuilds the index.
 
 use super::*;
 
@@ -42,10 +44,25 @@ impl LedgerCore {
         Ok(out)
     }
 
-    /// Builds the index of a ledger written before it, at open ([`LedgerCore::build_card_index`]).
+    /// Builds the index at open ([`LedgerCore::build_card_index`]) unless it is stamped with the
+    /// latest block version: a ledger written before it, or blocked or unblocked since by a
+    /// build without it (a rollback), which moved the version but not the index.
     pub(super) fn index_blocked_cards(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        self.build_card_index(txn, self.blocked_cards, |uid, c| {
+        let latest = self.blocks.last(txn)?.map_or(0, |(v, _)| v);
+        self.build_card_index(txn, self.blocked_cards, &latest.to_be_bytes(), |uid, c| {
             c.blocked.then(|| uid.to_vec())
         })
+    }
+
+    /// Stamps the index with block version `version`, the one a block or an unblock just took
+    /// (with the index moved in the same transaction: [`LedgerCore::index_blocked`]).
+    pub(super) fn stamp_blocked_cards(
+        &self,
+        txn: &mut RwTxn<'_>,
+        version: u64,
+    ) -> Result<(), LedgerError> {
+        Ok(self
+            .blocked_cards
+            .put(txn, super::cards::INDEXED, &version.to_be_bytes())?)
     }
 }

@@ -15,18 +15,19 @@ const BUILD_PAGE: usize = if cfg!(test) { 2 } else { 10_000 };
 
 impl LedgerCore {
     /// Builds `index`, an index of the cards, for a ledger written before it, in the opening
-    /// transaction, unless it holds [`INDEXED`]: cleared, the cards walked a page at a time,
-    /// the key `entry` gives a card written for each card it gives one, then [`INDEXED`]. A
-    /// built index reads one key. (A build without the index writing to the ledger after it
-    /// was built would leave the index behind: delete [`INDEXED`] then, and the next open
-    /// rebuilds it.)
+    /// transaction, unless its [`INDEXED`] holds `stamp`: cleared, the cards walked a page at a
+    /// time, the key `entry` gives a card written for each card it gives one, then [`INDEXED`]
+    /// with `stamp`. A built index reads one key. The stamp tells an index left behind by a
+    /// build without it that wrote to the ledger (the blocked cards': the latest block version,
+    /// which every block and unblock moves).
     pub(super) fn build_card_index(
         &self,
         txn: &mut RwTxn<'_>,
         index: Database<Bytes, Bytes>,
+        stamp: &[u8],
         entry: impl Fn(&[u8; 7], &CardShadow) -> Option<Vec<u8>>,
     ) -> Result<(), LedgerError> {
-        if index.get(txn, INDEXED)?.is_some() {
+        if index.get(txn, INDEXED)? == Some(stamp) {
             return Ok(());
         }
         index.clear(txn)?;
@@ -41,7 +42,7 @@ impl LedgerCore {
                 Ok(())
             },
         )?;
-        index.put(txn, INDEXED, &[])?;
+        index.put(txn, INDEXED, stamp)?;
         Ok(())
     }
 
@@ -122,6 +123,7 @@ impl LedgerCore {
         change.version = version;
         self.blocks.put(txn, &version, &change)?;
         self.index_block_change(txn, &change)?;
+        self.stamp_blocked_cards(txn, version)?;
         Ok(version)
     }
 

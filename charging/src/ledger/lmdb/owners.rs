@@ -49,7 +49,7 @@ impl LedgerCore {
 
     /// Builds the index of a ledger written before it, at open ([`LedgerCore::build_card_index`]).
     pub(super) fn index_owners(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
-        self.build_card_index(txn, self.card_owners, |uid, c| {
+        self.build_card_index(txn, self.card_owners, &[], |uid, c| {
             c.owner.as_deref().map(|owner| owner_key(owner, uid))
         })
     }

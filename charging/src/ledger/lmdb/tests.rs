@@ -374,6 +374,29 @@ fn a_ledger_without_the_blocked_index_gets_it_at_open() {
     let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
     assert_eq!(blocked(&l), want[1..].to_vec());
     assert_eq!(l.read().unwrap().card_count().unwrap(), uids.len() as u64);
+    // A build without the index (a rollback) blocks a card: the card and a new block version,
+    // not the index nor its stamp. Opened again, the index is rebuilt from the cards.
+    let late = uids[1];
+    let mut w = l.env.write_txn().unwrap();
+    let mut shadow = l.cards.get(&w, &late[..]).unwrap().unwrap();
+    shadow.blocked = true;
+    l.cards.put(&mut w, &late[..], &shadow).unwrap();
+    let version = l.blocks.last(&w).unwrap().unwrap().0 + 1;
+    let change = BlockChange {
+        version,
+        card_uid: hex::encode_upper(late),
+        action: "block".into(),
+        reason: "stolen".into(),
+        time_ms: 2,
+    };
+    l.blocks.put(&mut w, &version, &change).unwrap();
+    w.commit().unwrap();
+    l.close();
+    let l = super::LmdbLedger::open(dir.path(), 16 << 20).unwrap();
+    let mut now = want.clone();
+    now.push(late);
+    now.sort();
+    assert_eq!(blocked(&l), now);
     l.close();
 }
 
