@@ -1,7 +1,10 @@
 //! The forwarder: the outbox to clearing over HTTP, with backoff; batch ids are idempotent
 //! (`forward_once`), so a lost answer resends the same batch. Each batch clearing took trims the
 //! forwarded taps whose retention ended; every [`TRIM_INTERVAL`] the forwarder trims them too,
-//! so that a gateway with no new taps (or clearing unreachable) still lets them go.
+//! so that a gateway with no new taps (or clearing unreachable) still lets them go. A gateway
+//! with no charging server configured forwards nothing but still keeps its store every
+//! [`TRIM_INTERVAL`] (`Store::trim_expired`: the aggregates' deltas folded, the card-days
+//! past their retention trimmed).
 
 use super::{GatewayConfig, GatewayStats};
 use crate::forward::forward_once_with_rings;
@@ -15,16 +18,27 @@ use tokio::task::JoinHandle;
 /// Time between two trims of expired forwarded taps when no batch trimmed them.
 const TRIM_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Starts the forwarder (it ends at once when no charging server is configured).
+/// Starts the forwarder (with no charging server configured, only the store's housekeeping).
 pub(super) fn spawn(
     cfg: GatewayConfig,
     store: Store,
     keys: KeySet,
     stats: Arc<GatewayStats>,
 ) -> JoinHandle<()> {
+    spawn_trimming_every(cfg, store, keys, stats, TRIM_INTERVAL)
+}
+
+/// [`spawn`], trimming every `interval` when no batch trimmed (tests use a short one).
+fn spawn_trimming_every(
+    cfg: GatewayConfig,
+    store: Store,
+    keys: KeySet,
+    stats: Arc<GatewayStats>,
+    interval: Duration,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let Some((base, token)) = cfg.charging.clone() else {
-            return;
+            return housekeeping(&store, interval).await;
         };
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(30))
@@ -32,7 +46,7 @@ pub(super) fn spawn(
         let mut backoff_ms = 50u64;
         let mut last_trim = Instant::now();
         loop {
-            if last_trim.elapsed() >= TRIM_INTERVAL {
+            if last_trim.elapsed() >= interval {
                 last_trim = Instant::now();
                 trim_expired(&store).await;
             }
@@ -75,6 +89,16 @@ pub(super) fn spawn(
     })
 }
 
+/// The store's housekeeping alone, every `interval`, for ever (a gateway with no charging
+/// server: nothing is forwarded, but the aggregates' deltas must still be folded and the
+/// card-days past their retention trimmed, or both grow for good).
+async fn housekeeping(store: &Store, interval: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        trim_expired(store).await;
+    }
+}
+
 /// Trims the forwarded taps whose retention ended (on the blocking pool).
 async fn trim_expired(store: &Store) {
     let s = store.clone();
@@ -109,5 +133,64 @@ fn clearing_sink(
                 }
                 other => other.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Message;
+    use tapgate_testkit::fixtures::{gateway_keys, signed_tap};
+
+    /// With no charging server, the store is still kept: the deltas of the taps ingested are
+    /// folded by the housekeeping (before, the forwarder ended at once and nothing ever folded).
+    #[tokio::test]
+    async fn without_a_charging_server_the_store_is_still_kept() {
+        let keys = gateway_keys();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        let msgs: Vec<Message> = (1..=3)
+            .map(|seq| Message {
+                topic: "tapgate/v1/metro/taps/1001".into(),
+                payload: signed_tap(&keys, "metro", 1001, seq),
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let out = store
+            .ingest(&msgs, |d| keys.device_key(d).ok(), now)
+            .unwrap();
+        assert_eq!(out.stored, 3);
+        let writes = store.write_transactions();
+        let cfg = GatewayConfig {
+            charging: None,
+            ..GatewayConfig::default()
+        };
+        let stats = Arc::new(GatewayStats::default());
+        let task = spawn_trimming_every(
+            cfg,
+            store.clone(),
+            keys.clone(),
+            stats,
+            Duration::from_millis(10),
+        );
+        // The first round's two write transactions (the card-days' first mark, the fold),
+        // within the deadline; a fold of ours then waits for its commit and finds nothing.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store.write_transactions() < writes + 2 {
+            assert!(Instant::now() < deadline, "no housekeeping within 20 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        let _ = task.await;
+        assert_eq!(
+            store.fold_aggregates().unwrap(),
+            0,
+            "the deltas were folded"
+        );
+        let device = store.aggregates("device:", 10).unwrap();
+        assert_eq!(device[0].1.taps, 3);
     }
 }
