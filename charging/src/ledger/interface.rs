@@ -271,8 +271,10 @@ pub trait LedgerRead {
     /// Every card's shadow record, in UID order, in one `Vec` (reconciliation walks the cards
     /// with [`LedgerRead::cards_after`] instead, a cardholder's cards page reads
     /// [`LedgerRead::cards_of_owner`], the console and the signed blocklist
-    /// [`LedgerRead::blocked_cards`] and [`LedgerRead::card_count`]).
-    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError>;
+    /// [`LedgerRead::blocked_cards`] and [`LedgerRead::card_count`]): one page of them all.
+    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
+        self.cards_after(None, usize::MAX)
+    }
 
     /// The blocked cards' shadows ([`LedgerWrite::set_blocked`]), in UID byte order, read from
     /// an index of the blocked cards (LMDB: its `blocked_cards` database; PostgreSQL: the
@@ -905,33 +907,26 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// index by owner could not key it.
     fn set_owner(&mut self, uid: &[u8; 7], owner: &str) -> Result<(), LedgerError> {
         check_owner(owner)?;
-        let mut shadow = self.card(uid)?;
-        let before = shadow.owner.replace(owner.to_string());
-        self.index_owner(LedgerOnly(()), uid, before.as_deref(), owner)?;
+        let before = self.card(uid)?;
+        let shadow = CardShadow {
+            owner: Some(owner.to_string()),
+            ..before.clone()
+        };
+        self.index_card(LedgerOnly(()), uid, &before, &shadow)?;
         self.put_card(LedgerOnly(()), uid, &shadow)
     }
 
-    /// Moves the card in the index by owner from `before` (its owner until now, if any) to
-    /// `owner` (the ledger's own steps only: [`LedgerWrite::set_owner`]). A backend whose
-    /// index follows the stored shadow (PostgreSQL's is on a column computed from the card's
-    /// record) does nothing.
-    fn index_owner(
+    /// Moves the card's entries in the indexes of cards (by owner, blocked) from its shadow
+    /// `before` to `after`, which is about to be written (the ledger's own steps only, those
+    /// that change what is indexed: [`LedgerWrite::set_owner`], [`LedgerWrite::set_blocked`]).
+    /// A backend whose indexes follow the stored shadow (PostgreSQL's are on columns the
+    /// database computes from the card's record) does nothing.
+    fn index_card(
         &mut self,
         token: LedgerOnly,
         uid: &[u8; 7],
-        before: Option<&str>,
-        owner: &str,
-    ) -> Result<(), LedgerError>;
-
-    /// Adds the card to the index of blocked cards or takes it out (the ledger's own steps
-    /// only: [`LedgerWrite::set_blocked`], when the card's block state changes). A backend
-    /// whose index follows the stored shadow (PostgreSQL's is on a column computed from the
-    /// card's record) does nothing.
-    fn index_blocked(
-        &mut self,
-        token: LedgerOnly,
-        uid: &[u8; 7],
-        blocked: bool,
+        before: &CardShadow,
+        after: &CardShadow,
     ) -> Result<(), LedgerError>;
 
     /// Sets (or replaces, unlocking it) the card's PIN for online payments.

@@ -57,13 +57,16 @@ pub(super) fn set_blocked<W: LedgerWrite + ?Sized>(
     reason: &str,
     time_ms: u64,
 ) -> Result<Option<u64>, LedgerError> {
-    let mut c = w.card(uid)?;
-    if c.blocked == blocked {
+    let before = w.card(uid)?;
+    if before.blocked == blocked {
         return Ok(None);
     }
-    c.blocked = blocked;
-    c.block_reason = blocked.then(|| reason.to_string());
-    w.index_blocked(LedgerOnly(()), uid, blocked)?;
+    let c = CardShadow {
+        blocked,
+        block_reason: blocked.then(|| reason.to_string()),
+        ..before.clone()
+    };
+    w.index_card(LedgerOnly(()), uid, &before, &c)?;
     w.put_card(LedgerOnly(()), uid, &c)?;
     let change = BlockChange {
         version: 0,

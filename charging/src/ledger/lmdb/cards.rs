@@ -74,16 +74,6 @@ impl LedgerCore {
         Ok(self.cards.put(txn, uid, shadow)?)
     }
 
-    /// Every card's shadow record (reconciliation).
-    pub(super) fn all_cards(
-        &self,
-        txn: &RoTxn<'_, WithoutTls>,
-    ) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        kept(self.cards.iter(txn)?, |k, v| {
-            <[u8; 7]>::try_from(k).ok().map(|uid| (uid, v))
-        })
-    }
-
     /// The first `limit` card shadows whose UID is above `after` (`None`: from the first), in
     /// key (UID byte) order: a cursor from the key after `after`.
     pub(super) fn cards_after(
@@ -111,6 +101,25 @@ impl LedgerCore {
             }
         }
         Ok(out)
+    }
+
+    /// Moves the card's entries in the indexes of cards from its shadow `before` to `after`:
+    /// by owner ([`LedgerCore::index_owner`]) and blocked ([`LedgerCore::index_blocked`]),
+    /// each only where it changed.
+    pub(super) fn index_card(
+        &self,
+        txn: &mut RwTxn<'_>,
+        uid: &[u8; 7],
+        before: &CardShadow,
+        after: &CardShadow,
+    ) -> Result<(), LedgerError> {
+        if before.owner != after.owner {
+            self.index_owner(txn, uid, before.owner.as_deref(), after.owner.as_deref())?;
+        }
+        if before.blocked != after.blocked {
+            self.index_blocked(txn, uid, after.blocked)?;
+        }
+        Ok(())
     }
 
     /// Appends a block change numbered after the last one; returns its version.

@@ -424,11 +424,6 @@ impl<T: view::View> LedgerRead for T {
         core.anomalies(txn, after, limit)
     }
 
-    fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        let (core, txn) = self.view();
-        core.all_cards(txn)
-    }
-
     fn cards_after(
         &self,
         after: Option<[u8; 7]>,
@@ -656,23 +651,14 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
         self.core.put_card(self.txn, uid, shadow)
     }
 
-    fn index_owner(
+    fn index_card(
         &mut self,
         _: LedgerOnly,
         uid: &[u8; 7],
-        before: Option<&str>,
-        owner: &str,
+        before: &CardShadow,
+        after: &CardShadow,
     ) -> Result<(), LedgerError> {
-        self.core.index_owner(self.txn, uid, before, owner)
-    }
-
-    fn index_blocked(
-        &mut self,
-        _: LedgerOnly,
-        uid: &[u8; 7],
-        blocked: bool,
-    ) -> Result<(), LedgerError> {
-        self.core.index_blocked(self.txn, uid, blocked)
+        self.core.index_card(self.txn, uid, before, after)
     }
 
     fn put_intent(

@@ -24,12 +24,14 @@ impl LedgerCore {
         txn: &mut RwTxn<'_>,
         uid: &[u8; 7],
         before: Option<&str>,
-        owner: &str,
+        owner: Option<&str>,
     ) -> Result<(), LedgerError> {
         if let Some(b) = before {
             self.card_owners.delete(txn, &owner_key(b, uid))?;
         }
-        self.card_owners.put(txn, &owner_key(owner, uid), &[])?;
+        if let Some(o) = owner {
+            self.card_owners.put(txn, &owner_key(o, uid), &[])?;
+        }
         Ok(())
     }
 

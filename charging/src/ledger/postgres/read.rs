@@ -199,10 +199,6 @@ pub(super) mod q {
         };
     }
 
-    pub fn all_cards(db: &mut Db<'_>) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-        cards_by(db, concat!(select_cards!(), " ORDER BY c.uid"), &[])
-    }
-
     /// The cards a [`select_cards!`] query answers.
     fn cards_by(
         db: &mut Db<'_>,
@@ -736,10 +732,6 @@ macro_rules! reads_through_q {
                 limit: usize,
             ) -> Result<(Vec<(u64, Anomaly)>, u64), LedgerError> {
                 self.q(move |db| super::read::q::anomalies(db, after, limit))
-            }
-
-            fn all_cards(&self) -> Result<Vec<([u8; 7], CardShadow)>, LedgerError> {
-                self.q(super::read::q::all_cards)
             }
 
             fn cards_after(

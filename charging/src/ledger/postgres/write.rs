@@ -730,21 +730,15 @@ impl LedgerWrite for PgWrite<'_> {
         Ok(())
     }
 
-    /// The index by owner is on the `owner` column the database computes from the card's
-    /// record (`0006_card_owner.sql`): the card's write moves it.
-    fn index_owner(
+    /// The indexes are on columns the database computes from the card's record (`owner`,
+    /// `0006_card_owner.sql`; `blocked`, `0007_card_blocked.sql`): the card's write moves them.
+    fn index_card(
         &mut self,
         _: LedgerOnly,
         _: &[u8; 7],
-        _: Option<&str>,
-        _: &str,
+        _: &CardShadow,
+        _: &CardShadow,
     ) -> Result<(), LedgerError> {
-        Ok(())
-    }
-
-    /// The index of blocked cards is partial, on the `blocked` column the database computes
-    /// from the card's record (`0007_card_blocked.sql`): the card's write moves it.
-    fn index_blocked(&mut self, _: LedgerOnly, _: &[u8; 7], _: bool) -> Result<(), LedgerError> {
         Ok(())
     }
 
