@@ -51,8 +51,8 @@
 //! ([`card_days`]): a fold's leaves lie in the current day's part of it, and a finished day's
 //! are not rewritten. They are kept [`StoreLimits::card_day_retention_days`] (7) days after
 //! their day ends, then trimmed from the same call as the forwarded taps (the old days are the
-//! table's leading keys: [`Store::trim_expired_card_days_at`]); the open day never is, and a
-//! day more than the retention ahead of it (a validator's clock far ahead) is not kept. Device
+//! table's leading keys: [`Store::trim_expired_card_days_at`]); the open day never is, nor a
+//! day ahead of it (a validator's clock ahead, or the gateway's behind). Device
 //! states are kept in a compact binary layout ([`devices`]): a live batch rewrites most of that
 //! table's leaves.
 //!
@@ -148,8 +148,6 @@ pub struct StoreLimits {
     /// validator's clock, as its name says) ends (`card_day_retention_days`; at least 1, the
     /// gateway clock tells the day), then trimmed ([`Store::trim_expired_card_days_at`]): the
     /// open day is never trimmed, and a trimmed day reads as trimmed, not as a partial figure.
-    /// A day more than this many days after the open day is not kept at all (a validator's
-    /// clock far ahead).
     pub card_day_retention_days: u64,
 }
 
@@ -1136,8 +1134,8 @@ impl Store {
         // The first `limit` names stored, and whether that is all: at most one more read from
         // each table (`card-day:` ones from theirs, under their public names).
         let cap = limit.saturating_add(1);
-        let kept = self.card_days_kept_in(&r)?;
-        let mut out = self.stored_card_days(&r, prefix, cap, kept)?;
+        let kept_from = self.card_days_kept_from_in(&r)?;
+        let mut out = self.stored_card_days(&r, prefix, cap, kept_from)?;
         // LMDB refuses an empty key to seek to: no prefix is every aggregate.
         let items: Box<dyn Iterator<Item = heed::Result<(&str, Aggregate)>>> = if prefix.is_empty()
         {
@@ -1158,11 +1156,11 @@ impl Store {
         let last = out.keys().next_back().cloned();
         self.pending_deltas(&r, |k, d| {
             let beyond = !complete && last.as_deref().is_some_and(|l| k > l);
-            if k.starts_with(prefix) && !beyond && !card_days::trimmed(k, kept) {
+            if k.starts_with(prefix) && !beyond && !card_days::trimmed(k, kept_from) {
                 add_aggregate(out.entry(k.to_string()).or_default(), d);
             }
         })?;
-        Ok((out.into_iter().take(limit).collect(), kept.from))
+        Ok((out.into_iter().take(limit).collect(), kept_from))
     }
 
     /// Every stored tap record (raw), in arrival order, at most `limit`.
@@ -1376,8 +1374,6 @@ impl Store {
         ))
     }
 
-    /// Trims up to `max` forwarded taps whose clearing answer is older than the retention
-    /// window (all of them when `pressed`), oldest answer first.
     /// Whether [`Store::trim_forwarded`] has anything to trim at `now_ms`: the oldest forwarded
     /// tap expired, or any kept while the map is past the quarantine mark.
     fn forwarded_due(&self, now_ms: u64) -> Result<bool, StoreError> {
@@ -1389,6 +1385,8 @@ impl Store {
         Ok(forwarded_expired(v, cutoff) || self.pressed(&r)?)
     }
 
+    /// Trims up to `max` forwarded taps whose clearing answer is older than the retention
+    /// window (all of them when `pressed`), oldest answer first.
     fn trim_forwarded(
         &self,
         t: &mut RwTxn<'_>,

@@ -59,28 +59,9 @@ pub(super) fn first_day_kept(now_ms: u64, retention_days: u64) -> u64 {
     (now_ms / DAY_MS).saturating_sub(retention_days)
 }
 
-/// The days whose card-days are kept, as the latest trim left them: from the first on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Kept {
-    /// The first ([`KEPT_FROM`]; 0 before the first trim).
-    pub(super) from: u64,
-}
-
-impl Kept {
-    /// Whether `day`'s card-days are kept.
-    fn holds(&self, day: u64) -> bool {
-        day >= self.from
-    }
-
-    /// The first key of the days kept.
-    fn first_key(&self) -> [u8; 8] {
-        self.from.to_be_bytes()
-    }
-}
-
-/// Whether `name` is a card-day of a day not kept (trimmed).
-pub(super) fn trimmed(name: &str, kept: Kept) -> bool {
-    key_of(name).is_some_and(|k| !kept.holds(day_of(&k)))
+/// Whether `name` is a card-day of a day before `kept_from` (trimmed).
+pub(super) fn trimmed(name: &str, kept_from: u64) -> bool {
+    key_of(name).is_some_and(|k| day_of(&k) < kept_from)
 }
 
 /// The day of a `card_days` key (the first 8 bytes; 0 for a shorter key).
@@ -128,20 +109,6 @@ fn selection(prefix: &str) -> Option<(&str, bool)> {
 }
 
 impl Store {
-    /// The days whose card-days are kept, as `r` sees them.
-    pub(super) fn card_days_kept_in(&self, r: &RoTxn<'_, WithoutTls>) -> Result<Kept, StoreError> {
-        Ok(Kept {
-            from: self.card_days_kept_from_in(r)?,
-        })
-    }
-
-    /// [`StoreLimits::card_day_retention_days`] (at least 1).
-    ///
-    /// [`StoreLimits::card_day_retention_days`]: super::StoreLimits::card_day_retention_days
-    fn retention_days(&self) -> u64 {
-        self.limits.card_day_retention_days.max(1)
-    }
-
     /// The first day whose card-days are kept, as `r` sees it ([`KEPT_FROM`]).
     pub(super) fn card_days_kept_from_in(
         &self,
@@ -158,14 +125,15 @@ impl Store {
         self.card_days_kept_from_in(&r)
     }
 
-    /// The stored card-days whose public name starts with `prefix`, of the days `kept`, the
-    /// first `cap` in the order of those names (the deltas not folded yet not included).
+    /// The stored card-days whose public name starts with `prefix`, of the days from
+    /// `kept_from` on, the first `cap` in the order of those names (the deltas not folded yet
+    /// not included).
     pub(super) fn stored_card_days(
         &self,
         r: &RoTxn<'_, WithoutTls>,
         prefix: &str,
         cap: usize,
-        kept: Kept,
+        kept_from: u64,
     ) -> Result<BTreeMap<String, Aggregate>, StoreError> {
         let mut out: BTreeMap<String, Aggregate> = BTreeMap::new();
         let Some((uid, whole)) = selection(prefix) else {
@@ -174,8 +142,8 @@ impl Store {
         if cap == 0 {
             return Ok(out);
         }
-        // The days not kept are trimmed, whether or not their entries are deleted yet.
-        let mut day = kept.from;
+        // The days before `kept_from` are trimmed, whether or not their entries are deleted yet.
+        let mut day = kept_from;
         loop {
             // The first stored day from `day` on.
             let from = day.to_be_bytes();
@@ -188,9 +156,6 @@ impl Store {
                 return Ok(out);
             };
             day = u64::from_be_bytes(d);
-            if !kept.holds(day) {
-                return Ok(out);
-            }
             let mut seek = d.to_vec();
             seek.extend_from_slice(uid.as_bytes());
             if whole {
@@ -225,17 +190,16 @@ impl Store {
         }
     }
 
-    /// Adds folded deltas to card-days (by `card_days` key), in key order; those of a day not
-    /// kept are dropped: a trimmed day (a late tap's) is not started again with part of its
-    /// taps, and a day far ahead (a validator's clock) is not started at all.
+    /// Adds folded deltas to card-days (by `card_days` key), in key order; those of a trimmed
+    /// day (a late tap's) are dropped: a trimmed day is not started again with part of its taps.
     pub(super) fn add_to_card_days(
         &self,
         t: &mut RwTxn<'_>,
         deltas: BTreeMap<Vec<u8>, Aggregate>,
     ) -> Result<(), StoreError> {
-        let kept = self.card_days_kept_in(t)?;
+        let kept_from = self.card_days_kept_from_in(t)?;
         for (k, delta) in deltas {
-            if !kept.holds(day_of(&k)) {
+            if day_of(&k) < kept_from {
                 continue;
             }
             let mut a = self
@@ -250,8 +214,7 @@ impl Store {
     }
 
     /// Trims the card-days of the days whose retention ended by `now_ms` (gateway clock; see
-    /// the module docs), oldest day first, and those of the days more than the retention after
-    /// the open day (a validator's clock far ahead): at most [`TRIM_MAX_PER_CALL`] (a backlog,
+    /// the module docs), oldest day first: at most [`TRIM_MAX_PER_CALL`] (a backlog,
     /// such as a day's ≈ 1.26 M at midnight in a large city, goes over several calls), in
     /// transactions of at most the trim chunk ([`super::TRIM_CHUNK`]; [`TRIM_CHUNK_PRESSED`]
     /// while the map is past the quarantine mark), the write lock released between two. Never
@@ -264,7 +227,7 @@ impl Store {
 
     /// [`Store::trim_expired_card_days_at`] with at most `max` trimmed.
     pub(super) fn trim_card_days(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
-        let due = first_day_kept(now_ms, self.retention_days());
+        let due = first_day_kept(now_ms, self.limits.card_day_retention_days.max(1));
         if !self.card_days_due(due)? {
             return Ok(0);
         }
@@ -301,14 +264,14 @@ impl Store {
     /// ([`KEPT_FROM`]) to raise, or a card-day of a day before it (the table's first).
     fn card_days_due(&self, due: u64) -> Result<bool, StoreError> {
         let r = self.env.read_txn()?;
-        let kept = self.card_days_kept_in(&r)?;
-        if kept.from < due {
+        let kept_from = self.card_days_kept_from_in(&r)?;
+        if kept_from < due {
             return Ok(true);
         }
         Ok(self
             .card_days
             .first(&r)?
-            .is_some_and(|(k, _)| k < &kept.first_key()[..]))
+            .is_some_and(|(k, _)| day_of(k) < kept_from))
     }
 
     /// One transaction of [`Store::trim_card_days`]: deletes up to `max` card-days of the days
