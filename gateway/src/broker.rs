@@ -1030,14 +1030,8 @@ fn unretain(p: &mut Publish, role: &Role) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt_acl::metro_1001;
     use rumqttc::mqttbytes::v4::{Packet as Frame, Publish as PublishFrame, Subscribe};
-
-    fn device() -> Role {
-        Role::Device {
-            id: "1001".into(),
-            operator: Some("metro".into()),
-        }
-    }
 
     /// A packet as a client encodes it (rumqttc).
     fn frame(p: Frame) -> BytesMut {
@@ -1064,7 +1058,7 @@ mod tests {
     fn the_front_reads_publish_topics_of_every_length_encoding() {
         for payload_len in [0usize, 100, 200, 20_000, 3_000_000] {
             let b = publish("tapgate/v1/metro/taps/1001", payload_len, false);
-            match judged(b.clone(), &device()) {
+            match judged(b.clone(), &metro_1001()) {
                 Ok(Some(Packet::Publish(p, None))) => {
                     assert_eq!(&p.topic[..], b"tapgate/v1/metro/taps/1001");
                     assert_eq!(p.payload.len(), payload_len);
@@ -1085,7 +1079,7 @@ mod tests {
     fn the_front_refuses_what_the_role_may_not_send() {
         let other = publish("tapgate/v1/metro/devices/1002/confirm", 2, false);
         assert!(matches!(
-            judged(other.clone(), &device()),
+            judged(other.clone(), &metro_1001()),
             Err(Refusal::Publish(_))
         ));
         assert!(matches!(
@@ -1096,12 +1090,15 @@ mod tests {
         s.pkid = 1;
         let ok = frame(Frame::Subscribe(s.clone()));
         assert!(matches!(
-            judged(ok, &device()),
+            judged(ok, &metro_1001()),
             Ok(Some(Packet::Subscribe(..)))
         ));
         s.add("tapgate/v1/+/taps/+".into(), QoS::AtLeastOnce);
         let bad = frame(Frame::Subscribe(s));
-        assert!(matches!(judged(bad, &device()), Err(Refusal::Subscribe(_))));
+        assert!(matches!(
+            judged(bad, &metro_1001()),
+            Err(Refusal::Subscribe(_))
+        ));
         let again = frame(Frame::Connect(Connect::new("x")));
         assert!(matches!(
             judged(again, &Role::Gateway),
@@ -1130,7 +1127,10 @@ mod tests {
             Ok(Some(Packet::Publish(p, _))) => p.retain,
             other => panic!("{other:?}"),
         };
-        assert!(!retained(&device()), "a device's status is not retained");
+        assert!(
+            !retained(&metro_1001()),
+            "a device's status is not retained"
+        );
         assert!(
             retained(&Role::Gateway),
             "the gateway's retained downlink stays retained"

@@ -129,16 +129,18 @@ impl Role {
     }
 }
 
+/// The device the unit tests here and the broker's act as: device 1001 of operator `metro`.
+#[cfg(test)]
+pub(crate) fn metro_1001() -> Role {
+    Role::Device {
+        id: "1001".into(),
+        operator: Some("metro".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn metro_1001() -> Role {
-        Role::Device {
-            id: "1001".into(),
-            operator: Some("metro".into()),
-        }
-    }
 
     #[test]
     fn a_device_publishes_only_its_own_taps_and_status_under_its_operator() {

@@ -372,6 +372,9 @@ pub struct Store {
     /// The `card-day:` aggregates, day first: (day ‖ UID ‖ `:`) → taps, refused, amount
     /// ([`card_days`]; read back under their public names).
     card_days: Database<Bytes, Bytes>,
+    /// Every table above, untyped, in the order [`Store::open`] names them: what the map's fill
+    /// counts ([`Store::fill`]), so a table added to the list is counted without a second edit.
+    tables: [tapgate_lmdb::RawDatabase; 13],
     limits: StoreLimits,
     /// Most forwarded taps trimmed in one transaction ([`TRIM_CHUNK`] unless set).
     trim_chunk: usize,
@@ -628,6 +631,7 @@ impl Store {
             dbs;
         let store = Store {
             env,
+            tables: dbs,
             legacy_taps: taps.remap_types(),
             arrivals: arrivals.remap_types(),
             aggregate_deltas: aggregate_deltas.remap_types(),
@@ -692,23 +696,11 @@ impl Store {
     fn fill(&self, t: &heed::RoTxn<'_, WithoutTls>) -> Result<(u64, u64), StoreError> {
         let mut pages = 0u64;
         let mut page_size = 4096u64;
-        let mut add = |st: heed::DatabaseStat| {
+        for table in &self.tables {
+            let st = table.stat(t)?;
             page_size = u64::from(st.page_size);
             pages += (st.branch_pages + st.leaf_pages + st.overflow_pages) as u64;
-        };
-        add(self.legacy_taps.stat(t)?);
-        add(self.arrivals.stat(t)?);
-        add(self.aggregate_deltas.stat(t)?);
-        add(self.legacy_card_day_records.stat(t)?);
-        add(self.devices.stat(t)?);
-        add(self.quarantine.stat(t)?);
-        add(self.quarantine_index.stat(t)?);
-        add(self.quarantine_devices.stat(t)?);
-        add(self.outbox.stat(t)?);
-        add(self.meta.stat(t)?);
-        add(self.aggregates.stat(t)?);
-        add(self.card_days.stat(t)?);
-        add(self.forwarded_log.stat(t)?);
+        }
         Ok((pages * page_size, self.env.info().map_size as u64))
     }
 
