@@ -6,7 +6,7 @@
 //! tests/hostile_cardholder.rs at the workspace root.
 
 use charging::funding::{FundingError, FundingRequest, FundingSource, PointsProgram};
-use charging::ledger::Ledger;
+use charging::ledger::{FundingDay, Ledger};
 use charging::load::{LoadConfig, LoadError, LoadRequest, LoadService, Reply};
 use purse::card::Card;
 use purse::keys::KeySet;
@@ -297,7 +297,7 @@ fn an_authorisation_is_voided_when_the_intent_cannot_be_written() {
     for n in 0u32.. {
         let ok = w.ledger.transact(move |t| {
             let tok = format!("tok_fill{n}");
-            t.add_funding_day("card", &tok, 0, 1)?;
+            t.add_funding_day(FundingDay::new("card", &tok, 0), 1)?;
             let mut uid = [0xFF; 7];
             uid[..4].copy_from_slice(&n.to_be_bytes());
             t.issue_card(&uid, 0, "filler", 0).map(drop)

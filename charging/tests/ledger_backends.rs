@@ -395,8 +395,8 @@ fn records_round_trip(u: &Under) {
         t.put_instrument(&i1)?;
         t.put_instrument(&i2)?;
         t.put_instrument(&i3)?;
-        t.add_funding_day("card", "tok_a", 3, 400)?;
-        t.add_funding_day("card", "tok_a", 3, -100)?;
+        t.add_funding_day(FundingDay::new("card", "tok_a", 3), 400)?;
+        t.add_funding_day(FundingDay::new("card", "tok_a", 3), -100)?;
         t.put_notification(&n1)?;
         t.put_notification(&n2)?;
         Ok(())
@@ -421,8 +421,16 @@ fn records_round_trip(u: &Under) {
     assert_eq!(r.idempotent("batch:gw:b2").unwrap(), None);
     assert_eq!(r.instrument("card", "tok_c").unwrap().unwrap().owner, "bob");
     assert_eq!(r.instruments_of("alice").unwrap().len(), 2);
-    assert_eq!(r.funding_day_total("card", "tok_a", 3).unwrap(), 300);
-    assert_eq!(r.funding_day_total("card", "tok_a", 4).unwrap(), 0);
+    assert_eq!(
+        r.funding_day_total(FundingDay::new("card", "tok_a", 3))
+            .unwrap(),
+        300
+    );
+    assert_eq!(
+        r.funding_day_total(FundingDay::new("card", "tok_a", 4))
+            .unwrap(),
+        0
+    );
     let due = r.notifications_due(T0 + 9, 10).unwrap();
     assert_eq!(
         due.iter()
@@ -1256,7 +1264,7 @@ fn both_backends_answer_a_random_history_alike() {
             _ => {
                 let delta = rng.gen_range(-300..300);
                 Box::new(move |t| {
-                    t.add_funding_day("card", "tok", now / 86_400_000, delta)?;
+                    t.add_funding_day(FundingDay::new("card", "tok", now / 86_400_000), delta)?;
                     let a = Anomaly {
                         kind: "test".into(),
                         card_uid: hex::encode_upper(uid),
@@ -1316,7 +1324,7 @@ fn both_backends_answer_a_random_history_alike() {
             postings,
             (0..40)
                 .map(|d| r
-                    .funding_day_total("card", "tok", T0 / 86_400_000 + d)
+                    .funding_day_total(FundingDay::new("card", "tok", T0 / 86_400_000 + d))
                     .unwrap())
                 .collect::<Vec<_>>(),
         )

@@ -9,7 +9,7 @@
 
 use charging::funding::{FundingError, FundingRequest, FundingSource, SandboxProcessor};
 use charging::ledger::postgres::{self, read_committed};
-use charging::ledger::{IntentState, Ledger, LedgerWrite, PgConfig};
+use charging::ledger::{FundingDay, IntentState, Ledger, LedgerWrite, PgConfig};
 use charging::load::{LoadConfig, LoadRequest, LoadService, Reply};
 use purse::card::Card;
 use purse::keys::KeySet;
@@ -164,7 +164,7 @@ impl World {
         let r = self.svc.ledger().read().unwrap();
         assert!(r.open_intents(&uid).unwrap().is_empty());
         assert_eq!(
-            r.funding_day_total("card", "tok_visa", T0 / 86_400_000)
+            r.funding_day_total(FundingDay::new("card", "tok_visa", T0 / 86_400_000))
                 .unwrap(),
             0
         );
@@ -232,7 +232,11 @@ fn two_cards_one_instrument_at_once_only_one_fits_the_limit() {
     assert_eq!((loaded, refused), (1, 1), "{ra:?} / {rb:?}");
     let r = w.svc.ledger().read().unwrap();
     let day = T0 / 86_400_000;
-    assert_eq!(r.funding_day_total("card", "tok_visa", day).unwrap(), 600);
+    assert_eq!(
+        r.funding_day_total(FundingDay::new("card", "tok_visa", day))
+            .unwrap(),
+        600
+    );
     let balances = [a.state().balance_minor, b.state().balance_minor];
     assert!(
         balances.contains(&1_600) && balances.contains(&1_000),

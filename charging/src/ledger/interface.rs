@@ -253,13 +253,9 @@ pub trait LedgerRead {
     /// The card's shadow record.
     fn card(&self, uid: &[u8; 7]) -> Result<CardShadow, LedgerError>;
 
-    /// What was loaded from `instrument` at `source` on UTC day `day` (minor units).
-    fn funding_day_total(
-        &self,
-        source: &str,
-        instrument: &str,
-        day: u64,
-    ) -> Result<i64, LedgerError>;
+    /// What was loaded from `key.instrument` at `key.source` on UTC day `key.day` (minor
+    /// units).
+    fn funding_day_total(&self, key: FundingDay<'_>) -> Result<i64, LedgerError>;
 
     /// Anomalies numbered above `after`, at most `limit`, and the last number.
     fn anomalies(
@@ -782,12 +778,10 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// Adds `delta_minor` to that day's total.
     fn add_funding_day(
         &mut self,
-        source: &str,
-        instrument: &str,
-        day: u64,
+        key: FundingDay<'_>,
         delta_minor: i64,
     ) -> Result<(), LedgerError> {
-        steps::add_funding_day(self, (source, instrument, day), delta_minor)
+        steps::add_funding_day(self, key, delta_minor)
     }
 
     /// Adds `delta_minor` to that day's total unless the total would pass `max_minor`: then
@@ -796,15 +790,15 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     /// concurrent transaction's insert to conflict with).
     fn add_funding_day_within(
         &mut self,
-        (source, instrument, day): (&str, &str, u64),
+        key: FundingDay<'_>,
         delta_minor: i64,
         max_minor: i64,
     ) -> Result<Result<(), i64>, LedgerError> {
-        let so_far = self.funding_day_total(source, instrument, day)?;
+        let so_far = self.funding_day_total(key)?;
         if so_far.saturating_add(delta_minor) > max_minor {
             return Ok(Err(so_far));
         }
-        steps::add_funding_day(self, (source, instrument, day), delta_minor).map(Ok)
+        steps::add_funding_day(self, key, delta_minor).map(Ok)
     }
 
     /// Stores a day total: (funding source, instrument, UTC day) → minor units (the ledger's
@@ -812,7 +806,7 @@ pub trait LedgerWrite: LedgerRead + sealed::Sealed {
     fn put_funding_day(
         &mut self,
         token: LedgerOnly,
-        key: (&str, &str, u64),
+        key: FundingDay<'_>,
         total_minor: i64,
     ) -> Result<(), LedgerError>;
 

@@ -530,6 +530,29 @@ pub struct Anomaly {
     pub detail: String,
 }
 
+/// The key of a day total: what was loaded (or paid) from `instrument` at funding source
+/// `source` on UTC day `day`, in minor units ([`crate::ledger::LedgerRead::funding_day_total`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FundingDay<'a> {
+    /// The funding source (or [`PAYMENT_CARD_DAY`], [`PAYMENT_MERCHANT_DAY`]).
+    pub source: &'a str,
+    /// The instrument at that source (a card's UID in hex, a merchant).
+    pub instrument: &'a str,
+    /// The UTC day (days since the epoch).
+    pub day: u64,
+}
+
+impl<'a> FundingDay<'a> {
+    /// The key of `instrument` at `source` on `day`.
+    pub fn new(source: &'a str, instrument: &'a str, day: u64) -> FundingDay<'a> {
+        FundingDay {
+            source,
+            instrument,
+            day,
+        }
+    }
+}
+
 /// The day-total key (funding source position) of what a card paid online per day; the
 /// instrument is the card's UID in hex. Not an account.
 pub const PAYMENT_CARD_DAY: &str = "payments:card";

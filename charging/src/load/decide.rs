@@ -3,7 +3,7 @@
 use super::attempts::{claim_attempt, mark_attempt, taken_attempt};
 use super::*;
 use crate::ledger::postgres::read_committed;
-use crate::ledger::CardShadow;
+use crate::ledger::{CardShadow, FundingDay};
 
 /// What the transaction recording a load's intent did.
 enum Recorded {
@@ -144,7 +144,8 @@ impl LoadService {
         let open = r.open_intents(uid)?;
         let shadow = r.card(uid)?;
         let instrument_today = if s.purpose == Purpose::Load {
-            r.funding_day_total(&s.request.funding_source, &s.request.instrument, today)?
+            let key = FundingDay::new(&s.request.funding_source, &s.request.instrument, today);
+            r.funding_day_total(key)?
         } else {
             0
         };
@@ -287,7 +288,7 @@ impl LoadService {
             }
             // Raised only within the limit, in one step (a marker claimed by a load refused
             // here points at no intent of its key: the key's next start loads afresh).
-            let day = (source_name.as_str(), instrument.as_str(), today);
+            let day = FundingDay::new(&source_name, &instrument, today);
             if let Err(so_far) = t.add_funding_day_within(day, i64::from(amount), max_daily)? {
                 return Ok(Recorded::OverLimit(so_far));
             }

@@ -8,7 +8,7 @@
 
 use super::session::check_idempotency_key;
 use super::*;
-use crate::ledger::{Payment, PaymentState, Refund, RefundState};
+use crate::ledger::{FundingDay, Payment, PaymentState, Refund, RefundState};
 
 /// Limits on online payments.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -439,7 +439,8 @@ impl LoadService {
                     ),
                 )));
             }
-            let card_day = t.funding_day_total(CARD_DAY, &card, today)?;
+            let card_key = FundingDay::new(CARD_DAY, &card, today);
+            let card_day = t.funding_day_total(card_key)?;
             if card_day + i64::from(amount) > limits.max_daily_per_card_minor {
                 return Ok(Err((
                     "daily_limit",
@@ -449,7 +450,8 @@ impl LoadService {
                     ),
                 )));
             }
-            let merchant_day = t.funding_day_total(MERCHANT_DAY, &merchant, today)?;
+            let merchant_key = FundingDay::new(MERCHANT_DAY, &merchant, today);
+            let merchant_day = t.funding_day_total(merchant_key)?;
             if merchant_day + i64::from(amount) > limits.max_daily_per_merchant_minor {
                 return Ok(Err((
                     "merchant_daily_limit",
@@ -463,8 +465,8 @@ impl LoadService {
                 }
                 Err(e) => return Err(e),
             }
-            t.add_funding_day(CARD_DAY, &card, today, i64::from(amount))?;
-            t.add_funding_day(MERCHANT_DAY, &merchant, today, i64::from(amount))?;
+            t.add_funding_day(card_key, i64::from(amount))?;
+            t.add_funding_day(merchant_key, i64::from(amount))?;
             t.observe_card(&snapshot)?;
             Ok(Ok(()))
         });

@@ -146,14 +146,14 @@ pub(super) fn insert_intent<W: LedgerWrite + ?Sized>(
 /// See [`LedgerWrite::add_funding_day`].
 pub(super) fn add_funding_day<W: LedgerWrite + ?Sized>(
     w: &mut W,
-    (source, instrument, day): (&str, &str, u64),
+    key: FundingDay<'_>,
     delta_minor: i64,
 ) -> Result<(), LedgerError> {
     let total = w
-        .funding_day_total(source, instrument, day)?
+        .funding_day_total(key)?
         .checked_add(delta_minor)
         .ok_or(LedgerError::InvalidPosting("a day total would overflow"))?;
-    w.put_funding_day(LedgerOnly(()), (source, instrument, day), total)
+    w.put_funding_day(LedgerOnly(()), key, total)
 }
 
 /// See [`LedgerWrite::complete_intent`].
@@ -225,11 +225,7 @@ pub(super) fn void_intent<W: LedgerWrite + ?Sized>(
                 w.put_card(LedgerOnly(()), uid, &shadow)?;
             }
             if !intent.instrument.is_empty() {
-                let key = (
-                    intent.funding_source.as_str(),
-                    intent.instrument.as_str(),
-                    day,
-                );
+                let key = FundingDay::new(&intent.funding_source, &intent.instrument, day);
                 add_funding_day(w, key, -amount_minor)?;
             }
             Ok(Some(action))
@@ -289,8 +285,16 @@ fn payment_voided<W: LedgerWrite + ?Sized>(
     };
     let day = intent.created_ms / 86_400_000;
     let amount = i64::from(intent.amount_minor);
-    add_funding_day(w, (PAYMENT_CARD_DAY, &intent.uid, day), -amount)?;
-    add_funding_day(w, (PAYMENT_MERCHANT_DAY, &p.merchant, day), -amount)?;
+    add_funding_day(
+        w,
+        FundingDay::new(PAYMENT_CARD_DAY, &intent.uid, day),
+        -amount,
+    )?;
+    add_funding_day(
+        w,
+        FundingDay::new(PAYMENT_MERCHANT_DAY, &p.merchant, day),
+        -amount,
+    )?;
     if rules::reopen_payment(&mut p, intent) {
         w.put_payment(LedgerOnly(()), &p)?;
     }

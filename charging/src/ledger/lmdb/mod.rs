@@ -80,8 +80,8 @@ fn counter_prefix(uid: &[u8; 7], tmc_before: u32) -> [u8; 11] {
     tapgate_lmdb::key::uid_counter(uid, tmc_before)
 }
 
-fn funding_day_key(source: &str, instrument: &str, day: u64) -> String {
-    format!("{source}\u{1f}{instrument}\u{1f}{day}")
+fn funding_day_key(key: FundingDay<'_>) -> String {
+    format!("{}\u{1f}{}\u{1f}{}", key.source, key.instrument, key.day)
 }
 
 /// A unit of work for the group committer: runs inside a nested transaction of the shared
@@ -405,14 +405,9 @@ impl<T: view::View> LedgerRead for T {
         core.card(txn, uid)
     }
 
-    fn funding_day_total(
-        &self,
-        source: &str,
-        instrument: &str,
-        day: u64,
-    ) -> Result<i64, LedgerError> {
+    fn funding_day_total(&self, key: FundingDay<'_>) -> Result<i64, LedgerError> {
         let (core, txn) = self.view();
-        core.funding_day_total(txn, source, instrument, day)
+        core.funding_day_total(txn, key)
     }
 
     fn anomalies(
@@ -616,7 +611,7 @@ impl LedgerWrite for LmdbWrite<'_, '_> {
     fn put_funding_day(
         &mut self,
         _: LedgerOnly,
-        key: (&str, &str, u64),
+        key: FundingDay<'_>,
         total_minor: i64,
     ) -> Result<(), LedgerError> {
         self.core.put_funding_day(self.txn, key, total_minor)

@@ -59,17 +59,16 @@ impl LedgerCore {
         })
     }
 
-    /// What was loaded from `instrument` at `source` on UTC day `day` (minor units).
+    /// What was loaded from `key.instrument` at `key.source` on UTC day `key.day` (minor
+    /// units).
     pub(super) fn funding_day_total(
         &self,
         txn: &RoTxn<'_, WithoutTls>,
-        source: &str,
-        instrument: &str,
-        day: u64,
+        key: FundingDay<'_>,
     ) -> Result<i64, LedgerError> {
         Ok(self
             .funding_days
-            .get(txn, &funding_day_key(source, instrument, day))?
+            .get(txn, &funding_day_key(key))?
             .unwrap_or(0))
     }
 
@@ -77,10 +76,11 @@ impl LedgerCore {
     pub(super) fn put_funding_day(
         &self,
         txn: &mut RwTxn<'_>,
-        (source, instrument, day): (&str, &str, u64),
+        key: FundingDay<'_>,
         total_minor: i64,
     ) -> Result<(), LedgerError> {
-        let key = funding_day_key(source, instrument, day);
-        Ok(self.funding_days.put(txn, &key, &total_minor)?)
+        Ok(self
+            .funding_days
+            .put(txn, &funding_day_key(key), &total_minor)?)
     }
 }

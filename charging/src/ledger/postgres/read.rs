@@ -154,14 +154,12 @@ pub(super) mod q {
         row.map(|r| cards::from_row(&r, 0)).transpose()
     }
 
-    pub fn funding_day_total(
-        db: &mut Db<'_>,
-        source: &str,
-        instrument: &str,
-        day: u64,
-    ) -> Result<i64, LedgerError> {
+    pub fn funding_day_total(db: &mut Db<'_>, key: FundingDay<'_>) -> Result<i64, LedgerError> {
         let row = db
-            .query_opt(lookup::FUNDING_DAY, &[&source, &instrument, &big(day)])
+            .query_opt(
+                lookup::FUNDING_DAY,
+                &[&key.source, &key.instrument, &big(key.day)],
+            )
             .map_err(|e| db_error(&e))?;
         Ok(row.map(|r| r.get(0)).unwrap_or(0))
     }
@@ -641,12 +639,12 @@ impl PgRead {
         self.q(move |db| q::instrument(db, &key.0, &key.1))
     }
 
-    fn funding_day_of(&self, source: &str, id: &str, day: u64) -> Result<i64, LedgerError> {
-        let key = (source.to_string(), id.to_string(), day);
+    fn funding_day_of(&self, key: FundingDay<'_>) -> Result<i64, LedgerError> {
+        let key = (key.source.to_string(), key.instrument.to_string(), key.day);
         if let Some(total) = self.found.borrow().funding_days.get(&key) {
             return Ok(*total);
         }
-        self.q(move |db| q::funding_day_total(db, &key.0, &key.1, key.2))
+        self.q(move |db| q::funding_day_total(db, FundingDay::new(&key.0, &key.1, key.2)))
     }
 
     fn balance_of(&self, account: &str) -> Result<i64, LedgerError> {
@@ -717,13 +715,8 @@ macro_rules! reads_through_q {
                 Ok(self.card_opt(uid)?.unwrap_or_default())
             }
 
-            fn funding_day_total(
-                &self,
-                source: &str,
-                instrument: &str,
-                day: u64,
-            ) -> Result<i64, LedgerError> {
-                self.funding_day_of(source, instrument, day)
+            fn funding_day_total(&self, key: FundingDay<'_>) -> Result<i64, LedgerError> {
+                self.funding_day_of(key)
             }
 
             fn anomalies(

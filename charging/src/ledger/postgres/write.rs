@@ -269,9 +269,9 @@ impl PgWrite<'_> {
         self.q(move |db| q::instrument(db, &source, &id))
     }
 
-    fn funding_day_of(&self, source: &str, id: &str, day: u64) -> Result<i64, LedgerError> {
-        let (source, id) = (source.to_string(), id.to_string());
-        self.q(move |db| q::funding_day_total(db, &source, &id, day))
+    fn funding_day_of(&self, key: FundingDay<'_>) -> Result<i64, LedgerError> {
+        let (source, id, day) = (key.source.to_string(), key.instrument.to_string(), key.day);
+        self.q(move |db| q::funding_day_total(db, FundingDay::new(&source, &id, day)))
     }
 
     /// Whether the transaction runs at `READ COMMITTED` under the locking rule.
@@ -636,7 +636,7 @@ impl LedgerWrite for PgWrite<'_> {
     fn put_funding_day(
         &mut self,
         _: LedgerOnly,
-        (source, instrument, day): (&str, &str, u64),
+        key: FundingDay<'_>,
         total_minor: i64,
     ) -> Result<(), LedgerError> {
         self.defer(
@@ -646,9 +646,9 @@ impl LedgerWrite for PgWrite<'_> {
                 ["total_minor"]
             ),
             vec![
-                Box::new(source.to_string()),
-                Box::new(instrument.to_string()),
-                Box::new(big(day)),
+                Box::new(key.source.to_string()),
+                Box::new(key.instrument.to_string()),
+                Box::new(big(key.day)),
                 Box::new(total_minor),
             ],
         )
@@ -798,7 +798,7 @@ impl LedgerWrite for PgWrite<'_> {
     /// update, nothing read first); the total is read only when it refuses.
     fn add_funding_day_within(
         &mut self,
-        (source, instrument, day): (&str, &str, u64),
+        key: FundingDay<'_>,
         delta_minor: i64,
         max_minor: i64,
     ) -> Result<Result<(), i64>, LedgerError> {
@@ -809,15 +809,20 @@ impl LedgerWrite for PgWrite<'_> {
                  SET total_minor = funding_days.total_minor + EXCLUDED.total_minor \
                  WHERE funding_days.total_minor + EXCLUDED.total_minor <= $5 \
                  RETURNING total_minor",
-                &[&source, &instrument, &big(day), &delta_minor, &max_minor],
+                &[
+                    &key.source,
+                    &key.instrument,
+                    &big(key.day),
+                    &delta_minor,
+                    &max_minor,
+                ],
             )?;
             if raised.is_some() {
                 return Ok(Ok(()));
             }
         }
         // The total as it stands (for the refusal's message: nothing is decided on it).
-        let (source, instrument) = (source.to_string(), instrument.to_string());
-        let so_far = self.q_any(|db| q::funding_day_total(db, &source, &instrument, day))?;
+        let so_far = self.q_any(|db| q::funding_day_total(db, key))?;
         Ok(Err(so_far))
     }
 
