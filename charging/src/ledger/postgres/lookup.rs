@@ -2,7 +2,7 @@
 //! same statements the single reads run, sent in one round trip, their answers kept
 //! ([`Found`]) for the reads that follow.
 
-use super::read::{big, uid_hex};
+use super::read::{big, record, uid_hex};
 use super::{cards, db_error, Db, LedgerError};
 use crate::ledger::interface::Lookups;
 use crate::ledger::records::*;
@@ -79,10 +79,4 @@ pub(super) fn look_up(db: &mut Db<'_>, ahead: &Lookups) -> Result<Found, LedgerE
         found.funding_days.insert(key.clone(), total);
     }
     Ok(found)
-}
-
-/// A record from its `record` column.
-fn record<T: serde::de::DeserializeOwned>(row: &postgres::Row) -> Result<T, LedgerError> {
-    let v: serde_json::Value = row.get("record");
-    serde_json::from_value(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
 }

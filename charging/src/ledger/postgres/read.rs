@@ -21,9 +21,10 @@ pub(super) fn uid_hex(uid: &[u8; 7]) -> String {
     hex::encode_upper(uid)
 }
 
-/// A record from its jsonb column (a record that no longer parses is an error, never a default).
-fn record<T: DeserializeOwned>(row: &postgres::Row, col: &str) -> Result<T, LedgerError> {
-    let v: serde_json::Value = row.get(col);
+/// A record from its jsonb `record` column (a record that no longer parses is an error, never
+/// a default).
+pub(super) fn record<T: DeserializeOwned>(row: &postgres::Row) -> Result<T, LedgerError> {
+    let v: serde_json::Value = row.get("record");
     serde_json::from_value(v).map_err(|e| LedgerError::Database(format!("a stored record: {e}")))
 }
 
@@ -32,6 +33,27 @@ fn record<T: DeserializeOwned>(row: &postgres::Row, col: &str) -> Result<T, Ledg
 pub(super) mod q {
     use super::super::lookup;
     use super::*;
+    use postgres::types::ToSql;
+
+    /// The record of the row `sql` selects (its `record` column), if there is one.
+    fn record_opt<T: DeserializeOwned>(
+        db: &mut Db<'_>,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<T>, LedgerError> {
+        let row = db.query_opt(sql, params).map_err(|e| db_error(&e))?;
+        row.as_ref().map(record).transpose()
+    }
+
+    /// The records of the rows `sql` selects (their `record` column), in its order.
+    fn records<T: DeserializeOwned>(
+        db: &mut Db<'_>,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<T>, LedgerError> {
+        let rows = db.query(sql, params).map_err(|e| db_error(&e))?;
+        rows.iter().map(record).collect()
+    }
 
     pub fn balance(db: &mut Db<'_>, account: &str) -> Result<i64, LedgerError> {
         let row = db
@@ -185,7 +207,7 @@ pub(super) mod q {
             .map_err(|e| db_error(&e))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            out.push((unbig(r.get(0)), record(r, "record")?));
+            out.push((unbig(r.get(0)), record(r)?));
         }
         Ok((out, unbig(last)))
     }
@@ -360,16 +382,13 @@ pub(super) mod q {
             .map_err(|e| db_error(&e))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            out.push((unbig(r.get(0)), record(r, "record")?));
+            out.push((unbig(r.get(0)), record(r)?));
         }
         Ok(out)
     }
 
     pub fn voucher(db: &mut Db<'_>, code: &str) -> Result<Option<Voucher>, LedgerError> {
-        let row = db
-            .query_opt("SELECT record FROM vouchers WHERE code = $1", &[&code])
-            .map_err(|e| db_error(&e))?;
-        row.map(|r| record(&r, "record")).transpose()
+        record_opt(db, "SELECT record FROM vouchers WHERE code = $1", &[&code])
     }
 
     /// A card counter's intents, by attempt (`locked`: their rows locked until the
@@ -380,38 +399,28 @@ pub(super) mod q {
         tmc_before: u32,
         locked: bool,
     ) -> Result<Vec<LoadIntent>, LedgerError> {
-        let params: [&(dyn postgres::types::ToSql + Sync); 2] =
-            [&uid_hex(uid), &i64::from(tmc_before)];
-        let rows = match locked {
-            true => db.query(
+        let sql = match locked {
+            true => {
                 "SELECT record FROM load_intents WHERE uid = $1 AND tmc_before = $2 \
-                 ORDER BY attempt FOR UPDATE",
-                &params,
-            ),
-            false => db.query(
-                "SELECT record FROM load_intents WHERE uid = $1 AND tmc_before = $2 ORDER BY attempt",
-                &params,
-            ),
-        }
-        .map_err(|e| db_error(&e))?;
-        rows.iter().map(|r| record(r, "record")).collect()
+                 ORDER BY attempt FOR UPDATE"
+            }
+            false => {
+                "SELECT record FROM load_intents WHERE uid = $1 AND tmc_before = $2 ORDER BY attempt"
+            }
+        };
+        records(db, sql, &[&uid_hex(uid), &i64::from(tmc_before)])
     }
 
     pub fn open_intents(db: &mut Db<'_>, uid: &[u8; 7]) -> Result<Vec<LoadIntent>, LedgerError> {
-        let rows = db
-            .query(lookup::OPEN_INTENTS, &[&uid_hex(uid)])
-            .map_err(|e| db_error(&e))?;
-        rows.iter().map(|r| record(r, "record")).collect()
+        records(db, lookup::OPEN_INTENTS, &[&uid_hex(uid)])
     }
 
     pub fn all_intents(db: &mut Db<'_>) -> Result<Vec<LoadIntent>, LedgerError> {
-        let rows = db
-            .query(
-                "SELECT record FROM load_intents ORDER BY uid, tmc_before, attempt",
-                &[],
-            )
-            .map_err(|e| db_error(&e))?;
-        rows.iter().map(|r| record(r, "record")).collect()
+        records(
+            db,
+            "SELECT record FROM load_intents ORDER BY uid, tmc_before, attempt",
+            &[],
+        )
     }
 
     /// The answer under `key` (`locked`: its row locked until the transaction ends).
@@ -436,27 +445,19 @@ pub(super) mod q {
         source: &str,
         id: &str,
     ) -> Result<Option<Instrument>, LedgerError> {
-        let row = db
-            .query_opt(lookup::INSTRUMENT, &[&source, &id])
-            .map_err(|e| db_error(&e))?;
-        row.map(|r| record(&r, "record")).transpose()
+        record_opt(db, lookup::INSTRUMENT, &[&source, &id])
     }
 
     pub fn instruments_of(db: &mut Db<'_>, owner: &str) -> Result<Vec<Instrument>, LedgerError> {
-        let rows = db
-            .query(
-                "SELECT record FROM instruments WHERE owner = $1 ORDER BY source COLLATE \"C\", id COLLATE \"C\"",
-                &[&owner],
-            )
-            .map_err(|e| db_error(&e))?;
-        rows.iter().map(|r| record(r, "record")).collect()
+        records(
+            db,
+            "SELECT record FROM instruments WHERE owner = $1 ORDER BY source COLLATE \"C\", id COLLATE \"C\"",
+            &[&owner],
+        )
     }
 
     pub fn payment(db: &mut Db<'_>, id: &str) -> Result<Option<Payment>, LedgerError> {
-        let row = db
-            .query_opt("SELECT record FROM payments WHERE id = $1", &[&id])
-            .map_err(|e| db_error(&e))?;
-        row.map(|r| record(&r, "record")).transpose()
+        record_opt(db, "SELECT record FROM payments WHERE id = $1", &[&id])
     }
 
     pub fn payment_for_order(
@@ -474,10 +475,7 @@ pub(super) mod q {
     }
 
     pub fn refund(db: &mut Db<'_>, id: &str) -> Result<Option<Refund>, LedgerError> {
-        let row = db
-            .query_opt("SELECT record FROM refunds WHERE id = $1", &[&id])
-            .map_err(|e| db_error(&e))?;
-        row.map(|r| record(&r, "record")).transpose()
+        record_opt(db, "SELECT record FROM refunds WHERE id = $1", &[&id])
     }
 
     pub fn refunds_uncollected(
@@ -485,27 +483,23 @@ pub(super) mod q {
         made_by_ms: u64,
         limit: usize,
     ) -> Result<Vec<Refund>, LedgerError> {
-        let rows = db
-            .query(
-                "SELECT record FROM refunds WHERE state = 'pending' AND created_ms <= $1 \
-                 ORDER BY created_ms, id COLLATE \"C\" LIMIT $2",
-                &[&big(made_by_ms), &big(limit as u64)],
-            )
-            .map_err(|e| db_error(&e))?;
-        rows.iter().map(|r| record(r, "record")).collect()
+        records(
+            db,
+            "SELECT record FROM refunds WHERE state = 'pending' AND created_ms <= $1 \
+             ORDER BY created_ms, id COLLATE \"C\" LIMIT $2",
+            &[&big(made_by_ms), &big(limit as u64)],
+        )
     }
 
     pub fn notification(
         db: &mut Db<'_>,
         payment_id: &str,
     ) -> Result<Option<Notification>, LedgerError> {
-        let row = db
-            .query_opt(
-                "SELECT record FROM notifications WHERE payment_id = $1",
-                &[&payment_id],
-            )
-            .map_err(|e| db_error(&e))?;
-        row.map(|r| record(&r, "record")).transpose()
+        record_opt(
+            db,
+            "SELECT record FROM notifications WHERE payment_id = $1",
+            &[&payment_id],
+        )
     }
 
     pub fn notifications_due(
@@ -513,14 +507,12 @@ pub(super) mod q {
         now_ms: u64,
         limit: usize,
     ) -> Result<Vec<Notification>, LedgerError> {
-        let rows = db
-            .query(
-                "SELECT record FROM notifications WHERE NOT delivered AND next_attempt_ms <= $1 \
-                 ORDER BY next_attempt_ms, payment_id COLLATE \"C\" LIMIT $2",
-                &[&big(now_ms), &big(limit as u64)],
-            )
-            .map_err(|e| db_error(&e))?;
-        rows.iter().map(|r| record(r, "record")).collect()
+        records(
+            db,
+            "SELECT record FROM notifications WHERE NOT delivered AND next_attempt_ms <= $1 \
+             ORDER BY next_attempt_ms, payment_id COLLATE \"C\" LIMIT $2",
+            &[&big(now_ms), &big(limit as u64)],
+        )
     }
 }
 
