@@ -285,16 +285,10 @@ fn payment_voided<W: LedgerWrite + ?Sized>(
     };
     let day = intent.created_ms / 86_400_000;
     let amount = i64::from(intent.amount_minor);
-    add_funding_day(
-        w,
-        FundingDay::new(PAYMENT_CARD_DAY, &intent.uid, day),
-        -amount,
-    )?;
-    add_funding_day(
-        w,
-        FundingDay::new(PAYMENT_MERCHANT_DAY, &p.merchant, day),
-        -amount,
-    )?;
+    let card = FundingDay::new(PAYMENT_CARD_DAY, &intent.uid, day);
+    let merchant = FundingDay::new(PAYMENT_MERCHANT_DAY, &p.merchant, day);
+    add_funding_day(w, card, -amount)?;
+    add_funding_day(w, merchant, -amount)?;
     if rules::reopen_payment(&mut p, intent) {
         w.put_payment(LedgerOnly(()), &p)?;
     }
