@@ -95,18 +95,9 @@ pub fn process_read_calls(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// User and system CPU time, seconds, from a Linux `stat` file (CLK_TCK = 100; 0 elsewhere).
+/// User and system CPU time, seconds, from a Linux `stat` file (0 elsewhere).
 fn cpu_user_sys_s_of(path: &str) -> (f64, f64) {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return (0.0, 0.0);
-    };
-    let Some(rest) = text.rsplit(')').next() else {
-        return (0.0, 0.0);
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields after the command: state is [0]; utime is field 14 of the line, i.e. [11].
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) / 100.0, ticks(12) / 100.0)
+    tapgate_testkit::process::ProcStat::read(path).map_or((0.0, 0.0), |s| s.user_sys_s())
 }
 
 /// A memory figure of this process from /proc/self/status, KiB (`VmRSS`, `VmHWM`; 0 elsewhere).

@@ -9,6 +9,7 @@
 //!
 //! `./test.sh` installs the `postgresql` package when its binaries are absent.
 
+use crate::process::ProcStat;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -355,14 +356,14 @@ fn cluster_cpu_s(data: &Path) -> f64 {
     else {
         return 0.0;
     };
-    let own = proc_stat(&format!("/proc/{pid}/stat"));
+    let own = ProcStat::read(&format!("/proc/{pid}/stat"));
     let mut ticks = own.map_or(0.0, |s| s.utime + s.stime + s.cutime + s.cstime);
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = entry.file_name();
         let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        if let Some(s) = proc_stat(&format!("/proc/{child}/stat")) {
+        if let Some(s) = ProcStat::read(&format!("/proc/{child}/stat")) {
             if s.ppid == pid {
                 ticks += s.utime + s.stime;
             }
@@ -370,28 +371,4 @@ fn cluster_cpu_s(data: &Path) -> f64 {
     }
     // CLK_TCK is 100 on Linux.
     ticks / 100.0
-}
-
-/// The fields of a `/proc/<pid>/stat` line a CPU count needs (clock ticks).
-struct ProcStat {
-    ppid: u32,
-    utime: f64,
-    stime: f64,
-    cutime: f64,
-    cstime: f64,
-}
-
-fn proc_stat(path: &str) -> Option<ProcStat> {
-    let text = std::fs::read_to_string(path).ok()?;
-    // After the command (which may hold spaces, in parentheses): state is [0], ppid [1],
-    // utime [11], stime [12], cutime [13], cstime [14].
-    let f: Vec<&str> = text.rsplit(')').next()?.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-    Some(ProcStat {
-        ppid: f.get(1)?.parse().ok()?,
-        utime: n(11)?,
-        stime: n(12)?,
-        cutime: n(13)?,
-        cstime: n(14)?,
-    })
 }
