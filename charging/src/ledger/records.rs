@@ -536,7 +536,8 @@ pub struct Anomaly {
 pub struct FundingDay<'a> {
     /// The funding source (or [`PAYMENT_CARD_DAY`], [`PAYMENT_MERCHANT_DAY`]).
     pub source: &'a str,
-    /// The instrument at that source (a card's UID in hex, a merchant).
+    /// The instrument at that source: a load's funding instrument (its token); for the payment
+    /// totals a card's UID in hex or a merchant.
     pub instrument: &'a str,
     /// The UTC day (days since the epoch).
     pub day: u64,
