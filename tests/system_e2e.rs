@@ -15,6 +15,7 @@
 
 mod support;
 
+use purse::rotation::SignedMessage;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

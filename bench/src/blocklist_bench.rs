@@ -46,6 +46,7 @@ use gateway::propagation::Report;
 use gateway::store::Store;
 use purse::blocklist::{Blocklist, ListUpdate};
 use purse::keys::{KeySet, Role as KeyRole};
+use purse::rotation::SignedMessage;
 use purse::sam::SoftwareHsm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;

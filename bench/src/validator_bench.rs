@@ -34,6 +34,7 @@ use purse::actionlist::{ActionList, ActionUpdate, Entry, Order};
 use purse::blocklist::{Blocklist, ListKind, ListUpdate};
 use purse::card::{Card, Personalisation};
 use purse::keys::KeySet;
+use purse::rotation::SignedMessage;
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use purse::txn::EmulatedReader;
 use purse::txn::{Transport, TransportError};

@@ -174,6 +174,7 @@ fn the_owner_reports_a_card_lost_and_the_gateway_sees_numbered_changes() {
 #[test]
 fn a_list_beyond_one_chunk_is_answered_in_signed_chunks() {
     use purse::blocklist::chunked::{ChunkProgress, SnapshotChunk, CHUNK_ENTRIES};
+    use purse::rotation::SignedMessage;
     let keys = KeySet::generate(&mut rand::rngs::StdRng::seed_from_u64(2));
     let srv = common::start(&keys, |cfg| {
         cfg.tokens = vec![TokenEntry {

@@ -14,6 +14,7 @@ use purse::apdu::ins;
 use purse::card::Card;
 use purse::keys::{KeyKind, KeySet};
 use purse::receipt::CommitReceipt;
+use purse::rotation::SignedMessage;
 use purse::sam::{Hsm, SoftwareHsm, SoftwareSam};
 use purse::tap::{TapMeta, TapRecord};
 use rand::rngs::StdRng;

@@ -3,6 +3,7 @@
 //! Typed errors, never a panic; a pending debit that decodes encodes back to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use purse::rotation::SignedMessage;
 use validator::journal::PendingTap;
 
 fuzz_target!(|data: &[u8]| {

@@ -30,6 +30,7 @@
 use crate::blocklist::ListKind;
 use crate::crypto::{self, AesKey};
 use crate::receipt::TxKind;
+use crate::rotation::SignedMessage;
 use crate::tap::TapRecord;
 use std::collections::{BTreeMap, BTreeSet};
 use zeroize::Zeroize;
@@ -194,29 +195,6 @@ impl ActionUpdate {
         crate::crypto::ed25519_signed(self.body(), sign)
     }
 
-    /// Verifies the signature under `public_key`, then decodes strictly. Nothing is read from
-    /// a message whose signature does not verify.
-    pub fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<ActionUpdate, ActionListError> {
-        if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
-            return Err(ActionListError::Malformed("not a tapgate action list"));
-        }
-        let body =
-            crate::crypto::ed25519_body(bytes, public_key).ok_or(ActionListError::BadSignature)?;
-        Self::decode_body(body)
-    }
-
-    /// [`ActionUpdate::verify`] under each of `keys` (a retired version refused): the update
-    /// and the key that verified it.
-    pub fn verify_trusted(
-        bytes: &[u8],
-        keys: &crate::rotation::TrustedKeys,
-    ) -> Result<(ActionUpdate, [u8; 32]), crate::rotation::Refusal<ActionListError>> {
-        keys.verify_with(
-            |k| ActionUpdate::verify(bytes, k),
-            |e| matches!(e, ActionListError::BadSignature),
-        )
-    }
-
     fn decode_body(body: &[u8]) -> Result<ActionUpdate, ActionListError> {
         let bad = ActionListError::Malformed;
         if body[4] != FORMAT {
@@ -302,6 +280,25 @@ impl ActionUpdate {
             to_version,
             entries,
         })
+    }
+}
+
+impl SignedMessage for ActionUpdate {
+    type Error = ActionListError;
+
+    /// Verifies the signature under `public_key`, then decodes strictly. Nothing is read from
+    /// a message whose signature does not verify.
+    fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<ActionUpdate, ActionListError> {
+        if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
+            return Err(ActionListError::Malformed("not a tapgate action list"));
+        }
+        let body =
+            crate::crypto::ed25519_body(bytes, public_key).ok_or(ActionListError::BadSignature)?;
+        Self::decode_body(body)
+    }
+
+    fn is_bad_signature(e: &ActionListError) -> bool {
+        matches!(e, ActionListError::BadSignature)
     }
 }
 

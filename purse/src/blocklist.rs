@@ -22,6 +22,7 @@
 
 pub mod chunked;
 pub mod compact;
+use crate::rotation::SignedMessage;
 use chunked::{Assembly, ChunkProgress, SnapshotChunk};
 use compact::UidSet;
 
@@ -118,9 +119,13 @@ impl ListUpdate {
     pub fn sign_with(&self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
         crate::crypto::ed25519_signed(self.body(), sign)
     }
+}
+
+impl SignedMessage for ListUpdate {
+    type Error = ListError;
 
     /// Decodes strictly and verifies the signature under `public_key`.
-    pub fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<ListUpdate, ListError> {
+    fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<ListUpdate, ListError> {
         if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
             return Err(ListError::Malformed("not a tapgate blocklist message"));
         }
@@ -187,16 +192,8 @@ impl ListUpdate {
         })
     }
 
-    /// [`ListUpdate::verify`] under each of `keys` (a retired version refused): the update and
-    /// the key that verified it.
-    pub fn verify_trusted(
-        bytes: &[u8],
-        keys: &crate::rotation::TrustedKeys,
-    ) -> Result<(ListUpdate, [u8; 32]), crate::rotation::Refusal<ListError>> {
-        keys.verify_with(
-            |k| ListUpdate::verify(bytes, k),
-            |e| matches!(e, ListError::BadSignature),
-        )
+    fn is_bad_signature(e: &ListError) -> bool {
+        matches!(e, ListError::BadSignature)
     }
 }
 

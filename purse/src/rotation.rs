@@ -185,6 +185,30 @@ impl TrustedKeys {
     }
 }
 
+/// A message signed with the back office's Ed25519 list-signing key (a blocklist update or
+/// snapshot chunk, an action list): its own strict check under one key, and that check under
+/// each trusted version.
+pub trait SignedMessage: Sized {
+    /// What the check refuses a message with.
+    type Error;
+
+    /// The message decoded strictly, its signature verified under `public_key`.
+    fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<Self, Self::Error>;
+
+    /// Whether `e` is a signature that does not verify (another key may pass), not a final
+    /// refusal.
+    fn is_bad_signature(e: &Self::Error) -> bool;
+
+    /// [`SignedMessage::verify`] under each of `keys` (a retired version refused): the message
+    /// and the key that verified it.
+    fn verify_trusted(
+        bytes: &[u8],
+        keys: &TrustedKeys,
+    ) -> Result<(Self, [u8; 32]), Refusal<Self::Error>> {
+        keys.verify_with(|k| Self::verify(bytes, k), Self::is_bad_signature)
+    }
+}
+
 /// What [`first_verifying`] found: the check's value and the `(version, key)` that passed, or
 /// the refusal (`None`: no accepted key at all).
 type Found<'a, K, T, E> = Result<(T, &'a (u8, K)), Option<Refusal<E>>>;

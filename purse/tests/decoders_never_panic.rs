@@ -5,6 +5,7 @@
 use proptest::prelude::*;
 use purse::card::{Card, CardKeys, Nvm, Personalisation};
 use purse::crypto::AesKey;
+use purse::rotation::SignedMessage;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]

@@ -18,7 +18,7 @@ use crate::reader::Reader;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
-use purse::rotation::{Refusal, SignerKeys, TrustedKeys};
+use purse::rotation::{Refusal, SignedMessage, SignerKeys, TrustedKeys};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};

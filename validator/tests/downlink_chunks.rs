@@ -9,6 +9,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use purse::blocklist::chunked::{cut, SnapshotChunk};
 use purse::blocklist::{ListKind, ListUpdate};
 use purse::keys::{KeySet, Role};
+use purse::rotation::SignedMessage;
 use purse::sam::SoftwareSam;
 use rand::rngs::StdRng;
 use rand::SeedableRng;

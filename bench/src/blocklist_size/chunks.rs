@@ -30,6 +30,7 @@ use fare_rules::record::TapKind;
 use purse::blocklist::chunked::{cut, SnapshotChunk, CHUNK_ENTRIES};
 use purse::blocklist::{Blocklist, ListKind, ListUpdate, MAX_ENTRIES};
 use purse::keys::KeySet;
+use purse::rotation::SignedMessage;
 use purse::sam::SoftwareSam;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

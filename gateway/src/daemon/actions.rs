@@ -12,6 +12,7 @@ use super::signed_list::{SignedList, SignedListRelay, Wanted};
 use super::GatewayConfig;
 use crate::store::Store;
 use purse::actionlist::ActionUpdate;
+use purse::rotation::SignedMessage;
 use rumqttc::{AsyncClient, QoS};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;

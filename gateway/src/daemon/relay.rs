@@ -12,6 +12,7 @@ use super::{now_ms, GatewayConfig, GatewayStats};
 use crate::store::Store;
 use purse::blocklist::chunked::SnapshotChunk;
 use purse::blocklist::ListUpdate;
+use purse::rotation::SignedMessage;
 use rumqttc::AsyncClient;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

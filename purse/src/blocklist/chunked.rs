@@ -27,6 +27,7 @@
 
 use super::compact::{self, Part, UidSet};
 use super::{ListError, MAGIC};
+use crate::rotation::SignedMessage;
 use std::collections::BTreeMap;
 
 /// The format version of a chunk.
@@ -115,9 +116,13 @@ impl SnapshotChunk {
     pub fn sign_with(&self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
         crate::crypto::ed25519_signed(self.body(), sign)
     }
+}
+
+impl SignedMessage for SnapshotChunk {
+    type Error = ListError;
 
     /// Decodes strictly and verifies the signature under `public_key`.
-    pub fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<SnapshotChunk, ListError> {
+    fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<SnapshotChunk, ListError> {
         if bytes.len() < 7 + 8 + 4 + 4 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
             return Err(ListError::Malformed("not a tapgate blocklist message"));
         }
@@ -169,16 +174,8 @@ impl SnapshotChunk {
         })
     }
 
-    /// [`SnapshotChunk::verify`] under each of `keys` (a retired version refused): the chunk
-    /// and the key that verified it.
-    pub fn verify_trusted(
-        bytes: &[u8],
-        keys: &crate::rotation::TrustedKeys,
-    ) -> Result<(SnapshotChunk, [u8; 32]), crate::rotation::Refusal<ListError>> {
-        keys.verify_with(
-            |k| SnapshotChunk::verify(bytes, k),
-            |e| matches!(e, ListError::BadSignature),
-        )
+    fn is_bad_signature(e: &ListError) -> bool {
+        matches!(e, ListError::BadSignature)
     }
 }
 

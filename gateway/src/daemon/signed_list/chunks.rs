@@ -330,6 +330,7 @@ mod tests {
     use crate::daemon::GatewayStats;
     use purse::blocklist::chunked::{cut, SnapshotChunk};
     use purse::keys::KeySet;
+    use purse::rotation::SignedMessage;
     use purse::rotation::TrustedKeys;
     use purse::sam::{Hsm, SoftwareHsm};
     use rand::SeedableRng;
