@@ -27,7 +27,7 @@
 //! | entries, [`ENTRY_LEN`] each: action (1 add, 0 remove) ‖ order id (8) ‖ UID (7) ‖ amount minor (i32, > 0) ‖ expiry, unix s (8) ‖ card key version (1) ‖ wrapped credit key (16); a removal carries zeros after the order id; a snapshot holds additions only | 45 each |
 //! | Ed25519 signature | 64 |
 
-use crate::blocklist::ListKind;
+use crate::blocklist::{ListHead, ListKind};
 use crate::crypto::{self, AesKey};
 use crate::receipt::TxKind;
 use crate::rotation::SignedMessage;
@@ -160,20 +160,13 @@ pub enum ActionListError {
 impl ActionUpdate {
     /// The bytes that are signed.
     pub fn body(&self) -> Vec<u8> {
-        let op = self.operator.as_bytes();
-        let op = &op[..op.len().min(255)];
-        let mut b = Vec::with_capacity(27 + op.len() + ENTRY_LEN * self.entries.len());
-        b.extend_from_slice(MAGIC);
-        b.push(FORMAT);
-        b.push(match self.kind {
-            ListKind::Snapshot => 1,
-            ListKind::Delta => 2,
-        });
-        b.push(op.len() as u8);
-        b.extend_from_slice(op);
-        b.extend_from_slice(&self.from_version.to_be_bytes());
-        b.extend_from_slice(&self.to_version.to_be_bytes());
-        b.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        let head = ListHead {
+            kind: self.kind,
+            operator: &self.operator,
+            from_version: self.from_version,
+            to_version: self.to_version,
+        };
+        let mut b = head.body(MAGIC, FORMAT, self.entries.len(), ENTRY_LEN);
         for e in &self.entries {
             let mut w = [0u8; ENTRY_LEN];
             w[1..9].copy_from_slice(&e.order_id().to_be_bytes());
@@ -200,39 +193,11 @@ impl ActionUpdate {
         if body[4] != FORMAT {
             return Err(bad("unknown format version"));
         }
-        let kind = match body[5] {
-            1 => ListKind::Snapshot,
-            2 => ListKind::Delta,
-            _ => return Err(bad("unknown kind")),
-        };
-        let op_len = body[6] as usize;
-        let mut pos = 7;
-        let take = |pos: &mut usize, n: usize| -> Result<&[u8], ActionListError> {
-            let end = pos
-                .checked_add(n)
-                .filter(|e| *e <= body.len())
-                .ok_or(bad("truncated"))?;
-            let s = &body[*pos..end];
-            *pos = end;
-            Ok(s)
-        };
-        let operator = std::str::from_utf8(take(&mut pos, op_len)?)
-            .map_err(|_| bad("operator is not UTF-8"))?
-            .to_string();
+        let (head, raw) = ListHead::decode(body, ENTRY_LEN, MAX_ENTRIES).map_err(bad)?;
         let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8"));
-        let from_version = be64(take(&mut pos, 8)?);
-        let to_version = be64(take(&mut pos, 8)?);
-        let count = u32::from_be_bytes(take(&mut pos, 4)?.try_into().expect("4")) as usize;
-        if count > MAX_ENTRIES {
-            return Err(bad("too many entries"));
-        }
-        if body.len() - pos != count * ENTRY_LEN {
-            return Err(bad("entry count does not match the length"));
-        }
-        let mut entries = Vec::with_capacity(count);
+        let mut entries = Vec::with_capacity(raw.len());
         let mut seen = BTreeSet::new();
-        for _ in 0..count {
-            let w = take(&mut pos, ENTRY_LEN)?;
+        for w in raw {
             let order_id = be64(&w[1..9]);
             if !seen.insert(order_id) {
                 return Err(bad("an order id twice in one message"));
@@ -262,6 +227,7 @@ impl ActionUpdate {
             };
             entries.push(e);
         }
+        let (kind, operator, from_version, to_version) = head.parts();
         match kind {
             ListKind::Snapshot
                 if from_version != 0 || entries.iter().any(|e| !matches!(e, Entry::Add(_))) =>

@@ -40,6 +40,100 @@ pub enum ListKind {
     Delta,
 }
 
+/// The head both signed lists share, the blocklist (`TGBL`) and the action list (`TGAL`):
+/// after the magic (4 bytes) and the format (1), the kind (1: snapshot, 2: delta), the
+/// operator (a length byte, at most 255 bytes of UTF-8), the versions the message moves
+/// between (8 + 8, big-endian) and the entry count (4), then that many fixed-length entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ListHead<'a> {
+    pub(crate) kind: ListKind,
+    pub(crate) operator: &'a str,
+    pub(crate) from_version: u64,
+    pub(crate) to_version: u64,
+}
+
+impl<'a> ListHead<'a> {
+    /// A body's bytes up to its entries, for `entries` entries of `entry_len` bytes (the
+    /// capacity reserved for them); an operator name is cut at 255 bytes.
+    pub(crate) fn body(
+        &self,
+        magic: &[u8; 4],
+        format: u8,
+        entries: usize,
+        entry_len: usize,
+    ) -> Vec<u8> {
+        let op = self.operator.as_bytes();
+        let op = &op[..op.len().min(255)];
+        let mut b = Vec::with_capacity(27 + op.len() + entry_len * entries);
+        b.extend_from_slice(magic);
+        b.push(format);
+        b.push(match self.kind {
+            ListKind::Snapshot => 1,
+            ListKind::Delta => 2,
+        });
+        b.push(op.len() as u8);
+        b.extend_from_slice(op);
+        b.extend_from_slice(&self.from_version.to_be_bytes());
+        b.extend_from_slice(&self.to_version.to_be_bytes());
+        b.extend_from_slice(&(entries as u32).to_be_bytes());
+        b
+    }
+
+    /// Its kind, operator (owned), and the versions it moves from and to.
+    pub(crate) fn parts(&self) -> (ListKind, String, u64, u64) {
+        (
+            self.kind,
+            self.operator.to_string(),
+            self.from_version,
+            self.to_version,
+        )
+    }
+
+    /// Decodes a verified body's head (its magic and format are the caller's to check) and
+    /// returns its entries, `entry_len` bytes each: at most `max_entries`, and exactly as many
+    /// as the body holds. The error is the reason, for the caller's `Malformed`.
+    pub(crate) fn decode(
+        body: &'a [u8],
+        entry_len: usize,
+        max_entries: usize,
+    ) -> Result<(ListHead<'a>, std::slice::ChunksExact<'a, u8>), &'static str> {
+        let kind = match body.get(5) {
+            Some(1) => ListKind::Snapshot,
+            Some(2) => ListKind::Delta,
+            _ => return Err("unknown kind"),
+        };
+        let mut pos: usize = 7;
+        let mut take = |n: usize| -> Result<&'a [u8], &'static str> {
+            let end = pos
+                .checked_add(n)
+                .filter(|e| *e <= body.len())
+                .ok_or("truncated")?;
+            let s = &body[pos..end];
+            pos = end;
+            Ok(s)
+        };
+        let op_len = usize::from(*body.get(6).ok_or("truncated")?);
+        let operator = std::str::from_utf8(take(op_len)?).map_err(|_| "operator is not UTF-8")?;
+        let from_version = u64::from_be_bytes(take(8)?.try_into().expect("8"));
+        let to_version = u64::from_be_bytes(take(8)?.try_into().expect("8"));
+        let count = u32::from_be_bytes(take(4)?.try_into().expect("4")) as usize;
+        if count > max_entries {
+            return Err("too many entries");
+        }
+        let entries = &body[pos..];
+        if entries.len() != count * entry_len {
+            return Err("entry count does not match the length");
+        }
+        let head = ListHead {
+            kind,
+            operator,
+            from_version,
+            to_version,
+        };
+        Ok((head, entries.chunks_exact(entry_len)))
+    }
+}
+
 /// A blocklist message (snapshot or delta), before or after signing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListUpdate {
@@ -93,21 +187,18 @@ pub enum ListError {
 }
 
 impl ListUpdate {
+    fn head(&self) -> ListHead<'_> {
+        ListHead {
+            kind: self.kind,
+            operator: &self.operator,
+            from_version: self.from_version,
+            to_version: self.to_version,
+        }
+    }
+
     /// The bytes that are signed.
     pub fn body(&self) -> Vec<u8> {
-        let op = self.operator.as_bytes();
-        let mut b = Vec::with_capacity(27 + op.len() + 8 * self.entries.len());
-        b.extend_from_slice(MAGIC);
-        b.push(FORMAT);
-        b.push(match self.kind {
-            ListKind::Snapshot => 1,
-            ListKind::Delta => 2,
-        });
-        b.push(op.len().min(255) as u8);
-        b.extend_from_slice(&op[..op.len().min(255)]);
-        b.extend_from_slice(&self.from_version.to_be_bytes());
-        b.extend_from_slice(&self.to_version.to_be_bytes());
-        b.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        let mut b = self.head().body(MAGIC, FORMAT, self.entries.len(), 8);
         for (uid, blocked) in &self.entries {
             b.extend_from_slice(uid);
             b.push(u8::from(*blocked));
@@ -133,39 +224,9 @@ impl SignedMessage for ListUpdate {
             return Err(ListError::Malformed("unknown format version"));
         }
         let body = crate::crypto::ed25519_body(bytes, public_key).ok_or(ListError::BadSignature)?;
-        let kind = match body[5] {
-            1 => ListKind::Snapshot,
-            2 => ListKind::Delta,
-            _ => return Err(ListError::Malformed("unknown kind")),
-        };
-        let op_len = body[6] as usize;
-        let mut pos = 7;
-        let take = |pos: &mut usize, n: usize| -> Result<&[u8], ListError> {
-            let end = pos
-                .checked_add(n)
-                .filter(|e| *e <= body.len())
-                .ok_or(ListError::Malformed("truncated"))?;
-            let s = &body[*pos..end];
-            *pos = end;
-            Ok(s)
-        };
-        let operator = std::str::from_utf8(take(&mut pos, op_len)?)
-            .map_err(|_| ListError::Malformed("operator is not UTF-8"))?
-            .to_string();
-        let from_version = u64::from_be_bytes(take(&mut pos, 8)?.try_into().expect("8"));
-        let to_version = u64::from_be_bytes(take(&mut pos, 8)?.try_into().expect("8"));
-        let count = u32::from_be_bytes(take(&mut pos, 4)?.try_into().expect("4")) as usize;
-        if count > MAX_ENTRIES {
-            return Err(ListError::Malformed("too many entries"));
-        }
-        if body.len() - pos != count * 8 {
-            return Err(ListError::Malformed(
-                "entry count does not match the length",
-            ));
-        }
-        let mut entries = Vec::with_capacity(count);
-        for _ in 0..count {
-            let e = take(&mut pos, 8)?;
+        let (head, raw) = ListHead::decode(body, 8, MAX_ENTRIES).map_err(ListError::Malformed)?;
+        let mut entries = Vec::with_capacity(raw.len());
+        for e in raw {
             let blocked = match e[7] {
                 0 => false,
                 1 => true,
@@ -173,6 +234,7 @@ impl SignedMessage for ListUpdate {
             };
             entries.push((e[..7].try_into().expect("7"), blocked));
         }
+        let (kind, operator, from_version, to_version) = head.parts();
         if kind == ListKind::Snapshot && (from_version != 0 || entries.iter().any(|e| !e.1)) {
             return Err(ListError::Malformed(
                 "a snapshot holds blocks only, from version 0",
