@@ -157,7 +157,6 @@ fn chk(what: &'static str, i: Idx, len: usize, place: Place) -> Result<(), Table
 }
 
 fn validate(t: &Table) -> Result<(), TableError> {
-    let n = |v: usize| v;
     for len in [
         t.categories.len(),
         t.media.len(),
@@ -180,7 +179,7 @@ fn validate(t: &Table) -> Result<(), TableError> {
     }
     for s in &t.stops {
         for &a in &s.areas {
-            req("area", a, n(t.areas.len()), &|| format!("stop {}", s.id))?;
+            req("area", a, t.areas.len(), &|| format!("stop {}", s.id))?;
         }
         if !s.areas.windows(2).all(|w| w[0] < w[1]) {
             return Err(TableError::Invalid(format!(
