@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(PendingTap::decode(&p.encode()).ok(), Some(p));
     }
     // The downlink blobs, as `validator::daemon::restore` reads them (the key does not matter:
-    // decoding happens before the signature check fails).
+    // the fare table's peek and unverified decoding read the whole blob; the blocklist reads its
+    // length, magic and format before the signature check fails).
     let _ = fare_rules::signed::peek(data);
     let _ = fare_rules::signed::decode_unverified(data);
     let _ = purse::blocklist::ListUpdate::verify(data, &[7u8; 32]);

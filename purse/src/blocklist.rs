@@ -97,6 +97,7 @@ impl<'a> ListHead<'a> {
         entry_len: usize,
         max_entries: usize,
     ) -> Result<(ListHead<'a>, std::slice::ChunksExact<'a, u8>), &'static str> {
+        debug_assert!(entry_len > 0, "a list's entries have a length");
         let kind = match body.get(5) {
             Some(1) => ListKind::Snapshot,
             Some(2) => ListKind::Delta,
@@ -121,7 +122,7 @@ impl<'a> ListHead<'a> {
             return Err("too many entries");
         }
         let entries = &body[pos..];
-        if entries.len() != count * entry_len {
+        if count.checked_mul(entry_len) != Some(entries.len()) {
             return Err("entry count does not match the length");
         }
         let head = ListHead {
@@ -215,7 +216,8 @@ impl ListUpdate {
 impl SignedMessage for ListUpdate {
     type Error = ListError;
 
-    /// Decodes strictly and verifies the signature under `public_key`.
+    /// Checks the magic and the format, verifies the signature under `public_key`, then decodes
+    /// the body strictly.
     fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<ListUpdate, ListError> {
         if bytes.len() < 4 + 1 + 1 + 1 + 8 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
             return Err(ListError::Malformed("not a tapgate blocklist message"));

@@ -121,7 +121,8 @@ impl SnapshotChunk {
 impl SignedMessage for SnapshotChunk {
     type Error = ListError;
 
-    /// Decodes strictly and verifies the signature under `public_key`.
+    /// Checks the header, verifies the signature under `public_key`, then decodes the body
+    /// strictly.
     fn verify(bytes: &[u8], public_key: &[u8; 32]) -> Result<SnapshotChunk, ListError> {
         if bytes.len() < 7 + 8 + 4 + 4 + 8 + 4 + 64 || &bytes[..4] != MAGIC {
             return Err(ListError::Malformed("not a tapgate blocklist message"));
