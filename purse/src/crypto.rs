@@ -1,6 +1,6 @@
 //! Cryptographic primitives of the card protocol, built on RustCrypto.
 //!
-//! - [`cmac`]: AES-128 CMAC (RFC 4493 / NIST SP 800-38B).
+//! - [`cmac()`]: AES-128 CMAC (RFC 4493 / NIST SP 800-38B).
 //! - [`diversify_an10922`]: NXP AN10922 AES-128 key diversification, including its rule that the
 //!   diversification input is always padded to 32 bytes (so for inputs shorter than 32 bytes it
 //!   differs from plain RFC 4493 CMAC whenever the input is ≤ 16 bytes).

@@ -75,7 +75,8 @@ impl ProcStat {
     }
 
     /// One stat line. After the command (which may hold spaces and parentheses, hence the
-    /// last `)`): state is [0], ppid [1], utime [11], stime [12], cutime [13], cstime [14].
+    /// last `)`), counting from 0: state is field 0, ppid 1, utime 11, stime 12, cutime 13,
+    /// cstime 14.
     pub fn parse(text: &str) -> Option<ProcStat> {
         let f: Vec<&str> = text.rsplit(')').next()?.split_whitespace().collect();
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
