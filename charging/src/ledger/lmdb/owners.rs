@@ -50,6 +50,9 @@ impl LedgerCore {
     }
 
     /// Builds the index of a ledger written before it, at open ([`LedgerCore::build_card_index`]).
+    /// Unlike the blocked cards' index it carries no stamp: a build without the index that
+    /// wrote owners after it was built (a rollback) leaves it behind; clear `card_owners` and the
+    /// next open rebuilds it (docs/pages.md).
     pub(super) fn index_owners(&self, txn: &mut RwTxn<'_>) -> Result<(), LedgerError> {
         self.build_card_index(txn, self.card_owners, &[], |uid, c| {
             c.owner.as_deref().map(|owner| owner_key(owner, uid))
